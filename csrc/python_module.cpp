@@ -1,0 +1,21 @@
+// The Python extension module dmlkern._C: loading it registers the ops
+// (ops.cpp and the backends); it also reports what was compiled.
+#include <torch/extension.h>
+
+#ifndef DMLKERN_CUDA_ARCH_LIST
+#define DMLKERN_CUDA_ARCH_LIST ""
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("compiled_info", [] {
+    pybind11::dict info;
+    info["cpu"] = true;
+#ifdef DMLKERN_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    info["cuda_arch_list"] = std::string(DMLKERN_CUDA_ARCH_LIST);
+    return info;
+  });
+}

@@ -1,0 +1,167 @@
+"""Input validation for every dmlkern loss.
+
+``validate_inputs`` raises a clear ``ValueError`` / ``TypeError`` whose message names the
+offending argument. PML's own ``ValueError`` conditions are kept (same conditions, same type):
+
+* labels whose length differs from the batch, or that are not 1-D;
+* ref_labels whose length differs from ref_emb, or that are not 1-D;
+* labels missing where the loss needs them; labels and indices_tuple both missing for losses
+  that need one of them.
+
+Added checks (PML crashes later with an obscure error, or silently misbehaves):
+
+* embeddings / ref_emb not a tensor, not floating point (TypeError), not 2-D (ValueError; PML
+  raises that one too), or empty (ValueError; PML returns a zero loss for an empty batch);
+* ref_emb width differs from embeddings (ValueError), dtype differs (TypeError), device differs
+  (ValueError);
+* labels / ref_labels not an integer tensor (TypeError; PML accepts float labels);
+* ref_emb given without ref_labels, labels given, no indices_tuple, and ref_emb has a different
+  number of rows than labels (ValueError: PML would silently compare wrong rows or crash);
+* indices_tuple not a tuple/list of 3 or 4 1-D integer tensors, mismatched lengths, or entries
+  out of range (ValueError / TypeError).
+
+labels, ref_labels and indices_tuple on another device than embeddings are accepted (PML moves
+labels to the embeddings' device; ``prepare_inputs`` does the same).
+"""
+
+import torch
+
+__all__ = ["validate_inputs", "prepare_inputs", "InvalidInputError"]
+
+
+class InvalidInputError(ValueError, AssertionError):
+    """A ValueError that is also an AssertionError: raised where PML only ``assert``s."""
+
+
+def _is_int_dtype(dtype):
+    return (not dtype.is_floating_point) and (not dtype.is_complex) and dtype != torch.bool
+
+
+def _check_emb(x, name):
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2D tensor of shape (batch_size, embedding_size), got shape {tuple(x.shape)}"
+        )
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (batch size 0)")
+
+
+def _check_labels(lab, name, n, emb_name):
+    if not torch.is_tensor(lab):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(lab).__name__}")
+    if lab.ndim != 1:
+        raise ValueError(f"{name} must be a 1D tensor of shape (batch_size,), got shape {tuple(lab.shape)}")
+    if lab.shape[0] != n:
+        raise ValueError(
+            f"Number of {emb_name} must equal number of {name}: {name} has {lab.shape[0]} entries, "
+            f"{emb_name} has {n} rows"
+        )
+    if not _is_int_dtype(lab.dtype):
+        raise TypeError(f"{name} must be an integer tensor (class ids), got dtype {lab.dtype}")
+
+
+def _check_indices_tuple(indices_tuple, n_query, n_ref):
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError(
+            "indices_tuple must be a tuple of 3 tensors (anchors, positives, negatives) or 4 tensors "
+            "(anchors1, positives, anchors2, negatives)"
+        )
+    if len(indices_tuple) == 3:
+        names = ("anchors", "positives", "negatives")
+        bounds = (n_query, n_ref, n_ref)
+        groups = [(0, 1, 2)]
+    else:
+        names = ("anchors1", "positives", "anchors2", "negatives")
+        bounds = (n_query, n_ref, n_query, n_ref)
+        groups = [(0, 1), (2, 3)]
+    for x, nm, hi in zip(indices_tuple, names, bounds):
+        if not torch.is_tensor(x):
+            raise TypeError(f"indices_tuple entry '{nm}' must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 1:
+            raise ValueError(f"indices_tuple entry '{nm}' must be 1D, got shape {tuple(x.shape)}")
+        if not _is_int_dtype(x.dtype):
+            raise TypeError(f"indices_tuple entry '{nm}' must be an integer tensor, got dtype {x.dtype}")
+        if x.numel() > 0:
+            lo, top = int(x.min()), int(x.max())
+            if lo < 0 or top >= hi:
+                raise ValueError(
+                    f"indices_tuple entry '{nm}' is out of range: values must be in [0, {hi}), "
+                    f"got min {lo}, max {top}"
+                )
+    for g in groups:
+        lens = {len(indices_tuple[i]) for i in g}
+        if len(lens) != 1:
+            raise ValueError(
+                "indices_tuple entries " + ", ".join(f"'{names[i]}'" for i in g) + " must have equal lengths"
+            )
+
+
+def validate_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, labels_required):
+    """Raise ValueError/TypeError (naming the argument) for malformed loss inputs.
+
+    labels_required: True (labels must be given), False (labels or indices_tuple must be given),
+    None (no requirement).
+    """
+    _check_emb(embeddings, "embeddings")
+    n = embeddings.shape[0]
+    if labels is not None:
+        _check_labels(labels, "labels", n, "embeddings")
+    if labels_required is True and labels is None:
+        raise ValueError("labels are required for this loss function")
+    if labels_required is False and labels is None and indices_tuple is None:
+        raise ValueError("labels and indices_tuple cannot both be None")
+    m = n
+    if ref_emb is not None:
+        _check_emb(ref_emb, "ref_emb")
+        if ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_emb must have the same embedding size as embeddings: {ref_emb.shape[1]} != "
+                f"{embeddings.shape[1]}"
+            )
+        if ref_emb.dtype != embeddings.dtype:
+            raise TypeError(f"ref_emb dtype {ref_emb.dtype} differs from embeddings dtype {embeddings.dtype}")
+        if ref_emb.device != embeddings.device:
+            raise ValueError(
+                f"ref_emb is on device {ref_emb.device} but embeddings is on {embeddings.device}"
+            )
+        m = ref_emb.shape[0]
+        if ref_labels is not None:
+            _check_labels(ref_labels, "ref_labels", m, "ref_emb")
+        elif labels is not None and m != n and (labels_required is True or indices_tuple is None):
+            raise ValueError(
+                f"ref_labels is required when ref_emb ({m} rows) and embeddings ({n} rows) differ in size"
+            )
+    if indices_tuple is not None:
+        _check_indices_tuple(indices_tuple, n, m)
+
+
+def _to_dev(x, device):
+    if x is not None and x.device != device:
+        return x.to(device)
+    return x
+
+
+def prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, labels_required):
+    """validate_inputs, then PML's input handling; returns (embeddings, labels, indices_tuple,
+    ref_emb, ref_labels).
+
+    * labels, ref_labels and indices are moved to the embeddings' device;
+    * without ref_emb, ref_emb/ref_labels are embeddings/labels themselves (the same objects:
+      the ``ref_labels is labels`` identity is what excludes self-pairs);
+    * ref_emb given without ref_labels: ref_labels is labels (PML's pair utilities fall back the
+      same way).
+    """
+    validate_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, labels_required=labels_required)
+    dev = embeddings.device
+    labels = _to_dev(labels, dev)
+    if indices_tuple is not None:
+        indices_tuple = tuple(_to_dev(x, dev) for x in indices_tuple)
+    if ref_emb is None:
+        ref_emb, ref_labels = embeddings, labels
+    else:
+        ref_labels = labels if ref_labels is None else _to_dev(ref_labels, dev)
+    return embeddings, labels, indices_tuple, ref_emb, ref_labels

@@ -1,0 +1,183 @@
+"""Distance / similarity modules with pytorch-metric-learning (PML 2.9.0) semantics.
+
+Every distance maps ``(query_emb (B, D), ref_emb (R, D) or None)`` to a (B, R) matrix:
+
+* the embeddings are L2-normalised first when ``normalize_embeddings`` (default True);
+* ``compute_mat`` builds the matrix, which is then raised to ``power`` (default 1);
+* ``is_inverted`` marks similarities (larger means closer); ``margin``, ``smallest_dist``
+  and ``largest_dist`` take it into account.
+
+``DotProductSimilarity`` normalises by default (the BaseDistance default), so its values equal
+``CosineSimilarity``'s, exactly as in PML.
+
+Differences from PML (values are the same everywhere):
+
+* an inverted LpDistance/SNRDistance or a non-normalising CosineSimilarity raises
+  ``InvalidInputError`` (a ValueError that is also an AssertionError; PML asserts or raises
+  TypeError); ``DotProductSimilarity(is_inverted=...)`` is accepted and forced to True (PML:
+  TypeError);
+* LpDistance's float16 path works one query row at a time and SNRDistance in blocks of query
+  rows, instead of materialising (B*R, D) / (B, R, D) tensors;
+* ``collect_stats`` is accepted but no norm statistics are recorded.
+"""
+
+import torch
+
+from ._validation import InvalidInputError
+
+__all__ = [
+    "BaseDistance",
+    "LpDistance",
+    "DotProductSimilarity",
+    "CosineSimilarity",
+    "SNRDistance",
+]
+
+
+class BaseDistance(torch.nn.Module):
+    def __init__(self, normalize_embeddings=True, p=2, power=1, is_inverted=False, **kwargs):
+        # PML passes collect_stats through ModuleWithRecords; accept and keep it for API parity.
+        self.collect_stats = kwargs.pop("collect_stats", False)
+        super().__init__(**kwargs)
+        self.normalize_embeddings = normalize_embeddings
+        self.p = p
+        self.power = power
+        self.is_inverted = is_inverted
+
+    # ------------------------------------------------------------------ main entry
+    def forward(self, query_emb, ref_emb=None):
+        self.check_shapes(query_emb, ref_emb)
+        query_n = self.maybe_normalize(query_emb)
+        if ref_emb is None:
+            ref_emb = query_emb
+            ref_n = query_n
+        else:
+            ref_n = self.maybe_normalize(ref_emb)
+        mat = self.compute_mat(query_n, ref_n)
+        if self.power != 1:
+            mat = mat**self.power
+        if mat.shape != (query_emb.shape[0], ref_emb.shape[0]):
+            raise RuntimeError("distance matrix has the wrong shape")
+        return mat
+
+    def compute_mat(self, query_emb, ref_emb):
+        raise NotImplementedError
+
+    def pairwise_distance(self, query_emb, ref_emb):
+        """Row-wise distance between matched rows (no normalisation, no power)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def smallest_dist(self, *args, **kwargs):
+        """min for distances, max for similarities (the "closest" value)."""
+        if self.is_inverted:
+            return torch.max(*args, **kwargs)
+        return torch.min(*args, **kwargs)
+
+    def largest_dist(self, *args, **kwargs):
+        """max for distances, min for similarities (the "farthest" value)."""
+        if self.is_inverted:
+            return torch.min(*args, **kwargs)
+        return torch.max(*args, **kwargs)
+
+    def margin(self, x, y):
+        """How much farther x is than y: ``x - y`` for distances, ``y - x`` for similarities."""
+        if self.is_inverted:
+            return y - x
+        return x - y
+
+    def normalize(self, embeddings, dim=1, **kwargs):
+        return torch.nn.functional.normalize(embeddings, p=self.p, dim=dim, **kwargs)
+
+    def maybe_normalize(self, embeddings, dim=1, **kwargs):
+        if self.normalize_embeddings:
+            return self.normalize(embeddings, dim=dim, **kwargs)
+        return embeddings
+
+    def get_norm(self, embeddings, dim=1, **kwargs):
+        return torch.norm(embeddings, p=self.p, dim=dim, **kwargs)
+
+    @staticmethod
+    def check_shapes(query_emb, ref_emb):
+        if query_emb.ndim != 2 or (ref_emb is not None and ref_emb.ndim != 2):
+            raise ValueError("embeddings must be a 2D tensor of shape (batch_size, embedding_size)")
+
+    def extra_repr(self):
+        return (
+            f"normalize_embeddings={self.normalize_embeddings}, p={self.p}, "
+            f"power={self.power}, is_inverted={self.is_inverted}"
+        )
+
+
+class LpDistance(BaseDistance):
+    """Minkowski distance ``||q - r||_p`` (default: normalised, non-squared Euclidean)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.is_inverted:
+            raise InvalidInputError("LpDistance cannot be inverted")
+
+    def compute_mat(self, query_emb, ref_emb):
+        if ref_emb is None:
+            ref_emb = query_emb
+        if query_emb.dtype == torch.float16:
+            # cdist has no fp16 kernel; go through matched rows, one query row at a time
+            # (O(R*D) extra memory instead of PML's O(B*R*D)).
+            rows = [self.pairwise_distance(q.unsqueeze(0).expand_as(ref_emb), ref_emb) for q in query_emb]
+            if len(rows) == 0:
+                return query_emb.new_zeros((0, ref_emb.shape[0]))
+            return torch.stack(rows, dim=0)
+        return torch.cdist(query_emb, ref_emb, p=self.p)
+
+    def pairwise_distance(self, query_emb, ref_emb):
+        return torch.nn.functional.pairwise_distance(query_emb, ref_emb, p=self.p)
+
+
+class DotProductSimilarity(BaseDistance):
+    """``q . r``; embeddings are normalised by default, so this equals cosine similarity."""
+
+    def __init__(self, **kwargs):
+        kwargs["is_inverted"] = True
+        super().__init__(**kwargs)
+
+    def compute_mat(self, query_emb, ref_emb):
+        return torch.matmul(query_emb, ref_emb.transpose(-1, -2))
+
+    def pairwise_distance(self, query_emb, ref_emb):
+        return torch.sum(query_emb * ref_emb, dim=1)
+
+
+class CosineSimilarity(DotProductSimilarity):
+    """Dot product of L2-normalised embeddings (normalisation is mandatory)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if not self.normalize_embeddings:
+            raise InvalidInputError("CosineSimilarity requires normalize_embeddings=True")
+
+
+class SNRDistance(BaseDistance):
+    """Signal-to-noise-ratio distance: ``var(q - r) / var(q)`` (unbiased variances over D)."""
+
+    # Query rows per chunk, so the (chunk, R, D) difference tensor stays bounded.
+    _chunk_elems = 1 << 24
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.is_inverted:
+            raise InvalidInputError("SNRDistance cannot be inverted")
+
+    def compute_mat(self, query_emb, ref_emb):
+        q_var = torch.var(query_emb, dim=1)
+        R, D = ref_emb.shape
+        chunk = max(1, self._chunk_elems // max(1, R * D))
+        pieces = []
+        for s in range(0, query_emb.shape[0], chunk):
+            diff = query_emb[s : s + chunk].unsqueeze(1) - ref_emb.unsqueeze(0)
+            pieces.append(torch.var(diff, dim=2))
+        if len(pieces) == 0:
+            return query_emb.new_zeros((0, R))
+        return torch.cat(pieces, dim=0) / q_var.unsqueeze(1)
+
+    def pairwise_distance(self, query_emb, ref_emb):
+        return torch.var(query_emb - ref_emb, dim=1) / torch.var(query_emb, dim=1)

@@ -1,0 +1,25 @@
+from .base import BaseMetricLossFunction, GenericPairLoss, WeightRegularizerMixin, EmbeddingRegularizerMixin  # noqa: F401
+from .contrastive_loss import ContrastiveLoss  # noqa: F401
+from .triplet_margin_loss import TripletMarginLoss  # noqa: F401
+from .margin_loss import MarginLoss  # noqa: F401
+from .multi_similarity_loss import MultiSimilarityLoss  # noqa: F401
+from .lifted_structure_loss import LiftedStructureLoss  # noqa: F401
+from .generalized_lifted_structure_loss import GeneralizedLiftedStructureLoss  # noqa: F401
+from .n_pairs_loss import NPairsLoss  # noqa: F401
+from .ntxent_loss import NTXentLoss  # noqa: F401
+from .supcon_loss import SupConLoss  # noqa: F401
+from .tuplet_margin_loss import TupletMarginLoss  # noqa: F401
+from .angular_loss import AngularLoss  # noqa: F401
+from .nca_loss import NCALoss  # noqa: F401
+from .circle_loss import CircleLoss  # noqa: F401
+from .proxy_nca_loss import ProxyNCALoss  # noqa: F401
+from .proxy_anchor_loss import ProxyAnchorLoss  # noqa: F401
+from .soft_triple_loss import SoftTripleLoss  # noqa: F401
+from .large_margin_softmax_loss import LargeMarginSoftmaxLoss  # noqa: F401
+from .sphereface_loss import SphereFaceLoss  # noqa: F401
+from .cosface_loss import CosFaceLoss  # noqa: F401
+from .arcface_loss import ArcFaceLoss  # noqa: F401
+from .subcenter_arcface_loss import SubCenterArcFaceLoss  # noqa: F401
+from .normalized_softmax_loss import NormalizedSoftmaxLoss  # noqa: F401
+from .center_loss import CenterLoss  # noqa: F401
+from .softmax_loss import SoftmaxLoss  # noqa: F401

@@ -1,0 +1,28 @@
+"""AngularLoss (PML 2.9.0): requires normalised LpDistance(p=2, power=1); labels required.
+
+Per positive pair (a, p), over all ref items with another label:
+``log(1 + sum_n exp(4 tan^2(alpha) (x_a + x_p).x_n - 2 (1 + tan^2(alpha)) x_a.x_p))`` with x_n the
+raw (un-normalised) ref embedding, as in PML. ``alpha`` given in degrees, stored in radians as a
+float64 0-dim tensor (as PML does).
+"""
+
+import math
+
+import torch
+
+from ..reference import embedding_losses as R
+from .base import BaseMetricLossFunction
+
+
+class AngularLoss(BaseMetricLossFunction):
+    _labels_required = True
+
+    def __init__(self, alpha=40, **kwargs):
+        super().__init__(**kwargs)
+        R.require_distance("AngularLoss", self.distance, "LpDistance", p=2, power=1, normalize_embeddings=True)
+        self.alpha = torch.tensor(math.radians(alpha), dtype=torch.float64)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return R.angular_loss_dict(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, alpha=float(self.alpha), distance=self.distance
+        )

@@ -1,0 +1,215 @@
+"""Loss base classes with pytorch-metric-learning (PML 2.9.0) semantics.
+
+* ``BaseMetricLossFunction``: ``forward(embeddings, labels=None, indices_tuple=None,
+  ref_emb=None, ref_labels=None)`` validates the inputs, sets ``ref_emb``/``ref_labels`` (the
+  batch itself when absent), calls ``compute_loss`` (which returns a loss dict
+  ``{name: {"losses", "indices", "reduction_type"[, "divisor"]}}``), adds the embedding
+  regularizer's ``embedding_reg_loss`` and reduces with ``self.reducer``.
+* The reducer is built as in PML: a ``MultipleReducers``/``DoNothingReducer`` is used as given;
+  otherwise a loss with one sub-loss uses ``get_default_reducer()`` or a deep copy of
+  ``reducer``, and a loss with several sub-losses (regularizers included) gets a
+  ``MultipleReducers`` holding one copy per sub-loss (results summed).
+* ``GenericPairLoss(mat_based_loss)``: converts ``indices_tuple`` to pairs, returns
+  ``zero_losses()`` when every index tensor has at most one entry (PML's ``len <= 1``
+  short-circuit), computes the distance matrix and calls ``_compute_loss`` with either the pair
+  values (``pos_pair, neg_pair, indices_tuple``) or 0/1 masks (``mat, pos_mask, neg_mask``).
+* ``WeightRegularizerMixin`` / ``EmbeddingRegularizerMixin``: optional regularizer losses
+  (``weight_reg_loss`` / ``embedding_reg_loss``, already reduced, times the reg weight).
+"""
+
+import torch
+
+from .. import reducers as _reducers
+from .._validation import prepare_inputs
+from ..distances import LpDistance
+from ..reference.embedding_losses import pair_masks, pair_setup
+
+__all__ = [
+    "BaseMetricLossFunction",
+    "GenericPairLoss",
+    "WeightMixin",
+    "WeightRegularizerMixin",
+    "EmbeddingRegularizerMixin",
+    "TorchInitWrapper",
+]
+
+
+class TorchInitWrapper:
+    """Calls ``init_func(tensor, **kwargs)``; the form of PML's ``weight_init_func``."""
+
+    def __init__(self, init_func, **kwargs):
+        self.init_func = init_func
+        self.kwargs = kwargs
+
+    def __call__(self, tensor):
+        self.init_func(tensor, **self.kwargs)
+
+
+def _zero_entry():
+    return {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
+
+
+def _reg_entry(regularizer, weight, x):
+    loss = 0 if regularizer is None else regularizer(x) * weight
+    return {"losses": loss, "indices": None, "reduction_type": "already_reduced"}
+
+
+class EmbeddingRegularizerMixin:
+    """Adds ``embedding_reg_loss = embedding_regularizer(embeddings) * embedding_reg_weight``."""
+
+    def __init__(self, embedding_regularizer=None, embedding_reg_weight=1, **kwargs):
+        # A placeholder so sub_loss_names() is right while the base class builds its reducer.
+        self.embedding_regularizer = embedding_regularizer is not None
+        super().__init__(**kwargs)
+        self.embedding_regularizer = embedding_regularizer
+        self.embedding_reg_weight = embedding_reg_weight
+
+    def embedding_regularization_loss(self, embeddings):
+        return _reg_entry(self.embedding_regularizer, self.embedding_reg_weight, embeddings)
+
+    def add_embedding_regularization_to_loss_dict(self, loss_dict, embeddings):
+        if self.embedding_regularizer is not None:
+            loss_dict["embedding_reg_loss"] = self.embedding_regularization_loss(embeddings)
+
+    def regularization_loss_names(self):
+        return ["embedding_reg_loss"]
+
+
+class WeightMixin:
+    """Holds ``weight_init_func`` (default: ``torch.nn.init.normal_``)."""
+
+    def __init__(self, weight_init_func=None, **kwargs):
+        super().__init__(**kwargs)
+        self.weight_init_func = self.get_default_weight_init_func() if weight_init_func is None else weight_init_func
+
+    def get_default_weight_init_func(self):
+        return TorchInitWrapper(torch.nn.init.normal_)
+
+
+class WeightRegularizerMixin(WeightMixin):
+    """Adds ``weight_reg_loss = weight_regularizer(weights) * weight_reg_weight``.
+
+    Put it before the loss base class: ``class X(WeightRegularizerMixin, BaseMetricLossFunction)``.
+    """
+
+    def __init__(self, weight_regularizer=None, weight_reg_weight=1, **kwargs):
+        self.weight_regularizer = weight_regularizer is not None  # placeholder, see above
+        super().__init__(**kwargs)
+        self.weight_regularizer = weight_regularizer
+        self.weight_reg_weight = weight_reg_weight
+
+    def weight_regularization_loss(self, weights):
+        return _reg_entry(self.weight_regularizer, self.weight_reg_weight, weights)
+
+    def add_weight_regularization_to_loss_dict(self, loss_dict, weights):
+        if self.weight_regularizer is not None:
+            loss_dict["weight_reg_loss"] = self.weight_regularization_loss(weights)
+
+    def regularization_loss_names(self):
+        return ["weight_reg_loss"]
+
+
+def _reg_is_set(value):
+    return value is not None and value is not False
+
+
+class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
+    """Base of every dmlkern loss (PML's ``BaseMetricLossFunction``).
+
+    Subclasses implement ``compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)``
+    returning a loss dict, and may override ``_sub_loss_names``, ``get_default_reducer``,
+    ``get_default_distance``. ``_labels_required`` tells the input validator whether labels are
+    required (True), labels or indices_tuple are (False), or neither (None, the default).
+    """
+
+    _labels_required = None
+
+    def __init__(self, distance=None, reducer=None, collect_stats=False, **kwargs):
+        super().__init__(**kwargs)
+        self.collect_stats = bool(collect_stats)
+        self.distance = self.get_default_distance() if distance is None else distance
+        self.set_reducer(reducer)
+
+    # -------------------------------------------------------------- configuration
+    def get_default_reducer(self):
+        return _reducers.MeanReducer()
+
+    def get_default_distance(self):
+        return LpDistance(p=2)
+
+    def set_reducer(self, reducer):
+        self.reducer = _reducers.resolve_reducer(reducer, self.sub_loss_names(), self.get_default_reducer)
+
+    def _sub_loss_names(self):
+        return ["loss"]
+
+    def sub_loss_names(self):
+        return self._sub_loss_names() + self.all_regularization_loss_names()
+
+    def all_regularization_loss_names(self):
+        names = []
+        if isinstance(self, WeightRegularizerMixin) and _reg_is_set(getattr(self, "weight_regularizer", None)):
+            names.append("weight_reg_loss")
+        if _reg_is_set(getattr(self, "embedding_regularizer", None)):
+            names.append("embedding_reg_loss")
+        return names
+
+    def reset_stats(self):
+        pass
+
+    # -------------------------------------------------------------- loss dict helpers
+    def zero_loss(self):
+        return _zero_entry()
+
+    def zero_losses(self):
+        return {name: _zero_entry() for name in self.sub_loss_names()}
+
+    # -------------------------------------------------------------- forward
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        raise NotImplementedError
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """Returns the reduced loss (a 0-dim tensor), or the loss dict with DoNothingReducer."""
+        embeddings, labels, indices_tuple, ref_emb, ref_labels = prepare_inputs(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, labels_required=self._labels_required
+        )
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
+        return self.reducer(loss_dict, embeddings, labels)
+
+
+class GenericPairLoss(BaseMetricLossFunction):
+    """Pair-based loss skeleton: subclasses implement ``_compute_loss``.
+
+    ``mat_based_loss=False``: ``_compute_loss(pos_pair, neg_pair, indices_tuple)`` gets
+    ``mat[a1, p]`` and ``mat[a2, n]`` (an empty list when the side has no pair).
+    ``mat_based_loss=True``: ``_compute_loss(mat, pos_mask, neg_mask)`` gets 0/1 masks of the
+    matrix's dtype (duplicate pairs collapse); a pair may not be both positive and negative.
+    """
+
+    _labels_required = False
+
+    def __init__(self, mat_based_loss, **kwargs):
+        super().__init__(**kwargs)
+        self.mat_based = bool(mat_based_loss)
+        self.loss_method = self.mat_based_loss if mat_based_loss else self.pair_based_loss
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        setup = pair_setup(embeddings, labels, indices_tuple, ref_emb, ref_labels, self.distance)
+        if setup is None:
+            return self.zero_losses()
+        mat, pairs = setup
+        return self.loss_method(mat, pairs)
+
+    def _compute_loss(self, *args):
+        raise NotImplementedError
+
+    def mat_based_loss(self, mat, indices_tuple):
+        pos_mask, neg_mask = pair_masks(mat, indices_tuple)
+        return self._compute_loss(mat, pos_mask, neg_mask)
+
+    def pair_based_loss(self, mat, indices_tuple):
+        a1, p, a2, n = indices_tuple
+        pos_pair = mat[a1, p] if len(a1) > 0 else []
+        neg_pair = mat[a2, n] if len(a2) > 0 else []
+        return self._compute_loss(pos_pair, neg_pair, indices_tuple)

@@ -1,0 +1,33 @@
+"""CircleLoss (PML 2.9.0), mat-based, requires CosineSimilarity; AvgNonZeroReducer by default.
+
+Per row: ``softplus(logsumexp_p(-gamma [1+m-s_p]_+ (s_p-1+m)) + logsumexp_n(gamma [s_n+m]_+ (s_n-m)))``
+with detached weights; rows lacking a positive or a negative give 0.
+"""
+
+from ..distances import CosineSimilarity
+from ..reducers import AvgNonZeroReducer
+from ..reference import embedding_losses as R
+from .base import GenericPairLoss
+
+
+class CircleLoss(GenericPairLoss):
+    def __init__(self, m=0.4, gamma=80, **kwargs):
+        super().__init__(mat_based_loss=True, **kwargs)
+        R.require_distance("CircleLoss", self.distance, "CosineSimilarity")
+        self.m = m
+        self.gamma = gamma
+        self.op = 1 + self.m
+        self.on = -self.m
+        self.delta_p = 1 - self.m
+        self.delta_n = self.m
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return R.circle_loss_dict(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, m=self.m, gamma=self.gamma, distance=self.distance
+        )
+
+    def get_default_reducer(self):
+        return AvgNonZeroReducer()
+
+    def get_default_distance(self):
+        return CosineSimilarity()

@@ -1,0 +1,85 @@
+import math
+
+import numpy as np
+import torch
+
+from .._validation import InvalidInputError
+from ..distances import CosineSimilarity
+from ..reference import classification_losses as ref
+from ._classification_common import cast_parameter, new_weight, ref_not_supported
+from .base import BaseMetricLossFunction, WeightRegularizerMixin
+
+
+class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """L-Softmax (``W`` (D, C), init ``normal_``; CosineSimilarity required; MeanReducer).
+
+    The target logit's cosine becomes ``(-1)^k cos(m theta) - 2k`` (integer ``margin`` m); all
+    logits are multiplied by ``||W_j|| ||x_i|| * scale``. SphereFace, CosFace, ArcFace and
+    SubCenterArcFace derive from this class, as in PML.
+    """
+
+    _labels_required = True
+
+    def __init__(self, num_classes, embedding_size, margin=4, scale=1, **kwargs):
+        super().__init__(**kwargs)
+        if "CosineSimilarity" not in {c.__name__ for c in type(self.distance).__mro__}:
+            raise InvalidInputError(f"{type(self).__name__} requires the distance metric to be CosineSimilarity")
+        self.margin = margin
+        self.num_classes = num_classes
+        self.scale = scale
+        self.embedding_size = embedding_size
+        self.init_margin()
+        self.W = new_weight(embedding_size, num_classes)
+        self.weight_init_func(self.W)
+        self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")
+
+    def init_margin(self):
+        self.margin = int(self.margin)
+        self.max_n = self.margin // 2
+        # coefficients of the multiple-angle formula, kept as attributes for PML parity
+        self.n_range = torch.tensor(list(range(self.max_n + 1)))
+        self.margin_choose_n = torch.tensor([float(math.comb(self.margin, 2 * n)) for n in range(self.max_n + 1)])
+        self.cos_powers = torch.tensor([self.margin - 2 * n for n in range(self.max_n + 1)])
+        self.alternating = torch.tensor([(-1) ** n for n in range(self.max_n + 1)])
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def cast_types(self, dtype, device):
+        cast_parameter(self.W, dtype, device)
+
+    # -------------------------------------------------------------- maths (reference module)
+    def _loss_dict(self, embeddings, labels, indices_tuple):
+        return ref.large_margin_softmax_loss_dict(
+            embeddings, labels, self.W, indices_tuple, margin=self.margin, scale=self.scale, distance=self.distance
+        )
+
+    def get_cosine(self, embeddings):
+        return self.distance(embeddings, self.W.t())
+
+    def get_angles(self, cosine_of_target_classes):
+        return torch.acos(torch.clamp(cosine_of_target_classes, -1, 1))
+
+    def get_target_mask(self, embeddings, labels):
+        return ref._target_mask(labels, self.num_classes, embeddings.dtype)
+
+    def modify_cosine_of_target_classes(self, cosine_of_target_classes):
+        return ref._lm_target(cosine_of_target_classes, self.margin)
+
+    def scale_logits(self, logits, embeddings):
+        magnitudes = self.distance.get_norm(self.W, dim=0).unsqueeze(0) * self.distance.get_norm(embeddings).unsqueeze(1)
+        return logits * magnitudes * self.scale
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        self.cast_types(embeddings.dtype, embeddings.device)
+        loss_dict = self._loss_dict(embeddings, labels, indices_tuple)
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        return loss_dict
+
+    def get_logits(self, embeddings):
+        return self.scale_logits(self.get_cosine(embeddings), embeddings)
+
+
+def _degrees_to_radians(x):
+    return float(np.radians(x))

@@ -1,0 +1,21 @@
+"""LiftedStructureLoss (PML 2.9.0), pair-based.
+
+Per positive pair (i, j): ``relu(logsumexp_{negatives of i or j}(neg_margin - d) + d_ij -
+pos_margin)^2 / 2``, averaged over positive pairs.
+"""
+
+from ..reference import embedding_losses as R
+from .base import GenericPairLoss
+
+
+class LiftedStructureLoss(GenericPairLoss):
+    def __init__(self, neg_margin=1, pos_margin=0, **kwargs):
+        super().__init__(mat_based_loss=False, **kwargs)
+        self.neg_margin = neg_margin
+        self.pos_margin = pos_margin
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return R.lifted_structure_loss_dict(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels,
+            neg_margin=self.neg_margin, pos_margin=self.pos_margin, distance=self.distance,
+        )

@@ -1,0 +1,26 @@
+"""NPairsLoss (PML 2.9.0): cross-entropy over ``S[anchors, positives]`` with one positive pair
+per anchor label (the first one), normalised dot product, no temperature. Labels required;
+ref_emb not supported.
+"""
+
+from ..distances import DotProductSimilarity
+from ..reference import embedding_losses as R
+from .base import BaseMetricLossFunction
+
+
+class NPairsLoss(BaseMetricLossFunction):
+    _labels_required = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.num_pairs = 0
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        R.check_n_pairs_ref(embeddings, labels, ref_emb, ref_labels)
+        return super().forward(embeddings, labels, indices_tuple)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return R.n_pairs_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=self.distance)
+
+    def get_default_distance(self):
+        return DotProductSimilarity()

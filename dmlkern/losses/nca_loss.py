@@ -1,0 +1,27 @@
+"""NCALoss (PML 2.9.0): ``-log sum_{same label} softmax(scale * -d^2)`` per query, with
+``LpDistance(power=2)`` (normalised) by default and the diagonal excluded when the references are
+the batch. Rows without any positive probability are dropped.
+
+Deviation: when no row has a positive, the loss is the grad-carrying zero (PML: NaN).
+"""
+
+from ..distances import LpDistance
+from ..reference import embedding_losses as R
+from .base import BaseMetricLossFunction
+
+
+class NCALoss(BaseMetricLossFunction):
+    # labels are checked after the single-sample short-circuit, as in PML
+    _labels_required = None
+
+    def __init__(self, softmax_scale=1, **kwargs):
+        super().__init__(**kwargs)
+        self.softmax_scale = softmax_scale
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return R.nca_loss_dict(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, softmax_scale=self.softmax_scale, distance=self.distance
+        )
+
+    def get_default_distance(self):
+        return LpDistance(power=2)

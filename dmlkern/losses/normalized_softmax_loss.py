@@ -1,0 +1,40 @@
+import torch
+
+from ..distances import DotProductSimilarity
+from ..reference.classification_losses import normalized_softmax_logits, normalized_softmax_loss_dict
+from ._classification_common import cast_parameter, new_weight, ref_not_supported
+from .base import BaseMetricLossFunction, WeightRegularizerMixin
+
+
+class NormalizedSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """NormSoftmax: ``CE(x_hat . W_hat / temperature, y)``; ``W`` (D, C), init ``normal_``;
+    default distance DotProductSimilarity (normalising)."""
+
+    _labels_required = True
+
+    def __init__(self, num_classes, embedding_size, temperature=0.05, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = temperature
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.W = new_weight(embedding_size, num_classes)
+        self.weight_init_func(self.W)
+        self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")
+
+    def get_default_distance(self):
+        return DotProductSimilarity()
+
+    def cast_types(self, dtype, device):
+        cast_parameter(self.W, dtype, device)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        self.cast_types(embeddings.dtype, embeddings.device)
+        loss_dict = normalized_softmax_loss_dict(
+            embeddings, labels, self.W, indices_tuple, temperature=self.temperature, distance=self.distance
+        )
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        return loss_dict
+
+    def get_logits(self, embeddings):
+        return normalized_softmax_logits(embeddings, self.W, temperature=self.temperature, distance=self.distance)

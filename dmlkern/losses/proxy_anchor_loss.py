@@ -1,0 +1,53 @@
+import torch
+
+from ..distances import CosineSimilarity
+from ..reducers import DivisorReducer
+from ..reference.classification_losses import PROXY_ANCHOR_SUB_LOSSES, proxy_anchor_loss_dict
+from ._classification_common import cast_parameter, new_weight, ref_not_supported
+from .base import BaseMetricLossFunction, TorchInitWrapper, WeightRegularizerMixin
+
+
+class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """Proxy-Anchor loss (``proxies`` (C, D), init ``kaiming_normal_(mode="fan_out")``).
+
+    Sub-losses ``pos_loss`` (divided by the number of proxies with a positive in the batch) and
+    ``neg_loss`` (divided by ``num_classes``), DivisorReducer, CosineSimilarity. Miner weights
+    enter additively (``w_i - 1`` inside the exponent), as in PML.
+    """
+
+    _labels_required = True
+
+    def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32, **kwargs):
+        super().__init__(**kwargs)
+        self.proxies = new_weight(num_classes, embedding_size)
+        self.weight_init_func(self.proxies)
+        self.num_classes = num_classes
+        self.margin = margin
+        self.alpha = alpha
+
+    def get_default_reducer(self):
+        return DivisorReducer()
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def get_default_weight_init_func(self):
+        return TorchInitWrapper(torch.nn.init.kaiming_normal_, mode="fan_out")
+
+    def _sub_loss_names(self):
+        return list(PROXY_ANCHOR_SUB_LOSSES)
+
+    def cast_types(self, dtype, device):
+        cast_parameter(self.proxies, dtype, device)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        self.cast_types(embeddings.dtype, embeddings.device)
+        loss_dict = proxy_anchor_loss_dict(
+            embeddings, labels, self.proxies, indices_tuple, margin=self.margin, alpha=self.alpha, distance=self.distance
+        )
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
+        return loss_dict
+
+    def get_logits(self, embeddings):
+        return self.distance(embeddings, self.proxies)

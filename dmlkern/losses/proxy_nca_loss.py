@@ -1,0 +1,42 @@
+import torch
+
+from ..distances import LpDistance
+from ..reference.classification_losses import proxy_nca_loss_dict
+from ._classification_common import cast_parameter, new_weight, ref_not_supported
+from .base import BaseMetricLossFunction, WeightRegularizerMixin
+
+
+class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """NCA against one learnable proxy per class (``proxies`` (C, D), init ``normal_``).
+
+    Default distance: normalised squared Euclidean (``LpDistance(power=2)``); MeanReducer.
+    The softmax denominator includes the positive proxy (as PML codes it).
+    """
+
+    _labels_required = True
+
+    def __init__(self, num_classes, embedding_size, softmax_scale=1, **kwargs):
+        super().__init__(**kwargs)
+        self.softmax_scale = softmax_scale
+        self.num_classes = num_classes
+        self.proxies = new_weight(num_classes, embedding_size)
+        self.weight_init_func(self.proxies)
+        self.proxy_labels = torch.arange(num_classes)
+
+    def get_default_distance(self):
+        return LpDistance(power=2)
+
+    def cast_types(self, dtype, device):
+        cast_parameter(self.proxies, dtype, device)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        self.cast_types(embeddings.dtype, embeddings.device)
+        loss_dict = proxy_nca_loss_dict(
+            embeddings, labels, self.proxies, indices_tuple, softmax_scale=self.softmax_scale, distance=self.distance
+        )
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
+        return loss_dict
+
+    def get_logits(self, embeddings):
+        return self.distance(embeddings, self.proxies)

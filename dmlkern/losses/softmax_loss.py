@@ -1,0 +1,30 @@
+from ..reference.classification_losses import softmax_loss_dict
+from ._classification_common import cast_parameter, new_weight, ref_not_supported
+from .base import BaseMetricLossFunction, WeightRegularizerMixin
+
+
+class SoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """Plain softmax cross-entropy on a bias-free linear classifier ``W`` (D, C):
+    ``mean_i CE(x_i W, y_i)`` (raw embeddings, no normalisation; init ``normal_``; not in PML)."""
+
+    _labels_required = True
+
+    def __init__(self, num_classes, embedding_size, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.W = new_weight(embedding_size, num_classes)
+        self.weight_init_func(self.W)
+
+    def cast_types(self, dtype, device):
+        cast_parameter(self.W, dtype, device)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        self.cast_types(embeddings.dtype, embeddings.device)
+        loss_dict = softmax_loss_dict(embeddings, labels, self.W, indices_tuple)
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        return loss_dict
+
+    def get_logits(self, embeddings):
+        return embeddings @ self.W

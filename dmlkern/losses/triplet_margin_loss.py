@@ -1,0 +1,30 @@
+"""TripletMarginLoss (PML 2.9.0): ``relu(d_ap - d_an + margin)`` per triplet.
+
+``swap`` uses ``min(d_an, d_pn)``; ``smooth_loss`` uses softplus; ``triplets_per_anchor`` is
+"all" or the number of random triplets per anchor. Default reducer: AvgNonZeroReducer.
+"""
+
+from ..reducers import AvgNonZeroReducer
+from ..reference import embedding_losses as R
+from .base import BaseMetricLossFunction
+
+
+class TripletMarginLoss(BaseMetricLossFunction):
+    _labels_required = False
+
+    def __init__(self, margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", **kwargs):
+        super().__init__(**kwargs)
+        self.margin = margin
+        self.swap = swap
+        self.smooth_loss = smooth_loss
+        self.triplets_per_anchor = triplets_per_anchor
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return R.triplet_margin_loss_dict(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels,
+            margin=self.margin, swap=self.swap, smooth_loss=self.smooth_loss,
+            triplets_per_anchor=self.triplets_per_anchor, distance=self.distance,
+        )
+
+    def get_default_reducer(self):
+        return AvgNonZeroReducer()

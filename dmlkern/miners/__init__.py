@@ -1,0 +1,43 @@
+"""Miners with pytorch-metric-learning 2.9.0 semantics (plus MaximumLossMiner).
+
+The returned index sets, and their order, are PML's (DistanceWeightedMiner: the same triplets
+for the same torch seed). The maths is in ``dmlkern.reference.miners``.
+
+Differences from PML:
+
+* TripletMarginMiner and AngularMiner work on blocks of anchors instead of a (B, R, R) tensor;
+* inputs are checked by ``dmlkern._validation.validate_inputs``: missing or non-integer labels,
+  an empty batch, mismatched ref_emb raise ValueError/TypeError (PML crashes later or accepts
+  float labels); AngularMiner/DistanceWeightedMiner with another distance raise
+  ``InvalidInputError`` (a ValueError that is also the AssertionError PML raises);
+* DistanceWeightedMiner given ref_emb without ref_labels uses ``labels`` for the reference rows
+  (PML crashes), and returns empty tuples when every weight is inf/nan (PML crashes);
+* ``collect_stats`` is accepted, but only ``num_pos_pairs``/``num_neg_pairs``/``num_triplets``
+  are recorded;
+* MaximumLossMiner (removed from PML in 2.0) is re-defined here; see its docstring.
+"""
+
+from .angular_miner import AngularMiner
+from .base import BaseMiner, BaseTupleMiner
+from .batch_easy_hard_miner import BatchEasyHardMiner
+from .batch_hard_miner import BatchHardMiner
+from .distance_weighted_miner import DistanceWeightedMiner
+from .hdc_miner import HDCMiner
+from .maximum_loss_miner import MaximumLossMiner
+from .multi_similarity_miner import MultiSimilarityMiner
+from .pair_margin_miner import PairMarginMiner
+from .triplet_margin_miner import TripletMarginMiner
+
+__all__ = [
+    "BaseMiner",
+    "BaseTupleMiner",
+    "AngularMiner",
+    "BatchEasyHardMiner",
+    "BatchHardMiner",
+    "DistanceWeightedMiner",
+    "HDCMiner",
+    "MaximumLossMiner",
+    "MultiSimilarityMiner",
+    "PairMarginMiner",
+    "TripletMarginMiner",
+]

@@ -1,0 +1,65 @@
+"""Miner base classes (PML 2.9.0 API).
+
+``miner(embeddings, labels, ref_emb=None, ref_labels=None)`` runs under ``torch.no_grad()`` and
+returns LongTensor index tuples: triplets ``(a, p, n)`` or pairs ``(a1, p, a2, n)`` (empty tensors
+when nothing qualifies). Without ``ref_emb`` the batch is compared with itself and the trivial
+pairs (i, i) are excluded; with ``ref_emb`` but no ``ref_labels``, ``labels`` also label the
+reference rows (as in PML).
+"""
+
+import torch
+
+from .._validation import InvalidInputError, validate_inputs
+from ..distances import LpDistance
+
+__all__ = ["BaseMiner", "BaseTupleMiner"]
+
+
+class BaseMiner(torch.nn.Module):
+    def __init__(self, distance=None, collect_stats=False, **kwargs):
+        super().__init__(**kwargs)
+        self.collect_stats = collect_stats
+        self.distance = self.get_default_distance() if distance is None else distance
+        self.num_pos_pairs = 0
+        self.num_neg_pairs = 0
+        self.num_triplets = 0
+
+    def get_default_distance(self):
+        return LpDistance(p=2)
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        raise NotImplementedError
+
+    def _require_distance(self, cls, **attrs):
+        ok = isinstance(self.distance, cls) and all(getattr(self.distance, k) == v for k, v in attrs.items())
+        if not ok:
+            want = ", ".join(f"{k}={v}" for k, v in attrs.items())
+            raise InvalidInputError(f"{type(self).__name__} requires the distance to be {cls.__name__}({want})")
+
+    def output_assertion(self, output):
+        if len(output) == 3:
+            self.num_triplets = len(output[0])
+            if not (len(output[0]) == len(output[1]) == len(output[2])):
+                raise RuntimeError("miner returned triplet tensors of different lengths")
+        elif len(output) == 4:
+            self.num_pos_pairs, self.num_neg_pairs = len(output[0]), len(output[2])
+            if len(output[0]) != len(output[1]) or len(output[2]) != len(output[3]):
+                raise RuntimeError("miner returned pair tensors of different lengths")
+        else:
+            raise TypeError("a miner must return 3 (triplets) or 4 (pairs) tensors")
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        with torch.no_grad():
+            validate_inputs(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
+            labels = labels.to(embeddings.device)
+            if ref_emb is None:
+                ref_emb, ref_labels = embeddings, labels
+            elif ref_labels is not None:
+                ref_labels = ref_labels.to(ref_emb.device)
+            out = self.mine(embeddings, labels, ref_emb, ref_labels)
+        self.output_assertion(out)
+        return out
+
+
+class BaseTupleMiner(BaseMiner):
+    """A miner returning pair or triplet index tuples (every miner here)."""

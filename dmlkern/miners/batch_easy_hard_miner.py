@@ -1,0 +1,42 @@
+from ..reference import miners as ref
+from .base import BaseTupleMiner
+
+
+class BatchEasyHardMiner(BaseTupleMiner):
+    """At most one positive and one negative per anchor, chosen by ``pos_strategy`` /
+    ``neg_strategy`` in {"hard", "semihard", "easy", "all"}; returns pairs ``(a, p, a, n)``."""
+
+    HARD = ref.HARD
+    SEMIHARD = ref.SEMIHARD
+    EASY = ref.EASY
+    ALL = ref.ALL
+    all_batch_mining_strategies = [HARD, SEMIHARD, EASY, ALL]
+
+    def __init__(
+        self, pos_strategy=EASY, neg_strategy=SEMIHARD, allowed_pos_range=None, allowed_neg_range=None, **kwargs
+    ):
+        super().__init__(**kwargs)
+        valid = self.all_batch_mining_strategies
+        if pos_strategy not in valid or neg_strategy not in valid:
+            raise ValueError(f"pos_strategy and neg_strategy must each be one of {valid}")
+        if pos_strategy == neg_strategy == self.SEMIHARD:
+            raise ValueError('pos_strategy and neg_strategy cannot both be "semihard"')
+        if {pos_strategy, neg_strategy} == {self.ALL, self.SEMIHARD}:
+            raise ValueError('"semihard" cannot be used in combination with "all"')
+        self.pos_strategy = pos_strategy
+        self.neg_strategy = neg_strategy
+        self.allowed_pos_range = allowed_pos_range
+        self.allowed_neg_range = allowed_neg_range
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        mat = self.distance(embeddings, ref_emb)
+        return ref.batch_easy_hard_miner(
+            mat,
+            labels,
+            ref_labels,
+            self.pos_strategy,
+            self.neg_strategy,
+            self.allowed_pos_range,
+            self.allowed_neg_range,
+            self.distance.is_inverted,
+        )

@@ -1,0 +1,20 @@
+from ..distances import LpDistance
+from ..reference.miners import distance_weighted_miner
+from .base import BaseTupleMiner
+
+
+class DistanceWeightedMiner(BaseTupleMiner):
+    """Random triplets with negatives sampled by inverse distance density (Wu et al. 2017).
+    Uses the global torch RNG exactly as PML does, so a fixed seed gives PML's triplets."""
+
+    def __init__(self, cutoff=0.5, nonzero_loss_cutoff=1.4, **kwargs):
+        super().__init__(**kwargs)
+        self._require_distance(LpDistance, p=2, power=1, normalize_embeddings=True)
+        self.cutoff = float(cutoff)
+        self.nonzero_loss_cutoff = float(nonzero_loss_cutoff)
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        mat = self.distance(embeddings, ref_emb)
+        return distance_weighted_miner(
+            mat, labels, ref_labels, embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff
+        )

@@ -1,0 +1,3 @@
+"""Custom ops (autograd, fake tensors, backend dispatch) over the C++ and Triton kernels."""
+from .dispatch import resolve_backend  # noqa: F401
+from .masked_lse import masked_lse  # noqa: F401

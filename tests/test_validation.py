@@ -1,0 +1,181 @@
+"""Bad inputs raise a clear ValueError/TypeError naming the argument; PML's ValueErrors are kept."""
+import pytest
+import pytorch_metric_learning.losses as pml_losses
+import torch
+
+import dmlkern.losses as our_losses
+from _pml_helpers import EMBEDDING_LOSSES, LOSS_NAMES, functional_fn, reference_fn
+from dmlkern._validation import InvalidInputError, prepare_inputs, validate_inputs
+
+B, D = 6, 4
+
+
+def _emb(n=B, d=D, dtype=torch.float32):
+    return torch.randn(n, d, dtype=dtype, generator=torch.Generator().manual_seed(0))
+
+
+def _labels(n=B):
+    return torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 0][:n])
+
+
+def _pairs():
+    return (torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([0, 1]), torch.tensor([2, 4]))
+
+
+# (case id, kwargs builder, error type, argument named in the message)
+BAD_INPUTS = [
+    ("emb_1d", lambda: dict(embeddings=torch.randn(B), labels=_labels()), ValueError, "embeddings"),
+    ("emb_3d", lambda: dict(embeddings=torch.randn(B, D, 2), labels=_labels()), ValueError, "embeddings"),
+    ("emb_int", lambda: dict(embeddings=torch.ones(B, D, dtype=torch.long), labels=_labels()), TypeError, "embeddings"),
+    ("emb_not_tensor", lambda: dict(embeddings=[[0.0] * D] * B, labels=_labels()), TypeError, "embeddings"),
+    ("empty_batch", lambda: dict(embeddings=torch.randn(0, D), labels=torch.zeros(0, dtype=torch.long)),
+     ValueError, "embeddings"),
+    ("labels_2d", lambda: dict(embeddings=_emb(), labels=_labels().view(B, 1)), ValueError, "labels"),
+    ("labels_short", lambda: dict(embeddings=_emb(), labels=_labels()[:-1]), ValueError, "labels"),
+    ("labels_float", lambda: dict(embeddings=_emb(), labels=_labels().float()), TypeError, "labels"),
+    ("labels_bool", lambda: dict(embeddings=_emb(), labels=_labels() > 0), TypeError, "labels"),
+    ("ref_width", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=_emb(5, D + 1),
+                               ref_labels=_labels(5)), ValueError, "ref_emb"),
+    ("ref_labels_len", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=_emb(5),
+                                    ref_labels=_labels(4)), ValueError, "ref_labels"),
+    ("ref_labels_2d", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=_emb(5),
+                                   ref_labels=_labels(5).view(5, 1)), ValueError, "ref_labels"),
+    ("ref_missing_labels", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=_emb(5)),
+     ValueError, "ref_labels"),
+    ("ref_dtype", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=_emb(5, dtype=torch.float64),
+                               ref_labels=_labels(5)), TypeError, "ref_emb"),
+    ("ref_device", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=torch.empty(5, D, device="meta"),
+                                ref_labels=_labels(5)), ValueError, "ref_emb"),
+    ("ref_empty", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=torch.randn(0, D),
+                               ref_labels=torch.zeros(0, dtype=torch.long)), ValueError, "ref_emb"),
+    ("idx_out_of_range", lambda: dict(embeddings=_emb(), labels=_labels(),
+                                      indices_tuple=(torch.tensor([0]), torch.tensor([B]), torch.tensor([1]))),
+     ValueError, "indices_tuple"),
+    ("idx_negative", lambda: dict(embeddings=_emb(), labels=_labels(),
+                                  indices_tuple=(torch.tensor([-1, 0]), torch.tensor([1, 1]),
+                                                 torch.tensor([0, 2]), torch.tensor([2, 3]))),
+     ValueError, "indices_tuple"),
+    ("idx_ref_range", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=_emb(3), ref_labels=_labels(3),
+                                   indices_tuple=(torch.tensor([5]), torch.tensor([4]), torch.tensor([1]))),
+     ValueError, "indices_tuple"),
+    ("idx_float", lambda: dict(embeddings=_emb(), labels=_labels(),
+                               indices_tuple=(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([2.0]))),
+     TypeError, "indices_tuple"),
+    ("idx_len2", lambda: dict(embeddings=_emb(), labels=_labels(), indices_tuple=(torch.tensor([0]), torch.tensor([1]))),
+     ValueError, "indices_tuple"),
+    ("idx_mismatched", lambda: dict(embeddings=_emb(), labels=_labels(),
+                                    indices_tuple=(torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([2, 2]))),
+     ValueError, "indices_tuple"),
+    ("idx_2d", lambda: dict(embeddings=_emb(), labels=_labels(),
+                            indices_tuple=(torch.tensor([[0]]), torch.tensor([[1]]), torch.tensor([[2]]))),
+     ValueError, "indices_tuple"),
+]
+
+
+def _call(fn, kw):
+    kw = dict(kw)
+    emb = kw.pop("embeddings")
+    labels = kw.pop("labels", None)
+    return fn(emb, labels, **kw)
+
+
+@pytest.mark.parametrize("case,build,err,arg", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_bad_inputs_module(name, case, build, err, arg):
+    kw = build()
+    if name == "NPairsLoss" and "ref_emb" in kw:
+        err, arg = ValueError, "ref_emb"  # NPairs rejects any ref_emb first, as PML does
+    with pytest.raises(err, match=arg):
+        _call(getattr(our_losses, name)(), kw)
+
+
+@pytest.mark.parametrize("case,build,err,arg", BAD_INPUTS[::3], ids=[c[0] for c in BAD_INPUTS[::3]])
+@pytest.mark.parametrize("api", ["reference", "functional"])
+def test_bad_inputs_functions(api, case, build, err, arg):
+    fn = reference_fn("MultiSimilarityLoss") if api == "reference" else functional_fn("MultiSimilarityLoss")
+    with pytest.raises(err, match=arg):
+        _call(fn, build())
+
+
+# ------------------------------------------------------------------ PML's own ValueErrors, same conditions
+PML_VALUE_ERRORS = [
+    ("labels_short", lambda: dict(embeddings=_emb(), labels=_labels()[:-1])),
+    ("labels_2d", lambda: dict(embeddings=_emb(), labels=_labels().view(B, 1))),
+    ("ref_labels_len", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=_emb(5), ref_labels=_labels(4))),
+    ("emb_1d", lambda: dict(embeddings=torch.randn(B), labels=None, indices_tuple=_pairs())),
+]
+
+
+@pytest.mark.parametrize("case,build", PML_VALUE_ERRORS, ids=[c[0] for c in PML_VALUE_ERRORS])
+@pytest.mark.parametrize("name", ["ContrastiveLoss", "TripletMarginLoss", "MultiSimilarityLoss", "NCALoss"])
+def test_pml_value_errors_kept(name, case, build):
+    kw = build()
+    with pytest.raises(ValueError):
+        _call(getattr(pml_losses, name)(), kw)
+    with pytest.raises(ValueError):
+        _call(getattr(our_losses, name)(), kw)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_missing_labels(name):
+    labels_required = EMBEDDING_LOSSES[name][1]
+    emb = _emb()
+    for mod in (pml_losses, our_losses):
+        with pytest.raises(ValueError):
+            getattr(mod, name)()(emb)
+    with pytest.raises(ValueError, match="labels"):
+        getattr(our_losses, name)()(emb)
+    if labels_required and name != "NCALoss":
+        # indices_tuple alone is not enough for these
+        for mod in (pml_losses, our_losses):
+            with pytest.raises(ValueError):
+                getattr(mod, name)()(emb, None, _pairs())
+
+
+def test_nca_single_sample_without_labels_is_zero_like_pml():
+    emb = torch.randn(1, 3, requires_grad=True)
+    assert our_losses.NCALoss()(emb).item() == 0.0
+    assert pml_losses.NCALoss()(emb).item() == 0.0
+
+
+def test_pair_both_positive_and_negative_raises_like_pml():
+    emb, labels = _emb(), _labels()
+    it = (torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0, 3]), torch.tensor([1, 4]))
+    with pytest.raises(AssertionError):
+        pml_losses.MultiSimilarityLoss()(emb, labels, it)
+    with pytest.raises(InvalidInputError, match="indices_tuple"):
+        our_losses.MultiSimilarityLoss()(emb, labels, it)
+
+
+# ------------------------------------------------------------------ validate_inputs / prepare_inputs directly
+def test_validate_inputs_accepts_good_inputs():
+    emb, labels = _emb(), _labels()
+    validate_inputs(emb, labels, None, None, None, labels_required=True)
+    validate_inputs(emb, None, _pairs(), None, None, labels_required=False)
+    validate_inputs(emb, labels, (torch.tensor([0]), torch.tensor([4]), torch.tensor([2])), _emb(5), _labels(5),
+                    labels_required=True)
+    validate_inputs(emb, labels.int(), None, None, None, labels_required=None)
+
+
+def test_validate_inputs_label_requirements():
+    with pytest.raises(ValueError, match="labels"):
+        validate_inputs(_emb(), None, _pairs(), None, None, labels_required=True)
+    with pytest.raises(ValueError, match="labels"):
+        validate_inputs(_emb(), None, None, None, None, labels_required=False)
+    validate_inputs(_emb(), None, None, None, None, labels_required=None)
+
+
+def test_prepare_inputs_keeps_pml_identities():
+    emb, labels = _emb(), _labels()
+    e, y, it, r, ry = prepare_inputs(emb, labels, None, None, None, labels_required=True)
+    assert e is emb and y is labels and r is emb and ry is labels and it is None
+    ref = _emb()
+    _, y, _, r, ry = prepare_inputs(emb, labels, None, ref, None, labels_required=True)
+    assert r is ref and ry is y  # ref_labels falls back to labels (PML's pair utilities do the same)
+    # a given ref_labels without ref_emb is ignored, as in PML
+    _, y, _, r, ry = prepare_inputs(emb, labels, None, None, _labels(), labels_required=True)
+    assert r is emb and ry is y
+
+
+def test_error_is_also_assertion_error_where_pml_asserts():
+    assert issubclass(InvalidInputError, ValueError) and issubclass(InvalidInputError, AssertionError)
