@@ -102,3 +102,225 @@ DMLK_HD T lse_pair_grad(T grad_lse_i, T lse_i, T scaled_sim, bool kept, T scale)
 }
 
 }  // namespace dmlkern
+
+// ===========================================================================
+// The tiled pair engine (docs/ENGINE.md): per-pair maths shared by the CPU and
+// CUDA backends of dmlkern::pair_engine_forward / pair_engine_backward.
+// Everything below is branch-light (selects rather than early returns where a
+// loop must vectorise) and takes its exp as a functor, so the CPU build can
+// plug in a vectorisable exp while CUDA uses ::exp; the formulas are the same.
+// ===========================================================================
+namespace dmlkern {
+
+enum EnginePass : int64_t { kPassExtrema = 0, kPassLse2 = 1, kPassPosSoftplus = 2 };
+enum EngineTransform : int64_t { kTransformDot = 0, kTransformUnitDistance = 1 };
+enum EngineMining : int64_t { kMiningNone = 0, kMiningMultiSimilarity = 1 };
+
+template <typename T>
+DMLK_HD T pos_infinity() {
+  return std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+DMLK_HD T quiet_nan() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
+template <typename T>
+DMLK_HD T sqrt_(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+template <typename T>
+DMLK_HD T log1p_(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::log1p(x);
+#else
+  return std::log1p(x);
+#endif
+}
+
+// |x| as a select; NaN stays NaN.
+template <typename T>
+DMLK_HD T abs_(T x) {
+  return x < T(0) ? -x : x;
+}
+
+// The exp the formulas below use unless a backend passes its own.
+struct StdExp {
+  template <typename T>
+  DMLK_HD T operator()(T x) const {
+    return exp_(x);
+  }
+};
+
+// params = [sc_pos, off_pos, sc_neg, off_neg, eps] in the statistics dtype.
+template <typename T>
+struct EngineParams {
+  T sc_pos, off_pos, sc_neg, off_neg, eps;
+};
+
+// v(s): transform 0 is s; transform 1 is sqrt(max(2 - 2s, 0)), the Euclidean
+// distance of unit vectors. NaN s gives NaN v (the clamp keeps NaN).
+template <int64_t TRANSFORM, typename T>
+DMLK_HD T engine_value(T s) {
+  if constexpr (TRANSFORM == kTransformDot) {
+    return s;
+  } else {
+    const T t = T(2) - T(2) * s;
+    return sqrt_(t < T(0) ? T(0) : t);
+  }
+}
+
+// dl/ds from dl/dv: dv/ds is 1 (transform 0) or -1/v, taken as 0 where v = 0 and
+// where v is NaN (as the reference's where(v > 0, ...)).
+template <int64_t TRANSFORM, typename T>
+DMLK_HD T engine_dl_ds(T v, T dl_dv) {
+  if constexpr (TRANSFORM == kTransformDot) {
+    return dl_dv;
+  } else {
+    const bool live = v > T(0);
+    return live ? -dl_dv / (live ? v : T(1)) : T(0);
+  }
+}
+
+// Which masks keep a pair.
+struct EngineKept {
+  bool pos, neg;
+};
+
+// pos: same label and not an excluded self-pair; neg: labels differ. With the
+// Multi-Similarity miner (MINING = 1, transform 0) pos also needs v - eps < max_neg
+// and neg v + eps > min_pos (row_in[i, 0:2]); a NaN v fails both comparisons.
+template <int64_t MINING, typename T>
+DMLK_HD EngineKept engine_kept(T v, bool same_label, bool excluded_self, T max_neg, T min_pos,
+                               T eps) {
+  EngineKept k{same_label && !excluded_self, !same_label};
+  if constexpr (MINING == kMiningMultiSimilarity) {
+    k.pos = k.pos && (v - eps < max_neg);
+    k.neg = k.neg && (v + eps > min_pos);
+  }
+  return k;
+}
+
+// softplus(z), thresholded at z > 20 like torch.nn.functional.softplus (the
+// reference), otherwise max(z, 0) + log1p(exp(-|z|)): no overflow, softplus(-inf) = 0,
+// NaN stays NaN.
+template <typename T, typename ExpF>
+DMLK_HD T engine_softplus(T z, ExpF ex) {
+  if (z > T(20)) return z;
+  return (z > T(0) ? z : T(0)) + log1p_(ex(-abs_(z)));
+}
+
+// sigmoid(z) from exp(-|z|) (never overflows); sigmoid(-inf) = 0, NaN stays NaN.
+template <typename T, typename ExpF>
+DMLK_HD T engine_sigmoid(T z, ExpF ex) {
+  const T e = ex(-abs_(z));
+  const T r = T(1) / (T(1) + e);
+  return z >= T(0) ? r : e * r;
+}
+
+// ---- forward accumulators, one per row (merge combines partial rows) ------
+
+// Pass 0: max over neg of v (-inf if none), min over pos of v (+inf if none).
+// A NaN v sticks: once a statistic is NaN no later value replaces it.
+template <typename T>
+struct ExtremaAcc {
+  T max_neg;
+  T min_pos;
+  DMLK_HD ExtremaAcc() : max_neg(neg_infinity<T>()), min_pos(pos_infinity<T>()) {}
+
+  DMLK_HD void push(T v, bool pos, bool neg) {
+    if (neg && (v > max_neg || v != v)) max_neg = v;
+    if (pos && (v < min_pos || v != v)) min_pos = v;
+  }
+  DMLK_HD void merge(T other_max_neg, T other_min_pos) {
+    push(other_max_neg, false, true);
+    push(other_min_pos, true, false);
+  }
+};
+
+// Pass 1: online LSEs of sc_pos * v + off_pos over pos kept and sc_neg * v + off_neg
+// over neg kept.
+template <typename T>
+struct Lse2Acc {
+  OnlineLSE<T> pos;
+  OnlineLSE<T> neg;
+  DMLK_HD void push(T v, EngineKept k, const EngineParams<T>& p) {
+    if (k.pos) pos.push(p.sc_pos * v + p.off_pos);
+    if (k.neg) neg.push(p.sc_neg * v + p.off_neg);
+  }
+  DMLK_HD void merge(const Lse2Acc& o) {
+    pos.merge(o.pos.m, o.pos.s);
+    neg.merge(o.neg.m, o.neg.s);
+  }
+};
+
+// Pass 2: over pos kept, sums of softplus(z) and sigmoid(z) with
+// z = L_i - sc_pos * v - off_pos, and the count.
+template <typename T>
+DMLK_HD T engine_softplus_arg(T v, T L, const EngineParams<T>& p) {
+  return L - p.sc_pos * v - p.off_pos;
+}
+
+template <typename T>
+struct PosSoftplusAcc {
+  T softplus;
+  T sigmoid;
+  T count;
+  DMLK_HD PosSoftplusAcc() : softplus(T(0)), sigmoid(T(0)), count(T(0)) {}
+
+  template <typename ExpF>
+  DMLK_HD void push(T v, bool pos, T L, const EngineParams<T>& p, ExpF ex) {
+    if (!pos) return;
+    const T z = engine_softplus_arg(v, L, p);
+    softplus += engine_softplus(z, ex);
+    sigmoid += engine_sigmoid(z, ex);
+    count += T(1);
+  }
+  DMLK_HD void merge(T other_softplus, T other_sigmoid, T other_count) {
+    softplus += other_softplus;
+    sigmoid += other_sigmoid;
+    count += other_count;
+  }
+};
+
+// ---- backward --------------------------------------------------------------
+
+// Row i's coefficients: row_coef[i] = (A_pos, LSE_pos, A_neg, LSE_neg, B_pos) and L = row_in[i, 2].
+template <typename T>
+struct EngineRowCoef {
+  T a_pos, lse_pos, a_neg, lse_neg, b_pos, L;
+};
+
+// dl/ds of one pair (docs/ENGINE.md):
+//   dl/dv = [pos] (A_pos sc_pos exp(sc_pos v + off_pos - LSE_pos) - B_pos sc_pos sigmoid(L - sc_pos v - off_pos))
+//         + [neg]  A_neg sc_neg exp(sc_neg v + off_neg - LSE_neg)
+// A term whose coefficient is 0 (or whose LSE is -inf) is exactly 0, never NaN: its
+// exp argument is replaced by -inf. pos and neg exclude each other, so the two LSE
+// terms share one exp. HAS_B = false promises B_pos = 0 (skips the sigmoid's exp).
+template <int64_t TRANSFORM, bool HAS_B, typename T, typename ExpF>
+DMLK_HD T engine_pair_grad(T v, EngineKept k, const EngineRowCoef<T>& rc, const EngineParams<T>& p,
+                           ExpF ex) {
+  const bool live_pos = k.pos && rc.a_pos != T(0) && rc.lse_pos != neg_infinity<T>();
+  const bool live_neg = k.neg && rc.a_neg != T(0) && rc.lse_neg != neg_infinity<T>();
+  const T arg_pos = p.sc_pos * v + p.off_pos - rc.lse_pos;
+  const T arg_neg = p.sc_neg * v + p.off_neg - rc.lse_neg;
+  const T arg = live_pos ? arg_pos : (live_neg ? arg_neg : neg_infinity<T>());
+  const T coef = live_pos ? rc.a_pos * p.sc_pos : rc.a_neg * p.sc_neg;
+  const T e = ex(arg);
+  T dl_dv = (live_pos || live_neg) ? coef * e : T(0);
+  if constexpr (HAS_B) {
+    const bool live_b = k.pos && rc.b_pos != T(0);
+    const T z = engine_softplus_arg(v, rc.L, p);
+    const T sig = engine_sigmoid(live_b ? z : T(0), ex);
+    dl_dv = dl_dv - (live_b ? rc.b_pos * p.sc_pos * sig : T(0));
+  }
+  return engine_dl_ds<TRANSFORM>(v, dl_dv);
+}
+
+}  // namespace dmlkern

@@ -22,6 +22,8 @@ import torch
 from .. import reducers as _reducers
 from .._validation import prepare_inputs
 from ..distances import LpDistance
+from ..fused.lazy_pairs import LazyMinedPairs
+from ..fused.losses import ZERO_LOSS
 from ..reference.embedding_losses import pair_masks, pair_setup
 
 __all__ = [
@@ -168,12 +170,34 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         raise NotImplementedError
 
+    # Fused kernels: `backend` ("auto", "cpp", "triton", "reference"; DMLKERN_BACKEND overrides
+    # "auto") picks the engine; after each forward `last_backend` says which path ran.
+    backend = "auto"
+    last_backend = None
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """The loss dict from the fused kernels, ZERO_LOSS, or None to use the reference.
+        Overridden by the losses that have a fused path (dmlkern/fused/losses.py)."""
+        return None
+
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """Returns the reduced loss (a 0-dim tensor), or the loss dict with DoNothingReducer."""
+        lazy = indices_tuple if isinstance(indices_tuple, LazyMinedPairs) else None
         embeddings, labels, indices_tuple, ref_emb, ref_labels = prepare_inputs(
-            embeddings, labels, indices_tuple, ref_emb, ref_labels, labels_required=self._labels_required
+            embeddings, labels, None if lazy is not None else indices_tuple, ref_emb, ref_labels,
+            labels_required=self._labels_required,
         )
-        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        loss_dict = None
+        if self.backend != "reference":
+            loss_dict = self.fused_loss_dict(embeddings, labels, lazy or indices_tuple, ref_emb, ref_labels)
+        if loss_dict is ZERO_LOSS:
+            loss_dict = self.zero_losses()
+            self.last_backend = "zero"  # no valid pair: the reference's grad-carrying zero
+        elif loss_dict is None:
+            if lazy is not None:  # a fused loss didn't take the miner's lazy pairs: build them
+                indices_tuple = tuple(t.to(embeddings.device) for t in lazy.materialize())
+            self.last_backend = "reference"
+            loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         return self.reducer(loss_dict, embeddings, labels)
 

@@ -4,6 +4,7 @@ ref_emb not supported.
 """
 
 from ..distances import DotProductSimilarity
+from ..fused import losses as fused
 from ..reference import embedding_losses as R
 from .base import BaseMetricLossFunction
 
@@ -18,6 +19,9 @@ class NPairsLoss(BaseMetricLossFunction):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         R.check_n_pairs_ref(embeddings, labels, ref_emb, ref_labels)
         return super().forward(embeddings, labels, indices_tuple)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return fused.n_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.n_pairs_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=self.distance)

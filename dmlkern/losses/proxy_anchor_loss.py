@@ -1,6 +1,7 @@
 import torch
 
 from ..distances import CosineSimilarity
+from ..fused import losses as fused
 from ..reducers import DivisorReducer
 from ..reference.classification_losses import PROXY_ANCHOR_SUB_LOSSES, proxy_anchor_loss_dict
 from ._classification_common import cast_parameter, new_weight, ref_not_supported
@@ -39,6 +40,14 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def cast_types(self, dtype, device):
         cast_parameter(self.proxies, dtype, device)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        self.cast_types(embeddings.dtype, embeddings.device)
+        loss_dict = fused.proxy_anchor(self, embeddings, labels, indices_tuple, self.proxies)
+        if isinstance(loss_dict, dict):
+            self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
+        return loss_dict
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         ref_not_supported(embeddings, labels, ref_emb, ref_labels)

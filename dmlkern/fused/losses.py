@@ -1,0 +1,213 @@
+"""Fused loss epilogues on the pair engine (docs/ENGINE.md, "Losses on the engine").
+
+Each function takes a loss module and its prepared inputs and returns the loss dict the
+reference would return (so reducers and regularisers work unchanged), or None when the
+configuration is not covered by the kernels — the caller then runs the reference.
+Statistics are O(N + M); nothing N x M is built.
+"""
+import torch
+import torch.nn.functional as F
+
+from ..ops import pair_engine as pe
+from ._common import (engine_backend, is_plain_mean, is_unit_cosine, is_unit_euclidean, label_stats,
+                      short_circuit, unit_rows)
+from .lazy_pairs import LazyMinedPairs
+
+class _ZeroLoss:
+    """Returned for degenerate batches (no valid pair): the caller uses module.zero_losses(),
+    exactly what the reference returns there, without building its N x M matrices."""
+
+
+ZERO_LOSS = _ZeroLoss()
+
+
+def _element(losses, n):
+    idx = torch.arange(n, device=losses.device)
+    return {"losses": losses, "indices": idx, "reduction_type": "element"}
+
+
+def _pair_inputs(embeddings, ref_emb):
+    x = unit_rows(embeddings)
+    y = x if ref_emb is embeddings else unit_rows(ref_emb)
+    return x, y
+
+
+def _lse2(x, y, xl, yl, params, exclude_diag, backend, row_in=None, transform=0, mining=0):
+    return pe.engine_forward(x, y, xl, yl, row_in, pass_kind=pe.PASS_LSE2, transform=transform,
+                             mining=mining, params=params, exclude_diag=exclude_diag, backend=backend)
+
+
+def _empty_as_zero(lse):
+    """PML's masked logsumexp gives 0 (not -inf) for an empty set; the gradient there is 0."""
+    return torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
+
+
+# ------------------------------------------------------------------------- Multi-Similarity
+def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    backend = engine_backend(embeddings, module.backend)
+    if backend is None or labels is None or not is_unit_cosine(module.distance):
+        return None
+    exclude_diag = ref_labels is labels
+    mining_eps = None
+    if indices_tuple is not None:
+        if not isinstance(indices_tuple, LazyMinedPairs) or indices_tuple.is_materialized:
+            return None  # an arbitrary indices_tuple: the reference handles it
+        lazy = indices_tuple
+        same_inputs = (lazy.embeddings is embeddings and lazy.labels is labels
+                       and (lazy.ref_emb is ref_emb or lazy.ref_emb is None and ref_emb is embeddings)
+                       and (lazy.ref_labels is ref_labels or lazy.ref_labels is None and ref_labels is labels))
+        # The miner's diagonal rule equals the loss's only when "same tensor" and "same labels" agree.
+        if not same_inputs or not is_unit_cosine(lazy.miner.distance) or exclude_diag != (ref_emb is embeddings):
+            return None
+        mining_eps = float(lazy.miner.epsilon)
+    stats = label_stats(labels, ref_labels, exclude_diag)
+    num_pos, num_neg = int(stats["pos"].sum()), int(stats["neg"].sum())
+    if mining_eps is None and short_circuit(stats):
+        return ZERO_LOSS
+    if mining_eps is not None and (num_pos == 0 or num_neg == 0):
+        return ZERO_LOSS  # the miner returns no pairs: the loss is the zero loss
+    a, b, base = float(module.alpha), float(module.beta), float(module.base)
+    params = [-a, a * base, b, -b * base, mining_eps or 0.0]
+    x, y = _pair_inputs(embeddings, ref_emb)
+    row_in, mining = None, pe.MINING_NONE
+    if mining_eps is not None:
+        with torch.no_grad():
+            extrema = pe.engine_forward(x, y, labels, ref_labels, pass_kind=pe.PASS_EXTREMA, params=params,
+                                        exclude_diag=exclude_diag, backend=backend)
+        row_in = torch.cat([extrema, torch.zeros_like(extrema[:, :1])], dim=1)
+        mining = pe.MINING_MULTI_SIMILARITY
+    lse = _lse2(x, y, labels, ref_labels, params, exclude_diag, backend, row_in, mining=mining)
+    if mining_eps is not None:
+        rows_pos = int(torch.isfinite(lse[:, 0]).sum())
+        rows_neg = int(torch.isfinite(lse[:, 1]).sum())
+        if rows_pos <= 1 and rows_neg <= 1:
+            return None  # maybe PML's `len <= 1` short-circuit: let the reference decide exactly
+    losses = F.softplus(lse[:, 0]) / a + F.softplus(lse[:, 1]) / b
+    module.last_backend = backend
+    return {"loss": _element(losses.to(embeddings.dtype), len(losses))}
+
+
+# ------------------------------------------------------------------- Generalized Lifted
+def generalized_lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    backend = engine_backend(embeddings, module.backend)
+    if backend is None or labels is None or indices_tuple is not None or not is_unit_euclidean(module.distance):
+        return None
+    exclude_diag = ref_labels is labels
+    if short_circuit(label_stats(labels, ref_labels, exclude_diag)):
+        return ZERO_LOSS
+    pm, nm = float(module.pos_margin), float(module.neg_margin)
+    x, y = _pair_inputs(embeddings, ref_emb)
+    lse = _lse2(x, y, labels, ref_labels, [1.0, -pm, -1.0, nm, 0.0], exclude_diag, backend,
+                transform=pe.TRANSFORM_UNIT_DISTANCE)
+    losses = torch.relu(_empty_as_zero(lse[:, 0]) + _empty_as_zero(lse[:, 1]))
+    module.last_backend = backend
+    return {"loss": _element(losses.to(embeddings.dtype), len(losses))}
+
+
+# ------------------------------------------------------------------------------- SupCon
+def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    backend = engine_backend(embeddings, module.backend)
+    if backend is None or labels is None or indices_tuple is not None or not is_unit_cosine(module.distance):
+        return None
+    exclude_diag = ref_labels is labels
+    stats = label_stats(labels, ref_labels, exclude_diag)
+    if short_circuit(stats) or int(stats["pos"].sum()) == 0 or int(stats["neg"].sum()) == 0:
+        return ZERO_LOSS
+    inv_t = 1.0 / float(module.temperature)
+    x, y = _pair_inputs(embeddings, ref_emb)
+    lse = _lse2(x, y, labels, ref_labels, [inv_t, 0.0, inv_t, 0.0, 0.0], exclude_diag, backend)
+    log_denominator = _empty_as_zero(torch.logaddexp(lse[:, 0], lse[:, 1]))
+    # sum_{p in P(i)} s_ip = <x_i, sum of the reference rows with label y_i> - the self pair: O(N D).
+    class_sums = y.new_zeros(stats["num_labels"], y.shape[1]).index_add(0, stats["inv_r"], y)
+    pos_sim_sum = (x * class_sums[stats["inv_q"]]).sum(dim=1)
+    if exclude_diag:
+        k = min(x.shape[0], y.shape[0])
+        self_sim = torch.zeros_like(pos_sim_sum)
+        self_sim[:k] = (x[:k] * y[:k]).sum(dim=1) * stats["self_pair"][:k]
+        pos_sim_sum = pos_sim_sum - self_sim
+    count = stats["pos"].to(lse.dtype)
+    tiny = torch.finfo(embeddings.dtype).tiny  # PML divides by |P(i)| + tiny
+    mean_log_prob_pos = (pos_sim_sum.to(lse.dtype) * inv_t - count * log_denominator) / (count + tiny)
+    losses = torch.where(count > 0, -mean_log_prob_pos, torch.zeros_like(mean_log_prob_pos))
+    module.last_backend = backend
+    return {"loss": _element(losses.to(embeddings.dtype), len(losses))}
+
+
+# ------------------------------------------------------------------------------- NT-Xent
+def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    backend = engine_backend(embeddings, module.backend)
+    if (backend is None or labels is None or indices_tuple is not None or not is_unit_cosine(module.distance)
+            or not is_plain_mean(module.reducer)):
+        return None  # per-pair losses for other reducers would need the O(pairs) list
+    exclude_diag = ref_labels is labels
+    stats = label_stats(labels, ref_labels, exclude_diag)
+    num_pos, num_neg = int(stats["pos"].sum()), int(stats["neg"].sum())
+    if short_circuit(stats) or num_pos == 0 or num_neg == 0:
+        return ZERO_LOSS
+    inv_t = 1.0 / float(module.temperature)
+    params = [inv_t, 0.0, inv_t, 0.0, 0.0]
+    x, y = _pair_inputs(embeddings, ref_emb)
+    lse = _lse2(x, y, labels, ref_labels, params, exclude_diag, backend)
+    neg_lse = lse[:, 1]
+    row_in = torch.stack([torch.zeros_like(neg_lse), torch.zeros_like(neg_lse), neg_lse], dim=1)
+    # Per positive pair: -log(e^u / (e^u + sum_n e^{s_an/t})) = softplus(lse_neg(a) - u).
+    per_row = pe.engine_forward(x, y, labels, ref_labels, row_in, pass_kind=pe.PASS_POS_SOFTPLUS,
+                                params=params, exclude_diag=exclude_diag, backend=backend)
+    loss = per_row[:, 0].sum() / num_pos
+    module.last_backend = backend
+    return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}
+
+
+# --------------------------------------------------------------------------- ProxyAnchor
+def proxy_anchor(module, embeddings, labels, indices_tuple, proxies):
+    backend = engine_backend(embeddings, module.backend)
+    if backend is None or labels is None or indices_tuple is not None or not is_unit_cosine(module.distance):
+        return None  # miner weights: the reference
+    a, m = float(module.alpha), float(module.margin)
+    num_classes = proxies.shape[0]
+    p = unit_rows(proxies)
+    x = unit_rows(embeddings)
+    proxy_labels = torch.arange(num_classes, device=labels.device)
+    # Per proxy (a row of the engine): pos over its class's samples, neg over the others.
+    lse = _lse2(p, x, proxy_labels, labels, [-a, a * m, a, a * m, 0.0], False, backend)
+    num_with_pos = int((torch.bincount(labels, minlength=num_classes)[:num_classes] > 0).sum())
+    idx = torch.arange(num_classes, device=embeddings.device)
+    module.last_backend = backend
+    return {
+        "pos_loss": {"losses": F.softplus(lse[:, 0]).to(embeddings.dtype), "indices": idx,
+                     "reduction_type": "element", "divisor": num_with_pos},
+        "neg_loss": {"losses": F.softplus(lse[:, 1]).to(embeddings.dtype), "indices": idx,
+                     "reduction_type": "element", "divisor": num_classes},
+    }
+
+
+# ------------------------------------------------------------------------------- N-pairs
+def first_pair_per_label(labels):
+    """PML's convert_to_pos_pairs_with_unique_labels on all pairs, in O(N log N): for each label
+    with at least two samples, the anchor is its first index and the positive its second."""
+    order = torch.sort(labels, stable=True).indices
+    sorted_labels = labels[order]
+    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    first = torch.nonzero(starts).squeeze(1)
+    second = (first + 1).clamp(max=len(labels) - 1)
+    has_second = (first + 1 < len(labels)) & (sorted_labels[second] == sorted_labels[first])
+    first = first[has_second]
+    return order[first], order[first + 1]
+
+
+def n_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    backend = engine_backend(embeddings, module.backend)
+    if backend is None or labels is None or indices_tuple is not None or not is_unit_cosine(module.distance):
+        return None
+    anchors, positives = first_pair_per_label(labels)
+    if len(anchors) == 0:
+        return ZERO_LOSS
+    xa = unit_rows(embeddings[anchors])
+    xp = unit_rows(embeddings[positives])
+    k = torch.arange(len(anchors), device=labels.device)
+    # Cross-entropy over S[anchors, positives] against arange: pos = the diagonal, neg = the rest.
+    lse = _lse2(xa, xp, k, k, [1.0, 0.0, 1.0, 0.0, 0.0], False, backend)
+    losses = torch.logaddexp(lse[:, 0], lse[:, 1]) - (xa * xp).sum(dim=1)
+    module.last_backend = backend
+    return {"loss": {"losses": losses.to(embeddings.dtype), "indices": anchors, "reduction_type": "element"}}

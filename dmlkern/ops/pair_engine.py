@@ -1,0 +1,160 @@
+"""The tiled pair engine as differentiable custom ops (spec: docs/ENGINE.md).
+
+  dmlkern::pair_engine_forward / _backward          C++ (csrc/ops.cpp; csrc/cpu, csrc/cuda)
+  dmlkern::pair_engine_forward_triton / _backward   Triton (dmlkern/triton/pair_engine.py)
+
+Forward saves only the inputs, row_in and the O(N) row statistics; backward turns the
+upstream gradient of the statistics into per-row coefficients (row_coef) and the backend
+recomputes the tiles. `engine_forward` is the entry point the fused losses call.
+"""
+import torch
+
+from .. import reference
+from ..triton import triton_available
+from .dispatch import extension_loaded, log, resolve_backend
+
+PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS = 0, 1, 2
+TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE = 0, 1
+MINING_NONE, MINING_MULTI_SIMILARITY = 0, 1
+_OUT_COLUMNS = {PASS_EXTREMA: 2, PASS_LSE2: 2, PASS_POS_SOFTPLUS: 3}
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, x_labels, y_labels, row_in, pass_kind, transform, mining, params, exclude_diag = inputs
+    ctx.save_for_backward(x, y, x_labels, y_labels, row_in, output)
+    ctx.args = (pass_kind, transform, mining, params, exclude_diag)
+
+
+def row_coefficients(pass_kind, out, grad_out):
+    """(row_coef, grad_row_in-or-None) for the upstream gradient of a pass's statistics."""
+    zero = torch.zeros_like(out[:, 0])
+    if pass_kind == PASS_LSE2:
+        coef = torch.stack([grad_out[:, 0], out[:, 0], grad_out[:, 1], out[:, 1], zero], dim=1)
+        return coef, None
+    if pass_kind == PASS_POS_SOFTPLUS:
+        coef = torch.stack([zero, zero, zero, zero, grad_out[:, 0]], dim=1)
+        # d/dL_i sum_p softplus(L_i - u_ip) = sum_p sigmoid(L_i - u_ip) = out[:, 1]
+        grad_l = grad_out[:, 0] * out[:, 1]
+        return coef, torch.stack([zero, zero, grad_l], dim=1)
+    raise RuntimeError("the extrema pass (mining statistics) is not differentiable")
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out):
+        x, y, x_labels, y_labels, row_in, out = ctx.saved_tensors
+        pass_kind, transform, mining, params, exclude_diag = ctx.args
+        coef, grad_row_in = row_coefficients(pass_kind, out, grad_out)
+        grad_x = grad_y = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x, grad_y = backward_op(x, y, x_labels, y_labels, row_in, coef.contiguous(),
+                                         transform, mining, params, exclude_diag)
+        return grad_x, grad_y, None, None, grad_row_in, None, None, None, None, None
+
+    return backward
+
+
+def _fake_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining, params, exclude_diag):
+    return x.new_empty((x.shape[0], _OUT_COLUMNS.get(pass_kind, 2)), dtype=_stats_dtype(x.dtype))
+
+
+def _fake_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag):
+    return x.new_empty(x.shape), y.new_empty(y.shape)
+
+
+_cpp_ready = extension_loaded() and hasattr(torch.ops.dmlkern, "pair_engine_forward")
+if _cpp_ready:
+    torch.library.register_fake("dmlkern::pair_engine_forward")(_fake_forward)
+    torch.library.register_fake("dmlkern::pair_engine_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "dmlkern::pair_engine_forward",
+        _make_backward(torch.ops.dmlkern.pair_engine_backward),
+        setup_context=_setup_context,
+    )
+
+pair_engine_forward_triton = None
+if triton_available():
+    try:
+        from ..triton import pair_engine as _tk
+    except ImportError:  # kernels not written yet in this checkout
+        _tk = None
+    if _tk is not None:
+        from torch.library import triton_op, wrap_triton
+
+        @triton_op("dmlkern::pair_engine_forward_triton", mutates_args=())
+        def pair_engine_forward_triton(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor,
+                                       y_labels: torch.Tensor, row_in: torch.Tensor, pass_kind: int,
+                                       transform: int, mining: int, params: list[float],
+                                       exclude_diag: bool) -> torch.Tensor:
+            return _tk.engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining,
+                                      params, exclude_diag, wrap_triton)
+
+        @triton_op("dmlkern::pair_engine_backward_triton", mutates_args=())
+        def pair_engine_backward_triton(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor,
+                                        y_labels: torch.Tensor, row_in: torch.Tensor,
+                                        row_coef: torch.Tensor, transform: int, mining: int,
+                                        params: list[float],
+                                        exclude_diag: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            return _tk.engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining,
+                                       params, exclude_diag, wrap_triton)
+
+        pair_engine_forward_triton.register_autograd(
+            _make_backward(pair_engine_backward_triton), setup_context=_setup_context)
+
+
+def available_backends():
+    """Concrete backends whose engine is present in this install."""
+    out = ["reference"]
+    if _cpp_ready:
+        out.append("cpp")
+    if pair_engine_forward_triton is not None:
+        out.append("triton")
+    return out
+
+
+def choose_backend(backend, device):
+    """Resolve `backend` for a call on `device`; an engine missing from this install -> reference."""
+    chosen = resolve_backend(backend, device)
+    if chosen == "cpp" and not _cpp_ready or chosen == "triton" and pair_engine_forward_triton is None:
+        if backend not in (None, "auto"):
+            raise RuntimeError(f"backend={backend!r}: the pair engine is not available for it here")
+        chosen = "reference"
+    return chosen
+
+
+def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transform=TRANSFORM_DOT,
+                   mining=MINING_NONE, params=(1.0, 0.0, 1.0, 0.0, 0.0), exclude_diag=False,
+                   backend="auto"):
+    """Per-row statistics of one engine pass (docs/ENGINE.md), differentiable in x, y and row_in.
+
+    x (N, D), y (M, D) of one floating dtype and device; x_labels (N,), y_labels (M,) int64;
+    row_in (N, 3) in the stats dtype (None: zeros). backend: "auto", "cpp", "triton", "reference".
+    """
+    stats = _stats_dtype(x.dtype)
+    if row_in is None:
+        row_in = torch.zeros(x.shape[0], 3, dtype=stats, device=x.device)
+    params = [float(p) for p in params]
+    args = (x, y, x_labels, y_labels, row_in.to(stats).contiguous(), int(pass_kind), int(transform),
+            int(mining), params, bool(exclude_diag))
+    chosen = choose_backend(backend, x.device)
+    log.debug("pair_engine pass %d: backend=%s", pass_kind, chosen)
+    if chosen == "reference":
+        return reference.engine_forward(*args)
+    if chosen == "triton":
+        return pair_engine_forward_triton(*args)
+    return torch.ops.dmlkern.pair_engine_forward(*args)
+
+
+def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform, mining, params,
+                        exclude_diag, backend):
+    """The backward kernel alone (for tests): (grad_x, grad_y) for the given row coefficients."""
+    args = (x, y, x_labels, y_labels, row_in, row_coef, int(transform), int(mining),
+            [float(p) for p in params], bool(exclude_diag))
+    if backend == "reference":
+        return reference.engine_backward(*args)
+    if backend == "triton":
+        return pair_engine_backward_triton(*args)
+    return torch.ops.dmlkern.pair_engine_backward(*args)

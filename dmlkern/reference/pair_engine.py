@@ -1,0 +1,86 @@
+"""Materialising reference of the tiled pair engine (docs/ENGINE.md): the ground truth every
+backend's `engine_forward` / `engine_backward` is tested against. Readable, not fast."""
+import torch
+import torch.nn.functional as F
+
+__all__ = ["engine_values", "engine_masks", "engine_forward", "engine_backward"]
+
+PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS = 0, 1, 2
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def engine_values(x, y, transform):
+    """v = s (transform 0) or sqrt(max(2 - 2s, 0)) (transform 1), in the stats dtype."""
+    s = x.to(_stats_dtype(x.dtype)) @ y.to(_stats_dtype(x.dtype)).T
+    if transform == 0:
+        return s
+    if transform == 1:
+        return torch.sqrt(torch.clamp(2 - 2 * s, min=0))
+    raise ValueError(f"transform must be 0 or 1, got {transform}")
+
+
+def engine_masks(v, x_labels, y_labels, row_in, mining, eps, exclude_diag):
+    """(pos kept, neg kept) boolean N x M masks."""
+    pos = x_labels[:, None] == y_labels[None, :]
+    if exclude_diag:
+        pos = pos & ~torch.eye(v.shape[0], v.shape[1], dtype=torch.bool, device=v.device)
+    neg = x_labels[:, None] != y_labels[None, :]
+    if mining == 1:
+        pos = pos & (v - eps < row_in[:, 0:1])
+        neg = neg & (v + eps > row_in[:, 1:2])
+    return pos, neg
+
+
+def _masked_lse(vals, keep):
+    vals = vals.masked_fill(~keep, float("-inf"))
+    empty = ~keep.any(dim=1)
+    return torch.logsumexp(vals.masked_fill(empty[:, None], 0.0), dim=1).masked_fill(empty, float("-inf"))
+
+
+def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining, params, exclude_diag):
+    sc_pos, off_pos, sc_neg, off_neg, eps = params
+    v = engine_values(x, y, transform)
+    if pass_kind == PASS_EXTREMA:
+        pos, neg = engine_masks(v, x_labels, y_labels, row_in, 0, eps, exclude_diag)
+        max_neg = v.masked_fill(~neg, float("-inf")).amax(dim=1) if v.shape[1] else v.new_full((v.shape[0],), float("-inf"))
+        min_pos = v.masked_fill(~pos, float("inf")).amin(dim=1) if v.shape[1] else v.new_full((v.shape[0],), float("inf"))
+        # amax/amin skip nothing: a NaN among kept values gives NaN, like the kernels.
+        nan_neg = (torch.isnan(v) & neg).any(dim=1)
+        nan_pos = (torch.isnan(v) & pos).any(dim=1)
+        max_neg = max_neg.masked_fill(nan_neg, float("nan"))
+        min_pos = min_pos.masked_fill(nan_pos, float("nan"))
+        return torch.stack([max_neg, min_pos], dim=1)
+    pos, neg = engine_masks(v, x_labels, y_labels, row_in, mining, eps, exclude_diag)
+    if pass_kind == PASS_LSE2:
+        return torch.stack([_masked_lse(sc_pos * v + off_pos, pos), _masked_lse(sc_neg * v + off_neg, neg)], dim=1)
+    if pass_kind == PASS_POS_SOFTPLUS:
+        z = row_in[:, 2:3] - sc_pos * v - off_pos
+        zero = torch.zeros((), dtype=v.dtype, device=v.device)
+        softplus = torch.where(pos, F.softplus(z), zero).sum(dim=1)
+        sigmoid = torch.where(pos, torch.sigmoid(z), zero).sum(dim=1)
+        return torch.stack([softplus, sigmoid, pos.sum(dim=1).to(v.dtype)], dim=1)
+    raise ValueError(f"pass_kind must be 0, 1 or 2, got {pass_kind}")
+
+
+def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag):
+    sc_pos, off_pos, sc_neg, off_neg, eps = params
+    v = engine_values(x, y, transform)
+    pos, neg = engine_masks(v, x_labels, y_labels, row_in, mining, eps, exclude_diag)
+    a_pos, lse_pos, a_neg, lse_neg, b_pos = (row_coef[:, k:k + 1] for k in range(5))
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+
+    def lse_term(a, sc, off, lse, keep):
+        live = keep & (a != 0) & (lse != float("-inf"))
+        return torch.where(live, a * sc * torch.exp(sc * v + off - torch.where(live, lse, zero)), zero)
+
+    dv = lse_term(a_pos, sc_pos, off_pos, lse_pos, pos) + lse_term(a_neg, sc_neg, off_neg, lse_neg, neg)
+    live_b = pos & (b_pos != 0)
+    dv = dv - torch.where(live_b, b_pos * sc_pos * torch.sigmoid(row_in[:, 2:3] - sc_pos * v - off_pos), zero)
+    if transform == 1:
+        dv = torch.where(v > 0, -dv / torch.where(v > 0, v, 1.0), zero)
+    grad_x = dv @ y.to(dv.dtype)
+    grad_y = dv.T @ x.to(dv.dtype)
+    return grad_x.to(x.dtype), grad_y.to(y.dtype)

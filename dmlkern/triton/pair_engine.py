@@ -1,0 +1,386 @@
+"""Triton tiled pair engine (docs/ENGINE.md): one forward and one backward kernel for every
+fused loss. Ground truth: dmlkern/reference/pair_engine.py.
+
+Forward: one program per block of BLOCK_M rows of X streams column tiles of Y, computes the
+similarity tile with tl.dot (masked_lse._sim_tile), turns it into values v (TRANSFORM), applies
+the label / mining masks and folds the tile into per-row statistics chosen by PASS_KIND
+(extrema, two online log-sum-exps, or the positive softplus / sigmoid sums). Nothing N x M is
+stored.
+
+Backward (FlashAttention-style): the tiles are recomputed; dl/dv follows the generic row_coef
+formula. A program owns a block of rows of X (grad_x) or of Y (grad_y) and is their only
+writer (no atomics, deterministic); a second grid axis splits the output D into BLOCK_DOUT
+slices so the accumulator stays small for large D.
+
+Scalar parameters travel as three fp32 pieces each (hi + mid + lo == the Python float
+exactly): Triton passes Python floats as fp32, which would round the fp64 path's parameters.
+"""
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from .masked_lse import _block_k, _launch_config, _pair_keep, _sim_tile
+
+__all__ = ["engine_forward", "engine_backward"]
+
+PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS = 0, 1, 2
+_BLOCK_M, _BLOCK_N = 64, 64
+
+
+# ----------------------------------------------------------------------------- tile helpers
+
+@triton.jit
+def _param(hi, mid, lo, ACC_DTYPE: tl.constexpr):
+    """Rebuild a parameter in ACC_DTYPE from its fp32 pieces (exact in fp64; in fp32 it is
+    the float32 rounding of the parameter, as torch uses for a Python scalar)."""
+    return ((tl.full([], 0.0, ACC_DTYPE) + hi + mid) + lo).to(ACC_DTYPE)
+
+
+@triton.jit
+def _value(s, TRANSFORM: tl.constexpr):
+    """v(s): s (transform 0) or sqrt(max(2 - 2s, 0)) (transform 1). NaN stays NaN."""
+    if TRANSFORM == 1:
+        t = 2.0 - 2.0 * s
+        t = tl.where(t < 0.0, 0.0, t)  # a clamp that keeps NaN (tl.maximum may drop it)
+        return tl.sqrt(t)
+    else:
+        return s
+
+
+@triton.jit
+def _engine_masks(v, i_lab, j_lab, i_idx, j_idx, i_ok, j_ok, max_neg, min_pos, eps,
+                  MINING: tl.constexpr, EXCLUDE_DIAG: tl.constexpr):
+    """(pos kept, neg kept); the i-side arguments broadcast along one tile axis, j along the
+    other. max_neg / min_pos are row i's mining thresholds (ignored unless MINING)."""
+    pos = _pair_keep(i_lab, j_lab, i_idx, j_idx, i_ok, j_ok, 1, EXCLUDE_DIAG)
+    neg = _pair_keep(i_lab, j_lab, i_idx, j_idx, i_ok, j_ok, 2, False)
+    if MINING == 1:
+        pos = pos & (v - eps < max_neg)
+        neg = neg & (v + eps > min_pos)
+    return pos, neg
+
+
+@triton.jit
+def _softplus(z):
+    """torch.nn.functional.softplus (threshold 20: z itself above it), without overflow:
+    max(z, 0) + log1p(exp(-|z|)). softplus(-inf) = 0, softplus(inf) = inf, NaN -> NaN."""
+    t = tl.exp(-tl.abs(z))
+    u = 1.0 + t
+    # log1p(t) without libdevice: log(u) * t / (u - 1) is accurate to a few ulp (Goldberg).
+    log1p = tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
+    sp = tl.where(z > 0.0, z, 0.0) + log1p
+    return tl.where(z > 20.0, z, sp)
+
+
+@triton.jit
+def _sigmoid(z):
+    """1 / (1 + exp(-z)) without overflow; sigmoid(-inf) = 0, NaN -> NaN."""
+    t = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + t)
+    return tl.where(z >= 0.0, r, t * r)
+
+
+@triton.jit
+def _lse_update(m_i, s_i, z, keep):
+    """Fold a [BM, BN] tile of kept values z into the online (max, scaled sum) of each row."""
+    z = tl.where(keep, z, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(z, axis=1))
+    # Reference point of the exponentials: 0 when the max is +-inf, so that no
+    # exp(-inf - -inf) or exp(inf - inf) NaN appears (an +inf value then gives +inf).
+    m_ref = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
+    s_i = s_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
+    return m_new, s_i
+
+
+@triton.jit
+def _lse_final(m_i, s_i):
+    """-inf for an empty set; NaN when a kept value was NaN (s_i is NaN then)."""
+    empty = s_i == 0.0
+    return tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, s_i)))
+
+
+@triton.jit
+def _load_row_stats(RIN, COEF, idx, ok, s_rn, s_rc, s_cn, s_cc, MINING: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr):
+    """Row i's mining thresholds, L and row_coef (A_pos, LSE_pos, A_neg, LSE_neg, B_pos)."""
+    if MINING == 1:
+        max_neg = tl.load(RIN + idx * s_rn, mask=ok, other=0.0).to(ACC_DTYPE)
+        min_pos = tl.load(RIN + idx * s_rn + s_rc, mask=ok, other=0.0).to(ACC_DTYPE)
+    else:
+        max_neg = tl.zeros(idx.shape, dtype=ACC_DTYPE)
+        min_pos = tl.zeros(idx.shape, dtype=ACC_DTYPE)
+    big_l = tl.load(RIN + idx * s_rn + 2 * s_rc, mask=ok, other=0.0).to(ACC_DTYPE)
+    a_pos = tl.load(COEF + idx * s_cn, mask=ok, other=0.0).to(ACC_DTYPE)
+    lse_pos = tl.load(COEF + idx * s_cn + s_cc, mask=ok, other=float("-inf")).to(ACC_DTYPE)
+    a_neg = tl.load(COEF + idx * s_cn + 2 * s_cc, mask=ok, other=0.0).to(ACC_DTYPE)
+    lse_neg = tl.load(COEF + idx * s_cn + 3 * s_cc, mask=ok, other=float("-inf")).to(ACC_DTYPE)
+    b_pos = tl.load(COEF + idx * s_cn + 4 * s_cc, mask=ok, other=0.0).to(ACC_DTYPE)
+    return max_neg, min_pos, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos
+
+
+@triton.jit
+def _dl_dv(v, pos, neg, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos,
+           sc_pos, off_pos, sc_neg, off_neg):
+    """dl/dv of a tile (docs/ENGINE.md); a term with a zero coefficient or an LSE of -inf is
+    exactly 0 (never NaN); NaN coefficients or values propagate like the reference."""
+    live_p = pos & (a_pos != 0.0) & (lse_pos != float("-inf"))
+    dv = tl.where(live_p, a_pos * sc_pos * tl.exp(sc_pos * v + off_pos - tl.where(live_p, lse_pos, 0.0)), 0.0)
+    live_n = neg & (a_neg != 0.0) & (lse_neg != float("-inf"))
+    dv += tl.where(live_n, a_neg * sc_neg * tl.exp(sc_neg * v + off_neg - tl.where(live_n, lse_neg, 0.0)), 0.0)
+    live_b = pos & (b_pos != 0.0)
+    dv -= tl.where(live_b, b_pos * sc_pos * _sigmoid(big_l - sc_pos * v - off_pos), 0.0)
+    return dv
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
+                       s_xn, s_xd, s_yn, s_yd, s_xl, s_yl, s_rn, s_rc, s_on, s_oc,
+                       p0h, p0m, p0l, p1h, p1m, p1l, p2h, p2m, p2l, p3h, p3m, p3l, p4h, p4m, p4l,
+                       PASS_KIND: tl.constexpr, TRANSFORM: tl.constexpr, MINING: tl.constexpr,
+                       EXCLUDE_DIAG: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: N * D may exceed 2**31
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < N
+    x_lab = tl.load(XL + rows * s_xl, mask=row_ok, other=0)
+    sc_pos = _param(p0h, p0m, p0l, ACC_DTYPE)
+    off_pos = _param(p1h, p1m, p1l, ACC_DTYPE)
+    sc_neg = _param(p2h, p2m, p2l, ACC_DTYPE)
+    off_neg = _param(p3h, p3m, p3l, ACC_DTYPE)
+    eps = _param(p4h, p4m, p4l, ACC_DTYPE)
+
+    zeros = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    if MINING == 1:
+        max_neg = tl.load(RIN + rows * s_rn, mask=row_ok, other=0.0).to(ACC_DTYPE)
+        min_pos = tl.load(RIN + rows * s_rn + s_rc, mask=row_ok, other=0.0).to(ACC_DTYPE)
+    else:
+        max_neg = zeros
+        min_pos = zeros
+    if PASS_KIND == 2:
+        big_l = tl.load(RIN + rows * s_rn + 2 * s_rc, mask=row_ok, other=0.0).to(ACC_DTYPE)
+    else:
+        big_l = zeros
+
+    # Row statistics (the ones a pass does not use stay constant and are compiled away).
+    mx = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)   # extrema: max over neg
+    mn = tl.full([BLOCK_M], float("inf"), dtype=ACC_DTYPE)    # extrema: min over pos
+    nan_neg = tl.zeros([BLOCK_M], dtype=tl.int32)             # extrema: kept NaN counts
+    nan_pos = tl.zeros([BLOCK_M], dtype=tl.int32)
+    m_p = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)  # lse2: online (max, sum)
+    s_p = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    m_n = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    s_n = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    sp = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)                 # pos_softplus sums
+    sg = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    cnt = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+
+    for c0 in range(0, M, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < M
+        s = _sim_tile(X, Y, rows, cols, row_ok, col_ok, D, s_xn, s_xd, s_yn, s_yd,
+                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
+        v = _value(s, TRANSFORM)
+        y_lab = tl.load(YL + cols * s_yl, mask=col_ok, other=0)
+        pos, neg = _engine_masks(v, x_lab[:, None], y_lab[None, :], rows[:, None], cols[None, :],
+                                 row_ok[:, None], col_ok[None, :], max_neg[:, None], min_pos[:, None],
+                                 eps, MINING, EXCLUDE_DIAG)
+        if PASS_KIND == 0:
+            mx = tl.maximum(mx, tl.max(tl.where(neg, v, float("-inf")), axis=1))
+            mn = tl.minimum(mn, tl.min(tl.where(pos, v, float("inf")), axis=1))
+            is_nan = v != v  # tl.maximum / tl.max may drop NaN: count kept NaNs explicitly
+            nan_neg += tl.sum(tl.where(neg & is_nan, 1, 0), axis=1)
+            nan_pos += tl.sum(tl.where(pos & is_nan, 1, 0), axis=1)
+        elif PASS_KIND == 1:
+            m_p, s_p = _lse_update(m_p, s_p, sc_pos * v + off_pos, pos)
+            m_n, s_n = _lse_update(m_n, s_n, sc_neg * v + off_neg, neg)
+        else:
+            z = big_l[:, None] - sc_pos * v - off_pos
+            sp += tl.sum(tl.where(pos, _softplus(z), 0.0), axis=1)
+            sg += tl.sum(tl.where(pos, _sigmoid(z), 0.0), axis=1)
+            cnt += tl.sum(tl.where(pos, 1.0, 0.0).to(ACC_DTYPE), axis=1)
+
+    out = OUT + rows * s_on
+    if PASS_KIND == 0:
+        nan = tl.full([BLOCK_M], float("nan"), dtype=ACC_DTYPE)
+        tl.store(out, tl.where(nan_neg > 0, nan, mx), mask=row_ok)
+        tl.store(out + s_oc, tl.where(nan_pos > 0, nan, mn), mask=row_ok)
+    elif PASS_KIND == 1:
+        tl.store(out, _lse_final(m_p, s_p), mask=row_ok)
+        tl.store(out + s_oc, _lse_final(m_n, s_n), mask=row_ok)
+    else:
+        tl.store(out, sp, mask=row_ok)
+        tl.store(out + s_oc, sg, mask=row_ok)
+        tl.store(out + 2 * s_oc, cnt, mask=row_ok)
+
+
+@triton.jit
+def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
+                       s_on, s_od, s_tn, s_td, s_xl, s_yl, s_rn, s_rc, s_cn, s_cc, s_gn, s_gd,
+                       p0h, p0m, p0l, p1h, p1m, p1l, p2h, p2m, p2l, p3h, p3m, p3l, p4h, p4m, p4l,
+                       OWN_IS_X: tl.constexpr, TRANSFORM: tl.constexpr, MINING: tl.constexpr,
+                       EXCLUDE_DIAG: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_DOUT: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr):
+    """GRAD[a, dout] = sum_b dl/ds(a, b) OTHER[b, dout] for this program's block of `own` rows a,
+    where (i, j) = (a, b) for grad_x (OWN_IS_X) and (b, a) for grad_y. Row-i statistics
+    (row_in, row_coef) belong to X's rows: per program for grad_x, per tile for grad_y."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    own = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    own_ok = own < N_OWN
+    douts = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT).to(tl.int64)
+    dout_ok = douts < D
+    sc_pos = _param(p0h, p0m, p0l, ACC_DTYPE)
+    off_pos = _param(p1h, p1m, p1l, ACC_DTYPE)
+    sc_neg = _param(p2h, p2m, p2l, ACC_DTYPE)
+    off_neg = _param(p3h, p3m, p3l, ACC_DTYPE)
+    eps = _param(p4h, p4m, p4l, ACC_DTYPE)
+    if OWN_IS_X:
+        own_lab = tl.load(XL + own * s_xl, mask=own_ok, other=0)
+        max_neg, min_pos, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos = _load_row_stats(
+            RIN, COEF, own, own_ok, s_rn, s_rc, s_cn, s_cc, MINING, ACC_DTYPE)
+    else:
+        own_lab = tl.load(YL + own * s_yl, mask=own_ok, other=0)
+    grad = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=ACC_DTYPE)
+    for c0 in range(0, N_OTHER, BLOCK_N):
+        oth = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        oth_ok = oth < N_OTHER
+        s = _sim_tile(OWN, OTHER, own, oth, own_ok, oth_ok, D, s_on, s_od, s_tn, s_td,
+                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
+        v = _value(s, TRANSFORM)
+        if OWN_IS_X:
+            oth_lab = tl.load(YL + oth * s_yl, mask=oth_ok, other=0)
+            pos, neg = _engine_masks(v, own_lab[:, None], oth_lab[None, :], own[:, None], oth[None, :],
+                                     own_ok[:, None], oth_ok[None, :], max_neg[:, None], min_pos[:, None],
+                                     eps, MINING, EXCLUDE_DIAG)
+            dv = _dl_dv(v, pos, neg, big_l[:, None], a_pos[:, None], lse_pos[:, None],
+                        a_neg[:, None], lse_neg[:, None], b_pos[:, None], sc_pos, off_pos, sc_neg, off_neg)
+        else:
+            oth_lab = tl.load(XL + oth * s_xl, mask=oth_ok, other=0)
+            t_max_neg, t_min_pos, t_big_l, t_a_pos, t_lse_pos, t_a_neg, t_lse_neg, t_b_pos = _load_row_stats(
+                RIN, COEF, oth, oth_ok, s_rn, s_rc, s_cn, s_cc, MINING, ACC_DTYPE)
+            pos, neg = _engine_masks(v, oth_lab[None, :], own_lab[:, None], oth[None, :], own[:, None],
+                                     oth_ok[None, :], own_ok[:, None], t_max_neg[None, :], t_min_pos[None, :],
+                                     eps, MINING, EXCLUDE_DIAG)
+            dv = _dl_dv(v, pos, neg, t_big_l[None, :], t_a_pos[None, :], t_lse_pos[None, :],
+                        t_a_neg[None, :], t_lse_neg[None, :], t_b_pos[None, :],
+                        sc_pos, off_pos, sc_neg, off_neg)
+        if TRANSFORM == 1:  # dv/ds = -1/v, and 0 where v = 0 (or NaN, as the reference)
+            pos_v = v > 0.0
+            dv = tl.where(pos_v, -dv / tl.where(pos_v, v, 1.0), 0.0)
+        other_d = tl.load(OTHER + oth[:, None] * s_tn + douts[None, :] * s_td,
+                          mask=oth_ok[:, None] & dout_ok[None, :], other=0.0)
+        if UPCAST:
+            other_d = other_d.to(ACC_DTYPE)
+        else:
+            dv = dv.to(other_d.dtype)  # half-precision inputs: tensor-core product, fp32 accumulate
+        grad += tl.dot(dv, other_d, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(GRAD + own[:, None] * s_gn + douts[None, :] * s_gd, grad,
+             mask=own_ok[:, None] & dout_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- host side
+
+def _f32(p):
+    return struct.unpack("f", struct.pack("f", p))[0]
+
+
+def _split(p):
+    """Three fp32-representable floats with hi + mid + lo == p exactly (for any p whose
+    pieces stay in the fp32 normal range, i.e. every sensible loss parameter)."""
+    p = float(p)
+    if p != p or p in (float("inf"), float("-inf")) or abs(p) > 3.0e38:
+        return [p, 0.0, 0.0]
+    hi = _f32(p)
+    mid = _f32(p - hi)
+    lo = _f32(p - hi - mid)
+    return [hi, mid, lo]
+
+
+def _param_args(params):
+    if len(params) != 5:
+        raise ValueError(f"params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps], got {params}")
+    return [piece for p in params for piece in _split(p)]
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(transform, mining, pass_kind=None):
+    if pass_kind is not None and pass_kind not in (0, 1, 2):
+        raise ValueError(f"pass_kind must be 0, 1 or 2, got {pass_kind}")
+    if transform not in (0, 1):
+        raise ValueError(f"transform must be 0 or 1, got {transform}")
+    if mining not in (0, 1):
+        raise ValueError(f"mining must be 0 or 1, got {mining}")
+
+
+def _row_tensor(t, n, width, dtype, device):
+    """row_in / row_coef in the stats dtype; None stands for zeros (a pass that reads none)."""
+    if t is None:
+        return torch.zeros(1, width, device=device, dtype=dtype).expand(n, width)
+    return t.to(dtype)
+
+
+def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining, params,
+                   exclude_diag, wrap=lambda k: k):
+    """Per-row statistics of one pass (docs/ENGINE.md): (N, 2) for extrema / lse2, (N, 3) for
+    pos_softplus, in the stats dtype (fp32, fp64 for fp64 inputs)."""
+    pass_kind, transform, mining = int(pass_kind), int(transform), int(mining)
+    _check(transform, mining, pass_kind)
+    n, d = x.shape
+    m = y.shape[0]
+    stats_dtype = _stats_dtype(x.dtype)
+    out = torch.empty(n, 3 if pass_kind == PASS_POS_SOFTPLUS else 2, device=x.device, dtype=stats_dtype)
+    if n == 0:
+        return out
+    row_in = _row_tensor(row_in, n, 3, stats_dtype, x.device)
+    grid = (triton.cdiv(n, _BLOCK_M),)
+    wrap(_engine_fwd_kernel)[grid](
+        x, y, x_labels, y_labels, row_in, out, n, m, d,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), x_labels.stride(0), y_labels.stride(0),
+        row_in.stride(0), row_in.stride(1), out.stride(0), out.stride(1),
+        *_param_args(params),
+        PASS_KIND=pass_kind, TRANSFORM=transform,
+        MINING=mining if pass_kind != PASS_EXTREMA else 0,  # extrema use the label masks only
+        EXCLUDE_DIAG=bool(exclude_diag),
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(d), **_launch_config(x))
+    return out
+
+
+def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params,
+                    exclude_diag, wrap=lambda k: k):
+    """(grad_x, grad_y) in the input dtypes for dl/dv given by row_coef (docs/ENGINE.md)."""
+    transform, mining = int(transform), int(mining)
+    _check(transform, mining)
+    n, d = x.shape
+    m = y.shape[0]
+    acc_dtype = _stats_dtype(x.dtype)
+    grad_x = torch.zeros(n, d, device=x.device, dtype=acc_dtype)
+    grad_y = torch.zeros(m, d, device=y.device, dtype=acc_dtype)
+    if n > 0 and m > 0 and d > 0:
+        row_in = _row_tensor(row_in, n, 3, acc_dtype, x.device)
+        row_coef = row_coef.to(acc_dtype)
+        block_dout = max(16, min(128 if x.dtype != torch.float64 else 64, triton.next_power_of_2(d)))
+        cfg = _launch_config(x)
+        pargs = _param_args(params)
+        for own, other, grad, own_is_x in ((x, y, grad_x, True), (y, x, grad_y, False)):
+            grid = (triton.cdiv(own.shape[0], _BLOCK_M), triton.cdiv(d, block_dout))
+            wrap(_engine_bwd_kernel)[grid](
+                own, other, x_labels, y_labels, row_in, row_coef, grad,
+                own.shape[0], other.shape[0], d,
+                own.stride(0), own.stride(1), other.stride(0), other.stride(1),
+                x_labels.stride(0), y_labels.stride(0), row_in.stride(0), row_in.stride(1),
+                row_coef.stride(0), row_coef.stride(1), grad.stride(0), grad.stride(1),
+                *pargs,
+                OWN_IS_X=own_is_x, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=bool(exclude_diag),
+                BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(d), BLOCK_DOUT=block_dout,
+                num_warps=8, **cfg)
+    return grad_x.to(x.dtype), grad_y.to(y.dtype)

@@ -1,0 +1,167 @@
+"""Fused losses (dmlkern/fused) against the reference path of the same classes, on every
+engine backend: values and gradients, ref_emb, degenerate batches, the lazy miner."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dmlkern.fused.losses as fused_losses
+import dmlkern.miners.multi_similarity_miner as ms_miner_module
+from dmlkern import losses, miners
+from dmlkern.fused.lazy_pairs import LazyMinedPairs
+from dmlkern.ops import pair_engine as pe
+from _kernel_cases import KERNEL_BACKENDS, TOLERANCES, dtypes_for
+
+# The engine's own reference ("engine-reference") checks the epilogues independently of kernels.
+BACKENDS = [pytest.param("engine-reference", "cpu", id="engine-reference")] + KERNEL_BACKENDS
+
+LOSSES = {
+    "multi_similarity": lambda c, d: losses.MultiSimilarityLoss(alpha=2, beta=10, base=0.5),
+    "multi_similarity_miner": lambda c, d: losses.MultiSimilarityLoss(),
+    "supcon": lambda c, d: losses.SupConLoss(temperature=0.3),
+    "ntxent": lambda c, d: losses.NTXentLoss(temperature=0.2),
+    "generalized_lifted": lambda c, d: losses.GeneralizedLiftedStructureLoss(neg_margin=0.9, pos_margin=0.1),
+    "npairs": lambda c, d: losses.NPairsLoss(),
+    "proxy_anchor": lambda c, d: losses.ProxyAnchorLoss(c, d, margin=0.1, alpha=16),
+}
+NO_REF_EMB = {"npairs", "proxy_anchor"}
+
+# (N, classes, with ref_emb of M rows or None). Degenerate: one sample, no positives, one class.
+CASES = [(1, 1, None), (9, 9, None), (12, 1, None), (37, 5, None), (70, 6, 53)]
+
+
+@pytest.fixture
+def engine_backend_choice(monkeypatch):
+    """Force the fused path onto a given engine backend (or the materialising engine)."""
+    def force(backend, device):
+        if backend == "engine-reference":
+            pick = lambda tensor, requested: "reference"  # noqa: E731
+            monkeypatch.setattr(fused_losses, "engine_backend", pick)
+            monkeypatch.setattr(ms_miner_module, "engine_backend", pick)
+            return "reference"
+        if backend not in pe.available_backends():
+            pytest.fail(f"the {backend} pair engine is not registered in this build")
+        monkeypatch.setenv("DMLKERN_BACKEND", backend)
+        return backend
+    return force
+
+
+def _run(loss_fn, name, x, labels, ref, ref_labels, path):
+    x = x.detach().clone().requires_grad_(True)
+    ref = None if ref is None else ref.detach().clone().requires_grad_(True)
+    loss_fn.backend = "reference" if path == "reference" else "auto"
+    args = (x, labels, None, ref, ref_labels)
+    if name == "multi_similarity_miner":
+        mined = miners.MultiSimilarityMiner(epsilon=0.1)(x, labels, ref, ref_labels)
+        args = (x, labels, mined, ref, ref_labels)
+    value = loss_fn(*args)
+    wrt = [x] + ([ref] if ref is not None else []) + [p for p in loss_fn.parameters()]
+    grads = torch.autograd.grad(value, wrt, allow_unused=True)
+    return value.detach(), [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_fused_matches_reference(engine_backend_choice, backend, device, name):
+    expected = engine_backend_choice(backend, device)
+    dtypes = [torch.float64] if backend == "engine-reference" else dtypes_for(backend, device)
+    for dtype in dtypes:
+        if dtype in (torch.float16, torch.bfloat16):
+            continue  # the reference path in half precision is not a meaningful yardstick here
+        for n, classes, m in CASES:
+            if m is not None and name in NO_REF_EMB:
+                continue
+            g = torch.Generator().manual_seed(n * 7 + classes)
+            x = torch.randn(n, 16, generator=g, dtype=torch.float64).to(device, dtype)
+            labels = torch.randint(0, classes, (n,), generator=g).to(device)
+            ref = ref_labels = None
+            if m is not None:
+                ref = torch.randn(m, 16, generator=g, dtype=torch.float64).to(device, dtype)
+                ref_labels = torch.randint(0, classes, (m,), generator=g).to(device)
+            torch.manual_seed(0)
+            loss_fn = LOSSES[name](classes, 16).to(device=device, dtype=dtype)
+            want_v, want_g = _run(loss_fn, name, x, labels, ref, ref_labels, "reference")
+            got_v, got_g = _run(loss_fn, name, x, labels, ref, ref_labels, "fused")
+            what = f"{name} {dtype} n={n} classes={classes} ref={m}"
+            assert loss_fn.last_backend in (expected, "zero"), f"{what}: ran {loss_fn.last_backend}"
+            if loss_fn.last_backend == "zero":
+                assert want_v == 0, what  # degenerate batches: the reference's zero, not a fused value
+            rtol, atol = TOLERANCES[dtype]
+            torch.testing.assert_close(got_v, want_v, rtol=rtol, atol=atol, msg=lambda s: f"{what} value: {s}")
+            for k, (a, b) in enumerate(zip(got_g, want_g)):
+                torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda s: f"{what} grad {k}: {s}")
+
+
+def test_unfusable_configurations_use_the_reference(engine_backend_choice):
+    engine_backend_choice("engine-reference", "cpu")
+    x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (20,))
+    from dmlkern.distances import LpDistance
+    from dmlkern.reducers import AvgNonZeroReducer
+    for loss_fn, args in [
+        (losses.MultiSimilarityLoss(distance=LpDistance()), (x, labels)),           # non-default distance
+        (losses.NTXentLoss(reducer=AvgNonZeroReducer()), (x, labels)),               # per-pair reducer
+        (losses.SupConLoss(), (x, labels, (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])))),
+    ]:
+        loss_fn(*args)
+        assert loss_fn.last_backend == "reference", type(loss_fn).__name__
+
+
+def test_lazy_miner_materialises_pml_format_on_demand(engine_backend_choice):
+    engine_backend_choice("engine-reference", "cpu")
+    x = torch.randn(30, 8)
+    labels = torch.randint(0, 4, (30,))
+    miner = miners.MultiSimilarityMiner(epsilon=0.1)
+    lazy = miner(x, labels)
+    assert isinstance(lazy, LazyMinedPairs) and not lazy.is_materialized
+    a1, p, a2, n = lazy  # unpacking builds the PML tuple
+    assert lazy.is_materialized and len(lazy) == 4
+    miner.collect_stats = True  # the eager path (collects stats) gives the same pairs
+    eager = miner(x, labels)
+    for got, want in zip((a1, p, a2, n), eager):
+        assert torch.equal(got, want)
+    # A loss that cannot fuse it (here: a non-default distance) gets the materialised pairs.
+    from dmlkern.distances import LpDistance
+    loss_fn = losses.MultiSimilarityLoss(distance=LpDistance())
+    miner.collect_stats = False
+    got = loss_fn(x, labels, miner(x, labels))
+    want = loss_fn(x, labels, eager)
+    assert loss_fn.last_backend == "reference"
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["multi_similarity_miner", "ntxent"])
+def test_fused_loss_memory_is_linear_in_n(name):
+    """fwd+bwd at N=16384, D=128 on the C++ CPU engine grows peak RSS by < 256 MiB
+    (one N x N fp32 matrix is 1 GiB)."""
+    if "cpp" not in pe.available_backends():
+        pytest.fail("the cpp pair engine is not registered in this build")
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from dmlkern import losses, miners
+        torch.manual_seed(0)
+        n, d = 16384, 128
+        x = torch.randn(n, d, requires_grad=True)
+        if "{name}" == "ntxent":
+            labels = torch.cat([torch.arange(n // 2), torch.arange(n // 2)])
+            loss_fn, run = losses.NTXentLoss(), lambda: loss_fn(x, labels)
+        else:
+            labels = torch.randint(0, n // 8, (n,))
+            loss_fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
+            run = lambda: loss_fn(x, labels, miner(x, labels))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        loss = run()
+        loss.backward()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert loss_fn.last_backend == "cpp", loss_fn.last_backend
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        print((after - before) / 1024.0)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                         env={**__import__("os").environ, "DMLKERN_BACKEND": "auto"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    growth_mib = float(out.stdout.strip().splitlines()[-1])
+    assert growth_mib < 256, f"{name}: peak RSS grew by {growth_mib:.0f} MiB"
