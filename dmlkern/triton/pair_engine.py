@@ -26,7 +26,6 @@ from .masked_lse import _block_k, _launch_config, _pair_keep, _sim_tile
 __all__ = ["engine_forward", "engine_backward"]
 
 PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS = 0, 1, 2
-_BLOCK_M, _BLOCK_N = 64, 64
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -41,12 +40,12 @@ def _param(hi, mid, lo, ACC_DTYPE: tl.constexpr):
 @triton.jit
 def _value(s, TRANSFORM: tl.constexpr):
     """v(s): s (transform 0) or sqrt(max(2 - 2s, 0)) (transform 1). NaN stays NaN."""
+    v = s
     if TRANSFORM == 1:
         t = 2.0 - 2.0 * s
         t = tl.where(t < 0.0, 0.0, t)  # a clamp that keeps NaN (tl.maximum may drop it)
-        return tl.sqrt(t)
-    else:
-        return s
+        v = tl.sqrt(t)
+    return v
 
 
 @triton.jit
@@ -309,6 +308,16 @@ def _param_args(params):
     return [piece for p in params for piece in _split(p)]
 
 
+def _tiles(x, d):
+    """Tile sizes and warps per input dtype, chosen so that the sm_90 builds of both kernels
+    keep within 255 registers with (almost) no spills: 64 x 64 tiles over 8 warps for
+    fp32 / fp16 / bf16 (fp32 with K-slices of at most 32), 32 x 32 tiles over 4 warps for fp64."""
+    if x.dtype == torch.float64:
+        return dict(block_m=32, block_n=32, block_k=min(_block_k(d), 32), block_dout=64, num_warps=4)
+    block_k = _block_k(d) if x.element_size() == 2 else min(_block_k(d), 32)
+    return dict(block_m=64, block_n=64, block_k=block_k, block_dout=128, num_warps=8)
+
+
 def _stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -342,7 +351,8 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
     if n == 0:
         return out
     row_in = _row_tensor(row_in, n, 3, stats_dtype, x.device)
-    grid = (triton.cdiv(n, _BLOCK_M),)
+    t = _tiles(x, d)
+    grid = (triton.cdiv(n, t["block_m"]),)
     wrap(_engine_fwd_kernel)[grid](
         x, y, x_labels, y_labels, row_in, out, n, m, d,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), x_labels.stride(0), y_labels.stride(0),
@@ -351,7 +361,8 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
         PASS_KIND=pass_kind, TRANSFORM=transform,
         MINING=mining if pass_kind != PASS_EXTREMA else 0,  # extrema use the label masks only
         EXCLUDE_DIAG=bool(exclude_diag),
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(d), **_launch_config(x))
+        BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], num_warps=t["num_warps"],
+        **_launch_config(x))
     return out
 
 
@@ -368,11 +379,12 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
     if n > 0 and m > 0 and d > 0:
         row_in = _row_tensor(row_in, n, 3, acc_dtype, x.device)
         row_coef = row_coef.to(acc_dtype)
-        block_dout = max(16, min(128 if x.dtype != torch.float64 else 64, triton.next_power_of_2(d)))
+        t = _tiles(x, d)
+        block_dout = max(16, min(t["block_dout"], triton.next_power_of_2(d)))
         cfg = _launch_config(x)
         pargs = _param_args(params)
         for own, other, grad, own_is_x in ((x, y, grad_x, True), (y, x, grad_y, False)):
-            grid = (triton.cdiv(own.shape[0], _BLOCK_M), triton.cdiv(d, block_dout))
+            grid = (triton.cdiv(own.shape[0], t["block_m"]), triton.cdiv(d, block_dout))
             wrap(_engine_bwd_kernel)[grid](
                 own, other, x_labels, y_labels, row_in, row_coef, grad,
                 own.shape[0], other.shape[0], d,
@@ -381,6 +393,6 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
                 row_coef.stride(0), row_coef.stride(1), grad.stride(0), grad.stride(1),
                 *pargs,
                 OWN_IS_X=own_is_x, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=bool(exclude_diag),
-                BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(d), BLOCK_DOUT=block_dout,
-                num_warps=8, **cfg)
+                BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], BLOCK_DOUT=block_dout,
+                num_warps=t["num_warps"], **cfg)
     return grad_x.to(x.dtype), grad_y.to(y.dtype)
