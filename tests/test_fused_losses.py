@@ -23,10 +23,11 @@ LOSSES = {
     "supcon": lambda c, d: losses.SupConLoss(temperature=0.3),
     "ntxent": lambda c, d: losses.NTXentLoss(temperature=0.2),
     "generalized_lifted": lambda c, d: losses.GeneralizedLiftedStructureLoss(neg_margin=0.9, pos_margin=0.1),
+    "lifted": lambda c, d: losses.LiftedStructureLoss(neg_margin=1.1, pos_margin=0.05),
     "npairs": lambda c, d: losses.NPairsLoss(),
     "proxy_anchor": lambda c, d: losses.ProxyAnchorLoss(c, d, margin=0.1, alpha=16),
 }
-NO_REF_EMB = {"npairs", "proxy_anchor"}
+NO_REF_EMB = {"npairs", "proxy_anchor", "lifted"}  # lifted with ref_emb: the reference (below)
 
 # (N, classes, with ref_emb of M rows or None). Degenerate: one sample, no positives, one class.
 CASES = [(1, 1, None), (9, 9, None), (12, 1, None), (37, 5, None), (70, 6, 53)]
@@ -103,6 +104,7 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
     for loss_fn, args in [
         (losses.MultiSimilarityLoss(distance=LpDistance()), (x, labels)),           # non-default distance
         (losses.NTXentLoss(reducer=AvgNonZeroReducer()), (x, labels)),               # per-pair reducer
+        (losses.LiftedStructureLoss(), (x, labels, None, x[:7] * 2, labels[:7])),    # PML's ref_emb quirk
         (losses.SupConLoss(), (x, labels, (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])))),
     ]:
         loss_fn(*args)

@@ -211,3 +211,78 @@ def n_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     losses = torch.logaddexp(lse[:, 0], lse[:, 1]) - (xa * xp).sum(dim=1)
     module.last_backend = backend
     return {"loss": {"losses": losses.to(embeddings.dtype), "indices": anchors, "reduction_type": "element"}}
+
+
+# ----------------------------------------------------------------------- Lifted Structure
+MAX_POS_PAIRS_PER_ROW = 64  # above this many positive pairs per row, the reference runs
+
+
+def positive_pairs(labels):
+    """All ordered same-label pairs (i, j), i != j, as two index tensors: O(pairs), no N x N
+    mask. Pairs come grouped by label; the losses using them are means, so order is free."""
+    order = torch.sort(labels, stable=True).indices
+    counts = torch.unique_consecutive(labels[order], return_counts=True)[1]
+    starts = torch.cumsum(counts, 0) - counts
+    # Pair (u, v) of a group of size c, u != v: expand each row of the group over its group.
+    row_group = torch.repeat_interleave(torch.arange(len(counts), device=labels.device), counts)
+    row_pos = torch.arange(len(labels), device=labels.device) - starts[row_group]
+    reps = counts[row_group]
+    a_sorted = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), reps)
+    offset = torch.arange(int(reps.sum()), device=labels.device) - torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
+    p_sorted = starts[row_group][a_sorted] + offset
+    keep = offset != row_pos[a_sorted]
+    return order[a_sorted[keep]], order[p_sorted[keep]]
+
+
+class _PairDots(torch.autograd.Function):
+    """<x_a, x_p> for a list of pairs, in chunks: O(pairs) memory instead of O(pairs x D)."""
+
+    CHUNK = 1 << 16
+
+    @staticmethod
+    def forward(ctx, x, a, p):
+        out = x.new_empty(len(a))
+        for c in range(0, len(a), _PairDots.CHUNK):
+            sl = slice(c, c + _PairDots.CHUNK)
+            out[sl] = (x[a[sl]] * x[p[sl]]).sum(dim=1)
+        ctx.save_for_backward(x, a, p)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, p = ctx.saved_tensors
+        gx = torch.zeros_like(x)
+        for c in range(0, len(a), _PairDots.CHUNK):
+            sl = slice(c, c + _PairDots.CHUNK)
+            g = grad[sl, None].to(x.dtype)
+            gx.index_add_(0, a[sl], g * x[p[sl]])
+            gx.index_add_(0, p[sl], g * x[a[sl]])
+        return gx, None, None
+
+
+def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """Per positive pair (i, j): relu(log(sum_{n in N(i)} e^{m_n - d_in} + sum_{n in N(j)} e^{m_n - d_jn})
+    + d_ij - m_p)^2 / 2. The per-row negative sums are engine statistics (L_i); the positive pairs
+    are listed (O(pairs)), so this runs fused only while pairs are few per row."""
+    backend = engine_backend(embeddings, module.backend)
+    if (backend is None or labels is None or indices_tuple is not None or ref_emb is not embeddings
+            or not is_unit_euclidean(module.distance)):
+        return None  # with ref_emb PML matches negatives by index value: the reference does that
+    stats = label_stats(labels, labels, True)
+    num_pos, num_neg = int(stats["pos"].sum()), int(stats["neg"].sum())
+    if short_circuit(stats) or num_pos == 0 or num_neg == 0:
+        return ZERO_LOSS
+    if num_pos > MAX_POS_PAIRS_PER_ROW * len(labels):
+        return None
+    pm, nm = float(module.pos_margin), float(module.neg_margin)
+    x = unit_rows(embeddings)
+    lse = _lse2(x, x, labels, labels, [0.0, 0.0, -1.0, nm, 0.0], True, backend,
+                transform=pe.TRANSFORM_UNIT_DISTANCE)
+    neg_lse = lse[:, 1]
+    a, p = positive_pairs(labels)
+    neg_part = _empty_as_zero(torch.logaddexp(neg_lse[a], neg_lse[p]))
+    dots = _PairDots.apply(x.to(neg_lse.dtype), a, p)
+    d_ap = torch.sqrt(torch.clamp(2 - 2 * dots, min=0))
+    losses = torch.relu(neg_part + d_ap - pm) ** 2 / 2
+    module.last_backend = backend
+    return {"loss": {"losses": losses.to(embeddings.dtype), "indices": (a, p), "reduction_type": "pos_pair"}}
