@@ -1,0 +1,11 @@
+"""Benchmarks of dmlkern's fused losses: ``python -m dmlkern.bench --help``.
+
+Importing this package imports neither torch nor the driver: the driver stays small and the
+points run in worker processes (``dmlkern.bench.worker``).
+"""
+
+
+def main(argv=None):
+    from .cli import main as _main
+
+    return _main(argv)

@@ -1,0 +1,162 @@
+"""python -m dmlkern.bench end to end on tiny sizes: CSV, plots, summary, and failure handling."""
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+from dmlkern.bench import report
+from dmlkern.bench.cli import predict_call_s
+from dmlkern.bench.specs import LOSSES, estimate_bytes
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LOSSES_RUN = ["multi_similarity_miner", "ntxent"]
+PROVIDERS_RUN = ["dmlkern", "reference"]
+NS = [64, 128]
+
+
+def run_bench(args, tmp_path, env_extra=None, timeout=120):
+    env = dict(os.environ)
+    env.pop("DMLKERN_BACKEND", None)
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, "-m", "dmlkern.bench", *args, "--out", str(tmp_path), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def check_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    # First chunk is IHDR with a sane size and a matching CRC.
+    length, ctype = struct.unpack(">I4s", data[8:16])
+    assert ctype == b"IHDR" and length == 13
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 300 and height >= 200
+    crc = struct.unpack(">I", data[29:33])[0]
+    assert crc == zlib.crc32(data[12:29]) & 0xFFFFFFFF
+    assert data.rstrip(b"\x00").endswith(b"IEND\xaeB`\x82")
+    assert len(data) > 20_000, f"{path.name} is suspiciously small ({len(data)} bytes): nothing drawn?"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["--n", *map(str, NS), "--losses", *LOSSES_RUN, "--providers", *PROVIDERS_RUN, "--repeats", "2"]
+    proc = run_bench(args, out)
+    return out, proc
+
+
+def test_help_explains_every_option():
+    proc = subprocess.run([sys.executable, "-m", "dmlkern.bench", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    for opt in ("--losses", "--providers", "--n", "--d", "--dtypes", "--device", "--modes", "--repeats",
+                "--warmup", "--time-limit", "--mem-budget", "--out", "--quick", "--budget"):
+        assert opt in proc.stdout
+
+
+def test_driver_does_not_import_torch():
+    code = "import sys, dmlkern.bench.cli, dmlkern.bench.report; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_csv_is_well_formed(sweep):
+    out, _ = sweep
+    columns, rows = read_csv(out / "results.csv")
+    assert columns == report.CSV_COLUMNS
+    keys = [(r["loss"], r["provider"], int(r["n"]), r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)), "duplicate (loss, provider, n, metric) rows"
+    expected = {(loss, prov, n, m) for loss in LOSSES_RUN for prov in PROVIDERS_RUN for n in NS
+                for m in report.METRICS}
+    expected |= {("matmul_floor", "torch", n, m) for n in NS for m in report.METRICS}
+    assert set(keys) == expected
+    for r in rows:
+        assert r["status"] in report.STATUSES
+        assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["d"] == "128"
+        assert r["machine"] and r["version"] and r["timestamp"]
+        assert r["metric"] in report.METRICS
+    # At these sizes everything fits: all points ran, with numeric medians and ordered percentiles.
+    for r in rows:
+        assert r["status"] == "ok", r
+        med = float(r["median"])
+        assert med > 0 or r["metric"] == "peak_mem_mb"
+        if r["metric"] in ("time_s", "x_mm"):
+            assert float(r["p20"]) <= med <= float(r["p80"])
+    floor_x = {float(r["median"]) for r in rows if r["loss"] == "matmul_floor" and r["metric"] == "x_mm"}
+    assert floor_x == {1.0}
+    backends = {r["backend"] for r in rows if r["provider"] == "reference"}
+    assert backends == {"reference"}
+    assert all(r["backend"].split("+")[0] in ("cpp", "triton", "reference", "zero")
+               for r in rows if r["provider"] == "dmlkern")
+
+
+def test_points_jsonl_keeps_samples(sweep):
+    out, _ = sweep
+    lines = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    assert len(lines) == len(NS) * (1 + len(LOSSES_RUN) * len(PROVIDERS_RUN))
+    for p in lines:
+        assert p["status"] == "ok"
+        assert 1 <= len(p["samples"]) <= 2
+
+
+def test_plots_are_pngs(sweep):
+    out, _ = sweep
+    for kind in ("time", "memory"):
+        check_png(out / f"{kind}_cpu_fp32_fwdbwd.png")
+
+
+def test_summary_and_table(sweep):
+    out, proc = sweep
+    text = (out / "summary.md").read_text()
+    for loss in LOSSES_RUN:
+        assert f"### {loss}" in text
+        assert loss in proc.stdout  # the terminal table
+    for prov in PROVIDERS_RUN:
+        assert prov in text
+    assert "T_mm" in text and "largest N" in text
+    assert "N=64" in proc.stdout and "N=128" in proc.stdout
+
+
+def test_forced_timeout_is_recorded_and_sweep_continues(tmp_path):
+    # The hook makes reference's N=64 point sleep forever: it must be killed after the limit, recorded
+    # as "timeout", its larger N skipped, and the other provider still measured.
+    args = ["--n", "64", "128", "--losses", "masked_lse", "--providers", "dmlkern", "reference",
+            "--repeats", "2", "--time-limit", "2", "--no-plots"]
+    run_bench(args, tmp_path, {"DMLKERN_BENCH_HANG": "masked_lse:reference:64"})
+    _, rows = read_csv(tmp_path / "results.csv")
+    status = {(r["provider"], int(r["n"])): r["status"] for r in rows if r["metric"] == "time_s"}
+    assert status[("reference", 64)] == "timeout"
+    assert status[("reference", 128)] == "skipped"
+    assert status[("dmlkern", 64)] == "ok" and status[("dmlkern", 128)] == "ok"
+    assert all(r["median"] == "" for r in rows if r["provider"] == "reference")
+    assert "timeout" in (tmp_path / "summary.md").read_text()
+
+
+# ---------------------------------------------------------------------------- cheap unit checks
+
+def test_percentile_matches_linear_interpolation():
+    assert report.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert report.percentile([1.0, 2.0], 20) == pytest.approx(1.2)
+    assert report.percentile([5.0], 80) == 5.0
+
+
+def test_extrapolation_and_memory_estimate():
+    assert predict_call_s([(1024, 1.0)], 2048, cubic=False) == pytest.approx(4.0)
+    assert predict_call_s([(1024, 1.0), (2048, 2.0)], 4096, cubic=False) == pytest.approx(4.0)  # fitted p=1
+    for loss in LOSSES:
+        assert estimate_bytes(loss, 2048, "fp32") > estimate_bytes(loss, 1024, "fp32") > 0
+    # PML-form NTXent / Lifted are O(N^3): far beyond any machine at N = 8192.
+    assert estimate_bytes("ntxent", 8192, "fp32") > 2**40
+    assert estimate_bytes("multi_similarity", 8192, "fp32") < 2**33
