@@ -16,4 +16,17 @@ TORCH_LIBRARY(dmlkern, m) {
       "masked_lse_backward(Tensor grad_lse, Tensor x, Tensor y, Tensor x_labels, "
       "Tensor y_labels, Tensor lse, float scale, int mask_mode, bool exclude_diag) "
       "-> (Tensor, Tensor)");
+  // The tiled pair engine (docs/ENGINE.md): one pass of per-row statistics over
+  // v = transform(<x_i, y_j>) with label / mining masks. row_in (N, 3) in the stats
+  // dtype; params = [sc_pos, off_pos, sc_neg, off_neg, eps]. Returns row_out (N, 2),
+  // or (N, 3) for pass_kind 2, in fp32 (fp64 for fp64 inputs).
+  m.def(
+      "pair_engine_forward(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, Tensor row_in, "
+      "int pass_kind, int transform, int mining, float[] params, bool exclude_diag) -> Tensor");
+  // Recomputes the tiles; row_coef (N, 5) = (A_pos, LSE_pos, A_neg, LSE_neg, B_pos).
+  // Returns (grad_x, grad_y) in the input dtype.
+  m.def(
+      "pair_engine_backward(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, Tensor row_in, "
+      "Tensor row_coef, int transform, int mining, float[] params, bool exclude_diag) "
+      "-> (Tensor, Tensor)");
 }

@@ -110,6 +110,16 @@ DMLK_HD T lse_pair_grad(T grad_lse_i, T lse_i, T scaled_sim, bool kept, T scale)
 // loop must vectorise) and takes its exp as a functor, so the CPU build can
 // plug in a vectorisable exp while CUDA uses ::exp; the formulas are the same.
 // ===========================================================================
+// The engine's per-pair functions are always inlined: the CPU epilogues call them inside
+// `omp simd` loops, which vectorise only once no call is left in the loop body.
+#if defined(__CUDACC__)
+#define DMLK_HDI __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define DMLK_HDI inline __attribute__((always_inline))
+#else
+#define DMLK_HDI inline
+#endif
+
 namespace dmlkern {
 
 enum EnginePass : int64_t { kPassExtrema = 0, kPassLse2 = 1, kPassPosSoftplus = 2 };
@@ -117,17 +127,17 @@ enum EngineTransform : int64_t { kTransformDot = 0, kTransformUnitDistance = 1 }
 enum EngineMining : int64_t { kMiningNone = 0, kMiningMultiSimilarity = 1 };
 
 template <typename T>
-DMLK_HD T pos_infinity() {
+DMLK_HDI T pos_infinity() {
   return std::numeric_limits<T>::infinity();
 }
 
 template <typename T>
-DMLK_HD T quiet_nan() {
+DMLK_HDI T quiet_nan() {
   return std::numeric_limits<T>::quiet_NaN();
 }
 
 template <typename T>
-DMLK_HD T sqrt_(T x) {
+DMLK_HDI T sqrt_(T x) {
 #if defined(__CUDA_ARCH__)
   return ::sqrt(x);
 #else
@@ -136,7 +146,7 @@ DMLK_HD T sqrt_(T x) {
 }
 
 template <typename T>
-DMLK_HD T log1p_(T x) {
+DMLK_HDI T log1p_(T x) {
 #if defined(__CUDA_ARCH__)
   return ::log1p(x);
 #else
@@ -146,14 +156,14 @@ DMLK_HD T log1p_(T x) {
 
 // |x| as a select; NaN stays NaN.
 template <typename T>
-DMLK_HD T abs_(T x) {
+DMLK_HDI T abs_(T x) {
   return x < T(0) ? -x : x;
 }
 
 // The exp the formulas below use unless a backend passes its own.
 struct StdExp {
   template <typename T>
-  DMLK_HD T operator()(T x) const {
+  DMLK_HDI T operator()(T x) const {
     return exp_(x);
   }
 };
@@ -164,22 +174,30 @@ struct EngineParams {
   T sc_pos, off_pos, sc_neg, off_neg, eps;
 };
 
+struct StdSqrt {
+  template <typename T>
+  DMLK_HD T operator()(T x) const {
+    return sqrt_(x);
+  }
+};
+
 // v(s): transform 0 is s; transform 1 is sqrt(max(2 - 2s, 0)), the Euclidean
-// distance of unit vectors. NaN s gives NaN v (the clamp keeps NaN).
-template <int64_t TRANSFORM, typename T>
-DMLK_HD T engine_value(T s) {
+// distance of unit vectors. NaN s gives NaN v (the clamp keeps NaN). The CPU passes a
+// branch-free sqrt (libm's sets errno, which keeps GCC from vectorising the loop).
+template <int64_t TRANSFORM, typename T, typename SqrtF = StdSqrt>
+DMLK_HDI T engine_value(T s, SqrtF sq = SqrtF()) {
   if constexpr (TRANSFORM == kTransformDot) {
     return s;
   } else {
     const T t = T(2) - T(2) * s;
-    return sqrt_(t < T(0) ? T(0) : t);
+    return sq(t < T(0) ? T(0) : t);
   }
 }
 
 // dl/ds from dl/dv: dv/ds is 1 (transform 0) or -1/v, taken as 0 where v = 0 and
 // where v is NaN (as the reference's where(v > 0, ...)).
 template <int64_t TRANSFORM, typename T>
-DMLK_HD T engine_dl_ds(T v, T dl_dv) {
+DMLK_HDI T engine_dl_ds(T v, T dl_dv) {
   if constexpr (TRANSFORM == kTransformDot) {
     return dl_dv;
   } else {
@@ -188,37 +206,41 @@ DMLK_HD T engine_dl_ds(T v, T dl_dv) {
   }
 }
 
-// Which masks keep a pair.
-struct EngineKept {
-  bool pos, neg;
-};
-
+// Which pairs the masks keep (scalar bools: the CPU loops vectorise them as lane masks, so
+// conditions combine with & and |, not short-circuit && and ||, which become branches).
 // pos: same label and not an excluded self-pair; neg: labels differ. With the
-// Multi-Similarity miner (MINING = 1, transform 0) pos also needs v - eps < max_neg
-// and neg v + eps > min_pos (row_in[i, 0:2]); a NaN v fails both comparisons.
+// Multi-Similarity miner (MINING = 1, transform 0) pos also needs v - eps < max_neg and
+// neg v + eps > min_pos (row_in[i, 0:2]); a NaN v fails both comparisons.
 template <int64_t MINING, typename T>
-DMLK_HD EngineKept engine_kept(T v, bool same_label, bool excluded_self, T max_neg, T min_pos,
-                               T eps) {
-  EngineKept k{same_label && !excluded_self, !same_label};
+DMLK_HDI bool engine_pos_kept(T v, bool same_label, bool excluded_self, T max_neg, T eps) {
   if constexpr (MINING == kMiningMultiSimilarity) {
-    k.pos = k.pos && (v - eps < max_neg);
-    k.neg = k.neg && (v + eps > min_pos);
+    return same_label & !excluded_self & (v - eps < max_neg);
+  } else {
+    return same_label & !excluded_self;
   }
-  return k;
+}
+
+template <int64_t MINING, typename T>
+DMLK_HDI bool engine_neg_kept(T v, bool same_label, T min_pos, T eps) {
+  if constexpr (MINING == kMiningMultiSimilarity) {
+    return !same_label & (v + eps > min_pos);
+  } else {
+    return !same_label;
+  }
 }
 
 // softplus(z), thresholded at z > 20 like torch.nn.functional.softplus (the
 // reference), otherwise max(z, 0) + log1p(exp(-|z|)): no overflow, softplus(-inf) = 0,
 // NaN stays NaN.
 template <typename T, typename ExpF>
-DMLK_HD T engine_softplus(T z, ExpF ex) {
+DMLK_HDI T engine_softplus(T z, ExpF ex) {
   if (z > T(20)) return z;
   return (z > T(0) ? z : T(0)) + log1p_(ex(-abs_(z)));
 }
 
 // sigmoid(z) from exp(-|z|) (never overflows); sigmoid(-inf) = 0, NaN stays NaN.
 template <typename T, typename ExpF>
-DMLK_HD T engine_sigmoid(T z, ExpF ex) {
+DMLK_HDI T engine_sigmoid(T z, ExpF ex) {
   const T e = ex(-abs_(z));
   const T r = T(1) / (T(1) + e);
   return z >= T(0) ? r : e * r;
@@ -232,13 +254,13 @@ template <typename T>
 struct ExtremaAcc {
   T max_neg;
   T min_pos;
-  DMLK_HD ExtremaAcc() : max_neg(neg_infinity<T>()), min_pos(pos_infinity<T>()) {}
+  DMLK_HDI ExtremaAcc() : max_neg(neg_infinity<T>()), min_pos(pos_infinity<T>()) {}
 
-  DMLK_HD void push(T v, bool pos, bool neg) {
+  DMLK_HDI void push(T v, bool pos, bool neg) {
     if (neg && (v > max_neg || v != v)) max_neg = v;
     if (pos && (v < min_pos || v != v)) min_pos = v;
   }
-  DMLK_HD void merge(T other_max_neg, T other_min_pos) {
+  DMLK_HDI void merge(T other_max_neg, T other_min_pos) {
     push(other_max_neg, false, true);
     push(other_min_pos, true, false);
   }
@@ -250,11 +272,11 @@ template <typename T>
 struct Lse2Acc {
   OnlineLSE<T> pos;
   OnlineLSE<T> neg;
-  DMLK_HD void push(T v, EngineKept k, const EngineParams<T>& p) {
-    if (k.pos) pos.push(p.sc_pos * v + p.off_pos);
-    if (k.neg) neg.push(p.sc_neg * v + p.off_neg);
+  DMLK_HDI void push(T v, bool kept_pos, bool kept_neg, const EngineParams<T>& p) {
+    if (kept_pos) pos.push(p.sc_pos * v + p.off_pos);
+    if (kept_neg) neg.push(p.sc_neg * v + p.off_neg);
   }
-  DMLK_HD void merge(const Lse2Acc& o) {
+  DMLK_HDI void merge(const Lse2Acc& o) {
     pos.merge(o.pos.m, o.pos.s);
     neg.merge(o.neg.m, o.neg.s);
   }
@@ -263,7 +285,7 @@ struct Lse2Acc {
 // Pass 2: over pos kept, sums of softplus(z) and sigmoid(z) with
 // z = L_i - sc_pos * v - off_pos, and the count.
 template <typename T>
-DMLK_HD T engine_softplus_arg(T v, T L, const EngineParams<T>& p) {
+DMLK_HDI T engine_softplus_arg(T v, T L, const EngineParams<T>& p) {
   return L - p.sc_pos * v - p.off_pos;
 }
 
@@ -272,17 +294,17 @@ struct PosSoftplusAcc {
   T softplus;
   T sigmoid;
   T count;
-  DMLK_HD PosSoftplusAcc() : softplus(T(0)), sigmoid(T(0)), count(T(0)) {}
+  DMLK_HDI PosSoftplusAcc() : softplus(T(0)), sigmoid(T(0)), count(T(0)) {}
 
   template <typename ExpF>
-  DMLK_HD void push(T v, bool pos, T L, const EngineParams<T>& p, ExpF ex) {
+  DMLK_HDI void push(T v, bool pos, T L, const EngineParams<T>& p, ExpF ex) {
     if (!pos) return;
     const T z = engine_softplus_arg(v, L, p);
     softplus += engine_softplus(z, ex);
     sigmoid += engine_sigmoid(z, ex);
     count += T(1);
   }
-  DMLK_HD void merge(T other_softplus, T other_sigmoid, T other_count) {
+  DMLK_HDI void merge(T other_softplus, T other_sigmoid, T other_count) {
     softplus += other_softplus;
     sigmoid += other_sigmoid;
     count += other_count;
@@ -291,34 +313,28 @@ struct PosSoftplusAcc {
 
 // ---- backward --------------------------------------------------------------
 
-// Row i's coefficients: row_coef[i] = (A_pos, LSE_pos, A_neg, LSE_neg, B_pos) and L = row_in[i, 2].
-template <typename T>
-struct EngineRowCoef {
-  T a_pos, lse_pos, a_neg, lse_neg, b_pos, L;
-};
-
-// dl/ds of one pair (docs/ENGINE.md):
+// dl/ds of one pair of row i (docs/ENGINE.md), with row i's row_coef
+// (A_pos, LSE_pos, A_neg, LSE_neg, B_pos) and L = row_in[i, 2]:
 //   dl/dv = [pos] (A_pos sc_pos exp(sc_pos v + off_pos - LSE_pos) - B_pos sc_pos sigmoid(L - sc_pos v - off_pos))
 //         + [neg]  A_neg sc_neg exp(sc_neg v + off_neg - LSE_neg)
-// A term whose coefficient is 0 (or whose LSE is -inf) is exactly 0, never NaN: its
-// exp argument is replaced by -inf. pos and neg exclude each other, so the two LSE
-// terms share one exp. HAS_B = false promises B_pos = 0 (skips the sigmoid's exp).
+// A term whose coefficient is 0 (or whose LSE is -inf) is exactly 0, never NaN: its exp
+// argument is replaced by -inf. pos and neg exclude each other, so the two LSE terms
+// share one exp. HAS_B = false promises B_pos = 0 (skips the sigmoid's exp).
 template <int64_t TRANSFORM, bool HAS_B, typename T, typename ExpF>
-DMLK_HD T engine_pair_grad(T v, EngineKept k, const EngineRowCoef<T>& rc, const EngineParams<T>& p,
-                           ExpF ex) {
-  const bool live_pos = k.pos && rc.a_pos != T(0) && rc.lse_pos != neg_infinity<T>();
-  const bool live_neg = k.neg && rc.a_neg != T(0) && rc.lse_neg != neg_infinity<T>();
-  const T arg_pos = p.sc_pos * v + p.off_pos - rc.lse_pos;
-  const T arg_neg = p.sc_neg * v + p.off_neg - rc.lse_neg;
+DMLK_HDI T engine_pair_grad(T v, bool kept_pos, bool kept_neg, T a_pos, T lse_pos, T a_neg,
+                            T lse_neg, T b_pos, T L, const EngineParams<T>& p, ExpF ex) {
+  const bool live_pos = kept_pos & (a_pos != T(0)) & (lse_pos != neg_infinity<T>());
+  const bool live_neg = kept_neg & (a_neg != T(0)) & (lse_neg != neg_infinity<T>());
+  const T arg_pos = p.sc_pos * v + p.off_pos - lse_pos;
+  const T arg_neg = p.sc_neg * v + p.off_neg - lse_neg;
   const T arg = live_pos ? arg_pos : (live_neg ? arg_neg : neg_infinity<T>());
-  const T coef = live_pos ? rc.a_pos * p.sc_pos : rc.a_neg * p.sc_neg;
+  const T coef = live_pos ? a_pos * p.sc_pos : a_neg * p.sc_neg;
   const T e = ex(arg);
-  T dl_dv = (live_pos || live_neg) ? coef * e : T(0);
+  T dl_dv = (live_pos | live_neg) ? coef * e : T(0);
   if constexpr (HAS_B) {
-    const bool live_b = k.pos && rc.b_pos != T(0);
-    const T z = engine_softplus_arg(v, rc.L, p);
-    const T sig = engine_sigmoid(live_b ? z : T(0), ex);
-    dl_dv = dl_dv - (live_b ? rc.b_pos * p.sc_pos * sig : T(0));
+    const bool live_b = kept_pos & (b_pos != T(0));
+    const T sig = engine_sigmoid(live_b ? engine_softplus_arg(v, L, p) : T(0), ex);
+    dl_dv = dl_dv - (live_b ? b_pos * p.sc_pos * sig : T(0));
   }
   return engine_dl_ds<TRANSFORM>(v, dl_dv);
 }

@@ -37,6 +37,18 @@ def _lse2(x, y, xl, yl, params, exclude_diag, backend, row_in=None, transform=0,
                              mining=mining, params=params, exclude_diag=exclude_diag, backend=backend)
 
 
+def _log1p_exp(x):
+    """log(1 + e^x) without F.softplus's cut-off (it returns x above 20: a 2e-9 error in fp64);
+    0 with gradient 0 for x = -inf (an empty set)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
+def _per_row(losses, embeddings):
+    """Per-row losses shaped (N, 1), as PML's logsumexp-based losses (MS, GenLifted) give them:
+    reducers such as ClassWeightedReducer broadcast on that shape."""
+    return _element(losses.to(embeddings.dtype).unsqueeze(1), len(losses))
+
+
 def _empty_as_zero(lse):
     """PML's masked logsumexp gives 0 (not -inf) for an empty set; the gradient there is 0."""
     return torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
@@ -82,9 +94,9 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         rows_neg = int(torch.isfinite(lse[:, 1]).sum())
         if rows_pos <= 1 and rows_neg <= 1:
             return None  # maybe PML's `len <= 1` short-circuit: let the reference decide exactly
-    losses = F.softplus(lse[:, 0]) / a + F.softplus(lse[:, 1]) / b
+    losses = _log1p_exp(lse[:, 0]) / a + _log1p_exp(lse[:, 1]) / b
     module.last_backend = backend
-    return {"loss": _element(losses.to(embeddings.dtype), len(losses))}
+    return {"loss": _per_row(losses, embeddings)}
 
 
 # ------------------------------------------------------------------- Generalized Lifted
@@ -101,7 +113,7 @@ def generalized_lifted_structure(module, embeddings, labels, indices_tuple, ref_
                 transform=pe.TRANSFORM_UNIT_DISTANCE)
     losses = torch.relu(_empty_as_zero(lse[:, 0]) + _empty_as_zero(lse[:, 1]))
     module.last_backend = backend
-    return {"loss": _element(losses.to(embeddings.dtype), len(losses))}
+    return {"loss": _per_row(losses, embeddings)}
 
 
 # ------------------------------------------------------------------------------- SupCon
@@ -130,7 +142,7 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     mean_log_prob_pos = (pos_sim_sum.to(lse.dtype) * inv_t - count * log_denominator) / (count + tiny)
     losses = torch.where(count > 0, -mean_log_prob_pos, torch.zeros_like(mean_log_prob_pos))
     module.last_backend = backend
-    return {"loss": _element(losses.to(embeddings.dtype), len(losses))}
+    return {"loss": _element(losses.to(embeddings.dtype), len(losses))}  # (N,), as PML's SupCon
 
 
 # ------------------------------------------------------------------------------- NT-Xent
@@ -174,9 +186,9 @@ def proxy_anchor(module, embeddings, labels, indices_tuple, proxies):
     idx = torch.arange(num_classes, device=embeddings.device)
     module.last_backend = backend
     return {
-        "pos_loss": {"losses": F.softplus(lse[:, 0]).to(embeddings.dtype), "indices": idx,
+        "pos_loss": {"losses": _log1p_exp(lse[:, 0]).to(embeddings.dtype), "indices": idx,
                      "reduction_type": "element", "divisor": num_with_pos},
-        "neg_loss": {"losses": F.softplus(lse[:, 1]).to(embeddings.dtype), "indices": idx,
+        "neg_loss": {"losses": _log1p_exp(lse[:, 1]).to(embeddings.dtype), "indices": idx,
                      "reduction_type": "element", "divisor": num_classes},
     }
 
@@ -218,8 +230,8 @@ MAX_POS_PAIRS_PER_ROW = 64  # above this many positive pairs per row, the refere
 
 
 def positive_pairs(labels):
-    """All ordered same-label pairs (i, j), i != j, as two index tensors: O(pairs), no N x N
-    mask. Pairs come grouped by label; the losses using them are means, so order is free."""
+    """All ordered same-label pairs (i, j), i != j, in row-major order like PML's
+    get_all_pairs_indices, as two index tensors: O(pairs), no N x N mask."""
     order = torch.sort(labels, stable=True).indices
     counts = torch.unique_consecutive(labels[order], return_counts=True)[1]
     starts = torch.cumsum(counts, 0) - counts
@@ -231,7 +243,9 @@ def positive_pairs(labels):
     offset = torch.arange(int(reps.sum()), device=labels.device) - torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
     p_sorted = starts[row_group][a_sorted] + offset
     keep = offset != row_pos[a_sorted]
-    return order[a_sorted[keep]], order[p_sorted[keep]]
+    a, p = order[a_sorted[keep]], order[p_sorted[keep]]
+    row_major = torch.argsort(a * len(labels) + p)  # PML's order: by anchor, then positive
+    return a[row_major], p[row_major]
 
 
 class _PairDots(torch.autograd.Function):
@@ -285,4 +299,5 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     d_ap = torch.sqrt(torch.clamp(2 - 2 * dots, min=0))
     losses = torch.relu(neg_part + d_ap - pm) ** 2 / 2
     module.last_backend = backend
-    return {"loss": {"losses": losses.to(embeddings.dtype), "indices": (a, p), "reduction_type": "pos_pair"}}
+    return {"loss": {"losses": losses.to(embeddings.dtype).unsqueeze(1), "indices": (a, p),
+                     "reduction_type": "pos_pair"}}

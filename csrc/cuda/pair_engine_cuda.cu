@@ -1,0 +1,379 @@
+// CUDA tiled pair engine (docs/ENGINE.md): dmlkern::pair_engine_forward / _backward.
+// Same structure as masked_lse_cuda.cu: a block owns kTileRows rows and walks column tiles
+// of kTileCols, staging kTileK-wide slices of both sides in shared memory (fp32
+// accumulation for fp16 / bf16 / fp32, fp64 for fp64). Each lane owns one column of the
+// tile for its warp's rows and keeps per-row statistics, merged across the warp at the end.
+// The backward block owns kTileRows rows of grad_x (or grad_y) and is their only writer:
+// no atomics, deterministic. All per-pair maths is pair_engine.h, shared with the CPU build.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "../checks.h"
+#include "../pair_engine.h"
+
+namespace dmlkern {
+
+// Defined in csrc/cpu/pair_engine_cpu.cpp (always built into the same library).
+void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
+                            const at::Tensor& y_labels, const at::Tensor& row_in,
+                            const at::Tensor* row_coef, int64_t pass_kind, int64_t transform,
+                            int64_t mining, at::ArrayRef<double> params);
+
+namespace {
+
+constexpr int kTileRows = 32;  // rows of the "own" side per block
+constexpr int kTileCols = 32;  // one column per lane
+constexpr int kTileK = 32;     // reduction slice staged in shared memory
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRowsPerWarp = kTileRows / kWarps;
+static_assert(kTileRows == kTileCols, "engine_tile_dots stages both sides with one loop");
+
+template <typename scalar_t>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <int64_t V>
+using IC = std::integral_constant<int64_t, V>;
+
+template <int64_t PASS, typename T>
+using PassAcc = std::conditional_t<PASS == kPassExtrema, ExtremaAcc<T>,
+                                   std::conditional_t<PASS == kPassLse2, Lse2Acc<T>, PosSoftplusAcc<T>>>;
+
+// dots[r] = <own[a0 + warp * kRowsPerWarp + r], other[c0 + lane]> for one tile; rows or
+// columns past the end, and k past d, are staged as 0. Every thread of the block must call it.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void engine_tile_dots(
+    const scalar_t* __restrict__ own, int64_t own_s0, int64_t own_s1, int64_t n_own,
+    const scalar_t* __restrict__ other, int64_t other_s0, int64_t other_s1, int64_t n_other,
+    int64_t d, int64_t a0, int64_t c0, acc_t (&own_sh)[kTileRows][kTileK + 1],
+    acc_t (&other_sh)[kTileCols][kTileK + 1], acc_t (&dots)[kRowsPerWarp]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int r = 0; r < kRowsPerWarp; ++r) dots[r] = acc_t(0);
+  for (int64_t k0 = 0; k0 < d; k0 += kTileK) {
+    for (int idx = threadIdx.x; idx < kTileRows * kTileK; idx += blockDim.x) {
+      const int r = idx / kTileK, k = idx % kTileK;
+      const int64_t kk = k0 + k;
+      const int64_t a = a0 + r, c = c0 + r;
+      own_sh[r][k] = (a < n_own && kk < d) ? static_cast<acc_t>(own[a * own_s0 + kk * own_s1]) : acc_t(0);
+      other_sh[r][k] =
+          (c < n_other && kk < d) ? static_cast<acc_t>(other[c * other_s0 + kk * other_s1]) : acc_t(0);
+    }
+    __syncthreads();
+    for (int k = 0; k < kTileK; ++k) {
+      const acc_t o = other_sh[lane][k];
+      for (int r = 0; r < kRowsPerWarp; ++r) dots[r] += own_sh[warp * kRowsPerWarp + r][k] * o;
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T shfl_xor(T v, int offset) {
+  return __shfl_xor_sync(0xffffffffu, v, offset);
+}
+
+// Merges the 32 lanes' statistics of one row; every lane ends with the row's total.
+template <typename T>
+__device__ __forceinline__ void warp_merge(ExtremaAcc<T>& a) {
+  for (int offset = 16; offset > 0; offset /= 2)
+    a.merge(shfl_xor(a.max_neg, offset), shfl_xor(a.min_pos, offset));
+}
+template <typename T>
+__device__ __forceinline__ void warp_merge(Lse2Acc<T>& a) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const T pm = shfl_xor(a.pos.m, offset), ps = shfl_xor(a.pos.s, offset);
+    const T nm = shfl_xor(a.neg.m, offset), ns = shfl_xor(a.neg.s, offset);
+    a.pos.merge(pm, ps);
+    a.neg.merge(nm, ns);
+  }
+}
+template <typename T>
+__device__ __forceinline__ void warp_merge(PosSoftplusAcc<T>& a) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const T sp = shfl_xor(a.softplus, offset), sg = shfl_xor(a.sigmoid, offset);
+    const T ct = shfl_xor(a.count, offset);
+    a.merge(sp, sg, ct);
+  }
+}
+
+// Forward: row_in_t is row_in as (3, n) columns (max_neg, min_pos, L); out is (n, kCols).
+template <typename scalar_t, int64_t PASS, int64_t TR, int64_t MI>
+__global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
+    const scalar_t* __restrict__ x, int64_t xs0, int64_t xs1, const scalar_t* __restrict__ y,
+    int64_t ys0, int64_t ys1, const int64_t* __restrict__ xlab, const int64_t* __restrict__ ylab,
+    int64_t n, int64_t m, int64_t d,
+    const typename AccOf<scalar_t>::type* __restrict__ row_in_t,
+    EngineParams<typename AccOf<scalar_t>::type> p, bool exclude_diag,
+    typename AccOf<scalar_t>::type* __restrict__ out) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  constexpr int kCols = PASS == kPassPosSoftplus ? 3 : 2;
+  __shared__ acc_t xs[kTileRows][kTileK + 1];
+  __shared__ acc_t ys[kTileCols][kTileK + 1];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+
+  PassAcc<PASS, acc_t> stats[kRowsPerWarp];
+  int64_t lab_i[kRowsPerWarp];
+  acc_t max_neg[kRowsPerWarp], min_pos[kRowsPerWarp], L[kRowsPerWarp];
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t i = r0 + warp * kRowsPerWarp + r;
+    const bool live = i < n;
+    lab_i[r] = live ? xlab[i] : 0;
+    max_neg[r] = live ? row_in_t[i] : acc_t(0);
+    min_pos[r] = live ? row_in_t[n + i] : acc_t(0);
+    L[r] = live ? row_in_t[2 * n + i] : acc_t(0);
+  }
+
+  acc_t dots[kRowsPerWarp];
+  for (int64_t c0 = 0; c0 < m; c0 += kTileCols) {
+    engine_tile_dots<scalar_t, acc_t>(x, xs0, xs1, n, y, ys0, ys1, m, d, r0, c0, xs, ys, dots);
+    const int64_t j = c0 + lane;
+    if (j >= m) continue;  // after the block-wide staging: no barrier is skipped
+    const int64_t lab_j = ylab[j];
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t i = r0 + warp * kRowsPerWarp + r;
+      if (i >= n) continue;
+      const acc_t v = engine_value<TR>(dots[r]);
+      const bool same = lab_i[r] == lab_j;
+      const bool excluded = exclude_diag && i == j;
+      if constexpr (PASS == kPassExtrema) {  // label masks only: mining is ignored
+        stats[r].push(v, engine_pos_kept<kMiningNone>(v, same, excluded, acc_t(0), acc_t(0)),
+                      engine_neg_kept<kMiningNone>(v, same, acc_t(0), acc_t(0)));
+      } else {
+        const bool kp = engine_pos_kept<MI>(v, same, excluded, max_neg[r], p.eps);
+        if constexpr (PASS == kPassLse2) {
+          stats[r].push(v, kp, engine_neg_kept<MI>(v, same, min_pos[r], p.eps), p);
+        } else {
+          stats[r].push(v, kp, L[r], p, StdExp());
+        }
+      }
+    }
+  }
+
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    warp_merge(stats[r]);
+    const int64_t i = r0 + warp * kRowsPerWarp + r;
+    if (lane != 0 || i >= n) continue;
+    acc_t* dst = out + i * kCols;
+    if constexpr (PASS == kPassExtrema) {
+      dst[0] = stats[r].max_neg;
+      dst[1] = stats[r].min_pos;
+    } else if constexpr (PASS == kPassLse2) {
+      dst[0] = stats[r].pos.value();
+      dst[1] = stats[r].neg.value();
+    } else {
+      dst[0] = stats[r].softplus;
+      dst[1] = stats[r].sigmoid;
+      dst[2] = stats[r].count;
+    }
+  }
+}
+
+// Backward: grad_own[a] = sum_b dl/ds(a, b) other[b] for the block's kTileRows own rows.
+// OWN_IS_X: the pair (i, j) is (a, b) (grad_x), else (b, a) (grad_y). row_in_t (3, nx)
+// and row_coef_t (5, nx) hold the per-x-row inputs as columns; grad_own is (n_own, d)
+// contiguous in the accumulation dtype.
+template <typename scalar_t, int64_t TR, int64_t MI, bool OWN_IS_X>
+__global__ void __launch_bounds__(kThreads) pair_engine_grad_kernel(
+    const scalar_t* __restrict__ own, int64_t os0, int64_t os1, int64_t n_own,
+    const scalar_t* __restrict__ other, int64_t ts0, int64_t ts1, int64_t n_other, int64_t d,
+    const int64_t* __restrict__ xlab, const int64_t* __restrict__ ylab, int64_t nx,
+    const typename AccOf<scalar_t>::type* __restrict__ row_in_t,
+    const typename AccOf<scalar_t>::type* __restrict__ row_coef_t,
+    EngineParams<typename AccOf<scalar_t>::type> p, bool exclude_diag,
+    typename AccOf<scalar_t>::type* __restrict__ grad_own) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  __shared__ acc_t own_sh[kTileRows][kTileK + 1];
+  __shared__ acc_t other_sh[kTileCols][kTileK + 1];
+  __shared__ acc_t w_sh[kTileRows][kTileCols + 1];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t a0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  acc_t dots[kRowsPerWarp];
+  for (int64_t c0 = 0; c0 < n_other; c0 += kTileCols) {
+    engine_tile_dots<scalar_t, acc_t>(own, os0, os1, n_own, other, ts0, ts1, n_other, d, a0, c0,
+                                      own_sh, other_sh, dots);
+    const int64_t b = c0 + lane;
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t a = a0 + warp * kRowsPerWarp + r;
+      acc_t w = acc_t(0);
+      if (a < n_own && b < n_other) {
+        const int64_t i = OWN_IS_X ? a : b, j = OWN_IS_X ? b : a;
+        const acc_t v = engine_value<TR>(dots[r]);
+        const bool same = xlab[i] == ylab[j];
+        const bool excluded = exclude_diag && i == j;
+        const bool kp = engine_pos_kept<MI>(v, same, excluded, row_in_t[i], p.eps);
+        const bool kn = engine_neg_kept<MI>(v, same, row_in_t[nx + i], p.eps);
+        const acc_t a_pos = row_coef_t[i], lse_pos = row_coef_t[nx + i];
+        const acc_t a_neg = row_coef_t[2 * nx + i], lse_neg = row_coef_t[3 * nx + i];
+        const acc_t b_pos = row_coef_t[4 * nx + i], L = row_in_t[2 * nx + i];
+        w = b_pos != acc_t(0)
+                ? engine_pair_grad<TR, true>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L, p,
+                                             StdExp())
+                : engine_pair_grad<TR, false>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L,
+                                              p, StdExp());
+      }
+      w_sh[warp * kRowsPerWarp + r][lane] = w;
+    }
+    __syncthreads();
+    // grad_own[a0 + rr, k] += sum_c w_sh[rr][c] * other[c0 + c, k], one k per lane.
+    for (int64_t k0 = 0; k0 < d; k0 += 32) {
+      const int64_t k = k0 + lane;
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int rr = warp * kRowsPerWarp + r;
+        const int64_t a = a0 + rr;
+        if (a >= n_own || k >= d) continue;
+        acc_t sum = acc_t(0);
+        for (int c = 0; c < kTileCols && c0 + c < n_other; ++c)
+          sum += w_sh[rr][c] * static_cast<acc_t>(other[(c0 + c) * ts0 + k * ts1]);
+        grad_own[a * d + k] += sum;
+      }
+    }
+    __syncthreads();  // w_sh is rewritten by the next tile
+  }
+}
+
+int num_blocks(int64_t rows) {
+  const int64_t blocks = (rows + kTileRows - 1) / kTileRows;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "dmlkern: too many rows for one launch");
+  return static_cast<int>(blocks);
+}
+
+template <typename T>
+EngineParams<T> make_params(at::ArrayRef<double> params) {
+  return EngineParams<T>{static_cast<T>(params[0]), static_cast<T>(params[1]),
+                         static_cast<T>(params[2]), static_cast<T>(params[3]),
+                         static_cast<T>(params[4])};
+}
+
+// Calls f(IC<transform>, IC<mining>) for the three valid combinations.
+template <typename F>
+void dispatch_config(int64_t transform, int64_t mining, F&& f) {
+  if (transform == kTransformUnitDistance) {
+    f(IC<kTransformUnitDistance>{}, IC<kMiningNone>{});
+  } else if (mining == kMiningMultiSimilarity) {
+    f(IC<kTransformDot>{}, IC<kMiningMultiSimilarity>{});
+  } else {
+    f(IC<kTransformDot>{}, IC<kMiningNone>{});
+  }
+}
+
+void check_cuda_dtype(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "dmlkern: the CUDA backend takes float32, float64, float16 or bfloat16 x, got ", t);
+}
+
+template <typename scalar_t, int64_t PASS, int64_t TR, int64_t MI>
+void launch_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xl,
+                    const at::Tensor& yl, const at::Tensor& row_in_t,
+                    EngineParams<typename AccOf<scalar_t>::type> p, bool exclude_diag,
+                    at::Tensor& out, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  pair_engine_fwd_kernel<scalar_t, PASS, TR, MI><<<num_blocks(x.size(0)), kThreads, 0, stream>>>(
+      x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), y.data_ptr<scalar_t>(), y.stride(0),
+      y.stride(1), xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), x.size(0), y.size(0),
+      x.size(1), row_in_t.data_ptr<acc_t>(), p, exclude_diag, out.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor pair_engine_forward_cuda(const at::Tensor& x, const at::Tensor& y,
+                                    const at::Tensor& x_labels, const at::Tensor& y_labels,
+                                    const at::Tensor& row_in, int64_t pass_kind, int64_t transform,
+                                    int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
+  check_pair_engine_args(x, y, x_labels, y_labels, row_in, nullptr, pass_kind, transform, mining,
+                         params);
+  check_cuda_dtype(x);
+  // Kernels are plain compute: nothing here may be recorded by autograd.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(0);
+  const auto st = stats_dtype(x.scalar_type());
+  auto out = at::empty({n, pass_kind == kPassPosSoftplus ? 3 : 2}, x.options().dtype(st));
+  if (n == 0) return out;
+  const auto xl = x_labels.contiguous();
+  const auto yl = y_labels.contiguous();
+  const auto row_in_t = row_in.to(st).t().contiguous();  // (3, n) columns
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pair_engine_forward_cuda", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    const auto p = make_params<acc_t>(params);
+    dispatch_config(transform, mining, [&](auto tr, auto mi) {
+      constexpr int64_t TR = decltype(tr)::value, MI = decltype(mi)::value;
+      if (pass_kind == kPassExtrema) {  // ignores mining: one kernel per transform
+        launch_forward<scalar_t, kPassExtrema, TR, kMiningNone>(x, y, xl, yl, row_in_t, p,
+                                                                exclude_diag, out, stream);
+      } else if (pass_kind == kPassLse2) {
+        launch_forward<scalar_t, kPassLse2, TR, MI>(x, y, xl, yl, row_in_t, p, exclude_diag, out,
+                                                    stream);
+      } else {
+        launch_forward<scalar_t, kPassPosSoftplus, TR, MI>(x, y, xl, yl, row_in_t, p,
+                                                           exclude_diag, out, stream);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
+    const at::Tensor& y_labels, const at::Tensor& row_in, const at::Tensor& row_coef,
+    int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
+  check_pair_engine_args(x, y, x_labels, y_labels, row_in, &row_coef, -1, transform, mining,
+                         params);
+  check_cuda_dtype(x);
+  // Kernels are plain compute: nothing here may be recorded by autograd.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
+  const auto st = stats_dtype(x.scalar_type());
+  auto grad_x = at::zeros({n, d}, x.options().dtype(st));
+  auto grad_y = at::zeros({m, d}, y.options().dtype(st));
+  if (n > 0 && m > 0 && d > 0) {
+    const auto xl = x_labels.contiguous();
+    const auto yl = y_labels.contiguous();
+    const auto row_in_t = row_in.to(st).t().contiguous();      // (3, n)
+    const auto row_coef_t = row_coef.to(st).t().contiguous();  // (5, n)
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pair_engine_backward_cuda", [&] {
+      using acc_t = typename AccOf<scalar_t>::type;
+      const auto p = make_params<acc_t>(params);
+      dispatch_config(transform, mining, [&](auto tr, auto mi) {
+        constexpr int64_t TR = decltype(tr)::value, MI = decltype(mi)::value;
+        pair_engine_grad_kernel<scalar_t, TR, MI, true><<<num_blocks(n), kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), n, y.data_ptr<scalar_t>(),
+            y.stride(0), y.stride(1), m, d, xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), n,
+            row_in_t.data_ptr<acc_t>(), row_coef_t.data_ptr<acc_t>(), p, exclude_diag,
+            grad_x.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        pair_engine_grad_kernel<scalar_t, TR, MI, false><<<num_blocks(m), kThreads, 0, stream>>>(
+            y.data_ptr<scalar_t>(), y.stride(0), y.stride(1), m, x.data_ptr<scalar_t>(),
+            x.stride(0), x.stride(1), n, d, xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), n,
+            row_in_t.data_ptr<acc_t>(), row_coef_t.data_ptr<acc_t>(), p, exclude_diag,
+            grad_y.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmlkern, CUDA, m) {
+  m.impl("pair_engine_forward", &pair_engine_forward_cuda);
+  m.impl("pair_engine_backward", &pair_engine_backward_cuda);
+}
+
+}  // namespace dmlkern

@@ -1,0 +1,1 @@
+"""Fused loss epilogues on the pair engine (see docs/ENGINE.md)."""
