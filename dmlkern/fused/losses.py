@@ -146,6 +146,42 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
 
 
 # ------------------------------------------------------------------------------- NT-Xent
+class _NTXentRows(torch.autograd.Function):
+    """Per anchor a: sum over its positives p of softplus(lse_neg(a) - s_ap/t), which is
+    -log(e^u / (e^u + sum_n e^{s_an/t})) with u = s_ap/t.
+
+    Two forward passes (lse2 for lse_neg, then pos_softplus), but ONE backward pass: the
+    engine's backward takes the negatives' softmax term (through lse_neg) and the positives'
+    sigmoid term in the same row_coef, so the tiles are recomputed once, not twice.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, labels, ref_labels, params, exclude_diag, backend):
+        lse = pe.engine_forward(x, y, labels, ref_labels, pass_kind=pe.PASS_LSE2, params=params,
+                                exclude_diag=exclude_diag, backend=backend)
+        neg_lse = lse[:, 1]
+        zero = torch.zeros_like(neg_lse)
+        row_in = torch.stack([zero, zero, neg_lse], dim=1)
+        out = pe.engine_forward(x, y, labels, ref_labels, row_in, pass_kind=pe.PASS_POS_SOFTPLUS,
+                                params=params, exclude_diag=exclude_diag, backend=backend)
+        ctx.save_for_backward(x, y, labels, ref_labels, row_in, out)
+        ctx.config = (params, exclude_diag, backend)
+        return out[:, 0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, labels, ref_labels, row_in, out = ctx.saved_tensors
+        params, exclude_diag, backend = ctx.config
+        grad = grad.to(out.dtype)
+        zero = torch.zeros_like(grad)
+        # d/d lse_neg(a) = grad_a * sum_p sigmoid(...) = grad_a * out[:, 1] (pos_softplus's rule).
+        coef = torch.stack([zero, zero, grad * out[:, 1], row_in[:, 2], grad], dim=1)
+        grad_x, grad_y = pe.engine_backward_raw(x, y, labels, ref_labels, row_in, coef.contiguous(),
+                                                transform=pe.TRANSFORM_DOT, mining=pe.MINING_NONE,
+                                                params=params, exclude_diag=exclude_diag, backend=backend)
+        return grad_x, grad_y, None, None, None, None, None
+
+
 def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = engine_backend(embeddings, module.backend)
     if (backend is None or labels is None or indices_tuple is not None or not is_unit_cosine(module.distance)
@@ -159,13 +195,8 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     inv_t = 1.0 / float(module.temperature)
     params = [inv_t, 0.0, inv_t, 0.0, 0.0]
     x, y = _pair_inputs(embeddings, ref_emb)
-    lse = _lse2(x, y, labels, ref_labels, params, exclude_diag, backend)
-    neg_lse = lse[:, 1]
-    row_in = torch.stack([torch.zeros_like(neg_lse), torch.zeros_like(neg_lse), neg_lse], dim=1)
-    # Per positive pair: -log(e^u / (e^u + sum_n e^{s_an/t})) = softplus(lse_neg(a) - u).
-    per_row = pe.engine_forward(x, y, labels, ref_labels, row_in, pass_kind=pe.PASS_POS_SOFTPLUS,
-                                params=params, exclude_diag=exclude_diag, backend=backend)
-    loss = per_row[:, 0].sum() / num_pos
+    per_row = _NTXentRows.apply(x, y, labels, ref_labels, params, exclude_diag, backend)
+    loss = per_row.sum() / num_pos
     module.last_backend = backend
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}
 

@@ -150,7 +150,8 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
 
 def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform, mining, params,
                         exclude_diag, backend):
-    """The backward kernel alone (for tests): (grad_x, grad_y) for the given row coefficients."""
+    """The backward kernel alone: (grad_x, grad_y) for the given row coefficients. Used by
+    fused losses that chain passes and merge their backward into one (e.g. NT-Xent), and by tests."""
     args = (x, y, x_labels, y_labels, row_in, row_coef, int(transform), int(mining),
             [float(p) for p in params], bool(exclude_diag))
     if backend == "reference":
