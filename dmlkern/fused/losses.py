@@ -32,6 +32,15 @@ def _pair_inputs(embeddings, ref_emb):
     return x, y
 
 
+def _plain_backend(module, embeddings, labels, indices_tuple, distance_ok):
+    """The engine backend when the call is the plain configuration every fused loss covers
+    (labels given, no indices_tuple, the default distance), else None (the reference runs)."""
+    backend = engine_backend(embeddings, module.backend)
+    if backend is None or labels is None or indices_tuple is not None or not distance_ok(module.distance):
+        return None
+    return backend
+
+
 def _lse2(x, y, xl, yl, params, exclude_diag, backend, row_in=None, transform=0, mining=0):
     return pe.engine_forward(x, y, xl, yl, row_in, pass_kind=pe.PASS_LSE2, transform=transform,
                              mining=mining, params=params, exclude_diag=exclude_diag, backend=backend)
@@ -101,8 +110,8 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
 
 # ------------------------------------------------------------------- Generalized Lifted
 def generalized_lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    backend = engine_backend(embeddings, module.backend)
-    if backend is None or labels is None or indices_tuple is not None or not is_unit_euclidean(module.distance):
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
+    if backend is None:
         return None
     exclude_diag = ref_labels is labels
     if short_circuit(label_stats(labels, ref_labels, exclude_diag)):
@@ -118,8 +127,8 @@ def generalized_lifted_structure(module, embeddings, labels, indices_tuple, ref_
 
 # ------------------------------------------------------------------------------- SupCon
 def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    backend = engine_backend(embeddings, module.backend)
-    if backend is None or labels is None or indices_tuple is not None or not is_unit_cosine(module.distance):
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
+    if backend is None:
         return None
     exclude_diag = ref_labels is labels
     stats = label_stats(labels, ref_labels, exclude_diag)
@@ -183,9 +192,8 @@ class _NTXentRows(torch.autograd.Function):
 
 
 def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    backend = engine_backend(embeddings, module.backend)
-    if (backend is None or labels is None or indices_tuple is not None or not is_unit_cosine(module.distance)
-            or not is_plain_mean(module.reducer)):
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
+    if backend is None or not is_plain_mean(module.reducer):
         return None  # per-pair losses for other reducers would need the O(pairs) list
     exclude_diag = ref_labels is labels
     stats = label_stats(labels, ref_labels, exclude_diag)
@@ -203,9 +211,9 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
 
 # --------------------------------------------------------------------------- ProxyAnchor
 def proxy_anchor(module, embeddings, labels, indices_tuple, proxies):
-    backend = engine_backend(embeddings, module.backend)
-    if backend is None or labels is None or indices_tuple is not None or not is_unit_cosine(module.distance):
-        return None  # miner weights: the reference
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
+    if backend is None:
+        return None  # e.g. miner weights (indices_tuple): the reference
     a, m = float(module.alpha), float(module.margin)
     num_classes = proxies.shape[0]
     p = unit_rows(proxies)
@@ -240,8 +248,8 @@ def first_pair_per_label(labels):
 
 
 def n_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    backend = engine_backend(embeddings, module.backend)
-    if backend is None or labels is None or indices_tuple is not None or not is_unit_cosine(module.distance):
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
+    if backend is None:
         return None
     anchors, positives = first_pair_per_label(labels)
     if len(anchors) == 0:
@@ -309,9 +317,8 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     """Per positive pair (i, j): relu(log(sum_{n in N(i)} e^{m_n - d_in} + sum_{n in N(j)} e^{m_n - d_jn})
     + d_ij - m_p)^2 / 2. The per-row negative sums are engine statistics (L_i); the positive pairs
     are listed (O(pairs)), so this runs fused only while pairs are few per row."""
-    backend = engine_backend(embeddings, module.backend)
-    if (backend is None or labels is None or indices_tuple is not None or ref_emb is not embeddings
-            or not is_unit_euclidean(module.distance)):
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
+    if backend is None or ref_emb is not embeddings:
         return None  # with ref_emb PML matches negatives by index value: the reference does that
     stats = label_stats(labels, labels, True)
     num_pos, num_neg = int(stats["pos"].sum()), int(stats["neg"].sum())
