@@ -56,5 +56,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-# Backend choices are logged at DEBUG; under torch.compile the log call is skipped, not a graph break.
-torch._dynamo.config.ignore_logging_functions.add(log.debug)
+# Backend choices are logged at DEBUG; under torch.compile the log call is skipped, not a graph
+# break (the config exists in recent torch only; older versions just graph-break there).
+_ignored_logging = getattr(torch._dynamo.config, "ignore_logging_functions", None)
+if _ignored_logging is not None:
+    _ignored_logging.add(log.debug)
