@@ -182,6 +182,11 @@ class ThresholdReducer(BaseReducer):
             keep = keep & (losses > self.low)
         if self.high is not None:
             keep = keep & (losses < self.high)
+        if torch.compiler.is_compiling() and not self.collect_stats:
+            # Same value and gradient without data-dependent shapes or branches (fullgraph).
+            count = keep.sum()
+            total = torch.where(keep, losses, torch.zeros_like(losses)).sum()
+            return torch.where(count > 0, total / count.clamp(min=1), self.zero_loss(embeddings))
         kept = losses[keep]
         if self.collect_stats:
             with torch.no_grad():

@@ -45,20 +45,48 @@ def unit_rows(x):
 
 def label_stats(labels, ref_labels, exclude_diag):
     """Per query row: the number of same-label reference rows (self-pair removed when
-    exclude_diag), plus the inverse index of each label for per-class sums. O(N + M)."""
-    n = labels.shape[0]
-    uniq, inv = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
-    inv_q, inv_r = inv[:n], inv[n:]
-    ref_counts = torch.bincount(inv_r, minlength=uniq.numel())
-    same = ref_counts[inv_q]
+    exclude_diag) and of different-label ones, in O((N + M) log M) with static shapes (sort +
+    searchsorted, so torch.compile can trace it). `run_q` / `run_r`: where each query / reference
+    row's label run starts among the sorted reference labels, an id for per-class sums."""
+    n, m = labels.shape[0], ref_labels.shape[0]
+    sorted_ref = torch.sort(ref_labels).values
+    run_q = torch.searchsorted(sorted_ref, labels)
+    same = torch.searchsorted(sorted_ref, labels, right=True) - run_q
     self_pair = torch.zeros_like(same)
     if exclude_diag:
-        k = min(n, ref_labels.shape[0])
+        k = min(n, m)
         self_pair[:k] = (labels[:k] == ref_labels[:k]).to(same.dtype)
-    return {"pos": same - self_pair, "neg": ref_labels.shape[0] - same, "self_pair": self_pair,
-            "inv_q": inv_q, "inv_r": inv_r, "num_labels": uniq.numel()}
+    return {"pos": same - self_pair, "neg": m - same, "same": same, "self_pair": self_pair,
+            "run_q": run_q, "run_r": torch.searchsorted(sorted_ref, ref_labels)}
+
+
+def class_sums_for_rows(stats, y):
+    """For each query row, the sum of the reference rows y with its label (0 if none): O(M D)."""
+    sums = y.new_zeros(y.shape[0] + 1, y.shape[1]).index_add(0, stats["run_r"], y)
+    return sums[stats["run_q"]] * (stats["same"] > 0).to(y.dtype)[:, None]
 
 
 def short_circuit(stats):
-    """PML's `len <= 1` rule on all pairs from labels: at most one positive and one negative pair."""
-    return int(stats["pos"].sum()) <= 1 and int(stats["neg"].sum()) <= 1
+    """PML's `len <= 1` rule on all pairs from labels: at most one positive and one negative
+    pair. A 0-dim bool tensor (no host sync under torch.compile)."""
+    return (stats["pos"].sum() <= 1) & (stats["neg"].sum() <= 1)
+
+
+def no_pos_or_neg(stats):
+    """No positive pair, or no negative pair, anywhere in the batch (0-dim bool tensor)."""
+    return (stats["pos"].sum() == 0) | (stats["neg"].sum() == 0)
+
+
+def returns_zero_now(degenerate):
+    """Eager: True when the batch is degenerate, so the caller returns the reference's zero
+    loss at once. Under torch.compile: False (no data-dependent branch); the caller then
+    zeroes its losses with `zero_where` instead, which has the same value and gradient (0)."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(degenerate)
+
+
+def zero_where(degenerate, losses):
+    if not torch.compiler.is_compiling():
+        return losses
+    return torch.where(degenerate, torch.zeros_like(losses), losses)

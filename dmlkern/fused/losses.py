@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ..ops import pair_engine as pe
 from ._common import (engine_backend, is_plain_mean, is_unit_cosine, is_unit_euclidean, label_stats,
-                      short_circuit, unit_rows)
+                      class_sums_for_rows, no_pos_or_neg, returns_zero_now, short_circuit, unit_rows,
+                      zero_where)
 from .lazy_pairs import LazyMinedPairs
 
 class _ZeroLoss:
@@ -82,11 +83,10 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
             return None
         mining_eps = float(lazy.miner.epsilon)
     stats = label_stats(labels, ref_labels, exclude_diag)
-    num_pos, num_neg = int(stats["pos"].sum()), int(stats["neg"].sum())
-    if mining_eps is None and short_circuit(stats):
+    # Without a miner, PML's `len <= 1` rule; with one, the miner returns no pairs at all.
+    degenerate = short_circuit(stats) if mining_eps is None else no_pos_or_neg(stats)
+    if returns_zero_now(degenerate):
         return ZERO_LOSS
-    if mining_eps is not None and (num_pos == 0 or num_neg == 0):
-        return ZERO_LOSS  # the miner returns no pairs: the loss is the zero loss
     a, b, base = float(module.alpha), float(module.beta), float(module.base)
     params = [-a, a * base, b, -b * base, mining_eps or 0.0]
     x, y = _pair_inputs(embeddings, ref_emb)
@@ -103,7 +103,7 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         rows_neg = int(torch.isfinite(lse[:, 1]).sum())
         if rows_pos <= 1 and rows_neg <= 1:
             return None  # maybe PML's `len <= 1` short-circuit: let the reference decide exactly
-    losses = _log1p_exp(lse[:, 0]) / a + _log1p_exp(lse[:, 1]) / b
+    losses = zero_where(degenerate, _log1p_exp(lse[:, 0]) / a + _log1p_exp(lse[:, 1]) / b)
     module.last_backend = backend
     return {"loss": _per_row(losses, embeddings)}
 
@@ -114,13 +114,14 @@ def generalized_lifted_structure(module, embeddings, labels, indices_tuple, ref_
     if backend is None:
         return None
     exclude_diag = ref_labels is labels
-    if short_circuit(label_stats(labels, ref_labels, exclude_diag)):
+    degenerate = short_circuit(label_stats(labels, ref_labels, exclude_diag))
+    if returns_zero_now(degenerate):
         return ZERO_LOSS
     pm, nm = float(module.pos_margin), float(module.neg_margin)
     x, y = _pair_inputs(embeddings, ref_emb)
     lse = _lse2(x, y, labels, ref_labels, [1.0, -pm, -1.0, nm, 0.0], exclude_diag, backend,
                 transform=pe.TRANSFORM_UNIT_DISTANCE)
-    losses = torch.relu(_empty_as_zero(lse[:, 0]) + _empty_as_zero(lse[:, 1]))
+    losses = zero_where(degenerate, torch.relu(_empty_as_zero(lse[:, 0]) + _empty_as_zero(lse[:, 1])))
     module.last_backend = backend
     return {"loss": _per_row(losses, embeddings)}
 
@@ -132,15 +133,15 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return None
     exclude_diag = ref_labels is labels
     stats = label_stats(labels, ref_labels, exclude_diag)
-    if short_circuit(stats) or int(stats["pos"].sum()) == 0 or int(stats["neg"].sum()) == 0:
+    degenerate = short_circuit(stats) | no_pos_or_neg(stats)
+    if returns_zero_now(degenerate):
         return ZERO_LOSS
     inv_t = 1.0 / float(module.temperature)
     x, y = _pair_inputs(embeddings, ref_emb)
     lse = _lse2(x, y, labels, ref_labels, [inv_t, 0.0, inv_t, 0.0, 0.0], exclude_diag, backend)
     log_denominator = _empty_as_zero(torch.logaddexp(lse[:, 0], lse[:, 1]))
     # sum_{p in P(i)} s_ip = <x_i, sum of the reference rows with label y_i> - the self pair: O(N D).
-    class_sums = y.new_zeros(stats["num_labels"], y.shape[1]).index_add(0, stats["inv_r"], y)
-    pos_sim_sum = (x * class_sums[stats["inv_q"]]).sum(dim=1)
+    pos_sim_sum = (x * class_sums_for_rows(stats, y)).sum(dim=1)
     if exclude_diag:
         k = min(x.shape[0], y.shape[0])
         self_sim = torch.zeros_like(pos_sim_sum)
@@ -149,7 +150,7 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     count = stats["pos"].to(lse.dtype)
     tiny = torch.finfo(embeddings.dtype).tiny  # PML divides by |P(i)| + tiny
     mean_log_prob_pos = (pos_sim_sum.to(lse.dtype) * inv_t - count * log_denominator) / (count + tiny)
-    losses = torch.where(count > 0, -mean_log_prob_pos, torch.zeros_like(mean_log_prob_pos))
+    losses = zero_where(degenerate, torch.where(count > 0, -mean_log_prob_pos, torch.zeros_like(mean_log_prob_pos)))
     module.last_backend = backend
     return {"loss": _element(losses.to(embeddings.dtype), len(losses))}  # (N,), as PML's SupCon
 
@@ -166,6 +167,11 @@ class _NTXentRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, labels, ref_labels, params, exclude_diag, backend):
+        # y / ref_labels are None when they are x / labels: torch.compile can't trace an
+        # autograd.Function given one tensor twice.
+        ctx.self_pairs = y is None
+        y = x if y is None else y
+        ref_labels = labels if ref_labels is None else ref_labels
         lse = pe.engine_forward(x, y, labels, ref_labels, pass_kind=pe.PASS_LSE2, params=params,
                                 exclude_diag=exclude_diag, backend=backend)
         neg_lse = lse[:, 1]
@@ -188,6 +194,8 @@ class _NTXentRows(torch.autograd.Function):
         grad_x, grad_y = pe.engine_backward_raw(x, y, labels, ref_labels, row_in, coef.contiguous(),
                                                 transform=pe.TRANSFORM_DOT, mining=pe.MINING_NONE,
                                                 params=params, exclude_diag=exclude_diag, backend=backend)
+        if ctx.self_pairs:
+            return grad_x + grad_y, None, None, None, None, None, None
         return grad_x, grad_y, None, None, None, None, None
 
 
@@ -197,14 +205,15 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return None  # per-pair losses for other reducers would need the O(pairs) list
     exclude_diag = ref_labels is labels
     stats = label_stats(labels, ref_labels, exclude_diag)
-    num_pos, num_neg = int(stats["pos"].sum()), int(stats["neg"].sum())
-    if short_circuit(stats) or num_pos == 0 or num_neg == 0:
+    degenerate = short_circuit(stats) | no_pos_or_neg(stats)
+    if returns_zero_now(degenerate):
         return ZERO_LOSS
     inv_t = 1.0 / float(module.temperature)
     params = [inv_t, 0.0, inv_t, 0.0, 0.0]
     x, y = _pair_inputs(embeddings, ref_emb)
-    per_row = _NTXentRows.apply(x, y, labels, ref_labels, params, exclude_diag, backend)
-    loss = per_row.sum() / num_pos
+    per_row = _NTXentRows.apply(x, None if y is x else y, labels, None if ref_labels is labels else ref_labels,
+                                params, exclude_diag, backend)
+    loss = zero_where(degenerate, per_row.sum() / stats["pos"].sum().clamp(min=1))
     module.last_backend = backend
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}
 
@@ -321,11 +330,10 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     if backend is None or ref_emb is not embeddings:
         return None  # with ref_emb PML matches negatives by index value: the reference does that
     stats = label_stats(labels, labels, True)
-    num_pos, num_neg = int(stats["pos"].sum()), int(stats["neg"].sum())
-    if short_circuit(stats) or num_pos == 0 or num_neg == 0:
+    if bool(short_circuit(stats) | no_pos_or_neg(stats)):
         return ZERO_LOSS
-    if num_pos > MAX_POS_PAIRS_PER_ROW * len(labels):
-        return None
+    if int(stats["pos"].sum()) > MAX_POS_PAIRS_PER_ROW * len(labels):
+        return None  # (lists its positive pairs: data-dependent sizes, no fullgraph compile)
     pm, nm = float(module.pos_margin), float(module.neg_margin)
     x = unit_rows(embeddings)
     lse = _lse2(x, x, labels, labels, [0.0, 0.0, -1.0, nm, 0.0], True, backend,
