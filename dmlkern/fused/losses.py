@@ -6,13 +6,12 @@ configuration is not covered by the kernels — the caller then runs the referen
 Statistics are O(N + M); nothing N x M is built.
 """
 import torch
-import torch.nn.functional as F
 
 from ..ops import pair_engine as pe
-from ._common import (engine_backend, is_plain_mean, is_unit_cosine, is_unit_euclidean, label_stats,
-                      class_sums_for_rows, no_pos_or_neg, returns_zero_now, short_circuit, unit_rows,
-                      zero_where)
+from ._common import (class_sums_for_rows, engine_backend, is_plain_mean, is_unit_cosine, is_unit_euclidean,
+                      label_stats, no_pos_or_neg, returns_zero_now, short_circuit, unit_rows, zero_where)
 from .lazy_pairs import LazyMinedPairs
+
 
 class _ZeroLoss:
     """Returned for degenerate batches (no valid pair): the caller uses module.zero_losses(),
