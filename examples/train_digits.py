@@ -42,7 +42,9 @@ def recall_at_1(model, x, y):
     return float((y[nn_idx] == y).double().mean())
 
 
-def train(model, loss_fn, miner, x, y, batches, lr):
+def train(model, loss_fn, miner, x, y, batches, lr, paths):
+    """Adam steps over `batches`; the loss curve. `paths` collects which path computed the loss
+    (dmlkern's `last_backend`: "cpp" = the fused kernels, "reference" = materialising)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     curve = []
     for idx in batches:
@@ -53,6 +55,7 @@ def train(model, loss_fn, miner, x, y, batches, lr):
         loss.backward()
         opt.step()
         curve.append(loss.item())
+        paths.add(getattr(loss_fn, "last_backend", None) or "pml")
     return curve
 
 
@@ -95,12 +98,15 @@ def main(argv=None):
     for name, (loss_fn, miner) in runs.items():
         model = copy.deepcopy(init)
         t0 = time.perf_counter()
-        curves[name] = train(model, loss_fn, miner, x_tr, y_tr, batches, args.lr)
+        paths = set()
+        curves[name] = train(model, loss_fn, miner, x_tr, y_tr, batches, args.lr, paths)
+        result[f"paths_{name}"] = sorted(paths)
         seconds = time.perf_counter() - t0
         r1 = recall_at_1(model, x_te, y_te)
         result[f"recall_at_1_{name}"] = r1
         result[f"final_loss_{name}"] = curves[name][-1]
-        print(f"{name:8s} Recall@1 {r1:.4f}  first/last loss {curves[name][0]:.4f}/{curves[name][-1]:.4f}  ({seconds:.1f} s)")
+        print(f"{name:8s} Recall@1 {r1:.4f}  first/last loss {curves[name][0]:.4f}/{curves[name][-1]:.4f}  "
+              f"({seconds:.1f} s, path: {', '.join(sorted(paths))})")
     result["loss_curve_dmlkern"] = curves["dmlkern"]
     if "pml" in curves:
         diff = float(np.max(np.abs(np.array(curves["dmlkern"]) - np.array(curves["pml"])))) if batches else 0.0

@@ -19,6 +19,9 @@ def test_train_digits_matches_pml():
     assert len(lines) == 1, proc.stdout[-3000:]
     result = json.loads(lines[0][len("RESULT "):])
     assert result["steps"] >= 20
+    # The dmlkern run goes through the fused C++ engine (MultiSimilarityMiner's lazy pairs mined
+    # in the kernel), not the materialising reference.
+    assert result["paths_dmlkern"] == ["cpp"], result["paths_dmlkern"]
     assert result["max_abs_loss_diff"] <= 1e-4
     assert result["recall_at_1_dmlkern"] > 0.5
     assert abs(result["recall_at_1_dmlkern"] - result["recall_at_1_pml"]) < 1e-2

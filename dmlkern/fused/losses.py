@@ -64,6 +64,11 @@ def _empty_as_zero(lse):
 
 
 # ------------------------------------------------------------------------- Multi-Similarity
+def _equal_labels(a, b):
+    return a is b or (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
+                      and torch.equal(a.to(b.device), b))
+
+
 def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = engine_backend(embeddings, module.backend)
     if backend is None or labels is None or not is_unit_cosine(module.distance):
@@ -74,9 +79,11 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         if not isinstance(indices_tuple, LazyMinedPairs) or indices_tuple.is_materialized:
             return None  # an arbitrary indices_tuple: the reference handles it
         lazy = indices_tuple
-        same_inputs = (lazy.embeddings is embeddings and lazy.labels is labels
+        # Same embeddings object; labels may be a new tensor with the same values (y[idx] twice).
+        same_inputs = (lazy.embeddings is embeddings and _equal_labels(lazy.labels, labels)
                        and (lazy.ref_emb is ref_emb or lazy.ref_emb is None and ref_emb is embeddings)
-                       and (lazy.ref_labels is ref_labels or lazy.ref_labels is None and ref_labels is labels))
+                       and (_equal_labels(lazy.ref_labels, ref_labels)
+                            or lazy.ref_labels is None and ref_labels is labels))
         # The miner's diagonal rule equals the loss's only when "same tensor" and "same labels" agree.
         if not same_inputs or not is_unit_cosine(lazy.miner.distance) or exclude_diag != (ref_emb is embeddings):
             return None
