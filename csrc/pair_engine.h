@@ -264,6 +264,11 @@ struct ExtremaAcc {
     push(other_max_neg, false, true);
     push(other_min_pos, true, false);
   }
+  // The row's output columns (docs/ENGINE.md), written the same way by every backend.
+  DMLK_HDI void store(T* dst) const {
+    dst[0] = max_neg;
+    dst[1] = min_pos;
+  }
 };
 
 // Pass 1: online LSEs of sc_pos * v + off_pos over pos kept and sc_neg * v + off_neg
@@ -279,6 +284,10 @@ struct Lse2Acc {
   DMLK_HDI void merge(const Lse2Acc& o) {
     pos.merge(o.pos.m, o.pos.s);
     neg.merge(o.neg.m, o.neg.s);
+  }
+  DMLK_HDI void store(T* dst) const {
+    dst[0] = pos.value();
+    dst[1] = neg.value();
   }
 };
 
@@ -308,6 +317,11 @@ struct PosSoftplusAcc {
     softplus += other_softplus;
     sigmoid += other_sigmoid;
     count += other_count;
+  }
+  DMLK_HDI void store(T* dst) const {
+    dst[0] = softplus;
+    dst[1] = sigmoid;
+    dst[2] = count;
   }
 };
 

@@ -13,6 +13,14 @@ def _needs_cpp():
         pytest.fail("the cpp pair engine is not registered in this build")
 
 
+def _plain_sgd_step(model, lr):
+    """The eager twin of the compiled SGD step (no momentum), clearing the gradients."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+            p.grad = None
+
+
 def test_fullgraph_training_step_on_engine_ops():
     """A Multi-Similarity training step written on the engine op: forward compiled with
     fullgraph=True, backward through the compiled graph, optimizer step compiled too."""
@@ -43,10 +51,7 @@ def test_fullgraph_training_step_on_engine_ops():
         torch.testing.assert_close(model.weight.grad, eager_model.weight.grad)
         compiled_step()
         opt.zero_grad()
-        with torch.no_grad():
-            for p in eager_model.parameters():
-                p -= 0.1 * p.grad
-                p.grad = None
+        _plain_sgd_step(eager_model, lr=0.1)
 
 
 @pytest.mark.parametrize("make", [
@@ -105,7 +110,4 @@ def test_fullgraph_training_step_with_loss_class(make, classes):
         torch.testing.assert_close(model.weight.grad, eager_model.weight.grad)
         compiled_step()
         opt.zero_grad()
-        with torch.no_grad():
-            for p in eager_model.parameters():
-                p -= 0.05 * p.grad
-                p.grad = None
+        _plain_sgd_step(eager_model, lr=0.05)

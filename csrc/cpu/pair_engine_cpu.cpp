@@ -335,20 +335,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
         forward_tile<T, PASS, TR, MI>(tile.data_ptr<T>(), nr, nc, r0, c0, xlab, ylab, rows, p,
                                       exclude_diag, acc.data());
       }
-      for (int64_t r = 0; r < nr; ++r) {
-        T* dst = o + (r0 + r) * cols;
-        if constexpr (PASS == kPassExtrema) {
-          dst[0] = acc[r].max_neg;
-          dst[1] = acc[r].min_pos;
-        } else if constexpr (PASS == kPassLse2) {
-          dst[0] = acc[r].pos.value();
-          dst[1] = acc[r].neg.value();
-        } else {
-          dst[0] = acc[r].softplus;
-          dst[1] = acc[r].sigmoid;
-          dst[2] = acc[r].count;
-        }
-      }
+      for (int64_t r = 0; r < nr; ++r) acc[r].store(o + (r0 + r) * cols);
     }
   });
 }

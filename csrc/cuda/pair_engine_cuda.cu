@@ -165,19 +165,7 @@ __global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
   for (int r = 0; r < kRowsPerWarp; ++r) {
     warp_merge(stats[r]);
     const int64_t i = r0 + warp * kRowsPerWarp + r;
-    if (lane != 0 || i >= n) continue;
-    acc_t* dst = out + i * kCols;
-    if constexpr (PASS == kPassExtrema) {
-      dst[0] = stats[r].max_neg;
-      dst[1] = stats[r].min_pos;
-    } else if constexpr (PASS == kPassLse2) {
-      dst[0] = stats[r].pos.value();
-      dst[1] = stats[r].neg.value();
-    } else {
-      dst[0] = stats[r].softplus;
-      dst[1] = stats[r].sigmoid;
-      dst[2] = stats[r].count;
-    }
+    if (lane == 0 && i < n) stats[r].store(out + i * kCols);
   }
 }
 
