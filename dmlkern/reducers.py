@@ -26,6 +26,8 @@ import copy
 
 import torch
 
+from ._tracing import static_shapes
+
 __all__ = [
     "BaseReducer",
     "MeanReducer",
@@ -182,7 +184,7 @@ class ThresholdReducer(BaseReducer):
             keep = keep & (losses > self.low)
         if self.high is not None:
             keep = keep & (losses < self.high)
-        if torch.compiler.is_compiling() and not self.collect_stats:
+        if static_shapes() and not self.collect_stats:
             # Same value and gradient without data-dependent shapes or branches (fullgraph).
             count = keep.sum()
             total = torch.where(keep, losses, torch.zeros_like(losses)).sum()
@@ -231,6 +233,9 @@ class DivisorReducer(BaseReducer):
         return losses, loss_indices, reduction_type, kwargs
 
     def sum_and_divide(self, losses, embeddings, divisor):
+        if torch.is_tensor(divisor):  # a traced divisor (torch.compile): no data-dependent branch
+            out = torch.sum(losses) / divisor.clamp(min=1).to(losses.dtype)
+            return torch.where(divisor != 0, out, self.zero_loss(embeddings).to(out.dtype))
         if divisor != 0:
             out = torch.sum(losses) / divisor
             if losses.dtype == torch.float16 and torch.isnan(out):

@@ -80,34 +80,68 @@ def test_loss_classes_compile(make):
     torch.testing.assert_close(g_got, g_want)
 
 
-@pytest.mark.parametrize("make", [
-    losses.MultiSimilarityLoss, losses.GeneralizedLiftedStructureLoss, losses.NTXentLoss, losses.SupConLoss,
-], ids=["ms", "genlifted", "ntxent", "supcon"])
+def _with_ms_miner():
+    loss_fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
+    return loss_fn, lambda emb, lab: loss_fn(emb, lab, miner(emb, lab))
+
+
+def _plain(make):
+    def build():
+        loss_fn = make()
+        return loss_fn, loss_fn
+    return build
+
+
+FULLGRAPH_LOSSES = {
+    "ms": _plain(losses.MultiSimilarityLoss),
+    "ms_miner": _with_ms_miner,
+    "genlifted": _plain(losses.GeneralizedLiftedStructureLoss),
+    "ntxent": _plain(losses.NTXentLoss),
+    "supcon": _plain(losses.SupConLoss),
+    "npairs": _plain(losses.NPairsLoss),
+    "proxy_anchor": _plain(lambda: losses.ProxyAnchorLoss(5, 8)),
+}
+# One class: no negative pair, PML's zero loss (MS, GenLifted and ProxyAnchor stay non-zero:
+# positives alone, proxies of absent classes). N-pairs: one anchor, a 1 x 1 cross-entropy = 0.
+ZERO_ON_ONE_CLASS = {"ms_miner", "ntxent", "supcon", "npairs"}
+
+
+@pytest.mark.parametrize("name", list(FULLGRAPH_LOSSES))
 @pytest.mark.parametrize("classes", [5, 1], ids=["batch", "one-class"])
-def test_fullgraph_training_step_with_loss_class(make, classes):
-    """forward (fullgraph=True), backward and a compiled optimizer step with the loss class,
-    against eager; a one-class batch checks the degenerate-batch zero under compile."""
+def test_fullgraph_training_step_with_loss_class(name, classes):
+    """forward (fullgraph=True), backward and a compiled optimizer step with the loss class
+    (its own parameters too, e.g. ProxyAnchor's proxies), against eager; a one-class batch checks
+    the degenerate-batch zero under compile."""
     _needs_cpp()
     torch.manual_seed(2)
-    model = torch.nn.Linear(12, 8)
-    eager_model = torch.nn.Linear(12, 8)
+    loss_fn, step = FULLGRAPH_LOSSES[name]()
+    eager_loss_fn, eager_step = FULLGRAPH_LOSSES[name]()
+    eager_loss_fn.load_state_dict(loss_fn.state_dict())
+    model, eager_model = torch.nn.Linear(12, 8), torch.nn.Linear(12, 8)
     eager_model.load_state_dict(model.state_dict())
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    eager_params = list(eager_model.parameters()) + list(eager_loss_fn.parameters())
+    opt = torch.optim.SGD(params, lr=0.05)
     inputs = torch.randn(36, 12)
     labels = torch.randint(0, classes, (36,))
-    loss_fn, eager_loss_fn = make(), make()
-    compiled = torch.compile(lambda inp, lab: loss_fn(model(inp), lab), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda inp, lab: step(model(inp), lab), fullgraph=True, backend="aot_eager")
     compiled_step = torch.compile(opt.step, backend="aot_eager")
     for _ in range(2):
         loss = compiled(inputs, labels)
-        want = eager_loss_fn(eager_model(inputs), labels)
+        want = eager_step(eager_model(inputs), labels)
+        assert eager_loss_fn.last_backend in ("cpp", "zero"), eager_loss_fn.last_backend
         torch.testing.assert_close(loss, want)
         loss.backward()
         want.backward()
-        if classes == 1 and make in (losses.NTXentLoss, losses.SupConLoss):
-            # no negative pair: PML's zero loss (MS and GenLifted stay non-zero from positives)
-            assert float(loss) == 0.0 and eager_loss_fn.last_backend == "zero"
-        torch.testing.assert_close(model.weight.grad, eager_model.weight.grad)
+        if classes == 1 and name in ZERO_ON_ONE_CLASS:
+            assert float(loss) == 0.0 and eager_loss_fn.last_backend == ("cpp" if name == "npairs" else "zero")
+        else:
+            assert float(loss) != 0.0
+        for got, expected in zip(params, eager_params):
+            torch.testing.assert_close(got.grad, expected.grad)
         compiled_step()
         opt.zero_grad()
-        _plain_sgd_step(eager_model, lr=0.05)
+        with torch.no_grad():
+            for p in eager_params:
+                p -= 0.05 * p.grad
+                p.grad = None

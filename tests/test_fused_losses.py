@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dmlkern.fused.losses as fused_losses
+from dmlkern import _tracing
 import dmlkern.miners.multi_similarity_miner as ms_miner_module
 from dmlkern import losses, miners
 from dmlkern.fused.lazy_pairs import LazyMinedPairs
@@ -66,7 +67,19 @@ def _run(loss_fn, name, x, labels, ref, ref_labels, path):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_fused_matches_reference(engine_backend_choice, backend, device, name):
-    expected = engine_backend_choice(backend, device)
+    _check_against_reference(engine_backend_choice(backend, device), backend, device, name)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_static_shape_paths_match_reference(engine_backend_choice, monkeypatch, backend, device, name):
+    """The code paths torch.compile traces (tensor-valued degenerate-batch zeros, N-pairs over
+    all sorted positions, tensor divisors), run eagerly on every backend."""
+    monkeypatch.setattr(_tracing, "FORCE_STATIC_SHAPES", True)
+    _check_against_reference(engine_backend_choice(backend, device), backend, device, name)
+
+
+def _check_against_reference(expected, backend, device, name):
     dtypes = [torch.float64] if backend == "engine-reference" else dtypes_for(backend, device)
     for dtype in dtypes:
         if dtype in (torch.float16, torch.bfloat16):
@@ -93,6 +106,32 @@ def test_fused_matches_reference(engine_backend_choice, backend, device, name):
             torch.testing.assert_close(got_v, want_v, rtol=rtol, atol=atol, msg=lambda s: f"{what} value: {s}")
             for k, (a, b) in enumerate(zip(got_g, want_g)):
                 torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda s: f"{what} grad {k}: {s}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ms_miner_few_mined_pairs_follow_pmls_len_rule(engine_backend_choice, backend, device):
+    """PML zeroes the loss when the miner keeps at most one positive AND at most one negative
+    pair. The fused path decides that from its statistics (one row's pairs are counted when only
+    one row has any), so tiny batches with 0, 1 or 2 mined pairs in a single row must match the
+    reference, value and gradient, and both sides of the rule must actually occur here."""
+    engine_backend_choice(backend, device)
+    seen = set()
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        n = 3 + seed % 3
+        x = torch.randn(n, 3, generator=g, dtype=torch.float64).to(device)
+        labels = torch.randint(0, 2, (n,), generator=g).to(device)
+        loss_fn = losses.MultiSimilarityLoss()
+        want_v, want_g = _run(loss_fn, "multi_similarity_miner", x, labels, None, None, "reference")
+        got_v, got_g = _run(loss_fn, "multi_similarity_miner", x, labels, None, None, "fused")
+        a1, _, a2, _ = miners.MultiSimilarityMiner(epsilon=0.1)(x, labels).materialize()
+        zero_by_rule = len(a1) <= 1 and len(a2) <= 1
+        seen.add((zero_by_rule, min(len(a1), 3), min(len(a2), 3)))
+        what = f"seed={seed} mined pos={len(a1)} neg={len(a2)}"
+        assert (loss_fn.last_backend == "zero") == zero_by_rule, f"{what}: ran {loss_fn.last_backend}"
+        torch.testing.assert_close(got_v, want_v, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(got_g[0], want_g[0], msg=lambda m: f"{what}: {m}")
+    assert (True, 1, 1) in seen and any(not z and min(p, q) <= 1 for z, p, q in seen), sorted(seen)
 
 
 def test_unfusable_configurations_use_the_reference(engine_backend_choice):

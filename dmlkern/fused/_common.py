@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from .. import distances as dist
 from ..ops import pair_engine as pe
+from .._tracing import static_shapes  # noqa: F401 (the fused losses import it from here)
 from ..reducers import MeanReducer
 
 CPP_CPU_DTYPES = (torch.float32, torch.float64)
@@ -81,12 +82,12 @@ def returns_zero_now(degenerate):
     """Eager: True when the batch is degenerate, so the caller returns the reference's zero
     loss at once. Under torch.compile: False (no data-dependent branch); the caller then
     zeroes its losses with `zero_where` instead, which has the same value and gradient (0)."""
-    if torch.compiler.is_compiling():
+    if static_shapes():
         return False
     return bool(degenerate)
 
 
 def zero_where(degenerate, losses):
-    if not torch.compiler.is_compiling():
+    if not static_shapes():
         return losses
     return torch.where(degenerate, torch.zeros_like(losses), losses)

@@ -9,7 +9,8 @@ import torch
 
 from ..ops import pair_engine as pe
 from ._common import (class_sums_for_rows, engine_backend, is_plain_mean, is_unit_cosine, is_unit_euclidean,
-                      label_stats, no_pos_or_neg, returns_zero_now, short_circuit, unit_rows, zero_where)
+                      label_stats, no_pos_or_neg, returns_zero_now, short_circuit, static_shapes, unit_rows,
+                      zero_where)
 from .lazy_pairs import LazyMinedPairs
 
 
@@ -69,6 +70,42 @@ def _equal_labels(a, b):
                       and torch.equal(a.to(b.device), b))
 
 
+def _mined_count_in_one_row(x, y, labels, ref_labels, row, exclude_diag, keep):
+    """How many pairs the miner kept in query row `row` (a 1-element index tensor): one row of
+    similarities, O(M D). `keep(sim, same_label)` is the miner's rule for that row."""
+    sim = (x.index_select(0, row) @ y.T)[0]
+    same = labels.index_select(0, row) == ref_labels
+    kept = keep(sim, same)
+    if exclude_diag:
+        kept = kept & (torch.arange(len(ref_labels), device=ref_labels.device) != row)
+    return kept.sum()
+
+
+def _at_most_one_mined_pair_each(x, y, labels, ref_labels, row_in, lse, eps, exclude_diag):
+    """PML's `len <= 1` rule on the miner's pairs: at most one positive and at most one negative
+    pair in the whole batch (then the loss is zero). A row whose masked LSE is finite has at least
+    one mined pair, so two such rows decide at once; with exactly one, count that row's pairs.
+    Tensor valued: no host sync, traceable by torch.compile."""
+    has_pos, has_neg = torch.isfinite(lse[:, 0]), torch.isfinite(lse[:, 1])
+    # The first such row, as a 1-element index (tensor indexing, not .item(): no host sync).
+    pos_row = torch.argmax(has_pos.to(torch.int8)).view(1)
+    neg_row = torch.argmax(has_neg.to(torch.int8)).view(1)
+    max_neg, min_pos = row_in[:, 0].index_select(0, pos_row), row_in[:, 1].index_select(0, neg_row)
+
+    def pos_kept(sim, same):  # s_ap - eps < max over the row's negatives
+        return same & (sim.to(max_neg.dtype) - eps < max_neg)
+
+    def neg_kept(sim, same):  # s_an + eps > min over the row's positives
+        return ~same & (sim.to(min_pos.dtype) + eps > min_pos)
+
+    pos_count = _mined_count_in_one_row(x, y, labels, ref_labels, pos_row, exclude_diag, pos_kept)
+    neg_count = _mined_count_in_one_row(x, y, labels, ref_labels, neg_row, exclude_diag, neg_kept)
+    rows_pos, rows_neg = has_pos.sum(), has_neg.sum()
+    pos_le1 = (rows_pos == 0) | ((rows_pos == 1) & (pos_count <= 1))
+    neg_le1 = (rows_neg == 0) | ((rows_neg == 1) & (neg_count <= 1))
+    return pos_le1 & neg_le1
+
+
 def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = engine_backend(embeddings, module.backend)
     if backend is None or labels is None or not is_unit_cosine(module.distance):
@@ -105,10 +142,10 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         mining = pe.MINING_MULTI_SIMILARITY
     lse = _lse2(x, y, labels, ref_labels, params, exclude_diag, backend, row_in, mining=mining)
     if mining_eps is not None:
-        rows_pos = int(torch.isfinite(lse[:, 0]).sum())
-        rows_neg = int(torch.isfinite(lse[:, 1]).sum())
-        if rows_pos <= 1 and rows_neg <= 1:
-            return None  # maybe PML's `len <= 1` short-circuit: let the reference decide exactly
+        degenerate = degenerate | _at_most_one_mined_pair_each(x, y, labels, ref_labels, row_in, lse,
+                                                               mining_eps, exclude_diag)
+        if returns_zero_now(degenerate):
+            return ZERO_LOSS
     losses = zero_where(degenerate, _log1p_exp(lse[:, 0]) / a + _log1p_exp(lse[:, 1]) / b)
     module.last_backend = backend
     return {"loss": _per_row(losses, embeddings)}
@@ -236,7 +273,11 @@ def proxy_anchor(module, embeddings, labels, indices_tuple, proxies):
     proxy_labels = torch.arange(num_classes, device=labels.device)
     # Per proxy (a row of the engine): pos over its class's samples, neg over the others.
     lse = _lse2(p, x, proxy_labels, labels, [-a, a * m, a, a * m, 0.0], False, backend)
-    num_with_pos = int((torch.bincount(labels, minlength=num_classes)[:num_classes] > 0).sum())
+    # The number of proxies with a positive: a tensor under torch.compile (no host sync;
+    # DivisorReducer divides by it either way), a Python int in eager mode as PML's.
+    num_with_pos = (torch.bincount(labels, minlength=num_classes)[:num_classes] > 0).sum()
+    if not static_shapes():
+        num_with_pos = int(num_with_pos)
     idx = torch.arange(num_classes, device=embeddings.device)
     module.last_backend = backend
     return {
@@ -266,6 +307,8 @@ def n_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
     if backend is None:
         return None
+    if static_shapes():
+        return _n_pairs_static_shapes(module, embeddings, labels, backend)
     anchors, positives = first_pair_per_label(labels)
     if len(anchors) == 0:
         return ZERO_LOSS
@@ -277,6 +320,41 @@ def n_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     losses = torch.logaddexp(lse[:, 0], lse[:, 1]) - (xa * xp).sum(dim=1)
     module.last_backend = backend
     return {"loss": {"losses": losses.to(embeddings.dtype), "indices": anchors, "reduction_type": "element"}}
+
+
+_DROPPED_COLUMN = -1.0e4  # a similarity whose exp is exactly 0 next to any |s| <= 1, in every dtype
+
+
+def _n_pairs_static_shapes(module, embeddings, labels, backend):
+    """N-pairs without data-dependent shapes, for torch.compile(fullgraph=True): every sorted
+    position k is a candidate anchor (its positive: position k + 1), valid when it starts a label
+    run of length >= 2. Invalid columns get an extra coordinate of -1e4 against the anchors' 1, so
+    their similarity drops out of every row's log-sum-exp exactly; invalid rows are masked. It
+    costs N x N instead of k x k (k anchors): eager mode lists the anchors instead. The mean over
+    the k anchors is MeanReducer's; other reducers need the anchor list (the reference)."""
+    if not is_plain_mean(module.reducer):
+        return None
+    n = labels.shape[0]
+    order = torch.sort(labels, stable=True).indices
+    sorted_labels = labels[order]
+    same_as_next = torch.zeros_like(sorted_labels, dtype=torch.bool)
+    same_as_next[:-1] = sorted_labels[1:] == sorted_labels[:-1]
+    starts_run = torch.ones_like(same_as_next)
+    starts_run[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    valid = starts_run & same_as_next
+    positives = order[(torch.arange(n, device=labels.device) + 1).clamp(max=n - 1)]
+    xa, xp = unit_rows(embeddings[order]), unit_rows(embeddings[positives])
+    dropped = torch.where(valid, 0.0, _DROPPED_COLUMN).to(xp.dtype)[:, None]
+    xa_ext = torch.cat([xa, torch.ones_like(dropped)], dim=1)
+    xp_ext = torch.cat([xp, dropped], dim=1)
+    k = torch.arange(n, device=labels.device)
+    lse = _lse2(xa_ext, xp_ext, k, k, [1.0, 0.0, 1.0, 0.0, 0.0], False, backend)
+    losses = torch.logaddexp(lse[:, 0], lse[:, 1]) - (xa * xp).sum(dim=1).to(lse.dtype)
+    num_anchors = valid.sum()
+    loss = torch.where(valid, losses, torch.zeros_like(losses)).sum() / num_anchors.clamp(min=1)
+    loss = torch.where(num_anchors > 0, loss, torch.zeros_like(loss))
+    module.last_backend = backend
+    return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}
 
 
 # ----------------------------------------------------------------------- Lifted Structure

@@ -1,0 +1,10 @@
+"""One switch for the code paths torch.compile needs (no host syncs, no data-dependent shapes
+or branches). They are on while torch.compile traces; tests turn them on eagerly
+(FORCE_STATIC_SHAPES) to check those paths against the reference without compiling."""
+import torch
+
+FORCE_STATIC_SHAPES = False
+
+
+def static_shapes():
+    return FORCE_STATIC_SHAPES or torch.compiler.is_compiling()
