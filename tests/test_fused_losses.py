@@ -1,5 +1,6 @@
 """Fused losses (dmlkern/fused) against the reference path of the same classes, on every
 engine backend: values and gradients, ref_emb, degenerate batches, the lazy miner."""
+import copy
 import subprocess
 import sys
 import textwrap
@@ -82,8 +83,9 @@ def test_static_shape_paths_match_reference(engine_backend_choice, monkeypatch, 
 def _check_against_reference(expected, backend, device, name):
     dtypes = [torch.float64] if backend == "engine-reference" else dtypes_for(backend, device)
     for dtype in dtypes:
-        if dtype in (torch.float16, torch.bfloat16):
-            continue  # the reference path in half precision is not a meaningful yardstick here
+        half = dtype in (torch.float16, torch.bfloat16)
+        if half and device == "cpu":
+            continue  # no CPU half kernels: the fused path runs the reference (test_unfusable_...)
         for n, classes, m in CASES:
             if m is not None and name in NO_REF_EMB:
                 continue
@@ -96,8 +98,16 @@ def _check_against_reference(expected, backend, device, name):
                 ref_labels = torch.randint(0, classes, (m,), generator=g).to(device)
             torch.manual_seed(0)
             loss_fn = LOSSES[name](classes, 16).to(device=device, dtype=dtype)
-            want_v, want_g = _run(loss_fn, name, x, labels, ref, ref_labels, "reference")
+            if half:
+                # Yardstick: the fp32 reference on the same (rounded) inputs and parameters.
+                wide = copy.deepcopy(loss_fn).float()
+                want_v, want_g = _run(wide, name, x.float(), labels, None if ref is None else ref.float(),
+                                      ref_labels, "reference")
+            else:
+                want_v, want_g = _run(loss_fn, name, x, labels, ref, ref_labels, "reference")
             got_v, got_g = _run(loss_fn, name, x, labels, ref, ref_labels, "fused")
+            if half:
+                got_v, got_g = got_v.float(), [gr.float() for gr in got_g]
             what = f"{name} {dtype} n={n} classes={classes} ref={m}"
             assert loss_fn.last_backend in (expected, "zero"), f"{what}: ran {loss_fn.last_backend}"
             if loss_fn.last_backend == "zero":
