@@ -48,7 +48,7 @@ void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y, const at::
                             const at::Tensor& y_labels, const at::Tensor& row_in,
                             const at::Tensor* row_coef, int64_t pass_kind, int64_t transform,
                             int64_t mining, at::ArrayRef<double> params) {
-  check_pair_inputs(x, y, x_labels, y_labels, /*mask_mode=*/0);
+  check_pair_inputs(x, y, x_labels, y_labels);
   const int64_t n = x.size(0);
   TORCH_CHECK(row_in.dim() == 2 && row_in.size(0) == n && row_in.size(1) == 3,
               "dmlkern: row_in must be (N, 3) = (", n, ", 3), got ", row_in.sizes());
