@@ -113,11 +113,14 @@ DMLK_CPU_INLINE float exp_poly(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * z + r + 1.0f;
-  const int32_t n = static_cast<int32_t>(fn);
+  // x <= -104 (also -inf, what masked-out pairs pass): exp is 0. Scale by 2^0 and clear the
+  // bits instead of computing an underflowing product (a slow microcode assist on x86).
+  const int32_t under = -static_cast<int32_t>(xc <= -104.0f);
+  const int32_t n = static_cast<int32_t>(fn) & ~under;
   const int32_t n1 = n >> 1, n2 = n - n1;  // both in [-75, 64]: normal scale factors
   const float s1 = std::bit_cast<float>((n1 + 127) << 23);
   const float s2 = std::bit_cast<float>((n2 + 127) << 23);
-  const float res = p * s1 * s2;
+  const float res = std::bit_cast<float>(std::bit_cast<int32_t>(p * s1 * s2) & ~under);
   return nan ? x : res;
 }
 
