@@ -7,7 +7,7 @@
 namespace dmlkern {
 
 inline void check_pair_inputs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
-                              const at::Tensor& y_labels, int64_t mask_mode) {
+                              const at::Tensor& y_labels) {
   TORCH_CHECK(x.dim() == 2, "dmlkern: x must be 2-D (N, D), got ", x.dim(), "-D");
   TORCH_CHECK(y.dim() == 2, "dmlkern: y must be 2-D (M, D), got ", y.dim(), "-D");
   TORCH_CHECK(x.size(1) == y.size(1), "dmlkern: x and y must have the same width D, got ",
@@ -23,8 +23,6 @@ inline void check_pair_inputs(const at::Tensor& x, const at::Tensor& y, const at
               "dmlkern: y_labels must be 1-D of length M=", y.size(0));
   TORCH_CHECK(x_labels.device() == x.device() && y_labels.device() == x.device(),
               "dmlkern: x_labels and y_labels must be on the device of x");
-  TORCH_CHECK(mask_mode >= 0 && mask_mode <= 2, "dmlkern: mask_mode must be 0, 1 or 2, got ",
-              mask_mode);
 }
 
 // Statistics are kept in fp32, or fp64 for fp64 inputs.

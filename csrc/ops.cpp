@@ -5,21 +5,13 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(dmlkern, m) {
-  // lse[i] = log sum_j mask(i, j) * exp(scale * <x_i, y_j>), tile by tile.
-  // mask_mode: 0 all pairs, 1 same label, 2 different label; exclude_diag drops
-  // j == i (set when y is x). Returns fp32 (fp64 for fp64 inputs); -inf for empty rows.
-  m.def(
-      "masked_lse(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, float scale, "
-      "int mask_mode, bool exclude_diag) -> Tensor");
-  // Recomputes the tiles from the saved lse: returns (grad_x, grad_y).
-  m.def(
-      "masked_lse_backward(Tensor grad_lse, Tensor x, Tensor y, Tensor x_labels, "
-      "Tensor y_labels, Tensor lse, float scale, int mask_mode, bool exclude_diag) "
-      "-> (Tensor, Tensor)");
   // The tiled pair engine (docs/ENGINE.md): one pass of per-row statistics over
   // v = transform(<x_i, y_j>) with label / mining masks. row_in (N, 3) in the stats
   // dtype; params = [sc_pos, off_pos, sc_neg, off_neg, eps]. Returns row_out (N, 2),
-  // or (N, 3) for pass_kind 2, in fp32 (fp64 for fp64 inputs).
+  // or (N, 3) for pass_kind 2, in fp32 (fp64 for fp64 inputs). A masked row log-sum-exp
+  // log sum_j exp(scale * <x_i, y_j>) is pass 1 (lse2) with params [scale, 0, scale, 0, 0]:
+  // column 0 sums the same-label pairs (without j == i when exclude_diag), column 1 the
+  // different-label pairs (dmlkern.ops.masked_lse is that epilogue).
   m.def(
       "pair_engine_forward(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, Tensor row_in, "
       "int pass_kind, int transform, int mining, float[] params, bool exclude_diag) -> Tensor");

@@ -1,6 +1,7 @@
-// Shared maths of the tiled pair engine: label masks, online log-sum-exp and the
-// backward weight of one pair. Host-device functions, so the CPU build (and its
-// tests) exercise exactly the arithmetic the CUDA kernels run.
+// Shared maths of the tiled pair engine (docs/ENGINE.md): value transforms, label and
+// mining masks, online log-sum-exp and the other per-row accumulators, and the backward
+// weight of one pair. Host-device functions, so the CPU build (and its tests) exercise
+// exactly the arithmetic the CUDA kernels run.
 #pragma once
 
 #include <cmath>
@@ -14,21 +15,6 @@
 #endif
 
 namespace dmlkern {
-
-// Which (i, j) pairs a masked reduction keeps.
-enum MaskMode : int64_t {
-  kMaskAll = 0,        // every pair
-  kMaskSameLabel = 1,  // positives: labels equal
-  kMaskDiffLabel = 2,  // negatives: labels differ
-};
-
-DMLK_HD bool pair_kept(int64_t mode, int64_t label_i, int64_t label_j, int64_t i, int64_t j,
-                       bool exclude_diag) {
-  if (exclude_diag && i == j) return false;  // self-pair when y is x
-  if (mode == kMaskSameLabel) return label_i == label_j;
-  if (mode == kMaskDiffLabel) return label_i != label_j;
-  return true;
-}
 
 template <typename T>
 DMLK_HD T exp_(T x) {
@@ -92,14 +78,6 @@ struct OnlineLSE {
     return m + log_(s);
   }
 };
-
-// d lse_i / d s_ij times the upstream gradient: g_i * scale * softmax_ij.
-// Zero for masked pairs and for empty rows (lse = -inf), never NaN from 0/0.
-template <typename T>
-DMLK_HD T lse_pair_grad(T grad_lse_i, T lse_i, T scaled_sim, bool kept, T scale) {
-  if (!kept || lse_i == neg_infinity<T>()) return T(0);
-  return grad_lse_i * scale * exp_(scaled_sim - lse_i);
-}
 
 }  // namespace dmlkern
 

@@ -48,7 +48,7 @@ void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y, const at::
                             const at::Tensor& y_labels, const at::Tensor& row_in,
                             const at::Tensor* row_coef, int64_t pass_kind, int64_t transform,
                             int64_t mining, at::ArrayRef<double> params) {
-  check_pair_inputs(x, y, x_labels, y_labels, /*mask_mode=*/0);
+  check_pair_inputs(x, y, x_labels, y_labels);
   const int64_t n = x.size(0);
   TORCH_CHECK(row_in.dim() == 2 && row_in.size(0) == n && row_in.size(1) == 3,
               "dmlkern: row_in must be (N, 3) = (", n, ", 3), got ", row_in.sizes());
@@ -113,11 +113,14 @@ DMLK_CPU_INLINE float exp_poly(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * z + r + 1.0f;
-  const int32_t n = static_cast<int32_t>(fn);
+  // x <= -104 (also -inf, what masked-out pairs pass): exp is 0. Scale by 2^0 and clear the
+  // bits instead of computing an underflowing product (a slow microcode assist on x86).
+  const int32_t under = -static_cast<int32_t>(xc <= -104.0f);
+  const int32_t n = static_cast<int32_t>(fn) & ~under;
   const int32_t n1 = n >> 1, n2 = n - n1;  // both in [-75, 64]: normal scale factors
   const float s1 = std::bit_cast<float>((n1 + 127) << 23);
   const float s2 = std::bit_cast<float>((n2 + 127) << 23);
-  const float res = p * s1 * s2;
+  const float res = std::bit_cast<float>(std::bit_cast<int32_t>(p * s1 * s2) & ~under);
   return nan ? x : res;
 }
 

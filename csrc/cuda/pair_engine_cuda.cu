@@ -1,7 +1,7 @@
 // CUDA tiled pair engine (docs/ENGINE.md): dmlkern::pair_engine_forward / _backward.
-// Same structure as masked_lse_cuda.cu: a block owns kTileRows rows and walks column tiles
-// of kTileCols, staging kTileK-wide slices of both sides in shared memory (fp32
-// accumulation for fp16 / bf16 / fp32, fp64 for fp64). Each lane owns one column of the
+// A block owns kTileRows rows and walks column tiles of kTileCols, staging kTileK-wide
+// slices of both sides in shared memory (fp32 accumulation for fp16 / bf16 / fp32, fp64
+// for fp64). Each lane owns one column of the
 // tile for its warp's rows and keeps per-row statistics, merged across the warp at the end.
 // The backward block owns kTileRows rows of grad_x (or grad_y) and is their only writer:
 // no atomics, deterministic. All per-pair maths is pair_engine.h, shared with the CPU build.

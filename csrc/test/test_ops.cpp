@@ -1,70 +1,105 @@
-// C++ (libtorch) check of the dmlkern ops through the dispatcher, as a C++ user calls
-// them: values and gradients of masked_lse against torch::logsumexp on the full matrix.
+// C++ (libtorch) check of the dmlkern ops through the dispatcher, as a C++ user calls them:
+// the pair engine's lse2 pass (the masked row log-sum-exps every fused loss and
+// dmlkern.ops.masked_lse build on) and its backward, against torch::logsumexp on the full
+// similarity matrix and autograd through it.
 #include <torch/torch.h>
 
+#include <cmath>
 #include <iostream>
+#include <vector>
 
 namespace {
 
 int failures = 0;
 
 void expect_close(const torch::Tensor& got, const torch::Tensor& want, const char* what) {
-  if (!torch::allclose(got, want, 1e-9, 1e-9, /*equal_nan=*/true)) {
-    std::cerr << "FAIL " << what << ": max diff "
-              << (got - want).abs().nan_to_num(0, 0, 0).max().item<double>() << "\n";
+  const bool same_shape = got.sizes() == want.sizes();
+  if (!same_shape || !torch::allclose(got, want, 1e-9, 1e-9, /*equal_nan=*/true)) {
+    std::cerr << "FAIL " << what << ": ";
+    if (same_shape) {
+      std::cerr << "max diff " << (got - want).abs().nan_to_num(0, 0, 0).max().item<double>() << "\n";
+    } else {
+      std::cerr << "shape " << got.sizes() << " vs " << want.sizes() << "\n";
+    }
     ++failures;
   }
 }
 
-// Materialising reference; empty rows are -inf with gradient 0.
-torch::Tensor reference_lse(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& xl,
-                            const torch::Tensor& yl, double scale, int64_t mode, bool exclude_diag) {
-  auto keep = torch::ones({x.size(0), y.size(0)}, torch::kBool);
-  if (mode == 1) keep = xl.unsqueeze(1) == yl.unsqueeze(0);
-  if (mode == 2) keep = xl.unsqueeze(1) != yl.unsqueeze(0);
-  if (exclude_diag) keep = keep & ~torch::eye(x.size(0), y.size(0), torch::kBool);
+void expect(bool ok, const char* what) {
+  if (!ok) {
+    std::cerr << "FAIL " << what << "\n";
+    ++failures;
+  }
+}
+
+// log sum_j keep(i, j) exp(vals(i, j)); -inf for an empty row, with gradient 0 there.
+torch::Tensor masked_logsumexp(const torch::Tensor& vals, const torch::Tensor& keep) {
   auto empty = ~keep.any(1);
-  auto sim = (scale * x.matmul(y.t())).masked_fill(~keep, -INFINITY).masked_fill(empty.unsqueeze(1), 0);
-  return torch::logsumexp(sim, 1).masked_fill(empty, -INFINITY);
+  auto v = vals.masked_fill(~keep, -INFINITY).masked_fill(empty.unsqueeze(1), 0);
+  return torch::logsumexp(v, 1).masked_fill(empty, -INFINITY);
 }
 
 }  // namespace
 
 int main() {
   torch::manual_seed(0);
-  auto op = c10::Dispatcher::singleton()
-                .findSchemaOrThrow("dmlkern::masked_lse", "")
-                .typed<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                     const torch::Tensor&, double, int64_t, bool)>();
-  auto op_bwd = c10::Dispatcher::singleton()
-                    .findSchemaOrThrow("dmlkern::masked_lse_backward", "")
-                    .typed<std::tuple<torch::Tensor, torch::Tensor>(
-                        const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                        const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double,
-                        int64_t, bool)>();
+  auto& dispatcher = c10::Dispatcher::singleton();
+  auto forward = dispatcher.findSchemaOrThrow("dmlkern::pair_engine_forward", "")
+                     .typed<torch::Tensor(const torch::Tensor&, const torch::Tensor&,
+                                          const torch::Tensor&, const torch::Tensor&,
+                                          const torch::Tensor&, int64_t, int64_t, int64_t,
+                                          c10::ArrayRef<double>, bool)>();
+  auto backward = dispatcher.findSchemaOrThrow("dmlkern::pair_engine_backward", "")
+                      .typed<std::tuple<torch::Tensor, torch::Tensor>(
+                          const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                          const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                          int64_t, int64_t, c10::ArrayRef<double>, bool)>();
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-  for (int64_t mode = 0; mode <= 2; ++mode) {
+  // [sc_pos, off_pos, sc_neg, off_neg, eps]: masked_lse's [scale, 0, scale, 0, 0], and a general set.
+  const std::vector<std::vector<double>> param_sets = {{2.5, 0.0, 2.5, 0.0, 0.0},
+                                                       {-1.5, 0.75, 3.0, -0.5, 0.0}};
+  for (const auto& params : param_sets) {
     for (bool self : {true, false}) {
+      // 75 rows, 530 columns: neither is a multiple of the CPU tiles (128 x 512).
       auto x = torch::randn({75, 21}, f64);
       auto y = self ? x : torch::randn({530, 21}, f64);
       auto xl = torch::randint(0, 4, {x.size(0)}, torch::kLong);
+      xl[0] = 99;  // a label of its own: row 0 has no positive (the self-pair is excluded)
       auto yl = self ? xl : torch::randint(0, 5, {y.size(0)}, torch::kLong);
-      auto lse = op.call(x, y, xl, yl, 2.5, mode, self);
+      auto row_in = torch::zeros({x.size(0), 3}, f64);
+      auto out = forward.call(x, y, xl, yl, row_in, /*pass_kind=*/1, /*transform=*/0,
+                              /*mining=*/0, params, self);
 
+      // Materialised: pos = same label (not i == j when self), neg = labels differ.
       auto xr = x.clone().requires_grad_(true);
       auto yr = self ? xr : y.clone().requires_grad_(true);
-      auto want = reference_lse(xr, yr, xl, yl, 2.5, mode, self);
-      expect_close(lse, want.detach(), "masked_lse value");
+      auto sim = xr.matmul(yr.t());
+      auto same = xl.unsqueeze(1) == yl.unsqueeze(0);
+      auto pos = self ? same & ~torch::eye(x.size(0), y.size(0), torch::kBool) : same;
+      auto want_pos = masked_logsumexp(params[0] * sim + params[1], pos);
+      auto want_neg = masked_logsumexp(params[2] * sim + params[3], ~same);
+      expect_close(out, torch::stack({want_pos, want_neg}, 1).detach(), "lse2 value");
+      expect(std::isinf(out[0][0].item<double>()) && out[0][0].item<double>() < 0,
+             "lse2: an empty positive set gives -inf");
 
-      auto up = torch::rand({x.size(0)}, f64);
-      auto finite = torch::isfinite(want);
-      (want.masked_select(finite) * up.masked_select(finite)).sum().backward();
-      auto grads = op_bwd.call(up.masked_fill(~finite, 0), x, y, xl, yl, lse, 2.5, mode, self);
-      if (self) {
-        expect_close(std::get<0>(grads) + std::get<1>(grads), xr.grad(), "masked_lse grad (self)");
+      // Backward: row_coef = (A_pos, LSE_pos, A_neg, LSE_neg, 0) for upstream gradients A.
+      auto a_pos = torch::rand({x.size(0)}, f64);
+      auto a_neg = torch::rand({x.size(0)}, f64);
+      auto fin_pos = torch::isfinite(want_pos);
+      auto fin_neg = torch::isfinite(want_neg);
+      ((want_pos.masked_select(fin_pos) * a_pos.masked_select(fin_pos)).sum() +
+       (want_neg.masked_select(fin_neg) * a_neg.masked_select(fin_neg)).sum())
+          .backward();
+      auto coef = torch::stack({a_pos, out.select(1, 0), a_neg, out.select(1, 1),
+                                torch::zeros({x.size(0)}, f64)},
+                               1);
+      auto grads = backward.call(x, y, xl, yl, row_in, coef, /*transform=*/0, /*mining=*/0,
+                                 params, self);
+      if (self) {  // y is x: the caller adds the two
+        expect_close(std::get<0>(grads) + std::get<1>(grads), xr.grad(), "lse2 grad (self)");
       } else {
-        expect_close(std::get<0>(grads), xr.grad(), "masked_lse grad x");
-        expect_close(std::get<1>(grads), yr.grad(), "masked_lse grad y");
+        expect_close(std::get<0>(grads), xr.grad(), "lse2 grad x");
+        expect_close(std::get<1>(grads), yr.grad(), "lse2 grad y");
       }
     }
   }

@@ -1,15 +1,18 @@
 """The masked row log-sum-exp op, lse[i] = log sum_j mask(i, j) exp(scale * <x_i, y_j>).
 
-Registered twice as a custom op with autograd and fake-tensor support:
-  dmlkern::masked_lse         C++ (schema in csrc/ops.cpp, kernels in csrc/cpu and csrc/cuda)
-  dmlkern::masked_lse_triton  Triton (dmlkern/triton/masked_lse.py) via torch.library.triton_op
-Both save only the inputs and the O(N) lse; backward recomputes the tiles.
+A thin epilogue on the pair engine's lse2 pass (docs/ENGINE.md, `pair_engine.engine_forward`)
+with params [scale, 0, scale, 0, 0]: mask "same" is the pass's positive column (same label,
+without the self-pair j == i when y is x), "diff" its negative column (labels differ), and
+"all" the positive column of a pass run with one label for every row, so that every pair but
+the excluded self-pairs is a positive. The engine op's registered autograd carries the
+gradients (its backward recomputes the tiles from the saved O(N) statistics); the C++, CUDA
+and Triton kernels are the engine's.
 """
 import torch
 
 from .. import reference
-from ..triton import triton_available
-from .dispatch import extension_loaded, log, resolve_backend
+from .dispatch import log
+from .pair_engine import PASS_LSE2, choose_backend, engine_forward
 
 MASK_MODES = {"all": 0, "same": 1, "diff": 2}
 
@@ -17,69 +20,6 @@ MASK_MODES = {"all": 0, "same": 1, "diff": 2}
 def _stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
-
-# ---- C++ op: fake tensors and autograd (the schema and kernels live in csrc/) -------------
-
-def _setup_context(ctx, inputs, output):
-    x, y, x_labels, y_labels, scale, mask_mode, exclude_diag = inputs
-    ctx.save_for_backward(x, y, x_labels, y_labels, output)
-    ctx.args = (scale, mask_mode, exclude_diag)
-
-
-def _make_backward(backward_op):
-    def backward(ctx, grad_lse):
-        x, y, x_labels, y_labels, lse = ctx.saved_tensors
-        grad_x, grad_y = backward_op(grad_lse.contiguous(), x, y, x_labels, y_labels, lse, *ctx.args)
-        return grad_x, grad_y, None, None, None, None, None
-
-    return backward
-
-
-def _fake_lse(x, y, x_labels, y_labels, scale, mask_mode, exclude_diag):
-    return x.new_empty((x.shape[0],), dtype=_stats_dtype(x.dtype))
-
-
-def _fake_lse_backward(grad_lse, x, y, x_labels, y_labels, lse, scale, mask_mode, exclude_diag):
-    return x.new_empty(x.shape), y.new_empty(y.shape)
-
-
-if extension_loaded():  # loading dmlkern._C defines the schemas; add fake + autograd
-    torch.library.register_fake("dmlkern::masked_lse")(_fake_lse)
-    torch.library.register_fake("dmlkern::masked_lse_backward")(_fake_lse_backward)
-    torch.library.register_autograd(
-        "dmlkern::masked_lse",
-        _make_backward(torch.ops.dmlkern.masked_lse_backward),
-        setup_context=_setup_context,
-    )
-
-
-# ---- Triton op -----------------------------------------------------------------------------
-
-masked_lse_triton = None
-if triton_available():
-    from torch.library import triton_op, wrap_triton
-
-    from ..triton import masked_lse as _tk
-
-    @triton_op("dmlkern::masked_lse_triton", mutates_args=())
-    def masked_lse_triton(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor,
-                          y_labels: torch.Tensor, scale: float, mask_mode: int,
-                          exclude_diag: bool) -> torch.Tensor:
-        return _tk.masked_lse_fwd(x, y, x_labels, y_labels, scale, mask_mode, exclude_diag, wrap_triton)
-
-    @triton_op("dmlkern::masked_lse_triton_backward", mutates_args=())
-    def masked_lse_triton_backward(grad_lse: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                                   x_labels: torch.Tensor, y_labels: torch.Tensor, lse: torch.Tensor,
-                                   scale: float, mask_mode: int,
-                                   exclude_diag: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return _tk.masked_lse_bwd(grad_lse, x, y, x_labels, y_labels, lse, scale, mask_mode,
-                                  exclude_diag, wrap_triton)
-
-    masked_lse_triton.register_autograd(
-        _make_backward(masked_lse_triton_backward), setup_context=_setup_context)
-
-
-# ---- public entry point --------------------------------------------------------------------
 
 def _check_inputs(x, y, x_labels, y_labels):
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -119,6 +59,8 @@ def masked_lse(x, y=None, x_labels=None, y_labels=None, *, scale=1.0, mask="all"
     exclude_diag = y is None or y is x
     if y is None:
         y = x
+    # Pairs within x with y_labels of their own: a self-pair's two labels may differ.
+    own_y_labels = exclude_diag and y_labels is not None and y_labels is not x_labels
     if x_labels is None:
         if mask != "all":
             raise ValueError(f"mask={mask!r} needs x_labels")
@@ -133,12 +75,21 @@ def masked_lse(x, y=None, x_labels=None, y_labels=None, *, scale=1.0, mask="all"
     _check_inputs(x, y, x_labels, y_labels)
     x_labels = x_labels.long()
     y_labels = y_labels.long()
-    chosen = resolve_backend(backend, x.device)
+    chosen = choose_backend(backend, x.device)
+    if (chosen != "reference" and mask == "diff" and own_y_labels
+            and bool((x_labels != y_labels).any())):
+        # The engine's negatives are a label mask only: it would keep a self-pair whose two
+        # labels differ, which masked_lse excludes. Only the materialising path has that mask.
+        log.debug("masked_lse: self-pairs with differing labels, mask='diff': reference path")
+        chosen = "reference"
     log.debug("masked_lse: backend=%s device=%s dtype=%s", chosen, x.device, x.dtype)
     if chosen == "reference":
         return reference.masked_lse(x, y, x_labels, y_labels, scale, mask, exclude_diag).to(
             _stats_dtype(x.dtype))
-    args = (x, y, x_labels, y_labels, float(scale), MASK_MODES[mask], exclude_diag)
-    if chosen == "triton":
-        return masked_lse_triton(*args)
-    return torch.ops.dmlkern.masked_lse(*args)
+    if mask == "all":  # one label for every row: every pair is a positive (self-pairs still excluded)
+        x_labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        y_labels = x_labels if exclude_diag else torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
+    s = float(scale)
+    out = engine_forward(x, y, x_labels, y_labels, pass_kind=PASS_LSE2, params=(s, 0.0, s, 0.0, 0.0),
+                         exclude_diag=exclude_diag, backend=chosen)
+    return out[:, 1 if mask == "diff" else 0].contiguous()

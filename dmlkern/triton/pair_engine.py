@@ -2,7 +2,7 @@
 fused loss. Ground truth: dmlkern/reference/pair_engine.py.
 
 Forward: one program per block of BLOCK_M rows of X streams column tiles of Y, computes the
-similarity tile with tl.dot (masked_lse._sim_tile), turns it into values v (TRANSFORM), applies
+similarity tile with tl.dot (_sim_tile), turns it into values v (TRANSFORM), applies
 the label / mining masks and folds the tile into per-row statistics chosen by PASS_KIND
 (extrema, two online log-sum-exps, or the positive softplus / sigmoid sums). Nothing N x M is
 stored.
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .masked_lse import _block_k, _launch_config, _pair_keep, _sim_tile
+from . import interpret_mode
 
 __all__ = ["engine_forward", "engine_backward"]
 
@@ -49,12 +49,34 @@ def _value(s, TRANSFORM: tl.constexpr):
 
 
 @triton.jit
+def _sim_tile(A, B, a_idx, b_idx, a_ok, b_ok, D, s_an, s_ad, s_bn, s_bd,
+              BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+              UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """<A[a], B[b]> for a tile of rows a and b, accumulated in ACC_DTYPE (D in BLOCK_K slices)."""
+    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC_DTYPE)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        a = tl.load(A + a_idx[:, None] * s_an + ks[None, :] * s_ad, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(B + b_idx[:, None] * s_bn + ks[None, :] * s_bd, mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16/fp16 tl.dot is wrong: compute in fp32 there
+            a = a.to(ACC_DTYPE)
+            b = b.to(ACC_DTYPE)
+        acc += tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
 def _engine_masks(v, i_lab, j_lab, i_idx, j_idx, i_ok, j_ok, max_neg, min_pos, eps,
                   MINING: tl.constexpr, EXCLUDE_DIAG: tl.constexpr):
     """(pos kept, neg kept); the i-side arguments broadcast along one tile axis, j along the
-    other. max_neg / min_pos are row i's mining thresholds (ignored unless MINING)."""
-    pos = _pair_keep(i_lab, j_lab, i_idx, j_idx, i_ok, j_ok, 1, EXCLUDE_DIAG)
-    neg = _pair_keep(i_lab, j_lab, i_idx, j_idx, i_ok, j_ok, 2, False)
+    other. pos: same label, and not the self-pair i == j when EXCLUDE_DIAG; neg: labels
+    differ. max_neg / min_pos are row i's mining thresholds (ignored unless MINING)."""
+    ok = i_ok & j_ok
+    pos = ok & (i_lab == j_lab)
+    if EXCLUDE_DIAG:
+        pos = pos & (i_idx != j_idx)
+    neg = ok & (i_lab != j_lab)
     if MINING == 1:
         pos = pos & (v - eps < max_neg)
         neg = neg & (v + eps > min_pos)
@@ -285,6 +307,24 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
 
 
 # ----------------------------------------------------------------------------- host side
+
+def _launch_config(x):
+    """Accumulator dtype, dot precision and the interpreter's upcast for inputs like x."""
+    interp = interpret_mode()
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    if x.dtype == torch.float32:
+        # Follow torch's matmul precision setting: IEEE unless the user allowed TF32.
+        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    else:
+        precision = "ieee"
+    # The interpreter computes in numpy; fp64/fp16/bf16 dots go through fp32/fp64 there.
+    upcast = interp or x.dtype == torch.float64
+    return dict(UPCAST=upcast, ACC_DTYPE=acc, INPUT_PRECISION=precision)
+
+
+def _block_k(d):
+    return max(16, min(64, triton.next_power_of_2(d)))
+
 
 def _f32(p):
     return struct.unpack("f", struct.pack("f", p))[0]
