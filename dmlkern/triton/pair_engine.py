@@ -356,14 +356,19 @@ def _param_args(params):
     return [piece for p in params for piece in _split(p)]
 
 
-def _tiles(x, d):
+def _tiles(x, d, lift=False):
     """Tile sizes and warps per input dtype, chosen so that the sm_90 builds of both kernels
     keep within 255 registers with (almost) no spills: 64 x 64 tiles over 8 warps for
-    fp32 / fp16 / bf16 (fp32 with K-slices of at most 32), 32 x 32 tiles over 4 warps for fp64."""
+    fp32 / fp16 / bf16 (fp32 with K-slices of at most 32), 32 x 32 tiles over 4 warps for fp64.
+    The backward with the lifted pairs' term (lift) halves the fp32 / fp64 column tiles: at full
+    size ptxas spilled 176-352 bytes per thread there, at half size 0-24 (fp16 / bf16: <= 24
+    either way)."""
     if x.dtype == torch.float64:
-        return dict(block_m=32, block_n=32, block_k=min(_block_k(d), 32), block_dout=64, num_warps=4)
+        return dict(block_m=32, block_n=16 if lift else 32, block_k=min(_block_k(d), 32), block_dout=64,
+                    num_warps=4)
     block_k = _block_k(d) if x.element_size() == 2 else min(_block_k(d), 32)
-    return dict(block_m=64, block_n=64, block_k=block_k, block_dout=128, num_warps=8)
+    block_n = 32 if lift and x.dtype == torch.float32 else 64
+    return dict(block_m=64, block_n=block_n, block_k=block_k, block_dout=128, num_warps=8)
 
 
 def _stats_dtype(dtype):
@@ -460,7 +465,7 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
     if n > 0 and m > 0 and d > 0:
         row_in = _row_tensor(row_in, n, 3, acc_dtype, x.device)
         row_coef = row_coef.to(acc_dtype)
-        t = _tiles(x, d)
+        t = _tiles(x, d, lift=has_lift)
         block_dout = max(16, min(t["block_dout"], triton.next_power_of_2(d)))
         cfg = _launch_config(x)
         pargs = _param_args(params)
