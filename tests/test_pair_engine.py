@@ -210,7 +210,8 @@ LIFTED_PARAMS = {0: [-2.0, 1.0, 5.0, -2.5, 0.0], 1: [1.0, -0.1, -1.0, 0.9, 0.0]}
 
 def _lifted_inputs(n, d, classes, dtype, device, seed, case):
     """x (unit rows), labels and row_in with L in column 2. case: "random" (some rows' L is
-    -inf, as rows without negatives), "one_class" (every L -inf), "nan" (a NaN row of x)."""
+    -inf, as rows without negatives), "one_class" (every L -inf), "nan" (a NaN row of x),
+    "sorted" (rows sorted by label, ~15 per class: the CPU skips the tiles without positives)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
     labels = torch.randint(0, classes, (n,), generator=g)
@@ -223,6 +224,8 @@ def _lifted_inputs(n, d, classes, dtype, device, seed, case):
     elif case == "nan":
         x[n // 2] = float("nan")
         L[n // 3] = float("nan")
+    elif case == "sorted":
+        labels = torch.sort(torch.randint(0, max(classes, n // 15), (n,), generator=g)).values
     stats = torch.float64 if dtype == torch.float64 else torch.float32
     row_in = torch.stack([torch.zeros_like(L), torch.zeros_like(L), L], dim=1)
     return x.to(device, dtype), labels.to(device), row_in.to(device, stats)
@@ -293,7 +296,7 @@ def _close_to_scale(got, want, dtype, what):
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", LIFTED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("case", ["random", "one_class", "nan"])
+@pytest.mark.parametrize("case", ["random", "one_class", "nan", "sorted"])
 def test_lifted_pairs_pass_matches_reference(backend, device, shape, case):
     """Pass 3's statistics and the backward with a C_lift column (next to the other terms)."""
     _needs_engine(backend)

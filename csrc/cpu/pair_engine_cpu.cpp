@@ -401,18 +401,35 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
   const int64_t n = x.size(0), m = y.size(0);
   T* o = out.data_ptr<T>();
   const int64_t cols = out.size(1);
+  // Pass 3 sums over positive pairs only: a row block visits only the columns from the first
+  // to the last one sharing a label with one of its rows (all of them for shuffled labels; a
+  // few tiles when the rows are sorted by label, as the fused Lifted Structure loss does).
+  constexpr bool kPositivesOnly = PASS == kPassLiftedPairs;
   at::parallel_for(0, ceil_div(n, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
     // Worker threads do not inherit the caller's dispatch guard: without it autograd
     // would record every tile product of an input that requires grad (an N x M leak).
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto buffer = at::empty({kRowBlock * std::min(kColBlock, std::max<int64_t>(m, 1))}, x.options());
     std::vector<AccOf<PASS, T>> acc(kRowBlock);
+    std::vector<int64_t> block_of_code(kPositivesOnly ? n + m : 0, -1);  // label codes are < n + m
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * kRowBlock, nr = std::min(kRowBlock, n - r0);
       for (int64_t r = 0; r < nr; ++r) acc[r] = AccOf<PASS, T>();
       const auto xb = x.narrow(0, r0, nr);
-      for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
-        const int64_t nc = std::min(kColBlock, m - c0);
+      int64_t c_begin = 0, c_end = m;
+      if constexpr (kPositivesOnly) {
+        for (int64_t r = 0; r < nr; ++r) block_of_code[xlab[r0 + r]] = b;
+        c_begin = m;
+        c_end = 0;
+        for (int64_t c = 0; c < m; ++c) {
+          if (block_of_code[ylab[c]] == b) {
+            c_begin = std::min(c_begin, c);
+            c_end = c + 1;
+          }
+        }
+      }
+      for (int64_t c0 = c_begin; c0 < c_end; c0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, c_end - c0);
         auto tile = buffer.narrow(0, 0, nr * nc).view({nr, nc});
         if (x.size(1) == 0) {
           tile.zero_();
@@ -589,12 +606,13 @@ DMLK_CPU_INLINE void grad_row_y(bool has_b, bool has_lift, T* w, int nc, const i
 template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
 DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
                                const int32_t* xlab, const int32_t* ylab,
-                               const RowColumns<T>& rows, EngineParams<T> p, bool exclude_diag) {
+                               const RowColumns<T>& rows, EngineParams<T> p, bool exclude_diag,
+                               bool tile_has_pos) {
   const int inc = static_cast<int>(nc);
   if constexpr (OWN_IS_X) {
     for (int64_t r = 0; r < na; ++r) {
       const int64_t i = a0 + r;
-      const bool has_lift = rows.c_lift != nullptr && rows.c_lift[i] != T(0);
+      const bool has_lift = tile_has_pos && rows.c_lift != nullptr && rows.c_lift[i] != T(0);
       grad_row_x<T, TR, MI>(rows.b_pos[i] != T(0), has_lift, tile + r * nc, inc, ylab + c0,
                             xlab[i], diag_column(exclude_diag, i, c0, nc), rows, i, c0, p);
     }
@@ -604,6 +622,7 @@ DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int6
       has_b = has_b || rows.b_pos[c0 + c] != T(0);
       has_lift = has_lift || (rows.c_lift != nullptr && rows.c_lift[c0 + c] != T(0));
     }
+    has_lift = has_lift && tile_has_pos;
     for (int64_t r = 0; r < na; ++r) {
       const int64_t j = a0 + r;
       grad_row_y<T, TR, MI>(has_b, has_lift, tile + r * nc, inc, xlab + c0, ylab[j],
@@ -613,27 +632,39 @@ DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int6
 }
 
 // grad_own[a] = sum_b dl/ds(a, b) other[b], one block of `own` rows per task: each output
-// row has one writer. own = x (pairs (a, b) = (i, j)) or own = y (pairs (j, i)).
+// row has one writer. own = x (pairs (a, b) = (i, j)) or own = y (pairs (j, i)). With a C_lift
+// column, a tile without a positive pair (no label of the block's rows among its columns)
+// skips the lifted term: with rows sorted by label, most tiles.
 template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
 void grad_side(const at::Tensor& own, const at::Tensor& other, const int32_t* xlab,
                const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
                bool exclude_diag, at::Tensor& grad_own) {
   const int64_t n_own = own.size(0), n_other = other.size(0);
+  const int32_t* own_lab = OWN_IS_X ? xlab : ylab;
+  const int32_t* other_lab = OWN_IS_X ? ylab : xlab;
+  const bool lift = rows.c_lift != nullptr;
   at::parallel_for(0, ceil_div(n_own, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
     // Worker threads do not inherit the caller's dispatch guard (see forward_impl).
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto buffer = at::empty({kRowBlock * std::min(kColBlock, n_other)}, own.options());
+    std::vector<int64_t> block_of_code(lift ? n_own + n_other : 0, -1);  // label codes < N + M
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t a0 = b * kRowBlock, na = std::min(kRowBlock, n_own - a0);
       const auto own_blk = own.narrow(0, a0, na);
       auto grad_blk = grad_own.narrow(0, a0, na);
+      if (lift) {
+        for (int64_t r = 0; r < na; ++r) block_of_code[own_lab[a0 + r]] = b;
+      }
       for (int64_t c0 = 0; c0 < n_other; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, n_other - c0);
         const auto other_blk = other.narrow(0, c0, nc);
         auto tile = buffer.narrow(0, 0, na * nc).view({na, nc});
         at::mm_out(tile, own_blk, other_blk.t());
+        bool tile_has_pos = !lift;
+        for (int64_t c = 0; c < nc && !tile_has_pos; ++c)
+          tile_has_pos = block_of_code[other_lab[c0 + c]] == b;
         grad_tile<T, TR, MI, OWN_IS_X>(tile.data_ptr<T>(), na, nc, a0, c0, xlab, ylab, rows, p,
-                                       exclude_diag);
+                                       exclude_diag, tile_has_pos);
         grad_blk.addmm_(tile, other_blk);
       }
     }

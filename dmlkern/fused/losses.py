@@ -334,10 +334,14 @@ class _LiftedPairs(torch.autograd.Function):
     returns (T, the number of pairs with f > 0). No pair list: two forward passes (lse2 for L,
     then lifted_pairs), ONE backward pass (docs/ENGINE.md). By the symmetry of z, dT/dL_k is
     2 * out[k, 1], which enters the backward as the lse2 coefficient A_neg of row k; the pairs'
-    own term is C_lift = the upstream gradient."""
+    own term is C_lift = the upstream gradient. The engine sees the rows sorted by label (T does
+    not depend on their order): the CPU lifted_pairs pass then computes only the tiles that
+    hold positive pairs, near the diagonal."""
 
     @staticmethod
     def forward(ctx, x, labels, params, backend):
+        labels, order = torch.sort(labels, stable=True)
+        x = x[order]
         lse = pe.engine_forward(x, x, labels, labels, pass_kind=pe.PASS_LSE2, transform=pe.TRANSFORM_UNIT_DISTANCE,
                                 params=params, exclude_diag=True, backend=backend)
         neg_lse = lse[:, 1]
@@ -346,7 +350,7 @@ class _LiftedPairs(torch.autograd.Function):
         out = pe.engine_forward(x, x, labels, labels, row_in, pass_kind=pe.PASS_LIFTED_PAIRS,
                                 transform=pe.TRANSFORM_UNIT_DISTANCE, params=params, exclude_diag=True,
                                 backend=backend)
-        ctx.save_for_backward(x, labels, row_in, out)
+        ctx.save_for_backward(x, labels, row_in, out, order)
         ctx.config = (params, backend)
         count = out[:, 2].sum()
         ctx.mark_non_differentiable(count)
@@ -354,7 +358,7 @@ class _LiftedPairs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, grad_count):
-        x, labels, row_in, out = ctx.saved_tensors
+        x, labels, row_in, out, order = ctx.saved_tensors
         params, backend = ctx.config
         g = grad_total.to(out.dtype).expand(out.shape[0])
         zero = torch.zeros_like(g)
@@ -362,7 +366,8 @@ class _LiftedPairs(torch.autograd.Function):
         grad_x, grad_y = pe.engine_backward_raw(x, x, labels, labels, row_in, coef.contiguous(),
                                                 transform=pe.TRANSFORM_UNIT_DISTANCE, mining=pe.MINING_NONE,
                                                 params=params, exclude_diag=True, backend=backend)
-        return grad_x + grad_y, None, None, None
+        grad = torch.zeros_like(grad_x).index_copy(0, order, grad_x + grad_y)  # back to the caller's order
+        return grad, None, None, None
 
 
 def _lifted_reduction(reducer):
