@@ -100,7 +100,12 @@ struct OnlineLSE {
 
 namespace dmlkern {
 
-enum EnginePass : int64_t { kPassExtrema = 0, kPassLse2 = 1, kPassPosSoftplus = 2 };
+enum EnginePass : int64_t {
+  kPassExtrema = 0,
+  kPassLse2 = 1,
+  kPassPosSoftplus = 2,
+  kPassLiftedPairs = 3,  // symmetric case only (y is x, exclude_diag)
+};
 enum EngineTransform : int64_t { kTransformDot = 0, kTransformUnitDistance = 1 };
 enum EngineMining : int64_t { kMiningNone = 0, kMiningMultiSimilarity = 1 };
 
@@ -143,6 +148,15 @@ struct StdExp {
   template <typename T>
   DMLK_HDI T operator()(T x) const {
     return exp_(x);
+  }
+};
+
+// log1p(t), called by the formulas below only for t in [0, 1] (or NaN); a backend may pass
+// its own (the CPU a vectorisable polynomial).
+struct StdLog1p {
+  template <typename T>
+  DMLK_HDI T operator()(T x) const {
+    return log1p_(x);
   }
 };
 
@@ -303,18 +317,109 @@ struct PosSoftplusAcc {
   }
 };
 
+// Pass 3 (lifted pairs, the symmetric case: row_in[j] is column j's statistic). For a pair
+// with L_i = row_in[i, 2], L_j = row_in[j, 2]:
+//   z = logaddexp(L_i, L_j) + sc_pos * v + off_pos,   relu(z),   f = relu(z)^2 / 2.
+// logaddexp and sigmoid(L_i - L_j) (its derivative in L_i) come from one exp:
+// t = exp(-|L_i - L_j|), logaddexp = max(L_i, L_j) + log1p(t), sigmoid = 1/(1+t) or t/(1+t).
+// L_i = L_j = -inf gives logaddexp = -inf (t = 1 there, not exp(NaN)); a NaN L or v gives NaN.
+template <typename T>
+struct LiftedNegPart {
+  T lae;  // logaddexp(L_i, L_j)
+  T sig;  // sigmoid(L_i - L_j); 1/2 where L_i = L_j (also both -inf: then only multiplied by 0)
+};
+
+template <typename T, typename ExpF, typename Log1pF>
+DMLK_HDI LiftedNegPart<T> engine_lifted_neg_part(T L_i, T L_j, ExpF ex, Log1pF l1p) {
+  const T d = L_i == L_j ? T(0) : L_i - L_j;  // equal infinities: 0, not NaN
+  const T t = ex(-abs_(d));
+  const T mx = L_i > L_j ? L_i : L_j;
+  const T r = T(1) / (T(1) + t);
+  return {mx + l1p(t), d >= T(0) ? r : t * r};
+}
+
+// relu(z) of one pair as a select that keeps NaN (relu(-inf) = 0).
+template <typename T>
+DMLK_HDI T engine_lifted_relu(T v, T lae, const EngineParams<T>& p) {
+  const T z = lae + (p.sc_pos * v + p.off_pos);
+  return z < T(0) ? T(0) : z;
+}
+
+// One pair's contribution to the three output columns (zeros unless `pos`):
+// f = relu(z)^2 / 2; w = relu(z) * sigmoid(L_i - L_j) = df/dL_i (exactly 0 where relu(z) = 0);
+// nonzero = [f > 0] (what AvgNonZeroReducer counts; NaN f is not counted).
+template <typename T>
+struct LiftedTerms {
+  T f, w, nonzero;
+};
+
+template <typename T, typename ExpF, typename Log1pF>
+DMLK_HDI LiftedTerms<T> engine_lifted_terms(T v, bool pos, T L_i, T L_j, const EngineParams<T>& p,
+                                            ExpF ex, Log1pF l1p) {
+  const LiftedNegPart<T> np = engine_lifted_neg_part(L_i, L_j, ex, l1p);
+  const T r = engine_lifted_relu(v, np.lae, p);
+  const T f = T(0.5) * (r * r);
+  return {pos ? f : T(0), (pos & (r != T(0))) ? r * np.sig : T(0),
+          (pos & (f > T(0))) ? T(1) : T(0)};
+}
+
+template <typename T>
+struct LiftedPairsAcc {
+  T f;
+  T w;
+  T count;
+  DMLK_HDI LiftedPairsAcc() : f(T(0)), w(T(0)), count(T(0)) {}
+
+  template <typename ExpF, typename Log1pF>
+  DMLK_HDI void push(T v, bool pos, T L_i, T L_j, const EngineParams<T>& p, ExpF ex, Log1pF l1p) {
+    if (!pos) return;
+    const LiftedTerms<T> t = engine_lifted_terms(v, true, L_i, L_j, p, ex, l1p);
+    merge(t.f, t.w, t.nonzero);
+  }
+  DMLK_HDI void merge(T other_f, T other_w, T other_count) {
+    f += other_f;
+    w += other_w;
+    count += other_count;
+  }
+  DMLK_HDI void store(T* dst) const {
+    dst[0] = f;
+    dst[1] = w;
+    dst[2] = count;
+  }
+};
+
+// Output columns of a pass.
+DMLK_HDI int engine_out_columns(int64_t pass_kind) {
+  return pass_kind == kPassPosSoftplus || pass_kind == kPassLiftedPairs ? 3 : 2;
+}
+
 // ---- backward --------------------------------------------------------------
 
+// The lifted pairs term of dl/dv (pass 3's backward): [pos] C_lift sc_pos relu(z_ij), the
+// derivative of C_lift * f_ij in v; exactly 0 where C_lift = 0. NaN z gives NaN.
+template <typename T, typename ExpF, typename Log1pF>
+DMLK_HDI T engine_lifted_pair_grad(T v, bool kept_pos, T c_lift, T L_i, T L_j,
+                                   const EngineParams<T>& p, ExpF ex, Log1pF l1p) {
+  const bool live = kept_pos & (c_lift != T(0));
+  const T r = engine_lifted_relu(v, engine_lifted_neg_part(L_i, L_j, ex, l1p).lae, p);
+  return live ? c_lift * p.sc_pos * r : T(0);
+}
+
 // dl/ds of one pair of row i (docs/ENGINE.md), with row i's row_coef
-// (A_pos, LSE_pos, A_neg, LSE_neg, B_pos) and L = row_in[i, 2]:
-//   dl/dv = [pos] (A_pos sc_pos exp(sc_pos v + off_pos - LSE_pos) - B_pos sc_pos sigmoid(L - sc_pos v - off_pos))
+// (A_pos, LSE_pos, A_neg, LSE_neg, B_pos[, C_lift]) and L = row_in[i, 2]:
+//   dl/dv = [pos] (A_pos sc_pos exp(sc_pos v + off_pos - LSE_pos) - B_pos sc_pos sigmoid(L - sc_pos v - off_pos)
+//                  + C_lift sc_pos relu(logaddexp(L, L_j) + sc_pos v + off_pos))
 //         + [neg]  A_neg sc_neg exp(sc_neg v + off_neg - LSE_neg)
 // A term whose coefficient is 0 (or whose LSE is -inf) is exactly 0, never NaN: its exp
 // argument is replaced by -inf. pos and neg exclude each other, so the two LSE terms
-// share one exp. HAS_B = false promises B_pos = 0 (skips the sigmoid's exp).
-template <int64_t TRANSFORM, bool HAS_B, typename T, typename ExpF>
+// share one exp. HAS_B = false promises B_pos = 0 (skips the sigmoid's exp); HAS_LIFT =
+// false promises C_lift = 0 (skips the lifted term; L_j = row_in[j, 2] is only read with it,
+// which needs the symmetric case).
+template <int64_t TRANSFORM, bool HAS_B, bool HAS_LIFT = false, typename T, typename ExpF,
+          typename Log1pF = StdLog1p>
 DMLK_HDI T engine_pair_grad(T v, bool kept_pos, bool kept_neg, T a_pos, T lse_pos, T a_neg,
-                            T lse_neg, T b_pos, T L, const EngineParams<T>& p, ExpF ex) {
+                            T lse_neg, T b_pos, T L, const EngineParams<T>& p, ExpF ex,
+                            T c_lift = T(0), T L_j = T(0), Log1pF l1p = Log1pF()) {
   const bool live_pos = kept_pos & (a_pos != T(0)) & (lse_pos != neg_infinity<T>());
   const bool live_neg = kept_neg & (a_neg != T(0)) & (lse_neg != neg_infinity<T>());
   const T arg_pos = p.sc_pos * v + p.off_pos - lse_pos;
@@ -327,6 +432,9 @@ DMLK_HDI T engine_pair_grad(T v, bool kept_pos, bool kept_neg, T a_pos, T lse_po
     const bool live_b = kept_pos & (b_pos != T(0));
     const T sig = engine_sigmoid(live_b ? engine_softplus_arg(v, L, p) : T(0), ex);
     dl_dv = dl_dv - (live_b ? b_pos * p.sc_pos * sig : T(0));
+  }
+  if constexpr (HAS_LIFT) {
+    dl_dv = dl_dv + engine_lifted_pair_grad(v, kept_pos, c_lift, L, L_j, p, ex, l1p);
   }
   return engine_dl_ds<TRANSFORM>(v, dl_dv);
 }

@@ -145,3 +145,43 @@ def test_fullgraph_training_step_with_loss_class(name, classes):
             for p in eager_params:
                 p -= 0.05 * p.grad
                 p.grad = None
+
+
+@pytest.mark.parametrize("reducer", ["mean", "avg_nonzero"])
+@pytest.mark.parametrize("classes", [5, 1], ids=["batch", "one-class"])
+def test_fullgraph_training_step_lifted_structure(reducer, classes):
+    """LiftedStructureLoss on the lifted_pairs pass (no pair list): forward with fullgraph=True,
+    backward and a compiled optimizer step, against eager; one class is PML's zero loss."""
+    _needs_cpp()
+    from dmlkern.reducers import AvgNonZeroReducer, MeanReducer
+
+    torch.manual_seed(3)
+    model = torch.nn.Linear(12, 8)
+    eager_model = torch.nn.Linear(12, 8)
+    eager_model.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    inputs = torch.randn(36, 12)
+    labels = torch.randint(0, classes, (36,))
+
+    def make():  # pos_margin: a mix of zero and non-zero pair losses (AvgNonZero counts them)
+        red = MeanReducer() if reducer == "mean" else AvgNonZeroReducer()
+        return losses.LiftedStructureLoss(neg_margin=0.5, pos_margin=4.5, reducer=red)
+
+    loss_fn, eager_loss_fn = make(), make()
+    compiled = torch.compile(lambda inp, lab: loss_fn(model(inp), lab), fullgraph=True, backend="aot_eager")
+    compiled_step = torch.compile(opt.step, backend="aot_eager")
+    for _ in range(2):
+        loss = compiled(inputs, labels)
+        want = eager_loss_fn(eager_model(inputs), labels)
+        torch.testing.assert_close(loss, want)
+        loss.backward()
+        want.backward()
+        if classes == 1:  # no negative pair: PML's zero loss
+            assert float(loss.detach()) == 0.0 and eager_loss_fn.last_backend == "zero"
+            assert not model.weight.grad.any()
+        else:
+            assert eager_loss_fn.last_backend == "cpp" and float(loss.detach()) > 0
+        torch.testing.assert_close(model.weight.grad, eager_model.weight.grad)
+        compiled_step()
+        opt.zero_grad()
+        _plain_sgd_step(eager_model, lr=0.05)

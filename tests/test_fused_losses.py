@@ -14,6 +14,7 @@ import dmlkern.miners.multi_similarity_miner as ms_miner_module
 from dmlkern import losses, miners
 from dmlkern.fused.lazy_pairs import LazyMinedPairs
 from dmlkern.ops import pair_engine as pe
+from dmlkern.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from _kernel_cases import KERNEL_BACKENDS, TOLERANCES, dtypes_for
 
 # The engine's own reference ("engine-reference") checks the epilogues independently of kernels.
@@ -26,10 +27,12 @@ LOSSES = {
     "ntxent": lambda c, d: losses.NTXentLoss(temperature=0.2),
     "generalized_lifted": lambda c, d: losses.GeneralizedLiftedStructureLoss(neg_margin=0.9, pos_margin=0.1),
     "lifted": lambda c, d: losses.LiftedStructureLoss(neg_margin=1.1, pos_margin=0.05),
+    "lifted_avg_nonzero": lambda c, d: losses.LiftedStructureLoss(neg_margin=0.2, pos_margin=4.3,
+                                                                  reducer=AvgNonZeroReducer()),
     "npairs": lambda c, d: losses.NPairsLoss(),
     "proxy_anchor": lambda c, d: losses.ProxyAnchorLoss(c, d, margin=0.1, alpha=16),
 }
-NO_REF_EMB = {"npairs", "proxy_anchor", "lifted"}  # lifted with ref_emb: the reference (below)
+NO_REF_EMB = {"npairs", "proxy_anchor", "lifted", "lifted_avg_nonzero"}  # lifted with ref_emb: the reference
 
 # (N, classes, with ref_emb of M rows or None). Degenerate: one sample, no positives, one class.
 CASES = [(1, 1, None), (9, 9, None), (12, 1, None), (37, 5, None), (70, 6, 53)]
@@ -216,3 +219,91 @@ def test_fused_loss_memory_is_linear_in_n(name):
     assert out.returncode == 0, out.stderr[-3000:]
     growth_mib = float(out.stdout.strip().splitlines()[-1])
     assert growth_mib < 256, f"{name}: peak RSS grew by {growth_mib:.0f} MiB"
+
+
+# ----------------------------------------------------------------------- Lifted Structure
+# (N, classes, pos_margin, neg_margin, what). The fused path for MeanReducer / AvgNonZeroReducer
+# runs the lifted_pairs pass (no pair list, any number of positives per row).
+LIFTED_CASES = [
+    (37, 5, 4.3, 0.2, "mixed"),            # zero and non-zero pair losses
+    (140, 0, 0.0, 1.0, "many_positives"),  # ~131 positives per row: beyond the pair list's 64
+    (30, 3, 100.0, 0.0, "all_zero"),       # every pair loss 0: AvgNonZero's grad-carrying zero
+    (12, 1, 0.0, 1.0, "one_class"),        # no negatives: PML's zero loss
+    (9, 9, 0.0, 1.0, "no_positives"),
+    (1, 1, 0.0, 1.0, "one_sample"),
+    (2, 1, 0.0, 1.0, "one_pair"),          # PML's len <= 1 rule
+]
+
+
+def _lifted_case(n, classes, seed, device, dtype):
+    """classes = 0: one class of n - 4 rows and two pairs (few negatives: PML's reference stays small)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g, dtype=torch.float64).to(device, dtype)
+    if classes == n:
+        labels = torch.arange(n)
+    elif classes == 0:
+        labels = torch.cat([torch.zeros(n - 4, dtype=torch.long), torch.tensor([1, 1, 2, 2])])
+    else:
+        labels = torch.randint(0, classes, (n,), generator=g)
+    return x, labels.to(device)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reducer", [MeanReducer, AvgNonZeroReducer], ids=["mean", "avg_nonzero"])
+def test_fused_lifted_structure_matches_reference(engine_backend_choice, backend, device, reducer):
+    expected = engine_backend_choice(backend, device)
+    dtypes = [torch.float64] if backend == "engine-reference" else dtypes_for(backend, device)
+    for dtype in dtypes:
+        if dtype in (torch.float16, torch.bfloat16):
+            continue  # the reference path in half precision is not a meaningful yardstick here
+        for n, classes, pm, nm, what in LIFTED_CASES:
+            x, labels = _lifted_case(n, classes, n + classes, device, dtype)
+            loss_fn = losses.LiftedStructureLoss(neg_margin=nm, pos_margin=pm, reducer=reducer())
+            ref_dict = loss_fn.compute_loss(x, labels, None, x, labels)["loss"]["losses"]
+            if what == "mixed":
+                assert (ref_dict == 0).any() and (ref_dict > 0).any(), "the case must mix zero and non-zero losses"
+            if what == "all_zero":
+                assert torch.is_tensor(ref_dict) and len(ref_dict) > 0 and (ref_dict == 0).all()
+            if what == "many_positives":
+                assert (n - 4) * (n - 5) > fused_losses.MAX_POS_PAIRS_PER_ROW * n  # the pair list's limit
+            want_v, want_g = _run(loss_fn, "lifted", x, labels, None, None, "reference")
+            got_v, got_g = _run(loss_fn, "lifted", x, labels, None, None, "fused")
+            label = f"{reducer.__name__} {dtype} {what}"
+            degenerate = what in ("one_class", "no_positives", "one_sample", "one_pair")
+            assert loss_fn.last_backend == ("zero" if degenerate else expected), f"{label}: ran {loss_fn.last_backend}"
+            rtol, atol = TOLERANCES[dtype]
+            torch.testing.assert_close(got_v, want_v, rtol=rtol, atol=atol, msg=lambda s: f"{label} value: {s}")
+            torch.testing.assert_close(got_g[0], want_g[0], rtol=rtol, atol=atol, msg=lambda s: f"{label} grad: {s}")
+            if what == "all_zero":
+                assert float(got_v) == 0.0 and not got_g[0].any(), label
+
+
+def test_fused_lifted_structure_other_reducers_list_the_pairs(engine_backend_choice):
+    """Reducers that need the per-pair losses keep the pair list, and its limit of 64 pairs per
+    row on average (above it: the reference)."""
+    engine_backend_choice("cpp", "cpu")
+    for n, classes, fused in [(37, 5, True), (140, 0, False)]:
+        x, labels = _lifted_case(n, classes, 3, "cpu", torch.float64)
+        for reducer in (SumReducer(), MeanReducer(collect_stats=True)):
+            loss_fn = losses.LiftedStructureLoss(reducer=reducer)
+            want_v, want_g = _run(loss_fn, "lifted", x, labels, None, None, "reference")
+            got_v, got_g = _run(loss_fn, "lifted", x, labels, None, None, "fused")
+            assert loss_fn.last_backend == ("cpp" if fused else "reference"), (n, type(reducer).__name__)
+            torch.testing.assert_close(got_v, want_v)
+            torch.testing.assert_close(got_g[0], want_g[0])
+
+
+def test_lifted_pairs_function_gradcheck_cpp():
+    """fp64 gradcheck of the fused loss's autograd.Function (two passes, one backward) on cpp."""
+    if "cpp" not in pe.available_backends():
+        pytest.fail("the cpp pair engine is not registered in this build")
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(14, 5, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 3, (14,), generator=g)
+    params = [1.0, -0.2, -1.0, 0.8, 0.0]
+
+    def total(a):
+        return fused_losses._LiftedPairs.apply(a, labels, params, "cpp")[0]
+
+    assert total(x) > 0
+    assert torch.autograd.gradcheck(total, (x.requires_grad_(True),))

@@ -220,3 +220,210 @@ def test_cpp_fp32_pair_weights_underflow_like_exp():
     assert 0.95 * tiny < gy[1, 0].item() < 1.05 * tiny
     assert gy[2, 0].item() == 0.0 and gy[3, 0].item() == 0.0
     assert gy[0, 0].item() == 1.0 and gx[0, 0].item() == pytest.approx(tiny * -100.0, rel=0.05)
+
+
+# ----------------------------------------------------------------------------- pass 3: lifted pairs
+# The symmetric case only (y is x, exclude_diag). (N, D, classes); none are tile multiples, 600
+# crosses the CPU's 512-column tile.
+LIFTED_SHAPES = [(1, 5, 1), (37, 19, 5), (70, 33, 4), (600, 8, 3)]
+LIFTED_PARAMS = {0: [-2.0, 1.0, 5.0, -2.5, 0.0], 1: [1.0, -0.1, -1.0, 0.9, 0.0]}  # sc_pos = -2 / 1
+
+
+def _lifted_inputs(n, d, classes, dtype, device, seed, case):
+    """x (unit rows), labels and row_in with L in column 2. case: "random" (some rows' L is
+    -inf, as rows without negatives), "one_class" (every L -inf), "nan" (a NaN row of x),
+    "sorted" (rows sorted by label, ~15 per class: the CPU skips the tiles without positives)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    L = 2 * torch.randn(n, generator=g, dtype=torch.float64)
+    if case == "random":
+        L[::5] = float("-inf")
+    elif case == "one_class":
+        labels = torch.zeros_like(labels)
+        L = torch.full_like(L, float("-inf"))
+    elif case == "nan":
+        x[n // 2] = float("nan")
+        L[n // 3] = float("nan")
+    elif case == "sorted":
+        labels = torch.sort(torch.randint(0, max(classes, n // 15), (n,), generator=g)).values
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    row_in = torch.stack([torch.zeros_like(L), torch.zeros_like(L), L], dim=1)
+    return x.to(device, dtype), labels.to(device), row_in.to(device, stats)
+
+
+def _brute_force_lifted(x, labels, L, transform, params):
+    """Pass 3 from its definition (docs/ENGINE.md), pair by pair in Python, fp64."""
+    sc_pos, off_pos = params[0], params[1]
+    x = x.double()
+    n = x.shape[0]
+    out = torch.zeros(n, 3, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            if i == j or labels[i] != labels[j]:
+                continue
+            s = float(x[i] @ x[j])
+            v = s if transform == 0 else max(2 - 2 * s, 0.0) ** 0.5
+            li, lj = float(L[i]), float(L[j])
+            lae = float("-inf") if li == lj == float("-inf") else max(li, lj) + math.log1p(
+                math.exp(-abs(li - lj)))
+            z = lae + sc_pos * v + off_pos
+            r = max(z, 0.0)
+            out[i, 0] += r * r / 2
+            if r > 0:
+                out[i, 1] += r / (1 + math.exp(lj - li))
+                out[i, 2] += 1
+    return out
+
+
+@pytest.mark.parametrize("transform", [0, 1])
+def test_reference_lifted_pairs_is_the_brute_force_formula(transform):
+    x, labels, row_in = _lifted_inputs(23, 6, 3, torch.float64, "cpu", seed=7, case="random")
+    params = LIFTED_PARAMS[transform]
+    got = reference.engine_forward(x, x, labels, labels, row_in, 3, transform, 0, params, True)
+    want = _brute_force_lifted(x, labels, row_in[:, 2], transform, params)
+    assert (want[:, 2] > 0).any() and (want[:, 2] < (labels[:, None] == labels[None, :]).sum(1) - 1).any(), \
+        "the case must hold both zero and non-zero pair terms"
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("transform", [0, 1])
+def test_reference_lifted_backward_is_the_autograd_gradient(transform):
+    """The C_lift column of engine_backward (with grad_x + grad_y for y = x) and the L gradient
+    2 * out[:, 1] equal autograd of T = sum_i out[i, 0] through the materialised pass 3."""
+    x, labels, row_in = _lifted_inputs(29, 7, 3, torch.float64, "cpu", seed=8, case="random")
+    params = LIFTED_PARAMS[transform]
+    xx = x.clone().requires_grad_(True)
+    L = row_in[:, 2].clone().requires_grad_(True)
+    rin = torch.stack([row_in[:, 0], row_in[:, 1], L], dim=1)
+    out = reference.engine_forward(xx, xx, labels, labels, rin, 3, transform, 0, params, True)
+    g = 0.7
+    (g * out[:, 0].sum()).backward()
+    zero = torch.zeros_like(L)
+    coef = torch.stack([zero, zero, zero, zero, zero, torch.full_like(zero, g)], dim=1).detach()
+    gx, gy = reference.engine_backward(x, x, labels, labels, row_in, coef, transform, 0, params, True)
+    torch.testing.assert_close(gx + gy, xx.grad)
+    torch.testing.assert_close(2 * g * out[:, 1].detach(), torch.where(torch.isneginf(row_in[:, 2]), 0.0, L.grad))
+
+
+def _close_to_scale(got, want, dtype, what):
+    """_close with atol scaled by the largest |want| (sums of hundreds of terms of either sign
+    lose absolute, not relative, precision in fp32)."""
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(1.0, float(want.double().nan_to_num(0.0, 0.0, 0.0).abs().max()))
+    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=rtol, atol=atol * scale,
+                               equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", LIFTED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", ["random", "one_class", "nan", "sorted"])
+def test_lifted_pairs_pass_matches_reference(backend, device, shape, case):
+    """Pass 3's statistics and the backward with a C_lift column (next to the other terms)."""
+    _needs_engine(backend)
+    n, d, classes = shape
+    if backend == "triton" and device == "cpu" and n > 100:
+        pytest.skip("~1 min per case in the Triton interpreter; 70 rows already cross its 64-row tiles")
+    for dtype in dtypes_for(backend, device):
+        x, labels, row_in = _lifted_inputs(n, d, classes, dtype, device, seed=n + d, case=case)
+        g = torch.Generator().manual_seed(5)
+        coef = torch.rand(n, 6, generator=g, dtype=torch.float64)
+        coef[:, 1] = 2 * row_in[:, 2].double().cpu().nan_to_num(0.0).clamp(min=0) + 1  # finite LSEs
+        coef[:, 3] = coef[:, 1] + 0.5
+        coef[::3, 5] = 0.0  # rows without the lifted term
+        coef[1::4, 4] = 0.0
+        coef = coef.to(device, row_in.dtype)
+        for transform in (0, 1):
+            params = LIFTED_PARAMS[transform]
+            what = f"{dtype} transform={transform} case={case}"
+            got = pe.engine_forward(x, x, labels, labels, row_in, pass_kind=3, transform=transform,
+                                    params=params, exclude_diag=True, backend=backend)
+            xd = x.double()
+            want = reference.engine_forward(xd, xd, labels, labels, row_in.double(), 3, transform, 0, params, True)
+            assert got.dtype == row_in.dtype and got.shape == (n, 3), what
+            if case == "one_class":
+                assert torch.equal(want, torch.zeros_like(want)), what  # z = -inf: f = 0, no NaN
+            if case == "nan" and n > 1:
+                assert torch.isnan(want[:, 0]).any() and not torch.isnan(want[:, 0]).all(), what
+            assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu()), what
+            _close_to_scale(got, want, dtype, f"forward {what}")
+            gx, gy = pe.engine_backward_raw(x, x, labels, labels, row_in, coef, transform=transform, mining=0,
+                                            params=params, exclude_diag=True, backend=backend)
+            wx, wy = reference.engine_backward(xd, xd, labels, labels, row_in.double(), coef.double(), transform, 0,
+                                               params, True)
+            if case != "nan":
+                assert not torch.isnan(gx).any() and not torch.isnan(gy).any(), what
+            _close_to_scale(gx, wx, dtype, f"grad_x {what}")
+            _close_to_scale(gy, wy, dtype, f"grad_y {what}")
+
+
+def _asymmetric_calls(x, labels, row_in, coef):
+    """(what the error must name, forward args, backward args) of calls that are not symmetric."""
+    p = LIFTED_PARAMS[1]
+    other = x.flip(0)
+    other_labels = labels.flip(0)
+    return [
+        ("y", (x, other, labels, labels, row_in, 3, 1, 0, p, True), (x, other, labels, labels, row_in, coef, 1, 0, p, True)),
+        ("y_labels", (x, x, labels, other_labels, row_in, 3, 1, 0, p, True),
+         (x, x, labels, other_labels, row_in, coef, 1, 0, p, True)),
+        ("exclude_diag", (x, x, labels, labels, row_in, 3, 1, 0, p, False),
+         (x, x, labels, labels, row_in, coef, 1, 0, p, False)),
+        ("mining", (x, x, labels, labels, row_in, 3, 0, 1, p, True), (x, x, labels, labels, row_in, coef, 0, 1, p, True)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_lifted_pairs_rejects_the_asymmetric_case(backend):
+    if backend != "reference":
+        _needs_engine(backend)
+    x = torch.nn.functional.normalize(torch.randn(6, 3, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 0])
+    row_in = torch.zeros(6, 3, dtype=torch.float64)
+    coef = torch.ones(6, 6, dtype=torch.float64)
+    if backend == "cpp":
+        fwd, bwd, error = torch.ops.dmlkern.pair_engine_forward, torch.ops.dmlkern.pair_engine_backward, RuntimeError
+    elif backend == "triton":
+        from dmlkern.triton import pair_engine as tk
+        fwd, bwd, error = tk.engine_forward, tk.engine_backward, ValueError
+    else:
+        fwd, bwd, error = reference.engine_forward, reference.engine_backward, ValueError
+    for name, fwd_args, bwd_args in _asymmetric_calls(x, labels, row_in, coef):
+        with pytest.raises(error, match=rf"\b{name}\b"):
+            fwd(*fwd_args)
+        with pytest.raises(error, match=rf"\b{name}\b"):
+            bwd(*bwd_args)
+        # The Python entry points check first, for every backend.
+        a = fwd_args
+        with pytest.raises(ValueError, match=rf"\b{name}\b"):
+            pe.engine_forward(a[0], a[1], a[2], a[3], a[4], pass_kind=3, transform=a[6], mining=a[7], params=a[8],
+                              exclude_diag=a[9], backend=backend)
+        b = bwd_args
+        with pytest.raises(ValueError, match=rf"\b{name}\b"):
+            pe.engine_backward_raw(*b[:6], transform=b[6], mining=b[7], params=b[8], exclude_diag=b[9],
+                                   backend=backend)
+    # The same rows in another tensor are the symmetric case.
+    fwd(x, x.clone(), labels, labels.clone(), row_in, 3, 1, 0, LIFTED_PARAMS[1], True)
+
+
+def test_lifted_pairs_pass_is_not_differentiable_through_the_op():
+    _needs_engine("cpp")
+    x = torch.nn.functional.normalize(torch.randn(8, 3, dtype=torch.float64), dim=1).requires_grad_(True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 0, 1, 2])
+    out = pe.engine_forward(x, x, labels, labels, pass_kind=3, transform=1, params=LIFTED_PARAMS[1],
+                            exclude_diag=True, backend="cpp")
+    with pytest.raises(RuntimeError, match="lifted_pairs"):
+        out[:, 0].sum().backward()
+
+
+def test_opcheck_lifted_pairs_cpp():
+    _needs_engine("cpp")
+    x = torch.nn.functional.normalize(torch.randn(13, 6, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 3, (13,))
+    row_in = torch.randn(13, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.dmlkern.pair_engine_forward.default,
+                          (x, x, labels, labels, row_in, 3, 1, 0, LIFTED_PARAMS[1], True),
+                          test_utils=("test_schema", "test_faketensor"))
+    coef = torch.randn(13, 6, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.dmlkern.pair_engine_backward.default,
+                          (x, x, labels, labels, row_in, coef, 1, 0, LIFTED_PARAMS[1], True),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -42,12 +42,27 @@
 
 namespace dmlkern {
 
+namespace {
+
+// The same rows: the same tensor (or view of the same memory), else equal values (NaN equal
+// to NaN).
+bool same_rows(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_same(b)) return true;
+  if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type() || a.device() != b.device())
+    return false;
+  if (a.data_ptr() == b.data_ptr() && a.strides() == b.strides()) return true;
+  if (!at::isFloatingType(a.scalar_type())) return at::equal(a, b);
+  return (a.eq(b) | (a.isnan() & b.isnan())).all().item<bool>();
+}
+
+}  // namespace
+
 // Argument checks of both ops, shared with the CUDA backend (declared there). pass_kind < 0
 // skips its check (the backward has none); row_coef may be null (the forward has none).
 void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
                             const at::Tensor& y_labels, const at::Tensor& row_in,
                             const at::Tensor* row_coef, int64_t pass_kind, int64_t transform,
-                            int64_t mining, at::ArrayRef<double> params) {
+                            int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
   check_pair_inputs(x, y, x_labels, y_labels);
   const int64_t n = x.size(0);
   TORCH_CHECK(row_in.dim() == 2 && row_in.size(0) == n && row_in.size(1) == 3,
@@ -57,16 +72,19 @@ void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y, const at::
               row_in.scalar_type());
   TORCH_CHECK(row_in.device() == x.device(), "dmlkern: row_in must be on the device of x");
   if (row_coef != nullptr) {
-    TORCH_CHECK(row_coef->dim() == 2 && row_coef->size(0) == n && row_coef->size(1) == 5,
-                "dmlkern: row_coef must be (N, 5) = (", n, ", 5), got ", row_coef->sizes());
+    TORCH_CHECK(row_coef->dim() == 2 && row_coef->size(0) == n &&
+                    (row_coef->size(1) == 5 || row_coef->size(1) == 6),
+                "dmlkern: row_coef must be (N, 5) or (N, 6) with N = ", n, ", got ",
+                row_coef->sizes());
     TORCH_CHECK(at::isFloatingType(row_coef->scalar_type()),
                 "dmlkern: row_coef must be floating point (the stats dtype), got ",
                 row_coef->scalar_type());
     TORCH_CHECK(row_coef->device() == x.device(), "dmlkern: row_coef must be on the device of x");
   }
   if (pass_kind >= 0 || row_coef == nullptr) {
-    TORCH_CHECK(pass_kind >= kPassExtrema && pass_kind <= kPassPosSoftplus,
-                "dmlkern: pass_kind must be 0 (extrema), 1 (lse2) or 2 (pos_softplus), got ",
+    TORCH_CHECK(pass_kind >= kPassExtrema && pass_kind <= kPassLiftedPairs,
+                "dmlkern: pass_kind must be 0 (extrema), 1 (lse2), 2 (pos_softplus) or 3 "
+                "(lifted_pairs), got ",
                 pass_kind);
   }
   TORCH_CHECK(transform == kTransformDot || transform == kTransformUnitDistance,
@@ -82,6 +100,19 @@ void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y, const at::
               params.size());
   TORCH_CHECK(x.size(0) + y.size(0) <= std::numeric_limits<int32_t>::max(),
               "dmlkern: N + M must fit in int32");
+  // Pass 3 and the C_lift column read row_in[j] for column j: only the symmetric case has it.
+  const bool lifted_fwd = pass_kind == kPassLiftedPairs && row_coef == nullptr;
+  const bool lifted_bwd = row_coef != nullptr && row_coef->size(1) == 6;
+  if (lifted_fwd || lifted_bwd) {
+    const char* what = lifted_fwd ? "pass_kind=3 (lifted_pairs)" : "row_coef with 6 columns (C_lift)";
+    TORCH_CHECK(exclude_diag, "dmlkern: ", what,
+                " needs the symmetric case: exclude_diag must be true");
+    TORCH_CHECK(same_rows(x, y), "dmlkern: ", what,
+                " needs the symmetric case: y must be x (the same rows)");
+    TORCH_CHECK(same_rows(x_labels, y_labels), "dmlkern: ", what,
+                " needs the symmetric case: y_labels must be x_labels");
+    TORCH_CHECK(mining == kMiningNone, "dmlkern: ", what, " needs mining=0, got mining=", mining);
+  }
 }
 
 namespace {
@@ -124,6 +155,30 @@ DMLK_CPU_INLINE float exp_poly(float x) {
   return nan ? x : res;
 }
 
+// log1p(t) for fp32 t in [0, 1] (or NaN) as straight-line selects: Cephes logf's polynomial
+// on t itself below sqrt(2) - 1 (no rounding of 1 + t), else on (1 + t) / 2 - 1 plus log 2;
+// <= 1.4 ulp (every float in [0, 1] checked), log1p(0) = 0, NaN -> NaN. The lifted pairs'
+// logaddexp needs no other range.
+DMLK_CPU_INLINE float log1p_poly(float t) {
+  const bool hi = t >= 0.41421356237f;
+  const float x = hi ? 0.5f * t - 0.5f : t;  // (1 + t) / 2 - 1 (exact for t >= 0.5)
+  const float e = hi ? 1.0f : 0.0f;
+  const float z = x * x;
+  float y = 7.0376836292e-2f;
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return (x + y) + e * 0.693359375f;
+}
+
 // sqrt(t) for fp32 t >= 0 (or +inf, NaN) as straight-line selects: inverse-sqrt bit trick,
 // two Newton steps, one Heron step; <= 1 ulp from sqrtf (checked over 2.4M values).
 DMLK_CPU_INLINE float sqrt_select(float t) {
@@ -152,10 +207,15 @@ struct CpuExp {
   DMLK_CPU_INLINE double operator()(double x) const { return std::exp(x); }
 };
 
+struct CpuLog1p {  // only called on [0, 1]
+  DMLK_CPU_INLINE float operator()(float x) const { return log1p_poly(x); }
+  DMLK_CPU_INLINE double operator()(double x) const { return std::log1p(x); }
+};
+
 // Per-row inputs as contiguous columns (structure of arrays) in the stats dtype.
 template <typename T>
 struct RowColumns {
-  at::Tensor in_t, coef_t;  // (3, N), (5, N) owners
+  at::Tensor in_t, coef_t;  // (3, N), (5 or 6, N) owners
   const T* max_neg = nullptr;
   const T* min_pos = nullptr;
   const T* L = nullptr;
@@ -164,6 +224,7 @@ struct RowColumns {
   const T* a_neg = nullptr;
   const T* lse_neg = nullptr;
   const T* b_pos = nullptr;
+  const T* c_lift = nullptr;  // row_coef's column 5, when given
 
   RowColumns(const at::Tensor& row_in, const at::Tensor* row_coef, at::ScalarType st) {
     in_t = row_in.to(st).t().contiguous();
@@ -180,6 +241,7 @@ struct RowColumns {
       a_neg = c + 2 * n;
       lse_neg = c + 3 * n;
       b_pos = c + 4 * n;
+      if (row_coef->size(1) == 6) c_lift = c + 5 * n;
     }
   }
 };
@@ -276,9 +338,32 @@ DMLK_CPU_INLINE void pos_softplus_row(const T* s, int nc, const int32_t* lab, in
   }
 }
 
+// Pass 3 on one tile row (columns j = c0 + c, L_col = row_in[c0.., 2]): every lane computes
+// the pair's terms, the label mask selects them (one exp and one log1p per pair).
+template <typename T>
+DMLK_CPU_INLINE void lifted_pairs_row(const T* v, int nc, const int32_t* lab, int32_t li, int diag,
+                                      T L_i, const T* L_col, const EngineParams<T>& p,
+                                      LiftedPairsAcc<T>& acc) {
+  const CpuExp ex;
+  const CpuLog1p l1p;
+  T sf = T(0), sw = T(0), cnt = T(0);
+#pragma omp simd reduction(+ : sf, sw, cnt)
+  for (int c = 0; c < nc; ++c) {
+    const bool pos = engine_pos_kept<kMiningNone>(v[c], lab[c] == li, c == diag, T(0), T(0));
+    const LiftedTerms<T> t = engine_lifted_terms(v[c], pos, L_i, L_col[c], p, ex, l1p);
+    sf += t.f;
+    sw += t.w;
+    cnt += t.nonzero;
+  }
+  acc.merge(sf, sw, cnt);
+}
+
 template <int64_t PASS, typename T>
-using AccOf = std::conditional_t<PASS == kPassExtrema, ExtremaAcc<T>,
-                                 std::conditional_t<PASS == kPassLse2, Lse2Acc<T>, PosSoftplusAcc<T>>>;
+using AccOf = std::conditional_t<
+    PASS == kPassExtrema, ExtremaAcc<T>,
+    std::conditional_t<PASS == kPassLse2, Lse2Acc<T>,
+                       std::conditional_t<PASS == kPassPosSoftplus, PosSoftplusAcc<T>,
+                                          LiftedPairsAcc<T>>>>;
 
 // One (nr x nc) similarity tile of rows r0.., columns c0.. into acc[0..nr). The tile is
 // this task's scratch: transform 1 turns each row into values v in place first, so the
@@ -303,9 +388,11 @@ DMLK_CPU_CLONES void forward_tile(T* tile, int64_t nr, int64_t nc, int64_t r0, i
     } else if constexpr (PASS == kPassLse2) {
       lse2_row<T, kDot, MI>(s, inc, ylab + c0, xlab[i], diag, rows.max_neg[i], rows.min_pos[i],
                             p, acc[r]);
-    } else {
+    } else if constexpr (PASS == kPassPosSoftplus) {
       pos_softplus_row<T, kDot, MI>(s, inc, ylab + c0, xlab[i], diag, rows.max_neg[i],
                                     rows.min_pos[i], rows.L[i], p, acc[r]);
+    } else {  // the symmetric case: column j's L is row j's
+      lifted_pairs_row<T>(s, inc, ylab + c0, xlab[i], diag, rows.L[i], rows.L + c0, p, acc[r]);
     }
   }
 }
@@ -317,18 +404,35 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
   const int64_t n = x.size(0), m = y.size(0);
   T* o = out.data_ptr<T>();
   const int64_t cols = out.size(1);
+  // Pass 3 sums over positive pairs only: a row block visits only the columns from the first
+  // to the last one sharing a label with one of its rows (all of them for shuffled labels; a
+  // few tiles when the rows are sorted by label, as the fused Lifted Structure loss does).
+  constexpr bool kPositivesOnly = PASS == kPassLiftedPairs;
   at::parallel_for(0, ceil_div(n, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
     // Worker threads do not inherit the caller's dispatch guard: without it autograd
     // would record every tile product of an input that requires grad (an N x M leak).
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto buffer = at::empty({kRowBlock * std::min(kColBlock, std::max<int64_t>(m, 1))}, x.options());
     std::vector<AccOf<PASS, T>> acc(kRowBlock);
+    std::vector<int64_t> block_of_code(kPositivesOnly ? n + m : 0, -1);  // label codes are < n + m
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * kRowBlock, nr = std::min(kRowBlock, n - r0);
       for (int64_t r = 0; r < nr; ++r) acc[r] = AccOf<PASS, T>();
       const auto xb = x.narrow(0, r0, nr);
-      for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
-        const int64_t nc = std::min(kColBlock, m - c0);
+      int64_t c_begin = 0, c_end = m;
+      if constexpr (kPositivesOnly) {
+        for (int64_t r = 0; r < nr; ++r) block_of_code[xlab[r0 + r]] = b;
+        c_begin = m;
+        c_end = 0;
+        for (int64_t c = 0; c < m; ++c) {
+          if (block_of_code[ylab[c]] == b) {
+            c_begin = std::min(c_begin, c);
+            c_end = c + 1;
+          }
+        }
+      }
+      for (int64_t c0 = c_begin; c0 < c_end; c0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, c_end - c0);
         auto tile = buffer.narrow(0, 0, nr * nc).view({nr, nc});
         if (x.size(1) == 0) {
           tile.zero_();
@@ -360,14 +464,14 @@ at::Tensor pair_engine_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_i
                                    const at::Tensor& row_in, int64_t pass_kind, int64_t transform,
                                    int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
   check_pair_engine_args(x_in, y_in, x_labels, y_labels, row_in, nullptr, pass_kind, transform,
-                         mining, params);
+                         mining, params, exclude_diag);
   // Kernels are plain compute: the tile products inside must never be recorded by autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "dmlkern: the CPU backend takes float32 or float64 x, got ", x_in.scalar_type());
   const auto st = stats_dtype(x_in.scalar_type());
   const int64_t n = x_in.size(0);
-  auto out = at::empty({n, pass_kind == kPassPosSoftplus ? 3 : 2}, x_in.options().dtype(st));
+  auto out = at::empty({n, engine_out_columns(pass_kind)}, x_in.options().dtype(st));
   if (n == 0) return out;
   const auto x = x_in.contiguous();
   const auto y = y_in.contiguous();
@@ -384,9 +488,12 @@ at::Tensor pair_engine_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_i
                                                               exclude_diag, out);
       } else if (pass_kind == kPassLse2) {
         forward_impl<scalar_t, kPassLse2, TR, MI>(x, y, xlab, ylab, rows, p, exclude_diag, out);
-      } else {
+      } else if (pass_kind == kPassPosSoftplus) {
         forward_impl<scalar_t, kPassPosSoftplus, TR, MI>(x, y, xlab, ylab, rows, p, exclude_diag,
                                                          out);
+      } else {  // mining is 0 (checked): one kernel per transform
+        forward_impl<scalar_t, kPassLiftedPairs, TR, kMiningNone>(x, y, xlab, ylab, rows, p,
+                                                                  exclude_diag, out);
       }
     });
   });
@@ -397,105 +504,170 @@ at::Tensor pair_engine_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_i
 // Backward epilogues: a similarity tile row turned in place into dl/ds.
 
 // grad_x side: the tile row is x row i against y columns c0 + c (row i's coefficients).
-template <typename T, int64_t TR, int64_t MI, bool HAS_B>
+// HAS_LIFT: row i's C_lift term, with column j's L_j = L_col[c] (the symmetric case).
+template <typename T, int64_t TR, int64_t MI, bool HAS_B, bool HAS_LIFT>
 DMLK_CPU_INLINE void grad_row_own_x(T* w, int nc, const int32_t* lab, int32_t li, int diag,
                                     T max_neg, T min_pos, T a_pos, T lse_pos, T a_neg,
-                                    T lse_neg, T b_pos, T L, const EngineParams<T>& p) {
+                                    T lse_neg, T b_pos, T L, T c_lift, const T* L_col,
+                                    const EngineParams<T>& p) {
   const CpuExp ex;
+  const CpuLog1p l1p;
 #pragma omp simd
   for (int c = 0; c < nc; ++c) {
     const T v = engine_value<TR>(w[c], CpuSqrt());
     const bool same = lab[c] == li;
     const bool kp = engine_pos_kept<MI>(v, same, c == diag, max_neg, p.eps);
     const bool kn = engine_neg_kept<MI>(v, same, min_pos, p.eps);
-    w[c] = engine_pair_grad<TR, HAS_B>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L, p, ex);
+    const T L_j = HAS_LIFT ? L_col[c] : T(0);
+    w[c] = engine_pair_grad<TR, HAS_B, HAS_LIFT>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos,
+                                                 L, p, ex, c_lift, L_j, l1p);
   }
 }
 
 // grad_y side: the tile row is y row j against x columns i = c0 + c, each with its own
-// row coefficients (the column arrays are offset to c0 by the caller).
-template <typename T, int64_t TR, int64_t MI, bool HAS_B>
+// row coefficients (the column arrays are offset to c0 by the caller). HAS_LIFT: the
+// columns' C_lift terms, with the own row's L_j (the symmetric case: row_in[j, 2]).
+template <typename T, int64_t TR, int64_t MI, bool HAS_B, bool HAS_LIFT>
 DMLK_CPU_INLINE void grad_row_own_y(T* w, int nc, const int32_t* lab, int32_t lj, int diag,
                                     const T* max_neg, const T* min_pos, const T* a_pos,
                                     const T* lse_pos, const T* a_neg, const T* lse_neg,
-                                    const T* b_pos, const T* L, const EngineParams<T>& p) {
+                                    const T* b_pos, const T* L, const T* c_lift, T L_j,
+                                    const EngineParams<T>& p) {
   const CpuExp ex;
+  const CpuLog1p l1p;
 #pragma omp simd
   for (int c = 0; c < nc; ++c) {
     const T v = engine_value<TR>(w[c], CpuSqrt());
     const bool same = lab[c] == lj;
     const bool kp = engine_pos_kept<MI>(v, same, c == diag, max_neg[c], p.eps);
     const bool kn = engine_neg_kept<MI>(v, same, min_pos[c], p.eps);
-    w[c] = engine_pair_grad<TR, HAS_B>(v, kp, kn, a_pos[c], lse_pos[c], a_neg[c], lse_neg[c],
-                                       b_pos[c], L[c], p, ex);
+    const T cl = HAS_LIFT ? c_lift[c] : T(0);
+    w[c] = engine_pair_grad<TR, HAS_B, HAS_LIFT>(v, kp, kn, a_pos[c], lse_pos[c], a_neg[c],
+                                                 lse_neg[c], b_pos[c], L[c], p, ex, cl, L_j, l1p);
+  }
+}
+
+// One tile row with the (HAS_B, HAS_LIFT) variant the coefficients need (HAS_LIFT only
+// without mining: C_lift is checked to come with mining = 0).
+template <typename T, int64_t TR, int64_t MI>
+DMLK_CPU_INLINE void grad_row_x(bool has_b, bool has_lift, T* w, int nc, const int32_t* lab,
+                                int32_t li, int diag, const RowColumns<T>& rows, int64_t i,
+                                int64_t c0, const EngineParams<T>& p) {
+  const T mx = rows.max_neg[i], mn = rows.min_pos[i], ap = rows.a_pos[i], lp = rows.lse_pos[i];
+  const T an = rows.a_neg[i], ln = rows.lse_neg[i], b = rows.b_pos[i], L = rows.L[i];
+  if constexpr (MI == kMiningNone) {
+    if (has_lift) {
+      const T cl = rows.c_lift[i];
+      if (has_b) {
+        grad_row_own_x<T, TR, MI, true, true>(w, nc, lab, li, diag, mx, mn, ap, lp, an, ln, b, L,
+                                              cl, rows.L + c0, p);
+      } else {
+        grad_row_own_x<T, TR, MI, false, true>(w, nc, lab, li, diag, mx, mn, ap, lp, an, ln, b, L,
+                                               cl, rows.L + c0, p);
+      }
+      return;
+    }
+  }
+  if (has_b) {
+    grad_row_own_x<T, TR, MI, true, false>(w, nc, lab, li, diag, mx, mn, ap, lp, an, ln, b, L,
+                                           T(0), nullptr, p);
+  } else {
+    grad_row_own_x<T, TR, MI, false, false>(w, nc, lab, li, diag, mx, mn, ap, lp, an, ln, b, L,
+                                            T(0), nullptr, p);
+  }
+}
+
+template <typename T, int64_t TR, int64_t MI>
+DMLK_CPU_INLINE void grad_row_y(bool has_b, bool has_lift, T* w, int nc, const int32_t* lab,
+                                int32_t lj, int diag, const RowColumns<T>& rows, int64_t j,
+                                int64_t c0, const EngineParams<T>& p) {
+  const T *mx = rows.max_neg + c0, *mn = rows.min_pos + c0, *ap = rows.a_pos + c0;
+  const T *lp = rows.lse_pos + c0, *an = rows.a_neg + c0, *ln = rows.lse_neg + c0;
+  const T *b = rows.b_pos + c0, *L = rows.L + c0;
+  if constexpr (MI == kMiningNone) {
+    if (has_lift) {
+      const T* cl = rows.c_lift + c0;
+      if (has_b) {
+        grad_row_own_y<T, TR, MI, true, true>(w, nc, lab, lj, diag, mx, mn, ap, lp, an, ln, b, L,
+                                              cl, rows.L[j], p);
+      } else {
+        grad_row_own_y<T, TR, MI, false, true>(w, nc, lab, lj, diag, mx, mn, ap, lp, an, ln, b, L,
+                                               cl, rows.L[j], p);
+      }
+      return;
+    }
+  }
+  if (has_b) {
+    grad_row_own_y<T, TR, MI, true, false>(w, nc, lab, lj, diag, mx, mn, ap, lp, an, ln, b, L,
+                                           nullptr, T(0), p);
+  } else {
+    grad_row_own_y<T, TR, MI, false, false>(w, nc, lab, lj, diag, mx, mn, ap, lp, an, ln, b, L,
+                                            nullptr, T(0), p);
   }
 }
 
 template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
 DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
                                const int32_t* xlab, const int32_t* ylab,
-                               const RowColumns<T>& rows, EngineParams<T> p, bool exclude_diag) {
+                               const RowColumns<T>& rows, EngineParams<T> p, bool exclude_diag,
+                               bool tile_has_pos) {
   const int inc = static_cast<int>(nc);
   if constexpr (OWN_IS_X) {
     for (int64_t r = 0; r < na; ++r) {
       const int64_t i = a0 + r;
-      const int diag = diag_column(exclude_diag, i, c0, nc);
-      T* w = tile + r * nc;
-      if (rows.b_pos[i] != T(0)) {
-        grad_row_own_x<T, TR, MI, true>(w, inc, ylab + c0, xlab[i], diag, rows.max_neg[i],
-                                        rows.min_pos[i], rows.a_pos[i], rows.lse_pos[i],
-                                        rows.a_neg[i], rows.lse_neg[i], rows.b_pos[i], rows.L[i], p);
-      } else {
-        grad_row_own_x<T, TR, MI, false>(w, inc, ylab + c0, xlab[i], diag, rows.max_neg[i],
-                                         rows.min_pos[i], rows.a_pos[i], rows.lse_pos[i],
-                                         rows.a_neg[i], rows.lse_neg[i], rows.b_pos[i], rows.L[i],
-                                         p);
-      }
+      const bool has_lift = tile_has_pos && rows.c_lift != nullptr && rows.c_lift[i] != T(0);
+      grad_row_x<T, TR, MI>(rows.b_pos[i] != T(0), has_lift, tile + r * nc, inc, ylab + c0,
+                            xlab[i], diag_column(exclude_diag, i, c0, nc), rows, i, c0, p);
     }
   } else {
-    bool has_b = false;
-    for (int64_t c = 0; c < nc; ++c) has_b = has_b || rows.b_pos[c0 + c] != T(0);
+    bool has_b = false, has_lift = false;
+    for (int64_t c = 0; c < nc; ++c) {
+      has_b = has_b || rows.b_pos[c0 + c] != T(0);
+      has_lift = has_lift || (rows.c_lift != nullptr && rows.c_lift[c0 + c] != T(0));
+    }
+    has_lift = has_lift && tile_has_pos;
     for (int64_t r = 0; r < na; ++r) {
       const int64_t j = a0 + r;
-      const int diag = diag_column(exclude_diag, j, c0, nc);
-      T* w = tile + r * nc;
-      if (has_b) {
-        grad_row_own_y<T, TR, MI, true>(w, inc, xlab + c0, ylab[j], diag, rows.max_neg + c0,
-                                        rows.min_pos + c0, rows.a_pos + c0, rows.lse_pos + c0,
-                                        rows.a_neg + c0, rows.lse_neg + c0, rows.b_pos + c0,
-                                        rows.L + c0, p);
-      } else {
-        grad_row_own_y<T, TR, MI, false>(w, inc, xlab + c0, ylab[j], diag, rows.max_neg + c0,
-                                         rows.min_pos + c0, rows.a_pos + c0, rows.lse_pos + c0,
-                                         rows.a_neg + c0, rows.lse_neg + c0, rows.b_pos + c0,
-                                         rows.L + c0, p);
-      }
+      grad_row_y<T, TR, MI>(has_b, has_lift, tile + r * nc, inc, xlab + c0, ylab[j],
+                            diag_column(exclude_diag, j, c0, nc), rows, j, c0, p);
     }
   }
 }
 
 // grad_own[a] = sum_b dl/ds(a, b) other[b], one block of `own` rows per task: each output
-// row has one writer. own = x (pairs (a, b) = (i, j)) or own = y (pairs (j, i)).
+// row has one writer. own = x (pairs (a, b) = (i, j)) or own = y (pairs (j, i)). With a C_lift
+// column, a tile without a positive pair (no label of the block's rows among its columns)
+// skips the lifted term: with rows sorted by label, most tiles.
 template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
 void grad_side(const at::Tensor& own, const at::Tensor& other, const int32_t* xlab,
                const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
                bool exclude_diag, at::Tensor& grad_own) {
   const int64_t n_own = own.size(0), n_other = other.size(0);
+  const int32_t* own_lab = OWN_IS_X ? xlab : ylab;
+  const int32_t* other_lab = OWN_IS_X ? ylab : xlab;
+  const bool lift = rows.c_lift != nullptr;
   at::parallel_for(0, ceil_div(n_own, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
     // Worker threads do not inherit the caller's dispatch guard (see forward_impl).
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto buffer = at::empty({kRowBlock * std::min(kColBlock, n_other)}, own.options());
+    std::vector<int64_t> block_of_code(lift ? n_own + n_other : 0, -1);  // label codes < N + M
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t a0 = b * kRowBlock, na = std::min(kRowBlock, n_own - a0);
       const auto own_blk = own.narrow(0, a0, na);
       auto grad_blk = grad_own.narrow(0, a0, na);
+      if (lift) {
+        for (int64_t r = 0; r < na; ++r) block_of_code[own_lab[a0 + r]] = b;
+      }
       for (int64_t c0 = 0; c0 < n_other; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, n_other - c0);
         const auto other_blk = other.narrow(0, c0, nc);
         auto tile = buffer.narrow(0, 0, na * nc).view({na, nc});
         at::mm_out(tile, own_blk, other_blk.t());
+        bool tile_has_pos = !lift;
+        for (int64_t c = 0; c < nc && !tile_has_pos; ++c)
+          tile_has_pos = block_of_code[other_lab[c0 + c]] == b;
         grad_tile<T, TR, MI, OWN_IS_X>(tile.data_ptr<T>(), na, nc, a0, c0, xlab, ylab, rows, p,
-                                       exclude_diag);
+                                       exclude_diag, tile_has_pos);
         grad_blk.addmm_(tile, other_blk);
       }
     }
@@ -507,7 +679,7 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
     const at::Tensor& y_labels, const at::Tensor& row_in, const at::Tensor& row_coef,
     int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
   check_pair_engine_args(x_in, y_in, x_labels, y_labels, row_in, &row_coef, -1, transform, mining,
-                         params);
+                         params, exclude_diag);
   // Kernels are plain compute: the tile products inside must never be recorded by autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,

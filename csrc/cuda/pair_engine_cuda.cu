@@ -23,7 +23,7 @@ namespace dmlkern {
 void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
                             const at::Tensor& y_labels, const at::Tensor& row_in,
                             const at::Tensor* row_coef, int64_t pass_kind, int64_t transform,
-                            int64_t mining, at::ArrayRef<double> params);
+                            int64_t mining, at::ArrayRef<double> params, bool exclude_diag);
 
 namespace {
 
@@ -48,8 +48,11 @@ template <int64_t V>
 using IC = std::integral_constant<int64_t, V>;
 
 template <int64_t PASS, typename T>
-using PassAcc = std::conditional_t<PASS == kPassExtrema, ExtremaAcc<T>,
-                                   std::conditional_t<PASS == kPassLse2, Lse2Acc<T>, PosSoftplusAcc<T>>>;
+using PassAcc = std::conditional_t<
+    PASS == kPassExtrema, ExtremaAcc<T>,
+    std::conditional_t<PASS == kPassLse2, Lse2Acc<T>,
+                       std::conditional_t<PASS == kPassPosSoftplus, PosSoftplusAcc<T>,
+                                          LiftedPairsAcc<T>>>>;
 
 // dots[r] = <own[a0 + warp * kRowsPerWarp + r], other[c0 + lane]> for one tile; rows or
 // columns past the end, and k past d, are staged as 0. Every thread of the block must call it.
@@ -108,7 +111,17 @@ __device__ __forceinline__ void warp_merge(PosSoftplusAcc<T>& a) {
   }
 }
 
+template <typename T>
+__device__ __forceinline__ void warp_merge(LiftedPairsAcc<T>& a) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const T f = shfl_xor(a.f, offset), w = shfl_xor(a.w, offset);
+    const T ct = shfl_xor(a.count, offset);
+    a.merge(f, w, ct);
+  }
+}
+
 // Forward: row_in_t is row_in as (3, n) columns (max_neg, min_pos, L); out is (n, kCols).
+// Pass 3 (the symmetric case) reads column j's L as row_in_t[2n + j].
 template <typename scalar_t, int64_t PASS, int64_t TR, int64_t MI>
 __global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
     const scalar_t* __restrict__ x, int64_t xs0, int64_t xs1, const scalar_t* __restrict__ y,
@@ -118,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
     EngineParams<typename AccOf<scalar_t>::type> p, bool exclude_diag,
     typename AccOf<scalar_t>::type* __restrict__ out) {
   using acc_t = typename AccOf<scalar_t>::type;
-  constexpr int kCols = PASS == kPassPosSoftplus ? 3 : 2;
+  constexpr int kCols = PASS == kPassPosSoftplus || PASS == kPassLiftedPairs ? 3 : 2;
   __shared__ acc_t xs[kTileRows][kTileK + 1];
   __shared__ acc_t ys[kTileCols][kTileK + 1];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -142,6 +155,7 @@ __global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
     const int64_t j = c0 + lane;
     if (j >= m) continue;  // after the block-wide staging: no barrier is skipped
     const int64_t lab_j = ylab[j];
+    const acc_t L_j = PASS == kPassLiftedPairs ? row_in_t[2 * n + j] : acc_t(0);
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int64_t i = r0 + warp * kRowsPerWarp + r;
       if (i >= n) continue;
@@ -155,8 +169,10 @@ __global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
         const bool kp = engine_pos_kept<MI>(v, same, excluded, max_neg[r], p.eps);
         if constexpr (PASS == kPassLse2) {
           stats[r].push(v, kp, engine_neg_kept<MI>(v, same, min_pos[r], p.eps), p);
-        } else {
+        } else if constexpr (PASS == kPassPosSoftplus) {
           stats[r].push(v, kp, L[r], p, StdExp());
+        } else {
+          stats[r].push(v, kp, L[r], L_j, p, StdExp(), StdLog1p());
         }
       }
     }
@@ -171,9 +187,10 @@ __global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
 
 // Backward: grad_own[a] = sum_b dl/ds(a, b) other[b] for the block's kTileRows own rows.
 // OWN_IS_X: the pair (i, j) is (a, b) (grad_x), else (b, a) (grad_y). row_in_t (3, nx)
-// and row_coef_t (5, nx) hold the per-x-row inputs as columns; grad_own is (n_own, d)
-// contiguous in the accumulation dtype.
-template <typename scalar_t, int64_t TR, int64_t MI, bool OWN_IS_X>
+// and row_coef_t (5, nx), or (6, nx) with C_lift (LIFT), hold the per-x-row inputs as
+// columns; grad_own is (n_own, d) contiguous in the accumulation dtype. LIFT reads L_j as
+// row_in_t[2 nx + j] (the symmetric case).
+template <typename scalar_t, int64_t TR, int64_t MI, bool OWN_IS_X, bool LIFT>
 __global__ void __launch_bounds__(kThreads) pair_engine_grad_kernel(
     const scalar_t* __restrict__ own, int64_t os0, int64_t os1, int64_t n_own,
     const scalar_t* __restrict__ other, int64_t ts0, int64_t ts1, int64_t n_other, int64_t d,
@@ -206,11 +223,18 @@ __global__ void __launch_bounds__(kThreads) pair_engine_grad_kernel(
         const acc_t a_pos = row_coef_t[i], lse_pos = row_coef_t[nx + i];
         const acc_t a_neg = row_coef_t[2 * nx + i], lse_neg = row_coef_t[3 * nx + i];
         const acc_t b_pos = row_coef_t[4 * nx + i], L = row_in_t[2 * nx + i];
-        w = b_pos != acc_t(0)
-                ? engine_pair_grad<TR, true>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L, p,
-                                             StdExp())
-                : engine_pair_grad<TR, false>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L,
-                                              p, StdExp());
+        const acc_t c_lift = LIFT ? row_coef_t[5 * nx + i] : acc_t(0);
+        if (LIFT && c_lift != acc_t(0)) {
+          const acc_t L_j = row_in_t[2 * nx + j];
+          w = engine_pair_grad<TR, true, true>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L,
+                                               p, StdExp(), c_lift, L_j, StdLog1p());
+        } else {
+          w = b_pos != acc_t(0)
+                  ? engine_pair_grad<TR, true>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L,
+                                               p, StdExp())
+                  : engine_pair_grad<TR, false>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos,
+                                                L, p, StdExp());
+        }
       }
       w_sh[warp * kRowsPerWarp + r][lane] = w;
     }
@@ -281,14 +305,14 @@ at::Tensor pair_engine_forward_cuda(const at::Tensor& x, const at::Tensor& y,
                                     const at::Tensor& row_in, int64_t pass_kind, int64_t transform,
                                     int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
   check_pair_engine_args(x, y, x_labels, y_labels, row_in, nullptr, pass_kind, transform, mining,
-                         params);
+                         params, exclude_diag);
   check_cuda_dtype(x);
   // Kernels are plain compute: nothing here may be recorded by autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0);
   const auto st = stats_dtype(x.scalar_type());
-  auto out = at::empty({n, pass_kind == kPassPosSoftplus ? 3 : 2}, x.options().dtype(st));
+  auto out = at::empty({n, engine_out_columns(pass_kind)}, x.options().dtype(st));
   if (n == 0) return out;
   const auto xl = x_labels.contiguous();
   const auto yl = y_labels.contiguous();
@@ -305,13 +329,37 @@ at::Tensor pair_engine_forward_cuda(const at::Tensor& x, const at::Tensor& y,
       } else if (pass_kind == kPassLse2) {
         launch_forward<scalar_t, kPassLse2, TR, MI>(x, y, xl, yl, row_in_t, p, exclude_diag, out,
                                                     stream);
-      } else {
+      } else if (pass_kind == kPassPosSoftplus) {
         launch_forward<scalar_t, kPassPosSoftplus, TR, MI>(x, y, xl, yl, row_in_t, p,
                                                            exclude_diag, out, stream);
+      } else {  // mining is 0 (checked): one kernel per transform
+        launch_forward<scalar_t, kPassLiftedPairs, TR, kMiningNone>(x, y, xl, yl, row_in_t, p,
+                                                                    exclude_diag, out, stream);
       }
     });
   });
   return out;
+}
+
+template <typename scalar_t, int64_t TR, int64_t MI, bool LIFT>
+void launch_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xl,
+                     const at::Tensor& yl, const at::Tensor& row_in_t, const at::Tensor& row_coef_t,
+                     EngineParams<typename AccOf<scalar_t>::type> p, bool exclude_diag,
+                     at::Tensor& grad_x, at::Tensor& grad_y, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
+  pair_engine_grad_kernel<scalar_t, TR, MI, true, LIFT><<<num_blocks(n), kThreads, 0, stream>>>(
+      x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), n, y.data_ptr<scalar_t>(), y.stride(0),
+      y.stride(1), m, d, xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), n,
+      row_in_t.data_ptr<acc_t>(), row_coef_t.data_ptr<acc_t>(), p, exclude_diag,
+      grad_x.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  pair_engine_grad_kernel<scalar_t, TR, MI, false, LIFT><<<num_blocks(m), kThreads, 0, stream>>>(
+      y.data_ptr<scalar_t>(), y.stride(0), y.stride(1), m, x.data_ptr<scalar_t>(), x.stride(0),
+      x.stride(1), n, d, xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), n,
+      row_in_t.data_ptr<acc_t>(), row_coef_t.data_ptr<acc_t>(), p, exclude_diag,
+      grad_y.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
@@ -319,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
     const at::Tensor& y_labels, const at::Tensor& row_in, const at::Tensor& row_coef,
     int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
   check_pair_engine_args(x, y, x_labels, y_labels, row_in, &row_coef, -1, transform, mining,
-                         params);
+                         params, exclude_diag);
   check_cuda_dtype(x);
   // Kernels are plain compute: nothing here may be recorded by autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -332,25 +380,23 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
     const auto xl = x_labels.contiguous();
     const auto yl = y_labels.contiguous();
     const auto row_in_t = row_in.to(st).t().contiguous();      // (3, n)
-    const auto row_coef_t = row_coef.to(st).t().contiguous();  // (5, n)
+    const auto row_coef_t = row_coef.to(st).t().contiguous();  // (5 or 6, n)
+    const bool lift = row_coef.size(1) == 6;  // checked: then mining is 0
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pair_engine_backward_cuda", [&] {
       using acc_t = typename AccOf<scalar_t>::type;
       const auto p = make_params<acc_t>(params);
       dispatch_config(transform, mining, [&](auto tr, auto mi) {
         constexpr int64_t TR = decltype(tr)::value, MI = decltype(mi)::value;
-        pair_engine_grad_kernel<scalar_t, TR, MI, true><<<num_blocks(n), kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), n, y.data_ptr<scalar_t>(),
-            y.stride(0), y.stride(1), m, d, xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), n,
-            row_in_t.data_ptr<acc_t>(), row_coef_t.data_ptr<acc_t>(), p, exclude_diag,
-            grad_x.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        pair_engine_grad_kernel<scalar_t, TR, MI, false><<<num_blocks(m), kThreads, 0, stream>>>(
-            y.data_ptr<scalar_t>(), y.stride(0), y.stride(1), m, x.data_ptr<scalar_t>(),
-            x.stride(0), x.stride(1), n, d, xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), n,
-            row_in_t.data_ptr<acc_t>(), row_coef_t.data_ptr<acc_t>(), p, exclude_diag,
-            grad_y.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if constexpr (MI == kMiningNone) {
+          if (lift) {
+            launch_backward<scalar_t, TR, MI, true>(x, y, xl, yl, row_in_t, row_coef_t, p,
+                                                    exclude_diag, grad_x, grad_y, stream);
+            return;
+          }
+        }
+        launch_backward<scalar_t, TR, MI, false>(x, y, xl, yl, row_in_t, row_coef_t, p,
+                                                 exclude_diag, grad_x, grad_y, stream);
       });
     });
   }

@@ -409,19 +409,100 @@ class _PairDots(torch.autograd.Function):
         return gx, None, None
 
 
+class _LiftedPairs(torch.autograd.Function):
+    """T = sum over ordered positive pairs (i, j), i != j, of f_ij = relu(z_ij)^2 / 2 with
+    z_ij = logaddexp(L_i, L_j) + d_ij - pos_margin and L_i = log sum_{n in N(i)} e^{neg_margin - d_in};
+    returns (T, the number of pairs with f > 0). No pair list: two forward passes (lse2 for L,
+    then lifted_pairs), ONE backward pass (docs/ENGINE.md). By the symmetry of z, dT/dL_k is
+    2 * out[k, 1], which enters the backward as the lse2 coefficient A_neg of row k; the pairs'
+    own term is C_lift = the upstream gradient. The engine sees the rows sorted by label (T does
+    not depend on their order): the CPU lifted_pairs pass then computes only the tiles that
+    hold positive pairs, near the diagonal."""
+
+    @staticmethod
+    def forward(ctx, x, labels, params, backend):
+        labels, order = torch.sort(labels, stable=True)
+        x = x[order]
+        lse = pe.engine_forward(x, x, labels, labels, pass_kind=pe.PASS_LSE2, transform=pe.TRANSFORM_UNIT_DISTANCE,
+                                params=params, exclude_diag=True, backend=backend)
+        neg_lse = lse[:, 1]
+        zero = torch.zeros_like(neg_lse)
+        row_in = torch.stack([zero, zero, neg_lse], dim=1)
+        out = pe.engine_forward(x, x, labels, labels, row_in, pass_kind=pe.PASS_LIFTED_PAIRS,
+                                transform=pe.TRANSFORM_UNIT_DISTANCE, params=params, exclude_diag=True,
+                                backend=backend)
+        ctx.save_for_backward(x, labels, row_in, out, order)
+        ctx.config = (params, backend)
+        count = out[:, 2].sum()
+        ctx.mark_non_differentiable(count)
+        return out[:, 0].sum(), count
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_count):
+        x, labels, row_in, out, order = ctx.saved_tensors
+        params, backend = ctx.config
+        g = grad_total.to(out.dtype).expand(out.shape[0])
+        zero = torch.zeros_like(g)
+        coef = torch.stack([zero, zero, 2 * g * out[:, 1], row_in[:, 2], zero, g], dim=1)
+        grad_x, grad_y = pe.engine_backward_raw(x, x, labels, labels, row_in, coef.contiguous(),
+                                                transform=pe.TRANSFORM_UNIT_DISTANCE, mining=pe.MINING_NONE,
+                                                params=params, exclude_diag=True, backend=backend)
+        grad = torch.zeros_like(grad_x).index_copy(0, order, grad_x + grad_y)  # back to the caller's order
+        return grad, None, None, None
+
+
+def _lifted_reduction(reducer):
+    """"mean" / "nonzero" when the reducer is exactly PML's default MeanReducer or an
+    AvgNonZeroReducer (without stats collection): the loss is then a ratio of two totals of the
+    lifted_pairs pass. None for every other reducer (it needs the per-pair losses)."""
+    from ..reducers import AvgNonZeroReducer, MeanReducer
+
+    if getattr(reducer, "collect_stats", True):
+        return None
+    if type(reducer) is MeanReducer:
+        return "mean"
+    if type(reducer) is AvgNonZeroReducer and reducer.low == 0 and reducer.high is None:
+        return "nonzero"
+    return None
+
+
 def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """Per positive pair (i, j): relu(log(sum_{n in N(i)} e^{m_n - d_in} + sum_{n in N(j)} e^{m_n - d_jn})
-    + d_ij - m_p)^2 / 2. The per-row negative sums are engine statistics (L_i); the positive pairs
-    are listed (O(pairs)), so this runs fused only while pairs are few per row."""
+    + d_ij - m_p)^2 / 2. The per-row negative sums are engine statistics (L_i). With MeanReducer
+    or AvgNonZeroReducer the loss is (sum of the pair losses) / (number of positive pairs, or of
+    non-zero pair losses), both from the engine's lifted_pairs pass: no pair list, static shapes
+    (torch.compile fullgraph). Other reducers get the per-pair losses from a list of the positive
+    pairs (O(pairs)), fused only while pairs are few per row."""
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
     if backend is None or ref_emb is not embeddings:
         return None  # with ref_emb PML matches negatives by index value: the reference does that
     stats = label_stats(labels, labels, True)
-    if bool(short_circuit(stats) | no_pos_or_neg(stats)):
+    degenerate = short_circuit(stats) | no_pos_or_neg(stats)
+    pm, nm = float(module.pos_margin), float(module.neg_margin)
+    reduction = _lifted_reduction(module.reducer)
+    if reduction is None:
+        return _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend)
+    if returns_zero_now(degenerate):
+        return ZERO_LOSS
+    x = unit_rows(embeddings)
+    total, nonzero = _LiftedPairs.apply(x, labels, [1.0, -pm, -1.0, nm, 0.0], backend)
+    if reduction == "mean":  # PML's mean over all positive pairs: sum_c n_c (n_c - 1) of them
+        loss = total / stats["pos"].sum().clamp(min=1).to(total.dtype)
+    else:  # the mean of the f > 0; none: the reducer's grad-carrying zero
+        loss = torch.where(nonzero > 0, total / nonzero.clamp(min=1),
+                           module.reducer.zero_loss(embeddings).to(total.dtype))
+    loss = zero_where(degenerate, loss)
+    module.last_backend = backend
+    return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}
+
+
+def _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend):
+    """Lifted Structure for reducers that need the per-pair losses: L_i from the engine, the
+    positive pairs listed (data-dependent sizes: no fullgraph compile)."""
+    if bool(degenerate):
         return ZERO_LOSS
     if int(stats["pos"].sum()) > MAX_POS_PAIRS_PER_ROW * len(labels):
-        return None  # (lists its positive pairs: data-dependent sizes, no fullgraph compile)
-    pm, nm = float(module.pos_margin), float(module.neg_margin)
+        return None
     x = unit_rows(embeddings)
     lse = _lse2(x, x, labels, labels, [0.0, 0.0, -1.0, nm, 0.0], True, backend,
                 transform=pe.TRANSFORM_UNIT_DISTANCE)

@@ -13,10 +13,10 @@ from .. import reference
 from ..triton import triton_available
 from .dispatch import extension_loaded, log, resolve_backend
 
-PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS = 0, 1, 2
+PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS = 0, 1, 2, 3
 TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE = 0, 1
 MINING_NONE, MINING_MULTI_SIMILARITY = 0, 1
-_OUT_COLUMNS = {PASS_EXTREMA: 2, PASS_LSE2: 2, PASS_POS_SOFTPLUS: 3}
+_OUT_COLUMNS = {PASS_EXTREMA: 2, PASS_LSE2: 2, PASS_POS_SOFTPLUS: 3, PASS_LIFTED_PAIRS: 3}
 
 
 def _stats_dtype(dtype):
@@ -40,6 +40,12 @@ def row_coefficients(pass_kind, out, grad_out):
         # d/dL_i sum_p softplus(L_i - u_ip) = sum_p sigmoid(L_i - u_ip) = out[:, 1]
         grad_l = grad_out[:, 0] * out[:, 1]
         return coef, torch.stack([zero, zero, grad_l], dim=1)
+    if pass_kind == PASS_LIFTED_PAIRS:
+        # Its backward (row_coef column 5, C_lift) gives the gradient of a uniformly weighted
+        # total only, and its L gradient needs the symmetry: losses differentiate it through
+        # their own autograd.Function with engine_backward_raw (fused.losses._LiftedPairs).
+        raise RuntimeError("the lifted_pairs pass (pass_kind=3) is not differentiable through the op: "
+                           "use engine_backward_raw with row_coef (N, 6) (docs/ENGINE.md)")
     raise RuntimeError("the extrema pass (mining statistics) is not differentiable")
 
 
@@ -128,7 +134,8 @@ def choose_backend(backend, device):
 def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transform=TRANSFORM_DOT,
                    mining=MINING_NONE, params=(1.0, 0.0, 1.0, 0.0, 0.0), exclude_diag=False,
                    backend="auto"):
-    """Per-row statistics of one engine pass (docs/ENGINE.md), differentiable in x, y and row_in.
+    """Per-row statistics of one engine pass (docs/ENGINE.md), differentiable in x, y and row_in
+    (except passes 0 and 3: extrema and lifted_pairs; pass 3 needs y is x, exclude_diag, mining 0).
 
     x (N, D), y (M, D) of one floating dtype and device; x_labels (N,), y_labels (M,) int64;
     row_in (N, 3) in the stats dtype (None: zeros). backend: "auto", "cpp", "triton", "reference".
@@ -137,6 +144,8 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
     if row_in is None:
         row_in = torch.zeros(x.shape[0], 3, dtype=stats, device=x.device)
     params = [float(p) for p in params]
+    if int(pass_kind) == PASS_LIFTED_PAIRS:
+        reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "pass_kind=3 (lifted_pairs)")
     args = (x, y, x_labels, y_labels, row_in.to(stats).contiguous(), int(pass_kind), int(transform),
             int(mining), params, bool(exclude_diag))
     chosen = choose_backend(backend, x.device)
@@ -150,8 +159,11 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
 
 def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform, mining, params,
                         exclude_diag, backend):
-    """The backward kernel alone: (grad_x, grad_y) for the given row coefficients. Used by
-    fused losses that chain passes and merge their backward into one (e.g. NT-Xent), and by tests."""
+    """The backward kernel alone: (grad_x, grad_y) for the given row coefficients, (N, 5) or
+    (N, 6) with C_lift (the symmetric case only). Used by fused losses that chain passes and
+    merge their backward into one (NT-Xent, Lifted Structure), and by tests."""
+    if row_coef.shape[1] == 6:
+        reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
     args = (x, y, x_labels, y_labels, row_in, row_coef, int(transform), int(mining),
             [float(p) for p in params], bool(exclude_diag))
     if backend == "reference":

@@ -3,9 +3,9 @@ backend's `engine_forward` / `engine_backward` is tested against. Readable, not 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["engine_values", "engine_masks", "engine_forward", "engine_backward"]
+__all__ = ["engine_values", "engine_masks", "engine_forward", "engine_backward", "check_symmetric"]
 
-PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS = 0, 1, 2
+PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS = 0, 1, 2, 3
 
 
 def _stats_dtype(dtype):
@@ -32,6 +32,32 @@ def engine_masks(v, x_labels, y_labels, row_in, mining, eps, exclude_diag):
         pos = pos & (v - eps < row_in[:, 0:1])
         neg = neg & (v + eps > row_in[:, 1:2])
     return pos, neg
+
+
+def _same_rows(a, b):
+    """The same tensor, or equal values (NaN equal to NaN)."""
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b)) if a.is_floating_point() else a == b).all())
+
+
+def check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, what):
+    """Pass 3 and the C_lift column read row_in[j] for column j: the symmetric case only."""
+    if not exclude_diag:
+        raise ValueError(f"{what} needs the symmetric case: exclude_diag must be True")
+    if not _same_rows(x, y):
+        raise ValueError(f"{what} needs the symmetric case: y must be x (the same rows)")
+    if not _same_rows(x_labels, y_labels):
+        raise ValueError(f"{what} needs the symmetric case: y_labels must be x_labels")
+    if int(mining) != 0:
+        raise ValueError(f"{what} needs mining=0, got mining={mining}")
+
+
+def lifted_relu(v, L, sc_pos, off_pos):
+    """relu(z_ij), z_ij = logaddexp(L_i, L_j) + sc_pos * v_ij + off_pos (N x N); NaN stays NaN."""
+    return torch.relu(torch.logaddexp(L[:, None], L[None, :]) + (sc_pos * v + off_pos))
 
 
 def _masked_lse(vals, keep):
@@ -62,13 +88,26 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
         softplus = torch.where(pos, F.softplus(z), zero).sum(dim=1)
         sigmoid = torch.where(pos, torch.sigmoid(z), zero).sum(dim=1)
         return torch.stack([softplus, sigmoid, pos.sum(dim=1).to(v.dtype)], dim=1)
-    raise ValueError(f"pass_kind must be 0, 1 or 2, got {pass_kind}")
+    if pass_kind == PASS_LIFTED_PAIRS:
+        check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "pass_kind=3 (lifted_pairs)")
+        L = row_in[:, 2]
+        r = lifted_relu(v, L, sc_pos, off_pos)
+        f = r * r * 0.5
+        zero = torch.zeros((), dtype=v.dtype, device=v.device)
+        # d f / d L_i = relu(z) * sigmoid(L_i - L_j), exactly 0 where relu(z) = 0 (also where
+        # L_i = L_j = -inf and the sigmoid is NaN).
+        w = torch.where(r != 0, r * torch.sigmoid(L[:, None] - L[None, :]), zero)
+        return torch.stack([torch.where(pos, f, zero).sum(dim=1), torch.where(pos, w, zero).sum(dim=1),
+                            (pos & (f > 0)).sum(dim=1).to(v.dtype)], dim=1)
+    raise ValueError(f"pass_kind must be 0, 1, 2 or 3, got {pass_kind}")
 
 
 def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag):
     sc_pos, off_pos, sc_neg, off_neg, eps = params
     v = engine_values(x, y, transform)
     pos, neg = engine_masks(v, x_labels, y_labels, row_in, mining, eps, exclude_diag)
+    if row_coef.shape[1] not in (5, 6):
+        raise ValueError(f"row_coef must be (N, 5) or (N, 6), got {tuple(row_coef.shape)}")
     a_pos, lse_pos, a_neg, lse_neg, b_pos = (row_coef[:, k:k + 1] for k in range(5))
     zero = torch.zeros((), dtype=v.dtype, device=v.device)
 
@@ -79,6 +118,11 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
     dv = lse_term(a_pos, sc_pos, off_pos, lse_pos, pos) + lse_term(a_neg, sc_neg, off_neg, lse_neg, neg)
     live_b = pos & (b_pos != 0)
     dv = dv - torch.where(live_b, b_pos * sc_pos * torch.sigmoid(row_in[:, 2:3] - sc_pos * v - off_pos), zero)
+    if row_coef.shape[1] == 6:  # the lifted pairs term: C_lift_i sc_pos relu(z_ij) on pos pairs
+        check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
+        c_lift = row_coef[:, 5:6]
+        live_l = pos & (c_lift != 0)
+        dv = dv + torch.where(live_l, c_lift * sc_pos * lifted_relu(v, row_in[:, 2], sc_pos, off_pos), zero)
     if transform == 1:
         dv = torch.where(v > 0, -dv / torch.where(v > 0, v, 1.0), zero)
     grad_x = dv @ y.to(dv.dtype)

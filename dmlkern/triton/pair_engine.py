@@ -4,13 +4,14 @@ fused loss. Ground truth: dmlkern/reference/pair_engine.py.
 Forward: one program per block of BLOCK_M rows of X streams column tiles of Y, computes the
 similarity tile with tl.dot (_sim_tile), turns it into values v (TRANSFORM), applies
 the label / mining masks and folds the tile into per-row statistics chosen by PASS_KIND
-(extrema, two online log-sum-exps, or the positive softplus / sigmoid sums). Nothing N x M is
-stored.
+(extrema, two online log-sum-exps, the positive softplus / sigmoid sums, or the lifted pairs'
+sums). Nothing N x M is stored.
 
 Backward (FlashAttention-style): the tiles are recomputed; dl/dv follows the generic row_coef
-formula. A program owns a block of rows of X (grad_x) or of Y (grad_y) and is their only
-writer (no atomics, deterministic); a second grid axis splits the output D into BLOCK_DOUT
-slices so the accumulator stays small for large D.
+formula (with the lifted pairs' C_lift term when row_coef has 6 columns: HAS_LIFT). A program
+owns a block of rows of X (grad_x) or of Y (grad_y) and is their only writer (no atomics,
+deterministic); a second grid axis splits the output D into BLOCK_DOUT slices so the
+accumulator stays small for large D.
 
 Scalar parameters travel as three fp32 pieces each (hi + mid + lo == the Python float
 exactly): Triton passes Python floats as fp32, which would round the fp64 path's parameters.
@@ -25,7 +26,7 @@ from . import interpret_mode
 
 __all__ = ["engine_forward", "engine_backward"]
 
-PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS = 0, 1, 2
+PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS = 0, 1, 2, 3
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -104,6 +105,25 @@ def _sigmoid(z):
 
 
 @triton.jit
+def _logaddexp_sigmoid(a, b):
+    """(logaddexp(a, b), sigmoid(a - b)) from one exp (pair_engine.h, engine_lifted_neg_part):
+    -inf for a = b = -inf (the sigmoid is then 1/2 and only ever multiplied by 0); NaN -> NaN."""
+    d = tl.where(a == b, 0.0, a - b)
+    t = tl.exp(-tl.abs(d))
+    u = 1.0 + t
+    log1p = tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))  # as in _softplus
+    r = 1.0 / u
+    return tl.where(a > b, a, b) + log1p, tl.where(d >= 0.0, r, t * r)
+
+
+@triton.jit
+def _lifted_relu(v, lae, sc_pos, off_pos):
+    """relu(logaddexp(L_i, L_j) + sc_pos * v + off_pos), keeping NaN."""
+    z = lae + (sc_pos * v + off_pos)
+    return tl.where(z < 0.0, 0.0, z)
+
+
+@triton.jit
 def _lse_update(m_i, s_i, z, keep):
     """Fold a [BM, BN] tile of kept values z into the online (max, scaled sum) of each row."""
     z = tl.where(keep, z, float("-inf"))
@@ -124,8 +144,8 @@ def _lse_final(m_i, s_i):
 
 @triton.jit
 def _load_row_stats(RIN, COEF, idx, ok, s_rn, s_rc, s_cn, s_cc, MINING: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr):
-    """Row i's mining thresholds, L and row_coef (A_pos, LSE_pos, A_neg, LSE_neg, B_pos)."""
+                    HAS_LIFT: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Row i's mining thresholds, L and row_coef (A_pos, LSE_pos, A_neg, LSE_neg, B_pos[, C_lift])."""
     if MINING == 1:
         max_neg = tl.load(RIN + idx * s_rn, mask=ok, other=0.0).to(ACC_DTYPE)
         min_pos = tl.load(RIN + idx * s_rn + s_rc, mask=ok, other=0.0).to(ACC_DTYPE)
@@ -138,20 +158,29 @@ def _load_row_stats(RIN, COEF, idx, ok, s_rn, s_rc, s_cn, s_cc, MINING: tl.const
     a_neg = tl.load(COEF + idx * s_cn + 2 * s_cc, mask=ok, other=0.0).to(ACC_DTYPE)
     lse_neg = tl.load(COEF + idx * s_cn + 3 * s_cc, mask=ok, other=float("-inf")).to(ACC_DTYPE)
     b_pos = tl.load(COEF + idx * s_cn + 4 * s_cc, mask=ok, other=0.0).to(ACC_DTYPE)
-    return max_neg, min_pos, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos
+    if HAS_LIFT:
+        c_lift = tl.load(COEF + idx * s_cn + 5 * s_cc, mask=ok, other=0.0).to(ACC_DTYPE)
+    else:
+        c_lift = tl.zeros(idx.shape, dtype=ACC_DTYPE)
+    return max_neg, min_pos, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos, c_lift
 
 
 @triton.jit
-def _dl_dv(v, pos, neg, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos,
-           sc_pos, off_pos, sc_neg, off_neg):
+def _dl_dv(v, pos, neg, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos, c_lift, l_j,
+           sc_pos, off_pos, sc_neg, off_neg, HAS_LIFT: tl.constexpr):
     """dl/dv of a tile (docs/ENGINE.md); a term with a zero coefficient or an LSE of -inf is
-    exactly 0 (never NaN); NaN coefficients or values propagate like the reference."""
+    exactly 0 (never NaN); NaN coefficients or values propagate like the reference. HAS_LIFT:
+    the lifted pairs' term C_lift sc_pos relu(z), with row i's L (big_l) and column j's (l_j)."""
     live_p = pos & (a_pos != 0.0) & (lse_pos != float("-inf"))
     dv = tl.where(live_p, a_pos * sc_pos * tl.exp(sc_pos * v + off_pos - tl.where(live_p, lse_pos, 0.0)), 0.0)
     live_n = neg & (a_neg != 0.0) & (lse_neg != float("-inf"))
     dv += tl.where(live_n, a_neg * sc_neg * tl.exp(sc_neg * v + off_neg - tl.where(live_n, lse_neg, 0.0)), 0.0)
     live_b = pos & (b_pos != 0.0)
     dv -= tl.where(live_b, b_pos * sc_pos * _sigmoid(big_l - sc_pos * v - off_pos), 0.0)
+    if HAS_LIFT:
+        lae, _ = _logaddexp_sigmoid(big_l, l_j)
+        live_l = pos & (c_lift != 0.0)
+        dv += tl.where(live_l, c_lift * sc_pos * _lifted_relu(v, lae, sc_pos, off_pos), 0.0)
     return dv
 
 
@@ -182,7 +211,7 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
     else:
         max_neg = zeros
         min_pos = zeros
-    if PASS_KIND == 2:
+    if PASS_KIND == 2 or PASS_KIND == 3:
         big_l = tl.load(RIN + rows * s_rn + 2 * s_rc, mask=row_ok, other=0.0).to(ACC_DTYPE)
     else:
         big_l = zeros
@@ -196,7 +225,7 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
     s_p = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     m_n = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     s_n = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    sp = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)                 # pos_softplus sums
+    sp = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)                 # pos_softplus / lifted_pairs sums
     sg = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     cnt = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
 
@@ -219,11 +248,19 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
         elif PASS_KIND == 1:
             m_p, s_p = _lse_update(m_p, s_p, sc_pos * v + off_pos, pos)
             m_n, s_n = _lse_update(m_n, s_n, sc_neg * v + off_neg, neg)
-        else:
+        elif PASS_KIND == 2:
             z = big_l[:, None] - sc_pos * v - off_pos
             sp += tl.sum(tl.where(pos, _softplus(z), 0.0), axis=1)
             sg += tl.sum(tl.where(pos, _sigmoid(z), 0.0), axis=1)
             cnt += tl.sum(tl.where(pos, 1.0, 0.0).to(ACC_DTYPE), axis=1)
+        else:  # lifted pairs, the symmetric case: column j's L is row_in[j, 2]
+            l_col = tl.load(RIN + cols * s_rn + 2 * s_rc, mask=col_ok, other=0.0).to(ACC_DTYPE)
+            lae, sig = _logaddexp_sigmoid(big_l[:, None], l_col[None, :])
+            r = _lifted_relu(v, lae, sc_pos, off_pos)
+            f = 0.5 * (r * r)
+            sp += tl.sum(tl.where(pos, f, 0.0), axis=1)
+            sg += tl.sum(tl.where(pos & (r != 0.0), r * sig, 0.0), axis=1)
+            cnt += tl.sum(tl.where(pos & (f > 0.0), 1.0, 0.0).to(ACC_DTYPE), axis=1)
 
     out = OUT + rows * s_on
     if PASS_KIND == 0:
@@ -244,13 +281,15 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
                        s_on, s_od, s_tn, s_td, s_xl, s_yl, s_rn, s_rc, s_cn, s_cc, s_gn, s_gd,
                        p0h, p0m, p0l, p1h, p1m, p1l, p2h, p2m, p2l, p3h, p3m, p3l, p4h, p4m, p4l,
                        OWN_IS_X: tl.constexpr, TRANSFORM: tl.constexpr, MINING: tl.constexpr,
-                       EXCLUDE_DIAG: tl.constexpr,
+                       EXCLUDE_DIAG: tl.constexpr, HAS_LIFT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_DOUT: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr):
     """GRAD[a, dout] = sum_b dl/ds(a, b) OTHER[b, dout] for this program's block of `own` rows a,
     where (i, j) = (a, b) for grad_x (OWN_IS_X) and (b, a) for grad_y. Row-i statistics
-    (row_in, row_coef) belong to X's rows: per program for grad_x, per tile for grad_y."""
+    (row_in, row_coef) belong to X's rows: per program for grad_x, per tile for grad_y.
+    HAS_LIFT (the symmetric case) also reads row j's L from row_in: per tile for grad_x, per
+    program for grad_y."""
     pid = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     own = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -264,10 +303,14 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
     eps = _param(p4h, p4m, p4l, ACC_DTYPE)
     if OWN_IS_X:
         own_lab = tl.load(XL + own * s_xl, mask=own_ok, other=0)
-        max_neg, min_pos, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos = _load_row_stats(
-            RIN, COEF, own, own_ok, s_rn, s_rc, s_cn, s_cc, MINING, ACC_DTYPE)
+        max_neg, min_pos, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos, c_lift = _load_row_stats(
+            RIN, COEF, own, own_ok, s_rn, s_rc, s_cn, s_cc, MINING, HAS_LIFT, ACC_DTYPE)
     else:
         own_lab = tl.load(YL + own * s_yl, mask=own_ok, other=0)
+        if HAS_LIFT:  # y is x: the own row's L
+            own_l = tl.load(RIN + own * s_rn + 2 * s_rc, mask=own_ok, other=0.0).to(ACC_DTYPE)
+        else:
+            own_l = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     grad = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=ACC_DTYPE)
     for c0 in range(0, N_OTHER, BLOCK_N):
         oth = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -280,18 +323,23 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
             pos, neg = _engine_masks(v, own_lab[:, None], oth_lab[None, :], own[:, None], oth[None, :],
                                      own_ok[:, None], oth_ok[None, :], max_neg[:, None], min_pos[:, None],
                                      eps, MINING, EXCLUDE_DIAG)
+            if HAS_LIFT:  # y is x: column j's L
+                oth_l = tl.load(RIN + oth * s_rn + 2 * s_rc, mask=oth_ok, other=0.0).to(ACC_DTYPE)
+            else:
+                oth_l = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
             dv = _dl_dv(v, pos, neg, big_l[:, None], a_pos[:, None], lse_pos[:, None],
-                        a_neg[:, None], lse_neg[:, None], b_pos[:, None], sc_pos, off_pos, sc_neg, off_neg)
+                        a_neg[:, None], lse_neg[:, None], b_pos[:, None], c_lift[:, None], oth_l[None, :],
+                        sc_pos, off_pos, sc_neg, off_neg, HAS_LIFT)
         else:
             oth_lab = tl.load(XL + oth * s_xl, mask=oth_ok, other=0)
-            t_max_neg, t_min_pos, t_big_l, t_a_pos, t_lse_pos, t_a_neg, t_lse_neg, t_b_pos = _load_row_stats(
-                RIN, COEF, oth, oth_ok, s_rn, s_rc, s_cn, s_cc, MINING, ACC_DTYPE)
+            t_max_neg, t_min_pos, t_big_l, t_a_pos, t_lse_pos, t_a_neg, t_lse_neg, t_b_pos, t_c_lift = \
+                _load_row_stats(RIN, COEF, oth, oth_ok, s_rn, s_rc, s_cn, s_cc, MINING, HAS_LIFT, ACC_DTYPE)
             pos, neg = _engine_masks(v, oth_lab[None, :], own_lab[:, None], oth[None, :], own[:, None],
                                      oth_ok[None, :], own_ok[:, None], t_max_neg[None, :], t_min_pos[None, :],
                                      eps, MINING, EXCLUDE_DIAG)
             dv = _dl_dv(v, pos, neg, t_big_l[None, :], t_a_pos[None, :], t_lse_pos[None, :],
-                        t_a_neg[None, :], t_lse_neg[None, :], t_b_pos[None, :],
-                        sc_pos, off_pos, sc_neg, off_neg)
+                        t_a_neg[None, :], t_lse_neg[None, :], t_b_pos[None, :], t_c_lift[None, :],
+                        own_l[:, None], sc_pos, off_pos, sc_neg, off_neg, HAS_LIFT)
         if TRANSFORM == 1:  # dv/ds = -1/v, and 0 where v = 0 (or NaN, as the reference)
             pos_v = v > 0.0
             dv = tl.where(pos_v, -dv / tl.where(pos_v, v, 1.0), 0.0)
@@ -348,23 +396,51 @@ def _param_args(params):
     return [piece for p in params for piece in _split(p)]
 
 
-def _tiles(x, d):
+def _tiles(x, d, lift=False):
     """Tile sizes and warps per input dtype, chosen so that the sm_90 builds of both kernels
     keep within 255 registers with (almost) no spills: 64 x 64 tiles over 8 warps for
-    fp32 / fp16 / bf16 (fp32 with K-slices of at most 32), 32 x 32 tiles over 4 warps for fp64."""
+    fp32 / fp16 / bf16 (fp32 with K-slices of at most 32), 32 x 32 tiles over 4 warps for fp64.
+    The backward with the lifted pairs' term (lift) halves the fp32 / fp64 column tiles: at full
+    size ptxas spilled 176-352 bytes per thread there, at half size 0-24 (fp16 / bf16: <= 24
+    either way)."""
     if x.dtype == torch.float64:
-        return dict(block_m=32, block_n=32, block_k=min(_block_k(d), 32), block_dout=64, num_warps=4)
+        return dict(block_m=32, block_n=16 if lift else 32, block_k=min(_block_k(d), 32), block_dout=64,
+                    num_warps=4)
     block_k = _block_k(d) if x.element_size() == 2 else min(_block_k(d), 32)
-    return dict(block_m=64, block_n=64, block_k=block_k, block_dout=128, num_warps=8)
+    block_n = 32 if lift and x.dtype == torch.float32 else 64
+    return dict(block_m=64, block_n=block_n, block_k=block_k, block_dout=128, num_warps=8)
 
 
 def _stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _is_fake(t):
+    return isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+
+
+def _check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, what):
+    """Pass 3 and the C_lift column read row_in[j] for column j: y must be x. Shapes always;
+    values only for real tensors (a triton_op traced by torch.compile sees fake ones)."""
+    if not exclude_diag:
+        raise ValueError(f"{what} needs the symmetric case: exclude_diag must be True")
+    if mining != 0:
+        raise ValueError(f"{what} needs mining=0, got mining={mining}")
+    for a, b, name in ((x, y, "y must be x (the same rows)"), (x_labels, y_labels, "y_labels must be x_labels")):
+        if a is b:
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(f"{what} needs the symmetric case: {name}")
+        if _is_fake(a) or _is_fake(b) or a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+            continue
+        same = (a == b) | (torch.isnan(a) & torch.isnan(b)) if a.is_floating_point() else a == b
+        if not bool(same.all()):
+            raise ValueError(f"{what} needs the symmetric case: {name}")
+
+
 def _check(transform, mining, pass_kind=None):
-    if pass_kind is not None and pass_kind not in (0, 1, 2):
-        raise ValueError(f"pass_kind must be 0, 1 or 2, got {pass_kind}")
+    if pass_kind is not None and pass_kind not in (0, 1, 2, 3):
+        raise ValueError(f"pass_kind must be 0, 1, 2 or 3, got {pass_kind}")
     if transform not in (0, 1):
         raise ValueError(f"transform must be 0 or 1, got {transform}")
     if mining not in (0, 1):
@@ -381,13 +457,16 @@ def _row_tensor(t, n, width, dtype, device):
 def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining, params,
                    exclude_diag, wrap=lambda k: k):
     """Per-row statistics of one pass (docs/ENGINE.md): (N, 2) for extrema / lse2, (N, 3) for
-    pos_softplus, in the stats dtype (fp32, fp64 for fp64 inputs)."""
+    pos_softplus / lifted_pairs, in the stats dtype (fp32, fp64 for fp64 inputs)."""
     pass_kind, transform, mining = int(pass_kind), int(transform), int(mining)
     _check(transform, mining, pass_kind)
+    if pass_kind == PASS_LIFTED_PAIRS:
+        _check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "pass_kind=3 (lifted_pairs)")
     n, d = x.shape
     m = y.shape[0]
     stats_dtype = _stats_dtype(x.dtype)
-    out = torch.empty(n, 3 if pass_kind == PASS_POS_SOFTPLUS else 2, device=x.device, dtype=stats_dtype)
+    out = torch.empty(n, 3 if pass_kind in (PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS) else 2, device=x.device,
+                      dtype=stats_dtype)
     if n == 0:
         return out
     row_in = _row_tensor(row_in, n, 3, stats_dtype, x.device)
@@ -400,6 +479,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
         *_param_args(params),
         PASS_KIND=pass_kind, TRANSFORM=transform,
         MINING=mining if pass_kind != PASS_EXTREMA else 0,  # extrema use the label masks only
+        # (pass 3 is mining 0, checked above)
         EXCLUDE_DIAG=bool(exclude_diag),
         BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], num_warps=t["num_warps"],
         **_launch_config(x))
@@ -408,9 +488,15 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
 
 def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params,
                     exclude_diag, wrap=lambda k: k):
-    """(grad_x, grad_y) in the input dtypes for dl/dv given by row_coef (docs/ENGINE.md)."""
+    """(grad_x, grad_y) in the input dtypes for dl/dv given by row_coef (docs/ENGINE.md): (N, 5),
+    or (N, 6) with the lifted pairs' C_lift (the symmetric case only)."""
     transform, mining = int(transform), int(mining)
     _check(transform, mining)
+    if row_coef.dim() != 2 or row_coef.shape[1] not in (5, 6):
+        raise ValueError(f"row_coef must be (N, 5) or (N, 6), got {tuple(row_coef.shape)}")
+    has_lift = row_coef.shape[1] == 6
+    if has_lift:
+        _check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
     n, d = x.shape
     m = y.shape[0]
     acc_dtype = _stats_dtype(x.dtype)
@@ -419,7 +505,7 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
     if n > 0 and m > 0 and d > 0:
         row_in = _row_tensor(row_in, n, 3, acc_dtype, x.device)
         row_coef = row_coef.to(acc_dtype)
-        t = _tiles(x, d)
+        t = _tiles(x, d, lift=has_lift)
         block_dout = max(16, min(t["block_dout"], triton.next_power_of_2(d)))
         cfg = _launch_config(x)
         pargs = _param_args(params)
@@ -433,6 +519,7 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
                 row_coef.stride(0), row_coef.stride(1), grad.stride(0), grad.stride(1),
                 *pargs,
                 OWN_IS_X=own_is_x, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=bool(exclude_diag),
+                HAS_LIFT=has_lift,
                 BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], BLOCK_DOUT=block_dout,
                 num_warps=t["num_warps"], **cfg)
     return grad_x.to(x.dtype), grad_y.to(y.dtype)
