@@ -147,6 +147,26 @@ def test_ms_miner_few_mined_pairs_follow_pmls_len_rule(engine_backend_choice, ba
     assert (True, 1, 1) in seen and any(not z and min(p, q) <= 1 for z, p, q in seen), sorted(seen)
 
 
+@pytest.mark.parametrize("reducer", ["mean", "avg_nonzero"])
+def test_lifted_nan_embeddings_follow_the_reference(engine_backend_choice, reducer):
+    """A NaN row: MeanReducer propagates NaN; AvgNonZero drops the NaN pair losses (NaN > 0 is
+    false) and averages the rest, so the fused path must not return NaN there."""
+    from dmlkern.reducers import AvgNonZeroReducer, MeanReducer
+    engine_backend_choice("cpp", "cpu")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    x[4] = float("nan")
+    labels = torch.randint(0, 4, (30,), generator=g)
+    make = lambda: losses.LiftedStructureLoss(  # noqa: E731
+        neg_margin=0.5, pos_margin=0.2, reducer=MeanReducer() if reducer == "mean" else AvgNonZeroReducer())
+    loss_fn = make()
+    want_v, _ = _run(loss_fn, "lifted", x, labels, None, None, "reference")
+    got_v, _ = _run(loss_fn, "lifted", x, labels, None, None, "fused")
+    assert loss_fn.last_backend == "cpp"
+    assert torch.isnan(want_v) == (reducer == "mean")
+    torch.testing.assert_close(got_v, want_v, equal_nan=True)
+
+
 def test_unfusable_configurations_use_the_reference(engine_backend_choice):
     engine_backend_choice("engine-reference", "cpu")
     x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)

@@ -486,6 +486,10 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         return ZERO_LOSS
     x = unit_rows(embeddings)
     total, nonzero = _LiftedPairs.apply(x, labels, [1.0, -pm, -1.0, nm, 0.0], backend)
+    if reduction == "nonzero" and not static_shapes() and bool(torch.isnan(total)):
+        # AvgNonZero drops NaN pair losses (NaN > 0 is false) and averages the rest: that needs
+        # the per-pair losses. (Under torch.compile the NaN propagates: a documented deviation.)
+        return _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend)
     if reduction == "mean":  # PML's mean over all positive pairs: sum_c n_c (n_c - 1) of them
         loss = total / stats["pos"].sum().clamp(min=1).to(total.dtype)
     else:  # the mean of the f > 0; none: the reducer's grad-carrying zero
