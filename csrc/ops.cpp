@@ -18,9 +18,11 @@ TORCH_LIBRARY(dmlkern, m) {
       "int pass_kind, int transform, int mining, float[] params, bool exclude_diag) -> Tensor");
   // Recomputes the tiles; row_coef (N, 5) = (A_pos, LSE_pos, A_neg, LSE_neg, B_pos), or
   // (N, 6) with C_lift (pass 3's term; the symmetric case only).
-  // Returns (grad_x, grad_y) in the input dtype.
+  // Returns (grad_x, grad_y) in the input dtype. symmetric: the caller passes y = x and
+  // y_labels = x_labels (shapes are checked) and wants only their sum: it comes back as
+  // grad_x, with grad_y zero, from one side's tiles (pairs (a, b) and (b, a) together).
   m.def(
       "pair_engine_backward(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, Tensor row_in, "
-      "Tensor row_coef, int transform, int mining, float[] params, bool exclude_diag) "
-      "-> (Tensor, Tensor)");
+      "Tensor row_coef, int transform, int mining, float[] params, bool exclude_diag, "
+      "bool symmetric=False) -> (Tensor, Tensor)");
 }

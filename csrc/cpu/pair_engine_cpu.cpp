@@ -677,9 +677,13 @@ void grad_side(const at::Tensor& own, const at::Tensor& other, const int32_t* xl
 std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& x_labels,
     const at::Tensor& y_labels, const at::Tensor& row_in, const at::Tensor& row_coef,
-    int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
+    int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag,
+    bool symmetric) {
   check_pair_engine_args(x_in, y_in, x_labels, y_labels, row_in, &row_coef, -1, transform, mining,
                          params, exclude_diag);
+  TORCH_CHECK(!symmetric || (x_in.sizes() == y_in.sizes() && x_labels.sizes() == y_labels.sizes()),
+              "dmlkern: symmetric=True needs y of x's shape and y_labels of x_labels' (y is x), got x ",
+              x_in.sizes(), " and y ", y_in.sizes());
   // Kernels are plain compute: the tile products inside must never be recorded by autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
@@ -703,6 +707,10 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
       grad_side<scalar_t, TR, MI, false>(y, x, xlab, ylab, rows, p, exclude_diag, grad_y);
     });
   });
+  if (symmetric) {
+    grad_x.add_(grad_y);
+    grad_y.zero_();
+  }
   return {grad_x, grad_y};
 }
 

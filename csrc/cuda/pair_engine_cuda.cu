@@ -365,9 +365,13 @@ void launch_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
     const at::Tensor& y_labels, const at::Tensor& row_in, const at::Tensor& row_coef,
-    int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
+    int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag,
+    bool symmetric) {
   check_pair_engine_args(x, y, x_labels, y_labels, row_in, &row_coef, -1, transform, mining,
                          params, exclude_diag);
+  TORCH_CHECK(!symmetric || (x.sizes() == y.sizes() && x_labels.sizes() == y_labels.sizes()),
+              "dmlkern: symmetric=True needs y of x's shape and y_labels of x_labels' (y is x), got x ",
+              x.sizes(), " and y ", y.sizes());
   check_cuda_dtype(x);
   // Kernels are plain compute: nothing here may be recorded by autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -399,6 +403,10 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
                                                  exclude_diag, grad_x, grad_y, stream);
       });
     });
+  }
+  if (symmetric) {
+    grad_x.add_(grad_y);
+    grad_y.zero_();
   }
   return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type())};
 }

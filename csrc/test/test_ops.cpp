@@ -53,7 +53,7 @@ int main() {
                       .typed<std::tuple<torch::Tensor, torch::Tensor>(
                           const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                           const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                          int64_t, int64_t, c10::ArrayRef<double>, bool)>();
+                          int64_t, int64_t, c10::ArrayRef<double>, bool, bool)>();
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   // [sc_pos, off_pos, sc_neg, off_neg, eps]: masked_lse's [scale, 0, scale, 0, 0], and a general set.
   const std::vector<std::vector<double>> param_sets = {{2.5, 0.0, 2.5, 0.0, 0.0},
@@ -94,9 +94,12 @@ int main() {
                                 torch::zeros({x.size(0)}, f64)},
                                1);
       auto grads = backward.call(x, y, xl, yl, row_in, coef, /*transform=*/0, /*mining=*/0,
-                                 params, self);
-      if (self) {  // y is x: the caller adds the two
+                                 params, self, /*symmetric=*/false);
+      if (self) {  // y is x: the caller adds the two, or asks for the sum (symmetric)
         expect_close(std::get<0>(grads) + std::get<1>(grads), xr.grad(), "lse2 grad (self)");
+        auto sym = backward.call(x, y, xl, yl, row_in, coef, 0, 0, params, self, /*symmetric=*/true);
+        expect_close(std::get<0>(sym), xr.grad(), "lse2 grad (self, symmetric)");
+        expect_close(std::get<1>(sym), torch::zeros_like(x), "lse2 grad_y (self, symmetric)");
       } else {
         expect_close(std::get<0>(grads), xr.grad(), "lse2 grad x");
         expect_close(std::get<1>(grads), yr.grad(), "lse2 grad y");

@@ -216,6 +216,7 @@ class _NTXentRows(torch.autograd.Function):
         # y / ref_labels are None when they are x / labels: torch.compile can't trace an
         # autograd.Function given one tensor twice.
         ctx.self_pairs = y is None
+        ctx.symmetric = y is None and ref_labels is None  # the pair masks are symmetric too
         y = x if y is None else y
         ref_labels = labels if ref_labels is None else ref_labels
         lse = pe.engine_forward(x, y, labels, ref_labels, pass_kind=pe.PASS_LSE2, params=params,
@@ -239,8 +240,9 @@ class _NTXentRows(torch.autograd.Function):
         coef = torch.stack([zero, zero, grad * out[:, 1], row_in[:, 2], grad], dim=1)
         grad_x, grad_y = pe.engine_backward_raw(x, y, labels, ref_labels, row_in, coef.contiguous(),
                                                 transform=pe.TRANSFORM_DOT, mining=pe.MINING_NONE,
-                                                params=params, exclude_diag=exclude_diag, backend=backend)
-        if ctx.self_pairs:
+                                                params=params, exclude_diag=exclude_diag, backend=backend,
+                                                symmetric=ctx.symmetric)
+        if ctx.self_pairs:  # the sum (symmetric: grad_x already is, grad_y is zero)
             return grad_x + grad_y, None, None, None, None, None, None
         return grad_x, grad_y, None, None, None, None, None
 
@@ -446,8 +448,9 @@ class _LiftedPairs(torch.autograd.Function):
         coef = torch.stack([zero, zero, 2 * g * out[:, 1], row_in[:, 2], zero, g], dim=1)
         grad_x, grad_y = pe.engine_backward_raw(x, x, labels, labels, row_in, coef.contiguous(),
                                                 transform=pe.TRANSFORM_UNIT_DISTANCE, mining=pe.MINING_NONE,
-                                                params=params, exclude_diag=True, backend=backend)
-        grad = torch.zeros_like(grad_x).index_copy(0, order, grad_x + grad_y)  # back to the caller's order
+                                                params=params, exclude_diag=True, backend=backend,
+                                                symmetric=True)
+        grad = torch.zeros_like(grad_x).index_copy(0, order, grad_x)  # back to the caller's order
         return grad, None, None, None
 
 

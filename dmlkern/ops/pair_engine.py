@@ -27,6 +27,9 @@ def _setup_context(ctx, inputs, output):
     x, y, x_labels, y_labels, row_in, pass_kind, transform, mining, params, exclude_diag = inputs
     ctx.save_for_backward(x, y, x_labels, y_labels, row_in, output)
     ctx.args = (pass_kind, transform, mining, params, exclude_diag)
+    # y is x (and the labels too): autograd sums the two gradients anyway, so the backward
+    # may compute that sum from one side's tiles (pairs (a, b) and (b, a) together).
+    ctx.symmetric = x is y and x_labels is y_labels
 
 
 def row_coefficients(pass_kind, out, grad_out):
@@ -57,7 +60,7 @@ def _make_backward(backward_op):
         grad_x = grad_y = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad_x, grad_y = backward_op(x, y, x_labels, y_labels, row_in, coef.contiguous(),
-                                         transform, mining, params, exclude_diag)
+                                         transform, mining, params, exclude_diag, ctx.symmetric)
         return grad_x, grad_y, None, None, grad_row_in, None, None, None, None, None
 
     return backward
@@ -67,7 +70,8 @@ def _fake_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining
     return x.new_empty((x.shape[0], _OUT_COLUMNS.get(pass_kind, 2)), dtype=_stats_dtype(x.dtype))
 
 
-def _fake_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag):
+def _fake_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag,
+                   symmetric=False):
     return x.new_empty(x.shape), y.new_empty(y.shape)
 
 
@@ -102,10 +106,10 @@ if triton_available():
         def pair_engine_backward_triton(x: torch.Tensor, y: torch.Tensor, x_labels: torch.Tensor,
                                         y_labels: torch.Tensor, row_in: torch.Tensor,
                                         row_coef: torch.Tensor, transform: int, mining: int,
-                                        params: list[float],
-                                        exclude_diag: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                                        params: list[float], exclude_diag: bool,
+                                        symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
             return _tk.engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining,
-                                       params, exclude_diag, wrap_triton)
+                                       params, exclude_diag, symmetric, wrap_triton)
 
         pair_engine_forward_triton.register_autograd(
             _make_backward(pair_engine_backward_triton), setup_context=_setup_context)
@@ -158,14 +162,15 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
 
 
 def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform, mining, params,
-                        exclude_diag, backend):
+                        exclude_diag, backend, symmetric=False):
     """The backward kernel alone: (grad_x, grad_y) for the given row coefficients, (N, 5) or
     (N, 6) with C_lift (the symmetric case only). Used by fused losses that chain passes and
-    merge their backward into one (NT-Xent, Lifted Structure), and by tests."""
+    merge their backward into one (NT-Xent, Lifted Structure), and by tests. symmetric=True
+    (y is x, y_labels is x_labels): grad_x is the sum of both gradients, grad_y zero."""
     if row_coef.shape[1] == 6:
         reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
     args = (x, y, x_labels, y_labels, row_in, row_coef, int(transform), int(mining),
-            [float(p) for p in params], bool(exclude_diag))
+            [float(p) for p in params], bool(exclude_diag), bool(symmetric))
     if backend == "reference":
         return reference.engine_backward(*args)
     if backend == "triton":

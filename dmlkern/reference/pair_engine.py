@@ -102,7 +102,8 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
     raise ValueError(f"pass_kind must be 0, 1, 2 or 3, got {pass_kind}")
 
 
-def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag):
+def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag,
+                    symmetric=False):
     sc_pos, off_pos, sc_neg, off_neg, eps = params
     v = engine_values(x, y, transform)
     pos, neg = engine_masks(v, x_labels, y_labels, row_in, mining, eps, exclude_diag)
@@ -127,4 +128,8 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
         dv = torch.where(v > 0, -dv / torch.where(v > 0, v, 1.0), zero)
     grad_x = dv @ y.to(dv.dtype)
     grad_y = dv.T @ x.to(dv.dtype)
+    if symmetric:  # y is x: the caller wants the sum (docs/ENGINE.md)
+        if x.shape != y.shape or x_labels.shape != y_labels.shape:
+            raise ValueError(f"symmetric=True needs y of x's shape (y is x), got {tuple(x.shape)} and {tuple(y.shape)}")
+        grad_x, grad_y = grad_x + grad_y, torch.zeros_like(grad_y)
     return grad_x.to(x.dtype), grad_y.to(y.dtype)

@@ -487,9 +487,10 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
 
 
 def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params,
-                    exclude_diag, wrap=lambda k: k):
+                    exclude_diag, symmetric=False, wrap=lambda k: k):
     """(grad_x, grad_y) in the input dtypes for dl/dv given by row_coef (docs/ENGINE.md): (N, 5),
-    or (N, 6) with the lifted pairs' C_lift (the symmetric case only)."""
+    or (N, 6) with the lifted pairs' C_lift (the symmetric case only). symmetric (y is x): their
+    sum as grad_x, grad_y zero."""
     transform, mining = int(transform), int(mining)
     _check(transform, mining)
     if row_coef.dim() != 2 or row_coef.shape[1] not in (5, 6):
@@ -497,6 +498,8 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
     has_lift = row_coef.shape[1] == 6
     if has_lift:
         _check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
+    if symmetric and (x.shape != y.shape or x_labels.shape != y_labels.shape):
+        raise ValueError(f"symmetric=True needs y of x's shape (y is x), got {tuple(x.shape)} and {tuple(y.shape)}")
     n, d = x.shape
     m = y.shape[0]
     acc_dtype = _stats_dtype(x.dtype)
@@ -522,4 +525,7 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
                 HAS_LIFT=has_lift,
                 BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], BLOCK_DOUT=block_dout,
                 num_warps=t["num_warps"], **cfg)
+    if symmetric:
+        grad_x += grad_y
+        grad_y.zero_()
     return grad_x.to(x.dtype), grad_y.to(y.dtype)
