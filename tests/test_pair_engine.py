@@ -135,6 +135,63 @@ def test_symmetric_backward_is_the_sum_of_both_sides(backend, device, n, d, k):
             assert torch.equal(gy, torch.zeros_like(gy)), what
 
 
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["two-sided", "symmetric"])
+def test_backward_terms_with_zero_columns(backend, device, symmetric):
+    """The B_pos and C_lift terms with their columns all zero (skipped: the Triton kernel compiles
+    them away, HAS_B / HAS_LIFT) and non-zero, two-sided and symmetric, with and without mining;
+    the symmetric one-launch backward with the lifted term and with B_pos on both ends."""
+    _needs_engine(backend)
+    n, d, k = 70, 19, 4  # crosses the 64-row and the 32-column tiles
+    for dtype in dtypes_for(backend, device):
+        x, _, xl, _, _ = _inputs((n, None, d, k), dtype, device, seed=21)
+        stats = torch.float64 if dtype == torch.float64 else torch.float32
+        cases = [(0, 1, 5, b, False) for b in (False, True)] + [(t, 0, 6, b, c) for t in (0, 1)
+                                                                 for b, c in ((False, True), (True, True), (True, False))]
+        for transform, mining, width, with_b, with_c in cases:
+            params = PARAMS[transform]
+            row_in = _row_in(x, x, xl, xl, True, transform, mining, params, stats)
+            lse = reference.engine_forward(x.double(), x.double(), xl, xl, row_in.double(), 1, transform, mining,
+                                           params, True)
+            g = torch.Generator().manual_seed(13)
+            a = torch.rand(n, 4, generator=g, dtype=torch.float64)
+            a[::4, 1] = 0.0
+            cols = [a[:, 0], lse[:, 0].cpu(), a[:, 1], lse[:, 1].cpu(), a[:, 2] * with_b]
+            if width == 6:
+                cols.append(a[:, 3] * with_c)
+            coef = torch.stack(cols, dim=1).to(device, stats)
+            what = f"{dtype} transform={transform} mining={mining} B={with_b} C_lift={with_c if width == 6 else '-'}"
+            gx, gy = pe.engine_backward_raw(x, x, xl, xl, row_in, coef, transform=transform, mining=mining,
+                                            params=params, exclude_diag=True, backend=backend, symmetric=symmetric)
+            wx, wy = reference.engine_backward(x.double(), x.double(), xl, xl, row_in.double(), coef.double(),
+                                               transform, mining, params, True, symmetric=symmetric)
+            assert not torch.isnan(gx).any() and not torch.isnan(gy).any(), what
+            _close(gx, wx, dtype, f"grad_x {what}")
+            _close(gy, wy, dtype, f"grad_y {what}")
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_lse2_pass_with_nan_and_empty_sets(backend, device):
+    """lse2: a NaN row of x makes its own statistics NaN and every other row's where it is kept
+    (a column's NaN value reaches only the set it belongs to); empty sets are -inf."""
+    _needs_engine(backend)
+    for dtype in dtypes_for(backend, device):
+        x, _, xl, _, _ = _inputs((40, None, 9, 6), dtype, device, seed=17)
+        x[7] = float("nan")
+        xl[3] = 99  # a row without positives
+        for transform in (0, 1):
+            params = PARAMS[transform]
+            got = pe.engine_forward(x, x, xl, xl, pass_kind=1, transform=transform, mining=0, params=params,
+                                    exclude_diag=True, backend=backend)
+            want = reference.engine_forward(x.double(), x.double(), xl, xl, torch.zeros(40, 3, dtype=torch.float64),
+                                            1, transform, 0, params, True)
+            what = f"{dtype} transform={transform}"
+            assert torch.isnan(want[:, 1]).sum() > 1 and not torch.isnan(want[:, 0]).all(), what
+            assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu()), what
+            assert torch.equal(torch.isinf(got).cpu(), torch.isinf(want).cpu()), what
+            _close(got, want, dtype, what)
+
+
 def _ntxent_like(x, y, xl, yl, self_pairs, backend, tau=0.2):
     """A chain of passes like the fused NT-Xent: lse2 feeds pos_softplus through row_in."""
     params = [1 / tau, 0.0, 1 / tau, 0.0, 0.0]

@@ -8,10 +8,12 @@ the label / mining masks and folds the tile into per-row statistics chosen by PA
 sums). Nothing N x M is stored.
 
 Backward (FlashAttention-style): the tiles are recomputed; dl/dv follows the generic row_coef
-formula (with the lifted pairs' C_lift term when row_coef has 6 columns: HAS_LIFT). A program
-owns a block of rows of X (grad_x) or of Y (grad_y) and is their only writer (no atomics,
-deterministic); a second grid axis splits the output D into BLOCK_DOUT slices so the
-accumulator stays small for large D.
+formula, its B_pos and C_lift terms compiled in only when their columns hold a non-zero value
+(HAS_B, HAS_LIFT, checked on the host). A program owns a block of rows of X (grad_x) or of Y
+(grad_y) and is their only writer (no atomics, deterministic); a second grid axis splits the
+output D into BLOCK_DOUT slices so the accumulator stays small for large D. symmetric=True (y is
+x) is one launch over X's row blocks that adds both ends' dl/ds per tile (SYMMETRIC): half the
+tile products of the two-sided backward.
 
 Scalar parameters travel as three fp32 pieces each (hi + mid + lo == the Python float
 exactly): Triton passes Python floats as fp32, which would round the fp64 path's parameters.
@@ -136,6 +138,24 @@ def _lse_update(m_i, s_i, z, keep):
 
 
 @triton.jit
+def _lse2_update(m_p, s_p, m_n, s_n, v, pos, neg, sc_pos, off_pos, sc_neg, off_neg):
+    """_lse_update of both sets with one exp per element: pos and neg are disjoint, so one tile
+    z = sc v + off (the pos or the neg parameters) and one exp(z - m) (the pos or the neg
+    reference point) serve both, each summed under its own mask (a kept NaN makes that row's
+    sum NaN; the other set never sees it)."""
+    z = v * tl.where(pos, sc_pos, sc_neg) + tl.where(pos, off_pos, off_neg)
+    m_p_new = tl.maximum(m_p, tl.max(tl.where(pos, z, float("-inf")), axis=1))
+    m_n_new = tl.maximum(m_n, tl.max(tl.where(neg, z, float("-inf")), axis=1))
+    # Reference points as in _lse_update: 0 when the max is +-inf.
+    m_p_ref = tl.where((m_p_new == float("-inf")) | (m_p_new == float("inf")), 0.0, m_p_new)
+    m_n_ref = tl.where((m_n_new == float("-inf")) | (m_n_new == float("inf")), 0.0, m_n_new)
+    e = tl.exp(z - tl.where(pos, m_p_ref[:, None], m_n_ref[:, None]))
+    s_p = s_p * tl.exp(m_p - m_p_ref) + tl.sum(tl.where(pos, e, 0.0), axis=1)
+    s_n = s_n * tl.exp(m_n - m_n_ref) + tl.sum(tl.where(neg, e, 0.0), axis=1)
+    return m_p_new, s_p, m_n_new, s_n
+
+
+@triton.jit
 def _lse_final(m_i, s_i):
     """-inf for an empty set; NaN when a kept value was NaN (s_i is NaN then)."""
     empty = s_i == 0.0
@@ -166,22 +186,31 @@ def _load_row_stats(RIN, COEF, idx, ok, s_rn, s_rc, s_cn, s_cc, MINING: tl.const
 
 
 @triton.jit
-def _dl_dv(v, pos, neg, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos, c_lift, l_j,
-           sc_pos, off_pos, sc_neg, off_neg, HAS_LIFT: tl.constexpr):
-    """dl/dv of a tile (docs/ENGINE.md); a term with a zero coefficient or an LSE of -inf is
-    exactly 0 (never NaN); NaN coefficients or values propagate like the reference. HAS_LIFT:
-    the lifted pairs' term C_lift sc_pos relu(z), with row i's L (big_l) and column j's (l_j)."""
+def _dl_dv(v, pos, neg, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos,
+           sc_pos, off_pos, sc_neg, off_neg, HAS_B: tl.constexpr):
+    """dl/dv of a tile without the lifted term (docs/ENGINE.md); a term with a zero coefficient
+    or an LSE of -inf is exactly 0 (never NaN); NaN coefficients or values propagate like the
+    reference. pos and neg are disjoint: one exp per element serves both softmax terms. HAS_B
+    (chosen on the host): the pos_softplus pass's B_pos sigmoid term; without it, B_pos is 0."""
     live_p = pos & (a_pos != 0.0) & (lse_pos != float("-inf"))
-    dv = tl.where(live_p, a_pos * sc_pos * tl.exp(sc_pos * v + off_pos - tl.where(live_p, lse_pos, 0.0)), 0.0)
     live_n = neg & (a_neg != 0.0) & (lse_neg != float("-inf"))
-    dv += tl.where(live_n, a_neg * sc_neg * tl.exp(sc_neg * v + off_neg - tl.where(live_n, lse_neg, 0.0)), 0.0)
-    live_b = pos & (b_pos != 0.0)
-    dv -= tl.where(live_b, b_pos * sc_pos * _sigmoid(big_l - sc_pos * v - off_pos), 0.0)
-    if HAS_LIFT:
-        lae, _ = _logaddexp_sigmoid(big_l, l_j)
-        live_l = pos & (c_lift != 0.0)
-        dv += tl.where(live_l, c_lift * sc_pos * _lifted_relu(v, lae, sc_pos, off_pos), 0.0)
+    u = tl.where(pos, sc_pos * v + off_pos - tl.where(live_p, lse_pos, 0.0),
+                 sc_neg * v + off_neg - tl.where(live_n, lse_neg, 0.0))
+    coef = tl.where(pos, a_pos * sc_pos, a_neg * sc_neg)
+    dv = tl.where(live_p | live_n, coef * tl.exp(u), 0.0)
+    if HAS_B:
+        live_b = pos & (b_pos != 0.0)
+        dv -= tl.where(live_b, b_pos * sc_pos * _sigmoid(big_l - sc_pos * v - off_pos), 0.0)
     return dv
+
+
+@triton.jit
+def _lift_term(v, pos, c_lift, big_l, l_j, sc_pos, off_pos):
+    """The lifted pairs' term of dl/dv: C_lift sc_pos relu(logaddexp(L_i, L_j) + sc_pos v + off_pos)
+    on pos pairs, exactly 0 where C_lift is 0."""
+    lae, _ = _logaddexp_sigmoid(big_l, l_j)
+    live_l = pos & (c_lift != 0.0)
+    return tl.where(live_l, c_lift * sc_pos * _lifted_relu(v, lae, sc_pos, off_pos), 0.0)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -246,8 +275,7 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
             nan_neg += tl.sum(tl.where(neg & is_nan, 1, 0), axis=1)
             nan_pos += tl.sum(tl.where(pos & is_nan, 1, 0), axis=1)
         elif PASS_KIND == 1:
-            m_p, s_p = _lse_update(m_p, s_p, sc_pos * v + off_pos, pos)
-            m_n, s_n = _lse_update(m_n, s_n, sc_neg * v + off_neg, neg)
+            m_p, s_p, m_n, s_n = _lse2_update(m_p, s_p, m_n, s_n, v, pos, neg, sc_pos, off_pos, sc_neg, off_neg)
         elif PASS_KIND == 2:
             z = big_l[:, None] - sc_pos * v - off_pos
             sp += tl.sum(tl.where(pos, _softplus(z), 0.0), axis=1)
@@ -280,8 +308,9 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
 def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
                        s_on, s_od, s_tn, s_td, s_xl, s_yl, s_rn, s_rc, s_cn, s_cc, s_gn, s_gd,
                        p0h, p0m, p0l, p1h, p1m, p1l, p2h, p2m, p2l, p3h, p3m, p3l, p4h, p4m, p4l,
-                       OWN_IS_X: tl.constexpr, TRANSFORM: tl.constexpr, MINING: tl.constexpr,
-                       EXCLUDE_DIAG: tl.constexpr, HAS_LIFT: tl.constexpr,
+                       OWN_IS_X: tl.constexpr, SYMMETRIC: tl.constexpr, TRANSFORM: tl.constexpr,
+                       MINING: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, HAS_B: tl.constexpr,
+                       HAS_LIFT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_DOUT: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr):
@@ -289,7 +318,9 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
     where (i, j) = (a, b) for grad_x (OWN_IS_X) and (b, a) for grad_y. Row-i statistics
     (row_in, row_coef) belong to X's rows: per program for grad_x, per tile for grad_y.
     HAS_LIFT (the symmetric case) also reads row j's L from row_in: per tile for grad_x, per
-    program for grad_y."""
+    program for grad_y. SYMMETRIC (y is x, the same labels; OWN_IS_X): grad_x + grad_y in one
+    launch: dl/ds(a, b) of the pair (i, j) = (a, b) with row a's statistics plus that of the pair
+    (b, a) with column b's (S is symmetric), so each tile product is done once."""
     pid = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     own = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -323,13 +354,29 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
             pos, neg = _engine_masks(v, own_lab[:, None], oth_lab[None, :], own[:, None], oth[None, :],
                                      own_ok[:, None], oth_ok[None, :], max_neg[:, None], min_pos[:, None],
                                      eps, MINING, EXCLUDE_DIAG)
-            if HAS_LIFT:  # y is x: column j's L
-                oth_l = tl.load(RIN + oth * s_rn + 2 * s_rc, mask=oth_ok, other=0.0).to(ACC_DTYPE)
-            else:
-                oth_l = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
             dv = _dl_dv(v, pos, neg, big_l[:, None], a_pos[:, None], lse_pos[:, None],
-                        a_neg[:, None], lse_neg[:, None], b_pos[:, None], c_lift[:, None], oth_l[None, :],
-                        sc_pos, off_pos, sc_neg, off_neg, HAS_LIFT)
+                        a_neg[:, None], lse_neg[:, None], b_pos[:, None], sc_pos, off_pos, sc_neg, off_neg, HAS_B)
+            if SYMMETRIC:  # the pairs (i, j) = (b, a): column b's statistics (labels: XL = YL)
+                t_max_neg, t_min_pos, t_big_l, t_a_pos, t_lse_pos, t_a_neg, t_lse_neg, t_b_pos, t_c_lift = \
+                    _load_row_stats(RIN, COEF, oth, oth_ok, s_rn, s_rc, s_cn, s_cc, MINING, HAS_LIFT, ACC_DTYPE)
+                if MINING == 1:  # the masks depend on row i's thresholds: recompute them for i = b
+                    t_pos, t_neg = _engine_masks(v, oth_lab[None, :], own_lab[:, None], oth[None, :], own[:, None],
+                                                 oth_ok[None, :], own_ok[:, None], t_max_neg[None, :],
+                                                 t_min_pos[None, :], eps, MINING, EXCLUDE_DIAG)
+                else:  # label masks are symmetric
+                    t_pos = pos
+                    t_neg = neg
+                dv += _dl_dv(v, t_pos, t_neg, t_big_l[None, :], t_a_pos[None, :], t_lse_pos[None, :],
+                             t_a_neg[None, :], t_lse_neg[None, :], t_b_pos[None, :],
+                             sc_pos, off_pos, sc_neg, off_neg, HAS_B)
+                if HAS_LIFT:  # mining 0: one relu(z) for both orders (logaddexp is symmetric)
+                    lae, _ = _logaddexp_sigmoid(big_l[:, None], t_big_l[None, :])
+                    r = _lifted_relu(v, lae, sc_pos, off_pos)
+                    dv += tl.where(pos & (c_lift[:, None] != 0.0), c_lift[:, None] * sc_pos * r, 0.0)
+                    dv += tl.where(pos & (t_c_lift[None, :] != 0.0), t_c_lift[None, :] * sc_pos * r, 0.0)
+            elif HAS_LIFT:  # y is x: column j's L
+                oth_l = tl.load(RIN + oth * s_rn + 2 * s_rc, mask=oth_ok, other=0.0).to(ACC_DTYPE)
+                dv += _lift_term(v, pos, c_lift[:, None], big_l[:, None], oth_l[None, :], sc_pos, off_pos)
         else:
             oth_lab = tl.load(XL + oth * s_xl, mask=oth_ok, other=0)
             t_max_neg, t_min_pos, t_big_l, t_a_pos, t_lse_pos, t_a_neg, t_lse_neg, t_b_pos, t_c_lift = \
@@ -338,8 +385,10 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
                                      oth_ok[None, :], own_ok[:, None], t_max_neg[None, :], t_min_pos[None, :],
                                      eps, MINING, EXCLUDE_DIAG)
             dv = _dl_dv(v, pos, neg, t_big_l[None, :], t_a_pos[None, :], t_lse_pos[None, :],
-                        t_a_neg[None, :], t_lse_neg[None, :], t_b_pos[None, :], t_c_lift[None, :],
-                        own_l[:, None], sc_pos, off_pos, sc_neg, off_neg, HAS_LIFT)
+                        t_a_neg[None, :], t_lse_neg[None, :], t_b_pos[None, :], sc_pos, off_pos, sc_neg, off_neg,
+                        HAS_B)
+            if HAS_LIFT:
+                dv += _lift_term(v, pos, t_c_lift[None, :], t_big_l[None, :], own_l[:, None], sc_pos, off_pos)
         if TRANSFORM == 1:  # dv/ds = -1/v, and 0 where v = 0 (or NaN, as the reference)
             pos_v = v > 0.0
             dv = tl.where(pos_v, -dv / tl.where(pos_v, v, 1.0), 0.0)
@@ -396,19 +445,35 @@ def _param_args(params):
     return [piece for p in params for piece in _split(p)]
 
 
-def _tiles(x, d, lift=False):
+def _tiles(x, d, lift=False, symmetric=False):
     """Tile sizes and warps per input dtype, chosen so that the sm_90 builds of both kernels
-    keep within 255 registers with (almost) no spills: 64 x 64 tiles over 8 warps for
-    fp32 / fp16 / bf16 (fp32 with K-slices of at most 32), 32 x 32 tiles over 4 warps for fp64.
-    The backward with the lifted pairs' term (lift) halves the fp32 / fp64 column tiles: at full
-    size ptxas spilled 176-352 bytes per thread there, at half size 0-24 (fp16 / bf16: <= 24
-    either way)."""
+    keep within 255 registers with (almost) no spills (scripts/triton_compile_check.py prints
+    them): 64 x 64 tiles over 8 warps for fp32 / fp16 / bf16 (fp32 with K-slices of at most 32),
+    32 x 32 tiles over 4 warps for fp64. The backward with the lifted pairs' term (lift) halves
+    the fp32 / fp64 column tiles: at full size ptxas spilled 176-352 bytes per thread there, at
+    half size 0-24 (fp16 / bf16: <= 24 either way). The one-launch symmetric backward holds the
+    row and the column statistics and two dl/dv terms per tile: it halves the column tiles for
+    fp32 and fp64 too (fp32, D=128: 0-16 bytes of spills at 64 x 32; fp64: none; bf16 keeps
+    64 x 64 with 8-20 bytes, 0 at 64 x 32 -- kept at 64 like the lifted case, unmeasured on a GPU)."""
     if x.dtype == torch.float64:
-        return dict(block_m=32, block_n=16 if lift else 32, block_k=min(_block_k(d), 32), block_dout=64,
-                    num_warps=4)
+        return dict(block_m=32, block_n=16 if lift or symmetric else 32, block_k=min(_block_k(d), 32),
+                    block_dout=64, num_warps=4)
     block_k = _block_k(d) if x.element_size() == 2 else min(_block_k(d), 32)
-    block_n = 32 if lift and x.dtype == torch.float32 else 64
+    block_n = 32 if (lift or symmetric) and x.dtype == torch.float32 else 64
     return dict(block_m=64, block_n=block_n, block_k=block_k, block_dout=128, num_warps=8)
+
+
+def _coef_flags(row_coef):
+    """(HAS_B, HAS_LIFT): whether row_coef's B_pos column, and its C_lift column if any, hold a
+    non-zero value. One small reduction and one device-to-host copy of two booleans per
+    backward call (the op's schema does not carry the caller's knowledge: only the NT-Xent
+    chain has B_pos, only the lifted chain C_lift). A zero column compiles its term away, which
+    also frees registers. Tensors seen while torch.compile traces (fake) keep both terms."""
+    has_lift = row_coef.shape[1] == 6
+    if _is_fake(row_coef) or torch.compiler.is_compiling() or row_coef.shape[0] == 0:
+        return True, has_lift
+    flags = (row_coef[:, 4:] != 0).any(dim=0).tolist()
+    return bool(flags[0]), has_lift and bool(flags[1])
 
 
 def _stats_dtype(dtype):
@@ -508,24 +573,27 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
     if n > 0 and m > 0 and d > 0:
         row_in = _row_tensor(row_in, n, 3, acc_dtype, x.device)
         row_coef = row_coef.to(acc_dtype)
-        t = _tiles(x, d, lift=has_lift)
+        has_b, has_lift = _coef_flags(row_coef)
+        if not has_lift and row_coef.shape[1] == 6:
+            row_coef = row_coef[:, :5]  # an all-zero C_lift column: the term is compiled away
+        t = _tiles(x, d, lift=has_lift, symmetric=symmetric)
         block_dout = max(16, min(t["block_dout"], triton.next_power_of_2(d)))
         cfg = _launch_config(x)
         pargs = _param_args(params)
-        for own, other, grad, own_is_x in ((x, y, grad_x, True), (y, x, grad_y, False)):
+        # symmetric: one launch over x's row blocks computes both sides (y is x, the same labels).
+        sides = ((x, x, grad_x, True),) if symmetric else ((x, y, grad_x, True), (y, x, grad_y, False))
+        for own, other, grad, own_is_x in sides:
             grid = (triton.cdiv(own.shape[0], t["block_m"]), triton.cdiv(d, block_dout))
             wrap(_engine_bwd_kernel)[grid](
-                own, other, x_labels, y_labels, row_in, row_coef, grad,
+                own, other, x_labels, x_labels if symmetric else y_labels, row_in, row_coef, grad,
                 own.shape[0], other.shape[0], d,
                 own.stride(0), own.stride(1), other.stride(0), other.stride(1),
-                x_labels.stride(0), y_labels.stride(0), row_in.stride(0), row_in.stride(1),
+                x_labels.stride(0), x_labels.stride(0) if symmetric else y_labels.stride(0),
+                row_in.stride(0), row_in.stride(1),
                 row_coef.stride(0), row_coef.stride(1), grad.stride(0), grad.stride(1),
                 *pargs,
-                OWN_IS_X=own_is_x, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=bool(exclude_diag),
-                HAS_LIFT=has_lift,
+                OWN_IS_X=own_is_x, SYMMETRIC=bool(symmetric), TRANSFORM=transform, MINING=mining,
+                EXCLUDE_DIAG=bool(exclude_diag), HAS_B=has_b, HAS_LIFT=has_lift,
                 BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], BLOCK_DOUT=block_dout,
                 num_warps=t["num_warps"], **cfg)
-    if symmetric:
-        grad_x += grad_y
-        grad_y.zero_()
     return grad_x.to(x.dtype), grad_y.to(y.dtype)
