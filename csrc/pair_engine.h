@@ -439,7 +439,6 @@ DMLK_HDI T engine_pair_grad(T v, bool kept_pos, bool kept_neg, T a_pos, T lse_po
   return engine_dl_ds<TRANSFORM>(v, dl_dv);
 }
 
-
 // One row's backward inputs (row_in and row_coef of row k), for the symmetric pair weight.
 template <typename T>
 struct EngineRowCoef {
