@@ -439,4 +439,39 @@ DMLK_HDI T engine_pair_grad(T v, bool kept_pos, bool kept_neg, T a_pos, T lse_po
   return engine_dl_ds<TRANSFORM>(v, dl_dv);
 }
 
+// One row's backward inputs (row_in and row_coef of row k), for the symmetric pair weight.
+template <typename T>
+struct EngineRowCoef {
+  T max_neg, min_pos, L, a_pos, lse_pos, a_neg, lse_neg, b_pos, c_lift;
+};
+
+// The symmetric case (y is x with the same labels; backward `symmetric = true`): s_ij = s_ji,
+// so the weight of x[j] in grad_x[i] + grad_y[i] is dl/ds of the pair (i, j) with row i's
+// coefficients plus dl/ds of the pair (j, i) with row j's: the same v, label test and
+// self-pair, each half with its own row's masks (mining) and terms. Both halves share one
+// dv/ds and, with HAS_LIFT, one logaddexp (symmetric in L_i, L_j). Exactly what the two
+// engine_pair_grad calls of the two sides give, summed; the HAS_B / HAS_LIFT promises cover
+// both rows (a zero coefficient still contributes exactly 0).
+template <int64_t TRANSFORM, int64_t MINING, bool HAS_B, bool HAS_LIFT, typename T, typename ExpF,
+          typename Log1pF = StdLog1p>
+DMLK_HDI T engine_pair_grad_sym(T v, bool same_label, bool excluded_self, const EngineRowCoef<T>& ri,
+                                const EngineRowCoef<T>& rj, const EngineParams<T>& p, ExpF ex,
+                                Log1pF l1p = Log1pF()) {
+  const bool kp_i = engine_pos_kept<MINING>(v, same_label, excluded_self, ri.max_neg, p.eps);
+  const bool kn_i = engine_neg_kept<MINING>(v, same_label, ri.min_pos, p.eps);
+  const bool kp_j = engine_pos_kept<MINING>(v, same_label, excluded_self, rj.max_neg, p.eps);
+  const bool kn_j = engine_neg_kept<MINING>(v, same_label, rj.min_pos, p.eps);
+  T dl_dv = engine_pair_grad<kTransformDot, HAS_B>(v, kp_i, kn_i, ri.a_pos, ri.lse_pos, ri.a_neg,
+                                                    ri.lse_neg, ri.b_pos, ri.L, p, ex) +
+            engine_pair_grad<kTransformDot, HAS_B>(v, kp_j, kn_j, rj.a_pos, rj.lse_pos, rj.a_neg,
+                                                    rj.lse_neg, rj.b_pos, rj.L, p, ex);
+  if constexpr (HAS_LIFT) {
+    const T r = engine_lifted_relu(v, engine_lifted_neg_part(ri.L, rj.L, ex, l1p).lae, p);
+    const bool live_i = kp_i & (ri.c_lift != T(0)), live_j = kp_j & (rj.c_lift != T(0));
+    dl_dv = dl_dv + ((live_i ? ri.c_lift * p.sc_pos * r : T(0)) +
+                     (live_j ? rj.c_lift * p.sc_pos * r : T(0)));
+  }
+  return engine_dl_ds<TRANSFORM>(v, dl_dv);
+}
+
 }  // namespace dmlkern

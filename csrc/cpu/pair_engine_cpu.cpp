@@ -5,7 +5,9 @@
 // epilogue folds the tile into per-row statistics (forward) or turns it in place into
 // dl/ds and multiplies it back (backward: grad_own[block] += W @ other[tile]). grad_x and
 // grad_y are separate passes over own-row blocks, so every output row has exactly one
-// writer: no atomics, deterministic. Nothing of size N x M is ever allocated.
+// writer: no atomics, deterministic. Nothing of size N x M is ever allocated. The symmetric
+// backward (y is x: grad_x + grad_y) is one pass over x's row blocks whose epilogue writes both
+// halves' weights of each tile (grad_sym): 2 products per tile instead of 4.
 //
 // The per-pair maths is pair_engine.h (shared with CUDA). The epilogue loops are plain
 // `omp simd` loops over one tile row; with GCC on x86-64 they are compiled for AVX-512,
@@ -674,6 +676,114 @@ void grad_side(const at::Tensor& own, const at::Tensor& other, const int32_t* xl
   });
 }
 
+// ---------------------------------------------------------------------------
+// symmetric = true (y is x, the same labels): one side. The tile row i against columns
+// j = c0 + c becomes, in place, row i's weight of the pair (i, j) plus row j's of the pair
+// (j, i) (engine_pair_grad_sym): one pass over the tile, one exp per half and pair (two more
+// with HAS_B), one logaddexp per pair with HAS_LIFT.
+template <typename T, int64_t TR, int64_t MI, bool HAS_B, bool HAS_LIFT>
+DMLK_CPU_INLINE void grad_row_sym(T* w, int nc, const int32_t* lab, int32_t li, int diag,
+                                  const EngineRowCoef<T>& ri, const T* max_neg, const T* min_pos,
+                                  const T* a_pos, const T* lse_pos, const T* a_neg,
+                                  const T* lse_neg, const T* b_pos, const T* L, const T* c_lift,
+                                  const EngineParams<T>& p) {
+  const CpuExp ex;
+  const CpuLog1p l1p;
+#pragma omp simd
+  for (int c = 0; c < nc; ++c) {
+    const T v = engine_value<TR>(w[c], CpuSqrt());
+    const EngineRowCoef<T> rj{max_neg[c], min_pos[c], L[c],      a_pos[c], lse_pos[c],
+                              a_neg[c],   lse_neg[c], b_pos[c], HAS_LIFT ? c_lift[c] : T(0)};
+    w[c] = engine_pair_grad_sym<TR, MI, HAS_B, HAS_LIFT>(v, lab[c] == li, c == diag, ri, rj, p, ex,
+                                                         l1p);
+  }
+}
+
+// One tile (rows a0.., columns c0.. of x against x). HAS_B and HAS_LIFT per row: the row's
+// own coefficient or any column's of the tile (their union covers both halves); the lifted
+// term also needs a positive pair in the tile (tile_has_pos, symmetric like the labels).
+template <typename T, int64_t TR, int64_t MI>
+DMLK_CPU_CLONES void grad_tile_sym(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
+                                   const int32_t* lab, const RowColumns<T>& rows,
+                                   EngineParams<T> p, bool exclude_diag, bool tile_has_pos) {
+  const int inc = static_cast<int>(nc);
+  bool tile_b = false, tile_lift = false;
+  for (int64_t c = 0; c < nc; ++c) {
+    tile_b = tile_b || rows.b_pos[c0 + c] != T(0);
+    tile_lift = tile_lift || (rows.c_lift != nullptr && rows.c_lift[c0 + c] != T(0));
+  }
+  const T *mx = rows.max_neg + c0, *mn = rows.min_pos + c0, *ap = rows.a_pos + c0;
+  const T *lp = rows.lse_pos + c0, *an = rows.a_neg + c0, *ln = rows.lse_neg + c0;
+  const T *b = rows.b_pos + c0, *L = rows.L + c0;
+  const T* cl = rows.c_lift != nullptr ? rows.c_lift + c0 : nullptr;
+  for (int64_t r = 0; r < na; ++r) {
+    const int64_t i = a0 + r;
+    const EngineRowCoef<T> ri{rows.max_neg[i], rows.min_pos[i], rows.L[i],
+                              rows.a_pos[i],   rows.lse_pos[i], rows.a_neg[i],
+                              rows.lse_neg[i], rows.b_pos[i],   cl != nullptr ? rows.c_lift[i] : T(0)};
+    const bool has_b = tile_b || ri.b_pos != T(0);
+    const bool has_lift = tile_has_pos && cl != nullptr && (tile_lift || ri.c_lift != T(0));
+    T* w = tile + r * nc;
+    const int32_t* clab = lab + c0;
+    const int diag = diag_column(exclude_diag, i, c0, nc);
+    if constexpr (MI == kMiningNone) {  // C_lift is checked to come with mining = 0
+      if (has_lift) {
+        if (has_b) {
+          grad_row_sym<T, TR, MI, true, true>(w, inc, clab, lab[i], diag, ri, mx, mn, ap, lp, an,
+                                              ln, b, L, cl, p);
+        } else {
+          grad_row_sym<T, TR, MI, false, true>(w, inc, clab, lab[i], diag, ri, mx, mn, ap, lp, an,
+                                               ln, b, L, cl, p);
+        }
+        continue;
+      }
+    }
+    if (has_b) {
+      grad_row_sym<T, TR, MI, true, false>(w, inc, clab, lab[i], diag, ri, mx, mn, ap, lp, an, ln,
+                                           b, L, nullptr, p);
+    } else {
+      grad_row_sym<T, TR, MI, false, false>(w, inc, clab, lab[i], diag, ri, mx, mn, ap, lp, an, ln,
+                                            b, L, nullptr, p);
+    }
+  }
+}
+
+// grad[a] = sum_b W_ab x[b] with W_ab the symmetric weights of the tile S_ab = x[a] x[b]^T:
+// one product for S and one for the gradient per tile (the two-sided backward takes four),
+// one block of rows per task (one writer per output row). The lifted tile skip as grad_side.
+template <typename T, int64_t TR, int64_t MI>
+void grad_sym(const at::Tensor& x, const int32_t* lab, const RowColumns<T>& rows,
+              EngineParams<T> p, bool exclude_diag, at::Tensor& grad) {
+  const int64_t n = x.size(0);
+  const bool lift = rows.c_lift != nullptr;
+  at::parallel_for(0, ceil_div(n, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
+    // Worker threads do not inherit the caller's dispatch guard (see forward_impl).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto buffer = at::empty({kRowBlock * std::min(kColBlock, n)}, x.options());
+    std::vector<int64_t> block_of_code(lift ? 2 * n : 0, -1);  // label codes < N + M = 2N
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t a0 = b * kRowBlock, na = std::min(kRowBlock, n - a0);
+      const auto x_blk = x.narrow(0, a0, na);
+      auto grad_blk = grad.narrow(0, a0, na);
+      if (lift) {
+        for (int64_t r = 0; r < na; ++r) block_of_code[lab[a0 + r]] = b;
+      }
+      for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, n - c0);
+        const auto col_blk = x.narrow(0, c0, nc);
+        auto tile = buffer.narrow(0, 0, na * nc).view({na, nc});
+        at::mm_out(tile, x_blk, col_blk.t());
+        bool tile_has_pos = !lift;
+        for (int64_t c = 0; c < nc && !tile_has_pos; ++c)
+          tile_has_pos = block_of_code[lab[c0 + c]] == b;
+        grad_tile_sym<T, TR, MI>(tile.data_ptr<T>(), na, nc, a0, c0, lab, rows, p, exclude_diag,
+                                 tile_has_pos);
+        grad_blk.addmm_(tile, col_blk);
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& x_labels,
     const at::Tensor& y_labels, const at::Tensor& row_in, const at::Tensor& row_coef,
@@ -703,14 +813,14 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
     const int32_t* ylab = yl.data_ptr<int32_t>();
     dispatch_config(transform, mining, [&](auto tr, auto mi) {
       constexpr int64_t TR = decltype(tr)::value, MI = decltype(mi)::value;
+      if (symmetric) {  // y is x (equal values) and y_labels x_labels: x's rows and codes only
+        grad_sym<scalar_t, TR, MI>(x, xlab, rows, p, exclude_diag, grad_x);
+        return;
+      }
       grad_side<scalar_t, TR, MI, true>(x, y, xlab, ylab, rows, p, exclude_diag, grad_x);
       grad_side<scalar_t, TR, MI, false>(y, x, xlab, ylab, rows, p, exclude_diag, grad_y);
     });
   });
-  if (symmetric) {
-    grad_x.add_(grad_y);
-    grad_y.zero_();
-  }
   return {grad_x, grad_y};
 }
 

@@ -4,7 +4,9 @@
 // for fp64). Each lane owns one column of the
 // tile for its warp's rows and keeps per-row statistics, merged across the warp at the end.
 // The backward block owns kTileRows rows of grad_x (or grad_y) and is their only writer:
-// no atomics, deterministic. All per-pair maths is pair_engine.h, shared with the CPU build.
+// no atomics, deterministic. The symmetric backward (y is x: grad_x + grad_y) is one launch
+// over x's rows whose tile weights hold both halves (SYM). All per-pair maths is
+// pair_engine.h, shared with the CPU build.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -185,12 +187,74 @@ __global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
   }
 }
 
+// Row k's backward inputs from the column layouts below.
+template <bool LIFT, typename T>
+__device__ __forceinline__ EngineRowCoef<T> load_row_coef(const T* __restrict__ row_in_t,
+                                                          const T* __restrict__ row_coef_t,
+                                                          int64_t nx, int64_t k) {
+  return {row_in_t[k],           row_in_t[nx + k],       row_in_t[2 * nx + k],
+          row_coef_t[k],         row_coef_t[nx + k],     row_coef_t[2 * nx + k],
+          row_coef_t[3 * nx + k], row_coef_t[4 * nx + k], LIFT ? row_coef_t[5 * nx + k] : T(0)};
+}
+
+// dl/ds of the tile entry (a, b) with value v: the pair (i, j) = (a, b) (OWN_IS_X) or (b, a),
+// with row i's coefficients (layouts: pair_engine_grad_kernel).
+template <int64_t TR, int64_t MI, bool OWN_IS_X, bool LIFT, typename T>
+__device__ __forceinline__ T pair_weight(T v, int64_t a, int64_t b, const int64_t* __restrict__ xlab,
+                                         const int64_t* __restrict__ ylab, int64_t nx,
+                                         const T* __restrict__ row_in_t,
+                                         const T* __restrict__ row_coef_t, const EngineParams<T>& p,
+                                         bool exclude_diag) {
+  const int64_t i = OWN_IS_X ? a : b, j = OWN_IS_X ? b : a;
+  const bool same = xlab[i] == ylab[j];
+  const bool excluded = exclude_diag && i == j;
+  const bool kp = engine_pos_kept<MI>(v, same, excluded, row_in_t[i], p.eps);
+  const bool kn = engine_neg_kept<MI>(v, same, row_in_t[nx + i], p.eps);
+  const T a_pos = row_coef_t[i], lse_pos = row_coef_t[nx + i];
+  const T a_neg = row_coef_t[2 * nx + i], lse_neg = row_coef_t[3 * nx + i];
+  const T b_pos = row_coef_t[4 * nx + i], L = row_in_t[2 * nx + i];
+  const T c_lift = LIFT ? row_coef_t[5 * nx + i] : T(0);
+  if (LIFT && c_lift != T(0)) {
+    const T L_j = row_in_t[2 * nx + j];
+    return engine_pair_grad<TR, true, true>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L, p,
+                                            StdExp(), c_lift, L_j, StdLog1p());
+  }
+  return b_pos != T(0)
+             ? engine_pair_grad<TR, true>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L, p,
+                                          StdExp())
+             : engine_pair_grad<TR, false>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L, p,
+                                           StdExp());
+}
+
+// The symmetric case (own = other = x): row a's weight of the pair (a, b) plus row b's of the
+// pair (b, a), s_ab = s_ba (engine_pair_grad_sym).
+template <int64_t TR, int64_t MI, bool LIFT, typename T>
+__device__ __forceinline__ T pair_weight_sym(T v, int64_t a, int64_t b,
+                                             const int64_t* __restrict__ lab, int64_t nx,
+                                             const T* __restrict__ row_in_t,
+                                             const T* __restrict__ row_coef_t,
+                                             const EngineParams<T>& p, bool exclude_diag) {
+  const bool same = lab[a] == lab[b];
+  const bool excluded = exclude_diag && a == b;
+  const EngineRowCoef<T> ra = load_row_coef<LIFT>(row_in_t, row_coef_t, nx, a);
+  const EngineRowCoef<T> rb = load_row_coef<LIFT>(row_in_t, row_coef_t, nx, b);
+  if (LIFT && (ra.c_lift != T(0) || rb.c_lift != T(0))) {
+    return engine_pair_grad_sym<TR, MI, true, true>(v, same, excluded, ra, rb, p, StdExp(),
+                                                    StdLog1p());
+  }
+  return ra.b_pos != T(0) || rb.b_pos != T(0)
+             ? engine_pair_grad_sym<TR, MI, true, false>(v, same, excluded, ra, rb, p, StdExp())
+             : engine_pair_grad_sym<TR, MI, false, false>(v, same, excluded, ra, rb, p, StdExp());
+}
+
 // Backward: grad_own[a] = sum_b dl/ds(a, b) other[b] for the block's kTileRows own rows.
 // OWN_IS_X: the pair (i, j) is (a, b) (grad_x), else (b, a) (grad_y). row_in_t (3, nx)
 // and row_coef_t (5, nx), or (6, nx) with C_lift (LIFT), hold the per-x-row inputs as
 // columns; grad_own is (n_own, d) contiguous in the accumulation dtype. LIFT reads L_j as
-// row_in_t[2 nx + j] (the symmetric case).
-template <typename scalar_t, int64_t TR, int64_t MI, bool OWN_IS_X, bool LIFT>
+// row_in_t[2 nx + j] (the symmetric case). SYM (backward symmetric = true, own = other = x,
+// OWN_IS_X): w_sh holds both halves, row a's weight of the pair (a, b) plus row b's of
+// (b, a) (engine_pair_grad_sym), so one launch gives grad_x + grad_y from one tile product.
+template <typename scalar_t, int64_t TR, int64_t MI, bool OWN_IS_X, bool LIFT, bool SYM = false>
 __global__ void __launch_bounds__(kThreads) pair_engine_grad_kernel(
     const scalar_t* __restrict__ own, int64_t os0, int64_t os1, int64_t n_own,
     const scalar_t* __restrict__ other, int64_t ts0, int64_t ts1, int64_t n_other, int64_t d,
@@ -214,26 +278,12 @@ __global__ void __launch_bounds__(kThreads) pair_engine_grad_kernel(
       const int64_t a = a0 + warp * kRowsPerWarp + r;
       acc_t w = acc_t(0);
       if (a < n_own && b < n_other) {
-        const int64_t i = OWN_IS_X ? a : b, j = OWN_IS_X ? b : a;
         const acc_t v = engine_value<TR>(dots[r]);
-        const bool same = xlab[i] == ylab[j];
-        const bool excluded = exclude_diag && i == j;
-        const bool kp = engine_pos_kept<MI>(v, same, excluded, row_in_t[i], p.eps);
-        const bool kn = engine_neg_kept<MI>(v, same, row_in_t[nx + i], p.eps);
-        const acc_t a_pos = row_coef_t[i], lse_pos = row_coef_t[nx + i];
-        const acc_t a_neg = row_coef_t[2 * nx + i], lse_neg = row_coef_t[3 * nx + i];
-        const acc_t b_pos = row_coef_t[4 * nx + i], L = row_in_t[2 * nx + i];
-        const acc_t c_lift = LIFT ? row_coef_t[5 * nx + i] : acc_t(0);
-        if (LIFT && c_lift != acc_t(0)) {
-          const acc_t L_j = row_in_t[2 * nx + j];
-          w = engine_pair_grad<TR, true, true>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L,
-                                               p, StdExp(), c_lift, L_j, StdLog1p());
+        if constexpr (SYM) {
+          w = pair_weight_sym<TR, MI, LIFT>(v, a, b, xlab, nx, row_in_t, row_coef_t, p, exclude_diag);
         } else {
-          w = b_pos != acc_t(0)
-                  ? engine_pair_grad<TR, true>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L,
-                                               p, StdExp())
-                  : engine_pair_grad<TR, false>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos,
-                                                L, p, StdExp());
+          w = pair_weight<TR, MI, OWN_IS_X, LIFT>(v, a, b, xlab, ylab, nx, row_in_t, row_coef_t, p,
+                                                  exclude_diag);
         }
       }
       w_sh[warp * kRowsPerWarp + r][lane] = w;
@@ -341,13 +391,24 @@ at::Tensor pair_engine_forward_cuda(const at::Tensor& x, const at::Tensor& y,
   return out;
 }
 
+// symmetric: one launch over x's row blocks (SYM) writes grad_x + grad_y into grad_x; grad_y
+// stays zero.
 template <typename scalar_t, int64_t TR, int64_t MI, bool LIFT>
 void launch_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xl,
                      const at::Tensor& yl, const at::Tensor& row_in_t, const at::Tensor& row_coef_t,
                      EngineParams<typename AccOf<scalar_t>::type> p, bool exclude_diag,
-                     at::Tensor& grad_x, at::Tensor& grad_y, cudaStream_t stream) {
+                     bool symmetric, at::Tensor& grad_x, at::Tensor& grad_y, cudaStream_t stream) {
   using acc_t = typename AccOf<scalar_t>::type;
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
+  if (symmetric) {
+    pair_engine_grad_kernel<scalar_t, TR, MI, true, LIFT, true><<<num_blocks(n), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), n, x.data_ptr<scalar_t>(), x.stride(0),
+        x.stride(1), n, d, xl.data_ptr<int64_t>(), xl.data_ptr<int64_t>(), n,
+        row_in_t.data_ptr<acc_t>(), row_coef_t.data_ptr<acc_t>(), p, exclude_diag,
+        grad_x.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   pair_engine_grad_kernel<scalar_t, TR, MI, true, LIFT><<<num_blocks(n), kThreads, 0, stream>>>(
       x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), n, y.data_ptr<scalar_t>(), y.stride(0),
       y.stride(1), m, d, xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), n,
@@ -395,18 +456,15 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
         if constexpr (MI == kMiningNone) {
           if (lift) {
             launch_backward<scalar_t, TR, MI, true>(x, y, xl, yl, row_in_t, row_coef_t, p,
-                                                    exclude_diag, grad_x, grad_y, stream);
+                                                    exclude_diag, symmetric, grad_x, grad_y,
+                                                    stream);
             return;
           }
         }
         launch_backward<scalar_t, TR, MI, false>(x, y, xl, yl, row_in_t, row_coef_t, p,
-                                                 exclude_diag, grad_x, grad_y, stream);
+                                                 exclude_diag, symmetric, grad_x, grad_y, stream);
       });
     });
-  }
-  if (symmetric) {
-    grad_x.add_(grad_y);
-    grad_y.zero_();
   }
   return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type())};
 }
