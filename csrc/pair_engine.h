@@ -290,30 +290,32 @@ DMLK_HDI T engine_softplus_arg(T v, T L, const EngineParams<T>& p) {
   return L - p.sc_pos * v - p.off_pos;
 }
 
+// Three per-row sums merged by addition, stored as the row's three output columns (passes 2
+// and 3; the CUDA warp merge and the CPU's vectorised rows use merge()).
 template <typename T>
-struct PosSoftplusAcc {
-  T softplus;
-  T sigmoid;
-  T count;
-  DMLK_HDI PosSoftplusAcc() : softplus(T(0)), sigmoid(T(0)), count(T(0)) {}
+struct RowSums3 {
+  T sum[3];
+  DMLK_HDI RowSums3() : sum{T(0), T(0), T(0)} {}
+  DMLK_HDI void merge(T a, T b, T c) {
+    sum[0] += a;
+    sum[1] += b;
+    sum[2] += c;
+  }
+  DMLK_HDI void store(T* dst) const {
+    dst[0] = sum[0];
+    dst[1] = sum[1];
+    dst[2] = sum[2];
+  }
+};
 
+// Columns: sum of softplus(z), sum of sigmoid(z), the count.
+template <typename T>
+struct PosSoftplusAcc : RowSums3<T> {
   template <typename ExpF>
   DMLK_HDI void push(T v, bool pos, T L, const EngineParams<T>& p, ExpF ex) {
     if (!pos) return;
     const T z = engine_softplus_arg(v, L, p);
-    softplus += engine_softplus(z, ex);
-    sigmoid += engine_sigmoid(z, ex);
-    count += T(1);
-  }
-  DMLK_HDI void merge(T other_softplus, T other_sigmoid, T other_count) {
-    softplus += other_softplus;
-    sigmoid += other_sigmoid;
-    count += other_count;
-  }
-  DMLK_HDI void store(T* dst) const {
-    dst[0] = softplus;
-    dst[1] = sigmoid;
-    dst[2] = count;
+    this->merge(engine_softplus(z, ex), engine_sigmoid(z, ex), T(1));
   }
 };
 
@@ -363,28 +365,14 @@ DMLK_HDI LiftedTerms<T> engine_lifted_terms(T v, bool pos, T L_i, T L_j, const E
           (pos & (f > T(0))) ? T(1) : T(0)};
 }
 
+// Columns: sum of f, sum of df/dL_i, the number of f > 0.
 template <typename T>
-struct LiftedPairsAcc {
-  T f;
-  T w;
-  T count;
-  DMLK_HDI LiftedPairsAcc() : f(T(0)), w(T(0)), count(T(0)) {}
-
+struct LiftedPairsAcc : RowSums3<T> {
   template <typename ExpF, typename Log1pF>
   DMLK_HDI void push(T v, bool pos, T L_i, T L_j, const EngineParams<T>& p, ExpF ex, Log1pF l1p) {
     if (!pos) return;
     const LiftedTerms<T> t = engine_lifted_terms(v, true, L_i, L_j, p, ex, l1p);
-    merge(t.f, t.w, t.nonzero);
-  }
-  DMLK_HDI void merge(T other_f, T other_w, T other_count) {
-    f += other_f;
-    w += other_w;
-    count += other_count;
-  }
-  DMLK_HDI void store(T* dst) const {
-    dst[0] = f;
-    dst[1] = w;
-    dst[2] = count;
+    this->merge(t.f, t.w, t.nonzero);
   }
 };
 

@@ -37,6 +37,7 @@
 #include <bit>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -60,12 +61,18 @@ bool same_rows(const at::Tensor& a, const at::Tensor& b) {
 }  // namespace
 
 // Argument checks of both ops, shared with the CUDA backend (declared there). pass_kind < 0
-// skips its check (the backward has none); row_coef may be null (the forward has none).
+// skips its check (the backward has none); row_coef may be null (the forward has none);
+// symmetric is the backward's flag (false for the forward).
 void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
                             const at::Tensor& y_labels, const at::Tensor& row_in,
                             const at::Tensor* row_coef, int64_t pass_kind, int64_t transform,
-                            int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
+                            int64_t mining, at::ArrayRef<double> params, bool exclude_diag,
+                            bool symmetric) {
   check_pair_inputs(x, y, x_labels, y_labels);
+  // Only shapes: the kernels then read x and x_labels alone (comparing values would sync a GPU).
+  TORCH_CHECK(!symmetric || (x.sizes() == y.sizes() && x_labels.sizes() == y_labels.sizes()),
+              "dmlkern: symmetric=True needs y of x's shape and y_labels of x_labels' (y is x), got x ",
+              x.sizes(), " and y ", y.sizes());
   const int64_t n = x.size(0);
   TORCH_CHECK(row_in.dim() == 2 && row_in.size(0) == n && row_in.size(1) == 3,
               "dmlkern: row_in must be (N, 3) = (", n, ", 3), got ", row_in.sizes());
@@ -245,6 +252,17 @@ struct RowColumns {
       b_pos = c + 4 * n;
       if (row_coef->size(1) == 6) c_lift = c + 5 * n;
     }
+  }
+
+  // Whether any of the rows c0 .. c0 + nc - 1 has a non-zero B_pos / C_lift coefficient: the
+  // tiles where those rows are the columns must compute that term.
+  std::pair<bool, bool> column_terms(int64_t c0, int64_t nc) const {
+    bool any_b = false, any_lift = false;
+    for (int64_t c = c0; c < c0 + nc; ++c) {
+      any_b = any_b || b_pos[c] != T(0);
+      any_lift = any_lift || (c_lift != nullptr && c_lift[c] != T(0));
+    }
+    return {any_b, any_lift};
   }
 };
 
@@ -466,7 +484,7 @@ at::Tensor pair_engine_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_i
                                    const at::Tensor& row_in, int64_t pass_kind, int64_t transform,
                                    int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
   check_pair_engine_args(x_in, y_in, x_labels, y_labels, row_in, nullptr, pass_kind, transform,
-                         mining, params, exclude_diag);
+                         mining, params, exclude_diag, /*symmetric=*/false);
   // Kernels are plain compute: the tile products inside must never be recorded by autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
@@ -622,12 +640,8 @@ DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int6
                             xlab[i], diag_column(exclude_diag, i, c0, nc), rows, i, c0, p);
     }
   } else {
-    bool has_b = false, has_lift = false;
-    for (int64_t c = 0; c < nc; ++c) {
-      has_b = has_b || rows.b_pos[c0 + c] != T(0);
-      has_lift = has_lift || (rows.c_lift != nullptr && rows.c_lift[c0 + c] != T(0));
-    }
-    has_lift = has_lift && tile_has_pos;
+    const auto [has_b, any_lift] = rows.column_terms(c0, nc);
+    const bool has_lift = any_lift && tile_has_pos;
     for (int64_t r = 0; r < na; ++r) {
       const int64_t j = a0 + r;
       grad_row_y<T, TR, MI>(has_b, has_lift, tile + r * nc, inc, xlab + c0, ylab[j],
@@ -636,18 +650,16 @@ DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int6
   }
 }
 
-// grad_own[a] = sum_b dl/ds(a, b) other[b], one block of `own` rows per task: each output
-// row has one writer. own = x (pairs (a, b) = (i, j)) or own = y (pairs (j, i)). With a C_lift
-// column, a tile without a positive pair (no label of the block's rows among its columns)
+// grad_own[a] = sum_b W_ab other[b] with W_ab = epilogue(S_ab), S_ab = own[a] other[b]^T: per
+// row block and column tile one product for S and one for the gradient; one block of `own`
+// rows per task, so each output row has one writer. With a C_lift column, a tile without a
+// positive pair (no label of the block's rows among its columns) is flagged so the epilogue
 // skips the lifted term: with rows sorted by label, most tiles.
-template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
-void grad_side(const at::Tensor& own, const at::Tensor& other, const int32_t* xlab,
-               const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
-               bool exclude_diag, at::Tensor& grad_own) {
+// epilogue(tile, na, nc, a0, c0, tile_has_pos) turns the tile into W in place.
+template <typename T, typename Epilogue>
+void grad_tiles(const at::Tensor& own, const at::Tensor& other, const int32_t* own_lab,
+                const int32_t* other_lab, bool lift, at::Tensor& grad_own, Epilogue epilogue) {
   const int64_t n_own = own.size(0), n_other = other.size(0);
-  const int32_t* own_lab = OWN_IS_X ? xlab : ylab;
-  const int32_t* other_lab = OWN_IS_X ? ylab : xlab;
-  const bool lift = rows.c_lift != nullptr;
   at::parallel_for(0, ceil_div(n_own, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
     // Worker threads do not inherit the caller's dispatch guard (see forward_impl).
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -668,12 +680,23 @@ void grad_side(const at::Tensor& own, const at::Tensor& other, const int32_t* xl
         bool tile_has_pos = !lift;
         for (int64_t c = 0; c < nc && !tile_has_pos; ++c)
           tile_has_pos = block_of_code[other_lab[c0 + c]] == b;
-        grad_tile<T, TR, MI, OWN_IS_X>(tile.data_ptr<T>(), na, nc, a0, c0, xlab, ylab, rows, p,
-                                       exclude_diag, tile_has_pos);
+        epilogue(tile.template data_ptr<T>(), na, nc, a0, c0, tile_has_pos);
         grad_blk.addmm_(tile, other_blk);
       }
     }
   });
+}
+
+// own = x (pairs (a, b) = (i, j)) or own = y (pairs (j, i)).
+template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
+void grad_side(const at::Tensor& own, const at::Tensor& other, const int32_t* xlab,
+               const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
+               bool exclude_diag, at::Tensor& grad_own) {
+  grad_tiles<T>(own, other, OWN_IS_X ? xlab : ylab, OWN_IS_X ? ylab : xlab, rows.c_lift != nullptr,
+                grad_own, [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
+                  grad_tile<T, TR, MI, OWN_IS_X>(tile, na, nc, a0, c0, xlab, ylab, rows, p,
+                                                 exclude_diag, has_pos);
+                });
 }
 
 // ---------------------------------------------------------------------------
@@ -707,11 +730,7 @@ DMLK_CPU_CLONES void grad_tile_sym(T* tile, int64_t na, int64_t nc, int64_t a0, 
                                    const int32_t* lab, const RowColumns<T>& rows,
                                    EngineParams<T> p, bool exclude_diag, bool tile_has_pos) {
   const int inc = static_cast<int>(nc);
-  bool tile_b = false, tile_lift = false;
-  for (int64_t c = 0; c < nc; ++c) {
-    tile_b = tile_b || rows.b_pos[c0 + c] != T(0);
-    tile_lift = tile_lift || (rows.c_lift != nullptr && rows.c_lift[c0 + c] != T(0));
-  }
+  const auto [tile_b, tile_lift] = rows.column_terms(c0, nc);
   const T *mx = rows.max_neg + c0, *mn = rows.min_pos + c0, *ap = rows.a_pos + c0;
   const T *lp = rows.lse_pos + c0, *an = rows.a_neg + c0, *ln = rows.lse_neg + c0;
   const T *b = rows.b_pos + c0, *L = rows.L + c0;
@@ -748,40 +767,15 @@ DMLK_CPU_CLONES void grad_tile_sym(T* tile, int64_t na, int64_t nc, int64_t a0, 
   }
 }
 
-// grad[a] = sum_b W_ab x[b] with W_ab the symmetric weights of the tile S_ab = x[a] x[b]^T:
-// one product for S and one for the gradient per tile (the two-sided backward takes four),
-// one block of rows per task (one writer per output row). The lifted tile skip as grad_side.
+// grad[a] = sum_b W_ab x[b] with W_ab the symmetric weights of the tile S_ab = x[a] x[b]^T: two
+// products per tile where the two-sided backward takes four.
 template <typename T, int64_t TR, int64_t MI>
 void grad_sym(const at::Tensor& x, const int32_t* lab, const RowColumns<T>& rows,
               EngineParams<T> p, bool exclude_diag, at::Tensor& grad) {
-  const int64_t n = x.size(0);
-  const bool lift = rows.c_lift != nullptr;
-  at::parallel_for(0, ceil_div(n, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
-    // Worker threads do not inherit the caller's dispatch guard (see forward_impl).
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto buffer = at::empty({kRowBlock * std::min(kColBlock, n)}, x.options());
-    std::vector<int64_t> block_of_code(lift ? 2 * n : 0, -1);  // label codes < N + M = 2N
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t a0 = b * kRowBlock, na = std::min(kRowBlock, n - a0);
-      const auto x_blk = x.narrow(0, a0, na);
-      auto grad_blk = grad.narrow(0, a0, na);
-      if (lift) {
-        for (int64_t r = 0; r < na; ++r) block_of_code[lab[a0 + r]] = b;
-      }
-      for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
-        const int64_t nc = std::min(kColBlock, n - c0);
-        const auto col_blk = x.narrow(0, c0, nc);
-        auto tile = buffer.narrow(0, 0, na * nc).view({na, nc});
-        at::mm_out(tile, x_blk, col_blk.t());
-        bool tile_has_pos = !lift;
-        for (int64_t c = 0; c < nc && !tile_has_pos; ++c)
-          tile_has_pos = block_of_code[lab[c0 + c]] == b;
-        grad_tile_sym<T, TR, MI>(tile.data_ptr<T>(), na, nc, a0, c0, lab, rows, p, exclude_diag,
-                                 tile_has_pos);
-        grad_blk.addmm_(tile, col_blk);
-      }
-    }
-  });
+  grad_tiles<T>(x, x, lab, lab, rows.c_lift != nullptr, grad,
+                [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
+                  grad_tile_sym<T, TR, MI>(tile, na, nc, a0, c0, lab, rows, p, exclude_diag, has_pos);
+                });
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
@@ -790,10 +784,7 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
     int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag,
     bool symmetric) {
   check_pair_engine_args(x_in, y_in, x_labels, y_labels, row_in, &row_coef, -1, transform, mining,
-                         params, exclude_diag);
-  TORCH_CHECK(!symmetric || (x_in.sizes() == y_in.sizes() && x_labels.sizes() == y_labels.sizes()),
-              "dmlkern: symmetric=True needs y of x's shape and y_labels of x_labels' (y is x), got x ",
-              x_in.sizes(), " and y ", y_in.sizes());
+                         params, exclude_diag, symmetric);
   // Kernels are plain compute: the tile products inside must never be recorded by autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,

@@ -25,7 +25,8 @@ namespace dmlkern {
 void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
                             const at::Tensor& y_labels, const at::Tensor& row_in,
                             const at::Tensor* row_coef, int64_t pass_kind, int64_t transform,
-                            int64_t mining, at::ArrayRef<double> params, bool exclude_diag);
+                            int64_t mining, at::ArrayRef<double> params, bool exclude_diag,
+                            bool symmetric);
 
 namespace {
 
@@ -105,20 +106,11 @@ __device__ __forceinline__ void warp_merge(Lse2Acc<T>& a) {
   }
 }
 template <typename T>
-__device__ __forceinline__ void warp_merge(PosSoftplusAcc<T>& a) {
+__device__ __forceinline__ void warp_merge(RowSums3<T>& a) {  // passes 2 and 3
   for (int offset = 16; offset > 0; offset /= 2) {
-    const T sp = shfl_xor(a.softplus, offset), sg = shfl_xor(a.sigmoid, offset);
-    const T ct = shfl_xor(a.count, offset);
-    a.merge(sp, sg, ct);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void warp_merge(LiftedPairsAcc<T>& a) {
-  for (int offset = 16; offset > 0; offset /= 2) {
-    const T f = shfl_xor(a.f, offset), w = shfl_xor(a.w, offset);
-    const T ct = shfl_xor(a.count, offset);
-    a.merge(f, w, ct);
+    const T s0 = shfl_xor(a.sum[0], offset), s1 = shfl_xor(a.sum[1], offset);
+    const T s2 = shfl_xor(a.sum[2], offset);
+    a.merge(s0, s1, s2);
   }
 }
 
@@ -355,7 +347,7 @@ at::Tensor pair_engine_forward_cuda(const at::Tensor& x, const at::Tensor& y,
                                     const at::Tensor& row_in, int64_t pass_kind, int64_t transform,
                                     int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
   check_pair_engine_args(x, y, x_labels, y_labels, row_in, nullptr, pass_kind, transform, mining,
-                         params, exclude_diag);
+                         params, exclude_diag, /*symmetric=*/false);
   check_cuda_dtype(x);
   // Kernels are plain compute: nothing here may be recorded by autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -429,10 +421,7 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
     int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag,
     bool symmetric) {
   check_pair_engine_args(x, y, x_labels, y_labels, row_in, &row_coef, -1, transform, mining,
-                         params, exclude_diag);
-  TORCH_CHECK(!symmetric || (x.sizes() == y.sizes() && x_labels.sizes() == y_labels.sizes()),
-              "dmlkern: symmetric=True needs y of x's shape and y_labels of x_labels' (y is x), got x ",
-              x.sizes(), " and y ", y.sizes());
+                         params, exclude_diag, symmetric);
   check_cuda_dtype(x);
   // Kernels are plain compute: nothing here may be recorded by autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
