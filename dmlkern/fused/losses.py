@@ -294,17 +294,23 @@ def proxy_anchor(module, embeddings, labels, indices_tuple, proxies):
 
 
 # ------------------------------------------------------------------------------- N-pairs
+def _first_of_label_pairs(labels):
+    """(order, starts_pair): the stable sort order of the labels, and for each sorted position
+    whether it is the first sample of its label and a second one follows (static shapes)."""
+    order = torch.sort(labels, stable=True).indices
+    sorted_labels = labels[order]
+    same_as_next = torch.zeros_like(sorted_labels, dtype=torch.bool)
+    same_as_next[:-1] = sorted_labels[1:] == sorted_labels[:-1]
+    starts_run = torch.ones_like(same_as_next)
+    starts_run[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    return order, starts_run & same_as_next
+
+
 def first_pair_per_label(labels):
     """PML's convert_to_pos_pairs_with_unique_labels on all pairs, in O(N log N): for each label
     with at least two samples, the anchor is its first index and the positive its second."""
-    order = torch.sort(labels, stable=True).indices
-    sorted_labels = labels[order]
-    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
-    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
-    first = torch.nonzero(starts).squeeze(1)
-    second = (first + 1).clamp(max=len(labels) - 1)
-    has_second = (first + 1 < len(labels)) & (sorted_labels[second] == sorted_labels[first])
-    first = first[has_second]
+    order, starts_pair = _first_of_label_pairs(labels)
+    first = torch.nonzero(starts_pair).squeeze(1)
     return order[first], order[first + 1]
 
 
@@ -340,13 +346,7 @@ def _n_pairs_static_shapes(module, embeddings, labels, backend):
     if not is_plain_mean(module.reducer):
         return None
     n = labels.shape[0]
-    order = torch.sort(labels, stable=True).indices
-    sorted_labels = labels[order]
-    same_as_next = torch.zeros_like(sorted_labels, dtype=torch.bool)
-    same_as_next[:-1] = sorted_labels[1:] == sorted_labels[:-1]
-    starts_run = torch.ones_like(same_as_next)
-    starts_run[1:] = sorted_labels[1:] != sorted_labels[:-1]
-    valid = starts_run & same_as_next
+    order, valid = _first_of_label_pairs(labels)
     positives = order[(torch.arange(n, device=labels.device) + 1).clamp(max=n - 1)]
     xa, xp = unit_rows(embeddings[order]), unit_rows(embeddings[positives])
     dropped = torch.where(valid, 0.0, _DROPPED_COLUMN).to(xp.dtype)[:, None]
@@ -356,8 +356,7 @@ def _n_pairs_static_shapes(module, embeddings, labels, backend):
     lse = _lse2(xa_ext, xp_ext, k, k, [1.0, 0.0, 1.0, 0.0, 0.0], False, backend)
     losses = torch.logaddexp(lse[:, 0], lse[:, 1]) - (xa * xp).sum(dim=1).to(lse.dtype)
     num_anchors = valid.sum()
-    loss = torch.where(valid, losses, torch.zeros_like(losses)).sum() / num_anchors.clamp(min=1)
-    loss = torch.where(num_anchors > 0, loss, torch.zeros_like(loss))
+    loss = torch.where(valid, losses, torch.zeros_like(losses)).sum() / num_anchors.clamp(min=1)  # 0 if none
     module.last_backend = backend
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}
 
