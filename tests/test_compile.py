@@ -185,3 +185,46 @@ def test_fullgraph_training_step_lifted_structure(reducer, classes):
         compiled_step()
         opt.zero_grad()
         _plain_sgd_step(eager_model, lr=0.05)
+
+
+# Losses whose pairs are the batch against itself: eager runs the one-sided symmetric backward.
+SYMMETRIC_BACKWARD_LOSSES = {
+    "ms": losses.MultiSimilarityLoss,
+    "genlifted": losses.GeneralizedLiftedStructureLoss,
+    "ntxent": losses.NTXentLoss,
+    "supcon": losses.SupConLoss,
+    "lifted": losses.LiftedStructureLoss,
+}
+
+
+@pytest.mark.parametrize("name", list(SYMMETRIC_BACKWARD_LOSSES))
+def test_compiled_backward_keeps_the_symmetric_kernel(name):
+    """The backward graph that AOT autograd traces calls pair_engine_backward with
+    symmetric=True (one side's tiles, (G + G^T) X), as eager does: the `x is y` test in the
+    op's setup_context must survive tracing, else compiled training does twice the work."""
+    _needs_cpp()
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+
+    seen = []
+
+    def backward_compiler(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "pair_engine_backward" in str(node.target):
+                # schema: (..., exclude_diag, symmetric=False); positional or keyword
+                seen.append(node.kwargs.get("symmetric", node.args[10] if len(node.args) > 10 else False))
+        return make_boxed_func(gm)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=backward_compiler)
+    loss_fn = SYMMETRIC_BACKWARD_LOSSES[name]()
+    torch.manual_seed(4)
+    x = torch.randn(30, 8, requires_grad=True)
+    labels = torch.randint(0, 4, (30,))
+    want = loss_fn(x, labels)
+    assert loss_fn.last_backend == "cpp", loss_fn.last_backend
+    (g_want,) = torch.autograd.grad(want, x)
+    got = torch.compile(lambda e, lab: loss_fn(e, lab), fullgraph=True, backend=backend)(x, labels)
+    (g_got,) = torch.autograd.grad(got, x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+    assert seen and all(flag is True for flag in seen), seen

@@ -532,3 +532,48 @@ def test_opcheck_lifted_pairs_cpp():
     torch.library.opcheck(torch.ops.dmlkern.pair_engine_backward.default,
                           (x, x, labels, labels, row_in, coef, 1, 0, LIFTED_PARAMS[1], True),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def _far_strided_copy(src, column_stride):
+    """src (n, d) as a view whose columns lie column_stride elements apart in one storage, so
+    that element offsets pass 2**31 (int32 offsets would wrap). The storage is allocated, not
+    written: only the pages holding src's values are touched (a few MiB resident, not GiB)."""
+    n, d = src.shape
+    storage = torch.empty((d - 1) * column_stride + n, dtype=src.dtype, device=src.device)
+    view = storage.as_strided((n, d), (1, column_stride))
+    view.copy_(src)
+    return view
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_int64_offsets_past_two_to_the_31(backend, device):
+    """Forward and backward (two-sided and symmetric) on an fp32 view whose last column starts
+    past element 2**31 of its storage (8 GiB allocated, untouched), against the reference on a
+    contiguous copy: the kernels index with int64 (Triton's K offsets were int32 and read out of
+    bounds here, a segfault in the interpreter, an illegal address on a GPU)."""
+    _needs_engine(backend)
+    n, m, d, k = 37, 29, 5, 4
+    x, y, xl, yl, _ = _inputs((n, m, d, k), torch.float32, device, seed=31)
+    far = _far_strided_copy(x, column_stride=2 ** 29 + 3)  # column 4 starts at element 2**31 + 12
+    assert far.storage_offset() + (d - 1) * far.stride(1) > 2 ** 31 and torch.equal(far, x)
+    params = PARAMS[0]
+    for other, other_labels, exclude_diag in ((y, yl, False), (far, xl, True)):
+        ref_other = x if other is far else other
+        got = pe.engine_forward(far, other, xl, other_labels, pass_kind=1, params=params,
+                                exclude_diag=exclude_diag, backend=backend)
+        want = reference.engine_forward(x.double(), ref_other.double(), xl, other_labels,
+                                        torch.zeros(n, 3, dtype=torch.float64, device=device), 1, 0, 0,
+                                        params, exclude_diag)
+        _close(got, want, torch.float32, f"forward, exclude_diag={exclude_diag}")
+        coef = torch.stack([torch.full_like(want[:, 0], 0.5), want[:, 0], torch.full_like(want[:, 0], 0.25),
+                            want[:, 1], torch.zeros_like(want[:, 0])], dim=1)
+        symmetric = other is far
+        gx, gy = pe.engine_backward_raw(far, other, xl, other_labels, torch.zeros(n, 3, device=device), coef.float(),
+                                        transform=0, mining=0, params=params, exclude_diag=exclude_diag,
+                                        backend=backend, symmetric=symmetric)
+        wx, wy = reference.engine_backward(x.double(), ref_other.double(), xl, other_labels,
+                                           torch.zeros(n, 3, dtype=torch.float64, device=device), coef,
+                                           0, 0, params, exclude_diag)
+        _close(gx, wx + wy if symmetric else wx, torch.float32, f"grad_x, symmetric={symmetric}")
+        if not symmetric:
+            _close(gy, wy, torch.float32, "grad_y")

@@ -58,7 +58,7 @@ def _sim_tile(A, B, a_idx, b_idx, a_ok, b_ok, D, s_an, s_ad, s_bn, s_bd,
     """<A[a], B[b]> for a tile of rows a and b, accumulated in ACC_DTYPE (D in BLOCK_K slices)."""
     acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC_DTYPE)
     for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # k * stride may pass 2**31 (strided views)
         k_ok = ks < D
         a = tl.load(A + a_idx[:, None] * s_an + ks[None, :] * s_ad, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(B + b_idx[:, None] * s_bn + ks[None, :] * s_bd, mask=b_ok[:, None] & k_ok[None, :], other=0.0)
