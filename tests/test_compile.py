@@ -228,3 +228,28 @@ def test_compiled_backward_keeps_the_symmetric_kernel(name):
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(g_got, g_want)
     assert seen and all(flag is True for flag in seen), seen
+
+
+
+def test_triton_path_traces_on_fake_cuda_tensors():
+    """On CUDA tensors the loss classes pick the Triton engine, and their static-shape forward
+    (the path torch.compile takes) and the Triton backward op's host code trace without a host
+    sync or a data-dependent shape: make_fx over fake CUDA tensors, no GPU needed. Run in a
+    subprocess without TRITON_INTERPRET: the interpreter runs kernels even on fake tensors.
+    (Compiling and running the kernels needs the GPU run.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "_trace_on_fake_cuda.py")
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    traced = json.loads(run.stdout.strip().splitlines()[-1])
+    want = set(FULLGRAPH_LOSSES) | {"lifted", "backward two-sided", "backward symmetric"}
+    assert set(traced) == want, sorted(traced)
+    for case, (backend, ops) in traced.items():
+        assert backend == "triton", (case, backend)
+        kind = "backward" if case.startswith("backward") else "forward"
+        assert ops and all(op.startswith(f"dmlkern.pair_engine_{kind}_triton") for op in ops), (case, ops)

@@ -280,7 +280,9 @@ def proxy_anchor(module, embeddings, labels, indices_tuple, proxies):
     lse = _lse2(p, x, proxy_labels, labels, [-a, a * m, a, a * m, 0.0], False, backend)
     # The number of proxies with a positive: a tensor under torch.compile (no host sync;
     # DivisorReducer divides by it either way), a Python int in eager mode as PML's.
-    num_with_pos = (torch.bincount(labels, minlength=num_classes)[:num_classes] > 0).sum()
+    # (scatter into C + 1 slots, labels >= C in the last: a static shape, unlike bincount)
+    present = torch.zeros(num_classes + 1, dtype=torch.bool, device=labels.device)
+    num_with_pos = present.scatter(0, labels.clamp(0, num_classes), True)[:num_classes].sum()
     if not static_shapes():
         num_with_pos = int(num_with_pos)
     idx = torch.arange(num_classes, device=embeddings.device)

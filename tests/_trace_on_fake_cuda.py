@@ -1,0 +1,50 @@
+"""Trace the Triton path on fake CUDA tensors (no GPU) and print, as one JSON line, each case's
+backend and the dmlkern ops in its graph. Run by test_compile.py without TRITON_INTERPRET."""
+import json
+import os
+import sys
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dmlkern import _tracing, losses  # noqa: E402
+from dmlkern.ops import pair_engine as pe  # noqa: E402
+from test_compile import FULLGRAPH_LOSSES, _plain  # noqa: E402
+
+assert "TRITON_INTERPRET" not in os.environ, "the interpreter runs Triton kernels on fake tensors"
+assert pe.pair_engine_forward_triton is not None, "the Triton pair engine is not registered"
+
+
+def fake_cuda(*shapes, classes=5):
+    with FakeTensorMode():
+        return [torch.randn(*s, device="cuda") for s in shapes] + [torch.randint(0, classes, (36,), device="cuda")]
+
+
+def dmlkern_ops(graph_module):
+    return [str(n.target) for n in graph_module.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("dmlkern.")]
+
+
+_tracing.FORCE_STATIC_SHAPES = True  # the torch.compile path
+traced = {}
+for name, build in dict(FULLGRAPH_LOSSES, lifted=_plain(losses.LiftedStructureLoss)).items():
+    loss_fn, step = build()
+    emb, proxies, labels = fake_cuda((36, 8), (5, 8))
+    if name == "proxy_anchor":
+        loss_fn.proxies = torch.nn.Parameter(proxies)  # on the batch's device
+    graph = make_fx(step, tracing_mode="fake")(emb, labels)
+    traced[name] = (loss_fn.last_backend, dmlkern_ops(graph))
+
+for symmetric in (False, True):
+    x, rows, coef, labels = fake_cuda((36, 8), (36, 3), (36, 5))
+
+    def backward(x, lab, row_in, row_coef):
+        return pe.engine_backward_raw(x, x, lab, lab, row_in, row_coef, transform=0, mining=1,
+                                      params=[-2.0, 1.0, 5.0, -2.5, 0.1], exclude_diag=True,
+                                      backend="triton", symmetric=symmetric)
+
+    graph = make_fx(backward, tracing_mode="fake")(x, labels, rows, coef)
+    traced[f"backward {'symmetric' if symmetric else 'two-sided'}"] = ("triton", dmlkern_ops(graph))
+print(json.dumps(traced))
