@@ -577,3 +577,39 @@ def test_int64_offsets_past_two_to_the_31(backend, device):
         _close(gx, wx + wy if symmetric else wx, torch.float32, f"grad_x, symmetric={symmetric}")
         if not symmetric:
             _close(gy, wy, torch.float32, "grad_y")
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["sorted_pairs", "two_views", "sorted_classes"])
+def test_pos_softplus_pass_skips_tiles_without_positives(backend, device, layout):
+    """Pass 2 sums over positives only, and the kernels skip the column tiles that hold none
+    (CPU: outside the block's first..last label column; Triton: label ranges that miss the
+    block's). 700 rows span several row blocks and column tiles of every backend; labels as
+    the fused NT-Xent gives them (sorted: two per label, or ~20 per class) and SimCLR's
+    unsorted two views; with and without mining and self-pairs, a NaN row (NaN sums where it
+    is a positive, none with mining, which drops NaN pairs), against the reference."""
+    _needs_engine(backend)
+    n, d = 700, 9
+    g = torch.Generator().manual_seed(41)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    if layout == "sorted_pairs":
+        labels = torch.arange(n) // 2
+    elif layout == "two_views":
+        labels = torch.cat([torch.arange(n // 2)] * 2)
+    else:
+        labels = torch.sort(torch.randint(0, n // 20, (n,), generator=g)).values
+    x[n // 3] = float("nan")  # its positives get NaN, the other rows stay finite
+    for dtype in dtypes_for(backend, device)[:2]:
+        xd, ld = x.to(device, dtype), labels.to(device)
+        stats = torch.float64 if dtype == torch.float64 else torch.float32
+        for mining, exclude_diag in ((0, True), (1, True), (0, False)):
+            params = PARAMS[0]
+            row_in = _row_in(xd, xd, ld, ld, exclude_diag, 0, mining, params, stats)
+            got = pe.engine_forward(xd, xd, ld, ld, row_in, pass_kind=2, mining=mining, params=params,
+                                    exclude_diag=exclude_diag, backend=backend)
+            want = reference.engine_forward(xd.double(), xd.double(), ld, ld, row_in.double(), 2, 0, mining,
+                                            params, exclude_diag)
+            what = f"{layout} {dtype} mining={mining} exclude_diag={exclude_diag}"
+            assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu()), what
+            assert not torch.isnan(want[: n // 4]).any() and (mining == 1 or torch.isnan(want).any()), what
+            _close(got, want, dtype, what)

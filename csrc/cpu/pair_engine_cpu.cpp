@@ -424,10 +424,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
   const int64_t n = x.size(0), m = y.size(0);
   T* o = out.data_ptr<T>();
   const int64_t cols = out.size(1);
-  // Pass 3 sums over positive pairs only: a row block visits only the columns from the first
-  // to the last one sharing a label with one of its rows (all of them for shuffled labels; a
-  // few tiles when the rows are sorted by label, as the fused Lifted Structure loss does).
-  constexpr bool kPositivesOnly = PASS == kPassLiftedPairs;
+  // Passes 2 and 3 sum over positive pairs only: a row block visits only the columns from the
+  // first to the last one sharing a label with one of its rows (all of them for shuffled
+  // labels; a few tiles when the rows are sorted by label, as the fused NT-Xent and Lifted
+  // Structure losses do).
+  constexpr bool kPositivesOnly = PASS == kPassPosSoftplus || PASS == kPassLiftedPairs;
   at::parallel_for(0, ceil_div(n, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
     // Worker threads do not inherit the caller's dispatch guard: without it autograd
     // would record every tile product of an input that requires grad (an N x M leak).

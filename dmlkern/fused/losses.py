@@ -259,6 +259,12 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     inv_t = 1.0 / float(module.temperature)
     params = [inv_t, 0.0, inv_t, 0.0, 0.0]
     x, y = _pair_inputs(embeddings, ref_emb)
+    if y is x and ref_labels is labels:
+        # The loss is a sum over rows: sorted by label, the rows' positives sit in a few tiles
+        # near the diagonal, and the pos_softplus pass computes only those tiles.
+        labels, order = torch.sort(labels, stable=True)
+        x = y = x[order]
+        ref_labels = labels
     per_row = _NTXentRows.apply(x, None if y is x else y, labels, None if ref_labels is labels else ref_labels,
                                 params, exclude_diag, backend)
     loss = zero_where(degenerate, per_row.sum() / stats["pos"].sum().clamp(min=1))

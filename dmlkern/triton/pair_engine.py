@@ -244,6 +244,12 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
         big_l = tl.load(RIN + rows * s_rn + 2 * s_rc, mask=row_ok, other=0.0).to(ACC_DTYPE)
     else:
         big_l = zeros
+    if PASS_KIND == 2 or PASS_KIND == 3:
+        # Positives only: a column tile whose label range misses the block's is skipped (a few
+        # tiles per block when the rows are sorted by label, as the fused losses do).
+        first_lab = tl.load(XL + pid * BLOCK_M * s_xl)  # the block's first row always exists
+        lab_lo = tl.min(tl.where(row_ok, x_lab, first_lab))
+        lab_hi = tl.max(tl.where(row_ok, x_lab, first_lab))
 
     # Row statistics (the ones a pass does not use stay constant and are compiled away).
     mx = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)   # extrema: max over neg
@@ -261,34 +267,41 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
     for c0 in range(0, M, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < M
-        s = _sim_tile(X, Y, rows, cols, row_ok, col_ok, D, s_xn, s_xd, s_yn, s_yd,
-                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
-        v = _value(s, TRANSFORM)
         y_lab = tl.load(YL + cols * s_yl, mask=col_ok, other=0)
-        pos, neg = _engine_masks(v, x_lab[:, None], y_lab[None, :], rows[:, None], cols[None, :],
-                                 row_ok[:, None], col_ok[None, :], max_neg[:, None], min_pos[:, None],
-                                 eps, MINING, EXCLUDE_DIAG)
-        if PASS_KIND == 0:
-            mx = tl.maximum(mx, tl.max(tl.where(neg, v, float("-inf")), axis=1))
-            mn = tl.minimum(mn, tl.min(tl.where(pos, v, float("inf")), axis=1))
-            is_nan = v != v  # tl.maximum / tl.max may drop NaN: count kept NaNs explicitly
-            nan_neg += tl.sum(tl.where(neg & is_nan, 1, 0), axis=1)
-            nan_pos += tl.sum(tl.where(pos & is_nan, 1, 0), axis=1)
-        elif PASS_KIND == 1:
-            m_p, s_p, m_n, s_n = _lse2_update(m_p, s_p, m_n, s_n, v, pos, neg, sc_pos, off_pos, sc_neg, off_neg)
-        elif PASS_KIND == 2:
-            z = big_l[:, None] - sc_pos * v - off_pos
-            sp += tl.sum(tl.where(pos, _softplus(z), 0.0), axis=1)
-            sg += tl.sum(tl.where(pos, _sigmoid(z), 0.0), axis=1)
-            cnt += tl.sum(tl.where(pos, 1.0, 0.0).to(ACC_DTYPE), axis=1)
-        else:  # lifted pairs, the symmetric case: column j's L is row_in[j, 2]
-            l_col = tl.load(RIN + cols * s_rn + 2 * s_rc, mask=col_ok, other=0.0).to(ACC_DTYPE)
-            lae, sig = _logaddexp_sigmoid(big_l[:, None], l_col[None, :])
-            r = _lifted_relu(v, lae, sc_pos, off_pos)
-            f = 0.5 * (r * r)
-            sp += tl.sum(tl.where(pos, f, 0.0), axis=1)
-            sg += tl.sum(tl.where(pos & (r != 0.0), r * sig, 0.0), axis=1)
-            cnt += tl.sum(tl.where(pos & (f > 0.0), 1.0, 0.0).to(ACC_DTYPE), axis=1)
+        if PASS_KIND == 2 or PASS_KIND == 3:
+            first_col_lab = tl.load(YL + c0 * s_yl)
+            meets = ((tl.min(tl.where(col_ok, y_lab, first_col_lab)) <= lab_hi)
+                     & (tl.max(tl.where(col_ok, y_lab, first_col_lab)) >= lab_lo))
+        else:
+            meets = True
+        if meets:
+            s = _sim_tile(X, Y, rows, cols, row_ok, col_ok, D, s_xn, s_xd, s_yn, s_yd,
+                          BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
+            v = _value(s, TRANSFORM)
+            pos, neg = _engine_masks(v, x_lab[:, None], y_lab[None, :], rows[:, None], cols[None, :],
+                                     row_ok[:, None], col_ok[None, :], max_neg[:, None], min_pos[:, None],
+                                     eps, MINING, EXCLUDE_DIAG)
+            if PASS_KIND == 0:
+                mx = tl.maximum(mx, tl.max(tl.where(neg, v, float("-inf")), axis=1))
+                mn = tl.minimum(mn, tl.min(tl.where(pos, v, float("inf")), axis=1))
+                is_nan = v != v  # tl.maximum / tl.max may drop NaN: count kept NaNs explicitly
+                nan_neg += tl.sum(tl.where(neg & is_nan, 1, 0), axis=1)
+                nan_pos += tl.sum(tl.where(pos & is_nan, 1, 0), axis=1)
+            elif PASS_KIND == 1:
+                m_p, s_p, m_n, s_n = _lse2_update(m_p, s_p, m_n, s_n, v, pos, neg, sc_pos, off_pos, sc_neg, off_neg)
+            elif PASS_KIND == 2:
+                z = big_l[:, None] - sc_pos * v - off_pos
+                sp += tl.sum(tl.where(pos, _softplus(z), 0.0), axis=1)
+                sg += tl.sum(tl.where(pos, _sigmoid(z), 0.0), axis=1)
+                cnt += tl.sum(tl.where(pos, 1.0, 0.0).to(ACC_DTYPE), axis=1)
+            else:  # lifted pairs, the symmetric case: column j's L is row_in[j, 2]
+                l_col = tl.load(RIN + cols * s_rn + 2 * s_rc, mask=col_ok, other=0.0).to(ACC_DTYPE)
+                lae, sig = _logaddexp_sigmoid(big_l[:, None], l_col[None, :])
+                r = _lifted_relu(v, lae, sc_pos, off_pos)
+                f = 0.5 * (r * r)
+                sp += tl.sum(tl.where(pos, f, 0.0), axis=1)
+                sg += tl.sum(tl.where(pos & (r != 0.0), r * sig, 0.0), axis=1)
+                cnt += tl.sum(tl.where(pos & (f > 0.0), 1.0, 0.0).to(ACC_DTYPE), axis=1)
 
     out = OUT + rows * s_on
     if PASS_KIND == 0:
