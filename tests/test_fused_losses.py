@@ -327,3 +327,38 @@ def test_lifted_pairs_function_gradcheck_cpp():
 
     assert total(x) > 0
     assert torch.autograd.gradcheck(total, (x.requires_grad_(True),))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ntxent_sorted_rows_keep_each_ref_pairing(engine_backend_choice, backend, device):
+    """The fused NT-Xent sorts rows by label; the ref_emb pairings must survive that: ref_emb
+    given with ref_labels *being* labels (PML then drops the pairs (i, i) of equal index: one
+    permutation for both sides), ref_emb being the embeddings with other ref_labels (two
+    permutations of one tensor) and separate ref rows and labels. Values and both gradients."""
+    expected = engine_backend_choice(backend, device)
+    dtype = torch.float64 if backend == "engine-reference" else torch.float32
+    g = torch.Generator().manual_seed(17)
+    n = 90  # SimCLR-like labels, shuffled: the sort moves every row
+    labels = torch.cat([torch.arange(n // 2)] * 2)[torch.randperm(n, generator=g)].to(device)
+    x = torch.randn(n, 16, generator=g, dtype=torch.float64).to(device, dtype)
+    other = torch.randn(n, 16, generator=g, dtype=torch.float64).to(device, dtype)
+    other_labels = labels[torch.randperm(n, generator=g).to(device)]
+    loss_fn = losses.NTXentLoss(temperature=0.2)
+    for what, ref, ref_labels in (("ref_labels is labels", other, labels),
+                                  ("ref_emb is the embeddings", None, other_labels),
+                                  ("separate ref", other, other_labels)):
+        def run(path):
+            emb = x.detach().clone().requires_grad_(True)
+            ref_emb = emb if ref is None else ref.detach().clone().requires_grad_(True)
+            loss_fn.backend = "reference" if path == "reference" else "auto"
+            value = loss_fn(emb, labels, None, ref_emb, ref_labels)
+            wrt = [emb] if ref is None else [emb, ref_emb]
+            return value.detach(), torch.autograd.grad(value, wrt)
+
+        want_v, want_g = run("reference")
+        got_v, got_g = run("fused")
+        assert loss_fn.last_backend == expected, f"{what}: ran {loss_fn.last_backend}"
+        rtol, atol = TOLERANCES[dtype]
+        torch.testing.assert_close(got_v, want_v, rtol=rtol, atol=atol, msg=lambda s: f"{what} value: {s}")
+        for k, (a, b) in enumerate(zip(got_g, want_g)):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda s: f"{what} grad {k}: {s}")

@@ -259,12 +259,18 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     inv_t = 1.0 / float(module.temperature)
     params = [inv_t, 0.0, inv_t, 0.0, 0.0]
     x, y = _pair_inputs(embeddings, ref_emb)
-    if y is x and ref_labels is labels:
-        # The loss is a sum over rows: sorted by label, the rows' positives sit in a few tiles
-        # near the diagonal, and the pos_softplus pass computes only those tiles.
-        labels, order = torch.sort(labels, stable=True)
-        x = y = x[order]
-        ref_labels = labels
+    # The loss is a sum over pairs: with the rows (and the reference rows) sorted by label, the
+    # positives sit in a few tiles near the diagonal, and the pos_softplus pass computes only
+    # those. One permutation for both sides when the labels are one tensor (the self-pairs
+    # excluded then are pairs of equal index).
+    sorted_labels, order = torch.sort(labels, stable=True)
+    if ref_labels is labels:
+        ref_labels, ref_order = sorted_labels, order
+    else:
+        ref_labels, ref_order = torch.sort(ref_labels, stable=True)
+    sorted_x = x[order]
+    y = sorted_x if y is x and ref_order is order else y[ref_order]
+    x, labels = sorted_x, sorted_labels
     per_row = _NTXentRows.apply(x, None if y is x else y, labels, None if ref_labels is labels else ref_labels,
                                 params, exclude_diag, backend)
     loss = zero_where(degenerate, per_row.sum() / stats["pos"].sum().clamp(min=1))
