@@ -13,6 +13,7 @@
 # sweep gets what the build and tests leave, at most SWEEP_MAX_S (default 480 s, about 8 minutes).
 # Sweep order, so that a short budget still gives the headline numbers:
 #   1. dmlkern (auto backend = Triton on CUDA), every fused loss, N = 16384 65536, bf16 + fp32
+#   1b. Triton tile settings (python -m dmlkern.bench.tiles), two losses, N = 16384 ($OUT/tiles)
 #   2. dmlkern only, N = 262144, bf16, every fused loss
 #   3. dmlkern-cpp (CUDA C++), pml (if importable), reference, compile at N = 16384 65536
 # Knobs (environment): GPU_CHECK_TOTAL_S, SWEEP_MAX_S, BUILD_TIMEOUT_S (300), TEST_TIMEOUT_S (240),
@@ -114,6 +115,14 @@ if has_stage bench; then
         timeout -k 10 $(( B + 90 )) "$PY" -m dmlkern.bench $COMMON --budget "$B" \
             --providers dmlkern --n $NS --dtypes $DTYPES
         echo "gpu_check: sweep 1 exit $?"
+    fi
+    # 1b. Triton tile settings for two losses at N = 16384 (about an eighth): which tiles to
+    #     make the default (dmlkern/bench/tiles.py; $OUT/tiles/tiles.md)
+    B=$(min $(( SWEEP * 12 / 100 )) "$(( $(sweep_left) - 60 ))")
+    if [ "$B" -gt 20 ] && [ "$DEV" = cuda ]; then
+        timeout -k 10 $(( B + 60 )) "$PY" -m dmlkern.bench.tiles --device cuda --n 16384 --d 128 \
+            --dtypes $DTYPES --budget "$B" --out "$OUT/tiles"
+        echo "gpu_check: tile sweep exit $?"
     fi
     # 2. one N = 262144 run per fused loss, dmlkern only (about a fifth)
     B=$(min $(( SWEEP * 20 / 100 )) "$(( $(sweep_left) - 30 ))")

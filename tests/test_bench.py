@@ -160,3 +160,37 @@ def test_extrapolation_and_memory_estimate():
     # PML-form NTXent / Lifted are O(N^3): far beyond any machine at N = 8192.
     assert estimate_bytes("ntxent", 8192, "fp32") > 2**40
     assert estimate_bytes("multi_similarity", 8192, "fp32") < 2**33
+
+
+def test_triton_tile_sweep_runs_and_checks_agreement(tmp_path):
+    """python -m dmlkern.bench.tiles (what gpu_check.sh runs on a GPU), here under the Triton
+    interpreter on 150 rows (several 64-row tiles): every setting runs, its loss and gradient
+    agree with the default tiles', and the JSON / markdown are written. Run in a subprocess:
+    the tool sets DMLKERN_BACKEND for its process."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "dmlkern.bench.tiles", "--device", "cpu", "--n", "150",
+                           "--d", "16", "--dtypes", "fp32", "--losses", "multi_similarity_miner",
+                           "--configs", "default", "rows128", "cols128_fwd", "cols32_bwd",
+                           "--repeats", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "tiles.json").read_text())
+    rows = result["rows"]
+    assert [r["config"] for r in rows] == ["default", "rows128", "cols128_fwd", "cols32_bwd"]
+    assert all(r["status"] == "ok" and r["agrees"] and r["backend"] == "triton" for r in rows), rows
+    assert "| fp32 | multi_similarity_miner | rows128 |" in (tmp_path / "tiles.md").read_text()
+
+
+def test_tile_overrides_are_checked():
+    """A bad tile setting is an error naming the key, not a kernel launched with it."""
+    pytest.importorskip("triton", reason="Triton is a dependency of the CUDA build of torch")
+    from dmlkern.triton import pair_engine as tk
+
+    assert tk._with_overrides({"block_m": 64}, "fwd") == {"block_m": 64}
+    for bad, key in (({"block_m": 48}, "block_m"), ({"num_warps": 0}, "num_warps"), ({"blocks": 2}, "blocks")):
+        tk.TILE_OVERRIDES["fwd"] = bad
+        try:
+            with pytest.raises(ValueError, match=key):
+                tk._with_overrides({"block_m": 64}, "fwd")
+        finally:
+            tk.TILE_OVERRIDES.clear()

@@ -476,6 +476,32 @@ def _tiles(x, d, lift=False, symmetric=False):
     return dict(block_m=64, block_n=block_n, block_k=block_k, block_dout=128, num_warps=8)
 
 
+# Tile settings for tuning runs (python -m dmlkern.bench.tiles): {"fwd": {...}, "bwd": {...}},
+# each with any of block_m, block_n, block_k, block_dout, num_warps, num_stages, replacing
+# what _tiles() chose for every launch of that kernel. Empty: the defaults above.
+TILE_OVERRIDES: dict = {}
+_TILE_KEYS = {"block_m", "block_n", "block_k", "block_dout", "num_warps", "num_stages"}
+
+
+def _with_overrides(tiles, kernel):
+    override = TILE_OVERRIDES.get(kernel) or {}
+    unknown = set(override) - _TILE_KEYS
+    if unknown:
+        raise ValueError(f"TILE_OVERRIDES[{kernel!r}]: unknown keys {sorted(unknown)}; allowed {sorted(_TILE_KEYS)}")
+    for key, value in override.items():
+        lowest = {"num_warps": 1, "num_stages": 1, "block_k": 16}.get(key, 16)
+        power_of_two = key != "num_stages"
+        if not isinstance(value, int) or value < lowest or (power_of_two and value & (value - 1)):
+            raise ValueError(f"TILE_OVERRIDES[{kernel!r}][{key!r}] must be an int >= {lowest}"
+                             f"{', a power of two' if power_of_two else ''}; got {value!r}")
+    return {**tiles, **override}
+
+
+def _launch_tiles(t):
+    """The launch keywords besides the BLOCK_* constexprs."""
+    return {k: t[k] for k in ("num_warps", "num_stages") if k in t}
+
+
 def _coef_flags(row_coef):
     """(HAS_B, HAS_LIFT): whether row_coef's B_pos column, and its C_lift column if any, hold a
     non-zero value. One small reduction and one device-to-host copy of two booleans per
@@ -548,7 +574,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
     if n == 0:
         return out
     row_in = _row_tensor(row_in, n, 3, stats_dtype, x.device)
-    t = _tiles(x, d)
+    t = _with_overrides(_tiles(x, d), "fwd")
     grid = (triton.cdiv(n, t["block_m"]),)
     wrap(_engine_fwd_kernel)[grid](
         x, y, x_labels, y_labels, row_in, out, n, m, d,
@@ -559,7 +585,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
         MINING=mining if pass_kind != PASS_EXTREMA else 0,  # extrema use the label masks only
         # (pass 3 is mining 0, checked above)
         EXCLUDE_DIAG=bool(exclude_diag),
-        BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], num_warps=t["num_warps"],
+        BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], **_launch_tiles(t),
         **_launch_config(x))
     return out
 
@@ -589,7 +615,7 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
         has_b, has_lift = _coef_flags(row_coef)
         if not has_lift and row_coef.shape[1] == 6:
             row_coef = row_coef[:, :5]  # an all-zero C_lift column: the term is compiled away
-        t = _tiles(x, d, lift=has_lift, symmetric=symmetric)
+        t = _with_overrides(_tiles(x, d, lift=has_lift, symmetric=symmetric), "bwd")
         block_dout = max(16, min(t["block_dout"], triton.next_power_of_2(d)))
         cfg = _launch_config(x)
         pargs = _param_args(params)
@@ -608,5 +634,5 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
                 OWN_IS_X=own_is_x, SYMMETRIC=bool(symmetric), TRANSFORM=transform, MINING=mining,
                 EXCLUDE_DIAG=bool(exclude_diag), HAS_B=has_b, HAS_LIFT=has_lift,
                 BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], BLOCK_DOUT=block_dout,
-                num_warps=t["num_warps"], **cfg)
+                **_launch_tiles(t), **cfg)
     return grad_x.to(x.dtype), grad_y.to(y.dtype)
