@@ -184,8 +184,9 @@ class ThresholdReducer(BaseReducer):
             keep = keep & (losses > self.low)
         if self.high is not None:
             keep = keep & (losses < self.high)
-        if static_shapes() and not self.collect_stats:
-            # Same value and gradient without data-dependent shapes or branches (fullgraph).
+        if (static_shapes() or losses.is_cuda) and not self.collect_stats:
+            # Same value and gradient without data-dependent shapes or branches (fullgraph)
+            # or host syncs (CUDA).
             count = keep.sum()
             total = torch.where(keep, losses, torch.zeros_like(losses)).sum()
             return torch.where(count > 0, total / count.clamp(min=1), self.zero_loss(embeddings))
@@ -233,8 +234,11 @@ class DivisorReducer(BaseReducer):
         return losses, loss_indices, reduction_type, kwargs
 
     def sum_and_divide(self, losses, embeddings, divisor):
-        if torch.is_tensor(divisor):  # a traced divisor (torch.compile): no data-dependent branch
-            out = torch.sum(losses) / divisor.clamp(min=1).to(losses.dtype)
+        if torch.is_tensor(divisor):  # torch.compile / CUDA: no data-dependent branch, no sync
+            safe = divisor.clamp(min=1).to(torch.promote_types(losses.dtype, torch.float32))
+            out = (torch.sum(losses) / safe).to(losses.dtype)  # a divisor > 65504 fits (fp16)
+            if losses.dtype == torch.float16:  # PML's fp16 rule below, as a select
+                out = torch.where(torch.isnan(out), (torch.sum(losses.float()) / safe).half(), out)
             return torch.where(divisor != 0, out, self.zero_loss(embeddings).to(out.dtype))
         if divisor != 0:
             out = torch.sum(losses) / divisor

@@ -1,5 +1,6 @@
 """Trace the Triton path on fake CUDA tensors (no GPU) and print, as one JSON line, each case's
-backend and the dmlkern ops in its graph. Run by test_compile.py without TRITON_INTERPRET."""
+backend and the dmlkern ops in its graph. A fake tensor cannot be read, so any host sync
+(.item(), bool(), nonzero, ...) fails the trace. Run by test_compile.py without TRITON_INTERPRET."""
 import json
 import os
 import sys
@@ -8,7 +9,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # this checkout's tests and dmlkern
 from dmlkern import _tracing, losses  # noqa: E402
 from dmlkern.ops import pair_engine as pe  # noqa: E402
 from test_compile import FULLGRAPH_LOSSES, _plain  # noqa: E402
@@ -27,15 +29,21 @@ def dmlkern_ops(graph_module):
             if n.op == "call_function" and str(n.target).startswith("dmlkern.")]
 
 
-_tracing.FORCE_STATIC_SHAPES = True  # the torch.compile path
+# "static": the torch.compile path. "eager": a plain call on CUDA tensors, which must not sync
+# with the host either (N-pairs eager lists its anchors: one sync, by design).
 traced = {}
-for name, build in dict(FULLGRAPH_LOSSES, lifted=_plain(losses.LiftedStructureLoss)).items():
-    loss_fn, step = build()
-    emb, proxies, labels = fake_cuda((36, 8), (5, 8))
-    if name == "proxy_anchor":
-        loss_fn.proxies = torch.nn.Parameter(proxies)  # on the batch's device
-    graph = make_fx(step, tracing_mode="fake")(emb, labels)
-    traced[name] = (loss_fn.last_backend, dmlkern_ops(graph))
+for mode in ("static", "eager"):
+    _tracing.FORCE_STATIC_SHAPES = mode == "static"
+    for name, build in dict(FULLGRAPH_LOSSES, lifted=_plain(losses.LiftedStructureLoss)).items():
+        if mode == "eager" and name == "npairs":
+            continue
+        loss_fn, step = build()
+        emb, proxies, labels = fake_cuda((36, 8), (5, 8))
+        if name == "proxy_anchor":
+            loss_fn.proxies = torch.nn.Parameter(proxies)  # on the batch's device
+        graph = make_fx(step, tracing_mode="fake")(emb, labels)
+        traced[f"{mode} {name}"] = (loss_fn.last_backend, dmlkern_ops(graph))
+_tracing.FORCE_STATIC_SHAPES = False
 
 for symmetric in (False, True):
     x, rows, coef, labels = fake_cuda((36, 8), (36, 3), (36, 5))

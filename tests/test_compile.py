@@ -232,11 +232,12 @@ def test_compiled_backward_keeps_the_symmetric_kernel(name):
 
 
 def test_triton_path_traces_on_fake_cuda_tensors():
-    """On CUDA tensors the loss classes pick the Triton engine, and their static-shape forward
-    (the path torch.compile takes) and the Triton backward op's host code trace without a host
-    sync or a data-dependent shape: make_fx over fake CUDA tensors, no GPU needed. Run in a
-    subprocess without TRITON_INTERPRET: the interpreter runs kernels even on fake tensors.
-    (Compiling and running the kernels needs the GPU run.)"""
+    """On CUDA tensors the loss classes pick the Triton engine, and their forward -- the
+    static-shape one torch.compile takes, and the plain eager one (except N-pairs') -- and the
+    Triton backward op's host code trace without a host sync or a data-dependent shape: make_fx
+    over fake CUDA tensors, no GPU needed. Run in a subprocess without TRITON_INTERPRET: the
+    interpreter runs kernels even on fake tensors. (Compiling and running the kernels needs the
+    GPU run.)"""
     import json
     import os
     import subprocess
@@ -247,7 +248,9 @@ def test_triton_path_traces_on_fake_cuda_tensors():
     run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     traced = json.loads(run.stdout.strip().splitlines()[-1])
-    want = set(FULLGRAPH_LOSSES) | {"lifted", "backward two-sided", "backward symmetric"}
+    names = set(FULLGRAPH_LOSSES) | {"lifted"}
+    want = ({f"static {n}" for n in names} | {f"eager {n}" for n in names - {"npairs"}}
+            | {"backward two-sided", "backward symmetric"})
     assert set(traced) == want, sorted(traced)
     for case, (backend, ops) in traced.items():
         assert backend == "triton", (case, backend)

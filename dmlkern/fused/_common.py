@@ -78,16 +78,23 @@ def no_pos_or_neg(stats):
     return (stats["pos"].sum() == 0) | (stats["neg"].sum() == 0)
 
 
+def _without_branch(degenerate):
+    """Under torch.compile (no data-dependent branch) and for CUDA tensors (no host sync: the
+    GPU keeps its queue), degenerate batches are zeroed with torch.where, not returned early."""
+    return static_shapes() or degenerate.is_cuda
+
+
 def returns_zero_now(degenerate):
-    """Eager: True when the batch is degenerate, so the caller returns the reference's zero
-    loss at once. Under torch.compile: False (no data-dependent branch); the caller then
-    zeroes its losses with `zero_where` instead, which has the same value and gradient (0)."""
-    if static_shapes():
+    """Eager on the CPU: True when the batch is degenerate, so the caller returns the
+    reference's zero loss at once (last_backend "zero"). Under torch.compile and on CUDA:
+    False; the caller then zeroes its losses with `zero_where`, which has the same value and
+    gradient (0)."""
+    if _without_branch(degenerate):
         return False
     return bool(degenerate)
 
 
 def zero_where(degenerate, losses):
-    if not static_shapes():
+    if not _without_branch(degenerate):
         return losses
     return torch.where(degenerate, torch.zeros_like(losses), losses)

@@ -241,7 +241,7 @@ class _NTXentRows(torch.autograd.Function):
         grad_x, grad_y = pe.engine_backward_raw(x, y, labels, ref_labels, row_in, coef.contiguous(),
                                                 transform=pe.TRANSFORM_DOT, mining=pe.MINING_NONE,
                                                 params=params, exclude_diag=exclude_diag, backend=backend,
-                                                symmetric=ctx.symmetric)
+                                                symmetric=ctx.symmetric, coef_terms=1)  # B_pos
         if ctx.self_pairs:  # the sum (symmetric: grad_x already is, grad_y is zero)
             return grad_x + grad_y, None, None, None, None, None, None
         return grad_x, grad_y, None, None, None, None, None
@@ -290,12 +290,12 @@ def proxy_anchor(module, embeddings, labels, indices_tuple, proxies):
     proxy_labels = torch.arange(num_classes, device=labels.device)
     # Per proxy (a row of the engine): pos over its class's samples, neg over the others.
     lse = _lse2(p, x, proxy_labels, labels, [-a, a * m, a, a * m, 0.0], False, backend)
-    # The number of proxies with a positive: a tensor under torch.compile (no host sync;
-    # DivisorReducer divides by it either way), a Python int in eager mode as PML's.
+    # The number of proxies with a positive: a tensor under torch.compile and on CUDA (no host
+    # sync; DivisorReducer divides by it either way), a Python int on the CPU as PML's.
     # (scatter into C + 1 slots, labels >= C in the last: a static shape, unlike bincount)
     present = torch.zeros(num_classes + 1, dtype=torch.bool, device=labels.device)
     num_with_pos = present.scatter(0, labels.clamp(0, num_classes), True)[:num_classes].sum()
-    if not static_shapes():
+    if not (static_shapes() or num_with_pos.is_cuda):
         num_with_pos = int(num_with_pos)
     idx = torch.arange(num_classes, device=embeddings.device)
     module.last_backend = backend
@@ -462,7 +462,7 @@ class _LiftedPairs(torch.autograd.Function):
         grad_x, grad_y = pe.engine_backward_raw(x, x, labels, labels, row_in, coef.contiguous(),
                                                 transform=pe.TRANSFORM_UNIT_DISTANCE, mining=pe.MINING_NONE,
                                                 params=params, exclude_diag=True, backend=backend,
-                                                symmetric=True)
+                                                symmetric=True, coef_terms=2)  # C_lift
         grad = torch.zeros_like(grad_x).index_copy(0, order, grad_x)  # back to the caller's order
         return grad, None, None, None
 

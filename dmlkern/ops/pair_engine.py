@@ -52,15 +52,22 @@ def row_coefficients(pass_kind, out, grad_out):
     raise RuntimeError("the extrema pass (mining statistics) is not differentiable")
 
 
-def _make_backward(backward_op):
+# The row_coef terms each differentiable pass uses (coef_terms: 1 = B_pos; lse2 has none).
+_COEF_TERMS = {PASS_LSE2: 0, PASS_POS_SOFTPLUS: 1}
+
+
+def _make_backward(backward_op, takes_coef_terms=False):
     def backward(ctx, grad_out):
         x, y, x_labels, y_labels, row_in, out = ctx.saved_tensors
         pass_kind, transform, mining, params, exclude_diag = ctx.args
         coef, grad_row_in = row_coefficients(pass_kind, out, grad_out)
         grad_x = grad_y = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_x, grad_y = backward_op(x, y, x_labels, y_labels, row_in, coef.contiguous(),
-                                         transform, mining, params, exclude_diag, ctx.symmetric)
+            args = (x, y, x_labels, y_labels, row_in, coef.contiguous(), transform, mining, params,
+                    exclude_diag, ctx.symmetric)
+            if takes_coef_terms:  # Triton: the pass says which terms are used (no host check)
+                args += (_COEF_TERMS[pass_kind],)
+            grad_x, grad_y = backward_op(*args)
         return grad_x, grad_y, None, None, grad_row_in, None, None, None, None, None
 
     return backward
@@ -107,12 +114,13 @@ if triton_available():
                                         y_labels: torch.Tensor, row_in: torch.Tensor,
                                         row_coef: torch.Tensor, transform: int, mining: int,
                                         params: list[float], exclude_diag: bool,
-                                        symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                                        symmetric: bool = False,
+                                        coef_terms: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
             return _tk.engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining,
-                                       params, exclude_diag, symmetric, wrap_triton)
+                                       params, exclude_diag, symmetric, wrap_triton, coef_terms)
 
         pair_engine_forward_triton.register_autograd(
-            _make_backward(pair_engine_backward_triton), setup_context=_setup_context)
+            _make_backward(pair_engine_backward_triton, takes_coef_terms=True), setup_context=_setup_context)
 
 
 def available_backends():
@@ -162,11 +170,13 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
 
 
 def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform, mining, params,
-                        exclude_diag, backend, symmetric=False):
+                        exclude_diag, backend, symmetric=False, coef_terms=-1):
     """The backward kernel alone: (grad_x, grad_y) for the given row coefficients, (N, 5) or
     (N, 6) with C_lift (the symmetric case only). Used by fused losses that chain passes and
     merge their backward into one (NT-Xent, Lifted Structure), and by tests. symmetric=True
-    (y is x, y_labels is x_labels): grad_x is the sum of both gradients, grad_y zero."""
+    (y is x, y_labels is x_labels): grad_x is the sum of both gradients, grad_y zero.
+    coef_terms: which of B_pos (1) and C_lift (2) row_coef uses; Triton compiles the others
+    away (-1: it reads the values, a host sync on a GPU). The other backends ignore it."""
     if row_coef.shape[1] == 6:
         reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
     args = (x, y, x_labels, y_labels, row_in, row_coef, int(transform), int(mining),
@@ -174,5 +184,5 @@ def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform
     if backend == "reference":
         return reference.engine_backward(*args)
     if backend == "triton":
-        return pair_engine_backward_triton(*args)
+        return pair_engine_backward_triton(*args, int(coef_terms))
     return torch.ops.dmlkern.pair_engine_backward(*args)

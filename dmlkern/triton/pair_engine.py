@@ -502,13 +502,15 @@ def _launch_tiles(t):
     return {k: t[k] for k in ("num_warps", "num_stages") if k in t}
 
 
-def _coef_flags(row_coef):
-    """(HAS_B, HAS_LIFT): whether row_coef's B_pos column, and its C_lift column if any, hold a
-    non-zero value. One small reduction and one device-to-host copy of two booleans per
-    backward call (the op's schema does not carry the caller's knowledge: only the NT-Xent
-    chain has B_pos, only the lifted chain C_lift). A zero column compiles its term away, which
-    also frees registers. Tensors seen while torch.compile traces (fake) keep both terms."""
+def _coef_flags(row_coef, coef_terms):
+    """(HAS_B, HAS_LIFT): whether row_coef's B_pos column, and its C_lift column if any, are
+    used. The fused losses say so (coef_terms: bit 1 B_pos, bit 2 C_lift; they know their pass
+    chain); coef_terms=-1 reads the values instead: one small reduction and one device-to-host
+    copy per call (a host sync on a GPU). A column left out compiles its term away, which also
+    frees registers. Tensors seen while torch.compile traces (fake) keep both terms then."""
     has_lift = row_coef.shape[1] == 6
+    if coef_terms >= 0:
+        return bool(coef_terms & 1), has_lift and bool(coef_terms & 2)
     if _is_fake(row_coef) or torch.compiler.is_compiling() or row_coef.shape[0] == 0:
         return True, has_lift
     flags = (row_coef[:, 4:] != 0).any(dim=0).tolist()
@@ -591,10 +593,11 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
 
 
 def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params,
-                    exclude_diag, symmetric=False, wrap=lambda k: k):
+                    exclude_diag, symmetric=False, wrap=lambda k: k, coef_terms=-1):
     """(grad_x, grad_y) in the input dtypes for dl/dv given by row_coef (docs/ENGINE.md): (N, 5),
     or (N, 6) with the lifted pairs' C_lift (the symmetric case only). symmetric (y is x): their
-    sum as grad_x, grad_y zero."""
+    sum as grad_x, grad_y zero. coef_terms: which of B_pos (1) and C_lift (2) row_coef uses, -1
+    to read it from the values (see _coef_flags)."""
     transform, mining = int(transform), int(mining)
     _check(transform, mining)
     if row_coef.dim() != 2 or row_coef.shape[1] not in (5, 6):
@@ -612,7 +615,7 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
     if n > 0 and m > 0 and d > 0:
         row_in = _row_tensor(row_in, n, 3, acc_dtype, x.device)
         row_coef = row_coef.to(acc_dtype)
-        has_b, has_lift = _coef_flags(row_coef)
+        has_b, has_lift = _coef_flags(row_coef, int(coef_terms))
         if not has_lift and row_coef.shape[1] == 6:
             row_coef = row_coef[:, :5]  # an all-zero C_lift column: the term is compiled away
         t = _with_overrides(_tiles(x, d, lift=has_lift, symmetric=symmetric), "bwd")
