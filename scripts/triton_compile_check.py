@@ -1,5 +1,6 @@
 """Compile the Triton pair engine's kernels for sm_90 without a GPU and print registers and
-spills per kernel config (ptxas -v on the PTX Triton generates, with Triton's ptxas flags).
+spills per kernel config (ptxas -v on the PTX Triton generates, with Triton's ptxas flags), and
+the shared memory each launch needs (sm_90 allows 227 KiB per block).
 
     /work/main/.venv/bin/python scripts/triton_compile_check.py [--arch 90] [--d 128]
 
@@ -64,7 +65,7 @@ def compile_one(fn, dtype, consts, num_warps, arch):
                               os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     st, ld = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
-    return regs, st, ld
+    return regs, st, ld, int(k.metadata.shared)
 
 
 def configs(d):
@@ -115,13 +116,14 @@ def main():
     ap.add_argument("--only", default="", help="rows whose 'kernel dtype config' contains this")
     a = ap.parse_args()
     print(f"sm_{a.arch}, D={a.d}, triton {triton.__version__}")
-    print(f"{'kernel':5} {'dtype':9} {'config':44} {'tiles (M,N,K,DOUT) warps':26} {'regs':>4} {'spill st/ld':>12}")
+    print(f"{'kernel':5} {'dtype':9} {'config':44} {'tiles (M,N,K,DOUT) warps':26} {'regs':>4} {'spill st/ld':>12} {'smem KiB':>8}")
     for kind, fn, dtype, label, c, warps in configs(a.d):
         if a.only not in f"{kind} {str(dtype)[6:]} {label}":
             continue
         try:
-            regs, st, ld = compile_one(fn, dtype, c, warps, a.arch)
-            res = f"{regs:4d} {st:>5d}/{ld:<6d}"
+            regs, st, ld, smem = compile_one(fn, dtype, c, warps, a.arch)
+            # sm_90: at most 227 KiB of shared memory per block
+            res = f"{regs:4d} {st:>5d}/{ld:<6d} {smem / 1024:6.1f}{' TOO MUCH' if smem > 227 * 1024 else ''}"
         except Exception as e:  # report and go on
             res = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
         tiles = f"{c['BLOCK_M']},{c['BLOCK_N']},{c['BLOCK_K']},{c.get('BLOCK_DOUT', '-')} w{warps}"
