@@ -143,10 +143,31 @@ __global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
     L[r] = live ? row_in_t[2 * n + i] : acc_t(0);
   }
 
+  // Passes 2 and 3 sum over positives only: a column tile whose labels all miss the block's
+  // label range [lab_lo, lab_hi] is skipped (as the CPU and Triton do; few tiles remain when the
+  // rows are sorted by label). The block decides together, so no barrier is skipped by some.
+  constexpr bool kPositivesOnly = PASS == kPassPosSoftplus || PASS == kPassLiftedPairs;
+  __shared__ int64_t lab_lo, lab_hi;
+  if constexpr (kPositivesOnly) {
+    if (threadIdx.x == 0) {
+      lab_lo = lab_hi = xlab[r0];  // the block's first row exists
+      for (int64_t i = r0 + 1; i < r0 + kTileRows && i < n; ++i) {
+        const int64_t lab = xlab[i];
+        lab_lo = lab < lab_lo ? lab : lab_lo;
+        lab_hi = lab > lab_hi ? lab : lab_hi;
+      }
+    }
+    __syncthreads();
+  }
+
   acc_t dots[kRowsPerWarp];
   for (int64_t c0 = 0; c0 < m; c0 += kTileCols) {
-    engine_tile_dots<scalar_t, acc_t>(x, xs0, xs1, n, y, ys0, ys1, m, d, r0, c0, xs, ys, dots);
     const int64_t j = c0 + lane;
+    if constexpr (kPositivesOnly) {
+      const bool meets = j < m && ylab[j] >= lab_lo && ylab[j] <= lab_hi;
+      if (!__syncthreads_or(meets)) continue;  // every thread takes the same branch
+    }
+    engine_tile_dots<scalar_t, acc_t>(x, xs0, xs1, n, y, ys0, ys1, m, d, r0, c0, xs, ys, dots);
     if (j >= m) continue;  // after the block-wide staging: no barrier is skipped
     const int64_t lab_j = ylab[j];
     const acc_t L_j = PASS == kPassLiftedPairs ? row_in_t[2 * n + j] : acc_t(0);
