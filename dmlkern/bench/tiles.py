@@ -17,7 +17,7 @@ import json
 import os
 import time
 
-from .worker import TORCH_DTYPES, _dmlkern_callable, _labels
+from .worker import TORCH_DTYPES, _dmlkern_callable, _labels, make_timer
 
 # Name -> TILE_OVERRIDES. Each varies one thing from the defaults (64 x 64 tiles, 8 warps; the
 # symmetric / lifted backward halves the fp32 column tile), so a winner says what to change.
@@ -48,24 +48,6 @@ def _parse(argv=None):
     return p.parse_args(argv)
 
 
-def _timer(torch, device):
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-        def timed(step):
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000.0
-    else:
-        def timed(step):
-            t0 = time.perf_counter()
-            step()
-            return time.perf_counter() - t0
-    return timed
-
-
 def _median(values):
     values = sorted(values)
     return values[len(values) // 2]
@@ -78,7 +60,7 @@ def run(args):
     from dmlkern.triton import pair_engine as tk
 
     device = torch.device(args.device)
-    timed = _timer(torch, device)
+    timed = make_timer(torch, device)
     t_start = time.perf_counter()
     rows = []
     for dtype_name in args.dtypes:

@@ -143,6 +143,25 @@ def _limit_memory(device, budget_gb):
         resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
 
 
+def make_timer(torch, device):
+    """timed(step) -> seconds of one call of step(): CUDA events on a GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def timed(step):
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+    else:
+        def timed(step):
+            t0 = time.perf_counter()
+            step()
+            return time.perf_counter() - t0
+    return timed
+
+
 # ----------------------------------------------------------------------------------- builders
 
 def _labels(loss, n, device, gen):
@@ -313,20 +332,10 @@ def run_point(spec) -> dict:
             else:
                 fn()
 
-        if device.type == "cuda":
-            start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        timer = make_timer(torch, device)
 
-            def timed():
-                start_ev.record()
-                step()
-                end_ev.record()
-                end_ev.synchronize()
-                return start_ev.elapsed_time(end_ev) / 1000.0
-        else:
-            def timed():
-                t0 = time.perf_counter()
-                step()
-                return time.perf_counter() - t0
+        def timed():
+            return timer(step)
 
         limit = float(spec["time_limit"])
         jit = bool(spec.get("jit_grace"))
