@@ -412,28 +412,23 @@ void launch_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
                      EngineParams<typename AccOf<scalar_t>::type> p, bool exclude_diag,
                      bool symmetric, at::Tensor& grad_x, at::Tensor& grad_y, cudaStream_t stream) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
-  if (symmetric) {
-    pair_engine_grad_kernel<scalar_t, TR, MI, true, LIFT, true><<<num_blocks(n), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), n, x.data_ptr<scalar_t>(), x.stride(0),
-        x.stride(1), n, d, xl.data_ptr<int64_t>(), xl.data_ptr<int64_t>(), n,
-        row_in_t.data_ptr<acc_t>(), row_coef_t.data_ptr<acc_t>(), p, exclude_diag,
-        grad_x.data_ptr<acc_t>());
+  const int64_t n = x.size(0), d = x.size(1);
+  // One kernel launch for the block rows of `own` against `other`; the labels stay (x's, y's).
+  const auto launch = [&](auto kernel, const at::Tensor& own, const at::Tensor& other,
+                          const at::Tensor& ylab, at::Tensor& grad_own) {
+    kernel<<<num_blocks(own.size(0)), kThreads, 0, stream>>>(
+        own.data_ptr<scalar_t>(), own.stride(0), own.stride(1), own.size(0),
+        other.data_ptr<scalar_t>(), other.stride(0), other.stride(1), other.size(0), d,
+        xl.data_ptr<int64_t>(), ylab.data_ptr<int64_t>(), n, row_in_t.data_ptr<acc_t>(),
+        row_coef_t.data_ptr<acc_t>(), p, exclude_diag, grad_own.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (symmetric) {
+    launch(pair_engine_grad_kernel<scalar_t, TR, MI, true, LIFT, true>, x, x, xl, grad_x);
     return;
   }
-  pair_engine_grad_kernel<scalar_t, TR, MI, true, LIFT><<<num_blocks(n), kThreads, 0, stream>>>(
-      x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), n, y.data_ptr<scalar_t>(), y.stride(0),
-      y.stride(1), m, d, xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), n,
-      row_in_t.data_ptr<acc_t>(), row_coef_t.data_ptr<acc_t>(), p, exclude_diag,
-      grad_x.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  pair_engine_grad_kernel<scalar_t, TR, MI, false, LIFT><<<num_blocks(m), kThreads, 0, stream>>>(
-      y.data_ptr<scalar_t>(), y.stride(0), y.stride(1), m, x.data_ptr<scalar_t>(), x.stride(0),
-      x.stride(1), n, d, xl.data_ptr<int64_t>(), yl.data_ptr<int64_t>(), n,
-      row_in_t.data_ptr<acc_t>(), row_coef_t.data_ptr<acc_t>(), p, exclude_diag,
-      grad_y.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(pair_engine_grad_kernel<scalar_t, TR, MI, true, LIFT>, x, y, yl, grad_x);
+  launch(pair_engine_grad_kernel<scalar_t, TR, MI, false, LIFT>, y, x, yl, grad_y);
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
