@@ -2,6 +2,7 @@
 backend's `engine_forward` / `engine_backward` is tested against. Readable, not fast."""
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["engine_values", "engine_masks", "engine_forward", "engine_backward", "check_symmetric"]
 
@@ -35,11 +36,16 @@ def engine_masks(v, x_labels, y_labels, row_in, mining, eps, exclude_diag):
 
 
 def _same_rows(a, b):
-    """The same tensor, or equal values (NaN equal to NaN)."""
+    """The same tensor, or equal values (NaN equal to NaN). Tensors that torch.compile traces
+    (fake: no values) pass on their shapes; views of the same memory without a comparison."""
     if a is b:
         return True
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
+    if isinstance(a, FakeTensor) or isinstance(b, FakeTensor):
+        return True
+    if a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
     return bool(((a == b) | (torch.isnan(a) & torch.isnan(b)) if a.is_floating_point() else a == b).all())
 
 

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.pair_engine import check_symmetric
 from . import interpret_mode
 
 __all__ = ["engine_forward", "engine_backward"]
@@ -525,25 +526,6 @@ def _is_fake(t):
     return isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
 
 
-def _check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, what):
-    """Pass 3 and the C_lift column read row_in[j] for column j: y must be x. Shapes always;
-    values only for real tensors (a triton_op traced by torch.compile sees fake ones)."""
-    if not exclude_diag:
-        raise ValueError(f"{what} needs the symmetric case: exclude_diag must be True")
-    if mining != 0:
-        raise ValueError(f"{what} needs mining=0, got mining={mining}")
-    for a, b, name in ((x, y, "y must be x (the same rows)"), (x_labels, y_labels, "y_labels must be x_labels")):
-        if a is b:
-            continue
-        if a.shape != b.shape or a.dtype != b.dtype:
-            raise ValueError(f"{what} needs the symmetric case: {name}")
-        if _is_fake(a) or _is_fake(b) or a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
-            continue
-        same = (a == b) | (torch.isnan(a) & torch.isnan(b)) if a.is_floating_point() else a == b
-        if not bool(same.all()):
-            raise ValueError(f"{what} needs the symmetric case: {name}")
-
-
 def _check(transform, mining, pass_kind=None):
     if pass_kind is not None and pass_kind not in (0, 1, 2, 3):
         raise ValueError(f"pass_kind must be 0, 1, 2 or 3, got {pass_kind}")
@@ -567,7 +549,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
     pass_kind, transform, mining = int(pass_kind), int(transform), int(mining)
     _check(transform, mining, pass_kind)
     if pass_kind == PASS_LIFTED_PAIRS:
-        _check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "pass_kind=3 (lifted_pairs)")
+        check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "pass_kind=3 (lifted_pairs)")
     n, d = x.shape
     m = y.shape[0]
     stats_dtype = _stats_dtype(x.dtype)
@@ -604,7 +586,7 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
         raise ValueError(f"row_coef must be (N, 5) or (N, 6), got {tuple(row_coef.shape)}")
     has_lift = row_coef.shape[1] == 6
     if has_lift:
-        _check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
+        check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
     if symmetric and (x.shape != y.shape or x_labels.shape != y_labels.shape):
         raise ValueError(f"symmetric=True needs y of x's shape (y is x), got {tuple(x.shape)} and {tuple(y.shape)}")
     n, d = x.shape
