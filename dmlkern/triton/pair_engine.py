@@ -30,6 +30,8 @@ from . import interpret_mode
 __all__ = ["engine_forward", "engine_backward"]
 
 PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS = 0, 1, 2, 3
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exponentials run as exp2
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -53,34 +55,48 @@ def _value(s, TRANSFORM: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(P, idx, ok, k0, D, s_n, s_d, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """P[idx, k0:k0 + BLOCK_K], zero outside the rows and D."""
+    ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # k * stride may pass 2**31 (strided views)
+    t = tl.load(P + idx[:, None] * s_n + ks[None, :] * s_d, mask=ok[:, None] & (ks < D)[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bf16/fp16 tl.dot is wrong: compute in fp32 there
+        t = t.to(ACC_DTYPE)
+    return t
+
+
+@triton.jit
 def _sim_tile(A, B, a_idx, b_idx, a_ok, b_ok, D, s_an, s_ad, s_bn, s_bd,
               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
               UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """<A[a], B[b]> for a tile of rows a and b, accumulated in ACC_DTYPE (D in BLOCK_K slices)."""
     acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC_DTYPE)
     for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # k * stride may pass 2**31 (strided views)
-        k_ok = ks < D
-        a = tl.load(A + a_idx[:, None] * s_an + ks[None, :] * s_ad, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(B + b_idx[:, None] * s_bn + ks[None, :] * s_bd, mask=b_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:  # the interpreter's bf16/fp16 tl.dot is wrong: compute in fp32 there
-            a = a.to(ACC_DTYPE)
-            b = b.to(ACC_DTYPE)
+        a = _load_rows(A, a_idx, a_ok, k0, D, s_an, s_ad, BLOCK_K, UPCAST, ACC_DTYPE)
+        b = _load_rows(B, b_idx, b_ok, k0, D, s_bn, s_bd, BLOCK_K, UPCAST, ACC_DTYPE)
         acc += tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 
 @triton.jit
-def _engine_masks(v, i_lab, j_lab, i_idx, j_idx, i_ok, j_ok, max_neg, min_pos, eps,
+def _self_pairs(row0, col0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] mask of a tile's self-pairs, row0 + a == col0 + b: one int32 compare
+    per element against tile-local constants (col0 - row0 clamped, so it fits in int32)."""
+    delta = tl.minimum(tl.maximum(col0 - row0, -BLOCK_N), BLOCK_M).to(tl.int32)
+    return (tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :]) == delta
+
+
+@triton.jit
+def _engine_masks(v, i_lab, j_lab, col_ok, self_pair, max_neg, min_pos, eps,
                   MINING: tl.constexpr, EXCLUDE_DIAG: tl.constexpr):
-    """(pos kept, neg kept); the i-side arguments broadcast along one tile axis, j along the
-    other. pos: same label, and not the self-pair i == j when EXCLUDE_DIAG; neg: labels
-    differ. max_neg / min_pos are row i's mining thresholds (ignored unless MINING)."""
-    ok = i_ok & j_ok
-    pos = ok & (i_lab == j_lab)
+    """(pos kept, neg kept) of a tile; the i-side arguments broadcast along one tile axis, j along
+    the other. pos: same label, and not a self-pair when EXCLUDE_DIAG; neg: labels differ.
+    Only the tile's columns (the axis every kernel sums over) need their bounds (col_ok): a row
+    past the end is never stored. max_neg / min_pos are row i's mining thresholds (MINING)."""
+    same = i_lab == j_lab
+    pos = same & col_ok
     if EXCLUDE_DIAG:
-        pos = pos & (i_idx != j_idx)
-    neg = ok & (i_lab != j_lab)
+        pos = pos & (self_pair == 0)
+    neg = (same == 0) & col_ok
     if MINING == 1:
         pos = pos & (v - eps < max_neg)
         neg = neg & (v + eps > min_pos)
@@ -88,21 +104,32 @@ def _engine_masks(v, i_lab, j_lab, i_idx, j_idx, i_ok, j_ok, max_neg, min_pos, e
 
 
 @triton.jit
+def _exp(x):
+    """exp(x) as one ex2.approx.ftz (tl.exp adds a multiply and a denormal fix-up; results
+    below 2**-126 flush to 0, far below every tolerance of a sum or gradient)."""
+    return tl.exp2(x * LOG2E)
+
+
+@triton.jit
+def _log1p_of(t, u):
+    """log1p(t) given u = 1 + t, without libdevice: log(u) * t / (u - 1) is accurate to a few
+    ulp (Goldberg); t where u rounds to 1."""
+    return tl.where(u == 1.0, t, (tl.log2(u) * LN2) * (t / (u - 1.0)))
+
+
+@triton.jit
 def _softplus(z):
     """torch.nn.functional.softplus (threshold 20: z itself above it), without overflow:
     max(z, 0) + log1p(exp(-|z|)). softplus(-inf) = 0, softplus(inf) = inf, NaN -> NaN."""
-    t = tl.exp(-tl.abs(z))
-    u = 1.0 + t
-    # log1p(t) without libdevice: log(u) * t / (u - 1) is accurate to a few ulp (Goldberg).
-    log1p = tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
-    sp = tl.where(z > 0.0, z, 0.0) + log1p
+    t = _exp(-tl.abs(z))
+    sp = tl.where(z > 0.0, z, 0.0) + _log1p_of(t, 1.0 + t)
     return tl.where(z > 20.0, z, sp)
 
 
 @triton.jit
 def _sigmoid(z):
     """1 / (1 + exp(-z)) without overflow; sigmoid(-inf) = 0, NaN -> NaN."""
-    t = tl.exp(-tl.abs(z))
+    t = _exp(-tl.abs(z))
     r = 1.0 / (1.0 + t)
     return tl.where(z >= 0.0, r, t * r)
 
@@ -112,11 +139,10 @@ def _logaddexp_sigmoid(a, b):
     """(logaddexp(a, b), sigmoid(a - b)) from one exp (pair_engine.h, engine_lifted_neg_part):
     -inf for a = b = -inf (the sigmoid is then 1/2 and only ever multiplied by 0); NaN -> NaN."""
     d = tl.where(a == b, 0.0, a - b)
-    t = tl.exp(-tl.abs(d))
+    t = _exp(-tl.abs(d))
     u = 1.0 + t
-    log1p = tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))  # as in _softplus
     r = 1.0 / u
-    return tl.where(a > b, a, b) + log1p, tl.where(d >= 0.0, r, t * r)
+    return tl.where(a > b, a, b) + _log1p_of(t, u), tl.where(d >= 0.0, r, t * r)
 
 
 @triton.jit
@@ -127,82 +153,101 @@ def _lifted_relu(v, lae, sc_pos, off_pos):
 
 
 @triton.jit
-def _lse_update(m_i, s_i, z, keep):
-    """Fold a [BM, BN] tile of kept values z into the online (max, scaled sum) of each row."""
-    z = tl.where(keep, z, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(z, axis=1))
-    # Reference point of the exponentials: 0 when the max is +-inf, so that no
-    # exp(-inf - -inf) or exp(inf - inf) NaN appears (an +inf value then gives +inf).
-    m_ref = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
-    s_i = s_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), axis=1)
-    return m_new, s_i
+def _finite_or_zero(m):
+    """m, or 0 where m is +-inf: the reference point of an online sum of exponentials, so that
+    no exp(-inf - -inf) or exp(inf - inf) NaN appears (an +inf value then gives +inf)."""
+    return tl.where((m == float("-inf")) | (m == float("inf")), 0.0, m)
 
 
 @triton.jit
-def _lse2_update(m_p, s_p, m_n, s_n, v, pos, neg, sc_pos, off_pos, sc_neg, off_neg):
-    """_lse_update of both sets with one exp per element: pos and neg are disjoint, so one tile
-    z = sc v + off (the pos or the neg parameters) and one exp(z - m) (the pos or the neg
-    reference point) serve both, each summed under its own mask (a kept NaN makes that row's
-    sum NaN; the other set never sees it)."""
-    z = v * tl.where(pos, sc_pos, sc_neg) + tl.where(pos, off_pos, off_neg)
-    m_p_new = tl.maximum(m_p, tl.max(tl.where(pos, z, float("-inf")), axis=1))
-    m_n_new = tl.maximum(m_n, tl.max(tl.where(neg, z, float("-inf")), axis=1))
-    # Reference points as in _lse_update: 0 when the max is +-inf.
-    m_p_ref = tl.where((m_p_new == float("-inf")) | (m_p_new == float("inf")), 0.0, m_p_new)
-    m_n_ref = tl.where((m_n_new == float("-inf")) | (m_n_new == float("inf")), 0.0, m_n_new)
-    e = tl.exp(z - tl.where(pos, m_p_ref[:, None], m_n_ref[:, None]))
-    s_p = s_p * tl.exp(m_p - m_p_ref) + tl.sum(tl.where(pos, e, 0.0), axis=1)
-    s_n = s_n * tl.exp(m_n - m_n_ref) + tl.sum(tl.where(neg, e, 0.0), axis=1)
+def _lse2_update(m_p, s_p, m_n, s_n, v, pos, neg, sc2_pos, off2_pos, sc2_neg, off2_neg):
+    """Fold a tile into the online (max, scaled sum) of both sets, in base 2: the scales and
+    offsets come multiplied by log2(e) (sc2, off2), so each exponential is one ex2. A masked-out
+    element is -inf and contributes exp2(-inf) = 0; a kept NaN makes that row's sum NaN."""
+    zp = tl.where(pos, v * sc2_pos + off2_pos, float("-inf"))
+    zn = tl.where(neg, v * sc2_neg + off2_neg, float("-inf"))
+    m_p_new = tl.maximum(m_p, tl.max(zp, axis=1))
+    m_n_new = tl.maximum(m_n, tl.max(zn, axis=1))
+    m_p_ref = _finite_or_zero(m_p_new)
+    m_n_ref = _finite_or_zero(m_n_new)
+    s_p = s_p * tl.exp2(m_p - m_p_ref) + tl.sum(tl.exp2(zp - m_p_ref[:, None]), axis=1)
+    s_n = s_n * tl.exp2(m_n - m_n_ref) + tl.sum(tl.exp2(zn - m_n_ref[:, None]), axis=1)
     return m_p_new, s_p, m_n_new, s_n
 
 
 @triton.jit
-def _lse_final(m_i, s_i):
-    """-inf for an empty set; NaN when a kept value was NaN (s_i is NaN then)."""
-    empty = s_i == 0.0
-    return tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, s_i)))
+def _lse2_final(m2, s):
+    """The natural-log LSE of a base-2 online (max, sum): -inf for an empty set; NaN when a
+    kept value was NaN (s is NaN then)."""
+    empty = s == 0.0
+    return tl.where(empty, float("-inf"), (m2 + tl.log2(tl.where(empty, 1.0, s))) * LN2)
 
 
 @triton.jit
-def _load_row_stats(RIN, COEF, idx, ok, s_rn, s_rc, s_cn, s_cc, MINING: tl.constexpr,
-                    HAS_LIFT: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Row i's mining thresholds, L and row_coef (A_pos, LSE_pos, A_neg, LSE_neg, B_pos[, C_lift])."""
+def _softmax_coefs(a, lse, sc, off):
+    """Per-row constants of a softmax term a·sc·exp(sc·v + off − lse) = c·exp2(sc·log2(e)·v + shift):
+    c = a·sc and shift = (off − lse)·log2(e), c = 0 for a dead term (a = 0 or lse = −inf),
+    which then contributes exactly 0 (never NaN)."""
+    live = (a != 0.0) & (lse != float("-inf"))
+    return tl.where(live, a * sc, 0.0), tl.where(live, (off - lse) * LOG2E, 0.0)
+
+
+@triton.jit
+def _load_row_stats(RIN, COEF, idx, ok, s_rn, s_rc, s_cn, s_cc, sc_pos, off_pos, sc_neg, off_neg,
+                    MINING: tl.constexpr, HAS_B: tl.constexpr, HAS_LIFT: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Row i's mining thresholds, L and the backward's per-row constants: the softmax terms'
+    (c, shift) for pos and neg (_softmax_coefs), B_pos and C_lift (0 unless HAS_B / HAS_LIFT)."""
+    zeros = tl.zeros(idx.shape, dtype=ACC_DTYPE)
     if MINING == 1:
         max_neg = tl.load(RIN + idx * s_rn, mask=ok, other=0.0).to(ACC_DTYPE)
         min_pos = tl.load(RIN + idx * s_rn + s_rc, mask=ok, other=0.0).to(ACC_DTYPE)
     else:
-        max_neg = tl.zeros(idx.shape, dtype=ACC_DTYPE)
-        min_pos = tl.zeros(idx.shape, dtype=ACC_DTYPE)
-    big_l = tl.load(RIN + idx * s_rn + 2 * s_rc, mask=ok, other=0.0).to(ACC_DTYPE)
+        max_neg = zeros
+        min_pos = zeros
+    if HAS_B or HAS_LIFT:
+        big_l = tl.load(RIN + idx * s_rn + 2 * s_rc, mask=ok, other=0.0).to(ACC_DTYPE)
+    else:
+        big_l = zeros
     a_pos = tl.load(COEF + idx * s_cn, mask=ok, other=0.0).to(ACC_DTYPE)
     lse_pos = tl.load(COEF + idx * s_cn + s_cc, mask=ok, other=float("-inf")).to(ACC_DTYPE)
     a_neg = tl.load(COEF + idx * s_cn + 2 * s_cc, mask=ok, other=0.0).to(ACC_DTYPE)
     lse_neg = tl.load(COEF + idx * s_cn + 3 * s_cc, mask=ok, other=float("-inf")).to(ACC_DTYPE)
-    b_pos = tl.load(COEF + idx * s_cn + 4 * s_cc, mask=ok, other=0.0).to(ACC_DTYPE)
+    c_pos, sh_pos = _softmax_coefs(a_pos, lse_pos, sc_pos, off_pos)
+    c_neg, sh_neg = _softmax_coefs(a_neg, lse_neg, sc_neg, off_neg)
+    if HAS_B:
+        b_pos = tl.load(COEF + idx * s_cn + 4 * s_cc, mask=ok, other=0.0).to(ACC_DTYPE)
+    else:
+        b_pos = zeros
     if HAS_LIFT:
         c_lift = tl.load(COEF + idx * s_cn + 5 * s_cc, mask=ok, other=0.0).to(ACC_DTYPE)
     else:
-        c_lift = tl.zeros(idx.shape, dtype=ACC_DTYPE)
-    return max_neg, min_pos, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos, c_lift
+        c_lift = zeros
+    return max_neg, min_pos, big_l, c_pos, sh_pos, c_neg, sh_neg, b_pos, c_lift
 
 
 @triton.jit
-def _dl_dv(v, pos, neg, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos,
-           sc_pos, off_pos, sc_neg, off_neg, HAS_B: tl.constexpr):
-    """dl/dv of a tile without the lifted term (docs/ENGINE.md); a term with a zero coefficient
-    or an LSE of -inf is exactly 0 (never NaN); NaN coefficients or values propagate like the
-    reference. pos and neg are disjoint: one exp per element serves both softmax terms. HAS_B
-    (chosen on the host): the pos_softplus pass's B_pos sigmoid term; without it, B_pos is 0."""
-    live_p = pos & (a_pos != 0.0) & (lse_pos != float("-inf"))
-    live_n = neg & (a_neg != 0.0) & (lse_neg != float("-inf"))
-    u = tl.where(pos, sc_pos * v + off_pos - tl.where(live_p, lse_pos, 0.0),
-                 sc_neg * v + off_neg - tl.where(live_n, lse_neg, 0.0))
-    coef = tl.where(pos, a_pos * sc_pos, a_neg * sc_neg)
-    dv = tl.where(live_p | live_n, coef * tl.exp(u), 0.0)
-    if HAS_B:
-        live_b = pos & (b_pos != 0.0)
-        dv -= tl.where(live_b, b_pos * sc_pos * _sigmoid(big_l - sc_pos * v - off_pos), 0.0)
-    return dv
+def _softmax_terms(v, pos, neg, c_pos, sh_pos, c_neg, sh_neg, sc2_pos, sc2_neg):
+    """The softmax terms of dl/dv (docs/ENGINE.md: A_pos, A_neg), from the per-row constants of
+    _load_row_stats. pos and neg are disjoint: one exp2 per element serves both; a term whose c
+    is 0 (dead, or the element in neither set) is exactly 0, never NaN; NaN coefficients or
+    values propagate like the reference."""
+    u = tl.where(pos, v * sc2_pos + sh_pos, v * sc2_neg + sh_neg)
+    c = tl.where(pos, c_pos, tl.where(neg, c_neg, 0.0))
+    return tl.where(c != 0.0, c * tl.exp2(u), 0.0)
+
+
+@triton.jit
+def _b_term(v, pos, b_pos, big_l, sc_pos, off_pos):
+    """The pos_softplus pass's term of dl/dv: -B_pos sc_pos sigmoid(L - sc_pos v - off_pos) on
+    pos pairs, exactly 0 where B_pos is 0."""
+    return tl.where(pos & (b_pos != 0.0), -(b_pos * sc_pos) * _sigmoid(big_l - sc_pos * v - off_pos), 0.0)
+
+
+@triton.jit
+def _label_range(lab, ok):
+    """(min, max) of the labels where ok; (max int64, min int64) if none, which meets no range."""
+    return (tl.min(tl.where(ok, lab, 9223372036854775807)),
+            tl.max(tl.where(ok, lab, -9223372036854775807 - 1)))
 
 
 @triton.jit
@@ -222,7 +267,7 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
                        p0h, p0m, p0l, p1h, p1m, p1l, p2h, p2m, p2l, p3h, p3m, p3l, p4h, p4m, p4l,
                        PASS_KIND: tl.constexpr, TRANSFORM: tl.constexpr, MINING: tl.constexpr,
                        EXCLUDE_DIAG: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
                        UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: N * D may exceed 2**31
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -248,16 +293,14 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
     if PASS_KIND == 2 or PASS_KIND == 3:
         # Positives only: a column tile whose label range misses the block's is skipped (a few
         # tiles per block when the rows are sorted by label, as the fused losses do).
-        first_lab = tl.load(XL + pid * BLOCK_M * s_xl)  # the block's first row always exists
-        lab_lo = tl.min(tl.where(row_ok, x_lab, first_lab))
-        lab_hi = tl.max(tl.where(row_ok, x_lab, first_lab))
+        lab_lo, lab_hi = _label_range(x_lab, row_ok)
 
     # Row statistics (the ones a pass does not use stay constant and are compiled away).
     mx = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)   # extrema: max over neg
     mn = tl.full([BLOCK_M], float("inf"), dtype=ACC_DTYPE)    # extrema: min over pos
     nan_neg = tl.zeros([BLOCK_M], dtype=tl.int32)             # extrema: kept NaN counts
     nan_pos = tl.zeros([BLOCK_M], dtype=tl.int32)
-    m_p = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)  # lse2: online (max, sum)
+    m_p = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)  # lse2: online (max, sum), base 2
     s_p = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     m_n = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     s_n = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
@@ -265,23 +308,28 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
     sg = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     cnt = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
 
+    if ONE_K:
+        x_blk = _load_rows(X, rows, row_ok, 0, D, s_xn, s_xd, BLOCK_K, UPCAST, ACC_DTYPE)
     for c0 in range(0, M, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < M
         y_lab = tl.load(YL + cols * s_yl, mask=col_ok, other=0)
         if PASS_KIND == 2 or PASS_KIND == 3:
-            first_col_lab = tl.load(YL + c0 * s_yl)
-            meets = ((tl.min(tl.where(col_ok, y_lab, first_col_lab)) <= lab_hi)
-                     & (tl.max(tl.where(col_ok, y_lab, first_col_lab)) >= lab_lo))
+            col_lo, col_hi = _label_range(y_lab, col_ok)
+            meets = (col_lo <= lab_hi) & (col_hi >= lab_lo)
         else:
             meets = True
         if meets:
-            s = _sim_tile(X, Y, rows, cols, row_ok, col_ok, D, s_xn, s_xd, s_yn, s_yd,
-                          BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
+            if ONE_K:  # D fits one slice: the row block stays loaded, one load per column tile
+                y_blk = _load_rows(Y, cols, col_ok, 0, D, s_yn, s_yd, BLOCK_K, UPCAST, ACC_DTYPE)
+                s = tl.dot(x_blk, tl.trans(y_blk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                s = _sim_tile(X, Y, rows, cols, row_ok, col_ok, D, s_xn, s_xd, s_yn, s_yd,
+                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
             v = _value(s, TRANSFORM)
-            pos, neg = _engine_masks(v, x_lab[:, None], y_lab[None, :], rows[:, None], cols[None, :],
-                                     row_ok[:, None], col_ok[None, :], max_neg[:, None], min_pos[:, None],
-                                     eps, MINING, EXCLUDE_DIAG)
+            pos, neg = _engine_masks(v, x_lab[:, None], y_lab[None, :], col_ok[None, :],
+                                     _self_pairs(pid * BLOCK_M, c0, BLOCK_M, BLOCK_N),
+                                     max_neg[:, None], min_pos[:, None], eps, MINING, EXCLUDE_DIAG)
             if PASS_KIND == 0:
                 mx = tl.maximum(mx, tl.max(tl.where(neg, v, float("-inf")), axis=1))
                 mn = tl.minimum(mn, tl.min(tl.where(pos, v, float("inf")), axis=1))
@@ -289,7 +337,8 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
                 nan_neg += tl.sum(tl.where(neg & is_nan, 1, 0), axis=1)
                 nan_pos += tl.sum(tl.where(pos & is_nan, 1, 0), axis=1)
             elif PASS_KIND == 1:
-                m_p, s_p, m_n, s_n = _lse2_update(m_p, s_p, m_n, s_n, v, pos, neg, sc_pos, off_pos, sc_neg, off_neg)
+                m_p, s_p, m_n, s_n = _lse2_update(m_p, s_p, m_n, s_n, v, pos, neg, sc_pos * LOG2E, off_pos * LOG2E,
+                                                  sc_neg * LOG2E, off_neg * LOG2E)
             elif PASS_KIND == 2:
                 z = big_l[:, None] - sc_pos * v - off_pos
                 sp += tl.sum(tl.where(pos, _softplus(z), 0.0), axis=1)
@@ -310,8 +359,8 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
         tl.store(out, tl.where(nan_neg > 0, nan, mx), mask=row_ok)
         tl.store(out + s_oc, tl.where(nan_pos > 0, nan, mn), mask=row_ok)
     elif PASS_KIND == 1:
-        tl.store(out, _lse_final(m_p, s_p), mask=row_ok)
-        tl.store(out + s_oc, _lse_final(m_n, s_n), mask=row_ok)
+        tl.store(out, _lse2_final(m_p, s_p), mask=row_ok)
+        tl.store(out + s_oc, _lse2_final(m_n, s_n), mask=row_ok)
     else:
         tl.store(out, sp, mask=row_ok)
         tl.store(out + s_oc, sg, mask=row_ok)
@@ -325,7 +374,7 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
                        OWN_IS_X: tl.constexpr, SYMMETRIC: tl.constexpr, TRANSFORM: tl.constexpr,
                        MINING: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, HAS_B: tl.constexpr,
                        HAS_LIFT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
                        BLOCK_DOUT: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr):
     """GRAD[a, dout] = sum_b dl/ds(a, b) OTHER[b, dout] for this program's block of `own` rows a,
@@ -346,71 +395,94 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
     sc_neg = _param(p2h, p2m, p2l, ACC_DTYPE)
     off_neg = _param(p3h, p3m, p3l, ACC_DTYPE)
     eps = _param(p4h, p4m, p4l, ACC_DTYPE)
+    sc2_pos = sc_pos * LOG2E
+    sc2_neg = sc_neg * LOG2E
     if OWN_IS_X:
         own_lab = tl.load(XL + own * s_xl, mask=own_ok, other=0)
-        max_neg, min_pos, big_l, a_pos, lse_pos, a_neg, lse_neg, b_pos, c_lift = _load_row_stats(
-            RIN, COEF, own, own_ok, s_rn, s_rc, s_cn, s_cc, MINING, HAS_LIFT, ACC_DTYPE)
+        max_neg, min_pos, big_l, c_pos, sh_pos, c_neg, sh_neg, b_pos, c_lift = _load_row_stats(
+            RIN, COEF, own, own_ok, s_rn, s_rc, s_cn, s_cc, sc_pos, off_pos, sc_neg, off_neg,
+            MINING, HAS_B, HAS_LIFT, ACC_DTYPE)
     else:
         own_lab = tl.load(YL + own * s_yl, mask=own_ok, other=0)
         if HAS_LIFT:  # y is x: the own row's L
             own_l = tl.load(RIN + own * s_rn + 2 * s_rc, mask=own_ok, other=0.0).to(ACC_DTYPE)
         else:
             own_l = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    if HAS_B or HAS_LIFT:
+        own_lo, own_hi = _label_range(own_lab, own_ok)
+    if ONE_K:  # D fits one slice (then BLOCK_DOUT = BLOCK_K): the own block stays loaded
+        own_blk = _load_rows(OWN, own, own_ok, 0, D, s_on, s_od, BLOCK_K, UPCAST, ACC_DTYPE)
     grad = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=ACC_DTYPE)
     for c0 in range(0, N_OTHER, BLOCK_N):
         oth = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         oth_ok = oth < N_OTHER
-        s = _sim_tile(OWN, OTHER, own, oth, own_ok, oth_ok, D, s_on, s_od, s_tn, s_td,
-                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
+        if ONE_K:
+            oth_blk = _load_rows(OTHER, oth, oth_ok, 0, D, s_tn, s_td, BLOCK_K, UPCAST, ACC_DTYPE)
+            s = tl.dot(own_blk, tl.trans(oth_blk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            s = _sim_tile(OWN, OTHER, own, oth, own_ok, oth_ok, D, s_on, s_od, s_tn, s_td,
+                          BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
         v = _value(s, TRANSFORM)
+        self_pair = _self_pairs(pid * BLOCK_M, c0, BLOCK_M, BLOCK_N)
         if OWN_IS_X:
             oth_lab = tl.load(YL + oth * s_yl, mask=oth_ok, other=0)
-            pos, neg = _engine_masks(v, own_lab[:, None], oth_lab[None, :], own[:, None], oth[None, :],
-                                     own_ok[:, None], oth_ok[None, :], max_neg[:, None], min_pos[:, None],
-                                     eps, MINING, EXCLUDE_DIAG)
-            dv = _dl_dv(v, pos, neg, big_l[:, None], a_pos[:, None], lse_pos[:, None],
-                        a_neg[:, None], lse_neg[:, None], b_pos[:, None], sc_pos, off_pos, sc_neg, off_neg, HAS_B)
+            pos, neg = _engine_masks(v, own_lab[:, None], oth_lab[None, :], oth_ok[None, :], self_pair,
+                                     max_neg[:, None], min_pos[:, None], eps, MINING, EXCLUDE_DIAG)
+            dv = _softmax_terms(v, pos, neg, c_pos[:, None], sh_pos[:, None], c_neg[:, None], sh_neg[:, None],
+                                sc2_pos, sc2_neg)
             if SYMMETRIC:  # the pairs (i, j) = (b, a): column b's statistics (labels: XL = YL)
-                t_max_neg, t_min_pos, t_big_l, t_a_pos, t_lse_pos, t_a_neg, t_lse_neg, t_b_pos, t_c_lift = \
-                    _load_row_stats(RIN, COEF, oth, oth_ok, s_rn, s_rc, s_cn, s_cc, MINING, HAS_LIFT, ACC_DTYPE)
+                t_max_neg, t_min_pos, t_big_l, t_c_pos, t_sh_pos, t_c_neg, t_sh_neg, t_b_pos, t_c_lift = \
+                    _load_row_stats(RIN, COEF, oth, oth_ok, s_rn, s_rc, s_cn, s_cc, sc_pos, off_pos, sc_neg,
+                                    off_neg, MINING, HAS_B, HAS_LIFT, ACC_DTYPE)
                 if MINING == 1:  # the masks depend on row i's thresholds: recompute them for i = b
-                    t_pos, t_neg = _engine_masks(v, oth_lab[None, :], own_lab[:, None], oth[None, :], own[:, None],
-                                                 oth_ok[None, :], own_ok[:, None], t_max_neg[None, :],
-                                                 t_min_pos[None, :], eps, MINING, EXCLUDE_DIAG)
+                    t_pos, t_neg = _engine_masks(v, oth_lab[None, :], own_lab[:, None], oth_ok[None, :], self_pair,
+                                                 t_max_neg[None, :], t_min_pos[None, :], eps, MINING, EXCLUDE_DIAG)
                 else:  # label masks are symmetric
                     t_pos = pos
                     t_neg = neg
-                dv += _dl_dv(v, t_pos, t_neg, t_big_l[None, :], t_a_pos[None, :], t_lse_pos[None, :],
-                             t_a_neg[None, :], t_lse_neg[None, :], t_b_pos[None, :],
-                             sc_pos, off_pos, sc_neg, off_neg, HAS_B)
-                if HAS_LIFT:  # mining 0: one relu(z) for both orders (logaddexp is symmetric)
-                    lae, _ = _logaddexp_sigmoid(big_l[:, None], t_big_l[None, :])
-                    r = _lifted_relu(v, lae, sc_pos, off_pos)
-                    dv += tl.where(pos & (c_lift[:, None] != 0.0), c_lift[:, None] * sc_pos * r, 0.0)
-                    dv += tl.where(pos & (t_c_lift[None, :] != 0.0), t_c_lift[None, :] * sc_pos * r, 0.0)
+                dv += _softmax_terms(v, t_pos, t_neg, t_c_pos[None, :], t_sh_pos[None, :], t_c_neg[None, :],
+                                     t_sh_neg[None, :], sc2_pos, sc2_neg)
             elif HAS_LIFT:  # y is x: column j's L
-                oth_l = tl.load(RIN + oth * s_rn + 2 * s_rc, mask=oth_ok, other=0.0).to(ACC_DTYPE)
-                dv += _lift_term(v, pos, c_lift[:, None], big_l[:, None], oth_l[None, :], sc_pos, off_pos)
+                t_big_l = tl.load(RIN + oth * s_rn + 2 * s_rc, mask=oth_ok, other=0.0).to(ACC_DTYPE)
         else:
             oth_lab = tl.load(XL + oth * s_xl, mask=oth_ok, other=0)
-            t_max_neg, t_min_pos, t_big_l, t_a_pos, t_lse_pos, t_a_neg, t_lse_neg, t_b_pos, t_c_lift = \
-                _load_row_stats(RIN, COEF, oth, oth_ok, s_rn, s_rc, s_cn, s_cc, MINING, HAS_LIFT, ACC_DTYPE)
-            pos, neg = _engine_masks(v, oth_lab[None, :], own_lab[:, None], oth[None, :], own[:, None],
-                                     oth_ok[None, :], own_ok[:, None], t_max_neg[None, :], t_min_pos[None, :],
-                                     eps, MINING, EXCLUDE_DIAG)
-            dv = _dl_dv(v, pos, neg, t_big_l[None, :], t_a_pos[None, :], t_lse_pos[None, :],
-                        t_a_neg[None, :], t_lse_neg[None, :], t_b_pos[None, :], sc_pos, off_pos, sc_neg, off_neg,
-                        HAS_B)
-            if HAS_LIFT:
-                dv += _lift_term(v, pos, t_c_lift[None, :], t_big_l[None, :], own_l[:, None], sc_pos, off_pos)
+            t_max_neg, t_min_pos, t_big_l, t_c_pos, t_sh_pos, t_c_neg, t_sh_neg, t_b_pos, t_c_lift = \
+                _load_row_stats(RIN, COEF, oth, oth_ok, s_rn, s_rc, s_cn, s_cc, sc_pos, off_pos, sc_neg, off_neg,
+                                MINING, HAS_B, HAS_LIFT, ACC_DTYPE)
+            pos, neg = _engine_masks(v, oth_lab[None, :], own_lab[:, None], oth_ok[None, :], self_pair,
+                                     t_max_neg[None, :], t_min_pos[None, :], eps, MINING, EXCLUDE_DIAG)
+            dv = _softmax_terms(v, pos, neg, t_c_pos[None, :], t_sh_pos[None, :], t_c_neg[None, :],
+                                t_sh_neg[None, :], sc2_pos, sc2_neg)
+        if HAS_B or HAS_LIFT:
+            # Positive pairs only: skip a tile whose column labels miss the block's label range
+            # (most tiles, when the rows are sorted by label as NT-Xent and Lifted do).
+            col_lo, col_hi = _label_range(oth_lab, oth_ok)
+            if (col_lo <= own_hi) & (col_hi >= own_lo):
+                if OWN_IS_X:  # row i = a (the block), j = b
+                    if HAS_B:
+                        dv += _b_term(v, pos, b_pos[:, None], big_l[:, None], sc_pos, off_pos)
+                        if SYMMETRIC:
+                            dv += _b_term(v, t_pos, t_b_pos[None, :], t_big_l[None, :], sc_pos, off_pos)
+                    if HAS_LIFT:  # mining 0: one relu(z) for both orders (logaddexp is symmetric)
+                        lae, _ = _logaddexp_sigmoid(big_l[:, None], t_big_l[None, :])
+                        r = sc_pos * _lifted_relu(v, lae, sc_pos, off_pos)
+                        dv += tl.where(pos & (c_lift[:, None] != 0.0), c_lift[:, None] * r, 0.0)
+                        if SYMMETRIC:
+                            dv += tl.where(pos & (t_c_lift[None, :] != 0.0), t_c_lift[None, :] * r, 0.0)
+                else:  # row i = b (the column), j = a
+                    if HAS_B:
+                        dv += _b_term(v, pos, t_b_pos[None, :], t_big_l[None, :], sc_pos, off_pos)
+                    if HAS_LIFT:
+                        dv += _lift_term(v, pos, t_c_lift[None, :], t_big_l[None, :], own_l[:, None], sc_pos, off_pos)
         if TRANSFORM == 1:  # dv/ds = -1/v, and 0 where v = 0 (or NaN, as the reference)
             pos_v = v > 0.0
             dv = tl.where(pos_v, -dv / tl.where(pos_v, v, 1.0), 0.0)
-        other_d = tl.load(OTHER + oth[:, None] * s_tn + douts[None, :] * s_td,
-                          mask=oth_ok[:, None] & dout_ok[None, :], other=0.0)
-        if UPCAST:
-            other_d = other_d.to(ACC_DTYPE)
+        if ONE_K:  # the tile of the similarity product is the right side of this one too
+            other_d = oth_blk
         else:
+            other_d = _load_rows(OTHER, oth, oth_ok, pid_d * BLOCK_DOUT, D, s_tn, s_td, BLOCK_DOUT, UPCAST,
+                                 ACC_DTYPE)
+        if not UPCAST:
             dv = dv.to(other_d.dtype)  # half-precision inputs: tensor-core product, fp32 accumulate
         grad += tl.dot(dv, other_d, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     tl.store(GRAD + own[:, None] * s_gn + douts[None, :] * s_gd, grad,
@@ -459,22 +531,29 @@ def _param_args(params):
     return [piece for p in params for piece in _split(p)]
 
 
-def _tiles(x, d, lift=False, symmetric=False):
-    """Tile sizes and warps per input dtype, chosen so that the sm_90 builds of both kernels
-    keep within 255 registers with (almost) no spills (scripts/triton_compile_check.py prints
-    them): 64 x 64 tiles over 8 warps for fp32 / fp16 / bf16 (fp32 with K-slices of at most 32),
-    32 x 32 tiles over 4 warps for fp64. The backward with the lifted pairs' term (lift) halves
-    the fp32 / fp64 column tiles: at full size ptxas spilled 176-352 bytes per thread there, at
-    half size 0-24 (fp16 / bf16: <= 24 either way). The one-launch symmetric backward holds the
-    row and the column statistics and two dl/dv terms per tile: it halves the column tiles for
-    fp32 and fp64 too (fp32, D=128: 0-16 bytes of spills at 64 x 32; fp64: none; bf16 keeps
-    64 x 64 with 8-20 bytes, 0 at 64 x 32 -- kept at 64 like the lifted case, unmeasured on a GPU)."""
+def _tiles(x, d, lift=False, symmetric=False, has_b=False):
+    """Tile sizes and warps per input dtype, from the sm_90 builds at D = 128 as
+    scripts/triton_compile_check.py reports them (registers, spills, SASS instructions per tile
+    element; nothing here is measured on a GPU yet -- python -m dmlkern.bench.tiles does that).
+
+    fp16 / bf16: 64 x 64 tiles over 4 warps (one warpgroup), D up to 256 in one K slice (ONE_K):
+    the row block stays loaded, each column tile is loaded once (and is the backward's second
+    operand too), and the column loop is the pipelined one. Over 8 warps the backward computed
+    every similarity tile twice (Triton gives each warpgroup all 64 columns, the layout of the
+    second product's operand): 102 instructions per element in the symmetric backward before
+    ONE_K and the leaner epilogues, 47 now; the lse2 forward went from 63 to 26.
+    fp32 (IEEE products: FMA, 128 per element at D = 128): 64 x 64 over 8 warps with K slices of
+    32; the backward with the lifted term, the B_pos term or the symmetric one halves the column
+    tile (at 64 columns ptxas spilled up to 1.7 KiB per thread with B_pos, none at 32).
+    fp64: 32 x 32 over 4 warps, the same halving."""
     if x.dtype == torch.float64:
         return dict(block_m=32, block_n=16 if lift or symmetric else 32, block_k=min(_block_k(d), 32),
                     block_dout=64, num_warps=4)
-    block_k = _block_k(d) if x.element_size() == 2 else min(_block_k(d), 32)
-    block_n = 32 if (lift or symmetric) and x.dtype == torch.float32 else 64
-    return dict(block_m=64, block_n=block_n, block_k=block_k, block_dout=128, num_warps=8)
+    if x.element_size() == 2:
+        block_k = max(16, triton.next_power_of_2(d)) if d <= 256 else 64
+        return dict(block_m=64, block_n=64, block_k=block_k, block_dout=128, num_warps=4)
+    block_n = 32 if lift or symmetric or has_b else 64
+    return dict(block_m=64, block_n=block_n, block_k=min(_block_k(d), 32), block_dout=128, num_warps=8)
 
 
 # Tile settings for tuning runs (python -m dmlkern.bench.tiles): {"fwd": {...}, "bwd": {...}},
@@ -498,9 +577,16 @@ def _with_overrides(tiles, kernel):
     return {**tiles, **override}
 
 
-def _launch_tiles(t):
-    """The launch keywords besides the BLOCK_* constexprs."""
-    return {k: t[k] for k in ("num_warps", "num_stages") if k in t}
+def _launch_tiles(x, d, kernel, lift=False, symmetric=False, has_b=False):
+    """(tile constexprs, launch options) of one launch of `kernel` ("fwd" or "bwd"): _tiles, then
+    TILE_OVERRIDES; ONE_K when D fits one K slice, and the backward's output slice BLOCK_DOUT
+    (all of the padded D when ONE_K: the loaded tile is then both products' operand)."""
+    t = _with_overrides(_tiles(x, d, lift=lift, symmetric=symmetric, has_b=has_b), kernel)
+    const = dict(BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], ONE_K=t["block_k"] >= d)
+    if kernel == "bwd":
+        const["BLOCK_DOUT"] = (t["block_k"] if const["ONE_K"]
+                               else max(16, min(t["block_dout"], triton.next_power_of_2(d))))
+    return const, {k: t[k] for k in ("num_warps", "num_stages") if k in t}
 
 
 def _coef_flags(row_coef, coef_terms):
@@ -558,8 +644,8 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
     if n == 0:
         return out
     row_in = _row_tensor(row_in, n, 3, stats_dtype, x.device)
-    t = _with_overrides(_tiles(x, d), "fwd")
-    grid = (triton.cdiv(n, t["block_m"]),)
+    tiles, options = _launch_tiles(x, d, "fwd")
+    grid = (triton.cdiv(n, tiles["BLOCK_M"]),)
     wrap(_engine_fwd_kernel)[grid](
         x, y, x_labels, y_labels, row_in, out, n, m, d,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), x_labels.stride(0), y_labels.stride(0),
@@ -569,8 +655,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
         MINING=mining if pass_kind != PASS_EXTREMA else 0,  # extrema use the label masks only
         # (pass 3 is mining 0, checked above)
         EXCLUDE_DIAG=bool(exclude_diag),
-        BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], **_launch_tiles(t),
-        **_launch_config(x))
+        **tiles, **options, **_launch_config(x))
     return out
 
 
@@ -600,14 +685,13 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
         has_b, has_lift = _coef_flags(row_coef, int(coef_terms))
         if not has_lift and row_coef.shape[1] == 6:
             row_coef = row_coef[:, :5]  # an all-zero C_lift column: the term is compiled away
-        t = _with_overrides(_tiles(x, d, lift=has_lift, symmetric=symmetric), "bwd")
-        block_dout = max(16, min(t["block_dout"], triton.next_power_of_2(d)))
+        tiles, options = _launch_tiles(x, d, "bwd", lift=has_lift, symmetric=symmetric, has_b=has_b)
         cfg = _launch_config(x)
         pargs = _param_args(params)
         # symmetric: one launch over x's row blocks computes both sides (y is x, the same labels).
         sides = ((x, x, grad_x, True),) if symmetric else ((x, y, grad_x, True), (y, x, grad_y, False))
         for own, other, grad, own_is_x in sides:
-            grid = (triton.cdiv(own.shape[0], t["block_m"]), triton.cdiv(d, block_dout))
+            grid = (triton.cdiv(own.shape[0], tiles["BLOCK_M"]), triton.cdiv(d, tiles["BLOCK_DOUT"]))
             wrap(_engine_bwd_kernel)[grid](
                 own, other, x_labels, x_labels if symmetric else y_labels, row_in, row_coef, grad,
                 own.shape[0], other.shape[0], d,
@@ -618,6 +702,5 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
                 *pargs,
                 OWN_IS_X=own_is_x, SYMMETRIC=bool(symmetric), TRANSFORM=transform, MINING=mining,
                 EXCLUDE_DIAG=bool(exclude_diag), HAS_B=has_b, HAS_LIFT=has_lift,
-                BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], BLOCK_DOUT=block_dout,
-                **_launch_tiles(t), **cfg)
+                **tiles, **options, **cfg)
     return grad_x.to(x.dtype), grad_y.to(y.dtype)
