@@ -165,20 +165,23 @@ def test_extrapolation_and_memory_estimate():
 def test_triton_tile_sweep_runs_and_checks_agreement(tmp_path):
     """python -m dmlkern.bench.tiles (what gpu_check.sh runs on a GPU), here under the Triton
     interpreter on 150 rows (several 64-row tiles; NT-Xent's tile skipping under each tile shape):
-    every setting runs, its loss and gradient agree with the default tiles', and the JSON /
-    markdown are written. Run in a subprocess:
-    the tool sets DMLKERN_BACKEND for its process."""
+    every setting runs (kslices64 is fp32's one-slice ONE_K path at D = 16), its loss and gradient
+    agree with the default tiles', a setting that is the dtype's default (8 warps for fp32) is
+    skipped as such, and the JSON / markdown are written. Run in a subprocess: the tool sets
+    DMLKERN_BACKEND for its process."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "dmlkern.bench.tiles", "--device", "cpu", "--n", "150",
                            "--d", "16", "--dtypes", "fp32", "--losses", "multi_similarity_miner", "ntxent",
-                           "--configs", "default", "rows128", "cols128_fwd", "cols32_bwd",
+                           "--configs", "default", "kslices64", "warps8", "rows128", "cols32_bwd",
                            "--repeats", "1", "--out", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     result = json.loads((tmp_path / "tiles.json").read_text())
     rows = result["rows"]
-    assert [r["config"] for r in rows] == ["default", "rows128", "cols128_fwd", "cols32_bwd"] * 2
-    assert all(r["status"] == "ok" and r["agrees"] and r["backend"] == "triton" for r in rows), rows
+    assert [r["config"] for r in rows] == ["default", "kslices64", "warps8", "rows128", "cols32_bwd"] * 2
+    ran = [r for r in rows if r["config"] != "warps8"]
+    assert all(r["status"] == "ok" and r["agrees"] and r["backend"] == "triton" for r in ran), rows
+    assert all(r["status"] == "skip (this dtype's default)" for r in rows if r["config"] == "warps8"), rows
     assert "| fp32 | multi_similarity_miner | rows128 |" in (tmp_path / "tiles.md").read_text()
 
 

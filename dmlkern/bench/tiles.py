@@ -19,10 +19,16 @@ import time
 
 from .worker import TORCH_DTYPES, _dmlkern_callable, _labels, make_timer
 
-# Name -> TILE_OVERRIDES. Each varies one thing from the defaults (64 x 64 tiles, 8 warps; the
-# symmetric / lifted backward halves the fp32 column tile), so a winner says what to change.
+# Name -> TILE_OVERRIDES. Each varies one thing from the defaults (dmlkern.triton.pair_engine.
+# _tiles: fp16 / bf16 64 x 64 tiles over 4 warps with D in one K slice; fp32 64 x 64 over 8
+# warps, K slices of 32, the symmetric / lifted / B_pos backward with 32 columns), so a winner
+# says what to change; a setting that equals a dtype's default times the default again. Most
+# telling first: the sweep stops when its budget is spent.
 CONFIGS = {
     "default": {},
+    "kslices64": {"fwd": {"block_k": 64}, "bwd": {"block_k": 64}},
+    "rows128_warps8": {"fwd": {"block_m": 128, "num_warps": 8}, "bwd": {"block_m": 128, "num_warps": 8}},
+    "warps8": {"fwd": {"num_warps": 8}, "bwd": {"num_warps": 8}},
     "warps4": {"fwd": {"num_warps": 4}, "bwd": {"num_warps": 4}},
     "stages2": {"fwd": {"num_stages": 2}, "bwd": {"num_stages": 2}},
     "stages4": {"fwd": {"num_stages": 4}, "bwd": {"num_stages": 4}},
@@ -53,6 +59,20 @@ def _median(values):
     return values[len(values) // 2]
 
 
+def _same_as_default(tk, x, d, overrides):
+    """Whether a setting launches the default tiles for x's dtype (e.g. 4 warps for bf16)."""
+    def launches():
+        return [tk._launch_tiles(x, d, "fwd")] + [tk._launch_tiles(x, d, "bwd", symmetric=s) for s in (False, True)]
+
+    tk.TILE_OVERRIDES.clear()
+    default = launches()
+    tk.TILE_OVERRIDES.update(overrides)
+    try:
+        return launches() == default
+    finally:
+        tk.TILE_OVERRIDES.clear()
+
+
 def run(args):
     os.environ["DMLKERN_BACKEND"] = "triton"
     import torch
@@ -80,6 +100,9 @@ def run(args):
                 rows.append(row)
                 if time.perf_counter() - t_start > args.budget:
                     row["status"] = "skip (budget)"
+                    continue
+                if name != "default" and _same_as_default(tk, x, args.d, CONFIGS[name]):
+                    row["status"] = "skip (this dtype's default)"
                     continue
                 tk.TILE_OVERRIDES.clear()
                 tk.TILE_OVERRIDES.update(CONFIGS[name])

@@ -422,7 +422,13 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
         else:
             s = _sim_tile(OWN, OTHER, own, oth, own_ok, oth_ok, D, s_on, s_od, s_tn, s_td,
                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
-        v = _value(s, TRANSFORM)
+        if TRANSFORM == 1:  # v = sqrt(d2) and dv/ds = -1/v from one rsqrt (d2 > 0; both 0 at d2 = 0)
+            d2 = 2.0 - 2.0 * s
+            d2_pos = d2 > 0.0  # NaN: False
+            inv_v = tl.where(d2_pos, tl.rsqrt(tl.where(d2_pos, d2, 1.0)), 0.0)
+            v = tl.where(d2_pos, d2 * inv_v, tl.where(d2 == d2, 0.0, d2))  # keeps NaN, clamps d2 < 0 to 0
+        else:
+            v = s
         self_pair = _self_pairs(pid * BLOCK_M, c0, BLOCK_M, BLOCK_N)
         if OWN_IS_X:
             oth_lab = tl.load(YL + oth * s_yl, mask=oth_ok, other=0)
@@ -475,8 +481,7 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
                     if HAS_LIFT:
                         dv += _lift_term(v, pos, t_c_lift[None, :], t_big_l[None, :], own_l[:, None], sc_pos, off_pos)
         if TRANSFORM == 1:  # dv/ds = -1/v, and 0 where v = 0 (or NaN, as the reference)
-            pos_v = v > 0.0
-            dv = tl.where(pos_v, -dv / tl.where(pos_v, v, 1.0), 0.0)
+            dv = tl.where(d2_pos, -dv * inv_v, 0.0)
         if ONE_K:  # the tile of the similarity product is the right side of this one too
             other_d = oth_blk
         else:
@@ -541,7 +546,9 @@ def _tiles(x, d, lift=False, symmetric=False, has_b=False):
     operand too), and the column loop is the pipelined one. Over 8 warps the backward computed
     every similarity tile twice (Triton gives each warpgroup all 64 columns, the layout of the
     second product's operand): 102 instructions per element in the symmetric backward before
-    ONE_K and the leaner epilogues, 47 now; the lse2 forward went from 63 to 26.
+    ONE_K and the leaner epilogues, 47 now; the lse2 forward went from 63 to 26. (At D = 256 the
+    backward's 64 x 256 fp32 accumulator spills ~300 bytes per thread; K slices instead would
+    compute every tile once per 128-wide output slice, and count 82 per element against 55.)
     fp32 (IEEE products: FMA, 128 per element at D = 128): 64 x 64 over 8 warps with K slices of
     32; the backward with the lifted term, the B_pos term or the symmetric one halves the column
     tile (at 64 columns ptxas spilled up to 1.7 KiB per thread with B_pos, none at 32).
