@@ -613,3 +613,40 @@ def test_pos_softplus_pass_skips_tiles_without_positives(backend, device, layout
             assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu()), what
             assert not torch.isnan(want[: n // 4]).any() and (mining == 1 or torch.isnan(want).any()), what
             _close(got, want, dtype, what)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["sorted_pairs", "sorted_classes"])
+def test_backward_positive_terms_skip_tiles_without_positives(backend, device, layout):
+    """The backward's positives-only terms (B_pos, and C_lift in the symmetric case) run only in
+    the tiles whose labels meet the row block's (Triton; the CPU skips the C_lift term the same
+    way): with labels sorted as the fused NT-Xent and Lifted give them, most tiles skip them. 300
+    rows span several row blocks and column tiles; two-sided (B_pos) and symmetric (B_pos, or
+    transform 1 with C_lift), against the reference."""
+    _needs_engine(backend)
+    n, d = 300, 12
+    g = torch.Generator().manual_seed(43)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    if layout == "sorted_pairs":
+        labels = torch.arange(n) // 2
+    else:
+        labels = torch.sort(torch.randint(0, n // 20, (n,), generator=g)).values
+    dtype = torch.float32
+    xd, ld = x.to(device, dtype), labels.to(device)
+    a = torch.rand(n, 4, generator=g, dtype=torch.float64)
+    for transform, symmetric, width in ((0, False, 5), (0, True, 5), (1, True, 6)):
+        params = PARAMS[transform]
+        row_in = _row_in(xd, xd, ld, ld, True, transform, 0, params, torch.float32)
+        lse = reference.engine_forward(x, x, labels, labels, row_in.double().cpu(), 1, transform, 0, params, True)
+        cols = [a[:, 0], lse[:, 0], a[:, 1], lse[:, 1], a[:, 2]] + ([a[:, 3]] if width == 6 else [])
+        coef = torch.stack(cols, dim=1).to(device, torch.float32)
+        gx, gy = pe.engine_backward_raw(xd, xd, ld, ld, row_in, coef, transform=transform, mining=0, params=params,
+                                        exclude_diag=True, backend=backend, symmetric=symmetric)
+        wx, wy = reference.engine_backward(xd.double(), xd.double(), ld, ld, row_in.double(), coef.double(),
+                                           transform, 0, params, True)
+        what = f"{layout} transform={transform} symmetric={symmetric} coef={width}"
+        if symmetric:
+            _close(gx, wx + wy, dtype, f"symmetric grad {what}")
+        else:
+            _close(gx, wx, dtype, f"grad_x {what}")
+            _close(gy, wy, dtype, f"grad_y {what}")

@@ -541,6 +541,12 @@ def _tiles(x, d, lift=False, symmetric=False, has_b=False):
     scripts/triton_compile_check.py reports them (registers, spills, SASS instructions per tile
     element; nothing here is measured on a GPU yet -- python -m dmlkern.bench.tiles does that).
 
+    Every dtype: the backward with the lifted term, the B_pos term or the symmetric one (two sets
+    of row constants, two dl/dv terms) halves the column tile. bf16 there at 64 columns: spills
+    (92-188 bytes per thread; fp32 up to 1.7 KiB with B_pos), and the symmetric one with mining
+    counted 76 instructions per element against 57 at 32 (predicates spilled into registers);
+    only the plain symmetric one is a little leaner at 64 (47 against 51).
+
     fp16 / bf16: 64 x 64 tiles over 4 warps (one warpgroup), D up to 256 in one K slice (ONE_K):
     the row block stays loaded, each column tile is loaded once (and is the backward's second
     operand too), and the column loop is the pipelined one. Over 8 warps the backward computed
@@ -550,17 +556,16 @@ def _tiles(x, d, lift=False, symmetric=False, has_b=False):
     backward's 64 x 256 fp32 accumulator spills ~300 bytes per thread; K slices instead would
     compute every tile once per 128-wide output slice, and count 82 per element against 55.)
     fp32 (IEEE products: FMA, 128 per element at D = 128): 64 x 64 over 8 warps with K slices of
-    32; the backward with the lifted term, the B_pos term or the symmetric one halves the column
-    tile (at 64 columns ptxas spilled up to 1.7 KiB per thread with B_pos, none at 32).
-    fp64: 32 x 32 over 4 warps, the same halving."""
+    32. fp64: 32 x 32 over 4 warps."""
+    half_cols = lift or symmetric or has_b
     if x.dtype == torch.float64:
-        return dict(block_m=32, block_n=16 if lift or symmetric else 32, block_k=min(_block_k(d), 32),
+        return dict(block_m=32, block_n=16 if half_cols else 32, block_k=min(_block_k(d), 32),
                     block_dout=64, num_warps=4)
     if x.element_size() == 2:
         block_k = max(16, triton.next_power_of_2(d)) if d <= 256 else 64
-        return dict(block_m=64, block_n=64, block_k=block_k, block_dout=128, num_warps=4)
-    block_n = 32 if lift or symmetric or has_b else 64
-    return dict(block_m=64, block_n=block_n, block_k=min(_block_k(d), 32), block_dout=128, num_warps=8)
+        return dict(block_m=64, block_n=32 if half_cols else 64, block_k=block_k, block_dout=128, num_warps=4)
+    return dict(block_m=64, block_n=32 if half_cols else 64, block_k=min(_block_k(d), 32), block_dout=128,
+                num_warps=8)
 
 
 # Tile settings for tuning runs (python -m dmlkern.bench.tiles): {"fwd": {...}, "bwd": {...}},
