@@ -15,6 +15,8 @@
 #   1. dmlkern (auto backend = Triton on CUDA), every fused loss, N = 16384 65536, bf16 + fp32
 #   1b. Triton tile settings (python -m dmlkern.bench.tiles), two losses, N = 16384 ($OUT/tiles)
 #   2. dmlkern only, N = 262144, bf16, every fused loss
+#   3a. dmlkern-compiled (torch.compile of the dmlkern call) at N = 16384, bf16, MS and NT-Xent:
+#       against sweep 1's eager dmlkern, what the eager per-op overhead costs where T_mm is ~0.1 ms
 #   3. dmlkern-cpp (CUDA C++), pml (if importable), reference, compile at N = 16384 65536
 # Knobs (environment): GPU_CHECK_TOTAL_S, SWEEP_MAX_S, BUILD_TIMEOUT_S (300), TEST_TIMEOUT_S (240),
 # GPU_CHECK_STAGES ("build tests bench"), PYTHON (python3), MAX_JOBS (16); for a rehearsal on a
@@ -130,6 +132,14 @@ if has_stage bench; then
         timeout -k 10 $(( B + 90 )) "$PY" -m dmlkern.bench $COMMON --budget "$B" --append \
             --providers dmlkern --n $BIG --dtypes $(echo $DTYPES | cut -d' ' -f1)
         echo "gpu_check: sweep 2 exit $?"
+    fi
+    # 3a. eager overhead: the same calls under torch.compile (about a tenth)
+    B=$(min $(( SWEEP * 10 / 100 )) "$(( $(sweep_left) - 30 ))")
+    if [ "$B" -gt 20 ]; then
+        timeout -k 10 $(( B + 120 )) "$PY" -m dmlkern.bench $COMMON --budget "$B" --append \
+            --providers dmlkern-compiled --n $(echo $NS | cut -d' ' -f1) --dtypes $(echo $DTYPES | cut -d' ' -f1) \
+            --losses multi_similarity ntxent
+        echo "gpu_check: sweep 3a exit $?"
     fi
     # 3. the rest: CUDA C++ backend, PML, the materialising reference, torch.compile
     B=$(( $(sweep_left) - 20 ))

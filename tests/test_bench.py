@@ -144,6 +144,18 @@ def test_forced_timeout_is_recorded_and_sweep_continues(tmp_path):
     assert "timeout" in (tmp_path / "summary.md").read_text()
 
 
+def test_compiled_dmlkern_provider_runs(tmp_path):
+    """dmlkern-compiled (torch.compile of the dmlkern call; benchmarks/gpu_check.sh compares it
+    with eager dmlkern to size the eager per-op overhead) runs the fused kernel, not the reference."""
+    args = ["--n", "64", "--losses", "multi_similarity", "--providers", "dmlkern-compiled", "--repeats", "1",
+            "--no-plots"]
+    run_bench(args, tmp_path, timeout=600)
+    _, rows = read_csv(tmp_path / "results.csv")
+    times = [r for r in rows if r["metric"] == "time_s" and r["provider"] == "dmlkern-compiled"]
+    assert len(times) == 1 and times[0]["status"] == "ok", rows
+    assert times[0]["backend"] == "cpp+compile", times[0]
+
+
 # ---------------------------------------------------------------------------- cheap unit checks
 
 def test_percentile_matches_linear_interpolation():

@@ -46,6 +46,8 @@ FLOOR_PROVIDER = "torch"
 
 PROVIDERS = {
     "dmlkern": "dmlkern class, DMLKERN_BACKEND unset (auto); backend column = module.last_backend",
+    "dmlkern-compiled": "torch.compile of the same dmlkern call (auto backend): the small O(N) ops around the "
+                        "kernels fused, so it shows what eager per-op overhead costs; compile time excluded by warm-up",
     "dmlkern-cpp": "dmlkern class with DMLKERN_BACKEND=cpp",
     "dmlkern-triton": "dmlkern class with DMLKERN_BACKEND=triton (GPU, or CPU under TRITON_INTERPRET=1)",
     "reference": "dmlkern class with DMLKERN_BACKEND=reference (materialising PyTorch path)",
@@ -55,13 +57,13 @@ PROVIDERS = {
 # Providers that build N x N (or worse) intermediates: skipped above the memory estimate.
 MATERIALISING = {"reference", "compile", "pml"}
 # The order points run in: if the sweep budget runs out, the later providers lose points.
-PROVIDER_PRIORITY = ["dmlkern", "dmlkern-triton", "dmlkern-cpp", "pml", "reference", "compile"]
+PROVIDER_PRIORITY = ["dmlkern", "dmlkern-compiled", "dmlkern-triton", "dmlkern-cpp", "pml", "reference", "compile"]
 # Providers whose first call may JIT-compile (torch.compile; Triton autotuning on a GPU):
 # that first call gets --compile-limit on top of --time-limit.
 
 
 def jit_provider(provider: str, device: str) -> bool:
-    return provider == "compile" or (device == "cuda" and provider.startswith("dmlkern"))
+    return provider in ("compile", "dmlkern-compiled") or (device == "cuda" and provider.startswith("dmlkern"))
 
 
 def supported(loss: str, provider: str) -> bool:

@@ -26,7 +26,8 @@ import traceback
 from .specs import FLOOR_LOSS, LOSSES, num_classes
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
-ENV_BACKEND = {"dmlkern": None, "dmlkern-cpp": "cpp", "dmlkern-triton": "triton", "reference": "reference"}
+ENV_BACKEND = {"dmlkern": None, "dmlkern-compiled": None, "dmlkern-cpp": "cpp", "dmlkern-triton": "triton",
+               "reference": "reference"}
 REFERENCE_FN = {
     "multi_similarity": "multi_similarity_loss",
     "ntxent": "ntxent_loss",
@@ -286,6 +287,9 @@ def build(spec, torch, device):
     x.requires_grad_(True)
     if provider in ENV_BACKEND:
         fn, backend, params = _dmlkern_callable(loss, x, labels, d)
+        if provider == "dmlkern-compiled":
+            compiled, eager_backend = torch.compile(fn), backend
+            fn, backend = compiled, (lambda: f"{eager_backend()}+compile")
     elif provider == "pml":
         fn, backend, params = _pml_callable(loss, x, labels, d)
     elif provider == "compile":
