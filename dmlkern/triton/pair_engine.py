@@ -8,12 +8,18 @@ the label / mining masks and folds the tile into per-row statistics chosen by PA
 sums). Nothing N x M is stored.
 
 Backward (FlashAttention-style): the tiles are recomputed; dl/dv follows the generic row_coef
-formula, its B_pos and C_lift terms compiled in only when their columns hold a non-zero value
-(HAS_B, HAS_LIFT, checked on the host). A program owns a block of rows of X (grad_x) or of Y
-(grad_y) and is their only writer (no atomics, deterministic); a second grid axis splits the
-output D into BLOCK_DOUT slices so the accumulator stays small for large D. symmetric=True (y is
-x) is one launch over X's row blocks that adds both ends' dl/ds per tile (SYMMETRIC): half the
-tile products of the two-sided backward.
+formula, its B_pos and C_lift terms compiled in only when the caller uses them (HAS_B,
+HAS_LIFT) and computed only in tiles whose labels meet the block's. A program owns a block of
+rows of X (grad_x) or of Y (grad_y) and is their only writer (no atomics, deterministic); for a
+large D a second grid axis splits the output into BLOCK_DOUT slices. symmetric=True (y is x) is
+one launch over X's row blocks that adds both ends' dl/ds per tile (SYMMETRIC): half the tile
+products of the two-sided backward.
+
+With fp16 / bf16 and D <= 256 (ONE_K) a program keeps its row block loaded and loads each column
+tile once, in one piece; the kernels are then bound by their epilogues' instructions, which
+is what shaped them (docs/ENGINE.md, last section; scripts/triton_compile_check.py counts them):
+exponentials are exp2 with log2(e) folded into the scales, the backward's per-row constants are
+computed once per row, and the masks need no row bound (rows past the end are never stored).
 
 Scalar parameters travel as three fp32 pieces each (hi + mid + lo == the Python float
 exactly): Triton passes Python floats as fp32, which would round the fp64 path's parameters.
