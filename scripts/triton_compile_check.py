@@ -133,7 +133,7 @@ def configs(d):
         cfg = pe._launch_config(x)
         cfg["UPCAST"] = dtype == torch.float64
         for pass_kind, transform, mining in ((1, 0, 0), (1, 0, 1), (1, 1, 0), (0, 0, 0), (2, 0, 0), (3, 1, 0)):
-            tiles, options = pe._launch_tiles(x, d, "fwd")
+            tiles, options = pe._launch_tiles(x, d, "fwd", positives_only=pass_kind in (2, 3))
             c = dict(PASS_KIND=pass_kind, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=True, **tiles, **cfg)
             out.append(("fwd", pe._engine_fwd_kernel, dtype, f"pass={pass_kind} t={transform} mi={mining}", c,
                         options["num_warps"]))
@@ -147,7 +147,8 @@ def configs(d):
             tiles, options = pe._launch_tiles(x, d, "bwd", lift=lift, symmetric=sym, has_b=has_b)
             c = dict(OWN_IS_X=own_is_x, SYMMETRIC=sym, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=True,
                      HAS_B=has_b, HAS_LIFT=lift, **tiles, **cfg)
-            label = f"{'sym' if sym else ('x' if own_is_x else 'y')} t={transform} mi={mining} B={int(has_b)} lift={int(lift)}"
+            side = "sym" if sym else ("x" if own_is_x else "y")
+            label = f"{side} t={transform} mi={mining} B={int(has_b)} lift={int(lift)}"
             out.append(("bwd", pe._engine_bwd_kernel, dtype, label, c, options["num_warps"]))
     return out
 

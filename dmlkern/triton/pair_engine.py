@@ -543,7 +543,7 @@ def _param_args(params):
     return [piece for p in params for piece in _split(p)]
 
 
-def _tiles(x, d, lift=False, symmetric=False, has_b=False):
+def _tiles(x, d, lift=False, symmetric=False, has_b=False, positives_only=False):
     """Tile sizes and warps per input dtype, from the sm_90 builds at D = 128 as
     scripts/triton_compile_check.py reports them (registers, spills, SASS instructions per tile
     element; nothing here is measured on a GPU yet -- python -m dmlkern.bench.tiles does that).
@@ -552,7 +552,9 @@ def _tiles(x, d, lift=False, symmetric=False, has_b=False):
     of row constants, two dl/dv terms) halves the column tile. bf16 there at 64 columns: spills
     (92-188 bytes per thread; fp32 up to 1.7 KiB with B_pos), and the symmetric one with mining
     counted 76 instructions per element against 57 at 32 (predicates spilled into registers);
-    only the plain symmetric one is a little leaner at 64 (47 against 51).
+    only the plain symmetric one is a little leaner at 64 (47 against 51). So do the forward's
+    positives-only passes 2 and 3 (positives_only): no spills (bf16 pass 2 spilled 128 bytes at
+    64), and narrower column tiles skip more of the columns without positives.
 
     fp16 / bf16: 64 x 64 tiles over 4 warps (one warpgroup), D up to 256 in one K slice (ONE_K):
     the row block stays loaded, each column tile is loaded once (and is the backward's second
@@ -564,7 +566,7 @@ def _tiles(x, d, lift=False, symmetric=False, has_b=False):
     compute every tile once per 128-wide output slice, and count 82 per element against 55.)
     fp32 (IEEE products: FMA, 128 per element at D = 128): 64 x 64 over 8 warps with K slices of
     32. fp64: 32 x 32 over 4 warps."""
-    half_cols = lift or symmetric or has_b
+    half_cols = lift or symmetric or has_b or positives_only
     if x.dtype == torch.float64:
         return dict(block_m=32, block_n=16 if half_cols else 32, block_k=min(_block_k(d), 32),
                     block_dout=64, num_warps=4)
@@ -596,11 +598,12 @@ def _with_overrides(tiles, kernel):
     return {**tiles, **override}
 
 
-def _launch_tiles(x, d, kernel, lift=False, symmetric=False, has_b=False):
+def _launch_tiles(x, d, kernel, lift=False, symmetric=False, has_b=False, positives_only=False):
     """(tile constexprs, launch options) of one launch of `kernel` ("fwd" or "bwd"): _tiles, then
     TILE_OVERRIDES; ONE_K when D fits one K slice, and the backward's output slice BLOCK_DOUT
     (all of the padded D when ONE_K: the loaded tile is then both products' operand)."""
-    t = _with_overrides(_tiles(x, d, lift=lift, symmetric=symmetric, has_b=has_b), kernel)
+    t = _with_overrides(_tiles(x, d, lift=lift, symmetric=symmetric, has_b=has_b, positives_only=positives_only),
+                        kernel)
     const = dict(BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], ONE_K=t["block_k"] >= d)
     if kernel == "bwd":
         const["BLOCK_DOUT"] = (t["block_k"] if const["ONE_K"]
@@ -663,7 +666,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
     if n == 0:
         return out
     row_in = _row_tensor(row_in, n, 3, stats_dtype, x.device)
-    tiles, options = _launch_tiles(x, d, "fwd")
+    tiles, options = _launch_tiles(x, d, "fwd", positives_only=pass_kind in (PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS))
     grid = (triton.cdiv(n, tiles["BLOCK_M"]),)
     wrap(_engine_fwd_kernel)[grid](
         x, y, x_labels, y_labels, row_in, out, n, m, d,
