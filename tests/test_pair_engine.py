@@ -579,6 +579,21 @@ def test_int64_offsets_past_two_to_the_31(backend, device):
             _close(gy, wy, torch.float32, "grad_y")
 
 
+def _labelled_rows(n, d, seed, layout):
+    """(unit rows in fp64, labels, the generator) with labels laid out as the positives-only
+    passes meet them: sorted pairs (NT-Xent after its sort), SimCLR's unsorted two views, or
+    sorted classes of ~20 rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    if layout == "sorted_pairs":
+        labels = torch.arange(n) // 2
+    elif layout == "two_views":
+        labels = torch.cat([torch.arange(n // 2)] * 2)
+    else:
+        labels = torch.sort(torch.randint(0, n // 20, (n,), generator=g)).values
+    return x, labels, g
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("layout", ["sorted_pairs", "two_views", "sorted_classes"])
 def test_pos_softplus_pass_skips_tiles_without_positives(backend, device, layout):
@@ -589,15 +604,8 @@ def test_pos_softplus_pass_skips_tiles_without_positives(backend, device, layout
     unsorted two views; with and without mining and self-pairs, a NaN row (NaN sums where it
     is a positive, none with mining, which drops NaN pairs), against the reference."""
     _needs_engine(backend)
-    n, d = 700, 9
-    g = torch.Generator().manual_seed(41)
-    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    if layout == "sorted_pairs":
-        labels = torch.arange(n) // 2
-    elif layout == "two_views":
-        labels = torch.cat([torch.arange(n // 2)] * 2)
-    else:
-        labels = torch.sort(torch.randint(0, n // 20, (n,), generator=g)).values
+    n = 700
+    x, labels, _ = _labelled_rows(n, 9, 41, layout)
     x[n // 3] = float("nan")  # its positives get NaN, the other rows stay finite
     for dtype in dtypes_for(backend, device)[:2]:
         xd, ld = x.to(device, dtype), labels.to(device)
@@ -624,13 +632,8 @@ def test_backward_positive_terms_skip_tiles_without_positives(backend, device, l
     rows span several row blocks and column tiles; two-sided (B_pos) and symmetric (B_pos, or
     transform 1 with C_lift), against the reference."""
     _needs_engine(backend)
-    n, d = 300, 12
-    g = torch.Generator().manual_seed(43)
-    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    if layout == "sorted_pairs":
-        labels = torch.arange(n) // 2
-    else:
-        labels = torch.sort(torch.randint(0, n // 20, (n,), generator=g)).values
+    n = 300
+    x, labels, g = _labelled_rows(n, 12, 43, layout)
     dtype = torch.float32
     xd, ld = x.to(device, dtype), labels.to(device)
     a = torch.rand(n, 4, generator=g, dtype=torch.float64)
