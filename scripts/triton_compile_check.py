@@ -19,7 +19,6 @@ once per slice, over BLOCK_M * BLOCK_N / threads. Code under a runtime `if` (the
 terms of tiles that share a label with the block) counts as if it always ran."""
 import argparse
 import collections
-import inspect
 import json
 import os
 import re
@@ -32,7 +31,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import ASTSource  # noqa: E402
 
