@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from .. import distances as dist
 from ..ops import pair_engine as pe
-from .._tracing import static_shapes  # noqa: F401 (the fused losses import it from here)
+from .._tracing import static_shapes  # the fused losses import it from here too
 from ..reducers import MeanReducer
 
 CPP_CPU_DTYPES = (torch.float32, torch.float64)
@@ -44,57 +44,130 @@ def unit_rows(x):
     return F.normalize(x, p=2, dim=1)
 
 
-def label_stats(labels, ref_labels, exclude_diag):
-    """Per query row: the number of same-label reference rows (self-pair removed when
-    exclude_diag) and of different-label ones, in O((N + M) log M) with static shapes (sort +
-    searchsorted, so torch.compile can trace it). `run_q` / `run_r`: where each query / reference
-    row's label run starts among the sorted reference labels, an id for per-class sums."""
-    n, m = labels.shape[0], ref_labels.shape[0]
-    sorted_ref = torch.sort(ref_labels).values
-    run_q = torch.searchsorted(sorted_ref, labels)
-    same = torch.searchsorted(sorted_ref, labels, right=True) - run_q
-    self_pair = torch.zeros_like(same)
-    if exclude_diag:
-        k = min(n, m)
-        self_pair[:k] = (labels[:k] == ref_labels[:k]).to(same.dtype)
-    return {"pos": same - self_pair, "neg": m - same, "same": same, "self_pair": self_pair,
-            "run_q": run_q, "run_r": torch.searchsorted(sorted_ref, ref_labels)}
+def _computed_once(fn):
+    """A property computed on first read (functools.cached_property takes a lock that
+    torch.compile cannot trace)."""
+    def get(self):
+        if fn.__name__ not in self._cache:
+            self._cache[fn.__name__] = fn(self)
+        return self._cache[fn.__name__]
+
+    return property(get, doc=fn.__doc__)
+
+
+class LabelStats:
+    """Per query row: the number of same-label reference rows (self-pair removed when the
+    labels are one tensor, as the losses exclude it then) and of different-label ones, in
+    O((N + M) log M) with static shapes (sort + searchsorted, so torch.compile can trace it).
+    Lazy: each statistic is computed when first read, so only the ones a loss needs are, and
+    (see Degenerate) after its kernels are launched. `run_q` / `run_r`: where each query /
+    reference row's label run starts among the sorted reference labels, an id for per-class sums."""
+
+    def __init__(self, labels, ref_labels):
+        self.labels, self.ref_labels = labels, ref_labels
+        self.exclude_diag = ref_labels is labels
+        self.n, self.m = labels.shape[0], ref_labels.shape[0]
+        self._cache = {}
+
+    @_computed_once
+    def sorted_ref(self):
+        return torch.sort(self.ref_labels).values
+
+    @_computed_once
+    def run_q(self):
+        return torch.searchsorted(self.sorted_ref, self.labels)
+
+    @_computed_once
+    def run_r(self):
+        return self.run_q if self.exclude_diag else torch.searchsorted(self.sorted_ref, self.ref_labels)
+
+    @_computed_once
+    def same(self):
+        return torch.searchsorted(self.sorted_ref, self.labels, right=True) - self.run_q
+
+    @_computed_once
+    def pos(self):
+        return self.same - 1 if self.exclude_diag else self.same
+
+    @_computed_once
+    def same_total(self):
+        return self.same.sum()
+
+    @_computed_once
+    def pos_total(self):
+        """The number of positive pairs in the batch (0-dim tensor)."""
+        return self.same_total - self.n if self.exclude_diag else self.same_total
+
+    @_computed_once
+    def neg_total(self):
+        return self.n * self.m - self.same_total
 
 
 def class_sums_for_rows(stats, y):
     """For each query row, the sum of the reference rows y with its label (0 if none): O(M D)."""
-    sums = y.new_zeros(y.shape[0] + 1, y.shape[1]).index_add(0, stats["run_r"], y)
-    return sums[stats["run_q"]] * (stats["same"] > 0).to(y.dtype)[:, None]
+    sums = y.new_zeros(y.shape[0] + 1, y.shape[1]).index_add(0, stats.run_r, y)
+    return sums[stats.run_q] * (stats.same > 0).to(y.dtype)[:, None]
 
 
 def short_circuit(stats):
     """PML's `len <= 1` rule on all pairs from labels: at most one positive and one negative
     pair. A 0-dim bool tensor (no host sync under torch.compile)."""
-    return (stats["pos"].sum() <= 1) & (stats["neg"].sum() <= 1)
+    return (stats.pos_total <= 1) & (stats.neg_total <= 1)
 
 
 def no_pos_or_neg(stats):
     """No positive pair, or no negative pair, anywhere in the batch (0-dim bool tensor)."""
-    return (stats["pos"].sum() == 0) | (stats["neg"].sum() == 0)
+    return (stats.pos_total == 0) | (stats.neg_total == 0)
 
 
-def _without_branch(degenerate):
-    """Under torch.compile (no data-dependent branch) and for CUDA tensors (no host sync: the
-    GPU keeps its queue), degenerate batches are zeroed with torch.where, not returned early."""
-    return static_shapes() or degenerate.is_cuda
+def branch_free(like):
+    """No data-dependent branch for tensors like `like`: under torch.compile, and on CUDA
+    (a branch on a value would sync the host with the GPU)."""
+    return static_shapes() or like.is_cuda
 
 
-def returns_zero_now(degenerate):
-    """Eager on the CPU: True when the batch is degenerate, so the caller returns the
-    reference's zero loss at once (last_backend "zero"). Under torch.compile and on CUDA:
-    False; the caller then zeroes its losses with `zero_where`, which has the same value and
-    gradient (0)."""
-    if _without_branch(degenerate):
-        return False
-    return bool(degenerate)
+class Degenerate:
+    """Whether a batch is degenerate, i.e. its loss is the reference's zero loss: the OR of its
+    terms (`include`). A term is a Python bool decided from shapes (no work), or a function
+    returning a 0-dim bool tensor computed from the labels or the kernels' statistics.
 
+    Eager on the CPU it is decided at once: `returns_zero_now()` is True for a degenerate batch
+    and the caller returns before any kernel runs (last_backend "zero"). On CUDA tensors (a
+    branch would sync the host with the GPU) and under torch.compile (no data-dependent branch)
+    only the Python terms can return early; `zero_where(losses)` zeroes the losses with
+    torch.where for the tensor terms (the same value; gradient 0). These are computed only there,
+    after the caller has launched its kernels: the GPU starts on them while the host issues
+    these small ops."""
 
-def zero_where(degenerate, losses):
-    if not _without_branch(degenerate):
-        return losses
-    return torch.where(degenerate, torch.zeros_like(losses), losses)
+    def __init__(self, like, term):
+        self.branchless = branch_free(like)
+        self.known = False
+        self._pending, self._value = [], None
+        self.include(term)
+
+    def include(self, term):
+        if isinstance(term, bool):
+            self.known = self.known or term
+        else:
+            self._pending.append(term)
+
+    def _tensor_value(self):
+        for compute in self._pending:
+            term = compute()
+            self._value = term if self._value is None else self._value | term
+        self._pending = []
+        return self._value
+
+    def now(self):
+        """Decided at once (a host sync on a GPU): for eager-only paths."""
+        value = self._tensor_value()
+        return self.known or (value is not None and bool(value))
+
+    def returns_zero_now(self):
+        return self.known or (not self.branchless and self.now())
+
+    def zero_where(self, losses):
+        if not self.branchless:
+            return losses  # decided already: returns_zero_now() was False
+        value = self._tensor_value()
+        return losses if value is None else torch.where(value, torch.zeros_like(losses), losses)

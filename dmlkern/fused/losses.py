@@ -8,9 +8,8 @@ Statistics are O(N + M); nothing N x M is built.
 import torch
 
 from ..ops import pair_engine as pe
-from ._common import (class_sums_for_rows, engine_backend, is_plain_mean, is_unit_cosine, is_unit_euclidean,
-                      label_stats, no_pos_or_neg, returns_zero_now, short_circuit, static_shapes, unit_rows,
-                      zero_where)
+from ._common import (Degenerate, LabelStats, class_sums_for_rows, engine_backend, is_plain_mean, is_unit_cosine,
+                      is_unit_euclidean, no_pos_or_neg, short_circuit, static_shapes, unit_rows)
 from .lazy_pairs import LazyMinedPairs
 
 
@@ -62,6 +61,15 @@ def _per_row(losses, embeddings):
 def _empty_as_zero(lse):
     """PML's masked logsumexp gives 0 (not -inf) for an empty set; the gradient there is 0."""
     return torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
+
+
+def _at_most_one_pair_each(stats):
+    """PML's `len <= 1` rule (at most one positive and one negative pair) as a Degenerate term.
+    With one labels tensor, pairs come in both orders, so the rule holds only when there is no
+    pair at all: a one-row batch, decided from the shape (no work)."""
+    if stats.exclude_diag:
+        return stats.n == 1
+    return lambda: short_circuit(stats)
 
 
 # ------------------------------------------------------------------------- Multi-Similarity
@@ -128,10 +136,15 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         if not same_inputs or not is_unit_cosine(lazy.miner.distance) or exclude_diag != (ref_emb is embeddings):
             return None
         mining_eps = float(lazy.miner.epsilon)
-    stats = label_stats(labels, ref_labels, exclude_diag)
-    # Without a miner, PML's `len <= 1` rule; with one, the miner returns no pairs at all.
-    degenerate = short_circuit(stats) if mining_eps is None else no_pos_or_neg(stats)
-    if returns_zero_now(degenerate):
+    stats = LabelStats(labels, ref_labels)
+    if mining_eps is None:  # PML's `len <= 1` rule
+        degenerate = Degenerate(labels, _at_most_one_pair_each(stats))
+    else:  # the miner returns no pairs at all. (Implied by the mined-pairs rule below, which the
+        # branch-free path applies; eager on the CPU this returns before any kernel.)
+        degenerate = Degenerate(labels, False)
+        if not degenerate.branchless:
+            degenerate.include(lambda: no_pos_or_neg(stats))
+    if degenerate.returns_zero_now():
         return ZERO_LOSS
     a, b, base = float(module.alpha), float(module.beta), float(module.base)
     params = [-a, a * base, b, -b * base, mining_eps or 0.0]
@@ -145,11 +158,12 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         mining = pe.MINING_MULTI_SIMILARITY
     lse = _lse2(x, y, labels, ref_labels, params, exclude_diag, backend, row_in, mining=mining)
     if mining_eps is not None:
-        degenerate = degenerate | _at_most_one_mined_pair_each(x, y, labels, ref_labels, row_in, lse,
-                                                               mining_eps, exclude_diag)
-        if returns_zero_now(degenerate):
+        degenerate.include(lambda: _at_most_one_mined_pair_each(x, y, labels, ref_labels, row_in, lse, mining_eps,
+                                                                exclude_diag))
+        if degenerate.returns_zero_now():
             return ZERO_LOSS
-    losses = zero_where(degenerate, _log1p_exp(lse[:, 0]) / a + _log1p_exp(lse[:, 1]) / b)
+    softplus = _log1p_exp(lse)  # both columns in one op (each op is a kernel launch on a GPU)
+    losses = degenerate.zero_where(softplus[:, 0] / a + softplus[:, 1] / b)
     module.last_backend = backend
     return {"loss": _per_row(losses, embeddings)}
 
@@ -160,14 +174,14 @@ def generalized_lifted_structure(module, embeddings, labels, indices_tuple, ref_
     if backend is None:
         return None
     exclude_diag = ref_labels is labels
-    degenerate = short_circuit(label_stats(labels, ref_labels, exclude_diag))
-    if returns_zero_now(degenerate):
+    degenerate = Degenerate(labels, _at_most_one_pair_each(LabelStats(labels, ref_labels)))
+    if degenerate.returns_zero_now():
         return ZERO_LOSS
     pm, nm = float(module.pos_margin), float(module.neg_margin)
     x, y = _pair_inputs(embeddings, ref_emb)
     lse = _lse2(x, y, labels, ref_labels, [1.0, -pm, -1.0, nm, 0.0], exclude_diag, backend,
                 transform=pe.TRANSFORM_UNIT_DISTANCE)
-    losses = zero_where(degenerate, torch.relu(_empty_as_zero(lse[:, 0]) + _empty_as_zero(lse[:, 1])))
+    losses = degenerate.zero_where(torch.relu(_empty_as_zero(lse[:, 0]) + _empty_as_zero(lse[:, 1])))
     module.last_backend = backend
     return {"loss": _per_row(losses, embeddings)}
 
@@ -178,9 +192,9 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if backend is None:
         return None
     exclude_diag = ref_labels is labels
-    stats = label_stats(labels, ref_labels, exclude_diag)
-    degenerate = short_circuit(stats) | no_pos_or_neg(stats)
-    if returns_zero_now(degenerate):
+    stats = LabelStats(labels, ref_labels)
+    degenerate = Degenerate(labels, lambda: short_circuit(stats) | no_pos_or_neg(stats))
+    if degenerate.returns_zero_now():
         return ZERO_LOSS
     inv_t = 1.0 / float(module.temperature)
     x, y = _pair_inputs(embeddings, ref_emb)
@@ -188,15 +202,12 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     log_denominator = _empty_as_zero(torch.logaddexp(lse[:, 0], lse[:, 1]))
     # sum_{p in P(i)} s_ip = <x_i, sum of the reference rows with label y_i> - the self pair: O(N D).
     pos_sim_sum = (x * class_sums_for_rows(stats, y)).sum(dim=1)
-    if exclude_diag:
-        k = min(x.shape[0], y.shape[0])
-        self_sim = torch.zeros_like(pos_sim_sum)
-        self_sim[:k] = (x[:k] * y[:k]).sum(dim=1) * stats["self_pair"][:k]
-        pos_sim_sum = pos_sim_sum - self_sim
-    count = stats["pos"].to(lse.dtype)
+    if exclude_diag:  # one labels tensor: row i's self pair (x_i, y_i) is in the class sum
+        pos_sim_sum = pos_sim_sum - (x * y).sum(dim=1)
+    count = stats.pos.to(lse.dtype)
     tiny = torch.finfo(embeddings.dtype).tiny  # PML divides by |P(i)| + tiny
     mean_log_prob_pos = (pos_sim_sum.to(lse.dtype) * inv_t - count * log_denominator) / (count + tiny)
-    losses = zero_where(degenerate, torch.where(count > 0, -mean_log_prob_pos, torch.zeros_like(mean_log_prob_pos)))
+    losses = degenerate.zero_where(torch.where(count > 0, -mean_log_prob_pos, torch.zeros_like(mean_log_prob_pos)))
     module.last_backend = backend
     return {"loss": _element(losses.to(embeddings.dtype), len(losses))}  # (N,), as PML's SupCon
 
@@ -242,7 +253,9 @@ class _NTXentRows(torch.autograd.Function):
                                                 transform=pe.TRANSFORM_DOT, mining=pe.MINING_NONE,
                                                 params=params, exclude_diag=exclude_diag, backend=backend,
                                                 symmetric=ctx.symmetric, coef_terms=1)  # B_pos
-        if ctx.self_pairs:  # the sum (symmetric: grad_x already is, grad_y is zero)
+        if ctx.symmetric:  # grad_x is the sum already (grad_y zero)
+            return grad_x, None, None, None, None, None, None
+        if ctx.self_pairs:  # y is x: the sum
             return grad_x + grad_y, None, None, None, None, None, None
         return grad_x, grad_y, None, None, None, None, None
 
@@ -252,9 +265,9 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if backend is None or not is_plain_mean(module.reducer):
         return None  # per-pair losses for other reducers would need the O(pairs) list
     exclude_diag = ref_labels is labels
-    stats = label_stats(labels, ref_labels, exclude_diag)
-    degenerate = short_circuit(stats) | no_pos_or_neg(stats)
-    if returns_zero_now(degenerate):
+    stats = LabelStats(labels, ref_labels)
+    degenerate = Degenerate(labels, lambda: short_circuit(stats) | no_pos_or_neg(stats))
+    if degenerate.returns_zero_now():
         return ZERO_LOSS
     inv_t = 1.0 / float(module.temperature)
     params = [inv_t, 0.0, inv_t, 0.0, 0.0]
@@ -273,7 +286,7 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     x, labels = sorted_x, sorted_labels
     per_row = _NTXentRows.apply(x, None if y is x else y, labels, None if ref_labels is labels else ref_labels,
                                 params, exclude_diag, backend)
-    loss = zero_where(degenerate, per_row.sum() / stats["pos"].sum().clamp(min=1))
+    loss = degenerate.zero_where(per_row.sum() / stats.pos_total.clamp(min=1))
     module.last_backend = backend
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}
 
@@ -492,13 +505,13 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
     if backend is None or ref_emb is not embeddings:
         return None  # with ref_emb PML matches negatives by index value: the reference does that
-    stats = label_stats(labels, labels, True)
-    degenerate = short_circuit(stats) | no_pos_or_neg(stats)
+    stats = LabelStats(labels, labels)
+    degenerate = Degenerate(labels, lambda: short_circuit(stats) | no_pos_or_neg(stats))
     pm, nm = float(module.pos_margin), float(module.neg_margin)
     reduction = _lifted_reduction(module.reducer)
     if reduction is None:
         return _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend)
-    if returns_zero_now(degenerate):
+    if degenerate.returns_zero_now():
         return ZERO_LOSS
     x = unit_rows(embeddings)
     total, nonzero = _LiftedPairs.apply(x, labels, [1.0, -pm, -1.0, nm, 0.0], backend)
@@ -507,11 +520,11 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         # the per-pair losses. (Under torch.compile the NaN propagates: a documented deviation.)
         return _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend)
     if reduction == "mean":  # PML's mean over all positive pairs: sum_c n_c (n_c - 1) of them
-        loss = total / stats["pos"].sum().clamp(min=1).to(total.dtype)
+        loss = total / stats.pos_total.clamp(min=1).to(total.dtype)
     else:  # the mean of the f > 0; none: the reducer's grad-carrying zero
         loss = torch.where(nonzero > 0, total / nonzero.clamp(min=1),
                            module.reducer.zero_loss(embeddings).to(total.dtype))
-    loss = zero_where(degenerate, loss)
+    loss = degenerate.zero_where(loss)
     module.last_backend = backend
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}
 
@@ -519,9 +532,9 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
 def _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend):
     """Lifted Structure for reducers that need the per-pair losses: L_i from the engine, the
     positive pairs listed (data-dependent sizes: no fullgraph compile)."""
-    if bool(degenerate):
+    if degenerate.now():
         return ZERO_LOSS
-    if int(stats["pos"].sum()) > MAX_POS_PAIRS_PER_ROW * len(labels):
+    if int(stats.pos_total) > MAX_POS_PAIRS_PER_ROW * len(labels):
         return None
     x = unit_rows(embeddings)
     lse = _lse2(x, x, labels, labels, [0.0, 0.0, -1.0, nm, 0.0], True, backend,

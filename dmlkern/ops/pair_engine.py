@@ -6,8 +6,15 @@
 Forward saves only the inputs, row_in and the O(N) row statistics; backward turns the
 upstream gradient of the statistics into per-row coefficients (row_coef) and the backend
 recomputes the tiles. `engine_forward` is the entry point the fused losses call.
+
+Eager calls on plain tensors skip the registered ops' Python autograd layer (torch.library's
+wrapper costs ~40 us of host time per call here, paid before the kernel is launched) and run
+the same forward and backward through a plain autograd.Function (`_direct_call_ok`). Under
+torch.compile, inside a dispatch or function mode (FakeTensor, opcheck) and under functorch
+transforms, the registered ops run.
 """
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .. import reference
 from ..triton import triton_available
@@ -68,6 +75,8 @@ def _make_backward(backward_op, takes_coef_terms=False):
             if takes_coef_terms:  # Triton: the pass says which terms are used (no host check)
                 args += (_COEF_TERMS[pass_kind],)
             grad_x, grad_y = backward_op(*args)
+            if ctx.symmetric:  # grad_x is the sum of both sides (grad_y zero): nothing to add
+                grad_y = None
         return grad_x, grad_y, None, None, grad_row_in, None, None, None, None, None
 
     return backward
@@ -92,7 +101,42 @@ if _cpp_ready:
         setup_context=_setup_context,
     )
 
+def _direct_call_ok(*tensors):
+    """Whether this call may run the kernels through `_direct_function` (module docstring)."""
+    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+            or is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
+def _direct_function(name, forward_impl, backward):
+    """The engine forward as a plain autograd.Function: forward_impl (the backend's forward)
+    with the registered op's setup_context and backward, i.e. the same numbers for less host
+    time. Without a gradient to track, forward_impl alone."""
+
+    def forward(ctx, *inputs):
+        out = forward_impl(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    function = type(name, (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def call(*inputs):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:5]):
+            return function.apply(*inputs)
+        return forward_impl(*inputs)
+
+    return call
+
+
+_CppDirect = None
+if _cpp_ready:
+    _CppDirect = _direct_function("_CppDirect", torch.ops.dmlkern.pair_engine_forward,
+                                  _make_backward(torch.ops.dmlkern.pair_engine_backward))
+
 pair_engine_forward_triton = None
+_TritonDirect = None
 if triton_available():
     try:
         from ..triton import pair_engine as _tk
@@ -121,6 +165,12 @@ if triton_available():
 
         pair_engine_forward_triton.register_autograd(
             _make_backward(pair_engine_backward_triton, takes_coef_terms=True), setup_context=_setup_context)
+
+        def _triton_backward_direct(*args):  # args as _make_backward passes them, coef_terms last
+            return _tk.engine_backward(*args[:-1], coef_terms=args[-1])
+
+        _TritonDirect = _direct_function("_TritonDirect", _tk.engine_forward,
+                                         _make_backward(_triton_backward_direct, takes_coef_terms=True))
 
 
 def available_backends():
@@ -164,9 +214,10 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
     log.debug("pair_engine pass %d: backend=%s", pass_kind, chosen)
     if chosen == "reference":
         return reference.engine_forward(*args)
+    direct = _direct_call_ok(*args[:5])
     if chosen == "triton":
-        return pair_engine_forward_triton(*args)
-    return torch.ops.dmlkern.pair_engine_forward(*args)
+        return _TritonDirect(*args) if direct else pair_engine_forward_triton(*args)
+    return _CppDirect(*args) if direct else torch.ops.dmlkern.pair_engine_forward(*args)
 
 
 def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform, mining, params,
@@ -184,5 +235,7 @@ def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform
     if backend == "reference":
         return reference.engine_backward(*args)
     if backend == "triton":
+        if _direct_call_ok(*args[:6]):  # no autograd here: only the dispatcher hop is skipped
+            return _tk.engine_backward(*args, coef_terms=int(coef_terms))
         return pair_engine_backward_triton(*args, int(coef_terms))
     return torch.ops.dmlkern.pair_engine_backward(*args)

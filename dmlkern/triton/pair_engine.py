@@ -497,7 +497,7 @@ def _engine_bwd_kernel(OWN, OTHER, XL, YL, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
         if not UPCAST:
             dv = dv.to(other_d.dtype)  # half-precision inputs: tensor-core product, fp32 accumulate
         grad += tl.dot(dv, other_d, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    tl.store(GRAD + own[:, None] * s_gn + douts[None, :] * s_gd, grad,
+    tl.store(GRAD + own[:, None] * s_gn + douts[None, :] * s_gd, grad.to(GRAD.dtype.element_ty),
              mask=own_ok[:, None] & dout_ok[None, :])
 
 
@@ -699,8 +699,10 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
     n, d = x.shape
     m = y.shape[0]
     acc_dtype = _stats_dtype(x.dtype)
-    grad_x = torch.zeros(n, d, device=x.device, dtype=acc_dtype)
-    grad_y = torch.zeros(m, d, device=y.device, dtype=acc_dtype)
+    # Every program stores its whole (rows x D-slice) block, cast to the input dtype: no memset,
+    # no cast kernel. The symmetric case's grad_y is zero (grad_x holds both sides).
+    grad_x = (torch.empty if m > 0 else torch.zeros)(n, d, device=x.device, dtype=x.dtype)
+    grad_y = (torch.zeros if symmetric or n == 0 else torch.empty)(m, d, device=y.device, dtype=y.dtype)
     if n > 0 and m > 0 and d > 0:
         row_in = _row_tensor(row_in, n, 3, acc_dtype, x.device)
         row_coef = row_coef.to(acc_dtype)
@@ -725,4 +727,4 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
                 OWN_IS_X=own_is_x, SYMMETRIC=bool(symmetric), TRANSFORM=transform, MINING=mining,
                 EXCLUDE_DIAG=bool(exclude_diag), HAS_B=has_b, HAS_LIFT=has_lift,
                 **tiles, **options, **cfg)
-    return grad_x.to(x.dtype), grad_y.to(y.dtype)
+    return grad_x, grad_y

@@ -1,0 +1,111 @@
+"""Host-side cost of one fused loss call (forward + backward), measured on any machine.
+
+At N = 16384 on a GPU the kernels of a fused loss take a fraction of a millisecond, so the
+host's work around them (Python, and one launch per small PyTorch op) decides whether a call
+meets its time target. The GPU idles while the host issues the ops before the first engine
+kernel; the later ones overlap the kernels when the host keeps ahead.
+
+  ops      aten operations that launch work (views excluded), forward + backward: each is one
+           kernel launch or more on a GPU, whatever backend runs the engine kernels.
+  before   of those, how many come before the first engine kernel.
+  views    aten view operations (host time only).
+  host us  wall time per forward + backward at a tiny batch (--n rows), where the kernels cost
+           almost nothing: the host overhead on this machine (best of three runs). Under
+           TRITON_INTERPRET=1 the Triton kernels are interpreted: only the counts mean
+           something there.
+
+The counts follow the branch-free choices of CUDA tensors (degenerate batches zeroed with
+torch.where after the kernels, not returned early), on CPU tensors.
+
+  python -m dmlkern.bench.host_overhead [--n 32] [--d 128] [--backend cpp] [--losses a,b]
+"""
+import argparse
+import collections
+import os
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .specs import LOSSES
+from .worker import build
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations run inside it: `ops` (a Counter by name, views excluded),
+    `views`, and `before`: how many ops ran before the first pair engine op (None if none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.views, self.before = collections.Counter(), 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if self.before is None and name.startswith("pair_engine"):
+            self.before = sum(self.ops.values())
+        if func.is_view:
+            self.views += 1
+        else:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def branch_free_as_on_cuda():
+    """Make the fused losses take CUDA's branch-free path on CPU tensors too (returns the undo)."""
+    from ..fused import _common
+
+    saved = _common.branch_free
+    _common.branch_free = lambda like: True
+
+    def undo():
+        _common.branch_free = saved
+
+    return undo
+
+
+def measure(loss, n, d, reps):
+    spec = {"loss": loss, "provider": "dmlkern", "n": n, "d": d, "dtype": "fp32", "seed": 0}
+    fn, backend, _, _ = build(spec, torch, torch.device("cpu"))
+
+    def step():
+        fn().backward()
+
+    for _ in range(3):
+        step()
+    counter = OpCounter()
+    with counter:
+        step()
+    best = float("inf")
+    for _ in range(3):  # best of three: these machines are noisy
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return backend(), counter, best * 1e6
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--backend", default="cpp", help="DMLKERN_BACKEND for the calls: cpp, triton or reference")
+    ap.add_argument("--losses", default=",".join(LOSSES))
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--detail", action="store_true", help="list the ops of each call")
+    args = ap.parse_args(argv)
+    os.environ["DMLKERN_BACKEND"] = args.backend
+    branch_free_as_on_cuda()
+    reps = 2 if args.backend == "triton" else args.reps
+    print(f"N={args.n} D={args.d} fp32 CPU tensors, DMLKERN_BACKEND={args.backend}, CUDA's branch-free path; "
+          "one forward + backward")
+    print(f"{'loss':24s} {'backend':10s} {'ops':>5s} {'before':>6s} {'views':>6s} {'host us':>8s}")
+    for loss in args.losses.split(","):
+        ran, counter, us = measure(loss, args.n, args.d, reps)
+        before = "-" if counter.before is None else counter.before
+        print(f"{loss:24s} {ran:10s} {sum(counter.ops.values()):5d} {before:>6} {counter.views:6d} {us:8.0f}")
+        if args.detail:
+            print("    " + ", ".join(f"{k} {v}" for k, v in counter.ops.most_common()))
+
+
+if __name__ == "__main__":
+    main()

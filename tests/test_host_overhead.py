@@ -1,0 +1,86 @@
+"""The host-side work of a fused loss call (docs/ENGINE.md, "Host overhead"): eager calls run
+the kernels through a plain autograd.Function that gives exactly the registered op's numbers,
+and on CUDA's branch-free path the first engine kernel is launched before the label
+statistics and the other small ops."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from dmlkern.bench.host_overhead import OpCounter
+from dmlkern.bench.worker import build
+from dmlkern.fused import _common
+from dmlkern.ops import pair_engine as pe
+from _kernel_cases import KERNEL_BACKENDS
+
+PARAMS = [-2.0, 1.0, 5.0, -2.5, 0.1]
+
+
+def _unit(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["two-sided", "y-is-x"])
+@pytest.mark.parametrize("pass_kind", [pe.PASS_LSE2, pe.PASS_POS_SOFTPLUS])
+def test_direct_path_matches_the_registered_op(backend, device, symmetric, pass_kind, monkeypatch):
+    if backend not in pe.available_backends():
+        pytest.fail(f"the {backend} pair engine is not registered in this build")
+    x = _unit(37, 19, 0).to(device)
+    y = _unit(70, 19, 1).to(device)
+    g = torch.Generator().manual_seed(2)
+    xl = torch.randint(0, 4, (37,), generator=g).to(device)
+    yl = torch.randint(0, 4, (70,), generator=g).to(device)
+    row_in = torch.randn(37, 3, generator=g).to(device)
+    weights = torch.rand(37, 2, generator=g).to(device)
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        yy = xx if symmetric else y.clone().requires_grad_(True)
+        out = pe.engine_forward(xx, yy, xl, xl if symmetric else yl, row_in, pass_kind=pass_kind, params=PARAMS,
+                                exclude_diag=symmetric, backend=backend)
+        (out[:, :2].nan_to_num(neginf=0.0) * weights).sum().backward()
+        return type(out.grad_fn).__name__, out.detach(), xx.grad, None if symmetric else yy.grad
+
+    direct = run()
+    monkeypatch.setattr(pe, "_direct_call_ok", lambda *tensors: False)
+    registered = run()
+    assert "Direct" in direct[0] and "Direct" not in registered[0], (direct[0], registered[0])
+    for got, want in zip(direct[1:], registered[1:]):
+        if want is None:
+            assert got is None
+        else:  # the same kernels on the same coefficients: bit for bit
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_direct_path_only_for_plain_eager_tensors():
+    x = torch.randn(4, 3)
+    assert pe._direct_call_ok(x, x)
+    with OpCounter():  # a dispatch mode (as opcheck and make_fx use) sees the registered op
+        assert not pe._direct_call_ok(x, x)
+    with FakeTensorMode():
+        fake = torch.randn(4, 3)
+    assert not pe._direct_call_ok(fake, fake)
+
+
+# The fused losses whose kernels the benchmark times, and the most ops each may issue before
+# its first engine kernel: normalising the rows (3), row_in (1), and NT-Xent and Lifted's sort
+# by label (their gathers), ProxyAnchor's two normalisations. The label statistics come later.
+OPS_BEFORE_FIRST_KERNEL = {"multi_similarity": 4, "multi_similarity_miner": 4, "generalized_lifted": 4,
+                           "supcon": 4, "ntxent": 6, "lifted": 6, "proxy_anchor": 8, "masked_lse": 1}
+
+
+@pytest.mark.parametrize("loss", sorted(OPS_BEFORE_FIRST_KERNEL))
+def test_first_engine_kernel_comes_before_the_small_ops(loss, monkeypatch):
+    if "cpp" not in pe.available_backends():
+        pytest.fail("the C++ pair engine is not registered in this build")
+    monkeypatch.setenv("DMLKERN_BACKEND", "cpp")
+    monkeypatch.setattr(_common, "branch_free", lambda like: True)  # as for CUDA tensors
+    spec = {"loss": loss, "provider": "dmlkern", "n": 48, "d": 16, "dtype": "fp32", "seed": 0}
+    fn, backend, x, _ = build(spec, torch, torch.device("cpu"))
+    with OpCounter() as counter:
+        fn().backward()
+    assert backend() == "cpp", backend()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert counter.before is not None, "no engine op ran"
+    assert counter.before <= OPS_BEFORE_FIRST_KERNEL[loss], (counter.before, counter.ops)
