@@ -84,3 +84,18 @@ def test_first_engine_kernel_comes_before_the_small_ops(loss, monkeypatch):
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert counter.before is not None, "no engine op ran"
     assert counter.before <= OPS_BEFORE_FIRST_KERNEL[loss], (counter.before, counter.ops)
+
+
+def test_host_overhead_report(capsys):
+    if "cpp" not in pe.available_backends():
+        pytest.fail("the C++ pair engine is not registered in this build")
+    from dmlkern.bench import host_overhead
+
+    saved = _common.branch_free
+    host_overhead.main(["--losses", "multi_similarity,ntxent", "--n", "16", "--d", "8", "--reps", "2", "--detail"])
+    assert _common.branch_free is saved  # the CPU path is restored for whatever runs next
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]
+            if line and not line.startswith(" ")}
+    assert set(rows) == {"multi_similarity", "ntxent"}, rows
+    for name, (_, backend, ops, before, views, host_us) in rows.items():
+        assert backend == "cpp" and int(ops) > int(before) >= 1 and float(host_us) > 0, (name, rows[name])

@@ -93,18 +93,26 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--detail", action="store_true", help="list the ops of each call")
     args = ap.parse_args(argv)
+    saved_backend = os.environ.get("DMLKERN_BACKEND")
     os.environ["DMLKERN_BACKEND"] = args.backend
-    branch_free_as_on_cuda()
+    undo = branch_free_as_on_cuda()
     reps = 2 if args.backend == "triton" else args.reps
     print(f"N={args.n} D={args.d} fp32 CPU tensors, DMLKERN_BACKEND={args.backend}, CUDA's branch-free path; "
           "one forward + backward")
     print(f"{'loss':24s} {'backend':10s} {'ops':>5s} {'before':>6s} {'views':>6s} {'host us':>8s}")
-    for loss in args.losses.split(","):
-        ran, counter, us = measure(loss, args.n, args.d, reps)
-        before = "-" if counter.before is None else counter.before
-        print(f"{loss:24s} {ran:10s} {sum(counter.ops.values()):5d} {before:>6} {counter.views:6d} {us:8.0f}")
-        if args.detail:
-            print("    " + ", ".join(f"{k} {v}" for k, v in counter.ops.most_common()))
+    try:
+        for loss in args.losses.split(","):
+            ran, counter, us = measure(loss, args.n, args.d, reps)
+            before = "-" if counter.before is None else counter.before
+            print(f"{loss:24s} {ran:10s} {sum(counter.ops.values()):5d} {before:>6} {counter.views:6d} {us:8.0f}")
+            if args.detail:
+                print("    " + ", ".join(f"{k} {v}" for k, v in counter.ops.most_common()))
+    finally:
+        undo()
+        if saved_backend is None:
+            os.environ.pop("DMLKERN_BACKEND")
+        else:
+            os.environ["DMLKERN_BACKEND"] = saved_backend
 
 
 if __name__ == "__main__":
