@@ -99,3 +99,25 @@ def test_host_overhead_report(capsys):
     assert set(rows) == {"multi_similarity", "ntxent"}, rows
     for name, (_, backend, ops, before, views, host_us) in rows.items():
         assert backend == "cpp" and int(ops) > int(before) >= 1 and float(host_us) > 0, (name, rows[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_unit_rows_is_f_normalize_with_a_shorter_backward(dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    x[2] = 0.0  # a zero row: 0 / eps
+    x[3] *= 1e-14  # below eps: the clamp is active, gradient g / eps
+    x[5, 1] = float("nan")  # NaN propagates
+    x = x.to(dtype)
+    grad = torch.randn(9, 6, generator=g, dtype=torch.float64).to(dtype)
+    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_ours = _common.unit_rows(ours)
+    y_theirs = torch.nn.functional.normalize(theirs, dim=1)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=0, atol=0, equal_nan=True)  # the same forward ops
+    (y_ours * grad).sum().backward()
+    (y_theirs * grad).sum().backward()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=tol, atol=tol, equal_nan=True)
+    if dtype == torch.float64:
+        rows = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(_common.unit_rows, (rows,))
