@@ -24,6 +24,7 @@ computed once per row, and the masks need no row bound (rows past the end are ne
 Scalar parameters travel as three fp32 pieces each (hi + mid + lo == the Python float
 exactly): Triton passes Python floats as fp32, which would round the fp64 path's parameters.
 """
+import functools
 import struct
 
 import torch
@@ -540,7 +541,12 @@ def _split(p):
 def _param_args(params):
     if len(params) != 5:
         raise ValueError(f"params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps], got {params}")
-    return [piece for p in params for piece in _split(p)]
+    return _split_params(tuple(float(p) for p in params))
+
+
+@functools.lru_cache(maxsize=256)  # a loss calls with the same few params every step: host time
+def _split_params(params):
+    return tuple(piece for p in params for piece in _split(p))
 
 
 def _tiles(x, d, lift=False, symmetric=False, has_b=False, positives_only=False):
