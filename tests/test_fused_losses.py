@@ -121,6 +121,48 @@ def _check_against_reference(expected, backend, device, name):
                 torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda s: f"{what} grad {k}: {s}")
 
 
+def _hessian_vector(loss_fn, name, x, labels, ref, path, direction):
+    """(gradient taken with create_graph=True, its derivative along `direction`) for x and ref."""
+    x = x.detach().clone().requires_grad_(True)
+    ref = None if ref is None else ref.detach().clone().requires_grad_(True)
+    loss_fn.backend = "reference" if path == "reference" else "auto"
+    ref_labels = None if ref is None else labels[: len(ref)]
+    mined = None
+    if name == "multi_similarity_miner":
+        mined = miners.MultiSimilarityMiner(epsilon=0.1)(x, labels, ref, ref_labels)
+    value = loss_fn(x, labels, mined, ref, ref_labels)
+    wrt = [x] + ([ref] if ref is not None else [])
+    grads = torch.autograd.grad(value, wrt, create_graph=True)
+    inner = sum((g * direction[: len(g)]).sum() for g in grads)
+    second = torch.autograd.grad(inner, wrt, allow_unused=True)
+    return [g.detach() for g in grads], [torch.zeros_like(w) if h is None else h for h, w in zip(second, wrt)]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_double_backward_matches_reference(engine_backend_choice, backend, device, name):
+    """create_graph=True (e.g. a gradient penalty, second-order meta-learning): the kernels'
+    gradients carry no graph, so the fused losses return the reference's differentiable gradient
+    then (ops.pair_engine.reference_gradient) instead of silently dropping their second-order part."""
+    expected = engine_backend_choice(backend, device)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(24, 6, generator=g, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 4, (24,), generator=g).to(device)
+    direction = torch.randn(24, 6, generator=g, dtype=torch.float64).to(device)
+    refs = [None] if name in NO_REF_EMB else [None, torch.randn(20, 6, generator=g, dtype=torch.float64).to(device)]
+    for ref in refs:
+        torch.manual_seed(0)
+        loss_fn = LOSSES[name](4, 6).to(device=device, dtype=torch.float64)
+        want = _hessian_vector(loss_fn, name, x, labels, ref, "reference", direction)
+        got = _hessian_vector(loss_fn, name, x, labels, ref, "fused", direction)
+        what = f"{name} ref_emb={ref is not None}"
+        assert loss_fn.last_backend == expected, f"{what}: ran {loss_fn.last_backend}"
+        for kind, a_list, b_list in (("gradient", got[0], want[0]), ("second derivative", got[1], want[1])):
+            for a, b in zip(a_list, b_list):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda s: f"{what} {kind}: {s}")
+        assert any(h.abs().max() > 0 for h in want[1]), f"{what}: a zero second derivative tests nothing"
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_ms_miner_few_mined_pairs_follow_pmls_len_rule(engine_backend_choice, backend, device):
     """PML zeroes the loss when the miner keeps at most one positive AND at most one negative

@@ -1,7 +1,7 @@
 """What the fused losses share: when a configuration is fusable, the backend choice, the
 normalisation, and pair counts from labels in O(N) (no N x M mask)."""
 import torch
-from torch.autograd.function import once_differentiable
+import torch.nn.functional as F
 
 from .. import distances as dist
 from ..ops import pair_engine as pe
@@ -47,19 +47,21 @@ class _UnitRows(torch.autograd.Function):
     """F.normalize(x, dim=1), i.e. x / max(|x|, eps) per row, with a short backward:
     (g - y (y . g)) / |x| where |x| >= eps (the clamp passes its gradient there, as clamp_min's
     does), g / eps elsewhere. The same forward ops; 8 backward ops instead of the 14 of
-    F.normalize's graph (each a kernel launch on a GPU, in the tail after the engine's backward)."""
+    F.normalize's graph (each a kernel launch on a GPU, in the tail after the engine's backward).
+    Under create_graph=True, F.normalize's own differentiable gradient."""
 
     @staticmethod
     def forward(ctx, x):
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         y = x / norm.clamp_min(_NORMALIZE_EPS)
-        ctx.save_for_backward(y, norm)
+        ctx.save_for_backward(x, y, norm)
         return y
 
     @staticmethod
-    @once_differentiable  # as the engine's backward (F.normalize's graph is twice differentiable)
     def backward(ctx, grad):
-        y, norm = ctx.saved_tensors
+        x, y, norm = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return pe.reference_gradient(lambda x: F.normalize(x, dim=1), (x,), (True,), grad)[0]
         radial = (y * grad).sum(dim=1, keepdim=True) * (norm >= _NORMALIZE_EPS)
         return (grad - y * radial) / norm.clamp_min(_NORMALIZE_EPS)
 

@@ -223,13 +223,8 @@ class _NTXentRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, labels, ref_labels, params, exclude_diag, backend):
-        # y / ref_labels are None when they are x / labels: torch.compile can't trace an
-        # autograd.Function given one tensor twice.
-        ctx.self_pairs = y is None
-        ctx.symmetric = y is None and ref_labels is None  # the pair masks are symmetric too
-        y = x if y is None else y
-        ref_labels = labels if ref_labels is None else ref_labels
+    def passes(x, y, labels, ref_labels, params, exclude_diag, backend):
+        """(row_in with lse_neg in column 2, the pos_softplus statistics)."""
         lse = pe.engine_forward(x, y, labels, ref_labels, pass_kind=pe.PASS_LSE2, params=params,
                                 exclude_diag=exclude_diag, backend=backend)
         neg_lse = lse[:, 1]
@@ -237,6 +232,17 @@ class _NTXentRows(torch.autograd.Function):
         row_in = torch.stack([zero, zero, neg_lse], dim=1)
         out = pe.engine_forward(x, y, labels, ref_labels, row_in, pass_kind=pe.PASS_POS_SOFTPLUS,
                                 params=params, exclude_diag=exclude_diag, backend=backend)
+        return row_in, out
+
+    @staticmethod
+    def forward(ctx, x, y, labels, ref_labels, params, exclude_diag, backend):
+        # y / ref_labels are None when they are x / labels: torch.compile can't trace an
+        # autograd.Function given one tensor twice.
+        ctx.self_pairs = y is None
+        ctx.symmetric = y is None and ref_labels is None  # the pair masks are symmetric too
+        y = x if y is None else y
+        ref_labels = labels if ref_labels is None else ref_labels
+        row_in, out = _NTXentRows.passes(x, y, labels, ref_labels, params, exclude_diag, backend)
         ctx.save_for_backward(x, y, labels, ref_labels, row_in, out)
         ctx.config = (params, exclude_diag, backend)
         return out[:, 0]
@@ -245,6 +251,11 @@ class _NTXentRows(torch.autograd.Function):
     def backward(ctx, grad):
         x, y, labels, ref_labels, row_in, out = ctx.saved_tensors
         params, exclude_diag, backend = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            def per_row(x, y):
+                return _NTXentRows.passes(x, y, labels, ref_labels, params, exclude_diag, "reference")[1][:, 0]
+            grads = pe.reference_gradient(per_row, (x, y), ctx.needs_input_grad[:2], grad)
+            return (*grads, None, None, None, None, None)
         grad = grad.to(out.dtype)
         zero = torch.zeros_like(grad)
         # d/d lse_neg(a) = grad_a * sum_p sigmoid(...) = grad_a * out[:, 1] (pos_softplus's rule).
@@ -448,9 +459,8 @@ class _LiftedPairs(torch.autograd.Function):
     hold positive pairs, near the diagonal."""
 
     @staticmethod
-    def forward(ctx, x, labels, params, backend):
-        labels, order = torch.sort(labels, stable=True)
-        x = x[order]
+    def passes(x, labels, params, backend):
+        """(row_in with L in column 2, the lifted_pairs statistics) of rows sorted by label."""
         lse = pe.engine_forward(x, x, labels, labels, pass_kind=pe.PASS_LSE2, transform=pe.TRANSFORM_UNIT_DISTANCE,
                                 params=params, exclude_diag=True, backend=backend)
         neg_lse = lse[:, 1]
@@ -459,6 +469,12 @@ class _LiftedPairs(torch.autograd.Function):
         out = pe.engine_forward(x, x, labels, labels, row_in, pass_kind=pe.PASS_LIFTED_PAIRS,
                                 transform=pe.TRANSFORM_UNIT_DISTANCE, params=params, exclude_diag=True,
                                 backend=backend)
+        return row_in, out
+
+    @staticmethod
+    def forward(ctx, x, labels, params, backend):
+        labels, order = torch.sort(labels, stable=True)
+        row_in, out = _LiftedPairs.passes(x[order], labels, params, backend)
         ctx.save_for_backward(x, labels, row_in, out, order)
         ctx.config = (params, backend)
         count = out[:, 2].sum()
@@ -469,6 +485,11 @@ class _LiftedPairs(torch.autograd.Function):
     def backward(ctx, grad_total, grad_count):
         x, labels, row_in, out, order = ctx.saved_tensors
         params, backend = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            def total(x):  # the reference's lifted_pairs pass is differentiable
+                return _LiftedPairs.passes(x[order], labels, params, "reference")[1][:, 0].sum()
+            return (*pe.reference_gradient(total, (x,), ctx.needs_input_grad[:1], grad_total), None, None, None)
+        x = x[order]
         g = grad_total.to(out.dtype).expand(out.shape[0])
         zero = torch.zeros_like(g)
         coef = torch.stack([zero, zero, 2 * g * out[:, 1], row_in[:, 2], zero, g], dim=1)

@@ -63,10 +63,41 @@ def row_coefficients(pass_kind, out, grad_out):
 _COEF_TERMS = {PASS_LSE2: 0, PASS_POS_SOFTPLUS: 1}
 
 
+def reference_gradient(forward, inputs, needs, grad_out):
+    """The gradient when autograd records the backward itself (create_graph=True, e.g. for a
+    double backward). The backward kernels' results carry no graph, so a second derivative
+    through them would silently miss their part; instead this recomputes the same statistics
+    with `forward` on the reference path (materialising, differentiable) and returns their
+    gradient with its graph. One entry per input, None where `needs` is False; an input given
+    twice (y is x) gets the gradient once."""
+    wanted = []
+    for t, need in zip(inputs, needs):
+        if need and not any(t is w for w in wanted):
+            wanted.append(t)
+    grads = {}
+    if wanted:
+        with torch.enable_grad():
+            out = forward(*inputs)
+            for t, g in zip(wanted, torch.autograd.grad(out, wanted, grad_out, create_graph=True,
+                                                          allow_unused=True)):
+                grads[id(t)] = g
+    result = []
+    for t, need in zip(inputs, needs):
+        result.append(grads.pop(id(t), None) if need else None)
+    return result
+
+
 def _make_backward(backward_op, takes_coef_terms=False):
     def backward(ctx, grad_out):
         x, y, x_labels, y_labels, row_in, out = ctx.saved_tensors
         pass_kind, transform, mining, params, exclude_diag = ctx.args
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            def forward(x, y, row_in):
+                return reference.engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining,
+                                                params, exclude_diag)
+            grad_x, grad_y, grad_row_in = reference_gradient(
+                forward, (x, y, row_in), [ctx.needs_input_grad[i] for i in (0, 1, 4)], grad_out)
+            return grad_x, grad_y, None, None, grad_row_in, None, None, None, None, None
         coef, grad_row_in = row_coefficients(pass_kind, out, grad_out)
         grad_x = grad_y = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:

@@ -19,7 +19,11 @@ def engine_values(x, y, transform):
     if transform == 0:
         return s
     if transform == 1:
-        return torch.sqrt(torch.clamp(2 - 2 * s, min=0))
+        # sqrt with the kernels' gradient convention at 0 (dv/ds = 0 where v = 0): finite second
+        # derivatives too (create_graph=True recomputes on this path). NaN stays NaN.
+        d2 = torch.clamp(2 - 2 * s, min=0)
+        pos = d2 > 0
+        return torch.where(pos, torch.sqrt(torch.where(pos, d2, torch.ones_like(d2))), d2 * 0)
     raise ValueError(f"transform must be 0 or 1, got {transform}")
 
 
