@@ -132,6 +132,7 @@ if _cpp_ready:
         setup_context=_setup_context,
     )
 
+
 def _direct_call_ok(*tensors):
     """Whether this call may run the kernels through `_direct_function` (module docstring)."""
     if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
