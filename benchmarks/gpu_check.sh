@@ -11,7 +11,8 @@
 #
 # Time: the whole script fits GPU_CHECK_TOTAL_S (default 570 s, one 10-minute device call); the
 # sweep gets what the build and tests leave, at most SWEEP_MAX_S (default 480 s, about 8 minutes).
-# Sweep order, so that a short budget still gives the headline numbers:
+# First the host overhead per fused call at N = 256 ($OUT/host_overhead.txt, seconds). Sweep
+# order, so that a short budget still gives the headline numbers:
 #   1. dmlkern (auto backend = Triton on CUDA), every fused loss, N = 16384 65536, bf16 + fp32
 #   1b. Triton tile settings (python -m dmlkern.bench.tiles), two losses, N = 16384 ($OUT/tiles)
 #   2. dmlkern only, N = 262144, bf16, every fused loss
@@ -111,6 +112,12 @@ if has_stage bench; then
     sweep_left() { echo $(( SWEEP - ($(date +%s) - S0) )); }
     echo "gpu_check: sweep budget ${SWEEP}s"
 
+    # 0. host overhead: each fused loss at a tiny batch (kernels ~free), ops per call and time per
+    #    call with the launches (dmlkern/bench/host_overhead.py; compiles the kernels sweep 1 uses)
+    timeout -k 5 150 "$PY" -m dmlkern.bench.host_overhead --device "$DEV" --n 256 --reps 50 \
+        --dtype $(echo $DTYPES | cut -d' ' -f1) > "$OUT/host_overhead.txt" 2>&1
+    echo "gpu_check: host overhead exit $?"
+    cat "$OUT/host_overhead.txt"
     # 1. the headline: dmlkern at every fused loss (about 45% of the sweep at most)
     B=$(( SWEEP * 45 / 100 ))
     if [ "$B" -gt 20 ]; then

@@ -15,9 +15,11 @@ kernel; the later ones overlap the kernels when the host keeps ahead.
            something there.
 
 The counts follow the branch-free choices of CUDA tensors (degenerate batches zeroed with
-torch.where after the kernels, not returned early), on CPU tensors.
+torch.where after the kernels, not returned early), on CPU tensors too. With --device cuda
+(benchmarks/gpu_check.sh) the host time includes the launches, and the GPU is synchronised
+once after the timed calls: at a tiny N it is what the host needs per call on that machine.
 
-  python -m dmlkern.bench.host_overhead [--n 32] [--d 128] [--backend cpp] [--losses a,b]
+  python -m dmlkern.bench.host_overhead [--device cpu] [--n 32] [--d 128] [--backend auto] [--losses a,b]
 """
 import argparse
 import collections
@@ -40,10 +42,11 @@ class OpCounter(TorchDispatchMode):
         self.ops, self.views, self.before = collections.Counter(), 0, None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if self.before is None and name.startswith("pair_engine"):
+        packet = getattr(func, "overloadpacket", None)  # None: a higher-order op (a Triton launch)
+        name = packet.__name__ if packet is not None else str(getattr(func, "__name__", func))
+        if self.before is None and (name.startswith("pair_engine") or name.startswith("triton_kernel")):
             self.before = sum(self.ops.values())
-        if func.is_view:
+        if getattr(func, "is_view", False):
             self.views += 1
         else:
             self.ops[name] += 1
@@ -63,9 +66,11 @@ def branch_free_as_on_cuda():
     return undo
 
 
-def measure(loss, n, d, reps):
-    spec = {"loss": loss, "provider": "dmlkern", "n": n, "d": d, "dtype": "fp32", "seed": 0}
-    fn, backend, _, _ = build(spec, torch, torch.device("cpu"))
+def measure(loss, n, d, reps, device="cpu", dtype="fp32"):
+    device = torch.device(device)
+    spec = {"loss": loss, "provider": "dmlkern", "n": n, "d": d, "dtype": dtype, "seed": 0}
+    fn, backend, _, _ = build(spec, torch, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
         fn().backward()
@@ -77,9 +82,11 @@ def measure(loss, n, d, reps):
         step()
     best = float("inf")
     for _ in range(3):  # best of three: these machines are noisy
+        sync()
         t0 = time.perf_counter()
         for _ in range(reps):
             step()
+        sync()
         best = min(best, (time.perf_counter() - t0) / reps)
     return backend(), counter, best * 1e6
 
@@ -88,7 +95,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--backend", default="cpp", help="DMLKERN_BACKEND for the calls: cpp, triton or reference")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", help="fp32, fp64, fp16 or bf16 (the half ones on CUDA)")
+    ap.add_argument("--backend", default="auto", help="DMLKERN_BACKEND for the calls: auto, cpp, triton or reference")
     ap.add_argument("--losses", default=",".join(LOSSES))
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--detail", action="store_true", help="list the ops of each call")
@@ -96,13 +105,14 @@ def main(argv=None):
     saved_backend = os.environ.get("DMLKERN_BACKEND")
     os.environ["DMLKERN_BACKEND"] = args.backend
     undo = branch_free_as_on_cuda()
-    reps = 2 if args.backend == "triton" else args.reps
-    print(f"N={args.n} D={args.d} fp32 CPU tensors, DMLKERN_BACKEND={args.backend}, CUDA's branch-free path; "
-          "one forward + backward")
+    interpreted = args.device == "cpu" and args.backend == "triton"
+    reps = 2 if interpreted else args.reps
+    print(f"N={args.n} D={args.d} {args.dtype} {args.device} tensors, DMLKERN_BACKEND={args.backend}, "
+          "CUDA's branch-free path; one forward + backward")
     print(f"{'loss':24s} {'backend':10s} {'ops':>5s} {'before':>6s} {'views':>6s} {'host us':>8s}")
     try:
         for loss in args.losses.split(","):
-            ran, counter, us = measure(loss, args.n, args.d, reps)
+            ran, counter, us = measure(loss, args.n, args.d, reps, args.device, args.dtype)
             before = "-" if counter.before is None else counter.before
             print(f"{loss:24s} {ran:10s} {sum(counter.ops.values()):5d} {before:>6} {counter.views:6d} {us:8.0f}")
             if args.detail:
