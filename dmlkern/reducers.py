@@ -188,7 +188,7 @@ class ThresholdReducer(BaseReducer):
             # Same value and gradient without data-dependent shapes or branches (fullgraph)
             # or host syncs (CUDA).
             count = keep.sum()
-            total = torch.where(keep, losses, torch.zeros_like(losses)).sum()
+            total = torch.where(keep, losses, 0.0).sum()
             return torch.where(count > 0, total / count.clamp(min=1), self.zero_loss(embeddings))
         kept = losses[keep]
         if self.collect_stats:

@@ -215,6 +215,9 @@ def _pair_dict(losses, kind, n):
 @pytest.mark.parametrize("kind", ["element", "pos_pair", "neg_pair", "triplet"])
 @pytest.mark.parametrize("reducer", list(REDUCERS))
 def test_reducers_on_raw_loss_dicts(reducer, kind):
+    # Seeded: with the global RNG, all six relu'd element losses were 0 once in 64 orders
+    # (then no reducer output has a gradient to test).
+    torch.manual_seed(5)
     n = 6
     emb = torch.randn(n, 3, dtype=torch.float64)
     labels = torch.randint(0, 4, (n,))

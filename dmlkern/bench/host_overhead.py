@@ -5,8 +5,9 @@ host's work around them (Python, and one launch per small PyTorch op) decides wh
 meets its time target. The GPU idles while the host issues the ops before the first engine
 kernel; the later ones overlap the kernels when the host keeps ahead.
 
-  ops      aten operations that launch work (views excluded), forward + backward: each is one
-           kernel launch or more on a GPU, whatever backend runs the engine kernels.
+  ops      aten operations that launch work (views and Python numbers wrapped as CPU scalars
+           excluded), forward + backward: each is one kernel launch or more on a GPU, whatever
+           backend runs the engine kernels.
   before   of those, how many come before the first engine kernel.
   views    aten view operations (host time only).
   host us  wall time per forward + backward at a tiny batch (--n rows), where the kernels cost
@@ -48,7 +49,7 @@ class OpCounter(TorchDispatchMode):
             self.before = sum(self.ops.values())
         if getattr(func, "is_view", False):
             self.views += 1
-        else:
+        elif name != "scalar_tensor":  # a Python number wrapped on the CPU: no device launch
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 

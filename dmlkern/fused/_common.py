@@ -197,4 +197,4 @@ class Degenerate:
         if not self.branchless:
             return losses  # decided already: returns_zero_now() was False
         value = self._tensor_value()
-        return losses if value is None else torch.where(value, torch.zeros_like(losses), losses)
+        return losses if value is None else torch.where(value, 0.0, losses)

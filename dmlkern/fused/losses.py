@@ -60,7 +60,7 @@ def _per_row(losses, embeddings):
 
 def _empty_as_zero(lse):
     """PML's masked logsumexp gives 0 (not -inf) for an empty set; the gradient there is 0."""
-    return torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
+    return torch.where(torch.isneginf(lse), 0.0, lse)
 
 
 def _at_most_one_pair_each(stats):
@@ -207,7 +207,7 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     count = stats.pos.to(lse.dtype)
     tiny = torch.finfo(embeddings.dtype).tiny  # PML divides by |P(i)| + tiny
     mean_log_prob_pos = (pos_sim_sum.to(lse.dtype) * inv_t - count * log_denominator) / (count + tiny)
-    losses = degenerate.zero_where(torch.where(count > 0, -mean_log_prob_pos, torch.zeros_like(mean_log_prob_pos)))
+    losses = degenerate.zero_where(torch.where(count > 0, -mean_log_prob_pos, 0.0))
     module.last_backend = backend
     return {"loss": _element(losses.to(embeddings.dtype), len(losses))}  # (N,), as PML's SupCon
 
@@ -394,7 +394,7 @@ def _n_pairs_static_shapes(module, embeddings, labels, backend):
     lse = _lse2(xa_ext, xp_ext, k, k, [1.0, 0.0, 1.0, 0.0, 0.0], False, backend)
     losses = torch.logaddexp(lse[:, 0], lse[:, 1]) - (xa * xp).sum(dim=1).to(lse.dtype)
     num_anchors = valid.sum()
-    loss = torch.where(valid, losses, torch.zeros_like(losses)).sum() / num_anchors.clamp(min=1)  # 0 if none
+    loss = torch.where(valid, losses, 0.0).sum() / num_anchors.clamp(min=1)  # 0 if none
     module.last_backend = backend
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}
 
