@@ -72,6 +72,15 @@ def _at_most_one_pair_each(stats):
     return lambda: short_circuit(stats)
 
 
+def _rule_or_no_pos_or_neg(stats):
+    """PML's `len <= 1` rule, or no positive or no negative pair at all (SupCon, NT-Xent,
+    Lifted), as a Degenerate term. With one labels tensor the rule means no pair at all, which
+    the second test covers: 4 small ops fewer."""
+    if stats.exclude_diag:
+        return lambda: no_pos_or_neg(stats)
+    return lambda: short_circuit(stats) | no_pos_or_neg(stats)
+
+
 # ------------------------------------------------------------------------- Multi-Similarity
 def _equal_labels(a, b):
     """The same tensor, or (eager only: it reads the values) an equal one."""
@@ -193,13 +202,13 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return None
     exclude_diag = ref_labels is labels
     stats = LabelStats(labels, ref_labels)
-    degenerate = Degenerate(labels, lambda: short_circuit(stats) | no_pos_or_neg(stats))
+    degenerate = Degenerate(labels, _rule_or_no_pos_or_neg(stats))
     if degenerate.returns_zero_now():
         return ZERO_LOSS
     inv_t = 1.0 / float(module.temperature)
     x, y = _pair_inputs(embeddings, ref_emb)
     lse = _lse2(x, y, labels, ref_labels, [inv_t, 0.0, inv_t, 0.0, 0.0], exclude_diag, backend)
-    log_denominator = _empty_as_zero(torch.logaddexp(lse[:, 0], lse[:, 1]))
+    log_denominator = _empty_as_zero(torch.logsumexp(lse, dim=1))  # one op, not two selects
     # sum_{p in P(i)} s_ip = <x_i, sum of the reference rows with label y_i> - the self pair: O(N D).
     pos_sim_sum = (x * class_sums_for_rows(stats, y)).sum(dim=1)
     if exclude_diag:  # one labels tensor: row i's self pair (x_i, y_i) is in the class sum
@@ -277,7 +286,7 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return None  # per-pair losses for other reducers would need the O(pairs) list
     exclude_diag = ref_labels is labels
     stats = LabelStats(labels, ref_labels)
-    degenerate = Degenerate(labels, lambda: short_circuit(stats) | no_pos_or_neg(stats))
+    degenerate = Degenerate(labels, _rule_or_no_pos_or_neg(stats))
     if degenerate.returns_zero_now():
         return ZERO_LOSS
     inv_t = 1.0 / float(module.temperature)
@@ -366,7 +375,7 @@ def n_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     k = torch.arange(len(anchors), device=labels.device)
     # Cross-entropy over S[anchors, positives] against arange: pos = the diagonal, neg = the rest.
     lse = _lse2(xa, xp, k, k, [1.0, 0.0, 1.0, 0.0, 0.0], False, backend)
-    losses = torch.logaddexp(lse[:, 0], lse[:, 1]) - (xa * xp).sum(dim=1)
+    losses = torch.logsumexp(lse, dim=1) - (xa * xp).sum(dim=1)
     module.last_backend = backend
     return {"loss": {"losses": losses.to(embeddings.dtype), "indices": anchors, "reduction_type": "element"}}
 
@@ -392,7 +401,7 @@ def _n_pairs_static_shapes(module, embeddings, labels, backend):
     xp_ext = torch.cat([xp, dropped], dim=1)
     k = torch.arange(n, device=labels.device)
     lse = _lse2(xa_ext, xp_ext, k, k, [1.0, 0.0, 1.0, 0.0, 0.0], False, backend)
-    losses = torch.logaddexp(lse[:, 0], lse[:, 1]) - (xa * xp).sum(dim=1).to(lse.dtype)
+    losses = torch.logsumexp(lse, dim=1) - (xa * xp).sum(dim=1).to(lse.dtype)
     num_anchors = valid.sum()
     loss = torch.where(valid, losses, 0.0).sum() / num_anchors.clamp(min=1)  # 0 if none
     module.last_backend = backend
@@ -527,7 +536,7 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     if backend is None or ref_emb is not embeddings:
         return None  # with ref_emb PML matches negatives by index value: the reference does that
     stats = LabelStats(labels, labels)
-    degenerate = Degenerate(labels, lambda: short_circuit(stats) | no_pos_or_neg(stats))
+    degenerate = Degenerate(labels, _rule_or_no_pos_or_neg(stats))
     pm, nm = float(module.pos_margin), float(module.neg_margin)
     reduction = _lifted_reduction(module.reducer)
     if reduction is None:
