@@ -604,17 +604,27 @@ def _with_overrides(tiles, kernel):
     return {**tiles, **override}
 
 
+_LAUNCH_TILES = {}  # (dtype, D, kernel, flags, overrides) -> (constexprs, options): host time per launch
+
+
 def _launch_tiles(x, d, kernel, lift=False, symmetric=False, has_b=False, positives_only=False):
     """(tile constexprs, launch options) of one launch of `kernel` ("fwd" or "bwd"): _tiles, then
     TILE_OVERRIDES; ONE_K when D fits one K slice, and the backward's output slice BLOCK_DOUT
-    (all of the padded D when ONE_K: the loaded tile is then both products' operand)."""
-    t = _with_overrides(_tiles(x, d, lift=lift, symmetric=symmetric, has_b=has_b, positives_only=positives_only),
-                        kernel)
-    const = dict(BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], ONE_K=t["block_k"] >= d)
-    if kernel == "bwd":
-        const["BLOCK_DOUT"] = (t["block_k"] if const["ONE_K"]
-                               else max(16, min(t["block_dout"], triton.next_power_of_2(d))))
-    return const, {k: t[k] for k in ("num_warps", "num_stages") if k in t}
+    (all of the padded D when ONE_K: the loaded tile is then both products' operand). Cached:
+    the key holds everything the choice depends on, TILE_OVERRIDES' current entry included."""
+    override = TILE_OVERRIDES.get(kernel) or {}
+    key = (x.dtype, d, kernel, lift, symmetric, has_b, positives_only,
+           repr(sorted(override.items())) if override else "")
+    hit = _LAUNCH_TILES.get(key)
+    if hit is None:
+        t = _with_overrides(_tiles(x, d, lift=lift, symmetric=symmetric, has_b=has_b, positives_only=positives_only),
+                            kernel)
+        const = dict(BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], ONE_K=t["block_k"] >= d)
+        if kernel == "bwd":
+            const["BLOCK_DOUT"] = (t["block_k"] if const["ONE_K"]
+                                   else max(16, min(t["block_dout"], triton.next_power_of_2(d))))
+        hit = _LAUNCH_TILES[key] = (const, {k: t[k] for k in ("num_warps", "num_stages") if k in t})
+    return dict(hit[0]), dict(hit[1])
 
 
 def _coef_flags(row_coef, coef_terms):
