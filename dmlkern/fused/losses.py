@@ -221,6 +221,20 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     return {"loss": _element(losses.to(embeddings.dtype), len(losses))}  # (N,), as PML's SupCon
 
 
+def _lse_neg_then(second_pass, x, y, labels, ref_labels, params, exclude_diag, transform, backend):
+    """The chain NT-Xent and Lifted Structure share: the lse2 pass for each row's log-sum-exp over
+    its negatives, then `second_pass` reading it as L (row_in column 2). Returns (row_in, the
+    second pass's statistics)."""
+    lse = pe.engine_forward(x, y, labels, ref_labels, pass_kind=pe.PASS_LSE2, transform=transform, params=params,
+                            exclude_diag=exclude_diag, backend=backend)
+    neg_lse = lse[:, 1]
+    zero = torch.zeros_like(neg_lse)
+    row_in = torch.stack([zero, zero, neg_lse], dim=1)
+    out = pe.engine_forward(x, y, labels, ref_labels, row_in, pass_kind=second_pass, transform=transform,
+                            params=params, exclude_diag=exclude_diag, backend=backend)
+    return row_in, out
+
+
 # ------------------------------------------------------------------------------- NT-Xent
 class _NTXentRows(torch.autograd.Function):
     """Per anchor a: sum over its positives p of softplus(lse_neg(a) - s_ap/t), which is
@@ -232,18 +246,6 @@ class _NTXentRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def passes(x, y, labels, ref_labels, params, exclude_diag, backend):
-        """(row_in with lse_neg in column 2, the pos_softplus statistics)."""
-        lse = pe.engine_forward(x, y, labels, ref_labels, pass_kind=pe.PASS_LSE2, params=params,
-                                exclude_diag=exclude_diag, backend=backend)
-        neg_lse = lse[:, 1]
-        zero = torch.zeros_like(neg_lse)
-        row_in = torch.stack([zero, zero, neg_lse], dim=1)
-        out = pe.engine_forward(x, y, labels, ref_labels, row_in, pass_kind=pe.PASS_POS_SOFTPLUS,
-                                params=params, exclude_diag=exclude_diag, backend=backend)
-        return row_in, out
-
-    @staticmethod
     def forward(ctx, x, y, labels, ref_labels, params, exclude_diag, backend):
         # y / ref_labels are None when they are x / labels: torch.compile can't trace an
         # autograd.Function given one tensor twice.
@@ -251,7 +253,8 @@ class _NTXentRows(torch.autograd.Function):
         ctx.symmetric = y is None and ref_labels is None  # the pair masks are symmetric too
         y = x if y is None else y
         ref_labels = labels if ref_labels is None else ref_labels
-        row_in, out = _NTXentRows.passes(x, y, labels, ref_labels, params, exclude_diag, backend)
+        row_in, out = _lse_neg_then(pe.PASS_POS_SOFTPLUS, x, y, labels, ref_labels, params, exclude_diag,
+                                    pe.TRANSFORM_DOT, backend)
         ctx.save_for_backward(x, y, labels, ref_labels, row_in, out)
         ctx.config = (params, exclude_diag, backend)
         return out[:, 0]
@@ -262,7 +265,8 @@ class _NTXentRows(torch.autograd.Function):
         params, exclude_diag, backend = ctx.config
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
             def per_row(x, y):
-                return _NTXentRows.passes(x, y, labels, ref_labels, params, exclude_diag, "reference")[1][:, 0]
+                return _lse_neg_then(pe.PASS_POS_SOFTPLUS, x, y, labels, ref_labels, params, exclude_diag,
+                                     pe.TRANSFORM_DOT, "reference")[1][:, 0]
             grads = pe.reference_gradient(per_row, (x, y), ctx.needs_input_grad[:2], grad)
             return (*grads, None, None, None, None, None)
         grad = grad.to(out.dtype)
@@ -468,22 +472,11 @@ class _LiftedPairs(torch.autograd.Function):
     hold positive pairs, near the diagonal."""
 
     @staticmethod
-    def passes(x, labels, params, backend):
-        """(row_in with L in column 2, the lifted_pairs statistics) of rows sorted by label."""
-        lse = pe.engine_forward(x, x, labels, labels, pass_kind=pe.PASS_LSE2, transform=pe.TRANSFORM_UNIT_DISTANCE,
-                                params=params, exclude_diag=True, backend=backend)
-        neg_lse = lse[:, 1]
-        zero = torch.zeros_like(neg_lse)
-        row_in = torch.stack([zero, zero, neg_lse], dim=1)
-        out = pe.engine_forward(x, x, labels, labels, row_in, pass_kind=pe.PASS_LIFTED_PAIRS,
-                                transform=pe.TRANSFORM_UNIT_DISTANCE, params=params, exclude_diag=True,
-                                backend=backend)
-        return row_in, out
-
-    @staticmethod
     def forward(ctx, x, labels, params, backend):
         labels, order = torch.sort(labels, stable=True)
-        row_in, out = _LiftedPairs.passes(x[order], labels, params, backend)
+        sorted_x = x[order]
+        row_in, out = _lse_neg_then(pe.PASS_LIFTED_PAIRS, sorted_x, sorted_x, labels, labels, params, True,
+                                    pe.TRANSFORM_UNIT_DISTANCE, backend)
         ctx.save_for_backward(x, labels, row_in, out, order)
         ctx.config = (params, backend)
         count = out[:, 2].sum()
@@ -496,7 +489,9 @@ class _LiftedPairs(torch.autograd.Function):
         params, backend = ctx.config
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
             def total(x):  # the reference's lifted_pairs pass is differentiable
-                return _LiftedPairs.passes(x[order], labels, params, "reference")[1][:, 0].sum()
+                sorted_x = x[order]
+                return _lse_neg_then(pe.PASS_LIFTED_PAIRS, sorted_x, sorted_x, labels, labels, params, True,
+                                     pe.TRANSFORM_UNIT_DISTANCE, "reference")[1][:, 0].sum()
             return (*pe.reference_gradient(total, (x,), ctx.needs_input_grad[:1], grad_total), None, None, None)
         x = x[order]
         g = grad_total.to(out.dtype).expand(out.shape[0])
