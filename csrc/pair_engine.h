@@ -240,8 +240,9 @@ DMLK_HDI T engine_sigmoid(T z, ExpF ex) {
 
 // ---- forward accumulators, one per row (merge combines partial rows) ------
 
-// Pass 0: max over neg of v (-inf if none), min over pos of v (+inf if none).
-// A NaN v sticks: once a statistic is NaN no later value replaces it.
+// Pass 0: max over neg of v (-inf if none), min over pos of v (+inf if none), as PML's
+// MultiSimilarityMiner reads them from an ascending sort, where NaN sorts last: the max over
+// neg is NaN if any kept v is NaN (it sticks), the min over pos skips NaN.
 template <typename T>
 struct ExtremaAcc {
   T max_neg;
@@ -250,7 +251,7 @@ struct ExtremaAcc {
 
   DMLK_HDI void push(T v, bool pos, bool neg) {
     if (neg && (v > max_neg || v != v)) max_neg = v;
-    if (pos && (v < min_pos || v != v)) min_pos = v;
+    if (pos && v < min_pos) min_pos = v;  // false for a NaN v: skipped
   }
   DMLK_HDI void merge(T other_max_neg, T other_min_pos) {
     push(other_max_neg, false, true);

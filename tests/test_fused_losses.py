@@ -192,6 +192,57 @@ def test_ms_miner_few_mined_pairs_follow_pmls_len_rule(engine_backend_choice, ba
     assert (True, 1, 1) in seen and any(not z and min(p, q) <= 1 for z, p, q in seen), sorted(seen)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_nan_embeddings_follow_the_reference(engine_backend_choice, backend, device, name):
+    """A NaN row in embeddings (and in ref_emb): values and gradients NaN exactly where the
+    reference's are. Multi-Similarity with the miner keeps a finite loss there: PML's miner
+    drops the NaN pairs (its extrema come from an ascending sort, NaN last)."""
+    expected = engine_backend_choice(backend, device)
+    dtype = torch.float64 if torch.float64 in dtypes_for(backend, device) or device == "cpu" else torch.float32
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(37, 16, generator=g, dtype=torch.float64)
+    x[5] = float("nan")
+    labels = torch.randint(0, 5, (37,), generator=g).to(device)
+    refs = [(None, None)]
+    if name not in NO_REF_EMB:
+        ref = torch.randn(29, 16, generator=g, dtype=torch.float64)
+        ref[11] = float("nan")
+        refs.append((ref.to(device, dtype), torch.randint(0, 5, (29,), generator=g).to(device)))
+    for ref, ref_labels in refs:
+        torch.manual_seed(0)
+        loss_fn = LOSSES[name](5, 16).to(device=device, dtype=dtype)
+        xd = x.to(device, dtype)
+        want_v, want_g = _run(loss_fn, name, xd, labels, ref, ref_labels, "reference")
+        got_v, got_g = _run(loss_fn, name, xd, labels, ref, ref_labels, "fused")
+        what = f"{name} {dtype} ref_emb={ref is not None}"
+        assert loss_fn.last_backend == expected, f"{what}: ran {loss_fn.last_backend}"
+        rtol, atol = TOLERANCES[dtype]
+        torch.testing.assert_close(got_v, want_v, rtol=rtol, atol=atol, equal_nan=True, msg=lambda s: f"{what}: {s}")
+        for k, (a, b) in enumerate(zip(got_g, want_g)):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda s: f"{what} grad {k}: {s}")
+        if name == "multi_similarity_miner":
+            assert torch.isfinite(want_v), f"{what}: PML's miner drops the NaN pairs"
+
+
+def test_ms_miner_with_nan_embeddings_matches_pml():
+    """The extrema the fused miner reads (pass 0) follow PML's sort: the max over negatives is
+    NaN when a negative is NaN, the min over positives skips NaN. Checked on PML itself."""
+    from pytorch_metric_learning import losses as pml_losses, miners as pml_miners
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(40, 8, generator=g, dtype=torch.float64)
+        x[3 + seed] = float("nan")
+        labels = torch.randint(0, 4, (40,), generator=g)
+        want = pml_losses.MultiSimilarityLoss()(x, labels, pml_miners.MultiSimilarityMiner()(x, labels))
+        loss_fn = losses.MultiSimilarityLoss()
+        got = loss_fn(x, labels, miners.MultiSimilarityMiner()(x, labels))
+        assert loss_fn.last_backend == "cpp"
+        assert torch.isfinite(want), "a NaN row: PML's miner drops its pairs"
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("reducer", ["mean", "avg_nonzero"])
 def test_lifted_nan_embeddings_follow_the_reference(engine_backend_choice, reducer):
     """A NaN row: MeanReducer propagates NaN; AvgNonZero drops the NaN pair losses (NaN > 0 is

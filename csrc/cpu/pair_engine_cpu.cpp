@@ -296,8 +296,8 @@ template <typename T, int64_t TR>
 DMLK_CPU_INLINE void extrema_row(const T* s, int nc, const int32_t* lab, int32_t li, int diag,
                                  ExtremaAcc<T>& acc) {
   T mx = neg_infinity<T>(), mn = pos_infinity<T>();
-  int nan_neg = 0, nan_pos = 0;
-#pragma omp simd reduction(max : mx) reduction(min : mn) reduction(| : nan_neg, nan_pos)
+  int nan_neg = 0;  // the max over neg propagates NaN; the min over pos skips it (ExtremaAcc)
+#pragma omp simd reduction(max : mx) reduction(min : mn) reduction(| : nan_neg)
   for (int c = 0; c < nc; ++c) {
     const T v = engine_value<TR>(s[c], CpuSqrt());
     const bool same = lab[c] == li;
@@ -306,9 +306,8 @@ DMLK_CPU_INLINE void extrema_row(const T* s, int nc, const int32_t* lab, int32_t
     mx = (kn && v > mx) ? v : mx;
     mn = (kp && v < mn) ? v : mn;
     nan_neg |= static_cast<int>(kn && v != v);
-    nan_pos |= static_cast<int>(kp && v != v);
   }
-  acc.merge(nan_neg ? quiet_nan<T>() : mx, nan_pos ? quiet_nan<T>() : mn);
+  acc.merge(nan_neg ? quiet_nan<T>() : mx, mn);
 }
 
 // Two sweeps: the tile row's maxima, then the sums of exp(u - max) (one exp per pair:

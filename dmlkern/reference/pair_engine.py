@@ -81,13 +81,10 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
     v = engine_values(x, y, transform)
     if pass_kind == PASS_EXTREMA:
         pos, neg = engine_masks(v, x_labels, y_labels, row_in, 0, eps, exclude_diag)
+        # As PML's MultiSimilarityMiner reads them from an ascending sort (NaN sorts last): the
+        # max over neg is NaN if a kept v is NaN, the min over pos skips NaN (+inf if none left).
         max_neg = v.masked_fill(~neg, float("-inf")).amax(dim=1) if v.shape[1] else v.new_full((v.shape[0],), float("-inf"))
-        min_pos = v.masked_fill(~pos, float("inf")).amin(dim=1) if v.shape[1] else v.new_full((v.shape[0],), float("inf"))
-        # amax/amin skip nothing: a NaN among kept values gives NaN, like the kernels.
-        nan_neg = (torch.isnan(v) & neg).any(dim=1)
-        nan_pos = (torch.isnan(v) & pos).any(dim=1)
-        max_neg = max_neg.masked_fill(nan_neg, float("nan"))
-        min_pos = min_pos.masked_fill(nan_pos, float("nan"))
+        min_pos = v.masked_fill(~pos | torch.isnan(v), float("inf")).amin(dim=1) if v.shape[1] else v.new_full((v.shape[0],), float("inf"))
         return torch.stack([max_neg, min_pos], dim=1)
     pos, neg = engine_masks(v, x_labels, y_labels, row_in, mining, eps, exclude_diag)
     if pass_kind == PASS_LSE2:

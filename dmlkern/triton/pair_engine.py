@@ -305,8 +305,7 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
     # Row statistics (the ones a pass does not use stay constant and are compiled away).
     mx = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)   # extrema: max over neg
     mn = tl.full([BLOCK_M], float("inf"), dtype=ACC_DTYPE)    # extrema: min over pos
-    nan_neg = tl.zeros([BLOCK_M], dtype=tl.float32)           # extrema: kept NaN counts
-    nan_pos = tl.zeros([BLOCK_M], dtype=tl.float32)
+    nan_neg = tl.zeros([BLOCK_M], dtype=tl.float32)           # extrema: kept NaN negatives
     m_p = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)  # lse2: online (max, sum), base 2
     s_p = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     m_n = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
@@ -338,13 +337,14 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
                                      _self_pairs(pid * BLOCK_M, c0, BLOCK_M, BLOCK_N),
                                      max_neg[:, None], min_pos[:, None], eps, MINING, EXCLUDE_DIAG)
             if PASS_KIND == 0:
-                mx = tl.maximum(mx, tl.max(tl.where(neg, v, float("-inf")), axis=1))
-                mn = tl.minimum(mn, tl.min(tl.where(pos, v, float("inf")), axis=1))
-                # tl.max / tl.min may drop NaN: count the kept NaNs (a NaN-propagating tl.reduce
-                # is leaner on a GPU but ~30x slower in the interpreter the tests run)
+                # As PML's miner (an ascending sort, NaN last): the max over neg is NaN if a kept
+                # v is NaN, the min over pos skips NaN. tl.max may drop NaN: count the kept NaNs
+                # (a NaN-propagating tl.reduce is leaner on a GPU but ~30x slower in the
+                # interpreter the tests run).
                 is_nan = v != v
+                mx = tl.maximum(mx, tl.max(tl.where(neg, v, float("-inf")), axis=1))
+                mn = tl.minimum(mn, tl.min(tl.where(pos & ~is_nan, v, float("inf")), axis=1))
                 nan_neg += tl.sum(tl.where(neg & is_nan, 1.0, 0.0), axis=1)
-                nan_pos += tl.sum(tl.where(pos & is_nan, 1.0, 0.0), axis=1)
             elif PASS_KIND == 1:
                 m_p, s_p, m_n, s_n = _lse2_update(m_p, s_p, m_n, s_n, v, pos, neg, sc_pos * LOG2E, off_pos * LOG2E,
                                                   sc_neg * LOG2E, off_neg * LOG2E)
@@ -365,7 +365,7 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
     out = OUT + rows * s_on
     if PASS_KIND == 0:
         tl.store(out, tl.where(nan_neg > 0.0, float("nan"), mx), mask=row_ok)
-        tl.store(out + s_oc, tl.where(nan_pos > 0.0, float("nan"), mn), mask=row_ok)
+        tl.store(out + s_oc, mn, mask=row_ok)
     elif PASS_KIND == 1:
         tl.store(out, _lse2_final(m_p, s_p), mask=row_ok)
         tl.store(out + s_oc, _lse2_final(m_n, s_n), mask=row_ok)
