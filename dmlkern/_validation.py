@@ -26,7 +26,7 @@ labels to the embeddings' device; ``prepare_inputs`` does the same).
 
 import torch
 
-__all__ = ["validate_inputs", "prepare_inputs", "InvalidInputError"]
+__all__ = ["validate_inputs", "prepare_inputs", "as_class_ids", "InvalidInputError"]
 
 
 class InvalidInputError(ValueError, AssertionError):
@@ -139,6 +139,13 @@ def validate_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, l
         _check_indices_tuple(indices_tuple, n, m)
 
 
+def as_class_ids(labels, device):
+    """Labels as every path takes them: int64 on the embeddings' device (PML accepts any integer
+    dtype; the kernels and F.one_hot need int64). The same object when it is already that, so
+    the ``ref_labels is labels`` identity survives."""
+    return None if labels is None else labels.to(device=device, dtype=torch.int64)
+
+
 def _to_dev(x, device):
     if x is not None and x.device != device:
         return x.to(device)
@@ -149,7 +156,8 @@ def prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, la
     """validate_inputs, then PML's input handling; returns (embeddings, labels, indices_tuple,
     ref_emb, ref_labels).
 
-    * labels, ref_labels and indices are moved to the embeddings' device;
+    * labels, ref_labels and indices are moved to the embeddings' device; labels and ref_labels
+      become int64 (``as_class_ids``);
     * without ref_emb, ref_emb/ref_labels are embeddings/labels themselves (the same objects:
       the ``ref_labels is labels`` identity is what excludes self-pairs);
     * ref_emb given without ref_labels: ref_labels is labels (PML's pair utilities fall back the
@@ -157,11 +165,11 @@ def prepare_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, la
     """
     validate_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, labels_required=labels_required)
     dev = embeddings.device
-    labels = _to_dev(labels, dev)
+    labels = as_class_ids(labels, dev)
     if indices_tuple is not None:
         indices_tuple = tuple(_to_dev(x, dev) for x in indices_tuple)
     if ref_emb is None:
         ref_emb, ref_labels = embeddings, labels
     else:
-        ref_labels = labels if ref_labels is None else _to_dev(ref_labels, dev)
+        ref_labels = labels if ref_labels is None else as_class_ids(ref_labels, dev)
     return embeddings, labels, indices_tuple, ref_emb, ref_labels

@@ -85,6 +85,17 @@ def _with_ms_miner():
     return loss_fn, lambda emb, lab: loss_fn(emb, lab, miner(emb, lab))
 
 
+def _with_ms_miner_int32_labels():
+    """int32 labels: the loss and the miner each make them int64; the loss must still recognise
+    the miner's lazy pairs (by the labels tensor the caller gave both) without reading values."""
+    loss_fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
+
+    def step(emb, lab):
+        lab = lab.to(torch.int32)
+        return loss_fn(emb, lab, miner(emb, lab))
+    return loss_fn, step
+
+
 def _plain(make):
     def build():
         loss_fn = make()
@@ -95,6 +106,7 @@ def _plain(make):
 FULLGRAPH_LOSSES = {
     "ms": _plain(losses.MultiSimilarityLoss),
     "ms_miner": _with_ms_miner,
+    "ms_miner_int32_labels": _with_ms_miner_int32_labels,
     "genlifted": _plain(losses.GeneralizedLiftedStructureLoss),
     "ntxent": _plain(losses.NTXentLoss),
     "supcon": _plain(losses.SupConLoss),
@@ -103,7 +115,7 @@ FULLGRAPH_LOSSES = {
 }
 # One class: no negative pair, PML's zero loss (MS, GenLifted and ProxyAnchor stay non-zero:
 # positives alone, proxies of absent classes). N-pairs: one anchor, a 1 x 1 cross-entropy = 0.
-ZERO_ON_ONE_CLASS = {"ms_miner", "ntxent", "supcon", "npairs"}
+ZERO_ON_ONE_CLASS = {"ms_miner", "ms_miner_int32_labels", "ntxent", "supcon", "npairs"}
 
 
 @pytest.mark.parametrize("name", list(FULLGRAPH_LOSSES))

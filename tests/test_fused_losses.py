@@ -263,6 +263,31 @@ def test_lifted_nan_embeddings_follow_the_reference(engine_backend_choice, reduc
     torch.testing.assert_close(got_v, want_v, equal_nan=True)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_label_dtype(engine_backend_choice, backend, device, label_dtype):
+    """PML takes labels of any integer dtype; the kernels take int64. Every fused loss (and the
+    lazy miner) gives the int64 result, value and gradients, on the fused path."""
+    expected = engine_backend_choice(backend, device)
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(33, 8, generator=g, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 5, (33,), generator=g).to(device)
+    ref = torch.randn(21, 8, generator=g, dtype=torch.float64).to(device)
+    ref_labels = torch.randint(0, 5, (21,), generator=g).to(device)
+    for name in LOSSES:
+        for r, rl in [(None, None)] + ([] if name in NO_REF_EMB else [(ref, ref_labels)]):
+            torch.manual_seed(0)
+            loss_fn = LOSSES[name](5, 8).to(device=device, dtype=torch.float64)
+            want_v, want_g = _run(loss_fn, name, x, labels, r, rl, "fused")
+            got_v, got_g = _run(loss_fn, name, x, labels.to(label_dtype), r, None if rl is None else rl.to(label_dtype),
+                                "fused")
+            what = f"{name} {label_dtype} ref_emb={r is not None}"
+            assert loss_fn.last_backend == expected, f"{what}: ran {loss_fn.last_backend}"
+            torch.testing.assert_close(got_v, want_v, rtol=0, atol=0, msg=lambda s: f"{what}: {s}")
+            for a, b in zip(got_g, want_g):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda s: f"{what}: {s}")
+
+
 def test_unfusable_configurations_use_the_reference(engine_backend_choice):
     engine_backend_choice("engine-reference", "cpu")
     x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)

@@ -8,12 +8,13 @@ from collections.abc import Sequence
 
 
 class LazyMinedPairs(Sequence):
-    def __init__(self, miner, embeddings, labels, ref_emb, ref_labels, materialize):
+    def __init__(self, miner, embeddings, labels, ref_emb, ref_labels, materialize, given_labels=(None, None)):
         self.miner = miner
         self.embeddings = embeddings
-        self.labels = labels
+        self.labels = labels  # int64 on the embeddings' device (as_class_ids)
         self.ref_emb = ref_emb
         self.ref_labels = ref_labels
+        self.given_labels = given_labels  # (labels, ref_labels) as the caller passed them
         self._materialize = materialize
         self._pairs = None
 

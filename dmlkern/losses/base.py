@@ -183,6 +183,10 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """Returns the reduced loss (a 0-dim tensor), or the loss dict with DoNothingReducer."""
         lazy = indices_tuple if isinstance(indices_tuple, LazyMinedPairs) else None
+        if lazy is not None:  # the miner's labels, already int64 on the device, when these are them
+            given, given_ref = lazy.given_labels
+            labels = lazy.labels if labels is given and labels is not None else labels
+            ref_labels = lazy.ref_labels if ref_labels is given_ref and ref_labels is not None else ref_labels
         embeddings, labels, indices_tuple, ref_emb, ref_labels = prepare_inputs(
             embeddings, labels, None if lazy is not None else indices_tuple, ref_emb, ref_labels,
             labels_required=self._labels_required,

@@ -1,6 +1,6 @@
 import torch
 
-from .._validation import validate_inputs
+from .._validation import as_class_ids, validate_inputs
 from ..distances import CosineSimilarity
 from ..fused._common import engine_backend, is_unit_cosine
 from ..fused.lazy_pairs import LazyMinedPairs
@@ -36,5 +36,11 @@ class MultiSimilarityMiner(BaseTupleMiner):
             return super().forward(embeddings, labels, ref_emb, ref_labels)
         with torch.no_grad():
             validate_inputs(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
-        return LazyMinedPairs(self, embeddings, labels, ref_emb, ref_labels,
-                              lambda: super(MultiSimilarityMiner, self).forward(embeddings, labels, ref_emb, ref_labels))
+        # Kept as the loss will see them (int64, on the embeddings' device), and the caller's
+        # tensor too: a loss given that very tensor takes these (the identity check the fused
+        # loss makes under torch.compile).
+        ids = as_class_ids(labels, embeddings.device)
+        ref_ids = as_class_ids(ref_labels, embeddings.device)
+        return LazyMinedPairs(self, embeddings, ids, ref_emb, ref_ids,
+                              lambda: super(MultiSimilarityMiner, self).forward(embeddings, labels, ref_emb, ref_labels),
+                              given_labels=(labels, ref_labels))
