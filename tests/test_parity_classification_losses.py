@@ -283,12 +283,15 @@ def test_softmax_loss_by_hand():
 
 
 def test_proxy_nca_without_any_positive_gives_zero_not_nan():
-    """Deviation from PML (NaN): labels with no proxy drop every row -> the grad-carrying zero."""
+    """Deviation from PML (NaN): every sample's positive probability underflows to 0 (its label is
+    its farthest proxy, a large softmax_scale), so every row is dropped -> the grad-carrying zero.
+    (Labels without a proxy raise: test_validation.)"""
     x, _ = batch(0, 5, 4, 3)
-    y = torch.full((5,), 7)
-    theirs = pml_losses.ProxyNCALoss(num_classes=3, embedding_size=4)
+    ours = our_losses.ProxyNCALoss(num_classes=3, embedding_size=4, softmax_scale=1e4).double()
+    theirs = pml_losses.ProxyNCALoss(num_classes=3, embedding_size=4, softmax_scale=1e4).double()
+    theirs.proxies.data.copy_(ours.proxies.data)
+    y = torch.cdist(torch.nn.functional.normalize(x), torch.nn.functional.normalize(ours.proxies.data)).argmax(dim=1)
     assert torch.isnan(theirs(x, y))
-    ours = our_losses.ProxyNCALoss(num_classes=3, embedding_size=4)
     xx = x.clone().requires_grad_()
     value = ours(xx, y)
     assert value.item() == 0.0 and value.requires_grad

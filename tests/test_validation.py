@@ -179,3 +179,39 @@ def test_prepare_inputs_keeps_pml_identities():
 
 def test_error_is_also_assertion_error_where_pml_asserts():
     assert issubclass(InvalidInputError, ValueError) and issubclass(InvalidInputError, AssertionError)
+
+
+CLASS_WEIGHT_LOSSES = ["ProxyAnchorLoss", "ProxyNCALoss", "SoftTripleLoss", "NormalizedSoftmaxLoss",
+                       "LargeMarginSoftmaxLoss", "ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss",
+                       "SubCenterArcFaceLoss", "SoftmaxLoss", "CenterLoss"]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("name", CLASS_WEIGHT_LOSSES)
+def test_class_weight_losses_check_width_and_label_range(name, backend):
+    """Losses with class weights (num_classes, embedding_size): embeddings of another width, and
+    labels outside [0, num_classes), raise a ValueError naming the argument, on the fused path
+    too (ProxyAnchor's kernels would otherwise count a label >= C as negative to every proxy),
+    where PML fails deep inside or, for a negative label, silently uses the last class."""
+    loss_fn = getattr(our_losses, name)(num_classes=4, embedding_size=D)
+    loss_fn.backend = backend
+    with pytest.raises(ValueError, match="embedding_size=4"):
+        loss_fn(_emb(d=D + 1), _labels() % 4)
+    for bad in (4, -1):
+        labels = _labels() % 4
+        labels[2] = bad
+        with pytest.raises(ValueError, match=r"labels must be class ids in \[0, num_classes=4\)"):
+            loss_fn(_emb(), labels)
+    loss_fn(_emb(), _labels() % 4)  # in range: runs
+
+
+def test_proxy_anchor_label_range_under_static_shapes(monkeypatch):
+    """Under torch.compile the labels can't be read: ProxyAnchor's fused path returns NaN for a
+    label outside [0, num_classes) instead of a wrong number (the static-shape path, run eagerly)."""
+    from dmlkern import _tracing
+    monkeypatch.setattr(_tracing, "FORCE_STATIC_SHAPES", True)
+    loss_fn = our_losses.ProxyAnchorLoss(4, D)
+    labels = _labels() % 4
+    assert torch.isfinite(loss_fn(_emb(), labels)) and loss_fn.last_backend == "cpp"
+    labels[1] = 4
+    assert torch.isnan(loss_fn(_emb(), labels)) and loss_fn.last_backend == "cpp"

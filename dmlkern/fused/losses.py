@@ -327,6 +327,8 @@ def proxy_anchor(module, embeddings, labels, indices_tuple, proxies):
     proxy_labels = torch.arange(num_classes, device=labels.device)
     # Per proxy (a row of the engine): pos over its class's samples, neg over the others.
     lse = _lse2(p, x, proxy_labels, labels, [-a, a * m, a, a * m, 0.0], False, backend)
+    if static_shapes():  # labels can't be read (check_class_inputs): outside [0, C) gives NaN
+        lse = torch.where(((labels >= 0) & (labels < num_classes)).all(), lse, float("nan"))
     # The number of proxies with a positive: a tensor under torch.compile and on CUDA (no host
     # sync; DivisorReducer divides by it either way), a Python int on the CPU as PML's.
     # (scatter into C + 1 slots, labels >= C in the last: a static shape, unlike bincount)

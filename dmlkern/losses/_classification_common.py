@@ -2,11 +2,31 @@
 
 import torch
 
+from .._tracing import static_shapes
+
 
 def ref_not_supported(embeddings, labels, ref_emb, ref_labels):
     """PML's rule: these losses compare the batch with their weights, never with a ref set."""
     if ref_emb is not embeddings or ref_labels is not labels:
         raise ValueError("ref_emb is not supported for this loss function")
+
+
+def check_class_inputs(loss, embeddings, labels, ref_emb, ref_labels, embedding_size):
+    """The class-weight losses' inputs, with errors that name the argument: no ref_emb (PML's
+    rule), embeddings as wide as the loss's weights, labels class ids in [0, num_classes) (PML
+    fails in F.one_hot there, or silently wraps a negative label to the last class). The range
+    check reads the labels: one host sync on CUDA, as PML's F.one_hot; under torch.compile nothing
+    may be read, so it is left out there."""
+    ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+    name = type(loss).__name__
+    if embeddings.shape[1] != embedding_size:
+        raise ValueError(f"embeddings have {embeddings.shape[1]} columns, but this {name} was built with "
+                         f"embedding_size={embedding_size}")
+    if labels is not None and not static_shapes():
+        low, high = torch.stack(torch.aminmax(labels)).tolist()  # one read
+        if low < 0 or high >= loss.num_classes:
+            raise ValueError(f"labels must be class ids in [0, num_classes={loss.num_classes}) for {name}, "
+                             f"got values from {low} to {high}")
 
 
 def cast_parameter(param, dtype, device):

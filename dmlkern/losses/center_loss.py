@@ -1,7 +1,7 @@
 import torch
 
 from ..reference.classification_losses import center_loss_dict, center_loss_update
-from ._classification_common import ref_not_supported
+from ._classification_common import check_class_inputs
 from .base import BaseMetricLossFunction
 
 
@@ -30,9 +30,7 @@ class CenterLoss(BaseMetricLossFunction):
         self.register_buffer("centers", torch.zeros(num_classes, embedding_size))
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
-        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
-            raise ValueError(f"labels must be in [0, {self.num_classes})")
+        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.centers.shape[1])
         if self.centers.dtype != embeddings.dtype or self.centers.device != embeddings.device:
             self.centers = self.centers.to(device=embeddings.device, dtype=embeddings.dtype)
         loss_dict = center_loss_dict(embeddings, labels, self.centers, indices_tuple)

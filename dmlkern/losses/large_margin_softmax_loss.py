@@ -6,7 +6,7 @@ import torch
 from .._validation import InvalidInputError
 from ..distances import CosineSimilarity
 from ..reference import classification_losses as ref
-from ._classification_common import cast_parameter, new_weight, ref_not_supported
+from ._classification_common import cast_parameter, check_class_inputs, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
@@ -71,7 +71,7 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return logits * magnitudes * self.scale
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.W.shape[0])
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = self._loss_dict(embeddings, labels, indices_tuple)
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())

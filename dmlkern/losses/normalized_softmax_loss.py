@@ -2,7 +2,7 @@ import torch
 
 from ..distances import DotProductSimilarity
 from ..reference.classification_losses import normalized_softmax_logits, normalized_softmax_loss_dict
-from ._classification_common import cast_parameter, new_weight, ref_not_supported
+from ._classification_common import cast_parameter, check_class_inputs, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
@@ -28,7 +28,7 @@ class NormalizedSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         cast_parameter(self.W, dtype, device)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.W.shape[0])
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = normalized_softmax_loss_dict(
             embeddings, labels, self.W, indices_tuple, temperature=self.temperature, distance=self.distance

@@ -4,7 +4,7 @@ from ..distances import CosineSimilarity
 from ..fused import losses as fused
 from ..reducers import DivisorReducer
 from ..reference.classification_losses import PROXY_ANCHOR_SUB_LOSSES, proxy_anchor_loss_dict
-from ._classification_common import cast_parameter, new_weight, ref_not_supported
+from ._classification_common import cast_parameter, check_class_inputs, new_weight
 from .base import BaseMetricLossFunction, TorchInitWrapper, WeightRegularizerMixin
 
 
@@ -42,7 +42,7 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         cast_parameter(self.proxies, dtype, device)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.proxies.shape[1])
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = fused.proxy_anchor(self, embeddings, labels, indices_tuple, self.proxies)
         if isinstance(loss_dict, dict):
@@ -50,7 +50,7 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return loss_dict
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.proxies.shape[1])
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = proxy_anchor_loss_dict(
             embeddings, labels, self.proxies, indices_tuple, margin=self.margin, alpha=self.alpha, distance=self.distance

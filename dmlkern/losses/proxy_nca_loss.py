@@ -2,7 +2,7 @@ import torch
 
 from ..distances import LpDistance
 from ..reference.classification_losses import proxy_nca_loss_dict
-from ._classification_common import cast_parameter, new_weight, ref_not_supported
+from ._classification_common import cast_parameter, check_class_inputs, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
@@ -30,7 +30,7 @@ class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
         cast_parameter(self.proxies, dtype, device)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.proxies.shape[1])
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = proxy_nca_loss_dict(
             embeddings, labels, self.proxies, indices_tuple, softmax_scale=self.softmax_scale, distance=self.distance

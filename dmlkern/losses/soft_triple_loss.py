@@ -5,7 +5,7 @@ import torch
 from .._validation import InvalidInputError
 from ..distances import CosineSimilarity
 from ..reference.classification_losses import soft_triple_logits, soft_triple_loss_dict
-from ._classification_common import cast_parameter, new_weight, ref_not_supported
+from ._classification_common import cast_parameter, check_class_inputs, new_weight
 from .base import BaseMetricLossFunction, TorchInitWrapper, WeightRegularizerMixin
 
 
@@ -42,7 +42,7 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         cast_parameter(self.fc, dtype, device)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.fc.shape[0])
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = soft_triple_loss_dict(
             embeddings, labels, self.fc, indices_tuple, num_classes=self.num_classes,

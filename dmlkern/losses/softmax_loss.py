@@ -1,5 +1,5 @@
 from ..reference.classification_losses import softmax_loss_dict
-from ._classification_common import cast_parameter, new_weight, ref_not_supported
+from ._classification_common import cast_parameter, check_class_inputs, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
@@ -20,7 +20,7 @@ class SoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         cast_parameter(self.W, dtype, device)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.W.shape[0])
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = softmax_loss_dict(embeddings, labels, self.W, indices_tuple)
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
