@@ -121,6 +121,39 @@ def _check_against_reference(expected, backend, device, name):
                 torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda s: f"{what} grad {k}: {s}")
 
 
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_gradcheck_fp64(engine_backend_choice, backend, device, name):
+    """torch.autograd.gradcheck of each fused loss class in fp64: the kernels' gradients against
+    finite differences, for embeddings, ref_emb and ProxyAnchor's proxies."""
+    expected = engine_backend_choice(backend, device)
+    if torch.float64 not in dtypes_for(backend, device):
+        pytest.skip(f"the {backend} backend has no fp64 kernels on {device}")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 5, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    labels = torch.randint(0, 3, (13,), generator=g).to(device)
+    refs = [(None, None)]
+    if name not in NO_REF_EMB:
+        refs.append((torch.randn(9, 5, generator=g, dtype=torch.float64).to(device).requires_grad_(True),
+                     torch.randint(0, 3, (9,), generator=g).to(device)))
+    torch.manual_seed(0)
+    loss_fn = LOSSES[name](3, 5).to(device=device, dtype=torch.float64)
+    for ref, ref_labels in refs:
+        def loss(x, *rest):
+            r = ref if ref is None else rest[0]
+            mined = miners.MultiSimilarityMiner(epsilon=0.1)(x, labels, r, ref_labels) \
+                if name == "multi_similarity_miner" else None
+            params = {"proxies": rest[-1]} if name == "proxy_anchor" else {}
+            return torch.func.functional_call(loss_fn, params, (x, labels, mined, r, ref_labels))
+
+        inputs = (x,) + (() if ref is None else (ref,)) + tuple(loss_fn.parameters())
+        # fast_mode (random projections) for Triton: the interpreter is slow; the C++ CPU kernels
+        # get the full Jacobian.
+        assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-7, rtol=1e-5,
+                                        fast_mode=expected == "triton"), name
+        assert loss_fn.last_backend == expected, f"{name}: ran {loss_fn.last_backend}"
+
+
 def _hessian_vector(loss_fn, name, x, labels, ref, path, direction):
     """(gradient taken with create_graph=True, its derivative along `direction`) for x and ref."""
     x = x.detach().clone().requires_grad_(True)
