@@ -154,6 +154,55 @@ def test_gradcheck_fp64(engine_backend_choice, backend, device, name):
         assert loss_fn.last_backend == expected, f"{name}: ran {loss_fn.last_backend}"
 
 
+def test_cpp_large_odd_non_contiguous_and_deterministic(engine_backend_choice):
+    """The C++ engine past its row block (128) with odd sizes: N=261, ref_emb of M=203 rows,
+    D=37, embeddings given as non-contiguous views; against the reference. The same call again,
+    and with one thread instead of two, gives bit-identical values and gradients (no atomics)."""
+    engine_backend_choice("cpp", "cpu")
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(37, 261, generator=g, dtype=torch.float64).T  # column-major view
+    ref = torch.randn(203, 74, generator=g, dtype=torch.float64)[:, ::2]  # strided view
+    labels = torch.randint(0, 60, (261,), generator=g)  # ~4 per class: PML's O(pairs x N) stays quick
+    ref_labels = torch.randint(0, 60, (203,), generator=g)
+    assert not x.is_contiguous() and not ref.is_contiguous()
+    threads = torch.get_num_threads()
+    for name in LOSSES:
+        for r, rl in [(None, None)] + ([] if name in NO_REF_EMB else [(ref, ref_labels)]):
+            torch.manual_seed(0)
+            loss_fn = LOSSES[name](60, 37).double()
+            what = f"{name} ref_emb={r is not None}"
+            want_v, want_g = _run(loss_fn, name, x, labels, r, rl, "reference")
+            got_v, got_g = _run(loss_fn, name, x, labels, r, rl, "fused")
+            assert loss_fn.last_backend == "cpp", f"{what}: ran {loss_fn.last_backend}"
+            torch.testing.assert_close(got_v, want_v, rtol=1e-9, atol=1e-11, msg=lambda s: f"{what}: {s}")
+            for a, b in zip(got_g, want_g):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda s: f"{what}: {s}")
+            try:
+                torch.set_num_threads(1)
+                again = [_run(loss_fn, name, x, labels, r, rl, "fused")]
+            finally:
+                torch.set_num_threads(threads)
+            again.append(_run(loss_fn, name, x, labels, r, rl, "fused"))
+            for v, grads in again:
+                assert torch.equal(v, got_v), f"{what}: value not reproducible"
+                assert all(torch.equal(a, b) for a, b in zip(grads, got_g)), f"{what}: gradient not reproducible"
+
+
+def test_half_precision_on_cpu_runs_the_reference():
+    """No fp16 / bf16 CPU kernels: those dtypes take the reference path (not a wrong fused one)."""
+    g = torch.Generator().manual_seed(43)
+    labels = torch.randint(0, 3, (20,), generator=g)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(20, 8, generator=g).to(dtype)
+        for name in LOSSES:
+            if dtype == torch.bfloat16 and "lifted" in name:
+                continue  # their LpDistance reference uses torch.cdist: no bf16 on CPU (PML fails alike)
+            torch.manual_seed(0)
+            loss_fn = LOSSES[name](3, 8).to(dtype)
+            _run(loss_fn, name, x, labels, None, None, "fused")
+            assert loss_fn.last_backend in ("reference", "zero"), f"{name} {dtype}: ran {loss_fn.last_backend}"
+
+
 def _hessian_vector(loss_fn, name, x, labels, ref, path, direction):
     """(gradient taken with create_graph=True, its derivative along `direction`) for x and ref."""
     x = x.detach().clone().requires_grad_(True)
