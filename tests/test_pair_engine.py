@@ -8,7 +8,7 @@ import torch
 
 from dmlkern import reference
 from dmlkern.ops import pair_engine as pe
-from _kernel_cases import KERNEL_BACKENDS, TOLERANCES, dtypes_for
+from _kernel_cases import HAS_CUDA, KERNEL_BACKENDS, TOLERANCES, dtypes_for
 
 # (N, M, D, labels); M None = y is x (self-pairs excluded). None are tile multiples.
 SHAPES = [(1, None, 5, 1), (37, None, 19, 5), (70, 130, 33, 4), (9, 600, 8, 2)]
@@ -248,19 +248,48 @@ def test_gradcheck_fp64_cpp():
     assert torch.autograd.gradcheck(lambda a, b: _ntxent_like(a, b, xl, yl, False, "cpp"), (x, y))
 
 
-def test_opcheck_cpp():
-    _needs_engine("cpp")
-    x = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
-    xl = torch.randint(0, 3, (13,))
-    yl = torch.randint(0, 3, (10,))
-    row_in = torch.randn(13, 3, dtype=torch.float64)
+OPCHECK_BACKENDS = [
+    pytest.param("cpp", "cpu", id="cpp-cpu"),
+    pytest.param("cpp", "cuda", id="cpp-cuda",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]),
+    # Under TRITON_INTERPRET the kernels can't run on the fake tensors opcheck passes: GPU only.
+    pytest.param("triton", "cuda", id="triton-cuda",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]),
+]
+
+
+def _engine_ops(backend):
+    if backend == "cpp":
+        return torch.ops.dmlkern.pair_engine_forward.default, torch.ops.dmlkern.pair_engine_backward.default
+    return torch.ops.dmlkern.pair_engine_forward_triton.default, torch.ops.dmlkern.pair_engine_backward_triton.default
+
+
+@pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
+def test_opcheck(backend, device):
+    """torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch) of the
+    forward op for every pass and of the backward op, two-sided and symmetric. Passes 0 and 3
+    are not differentiable through the op (by design: they raise), so their inputs need no grad."""
+    _needs_engine(backend)
+    forward, backward = _engine_ops(backend)
+    g = torch.Generator().manual_seed(5)
+    dtype = torch.float64 if torch.float64 in dtypes_for(backend, device) else torch.float32
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+    x, y = rand(13, 6), rand(10, 6)
+    xu = torch.nn.functional.normalize(x, dim=1)
+    xl = torch.randint(0, 3, (13,), generator=g).to(device)
+    yl = torch.randint(0, 3, (10,), generator=g).to(device)
+    row_in = rand(13, 3)
     for pass_kind in (1, 2):
-        torch.library.opcheck(torch.ops.dmlkern.pair_engine_forward.default,
-                              (x, y, xl, yl, row_in, pass_kind, 0, 0, PARAMS[0], False))
-    torch.library.opcheck(torch.ops.dmlkern.pair_engine_forward.default,
-                          (x, y, xl, yl, row_in, 0, 0, 0, PARAMS[0], False),
-                          test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(forward, (x.requires_grad_(True), y.requires_grad_(True), xl, yl, row_in, pass_kind,
+                                        0, 0, PARAMS[0], False))
+    x, y = x.detach(), y.detach()
+    torch.library.opcheck(forward, (x, y, xl, yl, row_in, 0, 0, 0, PARAMS[0], False))
+    torch.library.opcheck(forward, (xu, xu, xl, xl, row_in, 3, 1, 0, LIFTED_PARAMS[1], True))
+    torch.library.opcheck(backward, (x, y, xl, yl, row_in, rand(13, 5), 0, 1, PARAMS[0], False))
+    torch.library.opcheck(backward, (xu, xu, xl, xl, row_in, rand(13, 6), 1, 0, LIFTED_PARAMS[1], True, True))
 
 
 def test_cpp_rejects_bad_arguments():
@@ -518,20 +547,6 @@ def test_lifted_pairs_pass_is_not_differentiable_through_the_op():
                             exclude_diag=True, backend="cpp")
     with pytest.raises(RuntimeError, match="lifted_pairs"):
         out[:, 0].sum().backward()
-
-
-def test_opcheck_lifted_pairs_cpp():
-    _needs_engine("cpp")
-    x = torch.nn.functional.normalize(torch.randn(13, 6, dtype=torch.float64), dim=1)
-    labels = torch.randint(0, 3, (13,))
-    row_in = torch.randn(13, 3, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.dmlkern.pair_engine_forward.default,
-                          (x, x, labels, labels, row_in, 3, 1, 0, LIFTED_PARAMS[1], True),
-                          test_utils=("test_schema", "test_faketensor"))
-    coef = torch.randn(13, 6, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.dmlkern.pair_engine_backward.default,
-                          (x, x, labels, labels, row_in, coef, 1, 0, LIFTED_PARAMS[1], True),
-                          test_utils=("test_schema", "test_faketensor"))
 
 
 def _far_strided_copy(src, column_stride):
