@@ -8,6 +8,17 @@ from dmlkern import losses, miners
 from dmlkern.ops import pair_engine as pe
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: the tests' lambdas share code objects, and past dynamo's
+    recompile limit (8 per code object) a compiled call would silently run eagerly; hitting the
+    limit fails instead."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()
+
+
 def _needs_cpp():
     if "cpp" not in pe.available_backends():
         pytest.fail("the cpp pair engine is not registered in this build")
@@ -157,6 +168,40 @@ def test_fullgraph_training_step_with_loss_class(name, classes):
             for p in eager_params:
                 p -= 0.05 * p.grad
                 p.grad = None
+
+
+_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device,backend", [
+    pytest.param("cpu", "cpp", id="cpu-cpp"),
+    pytest.param("cuda", "triton", id="cuda-triton", marks=_GPU),
+    pytest.param("cuda", "cpp", id="cuda-cpp", marks=_GPU),
+])
+@pytest.mark.parametrize("name", list(FULLGRAPH_LOSSES))
+def test_inductor_fullgraph_forward_backward(name, device, backend):
+    """The default compiler (Inductor, which generates code around the ops) with fullgraph=True:
+    forward and backward through a linear layer match eager, on each backend that can run here
+    (Triton and CUDA C++ on the GPU run)."""
+    if backend not in pe.available_backends():
+        pytest.fail(f"the {backend} pair engine is not registered in this build")
+    torch.manual_seed(3)
+    loss_fn, step = FULLGRAPH_LOSSES[name]()
+    loss_fn.backend = backend
+    model = torch.nn.Linear(12, 8).to(device)
+    inputs = torch.randn(36, 12, device=device)
+    labels = torch.randint(0, 5, (36,), device=device)
+    loss_fn.to(device)
+    want = step(model(inputs), labels)
+    assert loss_fn.last_backend == backend, loss_fn.last_backend
+    want_grads = torch.autograd.grad(want, list(model.parameters()) + list(loss_fn.parameters()))
+    compiled = torch.compile(lambda inp, lab: step(model(inp), lab), fullgraph=True)
+    got = compiled(inputs, labels)
+    got_grads = torch.autograd.grad(got, list(model.parameters()) + list(loss_fn.parameters()))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("reducer", ["mean", "avg_nonzero"])
