@@ -386,6 +386,24 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
         assert loss_fn.last_backend == "reference", type(loss_fn).__name__
 
 
+def test_lazy_miner_records_pair_counts_like_pml(engine_backend_choice):
+    """PML's miner sets num_pos_pairs / num_neg_pairs on every call; a lazy result is counted when
+    they are read (after the fused loss used it, without materialising it before)."""
+    from pytorch_metric_learning import miners as pml_miners
+    engine_backend_choice("cpp", "cpu")
+    miner, theirs = miners.MultiSimilarityMiner(epsilon=0.1), pml_miners.MultiSimilarityMiner(epsilon=0.1)
+    for seed in range(2):  # the second call's counts replace the first's
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(30 + 10 * seed, 8, generator=g)
+        labels = torch.randint(0, 4, (len(x),), generator=g)
+        lazy = miner(x, labels)
+        loss_fn = losses.MultiSimilarityLoss()
+        loss_fn(x, labels, lazy)
+        assert loss_fn.last_backend == "cpp" and not lazy.is_materialized
+        theirs(x, labels)
+        assert (miner.num_pos_pairs, miner.num_neg_pairs) == (theirs.num_pos_pairs, theirs.num_neg_pairs) != (0, 0)
+
+
 def test_lazy_miner_materialises_pml_format_on_demand(engine_backend_choice):
     engine_backend_choice("engine-reference", "cpu")
     x = torch.randn(30, 8)

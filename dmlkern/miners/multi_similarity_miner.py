@@ -1,5 +1,6 @@
 import torch
 
+from .._tracing import static_shapes
 from .._validation import as_class_ids, validate_inputs
 from ..distances import CosineSimilarity
 from ..fused._common import engine_backend, is_unit_cosine
@@ -17,8 +18,34 @@ class MultiSimilarityMiner(BaseTupleMiner):
     """
 
     def __init__(self, epsilon=0.1, **kwargs):
+        self._uncounted = None  # the last lazy result, until num_pos_pairs / num_neg_pairs are read
         super().__init__(**kwargs)
         self.epsilon = epsilon
+
+    # PML records the pair counts on every call. A lazy result is counted when they are read:
+    # that materialises its pairs (PML's N x N cost, paid only by a caller who asks).
+    @property
+    def num_pos_pairs(self):
+        self._count_lazy_pairs()
+        return self._num_pos_pairs
+
+    @num_pos_pairs.setter
+    def num_pos_pairs(self, value):
+        self._num_pos_pairs = value
+
+    @property
+    def num_neg_pairs(self):
+        self._count_lazy_pairs()
+        return self._num_neg_pairs
+
+    @num_neg_pairs.setter
+    def num_neg_pairs(self, value):
+        self._num_neg_pairs = value
+
+    def _count_lazy_pairs(self):
+        lazy, self._uncounted = self._uncounted, None
+        if lazy is not None:
+            self.output_assertion(lazy.materialize())
 
     def get_default_distance(self):
         return CosineSimilarity()
@@ -41,6 +68,9 @@ class MultiSimilarityMiner(BaseTupleMiner):
         # loss makes under torch.compile).
         ids = as_class_ids(labels, embeddings.device)
         ref_ids = as_class_ids(ref_labels, embeddings.device)
-        return LazyMinedPairs(self, embeddings, ids, ref_emb, ref_ids,
+        lazy = LazyMinedPairs(self, embeddings, ids, ref_emb, ref_ids,
                               lambda: super(MultiSimilarityMiner, self).forward(embeddings, labels, ref_emb, ref_labels),
                               given_labels=(labels, ref_labels))
+        if not static_shapes():  # (under torch.compile the counts are not kept)
+            self._uncounted = lazy
+        return lazy
