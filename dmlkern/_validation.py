@@ -140,10 +140,11 @@ def validate_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, l
 
 
 def as_class_ids(labels, device):
-    """Labels as every path takes them: int64 on the embeddings' device (PML accepts any integer
-    dtype; the kernels and F.one_hot need int64). The same object when it is already that, so
-    the ``ref_labels is labels`` identity survives."""
-    return None if labels is None else labels.to(device=device, dtype=torch.int64)
+    """Labels as every path takes them: contiguous int64 on the embeddings' device (PML accepts
+    any integer dtype; the kernels and F.one_hot need int64; searchsorted warns on a strided
+    view). The same object when it is already that, so the ``ref_labels is labels`` identity
+    survives."""
+    return None if labels is None else labels.to(device=device, dtype=torch.int64).contiguous()
 
 
 def _to_dev(x, device):

@@ -370,6 +370,25 @@ def test_any_integer_label_dtype(engine_backend_choice, backend, device, label_d
                 torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda s: f"{what}: {s}")
 
 
+def test_strided_labels_run_quietly(engine_backend_choice):
+    """Labels given as a strided view (labels[::2]) give the contiguous result without warnings
+    (torch.searchsorted warns on non-contiguous inputs)."""
+    import warnings
+    engine_backend_choice("cpp", "cpu")
+    g = torch.Generator().manual_seed(47)
+    x = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (60,), generator=g)[::2]
+    for name in LOSSES:
+        torch.manual_seed(0)
+        loss_fn = LOSSES[name](4, 8).double()
+        want = _run(loss_fn, name, x, labels.contiguous(), None, None, "fused")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = _run(loss_fn, name, x, labels, None, None, "fused")
+        assert loss_fn.last_backend == "cpp", name
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_unfusable_configurations_use_the_reference(engine_backend_choice):
     engine_backend_choice("engine-reference", "cpu")
     x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
