@@ -88,7 +88,7 @@ def _check_against_reference(expected, backend, device, name):
     for dtype in dtypes:
         half = dtype in (torch.float16, torch.bfloat16)
         if half and device == "cpu":
-            continue  # no CPU half kernels: the fused path runs the reference (test_unfusable_...)
+            continue  # no CPU half kernels: the reference runs (test_half_precision_on_cpu_runs_the_reference)
         for n, classes, m in CASES:
             if m is not None and name in NO_REF_EMB:
                 continue
@@ -534,7 +534,7 @@ def test_fused_lifted_structure_matches_reference(engine_backend_choice, backend
     dtypes = [torch.float64] if backend == "engine-reference" else dtypes_for(backend, device)
     for dtype in dtypes:
         if dtype in (torch.float16, torch.bfloat16):
-            continue  # the reference path in half precision is not a meaningful yardstick here
+            continue  # half precision: test_fused_matches_reference, against the fp32 reference
         for n, classes, pm, nm, what in LIFTED_CASES:
             x, labels = _lifted_case(n, classes, n + classes, device, dtype)
             loss_fn = losses.LiftedStructureLoss(neg_margin=nm, pos_margin=pm, reducer=reducer())
