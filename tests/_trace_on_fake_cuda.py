@@ -12,6 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # this checkout's tests and dmlkern
 from dmlkern import _tracing, losses  # noqa: E402
+from dmlkern.fused import losses as fused_losses  # noqa: E402
 from dmlkern.losses import proxy_anchor_loss as proxy_anchor_module  # noqa: E402
 from dmlkern.ops import pair_engine as pe  # noqa: E402
 from test_compile import FULLGRAPH_LOSSES, _plain  # noqa: E402
@@ -32,7 +33,8 @@ def dmlkern_ops(graph_module):
 
 # "static": the torch.compile path. "eager": a plain call on CUDA tensors, which must not sync
 # with the host either (N-pairs eager lists its anchors: one sync, by design; ProxyAnchor eager
-# checks its labels' range, one read, by design: traced without that check, nothing else may read).
+# checks its labels' range, and the Euclidean losses look for rows shorter than 1e-12, one read
+# each, by design: traced without those checks, nothing else may read).
 traced = {}
 for mode in ("static", "eager"):
     _tracing.FORCE_STATIC_SHAPES = mode == "static"
@@ -43,11 +45,12 @@ for mode in ("static", "eager"):
         emb, proxies, labels = fake_cuda((36, 8), (5, 8))
         if name == "proxy_anchor":
             loss_fn.proxies = torch.nn.Parameter(proxies)  # on the batch's device
-        label_check = proxy_anchor_module.check_class_inputs
-        if mode == "eager" and name == "proxy_anchor":
+        label_check, short_rows = proxy_anchor_module.check_class_inputs, fused_losses.has_short_rows
+        if mode == "eager":
             proxy_anchor_module.check_class_inputs = lambda *args: None
+            fused_losses.has_short_rows = lambda *args: False
         graph = make_fx(step, tracing_mode="fake")(emb, labels)
-        proxy_anchor_module.check_class_inputs = label_check
+        proxy_anchor_module.check_class_inputs, fused_losses.has_short_rows = label_check, short_rows
         traced[f"{mode} {name}"] = (loss_fn.last_backend, dmlkern_ops(graph))
 _tracing.FORCE_STATIC_SHAPES = False
 

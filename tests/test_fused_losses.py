@@ -389,6 +389,53 @@ def test_strided_labels_run_quietly(engine_backend_choice):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["generalized_lifted", "lifted", "lifted_avg_nonzero"])
+def test_euclidean_losses_with_zero_rows_match_pml(engine_backend_choice, name):
+    """An all-zero (or shorter than 1e-12) row stays short after F.normalize, and PML's cdist then
+    gives the true distance where the kernels' sqrt(2 - 2s) assumes unit rows: eager calls see
+    it and run the reference, value and gradient as PML's."""
+    from pytorch_metric_learning import losses as pml_losses
+    engine_backend_choice("cpp", "cpu")
+    g = torch.Generator().manual_seed(53)
+    labels = torch.randint(0, 4, (20,), generator=g)
+    for scale in (0.0, 1e-13):
+        x = torch.randn(20, 6, generator=g, dtype=torch.float64)
+        x[3] *= scale
+        loss_fn = LOSSES[name](4, 6)
+        pml_fn = getattr(pml_losses, type(loss_fn).__name__)(**{k: getattr(loss_fn, k) for k in ("pos_margin", "neg_margin")})
+        if name == "lifted_avg_nonzero":
+            from pytorch_metric_learning.reducers import AvgNonZeroReducer as PmlAvgNonZero
+            pml_fn = pml_losses.LiftedStructureLoss(pos_margin=loss_fn.pos_margin, neg_margin=loss_fn.neg_margin,
+                                                    reducer=PmlAvgNonZero())
+        ours_x, pml_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        got, want = loss_fn(ours_x, labels), pml_fn(pml_x, labels)
+        got.backward()
+        want.backward()
+        assert loss_fn.last_backend == "reference", f"{name} scale={scale}: ran {loss_fn.last_backend}"
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ours_x.grad, pml_x.grad, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ntxent_far_past_softplus_cutoff_is_exact(engine_backend_choice, backend, device):
+    """softplus(z) for z > 20 (a positive far less similar than the negatives, low temperature):
+    F.softplus's cut-off returns z there (up to 2e-9 off); PML's NT-Xent, and the kernels, don't."""
+    import math
+    expected = engine_backend_choice(backend, device)
+    if torch.float64 not in dtypes_for(backend, device) and backend != "engine-reference":
+        pytest.skip(f"the {backend} backend has no fp64 kernels on {device}")
+    from pytorch_metric_learning import losses as pml_losses
+    angle_pos, angle_neg = math.acos(-0.5), math.acos(0.52)  # positives at cos -0.5, negatives at 0.52
+    angles = torch.tensor([0.0, angle_pos, -angle_neg, -angle_neg - angle_pos], dtype=torch.float64)
+    x = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    want = pml_losses.NTXentLoss(temperature=0.05)(x, labels)
+    loss_fn = losses.NTXentLoss(temperature=0.05)
+    got = loss_fn(x.to(device), labels.to(device))
+    assert loss_fn.last_backend == expected
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-14, atol=0)
+
+
 def test_unfusable_configurations_use_the_reference(engine_backend_choice):
     engine_backend_choice("engine-reference", "cpu")
     x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
@@ -399,6 +446,7 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
         (losses.MultiSimilarityLoss(distance=LpDistance()), (x, labels)),           # non-default distance
         (losses.NTXentLoss(reducer=AvgNonZeroReducer()), (x, labels)),               # per-pair reducer
         (losses.LiftedStructureLoss(), (x, labels, None, x[:7] * 2, labels[:7])),    # PML's ref_emb quirk
+        (losses.LiftedStructureLoss(), (x, labels, None, x, labels.clone())),        # self-pairs kept then
         (losses.SupConLoss(), (x, labels, (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])))),
     ]:
         loss_fn(*args)

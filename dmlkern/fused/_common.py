@@ -66,6 +66,17 @@ class _UnitRows(torch.autograd.Function):
         return (grad - y * radial) / norm.clamp_min(_NORMALIZE_EPS)
 
 
+def has_short_rows(*tensors):
+    """Whether a row is shorter than F.normalize's eps (1e-12, e.g. an all-zero row): normalised,
+    it stays shorter than 1, and the unit-distance transform d = sqrt(2 - 2s) assumes unit rows
+    (PML's cdist takes the true distance). Reads the values, eager only: one host read on CUDA;
+    under torch.compile it can't, and such rows get d = sqrt(2 - 2s) (README)."""
+    if static_shapes():
+        return False
+    distinct = [t for i, t in enumerate(tensors) if all(t is not u for u in tensors[:i])]
+    return any(float(torch.linalg.vector_norm(t, dim=1).amin()) < 1e-12 for t in distinct)
+
+
 def unit_rows(x):
     """The rows of x scaled to unit L2 norm, as F.normalize(x, dim=1)."""
     return _UnitRows.apply(x)

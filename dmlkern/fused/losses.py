@@ -8,8 +8,8 @@ Statistics are O(N + M); nothing N x M is built.
 import torch
 
 from ..ops import pair_engine as pe
-from ._common import (Degenerate, LabelStats, class_sums_for_rows, engine_backend, is_plain_mean, is_unit_cosine,
-                      is_unit_euclidean, no_pos_or_neg, short_circuit, static_shapes, unit_rows)
+from ._common import (Degenerate, LabelStats, class_sums_for_rows, engine_backend, has_short_rows, is_plain_mean,
+                      is_unit_cosine, is_unit_euclidean, no_pos_or_neg, short_circuit, static_shapes, unit_rows)
 from .lazy_pairs import LazyMinedPairs
 
 
@@ -180,7 +180,7 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
 # ------------------------------------------------------------------- Generalized Lifted
 def generalized_lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
-    if backend is None:
+    if backend is None or has_short_rows(embeddings, ref_emb):
         return None
     exclude_diag = ref_labels is labels
     degenerate = Degenerate(labels, _at_most_one_pair_each(LabelStats(labels, ref_labels)))
@@ -530,8 +530,10 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     (torch.compile fullgraph). Other reducers get the per-pair losses from a list of the positive
     pairs (O(pairs)), fused only while pairs are few per row."""
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
-    if backend is None or ref_emb is not embeddings:
-        return None  # with ref_emb PML matches negatives by index value: the reference does that
+    # With ref_emb (even the embeddings themselves, given with other ref_labels) PML matches
+    # negatives by index value and keeps self-pairs: the reference does that.
+    if backend is None or ref_emb is not embeddings or ref_labels is not labels or has_short_rows(embeddings):
+        return None
     stats = LabelStats(labels, labels)
     degenerate = Degenerate(labels, _rule_or_no_pos_or_neg(stats))
     pm, nm = float(module.pos_margin), float(module.neg_margin)

@@ -126,11 +126,10 @@ def _log1p_of(t, u):
 
 @triton.jit
 def _softplus(z):
-    """torch.nn.functional.softplus (threshold 20: z itself above it), without overflow:
-    max(z, 0) + log1p(exp(-|z|)). softplus(-inf) = 0, softplus(inf) = inf, NaN -> NaN."""
+    """softplus without overflow and without F.softplus's cut-off at z > 20 (exact, as PML's
+    NT-Xent): max(z, 0) + log1p(exp(-|z|)). softplus(-inf) = 0, softplus(inf) = inf, NaN -> NaN."""
     t = _exp(-tl.abs(z))
-    sp = tl.where(z > 0.0, z, 0.0) + _log1p_of(t, 1.0 + t)
-    return tl.where(z > 20.0, z, sp)
+    return tl.where(z > 0.0, z, 0.0) + _log1p_of(t, 1.0 + t)
 
 
 @triton.jit
