@@ -126,7 +126,7 @@ def compile_one(fn, dtype, consts, num_warps, arch, d=128):
 def configs(d):
     """(kernel name, fn, dtype, label, constexprs, num_warps), the tiles as a launch picks them."""
     out = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         x = torch.empty(1, d, dtype=dtype)
         cfg = pe._launch_config(x)
         cfg["UPCAST"] = dtype == torch.float64
