@@ -469,6 +469,13 @@ def test_lazy_miner_records_pair_counts_like_pml(engine_backend_choice):
         assert loss_fn.last_backend == "cpp" and not lazy.is_materialized
         theirs(x, labels)
         assert (miner.num_pos_pairs, miner.num_neg_pairs) == (theirs.num_pos_pairs, theirs.num_neg_pairs) != (0, 0)
+    # A later eager call (collect_stats: PML's path) records its own counts, not the last lazy one's.
+    lazy = miner(x[:12], labels[:12])
+    miner.collect_stats = True
+    miner(x, labels)
+    theirs(x, labels)
+    assert (miner.num_pos_pairs, miner.num_neg_pairs) == (theirs.num_pos_pairs, theirs.num_neg_pairs)
+    assert not lazy.is_materialized
 
 
 def test_lazy_miner_materialises_pml_format_on_demand(engine_backend_choice):

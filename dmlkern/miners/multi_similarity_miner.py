@@ -57,6 +57,7 @@ class MultiSimilarityMiner(BaseTupleMiner):
         )
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        self._uncounted = None  # this call's counts replace the last lazy result's
         lazy_ok = (not self.collect_stats and is_unit_cosine(self.distance) and torch.is_tensor(embeddings)
                    and engine_backend(embeddings, "auto") is not None)
         if not lazy_ok:
