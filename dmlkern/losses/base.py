@@ -175,6 +175,10 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
     backend = "auto"
     last_backend = None
 
+    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
+        """Loss-specific input checks (raise naming the argument), run once per call on the prepared
+        inputs, before either path. The losses with class weights check widths and label ranges."""
+
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """The loss dict from the fused kernels, ZERO_LOSS, or None to use the reference.
         Overridden by the losses that have a fused path (dmlkern/fused/losses.py)."""
@@ -191,6 +195,7 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
             embeddings, labels, None if lazy is not None else indices_tuple, ref_emb, ref_labels,
             labels_required=self._labels_required,
         )
+        self.check_inputs(embeddings, labels, ref_emb, ref_labels)
         loss_dict = None
         if self.backend != "reference":
             loss_dict = self.fused_loss_dict(embeddings, labels, lazy or indices_tuple, ref_emb, ref_labels)

@@ -29,8 +29,10 @@ class CenterLoss(BaseMetricLossFunction):
         self.alpha = alpha
         self.register_buffer("centers", torch.zeros(num_classes, embedding_size))
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.centers.shape[1])
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if self.centers.dtype != embeddings.dtype or self.centers.device != embeddings.device:
             self.centers = self.centers.to(device=embeddings.device, dtype=embeddings.dtype)
         loss_dict = center_loss_dict(embeddings, labels, self.centers, indices_tuple)

@@ -70,8 +70,10 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         magnitudes = self.distance.get_norm(self.W, dim=0).unsqueeze(0) * self.distance.get_norm(embeddings).unsqueeze(1)
         return logits * magnitudes * self.scale
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.W.shape[0])
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = self._loss_dict(embeddings, labels, indices_tuple)
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())

@@ -41,8 +41,10 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def cast_types(self, dtype, device):
         cast_parameter(self.proxies, dtype, device)
 
-    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.proxies.shape[1])
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = fused.proxy_anchor(self, embeddings, labels, indices_tuple, self.proxies)
         if isinstance(loss_dict, dict):
@@ -50,7 +52,6 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return loss_dict
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.proxies.shape[1])
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = proxy_anchor_loss_dict(
             embeddings, labels, self.proxies, indices_tuple, margin=self.margin, alpha=self.alpha, distance=self.distance

@@ -29,8 +29,10 @@ class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def cast_types(self, dtype, device):
         cast_parameter(self.proxies, dtype, device)
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.proxies.shape[1])
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = proxy_nca_loss_dict(
             embeddings, labels, self.proxies, indices_tuple, softmax_scale=self.softmax_scale, distance=self.distance

@@ -41,8 +41,10 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def cast_types(self, dtype, device):
         cast_parameter(self.fc, dtype, device)
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.fc.shape[0])
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = soft_triple_loss_dict(
             embeddings, labels, self.fc, indices_tuple, num_classes=self.num_classes,
