@@ -9,6 +9,18 @@ from ..reference.miners import multi_similarity_miner
 from .base import BaseTupleMiner
 
 
+def _counted_when_read(name):
+    """A pair count PML records on every call. A lazy result is counted when the count is read:
+    that materialises its pairs (PML's N x N cost, paid only by a caller who asks)."""
+    def get(self):
+        self._count_lazy_pairs()
+        return getattr(self, "_" + name)
+
+    def set(self, value):
+        setattr(self, "_" + name, value)
+    return property(get, set)
+
+
 class MultiSimilarityMiner(BaseTupleMiner):
     """Multi-similarity pair mining (Wang et al. 2019); default distance CosineSimilarity.
 
@@ -22,25 +34,8 @@ class MultiSimilarityMiner(BaseTupleMiner):
         super().__init__(**kwargs)
         self.epsilon = epsilon
 
-    # PML records the pair counts on every call. A lazy result is counted when they are read:
-    # that materialises its pairs (PML's N x N cost, paid only by a caller who asks).
-    @property
-    def num_pos_pairs(self):
-        self._count_lazy_pairs()
-        return self._num_pos_pairs
-
-    @num_pos_pairs.setter
-    def num_pos_pairs(self, value):
-        self._num_pos_pairs = value
-
-    @property
-    def num_neg_pairs(self):
-        self._count_lazy_pairs()
-        return self._num_neg_pairs
-
-    @num_neg_pairs.setter
-    def num_neg_pairs(self, value):
-        self._num_neg_pairs = value
+    num_pos_pairs = _counted_when_read("num_pos_pairs")
+    num_neg_pairs = _counted_when_read("num_neg_pairs")
 
     def _count_lazy_pairs(self):
         lazy, self._uncounted = self._uncounted, None
