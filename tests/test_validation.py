@@ -28,12 +28,12 @@ BAD_INPUTS = [
     ("emb_3d", lambda: dict(embeddings=torch.randn(B, D, 2), labels=_labels()), ValueError, "embeddings"),
     ("emb_int", lambda: dict(embeddings=torch.ones(B, D, dtype=torch.long), labels=_labels()), TypeError, "embeddings"),
     ("emb_not_tensor", lambda: dict(embeddings=[[0.0] * D] * B, labels=_labels()), TypeError, "embeddings"),
-    ("empty_batch", lambda: dict(embeddings=torch.randn(0, D), labels=torch.zeros(0, dtype=torch.long)),
-     ValueError, "embeddings"),
     ("labels_2d", lambda: dict(embeddings=_emb(), labels=_labels().view(B, 1)), ValueError, "labels"),
     ("labels_short", lambda: dict(embeddings=_emb(), labels=_labels()[:-1]), ValueError, "labels"),
-    ("labels_float", lambda: dict(embeddings=_emb(), labels=_labels().float()), TypeError, "labels"),
-    ("labels_bool", lambda: dict(embeddings=_emb(), labels=_labels() > 0), TypeError, "labels"),
+    # float / bool labels and empty batches are accepted as PML accepts them (test_pml_inputs.py)
+    ("labels_complex", lambda: dict(embeddings=_emb(), labels=_labels().to(torch.complex64)), TypeError, "labels"),
+    ("labels_nan", lambda: dict(embeddings=_emb(), labels=_labels().double().fill_(float("nan"))), ValueError,
+     "labels"),
     ("ref_width", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=_emb(5, D + 1),
                                ref_labels=_labels(5)), ValueError, "ref_emb"),
     ("ref_labels_len", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=_emb(5),
@@ -46,8 +46,6 @@ BAD_INPUTS = [
                                ref_labels=_labels(5)), TypeError, "ref_emb"),
     ("ref_device", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=torch.empty(5, D, device="meta"),
                                 ref_labels=_labels(5)), ValueError, "ref_emb"),
-    ("ref_empty", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=torch.randn(0, D),
-                               ref_labels=torch.zeros(0, dtype=torch.long)), ValueError, "ref_emb"),
     ("idx_out_of_range", lambda: dict(embeddings=_emb(), labels=_labels(),
                                       indices_tuple=(torch.tensor([0]), torch.tensor([B]), torch.tensor([1]))),
      ValueError, "indices_tuple"),
@@ -155,6 +153,25 @@ def test_validate_inputs_accepts_good_inputs():
     validate_inputs(emb, labels, (torch.tensor([0]), torch.tensor([4]), torch.tensor([2])), _emb(5), _labels(5),
                     labels_required=True)
     validate_inputs(emb, labels.int(), None, None, None, labels_required=None)
+    # accepted as PML accepts them: float / bool labels, an empty batch, an empty ref_emb
+    validate_inputs(emb, labels.float(), None, None, None, labels_required=True)
+    validate_inputs(emb, labels > 0, None, None, None, labels_required=True)
+    validate_inputs(_emb(0), _labels(0), None, None, None, labels_required=True)
+    validate_inputs(emb, labels, None, _emb(0), _labels(0), labels_required=True)
+
+
+def test_prepare_inputs_maps_float_labels_to_ids_as_pml_compares_them():
+    """ids equal exactly where PML's labels == ref_labels holds (promoted dtypes; 1.5 != 1.7;
+    True == 1); ordered as the values; one tensor keeps its identity."""
+    emb = _emb()
+    labels = torch.tensor([1.5, 1.7, 1.5, -0.0, 0.0, 3.0])
+    _, y, _, _, ry = prepare_inputs(emb, labels, None, None, None, labels_required=True)
+    assert y.dtype == torch.int64 and ry is y and y.tolist() == [1, 2, 1, 0, 0, 3]
+    ref_labels = torch.tensor([3, 0, 2, 1, 1])
+    _, y, _, _, ry = prepare_inputs(emb, labels, None, _emb(5), ref_labels, labels_required=True)
+    assert torch.equal(y[:, None] == ry[None, :], labels[:, None] == ref_labels[None, :])
+    _, y, _, _, ry = prepare_inputs(emb, _labels() > 0, None, _emb(5), ref_labels, labels_required=True)
+    assert torch.equal(y[:, None] == ry[None, :], (_labels() > 0)[:, None] == ref_labels[None, :])
 
 
 def test_validate_inputs_label_requirements():

@@ -74,7 +74,8 @@ def has_short_rows(*tensors):
     if static_shapes():
         return False
     distinct = [t for i, t in enumerate(tensors) if all(t is not u for u in tensors[:i])]
-    return any(float(torch.linalg.vector_norm(t, dim=1).amin()) < 1e-12 for t in distinct)
+    # detach: float() of a tensor that requires grad warns (UserWarning), and no graph is needed
+    return any(float(torch.linalg.vector_norm(t.detach(), dim=1).amin()) < 1e-12 for t in distinct)
 
 
 def unit_rows(x):

@@ -215,7 +215,10 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         pos_sim_sum = pos_sim_sum - (x * y).sum(dim=1)
     count = stats.pos.to(lse.dtype)
     tiny = torch.finfo(embeddings.dtype).tiny  # PML divides by |P(i)| + tiny
-    mean_log_prob_pos = (pos_sim_sum.to(lse.dtype) * inv_t - count * log_denominator) / (count + tiny)
+    # mean_p (s_ip/t - LSE_i) as (mean_p s_ip)/t - LSE_i: the mean is formed before the
+    # subtraction, so no |P|-times-larger terms (|P| s/t and |P| LSE) cancel in fp32.
+    pos_sim_mean = pos_sim_sum.to(lse.dtype) / (count + tiny)
+    mean_log_prob_pos = pos_sim_mean * inv_t - log_denominator
     losses = degenerate.zero_where(torch.where(count > 0, -mean_log_prob_pos, 0.0))
     module.last_backend = backend
     return {"loss": _element(losses.to(embeddings.dtype), len(losses))}  # (N,), as PML's SupCon

@@ -22,7 +22,7 @@ def check_class_inputs(loss, embeddings, labels, ref_emb, ref_labels, embedding_
     if embeddings.shape[1] != embedding_size:
         raise ValueError(f"embeddings have {embeddings.shape[1]} columns, but this {name} was built with "
                          f"embedding_size={embedding_size}")
-    if labels is not None and not static_shapes():
+    if labels is not None and labels.numel() > 0 and not static_shapes():
         low, high = torch.stack(torch.aminmax(labels)).tolist()  # one read
         if low < 0 or high >= loss.num_classes:
             raise ValueError(f"labels must be class ids in [0, num_classes={loss.num_classes}) for {name}, "

@@ -125,6 +125,10 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
     """
 
     _labels_required = None
+    # How labels are read (``_validation.prepare_inputs``): "compared" with == (float / bool
+    # labels become int64 ids), "indices" of class weights (float / bool raise, as in PML),
+    # "class_ids" compared with the class indices (ProxyNCA: integral floats are accepted).
+    _label_kind = "compared"
 
     def __init__(self, distance=None, reducer=None, collect_stats=False, **kwargs):
         super().__init__(**kwargs)
@@ -193,11 +197,13 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
             ref_labels = lazy.ref_labels if ref_labels is given_ref and ref_labels is not None else ref_labels
         embeddings, labels, indices_tuple, ref_emb, ref_labels = prepare_inputs(
             embeddings, labels, None if lazy is not None else indices_tuple, ref_emb, ref_labels,
-            labels_required=self._labels_required,
+            labels_required=self._labels_required, label_kind=self._label_kind, loss_name=type(self).__name__,
         )
         self.check_inputs(embeddings, labels, ref_emb, ref_labels)
         loss_dict = None
-        if self.backend != "reference":
+        if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
+            loss_dict = ZERO_LOSS  # an empty batch: PML's grad-carrying zero, from the shapes alone
+        elif self.backend != "reference":
             loss_dict = self.fused_loss_dict(embeddings, labels, lazy or indices_tuple, ref_emb, ref_labels)
         if loss_dict is ZERO_LOSS:
             loss_dict = self.zero_losses()

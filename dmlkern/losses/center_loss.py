@@ -21,6 +21,7 @@ class CenterLoss(BaseMetricLossFunction):
     """
 
     _labels_required = True
+    _label_kind = "indices"  # labels index the class weights (base.py)
 
     def __init__(self, num_classes, embedding_size, alpha=0.5, **kwargs):
         super().__init__(**kwargs)

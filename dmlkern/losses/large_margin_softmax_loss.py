@@ -19,6 +19,7 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     """
 
     _labels_required = True
+    _label_kind = "indices"  # labels index the class weights (base.py)
 
     def __init__(self, num_classes, embedding_size, margin=4, scale=1, **kwargs):
         super().__init__(**kwargs)

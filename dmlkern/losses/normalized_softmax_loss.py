@@ -11,6 +11,7 @@ class NormalizedSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     default distance DotProductSimilarity (normalising)."""
 
     _labels_required = True
+    _label_kind = "indices"  # labels index the class weights (base.py)
 
     def __init__(self, num_classes, embedding_size, temperature=0.05, **kwargs):
         super().__init__(**kwargs)

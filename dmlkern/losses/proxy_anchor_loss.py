@@ -17,6 +17,7 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     """
 
     _labels_required = True
+    _label_kind = "indices"  # labels index the class weights (base.py)
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32, **kwargs):
         super().__init__(**kwargs)

@@ -14,6 +14,7 @@ class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
     """
 
     _labels_required = True
+    _label_kind = "class_ids"  # labels compared with the class indices, as PML (base.py)
 
     def __init__(self, num_classes, embedding_size, softmax_scale=1, **kwargs):
         super().__init__(**kwargs)

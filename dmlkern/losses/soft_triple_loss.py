@@ -17,6 +17,7 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     """
 
     _labels_required = True
+    _label_kind = "indices"  # labels index the class weights (base.py)
 
     def __init__(self, num_classes, embedding_size, centers_per_class=10, la=20, gamma=0.1, margin=0.01, **kwargs):
         super().__init__(**kwargs)

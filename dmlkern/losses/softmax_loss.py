@@ -8,6 +8,7 @@ class SoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     ``mean_i CE(x_i W, y_i)`` (raw embeddings, no normalisation; init ``normal_``; not in PML)."""
 
     _labels_required = True
+    _label_kind = "indices"  # labels index the class weights (base.py)
 
     def __init__(self, num_classes, embedding_size, **kwargs):
         super().__init__(**kwargs)

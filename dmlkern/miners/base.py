@@ -9,7 +9,7 @@ reference rows (as in PML).
 
 import torch
 
-from .._validation import InvalidInputError, as_class_ids, validate_inputs
+from .._validation import InvalidInputError, class_id_pair, validate_inputs
 from ..distances import LpDistance
 
 __all__ = ["BaseMiner", "BaseTupleMiner"]
@@ -51,11 +51,9 @@ class BaseMiner(torch.nn.Module):
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         with torch.no_grad():
             validate_inputs(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
-            labels = as_class_ids(labels, embeddings.device)
+            labels, ref_labels = class_id_pair(labels, None if ref_emb is None else ref_labels, embeddings.device)
             if ref_emb is None:
                 ref_emb, ref_labels = embeddings, labels
-            elif ref_labels is not None:
-                ref_labels = as_class_ids(ref_labels, ref_emb.device)
             out = self.mine(embeddings, labels, ref_emb, ref_labels)
         self.output_assertion(out)
         return out

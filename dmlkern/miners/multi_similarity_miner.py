@@ -1,7 +1,7 @@
 import torch
 
 from .._tracing import static_shapes
-from .._validation import as_class_ids, validate_inputs
+from .._validation import class_id_pair, validate_inputs
 from ..distances import CosineSimilarity
 from ..fused._common import engine_backend, is_unit_cosine
 from ..fused.lazy_pairs import LazyMinedPairs
@@ -62,8 +62,8 @@ class MultiSimilarityMiner(BaseTupleMiner):
         # Kept as the loss will see them (int64, on the embeddings' device), and the caller's
         # tensor too: a loss given that very tensor takes these (the identity check the fused
         # loss makes under torch.compile).
-        ids = as_class_ids(labels, embeddings.device)
-        ref_ids = as_class_ids(ref_labels, embeddings.device)
+        # one id mapping for both (float labels: ids equal where PML's == holds)
+        ids, ref_ids = class_id_pair(labels, None if ref_emb is None else ref_labels, embeddings.device)
         lazy = LazyMinedPairs(self, embeddings, ids, ref_emb, ref_ids,
                               lambda: super(MultiSimilarityMiner, self).forward(embeddings, labels, ref_emb, ref_labels),
                               given_labels=(labels, ref_labels))

@@ -83,9 +83,10 @@ def _rows(x):
     return torch.arange(x.shape[0], device=x.device)
 
 
-def _prepare(embeddings, labels, indices_tuple, weight):
+def _prepare(embeddings, labels, indices_tuple, weight, label_kind="indices"):
+    """label_kind: labels index the class weights, or (ProxyNCA) are compared with the class ids."""
     embeddings, labels, indices_tuple, _, _ = prepare_inputs(
-        embeddings, labels, indices_tuple, None, None, labels_required=True
+        embeddings, labels, indices_tuple, None, None, labels_required=True, label_kind=label_kind
     )
     if weight is not None:
         weight = weight.to(device=embeddings.device, dtype=embeddings.dtype)
@@ -148,7 +149,7 @@ def proxy_nca_loss_dict(embeddings, labels, proxies, indices_tuple=None, *, soft
 def proxy_nca_loss(
     embeddings, labels, proxies, indices_tuple=None, *, softmax_scale=1, distance=None, reducer=None
 ):
-    embeddings, labels, indices_tuple, proxies = _prepare(embeddings, labels, indices_tuple, proxies)
+    embeddings, labels, indices_tuple, proxies = _prepare(embeddings, labels, indices_tuple, proxies, "class_ids")
     distance = LpDistance(power=2) if distance is None else distance
     d = proxy_nca_loss_dict(
         embeddings, labels, proxies, indices_tuple, softmax_scale=softmax_scale, distance=distance

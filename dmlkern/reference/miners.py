@@ -167,6 +167,8 @@ def batch_easy_hard_miner(
     ``all``); a side set to ``all`` returns all its pairs and the other side's per-anchor picks.
     Optional ``allowed_*_range=(lo, hi)`` restricts the candidate values (inclusive).
     """
+    if mat.numel() == 0:  # an empty batch or reference set: no pair (PML fails in max/min here)
+        return _empty(mat.device, 4)
     a1, p, a2, n = get_all_pairs_indices(labels, ref_labels)
     pos_cand = torch.zeros_like(mat, dtype=torch.bool)
     pos_cand[a1, p] = True

@@ -1,0 +1,229 @@
+"""Inputs PML 2.9.0 accepts are accepted, with PML's result: float / bool labels (compared as
+given), empty batches and empty ref_emb (PML's grad-carrying zero; miners: empty index tuples).
+Also: no UserWarning from dmlkern in normal use, and SupCon's fp32 error near convergence."""
+import warnings
+
+import pytest
+import pytorch_metric_learning.losses as pml_losses
+import pytorch_metric_learning.miners as pml_miners
+import torch
+
+import dmlkern.losses as our_losses
+import dmlkern.miners as our_miners
+from _pml_helpers import LOSS_NAMES, compare
+from _pml_helpers_b import assert_same_indices
+
+D = 4
+LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 1])
+# case -> labels holding class ids in another dtype; "frac": non-integral floats (1.5 != 1.7)
+LABEL_CASES = {
+    "float": lambda: LABELS.float(),
+    "double": lambda: LABELS.double(),
+    "bool": lambda: LABELS > 0,
+    "frac": lambda: LABELS.float() * 0.2 + 1.5,
+}
+CLASS_WEIGHT_LOSSES = ["ProxyAnchorLoss", "ProxyNCALoss", "SoftTripleLoss", "NormalizedSoftmaxLoss",
+                       "LargeMarginSoftmaxLoss", "ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss",
+                       "SubCenterArcFaceLoss"]
+OURS_ONLY_CLASS_LOSSES = ["SoftmaxLoss", "CenterLoss"]  # not in PML 2.9.0
+MINERS = ["TripletMarginMiner", "AngularMiner", "BatchHardMiner", "BatchEasyHardMiner", "HDCMiner",
+          "MultiSimilarityMiner", "PairMarginMiner", "DistanceWeightedMiner"]
+PML_CRASHES_ON_EMPTY = {"BatchHardMiner", "BatchEasyHardMiner", "DistanceWeightedMiner"}  # max()/min() of nothing
+
+
+def _emb(n=len(LABELS), seed=0):
+    return torch.randn(n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _class_loss(mod, name):
+    torch.manual_seed(0)  # the same weights in both
+    return getattr(mod, name)(num_classes=3, embedding_size=D)
+
+
+# ------------------------------------------------------------------ float / bool labels
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("case", list(LABEL_CASES))
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_loss_label_dtypes_match_pml(name, case, backend):
+    """Value and gradients equal PML's for labels given as float / bool / non-integral floats."""
+    ours = getattr(our_losses, name)()
+    ours.backend = backend
+    compare(ours, getattr(pml_losses, name)(), _emb(), LABEL_CASES[case]())
+
+
+@pytest.mark.parametrize("name", ["SupConLoss", "ContrastiveLoss", "NCALoss", "MultiSimilarityLoss"])
+def test_loss_mixed_label_dtypes_with_ref_match_pml(name):
+    """int labels with float ref_labels (and the reverse) compare by value, as PML's ==."""
+    ref_labels = torch.tensor([0.0, 1.0, 2.0, 1.0, 0.5, 2.0])
+    compare(getattr(our_losses, name)(), getattr(pml_losses, name)(), _emb(), LABELS, ref=_emb(6, 1),
+            ref_labels=ref_labels)
+    compare(getattr(our_losses, name)(), getattr(pml_losses, name)(), _emb(6, 1), ref_labels, ref=_emb(),
+            ref_labels=LABELS)
+
+
+@pytest.mark.parametrize("case", list(LABEL_CASES))
+@pytest.mark.parametrize("name", MINERS)
+def test_miner_label_dtypes_match_pml(name, case):
+    """Index tuples equal PML's (with a reference set of int labels too: one id mapping for both)."""
+    def mined(mod, *args):
+        torch.manual_seed(0)  # DistanceWeightedMiner samples
+        return getattr(mod, name)()(*args)
+
+    x, y = _emb(), LABEL_CASES[case]()
+    r, ry = _emb(6, 1), torch.tensor([0, 1, 2, 1, 0, 2])
+    for args in [(x, y), (x, y, r, ry)]:
+        assert_same_indices(mined(our_miners, *args), mined(pml_miners, *args))
+
+
+@pytest.mark.parametrize("case", ["float", "bool", "frac"])
+@pytest.mark.parametrize("name", CLASS_WEIGHT_LOSSES + OURS_ONLY_CLASS_LOSSES)
+def test_class_weight_losses_with_float_or_bool_labels(name, case):
+    """Labels index these losses' class weights: PML fails on float / bool labels (F.one_hot,
+    indexing, cross_entropy) and dmlkern raises a TypeError naming labels. ProxyNCA compares
+    them with arange(num_classes), as PML: integral floats and bools give PML's result;
+    non-integral ones raise as out-of-range class ids do."""
+    labels = LABEL_CASES[case]()
+    ours = _class_loss(our_losses, name)
+    if name == "ProxyNCALoss" and case != "frac":
+        theirs = _class_loss(pml_losses, name)
+        compare(ours, theirs, _emb(), labels, ours_params=[ours.proxies], pml_params=[theirs.proxies])
+        return
+    if name in CLASS_WEIGHT_LOSSES and name != "ProxyNCALoss":
+        with pytest.raises((RuntimeError, IndexError)):
+            _class_loss(pml_losses, name)(_emb(), labels)
+    err = ValueError if name == "ProxyNCALoss" else TypeError
+    with pytest.raises(err, match="labels"):
+        ours(_emb(), labels)
+
+
+@pytest.mark.parametrize("target", LOSS_NAMES[:3] + MINERS[:2])
+def test_nan_labels_raise(target):
+    """PML compares NaN labels with ==: a NaN-labelled row is nobody's positive and (its negatives
+    are built before the self pairs are removed) its own negative. dmlkern raises instead."""
+    labels = LABELS.double()
+    labels[3] = float("nan")
+    mod = our_losses if target.endswith("Loss") else our_miners
+    with pytest.raises(ValueError, match="labels contain NaN"):
+        getattr(mod, target)()(_emb(), labels)
+
+
+# ------------------------------------------------------------------ empty batches
+def _assert_grad_carrying_zero(out, leaves):
+    assert torch.is_tensor(out) and out.shape == () and out.requires_grad and out.item() == 0.0
+    out.backward()
+    for leaf in leaves:
+        assert leaf.grad is None or not leaf.grad.any()
+
+
+def _empty_cases():
+    return {
+        "empty_batch": (torch.randn(0, D), torch.zeros(0, dtype=torch.long), None, None),
+        "empty_batch_float_labels": (torch.randn(0, D), torch.zeros(0), None, None),
+        "empty_ref": (_emb().float(), LABELS, torch.randn(0, D), torch.zeros(0, dtype=torch.long)),
+    }
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("case", list(_empty_cases()))
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_loss_empty_batch_is_pmls_zero(name, case, backend):
+    """PML's 0-dim zero that requires grad, with zero gradients (NCALoss with an empty ref_emb:
+    PML gives NaN, dmlkern the zero, as for NCA without positives). NPairs rejects any ref_emb."""
+    emb, labels, ref, ref_labels = _empty_cases()[case]
+    leaves = [t.clone().requires_grad_(True) for t in (emb, ref) if t is not None]
+    args = (leaves[0], labels, None) + ((leaves[1], ref_labels) if ref is not None else ())
+    if name == "NPairsLoss" and ref is not None:
+        for mod in (pml_losses, our_losses):
+            with pytest.raises(ValueError, match="ref_emb"):
+                getattr(mod, name)()(*args)
+        return
+    theirs = getattr(pml_losses, name)()(*[a.detach() if torch.is_tensor(a) and a.requires_grad else a for a in args])
+    assert theirs.shape == () and (theirs.item() == 0.0 or (name == "NCALoss" and torch.isnan(theirs)))
+    ours = getattr(our_losses, name)()
+    ours.backend = backend
+    _assert_grad_carrying_zero(ours(*args), leaves)
+
+
+@pytest.mark.parametrize("name", CLASS_WEIGHT_LOSSES + OURS_ONLY_CLASS_LOSSES)
+def test_class_weight_loss_empty_batch(name):
+    """PML: 0 for ProxyAnchor, NaN for the others (a mean over nothing); dmlkern: the
+    grad-carrying zero for all, zero gradients for the embeddings and the class weights."""
+    emb = torch.randn(0, D, requires_grad=True)
+    labels = torch.zeros(0, dtype=torch.long)
+    if name in CLASS_WEIGHT_LOSSES:
+        theirs = _class_loss(pml_losses, name)(emb.detach(), labels)
+        assert theirs.item() == 0.0 if name == "ProxyAnchorLoss" else torch.isnan(theirs)
+    ours = _class_loss(our_losses, name)
+    _assert_grad_carrying_zero(ours(emb, labels), [emb, *ours.parameters()])
+
+
+@pytest.mark.parametrize("case", list(_empty_cases()))
+@pytest.mark.parametrize("name", MINERS)
+def test_miner_empty_batch_returns_empty_tuples(name, case):
+    """PML's empty index tuples; where PML crashes (max/min over nothing) the same empty tuples."""
+    emb, labels, ref, ref_labels = _empty_cases()[case]
+    args = (emb, labels) + ((ref, ref_labels) if ref is not None else ())
+    ours = tuple(getattr(our_miners, name)()(*args))
+    if name in PML_CRASHES_ON_EMPTY:
+        with pytest.raises((IndexError, RuntimeError)):
+            getattr(pml_miners, name)()(*args)
+        assert len(ours) == (4 if name == "BatchEasyHardMiner" else 3)
+        assert all(t.dtype == torch.long and t.numel() == 0 for t in ours)
+    else:
+        assert_same_indices(ours, getattr(pml_miners, name)()(*args))
+
+
+# ------------------------------------------------------------------ no UserWarning in normal use
+def _all_losses():
+    out = [(n, getattr(our_losses, n)()) for n in LOSS_NAMES]
+    out += [(n, _class_loss(our_losses, n)) for n in CLASS_WEIGHT_LOSSES + OURS_ONLY_CLASS_LOSSES]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_no_warnings_in_normal_use(backend):
+    """Every loss and miner, on the fused and the reference paths (CPU), forward and backward,
+    raises no warning (Lifted / GeneralizedLifted used to: float() of a tensor requiring grad)."""
+    x = torch.randn(12, D, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 1, 0, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name, loss in _all_losses():
+            loss.backend = backend
+            loss(x, y).backward()
+            if loss.backend == "auto" and name in ("LiftedStructureLoss", "GeneralizedLiftedStructureLoss"):
+                assert loss.last_backend not in ("reference", None), name
+        for name in MINERS:
+            pairs = getattr(our_miners, name)()(x, y)
+            our_losses.ContrastiveLoss()(x, y, pairs if len(pairs) == 4 else pairs).backward()
+
+
+# ------------------------------------------------------------------ SupCon near convergence
+def _near_convergence_batch(classes=4, per_class=48, dim=32, spread=0.01, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.nn.functional.normalize(torch.randn(classes, dim, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return centers[labels] + spread * torch.randn(len(labels), dim, generator=g, dtype=torch.float64), labels
+
+
+@pytest.mark.parametrize("spread", [0.05, 0.01, 0.002])
+def test_supcon_fp32_error_near_convergence_is_pmls(spread):
+    """Tight clusters, temperature 0.1, 48 samples per class: the fused fp32 loss is as close to
+    the fp64 value as PML's fp32 loss is (the per-row mean over positives is formed before the
+    log-sum-exp is subtracted, so no |P|-times-larger terms cancel)."""
+    x, y = _near_convergence_batch(spread=spread)
+    truth = pml_losses.SupConLoss(temperature=0.1)(x, y).item()
+    pml_err = abs(pml_losses.SupConLoss(temperature=0.1)(x.float(), y).item() - truth) / truth
+    ours = our_losses.SupConLoss(temperature=0.1)
+    our_err = abs(ours(x.float(), y).item() - truth) / truth
+    assert ours.last_backend not in ("reference", "zero")
+    assert our_err <= max(2 * pml_err, 2e-7), (our_err, pml_err)
+    # per row too (no reduction): the worst row's error
+    rows64 = our_losses.SupConLoss(temperature=0.1, reducer=_no_reduction())(x, y)["loss"]["losses"]
+    rows32 = our_losses.SupConLoss(temperature=0.1, reducer=_no_reduction())(x.float(), y)["loss"]["losses"]
+    assert ((rows32.double() - rows64).abs() / rows64.abs()).max() < 1e-5
+
+
+def _no_reduction():
+    from dmlkern.reducers import DoNothingReducer
+    return DoNothingReducer()
