@@ -485,8 +485,8 @@ def test_lazy_miner_materialises_pml_format_on_demand(engine_backend_choice):
     miner = miners.MultiSimilarityMiner(epsilon=0.1)
     lazy = miner(x, labels)
     assert isinstance(lazy, LazyMinedPairs) and not lazy.is_materialized
-    a1, p, a2, n = lazy  # unpacking builds the PML tuple
-    assert lazy.is_materialized and len(lazy) == 4
+    a1, p, a2, n = lazy  # PML's tuple; its tensors are computed when first read
+    assert len(lazy) == 4 and not lazy.is_materialized
     miner.collect_stats = True  # the eager path (collects stats) gives the same pairs
     eager = miner(x, labels)
     for got, want in zip((a1, p, a2, n), eager):

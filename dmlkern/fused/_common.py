@@ -40,6 +40,21 @@ def engine_backend(tensor, backend):
     return chosen
 
 
+def no_engine_reason(tensor, backend):
+    """Why engine_backend(tensor, backend) is None: the `last_fallback` text (README lists them)."""
+    chosen = pe.choose_backend(backend, tensor.device)
+    if chosen == "reference":
+        if backend == "reference" or pe.resolve_backend(backend, tensor.device) == "reference":
+            return "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"
+        return f"no pair engine for {tensor.device.type} tensors in this install"
+    return f"{tensor.dtype} on {tensor.device.type} (no kernel for that dtype there)"
+
+
+def decline(module, reason):
+    """A fused epilogue leaves this call to the reference: records why (`last_fallback`)."""
+    module.last_fallback = reason
+
+
 _NORMALIZE_EPS = 1e-12  # F.normalize's default
 
 
@@ -50,20 +65,31 @@ class _UnitRows(torch.autograd.Function):
     F.normalize's graph (each a kernel launch on a GPU, in the tail after the engine's backward).
     Under create_graph=True, F.normalize's own differentiable gradient."""
 
-    @staticmethod
-    def forward(ctx, x):
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-        y = x / norm.clamp_min(_NORMALIZE_EPS)
-        ctx.save_for_backward(x, y, norm)
-        return y
+    # The split form (forward without ctx, setup_context): what torch.func transforms need. The
+    # norm is returned as a second, non-differentiable output so that setup_context can save it.
 
     @staticmethod
-    def backward(ctx, grad):
+    def forward(x):
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        return x / norm.clamp_min(_NORMALIZE_EPS), norm
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, norm = output
+        ctx.mark_non_differentiable(norm)
+        ctx.set_materialize_grads(False)  # no zeros for the norm's (absent) gradient
+        ctx.save_for_backward(inputs[0], y, norm)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_norm):
         x, y, norm = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if grad is None:
+            return None
+        if pe.backward_needs_graph(x):
             return pe.reference_gradient(lambda x: F.normalize(x, dim=1), (x,), (True,), grad)[0]
-        radial = (y * grad).sum(dim=1, keepdim=True) * (norm >= _NORMALIZE_EPS)
-        return (grad - y * radial) / norm.clamp_min(_NORMALIZE_EPS)
+        with torch.no_grad():  # under torch.func.grad grad mode is on
+            radial = (y * grad).sum(dim=1, keepdim=True) * (norm >= _NORMALIZE_EPS)
+            return (grad - y * radial) / norm.clamp_min(_NORMALIZE_EPS)
 
 
 def has_short_rows(*tensors):
@@ -80,7 +106,7 @@ def has_short_rows(*tensors):
 
 def unit_rows(x):
     """The rows of x scaled to unit L2 norm, as F.normalize(x, dim=1)."""
-    return _UnitRows.apply(x)
+    return _UnitRows.apply(x)[0]
 
 
 def _computed_once(fn):
@@ -145,7 +171,11 @@ class LabelStats:
 def class_sums_for_rows(stats, y):
     """For each query row, the sum of the reference rows y with its label (0 if none): O(M D)."""
     sums = y.new_zeros(y.shape[0] + 1, y.shape[1]).index_add(0, stats.run_r, y)
-    return sums[stats.run_q] * (stats.same > 0).to(y.dtype)[:, None]
+    # index_select, not sums[run_q]: the gather's backward sums each class's many rows, and
+    # indexing's backward (index_put_ with accumulate) does it with parallel atomic adds on a
+    # CPU (fp32): bits change between calls and thread counts. index_select's backward is
+    # index_add, serial over the index on a CPU (as the index_add above): deterministic.
+    return sums.index_select(0, stats.run_q) * (stats.same > 0).to(y.dtype)[:, None]
 
 
 def short_circuit(stats):

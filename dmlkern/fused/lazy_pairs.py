@@ -1,42 +1,253 @@
-"""The Multi-Similarity miner's result, kept lazy.
+"""The Multi-Similarity miner's result: PML's 4-tuple, computed only if something reads it.
 
-A fused MultiSimilarityLoss that receives it recomputes the miner's masks inside the kernel
-from per-row extrema, so the pair indices are never built. Anything else that reads it (len,
-indexing, unpacking, tuple()) gets PML-format index tensors, computed once on first use.
+`LazyMinedPairs` is a real `tuple` of four LongTensors (a1, p, a2, n), so everything PML's result
+allows works with it: unpacking, indexing, `torch.cat(pairs)`, `pairs + (...)`, `isinstance(pairs,
+tuple)`, PML's `convert_to_weights`, pickle / `torch.save` / `copy.deepcopy` (they give a plain
+tuple). Its four tensors are `PendingIndices`: placeholders whose values, all four at once, are
+computed the first time any torch function reads one of them (PML's miner, on a snapshot of the
+inputs taken at mining time).
+
+A fused MultiSimilarityLoss that gets the tuple reads none of them: it checks that its
+embeddings still hold the mined values and then mines inside its kernel with the snapshot's
+labels and epsilon, so the pair indices are never built (docs/ARCHITECTURE.md). The snapshot
+(a copy of the embeddings and labels, O(N D)) makes the result independent of what happens
+between miner and loss, as PML's is: an in-place update of the embeddings or labels, a new
+`miner.epsilon`, mining on `emb.detach()`.
 """
-from collections.abc import Sequence
+import copy
+import weakref
+
+import torch
+
+from .._tracing import static_shapes
 
 
-class LazyMinedPairs(Sequence):
-    def __init__(self, miner, embeddings, labels, ref_emb, ref_labels, materialize, given_labels=(None, None)):
-        self.miner = miner
-        self.embeddings = embeddings
-        self.labels = labels  # int64 on the embeddings' device (as_class_ids)
-        self.ref_emb = ref_emb
-        self.ref_labels = ref_labels
-        self.given_labels = given_labels  # (labels, ref_labels) as the caller passed them
-        self._materialize = materialize
-        self._pairs = None
+def _fill_pending(obj):
+    """Compute every PendingIndices among a torch function's arguments (nested lists too)."""
+    if isinstance(obj, PendingIndices):
+        obj.fill()
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _fill_pending(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _fill_pending(item)
 
-    def materialize(self):
-        """The (a1, p, a2, n) LongTensors, as PML's miner returns them."""
-        if self._pairs is None:
-            self._pairs = tuple(self._materialize())
-        return self._pairs
+
+def _plain(tensor):
+    with torch._C.DisableTorchFunctionSubclass():
+        return tensor.as_subclass(torch.Tensor)
+
+
+class PendingIndices(torch.Tensor):
+    """One of the four index tensors of a LazyMinedPairs: an int64 tensor that computes its
+    values (with its three siblings) the first time a torch function reads it, then behaves as
+    that tensor; operations on it return plain tensors."""
+
+    _mining = None  # the _Mining that fills it
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        _fill_pending(args)
+        _fill_pending(kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    def fill(self):
+        if self._mining is not None:
+            self._mining.compute()
+
+    def __deepcopy__(self, memo):
+        self.fill()
+        return _plain(self).clone()
+
+    def __reduce_ex__(self, protocol):
+        self.fill()
+        return _plain(self).__reduce_ex__(protocol)
+
+
+def _same_memory(t, ref, version):
+    """Whether t views the same memory as ref, untouched since `version` (ref's version counter
+    at mining time; views and detach() share it). Reads no values: no host sync on a GPU."""
+    try:
+        return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device == ref.device and t.dtype == ref.dtype
+                and t.shape == ref.shape and t.stride() == ref.stride()
+                and t.storage_offset() == ref.storage_offset() and t.data_ptr() == ref.data_ptr()
+                and t._version == version)
+    except (RuntimeError, NotImplementedError):  # e.g. functorch wrappers have no storage
+        return False
+
+
+_SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def _bits(t):
+    """t's bits as integers: equal exactly where the values are identical, NaN included."""
+    t = t.detach()
+    return t.view(_SAME_SIZE_INT[t.element_size()]) if t.is_floating_point() else t
+
+
+class _Snapshot:
+    """One side's embeddings as the miner saw them: the tensor (detached, so that the caller's
+    autograd graph is not kept alive), its version counter and a copy of its values. Under
+    torch.compile only the tensor: identity decides there, and nothing is copied in the graph."""
+
+    def __init__(self, embeddings):
+        if static_shapes():
+            self.tensor, self.version, self.values = embeddings, None, None
+        else:
+            self.tensor, self.version = embeddings.detach(), embeddings._version
+            self.values = self.tensor.clone()
+
+    def mined_values(self):
+        return self.tensor if self.values is None else self.values
+
+    def holds(self, t):
+        """Whether t has the values mined on. A GPU tensor viewing the mined memory, untouched
+        since, does without reading values (no host sync); otherwise the values are compared."""
+        if self.values is None:
+            return t is self.tensor
+        if t.is_cuda and _same_memory(t, self.tensor, self.version):
+            return True
+        v = self.values
+        return t.shape == v.shape and t.dtype == v.dtype and t.device == v.device and torch.equal(_bits(t), _bits(v))
+
+
+class _Mining:
+    """PML's MultiSimilarityMiner call, replayable: the miner's settings and a snapshot of its
+    inputs at mining time. `compute()` runs it (once) and fills the placeholders."""
+
+    result = None
+
+    def __init__(self, miner, embeddings, labels, ref_emb, ref_labels):
+        keep = (lambda t: t) if static_shapes() else (lambda t: t.clone())
+        self.epsilon = float(miner.epsilon)
+        self.distance = miner.distance if static_shapes() else copy.deepcopy(miner.distance)
+        # PML's miner: without ref_emb the batch is its own reference (ref_labels is labels then).
+        self.same_embeddings = ref_emb is None or ref_emb is embeddings
+        if ref_emb is None:
+            ref_labels = labels
+        self.query = _Snapshot(embeddings)
+        self.ref = None if self.same_embeddings else _Snapshot(ref_emb)
+        self.labels = keep(labels)
+        # PML drops the positive pairs (i, i) when ref_labels is labels or absent.
+        self.ref_labels_same = ref_labels is None or ref_labels is labels
+        self.ref_labels_none = ref_labels is None
+        self.ref_labels = None if self.ref_labels_same else keep(ref_labels)
+        self.n, self.m = embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0]
+        self.placeholders = []  # weak references: a placeholder keeps its _Mining alive, not the reverse
+
+    def compute(self):
+        if self.result is None:
+            from ..reference.miners import multi_similarity_miner  # (the reference imports no fused code)
+
+            query = self.query.mined_values()
+            ref = query if self.ref is None else self.ref.mined_values()
+            ref_labels = None if self.ref_labels_none else self.labels if self.ref_labels_same else self.ref_labels
+            with torch.no_grad():
+                pairs = multi_similarity_miner(self.distance(query, ref), self.labels, ref_labels, self.epsilon,
+                                               self.distance.is_inverted, self.same_embeddings)
+            self.result = tuple(_plain(t) for t in pairs)
+            for get_placeholder, values in zip(self.placeholders, self.result):
+                placeholder = get_placeholder()
+                if placeholder is not None:
+                    with torch.inference_mode(placeholder.is_inference()), torch._C.DisableTorchFunctionSubclass():
+                        placeholder.set_(values)
+        return self.result
+
+    def placeholder(self, device):
+        out = torch.empty(0, dtype=torch.long, device=device).as_subclass(PendingIndices)
+        out._mining = self
+        # (under torch.compile a plain closure: dynamo traces no weakref)
+        self.placeholders.append((lambda: out) if static_shapes() else weakref.ref(out))
+        return out
+
+
+class LazyMinedPairs(tuple):
+    """(a1, p, a2, n) of MultiSimilarityMiner as PendingIndices (module docstring).
+
+    `labels_as_given`: the miner's int64 labels for the caller's `given_labels` (a loss given
+    that very labels tensor reuses them). What a fused loss mines with: `epsilon`, `distance`,
+    `mining_labels()`, `exclude_diag`; `kernel_can_mine` says whether the kernel's one diagonal
+    rule matches the miner's.
+    """
+
+    def __new__(cls, miner, embeddings, labels, ref_emb, ref_labels, given_labels=(None, None)):
+        mining = _Mining(miner, embeddings, labels, ref_emb, ref_labels)
+        self = super().__new__(cls, [mining.placeholder(embeddings.device) for _ in range(4)])
+        self.mining = mining
+        self.given_labels = given_labels
+        self.labels_as_given, self.ref_labels_as_given = labels, ref_labels
+        return self
 
     @property
     def is_materialized(self):
-        return self._pairs is not None
+        return self.mining.result is not None
 
-    def __len__(self):
-        return 4
+    def materialize(self):
+        """(a1, p, a2, n) as plain LongTensors: PML's miner on the mining-time inputs."""
+        return self.mining.compute()
 
-    def __getitem__(self, i):
-        return self.materialize()[i]
+    @property
+    def epsilon(self):
+        return self.mining.epsilon
 
-    def __iter__(self):
-        return iter(self.materialize())
+    @property
+    def distance(self):
+        return self.mining.distance
+
+    @property
+    def exclude_diag(self):
+        return self.mining.same_embeddings
+
+    @property
+    def kernel_can_mine(self):
+        """The kernel applies one diagonal rule to the pairs and to the miner's extrema; PML drops
+        (i, i) from the positives when ref_labels is labels, and from the extrema when ref_emb is
+        embeddings. Only when both agree can the kernel mine as the miner did."""
+        return self.mining.ref_labels_same == self.mining.same_embeddings
+
+    def mining_labels(self):
+        """(labels, ref_labels) as mined: one tensor twice when the diagonal is excluded."""
+        m = self.mining
+        return m.labels, m.labels if m.ref_labels_same else m.ref_labels
+
+    def shape_matches(self, embeddings, ref_emb):
+        """Whether a loss's (embeddings, ref_emb) have the row counts mined on (anything else:
+        False, and the loss validates the materialised pairs as any indices_tuple)."""
+        return (torch.is_tensor(embeddings) and torch.is_tensor(ref_emb) and embeddings.dim() >= 1
+                and ref_emb.dim() >= 1 and embeddings.shape[0] == self.mining.n and ref_emb.shape[0] == self.mining.m)
+
+    def empty_stand_in(self):
+        """What input validation sees instead of the pairs (valid by construction, not computed)."""
+        device = self.mining.labels.device
+        return tuple(torch.empty(0, dtype=torch.long, device=device) for _ in range(4))
+
+    def holds_inputs(self, embeddings, ref_emb):
+        """Whether (embeddings, ref_emb) still hold the values mined on (ref_emb is embeddings for
+        a batch compared with itself): then a fused loss may mine in its kernel."""
+        m = self.mining
+        if not m.query.holds(embeddings):
+            return False
+        if m.ref is None:
+            return ref_emb is embeddings
+        return ref_emb is not embeddings and m.ref.holds(ref_emb)
+
+    def __reduce_ex__(self, protocol):  # pickle, torch.save, copy: a plain tuple, as PML's
+        return _plain_tuple, (self.materialize(),)
 
     def __repr__(self):
-        state = "materialized" if self.is_materialized else "lazy"
-        return f"LazyMinedPairs({state}, epsilon={self.miner.epsilon})"
+        if not self.is_materialized:
+            return f"LazyMinedPairs(not computed yet, epsilon={self.epsilon})"
+        return repr(self.materialize())
+
+
+def _plain_tuple(items):
+    """What a pickled LazyMinedPairs loads as: PML's plain tuple of tensors."""
+    return tuple(items)
+
+
+# torch.load(weights_only=True), torch's default, loads only allow-listed globals; a pickled pair
+# tuple names this function (a tuple subclass cannot pickle as a plain tuple).
+torch.serialization.add_safe_globals([_plain_tuple])

@@ -7,9 +7,11 @@ Statistics are O(N + M); nothing N x M is built.
 """
 import torch
 
+from .._determinism import fixed_order_sum, logaddexp
 from ..ops import pair_engine as pe
-from ._common import (Degenerate, LabelStats, class_sums_for_rows, engine_backend, has_short_rows, is_plain_mean,
+from ._common import (Degenerate, LabelStats, class_sums_for_rows, decline, engine_backend, no_engine_reason, has_short_rows, is_plain_mean,
                       is_unit_cosine, is_unit_euclidean, no_pos_or_neg, short_circuit, static_shapes, unit_rows)
+from . import _stats
 from .lazy_pairs import LazyMinedPairs
 
 
@@ -36,8 +38,14 @@ def _plain_backend(module, embeddings, labels, indices_tuple, distance_ok):
     """The engine backend when the call is the plain configuration every fused loss covers
     (labels given, no indices_tuple, the default distance), else None (the reference runs)."""
     backend = engine_backend(embeddings, module.backend)
-    if backend is None or labels is None or indices_tuple is not None or not distance_ok(module.distance):
-        return None
+    if backend is None:
+        return decline(module, no_engine_reason(embeddings, module.backend))
+    if labels is None:
+        return decline(module, "no labels (pairs from indices_tuple only)")
+    if indices_tuple is not None:
+        return decline(module, "an indices_tuple (the fused kernels use all pairs)")
+    if not distance_ok(module.distance):
+        return decline(module, f"non-default distance {type(module.distance).__name__}")
     return backend
 
 
@@ -48,8 +56,8 @@ def _lse2(x, y, xl, yl, params, exclude_diag, backend, row_in=None, transform=0,
 
 def _log1p_exp(x):
     """log(1 + e^x) without F.softplus's cut-off (it returns x above 20: a 2e-9 error in fp64);
-    0 with gradient 0 for x = -inf (an empty set)."""
-    return torch.logaddexp(x, torch.zeros_like(x))
+    0 with gradient 0 for x = -inf (an empty set). Bits independent of the CPU thread count."""
+    return logaddexp(x, torch.zeros_like(x))
 
 
 def _per_row(losses, embeddings):
@@ -82,14 +90,6 @@ def _rule_or_no_pos_or_neg(stats):
 
 
 # ------------------------------------------------------------------------- Multi-Similarity
-def _equal_labels(a, b):
-    """The same tensor, or (eager only: it reads the values) an equal one."""
-    if a is b:
-        return True
-    return (not static_shapes() and torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
-            and torch.equal(a.to(b.device), b))
-
-
 def _mined_count_in_one_row(x, y, labels, ref_labels, row, exclude_diag, keep):
     """How many pairs the miner kept in query row `row` (a 1-element index tensor): one row of
     similarities, O(M D). `keep(sim, same_label)` is the miner's rule for that row."""
@@ -126,25 +126,37 @@ def _at_most_one_mined_pair_each(x, y, labels, ref_labels, row_in, lse, eps, exc
     return pos_le1 & neg_le1
 
 
+def _mined_pairs_in_kernel(module, mined, embeddings, ref_emb):
+    """Whether the kernel can mine the pairs of `mined` (the miner's lazy result) itself; else
+    records why not. It can when the miner's distance is the unit cosine, its diagonal rule is
+    the kernel's, and the embeddings still hold the values mined on."""
+    if not is_unit_cosine(mined.distance):
+        return decline(module, f"the miner's distance {type(mined.distance).__name__} is not the default")
+    if not mined.kernel_can_mine:
+        return decline(module, "the miner's ref_emb / ref_labels drop self-pairs unlike the kernel can")
+    if not mined.shape_matches(embeddings, ref_emb) or not mined.holds_inputs(embeddings, ref_emb):
+        return decline(module, "the miner's pairs come from other embeddings (or they changed since mining)")
+    return True
+
+
 def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = engine_backend(embeddings, module.backend)
-    if backend is None or labels is None or not is_unit_cosine(module.distance):
-        return None
-    exclude_diag = ref_labels is labels
+    if backend is None:
+        return decline(module, no_engine_reason(embeddings, module.backend))
+    if not is_unit_cosine(module.distance):
+        return decline(module, f"non-default distance {type(module.distance).__name__}")
     mining_eps = None
     if indices_tuple is not None:
-        if not isinstance(indices_tuple, LazyMinedPairs) or indices_tuple.is_materialized:
-            return None  # an arbitrary indices_tuple: the reference handles it
-        lazy = indices_tuple
-        # Same embeddings object; labels may be a new tensor with the same values (y[idx] twice).
-        same_inputs = (lazy.embeddings is embeddings and _equal_labels(lazy.labels, labels)
-                       and (lazy.ref_emb is ref_emb or lazy.ref_emb is None and ref_emb is embeddings)
-                       and (_equal_labels(lazy.ref_labels, ref_labels)
-                            or lazy.ref_labels is None and ref_labels is labels))
-        # The miner's diagonal rule equals the loss's only when "same tensor" and "same labels" agree.
-        if not same_inputs or not is_unit_cosine(lazy.miner.distance) or exclude_diag != (ref_emb is embeddings):
+        if not isinstance(indices_tuple, LazyMinedPairs):
+            return decline(module, "an indices_tuple other than MultiSimilarityMiner's result")
+        if not _mined_pairs_in_kernel(module, indices_tuple, embeddings, ref_emb):
             return None
-        mining_eps = float(lazy.miner.epsilon)
+        # The pairs are the miner's: its labels and epsilon as they were at mining time.
+        labels, ref_labels = indices_tuple.mining_labels()
+        mining_eps = indices_tuple.epsilon
+    elif labels is None:
+        return decline(module, "no labels")
+    exclude_diag = ref_labels is labels
     stats = LabelStats(labels, ref_labels)
     if mining_eps is None:  # PML's `len <= 1` rule
         degenerate = Degenerate(labels, _at_most_one_pair_each(stats))
@@ -248,30 +260,49 @@ class _NTXentRows(torch.autograd.Function):
     sigmoid term in the same row_coef, so the tiles are recomputed once, not twice.
     """
 
+    # The split form (torch.func needs it): forward returns (per-row losses, row_in, out), the
+    # last two non-differentiable, so that setup_context can save them; callers take [0].
+
     @staticmethod
-    def forward(ctx, x, y, labels, ref_labels, params, exclude_diag, backend):
+    def forward(x, y, labels, ref_labels, params, exclude_diag, backend):
         # y / ref_labels are None when they are x / labels: torch.compile can't trace an
         # autograd.Function given one tensor twice.
-        ctx.self_pairs = y is None
-        ctx.symmetric = y is None and ref_labels is None  # the pair masks are symmetric too
         y = x if y is None else y
         ref_labels = labels if ref_labels is None else ref_labels
         row_in, out = _lse_neg_then(pe.PASS_POS_SOFTPLUS, x, y, labels, ref_labels, params, exclude_diag,
                                     pe.TRANSFORM_DOT, backend)
-        ctx.save_for_backward(x, y, labels, ref_labels, row_in, out)
-        ctx.config = (params, exclude_diag, backend)
-        return out[:, 0]
+        return out[:, 0], row_in, out
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, output):
+        x, y, labels, ref_labels, params, exclude_diag, backend = inputs
+        _, row_in, out = output
+        ctx.self_pairs = y is None
+        ctx.symmetric = y is None and ref_labels is None  # the pair masks are symmetric too
+        ctx.mark_non_differentiable(row_in, out)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, x if y is None else y, labels, labels if ref_labels is None else ref_labels,
+                              row_in, out)
+        ctx.config = (params, exclude_diag, backend)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_row_in, _grad_out):
         x, y, labels, ref_labels, row_in, out = ctx.saved_tensors
         params, exclude_diag, backend = ctx.config
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        if grad is None:
+            return None, None, None, None, None, None, None
+        if pe.backward_needs_graph(x):  # create_graph=True: a differentiable gradient
             def per_row(x, y):
                 return _lse_neg_then(pe.PASS_POS_SOFTPLUS, x, y, labels, ref_labels, params, exclude_diag,
                                      pe.TRANSFORM_DOT, "reference")[1][:, 0]
             grads = pe.reference_gradient(per_row, (x, y), ctx.needs_input_grad[:2], grad)
             return (*grads, None, None, None, None, None)
+        with torch.no_grad():  # under torch.func.grad grad mode is on
+            return _NTXentRows._fused_backward(ctx, grad, x, y, labels, ref_labels, row_in, out, params,
+                                               exclude_diag, backend)
+
+    @staticmethod
+    def _fused_backward(ctx, grad, x, y, labels, ref_labels, row_in, out, params, exclude_diag, backend):
         grad = grad.to(out.dtype)
         zero = torch.zeros_like(grad)
         # d/d lse_neg(a) = grad_a * sum_p sigmoid(...) = grad_a * out[:, 1] (pos_softplus's rule).
@@ -312,10 +343,11 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     y = sorted_x if y is x and ref_order is order else y[ref_order]
     x, labels = sorted_x, sorted_labels
     per_row = _NTXentRows.apply(x, None if y is x else y, labels, None if ref_labels is labels else ref_labels,
-                                params, exclude_diag, backend)
-    loss = degenerate.zero_where(per_row.sum() / stats.pos_total.clamp(min=1))
+                                params, exclude_diag, backend)[0]
+    loss = degenerate.zero_where(fixed_order_sum(per_row) / stats.pos_total.clamp(min=1))
     module.last_backend = backend
-    return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}
+    return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced",
+                     **_stats.already_reduced_size(module.reducer, stats.pos_total)}}
 
 
 # --------------------------------------------------------------------------- ProxyAnchor
@@ -377,6 +409,7 @@ def n_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if static_shapes():
         return _n_pairs_static_shapes(module, embeddings, labels, backend)
     anchors, positives = first_pair_per_label(labels)
+    _stats.n_pairs(module, embeddings, anchors, positives)
     if len(anchors) == 0:
         return ZERO_LOSS
     xa = unit_rows(embeddings[anchors])
@@ -412,9 +445,11 @@ def _n_pairs_static_shapes(module, embeddings, labels, backend):
     lse = _lse2(xa_ext, xp_ext, k, k, [1.0, 0.0, 1.0, 0.0, 0.0], False, backend)
     losses = torch.logsumexp(lse, dim=1) - (xa * xp).sum(dim=1).to(lse.dtype)
     num_anchors = valid.sum()
-    loss = torch.where(valid, losses, 0.0).sum() / num_anchors.clamp(min=1)  # 0 if none
+    loss = fixed_order_sum(torch.where(valid, losses, 0.0)) / num_anchors.clamp(min=1)  # 0 if none
     module.last_backend = backend
-    return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}
+    _stats.n_pairs(module, embeddings, order=order, valid=valid)
+    return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced",
+                     **_stats.already_reduced_size(module.reducer, num_anchors)}}
 
 
 # ----------------------------------------------------------------------- Lifted Structure
@@ -476,28 +511,43 @@ class _LiftedPairs(torch.autograd.Function):
     not depend on their order): the CPU lifted_pairs pass then computes only the tiles that
     hold positive pairs, near the diagonal."""
 
+    # The split form (torch.func needs it): forward also returns the sorted labels, row_in, out and
+    # the order (non-differentiable) so that setup_context can save them; callers take [:2].
+
     @staticmethod
-    def forward(ctx, x, labels, params, backend):
+    def forward(x, labels, params, backend):
         labels, order = torch.sort(labels, stable=True)
         sorted_x = x[order]
         row_in, out = _lse_neg_then(pe.PASS_LIFTED_PAIRS, sorted_x, sorted_x, labels, labels, params, True,
                                     pe.TRANSFORM_UNIT_DISTANCE, backend)
-        ctx.save_for_backward(x, labels, row_in, out, order)
-        ctx.config = (params, backend)
-        count = out[:, 2].sum()
-        ctx.mark_non_differentiable(count)
-        return out[:, 0].sum(), count
+        return fixed_order_sum(out[:, 0]), fixed_order_sum(out[:, 2]), labels, row_in, out, order
 
     @staticmethod
-    def backward(ctx, grad_total, grad_count):
+    def setup_context(ctx, inputs, output):
+        x, _, params, backend = inputs
+        _, count, labels, row_in, out, order = output
+        ctx.mark_non_differentiable(count, labels, row_in, out, order)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, labels, row_in, out, order)
+        ctx.config = (params, backend)
+
+    @staticmethod
+    def backward(ctx, grad_total, *_grad_statistics):
         x, labels, row_in, out, order = ctx.saved_tensors
         params, backend = ctx.config
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        if grad_total is None:
+            return None, None, None, None
+        if pe.backward_needs_graph(x):  # create_graph=True: a differentiable gradient
             def total(x):  # the reference's lifted_pairs pass is differentiable
                 sorted_x = x[order]
                 return _lse_neg_then(pe.PASS_LIFTED_PAIRS, sorted_x, sorted_x, labels, labels, params, True,
                                      pe.TRANSFORM_UNIT_DISTANCE, "reference")[1][:, 0].sum()
             return (*pe.reference_gradient(total, (x,), ctx.needs_input_grad[:1], grad_total), None, None, None)
+        with torch.no_grad():  # under torch.func.grad grad mode is on
+            return _LiftedPairs._fused_backward(grad_total, x, labels, row_in, out, order, params, backend)
+
+    @staticmethod
+    def _fused_backward(grad_total, x, labels, row_in, out, order, params, backend):
         x = x[order]
         g = grad_total.to(out.dtype).expand(out.shape[0])
         zero = torch.zeros_like(g)
@@ -546,7 +596,7 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     if degenerate.returns_zero_now():
         return ZERO_LOSS
     x = unit_rows(embeddings)
-    total, nonzero = _LiftedPairs.apply(x, labels, [1.0, -pm, -1.0, nm, 0.0], backend)
+    total, nonzero = _LiftedPairs.apply(x, labels, [1.0, -pm, -1.0, nm, 0.0], backend)[:2]
     if reduction == "nonzero" and not static_shapes() and bool(torch.isnan(total)):
         # AvgNonZero drops NaN pair losses (NaN > 0 is false) and averages the rest: that needs
         # the per-pair losses. (Under torch.compile the NaN propagates: a documented deviation.)
@@ -573,7 +623,9 @@ def _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, p
                 transform=pe.TRANSFORM_UNIT_DISTANCE)
     neg_lse = lse[:, 1]
     a, p = positive_pairs(labels)
-    neg_part = _empty_as_zero(torch.logaddexp(neg_lse[a], neg_lse[p]))
+    # index_select: indexing's backward (index_put_ accumulate) sums a row's pairs by parallel
+    # atomic adds on a CPU (fp32; not reproducible); index_select's (index_add) is serial there.
+    neg_part = _empty_as_zero(logaddexp(neg_lse.index_select(0, a), neg_lse.index_select(0, p)))
     dots = _PairDots.apply(x.to(neg_lse.dtype), a, p)
     d_ap = torch.sqrt(torch.clamp(2 - 2 * dots, min=0))
     losses = torch.relu(neg_part + d_ap - pm) ** 2 / 2

@@ -25,6 +25,7 @@ from ..distances import LpDistance
 from ..fused.lazy_pairs import LazyMinedPairs
 from ..fused.losses import ZERO_LOSS
 from ..reference.embedding_losses import pair_masks, pair_setup
+from ..utils.common_functions import RecordsMixin
 
 __all__ = [
     "BaseMetricLossFunction",
@@ -65,6 +66,8 @@ class EmbeddingRegularizerMixin:
         super().__init__(**kwargs)
         self.embedding_regularizer = embedding_regularizer
         self.embedding_reg_weight = embedding_reg_weight
+        if embedding_regularizer is not None:
+            self.add_to_recordable_attributes(list_of_names=["embedding_reg_weight"], is_stat=False)
 
     def embedding_regularization_loss(self, embeddings):
         return _reg_entry(self.embedding_regularizer, self.embedding_reg_weight, embeddings)
@@ -99,6 +102,8 @@ class WeightRegularizerMixin(WeightMixin):
         super().__init__(**kwargs)
         self.weight_regularizer = weight_regularizer
         self.weight_reg_weight = weight_reg_weight
+        if weight_regularizer is not None:
+            self.add_to_recordable_attributes(list_of_names=["weight_reg_weight"], is_stat=False)
 
     def weight_regularization_loss(self, weights):
         return _reg_entry(self.weight_regularizer, self.weight_reg_weight, weights)
@@ -115,7 +120,7 @@ def _reg_is_set(value):
     return value is not None and value is not False
 
 
-class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
+class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.Module):
     """Base of every dmlkern loss (PML's ``BaseMetricLossFunction``).
 
     Subclasses implement ``compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)``
@@ -130,9 +135,9 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
     # "class_ids" compared with the class indices (ProxyNCA: integral floats are accepted).
     _label_kind = "compared"
 
-    def __init__(self, distance=None, reducer=None, collect_stats=False, **kwargs):
+    def __init__(self, distance=None, reducer=None, collect_stats=None, **kwargs):
         super().__init__(**kwargs)
-        self.collect_stats = bool(collect_stats)
+        self._init_records(collect_stats)  # None: dmlkern.utils.common_functions.COLLECT_STATS
         self.distance = self.get_default_distance() if distance is None else distance
         self.set_reducer(reducer)
 
@@ -161,7 +166,9 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
         return names
 
     def reset_stats(self):
-        pass
+        """Sets the statistics in ``_record_these_stats`` to 0 (PML's loss forward does it first;
+        the losses with statistics do it at the start of their fused and reference paths)."""
+        RecordsMixin.reset_stats(self)
 
     # -------------------------------------------------------------- loss dict helpers
     def zero_loss(self):
@@ -178,6 +185,7 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
     # "auto") picks the engine; after each forward `last_backend` says which path ran.
     backend = "auto"
     last_backend = None
+    last_fallback = None  # when the reference ran: why (README, "Why no speedup?")
 
     def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         """Loss-specific input checks (raise naming the argument), run once per call on the prepared
@@ -188,30 +196,42 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, torch.nn.Module):
         Overridden by the losses that have a fused path (dmlkern/fused/losses.py)."""
         return None
 
+    def _no_fused_path_reason(self):
+        if type(self).fused_loss_dict is BaseMetricLossFunction.fused_loss_dict:
+            return f"{type(self).__name__} has no fused kernel yet"
+        return f"this configuration of {type(self).__name__} has no fused kernel"
+
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """Returns the reduced loss (a 0-dim tensor), or the loss dict with DoNothingReducer."""
         lazy = indices_tuple if isinstance(indices_tuple, LazyMinedPairs) else None
+        if lazy is not None and not lazy.shape_matches(embeddings, embeddings if ref_emb is None else ref_emb):
+            lazy = None  # pairs mined on a batch of another size: validated as any indices_tuple
         if lazy is not None:  # the miner's labels, already int64 on the device, when these are them
             given, given_ref = lazy.given_labels
-            labels = lazy.labels if labels is given and labels is not None else labels
-            ref_labels = lazy.ref_labels if ref_labels is given_ref and ref_labels is not None else ref_labels
+            labels = lazy.labels_as_given if labels is given and labels is not None else labels
+            ref_labels = lazy.ref_labels_as_given if ref_labels is given_ref and ref_labels is not None else ref_labels
+        # The miner's pairs are valid indices by construction: validation sees an empty stand-in.
         embeddings, labels, indices_tuple, ref_emb, ref_labels = prepare_inputs(
-            embeddings, labels, None if lazy is not None else indices_tuple, ref_emb, ref_labels,
+            embeddings, labels, lazy.empty_stand_in() if lazy is not None else indices_tuple, ref_emb, ref_labels,
             labels_required=self._labels_required, label_kind=self._label_kind, loss_name=type(self).__name__,
         )
         self.check_inputs(embeddings, labels, ref_emb, ref_labels)
-        loss_dict = None
+        loss_dict, self.last_fallback = None, None
         if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
             loss_dict = ZERO_LOSS  # an empty batch: PML's grad-carrying zero, from the shapes alone
         elif self.backend != "reference":
             loss_dict = self.fused_loss_dict(embeddings, labels, lazy or indices_tuple, ref_emb, ref_labels)
+        else:
+            self.last_fallback = "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"
         if loss_dict is ZERO_LOSS:
             loss_dict = self.zero_losses()
-            self.last_backend = "zero"  # no valid pair: the reference's grad-carrying zero
+            self.last_backend, self.last_fallback = "zero", None  # no valid pair: the reference's zero
         elif loss_dict is None:
             if lazy is not None:  # a fused loss didn't take the miner's lazy pairs: build them
                 indices_tuple = tuple(t.to(embeddings.device) for t in lazy.materialize())
             self.last_backend = "reference"
+            if self.last_fallback is None:
+                self.last_fallback = self._no_fused_path_reason()
             loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         return self.reducer(loss_dict, embeddings, labels)

@@ -25,8 +25,9 @@ class MultiSimilarityMiner(BaseTupleMiner):
     """Multi-similarity pair mining (Wang et al. 2019); default distance CosineSimilarity.
 
     Where the fused engine can run (cosine distance, no collect_stats), forward returns a
-    LazyMinedPairs: a fused MultiSimilarityLoss given it mines inside its kernel; anything else
-    that reads it gets the same PML-format (a1, p, a2, n) tensors, built on first use.
+    LazyMinedPairs: PML's (a1, p, a2, n) tuple whose tensors are computed only when something
+    reads them; a fused MultiSimilarityLoss given it mines inside its kernel instead
+    (dmlkern/fused/lazy_pairs.py).
     """
 
     def __init__(self, epsilon=0.1, **kwargs):
@@ -41,6 +42,11 @@ class MultiSimilarityMiner(BaseTupleMiner):
         lazy, self._uncounted = self._uncounted, None
         if lazy is not None:
             self.output_assertion(lazy.materialize())
+
+    def __getstate__(self):
+        """pickle / deepcopy: the counts PML would hold, not the last lazy result."""
+        self._count_lazy_pairs()
+        return super().__getstate__()
 
     def get_default_distance(self):
         return CosineSimilarity()
@@ -59,14 +65,11 @@ class MultiSimilarityMiner(BaseTupleMiner):
             return super().forward(embeddings, labels, ref_emb, ref_labels)
         with torch.no_grad():
             validate_inputs(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
-        # Kept as the loss will see them (int64, on the embeddings' device), and the caller's
-        # tensor too: a loss given that very tensor takes these (the identity check the fused
-        # loss makes under torch.compile).
-        # one id mapping for both (float labels: ids equal where PML's == holds)
-        ids, ref_ids = class_id_pair(labels, None if ref_emb is None else ref_labels, embeddings.device)
-        lazy = LazyMinedPairs(self, embeddings, ids, ref_emb, ref_ids,
-                              lambda: super(MultiSimilarityMiner, self).forward(embeddings, labels, ref_emb, ref_labels),
-                              given_labels=(labels, ref_labels))
+            # As the loss will see them (int64, on the embeddings' device); a loss given the caller's
+            # very tensor takes these (the identity check the fused loss makes under torch.compile).
+            # one id mapping for both (float labels: ids equal where PML's == holds)
+            ids, ref_ids = class_id_pair(labels, None if ref_emb is None else ref_labels, embeddings.device)
+            lazy = LazyMinedPairs(self, embeddings, ids, ref_emb, ref_ids, given_labels=(labels, ref_labels))
         if not static_shapes():  # (under torch.compile the counts are not kept)
             self._uncounted = lazy
         return lazy
