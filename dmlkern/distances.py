@@ -18,12 +18,18 @@ Differences from PML (values are the same everywhere):
   TypeError);
 * LpDistance's float16 path works one query row at a time and SNRDistance in blocks of query
   rows, instead of materialising (B*R, D) / (B, R, D) tensors;
-* ``collect_stats`` is accepted but no norm statistics are recorded.
+
+Statistics (PML's, with ``collect_stats=True`` or ``dmlkern.utils.common_functions.COLLECT_STATS``):
+``initial_avg_query_norm``, ``initial_avg_ref_norm``, ``final_avg_query_norm``,
+``final_avg_ref_norm`` (mean p-norm of the rows before / after normalisation), reset and recorded
+on every call. ``record_stats(query, ref)`` records them without building the matrix (the fused
+losses call it where PML's loss would call the distance).
 """
 
 import torch
 
 from ._validation import InvalidInputError
+from .utils.common_functions import RecordsMixin
 
 __all__ = [
     "BaseDistance",
@@ -34,18 +40,23 @@ __all__ = [
 ]
 
 
-class BaseDistance(torch.nn.Module):
-    def __init__(self, normalize_embeddings=True, p=2, power=1, is_inverted=False, **kwargs):
-        # PML passes collect_stats through ModuleWithRecords; accept and keep it for API parity.
-        self.collect_stats = kwargs.pop("collect_stats", False)
+_NORM_STATS = ["initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query_norm", "final_avg_ref_norm"]
+
+
+class BaseDistance(RecordsMixin, torch.nn.Module):
+    def __init__(self, normalize_embeddings=True, p=2, power=1, is_inverted=False, collect_stats=None, **kwargs):
         super().__init__(**kwargs)
+        self._init_records(collect_stats)
         self.normalize_embeddings = normalize_embeddings
         self.p = p
         self.power = power
         self.is_inverted = is_inverted
+        self.add_to_recordable_attributes(list_of_names=["p", "power"], is_stat=False)
+        self.add_to_recordable_attributes(list_of_names=_NORM_STATS, is_stat=True)
 
     # ------------------------------------------------------------------ main entry
     def forward(self, query_emb, ref_emb=None):
+        self.reset_stats()
         self.check_shapes(query_emb, ref_emb)
         query_n = self.maybe_normalize(query_emb)
         if ref_emb is None:
@@ -53,6 +64,7 @@ class BaseDistance(torch.nn.Module):
             ref_n = query_n
         else:
             ref_n = self.maybe_normalize(ref_emb)
+        self.set_default_stats(query_emb, ref_emb, query_n, ref_n)
         mat = self.compute_mat(query_n, ref_n)
         if self.power != 1:
             mat = mat**self.power
@@ -96,6 +108,24 @@ class BaseDistance(torch.nn.Module):
 
     def get_norm(self, embeddings, dim=1, **kwargs):
         return torch.norm(embeddings, p=self.p, dim=dim, **kwargs)
+
+    # ------------------------------------------------------------------ statistics
+    def set_default_stats(self, query_emb, ref_emb, query_emb_normalized, ref_emb_normalized):
+        if self.collect_stats and not torch.compiler.is_compiling():
+            with torch.no_grad():
+                values = (query_emb, ref_emb, query_emb_normalized, ref_emb_normalized)
+                for name, x in zip(_NORM_STATS, values):
+                    setattr(self, name, torch.mean(self.get_norm(x)).item())
+
+    def record_stats(self, query_emb, ref_emb=None):
+        """Records the statistics a call ``self(query_emb, ref_emb)`` would, in O((B + R) D)
+        without the matrix; a no-op unless the distance collects statistics."""
+        if not self.collect_stats:
+            return
+        self.reset_stats()
+        ref_emb = query_emb if ref_emb is None else ref_emb
+        with torch.no_grad():
+            self.set_default_stats(query_emb, ref_emb, self.maybe_normalize(query_emb), self.maybe_normalize(ref_emb))
 
     @staticmethod
     def check_shapes(query_emb, ref_emb):

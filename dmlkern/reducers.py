@@ -18,6 +18,14 @@ A loss dict maps a sub-loss name to ``{"losses", "indices", "reduction_type"[, "
   values are reduced as elements by the wrapped reducer.
 * ``ClassWeightedReducer(weights)``: ``mean(losses * weights[labels[anchor]])``.
 
+Statistics (PML's, with ``collect_stats=True`` or ``dmlkern.utils.common_functions.COLLECT_STATS``;
+reset at each call): ``losses_size`` (every reducer but MultipleReducers / DoNothingReducer: the
+number of entries reduced, 1 for an already-reduced value; a fused loss whose value arrives already
+reduced passes the number of entries it stands for as ``loss_info["losses_size"]``);
+ThresholdReducer ``num_past_filter``, ``num_above_low`` and, as PML 2.9.0 records it,
+``num_above_high`` (the number of entries above ``low`` that are below ``high``; ``num_below_high``
+is listed but stays 0, as in PML); DivisorReducer ``divisor`` (recorded on every call, as in PML).
+
 Deviation from PML: malformed loss dicts raise ``ValueError`` (PML: ``AssertionError`` or
 ``AttributeError``).
 """
@@ -26,7 +34,9 @@ import copy
 
 import torch
 
+from ._determinism import fixed_order_mean, fixed_order_sum
 from ._tracing import static_shapes
+from .utils.common_functions import RecordsMixin
 
 __all__ = [
     "BaseReducer",
@@ -53,16 +63,18 @@ def _grad_zero(embeddings):
     return torch.sum(embeddings * 0)
 
 
-class BaseReducer(torch.nn.Module):
+class BaseReducer(RecordsMixin, torch.nn.Module):
     """Reduces a loss dict holding exactly one sub-loss."""
 
-    def __init__(self, collect_stats=False, **kwargs):
+    def __init__(self, collect_stats=None, **kwargs):
         super().__init__(**kwargs)
-        self.collect_stats = bool(collect_stats)
+        self._init_records(collect_stats)
         self.losses_size = 0
+        self.add_to_recordable_attributes(name="losses_size", is_stat=True)
 
     # -------------------------------------------------------------- entry point
     def forward(self, loss_dict, embeddings, labels):
+        self.reset_stats()
         if len(loss_dict) != 1:
             raise ValueError(
                 f"{type(self).__name__} reduces exactly one sub-loss, got loss_dict with "
@@ -70,14 +82,16 @@ class BaseReducer(torch.nn.Module):
             )
         (loss_info,) = loss_dict.values()
         losses, loss_indices, reduction_type, kwargs = self.unpack_loss_info(loss_info)
-        return self.reduce_the_loss(losses, loss_indices, reduction_type, kwargs, embeddings, labels)
+        out = self.reduce_the_loss(losses, loss_indices, reduction_type, kwargs, embeddings, labels)
+        if self.collect_stats and "losses_size" in loss_info:  # a fused, already-reduced value
+            self.losses_size = int(loss_info["losses_size"])
+        return out
 
     def unpack_loss_info(self, loss_info):
         return loss_info["losses"], loss_info["indices"], loss_info["reduction_type"], {}
 
     def reduce_the_loss(self, losses, loss_indices, reduction_type, kwargs, embeddings, labels):
-        if self.collect_stats:
-            self.losses_size = 1 if (not torch.is_tensor(losses) or losses.ndim == 0) else len(losses)
+        self.set_losses_size_stat(losses)
         if self.input_is_zero_loss(losses):
             return self.zero_loss(embeddings)
         self.assert_sizes(losses, loss_indices, reduction_type)
@@ -109,6 +123,10 @@ class BaseReducer(torch.nn.Module):
         return getattr(self, f"{reduction_type}_reduction")
 
     # -------------------------------------------------------------- helpers
+    def set_losses_size_stat(self, losses):
+        if self.collect_stats:
+            self.losses_size = 1 if (not torch.is_tensor(losses) or losses.ndim == 0) else len(losses)
+
     def zero_loss(self, embeddings):
         return _grad_zero(embeddings)
 
@@ -147,7 +165,7 @@ class MeanReducer(BaseReducer):
     """Mean over every loss entry (zeros included)."""
 
     def element_reduction(self, losses, *args, **kwargs):
-        return torch.mean(losses)
+        return fixed_order_mean(losses)  # torch.mean, in a thread-count independent order on a CPU
 
     pos_pair_reduction = element_reduction
     neg_pair_reduction = element_reduction
@@ -158,7 +176,7 @@ class SumReducer(MeanReducer):
     """Sum of every loss entry."""
 
     def element_reduction(self, losses, *args, **kwargs):
-        return torch.sum(losses)
+        return fixed_order_sum(losses)  # torch.sum, in a thread-count independent order on a CPU
 
     pos_pair_reduction = element_reduction
     neg_pair_reduction = element_reduction
@@ -174,9 +192,10 @@ class ThresholdReducer(BaseReducer):
             raise ValueError("ThresholdReducer: at least one of low or high must be specified")
         self.low = low
         self.high = high
-        self.num_past_filter = 0
-        self.num_above_low = 0
-        self.num_below_high = 0
+        self.add_to_recordable_attributes(list_of_names=["low", "high"], is_stat=False)
+        self.add_to_recordable_attributes(
+            list_of_names=["num_past_filter", "num_above_low", "num_below_high"], is_stat=True
+        )
 
     def _filtered_mean(self, losses, embeddings):
         keep = torch.ones_like(losses, dtype=torch.bool)
@@ -188,18 +207,19 @@ class ThresholdReducer(BaseReducer):
             # Same value and gradient without data-dependent shapes or branches (fullgraph)
             # or host syncs (CUDA).
             count = keep.sum()
-            total = torch.where(keep, losses, 0.0).sum()
+            total = fixed_order_sum(torch.where(keep, losses, 0.0))
             return torch.where(count > 0, total / count.clamp(min=1), self.zero_loss(embeddings))
         kept = losses[keep]
         if self.collect_stats:
             with torch.no_grad():
                 self.num_past_filter = len(kept)
+                above_low = losses > self.low if self.low is not None else torch.ones_like(keep)
                 if self.low is not None:
-                    self.num_above_low = int((losses > self.low).sum())
-                if self.high is not None:
-                    self.num_below_high = int((losses < self.high).sum())
+                    self.num_above_low = int(above_low.sum())
+                if self.high is not None:  # PML's name and count: below `high`, among those above `low`
+                    self.num_above_high = int((losses[above_low] < self.high).sum())
         if kept.numel() >= 1:
-            return torch.mean(kept)
+            return fixed_order_mean(kept)
         return self.zero_loss(embeddings)
 
     def element_reduction(self, losses, loss_indices, embeddings, labels, **kwargs):
@@ -223,6 +243,7 @@ class DivisorReducer(BaseReducer):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.divisor = 0
+        self.add_to_recordable_attributes(name="divisor", is_stat=True)
 
     def unpack_loss_info(self, loss_info):
         losses, loss_indices, reduction_type, kwargs = super().unpack_loss_info(loss_info)
@@ -236,12 +257,12 @@ class DivisorReducer(BaseReducer):
     def sum_and_divide(self, losses, embeddings, divisor):
         if torch.is_tensor(divisor):  # torch.compile / CUDA: no data-dependent branch, no sync
             safe = divisor.clamp(min=1).to(torch.promote_types(losses.dtype, torch.float32))
-            out = (torch.sum(losses) / safe).to(losses.dtype)  # a divisor > 65504 fits (fp16)
+            out = (fixed_order_sum(losses) / safe).to(losses.dtype)  # a divisor > 65504 fits (fp16)
             if losses.dtype == torch.float16:  # PML's fp16 rule below, as a select
                 out = torch.where(torch.isnan(out), (torch.sum(losses.float()) / safe).half(), out)
             return torch.where(divisor != 0, out, self.zero_loss(embeddings).to(out.dtype))
         if divisor != 0:
-            out = torch.sum(losses) / divisor
+            out = fixed_order_sum(losses) / divisor  # torch.sum; thread-count independent on a CPU
             if losses.dtype == torch.float16 and torch.isnan(out):
                 out = (torch.sum(losses.float()) / divisor).half()
             return out
@@ -271,6 +292,7 @@ class MultipleReducers(BaseReducer):
         self.default_reducer = MeanReducer() if default_reducer is None else default_reducer
 
     def forward(self, loss_dict, embeddings, labels):
+        self.reset_stats()
         vals = []
         for name, info in loss_dict.items():
             red = self.reducers[name] if name in self.reducers else self.default_reducer

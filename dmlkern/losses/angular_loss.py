@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..reference import embedding_losses as R
+from ._stats import angular_loss_average_angle
 from .base import BaseMetricLossFunction
 
 
@@ -21,8 +22,15 @@ class AngularLoss(BaseMetricLossFunction):
         super().__init__(**kwargs)
         R.require_distance("AngularLoss", self.distance, "LpDistance", p=2, power=1, normalize_embeddings=True)
         self.alpha = torch.tensor(math.radians(alpha), dtype=torch.float64)
+        self.add_to_recordable_attributes(list_of_names=["alpha"], is_stat=False)
+        self.add_to_recordable_attributes(list_of_names=["average_angle"], is_stat=True)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        self.reset_stats()
+        if self.collect_stats and labels is not None:
+            average_angle = angular_loss_average_angle(embeddings, labels, indices_tuple, ref_emb, ref_labels, self.distance)
+            if average_angle is not None:
+                self.average_angle = average_angle
         return R.angular_loss_dict(
             embeddings, labels, indices_tuple, ref_emb, ref_labels, alpha=float(self.alpha), distance=self.distance
         )

@@ -20,6 +20,7 @@ class CircleLoss(GenericPairLoss):
         self.on = -self.m
         self.delta_p = 1 - self.m
         self.delta_n = self.m
+        self.add_to_recordable_attributes(list_of_names=["m", "gamma", "op", "on", "delta_p", "delta_n"], is_stat=False)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.circle_loss_dict(

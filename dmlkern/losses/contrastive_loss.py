@@ -14,6 +14,7 @@ class ContrastiveLoss(GenericPairLoss):
         super().__init__(mat_based_loss=False, **kwargs)
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
+        self.add_to_recordable_attributes(list_of_names=["pos_margin", "neg_margin"], is_stat=False)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.contrastive_loss_dict(

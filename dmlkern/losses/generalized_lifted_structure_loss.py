@@ -4,6 +4,7 @@ Per row: ``relu(log sum_p exp(d_p - pos_margin) + log sum_n exp(neg_margin - d_n
 over all rows.
 """
 
+from ..fused import _stats as fused_stats
 from ..fused import losses as fused
 from ..reference import embedding_losses as R
 from .base import GenericPairLoss
@@ -14,9 +15,10 @@ class GeneralizedLiftedStructureLoss(GenericPairLoss):
         super().__init__(mat_based_loss=True, **kwargs)
         self.neg_margin = neg_margin
         self.pos_margin = pos_margin
+        self.add_to_recordable_attributes(list_of_names=["pos_margin", "neg_margin"], is_stat=False)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return fused.generalized_lifted_structure(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return fused_stats.pair_loss(fused.generalized_lifted_structure, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.generalized_lifted_structure_loss_dict(

@@ -29,6 +29,8 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.num_classes = num_classes
         self.scale = scale
         self.embedding_size = embedding_size
+        self.add_to_recordable_attributes(list_of_names=["num_classes", "margin", "scale"], is_stat=False)
+        self.add_to_recordable_attributes(name="avg_angle", is_stat=True)
         self.init_margin()
         self.W = new_weight(embedding_size, num_classes)
         self.weight_init_func(self.W)
@@ -58,6 +60,11 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def get_cosine(self, embeddings):
         return self.distance(embeddings, self.W.t())
 
+    def target_cosine(self, embeddings, labels):
+        """cosine[i, labels[i]] of ``get_cosine`` in O(N D), without the N x C matrix."""
+        w = self.W.t()[labels]
+        return torch.sum(self.distance.normalize(embeddings) * self.distance.normalize(w), dim=1)
+
     def get_angles(self, cosine_of_target_classes):
         return torch.acos(torch.clamp(cosine_of_target_classes, -1, 1))
 
@@ -76,6 +83,11 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
+        self.reset_stats()
+        if self.collect_stats:
+            with torch.no_grad():  # PML: the mean angle between each sample and its class weight
+                cosine = torch.clamp(self.target_cosine(embeddings, labels), -1, 1)
+                self.avg_angle = math.degrees(torch.mean(torch.acos(cosine)).item())
         loss_dict = self._loss_dict(embeddings, labels, indices_tuple)
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict

@@ -4,6 +4,7 @@ Per positive pair (i, j): ``relu(logsumexp_{negatives of i or j}(neg_margin - d)
 pos_margin)^2 / 2``, averaged over positive pairs.
 """
 
+from ..fused import _stats as fused_stats
 from ..fused import losses as fused
 from ..reference import embedding_losses as R
 from .base import GenericPairLoss
@@ -14,9 +15,10 @@ class LiftedStructureLoss(GenericPairLoss):
         super().__init__(mat_based_loss=False, **kwargs)
         self.neg_margin = neg_margin
         self.pos_margin = pos_margin
+        self.add_to_recordable_attributes(list_of_names=["pos_margin", "neg_margin"], is_stat=False)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return fused.lifted_structure(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return fused_stats.pair_loss(fused.lifted_structure, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.lifted_structure_loss_dict(

@@ -24,6 +24,7 @@ class MarginLoss(BaseMetricLossFunction):
         self.learn_beta = learn_beta
         self.initialize_beta(beta, num_classes)
         self.triplets_per_anchor = triplets_per_anchor
+        self.add_to_recordable_attributes(list_of_names=["margin", "nu", "beta"], is_stat=False)
 
     def initialize_beta(self, beta, num_classes):
         b = R.make_margin_beta(beta, num_classes)

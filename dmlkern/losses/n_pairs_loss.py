@@ -6,6 +6,7 @@ ref_emb not supported.
 from ..distances import DotProductSimilarity
 from ..fused import losses as fused
 from ..reference import embedding_losses as R
+from ..reference.indices import convert_to_pos_pairs_with_unique_labels
 from .base import BaseMetricLossFunction
 
 
@@ -15,8 +16,10 @@ class NPairsLoss(BaseMetricLossFunction):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.num_pairs = 0
+        self.add_to_recordable_attributes(name="num_pairs", is_stat=True)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        self.reset_stats()
         R.check_n_pairs_ref(embeddings, labels, ref_emb, ref_labels)
         return super().forward(embeddings, labels, indices_tuple)
 
@@ -24,6 +27,8 @@ class NPairsLoss(BaseMetricLossFunction):
         return fused.n_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if labels is not None:  # PML records it on every call
+            self.num_pairs = len(convert_to_pos_pairs_with_unique_labels(indices_tuple, labels)[0])
         return R.n_pairs_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=self.distance)
 
     def get_default_distance(self):

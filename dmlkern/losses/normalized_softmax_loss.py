@@ -18,6 +18,7 @@ class NormalizedSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.temperature = temperature
         self.num_classes = num_classes
         self.embedding_size = embedding_size
+        self.add_to_recordable_attributes(list_of_names=["embedding_size", "num_classes", "temperature"], is_stat=False)
         self.W = new_weight(embedding_size, num_classes)
         self.weight_init_func(self.W)
         self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")

@@ -6,6 +6,7 @@ other positives of a are not in the denominator; averaged over positive pairs. F
 """
 
 from ..distances import CosineSimilarity
+from ..fused import _stats as fused_stats
 from ..fused import losses as fused
 from ..reference import embedding_losses as R
 from .base import GenericPairLoss
@@ -15,9 +16,10 @@ class NTXentLoss(GenericPairLoss):
     def __init__(self, temperature=0.07, **kwargs):
         super().__init__(mat_based_loss=False, **kwargs)
         self.temperature = temperature
+        self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return fused.ntxent(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return fused_stats.pair_loss(fused.ntxent, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.ntxent_loss_dict(

@@ -1,6 +1,7 @@
 import torch
 
 from ..distances import CosineSimilarity
+from ..fused import _stats as fused_stats
 from ..fused import losses as fused
 from ..reducers import DivisorReducer
 from ..reference.classification_losses import PROXY_ANCHOR_SUB_LOSSES, proxy_anchor_loss_dict
@@ -26,6 +27,7 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.num_classes = num_classes
         self.margin = margin
         self.alpha = alpha
+        self.add_to_recordable_attributes(list_of_names=["num_classes", "alpha", "margin"], is_stat=False)
 
     def get_default_reducer(self):
         return DivisorReducer()
@@ -48,6 +50,8 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = fused.proxy_anchor(self, embeddings, labels, indices_tuple, self.proxies)
+        if loss_dict is not None:  # PML's loss always calls distance(embeddings, proxies)
+            fused_stats.record_distance(self.distance, embeddings, self.proxies)
         if isinstance(loss_dict, dict):
             self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
         return loss_dict

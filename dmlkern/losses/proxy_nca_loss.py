@@ -20,6 +20,7 @@ class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
         super().__init__(**kwargs)
         self.softmax_scale = softmax_scale
         self.num_classes = num_classes
+        self.add_to_recordable_attributes(list_of_names=["softmax_scale", "num_classes"], is_stat=False)
         self.proxies = new_weight(num_classes, embedding_size)
         self.weight_init_func(self.proxies)
         self.proxy_labels = torch.arange(num_classes)

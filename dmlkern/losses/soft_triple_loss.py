@@ -30,6 +30,7 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.num_classes = num_classes
         self.centers_per_class = centers_per_class
         self.embedding_size = embedding_size
+        self.add_to_recordable_attributes(list_of_names=["la", "gamma", "margin", "centers_per_class", "num_classes", "embedding_size"], is_stat=False)
         self.fc = new_weight(embedding_size, num_classes * centers_per_class)
         self.weight_init_func(self.fc)
 

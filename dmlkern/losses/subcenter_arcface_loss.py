@@ -28,6 +28,13 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
             embeddings, self.W, num_classes=self.num_classes, sub_centers=self.sub_centers, distance=self.distance
         )
 
+    def target_cosine(self, embeddings, labels):
+        """The cosine to the nearest sub-center of each sample's class, in O(N K D)."""
+        K = self.sub_centers
+        w = self.W.t()[(labels * K).unsqueeze(1) + torch.arange(K, device=labels.device)]  # (N, K, D)
+        x = self.distance.normalize(embeddings).unsqueeze(1)
+        return torch.sum(x * self.distance.normalize(w, dim=2), dim=2).max(dim=1).values
+
     def get_outliers(self, embeddings, labels, threshold=75, return_dominant_centers=True):
         """Samples far from their class's dominant sub-center.
 

@@ -12,8 +12,6 @@ Differences from PML:
   ``InvalidInputError`` (a ValueError that is also the AssertionError PML raises);
 * DistanceWeightedMiner given ref_emb without ref_labels uses ``labels`` for the reference rows
   (PML crashes), and returns empty tuples when every weight is inf/nan (PML crashes);
-* ``collect_stats`` is accepted, but only ``num_pos_pairs``/``num_neg_pairs``/``num_triplets``
-  are recorded;
 * MaximumLossMiner (removed from PML in 2.0) is re-defined here; see its docstring.
 """
 

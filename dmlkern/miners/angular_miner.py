@@ -2,7 +2,12 @@ import math
 
 from ..distances import LpDistance
 from ..reference.miners import angular_miner
+from ._stats import angle_stats
 from .base import BaseTupleMiner
+
+
+_ANGLE_STATS = ["average_angle", "average_angle_above_threshold", "average_angle_below_threshold",
+                "min_angle", "max_angle", "std_of_angle"]
 
 
 class AngularMiner(BaseTupleMiner):
@@ -13,6 +18,12 @@ class AngularMiner(BaseTupleMiner):
         super().__init__(**kwargs)
         self._require_distance(LpDistance, p=2, power=1, normalize_embeddings=True)
         self.angle = math.radians(angle)
+        self.add_to_recordable_attributes(list_of_names=["angle"], is_stat=False)
+        self.add_to_recordable_attributes(list_of_names=_ANGLE_STATS, is_stat=True)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
+        if self.collect_stats:
+            stats = angle_stats(embeddings, labels, ref_emb, ref_labels, self.angle, self.distance.pairwise_distance)
+            for name, value in stats.items():
+                setattr(self, name, value)
         return angular_miner(embeddings, labels, ref_emb, ref_labels, self.angle, self.distance.pairwise_distance)

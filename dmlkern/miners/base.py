@@ -5,24 +5,32 @@ returns LongTensor index tuples: triplets ``(a, p, n)`` or pairs ``(a1, p, a2, n
 when nothing qualifies). Without ``ref_emb`` the batch is compared with itself and the trivial
 pairs (i, i) are excluded; with ``ref_emb`` but no ``ref_labels``, ``labels`` also label the
 reference rows (as in PML).
+
+Statistics (PML's): ``num_pos_pairs`` / ``num_neg_pairs`` / ``num_triplets`` are set on every
+call; with ``collect_stats=True`` (or ``dmlkern.utils.common_functions.COLLECT_STATS``) they and
+the miner's own statistics (``_record_these_stats``) are reset to 0 at the start of each call.
 """
 
 import torch
 
 from .._validation import InvalidInputError, class_id_pair, validate_inputs
 from ..distances import LpDistance
+from ..utils.common_functions import RecordsMixin
 
 __all__ = ["BaseMiner", "BaseTupleMiner"]
 
 
-class BaseMiner(torch.nn.Module):
-    def __init__(self, distance=None, collect_stats=False, **kwargs):
+class BaseMiner(RecordsMixin, torch.nn.Module):
+    def __init__(self, distance=None, collect_stats=None, **kwargs):
         super().__init__(**kwargs)
-        self.collect_stats = collect_stats
+        self._init_records(collect_stats)
         self.distance = self.get_default_distance() if distance is None else distance
         self.num_pos_pairs = 0
         self.num_neg_pairs = 0
         self.num_triplets = 0
+        self.add_to_recordable_attributes(
+            list_of_names=["num_pos_pairs", "num_neg_pairs", "num_triplets"], is_stat=True
+        )
 
     def get_default_distance(self):
         return LpDistance(p=2)
@@ -49,6 +57,7 @@ class BaseMiner(torch.nn.Module):
             raise TypeError("a miner must return 3 (triplets) or 4 (pairs) tensors")
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        self.reset_stats()
         with torch.no_grad():
             validate_inputs(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
             labels, ref_labels = class_id_pair(labels, None if ref_emb is None else ref_labels, embeddings.device)

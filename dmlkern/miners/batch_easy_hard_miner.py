@@ -1,4 +1,5 @@
 from ..reference import miners as ref
+from ._stats import extreme_pair_stats
 from .base import BaseTupleMiner
 
 
@@ -27,10 +28,15 @@ class BatchEasyHardMiner(BaseTupleMiner):
         self.neg_strategy = neg_strategy
         self.allowed_pos_range = allowed_pos_range
         self.allowed_neg_range = allowed_neg_range
+        self.add_to_recordable_attributes(
+            list_of_names=["easiest_triplet", "hardest_triplet", "easiest_pos_pair", "hardest_pos_pair",
+                           "easiest_neg_pair", "hardest_neg_pair"],
+            is_stat=True,
+        )
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         mat = self.distance(embeddings, ref_emb)
-        return ref.batch_easy_hard_miner(
+        return self._with_stats(mat, ref.batch_easy_hard_miner(
             mat,
             labels,
             ref_labels,
@@ -39,4 +45,12 @@ class BatchEasyHardMiner(BaseTupleMiner):
             self.allowed_pos_range,
             self.allowed_neg_range,
             self.distance.is_inverted,
-        )
+        ))
+
+    def _with_stats(self, mat, out):
+        """Records PML's easiest/hardest statistics of the mined output (with collect_stats)."""
+        if self.collect_stats:
+            with_triplets = self.ALL not in (self.pos_strategy, self.neg_strategy)
+            for name, value in extreme_pair_stats(mat, out, self.distance.is_inverted, with_triplets).items():
+                setattr(self, name, value)
+        return out

@@ -10,4 +10,4 @@ class BatchHardMiner(BatchEasyHardMiner):
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         mat = self.distance(embeddings, ref_emb)
-        return batch_hard_miner(mat, labels, ref_labels, self.distance.is_inverted)
+        return self._with_stats(mat, batch_hard_miner(mat, labels, ref_labels, self.distance.is_inverted))

@@ -12,6 +12,7 @@ class DistanceWeightedMiner(BaseTupleMiner):
         self._require_distance(LpDistance, p=2, power=1, normalize_embeddings=True)
         self.cutoff = float(cutoff)
         self.nonzero_loss_cutoff = float(nonzero_loss_cutoff)
+        self.add_to_recordable_attributes(list_of_names=["cutoff", "nonzero_loss_cutoff"], is_stat=False)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         mat = self.distance(embeddings, ref_emb)

@@ -1,4 +1,5 @@
 from ..reference.miners import pair_margin_miner
+from ._stats import pair_means
 from .base import BaseTupleMiner
 
 
@@ -9,9 +10,13 @@ class PairMarginMiner(BaseTupleMiner):
         super().__init__(**kwargs)
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
+        self.add_to_recordable_attributes(list_of_names=["pos_margin", "neg_margin"], is_stat=False)
+        self.add_to_recordable_attributes(list_of_names=["pos_pair_dist", "neg_pair_dist"], is_stat=True)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         mat = self.distance(embeddings, ref_emb)
+        if self.collect_stats:
+            self.pos_pair_dist, self.neg_pair_dist = pair_means(mat, labels, ref_labels)
         return pair_margin_miner(
             mat, labels, ref_labels, self.pos_margin, self.neg_margin, self.distance.is_inverted
         )

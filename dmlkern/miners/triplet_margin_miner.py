@@ -1,4 +1,5 @@
 from ..reference.miners import triplet_margin_miner
+from ._stats import triplet_means
 from .base import BaseTupleMiner
 
 
@@ -13,9 +14,17 @@ class TripletMarginMiner(BaseTupleMiner):
         super().__init__(**kwargs)
         self.margin = margin
         self.type_of_triplets = type_of_triplets
+        self.add_to_recordable_attributes(list_of_names=["margin"], is_stat=False)
+        self.add_to_recordable_attributes(
+            list_of_names=["avg_triplet_margin", "pos_pair_dist", "neg_pair_dist"], is_stat=True
+        )
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         mat = self.distance(embeddings, ref_emb)
+        if self.collect_stats:
+            self.pos_pair_dist, self.neg_pair_dist, self.avg_triplet_margin = triplet_means(
+                mat, labels, ref_labels, self.distance.is_inverted
+            )
         return triplet_margin_miner(
             mat, labels, ref_labels, self.margin, self.type_of_triplets, self.distance.is_inverted
         )
