@@ -201,6 +201,8 @@ def test_half_precision_on_cpu_runs_the_reference():
             loss_fn = LOSSES[name](3, 8).to(dtype)
             _run(loss_fn, name, x, labels, None, None, "fused")
             assert loss_fn.last_backend in ("reference", "zero"), f"{name} {dtype}: ran {loss_fn.last_backend}"
+            if loss_fn.last_backend == "reference":
+                assert f"{dtype} on cpu" in loss_fn.last_fallback, (name, loss_fn.last_fallback)
 
 
 def _hessian_vector(loss_fn, name, x, labels, ref, path, direction):
@@ -442,15 +444,30 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
     labels = torch.randint(0, 3, (20,))
     from dmlkern.distances import LpDistance
     from dmlkern.reducers import AvgNonZeroReducer
-    for loss_fn, args in [
-        (losses.MultiSimilarityLoss(distance=LpDistance()), (x, labels)),           # non-default distance
-        (losses.NTXentLoss(reducer=AvgNonZeroReducer()), (x, labels)),               # per-pair reducer
-        (losses.LiftedStructureLoss(), (x, labels, None, x[:7] * 2, labels[:7])),    # PML's ref_emb quirk
-        (losses.LiftedStructureLoss(), (x, labels, None, x, labels.clone())),        # self-pairs kept then
-        (losses.SupConLoss(), (x, labels, (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])))),
+    zero_row = torch.cat([x[:1] * 0, x[1:]])
+    for loss_fn, args, reason in [
+        (losses.MultiSimilarityLoss(distance=LpDistance()), (x, labels), "non-default distance LpDistance"),
+        (losses.NTXentLoss(reducer=AvgNonZeroReducer()), (x, labels), "AvgNonZeroReducer with NTXentLoss"),
+        (losses.LiftedStructureLoss(), (x, labels, None, x[:7] * 2, labels[:7]), "ref_emb"),  # PML's quirk
+        (losses.LiftedStructureLoss(), (x, labels, None, x, labels.clone()), "ref_emb"),  # self-pairs kept then
+        (losses.LiftedStructureLoss(), (zero_row, labels), "shorter than 1e-12"),
+        (losses.GeneralizedLiftedStructureLoss(), (zero_row, labels), "shorter than 1e-12"),
+        (losses.SupConLoss(), (x, labels, (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]))),
+         "an indices_tuple"),
+        (losses.MultiSimilarityLoss(), (x, None, (torch.tensor([0]), torch.tensor([1]), torch.tensor([4]),
+                                                  torch.tensor([5]))), "other than MultiSimilarityMiner's"),
+        (losses.ContrastiveLoss(), (x, labels), "ContrastiveLoss has no fused kernel yet"),
     ]:
+        loss_fn.last_fallback = None
         loss_fn(*args)
         assert loss_fn.last_backend == "reference", type(loss_fn).__name__
+        assert reason in (loss_fn.last_fallback or ""), (type(loss_fn).__name__, loss_fn.last_fallback)
+    loss_fn = losses.SupConLoss()
+    loss_fn(x, labels)
+    assert loss_fn.last_fallback is None  # the fused path (here on the engine's reference twin)
+    loss_fn.backend = "reference"
+    loss_fn(x, labels)
+    assert loss_fn.last_fallback.startswith("backend='reference'")
 
 
 def test_lazy_miner_records_pair_counts_like_pml(engine_backend_choice):

@@ -15,6 +15,9 @@ from . import _stats
 from .lazy_pairs import LazyMinedPairs
 
 
+SHORT_ROWS = "an embedding row shorter than 1e-12 (e.g. all zeros) with a Euclidean fused loss"
+
+
 class _ZeroLoss:
     """Returned for degenerate batches (no valid pair): the caller uses module.zero_losses(),
     exactly what the reference returns there, without building its N x M matrices."""
@@ -192,8 +195,10 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
 # ------------------------------------------------------------------- Generalized Lifted
 def generalized_lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
-    if backend is None or has_short_rows(embeddings, ref_emb):
+    if backend is None:
         return None
+    if has_short_rows(embeddings, ref_emb):
+        return decline(module, SHORT_ROWS)
     exclude_diag = ref_labels is labels
     degenerate = Degenerate(labels, _at_most_one_pair_each(LabelStats(labels, ref_labels)))
     if degenerate.returns_zero_now():
@@ -320,8 +325,10 @@ class _NTXentRows(torch.autograd.Function):
 
 def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
-    if backend is None or not is_plain_mean(module.reducer):
-        return None  # per-pair losses for other reducers would need the O(pairs) list
+    if backend is None:
+        return None
+    if not is_plain_mean(module.reducer):  # per-pair losses would need the O(pairs) list
+        return decline(module, f"{type(module.reducer).__name__} with NTXentLoss (fused with MeanReducer)")
     exclude_diag = ref_labels is labels
     stats = LabelStats(labels, ref_labels)
     degenerate = Degenerate(labels, _rule_or_no_pos_or_neg(stats))
@@ -433,7 +440,7 @@ def _n_pairs_static_shapes(module, embeddings, labels, backend):
     costs N x N instead of k x k (k anchors): eager mode lists the anchors instead. The mean over
     the k anchors is MeanReducer's; other reducers need the anchor list (the reference)."""
     if not is_plain_mean(module.reducer):
-        return None
+        return decline(module, f"{type(module.reducer).__name__} with NPairsLoss under torch.compile")
     n = labels.shape[0]
     order, valid = _first_of_label_pairs(labels)
     positives = order[(torch.arange(n, device=labels.device) + 1).clamp(max=n - 1)]
@@ -585,8 +592,12 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
     # With ref_emb (even the embeddings themselves, given with other ref_labels) PML matches
     # negatives by index value and keeps self-pairs: the reference does that.
-    if backend is None or ref_emb is not embeddings or ref_labels is not labels or has_short_rows(embeddings):
+    if backend is None:
         return None
+    if ref_emb is not embeddings or ref_labels is not labels:
+        return decline(module, "ref_emb or ref_labels with LiftedStructureLoss")
+    if has_short_rows(embeddings):
+        return decline(module, SHORT_ROWS)
     stats = LabelStats(labels, labels)
     degenerate = Degenerate(labels, _rule_or_no_pos_or_neg(stats))
     pm, nm = float(module.pos_margin), float(module.neg_margin)
@@ -617,7 +628,8 @@ def _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, p
     if degenerate.now():
         return ZERO_LOSS
     if int(stats.pos_total) > MAX_POS_PAIRS_PER_ROW * len(labels):
-        return None
+        return decline(module, f"{type(module.reducer).__name__} with LiftedStructureLoss and more than "
+                               f"{MAX_POS_PAIRS_PER_ROW} positive pairs per row")
     x = unit_rows(embeddings)
     lse = _lse2(x, x, labels, labels, [0.0, 0.0, -1.0, nm, 0.0], True, backend,
                 transform=pe.TRANSFORM_UNIT_DISTANCE)
