@@ -11,7 +11,8 @@ Eager calls on plain tensors skip the registered ops' Python autograd layer (tor
 wrapper costs ~40 us of host time per call here, paid before the kernel is launched) and run
 the same forward and backward through a plain autograd.Function (`_direct_call_ok`). Under
 torch.compile, inside a dispatch or function mode (FakeTensor, opcheck) and under functorch
-transforms, the registered ops run.
+transforms other than torch.func.grad / vjp, the registered ops run (torch.library's autograd
+layer does not support functorch transforms; the direct autograd.Function does grad and vjp).
 """
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
@@ -87,11 +88,39 @@ def reference_gradient(forward, inputs, needs, grad_out):
     return result
 
 
+_GRAPH_TRANSFORMS = None
+
+
+def backward_needs_graph(saved):
+    """Whether a backward must return a differentiable gradient (then `reference_gradient`), i.e.
+    autograd records it: create_graph=True, or a functorch transform that differentiates it again.
+    torch.func.grad / vjp always run backward with grad mode on; they need the graph only when an
+    outer transform (torch.func.grad of torch.func.grad, jvp) or plain autograd (inputs that
+    require grad outside the transform) differentiates the result. `saved`: a saved input, whose
+    functorch wrappers tell the levels. Without grad mode (a plain backward) no work is done here."""
+    if not torch.is_grad_enabled():
+        return False
+    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor, maybe_get_level
+    if not is_functorch_wrapped_tensor(saved):
+        return True  # create_graph=True
+    current = maybe_get_level(saved)  # the level running this backward (negative: a finished vjp's)
+    while is_functorch_wrapped_tensor(saved):
+        saved = get_unwrapped(saved)
+    if saved.requires_grad:
+        return True
+    global _GRAPH_TRANSFORMS
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    if _GRAPH_TRANSFORMS is None:
+        from torch._C._functorch import TransformType
+        _GRAPH_TRANSFORMS = (TransformType.Grad, TransformType.Jvp)
+    return any(i.key() in _GRAPH_TRANSFORMS and i.level() != current for i in retrieve_all_functorch_interpreters())
+
+
 def _make_backward(backward_op, takes_coef_terms=False):
     def backward(ctx, grad_out):
         x, y, x_labels, y_labels, row_in, out = ctx.saved_tensors
         pass_kind, transform, mining, params, exclude_diag = ctx.args
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        if backward_needs_graph(x):  # create_graph=True: a differentiable gradient
             def forward(x, y, row_in):
                 return reference.engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining,
                                                 params, exclude_diag)
@@ -105,7 +134,8 @@ def _make_backward(backward_op, takes_coef_terms=False):
                     exclude_diag, ctx.symmetric)
             if takes_coef_terms:  # Triton: the pass says which terms are used (no host check)
                 args += (_COEF_TERMS[pass_kind],)
-            grad_x, grad_y = backward_op(*args)
+            with torch.no_grad():  # under torch.func.grad grad mode is on: the kernels record nothing
+                grad_x, grad_y = backward_op(*args)
             if ctx.symmetric:  # grad_x is the sum of both sides (grad_y zero): nothing to add
                 grad_y = None
         return grad_x, grad_y, None, None, grad_row_in, None, None, None, None, None
@@ -133,10 +163,20 @@ if _cpp_ready:
     )
 
 
+def _only_grad_transforms():
+    """Whether every active functorch transform is torch.func.grad / vjp (a Grad level): the
+    direct autograd.Function supports those (its split form), not vmap or jvp (no vmap or jvp
+    rule). torch.library's autograd layer supports no functorch transform at all."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return all(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
+
+
 def _direct_call_ok(*tensors):
     """Whether this call may run the kernels through `_direct_function` (module docstring)."""
-    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-            or is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active()):
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or is_in_torch_dispatch_mode():
+        return False
+    if torch._C._are_functorch_transforms_active() and not _only_grad_transforms():
         return False
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
@@ -144,15 +184,18 @@ def _direct_call_ok(*tensors):
 def _direct_function(name, forward_impl, backward):
     """The engine forward as a plain autograd.Function: forward_impl (the backend's forward)
     with the registered op's setup_context and backward, i.e. the same numbers for less host
-    time. Without a gradient to track, forward_impl alone."""
+    time. Without a gradient to track, forward_impl alone. In the split form (forward without
+    ctx, then setup_context), the one torch.func.grad / vjp accept."""
 
-    def forward(ctx, *inputs):
-        out = forward_impl(*inputs)
-        _setup_context(ctx, inputs, out)
-        return out
+    def forward(*inputs):
+        # This Function is the autograd: the op's own autograd layer is skipped (under torch.func
+        # transforms it would crash: torch.library's autograd layer has no functorch support).
+        with torch._C._AutoDispatchBelowAutograd():
+            return forward_impl(*inputs)
 
     function = type(name, (torch.autograd.Function,),
-                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                    {"forward": staticmethod(forward), "setup_context": staticmethod(_setup_context),
+                     "backward": staticmethod(backward)})
 
     def call(*inputs):
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:5]):
@@ -199,6 +242,8 @@ if triton_available():
             _make_backward(pair_engine_backward_triton, takes_coef_terms=True), setup_context=_setup_context)
 
         def _triton_backward_direct(*args):  # args as _make_backward passes them, coef_terms last
+            if torch._C._are_functorch_transforms_active():  # functorch's wrappers: through the dispatcher
+                return pair_engine_backward_triton(*args)
             return _tk.engine_backward(*args[:-1], coef_terms=args[-1])
 
         _TritonDirect = _direct_function("_TritonDirect", _tk.engine_forward,
@@ -267,7 +312,8 @@ def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform
     if backend == "reference":
         return reference.engine_backward(*args)
     if backend == "triton":
-        if _direct_call_ok(*args[:6]):  # no autograd here: only the dispatcher hop is skipped
+        if _direct_call_ok(*args[:6]) and not torch._C._are_functorch_transforms_active():
+            # no autograd here: only the dispatcher hop is skipped (functorch's wrappers need it)
             return _tk.engine_backward(*args, coef_terms=int(coef_terms))
         return pair_engine_backward_triton(*args, int(coef_terms))
     return torch.ops.dmlkern.pair_engine_backward(*args)

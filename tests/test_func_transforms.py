@@ -1,0 +1,116 @@
+"""torch.func transforms through the fused losses: torch.func.grad and torch.func.vjp give
+torch.autograd.grad's gradients (fp64), and the fused engine runs them, forward and backward
+(no fall-back to the reference). Parameters (ProxyAnchor's proxies) enter through
+torch.func.functional_call."""
+import pytest
+import torch
+
+from dmlkern import miners
+from dmlkern.ops import pair_engine as pe
+from test_fused_losses import LOSSES, NO_REF_EMB
+
+CASES = [(name, with_ref) for name in LOSSES for with_ref in (False, True)
+         if not (with_ref and name in NO_REF_EMB)]
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _setup(name, with_ref):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(14, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (14,), generator=g)
+    ref = ref_labels = None
+    if with_ref:
+        ref = torch.randn(9, 6, generator=g, dtype=torch.float64)
+        ref_labels = torch.randint(0, 3, (9,), generator=g)
+    torch.manual_seed(0)
+    loss_fn = LOSSES[name](3, 6).double()
+    params = {k: v.detach().clone() for k, v in loss_fn.named_parameters()}
+
+    def loss(x, ref, params):
+        mined = (miners.MultiSimilarityMiner(epsilon=0.1)(x, labels, ref, ref_labels)
+                 if name == "multi_similarity_miner" else None)
+        return torch.func.functional_call(loss_fn, params, (x, labels, mined, ref, ref_labels))
+
+    return loss_fn, loss, (x, ref, params)
+
+
+def _autograd(loss, x, ref, params):
+    leaves = (x.clone().requires_grad_(True), None if ref is None else ref.clone().requires_grad_(True),
+              {k: v.clone().requires_grad_(True) for k, v in params.items()})
+    value = loss(*leaves)
+    flat = [leaves[0]] + ([] if ref is None else [leaves[1]]) + list(leaves[2].values())
+    return value.detach(), torch.autograd.grad(value, flat)
+
+
+def _primals(loss, x, ref, params):
+    """The function of tensors only and its primals: (x, params), or (x, ref, params)."""
+    if ref is None:
+        return (lambda x, p: loss(x, None, p)), (x, params)
+    return loss, (x, ref, params)
+
+
+def _flat(grads):
+    return list(grads[:-1]) + list(grads[-1].values())
+
+
+@pytest.fixture
+def no_reference_gradient(monkeypatch):
+    """The fused backward must run: the differentiable reference gradient (create_graph=True's
+    path) fails the test if called."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the backward fell back to the reference gradient")
+    monkeypatch.setattr(pe, "reference_gradient", fail)
+
+
+@pytest.mark.parametrize("name,with_ref", CASES, ids=[f"{n}{'-ref' if r else ''}" for n, r in CASES])
+def test_grad_and_vjp_equal_autograd(name, with_ref, no_reference_gradient):
+    loss_fn, loss, (x, ref, params) = _setup(name, with_ref)
+    want_value, want = _autograd(loss, x, ref, params)
+    assert loss_fn.last_backend == "cpp", loss_fn.last_backend
+
+    f, primals = _primals(loss, x, ref, params)
+    loss_fn.last_backend = None
+    got = _flat(torch.func.grad(f, argnums=tuple(range(len(primals))))(*primals))
+    assert loss_fn.last_backend == "cpp", f"torch.func.grad ran {loss_fn.last_backend}"
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
+
+    loss_fn.last_backend = None
+    value, vjp_fn = torch.func.vjp(f, *primals)
+    got = _flat(vjp_fn(torch.ones((), dtype=torch.float64)))
+    assert loss_fn.last_backend == "cpp", f"torch.func.vjp ran {loss_fn.last_backend}"
+    torch.testing.assert_close(value, want_value, rtol=0, atol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("name", ["multi_similarity", "ntxent", "lifted", "proxy_anchor"])
+def test_second_order_grad_of_grad_equals_autograd(name):
+    """torch.func.grad of torch.func.grad needs a differentiable first gradient: the inner
+    backward takes the reference's (create_graph=True's path), as plain double backward does."""
+    loss_fn, loss, (x, ref, params) = _setup(name, False)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def directional(x):  # <grad_x loss, v>
+        return (torch.func.grad(lambda x: loss(x, None, params))(x) * v).sum()
+
+    got = torch.func.grad(directional)(x)
+    xx = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(loss(xx, None, params), xx, create_graph=True)
+    (want,) = torch.autograd.grad((gx * v).sum(), xx)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_grad_through_outer_autograd_keeps_the_graph():
+    """torch.func.grad on inputs that require grad outside the transform: its result must stay
+    differentiable by plain autograd (the backward records its graph there)."""
+    loss_fn, loss, (x, ref, params) = _setup("multi_similarity", False)
+    xx = x.clone().requires_grad_(True)
+    gx = torch.func.grad(lambda x: loss(x, None, params))(xx)
+    assert gx.requires_grad
+    (got,) = torch.autograd.grad(gx.sum(), xx)
+    xx2 = x.clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(loss(xx2, None, params), xx2, create_graph=True)
+    (want,) = torch.autograd.grad(g2.sum(), xx2)
+    torch.testing.assert_close(got, want, **TOL)
