@@ -36,6 +36,9 @@
 
 #include <bit>
 #include <cstdint>
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#endif
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -130,6 +133,44 @@ constexpr int64_t kRowBlock = 128;
 constexpr int64_t kColBlock = 512;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The tile products run with BLAS pinned to one thread on the calling thread, for the
+// lifetime of this guard (one per parallel_for body). Why: inside at::parallel_for's OpenMP
+// region MKL is serial anyway, but at::parallel_for runs the body inline, outside any parallel
+// region, when there is one row block (fewer than kRowBlock rows, e.g. N-pairs' anchors) or one
+// torch thread. MKL then threads each small product itself and may split its K dimension by the
+// thread count (MKL promises reproducibility only with a fixed thread count): on AMD EPYC the
+// N-pairs gradient differed by 1e-19 between 1 and 2 threads. With the guard every product is
+// single-threaded whatever the thread count, so results are bit-identical across thread counts
+// (each output row still has one writer), and a product of a 128 x 512 tile is too small for
+// MKL's threads to pay (waking them cost more than the product in measurements). The engine
+// parallelises over row blocks itself. mkl_set_num_threads_local is looked up at run time
+// (torch exports it when built with MKL) as MKL_Set_Num_Threads_Local, the C entry point that
+// mkl_service.h's macro names (the lowercase symbol is the Fortran one, taking int*): a no-op
+// without MKL (other BLAS builds: see the README's determinism contract), and no environment
+// variable needed.
+class SerialBlasGuard {
+ public:
+  SerialBlasGuard() : previous_(set_local() != nullptr ? set_local()(1) : -1) {}
+  ~SerialBlasGuard() {
+    if (previous_ >= 0) set_local()(previous_);  // 0 restores MKL's global setting
+  }
+  SerialBlasGuard(const SerialBlasGuard&) = delete;
+  SerialBlasGuard& operator=(const SerialBlasGuard&) = delete;
+
+ private:
+  using SetLocal = int (*)(int);
+  static SetLocal set_local() {
+#if defined(__unix__) || defined(__APPLE__)
+    static const SetLocal f =
+        reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    return f;
+#else
+    return nullptr;
+#endif
+  }
+  int previous_;
+};
 
 template <int64_t V>
 using IC = std::integral_constant<int64_t, V>;
@@ -432,6 +473,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
     // Worker threads do not inherit the caller's dispatch guard: without it autograd
     // would record every tile product of an input that requires grad (an N x M leak).
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const SerialBlasGuard serial_blas;  // bit-identical across thread counts (see the class)
     auto buffer = at::empty({kRowBlock * std::min(kColBlock, std::max<int64_t>(m, 1))}, x.options());
     std::vector<AccOf<PASS, T>> acc(kRowBlock);
     std::vector<int64_t> block_of_code(kPositivesOnly ? n + m : 0, -1);  // label codes are < n + m
@@ -663,6 +705,7 @@ void grad_tiles(const at::Tensor& own, const at::Tensor& other, const int32_t* o
   at::parallel_for(0, ceil_div(n_own, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
     // Worker threads do not inherit the caller's dispatch guard (see forward_impl).
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const SerialBlasGuard serial_blas;  // bit-identical across thread counts (see the class)
     auto buffer = at::empty({kRowBlock * std::min(kColBlock, n_other)}, own.options());
     std::vector<int64_t> block_of_code(lift ? n_own + n_other : 0, -1);  // label codes < N + M
     for (int64_t b = b0; b < b1; ++b) {

@@ -1,0 +1,54 @@
+"""Reductions and epilogue maths whose bits do not depend on the CPU thread count.
+
+On a CPU, torch splits an op over threads once it has 32768 elements or more (its grain size),
+at chunk boundaries that depend on torch.get_num_threads(). Two kinds of ops then give other
+bits with another thread count:
+
+* a full reduction (`t.sum()`, `t.mean()`): each thread sums its chunk, then the partial sums
+  are added, so the summation order follows the split;
+* elementwise ops whose vectorised loop and scalar remainder loop differ (torch.logaddexp,
+  torch.sigmoid): an element near a chunk boundary takes the scalar path with one split, the
+  vector path with another (an ulp apart). exp and log1p (vectorised on the remainder too),
+  +, -, *, /, max, min, where and sqrt (exact) are not affected.
+
+`fixed_order_sum` / `fixed_order_mean` sum in chunks of a fixed size (a reduction with one
+output per chunk is split over outputs: each chunk is summed by one thread, in one order),
+and `logaddexp` uses the unaffected ops. Off the CPU, and for other dtypes, they are the plain
+torch ops (a CUDA reduction has a fixed order already).
+"""
+import torch
+
+_CHUNK = 4096  # elements per partial sum (below torch's grain size: one chunk is one thread's)
+
+
+def _chunked(t):
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.numel() > _CHUNK
+
+
+def fixed_order_sum(t):
+    """t.sum(), summed in an order that does not depend on the thread count (module docstring)."""
+    if not _chunked(t):
+        return torch.sum(t)
+    flat = t.reshape(-1)
+    full = flat.numel() - flat.numel() % _CHUNK
+    parts = flat[:full].view(-1, _CHUNK).sum(dim=1)
+    if full < flat.numel():
+        parts = torch.cat([parts, flat[full:].sum().unsqueeze(0)])
+    return fixed_order_sum(parts)
+
+
+def fixed_order_mean(t):
+    """t.mean() as fixed_order_sum(t) / numel on CPU tensors past one chunk; else torch.mean."""
+    if not _chunked(t):
+        return torch.mean(t)
+    return fixed_order_sum(t) / t.numel()
+
+
+def logaddexp(a, b):
+    """torch.logaddexp(a, b) (also -inf for a = b = -inf, gradient 1/2 each where a == b), on a
+    CPU from ops whose bits do not depend on the thread count: max + log1p(exp(min - max))."""
+    if a.device.type != "cpu":
+        return torch.logaddexp(a, b)
+    hi, lo = torch.maximum(a, b), torch.minimum(a, b)
+    # a == b (also both infinite, where lo - hi is NaN): log1p(exp(0)).
+    return hi + torch.log1p(torch.exp(torch.where(hi == lo, 0.0, lo - hi)))
