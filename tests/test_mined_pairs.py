@@ -209,3 +209,17 @@ def test_result_type_and_repr():
     assert isinstance(pairs, LazyMinedPairs) and "not computed" in repr(pairs)
     pairs.materialize()
     assert "tensor" in repr(pairs)
+
+
+def test_records_like_pmls_miner():
+    """PML's miner lists epsilon as recordable and its distance records norms on every call."""
+    from dmlkern.distances import CosineSimilarity
+    from pytorch_metric_learning.distances import CosineSimilarity as PMLCosine
+    x, labels = _batch(13)
+    ours = miners.MultiSimilarityMiner(distance=CosineSimilarity(collect_stats=True))
+    theirs = pml_miners.MultiSimilarityMiner(distance=PMLCosine(collect_stats=True))
+    assert ours._record_these == theirs._record_these == ["epsilon"]
+    ours(x * 3, labels)
+    theirs(x * 3, labels)
+    for name in ("initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query_norm"):
+        assert getattr(ours.distance, name) == pytest.approx(getattr(theirs.distance, name), rel=1e-12), name

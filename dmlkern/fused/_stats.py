@@ -47,7 +47,10 @@ def n_pairs(module, embeddings, anchors=None, positives=None, order=None, valid=
     order and the mask of valid sorted positions (the anchors there, their positives next)."""
     if _tracing():
         return
-    if anchors is None:
+    if anchors is None:  # static shapes: the count as a tensor (no host read, traceable)
+        module.num_pairs = valid.sum()
+        if not module.distance.collect_stats:
+            return
         idx = torch.nonzero(valid).squeeze(1)
         anchors, positives = order[idx], order[idx + 1]
     module.num_pairs = len(anchors)

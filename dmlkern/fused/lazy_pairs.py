@@ -98,6 +98,7 @@ class _Snapshot:
             self.tensor, self.version, self.values = embeddings, None, None
         else:
             self.tensor, self.version = embeddings.detach(), embeddings._version
+            self.original = weakref.ref(embeddings)  # the caller's object, without its graph
             self.values = self.tensor.clone()
 
     def mined_values(self):
@@ -108,7 +109,8 @@ class _Snapshot:
         since, does without reading values (no host sync); otherwise the values are compared."""
         if self.values is None:
             return t is self.tensor
-        if t.is_cuda and _same_memory(t, self.tensor, self.version):
+        if t.is_cuda and (t is self.original() and t._version == self.version
+                          or _same_memory(t, self.tensor, self.version)):
             return True
         v = self.values
         return t.shape == v.shape and t.dtype == v.dtype and t.device == v.device and torch.equal(_bits(t), _bits(v))
@@ -157,7 +159,10 @@ class _Mining:
         return self.result
 
     def placeholder(self, device):
-        out = torch.empty(0, dtype=torch.long, device=device).as_subclass(PendingIndices)
+        out = torch.empty(0, dtype=torch.long, device=device)
+        if type(out) is not torch.Tensor:  # a tracing mode's tensor (make_fx, fake tensors): it
+            return out  # can't be subclassed; only a fused loss can use the result there
+        out = out.as_subclass(PendingIndices)
         out._mining = self
         # (under torch.compile a plain closure: dynamo traces no weakref)
         self.placeholders.append((lambda: out) if static_shapes() else weakref.ref(out))

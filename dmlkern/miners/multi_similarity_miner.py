@@ -34,6 +34,7 @@ class MultiSimilarityMiner(BaseTupleMiner):
         self._uncounted = None  # the last lazy result, until num_pos_pairs / num_neg_pairs are read
         super().__init__(**kwargs)
         self.epsilon = epsilon
+        self.add_to_recordable_attributes(name="epsilon", is_stat=False)
 
     num_pos_pairs = _counted_when_read("num_pos_pairs")
     num_neg_pairs = _counted_when_read("num_neg_pairs")
@@ -63,6 +64,7 @@ class MultiSimilarityMiner(BaseTupleMiner):
                    and engine_backend(embeddings, "auto") is not None)
         if not lazy_ok:
             return super().forward(embeddings, labels, ref_emb, ref_labels)
+        self.reset_stats()
         with torch.no_grad():
             validate_inputs(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
             # As the loss will see them (int64, on the embeddings' device); a loss given the caller's
@@ -70,6 +72,8 @@ class MultiSimilarityMiner(BaseTupleMiner):
             # one id mapping for both (float labels: ids equal where PML's == holds)
             ids, ref_ids = class_id_pair(labels, None if ref_emb is None else ref_labels, embeddings.device)
             lazy = LazyMinedPairs(self, embeddings, ids, ref_emb, ref_ids, given_labels=(labels, ref_labels))
+            if self.distance.collect_stats and not static_shapes():  # PML's miner calls its distance
+                self.distance.record_stats(embeddings, embeddings if ref_emb is None else ref_emb)
         if not static_shapes():  # (under torch.compile the counts are not kept)
             self._uncounted = lazy
         return lazy
