@@ -157,3 +157,15 @@ def test_one_row_block_on_mkl_avx2_code_path():
            "npairs_one_row_block or (bit_reproducible and one_block and (npairs or supcon or multi_similarity))"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mined_row_similarities(dtype):
+    """The MS miner's one-row similarities (the `len <= 1` rule on mined pairs) are not a BLAS gemv,
+    whose fp32 result here changes with the thread count (5000 x 128)."""
+    from dmlkern.fused.losses import _row_dots
+
+    g = torch.Generator().manual_seed(13)
+    y, v = torch.randn(5000, 128, generator=g, dtype=dtype), torch.randn(128, generator=g, dtype=dtype)
+    _assert_reproducible(f"row similarities {dtype}", lambda: [_row_dots(v, y)])
+    torch.testing.assert_close(_row_dots(v, y), y @ v)

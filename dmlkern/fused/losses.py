@@ -93,10 +93,22 @@ def _rule_or_no_pos_or_neg(stats):
 
 
 # ------------------------------------------------------------------------- Multi-Similarity
+_ROW_CHUNK = 4096
+
+
+def _row_dots(v, y):
+    """y @ v as per-row products and sums, in chunks of rows (O(chunk D) memory). Not a BLAS
+    gemv: MKL's splits the products by the thread count on a CPU (bits differ between 1 and 2
+    threads); a row's sum over D here is one thread's, in one order."""
+    if y.device.type != "cpu":
+        return y @ v
+    return torch.cat([(y[c:c + _ROW_CHUNK] * v).sum(dim=1) for c in range(0, max(len(y), 1), _ROW_CHUNK)])
+
+
 def _mined_count_in_one_row(x, y, labels, ref_labels, row, exclude_diag, keep):
     """How many pairs the miner kept in query row `row` (a 1-element index tensor): one row of
     similarities, O(M D). `keep(sim, same_label)` is the miner's rule for that row."""
-    sim = (x.index_select(0, row) @ y.T)[0]
+    sim = _row_dots(x.index_select(0, row)[0], y)
     same = labels.index_select(0, row) == ref_labels
     kept = keep(sim, same)
     if exclude_diag:
