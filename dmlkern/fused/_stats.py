@@ -4,6 +4,8 @@ statistics are Python numbers: recording them would break the graph)."""
 
 import torch
 
+from ._common import decline
+
 
 def _tracing():
     return torch.compiler.is_compiling()
@@ -28,7 +30,7 @@ def pair_loss(fused_fn, module, embeddings, labels, indices_tuple, ref_emb, ref_
     collecting statistics, returns None: the reference runs (the pair counts need the pairs)."""
     recording = module.distance.collect_stats and not _tracing()
     if recording and indices_tuple is not None:
-        return None
+        return decline(module, "a distance with collect_stats and a miner's pairs (the statistics need the pairs)")
     out = fused_fn(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     if recording and out is not None and labels is not None and _more_than_one_pair(labels, ref_labels):
         module.distance.record_stats(embeddings, ref_emb)
