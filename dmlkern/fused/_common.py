@@ -105,8 +105,9 @@ def has_short_rows(*tensors):
 
 
 def unit_rows(x):
-    """The rows of x scaled to unit L2 norm, as F.normalize(x, dim=1)."""
-    return _UnitRows.apply(x)[0]
+    """The rows of x scaled to unit L2 norm, as F.normalize(x, dim=1); under torch.autocast in the
+    engine's autocast dtype (pe.autocast_rows)."""
+    return pe.autocast_rows(_UnitRows.apply(x)[0])
 
 
 def _computed_once(fn):

@@ -30,7 +30,10 @@ def check_class_inputs(loss, embeddings, labels, ref_emb, ref_labels, embedding_
 
 
 def cast_parameter(param, dtype, device):
-    """Move a parameter's data to the embeddings' dtype/device in place (PML's ``cast_types``)."""
+    """Move a parameter's data to the embeddings' dtype/device in place (PML's ``cast_types``).
+    Under torch.autocast the dtype is left alone (autocast casts per op; PML issue #293)."""
+    if torch.is_autocast_enabled(device.type):
+        dtype = param.dtype
     if param.dtype != dtype or param.device != device:
         param.data = param.data.to(device=device, dtype=dtype)
 

@@ -40,6 +40,23 @@ def _setup_context(ctx, inputs, output):
     ctx.symmetric = x is y and x_labels is y_labels
 
 
+def autocast_rows(x):
+    """The engine's input rows under torch.autocast, by the rule of matmul-like ops: floating rows
+    (not fp64) in the autocast dtype, statistics in fp32 (`_stats_dtype`). The CUDA / Triton
+    engines have fp16 / bf16 kernels and get the cast rows; the CPU engine has none: it gets the
+    rows rounded to the autocast dtype and held in fp32, i.e. exactly the products a bf16 GEMM
+    forms and accumulates in fp32 (only its final rounding of each similarity to bf16 is left out:
+    the tiles never leave the kernel). A differentiable cast (the gradient flows back in x's dtype);
+    outside autocast, x itself."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+        return x
+    dtype = torch.get_autocast_dtype(device_type)
+    if device_type == "cpu":
+        return x if x.dtype == dtype else x.to(dtype).to(torch.float32)
+    return x.to(dtype)
+
+
 def row_coefficients(pass_kind, out, grad_out):
     """(row_coef, grad_row_in-or-None) for the upstream gradient of a pass's statistics."""
     zero = torch.zeros_like(out[:, 0])

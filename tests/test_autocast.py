@@ -1,0 +1,82 @@
+"""The fused losses under torch.autocast follow matmul's rule: the engine's rows in the autocast
+dtype (on the CPU, which has no bf16 kernel: rounded to bf16 and held in fp32), statistics in
+fp32. Against the reference under the same autocast (values and gradients, a tolerance per
+dtype); gradients in the parameters' dtype; parameters never cast in place (PML issue #293)."""
+import copy
+
+import pytest
+import torch
+
+from dmlkern import losses, miners
+from test_fused_losses import LOSSES
+
+HAS_CUDA = torch.cuda.is_available()
+# relative to the largest value / gradient entry: a few bf16 (fp16) roundings of the similarities
+TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def _run(loss_fn, name, x, labels, path, device, dtype):
+    loss_fn = copy.deepcopy(loss_fn)
+    loss_fn.backend = path
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast(device, dtype=dtype):
+        mined = miners.MultiSimilarityMiner(epsilon=0.1)(x, labels) if name == "multi_similarity_miner" else None
+        value = loss_fn(x, labels, mined)
+    value.backward()
+    return loss_fn, value, x.grad
+
+
+def _check(name, device, dtype):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(48, 16, generator=g).to(device)
+    labels = torch.randint(0, 5, (48,), generator=g).to(device)
+    torch.manual_seed(0)
+    module = LOSSES[name](5, 16).to(device)
+    params_before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    fused, v_fused, g_fused = _run(module, name, x, labels, "auto", device, dtype)
+    ref, v_ref, g_ref = _run(module, name, x, labels, "reference", device, dtype)
+    assert fused.last_backend not in ("reference", "zero"), f"{name}: ran {fused.last_backend}"
+    assert ref.last_backend == "reference"
+    tol = TOL[dtype]
+    assert v_fused.dtype == torch.float32  # the statistics and the loss: fp32, as the embeddings
+    torch.testing.assert_close(v_fused, v_ref.float(), rtol=tol, atol=tol * float(v_ref.abs()))
+    assert g_fused.dtype == torch.float32
+    scale = float(g_ref.abs().max())
+    torch.testing.assert_close(g_fused, g_ref.float(), rtol=0, atol=tol * scale)
+    for run in (fused, ref):
+        for k, p in run.named_parameters():
+            assert p.dtype == torch.float32, f"{name}: {k} cast to {p.dtype}"
+            assert torch.equal(p.detach(), params_before[k]), f"{name}: {k} changed"
+            assert p.grad is not None and p.grad.dtype == torch.float32
+    for k, p in dict(fused.named_parameters()).items():
+        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[k].grad, rtol=0,
+                                   atol=tol * float(dict(ref.named_parameters())[k].grad.abs().max()))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_cpu_bf16_autocast_matches_the_reference_under_autocast(name):
+    _check(name, "cpu", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_cuda_autocast_matches_the_reference_under_autocast(name, dtype):
+    _check(name, "cuda", dtype)
+
+
+def test_proxies_keep_their_dtype_with_half_embeddings_under_autocast():
+    """Embeddings from a model under autocast are bf16; the fp32 proxies are not cast in place
+    (PML's ProxyAnchor does: issue #293), and their gradient is fp32."""
+    loss_fn = losses.ProxyAnchorLoss(5, 16)
+    before = loss_fn.proxies.detach().clone()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 16, generator=g).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, 5, (32,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss_fn(x, labels)
+    value.backward()
+    assert loss_fn.proxies.dtype == torch.float32 and torch.equal(loss_fn.proxies.detach(), before)
+    assert loss_fn.proxies.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert torch.isfinite(value)
