@@ -5,7 +5,8 @@
 // epilogue folds the tile into per-row statistics (forward) or turns it in place into
 // dl/ds and multiplies it back (backward: grad_own[block] += W @ other[tile]). grad_x and
 // grad_y are separate passes over own-row blocks, so every output row has exactly one
-// writer: no atomics, deterministic. Nothing of size N x M is ever allocated. The symmetric
+// writer: no atomics; with single-threaded tile products (SerialBlasGuard) the bits do not
+// depend on the thread count either. Nothing of size N x M is ever allocated. The symmetric
 // backward (y is x: grad_x + grad_y) is one pass over x's row blocks whose epilogue writes both
 // halves' weights of each tile (grad_sym): 2 products per tile instead of 4.
 //
@@ -135,20 +136,19 @@ constexpr int64_t kColBlock = 512;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The tile products run with BLAS pinned to one thread on the calling thread, for the
-// lifetime of this guard (one per parallel_for body). Why: inside at::parallel_for's OpenMP
-// region MKL is serial anyway, but at::parallel_for runs the body inline, outside any parallel
-// region, when there is one row block (fewer than kRowBlock rows, e.g. N-pairs' anchors) or one
-// torch thread. MKL then threads each small product itself and may split its K dimension by the
-// thread count (MKL promises reproducibility only with a fixed thread count): on AMD EPYC the
-// N-pairs gradient differed by 1e-19 between 1 and 2 threads. With the guard every product is
-// single-threaded whatever the thread count, so results are bit-identical across thread counts
-// (each output row still has one writer), and a product of a 128 x 512 tile is too small for
-// MKL's threads to pay (waking them cost more than the product in measurements). The engine
-// parallelises over row blocks itself. mkl_set_num_threads_local is looked up at run time
-// (torch exports it when built with MKL) as MKL_Set_Num_Threads_Local, the C entry point that
-// mkl_service.h's macro names (the lowercase symbol is the Fortran one, taking int*): a no-op
-// without MKL (other BLAS builds: see the README's determinism contract), and no environment
-// variable needed.
+// lifetime of this guard (one per parallel_for body). Why: MKL threads each product itself
+// (MKL_VERBOSE shows Dyn:0 and NThr = the torch thread count even for the products inside
+// at::parallel_for's workers, and for the inline body when there is one row block, e.g.
+// N-pairs' anchors), and MKL splits a product by its thread count
+// (reproducible only at a fixed count): on MKL's AVX2 code path (AMD EPYC) values and gradients
+// differed by an ulp between 1, 2 and 4 threads. Pinned, every product is single-threaded
+// whatever the thread count, so results are bit-identical across thread counts (each output
+// row still has one writer); the engine parallelises over row blocks itself, and a 128 x 512
+// tile product is too small for MKL's threads to pay (they cost more than they saved). Looked
+// up at run time (torch exports it when built with MKL) as MKL_Set_Num_Threads_Local, the C
+// entry point mkl_service.h's mkl_set_num_threads_local macro names (the lowercase symbol is
+// the Fortran one, taking int*): a no-op without MKL (other BLAS: see the README's determinism
+// contract), and no environment variable needed.
 class SerialBlasGuard {
  public:
   SerialBlasGuard() : previous_(set_local() != nullptr ? set_local()(1) : -1) {}
