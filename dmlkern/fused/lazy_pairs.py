@@ -20,6 +20,7 @@ import weakref
 import torch
 
 from .._tracing import static_shapes
+from . import _common
 
 
 def _fill_pending(obj):
@@ -106,11 +107,12 @@ class _Snapshot:
 
     def holds(self, t):
         """Whether t has the values mined on. A GPU tensor viewing the mined memory, untouched
-        since, does without reading values (no host sync); otherwise the values are compared."""
+        since, does without reading values (no host sync); otherwise (and on the CPU, where it
+        is cheap and also sees changes made through .data) the values are compared."""
         if self.values is None:
             return t is self.tensor
-        if t.is_cuda and (t is self.original() and t._version == self.version
-                          or _same_memory(t, self.tensor, self.version)):
+        if _common.branch_free(t) and (t is self.original() and t._version == self.version
+                               or _same_memory(t, self.tensor, self.version)):
             return True
         v = self.values
         return t.shape == v.shape and t.dtype == v.dtype and t.device == v.device and torch.equal(_bits(t), _bits(v))
@@ -158,14 +160,16 @@ class _Mining:
                         placeholder.set_(values)
         return self.result
 
-    def placeholder(self, device):
-        out = torch.empty(0, dtype=torch.long, device=device)
-        if type(out) is not torch.Tensor:  # a tracing mode's tensor (make_fx, fake tensors): it
-            return out  # can't be subclassed; only a fused loss can use the result there
-        out = out.as_subclass(PendingIndices)
-        out._mining = self
-        # (under torch.compile a plain closure: dynamo traces no weakref)
-        self.placeholders.append((lambda: out) if static_shapes() else weakref.ref(out))
+    def make_placeholders(self, device):
+        """The four PendingIndices: views of one empty allocation (one op, not four)."""
+        self.empty = torch.empty((4, 0), dtype=torch.long, device=device)
+        if type(self.empty) is not torch.Tensor:  # a tracing mode's tensor (make_fx, fake tensors):
+            return self.empty.unbind(0)  # no subclass of it; only a fused loss can use the result there
+        out = [t.as_subclass(PendingIndices) for t in self.empty.unbind(0)]
+        for t in out:
+            t._mining = self
+            # (under torch.compile a plain closure: dynamo traces no weakref)
+            self.placeholders.append((lambda t=t: t) if static_shapes() else weakref.ref(t))
         return out
 
 
@@ -180,7 +184,7 @@ class LazyMinedPairs(tuple):
 
     def __new__(cls, miner, embeddings, labels, ref_emb, ref_labels, given_labels=(None, None)):
         mining = _Mining(miner, embeddings, labels, ref_emb, ref_labels)
-        self = super().__new__(cls, [mining.placeholder(embeddings.device) for _ in range(4)])
+        self = super().__new__(cls, mining.make_placeholders(embeddings.device))
         self.mining = mining
         self.given_labels = given_labels
         self.labels_as_given, self.ref_labels_as_given = labels, ref_labels
@@ -226,8 +230,7 @@ class LazyMinedPairs(tuple):
 
     def empty_stand_in(self):
         """What input validation sees instead of the pairs (valid by construction, not computed)."""
-        device = self.mining.labels.device
-        return tuple(torch.empty(0, dtype=torch.long, device=device) for _ in range(4))
+        return self.mining.empty.unbind(0)  # plain views: reading them computes nothing
 
     def holds_inputs(self, embeddings, ref_emb):
         """Whether (embeddings, ref_emb) still hold the values mined on (ref_emb is embeddings for
