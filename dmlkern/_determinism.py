@@ -18,6 +18,7 @@ torch ops (a CUDA reduction has a fixed order already).
 """
 import torch
 
+_GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: smaller ops run on one thread
 _CHUNK = 4096  # elements per partial sum (below torch's grain size: one chunk is one thread's)
 
 
@@ -47,7 +48,7 @@ def fixed_order_mean(t):
 def logaddexp(a, b):
     """torch.logaddexp(a, b) (also -inf for a = b = -inf, gradient 1/2 each where a == b), on a
     CPU from ops whose bits do not depend on the thread count: max + log1p(exp(min - max))."""
-    if a.device.type != "cpu":
+    if a.device.type != "cpu" or max(a.numel(), b.numel()) < _GRAIN_SIZE:  # not split: one loop
         return torch.logaddexp(a, b)
     hi, lo = torch.maximum(a, b), torch.minimum(a, b)
     # a == b (also both infinite, where lo - hi is NaN): log1p(exp(0)).
