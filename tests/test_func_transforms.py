@@ -7,10 +7,15 @@ import torch
 
 from dmlkern import miners
 from dmlkern.ops import pair_engine as pe
-from test_fused_losses import LOSSES, NO_REF_EMB
+from dmlkern import losses
+from dmlkern.reducers import SumReducer
+from test_fused_losses import LOSSES as FUSED_LOSSES, NO_REF_EMB
 
+# + Lifted with a per-pair reducer: its fused path lists the positive pairs (_PairDots)
+LOSSES = dict(FUSED_LOSSES, lifted_pair_list=lambda c, d: losses.LiftedStructureLoss(
+    neg_margin=1.1, pos_margin=0.05, reducer=SumReducer()))
 CASES = [(name, with_ref) for name in LOSSES for with_ref in (False, True)
-         if not (with_ref and name in NO_REF_EMB)]
+         if not (with_ref and name in NO_REF_EMB | {"lifted_pair_list"})]
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 

@@ -503,16 +503,19 @@ class _PairDots(torch.autograd.Function):
     CHUNK = 1 << 16
 
     @staticmethod
-    def forward(ctx, x, a, p):
+    def forward(x, a, p):
         out = x.new_empty(len(a))
         for c in range(0, len(a), _PairDots.CHUNK):
             sl = slice(c, c + _PairDots.CHUNK)
             out[sl] = (x[a[sl]] * x[p[sl]]).sum(dim=1)
-        ctx.save_for_backward(x, a, p)
         return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):  # differentiable ops (index_add_ is serial on the CPU: deterministic)
         x, a, p = ctx.saved_tensors
         gx = torch.zeros_like(x)
         for c in range(0, len(a), _PairDots.CHUNK):
