@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distances as dist
+from .._autograd import applier
 from ..ops import pair_engine as pe
 from .._tracing import static_shapes  # the fused losses import it from here too
 from ..reducers import MeanReducer
@@ -104,10 +105,13 @@ def has_short_rows(*tensors):
     return any(float(torch.linalg.vector_norm(t.detach(), dim=1).amin()) < 1e-12 for t in distinct)
 
 
+_apply_unit_rows = applier(_UnitRows)
+
+
 def unit_rows(x):
     """The rows of x scaled to unit L2 norm, as F.normalize(x, dim=1); under torch.autocast in the
     engine's autocast dtype (pe.autocast_rows)."""
-    return pe.autocast_rows(_UnitRows.apply(x)[0])
+    return pe.autocast_rows(_apply_unit_rows(x)[0])
 
 
 def _computed_once(fn):

@@ -8,6 +8,7 @@ Statistics are O(N + M); nothing N x M is built.
 import torch
 
 from .._determinism import fixed_order_sum, logaddexp
+from .._autograd import applier
 from ..ops import pair_engine as pe
 from ._common import (Degenerate, LabelStats, class_sums_for_rows, decline, engine_backend, no_engine_reason, has_short_rows, is_plain_mean,
                       is_unit_cosine, is_unit_euclidean, no_pos_or_neg, short_circuit, static_shapes, unit_rows)
@@ -338,6 +339,9 @@ class _NTXentRows(torch.autograd.Function):
         return grad_x, grad_y, None, None, None, None, None
 
 
+_apply_ntxent_rows = applier(_NTXentRows)
+
+
 def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
     if backend is None:
@@ -364,7 +368,7 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     sorted_x = x[order]
     y = sorted_x if y is x and ref_order is order else y[ref_order]
     x, labels = sorted_x, sorted_labels
-    per_row = _NTXentRows.apply(x, None if y is x else y, labels, None if ref_labels is labels else ref_labels,
+    per_row = _apply_ntxent_rows(x, None if y is x else y, labels, None if ref_labels is labels else ref_labels,
                                 params, exclude_diag, backend)[0]
     loss = degenerate.zero_where(fixed_order_sum(per_row) / stats.pos_total.clamp(min=1))
     module.last_backend = backend
@@ -526,6 +530,9 @@ class _PairDots(torch.autograd.Function):
         return gx, None, None
 
 
+_apply_pair_dots = applier(_PairDots)
+
+
 class _LiftedPairs(torch.autograd.Function):
     """T = sum over ordered positive pairs (i, j), i != j, of f_ij = relu(z_ij)^2 / 2 with
     z_ij = logaddexp(L_i, L_j) + d_ij - pos_margin and L_i = log sum_{n in N(i)} e^{neg_margin - d_in};
@@ -585,6 +592,9 @@ class _LiftedPairs(torch.autograd.Function):
         return grad, None, None, None
 
 
+_apply_lifted_pairs = applier(_LiftedPairs)
+
+
 def _lifted_reduction(reducer):
     """"mean" / "nonzero" when the reducer is exactly PML's default MeanReducer or an
     AvgNonZeroReducer (without stats collection): the loss is then a ratio of two totals of the
@@ -625,7 +635,7 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     if degenerate.returns_zero_now():
         return ZERO_LOSS
     x = unit_rows(embeddings)
-    total, nonzero = _LiftedPairs.apply(x, labels, [1.0, -pm, -1.0, nm, 0.0], backend)[:2]
+    total, nonzero = _apply_lifted_pairs(x, labels, [1.0, -pm, -1.0, nm, 0.0], backend)[:2]
     if reduction == "nonzero" and not static_shapes() and bool(torch.isnan(total)):
         # AvgNonZero drops NaN pair losses (NaN > 0 is false) and averages the rest: that needs
         # the per-pair losses. (Under torch.compile the NaN propagates: a documented deviation.)
@@ -656,7 +666,7 @@ def _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, p
     # index_select: indexing's backward (index_put_ accumulate) sums a row's pairs by parallel
     # atomic adds on a CPU (fp32; not reproducible); index_select's (index_add) is serial there.
     neg_part = _empty_as_zero(logaddexp(neg_lse.index_select(0, a), neg_lse.index_select(0, p)))
-    dots = _PairDots.apply(x.to(neg_lse.dtype), a, p)
+    dots = _apply_pair_dots(x.to(neg_lse.dtype), a, p)
     d_ap = torch.sqrt(torch.clamp(2 - 2 * dots, min=0))
     losses = torch.relu(neg_part + d_ap - pm) ** 2 / 2
     module.last_backend = backend

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .. import reference
+from .._autograd import applier
 from ..triton import triton_available
 from .dispatch import extension_loaded, log, resolve_backend
 
@@ -214,9 +215,11 @@ def _direct_function(name, forward_impl, backward):
                     {"forward": staticmethod(forward), "setup_context": staticmethod(_setup_context),
                      "backward": staticmethod(backward)})
 
+    apply = applier(function)
+
     def call(*inputs):
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:5]):
-            return function.apply(*inputs)
+            return apply(*inputs)
         return forward_impl(*inputs)
 
     return call
