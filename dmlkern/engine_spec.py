@@ -1,0 +1,30 @@
+"""The pair engine's vocabulary, defined once for every layer (ops, Triton, the reference);
+it mirrors `csrc/pair_engine.h` (EnginePass, EngineTransform, EngineMining, EngineParams) and
+docs/ENGINE.md."""
+from typing import NamedTuple
+
+import torch
+
+# Passes: what each kernel sweep accumulates per row.
+PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS = 0, 1, 2, 3
+# Per-pair value v(s): s itself, or the Euclidean distance of unit rows sqrt(max(2 - 2s, 0)).
+TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE = 0, 1
+# Which pairs a pass keeps: all, or those the Multi-Similarity miner keeps (from row_in's extrema).
+MINING_NONE, MINING_MULTI_SIMILARITY = 0, 1
+# Output columns per pass.
+OUT_COLUMNS = {PASS_EXTREMA: 2, PASS_LSE2: 2, PASS_POS_SOFTPLUS: 3, PASS_LIFTED_PAIRS: 3}
+
+
+class EngineParams(NamedTuple):
+    """The per-pass scalars (csrc/pair_engine.h's EngineParams): a positive pair's term is
+    sc_pos * v + off_pos, a negative's sc_neg * v + off_neg; eps is the miner's margin."""
+    sc_pos: float = 1.0
+    off_pos: float = 0.0
+    sc_neg: float = 1.0
+    off_neg: float = 0.0
+    eps: float = 0.0
+
+
+def stats_dtype(dtype):
+    """The dtype of the engine's row statistics: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
