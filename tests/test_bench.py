@@ -102,13 +102,23 @@ def test_csv_is_well_formed(sweep):
                for r in rows if r["provider"] == "dmlkern")
 
 
-def test_points_jsonl_keeps_samples(sweep):
+def test_points_jsonl_keeps_every_point(sweep):
     out, _ = sweep
     lines = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
     assert len(lines) == len(NS) * (1 + len(LOSSES_RUN) * len(PROVIDERS_RUN))
     for p in lines:
-        assert p["status"] == "ok"
-        assert 1 <= len(p["samples"]) <= 2
+        assert p["status"] == "ok" and p["calls"] >= 1 and p["p20"] <= p["median"] <= p["p80"]
+        assert p["mem_method"] == "VmHWM after clear_refs"
+
+
+def test_report_only_rerenders_the_same_outputs(sweep, tmp_path):
+    out, _ = sweep
+    for name in ("points.jsonl", "meta.json"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    proc = run_bench(["--report-only", "--no-plots"], tmp_path)
+    assert (tmp_path / "results.csv").read_text() == (out / "results.csv").read_text()
+    assert (tmp_path / "summary.md").read_text() == (out / "summary.md").read_text()
+    assert "-- ntxent" in proc.stdout
 
 
 def test_plots_are_pngs(sweep):
@@ -158,10 +168,18 @@ def test_compiled_dmlkern_provider_runs(tmp_path):
 
 # ---------------------------------------------------------------------------- cheap unit checks
 
-def test_percentile_matches_linear_interpolation():
-    assert report.percentile([3.0, 1.0, 2.0], 50) == 2.0
-    assert report.percentile([1.0, 2.0], 20) == pytest.approx(1.2)
-    assert report.percentile([5.0], 80) == 5.0
+def test_cpu_timing_uses_torch_benchmark_timer():
+    """CPU points are timed by torch.utils.benchmark.Timer.adaptive_autorange: median and the 20th /
+    80th percentiles of its block times (statistics.quantiles), per call."""
+    import time
+
+    import torch
+
+    from dmlkern.bench.worker import time_call
+
+    med, p20, p80, calls = time_call(torch, torch.device("cpu"), lambda: time.sleep(0.002), 0.05, 0.5)
+    assert calls >= 4 and p20 <= med <= p80
+    assert 0.0019 < med < 0.02
 
 
 def test_extrapolation_and_memory_estimate():
@@ -200,7 +218,7 @@ def test_triton_tile_sweep_runs_and_checks_agreement(tmp_path):
 def test_tile_overrides_are_checked():
     """A bad tile setting is an error naming the key, not a kernel launched with it."""
     pytest.importorskip("triton", reason="Triton is a dependency of the CUDA build of torch")
-    from dmlkern.triton import pair_engine as tk
+    from dmlkern.triton import tiles as tk
 
     assert tk._with_overrides({"block_m": 64}, "fwd") == {"block_m": 64}
     for bad, key in (({"block_m": 48}, "block_m"), ({"num_warps": 0}, "num_warps"), ({"blocks": 2}, "blocks")):

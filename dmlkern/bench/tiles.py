@@ -17,7 +17,7 @@ import json
 import os
 import time
 
-from .worker import TORCH_DTYPES, _dmlkern_callable, _labels, make_timer
+from .worker import TORCH_DTYPES, _dmlkern_callable, _labels, time_call
 
 # Name -> TILE_OVERRIDES. Each varies one thing from the defaults (dmlkern.triton.pair_engine.
 # _tiles: fp16 / bf16 64 x 64 tiles over 4 warps with D in one K slice; fp32 64 x 64 over 8
@@ -54,11 +54,6 @@ def _parse(argv=None):
     return p.parse_args(argv)
 
 
-def _median(values):
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def _same_as_default(tk, x, d, overrides):
     """Whether a setting launches the default tiles for x's dtype (e.g. 4 warps for bf16)."""
     def launches():
@@ -77,10 +72,15 @@ def run(args):
     os.environ["DMLKERN_BACKEND"] = "triton"
     import torch
 
-    from dmlkern.triton import pair_engine as tk
+    from dmlkern.triton import tiles as tk
 
     device = torch.device(args.device)
-    timed = make_timer(torch, device)
+
+    def median_s(step):  # about --repeats calls' worth: do_bench on CUDA, torch.utils.benchmark on CPU
+        t0 = time.perf_counter()
+        step()
+        return time_call(torch, device, step, args.repeats * (time.perf_counter() - t0))[0]
+
     t_start = time.perf_counter()
     rows = []
     for dtype_name in args.dtypes:
@@ -88,7 +88,7 @@ def run(args):
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(args.n, args.d, generator=gen).to(device, dtype)
         x_mm = x.detach()
-        t_mm = _median([timed(lambda: x_mm @ x_mm.T) for _ in range(max(2, args.repeats))])
+        t_mm = median_s(lambda: x_mm @ x_mm.T)
         for loss in args.losses:
             labels = _labels(loss, args.n, device, gen)
             x.requires_grad_(True)
@@ -117,7 +117,7 @@ def run(args):
 
                     value = step()  # compiles this setting's kernels
                     result = (value.detach().double().cpu(), x.grad.detach().double().cpu())
-                    seconds = _median([timed(step) for _ in range(args.repeats)])
+                    seconds = median_s(step)
                 except Exception as exc:  # noqa: BLE001 -- a setting that does not compile
                     row.update(status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                     continue
