@@ -9,7 +9,7 @@ elements per clock per SM in the tensor cores at D = 128, 128 instructions per c
 
 Each row: kernel, dtype, the constexprs that vary, tiles, registers, spill stores / loads
 (bytes), shared memory, instructions per element and exp2 (MUFU) per element. The tile sizes come
-from dmlkern.triton.pair_engine._tiles, as a launch would choose them, and the arguments are
+from dmlkern.triton.tiles (_launch_tiles), as a launch would choose them, and the arguments are
 specialised as a launch at D = 128, N = 16384 specialises them (pointers and the sizes and row
 strides that are multiples of 16 carry tt.divisibility = 16; without it, 16-bit loads do not
 vectorise, the loop is not pipelined and the counts are those of a different kernel).
@@ -35,9 +35,13 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import ASTSource  # noqa: E402
 
 from dmlkern.triton import pair_engine as pe  # noqa: E402
+from dmlkern.triton import tiles as tile_policy  # noqa: E402
+from dmlkern.triton.backward_kernel import _engine_bwd_kernel  # noqa: E402
+from dmlkern.triton.forward_kernel import _engine_fwd_kernel  # noqa: E402
 
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
-UNIT_STRIDES = {"s_xd", "s_yd", "s_od", "s_td", "s_gd", "s_xl", "s_yl", "s_rc", "s_cc", "s_oc"}
+UNIT_STRIDES = {"s_xd", "s_yd", "s_od", "s_td", "s_gd", "s_xl", "s_yl", "s_own_lab", "s_oth_lab", "s_rc", "s_cc",
+                "s_oc"}
 # Integer arguments that are multiples of 16 at D = 128, N = M = 16384 (row_in / row_coef / out
 # row strides are 2, 3, 5 or 6). The forward's s_on is out's row stride; the backward's is own's.
 DIVISIBLE_BY_16 = {"N", "M", "D", "N_OWN", "N_OTHER", "s_xn", "s_yn", "s_tn", "s_gn"}
@@ -55,11 +59,11 @@ def _signature(fn, dtype, consts):
             sig[name] = "constexpr"
         elif name in ("X", "Y", "OWN", "OTHER"):
             sig[name] = PTR[dtype]
-        elif name in ("XL", "YL"):
+        elif name in ("XL", "YL", "OWN_LAB", "OTH_LAB"):
             sig[name] = "*i64"
         elif name in ("RIN", "OUT", "COEF", "GRAD"):
             sig[name] = acc
-        elif re.fullmatch(r"p\d[hml]", name):
+        elif name in pe.PARAM_PIECES:  # EngineParams fields, three fp32 pieces each
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -131,9 +135,9 @@ def configs(d):
         cfg = pe._launch_config(x)
         cfg["UPCAST"] = dtype == torch.float64
         for pass_kind, transform, mining in ((1, 0, 0), (1, 0, 1), (1, 1, 0), (0, 0, 0), (2, 0, 0), (3, 1, 0)):
-            tiles, options = pe._launch_tiles(x, d, "fwd", positives_only=pass_kind in (2, 3))
+            tiles, options = tile_policy._launch_tiles(x, d, "fwd", positives_only=pass_kind in (2, 3))
             c = dict(PASS_KIND=pass_kind, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=True, **tiles, **cfg)
-            out.append(("fwd", pe._engine_fwd_kernel, dtype, f"pass={pass_kind} t={transform} mi={mining}", c,
+            out.append(("fwd", _engine_fwd_kernel, dtype, f"pass={pass_kind} t={transform} mi={mining}", c,
                         options["num_warps"]))
         # (own_is_x, symmetric, transform, mining, has_b, has_lift): the backward's main configs
         for own_is_x, sym, transform, mining, has_b, lift in (
@@ -142,12 +146,12 @@ def configs(d):
                 (False, False, 1, 0, False, True),
                 (True, True, 0, 0, False, False), (True, True, 0, 0, True, False), (True, True, 0, 1, False, False),
                 (True, True, 1, 0, False, False), (True, True, 1, 0, False, True)):
-            tiles, options = pe._launch_tiles(x, d, "bwd", lift=lift, symmetric=sym, has_b=has_b)
+            tiles, options = tile_policy._launch_tiles(x, d, "bwd", lift=lift, symmetric=sym, has_b=has_b)
             c = dict(OWN_IS_X=own_is_x, SYMMETRIC=sym, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=True,
                      HAS_B=has_b, HAS_LIFT=lift, **tiles, **cfg)
             side = "sym" if sym else ("x" if own_is_x else "y")
             label = f"{side} t={transform} mi={mining} B={int(has_b)} lift={int(lift)}"
-            out.append(("bwd", pe._engine_bwd_kernel, dtype, label, c, options["num_warps"]))
+            out.append(("bwd", _engine_bwd_kernel, dtype, label, c, options["num_warps"]))
     return out
 
 
@@ -159,7 +163,7 @@ def main():
     ap.add_argument("--tiles", default="", help='TILE_OVERRIDES as JSON, e.g. \'{"bwd": {"num_warps": 4}}\'')
     a = ap.parse_args()
     if a.tiles:
-        pe.TILE_OVERRIDES.update(json.loads(a.tiles))
+        tile_policy.TILE_OVERRIDES.update(json.loads(a.tiles))
     print(f"sm_{a.arch}, D={a.d}, triton {triton.__version__}")
     print(f"{'kernel':5} {'dtype':9} {'config':32} {'tiles (M,N,K,DOUT) warps':26} {'regs':>4} {'spill st/ld':>12}"
           f" {'smem KiB':>8} {'instr/elem':>10} {'exp2/elem':>9}")
