@@ -12,7 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # this checkout's tests and dmlkern
 from dmlkern import _tracing, losses  # noqa: E402
-from dmlkern.fused import losses as fused_losses  # noqa: E402
+from dmlkern.fused import _common as fused_common  # noqa: E402
 from dmlkern.losses import proxy_anchor_loss as proxy_anchor_module  # noqa: E402
 from dmlkern.ops import pair_engine as pe  # noqa: E402
 from test_compile import FULLGRAPH_LOSSES, _plain  # noqa: E402
@@ -45,12 +45,12 @@ for mode in ("static", "eager"):
         emb, proxies, labels = fake_cuda((36, 8), (5, 8))
         if name == "proxy_anchor":
             loss_fn.proxies = torch.nn.Parameter(proxies)  # on the batch's device
-        label_check, short_rows = proxy_anchor_module.check_class_inputs, fused_losses.has_short_rows
+        label_check, short_rows = proxy_anchor_module.check_class_inputs, fused_common.has_short_rows
         if mode == "eager":
             proxy_anchor_module.check_class_inputs = lambda *args: None
-            fused_losses.has_short_rows = lambda *args: False
+            fused_common.has_short_rows = lambda *args: False
         graph = make_fx(step, tracing_mode="fake")(emb, labels)
-        proxy_anchor_module.check_class_inputs, fused_losses.has_short_rows = label_check, short_rows
+        proxy_anchor_module.check_class_inputs, fused_common.has_short_rows = label_check, short_rows
         traced[f"{mode} {name}"] = (loss_fn.last_backend, dmlkern_ops(graph))
 _tracing.FORCE_STATIC_SHAPES = False
 

@@ -164,7 +164,7 @@ def test_on_mkl_avx2_code_path():
 def test_mined_row_similarities(dtype):
     """The MS miner's one-row similarities (the `len <= 1` rule on mined pairs) are not a BLAS gemv,
     whose fp32 result here changes with the thread count (5000 x 128)."""
-    from dmlkern.fused.losses import _row_dots
+    from dmlkern.fused.multi_similarity import _row_dots
 
     g = torch.Generator().manual_seed(13)
     y, v = torch.randn(5000, 128, generator=g, dtype=dtype), torch.randn(128, generator=g, dtype=dtype)

@@ -8,7 +8,8 @@ import textwrap
 import pytest
 import torch
 
-import dmlkern.fused.losses as fused_losses
+import dmlkern.fused._common as fused_common
+import dmlkern.fused.lifted as fused_lifted
 from dmlkern import _tracing
 import dmlkern.miners.multi_similarity_miner as ms_miner_module
 from dmlkern import losses, miners
@@ -44,7 +45,7 @@ def engine_backend_choice(monkeypatch):
     def force(backend, device):
         if backend == "engine-reference":
             pick = lambda tensor, requested: "reference"  # noqa: E731
-            monkeypatch.setattr(fused_losses, "engine_backend", pick)
+            monkeypatch.setattr(fused_common, "engine_backend", pick)
             monkeypatch.setattr(ms_miner_module, "engine_backend", pick)
             return "reference"
         if backend not in pe.available_backends():
@@ -619,7 +620,7 @@ def test_fused_lifted_structure_matches_reference(engine_backend_choice, backend
             if what == "all_zero":
                 assert torch.is_tensor(ref_dict) and len(ref_dict) > 0 and (ref_dict == 0).all()
             if what == "many_positives":
-                assert (n - 4) * (n - 5) > fused_losses.MAX_POS_PAIRS_PER_ROW * n  # the pair list's limit
+                assert (n - 4) * (n - 5) > fused_lifted.MAX_POS_PAIRS_PER_ROW * n  # the pair list's limit
             want_v, want_g = _run(loss_fn, "lifted", x, labels, None, None, "reference")
             got_v, got_g = _run(loss_fn, "lifted", x, labels, None, None, "fused")
             label = f"{reducer.__name__} {dtype} {what}"
@@ -659,7 +660,7 @@ def test_lifted_pairs_function_gradcheck_cpp():
     params = [1.0, -0.2, -1.0, 0.8, 0.0]
 
     def total(a):
-        return fused_losses._LiftedPairs.apply(a, labels, params, "cpp")[0]
+        return fused_lifted._LiftedPairs.apply(a, labels, params, "cpp")[0]
 
     assert total(x) > 0
     assert torch.autograd.gradcheck(total, (x.requires_grad_(True),))

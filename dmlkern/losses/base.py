@@ -23,7 +23,7 @@ from .. import reducers as _reducers
 from .._validation import prepare_inputs
 from ..distances import LpDistance
 from ..fused.lazy_pairs import LazyMinedPairs
-from ..fused.losses import ZERO_LOSS
+from ..fused._epilogue import ZERO_LOSS
 from ..reference.embedding_losses import pair_masks, pair_setup
 from ..utils.common_functions import RecordsMixin
 
@@ -192,8 +192,9 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
         inputs, before either path. The losses with class weights check widths and label ranges."""
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        """The loss dict from the fused kernels, ZERO_LOSS, or None to use the reference.
-        Overridden by the losses that have a fused path (dmlkern/fused/losses.py)."""
+        """(loss_dict, backend) from the fused kernels, ZERO_LOSS, or None to use the reference
+        (after `fused._common.decline` recorded why). Overridden by the losses that have a fused
+        path (one module per loss in dmlkern/fused/)."""
         return None
 
     def _no_fused_path_reason(self):
@@ -221,6 +222,8 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
             loss_dict = ZERO_LOSS  # an empty batch: PML's grad-carrying zero, from the shapes alone
         elif self.backend != "reference":
             loss_dict = self.fused_loss_dict(embeddings, labels, lazy or indices_tuple, ref_emb, ref_labels)
+            if isinstance(loss_dict, tuple):  # the fused kernels ran: (loss_dict, backend)
+                loss_dict, self.last_backend = loss_dict
         else:
             self.last_fallback = "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"
         if loss_dict is ZERO_LOSS:

@@ -5,7 +5,7 @@ over all rows.
 """
 
 from ..fused import _stats as fused_stats
-from ..fused import losses as fused
+from ..fused.generalized_lifted import generalized_lifted_structure
 from ..reference import embedding_losses as R
 from .base import GenericPairLoss
 
@@ -18,7 +18,7 @@ class GeneralizedLiftedStructureLoss(GenericPairLoss):
         self.add_to_recordable_attributes(list_of_names=["pos_margin", "neg_margin"], is_stat=False)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return fused_stats.pair_loss(fused.generalized_lifted_structure, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return fused_stats.pair_loss(generalized_lifted_structure, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.generalized_lifted_structure_loss_dict(

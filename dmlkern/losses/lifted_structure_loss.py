@@ -5,7 +5,7 @@ pos_margin)^2 / 2``, averaged over positive pairs.
 """
 
 from ..fused import _stats as fused_stats
-from ..fused import losses as fused
+from ..fused.lifted import lifted_structure
 from ..reference import embedding_losses as R
 from .base import GenericPairLoss
 
@@ -18,7 +18,7 @@ class LiftedStructureLoss(GenericPairLoss):
         self.add_to_recordable_attributes(list_of_names=["pos_margin", "neg_margin"], is_stat=False)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return fused_stats.pair_loss(fused.lifted_structure, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return fused_stats.pair_loss(lifted_structure, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.lifted_structure_loss_dict(

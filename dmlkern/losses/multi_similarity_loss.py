@@ -7,7 +7,7 @@ inside the loss (use MultiSimilarityMiner).
 
 from ..distances import CosineSimilarity
 from ..fused import _stats as fused_stats
-from ..fused import losses as fused
+from ..fused.multi_similarity import multi_similarity
 from ..reference import embedding_losses as R
 from .base import GenericPairLoss
 
@@ -21,7 +21,7 @@ class MultiSimilarityLoss(GenericPairLoss):
         self.add_to_recordable_attributes(list_of_names=["alpha", "beta", "base"], is_stat=False)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return fused_stats.pair_loss(fused.multi_similarity, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return fused_stats.pair_loss(multi_similarity, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.multi_similarity_loss_dict(

@@ -4,7 +4,7 @@ ref_emb not supported.
 """
 
 from ..distances import DotProductSimilarity
-from ..fused import losses as fused
+from ..fused.n_pairs import n_pairs
 from ..reference import embedding_losses as R
 from ..reference.indices import convert_to_pos_pairs_with_unique_labels
 from .base import BaseMetricLossFunction
@@ -24,7 +24,7 @@ class NPairsLoss(BaseMetricLossFunction):
         return super().forward(embeddings, labels, indices_tuple)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return fused.n_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return n_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if labels is not None:  # PML records it on every call

@@ -7,7 +7,7 @@ other positives of a are not in the denominator; averaged over positive pairs. F
 
 from ..distances import CosineSimilarity
 from ..fused import _stats as fused_stats
-from ..fused import losses as fused
+from ..fused.ntxent import ntxent
 from ..reference import embedding_losses as R
 from .base import GenericPairLoss
 
@@ -19,7 +19,7 @@ class NTXentLoss(GenericPairLoss):
         self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return fused_stats.pair_loss(fused.ntxent, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return fused_stats.pair_loss(ntxent, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.ntxent_loss_dict(

@@ -2,7 +2,7 @@ import torch
 
 from ..distances import CosineSimilarity
 from ..fused import _stats as fused_stats
-from ..fused import losses as fused
+from ..fused.proxy_anchor import proxy_anchor
 from ..reducers import DivisorReducer
 from ..reference.classification_losses import PROXY_ANCHOR_SUB_LOSSES, proxy_anchor_loss_dict
 from ._classification_common import cast_parameter, check_class_inputs, new_weight
@@ -49,12 +49,12 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
-        loss_dict = fused.proxy_anchor(self, embeddings, labels, indices_tuple, self.proxies)
-        if loss_dict is not None:  # PML's loss always calls distance(embeddings, proxies)
+        result = proxy_anchor(self, embeddings, labels, indices_tuple, self.proxies)
+        if result is not None:  # PML's loss always calls distance(embeddings, proxies)
             fused_stats.record_distance(self.distance, embeddings, self.proxies)
-        if isinstance(loss_dict, dict):
-            self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
-        return loss_dict
+        if isinstance(result, tuple):  # (loss_dict, backend)
+            self.add_weight_regularization_to_loss_dict(result[0], self.proxies)
+        return result
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)

@@ -7,7 +7,7 @@ AvgNonZeroReducer. Zero unless the batch has at least one positive and one negat
 from ..distances import CosineSimilarity
 from ..reducers import AvgNonZeroReducer
 from ..fused import _stats as fused_stats
-from ..fused import losses as fused
+from ..fused.supcon import supcon
 from ..reference import embedding_losses as R
 from .base import GenericPairLoss
 
@@ -19,7 +19,7 @@ class SupConLoss(GenericPairLoss):
         self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return fused_stats.pair_loss(fused.supcon, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return fused_stats.pair_loss(supcon, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.supcon_loss_dict(

@@ -22,14 +22,10 @@ from .._autograd import applier
 from ..triton import triton_available
 from .dispatch import extension_loaded, log, resolve_backend
 
-PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS = 0, 1, 2, 3
-TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE = 0, 1
-MINING_NONE, MINING_MULTI_SIMILARITY = 0, 1
-_OUT_COLUMNS = {PASS_EXTREMA: 2, PASS_LSE2: 2, PASS_POS_SOFTPLUS: 3, PASS_LIFTED_PAIRS: 3}
-
-
-def _stats_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# The engine's vocabulary (dmlkern/engine_spec.py), re-exported: callers write pe.PASS_LSE2.
+from ..engine_spec import (MINING_MULTI_SIMILARITY, MINING_NONE, OUT_COLUMNS, PASS_EXTREMA,  # noqa: F401
+                           PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS, TRANSFORM_DOT,
+                           TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -43,7 +39,7 @@ def _setup_context(ctx, inputs, output):
 
 def autocast_rows(x):
     """The engine's input rows under torch.autocast, by the rule of matmul-like ops: floating rows
-    (not fp64) in the autocast dtype, statistics in fp32 (`_stats_dtype`). The CUDA / Triton
+    (not fp64) in the autocast dtype, statistics in fp32 (`stats_dtype`). The CUDA / Triton
     engines have fp16 / bf16 kernels and get the cast rows; the CPU engine has none: it gets the
     rows rounded to the autocast dtype and held in fp32, i.e. exactly the products a bf16 GEMM
     forms and accumulates in fp32 (only its final rounding of each similarity to bf16 is left out:
@@ -72,7 +68,7 @@ def row_coefficients(pass_kind, out, grad_out):
     if pass_kind == PASS_LIFTED_PAIRS:
         # Its backward (row_coef column 5, C_lift) gives the gradient of a uniformly weighted
         # total only, and its L gradient needs the symmetry: losses differentiate it through
-        # their own autograd.Function with engine_backward_raw (fused.losses._LiftedPairs).
+        # their own autograd.Function with engine_backward_raw (fused.lifted._LiftedPairs).
         raise RuntimeError("the lifted_pairs pass (pass_kind=3) is not differentiable through the op: "
                            "use engine_backward_raw with row_coef (N, 6) (docs/ENGINE.md)")
     raise RuntimeError("the extrema pass (mining statistics) is not differentiable")
@@ -162,7 +158,7 @@ def _make_backward(backward_op, takes_coef_terms=False):
 
 
 def _fake_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining, params, exclude_diag):
-    return x.new_empty((x.shape[0], _OUT_COLUMNS.get(pass_kind, 2)), dtype=_stats_dtype(x.dtype))
+    return x.new_empty((x.shape[0], OUT_COLUMNS.get(pass_kind, 2)), dtype=stats_dtype(x.dtype))
 
 
 def _fake_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag,
@@ -291,7 +287,7 @@ def choose_backend(backend, device):
 
 
 def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transform=TRANSFORM_DOT,
-                   mining=MINING_NONE, params=(1.0, 0.0, 1.0, 0.0, 0.0), exclude_diag=False,
+                   mining=MINING_NONE, params=EngineParams(), exclude_diag=False,
                    backend="auto"):
     """Per-row statistics of one engine pass (docs/ENGINE.md), differentiable in x, y and row_in
     (except passes 0 and 3: extrema and lifted_pairs; pass 3 needs y is x, exclude_diag, mining 0).
@@ -299,7 +295,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
     x (N, D), y (M, D) of one floating dtype and device; x_labels (N,), y_labels (M,) int64;
     row_in (N, 3) in the stats dtype (None: zeros). backend: "auto", "cpp", "triton", "reference".
     """
-    stats = _stats_dtype(x.dtype)
+    stats = stats_dtype(x.dtype)
     if row_in is None:
         row_in = torch.zeros(x.shape[0], 3, dtype=stats, device=x.device)
     params = [float(p) for p in params]

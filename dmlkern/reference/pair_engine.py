@@ -5,16 +5,13 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["engine_values", "engine_masks", "engine_forward", "engine_backward", "check_symmetric"]
 
-PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS = 0, 1, 2, 3
-
-
-def _stats_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..engine_spec import PASS_EXTREMA, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS, stats_dtype
+from .pair_reductions import masked_row_lse
 
 
 def engine_values(x, y, transform):
     """v = s (transform 0) or sqrt(max(2 - 2s, 0)) (transform 1), in the stats dtype."""
-    s = x.to(_stats_dtype(x.dtype)) @ y.to(_stats_dtype(x.dtype)).T
+    s = x.to(stats_dtype(x.dtype)) @ y.to(stats_dtype(x.dtype)).T
     if transform == 0:
         return s
     if transform == 1:
@@ -69,12 +66,6 @@ def lifted_relu(v, L, sc_pos, off_pos):
     return torch.relu(torch.logaddexp(L[:, None], L[None, :]) + (sc_pos * v + off_pos))
 
 
-def _masked_lse(vals, keep):
-    vals = vals.masked_fill(~keep, float("-inf"))
-    empty = ~keep.any(dim=1)
-    return torch.logsumexp(vals.masked_fill(empty[:, None], 0.0), dim=1).masked_fill(empty, float("-inf"))
-
-
 def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining, params, exclude_diag):
     sc_pos, off_pos, sc_neg, off_neg, eps = params
     v = engine_values(x, y, transform)
@@ -87,7 +78,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
         return torch.stack([max_neg, min_pos], dim=1)
     pos, neg = engine_masks(v, x_labels, y_labels, row_in, mining, eps, exclude_diag)
     if pass_kind == PASS_LSE2:
-        return torch.stack([_masked_lse(sc_pos * v + off_pos, pos), _masked_lse(sc_neg * v + off_neg, neg)], dim=1)
+        return torch.stack([masked_row_lse(sc_pos * v + off_pos, pos), masked_row_lse(sc_neg * v + off_neg, neg)], dim=1)
     if pass_kind == PASS_POS_SOFTPLUS:
         z = row_in[:, 2:3] - sc_pos * v - off_pos
         zero = torch.zeros((), dtype=v.dtype, device=v.device)

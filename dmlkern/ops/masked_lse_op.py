@@ -1,4 +1,5 @@
-"""The masked row log-sum-exp op, lse[i] = log sum_j mask(i, j) exp(scale * <x_i, y_j>).
+"""The masked row log-sum-exp op (the function `dmlkern.ops.masked_lse`; this module is
+`dmlkern.ops.masked_lse_op`), lse[i] = log sum_j mask(i, j) exp(scale * <x_i, y_j>).
 
 A thin epilogue on the pair engine's lse2 pass (docs/ENGINE.md, `pair_engine.engine_forward`)
 with params [scale, 0, scale, 0, 0]: mask "same" is the pass's positive column (same label,
@@ -11,14 +12,11 @@ and Triton kernels are the engine's.
 import torch
 
 from .. import reference
+from ..engine_spec import PASS_LSE2, EngineParams, stats_dtype
 from .dispatch import log
-from .pair_engine import PASS_LSE2, choose_backend, engine_forward
+from .pair_engine import choose_backend, engine_forward
 
 MASK_MODES = {"all": 0, "same": 1, "diff": 2}
-
-
-def _stats_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_inputs(x, y, x_labels, y_labels):
@@ -85,11 +83,11 @@ def masked_lse(x, y=None, x_labels=None, y_labels=None, *, scale=1.0, mask="all"
     log.debug("masked_lse: backend=%s device=%s dtype=%s", chosen, x.device, x.dtype)
     if chosen == "reference":
         return reference.masked_lse(x, y, x_labels, y_labels, scale, mask, exclude_diag).to(
-            _stats_dtype(x.dtype))
+            stats_dtype(x.dtype))
     if mask == "all":  # one label for every row: every pair is a positive (self-pairs still excluded)
         x_labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         y_labels = x_labels if exclude_diag else torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
     s = float(scale)
-    out = engine_forward(x, y, x_labels, y_labels, pass_kind=PASS_LSE2, params=(s, 0.0, s, 0.0, 0.0),
+    out = engine_forward(x, y, x_labels, y_labels, pass_kind=PASS_LSE2, params=EngineParams(sc_pos=s, sc_neg=s),
                          exclude_diag=exclude_diag, backend=chosen)
     return out[:, 1 if mask == "diff" else 0].contiguous()

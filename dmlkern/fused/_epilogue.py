@@ -1,0 +1,118 @@
+"""What the fused loss epilogues share (one module per loss next to this one): the reference's
+zero for degenerate batches, the per-row loss dict shapes, the plain-configuration check and
+backend choice, and the lse2 calls on the engine. An epilogue returns (loss_dict, backend),
+ZERO_LOSS, or None after `decline` recorded why the reference runs (BaseMetricLossFunction.forward
+sets last_backend / last_fallback from that)."""
+import torch
+
+from .._determinism import logaddexp
+from ..engine_spec import MINING_NONE, PASS_LSE2, TRANSFORM_DOT
+from ..ops import pair_engine as pe
+from . import _common
+from ._common import Degenerate, LabelStats, decline, no_engine_reason, no_pos_or_neg, short_circuit, unit_rows
+
+SHORT_ROWS = "an embedding row shorter than 1e-12 (e.g. all zeros) with a Euclidean fused loss"
+
+
+class _ZeroLoss:
+    """Returned for degenerate batches (no valid pair): the caller uses module.zero_losses(),
+    exactly what the reference returns there, without building its N x M matrices."""
+
+
+ZERO_LOSS = _ZeroLoss()
+
+
+def _element(losses, n):
+    idx = torch.arange(n, device=losses.device)
+    return {"losses": losses, "indices": idx, "reduction_type": "element"}
+
+
+def _pair_inputs(embeddings, ref_emb):
+    x = unit_rows(embeddings)
+    y = x if ref_emb is embeddings else unit_rows(ref_emb)
+    return x, y
+
+
+def _engine_or_decline(module, embeddings):
+    """The engine backend for this call, or None after recording why there is none. The one place
+    the fused losses look up `_common.engine_backend` (tests patch it there)."""
+    backend = _common.engine_backend(embeddings, module.backend)
+    if backend is None:
+        return decline(module, no_engine_reason(embeddings, module.backend))
+    return backend
+
+
+def _plain_backend(module, embeddings, labels, indices_tuple, distance_ok):
+    """The engine backend when the call is the plain configuration every fused loss covers
+    (labels given, no indices_tuple, the default distance), else None (the reference runs)."""
+    backend = _engine_or_decline(module, embeddings)
+    if backend is None:
+        return None
+    if labels is None:
+        return decline(module, "no labels (pairs from indices_tuple only)")
+    if indices_tuple is not None:
+        return decline(module, "an indices_tuple (the fused kernels use all pairs)")
+    if not distance_ok(module.distance):
+        return decline(module, f"non-default distance {type(module.distance).__name__}")
+    return backend
+
+
+def _lse2(x, y, xl, yl, params, exclude_diag, backend, row_in=None, transform=TRANSFORM_DOT,
+          mining=MINING_NONE):
+    return pe.engine_forward(x, y, xl, yl, row_in, pass_kind=PASS_LSE2, transform=transform,
+                             mining=mining, params=params, exclude_diag=exclude_diag, backend=backend)
+
+
+def _log1p_exp(x):
+    """log(1 + e^x) without F.softplus's cut-off (it returns x above 20: a 2e-9 error in fp64);
+    0 with gradient 0 for x = -inf (an empty set). Bits independent of the CPU thread count."""
+    return logaddexp(x, torch.zeros_like(x))
+
+
+def _per_row(losses, embeddings):
+    """Per-row losses shaped (N, 1), as PML's logsumexp-based losses (MS, GenLifted) give them:
+    reducers such as ClassWeightedReducer broadcast on that shape."""
+    return _element(losses.to(embeddings.dtype).unsqueeze(1), len(losses))
+
+
+def _empty_as_zero(lse):
+    """PML's masked logsumexp gives 0 (not -inf) for an empty set; the gradient there is 0."""
+    return torch.where(torch.isneginf(lse), 0.0, lse)
+
+
+def _at_most_one_pair_each(stats):
+    """PML's `len <= 1` rule (at most one positive and one negative pair) as a Degenerate term.
+    With one labels tensor, pairs come in both orders, so the rule holds only when there is no
+    pair at all: a one-row batch, decided from the shape (no work)."""
+    if stats.exclude_diag:
+        return stats.n == 1
+    return lambda: short_circuit(stats)
+
+
+def _rule_or_no_pos_or_neg(stats):
+    """PML's `len <= 1` rule, or no positive or no negative pair at all (SupCon, NT-Xent,
+    Lifted), as a Degenerate term. With one labels tensor the rule means no pair at all, which
+    the second test covers: 4 small ops fewer."""
+    if stats.exclude_diag:
+        return lambda: no_pos_or_neg(stats)
+    return lambda: short_circuit(stats) | no_pos_or_neg(stats)
+
+
+def _stats_with_pair_rule(labels, ref_labels):
+    """(LabelStats, Degenerate) for the losses that are zero under `_rule_or_no_pos_or_neg`."""
+    stats = LabelStats(labels, ref_labels)
+    return stats, Degenerate(labels, _rule_or_no_pos_or_neg(stats))
+
+
+def _lse_neg_then(second_pass, x, y, labels, ref_labels, params, exclude_diag, transform, backend):
+    """The chain NT-Xent and Lifted Structure share: the lse2 pass for each row's log-sum-exp over
+    its negatives, then `second_pass` reading it as L (row_in column 2). Returns (row_in, the
+    second pass's statistics)."""
+    lse = pe.engine_forward(x, y, labels, ref_labels, pass_kind=PASS_LSE2, transform=transform, params=params,
+                            exclude_diag=exclude_diag, backend=backend)
+    neg_lse = lse[:, 1]
+    zero = torch.zeros_like(neg_lse)
+    row_in = torch.stack([zero, zero, neg_lse], dim=1)
+    out = pe.engine_forward(x, y, labels, ref_labels, row_in, pass_kind=second_pass, transform=transform,
+                            params=params, exclude_diag=exclude_diag, backend=backend)
+    return row_in, out

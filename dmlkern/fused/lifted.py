@@ -1,0 +1,205 @@
+"""Lifted Structure loss on the engine: L_i from lse2, then the lifted_pairs pass over the positive
+pairs with one merged backward (_LiftedPairs) for MeanReducer / AvgNonZeroReducer; a list of the
+positive pairs (O(pairs)) for other reducers."""
+import torch
+
+from .._autograd import applier
+from .._determinism import fixed_order_sum, logaddexp
+from ..engine_spec import MINING_NONE, PASS_LIFTED_PAIRS, TRANSFORM_UNIT_DISTANCE, EngineParams
+from ..ops import pair_engine as pe
+from . import _common
+from ._common import decline, is_unit_euclidean, static_shapes, unit_rows
+from ._epilogue import (SHORT_ROWS, ZERO_LOSS, _empty_as_zero, _lse2, _lse_neg_then, _plain_backend,
+                        _stats_with_pair_rule)
+
+
+MAX_POS_PAIRS_PER_ROW = 64  # above this many positive pairs per row, the reference runs
+
+
+def positive_pairs(labels):
+    """All ordered same-label pairs (i, j), i != j, in row-major order like PML's
+    get_all_pairs_indices, as two index tensors: O(pairs), no N x N mask."""
+    order = torch.sort(labels, stable=True).indices
+    counts = torch.unique_consecutive(labels[order], return_counts=True)[1]
+    starts = torch.cumsum(counts, 0) - counts
+    # Pair (u, v) of a group of size c, u != v: expand each row of the group over its group.
+    row_group = torch.repeat_interleave(torch.arange(len(counts), device=labels.device), counts)
+    row_pos = torch.arange(len(labels), device=labels.device) - starts[row_group]
+    reps = counts[row_group]
+    a_sorted = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), reps)
+    offset = torch.arange(int(reps.sum()), device=labels.device) - torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
+    p_sorted = starts[row_group][a_sorted] + offset
+    keep = offset != row_pos[a_sorted]
+    a, p = order[a_sorted[keep]], order[p_sorted[keep]]
+    row_major = torch.argsort(a * len(labels) + p)  # PML's order: by anchor, then positive
+    return a[row_major], p[row_major]
+
+
+class _PairDots(torch.autograd.Function):
+    """<x_a, x_p> for a list of pairs, in chunks: O(pairs) memory instead of O(pairs x D)."""
+
+    CHUNK = 1 << 16
+
+    @staticmethod
+    def forward(x, a, p):
+        out = x.new_empty(len(a))
+        for c in range(0, len(a), _PairDots.CHUNK):
+            sl = slice(c, c + _PairDots.CHUNK)
+            out[sl] = (x[a[sl]] * x[p[sl]]).sum(dim=1)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):  # differentiable ops (index_add_ is serial on the CPU: deterministic)
+        x, a, p = ctx.saved_tensors
+        gx = torch.zeros_like(x)
+        for c in range(0, len(a), _PairDots.CHUNK):
+            sl = slice(c, c + _PairDots.CHUNK)
+            g = grad[sl, None].to(x.dtype)
+            gx.index_add_(0, a[sl], g * x[p[sl]])
+            gx.index_add_(0, p[sl], g * x[a[sl]])
+        return gx, None, None
+
+
+_apply_pair_dots = applier(_PairDots)
+
+
+class _LiftedPairs(torch.autograd.Function):
+    """T = sum over ordered positive pairs (i, j), i != j, of f_ij = relu(z_ij)^2 / 2 with
+    z_ij = logaddexp(L_i, L_j) + d_ij - pos_margin and L_i = log sum_{n in N(i)} e^{neg_margin - d_in};
+    returns (T, the number of pairs with f > 0). No pair list: two forward passes (lse2 for L,
+    then lifted_pairs), ONE backward pass (docs/ENGINE.md). By the symmetry of z, dT/dL_k is
+    2 * out[k, 1], which enters the backward as the lse2 coefficient A_neg of row k; the pairs'
+    own term is C_lift = the upstream gradient. The engine sees the rows sorted by label (T does
+    not depend on their order): the CPU lifted_pairs pass then computes only the tiles that
+    hold positive pairs, near the diagonal."""
+
+    # The split form (torch.func needs it): forward also returns the sorted labels, row_in, out and
+    # the order (non-differentiable) so that setup_context can save them; callers take [:2].
+
+    @staticmethod
+    def forward(x, labels, params, backend):
+        labels, order = torch.sort(labels, stable=True)
+        sorted_x = x[order]
+        row_in, out = _lse_neg_then(PASS_LIFTED_PAIRS, sorted_x, sorted_x, labels, labels, params, True,
+                                    TRANSFORM_UNIT_DISTANCE, backend)
+        return fixed_order_sum(out[:, 0]), fixed_order_sum(out[:, 2]), labels, row_in, out, order
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, params, backend = inputs
+        _, count, labels, row_in, out, order = output
+        ctx.mark_non_differentiable(count, labels, row_in, out, order)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, labels, row_in, out, order)
+        ctx.config = (params, backend)
+
+    @staticmethod
+    def backward(ctx, grad_total, *_grad_statistics):
+        x, labels, row_in, out, order = ctx.saved_tensors
+        params, backend = ctx.config
+        if grad_total is None:
+            return None, None, None, None
+        if pe.backward_needs_graph(x):  # create_graph=True: a differentiable gradient
+            def total(x):  # the reference's lifted_pairs pass is differentiable
+                sorted_x = x[order]
+                return _lse_neg_then(PASS_LIFTED_PAIRS, sorted_x, sorted_x, labels, labels, params, True,
+                                     TRANSFORM_UNIT_DISTANCE, "reference")[1][:, 0].sum()
+            return (*pe.reference_gradient(total, (x,), ctx.needs_input_grad[:1], grad_total), None, None, None)
+        with torch.no_grad():  # under torch.func.grad grad mode is on
+            return _LiftedPairs._fused_backward(grad_total, x, labels, row_in, out, order, params, backend)
+
+    @staticmethod
+    def _fused_backward(grad_total, x, labels, row_in, out, order, params, backend):
+        x = x[order]
+        g = grad_total.to(out.dtype).expand(out.shape[0])
+        zero = torch.zeros_like(g)
+        coef = torch.stack([zero, zero, 2 * g * out[:, 1], row_in[:, 2], zero, g], dim=1)
+        grad_x, grad_y = pe.engine_backward_raw(x, x, labels, labels, row_in, coef.contiguous(),
+                                                transform=TRANSFORM_UNIT_DISTANCE, mining=MINING_NONE,
+                                                params=params, exclude_diag=True, backend=backend,
+                                                symmetric=True, coef_terms=2)  # C_lift
+        grad = torch.zeros_like(grad_x).index_copy(0, order, grad_x)  # back to the caller's order
+        return grad, None, None, None
+
+
+_apply_lifted_pairs = applier(_LiftedPairs)
+
+
+def _lifted_reduction(reducer):
+    """"mean" / "nonzero" when the reducer is exactly PML's default MeanReducer or an
+    AvgNonZeroReducer (without stats collection): the loss is then a ratio of two totals of the
+    lifted_pairs pass. None for every other reducer (it needs the per-pair losses)."""
+    from ..reducers import AvgNonZeroReducer, MeanReducer
+
+    if getattr(reducer, "collect_stats", True):
+        return None
+    if type(reducer) is MeanReducer:
+        return "mean"
+    if type(reducer) is AvgNonZeroReducer and reducer.low == 0 and reducer.high is None:
+        return "nonzero"
+    return None
+
+
+def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """Per positive pair (i, j): relu(log(sum_{n in N(i)} e^{m_n - d_in} + sum_{n in N(j)} e^{m_n - d_jn})
+    + d_ij - m_p)^2 / 2. The per-row negative sums are engine statistics (L_i). With MeanReducer
+    or AvgNonZeroReducer the loss is (sum of the pair losses) / (number of positive pairs, or of
+    non-zero pair losses), both from the engine's lifted_pairs pass: no pair list, static shapes
+    (torch.compile fullgraph). Other reducers get the per-pair losses from a list of the positive
+    pairs (O(pairs)), fused only while pairs are few per row."""
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
+    # With ref_emb (even the embeddings themselves, given with other ref_labels) PML matches
+    # negatives by index value and keeps self-pairs: the reference does that.
+    if backend is None:
+        return None
+    if ref_emb is not embeddings or ref_labels is not labels:
+        return decline(module, "ref_emb or ref_labels with LiftedStructureLoss")
+    if _common.has_short_rows(embeddings):
+        return decline(module, SHORT_ROWS)
+    stats, degenerate = _stats_with_pair_rule(labels, labels)
+    pm, nm = float(module.pos_margin), float(module.neg_margin)
+    reduction = _lifted_reduction(module.reducer)
+    if reduction is None:
+        return _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend)
+    if degenerate.returns_zero_now():
+        return ZERO_LOSS
+    x = unit_rows(embeddings)
+    total, nonzero = _apply_lifted_pairs(x, labels, EngineParams(sc_pos=1.0, off_pos=-pm, sc_neg=-1.0, off_neg=nm), backend)[:2]
+    if reduction == "nonzero" and not static_shapes() and bool(torch.isnan(total)):
+        # AvgNonZero drops NaN pair losses (NaN > 0 is false) and averages the rest: that needs
+        # the per-pair losses. (Under torch.compile the NaN propagates: a documented deviation.)
+        return _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend)
+    if reduction == "mean":  # PML's mean over all positive pairs: sum_c n_c (n_c - 1) of them
+        loss = total / stats.pos_total.clamp(min=1).to(total.dtype)
+    else:  # the mean of the f > 0; none: the reducer's grad-carrying zero
+        loss = torch.where(nonzero > 0, total / nonzero.clamp(min=1),
+                           module.reducer.zero_loss(embeddings).to(total.dtype))
+    loss = degenerate.zero_where(loss)
+    return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}, backend
+
+
+def _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend):
+    """Lifted Structure for reducers that need the per-pair losses: L_i from the engine, the
+    positive pairs listed (data-dependent sizes: no fullgraph compile)."""
+    if degenerate.now():
+        return ZERO_LOSS
+    if int(stats.pos_total) > MAX_POS_PAIRS_PER_ROW * len(labels):
+        return decline(module, f"{type(module.reducer).__name__} with LiftedStructureLoss and more than "
+                               f"{MAX_POS_PAIRS_PER_ROW} positive pairs per row")
+    x = unit_rows(embeddings)
+    lse = _lse2(x, x, labels, labels, EngineParams(sc_pos=0.0, sc_neg=-1.0, off_neg=nm), True, backend,
+                transform=TRANSFORM_UNIT_DISTANCE)
+    neg_lse = lse[:, 1]
+    a, p = positive_pairs(labels)
+    # index_select: indexing's backward (index_put_ accumulate) sums a row's pairs by parallel
+    # atomic adds on a CPU (fp32; not reproducible); index_select's (index_add) is serial there.
+    neg_part = _empty_as_zero(logaddexp(neg_lse.index_select(0, a), neg_lse.index_select(0, p)))
+    dots = _apply_pair_dots(x.to(neg_lse.dtype), a, p)
+    d_ap = torch.sqrt(torch.clamp(2 - 2 * dots, min=0))
+    losses = torch.relu(neg_part + d_ap - pm) ** 2 / 2
+    return {"loss": {"losses": losses.to(embeddings.dtype).unsqueeze(1), "indices": (a, p),
+                     "reduction_type": "pos_pair"}}, backend

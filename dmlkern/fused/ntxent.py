@@ -1,0 +1,113 @@
+"""NT-Xent on the engine: lse2 for each row's negatives, then pos_softplus over the positives, with
+one merged backward (_NTXentRows); the value comes already reduced (MeanReducer)."""
+import torch
+
+from .._autograd import applier
+from .._determinism import fixed_order_sum
+from ..engine_spec import MINING_NONE, PASS_POS_SOFTPLUS, TRANSFORM_DOT, EngineParams
+from ..ops import pair_engine as pe
+from . import _stats
+from ._common import decline, is_plain_mean, is_unit_cosine
+from ._epilogue import ZERO_LOSS, _lse_neg_then, _pair_inputs, _plain_backend, _stats_with_pair_rule
+
+
+class _NTXentRows(torch.autograd.Function):
+    """Per anchor a: sum over its positives p of softplus(lse_neg(a) - s_ap/t), which is
+    -log(e^u / (e^u + sum_n e^{s_an/t})) with u = s_ap/t.
+
+    Two forward passes (lse2 for lse_neg, then pos_softplus), but ONE backward pass: the
+    engine's backward takes the negatives' softmax term (through lse_neg) and the positives'
+    sigmoid term in the same row_coef, so the tiles are recomputed once, not twice.
+    """
+
+    # The split form (torch.func needs it): forward returns (per-row losses, row_in, out), the
+    # last two non-differentiable, so that setup_context can save them; callers take [0].
+
+    @staticmethod
+    def forward(x, y, labels, ref_labels, params, exclude_diag, backend):
+        # y / ref_labels are None when they are x / labels: torch.compile can't trace an
+        # autograd.Function given one tensor twice.
+        y = x if y is None else y
+        ref_labels = labels if ref_labels is None else ref_labels
+        row_in, out = _lse_neg_then(PASS_POS_SOFTPLUS, x, y, labels, ref_labels, params, exclude_diag,
+                                    TRANSFORM_DOT, backend)
+        return out[:, 0], row_in, out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, labels, ref_labels, params, exclude_diag, backend = inputs
+        _, row_in, out = output
+        ctx.self_pairs = y is None
+        ctx.symmetric = y is None and ref_labels is None  # the pair masks are symmetric too
+        ctx.mark_non_differentiable(row_in, out)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, x if y is None else y, labels, labels if ref_labels is None else ref_labels,
+                              row_in, out)
+        ctx.config = (params, exclude_diag, backend)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_row_in, _grad_out):
+        x, y, labels, ref_labels, row_in, out = ctx.saved_tensors
+        params, exclude_diag, backend = ctx.config
+        if grad is None:
+            return None, None, None, None, None, None, None
+        if pe.backward_needs_graph(x):  # create_graph=True: a differentiable gradient
+            def per_row(x, y):
+                return _lse_neg_then(PASS_POS_SOFTPLUS, x, y, labels, ref_labels, params, exclude_diag,
+                                     TRANSFORM_DOT, "reference")[1][:, 0]
+            grads = pe.reference_gradient(per_row, (x, y), ctx.needs_input_grad[:2], grad)
+            return (*grads, None, None, None, None, None)
+        with torch.no_grad():  # under torch.func.grad grad mode is on
+            return _NTXentRows._fused_backward(ctx, grad, x, y, labels, ref_labels, row_in, out, params,
+                                               exclude_diag, backend)
+
+    @staticmethod
+    def _fused_backward(ctx, grad, x, y, labels, ref_labels, row_in, out, params, exclude_diag, backend):
+        grad = grad.to(out.dtype)
+        zero = torch.zeros_like(grad)
+        # d/d lse_neg(a) = grad_a * sum_p sigmoid(...) = grad_a * out[:, 1] (pos_softplus's rule).
+        coef = torch.stack([zero, zero, grad * out[:, 1], row_in[:, 2], grad], dim=1)
+        grad_x, grad_y = pe.engine_backward_raw(x, y, labels, ref_labels, row_in, coef.contiguous(),
+                                                transform=TRANSFORM_DOT, mining=MINING_NONE,
+                                                params=params, exclude_diag=exclude_diag, backend=backend,
+                                                symmetric=ctx.symmetric, coef_terms=1)  # B_pos
+        if ctx.symmetric:  # grad_x is the sum already (grad_y zero)
+            return grad_x, None, None, None, None, None, None
+        if ctx.self_pairs:  # y is x: the sum
+            return grad_x + grad_y, None, None, None, None, None, None
+        return grad_x, grad_y, None, None, None, None, None
+
+
+_apply_ntxent_rows = applier(_NTXentRows)
+
+
+def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
+    if backend is None:
+        return None
+    if not is_plain_mean(module.reducer):  # per-pair losses would need the O(pairs) list
+        return decline(module, f"{type(module.reducer).__name__} with NTXentLoss (fused with MeanReducer)")
+    exclude_diag = ref_labels is labels
+    stats, degenerate = _stats_with_pair_rule(labels, ref_labels)
+    if degenerate.returns_zero_now():
+        return ZERO_LOSS
+    inv_t = 1.0 / float(module.temperature)
+    params = EngineParams(sc_pos=inv_t, sc_neg=inv_t)
+    x, y = _pair_inputs(embeddings, ref_emb)
+    # The loss is a sum over pairs: with the rows (and the reference rows) sorted by label, the
+    # positives sit in a few tiles near the diagonal, and the pos_softplus pass computes only
+    # those. One permutation for both sides when the labels are one tensor (the self-pairs
+    # excluded then are pairs of equal index).
+    sorted_labels, order = torch.sort(labels, stable=True)
+    if ref_labels is labels:
+        ref_labels, ref_order = sorted_labels, order
+    else:
+        ref_labels, ref_order = torch.sort(ref_labels, stable=True)
+    sorted_x = x[order]
+    y = sorted_x if y is x and ref_order is order else y[ref_order]
+    x, labels = sorted_x, sorted_labels
+    per_row = _apply_ntxent_rows(x, None if y is x else y, labels, None if ref_labels is labels else ref_labels,
+                                params, exclude_diag, backend)[0]
+    loss = degenerate.zero_where(fixed_order_sum(per_row) / stats.pos_total.clamp(min=1))
+    return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced",
+                     **_stats.already_reduced_size(module.reducer, stats.pos_total)}}, backend

@@ -1,0 +1,36 @@
+"""Supervised Contrastive loss on the engine: one lse2 pass for the row log-sum-exps, the
+positives' mean similarity from per-class row sums (O(N D))."""
+import torch
+
+from ..engine_spec import EngineParams
+from ._common import class_sums_for_rows, is_unit_cosine
+from ._epilogue import ZERO_LOSS, _element, _log1p_exp, _lse2, _pair_inputs, _plain_backend, _stats_with_pair_rule
+
+
+def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
+    if backend is None:
+        return None
+    exclude_diag = ref_labels is labels
+    stats, degenerate = _stats_with_pair_rule(labels, ref_labels)
+    if degenerate.returns_zero_now():
+        return ZERO_LOSS
+    inv_t = 1.0 / float(module.temperature)
+    x, y = _pair_inputs(embeddings, ref_emb)
+    lse = _lse2(x, y, labels, ref_labels, EngineParams(sc_pos=inv_t, sc_neg=inv_t), exclude_diag, backend)
+    # sum_{p in P(i)} s_ip = <x_i, sum of the reference rows with label y_i> - the self pair: O(N D).
+    pos_sim_sum = (x * class_sums_for_rows(stats, y)).sum(dim=1)
+    if exclude_diag:  # one labels tensor: row i's self pair (x_i, y_i) is in the class sum
+        pos_sim_sum = pos_sim_sum - (x * y).sum(dim=1)
+    count = stats.pos.to(lse.dtype)
+    tiny = torch.finfo(embeddings.dtype).tiny  # PML divides by |P(i)| + tiny
+    pos_sim_mean = pos_sim_sum.to(lse.dtype) / (count + tiny)
+    # -mean_p log_prob = LSE - mean_p s_ip/t, with LSE = lse_pos + softplus(lse_neg - lse_pos):
+    # (lse_pos - mean_p s_ip/t) + softplus(lse_neg - lse_pos). Near convergence the loss is small
+    # next to s/t ~ 1/t; the first term is 0 for one positive (the LSE of one value is that value)
+    # and O(log |P|) otherwise, so nothing of size 1/t cancels (PML shifts by the row maximum).
+    lse_pos = torch.where(count > 0, lse[:, 0], 0.0)  # -inf without positives: no inf - inf below
+    pos_spread = torch.where(count == 1, 0.0, lse_pos - pos_sim_mean * inv_t)
+    neg_term = _log1p_exp(lse[:, 1] - lse_pos)
+    losses = degenerate.zero_where(torch.where(count > 0, pos_spread + neg_term, 0.0))
+    return {"loss": _element(losses.to(embeddings.dtype), len(losses))}, backend  # (N,), as PML's SupCon
