@@ -15,7 +15,7 @@ from dmlkern.triton import interpret_mode
 from _kernel_cases import HAS_CUDA, KERNEL_BACKENDS, TOLERANCES, dtypes_for
 
 # The module (dmlkern.ops.masked_lse the attribute is the function).
-MASKED_LSE_MODULE = sys.modules["dmlkern.ops.masked_lse"]
+MASKED_LSE_MODULE = sys.modules["dmlkern.ops.masked_lse_op"]
 
 # (N, M, D, distinct labels); M=None means y is x (self-pairs excluded). None are tile multiples.
 SHAPES = [
