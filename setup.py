@@ -14,8 +14,8 @@ import shutil
 
 from setuptools import find_packages, setup
 
-# torch's cpp_extension derives CUDA_HOME from `which nvcc`; here nvcc is a wrapper
-# in /usr/local/bin, so point it at the real toolkit before torch reads it.
+# torch's cpp_extension derives CUDA_HOME from `which nvcc`, which misleads it where the nvcc on
+# PATH is a wrapper outside the toolkit: without CUDA_HOME, use /usr/local/cuda when it exists.
 if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 

@@ -1,8 +1,10 @@
-"""Backends, devices and per-dtype tolerances for kernel-vs-reference tests."""
+"""Backends, devices and per-dtype tolerances for kernel-vs-reference tests.
+
+KERNEL_BACKENDS parametrises "backend,device"; kernel_dtype_cases() parametrises
+"backend, device, dtype, atol, rtol" with one test id per backend and dtype."""
 import pytest
 import torch
 
-import dmlkern
 from dmlkern.triton import interpret_mode
 
 HAS_CUDA = torch.cuda.is_available()
@@ -37,5 +39,24 @@ def dtypes_for(backend, device):
     return [torch.float32, torch.float16, torch.bfloat16]
 
 
-def compiled_info():
-    return dmlkern.build_info()
+def _dtype_id(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def kernel_dtype_cases(exclude=(), per_backend=None):
+    """pytest.param(backend, device, dtype, atol, rtol, id="<backend>-<dtype>") for every
+    KERNEL_BACKENDS entry and each dtype of dtypes_for, with the backend's marks (GPU ones skip
+    with "needs a CUDA device"). exclude: dtypes left out; per_backend: only the first that many
+    of each backend's dtypes."""
+    cases = []
+    for backend_param in KERNEL_BACKENDS:
+        backend, device = backend_param.values
+        dtypes = [dt for dt in dtypes_for(backend, device) if dt not in exclude][:per_backend]
+        for dtype in dtypes:
+            rtol, atol = TOLERANCES[dtype]
+            cases.append(pytest.param(backend, device, dtype, atol, rtol, marks=backend_param.marks,
+                                      id=f"{backend_param.id}-{_dtype_id(dtype)}"))
+    return cases
+
+
+KERNEL_DTYPE_CASES = kernel_dtype_cases()

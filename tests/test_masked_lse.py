@@ -12,7 +12,7 @@ import torch
 from dmlkern import reference
 from dmlkern.ops import masked_lse
 from dmlkern.triton import interpret_mode
-from _kernel_cases import HAS_CUDA, KERNEL_BACKENDS, TOLERANCES, dtypes_for
+from _kernel_cases import HAS_CUDA, KERNEL_BACKENDS, KERNEL_DTYPE_CASES
 
 # The module (dmlkern.ops.masked_lse the attribute is the function).
 MASKED_LSE_MODULE = sys.modules["dmlkern.ops.masked_lse_op"]
@@ -60,33 +60,31 @@ def _run(x, y, xl, yl, mask, scale, backend):
     return out.double(), x.grad.double(), None if y_ is None else y_.grad.double()
 
 
-def _close(a, b, dtype, what):
-    rtol, atol = TOLERANCES[dtype]
+def _close(a, b, atol, rtol, what):
     torch.testing.assert_close(a.cpu(), b.cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mask", ["all", "same", "diff"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(str(v) for v in s))
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
+def test_matches_reference(backend, device, dtype, atol, rtol, shape, mask):
+    x, y, xl, yl = _inputs(*shape, dtype, device, seed=hash((shape, mask)) % 1000)
+    scale = 3.0
+    got = _run(x, y, xl, yl, mask, scale, backend)
+    want = _run(x, y, xl, yl, mask, scale, "reference")
+    # Same -inf pattern (empty rows), finite values equal, gradients equal (0 on empty rows).
+    assert torch.equal(torch.isneginf(got[0]).cpu(), torch.isneginf(want[0]).cpu())
+    _close(got[0], want[0], atol, rtol, "lse")
+    _close(got[1], want[1], atol, rtol, "grad x")
+    if y is not None:
+        _close(got[2], want[2], atol, rtol, "grad y")
+    assert not torch.isnan(got[1]).any()
+
+
 @pytest.mark.parametrize("mask", ["all", "same", "diff"])
-def test_matches_reference(backend, device, shape, mask):
-    for dtype in dtypes_for(backend, device):
-        x, y, xl, yl = _inputs(*shape, dtype, device, seed=hash((shape, mask)) % 1000)
-        scale = 3.0
-        got = _run(x, y, xl, yl, mask, scale, backend)
-        want = _run(x, y, xl, yl, mask, scale, "reference")
-        # Same -inf pattern (empty rows), finite values equal, gradients equal (0 on empty rows).
-        assert torch.equal(torch.isneginf(got[0]).cpu(), torch.isneginf(want[0]).cpu())
-        _close(got[0], want[0], dtype, f"lse {dtype}")
-        _close(got[1], want[1], dtype, f"grad x {dtype}")
-        if y is not None:
-            _close(got[2], want[2], dtype, f"grad y {dtype}")
-        assert not torch.isnan(got[1]).any()
-
-
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 @pytest.mark.parametrize("y_is", ["none", "x"])
-@pytest.mark.parametrize("mask", ["all", "same", "diff"])
-def test_self_pairs_with_their_own_y_labels(backend, device, y_is, mask):
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
+def test_self_pairs_with_their_own_y_labels(backend, device, dtype, atol, rtol, y_is, mask):
     """y None (or x itself) with separate y_labels: a self-pair's two labels may differ, and it
     is still excluded under every mask (the engine's negatives alone would keep it)."""
     g = torch.Generator().manual_seed(5)
@@ -94,19 +92,18 @@ def test_self_pairs_with_their_own_y_labels(backend, device, y_is, mask):
     xl = torch.randint(0, 3, (45,), generator=g)
     yl = torch.randint(0, 3, (45,), generator=g)
     assert (xl != yl).any() and (xl == yl).any()
-    for dtype in dtypes_for(backend, device):
-        xx = x.to(device, dtype, copy=True).requires_grad_(True)
-        out = masked_lse(xx, None if y_is == "none" else xx, xl.to(device), yl.to(device), scale=4.0,
-                         mask=mask, backend=backend)
-        xr = x.clone().requires_grad_(True)
-        want = reference.masked_lse(xr, xr, xl, yl, 4.0, mask, exclude_diag=True)
-        assert torch.equal(torch.isneginf(out).cpu(), torch.isneginf(want))
-        _close(out.double(), want, dtype, f"lse {dtype}")
-        up = torch.rand(45, generator=g, dtype=torch.float64)
-        finite = torch.isfinite(want)
-        (out.double().cpu()[finite] * up[finite]).sum().backward()
-        (want[finite] * up[finite]).sum().backward()
-        _close(xx.grad.double(), xr.grad, dtype, f"grad x {dtype}")
+    xx = x.to(device, dtype, copy=True).requires_grad_(True)
+    out = masked_lse(xx, None if y_is == "none" else xx, xl.to(device), yl.to(device), scale=4.0,
+                     mask=mask, backend=backend)
+    xr = x.clone().requires_grad_(True)
+    want = reference.masked_lse(xr, xr, xl, yl, 4.0, mask, exclude_diag=True)
+    assert torch.equal(torch.isneginf(out).cpu(), torch.isneginf(want))
+    _close(out.double(), want, atol, rtol, "lse")
+    up = torch.rand(45, generator=g, dtype=torch.float64)
+    finite = torch.isfinite(want)
+    (out.double().cpu()[finite] * up[finite]).sum().backward()
+    (want[finite] * up[finite]).sum().backward()
+    _close(xx.grad.double(), xr.grad, atol, rtol, "grad x")
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
@@ -167,8 +164,9 @@ def test_non_contiguous_inputs(backend, device):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mask", ["all", "same", "diff"])
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-def test_gradcheck_fp64(backend, device):
+def test_gradcheck_fp64(backend, device, mask):
     g = torch.Generator().manual_seed(0)
     # The Triton interpreter is slow: smaller inputs and gradcheck's random-projection mode.
     n, m = (13, 11) if backend == "cpp" else (7, 6)
@@ -177,13 +175,12 @@ def test_gradcheck_fp64(backend, device):
     y = torch.randn(m, 5, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
     xl = torch.randint(0, 3, (n,), generator=g).to(device)
     yl = torch.randint(0, 3, (m,), generator=g).to(device)
-    for mask in ("all", "same", "diff"):
-        assert torch.autograd.gradcheck(
-            lambda a, b: masked_lse(a, b, xl, yl, scale=0.7, mask=mask, backend=backend).nan_to_num(neginf=0.0),
-            (x, y), fast_mode=fast)
-        assert torch.autograd.gradcheck(
-            lambda a: masked_lse(a, None, xl, scale=0.7, mask=mask, backend=backend).nan_to_num(neginf=0.0),
-            (x,), fast_mode=fast)
+    assert torch.autograd.gradcheck(
+        lambda a, b: masked_lse(a, b, xl, yl, scale=0.7, mask=mask, backend=backend).nan_to_num(neginf=0.0),
+        (x, y), fast_mode=fast)
+    assert torch.autograd.gradcheck(
+        lambda a: masked_lse(a, None, xl, scale=0.7, mask=mask, backend=backend).nan_to_num(neginf=0.0),
+        (x,), fast_mode=fast)
 
 
 def test_opcheck_cpp_cpu():

@@ -1,6 +1,5 @@
 """The tiled pair engine (docs/ENGINE.md) on every backend against its materialising reference:
 each pass's statistics, the backward kernel, and autograd through chains of passes."""
-import itertools
 import math
 
 import pytest
@@ -8,12 +7,22 @@ import torch
 
 from dmlkern import reference
 from dmlkern.ops import pair_engine as pe
-from _kernel_cases import HAS_CUDA, KERNEL_BACKENDS, TOLERANCES, dtypes_for
+from _kernel_cases import (HAS_CUDA, KERNEL_BACKENDS, KERNEL_DTYPE_CASES, TOLERANCES, dtypes_for,
+                           kernel_dtype_cases)
 
 # (N, M, D, labels); M None = y is x (self-pairs excluded). None are tile multiples.
 SHAPES = [(1, None, 5, 1), (37, None, 19, 5), (70, 130, 33, 4), (9, 600, 8, 2)]
 PARAMS = {0: [-2.0, 1.0, 5.0, -2.5, 0.1], 1: [1.0, -0.1, -1.0, 0.9, 0.0]}  # per transform
 CONFIGS = [(0, 0), (0, 1), (1, 0)]  # (transform, mining); mining needs transform 0
+PASS_NAMES = {0: "extrema", 1: "lse2", 2: "pos_softplus", 3: "lifted_pairs"}
+TRANSFORM_NAMES = {0: "dot", 1: "dist"}
+MINING_NAMES = {0: "all", 1: "mined"}
+CONFIG_PARAMS = [pytest.param(t, m, id=f"{TRANSFORM_NAMES[t]}-{MINING_NAMES[m]}") for t, m in CONFIGS]
+TRANSFORM_PARAMS = [pytest.param(t, id=TRANSFORM_NAMES[t]) for t in (0, 1)]
+
+
+def _shape_id(shape):
+    return "x".join(map(str, shape))
 
 
 def _needs_engine(backend):
@@ -45,64 +54,78 @@ def _row_in(x, y, xl, yl, self_pairs, transform, mining, params, dtype_stats):
     return torch.cat([ext, L[:, None].to(ext.device)], dim=1).to(dtype_stats)
 
 
-def _close(got, want, dtype, what):
-    rtol, atol = TOLERANCES[dtype]
+def _row_in_and_lse(x, y, xl, yl, self_pairs, transform, mining, dtype_stats):
+    """(params, row_in of _row_in, the reference lse2 statistics) for a backward's coefficients."""
+    params = PARAMS[transform]
+    row_in = _row_in(x, y, xl, yl, self_pairs, transform, mining, params, dtype_stats)
+    lse = reference.engine_forward(x.double(), y.double(), xl, yl, row_in.double(), 1, transform, mining, params,
+                                   self_pairs)
+    return params, row_in, lse
+
+
+def _close(got, want, atol, rtol, what):
     torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=rtol, atol=atol,
                                equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_passes_match_reference(backend, device, shape):
+@pytest.mark.parametrize("pass_kind", [0, 1, 2], ids=PASS_NAMES.get)
+@pytest.mark.parametrize("transform, mining", CONFIG_PARAMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
+def test_forward_passes_match_reference(backend, device, dtype, atol, rtol, shape, transform, mining, pass_kind):
     _needs_engine(backend)
-    for dtype in dtypes_for(backend, device):
-        x, y, xl, yl, self_pairs = _inputs(shape, dtype, device, seed=sum(shape[:1]) + 1)
-        stats = torch.float64 if dtype == torch.float64 else torch.float32
-        for (transform, mining), pass_kind in itertools.product(CONFIGS, (0, 1, 2)):
-            params = PARAMS[transform]
-            row_in = _row_in(x, y, xl, yl, self_pairs, transform, mining, params, stats)
-            got = pe.engine_forward(x, y, xl, yl, row_in, pass_kind=pass_kind, transform=transform,
-                                    mining=mining, params=params, exclude_diag=self_pairs, backend=backend)
-            want = reference.engine_forward(x.double(), y.double(), xl, yl, row_in.double(), pass_kind,
-                                            transform, mining, params, self_pairs)
-            what = f"{dtype} pass={pass_kind} transform={transform} mining={mining}"
-            assert got.dtype == stats and got.shape == want.shape, what
-            assert torch.equal(torch.isinf(got).cpu(), torch.isinf(want).cpu()), what
-            _close(got, want, dtype, what)
+    x, y, xl, yl, self_pairs = _inputs(shape, dtype, device, seed=sum(shape[:1]) + 1)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    params = PARAMS[transform]
+    row_in = _row_in(x, y, xl, yl, self_pairs, transform, mining, params, stats)
+    got = pe.engine_forward(x, y, xl, yl, row_in, pass_kind=pass_kind, transform=transform,
+                            mining=mining, params=params, exclude_diag=self_pairs, backend=backend)
+    want = reference.engine_forward(x.double(), y.double(), xl, yl, row_in.double(), pass_kind,
+                                    transform, mining, params, self_pairs)
+    assert got.dtype == stats and got.shape == want.shape
+    assert torch.equal(torch.isinf(got).cpu(), torch.isinf(want).cpu())
+    _close(got, want, atol, rtol, f"pass {pass_kind}")
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_backward_kernel_matches_reference(backend, device, shape):
+@pytest.mark.parametrize("transform, mining", CONFIG_PARAMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
+def test_backward_kernel_matches_reference(backend, device, dtype, atol, rtol, shape, transform, mining):
     _needs_engine(backend)
-    for dtype in dtypes_for(backend, device):
-        x, y, xl, yl, self_pairs = _inputs(shape, dtype, device, seed=11)
-        stats = torch.float64 if dtype == torch.float64 else torch.float32
-        for transform, mining in CONFIGS:
-            params = PARAMS[transform]
-            row_in = _row_in(x, y, xl, yl, self_pairs, transform, mining, params, stats)
-            lse = reference.engine_forward(x.double(), y.double(), xl, yl, row_in.double(), 1, transform,
-                                           mining, params, self_pairs)
-            g = torch.Generator().manual_seed(5)
-            n = x.shape[0]
-            a = torch.rand(n, 3, generator=g, dtype=torch.float64)
-            a[::3, 0] = 0.0  # zero coefficients must contribute exactly nothing
-            coef = torch.stack([a[:, 0], lse[:, 0].cpu(), a[:, 1], lse[:, 1].cpu(), a[:, 2]], dim=1)
-            coef = coef.to(device, stats)
-            got = pe.engine_backward_raw(x, y, xl, yl, row_in, coef, transform=transform, mining=mining,
-                                         params=params, exclude_diag=self_pairs, backend=backend)
-            want = reference.engine_backward(x.double(), y.double(), xl, yl, row_in.double(), coef.double(),
-                                             transform, mining, params, self_pairs)
-            for k, side in enumerate(("grad_x", "grad_y")):
-                assert got[k].dtype == dtype and got[k].shape == want[k].shape
-                assert not torch.isnan(got[k]).any(), side
-                _close(got[k], want[k], dtype, f"{side} {dtype} transform={transform} mining={mining}")
+    x, y, xl, yl, self_pairs = _inputs(shape, dtype, device, seed=11)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    params, row_in, lse = _row_in_and_lse(x, y, xl, yl, self_pairs, transform, mining, stats)
+    g = torch.Generator().manual_seed(5)
+    n = x.shape[0]
+    a = torch.rand(n, 3, generator=g, dtype=torch.float64)
+    a[::3, 0] = 0.0  # zero coefficients must contribute exactly nothing
+    coef = torch.stack([a[:, 0], lse[:, 0].cpu(), a[:, 1], lse[:, 1].cpu(), a[:, 2]], dim=1)
+    coef = coef.to(device, stats)
+    got = pe.engine_backward_raw(x, y, xl, yl, row_in, coef, transform=transform, mining=mining,
+                                 params=params, exclude_diag=self_pairs, backend=backend)
+    want = reference.engine_backward(x.double(), y.double(), xl, yl, row_in.double(), coef.double(),
+                                     transform, mining, params, self_pairs)
+    for k, side in enumerate(("grad_x", "grad_y")):
+        assert got[k].dtype == dtype and got[k].shape == want[k].shape, side
+        assert not torch.isnan(got[k]).any(), side
+        _close(got[k], want[k], atol, rtol, side)
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+# (transform, mining, exclude_diag, coef width). Self-pairs kept only with transform 0: the
+# distance's dv/ds = -1/v at v_ii ~ 0 is ill-conditioned in fp32 (a rounding of s_ii moves it by
+# orders of magnitude). Width 6 adds the lifted C_lift column.
+SYMMETRIC_CONFIGS = [pytest.param(t, mi, ex, w, id=f"{TRANSFORM_NAMES[t]}-{MINING_NAMES[mi]}-"
+                                  f"{'no_self' if ex else 'self'}-coef{w}")
+                     for t, mi, ex, w in [(t, mi, ex, 5) for (t, mi) in CONFIGS for ex in (True, False)
+                                          if ex or t == 0] + [(1, 0, True, 6)]]
+
+
+@pytest.mark.parametrize("transform, mining, exclude_diag, width", SYMMETRIC_CONFIGS)
 @pytest.mark.parametrize("n,d,k", [(1, 5, 1), (37, 19, 5), (130, 33, 4), (600, 8, 7)],
                          ids=["1x5", "37x19", "130x33", "600x8"])
-def test_symmetric_backward_is_the_sum_of_both_sides(backend, device, n, d, k):
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
+def test_symmetric_backward_is_the_sum_of_both_sides(backend, device, dtype, atol, rtol, n, d, k, transform, mining,
+                                                     exclude_diag, width):
     """symmetric=True (y is x, same labels): grad_x is grad_x + grad_y of the two-sided
     reference and grad_y is zero, with or without the self-pairs, for every transform / mining
     and with the lifted C_lift column. 600 rows cross the CPU's 512-column tile and end in a
@@ -111,90 +134,79 @@ def test_symmetric_backward_is_the_sum_of_both_sides(backend, device, n, d, k):
     if backend == "triton" and device == "cpu" and n > 200:
         pytest.skip("600 rows target the C++ CPU tile (512 columns) and take minutes in the Triton "
                     "interpreter; the 37- and 130-row cases already cross its 64-row tiles")
-    for dtype in dtypes_for(backend, device):
-        x, _, xl, _, _ = _inputs((n, None, d, k), dtype, device, seed=n + 2)
-        stats = torch.float64 if dtype == torch.float64 else torch.float32
-        # Self-pairs kept only with transform 0: the distance's dv/ds = -1/v at v_ii ~ 0 is
-        # ill-conditioned in fp32 (a rounding of s_ii moves it by orders of magnitude).
-        configs = [(t, mi, ex, 5) for (t, mi) in CONFIGS for ex in (True, False) if ex or t == 0]
-        configs.append((1, 0, True, 6))
-        for transform, mining, exclude_diag, width in configs:
-            params = PARAMS[transform]
-            row_in = _row_in(x, x, xl, xl, exclude_diag, transform, mining, params, stats)
-            lse = reference.engine_forward(x.double(), x.double(), xl, xl, row_in.double(), 1, transform,
-                                           mining, params, exclude_diag)
-            g = torch.Generator().manual_seed(9)
-            a = torch.rand(n, 4, generator=g, dtype=torch.float64)
-            a[::3, 0] = 0.0
-            cols = [a[:, 0], lse[:, 0].cpu(), a[:, 1], lse[:, 1].cpu(), a[:, 2]] + ([a[:, 3]] if width == 6 else [])
-            coef = torch.stack(cols, dim=1).to(device, stats)
-            what = f"{dtype} transform={transform} mining={mining} exclude_diag={exclude_diag} coef={width}"
-            gx, gy = pe.engine_backward_raw(x, x, xl, xl, row_in, coef, transform=transform, mining=mining,
-                                            params=params, exclude_diag=exclude_diag, backend=backend,
-                                            symmetric=True)
-            wx, wy = reference.engine_backward(x.double(), x.double(), xl, xl, row_in.double(), coef.double(),
-                                               transform, mining, params, exclude_diag)
-            assert gx.dtype == dtype and gy.shape == x.shape, what
-            assert not torch.isnan(gx).any(), what
-            _close(gx, wx + wy, dtype, f"symmetric grad {what}")
-            assert torch.equal(gy, torch.zeros_like(gy)), what
+    x, _, xl, _, _ = _inputs((n, None, d, k), dtype, device, seed=n + 2)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    params, row_in, lse = _row_in_and_lse(x, x, xl, xl, exclude_diag, transform, mining, stats)
+    g = torch.Generator().manual_seed(9)
+    a = torch.rand(n, 4, generator=g, dtype=torch.float64)
+    a[::3, 0] = 0.0
+    cols = [a[:, 0], lse[:, 0].cpu(), a[:, 1], lse[:, 1].cpu(), a[:, 2]] + ([a[:, 3]] if width == 6 else [])
+    coef = torch.stack(cols, dim=1).to(device, stats)
+    gx, gy = pe.engine_backward_raw(x, x, xl, xl, row_in, coef, transform=transform, mining=mining,
+                                    params=params, exclude_diag=exclude_diag, backend=backend,
+                                    symmetric=True)
+    wx, wy = reference.engine_backward(x.double(), x.double(), xl, xl, row_in.double(), coef.double(),
+                                       transform, mining, params, exclude_diag)
+    assert gx.dtype == dtype and gy.shape == x.shape
+    assert not torch.isnan(gx).any()
+    _close(gx, wx + wy, atol, rtol, "symmetric grad")
+    assert torch.equal(gy, torch.zeros_like(gy))
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+# (transform, mining, coef width, B_pos column non-zero, C_lift column non-zero)
+ZERO_COLUMN_CASES = [pytest.param(t, mi, w, b, c, id=f"{TRANSFORM_NAMES[t]}-{MINING_NAMES[mi]}-B{int(b)}"
+                                  + (f"-C{int(c)}" if w == 6 else ""))
+                     for t, mi, w, b, c in [(0, 1, 5, b, False) for b in (False, True)]
+                     + [(t, 0, 6, b, c) for t in (0, 1) for b, c in ((False, True), (True, True), (True, False))]]
+
+
+@pytest.mark.parametrize("transform, mining, width, with_b, with_c", ZERO_COLUMN_CASES)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["two-sided", "symmetric"])
-def test_backward_terms_with_zero_columns(backend, device, symmetric):
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
+def test_backward_terms_with_zero_columns(backend, device, dtype, atol, rtol, symmetric, transform, mining, width,
+                                          with_b, with_c):
     """The B_pos and C_lift terms with their columns all zero (skipped: the Triton kernel compiles
     them away, HAS_B / HAS_LIFT) and non-zero, two-sided and symmetric, with and without mining;
     the symmetric one-launch backward with the lifted term and with B_pos on both ends."""
     _needs_engine(backend)
     n, d, k = 70, 19, 4  # crosses the 64-row and the 32-column tiles
-    for dtype in dtypes_for(backend, device):
-        x, _, xl, _, _ = _inputs((n, None, d, k), dtype, device, seed=21)
-        stats = torch.float64 if dtype == torch.float64 else torch.float32
-        cases = [(0, 1, 5, b, False) for b in (False, True)] + [(t, 0, 6, b, c) for t in (0, 1)
-                                                                 for b, c in ((False, True), (True, True), (True, False))]
-        for transform, mining, width, with_b, with_c in cases:
-            params = PARAMS[transform]
-            row_in = _row_in(x, x, xl, xl, True, transform, mining, params, stats)
-            lse = reference.engine_forward(x.double(), x.double(), xl, xl, row_in.double(), 1, transform, mining,
-                                           params, True)
-            g = torch.Generator().manual_seed(13)
-            a = torch.rand(n, 4, generator=g, dtype=torch.float64)
-            a[::4, 1] = 0.0
-            cols = [a[:, 0], lse[:, 0].cpu(), a[:, 1], lse[:, 1].cpu(), a[:, 2] * with_b]
-            if width == 6:
-                cols.append(a[:, 3] * with_c)
-            coef = torch.stack(cols, dim=1).to(device, stats)
-            what = f"{dtype} transform={transform} mining={mining} B={with_b} C_lift={with_c if width == 6 else '-'}"
-            gx, gy = pe.engine_backward_raw(x, x, xl, xl, row_in, coef, transform=transform, mining=mining,
-                                            params=params, exclude_diag=True, backend=backend, symmetric=symmetric)
-            wx, wy = reference.engine_backward(x.double(), x.double(), xl, xl, row_in.double(), coef.double(),
-                                               transform, mining, params, True, symmetric=symmetric)
-            assert not torch.isnan(gx).any() and not torch.isnan(gy).any(), what
-            _close(gx, wx, dtype, f"grad_x {what}")
-            _close(gy, wy, dtype, f"grad_y {what}")
+    x, _, xl, _, _ = _inputs((n, None, d, k), dtype, device, seed=21)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    params, row_in, lse = _row_in_and_lse(x, x, xl, xl, True, transform, mining, stats)
+    g = torch.Generator().manual_seed(13)
+    a = torch.rand(n, 4, generator=g, dtype=torch.float64)
+    a[::4, 1] = 0.0
+    cols = [a[:, 0], lse[:, 0].cpu(), a[:, 1], lse[:, 1].cpu(), a[:, 2] * with_b]
+    if width == 6:
+        cols.append(a[:, 3] * with_c)
+    coef = torch.stack(cols, dim=1).to(device, stats)
+    gx, gy = pe.engine_backward_raw(x, x, xl, xl, row_in, coef, transform=transform, mining=mining,
+                                    params=params, exclude_diag=True, backend=backend, symmetric=symmetric)
+    wx, wy = reference.engine_backward(x.double(), x.double(), xl, xl, row_in.double(), coef.double(),
+                                       transform, mining, params, True, symmetric=symmetric)
+    assert not torch.isnan(gx).any() and not torch.isnan(gy).any()
+    _close(gx, wx, atol, rtol, "grad_x")
+    _close(gy, wy, atol, rtol, "grad_y")
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-def test_lse2_pass_with_nan_and_empty_sets(backend, device):
+@pytest.mark.parametrize("transform", TRANSFORM_PARAMS)
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
+def test_lse2_pass_with_nan_and_empty_sets(backend, device, dtype, atol, rtol, transform):
     """lse2: a NaN row of x makes its own statistics NaN and every other row's where it is kept
     (a column's NaN value reaches only the set it belongs to); empty sets are -inf."""
     _needs_engine(backend)
-    for dtype in dtypes_for(backend, device):
-        x, _, xl, _, _ = _inputs((40, None, 9, 6), dtype, device, seed=17)
-        x[7] = float("nan")
-        xl[3] = 99  # a row without positives
-        for transform in (0, 1):
-            params = PARAMS[transform]
-            got = pe.engine_forward(x, x, xl, xl, pass_kind=1, transform=transform, mining=0, params=params,
-                                    exclude_diag=True, backend=backend)
-            want = reference.engine_forward(x.double(), x.double(), xl, xl, torch.zeros(40, 3, dtype=torch.float64),
-                                            1, transform, 0, params, True)
-            what = f"{dtype} transform={transform}"
-            assert torch.isnan(want[:, 1]).sum() > 1 and not torch.isnan(want[:, 0]).all(), what
-            assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu()), what
-            assert torch.equal(torch.isinf(got).cpu(), torch.isinf(want).cpu()), what
-            _close(got, want, dtype, what)
+    x, _, xl, _, _ = _inputs((40, None, 9, 6), dtype, device, seed=17)
+    x[7] = float("nan")
+    xl[3] = 99  # a row without positives
+    params = PARAMS[transform]
+    got = pe.engine_forward(x, x, xl, xl, pass_kind=1, transform=transform, mining=0, params=params,
+                            exclude_diag=True, backend=backend)
+    want = reference.engine_forward(x.double(), x.double(), xl, xl, torch.zeros(40, 3, dtype=torch.float64),
+                                    1, transform, 0, params, True)
+    assert torch.isnan(want[:, 1]).sum() > 1 and not torch.isnan(want[:, 0]).all()
+    assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu())
+    assert torch.equal(torch.isinf(got).cpu(), torch.isinf(want).cpu())
+    _close(got, want, atol, rtol, "lse2")
 
 
 def _ntxent_like(x, y, xl, yl, self_pairs, backend, tau=0.2):
@@ -209,22 +221,20 @@ def _ntxent_like(x, y, xl, yl, self_pairs, backend, tau=0.2):
     return sp[:, 0].sum() / sp[:, 2].sum().clamp(min=1) + 0.1 * pos_lse.sum()
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-def test_autograd_through_chained_passes(backend, device):
+# fp16 chains overflow exp at these scales; covered per pass above.
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", kernel_dtype_cases(exclude=(torch.float16,)))
+def test_autograd_through_chained_passes(backend, device, dtype, atol, rtol):
     _needs_engine(backend)
-    for dtype in dtypes_for(backend, device):
-        if dtype == torch.float16:
-            continue  # fp16 chains overflow exp at these scales; covered per pass above
-        x, y, xl, yl, self_pairs = _inputs((45, 71, 13, 4), dtype, device, seed=2)
-        results = []
-        for b in (backend, "reference"):
-            xx = x.detach().clone().requires_grad_(True)
-            yy = y.detach().clone().requires_grad_(True)
-            val = _ntxent_like(xx, yy, xl, yl, False, b)
-            val.backward()
-            results.append((val.detach(), xx.grad, yy.grad))
-        for got, want in zip(results[0], results[1]):
-            _close(got, want, dtype, f"chained passes {dtype}")
+    x, y, xl, yl, self_pairs = _inputs((45, 71, 13, 4), dtype, device, seed=2)
+    results = []
+    for b in (backend, "reference"):
+        xx = x.detach().clone().requires_grad_(True)
+        yy = y.detach().clone().requires_grad_(True)
+        val = _ntxent_like(xx, yy, xl, yl, False, b)
+        val.backward()
+        results.append((val.detach(), xx.grad, yy.grad))
+    for what, got, want in zip(("value", "grad_x", "grad_y"), results[0], results[1]):
+        _close(got, want, atol, rtol, f"chained passes {what}")
 
 
 def test_gradcheck_fp64_cpp():
@@ -433,62 +443,59 @@ def test_reference_lifted_backward_is_the_autograd_gradient(transform):
     torch.testing.assert_close(2 * g * out[:, 1].detach(), torch.where(torch.isneginf(row_in[:, 2]), 0.0, L.grad))
 
 
-def _close_to_scale(got, want, dtype, what):
+def _close_to_scale(got, want, atol, rtol, what):
     """_close with atol scaled by the largest |want| (sums of hundreds of terms of either sign
     lose absolute, not relative, precision in fp32)."""
-    rtol, atol = TOLERANCES[dtype]
     scale = max(1.0, float(want.double().nan_to_num(0.0, 0.0, 0.0).abs().max()))
     torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=rtol, atol=atol * scale,
                                equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-@pytest.mark.parametrize("shape", LIFTED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("transform", TRANSFORM_PARAMS)
 @pytest.mark.parametrize("case", ["random", "one_class", "nan", "sorted"])
-def test_lifted_pairs_pass_matches_reference(backend, device, shape, case):
+@pytest.mark.parametrize("shape", LIFTED_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
+def test_lifted_pairs_pass_matches_reference(backend, device, dtype, atol, rtol, shape, case, transform):
     """Pass 3's statistics and the backward with a C_lift column (next to the other terms)."""
     _needs_engine(backend)
     n, d, classes = shape
     if backend == "triton" and device == "cpu" and n > 100:
         pytest.skip("600 rows target the C++ CPU tile (512 columns) and take ~1 min per case in the "
                     "Triton interpreter; the 70-row case already crosses its 64-row tiles")
-    for dtype in dtypes_for(backend, device):
-        x, labels, row_in = _lifted_inputs(n, d, classes, dtype, device, seed=n + d, case=case)
-        g = torch.Generator().manual_seed(5)
-        coef = torch.rand(n, 6, generator=g, dtype=torch.float64)
-        coef[:, 1] = 2 * row_in[:, 2].double().cpu().nan_to_num(0.0).clamp(min=0) + 1  # finite LSEs
-        coef[:, 3] = coef[:, 1] + 0.5
-        coef[::3, 5] = 0.0  # rows without the lifted term
-        coef[1::4, 4] = 0.0
-        coef = coef.to(device, row_in.dtype)
-        for transform in (0, 1):
-            params = LIFTED_PARAMS[transform]
-            what = f"{dtype} transform={transform} case={case}"
-            got = pe.engine_forward(x, x, labels, labels, row_in, pass_kind=3, transform=transform,
+    x, labels, row_in = _lifted_inputs(n, d, classes, dtype, device, seed=n + d, case=case)
+    g = torch.Generator().manual_seed(5)
+    coef = torch.rand(n, 6, generator=g, dtype=torch.float64)
+    coef[:, 1] = 2 * row_in[:, 2].double().cpu().nan_to_num(0.0).clamp(min=0) + 1  # finite LSEs
+    coef[:, 3] = coef[:, 1] + 0.5
+    coef[::3, 5] = 0.0  # rows without the lifted term
+    coef[1::4, 4] = 0.0
+    coef = coef.to(device, row_in.dtype)
+    params = LIFTED_PARAMS[transform]
+    got = pe.engine_forward(x, x, labels, labels, row_in, pass_kind=3, transform=transform,
+                            params=params, exclude_diag=True, backend=backend)
+    xd = x.double()
+    want = reference.engine_forward(xd, xd, labels, labels, row_in.double(), 3, transform, 0, params, True)
+    assert got.dtype == row_in.dtype and got.shape == (n, 3)
+    if case == "one_class":
+        assert torch.equal(want, torch.zeros_like(want))  # z = -inf: f = 0, no NaN
+    if case == "nan" and n > 1:
+        assert torch.isnan(want[:, 0]).any() and not torch.isnan(want[:, 0]).all()
+    assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu())
+    _close_to_scale(got, want, atol, rtol, "forward")
+    gx, gy = pe.engine_backward_raw(x, x, labels, labels, row_in, coef, transform=transform, mining=0,
                                     params=params, exclude_diag=True, backend=backend)
-            xd = x.double()
-            want = reference.engine_forward(xd, xd, labels, labels, row_in.double(), 3, transform, 0, params, True)
-            assert got.dtype == row_in.dtype and got.shape == (n, 3), what
-            if case == "one_class":
-                assert torch.equal(want, torch.zeros_like(want)), what  # z = -inf: f = 0, no NaN
-            if case == "nan" and n > 1:
-                assert torch.isnan(want[:, 0]).any() and not torch.isnan(want[:, 0]).all(), what
-            assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu()), what
-            _close_to_scale(got, want, dtype, f"forward {what}")
-            gx, gy = pe.engine_backward_raw(x, x, labels, labels, row_in, coef, transform=transform, mining=0,
-                                            params=params, exclude_diag=True, backend=backend)
-            wx, wy = reference.engine_backward(xd, xd, labels, labels, row_in.double(), coef.double(), transform, 0,
-                                               params, True)
-            if case != "nan":
-                assert not torch.isnan(gx).any() and not torch.isnan(gy).any(), what
-            _close_to_scale(gx, wx, dtype, f"grad_x {what}")
-            _close_to_scale(gy, wy, dtype, f"grad_y {what}")
-            # symmetric=True: the sum of both sides (one-sided in the C++ backends, which then
-            # skip the C_lift term in the tiles without positives for both halves at once).
-            gs, gz = pe.engine_backward_raw(x, x, labels, labels, row_in, coef, transform=transform, mining=0,
-                                            params=params, exclude_diag=True, backend=backend, symmetric=True)
-            assert torch.equal(gz, torch.zeros_like(gz)), what
-            _close_to_scale(gs, wx + wy, dtype, f"symmetric grad {what}")
+    wx, wy = reference.engine_backward(xd, xd, labels, labels, row_in.double(), coef.double(), transform, 0,
+                                       params, True)
+    if case != "nan":
+        assert not torch.isnan(gx).any() and not torch.isnan(gy).any()
+    _close_to_scale(gx, wx, atol, rtol, "grad_x")
+    _close_to_scale(gy, wy, atol, rtol, "grad_y")
+    # symmetric=True: the sum of both sides (one-sided in the C++ backends, which then
+    # skip the C_lift term in the tiles without positives for both halves at once).
+    gs, gz = pe.engine_backward_raw(x, x, labels, labels, row_in, coef, transform=transform, mining=0,
+                                    params=params, exclude_diag=True, backend=backend, symmetric=True)
+    assert torch.equal(gz, torch.zeros_like(gz))
+    _close_to_scale(gs, wx + wy, atol, rtol, "symmetric grad")
 
 
 def _asymmetric_calls(x, labels, row_in, coef):
@@ -560,38 +567,40 @@ def _far_strided_copy(src, column_stride):
     return view
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["two-sided", "symmetric"])
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-def test_int64_offsets_past_two_to_the_31(backend, device):
+def test_int64_offsets_past_two_to_the_31(backend, device, symmetric):
     """Forward and backward (two-sided and symmetric) on an fp32 view whose last column starts
     past element 2**31 of its storage (8 GiB allocated, untouched), against the reference on a
-    contiguous copy: the kernels index with int64 (Triton's K offsets were int32 and read out of
-    bounds here, a segfault in the interpreter, an illegal address on a GPU)."""
+    contiguous copy: the kernels index with int64 (int32 K offsets would read out of bounds
+    here: a segfault in the Triton interpreter, an illegal address on a GPU)."""
     _needs_engine(backend)
+    rtol, atol = TOLERANCES[torch.float32]
     n, m, d, k = 37, 29, 5, 4
     x, y, xl, yl, _ = _inputs((n, m, d, k), torch.float32, device, seed=31)
     far = _far_strided_copy(x, column_stride=2 ** 29 + 3)  # column 4 starts at element 2**31 + 12
     assert far.storage_offset() + (d - 1) * far.stride(1) > 2 ** 31 and torch.equal(far, x)
     params = PARAMS[0]
-    for other, other_labels, exclude_diag in ((y, yl, False), (far, xl, True)):
-        ref_other = x if other is far else other
-        got = pe.engine_forward(far, other, xl, other_labels, pass_kind=1, params=params,
-                                exclude_diag=exclude_diag, backend=backend)
-        want = reference.engine_forward(x.double(), ref_other.double(), xl, other_labels,
-                                        torch.zeros(n, 3, dtype=torch.float64, device=device), 1, 0, 0,
-                                        params, exclude_diag)
-        _close(got, want, torch.float32, f"forward, exclude_diag={exclude_diag}")
-        coef = torch.stack([torch.full_like(want[:, 0], 0.5), want[:, 0], torch.full_like(want[:, 0], 0.25),
-                            want[:, 1], torch.zeros_like(want[:, 0])], dim=1)
-        symmetric = other is far
-        gx, gy = pe.engine_backward_raw(far, other, xl, other_labels, torch.zeros(n, 3, device=device), coef.float(),
-                                        transform=0, mining=0, params=params, exclude_diag=exclude_diag,
-                                        backend=backend, symmetric=symmetric)
-        wx, wy = reference.engine_backward(x.double(), ref_other.double(), xl, other_labels,
-                                           torch.zeros(n, 3, dtype=torch.float64, device=device), coef,
-                                           0, 0, params, exclude_diag)
-        _close(gx, wx + wy if symmetric else wx, torch.float32, f"grad_x, symmetric={symmetric}")
-        if not symmetric:
-            _close(gy, wy, torch.float32, "grad_y")
+    # symmetric: y is the far view itself (self-pairs excluded); two-sided: a separate y.
+    other, other_labels, exclude_diag = (far, xl, True) if symmetric else (y, yl, False)
+    ref_other = x if symmetric else other
+    got = pe.engine_forward(far, other, xl, other_labels, pass_kind=1, params=params,
+                            exclude_diag=exclude_diag, backend=backend)
+    want = reference.engine_forward(x.double(), ref_other.double(), xl, other_labels,
+                                    torch.zeros(n, 3, dtype=torch.float64, device=device), 1, 0, 0,
+                                    params, exclude_diag)
+    _close(got, want, atol, rtol, "forward")
+    coef = torch.stack([torch.full_like(want[:, 0], 0.5), want[:, 0], torch.full_like(want[:, 0], 0.25),
+                        want[:, 1], torch.zeros_like(want[:, 0])], dim=1)
+    gx, gy = pe.engine_backward_raw(far, other, xl, other_labels, torch.zeros(n, 3, device=device), coef.float(),
+                                    transform=0, mining=0, params=params, exclude_diag=exclude_diag,
+                                    backend=backend, symmetric=symmetric)
+    wx, wy = reference.engine_backward(x.double(), ref_other.double(), xl, other_labels,
+                                       torch.zeros(n, 3, dtype=torch.float64, device=device), coef,
+                                       0, 0, params, exclude_diag)
+    _close(gx, wx + wy if symmetric else wx, atol, rtol, "grad_x")
+    if not symmetric:
+        _close(gy, wy, atol, rtol, "grad_y")
 
 
 def _labelled_rows(n, d, seed, layout):
@@ -609,9 +618,12 @@ def _labelled_rows(n, d, seed, layout):
     return x, labels, g
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mining, exclude_diag", [(0, True), (1, True), (0, False)],
+                         ids=["all-no_self", "mined-no_self", "all-self"])
 @pytest.mark.parametrize("layout", ["sorted_pairs", "two_views", "sorted_classes"])
-def test_pos_softplus_pass_skips_tiles_without_positives(backend, device, layout):
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", kernel_dtype_cases(per_backend=2))
+def test_pos_softplus_pass_skips_tiles_without_positives(backend, device, dtype, atol, rtol, layout, mining,
+                                                         exclude_diag):
     """Pass 2 sums over positives only, and the kernels skip the column tiles that hold none
     (CPU: outside the block's first..last label column; Triton: label ranges that miss the
     block's). 700 rows span several row blocks and column tiles of every backend; labels as
@@ -622,49 +634,46 @@ def test_pos_softplus_pass_skips_tiles_without_positives(backend, device, layout
     n = 700
     x, labels, _ = _labelled_rows(n, 9, 41, layout)
     x[n // 3] = float("nan")  # its positives get NaN, the other rows stay finite
-    for dtype in dtypes_for(backend, device)[:2]:
-        xd, ld = x.to(device, dtype), labels.to(device)
-        stats = torch.float64 if dtype == torch.float64 else torch.float32
-        for mining, exclude_diag in ((0, True), (1, True), (0, False)):
-            params = PARAMS[0]
-            row_in = _row_in(xd, xd, ld, ld, exclude_diag, 0, mining, params, stats)
-            got = pe.engine_forward(xd, xd, ld, ld, row_in, pass_kind=2, mining=mining, params=params,
-                                    exclude_diag=exclude_diag, backend=backend)
-            want = reference.engine_forward(xd.double(), xd.double(), ld, ld, row_in.double(), 2, 0, mining,
-                                            params, exclude_diag)
-            what = f"{layout} {dtype} mining={mining} exclude_diag={exclude_diag}"
-            assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu()), what
-            assert not torch.isnan(want[: n // 4]).any() and (mining == 1 or torch.isnan(want).any()), what
-            _close(got, want, dtype, what)
+    xd, ld = x.to(device, dtype), labels.to(device)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    params = PARAMS[0]
+    row_in = _row_in(xd, xd, ld, ld, exclude_diag, 0, mining, params, stats)
+    got = pe.engine_forward(xd, xd, ld, ld, row_in, pass_kind=2, mining=mining, params=params,
+                            exclude_diag=exclude_diag, backend=backend)
+    want = reference.engine_forward(xd.double(), xd.double(), ld, ld, row_in.double(), 2, 0, mining,
+                                    params, exclude_diag)
+    assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu())
+    assert not torch.isnan(want[: n // 4]).any() and (mining == 1 or torch.isnan(want).any())
+    _close(got, want, atol, rtol, "pos_softplus")
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("transform, symmetric, width", [(0, False, 5), (0, True, 5), (1, True, 6)],
+                         ids=["dot-two-sided", "dot-symmetric", "dist-symmetric-coef6"])
 @pytest.mark.parametrize("layout", ["sorted_pairs", "sorted_classes"])
-def test_backward_positive_terms_skip_tiles_without_positives(backend, device, layout):
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_backward_positive_terms_skip_tiles_without_positives(backend, device, layout, transform, symmetric, width):
     """The backward's positives-only terms (B_pos, and C_lift in the symmetric case) run only in
     the tiles whose labels meet the row block's (Triton; the CPU skips the C_lift term the same
     way): with labels sorted as the fused NT-Xent and Lifted give them, most tiles skip them. 300
     rows span several row blocks and column tiles; two-sided (B_pos) and symmetric (B_pos, or
-    transform 1 with C_lift), against the reference."""
+    transform 1 with C_lift), in fp32, against the reference."""
     _needs_engine(backend)
+    rtol, atol = TOLERANCES[torch.float32]
     n = 300
     x, labels, g = _labelled_rows(n, 12, 43, layout)
-    dtype = torch.float32
-    xd, ld = x.to(device, dtype), labels.to(device)
+    xd, ld = x.to(device, torch.float32), labels.to(device)
     a = torch.rand(n, 4, generator=g, dtype=torch.float64)
-    for transform, symmetric, width in ((0, False, 5), (0, True, 5), (1, True, 6)):
-        params = PARAMS[transform]
-        row_in = _row_in(xd, xd, ld, ld, True, transform, 0, params, torch.float32)
-        lse = reference.engine_forward(x, x, labels, labels, row_in.double().cpu(), 1, transform, 0, params, True)
-        cols = [a[:, 0], lse[:, 0], a[:, 1], lse[:, 1], a[:, 2]] + ([a[:, 3]] if width == 6 else [])
-        coef = torch.stack(cols, dim=1).to(device, torch.float32)
-        gx, gy = pe.engine_backward_raw(xd, xd, ld, ld, row_in, coef, transform=transform, mining=0, params=params,
-                                        exclude_diag=True, backend=backend, symmetric=symmetric)
-        wx, wy = reference.engine_backward(xd.double(), xd.double(), ld, ld, row_in.double(), coef.double(),
-                                           transform, 0, params, True)
-        what = f"{layout} transform={transform} symmetric={symmetric} coef={width}"
-        if symmetric:
-            _close(gx, wx + wy, dtype, f"symmetric grad {what}")
-        else:
-            _close(gx, wx, dtype, f"grad_x {what}")
-            _close(gy, wy, dtype, f"grad_y {what}")
+    params = PARAMS[transform]
+    row_in = _row_in(xd, xd, ld, ld, True, transform, 0, params, torch.float32)
+    lse = reference.engine_forward(x, x, labels, labels, row_in.double().cpu(), 1, transform, 0, params, True)
+    cols = [a[:, 0], lse[:, 0], a[:, 1], lse[:, 1], a[:, 2]] + ([a[:, 3]] if width == 6 else [])
+    coef = torch.stack(cols, dim=1).to(device, torch.float32)
+    gx, gy = pe.engine_backward_raw(xd, xd, ld, ld, row_in, coef, transform=transform, mining=0, params=params,
+                                    exclude_diag=True, backend=backend, symmetric=symmetric)
+    wx, wy = reference.engine_backward(xd.double(), xd.double(), ld, ld, row_in.double(), coef.double(),
+                                       transform, 0, params, True)
+    if symmetric:
+        _close(gx, wx + wy, atol, rtol, "symmetric grad")
+    else:
+        _close(gx, wx, atol, rtol, "grad_x")
+        _close(gy, wy, atol, rtol, "grad_y")

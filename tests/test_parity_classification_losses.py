@@ -13,7 +13,7 @@ import dmlkern.distances as our_distances
 import dmlkern.losses as our_losses
 from dmlkern.functional import classification as F_cls
 
-from _pml_helpers_b import SHAPES, batch
+from _batches import SHAPES, batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

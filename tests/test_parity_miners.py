@@ -11,7 +11,7 @@ import dmlkern.distances as our_distances
 import dmlkern.miners as our_miners
 from dmlkern.losses import TripletMarginLoss
 
-from _pml_helpers_b import SHAPES, assert_same_indices, batch, canon
+from _batches import SHAPES, assert_same_indices, batch, canon
 
 DISTANCES = {
     None: None,

@@ -10,8 +10,8 @@ import torch
 
 import dmlkern.losses as our_losses
 import dmlkern.miners as our_miners
+from _batches import assert_same_indices
 from _pml_helpers import LOSS_NAMES, compare
-from _pml_helpers_b import assert_same_indices
 
 D = 4
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 1])

@@ -146,18 +146,35 @@ def test_pair_both_positive_and_negative_raises_like_pml():
 
 
 # ------------------------------------------------------------------ validate_inputs / prepare_inputs directly
-def test_validate_inputs_accepts_good_inputs():
-    emb, labels = _emb(), _labels()
-    validate_inputs(emb, labels, None, None, None, labels_required=True)
-    validate_inputs(emb, None, _pairs(), None, None, labels_required=False)
-    validate_inputs(emb, labels, (torch.tensor([0]), torch.tensor([4]), torch.tensor([2])), _emb(5), _labels(5),
-                    labels_required=True)
-    validate_inputs(emb, labels.int(), None, None, None, labels_required=None)
-    # accepted as PML accepts them: float / bool labels, an empty batch, an empty ref_emb
-    validate_inputs(emb, labels.float(), None, None, None, labels_required=True)
-    validate_inputs(emb, labels > 0, None, None, None, labels_required=True)
-    validate_inputs(_emb(0), _labels(0), None, None, None, labels_required=True)
-    validate_inputs(emb, labels, None, _emb(0), _labels(0), labels_required=True)
+# (case id, kwargs builder, labels_required) of inputs accepted as PML accepts them (more label
+# dtypes in test_pml_inputs.py).
+GOOD_INPUTS = [
+    ("labels", lambda: dict(embeddings=_emb(), labels=_labels()), True),
+    ("pairs_without_labels", lambda: dict(embeddings=_emb(), labels=None, indices_tuple=_pairs()), False),
+    ("triplet_with_ref", lambda: dict(embeddings=_emb(), labels=_labels(),
+                                      indices_tuple=(torch.tensor([0]), torch.tensor([4]), torch.tensor([2])),
+                                      ref_emb=_emb(5), ref_labels=_labels(5)), True),
+    ("int32_labels", lambda: dict(embeddings=_emb(), labels=_labels().int()), None),
+    ("float_labels", lambda: dict(embeddings=_emb(), labels=_labels().float()), True),
+    ("bool_labels", lambda: dict(embeddings=_emb(), labels=_labels() > 0), True),
+    ("empty_batch", lambda: dict(embeddings=_emb(0), labels=_labels(0)), True),
+    ("empty_ref_emb", lambda: dict(embeddings=_emb(), labels=_labels(), ref_emb=_emb(0), ref_labels=_labels(0)),
+     True),
+]
+
+
+@pytest.mark.parametrize("case,build,labels_required", GOOD_INPUTS, ids=[c[0] for c in GOOD_INPUTS])
+@pytest.mark.parametrize("name", ["ContrastiveLoss", "TripletMarginLoss", "MultiSimilarityLoss"])
+def test_validate_inputs_accepts_good_inputs(name, case, build, labels_required):
+    """validate_inputs returns None (raises nothing) for inputs PML accepts, and the loss then
+    returns PML's value on them."""
+    kw = build()
+    assert validate_inputs(kw["embeddings"], kw["labels"], kw.get("indices_tuple"), kw.get("ref_emb"),
+                           kw.get("ref_labels"), labels_required=labels_required) is None
+    ours = _call(getattr(our_losses, name)(), kw)
+    theirs = _call(getattr(pml_losses, name)(), kw)
+    assert isinstance(ours, torch.Tensor) and ours.shape == () and ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs)
 
 
 def test_prepare_inputs_maps_float_labels_to_ids_as_pml_compares_them():

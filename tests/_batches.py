@@ -1,4 +1,5 @@
-"""Helpers for the miner and classification-loss parity tests (part B; tests only)."""
+"""Random batches (embeddings, labels, an optional reference set) and their shapes for the miner
+and classification-loss parity tests, and the comparison of mined index tuples (tests only)."""
 import torch
 
 
