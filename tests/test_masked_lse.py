@@ -5,6 +5,7 @@ tests run the engine's C++ (CPU, CUDA) and Triton kernels through the op's publi
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ def _close(a, b, atol, rtol, what):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(str(v) for v in s))
 @pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
 def test_matches_reference(backend, device, dtype, atol, rtol, shape, mask):
-    x, y, xl, yl = _inputs(*shape, dtype, device, seed=hash((shape, mask)) % 1000)
+    x, y, xl, yl = _inputs(*shape, dtype, device, seed=zlib.crc32(repr((shape, mask)).encode()) % 1000)  # stable across runs
     scale = 3.0
     got = _run(x, y, xl, yl, mask, scale, backend)
     want = _run(x, y, xl, yl, mask, scale, "reference")
