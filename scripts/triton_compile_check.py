@@ -5,7 +5,7 @@ thread issues per tile element in the main loop -- the static cost of the epilog
 loads and products, which bounds the kernel when it is ALU-bound (bf16 on an H200: ~14 tile
 elements per clock per SM in the tensor cores at D = 128, 128 instructions per clock per SM).
 
-    /work/main/.venv/bin/python scripts/triton_compile_check.py [--arch 90] [--d 128]
+    .venv/bin/python scripts/triton_compile_check.py [--arch 90] [--d 128]
 
 Each row: kernel, dtype, the constexprs that vary, tiles, registers, spill stores / loads
 (bytes), shared memory, instructions per element and exp2 (MUFU) per element. The tile sizes come

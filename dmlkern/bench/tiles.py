@@ -3,7 +3,7 @@
     python -m dmlkern.bench.tiles --device cuda --n 16384 --dtypes bf16 fp32 --out DIR
 
 For each dtype and loss it runs forward + backward with the default tiles (dmlkern.triton.
-pair_engine._tiles) and then with each setting of CONFIGS (through TILE_OVERRIDES), and reports
+tiles._tiles) and then with each setting of CONFIGS (through TILE_OVERRIDES), and reports
 the median time, that time over one x @ x.T (T_mm) and whether the loss and gradient agree with
 the default's. A setting that fails to compile (e.g. out of shared memory) is recorded as an
 error and the sweep goes on. Writes DIR/tiles.json and DIR/tiles.md and prints the table. It is
@@ -19,7 +19,7 @@ import time
 
 from .worker import TORCH_DTYPES, _dmlkern_callable, _labels, time_call
 
-# Name -> TILE_OVERRIDES. Each varies one thing from the defaults (dmlkern.triton.pair_engine.
+# Name -> TILE_OVERRIDES. Each varies one thing from the defaults (dmlkern.triton.tiles.
 # _tiles: fp16 / bf16 64 x 64 tiles over 4 warps with D in one K slice; fp32 64 x 64 over 8
 # warps, K slices of 32, the symmetric / lifted / B_pos backward with 32 columns), so a winner
 # says what to change; a setting that equals a dtype's default times the default again. Most
