@@ -1,8 +1,14 @@
-// Argument checks shared by every backend: clear messages that name the argument.
+// Argument checks shared by every backend (CPU and CUDA hosts): clear messages that name the
+// argument.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "pair_engine.h"
 
 namespace dmlkern {
 
@@ -28,6 +34,82 @@ inline void check_pair_inputs(const at::Tensor& x, const at::Tensor& y, const at
 // Statistics are kept in fp32, or fp64 for fp64 inputs.
 inline at::ScalarType stats_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The same rows: the same tensor (or view of the same memory), else equal values (NaN equal
+// to NaN).
+inline bool same_rows(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_same(b)) return true;
+  if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type() || a.device() != b.device())
+    return false;
+  if (a.data_ptr() == b.data_ptr() && a.strides() == b.strides()) return true;
+  if (!at::isFloatingType(a.scalar_type())) return at::equal(a, b);
+  return (a.eq(b) | (a.isnan() & b.isnan())).all().item<bool>();
+}
+
+// Argument checks of both ops on every backend. pass_kind < 0 skips its check (the backward
+// has none); row_coef may be null (the forward has none); symmetric is the backward's flag
+// (false for the forward).
+inline void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y,
+                                   const at::Tensor& x_labels, const at::Tensor& y_labels,
+                                   const at::Tensor& row_in, const at::Tensor* row_coef,
+                                   int64_t pass_kind, int64_t transform, int64_t mining,
+                                   at::ArrayRef<double> params, bool exclude_diag,
+                                   bool symmetric) {
+  check_pair_inputs(x, y, x_labels, y_labels);
+  // Only shapes: the kernels then read x and x_labels alone (comparing values would sync a GPU).
+  TORCH_CHECK(!symmetric || (x.sizes() == y.sizes() && x_labels.sizes() == y_labels.sizes()),
+              "dmlkern: symmetric=True needs y of x's shape and y_labels of x_labels' (y is x), got x ",
+              x.sizes(), " and y ", y.sizes());
+  const int64_t n = x.size(0);
+  TORCH_CHECK(row_in.dim() == 2 && row_in.size(0) == n && row_in.size(1) == 3,
+              "dmlkern: row_in must be (N, 3) = (", n, ", 3), got ", row_in.sizes());
+  TORCH_CHECK(at::isFloatingType(row_in.scalar_type()),
+              "dmlkern: row_in must be floating point (the stats dtype), got ",
+              row_in.scalar_type());
+  TORCH_CHECK(row_in.device() == x.device(), "dmlkern: row_in must be on the device of x");
+  if (row_coef != nullptr) {
+    TORCH_CHECK(row_coef->dim() == 2 && row_coef->size(0) == n &&
+                    (row_coef->size(1) == 5 || row_coef->size(1) == 6),
+                "dmlkern: row_coef must be (N, 5) or (N, 6) with N = ", n, ", got ",
+                row_coef->sizes());
+    TORCH_CHECK(at::isFloatingType(row_coef->scalar_type()),
+                "dmlkern: row_coef must be floating point (the stats dtype), got ",
+                row_coef->scalar_type());
+    TORCH_CHECK(row_coef->device() == x.device(), "dmlkern: row_coef must be on the device of x");
+  }
+  if (pass_kind >= 0 || row_coef == nullptr) {
+    TORCH_CHECK(pass_kind >= kPassExtrema && pass_kind <= kPassLiftedPairs,
+                "dmlkern: pass_kind must be 0 (extrema), 1 (lse2), 2 (pos_softplus) or 3 "
+                "(lifted_pairs), got ",
+                pass_kind);
+  }
+  TORCH_CHECK(transform == kTransformDot || transform == kTransformUnitDistance,
+              "dmlkern: transform must be 0 (dot product) or 1 (unit-vector distance), got ",
+              transform);
+  TORCH_CHECK(mining == kMiningNone || mining == kMiningMultiSimilarity,
+              "dmlkern: mining must be 0 (none) or 1 (Multi-Similarity miner), got ", mining);
+  TORCH_CHECK(mining == kMiningNone || transform == kTransformDot,
+              "dmlkern: mining=1 (Multi-Similarity miner) needs transform 0, got transform ",
+              transform);
+  TORCH_CHECK(params.size() == 5,
+              "dmlkern: params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps], got ",
+              params.size());
+  TORCH_CHECK(x.size(0) + y.size(0) <= std::numeric_limits<int32_t>::max(),
+              "dmlkern: N + M must fit in int32");
+  // Pass 3 and the C_lift column read row_in[j] for column j: only the symmetric case has it.
+  const bool lifted_fwd = pass_kind == kPassLiftedPairs && row_coef == nullptr;
+  const bool lifted_bwd = row_coef != nullptr && row_coef->size(1) == 6;
+  if (lifted_fwd || lifted_bwd) {
+    const char* what = lifted_fwd ? "pass_kind=3 (lifted_pairs)" : "row_coef with 6 columns (C_lift)";
+    TORCH_CHECK(exclude_diag, "dmlkern: ", what,
+                " needs the symmetric case: exclude_diag must be true");
+    TORCH_CHECK(same_rows(x, y), "dmlkern: ", what,
+                " needs the symmetric case: y must be x (the same rows)");
+    TORCH_CHECK(same_rows(x_labels, y_labels), "dmlkern: ", what,
+                " needs the symmetric case: y_labels must be x_labels");
+    TORCH_CHECK(mining == kMiningNone, "dmlkern: ", what, " needs mining=0, got mining=", mining);
+  }
 }
 
 }  // namespace dmlkern

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define DMLK_HD __host__ __device__ __forceinline__
@@ -380,6 +381,14 @@ struct LiftedPairsAcc : RowSums3<T> {
 DMLK_HDI int engine_out_columns(int64_t pass_kind) {
   return pass_kind == kPassPosSoftplus || pass_kind == kPassLiftedPairs ? 3 : 2;
 }
+
+// The per-row accumulator of a pass.
+template <int64_t PASS, typename T>
+using PassAcc = std::conditional_t<
+    PASS == kPassExtrema, ExtremaAcc<T>,
+    std::conditional_t<PASS == kPassLse2, Lse2Acc<T>,
+                       std::conditional_t<PASS == kPassPosSoftplus, PosSoftplusAcc<T>,
+                                          LiftedPairsAcc<T>>>>;
 
 // ---- backward --------------------------------------------------------------
 

@@ -16,17 +16,10 @@
 
 #include <type_traits>
 
-#include "../checks.h"
+#include "../engine_host.h"
 #include "../pair_engine.h"
 
 namespace dmlkern {
-
-// Defined in csrc/cpu/pair_engine_cpu.cpp (always built into the same library).
-void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
-                            const at::Tensor& y_labels, const at::Tensor& row_in,
-                            const at::Tensor* row_coef, int64_t pass_kind, int64_t transform,
-                            int64_t mining, at::ArrayRef<double> params, bool exclude_diag,
-                            bool symmetric);
 
 namespace {
 
@@ -46,16 +39,6 @@ template <>
 struct AccOf<double> {
   using type = double;
 };
-
-template <int64_t V>
-using IC = std::integral_constant<int64_t, V>;
-
-template <int64_t PASS, typename T>
-using PassAcc = std::conditional_t<
-    PASS == kPassExtrema, ExtremaAcc<T>,
-    std::conditional_t<PASS == kPassLse2, Lse2Acc<T>,
-                       std::conditional_t<PASS == kPassPosSoftplus, PosSoftplusAcc<T>,
-                                          LiftedPairsAcc<T>>>>;
 
 // dots[r] = <own[a0 + warp * kRowsPerWarp + r], other[c0 + lane]> for one tile; rows or
 // columns past the end, and k past d, are staged as 0. Every thread of the block must call it.
@@ -325,25 +308,6 @@ int num_blocks(int64_t rows) {
   return static_cast<int>(blocks);
 }
 
-template <typename T>
-EngineParams<T> make_params(at::ArrayRef<double> params) {
-  return EngineParams<T>{static_cast<T>(params[0]), static_cast<T>(params[1]),
-                         static_cast<T>(params[2]), static_cast<T>(params[3]),
-                         static_cast<T>(params[4])};
-}
-
-// Calls f(IC<transform>, IC<mining>) for the three valid combinations.
-template <typename F>
-void dispatch_config(int64_t transform, int64_t mining, F&& f) {
-  if (transform == kTransformUnitDistance) {
-    f(IC<kTransformUnitDistance>{}, IC<kMiningNone>{});
-  } else if (mining == kMiningMultiSimilarity) {
-    f(IC<kTransformDot>{}, IC<kMiningMultiSimilarity>{});
-  } else {
-    f(IC<kTransformDot>{}, IC<kMiningNone>{});
-  }
-}
-
 void check_cuda_dtype(const at::Tensor& x) {
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
@@ -384,21 +348,9 @@ at::Tensor pair_engine_forward_cuda(const at::Tensor& x, const at::Tensor& y,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pair_engine_forward_cuda", [&] {
     using acc_t = typename AccOf<scalar_t>::type;
     const auto p = make_params<acc_t>(params);
-    dispatch_config(transform, mining, [&](auto tr, auto mi) {
-      constexpr int64_t TR = decltype(tr)::value, MI = decltype(mi)::value;
-      if (pass_kind == kPassExtrema) {  // ignores mining: one kernel per transform
-        launch_forward<scalar_t, kPassExtrema, TR, kMiningNone>(x, y, xl, yl, row_in_t, p,
-                                                                exclude_diag, out, stream);
-      } else if (pass_kind == kPassLse2) {
-        launch_forward<scalar_t, kPassLse2, TR, MI>(x, y, xl, yl, row_in_t, p, exclude_diag, out,
-                                                    stream);
-      } else if (pass_kind == kPassPosSoftplus) {
-        launch_forward<scalar_t, kPassPosSoftplus, TR, MI>(x, y, xl, yl, row_in_t, p,
-                                                           exclude_diag, out, stream);
-      } else {  // mining is 0 (checked): one kernel per transform
-        launch_forward<scalar_t, kPassLiftedPairs, TR, kMiningNone>(x, y, xl, yl, row_in_t, p,
-                                                                    exclude_diag, out, stream);
-      }
+    dispatch_forward_pass(pass_kind, transform, mining, [&](auto pass, auto tr, auto mi) {
+      launch_forward<scalar_t, decltype(pass)::value, decltype(tr)::value, decltype(mi)::value>(
+          x, y, xl, yl, row_in_t, p, exclude_diag, out, stream);
     });
   });
   return out;
@@ -451,23 +403,18 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
     const auto yl = y_labels.contiguous();
     const auto row_in_t = row_in.to(st).t().contiguous();      // (3, n)
     const auto row_coef_t = row_coef.to(st).t().contiguous();  // (5 or 6, n)
-    const bool lift = row_coef.size(1) == 6;  // checked: then mining is 0
+    const bool lift = row_coef.size(1) == 6;  // C_lift
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pair_engine_backward_cuda", [&] {
       using acc_t = typename AccOf<scalar_t>::type;
       const auto p = make_params<acc_t>(params);
       dispatch_config(transform, mining, [&](auto tr, auto mi) {
         constexpr int64_t TR = decltype(tr)::value, MI = decltype(mi)::value;
-        if constexpr (MI == kMiningNone) {
-          if (lift) {
-            launch_backward<scalar_t, TR, MI, true>(x, y, xl, yl, row_in_t, row_coef_t, p,
-                                                    exclude_diag, symmetric, grad_x, grad_y,
-                                                    stream);
-            return;
-          }
-        }
-        launch_backward<scalar_t, TR, MI, false>(x, y, xl, yl, row_in_t, row_coef_t, p,
-                                                 exclude_diag, symmetric, grad_x, grad_y, stream);
+        dispatch_lift<MI>(lift, [&](auto lift_term) {
+          launch_backward<scalar_t, TR, MI, decltype(lift_term)::value>(
+              x, y, xl, yl, row_in_t, row_coef_t, p, exclude_diag, symmetric, grad_x, grad_y,
+              stream);
+        });
       });
     });
   }

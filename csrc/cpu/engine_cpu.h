@@ -1,0 +1,149 @@
+// The CPU engine's host side, shared by its forward (pair_engine_forward_cpu.cpp) and backward
+// (pair_engine_backward_cpu.cpp): tile sizes, the row-block loop, the per-row inputs as
+// columns, label codes.
+//
+// Row blocks run in parallel (at::parallel_for); each walks column tiles whose similarities
+// come from BLAS (at::mm_out into a per-task tile buffer), then a per-tile epilogue consumes
+// the tile. Every output row has exactly one writer: no atomics; with single-threaded tile
+// products (SerialBlasGuard) the bits do not depend on the thread count either. Nothing of
+// size N x M is ever allocated.
+#pragma once
+#include "vec_math.h"  // first: its pragma must precede every other include
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#endif
+#include <tuple>
+#include <utility>
+
+#include "../engine_host.h"
+
+namespace dmlkern {
+
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kColBlock = 512;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The tile products run with BLAS pinned to one thread on the calling thread, for the
+// lifetime of this guard (one per parallel_for body). Why: MKL threads each product itself
+// (MKL_VERBOSE shows Dyn:0 and NThr = the torch thread count even for the products inside
+// at::parallel_for's workers, and for the inline body when there is one row block, e.g.
+// N-pairs' anchors), and MKL splits a product by its thread count
+// (reproducible only at a fixed count): on MKL's AVX2 code path (AMD EPYC) values and gradients
+// differed by an ulp between 1, 2 and 4 threads. Pinned, every product is single-threaded
+// whatever the thread count, so results are bit-identical across thread counts (each output
+// row still has one writer); the engine parallelises over row blocks itself, and a 128 x 512
+// tile product is too small for MKL's threads to pay (they cost more than they saved). Looked
+// up at run time (torch exports it when built with MKL) as MKL_Set_Num_Threads_Local, the C
+// entry point mkl_service.h's mkl_set_num_threads_local macro names (the lowercase symbol is
+// the Fortran one, taking int*): a no-op without MKL (other BLAS: see the README's determinism
+// contract), and no environment variable needed.
+class SerialBlasGuard {
+ public:
+  SerialBlasGuard() : previous_(set_local() != nullptr ? set_local()(1) : -1) {}
+  ~SerialBlasGuard() {
+    if (previous_ >= 0) set_local()(previous_);  // 0 restores MKL's global setting
+  }
+  SerialBlasGuard(const SerialBlasGuard&) = delete;
+  SerialBlasGuard& operator=(const SerialBlasGuard&) = delete;
+
+ private:
+  using SetLocal = int (*)(int);
+  static SetLocal set_local() {
+#if defined(__unix__) || defined(__APPLE__)
+    static const SetLocal f =
+        reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    return f;
+#else
+    return nullptr;
+#endif
+  }
+  int previous_;
+};
+
+// Runs body(b0, b1) on ranges of the row blocks of n_rows rows, in parallel. Each task runs
+// below autograd (worker threads do not inherit the caller's dispatch guard: autograd would
+// record every tile product of an input that requires grad, an N x M leak) and with serial
+// BLAS (bit-identical across thread counts, see SerialBlasGuard).
+template <typename F>
+void parallel_row_blocks(int64_t n_rows, F&& body) {
+  at::parallel_for(0, ceil_div(n_rows, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const SerialBlasGuard serial_blas;
+    body(b0, b1);
+  });
+}
+
+// Per-row inputs as contiguous columns (structure of arrays) in the stats dtype.
+template <typename T>
+struct RowColumns {
+  at::Tensor in_t, coef_t;  // (3, N), (5 or 6, N) owners
+  const T* max_neg = nullptr;
+  const T* min_pos = nullptr;
+  const T* L = nullptr;
+  const T* a_pos = nullptr;
+  const T* lse_pos = nullptr;
+  const T* a_neg = nullptr;
+  const T* lse_neg = nullptr;
+  const T* b_pos = nullptr;
+  const T* c_lift = nullptr;  // row_coef's column 5, when given
+
+  RowColumns(const at::Tensor& row_in, const at::Tensor* row_coef, at::ScalarType st) {
+    in_t = row_in.to(st).t().contiguous();
+    const T* in = in_t.data_ptr<T>();
+    const int64_t n = row_in.size(0);
+    max_neg = in;
+    min_pos = in + n;
+    L = in + 2 * n;
+    if (row_coef != nullptr) {
+      coef_t = row_coef->to(st).t().contiguous();
+      const T* c = coef_t.data_ptr<T>();
+      a_pos = c;
+      lse_pos = c + n;
+      a_neg = c + 2 * n;
+      lse_neg = c + 3 * n;
+      b_pos = c + 4 * n;
+      if (row_coef->size(1) == 6) c_lift = c + 5 * n;
+    }
+  }
+
+  // Whether any of the rows c0 .. c0 + nc - 1 has a non-zero B_pos / C_lift coefficient: the
+  // tiles where those rows are the columns must compute that term.
+  std::pair<bool, bool> column_terms(int64_t c0, int64_t nc) const {
+    bool any_b = false, any_lift = false;
+    for (int64_t c = c0; c < c0 + nc; ++c) {
+      any_b = any_b || b_pos[c] != T(0);
+      any_lift = any_lift || (c_lift != nullptr && c_lift[c] != T(0));
+    }
+    return {any_b, any_lift};
+  }
+};
+
+// Dense int32 codes of the labels (equal labels <-> equal codes), so the epilogue
+// compares 32-bit lanes next to fp32 lanes.
+inline std::pair<at::Tensor, at::Tensor> label_codes(const at::Tensor& x_labels,
+                                                     const at::Tensor& y_labels) {
+  const int64_t n = x_labels.size(0);
+  const auto all = at::cat({x_labels, y_labels});
+  const auto inverse = std::get<1>(at::_unique2(all, /*sorted=*/false, /*return_inverse=*/true,
+                                                /*return_counts=*/false));
+  const auto codes = inverse.reshape({-1}).to(at::kInt).contiguous();
+  return {codes.narrow(0, 0, n), codes.narrow(0, n, all.size(0) - n)};
+}
+
+// The column of the excluded self-pair i == j in a tile starting at column c0, or -1.
+inline int diag_column(bool exclude_diag, int64_t i, int64_t c0, int64_t nc) {
+  return exclude_diag && i >= c0 && i < c0 + nc ? static_cast<int>(i - c0) : -1;
+}
+
+inline void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "dmlkern: the CPU backend takes float32 or float64 x, got ", x.scalar_type());
+}
+
+}  // namespace dmlkern

@@ -1,0 +1,263 @@
+// CPU backward of the pair engine (docs/ENGINE.md): dmlkern::pair_engine_backward. Each tile
+// is turned in place into dl/ds and multiplied back (grad_own[block] += W @ other[tile]);
+// grad_x and grad_y are separate passes over own-row blocks, so every output row has one
+// writer. The symmetric backward (y is x: grad_x + grad_y) is one pass over x's row blocks
+// whose epilogue writes both halves' weights of each tile (grad_sym): 2 products per tile
+// instead of 4. The row-block loop and tiling are engine_cpu.h's.
+#include "engine_cpu.h"  // first: it sets the vector maths' compile options
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace dmlkern {
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Backward epilogues: a similarity tile row turned in place into dl/ds.
+
+// A per-row input as one tile row's epilogue reads it, indexed by column: the tile row's own
+// row gives one value for every column (Broadcast), the columns' rows one value each (T*).
+template <typename T>
+struct Broadcast {
+  T value;
+  DMLK_CPU_INLINE T operator[](int) const { return value; }
+};
+
+// dl/ds of the pairs (i, j) of one tile row, with row i's coefficients and L_j = row_in[j, 2]
+// (read only with HAS_LIFT: the symmetric case). grad_x side: the tile row is x row i against
+// y columns j = c0 + c, so the coefficients are Broadcast and L_j per column. grad_y side: y
+// row j against x columns i = c0 + c, so the coefficients are per column (arrays offset to c0
+// by the caller) and L_j is Broadcast.
+template <typename T, int64_t TR, int64_t MI, bool HAS_B, bool HAS_LIFT, typename Coef,
+          typename Lj>
+DMLK_CPU_INLINE void grad_row_own(T* w, int nc, const int32_t* lab, int32_t l_own, int diag,
+                                  Coef max_neg, Coef min_pos, Coef a_pos, Coef lse_pos, Coef a_neg,
+                                  Coef lse_neg, Coef b_pos, Coef L, Coef c_lift, Lj L_j,
+                                  const EngineParams<T>& p) {
+  const CpuExp ex;
+  const CpuLog1p l1p;
+#pragma omp simd
+  for (int c = 0; c < nc; ++c) {
+    const T v = engine_value<TR>(w[c], CpuSqrt());
+    const bool same = lab[c] == l_own;
+    const bool kp = engine_pos_kept<MI>(v, same, c == diag, max_neg[c], p.eps);
+    const bool kn = engine_neg_kept<MI>(v, same, min_pos[c], p.eps);
+    const T cl = HAS_LIFT ? c_lift[c] : T(0);
+    const T lj = HAS_LIFT ? L_j[c] : T(0);
+    w[c] = engine_pair_grad<TR, HAS_B, HAS_LIFT>(v, kp, kn, a_pos[c], lse_pos[c], a_neg[c],
+                                                 lse_neg[c], b_pos[c], L[c], p, ex, cl, lj, l1p);
+  }
+}
+
+// One tile row with the (HAS_B, HAS_LIFT) variant its coefficients need.
+template <typename T, int64_t TR, int64_t MI>
+DMLK_CPU_INLINE void grad_row_x(bool has_b, bool has_lift, T* w, int nc, const int32_t* lab,
+                                int32_t li, int diag, const RowColumns<T>& rows, int64_t i,
+                                int64_t c0, const EngineParams<T>& p) {
+  using B = Broadcast<T>;
+  const B mx{rows.max_neg[i]}, mn{rows.min_pos[i]}, ap{rows.a_pos[i]}, lp{rows.lse_pos[i]};
+  const B an{rows.a_neg[i]}, ln{rows.lse_neg[i]}, b{rows.b_pos[i]}, L{rows.L[i]};
+  dispatch_grad_terms<MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
+    constexpr bool HAS_LIFT = decltype(hl)::value;
+    grad_row_own<T, TR, MI, decltype(hb)::value, HAS_LIFT>(
+        w, nc, lab, li, diag, mx, mn, ap, lp, an, ln, b, L, B{HAS_LIFT ? rows.c_lift[i] : T(0)},
+        HAS_LIFT ? rows.L + c0 : nullptr, p);
+  });
+}
+
+template <typename T, int64_t TR, int64_t MI>
+DMLK_CPU_INLINE void grad_row_y(bool has_b, bool has_lift, T* w, int nc, const int32_t* lab,
+                                int32_t lj, int diag, const RowColumns<T>& rows, int64_t j,
+                                int64_t c0, const EngineParams<T>& p) {
+  const T *mx = rows.max_neg + c0, *mn = rows.min_pos + c0, *ap = rows.a_pos + c0;
+  const T *lp = rows.lse_pos + c0, *an = rows.a_neg + c0, *ln = rows.lse_neg + c0;
+  const T *b = rows.b_pos + c0, *L = rows.L + c0;
+  dispatch_grad_terms<MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
+    constexpr bool HAS_LIFT = decltype(hl)::value;
+    grad_row_own<T, TR, MI, decltype(hb)::value, HAS_LIFT>(
+        w, nc, lab, lj, diag, mx, mn, ap, lp, an, ln, b, L, HAS_LIFT ? rows.c_lift + c0 : nullptr,
+        Broadcast<T>{HAS_LIFT ? rows.L[j] : T(0)}, p);
+  });
+}
+
+template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
+DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
+                               const int32_t* xlab, const int32_t* ylab,
+                               const RowColumns<T>& rows, EngineParams<T> p, bool exclude_diag,
+                               bool tile_has_pos) {
+  const int inc = static_cast<int>(nc);
+  if constexpr (OWN_IS_X) {
+    for (int64_t r = 0; r < na; ++r) {
+      const int64_t i = a0 + r;
+      const bool has_lift = tile_has_pos && rows.c_lift != nullptr && rows.c_lift[i] != T(0);
+      grad_row_x<T, TR, MI>(rows.b_pos[i] != T(0), has_lift, tile + r * nc, inc, ylab + c0,
+                            xlab[i], diag_column(exclude_diag, i, c0, nc), rows, i, c0, p);
+    }
+  } else {
+    const auto [has_b, any_lift] = rows.column_terms(c0, nc);
+    const bool has_lift = any_lift && tile_has_pos;
+    for (int64_t r = 0; r < na; ++r) {
+      const int64_t j = a0 + r;
+      grad_row_y<T, TR, MI>(has_b, has_lift, tile + r * nc, inc, xlab + c0, ylab[j],
+                            diag_column(exclude_diag, j, c0, nc), rows, j, c0, p);
+    }
+  }
+}
+
+// grad_own[a] = sum_b W_ab other[b] with W_ab = epilogue(S_ab), S_ab = own[a] other[b]^T: per
+// row block and column tile one product for S and one for the gradient; one block of `own`
+// rows per task, so each output row has one writer. With a C_lift column, a tile without a
+// positive pair (no label of the block's rows among its columns) is flagged so the epilogue
+// skips the lifted term: with rows sorted by label, most tiles.
+// epilogue(tile, na, nc, a0, c0, tile_has_pos) turns the tile into W in place.
+template <typename T, typename Epilogue>
+void grad_tiles(const at::Tensor& own, const at::Tensor& other, const int32_t* own_lab,
+                const int32_t* other_lab, bool lift, at::Tensor& grad_own, Epilogue epilogue) {
+  const int64_t n_own = own.size(0), n_other = other.size(0);
+  parallel_row_blocks(n_own, [&](int64_t b0, int64_t b1) {
+    auto buffer = at::empty({kRowBlock * std::min(kColBlock, n_other)}, own.options());
+    std::vector<int64_t> block_of_code(lift ? n_own + n_other : 0, -1);  // label codes < N + M
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t a0 = b * kRowBlock, na = std::min(kRowBlock, n_own - a0);
+      const auto own_blk = own.narrow(0, a0, na);
+      auto grad_blk = grad_own.narrow(0, a0, na);
+      if (lift) {
+        for (int64_t r = 0; r < na; ++r) block_of_code[own_lab[a0 + r]] = b;
+      }
+      for (int64_t c0 = 0; c0 < n_other; c0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, n_other - c0);
+        const auto other_blk = other.narrow(0, c0, nc);
+        auto tile = buffer.narrow(0, 0, na * nc).view({na, nc});
+        at::mm_out(tile, own_blk, other_blk.t());
+        bool tile_has_pos = !lift;
+        for (int64_t c = 0; c < nc && !tile_has_pos; ++c)
+          tile_has_pos = block_of_code[other_lab[c0 + c]] == b;
+        epilogue(tile.template data_ptr<T>(), na, nc, a0, c0, tile_has_pos);
+        grad_blk.addmm_(tile, other_blk);
+      }
+    }
+  });
+}
+
+// own = x (pairs (a, b) = (i, j)) or own = y (pairs (j, i)).
+template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
+void grad_side(const at::Tensor& own, const at::Tensor& other, const int32_t* xlab,
+               const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
+               bool exclude_diag, at::Tensor& grad_own) {
+  grad_tiles<T>(own, other, OWN_IS_X ? xlab : ylab, OWN_IS_X ? ylab : xlab, rows.c_lift != nullptr,
+                grad_own, [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
+                  grad_tile<T, TR, MI, OWN_IS_X>(tile, na, nc, a0, c0, xlab, ylab, rows, p,
+                                                 exclude_diag, has_pos);
+                });
+}
+
+// ---------------------------------------------------------------------------
+// symmetric = true (y is x, the same labels): one side. The tile row i against columns
+// j = c0 + c becomes, in place, row i's weight of the pair (i, j) plus row j's of the pair
+// (j, i) (engine_pair_grad_sym): one pass over the tile, one exp per half and pair (two more
+// with HAS_B), one logaddexp per pair with HAS_LIFT.
+template <typename T, int64_t TR, int64_t MI, bool HAS_B, bool HAS_LIFT>
+DMLK_CPU_INLINE void grad_row_sym(T* w, int nc, const int32_t* lab, int32_t li, int diag,
+                                  const EngineRowCoef<T>& ri, const T* max_neg, const T* min_pos,
+                                  const T* a_pos, const T* lse_pos, const T* a_neg,
+                                  const T* lse_neg, const T* b_pos, const T* L, const T* c_lift,
+                                  const EngineParams<T>& p) {
+  const CpuExp ex;
+  const CpuLog1p l1p;
+#pragma omp simd
+  for (int c = 0; c < nc; ++c) {
+    const T v = engine_value<TR>(w[c], CpuSqrt());
+    const EngineRowCoef<T> rj{max_neg[c], min_pos[c], L[c],      a_pos[c], lse_pos[c],
+                              a_neg[c],   lse_neg[c], b_pos[c], HAS_LIFT ? c_lift[c] : T(0)};
+    w[c] = engine_pair_grad_sym<TR, MI, HAS_B, HAS_LIFT>(v, lab[c] == li, c == diag, ri, rj, p, ex,
+                                                         l1p);
+  }
+}
+
+// One tile (rows a0.., columns c0.. of x against x). HAS_B and HAS_LIFT per row: the row's
+// own coefficient or any column's of the tile (their union covers both halves); the lifted
+// term also needs a positive pair in the tile (tile_has_pos, symmetric like the labels).
+template <typename T, int64_t TR, int64_t MI>
+DMLK_CPU_CLONES void grad_tile_sym(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
+                                   const int32_t* lab, const RowColumns<T>& rows,
+                                   EngineParams<T> p, bool exclude_diag, bool tile_has_pos) {
+  const int inc = static_cast<int>(nc);
+  const auto [tile_b, tile_lift] = rows.column_terms(c0, nc);
+  const T *mx = rows.max_neg + c0, *mn = rows.min_pos + c0, *ap = rows.a_pos + c0;
+  const T *lp = rows.lse_pos + c0, *an = rows.a_neg + c0, *ln = rows.lse_neg + c0;
+  const T *b = rows.b_pos + c0, *L = rows.L + c0;
+  const T* cl = rows.c_lift != nullptr ? rows.c_lift + c0 : nullptr;
+  for (int64_t r = 0; r < na; ++r) {
+    const int64_t i = a0 + r;
+    const EngineRowCoef<T> ri{rows.max_neg[i], rows.min_pos[i], rows.L[i],
+                              rows.a_pos[i],   rows.lse_pos[i], rows.a_neg[i],
+                              rows.lse_neg[i], rows.b_pos[i],   cl != nullptr ? rows.c_lift[i] : T(0)};
+    const bool has_b = tile_b || ri.b_pos != T(0);
+    const bool has_lift = tile_has_pos && cl != nullptr && (tile_lift || ri.c_lift != T(0));
+    T* w = tile + r * nc;
+    const int32_t* clab = lab + c0;
+    const int diag = diag_column(exclude_diag, i, c0, nc);
+    dispatch_grad_terms<MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
+      constexpr bool HAS_LIFT = decltype(hl)::value;
+      grad_row_sym<T, TR, MI, decltype(hb)::value, HAS_LIFT>(
+          w, inc, clab, lab[i], diag, ri, mx, mn, ap, lp, an, ln, b, L, HAS_LIFT ? cl : nullptr, p);
+    });
+  }
+}
+
+// grad[a] = sum_b W_ab x[b] with W_ab the symmetric weights of the tile S_ab = x[a] x[b]^T: two
+// products per tile where the two-sided backward takes four.
+template <typename T, int64_t TR, int64_t MI>
+void grad_sym(const at::Tensor& x, const int32_t* lab, const RowColumns<T>& rows,
+              EngineParams<T> p, bool exclude_diag, at::Tensor& grad) {
+  grad_tiles<T>(x, x, lab, lab, rows.c_lift != nullptr, grad,
+                [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
+                  grad_tile_sym<T, TR, MI>(tile, na, nc, a0, c0, lab, rows, p, exclude_diag, has_pos);
+                });
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
+    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& x_labels,
+    const at::Tensor& y_labels, const at::Tensor& row_in, const at::Tensor& row_coef,
+    int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag,
+    bool symmetric) {
+  check_pair_engine_args(x_in, y_in, x_labels, y_labels, row_in, &row_coef, -1, transform, mining,
+                         params, exclude_diag, symmetric);
+  // Kernels are plain compute: the tile products inside must never be recorded by autograd.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_cpu_dtype(x_in);
+  auto grad_x = at::zeros(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  auto grad_y = at::zeros(y_in.sizes(), y_in.options().memory_format(at::MemoryFormat::Contiguous));
+  // D = 0 leaves nothing to multiply (and the gradients are empty).
+  if (x_in.size(0) == 0 || y_in.size(0) == 0 || x_in.size(1) == 0) return {grad_x, grad_y};
+  const auto st = stats_dtype(x_in.scalar_type());
+  const auto x = x_in.contiguous();
+  const auto y = y_in.contiguous();
+  const auto [xl, yl] = label_codes(x_labels, y_labels);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pair_engine_backward_cpu", [&] {
+    const RowColumns<scalar_t> rows(row_in, &row_coef, st);
+    const auto p = make_params<scalar_t>(params);
+    const int32_t* xlab = xl.data_ptr<int32_t>();
+    const int32_t* ylab = yl.data_ptr<int32_t>();
+    dispatch_config(transform, mining, [&](auto tr, auto mi) {
+      constexpr int64_t TR = decltype(tr)::value, MI = decltype(mi)::value;
+      if (symmetric) {  // y is x (equal values) and y_labels x_labels: x's rows and codes only
+        grad_sym<scalar_t, TR, MI>(x, xlab, rows, p, exclude_diag, grad_x);
+        return;
+      }
+      grad_side<scalar_t, TR, MI, true>(x, y, xlab, ylab, rows, p, exclude_diag, grad_x);
+      grad_side<scalar_t, TR, MI, false>(y, x, xlab, ylab, rows, p, exclude_diag, grad_y);
+    });
+  });
+  return {grad_x, grad_y};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmlkern, CPU, m) { m.impl("pair_engine_backward", &pair_engine_backward_cpu); }
+
+}  // namespace dmlkern

@@ -1,0 +1,215 @@
+// CPU forward of the pair engine (docs/ENGINE.md): dmlkern::pair_engine_forward. Each row
+// block folds its column tiles into per-row statistics (one accumulator per row, pair_engine.h);
+// the row-block loop and tiling are engine_cpu.h's.
+#include "engine_cpu.h"  // first: it sets the vector maths' compile options
+
+#include <torch/library.h>
+
+#include <vector>
+
+namespace dmlkern {
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Forward epilogues: one tile row (row i, columns c0 + c) into the row's accumulator.
+
+template <typename T, int64_t TR>
+DMLK_CPU_INLINE void extrema_row(const T* s, int nc, const int32_t* lab, int32_t li, int diag,
+                                 ExtremaAcc<T>& acc) {
+  T mx = neg_infinity<T>(), mn = pos_infinity<T>();
+  int nan_neg = 0;  // the max over neg propagates NaN; the min over pos skips it (ExtremaAcc)
+#pragma omp simd reduction(max : mx) reduction(min : mn) reduction(| : nan_neg)
+  for (int c = 0; c < nc; ++c) {
+    const T v = engine_value<TR>(s[c], CpuSqrt());
+    const bool same = lab[c] == li;
+    const bool kp = engine_pos_kept<kMiningNone>(v, same, c == diag, T(0), T(0));
+    const bool kn = engine_neg_kept<kMiningNone>(v, same, T(0), T(0));
+    mx = (kn && v > mx) ? v : mx;
+    mn = (kp && v < mn) ? v : mn;
+    nan_neg |= static_cast<int>(kn && v != v);
+  }
+  acc.merge(nan_neg ? quiet_nan<T>() : mx, mn);
+}
+
+// Two sweeps: the tile row's maxima, then the sums of exp(u - max) (one exp per pair:
+// pos and neg exclude each other), merged into the row's online LSEs.
+template <typename T, int64_t TR, int64_t MI>
+DMLK_CPU_INLINE void lse2_row(const T* s, int nc, const int32_t* lab, int32_t li, int diag,
+                              T max_neg, T min_pos, const EngineParams<T>& p, Lse2Acc<T>& acc) {
+  T mp = neg_infinity<T>(), mn = neg_infinity<T>();
+#pragma omp simd reduction(max : mp, mn)
+  for (int c = 0; c < nc; ++c) {
+    const T v = engine_value<TR>(s[c], CpuSqrt());
+    const bool same = lab[c] == li;
+    const bool kp = engine_pos_kept<MI>(v, same, c == diag, max_neg, p.eps);
+    const bool kn = engine_neg_kept<MI>(v, same, min_pos, p.eps);
+    const T up = p.sc_pos * v + p.off_pos, un = p.sc_neg * v + p.off_neg;
+    mp = (kp && up > mp) ? up : mp;  // NaN never wins here; it poisons the sums below
+    mn = (kn && un > mn) ? un : mn;
+  }
+  // No finite kept value: any finite shift (the sum is then 0, or NaN from NaN values).
+  const T shp = mp == neg_infinity<T>() ? T(0) : mp;
+  const T shn = mn == neg_infinity<T>() ? T(0) : mn;
+  const CpuExp ex;
+  T sp = T(0), sn = T(0);
+#pragma omp simd reduction(+ : sp, sn)
+  for (int c = 0; c < nc; ++c) {
+    const T v = engine_value<TR>(s[c], CpuSqrt());
+    const bool same = lab[c] == li;
+    const bool kp = engine_pos_kept<MI>(v, same, c == diag, max_neg, p.eps);
+    const bool kn = engine_neg_kept<MI>(v, same, min_pos, p.eps);
+    const T up = p.sc_pos * v + p.off_pos, un = p.sc_neg * v + p.off_neg;
+    const T e = ex(kp ? up - shp : (kn ? un - shn : neg_infinity<T>()));
+    sp += kp ? e : T(0);
+    sn += kn ? e : T(0);
+  }
+  acc.pos.merge(mp, sp);
+  acc.neg.merge(mn, sn);
+}
+
+template <typename T, int64_t TR, int64_t MI>
+DMLK_CPU_INLINE void pos_softplus_row(const T* s, int nc, const int32_t* lab, int32_t li, int diag,
+                                      T max_neg, T min_pos, T L, const EngineParams<T>& p,
+                                      PosSoftplusAcc<T>& acc) {
+  for (int c = 0; c < nc; ++c) {  // positives are few: scalar, exact libm exp / log1p
+    if (lab[c] != li) continue;
+    const T v = engine_value<TR>(s[c], CpuSqrt());
+    acc.push(v, engine_pos_kept<MI>(v, true, c == diag, max_neg, p.eps), L, p, StdExp{});
+  }
+}
+
+// Pass 3 on one tile row (columns j = c0 + c, L_col = row_in[c0.., 2]): every lane computes
+// the pair's terms, the label mask selects them (one exp and one log1p per pair).
+template <typename T>
+DMLK_CPU_INLINE void lifted_pairs_row(const T* v, int nc, const int32_t* lab, int32_t li, int diag,
+                                      T L_i, const T* L_col, const EngineParams<T>& p,
+                                      LiftedPairsAcc<T>& acc) {
+  const CpuExp ex;
+  const CpuLog1p l1p;
+  T sf = T(0), sw = T(0), cnt = T(0);
+#pragma omp simd reduction(+ : sf, sw, cnt)
+  for (int c = 0; c < nc; ++c) {
+    const bool pos = engine_pos_kept<kMiningNone>(v[c], lab[c] == li, c == diag, T(0), T(0));
+    const LiftedTerms<T> t = engine_lifted_terms(v[c], pos, L_i, L_col[c], p, ex, l1p);
+    sf += t.f;
+    sw += t.w;
+    cnt += t.nonzero;
+  }
+  acc.merge(sf, sw, cnt);
+}
+
+// One (nr x nc) similarity tile of rows r0.., columns c0.. into acc[0..nr). The tile is
+// this task's scratch: transform 1 turns each row into values v in place first, so the
+// row sweeps below (which read it twice for lse2) take one sqrt per pair.
+template <typename T, int64_t PASS, int64_t TR, int64_t MI>
+DMLK_CPU_CLONES void forward_tile(T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
+                                  const int32_t* xlab, const int32_t* ylab,
+                                  const RowColumns<T>& rows, EngineParams<T> p, bool exclude_diag,
+                                  PassAcc<PASS, T>* acc) {
+  constexpr int64_t kDot = kTransformDot;  // the rows hold v from here on
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = r0 + r;
+    T* s = tile + r * nc;
+    const int diag = diag_column(exclude_diag, i, c0, nc);
+    const int inc = static_cast<int>(nc);
+    if constexpr (TR != kTransformDot) {
+#pragma omp simd
+      for (int c = 0; c < inc; ++c) s[c] = engine_value<TR>(s[c], CpuSqrt());
+    }
+    if constexpr (PASS == kPassExtrema) {
+      extrema_row<T, kDot>(s, inc, ylab + c0, xlab[i], diag, acc[r]);
+    } else if constexpr (PASS == kPassLse2) {
+      lse2_row<T, kDot, MI>(s, inc, ylab + c0, xlab[i], diag, rows.max_neg[i], rows.min_pos[i],
+                            p, acc[r]);
+    } else if constexpr (PASS == kPassPosSoftplus) {
+      pos_softplus_row<T, kDot, MI>(s, inc, ylab + c0, xlab[i], diag, rows.max_neg[i],
+                                    rows.min_pos[i], rows.L[i], p, acc[r]);
+    } else {  // the symmetric case: column j's L is row j's
+      lifted_pairs_row<T>(s, inc, ylab + c0, xlab[i], diag, rows.L[i], rows.L + c0, p, acc[r]);
+    }
+  }
+}
+
+template <typename T, int64_t PASS, int64_t TR, int64_t MI>
+void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
+                  const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
+                  bool exclude_diag, at::Tensor& out) {
+  const int64_t n = x.size(0), m = y.size(0);
+  T* o = out.data_ptr<T>();
+  const int64_t cols = out.size(1);
+  // Passes 2 and 3 sum over positive pairs only: a row block visits only the columns from the
+  // first to the last one sharing a label with one of its rows (all of them for shuffled
+  // labels; a few tiles when the rows are sorted by label, as the fused NT-Xent and Lifted
+  // Structure losses do).
+  constexpr bool kPositivesOnly = PASS == kPassPosSoftplus || PASS == kPassLiftedPairs;
+  parallel_row_blocks(n, [&](int64_t b0, int64_t b1) {
+    auto buffer = at::empty({kRowBlock * std::min(kColBlock, std::max<int64_t>(m, 1))}, x.options());
+    std::vector<PassAcc<PASS, T>> acc(kRowBlock);
+    std::vector<int64_t> block_of_code(kPositivesOnly ? n + m : 0, -1);  // label codes are < n + m
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * kRowBlock, nr = std::min(kRowBlock, n - r0);
+      for (int64_t r = 0; r < nr; ++r) acc[r] = PassAcc<PASS, T>();
+      const auto xb = x.narrow(0, r0, nr);
+      int64_t c_begin = 0, c_end = m;
+      if constexpr (kPositivesOnly) {
+        for (int64_t r = 0; r < nr; ++r) block_of_code[xlab[r0 + r]] = b;
+        c_begin = m;
+        c_end = 0;
+        for (int64_t c = 0; c < m; ++c) {
+          if (block_of_code[ylab[c]] == b) {
+            c_begin = std::min(c_begin, c);
+            c_end = c + 1;
+          }
+        }
+      }
+      for (int64_t c0 = c_begin; c0 < c_end; c0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, c_end - c0);
+        auto tile = buffer.narrow(0, 0, nr * nc).view({nr, nc});
+        if (x.size(1) == 0) {
+          tile.zero_();
+        } else {
+          at::mm_out(tile, xb, y.narrow(0, c0, nc).t());
+        }
+        forward_tile<T, PASS, TR, MI>(tile.data_ptr<T>(), nr, nc, r0, c0, xlab, ylab, rows, p,
+                                      exclude_diag, acc.data());
+      }
+      for (int64_t r = 0; r < nr; ++r) acc[r].store(o + (r0 + r) * cols);
+    }
+  });
+}
+
+at::Tensor pair_engine_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
+                                   const at::Tensor& x_labels, const at::Tensor& y_labels,
+                                   const at::Tensor& row_in, int64_t pass_kind, int64_t transform,
+                                   int64_t mining, at::ArrayRef<double> params, bool exclude_diag) {
+  check_pair_engine_args(x_in, y_in, x_labels, y_labels, row_in, nullptr, pass_kind, transform,
+                         mining, params, exclude_diag, /*symmetric=*/false);
+  // Kernels are plain compute: the tile products inside must never be recorded by autograd.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  check_cpu_dtype(x_in);
+  const auto st = stats_dtype(x_in.scalar_type());
+  const int64_t n = x_in.size(0);
+  auto out = at::empty({n, engine_out_columns(pass_kind)}, x_in.options().dtype(st));
+  if (n == 0) return out;
+  const auto x = x_in.contiguous();
+  const auto y = y_in.contiguous();
+  const auto [xl, yl] = label_codes(x_labels, y_labels);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pair_engine_forward_cpu", [&] {
+    const RowColumns<scalar_t> rows(row_in, nullptr, st);
+    const auto p = make_params<scalar_t>(params);
+    const int32_t* xlab = xl.data_ptr<int32_t>();
+    const int32_t* ylab = yl.data_ptr<int32_t>();
+    dispatch_forward_pass(pass_kind, transform, mining, [&](auto pass, auto tr, auto mi) {
+      forward_impl<scalar_t, decltype(pass)::value, decltype(tr)::value, decltype(mi)::value>(
+          x, y, xlab, ylab, rows, p, exclude_diag, out);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmlkern, CPU, m) { m.impl("pair_engine_forward", &pair_engine_forward_cpu); }
+
+}  // namespace dmlkern

@@ -1,0 +1,97 @@
+// What the CPU and CUDA hosts of the pair engine share: the argument checks (checks.h), the
+// kernel parameters, and the fan-out from the ops' run-time arguments to the compile-time
+// configurations the kernels are instantiated for. Host-only C++, included by .cpp and .cu
+// files alike.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "checks.h"
+#include "pair_engine.h"
+
+// The fan-out helpers run inside the CPU's per-tile epilogues (target_clones functions): they
+// and the lambdas they call must be inlined there, or the loops behind them would be compiled
+// for the baseline ISA only. Lambdas take the attribute after their parameter list.
+#if defined(__GNUC__)
+#define DMLK_HOST_INLINE inline __attribute__((always_inline))
+#define DMLK_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define DMLK_HOST_INLINE inline
+#define DMLK_LAMBDA_INLINE
+#endif
+
+namespace dmlkern {
+
+template <int64_t V>
+using IC = std::integral_constant<int64_t, V>;
+
+template <bool B>
+using BC = std::bool_constant<B>;
+
+// The op's params [sc_pos, off_pos, sc_neg, off_neg, eps] in the statistics type T.
+template <typename T>
+EngineParams<T> make_params(at::ArrayRef<double> params) {
+  return EngineParams<T>{static_cast<T>(params[0]), static_cast<T>(params[1]),
+                         static_cast<T>(params[2]), static_cast<T>(params[3]),
+                         static_cast<T>(params[4])};
+}
+
+// Calls f(IC<transform>, IC<mining>) for the three valid combinations (mining needs
+// transform 0).
+template <typename F>
+void dispatch_config(int64_t transform, int64_t mining, F&& f) {
+  if (transform == kTransformUnitDistance) {
+    f(IC<kTransformUnitDistance>{}, IC<kMiningNone>{});
+  } else if (mining == kMiningMultiSimilarity) {
+    f(IC<kTransformDot>{}, IC<kMiningMultiSimilarity>{});
+  } else {
+    f(IC<kTransformDot>{}, IC<kMiningNone>{});
+  }
+}
+
+// Calls f(IC<pass>, IC<transform>, IC<mining>) for a forward pass. Extrema ignores mining and
+// lifted_pairs comes with mining 0 (checked), so both get kMiningNone: one kernel per transform.
+template <typename F>
+void dispatch_forward_pass(int64_t pass_kind, int64_t transform, int64_t mining, F&& f) {
+  dispatch_config(transform, mining, [&](auto tr, auto mi) {
+    if (pass_kind == kPassExtrema) {
+      f(IC<kPassExtrema>{}, tr, IC<kMiningNone>{});
+    } else if (pass_kind == kPassLse2) {
+      f(IC<kPassLse2>{}, tr, mi);
+    } else if (pass_kind == kPassPosSoftplus) {
+      f(IC<kPassPosSoftplus>{}, tr, mi);
+    } else {
+      f(IC<kPassLiftedPairs>{}, tr, IC<kMiningNone>{});
+    }
+  });
+}
+
+// Calls f(BC<LIFT>) for the backward's C_lift term. C_lift is checked to come with mining 0,
+// so the mining configuration is never instantiated with it.
+template <int64_t MI, typename F>
+DMLK_HOST_INLINE void dispatch_lift(bool lift, F&& f) {
+  if constexpr (MI == kMiningNone) {
+    if (lift) {
+      f(BC<true>{});
+      return;
+    }
+  }
+  f(BC<false>{});
+}
+
+// Calls f(BC<HAS_B>, BC<HAS_LIFT>): the backward's B_pos and C_lift terms, each compiled in
+// only where its coefficients are non-zero (HAS_LIFT as in dispatch_lift).
+template <int64_t MI, typename F>
+DMLK_HOST_INLINE void dispatch_grad_terms(bool has_b, bool has_lift, F&& f) {
+  dispatch_lift<MI>(has_lift, [&](auto lift) DMLK_LAMBDA_INLINE {
+    if (has_b) {
+      f(BC<true>{}, lift);
+    } else {
+      f(BC<false>{}, lift);
+    }
+  });
+}
+
+}  // namespace dmlkern
