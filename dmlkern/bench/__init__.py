@@ -1,8 +1,5 @@
-"""Benchmarks of dmlkern's fused losses: ``python -m dmlkern.bench --help``.
-
-Importing this package imports neither torch nor the driver: the driver stays small and the
-points run in worker processes (``dmlkern.bench.worker``).
-"""
+"""Benchmarks of dmlkern's fused losses: ``python -m dmlkern.bench --help``. Imports no torch: the
+points run in worker processes (dmlkern.bench.worker)."""
 
 
 def main(argv=None):

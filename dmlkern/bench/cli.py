@@ -1,20 +1,12 @@
-"""python -m dmlkern.bench: time and memory of dmlkern's fused losses against the materialising
-reference, torch.compile of the reference, and pytorch-metric-learning, as the batch grows.
+"""python -m dmlkern.bench: time and peak memory of dmlkern's fused losses against the materialising
+reference, torch.compile of it and pytorch-metric-learning, as N grows (details: benchmarks/README.md).
 
-Every point (loss x provider x N x dtype x mode) runs in its own process, a child of Python's
-multiprocessing forkserver preloaded with torch and dmlkern (~0.06 s a point instead of ~10 s of
-imports), under a wall-clock limit and a memory cap: an out-of-memory error, a crash or a timeout
-is recorded as status oom/error/timeout and the sweep goes on, skipping the larger N of that
-provider and loss. Timing: triton.testing.do_bench (median, 20th/80th percentiles) on CUDA,
-torch.utils.benchmark.Timer.blocked_autorange on CPU. Memory: peak growth of one call (CPU: peak
-RSS; CUDA: max_memory_allocated). The matmul floor T_mm (one x @ x.T, N x N x D, same dtype) is
-measured in the same run; x_mm is a provider's time over T_mm.
-
-With no arguments: the default CPU sweep (N = 1024 2048 4096 8192, D = 128, fp32, forward +
-backward; providers dmlkern, pml, reference, compile), bounded by --budget (540 s).
-
-Outputs in --out: results.csv (long format), points.jsonl (every point with its notes),
-summary.md, time_*.png / memory_*.png, meta.json; sweep.log and worker.log (not kept in git).
+Each point (loss x provider x N x dtype x mode) runs in a forkserver child preloaded with torch, under
+a time limit and a memory cap; an oom, timeout or error is recorded and the larger N of that provider
+and loss are skipped. Timing: triton.testing.do_bench on CUDA, torch.utils.benchmark on CPU (median,
+20th/80th percentiles); x_mm = time over T_mm, one x @ x.T of the same size and dtype.
+Writes to --out: results.csv, points.jsonl, summary.md, meta.json, time_*/memory_*.png, sweep.log,
+worker.log. No arguments: the default CPU sweep (N = 1024..8192, fp32, fwdbwd), within 540 s.
 """
 from __future__ import annotations
 
@@ -22,6 +14,7 @@ import argparse
 import datetime as _dt
 import json
 import math
+import multiprocessing
 import os
 import re
 import shlex
@@ -33,70 +26,61 @@ import time
 from . import report
 from .specs import (FLOOR_LOSS, FLOOR_PROVIDER, LOSSES, MATERIALISING, PROVIDER_PRIORITY, PROVIDERS,
                     canonical_dtype, estimate_bytes, fmt_bytes, jit_provider, supported)
+from .worker import PRELOAD, child  # torch-free at import
 
 DEFAULT_N = {"cpu": [1024, 2048, 4096, 8192], "cuda": [4096, 16384, 65536]}
 DEFAULT_PROVIDERS = {"cpu": ["dmlkern", "reference", "compile", "pml"],
                      "cuda": ["dmlkern", "dmlkern-cpp", "dmlkern-triton", "reference", "compile", "pml"]}
-DEFAULTS = dict(d=128, dtypes=["fp32"], modes=["fwdbwd"], repeats=5, warmup=1, time_limit=20.0,
-                compile_limit=240.0, budget=540.0)
-QUICK = dict(n=[256, 1024], repeats=3, warmup=1, time_limit=10.0, budget=180.0)
+QUICK = dict(n=[256, 1024], repeats=3, time_limit=10.0, budget=180.0)  # --quick's defaults
+POINT_KEY = ("loss", "provider", "device", "dtype", "n", "d", "mode")
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(
-        prog="python -m dmlkern.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m dmlkern.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
-    add("--losses", nargs="+", choices=list(LOSSES), metavar="LOSS", help="losses to run (default: all): "
-        + ", ".join(LOSSES) + ". Labels have N/8 classes (ntxent: SimCLR pairs; proxy_anchor: C = N/8 proxies)")
-    add("--providers", nargs="+", choices=list(PROVIDERS), metavar="PROVIDER",
-        help="what computes each loss (default cpu: dmlkern reference compile pml; cuda: also dmlkern-cpp "
-        "dmlkern-triton). " + "; ".join(f"{k}: {v}" for k, v in PROVIDERS.items()))
-    add("--n", nargs="+", type=int, metavar="N", help="batch sizes (default cpu: 1024 2048 4096 8192; cuda: "
-        "4096 16384 65536)")
-    add("--d", type=int, help="embedding width D (default 128)")
-    add("--dtypes", nargs="+", metavar="DTYPE", help="fp32 (default), bf16, fp16, fp64")
-    add("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
-    add("--modes", nargs="+", choices=["fwd", "fwdbwd"], help="fwd: forward only (with autograd recording, as "
-        "in training); fwdbwd: forward + backward (default)")
-    add("--repeats", type=int, help="time about this many calls' worth per point after warm-up (default 5; "
-        "at least 0.1 s, at most what --time-limit leaves)")
-    add("--warmup", type=int, help="untimed calls first (default 1; the compile provider compiles here)")
-    add("--time-limit", type=float, metavar="SECONDS", help="wall-clock limit per point (default 20): a point "
-        "that does not finish within it is killed and recorded as 'timeout'; a point whose time, extrapolated "
-        "from the smaller N, would exceed it is skipped")
-    add("--compile-limit", type=float, metavar="SECONDS", help="extra time for the first call of torch.compile "
-        "(and of dmlkern on a GPU: Triton autotuning), excluded from the timing (default 240)")
-    add("--mem-budget", type=float, metavar="GIB", help="memory a point may use (default: half the available "
-        "RAM on cpu, 90%% of the GPU's memory on cuda). Materialising providers (reference, compile, pml) skip "
-        "points whose estimated footprint exceeds it; every point is also capped at it (RLIMIT_DATA on cpu, the "
-        "allocator's memory fraction on cuda) so a real overrun is an 'oom', not a crash")
-    add("--budget", type=float, metavar="SECONDS", help="stop starting points after this many seconds of sweep; "
-        "the rest are recorded as skipped (default 540, so the default sweep ends within 10 minutes; 0 = no "
-        "limit). Points run in this order: the matmul floor, dmlkern at every N, then pml, reference and "
-        "compile N by N")
+    add("--losses", nargs="+", choices=list(LOSSES), metavar="LOSS", help="default: all: " + ", ".join(LOSSES))
+    add("--providers", nargs="+", choices=list(PROVIDERS), metavar="PROVIDER", help="default cpu: dmlkern reference "
+        "compile pml; cuda: also dmlkern-cpp dmlkern-triton. " + "; ".join(f"{k}: {v}" for k, v in PROVIDERS.items()))
+    add("--n", nargs="+", type=int, metavar="N", help="batch sizes (default cpu: 1024 2048 4096 8192; cuda: 4096 "
+        "16384 65536)")
+    add("--d", type=int, default=128, help="embedding width D (default %(default)s)")
+    add("--dtypes", nargs="+", default=["fp32"], metavar="DTYPE", help="fp32 (default), bf16, fp16, fp64")
+    add("--device", choices=["cpu", "cuda"], default="cpu", help="default %(default)s")
+    add("--modes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwdbwd"], help="fwd: forward only; fwdbwd: "
+        "forward + backward (default)")
+    add("--repeats", type=int, default=5, help="time about this many calls' worth per point (default %(default)s)")
+    add("--warmup", type=int, default=1, help="untimed calls first (default %(default)s; compilers compile here)")
+    add("--time-limit", type=float, default=20.0, metavar="SECONDS", help="per point, else 'timeout' (default "
+        "%(default)g); points extrapolated past it are skipped")
+    add("--compile-limit", type=float, default=240.0, metavar="SECONDS", help="extra time for a first call that "
+        "compiles (default %(default)g)")
+    add("--mem-budget", type=float, metavar="GIB", help="memory cap per point (default: half the free RAM; cuda: "
+        "90%% of the GPU); materialising providers skip points estimated above it")
+    add("--budget", type=float, default=540.0, metavar="SECONDS", help="skip the points left after this long "
+        "(default %(default)g; 0: no limit); order: the matmul floor, dmlkern at every N, the rest N by N")
     add("--out", help="output directory (default benchmarks/results/<machine-tag>)")
-    add("--quick", action="store_true", help="a small sweep to check the set-up: N = 256 1024, 3 repeats, 10 s "
-        "limit, 180 s budget, no compile provider unless --providers names it (explicit options still win)")
+    add("--quick", action="store_true", help="set-up check: N = 256 1024, 3 repeats, 10 s limit, 180 s budget, "
+        "no compile provider unless named (explicit options win)")
     add("--threads", type=int, default=0, help="torch.set_num_threads in each point (default: torch's)")
-    add("--compile-dynamic", action=argparse.BooleanOptionalAction, default=True, help="torch.compile(..., "
-        "dynamic=True) so Inductor's cache is reused across N (default); --no-compile-dynamic: static shapes")
-    add("--seed", type=int, default=0, help="seed for the inputs (default 0)")
+    add("--compile-dynamic", action=argparse.BooleanOptionalAction, default=True,
+        help="torch.compile(dynamic=True): one compilation for every N (default)")
+    add("--seed", type=int, default=0, help="seed for the inputs (default %(default)s)")
     add("--no-plots", action="store_true", help="skip the PNG plots")
-    add("--no-progress", action="store_true", help="no progress bar (one line per point instead)")
-    add("--append", action="store_true", help="add to the points already in --out (points.jsonl; a re-run "
-        "point replaces the old one) and rewrite the CSV, summary and plots from all of them")
-    add("--report-only", action="store_true", help="run nothing: rebuild results.csv, summary.md and the plots "
-        "from --out's points.jsonl and meta.json (e.g. for results fetched from a machine without matplotlib)")
+    add("--no-progress", action="store_true", help="one line per point instead of a progress bar")
+    add("--append", action="store_true", help="add to --out's points (a re-run point replaces the old one)")
+    add("--report-only", action="store_true", help="run nothing: rewrite the reports from --out's points.jsonl")
     add("--dry-run", action="store_true", help="print the planned points and exit")
     return ap
 
 
-def resolve_args(args):
-    quick = QUICK if args.quick else {}
-    for key, default in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, quick.get(key, default))
-    args.n = sorted(set(args.n or quick.get("n", DEFAULT_N[args.device])))
+def parse_args(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.quick:  # other defaults; explicit options still win
+        ap.set_defaults(**QUICK)
+        args = ap.parse_args(argv)
+    args.n = sorted(set(args.n or DEFAULT_N[args.device]))
     if args.providers is None:
         args.providers = [p for p in DEFAULT_PROVIDERS[args.device] if not (args.quick and p == "compile")]
     args.losses = args.losses or list(LOSSES)
@@ -118,7 +102,7 @@ def machine_tag(info, device):
 
 
 def dmlkern_version():
-    import dmlkern  # light: no torch at import time
+    import dmlkern  # no torch at import time
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(dmlkern.__file__)))
     try:
@@ -134,14 +118,13 @@ def now_iso():
 
 
 def plan_points(args):
-    """The floor, then every dmlkern provider at every N, then the others N by N (so each gets its
-    small N before any gets its largest): what survives when --budget runs out."""
+    """The floor, every dmlkern provider at every N, then the others N by N: so when --budget runs
+    out, the later providers lose their largest N first."""
     base = dict(device=args.device, d=args.d, warmup=args.warmup, repeats=args.repeats, time_limit=args.time_limit,
                 seed=args.seed, threads=args.threads, compile_dynamic=args.compile_dynamic)
     pts = [dict(base, loss=FLOOR_LOSS, provider=FLOOR_PROVIDER, dtype=t, n=n, mode="fwd")
            for t in args.dtypes for n in args.n]
-    order = {p: i for i, p in enumerate(PROVIDER_PRIORITY)}
-    provs = sorted(dict.fromkeys(args.providers), key=lambda p: order.get(p, 99))
+    provs = sorted(dict.fromkeys(args.providers), key=report.provider_rank)
     combos = [(t, m) for t in args.dtypes for m in args.modes]
     for prov in (p for p in provs if p.startswith("dmlkern")):
         pts += [dict(base, loss=loss, provider=prov, dtype=t, n=n, mode=m)
@@ -153,7 +136,7 @@ def plan_points(args):
 
 
 def predict_call_s(history, n, cubic):
-    """Seconds per call at N, extrapolated from the last two (or one) ok points of the chain."""
+    """Seconds per call at N, extrapolated from the last two (or one) ok (N, seconds) of the chain."""
     if not history:
         return None
     n1, t1 = history[-1]
@@ -165,45 +148,33 @@ def predict_call_s(history, n, cubic):
     return t1 * (n / n1) ** p
 
 
-class Pool:
-    """A child of the stdlib forkserver per point, killed (with its process group) at its limit."""
+def forkserver():
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # freed blocks go back to the OS: see peak_memory
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without cuInit
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
-    def __init__(self, log_path):
-        import multiprocessing
 
-        from .worker import PRELOAD
-
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # read by glibc when the server starts
-        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without cuInit
-        self.ctx, self.log_path = multiprocessing.get_context("forkserver"), log_path
-        self.ctx.set_forkserver_preload(PRELOAD)
-
-    def run(self, job, limit):
-        from .worker import child
-
-        recv, send = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=child, args=(job, send, self.log_path), daemon=True)
-        proc.start()
-        send.close()
-        res, ready = None, False
+def run_child(ctx, job, limit, log_path=None):
+    """worker.child(job) in a fresh forkserver child, killed with its process group at the limit."""
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child, args=(job, send, log_path), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        res = recv.recv() if recv.poll(limit) else {"status": "timeout", "note": f"killed after {limit:.0f} s"}
+    except EOFError:
+        res = None
+    finally:
         try:
-            ready = recv.poll(limit)
-            res = recv.recv() if ready else None
-        except EOFError:
-            pass
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the point and any helpers it started
-            except OSError:
-                proc.kill()
-            proc.join()
-        if res is not None:
-            return res
-        if not ready:
-            return {"status": "timeout", "note": f"killed after {limit:.0f} s"}
-        if proc.exitcode == -signal.SIGKILL:
-            return {"status": "oom", "note": "killed by SIGKILL (most likely the out-of-memory killer)"}
-        return {"status": "error", "note": f"the point's process ended with exit code {proc.exitcode}, no result"}
+            os.killpg(proc.pid, signal.SIGKILL)  # compile workers too
+        except OSError:
+            proc.kill()
+        proc.join()
+    if res is None and proc.exitcode == -signal.SIGKILL:
+        return {"status": "oom", "note": "killed by SIGKILL (most likely the out-of-memory killer)"}
+    return res or {"status": "error", "note": f"the point's process ended with exit code {proc.exitcode}, no result"}
 
 
 def describe(r):
@@ -221,10 +192,10 @@ def skip_reason(args, pt, history, failed, remaining):
         return "sweep budget exhausted"
     if key in failed:
         return f"not run: {failed[key][0]} at N={failed[key][1]}"
-    if pt["provider"] in MATERIALISING and estimate_bytes(pt["loss"], pt["n"], pt["dtype"]) > args.mem_budget * 2**30:
-        return f"est. {fmt_bytes(estimate_bytes(pt['loss'], pt['n'], pt['dtype']))} > mem budget " \
-               f"{args.mem_budget:.3g} GiB"
-    cubic = LOSSES[pt["loss"]].pair_coef > 0 and pt["provider"] in MATERIALISING if pt["loss"] in LOSSES else False
+    est = estimate_bytes(pt["loss"], pt["n"], pt["dtype"]) if pt["provider"] in MATERIALISING else 0
+    if est > args.mem_budget * 2**30:
+        return f"est. {fmt_bytes(est)} > mem budget {args.mem_budget:.3g} GiB"
+    cubic = pt["loss"] in LOSSES and LOSSES[pt["loss"]].pair_coef > 0 and pt["provider"] in MATERIALISING
     pred = predict_call_s(history.get(key), pt["n"], cubic)
     calls = args.warmup + (2 if args.device == "cpu" else 8) - int(jit_provider(pt["provider"], pt["device"]))
     if pred is not None and pred * calls > 0.9 * args.time_limit:
@@ -232,9 +203,8 @@ def skip_reason(args, pt, history, failed, remaining):
     return None
 
 
-def run_sweep(args, pool, plan, log, jsonl, progress):
-    results, history, failed = [], {}, {}
-    t_start = time.monotonic()
+def run_sweep(args, ctx, plan, log, jsonl, progress, log_path):
+    history, failed, t_start = {}, {}, time.monotonic()
     for i, pt in enumerate(plan):
         key = (pt["loss"], pt["provider"], pt["dtype"], pt["mode"])
         remaining = args.budget - (time.monotonic() - t_start) if args.budget else None
@@ -247,18 +217,15 @@ def run_sweep(args, pool, plan, log, jsonl, progress):
         else:
             jit = jit_provider(pt["provider"], pt["device"]) and pt["loss"] != FLOOR_LOSS
             hard = args.time_limit + (args.compile_limit if jit else 0) + (30 if args.device == "cuda" else 5)
-            out = pool.run(dict(pt, jit_grace=jit, mem_budget_gb=args.mem_budget),
-                           min(hard, remaining) if remaining is not None else hard)
+            out = run_child(ctx, dict(pt, jit_grace=jit, mem_budget_gb=args.mem_budget),
+                            min(hard, remaining) if remaining is not None else hard, log_path)
             res.update({k: v for k, v in out.items() if k != "traceback"})
             if remaining is not None and remaining < hard and res["status"] == "timeout":
                 res.update(status="skipped", note="sweep budget exhausted (point stopped)")
-            peak = res.pop("peak_mem_bytes", None)
-            res["peak_mem_mb"] = peak / 2**20 if peak is not None else None
         if res["status"] == "ok":
             history.setdefault(key, []).append((pt["n"], res["median"]))
         elif "budget exhausted" not in res["note"]:
             failed.setdefault(key, (res["status"], pt["n"]))
-        results.append(res)
         jsonl.write(json.dumps(res) + "\n")
         jsonl.flush()
         line = describe(res)
@@ -271,7 +238,6 @@ def run_sweep(args, pool, plan, log, jsonl, progress):
             el = time.monotonic() - t_start
             print(f"[{i + 1}/{len(plan)} {el:5.0f}s eta {el / (i + 1) * (len(plan) - i - 1):4.0f}s] {line}",
                   file=sys.stderr, flush=True)
-    return results
 
 
 def _sigterm(signum, frame):
@@ -292,12 +258,17 @@ def _read_jsonl(path):
     if os.path.exists(path):
         with open(path) as f:
             for r in (json.loads(line) for line in f if line.strip()):
-                keyed[tuple(r[k] for k in ("loss", "provider", "device", "dtype", "n", "d", "mode"))] = r
+                keyed[tuple(r[k] for k in POINT_KEY)] = r
     return list(keyed.values())
 
 
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv=None):
-    args = resolve_args(build_parser().parse_args(argv))
+    args = parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)  # `timeout` sends SIGTERM: still write what was measured
     if args.report_only:
         if not args.out:
@@ -305,12 +276,9 @@ def main(argv=None):
         results = _read_jsonl(os.path.join(args.out, "points.jsonl"))
         if not results:
             raise SystemExit(f"no points in {os.path.join(args.out, 'points.jsonl')}")
-        with open(os.path.join(args.out, "meta.json")) as f:
-            meta = json.load(f)
-        return write_outputs(results, meta, args.out, args.no_plots)
-    pool = Pool(None)
-    started = now_iso()
-    info = pool.run("info", 600)
+        return write_outputs(results, _read_json(os.path.join(args.out, "meta.json")), args.out, args.no_plots)
+    ctx, started = forkserver(), now_iso()
+    info = run_child(ctx, "info", 600)
     if "torch" not in info:
         print(f"error: machine info failed: {info.get('note')}", file=sys.stderr)
         return 2
@@ -329,14 +297,12 @@ def main(argv=None):
         print(f"{len(plan)} points; out={args.out}; mem budget {args.mem_budget:.3g} GiB; machine {tag}")
         return 0
     os.makedirs(args.out, exist_ok=True)
-    jsonl_path = os.path.join(args.out, "points.jsonl")
-    previous = _read_jsonl(jsonl_path) if args.append else []
+    path = lambda name: os.path.join(args.out, name)  # noqa: E731
     meta = dict(machine=tag, version=dmlkern_version(), started=started, info=info, mem_budget_gb=args.mem_budget,
                 args=vars(args), loadavg_start=_loadavg(),
                 command="python -m dmlkern.bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
-    if previous and os.path.exists(os.path.join(args.out, "meta.json")):
-        with open(os.path.join(args.out, "meta.json")) as f:
-            old = json.load(f)
+    if args.append and _read_jsonl(path("points.jsonl")) and os.path.exists(path("meta.json")):
+        old = _read_json(path("meta.json"))
         meta["previous_runs"] = old.get("previous_runs", []) + [
             {k: old.get(k) for k in ("command", "started", "finished", "version")}]
     if meta["loadavg_start"] and meta["loadavg_start"][0] > 0.5 * (info.get("nproc") or 1):
@@ -354,25 +320,24 @@ def main(argv=None):
         except ImportError:
             pass
     mode = "a" if args.append else "w"
-    with open(os.path.join(args.out, "meta.json"), "w") as f:  # rewritten at the end
+    with open(path("meta.json"), "w") as f:  # rewritten at the end
         json.dump(meta, f, indent=1, default=str)
-    pool.log_path = os.path.join(args.out, "worker.log")
-    open(pool.log_path, mode).close()
-    with open(os.path.join(args.out, "sweep.log"), mode) as log, open(jsonl_path, mode) as jsonl:
+    open(path("worker.log"), mode).close()
+    with open(path("sweep.log"), mode) as log, open(path("points.jsonl"), mode) as jsonl:
         try:
-            run_sweep(args, pool, plan, log, jsonl, progress)
+            run_sweep(args, ctx, plan, log, jsonl, progress, path("worker.log"))
         except KeyboardInterrupt:
             print("\ninterrupted: writing what was measured", file=sys.stderr)
         finally:
             if progress is not None:
                 progress.close()
     meta.update(finished=now_iso(), loadavg_end=_loadavg())
-    return write_outputs(_read_jsonl(jsonl_path), meta, args.out, args.no_plots)
+    return write_outputs(_read_jsonl(path("points.jsonl")), meta, args.out, args.no_plots)
 
 
 def write_outputs(results, meta, out, no_plots):
     report.attach_x_mm(results)
-    report.write_csv(os.path.join(out, "results.csv"), report.csv_rows(results, meta["machine"], meta["version"]))
+    report.write_csv(os.path.join(out, "results.csv"), results, meta["machine"], meta["version"])
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(report.summary_md(results, meta))
     with open(os.path.join(out, "meta.json"), "w") as f:

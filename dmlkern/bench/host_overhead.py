@@ -1,35 +1,20 @@
-"""Host-side cost of one fused loss call (forward + backward), measured on any machine.
+"""python -m dmlkern.bench.host_overhead: the host's work per fused loss call (forward + backward).
 
-At N = 16384 on a GPU the kernels of a fused loss take a fraction of a millisecond, so the
-host's work around them (Python, and one launch per small PyTorch op) decides whether a call
-meets its time target. The GPU idles while the host issues the ops before the first engine
-kernel; the later ones overlap the kernels when the host keeps ahead.
-
-  ops      aten operations that launch work (views and Python numbers wrapped as CPU scalars
-           excluded), forward + backward: each is one kernel launch or more on a GPU, whatever
-           backend runs the engine kernels.
-  before   of those, how many come before the first engine kernel.
-  views    aten view operations (host time only).
-  host us  wall time per forward + backward at a tiny batch (--n rows), where the kernels cost
-           almost nothing: the host overhead on this machine (best of three runs). Under
-           TRITON_INTERPRET=1 the Triton kernels are interpreted: only the counts mean
-           something there.
-
-The counts follow the branch-free choices of CUDA tensors (degenerate batches zeroed with
-torch.where after the kernels, not returned early), on CPU tensors too. With --device cuda
-(benchmarks/gpu_check.sh) the host time includes the launches, and the GPU is synchronised
-once after the timed calls: at a tiny N it is what the host needs per call on that machine.
-
-  python -m dmlkern.bench.host_overhead [--device cpu] [--n 32] [--d 128] [--backend auto] [--losses a,b]
+ops: aten ops that launch work (views and CPU-wrapped Python numbers excluded; each one kernel launch
+or more on a GPU); before: how many precede the first engine kernel; views: view ops (host time only);
+host us: wall time per call at a tiny --n, best of three (on CUDA with the launches; interpreted
+Triton kernels make it meaningless). The calls take CUDA's branch-free path on CPU tensors too.
 """
 import argparse
 import collections
 import os
 import time
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..fused import _common
 from .specs import LOSSES
 from .worker import build
 
@@ -54,19 +39,6 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def branch_free_as_on_cuda():
-    """Make the fused losses take CUDA's branch-free path on CPU tensors too (returns the undo)."""
-    from ..fused import _common
-
-    saved = _common.branch_free
-    _common.branch_free = lambda like: True
-
-    def undo():
-        _common.branch_free = saved
-
-    return undo
-
-
 def measure(loss, n, d, reps, device="cpu", dtype="fp32"):
     device = torch.device(device)
     spec = {"loss": loss, "provider": "dmlkern", "n": n, "d": d, "dtype": dtype, "seed": 0}
@@ -78,8 +50,7 @@ def measure(loss, n, d, reps, device="cpu", dtype="fp32"):
 
     for _ in range(3):
         step()
-    counter = OpCounter()
-    with counter:
+    with OpCounter() as counter:
         step()
     best = float("inf")
     for _ in range(3):  # best of three: these machines are noisy
@@ -103,27 +74,18 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--detail", action="store_true", help="list the ops of each call")
     args = ap.parse_args(argv)
-    saved_backend = os.environ.get("DMLKERN_BACKEND")
-    os.environ["DMLKERN_BACKEND"] = args.backend
-    undo = branch_free_as_on_cuda()
-    interpreted = args.device == "cpu" and args.backend == "triton"
-    reps = 2 if interpreted else args.reps
+    reps = 2 if args.device == "cpu" and args.backend == "triton" else args.reps  # interpreted: slow
     print(f"N={args.n} D={args.d} {args.dtype} {args.device} tensors, DMLKERN_BACKEND={args.backend}, "
           "CUDA's branch-free path; one forward + backward")
     print(f"{'loss':24s} {'backend':10s} {'ops':>5s} {'before':>6s} {'views':>6s} {'host us':>8s}")
-    try:
+    with mock.patch.dict(os.environ, DMLKERN_BACKEND=args.backend), \
+            mock.patch.object(_common, "branch_free", lambda like: True):
         for loss in args.losses.split(","):
             ran, counter, us = measure(loss, args.n, args.d, reps, args.device, args.dtype)
             before = "-" if counter.before is None else counter.before
             print(f"{loss:24s} {ran:10s} {sum(counter.ops.values()):5d} {before:>6} {counter.views:6d} {us:8.0f}")
             if args.detail:
                 print("    " + ", ".join(f"{k} {v}" for k, v in counter.ops.most_common()))
-    finally:
-        undo()
-        if saved_backend is None:
-            os.environ.pop("DMLKERN_BACKEND")
-        else:
-            os.environ["DMLKERN_BACKEND"] = saved_backend
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
-"""Turn point results into the long CSV, the terminal table, summary.md and the plots."""
+"""Point results -> results.csv (long format), the terminal table, summary.md and the plots."""
 from __future__ import annotations
 
 import csv
 import math
 import os
 
-from .specs import FLOOR_LOSS, LOSSES, PROVIDER_PRIORITY, matrix_bytes
+from .specs import FLOOR_LOSS, ITEMSIZE, LOSSES, PROVIDER_PRIORITY
 
 CSV_COLUMNS = ["loss", "provider", "backend", "device", "dtype", "n", "d", "mode", "metric", "median", "p20",
                "p80", "status", "machine", "version", "timestamp"]
 METRICS = ["time_s", "peak_mem_mb", "x_mm"]
 STATUSES = ["ok", "oom", "timeout", "error", "skipped"]
+COLORS = {"dmlkern": "C0", "dmlkern-triton": "C9", "dmlkern-cpp": "C4", "pml": "C3", "reference": "C1",
+          "compile": "C2"}
+
+
+def provider_rank(provider):
+    return PROVIDER_PRIORITY.index(provider) if provider in PROVIDER_PRIORITY else 99
 
 
 def floor_times(results):
@@ -22,7 +28,7 @@ def floor_times(results):
 def attach_x_mm(results):
     floors = floor_times(results)
     for r in results:
-        t_mm = r["t_mm"] = floors.get((r["device"], r["dtype"], r["n"]))
+        t_mm = floors.get((r["device"], r["dtype"], r["n"]))
         for q in ("", "_p20", "_p80"):
             r["x_mm" + q] = r[q[1:] or "median"] / t_mm if r["status"] == "ok" and t_mm else None
 
@@ -31,24 +37,20 @@ def _num(v):
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
 
 
-def csv_rows(results, machine, version):
-    rows = []
-    for r in results:
-        base = {k: r[k] for k in ("loss", "provider", "device", "dtype", "n", "d", "mode", "status", "timestamp")}
-        base.update(backend=r.get("backend") or "", machine=machine, version=version)
-        ok = r["status"] == "ok"
-        values = {"time_s": (r.get("median"), r.get("p20"), r.get("p80")) if ok else (None,) * 3,
-                  "peak_mem_mb": (r.get("peak_mem_mb") if ok else None, None, None),
-                  "x_mm": (r.get("x_mm"), r.get("x_mm_p20"), r.get("x_mm_p80"))}
-        rows += [dict(base, metric=m, **dict(zip(("median", "p20", "p80"), map(_num, values[m])))) for m in METRICS]
-    return rows
-
-
-def write_csv(path, rows):
+def write_csv(path, results, machine, version):
+    """Three rows per point, one per metric; values only where the point is ok."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
-        w.writerows(rows)
+        for r in results:
+            base = {k: r[k] for k in ("loss", "provider", "device", "dtype", "n", "d", "mode", "status", "timestamp")}
+            base.update(backend=r.get("backend") or "", machine=machine, version=version)
+            ok = r["status"] == "ok"
+            values = {"time_s": (r.get("median"), r.get("p20"), r.get("p80")) if ok else (None,) * 3,
+                      "peak_mem_mb": (r.get("peak_mem_mb") if ok else None, None, None),
+                      "x_mm": (r.get("x_mm"), r.get("x_mm_p20"), r.get("x_mm_p80"))}
+            w.writerows(dict(base, metric=m, **dict(zip(("median", "p20", "p80"), map(_num, values[m]))))
+                        for m in METRICS)
 
 
 def fmt_time(s):
@@ -87,8 +89,7 @@ def groups(results):
         if r["loss"] != FLOOR_LOSS:
             g = out.setdefault((r["device"], r["dtype"], r["mode"]), {}).setdefault(r["loss"], {})
             g.setdefault(r["provider"], {})[r["n"]] = r
-    order = {p: i for i, p in enumerate(PROVIDER_PRIORITY)}
-    return {k: {loss: dict(sorted(bp.items(), key=lambda kv: order.get(kv[0], 99))) for loss, bp in g.items()}
+    return {k: {loss: dict(sorted(bp.items(), key=lambda kv: provider_rank(kv[0]))) for loss, bp in g.items()}
             for k, g in out.items()}
 
 
@@ -128,16 +129,23 @@ def vs_pml(per_n, pml):
     return "; ".join(out) or "-"
 
 
+def _table(byprov, floors, device, dtype, md):
+    """Header, a row per provider, the T_mm row; md: summary.md's, with 'vs PML'."""
+    ns, pml = _ns(byprov), byprov.get("pml")
+    rows = [["provider", "backend"] + [f"N={n}" for n in ns] + (["largest N", "vs PML"] if md else ["max N"])]
+    for prov, per in byprov.items():
+        row = [f"**{prov}**" if md and prov.startswith("dmlkern") else prov, _backend_of(per)]
+        row += [cell(per.get(n), "<br>" if md else " ") for n in ns] + [str(largest_ok(per) or "-")]
+        rows.append(row + ([vs_pml(per, pml) if prov != "pml" else ""] if md else []))
+    return rows + [["T_mm", "x @ x.T"] + [fmt_time(floors.get((device, dtype, n))) for n in ns] + [""] * (1 + md)]
+
+
 def terminal_table(results):
     floors, lines = floor_times(results), []
     for (device, dtype, mode), losses in groups(results).items():
         lines.append(f"== {device} {dtype} {mode}: median time (x T_mm) and peak memory ==")
         for loss, byprov in losses.items():
-            ns = _ns(byprov)
-            rows = [["provider", "backend"] + [f"N={n}" for n in ns] + ["max N"]]
-            rows += [[p, _backend_of(per)] + [cell(per.get(n)) for n in ns] + [str(largest_ok(per) or "-")]
-                     for p, per in byprov.items()]
-            rows.append(["T_mm", "x @ x.T"] + [fmt_time(floors.get((device, dtype, n))) for n in ns] + [""])
+            rows = _table(byprov, floors, device, dtype, md=False)
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             lines.append(f"-- {loss}")
             lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
@@ -172,27 +180,16 @@ def summary_md(results, meta):
     for (device, dtype, mode), losses in groups(results).items():
         out += [f"## {device}, {dtype}, {mode}", ""]
         for loss, byprov in losses.items():
-            ns, pml = _ns(byprov), byprov.get("pml")
-            header = ["provider", "backend"] + [f"N={n}" for n in ns] + ["largest N", "vs PML"]
+            header, *body = _table(byprov, floors, device, dtype, md=True)
             out += [f"### {loss}", "", f"`{LOSSES[loss].title if loss in LOSSES else loss}`", "",
                     "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-            for prov, per in byprov.items():
-                row = [f"**{prov}**" if prov.startswith("dmlkern") else prov, _backend_of(per)]
-                row += [cell(per.get(n), sep="<br>") for n in ns]
-                out.append("| " + " | ".join(row + [str(largest_ok(per) or "-"),
-                                                     vs_pml(per, pml) if prov != "pml" else ""]) + " |")
-            row = ["T_mm", "x @ x.T"] + [fmt_time(floors.get((device, dtype, n))) for n in ns] + ["", ""]
-            out += ["| " + " | ".join(row) + " |", ""]
+            out += ["| " + " | ".join(row) + " |" for row in body] + [""]
     fails = [r for r in results if r["status"] in ("error", "oom", "timeout") and r.get("note")]
     if fails:
         out += ["## Notes on failed points", ""]
         out += [f"- {r['loss']} / {r['provider']} N={r['n']} {r['dtype']} {r['mode']}: {r['status']}: "
                 + r["note"].replace("\n", " ").replace("|", "/")[:200] for r in fails] + [""]
     return "\n".join(out)
-
-
-_COLORS = {"dmlkern": "C0", "dmlkern-triton": "C9", "dmlkern-cpp": "C4", "pml": "C3", "reference": "C1",
-           "compile": "C2"}
 
 
 def plot(results, out_dir, meta):
@@ -216,16 +213,15 @@ def plot(results, out_dir, meta):
                     _plot_line(ax, prov, per, kind, meta, jitter=1 + 0.03 * i)
                 fl = [(n, floors[(device, dtype, n)]) for n in ns if (device, dtype, n) in floors]
                 if kind == "memory":
-                    ax.plot(ns, [matrix_bytes(n, dtype) / 2**20 for n in ns], ":", color="gray", lw=1,
+                    ax.plot(ns, [n * n * ITEMSIZE[dtype] / 2**20 for n in ns], ":", color="gray", lw=1,
                             label=f"one NxN {dtype} matrix")
                 elif fl:
                     ax.plot(*zip(*fl), "k--", lw=1, label="T_mm (x @ x.T)")
                 ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
+                ax.set(yscale="log", xlabel="N (batch size)",
+                       ylabel="median time per call [s]" if kind == "time" else "peak memory growth [MiB]")
                 ax.margins(x=0.12)
                 ax.set_title(loss, fontsize=10)
-                ax.set_xlabel("N (batch size)")
-                ax.set_ylabel("median time per call [s]" if kind == "time" else "peak memory growth [MiB]")
                 ax.grid(True, which="both", alpha=0.25)
                 ax.legend(fontsize=7)
             fig.suptitle(f"dmlkern {meta['version']} on {meta['machine']}: {kind}, {device} {dtype} {mode}, "
@@ -242,17 +238,18 @@ def _plot_line(ax, prov, per_n, kind, meta, jitter=1.0):
     ys = [r["median"] if kind == "time" else max(r.get("peak_mem_mb") or 0.0, 1e-3) for _, r in ok]
     line = None
     if ok:
-        line, = ax.plot([n for n, _ in ok], ys, "o-", color=_COLORS.get(prov), ms=4, label=prov)
+        line, = ax.plot([n for n, _ in ok], ys, "o-", color=COLORS.get(prov), ms=4, label=prov)
         if kind == "time":
             ax.fill_between([n for n, _ in ok], [r["p20"] for _, r in ok], [r["p80"] for _, r in ok],
                             color=line.get_color(), alpha=0.2)
     # X at the first N where this provider stopped (oom/timeout/error, or skipped after an estimate)
-    bad = [(n, r) for n, r in sorted(per_n.items()) if r["status"] != "ok" and "sweep budget" not in (r.get("note") or "")]
+    bad = [(n, r) for n, r in sorted(per_n.items())
+           if r["status"] != "ok" and "sweep budget" not in (r.get("note") or "")]
     if bad:
         n, why = bad[0][0] * jitter, short_status(bad[0][1])  # jitter: same-N stops stay distinguishable
         at_limit = ("timeout", "skip (time est.)") if kind == "time" else ("oom", "skip (mem est.)")
         y = (meta["args"]["time_limit"] if kind == "time" else meta["mem_budget_gb"] * 1024) \
             if why in at_limit or not ys else ys[-1]
-        c = line.get_color() if line is not None else _COLORS.get(prov)
+        c = line.get_color() if line is not None else COLORS.get(prov)
         ax.plot([n], [y], "x", color=c, ms=10, mew=2.5, label=None if line is not None else f"{prov} (none ok)")
         ax.annotate(why, (n, y), textcoords="offset points", xytext=(4, 4), fontsize=6, color=c)

@@ -1,5 +1,5 @@
-"""What the benchmark can run: losses, providers, dtypes, and the memory estimate used to skip
-points a materialising provider cannot hold. Torch-free, so the driver process stays small."""
+"""What the benchmark can run, and the memory estimate that skips points a materialising provider
+cannot hold. Torch-free: the driver process stays small."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,11 +7,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LossInfo:
-    title: str  # what the provider runs, for summary.md
+    title: str  # the call, for summary.md; a class loss's title starts with its class name
     labels: str  # "classes": N/8 classes of 8; "simclr": cat([arange(N/2)] * 2)
     pml: bool  # has a pytorch-metric-learning counterpart
-    mat_coef: float  # bytes per N x N matrix element / itemsize of a materialising run (estimate_bytes)
-    pair_coef: float = 0.0  # x (#positive pairs x #negative pairs) x itemsize (PML's P x Nneg tensors)
+    mat_coef: float  # estimate_bytes: N x N elements x itemsize of a materialising run
+    pair_coef: float = 0.0  # and (#positive pairs x #negative pairs) x itemsize (PML's P x Nneg tensors)
+
+    @property
+    def cls(self):
+        return self.title.split("(")[0]
 
 
 LOSSES = {
@@ -30,26 +34,23 @@ LOSSES = {
 FLOOR_LOSS, FLOOR_PROVIDER = "matmul_floor", "torch"  # the T_mm rows: one x @ x.T
 
 PROVIDERS = {
-    "dmlkern": "dmlkern class, DMLKERN_BACKEND unset (auto); backend column = module.last_backend",
-    "dmlkern-compiled": "torch.compile of the same dmlkern call (auto backend): the small O(N) ops around the "
-                        "kernels fused, so it shows what eager per-op overhead costs; compile time excluded by warm-up",
-    "dmlkern-cpp": "dmlkern class with DMLKERN_BACKEND=cpp",
-    "dmlkern-triton": "dmlkern class with DMLKERN_BACKEND=triton (GPU, or CPU under TRITON_INTERPRET=1)",
-    "reference": "dmlkern class with DMLKERN_BACKEND=reference (materialising PyTorch path)",
-    "compile": "torch.compile(dmlkern.reference.<loss function>); compile time excluded by warm-up",
+    "dmlkern": "dmlkern class, DMLKERN_BACKEND unset (auto)",
+    "dmlkern-compiled": "torch.compile of that call (what eager per-op overhead costs)",
+    "dmlkern-cpp": "DMLKERN_BACKEND=cpp",
+    "dmlkern-triton": "DMLKERN_BACKEND=triton (GPU, or CPU under TRITON_INTERPRET=1)",
+    "reference": "DMLKERN_BACKEND=reference (materialising PyTorch path)",
+    "compile": "torch.compile(dmlkern.reference.<loss function>)",
     "pml": "pytorch_metric_learning 2.9.0 class (if importable)",
 }
 MATERIALISING = {"reference", "compile", "pml"}  # build N x N (or worse): skipped above the memory estimate
 # The order points run in: if the sweep budget runs out, the later providers lose points.
 PROVIDER_PRIORITY = ["dmlkern", "dmlkern-compiled", "dmlkern-triton", "dmlkern-cpp", "pml", "reference", "compile"]
-DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}  # name -> itemsize
-DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
-                 "float64": "fp64", "double": "fp64"}
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
+ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 
 
 def jit_provider(provider: str, device: str) -> bool:
-    """Whether the first call may JIT-compile (torch.compile; Triton autotuning on a GPU): it gets
-    --compile-limit on top of --time-limit."""
+    """Whether the first call may compile (torch.compile; Triton autotuning on a GPU): --compile-limit."""
     return provider in ("compile", "dmlkern-compiled") or (device == "cuda" and provider.startswith("dmlkern"))
 
 
@@ -58,33 +59,27 @@ def supported(loss: str, provider: str) -> bool:
 
 
 def canonical_dtype(name: str) -> str:
-    name = DTYPE_ALIASES.get(name.lower(), name.lower())
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
+    aliases = {"float": "fp32", "half": "fp16", "double": "fp64", **{v: k for k, v in TORCH_DTYPES.items()}}
+    name = aliases.get(name.lower(), name.lower())
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from {sorted(TORCH_DTYPES)}")
     return name
 
 
 def num_classes(loss: str, n: int) -> int:
-    return max(1, n // 2) if LOSSES[loss].labels == "simclr" else max(1, n // 8)
+    return max(1, n // 2) if loss in LOSSES and LOSSES[loss].labels == "simclr" else max(1, n // 8)
 
 
 def estimate_bytes(loss: str, n: int, dtype: str) -> int:
-    """A conservative estimate of the peak extra memory of one materialising forward+backward:
-    measured peak RSS growth of the reference and PML paths at N = 128..512 (CPU, fp32; e.g.
-    MultiSimilarity ~11 N^2 floats, with the miner ~19, NTXent ~4.3 and Lifted ~5.2 per (pos pair
-    x neg pair)), rounded up 1.5-2x. PML's NTXent and LiftedStructure build (#pos pairs x #neg
-    pairs) tensors: O(N^3). Itemsize is floored at 4 bytes (int64 indices and bool masks remain)."""
-    info, item = LOSSES[loss], max(DTYPES[dtype], 4)
+    """Peak extra memory of one materialising forward + backward: measured peaks of the reference and
+    PML paths at N = 128..512 (CPU, fp32) rounded up 1.5-2x; PML's NTXent and LiftedStructure are
+    O(N^3). Itemsize floored at 4 bytes (int64 indices and bool masks remain)."""
+    info, item = LOSSES[loss], max(ITEMSIZE[dtype], 4)
     total = info.mat_coef * n * (num_classes(loss, n) if loss == "proxy_anchor" else n) * item
     if info.pair_coef:
         per_class = n / num_classes(loss, n)
         total += info.pair_coef * int(n * max(per_class - 1, 0)) * int(n * (n - per_class)) * item
     return int(total)
-
-
-def matrix_bytes(n: int, dtype: str) -> int:
-    """One N x N matrix of `dtype` (the memory plots draw it as a guide)."""
-    return n * n * DTYPES[dtype]
 
 
 def fmt_bytes(b: float) -> str:

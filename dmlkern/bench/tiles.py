@@ -1,14 +1,8 @@
-"""Tile sweep for the Triton engine: time fused losses under a few tile settings in one run.
-
-    python -m dmlkern.bench.tiles --device cuda --n 16384 --dtypes bf16 fp32 --out DIR
-
-For each dtype and loss it runs forward + backward with the default tiles (dmlkern.triton.
-tiles._tiles) and then with each setting of CONFIGS (through TILE_OVERRIDES), and reports
-the median time, that time over one x @ x.T (T_mm) and whether the loss and gradient agree with
-the default's. A setting that fails to compile (e.g. out of shared memory) is recorded as an
-error and the sweep goes on. Writes DIR/tiles.json and DIR/tiles.md and prints the table. It is
-what benchmarks/gpu_check.sh runs to choose the default tiles from measurements; on the CPU it
-runs under TRITON_INTERPRET=1 (a smoke test of the tool, not a timing).
+"""python -m dmlkern.bench.tiles: time fused losses (forward + backward) on the Triton engine with its
+default tiles and with each setting of CONFIGS (through TILE_OVERRIDES): median time, x T_mm, and
+whether loss and gradient agree with the first setting's. A setting that fails to compile is an
+error row. Writes --out/tiles.json and tiles.md (benchmarks/gpu_check.sh picks the default tiles
+from them); on CPU it runs under TRITON_INTERPRET=1, a smoke test and not a timing.
 """
 from __future__ import annotations
 
@@ -17,13 +11,11 @@ import json
 import os
 import time
 
-from .worker import TORCH_DTYPES, _dmlkern_callable, _labels, time_call
+from .specs import FLOOR_LOSS, TORCH_DTYPES
+from .worker import build, time_call, train_step
 
-# Name -> TILE_OVERRIDES. Each varies one thing from the defaults (dmlkern.triton.tiles.
-# _tiles: fp16 / bf16 64 x 64 tiles over 4 warps with D in one K slice; fp32 64 x 64 over 8
-# warps, K slices of 32, the symmetric / lifted / B_pos backward with 32 columns), so a winner
-# says what to change; a setting that equals a dtype's default times the default again. Most
-# telling first: the sweep stops when its budget is spent.
+# Each varies one thing from dmlkern.triton.tiles._tiles' defaults, so a winner says what to change;
+# most telling first, as the sweep stops when its budget is spent.
 CONFIGS = {
     "default": {},
     "kslices64": {"fwd": {"block_k": 64}, "bwd": {"block_k": 64}},
@@ -76,27 +68,20 @@ def run(args):
 
     device = torch.device(args.device)
 
-    def median_s(step):  # about --repeats calls' worth: do_bench on CUDA, torch.utils.benchmark on CPU
+    def median_s(step):  # about --repeats calls' worth
         t0 = time.perf_counter()
         step()
         return time_call(torch, device, step, args.repeats * (time.perf_counter() - t0))[0]
 
-    t_start = time.perf_counter()
-    rows = []
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, TORCH_DTYPES[dtype_name])
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(args.n, args.d, generator=gen).to(device, dtype)
-        x_mm = x.detach()
-        t_mm = median_s(lambda: x_mm @ x_mm.T)
+    t_start, rows = time.perf_counter(), []
+    for dtype in args.dtypes:
+        spec = dict(provider="dmlkern-triton", n=args.n, d=args.d, dtype=dtype)
+        t_mm = median_s(build(dict(spec, loss=FLOOR_LOSS), torch, device)[0])
         for loss in args.losses:
-            labels = _labels(loss, args.n, device, gen)
-            x.requires_grad_(True)
-            fn, backend, params = _dmlkern_callable(loss, x, labels, args.d)
-            baseline = None
+            fn, backend, x, params = build(dict(spec, loss=loss), torch, device)
+            step, baseline = train_step(fn, x, params), None
             for name in args.configs:
-                row = {"dtype": dtype_name, "loss": loss, "config": name, "n": args.n, "d": args.d,
-                       "t_mm_s": t_mm}
+                row = {"dtype": dtype, "loss": loss, "config": name, "n": args.n, "d": args.d, "t_mm_s": t_mm}
                 rows.append(row)
                 if time.perf_counter() - t_start > args.budget:
                     row["status"] = "skip (budget)"
@@ -104,17 +89,8 @@ def run(args):
                 if name != "default" and _same_as_default(tk, x, args.d, CONFIGS[name]):
                     row["status"] = "skip (this dtype's default)"
                     continue
-                tk.TILE_OVERRIDES.clear()
                 tk.TILE_OVERRIDES.update(CONFIGS[name])
                 try:
-                    def step():
-                        x.grad = None
-                        for p in params:
-                            p.grad = None
-                        value = fn()
-                        value.backward()
-                        return value
-
                     value = step()  # compiles this setting's kernels
                     result = (value.detach().double().cpu(), x.grad.detach().double().cpu())
                     seconds = median_s(step)
@@ -124,13 +100,11 @@ def run(args):
                 finally:
                     tk.TILE_OVERRIDES.clear()
                 row.update(status="ok", seconds=seconds, x_tmm=seconds / t_mm, backend=backend())
-                if baseline is None:
-                    baseline = result
+                baseline = baseline or result
                 scale = float(baseline[1].abs().max()) or 1.0
                 err = max(abs(float(result[0] - baseline[0])) / max(abs(float(baseline[0])), 1e-30),
                           float((result[1] - baseline[1]).abs().max()) / scale)
-                row.update(rel_diff=err, agrees=err <= TOLERANCE[dtype_name])
-            x.requires_grad_(False)
+                row.update(rel_diff=err, agrees=err <= TOLERANCE[dtype])
     return rows
 
 

@@ -1,45 +1,31 @@
-"""One benchmark point, run in a child of the stdlib forkserver (multiprocessing, preloaded with
-torch and dmlkern by dmlkern.bench.cli): build the inputs and the call, warm up, take the peak
-memory, then time it with the libraries' timers -- ``triton.testing.do_bench(quantiles=[0.5, 0.2,
-0.8])`` on CUDA, ``torch.utils.benchmark.Timer.blocked_autorange`` on CPU (20th / 80th
-percentiles of its per-block times by ``statistics.quantiles``).
-
-A point's spec: loss, provider, device, dtype, n, d, mode, warmup, repeats, time_limit,
-jit_grace, mem_budget_gb, seed, threads, compile_dynamic, log. Its result: status (ok/oom/
-error), median / p20 / p80 (seconds per call), calls, peak_mem_bytes, backend, note.
-"""
+"""One benchmark point, in a forkserver child (dmlkern.bench.cli): build the call, warm up, take its
+peak memory, then time it with triton.testing.do_bench on CUDA or torch.utils.benchmark on CPU."""
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import resource
 import statistics
 import time
 import traceback
 
-from .specs import FLOOR_LOSS, LOSSES, num_classes
+from .specs import FLOOR_LOSS, LOSSES, TORCH_DTYPES, num_classes
 
 PRELOAD = ["torch", "dmlkern.bench.worker", "dmlkern.losses", "dmlkern.miners", "dmlkern.ops",
            "dmlkern.reference", "dmlkern.distances", "pytorch_metric_learning.losses",
            "pytorch_metric_learning.miners", "torch._dynamo"]
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 ENV_BACKEND = {"dmlkern": None, "dmlkern-compiled": None, "dmlkern-cpp": "cpp", "dmlkern-triton": "triton",
                "reference": "reference"}
 REFERENCE_FN = {"multi_similarity": "multi_similarity_loss", "ntxent": "ntxent_loss", "supcon": "supcon_loss",
                 "lifted": "lifted_structure_loss", "generalized_lifted": "generalized_lifted_structure_loss",
                 "npairs": "n_pairs_loss"}
-CLASS_NAME = {"multi_similarity": "MultiSimilarityLoss", "multi_similarity_miner": "MultiSimilarityLoss",
-              "ntxent": "NTXentLoss", "supcon": "SupConLoss", "lifted": "LiftedStructureLoss",
-              "generalized_lifted": "GeneralizedLiftedStructureLoss", "npairs": "NPairsLoss",
-              "proxy_anchor": "ProxyAnchorLoss"}
 FLOOR_MAX_OUT_BYTES = 2**31
 
 
-# ------------------------------------------------------------------------------------ measuring
-
 def time_call(torch, device, step, seconds, most=None):
-    """(median, p20, p80, calls) of step() in seconds, timing at least about `seconds` of calls (CPU: more,
-    up to `most`, until the spread of the block times is within 10 % of their median)."""
+    """(median, p20, p80, calls) of step() in seconds over about `seconds` of calls; on CPU more, up to
+    `most`, until the block times' spread is within 10 % of their median."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -53,18 +39,18 @@ def time_call(torch, device, step, seconds, most=None):
     return m.median, q[0], q[3], m.number_per_run * len(m.times)
 
 
-def _status_kb(field):
+def _status_bytes(field):
     try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
     except (OSError, StopIteration):
         return None
 
 
 def peak_memory(torch, device, run):
-    """Peak memory growth during run() over what was allocated before it. CUDA: max_memory_allocated;
-    CPU: VmHWM after resetting it (/proc/self/clear_refs; ru_maxrss growth without it). Workers run
-    with MALLOC_MMAP_THRESHOLD_ fixed so freed blocks go back to the OS and cannot hide a peak."""
+    """(run(), peak memory growth during it, method). CPU: VmHWM after resetting it (ru_maxrss where
+    clear_refs is unavailable); the cli's MALLOC_MMAP_THRESHOLD_ returns freed blocks to the OS, so
+    an earlier call cannot hide a peak."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -73,22 +59,22 @@ def peak_memory(torch, device, run):
         out = run()
         torch.cuda.synchronize()
         return out, max(0, torch.cuda.max_memory_allocated() - base), "cuda.max_memory_allocated"
+    def maxrss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base, method = _status_kb("VmRSS") * 1024, "VmHWM after clear_refs"
-    except (OSError, TypeError):
-        base, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
+            f.write("5")  # VmHWM := VmRSS
+        base, peak, method = _status_bytes("VmRSS"), (lambda: _status_bytes("VmHWM")), "VmHWM after clear_refs"
+    except OSError:
+        base, peak, method = maxrss(), maxrss, "ru_maxrss"
     out = run()
-    peak = _status_kb("VmHWM") * 1024 if method.startswith("VmHWM") else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out, max(0, peak - base), method
+    return out, max(0, peak() - base), method
 
 
 def limit_memory(torch, device, budget_gb):
-    """Over the budget is a catchable allocation failure ('oom'), not the kernel's OOM killer:
-    RLIMIT_DATA on CPU (RLIMIT_AS would count torch's large virtual reservations), the caching
-    allocator's per-process fraction on CUDA. No device setting changes."""
+    """Over the budget is a catchable allocation failure ('oom'), not the OOM killer: RLIMIT_DATA on
+    CPU (RLIMIT_AS would count torch's virtual reservations), the allocator's fraction on CUDA."""
     if not budget_gb or budget_gb <= 0:
         return
     budget = int(budget_gb * 2**30)
@@ -96,9 +82,9 @@ def limit_memory(torch, device, budget_gb):
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, (budget + torch.cuda.memory_allocated()) / total), device)
         return
-    vmdata = _status_kb("VmData")
+    vmdata = _status_bytes("VmData")
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    want = (vmdata or 0) * 1024 + budget + 2 * 2**30  # 2 GiB slack: compilers, thread arenas, libraries
+    want = (vmdata or 0) + budget + 2 * 2**30  # 2 GiB slack: compilers, thread arenas, libraries
     if vmdata is not None and (hard == resource.RLIM_INFINITY or want < hard):
         resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
 
@@ -110,23 +96,19 @@ def is_oom(exc) -> bool:
                            "not enough memory", "std::bad_alloc"))
 
 
-# ------------------------------------------------------------------------------------- builders
-
 def _labels(loss, n, device, gen):
     import torch
 
-    if loss != FLOOR_LOSS and LOSSES[loss].labels == "simclr":
-        lab = torch.arange(n) % max(1, n // 2)  # = cat([arange(N/2)] * 2) for even N
+    if loss in LOSSES and LOSSES[loss].labels == "simclr":
+        lab = torch.arange(n) % num_classes(loss, n)  # = cat([arange(N/2)] * 2) for even N
     else:
-        c = num_classes(loss, n) if loss != FLOOR_LOSS else max(1, n // 8)
-        lab = (torch.arange(n) % c)[torch.randperm(n, generator=gen)]
+        lab = (torch.arange(n) % num_classes(loss, n))[torch.randperm(n, generator=gen)]
     return lab.to(device)
 
 
 def _class_callable(L, M, loss, x, labels, d):
-    cls = getattr(L, CLASS_NAME[loss])
     kw = dict(num_classes=num_classes(loss, x.shape[0]), embedding_size=d) if loss == "proxy_anchor" else {}
-    module = cls(**kw).to(x.device)
+    module = getattr(L, LOSSES[loss].cls)(**kw).to(x.device)
     miner = M.MultiSimilarityMiner() if loss == "multi_similarity_miner" else None
 
     def backend():
@@ -138,19 +120,6 @@ def _class_callable(L, M, loss, x, labels, d):
 
     fn = (lambda: module(x, labels, miner(x, labels))) if miner is not None else (lambda: module(x, labels))
     return fn, backend, list(module.parameters())
-
-
-def _dmlkern_callable(loss, x, labels, d):
-    """The dmlkern class (its backend is chosen by DMLKERN_BACKEND, set by the caller)."""
-    if loss == "masked_lse":
-        from dmlkern.ops import masked_lse, resolve_backend
-
-        return (lambda: masked_lse(x, x_labels=labels, mask="diff").sum(),
-                lambda: resolve_backend("auto", x.device), [])
-    import dmlkern.losses as L
-    import dmlkern.miners as M
-
-    return _class_callable(L, M, loss, x, labels, d)
 
 
 def _compile_callable(torch, loss, x, labels, d, dynamic):
@@ -195,7 +164,8 @@ def _floor_callable(torch, x):
 
 
 def build(spec, torch, device):
-    """(fn, backend, x, params) of a point: fn() computes the loss, backend() names what ran."""
+    """(fn, backend, x, params) of a point: fn() computes the loss, backend() names what ran. The
+    dmlkern providers' backend comes from DMLKERN_BACKEND (run_point sets it)."""
     loss, provider, n, d = spec["loss"], spec["provider"], spec["n"], spec["d"]
     gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
     x = torch.randn(n, d, generator=gen).to(device=device, dtype=getattr(torch, TORCH_DTYPES[spec["dtype"]]))
@@ -203,29 +173,43 @@ def build(spec, torch, device):
     if loss == FLOOR_LOSS:
         return _floor_callable(torch, x)
     x.requires_grad_(True)
-    if provider in ENV_BACKEND:
-        fn, backend, params = _dmlkern_callable(loss, x, labels, d)
-        if provider == "dmlkern-compiled":
-            fn, eager_backend = torch.compile(fn), backend
-            backend = lambda: f"{eager_backend()}+compile"  # noqa: E731
-    elif provider == "pml":
-        import pytorch_metric_learning.losses as L
-        import pytorch_metric_learning.miners as M
+    if provider in ENV_BACKEND and loss == "masked_lse":
+        from dmlkern.ops import masked_lse, resolve_backend
 
+        fn, backend, params = (lambda: masked_lse(x, x_labels=labels, mask="diff").sum(),
+                               lambda: resolve_backend("auto", x.device), [])
+    elif provider in ENV_BACKEND or provider == "pml":
+        pkg = "dmlkern" if provider in ENV_BACKEND else "pytorch_metric_learning"
+        L, M = (importlib.import_module(f"{pkg}.{m}") for m in ("losses", "miners"))
         fn, backend, params = _class_callable(L, M, loss, x, labels, d)
     elif provider == "compile":
         fn, backend, params = _compile_callable(torch, loss, x, labels, d, spec.get("compile_dynamic", True))
     else:
         raise ValueError(f"unknown provider {provider!r}")
+    if provider == "dmlkern-compiled":
+        fn, eager_backend = torch.compile(fn), backend
+        backend = lambda: f"{eager_backend()}+compile"  # noqa: E731
     return fn, backend, x, params
 
 
-# ------------------------------------------------------------------------------------- a point
+def train_step(fn, x, params, backward=True):
+    """step(): fn(), and with backward its gradients from zero (as a training step)."""
+    def step():
+        if not backward:
+            return fn()
+        x.grad = None
+        for p in params:
+            p.grad = None
+        value = fn()
+        value.backward()
+        return value
+
+    return step
+
 
 def run_point(spec) -> dict:
     """Build, warm up, measure memory and time of one point in this process. Never raises."""
-    out = {"status": "error", "median": None, "p20": None, "p80": None, "peak_mem_bytes": None, "backend": "",
-           "note": ""}
+    out = {"status": "error"}  # first: the key order of points.jsonl
     try:
         if spec["provider"] in ENV_BACKEND:
             os.environ.pop("DMLKERN_BACKEND", None)
@@ -243,15 +227,7 @@ def run_point(spec) -> dict:
         fn, backend, x, params = build(spec, torch, device)
         if os.environ.get("DMLKERN_BENCH_HANG") == f"{spec['loss']}:{spec['provider']}:{spec['n']}":
             time.sleep(10**6)  # test hook: this point never finishes
-        fwdbwd = spec["mode"] == "fwdbwd" and spec["loss"] != FLOOR_LOSS
-
-        def step():
-            if not fwdbwd:
-                return fn()
-            x.grad = None
-            for p in params:
-                p.grad = None
-            fn().backward()
+        step = train_step(fn, x, params, spec["mode"] == "fwdbwd" and spec["loss"] != FLOOR_LOSS)
 
         def call():  # one synchronised call, seconds (sizes the timing; not a reported number)
             t0 = time.perf_counter()
@@ -273,7 +249,7 @@ def run_point(spec) -> dict:
         left = 0.6 * limit - (time.perf_counter() - clock)
         seconds = max(min(int(spec["repeats"]) * t, left), min(0.05, 0.5 * limit))
         med, p20, p80, calls = time_call(torch, device, step, seconds, min(left, max(0.5, 2 * seconds)))
-        out.update(status="ok", median=med, p20=p20, p80=p80, calls=calls, peak_mem_bytes=peak,
+        out.update(status="ok", median=med, p20=p20, p80=p80, calls=calls, peak_mem_mb=peak / 2**20,
                    backend=str(backend()))
     except BaseException as exc:  # noqa: BLE001 - everything is recorded, nothing escapes
         out.update(status="oom" if is_oom(exc) else "error", note=f"{type(exc).__name__}: {exc}"[:600],
