@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .tile_math import (LOG2E, MULTI_SIMILARITY, UNIT_DISTANCE, _engine_masks, _engine_params, _label_range,
-                        _lifted_relu, _load_rows, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile)
+                        _lifted_relu, _load_row_in, _load_rows, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile,
+                        _tile_meets)
 
 
 @triton.jit
@@ -37,16 +38,7 @@ def _load_row_stats(RIN, COEF, idx, ok, s_rn, s_rc, s_cn, s_cc, prm,
     EngineParams values (_engine_params)."""
     sc_pos, off_pos, sc_neg, off_neg, _ = prm
     zeros = tl.zeros(idx.shape, dtype=ACC_DTYPE)
-    if MINING == MULTI_SIMILARITY:
-        max_neg = tl.load(RIN + idx * s_rn, mask=ok, other=0.0).to(ACC_DTYPE)
-        min_pos = tl.load(RIN + idx * s_rn + s_rc, mask=ok, other=0.0).to(ACC_DTYPE)
-    else:
-        max_neg = zeros
-        min_pos = zeros
-    if HAS_B or HAS_LIFT:
-        big_l = tl.load(RIN + idx * s_rn + 2 * s_rc, mask=ok, other=0.0).to(ACC_DTYPE)
-    else:
-        big_l = zeros
+    max_neg, min_pos, big_l = _load_row_in(RIN, idx, ok, s_rn, s_rc, MINING, HAS_B or HAS_LIFT, ACC_DTYPE)
     a_pos = tl.load(COEF + idx * s_cn, mask=ok, other=0.0).to(ACC_DTYPE)
     lse_pos = tl.load(COEF + idx * s_cn + s_cc, mask=ok, other=float("-inf")).to(ACC_DTYPE)
     a_neg = tl.load(COEF + idx * s_cn + 2 * s_cc, mask=ok, other=0.0).to(ACC_DTYPE)
@@ -91,6 +83,18 @@ def _lift_term(v, pos, c_lift, big_l, l_j, sc_pos, off_pos):
     return tl.where(live_l, c_lift * sc_pos * _lifted_relu(v, lae, sc_pos, off_pos), 0.0)
 
 
+@triton.jit
+def _row_pairs(v, self_pair, own_lab, rs, oth_ok, oth_lab, eps, sc2_pos, sc2_neg,
+               MINING: tl.constexpr, EXCLUDE_DIAG: tl.constexpr):
+    """The pairs (i, j) = (own row a, column b) of a tile, with row i's statistics rs
+    (_load_row_stats): their masks (pos, neg) and softmax terms of dl/dv, as (pos, neg, dv)."""
+    max_neg, min_pos, c_pos, sh_pos, c_neg, sh_neg = rs[0], rs[1], rs[3], rs[4], rs[5], rs[6]
+    pos, neg = _engine_masks(v, own_lab[:, None], oth_lab[None, :], oth_ok[None, :], self_pair,
+                             max_neg[:, None], min_pos[:, None], eps, MINING, EXCLUDE_DIAG)
+    dv = _softmax_terms(v, pos, neg, c_pos[:, None], sh_pos[:, None], c_neg[:, None], sh_neg[:, None],
+                        sc2_pos, sc2_neg)
+    return pos, neg, dv
+
 
 @triton.jit
 def _dl_dv_row_side(v, self_pair, own_lab, rs, oth, oth_ok, oth_lab, meets, RIN, s_rn, s_rc, prm, sc2_pos, sc2_neg,
@@ -99,11 +103,8 @@ def _dl_dv_row_side(v, self_pair, own_lab, rs, oth, oth_ok, oth_lab, meets, RIN,
     """dl/dv of a tile for grad_x: the pairs (i, j) = (own row a, column b), with row i's
     statistics rs (_load_row_stats, per program); the lifted term reads column j's L per tile."""
     sc_pos, off_pos, sc_neg, off_neg, eps = prm
-    max_neg, min_pos, big_l, c_pos, sh_pos, c_neg, sh_neg, b_pos, c_lift = rs
-    pos, neg = _engine_masks(v, own_lab[:, None], oth_lab[None, :], oth_ok[None, :], self_pair,
-                             max_neg[:, None], min_pos[:, None], eps, MINING, EXCLUDE_DIAG)
-    dv = _softmax_terms(v, pos, neg, c_pos[:, None], sh_pos[:, None], c_neg[:, None], sh_neg[:, None],
-                        sc2_pos, sc2_neg)
+    big_l, b_pos, c_lift = rs[2], rs[7], rs[8]  # L, B_pos, C_lift
+    pos, neg, dv = _row_pairs(v, self_pair, own_lab, rs, oth_ok, oth_lab, eps, sc2_pos, sc2_neg, MINING, EXCLUDE_DIAG)
     if HAS_LIFT:  # y is x: column j's L
         l_col = tl.load(RIN + oth * s_rn + 2 * s_rc, mask=oth_ok, other=0.0).to(ACC_DTYPE)
     if HAS_B or HAS_LIFT:
@@ -148,11 +149,8 @@ def _dl_dv_symmetric(v, self_pair, own_lab, rs, oth, oth_ok, oth_lab, meets, RIN
     label masks are symmetric (the mining ones are recomputed for i = b); one relu(z) serves both
     orders of the lifted term (logaddexp is symmetric)."""
     sc_pos, off_pos, sc_neg, off_neg, eps = prm
-    max_neg, min_pos, big_l, c_pos, sh_pos, c_neg, sh_neg, b_pos, c_lift = rs
-    pos, neg = _engine_masks(v, own_lab[:, None], oth_lab[None, :], oth_ok[None, :], self_pair,
-                             max_neg[:, None], min_pos[:, None], eps, MINING, EXCLUDE_DIAG)
-    dv = _softmax_terms(v, pos, neg, c_pos[:, None], sh_pos[:, None], c_neg[:, None], sh_neg[:, None],
-                        sc2_pos, sc2_neg)
+    big_l, b_pos, c_lift = rs[2], rs[7], rs[8]  # L, B_pos, C_lift
+    pos, neg, dv = _row_pairs(v, self_pair, own_lab, rs, oth_ok, oth_lab, eps, sc2_pos, sc2_neg, MINING, EXCLUDE_DIAG)
     t_max_neg, t_min_pos, t_big_l, t_c_pos, t_sh_pos, t_c_neg, t_sh_neg, t_b_pos, t_c_lift = _load_row_stats(
         RIN, COEF, oth, oth_ok, s_rn, s_rc, s_cn, s_cc, prm, MINING, HAS_B, HAS_LIFT, ACC_DTYPE)
     if MINING == MULTI_SIMILARITY:  # the masks depend on row i's thresholds: recompute them for i = b
@@ -235,8 +233,9 @@ def _engine_bwd_kernel(OWN, OTHER, OWN_LAB, OTH_LAB, RIN, COEF, GRAD, N_OWN, N_O
         if HAS_B or HAS_LIFT:
             # Positive pairs only: their terms skip a tile whose labels miss the block's label
             # range (most tiles, when the rows are sorted by label as NT-Xent and Lifted do).
-            col_lo, col_hi = _label_range(oth_lab, oth_ok)
-            meets = (col_lo <= own_hi) & (col_hi >= own_lo)
+            # Checked here, before the softmax terms: in the role helpers after them (as before the
+            # split) 3 of the sm_90 B_pos / lifted configurations are leaner, 5 heavier, 2 mixed.
+            meets = _tile_meets(oth_lab, oth_ok, own_lo, own_hi)
         else:
             meets = False  # no positive-pair terms
         if SYMMETRIC:

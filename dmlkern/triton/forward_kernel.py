@@ -8,8 +8,8 @@ import triton
 import triton.language as tl
 
 from ..engine_spec import PASS_EXTREMA, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS
-from .tile_math import (LN2, LOG2E, MULTI_SIMILARITY, _engine_masks, _engine_params, _exp, _label_range,
-                        _lifted_relu, _load_rows, _log1p_of, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile,
+from .tile_math import (LN2, LOG2E, _engine_masks, _engine_params, _exp, _label_range, _lifted_relu, _load_row_in,
+                        _load_rows, _log1p_of, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile, _tile_meets,
                         _value)
 
 EXTREMA = tl.constexpr(PASS_EXTREMA)
@@ -77,17 +77,8 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
         sc_pos_h, sc_pos_m, sc_pos_l, off_pos_h, off_pos_m, off_pos_l, sc_neg_h, sc_neg_m, sc_neg_l,
         off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l, ACC_DTYPE)
 
-    zeros = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    if MINING == MULTI_SIMILARITY:
-        max_neg = tl.load(RIN + rows * s_rn, mask=row_ok, other=0.0).to(ACC_DTYPE)
-        min_pos = tl.load(RIN + rows * s_rn + s_rc, mask=row_ok, other=0.0).to(ACC_DTYPE)
-    else:
-        max_neg = zeros
-        min_pos = zeros
-    if PASS_KIND == POS_SOFTPLUS or PASS_KIND == LIFTED_PAIRS:
-        big_l = tl.load(RIN + rows * s_rn + 2 * s_rc, mask=row_ok, other=0.0).to(ACC_DTYPE)
-    else:
-        big_l = zeros
+    max_neg, min_pos, big_l = _load_row_in(RIN, rows, row_ok, s_rn, s_rc, MINING,
+                                           PASS_KIND == POS_SOFTPLUS or PASS_KIND == LIFTED_PAIRS, ACC_DTYPE)
     if PASS_KIND == POS_SOFTPLUS or PASS_KIND == LIFTED_PAIRS:
         # Positives only: a column tile whose label range misses the block's is skipped (a few
         # tiles per block when the rows are sorted by label, as the fused losses do).
@@ -112,8 +103,7 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
         col_ok = cols < M
         y_lab = tl.load(YL + cols * s_yl, mask=col_ok, other=0)
         if PASS_KIND == POS_SOFTPLUS or PASS_KIND == LIFTED_PAIRS:
-            col_lo, col_hi = _label_range(y_lab, col_ok)
-            meets = (col_lo <= lab_hi) & (col_hi >= lab_lo)
+            meets = _tile_meets(y_lab, col_ok, lab_lo, lab_hi)
         else:
             meets = True
         if meets:

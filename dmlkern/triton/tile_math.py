@@ -101,6 +101,32 @@ def _label_range(lab, ok):
 
 
 @triton.jit
+def _tile_meets(lab, ok, lo, hi):
+    """Whether a tile's labels (where ok) meet the label range [lo, hi] of a block (_label_range):
+    only then can the tile hold a positive pair."""
+    t_lo, t_hi = _label_range(lab, ok)
+    return (t_lo <= hi) & (t_hi >= lo)
+
+
+@triton.jit
+def _load_row_in(RIN, idx, ok, s_rn, s_rc, MINING: tl.constexpr, NEEDS_L: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Rows idx of row_in in ACC_DTYPE: (max_neg, min_pos), the mining thresholds (0 unless
+    MINING), and L (0 unless NEEDS_L)."""
+    zeros = tl.zeros(idx.shape, dtype=ACC_DTYPE)
+    if MINING == MULTI_SIMILARITY:
+        max_neg = tl.load(RIN + idx * s_rn, mask=ok, other=0.0).to(ACC_DTYPE)
+        min_pos = tl.load(RIN + idx * s_rn + s_rc, mask=ok, other=0.0).to(ACC_DTYPE)
+    else:
+        max_neg = zeros
+        min_pos = zeros
+    if NEEDS_L:
+        big_l = tl.load(RIN + idx * s_rn + 2 * s_rc, mask=ok, other=0.0).to(ACC_DTYPE)
+    else:
+        big_l = zeros
+    return max_neg, min_pos, big_l
+
+
+@triton.jit
 def _exp(x):
     """exp(x) as one ex2.approx.ftz (tl.exp adds a multiply and a denormal fix-up; results
     below 2**-126 flush to 0, far below every tolerance of a sum or gradient)."""
