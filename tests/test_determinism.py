@@ -114,6 +114,27 @@ def test_large_epilogues(dtype):
     _assert_reproducible(f"lifted pair list {dtype}", lambda: _results("lifted", lifted, x, labels, None, None))
 
 
+CLASS_LOSSES = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "LargeMarginSoftmaxLoss", "NormalizedSoftmaxLoss",
+                 "ProxyNCALoss", "SoftmaxLoss"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", CLASS_LOSSES)
+def test_class_loss_bit_reproducible(monkeypatch, name, dtype):
+    """The class path (fused/class_softmax.py) over 5 column blocks of 1000 classes: x's gradient
+    summed over the blocks, the weights' written per block, the target rows' added in place."""
+    import dmlkern.fused.class_softmax as class_softmax
+
+    monkeypatch.setattr(class_softmax, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(class_softmax, "MIN_BLOCK", 1000)
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(301, 37, generator=g, dtype=dtype)
+    labels = torch.randint(0, 4999, (301,), generator=g)
+    torch.manual_seed(0)
+    loss_fn = getattr(losses, name)(num_classes=4999, embedding_size=37).to(dtype)
+    _assert_reproducible(f"{name} {dtype}", lambda: _results(name, loss_fn, x, labels, None, None))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fixed_order_helpers(dtype):
     """fixed_order_sum / _mean and logaddexp: bit-identical at each thread count past the grain

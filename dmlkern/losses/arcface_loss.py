@@ -1,3 +1,4 @@
+from ..fused import margin_softmax
 from ..reference import classification_losses as ref
 from .large_margin_softmax_loss import LargeMarginSoftmaxLoss, _degrees_to_radians
 
@@ -11,6 +12,8 @@ class ArcFaceLoss(LargeMarginSoftmaxLoss):
 
     def init_margin(self):
         self.margin = _degrees_to_radians(self.margin)
+
+    _fused_path = staticmethod(margin_softmax.arcface)
 
     def _loss_dict(self, embeddings, labels, indices_tuple):
         return ref.arcface_loss_dict(

@@ -1,3 +1,4 @@
+from ..fused import margin_softmax
 from ..reference import classification_losses as ref
 from .large_margin_softmax_loss import LargeMarginSoftmaxLoss
 
@@ -10,6 +11,8 @@ class CosFaceLoss(LargeMarginSoftmaxLoss):
 
     def init_margin(self):
         pass
+
+    _fused_path = staticmethod(margin_softmax.cosface)
 
     def _loss_dict(self, embeddings, labels, indices_tuple):
         return ref.cosface_loss_dict(

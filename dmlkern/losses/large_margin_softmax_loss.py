@@ -5,6 +5,8 @@ import torch
 
 from .._validation import InvalidInputError
 from ..distances import CosineSimilarity
+from ..fused import _stats as fused_stats
+from ..fused import margin_softmax
 from ..reference import classification_losses as ref
 from ._classification_common import cast_parameter, check_class_inputs, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
@@ -81,13 +83,30 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.W.shape[0])
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def _start_call(self, embeddings, labels):
         self.cast_types(embeddings.dtype, embeddings.device)
         self.reset_stats()
         if self.collect_stats:
             with torch.no_grad():  # PML: the mean angle between each sample and its class weight
                 cosine = torch.clamp(self.target_cosine(embeddings, labels), -1, 1)
                 self.avg_angle = math.degrees(torch.mean(torch.acos(cosine)).item())
+
+    # The fused path (dmlkern/fused/margin_softmax.py): one function per loss class, None if none.
+    _fused_path = staticmethod(margin_softmax.large_margin_softmax)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if self._fused_path is None:
+            return None
+        self._start_call(embeddings, labels)
+        result = self._fused_path(self, embeddings, labels, indices_tuple)
+        if result is not None:  # PML's loss always calls distance(embeddings, W.t())
+            fused_stats.record_distance(self.distance, embeddings, self.W.t())
+        if isinstance(result, tuple):  # (loss_dict, backend)
+            self.add_weight_regularization_to_loss_dict(result[0], self.W.t())
+        return result
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        self._start_call(embeddings, labels)
         loss_dict = self._loss_dict(embeddings, labels, indices_tuple)
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict

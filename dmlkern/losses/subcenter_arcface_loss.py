@@ -17,6 +17,8 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         self.sub_centers = sub_centers
         self.num_classes = num_classes
 
+    _fused_path = None  # the per-class max over sub-centres is not on the class path yet
+
     def _loss_dict(self, embeddings, labels, indices_tuple):
         return ref.subcenter_arcface_loss_dict(
             embeddings, labels, self.W, indices_tuple, num_classes=self.num_classes, sub_centers=self.sub_centers,

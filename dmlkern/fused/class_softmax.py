@@ -1,0 +1,177 @@
+"""Softmax cross-entropy over class weights without N x C logits: the shared path of the
+margin-softmax and proxy losses (ArcFace, CosFace, SphereFace, L-Softmax, NormalizedSoftmax,
+Softmax, ProxyNCA; SoftTriple and SubCenterArcFace bring their own block kernel).
+
+    loss_i = logaddexp(t_i, lse_i) - t_i
+
+t_i is the target class's (margin-modified) logit, from the target's weight row alone in
+O(N D); lse_i is the log-sum-exp of the other classes' logits. `class_lse` computes lse over
+column blocks of the weights (`ClassLayout.blocks`), forward and backward: a block kernel turns a
+block of weight rows into its log-sum-exp (forward) and into the gradients of x and of those
+rows (backward, recomputing the block). The engine's kernel (`EngineBlock`) is one lse2 pass
+with the block's classes as the engine's columns and `arange(c0, c1)` their labels, so a row's
+own class is its one "positive" and every other class a "negative": only the negatives' lse is
+kept. The only C x D buffer made is the weights' gradient."""
+from typing import NamedTuple
+
+import torch
+
+from .._autograd import applier
+from .._determinism import logaddexp
+from .._tracing import static_shapes
+from ..engine_spec import MINING_NONE, PASS_LSE2, TRANSFORM_DOT, EngineParams, stats_dtype
+from ..ops import pair_engine as pe
+from ._common import _NORMALIZE_EPS
+
+BLOCK_BYTES = 8 << 20  # one block of prepared weight rows (its gradient and temporaries alike)
+MIN_BLOCK = 1024
+
+
+class ClassLayout(NamedTuple):
+    """Where the classes' weight rows are: `weight` (D, C * K) with a class's rows as columns
+    (columns=True: PML's W, fc) or (C * K, D) (proxies); K = group consecutive rows per class
+    (SubCenterArcFace's sub-centres, SoftTriple's centres; 1 otherwise)."""
+    columns: bool
+    num_classes: int
+    group: int = 1
+
+    def rows(self, weight):
+        return weight.t() if self.columns else weight
+
+    def block(self, weight, c0, c1):
+        """The rows of classes c0 .. c1 - 1: ((c1 - c0) * K, D), a view."""
+        return self.rows(weight)[c0 * self.group:c1 * self.group]
+
+    def blocks(self, weight, itemsize):
+        """(c0, c1) class ranges of about BLOCK_BYTES of weight rows each, in order."""
+        row_bytes = self.group * self.rows(weight).shape[1] * itemsize
+        size = max(MIN_BLOCK, BLOCK_BYTES // max(row_bytes, 1))
+        return [(c0, min(c0 + size, self.num_classes)) for c0 in range(0, self.num_classes, size)]
+
+    def _target_index(self, labels):
+        if static_shapes():  # labels could not be range-checked: keep the gather in bounds
+            labels = labels.clamp(0, self.num_classes - 1)
+        if self.group == 1:
+            return labels
+        return (labels[:, None] * self.group + torch.arange(self.group, device=labels.device)).reshape(-1)
+
+    def target(self, weight, labels):
+        """Each sample's class rows: (N, D), or (N, K, D) for K > 1. index_select: its backward is
+        index_add, serial on a CPU (deterministic), unlike indexing's accumulate-put."""
+        rows = self.rows(weight).index_select(0, self._target_index(labels))
+        return rows if self.group == 1 else rows.view(len(labels), self.group, -1)
+
+    def add_target_grad(self, grad_weight, labels, grad_target):
+        rows = self.rows(grad_weight)
+        rows.index_add_(0, self._target_index(labels), grad_target.reshape(-1, rows.shape[1]).to(rows.dtype))
+
+
+def unit(rows):
+    """rows / max(|rows|, eps), as F.normalize (no graph: the block kernels differentiate by hand)."""
+    return rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(_NORMALIZE_EPS)
+
+
+def unit_backward(rows, grad):
+    """The gradient of unit(rows) given the gradient of its output (as fused._common._UnitRows)."""
+    norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    y = rows / norm.clamp_min(_NORMALIZE_EPS)
+    radial = (y * grad).sum(dim=1, keepdim=True) * (norm >= _NORMALIZE_EPS)
+    return (grad - y * radial) / norm.clamp_min(_NORMALIZE_EPS)
+
+
+class EngineBlock:
+    """Block kernel for logits sc * <x_i, w_j> + off (w_j the weight row, or its unit vector):
+    one lse2 engine pass per block. x comes prepared (normalised or raw) by the caller."""
+
+    def __init__(self, unit_columns, scale, offset, backend, x):
+        self.unit_columns = unit_columns
+        self.params = EngineParams(sc_pos=scale, off_pos=offset, sc_neg=scale, off_neg=offset)
+        self.backend = backend
+        # Under CPU autocast x holds rows rounded to the autocast dtype in fp32 (pe.autocast_rows):
+        # the weight rows get the same rounding, in the forward and in the backward alike.
+        cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and x.dtype != torch.float64
+        self.round_to = torch.get_autocast_dtype("cpu") if cpu_autocast else None
+
+    def _columns(self, rows, x):
+        cols = unit(rows) if self.unit_columns else rows
+        if self.round_to is not None:
+            cols = cols.to(self.round_to)
+        return cols.to(x.dtype).contiguous()
+
+    def _labels(self, c0, c1, like):
+        return torch.arange(c0, c1, device=like.device)
+
+    def forward(self, x, rows, labels, c0, c1, backend=None):
+        out = pe.engine_forward(x, self._columns(rows, x), labels, self._labels(c0, c1, labels),
+                                pass_kind=PASS_LSE2, params=self.params, backend=backend or self.backend)
+        return out[:, 1]
+
+    def backward(self, x, rows, labels, c0, c1, grad, lse):
+        stats = stats_dtype(x.dtype)
+        zero = torch.zeros_like(lse)
+        coef = torch.stack([zero, zero, grad.to(stats), lse, zero], dim=1)
+        cols = self._columns(rows, x)
+        gx, gcols = pe.engine_backward_raw(
+            x, cols, labels, self._labels(c0, c1, labels), torch.zeros(x.shape[0], 3, dtype=stats, device=x.device),
+            coef, transform=TRANSFORM_DOT, mining=MINING_NONE, params=self.params, exclude_diag=False,
+            backend=self.backend, coef_terms=0)
+        gcols = gcols.to(rows.dtype)
+        return gx, unit_backward(rows, gcols) if self.unit_columns else gcols
+
+
+def _lse_over_blocks(x, weight, labels, kernel, layout, backend=None):
+    lse = None
+    for c0, c1 in layout.blocks(weight, x.element_size()):
+        part = kernel.forward(x, layout.block(weight, c0, c1), labels, c0, c1, backend)
+        lse = part if lse is None else logaddexp(lse, part)
+    return lse
+
+
+class _ClassLSE(torch.autograd.Function):
+    """(lse, w_t): lse_i = log sum_{j != labels[i]} exp(logit_ij) over the classes of `weight`, by
+    column blocks, and w_t = layout.target(weight, labels); differentiable in x and weight.
+    Backward: one kernel backward per block (the block's rows recomputed), x's gradient summed
+    over the blocks in order (deterministic), weight's written block by block, then w_t's added
+    to it in place: the weight gets ONE C x D gradient (a separate gather would add a second)."""
+
+    @staticmethod
+    def forward(x, weight, labels, kernel, layout):
+        return _lse_over_blocks(x, weight, labels, kernel, layout), layout.target(weight, labels)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, labels, kernel, layout = inputs
+        ctx.save_for_backward(x, weight, labels, output[0])
+        ctx.config = (kernel, layout)
+
+    @staticmethod
+    def backward(ctx, grad, grad_target):
+        x, weight, labels, lse = ctx.saved_tensors
+        kernel, layout = ctx.config
+        needs = ctx.needs_input_grad[:2]
+        if pe.backward_needs_graph(x):  # create_graph=True: the materialising reference's graph
+            def forward(x, weight):
+                return _lse_over_blocks(x, weight, labels, kernel, layout, backend="reference"), layout.target(weight, labels)
+            return (*pe.reference_gradient(forward, (x, weight), needs, (grad, grad_target)), None, None, None)
+        with torch.no_grad():
+            gx = torch.zeros(x.shape, dtype=lse.dtype, device=x.device) if needs[0] else None
+            gw = torch.zeros_like(weight) if needs[1] else None
+            for c0, c1 in layout.blocks(weight, x.element_size()):
+                gx_b, grows = kernel.backward(x, layout.block(weight, c0, c1), labels, c0, c1, grad, lse)
+                if gx is not None:
+                    gx += gx_b
+                if gw is not None:
+                    layout.block(gw, c0, c1).copy_(grows)
+            if gw is not None:
+                layout.add_target_grad(gw, labels, grad_target)
+        return (None if gx is None else gx.to(x.dtype)), gw, None, None, None
+
+
+class_lse = applier(_ClassLSE)
+
+
+def class_cross_entropy(target_logit, lse):
+    """Per-sample cross-entropy from the target logit and the other classes' log-sum-exp, in the
+    statistics dtype: logaddexp(t, lse) - t (0 when there is no other class: lse = -inf)."""
+    t = target_logit.to(lse.dtype)
+    return logaddexp(t, lse) - t

@@ -1,0 +1,117 @@
+"""The margin-softmax family and the plain / normalised softmax losses on the class path
+(class_softmax.py): per loss, how the rows and the class weights enter the engine's logits
+sc * <x_i, w_j> + off, and the target's logit. Exact rewrites of PML's formulas:
+
+| loss | x | w_j | sc | target logit t_i |
+| --- | --- | --- | --- | --- |
+| ArcFace | unit | unit | scale | scale * psi_arc(cos_t) |
+| CosFace | unit | unit | scale | scale * (cos_t - margin) |
+| SphereFace | raw | unit | scale | scale * |x_i| * psi(cos_t) (cos * |x| * scale = <x, w_hat> * scale) |
+| L-Softmax | raw | raw | scale | scale * |x_i| |w_t| * psi(cos_t) (cos * |w| |x| * scale = <x, w> * scale) |
+| NormalizedSoftmax | unit | unit | 1 / T | cos_t / T |
+| Softmax | raw | raw | 1 | <x_i, w_t> |
+"""
+import torch
+
+from ..ops.pair_engine import autocast_rows
+from ..reference import classification_losses as ref
+from ..reference.indices import convert_to_weights
+from ._common import decline, is_unit_cosine, static_shapes, unit_rows
+from ._epilogue import _element, _engine_or_decline
+from .class_softmax import ClassLayout, EngineBlock, class_cross_entropy, class_lse, unit
+from .lazy_pairs import LazyMinedPairs
+
+
+def miner_weights(indices_tuple, labels, dtype, using_ref=False):
+    """PML's per-sample weights from a miner's tuple (all ones without one): O(N + tuples)."""
+    if isinstance(indices_tuple, LazyMinedPairs):
+        indices_tuple = tuple(t.to(labels.device) for t in indices_tuple.materialize())
+    return convert_to_weights(indices_tuple, labels, dtype=dtype, using_ref=using_ref)
+
+
+def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, *, unit_x, unit_w, scale,
+                    offset, target_logit, using_ref=False, drop_zero_probability=False, backend):
+    """PML's {"loss": per-sample losses} for logits sc * <x_i, w_j> + off, the target's replaced by
+    target_logit(x, w_t, cos_t) (x, w_t as they enter the logits; cos_t their cosine).
+    drop_zero_probability (ProxyNCA): the samples whose target probability underflows to 0 (a loss
+    past ~104 in fp32) are left out, as PML does; kept under torch.compile (no data-dependent
+    shape)."""
+    num_classes = layout.num_classes
+    x = unit_rows(embeddings) if unit_x else autocast_rows(embeddings)
+    lse, w_t = class_lse(x, weight, labels, EngineBlock(unit_w, scale, offset, backend, x), layout)
+    w_t = autocast_rows(w_t).to(x.dtype)
+    cos_t = ((x if unit_x else unit(x)) * unit(w_t)).sum(dim=1)
+    t = target_logit(x, w_t if not unit_w else unit(w_t), cos_t)
+    losses = class_cross_entropy(t, lse)
+    if static_shapes():  # labels outside [0, C) could not be rejected: NaN, as ProxyAnchor's
+        losses = torch.where(((labels >= 0) & (labels < num_classes)).all(), losses, float("nan"))
+    weights = miner_weights(indices_tuple, labels, embeddings.dtype, using_ref)
+    entry = _element(losses.to(embeddings.dtype) * weights, len(losses))
+    if drop_zero_probability and not static_shapes():
+        kept = torch.exp(-losses.detach().to(embeddings.dtype)) != 0
+        if not bool(kept.any()):
+            return {"loss": module.zero_loss()}
+        if not bool(kept.all()):
+            entry["losses"], entry["indices"] = entry["losses"][kept], entry["indices"][kept]
+    return {"loss": entry}
+
+
+def _backend_for(module, embeddings, distance_ok=is_unit_cosine):
+    backend = _engine_or_decline(module, embeddings)
+    if backend is not None and module.distance is not None and not distance_ok(module.distance):
+        return decline(module, f"non-default distance {type(module.distance).__name__}")
+    return backend
+
+
+def _fused(module, embeddings, labels, indices_tuple, weight, layout, distance_ok=is_unit_cosine, **config):
+    backend = _backend_for(module, embeddings, distance_ok)
+    if backend is None:
+        return None
+    return class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, backend=backend,
+                           **config), backend
+
+
+def _columns_of(W):
+    """PML's W (D, C): a class per column."""
+    return ClassLayout(columns=True, num_classes=W.shape[1])
+
+
+def arcface(module, embeddings, labels, indices_tuple):
+    s, m = float(module.scale), float(module.margin)
+    return _fused(module, embeddings, labels, indices_tuple, module.W, _columns_of(module.W), unit_x=True, unit_w=True, scale=s,
+                  offset=0.0, target_logit=lambda x, w, cos: s * ref.arcface_target_logit(cos, m))
+
+
+def cosface(module, embeddings, labels, indices_tuple):
+    s, m = float(module.scale), float(module.margin)
+    return _fused(module, embeddings, labels, indices_tuple, module.W, _columns_of(module.W), unit_x=True, unit_w=True, scale=s,
+                  offset=0.0, target_logit=lambda x, w, cos: s * (cos - m))
+
+
+def sphereface(module, embeddings, labels, indices_tuple):
+    s, m = float(module.scale), int(module.margin)
+    return _fused(module, embeddings, labels, indices_tuple, module.W, _columns_of(module.W), unit_x=False, unit_w=True, scale=s,
+                  offset=0.0, target_logit=lambda x, w, cos: ref._lm_target(cos, m) * torch.linalg.vector_norm(x, dim=1) * s)
+
+
+def large_margin_softmax(module, embeddings, labels, indices_tuple):
+    s, m = float(module.scale), int(module.margin)
+
+    def target(x, w, cos):
+        norms = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(w, dim=1)
+        return ref._lm_target(cos, m) * norms * s
+
+    return _fused(module, embeddings, labels, indices_tuple, module.W, _columns_of(module.W), unit_x=False, unit_w=False, scale=s,
+                  offset=0.0, target_logit=target)
+
+
+def normalized_softmax(module, embeddings, labels, indices_tuple):
+    inv_t = 1.0 / float(module.temperature)
+    return _fused(module, embeddings, labels, indices_tuple, module.W, _columns_of(module.W), unit_x=True, unit_w=True, scale=inv_t,
+                  offset=0.0, target_logit=lambda x, w, cos: cos * inv_t)
+
+
+def softmax(module, embeddings, labels, indices_tuple):
+    return _fused(module, embeddings, labels, indices_tuple, module.W, _columns_of(module.W), distance_ok=lambda d: True,
+                  unit_x=False, unit_w=False, scale=1.0, offset=0.0,
+                  target_logit=lambda x, w, cos: (x * w).sum(dim=1))

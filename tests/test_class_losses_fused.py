@@ -1,0 +1,206 @@
+"""The class-weight losses on the class path (dmlkern/fused/class_softmax.py: no N x C logits)
+against pytorch-metric-learning 2.9.0 itself, on every engine backend: values and gradients of
+the embeddings and the class weights, odd sizes over several column blocks, degenerate batches
+(one sample, one class), miner weights, fp64 gradcheck, a double backward, and the memory bound."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from pytorch_metric_learning import distances as pml_distances
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+
+import dmlkern.fused.class_softmax as class_softmax
+from dmlkern import distances, losses
+from dmlkern.ops import pair_engine as pe
+from _kernel_cases import KERNEL_BACKENDS, TOLERANCES, dtypes_for
+from test_fused_losses import engine_backend_choice  # noqa: F401 (a fixture)
+
+# name: (weight attribute, constructor kwargs (dmlkern, PML), PML class or None (dmlkern only))
+CLASS_LOSSES = {
+    "arcface": ("W", dict(margin=28.6, scale=64), "ArcFaceLoss"),
+    "arcface_small": ("W", dict(margin=10.0, scale=8), "ArcFaceLoss"),
+    "cosface": ("W", dict(margin=0.35, scale=64), "CosFaceLoss"),
+    "sphereface": ("W", dict(margin=4, scale=1), "SphereFaceLoss"),
+    "large_margin": ("W", dict(margin=3, scale=2), "LargeMarginSoftmaxLoss"),
+    "normalized_softmax": ("W", dict(temperature=0.1), "NormalizedSoftmaxLoss"),
+    "proxy_nca": ("proxies", dict(softmax_scale=3), "ProxyNCALoss"),
+    "proxy_nca_cosine": ("proxies", dict(softmax_scale=2), "ProxyNCALoss"),
+    "softmax": ("W", {}, None),
+}
+CLASS_NAMES = {"softmax": "SoftmaxLoss"}
+# (N, C, block classes): one sample, one class, several blocks with odd sizes, the last one short
+CASES = [(1, 1, None), (9, 1, None), (37, 5, None), (70, 203, 64), (25, 130, 48), (20, 13, 1)]
+
+
+def _make(name, num_classes, dim, dtype, device="cpu"):
+    attr, kwargs, pml_name = CLASS_LOSSES[name]
+    ours_kwargs, pml_kwargs = dict(kwargs), dict(kwargs)
+    if name == "proxy_nca_cosine":
+        ours_kwargs["distance"], pml_kwargs["distance"] = distances.CosineSimilarity(), pml_distances.CosineSimilarity()
+    ours = getattr(losses, pml_name or CLASS_NAMES[name])(num_classes=num_classes, embedding_size=dim, **ours_kwargs)
+    ours = ours.to(device=device, dtype=dtype)
+    if pml_name is None:  # not in PML: dmlkern's own reference path is the yardstick
+        theirs = getattr(losses, CLASS_NAMES[name])(num_classes=num_classes, embedding_size=dim)
+        theirs.backend = "reference"
+    else:
+        theirs = getattr(pml_losses, pml_name)(num_classes=num_classes, embedding_size=dim, **pml_kwargs)
+    theirs = theirs.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        getattr(theirs, attr).copy_(getattr(ours, attr))
+    return ours, theirs, attr
+
+
+def _value_and_grads(loss_fn, attr, x, labels, indices_tuple=None):
+    x = x.detach().clone().requires_grad_(True)
+    value = loss_fn(x, labels, indices_tuple)
+    return value.detach(), torch.autograd.grad(value, (x, getattr(loss_fn, attr)))
+
+
+def _assert_matches(name, dtype, ours, theirs, attr, x, labels, indices_tuple=None, what=""):
+    got_v, got_g = _value_and_grads(ours, attr, x, labels, indices_tuple)
+    want_v, want_g = _value_and_grads(theirs, attr, x, labels, indices_tuple)
+    rtol, atol = TOLERANCES[dtype]
+    if name.startswith(("arcface", "cosface")) and dtype == torch.float32:
+        rtol, atol = 1e-4, 1e-4  # scale 64: logits ~64, PML's own fp32 rounding is ~1e-5 of them
+    for label, a, b in [("value", got_v, want_v), ("grad x", got_g[0], want_g[0]), (f"grad {attr}", got_g[1], want_g[1])]:
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda s: f"{name} {what} {label}: {s}")
+
+
+@pytest.fixture
+def block_classes(monkeypatch):
+    """Force column blocks of `classes` classes (None: the default size)."""
+    def force(classes):
+        if classes is not None:
+            monkeypatch.setattr(class_softmax, "BLOCK_BYTES", 1)
+            monkeypatch.setattr(class_softmax, "MIN_BLOCK", classes)
+    return force
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", list(CLASS_LOSSES))
+def test_class_loss_matches_pml(engine_backend_choice, block_classes, backend, device, name):  # noqa: F811
+    expected = engine_backend_choice(backend, device)
+    # The Triton interpreter is slow: fp32 only (gradcheck covers fp64), a few blocks per call.
+    dtypes = [torch.float32] if expected == "triton" else [torch.float32, torch.float64]
+    for dtype in [dt for dt in dtypes_for(backend, device) if dt in dtypes]:
+        for n, num_classes, block in CASES:
+            if expected == "triton" and (n * num_classes > 4000 or block == 1):
+                continue
+            block_classes(block)
+            g = torch.Generator().manual_seed(n + num_classes)
+            x = torch.randn(n, 12, generator=g, dtype=torch.float64).to(device, dtype)
+            labels = torch.randint(0, num_classes, (n,), generator=g).to(device)
+            torch.manual_seed(n)
+            ours, theirs, attr = _make(name, num_classes, 12, dtype, device)
+            _assert_matches(name, dtype, ours, theirs, attr, x, labels, what=f"{dtype} n={n} C={num_classes}")
+            assert ours.last_backend == expected, f"{name}: ran {ours.last_backend} ({ours.last_fallback})"
+
+
+@pytest.mark.parametrize("name", list(CLASS_LOSSES))
+def test_miner_weights_match_pml(engine_backend_choice, name):  # noqa: F811
+    """A miner's tuple weighs each sample (PML's convert_to_weights), on the fused path."""
+    engine_backend_choice("cpp", "cpu")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 6, (40,), generator=g)
+    mined = pml_miners.TripletMarginMiner(margin=0.1, type_of_triplets="semihard")(x, labels)
+    torch.manual_seed(0)
+    ours, theirs, attr = _make(name, 6, 12, torch.float64)
+    _assert_matches(name, torch.float64, ours, theirs, attr, x, labels, mined, what="mined")
+    assert ours.last_backend == "cpp", ours.last_fallback
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", list(CLASS_LOSSES))
+def test_class_loss_gradcheck_fp64(engine_backend_choice, block_classes, backend, device, name):  # noqa: F811
+    """torch.autograd.gradcheck in fp64 over two column blocks: embeddings and class weights."""
+    expected = engine_backend_choice(backend, device)
+    if torch.float64 not in dtypes_for(backend, device):
+        pytest.skip(f"the {backend} backend has no fp64 kernels on {device}")
+    block_classes(4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(11, 5, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    labels = torch.randint(0, 7, (11,), generator=g).to(device)
+    torch.manual_seed(0)
+    loss_fn, _, attr = _make(name, 7, 5, torch.float64, device)
+    if name.startswith(("arcface", "cosface")):
+        loss_fn.scale = 4.0  # scale 64 makes finite differences of fp64 logits too coarse
+    weight = getattr(loss_fn, attr)
+
+    def loss(x, w):
+        return torch.func.functional_call(loss_fn, {attr: w}, (x, labels))
+
+    assert torch.autograd.gradcheck(loss, (x, weight), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=expected == "triton")
+    assert loss_fn.last_backend == expected, loss_fn.last_fallback
+
+
+@pytest.mark.parametrize("name", ["arcface", "proxy_nca", "large_margin"])
+def test_double_backward_matches_pml(engine_backend_choice, name):  # noqa: F811
+    """create_graph=True: the gradient is itself differentiable (the reference's graph)."""
+    engine_backend_choice("cpp", "cpu")
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(15, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (15,), generator=g)
+    torch.manual_seed(0)
+    ours, theirs, attr = _make(name, 4, 6, torch.float64)
+    results = []
+    for loss_fn in (ours, theirs):
+        x = x0.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(loss_fn(x, labels), x, create_graph=True)
+        results.append(torch.autograd.grad((gx ** 2).sum(), (x, getattr(loss_fn, attr))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_non_default_distance_uses_the_reference(engine_backend_choice):  # noqa: F811
+    engine_backend_choice("cpp", "cpu")
+    loss_fn = losses.ProxyNCALoss(4, 6, distance=distances.LpDistance(power=1)).double()
+    x, labels = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 4, (10,))
+    loss_fn(x, labels)
+    assert loss_fn.last_backend == "reference" and "LpDistance" in loss_fn.last_fallback
+
+
+MEMORY_CLASS_LOSSES = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "LargeMarginSoftmaxLoss",
+                       "NormalizedSoftmaxLoss", "ProxyNCALoss", "SoftmaxLoss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MEMORY_CLASS_LOSSES)
+def test_class_loss_memory_is_twice_the_weights_at_most(name):
+    """fwd+bwd at N=512, C=262144, D=128 on the C++ CPU engine grows peak RSS by < 2x the class
+    weights (128 MiB; one N x C fp32 logits matrix is 512 MiB), their gradient included: the peak
+    during the call (VmHWM) against the resident set before it (VmRSS), in a fresh process."""
+    if "cpp" not in pe.available_backends():
+        pytest.fail("the cpp pair engine is not registered in this build")
+    script = textwrap.dedent(f"""
+        import torch
+        from dmlkern import losses
+
+        def kib(field):
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+        torch.manual_seed(0)
+        n, c, d = 512, 262144, 128
+        x = torch.randn(n, d, requires_grad=True)
+        labels = torch.randint(0, c, (n,))
+        loss_fn = losses.{name}(num_classes=c, embedding_size=d)
+        (weight,) = list(loss_fn.parameters())
+        before = kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        loss = loss_fn(x, labels)
+        loss.backward()
+        after = kib("VmHWM")
+        assert loss_fn.last_backend == "cpp", (loss_fn.last_backend, loss_fn.last_fallback)
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
+        print((after - before) / 1024.0, weight.numel() * weight.element_size() / 2**20)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                         env={**__import__("os").environ, "DMLKERN_BACKEND": "auto"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    growth_mib, weight_mib = map(float, out.stdout.strip().splitlines()[-1].split())
+    assert growth_mib < 2 * weight_mib, f"{name}: peak RSS grew by {growth_mib:.0f} MiB (weights {weight_mib:.0f} MiB)"
