@@ -29,6 +29,9 @@ CLASS_LOSSES = {
     "proxy_nca": ("proxies", dict(softmax_scale=3), "ProxyNCALoss"),
     "proxy_nca_cosine": ("proxies", dict(softmax_scale=2), "ProxyNCALoss"),
     "softmax": ("W", {}, None),
+    "subcenter_arcface": ("W", dict(margin=28.6, scale=16, sub_centers=3), "SubCenterArcFaceLoss"),
+    "soft_triple": ("fc", dict(centers_per_class=4, la=20, gamma=0.1, margin=0.01), "SoftTripleLoss"),
+    "soft_triple_default": ("fc", {}, "SoftTripleLoss"),
 }
 CLASS_NAMES = {"softmax": "SoftmaxLoss"}
 # (N, C, block classes): one sample, one class, several blocks with odd sizes, the last one short
@@ -164,7 +167,9 @@ def test_non_default_distance_uses_the_reference(engine_backend_choice):  # noqa
 
 
 MEMORY_CLASS_LOSSES = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "LargeMarginSoftmaxLoss",
-                       "NormalizedSoftmaxLoss", "ProxyNCALoss", "SoftmaxLoss"]
+                       "NormalizedSoftmaxLoss", "ProxyNCALoss", "SoftmaxLoss", "SubCenterArcFaceLoss",
+                       "SoftTripleLoss", "CenterLoss"]
+ROWS_PER_CLASS = {"SubCenterArcFaceLoss": 3, "SoftTripleLoss": 10}  # their defaults
 
 
 @pytest.mark.slow
@@ -172,7 +177,9 @@ MEMORY_CLASS_LOSSES = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "LargeMar
 def test_class_loss_memory_is_twice_the_weights_at_most(name):
     """fwd+bwd at N=512, C=262144, D=128 on the C++ CPU engine grows peak RSS by < 2x the class
     weights (128 MiB; one N x C fp32 logits matrix is 512 MiB), their gradient included: the peak
-    during the call (VmHWM) against the resident set before it (VmRSS), in a fresh process."""
+    during the call (VmHWM) against the resident set before it (VmRSS), in a fresh process. With
+    K weight rows per class, C / K classes (the same weights); CenterLoss (its centres a buffer
+    without gradient) is O(N D) on any path."""
     if "cpp" not in pe.available_backends():
         pytest.fail("the cpp pair engine is not registered in this build")
     script = textwrap.dedent(f"""
@@ -184,18 +191,21 @@ def test_class_loss_memory_is_twice_the_weights_at_most(name):
                 return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
         torch.manual_seed(0)
-        n, c, d = 512, 262144, 128
+        n, c, d = 512, 262144 // {ROWS_PER_CLASS.get(name, 1)}, 128
         x = torch.randn(n, d, requires_grad=True)
         labels = torch.randint(0, c, (n,))
         loss_fn = losses.{name}(num_classes=c, embedding_size=d)
-        (weight,) = list(loss_fn.parameters())
+        weight = next(iter(loss_fn.parameters()), None)
+        if weight is None:  # CenterLoss
+            weight = loss_fn.centers.requires_grad_(False)
+            weight.grad = torch.zeros_like(weight)
         before = kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         loss = loss_fn(x, labels)
         loss.backward()
         after = kib("VmHWM")
-        assert loss_fn.last_backend == "cpp", (loss_fn.last_backend, loss_fn.last_fallback)
+        assert loss_fn.last_backend == ("reference" if "{name}" == "CenterLoss" else "cpp"), loss_fn.last_fallback
         assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
         print((after - before) / 1024.0, weight.numel() * weight.element_size() / 2**20)
     """)

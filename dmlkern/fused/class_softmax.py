@@ -17,13 +17,19 @@ from typing import NamedTuple
 import torch
 
 from .._autograd import applier
-from .._determinism import logaddexp
+from .._determinism import _CHUNK, logaddexp
 from .._tracing import static_shapes
 from ..engine_spec import MINING_NONE, PASS_LSE2, TRANSFORM_DOT, EngineParams, stats_dtype
 from ..ops import pair_engine as pe
+try:
+    from ..ops.fixed_mm import fixed_mm
+except ImportError:  # TEMPORARY until ops.fixed_mm lands
+    def fixed_mm(a, b):
+        return a @ b.t()
 from ._common import _NORMALIZE_EPS
 
 BLOCK_BYTES = 8 << 20  # one block of prepared weight rows (its gradient and temporaries alike)
+BLOCK_LOGITS = 2 << 20  # GroupedBlock: one block's (N, rows) fp32 cosines (and its few temporaries alike)
 MIN_BLOCK = 1024
 
 
@@ -42,10 +48,13 @@ class ClassLayout(NamedTuple):
         """The rows of classes c0 .. c1 - 1: ((c1 - c0) * K, D), a view."""
         return self.rows(weight)[c0 * self.group:c1 * self.group]
 
-    def blocks(self, weight, itemsize):
-        """(c0, c1) class ranges of about BLOCK_BYTES of weight rows each, in order."""
+    def blocks(self, weight, itemsize, max_rows=None):
+        """(c0, c1) class ranges of about BLOCK_BYTES of weight rows each (at most max_rows rows
+        if given), in order."""
         row_bytes = self.group * self.rows(weight).shape[1] * itemsize
         size = max(MIN_BLOCK, BLOCK_BYTES // max(row_bytes, 1))
+        if max_rows is not None:
+            size = max(1, min(size, max_rows // self.group))
         return [(c0, min(c0 + size, self.num_classes)) for c0 in range(0, self.num_classes, size)]
 
     def _target_index(self, labels):
@@ -68,7 +77,7 @@ class ClassLayout(NamedTuple):
 
 def unit(rows):
     """rows / max(|rows|, eps), as F.normalize (no graph: the block kernels differentiate by hand)."""
-    return rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(_NORMALIZE_EPS)
+    return rows / torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min(_NORMALIZE_EPS)
 
 
 def unit_backward(rows, grad):
@@ -98,6 +107,9 @@ class EngineBlock:
             cols = cols.to(self.round_to)
         return cols.to(x.dtype).contiguous()
 
+    def max_rows(self, x):
+        return None  # the engine tiles the block itself
+
     def _labels(self, c0, c1, like):
         return torch.arange(c0, c1, device=like.device)
 
@@ -119,9 +131,56 @@ class EngineBlock:
         return gx, unit_backward(rows, gcols) if self.unit_columns else gcols
 
 
+class GroupedBlock:
+    """Block kernel for classes of K weight rows (SubCenterArcFace, SoftTriple): per class,
+    logit_ic = scale * reduce(s_ic1 .. s_icK) with s the cosines of x (unit rows) and the class's
+    unit rows; `reduce` maps (N, c, K) to (N, c) with torch ops (its gradient by autograd). The
+    block's (N, c * K) cosines are formed (at most BLOCK_LOGITS bytes of them, `max_rows`), from
+    products whose bits do not depend on the CPU thread count (`ops.fixed_mm`)."""
+
+    def __init__(self, reduce, scale, group):
+        self.reduce, self.scale, self.group = reduce, scale, group
+
+    def max_rows(self, x):
+        return max(self.group, BLOCK_LOGITS // (max(x.shape[0], 1) * 4))
+
+    def _logits(self, cos, labels, c0, c1):
+        value = self.reduce(cos.view(cos.shape[0], c1 - c0, self.group))
+        own = torch.arange(c0, c1, device=labels.device) == labels[:, None]
+        return value, torch.where(own, float("-inf"), self.scale * value.to(stats_dtype(cos.dtype)))
+
+    def forward(self, x, rows, labels, c0, c1, backend=None):
+        cols = unit(rows).to(x.dtype)
+        mm = (lambda a, b: a @ b.t()) if backend == "reference" else fixed_mm  # reference: differentiable
+        return row_lse(self._logits(mm(x, cols), labels, c0, c1)[1])
+
+    def backward(self, x, rows, labels, c0, c1, grad, lse):
+        cols = unit(rows).to(x.dtype)
+        with torch.enable_grad():
+            cos = fixed_mm(x, cols).requires_grad_(True)
+            value, logits = self._logits(cos, labels, c0, c1)
+            # the softmax over the other classes (0 at the own class, also when there is no other)
+            weights = torch.where(torch.isneginf(logits), 0.0, torch.exp(logits - lse[:, None]))
+            weights = weights * (grad[:, None] * self.scale)
+            (g_cos,) = torch.autograd.grad(value, cos, weights.to(value.dtype))
+        gx = fixed_mm(g_cos, cols.t().contiguous())
+        gcols = fixed_mm(g_cos.t().contiguous(), x.t().contiguous()).to(rows.dtype)
+        return gx, unit_backward(rows, gcols)
+
+
+def row_lse(t):
+    """torch.logsumexp(t, dim=1); one row in chunks (a single output's reduction would be split
+    by the CPU thread count past torch's grain size)."""
+    if t.shape[0] != 1 or t.shape[1] <= _CHUNK:
+        return torch.logsumexp(t, dim=1)
+    pad = (-t.shape[1]) % _CHUNK
+    chunks = torch.nn.functional.pad(t, (0, pad), value=float("-inf")).view(-1, _CHUNK)
+    return torch.logsumexp(torch.logsumexp(chunks, dim=1), dim=0, keepdim=True)
+
+
 def _lse_over_blocks(x, weight, labels, kernel, layout, backend=None):
     lse = None
-    for c0, c1 in layout.blocks(weight, x.element_size()):
+    for c0, c1 in layout.blocks(weight, x.element_size(), kernel.max_rows(x)):
         part = kernel.forward(x, layout.block(weight, c0, c1), labels, c0, c1, backend)
         lse = part if lse is None else logaddexp(lse, part)
     return lse
@@ -156,7 +215,7 @@ class _ClassLSE(torch.autograd.Function):
         with torch.no_grad():
             gx = torch.zeros(x.shape, dtype=lse.dtype, device=x.device) if needs[0] else None
             gw = torch.zeros_like(weight) if needs[1] else None
-            for c0, c1 in layout.blocks(weight, x.element_size()):
+            for c0, c1 in layout.blocks(weight, x.element_size(), kernel.max_rows(x)):
                 gx_b, grows = kernel.backward(x, layout.block(weight, c0, c1), labels, c0, c1, grad, lse)
                 if gx is not None:
                     gx += gx_b

@@ -29,18 +29,20 @@ def miner_weights(indices_tuple, labels, dtype, using_ref=False):
     return convert_to_weights(indices_tuple, labels, dtype=dtype, using_ref=using_ref)
 
 
-def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, *, unit_x, unit_w, scale,
-                    offset, target_logit, using_ref=False, drop_zero_probability=False, backend):
-    """PML's {"loss": per-sample losses} for logits sc * <x_i, w_j> + off, the target's replaced by
-    target_logit(x, w_t, cos_t) (x, w_t as they enter the logits; cos_t their cosine).
+def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, kernel_for, *, unit_x, unit_w,
+                    target_logit, using_ref=False, drop_zero_probability=False):
+    """PML's {"loss": per-sample losses}, the other classes' logits from the block kernel
+    kernel_for(x), the target's from target_logit(x, w_t, cos_t) (x, w_t as they enter the logits:
+    (N, D), w_t (N, K, D) for K rows per class; cos_t their cosines, (N,) or (N, K)).
     drop_zero_probability (ProxyNCA): the samples whose target probability underflows to 0 (a loss
     past ~104 in fp32) are left out, as PML does; kept under torch.compile (no data-dependent
     shape)."""
     num_classes = layout.num_classes
     x = unit_rows(embeddings) if unit_x else autocast_rows(embeddings)
-    lse, w_t = class_lse(x, weight, labels, EngineBlock(unit_w, scale, offset, backend, x), layout)
+    lse, w_t = class_lse(x, weight, labels, kernel_for(x), layout)
     w_t = autocast_rows(w_t).to(x.dtype)
-    cos_t = ((x if unit_x else unit(x)) * unit(w_t)).sum(dim=1)
+    direction = x if unit_x else unit(x)
+    cos_t = ((direction if layout.group == 1 else direction[:, None]) * unit(w_t)).sum(dim=-1)
     t = target_logit(x, w_t if not unit_w else unit(w_t), cos_t)
     losses = class_cross_entropy(t, lse)
     if static_shapes():  # labels outside [0, C) could not be rejected: NaN, as ProxyAnchor's
@@ -63,12 +65,17 @@ def _backend_for(module, embeddings, distance_ok=is_unit_cosine):
     return backend
 
 
-def _fused(module, embeddings, labels, indices_tuple, weight, layout, distance_ok=is_unit_cosine, **config):
+def _fused(module, embeddings, labels, indices_tuple, weight, layout, distance_ok=is_unit_cosine, *, scale=None,
+           offset=0.0, kernel=None, unit_x=True, unit_w=True, **config):
+    """(loss_dict, backend), or None after `decline`. kernel: a block kernel (GroupedBlock), else the
+    engine's for logits scale * <x, w> + offset."""
     backend = _backend_for(module, embeddings, distance_ok)
     if backend is None:
         return None
-    return class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, backend=backend,
-                           **config), backend
+    kernel_for = (lambda x: kernel) if kernel is not None else (
+        lambda x: EngineBlock(unit_w, scale, offset, backend, x))
+    return class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, kernel_for, unit_x=unit_x,
+                           unit_w=unit_w, **config), backend
 
 
 def _columns_of(W):

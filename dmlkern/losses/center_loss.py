@@ -1,6 +1,6 @@
 import torch
 
-from ..reference.classification_losses import center_loss_dict, center_loss_update
+from ..reference.classification_losses import center_loss_dict, center_loss_update_
 from ._classification_common import check_class_inputs
 from .base import BaseMetricLossFunction
 
@@ -38,5 +38,5 @@ class CenterLoss(BaseMetricLossFunction):
             self.centers = self.centers.to(device=embeddings.device, dtype=embeddings.dtype)
         loss_dict = center_loss_dict(embeddings, labels, self.centers, indices_tuple)
         if self.training:
-            self.centers.copy_(center_loss_update(self.centers, embeddings, labels, self.alpha))
+            center_loss_update_(self.centers, embeddings, labels, self.alpha)
         return loss_dict

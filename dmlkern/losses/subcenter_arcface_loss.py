@@ -2,6 +2,7 @@ import math
 
 import torch
 
+from ..fused import grouped_classes
 from ..reference import classification_losses as ref
 from .arcface_loss import ArcFaceLoss
 
@@ -17,7 +18,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         self.sub_centers = sub_centers
         self.num_classes = num_classes
 
-    _fused_path = None  # the per-class max over sub-centres is not on the class path yet
+    _fused_path = staticmethod(grouped_classes.subcenter_arcface)
 
     def _loss_dict(self, embeddings, labels, indices_tuple):
         return ref.subcenter_arcface_loss_dict(

@@ -63,6 +63,7 @@ __all__ = [
     "center_loss_dict",
     "center_loss",
     "center_loss_update",
+    "center_loss_update_",
     "softmax_loss_dict",
     "softmax_loss",
 ]
@@ -424,12 +425,22 @@ def center_loss_update(centers, embeddings, labels, alpha=0.5):
 
         delta_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j]);   c_j <- c_j - alpha * delta_j
     """
+    updated = centers.detach().clone()
+    center_loss_update_(updated, embeddings, labels, alpha)
+    return updated
+
+
+def center_loss_update_(centers, embeddings, labels, alpha=0.5):
+    """center_loss_update in place, in O(N D): only the batch's classes move (delta_j = 0 for the
+    others), so no C x D temporary is made."""
     with torch.no_grad():
+        classes, slot = torch.unique(labels, return_inverse=True)
         x = embeddings.detach().to(centers.dtype)
-        counts = torch.bincount(labels, minlength=centers.shape[0]).to(centers.dtype)
-        sum_x = torch.zeros_like(centers).index_add_(0, labels, x)
-        delta = (counts.unsqueeze(1) * centers - sum_x) / (1 + counts.unsqueeze(1))
-        return centers - alpha * delta
+        counts = torch.bincount(slot, minlength=len(classes)).to(centers.dtype).unsqueeze(1)
+        sum_x = x.new_zeros(len(classes), x.shape[1]).index_add_(0, slot, x)
+        present = centers.index_select(0, classes)
+        delta = (counts * present - sum_x) / (1 + counts)
+        centers.index_copy_(0, classes, present - alpha * delta)
 
 
 def center_loss(embeddings, labels, centers, indices_tuple=None, *, reducer=None):
