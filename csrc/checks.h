@@ -31,6 +31,22 @@ inline void check_pair_inputs(const at::Tensor& x, const at::Tensor& y, const at
               "dmlkern: x_labels and y_labels must be on the device of x");
 }
 
+// dmlkern::fixed_mm(a, b) = a @ b.T on every backend: a (N, D), b (M, D) of one floating dtype
+// and device.
+inline void check_fixed_mm_args(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2, "dmlkern: fixed_mm: a must be 2-D (N, D), got ", a.dim(), "-D");
+  TORCH_CHECK(b.dim() == 2, "dmlkern: fixed_mm: b must be 2-D (M, D), got ", b.dim(), "-D");
+  TORCH_CHECK(a.size(1) == b.size(1), "dmlkern: fixed_mm: a (N, D) and b (M, D) must have the same "
+              "width D, got a ", a.sizes(), " and b ", b.sizes());
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()),
+              "dmlkern: fixed_mm: a must be floating point, got ", a.scalar_type());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(),
+              "dmlkern: fixed_mm: a and b must have the same dtype, got ", a.scalar_type(), " and ",
+              b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), "dmlkern: fixed_mm: a and b must be on the same device, got ",
+              a.device(), " and ", b.device());
+}
+
 // Statistics are kept in fp32, or fp64 for fp64 inputs.
 inline at::ScalarType stats_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -25,4 +25,8 @@ TORCH_LIBRARY(dmlkern, m) {
       "pair_engine_backward(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, Tensor row_in, "
       "Tensor row_coef, int transform, int mining, float[] params, bool exclude_diag, "
       "bool symmetric=False) -> (Tensor, Tensor)");
+  // a @ b.T for a (N, D), b (M, D) of one floating dtype, in that dtype, with the same bits on
+  // every call and at any CPU thread count (fixed output tiles, one BLAS thread each; on CUDA
+  // one cuBLAS product). dmlkern.ops.fixed_mm adds autograd (through this op again).
+  m.def("fixed_mm(Tensor a, Tensor b) -> Tensor");
 }

@@ -66,17 +66,23 @@ class SerialBlasGuard {
   int previous_;
 };
 
-// Runs body(b0, b1) on ranges of the row blocks of n_rows rows, in parallel. Each task runs
+// Runs body(b0, b1) on ranges of the blocks 0 .. n_blocks - 1, in parallel. Each task runs
 // below autograd (worker threads do not inherit the caller's dispatch guard: autograd would
 // record every tile product of an input that requires grad, an N x M leak) and with serial
-// BLAS (bit-identical across thread counts, see SerialBlasGuard).
+// BLAS (bit-identical across thread counts, see SerialBlasGuard). parallel_row_blocks: over
+// the row blocks of n_rows rows (the engine); fixed_mm's blocks are output tiles.
 template <typename F>
-void parallel_row_blocks(int64_t n_rows, F&& body) {
-  at::parallel_for(0, ceil_div(n_rows, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
+void parallel_blocks(int64_t n_blocks, F&& body) {
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const SerialBlasGuard serial_blas;
     body(b0, b1);
   });
+}
+
+template <typename F>
+void parallel_row_blocks(int64_t n_rows, F&& body) {
+  parallel_blocks(ceil_div(n_rows, kRowBlock), std::forward<F>(body));
 }
 
 // Per-row inputs as contiguous columns (structure of arrays) in the stats dtype.
@@ -141,9 +147,9 @@ inline int diag_column(bool exclude_diag, int64_t i, int64_t c0, int64_t nc) {
   return exclude_diag && i >= c0 && i < c0 + nc ? static_cast<int>(i - c0) : -1;
 }
 
-inline void check_cpu_dtype(const at::Tensor& x) {
+inline void check_cpu_dtype(const at::Tensor& x, const char* name = "x") {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "dmlkern: the CPU backend takes float32 or float64 x, got ", x.scalar_type());
+              "dmlkern: the CPU backend takes float32 or float64 ", name, ", got ", x.scalar_type());
 }
 
 }  // namespace dmlkern

@@ -1,0 +1,24 @@
+// dmlkern::fixed_mm on CUDA: a @ b.T as one cuBLAS product. cuBLAS gives the same bits on every
+// run for a fixed shape, GPU and toolkit (with CUBLAS_WORKSPACE_CONFIG set where several streams
+// share a handle, as torch.use_deterministic_algorithms asks), so no blocking of its own is needed.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+
+namespace dmlkern {
+
+namespace {
+
+at::Tensor fixed_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
+  check_fixed_mm_args(a, b);
+  const c10::cuda::CUDAGuard device_guard(a.device());
+  return at::mm(a, b.t());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmlkern, CUDA, m) { m.impl("fixed_mm", &fixed_mm_cuda); }
+
+}  // namespace dmlkern

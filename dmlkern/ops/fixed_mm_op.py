@@ -1,0 +1,86 @@
+"""The deterministic matrix product (the function `dmlkern.ops.fixed_mm`; this module is
+`dmlkern.ops.fixed_mm_op`): fixed_mm(a, b) = a @ b.T, for a (N, D) and b (M, D).
+
+On the CPU, torch.matmul's bits change with the thread count (MKL splits a product by it); the
+op `dmlkern::fixed_mm` (csrc/cpu/fixed_mm_cpu.cpp) cuts the output into fixed tiles, each one
+single-threaded BLAS product, so values and gradients are bit-identical on repeat and at any
+thread count (fp32, fp64). On CUDA it is one cuBLAS product (csrc/cuda/fixed_mm_cuda.cu). The
+backward runs through the op again: grad_a = g @ b = fixed_mm(g, b.T), grad_b = g.T @ a =
+fixed_mm(g.T, a.T) (transposed views: the kernel reads them in place). Other dtypes and devices,
+or an install without the extension, compute a @ b.T with torch (no determinism promise).
+
+As the pair engine (ops/pair_engine.py), eager calls on plain tensors differentiate through a
+split-form autograd.Function (torch.func.grad / vjp work through it); under torch.compile and
+dispatch modes (FakeTensor, opcheck) the op's registered autograd runs. Both have one backward.
+"""
+import torch
+
+from .._autograd import applier
+from .dispatch import extension_loaded
+from .pair_engine import _direct_call_ok
+
+_OP_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "fixed_mm")
+# The dtypes with a kernel, per device type.
+_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64)}
+if _OP_READY and torch._C._dispatch_has_kernel_for_dispatch_key("dmlkern::fixed_mm", "CUDA"):
+    _KERNEL_DTYPES["cuda"] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def runs_kernel(a):
+    """Whether fixed_mm of a tensor like `a` runs dmlkern's op (else torch's a @ b.T)."""
+    return _OP_READY and a.dtype in _KERNEL_DTYPES.get(a.device.type, ())
+
+
+def _check_inputs(a, b):
+    for name, t, shape in (("a", a, "(N, D)"), ("b", b, "(M, D)")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"fixed_mm: {name} must be a 2-D tensor {shape}, got {getattr(t, 'shape', type(t))}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"fixed_mm: a (N, D) and b (M, D) must have the same width D, got a {tuple(a.shape)} "
+                         f"and b {tuple(b.shape)}")
+    if not a.is_floating_point():
+        raise TypeError(f"fixed_mm: a must be a floating-point tensor, got {a.dtype}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"fixed_mm: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"fixed_mm: a and b must be on the same device, got {a.device} and {b.device}")
+
+
+def fixed_mm(a, b):
+    """a @ b.T (N, M) in a's dtype, differentiable; bit-identical on repeat and across CPU thread
+    counts where `runs_kernel(a)` (CPU fp32 / fp64; CUDA with the CUDA build). a: (N, D), b: (M, D)
+    of one dtype and device; any strides (transposed views are read in place)."""
+    _check_inputs(a, b)
+    if not runs_kernel(a):
+        return a @ b.t()
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad) and _direct_call_ok(a, b):
+        return _direct_apply(a, b)
+    return torch.ops.dmlkern.fixed_mm(a, b)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    grad_a = fixed_mm(grad, b.t()) if ctx.needs_input_grad[0] else None
+    grad_b = fixed_mm(grad.t(), a.t()) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b
+
+
+def _direct_forward(a, b):
+    with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd
+        return torch.ops.dmlkern.fixed_mm(a, b)
+
+
+_direct_apply = applier(type("_FixedMM", (torch.autograd.Function,), {
+    "forward": staticmethod(_direct_forward), "setup_context": staticmethod(_setup_context),
+    "backward": staticmethod(_backward)}))
+
+if _OP_READY:
+    @torch.library.register_fake("dmlkern::fixed_mm")
+    def _fake(a, b):
+        return a.new_empty((a.shape[0], b.shape[0]))
+
+    torch.library.register_autograd("dmlkern::fixed_mm", _backward, setup_context=_setup_context)
