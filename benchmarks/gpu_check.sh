@@ -12,16 +12,21 @@
 # Time: the whole script fits GPU_CHECK_TOTAL_S (default 570 s, one 10-minute device call); the
 # sweep gets what the build and tests leave, at most SWEEP_MAX_S (default 480 s, about 8 minutes).
 # First the host overhead per fused call at N = 256 ($OUT/host_overhead.txt, seconds). Sweep
-# order, so that a short budget still gives the headline numbers:
-#   1. dmlkern (auto backend = Triton on CUDA), every fused loss, N = 16384 65536, bf16 + fp32
+# order, so that a short budget still gives the headline numbers (each stage gets a share of the
+# sweep's time, at most what is left):
+#   1. dmlkern (auto backend = Triton on CUDA), every fused pair loss, N = 16384 65536, bf16 + fp32
 #   1b. Triton tile settings (python -m dmlkern.bench.tiles), two losses, N = 16384 ($OUT/tiles)
-#   2. dmlkern only, N = 262144, bf16, every fused loss
+#   1c. the class-weight losses at N = 8192, dmlkern: ArcFace at C = 10,000,000 (bf16), then every
+#       class loss at C = 131072 1048576, bf16 + fp32 (T_mm: one N x C x D product)
+#   2. dmlkern only, N = 262144, bf16, every fused pair loss
 #   3a. dmlkern-compiled (torch.compile of the dmlkern call) at N = 16384, bf16, MS and NT-Xent:
 #       against sweep 1's eager dmlkern, what the eager per-op overhead costs where T_mm is ~0.1 ms
-#   3. dmlkern-cpp (CUDA C++), pml (if importable), reference, compile at N = 16384 65536
+#   3c. dmlkern-cpp (CUDA C++), pml (if importable), reference, compile: class losses at C = 131072
+#   3. the same for the pair losses at N = 16384 65536
 # Knobs (environment): GPU_CHECK_TOTAL_S, SWEEP_MAX_S, BUILD_TIMEOUT_S (300), TEST_TIMEOUT_S (240),
 # GPU_CHECK_STAGES ("build tests bench"), PYTHON (python3), MAX_JOBS (16); for a rehearsal on a
-# CPU machine: BENCH_DEVICE=cpu BENCH_N="64 128" BENCH_BIG_N=256 BENCH_DTYPES=fp32 GPU_CHECK_STAGES=bench.
+# CPU machine: BENCH_DEVICE=cpu BENCH_N="64 128" BENCH_BIG_N=256 BENCH_DTYPES=fp32 BENCH_CLASS_N=64
+# BENCH_CLASSES="1024 4096" BENCH_BIG_C=16384 GPU_CHECK_STAGES=bench.
 # Afterwards, plots can be (re)drawn anywhere with matplotlib:
 #     python -m dmlkern.bench --report-only --out <fetched $OUT/bench>
 
@@ -106,55 +111,60 @@ if has_stage bench; then
     NS=${BENCH_N:-16384 65536}
     BIG=${BENCH_BIG_N:-262144}
     DTYPES=${BENCH_DTYPES:-bf16 fp32}
-    COMMON="--device $DEV --d 128 --repeats 10 --warmup 2 --time-limit 30 --compile-limit 120 --no-progress $PLOTS --out $BENCH"
+    DT1=$(echo $DTYPES | cut -d' ' -f1)
+    CLASS_N=${BENCH_CLASS_N:-8192}
+    CLASSES=${BENCH_CLASSES:-131072 1048576}
+    BIG_C=${BENCH_BIG_C:-10000000}
+    PAIR=$("$PY" -c "from dmlkern.bench.specs import LOSSES; print(*(k for k, v in LOSSES.items() if not v.classes))")
+    CLASS=$("$PY" -c "from dmlkern.bench.specs import LOSSES; print(*(k for k, v in LOSSES.items() if v.classes))")
+    COMMON="--device $DEV --d 128 --repeats 10 --warmup 2 --time-limit 30 --class-time-limit 30 --compile-limit 120
+            --class-n $CLASS_N --no-progress $PLOTS --out $BENCH"
     SWEEP=$(min "$SWEEP_MAX" "$(( $(left) - 30 ))")
     S0=$(date +%s)
     sweep_left() { echo $(( SWEEP - ($(date +%s) - S0) )); }
+    # stage NAME PERCENT GRACE ARGS...: dmlkern.bench ARGS with a budget of PERCENT % of the sweep (at
+    # most what is left less 30 s; skipped under 20 s) and a hard timeout of that budget + GRACE
+    stage() {
+        local name=$1 grace=$3 b
+        b=$(min $(( SWEEP * $2 / 100 )) "$(( $(sweep_left) - 30 ))")
+        shift 3
+        if [ "$b" -gt 20 ]; then
+            timeout -k 10 $(( b + grace )) "$PY" -m dmlkern.bench $COMMON --budget "$b" "$@"
+            echo "gpu_check: sweep $name exit $?"
+        fi
+    }
     echo "gpu_check: sweep budget ${SWEEP}s"
 
     # 0. host overhead: each fused loss at a tiny batch (kernels ~free), ops per call and time per
     #    call with the launches (dmlkern/bench/host_overhead.py; compiles the kernels sweep 1 uses)
     timeout -k 5 150 "$PY" -m dmlkern.bench.host_overhead --device "$DEV" --n 256 --reps 50 \
-        --dtype $(echo $DTYPES | cut -d' ' -f1) > "$OUT/host_overhead.txt" 2>&1
+        --dtype $DT1 > "$OUT/host_overhead.txt" 2>&1
     echo "gpu_check: host overhead exit $?"
     cat "$OUT/host_overhead.txt"
-    # 1. the headline: dmlkern at every fused loss (about 45% of the sweep at most)
-    B=$(( SWEEP * 45 / 100 ))
-    if [ "$B" -gt 20 ]; then
-        timeout -k 10 $(( B + 90 )) "$PY" -m dmlkern.bench $COMMON --budget "$B" \
-            --providers dmlkern --n $NS --dtypes $DTYPES
-        echo "gpu_check: sweep 1 exit $?"
-    fi
-    # 1b. Triton tile settings for two losses at N = 16384 (about an eighth): which tiles to
-    #     make the default (dmlkern/bench/tiles.py; $OUT/tiles/tiles.md)
-    B=$(min $(( SWEEP * 12 / 100 )) "$(( $(sweep_left) - 60 ))")
+    # 1. the headline: dmlkern at every fused pair loss
+    stage 1 34 90 --providers dmlkern --n $NS --dtypes $DTYPES --losses $PAIR
+    # 1b. Triton tile settings for two losses at N = 16384: which tiles to make the default
+    #     (dmlkern/bench/tiles.py; $OUT/tiles/tiles.md)
+    B=$(min $(( SWEEP * 10 / 100 )) "$(( $(sweep_left) - 60 ))")
     if [ "$B" -gt 20 ] && [ "$DEV" = cuda ]; then
         timeout -k 10 $(( B + 60 )) "$PY" -m dmlkern.bench.tiles --device cuda --n 16384 --d 128 \
             --dtypes $DTYPES --budget "$B" --out "$OUT/tiles"
         echo "gpu_check: tile sweep exit $?"
     fi
-    # 2. one N = 262144 run per fused loss, dmlkern only (about a fifth)
-    B=$(min $(( SWEEP * 20 / 100 )) "$(( $(sweep_left) - 30 ))")
-    if [ "$B" -gt 20 ]; then
-        timeout -k 10 $(( B + 90 )) "$PY" -m dmlkern.bench $COMMON --budget "$B" --append \
-            --providers dmlkern --n $BIG --dtypes $(echo $DTYPES | cut -d' ' -f1)
-        echo "gpu_check: sweep 2 exit $?"
-    fi
-    # 3a. eager overhead: the same calls under torch.compile (about a tenth)
-    B=$(min $(( SWEEP * 10 / 100 )) "$(( $(sweep_left) - 30 ))")
-    if [ "$B" -gt 20 ]; then
-        timeout -k 10 $(( B + 120 )) "$PY" -m dmlkern.bench $COMMON --budget "$B" --append \
-            --providers dmlkern-compiled --n $(echo $NS | cut -d' ' -f1) --dtypes $(echo $DTYPES | cut -d' ' -f1) \
-            --losses multi_similarity ntxent
-        echo "gpu_check: sweep 3a exit $?"
-    fi
-    # 3. the rest: CUDA C++ backend, PML, the materialising reference, torch.compile
-    B=$(( $(sweep_left) - 20 ))
-    if [ "$B" -gt 20 ]; then
-        timeout -k 10 $(( B + 90 )) "$PY" -m dmlkern.bench $COMMON --budget "$B" --append \
-            --providers dmlkern-cpp $PML reference compile --n $NS --dtypes $DTYPES
-        echo "gpu_check: sweep 3 exit $?"
-    fi
+    # 1c. the class-weight losses at N = 8192: ArcFace at C = 10M (bf16; extra memory <= 2x W?), then
+    #     every class loss at C = 131072 1048576, bf16 + fp32
+    stage 1c-arcface 8 90 --append --providers dmlkern --classes $BIG_C --dtypes $DT1 --losses arcface
+    stage 1c 12 90 --append --providers dmlkern --classes $CLASSES --dtypes $DTYPES --losses $CLASS
+    # 2. one N = 262144 run per fused pair loss, dmlkern only
+    stage 2 14 90 --append --providers dmlkern --n $BIG --dtypes $DT1 --losses $PAIR
+    # 3a. eager overhead: the same calls under torch.compile
+    stage 3a 7 120 --append --providers dmlkern-compiled --n $(echo $NS | cut -d' ' -f1) --dtypes $DT1 \
+        --losses multi_similarity ntxent
+    # 3c, 3. the rest: CUDA C++ backend, PML, the materialising reference, torch.compile: the class
+    #    losses at the smallest C (where the materialising paths fit), then the pair losses
+    stage 3c 7 90 --append --providers dmlkern-cpp $PML reference compile --classes $(echo $CLASSES | cut -d' ' -f1) \
+        --dtypes $DTYPES --losses $CLASS
+    stage 3 100 90 --append --providers dmlkern-cpp $PML reference compile --n $NS --dtypes $DTYPES --losses $PAIR
     ls -la "$BENCH"
     cat "$BENCH/summary.md" 2>/dev/null | head -n 200
 fi

@@ -10,13 +10,18 @@ import zlib
 import pytest
 
 from dmlkern.bench import report
-from dmlkern.bench.cli import predict_call_s
-from dmlkern.bench.specs import LOSSES, estimate_bytes
+from dmlkern.bench.cli import parse_args, plan_points, predict_call_s, skip_reason
+from dmlkern.bench.specs import LOSSES, estimate_bytes, supported, weight_bytes
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LOSSES_RUN = ["multi_similarity_miner", "ntxent"]
-PROVIDERS_RUN = ["dmlkern", "reference"]
-NS = [64, 128]
+CLASS_LOSSES_RUN = ["arcface", "center"]  # swept over C at N = CLASS_N; center has no PML counterpart
+PROVIDERS_RUN = ["dmlkern", "reference", "pml"]
+NS, CS, CLASS_N = [64, 128], [1024, 4096], 64
+EXPECTED = ({("matmul_floor", "torch", n, None) for n in NS} | {("matmul_floor", "torch", CLASS_N, c) for c in CS}
+            | {(loss, p, n, None) for loss in LOSSES_RUN for p in PROVIDERS_RUN for n in NS}
+            | {(loss, p, CLASS_N, c) for loss in CLASS_LOSSES_RUN for p in PROVIDERS_RUN if supported(loss, p)
+               for c in CS})
 
 
 def run_bench(args, tmp_path, env_extra=None, timeout=120):
@@ -52,7 +57,8 @@ def check_png(path):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    args = ["--n", *map(str, NS), "--losses", *LOSSES_RUN, "--providers", *PROVIDERS_RUN, "--repeats", "2"]
+    args = ["--n", *map(str, NS), "--classes", *map(str, CS), "--class-n", str(CLASS_N), "--losses", *LOSSES_RUN,
+            *CLASS_LOSSES_RUN, "--providers", *PROVIDERS_RUN, "--repeats", "2"]
     proc = run_bench(args, out)
     return out, proc
 
@@ -61,8 +67,9 @@ def test_help_explains_every_option():
     proc = subprocess.run([sys.executable, "-m", "dmlkern.bench", "--help"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0
-    for opt in ("--losses", "--providers", "--n", "--d", "--dtypes", "--device", "--modes", "--repeats",
-                "--warmup", "--time-limit", "--mem-budget", "--out", "--quick", "--budget"):
+    for opt in ("--losses", "--providers", "--n", "--classes", "--class-n", "--class-time-limit", "--max-columns",
+                "--d", "--dtypes", "--device", "--modes", "--repeats", "--warmup", "--time-limit", "--mem-budget",
+                "--out", "--quick", "--budget"):
         assert opt in proc.stdout
 
 
@@ -76,12 +83,9 @@ def test_csv_is_well_formed(sweep):
     out, _ = sweep
     columns, rows = read_csv(out / "results.csv")
     assert columns == report.CSV_COLUMNS
-    keys = [(r["loss"], r["provider"], int(r["n"]), r["metric"]) for r in rows]
-    assert len(keys) == len(set(keys)), "duplicate (loss, provider, n, metric) rows"
-    expected = {(loss, prov, n, m) for loss in LOSSES_RUN for prov in PROVIDERS_RUN for n in NS
-                for m in report.METRICS}
-    expected |= {("matmul_floor", "torch", n, m) for n in NS for m in report.METRICS}
-    assert set(keys) == expected
+    keys = [(r["loss"], r["provider"], int(r["n"]), int(r["c"]) if r["c"] else None, r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)), "duplicate (loss, provider, n, c, metric) rows"
+    assert set(keys) == {k + (m,) for k in EXPECTED for m in report.METRICS}
     for r in rows:
         assert r["status"] in report.STATUSES
         assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["d"] == "128"
@@ -105,7 +109,7 @@ def test_csv_is_well_formed(sweep):
 def test_points_jsonl_keeps_every_point(sweep):
     out, _ = sweep
     lines = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
-    assert len(lines) == len(NS) * (1 + len(LOSSES_RUN) * len(PROVIDERS_RUN))
+    assert len(lines) == len(EXPECTED)
     for p in lines:
         assert p["status"] == "ok" and p["calls"] >= 1 and p["p20"] <= p["median"] <= p["p80"]
         assert p["mem_method"] == "VmHWM after clear_refs"
@@ -125,6 +129,7 @@ def test_plots_are_pngs(sweep):
     out, _ = sweep
     for kind in ("time", "memory"):
         check_png(out / f"{kind}_cpu_fp32_fwdbwd.png")
+        check_png(out / f"{kind}_cpu_fp32_fwdbwd_classes_n{CLASS_N}.png")
 
 
 def test_summary_and_table(sweep):
@@ -137,6 +142,25 @@ def test_summary_and_table(sweep):
         assert prov in text
     assert "T_mm" in text and "largest N" in text
     assert "N=64" in proc.stdout and "N=128" in proc.stdout
+
+
+def test_class_losses_swept_over_c(sweep):
+    """The class-weight losses: a section at N = CLASS_N with a column per C, T_mm = one x @ W, the
+    size of W, memory as a multiple of it (W's gradient counted: it is created by the call), vs PML."""
+    out, proc = sweep
+    points = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    arc = {(p["provider"], p["c"]): p for p in points if p["loss"] == "arcface"}
+    w_mb = weight_bytes("arcface", CS[-1], 128, "fp32") / 2**20
+    assert arc[("dmlkern", CS[-1])]["peak_mem_mb"] >= 0.9 * w_mb  # at least W's gradient
+    assert arc[("dmlkern", CS[-1])]["backend"] in ("cpp", "triton", "reference")
+    floors = [p for p in points if p["loss"] == "matmul_floor" and p.get("c")]
+    assert sorted(p["c"] for p in floors) == CS and all(p["n"] == CLASS_N for p in floors)
+    text = (out / "summary.md").read_text()
+    section = text[text.index(f"class-weight losses at N={CLASS_N}"):]
+    for want in ("### arcface", "### center", f"C={CS[0]}", f"C={CS[-1]}", "largest C", "| T_mm | x @ W |",
+                 "| size of W | D x C | 512 KiB | 2 MiB |", "x W)", f"C={CS[-1]}: "):
+        assert want in section, want
+    assert "-- center" in proc.stdout and f"C={CS[-1]}" in proc.stdout
 
 
 def test_forced_timeout_is_recorded_and_sweep_continues(tmp_path):
@@ -183,10 +207,12 @@ def test_cpu_timing_uses_torch_benchmark_timer():
 
 
 def test_extrapolation_and_memory_estimate():
-    assert predict_call_s([(1024, 1.0)], 2048, cubic=False) == pytest.approx(4.0)
-    assert predict_call_s([(1024, 1.0), (2048, 2.0)], 4096, cubic=False) == pytest.approx(4.0)  # fitted p=1
+    assert predict_call_s([(1024, 1.0)], 2048, 2.0) == pytest.approx(4.0)
+    assert predict_call_s([(1024, 1.0), (2048, 2.0)], 4096, 2.0) == pytest.approx(4.0)  # fitted p=1
     for loss in LOSSES:
-        assert estimate_bytes(loss, 2048, "fp32") > estimate_bytes(loss, 1024, "fp32") > 0
+        assert estimate_bytes(loss, 2048, "fp32", 4096) > estimate_bytes(loss, 1024, "fp32", 4096) > 0
+        if LOSSES[loss].classes:
+            assert estimate_bytes(loss, 1024, "fp32", 8192) > estimate_bytes(loss, 1024, "fp32", 4096)
     # PML-form NTXent / Lifted are O(N^3): far beyond any machine at N = 8192.
     assert estimate_bytes("ntxent", 8192, "fp32") > 2**40
     assert estimate_bytes("multi_similarity", 8192, "fp32") < 2**33
@@ -228,3 +254,31 @@ def test_tile_overrides_are_checked():
                 tk._with_overrides({"block_m": 64}, "fwd")
         finally:
             tk.TILE_OVERRIDES.clear()
+
+
+def test_class_plan_skips_and_weight_sizes():
+    """The default class sweep: after the pair losses, N = 1024 and C = 16384..1048576 with their own
+    time limit; SoftTriple's 10 columns per class stop at --max-columns, PML at the memory estimate.
+    weight_bytes is the size of each class's weights (parameters and CenterLoss's centers)."""
+    import dmlkern.losses
+
+    args = parse_args(["--losses", "supcon", "arcface", "soft_triple"])
+    args.mem_budget = 10.0
+    plan = plan_points(args)
+    first = next(i for i, p in enumerate(plan) if p.get("c"))
+    assert all(not p.get("c") for p in plan[:first]) and all(p.get("c") for p in plan[first:])
+    assert {p["c"] for p in plan[first:]} == {16384, 131072, 1048576}
+    assert {(p["n"], p["time_limit"]) for p in plan[first:]} == {(1024, 40.0)}
+    pick = {(p["loss"], p["provider"], p["c"]): p for p in plan[first:]}
+    assert "max-columns" in skip_reason(args, pick[("soft_triple", "dmlkern", 1048576)], {}, {}, None)
+    assert skip_reason(args, pick[("soft_triple", "dmlkern", 131072)], {}, {}, None) is None
+    assert skip_reason(args, pick[("arcface", "dmlkern", 1048576)], {}, {}, None) is None
+    assert skip_reason(args, pick[("arcface", "pml", 1048576)], {}, {}, None).startswith("est.")
+    # linear in C: 1 s at C=131072 predicts 8 s at 1048576, x 3 calls within the 40 s limit
+    assert skip_reason(args, pick[("arcface", "dmlkern", 1048576)], {("arcface", "dmlkern", "fp32", "fwdbwd"):
+                                                                     [(131072, 1.0)]}, {}, None) is None
+    for loss, info in LOSSES.items():
+        if info.classes:
+            module = getattr(dmlkern.losses, info.cls)(num_classes=5, embedding_size=8)
+            held = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+            assert held == weight_bytes(loss, 5, 8, "fp32"), loss

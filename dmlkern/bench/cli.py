@@ -4,9 +4,11 @@ reference, torch.compile of it and pytorch-metric-learning, as N grows (details:
 Each point (loss x provider x N x dtype x mode) runs in a forkserver child preloaded with torch, under
 a time limit and a memory cap; an oom, timeout or error is recorded and the larger N of that provider
 and loss are skipped. Timing: triton.testing.do_bench on CUDA, torch.utils.benchmark on CPU (median,
-20th/80th percentiles); x_mm = time over T_mm, one x @ x.T of the same size and dtype.
+20th/80th percentiles); x_mm = time over T_mm, one x @ x.T of the same size and dtype. The class-weight
+losses (ArcFace ... SoftTriple) are swept over the class count C at a fixed N, with T_mm one x @ W.
 Writes to --out: results.csv, points.jsonl, summary.md, meta.json, time_*/memory_*.png, sweep.log,
-worker.log. No arguments: the default CPU sweep (N = 1024..8192, fp32, fwdbwd), within 540 s.
+worker.log. No arguments: the default CPU sweep (N = 1024..8192, fp32, fwdbwd), within 540 s, then the
+class-weight losses at N = 1024, C = 16384..1048576, within another 540 s.
 """
 from __future__ import annotations
 
@@ -25,14 +27,18 @@ import time
 
 from . import report
 from .specs import (FLOOR_LOSS, FLOOR_PROVIDER, LOSSES, MATERIALISING, PROVIDER_PRIORITY, PROVIDERS,
-                    canonical_dtype, estimate_bytes, fmt_bytes, jit_provider, supported)
+                    canonical_dtype, estimate_bytes, fmt_bytes, jit_provider, point_label, size, supported)
 from .worker import PRELOAD, child  # torch-free at import
 
 DEFAULT_N = {"cpu": [1024, 2048, 4096, 8192], "cuda": [4096, 16384, 65536]}
 DEFAULT_PROVIDERS = {"cpu": ["dmlkern", "reference", "compile", "pml"],
                      "cuda": ["dmlkern", "dmlkern-cpp", "dmlkern-triton", "reference", "compile", "pml"]}
-QUICK = dict(n=[256, 1024], repeats=3, time_limit=10.0, budget=180.0)  # --quick's defaults
-POINT_KEY = ("loss", "provider", "device", "dtype", "n", "d", "mode")
+# the class-weight losses: C values, N, --max-columns, --class-time-limit
+DEFAULT_C = {"cpu": ([16384, 131072, 1048576], 1024, 2**22, 40.0),
+             "cuda": ([131072, 1048576, 10**7], 8192, 2**25, 60.0)}
+QUICK = dict(n=[256, 1024], classes=[1024, 8192], class_n=256, repeats=3, time_limit=10.0, class_time_limit=10.0,
+             budget=180.0)  # --quick's defaults
+POINT_KEY = ("loss", "provider", "device", "dtype", "n", "c", "d", "mode")
 
 
 def build_parser():
@@ -44,6 +50,13 @@ def build_parser():
         "compile pml; cuda: also dmlkern-cpp dmlkern-triton. " + "; ".join(f"{k}: {v}" for k, v in PROVIDERS.items()))
     add("--n", nargs="+", type=int, metavar="N", help="batch sizes (default cpu: 1024 2048 4096 8192; cuda: 4096 "
         "16384 65536)")
+    add("--classes", nargs="+", type=int, metavar="C", help="class counts of the class-weight losses (default cpu: "
+        "16384 131072 1048576; cuda: 131072 1048576 10000000)")
+    add("--class-n", type=int, metavar="N", help="their batch size (default cpu: 1024; cuda: 8192)")
+    add("--max-columns", type=int, metavar="K", help="skip class points whose W has more than K columns (C x "
+        "centers per class; default cpu: 2^22, so SoftTriple stops at C=131072; cuda: 2^25)")
+    add("--class-time-limit", type=float, metavar="SECONDS", help="--time-limit of the class points (default cpu: "
+        "40, cuda: 60)")
     add("--d", type=int, default=128, help="embedding width D (default %(default)s)")
     add("--dtypes", nargs="+", default=["fp32"], metavar="DTYPE", help="fp32 (default), bf16, fp16, fp64")
     add("--device", choices=["cpu", "cuda"], default="cpu", help="default %(default)s")
@@ -57,11 +70,12 @@ def build_parser():
         "compiles (default %(default)g)")
     add("--mem-budget", type=float, metavar="GIB", help="memory cap per point (default: half the free RAM; cuda: "
         "90%% of the GPU); materialising providers skip points estimated above it")
-    add("--budget", type=float, default=540.0, metavar="SECONDS", help="skip the points left after this long "
-        "(default %(default)g; 0: no limit); order: the matmul floor, dmlkern at every N, the rest N by N")
+    add("--budget", type=float, default=540.0, metavar="SECONDS", help="skip the points left after this long, "
+        "for the N sweep and again for the C sweep (default %(default)g; 0: no limit); order: the matmul floor, "
+        "dmlkern at every N, the rest N by N")
     add("--out", help="output directory (default benchmarks/results/<machine-tag>)")
-    add("--quick", action="store_true", help="set-up check: N = 256 1024, 3 repeats, 10 s limit, 180 s budget, "
-        "no compile provider unless named (explicit options win)")
+    add("--quick", action="store_true", help="set-up check: N = 256 1024, C = 1024 8192 at "
+        "N = 256, 3 repeats, 10 s limit, 180 s budgets, no compile provider unless named (explicit options win)")
     add("--threads", type=int, default=0, help="torch.set_num_threads in each point (default: torch's)")
     add("--compile-dynamic", action=argparse.BooleanOptionalAction, default=True,
         help="torch.compile(dynamic=True): one compilation for every N (default)")
@@ -81,12 +95,16 @@ def parse_args(argv=None):
         ap.set_defaults(**QUICK)
         args = ap.parse_args(argv)
     args.n = sorted(set(args.n or DEFAULT_N[args.device]))
+    classes, class_n, max_columns, class_limit = DEFAULT_C[args.device]
+    args.classes = sorted(set(args.classes or classes))
+    args.class_n, args.max_columns = args.class_n or class_n, args.max_columns or max_columns
+    args.class_time_limit = args.class_time_limit or class_limit
     if args.providers is None:
         args.providers = [p for p in DEFAULT_PROVIDERS[args.device] if not (args.quick and p == "compile")]
     args.losses = args.losses or list(LOSSES)
     args.dtypes = [canonical_dtype(t) for t in args.dtypes]
-    if any(n < 8 for n in args.n):
-        raise SystemExit("--n: every N must be >= 8")
+    if any(n < 8 for n in args.n + [args.class_n]) or min(args.classes) < 1:
+        raise SystemExit("--n, --class-n: every N must be >= 8; --classes: C >= 1")
     return args
 
 
@@ -118,29 +136,41 @@ def now_iso():
 
 
 def plan_points(args):
-    """The floor, every dmlkern provider at every N, then the others N by N: so when --budget runs
-    out, the later providers lose their largest N first."""
-    base = dict(device=args.device, d=args.d, warmup=args.warmup, repeats=args.repeats, time_limit=args.time_limit,
-                seed=args.seed, threads=args.threads, compile_dynamic=args.compile_dynamic)
-    pts = [dict(base, loss=FLOOR_LOSS, provider=FLOOR_PROVIDER, dtype=t, n=n, mode="fwd")
-           for t in args.dtypes for n in args.n]
-    provs = sorted(dict.fromkeys(args.providers), key=report.provider_rank)
-    combos = [(t, m) for t in args.dtypes for m in args.modes]
-    for prov in (p for p in provs if p.startswith("dmlkern")):
-        pts += [dict(base, loss=loss, provider=prov, dtype=t, n=n, mode=m)
-                for loss in args.losses for t, m in combos for n in args.n]
-    for n in args.n:
-        pts += [dict(base, loss=loss, provider=prov, dtype=t, n=n, mode=m) for prov in provs
-                if not prov.startswith("dmlkern") for loss in args.losses if supported(loss, prov) for t, m in combos]
+    """The pair losses over N, then the class-weight losses over C at N = --class-n; in each part the
+    floor, every dmlkern provider at every size, then the others size by size: so when --budget runs
+    out, the later providers lose their largest sizes first."""
+    base = dict(device=args.device, d=args.d, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+                threads=args.threads, compile_dynamic=args.compile_dynamic)
+    pts = []
+    for classes in (False, True):
+        losses = [loss for loss in args.losses if LOSSES[loss].classes == classes]
+        sizes = [dict(n=args.class_n, c=c) for c in args.classes] if classes else [dict(n=n) for n in args.n]
+        if losses:
+            pts += _plan_part(args, dict(base, time_limit=args.class_time_limit if classes else args.time_limit),
+                              losses, sizes)
     return pts
 
 
-def predict_call_s(history, n, cubic):
-    """Seconds per call at N, extrapolated from the last two (or one) ok (N, seconds) of the chain."""
+def _plan_part(args, base, losses, sizes):
+    pts = [dict(base, loss=FLOOR_LOSS, provider=FLOOR_PROVIDER, dtype=t, mode="fwd", **s)
+           for t in args.dtypes for s in sizes]
+    provs = sorted(dict.fromkeys(args.providers), key=report.provider_rank)
+    combos = [(t, m) for t in args.dtypes for m in args.modes]
+    for prov in (p for p in provs if p.startswith("dmlkern")):
+        pts += [dict(base, loss=loss, provider=prov, dtype=t, mode=m, **s)
+                for loss in losses for t, m in combos for s in sizes]
+    for s in sizes:
+        pts += [dict(base, loss=loss, provider=prov, dtype=t, mode=m, **s) for prov in provs
+                if not prov.startswith("dmlkern") for loss in losses if supported(loss, prov) for t, m in combos]
+    return pts
+
+
+def predict_call_s(history, n, p):
+    """Seconds per call at size n, extrapolated from the last two ok (size, seconds) of the chain, or
+    from the last one with the power p."""
     if not history:
         return None
     n1, t1 = history[-1]
-    p = 3.0 if cubic else 2.0
     if len(history) >= 2:
         n0, t0 = history[-2]
         if t0 > 0 and t1 > 0 and n1 > n0:
@@ -179,7 +209,7 @@ def run_child(ctx, job, limit, log_path=None):
 
 def describe(r):
     head = f"{r['status']:<7} {r['loss']}/{r['provider']}" + (f"[{r['backend']}]" if r.get("backend") else "")
-    head += f" N={r['n']} {r['dtype']} {r['mode']}"
+    head += f" {point_label(r)} {r['dtype']} {r['mode']}"
     if r["status"] == "ok":
         return (f"{head}: {report.fmt_time(r['median'])} (p20 {report.fmt_time(r['p20'])}, p80 "
                 f"{report.fmt_time(r['p80'])}), {report.fmt_mb(r['peak_mem_mb'])}")
@@ -188,26 +218,32 @@ def describe(r):
 
 def skip_reason(args, pt, history, failed, remaining):
     key = (pt["loss"], pt["provider"], pt["dtype"], pt["mode"])
-    if remaining is not None and remaining <= 0:
-        return "sweep budget exhausted"
     if key in failed:
-        return f"not run: {failed[key][0]} at N={failed[key][1]}"
-    est = estimate_bytes(pt["loss"], pt["n"], pt["dtype"]) if pt["provider"] in MATERIALISING else 0
+        return f"not run: {failed[key][0]} at {failed[key][1]}"
+    info = LOSSES.get(pt["loss"])
+    if info and pt.get("c") and pt["c"] * info.per_class > args.max_columns:
+        return f"W has {pt['c'] * info.per_class} columns > --max-columns {args.max_columns}"
+    est = estimate_bytes(pt["loss"], pt["n"], pt["dtype"], pt.get("c"), pt["d"]) \
+        if pt["provider"] in MATERIALISING else 0
     if est > args.mem_budget * 2**30:
         return f"est. {fmt_bytes(est)} > mem budget {args.mem_budget:.3g} GiB"
-    cubic = pt["loss"] in LOSSES and LOSSES[pt["loss"]].pair_coef > 0 and pt["provider"] in MATERIALISING
-    pred = predict_call_s(history.get(key), pt["n"], cubic)
+    if remaining is not None and remaining <= 0:
+        return "sweep budget exhausted"
+    cubic = info and info.pair_coef > 0 and pt["provider"] in MATERIALISING
+    pred = predict_call_s(history.get(key), size(pt), 3.0 if cubic else 1.0 if pt.get("c") else 2.0)
     calls = args.warmup + (2 if args.device == "cpu" else 8) - int(jit_provider(pt["provider"], pt["device"]))
-    if pred is not None and pred * calls > 0.9 * args.time_limit:
-        return f"predicted {pred:.3g} s/call x {calls} calls > time limit {args.time_limit:g} s"
+    if pred is not None and pred * calls > 0.9 * pt["time_limit"]:
+        return f"predicted {pred:.3g} s/call x {calls} calls > time limit {pt['time_limit']:g} s"
     return None
 
 
 def run_sweep(args, ctx, plan, log, jsonl, progress, log_path):
     history, failed, t_start = {}, {}, time.monotonic()
+    part_start = {}  # the N sweep and the C sweep each get --budget
     for i, pt in enumerate(plan):
         key = (pt["loss"], pt["provider"], pt["dtype"], pt["mode"])
-        remaining = args.budget - (time.monotonic() - t_start) if args.budget else None
+        started = part_start.setdefault("c" in pt, time.monotonic())
+        remaining = args.budget - (time.monotonic() - started) if args.budget else None
         res = dict(pt, timestamp=now_iso(), backend="", median=None, p20=None, p80=None, peak_mem_mb=None, note="")
         skip = skip_reason(args, pt, history, failed, remaining)
         if progress is not None:
@@ -216,16 +252,16 @@ def run_sweep(args, ctx, plan, log, jsonl, progress, log_path):
             res.update(status="skipped", note=skip)
         else:
             jit = jit_provider(pt["provider"], pt["device"]) and pt["loss"] != FLOOR_LOSS
-            hard = args.time_limit + (args.compile_limit if jit else 0) + (30 if args.device == "cuda" else 5)
+            hard = pt["time_limit"] + (args.compile_limit if jit else 0) + (30 if args.device == "cuda" else 5)
             out = run_child(ctx, dict(pt, jit_grace=jit, mem_budget_gb=args.mem_budget),
                             min(hard, remaining) if remaining is not None else hard, log_path)
             res.update({k: v for k, v in out.items() if k != "traceback"})
             if remaining is not None and remaining < hard and res["status"] == "timeout":
                 res.update(status="skipped", note="sweep budget exhausted (point stopped)")
         if res["status"] == "ok":
-            history.setdefault(key, []).append((pt["n"], res["median"]))
+            history.setdefault(key, []).append((size(pt), res["median"]))
         elif "budget exhausted" not in res["note"]:
-            failed.setdefault(key, (res["status"], pt["n"]))
+            failed.setdefault(key, (res["status"], point_label(pt)))
         jsonl.write(json.dumps(res) + "\n")
         jsonl.flush()
         line = describe(res)
@@ -258,7 +294,7 @@ def _read_jsonl(path):
     if os.path.exists(path):
         with open(path) as f:
             for r in (json.loads(line) for line in f if line.strip()):
-                keyed[tuple(r[k] for k in POINT_KEY)] = r
+                keyed[tuple(r.get(k) for k in POINT_KEY)] = r
     return list(keyed.values())
 
 
@@ -293,7 +329,8 @@ def main(argv=None):
     plan = plan_points(args)
     if args.dry_run:
         for pt in plan:
-            print(f"{pt['loss']:<24} {pt['provider']:<15} N={pt['n']:<7} {pt['dtype']} {pt['mode']}")
+            print(f"{pt['loss']:<24} {pt['provider']:<15} N={pt['n']:<7} C={pt.get('c') or '-':<8} {pt['dtype']} "
+                  f"{pt['mode']}")
         print(f"{len(plan)} points; out={args.out}; mem budget {args.mem_budget:.3g} GiB; machine {tag}")
         return 0
     os.makedirs(args.out, exist_ok=True)
@@ -309,7 +346,8 @@ def main(argv=None):
         print(f"warning: load average {meta['loadavg_start'][0]:.2f} on {info.get('nproc')} CPUs: other processes "
               "are running; CPU times will be noisy (multi-threaded small ops suffer most)", file=sys.stderr)
     print(f"dmlkern.bench: {len(plan)} points on {tag} (dmlkern {meta['version']}); time limit {args.time_limit:g} "
-          f"s/point, memory budget {args.mem_budget:.3g} GiB, sweep budget {args.budget:g} s; writing {args.out}",
+          f"s/point (class losses {args.class_time_limit:g} s), memory budget {args.mem_budget:.3g} GiB, sweep budget "
+          f"{args.budget:g} s per part; writing {args.out}",
           file=sys.stderr)
     progress = None
     if not args.no_progress and sys.stderr.isatty():

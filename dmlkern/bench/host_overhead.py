@@ -39,9 +39,10 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(loss, n, d, reps, device="cpu", dtype="fp32"):
+def measure(loss, n, d, reps, device="cpu", dtype="fp32", c=1024):
     device = torch.device(device)
-    spec = {"loss": loss, "provider": "dmlkern", "n": n, "d": d, "dtype": dtype, "seed": 0}
+    spec = {"loss": loss, "provider": "dmlkern", "n": n, "d": d, "dtype": dtype, "seed": 0,
+            "c": c if LOSSES[loss].classes else None}
     fn, backend, _, _ = build(spec, torch, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -67,6 +68,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--classes", type=int, default=1024, help="C of the class-weight losses")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", help="fp32, fp64, fp16 or bf16 (the half ones on CUDA)")
     ap.add_argument("--backend", default="auto", help="DMLKERN_BACKEND for the calls: auto, cpp, triton or reference")
@@ -81,7 +83,7 @@ def main(argv=None):
     with mock.patch.dict(os.environ, DMLKERN_BACKEND=args.backend), \
             mock.patch.object(_common, "branch_free", lambda like: True):
         for loss in args.losses.split(","):
-            ran, counter, us = measure(loss, args.n, args.d, reps, args.device, args.dtype)
+            ran, counter, us = measure(loss, args.n, args.d, reps, args.device, args.dtype, args.classes)
             before = "-" if counter.before is None else counter.before
             print(f"{loss:24s} {ran:10s} {sum(counter.ops.values()):5d} {before:>6} {counter.views:6d} {us:8.0f}")
             if args.detail:

@@ -5,9 +5,9 @@ import csv
 import math
 import os
 
-from .specs import FLOOR_LOSS, ITEMSIZE, LOSSES, PROVIDER_PRIORITY
+from .specs import FLOOR_LOSS, ITEMSIZE, LOSSES, PROVIDER_PRIORITY, point_label, size, weight_bytes
 
-CSV_COLUMNS = ["loss", "provider", "backend", "device", "dtype", "n", "d", "mode", "metric", "median", "p20",
+CSV_COLUMNS = ["loss", "provider", "backend", "device", "dtype", "n", "c", "d", "mode", "metric", "median", "p20",
                "p80", "status", "machine", "version", "timestamp"]
 METRICS = ["time_s", "peak_mem_mb", "x_mm"]
 STATUSES = ["ok", "oom", "timeout", "error", "skipped"]
@@ -19,16 +19,25 @@ def provider_rank(provider):
     return PROVIDER_PRIORITY.index(provider) if provider in PROVIDER_PRIORITY else 99
 
 
+def _fkey(r):
+    return r["device"], r["dtype"], r["n"], r.get("c")
+
+
+def _floor_key(group, n):
+    """The T_mm key of size n (N, or C for a class-weight group) in a groups() key's section."""
+    device, dtype, _, cn = group
+    return (device, dtype, cn, n) if cn else (device, dtype, n, None)
+
+
 def floor_times(results):
-    """(device, dtype, n) -> T_mm median seconds."""
-    return {(r["device"], r["dtype"], r["n"]): r["median"] for r in results
-            if r["loss"] == FLOOR_LOSS and r["status"] == "ok"}
+    """(device, dtype, n, c) -> T_mm median seconds."""
+    return {_fkey(r): r["median"] for r in results if r["loss"] == FLOOR_LOSS and r["status"] == "ok"}
 
 
 def attach_x_mm(results):
     floors = floor_times(results)
     for r in results:
-        t_mm = floors.get((r["device"], r["dtype"], r["n"]))
+        t_mm = floors.get(_fkey(r))
         for q in ("", "_p20", "_p80"):
             r["x_mm" + q] = r[q[1:] or "median"] / t_mm if r["status"] == "ok" and t_mm else None
 
@@ -44,7 +53,7 @@ def write_csv(path, results, machine, version):
         w.writeheader()
         for r in results:
             base = {k: r[k] for k in ("loss", "provider", "device", "dtype", "n", "d", "mode", "status", "timestamp")}
-            base.update(backend=r.get("backend") or "", machine=machine, version=version)
+            base.update(backend=r.get("backend") or "", c=r.get("c") or "", machine=machine, version=version)
             ok = r["status"] == "ok"
             values = {"time_s": (r.get("median"), r.get("p20"), r.get("p80")) if ok else (None,) * 3,
                       "peak_mem_mb": (r.get("peak_mem_mb") if ok else None, None, None),
@@ -70,7 +79,7 @@ def short_status(r):
         return r["status"]
     note = r.get("note") or ""
     return ("skip (mem est.)" if note.startswith("est.") else "skip (time est.)" if note.startswith("predicted")
-            else "skip (budget)" if "budget" in note else "skip")
+            else "skip (budget)" if "budget" in note else "skip (columns)" if note.startswith("W has") else "skip")
 
 
 def cell(r, sep=" "):
@@ -79,16 +88,20 @@ def cell(r, sep=" "):
     if r["status"] != "ok":
         return short_status(r)
     mm = [f"{r['x_mm']:.3g}x mm"] if r.get("x_mm") is not None else []
-    return sep.join([fmt_time(r["median"])] + mm + [fmt_mb(r.get("peak_mem_mb"))])
+    mem = fmt_mb(r.get("peak_mem_mb"))
+    if r.get("c") and r.get("peak_mem_mb") is not None:  # the class-weight losses' yardstick: the size of W
+        mem += f" ({r['peak_mem_mb'] * 2**20 / weight_bytes(r['loss'], r['c'], r['d'], r['dtype']):.2g}x W)"
+    return sep.join([fmt_time(r["median"])] + mm + [mem])
 
 
 def groups(results):
-    """{(device, dtype, mode): {loss: {provider: {n: result}}}}, providers in PROVIDER_PRIORITY order."""
+    """{(device, dtype, mode, class N or None): {loss: {provider: {N or C: result}}}}, providers in
+    PROVIDER_PRIORITY order; the class-weight losses (swept over C at one N) in groups of their own."""
     out = {}
     for r in results:
         if r["loss"] != FLOOR_LOSS:
-            g = out.setdefault((r["device"], r["dtype"], r["mode"]), {}).setdefault(r["loss"], {})
-            g.setdefault(r["provider"], {})[r["n"]] = r
+            key = (r["device"], r["dtype"], r["mode"], r["n"] if r.get("c") else None)
+            out.setdefault(key, {}).setdefault(r["loss"], {}).setdefault(r["provider"], {})[size(r)] = r
     return {k: {loss: dict(sorted(bp.items(), key=lambda kv: provider_rank(kv[0]))) for loss, bp in g.items()}
             for k, g in out.items()}
 
@@ -109,8 +122,8 @@ def _ratio(r, better, worse):
     return f"{r:.3g}x {better}" if r >= 1 else f"{1 / r:.3g}x {worse}"
 
 
-def vs_pml(per_n, pml):
-    """This provider against PML at the largest N both handled, and where PML stopped if earlier."""
+def vs_pml(per_n, pml, ax="N"):
+    """This provider against PML at the largest N (C) both handled, and where PML stopped if earlier."""
     if not pml:
         return "-"
     out = []
@@ -118,34 +131,48 @@ def vs_pml(per_n, pml):
     if common:
         n = max(common)
         a, b = per_n[n], pml[n]
-        s = f"N={n}: " + (_ratio(b["median"] / a["median"], "faster", "slower") if a["median"] else "")
+        s = f"{ax}={n}: " + (_ratio(b["median"] / a["median"], "faster", "slower") if a["median"] else "")
         m = b["peak_mem_mb"] / a["peak_mem_mb"] if a.get("peak_mem_mb") and b.get("peak_mem_mb") is not None else 0
         s += ", " + _ratio(m, "less mem", "more mem") if m else ""
         out.append(s)
     mine, theirs = largest_ok(per_n), largest_ok(pml)
     stop = [n for n in sorted(pml) if pml[n]["status"] != "ok"]
     if mine is not None and (theirs is None or theirs < mine) and stop:
-        out.append(f"PML stops at N={stop[0]} ({short_status(pml[stop[0]])})")
+        out.append(f"PML stops at {ax}={stop[0]} ({short_status(pml[stop[0]])})")
     return "; ".join(out) or "-"
 
 
-def _table(byprov, floors, device, dtype, md):
-    """Header, a row per provider, the T_mm row; md: summary.md's, with 'vs PML'."""
-    ns, pml = _ns(byprov), byprov.get("pml")
-    rows = [["provider", "backend"] + [f"N={n}" for n in ns] + (["largest N", "vs PML"] if md else ["max N"])]
+def _table(loss, byprov, floors, key, md):
+    """Header, a row per provider, the T_mm row (class losses: and the size of W); md: summary.md's,
+    with 'vs PML'."""
+    (_, dtype, _, cn), ns, pml = key, _ns(byprov), byprov.get("pml")
+    ax = "C" if cn else "N"
+    rows = [["provider", "backend"] + [f"{ax}={n}" for n in ns]
+            + ([f"largest {ax}", "vs PML"] if md else [f"max {ax}"])]
     for prov, per in byprov.items():
         row = [f"**{prov}**" if md and prov.startswith("dmlkern") else prov, _backend_of(per)]
         row += [cell(per.get(n), "<br>" if md else " ") for n in ns] + [str(largest_ok(per) or "-")]
-        rows.append(row + ([vs_pml(per, pml) if prov != "pml" else ""] if md else []))
-    return rows + [["T_mm", "x @ x.T"] + [fmt_time(floors.get((device, dtype, n))) for n in ns] + [""] * (1 + md)]
+        rows.append(row + ([vs_pml(per, pml, ax) if prov != "pml" else ""] if md else []))
+    rows.append(["T_mm", "x @ W" if cn else "x @ x.T"] + [fmt_time(floors.get(_floor_key(key, n))) for n in ns]
+                + [""] * (1 + md))
+    if cn:
+        d, k = next(r["d"] for per in byprov.values() for r in per.values()), LOSSES[loss].per_class
+        rows.append(["size of W", f"D x {k}C" if k > 1 else "D x C"]
+                    + [fmt_mb(weight_bytes(loss, n, d, dtype) / 2**20) for n in ns] + [""] * (1 + md))
+    return rows
+
+
+def _heading(key):
+    device, dtype, mode, cn = key
+    return f"{device}, {dtype}, {mode}" + (f", class-weight losses at N={cn}" if cn else "")
 
 
 def terminal_table(results):
     floors, lines = floor_times(results), []
-    for (device, dtype, mode), losses in groups(results).items():
-        lines.append(f"== {device} {dtype} {mode}: median time (x T_mm) and peak memory ==")
+    for key, losses in groups(results).items():
+        lines.append(f"== {_heading(key)}: median time (x T_mm) and peak memory ==")
         for loss, byprov in losses.items():
-            rows = _table(byprov, floors, device, dtype, md=False)
+            rows = _table(loss, byprov, floors, key, md=False)
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             lines.append(f"-- {loss}")
             lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
@@ -156,6 +183,7 @@ def terminal_table(results):
 def summary_md(results, meta):
     floors, info, a = floor_times(results), meta.get("info", {}), meta["args"]
     bi, load, nproc = info.get("build_info", {}), meta.get("loadavg_start"), info.get("nproc") or 1
+    classes = any(r.get("c") for r in results)
     out = ["# dmlkern benchmark summary", "",
            f"- machine: `{meta['machine']}` ({info.get('gpu_name') or info.get('cpu_model', '?')}, "
            f"{info.get('nproc', '?')} CPUs, torch threads {info.get('threads', '?')})",
@@ -163,8 +191,9 @@ def summary_md(results, meta):
            f"pytorch-metric-learning {info.get('pml_version') or 'not installed'}; "
            f"compiled: cpu={bi.get('cpu')}, cuda={bi.get('cuda')} {bi.get('cuda_arch_list') or ''}".rstrip(),
            f"- run {meta['started']} .. {meta.get('finished', '?')}; D={a['d']}; warm-up {a['warmup']}, "
-           f"--repeats {a['repeats']}, time limit {a['time_limit']:g} s/point, memory budget "
-           f"{meta['mem_budget_gb']:.3g} GiB",
+           f"--repeats {a['repeats']}, time limit {a['time_limit']:g} s/point"
+           + (f" (class-weight losses {a['class_time_limit']:g} s)" if classes else "")
+           + f", memory budget {meta['mem_budget_gb']:.3g} GiB",
            f"- command: `{meta['command']}`; load average (1/5/15 min) at start {load}, at end "
            f"{meta.get('loadavg_end')}", ""]
     if load and load[0] > 0.5 * nproc and a.get("device") == "cpu" and a.get("threads") != 1:
@@ -176,31 +205,36 @@ def summary_md(results, meta):
             "and peak memory growth of one call. `oom`/`timeout`/`error`: the point ran and failed; "
             "`skip (mem est.)`: a materialising provider's estimated footprint exceeded the budget; "
             "`skip (time est.)`: extrapolated past the time limit; `skip`: a smaller N already failed. "
-            "'vs PML' compares at the largest N both ran.", ""]
-    for (device, dtype, mode), losses in groups(results).items():
-        out += [f"## {device}, {dtype}, {mode}", ""]
+            "'vs PML' compares at the largest N both ran." + (
+                " The class-weight losses are swept over the class count C at a fixed N: their T_mm is one `x @ W` "
+                "(N x C x D), and their memory is also given as a multiple of the size of W (allocated before the "
+                "call; its gradient is counted)." if classes else ""), ""]
+    for key, losses in groups(results).items():
+        out += [f"## {_heading(key)}", ""]
         for loss, byprov in losses.items():
-            header, *body = _table(byprov, floors, device, dtype, md=True)
+            header, *body = _table(loss, byprov, floors, key, md=True)
             out += [f"### {loss}", "", f"`{LOSSES[loss].title if loss in LOSSES else loss}`", "",
                     "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
             out += ["| " + " | ".join(row) + " |" for row in body] + [""]
     fails = [r for r in results if r["status"] in ("error", "oom", "timeout") and r.get("note")]
     if fails:
         out += ["## Notes on failed points", ""]
-        out += [f"- {r['loss']} / {r['provider']} N={r['n']} {r['dtype']} {r['mode']}: {r['status']}: "
+        out += [f"- {r['loss']} / {r['provider']} {point_label(r)} {r['dtype']} {r['mode']}: {r['status']}: "
                 + r["note"].replace("\n", " ").replace("|", "/")[:200] for r in fails] + [""]
     return "\n".join(out)
 
 
 def plot(results, out_dir, meta):
-    """time_<device>_<dtype>_<mode>.png and memory_<...>.png: one log-log panel per loss."""
+    """time_<device>_<dtype>_<mode>[_classes_n<N>].png and memory_<...>.png: one log-log panel per loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     floors, files = floor_times(results), []
-    for (device, dtype, mode), losses in groups(results).items():
+    for key, losses in groups(results).items():
+        device, dtype, mode, cn = key
+        ax_name = f"C (classes), N={cn}" if cn else "N (batch size)"
         for kind in ("time", "memory"):
             ncols = min(3, len(losses))
             nrows = math.ceil(len(losses) / ncols)
@@ -210,30 +244,32 @@ def plot(results, out_dir, meta):
             for ax, (loss, byprov) in zip(axes.flat, losses.items()):
                 ns = _ns(byprov)
                 for i, (prov, per) in enumerate(byprov.items()):
-                    _plot_line(ax, prov, per, kind, meta, jitter=1 + 0.03 * i)
-                fl = [(n, floors[(device, dtype, n)]) for n in ns if (device, dtype, n) in floors]
+                    _plot_line(ax, prov, per, kind, meta, jitter=1 + 0.03 * i, cls=bool(cn))
+                fl = [(n, floors[_floor_key(key, n)]) for n in ns if _floor_key(key, n) in floors]
                 if kind == "memory":
-                    ax.plot(ns, [n * n * ITEMSIZE[dtype] / 2**20 for n in ns], ":", color="gray", lw=1,
-                            label=f"one NxN {dtype} matrix")
+                    guide = [weight_bytes(loss, n, meta["args"]["d"], dtype) if cn else n * n * ITEMSIZE[dtype]
+                             for n in ns]
+                    ax.plot(ns, [b / 2**20 for b in guide], ":", color="gray", lw=1,
+                            label=f"size of W ({dtype})" if cn else f"one NxN {dtype} matrix")
                 elif fl:
-                    ax.plot(*zip(*fl), "k--", lw=1, label="T_mm (x @ x.T)")
+                    ax.plot(*zip(*fl), "k--", lw=1, label="T_mm (x @ W)" if cn else "T_mm (x @ x.T)")
                 ax.set_xscale("log", base=2)
-                ax.set(yscale="log", xlabel="N (batch size)",
+                ax.set(yscale="log", xlabel=ax_name,
                        ylabel="median time per call [s]" if kind == "time" else "peak memory growth [MiB]")
                 ax.margins(x=0.12)
                 ax.set_title(loss, fontsize=10)
                 ax.grid(True, which="both", alpha=0.25)
                 ax.legend(fontsize=7)
             fig.suptitle(f"dmlkern {meta['version']} on {meta['machine']}: {kind}, {device} {dtype} {mode}, "
-                         f"D={meta['args']['d']} (X = failed/stopped at that N)", fontsize=10)
+                         f"D={meta['args']['d']} (X = failed/stopped at that {ax_name[0]})", fontsize=10)
             fig.tight_layout()
-            files.append(os.path.join(out_dir, f"{kind}_{device}_{dtype}_{mode}.png"))
+            files.append(os.path.join(out_dir, f"{kind}_{device}_{dtype}_{mode}{f'_classes_n{cn}' if cn else ''}.png"))
             fig.savefig(files[-1], dpi=110)
             plt.close(fig)
     return files
 
 
-def _plot_line(ax, prov, per_n, kind, meta, jitter=1.0):
+def _plot_line(ax, prov, per_n, kind, meta, jitter=1.0, cls=False):
     ok = [(n, r) for n, r in sorted(per_n.items()) if r["status"] == "ok"]
     ys = [r["median"] if kind == "time" else max(r.get("peak_mem_mb") or 0.0, 1e-3) for _, r in ok]
     line = None
@@ -248,7 +284,8 @@ def _plot_line(ax, prov, per_n, kind, meta, jitter=1.0):
     if bad:
         n, why = bad[0][0] * jitter, short_status(bad[0][1])  # jitter: same-N stops stay distinguishable
         at_limit = ("timeout", "skip (time est.)") if kind == "time" else ("oom", "skip (mem est.)")
-        y = (meta["args"]["time_limit"] if kind == "time" else meta["mem_budget_gb"] * 1024) \
+        limit = meta["args"]["class_time_limit" if cls else "time_limit"]
+        y = (limit if kind == "time" else meta["mem_budget_gb"] * 1024) \
             if why in at_limit or not ys else ys[-1]
         c = line.get_color() if line is not None else COLORS.get(prov)
         ax.plot([n], [y], "x", color=c, ms=10, mew=2.5, label=None if line is not None else f"{prov} (none ok)")

@@ -8,14 +8,25 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class LossInfo:
     title: str  # the call, for summary.md; a class loss's title starts with its class name
-    labels: str  # "classes": N/8 classes of 8; "simclr": cat([arange(N/2)] * 2)
+    labels: str  # "classes": N/8 classes of 8; "simclr": cat([arange(N/2)] * 2); "uniform": randint(0, C)
     pml: bool  # has a pytorch-metric-learning counterpart
-    mat_coef: float  # estimate_bytes: N x N elements x itemsize of a materialising run
+    mat_coef: float  # estimate_bytes: N x N (class-weight losses: N x C*K) elements x itemsize, materialising
     pair_coef: float = 0.0  # and (#positive pairs x #negative pairs) x itemsize (PML's P x Nneg tensors)
+    per_class: int = 1  # K: weight columns per class (a class-weight loss's W has C*K columns)
 
     @property
     def cls(self):
         return self.title.split("(")[0]
+
+    @property
+    def classes(self):
+        """A class-weight loss: swept over C (--classes) at a fixed N (--class-n)."""
+        return self.labels == "uniform"
+
+
+def _class_loss(cls, mat_coef, pml=True, per_class=1, kw=""):
+    return LossInfo(f"{cls}(num_classes=C, embedding_size=D{kw})(emb, labels)", "uniform", pml, mat_coef,
+                    per_class=per_class)
 
 
 LOSSES = {
@@ -30,8 +41,18 @@ LOSSES = {
     "proxy_anchor": LossInfo("ProxyAnchorLoss(num_classes=N/8, embedding_size=D)(emb, labels)", "classes", True,
                              16.0),
     "masked_lse": LossInfo("dmlkern.ops.masked_lse(emb, x_labels=labels, mask='diff')", "classes", False, 12.0),
+    "arcface": _class_loss("ArcFaceLoss", 10.0),
+    "cosface": _class_loss("CosFaceLoss", 10.0),
+    "sphereface": _class_loss("SphereFaceLoss", 10.0),
+    "large_margin_softmax": _class_loss("LargeMarginSoftmaxLoss", 12.0),
+    "normalized_softmax": _class_loss("NormalizedSoftmaxLoss", 6.0),
+    "subcenter_arcface": _class_loss("SubCenterArcFaceLoss", 5.0, per_class=3, kw=", sub_centers=3"),
+    "proxy_nca": _class_loss("ProxyNCALoss", 9.0),
+    "soft_triple": _class_loss("SoftTripleLoss", 7.0, per_class=10, kw=", centers_per_class=10"),
+    "softmax": _class_loss("SoftmaxLoss", 5.0, pml=False),
+    "center": _class_loss("CenterLoss", 0.5, pml=False),
 }
-FLOOR_LOSS, FLOOR_PROVIDER = "matmul_floor", "torch"  # the T_mm rows: one x @ x.T
+FLOOR_LOSS, FLOOR_PROVIDER = "matmul_floor", "torch"  # the T_mm rows: one x @ x.T (class axis: x @ W, W (D, C))
 
 PROVIDERS = {
     "dmlkern": "dmlkern class, DMLKERN_BACKEND unset (auto)",
@@ -70,11 +91,28 @@ def num_classes(loss: str, n: int) -> int:
     return max(1, n // 2) if loss in LOSSES and LOSSES[loss].labels == "simclr" else max(1, n // 8)
 
 
-def estimate_bytes(loss: str, n: int, dtype: str) -> int:
+def size(pt) -> int:
+    """A point's swept size: C for a class-weight loss (and its T_mm), else N."""
+    return pt.get("c") or pt["n"]
+
+
+def point_label(pt) -> str:
+    return f"N={pt['n']}" + (f" C={pt['c']}" if pt.get("c") else "")
+
+
+def weight_bytes(loss: str, c: int, d: int, dtype: str) -> int:
+    """The size of a class-weight loss's W (D x C*K; CenterLoss: its centers)."""
+    return c * LOSSES[loss].per_class * d * ITEMSIZE[dtype]
+
+
+def estimate_bytes(loss: str, n: int, dtype: str, c=None, d=128) -> int:
     """Peak extra memory of one materialising forward + backward: measured peaks of the reference and
-    PML paths at N = 128..512 (CPU, fp32) rounded up 1.5-2x; PML's NTXent and LiftedStructure are
-    O(N^3). Itemsize floored at 4 bytes (int64 indices and bool masks remain)."""
+    PML paths at N = 128..512 (class-weight losses: N = 1024, C = 4096..16384, plus 4 W-sized tensors;
+    CPU, fp32) rounded up 1.5-2x; PML's NTXent and LiftedStructure are O(N^3). Itemsize floored at 4
+    bytes (int64 indices and bool masks remain)."""
     info, item = LOSSES[loss], max(ITEMSIZE[dtype], 4)
+    if info.classes:
+        return int((info.mat_coef * n + 4 * d) * c * info.per_class * item)
     total = info.mat_coef * n * (num_classes(loss, n) if loss == "proxy_anchor" else n) * item
     if info.pair_coef:
         per_class = n / num_classes(loss, n)

@@ -96,19 +96,23 @@ def is_oom(exc) -> bool:
                            "not enough memory", "std::bad_alloc"))
 
 
-def _labels(loss, n, device, gen):
+def _labels(loss, n, c, device, gen):
     import torch
 
-    if loss in LOSSES and LOSSES[loss].labels == "simclr":
+    if c:
+        lab = torch.randint(0, c, (n,), generator=gen)
+    elif loss in LOSSES and LOSSES[loss].labels == "simclr":
         lab = torch.arange(n) % num_classes(loss, n)  # = cat([arange(N/2)] * 2) for even N
     else:
         lab = (torch.arange(n) % num_classes(loss, n))[torch.randperm(n, generator=gen)]
     return lab.to(device)
 
 
-def _class_callable(L, M, loss, x, labels, d):
-    kw = dict(num_classes=num_classes(loss, x.shape[0]), embedding_size=d) if loss == "proxy_anchor" else {}
-    module = getattr(L, LOSSES[loss].cls)(**kw).to(x.device)
+def _class_callable(L, M, loss, x, labels, d, c):
+    """The loss class's call; its weights (class-weight losses: C classes) are built here, before
+    the memory baseline, in the embeddings' dtype."""
+    kw = dict(num_classes=c or num_classes(loss, x.shape[0]), embedding_size=d) if c or loss == "proxy_anchor" else {}
+    module = getattr(L, LOSSES[loss].cls)(**kw).to(x.device, x.dtype)
     miner = M.MultiSimilarityMiner() if loss == "multi_similarity_miner" else None
 
     def backend():
@@ -147,17 +151,18 @@ def _compile_callable(torch, loss, x, labels, d, dynamic):
     return (lambda: compiled(*args)), (lambda: "inductor"), params
 
 
-def _floor_callable(torch, x):
-    """T_mm: one x @ x.T; above 2 GiB of output in row blocks into one reused buffer (same FLOPs)."""
-    n, item = x.shape[0], x.element_size()
-    if n * n * item <= FLOOR_MAX_OUT_BYTES:
-        return (lambda: x @ x.T), (lambda: "torch"), x, []
-    rows = max(1, FLOOR_MAX_OUT_BYTES // (n * item))
-    buf = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+def _floor_callable(torch, x, y):
+    """T_mm: one x @ y (x.T, or a (D, C) W); above 2 GiB of output in row blocks into one reused buffer
+    (same FLOPs)."""
+    n, m, item = x.shape[0], y.shape[1], x.element_size()
+    if n * m * item <= FLOOR_MAX_OUT_BYTES:
+        return (lambda: x @ y), (lambda: "torch"), x, []
+    rows = max(1, FLOOR_MAX_OUT_BYTES // (m * item))
+    buf = torch.empty(rows, m, dtype=x.dtype, device=x.device)
 
     def blocked():
         for i in range(0, n, rows):
-            torch.matmul(x[i:i + rows], x.T, out=buf[: min(rows, n - i)])
+            torch.matmul(x[i:i + rows], y, out=buf[: min(rows, n - i)])
         return buf
 
     return blocked, (lambda: f"torch-blocked-{rows}"), x, []
@@ -166,14 +171,18 @@ def _floor_callable(torch, x):
 def build(spec, torch, device):
     """(fn, backend, x, params) of a point: fn() computes the loss, backend() names what ran. The
     dmlkern providers' backend comes from DMLKERN_BACKEND (run_point sets it)."""
-    loss, provider, n, d = spec["loss"], spec["provider"], spec["n"], spec["d"]
+    loss, provider, n, d, c = spec["loss"], spec["provider"], spec["n"], spec["d"], spec.get("c")
     gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
     x = torch.randn(n, d, generator=gen).to(device=device, dtype=getattr(torch, TORCH_DTYPES[spec["dtype"]]))
-    labels = _labels(loss, n, device, gen)
+    labels = _labels(loss, n, c, device, gen)
     if loss == FLOOR_LOSS:
-        return _floor_callable(torch, x)
+        return _floor_callable(torch, x, torch.randn(d, c, dtype=x.dtype, device=device) if c else x.T)
     x.requires_grad_(True)
-    if provider in ENV_BACKEND and loss == "masked_lse":
+    if c and provider == "compile":  # torch.compile of the dmlkern module on the reference path
+        os.environ["DMLKERN_BACKEND"] = "reference"
+        fn, _, params = _class_callable(importlib.import_module("dmlkern.losses"), None, loss, x, labels, d, c)
+        fn, backend = torch.compile(fn, dynamic=bool(spec.get("compile_dynamic", True))), lambda: "inductor"
+    elif provider in ENV_BACKEND and loss == "masked_lse":
         from dmlkern.ops import masked_lse, resolve_backend
 
         fn, backend, params = (lambda: masked_lse(x, x_labels=labels, mask="diff").sum(),
@@ -181,7 +190,7 @@ def build(spec, torch, device):
     elif provider in ENV_BACKEND or provider == "pml":
         pkg = "dmlkern" if provider in ENV_BACKEND else "pytorch_metric_learning"
         L, M = (importlib.import_module(f"{pkg}.{m}") for m in ("losses", "miners"))
-        fn, backend, params = _class_callable(L, M, loss, x, labels, d)
+        fn, backend, params = _class_callable(L, M, loss, x, labels, d, c)
     elif provider == "compile":
         fn, backend, params = _compile_callable(torch, loss, x, labels, d, spec.get("compile_dynamic", True))
     else:
@@ -245,10 +254,16 @@ def run_point(spec) -> dict:
                     clock = time.perf_counter()  # compilation / autotuning is not counted
             elif time.perf_counter() - clock + t > 0.5 * limit:
                 break
+        for p in [x, *params]:  # a gradient from the warm-up would hide the call's own in the baseline
+            p.grad = None
         t, peak, out["mem_method"] = peak_memory(torch, device, call)
         left = 0.6 * limit - (time.perf_counter() - clock)
         seconds = max(min(int(spec["repeats"]) * t, left), min(0.05, 0.5 * limit))
-        med, p20, p80, calls = time_call(torch, device, step, seconds, min(left, max(0.5, 2 * seconds)))
+        if device.type == "cpu" and left < 2 * t:  # no room for the timer's two calls: the memory call's time
+            med = p20 = p80 = t
+            calls = 1
+        else:
+            med, p20, p80, calls = time_call(torch, device, step, seconds, min(left, max(0.5, 2 * seconds)))
         out.update(status="ok", median=med, p20=p20, p80=p80, calls=calls, peak_mem_mb=peak / 2**20,
                    backend=str(backend()))
     except BaseException as exc:  # noqa: BLE001 - everything is recorded, nothing escapes
