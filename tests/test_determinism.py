@@ -115,7 +115,7 @@ def test_large_epilogues(dtype):
 
 
 CLASS_LOSSES = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "LargeMarginSoftmaxLoss", "NormalizedSoftmaxLoss",
-                 "ProxyNCALoss", "SoftmaxLoss"]
+                 "ProxyNCALoss", "SoftmaxLoss", "SubCenterArcFaceLoss", "SoftTripleLoss"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -21,11 +21,7 @@ from .._determinism import _CHUNK, logaddexp
 from .._tracing import static_shapes
 from ..engine_spec import MINING_NONE, PASS_LSE2, TRANSFORM_DOT, EngineParams, stats_dtype
 from ..ops import pair_engine as pe
-try:
-    from ..ops.fixed_mm import fixed_mm
-except ImportError:  # TEMPORARY until ops.fixed_mm lands
-    def fixed_mm(a, b):
-        return a @ b.t()
+from ..ops.fixed_mm_op import fixed_mm
 from ._common import _NORMALIZE_EPS
 
 BLOCK_BYTES = 8 << 20  # one block of prepared weight rows (its gradient and temporaries alike)
@@ -133,10 +129,12 @@ class EngineBlock:
 
 class GroupedBlock:
     """Block kernel for classes of K weight rows (SubCenterArcFace, SoftTriple): per class,
-    logit_ic = scale * reduce(s_ic1 .. s_icK) with s the cosines of x (unit rows) and the class's
-    unit rows; `reduce` maps (N, c, K) to (N, c) with torch ops (its gradient by autograd). The
-    block's (N, c * K) cosines are formed (at most BLOCK_LOGITS bytes of them, `max_rows`), from
-    products whose bits do not depend on the CPU thread count (`ops.fixed_mm`)."""
+    logit_ic = scale * reduce.value(s_ic1 .. s_icK) with s the cosines of x (unit rows) and the
+    class's unit rows; `reduce` maps (N, c, K) to (N, c) (`value`) and back (`grad`: the gradient
+    of s from that of the value), by elementwise ops over the K slices, whose bits do not depend on
+    the CPU thread count (a torch reduction over a short last dim does). The block's (N, c * K)
+    cosines are formed (at most BLOCK_LOGITS bytes of them, `max_rows`) from `ops.fixed_mm`
+    products (deterministic too)."""
 
     def __init__(self, reduce, scale, group):
         self.reduce, self.scale, self.group = reduce, scale, group
@@ -145,26 +143,25 @@ class GroupedBlock:
         return max(self.group, BLOCK_LOGITS // (max(x.shape[0], 1) * 4))
 
     def _logits(self, cos, labels, c0, c1):
-        value = self.reduce(cos.view(cos.shape[0], c1 - c0, self.group))
+        s = cos.view(cos.shape[0], c1 - c0, self.group)
+        value = self.reduce.value(s)
         own = torch.arange(c0, c1, device=labels.device) == labels[:, None]
-        return value, torch.where(own, float("-inf"), self.scale * value.to(stats_dtype(cos.dtype)))
+        return s, value, torch.where(own, float("-inf"), self.scale * value.to(stats_dtype(cos.dtype)))
 
     def forward(self, x, rows, labels, c0, c1, backend=None):
         cols = unit(rows).to(x.dtype)
         mm = (lambda a, b: a @ b.t()) if backend == "reference" else fixed_mm  # reference: differentiable
-        return row_lse(self._logits(mm(x, cols), labels, c0, c1)[1])
+        return row_lse(self._logits(mm(x, cols), labels, c0, c1)[2])
 
     def backward(self, x, rows, labels, c0, c1, grad, lse):
         cols = unit(rows).to(x.dtype)
-        with torch.enable_grad():
-            cos = fixed_mm(x, cols).requires_grad_(True)
-            value, logits = self._logits(cos, labels, c0, c1)
-            # the softmax over the other classes (0 at the own class, also when there is no other)
-            weights = torch.where(torch.isneginf(logits), 0.0, torch.exp(logits - lse[:, None]))
-            weights = weights * (grad[:, None] * self.scale)
-            (g_cos,) = torch.autograd.grad(value, cos, weights.to(value.dtype))
-        gx = fixed_mm(g_cos, cols.t().contiguous())
-        gcols = fixed_mm(g_cos.t().contiguous(), x.t().contiguous()).to(rows.dtype)
+        s, value, logits = self._logits(fixed_mm(x, cols), labels, c0, c1)
+        # the softmax over the other classes (0 at the own class, also when there is no other)
+        weights = torch.where(torch.isneginf(logits), 0.0, torch.exp(logits - lse[:, None]))
+        g = self.reduce.grad(s, value, (weights * (grad[:, None] * self.scale)).to(s.dtype))
+        g = g.view(x.shape[0], -1)
+        gx = fixed_mm(g, cols.t())
+        gcols = fixed_mm(g.t(), x.t()).to(rows.dtype)
         return gx, unit_backward(rows, gcols)
 
 
