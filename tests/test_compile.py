@@ -123,6 +123,10 @@ FULLGRAPH_LOSSES = {
     "supcon": _plain(losses.SupConLoss),
     "npairs": _plain(losses.NPairsLoss),
     "proxy_anchor": _plain(lambda: losses.ProxyAnchorLoss(5, 8)),
+    "arcface": _plain(lambda: losses.ArcFaceLoss(5, 8, scale=8)),
+    "proxy_nca": _plain(lambda: losses.ProxyNCALoss(5, 8)),
+    "subcenter_arcface": _plain(lambda: losses.SubCenterArcFaceLoss(5, 8, scale=8)),
+    "soft_triple": _plain(lambda: losses.SoftTripleLoss(5, 8, centers_per_class=3)),
 }
 # One class: no negative pair, PML's zero loss (MS, GenLifted and ProxyAnchor stay non-zero:
 # positives alone, proxies of absent classes). N-pairs: one anchor, a 1 x 1 cross-entropy = 0.

@@ -64,7 +64,7 @@ def subcenter_arcface(module, embeddings, labels, indices_tuple):
     s, m, k = float(module.scale), float(module.margin), int(module.sub_centers)
     layout = ClassLayout(columns=True, num_classes=int(module.num_classes), group=k)
     return _fused(module, embeddings, labels, indices_tuple, module.W, layout, kernel=GroupedBlock(MaxOverGroup, s, k),
-                  target_logit=lambda x, w, cos: s * ref.arcface_target_logit(MaxOverGroup.value(cos), m))
+                  target_logit=lambda x, w, cos: s * ref.arcface_target_logit(cos.max(dim=-1).values, m))
 
 
 def soft_triple(module, embeddings, labels, indices_tuple):
