@@ -140,15 +140,20 @@ def test_class_loss_gradcheck_fp64(engine_backend_choice, block_classes, backend
     assert loss_fn.last_backend == expected, loss_fn.last_fallback
 
 
+def _small_fp64_case(name, n, classes, dim, seed):
+    """(x, labels, ours, theirs, weight attribute) on the C++ engine."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    torch.manual_seed(0)
+    return (x, labels, *_make(name, classes, dim, torch.float64))
+
+
 @pytest.mark.parametrize("name", ["arcface", "proxy_nca", "large_margin"])
 def test_double_backward_matches_pml(engine_backend_choice, name):  # noqa: F811
     """create_graph=True: the gradient is itself differentiable (the reference's graph)."""
     engine_backend_choice("cpp", "cpu")
-    g = torch.Generator().manual_seed(2)
-    x0 = torch.randn(15, 6, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 4, (15,), generator=g)
-    torch.manual_seed(0)
-    ours, theirs, attr = _make(name, 4, 6, torch.float64)
+    x0, labels, ours, theirs, attr = _small_fp64_case(name, 15, 4, 6, seed=2)
     results = []
     for loss_fn in (ours, theirs):
         x = x0.clone().requires_grad_(True)
@@ -163,11 +168,7 @@ def test_torch_func_grad_runs_the_kernels(engine_backend_choice, name):  # noqa:
     """torch.func.grad through the class path (split-form Functions): the kernels run, and the
     gradients of the embeddings and the weights equal autograd's on PML."""
     engine_backend_choice("cpp", "cpu")
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(21, 8, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 5, (21,), generator=g)
-    torch.manual_seed(0)
-    ours, theirs, attr = _make(name, 5, 8, torch.float64)
+    x, labels, ours, theirs, attr = _small_fp64_case(name, 21, 5, 8, seed=4)
     weight = getattr(ours, attr).detach()
     got = torch.func.grad(lambda w, x: torch.func.functional_call(ours, {attr: w}, (x, labels)), argnums=(0, 1))(weight, x)
     assert ours.last_backend == "cpp", ours.last_fallback
