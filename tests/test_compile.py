@@ -318,4 +318,6 @@ def test_triton_path_traces_on_fake_cuda_tensors():
     for case, (backend, ops) in traced.items():
         assert backend == "triton", (case, backend)
         kind = "backward" if case.startswith("backward") else "forward"
-        assert ops and all(op.startswith(f"dmlkern.pair_engine_{kind}_triton") for op in ops), (case, ops)
+        # the grouped class losses (SoftTriple, SubCenterArcFace) form their blocks with fixed_mm
+        allowed = (f"dmlkern.pair_engine_{kind}_triton", "dmlkern.fixed_mm")
+        assert ops and all(op.startswith(allowed) for op in ops), (case, ops)

@@ -16,7 +16,7 @@ import torch
 from ..ops.pair_engine import autocast_rows
 from ..reference import classification_losses as ref
 from ..reference.indices import convert_to_weights
-from ._common import decline, is_unit_cosine, static_shapes, unit_rows
+from ._common import branch_free, decline, is_unit_cosine, static_shapes, unit_rows
 from ._epilogue import _element, _engine_or_decline
 from .class_softmax import ClassLayout, EngineBlock, class_cross_entropy, class_lse, unit
 from .lazy_pairs import LazyMinedPairs
@@ -36,7 +36,7 @@ def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, k
     (N, D), w_t (N, K, D) for K rows per class; cos_t their cosines, (N,) or (N, K)).
     drop_zero_probability (ProxyNCA): the samples whose target probability underflows to 0 (a loss
     past ~104 in fp32) are left out, as PML does; kept under torch.compile (no data-dependent
-    shape)."""
+    shape) and on CUDA (no host sync)."""
     num_classes = layout.num_classes
     x = unit_rows(embeddings) if unit_x else autocast_rows(embeddings)
     lse, w_t = class_lse(x, weight, labels, kernel_for(x), layout)
@@ -49,7 +49,7 @@ def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, k
         losses = torch.where(((labels >= 0) & (labels < num_classes)).all(), losses, float("nan"))
     weights = miner_weights(indices_tuple, labels, embeddings.dtype, using_ref)
     entry = _element(losses.to(embeddings.dtype) * weights, len(losses))
-    if drop_zero_probability and not static_shapes():
+    if drop_zero_probability and not branch_free(losses):
         kept = torch.exp(-losses.detach().to(embeddings.dtype)) != 0
         if not bool(kept.any()):
             return {"loss": module.zero_loss()}
