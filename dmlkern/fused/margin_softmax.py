@@ -60,7 +60,7 @@ def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, k
 
 def _backend_for(module, embeddings, distance_ok=is_unit_cosine):
     backend = _engine_or_decline(module, embeddings)
-    if backend is not None and module.distance is not None and not distance_ok(module.distance):
+    if backend is not None and not distance_ok(module.distance):
         return decline(module, f"non-default distance {type(module.distance).__name__}")
     return backend
 

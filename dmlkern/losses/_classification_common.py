@@ -3,6 +3,7 @@
 import torch
 
 from .._tracing import static_shapes
+from ..fused import _stats as fused_stats
 
 
 def ref_not_supported(embeddings, labels, ref_emb, ref_labels):
@@ -27,6 +28,20 @@ def check_class_inputs(loss, embeddings, labels, ref_emb, ref_labels, embedding_
         if low < 0 or high >= loss.num_classes:
             raise ValueError(f"labels must be class ids in [0, num_classes={loss.num_classes}) for {name}, "
                              f"got values from {low} to {high}")
+
+
+def fused_class_call(loss, fused_fn, embeddings, labels, indices_tuple, reg_weights, distance_ref=None):
+    """The class-weight losses' fused_loss_dict after their weights are cast: fused_fn(loss,
+    embeddings, labels, indices_tuple) gives (loss_dict, backend), ZERO_LOSS or None (the reference
+    runs). When it ran, the statistics of PML's distance(embeddings, distance_ref()) are recorded
+    (distance_ref is called only when the distance collects them), and a fused loss dict gets the
+    weight regularizer on `reg_weights`, as compute_loss adds it."""
+    result = fused_fn(loss, embeddings, labels, indices_tuple)
+    if result is not None and distance_ref is not None and loss.distance.collect_stats:
+        fused_stats.record_distance(loss.distance, embeddings, distance_ref())
+    if isinstance(result, tuple):  # (loss_dict, backend)
+        loss.add_weight_regularization_to_loss_dict(result[0], reg_weights)
+    return result
 
 
 def cast_parameter(param, dtype, device):

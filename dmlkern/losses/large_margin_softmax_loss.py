@@ -5,10 +5,9 @@ import torch
 
 from .._validation import InvalidInputError
 from ..distances import CosineSimilarity
-from ..fused import _stats as fused_stats
 from ..fused import margin_softmax
 from ..reference import classification_losses as ref
-from ._classification_common import cast_parameter, check_class_inputs, new_weight
+from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
@@ -98,12 +97,8 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if self._fused_path is None:
             return None
         self._start_call(embeddings, labels)
-        result = self._fused_path(self, embeddings, labels, indices_tuple)
-        if result is not None:  # PML's loss always calls distance(embeddings, W.t())
-            fused_stats.record_distance(self.distance, embeddings, self.W.t())
-        if isinstance(result, tuple):  # (loss_dict, backend)
-            self.add_weight_regularization_to_loss_dict(result[0], self.W.t())
-        return result
+        return fused_class_call(self, self._fused_path, embeddings, labels, indices_tuple, self.W.t(),
+                                lambda: self.W.t())  # PML's loss always calls distance(embeddings, W.t())
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self._start_call(embeddings, labels)

@@ -1,10 +1,9 @@
 import torch
 
 from ..distances import DotProductSimilarity
-from ..fused import _stats as fused_stats
 from ..fused.margin_softmax import normalized_softmax
 from ..reference.classification_losses import normalized_softmax_logits, normalized_softmax_loss_dict
-from ._classification_common import cast_parameter, check_class_inputs, new_weight
+from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
@@ -36,12 +35,8 @@ class NormalizedSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
-        result = normalized_softmax(self, embeddings, labels, indices_tuple)
-        if result is not None:  # PML's loss always calls distance(embeddings, W_hat.t())
-            fused_stats.record_distance(self.distance, embeddings, self.distance.normalize(self.W, dim=0).t())
-        if isinstance(result, tuple):  # (loss_dict, backend)
-            self.add_weight_regularization_to_loss_dict(result[0], self.W.t())
-        return result
+        return fused_class_call(self, normalized_softmax, embeddings, labels, indices_tuple, self.W.t(),
+                                lambda: self.distance.normalize(self.W, dim=0).t())  # PML's distance(embeddings, W_hat.t())
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)

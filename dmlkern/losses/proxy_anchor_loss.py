@@ -1,11 +1,10 @@
 import torch
 
 from ..distances import CosineSimilarity
-from ..fused import _stats as fused_stats
 from ..fused.proxy_anchor import proxy_anchor
 from ..reducers import DivisorReducer
 from ..reference.classification_losses import PROXY_ANCHOR_SUB_LOSSES, proxy_anchor_loss_dict
-from ._classification_common import cast_parameter, check_class_inputs, new_weight
+from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, TorchInitWrapper, WeightRegularizerMixin
 
 
@@ -49,12 +48,8 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
-        result = proxy_anchor(self, embeddings, labels, indices_tuple, self.proxies)
-        if result is not None:  # PML's loss always calls distance(embeddings, proxies)
-            fused_stats.record_distance(self.distance, embeddings, self.proxies)
-        if isinstance(result, tuple):  # (loss_dict, backend)
-            self.add_weight_regularization_to_loss_dict(result[0], self.proxies)
-        return result
+        return fused_class_call(self, lambda *args: proxy_anchor(*args, self.proxies), embeddings, labels,
+                                indices_tuple, self.proxies, lambda: self.proxies)  # PML's distance(embeddings, proxies)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)

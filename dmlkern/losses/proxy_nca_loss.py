@@ -1,10 +1,9 @@
 import torch
 
 from ..distances import LpDistance
-from ..fused import _stats as fused_stats
 from ..fused.proxy_nca import proxy_nca
 from ..reference.classification_losses import proxy_nca_loss_dict
-from ._classification_common import cast_parameter, check_class_inputs, new_weight
+from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
@@ -38,12 +37,8 @@ class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
-        result = proxy_nca(self, embeddings, labels, indices_tuple)
-        if result is not None:  # PML's loss always calls distance(embeddings, proxies)
-            fused_stats.record_distance(self.distance, embeddings, self.proxies)
-        if isinstance(result, tuple):  # (loss_dict, backend)
-            self.add_weight_regularization_to_loss_dict(result[0], self.proxies)
-        return result
+        return fused_class_call(self, proxy_nca, embeddings, labels, indices_tuple, self.proxies,
+                                lambda: self.proxies)  # PML's loss always calls distance(embeddings, proxies)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)

@@ -4,10 +4,9 @@ import torch
 
 from .._validation import InvalidInputError
 from ..distances import CosineSimilarity
-from ..fused import _stats as fused_stats
 from ..fused.grouped_classes import soft_triple
 from ..reference.classification_losses import soft_triple_logits, soft_triple_loss_dict
-from ._classification_common import cast_parameter, check_class_inputs, new_weight
+from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, TorchInitWrapper, WeightRegularizerMixin
 
 
@@ -50,12 +49,8 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
-        result = soft_triple(self, embeddings, labels, indices_tuple)
-        if result is not None:  # PML's loss always calls distance(embeddings, fc.t())
-            fused_stats.record_distance(self.distance, embeddings, self.fc.t())
-        if isinstance(result, tuple):  # (loss_dict, backend)
-            self.add_weight_regularization_to_loss_dict(result[0], self.fc.t())
-        return result
+        return fused_class_call(self, soft_triple, embeddings, labels, indices_tuple, self.fc.t(),
+                                lambda: self.fc.t())  # PML's loss always calls distance(embeddings, fc.t())
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)

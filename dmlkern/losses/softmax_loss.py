@@ -1,6 +1,6 @@
 from ..fused.margin_softmax import softmax
 from ..reference.classification_losses import softmax_loss_dict
-from ._classification_common import cast_parameter, check_class_inputs, new_weight
+from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
@@ -26,10 +26,7 @@ class SoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
-        result = softmax(self, embeddings, labels, indices_tuple)
-        if isinstance(result, tuple):  # (loss_dict, backend)
-            self.add_weight_regularization_to_loss_dict(result[0], self.W.t())
-        return result
+        return fused_class_call(self, softmax, embeddings, labels, indices_tuple, self.W.t())
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
