@@ -1,15 +1,19 @@
-"""The Multi-Similarity miner's result: PML's 4-tuple, computed only if something reads it.
+"""A miner's result as PML's tuple, computed only if something reads it: the Multi-Similarity
+miner's pairs (`LazyMinedPairs`) and the Triplet-Margin miner's triplets (`LazyMinedTriplets`).
 
-`LazyMinedPairs` is a real `tuple` of four LongTensors (a1, p, a2, n), so everything PML's result
+`LazyMinedPairs` is a real `tuple` of four LongTensors (a1, p, a2, n) (`LazyMinedTriplets` of
+three, (a, p, n)), so everything PML's result
 allows works with it: unpacking, indexing, `torch.cat(pairs)`, `pairs + (...)`, `isinstance(pairs,
 tuple)`, PML's `convert_to_weights`, pickle / `torch.save` / `copy.deepcopy` (they give a plain
-tuple). Its four tensors are `PendingIndices`: placeholders whose values, all four at once, are
+tuple). Its tensors are `PendingIndices`: placeholders whose values, all at once, are
 computed the first time any torch function reads one of them (PML's miner, on a snapshot of the
 inputs taken at mining time).
 
-A fused MultiSimilarityLoss that gets the tuple reads none of them: it checks that its
+A fused MultiSimilarityLoss that gets the pairs reads none of them: it checks that its
 embeddings still hold the mined values and then mines inside its kernel with the snapshot's
-labels and epsilon, so the pair indices are never built (docs/ARCHITECTURE.md). The snapshot
+labels and epsilon, so the pair indices are never built (docs/ARCHITECTURE.md); a fused
+TripletMarginLoss does the same with the triplets (the miner's type and margin,
+`fused/triplet.py`). The snapshot
 (a copy of the embeddings and labels, O(N D)) makes the result independent of what happens
 between miner and loss, as PML's is: an in-place update of the embeddings or labels, a new
 `miner.epsilon`, mining on `emb.detach()`.
@@ -41,8 +45,8 @@ def _plain(tensor):
 
 
 class PendingIndices(torch.Tensor):
-    """One of the four index tensors of a LazyMinedPairs: an int64 tensor that computes its
-    values (with its three siblings) the first time a torch function reads it, then behaves as
+    """One of the index tensors of a LazyMined tuple: an int64 tensor that computes its
+    values (with its siblings) the first time a torch function reads it, then behaves as
     that tensor; operations on it return plain tensors."""
 
     _mining = None  # the _Mining that fills it
@@ -119,14 +123,15 @@ class _Snapshot:
 
 
 class _Mining:
-    """PML's MultiSimilarityMiner call, replayable: the miner's settings and a snapshot of its
-    inputs at mining time. `compute()` runs it (once) and fills the placeholders."""
+    """A miner's call, replayable: the miner's settings (`settings`, read at mining time), a
+    snapshot of its inputs and `mine(mining, query, ref, labels, ref_labels)`, PML's miner on them.
+    `compute()` runs it (once) and fills the placeholders."""
 
     result = None
 
-    def __init__(self, miner, embeddings, labels, ref_emb, ref_labels):
+    def __init__(self, miner, embeddings, labels, ref_emb, ref_labels, settings, mine):
         keep = (lambda t: t) if static_shapes() else (lambda t: t.clone())
-        self.epsilon = float(miner.epsilon)
+        self.settings, self.mine = settings, mine
         # (a shallow copy: its settings as at mining time; 5 us where a deep copy costs 70)
         self.distance = miner.distance if static_shapes() else copy.copy(miner.distance)
         # PML's miner: without ref_emb the batch is its own reference (ref_labels is labels then).
@@ -145,15 +150,12 @@ class _Mining:
 
     def compute(self):
         if self.result is None:
-            from ..reference.miners import multi_similarity_miner  # (the reference imports no fused code)
-
             query = self.query.mined_values()
             ref = query if self.ref is None else self.ref.mined_values()
             ref_labels = None if self.ref_labels_none else self.labels if self.ref_labels_same else self.ref_labels
             with torch.no_grad():
-                pairs = multi_similarity_miner(self.distance(query, ref), self.labels, ref_labels, self.epsilon,
-                                               self.distance.is_inverted, self.same_embeddings)
-            self.result = tuple(_plain(t) for t in pairs)
+                mined = self.mine(self, query, ref, self.labels, ref_labels)
+            self.result = tuple(_plain(t) for t in mined)
             for get_placeholder, values in zip(self.placeholders, self.result):
                 placeholder = get_placeholder()
                 if placeholder is not None:
@@ -161,9 +163,9 @@ class _Mining:
                         placeholder.set_(values)
         return self.result
 
-    def make_placeholders(self, device):
-        """The four PendingIndices: views of one empty allocation (one op, not four)."""
-        self.empty = torch.empty((4, 0), dtype=torch.long, device=device)
+    def make_placeholders(self, device, size):
+        """The `size` PendingIndices: views of one empty allocation (one op, not `size`)."""
+        self.empty = torch.empty((size, 0), dtype=torch.long, device=device)
         if type(self.empty) is not torch.Tensor:  # a tracing mode's tensor (make_fx, fake tensors):
             return self.empty.unbind(0)  # no subclass of it; only a fused loss can use the result there
         out = [t.as_subclass(PendingIndices) for t in self.empty.unbind(0)]
@@ -174,18 +176,30 @@ class _Mining:
         return out
 
 
-class LazyMinedPairs(tuple):
-    """(a1, p, a2, n) of MultiSimilarityMiner as PendingIndices (module docstring).
+class LazyMined(tuple):
+    """A miner's index tuple as PendingIndices (module docstring); the subclasses say which miner.
 
     `labels_as_given`: the miner's int64 labels for the caller's `given_labels` (a loss given
-    that very labels tensor reuses them). What a fused loss mines with: `epsilon`, `distance`,
-    `mining_labels()`, `exclude_diag`; `kernel_can_mine` says whether the kernel's one diagonal
-    rule matches the miner's.
+    that very labels tensor reuses them). What a fused loss mines with: the subclass's settings,
+    `distance`, `mining_labels()`, `exclude_diag`; `kernel_can_mine` says whether the kernel's one
+    diagonal rule matches the miner's.
     """
 
+    size = None  # the number of index tensors
+
+    @staticmethod
+    def settings(miner):
+        """The miner's settings the result depends on, read at mining time."""
+        raise NotImplementedError
+
+    @staticmethod
+    def mine(mining, query, ref, labels, ref_labels):
+        """PML's miner on the snapshot: the index tuple."""
+        raise NotImplementedError
+
     def __new__(cls, miner, embeddings, labels, ref_emb, ref_labels, given_labels=(None, None)):
-        mining = _Mining(miner, embeddings, labels, ref_emb, ref_labels)
-        self = super().__new__(cls, mining.make_placeholders(embeddings.device))
+        mining = _Mining(miner, embeddings, labels, ref_emb, ref_labels, cls.settings(miner), cls.mine)
+        self = super().__new__(cls, mining.make_placeholders(embeddings.device, cls.size))
         self.mining = mining
         self.given_labels = given_labels
         self.labels_as_given, self.ref_labels_as_given = labels, ref_labels
@@ -196,12 +210,8 @@ class LazyMinedPairs(tuple):
         return self.mining.result is not None
 
     def materialize(self):
-        """(a1, p, a2, n) as plain LongTensors: PML's miner on the mining-time inputs."""
+        """The index tuple as plain LongTensors: PML's miner on the mining-time inputs."""
         return self.mining.compute()
-
-    @property
-    def epsilon(self):
-        return self.mining.epsilon
 
     @property
     def distance(self):
@@ -248,8 +258,75 @@ class LazyMinedPairs(tuple):
 
     def __repr__(self):
         if not self.is_materialized:
-            return f"LazyMinedPairs(not computed yet, epsilon={self.epsilon})"
+            settings = ", ".join(f"{k}={v!r}" for k, v in self.mining.settings.items())
+            return f"{type(self).__name__}(not computed yet, {settings})"
         return repr(self.materialize())
+
+
+class LazyMinedPairs(LazyMined):
+    """(a1, p, a2, n) of MultiSimilarityMiner; a fused MultiSimilarityLoss mines with `epsilon`."""
+
+    size = 4
+
+    @staticmethod
+    def settings(miner):
+        return {"epsilon": float(miner.epsilon)}
+
+    @staticmethod
+    def mine(mining, query, ref, labels, ref_labels):
+        from ..reference.miners import multi_similarity_miner  # (the reference imports no fused code)
+
+        return multi_similarity_miner(mining.distance(query, ref), labels, ref_labels, mining.settings["epsilon"],
+                                      mining.distance.is_inverted, mining.same_embeddings)
+
+    @property
+    def epsilon(self):
+        return self.mining.settings["epsilon"]
+
+
+class LazyMinedTriplets(LazyMined):
+    """(a, p, n) of TripletMarginMiner; a fused TripletMarginLoss keeps the triplets of `window`
+    (the miner's type_of_triplets, PML treating any other string as "all") by `window_margin`."""
+
+    size = 3
+
+    @staticmethod
+    def settings(miner):
+        kind = miner.type_of_triplets if miner.type_of_triplets in ("hard", "semihard", "easy") else "all"
+        return {"margin": float(miner.margin), "type_of_triplets": kind}
+
+    @staticmethod
+    def mine(mining, query, ref, labels, ref_labels):
+        from ..reference.miners import triplet_margin_miner
+
+        return triplet_margin_miner(mining.distance(query, ref), labels, ref_labels, mining.settings["margin"],
+                                    mining.settings["type_of_triplets"], mining.distance.is_inverted)
+
+    @property
+    def window(self):
+        return self.mining.settings["type_of_triplets"]
+
+    @property
+    def window_margin(self):
+        return self.mining.settings["margin"]
+
+    @property
+    def distance_kind(self):
+        from .triplet import distance_kind
+        return distance_kind(self.mining.distance)
+
+    def count(self):
+        """The number of triplets (the miner's num_triplets) without listing them, unless listed."""
+        from .triplet import TripletRule, count_kept
+
+        if self.is_materialized:
+            return len(self.mining.result[0])
+        m = self.mining
+        query = _common.unit_rows(m.query.mined_values())
+        ref = query if m.ref is None else _common.unit_rows(m.ref.mined_values())
+        labels, ref_labels = self.mining_labels()
+        rule = TripletRule(0.0, False, self.distance_kind == "euclidean", self.window, self.window_margin)
+        return count_kept(query, ref, labels, ref_labels, rule, m.ref_labels_same)
 
 
 def _plain_tuple(items):

@@ -19,12 +19,12 @@ from ..reference.indices import convert_to_weights
 from ._common import branch_free, decline, is_unit_cosine, static_shapes, unit_rows
 from ._epilogue import _element, _engine_or_decline
 from .class_softmax import ClassLayout, EngineBlock, class_cross_entropy, class_lse, unit
-from .lazy_pairs import LazyMinedPairs
+from .lazy_pairs import LazyMined
 
 
 def miner_weights(indices_tuple, labels, dtype, using_ref=False):
     """PML's per-sample weights from a miner's tuple (all ones without one): O(N + tuples)."""
-    if isinstance(indices_tuple, LazyMinedPairs):
+    if isinstance(indices_tuple, LazyMined):
         indices_tuple = tuple(t.to(labels.device) for t in indices_tuple.materialize())
     return convert_to_weights(indices_tuple, labels, dtype=dtype, using_ref=using_ref)
 

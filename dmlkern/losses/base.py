@@ -22,7 +22,7 @@ import torch
 from .. import reducers as _reducers
 from .._validation import prepare_inputs
 from ..distances import LpDistance
-from ..fused.lazy_pairs import LazyMinedPairs
+from ..fused.lazy_pairs import LazyMined
 from ..fused._epilogue import ZERO_LOSS
 from ..reference.embedding_losses import pair_masks, pair_setup
 from ..utils.common_functions import RecordsMixin
@@ -204,7 +204,7 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """Returns the reduced loss (a 0-dim tensor), or the loss dict with DoNothingReducer."""
-        lazy = indices_tuple if isinstance(indices_tuple, LazyMinedPairs) else None
+        lazy = indices_tuple if isinstance(indices_tuple, LazyMined) else None
         if lazy is not None and not lazy.shape_matches(embeddings, embeddings if ref_emb is None else ref_emb):
             lazy = None  # pairs mined on a batch of another size: validated as any indices_tuple
         if lazy is not None:  # the miner's labels, already int64 on the device, when these are them

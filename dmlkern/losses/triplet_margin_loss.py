@@ -2,8 +2,11 @@
 
 ``swap`` uses ``min(d_an, d_pn)``; ``smooth_loss`` uses softplus; ``triplets_per_anchor`` is
 "all" or the number of random triplets per anchor. Default reducer: AvgNonZeroReducer.
+Over every triplet, or a TripletMarginMiner's result on the same inputs, the fused path
+(`fused/triplet.py`) never lists the triplets.
 """
 
+from ..fused.triplet import triplet_margin
 from ..reducers import AvgNonZeroReducer
 from ..reference import embedding_losses as R
 from .base import BaseMetricLossFunction
@@ -19,6 +22,9 @@ class TripletMarginLoss(BaseMetricLossFunction):
         self.smooth_loss = smooth_loss
         self.triplets_per_anchor = triplets_per_anchor
         self.add_to_recordable_attributes(list_of_names=["margin"], is_stat=False)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return triplet_margin(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.triplet_margin_loss_dict(

@@ -67,6 +67,23 @@ class BaseMiner(RecordsMixin, torch.nn.Module):
         self.output_assertion(out)
         return out
 
+    def lazy_forward(self, lazy_type, embeddings, labels, ref_emb, ref_labels):
+        """forward's checks and label mapping, then a `lazy_type` (fused/lazy_pairs.py) instead of the
+        indices: a snapshot of the inputs, mined only when something reads it."""
+        from .._tracing import static_shapes
+
+        self.reset_stats()
+        with torch.no_grad():
+            validate_inputs(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
+            # As the loss will see them (int64, on the embeddings' device); a loss given the caller's
+            # very tensor takes these (the identity check the fused loss makes under torch.compile).
+            # one id mapping for both (float labels: ids equal where PML's == holds)
+            ids, ref_ids = class_id_pair(labels, None if ref_emb is None else ref_labels, embeddings.device)
+            lazy = lazy_type(self, embeddings, ids, ref_emb, ref_ids, given_labels=(labels, ref_labels))
+            if self.distance.collect_stats and not static_shapes():  # PML's miner calls its distance
+                self.distance.record_stats(embeddings, embeddings if ref_emb is None else ref_emb)
+        return lazy
+
 
 class BaseTupleMiner(BaseMiner):
     """A miner returning pair or triplet index tuples (every miner here)."""

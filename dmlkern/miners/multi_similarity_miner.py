@@ -1,7 +1,6 @@
 import torch
 
 from .._tracing import static_shapes
-from .._validation import class_id_pair, validate_inputs
 from ..distances import CosineSimilarity
 from ..fused._common import engine_backend, is_unit_cosine
 from ..fused.lazy_pairs import LazyMinedPairs
@@ -64,16 +63,7 @@ class MultiSimilarityMiner(BaseTupleMiner):
                    and engine_backend(embeddings, "auto") is not None)
         if not lazy_ok:
             return super().forward(embeddings, labels, ref_emb, ref_labels)
-        self.reset_stats()
-        with torch.no_grad():
-            validate_inputs(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
-            # As the loss will see them (int64, on the embeddings' device); a loss given the caller's
-            # very tensor takes these (the identity check the fused loss makes under torch.compile).
-            # one id mapping for both (float labels: ids equal where PML's == holds)
-            ids, ref_ids = class_id_pair(labels, None if ref_emb is None else ref_labels, embeddings.device)
-            lazy = LazyMinedPairs(self, embeddings, ids, ref_emb, ref_ids, given_labels=(labels, ref_labels))
-            if self.distance.collect_stats and not static_shapes():  # PML's miner calls its distance
-                self.distance.record_stats(embeddings, embeddings if ref_emb is None else ref_emb)
+        lazy = self.lazy_forward(LazyMinedPairs, embeddings, labels, ref_emb, ref_labels)
         if not static_shapes():  # (under torch.compile the counts are not kept)
             self._uncounted = lazy
         return lazy

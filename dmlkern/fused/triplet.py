@@ -1,0 +1,311 @@
+"""TripletMarginLoss over every triplet, or over the triplets a TripletMarginMiner keeps, without
+listing them.
+
+For an anchor a, a positive p and a negative n, with e the distance (larger = farther: the
+unit-Euclidean distance, or minus the cosine similarity) and t = e_an - e_ap (the miner's
+"triplet margin"), the loss term is relu(margin - t) (softplus with `smooth_loss`), and the miner
+keeps t <= m ("all"), t <= min(m, 0) ("hard"), 0 < t <= m ("semihard") or t > m ("easy").
+The reducers need only three totals over the kept triplets: the sum of the terms, how many are
+non-zero (AvgNonZeroReducer) and how many there are (MeanReducer).
+
+The rows are walked in blocks of ~1M pair values (`_BLOCK_VALUES`): each block computes its
+similarity rows S = x_b @ yᵀ (deterministic `ops.fixed_mm`), then, one positive "slot" at a
+time (the j-th positive of every row of the block), compares the row's distance to that
+positive with all of its negatives. Work O(N · P · M) for P positives per row (the number of
+triplets), memory O(B · M + N · D); no N x M buffer, no triplet list. The backward recomputes
+each block: dL/de_an = -w, dL/de_ap = sum_n w (w = the upstream gradient where the term is
+kept and positive, or times its sigmoid with `smooth_loss`), then grad_x[b] = G_b @ y and
+grad_y += G_bᵀ @ x_b, the blocks added in order: bit-identical at any CPU thread count.
+Plain PyTorch ops: the same code runs on every device.
+"""
+from typing import NamedTuple
+
+import torch
+
+from .._autograd import applier
+from .._determinism import fixed_order_sum
+from .._tracing import static_shapes
+from ..engine_spec import stats_dtype
+from ..ops import pair_engine as pe
+from ..ops.fixed_mm_op import fixed_mm
+from . import _common
+from ._common import decline, is_unit_cosine, is_unit_euclidean, unit_rows
+from ._epilogue import SHORT_ROWS, ZERO_LOSS
+
+_BLOCK_VALUES = 1 << 20  # pair values per row block (4 MiB in fp32); a few such buffers live at once
+BACKEND = "blocked"  # what `last_backend` says: plain PyTorch ops on row blocks, any device
+
+
+class TripletRule(NamedTuple):
+    """Which triplets count and what each one costs."""
+    margin: float  # the loss's margin
+    smooth: bool  # softplus(margin - t) instead of relu(margin - t)
+    euclidean: bool  # e = the unit-Euclidean distance; else e = -cosine similarity
+    window: str  # "every" (no miner) or the miner's type_of_triplets ("all", "hard", "semihard", "easy")
+    window_margin: float = 0.0  # the miner's margin
+
+
+def _farness(s, euclidean):
+    """e from the similarity s: the unit-Euclidean distance sqrt(max(2 - 2s, 0)), or -s."""
+    return torch.sqrt(torch.clamp(2 - 2 * s, min=0)) if euclidean else -s
+
+
+def _mined(t, rule):
+    """The miner's condition on t = e_an - e_ap (PML's comparisons, in the same order), or None."""
+    if rule.window == "every":
+        return None
+    m = rule.window_margin
+    if rule.window == "easy":
+        return t > m
+    keep = t <= m
+    if rule.window == "hard":
+        keep &= t <= 0
+    elif rule.window == "semihard":
+        keep &= t > 0
+    return keep
+
+
+def _term(viol, smooth):
+    """relu(viol), or F.softplus(viol) (beta 1, threshold 20) from exp and log1p."""
+    if not smooth:
+        return torch.relu(viol)
+    return torch.where(viol > 20, viol, torch.log1p(torch.exp(torch.clamp(viol, max=20))))
+
+
+def _term_slope(viol, smooth):
+    if not smooth:
+        return (viol > 0).to(viol.dtype)
+    z = torch.exp(torch.clamp(viol, max=20))
+    return torch.where(viol > 20, 1.0, z / (z + 1))
+
+
+def _row_sums(t):
+    """Per-row sums whose bits don't depend on the CPU thread count (torch splits a reduction with
+    one output over threads; with several outputs each output has one thread)."""
+    if t.shape[0] == 1:
+        return fixed_order_sum(t).reshape(1)
+    return t.sum(dim=1)
+
+
+def _positive_slots(pos):
+    """(cols, valid), each (B, P): the column of each row's j-th positive, P the most positives
+    of any row of the block (valid marks the real ones)."""
+    rows, cols = pos.nonzero(as_tuple=True)
+    counts = pos.sum(dim=1)
+    num_slots = int(counts.max()) if rows.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=pos.device) - starts[rows]
+    slot_cols = torch.zeros(pos.shape[0], num_slots, dtype=torch.long, device=pos.device)
+    valid = torch.zeros(pos.shape[0], num_slots, dtype=torch.bool, device=pos.device)
+    slot_cols[rows, slot] = cols
+    valid[rows, slot] = True
+    return slot_cols, valid
+
+
+def _block_masks(labels_b, ref_labels, row0, exclude_diag):
+    same = labels_b[:, None] == ref_labels[None, :]
+    pos = same.clone()
+    if exclude_diag:
+        rows = torch.arange(len(labels_b), device=same.device)
+        pos[rows, rows + row0] = False
+    return pos, ~same
+
+
+def row_blocks(n, m):
+    step = max(1, _BLOCK_VALUES // max(1, m))
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+def _block_pass(xb, y, labels_b, ref_labels, row0, rule, exclude_diag, grad=None):
+    """One row block. Forward (grad None): per-row (sum of kept terms, non-zero kept terms, kept
+    triplets). Backward (grad: the upstream gradient of the total): dL/ds for the block's rows."""
+    s = fixed_mm(xb, y)
+    e = _farness(s, rule.euclidean)
+    pos, neg = _block_masks(labels_b, ref_labels, row0, exclude_diag)
+    slot_cols, valid = _positive_slots(pos)
+    B = xb.shape[0]
+    if grad is None:
+        total = torch.zeros(B, dtype=e.dtype, device=e.device)
+        nonzero = torch.zeros(B, dtype=torch.long, device=e.device)
+        kept = torch.zeros(B, dtype=torch.long, device=e.device)
+    else:
+        g_e = torch.zeros_like(e)
+    for j in range(slot_cols.shape[1]):
+        col = slot_cols[:, j:j + 1]
+        t = e - e.gather(1, col)  # e_an - e_ap, every column (only negatives are kept)
+        keep = neg & valid[:, j:j + 1]
+        mined = _mined(t, rule)
+        if mined is not None:
+            keep &= mined
+        viol = rule.margin - t  # = (e_ap - e_an) + margin exactly
+        if grad is None:
+            term = _term(viol, rule.smooth)
+            total += _row_sums(torch.where(keep, term, 0.0))
+            nonzero += (keep & (term > 0)).sum(dim=1)
+            kept += keep.sum(dim=1)
+        else:
+            w = torch.where(keep, _term_slope(viol, rule.smooth) * grad, 0.0)
+            g_e -= w
+            # one column per row: no two writes meet, so the order can't matter
+            g_e.scatter_add_(1, col, _row_sums(w).unsqueeze(1))
+    if grad is None:
+        return total, nonzero, kept
+    if not rule.euclidean:
+        return -g_e
+    d = e  # dd/ds = -1/d, and 0 where d = 0 (the engine's convention)
+    return torch.where(d > 0, -g_e / torch.where(d > 0, d, 1.0), 0.0)
+
+
+def _totals(x, y, labels, ref_labels, rule, exclude_diag):
+    """(sum of the kept terms, number non-zero, number kept) over all rows, without autograd."""
+    sums, nonzeros, kepts = [], [], []
+    for r0, r1 in row_blocks(x.shape[0], y.shape[0]):
+        total, nonzero, kept = _block_pass(x[r0:r1], y, labels[r0:r1], ref_labels, r0, rule, exclude_diag)
+        sums.append(total)
+        nonzeros.append(nonzero)
+        kepts.append(kept)
+    return fixed_order_sum(torch.cat(sums)), torch.cat(nonzeros).sum(), torch.cat(kepts).sum()
+
+
+def count_kept(x, y, labels, ref_labels, rule, exclude_diag):
+    """How many triplets the rule keeps (the miner's num_triplets), without listing them."""
+    with torch.no_grad():
+        return int(_totals(x, y, labels, ref_labels, rule, exclude_diag)[2])
+
+
+def _materialised_total(x, y, labels, ref_labels, rule, exclude_diag):
+    """The total with autograd through plain ops, all rows as one block (N x M memory): the
+    differentiable gradient for create_graph=True."""
+    def farness(s):
+        # the kernels' convention at d = 0: no gradient (sqrt's would be infinite)
+        if not rule.euclidean:
+            return -s
+        inner = torch.clamp(2 - 2 * s, min=0)
+        return torch.where(inner > 0, torch.sqrt(torch.where(inner > 0, inner, 1.0)), 0.0)
+    e = farness(x @ y.T)
+    pos, neg = _block_masks(labels, ref_labels, 0, exclude_diag)
+    t = e.unsqueeze(1) - e.unsqueeze(2)  # [a, p, n] = e_an - e_ap
+    keep = pos.unsqueeze(2) & neg.unsqueeze(1)
+    mined = _mined(t, rule)
+    if mined is not None:
+        keep &= mined
+    return torch.where(keep, _term(rule.margin - t, rule.smooth), 0.0).sum()
+
+
+class _TripletTotals(torch.autograd.Function):
+    """(total, nonzero, kept) over the kept triplets; only `total` is differentiable."""
+
+    @staticmethod
+    def forward(x, y, labels, ref_labels, rule, exclude_diag):
+        y = x if y is None else y  # (None: y is x; torch.compile can't take one tensor twice)
+        return _totals(x, y, labels, ref_labels, rule, exclude_diag)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, labels, ref_labels, rule, exclude_diag = inputs
+        ctx.self_pairs = y is None
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, x if y is None else y, labels, ref_labels)
+        ctx.config = (rule, exclude_diag)
+
+    @staticmethod
+    def backward(ctx, grad, _g_nonzero, _g_kept):
+        x, y, labels, ref_labels = ctx.saved_tensors
+        rule, exclude_diag = ctx.config
+        if grad is None:
+            return None, None, None, None, None, None
+        if pe.backward_needs_graph(x):
+            grads = pe.reference_gradient(
+                lambda x, y: _materialised_total(x, y, labels, ref_labels, rule, exclude_diag),
+                (x, y), ctx.needs_input_grad[:2], grad)
+            return (*grads, None, None, None, None)
+        with torch.no_grad():
+            grad_x = torch.empty_like(x)
+            grad_y = torch.zeros_like(y)
+            g = grad.to(x.dtype)
+            for r0, r1 in row_blocks(x.shape[0], y.shape[0]):
+                g_s = _block_pass(x[r0:r1], y, labels[r0:r1], ref_labels, r0, rule, exclude_diag, grad=g)
+                grad_x[r0:r1] = fixed_mm(g_s, y.T)
+                grad_y += fixed_mm(g_s.T, x[r0:r1].T)
+        if ctx.self_pairs:
+            return grad_x + grad_y, None, None, None, None, None
+        return grad_x, grad_y, None, None, None, None
+
+
+triplet_totals = applier(_TripletTotals)
+
+
+def _reduction(reducer):
+    """"nonzero" (AvgNonZeroReducer), "mean" (MeanReducer) or "sum" (SumReducer) without stats
+    collection: the loss is then a ratio of the totals. None for any other reducer."""
+    from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
+
+    if getattr(reducer, "collect_stats", True):
+        return None
+    if type(reducer) is AvgNonZeroReducer and reducer.low == 0 and reducer.high is None:
+        return "nonzero"
+    return {MeanReducer: "mean", SumReducer: "sum"}.get(type(reducer))
+
+
+def distance_kind(distance):
+    """"euclidean" / "cosine" when the blocked path expresses the distance, else None."""
+    if is_unit_euclidean(distance):
+        return "euclidean"
+    if is_unit_cosine(distance):
+        return "cosine"
+    return None
+
+
+def triplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """The fused TripletMarginLoss: every triplet (triplets_per_anchor="all", no indices_tuple), or
+    a TripletMarginMiner's lazy result mined on these very inputs; else None (the reference)."""
+    from .lazy_pairs import LazyMinedTriplets
+
+    if pe.choose_backend(module.backend, embeddings.device) == "reference":
+        return decline(module, "backend='reference' requested (loss.backend or DMLKERN_BACKEND)")
+    if labels is None:
+        return decline(module, "no labels (triplets from indices_tuple only)")
+    if module.swap:
+        return decline(module, "swap=True (the positive-negative distances)")
+    if module.triplets_per_anchor != "all" and indices_tuple is None:
+        return decline(module, "triplets_per_anchor other than 'all' (random triplets)")
+    kind = distance_kind(module.distance)
+    if kind is None or module.distance.collect_stats:
+        return decline(module, f"distance {type(module.distance).__name__} (or its collect_stats)")
+    reduction = _reduction(module.reducer)
+    if reduction is None:
+        return decline(module, f"{type(module.reducer).__name__} (needs the per-triplet losses)")
+    if static_shapes():
+        return decline(module, "torch.compile (the blocked triplet path has data-dependent shapes)")
+    if embeddings.dtype not in (torch.float32, torch.float64):
+        return decline(module, f"dtype {embeddings.dtype} (the blocked triplet path runs fp32 / fp64)")
+    window, window_margin = "every", 0.0
+    if indices_tuple is not None:
+        lazy = indices_tuple if isinstance(indices_tuple, LazyMinedTriplets) else None
+        if lazy is None:
+            return decline(module, "an indices_tuple (not a TripletMarginMiner's result on these inputs)")
+        if not (lazy.distance_kind == kind and lazy.kernel_can_mine and lazy.holds_inputs(embeddings, ref_emb)):
+            return decline(module, "the miner's result was mined on other inputs or with another distance")
+        labels, ref_labels = lazy.mining_labels()
+        window, window_margin = lazy.window, lazy.window_margin
+    if kind == "euclidean" and _common.has_short_rows(embeddings, ref_emb):
+        return decline(module, SHORT_ROWS)
+    rule = TripletRule(float(module.margin), bool(module.smooth_loss), kind == "euclidean", window, window_margin)
+    exclude_diag = ref_labels is labels
+    x = unit_rows(embeddings).to(stats_dtype(embeddings.dtype))
+    y = None if ref_emb is embeddings else unit_rows(ref_emb).to(x.dtype)
+    backend = BACKEND
+    total, nonzero, kept = triplet_totals(x, y, labels, ref_labels, rule, exclude_diag)
+    if int(kept) == 0:
+        return ZERO_LOSS  # no triplet: PML's zero_losses
+    if reduction == "nonzero" and bool(torch.isnan(total)):
+        return decline(module, "NaN triplet losses (AvgNonZeroReducer drops them: needs the list)")
+    if reduction == "nonzero":
+        loss = total / nonzero if int(nonzero) > 0 else module.reducer.zero_loss(embeddings).to(total.dtype)
+    elif reduction == "mean":
+        loss = total / kept
+    else:
+        loss = total
+    return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}, backend

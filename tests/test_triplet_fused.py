@@ -1,0 +1,212 @@
+"""The fused TripletMarginLoss (dmlkern/fused/triplet.py): every triplet, or a TripletMarginMiner's
+lazy result, without listing the triplets; against PML 2.9.0 itself and the reference path."""
+import copy
+import pickle
+
+import pytest
+import torch
+import pytorch_metric_learning.losses as pml_losses
+import pytorch_metric_learning.miners as pml_miners
+from pytorch_metric_learning import distances as pml_distances
+
+import dmlkern.fused.triplet as fused_triplet
+from dmlkern import distances, losses, miners
+from dmlkern.fused.lazy_pairs import LazyMinedTriplets
+from dmlkern.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
+from _peak_rss import peak_rss_growth_mib
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+MINER_KINDS = [None, "all", "hard", "semihard", "easy"]
+# (N, classes, ref rows or None). Degenerate: one sample, one class, no positives.
+CASES = [(1, 1, None), (12, 1, None), (9, 9, None), (37, 5, None), (61, 7, 45)]
+
+
+def _inputs(n, classes, ref_rows, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    if ref_rows is None:
+        return x, labels, None, None
+    ref = torch.randn(ref_rows, 12, generator=g, dtype=torch.float64).to(dtype)
+    return x, labels, ref, torch.randint(0, classes, (ref_rows,), generator=g)
+
+
+def _grads(lib, loss_kw, miner_kw, x, labels, ref, ref_labels, distance=None):
+    """(value, grad x, grad ref) of lib's TripletMarginLoss (with lib's miner when miner_kw)."""
+    L, M, D = (losses, miners, distances) if lib == "dmlkern" else (pml_losses, pml_miners, pml_distances)
+    dist = None if distance is None else getattr(D, distance)()
+    x = x.clone().requires_grad_(True)
+    ref = None if ref is None else ref.clone().requires_grad_(True)
+    loss_fn = L.TripletMarginLoss(**loss_kw, **({} if dist is None else {"distance": dist}))
+    mined = None
+    if miner_kw is not None:
+        miner = M.TripletMarginMiner(**miner_kw, **({} if dist is None else {"distance": copy.deepcopy(dist)}))
+        mined = miner(x, labels, ref, ref_labels)
+    value = loss_fn(x, labels, mined, ref, ref_labels)
+    wrt = [x] + ([ref] if ref is not None else [])
+    grads = torch.autograd.grad(value, wrt, allow_unused=True) if value.requires_grad else [None] * len(wrt)
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+    return value.detach(), grads, loss_fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("distance", [None, "CosineSimilarity"])
+@pytest.mark.parametrize("kind", MINER_KINDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}c{c[1]}r{c[2]}")
+def test_matches_pml(case, kind, distance, dtype):
+    x, labels, ref, ref_labels = _inputs(*case, dtype)
+    miner_kw = None if kind is None else {"type_of_triplets": kind, "margin": 0.1 if kind == "easy" else 0.2}
+    for loss_kw in ({"margin": 0.3}, {"margin": 0.05, "smooth_loss": True}):
+        ours, our_grads, loss_fn = _grads("dmlkern", loss_kw, miner_kw, x, labels, ref, ref_labels, distance)
+        want, want_grads, _ = _grads("pml", loss_kw, miner_kw, x, labels, ref, ref_labels, distance)
+        assert loss_fn.last_backend in ("blocked", "zero"), loss_fn.last_fallback
+        torch.testing.assert_close(ours, want, **TOL[dtype])
+        for g, w in zip(our_grads, want_grads):
+            torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+@pytest.mark.parametrize("reducer", [MeanReducer, SumReducer, AvgNonZeroReducer])
+def test_reducers_match_the_reference(reducer):
+    x, labels, _, _ = _inputs(45, 6, None, torch.float64, seed=3)
+    results = []
+    for backend in ("auto", "reference"):
+        xx = x.clone().requires_grad_(True)
+        loss_fn = losses.TripletMarginLoss(margin=0.4, reducer=reducer())
+        loss_fn.backend = backend
+        value = loss_fn(xx, labels, miners.TripletMarginMiner(type_of_triplets="semihard")(xx, labels))
+        results.append((value.detach(), torch.autograd.grad(value, xx)[0], loss_fn.last_backend))
+    (v, g, b), (rv, rg, rb) = results
+    assert (b, rb) == ("blocked", "reference")
+    torch.testing.assert_close(v, rv, **TOL[torch.float64])
+    torch.testing.assert_close(g, rg, **TOL[torch.float64])
+
+
+def test_forced_small_blocks_and_many_positives(monkeypatch):
+    """Several row blocks of a few rows each, rows with many positives (slots), odd sizes."""
+    monkeypatch.setattr(fused_triplet, "_BLOCK_VALUES", 3 * 53)
+    x, labels, _, _ = _inputs(53, 2, None, torch.float64, seed=5)
+    for kind in MINER_KINDS:
+        miner_kw = None if kind is None else {"type_of_triplets": kind}
+        ours, (g,), loss_fn = _grads("dmlkern", {}, miner_kw, x, labels, None, None)
+        want, (w,), _ = _grads("pml", {}, miner_kw, x, labels, None, None)
+        assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
+        torch.testing.assert_close(ours, want, **TOL[torch.float64])
+        torch.testing.assert_close(g, w, **TOL[torch.float64])
+
+
+def test_gradcheck_fp64():
+    x, labels, ref, ref_labels = _inputs(14, 3, 11, torch.float64, seed=7)
+    for smooth in (False, True):
+        loss_fn = losses.TripletMarginLoss(margin=0.7, smooth_loss=smooth)
+
+        def f(x, ref):
+            return loss_fn(x, labels, None, ref, ref_labels)
+        assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(True), ref.clone().requires_grad_(True)))
+        assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
+
+
+def test_double_backward_matches_the_reference():
+    x, labels, _, _ = _inputs(15, 3, None, torch.float64, seed=9)
+    v = torch.randn_like(x)
+    hvps = []
+    for backend in ("auto", "reference"):
+        xx = x.clone().requires_grad_(True)
+        loss_fn = losses.TripletMarginLoss(margin=0.5, smooth_loss=True)
+        loss_fn.backend = backend
+        (g,) = torch.autograd.grad(loss_fn(xx, labels), xx, create_graph=True)
+        hvps.append(torch.autograd.grad((g * v).sum(), xx)[0])
+    torch.testing.assert_close(hvps[0], hvps[1], **TOL[torch.float64])
+
+
+def test_bit_identical_across_thread_counts():
+    x, labels, _, _ = _inputs(300, 20, None, torch.float32, seed=11)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4, 1):
+            torch.set_num_threads(threads)
+            for kind in (None, "semihard"):
+                miner_kw = None if kind is None else {"type_of_triplets": kind}
+                value, (g,), loss_fn = _grads("dmlkern", {"smooth_loss": kind is None}, miner_kw, x, labels, None, None)
+                assert loss_fn.last_backend == "blocked"
+                results.append((threads, kind, value, g))
+    finally:
+        torch.set_num_threads(before)
+    first = {kind: (v, g) for t, kind, v, g in results if t == 1}
+    for _, kind, v, g in results:
+        assert torch.equal(v, first[kind][0]) and torch.equal(g, first[kind][1])
+
+
+def test_nan_embeddings_follow_pml():
+    x, labels, _, _ = _inputs(20, 4, None, torch.float64, seed=13)
+    x[3, 2] = float("nan")
+    for kind in (None, "semihard"):
+        miner_kw = None if kind is None else {"type_of_triplets": kind}
+        ours, _, _ = _grads("dmlkern", {}, miner_kw, x, labels, None, None)
+        want, _, _ = _grads("pml", {}, miner_kw, x, labels, None, None)
+        torch.testing.assert_close(ours, want, equal_nan=True, **TOL[torch.float64])
+
+
+def test_lazy_triplets_are_pmls_tuple_when_read():
+    x, labels, _, _ = _inputs(30, 4, None, torch.float32, seed=17)
+    ours = miners.TripletMarginMiner(type_of_triplets="semihard")
+    theirs = pml_miners.TripletMarginMiner(type_of_triplets="semihard")
+    lazy = ours(x, labels)
+    assert isinstance(lazy, LazyMinedTriplets) and isinstance(lazy, tuple) and not lazy.is_materialized
+    assert "not computed" in repr(lazy)
+    want = theirs(x, labels)
+    assert ours.num_triplets == theirs.num_triplets == len(want[0])  # counted without listing
+    assert not lazy.is_materialized
+    a, p, n = lazy
+    assert all(torch.equal(u, w) for u, w in zip((a, p, n), want))
+    assert all(torch.equal(u, w) for u, w in zip(pickle.loads(pickle.dumps(lazy)), want))
+    assert type(pickle.loads(pickle.dumps(lazy))) is tuple
+
+
+def test_lazy_triplets_on_changed_inputs_run_the_reference():
+    """The miner's result describes the inputs at mining time: a loss on other values (an
+    in-place update after mining) uses the listed triplets, as PML would."""
+    x, labels, _, _ = _inputs(30, 4, None, torch.float64, seed=19)
+    mined = miners.TripletMarginMiner(type_of_triplets="semihard")(x, labels)
+    want_triplets = pml_miners.TripletMarginMiner(type_of_triplets="semihard")(x, labels)
+    x2 = x + 0.01 * torch.randn_like(x)
+    loss_fn = losses.TripletMarginLoss()
+    value = loss_fn(x2, labels, mined)
+    assert loss_fn.last_backend == "reference"
+    want = pml_losses.TripletMarginLoss()(x2, labels, want_triplets)
+    torch.testing.assert_close(value, want, **TOL[torch.float64])
+
+
+def test_unfusable_configurations_use_the_reference():
+    x, labels, _, _ = _inputs(20, 4, None, torch.float64, seed=23)
+    for kw, why in (({"swap": True}, "swap"), ({"triplets_per_anchor": 3}, "random")):
+        loss_fn = losses.TripletMarginLoss(**kw)
+        loss_fn(x, labels)
+        assert loss_fn.last_backend == "reference" and why in loss_fn.last_fallback, loss_fn.last_fallback
+    loss_fn = losses.TripletMarginLoss(distance=distances.LpDistance(power=2))
+    loss_fn(x, labels)
+    assert loss_fn.last_backend == "reference"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [None, "semihard"])
+def test_memory_is_linear_in_n(kind):
+    """fwd+bwd at N=16384, D=128 grows peak RSS by < 256 MiB (PML lists ~2e8 triplets here),
+    measured in a fresh process (VmHWM against VmRSS before the call)."""
+    growth_mib = peak_rss_growth_mib(
+        setup=f"""
+            torch.manual_seed(0)
+            n, d = 16384, 128
+            x = torch.randn(n, d, requires_grad=True)
+            labels = torch.randint(0, n // 4, (n,))
+            loss_fn = losses.TripletMarginLoss()
+            kind = {kind!r}
+        """,
+        measured="""
+            mined = None if kind is None else miners.TripletMarginMiner(type_of_triplets=kind)(x, labels)
+            loss = loss_fn(x, labels, mined)
+            loss.backward()
+            assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
+            assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        """)
+    assert growth_mib < 256, f"peak RSS grew by {growth_mib:.0f} MiB"
