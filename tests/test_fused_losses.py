@@ -32,6 +32,8 @@ LOSSES = {
                                                                   reducer=AvgNonZeroReducer()),
     "npairs": lambda c, d: losses.NPairsLoss(),
     "proxy_anchor": lambda c, d: losses.ProxyAnchorLoss(c, d, margin=0.1, alpha=16),
+    "nca": lambda c, d: losses.NCALoss(softmax_scale=2),
+    "tuplet_margin": lambda c, d: losses.TupletMarginLoss(margin=5.73, scale=16),
 }
 NO_REF_EMB = {"npairs", "proxy_anchor", "lifted", "lifted_avg_nonzero"}  # lifted with ref_emb: the reference
 
@@ -196,7 +198,7 @@ def test_half_precision_on_cpu_runs_the_reference():
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(20, 8, generator=g).to(dtype)
         for name in LOSSES:
-            if dtype == torch.bfloat16 and "lifted" in name:
+            if dtype == torch.bfloat16 and ("lifted" in name or name == "nca"):
                 continue  # their LpDistance reference uses torch.cdist: no bf16 on CPU (PML fails alike)
             torch.manual_seed(0)
             loss_fn = LOSSES[name](3, 8).to(dtype)
@@ -530,6 +532,8 @@ MEMORY_LOSSES = {  # constructor, labels (n = 16384): the default configuration 
     "generalized_lifted": ("losses.GeneralizedLiftedStructureLoss()", "torch.randint(0, n // 8, (n,))"),
     "npairs": ("losses.NPairsLoss()", "torch.randint(0, n // 2, (n,))"),
     "proxy_anchor": ("losses.ProxyAnchorLoss(n // 8, d)", "torch.randint(0, n // 8, (n,))"),
+    "nca": ("losses.NCALoss()", "torch.randint(0, n // 8, (n,))"),
+    "tuplet_margin": ("losses.TupletMarginLoss()", "torch.randint(0, n // 8, (n,))"),
 }
 
 

@@ -6,6 +6,7 @@ Deviation: when no row has a positive, the loss is the grad-carrying zero (PML: 
 """
 
 from ..distances import LpDistance
+from ..fused.nca import nca
 from ..reference import embedding_losses as R
 from .base import BaseMetricLossFunction
 
@@ -18,6 +19,9 @@ class NCALoss(BaseMetricLossFunction):
         super().__init__(**kwargs)
         self.softmax_scale = softmax_scale
         self.add_to_recordable_attributes(list_of_names=["softmax_scale"], is_stat=False)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return nca(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.nca_loss_dict(

@@ -9,6 +9,8 @@ import math
 import torch
 
 from ..distances import CosineSimilarity
+from ..fused import _stats as fused_stats
+from ..fused.tuplet import tuplet_margin
 from ..reference import embedding_losses as R
 from ._stats import degrees_mean_acos
 from .base import GenericPairLoss
@@ -22,6 +24,9 @@ class TupletMarginLoss(GenericPairLoss):
         self.scale = scale
         self.add_to_recordable_attributes(list_of_names=["margin", "scale"], is_stat=False)
         self.add_to_recordable_attributes(list_of_names=["avg_pos_angle", "avg_neg_angle"], is_stat=True)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return fused_stats.pair_loss(tuplet_margin, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.reset_stats()

@@ -1,0 +1,88 @@
+"""NCA on the engine: one lse2 pass. PML's row i is -log sum_{same label} softmax_j(scale * mat_ij)
+with the diagonal excluded when the references are the batch itself; with lse_pos / lse_neg the
+log-sum-exps of the logits over the same-label / other-label references, that is
+logaddexp(lse_pos, lse_neg) - lse_pos = log(1 + e^(lse_neg - lse_pos)).
+
+| distance | mat | logit = sc * v + off (engine) |
+| --- | --- | --- |
+| LpDistance(power=2), the default | -d^2 = -(2 - 2s) | sc = 2 scale, off = -2 scale on s |
+| CosineSimilarity (normalised) | s | sc = scale on s |
+| LpDistance() (power 1) | -d | sc = -scale on v = d (transform 1) |
+
+PML drops the rows whose positive probability is exactly 0 (no positive, or an underflow past
+~104 in fp32 / ~745 in fp64). Here a row is dropped when it has no positive or when
+exp(-loss) is 0 in the embeddings' dtype (as the fused ProxyNCA does). Residual deviation: PML
+rounds each positive's probability to the dtype before summing them, so a row whose positives
+are each below the smallest subnormal but whose sum is not (or the reverse at the subnormal
+boundary) is dropped by one side only; its loss is ~104 (fp32) either way.
+
+Eager on the CPU the per-row dict of the kept rows is returned, as the reference's. On CUDA and
+under torch.compile (no host sync, static shapes) the default MeanReducer gets the mean over the
+kept rows already reduced; other reducers read the kept rows on the host on CUDA (eager) and run
+the reference under torch.compile."""
+import torch
+
+from .._determinism import fixed_order_sum
+from ..engine_spec import TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams
+from . import _common, _stats
+from ._common import Degenerate, branch_free, decline, is_plain_mean, is_unit_cosine, is_unit_euclidean, static_shapes
+from ._epilogue import SHORT_ROWS, ZERO_LOSS, _element, _log1p_exp, _lse2, _pair_inputs, _plain_backend
+from .proxy_nca import _is_unit_squared_euclidean
+
+
+def _logits(distance, scale):
+    """(transform, sc, off): PML's logits scale * mat as sc * v + off on the engine, or None."""
+    if _is_unit_squared_euclidean(distance):
+        return TRANSFORM_DOT, 2 * scale, -2 * scale
+    if is_unit_cosine(distance):
+        return TRANSFORM_DOT, scale, 0.0
+    if is_unit_euclidean(distance):
+        return TRANSFORM_UNIT_DISTANCE, -scale, 0.0
+    return None
+
+
+def _supported(distance):
+    return _logits(distance, 1.0) is not None
+
+
+def nca(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, _supported)
+    if backend is None:
+        return None
+    degenerate = Degenerate(embeddings, embeddings.shape[0] <= 1)  # PML's len(embeddings) <= 1
+    if degenerate.returns_zero_now():
+        return ZERO_LOSS
+    self_ref = ref_emb is embeddings  # PML: `query is reference` excludes the diagonal
+    if self_ref and ref_labels is not labels:
+        # the engine excludes self-pairs from the positives only; PML from both sides
+        return decline(module, "ref_emb is embeddings with separate ref_labels")
+    if ref_labels.shape[0] != ref_emb.shape[0]:
+        return decline(module, "ref_labels of another length than ref_emb")  # the reference raises
+    transform, sc, off = _logits(module.distance, float(module.softmax_scale))
+    if transform == TRANSFORM_UNIT_DISTANCE and _common.has_short_rows(embeddings, ref_emb):
+        return decline(module, SHORT_ROWS)
+    _stats.record_distance(module.distance, embeddings, ref_emb)  # PML calls its distance here
+    x, y = _pair_inputs(embeddings, ref_emb)
+    lse = _lse2(x, y, labels, ref_labels, EngineParams(sc_pos=sc, off_pos=off, sc_neg=sc, off_neg=off), self_ref,
+                backend, transform=transform)
+    lse_pos, lse_neg = lse[:, 0], lse[:, 1]
+    has_pos = ~torch.isneginf(lse_pos)  # NaN counts as a positive: PML keeps NaN rows
+    losses = _log1p_exp(lse_neg - torch.where(has_pos, lse_pos, 0.0))  # no -inf - -inf below
+    kept = has_pos & (torch.exp(-losses.detach().to(embeddings.dtype)) != 0)
+    if branch_free(losses):
+        if is_plain_mean(module.reducer):
+            count = kept.sum()
+            total = fixed_order_sum(torch.where(kept, losses, 0.0))  # no row kept: PML's zero (grad 0)
+            loss = degenerate.zero_where(total / count.clamp(min=1).to(total.dtype))
+            return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None,
+                             "reduction_type": "already_reduced",
+                             **_stats.already_reduced_size(module.reducer, count)}}, backend
+        if static_shapes():
+            return decline(module, f"{type(module.reducer).__name__} with NCALoss under torch.compile "
+                                   "(the kept rows are data-dependent; fused with MeanReducer)")
+    entry = _element(losses.to(embeddings.dtype), len(losses))
+    if not bool(kept.any()):
+        return {"loss": module.zero_loss()}, backend
+    if not bool(kept.all()):
+        entry["losses"], entry["indices"] = entry["losses"][kept], entry["indices"][kept]
+    return {"loss": entry}, backend
