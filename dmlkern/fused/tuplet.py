@@ -34,7 +34,7 @@ class _PairDots(torch.autograd.Function):
     O(pairs x D). The backward sums each row's pairs with index_add_ (serial on the CPU:
     reproducible at any thread count)."""
 
-    CHUNK = 1 << 16
+    CHUNK = 1 << 14  # pairs per chunk: a few (chunk x D) buffers at a time
 
     @staticmethod
     def forward(x, y, a, p):
