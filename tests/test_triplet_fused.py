@@ -21,6 +21,15 @@ MINER_KINDS = [None, "all", "hard", "semihard", "easy"]
 CASES = [(1, 1, None), (12, 1, None), (9, 9, None), (37, 5, None), (61, 7, 45)]
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def row_impl(request, monkeypatch):
+    """The per-row work in C++ (the CPU default) or in the torch twin (every other device)."""
+    if request.param == "cpp" and not fused_triplet._CPU_KERNEL:
+        pytest.fail("dmlkern::triplet_rows_forward is not registered in this build")
+    monkeypatch.setattr(fused_triplet, "_CPU_KERNEL", request.param == "cpp")
+    return request.param
+
+
 def _inputs(n, classes, ref_rows, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 12, generator=g, dtype=torch.float64).to(dtype)
@@ -53,7 +62,7 @@ def _grads(lib, loss_kw, miner_kw, x, labels, ref, ref_labels, distance=None):
 @pytest.mark.parametrize("distance", [None, "CosineSimilarity"])
 @pytest.mark.parametrize("kind", MINER_KINDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}c{c[1]}r{c[2]}")
-def test_matches_pml(case, kind, distance, dtype):
+def test_matches_pml(case, kind, distance, dtype, row_impl):
     x, labels, ref, ref_labels = _inputs(*case, dtype)
     miner_kw = None if kind is None else {"type_of_triplets": kind, "margin": 0.1 if kind == "easy" else 0.2}
     for loss_kw in ({"margin": 0.3}, {"margin": 0.05, "smooth_loss": True}):
@@ -66,7 +75,7 @@ def test_matches_pml(case, kind, distance, dtype):
 
 
 @pytest.mark.parametrize("reducer", [MeanReducer, SumReducer, AvgNonZeroReducer])
-def test_reducers_match_the_reference(reducer):
+def test_reducers_match_the_reference(reducer, row_impl):
     x, labels, _, _ = _inputs(45, 6, None, torch.float64, seed=3)
     results = []
     for backend in ("auto", "reference"):
@@ -81,7 +90,7 @@ def test_reducers_match_the_reference(reducer):
     torch.testing.assert_close(g, rg, **TOL[torch.float64])
 
 
-def test_forced_small_blocks_and_many_positives(monkeypatch):
+def test_forced_small_blocks_and_many_positives(monkeypatch, row_impl):
     """Several row blocks of a few rows each, rows with many positives (slots), odd sizes."""
     monkeypatch.setattr(fused_triplet, "_BLOCK_VALUES", 3 * 53)
     x, labels, _, _ = _inputs(53, 2, None, torch.float64, seed=5)
@@ -94,7 +103,7 @@ def test_forced_small_blocks_and_many_positives(monkeypatch):
         torch.testing.assert_close(g, w, **TOL[torch.float64])
 
 
-def test_gradcheck_fp64():
+def test_gradcheck_fp64(row_impl):
     x, labels, ref, ref_labels = _inputs(14, 3, 11, torch.float64, seed=7)
     for smooth in (False, True):
         loss_fn = losses.TripletMarginLoss(margin=0.7, smooth_loss=smooth)
@@ -118,7 +127,7 @@ def test_double_backward_matches_the_reference():
     torch.testing.assert_close(hvps[0], hvps[1], **TOL[torch.float64])
 
 
-def test_bit_identical_across_thread_counts():
+def test_bit_identical_across_thread_counts(row_impl):
     x, labels, _, _ = _inputs(300, 20, None, torch.float32, seed=11)
     before = torch.get_num_threads()
     results = []
@@ -137,7 +146,7 @@ def test_bit_identical_across_thread_counts():
         assert torch.equal(v, first[kind][0]) and torch.equal(g, first[kind][1])
 
 
-def test_nan_embeddings_follow_pml():
+def test_nan_embeddings_follow_pml(row_impl):
     x, labels, _, _ = _inputs(20, 4, None, torch.float64, seed=13)
     x[3, 2] = float("nan")
     for kind in (None, "semihard"):

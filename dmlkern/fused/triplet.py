@@ -9,14 +9,15 @@ The reducers need only three totals over the kept triplets: the sum of the terms
 non-zero (AvgNonZeroReducer) and how many there are (MeanReducer).
 
 The rows are walked in blocks of ~1M pair values (`_BLOCK_VALUES`): each block computes its
-similarity rows S = x_b @ yᵀ (deterministic `ops.fixed_mm`), then, one positive "slot" at a
-time (the j-th positive of every row of the block), compares the row's distance to that
-positive with all of its negatives. Work O(N · P · M) for P positives per row (the number of
+similarity rows S = x_b @ yᵀ (deterministic `ops.fixed_mm`), then compares each row's distance
+to each of its positives with all of its negatives: on a CPU in C++, row by row
+(`dmlkern::triplet_rows_forward` / `_backward`, csrc/cpu/triplet_rows_cpu.cpp), elsewhere with
+torch ops one positive "slot" at a time (the j-th positive of every row of the block). Work O(N · P · M) for P positives per row (the number of
 triplets), memory O(B · M + N · D); no N x M buffer, no triplet list. The backward recomputes
 each block: dL/de_an = -w, dL/de_ap = sum_n w (w = the upstream gradient where the term is
 kept and positive, or times its sigmoid with `smooth_loss`), then grad_x[b] = G_b @ y and
 grad_y += G_bᵀ @ x_b, the blocks added in order: bit-identical at any CPU thread count.
-Plain PyTorch ops: the same code runs on every device.
+The torch twin runs on every device (and is what the C++ kernel is tested against).
 """
 from typing import NamedTuple
 
@@ -27,13 +28,16 @@ from .._determinism import fixed_order_sum
 from .._tracing import static_shapes
 from ..engine_spec import stats_dtype
 from ..ops import pair_engine as pe
+from ..ops.dispatch import extension_loaded
 from ..ops.fixed_mm_op import fixed_mm
 from . import _common
 from ._common import decline, is_unit_cosine, is_unit_euclidean, unit_rows
 from ._epilogue import SHORT_ROWS, ZERO_LOSS
 
 _BLOCK_VALUES = 1 << 20  # pair values per row block (4 MiB in fp32); a few such buffers live at once
-BACKEND = "blocked"  # what `last_backend` says: plain PyTorch ops on row blocks, any device
+BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++ on a CPU, else torch ops
+WINDOW_IDS = {"every": 0, "all": 1, "hard": 2, "semihard": 3, "easy": 4}  # csrc/ops.cpp's triplet_rows
+_CPU_KERNEL = extension_loaded() and hasattr(torch.ops.dmlkern, "triplet_rows_forward")
 
 
 class TripletRule(NamedTuple):
@@ -121,6 +125,8 @@ def _block_pass(xb, y, labels_b, ref_labels, row0, rule, exclude_diag, grad=None
     """One row block. Forward (grad None): per-row (sum of kept terms, non-zero kept terms, kept
     triplets). Backward (grad: the upstream gradient of the total): dL/ds for the block's rows."""
     s = fixed_mm(xb, y)
+    if _CPU_KERNEL and s.device.type == "cpu":
+        return _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, grad)
     e = _farness(s, rule.euclidean)
     pos, neg = _block_masks(labels_b, ref_labels, row0, exclude_diag)
     slot_cols, valid = _positive_slots(pos)
@@ -157,15 +163,27 @@ def _block_pass(xb, y, labels_b, ref_labels, row0, rule, exclude_diag, grad=None
     return torch.where(d > 0, -g_e / torch.where(d > 0, d, 1.0), 0.0)
 
 
+def _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, grad):
+    """`_block_pass` after the product, in C++ (csrc/cpu/triplet_rows_cpu.cpp)."""
+    args = (s, labels_b, ref_labels, row0, exclude_diag, [rule.margin, rule.window_margin],
+            [int(rule.smooth), int(rule.euclidean), WINDOW_IDS[rule.window]])
+    if grad is None:
+        sums, counts = torch.ops.dmlkern.triplet_rows_forward(*args)
+        return sums, counts[:, 0], counts[:, 1]
+    return torch.ops.dmlkern.triplet_rows_backward(*args, float(grad))
+
+
 def _totals(x, y, labels, ref_labels, rule, exclude_diag):
     """(sum of the kept terms, number non-zero, number kept) over all rows, without autograd."""
-    sums, nonzeros, kepts = [], [], []
-    for r0, r1 in row_blocks(x.shape[0], y.shape[0]):
-        total, nonzero, kept = _block_pass(x[r0:r1], y, labels[r0:r1], ref_labels, r0, rule, exclude_diag)
-        sums.append(total)
-        nonzeros.append(nonzero)
-        kepts.append(kept)
-    return fixed_order_sum(torch.cat(sums)), torch.cat(nonzeros).sum(), torch.cat(kepts).sum()
+    n = x.shape[0]
+    sums = torch.empty(n, dtype=x.dtype, device=x.device)
+    counts = torch.empty(2, n, dtype=torch.long, device=x.device)
+    for r0, r1 in row_blocks(n, y.shape[0]):
+        # (written into preallocated rows: small per-block tensors kept alive between the
+        # blocks' 4 MiB products fragment the CPU heap, ~one product per block)
+        sums[r0:r1], counts[0, r0:r1], counts[1, r0:r1] = _block_pass(
+            x[r0:r1], y, labels[r0:r1], ref_labels, r0, rule, exclude_diag)
+    return fixed_order_sum(sums), counts[0].sum(), counts[1].sum()
 
 
 def count_kept(x, y, labels, ref_labels, rule, exclude_diag):

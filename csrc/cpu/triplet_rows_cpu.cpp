@@ -1,0 +1,251 @@
+// dmlkern::triplet_rows_forward / triplet_rows_backward on the CPU: the per-row work of the fused
+// TripletMarginLoss (dmlkern/fused/triplet.py, which holds the plain-torch twin of both) on one
+// row block of similarities s (B x M, from the deterministic fixed_mm).
+//
+// Row i turns its similarities into e (larger = farther: sqrt(max(2 - 2s, 0)), or -s), lists its
+// positives, and for each positive p (column order) walks every column j: a negative j is kept
+// when the miner's window holds for t = e_j - e_p, and costs relu(margin - t) (or F.softplus).
+// Forward: per row, the sum of the kept terms and the numbers of kept non-zero terms and of
+// kept triplets. Backward: dL/ds of the row, for an upstream gradient g of the total:
+// dL/de_j = -sum_p w_pj, dL/de_p = sum_j w_pj, w = g * (term's slope) where kept.
+//
+// Each row is one thread's, and each sum runs over 16 fixed lanes (column j in lane j % 16)
+// added in lane order: the bits depend neither on the thread count nor on the vector width.
+#include "engine_cpu.h"  // first: it sets the vector maths' compile options
+
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+
+namespace dmlkern {
+
+namespace {
+
+// The miner's type_of_triplets (PML's comparisons on t), or every triplet (no miner).
+enum TripletWindow : int64_t { kEvery = 0, kAll = 1, kHard = 2, kSemihard = 3, kEasy = 4 };
+constexpr int64_t kLanes = 16;
+
+template <int64_t W, typename T>
+DMLK_CPU_INLINE bool in_window(T t, T wm) {
+  if constexpr (W == kEvery) return true;
+  if constexpr (W == kEasy) return t > wm;
+  if constexpr (W == kHard) return (t <= wm) & (t <= T(0));
+  if constexpr (W == kSemihard) return (t <= wm) & (t > T(0));
+  return t <= wm;  // kAll
+}
+
+// F.softplus (threshold 20) as max(v, 0) + log1p(exp(-|v|)), and its slope, sigmoid(v).
+template <typename T>
+DMLK_CPU_INLINE T softplus(T v) {
+  const T z = CpuExp()(v > T(0) ? -v : v);
+  return v > T(20) ? v : (v > T(0) ? v : T(0)) + CpuLog1p()(z);
+}
+
+template <typename T>
+DMLK_CPU_INLINE T sigmoid(T v) {
+  const T z = CpuExp()(v > T(0) ? -v : v);
+  return v >= T(0) ? T(1) / (T(1) + z) : z / (T(1) + z);
+}
+
+struct TripletArgs {
+  int64_t rows, cols, row0;
+  bool exclude_diag, smooth, euclidean;
+  int64_t window;
+  double margin, window_margin;
+};
+
+TripletArgs parse(const at::Tensor& s, const at::Tensor& row_labels, const at::Tensor& col_labels, int64_t row0,
+                  bool exclude_diag, at::ArrayRef<double> params, at::IntArrayRef flags) {
+  TORCH_CHECK(s.dim() == 2, "triplet_rows: s must be 2-D (rows, columns), got ", s.sizes());
+  check_cpu_dtype(s, "s");
+  TORCH_CHECK(row_labels.dim() == 1 && row_labels.size(0) == s.size(0) && row_labels.scalar_type() == at::kLong,
+              "triplet_rows: row_labels must be int64 of shape (", s.size(0), "), got ", row_labels.sizes(), " ",
+              row_labels.scalar_type());
+  TORCH_CHECK(col_labels.dim() == 1 && col_labels.size(0) == s.size(1) && col_labels.scalar_type() == at::kLong,
+              "triplet_rows: col_labels must be int64 of shape (", s.size(1), "), got ", col_labels.sizes(), " ",
+              col_labels.scalar_type());
+  TORCH_CHECK(params.size() == 2, "triplet_rows: params must be [margin, window_margin]");
+  TORCH_CHECK(flags.size() == 3, "triplet_rows: flags must be [smooth, euclidean, window]");
+  TORCH_CHECK(flags[2] >= kEvery && flags[2] <= kEasy, "triplet_rows: window must be in [0, 4], got ", flags[2]);
+  TORCH_CHECK(!exclude_diag || row0 >= 0, "triplet_rows: row0 must be >= 0");
+  return {s.size(0), s.size(1), row0, exclude_diag, flags[0] != 0, flags[1] != 0, flags[2], params[0], params[1]};
+}
+
+// e of row i into `e`; its positives' columns (in order) into `pos`.
+template <typename T>
+void row_setup(const TripletArgs& a, const T* s_row, const int64_t* col_labels, int64_t label, int64_t i,
+               std::vector<T>& e, std::vector<int64_t>& pos) {
+#pragma omp simd
+  for (int64_t j = 0; j < a.cols; ++j) {
+    const T v = T(2) - T(2) * s_row[j];
+    e[j] = a.euclidean ? CpuSqrt()(v < T(0) ? T(0) : v) : -s_row[j];  // NaN stays NaN
+  }
+  pos.clear();
+  const int64_t self = a.exclude_diag ? a.row0 + i : -1;
+  for (int64_t j = 0; j < a.cols; ++j)
+    if (col_labels[j] == label && j != self) pos.push_back(j);
+}
+
+template <typename T>
+T lane_total(const T* lanes) {
+  T total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// One positive (e_p) of a row against every column: the lanes' sums of the kept terms, of the
+// kept non-zero terms and of the kept triplets.
+template <int64_t W, bool Smooth, typename T>
+DMLK_CPU_CLONES void slot_forward(const T* e, const int64_t* col_labels, int64_t label, T ep, int64_t cols, T margin,
+                                  T wm, T* sum, T* nonzero, T* kept) {
+  for (int64_t j0 = 0; j0 < cols; j0 += kLanes) {
+    const int64_t n = std::min(kLanes, cols - j0);
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) {
+      const int64_t j = j0 + l;
+      const T t = e[j] - ep;
+      const bool keep = (col_labels[j] != label) & in_window<W>(t, wm);
+      const T viol = margin - t;
+      const T term = Smooth ? softplus(viol) : (viol < T(0) ? T(0) : viol);  // relu(NaN) = NaN
+      sum[l] += keep ? term : T(0);
+      nonzero[l] += (keep & (term > T(0))) ? T(1) : T(0);
+      kept[l] += keep ? T(1) : T(0);
+    }
+  }
+}
+
+// Its backward: dL/de_j -= w_j for the kept negatives (ge), the lanes' sums of w (for dL/de_p).
+template <int64_t W, bool Smooth, typename T>
+DMLK_CPU_CLONES void slot_backward(const T* e, const int64_t* col_labels, int64_t label, T ep, int64_t cols, T margin,
+                                   T wm, T g, T* ge, T* wsum) {
+  for (int64_t j0 = 0; j0 < cols; j0 += kLanes) {
+    const int64_t n = std::min(kLanes, cols - j0);
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) {
+      const int64_t j = j0 + l;
+      const T t = e[j] - ep;
+      const bool keep = (col_labels[j] != label) & in_window<W>(t, wm);
+      const T viol = margin - t;
+      const T slope = Smooth ? sigmoid(viol) : (viol > T(0) ? T(1) : T(0));
+      const T w = keep ? slope * g : T(0);
+      ge[j] -= w;  // (a positive column is never kept: w = 0 there)
+      wsum[l] += w;
+    }
+  }
+}
+
+template <int64_t W, bool Smooth, typename T>
+void forward_rows(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels,
+                  T* sums, int64_t* counts) {
+  const T margin = T(a.margin), wm = T(a.window_margin);
+  parallel_blocks(ceil_div(a.rows, 8), [&](int64_t b0, int64_t b1) {
+    std::vector<T> e(a.cols);
+    std::vector<int64_t> pos;
+    for (int64_t i = b0 * 8; i < std::min(a.rows, b1 * 8); ++i) {
+      const int64_t label = row_labels[i];
+      row_setup(a, s + i * a.cols, col_labels, label, i, e, pos);
+      T row_sum = 0;
+      int64_t row_nonzero = 0, row_kept = 0;
+      for (const int64_t p : pos) {
+        T sum[kLanes] = {}, nonzero[kLanes] = {}, kept[kLanes] = {};
+        slot_forward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, sum, nonzero, kept);
+        row_sum += lane_total(sum);
+        row_nonzero += static_cast<int64_t>(lane_total(nonzero));  // <= cols: exact
+        row_kept += static_cast<int64_t>(lane_total(kept));
+      }
+      sums[i] = row_sum;
+      counts[2 * i] = row_nonzero;
+      counts[2 * i + 1] = row_kept;
+    }
+  });
+}
+
+template <int64_t W, bool Smooth, typename T>
+void backward_rows(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels, T g,
+                   T* grad_s) {
+  const T margin = T(a.margin), wm = T(a.window_margin);
+  parallel_blocks(ceil_div(a.rows, 8), [&](int64_t b0, int64_t b1) {
+    std::vector<T> e(a.cols);
+    std::vector<int64_t> pos;
+    for (int64_t i = b0 * 8; i < std::min(a.rows, b1 * 8); ++i) {
+      const int64_t label = row_labels[i];
+      row_setup(a, s + i * a.cols, col_labels, label, i, e, pos);
+      T* ge = grad_s + i * a.cols;  // dL/de first, then dL/ds in place
+      std::fill(ge, ge + a.cols, T(0));
+      for (const int64_t p : pos) {
+        T wsum[kLanes] = {};
+        slot_backward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, g, ge, wsum);
+        ge[p] += lane_total(wsum);
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < a.cols; ++j) {
+        // dd/ds = -1/d, and 0 where d = 0 (the engine's convention); e = -s for the cosine.
+        const T d = e[j];
+        ge[j] = a.euclidean ? (d > T(0) ? -ge[j] / (d > T(0) ? d : T(1)) : T(0)) : -ge[j];
+      }
+    }
+  });
+}
+
+// The window and smooth_loss as template arguments (the loops stay branch-free).
+template <typename F>
+void dispatch_rule(const TripletArgs& a, F&& f) {
+  auto with_smooth = [&](auto w) {
+    if (a.smooth)
+      f(w, std::true_type{});
+    else
+      f(w, std::false_type{});
+  };
+  switch (a.window) {
+    case kEvery: return with_smooth(std::integral_constant<int64_t, kEvery>{});
+    case kAll: return with_smooth(std::integral_constant<int64_t, kAll>{});
+    case kHard: return with_smooth(std::integral_constant<int64_t, kHard>{});
+    case kSemihard: return with_smooth(std::integral_constant<int64_t, kSemihard>{});
+    default: return with_smooth(std::integral_constant<int64_t, kEasy>{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> triplet_rows_forward_cpu(const at::Tensor& s_in, const at::Tensor& row_labels_in,
+                                                            const at::Tensor& col_labels_in, int64_t row0,
+                                                            bool exclude_diag, at::ArrayRef<double> params,
+                                                            at::IntArrayRef flags) {
+  const TripletArgs a = parse(s_in, row_labels_in, col_labels_in, row0, exclude_diag, params, flags);
+  const at::Tensor s = s_in.contiguous(), rl = row_labels_in.contiguous(), cl = col_labels_in.contiguous();
+  at::Tensor sums = at::empty({a.rows}, s.options());
+  at::Tensor counts = at::empty({a.rows, 2}, s.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "triplet_rows_forward", [&] {
+    dispatch_rule(a, [&](auto w, auto smooth) {
+      forward_rows<decltype(w)::value, decltype(smooth)::value, scalar_t>(
+          a, s.data_ptr<scalar_t>(), rl.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), sums.data_ptr<scalar_t>(),
+          counts.data_ptr<int64_t>());
+    });
+  });
+  return {sums, counts};
+}
+
+at::Tensor triplet_rows_backward_cpu(const at::Tensor& s_in, const at::Tensor& row_labels_in,
+                                     const at::Tensor& col_labels_in, int64_t row0, bool exclude_diag,
+                                     at::ArrayRef<double> params, at::IntArrayRef flags, double grad) {
+  const TripletArgs a = parse(s_in, row_labels_in, col_labels_in, row0, exclude_diag, params, flags);
+  const at::Tensor s = s_in.contiguous(), rl = row_labels_in.contiguous(), cl = col_labels_in.contiguous();
+  at::Tensor grad_s = at::empty({a.rows, a.cols}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "triplet_rows_backward", [&] {
+    dispatch_rule(a, [&](auto w, auto smooth) {
+      backward_rows<decltype(w)::value, decltype(smooth)::value, scalar_t>(
+          a, s.data_ptr<scalar_t>(), rl.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), static_cast<scalar_t>(grad),
+          grad_s.data_ptr<scalar_t>());
+    });
+  });
+  return grad_s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmlkern, CPU, m) {
+  m.impl("triplet_rows_forward", &triplet_rows_forward_cpu);
+  m.impl("triplet_rows_backward", &triplet_rows_backward_cpu);
+}
+
+}  // namespace dmlkern
