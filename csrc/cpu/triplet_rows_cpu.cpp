@@ -95,6 +95,15 @@ T lane_total(const T* lanes) {
   return total;
 }
 
+// Whether the triplet (anchor, p, j) is kept (j a negative, t = e_j - e_p in the window), and
+// its violation margin - t (= (e_p - e_j) + margin exactly).
+template <int64_t W, typename T>
+DMLK_CPU_INLINE bool kept_triplet(T ej, T ep, bool negative, T margin, T wm, T& viol) {
+  const T t = ej - ep;
+  viol = margin - t;
+  return negative & in_window<W>(t, wm);
+}
+
 // One positive (e_p) of a row against every column: the lanes' sums of the kept terms, of the
 // kept non-zero terms and of the kept triplets.
 template <int64_t W, bool Smooth, typename T>
@@ -105,9 +114,8 @@ DMLK_CPU_CLONES void slot_forward(const T* e, const int64_t* col_labels, int64_t
 #pragma omp simd
     for (int64_t l = 0; l < n; ++l) {
       const int64_t j = j0 + l;
-      const T t = e[j] - ep;
-      const bool keep = (col_labels[j] != label) & in_window<W>(t, wm);
-      const T viol = margin - t;
+      T viol;
+      const bool keep = kept_triplet<W>(e[j], ep, col_labels[j] != label, margin, wm, viol);
       const T term = Smooth ? softplus(viol) : (viol < T(0) ? T(0) : viol);  // relu(NaN) = NaN
       sum[l] += keep ? term : T(0);
       nonzero[l] += (keep & (term > T(0))) ? T(1) : T(0);
@@ -125,9 +133,8 @@ DMLK_CPU_CLONES void slot_backward(const T* e, const int64_t* col_labels, int64_
 #pragma omp simd
     for (int64_t l = 0; l < n; ++l) {
       const int64_t j = j0 + l;
-      const T t = e[j] - ep;
-      const bool keep = (col_labels[j] != label) & in_window<W>(t, wm);
-      const T viol = margin - t;
+      T viol;
+      const bool keep = kept_triplet<W>(e[j], ep, col_labels[j] != label, margin, wm, viol);
       const T slope = Smooth ? sigmoid(viol) : (viol > T(0) ? T(1) : T(0));
       const T w = keep ? slope * g : T(0);
       ge[j] -= w;  // (a positive column is never kept: w = 0 there)
