@@ -13,6 +13,7 @@ class LossInfo:
     mat_coef: float  # estimate_bytes: N x N (class-weight losses: N x C*K) elements x itemsize, materialising
     pair_coef: float = 0.0  # and (#positive pairs x #negative pairs) x itemsize (PML's P x Nneg tensors)
     per_class: int = 1  # K: weight columns per class (a class-weight loss's W has C*K columns)
+    miner: tuple = ()  # (miner class, its keyword arguments): the call is loss(emb, labels, miner(emb, labels))
 
     @property
     def cls(self):
@@ -31,7 +32,7 @@ def _class_loss(cls, mat_coef, pml=True, per_class=1, kw=""):
 
 LOSSES = {
     "multi_similarity_miner": LossInfo("MultiSimilarityLoss(emb, labels, MultiSimilarityMiner()(emb, labels))",
-                                       "classes", True, 40.0),
+                                       "classes", True, 40.0, miner=("MultiSimilarityMiner", ())),
     "multi_similarity": LossInfo("MultiSimilarityLoss()(emb, labels)", "classes", True, 16.0),
     "ntxent": LossInfo("NTXentLoss()(emb, labels), SimCLR labels cat([arange(N/2)] * 2)", "simclr", True, 16.0, 7.0),
     "supcon": LossInfo("SupConLoss()(emb, labels)", "classes", True, 20.0),
@@ -40,6 +41,13 @@ LOSSES = {
     "npairs": LossInfo("NPairsLoss()(emb, labels)", "classes", True, 8.0),
     "proxy_anchor": LossInfo("ProxyAnchorLoss(num_classes=N/8, embedding_size=D)(emb, labels)", "classes", True,
                              16.0),
+    "nca": LossInfo("NCALoss()(emb, labels)", "classes", True, 12.0),
+    "tuplet_margin": LossInfo("TupletMarginLoss()(emb, labels)", "classes", True, 16.0, 4.0),
+    # PML's all-triplets mask is N x N x N bytes, then 3 int64 per triplet (~7 N^2 of them here)
+    "triplet": LossInfo("TripletMarginLoss()(emb, labels), every triplet", "classes", True, 200.0, 0.05),
+    "triplet_semihard": LossInfo(
+        "TripletMarginLoss()(emb, labels, TripletMarginMiner(type_of_triplets='semihard')(emb, labels))", "classes",
+        True, 200.0, 0.05, miner=("TripletMarginMiner", (("type_of_triplets", "semihard"),))),
     "masked_lse": LossInfo("dmlkern.ops.masked_lse(emb, x_labels=labels, mask='diff')", "classes", False, 12.0),
     "arcface": _class_loss("ArcFaceLoss", 10.0),
     "cosface": _class_loss("CosFaceLoss", 10.0),

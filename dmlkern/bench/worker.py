@@ -19,7 +19,8 @@ ENV_BACKEND = {"dmlkern": None, "dmlkern-compiled": None, "dmlkern-cpp": "cpp", 
                "reference": "reference"}
 REFERENCE_FN = {"multi_similarity": "multi_similarity_loss", "ntxent": "ntxent_loss", "supcon": "supcon_loss",
                 "lifted": "lifted_structure_loss", "generalized_lifted": "generalized_lifted_structure_loss",
-                "npairs": "n_pairs_loss"}
+                "npairs": "n_pairs_loss", "nca": "nca_loss", "tuplet_margin": "tuplet_margin_loss",
+                "triplet": "triplet_margin_loss"}
 FLOOR_MAX_OUT_BYTES = 2**31
 
 
@@ -113,7 +114,8 @@ def _class_callable(L, M, loss, x, labels, d, c):
     the memory baseline, in the embeddings' dtype."""
     kw = dict(num_classes=c or num_classes(loss, x.shape[0]), embedding_size=d) if c or loss == "proxy_anchor" else {}
     module = getattr(L, LOSSES[loss].cls)(**kw).to(x.device, x.dtype)
-    miner = M.MultiSimilarityMiner() if loss == "multi_similarity_miner" else None
+    miner_cls, miner_kw = LOSSES[loss].miner or (None, ())
+    miner = getattr(M, miner_cls)(**dict(miner_kw)) if miner_cls else None
 
     def backend():
         if L.__name__.startswith("pytorch_metric_learning"):
@@ -141,6 +143,15 @@ def _compile_callable(torch, loss, x, labels, d, dynamic):
             with torch.no_grad():  # as BaseMiner.forward
                 idx = R.multi_similarity_miner(dist(x, x), lab, lab, 0.1, True, True)
             return R.multi_similarity_loss(x, lab, idx)
+    elif loss == "triplet_semihard":
+        from dmlkern.distances import LpDistance
+
+        dist = LpDistance(p=2)
+
+        def fn(x, lab):
+            with torch.no_grad():
+                idx = R.triplet_margin_miner(dist(x, x), lab, lab, 0.2, "semihard")
+            return R.triplet_margin_loss(x, lab, idx)
     elif loss == "proxy_anchor":
         proxies = torch.nn.Parameter(torch.empty(num_classes(loss, x.shape[0]), d, device=x.device))
         torch.nn.init.kaiming_normal_(proxies, mode="fan_out")
