@@ -26,6 +26,11 @@ namespace {
 // The miner's type_of_triplets (PML's comparisons on t), or every triplet (no miner).
 enum TripletWindow : int64_t { kEvery = 0, kAll = 1, kHard = 2, kSemihard = 3, kEasy = 4 };
 constexpr int64_t kLanes = 16;
+#if defined(__GNUC__)
+#define DMLK_CPU_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define DMLK_CPU_INLINE_LAMBDA
+#endif
 
 template <int64_t W, typename T>
 DMLK_CPU_INLINE bool in_window(T t, T wm) {
@@ -107,40 +112,50 @@ DMLK_CPU_INLINE bool kept_triplet(T ej, T ep, bool negative, T margin, T wm, T& 
 // One positive (e_p) of a row against every column: the lanes' sums of the kept terms, of the
 // kept non-zero terms and of the kept triplets.
 template <int64_t W, bool Smooth, typename T>
-DMLK_CPU_CLONES void slot_forward(const T* e, const int64_t* col_labels, int64_t label, T ep, int64_t cols, T margin,
-                                  T wm, T* sum, T* nonzero, T* kept) {
-  for (int64_t j0 = 0; j0 < cols; j0 += kLanes) {
-    const int64_t n = std::min(kLanes, cols - j0);
+DMLK_CPU_CLONES void slot_forward(const T* __restrict__ e, const int64_t* __restrict__ col_labels, int64_t label,
+                                  T ep, int64_t cols, T margin, T wm, T* out_sum, T* out_nonzero, T* out_kept) {
+  T sum[kLanes] = {}, nonzero[kLanes] = {}, kept[kLanes] = {};  // (locals: no aliasing, kept in registers)
+  auto lane = [&](int64_t j, int64_t l) DMLK_CPU_INLINE_LAMBDA {
+    T viol;
+    const bool keep = kept_triplet<W>(e[j], ep, col_labels[j] != label, margin, wm, viol);
+    const T term = Smooth ? softplus(viol) : (viol < T(0) ? T(0) : viol);  // relu(NaN) = NaN
+    sum[l] += keep ? term : T(0);
+    nonzero[l] += (keep & (term > T(0))) ? T(1) : T(0);
+    kept[l] += keep ? T(1) : T(0);
+  };
+  const int64_t full = cols - cols % kLanes;
+  for (int64_t j0 = 0; j0 < full; j0 += kLanes) {
 #pragma omp simd
-    for (int64_t l = 0; l < n; ++l) {
-      const int64_t j = j0 + l;
-      T viol;
-      const bool keep = kept_triplet<W>(e[j], ep, col_labels[j] != label, margin, wm, viol);
-      const T term = Smooth ? softplus(viol) : (viol < T(0) ? T(0) : viol);  // relu(NaN) = NaN
-      sum[l] += keep ? term : T(0);
-      nonzero[l] += (keep & (term > T(0))) ? T(1) : T(0);
-      kept[l] += keep ? T(1) : T(0);
-    }
+    for (int64_t l = 0; l < kLanes; ++l) lane(j0 + l, l);  // a fixed trip count: straight vector code
+  }
+  for (int64_t j = full; j < cols; ++j) lane(j, j - full);
+  for (int64_t l = 0; l < kLanes; ++l) {
+    out_sum[l] = sum[l];
+    out_nonzero[l] = nonzero[l];
+    out_kept[l] = kept[l];
   }
 }
 
 // Its backward: dL/de_j -= w_j for the kept negatives (ge), the lanes' sums of w (for dL/de_p).
 template <int64_t W, bool Smooth, typename T>
-DMLK_CPU_CLONES void slot_backward(const T* e, const int64_t* col_labels, int64_t label, T ep, int64_t cols, T margin,
-                                   T wm, T g, T* ge, T* wsum) {
-  for (int64_t j0 = 0; j0 < cols; j0 += kLanes) {
-    const int64_t n = std::min(kLanes, cols - j0);
+DMLK_CPU_CLONES void slot_backward(const T* __restrict__ e, const int64_t* __restrict__ col_labels, int64_t label,
+                                   T ep, int64_t cols, T margin, T wm, T g, T* __restrict__ ge, T* out_wsum) {
+  T wsum[kLanes] = {};
+  auto lane = [&](int64_t j, int64_t l) DMLK_CPU_INLINE_LAMBDA {
+    T viol;
+    const bool keep = kept_triplet<W>(e[j], ep, col_labels[j] != label, margin, wm, viol);
+    const T slope = Smooth ? sigmoid(viol) : (viol > T(0) ? T(1) : T(0));
+    const T w = keep ? slope * g : T(0);
+    ge[j] -= w;  // (a positive column is never kept: w = 0 there)
+    wsum[l] += w;
+  };
+  const int64_t full = cols - cols % kLanes;
+  for (int64_t j0 = 0; j0 < full; j0 += kLanes) {
 #pragma omp simd
-    for (int64_t l = 0; l < n; ++l) {
-      const int64_t j = j0 + l;
-      T viol;
-      const bool keep = kept_triplet<W>(e[j], ep, col_labels[j] != label, margin, wm, viol);
-      const T slope = Smooth ? sigmoid(viol) : (viol > T(0) ? T(1) : T(0));
-      const T w = keep ? slope * g : T(0);
-      ge[j] -= w;  // (a positive column is never kept: w = 0 there)
-      wsum[l] += w;
-    }
+    for (int64_t l = 0; l < kLanes; ++l) lane(j0 + l, l);
   }
+  for (int64_t j = full; j < cols; ++j) lane(j, j - full);
+  for (int64_t l = 0; l < kLanes; ++l) out_wsum[l] = wsum[l];
 }
 
 template <int64_t W, bool Smooth, typename T>
