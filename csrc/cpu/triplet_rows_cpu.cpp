@@ -9,8 +9,9 @@
 // kept triplets. Backward: dL/ds of the row, for an upstream gradient g of the total:
 // dL/de_j = -sum_p w_pj, dL/de_p = sum_j w_pj, w = g * (term's slope) where kept.
 //
-// Each row is one thread's, and each sum runs over 16 fixed lanes (column j in lane j % 16)
-// added in lane order: the bits depend neither on the thread count nor on the vector width.
+// Each row is one thread's, its sums vectorised in one fixed order for a given CPU (the clone
+// picked at load time: AVX-512 and AVX2 machines may differ in the last bits, the thread count
+// changes nothing).
 #include "engine_cpu.h"  // first: it sets the vector maths' compile options
 
 #include <torch/library.h>
@@ -25,12 +26,6 @@ namespace {
 
 // The miner's type_of_triplets (PML's comparisons on t), or every triplet (no miner).
 enum TripletWindow : int64_t { kEvery = 0, kAll = 1, kHard = 2, kSemihard = 3, kEasy = 4 };
-constexpr int64_t kLanes = 16;
-#if defined(__GNUC__)
-#define DMLK_CPU_INLINE_LAMBDA __attribute__((always_inline))
-#else
-#define DMLK_CPU_INLINE_LAMBDA
-#endif
 
 template <int64_t W, typename T>
 DMLK_CPU_INLINE bool in_window(T t, T wm) {
@@ -82,10 +77,16 @@ TripletArgs parse(const at::Tensor& s, const at::Tensor& row_labels, const at::T
 template <typename T>
 void row_setup(const TripletArgs& a, const T* s_row, const int64_t* col_labels, int64_t label, int64_t i,
                std::vector<T>& e, std::vector<int64_t>& pos) {
+  T* __restrict__ out = e.data();
+  if (a.euclidean) {
 #pragma omp simd
-  for (int64_t j = 0; j < a.cols; ++j) {
-    const T v = T(2) - T(2) * s_row[j];
-    e[j] = a.euclidean ? CpuSqrt()(v < T(0) ? T(0) : v) : -s_row[j];  // NaN stays NaN
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const T v = T(2) - T(2) * s_row[j];
+      out[j] = CpuSqrt()(v < T(0) ? T(0) : v);  // NaN stays NaN
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < a.cols; ++j) out[j] = -s_row[j];
   }
   pos.clear();
   const int64_t self = a.exclude_diag ? a.row0 + i : -1;
@@ -93,12 +94,6 @@ void row_setup(const TripletArgs& a, const T* s_row, const int64_t* col_labels, 
     if (col_labels[j] == label && j != self) pos.push_back(j);
 }
 
-template <typename T>
-T lane_total(const T* lanes) {
-  T total = 0;
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
 
 // Whether the triplet (anchor, p, j) is kept (j a negative, t = e_j - e_p in the window), and
 // its violation margin - t (= (e_p - e_j) + margin exactly).
@@ -109,53 +104,42 @@ DMLK_CPU_INLINE bool kept_triplet(T ej, T ep, bool negative, T margin, T wm, T& 
   return negative & in_window<W>(t, wm);
 }
 
-// One positive (e_p) of a row against every column: the lanes' sums of the kept terms, of the
-// kept non-zero terms and of the kept triplets.
+// One positive (e_p) of a row against every column: the sums of the kept terms, of the kept
+// non-zero terms and of the kept triplets, added to `out`.
 template <int64_t W, bool Smooth, typename T>
 DMLK_CPU_CLONES void slot_forward(const T* __restrict__ e, const int64_t* __restrict__ col_labels, int64_t label,
-                                  T ep, int64_t cols, T margin, T wm, T* out_sum, T* out_nonzero, T* out_kept) {
-  T sum[kLanes] = {}, nonzero[kLanes] = {}, kept[kLanes] = {};  // (locals: no aliasing, kept in registers)
-  auto lane = [&](int64_t j, int64_t l) DMLK_CPU_INLINE_LAMBDA {
+                                  T ep, int64_t cols, T margin, T wm, T* out) {
+  T sum = 0, nonzero = 0, kept = 0;
+#pragma omp simd reduction(+ : sum, nonzero, kept)
+  for (int64_t j = 0; j < cols; ++j) {
     T viol;
     const bool keep = kept_triplet<W>(e[j], ep, col_labels[j] != label, margin, wm, viol);
     const T term = Smooth ? softplus(viol) : (viol < T(0) ? T(0) : viol);  // relu(NaN) = NaN
-    sum[l] += keep ? term : T(0);
-    nonzero[l] += (keep & (term > T(0))) ? T(1) : T(0);
-    kept[l] += keep ? T(1) : T(0);
-  };
-  const int64_t full = cols - cols % kLanes;
-  for (int64_t j0 = 0; j0 < full; j0 += kLanes) {
-#pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) lane(j0 + l, l);  // a fixed trip count: straight vector code
+    const T add = keep ? term : T(0);
+    sum += add;
+    nonzero += add > T(0) ? T(1) : T(0);
+    kept += keep ? T(1) : T(0);
   }
-  for (int64_t j = full; j < cols; ++j) lane(j, j - full);
-  for (int64_t l = 0; l < kLanes; ++l) {
-    out_sum[l] = sum[l];
-    out_nonzero[l] = nonzero[l];
-    out_kept[l] = kept[l];
-  }
+  out[0] += sum;
+  out[1] += nonzero;  // <= cols per call: exact
+  out[2] += kept;
 }
 
-// Its backward: dL/de_j -= w_j for the kept negatives (ge), the lanes' sums of w (for dL/de_p).
+// Its backward: dL/de_j -= w_j for the kept negatives (ge); returns sum_j w_j (dL/de_p).
 template <int64_t W, bool Smooth, typename T>
-DMLK_CPU_CLONES void slot_backward(const T* __restrict__ e, const int64_t* __restrict__ col_labels, int64_t label,
-                                   T ep, int64_t cols, T margin, T wm, T g, T* __restrict__ ge, T* out_wsum) {
-  T wsum[kLanes] = {};
-  auto lane = [&](int64_t j, int64_t l) DMLK_CPU_INLINE_LAMBDA {
+DMLK_CPU_CLONES T slot_backward(const T* __restrict__ e, const int64_t* __restrict__ col_labels, int64_t label,
+                                T ep, int64_t cols, T margin, T wm, T g, T* __restrict__ ge) {
+  T wsum = 0;
+#pragma omp simd reduction(+ : wsum)
+  for (int64_t j = 0; j < cols; ++j) {
     T viol;
     const bool keep = kept_triplet<W>(e[j], ep, col_labels[j] != label, margin, wm, viol);
     const T slope = Smooth ? sigmoid(viol) : (viol > T(0) ? T(1) : T(0));
     const T w = keep ? slope * g : T(0);
     ge[j] -= w;  // (a positive column is never kept: w = 0 there)
-    wsum[l] += w;
-  };
-  const int64_t full = cols - cols % kLanes;
-  for (int64_t j0 = 0; j0 < full; j0 += kLanes) {
-#pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) lane(j0 + l, l);
+    wsum += w;
   }
-  for (int64_t j = full; j < cols; ++j) lane(j, j - full);
-  for (int64_t l = 0; l < kLanes; ++l) out_wsum[l] = wsum[l];
+  return wsum;
 }
 
 template <int64_t W, bool Smooth, typename T>
@@ -171,11 +155,11 @@ void forward_rows(const TripletArgs& a, const T* s, const int64_t* row_labels, c
       T row_sum = 0;
       int64_t row_nonzero = 0, row_kept = 0;
       for (const int64_t p : pos) {
-        T sum[kLanes] = {}, nonzero[kLanes] = {}, kept[kLanes] = {};
-        slot_forward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, sum, nonzero, kept);
-        row_sum += lane_total(sum);
-        row_nonzero += static_cast<int64_t>(lane_total(nonzero));  // <= cols: exact
-        row_kept += static_cast<int64_t>(lane_total(kept));
+        T slot[3] = {0, 0, 0};
+        slot_forward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, slot);
+        row_sum += slot[0];
+        row_nonzero += static_cast<int64_t>(slot[1]);
+        row_kept += static_cast<int64_t>(slot[2]);
       }
       sums[i] = row_sum;
       counts[2 * i] = row_nonzero;
@@ -196,11 +180,7 @@ void backward_rows(const TripletArgs& a, const T* s, const int64_t* row_labels, 
       row_setup(a, s + i * a.cols, col_labels, label, i, e, pos);
       T* ge = grad_s + i * a.cols;  // dL/de first, then dL/ds in place
       std::fill(ge, ge + a.cols, T(0));
-      for (const int64_t p : pos) {
-        T wsum[kLanes] = {};
-        slot_backward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, g, ge, wsum);
-        ge[p] += lane_total(wsum);
-      }
+      for (const int64_t p : pos) ge[p] += slot_backward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, g, ge);
 #pragma omp simd
       for (int64_t j = 0; j < a.cols; ++j) {
         // dd/ds = -1/d, and 0 where d = 0 (the engine's convention); e = -s for the cosine.
