@@ -38,7 +38,8 @@ LOSSES = {
                                                                   num_classes=c),
 }
 # The losses whose reference takes LpDistance's torch.cdist (no bf16 on the CPU).
-CDIST_REFERENCE = {"lifted", "lifted_avg_nonzero", "contrastive", "margin", "margin_learn_beta_per_class"}
+CDIST_REFERENCE = {"generalized_lifted", "lifted", "lifted_avg_nonzero", "contrastive", "margin",
+                   "margin_learn_beta_per_class"}
 NO_REF_EMB = {"npairs", "proxy_anchor", "lifted", "lifted_avg_nonzero"}  # lifted with ref_emb: the reference
 
 # (N, classes, with ref_emb of M rows or None). Degenerate: one sample, no positives, one class.
