@@ -155,7 +155,7 @@ def configs(d):
             out.append(("bwd", _engine_bwd_kernel, dtype, label, c, options["num_warps"]))
         # the hinge backward (row_coef (N, 2)): (own_is_x, symmetric, transform)
         for own_is_x, sym, transform in ((True, False, 1), (False, False, 1), (True, True, 0), (True, True, 1)):
-            tiles, options = tile_policy._launch_tiles(x, d, "bwd", symmetric=sym)
+            tiles, options = tile_policy._launch_tiles(x, d, "bwd", symmetric=sym, hinge=True)
             c = dict(OWN_IS_X=own_is_x, SYMMETRIC=sym, TRANSFORM=transform, MINING=0, EXCLUDE_DIAG=True,
                      HAS_B=False, HAS_LIFT=False, HINGE=True, **tiles, **cfg)
             side = "sym" if sym else ("x" if own_is_x else "y")

@@ -176,7 +176,7 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
         has_b, has_lift = (False, False) if hinge else _coef_flags(row_coef, int(coef_terms))
         if not has_lift and row_coef.shape[1] == 6:
             row_coef = row_coef[:, :5]  # an all-zero C_lift column: the term is compiled away
-        tiles, options = _launch_tiles(x, d, "bwd", lift=has_lift, symmetric=symmetric, has_b=has_b)
+        tiles, options = _launch_tiles(x, d, "bwd", lift=has_lift, symmetric=symmetric, has_b=has_b, hinge=hinge)
         cfg = _launch_config(x)
         pargs = _param_args(params)
         # symmetric: one launch over x's row blocks computes both sides (y is x, the same labels).
