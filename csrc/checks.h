@@ -86,18 +86,18 @@ inline void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y,
   TORCH_CHECK(row_in.device() == x.device(), "dmlkern: row_in must be on the device of x");
   if (row_coef != nullptr) {
     TORCH_CHECK(row_coef->dim() == 2 && row_coef->size(0) == n &&
-                    (row_coef->size(1) == 5 || row_coef->size(1) == 6),
-                "dmlkern: row_coef must be (N, 5) or (N, 6) with N = ", n, ", got ",
-                row_coef->sizes());
+                    (row_coef->size(1) == 2 || row_coef->size(1) == 5 || row_coef->size(1) == 6),
+                "dmlkern: row_coef must be (N, 5), (N, 6) or (N, 2) (the hinge backward) with N = ",
+                n, ", got ", row_coef->sizes());
     TORCH_CHECK(at::isFloatingType(row_coef->scalar_type()),
                 "dmlkern: row_coef must be floating point (the stats dtype), got ",
                 row_coef->scalar_type());
     TORCH_CHECK(row_coef->device() == x.device(), "dmlkern: row_coef must be on the device of x");
   }
   if (pass_kind >= 0 || row_coef == nullptr) {
-    TORCH_CHECK(pass_kind >= kPassExtrema && pass_kind <= kPassLiftedPairs,
-                "dmlkern: pass_kind must be 0 (extrema), 1 (lse2), 2 (pos_softplus) or 3 "
-                "(lifted_pairs), got ",
+    TORCH_CHECK(pass_kind >= kPassExtrema && pass_kind <= kPassHinge,
+                "dmlkern: pass_kind must be 0 (extrema), 1 (lse2), 2 (pos_softplus), 3 "
+                "(lifted_pairs) or 4 (hinge), got ",
                 pass_kind);
   }
   TORCH_CHECK(transform == kTransformDot || transform == kTransformUnitDistance,
@@ -113,6 +113,12 @@ inline void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y,
               params.size());
   TORCH_CHECK(x.size(0) + y.size(0) <= std::numeric_limits<int32_t>::max(),
               "dmlkern: N + M must fit in int32");
+  // The hinge pass and its backward keep every pair (no mining).
+  const bool hinge_fwd = pass_kind == kPassHinge && row_coef == nullptr;
+  const bool hinge_bwd = row_coef != nullptr && row_coef->size(1) == 2;
+  TORCH_CHECK(!(hinge_fwd || hinge_bwd) || mining == kMiningNone, "dmlkern: ",
+              hinge_fwd ? "pass_kind=4 (hinge)" : "row_coef with 2 columns (the hinge backward)",
+              " needs mining=0, got mining=", mining);
   // Pass 3 and the C_lift column read row_in[j] for column j: only the symmetric case has it.
   const bool lifted_fwd = pass_kind == kPassLiftedPairs && row_coef == nullptr;
   const bool lifted_bwd = row_coef != nullptr && row_coef->size(1) == 6;

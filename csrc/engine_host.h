@@ -51,8 +51,9 @@ void dispatch_config(int64_t transform, int64_t mining, F&& f) {
   }
 }
 
-// Calls f(IC<pass>, IC<transform>, IC<mining>) for a forward pass. Extrema ignores mining and
-// lifted_pairs comes with mining 0 (checked), so both get kMiningNone: one kernel per transform.
+// Calls f(IC<pass>, IC<transform>, IC<mining>) for a forward pass. Extrema ignores mining;
+// lifted_pairs and hinge come with mining 0 (checked): those get kMiningNone, one kernel per
+// transform.
 template <typename F>
 void dispatch_forward_pass(int64_t pass_kind, int64_t transform, int64_t mining, F&& f) {
   dispatch_config(transform, mining, [&](auto tr, auto mi) {
@@ -62,11 +63,16 @@ void dispatch_forward_pass(int64_t pass_kind, int64_t transform, int64_t mining,
       f(IC<kPassLse2>{}, tr, mi);
     } else if (pass_kind == kPassPosSoftplus) {
       f(IC<kPassPosSoftplus>{}, tr, mi);
-    } else {
+    } else if (pass_kind == kPassLiftedPairs) {
       f(IC<kPassLiftedPairs>{}, tr, IC<kMiningNone>{});
+    } else {
+      f(IC<kPassHinge>{}, tr, IC<kMiningNone>{});
     }
   });
 }
+
+// The hinge backward: row_coef (N, 2) = (H_pos, H_neg) (checked to come with mining 0).
+inline bool is_hinge_coef(const at::Tensor& row_coef) { return row_coef.size(1) == 2; }
 
 // Calls f(BC<LIFT>) for the backward's C_lift term. C_lift is checked to come with mining 0,
 // so the mining configuration is never instantiated with it.

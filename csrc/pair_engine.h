@@ -106,6 +106,7 @@ enum EnginePass : int64_t {
   kPassLse2 = 1,
   kPassPosSoftplus = 2,
   kPassLiftedPairs = 3,  // symmetric case only (y is x, exclude_diag)
+  kPassHinge = 4,        // mining 0 only
 };
 enum EngineTransform : int64_t { kTransformDot = 0, kTransformUnitDistance = 1 };
 enum EngineMining : int64_t { kMiningNone = 0, kMiningMultiSimilarity = 1 };
@@ -377,18 +378,76 @@ struct LiftedPairsAcc : RowSums3<T> {
   }
 };
 
+// Pass 4 (hinge): with t_pos = sc_pos v + off_pos + L_i and t_neg = sc_neg v + off_neg - L_i,
+// a pair's relu(t) (NaN stays NaN) and whether t > 0 (false for NaN: what AvgNonZeroReducer
+// counts), zeros outside its set.
+template <typename T>
+struct HingeTerms {
+  T pos, pos_nonzero, neg, neg_nonzero;
+};
+
+template <typename T>
+DMLK_HDI T engine_hinge_pos_arg(T v, T L, const EngineParams<T>& p) {
+  return (p.sc_pos * v + p.off_pos) + L;
+}
+
+template <typename T>
+DMLK_HDI T engine_hinge_neg_arg(T v, T L, const EngineParams<T>& p) {
+  return (p.sc_neg * v + p.off_neg) - L;
+}
+
+template <typename T>
+DMLK_HDI HingeTerms<T> engine_hinge_terms(T v, bool kept_pos, bool kept_neg, T L,
+                                          const EngineParams<T>& p) {
+  const T tp = engine_hinge_pos_arg(v, L, p), tn = engine_hinge_neg_arg(v, L, p);
+  return {kept_pos ? (tp < T(0) ? T(0) : tp) : T(0), (kept_pos & (tp > T(0))) ? T(1) : T(0),
+          kept_neg ? (tn < T(0) ? T(0) : tn) : T(0), (kept_neg & (tn > T(0))) ? T(1) : T(0)};
+}
+
+// Four per-row sums merged by addition (pass 4's output columns).
+template <typename T>
+struct RowSums4 {
+  T sum[4];
+  DMLK_HDI RowSums4() : sum{T(0), T(0), T(0), T(0)} {}
+  DMLK_HDI void merge(T a, T b, T c, T d) {
+    sum[0] += a;
+    sum[1] += b;
+    sum[2] += c;
+    sum[3] += d;
+  }
+  DMLK_HDI void store(T* dst) const {
+    dst[0] = sum[0];
+    dst[1] = sum[1];
+    dst[2] = sum[2];
+    dst[3] = sum[3];
+  }
+};
+
+// Columns: sum of relu(t_pos) over pos kept, the number of t_pos > 0, the same for neg.
+template <typename T>
+struct HingeAcc : RowSums4<T> {
+  DMLK_HDI void push(T v, bool kept_pos, bool kept_neg, T L, const EngineParams<T>& p) {
+    const HingeTerms<T> t = engine_hinge_terms(v, kept_pos, kept_neg, L, p);
+    this->merge(t.pos, t.pos_nonzero, t.neg, t.neg_nonzero);
+  }
+};
+
 // Output columns of a pass.
 DMLK_HDI int engine_out_columns(int64_t pass_kind) {
-  return pass_kind == kPassPosSoftplus || pass_kind == kPassLiftedPairs ? 3 : 2;
+  return pass_kind == kPassHinge ? 4
+         : pass_kind == kPassPosSoftplus || pass_kind == kPassLiftedPairs ? 3
+                                                                         : 2;
 }
 
 // The per-row accumulator of a pass.
 template <int64_t PASS, typename T>
 using PassAcc = std::conditional_t<
     PASS == kPassExtrema, ExtremaAcc<T>,
-    std::conditional_t<PASS == kPassLse2, Lse2Acc<T>,
-                       std::conditional_t<PASS == kPassPosSoftplus, PosSoftplusAcc<T>,
-                                          LiftedPairsAcc<T>>>>;
+    std::conditional_t<
+        PASS == kPassLse2, Lse2Acc<T>,
+        std::conditional_t<PASS == kPassPosSoftplus, PosSoftplusAcc<T>,
+                           std::conditional_t<PASS == kPassLiftedPairs, LiftedPairsAcc<T>,
+                                              HingeAcc<T>>>>>;
 
 // ---- backward --------------------------------------------------------------
 
@@ -434,6 +493,37 @@ DMLK_HDI T engine_pair_grad(T v, bool kept_pos, bool kept_neg, T a_pos, T lse_po
     dl_dv = dl_dv + engine_lifted_pair_grad(v, kept_pos, c_lift, L, L_j, p, ex, l1p);
   }
   return engine_dl_ds<TRANSFORM>(v, dl_dv);
+}
+
+// The hinge backward (row_coef (N, 2) = (H_pos, H_neg), pass 4's): dl/ds of one pair of row i,
+//   dl/dv = [pos] H_pos sc_pos [t_pos > 0] + [neg] H_neg sc_neg [t_neg > 0]
+// with L = row_in[i, 2]; relu's derivative is [t > 0] (0 at t = 0 and at a NaN t, as torch's
+// relu). A zero coefficient contributes exactly 0.
+template <typename T>
+DMLK_HDI T engine_hinge_dl_dv(T v, bool kept_pos, bool kept_neg, T h_pos, T h_neg, T L,
+                              const EngineParams<T>& p) {
+  const bool live_pos = kept_pos & (h_pos != T(0)) & (engine_hinge_pos_arg(v, L, p) > T(0));
+  const bool live_neg = kept_neg & (h_neg != T(0)) & (engine_hinge_neg_arg(v, L, p) > T(0));
+  return (live_pos ? h_pos * p.sc_pos : T(0)) + (live_neg ? h_neg * p.sc_neg : T(0));
+}
+
+template <int64_t TRANSFORM, typename T>
+DMLK_HDI T engine_hinge_pair_grad(T v, bool kept_pos, bool kept_neg, T h_pos, T h_neg, T L,
+                                  const EngineParams<T>& p) {
+  return engine_dl_ds<TRANSFORM>(v, engine_hinge_dl_dv(v, kept_pos, kept_neg, h_pos,
+                                                                  h_neg, L, p));
+}
+
+// The symmetric case of the hinge backward (mining 0: the masks are symmetric): row i's weight of
+// the pair (i, j) plus row j's of the pair (j, i), one dv/ds.
+template <int64_t TRANSFORM, typename T>
+DMLK_HDI T engine_hinge_pair_grad_sym(T v, bool same_label, bool excluded_self, T h_pos_i,
+                                      T h_neg_i, T L_i, T h_pos_j, T h_neg_j, T L_j,
+                                      const EngineParams<T>& p) {
+  const bool kp = same_label & !excluded_self, kn = !same_label;
+  return engine_dl_ds<TRANSFORM>(
+      v, engine_hinge_dl_dv(v, kp, kn, h_pos_i, h_neg_i, L_i, p) +
+             engine_hinge_dl_dv(v, kp, kn, h_pos_j, h_neg_j, L_j, p));
 }
 
 // One row's backward inputs (row_in and row_coef of row k), for the symmetric pair weight.

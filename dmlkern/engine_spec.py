@@ -6,13 +6,16 @@ from typing import NamedTuple
 import torch
 
 # Passes: what each kernel sweep accumulates per row.
-PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS = 0, 1, 2, 3
+PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS, PASS_HINGE = 0, 1, 2, 3, 4
 # Per-pair value v(s): s itself, or the Euclidean distance of unit rows sqrt(max(2 - 2s, 0)).
 TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE = 0, 1
 # Which pairs a pass keeps: all, or those the Multi-Similarity miner keeps (from row_in's extrema).
 MINING_NONE, MINING_MULTI_SIMILARITY = 0, 1
 # Output columns per pass.
-OUT_COLUMNS = {PASS_EXTREMA: 2, PASS_LSE2: 2, PASS_POS_SOFTPLUS: 3, PASS_LIFTED_PAIRS: 3}
+OUT_COLUMNS = {PASS_EXTREMA: 2, PASS_LSE2: 2, PASS_POS_SOFTPLUS: 3, PASS_LIFTED_PAIRS: 3, PASS_HINGE: 4}
+# row_coef widths of the backward: the softmax terms (A_pos, LSE_pos, A_neg, LSE_neg, B_pos), with
+# the lifted pairs' C_lift, or the hinge backward's (H_pos, H_neg).
+COEF_WIDTH, COEF_WIDTH_LIFT, COEF_WIDTH_HINGE = 5, 6, 2
 
 
 class EngineParams(NamedTuple):

@@ -134,7 +134,8 @@ def configs(d):
         x = torch.empty(1, d, dtype=dtype)
         cfg = pe._launch_config(x)
         cfg["UPCAST"] = dtype == torch.float64
-        for pass_kind, transform, mining in ((1, 0, 0), (1, 0, 1), (1, 1, 0), (0, 0, 0), (2, 0, 0), (3, 1, 0)):
+        for pass_kind, transform, mining in ((1, 0, 0), (1, 0, 1), (1, 1, 0), (0, 0, 0), (2, 0, 0), (3, 1, 0), (4, 0, 0),
+                                             (4, 1, 0)):
             tiles, options = tile_policy._launch_tiles(x, d, "fwd", positives_only=pass_kind in (2, 3))
             c = dict(PASS_KIND=pass_kind, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=True, **tiles, **cfg)
             out.append(("fwd", _engine_fwd_kernel, dtype, f"pass={pass_kind} t={transform} mi={mining}", c,
@@ -148,10 +149,17 @@ def configs(d):
                 (True, True, 1, 0, False, False), (True, True, 1, 0, False, True)):
             tiles, options = tile_policy._launch_tiles(x, d, "bwd", lift=lift, symmetric=sym, has_b=has_b)
             c = dict(OWN_IS_X=own_is_x, SYMMETRIC=sym, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=True,
-                     HAS_B=has_b, HAS_LIFT=lift, **tiles, **cfg)
+                     HAS_B=has_b, HAS_LIFT=lift, HINGE=False, **tiles, **cfg)
             side = "sym" if sym else ("x" if own_is_x else "y")
             label = f"{side} t={transform} mi={mining} B={int(has_b)} lift={int(lift)}"
             out.append(("bwd", _engine_bwd_kernel, dtype, label, c, options["num_warps"]))
+        # the hinge backward (row_coef (N, 2)): (own_is_x, symmetric, transform)
+        for own_is_x, sym, transform in ((True, False, 1), (False, False, 1), (True, True, 0), (True, True, 1)):
+            tiles, options = tile_policy._launch_tiles(x, d, "bwd", symmetric=sym, hinge=True)
+            c = dict(OWN_IS_X=own_is_x, SYMMETRIC=sym, TRANSFORM=transform, MINING=0, EXCLUDE_DIAG=True,
+                     HAS_B=False, HAS_LIFT=False, HINGE=True, **tiles, **cfg)
+            side = "sym" if sym else ("x" if own_is_x else "y")
+            out.append(("bwd", _engine_bwd_kernel, dtype, f"{side} t={transform} hinge", c, options["num_warps"]))
     return out
 
 

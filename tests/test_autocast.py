@@ -13,6 +13,9 @@ from test_fused_losses import LOSSES
 HAS_CUDA = torch.cuda.is_available()
 # relative to the largest value / gradient entry: a few bf16 (fp16) roundings of the similarities
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+# The hinge losses' gradients are steps: a pair whose hinge argument is within a rounding of 0
+# contributes its whole term on one side and nothing on the other (and moves Margin's divisor).
+HINGE_GRAD_SLACK = {"contrastive": 2, "margin": 2, "margin_learn_beta_per_class": 2}
 
 
 def _run(loss_fn, name, x, labels, path, device, dtype):
@@ -41,7 +44,7 @@ def _check(name, device, dtype):
     assert v_fused.dtype == torch.float32  # the statistics and the loss: fp32, as the embeddings
     torch.testing.assert_close(v_fused, v_ref.float(), rtol=tol, atol=tol * float(v_ref.detach().abs()))
     assert g_fused.dtype == torch.float32
-    scale = float(g_ref.abs().max())
+    scale = float(g_ref.abs().max()) * HINGE_GRAD_SLACK.get(name, 1)
     torch.testing.assert_close(g_fused, g_ref.float(), rtol=0, atol=tol * scale)
     for run in (fused, ref):
         for k, p in run.named_parameters():

@@ -34,7 +34,14 @@ LOSSES = {
     "proxy_anchor": lambda c, d: losses.ProxyAnchorLoss(c, d, margin=0.1, alpha=16),
     "nca": lambda c, d: losses.NCALoss(softmax_scale=2),
     "tuplet_margin": lambda c, d: losses.TupletMarginLoss(margin=5.73, scale=16),
+    "contrastive": lambda c, d: losses.ContrastiveLoss(pos_margin=0.2, neg_margin=1.3),
+    "margin": lambda c, d: losses.MarginLoss(margin=0.2, beta=1.3),
+    "margin_learn_beta_per_class": lambda c, d: losses.MarginLoss(margin=0.1, nu=0.05, beta=1.2, learn_beta=True,
+                                                                  num_classes=c),
 }
+# The losses whose reference takes LpDistance's torch.cdist (no bf16 on the CPU).
+CDIST_REFERENCE = {"generalized_lifted", "lifted", "lifted_avg_nonzero", "contrastive", "margin",
+                   "margin_learn_beta_per_class", "nca"}
 NO_REF_EMB = {"npairs", "proxy_anchor", "lifted", "lifted_avg_nonzero"}  # lifted with ref_emb: the reference
 
 # (N, classes, with ref_emb of M rows or None). Degenerate: one sample, no positives, one class.
@@ -198,7 +205,7 @@ def test_half_precision_on_cpu_runs_the_reference():
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(20, 8, generator=g).to(dtype)
         for name in LOSSES:
-            if dtype == torch.bfloat16 and ("lifted" in name or name == "nca"):
+            if dtype == torch.bfloat16 and name in CDIST_REFERENCE:
                 continue  # their LpDistance reference uses torch.cdist: no bf16 on CPU (PML fails alike)
             torch.manual_seed(0)
             loss_fn = LOSSES[name](3, 8).to(dtype)
@@ -279,12 +286,18 @@ def test_ms_miner_few_mined_pairs_follow_pmls_len_rule(engine_backend_choice, ba
     assert (True, 1, 1) in seen and any(not z and min(p, q) <= 1 for z, p, q in seen), sorted(seen)
 
 
+# The hinge losses leave a NaN pair value to the reference (eager, CPU): PML's reducers drop
+# (AvgNonZero) or keep each NaN pair loss, which the kernels' totals can't tell apart.
+NAN_TO_REFERENCE = {"contrastive", "margin", "margin_learn_beta_per_class"}
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_nan_embeddings_follow_the_reference(engine_backend_choice, backend, device, name):
     """A NaN row in embeddings (and in ref_emb): values and gradients NaN exactly where the
     reference's are. Multi-Similarity with the miner keeps a finite loss there: PML's miner
-    drops the NaN pairs (its extrema come from an ascending sort, NaN last)."""
+    drops the NaN pairs (its extrema come from an ascending sort, NaN last). The hinge losses
+    (NAN_TO_REFERENCE) run the reference on the CPU; on CUDA their NaN propagates."""
     expected = engine_backend_choice(backend, device)
     dtype = torch.float64 if torch.float64 in dtypes_for(backend, device) or device == "cpu" else torch.float32
     g = torch.Generator().manual_seed(23)
@@ -303,6 +316,12 @@ def test_nan_embeddings_follow_the_reference(engine_backend_choice, backend, dev
         want_v, want_g = _run(loss_fn, name, xd, labels, ref, ref_labels, "reference")
         got_v, got_g = _run(loss_fn, name, xd, labels, ref, ref_labels, "fused")
         what = f"{name} {dtype} ref_emb={ref is not None}"
+        if name in NAN_TO_REFERENCE and device == "cuda":  # no host read there: the NaN propagates
+            assert loss_fn.last_backend == expected and torch.isnan(got_v), f"{what}: {loss_fn.last_backend} {got_v}"
+            continue
+        if name in NAN_TO_REFERENCE and backend != "engine-reference":
+            expected = "reference"
+            assert "NaN" in loss_fn.last_fallback, f"{what}: {loss_fn.last_fallback}"
         assert loss_fn.last_backend == expected, f"{what}: ran {loss_fn.last_backend}"
         rtol, atol = TOLERANCES[dtype]
         torch.testing.assert_close(got_v, want_v, rtol=rtol, atol=atol, equal_nan=True, msg=lambda s: f"{what}: {s}")
@@ -394,7 +413,7 @@ def test_strided_labels_run_quietly(engine_backend_choice):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["generalized_lifted", "lifted", "lifted_avg_nonzero"])
+@pytest.mark.parametrize("name", ["generalized_lifted", "lifted", "lifted_avg_nonzero", "contrastive"])
 def test_euclidean_losses_with_zero_rows_match_pml(engine_backend_choice, name):
     """An all-zero (or shorter than 1e-12) row stays short after F.normalize, and PML's cdist then
     gives the true distance where the kernels' sqrt(2 - 2s) assumes unit rows: eager calls see
@@ -446,7 +465,7 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
     x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 3, (20,))
     from dmlkern.distances import LpDistance
-    from dmlkern.reducers import AvgNonZeroReducer
+    from dmlkern.reducers import AvgNonZeroReducer, DoNothingReducer, ThresholdReducer
     zero_row = torch.cat([x[:1] * 0, x[1:]])
     for loss_fn, args, reason in [
         (losses.MultiSimilarityLoss(distance=LpDistance()), (x, labels), "non-default distance LpDistance"),
@@ -459,7 +478,18 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
          "an indices_tuple"),
         (losses.MultiSimilarityLoss(), (x, None, (torch.tensor([0]), torch.tensor([1]), torch.tensor([4]),
                                                   torch.tensor([5]))), "other than MultiSimilarityMiner's"),
-        (losses.ContrastiveLoss(), (x, labels), "ContrastiveLoss has no fused kernel yet"),
+        (losses.TripletMarginLoss(), (x, labels), "TripletMarginLoss has no fused kernel yet"),
+        (losses.ContrastiveLoss(distance=LpDistance(normalize_embeddings=False)), (x, labels),
+         "non-default distance LpDistance"),
+        (losses.ContrastiveLoss(reducer=ThresholdReducer(low=0.1)), (x, labels), "ThresholdReducer for its sub-loss"),
+        (losses.ContrastiveLoss(reducer=MeanReducer(collect_stats=True)), (x, labels),
+         "MeanReducer collecting statistics"),
+        (losses.ContrastiveLoss(reducer=DoNothingReducer()), (x, labels), "DoNothingReducer"),
+        (losses.ContrastiveLoss(), (zero_row, labels), "shorter than 1e-12"),
+        (losses.MarginLoss(triplets_per_anchor=3), (x, labels), "triplets_per_anchor=3"),
+        (losses.MarginLoss(), (x, labels, (torch.tensor([0]), torch.tensor([1]), torch.tensor([4]))),
+         "an indices_tuple"),
+        (losses.MarginLoss(reducer=AvgNonZeroReducer()), (x, labels), "AvgNonZeroReducer for its sub-loss"),
     ]:
         loss_fn.last_fallback = None
         loss_fn(*args)
@@ -534,6 +564,10 @@ MEMORY_LOSSES = {  # constructor, labels (n = 16384): the default configuration 
     "proxy_anchor": ("losses.ProxyAnchorLoss(n // 8, d)", "torch.randint(0, n // 8, (n,))"),
     "nca": ("losses.NCALoss()", "torch.randint(0, n // 8, (n,))"),
     "tuplet_margin": ("losses.TupletMarginLoss()", "torch.randint(0, n // 8, (n,))"),
+    "contrastive": ("losses.ContrastiveLoss()", "torch.randint(0, n // 8, (n,))"),
+    "margin": ("losses.MarginLoss()", "torch.randint(0, n // 8, (n,))"),
+    "margin_learn_beta_per_class": ("losses.MarginLoss(learn_beta=True, nu=0.1, num_classes=n // 8)",
+                                    "torch.randint(0, n // 8, (n,))"),
 }
 
 
@@ -703,3 +737,141 @@ def test_ntxent_sorted_rows_keep_each_ref_pairing(engine_backend_choice, backend
         torch.testing.assert_close(got_v, want_v, rtol=rtol, atol=atol, msg=lambda s: f"{what} value: {s}")
         for k, (a, b) in enumerate(zip(got_g, want_g)):
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda s: f"{what} grad {k}: {s}")
+
+
+# ----------------------------------------------------------------------- Contrastive and Margin
+# Against PML 2.9.0 itself (fp64): (name, our constructor, PML's), built from one table of keyword
+# arguments so that both sides get the same configuration; "distance" / "reducer" name the class
+# in each library.
+HINGE_PML_CASES = [
+    ("contrastive", "ContrastiveLoss", {}),
+    ("contrastive_margins", "ContrastiveLoss", dict(pos_margin=0.25, neg_margin=1.2)),
+    ("contrastive_cosine", "ContrastiveLoss", dict(pos_margin=0.9, neg_margin=0.1, distance="CosineSimilarity")),
+    ("contrastive_mean", "ContrastiveLoss", dict(neg_margin=1.5, reducer="MeanReducer")),
+    ("contrastive_sum_cosine", "ContrastiveLoss", dict(pos_margin=0.8, neg_margin=0.2, reducer="SumReducer",
+                                                       distance="CosineSimilarity")),
+    ("margin", "MarginLoss", {}),
+    ("margin_cosine", "MarginLoss", dict(beta=0.2, margin=0.1, distance="CosineSimilarity")),
+    ("margin_learn_beta", "MarginLoss", dict(margin=0.1, beta=1.3, nu=0.2, learn_beta=True)),
+    ("margin_learn_beta_per_class", "MarginLoss", dict(margin=0.1, beta=1.3, nu=0.2, learn_beta=True,
+                                                       num_classes=5)),
+    ("margin_per_class_cosine_mean", "MarginLoss", dict(beta=0.1, nu=0.1, learn_beta=True, num_classes=5,
+                                                        distance="CosineSimilarity", reducer="MeanReducer")),
+]
+
+
+def _hinge_pair(cls, kwargs):
+    """(ours, PML's) built from the same keywords."""
+    from pytorch_metric_learning import distances as pml_distances, losses as pml_losses, reducers as pml_reducers
+    from dmlkern import distances, reducers
+
+    def build(loss_mod, dist_mod, red_mod):
+        kw = dict(kwargs)
+        if "distance" in kw:
+            kw["distance"] = getattr(dist_mod, kw["distance"])()
+        if "reducer" in kw:
+            kw["reducer"] = getattr(red_mod, kw["reducer"])()
+        return getattr(loss_mod, cls)(**kw).double()
+
+    return build(losses, distances, reducers), build(pml_losses, pml_distances, pml_reducers)
+
+
+def _pml_parity(ours, theirs, x, labels, ref=None, ref_labels=None, expected=None, what=""):
+    """Values and gradients (embeddings, ref_emb, learnable beta) of ours against PML's."""
+    def run(fn):
+        emb = x.detach().clone().requires_grad_(True)
+        r = None if ref is None else ref.detach().clone().requires_grad_(True)
+        value = fn(emb, labels, None, r, ref_labels)
+        wrt = [emb] + ([] if r is None else [r]) + list(fn.parameters())
+        grads = torch.autograd.grad(value, wrt, allow_unused=True)
+        return value.detach(), [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+
+    got_v, got_g = run(ours)
+    want_v, want_g = run(theirs)
+    if expected is not None:
+        assert ours.last_backend == expected, f"{what}: ran {ours.last_backend} ({ours.last_fallback})"
+    torch.testing.assert_close(got_v, want_v.to(got_v.dtype), rtol=1e-10, atol=1e-12, msg=lambda s: f"{what}: {s}")
+    for k, (a, b) in enumerate(zip(got_g, want_g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda s: f"{what} grad {k}: {s}")
+    return got_v
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("name,cls,kwargs", HINGE_PML_CASES, ids=[c[0] for c in HINGE_PML_CASES])
+def test_hinge_losses_match_pml(engine_backend_choice, backend, device, name, cls, kwargs):
+    """ContrastiveLoss and MarginLoss on the engine's hinge pass against PML 2.9.0 itself, fp64:
+    values and gradients (embeddings, ref_emb, learnable beta) for the default Euclidean distance
+    and CosineSimilarity, the default and other reducers, with and without ref_emb."""
+    expected = engine_backend_choice(backend, device)
+    if torch.float64 not in dtypes_for(backend, device) and backend != "engine-reference":
+        pytest.skip(f"the {backend} backend has no fp64 kernels on {device}")
+    g = torch.Generator().manual_seed(61)
+    x = torch.randn(41, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (41,), generator=g)
+    ref = torch.randn(23, 8, generator=g, dtype=torch.float64)
+    ref_labels = torch.randint(0, 5, (23,), generator=g)
+    other = torch.randn(41, 8, generator=g, dtype=torch.float64)
+    labels = labels.to(device)
+    # ref_emb with its own labels, and with ref_labels being labels (PML drops the pairs (i, i) then)
+    for r, rl in ((None, None), (ref, ref_labels.to(device)), (other, labels)):
+        ours, theirs = _hinge_pair(cls, kwargs)
+        what = f"{name} ref_emb={r is not None} ref_labels is labels={rl is labels}"
+        value = _pml_parity(ours, theirs, x.to(device), labels, None if r is None else r.to(device), rl, expected,
+                            what)
+        assert value != 0, f"{what}: a zero loss tests little"
+
+
+# (what, labels): batches where PML returns its zero for a sub-loss or the whole loss.
+HINGE_DEGENERATE = [
+    ("one_sample", [0]),
+    ("two_same", [3, 3]),                # Contrastive: one positive pair each way, no negative
+    ("one_class", [1] * 6),              # no negatives: Margin has no triplet
+    ("no_positives", [0, 1, 2, 3, 4]),   # Contrastive: negatives only; Margin: no triplet
+    ("one_triplet_anchor", [0, 0, 1, 2, 3]),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static_shapes"])
+@pytest.mark.parametrize("what,labels", HINGE_DEGENERATE, ids=[c[0] for c in HINGE_DEGENERATE])
+def test_hinge_losses_degenerate_batches_match_pml(engine_backend_choice, monkeypatch, backend, device, static,
+                                                   what, labels):
+    """Degenerate batches against PML 2.9.0: one sample, no positives, one class, no negatives;
+    values and gradients (including a learnable beta's), eager and on the static-shape paths
+    torch.compile takes (tensor-valued zeros)."""
+    engine_backend_choice(backend, device)
+    if torch.float64 not in dtypes_for(backend, device) and backend != "engine-reference":
+        pytest.skip(f"the {backend} backend has no fp64 kernels on {device}")
+    monkeypatch.setattr(_tracing, "FORCE_STATIC_SHAPES", static)
+    labels = torch.tensor(labels)
+    x = torch.randn(len(labels), 6, generator=torch.Generator().manual_seed(len(labels)), dtype=torch.float64)
+    for name, cls, kwargs in HINGE_PML_CASES:
+        ours, theirs = _hinge_pair(cls, kwargs)
+        _pml_parity(ours, theirs, x.to(device), labels.to(device), what=f"{name} {what}")
+        assert ours.last_backend in ("zero", "reference" if backend == "engine-reference" else backend), \
+            f"{name} {what}: ran {ours.last_backend} ({ours.last_fallback})"
+
+
+def test_margin_per_class_beta_label_range():
+    """A per-class beta is indexed by the anchors' labels: a label outside [0, num_classes) on an
+    anchor raises as the reference does (naming labels); on a row without triplets (PML never
+    indexes it) it is fine."""
+    x = torch.randn(6, 4, dtype=torch.float64)
+    loss_fn = losses.MarginLoss(learn_beta=True, num_classes=3)
+    with pytest.raises(ValueError, match="labels must be in"):
+        loss_fn(x, torch.tensor([0, 0, 1, 1, 5, 5]))
+    value = loss_fn(x, torch.tensor([0, 0, 1, 1, 2, 7]))  # 7: a singleton, no positive
+    loss_fn.backend = "reference"
+    torch.testing.assert_close(value, loss_fn(x, torch.tensor([0, 0, 1, 1, 2, 7])))
+
+
+def test_margin_divisor_reducer_records_the_divisor():
+    """PML's DivisorReducer records the divisor on every call; the fused path sets the same."""
+    from pytorch_metric_learning import losses as pml_losses
+    x = torch.randn(30, 6, dtype=torch.float64)
+    labels = torch.randint(0, 4, (30,))
+    ours, theirs = losses.MarginLoss(), pml_losses.MarginLoss()
+    ours(x, labels)
+    theirs(x, labels)
+    assert ours.last_backend == "cpp"
+    assert int(ours.reducer.reducers["margin_loss"].divisor) == int(theirs.reducer.reducers["margin_loss"].divisor) > 0

@@ -7,6 +7,7 @@ import torch
 
 from dmlkern import reference
 from dmlkern.ops import pair_engine as pe
+from dmlkern.triton import interpret_mode
 from _kernel_cases import (HAS_CUDA, KERNEL_BACKENDS, KERNEL_DTYPE_CASES, TOLERANCES, dtypes_for,
                            kernel_dtype_cases)
 
@@ -14,7 +15,7 @@ from _kernel_cases import (HAS_CUDA, KERNEL_BACKENDS, KERNEL_DTYPE_CASES, TOLERA
 SHAPES = [(1, None, 5, 1), (37, None, 19, 5), (70, 130, 33, 4), (9, 600, 8, 2)]
 PARAMS = {0: [-2.0, 1.0, 5.0, -2.5, 0.1], 1: [1.0, -0.1, -1.0, 0.9, 0.0]}  # per transform
 CONFIGS = [(0, 0), (0, 1), (1, 0)]  # (transform, mining); mining needs transform 0
-PASS_NAMES = {0: "extrema", 1: "lse2", 2: "pos_softplus", 3: "lifted_pairs"}
+PASS_NAMES = {0: "extrema", 1: "lse2", 2: "pos_softplus", 3: "lifted_pairs", 4: "hinge"}
 TRANSFORM_NAMES = {0: "dot", 1: "dist"}
 MINING_NAMES = {0: "all", 1: "mined"}
 CONFIG_PARAMS = [pytest.param(t, m, id=f"{TRANSFORM_NAMES[t]}-{MINING_NAMES[m]}") for t, m in CONFIGS]
@@ -292,10 +293,12 @@ def test_opcheck(backend, device):
     xl = torch.randint(0, 3, (13,), generator=g).to(device)
     yl = torch.randint(0, 3, (10,), generator=g).to(device)
     row_in = rand(13, 3)
-    for pass_kind in (1, 2):
+    for pass_kind in (1, 2, 4):
         torch.library.opcheck(forward, (x.requires_grad_(True), y.requires_grad_(True), xl, yl, row_in, pass_kind,
                                         0, 0, PARAMS[0], False))
     x, y = x.detach(), y.detach()
+    torch.library.opcheck(backward, (x, y, xl, yl, row_in, rand(13, 2), 0, 0, HINGE_PARAMS[0], False))
+    torch.library.opcheck(backward, (xu, xu, xl, xl, row_in, rand(13, 2), 1, 0, HINGE_PARAMS[1], True, True))
     torch.library.opcheck(forward, (x, y, xl, yl, row_in, 0, 0, 0, PARAMS[0], False))
     torch.library.opcheck(forward, (xu, xu, xl, xl, row_in, 3, 1, 0, LIFTED_PARAMS[1], True))
     torch.library.opcheck(backward, (x, y, xl, yl, row_in, rand(13, 5), 0, 1, PARAMS[0], False))
@@ -677,3 +680,180 @@ def test_backward_positive_terms_skip_tiles_without_positives(backend, device, l
     else:
         _close(gx, wx, atol, rtol, "grad_x")
         _close(gy, wy, atol, rtol, "grad_y")
+
+
+# ----------------------------------------------------------------------------- pass 4: hinge
+# (sc_pos, off_pos, sc_neg, off_neg, eps) per transform: ContrastiveLoss's on a similarity and on
+# the distance, with margins that leave some terms of each set at 0 and some above.
+HINGE_PARAMS = {0: [-1.0, 0.1, 1.0, -0.1, 0.0], 1: [1.0, -1.35, -1.0, 1.45, 0.0]}
+
+
+def _hinge_row_in(n, case, stats, device, seed):
+    """row_in with L in column 2 (MarginLoss's -beta or beta per row); "nan": one L is NaN."""
+    g = torch.Generator().manual_seed(seed)
+    L = 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    if case == "nan" and n > 2:
+        L[n // 2] = float("nan")
+    zero = torch.zeros_like(L)
+    return torch.stack([zero, zero, L], dim=1).to(device, stats)
+
+
+def _hinge_coef(n, device, stats, seed):
+    """(H_pos, H_neg) with zeros in some rows of each column (a zero must contribute nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    coef = torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.3
+    coef[::3, 0] = 0.0
+    coef[1::4, 1] = 0.0
+    return coef.to(device, stats)
+
+
+@pytest.mark.parametrize("case", ["finite", "nan"])
+@pytest.mark.parametrize("transform", TRANSFORM_PARAMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
+def test_hinge_pass_matches_reference(backend, device, dtype, atol, rtol, shape, transform, case):
+    """Pass 4's sums and counts, then its backward (row_coef (N, 2)) two-sided and, when y is x,
+    symmetric, against the reference twin. "nan": a NaN row of x and a NaN L make their sums NaN
+    (counts skip them), and the backward's relu derivative [t > 0] is 0 there."""
+    _needs_engine(backend)
+    x, y, xl, yl, self_pairs = _inputs(shape, dtype, device, seed=sum(shape[:1]) + 7)
+    n = x.shape[0]
+    if case == "nan" and n > 2:
+        x = x.clone()
+        x[1] = float("nan")
+        y = x if self_pairs else y
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    row_in = _hinge_row_in(n, case, stats, device, seed=n)
+    params = HINGE_PARAMS[transform]
+    got = pe.engine_forward(x, y, xl, yl, row_in, pass_kind=4, transform=transform, params=params,
+                            exclude_diag=self_pairs, backend=backend)
+    xd, yd = x.double(), y.double()
+    want = reference.engine_forward(xd, yd, xl, yl, row_in.double(), 4, transform, 0, params, self_pairs)
+    assert got.dtype == stats and got.shape == (n, 4)
+    if case == "finite" and n > 30:  # both sets hold terms at 0 and above 0
+        pos_pairs = (xl[:, None] == yl[None, :]).sum() - (n if self_pairs else 0)
+        assert 0 < want[:, 1].sum() < pos_pairs and 0 < want[:, 3].sum() < (xl[:, None] != yl[None, :]).sum()
+    if case == "nan" and n > 2:
+        assert torch.isnan(want[:, 0]).any() and torch.isnan(want[:, 2]).any() and not torch.isnan(want[:, 1::2]).any()
+    assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu())
+    _close_to_scale(got, want, atol, rtol, "hinge forward")
+    coef = _hinge_coef(n, device, stats, seed=n + 1)
+    gx, gy = pe.engine_backward_raw(x, y, xl, yl, row_in, coef, transform=transform, mining=0, params=params,
+                                    exclude_diag=self_pairs, backend=backend)
+    wx, wy = reference.engine_backward(xd, yd, xl, yl, row_in.double(), coef.double(), transform, 0, params,
+                                       self_pairs)
+    assert gx.dtype == dtype and gy.shape == y.shape
+    _close_to_scale(gx, wx, atol, rtol, "hinge grad_x")
+    _close_to_scale(gy, wy, atol, rtol, "hinge grad_y")
+    if self_pairs:
+        gs, gz = pe.engine_backward_raw(x, x, xl, xl, row_in, coef, transform=transform, mining=0, params=params,
+                                        exclude_diag=True, backend=backend, symmetric=True)
+        assert torch.equal(gz, torch.zeros_like(gz))
+        _close_to_scale(gs, wx + wy, atol, rtol, "hinge symmetric grad")
+
+
+@pytest.mark.parametrize("transform", TRANSFORM_PARAMS)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_hinge_pass_crosses_tiles_symmetric(backend, transform):
+    """The hinge pass and its symmetric backward at 600 rows (past the CPU's 512-column tile, a
+    partial row block; several Triton tiles), self-pairs excluded and kept, fp32."""
+    _needs_engine(backend)
+    if backend == "triton" and not (interpret_mode() or HAS_CUDA):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    device = "cuda" if HAS_CUDA else "cpu"
+    n = 600 if backend == "cpp" else 150  # the interpreter is slow; 150 rows cross its 64-row tiles
+    rtol, atol = TOLERANCES[torch.float32]
+    x, _, xl, _, _ = _inputs((n, None, 12, 7), torch.float32, device, seed=3)
+    row_in = _hinge_row_in(n, "finite", torch.float32, device, seed=4)
+    coef = _hinge_coef(n, device, torch.float32, seed=5)
+    params = HINGE_PARAMS[transform]
+    for exclude_diag in (True, False) if transform == 0 else (True,):
+        got = pe.engine_forward(x, x, xl, xl, row_in, pass_kind=4, transform=transform, params=params,
+                                exclude_diag=exclude_diag, backend=backend)
+        want = reference.engine_forward(x.double(), x.double(), xl, xl, row_in.double(), 4, transform, 0, params,
+                                        exclude_diag)
+        _close_to_scale(got, want, atol, rtol, "hinge forward")
+        gs, _ = pe.engine_backward_raw(x, x, xl, xl, row_in, coef, transform=transform, mining=0, params=params,
+                                       exclude_diag=exclude_diag, backend=backend, symmetric=True)
+        wx, wy = reference.engine_backward(x.double(), x.double(), xl, xl, row_in.double(), coef.double(),
+                                           transform, 0, params, exclude_diag)
+        _close_to_scale(gs, wx + wy, atol, rtol, "hinge symmetric grad")
+
+
+@pytest.mark.parametrize("transform", TRANSFORM_PARAMS)
+def test_reference_hinge_backward_is_the_autograd_gradient(transform):
+    """docs/ENGINE.md's hinge backward (row_coef (N, 2) from ops.pair_engine.row_coefficients) and
+    its L gradient H_pos * count_pos - H_neg * count_neg equal autograd through the materialised
+    forward, two-sided with self-pairs excluded."""
+    x, y, xl, yl, _ = _inputs((23, 31, 7, 3), torch.float64, "cpu", seed=4)
+    params = HINGE_PARAMS[transform]
+    row_in = _hinge_row_in(23, "finite", torch.float64, "cpu", seed=6).requires_grad_(True)
+    xx, yy = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    out = reference.engine_forward(xx, yy, xl, yl, row_in, 4, transform, 0, params, True)
+    g = torch.rand(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    g[:, 1::2] = 0.0  # the counts are constants
+    (out * g).sum().backward()
+    coef, grad_row_in = pe.row_coefficients(4, out.detach(), g)
+    gx, gy = reference.engine_backward(x, y, xl, yl, row_in.detach(), coef, transform, 0, params, True)
+    torch.testing.assert_close(gx, xx.grad)
+    torch.testing.assert_close(gy, yy.grad)
+    torch.testing.assert_close(grad_row_in, row_in.grad)
+    assert row_in.grad[:, 2].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_hinge_gradcheck_fp64(backend, device):
+    """torch.autograd.gradcheck of the hinge pass's sums through the op (x, y and row_in's L), both
+    transforms, y separate and y is x (the symmetric backward)."""
+    _needs_engine(backend)
+    if torch.float64 not in dtypes_for(backend, device):
+        pytest.skip(f"the {backend} backend has no fp64 kernels on {device}")
+    g = torch.Generator().manual_seed(2)
+    x = torch.nn.functional.normalize(torch.randn(11, 4, generator=g, dtype=torch.float64), dim=1).to(device)
+    y = torch.nn.functional.normalize(torch.randn(9, 4, generator=g, dtype=torch.float64), dim=1).to(device)
+    xl = torch.randint(0, 3, (11,), generator=g).to(device)
+    yl = torch.randint(0, 3, (9,), generator=g).to(device)
+    big_l = (0.3 * torch.randn(11, generator=g, dtype=torch.float64)).to(device)
+
+    def sums(a, b, L, transform, same):
+        zero = torch.zeros_like(L)
+        out = pe.engine_forward(a, a if same else b, xl, xl if same else yl, torch.stack([zero, zero, L], dim=1),
+                                pass_kind=4, transform=transform, params=HINGE_PARAMS[transform],
+                                exclude_diag=same, backend=backend)
+        return out[:, 0::2]
+
+    for transform in (0, 1):
+        for same in (False, True):
+            inputs = (x.clone().requires_grad_(True), y.clone().requires_grad_(True), big_l.clone().requires_grad_(True))
+            assert torch.autograd.gradcheck(lambda a, b, L: sums(a, b, L, transform, same), inputs, eps=1e-7,
+                                            atol=1e-6, fast_mode=backend == "triton"), (transform, same)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_hinge_rejects_mining(backend):
+    """The hinge pass and its backward keep every pair: mining=1 raises, naming the argument, on
+    every backend and in the Python entry points."""
+    if backend != "reference":
+        _needs_engine(backend)
+    x = torch.nn.functional.normalize(torch.randn(6, 3, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 0])
+    row_in = torch.zeros(6, 3, dtype=torch.float64)
+    coef = torch.ones(6, 2, dtype=torch.float64)
+    p = HINGE_PARAMS[0]
+    if backend == "cpp":
+        fwd, bwd, error = torch.ops.dmlkern.pair_engine_forward, torch.ops.dmlkern.pair_engine_backward, RuntimeError
+    elif backend == "triton":
+        from dmlkern.triton import pair_engine as tk
+        fwd, bwd, error = tk.engine_forward, tk.engine_backward, ValueError
+    else:
+        fwd, bwd, error = reference.engine_forward, reference.engine_backward, ValueError
+    with pytest.raises(error, match=r"\bmining\b"):
+        fwd(x, x, labels, labels, row_in, 4, 0, 1, p, True)
+    with pytest.raises(error, match=r"\bmining\b"):
+        bwd(x, x, labels, labels, row_in, coef, 0, 1, p, True)
+    with pytest.raises(ValueError, match=r"\bmining\b"):
+        pe.engine_forward(x, x, labels, labels, row_in, pass_kind=4, mining=1, params=p, backend=backend)
+    with pytest.raises(ValueError, match=r"\bmining\b"):
+        pe.engine_backward_raw(x, x, labels, labels, row_in, coef, transform=0, mining=1, params=p,
+                               exclude_diag=True, backend=backend)
+

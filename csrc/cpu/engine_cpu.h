@@ -88,7 +88,7 @@ void parallel_row_blocks(int64_t n_rows, F&& body) {
 // Per-row inputs as contiguous columns (structure of arrays) in the stats dtype.
 template <typename T>
 struct RowColumns {
-  at::Tensor in_t, coef_t;  // (3, N), (5 or 6, N) owners
+  at::Tensor in_t, coef_t;  // (3, N), (5, 6 or 2, N) owners
   const T* max_neg = nullptr;
   const T* min_pos = nullptr;
   const T* L = nullptr;
@@ -98,6 +98,8 @@ struct RowColumns {
   const T* lse_neg = nullptr;
   const T* b_pos = nullptr;
   const T* c_lift = nullptr;  // row_coef's column 5, when given
+  const T* h_pos = nullptr;   // the hinge backward's row_coef (N, 2): H_pos, H_neg
+  const T* h_neg = nullptr;
 
   RowColumns(const at::Tensor& row_in, const at::Tensor* row_coef, at::ScalarType st) {
     in_t = row_in.to(st).t().contiguous();
@@ -109,6 +111,11 @@ struct RowColumns {
     if (row_coef != nullptr) {
       coef_t = row_coef->to(st).t().contiguous();
       const T* c = coef_t.data_ptr<T>();
+      if (is_hinge_coef(*row_coef)) {
+        h_pos = c;
+        h_neg = c + n;
+        return;
+      }
       a_pos = c;
       lse_pos = c + n;
       a_neg = c + 2 * n;

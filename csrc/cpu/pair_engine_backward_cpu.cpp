@@ -220,6 +220,88 @@ void grad_sym(const at::Tensor& x, const int32_t* lab, const RowColumns<T>& rows
                 });
 }
 
+// ---------------------------------------------------------------------------
+// The hinge backward (row_coef (N, 2) = (H_pos, H_neg), mining 0): dl/ds of a tile row in place.
+// Coefficients as in grad_row_own: Broadcast for the tile row's own row, arrays per column.
+template <typename T, int64_t TR, typename Coef>
+DMLK_CPU_INLINE void hinge_grad_row(T* w, int nc, const int32_t* lab, int32_t l_own, int diag,
+                                    Coef h_pos, Coef h_neg, Coef L, const EngineParams<T>& p) {
+#pragma omp simd
+  for (int c = 0; c < nc; ++c) {
+    const T v = engine_value<TR>(w[c], CpuSqrt());
+    const bool same = lab[c] == l_own;
+    const bool kp = engine_pos_kept<kMiningNone>(v, same, c == diag, T(0), T(0));
+    const bool kn = engine_neg_kept<kMiningNone>(v, same, T(0), T(0));
+    w[c] = engine_hinge_pair_grad<TR>(v, kp, kn, h_pos[c], h_neg[c], L[c], p);
+  }
+}
+
+template <typename T, int64_t TR, bool OWN_IS_X>
+DMLK_CPU_CLONES void hinge_grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
+                                     const int32_t* xlab, const int32_t* ylab,
+                                     const RowColumns<T>& rows, EngineParams<T> p,
+                                     bool exclude_diag) {
+  const int inc = static_cast<int>(nc);
+  for (int64_t r = 0; r < na; ++r) {
+    const int64_t a = a0 + r;
+    const int diag = diag_column(exclude_diag, a, c0, nc);
+    if constexpr (OWN_IS_X) {  // row i = a against columns j
+      using B = Broadcast<T>;
+      hinge_grad_row<T, TR>(tile + r * nc, inc, ylab + c0, xlab[a], diag, B{rows.h_pos[a]},
+                            B{rows.h_neg[a]}, B{rows.L[a]}, p);
+    } else {  // row j = a of y against columns i
+      hinge_grad_row<T, TR>(tile + r * nc, inc, xlab + c0, ylab[a], diag, rows.h_pos + c0,
+                            rows.h_neg + c0, rows.L + c0, p);
+    }
+  }
+}
+
+// The symmetric case: row i's weight of (i, j) plus row j's of (j, i) (engine_hinge_pair_grad_sym).
+template <typename T, int64_t TR>
+DMLK_CPU_CLONES void hinge_grad_tile_sym(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
+                                         const int32_t* lab, const RowColumns<T>& rows,
+                                         EngineParams<T> p, bool exclude_diag) {
+  const int inc = static_cast<int>(nc);
+  const T *hp = rows.h_pos + c0, *hn = rows.h_neg + c0, *L = rows.L + c0;
+  const int32_t* clab = lab + c0;
+  for (int64_t r = 0; r < na; ++r) {
+    const int64_t i = a0 + r;
+    const T hp_i = rows.h_pos[i], hn_i = rows.h_neg[i], L_i = rows.L[i];
+    const int32_t li = lab[i];
+    const int diag = diag_column(exclude_diag, i, c0, nc);
+    T* w = tile + r * nc;
+#pragma omp simd
+    for (int c = 0; c < inc; ++c) {
+      const T v = engine_value<TR>(w[c], CpuSqrt());
+      w[c] = engine_hinge_pair_grad_sym<TR>(v, clab[c] == li, c == diag, hp_i, hn_i, L_i, hp[c],
+                                            hn[c], L[c], p);
+    }
+  }
+}
+
+template <typename T, int64_t TR>
+void hinge_backward(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
+                    const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
+                    bool exclude_diag, bool symmetric, at::Tensor& grad_x, at::Tensor& grad_y) {
+  if (symmetric) {
+    grad_tiles<T>(x, x, xlab, xlab, false, grad_x,
+                  [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
+                    hinge_grad_tile_sym<T, TR>(tile, na, nc, a0, c0, xlab, rows, p, exclude_diag);
+                  });
+    return;
+  }
+  grad_tiles<T>(x, y, xlab, ylab, false, grad_x,
+                [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
+                  hinge_grad_tile<T, TR, true>(tile, na, nc, a0, c0, xlab, ylab, rows, p,
+                                               exclude_diag);
+                });
+  grad_tiles<T>(y, x, ylab, xlab, false, grad_y,
+                [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
+                  hinge_grad_tile<T, TR, false>(tile, na, nc, a0, c0, xlab, ylab, rows, p,
+                                                exclude_diag);
+                });
+}
+
 std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& x_labels,
     const at::Tensor& y_labels, const at::Tensor& row_in, const at::Tensor& row_coef,
@@ -243,6 +325,16 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
     const auto p = make_params<scalar_t>(params);
     const int32_t* xlab = xl.data_ptr<int32_t>();
     const int32_t* ylab = yl.data_ptr<int32_t>();
+    if (is_hinge_coef(row_coef)) {  // mining 0 (checked)
+      if (transform == kTransformUnitDistance) {
+        hinge_backward<scalar_t, kTransformUnitDistance>(x, y, xlab, ylab, rows, p, exclude_diag,
+                                                         symmetric, grad_x, grad_y);
+      } else {
+        hinge_backward<scalar_t, kTransformDot>(x, y, xlab, ylab, rows, p, exclude_diag,
+                                                symmetric, grad_x, grad_y);
+      }
+      return;
+    }
     dispatch_config(transform, mining, [&](auto tr, auto mi) {
       constexpr int64_t TR = decltype(tr)::value, MI = decltype(mi)::value;
       if (symmetric) {  // y is x (equal values) and y_labels x_labels: x's rows and codes only

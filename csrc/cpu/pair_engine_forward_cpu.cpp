@@ -99,6 +99,25 @@ DMLK_CPU_INLINE void lifted_pairs_row(const T* v, int nc, const int32_t* lab, in
   acc.merge(sf, sw, cnt);
 }
 
+// Pass 4 on one tile row: both hinges of every lane, the label mask selects them (no exp).
+template <typename T>
+DMLK_CPU_INLINE void hinge_row(const T* v, int nc, const int32_t* lab, int32_t li, int diag, T L,
+                               const EngineParams<T>& p, HingeAcc<T>& acc) {
+  T sp = T(0), cp = T(0), sn = T(0), cn = T(0);
+#pragma omp simd reduction(+ : sp, cp, sn, cn)
+  for (int c = 0; c < nc; ++c) {
+    const bool same = lab[c] == li;
+    const bool kp = engine_pos_kept<kMiningNone>(v[c], same, c == diag, T(0), T(0));
+    const bool kn = engine_neg_kept<kMiningNone>(v[c], same, T(0), T(0));
+    const HingeTerms<T> t = engine_hinge_terms(v[c], kp, kn, L, p);
+    sp += t.pos;
+    cp += t.pos_nonzero;
+    sn += t.neg;
+    cn += t.neg_nonzero;
+  }
+  acc.merge(sp, cp, sn, cn);
+}
+
 // One (nr x nc) similarity tile of rows r0.., columns c0.. into acc[0..nr). The tile is
 // this task's scratch: transform 1 turns each row into values v in place first, so the
 // row sweeps below (which read it twice for lse2) take one sqrt per pair.
@@ -125,8 +144,10 @@ DMLK_CPU_CLONES void forward_tile(T* tile, int64_t nr, int64_t nc, int64_t r0, i
     } else if constexpr (PASS == kPassPosSoftplus) {
       pos_softplus_row<T, kDot, MI>(s, inc, ylab + c0, xlab[i], diag, rows.max_neg[i],
                                     rows.min_pos[i], rows.L[i], p, acc[r]);
-    } else {  // the symmetric case: column j's L is row j's
+    } else if constexpr (PASS == kPassLiftedPairs) {  // the symmetric case: column j's L is row j's
       lifted_pairs_row<T>(s, inc, ylab + c0, xlab[i], diag, rows.L[i], rows.L + c0, p, acc[r]);
+    } else {
+      hinge_row<T>(s, inc, ylab + c0, xlab[i], diag, rows.L[i], p, acc[r]);
     }
   }
 }

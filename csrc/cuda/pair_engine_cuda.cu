@@ -89,6 +89,14 @@ __device__ __forceinline__ void warp_merge(Lse2Acc<T>& a) {
   }
 }
 template <typename T>
+__device__ __forceinline__ void warp_merge(RowSums4<T>& a) {  // pass 4
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const T s0 = shfl_xor(a.sum[0], offset), s1 = shfl_xor(a.sum[1], offset);
+    const T s2 = shfl_xor(a.sum[2], offset), s3 = shfl_xor(a.sum[3], offset);
+    a.merge(s0, s1, s2, s3);
+  }
+}
+template <typename T>
 __device__ __forceinline__ void warp_merge(RowSums3<T>& a) {  // passes 2 and 3
   for (int offset = 16; offset > 0; offset /= 2) {
     const T s0 = shfl_xor(a.sum[0], offset), s1 = shfl_xor(a.sum[1], offset);
@@ -108,7 +116,8 @@ __global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
     EngineParams<typename AccOf<scalar_t>::type> p, bool exclude_diag,
     typename AccOf<scalar_t>::type* __restrict__ out) {
   using acc_t = typename AccOf<scalar_t>::type;
-  constexpr int kCols = PASS == kPassPosSoftplus || PASS == kPassLiftedPairs ? 3 : 2;
+  constexpr int kCols =
+      PASS == kPassHinge ? 4 : (PASS == kPassPosSoftplus || PASS == kPassLiftedPairs ? 3 : 2);
   __shared__ acc_t xs[kTileRows][kTileK + 1];
   __shared__ acc_t ys[kTileCols][kTileK + 1];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -169,6 +178,8 @@ __global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
           stats[r].push(v, kp, engine_neg_kept<MI>(v, same, min_pos[r], p.eps), p);
         } else if constexpr (PASS == kPassPosSoftplus) {
           stats[r].push(v, kp, L[r], p, StdExp());
+        } else if constexpr (PASS == kPassHinge) {
+          stats[r].push(v, kp, engine_neg_kept<MI>(v, same, min_pos[r], p.eps), L[r], p);
         } else {
           stats[r].push(v, kp, L[r], L_j, p, StdExp(), StdLog1p());
         }
@@ -194,8 +205,9 @@ __device__ __forceinline__ EngineRowCoef<T> load_row_coef(const T* __restrict__ 
 }
 
 // dl/ds of the tile entry (a, b) with value v: the pair (i, j) = (a, b) (OWN_IS_X) or (b, a),
-// with row i's coefficients (layouts: pair_engine_grad_kernel).
-template <int64_t TR, int64_t MI, bool OWN_IS_X, bool LIFT, typename T>
+// with row i's coefficients (layouts: pair_engine_grad_kernel). HINGE: row_coef_t is the hinge
+// backward's (H_pos, H_neg) (mining 0).
+template <int64_t TR, int64_t MI, bool OWN_IS_X, bool LIFT, bool HINGE, typename T>
 __device__ __forceinline__ T pair_weight(T v, int64_t a, int64_t b, const int64_t* __restrict__ xlab,
                                          const int64_t* __restrict__ ylab, int64_t nx,
                                          const T* __restrict__ row_in_t,
@@ -206,6 +218,10 @@ __device__ __forceinline__ T pair_weight(T v, int64_t a, int64_t b, const int64_
   const bool excluded = exclude_diag && i == j;
   const bool kp = engine_pos_kept<MI>(v, same, excluded, row_in_t[i], p.eps);
   const bool kn = engine_neg_kept<MI>(v, same, row_in_t[nx + i], p.eps);
+  if constexpr (HINGE) {
+    return engine_hinge_pair_grad<TR>(v, kp, kn, row_coef_t[i], row_coef_t[nx + i],
+                                      row_in_t[2 * nx + i], p);
+  }
   const T a_pos = row_coef_t[i], lse_pos = row_coef_t[nx + i];
   const T a_neg = row_coef_t[2 * nx + i], lse_neg = row_coef_t[3 * nx + i];
   const T b_pos = row_coef_t[4 * nx + i], L = row_in_t[2 * nx + i];
@@ -224,7 +240,7 @@ __device__ __forceinline__ T pair_weight(T v, int64_t a, int64_t b, const int64_
 
 // The symmetric case (own = other = x): row a's weight of the pair (a, b) plus row b's of the
 // pair (b, a), s_ab = s_ba (engine_pair_grad_sym).
-template <int64_t TR, int64_t MI, bool LIFT, typename T>
+template <int64_t TR, int64_t MI, bool LIFT, bool HINGE, typename T>
 __device__ __forceinline__ T pair_weight_sym(T v, int64_t a, int64_t b,
                                              const int64_t* __restrict__ lab, int64_t nx,
                                              const T* __restrict__ row_in_t,
@@ -232,6 +248,11 @@ __device__ __forceinline__ T pair_weight_sym(T v, int64_t a, int64_t b,
                                              const EngineParams<T>& p, bool exclude_diag) {
   const bool same = lab[a] == lab[b];
   const bool excluded = exclude_diag && a == b;
+  if constexpr (HINGE) {
+    return engine_hinge_pair_grad_sym<TR>(v, same, excluded, row_coef_t[a], row_coef_t[nx + a],
+                                          row_in_t[2 * nx + a], row_coef_t[b], row_coef_t[nx + b],
+                                          row_in_t[2 * nx + b], p);
+  }
   const EngineRowCoef<T> ra = load_row_coef<LIFT>(row_in_t, row_coef_t, nx, a);
   const EngineRowCoef<T> rb = load_row_coef<LIFT>(row_in_t, row_coef_t, nx, b);
   if (LIFT && (ra.c_lift != T(0) || rb.c_lift != T(0))) {
@@ -244,13 +265,14 @@ __device__ __forceinline__ T pair_weight_sym(T v, int64_t a, int64_t b,
 }
 
 // Backward: grad_own[a] = sum_b dl/ds(a, b) other[b] for the block's kTileRows own rows.
-// OWN_IS_X: the pair (i, j) is (a, b) (grad_x), else (b, a) (grad_y). row_in_t (3, nx)
-// and row_coef_t (5, nx), or (6, nx) with C_lift (LIFT), hold the per-x-row inputs as
-// columns; grad_own is (n_own, d) contiguous in the accumulation dtype. LIFT reads L_j as
+// OWN_IS_X: the pair (i, j) is (a, b) (grad_x), else (b, a) (grad_y). row_in_t (3, nx) and
+// row_coef_t (5, nx), (6, nx) with C_lift (LIFT) or (2, nx) (HINGE: H_pos, H_neg) hold the
+// per-x-row inputs as columns; grad_own is (n_own, d) contiguous in the accumulation dtype. LIFT reads L_j as
 // row_in_t[2 nx + j] (the symmetric case). SYM (backward symmetric = true, own = other = x,
 // OWN_IS_X): w_sh holds both halves, row a's weight of the pair (a, b) plus row b's of
 // (b, a) (engine_pair_grad_sym), so one launch gives grad_x + grad_y from one tile product.
-template <typename scalar_t, int64_t TR, int64_t MI, bool OWN_IS_X, bool LIFT, bool SYM = false>
+template <typename scalar_t, int64_t TR, int64_t MI, bool OWN_IS_X, bool LIFT, bool HINGE,
+          bool SYM = false>
 __global__ void __launch_bounds__(kThreads) pair_engine_grad_kernel(
     const scalar_t* __restrict__ own, int64_t os0, int64_t os1, int64_t n_own,
     const scalar_t* __restrict__ other, int64_t ts0, int64_t ts1, int64_t n_other, int64_t d,
@@ -276,10 +298,11 @@ __global__ void __launch_bounds__(kThreads) pair_engine_grad_kernel(
       if (a < n_own && b < n_other) {
         const acc_t v = engine_value<TR>(dots[r]);
         if constexpr (SYM) {
-          w = pair_weight_sym<TR, MI, LIFT>(v, a, b, xlab, nx, row_in_t, row_coef_t, p, exclude_diag);
+          w = pair_weight_sym<TR, MI, LIFT, HINGE>(v, a, b, xlab, nx, row_in_t, row_coef_t, p,
+                                                   exclude_diag);
         } else {
-          w = pair_weight<TR, MI, OWN_IS_X, LIFT>(v, a, b, xlab, ylab, nx, row_in_t, row_coef_t, p,
-                                                  exclude_diag);
+          w = pair_weight<TR, MI, OWN_IS_X, LIFT, HINGE>(v, a, b, xlab, ylab, nx, row_in_t,
+                                                         row_coef_t, p, exclude_diag);
         }
       }
       w_sh[warp * kRowsPerWarp + r][lane] = w;
@@ -358,7 +381,7 @@ at::Tensor pair_engine_forward_cuda(const at::Tensor& x, const at::Tensor& y,
 
 // symmetric: one launch over x's row blocks (SYM) writes grad_x + grad_y into grad_x; grad_y
 // stays zero.
-template <typename scalar_t, int64_t TR, int64_t MI, bool LIFT>
+template <typename scalar_t, int64_t TR, int64_t MI, bool LIFT, bool HINGE>
 void launch_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xl,
                      const at::Tensor& yl, const at::Tensor& row_in_t, const at::Tensor& row_coef_t,
                      EngineParams<typename AccOf<scalar_t>::type> p, bool exclude_diag,
@@ -376,11 +399,11 @@ void launch_backward(const at::Tensor& x, const at::Tensor& y, const at::Tensor&
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (symmetric) {
-    launch(pair_engine_grad_kernel<scalar_t, TR, MI, true, LIFT, true>, x, x, xl, grad_x);
+    launch(pair_engine_grad_kernel<scalar_t, TR, MI, true, LIFT, HINGE, true>, x, x, xl, grad_x);
     return;
   }
-  launch(pair_engine_grad_kernel<scalar_t, TR, MI, true, LIFT>, x, y, yl, grad_x);
-  launch(pair_engine_grad_kernel<scalar_t, TR, MI, false, LIFT>, y, x, yl, grad_y);
+  launch(pair_engine_grad_kernel<scalar_t, TR, MI, true, LIFT, HINGE>, x, y, yl, grad_x);
+  launch(pair_engine_grad_kernel<scalar_t, TR, MI, false, LIFT, HINGE>, y, x, yl, grad_y);
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
@@ -402,16 +425,29 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
     const auto xl = x_labels.contiguous();
     const auto yl = y_labels.contiguous();
     const auto row_in_t = row_in.to(st).t().contiguous();      // (3, n)
-    const auto row_coef_t = row_coef.to(st).t().contiguous();  // (5 or 6, n)
+    const auto row_coef_t = row_coef.to(st).t().contiguous();  // (5, 6 or 2, n)
     const bool lift = row_coef.size(1) == 6;  // C_lift
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pair_engine_backward_cuda", [&] {
       using acc_t = typename AccOf<scalar_t>::type;
       const auto p = make_params<acc_t>(params);
+      if (is_hinge_coef(row_coef)) {  // the hinge backward, mining 0 (checked)
+        const auto launch_hinge = [&](auto tr) {
+          launch_backward<scalar_t, decltype(tr)::value, kMiningNone, false, true>(
+              x, y, xl, yl, row_in_t, row_coef_t, p, exclude_diag, symmetric, grad_x, grad_y,
+              stream);
+        };
+        if (transform == kTransformUnitDistance) {
+          launch_hinge(IC<kTransformUnitDistance>{});
+        } else {
+          launch_hinge(IC<kTransformDot>{});
+        }
+        return;
+      }
       dispatch_config(transform, mining, [&](auto tr, auto mi) {
         constexpr int64_t TR = decltype(tr)::value, MI = decltype(mi)::value;
         dispatch_lift<MI>(lift, [&](auto lift_term) {
-          launch_backward<scalar_t, TR, MI, decltype(lift_term)::value>(
+          launch_backward<scalar_t, TR, MI, decltype(lift_term)::value, false>(
               x, y, xl, yl, row_in_t, row_coef_t, p, exclude_diag, symmetric, grad_x, grad_y,
               stream);
         });

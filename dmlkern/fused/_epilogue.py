@@ -116,3 +116,47 @@ def _lse_neg_then(second_pass, x, y, labels, ref_labels, params, exclude_diag, t
     out = pe.engine_forward(x, y, labels, ref_labels, row_in, pass_kind=second_pass, transform=transform,
                             params=params, exclude_diag=exclude_diag, backend=backend)
     return row_in, out
+
+
+def _sub_loss_reducers(module, names):
+    """The reducer each sub-loss in `names` gets from module.reducer (a MultipleReducers' own one or
+    its default; a single reducer for a one-sub-loss loss), or None where a loss dict is returned
+    as it is (DoNothingReducer)."""
+    from ..reducers import DoNothingReducer, MultipleReducers
+
+    reducer = module.reducer
+    if isinstance(reducer, DoNothingReducer):
+        return None
+    if isinstance(reducer, MultipleReducers):
+        return {name: reducer.reducers[name] if name in reducer.reducers else reducer.default_reducer
+                for name in names}
+    return {name: reducer for name in names}
+
+
+def _already_reduced_kinds(module, names, kinds):
+    """{sub-loss: (kind, reducer)} when every sub-loss's reducer is one whose value follows from the engine's
+    totals: kinds maps reducer classes (exact types) to a kind; AvgNonZeroReducer counts as
+    "nonzero" only with its own threshold (low 0, no high). None after recording why (a
+    DoNothingReducer, a reducer collecting statistics, another reducer)."""
+    from ..reducers import AvgNonZeroReducer
+
+    reducers = _sub_loss_reducers(module, names)
+    loss_name = type(module).__name__
+    if reducers is None:
+        return decline(module, f"DoNothingReducer with {loss_name} (the per-pair losses are never listed)")
+    out = {}
+    for name, reducer in reducers.items():
+        kind = kinds.get(type(reducer))
+        if type(reducer) is AvgNonZeroReducer and (reducer.low != 0 or reducer.high is not None):
+            kind = None
+        if kind is None or getattr(reducer, "collect_stats", False):
+            what = "collecting statistics" if kind is not None else "for its sub-loss " + repr(name)
+            return decline(module, f"{type(reducer).__name__} {what} with {loss_name} (fused: "
+                                   f"{', '.join(sorted(k.__name__ for k in kinds))})")
+        out[name] = (kind, reducer)
+    return out
+
+
+def _already_reduced(value, embeddings):
+    """A sub-loss entry holding its reduced value (the reducer returns it as it is)."""
+    return {"losses": value.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}

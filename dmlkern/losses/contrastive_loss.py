@@ -4,6 +4,8 @@ The distance is not squared. Two sub-losses, ``pos_loss`` and ``neg_loss``, each
 AvgNonZeroReducer (by default) and summed.
 """
 
+from ..fused import _stats as fused_stats
+from ..fused.contrastive import contrastive
 from ..reducers import AvgNonZeroReducer
 from ..reference import embedding_losses as R
 from .base import GenericPairLoss
@@ -15,6 +17,9 @@ class ContrastiveLoss(GenericPairLoss):
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
         self.add_to_recordable_attributes(list_of_names=["pos_margin", "neg_margin"], is_stat=False)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return fused_stats.pair_loss(contrastive, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.contrastive_loss_dict(

@@ -7,6 +7,8 @@ Parameter and adds ``beta_reg_loss = beta * nu``.
 
 import torch
 
+from ..fused import _stats as fused_stats
+from ..fused.margin import margin
 from ..reducers import DivisorReducer
 from ..reference import embedding_losses as R
 from .base import BaseMetricLossFunction
@@ -29,6 +31,12 @@ class MarginLoss(BaseMetricLossFunction):
     def initialize_beta(self, beta, num_classes):
         b = R.make_margin_beta(beta, num_classes)
         self.beta = torch.nn.Parameter(b) if self.learn_beta else b
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        out = margin(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if isinstance(out, tuple):  # PML calls the distance when there are triplets
+            fused_stats.record_distance(self.distance, embeddings, ref_emb)
+        return out
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.margin_loss_dict(

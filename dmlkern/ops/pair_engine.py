@@ -23,9 +23,9 @@ from ..triton import triton_available
 from .dispatch import extension_loaded, log, resolve_backend
 
 # The engine's vocabulary (dmlkern/engine_spec.py), re-exported: callers write pe.PASS_LSE2.
-from ..engine_spec import (MINING_MULTI_SIMILARITY, MINING_NONE, OUT_COLUMNS, PASS_EXTREMA,  # noqa: F401
-                           PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS, TRANSFORM_DOT,
-                           TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
+from ..engine_spec import (COEF_WIDTH_HINGE, MINING_MULTI_SIMILARITY, MINING_NONE, OUT_COLUMNS,  # noqa: F401
+                           PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS,
+                           TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -65,6 +65,12 @@ def row_coefficients(pass_kind, out, grad_out):
         # d/dL_i sum_p softplus(L_i - u_ip) = sum_p sigmoid(L_i - u_ip) = out[:, 1]
         grad_l = grad_out[:, 0] * out[:, 1]
         return coef, torch.stack([zero, zero, grad_l], dim=1)
+    if pass_kind == PASS_HINGE:
+        # The hinge backward (H_pos, H_neg) = the gradients of the two sums (the counts are
+        # constants); d/dL_i sum_p relu(t_ip) = #(t_ip > 0) and -#(t_in > 0) for the negatives.
+        coef = torch.stack([grad_out[:, 0], grad_out[:, 2]], dim=1)
+        grad_l = grad_out[:, 0] * out[:, 1] - grad_out[:, 2] * out[:, 3]
+        return coef, torch.stack([zero, zero, grad_l], dim=1)
     if pass_kind == PASS_LIFTED_PAIRS:
         # Its backward (row_coef column 5, C_lift) gives the gradient of a uniformly weighted
         # total only, and its L gradient needs the symmetry: losses differentiate it through
@@ -74,8 +80,9 @@ def row_coefficients(pass_kind, out, grad_out):
     raise RuntimeError("the extrema pass (mining statistics) is not differentiable")
 
 
-# The row_coef terms each differentiable pass uses (coef_terms: 1 = B_pos; lse2 has none).
-_COEF_TERMS = {PASS_LSE2: 0, PASS_POS_SOFTPLUS: 1}
+# The row_coef terms each differentiable pass uses (coef_terms: 1 = B_pos; lse2 and the hinge
+# backward have none).
+_COEF_TERMS = {PASS_LSE2: 0, PASS_POS_SOFTPLUS: 1, PASS_HINGE: 0}
 
 
 def reference_gradient(forward, inputs, needs, grad_out):
@@ -290,7 +297,8 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
                    mining=MINING_NONE, params=EngineParams(), exclude_diag=False,
                    backend="auto"):
     """Per-row statistics of one engine pass (docs/ENGINE.md), differentiable in x, y and row_in
-    (except passes 0 and 3: extrema and lifted_pairs; pass 3 needs y is x, exclude_diag, mining 0).
+    (except passes 0 and 3: extrema and lifted_pairs; pass 3 needs y is x, exclude_diag, mining 0;
+    pass 4, hinge, needs mining 0; its count columns are constants).
 
     x (N, D), y (M, D) of one floating dtype and device; x_labels (N,), y_labels (M,) int64;
     row_in (N, 3) in the stats dtype (None: zeros). backend: "auto", "cpp", "triton", "reference".
@@ -301,6 +309,8 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
     params = [float(p) for p in params]
     if int(pass_kind) == PASS_LIFTED_PAIRS:
         reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "pass_kind=3 (lifted_pairs)")
+    if int(pass_kind) == PASS_HINGE:
+        reference.check_hinge_mining(mining, "pass_kind=4 (hinge)")
     args = (x, y, x_labels, y_labels, row_in.to(stats).contiguous(), int(pass_kind), int(transform),
             int(mining), params, bool(exclude_diag))
     chosen = choose_backend(backend, x.device)
@@ -315,14 +325,16 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
 
 def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform, mining, params,
                         exclude_diag, backend, symmetric=False, coef_terms=-1):
-    """The backward kernel alone: (grad_x, grad_y) for the given row coefficients, (N, 5) or
-    (N, 6) with C_lift (the symmetric case only). Used by fused losses that chain passes and
+    """The backward kernel alone: (grad_x, grad_y) for the given row coefficients, (N, 5),
+    (N, 6) with C_lift (the symmetric case only) or (N, 2), the hinge backward's (H_pos, H_neg). Used by fused losses that chain passes and
     merge their backward into one (NT-Xent, Lifted Structure), and by tests. symmetric=True
     (y is x, y_labels is x_labels): grad_x is the sum of both gradients, grad_y zero.
     coef_terms: which of B_pos (1) and C_lift (2) row_coef uses; Triton compiles the others
     away (-1: it reads the values, a host sync on a GPU). The other backends ignore it."""
     if row_coef.shape[1] == 6:
         reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
+    if row_coef.shape[1] == COEF_WIDTH_HINGE:
+        reference.check_hinge_mining(mining, "row_coef with 2 columns (the hinge backward)")
     args = (x, y, x_labels, y_labels, row_in, row_coef, int(transform), int(mining),
             [float(p) for p in params], bool(exclude_diag), bool(symmetric))
     if backend == "reference":

@@ -3,9 +3,11 @@ backend's `engine_forward` / `engine_backward` is tested against. Readable, not 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["engine_values", "engine_masks", "engine_forward", "engine_backward", "check_symmetric"]
+__all__ = ["engine_values", "engine_masks", "engine_forward", "engine_backward", "check_symmetric",
+           "check_hinge_mining"]
 
-from ..engine_spec import PASS_EXTREMA, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS, stats_dtype
+from ..engine_spec import (COEF_WIDTH, COEF_WIDTH_HINGE, COEF_WIDTH_LIFT, PASS_EXTREMA, PASS_HINGE,
+                           PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS, stats_dtype)
 from .pair_reductions import masked_row_lse
 
 
@@ -61,6 +63,18 @@ def check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, what):
         raise ValueError(f"{what} needs mining=0, got mining={mining}")
 
 
+def check_hinge_mining(mining, what):
+    """The hinge pass and its backward keep every pair: mining 0 only."""
+    if int(mining) != 0:
+        raise ValueError(f"{what} needs mining=0, got mining={mining}")
+
+
+def hinge_args(v, L, params):
+    """(t_pos, t_neg) = (sc_pos v + off_pos + L_i, sc_neg v + off_neg - L_i), N x M."""
+    sc_pos, off_pos, sc_neg, off_neg, _ = params
+    return (sc_pos * v + off_pos) + L[:, None], (sc_neg * v + off_neg) - L[:, None]
+
+
 def lifted_relu(v, L, sc_pos, off_pos):
     """relu(z_ij), z_ij = logaddexp(L_i, L_j) + sc_pos * v_ij + off_pos (N x N); NaN stays NaN."""
     return torch.relu(torch.logaddexp(L[:, None], L[None, :]) + (sc_pos * v + off_pos))
@@ -97,18 +111,35 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
         w = torch.where(r != 0, r * torch.sigmoid(L[:, None] - L[None, :]), zero)
         return torch.stack([torch.where(pos, f, zero).sum(dim=1), torch.where(pos, w, zero).sum(dim=1),
                             (pos & (f > 0)).sum(dim=1).to(v.dtype)], dim=1)
-    raise ValueError(f"pass_kind must be 0, 1, 2 or 3, got {pass_kind}")
+    if pass_kind == PASS_HINGE:
+        check_hinge_mining(mining, "pass_kind=4 (hinge)")
+        t_pos, t_neg = hinge_args(v, row_in[:, 2], params)
+        zero = torch.zeros((), dtype=v.dtype, device=v.device)
+        # torch.relu keeps NaN; the counts compare > 0, which is false for NaN
+        return torch.stack([torch.where(pos, torch.relu(t_pos), zero).sum(dim=1),
+                            (pos & (t_pos > 0)).sum(dim=1).to(v.dtype),
+                            torch.where(neg, torch.relu(t_neg), zero).sum(dim=1),
+                            (neg & (t_neg > 0)).sum(dim=1).to(v.dtype)], dim=1)
+    raise ValueError(f"pass_kind must be 0, 1, 2, 3 or 4, got {pass_kind}")
 
 
 def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag,
                     symmetric=False):
     sc_pos, off_pos, sc_neg, off_neg, eps = params
+    if row_coef.shape[1] not in (COEF_WIDTH, COEF_WIDTH_LIFT, COEF_WIDTH_HINGE):
+        raise ValueError(f"row_coef must be (N, 5), (N, 6) or (N, 2) (the hinge backward), got {tuple(row_coef.shape)}")
+    if row_coef.shape[1] == COEF_WIDTH_HINGE:
+        check_hinge_mining(mining, "row_coef with 2 columns (the hinge backward)")
     v = engine_values(x, y, transform)
     pos, neg = engine_masks(v, x_labels, y_labels, row_in, mining, eps, exclude_diag)
-    if row_coef.shape[1] not in (5, 6):
-        raise ValueError(f"row_coef must be (N, 5) or (N, 6), got {tuple(row_coef.shape)}")
-    a_pos, lse_pos, a_neg, lse_neg, b_pos = (row_coef[:, k:k + 1] for k in range(5))
     zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    if row_coef.shape[1] == COEF_WIDTH_HINGE:  # H_pos, H_neg: relu's derivative [t > 0]
+        t_pos, t_neg = hinge_args(v, row_in[:, 2], params)
+        h_pos, h_neg = row_coef[:, 0:1], row_coef[:, 1:2]
+        dv = (torch.where(pos & (h_pos != 0) & (t_pos > 0), h_pos * sc_pos, zero)
+              + torch.where(neg & (h_neg != 0) & (t_neg > 0), h_neg * sc_neg, zero))
+        return _backward_products(dv, v, x, y, x_labels, y_labels, transform, symmetric)
+    a_pos, lse_pos, a_neg, lse_neg, b_pos = (row_coef[:, k:k + 1] for k in range(5))
 
     def lse_term(a, sc, off, lse, keep):
         live = keep & (a != 0) & (lse != float("-inf"))
@@ -122,8 +153,13 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
         c_lift = row_coef[:, 5:6]
         live_l = pos & (c_lift != 0)
         dv = dv + torch.where(live_l, c_lift * sc_pos * lifted_relu(v, row_in[:, 2], sc_pos, off_pos), zero)
+    return _backward_products(dv, v, x, y, x_labels, y_labels, transform, symmetric)
+
+
+def _backward_products(dv, v, x, y, x_labels, y_labels, transform, symmetric):
+    """(grad_x, grad_y) from dl/dv: dv/ds, then the two products (their sum when symmetric)."""
     if transform == 1:
-        dv = torch.where(v > 0, -dv / torch.where(v > 0, v, 1.0), zero)
+        dv = torch.where(v > 0, -dv / torch.where(v > 0, v, 1.0), torch.zeros((), dtype=v.dtype, device=v.device))
     grad_x = dv @ y.to(dv.dtype)
     grad_y = dv.T @ x.to(dv.dtype)
     if symmetric:  # y is x: the caller wants the sum (docs/ENGINE.md)

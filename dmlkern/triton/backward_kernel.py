@@ -11,13 +11,15 @@ What a tile contributes depends on the program's role, one helper each:
 - `_dl_dv_symmetric` (y is x, grad_x + grad_y in one launch): both orders of each pair, since
   s_ij = s_ji, so each tile product is done once.
 The B_pos and C_lift terms (positive pairs only) are compiled in only when the caller uses them
-(HAS_B, HAS_LIFT) and computed only in the tiles whose labels meet the block's."""
+(HAS_B, HAS_LIFT) and computed only in the tiles whose labels meet the block's. The hinge backward
+(HINGE: row_coef (N, 2) = (H_pos, H_neg), mining 0) has its own helper for every role,
+`_dl_dv_hinge`, and none of the softmax terms."""
 import triton
 import triton.language as tl
 
-from .tile_math import (LOG2E, MULTI_SIMILARITY, UNIT_DISTANCE, _engine_masks, _engine_params, _label_range,
-                        _lifted_relu, _load_row_in, _load_rows, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile,
-                        _tile_meets)
+from .tile_math import (LOG2E, MULTI_SIMILARITY, UNIT_DISTANCE, _engine_masks, _engine_params, _hinge_args,
+                        _label_range, _lifted_relu, _load_row_in, _load_rows, _logaddexp_sigmoid, _self_pairs,
+                        _sigmoid, _sim_tile, _tile_meets)
 
 
 @triton.jit
@@ -175,19 +177,62 @@ def _dl_dv_symmetric(v, self_pair, own_lab, rs, oth, oth_ok, oth_lab, meets, RIN
 
 
 @triton.jit
+def _load_hinge_coefs(RIN, COEF, idx, ok, s_rn, s_rc, s_cn, s_cc, ACC_DTYPE: tl.constexpr):
+    """Rows idx's (L, H_pos, H_neg) for the hinge backward (row_in column 2, row_coef (N, 2))."""
+    big_l = tl.load(RIN + idx * s_rn + 2 * s_rc, mask=ok, other=0.0).to(ACC_DTYPE)
+    h_pos = tl.load(COEF + idx * s_cn, mask=ok, other=0.0).to(ACC_DTYPE)
+    h_neg = tl.load(COEF + idx * s_cn + s_cc, mask=ok, other=0.0).to(ACC_DTYPE)
+    return big_l, h_pos, h_neg
+
+
+@triton.jit
+def _hinge_terms(v, pos, neg, big_l, h_pos, h_neg, sc_pos, off_pos, sc_neg, off_neg):
+    """The hinge backward's dl/dv of row i's pairs: H_pos sc_pos [t_pos > 0] on pos, H_neg sc_neg
+    [t_neg > 0] on neg (0 for a NaN t, and exactly 0 for a zero coefficient)."""
+    t_pos, t_neg = _hinge_args(v, big_l, sc_pos, off_pos, sc_neg, off_neg)
+    return (tl.where(pos & (h_pos != 0.0) & (t_pos > 0.0), h_pos * sc_pos, 0.0)
+            + tl.where(neg & (h_neg != 0.0) & (t_neg > 0.0), h_neg * sc_neg, 0.0))
+
+
+@triton.jit
+def _dl_dv_hinge(v, self_pair, own_lab, hs, oth, oth_ok, oth_lab, RIN, COEF, s_rn, s_rc, s_cn, s_cc, prm,
+                 OWN_IS_X: tl.constexpr, SYMMETRIC: tl.constexpr, MINING: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr):
+    """dl/dv of a tile for the hinge backward in each role: grad_x (the own rows are rows i, their
+    hs = (L, H_pos, H_neg) loaded once per program), grad_y (rows i are the columns, loaded per
+    tile) and symmetric (both orders of each pair). Without mining the masks are symmetric: one
+    pair of masks serves both orders."""
+    sc_pos, off_pos, sc_neg, off_neg, eps = prm
+    pos, neg = _engine_masks(v, own_lab[:, None], oth_lab[None, :], oth_ok[None, :], self_pair, 0.0, 0.0, eps,
+                             MINING, EXCLUDE_DIAG)
+    if OWN_IS_X:
+        dv = _hinge_terms(v, pos, neg, hs[0][:, None], hs[1][:, None], hs[2][:, None], sc_pos, off_pos, sc_neg,
+                          off_neg)
+    if SYMMETRIC or not OWN_IS_X:
+        t_l, t_hp, t_hn = _load_hinge_coefs(RIN, COEF, oth, oth_ok, s_rn, s_rc, s_cn, s_cc, ACC_DTYPE)
+        col = _hinge_terms(v, pos, neg, t_l[None, :], t_hp[None, :], t_hn[None, :], sc_pos, off_pos, sc_neg, off_neg)
+        if OWN_IS_X:
+            dv += col
+        else:
+            dv = col
+    return dv
+
+
+@triton.jit
 def _engine_bwd_kernel(OWN, OTHER, OWN_LAB, OTH_LAB, RIN, COEF, GRAD, N_OWN, N_OTHER, D,
                        s_on, s_od, s_tn, s_td, s_own_lab, s_oth_lab, s_rn, s_rc, s_cn, s_cc, s_gn, s_gd,
                        sc_pos_h, sc_pos_m, sc_pos_l, off_pos_h, off_pos_m, off_pos_l,
                        sc_neg_h, sc_neg_m, sc_neg_l, off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l,
                        OWN_IS_X: tl.constexpr, SYMMETRIC: tl.constexpr, TRANSFORM: tl.constexpr,
                        MINING: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, HAS_B: tl.constexpr,
-                       HAS_LIFT: tl.constexpr,
+                       HAS_LIFT: tl.constexpr, HINGE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
                        BLOCK_DOUT: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr):
     """GRAD[a, dout] = sum_b dl/ds(a, b) OTHER[b, dout] for this program's block of `own` rows a,
     where (i, j) = (a, b) for grad_x (OWN_IS_X) and (b, a) for grad_y; OWN_LAB / OTH_LAB are the
-    own and other rows' labels. Row-i statistics (RIN: row_in, COEF: row_coef) belong to X's rows.
+    own and other rows' labels. Row-i statistics (RIN: row_in, COEF: row_coef) belong to X's rows;
+    HINGE: COEF is the hinge backward's (H_pos, H_neg).
     SYMMETRIC (y is x, the same labels; OWN_IS_X): grad_x + grad_y in one launch. Each
     EngineParams field arrives as three fp32 pieces (sc_pos_h + sc_pos_m + sc_pos_l, ...)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -201,7 +246,13 @@ def _engine_bwd_kernel(OWN, OTHER, OWN_LAB, OTH_LAB, RIN, COEF, GRAD, N_OWN, N_O
     sc2_pos = prm[0] * LOG2E
     sc2_neg = prm[2] * LOG2E
     own_lab = tl.load(OWN_LAB + own * s_own_lab, mask=own_ok, other=0)
-    if OWN_IS_X:  # the own rows are rows i: their statistics once per program
+    if HINGE:  # the own rows' (L, H_pos, H_neg) when they are rows i
+        if OWN_IS_X:
+            hs = _load_hinge_coefs(RIN, COEF, own, own_ok, s_rn, s_rc, s_cn, s_cc, ACC_DTYPE)
+        else:
+            zeros = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+            hs = (zeros, zeros, zeros)
+    elif OWN_IS_X:  # the own rows are rows i: their statistics once per program
         rs = _load_row_stats(RIN, COEF, own, own_ok, s_rn, s_rc, s_cn, s_cc, prm, MINING, HAS_B, HAS_LIFT, ACC_DTYPE)
     elif HAS_LIFT:  # grad_y, y is x: the own row's L (row j's)
         own_l = tl.load(RIN + own * s_rn + 2 * s_rc, mask=own_ok, other=0.0).to(ACC_DTYPE)
@@ -238,7 +289,10 @@ def _engine_bwd_kernel(OWN, OTHER, OWN_LAB, OTH_LAB, RIN, COEF, GRAD, N_OWN, N_O
             meets = _tile_meets(oth_lab, oth_ok, own_lo, own_hi)
         else:
             meets = False  # no positive-pair terms
-        if SYMMETRIC:
+        if HINGE:
+            dv = _dl_dv_hinge(v, self_pair, own_lab, hs, oth, oth_ok, oth_lab, RIN, COEF, s_rn, s_rc, s_cn, s_cc,
+                              prm, OWN_IS_X, SYMMETRIC, MINING, EXCLUDE_DIAG, ACC_DTYPE)
+        elif SYMMETRIC:
             dv = _dl_dv_symmetric(v, self_pair, own_lab, rs, oth, oth_ok, oth_lab, meets, RIN, COEF, s_rn, s_rc,
                                   s_cn, s_cc, prm, sc2_pos, sc2_neg, MINING, EXCLUDE_DIAG, HAS_B, HAS_LIFT, ACC_DTYPE)
         elif OWN_IS_X:

@@ -2,20 +2,21 @@
 rows of X streams the column tiles of Y, computes each similarity tile with tl.dot, turns it into
 values v (TRANSFORM), applies the label / mining masks and folds the tile into the per-row
 statistics PASS_KIND chooses: the extrema, two online log-sum-exps (base 2), the positive
-softplus / sigmoid sums, or the lifted pairs' sums. Nothing N x M is stored. The positives-only
+softplus / sigmoid sums, the lifted pairs' sums, or the hinge sums and counts. Nothing N x M is stored. The positives-only
 passes skip the column tiles whose labels miss the block's label range."""
 import triton
 import triton.language as tl
 
-from ..engine_spec import PASS_EXTREMA, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS
-from .tile_math import (LN2, LOG2E, _engine_masks, _engine_params, _exp, _label_range, _lifted_relu, _load_row_in,
-                        _load_rows, _log1p_of, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile, _tile_meets,
-                        _value)
+from ..engine_spec import PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS
+from .tile_math import (LN2, LOG2E, _engine_masks, _engine_params, _exp, _hinge_args, _label_range, _lifted_relu,
+                        _load_row_in, _load_rows, _log1p_of, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile,
+                        _tile_meets, _value)
 
 EXTREMA = tl.constexpr(PASS_EXTREMA)
 LSE2 = tl.constexpr(PASS_LSE2)
 POS_SOFTPLUS = tl.constexpr(PASS_POS_SOFTPLUS)
 LIFTED_PAIRS = tl.constexpr(PASS_LIFTED_PAIRS)
+HINGE = tl.constexpr(PASS_HINGE)
 
 
 @triton.jit
@@ -78,7 +79,8 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
         off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l, ACC_DTYPE)
 
     max_neg, min_pos, big_l = _load_row_in(RIN, rows, row_ok, s_rn, s_rc, MINING,
-                                           PASS_KIND == POS_SOFTPLUS or PASS_KIND == LIFTED_PAIRS, ACC_DTYPE)
+                                           PASS_KIND == POS_SOFTPLUS or PASS_KIND == LIFTED_PAIRS or PASS_KIND == HINGE,
+                                           ACC_DTYPE)
     if PASS_KIND == POS_SOFTPLUS or PASS_KIND == LIFTED_PAIRS:
         # Positives only: a column tile whose label range misses the block's is skipped (a few
         # tiles per block when the rows are sorted by label, as the fused losses do).
@@ -92,9 +94,10 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
     s_p = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     m_n = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     s_n = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    sp = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)                 # pos_softplus / lifted_pairs sums
+    sp = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)                 # pos_softplus / lifted_pairs / hinge sums
     sg = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     cnt = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    cnt_n = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)              # hinge: the count over neg
 
     if ONE_K:
         x_blk = _load_rows(X, rows, row_ok, 0, D, s_xn, s_xd, BLOCK_K, UPCAST, ACC_DTYPE)
@@ -134,6 +137,12 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
                 sp += tl.sum(tl.where(pos, _softplus(z), 0.0), axis=1)
                 sg += tl.sum(tl.where(pos, _sigmoid(z), 0.0), axis=1)
                 cnt += tl.sum(tl.where(pos, 1.0, 0.0).to(ACC_DTYPE), axis=1)
+            elif PASS_KIND == HINGE:  # relu keeps NaN (where, not maximum); > 0 is false for NaN
+                t_pos, t_neg = _hinge_args(v, big_l[:, None], sc_pos, off_pos, sc_neg, off_neg)
+                sp += tl.sum(tl.where(pos, tl.where(t_pos < 0.0, 0.0, t_pos), 0.0), axis=1)
+                cnt += tl.sum(tl.where(pos & (t_pos > 0.0), 1.0, 0.0).to(ACC_DTYPE), axis=1)
+                sg += tl.sum(tl.where(neg, tl.where(t_neg < 0.0, 0.0, t_neg), 0.0), axis=1)
+                cnt_n += tl.sum(tl.where(neg & (t_neg > 0.0), 1.0, 0.0).to(ACC_DTYPE), axis=1)
             else:  # lifted pairs, the symmetric case: column j's L is row_in[j, 2]
                 l_col = tl.load(RIN + cols * s_rn + 2 * s_rc, mask=col_ok, other=0.0).to(ACC_DTYPE)
                 lae, sig = _logaddexp_sigmoid(big_l[:, None], l_col[None, :])
@@ -150,6 +159,11 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
     elif PASS_KIND == LSE2:
         tl.store(out, _lse2_final(m_p, s_p), mask=row_ok)
         tl.store(out + s_oc, _lse2_final(m_n, s_n), mask=row_ok)
+    elif PASS_KIND == HINGE:  # (sum pos, count pos, sum neg, count neg)
+        tl.store(out, sp, mask=row_ok)
+        tl.store(out + s_oc, cnt, mask=row_ok)
+        tl.store(out + 2 * s_oc, sg, mask=row_ok)
+        tl.store(out + 3 * s_oc, cnt_n, mask=row_ok)
     else:
         tl.store(out, sp, mask=row_ok)
         tl.store(out + s_oc, sg, mask=row_ok)

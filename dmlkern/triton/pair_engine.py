@@ -20,9 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..engine_spec import (MINING_MULTI_SIMILARITY, MINING_NONE, OUT_COLUMNS, PASS_EXTREMA, PASS_LIFTED_PAIRS,
-                           PASS_POS_SOFTPLUS, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
-from ..reference.pair_engine import check_symmetric
+from ..engine_spec import (COEF_WIDTH, COEF_WIDTH_HINGE, COEF_WIDTH_LIFT, MINING_MULTI_SIMILARITY, MINING_NONE,
+                           OUT_COLUMNS, PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_POS_SOFTPLUS, TRANSFORM_DOT,
+                           TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
+from ..reference.pair_engine import check_hinge_mining, check_symmetric
 from . import interpret_mode
 from .backward_kernel import _engine_bwd_kernel
 from .forward_kernel import _engine_fwd_kernel
@@ -97,7 +98,7 @@ def _is_fake(t):
 
 def _check(transform, mining, pass_kind=None):
     if pass_kind is not None and pass_kind not in OUT_COLUMNS:
-        raise ValueError(f"pass_kind must be 0, 1, 2 or 3, got {pass_kind}")
+        raise ValueError(f"pass_kind must be 0, 1, 2, 3 or 4, got {pass_kind}")
     if transform not in (TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE):
         raise ValueError(f"transform must be 0 or 1, got {transform}")
     if mining not in (MINING_NONE, MINING_MULTI_SIMILARITY):
@@ -114,11 +115,13 @@ def _row_tensor(t, n, width, dtype, device):
 def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining, params,
                    exclude_diag, wrap=lambda k: k):
     """Per-row statistics of one pass (docs/ENGINE.md): (N, 2) for extrema / lse2, (N, 3) for
-    pos_softplus / lifted_pairs, in the stats dtype (fp32, fp64 for fp64 inputs)."""
+    pos_softplus / lifted_pairs, (N, 4) for hinge, in the stats dtype (fp32, fp64 for fp64 inputs)."""
     pass_kind, transform, mining = int(pass_kind), int(transform), int(mining)
     _check(transform, mining, pass_kind)
     if pass_kind == PASS_LIFTED_PAIRS:
         check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "pass_kind=3 (lifted_pairs)")
+    if pass_kind == PASS_HINGE:
+        check_hinge_mining(mining, "pass_kind=4 (hinge)")
     n, d = x.shape
     m = y.shape[0]
     acc_dtype = stats_dtype(x.dtype)
@@ -144,14 +147,18 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
 def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params,
                     exclude_diag, symmetric=False, wrap=lambda k: k, coef_terms=-1):
     """(grad_x, grad_y) in the input dtypes for dl/dv given by row_coef (docs/ENGINE.md): (N, 5),
-    or (N, 6) with the lifted pairs' C_lift (the symmetric case only). symmetric (y is x): their
+    (N, 6) with the lifted pairs' C_lift (the symmetric case only), or (N, 2), the hinge backward's
+    (H_pos, H_neg) (mining 0; coef_terms is ignored). symmetric (y is x): their
     sum as grad_x, grad_y zero. coef_terms: which of B_pos (1) and C_lift (2) row_coef uses, -1
     to read it from the values (see _coef_flags)."""
     transform, mining = int(transform), int(mining)
     _check(transform, mining)
-    if row_coef.dim() != 2 or row_coef.shape[1] not in (5, 6):
-        raise ValueError(f"row_coef must be (N, 5) or (N, 6), got {tuple(row_coef.shape)}")
-    has_lift = row_coef.shape[1] == 6
+    if row_coef.dim() != 2 or row_coef.shape[1] not in (COEF_WIDTH, COEF_WIDTH_LIFT, COEF_WIDTH_HINGE):
+        raise ValueError(f"row_coef must be (N, 5), (N, 6) or (N, 2) (the hinge backward), got {tuple(row_coef.shape)}")
+    hinge = row_coef.shape[1] == COEF_WIDTH_HINGE
+    if hinge:
+        check_hinge_mining(mining, "row_coef with 2 columns (the hinge backward)")
+    has_lift = row_coef.shape[1] == COEF_WIDTH_LIFT
     if has_lift:
         check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
     if symmetric and (x.shape != y.shape or x_labels.shape != y_labels.shape):
@@ -166,10 +173,10 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
     if n > 0 and m > 0 and d > 0:
         row_in = _row_tensor(row_in, n, 3, acc_dtype, x.device)
         row_coef = row_coef.to(acc_dtype)
-        has_b, has_lift = _coef_flags(row_coef, int(coef_terms))
+        has_b, has_lift = (False, False) if hinge else _coef_flags(row_coef, int(coef_terms))
         if not has_lift and row_coef.shape[1] == 6:
             row_coef = row_coef[:, :5]  # an all-zero C_lift column: the term is compiled away
-        tiles, options = _launch_tiles(x, d, "bwd", lift=has_lift, symmetric=symmetric, has_b=has_b)
+        tiles, options = _launch_tiles(x, d, "bwd", lift=has_lift, symmetric=symmetric, has_b=has_b, hinge=hinge)
         cfg = _launch_config(x)
         pargs = _param_args(params)
         # symmetric: one launch over x's row blocks computes both sides (y is x, the same labels).
@@ -186,7 +193,7 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
                 row_coef.stride(0), row_coef.stride(1), grad.stride(0), grad.stride(1),
                 *pargs,
                 OWN_IS_X=own_is_x, SYMMETRIC=bool(symmetric), TRANSFORM=transform, MINING=mining,
-                EXCLUDE_DIAG=bool(exclude_diag), HAS_B=has_b, HAS_LIFT=has_lift,
+                EXCLUDE_DIAG=bool(exclude_diag), HAS_B=has_b, HAS_LIFT=has_lift, HINGE=hinge,
                 **tiles, **options, **cfg)
     return grad_x, grad_y
 

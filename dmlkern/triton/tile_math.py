@@ -164,3 +164,9 @@ def _lifted_relu(v, lae, sc_pos, off_pos):
     """relu(logaddexp(L_i, L_j) + sc_pos * v + off_pos), keeping NaN."""
     z = lae + (sc_pos * v + off_pos)
     return tl.where(z < 0.0, 0.0, z)
+
+
+@triton.jit
+def _hinge_args(v, big_l, sc_pos, off_pos, sc_neg, off_neg):
+    """The hinge pass's (t_pos, t_neg) = (sc_pos v + off_pos + L_i, sc_neg v + off_neg - L_i)."""
+    return (sc_pos * v + off_pos) + big_l, (sc_neg * v + off_neg) - big_l

@@ -18,12 +18,14 @@ def _block_k(d):
     return max(16, min(64, triton.next_power_of_2(d)))
 
 
-def _tiles(x, d, lift=False, symmetric=False, has_b=False, positives_only=False):
+def _tiles(x, d, lift=False, symmetric=False, has_b=False, positives_only=False, hinge=False):
     """Tile sizes and warps for inputs like x (dtype) of width d, before TILE_OVERRIDES.
 
     Half the column tile (32 instead of 64; fp64 16 instead of 32) for the heavier kernels: the
     backward with the lifted term, the B_pos term or the symmetric sum (two sets of row constants,
-    two dl/dv terms), and the forward's positives-only passes 2 and 3 (positives_only). At 64
+    two dl/dv terms), the hinge backward in fp16 / bf16 (transform 1 at 64 columns: 40-68 bytes of
+    spills per thread, none at 32; fp32 spills at 32 columns, not at 64), and the forward's
+    positives-only passes 2 and 3 (positives_only). At 64
     columns the bf16 ones spill (92-188 bytes per thread; fp32 up to 1.7 KiB with B_pos), and the
     symmetric backward with mining counts 76 instructions per element against 57 at 32
     (predicates held in registers); only the plain symmetric backward is a little leaner at 64
@@ -38,7 +40,7 @@ def _tiles(x, d, lift=False, symmetric=False, has_b=False, positives_only=False)
     128-wide output slice (82 instructions per element against 55).
     fp32 (IEEE products: FMA, 128 per element at D = 128): 64 x 64 over 8 warps with K slices of
     32. fp64: 32 x 32 over 4 warps."""
-    half_cols = lift or symmetric or has_b or positives_only
+    half_cols = lift or symmetric or has_b or positives_only or (hinge and x.element_size() == 2)
     if x.dtype == torch.float64:
         return dict(block_m=32, block_n=16 if half_cols else 32, block_k=min(_block_k(d), 32),
                     block_dout=64, num_warps=4)
@@ -68,18 +70,18 @@ def _with_overrides(tiles, kernel):
 _LAUNCH_TILES = {}  # (dtype, D, kernel, flags, overrides) -> (constexprs, options)
 
 
-def _launch_tiles(x, d, kernel, lift=False, symmetric=False, has_b=False, positives_only=False):
+def _launch_tiles(x, d, kernel, lift=False, symmetric=False, has_b=False, positives_only=False, hinge=False):
     """(tile constexprs, launch options) of one launch of `kernel` ("fwd" or "bwd"): _tiles, then
     TILE_OVERRIDES; ONE_K when D fits one K slice, and the backward's output slice BLOCK_DOUT
     (all of the padded D when ONE_K: the loaded tile is then both products' operand). Cached:
     the key holds everything the choice depends on, TILE_OVERRIDES' current entry included."""
     override = TILE_OVERRIDES.get(kernel) or {}
-    key = (x.dtype, d, kernel, lift, symmetric, has_b, positives_only,
+    key = (x.dtype, d, kernel, lift, symmetric, has_b, positives_only, hinge,
            repr(sorted(override.items())) if override else "")
     hit = _LAUNCH_TILES.get(key)
     if hit is None:
-        t = _with_overrides(_tiles(x, d, lift=lift, symmetric=symmetric, has_b=has_b, positives_only=positives_only),
-                            kernel)
+        t = _with_overrides(_tiles(x, d, lift=lift, symmetric=symmetric, has_b=has_b, positives_only=positives_only,
+                                   hinge=hinge), kernel)
         const = dict(BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], ONE_K=t["block_k"] >= d)
         if kernel == "bwd":
             const["BLOCK_DOUT"] = (t["block_k"] if const["ONE_K"]

@@ -1,0 +1,87 @@
+"""Contrastive loss on the engine: one hinge pass gives each row's sum of the positive pairs' losses
+relu(d - pos_margin) and of the negative pairs' relu(neg_margin - d), and how many of each are > 0;
+each sub-loss comes back already reduced (AvgNonZeroReducer, MeanReducer, SumReducer). The
+per-pair losses are never listed; the op's backward is the engine's hinge backward."""
+import torch
+
+from .._determinism import fixed_order_sum
+from ..engine_spec import PASS_HINGE, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams
+from ..ops import pair_engine as pe
+from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
+from . import _common
+from ._common import Degenerate, LabelStats, branch_free, decline, is_unit_cosine, is_unit_euclidean
+from ._epilogue import (SHORT_ROWS, ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each,
+                        _pair_inputs, _plain_backend)
+
+SUB_LOSSES = ("pos_loss", "neg_loss")
+_KINDS = {AvgNonZeroReducer: "nonzero", MeanReducer: "mean", SumReducer: "sum"}
+NAN_PAIRS = "a NaN pair value (the reference drops or keeps each NaN pair loss as its reducer does)"
+
+
+def pair_distance(distance):
+    """The engine transform for a distance the hinge losses fuse (None for any other): the default
+    Euclidean distance of unit rows (transform 1) or the cosine similarity (transform 0)."""
+    if is_unit_euclidean(distance):
+        return TRANSFORM_UNIT_DISTANCE
+    if is_unit_cosine(distance):
+        return TRANSFORM_DOT
+    return None
+
+
+def hinge_totals(out):
+    """The four columns of a hinge pass summed over the rows (bits independent of the thread count)."""
+    return [fixed_order_sum(out[:, k]) for k in range(4)]
+
+
+def nan_in(*totals):
+    """Whether a total is NaN, read only where a branch costs no host sync (eager on the CPU): there
+    the reference runs instead (PML's reducers drop or keep each NaN pair loss; the kernels' sums
+    hold them all). On CUDA and under torch.compile the NaN propagates (a documented deviation)."""
+    return not branch_free(totals[0]) and bool(torch.isnan(torch.stack(totals)).any())
+
+
+def _reduced(kind, total, nonzero, count, reducer, embeddings):
+    """A sub-loss's reduced value from its total, its number of losses > 0 and of pairs."""
+    if kind == "sum":
+        return total
+    if kind == "mean":  # over every pair, zeros included; no pair: the sum is 0
+        return total / count.clamp(min=1).to(total.dtype)
+    # AvgNonZero: the mean of the losses > 0; none: the reducer's grad-carrying zero
+    return torch.where(nonzero > 0, total / nonzero.clamp(min=1), reducer.zero_loss(embeddings).to(total.dtype))
+
+
+def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """pos_loss over the positive pairs (i, j): relu(d_ij - pos_margin); neg_loss over the negative
+    pairs: relu(neg_margin - d_ij) (CosineSimilarity: relu(pos_margin - s), relu(s - neg_margin)),
+    each reduced by its reducer; from the totals of one hinge pass (O(N) statistics)."""
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, lambda d: pair_distance(d) is not None)
+    if backend is None:
+        return None
+    kinds = _already_reduced_kinds(module, SUB_LOSSES, _KINDS)
+    if kinds is None:
+        return None
+    transform = pair_distance(module.distance)
+    if transform == TRANSFORM_UNIT_DISTANCE and _common.has_short_rows(embeddings, ref_emb):
+        return decline(module, SHORT_ROWS)
+    stats = LabelStats(labels, ref_labels)
+    degenerate = Degenerate(labels, _at_most_one_pair_each(stats))  # PML's len <= 1 rule
+    if degenerate.returns_zero_now():
+        return ZERO_LOSS
+    pm, nm = float(module.pos_margin), float(module.neg_margin)
+    if transform == TRANSFORM_UNIT_DISTANCE:  # relu(d - pm), relu(nm - d)
+        params = EngineParams(sc_pos=1.0, off_pos=-pm, sc_neg=-1.0, off_neg=nm)
+    else:  # a similarity: relu(pm - s), relu(s - nm)
+        params = EngineParams(sc_pos=-1.0, off_pos=pm, sc_neg=1.0, off_neg=-nm)
+    x, y = _pair_inputs(embeddings, ref_emb)
+    out = pe.engine_forward(x, y, labels, ref_labels, pass_kind=PASS_HINGE, transform=transform, params=params,
+                            exclude_diag=ref_labels is labels, backend=backend)
+    pos_sum, pos_nonzero, neg_sum, neg_nonzero = hinge_totals(out)
+    if nan_in(pos_sum, neg_sum):
+        return decline(module, NAN_PAIRS)
+    loss_dict = {}
+    for name, total, nonzero, count in (("pos_loss", pos_sum, pos_nonzero, stats.pos_total),
+                                        ("neg_loss", neg_sum, neg_nonzero, stats.neg_total)):
+        kind, reducer = kinds[name]
+        value = _reduced(kind, total, nonzero.detach(), count, reducer, embeddings)
+        loss_dict[name] = _already_reduced(degenerate.zero_where(value), embeddings)
+    return loss_dict, backend
