@@ -18,6 +18,9 @@ each block: dL/de_an = -w, dL/de_ap = sum_n w (w = the upstream gradient where t
 kept and positive, or times its sigmoid with `smooth_loss`), then grad_x[b] = G_b @ y and
 grad_y += G_bᵀ @ x_b, the blocks added in order: bit-identical at any CPU thread count.
 The torch twin runs on every device (and is what the C++ kernel is tested against).
+Any other indices_tuple (a miner's listed triplets or pairs, or a lazy result this path can't mine,
+then materialised) runs on its listed triplets instead (`listed_triplets.py`, backend "listed":
+O(T · D) from the gathered rows, no N x M matrix).
 """
 from typing import NamedTuple
 
@@ -278,39 +281,61 @@ def distance_kind(distance):
 
 def triplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """The fused TripletMarginLoss: every triplet (triplets_per_anchor="all", no indices_tuple), or
-    a TripletMarginMiner's lazy result mined on these very inputs; else None (the reference)."""
+    a TripletMarginMiner's lazy result mined on these very inputs, on row blocks; any other
+    indices_tuple (a lazy one materialised) on its listed triplets (`listed_triplets.py`); else None
+    (the reference)."""
     from .lazy_pairs import LazyMinedTriplets
+    from .listed_triplets import listed_triplet_margin
 
     if pe.choose_backend(module.backend, embeddings.device) == "reference":
         return decline(module, "backend='reference' requested (loss.backend or DMLKERN_BACKEND)")
+    plan = _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    if isinstance(plan, str):
+        if indices_tuple is None:
+            return decline(module, plan)
+        if isinstance(indices_tuple, LazyMinedTriplets):
+            indices_tuple = tuple(t.to(embeddings.device) for t in indices_tuple.materialize())
+        return listed_triplet_margin(module, embeddings, indices_tuple, ref_emb)
+    return _blocked(module, embeddings, ref_emb, *plan)
+
+
+def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """Why the blocked path can't take this call (a str), or what it runs with: (labels,
+    ref_labels, rule, reduction)."""
+    from .lazy_pairs import LazyMinedTriplets
+
     if labels is None:
-        return decline(module, "no labels (triplets from indices_tuple only)")
+        return "no labels (triplets from indices_tuple only)"
     if module.swap:
-        return decline(module, "swap=True (the positive-negative distances)")
+        return "swap=True (the positive-negative distances)"
     if module.triplets_per_anchor != "all" and indices_tuple is None:
-        return decline(module, "triplets_per_anchor other than 'all' (random triplets)")
+        return "triplets_per_anchor other than 'all' (random triplets)"
     kind = distance_kind(module.distance)
     if kind is None or module.distance.collect_stats:
-        return decline(module, f"distance {type(module.distance).__name__} (or its collect_stats)")
+        return f"distance {type(module.distance).__name__} (or its collect_stats)"
     reduction = _reduction(module.reducer)
     if reduction is None:
-        return decline(module, f"{type(module.reducer).__name__} (needs the per-triplet losses)")
+        return f"{type(module.reducer).__name__} (needs the per-triplet losses)"
     if static_shapes():
-        return decline(module, "torch.compile (the blocked triplet path has data-dependent shapes)")
+        return "torch.compile (the blocked triplet path has data-dependent shapes)"
     if embeddings.dtype not in (torch.float32, torch.float64):
-        return decline(module, f"dtype {embeddings.dtype} (the blocked triplet path runs fp32 / fp64)")
+        return f"dtype {embeddings.dtype} (the blocked triplet path runs fp32 / fp64)"
     window, window_margin = "every", 0.0
     if indices_tuple is not None:
         lazy = indices_tuple if isinstance(indices_tuple, LazyMinedTriplets) else None
         if lazy is None:
-            return decline(module, "an indices_tuple (not a TripletMarginMiner's result on these inputs)")
+            return "an indices_tuple (not a TripletMarginMiner's result on these inputs)"
         if not (lazy.distance_kind == kind and lazy.kernel_can_mine and lazy.holds_inputs(embeddings, ref_emb)):
-            return decline(module, "the miner's result was mined on other inputs or with another distance")
+            return "the miner's result was mined on other inputs or with another distance"
         labels, ref_labels = lazy.mining_labels()
         window, window_margin = lazy.window, lazy.window_margin
     if kind == "euclidean" and _common.has_short_rows(embeddings, ref_emb):
-        return decline(module, SHORT_ROWS)
+        return SHORT_ROWS
     rule = TripletRule(float(module.margin), bool(module.smooth_loss), kind == "euclidean", window, window_margin)
+    return labels, ref_labels, rule, reduction
+
+
+def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction):
     exclude_diag = ref_labels is labels
     x = unit_rows(embeddings).to(stats_dtype(embeddings.dtype))
     y = None if ref_emb is embeddings else unit_rows(ref_emb).to(x.dtype)

@@ -1,3 +1,4 @@
+from ..fused import blocked_miners
 from ..reference import miners as ref
 from ._stats import extreme_pair_stats
 from .base import BaseTupleMiner
@@ -5,7 +6,9 @@ from .base import BaseTupleMiner
 
 class BatchEasyHardMiner(BaseTupleMiner):
     """At most one positive and one negative per anchor, chosen by ``pos_strategy`` /
-    ``neg_strategy`` in {"hard", "semihard", "easy", "all"}; returns pairs ``(a, p, a, n)``."""
+    ``neg_strategy`` in {"hard", "semihard", "easy", "all"}; returns pairs ``(a, p, a, n)``.
+    Mines on row blocks of the distance matrix (`fused/blocked_miners.py`) unless it collects
+    statistics."""
 
     HARD = ref.HARD
     SEMIHARD = ref.SEMIHARD
@@ -35,6 +38,10 @@ class BatchEasyHardMiner(BaseTupleMiner):
         )
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
+        if not self.collect_stats:  # row blocks: no N x M matrix (the statistics read the whole one)
+            return blocked_miners.batch_easy_hard_miner(
+                self.distance, embeddings, labels, ref_emb, ref_labels, self.pos_strategy, self.neg_strategy,
+                self.allowed_pos_range, self.allowed_neg_range)
         mat = self.distance(embeddings, ref_emb)
         return self._with_stats(mat, ref.batch_easy_hard_miner(
             mat,

@@ -1,4 +1,3 @@
-from ..reference.miners import batch_hard_miner
 from .batch_easy_hard_miner import BatchEasyHardMiner
 
 
@@ -9,5 +8,5 @@ class BatchHardMiner(BatchEasyHardMiner):
         super().__init__(pos_strategy=self.HARD, neg_strategy=self.HARD, **kwargs)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        mat = self.distance(embeddings, ref_emb)
-        return self._with_stats(mat, batch_hard_miner(mat, labels, ref_labels, self.distance.is_inverted))
+        a, p, _, n = super().mine(embeddings, labels, ref_emb, ref_labels)
+        return a, p, n

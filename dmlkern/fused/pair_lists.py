@@ -1,0 +1,67 @@
+"""Pairs listed by index, for the fused paths that work on a list instead of an N x M matrix:
+every same-label pair in O(N + M + pairs) (`positive_pairs`), and <x_a, y_p> over a list of
+pairs in chunks of rows gathered with index_select (`pair_dots`), reproducible at any CPU thread
+count. TupletMarginLoss (`tuplet.py`) and the listed TripletMarginLoss (`listed_triplets.py`)
+use them."""
+import torch
+
+from .._autograd import applier
+
+
+def positive_pairs(labels, ref_labels, exclude_diag):
+    """All pairs (a, p) with labels[a] == ref_labels[p] (a != p when exclude_diag), in PML's
+    row-major order (torch.where of the match matrix), in O(N + M + pairs): for each query row the
+    run of its label among the stably sorted reference labels (ascending indices)."""
+    sorted_ref, ref_order = torch.sort(ref_labels, stable=True)
+    start = torch.searchsorted(sorted_ref, labels)
+    count = torch.searchsorted(sorted_ref, labels, right=True) - start
+    rows = torch.arange(len(labels), device=labels.device)
+    a = torch.repeat_interleave(rows, count)
+    first = torch.cumsum(count, 0) - count
+    offset = torch.arange(len(a), device=labels.device) - first.index_select(0, a)
+    p = ref_order.index_select(0, start.index_select(0, a) + offset)
+    if exclude_diag:
+        keep = p != a
+        a, p = a[keep], p[keep]
+    return a, p
+
+
+class PairDots(torch.autograd.Function):
+    """<x_a, y_p> for a list of pairs (y None: y is x), in chunks: O(pairs) memory instead of
+    O(pairs x D). The backward sums each row's pairs with index_add (serial on the CPU:
+    reproducible at any thread count)."""
+
+    CHUNK = 1 << 14  # pairs per chunk: a few (chunk x D) buffers at a time
+
+    @staticmethod
+    def forward(x, y, a, p):
+        y = x if y is None else y
+        out = x.new_empty(len(a))
+        for c in range(0, len(a), PairDots.CHUNK):
+            sl = slice(c, c + PairDots.CHUNK)
+            out[sl] = (x.index_select(0, a[sl]) * y.index_select(0, p[sl])).sum(dim=1)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, a, p = inputs
+        ctx.self_pairs = y is None
+        ctx.save_for_backward(x, x if y is None else y, a, p)
+
+    @staticmethod
+    def backward(ctx, grad):  # differentiable ops: a gradient that create_graph=True can differentiate
+        x, y, a, p = ctx.saved_tensors
+        gx = torch.zeros_like(x)
+        gy = gx if ctx.self_pairs else torch.zeros_like(y)
+        for c in range(0, len(a), PairDots.CHUNK):
+            sl = slice(c, c + PairDots.CHUNK)
+            g = grad[sl, None].to(x.dtype)
+            gx = gx.index_add(0, a[sl], g * y.index_select(0, p[sl]))
+            if ctx.self_pairs:
+                gx = gx.index_add(0, p[sl], g * x.index_select(0, a[sl]))
+            else:
+                gy = gy.index_add(0, p[sl], g * x.index_select(0, a[sl]))
+        return gx, None if ctx.self_pairs else gy, None, None
+
+
+pair_dots = applier(PairDots)
