@@ -478,7 +478,7 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
          "an indices_tuple"),
         (losses.MultiSimilarityLoss(), (x, None, (torch.tensor([0]), torch.tensor([1]), torch.tensor([4]),
                                                   torch.tensor([5]))), "other than MultiSimilarityMiner's"),
-        (losses.TripletMarginLoss(), (x, labels), "TripletMarginLoss has no fused kernel yet"),
+        (losses.CircleLoss(), (x, labels), "CircleLoss has no fused kernel yet"),
         (losses.ContrastiveLoss(distance=LpDistance(normalize_embeddings=False)), (x, labels),
          "non-default distance LpDistance"),
         (losses.ContrastiveLoss(reducer=ThresholdReducer(low=0.1)), (x, labels), "ThresholdReducer for its sub-loss"),

@@ -41,13 +41,17 @@ LOSSES = {
     "npairs": LossInfo("NPairsLoss()(emb, labels)", "classes", True, 8.0),
     "proxy_anchor": LossInfo("ProxyAnchorLoss(num_classes=N/8, embedding_size=D)(emb, labels)", "classes", True,
                              16.0),
+    "contrastive": LossInfo("ContrastiveLoss()(emb, labels)", "classes", True, 16.0),
+    # PML converts to every triplet: an N x N x N mask, then 3 int64 per triplet (~7 N^2 here)
+    "margin": LossInfo("MarginLoss()(emb, labels)", "classes", True, 200.0, 0.05),
     "nca": LossInfo("NCALoss()(emb, labels)", "classes", True, 12.0),
     "tuplet_margin": LossInfo("TupletMarginLoss()(emb, labels)", "classes", True, 16.0, 4.0),
-    # PML's all-triplets mask is N x N x N bytes, then 3 int64 per triplet (~7 N^2 of them here)
     "triplet": LossInfo("TripletMarginLoss()(emb, labels), every triplet", "classes", True, 200.0, 0.05),
     "triplet_semihard": LossInfo(
         "TripletMarginLoss()(emb, labels, TripletMarginMiner(type_of_triplets='semihard')(emb, labels))", "classes",
         True, 200.0, 0.05, miner=("TripletMarginMiner", (("type_of_triplets", "semihard"),))),
+    "triplet_batch_hard": LossInfo("TripletMarginLoss()(emb, labels, BatchHardMiner()(emb, labels))", "classes", True,
+                                   28.0, miner=("BatchHardMiner", ())),
     "masked_lse": LossInfo("dmlkern.ops.masked_lse(emb, x_labels=labels, mask='diff')", "classes", False, 12.0),
     "arcface": _class_loss("ArcFaceLoss", 10.0),
     "cosface": _class_loss("CosFaceLoss", 10.0),

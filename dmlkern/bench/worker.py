@@ -20,7 +20,7 @@ ENV_BACKEND = {"dmlkern": None, "dmlkern-compiled": None, "dmlkern-cpp": "cpp", 
 REFERENCE_FN = {"multi_similarity": "multi_similarity_loss", "ntxent": "ntxent_loss", "supcon": "supcon_loss",
                 "lifted": "lifted_structure_loss", "generalized_lifted": "generalized_lifted_structure_loss",
                 "npairs": "n_pairs_loss", "nca": "nca_loss", "tuplet_margin": "tuplet_margin_loss",
-                "triplet": "triplet_margin_loss"}
+                "triplet": "triplet_margin_loss", "contrastive": "contrastive_loss", "margin": "margin_loss"}
 FLOOR_MAX_OUT_BYTES = 2**31
 
 
@@ -151,6 +151,15 @@ def _compile_callable(torch, loss, x, labels, d, dynamic):
         def fn(x, lab):
             with torch.no_grad():
                 idx = R.triplet_margin_miner(dist(x, x), lab, lab, 0.2, "semihard")
+            return R.triplet_margin_loss(x, lab, idx)
+    elif loss == "triplet_batch_hard":
+        from dmlkern.distances import LpDistance
+
+        dist = LpDistance(p=2)
+
+        def fn(x, lab):
+            with torch.no_grad():
+                idx = R.batch_hard_miner(dist(x, x), lab, lab)
             return R.triplet_margin_loss(x, lab, idx)
     elif loss == "proxy_anchor":
         proxies = torch.nn.Parameter(torch.empty(num_classes(loss, x.shape[0]), d, device=x.device))
