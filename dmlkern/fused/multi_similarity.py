@@ -9,6 +9,7 @@ from ._common import Degenerate, LabelStats, decline, is_unit_cosine, no_pos_or_
 from ._epilogue import (ZERO_LOSS, _at_most_one_pair_each, _engine_or_decline, _log1p_exp, _lse2, _pair_inputs,
                         _per_row)
 from .lazy_pairs import LazyMinedPairs
+from .listed_pairs import listed_multi_similarity
 
 _ROW_CHUNK = 4096
 
@@ -79,8 +80,8 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         return decline(module, f"non-default distance {type(module.distance).__name__}")
     mining_eps = None
     if indices_tuple is not None:
-        if not isinstance(indices_tuple, LazyMinedPairs):
-            return decline(module, "an indices_tuple other than MultiSimilarityMiner's result")
+        if not isinstance(indices_tuple, LazyMinedPairs):  # any other pairs: only those (O(pairs))
+            return listed_multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if not _mined_pairs_in_kernel(module, indices_tuple, embeddings, ref_emb):
             return None
         # The pairs are the miner's: its labels and epsilon as they were at mining time.

@@ -1,0 +1,124 @@
+"""MultiSimilarityLoss on an explicit indices_tuple (dmlkern/fused/listed_pairs.py): only the listed
+pairs, against PML 2.9.0 itself."""
+import pytest
+import torch
+import pytorch_metric_learning.losses as pml_losses
+import pytorch_metric_learning.miners as pml_miners
+
+from dmlkern import losses
+from dmlkern._validation import InvalidInputError
+from _peak_rss import peak_rss_growth_mib
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+HAND_PAIRS = (torch.tensor([0, 0, 1, 0]), torch.tensor([5, 5, 7, 9]), torch.tensor([2, 3, 3]), torch.tensor([1, 1, 4]))
+
+
+def _tuples(x, labels):
+    """Tuples as PML's miners give them (pairs and triplets), and hand-built ones with duplicates."""
+    return {
+        "ms_miner": pml_miners.MultiSimilarityMiner(0.1)(x, labels),
+        "pair_margin": pml_miners.PairMarginMiner()(x, labels),
+        "semihard_triplets": pml_miners.TripletMarginMiner(type_of_triplets="semihard")(x, labels),
+        "batch_hard": pml_miners.BatchHardMiner()(x, labels),
+        "hand_pairs_with_duplicates": HAND_PAIRS,
+        "one_pair_each": (torch.tensor([0]), torch.tensor([5]), torch.tensor([2]), torch.tensor([1])),
+        "empty": tuple(torch.empty(0, dtype=torch.long) for _ in range(4)),
+    }
+
+
+def _run(lib, x, labels, tuple_, kw, ref=None):
+    x = x.clone().requires_grad_(True)
+    loss_fn = (losses if lib == "dmlkern" else pml_losses).MultiSimilarityLoss(**kw)
+    value = loss_fn(x, labels, tuple_) if ref is None else loss_fn(x, labels, tuple_, ref, labels)
+    (grad,) = torch.autograd.grad(value, x, allow_unused=True) if value.requires_grad else (None,)
+    return value.detach(), torch.zeros_like(x) if grad is None else grad, loss_fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,classes", [(53, 6), (9, 9), (12, 1)])
+def test_matches_pml(n, classes, dtype):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 12, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    for name, tuple_ in _tuples(x, labels).items():
+        if name.startswith("hand") or name == "one_pair_each":
+            if n < 10:
+                continue
+        for kw in ({}, {"alpha": 3, "beta": 20, "base": 0.3}):
+            ours, our_grad, loss_fn = _run("dmlkern", x, labels, tuple_, kw)
+            want, want_grad, _ = _run("pml", x, labels, tuple_, kw)
+            assert loss_fn.last_backend in ("listed", "zero"), (name, loss_fn.last_fallback)
+            torch.testing.assert_close(ours, want, **TOL[dtype], msg=name)
+            torch.testing.assert_close(our_grad, want_grad, **TOL[dtype], msg=name)
+
+
+def test_pml_len_rule_and_a_pair_both_positive_and_negative():
+    x = torch.randn(12, 6, dtype=torch.float64)
+    labels = torch.arange(12) % 3
+    loss_fn = losses.MultiSimilarityLoss()
+    loss_fn(x, labels, _tuples(x, labels)["one_pair_each"])
+    assert loss_fn.last_backend == "zero"
+    with pytest.raises(InvalidInputError, match="either positive or negative"):
+        loss_fn(x, labels, (torch.tensor([0, 1]), torch.tensor([5, 2]), torch.tensor([0, 3]), torch.tensor([5, 4])))
+
+
+def test_gradcheck_and_double_backward_fp64():
+    x = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    loss_fn = losses.MultiSimilarityLoss()
+    assert torch.autograd.gradcheck(lambda x: loss_fn(x, None, HAND_PAIRS), (x,))
+    assert loss_fn.last_backend == "listed"
+    v = torch.randn_like(x)
+    hvps = []
+    for backend in ("auto", "reference"):
+        loss_fn.backend = backend
+        (g,) = torch.autograd.grad(loss_fn(x, None, HAND_PAIRS), x, create_graph=True)
+        hvps.append(torch.autograd.grad((g * v).sum(), x)[0])
+    torch.testing.assert_close(hvps[0], hvps[1], **TOL[torch.float64])
+
+
+def test_bit_identical_across_thread_counts():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 16, generator=g)
+    labels = torch.randint(0, 40, (600,), generator=g)
+    pairs = pml_miners.MultiSimilarityMiner(0.3)(x, labels)
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            results.append(_run("dmlkern", x, labels, pairs, {})[:2])
+    finally:
+        torch.set_num_threads(before)
+    for value, grad in results[1:]:
+        assert torch.equal(value, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_nan_embeddings_follow_pml():
+    x = torch.randn(20, 6, dtype=torch.float64)
+    labels = torch.arange(20) % 4
+    pairs = pml_miners.PairMarginMiner(pos_margin=0.0, neg_margin=10.0)(x, labels)
+    x[3, 1] = float("nan")
+    ours, _, _ = _run("dmlkern", x, labels, pairs, {})
+    want, _, _ = _run("pml", x, labels, pairs, {})
+    torch.testing.assert_close(ours, want, equal_nan=True)
+
+
+@pytest.mark.slow
+def test_memory_at_n16384_is_linear():
+    """fwd+bwd at N=16384, D=128 with PairMarginMiner's pairs grows peak RSS by < 256 MiB (the
+    reference's masks and matrix: several GiB)."""
+    growth = peak_rss_growth_mib(
+        setup="""
+            torch.manual_seed(0)
+            n = 16384
+            x = torch.randn(n, 128, requires_grad=True)
+            labels = torch.randint(0, n // 8, (n,))
+            pairs = miners.PairMarginMiner()(x, labels)
+            loss_fn = losses.MultiSimilarityLoss()
+        """,
+        measured="""
+            loss = loss_fn(x, labels, pairs)
+            loss.backward()
+            assert loss_fn.last_backend == "listed", loss_fn.last_fallback
+            assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        """)
+    assert growth < 256, f"peak RSS grew by {growth:.0f} MiB"
