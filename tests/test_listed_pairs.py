@@ -1,5 +1,5 @@
-"""MultiSimilarityLoss on an explicit indices_tuple (dmlkern/fused/listed_pairs.py): only the listed
-pairs, against PML 2.9.0 itself."""
+"""MultiSimilarityLoss and GeneralizedLiftedStructureLoss on an explicit indices_tuple
+(dmlkern/fused/listed_pairs.py): only the listed pairs, against PML 2.9.0 itself."""
 import pytest
 import torch
 import pytorch_metric_learning.losses as pml_losses
@@ -10,6 +10,8 @@ from dmlkern._validation import InvalidInputError
 from _peak_rss import peak_rss_growth_mib
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+KWARGS = {"MultiSimilarityLoss": ({}, {"alpha": 3, "beta": 20, "base": 0.3}),
+          "GeneralizedLiftedStructureLoss": ({}, {"pos_margin": 0.2, "neg_margin": 0.8})}
 HAND_PAIRS = (torch.tensor([0, 0, 1, 0]), torch.tensor([5, 5, 7, 9]), torch.tensor([2, 3, 3]), torch.tensor([1, 1, 4]))
 
 
@@ -26,17 +28,18 @@ def _tuples(x, labels):
     }
 
 
-def _run(lib, x, labels, tuple_, kw, ref=None):
+def _run(lib, x, labels, tuple_, kw, ref=None, name="MultiSimilarityLoss"):
     x = x.clone().requires_grad_(True)
-    loss_fn = (losses if lib == "dmlkern" else pml_losses).MultiSimilarityLoss(**kw)
+    loss_fn = getattr(losses if lib == "dmlkern" else pml_losses, name)(**kw)
     value = loss_fn(x, labels, tuple_) if ref is None else loss_fn(x, labels, tuple_, ref, labels)
     (grad,) = torch.autograd.grad(value, x, allow_unused=True) if value.requires_grad else (None,)
     return value.detach(), torch.zeros_like(x) if grad is None else grad, loss_fn
 
 
+@pytest.mark.parametrize("loss_name", list(KWARGS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n,classes", [(53, 6), (9, 9), (12, 1)])
-def test_matches_pml(n, classes, dtype):
+def test_matches_pml(n, classes, dtype, loss_name):
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, 12, generator=g, dtype=torch.float64).to(dtype)
     labels = torch.randint(0, classes, (n,), generator=g)
@@ -44,9 +47,9 @@ def test_matches_pml(n, classes, dtype):
         if name.startswith("hand") or name == "one_pair_each":
             if n < 10:
                 continue
-        for kw in ({}, {"alpha": 3, "beta": 20, "base": 0.3}):
-            ours, our_grad, loss_fn = _run("dmlkern", x, labels, tuple_, kw)
-            want, want_grad, _ = _run("pml", x, labels, tuple_, kw)
+        for kw in KWARGS[loss_name]:
+            ours, our_grad, loss_fn = _run("dmlkern", x, labels, tuple_, kw, name=loss_name)
+            want, want_grad, _ = _run("pml", x, labels, tuple_, kw, name=loss_name)
             assert loss_fn.last_backend in ("listed", "zero"), (name, loss_fn.last_fallback)
             torch.testing.assert_close(ours, want, **TOL[dtype], msg=name)
             torch.testing.assert_close(our_grad, want_grad, **TOL[dtype], msg=name)
@@ -62,9 +65,10 @@ def test_pml_len_rule_and_a_pair_both_positive_and_negative():
         loss_fn(x, labels, (torch.tensor([0, 1]), torch.tensor([5, 2]), torch.tensor([0, 3]), torch.tensor([5, 4])))
 
 
-def test_gradcheck_and_double_backward_fp64():
+@pytest.mark.parametrize("loss_name", list(KWARGS))
+def test_gradcheck_and_double_backward_fp64(loss_name):
     x = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
-    loss_fn = losses.MultiSimilarityLoss()
+    loss_fn = getattr(losses, loss_name)()
     assert torch.autograd.gradcheck(lambda x: loss_fn(x, None, HAND_PAIRS), (x,))
     assert loss_fn.last_backend == "listed"
     v = torch.randn_like(x)
@@ -76,7 +80,8 @@ def test_gradcheck_and_double_backward_fp64():
     torch.testing.assert_close(hvps[0], hvps[1], **TOL[torch.float64])
 
 
-def test_bit_identical_across_thread_counts():
+@pytest.mark.parametrize("loss_name", list(KWARGS))
+def test_bit_identical_across_thread_counts(loss_name):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(600, 16, generator=g)
     labels = torch.randint(0, 40, (600,), generator=g)
@@ -85,20 +90,21 @@ def test_bit_identical_across_thread_counts():
     try:
         for threads in (1, 2, 4):
             torch.set_num_threads(threads)
-            results.append(_run("dmlkern", x, labels, pairs, {})[:2])
+            results.append(_run("dmlkern", x, labels, pairs, {}, name=loss_name)[:2])
     finally:
         torch.set_num_threads(before)
     for value, grad in results[1:]:
         assert torch.equal(value, results[0][0]) and torch.equal(grad, results[0][1])
 
 
-def test_nan_embeddings_follow_pml():
+@pytest.mark.parametrize("loss_name", list(KWARGS))
+def test_nan_embeddings_follow_pml(loss_name):
     x = torch.randn(20, 6, dtype=torch.float64)
     labels = torch.arange(20) % 4
     pairs = pml_miners.PairMarginMiner(pos_margin=0.0, neg_margin=10.0)(x, labels)
     x[3, 1] = float("nan")
-    ours, _, _ = _run("dmlkern", x, labels, pairs, {})
-    want, _, _ = _run("pml", x, labels, pairs, {})
+    ours, _, _ = _run("dmlkern", x, labels, pairs, {}, name=loss_name)
+    want, _, _ = _run("pml", x, labels, pairs, {}, name=loss_name)
     torch.testing.assert_close(ours, want, equal_nan=True)
 
 

@@ -1,4 +1,4 @@
-"""Mat-based pair losses on an explicit indices_tuple (pairs from any miner, or built by hand)
+"""Mat-based pair losses (MultiSimilarity, GeneralizedLiftedStructure) on an explicit indices_tuple (pairs from any miner, or built by hand)
 without the N x M matrix: only the listed pairs' similarities (gathered rows, `pair_lists.pair_dots`)
 and per-row sums over them, O(pairs + N) memory.
 
@@ -13,7 +13,7 @@ from .._tracing import static_shapes
 from .._validation import InvalidInputError
 from ..engine_spec import stats_dtype
 from ..reference.indices import convert_to_pairs
-from ._common import decline, is_unit_cosine, unit_rows
+from ._common import decline, is_unit_cosine, is_unit_euclidean, unit_rows
 from .pair_lists import pair_dots
 
 BACKEND = "listed"  # what `last_backend` says
@@ -25,23 +25,34 @@ def unique_pairs(a, b, num_cols):
     return keys // num_cols, keys % num_cols, keys
 
 
-def listed_row_lse(x, y, rows, cols, scale, offset):
-    """Per row r of x: log(1 + sum_{listed (r, c)} exp(scale * <x_r, y_c> + offset)), 0 for a row
-    without pairs (PML's logsumexp(add_one=True) over the pairs' mask). y None: y is x."""
-    z = scale * pair_dots(x, y, rows, cols) + offset
-    with torch.no_grad():  # the shift: the row's largest term, or the added 0
-        shift = torch.zeros(x.shape[0], dtype=z.dtype, device=z.device).scatter_reduce(
+def row_lse(z, rows, num_rows, add_one):
+    """Per row r: log(sum over the pairs k of row r of exp(z_k)), plus a term exp(0) with
+    add_one; 0 for a row without pairs (PML's masked logsumexp)."""
+    init = 0.0 if add_one else float("-inf")
+    with torch.no_grad():  # the shift: the row's largest term (or the added 0)
+        shift = torch.full((num_rows,), init, dtype=z.dtype, device=z.device).scatter_reduce(
             0, rows, z.detach(), "amax", include_self=True)
-    sums = torch.zeros(x.shape[0], dtype=z.dtype, device=z.device).index_add(0, rows, torch.exp(z - shift[rows]))
-    return shift + torch.log(torch.exp(-shift) + sums)
+        has_pairs = torch.zeros(num_rows, dtype=torch.bool, device=z.device).index_fill(0, rows, True)
+        shift = torch.where(torch.isinf(shift) & (shift < 0), 0.0, shift)  # no pairs and no added one
+    sums = torch.zeros(num_rows, dtype=z.dtype, device=z.device).index_add(0, rows, torch.exp(z - shift[rows]))
+    if add_one:
+        return shift + torch.log(torch.exp(-shift) + sums)
+    return torch.where(has_pairs, shift + torch.log(torch.where(has_pairs, sums, 1.0)), 0.0)
 
 
-def listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    """(pos (a1, p), neg (a2, n)) unique and sorted, with PML's checks; ZERO for PML's `len <= 1`
+def unit_distance(s):
+    """sqrt(max(2 - 2s, 0)), the Euclidean distance of unit rows, without a gradient where it is 0
+    (the engine's convention)."""
+    inner = torch.clamp(2 - 2 * s, min=0)  # (NaN stays NaN)
+    return torch.where(inner == 0, 0.0, torch.sqrt(torch.where(inner == 0, 1.0, inner)))
+
+
+def listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, distance_ok=is_unit_cosine):
+    """(pos (a1, p), neg (a2, n)) unique and sorted, with PML's checks; "zero" for PML's `len <= 1`
     rule; or None after recording why this path can't take the call."""
     if static_shapes():
         return decline(module, "an indices_tuple under torch.compile (data-dependent pair counts)")
-    if not is_unit_cosine(module.distance):
+    if not distance_ok(module.distance):
         return decline(module, f"non-default distance {type(module.distance).__name__}")
     if embeddings.dtype not in (torch.float32, torch.float64) and embeddings.device.type == "cpu":
         return decline(module, f"{embeddings.dtype} on cpu with an indices_tuple (listed pairs run fp32 / fp64)")
@@ -69,6 +80,27 @@ def listed_multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, 
     x = unit_rows(embeddings).to(sd)
     y = None if ref_emb is embeddings else unit_rows(ref_emb).to(sd)
     a, b, base = float(module.alpha), float(module.beta), float(module.base)
-    pos = listed_row_lse(x, y, a1, p, -a, a * base)
-    neg = listed_row_lse(x, y, a2, n, b, -b * base)
+    pos = row_lse(-a * pair_dots(x, y, a1, p) + a * base, a1, x.shape[0], add_one=True)
+    neg = row_lse(b * pair_dots(x, y, a2, n) - b * base, a2, x.shape[0], add_one=True)
     return {"loss": _per_row(pos / a + neg / b, embeddings)}, BACKEND
+
+
+def listed_generalized_lifted(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """GeneralizedLiftedStructureLoss on listed pairs: per row relu(log sum_p e^{d - pos_margin}
+    + log sum_n e^{neg_margin - d}), a side without pairs contributing 0, as PML's masked form."""
+    from ._common import has_short_rows
+    from ._epilogue import SHORT_ROWS, ZERO_LOSS, _per_row
+
+    if has_short_rows(embeddings, ref_emb):
+        return decline(module, SHORT_ROWS)
+    pairs = listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, is_unit_euclidean)
+    if pairs is None or pairs == "zero":
+        return None if pairs is None else ZERO_LOSS
+    (a1, p), (a2, n) = pairs
+    sd = stats_dtype(embeddings.dtype)
+    x = unit_rows(embeddings).to(sd)
+    y = None if ref_emb is embeddings else unit_rows(ref_emb).to(sd)
+    pm, nm = float(module.pos_margin), float(module.neg_margin)
+    pos = row_lse(unit_distance(pair_dots(x, y, a1, p)) - pm, a1, x.shape[0], add_one=False)
+    neg = row_lse(nm - unit_distance(pair_dots(x, y, a2, n)), a2, x.shape[0], add_one=False)
+    return {"loss": _per_row(torch.relu(pos + neg), embeddings)}, BACKEND
