@@ -67,40 +67,46 @@ def listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels,
     return (a1, p), (a2, n)
 
 
-def listed_multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    """MultiSimilarityLoss on listed pairs: per row (1/alpha) log(1 + sum_p e^{-alpha (s - base)})
-    + (1/beta) log(1 + sum_n e^{beta (s - base)}), as PML's masked form."""
+def _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, distance_ok, per_row_loss):
+    """The listed pairs and unit rows of a call, then per_row_loss(x, y, (a1, p), (a2, n)) -> (N,)
+    as PML's per-row "element" losses; ZERO_LOSS / None as `listed_pairs` decides."""
     from ._epilogue import ZERO_LOSS, _per_row
 
-    pairs = listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    pairs = listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, distance_ok)
     if pairs is None or pairs == "zero":
         return None if pairs is None else ZERO_LOSS
-    (a1, p), (a2, n) = pairs
     sd = stats_dtype(embeddings.dtype)
     x = unit_rows(embeddings).to(sd)
     y = None if ref_emb is embeddings else unit_rows(ref_emb).to(sd)
+    return {"loss": _per_row(per_row_loss(x, y, *pairs), embeddings)}, BACKEND
+
+
+def listed_multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """MultiSimilarityLoss on listed pairs: per row (1/alpha) log(1 + sum_p e^{-alpha (s - base)})
+    + (1/beta) log(1 + sum_n e^{beta (s - base)}), as PML's masked form."""
     a, b, base = float(module.alpha), float(module.beta), float(module.base)
-    pos = row_lse(-a * pair_dots(x, y, a1, p) + a * base, a1, x.shape[0], add_one=True)
-    neg = row_lse(b * pair_dots(x, y, a2, n) - b * base, a2, x.shape[0], add_one=True)
-    return {"loss": _per_row(pos / a + neg / b, embeddings)}, BACKEND
+
+    def per_row(x, y, pos_pairs, neg_pairs):
+        (a1, p), (a2, n) = pos_pairs, neg_pairs
+        pos = row_lse(-a * pair_dots(x, y, a1, p) + a * base, a1, x.shape[0], add_one=True)
+        neg = row_lse(b * pair_dots(x, y, a2, n) - b * base, a2, x.shape[0], add_one=True)
+        return pos / a + neg / b
+    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, is_unit_cosine, per_row)
 
 
 def listed_generalized_lifted(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """GeneralizedLiftedStructureLoss on listed pairs: per row relu(log sum_p e^{d - pos_margin}
     + log sum_n e^{neg_margin - d}), a side without pairs contributing 0, as PML's masked form."""
     from ._common import has_short_rows
-    from ._epilogue import SHORT_ROWS, ZERO_LOSS, _per_row
+    from ._epilogue import SHORT_ROWS
 
     if has_short_rows(embeddings, ref_emb):
         return decline(module, SHORT_ROWS)
-    pairs = listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, is_unit_euclidean)
-    if pairs is None or pairs == "zero":
-        return None if pairs is None else ZERO_LOSS
-    (a1, p), (a2, n) = pairs
-    sd = stats_dtype(embeddings.dtype)
-    x = unit_rows(embeddings).to(sd)
-    y = None if ref_emb is embeddings else unit_rows(ref_emb).to(sd)
     pm, nm = float(module.pos_margin), float(module.neg_margin)
-    pos = row_lse(unit_distance(pair_dots(x, y, a1, p)) - pm, a1, x.shape[0], add_one=False)
-    neg = row_lse(nm - unit_distance(pair_dots(x, y, a2, n)), a2, x.shape[0], add_one=False)
-    return {"loss": _per_row(torch.relu(pos + neg), embeddings)}, BACKEND
+
+    def per_row(x, y, pos_pairs, neg_pairs):
+        (a1, p), (a2, n) = pos_pairs, neg_pairs
+        pos = row_lse(unit_distance(pair_dots(x, y, a1, p)) - pm, a1, x.shape[0], add_one=False)
+        neg = row_lse(nm - unit_distance(pair_dots(x, y, a2, n)), a2, x.shape[0], add_one=False)
+        return torch.relu(pos + neg)
+    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, is_unit_euclidean, per_row)
