@@ -11,7 +11,8 @@ from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from . import _common
 from ._common import Degenerate, LabelStats, branch_free, decline, is_unit_cosine, is_unit_euclidean
 from ._epilogue import (SHORT_ROWS, ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each,
-                        _pair_inputs, _plain_backend)
+                        _engine_or_decline, _pair_inputs, _plain_backend)
+from .listed_pairs import listed_contrastive
 
 SUB_LOSSES = ("pos_loss", "neg_loss")
 _KINDS = {AvgNonZeroReducer: "nonzero", MeanReducer: "mean", SumReducer: "sum"}
@@ -53,7 +54,12 @@ def _reduced(kind, total, nonzero, count, reducer, embeddings):
 def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """pos_loss over the positive pairs (i, j): relu(d_ij - pos_margin); neg_loss over the negative
     pairs: relu(neg_margin - d_ij) (CosineSimilarity: relu(pos_margin - s), relu(s - neg_margin)),
-    each reduced by its reducer; from the totals of one hinge pass (O(N) statistics)."""
+    each reduced by its reducer; from the totals of one hinge pass (O(N) statistics). With an
+    indices_tuple: only its pairs (`listed_pairs.listed_contrastive`)."""
+    if indices_tuple is not None:
+        if _engine_or_decline(module, embeddings) is None:
+            return None
+        return listed_contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     backend = _plain_backend(module, embeddings, labels, indices_tuple, lambda d: pair_distance(d) is not None)
     if backend is None:
         return None

@@ -1,4 +1,4 @@
-"""Mat-based pair losses (MultiSimilarity, GeneralizedLiftedStructure) on an explicit indices_tuple (pairs from any miner, or built by hand)
+"""Pair losses (MultiSimilarity, GeneralizedLiftedStructure, Contrastive) on an explicit indices_tuple (pairs from any miner, or built by hand)
 without the N x M matrix: only the listed pairs' similarities (gathered rows, `pair_lists.pair_dots`)
 and per-row sums over them, O(pairs + N) memory.
 
@@ -110,3 +110,43 @@ def listed_generalized_lifted(module, embeddings, labels, indices_tuple, ref_emb
         neg = row_lse(nm - unit_distance(pair_dots(x, y, a2, n)), a2, x.shape[0], add_one=False)
         return torch.relu(pos + neg)
     return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, is_unit_euclidean, per_row)
+
+
+def listed_contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """ContrastiveLoss on listed pairs (as given: PML's pair-based form keeps duplicates): per
+    positive pair relu(d - pos_margin), per negative pair relu(neg_margin - d) (CosineSimilarity:
+    relu(pos_margin - s), relu(s - neg_margin)), returned per pair for any reducer."""
+    from ..reference._embedding_common import _entry
+    from ._common import has_short_rows
+    from ._epilogue import SHORT_ROWS, ZERO_LOSS
+
+    euclidean = is_unit_euclidean(module.distance)
+    if static_shapes():
+        return decline(module, "an indices_tuple under torch.compile (data-dependent pair counts)")
+    if not (euclidean or is_unit_cosine(module.distance)):
+        return decline(module, f"non-default distance {type(module.distance).__name__}")
+    if embeddings.dtype not in (torch.float32, torch.float64) and embeddings.device.type == "cpu":
+        return decline(module, f"{embeddings.dtype} on cpu with an indices_tuple (listed pairs run fp32 / fp64)")
+    if euclidean and has_short_rows(embeddings, ref_emb):
+        return decline(module, SHORT_ROWS)
+    a1, p, a2, n = convert_to_pairs(indices_tuple, labels, ref_labels)
+    if all(len(t) <= 1 for t in (a1, p, a2, n)):
+        return ZERO_LOSS  # PML's len <= 1 rule
+    sd = stats_dtype(embeddings.dtype)
+    x = unit_rows(embeddings).to(sd)
+    y = None if ref_emb is embeddings else unit_rows(ref_emb).to(sd)
+    pm, nm = float(module.pos_margin), float(module.neg_margin)
+
+    def values(rows, cols):
+        s = pair_dots(x, y, rows, cols)
+        return unit_distance(s) if euclidean else s
+
+    pos_loss, neg_loss = 0, 0
+    if len(a1) > 0:
+        v = values(a1, p)
+        pos_loss = torch.relu(v - pm if euclidean else pm - v).to(embeddings.dtype)
+    if len(a2) > 0:
+        v = values(a2, n)
+        neg_loss = torch.relu(nm - v if euclidean else v - nm).to(embeddings.dtype)
+    return {"pos_loss": _entry(pos_loss, (a1, p), "pos_pair"),
+            "neg_loss": _entry(neg_loss, (a2, n), "neg_pair")}, BACKEND
