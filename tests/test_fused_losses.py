@@ -474,7 +474,7 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
         (losses.LiftedStructureLoss(), (x, labels, None, x, labels.clone()), "ref_emb"),  # self-pairs kept then
         (losses.LiftedStructureLoss(), (zero_row, labels), "shorter than 1e-12"),
         (losses.GeneralizedLiftedStructureLoss(), (zero_row, labels), "shorter than 1e-12"),
-        (losses.SupConLoss(), (x, labels, (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]))),
+        (losses.NTXentLoss(), (x, labels, (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]))),
          "an indices_tuple"),
         (losses.MultiSimilarityLoss(distance=LpDistance()), (x, None, (torch.tensor([0, 1]), torch.tensor([1, 2]),
                                                                        torch.tensor([4]), torch.tensor([5]))),

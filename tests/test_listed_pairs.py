@@ -1,4 +1,4 @@
-"""MultiSimilarityLoss, GeneralizedLiftedStructureLoss and ContrastiveLoss on an explicit indices_tuple
+"""MultiSimilarity, GeneralizedLiftedStructure, SupCon and Contrastive losses on an explicit indices_tuple
 (dmlkern/fused/listed_pairs.py): only the listed pairs, against PML 2.9.0 itself."""
 import pytest
 import torch
@@ -12,7 +12,8 @@ from _peak_rss import peak_rss_growth_mib
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
 KWARGS = {"MultiSimilarityLoss": ({}, {"alpha": 3, "beta": 20, "base": 0.3}),
           "GeneralizedLiftedStructureLoss": ({}, {"pos_margin": 0.2, "neg_margin": 0.8}),
-          "ContrastiveLoss": ({}, {"pos_margin": 0.1, "neg_margin": 0.9})}
+          "ContrastiveLoss": ({}, {"pos_margin": 0.1, "neg_margin": 0.9}),
+          "SupConLoss": ({}, {"temperature": 0.3})}
 HAND_PAIRS = (torch.tensor([0, 0, 1, 0]), torch.tensor([5, 5, 7, 9]), torch.tensor([2, 3, 3]), torch.tensor([1, 1, 4]))
 
 

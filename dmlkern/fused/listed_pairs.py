@@ -1,4 +1,4 @@
-"""Pair losses (MultiSimilarity, GeneralizedLiftedStructure, Contrastive) on an explicit indices_tuple (pairs from any miner, or built by hand)
+"""Pair losses (MultiSimilarity, GeneralizedLiftedStructure, SupCon, Contrastive) on an explicit indices_tuple (pairs from any miner, or built by hand)
 without the N x M matrix: only the listed pairs' similarities (gathered rows, `pair_lists.pair_dots`)
 and per-row sums over them, O(pairs + N) memory.
 
@@ -67,10 +67,12 @@ def listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels,
     return (a1, p), (a2, n)
 
 
-def _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, distance_ok, per_row_loss):
+def _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, distance_ok, per_row_loss,
+                 column=True):
     """The listed pairs and unit rows of a call, then per_row_loss(x, y, (a1, p), (a2, n)) -> (N,)
-    as PML's per-row "element" losses; ZERO_LOSS / None as `listed_pairs` decides."""
-    from ._epilogue import ZERO_LOSS, _per_row
+    as PML's per-row "element" losses, shaped (N, 1) (column) or (N,); ZERO_LOSS / None as
+    `listed_pairs` decides (per_row_loss may return ZERO_LOSS too)."""
+    from ._epilogue import ZERO_LOSS, _element, _per_row
 
     pairs = listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, distance_ok)
     if pairs is None or pairs == "zero":
@@ -78,7 +80,11 @@ def _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels,
     sd = stats_dtype(embeddings.dtype)
     x = unit_rows(embeddings).to(sd)
     y = None if ref_emb is embeddings else unit_rows(ref_emb).to(sd)
-    return {"loss": _per_row(per_row_loss(x, y, *pairs), embeddings)}, BACKEND
+    losses = per_row_loss(x, y, *pairs)
+    if losses is ZERO_LOSS:
+        return ZERO_LOSS
+    entry = _per_row(losses, embeddings) if column else _element(losses.to(embeddings.dtype), len(losses))
+    return {"loss": entry}, BACKEND
 
 
 def listed_multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -110,6 +116,27 @@ def listed_generalized_lifted(module, embeddings, labels, indices_tuple, ref_emb
         neg = row_lse(nm - unit_distance(pair_dots(x, y, a2, n)), a2, x.shape[0], add_one=False)
         return torch.relu(pos + neg)
     return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, is_unit_euclidean, per_row)
+
+
+def listed_supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """SupConLoss on listed pairs: per row -(sum_p s_ip/t - |P(i)| lse_i) / (|P(i)| + tiny), lse_i
+    over the row's listed positive and negative pairs; zero unless both kinds are listed (PML)."""
+    from ._epilogue import ZERO_LOSS
+
+    inv_t = 1.0 / float(module.temperature)
+
+    def per_row(x, y, pos_pairs, neg_pairs):
+        (a1, p), (a2, n) = pos_pairs, neg_pairs
+        if len(a1) == 0 or len(a2) == 0:
+            return ZERO_LOSS
+        z_pos, z_neg = inv_t * pair_dots(x, y, a1, p), inv_t * pair_dots(x, y, a2, n)
+        lse = row_lse(torch.cat([z_pos, z_neg]), torch.cat([a1, a2]), x.shape[0], add_one=False)
+        zeros = torch.zeros(x.shape[0], dtype=z_pos.dtype, device=z_pos.device)
+        count = zeros.index_add(0, a1, torch.ones_like(z_pos))
+        pos_sum = zeros.index_add(0, a1, z_pos)
+        return -(pos_sum - count * lse) / (count + torch.finfo(embeddings.dtype).tiny)
+    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, is_unit_cosine, per_row,
+                        column=False)
 
 
 def listed_contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
