@@ -14,7 +14,7 @@ from .._validation import InvalidInputError
 from ..engine_spec import stats_dtype
 from ..reference.indices import convert_to_pairs
 from ._common import decline, is_unit_cosine, is_unit_euclidean, unit_rows
-from .pair_lists import pair_dots
+from .pair_lists import pair_dots, unit_distance
 
 BACKEND = "listed"  # what `last_backend` says
 
@@ -38,13 +38,6 @@ def row_lse(z, rows, num_rows, add_one):
     if add_one:
         return shift + torch.log(torch.exp(-shift) + sums)
     return torch.where(has_pairs, shift + torch.log(torch.where(has_pairs, sums, 1.0)), 0.0)
-
-
-def unit_distance(s):
-    """sqrt(max(2 - 2s, 0)), the Euclidean distance of unit rows, without a gradient where it is 0
-    (the engine's convention)."""
-    inner = torch.clamp(2 - 2 * s, min=0)  # (NaN stays NaN)
-    return torch.where(inner == 0, 0.0, torch.sqrt(torch.where(inner == 0, 1.0, inner)))
 
 
 def listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, distance_ok=is_unit_cosine):

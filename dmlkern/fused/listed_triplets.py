@@ -15,7 +15,7 @@ from .._tracing import static_shapes
 from ..engine_spec import stats_dtype
 from ._common import decline, has_short_rows, is_unit_cosine, is_unit_euclidean, unit_rows
 from ._epilogue import SHORT_ROWS, ZERO_LOSS
-from .pair_lists import pair_dots, positive_pairs
+from .pair_lists import pair_dots, positive_pairs, unit_distance
 from .triplet import _term
 
 BACKEND = "listed"  # what `last_backend` says: the listed triplets, gathered rows, no N x M matrix
@@ -26,13 +26,6 @@ def pairs_to_triplets(a1, p, a2, n):
     ordered by (i, j), in O(pairs + triplets) instead of PML's len(a1) x len(a2) match matrix."""
     i, j = positive_pairs(a1, a2, exclude_diag=False)
     return a1.index_select(0, i), p.index_select(0, i), n.index_select(0, j)
-
-
-def _unit_distance(s):
-    """sqrt(max(2 - 2s, 0)), the Euclidean distance of unit rows, with no gradient at 0 (the
-    blocked path's convention; sqrt's would be infinite)."""
-    inner = torch.clamp(2 - 2 * s, min=0)
-    return torch.where(inner > 0, torch.sqrt(torch.where(inner > 0, inner, 1.0)), 0.0)
 
 
 def listed_triplet_margin(module, embeddings, indices_tuple, ref_emb):
@@ -64,7 +57,7 @@ def listed_triplet_margin(module, embeddings, indices_tuple, ref_emb):
 
     def dist(rows, cols):
         s = pair_dots(x, y, rows, cols)
-        return _unit_distance(s) if euclidean else s
+        return unit_distance(s) if euclidean else s
 
     d_ap, d_an = dist(a, p), dist(a, n)
     if module.swap:

@@ -65,3 +65,10 @@ class PairDots(torch.autograd.Function):
 
 
 pair_dots = applier(PairDots)
+
+
+def unit_distance(s):
+    """sqrt(max(2 - 2s, 0)), the Euclidean distance of unit rows, without a gradient where it is 0
+    (the engine's convention)."""
+    inner = torch.clamp(2 - 2 * s, min=0)  # (NaN stays NaN)
+    return torch.where(inner == 0, 0.0, torch.sqrt(torch.where(inner == 0, 1.0, inner)))

@@ -198,13 +198,10 @@ def count_kept(x, y, labels, ref_labels, rule, exclude_diag):
 def _materialised_total(x, y, labels, ref_labels, rule, exclude_diag):
     """The total with autograd through plain ops, all rows as one block (N x M memory): the
     differentiable gradient for create_graph=True."""
-    def farness(s):
-        # the kernels' convention at d = 0: no gradient (sqrt's would be infinite)
-        if not rule.euclidean:
-            return -s
-        inner = torch.clamp(2 - 2 * s, min=0)
-        return torch.where(inner > 0, torch.sqrt(torch.where(inner > 0, inner, 1.0)), 0.0)
-    e = farness(x @ y.T)
+    from .pair_lists import unit_distance  # (no gradient at d = 0: the kernels' convention)
+
+    s = x @ y.T
+    e = unit_distance(s) if rule.euclidean else -s
     pos, neg = _block_masks(labels, ref_labels, 0, exclude_diag)
     t = e.unsqueeze(1) - e.unsqueeze(2)  # [a, p, n] = e_an - e_ap
     keep = pos.unsqueeze(2) & neg.unsqueeze(1)
