@@ -13,8 +13,28 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as pml_lmu
 
 import dmlkern.fused.blocked_miners as blocked_miners
 from dmlkern import distances, losses, miners, reducers
+import dmlkern.fused.listed_pairs as listed_pairs
 from dmlkern.fused.listed_triplets import pairs_to_triplets
 from _peak_rss import peak_rss_growth_mib
+
+
+@pytest.fixture(autouse=True)
+def list_every_tuple(monkeypatch):
+    """These small batches' tuples are often "dense" (over 1/16 of all pairs), which the reference
+    takes (test_dense_triplet_tuples_run_the_reference): here the listed path takes them all."""
+    monkeypatch.setattr(listed_pairs, "DENSE_FRACTION", float("inf"))
+
+
+def test_dense_triplet_tuples_run_the_reference(monkeypatch):
+    monkeypatch.setattr(listed_pairs, "DENSE_FRACTION", 1 / 16)
+    x = torch.randn(40, 8, dtype=torch.float64)
+    labels = torch.arange(40) % 4
+    triplets = pml_miners.TripletMarginMiner(margin=10.0)(x, labels)  # every triplet
+    loss_fn = losses.TripletMarginLoss()
+    loss_fn(x, labels, tuple(t[:40] for t in triplets))
+    assert loss_fn.last_backend == "listed", loss_fn.last_fallback
+    loss_fn(x, labels, triplets)
+    assert loss_fn.last_backend == "reference" and "dense" in loss_fn.last_fallback
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=2e-6)}
 EASY_HARD = [dict(pos_strategy=p, neg_strategy=n)

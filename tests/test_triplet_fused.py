@@ -9,6 +9,7 @@ import pytorch_metric_learning.losses as pml_losses
 import pytorch_metric_learning.miners as pml_miners
 from pytorch_metric_learning import distances as pml_distances
 
+import dmlkern.fused.listed_pairs as listed_pairs
 import dmlkern.fused.triplet as fused_triplet
 from dmlkern import distances, losses, miners
 from dmlkern.fused.lazy_pairs import LazyMinedTriplets
@@ -172,9 +173,10 @@ def test_lazy_triplets_are_pmls_tuple_when_read():
     assert type(pickle.loads(pickle.dumps(lazy))) is tuple
 
 
-def test_lazy_triplets_on_changed_inputs_run_listed():
+def test_lazy_triplets_on_changed_inputs_run_listed(monkeypatch):
     """The miner's result describes the inputs at mining time: a loss on other values (an
     in-place update after mining) uses the listed triplets, as PML would."""
+    monkeypatch.setattr(listed_pairs, "DENSE_FRACTION", float("inf"))  # (30 rows: a "dense" tuple)
     x, labels, _, _ = _inputs(30, 4, None, torch.float64, seed=19)
     mined = miners.TripletMarginMiner(type_of_triplets="semihard")(x, labels)
     want_triplets = pml_miners.TripletMarginMiner(type_of_triplets="semihard")(x, labels)

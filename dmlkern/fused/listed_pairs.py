@@ -19,6 +19,17 @@ from .pair_lists import pair_dots, unit_distance
 BACKEND = "listed"  # what `last_backend` says
 
 
+# Listing costs a gather of two rows per pair (~10x a matrix product's work per pair, and ~40 bytes
+# per pair): past 1/16 of all pairs the reference's N x M matrix is cheaper, and its memory is
+# PML's. (PML's MultiSimilarityMiner keeps ~all negatives of random embeddings.)
+DENSE_FRACTION = 1 / 16
+DENSE = "a dense indices_tuple (over 1/16 of all pairs: the reference's matrix is cheaper than listing them)"
+
+
+def is_dense(num_pairs, embeddings, ref_emb):
+    return num_pairs > DENSE_FRACTION * embeddings.shape[0] * ref_emb.shape[0]
+
+
 def unique_pairs(a, b, num_cols):
     """The distinct pairs (a, b), sorted by a then b, and their keys a * num_cols + b."""
     keys = torch.unique(a * num_cols + b)
@@ -52,6 +63,8 @@ def listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels,
     a1, p, a2, n = convert_to_pairs(indices_tuple, labels, ref_labels)
     if all(len(t) <= 1 for t in (a1, p, a2, n)):
         return "zero"
+    if is_dense(len(a1) + len(a2), embeddings, ref_emb):
+        return decline(module, DENSE)
     m = ref_emb.shape[0]
     a1, p, pos_keys = unique_pairs(a1, p, m)
     a2, n, neg_keys = unique_pairs(a2, n, m)
@@ -152,6 +165,8 @@ def listed_contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_l
     a1, p, a2, n = convert_to_pairs(indices_tuple, labels, ref_labels)
     if all(len(t) <= 1 for t in (a1, p, a2, n)):
         return ZERO_LOSS  # PML's len <= 1 rule
+    if is_dense(len(a1) + len(a2), embeddings, ref_emb):
+        return decline(module, DENSE)
     sd = stats_dtype(embeddings.dtype)
     x = unit_rows(embeddings).to(sd)
     y = None if ref_emb is embeddings else unit_rows(ref_emb).to(sd)

@@ -15,6 +15,7 @@ from .._tracing import static_shapes
 from ..engine_spec import stats_dtype
 from ._common import decline, has_short_rows, is_unit_cosine, is_unit_euclidean, unit_rows
 from ._epilogue import SHORT_ROWS, ZERO_LOSS
+from .listed_pairs import DENSE, is_dense
 from .pair_lists import pair_dots, positive_pairs, unit_distance
 from .triplet import _term
 
@@ -46,6 +47,8 @@ def listed_triplet_margin(module, embeddings, indices_tuple, ref_emb):
     a, p, n = (t.long() for t in indices)
     if len(a) == 0:
         return ZERO_LOSS  # the reference's zeros, before it computes any distance
+    if is_dense(2 * len(a), embeddings, ref_emb):  # two gathered dot products per triplet
+        return decline(module, DENSE)
     if module.swap and int(p.max()) >= embeddings.shape[0]:
         return decline(module, "swap=True with a positive index past the embeddings' rows (the reference raises)")
     if euclidean and has_short_rows(embeddings, ref_emb):
