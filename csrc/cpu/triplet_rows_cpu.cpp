@@ -142,29 +142,40 @@ DMLK_CPU_CLONES T slot_backward(const T* __restrict__ e, const int64_t* __restri
   return wsum;
 }
 
-template <int64_t W, bool Smooth, typename T>
-void forward_rows(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels,
-                  T* sums, int64_t* counts) {
-  const T margin = T(a.margin), wm = T(a.window_margin);
+// Runs body(i, label, e, pos) for every row i of the block, in parallel over groups of 8 rows,
+// with the row's e and positives from row_setup (per-thread buffers).
+template <typename T, typename F>
+void for_each_row(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels,
+                  F&& body) {
   parallel_blocks(ceil_div(a.rows, 8), [&](int64_t b0, int64_t b1) {
     std::vector<T> e(a.cols);
     std::vector<int64_t> pos;
     for (int64_t i = b0 * 8; i < std::min(a.rows, b1 * 8); ++i) {
       const int64_t label = row_labels[i];
       row_setup(a, s + i * a.cols, col_labels, label, i, e, pos);
-      T row_sum = 0;
-      int64_t row_nonzero = 0, row_kept = 0;
-      for (const int64_t p : pos) {
-        T slot[3] = {0, 0, 0};
-        slot_forward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, slot);
-        row_sum += slot[0];
-        row_nonzero += static_cast<int64_t>(slot[1]);
-        row_kept += static_cast<int64_t>(slot[2]);
-      }
-      sums[i] = row_sum;
-      counts[2 * i] = row_nonzero;
-      counts[2 * i + 1] = row_kept;
+      body(i, label, e, pos);
     }
+  });
+}
+
+template <int64_t W, bool Smooth, typename T>
+void forward_rows(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels,
+                  T* sums, int64_t* counts) {
+  const T margin = T(a.margin), wm = T(a.window_margin);
+  for_each_row(a, s, row_labels, col_labels, [&](int64_t i, int64_t label, const std::vector<T>& e,
+                                                 const std::vector<int64_t>& pos) {
+    T row_sum = 0;
+    int64_t row_nonzero = 0, row_kept = 0;
+    for (const int64_t p : pos) {
+      T slot[3] = {0, 0, 0};
+      slot_forward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, slot);
+      row_sum += slot[0];
+      row_nonzero += static_cast<int64_t>(slot[1]);
+      row_kept += static_cast<int64_t>(slot[2]);
+    }
+    sums[i] = row_sum;
+    counts[2 * i] = row_nonzero;
+    counts[2 * i + 1] = row_kept;
   });
 }
 
@@ -172,21 +183,17 @@ template <int64_t W, bool Smooth, typename T>
 void backward_rows(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels, T g,
                    T* grad_s) {
   const T margin = T(a.margin), wm = T(a.window_margin);
-  parallel_blocks(ceil_div(a.rows, 8), [&](int64_t b0, int64_t b1) {
-    std::vector<T> e(a.cols);
-    std::vector<int64_t> pos;
-    for (int64_t i = b0 * 8; i < std::min(a.rows, b1 * 8); ++i) {
-      const int64_t label = row_labels[i];
-      row_setup(a, s + i * a.cols, col_labels, label, i, e, pos);
-      T* ge = grad_s + i * a.cols;  // dL/de first, then dL/ds in place
-      std::fill(ge, ge + a.cols, T(0));
-      for (const int64_t p : pos) ge[p] += slot_backward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, g, ge);
+  for_each_row(a, s, row_labels, col_labels, [&](int64_t i, int64_t label, const std::vector<T>& e,
+                                                 const std::vector<int64_t>& pos) {
+    T* ge = grad_s + i * a.cols;  // dL/de first, then dL/ds in place
+    std::fill(ge, ge + a.cols, T(0));
+    for (const int64_t p : pos)
+      ge[p] += slot_backward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, g, ge);
 #pragma omp simd
-      for (int64_t j = 0; j < a.cols; ++j) {
-        // dd/ds = -1/d, and 0 where d = 0 (the engine's convention); e = -s for the cosine.
-        const T d = e[j];
-        ge[j] = a.euclidean ? (d > T(0) ? -ge[j] / (d > T(0) ? d : T(1)) : T(0)) : -ge[j];
-      }
+    for (int64_t j = 0; j < a.cols; ++j) {
+      // dd/ds = -1/d, and 0 where d = 0 (the engine's convention); e = -s for the cosine.
+      const T d = e[j];
+      ge[j] = a.euclidean ? (d > T(0) ? -ge[j] / (d > T(0) ? d : T(1)) : T(0)) : -ge[j];
     }
   });
 }
