@@ -41,6 +41,24 @@ def nan_in(*totals):
     return not branch_free(totals[0]) and bool(torch.isnan(torch.stack(totals)).any())
 
 
+def hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, sub_losses, reducer_kinds, why_not=None):
+    """The checks the hinge losses share: (backend, each sub-loss's reducer kind, transform), or
+    None after `decline` recorded why. why_not(): the loss's own reason to decline, or None."""
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, lambda d: pair_distance(d) is not None)
+    if backend is None:
+        return None
+    reason = why_not() if why_not is not None else None
+    if reason is not None:
+        return decline(module, reason)
+    kinds = _already_reduced_kinds(module, sub_losses, reducer_kinds)
+    if kinds is None:
+        return None
+    transform = pair_distance(module.distance)
+    if transform == TRANSFORM_UNIT_DISTANCE and _common.has_short_rows(embeddings, ref_emb):
+        return decline(module, SHORT_ROWS)
+    return backend, kinds, transform
+
+
 def _reduced(kind, total, nonzero, count, reducer, embeddings):
     """A sub-loss's reduced value from its total, its number of losses > 0 and of pairs."""
     if kind == "sum":
@@ -60,15 +78,10 @@ def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if _engine_or_decline(module, embeddings) is None:
             return None
         return listed_contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
-    backend = _plain_backend(module, embeddings, labels, indices_tuple, lambda d: pair_distance(d) is not None)
-    if backend is None:
+    plan = hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, SUB_LOSSES, _KINDS)
+    if plan is None:
         return None
-    kinds = _already_reduced_kinds(module, SUB_LOSSES, _KINDS)
-    if kinds is None:
-        return None
-    transform = pair_distance(module.distance)
-    if transform == TRANSFORM_UNIT_DISTANCE and _common.has_short_rows(embeddings, ref_emb):
-        return decline(module, SHORT_ROWS)
+    backend, kinds, transform = plan
     stats = LabelStats(labels, ref_labels)
     degenerate = Degenerate(labels, _at_most_one_pair_each(stats))  # PML's len <= 1 rule
     if degenerate.returns_zero_now():

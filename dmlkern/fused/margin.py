@@ -11,10 +11,9 @@ from .._tracing import static_shapes
 from ..engine_spec import PASS_HINGE, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype
 from ..ops import pair_engine as pe
 from ..reducers import DivisorReducer, MeanReducer, SumReducer
-from . import _common
 from ._common import Degenerate, LabelStats, decline
-from ._epilogue import SHORT_ROWS, ZERO_LOSS, _already_reduced, _already_reduced_kinds, _pair_inputs, _plain_backend
-from .contrastive import NAN_PAIRS, nan_in, pair_distance
+from ._epilogue import ZERO_LOSS, _already_reduced, _pair_inputs
+from .contrastive import NAN_PAIRS, hinge_plan, nan_in
 
 SUB_LOSSES = ("margin_loss", "beta_reg_loss")
 _KINDS = {DivisorReducer: "divisor", MeanReducer: "mean", SumReducer: "sum"}
@@ -49,18 +48,15 @@ def _reduced(kind, total, divisor, count, reducer, embeddings):
 
 
 def margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    backend = _plain_backend(module, embeddings, labels, indices_tuple, lambda d: pair_distance(d) is not None)
-    if backend is None:
+    def why_not():
+        if module.triplets_per_anchor != "all":
+            return f"triplets_per_anchor={module.triplets_per_anchor!r} with MarginLoss (fused: all triplets)"
         return None
-    if module.triplets_per_anchor != "all":
-        return decline(module, f"triplets_per_anchor={module.triplets_per_anchor!r} with MarginLoss "
-                               "(fused: all triplets)")
-    kinds = _already_reduced_kinds(module, SUB_LOSSES, _KINDS)
-    if kinds is None:
+
+    plan = hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, SUB_LOSSES, _KINDS, why_not)
+    if plan is None:
         return None
-    transform = pair_distance(module.distance)
-    if transform == TRANSFORM_UNIT_DISTANCE and _common.has_short_rows(embeddings, ref_emb):
-        return decline(module, SHORT_ROWS)
+    backend, kinds, transform = plan
     stats = LabelStats(labels, ref_labels)
     n_pos, n_neg = stats.pos, stats.m - stats.same  # per anchor
     triplets = n_pos * n_neg
