@@ -516,6 +516,16 @@ def _asymmetric_calls(x, labels, row_in, coef):
     ]
 
 
+def _raw_engine(backend):
+    """(forward, backward, the error a bad argument raises) of a backend's engine functions."""
+    if backend == "cpp":
+        return torch.ops.dmlkern.pair_engine_forward, torch.ops.dmlkern.pair_engine_backward, RuntimeError
+    if backend == "triton":
+        from dmlkern.triton import pair_engine as tk
+        return tk.engine_forward, tk.engine_backward, ValueError
+    return reference.engine_forward, reference.engine_backward, ValueError
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_lifted_pairs_rejects_the_asymmetric_case(backend):
     if backend != "reference":
@@ -524,13 +534,7 @@ def test_lifted_pairs_rejects_the_asymmetric_case(backend):
     labels = torch.tensor([0, 0, 1, 1, 2, 0])
     row_in = torch.zeros(6, 3, dtype=torch.float64)
     coef = torch.ones(6, 6, dtype=torch.float64)
-    if backend == "cpp":
-        fwd, bwd, error = torch.ops.dmlkern.pair_engine_forward, torch.ops.dmlkern.pair_engine_backward, RuntimeError
-    elif backend == "triton":
-        from dmlkern.triton import pair_engine as tk
-        fwd, bwd, error = tk.engine_forward, tk.engine_backward, ValueError
-    else:
-        fwd, bwd, error = reference.engine_forward, reference.engine_backward, ValueError
+    fwd, bwd, error = _raw_engine(backend)
     for name, fwd_args, bwd_args in _asymmetric_calls(x, labels, row_in, coef):
         with pytest.raises(error, match=rf"\b{name}\b"):
             fwd(*fwd_args)
@@ -840,13 +844,7 @@ def test_hinge_rejects_mining(backend):
     row_in = torch.zeros(6, 3, dtype=torch.float64)
     coef = torch.ones(6, 2, dtype=torch.float64)
     p = HINGE_PARAMS[0]
-    if backend == "cpp":
-        fwd, bwd, error = torch.ops.dmlkern.pair_engine_forward, torch.ops.dmlkern.pair_engine_backward, RuntimeError
-    elif backend == "triton":
-        from dmlkern.triton import pair_engine as tk
-        fwd, bwd, error = tk.engine_forward, tk.engine_backward, ValueError
-    else:
-        fwd, bwd, error = reference.engine_forward, reference.engine_backward, ValueError
+    fwd, bwd, error = _raw_engine(backend)
     with pytest.raises(error, match=r"\bmining\b"):
         fwd(x, x, labels, labels, row_in, 4, 0, 1, p, True)
     with pytest.raises(error, match=r"\bmining\b"):
