@@ -11,7 +11,7 @@ from dmlkern import losses
 from dmlkern.reducers import SumReducer
 from test_fused_losses import LOSSES as FUSED_LOSSES, NO_REF_EMB
 
-# + Lifted with a per-pair reducer: its fused path lists the positive pairs (_PairDots)
+# + Lifted with a per-pair reducer: its fused path lists the positive pairs (pair_lists.PairDots)
 LOSSES = dict(FUSED_LOSSES, lifted_pair_list=lambda c, d: losses.LiftedStructureLoss(
     neg_margin=1.1, pos_margin=0.05, reducer=SumReducer()))
 CASES = [(name, with_ref) for name in LOSSES for with_ref in (False, True)

@@ -8,63 +8,13 @@ from .._determinism import fixed_order_sum, logaddexp
 from ..engine_spec import MINING_NONE, PASS_LIFTED_PAIRS, TRANSFORM_UNIT_DISTANCE, EngineParams
 from ..ops import pair_engine as pe
 from . import _common
+from .pair_lists import pair_dots, positive_pairs
 from ._common import decline, is_unit_euclidean, static_shapes, unit_rows
 from ._epilogue import (SHORT_ROWS, ZERO_LOSS, _empty_as_zero, _lse2, _lse_neg_then, _plain_backend,
                         _stats_with_pair_rule)
 
 
 MAX_POS_PAIRS_PER_ROW = 64  # above this many positive pairs per row, the reference runs
-
-
-def positive_pairs(labels):
-    """All ordered same-label pairs (i, j), i != j, in row-major order like PML's
-    get_all_pairs_indices, as two index tensors: O(pairs), no N x N mask."""
-    order = torch.sort(labels, stable=True).indices
-    counts = torch.unique_consecutive(labels[order], return_counts=True)[1]
-    starts = torch.cumsum(counts, 0) - counts
-    # Pair (u, v) of a group of size c, u != v: expand each row of the group over its group.
-    row_group = torch.repeat_interleave(torch.arange(len(counts), device=labels.device), counts)
-    row_pos = torch.arange(len(labels), device=labels.device) - starts[row_group]
-    reps = counts[row_group]
-    a_sorted = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), reps)
-    offset = torch.arange(int(reps.sum()), device=labels.device) - torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
-    p_sorted = starts[row_group][a_sorted] + offset
-    keep = offset != row_pos[a_sorted]
-    a, p = order[a_sorted[keep]], order[p_sorted[keep]]
-    row_major = torch.argsort(a * len(labels) + p)  # PML's order: by anchor, then positive
-    return a[row_major], p[row_major]
-
-
-class _PairDots(torch.autograd.Function):
-    """<x_a, x_p> for a list of pairs, in chunks: O(pairs) memory instead of O(pairs x D)."""
-
-    CHUNK = 1 << 16
-
-    @staticmethod
-    def forward(x, a, p):
-        out = x.new_empty(len(a))
-        for c in range(0, len(a), _PairDots.CHUNK):
-            sl = slice(c, c + _PairDots.CHUNK)
-            out[sl] = (x[a[sl]] * x[p[sl]]).sum(dim=1)
-        return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad):  # differentiable ops (index_add_ is serial on the CPU: deterministic)
-        x, a, p = ctx.saved_tensors
-        gx = torch.zeros_like(x)
-        for c in range(0, len(a), _PairDots.CHUNK):
-            sl = slice(c, c + _PairDots.CHUNK)
-            g = grad[sl, None].to(x.dtype)
-            gx.index_add_(0, a[sl], g * x[p[sl]])
-            gx.index_add_(0, p[sl], g * x[a[sl]])
-        return gx, None, None
-
-
-_apply_pair_dots = applier(_PairDots)
 
 
 class _LiftedPairs(torch.autograd.Function):
@@ -194,11 +144,11 @@ def _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, p
     lse = _lse2(x, x, labels, labels, EngineParams(sc_pos=0.0, sc_neg=-1.0, off_neg=nm), True, backend,
                 transform=TRANSFORM_UNIT_DISTANCE)
     neg_lse = lse[:, 1]
-    a, p = positive_pairs(labels)
+    a, p = positive_pairs(labels, labels, exclude_diag=True)
     # index_select: indexing's backward (index_put_ accumulate) sums a row's pairs by parallel
     # atomic adds on a CPU (fp32; not reproducible); index_select's (index_add) is serial there.
     neg_part = _empty_as_zero(logaddexp(neg_lse.index_select(0, a), neg_lse.index_select(0, p)))
-    dots = _apply_pair_dots(x.to(neg_lse.dtype), a, p)
+    dots = pair_dots(x.to(neg_lse.dtype), None, a, p)
     d_ap = torch.sqrt(torch.clamp(2 - 2 * dots, min=0))
     losses = torch.relu(neg_part + d_ap - pm) ** 2 / 2
     return {"loss": {"losses": losses.to(embeddings.dtype).unsqueeze(1), "indices": (a, p),
