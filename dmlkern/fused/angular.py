@@ -1,0 +1,351 @@
+"""AngularLoss without a pairs x M matrix.
+
+Per positive pair (a, p), with u the L2-normalised rows, x_n the raw reference rows, c = 4 tan²(α)
+and k = 2 (1 + tan²(α)) (PML 2.9.0):
+
+    loss_ap = log(1 + Σ_{n: label_n != label_a} exp(c (u_a + u_p)·x_n − k u_a·u_p))
+            = softplus(log Σ_n e^(c s_an) e^(c s_pn) − k u_a·u_p),   s_an = u_a·x_n.
+
+All pairs (`last_backend` "blocked"): a and p share a's class, hence its negatives, so over one
+class the sums are a Gram product G = A·Bᵀ with A[a, n] = e^(c s_an − m_a) on a's negatives (0
+elsewhere), m_a the row's largest c s_an there, B likewise for the positives' rows, and
+log Σ = log G_ap + m_a + m_p. The rows are walked in blocks of whole classes (`_blocks`): a
+block's similarity rows (deterministic `ops.fixed_mm`) give A and B, one product gives G for
+every pair in the block (entries of two classes are masked out). Work: one N x M x D product
+plus Σ_c n_c² M for the Gram products (somewhat more: small classes share blocks of ≤ 32 rows);
+memory O(block x M + pairs). The backward recomputes each block: with w_ap = the upstream
+gradient times sigmoid(z_ap) and W = w / G, dL/ds_an = c A[a, n] (W B)[a, n] and
+dL/ds_pn = c B[p, n] (Wᵀ A)[p, n]; the gradients of u and of the raw x follow by products,
+added block by block in a fixed order: bit-identical at any CPU thread count.
+
+The shifted exps are accurate while a pair's G is not tiny: the terms lost to underflow are each
+below the dtype's smallest normal number, so G >= M · tiny / eps (≈ e^-61 in fp32 at M = 16384)
+keeps the relative error within eps. Unit-norm rows have G >= e^(-2c) (e^-5.6 at α = 40°); when a
+pair's G is smaller (rows of large norm: c s spans more than the dtype's exp range) the call is
+left to the reference.
+
+An indices_tuple (`last_backend` "listed"): its pairs (a, p) as listed (a triplet tuple's (a, p)
+per triplet, duplicates kept, as PML), in chunks of pairs: c (u_a + u_p)·xᵀ for the chunk's rows
+and a masked log-sum-exp per pair, as PML's product (O(pairs · M · D)) in O(chunk x M) memory.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+
+from .._autograd import applier
+from .._determinism import log as fixed_log
+from .._tracing import static_shapes
+from ..ops import pair_engine as pe
+from ..ops.fixed_mm_op import fixed_mm
+from ..reference.indices import convert_to_pairs, logsumexp
+from ._common import Degenerate, LabelStats, decline, is_unit_euclidean, no_pos_or_neg, unit_rows
+from ._epilogue import ZERO_LOSS, _log1p_exp
+from .pair_lists import positive_pairs
+from .triplet import _row_sums
+
+BACKEND = "blocked"  # `last_backend` for all pairs: class blocks of Gram products
+LISTED = "listed"  # `last_backend` for an indices_tuple's pairs
+_BLOCK_VALUES = 1 << 20  # similarity values per block of rows (4 MiB in fp32)
+_SMALL_ROWS = 32  # classes this small share blocks of at most this many rows
+UNSAFE = ("AngularLoss: a pair whose negatives' exp(c s) span more than the dtype's exp range "
+          "(rows of large norm); the reference's per-pair log-sum-exp")
+
+
+class _Setup(NamedTuple):
+    """What the blocked forward and backward share besides the three differentiable inputs."""
+    labels: torch.Tensor
+    ref_labels: torch.Tensor
+    blocks: list  # [(anchor rows, [positive rows, ...])] (`_blocks`)
+    first: torch.Tensor  # (N,) where each anchor's pairs start in the pair list
+    rank: torch.Tensor  # (M,) each reference row's place among its class's rows
+    exclude_diag: bool
+    pairs: tuple  # (a, p): the pair list, PML's row-major order
+    c: float
+    k: float
+
+
+def _sigmoid(z):
+    """sigmoid(z) from exp and division (thread-count independent bits; 0 at z = -inf)."""
+    return 1 / (1 + torch.exp(-z))
+
+
+def _materialised(ua, up, x, setup):
+    """PML's per-pair losses with autograd through plain ops (pairs x M memory): the
+    differentiable gradient for create_graph=True."""
+    a, p = setup.pairs
+    xa, xp = ua[a], up[p]
+    logits = setup.c * ((xa + xp) @ x.T) - setup.k * (xa * xp).sum(dim=1, keepdim=True)
+    keep = setup.labels[a][:, None] != setup.ref_labels[None, :]
+    return logsumexp(logits, keep_mask=keep, add_one=True).squeeze(1)
+
+
+def _save(ctx, inputs):
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs[:3])
+    ctx.setup = inputs[3]
+
+
+def _backward(ctx, grad, add_grads):
+    """The gradients of (u_a, u_p, x, setup): add_grads(grad, u_a, u_p, x, setup, grad_ua, grad_up,
+    grad_x) adds them into zeros; the reference's under create_graph=True."""
+    if grad is None:
+        return None, None, None, None
+    ua, up, x = ctx.saved_tensors
+    if pe.backward_needs_graph(x):
+        return (*pe.reference_gradient(lambda ua, up, x: _materialised(ua, up, x, ctx.setup), (ua, up, x),
+                                       ctx.needs_input_grad[:3], grad), None)
+    with torch.no_grad():
+        grads = torch.zeros_like(ua), torch.zeros_like(up), torch.zeros_like(x)
+        add_grads(grad, ua, up, x, ctx.setup, *grads)
+    return (*grads, None)
+
+
+# ----------------------------------------------------------------------------- all pairs, blocked
+def _blocks(labels, ref_labels, m, exclude_diag, same_rows):
+    """[(anchor rows, [positive rows, ...])] over the classes with pairs and negatives: classes of
+    ≤ _SMALL_ROWS rows grouped up to that many rows, larger ones cut into blocks of
+    max(_SMALL_ROWS, _BLOCK_VALUES / M) rows. With same_rows (the reference is the batch) a
+    positive block `is` its anchor block when they are the same rows."""
+    sorted_a, order_a = torch.sort(labels, stable=True)
+    sorted_r, order_r = torch.sort(ref_labels, stable=True)
+    classes, count_a = torch.unique_consecutive(sorted_a, return_counts=True)
+    start_r = torch.searchsorted(sorted_r, classes)
+    count_r = torch.searchsorted(sorted_r, classes, right=True) - start_r
+    start_a = torch.cumsum(count_a, 0) - count_a
+    step = max(_SMALL_ROWS, _BLOCK_VALUES // m)
+    blocks, group_a, group_r = [], [], []
+
+    def flush():
+        if group_a:
+            rows_a = torch.cat(group_a)
+            blocks.append((rows_a, [rows_a if same_rows else torch.cat(group_r)]))
+            group_a.clear(), group_r.clear()
+
+    for sa, na, sr, nr in zip(start_a.tolist(), count_a.tolist(), start_r.tolist(), count_r.tolist()):
+        if nr == m or na * nr == (na if exclude_diag else 0):
+            continue  # no negative, or no pair
+        rows_a, rows_r = order_a[sa:sa + na], order_r[sr:sr + nr]
+        if max(na, nr) > _SMALL_ROWS:
+            flush()
+            for i in range(0, na, step):
+                rows = rows_a[i:i + step]
+                blocks.append((rows, [rows if same_rows and j == i else rows_r[j:j + step] for j in range(0, nr, step)]))
+            continue
+        if sum(map(len, group_a)) + na > _SMALL_ROWS or sum(map(len, group_r)) + nr > _SMALL_ROWS:
+            flush()
+        group_a.append(rows_a), group_r.append(rows_r)
+    flush()
+    return blocks
+
+
+def _pair_slots(labels, ref_labels, exclude_diag):
+    """(first, rank): pair (a, p) is entry first[a] + rank[p] − [p > a] (that term with
+    exclude_diag) of PML's row-major pair list."""
+    per_row = LabelStats(labels, ref_labels).pos
+    first = torch.cumsum(per_row, 0) - per_row
+    sorted_r, order_r = torch.sort(ref_labels, stable=True)
+    in_run = torch.arange(len(order_r), device=order_r.device) - torch.searchsorted(sorted_r, sorted_r)
+    return first, torch.empty_like(order_r).index_put_((order_r,), in_run)
+
+
+def _exp_rows(u_rows, x, row_labels, ref_labels, c):
+    """(A, m): A = exp(c s − m) on each row's negatives (0 elsewhere), m the row's largest c s there."""
+    cs = torch.where(row_labels[:, None] != ref_labels[None, :], c * fixed_mm(u_rows, x), -math.inf)
+    m = cs.amax(dim=1, keepdim=True)
+    return torch.exp(cs - m), m
+
+
+class _Tile(NamedTuple):
+    pairs: torch.Tensor  # (rows_a, rows_p) bool: which entries are pairs
+    slots: torch.Tensor  # their places in the pair list
+    gram: torch.Tensor  # G there
+    z: torch.Tensor  # log G + m_a + m_p − k u_a·u_p there
+
+
+def _tile(setup, rows_a, rows_p, ua_rows, up_rows, A, m_a, B, m_p):
+    pairs = setup.labels[rows_a][:, None] == setup.ref_labels[rows_p][None, :]
+    slot = setup.first[rows_a][:, None] + setup.rank[rows_p][None, :]
+    if setup.exclude_diag:
+        pairs &= rows_a[:, None] != rows_p[None, :]
+        slot = slot - (rows_p[None, :] > rows_a[:, None]).long()
+    gram = fixed_mm(A, B)[pairs]
+    dots = fixed_mm(ua_rows, up_rows)[pairs]
+    z = fixed_log(gram) + (m_a + m_p.T)[pairs] - setup.k * dots
+    return _Tile(pairs, slot[pairs], gram, z)
+
+
+def _walk(ua, up, x, setup):
+    """Yields (rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, tile) per tile; rows_p is rows_a
+    (and B is A) for a block that is its own positive block."""
+    for rows_a, positive_blocks in setup.blocks:
+        ua_rows = ua.index_select(0, rows_a)
+        A, m_a = _exp_rows(ua_rows, x, setup.labels[rows_a], setup.ref_labels, setup.c)
+        for rows_p in positive_blocks:
+            if rows_p is rows_a:
+                up_rows, B, m_p = ua_rows, A, m_a
+            else:
+                up_rows = up.index_select(0, rows_p)
+                B, m_p = _exp_rows(up_rows, x, setup.ref_labels[rows_p], setup.ref_labels, setup.c)
+            yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, _tile(setup, rows_a, rows_p, ua_rows, up_rows,
+                                                                          A, m_a, B, m_p)
+
+
+class _BlockedAngular(torch.autograd.Function):
+    """(per-pair losses in PML's order, the smallest G of any pair); the losses are differentiable
+    in u_a, u_p (the normalised rows) and x (the raw reference rows)."""
+
+    @staticmethod
+    def forward(ua, up, x, setup):
+        losses = ua.new_zeros(len(setup.pairs[0]))  # a class without negatives: PML's 0
+        smallest = ua.new_full((), math.inf)
+        for *_, tile in _walk(ua, up, x, setup):
+            if tile.slots.numel():
+                losses[tile.slots] = _log1p_exp(tile.z)
+                smallest = torch.minimum(smallest, tile.gram.amin())
+        return losses, smallest
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        _save(ctx, inputs)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_smallest):
+        return _backward(ctx, grad, _add_blocked_grads)
+
+
+def _add_blocked_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x):
+    c, k = setup.c, setup.k
+    anchor = None  # (rows_a, ua_rows, A, gradient of s, gradient of ua rows) of the current block
+    for rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, tile in _walk(ua, up, x, setup):
+        if anchor is None or anchor[0] is not rows_a:
+            _finish_anchor_block(anchor, x, c, grad_ua, grad_x)
+            anchor = (rows_a, ua_rows, A, torch.zeros_like(A), torch.zeros_like(ua_rows))
+        w = grad.index_select(0, tile.slots) * _sigmoid(tile.z)
+        W = A.new_zeros(len(rows_a), len(rows_p)).index_put_((tile.pairs,), w / tile.gram)
+        V = A.new_zeros(len(rows_a), len(rows_p)).index_put_((tile.pairs,), -k * w)
+        if rows_p is rows_a:  # both ends of every pair are this block's rows
+            anchor[3].add_(fixed_mm(W + W.T, A.T))
+            anchor[4].add_(fixed_mm(V + V.T, ua_rows.T))
+            continue
+        anchor[3].add_(fixed_mm(W, B.T))
+        anchor[4].add_(fixed_mm(V, up_rows.T))
+        grad_s = c * B * fixed_mm(W.T, A.T)
+        grad_up.index_add_(0, rows_p, fixed_mm(V.T, ua_rows.T) + fixed_mm(grad_s, x.T))
+        grad_x += fixed_mm(grad_s.T, up_rows.T)
+    _finish_anchor_block(anchor, x, c, grad_ua, grad_x)
+
+
+def _finish_anchor_block(anchor, x, c, grad_ua, grad_x):
+    """Adds an anchor block's gradient: its s gradient is c A ⊙ (the sum of W B over its tiles)."""
+    if anchor is None:
+        return
+    rows_a, ua_rows, A, w_b, grad_rows = anchor
+    grad_s = c * A * w_b
+    grad_ua.index_add_(0, rows_a, grad_rows + fixed_mm(grad_s, x.T))
+    grad_x += fixed_mm(grad_s.T, ua_rows.T)
+
+
+blocked_angular = applier(_BlockedAngular)
+
+
+# ----------------------------------------------------------------------------- listed pairs
+def _listed_chunk(ua, up, x, a, p, labels, ref_labels, c, k):
+    """For pairs (a, p): (ua rows, up rows, the masked logits c (u_a + u_p)·x_n, their
+    log-sum-exp, z = lse − k u_a·u_p)."""
+    ua_q, up_q = ua.index_select(0, a), up.index_select(0, p)
+    cs = torch.where(labels[a][:, None] != ref_labels[None, :], c * fixed_mm(ua_q + up_q, x), -math.inf)
+    m = cs.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isneginf(m), 0.0, m)  # no negative: the sum is 0, lse -inf
+    lse = m.squeeze(1) + fixed_log(_row_sums(torch.exp(cs - m)))
+    return ua_q, up_q, cs, lse, lse - k * _row_sums(ua_q * up_q)
+
+
+def _chunks(num_pairs, m):
+    step = max(1, _BLOCK_VALUES // m)
+    return [slice(s, s + step) for s in range(0, num_pairs, step)]
+
+
+class _ListedAngular(torch.autograd.Function):
+    """Per-pair losses of the listed pairs (setup.pairs), differentiable in u_a, u_p and x."""
+
+    @staticmethod
+    def forward(ua, up, x, setup):
+        a, p = setup.pairs
+        losses = ua.new_empty(len(a))
+        for sl in _chunks(len(a), x.shape[0]):
+            z = _listed_chunk(ua, up, x, a[sl], p[sl], setup.labels, setup.ref_labels, setup.c, setup.k)[4]
+            losses[sl] = _log1p_exp(z)  # no negative: log(1) = 0
+        return losses
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, _add_listed_grads)
+
+
+def _add_listed_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x):
+    c, k = setup.c, setup.k
+    a, p = setup.pairs
+    for sl in _chunks(len(a), x.shape[0]):
+        ua_q, up_q, cs, lse, z = _listed_chunk(ua, up, x, a[sl], p[sl], setup.labels, setup.ref_labels, c, k)
+        w = (grad[sl] * _sigmoid(z))[:, None]
+        grad_s = c * w * torch.where(torch.isneginf(cs), 0.0, torch.exp(cs - lse[:, None]))
+        grad_rows = fixed_mm(grad_s, x.T)
+        grad_ua.index_add_(0, a[sl], grad_rows - k * w * up_q)  # (serial on a CPU: repeats add in order)
+        grad_up.index_add_(0, p[sl], grad_rows - k * w * ua_q)
+        grad_x += fixed_mm(grad_s.T, (ua_q + up_q).T)
+
+
+listed_angular = applier(_ListedAngular)
+
+
+# ----------------------------------------------------------------------------- the loss
+def _inputs(embeddings, ref_emb):
+    """(u_a, u_p, x): the unit anchor rows, the unit reference rows, the raw reference rows."""
+    ua = unit_rows(embeddings)
+    return ua, ua if ref_emb is embeddings else unit_rows(ref_emb), ref_emb
+
+
+def _entry(losses, a, p):
+    return {"loss": {"losses": losses.unsqueeze(1), "indices": (a, p), "reduction_type": "pos_pair"}}
+
+
+def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """The fused AngularLoss: every pair on class blocks, or an indices_tuple's pairs listed;
+    ZERO_LOSS where PML returns its zero; None (the reference) after `decline`."""
+    if pe.choose_backend(module.backend, embeddings.device) == "reference":
+        return decline(module, "backend='reference' requested (loss.backend or DMLKERN_BACKEND)")
+    if static_shapes():
+        return decline(module, "torch.compile (the fused AngularLoss walks classes of data-dependent sizes)")
+    if embeddings.dtype not in (torch.float32, torch.float64):
+        return decline(module, f"dtype {embeddings.dtype} (the fused AngularLoss runs fp32 / fp64)")
+    if not is_unit_euclidean(module.distance):
+        return decline(module, f"distance {type(module.distance).__name__} (a subclass or other settings)")
+    if ref_labels.shape[0] != ref_emb.shape[0]:
+        return decline(module, "ref_labels of another length than ref_emb")  # the reference raises
+    sq_tan = math.tan(float(module.alpha)) ** 2
+    c, k = 4 * sq_tan, 2 * (1 + sq_tan)
+    if indices_tuple is not None:
+        a1, p, a2, _ = convert_to_pairs(indices_tuple, labels, ref_labels)
+        if len(a1) == 0 or len(a2) == 0:
+            return ZERO_LOSS
+        setup = _Setup(labels, ref_labels, None, None, None, False, (a1, p), c, k)
+        return _entry(listed_angular(*_inputs(embeddings, ref_emb), setup), a1, p), LISTED
+    stats = LabelStats(labels, ref_labels)
+    if Degenerate(labels, lambda: no_pos_or_neg(stats)).now():  # PML: no positive or no negative pair
+        return ZERO_LOSS
+    exclude_diag = ref_labels is labels  # PML's get_all_pairs_indices: the self-pairs by identity
+    a, p = positive_pairs(labels, ref_labels, exclude_diag)
+    first, rank = _pair_slots(labels, ref_labels, exclude_diag)
+    blocks = _blocks(labels, ref_labels, ref_emb.shape[0], exclude_diag, exclude_diag and ref_emb is embeddings)
+    setup = _Setup(labels, ref_labels, blocks, first, rank, exclude_diag, (a, p), c, k)
+    losses, smallest = blocked_angular(*_inputs(embeddings, ref_emb), setup)
+    info = torch.finfo(embeddings.dtype)
+    if bool(smallest < ref_emb.shape[0] * info.tiny / info.eps):  # some underflowed terms may matter
+        return decline(module, UNSAFE)
+    return _entry(losses, a, p), BACKEND
