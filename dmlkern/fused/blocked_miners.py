@@ -10,9 +10,11 @@ so many rows gives each row the bits of the whole matrix's product (a product of
 take another kernel, e.g. gemv, and round otherwise), so the picks tie-break as on the full matrix
 (torch.min / max per row) and the indices are PML's. Row-major order within and across blocks."""
 import math
+import os
 
 import torch
 
+from ..ops import fixed_mm
 from ..reference import miners as ref
 
 _BLOCK_VALUES = 1 << 21  # distance values per row block (8 MiB in fp32); a few such buffers live at once
@@ -154,3 +156,181 @@ def pair_margin_miner(distance, embeddings, labels, ref_emb, ref_labels, pos_mar
         neg_parts.append(_where_offset(neg_cand, r0))
     device = embeddings.device
     return (*_cat_pairs(pos_parts, device), *_cat_pairs(neg_parts, device))
+
+
+def _label_counts(labels, ref_labels):
+    """Per query row, the number of reference rows with its label (any integer ids)."""
+    sorted_ref = torch.sort(ref_labels).values
+    return (torch.searchsorted(sorted_ref, labels, right=True) - torch.searchsorted(sorted_ref, labels)).long()
+
+
+# ----------------------------------------------------------------------------- AngularMiner
+_ANGLE_VALUES = 1 << 20  # (positive pair, reference row) fp64 values per chunk; a few such buffers live at once
+_OUTPUT_MEMORY_FRACTION = 0.5  # the mined triplets (and their concatenation) may use this much of the free memory
+_MAX_OUTPUT_BYTES = None  # a fixed limit instead (tests)
+
+
+def _free_memory_bytes(device):
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class AngleStats:
+    """AngularMiner's statistics over every triplet's angle, merged chunk by chunk in fp64
+    (count, sum, min, max and Chan et al.'s pairwise merge of the squared deviations, so the
+    standard deviation needs no second pass)."""
+
+    def __init__(self):
+        self.n = self.total = self.m2 = self.above_n = self.above_total = 0.0
+        self.lo, self.hi = math.inf, -math.inf
+
+    def add(self, angles, above):
+        n = float(angles.numel())
+        if n == 0:
+            return
+        total = float(angles.sum())
+        m2 = float(((angles - total / n) ** 2).sum())
+        if self.n > 0:
+            delta = total / n - self.total / self.n
+            m2 += self.m2 + delta * delta * self.n * n / (self.n + n)
+        self.n, self.total, self.m2 = self.n + n, self.total + total, m2
+        self.above_n += float(above.sum())
+        self.above_total += float(angles[above].sum())
+        self.lo, self.hi = min(self.lo, float(angles.min())), max(self.hi, float(angles.max()))
+
+    def as_dict(self):
+        """The statistics PML sets, in degrees: average/min/max/std when there is a triplet, the
+        mean above / below the threshold when that side has one (torch.std's unbiased std)."""
+        out = {}
+        if self.n > 0:
+            std = math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else math.nan
+            out.update(average_angle=math.degrees(self.total / self.n), min_angle=math.degrees(self.lo),
+                       max_angle=math.degrees(self.hi), std_of_angle=math.degrees(std))
+        if self.above_n > 0:
+            out["average_angle_above_threshold"] = math.degrees(self.above_total / self.above_n)
+        if self.n - self.above_n > 0:
+            out["average_angle_below_threshold"] = math.degrees(
+                (self.total - self.above_total) / (self.n - self.above_n))
+        return out
+
+
+def _pml_angles(embeddings, ref_emb, a, p, n):
+    """PML's angles of the triplets (a, p, n), computed as PML does (gathered rows, the centre of
+    the raw rows, F.pairwise_distance): each triplet's bits are PML's."""
+    xa, xp = embeddings[a], ref_emb[p]
+    centers = (xa + xp) / 2
+    ap = torch.nn.functional.pairwise_distance(xa, xp)
+    nc = torch.nn.functional.pairwise_distance(ref_emb[n], centers)
+    return torch.atan(ap / (2 * nc))
+
+
+def _tan_bound(theta):
+    """tan(theta) extended monotonically: +inf at or past pi/2, -inf at or below -pi/2."""
+    if theta >= math.pi / 2:
+        return math.inf
+    if theta <= -math.pi / 2:
+        return -math.inf
+    return math.tan(theta)
+
+
+def _nc2_limit(ap, t, err, keep):
+    """Per pair, the d_nc^2 below which (keep) / above which (not keep) d_ap / (2 d_nc) is surely
+    beyond t: ap^2 / (4 t^2) moved by err; +-inf where t is <= 0 or infinite."""
+    if (keep and t < 0) or (not keep and t <= 0):
+        return torch.full_like(ap, math.inf)
+    if math.isinf(t):
+        return torch.full_like(ap, -math.inf)
+    return ap * ap / (4 * t * t) + err
+
+
+def angular_miner(embeddings, labels, ref_emb, ref_labels, angle, stats=None):
+    """PML's AngularMiner: every triplet (a, p, n) with atan(d_ap / (2 d_nc)) > angle, where
+    d_ap = ||x_a - x_p||, d_nc = ||x_n - (x_a + x_p) / 2|| on the raw rows (F.pairwise_distance,
+    eps 1e-6 added to the difference), in PML's order (a, then p, then n).
+
+    Chunks of positive pairs (a, p) against all reference rows: d_nc^2 from fp64 products,
+    ||n + eps||^2 + ||c - eps||^2 - 2 c.n (`fixed_mm`, c = PML's rounded centre). Each triplet is
+    decided from an interval holding PML's angle (the products' error bound, PML's own rounding in
+    its dtype, atan and the threshold's rounding); the few whose interval holds the threshold, or
+    whose d_nc is too small for the products to bound, are recomputed as PML does
+    (`_pml_angles`), so the indices are PML's. `stats` (an AngleStats) collects every angle
+    (fp64 from the products, PML's where recomputed). Memory: O(chunk + output); an output that
+    would not fit in `_OUTPUT_MEMORY_FRACTION` of the free memory raises torch.OutOfMemoryError
+    before it is built."""
+    device, dtype = embeddings.device, embeddings.dtype
+    n_rows, n_ref = embeddings.shape[0], ref_emb.shape[0]
+    if n_rows == 0 or n_ref == 0:
+        return ref._empty(device, 3)
+    dim = embeddings.shape[1]
+    u_in, u64 = torch.finfo(dtype).eps, torch.finfo(torch.float64).eps / 2
+    eps = float(torch.tensor(1e-6, dtype=dtype))  # F.pairwise_distance's eps, in the rows' dtype
+    theta = float(torch.tensor(angle, dtype=dtype))  # PML compares in the angles' dtype
+    eta = 4 * u_in  # atan's and the angles' rounding (angles <= pi/2)
+    t_hi, t_lo = _tan_bound(theta + eta), _tan_bound(theta - eta)
+    rel = (2 * dim + 16) * u_in  # PML's rounding of d_ap / (2 d_nc), relative
+    refs = ref_emb.double()
+    ref_sq = (refs * refs).sum(1)
+    row_term = ref_sq + 2 * eps * refs.sum(1) + dim * eps * eps  # ||n + eps||^2
+    # bound on the products' error in d_nc^2 (per pair: the largest ||n||^2) and PML's absolute
+    # error where d_nc ~ eps
+    gamma, max_ref_sq = 4 * (dim + 8) * u64, float(ref_sq.max())
+    floor = 4 * u_in * dim * eps * eps + torch.finfo(torch.float64).tiny
+    limit = _MAX_OUTPUT_BYTES
+    if limit is None:
+        limit = _OUTPUT_MEMORY_FRACTION * _free_memory_bytes(device)
+    ref_labels_ = labels if ref_labels is None else ref_labels
+    parts, kept_total = [], 0
+    pairs_per_chunk = max(1, _ANGLE_VALUES // n_ref)
+    for r0, r1 in _row_blocks(n_rows, n_ref):
+        pos, _ = _candidates(labels, ref_labels_, r0, r1)
+        pair_a, pair_p = _where_offset(pos, r0)
+        del pos
+        for c0 in range(0, len(pair_a), pairs_per_chunk):
+            pa, pp = pair_a[c0:c0 + pairs_per_chunk], pair_p[c0:c0 + pairs_per_chunk]
+            xa, xp = embeddings[pa], ref_emb[pp]
+            centers = ((xa + xp) / 2).double()
+            ap = torch.nn.functional.pairwise_distance(xa, xp).double()
+            del xa, xp
+            c_sq = (centers * centers).sum(1)
+            col_term = c_sq - 2 * eps * centers.sum(1)  # ||c - eps||^2: d_nc^2 = h + col_term
+            err = gamma * (max_ref_sq + c_sq) + floor
+            # PML's d_ap / (2 d_nc) > t_hi for sure where d_nc^2 < k_lim, < t_lo where d_nc^2 > d_lim
+            k_lim = _nc2_limit(ap * (1 - rel), t_hi, -err, keep=True) - col_term
+            d_lim = _nc2_limit(ap * (1 + rel), t_lo, err, keep=False) - col_term
+            h = fixed_mm(centers, refs).mul_(-2).add_(row_term)
+            neg = labels[pa][:, None] != ref_labels_[None, :]
+            keep = (h < k_lim[:, None]).logical_and_(neg)
+            unsure = neg & ~keep & ~(h > d_lim[:, None])  # NaN included
+            if stats is not None:  # d_nc too small for the products to give its angle: PML's maths
+                unsure |= neg & (h < (64 * err - col_term)[:, None])
+            ui, un = torch.where(unsure)
+            del unsure
+            exact = _pml_angles(embeddings, ref_emb, pa[ui], pp[ui], un) if len(ui) else None
+            if exact is not None:
+                keep[ui, un] = exact > angle
+            if stats is not None:
+                approx = h.add_(col_term[:, None]).clamp_min_(0).sqrt_().mul_(2)
+                approx = torch.atan(torch.div(ap[:, None], approx, out=approx))
+                if exact is not None:
+                    approx[ui, un] = exact.double()
+                stats.add(approx[neg], keep[neg])
+            del h, neg
+            ki, kn = torch.where(keep)
+            kept_total += len(ki)
+            if 2 * 24 * kept_total > limit:  # three int64 per triplet, held twice while concatenated
+                raise torch.OutOfMemoryError(
+                    f"AngularMiner: the mined triplets would need more than {2 * 24 * kept_total / 2**30:.2f} GiB "
+                    f"({kept_total} triplets from the first {int(pa[-1]) + 1} of {n_rows} anchors), over "
+                    f"the limit of {limit / 2**30:.2f} GiB ({_OUTPUT_MEMORY_FRACTION:.0%} of the free memory): "
+                    "raise the angle or mine a smaller batch")
+            parts.append((pa[ki], pp[ki], kn))
+    if not parts:
+        return ref._empty(device, 3)
+    a, p, n = zip(*parts)
+    return torch.cat(a), torch.cat(p), torch.cat(n)
