@@ -34,13 +34,16 @@ def _row_blocks(n, m):
         r0 = r1
 
 
-def distance_blocks(distance, embeddings, ref_emb):
-    """(r0, r1, distance(embeddings, ref_emb)[r0:r1]) block by block. Records the distance's
-    statistics as one call would (a no-op unless it collects them)."""
+def distance_blocks(distance, embeddings, ref_emb, want=None):
+    """(r0, r1, distance(embeddings, ref_emb)[r0:r1]) block by block (only the blocks where
+    want(r0, r1), if given). Records the distance's statistics as one call would (a no-op unless
+    it collects them)."""
     distance.record_stats(embeddings, ref_emb)
     query = distance.maybe_normalize(embeddings)
     refs = query if ref_emb is embeddings else distance.maybe_normalize(ref_emb)
     for r0, r1 in _row_blocks(embeddings.shape[0], refs.shape[0]):
+        if want is not None and not want(r0, r1):
+            continue
         mat = distance.compute_mat(query[r0:r1], refs)
         yield r0, r1, mat if distance.power == 1 else mat**distance.power
 
@@ -334,3 +337,112 @@ def angular_miner(embeddings, labels, ref_emb, ref_labels, angle, stats=None):
         return ref._empty(device, 3)
     a, p, n = zip(*parts)
     return torch.cat(a), torch.cat(p), torch.cat(n)
+
+
+# ----------------------------------------------------------------------------- HDCMiner
+_TOPK_PAIRS = 1 << 21  # a side with up to this many pairs runs PML's torch.topk on its whole list
+def _hdc_key(values, largest):
+    """Values as keys ranked largest first, in the order torch.topk ranks them (NaN first when
+    largest, last otherwise)."""
+    key = values if largest else -values
+    return torch.nan_to_num(key, nan=math.inf if largest else -math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def _top_k_in_order(keys, k):
+    """Mask of the k largest keys, the earliest ones among ties with the k-th."""
+    if k >= len(keys):
+        return torch.ones_like(keys, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    kth = torch.kthvalue(keys, len(keys) - k + 1).values
+    better = keys > kth
+    tied = keys == kth
+    return better | (tied & (torch.cumsum(tied, 0) <= k - int(better.sum())))
+
+
+def _sorted_top_k(keys, k):
+    """Positions of the k largest keys, largest first, ties in position order."""
+    kept = torch.where(_top_k_in_order(keys, k))[0]
+    return kept[torch.sort(keys[kept], descending=True, stable=True).indices]
+
+
+def _hdc_k(filter_percentage, count):
+    k = int(math.ceil(filter_percentage * count))
+    if not 0 <= k <= count:
+        raise RuntimeError(f"selected index k out of range (k = {k} of {count} pairs)")  # torch.topk's error
+    return k
+
+
+def hdc_all_pairs(distance, embeddings, labels, ref_emb, ref_labels, filter_percentage):
+    """PML's HDCMiner on all pairs: the ceil(f * #positive pairs) positive pairs farthest apart
+    and the ceil(f * #negative pairs) negative pairs closest (similarities: the reverse), each
+    list hardest first, from one pass over row blocks of the distance matrix.
+
+    A side with at most `_TOPK_PAIRS` pairs collects its values in PML's (row-major) order and
+    runs torch.topk on them as PML does: PML's output, ties included. A larger side keeps running
+    candidates (value, flat position) in position order, pruned to the k best whenever they pass
+    2k (O(block + k) memory): the same values in the same order, but pairs tied in distance come
+    in row-major order (and a tie at the k-th value keeps the earliest), where PML's torch.topk
+    over the whole list orders ties as its sort happens to leave them (e.g. the pairs (i, j) and
+    (j, i) of a batch compared with itself)."""
+    n, m, device = embeddings.shape[0], ref_emb.shape[0], embeddings.device
+    ref_labels = labels if ref_labels is None else ref_labels
+    same = _label_counts(labels, ref_labels).sum().item()
+    num_pos = same - (min(n, m) if ref_labels is labels else 0)
+    sides = [(num_pos, not distance.is_inverted), (n * m - same, distance.is_inverted)]  # (count, largest)
+    ks = [_hdc_k(filter_percentage, count) if count > 0 else 0 for count, _ in sides]
+    exact = [count <= _TOPK_PAIRS for count, _ in sides]
+    vals = [[], []]
+    flats = [[], []]
+    if n and m:
+        for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb):
+            for side, cand in enumerate(_candidates(labels, ref_labels, r0, r1)):
+                rows, cols = torch.where(cand)
+                value = mat[rows, cols]
+                vals[side].append(value if exact[side] else _hdc_key(value, sides[side][1]))
+                flats[side].append((rows + r0) * m + cols)
+                if not exact[side] and sum(map(len, vals[side])) > 2 * ks[side] + 1:
+                    key, flat = torch.cat(vals[side]), torch.cat(flats[side])
+                    kept = _top_k_in_order(key, ks[side])
+                    vals[side], flats[side] = [key[kept]], [flat[kept]]
+    out = []
+    for side, (count, largest) in enumerate(sides):
+        if count == 0:
+            out += list(ref._empty(device, 2))
+            continue
+        value, flat = torch.cat(vals[side]), torch.cat(flats[side])
+        if exact[side]:
+            flat = flat[torch.topk(value, k=ks[side], largest=largest).indices]
+        else:
+            flat = flat[_sorted_top_k(value, ks[side])]
+        out += [flat // m, flat % m]
+    return tuple(out)
+
+
+def hdc_listed_pairs(distance, embeddings, ref_emb, a1, p, a2, n, filter_percentage):
+    """PML's HDCMiner on given pairs (its set_idx_externally): torch.topk of each list's
+    distances as PML does, so PML's output. The listed distances are read from the row blocks
+    holding a listed anchor (the full matrix's bits): O(block + list) memory."""
+    listed = [(a1, p, not distance.is_inverted), (a2, n, distance.is_inverted)]
+    values = [None, None]
+    for side, (anchor, other, _) in enumerate(listed):
+        if len(anchor) and (int(anchor.min()) < 0 or int(anchor.max()) >= embeddings.shape[0]
+                            or int(other.min()) < 0 or int(other.max()) >= ref_emb.shape[0]):
+            raise IndexError("HDCMiner: an externally set pair indexes outside the batch")
+        values[side] = torch.empty(len(anchor), dtype=embeddings.dtype, device=embeddings.device)
+    anchors = torch.cat([a1, a2])
+
+    def holds_anchor(r0, r1):
+        return bool(((anchors >= r0) & (anchors < r1)).any())
+
+    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb, want=holds_anchor):
+        for side, (anchor, other, _) in enumerate(listed):
+            at = torch.where((anchor >= r0) & (anchor < r1))[0]
+            values[side][at] = mat[anchor[at] - r0, other[at]]
+    out = []
+    for side, (anchor, other, largest) in enumerate(listed):
+        if len(anchor):
+            idx = torch.topk(values[side], k=_hdc_k(filter_percentage, len(anchor)), largest=largest).indices
+            anchor, other = anchor[idx], other[idx]
+        out += [anchor, other]
+    return tuple(out)
