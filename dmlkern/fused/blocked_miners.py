@@ -446,3 +446,124 @@ def hdc_listed_pairs(distance, embeddings, ref_emb, a1, p, a2, n, filter_percent
             anchor, other = anchor[idx], other[idx]
         out += [anchor, other]
     return tuple(out)
+
+
+# ----------------------------------------------------------------------------- DistanceWeightedMiner
+def _log_weights(mat, row_labels, ref_labels, dim, cutoff):
+    """PML's steps on rows of the distance matrix: (clamped distances, log-weights with the
+    same-class entries zeroed, their inf_or_nan mask before that, the not-same-class mask)."""
+    mat = torch.clamp(mat, min=cutoff)
+    log_weights = (2.0 - dim) * torch.log(mat) - ((dim - 3) / 2) * torch.log(1.0 - 0.25 * (mat**2.0))
+    inf_or_nan = torch.isinf(log_weights) | torch.isnan(log_weights)
+    mask = torch.ones_like(log_weights)
+    mask[row_labels.unsqueeze(1) == ref_labels.unsqueeze(0)] = 0
+    return mat, log_weights * mask, inf_or_nan, mask
+
+
+def _multinomial_rows(weights, rows):
+    """torch.multinomial(weights[rows], 1, replacement=True).flatten(), on the CPU in chunks of
+    about _BLOCK_VALUES values: torch draws one sample as argmax(w / q), q ~ Exp(1) drawn for
+    the whole (rows, columns) tensor in order, so chunks draw the same q and the same samples
+    (tests/test_blocked_miners_more.py checks this against torch.multinomial)."""
+    step = max(1, _BLOCK_VALUES // max(1, weights.shape[1]))
+    if weights.device.type != "cpu" or len(rows) <= step:
+        return torch.multinomial(weights[rows], 1, replacement=True).flatten()
+    out = []
+    for c0 in range(0, len(rows), step):
+        w = weights[rows[c0:c0 + step]]
+        q = torch.empty_like(w).exponential_(1)
+        out.append(torch.argmax(torch.div(w, q, out=q), dim=-1))
+    return torch.cat(out)
+
+
+def distance_weighted_miner(distance, embeddings, labels, ref_emb, ref_labels, cutoff, nonzero_loss_cutoff):
+    """PML's DistanceWeightedMiner without the N x M weights: the same triplets for the same
+    torch seed. Pass 1 takes PML's global shift (the max finite log-weight) over row blocks; then
+    the classes in torch.unique order, as PML's get_random_triplet_indices draws them (the same
+    randint and multinomial calls, or multinomial's draws in chunks on the CPU), with each class's
+    anchor rows of the weights computed on blocks of whole classes (at least _MIN_BLOCK_ROWS
+    rows: the full matrix's bits). Memory: O(block + output), plus a class's anchors x
+    negatives weights for a class of more than a block's rows (PML: every class's
+    anchors x positives x negatives)."""
+    device, dtype = embeddings.device, embeddings.dtype
+    n, m = embeddings.shape[0], ref_emb.shape[0]
+    if n == 0 or m == 0:
+        return ref._empty(device, 3)
+    dim = float(embeddings.size(1))
+    same_object = ref_labels is None or ref_labels is labels
+    ref_labels = labels if ref_labels is None else ref_labels
+    shift = None
+    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb):
+        _, log_weights, inf_or_nan, _ = _log_weights(mat, labels[r0:r1], ref_labels, dim, cutoff)
+        finite = log_weights[~inf_or_nan]
+        if finite.numel():
+            top = torch.max(finite)
+            shift = top if shift is None else torch.maximum(shift, top)
+    if shift is None:  # every weight inf/nan (PML fails in torch.max)
+        return ref._empty(device, 3)
+    query = distance.maybe_normalize(embeddings)
+    refs = query if ref_emb is embeddings else distance.maybe_normalize(ref_emb)
+
+    def weight_rows(rows):
+        """PML's normalised weights of the query rows `rows` (at least _MIN_BLOCK_ROWS rows in
+        the product)."""
+        short = min(_MIN_BLOCK_ROWS, n) - len(rows)
+        padded = torch.cat([rows, rows.new_zeros(short)]) if short > 0 else rows
+        mat = distance.compute_mat(query[padded], refs)[:len(rows)]
+        mat = mat if distance.power == 1 else mat**distance.power
+        mat, log_weights, inf_or_nan, mask = _log_weights(mat, labels[rows], ref_labels, dim, cutoff)
+        weights = torch.exp(log_weights - shift)
+        weights = weights * mask * (mat < nonzero_loss_cutoff).to(dtype)
+        weights[inf_or_nan] = 0
+        return weights / torch.sum(weights, dim=1, keepdim=True)
+
+    sorted_labels, order = torch.sort(labels, stable=True)
+    classes, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    counts = counts.tolist()
+    sorted_ref, ref_order = torch.sort(ref_labels, stable=True)
+    ref_lo = torch.searchsorted(sorted_ref, classes).tolist()
+    ref_hi = torch.searchsorted(sorted_ref, classes, right=True).tolist()
+    block_rows = max(_MIN_BLOCK_ROWS, _BLOCK_VALUES // m)
+    group_end, group_start, group_weights = 0, 0, None
+    A, P, N = [], [], []
+    for ci, c in enumerate(classes):
+        pos_ref = ref_order[ref_lo[ci]:ref_hi[ci]]  # torch.where(ref_labels == c)[0]
+        anchors = pos_ref if same_object else order[starts[ci]:starts[ci] + counts[ci]]
+        neg_ref = torch.where(ref_labels != c)[0]
+        n_a, n_p = len(anchors), len(pos_ref)
+        if n_p < (2 if same_object else 1) or len(neg_ref) < 1:
+            continue
+        count = n_a * n_p
+        cand = pos_ref.expand(n_a, n_p)
+        if same_object:
+            cand = cand[~torch.eye(n_a, dtype=torch.bool, device=cand.device)].view(n_a, n_a - 1)
+        col = torch.randint(0, cand.shape[1], (count,))
+        row = torch.arange(n_a).repeat_interleave(n_p)
+        pos = cand[row.to(cand.device), col.to(cand.device)]
+        # the anchors' weights on the negatives: from the cached block of whole classes, or
+        # (a class of more than block_rows anchors) computed block by block
+        if counts[ci] > block_rows:
+            w = torch.cat([weight_rows(anchors[s:s + block_rows])[:, neg_ref] for s in range(0, n_a, block_rows)])
+        else:
+            if ci >= group_end:  # the next block: whole classes, about block_rows rows
+                group_start, group_end, rows = ci, ci, 0
+                while group_end < len(counts) and counts[group_end] <= block_rows and rows + counts[group_end] <= block_rows:
+                    rows += counts[group_end]
+                    group_end += 1
+                group_end = max(group_end, ci + 1)
+                group_weights = weight_rows(order[starts[group_start]:starts[group_end - 1] + counts[group_end - 1]])
+            first = starts[ci] - starts[group_start]
+            w = group_weights[first:first + n_a][:, neg_ref]
+        row = row.to(device)
+        keep = torch.where((w.sum(dim=1) > 0)[row])[0]
+        if len(keep) == 0:
+            continue
+        if w.dtype == torch.float16:
+            w = w.float()
+        A.append(anchors[row[keep]])
+        P.append(pos[keep])
+        N.append(neg_ref[_multinomial_rows(w, row[keep])])
+    if not A:
+        return ref._empty(device, 3)
+    return torch.cat(A).long(), torch.cat(P).long(), torch.cat(N).long()
