@@ -16,6 +16,7 @@ import torch
 
 from ..ops import fixed_mm
 from ..reference import miners as ref
+from ..reference.indices import random_positives
 
 _BLOCK_VALUES = 1 << 21  # distance values per row block (8 MiB in fp32); a few such buffers live at once
 _MIN_BLOCK_ROWS = 64
@@ -534,13 +535,7 @@ def distance_weighted_miner(distance, embeddings, labels, ref_emb, ref_labels, c
         n_a, n_p = len(anchors), len(pos_ref)
         if n_p < (2 if same_object else 1) or len(neg_ref) < 1:
             continue
-        count = n_a * n_p
-        cand = pos_ref.expand(n_a, n_p)
-        if same_object:
-            cand = cand[~torch.eye(n_a, dtype=torch.bool, device=cand.device)].view(n_a, n_a - 1)
-        col = torch.randint(0, cand.shape[1], (count,))
-        row = torch.arange(n_a).repeat_interleave(n_p)
-        pos = cand[row.to(cand.device), col.to(cand.device)]
+        row, pos = random_positives(pos_ref, n_a, n_p, same_object)
         # the anchors' weights on the negatives: from the cached block of whole classes, or
         # (a class of more than block_rows anchors) computed block by block
         if counts[ci] > block_rows:
