@@ -1,6 +1,7 @@
 """VICRegLoss (PML 2.9.0): invariance, variance and covariance terms of two views
 (``loss(embeddings, ref_emb=...)``), four sub-losses each reduced by MeanReducer and summed. No
-labels, no indices_tuple, no distance and no embedding regularizer (ValueError, as PML)."""
+labels, no indices_tuple, no distance and no embedding regularizer (ValueError, as PML). A batch of
+one row gives the grad-carrying zero (PML: NaN, the variance of one sample)."""
 
 from ..reference.more_losses import vicreg_loss_dict
 from ._unsupported import indices_tuple_not_supported, labels_not_supported
@@ -22,6 +23,8 @@ class VICRegLoss(BaseMetricLossFunction):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         indices_tuple_not_supported(indices_tuple)
         labels_not_supported(labels, ref_labels)
+        if embeddings.shape[0] < 2:
+            return self.zero_losses()
         return vicreg_loss_dict(
             embeddings, ref_emb, invariance_lambda=self.invariance_lambda, variance_mu=self.variance_mu,
             covariance_v=self.covariance_v, eps=self.eps,
