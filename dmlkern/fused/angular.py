@@ -46,8 +46,9 @@ from .triplet import _row_sums
 
 BACKEND = "blocked"  # `last_backend` for all pairs: class blocks of Gram products
 LISTED = "listed"  # `last_backend` for an indices_tuple's pairs
-_BLOCK_VALUES = 1 << 20  # similarity values per block of rows (4 MiB in fp32)
-_SMALL_ROWS = 32  # classes this small share blocks of at most this many rows
+_BLOCK_VALUES = 1 << 21  # similarity values per block of rows (8 MiB in fp32)
+_BLOCK_ROWS = 256  # at most, per block: its pair masks are (rows x rows), its products efficient from ~128 rows
+_GROUP_ROWS = 32  # rows per Gram product of small classes (the entries of two classes are wasted work)
 UNSAFE = ("AngularLoss: a pair whose negatives' exp(c s) span more than the dtype's exp range "
           "(rows of large norm); the reference's per-pair log-sum-exp")
 
@@ -103,38 +104,47 @@ def _backward(ctx, grad, add_grads):
 
 # ----------------------------------------------------------------------------- all pairs, blocked
 def _blocks(labels, ref_labels, m, exclude_diag, same_rows):
-    """[(anchor rows, [positive rows, ...])] over the classes with pairs and negatives: classes of
-    ≤ _SMALL_ROWS rows grouped up to that many rows, larger ones cut into blocks of
-    max(_SMALL_ROWS, _BLOCK_VALUES / M) rows. With same_rows (the reference is the batch) a
-    positive block `is` its anchor block when they are the same rows."""
+    """[(anchor rows, [(positive rows, groups), ...])] over the classes with pairs and negatives.
+    Whole classes make Gram groups of ≤ _GROUP_ROWS rows (a larger class is a group of its own),
+    consecutive groups a block of ≤ step = min(_BLOCK_ROWS, _BLOCK_VALUES / M) rows (at least
+_GROUP_ROWS); a class of more than step rows
+    is cut into square tiles of step rows. groups: (a0, a1, p0, p1), a group's rows in the block's
+    anchor and positive rows. With same_rows (the reference is the batch) a positive block `is`
+    its anchor block when they are the same rows."""
     sorted_a, order_a = torch.sort(labels, stable=True)
     sorted_r, order_r = torch.sort(ref_labels, stable=True)
     classes, count_a = torch.unique_consecutive(sorted_a, return_counts=True)
     start_r = torch.searchsorted(sorted_r, classes)
     count_r = torch.searchsorted(sorted_r, classes, right=True) - start_r
     start_a = torch.cumsum(count_a, 0) - count_a
-    step = max(_SMALL_ROWS, _BLOCK_VALUES // m)
-    blocks, group_a, group_r = [], [], []
+    step = max(_GROUP_ROWS, min(_BLOCK_ROWS, _BLOCK_VALUES // m))
+    blocks, block_a, block_r, cuts = [], [], [], []  # the current block's class rows and groups
 
     def flush():
-        if group_a:
-            rows_a = torch.cat(group_a)
-            blocks.append((rows_a, [rows_a if same_rows else torch.cat(group_r)]))
-            group_a.clear(), group_r.clear()
+        if cuts:
+            rows_a = torch.cat(block_a)
+            blocks.append((rows_a, [(rows_a if same_rows else torch.cat(block_r), list(cuts))]))
+            block_a.clear(), block_r.clear(), cuts.clear()
 
     for sa, na, sr, nr in zip(start_a.tolist(), count_a.tolist(), start_r.tolist(), count_r.tolist()):
         if nr == m or na * nr == (na if exclude_diag else 0):
             continue  # no negative, or no pair
         rows_a, rows_r = order_a[sa:sa + na], order_r[sr:sr + nr]
-        if max(na, nr) > _SMALL_ROWS:
+        if max(na, nr) > step:
             flush()
             for i in range(0, na, step):
-                rows = rows_a[i:i + step]
-                blocks.append((rows, [rows if same_rows and j == i else rows_r[j:j + step] for j in range(0, nr, step)]))
+                tile_a = rows_a[i:i + step]
+                blocks.append((tile_a, [(tile_a if same_rows and j == i else rows_r[j:j + step],
+                                         [(0, len(tile_a), 0, len(rows_r[j:j + step]))]) for j in range(0, nr, step)]))
             continue
-        if sum(map(len, group_a)) + na > _SMALL_ROWS or sum(map(len, group_r)) + nr > _SMALL_ROWS:
+        if cuts and (cuts[-1][1] + na > step or cuts[-1][3] + nr > step):
             flush()
-        group_a.append(rows_a), group_r.append(rows_r)
+        a0, p0 = (cuts[-1][1], cuts[-1][3]) if cuts else (0, 0)
+        if cuts and a0 + na - cuts[-1][0] <= _GROUP_ROWS and p0 + nr - cuts[-1][2] <= _GROUP_ROWS:
+            cuts[-1] = (cuts[-1][0], a0 + na, cuts[-1][2], p0 + nr)  # joins the last group
+        else:
+            cuts.append((a0, a0 + na, p0, p0 + nr))
+        block_a.append(rows_a), block_r.append(rows_r)
     flush()
     return blocks
 
@@ -150,10 +160,11 @@ def _pair_slots(labels, ref_labels, exclude_diag):
 
 
 def _exp_rows(u_rows, x, row_labels, ref_labels, c):
-    """(A, m): A = exp(c s − m) on each row's negatives (0 elsewhere), m the row's largest c s there."""
-    cs = torch.where(row_labels[:, None] != ref_labels[None, :], c * fixed_mm(u_rows, x), -math.inf)
+    """(A, m): A = exp(c s − m) on each row's negatives (0 elsewhere), m the row's largest c s there.
+    In place on the product (no more (rows x M) buffers)."""
+    cs = fixed_mm(c * u_rows, x).masked_fill_(row_labels[:, None] == ref_labels[None, :], -math.inf)
     m = cs.amax(dim=1, keepdim=True)
-    return torch.exp(cs - m), m
+    return cs.sub_(m).exp_(), m
 
 
 class _Tile(NamedTuple):
@@ -163,32 +174,38 @@ class _Tile(NamedTuple):
     z: torch.Tensor  # log G + m_a + m_p − k u_a·u_p there
 
 
-def _tile(setup, rows_a, rows_p, ua_rows, up_rows, A, m_a, B, m_p):
+def _tile(setup, rows_a, rows_p, groups, ua_rows, up_rows, A, m_a, B, m_p):
     pairs = setup.labels[rows_a][:, None] == setup.ref_labels[rows_p][None, :]
-    slot = setup.first[rows_a][:, None] + setup.rank[rows_p][None, :]
     if setup.exclude_diag:
         pairs &= rows_a[:, None] != rows_p[None, :]
-        slot = slot - (rows_p[None, :] > rows_a[:, None]).long()
-    gram = fixed_mm(A, B)[pairs]
-    dots = fixed_mm(ua_rows, up_rows)[pairs]
-    z = fixed_log(gram) + (m_a + m_p.T)[pairs] - setup.k * dots
-    return _Tile(pairs, slot[pairs], gram, z)
+    i, j = pairs.nonzero(as_tuple=True)
+    pa, pp = rows_a.index_select(0, i), rows_p.index_select(0, j)
+    slots = setup.first.index_select(0, pa) + setup.rank.index_select(0, pp)
+    if setup.exclude_diag:
+        slots -= (pp > pa).long()
+    gram = A.new_zeros(len(rows_a), len(rows_p))  # only the groups' blocks hold pairs
+    for a0, a1, p0, p1 in groups:
+        gram[a0:a1, p0:p1] = fixed_mm(A[a0:a1], B[p0:p1])
+    gram = gram[pairs]
+    dots = _row_sums(ua_rows.index_select(0, i) * up_rows.index_select(0, j))
+    z = fixed_log(gram) + m_a[i, 0] + m_p[j, 0] - setup.k * dots
+    return _Tile(pairs, slots, gram, z)
 
 
 def _walk(ua, up, x, setup):
-    """Yields (rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, tile) per tile; rows_p is rows_a
+    """Yields (rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, tile) per tile; rows_p is rows_a
     (and B is A) for a block that is its own positive block."""
     for rows_a, positive_blocks in setup.blocks:
         ua_rows = ua.index_select(0, rows_a)
         A, m_a = _exp_rows(ua_rows, x, setup.labels[rows_a], setup.ref_labels, setup.c)
-        for rows_p in positive_blocks:
+        for rows_p, groups in positive_blocks:
             if rows_p is rows_a:
                 up_rows, B, m_p = ua_rows, A, m_a
             else:
                 up_rows = up.index_select(0, rows_p)
                 B, m_p = _exp_rows(up_rows, x, setup.ref_labels[rows_p], setup.ref_labels, setup.c)
-            yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, _tile(setup, rows_a, rows_p, ua_rows, up_rows,
-                                                                          A, m_a, B, m_p)
+            yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, _tile(
+                setup, rows_a, rows_p, groups, ua_rows, up_rows, A, m_a, B, m_p)
 
 
 class _BlockedAngular(torch.autograd.Function):
@@ -218,20 +235,26 @@ class _BlockedAngular(torch.autograd.Function):
 def _add_blocked_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x):
     c, k = setup.c, setup.k
     anchor = None  # (rows_a, ua_rows, A, gradient of s, gradient of ua rows) of the current block
-    for rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, tile in _walk(ua, up, x, setup):
+    for rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, tile in _walk(ua, up, x, setup):
         if anchor is None or anchor[0] is not rows_a:
             _finish_anchor_block(anchor, x, c, grad_ua, grad_x)
             anchor = (rows_a, ua_rows, A, torch.zeros_like(A), torch.zeros_like(ua_rows))
         w = grad.index_select(0, tile.slots) * _sigmoid(tile.z)
         W = A.new_zeros(len(rows_a), len(rows_p)).index_put_((tile.pairs,), w / tile.gram)
         V = A.new_zeros(len(rows_a), len(rows_p)).index_put_((tile.pairs,), -k * w)
+        w_b = anchor[3]  # Σ W B over the anchor block's tiles (W is zero outside the groups)
         if rows_p is rows_a:  # both ends of every pair are this block's rows
-            anchor[3].add_(fixed_mm(W + W.T, A.T))
+            W = W + W.T
+            for a0, a1, p0, p1 in groups:
+                w_b[a0:a1] += fixed_mm(W[a0:a1, p0:p1], A[p0:p1].T)
             anchor[4].add_(fixed_mm(V + V.T, ua_rows.T))
             continue
-        anchor[3].add_(fixed_mm(W, B.T))
+        grad_s = torch.zeros_like(B)
+        for a0, a1, p0, p1 in groups:
+            w_b[a0:a1] += fixed_mm(W[a0:a1, p0:p1], B[p0:p1].T)
+            grad_s[p0:p1] = fixed_mm(W[a0:a1, p0:p1].T, A[a0:a1].T)
+        grad_s.mul_(B).mul_(c)
         anchor[4].add_(fixed_mm(V, up_rows.T))
-        grad_s = c * B * fixed_mm(W.T, A.T)
         grad_up.index_add_(0, rows_p, fixed_mm(V.T, ua_rows.T) + fixed_mm(grad_s, x.T))
         grad_x += fixed_mm(grad_s.T, up_rows.T)
     _finish_anchor_block(anchor, x, c, grad_ua, grad_x)
@@ -242,7 +265,7 @@ def _finish_anchor_block(anchor, x, c, grad_ua, grad_x):
     if anchor is None:
         return
     rows_a, ua_rows, A, w_b, grad_rows = anchor
-    grad_s = c * A * w_b
+    grad_s = w_b.mul_(A).mul_(c)
     grad_ua.index_add_(0, rows_a, grad_rows + fixed_mm(grad_s, x.T))
     grad_x += fixed_mm(grad_s.T, ua_rows.T)
 
