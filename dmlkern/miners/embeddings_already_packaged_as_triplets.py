@@ -7,7 +7,7 @@ from .base import BaseMiner
 class EmbeddingsAlreadyPackagedAsTriplets(BaseMiner):
     """For a batch laid out as consecutive (anchor, positive, negative) rows: the triplets
     ``(arange(0, N, 3), arange(1, N, 3), arange(2, N, 3))``. Labels are not needed (None is
-    accepted, as in PML); a batch size that is not a multiple of 3 raises, as in PML. The indices
+    accepted; PML fails on None); a batch size that is not a multiple of 3 raises, as in PML. The indices
     are on the embeddings' device (PML: always on the CPU)."""
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
