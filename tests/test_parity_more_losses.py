@@ -342,3 +342,41 @@ def test_snr_runs_the_reference():
     assert loss.last_backend == "reference" and "no fused kernel" in loss.last_fallback
     with pytest.raises(InvalidInputError):
         losses.SignalToNoiseRatioContrastiveLoss(distance=distances.LpDistance())
+
+
+@pytest.mark.parametrize("case", ["intra_pair", "fast_ap", "histogram", "ranked_list", "instance", "pnp_O",
+                                  "smooth_ap", "tcm", "vicreg", "manifold"])
+def test_statistics_as_pml(case):
+    """With COLLECT_STATS on, the loss's distance and reducers record PML's statistics."""
+    from pytorch_metric_learning.utils import common_functions as pml_cf
+
+    from dmlkern.utils import common_functions as cf
+
+    name, kw, kind = CASES[case]
+    old = cf.COLLECT_STATS, pml_cf.COLLECT_STATS
+    try:
+        cf.COLLECT_STATS = pml_cf.COLLECT_STATS = True
+        ours, pml = _pair(name, **kw)
+    finally:
+        cf.COLLECT_STATS, pml_cf.COLLECT_STATS = old
+    emb, labels, call = _inputs(kind, torch.float64)
+    for loss in (ours, pml):
+        torch.manual_seed(0)
+        loss(emb, labels, indices_tuple=call.get("indices_tuple"), ref_emb=call.get("ref"))
+    pairs = [(ours.distance, pml.distance), (ours.reducer, pml.reducer)]
+    if hasattr(pml.reducer, "reducers"):
+        pairs += [(ours.reducer.reducers[k], pml.reducer.reducers[k]) for k in pml.reducer.reducers]
+    for o, p in pairs:
+        assert getattr(o, "_record_these_stats", []) == getattr(p, "_record_these_stats", [])
+        for attr in getattr(p, "_record_these_stats", []):
+            assert getattr(o, attr) == pytest.approx(getattr(p, attr), rel=1e-9), (type(o).__name__, attr)
+
+
+def test_no_warnings_in_normal_use():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for case, (name, kw, kind) in CASES.items():
+            emb, labels, call = _inputs(kind, torch.float32)
+            loss, _ = _pair(name, **kw)
+            e = emb.clone().requires_grad_()
+            loss(e, labels, indices_tuple=call.get("indices_tuple"), ref_emb=call.get("ref")).backward()
