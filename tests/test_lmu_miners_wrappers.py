@@ -120,6 +120,16 @@ def test_uniform_histogram_miner_same_draws(kw, ref):
     assert out[1] == out[3]
 
 
+def test_miners_pickle_and_deepcopy():
+    emb, labels, _, _ = make_inputs(5, 18, 8, 3, torch.float32)
+    for miner in (miners.UniformHistogramMiner(num_bins=4), miners.EmbeddingsAlreadyPackagedAsTriplets()):
+        for clone in (pickle.loads(pickle.dumps(miner)), copy.deepcopy(miner)):
+            torch.manual_seed(0)
+            want = miner(emb, labels)
+            torch.manual_seed(0)
+            _same(clone(emb, labels), want)
+
+
 def test_uniform_histogram_miner_feeds_a_loss():
     emb, labels, _, _ = make_inputs(6, 24, 8, 4, torch.float32)
     torch.manual_seed(0)

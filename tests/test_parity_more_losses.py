@@ -89,6 +89,7 @@ CASES = {
     "manifold": ("ManifoldLoss", dict(l=8, K=5), "unlabelled"),
     "manifold_args": ("ManifoldLoss", dict(l=8, K=3, lambdaC=0.5, alpha=0.6, margin=0.01), "unlabelled"),
     "manifold_meta": ("ManifoldLoss", dict(l=8, K=4), "meta_classes"),
+    "manifold_meta_list": ("ManifoldLoss", dict(l=8, K=3), "meta_classes_list"),
     "dynamic_soft_margin": ("DynamicSoftMarginLoss", {}, "clustered"),
     "dynamic_soft_margin_args": ("DynamicSoftMarginLoss", dict(min_val=-1.0, num_bins=20, momentum=0.1), "clustered"),
     "vicreg": ("VICRegLoss", {}, "views"),
@@ -109,6 +110,8 @@ def _inputs(kind, dtype):
         return emb, None, {}
     if kind == "meta_classes":
         return emb, None, {"indices_tuple": torch.arange(24) % 4}
+    if kind == "meta_classes_list":
+        return emb, None, {"indices_tuple": [i % 3 for i in range(24)]}
     if kind == "clustered":
         return _clustered(24, 8, dtype), labels, {}
     if kind == "views":

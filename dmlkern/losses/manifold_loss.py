@@ -48,7 +48,7 @@ class ManifoldLoss(BaseMetricLossFunction):
             meta_classes = torch.cat((torch.arange(self.K), torch.randint(0, self.K, (n - self.K,))))
             meta_classes = meta_classes[torch.randperm(n)]
         return manifold_loss_dict(
-            embeddings, self.proxies, meta_classes.to(embeddings.device), lambdaC=self.lambdaC, alpha=self.alpha,
+            embeddings, self.proxies, torch.as_tensor(meta_classes, device=embeddings.device), lambdaC=self.lambdaC, alpha=self.alpha,
             margin=self.margin, distance=self.distance,
         )
 
