@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from .._determinism import fixed_order_sum
 from ..ops import fixed_mm
 from ..reference import miners as ref
 from ..reference.indices import random_positives
@@ -188,7 +189,7 @@ def _free_memory_bytes(device):
 class AngleStats:
     """AngularMiner's statistics over every triplet's angle, merged chunk by chunk in fp64
     (count, sum, min, max and Chan et al.'s pairwise merge of the squared deviations, so the
-    standard deviation needs no second pass)."""
+    standard deviation needs no second pass; sums in an order independent of the thread count)."""
 
     def __init__(self):
         self.n = self.total = self.m2 = self.above_n = self.above_total = 0.0
@@ -198,14 +199,14 @@ class AngleStats:
         n = float(angles.numel())
         if n == 0:
             return
-        total = float(angles.sum())
-        m2 = float(((angles - total / n) ** 2).sum())
+        total = float(fixed_order_sum(angles))
+        m2 = float(fixed_order_sum((angles - total / n) ** 2))
         if self.n > 0:
             delta = total / n - self.total / self.n
             m2 += self.m2 + delta * delta * self.n * n / (self.n + n)
         self.n, self.total, self.m2 = self.n + n, self.total + total, m2
         self.above_n += float(above.sum())
-        self.above_total += float(angles[above].sum())
+        self.above_total += float(fixed_order_sum(angles[above]))
         self.lo, self.hi = min(self.lo, float(angles.min())), max(self.hi, float(angles.max()))
 
     def as_dict(self):
