@@ -248,14 +248,18 @@ def test_dynamic_soft_margin_without_labels():
 
 
 def test_dynamic_soft_margin_last_bin_is_clamped():
-    """A difference in the histogram's last bin: PML raises an index error, dmlkern counts it in
-    the last bin."""
+    """A difference in the histogram's last bin or below its range: PML raises an index error,
+    dmlkern counts it in the last / first bin."""
     emb = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.999, 0.04]])
     labels = torch.tensor([0, 0, 1])  # d_ap = 2, d_an ~ 0.04: the difference is in the last bin
     with pytest.raises(RuntimeError, match="out of bounds"):
         pml_losses.DynamicSoftMarginLoss()(emb, labels)
     value = losses.DynamicSoftMarginLoss()(emb, labels)
     assert torch.isfinite(value)
+    labels = torch.tensor([0, 1, 0])  # d_ap ~ 0.04, d_an = 2: below min_val=-1
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        pml_losses.DynamicSoftMarginLoss(min_val=-1.0)(emb, labels)
+    assert torch.isfinite(losses.DynamicSoftMarginLoss(min_val=-1.0)(emb, labels))
 
 
 @pytest.mark.parametrize("name,kw,exc", [

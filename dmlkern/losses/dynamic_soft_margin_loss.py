@@ -6,7 +6,8 @@ x = d_ap - d_an, with the CDF from a running histogram of x (``hist_``, ``num_bi
 
 Deviations from PML (which raises in both cases): ``hist_`` is kept without its autograd
 history, so a second backward works (PML: "backward through the graph a second time"); a
-difference in the histogram's last bin or beyond is counted in the last bin (PML: index error).
+difference in the histogram's last bin or outside its range is counted in the first / last bin
+(PML: index error); without labels the backward works (PML: an in-place write breaks it).
 """
 
 import torch

@@ -163,8 +163,8 @@ def _bins(data, min_val, delta):
 
 def soft_margin_histogram(hist, data, min_val, delta, momentum):
     """The running histogram after adding ``data`` (linear interpolation between the two nearest
-    bins; the first batch, on an all-zero histogram, replaces it), normalised. Bin indices past
-    the last bin are clamped to it (PML raises an index error there)."""
+    bins; the first batch, on an all-zero histogram, replaces it), normalised. Bin indices outside
+    the histogram are clamped to its first / last bin (PML raises an index error there)."""
     pos = _bins(data, min_val, delta)
     last = hist.numel() - 1
     idx, frac = torch.floor(pos).to(dtype=torch.long), torch.frac(pos)
