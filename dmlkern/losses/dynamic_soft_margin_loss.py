@@ -12,7 +12,6 @@ difference in the histogram's last bin or outside its range is counted in the fi
 
 import torch
 
-from ..distances import LpDistance
 from ..reference.embedding_losses import require_distance
 from ..reference.more_losses import soft_margin_differences, soft_margin_histogram, soft_margin_weigh
 from .base import BaseMetricLossFunction
