@@ -21,6 +21,8 @@ import math
 import numpy as np
 import torch
 
+from ..utils.common_functions import neg_inf, pos_inf, small_val  # noqa: F401 (PML's names here too)
+
 __all__ = [
     "neg_inf",
     "pos_inf",
@@ -43,20 +45,6 @@ __all__ = [
     "not_self_comparisons",
     "get_anchors",
 ]
-
-
-def neg_inf(dtype):
-    """Most negative finite value of ``dtype`` (PML uses it instead of -inf)."""
-    return torch.finfo(dtype).min
-
-
-def pos_inf(dtype):
-    return torch.finfo(dtype).max
-
-
-def small_val(dtype):
-    """Smallest positive normal value of ``dtype``."""
-    return torch.finfo(dtype).tiny
 
 
 def _empty_long(device):
