@@ -94,8 +94,11 @@ def _backward(ctx, grad, add_grads):
         return None, None, None, None
     ua, up, x = ctx.saved_tensors
     if pe.backward_needs_graph(x):
-        return (*pe.reference_gradient(lambda ua, up, x: _materialised(ua, up, x, ctx.setup), (ua, up, x),
-                                       ctx.needs_input_grad[:3], grad), None)
+        # aliases: their own graph nodes, so that x's gradient is only its direct use (the unit rows
+        # descend from x when the reference is the batch)
+        aliases = [t.view_as(t) for t in (ua, up, x)]
+        return (*pe.reference_gradient(lambda *t: _materialised(*t, ctx.setup), aliases, ctx.needs_input_grad[:3],
+                                       grad), None)
     with torch.no_grad():
         grads = torch.zeros_like(ua), torch.zeros_like(up), torch.zeros_like(x)
         add_grads(grad, ua, up, x, ctx.setup, *grads)
