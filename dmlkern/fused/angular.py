@@ -81,18 +81,19 @@ def _materialised(ua, up, x, setup):
     return logsumexp(logits, keep_mask=keep, add_one=True).squeeze(1)
 
 
-def _save(ctx, inputs):
+def _save(ctx, inputs, kept=()):
+    """Saves the three differentiable inputs, then `kept` (forward results the backward reads)."""
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*inputs[:3])
+    ctx.save_for_backward(*inputs[:3], *kept)
     ctx.setup = inputs[3]
 
 
 def _backward(ctx, grad, add_grads):
     """The gradients of (u_a, u_p, x, setup): add_grads(grad, u_a, u_p, x, setup, grad_ua, grad_up,
-    grad_x) adds them into zeros; the reference's under create_graph=True."""
+    grad_x, *kept) adds them into zeros; the reference's under create_graph=True."""
     if grad is None:
         return None, None, None, None
-    ua, up, x = ctx.saved_tensors
+    ua, up, x, *kept = ctx.saved_tensors
     if pe.backward_needs_graph(x):
         # aliases: their own graph nodes, so that x's gradient is only its direct use (the unit rows
         # descend from x when the reference is the batch)
@@ -101,7 +102,7 @@ def _backward(ctx, grad, add_grads):
                                        grad), None)
     with torch.no_grad():
         grads = torch.zeros_like(ua), torch.zeros_like(up), torch.zeros_like(x)
-        add_grads(grad, ua, up, x, ctx.setup, *grads)
+        add_grads(grad, ua, up, x, ctx.setup, *grads, *kept)
     return (*grads, None)
 
 
@@ -162,115 +163,131 @@ def _pair_slots(labels, ref_labels, exclude_diag):
     return first, torch.empty_like(order_r).index_put_((order_r,), in_run)
 
 
-def _exp_rows(u_rows, x, row_labels, ref_labels, c):
-    """(A, m): A = exp(c s − m) on each row's negatives (0 elsewhere), m the row's largest c s there.
-    In place on the product (no more (rows x M) buffers)."""
+def _exp_rows(u_rows, x, row_labels, ref_labels, c, m=None):
+    """(A, m): A = exp(c s − m) on each row's negatives (0 elsewhere), m the row's largest c s
+    there (given: the forward's). In place on the product (no more (rows x M) buffers)."""
     cs = fixed_mm(c * u_rows, x).masked_fill_(row_labels[:, None] == ref_labels[None, :], -math.inf)
-    m = cs.amax(dim=1, keepdim=True)
+    if m is None:
+        m = cs.amax(dim=1, keepdim=True)
     return cs.sub_(m).exp_(), m
 
 
-class _Tile(NamedTuple):
-    pairs: torch.Tensor  # (rows_a, rows_p) bool: which entries are pairs
+class _Pairs(NamedTuple):
+    """The pairs of one tile (anchor block x positive block)."""
+    mask: torch.Tensor  # (rows_a, rows_p) bool
+    i: torch.Tensor  # their entries' rows and columns in the tile
+    j: torch.Tensor
     slots: torch.Tensor  # their places in the pair list
-    gram: torch.Tensor  # G there
-    z: torch.Tensor  # log G + m_a + m_p − k u_a·u_p there
 
 
-def _tile(setup, rows_a, rows_p, groups, ua_rows, up_rows, A, m_a, B, m_p):
-    pairs = setup.labels[rows_a][:, None] == setup.ref_labels[rows_p][None, :]
+def _tile_pairs(setup, rows_a, rows_p):
+    mask = setup.labels[rows_a][:, None] == setup.ref_labels[rows_p][None, :]
     if setup.exclude_diag:
-        pairs &= rows_a[:, None] != rows_p[None, :]
-    i, j = pairs.nonzero(as_tuple=True)
+        mask &= rows_a[:, None] != rows_p[None, :]
+    i, j = mask.nonzero(as_tuple=True)
     pa, pp = rows_a.index_select(0, i), rows_p.index_select(0, j)
     slots = setup.first.index_select(0, pa) + setup.rank.index_select(0, pp)
     if setup.exclude_diag:
         slots -= (pp > pa).long()
-    gram = A.new_zeros(len(rows_a), len(rows_p))  # only the groups' blocks hold pairs
-    for a0, a1, p0, p1 in groups:
-        gram[a0:a1, p0:p1] = fixed_mm(A[a0:a1], B[p0:p1])
-    gram = gram[pairs]
-    dots = _row_sums(ua_rows.index_select(0, i) * up_rows.index_select(0, j))
-    z = fixed_log(gram) + m_a[i, 0] + m_p[j, 0] - setup.k * dots
-    return _Tile(pairs, slots, gram, z)
+    return _Pairs(mask, i, j, slots)
 
 
-def _walk(ua, up, x, setup):
-    """Yields (rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, tile) per tile; rows_p is rows_a
-    (and B is A) for a block that is its own positive block."""
+def _walk(ua, up, x, setup, m_a_all=None, m_p_all=None):
+    """Yields (rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs) per tile; rows_p is
+    rows_a (and B is A) for a block that is its own positive block. m_a_all, m_p_all: the
+    forward's row maxima (the backward's)."""
     for rows_a, positive_blocks in setup.blocks:
         ua_rows = ua.index_select(0, rows_a)
-        A, m_a = _exp_rows(ua_rows, x, setup.labels[rows_a], setup.ref_labels, setup.c)
+        A, m_a = _exp_rows(ua_rows, x, setup.labels[rows_a], setup.ref_labels, setup.c,
+                           None if m_a_all is None else m_a_all.index_select(0, rows_a))
         for rows_p, groups in positive_blocks:
             if rows_p is rows_a:
                 up_rows, B, m_p = ua_rows, A, m_a
             else:
                 up_rows = up.index_select(0, rows_p)
-                B, m_p = _exp_rows(up_rows, x, setup.ref_labels[rows_p], setup.ref_labels, setup.c)
-            yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, _tile(
-                setup, rows_a, rows_p, groups, ua_rows, up_rows, A, m_a, B, m_p)
+                B, m_p = _exp_rows(up_rows, x, setup.ref_labels[rows_p], setup.ref_labels, setup.c,
+                                   None if m_p_all is None else m_p_all.index_select(0, rows_p))
+            yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, _tile_pairs(setup, rows_a, rows_p)
 
 
 class _BlockedAngular(torch.autograd.Function):
-    """(per-pair losses in PML's order, the smallest G of any pair); the losses are differentiable
-    in u_a, u_p (the normalised rows) and x (the raw reference rows)."""
+    """(per-pair losses in PML's order, the smallest G of any pair, and for the backward: each pair's
+    z and G, the anchor and positive rows' maxima m); only the losses are differentiable, in u_a,
+    u_p (the normalised rows) and x (the raw reference rows)."""
 
     @staticmethod
     def forward(ua, up, x, setup):
-        losses = ua.new_zeros(len(setup.pairs[0]))  # a class without negatives: PML's 0
+        num_pairs = len(setup.pairs[0])
+        losses, z_all = ua.new_zeros(num_pairs), ua.new_zeros(num_pairs)  # no negative: PML's 0
+        gram_all = ua.new_ones(num_pairs)
+        m_a_all = ua.new_empty(ua.shape[0], 1)
+        m_p_all = m_a_all if ua is up and setup.labels is setup.ref_labels else ua.new_empty(up.shape[0], 1)
         smallest = ua.new_full((), math.inf)
-        for *_, tile in _walk(ua, up, x, setup):
-            if tile.slots.numel():
-                losses[tile.slots] = _log1p_exp(tile.z)
-                smallest = torch.minimum(smallest, tile.gram.amin())
-        return losses, smallest
+        for rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs in _walk(ua, up, x, setup):
+            m_a_all[rows_a], m_p_all[rows_p] = m_a, m_p
+            if not pairs.slots.numel():
+                continue
+            gram = A.new_zeros(len(rows_a), len(rows_p))  # only the groups' blocks hold pairs
+            for a0, a1, p0, p1 in groups:
+                gram[a0:a1, p0:p1] = fixed_mm(A[a0:a1], B[p0:p1])
+            gram = gram[pairs.mask]
+            dots = _row_sums(ua_rows.index_select(0, pairs.i) * up_rows.index_select(0, pairs.j))
+            z = fixed_log(gram) + m_a[pairs.i, 0] + m_p[pairs.j, 0] - setup.k * dots
+            losses[pairs.slots], z_all[pairs.slots], gram_all[pairs.slots] = _log1p_exp(z), z, gram
+            smallest = torch.minimum(smallest, gram.amin())
+        return losses, smallest, z_all, gram_all, m_a_all, m_p_all
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        _save(ctx, inputs)
+        ctx.mark_non_differentiable(*output[1:])
+        _save(ctx, inputs, output[2:])
 
     @staticmethod
-    def backward(ctx, grad, _grad_smallest):
+    def backward(ctx, grad, *_):
         return _backward(ctx, grad, _add_blocked_grads)
 
 
-def _add_blocked_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x):
+def _add_blocked_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x, z_all, gram_all, m_a_all, m_p_all):
     c, k = setup.c, setup.k
-    anchor = None  # (rows_a, ua_rows, A, gradient of s, gradient of ua rows) of the current block
-    for rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, tile in _walk(ua, up, x, setup):
+    anchor = None  # [rows_a, ua_rows, A, Σ (c W) B over its tiles, gradient of the ua rows] of the current block
+    for rows_a, ua_rows, A, _, rows_p, up_rows, B, _, groups, pairs in _walk(ua, up, x, setup, m_a_all, m_p_all):
         if anchor is None or anchor[0] is not rows_a:
-            _finish_anchor_block(anchor, x, c, grad_ua, grad_x)
-            anchor = (rows_a, ua_rows, A, torch.zeros_like(A), torch.zeros_like(ua_rows))
-        w = grad.index_select(0, tile.slots) * _sigmoid(tile.z)
-        W = A.new_zeros(len(rows_a), len(rows_p)).index_put_((tile.pairs,), w / tile.gram)
-        V = A.new_zeros(len(rows_a), len(rows_p)).index_put_((tile.pairs,), -k * w)
-        w_b = anchor[3]  # Σ W B over the anchor block's tiles (W is zero outside the groups)
+            _finish_anchor_block(anchor, x, grad_ua, grad_x)
+            anchor = [rows_a, ua_rows, A, None, torch.zeros_like(ua_rows)]
+        if not pairs.slots.numel():
+            continue
+        w = grad.index_select(0, pairs.slots) * _sigmoid(z_all.index_select(0, pairs.slots))
+        W = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.mask,), c * w / gram_all.index_select(0, pairs.slots))
+        V = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.mask,), -k * w)
+        w_b = torch.empty_like(A)  # the groups cover every row of the block
         if rows_p is rows_a:  # both ends of every pair are this block's rows
             W = W + W.T
             for a0, a1, p0, p1 in groups:
-                w_b[a0:a1] += fixed_mm(W[a0:a1, p0:p1], A[p0:p1].T)
-            anchor[4].add_(fixed_mm(V + V.T, ua_rows.T))
-            continue
-        grad_s = torch.zeros_like(B)
-        for a0, a1, p0, p1 in groups:
-            w_b[a0:a1] += fixed_mm(W[a0:a1, p0:p1], B[p0:p1].T)
-            grad_s[p0:p1] = fixed_mm(W[a0:a1, p0:p1].T, A[a0:a1].T)
-        grad_s.mul_(B).mul_(c)
-        anchor[4].add_(fixed_mm(V, up_rows.T))
-        grad_up.index_add_(0, rows_p, fixed_mm(V.T, ua_rows.T) + fixed_mm(grad_s, x.T))
-        grad_x += fixed_mm(grad_s.T, up_rows.T)
-    _finish_anchor_block(anchor, x, c, grad_ua, grad_x)
+                w_b[a0:a1] = fixed_mm(W[a0:a1, p0:p1], A[p0:p1].T)
+            anchor[4] += fixed_mm(V + V.T, ua_rows.T)
+        else:
+            grad_s = torch.empty_like(B)
+            for a0, a1, p0, p1 in groups:
+                w_b[a0:a1] = fixed_mm(W[a0:a1, p0:p1], B[p0:p1].T)
+                grad_s[p0:p1] = fixed_mm(W[a0:a1, p0:p1].T, A[a0:a1].T)
+            grad_s.mul_(B)
+            anchor[4] += fixed_mm(V, up_rows.T)
+            grad_up.index_add_(0, rows_p, fixed_mm(V.T, ua_rows.T) + fixed_mm(grad_s, x.T))
+            grad_x += fixed_mm(grad_s.T, up_rows.T)
+        anchor[3] = w_b if anchor[3] is None else anchor[3].add_(w_b)
+    _finish_anchor_block(anchor, x, grad_ua, grad_x)
 
 
-def _finish_anchor_block(anchor, x, c, grad_ua, grad_x):
-    """Adds an anchor block's gradient: its s gradient is c A ⊙ (the sum of W B over its tiles)."""
+def _finish_anchor_block(anchor, x, grad_ua, grad_x):
+    """Adds an anchor block's gradient: its s gradient is A ⊙ (the sum of (c W) B over its tiles)."""
     if anchor is None:
         return
     rows_a, ua_rows, A, w_b, grad_rows = anchor
-    grad_s = w_b.mul_(A).mul_(c)
-    grad_ua.index_add_(0, rows_a, grad_rows + fixed_mm(grad_s, x.T))
-    grad_x += fixed_mm(grad_s.T, ua_rows.T)
+    if w_b is not None:
+        grad_s = w_b.mul_(A)
+        grad_rows += fixed_mm(grad_s, x.T)
+        grad_x += fixed_mm(grad_s.T, ua_rows.T)
+    grad_ua.index_add_(0, rows_a, grad_rows)
 
 
 blocked_angular = applier(_BlockedAngular)
@@ -370,7 +387,7 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     first, rank = _pair_slots(labels, ref_labels, exclude_diag)
     blocks = _blocks(labels, ref_labels, ref_emb.shape[0], exclude_diag, exclude_diag and ref_emb is embeddings)
     setup = _Setup(labels, ref_labels, blocks, first, rank, exclude_diag, (a, p), c, k)
-    losses, smallest = blocked_angular(*_inputs(embeddings, ref_emb), setup)
+    losses, smallest, *_ = blocked_angular(*_inputs(embeddings, ref_emb), setup)
     info = torch.finfo(embeddings.dtype)
     if bool(smallest < ref_emb.shape[0] * info.tiny / info.eps):  # some underflowed terms may matter
         return decline(module, UNSAFE)
