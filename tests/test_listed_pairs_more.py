@@ -204,6 +204,20 @@ def test_dense_rule(name):
 
 
 @pytest.mark.parametrize("name", list(KWARGS))
+def test_nan_embeddings_follow_pml(name):
+    x, labels = _data(40, 4, torch.float64, seed=12)
+    if name == "MarginLoss":
+        tuple_ = tuple(t[::500] for t in pml_miners.TripletMarginMiner(margin=10.0)(x, labels))
+    else:
+        tuple_ = tuple(t[::25] for t in pml_miners.PairMarginMiner(pos_margin=0.0, neg_margin=10.0)(x, labels))
+    x[tuple_[0][1], 1] = float("nan")
+    loss_fn = _make(losses, name, {})
+    ours = loss_fn(x, labels, tuple_)
+    assert loss_fn.last_backend == "listed", loss_fn.last_fallback
+    torch.testing.assert_close(ours, _make(pml_losses, name, {})(x, labels, tuple_), equal_nan=True)
+
+
+@pytest.mark.parametrize("name", list(KWARGS))
 def test_pml_len_rule_and_empty(name):
     x, labels = _data(12, 3, torch.float64, seed=9)
     loss_fn = losses.__dict__[name]()
