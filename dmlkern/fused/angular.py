@@ -57,7 +57,7 @@ class _Setup(NamedTuple):
     """What the blocked forward and backward share besides the three differentiable inputs."""
     labels: torch.Tensor
     ref_labels: torch.Tensor
-    blocks: list  # [(anchor rows, [positive rows, ...])] (`_blocks`)
+    blocks: list  # [(anchor rows, [(positive rows, groups, _Pairs), ...])] (`_blocks`, then `_tile_pairs`)
     first: torch.Tensor  # (N,) where each anchor's pairs start in the pair list
     rank: torch.Tensor  # (M,) each reference row's place among its class's rows
     exclude_diag: bool
@@ -174,7 +174,6 @@ def _exp_rows(u_rows, x, row_labels, ref_labels, c, m=None):
 
 class _Pairs(NamedTuple):
     """The pairs of one tile (anchor block x positive block)."""
-    mask: torch.Tensor  # (rows_a, rows_p) bool
     i: torch.Tensor  # their entries' rows and columns in the tile
     j: torch.Tensor
     slots: torch.Tensor  # their places in the pair list
@@ -189,25 +188,25 @@ def _tile_pairs(setup, rows_a, rows_p):
     slots = setup.first.index_select(0, pa) + setup.rank.index_select(0, pp)
     if setup.exclude_diag:
         slots -= (pp > pa).long()
-    return _Pairs(mask, i, j, slots)
+    return _Pairs(i, j, slots)
 
 
 def _walk(ua, up, x, setup, m_a_all=None, m_p_all=None):
     """Yields (rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs) per tile; rows_p is
     rows_a (and B is A) for a block that is its own positive block. m_a_all, m_p_all: the
-    forward's row maxima (the backward's)."""
+    forward's row maxima (the backward's). Each anchor row is in one anchor block."""
     for rows_a, positive_blocks in setup.blocks:
         ua_rows = ua.index_select(0, rows_a)
         A, m_a = _exp_rows(ua_rows, x, setup.labels[rows_a], setup.ref_labels, setup.c,
                            None if m_a_all is None else m_a_all.index_select(0, rows_a))
-        for rows_p, groups in positive_blocks:
+        for rows_p, groups, pairs in positive_blocks:
             if rows_p is rows_a:
                 up_rows, B, m_p = ua_rows, A, m_a
             else:
                 up_rows = up.index_select(0, rows_p)
                 B, m_p = _exp_rows(up_rows, x, setup.ref_labels[rows_p], setup.ref_labels, setup.c,
                                    None if m_p_all is None else m_p_all.index_select(0, rows_p))
-            yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, _tile_pairs(setup, rows_a, rows_p)
+            yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs
 
 
 class _BlockedAngular(torch.autograd.Function):
@@ -230,7 +229,7 @@ class _BlockedAngular(torch.autograd.Function):
             gram = A.new_zeros(len(rows_a), len(rows_p))  # only the groups' blocks hold pairs
             for a0, a1, p0, p1 in groups:
                 gram[a0:a1, p0:p1] = fixed_mm(A[a0:a1], B[p0:p1])
-            gram = gram[pairs.mask]
+            gram = gram[pairs.i, pairs.j]
             dots = _row_sums(ua_rows.index_select(0, pairs.i) * up_rows.index_select(0, pairs.j))
             z = fixed_log(gram) + m_a[pairs.i, 0] + m_p[pairs.j, 0] - setup.k * dots
             losses[pairs.slots], z_all[pairs.slots], gram_all[pairs.slots] = _log1p_exp(z), z, gram
@@ -250,15 +249,16 @@ class _BlockedAngular(torch.autograd.Function):
 def _add_blocked_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x, z_all, gram_all, m_a_all, m_p_all):
     c, k = setup.c, setup.k
     anchor = None  # [rows_a, ua_rows, A, Σ (c W) B over its tiles, gradient of the ua rows] of the current block
+    done = []  # (rows_a, gradient of the ua rows) per anchor block, written into grad_ua at the end
     for rows_a, ua_rows, A, _, rows_p, up_rows, B, _, groups, pairs in _walk(ua, up, x, setup, m_a_all, m_p_all):
         if anchor is None or anchor[0] is not rows_a:
-            _finish_anchor_block(anchor, x, grad_ua, grad_x)
+            _finish_anchor_block(anchor, x, grad_x, done)
             anchor = [rows_a, ua_rows, A, None, torch.zeros_like(ua_rows)]
         if not pairs.slots.numel():
             continue
         w = grad.index_select(0, pairs.slots) * _sigmoid(z_all.index_select(0, pairs.slots))
-        W = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.mask,), c * w / gram_all.index_select(0, pairs.slots))
-        V = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.mask,), -k * w)
+        W = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.i, pairs.j), c * w / gram_all.index_select(0, pairs.slots))
+        V = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.i, pairs.j), -k * w)
         w_b = torch.empty_like(A)  # the groups cover every row of the block
         if rows_p is rows_a:  # both ends of every pair are this block's rows
             W = W + W.T
@@ -275,11 +275,13 @@ def _add_blocked_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x, z_all, 
             grad_up.index_add_(0, rows_p, fixed_mm(V.T, ua_rows.T) + fixed_mm(grad_s, x.T))
             grad_x += fixed_mm(grad_s.T, up_rows.T)
         anchor[3] = w_b if anchor[3] is None else anchor[3].add_(w_b)
-    _finish_anchor_block(anchor, x, grad_ua, grad_x)
+    _finish_anchor_block(anchor, x, grad_x, done)
+    if done:
+        grad_ua.index_copy_(0, torch.cat([rows for rows, _ in done]), torch.cat([g for _, g in done]))
 
 
-def _finish_anchor_block(anchor, x, grad_ua, grad_x):
-    """Adds an anchor block's gradient: its s gradient is A ⊙ (the sum of (c W) B over its tiles)."""
+def _finish_anchor_block(anchor, x, grad_x, done):
+    """An anchor block's gradient: its s gradient is A ⊙ (the sum of (c W) B over its tiles)."""
     if anchor is None:
         return
     rows_a, ua_rows, A, w_b, grad_rows = anchor
@@ -287,7 +289,7 @@ def _finish_anchor_block(anchor, x, grad_ua, grad_x):
         grad_s = w_b.mul_(A)
         grad_rows += fixed_mm(grad_s, x.T)
         grad_x += fixed_mm(grad_s.T, ua_rows.T)
-    grad_ua.index_add_(0, rows_a, grad_rows)
+    done.append((rows_a, grad_rows))
 
 
 blocked_angular = applier(_BlockedAngular)
@@ -385,8 +387,10 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     exclude_diag = ref_labels is labels  # PML's get_all_pairs_indices: the self-pairs by identity
     a, p = positive_pairs(labels, ref_labels, exclude_diag)
     first, rank = _pair_slots(labels, ref_labels, exclude_diag)
+    setup = _Setup(labels, ref_labels, None, first, rank, exclude_diag, (a, p), c, k)
     blocks = _blocks(labels, ref_labels, ref_emb.shape[0], exclude_diag, exclude_diag and ref_emb is embeddings)
-    setup = _Setup(labels, ref_labels, blocks, first, rank, exclude_diag, (a, p), c, k)
+    setup = setup._replace(blocks=[(rows_a, [(rows_p, groups, _tile_pairs(setup, rows_a, rows_p)) for rows_p, groups in tiles])
+                                   for rows_a, tiles in blocks])
     losses, smallest, *_ = blocked_angular(*_inputs(embeddings, ref_emb), setup)
     info = torch.finfo(embeddings.dtype)
     if bool(smallest < ref_emb.shape[0] * info.tiny / info.eps):  # some underflowed terms may matter
