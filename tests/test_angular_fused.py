@@ -305,3 +305,13 @@ def test_memory_at_n16384():
             assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
         """)
     assert growth_mib < 256, f"peak RSS grew by {growth_mib:.0f} MiB"
+
+
+def test_torch_func_grad_runs_the_fused_path():
+    x, labels, _, _ = _inputs(30, 4, None, 8, torch.float64, seed=16)
+    loss_fn = losses.AngularLoss()
+    got = torch.func.grad(lambda x: loss_fn(x, labels))(x)
+    assert loss_fn.last_backend == "blocked"
+    loss_fn.backend = "reference"
+    want = torch.func.grad(lambda x: loss_fn(x, labels))(x)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])

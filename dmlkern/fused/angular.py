@@ -9,14 +9,16 @@ and k = 2 (1 + tan²(α)) (PML 2.9.0):
 All pairs (`last_backend` "blocked"): a and p share a's class, hence its negatives, so over one
 class the sums are a Gram product G = A·Bᵀ with A[a, n] = e^(c s_an − m_a) on a's negatives (0
 elsewhere), m_a the row's largest c s_an there, B likewise for the positives' rows, and
-log Σ = log G_ap + m_a + m_p. The rows are walked in blocks of whole classes (`_blocks`): a
-block's similarity rows (deterministic `ops.fixed_mm`) give A and B, one product gives G for
-every pair in the block (entries of two classes are masked out). Work: one N x M x D product
-plus Σ_c n_c² M for the Gram products (somewhat more: small classes share blocks of ≤ 32 rows);
-memory O(block x M + pairs). The backward recomputes each block: with w_ap = the upstream
-gradient times sigmoid(z_ap) and W = w / G, dL/ds_an = c A[a, n] (W B)[a, n] and
-dL/ds_pn = c B[p, n] (Wᵀ A)[p, n]; the gradients of u and of the raw x follow by products,
-added block by block in a fixed order: bit-identical at any CPU thread count.
+log Σ = log G_ap + m_a + m_p. The rows are walked in blocks of whole classes (`_blocks`: up to
+256 rows, ~2M similarity values): a block's similarity rows (deterministic `ops.fixed_mm`) give A
+(and B: the same rows when the reference is the batch), and one small product per Gram group
+(whole classes, ≤ 32 rows) gives G for the group's pairs. Work: one N x M x D product plus
+~32 N M for the Gram products (Σ_c n_c² M for classes over 32 rows); memory O(block x M + pairs).
+The backward recomputes each block's A and B (with the forward's row maxima; each pair's z and G
+are kept from the forward): with w_ap = the upstream gradient times sigmoid(z_ap) and
+W = c w / G, dL/ds_an = A[a, n] (W B)[a, n] and dL/ds_pn = B[p, n] (Wᵀ A)[p, n]; the gradients
+of u and of the raw x follow by products, added block by block in a fixed order: bit-identical
+at any CPU thread count.
 
 The shifted exps are accurate while a pair's G is not tiny: the terms lost to underflow are each
 below the dtype's smallest normal number, so G >= M · tiny / eps (≈ e^-61 in fp32 at M = 16384)
@@ -111,9 +113,8 @@ def _blocks(labels, ref_labels, m, exclude_diag, same_rows):
     """[(anchor rows, [(positive rows, groups), ...])] over the classes with pairs and negatives.
     Whole classes make Gram groups of ≤ _GROUP_ROWS rows (a larger class is a group of its own),
     consecutive groups a block of ≤ step = min(_BLOCK_ROWS, _BLOCK_VALUES / M) rows (at least
-_GROUP_ROWS); a class of more than step rows
-    is cut into square tiles of step rows. groups: (a0, a1, p0, p1), a group's rows in the block's
-    anchor and positive rows. With same_rows (the reference is the batch) a positive block `is`
+    _GROUP_ROWS); a class of more than step rows is cut into square tiles of step rows. groups:
+    (a0, a1, p0, p1), a group's rows in the block's anchor and positive rows. With same_rows (the reference is the batch) a positive block `is`
     its anchor block when they are the same rows."""
     sorted_a, order_a = torch.sort(labels, stable=True)
     sorted_r, order_r = torch.sort(ref_labels, stable=True)
@@ -153,11 +154,10 @@ _GROUP_ROWS); a class of more than step rows
     return blocks
 
 
-def _pair_slots(labels, ref_labels, exclude_diag):
-    """(first, rank): pair (a, p) is entry first[a] + rank[p] − [p > a] (that term with
-    exclude_diag) of PML's row-major pair list."""
-    per_row = LabelStats(labels, ref_labels).pos
-    first = torch.cumsum(per_row, 0) - per_row
+def _pair_slots(stats, ref_labels):
+    """(first, rank): pair (a, p) is entry first[a] + rank[p] − [p > a] (that term when the
+    self-pairs are excluded) of PML's row-major pair list."""
+    first = torch.cumsum(stats.pos, 0) - stats.pos
     sorted_r, order_r = torch.sort(ref_labels, stable=True)
     in_run = torch.arange(len(order_r), device=order_r.device) - torch.searchsorted(sorted_r, sorted_r)
     return first, torch.empty_like(order_r).index_put_((order_r,), in_run)
@@ -386,7 +386,7 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return ZERO_LOSS
     exclude_diag = ref_labels is labels  # PML's get_all_pairs_indices: the self-pairs by identity
     a, p = positive_pairs(labels, ref_labels, exclude_diag)
-    first, rank = _pair_slots(labels, ref_labels, exclude_diag)
+    first, rank = _pair_slots(stats, ref_labels)
     setup = _Setup(labels, ref_labels, None, first, rank, exclude_diag, (a, p), c, k)
     blocks = _blocks(labels, ref_labels, ref_emb.shape[0], exclude_diag, exclude_diag and ref_emb is embeddings)
     setup = setup._replace(blocks=[(rows_a, [(rows_p, groups, _tile_pairs(setup, rows_a, rows_p)) for rows_p, groups in tiles])
