@@ -315,3 +315,15 @@ def test_torch_func_grad_runs_the_fused_path():
     loss_fn.backend = "reference"
     want = torch.func.grad(lambda x: loss_fn(x, labels))(x)
     torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_reference_given_with_the_batch_or_its_labels(dtype):
+    """ref_labels is labels with another ref_emb (PML excludes the diagonal by identity), and
+    ref_emb is the batch with a copy of its labels (self-pairs count as positives then)."""
+    x, labels, ref, _ = _inputs(40, 5, 40, 7, dtype, seed=17)
+    _assert_like_pml(x, labels, ref, labels)
+    ours, theirs = losses.AngularLoss(), pml_losses.AngularLoss()
+    got = ours(x, labels, None, x, labels.clone())
+    assert ours.last_backend == "blocked", ours.last_fallback
+    torch.testing.assert_close(got, theirs(x, labels, None, x, labels.clone()), **TOL[dtype])
