@@ -61,7 +61,7 @@ DMLK_CPU_INLINE void grad_row_x(bool has_b, bool has_lift, T* w, int nc, const i
   using B = Broadcast<T>;
   const B mx{rows.max_neg[i]}, mn{rows.min_pos[i]}, ap{rows.a_pos[i]}, lp{rows.lse_pos[i]};
   const B an{rows.a_neg[i]}, ln{rows.lse_neg[i]}, b{rows.b_pos[i]}, L{rows.L[i]};
-  dispatch_grad_terms<MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
+  dispatch_grad_terms<TR, MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
     constexpr bool HAS_LIFT = decltype(hl)::value;
     grad_row_own<T, TR, MI, decltype(hb)::value, HAS_LIFT>(
         w, nc, lab, li, diag, mx, mn, ap, lp, an, ln, b, L, B{HAS_LIFT ? rows.c_lift[i] : T(0)},
@@ -76,7 +76,7 @@ DMLK_CPU_INLINE void grad_row_y(bool has_b, bool has_lift, T* w, int nc, const i
   const T *mx = rows.max_neg + c0, *mn = rows.min_pos + c0, *ap = rows.a_pos + c0;
   const T *lp = rows.lse_pos + c0, *an = rows.a_neg + c0, *ln = rows.lse_neg + c0;
   const T *b = rows.b_pos + c0, *L = rows.L + c0;
-  dispatch_grad_terms<MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
+  dispatch_grad_terms<TR, MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
     constexpr bool HAS_LIFT = decltype(hl)::value;
     grad_row_own<T, TR, MI, decltype(hb)::value, HAS_LIFT>(
         w, nc, lab, lj, diag, mx, mn, ap, lp, an, ln, b, L, HAS_LIFT ? rows.c_lift + c0 : nullptr,
@@ -201,7 +201,7 @@ DMLK_CPU_CLONES void grad_tile_sym(T* tile, int64_t na, int64_t nc, int64_t a0, 
     T* w = tile + r * nc;
     const int32_t* clab = lab + c0;
     const int diag = diag_column(exclude_diag, i, c0, nc);
-    dispatch_grad_terms<MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
+    dispatch_grad_terms<TR, MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
       constexpr bool HAS_LIFT = decltype(hl)::value;
       grad_row_sym<T, TR, MI, decltype(hb)::value, HAS_LIFT>(
           w, inc, clab, lab[i], diag, ri, mx, mn, ap, lp, an, ln, b, L, HAS_LIFT ? cl : nullptr, p);

@@ -25,7 +25,7 @@ from .dispatch import extension_loaded, log, resolve_backend
 # The engine's vocabulary (dmlkern/engine_spec.py), re-exported: callers write pe.PASS_LSE2.
 from ..engine_spec import (COEF_WIDTH_HINGE, MINING_MULTI_SIMILARITY, MINING_NONE, OUT_COLUMNS,  # noqa: F401
                            PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS,
-                           TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
+                           TRANSFORM_CIRCLE, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -311,6 +311,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
         reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "pass_kind=3 (lifted_pairs)")
     if int(pass_kind) == PASS_HINGE:
         reference.check_hinge_mining(mining, "pass_kind=4 (hinge)")
+    reference.check_circle(transform, mining, params, pass_kind=pass_kind)
     args = (x, y, x_labels, y_labels, row_in.to(stats).contiguous(), int(pass_kind), int(transform),
             int(mining), params, bool(exclude_diag))
     chosen = choose_backend(backend, x.device)
@@ -335,6 +336,7 @@ def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform
         reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
     if row_coef.shape[1] == COEF_WIDTH_HINGE:
         reference.check_hinge_mining(mining, "row_coef with 2 columns (the hinge backward)")
+    reference.check_circle(transform, mining, params, coef_width=row_coef.shape[1])
     args = (x, y, x_labels, y_labels, row_in, row_coef, int(transform), int(mining),
             [float(p) for p in params], bool(exclude_diag), bool(symmetric))
     if backend == "reference":
