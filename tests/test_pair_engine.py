@@ -910,21 +910,20 @@ def test_circle_transform_rejects_other_configurations(backend):
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_nine_params_leave_the_other_transforms_unchanged(backend, device):
-    """The circle constants (params 6 to 9) are read by transform 2 only: the other transforms give
-    the same bits with 5 params as with 9, whatever the four are."""
+    """The circle constants (params 6 to 9) are read by transform 2 only: the other transforms' ops
+    give the same bits with 5 params as with 9, whatever the four are (ops.pair_engine sends them
+    5)."""
     _needs_engine(backend)
+    fwd, bwd, _ = _raw_engine(backend)
     x, y, xl, yl, _ = _inputs((37, 45, 19, 4), torch.float32, device, seed=8)
     for transform in (0, 1):
         base = PARAMS[transform]
-        row_in = _row_in(x, y, xl, yl, False, transform, 0, base, torch.float32)
-        out5, out9 = (pe.engine_forward(x, y, xl, yl, row_in, pass_kind=1, transform=transform, params=p,
-                                        backend=backend) for p in (base, base + [1.3, -0.2, 0.7, 5.0]))
+        row_in = _row_in(x, y, xl, yl, False, transform, 0, base, torch.float32).to(device)
+        out5, out9 = (fwd(x, y, xl, yl, row_in, 1, transform, 0, p, False) for p in (base, base + [1.3, -0.2, 0.7, 5.0]))
         assert torch.equal(out5, out9)
         coef = torch.stack([out5[:, 0] * 0 + 0.5, out5[:, 0], out5[:, 1] * 0 + 0.25, out5[:, 1],
                             torch.zeros_like(out5[:, 0])], dim=1)
-        g5, g9 = (pe.engine_backward_raw(x, y, xl, yl, row_in, coef, transform=transform, mining=0, params=p,
-                                         exclude_diag=False, backend=backend)
-                  for p in (base, base + [1.3, -0.2, 0.7, 5.0]))
+        g5, g9 = (bwd(x, y, xl, yl, row_in, coef, transform, 0, p, False) for p in (base, base + [1.3, -0.2, 0.7, 5.0]))
         assert torch.equal(g5[0], g9[0]) and torch.equal(g5[1], g9[1])
 
 
