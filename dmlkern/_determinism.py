@@ -13,9 +13,11 @@ bits with another thread count:
 
 `fixed_order_sum` / `fixed_order_mean` sum in chunks of a fixed size (a reduction with one
 output per chunk is split over outputs: each chunk is summed by one thread, in one order),
-and `logaddexp` uses the unaffected ops. Off the CPU, and for other dtypes, they are the plain
+and `logaddexp` and `log` use the unaffected ops. Off the CPU, and for other dtypes, they are the plain
 torch ops (a CUDA reduction has a fixed order already).
 """
+import math
+
 import torch
 
 _GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: smaller ops run on one thread
@@ -53,3 +55,13 @@ def logaddexp(a, b):
     hi, lo = torch.maximum(a, b), torch.minimum(a, b)
     # a == b (also both infinite, where lo - hi is NaN): log1p(exp(0)).
     return hi + torch.log1p(torch.exp(torch.where(hi == lo, 0.0, lo - hi)))
+
+
+def log(t):
+    """torch.log(t), on a CPU past torch's grain size from ops whose bits do not depend on the
+    thread count: t = f * 2^e with f in [0.5, 1) (frexp, exact), log t = log1p(f - 1) + e log 2
+    (f - 1 is exact). 0 -> -inf, inf -> inf, NaN and negatives -> NaN, as torch.log."""
+    if t.device.type != "cpu" or t.numel() < _GRAIN_SIZE:  # not split: one loop
+        return torch.log(t)
+    mantissa, exponent = torch.frexp(t)
+    return torch.log1p(mantissa - 1) + exponent.to(t.dtype) * math.log(2)

@@ -37,6 +37,7 @@ __all__ = [
     "DotProductSimilarity",
     "CosineSimilarity",
     "SNRDistance",
+    "BatchedDistance",
 ]
 
 
@@ -211,3 +212,27 @@ class SNRDistance(BaseDistance):
 
     def pairwise_distance(self, query_emb, ref_emb):
         return torch.var(query_emb - ref_emb, dim=1) / torch.var(query_emb, dim=1)
+
+
+class BatchedDistance(torch.nn.Module):
+    """Runs ``distance`` on blocks of ``batch_size`` query rows against all of ``ref_emb`` and
+    passes each block to ``iter_fn(mat, s, e)`` (rows s:e); returns None, as PML. Other attributes
+    are the wrapped distance's."""
+
+    def __init__(self, distance, iter_fn=None, batch_size=32):
+        super().__init__()
+        self.distance = distance
+        self.iter_fn = iter_fn
+        self.batch_size = batch_size
+
+    def forward(self, query_emb, ref_emb=None):
+        ref_emb = query_emb if ref_emb is None else ref_emb
+        for s in range(0, query_emb.shape[0], self.batch_size):
+            e = s + self.batch_size
+            self.iter_fn(self.distance(query_emb[s:e], ref_emb), s, e)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.distance, name)

@@ -272,7 +272,6 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):  # n
     stats_loss.collect_stats = True
     for loss_fn, args, reason in [
         (losses.NCALoss(), (x, labels, pairs), "an indices_tuple"),
-        (losses.TupletMarginLoss(), (x, labels, pairs), "an indices_tuple"),
         (losses.NCALoss(distance=dist.LpDistance(p=1)), (x, labels), "non-default distance"),
         (losses.NCALoss(distance=dist.LpDistance(normalize_embeddings=False, power=2)), (x, labels),
          "non-default distance"),

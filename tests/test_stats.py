@@ -257,7 +257,7 @@ def test_no_stats_computed_without_collect_stats(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("statistics computed without collect_stats")
 
-    for mod, fn in ((ang, "angular_loss_average_angle"), (tup, "degrees_mean_acos"), (am, "angle_stats"),
+    for mod, fn in ((ang, "angular_loss_average_angle"), (tup, "degrees_mean_acos"), (am, "AngleStats"),
                     (tm, "triplet_means")):
         monkeypatch.setattr(mod, fn, boom)
     x, y = _batch(0)

@@ -10,10 +10,14 @@ so many rows gives each row the bits of the whole matrix's product (a product of
 take another kernel, e.g. gemv, and round otherwise), so the picks tie-break as on the full matrix
 (torch.min / max per row) and the indices are PML's. Row-major order within and across blocks."""
 import math
+import os
 
 import torch
 
+from .._determinism import fixed_order_sum
+from ..ops import fixed_mm
 from ..reference import miners as ref
+from ..reference.indices import random_positives
 
 _BLOCK_VALUES = 1 << 21  # distance values per row block (8 MiB in fp32); a few such buffers live at once
 _MIN_BLOCK_ROWS = 64
@@ -32,13 +36,16 @@ def _row_blocks(n, m):
         r0 = r1
 
 
-def distance_blocks(distance, embeddings, ref_emb):
-    """(r0, r1, distance(embeddings, ref_emb)[r0:r1]) block by block. Records the distance's
-    statistics as one call would (a no-op unless it collects them)."""
+def distance_blocks(distance, embeddings, ref_emb, want=None):
+    """(r0, r1, distance(embeddings, ref_emb)[r0:r1]) block by block (only the blocks where
+    want(r0, r1), if given). Records the distance's statistics as one call would (a no-op unless
+    it collects them)."""
     distance.record_stats(embeddings, ref_emb)
     query = distance.maybe_normalize(embeddings)
     refs = query if ref_emb is embeddings else distance.maybe_normalize(ref_emb)
     for r0, r1 in _row_blocks(embeddings.shape[0], refs.shape[0]):
+        if want is not None and not want(r0, r1):
+            continue
         mat = distance.compute_mat(query[r0:r1], refs)
         yield r0, r1, mat if distance.power == 1 else mat**distance.power
 
@@ -154,3 +161,405 @@ def pair_margin_miner(distance, embeddings, labels, ref_emb, ref_labels, pos_mar
         neg_parts.append(_where_offset(neg_cand, r0))
     device = embeddings.device
     return (*_cat_pairs(pos_parts, device), *_cat_pairs(neg_parts, device))
+
+
+def _label_counts(labels, ref_labels):
+    """Per query row, the number of reference rows with its label (any integer ids)."""
+    sorted_ref = torch.sort(ref_labels).values
+    return (torch.searchsorted(sorted_ref, labels, right=True) - torch.searchsorted(sorted_ref, labels)).long()
+
+
+# ----------------------------------------------------------------------------- AngularMiner
+_ANGLE_VALUES = 1 << 20  # (positive pair, reference row) fp64 values per chunk; a few such buffers live at once
+_OUTPUT_MEMORY_FRACTION = 0.5  # the mined triplets (and their concatenation) may use this much of the free memory
+_MAX_OUTPUT_BYTES = None  # a fixed limit instead (tests)
+
+
+def _free_memory_bytes(device):
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class AngleStats:
+    """AngularMiner's statistics over every triplet's angle, merged chunk by chunk in fp64
+    (count, sum, min, max and Chan et al.'s pairwise merge of the squared deviations, so the
+    standard deviation needs no second pass; sums in an order independent of the thread count)."""
+
+    def __init__(self):
+        self.n = self.total = self.m2 = self.above_n = self.above_total = 0.0
+        self.lo, self.hi = math.inf, -math.inf
+
+    def add(self, angles, above):
+        n = float(angles.numel())
+        if n == 0:
+            return
+        total = float(fixed_order_sum(angles))
+        m2 = float(fixed_order_sum((angles - total / n) ** 2))
+        if self.n > 0:
+            delta = total / n - self.total / self.n
+            m2 += self.m2 + delta * delta * self.n * n / (self.n + n)
+        self.n, self.total, self.m2 = self.n + n, self.total + total, m2
+        self.above_n += float(above.sum())
+        self.above_total += float(fixed_order_sum(angles[above]))
+        self.lo, self.hi = min(self.lo, float(angles.min())), max(self.hi, float(angles.max()))
+
+    def as_dict(self):
+        """The statistics PML sets, in degrees: average/min/max/std when there is a triplet, the
+        mean above / below the threshold when that side has one (torch.std's unbiased std)."""
+        out = {}
+        if self.n > 0:
+            std = math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else math.nan
+            out.update(average_angle=math.degrees(self.total / self.n), min_angle=math.degrees(self.lo),
+                       max_angle=math.degrees(self.hi), std_of_angle=math.degrees(std))
+        if self.above_n > 0:
+            out["average_angle_above_threshold"] = math.degrees(self.above_total / self.above_n)
+        if self.n - self.above_n > 0:
+            out["average_angle_below_threshold"] = math.degrees(
+                (self.total - self.above_total) / (self.n - self.above_n))
+        return out
+
+
+def _pml_angles(embeddings, ref_emb, a, p, n):
+    """PML's angles of the triplets (a, p, n), computed as PML does (gathered rows, the centre of
+    the raw rows, F.pairwise_distance): each triplet's bits are PML's."""
+    xa, xp = embeddings[a], ref_emb[p]
+    centers = (xa + xp) / 2
+    ap = torch.nn.functional.pairwise_distance(xa, xp)
+    nc = torch.nn.functional.pairwise_distance(ref_emb[n], centers)
+    return torch.atan(ap / (2 * nc))
+
+
+def _tan_bound(theta):
+    """tan(theta) extended monotonically: +inf at or past pi/2, -inf at or below -pi/2."""
+    if theta >= math.pi / 2:
+        return math.inf
+    if theta <= -math.pi / 2:
+        return -math.inf
+    return math.tan(theta)
+
+
+def _nc2_limit(ap, t, err, keep):
+    """Per pair, the d_nc^2 below which (keep) / above which (not keep) d_ap / (2 d_nc) is surely
+    beyond t: ap^2 / (4 t^2) moved by err; +-inf where t is <= 0 or infinite."""
+    if (keep and t < 0) or (not keep and t <= 0):
+        return torch.full_like(ap, math.inf)
+    if math.isinf(t):
+        return torch.full_like(ap, -math.inf)
+    return ap * ap / (4 * t * t) + err
+
+
+def angular_miner(embeddings, labels, ref_emb, ref_labels, angle, stats=None):
+    """PML's AngularMiner: every triplet (a, p, n) with atan(d_ap / (2 d_nc)) > angle, where
+    d_ap = ||x_a - x_p||, d_nc = ||x_n - (x_a + x_p) / 2|| on the raw rows (F.pairwise_distance,
+    eps 1e-6 added to the difference), in PML's order (a, then p, then n).
+
+    Chunks of positive pairs (a, p) against all reference rows: d_nc^2 from fp64 products,
+    ||n + eps||^2 + ||c - eps||^2 - 2 c.n (`fixed_mm`, c = PML's rounded centre). Each triplet is
+    decided from an interval holding PML's angle (the products' error bound, PML's own rounding in
+    its dtype, atan and the threshold's rounding); the few whose interval holds the threshold, or
+    whose d_nc is too small for the products to bound, are recomputed as PML does
+    (`_pml_angles`), so the indices are PML's. `stats` (an AngleStats) collects every angle
+    (fp64 from the products, PML's where recomputed). Memory: O(chunk + output); an output that
+    would not fit in `_OUTPUT_MEMORY_FRACTION` of the free memory raises torch.OutOfMemoryError
+    before it is built."""
+    device, dtype = embeddings.device, embeddings.dtype
+    n_rows, n_ref = embeddings.shape[0], ref_emb.shape[0]
+    if n_rows == 0 or n_ref == 0:
+        return ref._empty(device, 3)
+    dim = embeddings.shape[1]
+    u_in, u64 = torch.finfo(dtype).eps, torch.finfo(torch.float64).eps / 2
+    eps = float(torch.tensor(1e-6, dtype=dtype))  # F.pairwise_distance's eps, in the rows' dtype
+    theta = float(torch.tensor(angle, dtype=dtype))  # PML compares in the angles' dtype
+    eta = 4 * u_in  # atan's and the angles' rounding (angles <= pi/2)
+    t_hi, t_lo = _tan_bound(theta + eta), _tan_bound(theta - eta)
+    rel = (2 * dim + 16) * u_in  # PML's rounding of d_ap / (2 d_nc), relative
+    refs = ref_emb.double()
+    ref_sq = (refs * refs).sum(1)
+    row_term = ref_sq + 2 * eps * refs.sum(1) + dim * eps * eps  # ||n + eps||^2
+    # bound on the products' error in d_nc^2 (per pair: the largest ||n||^2) and PML's absolute
+    # error where d_nc ~ eps
+    gamma, max_ref_sq = 4 * (dim + 8) * u64, float(ref_sq.max())
+    floor = 4 * u_in * dim * eps * eps + torch.finfo(torch.float64).tiny
+    limit = _MAX_OUTPUT_BYTES
+    if limit is None:
+        limit = _OUTPUT_MEMORY_FRACTION * _free_memory_bytes(device)
+    ref_labels_ = labels if ref_labels is None else ref_labels
+    parts, kept_total = [], 0
+    pairs_per_chunk = max(1, _ANGLE_VALUES // n_ref)
+    for r0, r1 in _row_blocks(n_rows, n_ref):
+        pos, _ = _candidates(labels, ref_labels_, r0, r1)
+        pair_a, pair_p = _where_offset(pos, r0)
+        del pos
+        for c0 in range(0, len(pair_a), pairs_per_chunk):
+            pa, pp = pair_a[c0:c0 + pairs_per_chunk], pair_p[c0:c0 + pairs_per_chunk]
+            xa, xp = embeddings[pa], ref_emb[pp]
+            centers = ((xa + xp) / 2).double()
+            ap = torch.nn.functional.pairwise_distance(xa, xp).double()
+            del xa, xp
+            c_sq = (centers * centers).sum(1)
+            col_term = c_sq - 2 * eps * centers.sum(1)  # ||c - eps||^2: d_nc^2 = h + col_term
+            err = gamma * (max_ref_sq + c_sq) + floor
+            # PML's d_ap / (2 d_nc) > t_hi for sure where d_nc^2 < k_lim, < t_lo where d_nc^2 > d_lim
+            k_lim = _nc2_limit(ap * (1 - rel), t_hi, -err, keep=True) - col_term
+            d_lim = _nc2_limit(ap * (1 + rel), t_lo, err, keep=False) - col_term
+            h = fixed_mm(centers, refs).mul_(-2).add_(row_term)
+            neg = labels[pa][:, None] != ref_labels_[None, :]
+            keep = (h < k_lim[:, None]).logical_and_(neg)
+            unsure = neg & ~keep & ~(h > d_lim[:, None])  # NaN included
+            if stats is not None:  # d_nc too small for the products to give its angle: PML's maths
+                unsure |= neg & (h < (64 * err - col_term)[:, None])
+            ui, un = torch.where(unsure)
+            del unsure
+            exact = _pml_angles(embeddings, ref_emb, pa[ui], pp[ui], un) if len(ui) else None
+            if exact is not None:
+                keep[ui, un] = exact > angle
+            if stats is not None:
+                approx = h.add_(col_term[:, None]).clamp_min_(0).sqrt_().mul_(2)
+                approx = torch.atan(torch.div(ap[:, None], approx, out=approx))
+                if exact is not None:
+                    approx[ui, un] = exact.double()
+                stats.add(approx[neg], keep[neg])
+            del h, neg
+            ki, kn = torch.where(keep)
+            kept_total += len(ki)
+            if 2 * 24 * kept_total > limit:  # three int64 per triplet, held twice while concatenated
+                raise torch.OutOfMemoryError(
+                    f"AngularMiner: the mined triplets would need more than {2 * 24 * kept_total / 2**30:.2f} GiB "
+                    f"({kept_total} triplets from the first {int(pa[-1]) + 1} of {n_rows} anchors), over "
+                    f"the limit of {limit / 2**30:.2f} GiB ({_OUTPUT_MEMORY_FRACTION:.0%} of the free memory): "
+                    "raise the angle or mine a smaller batch")
+            parts.append((pa[ki], pp[ki], kn))
+    if not parts:
+        return ref._empty(device, 3)
+    a, p, n = zip(*parts)
+    return torch.cat(a), torch.cat(p), torch.cat(n)
+
+
+# ----------------------------------------------------------------------------- HDCMiner
+_TOPK_PAIRS = 1 << 21  # a side with up to this many pairs runs PML's torch.topk on its whole list
+def _hdc_key(values, largest):
+    """Values as keys ranked largest first, in the order torch.topk ranks them (NaN first when
+    largest, last otherwise)."""
+    key = values if largest else -values
+    return torch.nan_to_num(key, nan=math.inf if largest else -math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def _top_k_in_order(keys, k):
+    """Mask of the k largest keys, the earliest ones among ties with the k-th."""
+    if k >= len(keys):
+        return torch.ones_like(keys, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    kth = torch.kthvalue(keys, len(keys) - k + 1).values
+    better = keys > kth
+    tied = keys == kth
+    return better | (tied & (torch.cumsum(tied, 0) <= k - int(better.sum())))
+
+
+def _sorted_top_k(keys, k):
+    """Positions of the k largest keys, largest first, ties in position order."""
+    kept = torch.where(_top_k_in_order(keys, k))[0]
+    return kept[torch.sort(keys[kept], descending=True, stable=True).indices]
+
+
+def _hdc_k(filter_percentage, count):
+    k = int(math.ceil(filter_percentage * count))
+    if not 0 <= k <= count:
+        raise RuntimeError(f"selected index k out of range (k = {k} of {count} pairs)")  # torch.topk's error
+    return k
+
+
+def hdc_all_pairs(distance, embeddings, labels, ref_emb, ref_labels, filter_percentage):
+    """PML's HDCMiner on all pairs: the ceil(f * #positive pairs) positive pairs farthest apart
+    and the ceil(f * #negative pairs) negative pairs closest (similarities: the reverse), each
+    list hardest first, from one pass over row blocks of the distance matrix.
+
+    A side with at most `_TOPK_PAIRS` pairs collects its values in PML's (row-major) order and
+    runs torch.topk on them as PML does: PML's output, ties included. A larger side keeps running
+    candidates (value, flat position) in position order, pruned to the k best whenever they pass
+    2k (O(block + k) memory): the same values in the same order, but pairs tied in distance come
+    in row-major order (and a tie at the k-th value keeps the earliest), where PML's torch.topk
+    over the whole list orders ties as its sort happens to leave them (e.g. the pairs (i, j) and
+    (j, i) of a batch compared with itself)."""
+    n, m, device = embeddings.shape[0], ref_emb.shape[0], embeddings.device
+    ref_labels = labels if ref_labels is None else ref_labels
+    same = _label_counts(labels, ref_labels).sum().item()
+    num_pos = same - (min(n, m) if ref_labels is labels else 0)
+    sides = [(num_pos, not distance.is_inverted), (n * m - same, distance.is_inverted)]  # (count, largest)
+    ks = [_hdc_k(filter_percentage, count) if count > 0 else 0 for count, _ in sides]
+    exact = [count <= _TOPK_PAIRS for count, _ in sides]
+    vals = [[], []]
+    flats = [[], []]
+    if n and m:
+        for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb):
+            for side, cand in enumerate(_candidates(labels, ref_labels, r0, r1)):
+                rows, cols = torch.where(cand)
+                value = mat[rows, cols]
+                vals[side].append(value if exact[side] else _hdc_key(value, sides[side][1]))
+                flats[side].append((rows + r0) * m + cols)
+                if not exact[side] and sum(map(len, vals[side])) > 2 * ks[side] + 1:
+                    key, flat = torch.cat(vals[side]), torch.cat(flats[side])
+                    kept = _top_k_in_order(key, ks[side])
+                    vals[side], flats[side] = [key[kept]], [flat[kept]]
+    out = []
+    for side, (count, largest) in enumerate(sides):
+        if count == 0:
+            out += list(ref._empty(device, 2))
+            continue
+        value, flat = torch.cat(vals[side]), torch.cat(flats[side])
+        if exact[side]:
+            flat = flat[torch.topk(value, k=ks[side], largest=largest).indices]
+        else:
+            flat = flat[_sorted_top_k(value, ks[side])]
+        out += [flat // m, flat % m]
+    return tuple(out)
+
+
+def hdc_listed_pairs(distance, embeddings, ref_emb, a1, p, a2, n, filter_percentage):
+    """PML's HDCMiner on given pairs (its set_idx_externally): torch.topk of each list's
+    distances as PML does, so PML's output. The listed distances are read from the row blocks
+    holding a listed anchor (the full matrix's bits): O(block + list) memory."""
+    listed = [(a1, p, not distance.is_inverted), (a2, n, distance.is_inverted)]
+    values = [None, None]
+    for side, (anchor, other, _) in enumerate(listed):
+        if len(anchor) and (int(anchor.min()) < 0 or int(anchor.max()) >= embeddings.shape[0]
+                            or int(other.min()) < 0 or int(other.max()) >= ref_emb.shape[0]):
+            raise IndexError("HDCMiner: an externally set pair indexes outside the batch")
+        values[side] = torch.empty(len(anchor), dtype=embeddings.dtype, device=embeddings.device)
+    anchors = torch.cat([a1, a2])
+
+    def holds_anchor(r0, r1):
+        return bool(((anchors >= r0) & (anchors < r1)).any())
+
+    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb, want=holds_anchor):
+        for side, (anchor, other, _) in enumerate(listed):
+            at = torch.where((anchor >= r0) & (anchor < r1))[0]
+            values[side][at] = mat[anchor[at] - r0, other[at]]
+    out = []
+    for side, (anchor, other, largest) in enumerate(listed):
+        if len(anchor):
+            idx = torch.topk(values[side], k=_hdc_k(filter_percentage, len(anchor)), largest=largest).indices
+            anchor, other = anchor[idx], other[idx]
+        out += [anchor, other]
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- DistanceWeightedMiner
+def _log_weights(mat, row_labels, ref_labels, dim, cutoff):
+    """PML's steps on rows of the distance matrix: (clamped distances, log-weights with the
+    same-class entries zeroed, their inf_or_nan mask before that, the not-same-class mask)."""
+    mat = torch.clamp(mat, min=cutoff)
+    log_weights = (2.0 - dim) * torch.log(mat) - ((dim - 3) / 2) * torch.log(1.0 - 0.25 * (mat**2.0))
+    inf_or_nan = torch.isinf(log_weights) | torch.isnan(log_weights)
+    mask = torch.ones_like(log_weights)
+    mask[row_labels.unsqueeze(1) == ref_labels.unsqueeze(0)] = 0
+    return mat, log_weights * mask, inf_or_nan, mask
+
+
+def _multinomial_rows(weights, rows):
+    """torch.multinomial(weights[rows], 1, replacement=True).flatten(), on the CPU in chunks of
+    about _BLOCK_VALUES values: torch draws one sample as argmax(w / q), q ~ Exp(1) drawn for
+    the whole (rows, columns) tensor in order, so chunks draw the same q and the same samples
+    (tests/test_blocked_miners_more.py checks this against torch.multinomial)."""
+    step = max(1, _BLOCK_VALUES // max(1, weights.shape[1]))
+    if weights.device.type != "cpu" or len(rows) <= step:
+        return torch.multinomial(weights[rows], 1, replacement=True).flatten()
+    out = []
+    for c0 in range(0, len(rows), step):
+        w = weights[rows[c0:c0 + step]]
+        q = torch.empty_like(w).exponential_(1)
+        out.append(torch.argmax(torch.div(w, q, out=q), dim=-1))
+    return torch.cat(out)
+
+
+def distance_weighted_miner(distance, embeddings, labels, ref_emb, ref_labels, cutoff, nonzero_loss_cutoff):
+    """PML's DistanceWeightedMiner without the N x M weights: the same triplets for the same
+    torch seed. Pass 1 takes PML's global shift (the max finite log-weight) over row blocks; then
+    the classes in torch.unique order, as PML's get_random_triplet_indices draws them (the same
+    randint and multinomial calls, or multinomial's draws in chunks on the CPU), with each class's
+    anchor rows of the weights computed on blocks of whole classes (at least _MIN_BLOCK_ROWS
+    rows: the full matrix's bits). Memory: O(block + output), plus a class's anchors x
+    negatives weights for a class of more than a block's rows (PML: every class's
+    anchors x positives x negatives)."""
+    device, dtype = embeddings.device, embeddings.dtype
+    n, m = embeddings.shape[0], ref_emb.shape[0]
+    if n == 0 or m == 0:
+        return ref._empty(device, 3)
+    dim = float(embeddings.size(1))
+    same_object = ref_labels is None or ref_labels is labels
+    ref_labels = labels if ref_labels is None else ref_labels
+    shift = None
+    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb):
+        _, log_weights, inf_or_nan, _ = _log_weights(mat, labels[r0:r1], ref_labels, dim, cutoff)
+        finite = log_weights[~inf_or_nan]
+        if finite.numel():
+            top = torch.max(finite)
+            shift = top if shift is None else torch.maximum(shift, top)
+    if shift is None:  # every weight inf/nan (PML fails in torch.max)
+        return ref._empty(device, 3)
+    query = distance.maybe_normalize(embeddings)
+    refs = query if ref_emb is embeddings else distance.maybe_normalize(ref_emb)
+
+    def weight_rows(rows):
+        """PML's normalised weights of the query rows `rows` (at least _MIN_BLOCK_ROWS rows in
+        the product)."""
+        short = min(_MIN_BLOCK_ROWS, n) - len(rows)
+        padded = torch.cat([rows, rows.new_zeros(short)]) if short > 0 else rows
+        mat = distance.compute_mat(query[padded], refs)[:len(rows)]
+        mat = mat if distance.power == 1 else mat**distance.power
+        mat, log_weights, inf_or_nan, mask = _log_weights(mat, labels[rows], ref_labels, dim, cutoff)
+        weights = torch.exp(log_weights - shift)
+        weights = weights * mask * (mat < nonzero_loss_cutoff).to(dtype)
+        weights[inf_or_nan] = 0
+        return weights / torch.sum(weights, dim=1, keepdim=True)
+
+    sorted_labels, order = torch.sort(labels, stable=True)
+    classes, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    counts = counts.tolist()
+    sorted_ref, ref_order = torch.sort(ref_labels, stable=True)
+    ref_lo = torch.searchsorted(sorted_ref, classes).tolist()
+    ref_hi = torch.searchsorted(sorted_ref, classes, right=True).tolist()
+    block_rows = max(_MIN_BLOCK_ROWS, _BLOCK_VALUES // m)
+    group_end, group_start, group_weights = 0, 0, None
+    A, P, N = [], [], []
+    for ci, c in enumerate(classes):
+        pos_ref = ref_order[ref_lo[ci]:ref_hi[ci]]  # torch.where(ref_labels == c)[0]
+        anchors = pos_ref if same_object else order[starts[ci]:starts[ci] + counts[ci]]
+        neg_ref = torch.where(ref_labels != c)[0]
+        n_a, n_p = len(anchors), len(pos_ref)
+        if n_p < (2 if same_object else 1) or len(neg_ref) < 1:
+            continue
+        row, pos = random_positives(pos_ref, n_a, n_p, same_object)
+        # the anchors' weights on the negatives: from the cached block of whole classes, or
+        # (a class of more than block_rows anchors) computed block by block
+        if counts[ci] > block_rows:
+            w = torch.cat([weight_rows(anchors[s:s + block_rows])[:, neg_ref] for s in range(0, n_a, block_rows)])
+        else:
+            if ci >= group_end:  # the next block: whole classes, about block_rows rows
+                group_start, group_end, rows = ci, ci, 0
+                while group_end < len(counts) and counts[group_end] <= block_rows and rows + counts[group_end] <= block_rows:
+                    rows += counts[group_end]
+                    group_end += 1
+                group_end = max(group_end, ci + 1)
+                group_weights = weight_rows(order[starts[group_start]:starts[group_end - 1] + counts[group_end - 1]])
+            first = starts[ci] - starts[group_start]
+            w = group_weights[first:first + n_a][:, neg_ref]
+        row = row.to(device)
+        keep = torch.where((w.sum(dim=1) > 0)[row])[0]
+        if len(keep) == 0:
+            continue
+        if w.dtype == torch.float16:
+            w = w.float()
+        A.append(anchors[row[keep]])
+        P.append(pos[keep])
+        N.append(neg_ref[_multinomial_rows(w, row[keep])])
+    if not A:
+        return ref._empty(device, 3)
+    return torch.cat(A).long(), torch.cat(P).long(), torch.cat(N).long()

@@ -11,7 +11,7 @@ from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from . import _common
 from ._common import Degenerate, LabelStats, branch_free, decline, is_unit_cosine, is_unit_euclidean
 from ._epilogue import (SHORT_ROWS, ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each,
-                        _engine_or_decline, _pair_inputs, _plain_backend)
+                        _pair_inputs, _plain_backend)
 from .listed_pairs import listed_contrastive
 
 SUB_LOSSES = ("pos_loss", "neg_loss")
@@ -75,8 +75,6 @@ def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     each reduced by its reducer; from the totals of one hinge pass (O(N) statistics). With an
     indices_tuple: only its pairs (`listed_pairs.listed_contrastive`)."""
     if indices_tuple is not None:
-        if _engine_or_decline(module, embeddings) is None:
-            return None
         return listed_contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     plan = hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, SUB_LOSSES, _KINDS)
     if plan is None:

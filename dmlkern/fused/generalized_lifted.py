@@ -6,14 +6,12 @@ from ..engine_spec import TRANSFORM_UNIT_DISTANCE, EngineParams
 from . import _common
 from ._common import Degenerate, LabelStats, decline, is_unit_euclidean
 from ._epilogue import (SHORT_ROWS, ZERO_LOSS, _at_most_one_pair_each, _empty_as_zero, _lse2, _pair_inputs,
-                        _engine_or_decline, _per_row, _plain_backend)
+                        _per_row, _plain_backend)
 from .listed_pairs import listed_generalized_lifted
 
 
 def generalized_lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if indices_tuple is not None:  # only the listed pairs (O(pairs))
-        if _engine_or_decline(module, embeddings) is None:
-            return None
         return listed_generalized_lifted(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
     if backend is None:

@@ -8,6 +8,7 @@ from .._determinism import fixed_order_sum, logaddexp
 from ..engine_spec import MINING_NONE, PASS_LIFTED_PAIRS, TRANSFORM_UNIT_DISTANCE, EngineParams
 from ..ops import pair_engine as pe
 from . import _common
+from .listed_pairs import listed_lifted
 from .pair_lists import pair_dots, positive_pairs
 from ._common import decline, is_unit_euclidean, static_shapes, unit_rows
 from ._epilogue import (SHORT_ROWS, ZERO_LOSS, _empty_as_zero, _lse2, _lse_neg_then, _plain_backend,
@@ -100,7 +101,10 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     or AvgNonZeroReducer the loss is (sum of the pair losses) / (number of positive pairs, or of
     non-zero pair losses), both from the engine's lifted_pairs pass: no pair list, static shapes
     (torch.compile fullgraph). Other reducers get the per-pair losses from a list of the positive
-    pairs (O(pairs)), fused only while pairs are few per row."""
+    pairs (O(pairs)), fused only while pairs are few per row. With an indices_tuple: only its
+    pairs (`listed_pairs.listed_lifted`)."""
+    if indices_tuple is not None:
+        return listed_lifted(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
     # With ref_emb (even the embeddings themselves, given with other ref_labels) PML matches
     # negatives by index value and keeps self-pairs: the reference does that.

@@ -3,7 +3,7 @@ relu(beta - d_an + margin); anchor a's triplets pair each of its n_pos(a) positi
 its n_neg(a) negatives, so their total is n_neg(a) * (a's sum over positives) + n_pos(a) * (a's
 sum over negatives), and the divisor (the number of terms > 0) follows from the counts alike: one
 hinge pass with L_a = -beta (beta of a's class) gives it all, with beta's gradient from the
-pass's counts. No triplet is listed."""
+pass's counts. No triplet is listed (an indices_tuple: only its triplets, `listed_triplets.py`)."""
 import torch
 
 from .._determinism import fixed_order_sum
@@ -14,6 +14,7 @@ from ..reducers import DivisorReducer, MeanReducer, SumReducer
 from ._common import Degenerate, LabelStats, decline
 from ._epilogue import ZERO_LOSS, _already_reduced, _pair_inputs
 from .contrastive import NAN_PAIRS, hinge_plan, nan_in
+from .listed_triplets import listed_margin
 
 SUB_LOSSES = ("margin_loss", "beta_reg_loss")
 _KINDS = {DivisorReducer: "divisor", MeanReducer: "mean", SumReducer: "sum"}
@@ -48,6 +49,9 @@ def _reduced(kind, total, divisor, count, reducer, embeddings):
 
 
 def margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    if indices_tuple is not None:  # only the listed triplets (O(T))
+        return listed_margin(module, embeddings, labels, indices_tuple, ref_emb)
+
     def why_not():
         if module.triplets_per_anchor != "all":
             return f"triplets_per_anchor={module.triplets_per_anchor!r} with MarginLoss (fused: all triplets)"

@@ -8,6 +8,7 @@ from ..engine_spec import MINING_NONE, PASS_POS_SOFTPLUS, TRANSFORM_DOT, EngineP
 from ..ops import pair_engine as pe
 from . import _stats
 from ._common import decline, is_plain_mean, is_unit_cosine
+from .listed_pairs import listed_ntxent
 from ._epilogue import ZERO_LOSS, _lse_neg_then, _pair_inputs, _plain_backend, _stats_with_pair_rule
 
 
@@ -82,6 +83,8 @@ _apply_ntxent_rows = applier(_NTXentRows)
 
 
 def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    if indices_tuple is not None:  # only the listed pairs (O(pairs)), any reducer
+        return listed_ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
     if backend is None:
         return None

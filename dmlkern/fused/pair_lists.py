@@ -1,8 +1,8 @@
 """Pairs listed by index, for the fused paths that work on a list instead of an N x M matrix:
 every same-label pair in O(N + M + pairs) (`positive_pairs`), and <x_a, y_p> over a list of
 pairs in chunks of rows gathered with index_select (`pair_dots`), reproducible at any CPU thread
-count. TupletMarginLoss (`tuplet.py`) and the listed TripletMarginLoss (`listed_triplets.py`)
-use them."""
+count. TupletMarginLoss (`tuplet.py`), the listed pair losses (`listed_pairs.py`) and the listed
+triplet losses (`listed_triplets.py`) use them."""
 import torch
 
 from .._autograd import applier

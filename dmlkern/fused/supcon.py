@@ -4,15 +4,13 @@ import torch
 
 from ..engine_spec import EngineParams
 from ._common import class_sums_for_rows, is_unit_cosine
-from ._epilogue import (ZERO_LOSS, _element, _engine_or_decline, _log1p_exp, _lse2, _pair_inputs, _plain_backend,
+from ._epilogue import (ZERO_LOSS, _element, _log1p_exp, _lse2, _pair_inputs, _plain_backend,
                         _stats_with_pair_rule)
 from .listed_pairs import listed_supcon
 
 
 def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if indices_tuple is not None:  # only the listed pairs (O(pairs))
-        if _engine_or_decline(module, embeddings) is None:
-            return None
         return listed_supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
     if backend is None:

@@ -12,11 +12,13 @@ The rows are walked in blocks of ~1M pair values (`_BLOCK_VALUES`): each block c
 similarity rows S = x_b @ yᵀ (deterministic `ops.fixed_mm`), then compares each row's distance
 to each of its positives with all of its negatives: on a CPU in C++, row by row
 (`dmlkern::triplet_rows_forward` / `_backward`, csrc/cpu/triplet_rows_cpu.cpp), elsewhere with
-torch ops one positive "slot" at a time (the j-th positive of every row of the block). Work O(N · P · M) for P positives per row (the number of
-triplets), memory O(B · M + N · D); no N x M buffer, no triplet list. The backward recomputes
-each block: dL/de_an = -w, dL/de_ap = sum_n w (w = the upstream gradient where the term is
-kept and positive, or times its sigmoid with `smooth_loss`), then grad_x[b] = G_b @ y and
-grad_y += G_bᵀ @ x_b, the blocks added in order: bit-identical at any CPU thread count.
+torch ops one positive "slot" at a time (the j-th positive of every row of the block).
+Work O(N · P · M) for P positives per row (the number of triplets), memory O(B · M + N · D); no
+N x M buffer, no triplet list. The gradient of the total: dL/de_an = -w, dL/de_ap = sum_n w (w =
+1 where the term is kept and positive, or its sigmoid with `smooth_loss`), then grad_x[b] =
+G_b @ y and grad_y += G_bᵀ @ x_b, the blocks added in order: bit-identical at any CPU thread
+count. It is linear in the upstream gradient, so when the inputs require grad the forward
+computes it from the same block S (3 products in all) and the backward only scales it.
 The torch twin runs on every device (and is what the C++ kernel is tested against).
 Any other indices_tuple (a miner's listed triplets or pairs, or a lazy result this path can't mine,
 then materialised) runs on its listed triplets instead (`listed_triplets.py`, backend "listed":
@@ -124,16 +126,16 @@ def row_blocks(n, m):
         yield r0, min(n, r0 + step)
 
 
-def _block_pass(xb, y, labels_b, ref_labels, row0, rule, exclude_diag, grad=None):
-    """One row block. Forward (grad None): per-row (sum of kept terms, non-zero kept terms, kept
-    triplets). Backward (grad: the upstream gradient of the total): dL/ds for the block's rows."""
-    s = fixed_mm(xb, y)
+def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, grad=None):
+    """One row block from its similarities s = x_b @ yᵀ. Forward (grad None): per-row (sum of
+    kept terms, non-zero kept terms, kept triplets). Backward (grad: the upstream gradient of the
+    total): dL/ds for the block's rows."""
     if _CPU_KERNEL and s.device.type == "cpu":
         return _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, grad)
     e = _farness(s, rule.euclidean)
     pos, neg = _block_masks(labels_b, ref_labels, row0, exclude_diag)
     slot_cols, valid = _positive_slots(pos)
-    B = xb.shape[0]
+    B = s.shape[0]
     if grad is None:
         total = torch.zeros(B, dtype=e.dtype, device=e.device)
         nonzero = torch.zeros(B, dtype=torch.long, device=e.device)
@@ -176,17 +178,25 @@ def _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, grad):
     return torch.ops.dmlkern.triplet_rows_backward(*args, float(grad))
 
 
-def _totals(x, y, labels, ref_labels, rule, exclude_diag):
-    """(sum of the kept terms, number non-zero, number kept) over all rows, without autograd."""
+def _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad=False):
+    """(sum of the kept terms, number non-zero, number kept) over all rows, without autograd;
+    with_grad: also the gradient of the sum (grad_x, grad_y) from the same products, else Nones."""
     n = x.shape[0]
     sums = torch.empty(n, dtype=x.dtype, device=x.device)
     counts = torch.empty(2, n, dtype=torch.long, device=x.device)
+    grad_x = torch.empty_like(x) if with_grad else None
+    grad_y = torch.zeros_like(y) if with_grad else None
     for r0, r1 in row_blocks(n, y.shape[0]):
+        s = fixed_mm(x[r0:r1], y)
         # (written into preallocated rows: small per-block tensors kept alive between the
         # blocks' 4 MiB products fragment the CPU heap, ~one product per block)
         sums[r0:r1], counts[0, r0:r1], counts[1, r0:r1] = _block_pass(
-            x[r0:r1], y, labels[r0:r1], ref_labels, r0, rule, exclude_diag)
-    return fixed_order_sum(sums), counts[0].sum(), counts[1].sum()
+            s, labels[r0:r1], ref_labels, r0, rule, exclude_diag)
+        if with_grad:  # the blocks' grad_y added in order: deterministic
+            g_s = _block_pass(s, labels[r0:r1], ref_labels, r0, rule, exclude_diag, grad=1.0)
+            grad_x[r0:r1] = fixed_mm(g_s, y.T)
+            grad_y += fixed_mm(g_s.T, x[r0:r1].T)
+    return fixed_order_sum(sums), counts[0].sum(), counts[1].sum(), grad_x, grad_y
 
 
 def count_kept(x, y, labels, ref_labels, rule, exclude_diag):
@@ -212,44 +222,44 @@ def _materialised_total(x, y, labels, ref_labels, rule, exclude_diag):
 
 
 class _TripletTotals(torch.autograd.Function):
-    """(total, nonzero, kept) over the kept triplets; only `total` is differentiable."""
+    """(total, nonzero, kept) over the kept triplets; only `total` is differentiable. With
+    with_grad the forward also returns the gradient of the total (grad_x, grad_y; None when y is
+    x, whose two sides are then added into grad_x): the gradient is linear in the upstream scalar,
+    so the backward only scales it, and S is computed once (3 products in all instead of 4)."""
 
     @staticmethod
-    def forward(x, y, labels, ref_labels, rule, exclude_diag):
-        y = x if y is None else y  # (None: y is x; torch.compile can't take one tensor twice)
-        return _totals(x, y, labels, ref_labels, rule, exclude_diag)
+    def forward(x, y, labels, ref_labels, rule, exclude_diag, with_grad):
+        self_pairs = y is None
+        y = x if self_pairs else y  # (None: y is x; torch.compile can't take one tensor twice)
+        total, nonzero, kept, grad_x, grad_y = _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad)
+        if with_grad and self_pairs:
+            grad_x, grad_y = grad_x.add_(grad_y), None
+        return total, nonzero, kept, grad_x, grad_y
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, y, labels, ref_labels, rule, exclude_diag = inputs
+        x, y, labels, ref_labels, rule, exclude_diag, with_grad = inputs
         ctx.self_pairs = y is None
-        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, x if y is None else y, labels, ref_labels)
+        ctx.save_for_backward(x, x if y is None else y, labels, ref_labels, output[3], output[4])
         ctx.config = (rule, exclude_diag)
 
     @staticmethod
-    def backward(ctx, grad, _g_nonzero, _g_kept):
-        x, y, labels, ref_labels = ctx.saved_tensors
+    def backward(ctx, grad, *_constant_outputs):
+        x, y, labels, ref_labels, unit_grad_x, unit_grad_y = ctx.saved_tensors
         rule, exclude_diag = ctx.config
+        nones = (None,) * 5
         if grad is None:
-            return None, None, None, None, None, None
+            return None, None, *nones
         if pe.backward_needs_graph(x):
             grads = pe.reference_gradient(
                 lambda x, y: _materialised_total(x, y, labels, ref_labels, rule, exclude_diag),
                 (x, y), ctx.needs_input_grad[:2], grad)
-            return (*grads, None, None, None, None)
-        with torch.no_grad():
-            grad_x = torch.empty_like(x)
-            grad_y = torch.zeros_like(y)
-            g = grad.to(x.dtype)
-            for r0, r1 in row_blocks(x.shape[0], y.shape[0]):
-                g_s = _block_pass(x[r0:r1], y, labels[r0:r1], ref_labels, r0, rule, exclude_diag, grad=g)
-                grad_x[r0:r1] = fixed_mm(g_s, y.T)
-                grad_y += fixed_mm(g_s.T, x[r0:r1].T)
-        if ctx.self_pairs:
-            return grad_x + grad_y, None, None, None, None, None
-        return grad_x, grad_y, None, None, None, None
+            return (*grads, *nones)
+        # (with_grad is set whenever x or y requires grad, so a graph always has it)
+        g = grad.to(x.dtype)
+        return g * unit_grad_x, None if ctx.self_pairs else g * unit_grad_y, *nones
 
 
 triplet_totals = applier(_TripletTotals)
@@ -337,7 +347,8 @@ def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction):
     x = unit_rows(embeddings).to(stats_dtype(embeddings.dtype))
     y = None if ref_emb is embeddings else unit_rows(ref_emb).to(x.dtype)
     backend = BACKEND
-    total, nonzero, kept = triplet_totals(x, y, labels, ref_labels, rule, exclude_diag)
+    with_grad = torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad))
+    total, nonzero, kept, _, _ = triplet_totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad)
     if int(kept) == 0:
         return ZERO_LOSS  # no triplet: PML's zero_losses
     if reduction == "nonzero" and bool(torch.isnan(total)):

@@ -8,10 +8,13 @@ import torch
 from ..engine_spec import EngineParams
 from ._common import decline, is_unit_cosine
 from ._epilogue import ZERO_LOSS, _log1p_exp, _lse2, _pair_inputs, _plain_backend, _stats_with_pair_rule
+from .listed_pairs import listed_tuplet
 from .pair_lists import pair_dots, positive_pairs
 
 
 def tuplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    if indices_tuple is not None:  # only the listed pairs (O(pairs))
+        return listed_tuplet(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
     if backend is None:
         return None

@@ -20,11 +20,13 @@ from .base import BaseMiner, BaseTupleMiner
 from .batch_easy_hard_miner import BatchEasyHardMiner
 from .batch_hard_miner import BatchHardMiner
 from .distance_weighted_miner import DistanceWeightedMiner
+from .embeddings_already_packaged_as_triplets import EmbeddingsAlreadyPackagedAsTriplets
 from .hdc_miner import HDCMiner
 from .maximum_loss_miner import MaximumLossMiner
 from .multi_similarity_miner import MultiSimilarityMiner
 from .pair_margin_miner import PairMarginMiner
 from .triplet_margin_miner import TripletMarginMiner
+from .uniform_histogram_miner import UniformHistogramMiner
 
 __all__ = [
     "BaseMiner",
@@ -33,9 +35,11 @@ __all__ = [
     "BatchEasyHardMiner",
     "BatchHardMiner",
     "DistanceWeightedMiner",
+    "EmbeddingsAlreadyPackagedAsTriplets",
     "HDCMiner",
     "MaximumLossMiner",
     "MultiSimilarityMiner",
     "PairMarginMiner",
     "TripletMarginMiner",
+    "UniformHistogramMiner",
 ]

@@ -1,17 +1,16 @@
 """PML's miner statistics, computed only when the miner collects statistics (PML records them
 under the same condition). They need the miner's pair or triplet values, so they are computed
 from the distance matrix the miner built anyway: O(B R) for pair and triplet means (a triplet
-mean is a sum over anchors of positive-sum x negative-count terms), and blocks of triplets for
-AngularMiner's angles (never the (B, R, R) tensor). Accumulation is in float64."""
+mean is a sum over anchors of positive-sum x negative-count terms). Accumulation is in float64.
+(AngularMiner's angle statistics: `fused.blocked_miners.AngleStats`.)"""
 
 import math
 
 import torch
 
-from ..reference.indices import _triplets_from_masks, get_matches_and_diffs
-from ..reference.miners import _anchor_blocks
+from ..reference.indices import get_matches_and_diffs
 
-__all__ = ["pair_means", "triplet_means", "angle_stats", "extreme_pair_stats"]
+__all__ = ["pair_means", "triplet_means", "extreme_pair_stats"]
 
 
 def _masks(labels, ref_labels):
@@ -43,44 +42,6 @@ def triplet_means(mat, labels, ref_labels, is_inverted):
     ap = float((torch.where(pos, m, 0).sum(1) * num_neg).sum()) / count
     an = float((torch.where(neg, m, 0).sum(1) * num_pos).sum()) / count
     return ap, an, (ap - an if is_inverted else an - ap)
-
-
-def _block_angles(embeddings, ref_emb, pos, neg, pairwise_distance):
-    """Per block of anchors, the angles of all its triplets (AngularMiner's formula)."""
-    for s, e in _anchor_blocks(pos.shape[0], pos.shape[1]):
-        a, p, n = _triplets_from_masks(pos[s:e], neg[s:e])
-        if a.numel() > 0:
-            xa, xp = embeddings[a + s], ref_emb[p]
-            nc = pairwise_distance(ref_emb[n], (xa + xp) / 2)
-            yield torch.atan(pairwise_distance(xa, xp) / (2 * nc)).double()
-
-
-def angle_stats(embeddings, labels, ref_emb, ref_labels, angle, pairwise_distance):
-    """AngularMiner's statistics in degrees over every triplet's angle: a dict of the ones PML
-    sets (``average_angle``, ``min_angle``, ``max_angle``, ``std_of_angle`` when there is a
-    triplet; ``average_angle_above_threshold`` / ``_below_threshold`` when that side has one)."""
-    pos, neg = _masks(labels, ref_labels)
-    n = total = sq = above_n = above_total = 0.0
-    lo, hi = math.inf, -math.inf
-    for angles in _block_angles(embeddings, ref_emb, pos, neg, pairwise_distance):
-        above = angles > angle
-        n += angles.numel()
-        total += float(angles.sum())
-        sq += float((angles * angles).sum())
-        above_n += float(above.sum())
-        above_total += float(angles[above].sum())
-        lo, hi = min(lo, float(angles.min())), max(hi, float(angles.max()))
-    out = {}
-    if n > 0:
-        mean = total / n
-        var = (sq - total * mean) / (n - 1) if n > 1 else math.nan  # unbiased, as torch.std
-        out.update(average_angle=math.degrees(mean), min_angle=math.degrees(lo), max_angle=math.degrees(hi),
-                   std_of_angle=math.degrees(math.sqrt(max(var, 0.0))) if n > 1 else math.nan)
-    if above_n > 0:
-        out["average_angle_above_threshold"] = math.degrees(above_total / above_n)
-    if n - above_n > 0:
-        out["average_angle_below_threshold"] = math.degrees((total - above_total) / (n - above_n))
-    return out
 
 
 def extreme_pair_stats(mat, out, is_inverted, with_triplets):

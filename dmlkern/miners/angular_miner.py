@@ -1,8 +1,8 @@
 import math
 
 from ..distances import LpDistance
-from ..reference.miners import angular_miner
-from ._stats import angle_stats
+from ..fused import blocked_miners
+from ..fused.blocked_miners import AngleStats
 from .base import BaseTupleMiner
 
 
@@ -12,7 +12,9 @@ _ANGLE_STATS = ["average_angle", "average_angle_above_threshold", "average_angle
 
 class AngularMiner(BaseTupleMiner):
     """Triplets whose angle ``atan(||x_a - x_p|| / (2 ||x_n - x_c||))`` exceeds ``angle`` degrees
-    (computed on the raw, un-normalised embeddings, like PML). Requires normalised LpDistance(p=2)."""
+    (computed on the raw, un-normalised embeddings, like PML). Requires normalised LpDistance(p=2).
+    Mines chunks of positive pairs against the reference rows (`fused/blocked_miners.py`): PML's
+    triplets in PML's order without its list of every triplet."""
 
     def __init__(self, angle=20, **kwargs):
         super().__init__(**kwargs)
@@ -22,8 +24,9 @@ class AngularMiner(BaseTupleMiner):
         self.add_to_recordable_attributes(list_of_names=_ANGLE_STATS, is_stat=True)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        if self.collect_stats:
-            stats = angle_stats(embeddings, labels, ref_emb, ref_labels, self.angle, self.distance.pairwise_distance)
-            for name, value in stats.items():
+        stats = AngleStats() if self.collect_stats else None
+        out = blocked_miners.angular_miner(embeddings, labels, ref_emb, ref_labels, self.angle, stats)
+        if stats is not None:
+            for name, value in stats.as_dict().items():
                 setattr(self, name, value)
-        return angular_miner(embeddings, labels, ref_emb, ref_labels, self.angle, self.distance.pairwise_distance)
+        return out

@@ -1,11 +1,12 @@
 from ..distances import LpDistance
-from ..reference.miners import distance_weighted_miner
+from ..fused import blocked_miners
 from .base import BaseTupleMiner
 
 
 class DistanceWeightedMiner(BaseTupleMiner):
     """Random triplets with negatives sampled by inverse distance density (Wu et al. 2017).
-    Uses the global torch RNG exactly as PML does, so a fixed seed gives PML's triplets."""
+    Uses the global torch RNG exactly as PML does, so a fixed seed gives PML's triplets. Mines
+    on row blocks of the distance matrix (`fused/blocked_miners.py`): no N x M weights."""
 
     def __init__(self, cutoff=0.5, nonzero_loss_cutoff=1.4, **kwargs):
         super().__init__(**kwargs)
@@ -15,7 +16,5 @@ class DistanceWeightedMiner(BaseTupleMiner):
         self.add_to_recordable_attributes(list_of_names=["cutoff", "nonzero_loss_cutoff"], is_stat=False)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        mat = self.distance(embeddings, ref_emb)
-        return distance_weighted_miner(
-            mat, labels, ref_labels, embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff
-        )
+        return blocked_miners.distance_weighted_miner(
+            self.distance, embeddings, labels, ref_emb, ref_labels, self.cutoff, self.nonzero_loss_cutoff)

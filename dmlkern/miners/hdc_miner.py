@@ -1,5 +1,5 @@
-from ..reference.indices import convert_to_pairs, get_all_pairs_indices
-from ..reference.miners import hdc_miner
+from ..fused import blocked_miners
+from ..reference.indices import convert_to_pairs
 from .base import BaseTupleMiner
 
 
@@ -7,7 +7,10 @@ class HDCMiner(BaseTupleMiner):
     """Hard-Aware Deeply Cascaded mining: keeps the ``ceil(filter_percentage * n)`` globally
     hardest positive and negative pairs, starting from all pairs or from the pairs given to
     ``set_idx_externally`` (which, as in PML, stay in effect, and are re-filtered on every call,
-    until ``reset_idx()``)."""
+    until ``reset_idx()``). Each list comes hardest first (torch.topk's order); pairs tied in
+    distance keep their order in the candidate list (row-major for all pairs), where torch.topk
+    leaves ties unordered. Mines on row blocks of the distance matrix (`fused/blocked_miners.py`):
+    no N x M matrix or list of every pair."""
 
     def __init__(self, filter_percentage=0.5, **kwargs):
         super().__init__(**kwargs)
@@ -16,13 +19,14 @@ class HDCMiner(BaseTupleMiner):
         self.reset_idx()
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        mat = self.distance(embeddings, ref_emb)
-        if not self.was_set_externally:
-            self.a1, self.p, self.a2, self.n = get_all_pairs_indices(labels, ref_labels)
-        self.a1, self.p, self.a2, self.n = hdc_miner(
-            mat, self.a1, self.p, self.a2, self.n, self.filter_percentage, self.distance.is_inverted
-        )
-        return self.a1, self.p, self.a2, self.n
+        if self.was_set_externally:
+            out = blocked_miners.hdc_listed_pairs(self.distance, embeddings, ref_emb, self.a1, self.p, self.a2,
+                                                  self.n, self.filter_percentage)
+        else:
+            out = blocked_miners.hdc_all_pairs(self.distance, embeddings, labels, ref_emb, ref_labels,
+                                               self.filter_percentage)
+        self.a1, self.p, self.a2, self.n = out
+        return out
 
     def set_idx_externally(self, external_indices_tuple, labels):
         self.a1, self.p, self.a2, self.n = convert_to_pairs(external_indices_tuple, labels)

@@ -21,6 +21,8 @@ import math
 import numpy as np
 import torch
 
+from ..utils.common_functions import neg_inf, pos_inf, small_val  # noqa: F401 (PML's names here too)
+
 __all__ = [
     "neg_inf",
     "pos_inf",
@@ -43,20 +45,6 @@ __all__ = [
     "not_self_comparisons",
     "get_anchors",
 ]
-
-
-def neg_inf(dtype):
-    """Most negative finite value of ``dtype`` (PML uses it instead of -inf)."""
-    return torch.finfo(dtype).min
-
-
-def pos_inf(dtype):
-    return torch.finfo(dtype).max
-
-
-def small_val(dtype):
-    """Smallest positive normal value of ``dtype``."""
-    return torch.finfo(dtype).tiny
 
 
 def _empty_long(device):
@@ -182,6 +170,19 @@ def get_all_triplets_indices(labels, ref_labels=None):
     return _triplets_from_masks(matches.bool(), diffs.bool())
 
 
+def random_positives(pos_ref, n_a, k, same_object):
+    """PML's draw of k positives per anchor of one class (its torch.randint call): (row, pos),
+    row = each triplet's anchor number (0..n_a-1, k each), pos = a uniform pick among the class's
+    reference items pos_ref (the anchor itself excluded when same_object)."""
+    n_p = len(pos_ref)
+    cand = pos_ref.expand(n_a, n_p)
+    if same_object:
+        cand = cand[~torch.eye(n_a, dtype=torch.bool, device=cand.device)].view(n_a, n_a - 1)
+    col = torch.randint(0, cand.shape[1], (n_a * k,))
+    row = torch.arange(n_a).repeat_interleave(k)
+    return row, cand[row.to(cand.device), col.to(cand.device)]
+
+
 def get_random_triplet_indices(labels, ref_labels=None, t_per_anchor=None, weights=None):
     """Random triplets, drawn class by class (classes in ``torch.unique(labels)`` order).
 
@@ -207,13 +208,7 @@ def get_random_triplet_indices(labels, ref_labels=None, t_per_anchor=None, weigh
             continue
         k = n_p if t_per_anchor is None else t_per_anchor
         count = n_a * k
-        # candidate positives for each anchor (row i): the class members, minus the anchor itself
-        cand = pos_ref.expand(n_a, n_p)
-        if same_object:
-            cand = cand[~torch.eye(n_a, dtype=torch.bool, device=cand.device)].view(n_a, n_a - 1)
-        col = torch.randint(0, cand.shape[1], (count,))
-        row = torch.arange(n_a).repeat_interleave(k)
-        pos = cand[row.to(cand.device), col.to(cand.device)]
+        row, pos = random_positives(pos_ref, n_a, k, same_object)
         anc = anchors[row.to(anchors.device)]
         if weights is not None:
             w = weights[:, neg_ref][anc]

@@ -82,27 +82,38 @@ def margin_loss_dict(
     a, p, n = convert_to_triplets(indices_tuple, labels, ref_labels, t_per_anchor=triplets_per_anchor)
     if len(a) == 0:
         return _zeros(MARGIN_SUB_LOSSES)
+    b = margin_anchor_beta(beta, labels, a, embeddings)
+    mat = distance(embeddings, ref_emb)
+    return margin_triplets_dict(mat[a, p], mat[a, n], b, (a, p, n), margin=margin, nu=nu, beta=beta,
+                                learn_beta=learn_beta, distance=distance)
+
+
+def margin_anchor_beta(beta, labels, a, embeddings):
+    """Each triplet's beta in the embeddings' dtype: ``beta`` (one value) or beta[labels[a]]."""
     if len(beta) == 1:
         b = beta
     else:
         if labels is None:
             raise ValueError("MarginLoss with num_classes needs labels (beta is per class)")
-        la = labels[a]
+        la = labels.index_select(0, a)
         if int(la.min()) < 0 or int(la.max()) >= len(beta):
             raise ValueError(f"labels must be in [0, num_classes={len(beta)}) for a per-class beta")
-        b = beta[la.to(beta.device)]
-    b = b.to(device=embeddings.device, dtype=embeddings.dtype)
-    mat = distance(embeddings, ref_emb)
-    pos_loss = F.relu(distance.margin(mat[a, p], b) + margin)
-    neg_loss = F.relu(distance.margin(b, mat[a, n]) + margin)
+        b = beta.index_select(0, la.to(beta.device))  # (backward: index_add, serial on a CPU)
+    return b.to(device=embeddings.device, dtype=embeddings.dtype)
+
+
+def margin_triplets_dict(d_ap, d_an, b, triplets, *, margin, nu, beta, learn_beta, distance):
+    """MarginLoss's loss dict from the triplets' distances d_ap, d_an and their beta b."""
+    pos_loss = F.relu(distance.margin(d_ap, b) + margin)
+    neg_loss = F.relu(distance.margin(b, d_an) + margin)
     divisor = torch.sum(pos_loss > 0.0) + torch.sum(neg_loss > 0.0)
-    out = {"margin_loss": _entry(pos_loss + neg_loss, (a, p, n), "triplet", divisor=divisor)}
+    out = {"margin_loss": _entry(pos_loss + neg_loss, triplets, "triplet", divisor=divisor)}
     if learn_beta:
         reg = b * nu
         if len(beta) == 1:
             out["beta_reg_loss"] = _entry(reg, None, "already_reduced")
         else:
-            out["beta_reg_loss"] = _entry(reg, a, "element", divisor=divisor)
+            out["beta_reg_loss"] = _entry(reg, triplets[0], "element", divisor=divisor)
     else:
         out["beta_reg_loss"] = _zero_entry()
     return out

@@ -1,15 +1,36 @@
 """Statistics bookkeeping with pytorch-metric-learning 2.9.0 semantics
 (``pytorch_metric_learning.utils.common_functions``).
 
-``COLLECT_STATS``: the global switch. A loss, miner, reducer or distance built with
+``COLLECT_STATS``: the global switch. A loss, miner, reducer, distance or regularizer built with
 ``collect_stats=None`` (the default) reads it when it is constructed, as in PML.
+
+``pos_inf``, ``neg_inf``, ``small_val``, ``torch_arange_from_size``: PML's helpers of the same names.
 
 A module lists its recordable attributes in ``_record_these`` (hyper-parameters) and
 ``_record_these_stats`` (statistics; only created when the module collects statistics), and
 ``reset_stats`` sets every listed statistic to 0 at the start of each forward.
 """
 
+import torch
+
 COLLECT_STATS = False
+
+
+def pos_inf(dtype):
+    return torch.finfo(dtype).max
+
+
+def neg_inf(dtype):
+    """The most negative finite value (PML fills masked logits with it instead of -inf)."""
+    return torch.finfo(dtype).min
+
+
+def small_val(dtype):
+    return torch.finfo(dtype).tiny
+
+
+def torch_arange_from_size(input, size_dim=0):
+    return torch.arange(input.size(size_dim), device=input.device)
 
 
 def is_list_or_tuple(x):

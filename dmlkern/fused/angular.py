@@ -1,0 +1,398 @@
+"""AngularLoss without a pairs x M matrix.
+
+Per positive pair (a, p), with u the L2-normalised rows, x_n the raw reference rows, c = 4 tan²(α)
+and k = 2 (1 + tan²(α)) (PML 2.9.0):
+
+    loss_ap = log(1 + Σ_{n: label_n != label_a} exp(c (u_a + u_p)·x_n − k u_a·u_p))
+            = softplus(log Σ_n e^(c s_an) e^(c s_pn) − k u_a·u_p),   s_an = u_a·x_n.
+
+All pairs (`last_backend` "blocked"): a and p share a's class, hence its negatives, so over one
+class the sums are a Gram product G = A·Bᵀ with A[a, n] = e^(c s_an − m_a) on a's negatives (0
+elsewhere), m_a the row's largest c s_an there, B likewise for the positives' rows, and
+log Σ = log G_ap + m_a + m_p. The rows are walked in blocks of whole classes (`_blocks`: up to
+256 rows, ~2M similarity values): a block's similarity rows (deterministic `ops.fixed_mm`) give A
+(and B: the same rows when the reference is the batch), and one small product per Gram group
+(whole classes, ≤ 32 rows) gives G for the group's pairs. Work: one N x M x D product plus
+~32 N M for the Gram products (Σ_c n_c² M for classes over 32 rows); memory O(block x M + pairs).
+The backward recomputes each block's A and B (with the forward's row maxima; each pair's z and G
+are kept from the forward): with w_ap = the upstream gradient times sigmoid(z_ap) and
+W = c w / G, dL/ds_an = A[a, n] (W B)[a, n] and dL/ds_pn = B[p, n] (Wᵀ A)[p, n]; the gradients
+of u and of the raw x follow by products, added block by block in a fixed order: bit-identical
+at any CPU thread count.
+
+The shifted exps are accurate while a pair's G is not tiny: the terms lost to underflow are each
+below the dtype's smallest normal number, so G >= M · tiny / eps (≈ e^-61 in fp32 at M = 16384)
+keeps the relative error within eps. Unit-norm rows have G >= e^(-2c) (e^-5.6 at α = 40°); when a
+pair's G is smaller (rows of large norm: c s spans more than the dtype's exp range) the call is
+left to the reference.
+
+An indices_tuple (`last_backend` "listed"): its pairs (a, p) as listed (a triplet tuple's (a, p)
+per triplet, duplicates kept, as PML), in chunks of pairs: c (u_a + u_p)·xᵀ for the chunk's rows
+and a masked log-sum-exp per pair, as PML's product (O(pairs · M · D)) in O(chunk x M) memory.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+
+from .._autograd import applier
+from .._determinism import log as fixed_log
+from .._tracing import static_shapes
+from ..ops import pair_engine as pe
+from ..ops.fixed_mm_op import fixed_mm
+from ..reference.indices import convert_to_pairs, logsumexp
+from ._common import Degenerate, LabelStats, decline, is_unit_euclidean, no_pos_or_neg, unit_rows
+from ._epilogue import ZERO_LOSS, _log1p_exp
+from .pair_lists import positive_pairs
+from .triplet import _row_sums
+
+BACKEND = "blocked"  # `last_backend` for all pairs: class blocks of Gram products
+LISTED = "listed"  # `last_backend` for an indices_tuple's pairs
+_BLOCK_VALUES = 1 << 21  # similarity values per block of rows (8 MiB in fp32)
+_BLOCK_ROWS = 256  # at most, per block: its pair masks are (rows x rows), its products efficient from ~128 rows
+_GROUP_ROWS = 32  # rows per Gram product of small classes (the entries of two classes are wasted work)
+UNSAFE = ("AngularLoss: a pair whose negatives' exp(c s) span more than the dtype's exp range "
+          "(rows of large norm); the reference's per-pair log-sum-exp")
+
+
+class _Setup(NamedTuple):
+    """What the blocked forward and backward share besides the three differentiable inputs."""
+    labels: torch.Tensor
+    ref_labels: torch.Tensor
+    blocks: list  # [(anchor rows, [(positive rows, groups, _Pairs), ...])] (`_blocks`, then `_tile_pairs`)
+    first: torch.Tensor  # (N,) where each anchor's pairs start in the pair list
+    rank: torch.Tensor  # (M,) each reference row's place among its class's rows
+    exclude_diag: bool
+    pairs: tuple  # (a, p): the pair list, PML's row-major order
+    c: float
+    k: float
+
+
+def _sigmoid(z):
+    """sigmoid(z) from exp and division (thread-count independent bits; 0 at z = -inf)."""
+    return 1 / (1 + torch.exp(-z))
+
+
+def _materialised(ua, up, x, setup):
+    """PML's per-pair losses with autograd through plain ops (pairs x M memory): the
+    differentiable gradient for create_graph=True."""
+    a, p = setup.pairs
+    xa, xp = ua[a], up[p]
+    logits = setup.c * ((xa + xp) @ x.T) - setup.k * (xa * xp).sum(dim=1, keepdim=True)
+    keep = setup.labels[a][:, None] != setup.ref_labels[None, :]
+    return logsumexp(logits, keep_mask=keep, add_one=True).squeeze(1)
+
+
+def _save(ctx, inputs, kept=()):
+    """Saves the three differentiable inputs, then `kept` (forward results the backward reads)."""
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs[:3], *kept)
+    ctx.setup = inputs[3]
+
+
+def _backward(ctx, grad, add_grads):
+    """The gradients of (u_a, u_p, x, setup): add_grads(grad, u_a, u_p, x, setup, grad_ua, grad_up,
+    grad_x, *kept) adds them into zeros; the reference's under create_graph=True."""
+    if grad is None:
+        return None, None, None, None
+    ua, up, x, *kept = ctx.saved_tensors
+    if pe.backward_needs_graph(x):
+        # aliases: their own graph nodes, so that x's gradient is only its direct use (the unit rows
+        # descend from x when the reference is the batch)
+        aliases = [t.view_as(t) for t in (ua, up, x)]
+        return (*pe.reference_gradient(lambda *t: _materialised(*t, ctx.setup), aliases, ctx.needs_input_grad[:3],
+                                       grad), None)
+    with torch.no_grad():
+        grads = torch.zeros_like(ua), torch.zeros_like(up), torch.zeros_like(x)
+        add_grads(grad, ua, up, x, ctx.setup, *grads, *kept)
+    return (*grads, None)
+
+
+# ----------------------------------------------------------------------------- all pairs, blocked
+def _blocks(labels, ref_labels, m, exclude_diag, same_rows):
+    """[(anchor rows, [(positive rows, groups), ...])] over the classes with pairs and negatives.
+    Whole classes make Gram groups of ≤ _GROUP_ROWS rows (a larger class is a group of its own),
+    consecutive groups a block of ≤ step = min(_BLOCK_ROWS, _BLOCK_VALUES / M) rows (at least
+    _GROUP_ROWS); a class of more than step rows is cut into square tiles of step rows. groups:
+    (a0, a1, p0, p1), a group's rows in the block's anchor and positive rows. With same_rows (the reference is the batch) a positive block `is`
+    its anchor block when they are the same rows."""
+    sorted_a, order_a = torch.sort(labels, stable=True)
+    sorted_r, order_r = torch.sort(ref_labels, stable=True)
+    classes, count_a = torch.unique_consecutive(sorted_a, return_counts=True)
+    start_r = torch.searchsorted(sorted_r, classes)
+    count_r = torch.searchsorted(sorted_r, classes, right=True) - start_r
+    start_a = torch.cumsum(count_a, 0) - count_a
+    step = max(_GROUP_ROWS, min(_BLOCK_ROWS, _BLOCK_VALUES // m))
+    blocks, block_a, block_r, cuts = [], [], [], []  # the current block's class rows and groups
+
+    def flush():
+        if cuts:
+            rows_a = torch.cat(block_a)
+            blocks.append((rows_a, [(rows_a if same_rows else torch.cat(block_r), list(cuts))]))
+            block_a.clear(), block_r.clear(), cuts.clear()
+
+    for sa, na, sr, nr in zip(start_a.tolist(), count_a.tolist(), start_r.tolist(), count_r.tolist()):
+        if nr == m or na * nr == (na if exclude_diag else 0):
+            continue  # no negative, or no pair
+        rows_a, rows_r = order_a[sa:sa + na], order_r[sr:sr + nr]
+        if max(na, nr) > step:
+            flush()
+            for i in range(0, na, step):
+                tile_a = rows_a[i:i + step]
+                blocks.append((tile_a, [(tile_a if same_rows and j == i else rows_r[j:j + step],
+                                         [(0, len(tile_a), 0, len(rows_r[j:j + step]))]) for j in range(0, nr, step)]))
+            continue
+        if cuts and (cuts[-1][1] + na > step or cuts[-1][3] + nr > step):
+            flush()
+        a0, p0 = (cuts[-1][1], cuts[-1][3]) if cuts else (0, 0)
+        if cuts and a0 + na - cuts[-1][0] <= _GROUP_ROWS and p0 + nr - cuts[-1][2] <= _GROUP_ROWS:
+            cuts[-1] = (cuts[-1][0], a0 + na, cuts[-1][2], p0 + nr)  # joins the last group
+        else:
+            cuts.append((a0, a0 + na, p0, p0 + nr))
+        block_a.append(rows_a), block_r.append(rows_r)
+    flush()
+    return blocks
+
+
+def _pair_slots(stats, ref_labels):
+    """(first, rank): pair (a, p) is entry first[a] + rank[p] − [p > a] (that term when the
+    self-pairs are excluded) of PML's row-major pair list."""
+    first = torch.cumsum(stats.pos, 0) - stats.pos
+    sorted_r, order_r = torch.sort(ref_labels, stable=True)
+    in_run = torch.arange(len(order_r), device=order_r.device) - torch.searchsorted(sorted_r, sorted_r)
+    return first, torch.empty_like(order_r).index_put_((order_r,), in_run)
+
+
+def _exp_rows(u_rows, x, row_labels, ref_labels, c, m=None):
+    """(A, m): A = exp(c s − m) on each row's negatives (0 elsewhere), m the row's largest c s
+    there (given: the forward's). In place on the product (no more (rows x M) buffers)."""
+    cs = fixed_mm(c * u_rows, x).masked_fill_(row_labels[:, None] == ref_labels[None, :], -math.inf)
+    if m is None:
+        m = cs.amax(dim=1, keepdim=True)
+    return cs.sub_(m).exp_(), m
+
+
+class _Pairs(NamedTuple):
+    """The pairs of one tile (anchor block x positive block)."""
+    i: torch.Tensor  # their entries' rows and columns in the tile
+    j: torch.Tensor
+    slots: torch.Tensor  # their places in the pair list
+
+
+def _tile_pairs(setup, rows_a, rows_p):
+    mask = setup.labels[rows_a][:, None] == setup.ref_labels[rows_p][None, :]
+    if setup.exclude_diag:
+        mask &= rows_a[:, None] != rows_p[None, :]
+    i, j = mask.nonzero(as_tuple=True)
+    pa, pp = rows_a.index_select(0, i), rows_p.index_select(0, j)
+    slots = setup.first.index_select(0, pa) + setup.rank.index_select(0, pp)
+    if setup.exclude_diag:
+        slots -= (pp > pa).long()
+    return _Pairs(i, j, slots)
+
+
+def _walk(ua, up, x, setup, m_a_all=None, m_p_all=None):
+    """Yields (rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs) per tile; rows_p is
+    rows_a (and B is A) for a block that is its own positive block. m_a_all, m_p_all: the
+    forward's row maxima (the backward's). Each anchor row is in one anchor block."""
+    for rows_a, positive_blocks in setup.blocks:
+        ua_rows = ua.index_select(0, rows_a)
+        A, m_a = _exp_rows(ua_rows, x, setup.labels[rows_a], setup.ref_labels, setup.c,
+                           None if m_a_all is None else m_a_all.index_select(0, rows_a))
+        for rows_p, groups, pairs in positive_blocks:
+            if rows_p is rows_a:
+                up_rows, B, m_p = ua_rows, A, m_a
+            else:
+                up_rows = up.index_select(0, rows_p)
+                B, m_p = _exp_rows(up_rows, x, setup.ref_labels[rows_p], setup.ref_labels, setup.c,
+                                   None if m_p_all is None else m_p_all.index_select(0, rows_p))
+            yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs
+
+
+class _BlockedAngular(torch.autograd.Function):
+    """(per-pair losses in PML's order, the smallest G of any pair, and for the backward: each pair's
+    z and G, the anchor and positive rows' maxima m); only the losses are differentiable, in u_a,
+    u_p (the normalised rows) and x (the raw reference rows)."""
+
+    @staticmethod
+    def forward(ua, up, x, setup):
+        num_pairs = len(setup.pairs[0])
+        losses, z_all = ua.new_zeros(num_pairs), ua.new_zeros(num_pairs)  # no negative: PML's 0
+        gram_all = ua.new_ones(num_pairs)
+        m_a_all = ua.new_empty(ua.shape[0], 1)
+        m_p_all = m_a_all if ua is up and setup.labels is setup.ref_labels else ua.new_empty(up.shape[0], 1)
+        smallest = ua.new_full((), math.inf)
+        for rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs in _walk(ua, up, x, setup):
+            m_a_all[rows_a], m_p_all[rows_p] = m_a, m_p
+            if not pairs.slots.numel():
+                continue
+            gram = A.new_zeros(len(rows_a), len(rows_p))  # only the groups' blocks hold pairs
+            for a0, a1, p0, p1 in groups:
+                gram[a0:a1, p0:p1] = fixed_mm(A[a0:a1], B[p0:p1])
+            gram = gram[pairs.i, pairs.j]
+            dots = _row_sums(ua_rows.index_select(0, pairs.i) * up_rows.index_select(0, pairs.j))
+            z = fixed_log(gram) + m_a[pairs.i, 0] + m_p[pairs.j, 0] - setup.k * dots
+            losses[pairs.slots], z_all[pairs.slots], gram_all[pairs.slots] = _log1p_exp(z), z, gram
+            smallest = torch.minimum(smallest, gram.amin())
+        return losses, smallest, z_all, gram_all, m_a_all, m_p_all
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        _save(ctx, inputs, output[2:])
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        return _backward(ctx, grad, _add_blocked_grads)
+
+
+def _add_blocked_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x, z_all, gram_all, m_a_all, m_p_all):
+    c, k = setup.c, setup.k
+    anchor = None  # [rows_a, ua_rows, A, Σ (c W) B over its tiles, gradient of the ua rows] of the current block
+    done = []  # (rows_a, gradient of the ua rows) per anchor block, written into grad_ua at the end
+    for rows_a, ua_rows, A, _, rows_p, up_rows, B, _, groups, pairs in _walk(ua, up, x, setup, m_a_all, m_p_all):
+        if anchor is None or anchor[0] is not rows_a:
+            _finish_anchor_block(anchor, x, grad_x, done)
+            anchor = [rows_a, ua_rows, A, None, torch.zeros_like(ua_rows)]
+        if not pairs.slots.numel():
+            continue
+        w = grad.index_select(0, pairs.slots) * _sigmoid(z_all.index_select(0, pairs.slots))
+        W = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.i, pairs.j), c * w / gram_all.index_select(0, pairs.slots))
+        V = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.i, pairs.j), -k * w)
+        w_b = torch.empty_like(A)  # the groups cover every row of the block
+        if rows_p is rows_a:  # both ends of every pair are this block's rows
+            W = W + W.T
+            for a0, a1, p0, p1 in groups:
+                w_b[a0:a1] = fixed_mm(W[a0:a1, p0:p1], A[p0:p1].T)
+            anchor[4] += fixed_mm(V + V.T, ua_rows.T)
+        else:
+            grad_s = torch.empty_like(B)
+            for a0, a1, p0, p1 in groups:
+                w_b[a0:a1] = fixed_mm(W[a0:a1, p0:p1], B[p0:p1].T)
+                grad_s[p0:p1] = fixed_mm(W[a0:a1, p0:p1].T, A[a0:a1].T)
+            grad_s.mul_(B)
+            anchor[4] += fixed_mm(V, up_rows.T)
+            grad_up.index_add_(0, rows_p, fixed_mm(V.T, ua_rows.T) + fixed_mm(grad_s, x.T))
+            grad_x += fixed_mm(grad_s.T, up_rows.T)
+        anchor[3] = w_b if anchor[3] is None else anchor[3].add_(w_b)
+    _finish_anchor_block(anchor, x, grad_x, done)
+    if done:
+        grad_ua.index_copy_(0, torch.cat([rows for rows, _ in done]), torch.cat([g for _, g in done]))
+
+
+def _finish_anchor_block(anchor, x, grad_x, done):
+    """An anchor block's gradient: its s gradient is A ⊙ (the sum of (c W) B over its tiles)."""
+    if anchor is None:
+        return
+    rows_a, ua_rows, A, w_b, grad_rows = anchor
+    if w_b is not None:
+        grad_s = w_b.mul_(A)
+        grad_rows += fixed_mm(grad_s, x.T)
+        grad_x += fixed_mm(grad_s.T, ua_rows.T)
+    done.append((rows_a, grad_rows))
+
+
+blocked_angular = applier(_BlockedAngular)
+
+
+# ----------------------------------------------------------------------------- listed pairs
+def _listed_chunk(ua, up, x, a, p, labels, ref_labels, c, k):
+    """For pairs (a, p): (ua rows, up rows, the masked logits c (u_a + u_p)·x_n, their
+    log-sum-exp, z = lse − k u_a·u_p)."""
+    ua_q, up_q = ua.index_select(0, a), up.index_select(0, p)
+    cs = torch.where(labels[a][:, None] != ref_labels[None, :], c * fixed_mm(ua_q + up_q, x), -math.inf)
+    m = cs.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isneginf(m), 0.0, m)  # no negative: the sum is 0, lse -inf
+    lse = m.squeeze(1) + fixed_log(_row_sums(torch.exp(cs - m)))
+    return ua_q, up_q, cs, lse, lse - k * _row_sums(ua_q * up_q)
+
+
+def _chunks(num_pairs, m):
+    step = max(1, _BLOCK_VALUES // m)
+    return [slice(s, s + step) for s in range(0, num_pairs, step)]
+
+
+class _ListedAngular(torch.autograd.Function):
+    """Per-pair losses of the listed pairs (setup.pairs), differentiable in u_a, u_p and x."""
+
+    @staticmethod
+    def forward(ua, up, x, setup):
+        a, p = setup.pairs
+        losses = ua.new_empty(len(a))
+        for sl in _chunks(len(a), x.shape[0]):
+            z = _listed_chunk(ua, up, x, a[sl], p[sl], setup.labels, setup.ref_labels, setup.c, setup.k)[4]
+            losses[sl] = _log1p_exp(z)  # no negative: log(1) = 0
+        return losses
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, _add_listed_grads)
+
+
+def _add_listed_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x):
+    c, k = setup.c, setup.k
+    a, p = setup.pairs
+    for sl in _chunks(len(a), x.shape[0]):
+        ua_q, up_q, cs, lse, z = _listed_chunk(ua, up, x, a[sl], p[sl], setup.labels, setup.ref_labels, c, k)
+        w = (grad[sl] * _sigmoid(z))[:, None]
+        grad_s = c * w * torch.where(torch.isneginf(cs), 0.0, torch.exp(cs - lse[:, None]))
+        grad_rows = fixed_mm(grad_s, x.T)
+        grad_ua.index_add_(0, a[sl], grad_rows - k * w * up_q)  # (serial on a CPU: repeats add in order)
+        grad_up.index_add_(0, p[sl], grad_rows - k * w * ua_q)
+        grad_x += fixed_mm(grad_s.T, (ua_q + up_q).T)
+
+
+listed_angular = applier(_ListedAngular)
+
+
+# ----------------------------------------------------------------------------- the loss
+def _inputs(embeddings, ref_emb):
+    """(u_a, u_p, x): the unit anchor rows, the unit reference rows, the raw reference rows."""
+    ua = unit_rows(embeddings)
+    return ua, ua if ref_emb is embeddings else unit_rows(ref_emb), ref_emb
+
+
+def _entry(losses, a, p):
+    return {"loss": {"losses": losses.unsqueeze(1), "indices": (a, p), "reduction_type": "pos_pair"}}
+
+
+def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """The fused AngularLoss: every pair on class blocks, or an indices_tuple's pairs listed;
+    ZERO_LOSS where PML returns its zero; None (the reference) after `decline`."""
+    if pe.choose_backend(module.backend, embeddings.device) == "reference":
+        return decline(module, "backend='reference' requested (loss.backend or DMLKERN_BACKEND)")
+    if static_shapes():
+        return decline(module, "torch.compile (the fused AngularLoss walks classes of data-dependent sizes)")
+    if embeddings.dtype not in (torch.float32, torch.float64):
+        return decline(module, f"dtype {embeddings.dtype} (the fused AngularLoss runs fp32 / fp64)")
+    if not is_unit_euclidean(module.distance):
+        return decline(module, f"distance {type(module.distance).__name__} (a subclass or other settings)")
+    if ref_labels.shape[0] != ref_emb.shape[0]:
+        return decline(module, "ref_labels of another length than ref_emb")  # the reference raises
+    sq_tan = math.tan(float(module.alpha)) ** 2
+    c, k = 4 * sq_tan, 2 * (1 + sq_tan)
+    if indices_tuple is not None:
+        a1, p, a2, _ = convert_to_pairs(indices_tuple, labels, ref_labels)
+        if len(a1) == 0 or len(a2) == 0:
+            return ZERO_LOSS
+        setup = _Setup(labels, ref_labels, None, None, None, False, (a1, p), c, k)
+        return _entry(listed_angular(*_inputs(embeddings, ref_emb), setup), a1, p), LISTED
+    stats = LabelStats(labels, ref_labels)
+    if Degenerate(labels, lambda: no_pos_or_neg(stats)).now():  # PML: no positive or no negative pair
+        return ZERO_LOSS
+    exclude_diag = ref_labels is labels  # PML's get_all_pairs_indices: the self-pairs by identity
+    a, p = positive_pairs(labels, ref_labels, exclude_diag)
+    first, rank = _pair_slots(stats, ref_labels)
+    setup = _Setup(labels, ref_labels, None, first, rank, exclude_diag, (a, p), c, k)
+    blocks = _blocks(labels, ref_labels, ref_emb.shape[0], exclude_diag, exclude_diag and ref_emb is embeddings)
+    setup = setup._replace(blocks=[(rows_a, [(rows_p, groups, _tile_pairs(setup, rows_a, rows_p)) for rows_p, groups in tiles])
+                                   for rows_a, tiles in blocks])
+    losses, smallest, *_ = blocked_angular(*_inputs(embeddings, ref_emb), setup)
+    info = torch.finfo(embeddings.dtype)
+    if bool(smallest < ref_emb.shape[0] * info.tiny / info.eps):  # some underflowed terms may matter
+        return decline(module, UNSAFE)
+    return _entry(losses, a, p), BACKEND

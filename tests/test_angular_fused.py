@@ -1,0 +1,317 @@
+"""The fused AngularLoss (dmlkern/fused/angular.py): all pairs on class blocks of Gram products
+("blocked"), an indices_tuple's pairs listed ("listed"); against PML 2.9.0 itself (values,
+gradients of embeddings and ref_emb, the per-pair loss dict), forced small blocks, degenerate
+batches, NaN, the declined exp-range case, gradcheck, double backward, thread-count
+reproducibility, statistics and memory at N=16384."""
+import pytest
+import torch
+import pytorch_metric_learning.losses as pml_losses
+import pytorch_metric_learning.miners as pml_miners
+import pytorch_metric_learning.reducers as pml_reducers
+
+import dmlkern.fused.angular as fused_angular
+from dmlkern import _tracing, losses, miners, reducers
+from dmlkern._determinism import log as fixed_log
+from _pml_helpers import random_indices
+from _peak_rss import peak_rss_growth_mib
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+# (N, classes, ref rows or None, D). Degenerate: one sample, one class, no positives (all
+# labels distinct), two rows of two classes.
+CASES = [(37, 5, None, 13), (129, 11, None, 7), (70, 6, 53, 16), (33, 4, 33, 5), (61, 2, None, 9),
+         (1, 1, None, 8), (12, 1, None, 8), (9, 9, None, 8), (2, 2, None, 8)]
+DEGENERATE = {(1, 1), (12, 1), (9, 9), (2, 2)}
+
+
+def _inputs(n, classes, ref_rows, d, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed * 1000 + n * 7 + classes)
+    x = (scale * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
+    labels = torch.arange(n) % classes if classes == n else torch.randint(0, classes, (n,), generator=g)
+    if ref_rows is None:
+        return x, labels, None, None
+    ref = (scale * torch.randn(ref_rows, d, generator=g, dtype=torch.float64)).to(dtype)
+    return x, labels, ref, torch.randint(0, classes, (ref_rows,), generator=g)
+
+
+def _run(loss_fn, x, labels, ref=None, ref_labels=None, indices_tuple=None):
+    """(value, [grad x, grad ref]) on fresh leaves."""
+    x = x.clone().requires_grad_(True)
+    ref = None if ref is None else ref.clone().requires_grad_(True)
+    value = loss_fn(x, labels, indices_tuple, ref, ref_labels)
+    wrt = [x] + ([] if ref is None else [ref])
+    grads = torch.autograd.grad(value, wrt, allow_unused=True) if value.requires_grad else [None] * len(wrt)
+    return value.detach(), [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+
+
+def _assert_like_pml(x, labels, ref=None, ref_labels=None, indices_tuple=None, expected="blocked", alpha=40,
+                     pml_tuple=None, **tol):
+    ours = losses.AngularLoss(alpha=alpha)
+    got, got_grads = _run(ours, x, labels, ref, ref_labels, indices_tuple)
+    assert ours.last_backend == expected, (ours.last_backend, ours.last_fallback)
+    want, want_grads = _run(pml_losses.AngularLoss(alpha=alpha), x, labels, ref, ref_labels,
+                            indices_tuple if pml_tuple is None else pml_tuple)
+    tol = tol or TOL[x.dtype]
+    torch.testing.assert_close(got, want, **tol)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, **tol)
+    return ours
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}c{c[1]}r{c[2]}d{c[3]}")
+def test_matches_pml(case, dtype):
+    x, labels, ref, ref_labels = _inputs(*case, dtype)
+    expected = "zero" if case[:2] in DEGENERATE else "blocked"
+    for alpha in (40, 55):
+        _assert_like_pml(x, labels, ref, ref_labels, expected=expected, alpha=alpha)
+
+
+def test_per_pair_dict_matches_pml():
+    """DoNothingReducer: the per-pair losses (P, 1) in PML's row-major pair order, its indices."""
+    for ref_rows in (None, 41):
+        x, labels, ref, ref_labels = _inputs(50, 6, ref_rows, 8, torch.float64, seed=1)
+        ours = losses.AngularLoss(reducer=reducers.DoNothingReducer())(x, labels, None, ref, ref_labels)
+        want = pml_losses.AngularLoss(reducer=pml_reducers.DoNothingReducer())(x, labels, None, ref, ref_labels)
+        o, w = ours["loss"], want["loss"]
+        assert o["reduction_type"] == w["reduction_type"] == "pos_pair"
+        assert all(torch.equal(a, b) for a, b in zip(o["indices"], w["indices"]))
+        assert o["losses"].shape == w["losses"].shape
+        torch.testing.assert_close(o["losses"], w["losses"], **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("reducer,kw", [("AvgNonZeroReducer", {}), ("SumReducer", {}),
+                                        ("ThresholdReducer", {"low": 8.0}),
+                                        ("ClassWeightedReducer", {"weights": torch.rand(5) + 0.5})],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_reducers_match_pml(reducer, kw):
+    """(PerAnchorReducer fails on PML's (P, 1) per-pair losses, in PML too.)"""
+    x, labels, ref, ref_labels = _inputs(45, 5, 30, 6, torch.float64, seed=2)
+    for r in (None, ref):
+        ours = losses.AngularLoss(reducer=getattr(reducers, reducer)(**kw))
+        got, got_grads = _run(ours, x, labels, r, None if r is None else ref_labels)
+        assert ours.last_backend == "blocked", ours.last_fallback
+        theirs = pml_losses.AngularLoss(reducer=getattr(pml_reducers, reducer)(**kw))
+        want, want_grads = _run(theirs, x, labels, r, None if r is None else ref_labels)
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_forced_small_blocks(monkeypatch, dtype):
+    """Several blocks, Gram groups of a few rows, classes cut into square tiles (positive blocks
+    of their own, with and without ref_emb), odd sizes."""
+    seen = set()
+    for block_values, group_rows, block_rows in ((5 * 64, 3, 7), (1, 2, 2), (40 * 64, 4, 256)):
+        monkeypatch.setattr(fused_angular, "_BLOCK_VALUES", block_values)
+        monkeypatch.setattr(fused_angular, "_GROUP_ROWS", group_rows)
+        monkeypatch.setattr(fused_angular, "_BLOCK_ROWS", block_rows)
+        for n, classes, ref_rows in ((64, 3, None), (64, 13, None), (57, 9, 64), (64, 2, 64)):
+            x, labels, ref, ref_labels = _inputs(n, classes, ref_rows, 11, dtype, seed=3)
+            same = ref is None
+            blocks = fused_angular._blocks(labels, labels if same else ref_labels, 64, same, same)
+            seen |= {"blocks"} if len(blocks) > 1 else set()
+            seen |= {"groups"} if any(len(cuts) > 1 for _, tiles in blocks for _, cuts in tiles) else set()
+            seen |= {"tiles"} if any(len(tiles) > 1 for _, tiles in blocks) else set()
+            _assert_like_pml(x, labels, ref, ref_labels)
+    assert seen == {"blocks", "groups", "tiles"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_unnormalised_embeddings_of_moderate_norm(dtype):
+    """x_n enters raw: rows of norm ~3-10 stay on the fused path."""
+    for scale in (0.05, 1.0, 2.5):
+        x, labels, ref, ref_labels = _inputs(60, 5, 40, 8, dtype, seed=4, scale=scale)
+        _assert_like_pml(x, labels)
+        _assert_like_pml(x, labels, ref, ref_labels)
+
+
+def test_large_norms_decline_to_the_reference():
+    """fp32 rows of norm ~300: exp(c s) spans far more than fp32's range; the reference runs and
+    gives PML's answer (the fused G would have underflowed)."""
+    x, labels, _, _ = _inputs(40, 4, None, 8, torch.float32, seed=5, scale=100.0)
+    ours = _assert_like_pml(x, labels, expected="reference", rtol=1e-4, atol=1e-4)
+    assert ours.last_fallback == fused_angular.UNSAFE
+
+
+def test_degenerate_batches_are_pmls_zero():
+    x, labels, ref, _ = _inputs(10, 3, 6, 5, torch.float64, seed=6)
+    for lab in (torch.zeros(10, dtype=torch.long), torch.arange(10)):  # one class; no positives
+        _assert_like_pml(x, lab, expected="zero")
+    _assert_like_pml(x[:1], labels[:1], expected="zero")
+    # ref_emb of a single class: class 0's pairs have no negative (loss 0), others have no pair
+    lab = torch.tensor([0, 0, 1, 1, 0, 2, 0, 1, 2, 0])
+    _assert_like_pml(x, lab, ref, torch.zeros(6, dtype=torch.long))
+
+
+def test_nan_embeddings_follow_pml():
+    x, labels, _, _ = _inputs(20, 4, None, 6, torch.float64, seed=7)
+    x[0, 2] = float("nan")  # a row of class 0 (6 rows): that class's other pairs stay finite
+    for reducer in (reducers.DoNothingReducer(), None):
+        kw = {} if reducer is None else {"reducer": reducer}
+        pml_kw = {} if reducer is None else {"reducer": pml_reducers.DoNothingReducer()}
+        ours_fn = losses.AngularLoss(**kw)
+        ours = ours_fn(x, labels)
+        want = pml_losses.AngularLoss(**pml_kw)(x, labels)
+        assert ours_fn.last_backend == "blocked", ours_fn.last_fallback
+        if reducer is None:
+            torch.testing.assert_close(ours, want, equal_nan=True)
+        else:
+            got, exp = ours["loss"]["losses"], want["loss"]["losses"]
+            assert torch.isnan(exp).any() and not torch.isnan(exp).all()
+            torch.testing.assert_close(got, exp, equal_nan=True, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kind", ["pairs", "triplets"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_indices_tuple_pairs_are_listed(kind, dtype):
+    """A tuple's pairs (a, p), duplicates kept; a hand-built pair whose positive has another label
+    too (the negatives are a's)."""
+    for ref_rows in (None, 35):
+        x, labels, ref, ref_labels = _inputs(40, 5, ref_rows, 9, dtype, seed=8)
+        tup = random_indices(8, kind, labels, ref_labels, n=30)
+        _assert_like_pml(x, labels, ref, ref_labels, indices_tuple=tup, expected="listed")
+    x, labels, _, _ = _inputs(40, 5, None, 9, dtype, seed=8)
+    odd = (torch.tensor([0, 1, 1]), torch.tensor([2, 3, 3]), torch.tensor([0]), torch.tensor([4]))
+    _assert_like_pml(x, labels, indices_tuple=odd, expected="listed")
+
+
+def test_miner_results_are_listed(monkeypatch):
+    monkeypatch.setattr(fused_angular, "_BLOCK_VALUES", 7 * 48)  # several chunks of pairs
+    x, labels, _, _ = _inputs(48, 4, None, 8, torch.float64, seed=9)
+    for ours_miner, pml_miner in ((miners.MultiSimilarityMiner(), pml_miners.MultiSimilarityMiner()),
+                                  (miners.TripletMarginMiner(), pml_miners.TripletMarginMiner())):
+        _assert_like_pml(x, labels, indices_tuple=ours_miner(x, labels), pml_tuple=pml_miner(x, labels),
+                         expected="listed")
+
+
+def test_empty_tuple_is_pmls_zero():
+    x, labels, _, _ = _inputs(20, 4, None, 6, torch.float64, seed=10)
+    e = torch.empty(0, dtype=torch.long)
+    _assert_like_pml(x, labels, indices_tuple=(e, e, e, e), expected="zero")
+    _assert_like_pml(x, labels, indices_tuple=(torch.tensor([0]), torch.tensor([1]), e, e), expected="zero")
+
+
+def test_gradcheck_fp64():
+    x, labels, ref, ref_labels = _inputs(14, 3, 11, 5, torch.float64, seed=11)
+    tup = random_indices(11, "pairs", labels, n=9)
+    for refs, tuple_, backend in (((None, None), None, "blocked"), ((ref, ref_labels), None, "blocked"),
+                                  ((None, None), tup, "listed")):
+        loss_fn = losses.AngularLoss(alpha=45)
+        if refs[0] is None:
+            inputs = (x.clone().requires_grad_(True),)
+
+            def f(x):
+                return loss_fn(x, labels, tuple_)
+        else:
+            inputs = (x.clone().requires_grad_(True), refs[0].clone().requires_grad_(True))
+
+            def f(x, r):
+                return loss_fn(x, labels, tuple_, r, refs[1])
+        assert torch.autograd.gradcheck(f, inputs)
+        assert loss_fn.last_backend == backend, loss_fn.last_fallback
+
+
+def test_double_backward_matches_the_reference():
+    x, labels, _, _ = _inputs(15, 3, None, 6, torch.float64, seed=12)
+    v = torch.randn_like(x)
+    for tuple_ in (None, random_indices(12, "pairs", labels, n=9)):
+        hvps = []
+        for backend in ("auto", "reference"):
+            xx = x.clone().requires_grad_(True)
+            loss_fn = losses.AngularLoss()
+            loss_fn.backend = backend
+            (g,) = torch.autograd.grad(loss_fn(xx, labels, tuple_), xx, create_graph=True)
+            hvps.append(torch.autograd.grad((g * v).sum(), xx)[0])
+        torch.testing.assert_close(hvps[0], hvps[1], **TOL[torch.float64])
+
+
+def test_bit_identical_across_thread_counts():
+    """Past torch's grain size (blocks of 256 x 700 values, 10k pairs): values and gradients of
+    x and ref_emb, all pairs and a tuple's, the same bits at 1, 2 and 4 threads."""
+    x, labels, ref, ref_labels = _inputs(700, 40, 600, 16, torch.float32, seed=13)
+    tup = random_indices(13, "pairs", labels, n=5000)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4, 1):
+            torch.set_num_threads(threads)
+            for args in ((None, None, None), (ref, ref_labels, None), (None, None, tup)):
+                loss_fn = losses.AngularLoss()
+                value, grads = _run(loss_fn, x, labels, *args[:2], indices_tuple=args[2])
+                assert loss_fn.last_backend == ("listed" if args[2] is not None else "blocked")
+                results.append((value, *grads))
+    finally:
+        torch.set_num_threads(before)
+    for k, got in enumerate(results[3:]):
+        assert all(torch.equal(a, b) for a, b in zip(got, results[k % 3])), f"run {k + 3} differs"
+
+
+def test_log_is_torch_log_and_thread_free():
+    t = torch.cat([torch.rand(50000, dtype=torch.float64) * 1e3,
+                   torch.tensor([0.0, float("inf"), float("nan"), -1.0, 1e-310, 1.0], dtype=torch.float64)])
+    torch.testing.assert_close(fixed_log(t), torch.log(t), equal_nan=True, rtol=1e-15, atol=1e-15)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            outs.append(fixed_log(t.float()))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0].nan_to_num(), outs[1].nan_to_num())
+
+
+def test_average_angle_matches_pml():
+    x, labels, ref, ref_labels = _inputs(30, 4, 20, 6, torch.float64, seed=14)
+    for args in ((None, None), (ref, ref_labels)):
+        ours, theirs = losses.AngularLoss(collect_stats=True), pml_losses.AngularLoss(collect_stats=True)
+        ours(x, labels, None, *args)
+        theirs(x, labels, None, *args)
+        assert ours.last_backend == "blocked"
+        assert abs(ours.average_angle - theirs.average_angle) < 1e-9
+
+
+def test_other_configurations_use_the_reference(monkeypatch):
+    x, labels, _, _ = _inputs(20, 4, None, 6, torch.float64, seed=15)
+    loss_fn = losses.AngularLoss()
+    loss_fn.backend = "reference"
+    loss_fn(x, labels)
+    assert loss_fn.last_backend == "reference" and "requested" in loss_fn.last_fallback
+    loss_fn = losses.AngularLoss()
+    loss_fn(x.bfloat16(), labels)
+    assert loss_fn.last_backend == "reference" and "bfloat16" in loss_fn.last_fallback
+    monkeypatch.setattr(_tracing, "FORCE_STATIC_SHAPES", True)
+    loss_fn(x, labels)
+    assert loss_fn.last_backend == "reference" and "torch.compile" in loss_fn.last_fallback
+
+
+@pytest.mark.slow
+def test_memory_at_n16384():
+    """fwd+bwd at N=16384, D=128 (labels randint(0, N/8)) grows peak RSS by < 256 MiB (PML
+    builds pairs x N ~ 1.9e9 values here), measured in a fresh process."""
+    growth_mib = peak_rss_growth_mib(
+        setup="""
+            torch.manual_seed(0)
+            n, d = 16384, 128
+            x = torch.randn(n, d, requires_grad=True)
+            labels = torch.randint(0, n // 8, (n,))
+            loss_fn = losses.AngularLoss()
+        """,
+        measured="""
+            loss = loss_fn(x, labels)
+            loss.backward()
+            assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
+            assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        """)
+    assert growth_mib < 256, f"peak RSS grew by {growth_mib:.0f} MiB"
+
+
+def test_torch_func_grad_runs_the_fused_path():
+    x, labels, _, _ = _inputs(30, 4, None, 8, torch.float64, seed=16)
+    loss_fn = losses.AngularLoss()
+    got = torch.func.grad(lambda x: loss_fn(x, labels))(x)
+    assert loss_fn.last_backend == "blocked"
+    loss_fn.backend = "reference"
+    want = torch.func.grad(lambda x: loss_fn(x, labels))(x)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])

@@ -1,0 +1,339 @@
+"""The row-blocked AngularMiner, HDCMiner and DistanceWeightedMiner (dmlkern/fused/blocked_miners.py)
+against PML 2.9.0: the same indices in PML's order (HDCMiner past _TOPK_PAIRS: the same values in
+the same order, ties in row-major order), PML's statistics, the same triplets for the same seed,
+several blocks, degenerate batches, thread counts and peak memory."""
+import math
+
+import pytest
+import pytorch_metric_learning.distances as pml_distances
+import pytorch_metric_learning.miners as pml_miners
+import torch
+
+import dmlkern.distances as our_distances
+import dmlkern.fused.blocked_miners as blocked_miners
+import dmlkern.miners as our_miners
+
+from _batches import assert_same_indices
+from _peak_rss import peak_rss_growth_mib
+
+DTYPES = [torch.float32, torch.float64]
+STAT_TOL = {torch.float32: 1e-5, torch.float64: 1e-9}
+
+
+def _batch(seed, n, dim, classes, dtype, ref_rows=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=dtype)
+    y = torch.randint(0, classes, (n,), generator=g)
+    if ref_rows is None:
+        return (x, y)
+    return (x, y, torch.randn(ref_rows, dim, generator=g, dtype=dtype),
+            torch.randint(0, classes, (ref_rows,), generator=g))
+
+
+def _both(name, **kw):
+    return getattr(our_miners, name)(**kw), getattr(pml_miners, name)(**kw)
+
+
+def _stats_match(ours, theirs, dtype):
+    assert ours._record_these_stats == theirs._record_these_stats
+    for stat in theirs._record_these_stats:
+        want, got = float(getattr(theirs, stat)), float(getattr(ours, stat))
+        if math.isnan(want):
+            assert math.isnan(got), stat
+        else:
+            assert got == pytest.approx(want, rel=STAT_TOL[dtype], abs=STAT_TOL[dtype]), stat
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Several row blocks, angle chunks and multinomial chunks at test sizes."""
+    monkeypatch.setattr(blocked_miners, "_BLOCK_VALUES", 64 * 90)
+    monkeypatch.setattr(blocked_miners, "_ANGLE_VALUES", 700)
+
+
+# ----------------------------------------------------------------------------- AngularMiner
+ANGULAR_CASES = [  # (seed, n, dim, classes, ref_rows, angle)
+    (0, 13, 5, 3, None, 20), (1, 70, 8, 4, None, 45), (2, 97, 6, 9, 61, 30), (3, 41, 3, 2, None, 60),
+    (4, 30, 7, 5, 33, 0), (5, 25, 4, 3, None, 90), (6, 25, 4, 3, None, -15), (7, 29, 4, 3, 31, 89.99),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ANGULAR_CASES, ids=lambda c: f"n{c[1]}-ref{c[4]}-angle{c[5]}")
+def test_angular_matches_pml(case, dtype, small_blocks):
+    seed, n, dim, classes, ref_rows, angle = case
+    args = _batch(seed, n, dim, classes, dtype, ref_rows)
+    ours, theirs = _both("AngularMiner", angle=angle, collect_stats=True)
+    assert_same_indices(ours(*args), theirs(*args))
+    _stats_match(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_angular_triplets_at_the_threshold_are_recomputed(dtype, monkeypatch, small_blocks):
+    """The threshold set to PML's own angles (ties at the threshold), and a negative placed at a
+    pair's centre (d_nc ~ eps): the interval test can't decide those, PML's maths does."""
+    x, y = _batch(11, 40, 6, 3, dtype)
+    a, p = [int(i) for i in torch.where(y == y[0])[0][:2]]
+    other = int(torch.where(y != y[0])[0][0])
+    x[other] = (x[a] + x[p]) / 2
+    pml_miner = pml_miners.AngularMiner(angle=0, collect_stats=True)
+    pml_miner(x, y)
+    calls = []
+    real = blocked_miners._pml_angles
+    monkeypatch.setattr(blocked_miners, "_pml_angles", lambda *args: calls.append(len(args[2])) or real(*args))
+    for degrees in (pml_miner.average_angle, pml_miner.max_angle, pml_miner.min_angle, 35.0):
+        ours, theirs = _both("AngularMiner", angle=degrees, collect_stats=True)
+        assert_same_indices(ours(x, y), theirs(x, y))
+        _stats_match(ours, theirs, dtype)
+    assert sum(calls) > 0
+
+
+def test_angular_output_too_large_raises(monkeypatch):
+    monkeypatch.setattr(blocked_miners, "_MAX_OUTPUT_BYTES", 24 * 2 * 100)
+    x, y = _batch(0, 30, 4, 3, torch.float32)
+    with pytest.raises(torch.OutOfMemoryError, match="AngularMiner: the mined triplets would need"):
+        our_miners.AngularMiner(angle=0)(x, y)
+    monkeypatch.setattr(blocked_miners, "_MAX_OUTPUT_BYTES", None)
+    assert len(our_miners.AngularMiner(angle=0)(x, y)[0]) > 100
+
+
+def test_angular_stats_not_computed_without_collect_stats(monkeypatch):
+    import dmlkern.miners.angular_miner as am
+
+    monkeypatch.setattr(am, "AngleStats", lambda: pytest.fail("statistics without collect_stats"))
+    x, y = _batch(0, 20, 4, 3, torch.float32)
+    assert_same_indices(our_miners.AngularMiner()(x, y), pml_miners.AngularMiner()(x, y))
+
+
+# ----------------------------------------------------------------------------- HDCMiner
+HDC_DISTANCES = [None, ("CosineSimilarity", {}), ("LpDistance", {"power": 2}),
+                 ("DotProductSimilarity", {"normalize_embeddings": False})]
+
+
+def _hdc_pair(filter_percentage, dist):
+    kw = dict(filter_percentage=filter_percentage)
+    if dist is None:
+        return _both("HDCMiner", **kw)
+    return (our_miners.HDCMiner(distance=getattr(our_distances, dist[0])(**dist[1]), **kw),
+            pml_miners.HDCMiner(distance=getattr(pml_distances, dist[0])(**dist[1]), **kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", HDC_DISTANCES, ids=lambda d: "default" if d is None else d[0])
+def test_hdc_matches_pml(dist, dtype, small_blocks):
+    """Pair lists up to _TOPK_PAIRS: PML's output in PML's order, ties (the pairs (i, j) and
+    (j, i) of a batch with itself) included."""
+    for seed, (n, dim, classes, ref_rows) in enumerate([(13, 5, 3, None), (150, 9, 11, None), (101, 4, 6, 67)]):
+        args = _batch(seed, n, dim, classes, dtype, ref_rows)
+        for f in (0.5, 0.27, 0.01, 1.0, 0.0):
+            ours, theirs = _hdc_pair(f, dist)
+            assert_same_indices(ours(*args), theirs(*args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hdc_past_topk_pairs(dtype, monkeypatch, small_blocks):
+    """Candidates pruned block by block: the same values in the same order as PML, the same pairs
+    except among those tied with the k-th value, and ties in row-major order (PML: torch.topk's)."""
+    monkeypatch.setattr(blocked_miners, "_TOPK_PAIRS", 0)
+    for seed, (n, dim, classes, ref_rows) in enumerate([(150, 9, 11, None), (151, 6, 4, 97), (77, 3, 2, None)]):
+        args = _batch(seed, n, dim, classes, dtype, ref_rows)
+        refs = args[0] if ref_rows is None else args[2]
+        mat = torch.cdist(torch.nn.functional.normalize(args[0]), torch.nn.functional.normalize(refs))
+        for f in (0.5, 0.03, 1.0):
+            ours, theirs = _hdc_pair(f, None)
+            got, want = ours(*args), theirs(*args)
+            for i in (0, 2):
+                got_vals, want_vals = mat[got[i], got[i + 1]], mat[want[i], want[i + 1]]
+                assert torch.equal(got_vals, want_vals) and len(got_vals) > 0
+                strict = want_vals != want_vals[-1]
+
+                def listed(t, vals):
+                    return sorted(zip(vals[strict].tolist(), t[i][strict].tolist(), t[i + 1][strict].tolist()))
+
+                assert listed(got, got_vals) == listed(want, want_vals)
+                flat = got[i] * refs.shape[0] + got[i + 1]
+                same_value = got_vals[1:] == got_vals[:-1]
+                assert torch.all(flat[1:][same_value] > flat[:-1][same_value])
+
+
+def test_hdc_past_topk_pairs_orders_ties_row_major(monkeypatch):
+    monkeypatch.setattr(blocked_miners, "_TOPK_PAIRS", 0)
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    y = torch.tensor([0, 0, 1, 1, 2])
+    a1, p, a2, n = our_miners.HDCMiner(filter_percentage=0.5)(x, y)
+    assert (a1.tolist(), p.tolist()) == ([0, 1], [1, 0])  # all four positive pairs at distance 0
+    d = torch.cdist(torch.nn.functional.normalize(x), torch.nn.functional.normalize(x))[a2, n]
+    assert torch.all(d[1:] >= d[:-1])
+    ties = d == d[-1]
+    flat = (a2 * 5 + n)[ties]
+    assert torch.all(flat[1:] > flat[:-1])
+
+
+def test_hdc_set_idx_externally(small_blocks):
+    x, y = _batch(3, 150, 6, 5, torch.float64)
+    for external in (pml_miners.TripletMarginMiner(margin=0.3)(x, y), pml_miners.PairMarginMiner()(x, y)):
+        ours, theirs = _both("HDCMiner", filter_percentage=0.6)
+        ours.set_idx_externally(external, y)
+        theirs.set_idx_externally(external, y)
+        for _ in range(3):  # PML keeps (and re-filters) the external pairs on later calls
+            assert_same_indices(ours(x, y), theirs(x, y))
+        ours.reset_idx()
+        theirs.reset_idx()
+        assert_same_indices(ours(x, y), theirs(x, y))
+    ours, theirs = _both("HDCMiner")
+    bad = (torch.tensor([0, 150]), torch.tensor([1, 2]), torch.tensor([0]), torch.tensor([3]))
+    for miner in (ours, theirs):
+        miner.set_idx_externally(bad, y)
+        with pytest.raises(IndexError):
+            miner(x, y)
+
+
+def test_hdc_filter_over_one_raises_as_pml():
+    x, y = _batch(0, 10, 4, 3, torch.float32)
+    for miner in _both("HDCMiner", filter_percentage=1.5):
+        with pytest.raises(RuntimeError, match="out of range"):
+            miner(x, y)
+
+
+# ----------------------------------------------------------------------------- DistanceWeightedMiner
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_distance_weighted_same_seed_same_triplets(dtype, blocks, request):
+    """Several row blocks, classes larger than a block, multinomial drawn in chunks (small)."""
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    shapes = [(13, 5, 3, None), (31, 17, 6, 29), (301, 8, 20, None), (200, 6, 2, None), (170, 7, 3, 130),
+              (97, 16, 1, None)]
+    for seed, (n, dim, classes, ref_rows) in enumerate(shapes):
+        args = _batch(seed, n, dim, classes, dtype, ref_rows)
+        kw = dict(cutoff=0.3, nonzero_loss_cutoff=1.9) if seed % 2 else {}
+        torch.manual_seed(100 + seed)
+        want = pml_miners.DistanceWeightedMiner(**kw)(*args)
+        torch.manual_seed(100 + seed)
+        got = our_miners.DistanceWeightedMiner(**kw)(*args)
+        assert_same_indices(got, want)
+        assert len(got[0]) > 0 or classes == 1
+        torch.manual_seed(7)
+        pml_miners.DistanceWeightedMiner(**kw)(*args)
+        after_pml = torch.rand(4)
+        torch.manual_seed(7)
+        our_miners.DistanceWeightedMiner(**kw)(*args)
+        assert torch.equal(torch.rand(4), after_pml)  # the same RNG consumption
+
+
+def test_multinomial_in_chunks_is_torch_multinomial(monkeypatch):
+    """The chunked draw relies on torch.multinomial(w, 1) = argmax(w / q), q ~ Exp(1) drawn for
+    the whole tensor in order: fails if torch changes that."""
+    monkeypatch.setattr(blocked_miners, "_BLOCK_VALUES", 300)
+    g = torch.Generator().manual_seed(0)
+    for dtype in DTYPES:
+        w = torch.rand(57, 41, generator=g, dtype=dtype)
+        w[w < 0.4] = 0
+        rows = torch.tensor([0, 0, 3, 5, 5, 5, 9] + list(range(10, 57)))
+        torch.manual_seed(3)
+        want = torch.multinomial(w[rows], 1, replacement=True).flatten()
+        torch.manual_seed(3)
+        got = blocked_miners._multinomial_rows(w, rows)
+        assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- all three
+MINERS = [("AngularMiner", {}), ("HDCMiner", {}), ("DistanceWeightedMiner", {})]
+
+
+@pytest.mark.parametrize("name", [m[0] for m in MINERS])
+@pytest.mark.parametrize("labels", [[0], [3, 3, 3, 3, 3], [0, 1, 2, 3, 4], [0, 0, 1]],
+                         ids=["single_sample", "single_class", "no_positives", "tiny"])
+def test_degenerate_batches(name, labels):
+    y = torch.tensor(labels)
+    for dtype in DTYPES:
+        x = torch.randn(len(labels), 4, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(0)
+        want = getattr(pml_miners, name)()(x, y)
+        torch.manual_seed(0)
+        got = getattr(our_miners, name)()(x, y)
+        assert_same_indices(got, want)
+
+
+def test_empty_inputs():
+    """An empty batch: empty tuples as PML (DistanceWeightedMiner: PML fails in torch.max); the
+    blocked functions give empty tuples for no rows or no reference rows."""
+    empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    for name, _ in MINERS:
+        got = getattr(our_miners, name)()(*empty)
+        assert len(got) == (4 if name == "HDCMiner" else 3) and all(t.numel() == 0 for t in got)
+        if name != "DistanceWeightedMiner":
+            assert_same_indices(got, getattr(pml_miners, name)()(*empty))
+    x, y = torch.randn(5, 4), torch.tensor([0, 0, 1, 1, 2])
+    lp = our_distances.LpDistance()
+    for emb, lab, ref, ref_lab in ((x[:0], y[:0], x, y), (x, y, x[:0], y[:0])):
+        outs = [blocked_miners.angular_miner(emb, lab, ref, ref_lab, 0.3),
+                blocked_miners.hdc_all_pairs(lp, emb, lab, ref, ref_lab, 0.5),
+                blocked_miners.distance_weighted_miner(lp, emb, lab, ref, ref_lab, 0.5, 1.4)]
+        for out in outs:
+            assert all(t.dtype == torch.long and t.numel() == 0 for t in out)
+
+
+def test_same_output_at_one_two_and_four_threads(monkeypatch):
+    """Indices and AngularMiner's statistics bit for bit at 1, 2 and 4 threads (sizes past torch's
+    grain size, where an op is split over threads)."""
+    monkeypatch.setattr(blocked_miners, "_TOPK_PAIRS", 1 << 14)
+    x, y = _batch(5, 600, 32, 40, torch.float32)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            angular = our_miners.AngularMiner(angle=35, collect_stats=True)
+            out = [*angular(x, y), *our_miners.HDCMiner(filter_percentage=0.2)(x, y)]
+            torch.manual_seed(0)
+            out += our_miners.DistanceWeightedMiner()(x, y)
+            results.append((out, [getattr(angular, s) for s in angular._record_these_stats]))
+    finally:
+        torch.set_num_threads(before)
+    for out, stats in results[1:]:
+        assert all(torch.equal(u, v) for u, v in zip(out, results[0][0]))
+        assert stats == results[0][1]
+
+
+# ----------------------------------------------------------------------------- memory
+_MEMORY_SETUP = """
+    torch.manual_seed(0)
+    n = {n}
+    x = torch.randn(n, 128)
+    labels = torch.randint(0, n // 8, (n,))
+    same = int(torch.bincount(labels).pow(2).sum())
+"""
+
+
+@pytest.mark.slow
+def test_angular_peak_memory():
+    """N=1024, D=128, angle 60: PML lists ~7.3M triplets and gathers three T x D rows (> 10 GiB);
+    the blocked miner's peak RSS grows by < 256 MiB."""
+    growth = peak_rss_growth_mib(_MEMORY_SETUP.format(n=1024), """
+        out = miners.AngularMiner(angle=60)(x, labels)
+        assert len(out[0]) < 10000
+    """)
+    assert growth < 256, growth
+
+
+@pytest.mark.slow
+def test_hdc_peak_memory():
+    """N=8192, D=128, filter 0.001: PML's matrix (256 MiB) and list of every pair (> 1 GiB); the
+    blocked miner's peak RSS grows by < 256 MiB."""
+    growth = peak_rss_growth_mib("import math" + _MEMORY_SETUP.format(n=8192), """
+        out = miners.HDCMiner(filter_percentage=0.001)(x, labels)
+        assert len(out[0]) == math.ceil(0.001 * (same - n)) and len(out[2]) == math.ceil(0.001 * (n * n - same))
+    """)
+    assert growth < 256, growth
+
+
+@pytest.mark.slow
+def test_distance_weighted_peak_memory():
+    """N=16384, D=128: PML's N x N distances and weights (1 GiB each, more in temporaries); the
+    blocked miner's peak RSS grows by < 256 MiB."""
+    growth = peak_rss_growth_mib(_MEMORY_SETUP.format(n=16384), """
+        out = miners.DistanceWeightedMiner()(x, labels)
+        assert len(out[0]) > 16384
+    """)
+    assert growth < 256, growth
