@@ -232,8 +232,8 @@ def test_bit_reproducible_at_1_2_4_threads(engine_backend_choice, dtype, size): 
 
 
 def test_unfusable_configurations_use_the_reference(engine_backend_choice):  # noqa: F811
-    """An indices_tuple, no labels, an unnormalised cosine and backend "reference" run the reference,
-    saying why (last_fallback)."""
+    """An unnormalised cosine and backend "reference" run the reference, saying why (last_fallback);
+    an indices_tuple (with or without labels) runs its pairs only."""
     engine_backend_choice("cpp", "cpu")
     x, labels, _, _ = _case(20, 3, None, 8, torch.float64, seed=2)
     pairs = tuple(torch.tensor(t) for t in ([0, 1], [2, 3], [4, 5]))
@@ -242,9 +242,6 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):  # n
     on_reference = losses.CircleLoss()
     on_reference.backend = "reference"
     for loss_fn, args, reason in [
-        (losses.CircleLoss(), (x, labels, pairs), "an indices_tuple"),
-        (losses.CircleLoss(), (x, None, (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2]),
-                                         torch.tensor([5]))), "no labels"),
         (losses.CircleLoss(distance=unnormalized), (x, labels), "non-default distance"),
         (on_reference, (x, labels), "backend='reference'"),
     ]:
@@ -253,6 +250,9 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):  # n
     fn = losses.CircleLoss()
     fn(x, labels)
     assert fn.last_backend == "cpp" and fn.last_fallback is None
+    for args in [(x, labels, pairs), (x, None, pairs)]:  # a tuple: only its pairs (listed_pairs.listed_circle)
+        fn(*args)
+        assert fn.last_backend == "listed", fn.last_fallback
 
 
 def test_compiles_fullgraph(engine_backend_choice):  # noqa: F811

@@ -5,7 +5,8 @@ shift_pos = delta_p, relu_neg = on, shift_neg = delta_n, scaled by sc_pos = -gam
 (no offsets); its dv/ds is the detached weight, as PML's autograd gives. Per row
 softplus(lse_pos + lse_neg) (nn.Softplus's: z above 20 gives z, gradient 1), an empty set's lse
 taken as 0, times 0 for a row lacking a positive or a negative (a NaN row stays NaN, as PML's
-product); element losses for any reducer."""
+product); element losses for any reducer. An indices_tuple runs `listed_pairs.listed_circle`
+(CircleLoss's hook chooses)."""
 import torch
 
 from ..engine_spec import TRANSFORM_CIRCLE, EngineParams

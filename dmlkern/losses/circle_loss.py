@@ -7,6 +7,7 @@ with detached weights; rows lacking a positive or a negative give 0.
 from ..distances import CosineSimilarity
 from ..fused import _stats as fused_stats
 from ..fused.circle import circle
+from ..fused.listed_pairs import listed_circle
 from ..reducers import AvgNonZeroReducer
 from ..reference import embedding_losses as R
 from .base import GenericPairLoss
@@ -25,7 +26,9 @@ class CircleLoss(GenericPairLoss):
         self.add_to_recordable_attributes(list_of_names=["m", "gamma", "op", "on", "delta_p", "delta_n"], is_stat=False)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return fused_stats.pair_loss(circle, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        # all pairs: one lse2 pass on the engine; an indices_tuple: only its pairs
+        fused = circle if indices_tuple is None else listed_circle
+        return fused_stats.pair_loss(fused, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         # op, on, delta_p, delta_n as PML reads them: the attributes at call time
