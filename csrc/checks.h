@@ -100,17 +100,32 @@ inline void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y,
                 "(lifted_pairs) or 4 (hinge), got ",
                 pass_kind);
   }
-  TORCH_CHECK(transform == kTransformDot || transform == kTransformUnitDistance,
-              "dmlkern: transform must be 0 (dot product) or 1 (unit-vector distance), got ",
+  TORCH_CHECK(transform == kTransformDot || transform == kTransformUnitDistance ||
+                  transform == kTransformCircle,
+              "dmlkern: transform must be 0 (dot product), 1 (unit-vector distance) or 2 (circle), got ",
               transform);
   TORCH_CHECK(mining == kMiningNone || mining == kMiningMultiSimilarity,
               "dmlkern: mining must be 0 (none) or 1 (Multi-Similarity miner), got ", mining);
   TORCH_CHECK(mining == kMiningNone || transform == kTransformDot,
               "dmlkern: mining=1 (Multi-Similarity miner) needs transform 0, got transform ",
               transform);
-  TORCH_CHECK(params.size() == 5,
-              "dmlkern: params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps], got ",
+  TORCH_CHECK(params.size() == 5 || params.size() == 9,
+              "dmlkern: params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps] or 9 (then "
+              "relu_pos, shift_pos, relu_neg, shift_neg), got ",
               params.size());
+  // Transform 2 (circle): the lse2 pass and the softmax backward (mining 0: checked above), its 4
+  // constants.
+  if (transform == kTransformCircle) {
+    TORCH_CHECK(params.size() == 9,
+                "dmlkern: transform=2 (circle) needs 9 params (relu_pos, shift_pos, relu_neg, "
+                "shift_neg after the 5), got ",
+                params.size());
+    TORCH_CHECK(row_coef != nullptr || pass_kind == kPassLse2,
+                "dmlkern: transform=2 (circle) needs pass_kind=1 (lse2), got pass_kind=", pass_kind);
+    TORCH_CHECK(row_coef == nullptr || row_coef->size(1) == 5,
+                "dmlkern: transform=2 (circle) needs row_coef with 5 columns (the lse2 backward), got ",
+                row_coef == nullptr ? 0 : row_coef->size(1));
+  }
   TORCH_CHECK(x.size(0) + y.size(0) <= std::numeric_limits<int32_t>::max(),
               "dmlkern: N + M must fit in int32");
   // The hinge pass and its backward keep every pair (no mining).

@@ -7,10 +7,11 @@
 TORCH_LIBRARY(dmlkern, m) {
   // The tiled pair engine (docs/ENGINE.md): one pass of per-row statistics over
   // v = transform(<x_i, y_j>) with label / mining masks. row_in (N, 3) in the stats
-  // dtype; params = [sc_pos, off_pos, sc_neg, off_neg, eps]. Returns row_out (N, 2),
+  // dtype; params = [sc_pos, off_pos, sc_neg, off_neg, eps], or 9 with transform 2's
+  // [relu_pos, shift_pos, relu_neg, shift_neg] after them. Returns row_out (N, 2),
   // (N, 3) for pass_kind 2 and 3, or (N, 4) for pass_kind 4 (hinge), in fp32 (fp64 for fp64
   // inputs). Pass 3 (lifted pairs) needs the symmetric case: y is x, y_labels is x_labels,
-  // exclude_diag, mining 0; pass 4 needs mining 0.
+  // exclude_diag, mining 0; pass 4 needs mining 0; transform 2 (circle) pass 1 and mining 0.
   // A masked row log-sum-exp log sum_j exp(scale * <x_i, y_j>) is pass 1 (lse2) with params
   // [scale, 0, scale, 0, 0]: column 0 sums the same-label pairs (without j == i when
   // exclude_diag), column 1 the different-label pairs (dmlkern.ops.masked_lse is that epilogue).
@@ -19,7 +20,7 @@ TORCH_LIBRARY(dmlkern, m) {
       "int pass_kind, int transform, int mining, float[] params, bool exclude_diag) -> Tensor");
   // Recomputes the tiles; row_coef (N, 5) = (A_pos, LSE_pos, A_neg, LSE_neg, B_pos), or
   // (N, 6) with C_lift (pass 3's term; the symmetric case only), or (N, 2) = (H_pos, H_neg):
-  // the hinge backward (pass 4's; mining 0).
+  // the hinge backward (pass 4's; mining 0). Transform 2 takes (N, 5) only.
   // Returns (grad_x, grad_y) in the input dtype. symmetric: the caller passes y = x and
   // y_labels = x_labels (shapes are checked) and wants only their sum: it comes back as
   // grad_x, with grad_y zero, from one side's tiles (pairs (a, b) and (b, a) together).

@@ -108,7 +108,13 @@ enum EnginePass : int64_t {
   kPassLiftedPairs = 3,  // symmetric case only (y is x, exclude_diag)
   kPassHinge = 4,        // mining 0 only
 };
-enum EngineTransform : int64_t { kTransformDot = 0, kTransformUnitDistance = 1 };
+// kTransformCircle: CircleLoss's per-set values (engine_pos_value / engine_neg_value); lse2 with
+// mining 0 only (checked).
+enum EngineTransform : int64_t {
+  kTransformDot = 0,
+  kTransformUnitDistance = 1,
+  kTransformCircle = 2,
+};
 enum EngineMining : int64_t { kMiningNone = 0, kMiningMultiSimilarity = 1 };
 
 template <typename T>
@@ -162,10 +168,13 @@ struct StdLog1p {
   }
 };
 
-// params = [sc_pos, off_pos, sc_neg, off_neg, eps] in the statistics dtype.
+// params = [sc_pos, off_pos, sc_neg, off_neg, eps] in the statistics dtype, then transform 2's
+// four constants (relu_pos, shift_pos, relu_neg, shift_neg; 0 when the op is given 5 floats):
+// no other transform reads them.
 template <typename T>
 struct EngineParams {
   T sc_pos, off_pos, sc_neg, off_neg, eps;
+  T relu_pos, shift_pos, relu_neg, shift_neg;
 };
 
 struct StdSqrt {
@@ -176,20 +185,47 @@ struct StdSqrt {
 };
 
 // v(s): transform 0 is s; transform 1 is sqrt(max(2 - 2s, 0)), the Euclidean
-// distance of unit vectors. NaN s gives NaN v (the clamp keeps NaN). The CPU passes a
+// distance of unit vectors; transform 2 is s (its per-set values come from engine_pos_value /
+// engine_neg_value). NaN s gives NaN v (the clamp keeps NaN). The CPU passes a
 // branch-free sqrt (libm's sets errno, which keeps GCC from vectorising the loop).
 template <int64_t TRANSFORM, typename T, typename SqrtF = StdSqrt>
 DMLK_HDI T engine_value(T s, SqrtF sq = SqrtF()) {
-  if constexpr (TRANSFORM == kTransformDot) {
-    return s;
-  } else {
+  if constexpr (TRANSFORM == kTransformUnitDistance) {
     const T t = T(2) - T(2) * s;
     return sq(t < T(0) ? T(0) : t);
+  } else {
+    return s;
+  }
+}
+
+// Transform 2 (circle) gives each set its own value of v = s:
+//   v_pos = relu(relu_pos - s) (s - shift_pos),   v_neg = relu(s - relu_neg) (s - shift_neg),
+// with the relu weights taken as constants in dv/ds (PML's CircleLoss detaches them):
+// dv_pos/ds = relu(relu_pos - s), dv_neg/ds = relu(s - relu_neg). relu keeps NaN. For the other
+// transforms both are v itself.
+template <int64_t TRANSFORM, typename T>
+DMLK_HDI T engine_pos_value(T v, const EngineParams<T>& p) {
+  if constexpr (TRANSFORM == kTransformCircle) {
+    const T w = p.relu_pos - v;
+    return (w < T(0) ? T(0) : w) * (v - p.shift_pos);
+  } else {
+    return v;
+  }
+}
+
+template <int64_t TRANSFORM, typename T>
+DMLK_HDI T engine_neg_value(T v, const EngineParams<T>& p) {
+  if constexpr (TRANSFORM == kTransformCircle) {
+    const T w = v - p.relu_neg;
+    return (w < T(0) ? T(0) : w) * (v - p.shift_neg);
+  } else {
+    return v;
   }
 }
 
 // dl/ds from dl/dv: dv/ds is 1 (transform 0) or -1/v, taken as 0 where v = 0 and
-// where v is NaN (as the reference's where(v > 0, ...)).
+// where v is NaN (as the reference's where(v > 0, ...)). Transform 2 takes the pair's set:
+// engine_set_dl_ds.
 template <int64_t TRANSFORM, typename T>
 DMLK_HDI T engine_dl_ds(T v, T dl_dv) {
   if constexpr (TRANSFORM == kTransformDot) {
@@ -197,6 +233,19 @@ DMLK_HDI T engine_dl_ds(T v, T dl_dv) {
   } else {
     const bool live = v > T(0);
     return live ? -dl_dv / (live ? v : T(1)) : T(0);
+  }
+}
+
+// engine_dl_ds with the pair's set (pos and neg exclude each other): transform 2 multiplies by
+// its set's relu weight (a pair in neither set gives 0); the others ignore the set.
+template <int64_t TRANSFORM, typename T>
+DMLK_HDI T engine_set_dl_ds(T v, T dl_dv, bool kept_pos, bool kept_neg, const EngineParams<T>& p) {
+  if constexpr (TRANSFORM == kTransformCircle) {
+    const T wp = p.relu_pos - v, wn = v - p.relu_neg;
+    return kept_pos ? dl_dv * (wp < T(0) ? T(0) : wp)
+                    : (kept_neg ? dl_dv * (wn < T(0) ? T(0) : wn) : T(0));
+  } else {
+    return engine_dl_ds<TRANSFORM>(v, dl_dv);
   }
 }
 
@@ -266,14 +315,15 @@ struct ExtremaAcc {
 };
 
 // Pass 1: online LSEs of sc_pos * v + off_pos over pos kept and sc_neg * v + off_neg
-// over neg kept.
+// over neg kept (v: the set's value, engine_pos_value / engine_neg_value).
 template <typename T>
 struct Lse2Acc {
   OnlineLSE<T> pos;
   OnlineLSE<T> neg;
+  template <int64_t TRANSFORM = kTransformDot>
   DMLK_HDI void push(T v, bool kept_pos, bool kept_neg, const EngineParams<T>& p) {
-    if (kept_pos) pos.push(p.sc_pos * v + p.off_pos);
-    if (kept_neg) neg.push(p.sc_neg * v + p.off_neg);
+    if (kept_pos) pos.push(p.sc_pos * engine_pos_value<TRANSFORM>(v, p) + p.off_pos);
+    if (kept_neg) neg.push(p.sc_neg * engine_neg_value<TRANSFORM>(v, p) + p.off_neg);
   }
   DMLK_HDI void merge(const Lse2Acc& o) {
     pos.merge(o.pos.m, o.pos.s);
@@ -461,38 +511,50 @@ DMLK_HDI T engine_lifted_pair_grad(T v, bool kept_pos, T c_lift, T L_i, T L_j,
   return live ? c_lift * p.sc_pos * r : T(0);
 }
 
-// dl/ds of one pair of row i (docs/ENGINE.md), with row i's row_coef
+// dl/dv of one pair of row i (docs/ENGINE.md), with row i's row_coef
 // (A_pos, LSE_pos, A_neg, LSE_neg, B_pos[, C_lift]) and L = row_in[i, 2]:
 //   dl/dv = [pos] (A_pos sc_pos exp(sc_pos v + off_pos - LSE_pos) - B_pos sc_pos sigmoid(L - sc_pos v - off_pos)
 //                  + C_lift sc_pos relu(logaddexp(L, L_j) + sc_pos v + off_pos))
 //         + [neg]  A_neg sc_neg exp(sc_neg v + off_neg - LSE_neg)
-// A term whose coefficient is 0 (or whose LSE is -inf) is exactly 0, never NaN: its exp
-// argument is replaced by -inf. pos and neg exclude each other, so the two LSE terms
-// share one exp. HAS_B = false promises B_pos = 0 (skips the sigmoid's exp); HAS_LIFT =
-// false promises C_lift = 0 (skips the lifted term; L_j = row_in[j, 2] is only read with it,
-// which needs the symmetric case).
+// (v: the set's value, engine_pos_value / engine_neg_value). A term whose coefficient is 0 (or
+// whose LSE is -inf) is exactly 0, never NaN: its exp argument is replaced by -inf. pos and neg
+// exclude each other, so the two LSE terms share one exp. HAS_B = false promises B_pos = 0
+// (skips the sigmoid's exp); HAS_LIFT = false promises C_lift = 0 (skips the lifted term;
+// L_j = row_in[j, 2] is only read with it, which needs the symmetric case).
 template <int64_t TRANSFORM, bool HAS_B, bool HAS_LIFT = false, typename T, typename ExpF,
           typename Log1pF = StdLog1p>
-DMLK_HDI T engine_pair_grad(T v, bool kept_pos, bool kept_neg, T a_pos, T lse_pos, T a_neg,
-                            T lse_neg, T b_pos, T L, const EngineParams<T>& p, ExpF ex,
-                            T c_lift = T(0), T L_j = T(0), Log1pF l1p = Log1pF()) {
+DMLK_HDI T engine_pair_dl_dv(T v, bool kept_pos, bool kept_neg, T a_pos, T lse_pos, T a_neg,
+                             T lse_neg, T b_pos, T L, const EngineParams<T>& p, ExpF ex,
+                             T c_lift = T(0), T L_j = T(0), Log1pF l1p = Log1pF()) {
+  const T vp = engine_pos_value<TRANSFORM>(v, p), vn = engine_neg_value<TRANSFORM>(v, p);
   const bool live_pos = kept_pos & (a_pos != T(0)) & (lse_pos != neg_infinity<T>());
   const bool live_neg = kept_neg & (a_neg != T(0)) & (lse_neg != neg_infinity<T>());
-  const T arg_pos = p.sc_pos * v + p.off_pos - lse_pos;
-  const T arg_neg = p.sc_neg * v + p.off_neg - lse_neg;
+  const T arg_pos = p.sc_pos * vp + p.off_pos - lse_pos;
+  const T arg_neg = p.sc_neg * vn + p.off_neg - lse_neg;
   const T arg = live_pos ? arg_pos : (live_neg ? arg_neg : neg_infinity<T>());
   const T coef = live_pos ? a_pos * p.sc_pos : a_neg * p.sc_neg;
   const T e = ex(arg);
   T dl_dv = (live_pos | live_neg) ? coef * e : T(0);
   if constexpr (HAS_B) {
     const bool live_b = kept_pos & (b_pos != T(0));
-    const T sig = engine_sigmoid(live_b ? engine_softplus_arg(v, L, p) : T(0), ex);
+    const T sig = engine_sigmoid(live_b ? engine_softplus_arg(vp, L, p) : T(0), ex);
     dl_dv = dl_dv - (live_b ? b_pos * p.sc_pos * sig : T(0));
   }
   if constexpr (HAS_LIFT) {
-    dl_dv = dl_dv + engine_lifted_pair_grad(v, kept_pos, c_lift, L, L_j, p, ex, l1p);
+    dl_dv = dl_dv + engine_lifted_pair_grad(vp, kept_pos, c_lift, L, L_j, p, ex, l1p);
   }
-  return engine_dl_ds<TRANSFORM>(v, dl_dv);
+  return dl_dv;
+}
+
+// dl/ds of one pair of row i: engine_pair_dl_dv times dv/ds.
+template <int64_t TRANSFORM, bool HAS_B, bool HAS_LIFT = false, typename T, typename ExpF,
+          typename Log1pF = StdLog1p>
+DMLK_HDI T engine_pair_grad(T v, bool kept_pos, bool kept_neg, T a_pos, T lse_pos, T a_neg,
+                            T lse_neg, T b_pos, T L, const EngineParams<T>& p, ExpF ex,
+                            T c_lift = T(0), T L_j = T(0), Log1pF l1p = Log1pF()) {
+  const T dl_dv = engine_pair_dl_dv<TRANSFORM, HAS_B, HAS_LIFT>(
+      v, kept_pos, kept_neg, a_pos, lse_pos, a_neg, lse_neg, b_pos, L, p, ex, c_lift, L_j, l1p);
+  return engine_set_dl_ds<TRANSFORM>(v, dl_dv, kept_pos, kept_neg, p);
 }
 
 // The hinge backward (row_coef (N, 2) = (H_pos, H_neg), pass 4's): dl/ds of one pair of row i,
@@ -538,7 +600,8 @@ struct EngineRowCoef {
 // self-pair, each half with its own row's masks (mining) and terms. Both halves share one
 // dv/ds and, with HAS_LIFT, one logaddexp (symmetric in L_i, L_j). Exactly what the two
 // engine_pair_grad calls of the two sides give, summed; the HAS_B / HAS_LIFT promises cover
-// both rows (a zero coefficient still contributes exactly 0).
+// both rows (a zero coefficient still contributes exactly 0). Transform 2 comes with mining 0
+// (checked): both halves are in the same set, so one dv/ds serves them.
 template <int64_t TRANSFORM, int64_t MINING, bool HAS_B, bool HAS_LIFT, typename T, typename ExpF,
           typename Log1pF = StdLog1p>
 DMLK_HDI T engine_pair_grad_sym(T v, bool same_label, bool excluded_self, const EngineRowCoef<T>& ri,
@@ -548,17 +611,18 @@ DMLK_HDI T engine_pair_grad_sym(T v, bool same_label, bool excluded_self, const 
   const bool kn_i = engine_neg_kept<MINING>(v, same_label, ri.min_pos, p.eps);
   const bool kp_j = engine_pos_kept<MINING>(v, same_label, excluded_self, rj.max_neg, p.eps);
   const bool kn_j = engine_neg_kept<MINING>(v, same_label, rj.min_pos, p.eps);
-  T dl_dv = engine_pair_grad<kTransformDot, HAS_B>(v, kp_i, kn_i, ri.a_pos, ri.lse_pos, ri.a_neg,
-                                                    ri.lse_neg, ri.b_pos, ri.L, p, ex) +
-            engine_pair_grad<kTransformDot, HAS_B>(v, kp_j, kn_j, rj.a_pos, rj.lse_pos, rj.a_neg,
-                                                    rj.lse_neg, rj.b_pos, rj.L, p, ex);
+  T dl_dv = engine_pair_dl_dv<TRANSFORM, HAS_B>(v, kp_i, kn_i, ri.a_pos, ri.lse_pos, ri.a_neg,
+                                                ri.lse_neg, ri.b_pos, ri.L, p, ex) +
+            engine_pair_dl_dv<TRANSFORM, HAS_B>(v, kp_j, kn_j, rj.a_pos, rj.lse_pos, rj.a_neg,
+                                                rj.lse_neg, rj.b_pos, rj.L, p, ex);
   if constexpr (HAS_LIFT) {
-    const T r = engine_lifted_relu(v, engine_lifted_neg_part(ri.L, rj.L, ex, l1p).lae, p);
+    const T r = engine_lifted_relu(engine_pos_value<TRANSFORM>(v, p),
+                                   engine_lifted_neg_part(ri.L, rj.L, ex, l1p).lae, p);
     const bool live_i = kp_i & (ri.c_lift != T(0)), live_j = kp_j & (rj.c_lift != T(0));
     dl_dv = dl_dv + ((live_i ? ri.c_lift * p.sc_pos * r : T(0)) +
                      (live_j ? rj.c_lift * p.sc_pos * r : T(0)));
   }
-  return engine_dl_ds<TRANSFORM>(v, dl_dv);
+  return engine_set_dl_ds<TRANSFORM>(v, dl_dv, kp_i, kn_i, p);
 }
 
 }  // namespace dmlkern

@@ -7,8 +7,10 @@ import torch
 
 # Passes: what each kernel sweep accumulates per row.
 PASS_EXTREMA, PASS_LSE2, PASS_POS_SOFTPLUS, PASS_LIFTED_PAIRS, PASS_HINGE = 0, 1, 2, 3, 4
-# Per-pair value v(s): s itself, or the Euclidean distance of unit rows sqrt(max(2 - 2s, 0)).
-TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE = 0, 1
+# Per-pair value v(s): s itself, the Euclidean distance of unit rows sqrt(max(2 - 2s, 0)), or
+# CircleLoss's per-set values relu(relu_pos - s)(s - shift_pos), relu(s - relu_neg)(s - shift_neg)
+# (the lse2 pass with mining 0 only; dv/ds is the relu weight alone, as PML detaches it).
+TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, TRANSFORM_CIRCLE = 0, 1, 2
 # Which pairs a pass keeps: all, or those the Multi-Similarity miner keeps (from row_in's extrema).
 MINING_NONE, MINING_MULTI_SIMILARITY = 0, 1
 # Output columns per pass.
@@ -20,12 +22,21 @@ COEF_WIDTH, COEF_WIDTH_LIFT, COEF_WIDTH_HINGE = 5, 6, 2
 
 class EngineParams(NamedTuple):
     """The per-pass scalars (csrc/pair_engine.h's EngineParams): a positive pair's term is
-    sc_pos * v + off_pos, a negative's sc_neg * v + off_neg; eps is the miner's margin."""
+    sc_pos * v + off_pos, a negative's sc_neg * v + off_neg; eps is the miner's margin. The last
+    four are read by TRANSFORM_CIRCLE only (its per-set values)."""
     sc_pos: float = 1.0
     off_pos: float = 0.0
     sc_neg: float = 1.0
     off_neg: float = 0.0
     eps: float = 0.0
+    relu_pos: float = 0.0
+    shift_pos: float = 0.0
+    relu_neg: float = 0.0
+    shift_neg: float = 0.0
+
+
+# The ops take the first 5 params, or all 9 (needed by TRANSFORM_CIRCLE).
+PARAMS_BASE = 5
 
 
 def stats_dtype(dtype):

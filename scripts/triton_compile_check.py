@@ -134,8 +134,8 @@ def configs(d):
         x = torch.empty(1, d, dtype=dtype)
         cfg = pe._launch_config(x)
         cfg["UPCAST"] = dtype == torch.float64
-        for pass_kind, transform, mining in ((1, 0, 0), (1, 0, 1), (1, 1, 0), (0, 0, 0), (2, 0, 0), (3, 1, 0), (4, 0, 0),
-                                             (4, 1, 0)):
+        for pass_kind, transform, mining in ((1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 2, 0), (0, 0, 0), (2, 0, 0), (3, 1, 0),
+                                             (4, 0, 0), (4, 1, 0)):
             tiles, options = tile_policy._launch_tiles(x, d, "fwd", positives_only=pass_kind in (2, 3))
             c = dict(PASS_KIND=pass_kind, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=True, **tiles, **cfg)
             out.append(("fwd", _engine_fwd_kernel, dtype, f"pass={pass_kind} t={transform} mi={mining}", c,
@@ -146,7 +146,8 @@ def configs(d):
                 (True, False, 0, 1, False, False), (True, False, 1, 0, False, False), (True, False, 1, 0, False, True),
                 (False, False, 1, 0, False, True),
                 (True, True, 0, 0, False, False), (True, True, 0, 0, True, False), (True, True, 0, 1, False, False),
-                (True, True, 1, 0, False, False), (True, True, 1, 0, False, True)):
+                (True, True, 1, 0, False, False), (True, True, 1, 0, False, True),
+                (True, False, 2, 0, False, False), (False, False, 2, 0, False, False), (True, True, 2, 0, False, False)):
             tiles, options = tile_policy._launch_tiles(x, d, "bwd", lift=lift, symmetric=sym, has_b=has_b)
             c = dict(OWN_IS_X=own_is_x, SYMMETRIC=sym, TRANSFORM=transform, MINING=mining, EXCLUDE_DIAG=True,
                      HAS_B=has_b, HAS_LIFT=lift, HINGE=False, **tiles, **cfg)

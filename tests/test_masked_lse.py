@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dmlkern import reference
+from dmlkern.engine_spec import EngineParams
 from dmlkern.ops import masked_lse
 from dmlkern.triton import interpret_mode
 from _kernel_cases import HAS_CUDA, KERNEL_BACKENDS, KERNEL_DTYPE_CASES
@@ -222,7 +223,7 @@ def test_runs_on_the_pair_engine_with_the_chosen_backend(monkeypatch):
 
     monkeypatch.delenv("DMLKERN_BACKEND", raising=False)
     assert run() == ["cpp"]  # auto on CPU tensors
-    assert calls == [("cpp", 1, (2.0, 0.0, 2.0, 0.0, 0.0))]
+    assert calls == [("cpp", 1, tuple(EngineParams(2.0, 0.0, 2.0, 0.0, 0.0)))]
     assert run("reference") == []
     monkeypatch.setenv("DMLKERN_BACKEND", "reference")
     assert run() == []

@@ -13,12 +13,20 @@ from _kernel_cases import (HAS_CUDA, KERNEL_BACKENDS, KERNEL_DTYPE_CASES, TOLERA
 
 # (N, M, D, labels); M None = y is x (self-pairs excluded). None are tile multiples.
 SHAPES = [(1, None, 5, 1), (37, None, 19, 5), (70, 130, 33, 4), (9, 600, 8, 2)]
-PARAMS = {0: [-2.0, 1.0, 5.0, -2.5, 0.1], 1: [1.0, -0.1, -1.0, 0.9, 0.0]}  # per transform
+# Per transform. Transform 2 (circle): CircleLoss(m=0.3, gamma=6)'s params with offsets, its
+# relu weights (relu_pos, relu_neg) cutting through the values of s these inputs reach.
+PARAMS = {0: [-2.0, 1.0, 5.0, -2.5, 0.1], 1: [1.0, -0.1, -1.0, 0.9, 0.0],
+          2: [-6.0, 0.5, 6.0, -0.25, 0.0, 0.6, 0.7, -0.3, 0.3]}
 CONFIGS = [(0, 0), (0, 1), (1, 0)]  # (transform, mining); mining needs transform 0
+CIRCLE = 2  # transform 2: the lse2 pass and its backward, mining 0 only
 PASS_NAMES = {0: "extrema", 1: "lse2", 2: "pos_softplus", 3: "lifted_pairs", 4: "hinge"}
-TRANSFORM_NAMES = {0: "dot", 1: "dist"}
+TRANSFORM_NAMES = {0: "dot", 1: "dist", 2: "circle"}
 MINING_NAMES = {0: "all", 1: "mined"}
 CONFIG_PARAMS = [pytest.param(t, m, id=f"{TRANSFORM_NAMES[t]}-{MINING_NAMES[m]}") for t, m in CONFIGS]
+# The backward's configurations: every (transform, mining) the lse2 pass takes.
+LSE2_CONFIG_PARAMS = CONFIG_PARAMS + [pytest.param(CIRCLE, 0, id="circle-all")]
+FORWARD_CONFIGS = [pytest.param(p, t, m, id=f"{PASS_NAMES[p]}-{TRANSFORM_NAMES[t]}-{MINING_NAMES[m]}")
+                   for p in (0, 1, 2) for t, m in CONFIGS] + [pytest.param(1, CIRCLE, 0, id="lse2-circle-all")]
 TRANSFORM_PARAMS = [pytest.param(t, id=TRANSFORM_NAMES[t]) for t in (0, 1)]
 
 
@@ -47,9 +55,10 @@ def _inputs(shape, dtype, device, seed):
 
 
 def _row_in(x, y, xl, yl, self_pairs, transform, mining, params, dtype_stats):
-    """Mining statistics from the reference extrema pass, plus a finite L column."""
+    """Mining statistics from the reference extrema pass, plus a finite L column (transform 2 takes no
+    mining: the extrema of s then)."""
     ext = reference.engine_forward(x.double(), y.double(), xl, yl, torch.zeros(len(x), 3, dtype=torch.float64),
-                                   0, transform, 0, params, self_pairs)
+                                   0, 0 if transform == CIRCLE else transform, 0, params[:5], self_pairs)
     g = torch.Generator().manual_seed(3)
     L = torch.randn(len(x), generator=g, dtype=torch.float64)
     return torch.cat([ext, L[:, None].to(ext.device)], dim=1).to(dtype_stats)
@@ -69,8 +78,7 @@ def _close(got, want, atol, rtol, what):
                                equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("pass_kind", [0, 1, 2], ids=PASS_NAMES.get)
-@pytest.mark.parametrize("transform, mining", CONFIG_PARAMS)
+@pytest.mark.parametrize("pass_kind, transform, mining", FORWARD_CONFIGS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
 def test_forward_passes_match_reference(backend, device, dtype, atol, rtol, shape, transform, mining, pass_kind):
@@ -88,7 +96,7 @@ def test_forward_passes_match_reference(backend, device, dtype, atol, rtol, shap
     _close(got, want, atol, rtol, f"pass {pass_kind}")
 
 
-@pytest.mark.parametrize("transform, mining", CONFIG_PARAMS)
+@pytest.mark.parametrize("transform, mining", LSE2_CONFIG_PARAMS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
 def test_backward_kernel_matches_reference(backend, device, dtype, atol, rtol, shape, transform, mining):
@@ -112,13 +120,13 @@ def test_backward_kernel_matches_reference(backend, device, dtype, atol, rtol, s
         _close(got[k], want[k], atol, rtol, side)
 
 
-# (transform, mining, exclude_diag, coef width). Self-pairs kept only with transform 0: the
+# (transform, mining, exclude_diag, coef width). Self-pairs kept only with transforms 0 and 2: the
 # distance's dv/ds = -1/v at v_ii ~ 0 is ill-conditioned in fp32 (a rounding of s_ii moves it by
 # orders of magnitude). Width 6 adds the lifted C_lift column.
 SYMMETRIC_CONFIGS = [pytest.param(t, mi, ex, w, id=f"{TRANSFORM_NAMES[t]}-{MINING_NAMES[mi]}-"
                                   f"{'no_self' if ex else 'self'}-coef{w}")
-                     for t, mi, ex, w in [(t, mi, ex, 5) for (t, mi) in CONFIGS for ex in (True, False)
-                                          if ex or t == 0] + [(1, 0, True, 6)]]
+                     for t, mi, ex, w in [(t, mi, ex, 5) for (t, mi) in CONFIGS + [(CIRCLE, 0)]
+                                          for ex in (True, False) if ex or t != 1] + [(1, 0, True, 6)]]
 
 
 @pytest.mark.parametrize("transform, mining, exclude_diag, width", SYMMETRIC_CONFIGS)
@@ -157,7 +165,7 @@ def test_symmetric_backward_is_the_sum_of_both_sides(backend, device, dtype, ato
 # (transform, mining, coef width, B_pos column non-zero, C_lift column non-zero)
 ZERO_COLUMN_CASES = [pytest.param(t, mi, w, b, c, id=f"{TRANSFORM_NAMES[t]}-{MINING_NAMES[mi]}-B{int(b)}"
                                   + (f"-C{int(c)}" if w == 6 else ""))
-                     for t, mi, w, b, c in [(0, 1, 5, b, False) for b in (False, True)]
+                     for t, mi, w, b, c in [(t, mi, 5, b, False) for t, mi in ((0, 1), (CIRCLE, 0)) for b in (False, True)]
                      + [(t, 0, 6, b, c) for t in (0, 1) for b, c in ((False, True), (True, True), (True, False))]]
 
 
@@ -190,7 +198,7 @@ def test_backward_terms_with_zero_columns(backend, device, dtype, atol, rtol, sy
     _close(gy, wy, atol, rtol, "grad_y")
 
 
-@pytest.mark.parametrize("transform", TRANSFORM_PARAMS)
+@pytest.mark.parametrize("transform", TRANSFORM_PARAMS + [pytest.param(CIRCLE, id="circle")])
 @pytest.mark.parametrize("backend, device, dtype, atol, rtol", KERNEL_DTYPE_CASES)
 def test_lse2_pass_with_nan_and_empty_sets(backend, device, dtype, atol, rtol, transform):
     """lse2: a NaN row of x makes its own statistics NaN and every other row's where it is kept
@@ -320,11 +328,12 @@ def test_cpp_rejects_bad_arguments():
         torch.ops.dmlkern.pair_engine_forward(x, x, lab, lab, row_in, 1, 1, 1, PARAMS[0], True)
 
 
-@pytest.mark.parametrize("transform,mining", CONFIGS)
-@pytest.mark.parametrize("pass_kind", [1, 2])
+@pytest.mark.parametrize("transform,mining,pass_kind", [(t, m, p) for t, m in CONFIGS for p in (1, 2)]
+                         + [(CIRCLE, 0, 1)])
 def test_reference_backward_is_the_autograd_gradient(transform, mining, pass_kind):
     """The backward formula of docs/ENGINE.md (reference.engine_backward with the row
-    coefficients of ops.pair_engine) equals autograd through the materialised forward."""
+    coefficients of ops.pair_engine) equals autograd through the materialised forward (transform 2:
+    its relu weights detached there, as PML's CircleLoss does)."""
     x, y, xl, yl, _ = _inputs((23, 31, 7, 3), torch.float64, "cpu", seed=4)
     params = PARAMS[transform]
     row_in = _row_in(x, y, xl, yl, False, transform, mining, params, torch.float64)
@@ -855,3 +864,106 @@ def test_hinge_rejects_mining(backend):
         pe.engine_backward_raw(x, x, labels, labels, row_in, coef, transform=0, mining=1, params=p,
                                exclude_diag=True, backend=backend)
 
+
+
+def _circle_bad_calls(x, labels, row_in):
+    """(the argument the error must name, forward args or None, backward args or None): transform 2
+    takes the lse2 pass and its softmax backward, mining 0 and 9 params only."""
+    p = PARAMS[CIRCLE]
+    coef5, coef6, coef2 = (torch.ones(6, w, dtype=torch.float64) for w in (5, 6, 2))
+    return [
+        ("mining", (x, x, labels, labels, row_in, 1, CIRCLE, 1, p, True),
+         (x, x, labels, labels, row_in, coef5, CIRCLE, 1, p, True)),
+        ("pass_kind", (x, x, labels, labels, row_in, 2, CIRCLE, 0, p, True), None),
+        ("pass_kind", (x, x, labels, labels, row_in, 4, CIRCLE, 0, p, True), None),
+        ("row_coef", None, (x, x, labels, labels, row_in, coef6, CIRCLE, 0, p, True)),
+        ("row_coef", None, (x, x, labels, labels, row_in, coef2, CIRCLE, 0, p, True)),
+        ("params", (x, x, labels, labels, row_in, 1, CIRCLE, 0, p[:5], True),
+         (x, x, labels, labels, row_in, coef5, CIRCLE, 0, p[:5], True)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_circle_transform_rejects_other_configurations(backend):
+    """Transform 2 with mining 1, another pass, the lifted or hinge backward, or without its 4
+    constants raises an error naming the argument, on every backend and in the Python entry points."""
+    if backend != "reference":
+        _needs_engine(backend)
+    x = torch.nn.functional.normalize(torch.randn(6, 3, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 0])
+    row_in = torch.zeros(6, 3, dtype=torch.float64)
+    fwd, bwd, error = _raw_engine(backend)
+    for name, fwd_args, bwd_args in _circle_bad_calls(x, labels, row_in):
+        if fwd_args is not None:
+            with pytest.raises(error, match=rf"\b{name}\b"):
+                fwd(*fwd_args)
+            with pytest.raises(ValueError, match=rf"\b{name}\b"):
+                pe.engine_forward(*fwd_args[:5], pass_kind=fwd_args[5], transform=CIRCLE, mining=fwd_args[7],
+                                  params=fwd_args[8], exclude_diag=True, backend=backend)
+        if bwd_args is not None:
+            with pytest.raises(error, match=rf"\b{name}\b"):
+                bwd(*bwd_args)
+            with pytest.raises(ValueError, match=rf"\b{name}\b"):
+                pe.engine_backward_raw(*bwd_args[:6], transform=CIRCLE, mining=bwd_args[7], params=bwd_args[8],
+                                       exclude_diag=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_nine_params_leave_the_other_transforms_unchanged(backend, device):
+    """The circle constants (params 6 to 9) are read by transform 2 only: the other transforms' ops
+    give the same bits with 5 params as with 9, whatever the four are (ops.pair_engine sends them
+    5)."""
+    _needs_engine(backend)
+    fwd, bwd, _ = _raw_engine(backend)
+    x, y, xl, yl, _ = _inputs((37, 45, 19, 4), torch.float32, device, seed=8)
+    for transform in (0, 1):
+        base = PARAMS[transform]
+        row_in = _row_in(x, y, xl, yl, False, transform, 0, base, torch.float32).to(device)
+        out5, out9 = (fwd(x, y, xl, yl, row_in, 1, transform, 0, p, False) for p in (base, base + [1.3, -0.2, 0.7, 5.0]))
+        assert torch.equal(out5, out9)
+        coef = torch.stack([out5[:, 0] * 0 + 0.5, out5[:, 0], out5[:, 1] * 0 + 0.25, out5[:, 1],
+                            torch.zeros_like(out5[:, 0])], dim=1)
+        g5, g9 = (bwd(x, y, xl, yl, row_in, coef, transform, 0, p, False) for p in (base, base + [1.3, -0.2, 0.7, 5.0]))
+        assert torch.equal(g5[0], g9[0]) and torch.equal(g5[1], g9[1])
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_circle_backward_is_the_detached_weight_derivative(backend, device):
+    """fp64: the op's gradient of transform 2's lse2 statistics is the derivative of the same
+    statistics with the relu weights frozen at the input (central differences), not the true
+    derivative (gradcheck fails: the weights' own derivative is left out, as in PML)."""
+    _needs_engine(backend)
+    if torch.float64 not in dtypes_for(backend, device):
+        pytest.skip(f"the {backend} backend has no fp64 kernels on {device}")
+    x, y, xl, yl, _ = _inputs((7, 9, 4, 2), torch.float64, device, seed=12)
+    p = PARAMS[CIRCLE]
+    w = torch.rand(7, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+
+    def total(a, b, frozen=None):
+        if frozen is None:
+            out = pe.engine_forward(a, b, xl, yl, pass_kind=1, transform=CIRCLE, params=p, backend=backend)
+        else:  # the same sets' values with the weights of the frozen similarities
+            s, s0 = a @ b.T, frozen
+            same = xl[:, None] == yl[None, :]
+            v_pos = torch.relu(p[5] - s0) * (s - p[6])
+            v_neg = torch.relu(s0 - p[7]) * (s - p[8])
+            big = torch.full_like(s, float("-inf"))
+            out = torch.stack([torch.logsumexp(torch.where(same, p[0] * v_pos + p[1], big), dim=1),
+                               torch.logsumexp(torch.where(~same, p[2] * v_neg + p[3], big), dim=1)], dim=1)
+        return (out.nan_to_num(neginf=0.0) * w).sum()
+
+    xx, yy = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    total(xx, yy).backward()
+    s0 = (x @ y.T).detach()
+    for got, arg in ((xx.grad, 0), (yy.grad, 1)):
+        num = torch.zeros_like(got)
+        for idx in range(got.numel()):
+            e = torch.zeros_like(got).view(-1)
+            e[idx] = 1e-6
+            e = e.view_as(got)
+            plus = (x + e, y) if arg == 0 else (x, y + e)
+            minus = (x - e, y) if arg == 0 else (x, y - e)
+            num.view(-1)[idx] = (total(*plus, frozen=s0) - total(*minus, frozen=s0)) / 2e-6
+        torch.testing.assert_close(got, num, rtol=1e-6, atol=1e-7)
+    inputs = (x.clone().requires_grad_(True), y.clone().requires_grad_(True))
+    assert not torch.autograd.gradcheck(total, inputs, raise_exception=False, fast_mode=backend == "triton")

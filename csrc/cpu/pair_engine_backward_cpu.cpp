@@ -61,7 +61,7 @@ DMLK_CPU_INLINE void grad_row_x(bool has_b, bool has_lift, T* w, int nc, const i
   using B = Broadcast<T>;
   const B mx{rows.max_neg[i]}, mn{rows.min_pos[i]}, ap{rows.a_pos[i]}, lp{rows.lse_pos[i]};
   const B an{rows.a_neg[i]}, ln{rows.lse_neg[i]}, b{rows.b_pos[i]}, L{rows.L[i]};
-  dispatch_grad_terms<MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
+  dispatch_grad_terms<TR, MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
     constexpr bool HAS_LIFT = decltype(hl)::value;
     grad_row_own<T, TR, MI, decltype(hb)::value, HAS_LIFT>(
         w, nc, lab, li, diag, mx, mn, ap, lp, an, ln, b, L, B{HAS_LIFT ? rows.c_lift[i] : T(0)},
@@ -76,7 +76,7 @@ DMLK_CPU_INLINE void grad_row_y(bool has_b, bool has_lift, T* w, int nc, const i
   const T *mx = rows.max_neg + c0, *mn = rows.min_pos + c0, *ap = rows.a_pos + c0;
   const T *lp = rows.lse_pos + c0, *an = rows.a_neg + c0, *ln = rows.lse_neg + c0;
   const T *b = rows.b_pos + c0, *L = rows.L + c0;
-  dispatch_grad_terms<MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
+  dispatch_grad_terms<TR, MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
     constexpr bool HAS_LIFT = decltype(hl)::value;
     grad_row_own<T, TR, MI, decltype(hb)::value, HAS_LIFT>(
         w, nc, lab, lj, diag, mx, mn, ap, lp, an, ln, b, L, HAS_LIFT ? rows.c_lift + c0 : nullptr,
@@ -114,12 +114,17 @@ DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int6
 // positive pair (no label of the block's rows among its columns) is flagged so the epilogue
 // skips the lifted term: with rows sorted by label, most tiles.
 // epilogue(tile, na, nc, a0, c0, tile_has_pos) turns the tile into W in place.
+// other_first: S_ab comes from the product other[b] own[a]^T, transposed (the operands in the
+// forward's order when own is y: the same similarity bits where BLAS picks another kernel for the
+// transposed product, as MKL does for some tiny shapes).
 template <typename T, typename Epilogue>
 void grad_tiles(const at::Tensor& own, const at::Tensor& other, const int32_t* own_lab,
-                const int32_t* other_lab, bool lift, at::Tensor& grad_own, Epilogue epilogue) {
+                const int32_t* other_lab, bool lift, at::Tensor& grad_own, Epilogue epilogue,
+                bool other_first = false) {
   const int64_t n_own = own.size(0), n_other = other.size(0);
   parallel_row_blocks(n_own, [&](int64_t b0, int64_t b1) {
     auto buffer = at::empty({kRowBlock * std::min(kColBlock, n_other)}, own.options());
+    auto buffer_t = other_first ? at::empty_like(buffer) : at::Tensor();
     std::vector<int64_t> block_of_code(lift ? n_own + n_other : 0, -1);  // label codes < N + M
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t a0 = b * kRowBlock, na = std::min(kRowBlock, n_own - a0);
@@ -132,7 +137,13 @@ void grad_tiles(const at::Tensor& own, const at::Tensor& other, const int32_t* o
         const int64_t nc = std::min(kColBlock, n_other - c0);
         const auto other_blk = other.narrow(0, c0, nc);
         auto tile = buffer.narrow(0, 0, na * nc).view({na, nc});
-        at::mm_out(tile, own_blk, other_blk.t());
+        if (other_first) {
+          auto tile_t = buffer_t.narrow(0, 0, nc * na).view({nc, na});
+          at::mm_out(tile_t, other_blk, own_blk.t());
+          tile.copy_(tile_t.t());
+        } else {
+          at::mm_out(tile, own_blk, other_blk.t());
+        }
         bool tile_has_pos = !lift;
         for (int64_t c = 0; c < nc && !tile_has_pos; ++c)
           tile_has_pos = block_of_code[other_lab[c0 + c]] == b;
@@ -148,11 +159,13 @@ template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
 void grad_side(const at::Tensor& own, const at::Tensor& other, const int32_t* xlab,
                const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
                bool exclude_diag, at::Tensor& grad_own) {
+  // Transform 2 amplifies a rounding of s by up to ~2 gamma in its logits (gamma = 80 by
+  // default): its grad_y tiles take the forward's operand order.
   grad_tiles<T>(own, other, OWN_IS_X ? xlab : ylab, OWN_IS_X ? ylab : xlab, rows.c_lift != nullptr,
                 grad_own, [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
                   grad_tile<T, TR, MI, OWN_IS_X>(tile, na, nc, a0, c0, xlab, ylab, rows, p,
                                                  exclude_diag, has_pos);
-                });
+                }, /*other_first=*/!OWN_IS_X && TR == kTransformCircle);
 }
 
 // ---------------------------------------------------------------------------
@@ -201,7 +214,7 @@ DMLK_CPU_CLONES void grad_tile_sym(T* tile, int64_t na, int64_t nc, int64_t a0, 
     T* w = tile + r * nc;
     const int32_t* clab = lab + c0;
     const int diag = diag_column(exclude_diag, i, c0, nc);
-    dispatch_grad_terms<MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
+    dispatch_grad_terms<TR, MI>(has_b, has_lift, [&](auto hb, auto hl) DMLK_LAMBDA_INLINE {
       constexpr bool HAS_LIFT = decltype(hl)::value;
       grad_row_sym<T, TR, MI, decltype(hb)::value, HAS_LIFT>(
           w, inc, clab, lab[i], diag, ri, mx, mn, ap, lp, an, ln, b, L, HAS_LIFT ? cl : nullptr, p);

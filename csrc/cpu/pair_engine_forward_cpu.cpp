@@ -44,7 +44,8 @@ DMLK_CPU_INLINE void lse2_row(const T* s, int nc, const int32_t* lab, int32_t li
     const bool same = lab[c] == li;
     const bool kp = engine_pos_kept<MI>(v, same, c == diag, max_neg, p.eps);
     const bool kn = engine_neg_kept<MI>(v, same, min_pos, p.eps);
-    const T up = p.sc_pos * v + p.off_pos, un = p.sc_neg * v + p.off_neg;
+    const T up = p.sc_pos * engine_pos_value<TR>(v, p) + p.off_pos;
+    const T un = p.sc_neg * engine_neg_value<TR>(v, p) + p.off_neg;
     mp = (kp && up > mp) ? up : mp;  // NaN never wins here; it poisons the sums below
     mn = (kn && un > mn) ? un : mn;
   }
@@ -59,7 +60,8 @@ DMLK_CPU_INLINE void lse2_row(const T* s, int nc, const int32_t* lab, int32_t li
     const bool same = lab[c] == li;
     const bool kp = engine_pos_kept<MI>(v, same, c == diag, max_neg, p.eps);
     const bool kn = engine_neg_kept<MI>(v, same, min_pos, p.eps);
-    const T up = p.sc_pos * v + p.off_pos, un = p.sc_neg * v + p.off_neg;
+    const T up = p.sc_pos * engine_pos_value<TR>(v, p) + p.off_pos;
+    const T un = p.sc_neg * engine_neg_value<TR>(v, p) + p.off_neg;
     const T e = ex(kp ? up - shp : (kn ? un - shn : neg_infinity<T>()));
     sp += kp ? e : T(0);
     sn += kn ? e : T(0);
@@ -120,26 +122,28 @@ DMLK_CPU_INLINE void hinge_row(const T* v, int nc, const int32_t* lab, int32_t l
 
 // One (nr x nc) similarity tile of rows r0.., columns c0.. into acc[0..nr). The tile is
 // this task's scratch: transform 1 turns each row into values v in place first, so the
-// row sweeps below (which read it twice for lse2) take one sqrt per pair.
+// row sweeps below (which read it twice for lse2) take one sqrt per pair. Transform 2's values
+// differ per set: the lse2 sweeps compute them.
 template <typename T, int64_t PASS, int64_t TR, int64_t MI>
 DMLK_CPU_CLONES void forward_tile(T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
                                   const int32_t* xlab, const int32_t* ylab,
                                   const RowColumns<T>& rows, EngineParams<T> p, bool exclude_diag,
                                   PassAcc<PASS, T>* acc) {
   constexpr int64_t kDot = kTransformDot;  // the rows hold v from here on
+  constexpr int64_t kSetTr = TR == kTransformCircle ? TR : kDot;  // per-set values in lse2
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t i = r0 + r;
     T* s = tile + r * nc;
     const int diag = diag_column(exclude_diag, i, c0, nc);
     const int inc = static_cast<int>(nc);
-    if constexpr (TR != kTransformDot) {
+    if constexpr (TR == kTransformUnitDistance) {
 #pragma omp simd
       for (int c = 0; c < inc; ++c) s[c] = engine_value<TR>(s[c], CpuSqrt());
     }
     if constexpr (PASS == kPassExtrema) {
       extrema_row<T, kDot>(s, inc, ylab + c0, xlab[i], diag, acc[r]);
     } else if constexpr (PASS == kPassLse2) {
-      lse2_row<T, kDot, MI>(s, inc, ylab + c0, xlab[i], diag, rows.max_neg[i], rows.min_pos[i],
+      lse2_row<T, kSetTr, MI>(s, inc, ylab + c0, xlab[i], diag, rows.max_neg[i], rows.min_pos[i],
                             p, acc[r]);
     } else if constexpr (PASS == kPassPosSoftplus) {
       pos_softplus_row<T, kDot, MI>(s, inc, ylab + c0, xlab[i], diag, rows.max_neg[i],

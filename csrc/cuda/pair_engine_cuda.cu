@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) pair_engine_fwd_kernel(
       } else {
         const bool kp = engine_pos_kept<MI>(v, same, excluded, max_neg[r], p.eps);
         if constexpr (PASS == kPassLse2) {
-          stats[r].push(v, kp, engine_neg_kept<MI>(v, same, min_pos[r], p.eps), p);
+          stats[r].template push<TR>(v, kp, engine_neg_kept<MI>(v, same, min_pos[r], p.eps), p);
         } else if constexpr (PASS == kPassPosSoftplus) {
           stats[r].push(v, kp, L[r], p, StdExp());
         } else if constexpr (PASS == kPassHinge) {
@@ -446,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cuda(
       }
       dispatch_config(transform, mining, [&](auto tr, auto mi) {
         constexpr int64_t TR = decltype(tr)::value, MI = decltype(mi)::value;
-        dispatch_lift<MI>(lift, [&](auto lift_term) {
+        dispatch_lift<TR, MI>(lift, [&](auto lift_term) {
           launch_backward<scalar_t, TR, MI, decltype(lift_term)::value, false>(
               x, y, xl, yl, row_in_t, row_coef_t, p, exclude_diag, symmetric, grad_x, grad_y,
               stream);

@@ -23,9 +23,16 @@ from ..triton import triton_available
 from .dispatch import extension_loaded, log, resolve_backend
 
 # The engine's vocabulary (dmlkern/engine_spec.py), re-exported: callers write pe.PASS_LSE2.
-from ..engine_spec import (COEF_WIDTH_HINGE, MINING_MULTI_SIMILARITY, MINING_NONE, OUT_COLUMNS,  # noqa: F401
+from ..engine_spec import (COEF_WIDTH_HINGE, MINING_MULTI_SIMILARITY, MINING_NONE, OUT_COLUMNS, PARAMS_BASE,  # noqa: F401
                            PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS,
-                           TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
+                           TRANSFORM_CIRCLE, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
+
+
+def op_params(params, transform):
+    """The ops' float[] params: the 5 every transform reads, and transform 2's 4 constants for it
+    only (the other transforms' calls stay as they were)."""
+    params = [float(p) for p in params]
+    return params if int(transform) == TRANSFORM_CIRCLE else params[:PARAMS_BASE]
 
 
 def _setup_context(ctx, inputs, output):
@@ -306,11 +313,12 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
     stats = stats_dtype(x.dtype)
     if row_in is None:
         row_in = torch.zeros(x.shape[0], 3, dtype=stats, device=x.device)
-    params = [float(p) for p in params]
+    params = op_params(params, transform)
     if int(pass_kind) == PASS_LIFTED_PAIRS:
         reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "pass_kind=3 (lifted_pairs)")
     if int(pass_kind) == PASS_HINGE:
         reference.check_hinge_mining(mining, "pass_kind=4 (hinge)")
+    reference.check_circle(transform, mining, params, pass_kind=pass_kind)
     args = (x, y, x_labels, y_labels, row_in.to(stats).contiguous(), int(pass_kind), int(transform),
             int(mining), params, bool(exclude_diag))
     chosen = choose_backend(backend, x.device)
@@ -335,8 +343,9 @@ def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform
         reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
     if row_coef.shape[1] == COEF_WIDTH_HINGE:
         reference.check_hinge_mining(mining, "row_coef with 2 columns (the hinge backward)")
+    reference.check_circle(transform, mining, params, coef_width=row_coef.shape[1])
     args = (x, y, x_labels, y_labels, row_in, row_coef, int(transform), int(mining),
-            [float(p) for p in params], bool(exclude_diag), bool(symmetric))
+            op_params(params, transform), bool(exclude_diag), bool(symmetric))
     if backend == "reference":
         return reference.engine_backward(*args)
     if backend == "triton":

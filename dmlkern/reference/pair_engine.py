@@ -4,17 +4,18 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["engine_values", "engine_masks", "engine_forward", "engine_backward", "check_symmetric",
-           "check_hinge_mining"]
+           "check_hinge_mining", "check_circle"]
 
-from ..engine_spec import (COEF_WIDTH, COEF_WIDTH_HINGE, COEF_WIDTH_LIFT, PASS_EXTREMA, PASS_HINGE,
-                           PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS, stats_dtype)
+from ..engine_spec import (COEF_WIDTH, COEF_WIDTH_HINGE, COEF_WIDTH_LIFT, PARAMS_BASE, PASS_EXTREMA, PASS_HINGE,
+                           PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS, TRANSFORM_CIRCLE, EngineParams,
+                           stats_dtype)
 from .pair_reductions import masked_row_lse
 
 
 def engine_values(x, y, transform):
-    """v = s (transform 0) or sqrt(max(2 - 2s, 0)) (transform 1), in the stats dtype."""
+    """v = s (transforms 0 and 2) or sqrt(max(2 - 2s, 0)) (transform 1), in the stats dtype."""
     s = x.to(stats_dtype(x.dtype)) @ y.to(stats_dtype(x.dtype)).T
-    if transform == 0:
+    if transform in (0, TRANSFORM_CIRCLE):
         return s
     if transform == 1:
         # sqrt with the kernels' gradient convention at 0 (dv/ds = 0 where v = 0): finite second
@@ -63,6 +64,38 @@ def check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, what):
         raise ValueError(f"{what} needs mining=0, got mining={mining}")
 
 
+def check_circle(transform, mining, params, pass_kind=None, coef_width=None):
+    """Transform 2 (circle): the lse2 pass and its softmax backward (row_coef (N, 5)), mining 0,
+    9 params. No-op for the other transforms."""
+    if int(transform) != TRANSFORM_CIRCLE:
+        return
+    if int(mining) != 0:
+        raise ValueError(f"transform=2 (circle) needs mining=0, got mining={mining}")
+    if len(params) != len(EngineParams._fields):
+        raise ValueError(f"transform=2 (circle) needs 9 params (relu_pos, shift_pos, relu_neg, shift_neg after "
+                         f"the 5), got {len(params)}")
+    if pass_kind is not None and int(pass_kind) != PASS_LSE2:
+        raise ValueError(f"transform=2 (circle) needs pass_kind=1 (lse2), got pass_kind={pass_kind}")
+    if coef_width is not None and coef_width != COEF_WIDTH:
+        raise ValueError(f"transform=2 (circle) needs row_coef with 5 columns (the lse2 backward), got {coef_width}")
+
+
+def params_of(params):
+    """The 9 EngineParams values of params (5 or 9 floats; the circle constants default to 0)."""
+    params = tuple(params)
+    if len(params) not in (PARAMS_BASE, len(EngineParams._fields)):
+        raise ValueError(f"params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps] or 9, got {len(params)}")
+    return EngineParams(*params)
+
+
+def set_values(v, params):
+    """Transform 2's per-set values (v_pos, v_neg) of v = s, their relu weights detached (PML's
+    CircleLoss): relu(relu_pos - s)(s - shift_pos) and relu(s - relu_neg)(s - shift_neg)."""
+    p = params_of(params)
+    return (torch.relu(p.relu_pos - v.detach()) * (v - p.shift_pos),
+            torch.relu(v.detach() - p.relu_neg) * (v - p.shift_neg))
+
+
 def check_hinge_mining(mining, what):
     """The hinge pass and its backward keep every pair: mining 0 only."""
     if int(mining) != 0:
@@ -71,7 +104,7 @@ def check_hinge_mining(mining, what):
 
 def hinge_args(v, L, params):
     """(t_pos, t_neg) = (sc_pos v + off_pos + L_i, sc_neg v + off_neg - L_i), N x M."""
-    sc_pos, off_pos, sc_neg, off_neg, _ = params
+    sc_pos, off_pos, sc_neg, off_neg = params[:4]
     return (sc_pos * v + off_pos) + L[:, None], (sc_neg * v + off_neg) - L[:, None]
 
 
@@ -81,7 +114,8 @@ def lifted_relu(v, L, sc_pos, off_pos):
 
 
 def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, mining, params, exclude_diag):
-    sc_pos, off_pos, sc_neg, off_neg, eps = params
+    sc_pos, off_pos, sc_neg, off_neg, eps = params_of(params)[:PARAMS_BASE]
+    check_circle(transform, mining, params, pass_kind=pass_kind)
     v = engine_values(x, y, transform)
     if pass_kind == PASS_EXTREMA:
         pos, neg = engine_masks(v, x_labels, y_labels, row_in, 0, eps, exclude_diag)
@@ -92,7 +126,9 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
         return torch.stack([max_neg, min_pos], dim=1)
     pos, neg = engine_masks(v, x_labels, y_labels, row_in, mining, eps, exclude_diag)
     if pass_kind == PASS_LSE2:
-        return torch.stack([masked_row_lse(sc_pos * v + off_pos, pos), masked_row_lse(sc_neg * v + off_neg, neg)], dim=1)
+        v_pos, v_neg = set_values(v, params) if transform == TRANSFORM_CIRCLE else (v, v)
+        return torch.stack([masked_row_lse(sc_pos * v_pos + off_pos, pos),
+                            masked_row_lse(sc_neg * v_neg + off_neg, neg)], dim=1)
     if pass_kind == PASS_POS_SOFTPLUS:
         z = row_in[:, 2:3] - sc_pos * v - off_pos
         zero = torch.zeros((), dtype=v.dtype, device=v.device)
@@ -125,9 +161,10 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
 
 def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag,
                     symmetric=False):
-    sc_pos, off_pos, sc_neg, off_neg, eps = params
+    sc_pos, off_pos, sc_neg, off_neg, eps = params_of(params)[:PARAMS_BASE]
     if row_coef.shape[1] not in (COEF_WIDTH, COEF_WIDTH_LIFT, COEF_WIDTH_HINGE):
         raise ValueError(f"row_coef must be (N, 5), (N, 6) or (N, 2) (the hinge backward), got {tuple(row_coef.shape)}")
+    check_circle(transform, mining, params, coef_width=row_coef.shape[1])
     if row_coef.shape[1] == COEF_WIDTH_HINGE:
         check_hinge_mining(mining, "row_coef with 2 columns (the hinge backward)")
     v = engine_values(x, y, transform)
@@ -140,14 +177,22 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
               + torch.where(neg & (h_neg != 0) & (t_neg > 0), h_neg * sc_neg, zero))
         return _backward_products(dv, v, x, y, x_labels, y_labels, transform, symmetric)
     a_pos, lse_pos, a_neg, lse_neg, b_pos = (row_coef[:, k:k + 1] for k in range(5))
+    v_pos, v_neg = set_values(v, params) if transform == TRANSFORM_CIRCLE else (v, v)
 
-    def lse_term(a, sc, off, lse, keep):
+    def lse_term(a, sc, off, lse, keep, v):
         live = keep & (a != 0) & (lse != float("-inf"))
         return torch.where(live, a * sc * torch.exp(sc * v + off - torch.where(live, lse, zero)), zero)
 
-    dv = lse_term(a_pos, sc_pos, off_pos, lse_pos, pos) + lse_term(a_neg, sc_neg, off_neg, lse_neg, neg)
     live_b = pos & (b_pos != 0)
-    dv = dv - torch.where(live_b, b_pos * sc_pos * torch.sigmoid(row_in[:, 2:3] - sc_pos * v - off_pos), zero)
+    dv_pos = (lse_term(a_pos, sc_pos, off_pos, lse_pos, pos, v_pos)
+              - torch.where(live_b, b_pos * sc_pos * torch.sigmoid(row_in[:, 2:3] - sc_pos * v_pos - off_pos), zero))
+    dv_neg = lse_term(a_neg, sc_neg, off_neg, lse_neg, neg, v_neg)
+    if transform == TRANSFORM_CIRCLE:  # dv/ds: each set's relu weight (detached in PML)
+        p = params_of(params)
+        dv = (torch.where(pos, dv_pos * torch.relu(p.relu_pos - v), zero)
+              + torch.where(neg, dv_neg * torch.relu(v - p.relu_neg), zero))
+        return _backward_products(dv, v, x, y, x_labels, y_labels, 0, symmetric)
+    dv = dv_pos + dv_neg
     if row_coef.shape[1] == 6:  # the lifted pairs term: C_lift_i sc_pos relu(z_ij) on pos pairs
         check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
         c_lift = row_coef[:, 5:6]

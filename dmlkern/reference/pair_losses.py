@@ -141,16 +141,18 @@ def generalized_lifted_structure_loss(
 
 
 # =============================================================================== Circle
-def circle_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, m, gamma, distance):
-    """Per row: softplus(logsumexp_p(-gamma relu(1+m-s_p) (s_p-(1-m))) + logsumexp_n(gamma
-    relu(s_n+m) (s_n-m))), the relu weights detached; rows lacking a positive or a negative
-    give 0."""
+def circle_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, m, gamma, distance, op=None, on=None,
+                     delta_p=None, delta_n=None):
+    """Per row: softplus(logsumexp_p(-gamma relu(op-s_p) (s_p-delta_p)) + logsumexp_n(gamma
+    relu(s_n-on) (s_n-delta_n))), the relu weights detached; rows lacking a positive or a negative
+    give 0. op, on, delta_p, delta_n default to 1+m, -m, 1-m, m (PML's module sets them so)."""
     setup = pair_setup_masks(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance)
     if setup is None:
         return _zeros()
     mat, pos_mask, neg_mask = setup
     pos_b, neg_b = pos_mask.bool(), neg_mask.bool()
-    op, on, delta_p, delta_n = 1 + m, -m, 1 - m, m
+    op, on = 1 + m if op is None else op, -m if on is None else on
+    delta_p, delta_n = 1 - m if delta_p is None else delta_p, m if delta_n is None else delta_n
     s_p, s_n = mat[pos_b], mat[neg_b]
     logits = torch.zeros_like(mat)
     logits[pos_b] = -gamma * torch.relu(op - s_p.detach()) * (s_p - delta_p)

@@ -13,13 +13,14 @@ What a tile contributes depends on the program's role, one helper each:
 The B_pos and C_lift terms (positive pairs only) are compiled in only when the caller uses them
 (HAS_B, HAS_LIFT) and computed only in the tiles whose labels meet the block's. The hinge backward
 (HINGE: row_coef (N, 2) = (H_pos, H_neg), mining 0) has its own helper for every role,
-`_dl_dv_hinge`, and none of the softmax terms."""
+`_dl_dv_hinge`, and none of the softmax terms. Transform 2 (circle) hands the helpers each pair's
+value in its set and multiplies their dl/dv by the set's relu weight."""
 import triton
 import triton.language as tl
 
-from .tile_math import (LOG2E, MULTI_SIMILARITY, UNIT_DISTANCE, _engine_masks, _engine_params, _hinge_args,
-                        _label_range, _lifted_relu, _load_row_in, _load_rows, _logaddexp_sigmoid, _self_pairs,
-                        _sigmoid, _sim_tile, _tile_meets)
+from .tile_math import (CIRCLE, LOG2E, MULTI_SIMILARITY, UNIT_DISTANCE, _circle_params, _circle_value, _circle_weights,
+                        _engine_masks, _engine_params, _hinge_args, _label_range, _lifted_relu, _load_row_in,
+                        _load_rows, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile, _tile_meets)
 
 
 @triton.jit
@@ -223,6 +224,8 @@ def _engine_bwd_kernel(OWN, OTHER, OWN_LAB, OTH_LAB, RIN, COEF, GRAD, N_OWN, N_O
                        s_on, s_od, s_tn, s_td, s_own_lab, s_oth_lab, s_rn, s_rc, s_cn, s_cc, s_gn, s_gd,
                        sc_pos_h, sc_pos_m, sc_pos_l, off_pos_h, off_pos_m, off_pos_l,
                        sc_neg_h, sc_neg_m, sc_neg_l, off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l,
+                       relu_pos_h, relu_pos_m, relu_pos_l, shift_pos_h, shift_pos_m, shift_pos_l,
+                       relu_neg_h, relu_neg_m, relu_neg_l, shift_neg_h, shift_neg_m, shift_neg_l,
                        OWN_IS_X: tl.constexpr, SYMMETRIC: tl.constexpr, TRANSFORM: tl.constexpr,
                        MINING: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, HAS_B: tl.constexpr,
                        HAS_LIFT: tl.constexpr, HINGE: tl.constexpr,
@@ -245,6 +248,9 @@ def _engine_bwd_kernel(OWN, OTHER, OWN_LAB, OTH_LAB, RIN, COEF, GRAD, N_OWN, N_O
                          off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l, ACC_DTYPE)
     sc2_pos = prm[0] * LOG2E
     sc2_neg = prm[2] * LOG2E
+    if TRANSFORM == CIRCLE:  # the softmax backward with mining 0 only (checked by the host)
+        cp = _circle_params(relu_pos_h, relu_pos_m, relu_pos_l, shift_pos_h, shift_pos_m, shift_pos_l,
+                            relu_neg_h, relu_neg_m, relu_neg_l, shift_neg_h, shift_neg_m, shift_neg_l, ACC_DTYPE)
     own_lab = tl.load(OWN_LAB + own * s_own_lab, mask=own_ok, other=0)
     if HINGE:  # the own rows' (L, H_pos, H_neg) when they are rows i
         if OWN_IS_X:
@@ -281,6 +287,10 @@ def _engine_bwd_kernel(OWN, OTHER, OWN_LAB, OTH_LAB, RIN, COEF, GRAD, N_OWN, N_O
             v = s
         self_pair = _self_pairs(pid * BLOCK_M, c0, BLOCK_M, BLOCK_N)
         oth_lab = tl.load(OTH_LAB + oth * s_oth_lab, mask=oth_ok, other=0)
+        if TRANSFORM == CIRCLE:  # each pair's value in its set (pos: same label, neg: not); symmetric in (a, b)
+            same = own_lab[:, None] == oth_lab[None, :]
+            wp, wn = _circle_weights(s, cp)
+            v = _circle_value(s, same, wp, wn, cp)
         if HAS_B or HAS_LIFT:
             # Positive pairs only: their terms skip a tile whose labels miss the block's label
             # range (most tiles, when the rows are sorted by label as NT-Xent and Lifted do).
@@ -303,6 +313,11 @@ def _engine_bwd_kernel(OWN, OTHER, OWN_LAB, OTH_LAB, RIN, COEF, GRAD, N_OWN, N_O
                                  s_cn, s_cc, prm, sc2_pos, sc2_neg, MINING, EXCLUDE_DIAG, HAS_B, HAS_LIFT, ACC_DTYPE)
         if TRANSFORM == UNIT_DISTANCE:  # dv/ds = -1/v, and 0 where v = 0 (or NaN, as the reference)
             dv = tl.where(d2_pos, -dv * inv_v, 0.0)
+        if TRANSFORM == CIRCLE:  # dv/ds: the pair's relu weight; 0 off both sets (excluded self-pairs, past M)
+            kept = oth_ok[None, :]
+            if EXCLUDE_DIAG:
+                kept = kept & ((same & self_pair) == 0)
+            dv = tl.where(kept, dv * tl.where(same, wp, wn), 0.0)
         if ONE_K:  # the tile of the similarity product is the right side of this one too
             other_d = oth_blk
         else:

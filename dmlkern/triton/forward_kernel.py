@@ -2,15 +2,16 @@
 rows of X streams the column tiles of Y, computes each similarity tile with tl.dot, turns it into
 values v (TRANSFORM), applies the label / mining masks and folds the tile into the per-row
 statistics PASS_KIND chooses: the extrema, two online log-sum-exps (base 2), the positive
-softplus / sigmoid sums, the lifted pairs' sums, or the hinge sums and counts. Nothing N x M is stored. The positives-only
+softplus / sigmoid sums, the lifted pairs' sums, or the hinge sums and counts. Transform 2 (circle)
+gives each pair its set's value. Nothing N x M is stored. The positives-only
 passes skip the column tiles whose labels miss the block's label range."""
 import triton
 import triton.language as tl
 
 from ..engine_spec import PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS
-from .tile_math import (LN2, LOG2E, _engine_masks, _engine_params, _exp, _hinge_args, _label_range, _lifted_relu,
-                        _load_row_in, _load_rows, _log1p_of, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile,
-                        _tile_meets, _value)
+from .tile_math import (CIRCLE, LN2, LOG2E, _circle_params, _circle_value, _circle_weights, _engine_masks,
+                        _engine_params, _exp, _hinge_args, _label_range, _lifted_relu, _load_row_in, _load_rows,
+                        _log1p_of, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile, _tile_meets, _value)
 
 EXTREMA = tl.constexpr(PASS_EXTREMA)
 LSE2 = tl.constexpr(PASS_LSE2)
@@ -63,6 +64,8 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
                        s_xn, s_xd, s_yn, s_yd, s_xl, s_yl, s_rn, s_rc, s_on, s_oc,
                        sc_pos_h, sc_pos_m, sc_pos_l, off_pos_h, off_pos_m, off_pos_l,
                        sc_neg_h, sc_neg_m, sc_neg_l, off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l,
+                       relu_pos_h, relu_pos_m, relu_pos_l, shift_pos_h, shift_pos_m, shift_pos_l,
+                       relu_neg_h, relu_neg_m, relu_neg_l, shift_neg_h, shift_neg_m, shift_neg_l,
                        PASS_KIND: tl.constexpr, TRANSFORM: tl.constexpr, MINING: tl.constexpr,
                        EXCLUDE_DIAG: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
@@ -77,6 +80,9 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
     sc_pos, off_pos, sc_neg, off_neg, eps = _engine_params(
         sc_pos_h, sc_pos_m, sc_pos_l, off_pos_h, off_pos_m, off_pos_l, sc_neg_h, sc_neg_m, sc_neg_l,
         off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l, ACC_DTYPE)
+    if TRANSFORM == CIRCLE:  # lse2 with mining 0 only (checked by the host)
+        cp = _circle_params(relu_pos_h, relu_pos_m, relu_pos_l, shift_pos_h, shift_pos_m, shift_pos_l,
+                            relu_neg_h, relu_neg_m, relu_neg_l, shift_neg_h, shift_neg_m, shift_neg_l, ACC_DTYPE)
 
     max_neg, min_pos, big_l = _load_row_in(RIN, rows, row_ok, s_rn, s_rc, MINING,
                                            PASS_KIND == POS_SOFTPLUS or PASS_KIND == LIFTED_PAIRS or PASS_KIND == HINGE,
@@ -117,6 +123,9 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
                 s = _sim_tile(X, Y, rows, cols, row_ok, col_ok, D, s_xn, s_xd, s_yn, s_yd,
                               BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
             v = _value(s, TRANSFORM)
+            if TRANSFORM == CIRCLE:  # each set's own value (pos: same label, neg: not)
+                wp, wn = _circle_weights(s, cp)
+                v = _circle_value(s, x_lab[:, None] == y_lab[None, :], wp, wn, cp)
             pos, neg = _engine_masks(v, x_lab[:, None], y_lab[None, :], col_ok[None, :],
                                      _self_pairs(pid * BLOCK_M, c0, BLOCK_M, BLOCK_N),
                                      max_neg[:, None], min_pos[:, None], eps, MINING, EXCLUDE_DIAG)

@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from ..engine_spec import (COEF_WIDTH, COEF_WIDTH_HINGE, COEF_WIDTH_LIFT, MINING_MULTI_SIMILARITY, MINING_NONE,
-                           OUT_COLUMNS, PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_POS_SOFTPLUS, TRANSFORM_DOT,
-                           TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
-from ..reference.pair_engine import check_hinge_mining, check_symmetric
+                           OUT_COLUMNS, PARAMS_BASE, PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_POS_SOFTPLUS,
+                           TRANSFORM_CIRCLE, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
+from ..reference.pair_engine import check_circle, check_hinge_mining, check_symmetric
 from . import interpret_mode
 from .backward_kernel import _engine_bwd_kernel
 from .forward_kernel import _engine_fwd_kernel
@@ -66,10 +66,11 @@ def _split(p):
 
 
 def _param_args(params):
-    """The kernels' PARAM_PIECES for params (EngineParams, or any 5 floats in its order)."""
-    if len(params) != len(EngineParams._fields):
-        raise ValueError(f"params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps], got {params}")
-    return _split_params(tuple(float(p) for p in params))
+    """The kernels' PARAM_PIECES for params (EngineParams, or 5 or 9 floats in its order; the circle
+    constants default to 0)."""
+    if len(params) not in (PARAMS_BASE, len(EngineParams._fields)):
+        raise ValueError(f"params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps] or 9, got {params}")
+    return _split_params(tuple(float(p) for p in EngineParams(*params)))
 
 
 @functools.lru_cache(maxsize=256)  # a loss calls with the same few params every step: host time
@@ -96,13 +97,14 @@ def _is_fake(t):
     return isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
 
 
-def _check(transform, mining, pass_kind=None):
+def _check(transform, mining, params, pass_kind=None, coef_width=None):
     if pass_kind is not None and pass_kind not in OUT_COLUMNS:
         raise ValueError(f"pass_kind must be 0, 1, 2, 3 or 4, got {pass_kind}")
-    if transform not in (TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE):
-        raise ValueError(f"transform must be 0 or 1, got {transform}")
+    if transform not in (TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, TRANSFORM_CIRCLE):
+        raise ValueError(f"transform must be 0, 1 or 2, got {transform}")
     if mining not in (MINING_NONE, MINING_MULTI_SIMILARITY):
         raise ValueError(f"mining must be 0 or 1, got {mining}")
+    check_circle(transform, mining, params, pass_kind=pass_kind, coef_width=coef_width)
 
 
 def _row_tensor(t, n, width, dtype, device):
@@ -117,7 +119,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
     """Per-row statistics of one pass (docs/ENGINE.md): (N, 2) for extrema / lse2, (N, 3) for
     pos_softplus / lifted_pairs, (N, 4) for hinge, in the stats dtype (fp32, fp64 for fp64 inputs)."""
     pass_kind, transform, mining = int(pass_kind), int(transform), int(mining)
-    _check(transform, mining, pass_kind)
+    _check(transform, mining, params, pass_kind)
     if pass_kind == PASS_LIFTED_PAIRS:
         check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "pass_kind=3 (lifted_pairs)")
     if pass_kind == PASS_HINGE:
@@ -152,9 +154,9 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
     sum as grad_x, grad_y zero. coef_terms: which of B_pos (1) and C_lift (2) row_coef uses, -1
     to read it from the values (see _coef_flags)."""
     transform, mining = int(transform), int(mining)
-    _check(transform, mining)
     if row_coef.dim() != 2 or row_coef.shape[1] not in (COEF_WIDTH, COEF_WIDTH_LIFT, COEF_WIDTH_HINGE):
         raise ValueError(f"row_coef must be (N, 5), (N, 6) or (N, 2) (the hinge backward), got {tuple(row_coef.shape)}")
+    _check(transform, mining, params, coef_width=row_coef.shape[1])
     hinge = row_coef.shape[1] == COEF_WIDTH_HINGE
     if hinge:
         check_hinge_mining(mining, "row_coef with 2 columns (the hinge backward)")

@@ -6,10 +6,11 @@ backward_kernel.py."""
 import triton
 import triton.language as tl
 
-from ..engine_spec import MINING_MULTI_SIMILARITY, TRANSFORM_UNIT_DISTANCE
+from ..engine_spec import MINING_MULTI_SIMILARITY, TRANSFORM_CIRCLE, TRANSFORM_UNIT_DISTANCE
 
 # Triton kernels read only constexpr globals: engine_spec's ids and the constants they use.
 UNIT_DISTANCE = tl.constexpr(TRANSFORM_UNIT_DISTANCE)
+CIRCLE = tl.constexpr(TRANSFORM_CIRCLE)
 MULTI_SIMILARITY = tl.constexpr(MINING_MULTI_SIMILARITY)
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exponentials run as exp2
 LN2 = tl.constexpr(0.6931471805599453)
@@ -30,6 +31,31 @@ def _engine_params(sc_pos_h, sc_pos_m, sc_pos_l, off_pos_h, off_pos_m, off_pos_l
     return (_param(sc_pos_h, sc_pos_m, sc_pos_l, ACC_DTYPE), _param(off_pos_h, off_pos_m, off_pos_l, ACC_DTYPE),
             _param(sc_neg_h, sc_neg_m, sc_neg_l, ACC_DTYPE), _param(off_neg_h, off_neg_m, off_neg_l, ACC_DTYPE),
             _param(eps_h, eps_m, eps_l, ACC_DTYPE))
+
+
+@triton.jit
+def _circle_params(relu_pos_h, relu_pos_m, relu_pos_l, shift_pos_h, shift_pos_m, shift_pos_l,
+                   relu_neg_h, relu_neg_m, relu_neg_l, shift_neg_h, shift_neg_m, shift_neg_l, ACC_DTYPE: tl.constexpr):
+    """Transform 2's EngineParams (relu_pos, shift_pos, relu_neg, shift_neg) in ACC_DTYPE."""
+    return (_param(relu_pos_h, relu_pos_m, relu_pos_l, ACC_DTYPE), _param(shift_pos_h, shift_pos_m, shift_pos_l, ACC_DTYPE),
+            _param(relu_neg_h, relu_neg_m, relu_neg_l, ACC_DTYPE), _param(shift_neg_h, shift_neg_m, shift_neg_l, ACC_DTYPE))
+
+
+@triton.jit
+def _circle_weights(s, cp):
+    """Transform 2's relu weights of s, (relu(relu_pos - s), relu(s - relu_neg)) (NaN kept): each
+    set's dv/ds. cp: _circle_params."""
+    wp = cp[0] - s
+    wn = s - cp[2]
+    return tl.where(wp < 0.0, 0.0, wp), tl.where(wn < 0.0, 0.0, wn)
+
+
+@triton.jit
+def _circle_value(s, same, wp, wn, cp):
+    """Transform 2's value of each pair in its set: wp (s - shift_pos) where the labels are the same
+    (the positives), wn (s - shift_neg) elsewhere (the negatives). One tile serves every formula
+    that reads a positive's value on pos and a negative's on neg."""
+    return tl.where(same, wp * (s - cp[1]), wn * (s - cp[3]))
 
 
 
