@@ -2,18 +2,13 @@
 (dmlkern/fused/listed_pairs.py, listed_triplets.py): only the listed pairs / triplets, against
 PML 2.9.0 itself: values, gradients (embeddings, ref_emb, a learnt beta), reducers, degenerate
 tuples, the dense rule, thread-count determinism, memory, the miners' lazy results."""
-import inspect
-
 import pytest
 import torch
 import pytorch_metric_learning.distances as pml_distances
 import pytorch_metric_learning.losses as pml_losses
 import pytorch_metric_learning.miners as pml_miners
 
-import dmlkern.losses.circle_loss as circle_loss
 from dmlkern import distances, losses, miners
-from dmlkern.fused import _stats as fused_stats
-from dmlkern.fused.listed_pairs import listed_circle
 from _peak_rss import peak_rss_growth_mib
 from _pml_helpers import reducer_pair
 
@@ -32,15 +27,6 @@ HAND_MIXED = (torch.tensor([0, 0, 1, 3, 4, 6]), torch.tensor([5, 5, 7, 2, 8, 1])
 # a self pair (4, 4) (not for TupletMargin: PML's acos at cos = 1 has a NaN gradient, README)
 HAND_SELF = (torch.tensor([4, 2, 4]), torch.tensor([4, 3, 1]), torch.tensor([4, 3, 2]), torch.tensor([0, 9, 7]))
 HAND_TRIPLETS = (torch.tensor([0, 0, 2, 2, 7]), torch.tensor([1, 1, 3, 5, 8]), torch.tensor([4, 4, 9, 9, 1]))
-
-
-@pytest.fixture(autouse=True)
-def circle_tuples_listed(monkeypatch):
-    """CircleLoss's hook for a tuple is one line in dmlkern/losses/circle_loss.py; where that line
-    is not in yet, this routes the call as it would (the listed path under test is the same)."""
-    if "listed_circle" not in inspect.getsource(circle_loss):
-        monkeypatch.setattr(circle_loss.CircleLoss, "fused_loss_dict", lambda self, *args: (
-            fused_stats.pair_loss(listed_circle, self, *args) if args[2] is not None else None), raising=False)
 
 
 def _make(lib, name, kw, reducer=None):
@@ -308,13 +294,6 @@ def test_memory_at_n16384_is_linear():
     peak RSS by < 256 MiB for each loss (the reference's N x N matrix alone: 1 GiB)."""
     growth = peak_rss_growth_mib(
         setup="""
-            import inspect
-            import dmlkern.losses.circle_loss as circle_loss
-            from dmlkern.fused import _stats as fused_stats
-            from dmlkern.fused.listed_pairs import listed_circle
-            if "listed_circle" not in inspect.getsource(circle_loss):  # (the hook's line, as the tests' fixture)
-                circle_loss.CircleLoss.fused_loss_dict = lambda self, *args: fused_stats.pair_loss(
-                    listed_circle, self, *args)
             torch.manual_seed(0)
             n = 16384
             x = torch.randn(n, 128, requires_grad=True)
