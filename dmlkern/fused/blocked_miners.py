@@ -1,14 +1,17 @@
-"""BatchEasyHardMiner (BatchHardMiner) and PairMarginMiner on row blocks of the distance matrix:
-the same maths and output as `reference/miners.py` (which stays the readable ground truth), with
-peak memory O(B · M + output) instead of several N x M tensors (the matrix, candidate masks, filled
-copies, PML's list of every pair).
+"""The miners that PML runs on the whole N x M distance matrix (or its list of every pair or
+triplet), on row blocks instead: BatchEasyHardMiner (BatchHardMiner), PairMarginMiner, HDCMiner,
+DistanceWeightedMiner, and AngularMiner on chunks of positive pairs. The same output as PML
+(`reference/miners.py` stays the readable ground truth) with peak memory O(B · M + output)
+instead of several N x M tensors (the matrix, candidate masks, filled copies, PML's list of every
+pair) or AngularMiner's T x D gathered rows.
 
 Each block is the miner's distance on a block of query rows: the distance's own normalisation
 (once for all rows), `compute_mat` and `power`, i.e. the rows of `distance(embeddings, ref_emb)`.
 Blocks have equal sizes (within one row) of at least `_MIN_BLOCK_ROWS` rows: a BLAS product of
 so many rows gives each row the bits of the whole matrix's product (a product of a few rows may
 take another kernel, e.g. gemv, and round otherwise), so the picks tie-break as on the full matrix
-(torch.min / max per row) and the indices are PML's. Row-major order within and across blocks."""
+(torch.min / max per row, torch.topk, torch.multinomial) and the indices are PML's. Row-major
+order within and across blocks. Each miner's function says where it departs from PML."""
 import math
 import os
 
@@ -357,15 +360,43 @@ def _top_k_in_order(keys, k):
     if k == 0:
         return torch.zeros_like(keys, dtype=torch.bool)
     kth = torch.kthvalue(keys, len(keys) - k + 1).values
-    better = keys > kth
-    tied = keys == kth
-    return better | (tied & (torch.cumsum(tied, 0) <= k - int(better.sum())))
+    kept = keys > kth
+    kept[torch.nonzero(keys == kth).squeeze(1)[:k - int(kept.sum())]] = True
+    return kept
 
 
-def _sorted_top_k(keys, k):
-    """Positions of the k largest keys, largest first, ties in position order."""
-    kept = torch.where(_top_k_in_order(keys, k))[0]
-    return kept[torch.sort(keys[kept], descending=True, stable=True).indices]
+class _RunningTopK:
+    """The k largest keys seen so far and their flat positions, in position order (of keys tied
+    with the k-th, the earliest), in preallocated buffers of `capacity` (at least k plus one
+    block's candidates): pruned to k when the next block would not fit; once k are held, a
+    later key must beat the k-th (`worst`) to be added."""
+
+    def __init__(self, k, capacity, dtype, flat_dtype, device):
+        self.k, self.size, self.worst = k, 0, None
+        self.keys = torch.empty(capacity, dtype=dtype, device=device)
+        self.flats = torch.empty(capacity, dtype=flat_dtype, device=device)
+
+    def add(self, keys, flats):
+        if self.size + len(keys) > len(self.keys):
+            self._compact(_top_k_in_order(self.keys[:self.size], self.k))
+            if self.size == self.k:
+                self.worst = self.keys[:self.size].min()
+        end = self.size + len(keys)
+        self.keys[self.size:end] = keys
+        self.flats[self.size:end] = flats
+        self.size = end
+
+    def _compact(self, kept):
+        kept = torch.nonzero(kept).squeeze(1)
+        self.keys[:len(kept)] = self.keys[kept]
+        self.flats[:len(kept)] = self.flats[kept]
+        self.size = len(kept)
+
+    def flats_in_order(self):
+        """The k kept flat positions, largest key first, ties in position order."""
+        self._compact(_top_k_in_order(self.keys[:self.size], self.k))
+        order = torch.sort(self.keys[:self.size], descending=True, stable=True).indices
+        return self.flats[order]
 
 
 def _hdc_k(filter_percentage, count):
@@ -382,9 +413,8 @@ def hdc_all_pairs(distance, embeddings, labels, ref_emb, ref_labels, filter_perc
 
     A side with at most `_TOPK_PAIRS` pairs collects its values in PML's (row-major) order and
     runs torch.topk on them as PML does: PML's output, ties included. A larger side keeps running
-    candidates (value, flat position) in position order, pruned to the k best whenever they pass
-    2k (O(block + k) memory): the same values in the same order, but pairs tied in distance come
-    in row-major order (and a tie at the k-th value keeps the earliest), where PML's torch.topk
+    candidates (`_RunningTopK`: key, flat position; O(block + k) memory): the same values in the
+    same order, but pairs tied in distance come in row-major order (and a tie at the k-th value keeps the earliest), where PML's torch.topk
     over the whole list orders ties as its sort happens to leave them (e.g. the pairs (i, j) and
     (j, i) of a batch compared with itself)."""
     n, m, device = embeddings.shape[0], ref_emb.shape[0], embeddings.device
@@ -394,30 +424,41 @@ def hdc_all_pairs(distance, embeddings, labels, ref_emb, ref_labels, filter_perc
     sides = [(num_pos, not distance.is_inverted), (n * m - same, distance.is_inverted)]  # (count, largest)
     ks = [_hdc_k(filter_percentage, count) if count > 0 else 0 for count, _ in sides]
     exact = [count <= _TOPK_PAIRS for count, _ in sides]
-    vals = [[], []]
-    flats = [[], []]
+    block_values = max((r1 - r0) * m for r0, r1 in _row_blocks(n, m)) if n and m else 0
+    flat_dtype = torch.int32 if n * m < 2**31 else torch.long
+    vals, flats = [[], []], [[], []]  # the exact sides: every pair
+    running = [None if exact[side] else _RunningTopK(k, min(count, 2 * k + block_values), embeddings.dtype,
+                                                     flat_dtype, device)
+               for side, (k, (count, _)) in enumerate(zip(ks, sides))]
     if n and m:
         for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb):
             for side, cand in enumerate(_candidates(labels, ref_labels, r0, r1)):
-                rows, cols = torch.where(cand)
-                value = mat[rows, cols]
-                vals[side].append(value if exact[side] else _hdc_key(value, sides[side][1]))
-                flats[side].append((rows + r0) * m + cols)
-                if not exact[side] and sum(map(len, vals[side])) > 2 * ks[side] + 1:
-                    key, flat = torch.cat(vals[side]), torch.cat(flats[side])
-                    kept = _top_k_in_order(key, ks[side])
-                    vals[side], flats[side] = [key[kept]], [flat[kept]]
+                if ks[side] == 0:
+                    continue
+                top = running[side]
+                value = mat if top is None else _hdc_key(mat, sides[side][1])
+                if top is not None and top.worst is not None:
+                    cand &= value > top.worst
+                flat = torch.nonzero(cand.reshape(-1)).squeeze(1)
+                value = value.reshape(-1)[flat]
+                flat = flat.add_(r0 * m).to(flat_dtype)
+                if top is None:
+                    vals[side].append(value)
+                    flats[side].append(flat)
+                else:
+                    top.add(value, flat)
+                del value, cand, flat
     out = []
     for side, (count, largest) in enumerate(sides):
-        if count == 0:
+        if ks[side] == 0:
             out += list(ref._empty(device, 2))
             continue
-        value, flat = torch.cat(vals[side]), torch.cat(flats[side])
         if exact[side]:
-            flat = flat[torch.topk(value, k=ks[side], largest=largest).indices]
+            flat = torch.cat(flats[side])[torch.topk(torch.cat(vals[side]), k=ks[side], largest=largest).indices]
         else:
-            flat = flat[_sorted_top_k(value, ks[side])]
-        out += [flat // m, flat % m]
+            flat = running[side].flats_in_order()
+            running[side] = None
+        out += [torch.div(flat, m, rounding_mode="floor").long(), (flat % m).long()]
     return tuple(out)
 
 
@@ -452,14 +493,18 @@ def hdc_listed_pairs(distance, embeddings, ref_emb, a1, p, a2, n, filter_percent
 
 # ----------------------------------------------------------------------------- DistanceWeightedMiner
 def _log_weights(mat, row_labels, ref_labels, dim, cutoff):
-    """PML's steps on rows of the distance matrix: (clamped distances, log-weights with the
-    same-class entries zeroed, their inf_or_nan mask before that, the not-same-class mask)."""
-    mat = torch.clamp(mat, min=cutoff)
-    log_weights = (2.0 - dim) * torch.log(mat) - ((dim - 3) / 2) * torch.log(1.0 - 0.25 * (mat**2.0))
-    inf_or_nan = torch.isinf(log_weights) | torch.isnan(log_weights)
+    """PML's steps on rows of the distance matrix (`mat`, overwritten): (clamped distances,
+    log-weights with the same-class entries zeroed, their inf_or_nan mask before that, the
+    not-same-class mask). In place where PML makes a new tensor: the same ops, the same bits."""
+    mat = mat.clamp_(min=cutoff)
+    log_weights = torch.log(mat).mul_(2.0 - dim)
+    second = (mat**2.0).mul_(0.25).neg_().add_(1.0).log_().mul_((dim - 3) / 2)  # exact: -x + 1 == 1 - x
+    log_weights.sub_(second)
+    del second
+    inf_or_nan = torch.isinf(log_weights).logical_or_(torch.isnan(log_weights))
     mask = torch.ones_like(log_weights)
     mask[row_labels.unsqueeze(1) == ref_labels.unsqueeze(0)] = 0
-    return mat, log_weights * mask, inf_or_nan, mask
+    return mat, log_weights.mul_(mask), inf_or_nan, mask
 
 
 def _multinomial_rows(weights, rows):
@@ -497,9 +542,8 @@ def distance_weighted_miner(distance, embeddings, labels, ref_emb, ref_labels, c
     shift = None
     for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb):
         _, log_weights, inf_or_nan, _ = _log_weights(mat, labels[r0:r1], ref_labels, dim, cutoff)
-        finite = log_weights[~inf_or_nan]
-        if finite.numel():
-            top = torch.max(finite)
+        if not bool(inf_or_nan.all()):  # the max of the finite ones (as PML's log_weights[~inf_or_nan])
+            top = torch.max(log_weights.masked_fill_(inf_or_nan, -math.inf))
             shift = top if shift is None else torch.maximum(shift, top)
     if shift is None:  # every weight inf/nan (PML fails in torch.max)
         return ref._empty(device, 3)
@@ -514,10 +558,9 @@ def distance_weighted_miner(distance, embeddings, labels, ref_emb, ref_labels, c
         mat = distance.compute_mat(query[padded], refs)[:len(rows)]
         mat = mat if distance.power == 1 else mat**distance.power
         mat, log_weights, inf_or_nan, mask = _log_weights(mat, labels[rows], ref_labels, dim, cutoff)
-        weights = torch.exp(log_weights - shift)
-        weights = weights * mask * (mat < nonzero_loss_cutoff).to(dtype)
+        weights = log_weights.sub_(shift).exp_().mul_(mask).mul_((mat < nonzero_loss_cutoff).to(dtype))
         weights[inf_or_nan] = 0
-        return weights / torch.sum(weights, dim=1, keepdim=True)
+        return weights.div_(torch.sum(weights, dim=1, keepdim=True))
 
     sorted_labels, order = torch.sort(labels, stable=True)
     classes, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
