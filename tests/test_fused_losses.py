@@ -474,12 +474,11 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
         (losses.LiftedStructureLoss(), (x, labels, None, x, labels.clone()), "ref_emb"),  # self-pairs kept then
         (losses.LiftedStructureLoss(), (zero_row, labels), "shorter than 1e-12"),
         (losses.GeneralizedLiftedStructureLoss(), (zero_row, labels), "shorter than 1e-12"),
-        (losses.NTXentLoss(), (x, labels, (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]))),
+        (losses.NPairsLoss(), (x, labels, (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]))),
          "an indices_tuple"),
         (losses.MultiSimilarityLoss(distance=LpDistance()), (x, None, (torch.tensor([0, 1]), torch.tensor([1, 2]),
                                                                        torch.tensor([4]), torch.tensor([5]))),
          "non-default distance LpDistance"),
-        (losses.CircleLoss(), (x, labels), "CircleLoss has no fused kernel yet"),
         (losses.ContrastiveLoss(distance=LpDistance(normalize_embeddings=False)), (x, labels),
          "non-default distance LpDistance"),
         (losses.ContrastiveLoss(reducer=ThresholdReducer(low=0.1)), (x, labels), "ThresholdReducer for its sub-loss"),
@@ -488,8 +487,6 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
         (losses.ContrastiveLoss(reducer=DoNothingReducer()), (x, labels), "DoNothingReducer"),
         (losses.ContrastiveLoss(), (zero_row, labels), "shorter than 1e-12"),
         (losses.MarginLoss(triplets_per_anchor=3), (x, labels), "triplets_per_anchor=3"),
-        (losses.MarginLoss(), (x, labels, (torch.tensor([0]), torch.tensor([1]), torch.tensor([4]))),
-         "an indices_tuple"),
         (losses.MarginLoss(reducer=AvgNonZeroReducer()), (x, labels), "AvgNonZeroReducer for its sub-loss"),
     ]:
         loss_fn.last_fallback = None
