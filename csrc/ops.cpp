@@ -35,14 +35,11 @@ TORCH_LIBRARY(dmlkern, m) {
   // The fused TripletMarginLoss's per-row work on one row block of similarities s (B, M)
   // (dmlkern/fused/triplet.py): params = [margin, window_margin], flags = [smooth_loss,
   // euclidean, window] with window 0 every triplet, 1 all, 2 hard, 3 semihard, 4 easy (the
-  // miner's type_of_triplets). Forward: per row, the sum of the kept terms (B,) and the numbers
-  // of kept non-zero terms and of kept triplets (B, 2) int64. Backward: dL/ds (B, M) for an
-  // upstream gradient `grad` of the total. row0: the block's first row (exclude_diag drops the
-  // pair (i, row0 + i) from the positives).
+  // miner's type_of_triplets). Returns per row the sum of the kept terms (B,), the numbers of
+  // kept non-zero terms and of kept triplets (B, 2) int64, and with with_grad the gradient of
+  // the total, dL/ds (B, M) (else an empty tensor). row0: the block's first row (exclude_diag
+  // drops the pair (i, row0 + i) from the positives).
   m.def(
-      "triplet_rows_forward(Tensor s, Tensor row_labels, Tensor col_labels, int row0, bool exclude_diag, "
-      "float[] params, int[] flags) -> (Tensor, Tensor)");
-  m.def(
-      "triplet_rows_backward(Tensor s, Tensor row_labels, Tensor col_labels, int row0, bool exclude_diag, "
-      "float[] params, int[] flags, float grad) -> Tensor");
+      "triplet_rows(Tensor s, Tensor row_labels, Tensor col_labels, int row0, bool exclude_diag, "
+      "float[] params, int[] flags, bool with_grad) -> (Tensor, Tensor, Tensor)");
 }

@@ -26,7 +26,7 @@ CASES = [(1, 1, None), (12, 1, None), (9, 9, None), (37, 5, None), (61, 7, 45)]
 def row_impl(request, monkeypatch):
     """The per-row work in C++ (the CPU default) or in the torch twin (every other device)."""
     if request.param == "cpp" and not fused_triplet._CPU_KERNEL:
-        pytest.fail("dmlkern::triplet_rows_forward is not registered in this build")
+        pytest.fail("dmlkern::triplet_rows is not registered in this build")
     monkeypatch.setattr(fused_triplet, "_CPU_KERNEL", request.param == "cpp")
     return request.param
 

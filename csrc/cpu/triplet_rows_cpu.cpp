@@ -1,13 +1,13 @@
-// dmlkern::triplet_rows_forward / triplet_rows_backward on the CPU: the per-row work of the fused
+// dmlkern::triplet_rows on the CPU: the per-row work of the fused
 // TripletMarginLoss (dmlkern/fused/triplet.py, which holds the plain-torch twin of both) on one
 // row block of similarities s (B x M, from the deterministic fixed_mm).
 //
 // Row i turns its similarities into e (larger = farther: sqrt(max(2 - 2s, 0)), or -s), lists its
 // positives, and for each positive p (column order) walks every column j: a negative j is kept
 // when the miner's window holds for t = e_j - e_p, and costs relu(margin - t) (or F.softplus).
-// Forward: per row, the sum of the kept terms and the numbers of kept non-zero terms and of
-// kept triplets. Backward: dL/ds of the row, for an upstream gradient g of the total:
-// dL/de_j = -sum_p w_pj, dL/de_p = sum_j w_pj, w = g * (term's slope) where kept.
+// Per row: the sum of the kept terms and the numbers of kept non-zero terms and of kept
+// triplets, and, with with_grad, in the same sweep the gradient of the total, dL/ds of the row:
+// dL/de_j = -sum_p w_pj, dL/de_p = sum_j w_pj, w = the term's slope where kept.
 //
 // Each row is one thread's, its sums vectorised in one fixed order for a given CPU (the clone
 // picked at load time: AVX-512 and AVX2 machines may differ in the last bits, the thread count
@@ -104,40 +104,36 @@ DMLK_CPU_INLINE bool kept_triplet(T ej, T ep, bool negative, T margin, T wm, T& 
   return negative & in_window<W>(t, wm);
 }
 
-// One positive (e_p) of a row against every column: the sums of the kept terms, of the kept
-// non-zero terms and of the kept triplets, added to `out`.
-template <int64_t W, bool Smooth, typename T>
-DMLK_CPU_CLONES void slot_forward(const T* __restrict__ e, const int64_t* __restrict__ col_labels, int64_t label,
-                                  T ep, int64_t cols, T margin, T wm, T* out) {
-  T sum = 0, nonzero = 0, kept = 0;
-#pragma omp simd reduction(+ : sum, nonzero, kept)
+// One positive (e_p) of a row against every column. Forward: the sums of the kept terms, of the
+// kept non-zero terms and of the kept triplets, added to `out`. Grad: dL/de_j -= w_j for the
+// kept negatives (ge; w = the term's slope), and returns sum_j w_j (dL/de_p). Both from one
+// sweep when the gradient is wanted too.
+template <int64_t W, bool Smooth, bool Forward, bool Grad, typename T>
+DMLK_CPU_CLONES T slot_pass(const T* __restrict__ e, const int64_t* __restrict__ col_labels, int64_t label, T ep,
+                            int64_t cols, T margin, T wm, T* out, T* __restrict__ ge) {
+  T sum = 0, nonzero = 0, kept = 0, wsum = 0;
+#pragma omp simd reduction(+ : sum, nonzero, kept, wsum)
   for (int64_t j = 0; j < cols; ++j) {
     T viol;
     const bool keep = kept_triplet<W>(e[j], ep, col_labels[j] != label, margin, wm, viol);
-    const T term = Smooth ? softplus(viol) : (viol < T(0) ? T(0) : viol);  // relu(NaN) = NaN
-    const T add = keep ? term : T(0);
-    sum += add;
-    nonzero += add > T(0) ? T(1) : T(0);
-    kept += keep ? T(1) : T(0);
+    if constexpr (Forward) {
+      const T term = Smooth ? softplus(viol) : (viol < T(0) ? T(0) : viol);  // relu(NaN) = NaN
+      const T add = keep ? term : T(0);
+      sum += add;
+      nonzero += add > T(0) ? T(1) : T(0);
+      kept += keep ? T(1) : T(0);
+    }
+    if constexpr (Grad) {
+      const T slope = Smooth ? sigmoid(viol) : (viol > T(0) ? T(1) : T(0));
+      const T w = keep ? slope : T(0);
+      ge[j] -= w;  // (a positive column is never kept: w = 0 there)
+      wsum += w;
+    }
   }
-  out[0] += sum;
-  out[1] += nonzero;  // <= cols per call: exact
-  out[2] += kept;
-}
-
-// Its backward: dL/de_j -= w_j for the kept negatives (ge); returns sum_j w_j (dL/de_p).
-template <int64_t W, bool Smooth, typename T>
-DMLK_CPU_CLONES T slot_backward(const T* __restrict__ e, const int64_t* __restrict__ col_labels, int64_t label,
-                                T ep, int64_t cols, T margin, T wm, T g, T* __restrict__ ge) {
-  T wsum = 0;
-#pragma omp simd reduction(+ : wsum)
-  for (int64_t j = 0; j < cols; ++j) {
-    T viol;
-    const bool keep = kept_triplet<W>(e[j], ep, col_labels[j] != label, margin, wm, viol);
-    const T slope = Smooth ? sigmoid(viol) : (viol > T(0) ? T(1) : T(0));
-    const T w = keep ? slope * g : T(0);
-    ge[j] -= w;  // (a positive column is never kept: w = 0 there)
-    wsum += w;
+  if constexpr (Forward) {
+    out[0] += sum;
+    out[1] += nonzero;  // <= cols per call: exact
+    out[2] += kept;
   }
   return wsum;
 }
@@ -158,17 +154,21 @@ void for_each_row(const TripletArgs& a, const T* s, const int64_t* row_labels, c
   });
 }
 
-template <int64_t W, bool Smooth, typename T>
-void forward_rows(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels,
-                  T* sums, int64_t* counts) {
+// Per row: the forward sums (sums, counts) and, with Grad, dL/ds of the row (grad_s).
+template <int64_t W, bool Smooth, bool Grad, typename T>
+void rows_pass(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels, T* sums,
+               int64_t* counts, T* grad_s) {
   const T margin = T(a.margin), wm = T(a.window_margin);
   for_each_row(a, s, row_labels, col_labels, [&](int64_t i, int64_t label, const std::vector<T>& e,
                                                  const std::vector<int64_t>& pos) {
+    T* ge = Grad ? grad_s + i * a.cols : nullptr;  // dL/de first, then dL/ds in place
+    if constexpr (Grad) std::fill(ge, ge + a.cols, T(0));
     T row_sum = 0;
     int64_t row_nonzero = 0, row_kept = 0;
     for (const int64_t p : pos) {
       T slot[3] = {0, 0, 0};
-      slot_forward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, slot);
+      const T wsum = slot_pass<W, Smooth, true, Grad>(e.data(), col_labels, label, e[p], a.cols, margin, wm, slot, ge);
+      if constexpr (Grad) ge[p] += wsum;
       row_sum += slot[0];
       row_nonzero += static_cast<int64_t>(slot[1]);
       row_kept += static_cast<int64_t>(slot[2]);
@@ -176,24 +176,13 @@ void forward_rows(const TripletArgs& a, const T* s, const int64_t* row_labels, c
     sums[i] = row_sum;
     counts[2 * i] = row_nonzero;
     counts[2 * i + 1] = row_kept;
-  });
-}
-
-template <int64_t W, bool Smooth, typename T>
-void backward_rows(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels, T g,
-                   T* grad_s) {
-  const T margin = T(a.margin), wm = T(a.window_margin);
-  for_each_row(a, s, row_labels, col_labels, [&](int64_t i, int64_t label, const std::vector<T>& e,
-                                                 const std::vector<int64_t>& pos) {
-    T* ge = grad_s + i * a.cols;  // dL/de first, then dL/ds in place
-    std::fill(ge, ge + a.cols, T(0));
-    for (const int64_t p : pos)
-      ge[p] += slot_backward<W, Smooth>(e.data(), col_labels, label, e[p], a.cols, margin, wm, g, ge);
+    if constexpr (Grad) {
 #pragma omp simd
-    for (int64_t j = 0; j < a.cols; ++j) {
-      // dd/ds = -1/d, and 0 where d = 0 (the engine's convention); e = -s for the cosine.
-      const T d = e[j];
-      ge[j] = a.euclidean ? (d > T(0) ? -ge[j] / (d > T(0) ? d : T(1)) : T(0)) : -ge[j];
+      for (int64_t j = 0; j < a.cols; ++j) {
+        // dd/ds = -1/d, and 0 where d = 0 (the engine's convention); e = -s for the cosine.
+        const T d = e[j];
+        ge[j] = a.euclidean ? (d > T(0) ? -ge[j] / (d > T(0) ? d : T(1)) : T(0)) : -ge[j];
+      }
     }
   });
 }
@@ -216,45 +205,37 @@ void dispatch_rule(const TripletArgs& a, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> triplet_rows_forward_cpu(const at::Tensor& s_in, const at::Tensor& row_labels_in,
-                                                            const at::Tensor& col_labels_in, int64_t row0,
-                                                            bool exclude_diag, at::ArrayRef<double> params,
-                                                            at::IntArrayRef flags) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_rows_cpu(const at::Tensor& s_in, const at::Tensor& row_labels_in,
+                                                                const at::Tensor& col_labels_in, int64_t row0,
+                                                                bool exclude_diag, at::ArrayRef<double> params,
+                                                                at::IntArrayRef flags, bool with_grad) {
   const TripletArgs a = parse(s_in, row_labels_in, col_labels_in, row0, exclude_diag, params, flags);
   const at::Tensor s = s_in.contiguous(), rl = row_labels_in.contiguous(), cl = col_labels_in.contiguous();
   at::Tensor sums = at::empty({a.rows}, s.options());
   at::Tensor counts = at::empty({a.rows, 2}, s.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "triplet_rows_forward", [&] {
+  at::Tensor grad_s = with_grad ? at::empty({a.rows, a.cols}, s.options()) : at::empty({0, 0}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "triplet_rows", [&] {
     dispatch_rule(a, [&](auto w, auto smooth) {
-      forward_rows<decltype(w)::value, decltype(smooth)::value, scalar_t>(
-          a, s.data_ptr<scalar_t>(), rl.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), sums.data_ptr<scalar_t>(),
-          counts.data_ptr<int64_t>());
+      constexpr int64_t kW = decltype(w)::value;
+      constexpr bool kSmooth = decltype(smooth)::value;
+      auto run = [&](auto grad) {
+        rows_pass<kW, kSmooth, decltype(grad)::value, scalar_t>(
+            a, s.data_ptr<scalar_t>(), rl.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), sums.data_ptr<scalar_t>(),
+            counts.data_ptr<int64_t>(), with_grad ? grad_s.data_ptr<scalar_t>() : nullptr);
+      };
+      if (with_grad)
+        run(std::true_type{});
+      else
+        run(std::false_type{});
     });
   });
-  return {sums, counts};
-}
-
-at::Tensor triplet_rows_backward_cpu(const at::Tensor& s_in, const at::Tensor& row_labels_in,
-                                     const at::Tensor& col_labels_in, int64_t row0, bool exclude_diag,
-                                     at::ArrayRef<double> params, at::IntArrayRef flags, double grad) {
-  const TripletArgs a = parse(s_in, row_labels_in, col_labels_in, row0, exclude_diag, params, flags);
-  const at::Tensor s = s_in.contiguous(), rl = row_labels_in.contiguous(), cl = col_labels_in.contiguous();
-  at::Tensor grad_s = at::empty({a.rows, a.cols}, s.options());
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "triplet_rows_backward", [&] {
-    dispatch_rule(a, [&](auto w, auto smooth) {
-      backward_rows<decltype(w)::value, decltype(smooth)::value, scalar_t>(
-          a, s.data_ptr<scalar_t>(), rl.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), static_cast<scalar_t>(grad),
-          grad_s.data_ptr<scalar_t>());
-    });
-  });
-  return grad_s;
+  return {sums, counts, grad_s};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dmlkern, CPU, m) {
-  m.impl("triplet_rows_forward", &triplet_rows_forward_cpu);
-  m.impl("triplet_rows_backward", &triplet_rows_backward_cpu);
+  m.impl("triplet_rows", &triplet_rows_cpu);
 }
 
 }  // namespace dmlkern

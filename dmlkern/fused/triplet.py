@@ -11,14 +11,15 @@ non-zero (AvgNonZeroReducer) and how many there are (MeanReducer).
 The rows are walked in blocks of ~1M pair values (`_BLOCK_VALUES`): each block computes its
 similarity rows S = x_b @ yᵀ (deterministic `ops.fixed_mm`), then compares each row's distance
 to each of its positives with all of its negatives: on a CPU in C++, row by row
-(`dmlkern::triplet_rows_forward` / `_backward`, csrc/cpu/triplet_rows_cpu.cpp), elsewhere with
+(`dmlkern::triplet_rows`, csrc/cpu/triplet_rows_cpu.cpp), elsewhere with
 torch ops one positive "slot" at a time (the j-th positive of every row of the block).
 Work O(N · P · M) for P positives per row (the number of triplets), memory O(B · M + N · D); no
 N x M buffer, no triplet list. The gradient of the total: dL/de_an = -w, dL/de_ap = sum_n w (w =
 1 where the term is kept and positive, or its sigmoid with `smooth_loss`), then grad_x[b] =
 G_b @ y and grad_y += G_bᵀ @ x_b, the blocks added in order: bit-identical at any CPU thread
 count. It is linear in the upstream gradient, so when the inputs require grad the forward
-computes it from the same block S (3 products in all) and the backward only scales it.
+computes it from the same block S and row sweep (3 products in all) and the backward only
+scales it.
 The torch twin runs on every device (and is what the C++ kernel is tested against).
 Any other indices_tuple (a miner's listed triplets or pairs, or a lazy result this path can't mine,
 then materialised) runs on its listed triplets instead (`listed_triplets.py`, backend "listed":
@@ -42,7 +43,7 @@ from ._epilogue import SHORT_ROWS, ZERO_LOSS
 _BLOCK_VALUES = 1 << 20  # pair values per row block (4 MiB in fp32); a few such buffers live at once
 BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++ on a CPU, else torch ops
 WINDOW_IDS = {"every": 0, "all": 1, "hard": 2, "semihard": 3, "easy": 4}  # csrc/ops.cpp's triplet_rows
-_CPU_KERNEL = extension_loaded() and hasattr(torch.ops.dmlkern, "triplet_rows_forward")
+_CPU_KERNEL = extension_loaded() and hasattr(torch.ops.dmlkern, "triplet_rows")
 
 
 class TripletRule(NamedTuple):
@@ -126,22 +127,19 @@ def row_blocks(n, m):
         yield r0, min(n, r0 + step)
 
 
-def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, grad=None):
-    """One row block from its similarities s = x_b @ yᵀ. Forward (grad None): per-row (sum of
-    kept terms, non-zero kept terms, kept triplets). Backward (grad: the upstream gradient of the
-    total): dL/ds for the block's rows."""
+def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
+    """One row block from its similarities s = x_b @ yᵀ: per row (sum of the kept terms, non-zero
+    kept terms, kept triplets), and with_grad the gradient of the total, dL/ds (else None)."""
     if _CPU_KERNEL and s.device.type == "cpu":
-        return _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, grad)
+        return _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad)
     e = _farness(s, rule.euclidean)
     pos, neg = _block_masks(labels_b, ref_labels, row0, exclude_diag)
     slot_cols, valid = _positive_slots(pos)
     B = s.shape[0]
-    if grad is None:
-        total = torch.zeros(B, dtype=e.dtype, device=e.device)
-        nonzero = torch.zeros(B, dtype=torch.long, device=e.device)
-        kept = torch.zeros(B, dtype=torch.long, device=e.device)
-    else:
-        g_e = torch.zeros_like(e)
+    total = torch.zeros(B, dtype=e.dtype, device=e.device)
+    nonzero = torch.zeros(B, dtype=torch.long, device=e.device)
+    kept = torch.zeros(B, dtype=torch.long, device=e.device)
+    g_e = torch.zeros_like(e) if with_grad else None
     for j in range(slot_cols.shape[1]):
         col = slot_cols[:, j:j + 1]
         t = e - e.gather(1, col)  # e_an - e_ap, every column (only negatives are kept)
@@ -150,32 +148,29 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, grad=None):
         if mined is not None:
             keep &= mined
         viol = rule.margin - t  # = (e_ap - e_an) + margin exactly
-        if grad is None:
-            term = _term(viol, rule.smooth)
-            total += _row_sums(torch.where(keep, term, 0.0))
-            nonzero += (keep & (term > 0)).sum(dim=1)
-            kept += keep.sum(dim=1)
-        else:
-            w = torch.where(keep, _term_slope(viol, rule.smooth) * grad, 0.0)
+        term = _term(viol, rule.smooth)
+        total += _row_sums(torch.where(keep, term, 0.0))
+        nonzero += (keep & (term > 0)).sum(dim=1)
+        kept += keep.sum(dim=1)
+        if with_grad:
+            w = torch.where(keep, _term_slope(viol, rule.smooth), 0.0)
             g_e -= w
             # one column per row: no two writes meet, so the order can't matter
             g_e.scatter_add_(1, col, _row_sums(w).unsqueeze(1))
-    if grad is None:
-        return total, nonzero, kept
-    if not rule.euclidean:
-        return -g_e
-    d = e  # dd/ds = -1/d, and 0 where d = 0 (the engine's convention)
-    return torch.where(d > 0, -g_e / torch.where(d > 0, d, 1.0), 0.0)
+    if with_grad:
+        if not rule.euclidean:
+            g_e = -g_e
+        else:  # dd/ds = -1/d, and 0 where d = 0 (the engine's convention)
+            g_e = torch.where(e > 0, -g_e / torch.where(e > 0, e, 1.0), 0.0)
+    return total, nonzero, kept, g_e
 
 
-def _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, grad):
+def _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     """`_block_pass` after the product, in C++ (csrc/cpu/triplet_rows_cpu.cpp)."""
-    args = (s, labels_b, ref_labels, row0, exclude_diag, [rule.margin, rule.window_margin],
-            [int(rule.smooth), int(rule.euclidean), WINDOW_IDS[rule.window]])
-    if grad is None:
-        sums, counts = torch.ops.dmlkern.triplet_rows_forward(*args)
-        return sums, counts[:, 0], counts[:, 1]
-    return torch.ops.dmlkern.triplet_rows_backward(*args, float(grad))
+    sums, counts, g_s = torch.ops.dmlkern.triplet_rows(
+        s, labels_b, ref_labels, row0, exclude_diag, [rule.margin, rule.window_margin],
+        [int(rule.smooth), int(rule.euclidean), WINDOW_IDS[rule.window]], with_grad)
+    return sums, counts[:, 0], counts[:, 1], g_s if with_grad else None
 
 
 def _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad=False):
@@ -190,10 +185,9 @@ def _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad=False):
         s = fixed_mm(x[r0:r1], y)
         # (written into preallocated rows: small per-block tensors kept alive between the
         # blocks' 4 MiB products fragment the CPU heap, ~one product per block)
-        sums[r0:r1], counts[0, r0:r1], counts[1, r0:r1] = _block_pass(
-            s, labels[r0:r1], ref_labels, r0, rule, exclude_diag)
+        sums[r0:r1], counts[0, r0:r1], counts[1, r0:r1], g_s = _block_pass(
+            s, labels[r0:r1], ref_labels, r0, rule, exclude_diag, with_grad)
         if with_grad:  # the blocks' grad_y added in order: deterministic
-            g_s = _block_pass(s, labels[r0:r1], ref_labels, r0, rule, exclude_diag, grad=1.0)
             grad_x[r0:r1] = fixed_mm(g_s, y.T)
             grad_y += fixed_mm(g_s.T, x[r0:r1].T)
     return fixed_order_sum(sums), counts[0].sum(), counts[1].sum(), grad_x, grad_y
