@@ -562,6 +562,7 @@ MEMORY_LOSSES = {  # constructor, labels (n = 16384): the default configuration 
     "proxy_anchor": ("losses.ProxyAnchorLoss(n // 8, d)", "torch.randint(0, n // 8, (n,))"),
     "nca": ("losses.NCALoss()", "torch.randint(0, n // 8, (n,))"),
     "tuplet_margin": ("losses.TupletMarginLoss()", "torch.randint(0, n // 8, (n,))"),
+    "circle": ("losses.CircleLoss()", "torch.randint(0, n // 8, (n,))"),
     "contrastive": ("losses.ContrastiveLoss()", "torch.randint(0, n // 8, (n,))"),
     "margin": ("losses.MarginLoss()", "torch.randint(0, n // 8, (n,))"),
     "margin_learn_beta_per_class": ("losses.MarginLoss(learn_beta=True, nu=0.1, num_classes=n // 8)",

@@ -46,6 +46,9 @@ LOSSES = {
     "margin": LossInfo("MarginLoss()(emb, labels)", "classes", True, 200.0, 0.05),
     "nca": LossInfo("NCALoss()(emb, labels)", "classes", True, 12.0),
     "tuplet_margin": LossInfo("TupletMarginLoss()(emb, labels)", "classes", True, 16.0, 4.0),
+    "circle": LossInfo("CircleLoss()(emb, labels)", "classes", True, 18.0),
+    # PML: about six N x N buffers per positive pair's row set (4.6 GB measured at N=5120)
+    "angular": LossInfo("AngularLoss()(emb, labels)", "classes", True, 48.0),
     "triplet": LossInfo("TripletMarginLoss()(emb, labels), every triplet", "classes", True, 200.0, 0.05),
     "triplet_semihard": LossInfo(
         "TripletMarginLoss()(emb, labels, TripletMarginMiner(type_of_triplets='semihard')(emb, labels))", "classes",

@@ -20,7 +20,8 @@ ENV_BACKEND = {"dmlkern": None, "dmlkern-compiled": None, "dmlkern-cpp": "cpp", 
 REFERENCE_FN = {"multi_similarity": "multi_similarity_loss", "ntxent": "ntxent_loss", "supcon": "supcon_loss",
                 "lifted": "lifted_structure_loss", "generalized_lifted": "generalized_lifted_structure_loss",
                 "npairs": "n_pairs_loss", "nca": "nca_loss", "tuplet_margin": "tuplet_margin_loss",
-                "triplet": "triplet_margin_loss", "contrastive": "contrastive_loss", "margin": "margin_loss"}
+                "triplet": "triplet_margin_loss", "contrastive": "contrastive_loss", "margin": "margin_loss",
+                "circle": "circle_loss", "angular": "angular_loss"}
 FLOOR_MAX_OUT_BYTES = 2**31
 
 
@@ -143,23 +144,19 @@ def _compile_callable(torch, loss, x, labels, d, dynamic):
             with torch.no_grad():  # as BaseMiner.forward
                 idx = R.multi_similarity_miner(dist(x, x), lab, lab, 0.1, True, True)
             return R.multi_similarity_loss(x, lab, idx)
-    elif loss == "triplet_semihard":
+    elif loss in ("triplet_semihard", "triplet_batch_hard"):
         from dmlkern.distances import LpDistance
 
         dist = LpDistance(p=2)
 
-        def fn(x, lab):
-            with torch.no_grad():
-                idx = R.triplet_margin_miner(dist(x, x), lab, lab, 0.2, "semihard")
-            return R.triplet_margin_loss(x, lab, idx)
-    elif loss == "triplet_batch_hard":
-        from dmlkern.distances import LpDistance
-
-        dist = LpDistance(p=2)
+        def mine(d, lab):
+            if loss == "triplet_semihard":
+                return R.triplet_margin_miner(d, lab, lab, 0.2, "semihard")
+            return R.batch_hard_miner(d, lab, lab)
 
         def fn(x, lab):
             with torch.no_grad():
-                idx = R.batch_hard_miner(dist(x, x), lab, lab)
+                idx = mine(dist(x, x), lab)
             return R.triplet_margin_loss(x, lab, idx)
     elif loss == "proxy_anchor":
         proxies = torch.nn.Parameter(torch.empty(num_classes(loss, x.shape[0]), d, device=x.device))
