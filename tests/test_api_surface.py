@@ -182,3 +182,14 @@ def test_class_table_status_comes_from_the_code():
     allowed = {"fused", "reference", "provided", "row blocks", "fused (lazy tuple, mined in the loss)"}
     for s in status.values():
         assert s.removeprefix("not in PML; ") in allowed or s.startswith("not provided: ")
+
+
+def test_readme_class_table_is_the_generated_one():
+    """The README's copy between its api-table markers is what the code generates today."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- api-table: start -->\n", "\n<!-- api-table: end -->"
+    assert start in readme and end in readme, "README.md lost its api-table markers"
+    copy = readme.split(start, 1)[1].split(end, 1)[0]
+    assert copy == _api_table.markdown(), "README.md's class table is stale: paste `python -m dmlkern._api_table`"
