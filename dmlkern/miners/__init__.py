@@ -5,7 +5,9 @@ for the same torch seed). The maths is in ``dmlkern.reference.miners``.
 
 Differences from PML:
 
-* TripletMarginMiner and AngularMiner work on blocks of anchors instead of a (B, R, R) tensor;
+* TripletMarginMiner works on blocks of anchors; AngularMiner, HDCMiner, DistanceWeightedMiner,
+  BatchHard/EasyHardMiner and PairMarginMiner on row blocks (fused/blocked_miners.py); HDCMiner
+  past 2M pairs a side lists pairs tied in distance in row-major order;
 * inputs are checked by ``dmlkern._validation.validate_inputs``: missing or non-integer labels,
   an empty batch, mismatched ref_emb raise ValueError/TypeError (PML crashes later or accepts
   float labels); AngularMiner/DistanceWeightedMiner with another distance raise
