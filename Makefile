@@ -37,7 +37,7 @@ build: deps
 	$(PY) -c "import dmlkern, json; print(json.dumps(dmlkern.build_info(), indent=1))"
 
 pytest: build
-	$(PY) -m pytest tests -ra
+	$(PY) -m pytest tests -ra --durations=15
 
 # The libtorch build for C++ users (CMakeLists.txt) and its ctest.
 cmake-test: deps
