@@ -11,7 +11,6 @@ from dmlkern import _tracing, losses
 from dmlkern import distances as dist
 from dmlkern.reducers import DoNothingReducer, MeanReducer, SumReducer, ThresholdReducer
 from _kernel_cases import KERNEL_BACKENDS, TOLERANCES
-from _peak_rss import peak_rss_growth_mib
 from test_fused_losses import engine_backend_choice  # noqa: F401 (a fixture)
 from test_determinism import _assert_reproducible
 from test_nca_tuplet_fused import _call, _case
@@ -271,24 +270,3 @@ def test_compiles_fullgraph(engine_backend_choice):  # noqa: F811
         got_v, got_g = _call(compiled, x, labels, None, None)
         torch.testing.assert_close(got_v, want_v)
         torch.testing.assert_close(got_g[0], want_g[0])
-
-
-@pytest.mark.slow
-def test_memory_is_linear_in_n():
-    """fwd+bwd at N=16384, D=128 on the C++ CPU engine grows peak RSS by < 256 MiB (PML builds
-    several N x N matrices: 1 GiB each in fp32), measured in a fresh process."""
-    growth_mib = peak_rss_growth_mib(
-        setup="""
-            torch.manual_seed(0)
-            n, d = 16384, 128
-            x = torch.randn(n, d, requires_grad=True)
-            labels = torch.randint(0, n // 8, (n,))
-            loss_fn = losses.CircleLoss()
-        """,
-        measured="""
-            loss = loss_fn(x, labels)
-            loss.backward()
-            assert loss_fn.last_backend == "cpp", loss_fn.last_fallback
-            assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-        """, env={"DMLKERN_BACKEND": "auto"})
-    assert growth_mib < 256, f"peak RSS grew by {growth_mib:.0f} MiB"
