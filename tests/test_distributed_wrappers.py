@@ -1,0 +1,160 @@
+"""DistributedLossWrapper / DistributedMinerWrapper on gloo ranks with uneven shards, against one
+process's loss on the concatenated global batch: the value is world_size × the global loss, each
+rank's embeddings get world_size × the global gradient of its rows (DDP then averages), the
+loss's own parameters get the global gradient, and a DDP training step equals the single-process
+step (the contract in dmlkern/distributed/wrappers.py)."""
+import pytest
+import torch
+
+from _distributed import run_ranks, shard
+from dmlkern import losses, miners
+from dmlkern.utils import distributed as dist_utils
+
+D, CLASSES = 6, 4
+
+# (name, loss factory, miner factory or None); factories are called after torch.manual_seed(0),
+# and the losses' parameters made fp64 (MarginLoss keeps its beta in fp32 otherwise)
+CASES = [
+    ("contrastive", lambda: losses.ContrastiveLoss(), None),
+    ("triplet", lambda: losses.TripletMarginLoss(margin=0.3), None),
+    ("triplet+miner", lambda: losses.TripletMarginLoss(margin=0.3), lambda: miners.TripletMarginMiner(margin=0.3)),
+    ("triplet+batch_hard", lambda: losses.TripletMarginLoss(margin=0.3), lambda: miners.BatchHardMiner()),
+    ("margin_learned_beta", lambda: losses.MarginLoss(learn_beta=True, num_classes=CLASSES), None),
+    ("multi_similarity", lambda: losses.MultiSimilarityLoss(), None),
+    ("multi_similarity+miner", lambda: losses.MultiSimilarityLoss(), lambda: miners.MultiSimilarityMiner(0.1)),
+    ("lifted", lambda: losses.LiftedStructureLoss(), None),
+    ("generalized_lifted", lambda: losses.GeneralizedLiftedStructureLoss(), None),
+    ("ntxent", lambda: losses.NTXentLoss(temperature=0.2), None),
+    ("supcon", lambda: losses.SupConLoss(temperature=0.2), None),
+    ("tuplet", lambda: losses.TupletMarginLoss(), None),
+    ("angular", lambda: losses.AngularLoss(), None),
+    ("nca", lambda: losses.NCALoss(), None),
+    ("circle", lambda: losses.CircleLoss(), None),
+    ("contrastive+pair_margin", lambda: losses.ContrastiveLoss(), lambda: miners.PairMarginMiner()),
+    ("contrastive+angular_miner", lambda: losses.ContrastiveLoss(), lambda: miners.AngularMiner(angle=40)),
+    ("proxy_anchor", lambda: losses.ProxyAnchorLoss(CLASSES, D), None),
+    ("proxy_nca", lambda: losses.ProxyNCALoss(CLASSES, D), None),
+    ("arcface", lambda: losses.ArcFaceLoss(CLASSES, D), None),
+    ("cosface", lambda: losses.CosFaceLoss(CLASSES, D), None),
+    ("soft_triple", lambda: losses.SoftTripleLoss(CLASSES, D, centers_per_class=2), None),
+    ("fast_ap (reference)", lambda: losses.FastAPLoss(), None),
+]
+
+
+def _params(module):
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _global_case(loss_fn, miner_fn, emb, labels):
+    torch.manual_seed(0)
+    loss, miner = loss_fn().double(), miner_fn() if miner_fn else None
+    emb = emb.clone().requires_grad_()
+    value = loss(emb, labels, miner(emb, labels) if miner else None)
+    value.backward()
+    return value.detach(), emb.grad, {n: p.grad for n, p in _params(loss).items()}
+
+
+def _ranks_all_cases(r, world, sizes, emb, labels, efficient):
+    out = []
+    for name, loss_fn, miner_fn in CASES:
+        torch.manual_seed(0)
+        loss = dist_utils.DistributedLossWrapper(loss_fn().double(), efficient=efficient)
+        miner = dist_utils.DistributedMinerWrapper(miner_fn(), efficient=efficient) if miner_fn else None
+        x = shard(emb, sizes, r).clone().requires_grad_()
+        y = shard(labels, sizes, r)
+        value = loss(x, y, miner(x, y) if miner else None)
+        value.backward()
+        out.append((value.detach(), x.grad, {n: p.grad for n, p in _params(loss.loss).items()}, loss.last_mode))
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[7, 4], [3, 6, 2]], ids=["2 ranks", "3 ranks"])
+def test_wrapped_losses_and_miners_equal_the_global_batch(sizes):
+    g = torch.Generator().manual_seed(len(sizes))
+    n = sum(sizes)
+    emb = torch.randn(n, D, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (n,), generator=g)
+    world = len(sizes)
+    per_rank = run_ranks(_ranks_all_cases, world, sizes, emb, labels, False)
+    for i, (name, loss_fn, miner_fn) in enumerate(CASES):
+        value, grad, param_grads = _global_case(loss_fn, miner_fn, emb, labels)
+        assert value.abs() > 0, f"{name}: a zero global loss tests nothing"
+        for r in range(world):
+            r_value, r_grad, r_params, mode = per_rank[r][i]
+            assert mode in ("gathered", "row_sharded"), name
+            torch.testing.assert_close(r_value, value * world, rtol=1e-10, atol=1e-12, msg=f"{name}, rank {r}: value")
+            torch.testing.assert_close(r_grad, shard(grad, sizes, r) * world, rtol=1e-10, atol=1e-12,
+                                       msg=f"{name}, rank {r}: embeddings' gradient")
+            assert r_params.keys() == param_grads.keys(), name
+            for p in param_grads:
+                torch.testing.assert_close(r_params[p], param_grads[p], rtol=1e-10, atol=1e-12,
+                                           msg=f"{name}, rank {r}: gradient of {p}")
+
+
+def _ranks_ddp_step(r, world, sizes, inputs, labels, loss_name):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(inputs.shape[1], D).double()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    loss_fn = dict((c[0], c[1]) for c in CASES)[loss_name]
+    loss = dist_utils.DistributedLossWrapper(loss_fn())
+    opt = torch.optim.SGD(list(ddp.parameters()) + list(loss.parameters()), lr=0.5)
+    opt.zero_grad()
+    loss(ddp(shard(inputs, sizes, r)), shard(labels, sizes, r)).backward()
+    opt.step()
+    return [p.detach().clone() for p in list(model.parameters()) + list(loss.parameters())]
+
+
+@pytest.mark.parametrize("loss_name", ["multi_similarity", "proxy_anchor"])
+def test_a_ddp_step_equals_the_single_process_step(loss_name):
+    sizes = [5, 2, 4]
+    g = torch.Generator().manual_seed(7)
+    inputs = torch.randn(sum(sizes), 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (sum(sizes),), generator=g)
+    per_rank = run_ranks(_ranks_ddp_step, len(sizes), sizes, inputs, labels, loss_name)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(inputs.shape[1], D).double()
+    loss = dict((c[0], c[1]) for c in CASES)[loss_name]()
+    opt = torch.optim.SGD(list(model.parameters()) + list(loss.parameters()), lr=0.5)
+    opt.zero_grad()
+    loss(model(inputs), labels).backward()
+    opt.step()
+    expected = [p.detach() for p in list(model.parameters()) + list(loss.parameters())]
+    for r, params in enumerate(per_rank):
+        assert len(params) == len(expected)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p, e, rtol=1e-10, atol=1e-12, msg=f"rank {r}")
+
+
+def _ranks_pml_interop(r, world, sizes, emb, labels):
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning.utils import distributed as pml_dist
+
+    x = shard(emb, sizes[:world], r) if len(set(sizes)) == 1 else shard(emb, sizes, r)
+    y = shard(labels, sizes, r)
+    ours = dist_utils.DistributedLossWrapper(losses.ContrastiveLoss(), efficient=True)(x, y)
+    theirs = pml_dist.DistributedLossWrapper(pml_losses.ContrastiveLoss(), efficient=True)(x, y)
+    return ours.detach(), theirs.detach()
+
+
+def test_efficient_mode_is_pmls():
+    sizes = [4, 4]  # PML's gather needs equal shards
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(8, D, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (8,), generator=g)
+    for ours, theirs in run_ranks(_ranks_pml_interop, 2, sizes, emb, labels):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_wrappers_reject_what_pml_rejects():
+    with pytest.raises(TypeError, match="BaseMetricLossFunction"):
+        dist_utils.DistributedLossWrapper(torch.nn.MSELoss())
+    with pytest.raises(TypeError, match="BaseMiner"):
+        dist_utils.DistributedMinerWrapper(losses.ContrastiveLoss())
+
+
+def test_without_a_process_group_the_loss_runs_as_is():
+    emb, labels = torch.randn(6, D, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2])
+    wrapped = dist_utils.DistributedLossWrapper(losses.MultiSimilarityLoss())
+    with pytest.warns(UserWarning, match="non-distributed"):
+        value = wrapped(emb, labels)
+    torch.testing.assert_close(value, losses.MultiSimilarityLoss()(emb, labels), rtol=0, atol=0)
