@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _distributed import run_ranks, shard
-from dmlkern import losses, miners
+from dmlkern import distances, losses, miners, reducers
 from dmlkern.utils import distributed as dist_utils
 
 D, CLASSES = 6, 4
@@ -39,6 +39,9 @@ CASES = [
     ("soft_triple", lambda: losses.SoftTripleLoss(CLASSES, D, centers_per_class=2), None),
     ("fast_ap (reference)", lambda: losses.FastAPLoss(), None),
 ]
+
+
+ROW_SHARDED = {"multi_similarity", "supcon", "ntxent"}  # the rest run gathered
 
 
 def _params(module):
@@ -89,6 +92,50 @@ def test_wrapped_losses_and_miners_equal_the_global_batch(sizes):
             for p in param_grads:
                 torch.testing.assert_close(r_params[p], param_grads[p], rtol=1e-10, atol=1e-12,
                                            msg=f"{name}, rank {r}: gradient of {p}")
+
+
+# (name, loss factory, labels of the global batch, expected mode): reducers on the gathered per-row
+# losses, float labels, degenerate global batches (the gathered path), a one-row shard
+REDUCER_AND_LABEL_CASES = [
+    ("ms+avg_nonzero", lambda: losses.MultiSimilarityLoss(reducer=reducers.AvgNonZeroReducer()),
+     [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
+    ("ms+class_weighted", lambda: losses.MultiSimilarityLoss(reducer=reducers.ClassWeightedReducer(
+        torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64))), [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
+    ("supcon+threshold", lambda: losses.SupConLoss(reducer=reducers.ThresholdReducer(low=0.1)),
+     [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
+    ("ntxent float labels", lambda: losses.NTXentLoss(), [0.5, 1.5, 0.5, 2.0, 1.5, 1.5, 0.5, 2.0, 2.0], "row_sharded"),
+    ("supcon one class", lambda: losses.SupConLoss(), [3] * 9, "gathered"),
+    ("ntxent no positive pair", lambda: losses.NTXentLoss(), list(range(9)), "gathered"),
+    ("ms dot product (not unit)", lambda: losses.MultiSimilarityLoss(distance=distances.DotProductSimilarity(normalize_embeddings=False)),
+     [0, 1, 0, 2, 1, 1, 0, 2, 2], "gathered"),
+]
+SIZES_WITH_A_ONE_ROW_SHARD = [5, 1, 3]
+
+
+def _ranks_reducer_and_label_cases(r, world, sizes, emb):
+    out = []
+    for name, loss_fn, labels, _ in REDUCER_AND_LABEL_CASES:
+        loss = dist_utils.DistributedLossWrapper(loss_fn())
+        x = shard(emb, sizes, r).clone().requires_grad_()
+        value = loss(x, shard(torch.tensor(labels), sizes, r))
+        value.backward()
+        out.append((value.detach(), x.grad, loss.last_mode))
+    return out
+
+
+def test_row_sharded_reducers_labels_and_degenerate_batches():
+    sizes = SIZES_WITH_A_ONE_ROW_SHARD
+    emb = torch.randn(sum(sizes), D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    per_rank = run_ranks(_ranks_reducer_and_label_cases, len(sizes), sizes, emb)
+    for i, (name, loss_fn, labels, mode) in enumerate(REDUCER_AND_LABEL_CASES):
+        x = emb.clone().requires_grad_()
+        value = loss_fn()(x, torch.tensor(labels))
+        value.backward()
+        for r in range(len(sizes)):
+            r_value, r_grad, r_mode = per_rank[r][i]
+            assert r_mode == mode, name
+            torch.testing.assert_close(r_value, value.detach() * len(sizes), rtol=1e-10, atol=1e-12, msg=name)
+            torch.testing.assert_close(r_grad, shard(x.grad, sizes, r) * len(sizes), rtol=1e-10, atol=1e-12, msg=name)
 
 
 def _ranks_ddp_step(r, world, sizes, inputs, labels, loss_name):
