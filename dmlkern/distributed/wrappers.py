@@ -100,7 +100,10 @@ def _loss_params_scaled(loss, scale):
 
 
 class DistributedLossWrapper(torch.nn.Module):
-    def __init__(self, loss, efficient=False):
+    """PML's wrapper (see the module doc). `row_sharded=False` (dmlkern only) makes the exact mode
+    always gather, e.g. to compare the two."""
+
+    def __init__(self, loss, efficient=False, *, row_sharded=True):
         super().__init__()
         from ..losses import BaseMetricLossFunction
 
@@ -111,6 +114,7 @@ class DistributedLossWrapper(torch.nn.Module):
             raise ValueError("CrossBatchMemory with efficient=True is not currently supported")
         self.loss = loss
         self.efficient = efficient
+        self.row_sharded = row_sharded
         self.last_mode = None  # "row_sharded", "gathered", "efficient" or "local": how the last call ran
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None,
@@ -143,7 +147,7 @@ class DistributedLossWrapper(torch.nn.Module):
         if world_size <= 1:
             self.last_mode = "local"
             return self.loss(emb, labels, indices_tuple, ref_emb, ref_labels)
-        if not self.efficient:
+        if not self.efficient and self.row_sharded:
             from . import row_sharded
 
             out = row_sharded.loss(self.loss, emb, labels, indices_tuple, ref_emb, ref_labels)
