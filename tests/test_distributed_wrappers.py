@@ -41,7 +41,7 @@ CASES = [
 ]
 
 
-ROW_SHARDED = {"multi_similarity", "supcon", "ntxent"}  # the rest run gathered
+ROW_SHARDED = {"multi_similarity", "supcon", "ntxent", "contrastive"}  # the rest run gathered
 
 
 def _params(module):
@@ -106,6 +106,11 @@ REDUCER_AND_LABEL_CASES = [
     ("ntxent float labels", lambda: losses.NTXentLoss(), [0.5, 1.5, 0.5, 2.0, 1.5, 1.5, 0.5, 2.0, 2.0], "row_sharded"),
     ("supcon one class", lambda: losses.SupConLoss(), [3] * 9, "gathered"),
     ("ntxent no positive pair", lambda: losses.NTXentLoss(), list(range(9)), "gathered"),
+    ("contrastive cosine, sum / mean", lambda: losses.ContrastiveLoss(
+        pos_margin=0.9, neg_margin=0.2, distance=distances.CosineSimilarity(),
+        reducer=reducers.MultipleReducers({"pos_loss": reducers.SumReducer(), "neg_loss": reducers.MeanReducer()})),
+     [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
+    ("contrastive one class", lambda: losses.ContrastiveLoss(), [1] * 9, "row_sharded"),
     ("ms dot product (not unit)", lambda: losses.MultiSimilarityLoss(distance=distances.DotProductSimilarity(normalize_embeddings=False)),
      [0, 1, 0, 2, 1, 1, 0, 2, 2], "gathered"),
 ]

@@ -2,72 +2,149 @@
 gathered columns (work O(N_local · N_g · D), memory O(N_g · D)), exact for the global batch.
 
 The columns are every rank's rows, own rows first (`collectives.gather_columns`), so a row's
-self-pair is the diagonal, which the engine excludes (exclude_diag with y ≠ x). Per-row losses
-go to the reducer through `gather_values`, so the reducer sees the global batch's per-row losses
-(any element reducer). NT-Xent's mean over positive pairs divides the gathered per-row sums by the
-global number of positive pairs. The columns' gradients return to their owners in the
-all-reduce of `gather_columns`' backward.
+self-pair is the diagonal, which the engine excludes (exclude_diag with y ≠ x). A form's `rows`
+gives this rank's per-row statistics; they go to `combine` through `gather_values`, so every rank
+combines the global batch's per-row statistics alike: the reducer on the per-row losses
+(Multi-Similarity, SupCon: any element reducer), NT-Xent's sum over positive pairs divided by the
+global number of them, Contrastive's hinge totals reduced per sub-loss. The columns' gradients
+return to their owners in the all-reduce of `gather_columns`' backward.
 
 Every choice between this path and the wrapper's gathered one depends only on what every rank
-has alike (the module's configuration, the shard sizes, the gathered labels), so all ranks take
-the same path and call the same collectives. Batches PML treats as degenerate (a global batch
-without a positive or negative pair, one row) take the gathered path.
+has alike (the module's configuration, the shard sizes, the gathered labels and columns), so all
+ranks take the same path and call the same collectives. Batches PML treats as degenerate (one
+row; no positive or no negative pair for SupCon and NT-Xent) take the gathered path.
 """
 import torch
 
 from .. import _validation
-from ..engine_spec import EngineParams
+from ..engine_spec import PASS_HINGE, EngineParams, TRANSFORM_UNIT_DISTANCE
 from ..fused import _common
-from ..fused._epilogue import _element, _log1p_exp, _lse2, _per_row
+from ..fused import contrastive as fused_contrastive
+from ..fused._epilogue import _already_reduced, _already_reduced_kinds, _element, _log1p_exp, _lse2, _per_row
 from ..fused.ntxent import _apply_ntxent_rows
+from ..ops import pair_engine as pe
 from ..reducers import DoNothingReducer, MeanReducer
 from . import collectives as co
 
 
-def _multi_similarity(module, x, y, ids, col_ids, backend):
-    a, b, base = float(module.alpha), float(module.beta), float(module.base)
-    params = EngineParams(sc_pos=-a, off_pos=a * base, sc_neg=b, off_neg=-b * base)
-    softplus = _log1p_exp(_lse2(x, y, ids, col_ids, params, True, backend))
-    return softplus[:, 0] / a + softplus[:, 1] / b
+class _MultiSimilarity:
+    @staticmethod
+    def accepts(module):
+        return not isinstance(module.reducer, DoNothingReducer)
+
+    @staticmethod
+    def rows(module, x, y, ids, col_ids, backend):
+        a, b, base = float(module.alpha), float(module.beta), float(module.base)
+        params = EngineParams(sc_pos=-a, off_pos=a * base, sc_neg=b, off_neg=-b * base)
+        softplus = _log1p_exp(_lse2(x, y, ids, col_ids, params, True, backend))
+        return softplus[:, 0] / a + softplus[:, 1] / b
+
+    @staticmethod
+    def degenerate(global_ids):  # PML's `len <= 1` rule: no pair at all
+        return global_ids.shape[0] <= 1
+
+    @staticmethod
+    def combine(module, all_rows, global_ids, zero_like):
+        return module.reducer({"loss": _per_row(all_rows, zero_like)}, zero_like, global_ids)
 
 
-def _supcon(module, x, y, ids, col_ids, backend):
-    inv_t = 1.0 / float(module.temperature)
-    lse = _lse2(x, y, ids, col_ids, EngineParams(sc_pos=inv_t, sc_neg=inv_t), True, backend)
-    stats = _common.LabelStats(ids, col_ids)  # two tensors: `same` counts the row itself
-    pos_sim_sum = (x * _common.class_sums_for_rows(stats, y)).sum(dim=1) - (x * y[:x.shape[0]]).sum(dim=1)
-    count = (stats.same - 1).to(lse.dtype)
-    pos_sim_mean = pos_sim_sum.to(lse.dtype) / (count + torch.finfo(x.dtype).tiny)
-    # fused/supcon.py's arrangement: nothing of size 1/t cancels
-    lse_pos = torch.where(count > 0, lse[:, 0], 0.0)
-    pos_spread = torch.where(count == 1, 0.0, lse_pos - pos_sim_mean * inv_t)
-    return torch.where(count > 0, pos_spread + _log1p_exp(lse[:, 1] - lse_pos), 0.0)
+class _SupCon(_MultiSimilarity):
+    @staticmethod
+    def rows(module, x, y, ids, col_ids, backend):
+        inv_t = 1.0 / float(module.temperature)
+        lse = _lse2(x, y, ids, col_ids, EngineParams(sc_pos=inv_t, sc_neg=inv_t), True, backend)
+        stats = _common.LabelStats(ids, col_ids)  # two tensors: `same` counts the row itself
+        pos_sim_sum = (x * _common.class_sums_for_rows(stats, y)).sum(dim=1) - (x * y[:x.shape[0]]).sum(dim=1)
+        count = (stats.same - 1).to(lse.dtype)
+        pos_sim_mean = pos_sim_sum.to(lse.dtype) / (count + torch.finfo(x.dtype).tiny)
+        # fused/supcon.py's arrangement: nothing of size 1/t cancels
+        lse_pos = torch.where(count > 0, lse[:, 0], 0.0)
+        pos_spread = torch.where(count == 1, 0.0, lse_pos - pos_sim_mean * inv_t)
+        return torch.where(count > 0, pos_spread + _log1p_exp(lse[:, 1] - lse_pos), 0.0)
+
+    @staticmethod
+    def degenerate(global_ids):
+        return bool(_common.no_pos_or_neg(_common.LabelStats(global_ids, global_ids)))
+
+    @staticmethod
+    def combine(module, all_rows, global_ids, zero_like):
+        entry = _element(all_rows.to(zero_like.dtype), all_rows.shape[0])
+        return module.reducer({"loss": entry}, zero_like, global_ids)
 
 
-def _ntxent_row_sums(module, x, y, ids, col_ids, backend):
-    inv_t = 1.0 / float(module.temperature)
-    return _apply_ntxent_rows(x, y, ids, col_ids, EngineParams(sc_pos=inv_t, sc_neg=inv_t), True, backend)[0]
+class _NTXent(_SupCon):
+    @staticmethod
+    def accepts(module):
+        return type(module.reducer) is MeanReducer
+
+    @staticmethod
+    def rows(module, x, y, ids, col_ids, backend):  # per row: the sum over its positives
+        inv_t = 1.0 / float(module.temperature)
+        return _apply_ntxent_rows(x, y, ids, col_ids, EngineParams(sc_pos=inv_t, sc_neg=inv_t), True, backend)[0]
+
+    @staticmethod
+    def combine(module, all_rows, global_ids, zero_like):
+        pos_pairs = _common.LabelStats(global_ids, global_ids).pos_total.clamp(min=1)
+        return (all_rows.sum() / pos_pairs).to(zero_like.dtype)
 
 
-def _types():
+def _reducer_kinds(module):
+    """{sub-loss: (kind, reducer)} when each of Contrastive's reducers follows from the hinge totals."""
+    return _already_reduced_kinds(module, fused_contrastive.SUB_LOSSES, fused_contrastive._KINDS)
+
+
+class _Contrastive(_MultiSimilarity):
+    @staticmethod
+    def accepts(module):
+        return _reducer_kinds(module) is not None
+
+    @staticmethod
+    def rows(module, x, y, ids, col_ids, backend):  # per row: the hinge pass's sums and counts
+        pm, nm = float(module.pos_margin), float(module.neg_margin)
+        transform = fused_contrastive.pair_distance(module.distance)
+        if transform == TRANSFORM_UNIT_DISTANCE:
+            params = EngineParams(sc_pos=1.0, off_pos=-pm, sc_neg=-1.0, off_neg=nm)
+        else:
+            params = EngineParams(sc_pos=-1.0, off_pos=pm, sc_neg=1.0, off_neg=-nm)
+        return pe.engine_forward(x, y, ids, col_ids, pass_kind=PASS_HINGE, transform=transform, params=params,
+                                 exclude_diag=True, backend=backend)
+
+    @staticmethod
+    def combine(module, all_rows, global_ids, zero_like):
+        pos_sum, pos_nonzero, neg_sum, neg_nonzero = fused_contrastive.hinge_totals(all_rows)
+        stats = _common.LabelStats(global_ids, global_ids)
+        kinds = _reducer_kinds(module)
+        loss_dict = {}
+        for name, total, nonzero, count in (("pos_loss", pos_sum, pos_nonzero, stats.pos_total),
+                                            ("neg_loss", neg_sum, neg_nonzero, stats.neg_total)):
+            kind, reducer = kinds[name]
+            value = fused_contrastive._reduced(kind, total, nonzero.detach(), count, reducer, zero_like)
+            loss_dict[name] = _already_reduced(value, zero_like)
+        return module.reducer(loss_dict, zero_like, global_ids)
+
+
+def _forms():
     from .. import losses
 
-    return {
-        losses.MultiSimilarityLoss: (_multi_similarity, "per_row", lambda r: not isinstance(r, DoNothingReducer)),
-        losses.SupConLoss: (_supcon, "element", lambda r: not isinstance(r, DoNothingReducer)),
-        losses.NTXentLoss: (_ntxent_row_sums, "mean_over_pos", lambda r: type(r) is MeanReducer),
-    }
+    return {losses.MultiSimilarityLoss: _MultiSimilarity, losses.SupConLoss: _SupCon, losses.NTXentLoss: _NTXent,
+            losses.ContrastiveLoss: _Contrastive}
+
+
+def _distance_ok(form, module):
+    if form is _Contrastive:
+        return fused_contrastive.pair_distance(module.distance) is not None
+    return _common.is_unit_cosine(module.distance)
 
 
 def _eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels):
     """The row form of this call, from the module's configuration and the inputs' kinds alone
     (no collective: every rank decides alike), or None."""
-    form = _types().get(type(module))
+    form = _forms().get(type(module))
     if form is None or labels is None or indices_tuple is not None or ref_emb is not None or ref_labels is not None:
         return None
-    if not _common.is_unit_cosine(module.distance) or getattr(module, "embedding_regularizer", None) is not None:
+    if not _distance_ok(form, module) or getattr(module, "embedding_regularizer", None) is not None:
         return None
-    if not form[2](module.reducer) or getattr(module.reducer, "collect_stats", False):
+    if not form.accepts(module) or getattr(module.reducer, "collect_stats", False):
         return None
     if emb.dim() != 2 or labels.dim() != 1 or labels.shape[0] != emb.shape[0]:
         return None  # the gathered path's loss raises PML's error naming the argument
@@ -76,40 +153,29 @@ def _eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels):
     return form
 
 
-def _globally_degenerate(global_ids, kind):
-    stats = _common.LabelStats(global_ids, global_ids)
-    if kind == "per_row":  # Multi-Similarity: PML's `len <= 1` rule: no pair at all
-        return global_ids.shape[0] <= 1
-    return bool(_common.no_pos_or_neg(stats))
-
-
 def loss(module, emb, labels, indices_tuple, ref_emb, ref_labels):
     """The loss of the global batch computed from this rank's rows, or None (the wrapper gathers)."""
     form = _eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels)
     if form is None:
         return None
-    per_row_fn, kind, _ = form
     sizes = co.shard_sizes(emb.shape[0], emb.device)
     if min(sizes) == 0:
         return None
-    labels = labels.to(emb.device)
-    raw_cols = co.gather_labels(labels, sizes)  # own first
+    raw_cols = co.gather_labels(labels.to(emb.device), sizes)  # own first
     col_ids = _validation.as_class_ids(raw_cols, emb.device)  # float labels: ids from the global values
-    if _globally_degenerate(col_ids, kind):
+    if form.degenerate(col_ids):
+        return None
+    cols = co.gather_columns(emb, sizes)
+    if form is _Contrastive and fused_contrastive.pair_distance(module.distance) == TRANSFORM_UNIT_DISTANCE \
+            and _common.has_short_rows(cols):  # every rank has the same columns: the same answer
         return None
     backend = _common.engine_backend(emb, module.backend)
     n = emb.shape[0]
-    ids = col_ids[:n]
-    x = _common.unit_rows(emb)
-    y = _common.unit_rows(co.gather_columns(emb, sizes))
-    per_row = per_row_fn(module, x, y, ids, col_ids, backend)
-    module.last_backend, module.last_fallback = backend, None
+    per_row = form.rows(module, _common.unit_rows(emb), _common.unit_rows(cols), col_ids[:n], col_ids, backend)
     all_rows = co.gather_values(per_row, sizes)  # rank order, the same on every rank
-    if kind == "mean_over_pos":
-        global_ids = co.gather_labels(col_ids[:n], sizes, own_first_order=False)
-        pos_pairs = _common.LabelStats(global_ids, global_ids).pos_total.clamp(min=1)
-        return (all_rows.sum() / pos_pairs).to(emb.dtype)
-    global_ids = co.gather_labels(ids, sizes, own_first_order=False)
-    entry = _per_row(all_rows, emb) if kind == "per_row" else _element(all_rows.to(emb.dtype), all_rows.shape[0])
-    rank_order_stand_in = emb[:0]  # reducers read only its dtype and device, and sum it for a zero with a gradient
-    return module.reducer({"loss": entry}, rank_order_stand_in, global_ids)
+    if form is _Contrastive and fused_contrastive.nan_in(*fused_contrastive.hinge_totals(all_rows)[::2]):
+        return None  # PML's reducers drop or keep each NaN pair loss: the gathered reference decides
+    module.last_backend, module.last_fallback = backend, None
+    global_ids = co.gather_labels(col_ids[:n], sizes, own_first_order=False)
+    zero_like = emb[:0]  # reducers read its dtype and device, and sum it for a zero with a gradient
+    return form.combine(module, all_rows, global_ids, zero_like)

@@ -141,6 +141,9 @@ class DistributedLossWrapper(torch.nn.Module):
             loss = torch.func.functional_call(self.loss, params, args, strict=False)
         else:
             loss = self.loss(*args)
+        if not isinstance(loss, torch.Tensor):  # PML fails on dict * int here
+            raise TypeError(f"DistributedLossWrapper needs a loss that returns a tensor; {type(self.loss).__name__} "
+                            f"returned a {type(loss).__name__} (e.g. with DoNothingReducer)")
         return loss * world_size
 
     def forward_regular_loss(self, emb, labels, indices_tuple, ref_emb, ref_labels, world_size):
