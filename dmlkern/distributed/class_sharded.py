@@ -7,7 +7,8 @@ global batch (every rank's embeddings, concatenated in rank order) against all t
 ProxyNCALoss or SubCenterArcFaceLoss (dmlkern.losses), built with this rank's classes only
 (`.loss`; its weight, `.weight`, is the shard). class_range defaults to an even split (rank r:
 [r C / world, (r + 1) C / world), rounded down); the ranks' ranges must tile [0, C). Its forward
-takes this rank's embeddings (N_r rows, any N_r) and labels (global class ids).
+takes this rank's embeddings (N_r rows, any N_r, 0 included) and labels (an integer tensor of
+global class ids).
 
 Per call: one all_gather of a few integers per rank (row counts, input checks, class ranges, so
 that bad input raises the same ValueError on every rank), then the embeddings and labels are
@@ -16,16 +17,16 @@ softmax: the log-sum-exp over its classes other than the target (`_ShardLSE`: th
 and block kernels of fused/class_softmax.py, no N x C logits) and the target's (margin-modified)
 logit when the target is one of its classes. The parts are combined exactly: an all-reduce of
 each sample's maximum of the shards' log-sum-exps, then of their sums of exp relative to it; the
-target logit is the owner's value plus the other ranks' zeros. Then
+target logit is the owner's value plus the other ranks' zeros (the two sums in one all-reduce). Then
 loss_i = logaddexp(t_i, lse_i) - t_i (class_softmax.class_cross_entropy) and the wrapped loss's
 reducer on the global per-sample losses (ProxyNCA first leaves out the samples whose target
 probability underflows to 0, as its fused path does). Memory per rank: O(N_global D + C_shard D).
 
 Gradient contract:
 - The returned value is the global loss L, the same on every rank.
-- The shard's weights get exactly dL/dW_shard. They are not replicated: keep them out of DDP's
-  gradient averaging (don't put this module inside the DistributedDataParallel model; step them
-  with their own optimiser).
+- The shard's weights get exactly dL/dW_shard. They are not replicated: keep them out of DDP
+  (don't put this module inside the DistributedDataParallel model, which would broadcast rank 0's
+  shard to every rank and average the shards' gradients; step them with their own optimiser).
 - The embeddings get world_size * dL/d(this rank's embeddings), so that once DDP has averaged the
   model's gradients over the ranks they equal the single-process gradient of L on the global
   batch.
@@ -165,13 +166,16 @@ def even_class_range(num_classes, world, r):
     return r * num_classes // world, (r + 1) * num_classes // world
 
 
-def _combine_lse(part, group):
-    """Per sample, log sum over the ranks of exp(part): exact and differentiable in part (the
-    all-reduced maximum is only a shift, taken without gradient)."""
-    top = part.detach().clone()
+def _combine_over_ranks(t_part, lse_part, group):
+    """(t, lse) of every sample over all the shards: t the sum of the shards' target logits (the
+    owner's, and zeros), lse the log of the sum of exp(lse_part) over the ranks, exact and
+    differentiable in lse_part (the all-reduced maximum is only a shift, taken without gradient).
+    The sums share one all-reduce."""
+    top = lse_part.detach().clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     top = torch.where(torch.isfinite(top), top, 0.0)  # no other class on any shard: lse = -inf
-    return top + torch.log(co.all_reduce_sum(torch.exp(part - top), group))
+    t, total = co.all_reduce_sum(torch.stack([t_part, torch.exp(lse_part - top)]), group)
+    return t, top + torch.log(total)
 
 
 # Each rank's facts of a call, exchanged before anything else so that every rank raises together.
@@ -186,7 +190,8 @@ class ClassShardedLoss(torch.nn.Module):
     `.loss` is the local module (num_classes = this shard's class count; its parameter `.weight`
     is the shard), `.class_range` = (c0, c1) this rank's global class ids, `shard_of(full)` this
     rank's part of a tensor shaped like the unsharded weight, `load_from_full(full_loss)` copies
-    this rank's slice of an unsharded loss's weight into the shard."""
+    this rank's slice of an unsharded loss's weight into the shard, `last_backend` the engine
+    backend of the last call ("cpp", "triton", or "reference" where no kernel covers the dtype)."""
 
     def __init__(self, loss_class, num_classes, embedding_size, class_range=None, group=None, **loss_kwargs):
         super().__init__()
@@ -281,7 +286,7 @@ class ClassShardedLoss(torch.nn.Module):
     def forward(self, embeddings, labels):
         """The global loss (the same on every rank) for this rank's embeddings (N_r, D) and labels
         (N_r,), global class ids."""
-        world, r = co.world_size(self.group), co.rank(self.group)
+        world = co.world_size(self.group)
         facts = self._facts(embeddings, labels)
         if world > 1:
             parts = [torch.empty_like(facts) for _ in range(world)]
@@ -327,7 +332,7 @@ class ClassShardedLoss(torch.nn.Module):
         t_owned = spec.target_logit(x_t, unit(w_t) if spec.unit_w else w_t, cos_t).to(lse_part.dtype)
         t_part = torch.zeros_like(lse_part).index_copy(0, owned, t_owned)
         if spread:
-            t, lse = co.all_reduce_sum(t_part, self.group), _combine_lse(lse_part, self.group)
+            t, lse = _combine_over_ranks(t_part, lse_part, self.group)
         else:
             t, lse = t_part, lse_part
         return class_cross_entropy(t, lse)

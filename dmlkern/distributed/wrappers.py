@@ -14,6 +14,10 @@ after averaging: the ×world_size does not reach them.
   of an N_g × D buffer) and the reducer sees every rank's per-row losses;
 - gathered: every rank computes the whole global loss with gradients to its own rows (any loss,
   any reducer, any indices_tuple, the reference losses).
+The gathered batch of the exact mode and of `DistributedMinerWrapper(efficient=False)` is in rank
+order (rank 0's rows first; PML puts each rank's own rows first), the same on every rank: every
+rank computes the same bits, and a random miner (DistanceWeightedMiner) seeded alike on every
+rank draws what one process draws. Its indices refer to that order.
 `efficient=True` is PML's: each rank's rows against the gathered rows minus the self-pairs,
 reduced per rank, the other ranks' rows taken as constants: not the global loss's gradient.
 """
@@ -48,25 +52,33 @@ def _to_device(labels, device):
     return None if labels is None else labels.to(device)
 
 
-def gather(emb, labels, group=None):
-    """PML's gather for shards of any size: (all_emb, all_labels, labels), own rows first. Only
-    this rank's rows carry a gradient (the others are constants)."""
+def _gather(emb, labels, own_first_order, group):
     labels = _to_device(labels, emb.device)
     sizes = co.shard_sizes(emb.shape[0], emb.device, group)
     r = co.rank(group)
     parts = co.all_gather_rows(emb, sizes, group)
-    parts[r] = emb
-    all_emb = torch.cat(co.own_first(parts, r))
-    all_labels = None if labels is None else co.gather_labels(labels, sizes, group=group)
+    parts[r] = emb  # only this rank's rows carry a gradient (the others are constants)
+    all_emb = torch.cat(co.own_first(parts, r) if own_first_order else parts)
+    all_labels = None if labels is None else co.gather_labels(labels, sizes, own_first_order, group)
     return all_emb, all_labels, labels
 
 
-def gather_emb_and_ref(emb, labels, ref_emb=None, ref_labels=None, group=None):
-    all_emb, all_labels, labels = gather(emb, labels, group)
+def _gather_emb_and_ref(emb, labels, ref_emb, ref_labels, own_first_order, group=None):
+    all_emb, all_labels, labels = _gather(emb, labels, own_first_order, group)
     all_ref_emb, all_ref_labels = None, None
     if ref_emb is not None:
-        all_ref_emb, all_ref_labels, _ = gather(ref_emb, ref_labels, group)
+        all_ref_emb, all_ref_labels, _ = _gather(ref_emb, ref_labels, own_first_order, group)
     return all_emb, all_labels, all_ref_emb, all_ref_labels, labels
+
+
+def gather(emb, labels, group=None):
+    """PML's gather for shards of any size: (all_emb, all_labels, labels), own rows first. Only
+    this rank's rows carry a gradient."""
+    return _gather(emb, labels, True, group)
+
+
+def gather_emb_and_ref(emb, labels, ref_emb=None, ref_labels=None, group=None):
+    return _gather_emb_and_ref(emb, labels, ref_emb, ref_labels, True, group)
 
 
 def get_indices_tuple(labels, ref_labels, embeddings=None, ref_emb=None, miner=None):
@@ -82,12 +94,12 @@ def get_indices_tuple(labels, ref_labels, embeddings=None, ref_emb=None, miner=N
     return lmu.remove_self_comparisons(indices_tuple, curr_batch_idx, len(ref_labels))
 
 
-def gather_enqueue_mask(enqueue_mask, device, group=None):
+def gather_enqueue_mask(enqueue_mask, device, group=None, *, own_first_order=True):
     if enqueue_mask is None:
         return enqueue_mask
     enqueue_mask = enqueue_mask.to(device)
     sizes = co.shard_sizes(enqueue_mask.shape[0], device, group)
-    return co.gather_labels(enqueue_mask, sizes, group=group)
+    return co.gather_labels(enqueue_mask, sizes, own_first_order, group)
 
 
 def select_ref_or_regular(regular, ref):
@@ -157,7 +169,8 @@ class DistributedLossWrapper(torch.nn.Module):
             if out is not None:
                 self.last_mode = "row_sharded"
                 return out * world_size
-        all_emb, all_labels, all_ref_emb, all_ref_labels, labels = gather_emb_and_ref(emb, labels, ref_emb, ref_labels)
+        all_emb, all_labels, all_ref_emb, all_ref_labels, labels = _gather_emb_and_ref(
+            emb, labels, ref_emb, ref_labels, own_first_order=self.efficient)
         if self.efficient:
             self.last_mode = "efficient"
             if all_labels is not None:
@@ -175,16 +188,16 @@ class DistributedLossWrapper(torch.nn.Module):
         if world_size <= 1:
             self.last_mode = "local"
             return self.loss(emb, labels, indices_tuple, enqueue_mask)
-        all_emb, all_labels, _, _, _ = gather_emb_and_ref(emb, labels)
-        enqueue_mask = gather_enqueue_mask(enqueue_mask, emb.device)
+        all_emb, all_labels, _, _, _ = _gather_emb_and_ref(emb, labels, None, None, own_first_order=False)
+        enqueue_mask = gather_enqueue_mask(enqueue_mask, emb.device, own_first_order=False)
         self.last_mode = "gathered"
         return self._global_loss(world_size, all_emb, all_labels, indices_tuple, enqueue_mask)
 
 
 class DistributedMinerWrapper(torch.nn.Module):
-    """PML's: the miner on the gathered batch (own rows first, as the loss wrapper's gathered
-    batch, so its indices feed DistributedLossWrapper directly); efficient=True mines this rank's
-    rows against the gathered ones, without the self comparisons."""
+    """PML's: the miner on the gathered batch, whose indices feed DistributedLossWrapper;
+    efficient=True mines this rank's rows against the gathered ones (own rows first), without the
+    self comparisons."""
 
     def __init__(self, miner, efficient=False):
         super().__init__()
@@ -199,7 +212,8 @@ class DistributedMinerWrapper(torch.nn.Module):
         world_size = co.world_size()
         if world_size <= 1:
             return self.miner(emb, labels, ref_emb, ref_labels)
-        all_emb, all_labels, all_ref_emb, all_ref_labels, labels = gather_emb_and_ref(emb, labels, ref_emb, ref_labels)
+        all_emb, all_labels, all_ref_emb, all_ref_labels, labels = _gather_emb_and_ref(
+            emb, labels, ref_emb, ref_labels, own_first_order=self.efficient)
         if self.efficient:
             all_labels = select_ref_or_regular(all_labels, all_ref_labels)
             all_emb = select_ref_or_regular(all_emb, all_ref_emb)
