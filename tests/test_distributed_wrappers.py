@@ -88,7 +88,8 @@ def test_wrapped_losses_and_miners_equal_the_global_batch(sizes):
         assert value.abs() > 0, f"{name}: a zero global loss tests nothing"
         for r in range(world):
             r_value, r_grad, r_params, mode = per_rank[r][i]
-            assert mode in ("gathered", "row_sharded"), name
+            assert mode == ("row_sharded" if name in ROW_SHARDED else "gathered"), name
+            assert torch.equal(r_value, per_rank[0][i][0]), f"{name}: every rank reduces the same values alike"
             torch.testing.assert_close(r_value, value * world, rtol=1e-10, atol=1e-12, msg=f"{name}, rank {r}: value")
             torch.testing.assert_close(r_grad, shard(grad, sizes, r) * world, rtol=1e-10, atol=1e-12,
                                        msg=f"{name}, rank {r}: embeddings' gradient")
