@@ -45,7 +45,7 @@ CASES = [
 ]
 
 
-ROW_SHARDED = {"multi_similarity", "supcon", "ntxent", "contrastive"}  # the rest run gathered
+ROW_SHARDED = {"multi_similarity", "supcon", "ntxent", "contrastive", "generalized_lifted", "circle"}  # the rest run gathered
 
 
 def _params(module):

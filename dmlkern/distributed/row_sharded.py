@@ -5,7 +5,7 @@ The columns are every rank's rows, own rows first (`collectives.gather_columns`)
 self-pair is the diagonal, which the engine excludes (exclude_diag with y ≠ x). A form's `rows`
 gives this rank's per-row statistics; they go to `combine` through `gather_values`, so every rank
 combines the global batch's per-row statistics alike: the reducer on the per-row losses
-(Multi-Similarity, SupCon: any element reducer), NT-Xent's sum over positive pairs divided by the
+(Multi-Similarity, SupCon, Generalized Lifted, Circle: any element reducer), NT-Xent's sum over positive pairs divided by the
 global number of them, Contrastive's hinge totals reduced per sub-loss. The columns' gradients
 return to their owners in the all-reduce of `gather_columns`' backward.
 
@@ -20,6 +20,8 @@ from .. import _validation
 from ..engine_spec import PASS_HINGE, EngineParams, TRANSFORM_UNIT_DISTANCE
 from ..fused import _common
 from ..fused import contrastive as fused_contrastive
+from ..fused.circle import circle_rows
+from ..fused.generalized_lifted import generalized_lifted_rows
 from ..fused._epilogue import _already_reduced, _already_reduced_kinds, _element, _log1p_exp, _lse2, _per_row
 from ..fused.ntxent import _apply_ntxent_rows
 from ..ops import pair_engine as pe
@@ -88,6 +90,20 @@ class _NTXent(_SupCon):
         return (all_rows.sum() / pos_pairs).to(zero_like.dtype)
 
 
+class _GeneralizedLifted(_MultiSimilarity):
+    @staticmethod
+    def rows(module, x, y, ids, col_ids, backend):
+        return generalized_lifted_rows(module, x, y, ids, col_ids, True, backend)
+
+
+class _Circle(_MultiSimilarity):
+    @staticmethod
+    def rows(module, x, y, ids, col_ids, backend):
+        stats = _common.LabelStats(ids, col_ids)  # two tensors: `same` counts the row itself
+        complete = (stats.same > 1) & (stats.m - stats.same > 0)
+        return circle_rows(module, x, y, ids, col_ids, True, backend, complete)
+
+
 def _reducer_kinds(module):
     """{sub-loss: (kind, reducer)} when each of Contrastive's reducers follows from the hinge totals."""
     return _already_reduced_kinds(module, fused_contrastive.SUB_LOSSES, fused_contrastive._KINDS)
@@ -127,12 +143,21 @@ def _forms():
     from .. import losses
 
     return {losses.MultiSimilarityLoss: _MultiSimilarity, losses.SupConLoss: _SupCon, losses.NTXentLoss: _NTXent,
-            losses.ContrastiveLoss: _Contrastive}
+            losses.ContrastiveLoss: _Contrastive, losses.GeneralizedLiftedStructureLoss: _GeneralizedLifted,
+            losses.CircleLoss: _Circle}
+
+
+def _euclidean(form, module):
+    """Whether the form runs on unit Euclidean distances (rows shorter than 1e-12 then gather)."""
+    return form is _GeneralizedLifted or (
+        form is _Contrastive and fused_contrastive.pair_distance(module.distance) == TRANSFORM_UNIT_DISTANCE)
 
 
 def _distance_ok(form, module):
     if form is _Contrastive:
         return fused_contrastive.pair_distance(module.distance) is not None
+    if form is _GeneralizedLifted:
+        return _common.is_unit_euclidean(module.distance)
     return _common.is_unit_cosine(module.distance)
 
 
@@ -166,8 +191,7 @@ def loss(module, emb, labels, indices_tuple, ref_emb, ref_labels):
     if form.degenerate(col_ids):
         return None
     cols = co.gather_columns(emb, sizes)
-    if form is _Contrastive and fused_contrastive.pair_distance(module.distance) == TRANSFORM_UNIT_DISTANCE \
-            and _common.has_short_rows(cols):  # every rank has the same columns: the same answer
+    if _euclidean(form, module) and _common.has_short_rows(cols):  # the same columns on every rank: the same answer
         return None
     backend = _common.engine_backend(emb, module.backend)
     n = emb.shape[0]

@@ -33,11 +33,15 @@ def circle(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if degenerate.returns_zero_now():
         return ZERO_LOSS
     x, y = _pair_inputs(embeddings, ref_emb)
-    lse = _lse2(x, y, labels, ref_labels, circle_params(module), ref_labels is labels, backend,
-                transform=TRANSFORM_CIRCLE)
+    complete = (stats.pos > 0) & (stats.m - stats.same > 0)
+    losses = circle_rows(module, x, y, labels, ref_labels, ref_labels is labels, backend, complete)
+    return {"loss": _per_row(degenerate.zero_where(losses), embeddings)}, backend
+
+
+def circle_rows(module, x, y, labels, ref_labels, exclude_diag, backend, complete):
+    """Each row's loss (x, y: unit rows); `complete`: the rows with a positive and a negative."""
+    lse = _lse2(x, y, labels, ref_labels, circle_params(module), exclude_diag, backend, transform=TRANSFORM_CIRCLE)
     z = _empty_as_zero(lse[:, 0]) + _empty_as_zero(lse[:, 1])
     losses = torch.where(z > _SOFTPLUS_THRESHOLD, z, _log1p_exp(z))  # PML's nn.Softplus: z above 20
-    complete = (stats.pos > 0) & (stats.m - stats.same > 0)
-    losses = degenerate.zero_where(losses * complete.to(losses.dtype))
-    return {"loss": _per_row(losses, embeddings)}, backend
+    return losses * complete.to(losses.dtype)
 

@@ -22,9 +22,14 @@ def generalized_lifted_structure(module, embeddings, labels, indices_tuple, ref_
     degenerate = Degenerate(labels, _at_most_one_pair_each(LabelStats(labels, ref_labels)))
     if degenerate.returns_zero_now():
         return ZERO_LOSS
-    pm, nm = float(module.pos_margin), float(module.neg_margin)
     x, y = _pair_inputs(embeddings, ref_emb)
-    lse = _lse2(x, y, labels, ref_labels, EngineParams(sc_pos=1.0, off_pos=-pm, sc_neg=-1.0, off_neg=nm), exclude_diag, backend,
-                transform=TRANSFORM_UNIT_DISTANCE)
-    losses = degenerate.zero_where(torch.relu(_empty_as_zero(lse[:, 0]) + _empty_as_zero(lse[:, 1])))
+    losses = degenerate.zero_where(generalized_lifted_rows(module, x, y, labels, ref_labels, exclude_diag, backend))
     return {"loss": _per_row(losses, embeddings)}, backend
+
+
+def generalized_lifted_rows(module, x, y, labels, ref_labels, exclude_diag, backend):
+    """Each row's relu(lse_pos + lse_neg) over unit Euclidean distances (x, y: unit rows)."""
+    pm, nm = float(module.pos_margin), float(module.neg_margin)
+    lse = _lse2(x, y, labels, ref_labels, EngineParams(sc_pos=1.0, off_pos=-pm, sc_neg=-1.0, off_neg=nm), exclude_diag,
+                backend, transform=TRANSFORM_UNIT_DISTANCE)
+    return torch.relu(_empty_as_zero(lse[:, 0]) + _empty_as_zero(lse[:, 1]))
