@@ -20,9 +20,7 @@ import inspect
 MODULES = ("losses", "miners", "distances", "reducers", "regularizers")
 
 # (module, PML name) -> why dmlkern does not have it
-NOT_PROVIDED = {
-    ("losses", "CrossBatchMemory"): "another issue (the memory-queue and distributed wrappers)",
-}
+NOT_PROVIDED = {}
 
 
 def pml_public_names(module_name):

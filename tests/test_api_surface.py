@@ -172,7 +172,7 @@ def test_class_table_status_comes_from_the_code():
     assert status["losses", "FastAPLoss"] == "reference"
     assert status["losses", "SignalToNoiseRatioContrastiveLoss"] == "reference"  # Contrastive's kernels: Lp / cosine only
     assert status["losses", "MultipleLosses"] == "provided"
-    assert status["losses", "CrossBatchMemory"].startswith("not provided: ")
+    assert status["losses", "CrossBatchMemory"] == "provided"
     assert status["losses", "CenterLoss"] == "not in PML; reference"
     assert status["miners", "MultiSimilarityMiner"] == "fused (lazy tuple, mined in the loss)"
     assert status["miners", "BatchHardMiner"] == "row blocks"  # through its base BatchEasyHardMiner

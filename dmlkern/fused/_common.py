@@ -133,9 +133,11 @@ class LabelStats:
     (see Degenerate) after its kernels are launched. `run_q` / `run_r`: where each query /
     reference row's label run starts among the sorted reference labels, an id for per-class sums."""
 
-    def __init__(self, labels, ref_labels):
+    def __init__(self, labels, ref_labels, exclude_diag=None):
         self.labels, self.ref_labels = labels, ref_labels
-        self.exclude_diag = ref_labels is labels
+        # exclude_diag with two tensors: pair (i, i) is a self comparison, its labels equal
+        # (`AllPairsPlan`); by default the self pairs are excluded when the labels are one tensor.
+        self.exclude_diag = ref_labels is labels if exclude_diag is None else exclude_diag
         self.n, self.m = labels.shape[0], ref_labels.shape[0]
         self._cache = {}
 
@@ -149,7 +151,7 @@ class LabelStats:
 
     @_computed_once
     def run_r(self):
-        return self.run_q if self.exclude_diag else torch.searchsorted(self.sorted_ref, self.ref_labels)
+        return self.run_q if self.ref_labels is self.labels else torch.searchsorted(self.sorted_ref, self.ref_labels)
 
     @_computed_once
     def same(self):
@@ -245,3 +247,42 @@ class Degenerate:
             return losses  # decided already: returns_zero_now() was False
         value = self._tensor_value()
         return losses if value is None else torch.where(value, 0.0, losses)
+
+
+class AllPairsPlan:
+    """How a fused pair loss runs PML's all-pairs tuple (`lazy_pairs.LazyAllPairs`: every pair of
+    the N query rows with the M reference rows, less each row's self comparison when the tuple has
+    a `self_offset`) on the engine, without listing a pair.
+
+    `ref_emb` / `ref_labels` are the reference rows and labels rolled so that query row i's own
+    copy is reference row i (`LazyAllPairs.rolled`): the self comparisons are the diagonal, which
+    the engine's `exclude_diag` drops from the positives (they are positive pairs: a row's own copy
+    has its label). `labels` / `ref_labels` are the tuple's (int64 ids, the loss's own labels
+    compared the same way). `stats` counts the tuple's pairs (`LabelStats`).
+
+    PML's degenerate rules for the tuple (`pair_rule`, `pair_rule_or_no_pos_or_neg`) are decided
+    from `stats.pos_total` / `stats.neg_total`: the counts over every listed pair."""
+
+    def __init__(self, pairs, ref_emb):
+        self.labels, ref_labels = pairs.mining_labels()
+        self.exclude_diag = pairs.self_offset is not None
+        self.ref_emb, self.ref_labels = pairs.rolled(ref_emb), pairs.rolled(ref_labels)
+        self.stats = LabelStats(self.labels, self.ref_labels, exclude_diag=self.exclude_diag)
+
+    def pair_rule(self):
+        """PML's `len <= 1` rule: at most one positive and one negative pair (a Degenerate term)."""
+        return lambda: short_circuit(self.stats)
+
+    def pair_rule_or_no_pos_or_neg(self):
+        """PML's `len <= 1` rule, or no positive or no negative pair at all (SupCon, NT-Xent)."""
+        return lambda: short_circuit(self.stats) | no_pos_or_neg(self.stats)
+
+
+def all_pairs_plan(indices_tuple, embeddings, ref_emb):
+    """An `AllPairsPlan` when indices_tuple is the lazy all-pairs tuple (`lazy_pairs.LazyAllPairs`)
+    of these row counts, else None (any other tuple: the loss's listed or reference path)."""
+    from .lazy_pairs import LazyAllPairs
+
+    if not isinstance(indices_tuple, LazyAllPairs) or not indices_tuple.shape_matches(embeddings, ref_emb):
+        return None
+    return AllPairsPlan(indices_tuple, ref_emb)

@@ -104,6 +104,15 @@ def _stats_with_pair_rule(labels, ref_labels):
     return stats, Degenerate(labels, _rule_or_no_pos_or_neg(stats))
 
 
+def _stats_with_pair_rule_of(plan, labels, ref_labels):
+    """(exclude_diag, LabelStats, Degenerate) under `_rule_or_no_pos_or_neg`, for all pairs of
+    labels x ref_labels, or for CrossBatchMemory's all-pairs `plan` (`_common.all_pairs_plan`)."""
+    if plan is None:
+        stats, degenerate = _stats_with_pair_rule(labels, ref_labels)
+        return ref_labels is labels, stats, degenerate
+    return plan.exclude_diag, plan.stats, Degenerate(labels, plan.pair_rule_or_no_pos_or_neg())
+
+
 def _lse_neg_then(second_pass, x, y, labels, ref_labels, params, exclude_diag, transform, backend):
     """The chain NT-Xent and Lifted Structure share: the lse2 pass for each row's log-sum-exp over
     its negatives, then `second_pass` reading it as L (row_in column 2). Returns (row_in, the

@@ -9,7 +9,7 @@ from ..engine_spec import PASS_HINGE, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, En
 from ..ops import pair_engine as pe
 from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from . import _common
-from ._common import Degenerate, LabelStats, branch_free, decline, is_unit_cosine, is_unit_euclidean
+from ._common import Degenerate, LabelStats, all_pairs_plan, branch_free, decline, is_unit_cosine, is_unit_euclidean
 from ._epilogue import (SHORT_ROWS, ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each,
                         _pair_inputs, _plain_backend)
 from .listed_pairs import listed_contrastive
@@ -73,15 +73,23 @@ def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """pos_loss over the positive pairs (i, j): relu(d_ij - pos_margin); neg_loss over the negative
     pairs: relu(neg_margin - d_ij) (CosineSimilarity: relu(pos_margin - s), relu(s - neg_margin)),
     each reduced by its reducer; from the totals of one hinge pass (O(N) statistics). With an
-    indices_tuple: only its pairs (`listed_pairs.listed_contrastive`)."""
-    if indices_tuple is not None:
+    indices_tuple: only its pairs (`listed_pairs.listed_contrastive`), except CrossBatchMemory's
+    all pairs (`_common.all_pairs_plan`: the hinge pass on the rolled queue)."""
+    pairs = all_pairs_plan(indices_tuple, embeddings, ref_emb)
+    if pairs is not None:
+        labels, ref_labels, ref_emb, indices_tuple = pairs.labels, pairs.ref_labels, pairs.ref_emb, None
+    elif indices_tuple is not None:
         return listed_contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     plan = hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, SUB_LOSSES, _KINDS)
     if plan is None:
         return None
     backend, kinds, transform = plan
-    stats = LabelStats(labels, ref_labels)
-    degenerate = Degenerate(labels, _at_most_one_pair_each(stats))  # PML's len <= 1 rule
+    if pairs is None:
+        exclude_diag, stats = ref_labels is labels, LabelStats(labels, ref_labels)
+        degenerate = Degenerate(labels, _at_most_one_pair_each(stats))  # PML's len <= 1 rule
+    else:
+        exclude_diag, stats = pairs.exclude_diag, pairs.stats
+        degenerate = Degenerate(labels, pairs.pair_rule())
     if degenerate.returns_zero_now():
         return ZERO_LOSS
     pm, nm = float(module.pos_margin), float(module.neg_margin)
@@ -91,7 +99,7 @@ def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         params = EngineParams(sc_pos=-1.0, off_pos=pm, sc_neg=1.0, off_neg=-nm)
     x, y = _pair_inputs(embeddings, ref_emb)
     out = pe.engine_forward(x, y, labels, ref_labels, pass_kind=PASS_HINGE, transform=transform, params=params,
-                            exclude_diag=ref_labels is labels, backend=backend)
+                            exclude_diag=exclude_diag, backend=backend)
     pos_sum, pos_nonzero, neg_sum, neg_nonzero = hinge_totals(out)
     if nan_in(pos_sum, neg_sum):
         return decline(module, NAN_PAIRS)

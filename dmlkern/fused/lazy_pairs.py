@@ -1,5 +1,7 @@
 """A miner's result as PML's tuple, computed only if something reads it: the Multi-Similarity
-miner's pairs (`LazyMinedPairs`) and the Triplet-Margin miner's triplets (`LazyMinedTriplets`).
+miner's pairs (`LazyMinedPairs`) and the Triplet-Margin miner's triplets (`LazyMinedTriplets`);
+and CrossBatchMemory's all pairs of a batch with its queue, less the self comparisons
+(`LazyAllPairs`, which the fused pair losses run on the engine: `_common.all_pairs_plan`).
 
 `LazyMinedPairs` is a real `tuple` of four LongTensors (a1, p, a2, n) (`LazyMinedTriplets` of
 three, (a, p, n)), so everything PML's result
@@ -122,12 +124,43 @@ class _Snapshot:
         return t.shape == v.shape and t.dtype == v.dtype and t.device == v.device and torch.equal(_bits(t), _bits(v))
 
 
-class _Mining:
+class _Deferred:
+    """An index tuple computed on first use: `build()` gives its tensors; `compute()` runs it once
+    and fills the placeholders (`make_placeholders`) with them."""
+
+    result = None
+
+    def build(self):
+        raise NotImplementedError
+
+    def compute(self):
+        if self.result is None:
+            self.result = tuple(_plain(t) for t in self.build())
+            for get_placeholder, values in zip(self.placeholders, self.result):
+                placeholder = get_placeholder()
+                if placeholder is not None:
+                    with torch.inference_mode(placeholder.is_inference()), torch._C.DisableTorchFunctionSubclass():
+                        placeholder.set_(values)
+        return self.result
+
+    def make_placeholders(self, device, size):
+        """The `size` PendingIndices: views of one empty allocation (one op, not `size`)."""
+        self.placeholders = []  # weak references: a placeholder keeps its owner alive, not the reverse
+        self.empty = torch.empty((size, 0), dtype=torch.long, device=device)
+        if type(self.empty) is not torch.Tensor:  # a tracing mode's tensor (make_fx, fake tensors):
+            return self.empty.unbind(0)  # no subclass of it; only a fused loss can use the result there
+        out = [t.as_subclass(PendingIndices) for t in self.empty.unbind(0)]
+        for t in out:
+            t._mining = self
+            # (under torch.compile a plain closure: dynamo traces no weakref)
+            self.placeholders.append((lambda t=t: t) if static_shapes() else weakref.ref(t))
+        return out
+
+
+class _Mining(_Deferred):
     """A miner's call, replayable: the miner's settings (`settings`, read at mining time), a
     snapshot of its inputs and `mine(mining, query, ref, labels, ref_labels)`, PML's miner on them.
     `compute()` runs it (once) and fills the placeholders."""
-
-    result = None
 
     def __init__(self, miner, embeddings, labels, ref_emb, ref_labels, settings, mine):
         keep = (lambda t: t) if static_shapes() else (lambda t: t.clone())
@@ -146,34 +179,13 @@ class _Mining:
         self.ref_labels_none = ref_labels is None
         self.ref_labels = None if self.ref_labels_same else keep(ref_labels)
         self.n, self.m = embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0]
-        self.placeholders = []  # weak references: a placeholder keeps its _Mining alive, not the reverse
 
-    def compute(self):
-        if self.result is None:
-            query = self.query.mined_values()
-            ref = query if self.ref is None else self.ref.mined_values()
-            ref_labels = None if self.ref_labels_none else self.labels if self.ref_labels_same else self.ref_labels
-            with torch.no_grad():
-                mined = self.mine(self, query, ref, self.labels, ref_labels)
-            self.result = tuple(_plain(t) for t in mined)
-            for get_placeholder, values in zip(self.placeholders, self.result):
-                placeholder = get_placeholder()
-                if placeholder is not None:
-                    with torch.inference_mode(placeholder.is_inference()), torch._C.DisableTorchFunctionSubclass():
-                        placeholder.set_(values)
-        return self.result
-
-    def make_placeholders(self, device, size):
-        """The `size` PendingIndices: views of one empty allocation (one op, not `size`)."""
-        self.empty = torch.empty((size, 0), dtype=torch.long, device=device)
-        if type(self.empty) is not torch.Tensor:  # a tracing mode's tensor (make_fx, fake tensors):
-            return self.empty.unbind(0)  # no subclass of it; only a fused loss can use the result there
-        out = [t.as_subclass(PendingIndices) for t in self.empty.unbind(0)]
-        for t in out:
-            t._mining = self
-            # (under torch.compile a plain closure: dynamo traces no weakref)
-            self.placeholders.append((lambda t=t: t) if static_shapes() else weakref.ref(t))
-        return out
+    def build(self):
+        query = self.query.mined_values()
+        ref = query if self.ref is None else self.ref.mined_values()
+        ref_labels = None if self.ref_labels_none else self.labels if self.ref_labels_same else self.ref_labels
+        with torch.no_grad():
+            return self.mine(self, query, ref, self.labels, ref_labels)
 
 
 class LazyMined(tuple):
@@ -327,6 +339,66 @@ class LazyMinedTriplets(LazyMined):
         labels, ref_labels = self.mining_labels()
         rule = TripletRule(0.0, False, self.distance_kind == "euclidean", self.window, self.window_margin)
         return count_kept(query, ref, labels, ref_labels, rule, m.ref_labels_same)
+
+
+class _AllPairsListing(_Deferred):
+    """The listing behind a LazyAllPairs: PML's get_all_pairs_indices(labels, ref_labels) (two
+    tensors: no diagonal dropped), then remove_self_comparisons' rule for `self_offset`."""
+
+    def __init__(self, labels, ref_labels, self_offset):
+        # Copies: the caller may update its tensors in place (CrossBatchMemory's label queue).
+        self.labels, self.ref_labels, self.self_offset = labels.clone(), ref_labels.clone(), self_offset
+        self.n, self.m = labels.shape[0], ref_labels.shape[0]
+        self.settings = {"self_offset": self_offset}
+
+    def build(self):
+        same = self.labels[:, None] == self.ref_labels[None, :]
+        a2, n = torch.where(~same)
+        if self.self_offset is not None:
+            rows = torch.arange(self.n, device=same.device)
+            same[rows, (rows + self.self_offset) % self.m] = False
+        a1, p = torch.where(same)
+        return a1, p, a2, n
+
+
+class LazyAllPairs(LazyMined):
+    """(a1, p, a2, n): every positive and every negative pair of the N query rows with the M
+    reference rows, as PML's get_all_pairs_indices(labels, ref_labels) of two tensors lists them
+    (row-major); with `self_offset`, less the positive pairs (i, (self_offset + i) % M), each query
+    row compared with its own copy among the reference rows (PML's remove_self_comparisons for
+    CrossBatchMemory's queue, where row i sits in slot self_offset + i). Those pairs are positive:
+    the caller guarantees ref_labels[(self_offset + i) % M] == labels[i].
+
+    `labels` / `ref_labels`: int64 ids (compared with ==), copied. A fused pair loss reads no index:
+    it runs the engine on the reference rows `rolled` so that the self comparisons are the diagonal
+    (`fused._common.all_pairs_plan`); anything else that reads one computes the whole tuple."""
+
+    size = 4
+
+    def __new__(cls, labels, ref_labels, self_offset=None):
+        listing = _AllPairsListing(labels, ref_labels, self_offset)
+        self = tuple.__new__(cls, listing.make_placeholders(labels.device, cls.size))
+        self.mining = listing
+        self.given_labels = (None, None)  # (BaseMetricLossFunction.forward: no labels to swap in)
+        self.labels_as_given = self.ref_labels_as_given = None
+        return self
+
+    @property
+    def self_offset(self):
+        return self.mining.self_offset
+
+    def mining_labels(self):
+        """(labels, ref_labels) the pairs are listed from."""
+        return self.mining.labels, self.mining.ref_labels
+
+    def rolled(self, ref):
+        """The reference rows (or labels) `ref` rolled so that row i is query row i's own copy
+        (row self_offset + i): `ref` itself without a self_offset."""
+        offset = self.self_offset
+        if offset is None or offset % len(ref) == 0:
+            return ref
+        offset %= len(ref)
+        return torch.cat([ref[offset:], ref[:offset]])
 
 
 def _plain_tuple(items):

@@ -5,7 +5,7 @@ import torch
 
 from ..engine_spec import MINING_MULTI_SIMILARITY, MINING_NONE, PASS_EXTREMA, EngineParams
 from ..ops import pair_engine as pe
-from ._common import Degenerate, LabelStats, decline, is_unit_cosine, no_pos_or_neg
+from ._common import Degenerate, LabelStats, all_pairs_plan, decline, is_unit_cosine, no_pos_or_neg
 from ._epilogue import (ZERO_LOSS, _at_most_one_pair_each, _engine_or_decline, _log1p_exp, _lse2, _pair_inputs,
                         _per_row)
 from .lazy_pairs import LazyMinedPairs
@@ -79,6 +79,9 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     if not is_unit_cosine(module.distance):
         return decline(module, f"non-default distance {type(module.distance).__name__}")
     mining_eps = None
+    plan = all_pairs_plan(indices_tuple, embeddings, ref_emb)
+    if plan is not None:  # CrossBatchMemory's pairs: the engine on the rolled queue
+        labels, ref_labels, ref_emb, indices_tuple = plan.labels, plan.ref_labels, plan.ref_emb, None
     if indices_tuple is not None:
         if not isinstance(indices_tuple, LazyMinedPairs):  # any other pairs: only those (O(pairs))
             return listed_multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
@@ -89,10 +92,10 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         mining_eps = indices_tuple.epsilon
     elif labels is None:
         return decline(module, "no labels")
-    exclude_diag = ref_labels is labels
-    stats = LabelStats(labels, ref_labels)
+    exclude_diag = ref_labels is labels if plan is None else plan.exclude_diag
+    stats = LabelStats(labels, ref_labels) if plan is None else plan.stats
     if mining_eps is None:  # PML's `len <= 1` rule
-        degenerate = Degenerate(labels, _at_most_one_pair_each(stats))
+        degenerate = Degenerate(labels, _at_most_one_pair_each(stats) if plan is None else plan.pair_rule())
     else:  # the miner returns no pairs at all. (Implied by the mined-pairs rule below, which the
         # branch-free path applies; eager on the CPU this returns before any kernel.)
         degenerate = Degenerate(labels, False)

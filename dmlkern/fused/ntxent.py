@@ -7,9 +7,9 @@ from .._determinism import fixed_order_sum
 from ..engine_spec import MINING_NONE, PASS_POS_SOFTPLUS, TRANSFORM_DOT, EngineParams
 from ..ops import pair_engine as pe
 from . import _stats
-from ._common import decline, is_plain_mean, is_unit_cosine
+from ._common import all_pairs_plan, decline, is_plain_mean, is_unit_cosine
 from .listed_pairs import listed_ntxent
-from ._epilogue import ZERO_LOSS, _lse_neg_then, _pair_inputs, _plain_backend, _stats_with_pair_rule
+from ._epilogue import ZERO_LOSS, _lse_neg_then, _pair_inputs, _plain_backend, _stats_with_pair_rule_of
 
 
 class _NTXentRows(torch.autograd.Function):
@@ -83,15 +83,17 @@ _apply_ntxent_rows = applier(_NTXentRows)
 
 
 def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    if indices_tuple is not None:  # only the listed pairs (O(pairs)), any reducer
+    plan = all_pairs_plan(indices_tuple, embeddings, ref_emb)
+    if plan is not None and is_plain_mean(module.reducer):  # CrossBatchMemory's pairs: the rolled queue
+        labels, ref_labels, ref_emb, indices_tuple = plan.labels, plan.ref_labels, plan.ref_emb, None
+    elif indices_tuple is not None:  # only the listed pairs (O(pairs)), any reducer
         return listed_ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
     if backend is None:
         return None
     if not is_plain_mean(module.reducer):  # per-pair losses would need the O(pairs) list
         return decline(module, f"{type(module.reducer).__name__} with NTXentLoss (fused with MeanReducer)")
-    exclude_diag = ref_labels is labels
-    stats, degenerate = _stats_with_pair_rule(labels, ref_labels)
+    exclude_diag, stats, degenerate = _stats_with_pair_rule_of(plan, labels, ref_labels)
     if degenerate.returns_zero_now():
         return ZERO_LOSS
     inv_t = 1.0 / float(module.temperature)
@@ -104,6 +106,11 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     sorted_labels, order = torch.sort(labels, stable=True)
     if ref_labels is labels:
         ref_labels, ref_order = sorted_labels, order
+    elif exclude_diag:  # two tensors whose pairs (i, i) are excluded: the first N reference rows
+        # follow the rows' order, so those pairs stay the diagonal; the others sort by label
+        n = len(labels)
+        rest_labels, rest_order = torch.sort(ref_labels[n:], stable=True)
+        ref_labels, ref_order = torch.cat([sorted_labels, rest_labels]), torch.cat([order, rest_order + n])
     else:
         ref_labels, ref_order = torch.sort(ref_labels, stable=True)
     sorted_x = x[order]

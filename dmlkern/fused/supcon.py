@@ -3,20 +3,22 @@ positives' mean similarity from per-class row sums (O(N D))."""
 import torch
 
 from ..engine_spec import EngineParams
-from ._common import class_sums_for_rows, is_unit_cosine
+from ._common import all_pairs_plan, class_sums_for_rows, is_unit_cosine
 from ._epilogue import (ZERO_LOSS, _element, _log1p_exp, _lse2, _pair_inputs, _plain_backend,
-                        _stats_with_pair_rule)
+                        _stats_with_pair_rule_of)
 from .listed_pairs import listed_supcon
 
 
 def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    if indices_tuple is not None:  # only the listed pairs (O(pairs))
+    plan = all_pairs_plan(indices_tuple, embeddings, ref_emb)
+    if plan is not None:  # CrossBatchMemory's pairs: the engine on the rolled queue
+        labels, ref_labels, ref_emb, indices_tuple = plan.labels, plan.ref_labels, plan.ref_emb, None
+    elif indices_tuple is not None:  # only the listed pairs (O(pairs))
         return listed_supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
     if backend is None:
         return None
-    exclude_diag = ref_labels is labels
-    stats, degenerate = _stats_with_pair_rule(labels, ref_labels)
+    exclude_diag, stats, degenerate = _stats_with_pair_rule_of(plan, labels, ref_labels)
     if degenerate.returns_zero_now():
         return ZERO_LOSS
     inv_t = 1.0 / float(module.temperature)
@@ -24,8 +26,8 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     lse = _lse2(x, y, labels, ref_labels, EngineParams(sc_pos=inv_t, sc_neg=inv_t), exclude_diag, backend)
     # sum_{p in P(i)} s_ip = <x_i, sum of the reference rows with label y_i> - the self pair: O(N D).
     pos_sim_sum = (x * class_sums_for_rows(stats, y)).sum(dim=1)
-    if exclude_diag:  # one labels tensor: row i's self pair (x_i, y_i) is in the class sum
-        pos_sim_sum = pos_sim_sum - (x * y).sum(dim=1)
+    if exclude_diag:  # row i's self pair (x_i, y_i) is in the class sum
+        pos_sim_sum = pos_sim_sum - (x * y[:len(x)]).sum(dim=1)
     count = stats.pos.to(lse.dtype)
     tiny = torch.finfo(embeddings.dtype).tiny  # PML divides by |P(i)| + tiny
     pos_sim_mean = pos_sim_sum.to(lse.dtype) / (count + tiny)

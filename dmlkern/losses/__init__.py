@@ -25,6 +25,7 @@ from .center_loss import CenterLoss  # noqa: F401
 from .softmax_loss import SoftmaxLoss  # noqa: F401
 from .base_loss_wrapper import BaseLossWrapper  # noqa: F401
 from .multiple_losses import MultipleLosses  # noqa: F401
+from .cross_batch_memory import CrossBatchMemory  # noqa: F401
 from .self_supervised_loss import SelfSupervisedLoss  # noqa: F401
 from .dynamic_soft_margin_loss import DynamicSoftMarginLoss  # noqa: F401
 from .fast_ap_loss import FastAPLoss  # noqa: F401
