@@ -14,7 +14,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-LOSSES = {"multi_similarity": "MultiSimilarityLoss", "ntxent": "NTXentLoss", "supcon": "SupConLoss"}
+LOSSES = {"multi_similarity": "MultiSimilarityLoss", "ntxent": "NTXentLoss", "supcon": "SupConLoss",
+          "contrastive": "ContrastiveLoss"}
 
 
 def _kib(field):
