@@ -215,3 +215,35 @@ def test_without_a_process_group_the_loss_runs_as_is():
     with pytest.warns(UserWarning, match="non-distributed"):
         value = wrapped(emb, labels)
     torch.testing.assert_close(value, losses.MultiSimilarityLoss()(emb, labels), rtol=0, atol=0)
+
+
+def _ranks_cross_batch_memory(r, world, sizes_per_step, emb_steps, label_steps):
+    torch.manual_seed(0)
+    loss = dist_utils.DistributedLossWrapper(losses.CrossBatchMemory(losses.NTXentLoss(), D, memory_size=13))
+    out = []
+    for sizes, emb, labels in zip(sizes_per_step, emb_steps, label_steps):
+        x = shard(emb, sizes, r).clone().requires_grad_()
+        value = loss(x, shard(labels, sizes, r))
+        value.backward()
+        out.append((value.detach(), x.grad))
+    return out, loss.loss.embedding_memory, loss.loss.label_memory
+
+
+def test_cross_batch_memory_under_the_wrapper_equals_one_process():
+    g = torch.Generator().manual_seed(11)
+    sizes_per_step = [[3, 2], [1, 4], [4, 4], [2, 3]]  # the queue (13) wraps around
+    emb_steps = [torch.randn(sum(s), D, generator=g, dtype=torch.float64) for s in sizes_per_step]
+    label_steps = [torch.randint(0, 3, (sum(s),), generator=g) for s in sizes_per_step]
+    per_rank = run_ranks(_ranks_cross_batch_memory, 2, sizes_per_step, emb_steps, label_steps)
+    cbm = losses.CrossBatchMemory(losses.NTXentLoss(), D, memory_size=13)
+    for step, (sizes, emb, labels) in enumerate(zip(sizes_per_step, emb_steps, label_steps)):
+        x = emb.clone().requires_grad_()
+        value = cbm(x, labels)
+        value.backward()
+        for r, (steps, memory, memory_labels) in enumerate(per_rank):
+            r_value, r_grad = steps[step]
+            torch.testing.assert_close(r_value, value.detach() * 2, rtol=1e-10, atol=1e-12, msg=f"step {step}")
+            torch.testing.assert_close(r_grad, shard(x.grad, sizes, r) * 2, rtol=1e-10, atol=1e-12, msg=f"step {step}")
+    for r, (_, memory, memory_labels) in enumerate(per_rank):
+        torch.testing.assert_close(memory, cbm.embedding_memory.to(memory.dtype), rtol=0, atol=0)
+        assert torch.equal(memory_labels, cbm.label_memory)
