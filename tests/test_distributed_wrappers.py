@@ -45,7 +45,7 @@ CASES = [
 ]
 
 
-ROW_SHARDED = {"multi_similarity", "supcon", "ntxent", "contrastive", "generalized_lifted", "circle"}  # the rest run gathered
+ROW_SHARDED = {"multi_similarity", "supcon", "ntxent", "contrastive", "generalized_lifted", "circle", "proxy_anchor"}  # the rest run gathered
 
 
 def _params(module):
@@ -116,6 +116,10 @@ REDUCER_AND_LABEL_CASES = [
         reducer=reducers.MultipleReducers({"pos_loss": reducers.SumReducer(), "neg_loss": reducers.MeanReducer()})),
      [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
     ("contrastive one class", lambda: losses.ContrastiveLoss(), [1] * 9, "row_sharded"),
+    ("proxy_anchor, class 3 absent, float64 proxies", lambda: losses.ProxyAnchorLoss(4, D).double(),
+     [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
+    ("proxy_anchor with a label out of range", lambda: losses.ProxyAnchorLoss(2, D), [0, 1, 0, 2, 1, 1, 0, 2, 2],
+     "raises"),
     ("ms dot product (not unit)", lambda: losses.MultiSimilarityLoss(distance=distances.DotProductSimilarity(normalize_embeddings=False)),
      [0, 1, 0, 2, 1, 1, 0, 2, 2], "gathered"),
 ]
@@ -124,9 +128,15 @@ SIZES_WITH_A_ONE_ROW_SHARD = [5, 1, 3]
 
 def _ranks_reducer_and_label_cases(r, world, sizes, emb):
     out = []
-    for name, loss_fn, labels, _ in REDUCER_AND_LABEL_CASES:
+    for name, loss_fn, labels, mode in REDUCER_AND_LABEL_CASES:
+        torch.manual_seed(0)
         loss = dist_utils.DistributedLossWrapper(loss_fn())
         x = shard(emb, sizes, r).clone().requires_grad_()
+        if mode == "raises":  # on every rank, not only where the label is
+            with pytest.raises(ValueError, match="labels"):
+                loss(x, shard(torch.tensor(labels), sizes, r))
+            out.append(None)
+            continue
         value = loss(x, shard(torch.tensor(labels), sizes, r))
         value.backward()
         out.append((value.detach(), x.grad, loss.last_mode))
@@ -138,6 +148,9 @@ def test_row_sharded_reducers_labels_and_degenerate_batches():
     emb = torch.randn(sum(sizes), D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     per_rank = run_ranks(_ranks_reducer_and_label_cases, len(sizes), sizes, emb)
     for i, (name, loss_fn, labels, mode) in enumerate(REDUCER_AND_LABEL_CASES):
+        if mode == "raises":
+            continue
+        torch.manual_seed(0)
         x = emb.clone().requires_grad_()
         value = loss_fn()(x, torch.tensor(labels))
         value.backward()

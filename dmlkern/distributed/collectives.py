@@ -150,3 +150,25 @@ def all_reduce_sum(x, group=None):
     """The sum of x over ranks, for a computation every rank repeats: its backward is the
     identity (each rank's x gets the gradient of the one sum, which every rank computed)."""
     return _AllReduceSum.apply(x, group)
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(x, group):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_grad_over_ranks(x, group=None):
+    """x, which every rank holds alike (a loss's own parameter), whose gradient on the way back is
+    the sum of every rank's: each rank's part comes from its own rows."""
+    return _SumGradOverRanks.apply(x, group)

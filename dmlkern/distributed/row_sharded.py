@@ -178,8 +178,65 @@ def _eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels):
     return form
 
 
+def _proxy_anchor_eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels):
+    from ..losses import ProxyAnchorLoss
+
+    return (type(module) is ProxyAnchorLoss and labels is not None and indices_tuple is None and ref_emb is None
+            and ref_labels is None and _common.is_unit_cosine(module.distance)
+            and getattr(module, "embedding_regularizer", None) is None
+            and getattr(module, "weight_regularizer", None) is None
+            and not getattr(module.reducer, "collect_stats", False) and not isinstance(module.reducer, DoNothingReducer)
+            and emb.dim() == 2 and labels.dim() == 1 and labels.shape[0] == emb.shape[0]
+            and not (labels.dtype.is_floating_point or labels.dtype == torch.bool)
+            and emb.shape[1] == module.proxies.shape[1] and _common.engine_backend(emb, module.backend) is not None)
+
+
+def _proxy_anchor(module, emb, labels):
+    """ProxyAnchor with the samples sharded: each proxy's log-sum-exps over this rank's samples
+    (the engine with the proxies as rows), combined over ranks as log Σ_r exp(lse_r), so the
+    per-proxy losses and the reducer are the global batch's on every rank. The proxies' gradient
+    is summed over ranks (each rank's part from its own samples), and scaled by 1/world_size
+    against the wrapper's ×world_size."""
+    sizes = co.shard_sizes(emb.shape[0], emb.device)
+    if min(sizes) == 0:
+        return None
+    labels = labels.to(device=emb.device, dtype=torch.int64)
+    global_labels = co.gather_labels(labels, sizes, own_first_order=False)
+    num_classes = module.proxies.shape[0]
+    if bool(((global_labels < 0) | (global_labels >= num_classes)).any()):
+        return None  # the gathered loss raises the error naming `labels`, on every rank
+    module.cast_types(emb.dtype, emb.device)
+    backend = _common.engine_backend(emb, module.backend)
+    proxies = co.sum_grad_over_ranks(co.scale_grad(module.proxies, 1.0 / co.world_size()))
+    a, m = float(module.alpha), float(module.margin)
+    proxy_ids = torch.arange(num_classes, device=emb.device)
+    params = EngineParams(sc_pos=-a, off_pos=a * m, sc_neg=a, off_neg=a * m)
+    lse = _lse2(_common.unit_rows(proxies), _common.unit_rows(emb), proxy_ids, labels, params, False, backend)
+    per_rank = co.gather_values(lse, [num_classes] * len(sizes)).view(len(sizes), num_classes, 2)
+    lse = _logsumexp_over_ranks(per_rank)
+    module.last_backend, module.last_fallback = backend, None
+    with_pos = torch.zeros(num_classes, dtype=torch.bool, device=emb.device).index_fill(0, global_labels, True)
+    loss_dict = {
+        "pos_loss": {"losses": _log1p_exp(lse[:, 0]).to(emb.dtype), "indices": proxy_ids,
+                     "reduction_type": "element", "divisor": int(with_pos.sum())},
+        "neg_loss": {"losses": _log1p_exp(lse[:, 1]).to(emb.dtype), "indices": proxy_ids,
+                     "reduction_type": "element", "divisor": num_classes},
+    }
+    return module.reducer(loss_dict, emb[:0], global_labels)
+
+
+def _logsumexp_over_ranks(parts):
+    """log Σ_r exp(parts[r]) over dim 0; -inf (gradient 0) where every part is -inf (an empty set)."""
+    top = parts.detach().amax(dim=0)
+    top = torch.where(torch.isneginf(top), 0.0, top)
+    total = torch.exp(parts - top).sum(dim=0)
+    return torch.where(total > 0, top + torch.log(torch.where(total > 0, total, 1.0)), float("-inf"))
+
+
 def loss(module, emb, labels, indices_tuple, ref_emb, ref_labels):
     """The loss of the global batch computed from this rank's rows, or None (the wrapper gathers)."""
+    if _proxy_anchor_eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels):
+        return _proxy_anchor(module, emb, labels)
     form = _eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels)
     if form is None:
         return None
