@@ -45,7 +45,8 @@ CASES = [
 ]
 
 
-ROW_SHARDED = {"multi_similarity", "supcon", "ntxent", "contrastive", "generalized_lifted", "circle", "proxy_anchor"}  # the rest run gathered
+ROW_SHARDED = {"multi_similarity", "supcon", "ntxent", "contrastive", "generalized_lifted", "circle", "proxy_anchor",
+               "multi_similarity+miner"}  # the rest run gathered
 
 
 def _params(module):

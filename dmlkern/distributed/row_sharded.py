@@ -17,12 +17,13 @@ row; no positive or no negative pair for SupCon and NT-Xent) take the gathered p
 import torch
 
 from .. import _validation
-from ..engine_spec import PASS_HINGE, EngineParams, TRANSFORM_UNIT_DISTANCE
+from ..engine_spec import MINING_MULTI_SIMILARITY, PASS_EXTREMA, PASS_HINGE, EngineParams, TRANSFORM_UNIT_DISTANCE
 from ..fused import _common
 from ..fused import contrastive as fused_contrastive
 from ..fused.circle import circle_rows
 from ..fused.generalized_lifted import generalized_lifted_rows
 from ..fused._epilogue import _already_reduced, _already_reduced_kinds, _element, _log1p_exp, _lse2, _per_row
+from ..fused.lazy_pairs import LazyMinedPairs
 from ..fused.ntxent import _apply_ntxent_rows
 from ..ops import pair_engine as pe
 from ..reducers import DoNothingReducer, MeanReducer
@@ -48,6 +49,43 @@ class _MultiSimilarity:
     @staticmethod
     def combine(module, all_rows, global_ids, zero_like):
         return module.reducer({"loss": _per_row(all_rows, zero_like)}, zero_like, global_ids)
+
+
+def _minable(indices_tuple):
+    """A MultiSimilarityMiner's lazy pairs the kernel can mine itself (checked against the global
+    batch once gathered: `_MultiSimilarityMined.holds`)."""
+    return (isinstance(indices_tuple, LazyMinedPairs) and not indices_tuple.is_materialized
+            and _common.is_unit_cosine(indices_tuple.distance) and indices_tuple.kernel_can_mine
+            and indices_tuple.exclude_diag)
+
+
+class _MultiSimilarityMined(_MultiSimilarity):
+    """With DistributedMinerWrapper(MultiSimilarityMiner)'s lazy pairs, mined on the global batch
+    (rank order): each row's extrema over all columns, then lse2 with the miner's masks, as the
+    fused loss does in one process. Batches in which at most one row has a mined positive or
+    negative pair (PML's `len <= 1` rule may apply) take the gathered path."""
+
+    @staticmethod
+    def holds(mined, sizes, cols, r):
+        """Whether the pairs were mined on this global batch (cols: own rows first)."""
+        n, before = sizes[r], sum(sizes[:r])
+        if mined.mining.n != sum(sizes) or mined.mining.m != sum(sizes):
+            return False
+        rank_order = torch.cat([cols[n:n + before], cols[:n], cols[n + before:]]).detach()
+        return mined.mining.query.holds(rank_order)
+
+    @staticmethod
+    def rows(module, x, y, ids, col_ids, backend, eps):
+        a, b, base = float(module.alpha), float(module.beta), float(module.base)
+        params = EngineParams(sc_pos=-a, off_pos=a * base, sc_neg=b, off_neg=-b * base, eps=eps)
+        with torch.no_grad():
+            extrema = pe.engine_forward(x, y, ids, col_ids, pass_kind=PASS_EXTREMA, params=params, exclude_diag=True,
+                                        backend=backend)
+        row_in = torch.cat([extrema, torch.zeros_like(extrema[:, :1])], dim=1)
+        lse = _lse2(x, y, ids, col_ids, params, True, backend, row_in, mining=MINING_MULTI_SIMILARITY)
+        softplus = _log1p_exp(lse)
+        rows_with_pairs = torch.stack([torch.isfinite(lse[:, 0]).sum(), torch.isfinite(lse[:, 1]).sum()])
+        return softplus[:, 0] / a + softplus[:, 1] / b, rows_with_pairs
 
 
 class _SupCon(_MultiSimilarity):
@@ -165,7 +203,11 @@ def _eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels):
     """The row form of this call, from the module's configuration and the inputs' kinds alone
     (no collective: every rank decides alike), or None."""
     form = _forms().get(type(module))
-    if form is None or labels is None or indices_tuple is not None or ref_emb is not None or ref_labels is not None:
+    if form is _MultiSimilarity and _minable(indices_tuple):
+        form = _MultiSimilarityMined
+    elif indices_tuple is not None:
+        return None
+    if form is None or labels is None or ref_emb is not None or ref_labels is not None:
         return None
     if not _distance_ok(form, module) or getattr(module, "embedding_regularizer", None) is not None:
         return None
@@ -252,7 +294,15 @@ def loss(module, emb, labels, indices_tuple, ref_emb, ref_labels):
         return None
     backend = _common.engine_backend(emb, module.backend)
     n = emb.shape[0]
-    per_row = form.rows(module, _common.unit_rows(emb), _common.unit_rows(cols), col_ids[:n], col_ids, backend)
+    x, y = _common.unit_rows(emb), _common.unit_rows(cols)
+    if form is _MultiSimilarityMined:
+        if not form.holds(indices_tuple, sizes, cols, co.rank()):
+            return None
+        per_row, rows_with_pairs = form.rows(module, x, y, col_ids[:n], col_ids, backend, indices_tuple.epsilon)
+        if bool((co.all_reduce_sum(rows_with_pairs) <= 1).any()):
+            return None
+    else:
+        per_row = form.rows(module, x, y, col_ids[:n], col_ids, backend)
     all_rows = co.gather_values(per_row, sizes)  # rank order, the same on every rank
     if form is _Contrastive and fused_contrastive.nan_in(*fused_contrastive.hinge_totals(all_rows)[::2]):
         return None  # PML's reducers drop or keep each NaN pair loss: the gathered reference decides
