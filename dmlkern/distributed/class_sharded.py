@@ -45,8 +45,8 @@ import torch.distributed as dist
 
 from ..fused import _common
 from ..fused._epilogue import _element
-from ..fused.class_softmax import (ClassLayout, EngineBlock, GroupedBlock, _lse_over_blocks, class_cross_entropy,
-                                   unit)
+from ..fused.class_softmax import (ClassLayout, EngineBlock, GroupedBlock, _lse_over_blocks, blocked_backward,
+                                   class_cross_entropy, unit)
 from ..fused.grouped_classes import MaxOverGroup
 from ..fused.proxy_nca import _is_unit_squared_euclidean, _supported as _proxy_nca_distance_ok
 from ..losses import (ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, ProxyNCALoss, SphereFaceLoss,
@@ -84,15 +84,7 @@ class _ShardLSE(torch.autograd.Function):
         if pe.backward_needs_graph(x):
             raise RuntimeError("ClassShardedLoss has no double backward (create_graph=True)")
         kernel, layout = ctx.config
-        needs = ctx.needs_input_grad[:2]
-        gx = torch.zeros(x.shape, dtype=lse.dtype, device=x.device) if needs[0] else None
-        gw = torch.zeros_like(weight) if needs[1] else None
-        for c0, c1 in layout.blocks(weight, x.element_size(), kernel.max_rows(x)):
-            gx_b, grows = kernel.backward(x, layout.block(weight, c0, c1), labels, c0, c1, grad, lse)
-            if gx is not None:
-                gx += gx_b
-            if gw is not None:
-                layout.block(gw, c0, c1).copy_(grows)
+        gx, gw = blocked_backward(x, weight, labels, kernel, layout, grad, lse, ctx.needs_input_grad[:2])
         if gw is not None:
             layout.add_target_grad(gw, labels.index_select(0, owned), grad_target)
         return (None if gx is None else gx.to(x.dtype)), gw, None, None, None, None

@@ -210,17 +210,25 @@ class _ClassLSE(torch.autograd.Function):
                 return _lse_over_blocks(x, weight, labels, kernel, layout, backend="reference"), layout.target(weight, labels)
             return (*pe.reference_gradient(forward, (x, weight), needs, (grad, grad_target)), None, None, None)
         with torch.no_grad():
-            gx = torch.zeros(x.shape, dtype=lse.dtype, device=x.device) if needs[0] else None
-            gw = torch.zeros_like(weight) if needs[1] else None
-            for c0, c1 in layout.blocks(weight, x.element_size(), kernel.max_rows(x)):
-                gx_b, grows = kernel.backward(x, layout.block(weight, c0, c1), labels, c0, c1, grad, lse)
-                if gx is not None:
-                    gx += gx_b
-                if gw is not None:
-                    layout.block(gw, c0, c1).copy_(grows)
+            gx, gw = blocked_backward(x, weight, labels, kernel, layout, grad, lse, needs)
             if gw is not None:
                 layout.add_target_grad(gw, labels, grad_target)
         return (None if gx is None else gx.to(x.dtype)), gw, None, None, None
+
+
+def blocked_backward(x, weight, labels, kernel, layout, grad, lse, needs):
+    """(x's gradient in lse's dtype, the weights' gradient without the target rows' term), each
+    None unless `needs` says so: x's summed over the column blocks in order, the weights' written
+    block by block (its one C x D buffer)."""
+    gx = torch.zeros(x.shape, dtype=lse.dtype, device=x.device) if needs[0] else None
+    gw = torch.zeros_like(weight) if needs[1] else None
+    for c0, c1 in layout.blocks(weight, x.element_size(), kernel.max_rows(x)):
+        gx_b, grows = kernel.backward(x, layout.block(weight, c0, c1), labels, c0, c1, grad, lse)
+        if gx is not None:
+            gx += gx_b
+        if gw is not None:
+            layout.block(gw, c0, c1).copy_(grows)
+    return gx, gw
 
 
 class_lse = applier(_ClassLSE)
