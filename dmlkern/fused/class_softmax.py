@@ -64,7 +64,7 @@ class ClassLayout(NamedTuple):
         """Each sample's class rows: (N, D), or (N, K, D) for K > 1. index_select: its backward is
         index_add, serial on a CPU (deterministic), unlike indexing's accumulate-put."""
         rows = self.rows(weight).index_select(0, self._target_index(labels))
-        return rows if self.group == 1 else rows.view(len(labels), self.group, -1)
+        return rows if self.group == 1 else rows.view(len(labels), self.group, rows.shape[1])
 
     def add_target_grad(self, grad_weight, labels, grad_target):
         rows = self.rows(grad_weight)
