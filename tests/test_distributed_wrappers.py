@@ -19,6 +19,9 @@ CASES = [
     ("triplet", lambda: losses.TripletMarginLoss(margin=0.3), None),
     ("triplet+miner", lambda: losses.TripletMarginLoss(margin=0.3), lambda: miners.TripletMarginMiner(margin=0.3)),
     ("triplet+batch_hard", lambda: losses.TripletMarginLoss(margin=0.3), lambda: miners.BatchHardMiner()),
+    ("triplet+semihard cosine mean", lambda: losses.TripletMarginLoss(
+        margin=0.3, distance=distances.CosineSimilarity(), reducer=reducers.MeanReducer()),
+     lambda: miners.TripletMarginMiner(margin=0.3, type_of_triplets="semihard", distance=distances.CosineSimilarity())),
     ("margin_learned_beta", lambda: losses.MarginLoss(learn_beta=True, num_classes=CLASSES), None),
     ("multi_similarity", lambda: losses.MultiSimilarityLoss(), None),
     ("multi_similarity+miner", lambda: losses.MultiSimilarityLoss(), lambda: miners.MultiSimilarityMiner(0.1)),
@@ -46,7 +49,8 @@ CASES = [
 
 
 ROW_SHARDED = {"multi_similarity", "supcon", "ntxent", "contrastive", "generalized_lifted", "circle", "proxy_anchor",
-               "multi_similarity+miner"}  # the rest run gathered
+               "multi_similarity+miner", "triplet", "triplet+miner",
+               "triplet+semihard cosine mean"}  # the rest run gathered
 
 
 def _params(module):

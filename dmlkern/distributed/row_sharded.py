@@ -16,14 +16,16 @@ row; no positive or no negative pair for SupCon and NT-Xent) take the gathered p
 """
 import torch
 
-from .. import _validation
-from ..engine_spec import MINING_MULTI_SIMILARITY, PASS_EXTREMA, PASS_HINGE, EngineParams, TRANSFORM_UNIT_DISTANCE
+from .. import _tracing, _validation
+from ..engine_spec import (MINING_MULTI_SIMILARITY, PASS_EXTREMA, PASS_HINGE, TRANSFORM_UNIT_DISTANCE, EngineParams,
+                           stats_dtype)
 from ..fused import _common
 from ..fused import contrastive as fused_contrastive
 from ..fused.circle import circle_rows
 from ..fused.generalized_lifted import generalized_lifted_rows
 from ..fused._epilogue import _already_reduced, _already_reduced_kinds, _element, _log1p_exp, _lse2, _per_row
-from ..fused.lazy_pairs import LazyMinedPairs
+from ..fused import triplet as fused_triplet
+from ..fused.lazy_pairs import LazyMinedPairs, LazyMinedTriplets
 from ..fused.ntxent import _apply_ntxent_rows
 from ..ops import pair_engine as pe
 from ..reducers import DoNothingReducer, MeanReducer
@@ -51,6 +53,16 @@ class _MultiSimilarity:
         return module.reducer({"loss": _per_row(all_rows, zero_like)}, zero_like, global_ids)
 
 
+def _holds_global_batch(mined, sizes, cols, r):
+    """Whether a miner's lazy result was mined on this global batch in rank order (as
+    DistributedMinerWrapper mines it; cols: the batch with this rank's rows first)."""
+    n, before = sizes[r], sum(sizes[:r])
+    if mined.mining.n != sum(sizes) or mined.mining.m != sum(sizes):
+        return False
+    rank_order = torch.cat([cols[n:n + before], cols[:n], cols[n + before:]]).detach()
+    return mined.mining.query.holds(rank_order)
+
+
 def _minable(indices_tuple):
     """A MultiSimilarityMiner's lazy pairs the kernel can mine itself (checked against the global
     batch once gathered: `_MultiSimilarityMined.holds`)."""
@@ -64,15 +76,6 @@ class _MultiSimilarityMined(_MultiSimilarity):
     (rank order): each row's extrema over all columns, then lse2 with the miner's masks, as the
     fused loss does in one process. Batches in which at most one row has a mined positive or
     negative pair (PML's `len <= 1` rule may apply) take the gathered path."""
-
-    @staticmethod
-    def holds(mined, sizes, cols, r):
-        """Whether the pairs were mined on this global batch (cols: own rows first)."""
-        n, before = sizes[r], sum(sizes[:r])
-        if mined.mining.n != sum(sizes) or mined.mining.m != sum(sizes):
-            return False
-        rank_order = torch.cat([cols[n:n + before], cols[:n], cols[n + before:]]).detach()
-        return mined.mining.query.holds(rank_order)
 
     @staticmethod
     def rows(module, x, y, ids, col_ids, backend, eps):
@@ -275,10 +278,74 @@ def _logsumexp_over_ranks(parts):
     return torch.where(total > 0, top + torch.log(torch.where(total > 0, total, 1.0)), float("-inf"))
 
 
+def _triplet_eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels):
+    """TripletMarginLoss on the blocked path's configurations: every triplet, or
+    DistributedMinerWrapper(TripletMarginMiner)'s lazy triplets (checked against the gathered
+    batch later)."""
+    from ..losses import TripletMarginLoss
+
+    if type(module) is not TripletMarginLoss or labels is None or ref_emb is not None or ref_labels is not None:
+        return False
+    if indices_tuple is None:
+        if module.triplets_per_anchor != "all":
+            return False
+    elif not (isinstance(indices_tuple, LazyMinedTriplets) and not indices_tuple.is_materialized
+              and indices_tuple.kernel_can_mine and indices_tuple.exclude_diag
+              and indices_tuple.distance_kind == fused_triplet.distance_kind(module.distance)):
+        return False
+    return (not module.swap and fused_triplet.distance_kind(module.distance) is not None
+            and not module.distance.collect_stats and fused_triplet._reduction(module.reducer) is not None
+            and getattr(module, "embedding_regularizer", None) is None and not _tracing.static_shapes()
+            and emb.dtype in (torch.float32, torch.float64) and emb.dim() == 2 and labels.dim() == 1
+            and labels.shape[0] == emb.shape[0] and pe.choose_backend(module.backend, emb.device) != "reference")
+
+
+def _triplet(module, emb, labels, lazy):
+    """TripletMarginLoss from this rank's anchors: the blocked path's totals (sum of the kept terms,
+    non-zero and kept counts) over its rows against the gathered columns, added over ranks in rank
+    order (the same bits everywhere), then the reducer's ratio. No kept triplet in the global batch,
+    or a NaN total with AvgNonZeroReducer: the gathered path (PML's zero, or the reference)."""
+    sizes = co.shard_sizes(emb.shape[0], emb.device)
+    if min(sizes) == 0:
+        return None
+    raw_cols = co.gather_labels(labels.to(emb.device), sizes)
+    col_ids = _validation.as_class_ids(raw_cols, emb.device)
+    cols = co.gather_columns(emb, sizes)
+    euclidean = fused_triplet.distance_kind(module.distance) == "euclidean"
+    if euclidean and _common.has_short_rows(cols):
+        return None
+    window, window_margin = "every", 0.0
+    if lazy is not None:
+        if not _holds_global_batch(lazy, sizes, cols, co.rank()):
+            return None
+        window, window_margin = lazy.window, lazy.window_margin
+    rule = fused_triplet.TripletRule(float(module.margin), bool(module.smooth_loss), euclidean, window, window_margin)
+    x = _common.unit_rows(emb).to(stats_dtype(emb.dtype))
+    y = _common.unit_rows(cols).to(x.dtype)
+    with_grad = torch.is_grad_enabled() and emb.requires_grad
+    total, nonzero, kept, _, _ = fused_triplet.triplet_totals(x, y, col_ids[:emb.shape[0]], col_ids, rule, True,
+                                                             with_grad)
+    world = len(sizes)
+    total = co.gather_values(total.view(1), [1] * world).sum()
+    counts = co.gather_labels(torch.stack([nonzero, kept]).view(1, 2), [1] * world, own_first_order=False).sum(dim=0)
+    nonzero, kept = int(counts[0]), int(counts[1])
+    reduction = fused_triplet._reduction(module.reducer)
+    if kept == 0 or (reduction == "nonzero" and bool(torch.isnan(total))):
+        return None
+    module.last_backend, module.last_fallback = fused_triplet.BACKEND, None
+    if reduction == "nonzero":
+        value = total / nonzero if nonzero > 0 else module.reducer.zero_loss(emb[:0]).to(total.dtype)
+    else:
+        value = total / kept if reduction == "mean" else total
+    return value.to(emb.dtype)
+
+
 def loss(module, emb, labels, indices_tuple, ref_emb, ref_labels):
     """The loss of the global batch computed from this rank's rows, or None (the wrapper gathers)."""
     if _proxy_anchor_eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels):
         return _proxy_anchor(module, emb, labels)
+    if _triplet_eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels):
+        return _triplet(module, emb, labels, indices_tuple)
     form = _eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels)
     if form is None:
         return None
@@ -296,7 +363,7 @@ def loss(module, emb, labels, indices_tuple, ref_emb, ref_labels):
     n = emb.shape[0]
     x, y = _common.unit_rows(emb), _common.unit_rows(cols)
     if form is _MultiSimilarityMined:
-        if not form.holds(indices_tuple, sizes, cols, co.rank()):
+        if not _holds_global_batch(indices_tuple, sizes, cols, co.rank()):
             return None
         per_row, rows_with_pairs = form.rows(module, x, y, col_ids[:n], col_ids, backend, indices_tuple.epsilon)
         if bool((co.all_reduce_sum(rows_with_pairs) <= 1).any()):
