@@ -299,8 +299,8 @@ def test_memory_at_n16384_is_linear():
             x = torch.randn(n, 128, requires_grad=True)
             labels = torch.randint(0, n // 8, (n,))
             pairs = miners.PairMarginMiner(neg_margin=1.15)(x, labels)  # ~115k positive, ~16k negative pairs
-            fns = [losses.LiftedStructureLoss(), losses.NTXentLoss(), losses.TupletMarginLoss(), losses.MarginLoss(),
-                   losses.CircleLoss()]
+            fns = [losses.MultiSimilarityLoss(), losses.LiftedStructureLoss(), losses.NTXentLoss(),
+                   losses.TupletMarginLoss(), losses.MarginLoss(), losses.CircleLoss()]
         """,
         measured="""
             for loss_fn in fns:
