@@ -241,20 +241,6 @@ def test_multinomial_in_chunks_is_torch_multinomial(monkeypatch):
 MINERS = [("AngularMiner", {}), ("HDCMiner", {}), ("DistanceWeightedMiner", {})]
 
 
-@pytest.mark.parametrize("name", [m[0] for m in MINERS])
-@pytest.mark.parametrize("labels", [[0], [3, 3, 3, 3, 3], [0, 1, 2, 3, 4], [0, 0, 1]],
-                         ids=["single_sample", "single_class", "no_positives", "tiny"])
-def test_degenerate_batches(name, labels):
-    y = torch.tensor(labels)
-    for dtype in DTYPES:
-        x = torch.randn(len(labels), 4, dtype=dtype, generator=torch.Generator().manual_seed(1))
-        torch.manual_seed(0)
-        want = getattr(pml_miners, name)()(x, y)
-        torch.manual_seed(0)
-        got = getattr(our_miners, name)()(x, y)
-        assert_same_indices(got, want)
-
-
 def test_empty_inputs():
     """An empty batch: empty tuples as PML (DistanceWeightedMiner: PML fails in torch.max); the
     blocked functions give empty tuples for no rows or no reference rows."""

@@ -81,12 +81,13 @@ def test_miner_matches_pml(case):
 @pytest.mark.parametrize("labels", [[0], [3, 3, 3, 3, 3], [0, 1, 2, 3, 4], [0, 0, 1]], ids=["single_sample", "single_class", "no_positives", "tiny"])
 def test_degenerate_batches(name, labels):
     y = torch.tensor(labels)
-    x = torch.randn(len(labels), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(0)
-    theirs = getattr(pml_miners, name)()(x, y)
-    torch.manual_seed(0)
-    ours = getattr(our_miners, name)()(x, y)
-    assert_same_indices(ours, theirs)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(len(labels), 4, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(0)
+        theirs = getattr(pml_miners, name)()(x, y)
+        torch.manual_seed(0)
+        ours = getattr(our_miners, name)()(x, y)
+        assert_same_indices(ours, theirs)
 
 
 def test_distance_weighted_same_seed_same_triplets():
