@@ -42,4 +42,14 @@ TORCH_LIBRARY(dmlkern, m) {
   m.def(
       "triplet_rows(Tensor s, Tensor row_labels, Tensor col_labels, int row0, bool exclude_diag, "
       "float[] params, int[] flags, bool with_grad) -> (Tensor, Tensor, Tensor)");
+  // BatchEasyHardMiner's per-row picks on one row block of its distance matrix mat (B, M)
+  // (dmlkern/fused/blocked_miners.py): modes = [pos_mode, neg_mode, order], a side's mode 0 (not
+  // picked), 1 (min) or 2 (max); order 0 (independent), 1 (negatives first, then the positives
+  // strictly beyond each row's negative value: semihard positives) or 2 (the reverse).
+  // pos_range / neg_range: [] or [lo, hi] (lo <= x <= hi). Returns per row and side (column 0
+  // positives, 1 negatives) torch.min / max's (value, index) over the filled row, and ok
+  // (B, 2) bool: whether the side had a candidate. row0, exclude_diag as triplet_rows.
+  m.def(
+      "batch_hard_rows(Tensor mat, Tensor row_labels, Tensor col_labels, int row0, bool exclude_diag, "
+      "int[] modes, float[] pos_range, float[] neg_range) -> (Tensor, Tensor, Tensor)");
 }

@@ -2,7 +2,8 @@
 ("blocked"), an indices_tuple's pairs listed ("listed"); against PML 2.9.0 itself (values,
 gradients of embeddings and ref_emb, the per-pair loss dict), forced small blocks, degenerate
 batches, NaN, the declined exp-range case, gradcheck, double backward, thread-count
-reproducibility, statistics and memory at N=16384."""
+reproducibility, statistics and memory at N=16384; classes of very different sizes in one batch
+and the blocks' same-label entries against the label comparison."""
 import pytest
 import torch
 import pytorch_metric_learning.losses as pml_losses
@@ -11,6 +12,7 @@ import pytorch_metric_learning.reducers as pml_reducers
 
 import dmlkern.fused.angular as fused_angular
 from dmlkern import _tracing, losses, miners, reducers
+from dmlkern.fused._common import LabelStats
 from dmlkern._determinism import log as fixed_log
 from _pml_helpers import random_indices
 from _peak_rss import peak_rss_growth_mib
@@ -327,3 +329,70 @@ def test_reference_given_with_the_batch_or_its_labels(dtype):
     got = ours(x, labels, None, x, labels.clone())
     assert ours.last_backend == "blocked", ours.last_fallback
     torch.testing.assert_close(got, theirs(x, labels, None, x, labels.clone()), **TOL[dtype])
+
+
+def _mixed_labels(seed, sizes=(45, 20, 3, 3, 2, 2, 2, 1, 1, 1, 1)):
+    """Classes of very different sizes in one batch (81 rows by default): singletons have no positive."""
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+    return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
+
+
+def _blocked_setup(labels, ref_labels, same_rows):
+    return fused_angular._blocked_setup(LabelStats(labels, ref_labels), labels, ref_labels, len(ref_labels),
+                                        ref_labels is labels, same_rows, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("sizes", [None, (32, 8, 1 << 20), (7, 3, 5 * 81)], ids=["default", "rows32", "rows5"])
+def test_positive_entries_are_the_label_mask(monkeypatch, sizes):
+    """`_positive_entries` (flat indices from the blocks' pairs, or the label comparison where the
+    positives are over 1/8 of a block) marks exactly the entries labels[rows_a] == ref_labels: the
+    batch as the reference, ref_labels as labels with another ref_emb, another reference, two
+    classes (the comparison), small classes, a class cut into tiles."""
+    if sizes is not None:
+        for name, value in zip(("_BLOCK_ROWS", "_GROUP_ROWS", "_BLOCK_VALUES"), sizes):
+            monkeypatch.setattr(fused_angular, name, value)
+    mixed, halves, small = _mixed_labels(0), torch.arange(80) % 2, torch.arange(200) % 40
+    cases = [(mixed, mixed, True), (mixed, mixed, False), (mixed, _mixed_labels(1, (9, 30, 2, 1, 5, 1, 4)), False),
+             (halves, halves, True), (small, small, True), (small, small, False), (small, small[:150] + 1, False)]
+    seen = set()
+    for labels, ref_labels, same_rows in cases:
+        setup = _blocked_setup(labels, ref_labels, same_rows)
+        m = len(ref_labels)
+        for rows_a, tiles in setup.blocks:
+            want = labels[rows_a][:, None] == ref_labels[None, :]
+            got = fused_angular._positive_entries(setup, rows_a, tiles, m)
+            if isinstance(got, torch.Tensor):
+                seen.add("index")
+                mask = torch.zeros(len(rows_a) * m, dtype=torch.bool)
+                mask[got] = True
+                assert torch.equal(mask.view(len(rows_a), m), want)
+            else:
+                seen.add("compare")
+                assert torch.equal(got[0][:, None] == got[1][None, :], want)
+    assert seen == {"index", "compare"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_classes_of_very_different_sizes(monkeypatch, dtype):
+    """One batch with a class larger than a block (cut into tiles), classes of 2-20 rows and
+    singletons, so blocks that are their own and only positive block (the gradient of s in A's
+    place) and blocks of several tiles; with and without ref_emb; one class with pairs among
+    singletons; then the same batches at the default block sizes."""
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(81, 9, generator=g, dtype=torch.float64).to(dtype)
+    ref = torch.randn(60, 9, generator=g, dtype=torch.float64).to(dtype)
+    labels, ref_labels = _mixed_labels(2), _mixed_labels(3)[:60]
+    one = torch.cat([torch.zeros(10, dtype=torch.long), torch.arange(1, 21)])[torch.randperm(30, generator=g)]
+    for sizes in ((32, 8, 1 << 20), None):
+        if sizes is not None:
+            for name, value in zip(("_BLOCK_ROWS", "_GROUP_ROWS", "_BLOCK_VALUES"), sizes):
+                monkeypatch.setattr(fused_angular, name, value)
+            blocks = _blocked_setup(labels, labels, True).blocks
+            assert any(len(tiles) == 1 and tiles[0][0] is rows_a for rows_a, tiles in blocks)
+            assert any(len(tiles) > 1 for _, tiles in blocks)
+        else:
+            monkeypatch.undo()
+        _assert_like_pml(x, labels)
+        _assert_like_pml(x, labels, ref, ref_labels)
+        _assert_like_pml(x[:30], one)
+        _assert_like_pml(x[:30], one, ref[:30], one)

@@ -10,7 +10,7 @@ All pairs (`last_backend` "blocked"): a and p share a's class, hence its negativ
 class the sums are a Gram product G = A·Bᵀ with A[a, n] = e^(c s_an − m_a) on a's negatives (0
 elsewhere), m_a the row's largest c s_an there, B likewise for the positives' rows, and
 log Σ = log G_ap + m_a + m_p. The rows are walked in blocks of whole classes (`_blocks`: up to
-256 rows, ~2M similarity values): a block's similarity rows (deterministic `ops.fixed_mm`) give A
+512 rows, ~4M similarity values): a block's similarity rows (deterministic `ops.fixed_mm`) give A
 (and B: the same rows when the reference is the batch), and one small product per Gram group
 (whole classes, ≤ 32 rows) gives G for the group's pairs. Work: one N x M x D product plus
 ~32 N M for the Gram products (Σ_c n_c² M for classes over 32 rows); memory O(block x M + pairs).
@@ -18,7 +18,10 @@ The backward recomputes each block's A and B (with the forward's row maxima; eac
 are kept from the forward): with w_ap = the upstream gradient times sigmoid(z_ap) and
 W = c w / G, dL/ds_an = A[a, n] (W B)[a, n] and dL/ds_pn = B[p, n] (Wᵀ A)[p, n]; the gradients
 of u and of the raw x follow by products, added block by block in a fixed order: bit-identical
-at any CPU thread count.
+at any CPU thread count. A block's same-label entries are set to -inf by flat index from its pairs
+(`_positive_entries`; no (rows x M) label comparison), and in the backward a block that is its own
+and only positive block turns A into A ⊙ (W + Wᵀ) A in place, Gram group by Gram group (no second
+(rows x M) buffer).
 
 The shifted exps are accurate while a pair's G is not tiny: the terms lost to underflow are each
 below the dtype's smallest normal number, so G >= M · tiny / eps (≈ e^-61 in fp32 at M = 16384)
@@ -48,8 +51,13 @@ from .triplet import _row_sums
 
 BACKEND = "blocked"  # `last_backend` for all pairs: class blocks of Gram products
 LISTED = "listed"  # `last_backend` for an indices_tuple's pairs
-_BLOCK_VALUES = 1 << 21  # similarity values per block of rows (8 MiB in fp32)
-_BLOCK_ROWS = 256  # at most, per block: its pair masks are (rows x rows), its products efficient from ~128 rows
+# Per block of rows: at most 4M similarity values (16 MiB in fp32) and 512 rows (its pair masks are rows x
+# rows). Each block adds an (M x D) product into the gradient of x and allocates its (rows x M) buffers
+# afresh (fixed_mm has no out=): at N=8192, 512-row blocks ran fwd+bwd in 0.88x the time of 256-row ones
+# (0.89x with the bench's MALLOC_MMAP_THRESHOLD_), 1024-row ones in 1.33x (0.97x).
+_BLOCK_VALUES = 1 << 22
+_BLOCK_ROWS = 512
+_LISTED_VALUES = 1 << 21  # logits per chunk of listed pairs (8 MiB in fp32)
 _GROUP_ROWS = 32  # rows per Gram product of small classes (the entries of two classes are wasted work)
 UNSAFE = ("AngularLoss: a pair whose negatives' exp(c s) span more than the dtype's exp range "
           "(rows of large norm); the reference's per-pair log-sum-exp")
@@ -163,10 +171,16 @@ def _pair_slots(stats, ref_labels):
     return first, torch.empty_like(order_r).index_put_((order_r,), in_run)
 
 
-def _exp_rows(u_rows, x, row_labels, ref_labels, c, m=None):
+def _exp_rows(u_rows, x, positives, c, m=None):
     """(A, m): A = exp(c s − m) on each row's negatives (0 elsewhere), m the row's largest c s
-    there (given: the forward's). In place on the product (no more (rows x M) buffers)."""
-    cs = fixed_mm(c * u_rows, x).masked_fill_(row_labels[:, None] == ref_labels[None, :], -math.inf)
+    there (given: the forward's). In place on the product (no more (rows x M) buffers).
+    positives: the flat indices of the rows' same-label entries (`_positive_entries`), or
+    (row labels, reference labels) to compare (an (rows x M) mask)."""
+    cs = fixed_mm(c * u_rows, x)
+    if isinstance(positives, torch.Tensor):
+        cs.view(-1).index_fill_(0, positives, -math.inf)
+    else:
+        cs.masked_fill_(positives[0][:, None] == positives[1][None, :], -math.inf)
     if m is None:
         m = cs.amax(dim=1, keepdim=True)
     return cs.sub_(m).exp_(), m
@@ -191,22 +205,49 @@ def _tile_pairs(setup, rows_a, rows_p):
     return _Pairs(i, j, slots)
 
 
+def _positive_entries(setup, rows_a, positive_blocks, m):
+    """The flat indices in the anchor block's (rows x M) A of its same-label entries: its tiles'
+    pairs (their positive rows together are every reference row of the block's classes) and,
+    with the self-pairs excluded, each row's own column (the reference is labelled as the batch);
+    (row labels, reference labels) to compare instead where they are more than 1/8 of the block
+    (an int64 index then outweighs the bool mask)."""
+    count = sum(len(pairs.i) for _, _, pairs in positive_blocks) + (len(rows_a) if setup.exclude_diag else 0)
+    if count * 8 > len(rows_a) * m:
+        return setup.labels[rows_a], setup.ref_labels
+    flat = [pairs.i * m + rows_p.index_select(0, pairs.j) for rows_p, _, pairs in positive_blocks]
+    if setup.exclude_diag:
+        flat.append(torch.arange(0, len(rows_a) * m, m, device=rows_a.device) + rows_a)
+    return torch.cat(flat)
+
+
+def _blocked_setup(stats, labels, ref_labels, m, exclude_diag, same_rows, c, k):
+    """The blocked pass's `_Setup`: the pair list, its slots, the blocks and each tile's pairs."""
+    first, rank = _pair_slots(stats, ref_labels)
+    setup = _Setup(labels, ref_labels, None, first, rank, exclude_diag,
+                   positive_pairs(labels, ref_labels, exclude_diag), c, k)
+    blocks = _blocks(labels, ref_labels, m, exclude_diag, same_rows)
+    return setup._replace(blocks=[(rows_a, [(rows_p, groups, _tile_pairs(setup, rows_a, rows_p))
+                                            for rows_p, groups in tiles]) for rows_a, tiles in blocks])
+
+
 def _walk(ua, up, x, setup, m_a_all=None, m_p_all=None):
-    """Yields (rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs) per tile; rows_p is
-    rows_a (and B is A) for a block that is its own positive block. m_a_all, m_p_all: the
-    forward's row maxima (the backward's). Each anchor row is in one anchor block."""
+    """Yields (rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs, only) per tile; rows_p
+    is rows_a (and B is A) for a block that is its own positive block; only: the tile is its block's
+    one tile. m_a_all, m_p_all: the forward's row maxima (the backward's). Each anchor row is in one
+    anchor block."""
+    m = x.shape[0]
     for rows_a, positive_blocks in setup.blocks:
         ua_rows = ua.index_select(0, rows_a)
-        A, m_a = _exp_rows(ua_rows, x, setup.labels[rows_a], setup.ref_labels, setup.c,
+        A, m_a = _exp_rows(ua_rows, x, _positive_entries(setup, rows_a, positive_blocks, m), setup.c,
                            None if m_a_all is None else m_a_all.index_select(0, rows_a))
         for rows_p, groups, pairs in positive_blocks:
             if rows_p is rows_a:
                 up_rows, B, m_p = ua_rows, A, m_a
             else:
                 up_rows = up.index_select(0, rows_p)
-                B, m_p = _exp_rows(up_rows, x, setup.ref_labels[rows_p], setup.ref_labels, setup.c,
+                B, m_p = _exp_rows(up_rows, x, (setup.ref_labels[rows_p], setup.ref_labels), setup.c,
                                    None if m_p_all is None else m_p_all.index_select(0, rows_p))
-            yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs
+            yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs, len(positive_blocks) == 1
 
 
 class _BlockedAngular(torch.autograd.Function):
@@ -222,7 +263,7 @@ class _BlockedAngular(torch.autograd.Function):
         m_a_all = ua.new_empty(ua.shape[0], 1)
         m_p_all = m_a_all if ua is up and setup.labels is setup.ref_labels else ua.new_empty(up.shape[0], 1)
         smallest = ua.new_full((), math.inf)
-        for rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs in _walk(ua, up, x, setup):
+        for rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs, _ in _walk(ua, up, x, setup):
             m_a_all[rows_a], m_p_all[rows_p] = m_a, m_p
             if not pairs.slots.numel():
                 continue
@@ -248,15 +289,29 @@ class _BlockedAngular(torch.autograd.Function):
 
 def _add_blocked_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x, z_all, gram_all, m_a_all, m_p_all):
     c, k = setup.c, setup.k
-    anchor = None  # [rows_a, ua_rows, A, Σ (c W) B over its tiles, gradient of the ua rows] of the current block
-    for rows_a, ua_rows, A, _, rows_p, up_rows, B, _, groups, pairs in _walk(ua, up, x, setup, m_a_all, m_p_all):
+    # [rows_a, ua_rows, A, Σ (c W) B over its tiles, gradient of the ua rows] of the current block; A is
+    # None once the sum is A ⊙ Σ (c W) B (the block's own and only tile: computed in A's place)
+    anchor = None
+    for rows_a, ua_rows, A, _, rows_p, up_rows, B, _, groups, pairs, only in _walk(ua, up, x, setup, m_a_all,
+                                                                                m_p_all):
         if anchor is None or anchor[0] is not rows_a:
             _finish_anchor_block(anchor, x, grad_x, grad_ua)
             anchor = [rows_a, ua_rows, A, None, torch.zeros_like(ua_rows)]
         if not pairs.slots.numel():
             continue
         w = grad.index_select(0, pairs.slots) * _sigmoid(z_all.index_select(0, pairs.slots))
-        W = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.i, pairs.j), c * w / gram_all.index_select(0, pairs.slots))
+        cw = c * w / gram_all.index_select(0, pairs.slots)
+        if rows_p is rows_a and only:  # a group's pairs are its own rows: A ⊙ (W + Wᵀ) A in place, group by group
+            # W + Wᵀ and V + Vᵀ without W and V: the pairs (i, j) and (j, i) both are there (no (i, i)),
+            # so each entry is w_ij + w_ji, one addition (the bits of W + Wᵀ on any device)
+            W, V = (A.new_zeros(len(rows_a), len(rows_a)).index_put_((pairs.i, pairs.j), v)
+                    .index_put_((pairs.j, pairs.i), v, accumulate=True) for v in (cw, -k * w))
+            for a0, a1, p0, p1 in groups:
+                A[a0:a1].mul_(fixed_mm(W[a0:a1, p0:p1], A[p0:p1].T))
+            anchor[2:4] = None, A
+            anchor[4] += fixed_mm(V, ua_rows.T)
+            continue
+        W = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.i, pairs.j), cw)
         V = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.i, pairs.j), -k * w)
         w_b = torch.empty_like(A)  # the groups cover every row of the block
         if rows_p is rows_a:  # both ends of every pair are this block's rows
@@ -280,12 +335,12 @@ def _add_blocked_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x, z_all, 
 def _finish_anchor_block(anchor, x, grad_x, grad_ua):
     """An anchor block's gradient: its s gradient is A ⊙ (the sum of (c W) B over its tiles). Its
     rows' gradient is written now (each anchor row is in one block): kept until the end, these
-    small tensors sat between the 8 MiB block buffers and kept ~700 MiB of freed heap (N=65536)."""
+    small tensors sat between the block buffers and kept ~700 MiB of freed heap (N=65536)."""
     if anchor is None:
         return
     rows_a, ua_rows, A, w_b, grad_rows = anchor
     if w_b is not None:
-        grad_s = w_b.mul_(A)
+        grad_s = w_b if A is None else w_b.mul_(A)
         grad_rows += fixed_mm(grad_s, x.T)
         grad_x += fixed_mm(grad_s.T, ua_rows.T)
     grad_ua.index_copy_(0, rows_a, grad_rows)
@@ -307,7 +362,7 @@ def _listed_chunk(ua, up, x, a, p, labels, ref_labels, c, k):
 
 
 def _chunks(num_pairs, m):
-    step = max(1, _BLOCK_VALUES // m)
+    step = max(1, _LISTED_VALUES // m)
     return [slice(s, s + step) for s in range(0, num_pairs, step)]
 
 
@@ -384,12 +439,9 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if Degenerate(labels, lambda: no_pos_or_neg(stats)).now():  # PML: no positive or no negative pair
         return ZERO_LOSS
     exclude_diag = ref_labels is labels  # PML's get_all_pairs_indices: the self-pairs by identity
-    a, p = positive_pairs(labels, ref_labels, exclude_diag)
-    first, rank = _pair_slots(stats, ref_labels)
-    setup = _Setup(labels, ref_labels, None, first, rank, exclude_diag, (a, p), c, k)
-    blocks = _blocks(labels, ref_labels, ref_emb.shape[0], exclude_diag, exclude_diag and ref_emb is embeddings)
-    setup = setup._replace(blocks=[(rows_a, [(rows_p, groups, _tile_pairs(setup, rows_a, rows_p)) for rows_p, groups in tiles])
-                                   for rows_a, tiles in blocks])
+    setup = _blocked_setup(stats, labels, ref_labels, ref_emb.shape[0], exclude_diag,
+                           exclude_diag and ref_emb is embeddings, c, k)
+    a, p = setup.pairs
     losses, smallest, *_ = blocked_angular(*_inputs(embeddings, ref_emb), setup)
     info = torch.finfo(embeddings.dtype)
     if bool(smallest < ref_emb.shape[0] * info.tiny / info.eps):  # some underflowed terms may matter

@@ -19,9 +19,11 @@ import torch
 
 from .._determinism import fixed_order_sum
 from ..ops import fixed_mm
+from ..ops.dispatch import extension_loaded
 from ..reference import miners as ref
 from ..reference.indices import random_positives
 
+_CPU_PICKS = extension_loaded() and hasattr(torch.ops.dmlkern, "batch_hard_rows")  # csrc/cpu/batch_hard_rows_cpu.cpp
 _BLOCK_VALUES = 1 << 21  # distance values per row block (8 MiB in fp32); a few such buffers live at once
 _MIN_BLOCK_ROWS = 64
 
@@ -78,6 +80,25 @@ def _pick_per_row(mat, candidates, take_min, thresholds=None, val_range=None):
     return best, valid.any(dim=1)
 
 
+def _cpu_picks_apply(mat, labels, ref_labels):
+    """Whether the block's picks run in C++ (`dmlkern::batch_hard_rows`): a CPU block of fp32 /
+    fp64 distances and int64 labels."""
+    return (_CPU_PICKS and mat.device.type == "cpu" and mat.dtype in (torch.float32, torch.float64)
+            and labels.dtype == torch.long and ref_labels.dtype == torch.long)
+
+
+def _cpu_picks(mat, labels, ref_labels, r0, r1, pos_mode, neg_mode, order, pos_range, neg_range):
+    """`_pick_per_row` of both sides of rows r0:r1 in one C++ sweep of the block: ((values,
+    indices), ok) per side, None for a side not picked (mode 0). Modes 1 (min) / 2 (max);
+    order 1 / 2: semihard positives / negatives (beyond the other side's value)."""
+    values, indices, ok = torch.ops.dmlkern.batch_hard_rows(
+        mat, labels[r0:r1], ref_labels, r0, ref_labels is labels, [pos_mode, neg_mode, order],
+        [] if pos_range is None else [float(v) for v in pos_range],
+        [] if neg_range is None else [float(v) for v in neg_range])
+    return tuple(None if not mode else ((values[:, k], indices[:, k]), ok[:, k])
+                 for k, mode in enumerate((pos_mode, neg_mode)))
+
+
 def _where_offset(mask, r0):
     rows, cols = torch.where(mask)
     return rows + r0, cols
@@ -95,7 +116,9 @@ def batch_easy_hard_miner(distance, embeddings, labels, ref_emb, ref_labels, pos
                           allowed_pos_range=None, allowed_neg_range=None):
     """`reference.miners.batch_easy_hard_miner(distance(embeddings, ref_emb), ...)` block by block:
     (a1, p, a2, n). A side's per-row pick (and the semihard threshold from the other side's) is
-    row-local; a side set to "all" lists its pairs block by block."""
+    row-local; a side set to "all" lists its pairs block by block. On the CPU the picks of a block
+    are one C++ sweep of its rows (`_cpu_picks`), elsewhere torch ops (`_torch_picks`), bit for
+    bit the same."""
     n, device = embeddings.shape[0], embeddings.device
     if n == 0 or ref_emb.shape[0] == 0:
         return ref._empty(device, 4)
@@ -109,31 +132,25 @@ def batch_easy_hard_miner(distance, embeddings, labels, ref_emb, ref_labels, pos
     pos_ok = torch.zeros(n, dtype=torch.bool, device=device)
     neg_ok = torch.zeros(n, dtype=torch.bool, device=device)
     all_pos, all_neg = [], []
+    order = 1 if pos_strategy == ref.SEMIHARD and pick_neg else 2 if neg_strategy == ref.SEMIHARD and pick_pos else 0
+    modes = [(1 if take_min else 2) if pick else 0
+             for pick, take_min in ((pick_pos, pos_take_min), (pick_neg, neg_take_min))]
     for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb):
-        pos_cand, neg_cand = _candidates(labels, ref_labels, r0, r1)
-
-        def positives(thr=None):
-            return _pick_per_row(mat, pos_cand, pos_take_min, thr, allowed_pos_range)
-
-        def negatives(thr=None):
-            return _pick_per_row(mat, neg_cand, neg_take_min, thr, allowed_neg_range)
-
-        pos = neg = None
-        if pos_strategy == ref.SEMIHARD and pick_neg:
-            neg = negatives()
-            pos = positives(neg[0].values)
-        elif neg_strategy == ref.SEMIHARD and pick_pos:
-            pos = positives()
-            neg = negatives(pos[0].values)
+        if _cpu_picks_apply(mat, labels, ref_labels):
+            pos, neg = _cpu_picks(mat, labels, ref_labels, r0, r1, *modes, order, allowed_pos_range,
+                                  allowed_neg_range)
+            if pos is None or neg is None:  # a side set to "all": its pairs listed
+                pos_cand, neg_cand = _candidates(labels, ref_labels, r0, r1)
         else:
-            pos = positives() if pick_pos else None
-            neg = negatives() if pick_neg else None
+            pos, neg, pos_cand, neg_cand = _torch_picks(mat, labels, ref_labels, r0, r1, pos_strategy,
+                                                        neg_strategy, pos_take_min, neg_take_min,
+                                                        allowed_pos_range, allowed_neg_range)
         if pos is not None:
-            pos_idx[r0:r1], pos_ok[r0:r1] = pos[0].indices, pos[1]
+            pos_idx[r0:r1], pos_ok[r0:r1] = pos[0][1], pos[1]
         else:
             all_pos.append(_where_offset(pos_cand, r0))
         if neg is not None:
-            neg_idx[r0:r1], neg_ok[r0:r1] = neg[0].indices, neg[1]
+            neg_idx[r0:r1], neg_ok[r0:r1] = neg[0][1], neg[1]
         else:
             all_neg.append(_where_offset(neg_cand, r0))
     rows = torch.arange(n, device=device)
@@ -144,6 +161,31 @@ def batch_easy_hard_miner(distance, embeddings, labels, ref_emb, ref_labels, pos
     a1, p = _cat_pairs(all_pos, device) if not pick_pos else (rows[pos_ok], pos_idx[pos_ok])
     a2, ng = _cat_pairs(all_neg, device) if not pick_neg else (rows[neg_ok], neg_idx[neg_ok])
     return a1, p, a2, ng
+
+
+def _torch_picks(mat, labels, ref_labels, r0, r1, pos_strategy, neg_strategy, pos_take_min, neg_take_min,
+                 allowed_pos_range, allowed_neg_range):
+    """A block's picks in torch ops (any device; the C++ sweep's twin): (pos, neg, pos_cand,
+    neg_cand), a side's pick ((values, indices), ok), or None for "all"."""
+    pick_pos, pick_neg = pos_strategy != ref.ALL, neg_strategy != ref.ALL
+    pos_cand, neg_cand = _candidates(labels, ref_labels, r0, r1)
+
+    def positives(thr=None):
+        return _pick_per_row(mat, pos_cand, pos_take_min, thr, allowed_pos_range)
+
+    def negatives(thr=None):
+        return _pick_per_row(mat, neg_cand, neg_take_min, thr, allowed_neg_range)
+
+    if pos_strategy == ref.SEMIHARD and pick_neg:
+        neg = negatives()
+        pos = positives(neg[0].values)
+    elif neg_strategy == ref.SEMIHARD and pick_pos:
+        pos = positives()
+        neg = negatives(pos[0].values)
+    else:
+        pos = positives() if pick_pos else None
+        neg = negatives() if pick_neg else None
+    return pos, neg, pos_cand, neg_cand
 
 
 def pair_margin_miner(distance, embeddings, labels, ref_emb, ref_labels, pos_margin, neg_margin):
