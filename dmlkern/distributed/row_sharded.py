@@ -26,7 +26,9 @@ from ..fused.generalized_lifted import generalized_lifted_rows
 from ..fused._epilogue import _already_reduced, _already_reduced_kinds, _element, _log1p_exp, _lse2, _per_row
 from ..fused import triplet as fused_triplet
 from ..fused.lazy_pairs import LazyMinedPairs, LazyMinedTriplets
+from ..fused.multi_similarity import multi_similarity_params
 from ..fused.ntxent import _apply_ntxent_rows
+from ..fused.proxy_anchor import proxy_anchor_params
 from ..ops import pair_engine as pe
 from ..reducers import DoNothingReducer, MeanReducer
 from . import collectives as co
@@ -39,10 +41,9 @@ class _MultiSimilarity:
 
     @staticmethod
     def rows(module, x, y, ids, col_ids, backend):
-        a, b, base = float(module.alpha), float(module.beta), float(module.base)
-        params = EngineParams(sc_pos=-a, off_pos=a * base, sc_neg=b, off_neg=-b * base)
+        params = multi_similarity_params(module)
         softplus = _log1p_exp(_lse2(x, y, ids, col_ids, params, True, backend))
-        return softplus[:, 0] / a + softplus[:, 1] / b
+        return softplus[:, 0] / -params.sc_pos + softplus[:, 1] / params.sc_neg
 
     @staticmethod
     def degenerate(global_ids):  # PML's `len <= 1` rule: no pair at all
@@ -79,8 +80,8 @@ class _MultiSimilarityMined(_MultiSimilarity):
 
     @staticmethod
     def rows(module, x, y, ids, col_ids, backend, eps):
-        a, b, base = float(module.alpha), float(module.beta), float(module.base)
-        params = EngineParams(sc_pos=-a, off_pos=a * base, sc_neg=b, off_neg=-b * base, eps=eps)
+        params = multi_similarity_params(module, eps)
+        a, b = -params.sc_pos, params.sc_neg
         with torch.no_grad():
             extrema = pe.engine_forward(x, y, ids, col_ids, pass_kind=PASS_EXTREMA, params=params, exclude_diag=True,
                                         backend=backend)
@@ -157,12 +158,8 @@ class _Contrastive(_MultiSimilarity):
 
     @staticmethod
     def rows(module, x, y, ids, col_ids, backend):  # per row: the hinge pass's sums and counts
-        pm, nm = float(module.pos_margin), float(module.neg_margin)
         transform = fused_contrastive.pair_distance(module.distance)
-        if transform == TRANSFORM_UNIT_DISTANCE:
-            params = EngineParams(sc_pos=1.0, off_pos=-pm, sc_neg=-1.0, off_neg=nm)
-        else:
-            params = EngineParams(sc_pos=-1.0, off_pos=pm, sc_neg=1.0, off_neg=-nm)
+        params = fused_contrastive.contrastive_params(module, transform)
         return pe.engine_forward(x, y, ids, col_ids, pass_kind=PASS_HINGE, transform=transform, params=params,
                                  exclude_diag=True, backend=backend)
 
@@ -253,10 +250,9 @@ def _proxy_anchor(module, emb, labels):
     module.cast_types(emb.dtype, emb.device)
     backend = _common.engine_backend(emb, module.backend)
     proxies = co.sum_grad_over_ranks(co.scale_grad(module.proxies, 1.0 / co.world_size()))
-    a, m = float(module.alpha), float(module.margin)
     proxy_ids = torch.arange(num_classes, device=emb.device)
-    params = EngineParams(sc_pos=-a, off_pos=a * m, sc_neg=a, off_neg=a * m)
-    lse = _lse2(_common.unit_rows(proxies), _common.unit_rows(emb), proxy_ids, labels, params, False, backend)
+    lse = _lse2(_common.unit_rows(proxies), _common.unit_rows(emb), proxy_ids, labels, proxy_anchor_params(module),
+                False, backend)
     per_rank = co.gather_values(lse, [num_classes] * len(sizes)).view(len(sizes), num_classes, 2)
     lse = _logsumexp_over_ranks(per_rank)
     module.last_backend, module.last_fallback = backend, None

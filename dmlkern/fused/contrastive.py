@@ -69,6 +69,14 @@ def _reduced(kind, total, nonzero, count, reducer, embeddings):
     return torch.where(nonzero > 0, total / nonzero.clamp(min=1), reducer.zero_loss(embeddings).to(total.dtype))
 
 
+def contrastive_params(module, transform):
+    """The hinge pass's terms from the module's margins, for the transform of its distance."""
+    pm, nm = float(module.pos_margin), float(module.neg_margin)
+    if transform == TRANSFORM_UNIT_DISTANCE:  # relu(d - pm), relu(nm - d)
+        return EngineParams(sc_pos=1.0, off_pos=-pm, sc_neg=-1.0, off_neg=nm)
+    return EngineParams(sc_pos=-1.0, off_pos=pm, sc_neg=1.0, off_neg=-nm)  # a similarity: relu(pm - s), relu(s - nm)
+
+
 def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """pos_loss over the positive pairs (i, j): relu(d_ij - pos_margin); neg_loss over the negative
     pairs: relu(neg_margin - d_ij) (CosineSimilarity: relu(pos_margin - s), relu(s - neg_margin)),
@@ -92,11 +100,7 @@ def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         degenerate = Degenerate(labels, pairs.pair_rule())
     if degenerate.returns_zero_now():
         return ZERO_LOSS
-    pm, nm = float(module.pos_margin), float(module.neg_margin)
-    if transform == TRANSFORM_UNIT_DISTANCE:  # relu(d - pm), relu(nm - d)
-        params = EngineParams(sc_pos=1.0, off_pos=-pm, sc_neg=-1.0, off_neg=nm)
-    else:  # a similarity: relu(pm - s), relu(s - nm)
-        params = EngineParams(sc_pos=-1.0, off_pos=pm, sc_neg=1.0, off_neg=-nm)
+    params = contrastive_params(module, transform)
     x, y = _pair_inputs(embeddings, ref_emb)
     out = pe.engine_forward(x, y, labels, ref_labels, pass_kind=PASS_HINGE, transform=transform, params=params,
                             exclude_diag=exclude_diag, backend=backend)

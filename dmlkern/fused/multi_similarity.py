@@ -72,6 +72,12 @@ def _mined_pairs_in_kernel(module, mined, embeddings, ref_emb):
     return True
 
 
+def multi_similarity_params(module, eps=0.0):
+    """The lse2 pass's logits alpha(base - s) / beta(s - base) from the module's attributes."""
+    a, b, base = float(module.alpha), float(module.beta), float(module.base)
+    return EngineParams(sc_pos=-a, off_pos=a * base, sc_neg=b, off_neg=-b * base, eps=eps)
+
+
 def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = _engine_or_decline(module, embeddings)
     if backend is None:
@@ -103,8 +109,8 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
             degenerate.include(lambda: no_pos_or_neg(stats))
     if degenerate.returns_zero_now():
         return ZERO_LOSS
-    a, b, base = float(module.alpha), float(module.beta), float(module.base)
-    params = EngineParams(sc_pos=-a, off_pos=a * base, sc_neg=b, off_neg=-b * base, eps=mining_eps or 0.0)
+    params = multi_similarity_params(module, mining_eps or 0.0)
+    a, b = -params.sc_pos, params.sc_neg
     x, y = _pair_inputs(embeddings, ref_emb)
     row_in, mining = None, MINING_NONE
     if mining_eps is not None:

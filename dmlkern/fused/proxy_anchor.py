@@ -7,17 +7,22 @@ from ._common import is_unit_cosine, static_shapes, unit_rows
 from ._epilogue import _log1p_exp, _lse2, _plain_backend
 
 
+def proxy_anchor_params(module):
+    """The lse2 pass's logits -alpha(s - margin) / alpha(s + margin), a proxy being a row."""
+    a, m = float(module.alpha), float(module.margin)
+    return EngineParams(sc_pos=-a, off_pos=a * m, sc_neg=a, off_neg=a * m)
+
+
 def proxy_anchor(module, embeddings, labels, indices_tuple, proxies):
     backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
     if backend is None:
         return None  # e.g. miner weights (indices_tuple): the reference
-    a, m = float(module.alpha), float(module.margin)
     num_classes = proxies.shape[0]
     p = unit_rows(proxies)
     x = unit_rows(embeddings)
     proxy_labels = torch.arange(num_classes, device=labels.device)
     # Per proxy (a row of the engine): pos over its class's samples, neg over the others.
-    lse = _lse2(p, x, proxy_labels, labels, EngineParams(sc_pos=-a, off_pos=a * m, sc_neg=a, off_neg=a * m), False, backend)
+    lse = _lse2(p, x, proxy_labels, labels, proxy_anchor_params(module), False, backend)
     if static_shapes():  # labels can't be read (check_class_inputs): outside [0, C) gives NaN
         lse = torch.where(((labels >= 0) & (labels < num_classes)).all(), lse, float("nan"))
     # The number of proxies with a positive: a tensor under torch.compile and on CUDA (no host
