@@ -29,6 +29,7 @@ from ..fused.lazy_pairs import LazyMinedPairs, LazyMinedTriplets
 from ..fused.multi_similarity import multi_similarity_params
 from ..fused.ntxent import _apply_ntxent_rows
 from ..fused.proxy_anchor import proxy_anchor_params
+from ..fused.supcon import supcon_rows
 from ..ops import pair_engine as pe
 from ..reducers import DoNothingReducer, MeanReducer
 from . import collectives as co
@@ -95,16 +96,8 @@ class _MultiSimilarityMined(_MultiSimilarity):
 class _SupCon(_MultiSimilarity):
     @staticmethod
     def rows(module, x, y, ids, col_ids, backend):
-        inv_t = 1.0 / float(module.temperature)
-        lse = _lse2(x, y, ids, col_ids, EngineParams(sc_pos=inv_t, sc_neg=inv_t), True, backend)
-        stats = _common.LabelStats(ids, col_ids)  # two tensors: `same` counts the row itself
-        pos_sim_sum = (x * _common.class_sums_for_rows(stats, y)).sum(dim=1) - (x * y[:x.shape[0]]).sum(dim=1)
-        count = (stats.same - 1).to(lse.dtype)
-        pos_sim_mean = pos_sim_sum.to(lse.dtype) / (count + torch.finfo(x.dtype).tiny)
-        # fused/supcon.py's arrangement: nothing of size 1/t cancels
-        lse_pos = torch.where(count > 0, lse[:, 0], 0.0)
-        pos_spread = torch.where(count == 1, 0.0, lse_pos - pos_sim_mean * inv_t)
-        return torch.where(count > 0, pos_spread + _log1p_exp(lse[:, 1] - lse_pos), 0.0)
+        stats = _common.LabelStats(ids, col_ids, exclude_diag=True)  # row i's self pair is column i
+        return supcon_rows(module, x, y, ids, col_ids, stats, True, backend, x.dtype)
 
     @staticmethod
     def degenerate(global_ids):

@@ -21,15 +21,23 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     exclude_diag, stats, degenerate = _stats_with_pair_rule_of(plan, labels, ref_labels)
     if degenerate.returns_zero_now():
         return ZERO_LOSS
-    inv_t = 1.0 / float(module.temperature)
     x, y = _pair_inputs(embeddings, ref_emb)
+    losses = degenerate.zero_where(supcon_rows(module, x, y, labels, ref_labels, stats, exclude_diag, backend,
+                                               embeddings.dtype))
+    return {"loss": _element(losses.to(embeddings.dtype), len(losses))}, backend  # (N,), as PML's SupCon
+
+
+def supcon_rows(module, x, y, labels, ref_labels, stats, exclude_diag, backend, emb_dtype):
+    """Each row's loss (x, y: unit rows; stats: their LabelStats, self pairs excluded alike;
+    emb_dtype: the embeddings' dtype, whose tiny PML adds to |P(i)|)."""
+    inv_t = 1.0 / float(module.temperature)
     lse = _lse2(x, y, labels, ref_labels, EngineParams(sc_pos=inv_t, sc_neg=inv_t), exclude_diag, backend)
     # sum_{p in P(i)} s_ip = <x_i, sum of the reference rows with label y_i> - the self pair: O(N D).
     pos_sim_sum = (x * class_sums_for_rows(stats, y)).sum(dim=1)
     if exclude_diag:  # row i's self pair (x_i, y_i) is in the class sum
         pos_sim_sum = pos_sim_sum - (x * y[:len(x)]).sum(dim=1)
     count = stats.pos.to(lse.dtype)
-    tiny = torch.finfo(embeddings.dtype).tiny  # PML divides by |P(i)| + tiny
+    tiny = torch.finfo(emb_dtype).tiny  # PML divides by |P(i)| + tiny
     pos_sim_mean = pos_sim_sum.to(lse.dtype) / (count + tiny)
     # -mean_p log_prob = LSE - mean_p s_ip/t, with LSE = lse_pos + softplus(lse_neg - lse_pos):
     # (lse_pos - mean_p s_ip/t) + softplus(lse_neg - lse_pos). Near convergence the loss is small
@@ -38,5 +46,4 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     lse_pos = torch.where(count > 0, lse[:, 0], 0.0)  # -inf without positives: no inf - inf below
     pos_spread = torch.where(count == 1, 0.0, lse_pos - pos_sim_mean * inv_t)
     neg_term = _log1p_exp(lse[:, 1] - lse_pos)
-    losses = degenerate.zero_where(torch.where(count > 0, pos_spread + neg_term, 0.0))
-    return {"loss": _element(losses.to(embeddings.dtype), len(losses))}, backend  # (N,), as PML's SupCon
+    return torch.where(count > 0, pos_spread + neg_term, 0.0)
