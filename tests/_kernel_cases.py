@@ -5,18 +5,20 @@ KERNEL_BACKENDS parametrises "backend,device"; kernel_dtype_cases() parametrises
 import pytest
 import torch
 
+from dmlkern.ops.dispatch import extension_loaded
 from dmlkern.triton import interpret_mode
 
 HAS_CUDA = torch.cuda.is_available()
+NO_EXTENSION = pytest.mark.skipif(not extension_loaded(), reason="needs the dmlkern._C extension built for this torch")
 
 # (backend, device) pairs; GPU ones skip with the reason on a machine without one.
 KERNEL_BACKENDS = [
-    pytest.param("cpp", "cpu", id="cpp-cpu"),
+    pytest.param("cpp", "cpu", id="cpp-cpu", marks=NO_EXTENSION),
     pytest.param("triton", "cpu", id="triton-interpret",
                  marks=pytest.mark.skipif(HAS_CUDA or not interpret_mode(),
                                           reason="Triton on CPU tensors needs TRITON_INTERPRET=1 and no GPU")),
     pytest.param("cpp", "cuda", id="cpp-cuda",
-                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]),
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"), NO_EXTENSION]),
     pytest.param("triton", "cuda", id="triton-cuda",
                  marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]),
 ]

@@ -169,8 +169,9 @@ def test_class_table_lists_every_pml_class_once():
 def test_class_table_status_comes_from_the_code():
     status = {(m, n): s for m, n, s in _api_table.rows()}
     assert status["losses", "MultiSimilarityLoss"] == "fused"  # overrides fused_loss_dict
-    assert status["losses", "FastAPLoss"] == "reference"
-    assert status["losses", "SignalToNoiseRatioContrastiveLoss"] == "reference"  # Contrastive's kernels: Lp / cosine only
+    assert status["losses", "FastAPLoss"] == "fused"  # blocked path, fused/ranking.py
+    assert status["losses", "SignalToNoiseRatioContrastiveLoss"] == "fused"  # blocked path, fused/snr_contrastive.py
+    assert status["losses", "PNPLoss"] == "reference"
     assert status["losses", "MultipleLosses"] == "provided"
     assert status["losses", "CrossBatchMemory"] == "provided"
     assert status["losses", "CenterLoss"] == "not in PML; reference"

@@ -468,7 +468,7 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
     from dmlkern.reducers import AvgNonZeroReducer, DoNothingReducer, ThresholdReducer
     zero_row = torch.cat([x[:1] * 0, x[1:]])
     for loss_fn, args, reason in [
-        (losses.MultiSimilarityLoss(distance=LpDistance()), (x, labels), "non-default distance LpDistance"),
+        (losses.MultiSimilarityLoss(distance=LpDistance(p=1)), (x, labels), "non-default distance LpDistance"),
         (losses.NTXentLoss(reducer=AvgNonZeroReducer()), (x, labels), "AvgNonZeroReducer with NTXentLoss"),
         (losses.LiftedStructureLoss(), (x, labels, None, x[:7] * 2, labels[:7]), "ref_emb"),  # PML's quirk
         (losses.LiftedStructureLoss(), (x, labels, None, x, labels.clone()), "ref_emb"),  # self-pairs kept then
@@ -476,10 +476,10 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
         (losses.GeneralizedLiftedStructureLoss(), (zero_row, labels), "shorter than 1e-12"),
         (losses.NPairsLoss(), (x, labels, (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]))),
          "an indices_tuple"),
-        (losses.MultiSimilarityLoss(distance=LpDistance()), (x, None, (torch.tensor([0, 1]), torch.tensor([1, 2]),
+        (losses.MultiSimilarityLoss(distance=LpDistance(p=1)), (x, None, (torch.tensor([0, 1]), torch.tensor([1, 2]),
                                                                        torch.tensor([4]), torch.tensor([5]))),
          "non-default distance LpDistance"),
-        (losses.ContrastiveLoss(distance=LpDistance(normalize_embeddings=False)), (x, labels),
+        (losses.ContrastiveLoss(distance=LpDistance(normalize_embeddings=False, power=3)), (x, labels),
          "non-default distance LpDistance"),
         (losses.ContrastiveLoss(reducer=ThresholdReducer(low=0.1)), (x, labels), "ThresholdReducer for its sub-loss"),
         (losses.ContrastiveLoss(reducer=MeanReducer(collect_stats=True)), (x, labels),

@@ -44,7 +44,7 @@ EASY_HARD.append(dict(allowed_pos_range=(0.3, 1.2), allowed_neg_range=(0.5, 1.6)
 MINER_CASES = ([("BatchHardMiner", {})] + [("BatchEasyHardMiner", kw) for kw in EASY_HARD]
                + [("PairMarginMiner", {}), ("PairMarginMiner", dict(pos_margin=0.5, neg_margin=1.1))])
 DISTANCES = {None: None, "cos": ("CosineSimilarity", {}), "lp_sq": ("LpDistance", {"power": 2}),
-             "dot_raw": ("DotProductSimilarity", {"normalize_embeddings": False})}
+             "dot_raw": ("DotProductSimilarity", {"normalize_embeddings": False}), "lp1": ("LpDistance", {"p": 1})}
 LOSS_KWARGS = [{}, {"margin": 0.3, "swap": True}, {"margin": 0.2, "smooth_loss": True}]
 
 
@@ -199,7 +199,7 @@ def test_empty_tuple_gives_pmls_zero():
 def test_unsupported_distance_runs_the_reference():
     x, labels, _, _ = _batch(20, 4, None, torch.float64, seed=3)
     triplets, _ = _hand_built(20, 20, seed=4)
-    loss_fn = _assert_matches_pml(torch.float64, x, labels, None, None, triplets, dist_key="lp_sq")
+    loss_fn = _assert_matches_pml(torch.float64, x, labels, None, None, triplets, dist_key="lp1")
     assert loss_fn.last_backend == "reference" and "LpDistance" in loss_fn.last_fallback
 
 

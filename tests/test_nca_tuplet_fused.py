@@ -273,7 +273,7 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):  # n
     for loss_fn, args, reason in [
         (losses.NCALoss(), (x, labels, pairs), "an indices_tuple"),
         (losses.NCALoss(distance=dist.LpDistance(p=1)), (x, labels), "non-default distance"),
-        (losses.NCALoss(distance=dist.LpDistance(normalize_embeddings=False, power=2)), (x, labels),
+        (losses.NCALoss(distance=dist.LpDistance(normalize_embeddings=False, power=3)), (x, labels),
          "non-default distance"),
         (losses.NCALoss(distance=dist.SNRDistance()), (x, labels), "non-default distance"),
         (losses.NCALoss(), (x, labels, None, x, labels.clone()), "separate ref_labels"),

@@ -342,11 +342,11 @@ def test_pickle_and_deepcopy(case):
         assert_close(clone(emb, **fwd), want, torch.float32)
 
 
-def test_snr_runs_the_reference():
+def test_snr_runs_blocked():
     emb, labels, _, _ = make_inputs(4, 16, 8, 4, torch.float32)
     loss = losses.SignalToNoiseRatioContrastiveLoss()
     loss(emb, labels)
-    assert loss.last_backend == "reference" and "no fused kernel" in loss.last_fallback
+    assert loss.last_backend == "blocked" and loss.last_fallback is None
     with pytest.raises(InvalidInputError):
         losses.SignalToNoiseRatioContrastiveLoss(distance=distances.LpDistance())
 

@@ -81,8 +81,9 @@ def limit_memory(torch, device, budget_gb):
         return
     budget = int(budget_gb * 2**30)
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (budget + torch.cuda.memory_allocated()) / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()  # it takes no bare "cuda"
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (budget + torch.cuda.memory_allocated(index)) / total), index)
         return
     vmdata = _status_bytes("VmData")
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)

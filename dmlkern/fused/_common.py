@@ -1,10 +1,14 @@
 """What the fused losses share: when a configuration is fusable, the backend choice, the
-normalisation, and pair counts from labels in O(N) (no N x M mask)."""
+normalisation, the engine's rows and terms for each distance it expresses (`engine_rows`,
+`value_params`), and pair counts from labels in O(N) (no N x M mask)."""
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from .. import distances as dist
 from .._autograd import applier
+from ..engine_spec import TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams
 from ..ops import pair_engine as pe
 from .._tracing import static_shapes  # the fused losses import it from here too
 from ..reducers import MeanReducer
@@ -23,6 +27,17 @@ def is_unit_euclidean(distance):
     """PML's default LpDistance: Euclidean distance of L2-normalised rows, not squared."""
     return (type(distance) is dist.LpDistance and distance.normalize_embeddings and distance.p == 2
             and distance.power == 1 and not distance.is_inverted)
+
+
+def _lp_distance(distance, normalize, power):
+    return (type(distance) is dist.LpDistance and bool(distance.normalize_embeddings) == normalize
+            and distance.p == 2 and distance.power == power and not distance.is_inverted)
+
+
+def is_raw_dot(distance):
+    """DotProductSimilarity(normalize_embeddings=False): the dot product of the rows as given."""
+    return (type(distance) is dist.DotProductSimilarity and not distance.normalize_embeddings
+            and distance.power == 1 and distance.is_inverted)
 
 
 def is_plain_mean(reducer):
@@ -112,6 +127,108 @@ def unit_rows(x):
     """The rows of x scaled to unit L2 norm, as F.normalize(x, dim=1); under torch.autocast in the
     engine's autocast dtype (pe.autocast_rows)."""
     return pe.autocast_rows(_apply_unit_rows(x)[0])
+
+
+SHORT_ROWS = "an embedding row shorter than 1e-12 (e.g. all zeros) with a Euclidean fused loss"
+RAW_EUCLIDEAN_DTYPE = "LpDistance(normalize_embeddings=False) in {} (the fused path runs it on fp32 / fp64 rows)"
+
+
+class EngineRows(NamedTuple):
+    """What the engine reads for a distance: its query rows x, reference rows y (y is x when the
+    pairs are those of one tensor with itself, for the symmetric kernels) and the transform that
+    gives the distance's value from their dot products."""
+    x: torch.Tensor
+    y: torch.Tensor
+    transform: int
+
+
+# The distances the engine expresses: kind -> (test, rows, transform, scale, shift). rows: "unit"
+# (F.normalize'd), "raw" (as given) or "augmented" (`euclidean_rows`: s = 1 - |x - y|^2 / 2). The
+# distance's value (PML's matrix entry) is scale * v + shift, v the engine's value of the rows'
+# dot product s: s itself (transform 0) or d = sqrt(max(2 - 2s, 0)) (transform 1); the squared
+# distances are d^2 = 2 - 2s (transform 0, scale -2, shift 2).
+_KINDS = {
+    "unit_cosine": (is_unit_cosine, "unit", TRANSFORM_DOT, 1.0, 0.0),
+    "raw_dot": (is_raw_dot, "raw", TRANSFORM_DOT, 1.0, 0.0),
+    "unit_euclidean": (lambda d: _lp_distance(d, True, 1), "unit", TRANSFORM_UNIT_DISTANCE, 1.0, 0.0),
+    "raw_euclidean": (lambda d: _lp_distance(d, False, 1), "augmented", TRANSFORM_UNIT_DISTANCE, 1.0, 0.0),
+    "unit_squared_euclidean": (lambda d: _lp_distance(d, True, 2), "unit", TRANSFORM_DOT, -2.0, 2.0),
+    "raw_squared_euclidean": (lambda d: _lp_distance(d, False, 2), "augmented", TRANSFORM_DOT, -2.0, 2.0),
+}
+DOT_KINDS = ("unit_cosine", "raw_dot")  # the similarities: for the losses written for cosine
+DISTANCE_KINDS = ("unit_euclidean", "raw_euclidean")  # d itself (transform 1): not squared
+
+
+def engine_distance(distance):
+    """The `_KINDS` name of `distance`, or None (the engine doesn't express it: the reference runs)."""
+    return next((kind for kind, (test, *_) in _KINDS.items() if test(distance)), None)
+
+
+def engine_transform(distance):
+    """The engine's transform for `distance` (`_KINDS`)."""
+    return _KINDS[engine_distance(distance)][2]
+
+
+def value_params(distance, sc_pos=0.0, off_pos=0.0, sc_neg=0.0, off_neg=0.0, eps=0.0):
+    """EngineParams for the logits / hinge terms sc * value + off written on the distance's own
+    value, as the engine's sc' * v + off' (value = scale * v + shift)."""
+    _, _, _, scale, shift = _KINDS[engine_distance(distance)]
+    return EngineParams(sc_pos=sc_pos * scale, off_pos=off_pos + sc_pos * shift, sc_neg=sc_neg * scale,
+                        off_neg=off_neg + sc_neg * shift, eps=eps)
+
+
+def engine_rows_reason(distance, embeddings, ref_emb, kinds=None):
+    """Why `engine_rows` can't take this call (the `last_fallback` text), or None. kinds: the
+    `engine_distance` kinds the loss's passes allow (default: all)."""
+    kind = engine_distance(distance)
+    if kind is None:
+        return f"non-default distance {type(distance).__name__}"
+    if kinds is not None and kind not in kinds:
+        what = kind.replace("_", " ")
+        return f"non-default distance {type(distance).__name__} ({what}: not on this loss's fused path)"
+    if _KINDS[kind][1] == "augmented" and embeddings.dtype not in CPP_CPU_DTYPES:
+        return RAW_EUCLIDEAN_DTYPE.format(embeddings.dtype)  # |x|^2 / 2 would cancel at half precision
+    if kind in ("unit_euclidean", "unit_squared_euclidean") and has_short_rows(embeddings, ref_emb):
+        return SHORT_ROWS  # d^2 = 2 - 2s assumes unit rows
+    return None
+
+
+def engine_rows(distance, embeddings, ref_emb):
+    """The engine's rows and transform for `distance` (`engine_rows_reason` None for it; `_KINDS`):
+    - cosine: unit rows, transform 0; the raw dot product: the rows as given, transform 0;
+    - unit-Euclidean: unit rows, transform 1 (d = sqrt(2 - 2s)), squared: transform 0 (2 - 2s);
+    - raw Euclidean: augmented rows (`euclidean_rows`), whose dot products are 1 - |x - y|^2 / 2,
+      transform 1 (squared: transform 0). Rows and columns then differ (no symmetric kernels); the
+      self pairs excluded by the masks are still those of equal index.
+    Build the pass's params with `value_params` (the squared distances' scale and shift)."""
+    _, rows, transform, _, _ = _KINDS[engine_distance(distance)]
+    if rows == "augmented":
+        return EngineRows(*euclidean_rows(embeddings, ref_emb), transform)
+    rows = unit_rows if rows == "unit" else pe.autocast_rows
+    x = rows(embeddings)
+    return EngineRows(x, x if ref_emb is embeddings else rows(ref_emb), transform)
+
+
+def euclidean_rows(embeddings, ref_emb):
+    """(x~, y~) with x~_i . y~_j = 1 - |x_i - y_j|^2 / 2 (so sqrt(2 - 2 s) is the distance):
+    x~ = [x, 1 - |x|^2 / 2, 1], y~ = [y, 1, -|y|^2 / 2], autograd through the augmentation giving
+    the gradients. Both sides are first shifted by the reference rows' per-coordinate median
+    (detached: distances don't depend on it), so the norms, and the cancellation of |x|^2 + |y|^2
+    - 2 x.y, are those of the data's spread rather than of its offset (PML's torch.cdist cancels
+    on the raw norms). The rows stay in the input dtype (fp32 / fp64): no autocast rounding, as
+    cdist (autocast runs it in fp32)."""
+    with torch.no_grad():
+        if ref_emb.shape[0] == 0:
+            center = ref_emb.new_zeros(ref_emb.shape[1])
+        else:  # NaN rows ignored; a column of NaN or inf: no shift there
+            center = torch.nanmedian(ref_emb.detach(), dim=0).values
+            center = torch.nan_to_num(center, nan=0.0, posinf=0.0, neginf=0.0)
+    x = embeddings - center
+    y = x if ref_emb is embeddings else ref_emb - center
+    ones_x, ones_y = x.new_ones(x.shape[0], 1), y.new_ones(y.shape[0], 1)
+    half_sq_x = (x * x).sum(dim=1, keepdim=True) * 0.5  # one output per row: one thread each
+    half_sq_y = half_sq_x if y is x else (y * y).sum(dim=1, keepdim=True) * 0.5
+    return torch.cat([x, 1 - half_sq_x, ones_x], dim=1), torch.cat([y, ones_y, -half_sq_y], dim=1)
 
 
 def _computed_once(fn):

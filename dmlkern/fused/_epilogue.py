@@ -9,9 +9,9 @@ from .._determinism import logaddexp
 from ..engine_spec import MINING_NONE, PASS_LSE2, TRANSFORM_DOT
 from ..ops import pair_engine as pe
 from . import _common
-from ._common import Degenerate, LabelStats, decline, no_engine_reason, no_pos_or_neg, short_circuit, unit_rows
-
-SHORT_ROWS = "an embedding row shorter than 1e-12 (e.g. all zeros) with a Euclidean fused loss"
+from ._common import SHORT_ROWS  # noqa: F401  (its home was here)
+from ._common import (Degenerate, LabelStats, decline, engine_rows_reason, no_engine_reason, no_pos_or_neg,
+                      short_circuit, unit_rows)
 
 
 class _ZeroLoss:
@@ -54,6 +54,19 @@ def _plain_backend(module, embeddings, labels, indices_tuple, distance_ok):
         return decline(module, "an indices_tuple (the fused kernels use all pairs)")
     if not distance_ok(module.distance):
         return decline(module, f"non-default distance {type(module.distance).__name__}")
+    return backend
+
+
+def _rows_backend(module, embeddings, labels, indices_tuple, ref_emb, kinds=None):
+    """`_plain_backend` for the distances `_common.engine_rows` expresses (kinds: the
+    `engine_distance` kinds the loss allows, default all); then the rows' own checks."""
+    backend = _plain_backend(module, embeddings, labels, indices_tuple,
+                             lambda distance: _common.engine_distance(distance) is not None)
+    if backend is None:
+        return None
+    reason = engine_rows_reason(module.distance, embeddings, ref_emb, kinds)
+    if reason is not None:
+        return decline(module, reason)
     return backend
 
 

@@ -8,10 +8,9 @@ from .._determinism import fixed_order_sum
 from ..engine_spec import PASS_HINGE, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams
 from ..ops import pair_engine as pe
 from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
-from . import _common
-from ._common import Degenerate, LabelStats, all_pairs_plan, branch_free, decline, is_unit_cosine, is_unit_euclidean
-from ._epilogue import (SHORT_ROWS, ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each,
-                        _pair_inputs, _plain_backend)
+from ._common import (Degenerate, LabelStats, all_pairs_plan, branch_free, decline, engine_distance, engine_rows,
+                      engine_rows_reason, is_unit_cosine, is_unit_euclidean, value_params)
+from ._epilogue import ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each, _plain_backend
 from .listed_pairs import listed_contrastive
 
 SUB_LOSSES = ("pos_loss", "neg_loss")
@@ -20,8 +19,10 @@ NAN_PAIRS = "a NaN pair value (the reference drops or keeps each NaN pair loss a
 
 
 def pair_distance(distance):
-    """The engine transform for a distance the hinge losses fuse (None for any other): the default
-    Euclidean distance of unit rows (transform 1) or the cosine similarity (transform 0)."""
+    """The engine transform of the unit-row distances (None for any other): the default Euclidean
+    distance of unit rows (transform 1) or the cosine similarity (transform 0). The row-sharded
+    distributed form reads it (it runs on unit rows); the fused losses take every distance
+    `_common.engine_rows` expresses."""
     if is_unit_euclidean(distance):
         return TRANSFORM_UNIT_DISTANCE
     if is_unit_cosine(distance):
@@ -42,9 +43,10 @@ def nan_in(*totals):
 
 
 def hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, sub_losses, reducer_kinds, why_not=None):
-    """The checks the hinge losses share: (backend, each sub-loss's reducer kind, transform), or
-    None after `decline` recorded why. why_not(): the loss's own reason to decline, or None."""
-    backend = _plain_backend(module, embeddings, labels, indices_tuple, lambda d: pair_distance(d) is not None)
+    """The checks the hinge losses share: (backend, each sub-loss's reducer kind), or None after
+    `decline` recorded why. why_not(): the loss's own reason to decline, or None. Any distance
+    `_common.engine_rows` expresses (the hinge pass is linear in the value: no bound assumed)."""
+    backend = _plain_backend(module, embeddings, labels, indices_tuple, lambda d: engine_distance(d) is not None)
     if backend is None:
         return None
     reason = why_not() if why_not is not None else None
@@ -53,10 +55,10 @@ def hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, sub_losses, r
     kinds = _already_reduced_kinds(module, sub_losses, reducer_kinds)
     if kinds is None:
         return None
-    transform = pair_distance(module.distance)
-    if transform == TRANSFORM_UNIT_DISTANCE and _common.has_short_rows(embeddings, ref_emb):
-        return decline(module, SHORT_ROWS)
-    return backend, kinds, transform
+    reason = engine_rows_reason(module.distance, embeddings, ref_emb)
+    if reason is not None:
+        return decline(module, reason)
+    return backend, kinds
 
 
 def _reduced(kind, total, nonzero, count, reducer, embeddings):
@@ -77,6 +79,14 @@ def contrastive_params(module, transform):
     return EngineParams(sc_pos=-1.0, off_pos=pm, sc_neg=1.0, off_neg=-nm)  # a similarity: relu(pm - s), relu(s - nm)
 
 
+def hinge_params(module, distance):
+    """`contrastive_params` for any distance `_common.engine_rows` expresses (`value_params`)."""
+    pm, nm = float(module.pos_margin), float(module.neg_margin)
+    if distance.is_inverted:  # a similarity: relu(pm - s), relu(s - nm)
+        return value_params(distance, sc_pos=-1.0, off_pos=pm, sc_neg=1.0, off_neg=-nm)
+    return value_params(distance, sc_pos=1.0, off_pos=-pm, sc_neg=-1.0, off_neg=nm)  # relu(d - pm), relu(nm - d)
+
+
 def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """pos_loss over the positive pairs (i, j): relu(d_ij - pos_margin); neg_loss over the negative
     pairs: relu(neg_margin - d_ij) (CosineSimilarity: relu(pos_margin - s), relu(s - neg_margin)),
@@ -91,7 +101,7 @@ def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     plan = hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, SUB_LOSSES, _KINDS)
     if plan is None:
         return None
-    backend, kinds, transform = plan
+    backend, kinds = plan
     if pairs is None:
         exclude_diag, stats = ref_labels is labels, LabelStats(labels, ref_labels)
         degenerate = Degenerate(labels, _at_most_one_pair_each(stats))  # PML's len <= 1 rule
@@ -100,8 +110,8 @@ def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         degenerate = Degenerate(labels, pairs.pair_rule())
     if degenerate.returns_zero_now():
         return ZERO_LOSS
-    params = contrastive_params(module, transform)
-    x, y = _pair_inputs(embeddings, ref_emb)
+    x, y, transform = engine_rows(module.distance, embeddings, ref_emb)
+    params = hinge_params(module, module.distance)
     out = pe.engine_forward(x, y, labels, ref_labels, pass_kind=PASS_HINGE, transform=transform, params=params,
                             exclude_diag=exclude_diag, backend=backend)
     pos_sum, pos_nonzero, neg_sum, neg_nonzero = hinge_totals(out)

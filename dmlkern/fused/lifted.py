@@ -5,17 +5,18 @@ import torch
 
 from .._autograd import applier
 from .._determinism import fixed_order_sum, logaddexp
-from ..engine_spec import MINING_NONE, PASS_LIFTED_PAIRS, TRANSFORM_UNIT_DISTANCE, EngineParams
+from ..engine_spec import MINING_NONE, PASS_LIFTED_PAIRS, TRANSFORM_UNIT_DISTANCE
 from ..ops import pair_engine as pe
-from . import _common
 from .listed_pairs import listed_lifted
-from .pair_lists import pair_dots, positive_pairs
-from ._common import decline, is_unit_euclidean, static_shapes, unit_rows
-from ._epilogue import (SHORT_ROWS, ZERO_LOSS, _empty_as_zero, _lse2, _lse_neg_then, _plain_backend,
-                        _stats_with_pair_rule)
+from .pair_lists import pair_dots, positive_pairs, unit_distance
+from ._common import decline, engine_rows, static_shapes, value_params
+from ._epilogue import ZERO_LOSS, _empty_as_zero, _lse2, _lse_neg_then, _rows_backend, _stats_with_pair_rule
 
 
 MAX_POS_PAIRS_PER_ROW = 64  # above this many positive pairs per row, the reference runs
+# The lifted_pairs pass reads row_in of the columns: the rows must be the columns (the symmetric
+# case), so no augmented rows (the raw Euclidean distances).
+LIFTED_KINDS = ("unit_euclidean", "unit_squared_euclidean", "unit_cosine", "raw_dot")
 
 
 class _LiftedPairs(torch.autograd.Function):
@@ -32,49 +33,50 @@ class _LiftedPairs(torch.autograd.Function):
     # the order (non-differentiable) so that setup_context can save them; callers take [:2].
 
     @staticmethod
-    def forward(x, labels, params, backend):
+    def forward(x, labels, params, backend, transform=TRANSFORM_UNIT_DISTANCE):
         labels, order = torch.sort(labels, stable=True)
         sorted_x = x[order]
         row_in, out = _lse_neg_then(PASS_LIFTED_PAIRS, sorted_x, sorted_x, labels, labels, params, True,
-                                    TRANSFORM_UNIT_DISTANCE, backend)
+                                    transform, backend)
         return fixed_order_sum(out[:, 0]), fixed_order_sum(out[:, 2]), labels, row_in, out, order
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, _, params, backend = inputs
+        x, _, params, backend, *transform = inputs
         _, count, labels, row_in, out, order = output
         ctx.mark_non_differentiable(count, labels, row_in, out, order)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, labels, row_in, out, order)
-        ctx.config = (params, backend)
+        ctx.config = (params, backend, transform[0] if transform else TRANSFORM_UNIT_DISTANCE)
 
     @staticmethod
     def backward(ctx, grad_total, *_grad_statistics):
         x, labels, row_in, out, order = ctx.saved_tensors
-        params, backend = ctx.config
+        params, backend, transform = ctx.config
+        nones = (None,) * (len(ctx.needs_input_grad) - 1)
         if grad_total is None:
-            return None, None, None, None
+            return None, *nones
         if pe.backward_needs_graph(x):  # create_graph=True: a differentiable gradient
             def total(x):  # the reference's lifted_pairs pass is differentiable
                 sorted_x = x[order]
                 return _lse_neg_then(PASS_LIFTED_PAIRS, sorted_x, sorted_x, labels, labels, params, True,
-                                     TRANSFORM_UNIT_DISTANCE, "reference")[1][:, 0].sum()
-            return (*pe.reference_gradient(total, (x,), ctx.needs_input_grad[:1], grad_total), None, None, None)
+                                     transform, "reference")[1][:, 0].sum()
+            return (*pe.reference_gradient(total, (x,), ctx.needs_input_grad[:1], grad_total), *nones)
         with torch.no_grad():  # under torch.func.grad grad mode is on
-            return _LiftedPairs._fused_backward(grad_total, x, labels, row_in, out, order, params, backend)
+            grad = _LiftedPairs._fused_backward(grad_total, x, labels, row_in, out, order, params, backend, transform)
+            return grad, *nones
 
     @staticmethod
-    def _fused_backward(grad_total, x, labels, row_in, out, order, params, backend):
+    def _fused_backward(grad_total, x, labels, row_in, out, order, params, backend, transform):
         x = x[order]
         g = grad_total.to(out.dtype).expand(out.shape[0])
         zero = torch.zeros_like(g)
         coef = torch.stack([zero, zero, 2 * g * out[:, 1], row_in[:, 2], zero, g], dim=1)
         grad_x, grad_y = pe.engine_backward_raw(x, x, labels, labels, row_in, coef.contiguous(),
-                                                transform=TRANSFORM_UNIT_DISTANCE, mining=MINING_NONE,
+                                                transform=transform, mining=MINING_NONE,
                                                 params=params, exclude_diag=True, backend=backend,
                                                 symmetric=True, coef_terms=2)  # C_lift
-        grad = torch.zeros_like(grad_x).index_copy(0, order, grad_x)  # back to the caller's order
-        return grad, None, None, None
+        return torch.zeros_like(grad_x).index_copy(0, order, grad_x)  # back to the caller's order
 
 
 _apply_lifted_pairs = applier(_LiftedPairs)
@@ -105,15 +107,13 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     pairs (`listed_pairs.listed_lifted`)."""
     if indices_tuple is not None:
         return listed_lifted(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
-    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_euclidean)
+    backend = _rows_backend(module, embeddings, labels, indices_tuple, ref_emb, LIFTED_KINDS)
     # With ref_emb (even the embeddings themselves, given with other ref_labels) PML matches
     # negatives by index value and keeps self-pairs: the reference does that.
     if backend is None:
         return None
     if ref_emb is not embeddings or ref_labels is not labels:
         return decline(module, "ref_emb or ref_labels with LiftedStructureLoss")
-    if _common.has_short_rows(embeddings):
-        return decline(module, SHORT_ROWS)
     stats, degenerate = _stats_with_pair_rule(labels, labels)
     pm, nm = float(module.pos_margin), float(module.neg_margin)
     reduction = _lifted_reduction(module.reducer)
@@ -121,8 +121,8 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         return _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend)
     if degenerate.returns_zero_now():
         return ZERO_LOSS
-    x = unit_rows(embeddings)
-    total, nonzero = _apply_lifted_pairs(x, labels, EngineParams(sc_pos=1.0, off_pos=-pm, sc_neg=-1.0, off_neg=nm), backend)[:2]
+    x, _, transform = engine_rows(module.distance, embeddings, embeddings)
+    total, nonzero = _apply_lifted_pairs(x, labels, lifted_params(module.distance, pm, nm), backend, transform)[:2]
     if reduction == "nonzero" and not static_shapes() and bool(torch.isnan(total)):
         # AvgNonZero drops NaN pair losses (NaN > 0 is false) and averages the rest: that needs
         # the per-pair losses. (Under torch.compile the NaN propagates: a documented deviation.)
@@ -136,6 +136,14 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}, backend
 
 
+def lifted_params(distance, pm, nm, with_pos=True):
+    """The passes' terms: PML's distance.margin(mat, pm) over the positive pairs (d - pm, or pm - s
+    for a similarity) and distance.margin(nm, mat) over the negatives (nm - d, or s - nm)."""
+    sign = -1.0 if distance.is_inverted else 1.0
+    sc_pos = sign if with_pos else 0.0
+    return value_params(distance, sc_pos=sc_pos, off_pos=-sc_pos * pm, sc_neg=-sign, off_neg=sign * nm)
+
+
 def _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend):
     """Lifted Structure for reducers that need the per-pair losses: L_i from the engine, the
     positive pairs listed (data-dependent sizes: no fullgraph compile)."""
@@ -144,16 +152,20 @@ def _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, p
     if int(stats.pos_total) > MAX_POS_PAIRS_PER_ROW * len(labels):
         return decline(module, f"{type(module.reducer).__name__} with LiftedStructureLoss and more than "
                                f"{MAX_POS_PAIRS_PER_ROW} positive pairs per row")
-    x = unit_rows(embeddings)
-    lse = _lse2(x, x, labels, labels, EngineParams(sc_pos=0.0, sc_neg=-1.0, off_neg=nm), True, backend,
-                transform=TRANSFORM_UNIT_DISTANCE)
+    distance = module.distance
+    x, _, transform = engine_rows(distance, embeddings, embeddings)
+    lse = _lse2(x, x, labels, labels, lifted_params(distance, 0.0, nm, with_pos=False), True, backend,
+                transform=transform)
     neg_lse = lse[:, 1]
     a, p = positive_pairs(labels, labels, exclude_diag=True)
     # index_select: indexing's backward (index_put_ accumulate) sums a row's pairs by parallel
     # atomic adds on a CPU (fp32; not reproducible); index_select's (index_add) is serial there.
     neg_part = _empty_as_zero(logaddexp(neg_lse.index_select(0, a), neg_lse.index_select(0, p)))
     dots = pair_dots(x.to(neg_lse.dtype), None, a, p)
-    d_ap = torch.sqrt(torch.clamp(2 - 2 * dots, min=0))
-    losses = torch.relu(neg_part + d_ap - pm) ** 2 / 2
+    # PML's distance.margin(mat, pos_margin): d - pm for a distance, pm - s for a similarity
+    value = value_params(distance, sc_pos=1.0)  # (sc, off) of the distance's value on v
+    v_ap = unit_distance(dots) if transform == TRANSFORM_UNIT_DISTANCE else dots
+    pos_part = value.sc_pos * v_ap + value.off_pos - pm
+    losses = torch.relu(neg_part + (-pos_part if distance.is_inverted else pos_part)) ** 2 / 2
     return {"loss": {"losses": losses.to(embeddings.dtype).unsqueeze(1), "indices": (a, p),
                      "reduction_type": "pos_pair"}}, backend

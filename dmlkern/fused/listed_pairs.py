@@ -1,5 +1,6 @@
 """Pair losses on an explicit indices_tuple (pairs from any miner, or built by hand) without the
-N x M matrix: only the listed pairs' similarities (gathered rows, `pair_lists.pair_dots`) and
+N x M matrix: only the listed pairs' values (gathered rows of `_common.engine_rows`, so every
+distance the engine expresses; `pair_lists.pair_dots`, `distance_values`) and
 per-row sums over them, O(pairs + N) memory. MultiSimilarity, GeneralizedLiftedStructure, SupCon,
 Circle (PML's mat-based losses: 0/1 masks from the pairs, so duplicates collapse; here the unique
 pairs), Contrastive, LiftedStructure, NTXent, TupletMargin (pair-based: every listed pair, duplicates
@@ -18,8 +19,10 @@ from .._validation import InvalidInputError
 from ..engine_spec import stats_dtype
 from ..reference._embedding_common import _entry
 from ..reference.indices import convert_to_pairs
-from ._common import decline, has_short_rows, is_unit_cosine, is_unit_euclidean, unit_rows
-from ._epilogue import SHORT_ROWS, ZERO_LOSS, _element, _engine_or_decline, _log1p_exp, _per_row
+from ..engine_spec import TRANSFORM_UNIT_DISTANCE
+from ._common import (DOT_KINDS, decline, engine_distance, engine_rows, engine_rows_reason, engine_transform,
+                      is_unit_cosine, unit_rows, value_params)
+from ._epilogue import ZERO_LOSS, _element, _engine_or_decline, _log1p_exp, _per_row
 from .pair_lists import pair_dots, unit_distance
 
 BACKEND = "listed"  # what `last_backend` says
@@ -38,8 +41,14 @@ def is_dense(num_pairs, embeddings, ref_emb):
     return num_pairs > DENSE_FRACTION * embeddings.shape[0] * ref_emb.shape[0]
 
 
-def either_distance(distance):
-    return is_unit_euclidean(distance) or is_unit_cosine(distance)
+def any_distance(distance):
+    """Every distance `_common.engine_rows` expresses (the listed values come from its rows)."""
+    return engine_distance(distance) is not None
+
+
+def a_similarity(distance):
+    """The similarities `_common.engine_rows` expresses: the cosine, the raw dot product."""
+    return engine_distance(distance) in DOT_KINDS
 
 
 def materialized(indices_tuple, device):
@@ -51,17 +60,31 @@ def materialized(indices_tuple, device):
     return indices_tuple
 
 
-def listed_rows(embeddings, ref_emb):
-    """The unit rows the listed values come from: (x, y), y None when ref_emb is the embeddings."""
+def listed_rows(embeddings, ref_emb, distance=None):
+    """The rows the listed values come from (`_common.engine_rows` of `distance`; None: unit rows):
+    (x, y), y None when it is x."""
     sd = stats_dtype(embeddings.dtype)
-    x = unit_rows(embeddings).to(sd)
-    return x, None if ref_emb is embeddings else unit_rows(ref_emb).to(sd)
+    if distance is None:
+        x = unit_rows(embeddings).to(sd)
+        return x, None if ref_emb is embeddings else unit_rows(ref_emb).to(sd)
+    x, y, _ = engine_rows(distance, embeddings, ref_emb)
+    return x.to(sd), None if y is x else y.to(sd)
 
 
 def pair_values(x, y, rows, cols, euclidean):
     """The distance's value of each listed pair: the unit Euclidean distance, or the cosine."""
     s = pair_dots(x, y, rows, cols)
     return unit_distance(s) if euclidean else s
+
+
+def distance_values(x, y, rows, cols, distance):
+    """The distance's own value (PML's matrix entry) of each listed pair, from the rows
+    `listed_rows(..., distance)` gave: the engine's value v of their dot product s (s, or
+    sqrt(max(2 - 2s, 0)) with no gradient at 0), then scale * v + shift (the squared distances)."""
+    s = pair_dots(x, y, rows, cols)
+    v = unit_distance(s) if engine_transform(distance) == TRANSFORM_UNIT_DISTANCE else s
+    terms = value_params(distance, sc_pos=1.0)
+    return v if (terms.sc_pos, terms.off_pos) == (1.0, 0.0) else terms.sc_pos * v + terms.off_pos
 
 
 def unique_pairs(a, b, num_cols):
@@ -98,8 +121,9 @@ def listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels,
         return decline(module, f"non-default distance {type(module.distance).__name__}")
     if embeddings.dtype not in (torch.float32, torch.float64) and embeddings.device.type == "cpu":
         return decline(module, f"{embeddings.dtype} on cpu with an indices_tuple (listed pairs run fp32 / fp64)")
-    if is_unit_euclidean(module.distance) and has_short_rows(embeddings, ref_emb):
-        return decline(module, SHORT_ROWS)
+    reason = engine_rows_reason(module.distance, embeddings, ref_emb)  # short rows, half-precision raw Lp
+    if reason is not None:
+        return decline(module, reason)
     a1, p, a2, n = convert_to_pairs(materialized(indices_tuple, embeddings.device), labels, ref_labels)
     if all(len(t) <= 1 for t in (a1, p, a2, n)):
         return "zero"
@@ -123,35 +147,44 @@ def _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels,
                          **pair_options)
     if pairs is None or pairs == "zero":
         return None if pairs is None else ZERO_LOSS
-    out = loss_dict(*listed_rows(embeddings, ref_emb), *pairs)
+    out = loss_dict(*listed_rows(embeddings, ref_emb, module.distance), *pairs)
     return ZERO_LOSS if out is ZERO_LOSS else (out, BACKEND)
 
 
 def listed_multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """MultiSimilarityLoss on listed pairs: per row (1/alpha) log(1 + sum_p e^{-alpha (s - base)})
-    + (1/beta) log(1 + sum_n e^{beta (s - base)}), as PML's masked form."""
+    + (1/beta) log(1 + sum_n e^{beta (s - base)}) (a distance: e^{alpha (d - base)}, e^{beta (base - d)},
+    PML's distance.margin), as PML's masked form."""
     a, b, base = float(module.alpha), float(module.beta), float(module.base)
+    distance = module.distance
+    sign = 1.0 if distance.is_inverted else -1.0
 
     def loss_dict(x, y, pos_pairs, neg_pairs):
         (a1, p), (a2, n) = pos_pairs, neg_pairs
-        pos = row_lse(-a * pair_dots(x, y, a1, p) + a * base, a1, x.shape[0], add_one=True)
-        neg = row_lse(b * pair_dots(x, y, a2, n) - b * base, a2, x.shape[0], add_one=True)
+        if distance.is_inverted and engine_distance(distance) == "unit_cosine":  # (the bits of before)
+            pos_v, neg_v = pair_dots(x, y, a1, p), pair_dots(x, y, a2, n)
+        else:
+            pos_v, neg_v = distance_values(x, y, a1, p, distance), distance_values(x, y, a2, n, distance)
+        pos = row_lse(-sign * a * pos_v + sign * a * base, a1, x.shape[0], add_one=True)
+        neg = row_lse(sign * b * neg_v - sign * b * base, a2, x.shape[0], add_one=True)
         return {"loss": _per_row(pos / a + neg / b, embeddings)}
-    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, is_unit_cosine, loss_dict)
+    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, any_distance, loss_dict)
 
 
 def listed_generalized_lifted(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """GeneralizedLiftedStructureLoss on listed pairs: per row relu(log sum_p e^{d - pos_margin}
-    + log sum_n e^{neg_margin - d}), a side without pairs contributing 0, as PML's masked form."""
+    + log sum_n e^{neg_margin - d}) (a similarity: e^{pos_margin - s}, e^{s - neg_margin}), a side
+    without pairs contributing 0, as PML's masked form."""
     pm, nm = float(module.pos_margin), float(module.neg_margin)
+    distance = module.distance
+    sign = -1.0 if distance.is_inverted else 1.0
 
     def loss_dict(x, y, pos_pairs, neg_pairs):
         (a1, p), (a2, n) = pos_pairs, neg_pairs
-        pos = row_lse(pair_values(x, y, a1, p, True) - pm, a1, x.shape[0], add_one=False)
-        neg = row_lse(nm - pair_values(x, y, a2, n, True), a2, x.shape[0], add_one=False)
+        pos = row_lse(sign * (distance_values(x, y, a1, p, distance) - pm), a1, x.shape[0], add_one=False)
+        neg = row_lse(sign * (nm - distance_values(x, y, a2, n, distance)), a2, x.shape[0], add_one=False)
         return {"loss": _per_row(torch.relu(pos + neg), embeddings)}
-    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, is_unit_euclidean,
-                        loss_dict)
+    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, any_distance, loss_dict)
 
 
 def listed_supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -170,7 +203,7 @@ def listed_supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
         pos_sum = zeros.index_add(0, a1, z_pos)
         losses = -(pos_sum - count * lse) / (count + torch.finfo(embeddings.dtype).tiny)
         return {"loss": _element(losses.to(embeddings.dtype), len(losses))}  # (N,), as PML's SupCon
-    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, is_unit_cosine, loss_dict)
+    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, a_similarity, loss_dict)
 
 
 def listed_circle(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -197,20 +230,21 @@ def listed_contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_l
     """ContrastiveLoss on listed pairs (as given: PML's pair-based form keeps duplicates): per
     positive pair relu(d - pos_margin), per negative pair relu(neg_margin - d) (CosineSimilarity:
     relu(pos_margin - s), relu(s - neg_margin)), returned per pair for any reducer."""
-    euclidean = is_unit_euclidean(module.distance)
+    distance = module.distance
+    euclidean = not distance.is_inverted  # a distance
     pm, nm = float(module.pos_margin), float(module.neg_margin)
 
     def loss_dict(x, y, pos_pairs, neg_pairs):
         (a1, p), (a2, n) = pos_pairs, neg_pairs
         pos_loss, neg_loss = 0, 0
         if len(a1) > 0:
-            v = pair_values(x, y, a1, p, euclidean)
+            v = distance_values(x, y, a1, p, distance)
             pos_loss = torch.relu(v - pm if euclidean else pm - v).to(embeddings.dtype)
         if len(a2) > 0:
-            v = pair_values(x, y, a2, n, euclidean)
+            v = distance_values(x, y, a2, n, distance)
             neg_loss = torch.relu(nm - v if euclidean else v - nm).to(embeddings.dtype)
         return {"pos_loss": _entry(pos_loss, (a1, p), "pos_pair"), "neg_loss": _entry(neg_loss, (a2, n), "neg_pair")}
-    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, either_distance, loss_dict,
+    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, any_distance, loss_dict,
                         dedupe=False)
 
 
@@ -235,14 +269,15 @@ def listed_lifted(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
     + d_ap - pos_margin)^2 / 2 (CosineSimilarity: e^{s - neg_margin}, pos_margin - s_ap); the sum
     matches a2 with a and p by index value, as PML does (also with ref_emb), and is 0 for none.
     It is the logaddexp of a's and p's own row sums: O(pairs), where PML builds pairs x pairs."""
-    euclidean = is_unit_euclidean(module.distance)
+    distance = module.distance
+    euclidean = not distance.is_inverted  # a distance
     pm, nm = float(module.pos_margin), float(module.neg_margin)
 
     def loss_dict(x, y, pos_pairs, neg_pairs):
         (a1, p), (a2, n) = pos_pairs, neg_pairs
         if len(a1) == 0 or len(a2) == 0:
             return ZERO_LOSS
-        v_pos, v_neg = pair_values(x, y, a1, p, euclidean), pair_values(x, y, a2, n, euclidean)
+        v_pos, v_neg = distance_values(x, y, a1, p, distance), distance_values(x, y, a2, n, distance)
         rows = max(x.shape[0], (x if y is None else y).shape[0])  # p indexes the reference rows
         neg_term = nm - v_neg if euclidean else v_neg - nm
         at_a, has_a = _row_lse_at(neg_term, a2, rows, a1)
@@ -252,7 +287,7 @@ def listed_lifted(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
         neg_part = torch.where(has_a & has_p, logaddexp(at_a, at_p), at_a + at_p)  # one side: that side; none: 0
         losses = torch.relu(neg_part + (v_pos - pm if euclidean else pm - v_pos)) ** 2 / 2
         return {"loss": _entry(losses.to(embeddings.dtype).unsqueeze(1), (a1, p), "pos_pair")}
-    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, either_distance, loss_dict,
+    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, any_distance, loss_dict,
                         dedupe=False, dense_rule=False)
 
 
@@ -260,21 +295,21 @@ def listed_ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
     """NTXentLoss on listed pairs (as given: duplicates kept): per positive pair (a, p)
     -log(e^{z_ap} / (e^{z_ap} + sum_{negative pairs (a, n)} e^{z_an}) + tiny), z = s / t (a
     distance: -d / t), as PML's form; O(pairs), where PML builds pairs x pairs."""
-    euclidean = is_unit_euclidean(module.distance)
+    distance = module.distance
     t = float(module.temperature)
 
     def loss_dict(x, y, pos_pairs, neg_pairs):
         (a1, p), (a2, n) = pos_pairs, neg_pairs
         if len(a1) == 0 or len(a2) == 0:
             return ZERO_LOSS
-        sign = -1.0 if euclidean else 1.0
-        z_pos = sign * pair_values(x, y, a1, p, euclidean) / t
-        z_neg = sign * pair_values(x, y, a2, n, euclidean) / t
+        sign = 1.0 if distance.is_inverted else -1.0
+        z_pos = sign * distance_values(x, y, a1, p, distance) / t
+        z_neg = sign * distance_values(x, y, a2, n, distance) / t
         neg_lse, has_neg = _row_lse_at(z_neg, a2, x.shape[0], a1)
         softplus = torch.where(has_neg, _log1p_exp(neg_lse - z_pos), 0.0)
         losses = -torch.log(torch.exp(-softplus) + torch.finfo(embeddings.dtype).tiny)  # PML's ratio, + tiny
         return {"loss": _entry(losses.to(embeddings.dtype), (a1, p), "pos_pair")}
-    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, either_distance, loss_dict,
+    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, any_distance, loss_dict,
                         dedupe=False, dense_rule=False)
 
 

@@ -3,9 +3,10 @@
 without the N x M distance matrix the reference builds to read 2T entries of it.
 
 Per triplet the reference's maths: d_ap, d_an (and d_pn with `swap`, p read as a query row as PML
-does) from the dots of gathered unit rows, <x_a, y_p> in chunks (`pair_lists.pair_dots`, O(T) memory
-besides the rows), d = sqrt(max(2 - 2s, 0)) for the default LpDistance (no gradient at d = 0,
-as the blocked path) or s itself for CosineSimilarity; then the loss's own terms. The result is
+does) from the dots of gathered rows (`_common.engine_rows`: unit, raw or augmented), <x_a, y_p> in
+chunks (`pair_lists.pair_dots`, O(T) memory besides the rows), d = sqrt(max(2 - 2s, 0)) for the
+Euclidean distances (no gradient at d = 0, as the blocked path), 2 - 2s squared, or s itself for
+the similarities (`listed_pairs.distance_values`); then the loss's own terms. The result is
 the reference's per-triplet loss dict, so every reducer works. Work and memory O(T · D); values
 and gradients don't depend on the CPU thread count (index_select gathers, whose backward
 index_add is serial on the CPU)."""
@@ -13,9 +14,9 @@ import torch
 
 from .._tracing import static_shapes
 from ..reference.tuple_losses import margin_anchor_beta, margin_triplets_dict
-from ._common import decline, has_short_rows, is_unit_cosine, is_unit_euclidean
-from ._epilogue import SHORT_ROWS, ZERO_LOSS, _engine_or_decline
-from .listed_pairs import DENSE, is_dense, listed_rows, materialized, pair_values
+from ._common import decline, engine_distance, engine_rows_reason
+from ._epilogue import ZERO_LOSS, _engine_or_decline
+from .listed_pairs import DENSE, distance_values, is_dense, listed_rows, materialized
 from .pair_lists import positive_pairs
 from .triplet import _term
 
@@ -33,12 +34,11 @@ def listed_triplets(module, embeddings, indices_tuple, ref_emb):
     """The triplets (a, p, n) of a listed-triplet call, with the checks both losses share;
     ZERO_LOSS for no triplet, or None after `decline` (the reference runs)."""
     distance = module.distance
-    euclidean = is_unit_euclidean(distance)
     if _engine_or_decline(module, embeddings) is None:
         return None
-    if not (euclidean or is_unit_cosine(distance)):
-        return decline(module, f"distance {type(distance).__name__} with listed triplets "
-                               "(the listed path: the default LpDistance or CosineSimilarity)")
+    if engine_distance(distance) is None:
+        return decline(module, f"distance {type(distance).__name__} with listed triplets (the listed path: "
+                               "LpDistance(p=2, power 1 or 2), CosineSimilarity, DotProductSimilarity)")
     if embeddings.dtype not in (torch.float32, torch.float64):
         return decline(module, f"dtype {embeddings.dtype} (the listed triplet path runs fp32 / fp64)")
     if static_shapes():
@@ -51,8 +51,9 @@ def listed_triplets(module, embeddings, indices_tuple, ref_emb):
         return ZERO_LOSS  # the reference's zeros, before it computes any distance
     if is_dense(2 * len(a), embeddings, ref_emb):  # two gathered dot products per triplet
         return decline(module, DENSE)
-    if euclidean and has_short_rows(embeddings, ref_emb):
-        return decline(module, SHORT_ROWS)
+    reason = engine_rows_reason(distance, embeddings, ref_emb)  # short rows, half-precision raw Lp
+    if reason is not None:
+        return decline(module, reason)
     return a, p, n
 
 
@@ -65,13 +66,13 @@ def listed_triplet_margin(module, embeddings, indices_tuple, ref_emb):
     if module.swap and int(p.max()) >= embeddings.shape[0]:
         return decline(module, "swap=True with a positive index past the embeddings' rows (the reference raises)")
     distance = module.distance
-    euclidean = is_unit_euclidean(distance)
     distance.record_stats(embeddings, ref_emb)  # where the reference calls the distance (no-op without stats)
     # (under torch.autocast: the rows in the autocast dtype, their products in fp32, as the blocked path)
-    x, y = listed_rows(embeddings, ref_emb)
-    d_ap, d_an = pair_values(x, y, a, p, euclidean), pair_values(x, y, a, n, euclidean)
+    x, y = listed_rows(embeddings, ref_emb, distance)
+    d_ap, d_an = distance_values(x, y, a, p, distance), distance_values(x, y, a, n, distance)
     if module.swap:
-        d_an = distance.smallest_dist(d_an, pair_values(x, y, p, n, euclidean))  # PML: mat[p, n], p as a query row
+        # PML: mat[p, n], p as a query row (its rows of x: the augmented rows differ by side)
+        d_an = distance.smallest_dist(d_an, distance_values(x, y, p, n, distance))
     violation = distance.margin(d_ap, d_an) + module.margin
     losses = _term(violation, bool(module.smooth_loss))  # softplus from exp / log1p: thread-count independent
     return {"loss": {"losses": losses, "indices": (a, p, n), "reduction_type": "triplet"}}, BACKEND
@@ -85,9 +86,8 @@ def listed_margin(module, embeddings, labels, indices_tuple, ref_emb):
         return triplets
     a, p, n = triplets
     b = margin_anchor_beta(module.beta, labels, a, embeddings)
-    euclidean = is_unit_euclidean(module.distance)
-    x, y = listed_rows(embeddings, ref_emb)
-    d_ap = pair_values(x, y, a, p, euclidean).to(embeddings.dtype)
-    d_an = pair_values(x, y, a, n, euclidean).to(embeddings.dtype)
+    x, y = listed_rows(embeddings, ref_emb, module.distance)
+    d_ap = distance_values(x, y, a, p, module.distance).to(embeddings.dtype)
+    d_an = distance_values(x, y, a, n, module.distance).to(embeddings.dtype)
     return margin_triplets_dict(d_ap, d_an, b, (a, p, n), margin=module.margin, nu=module.nu, beta=module.beta,
                                 learn_beta=module.learn_beta, distance=module.distance), BACKEND

@@ -8,11 +8,11 @@ import torch
 
 from .._determinism import fixed_order_sum
 from .._tracing import static_shapes
-from ..engine_spec import PASS_HINGE, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype
+from ..engine_spec import PASS_HINGE, stats_dtype
 from ..ops import pair_engine as pe
 from ..reducers import DivisorReducer, MeanReducer, SumReducer
-from ._common import Degenerate, LabelStats, decline
-from ._epilogue import ZERO_LOSS, _already_reduced, _pair_inputs
+from ._common import Degenerate, LabelStats, decline, engine_rows, value_params
+from ._epilogue import ZERO_LOSS, _already_reduced
 from .contrastive import NAN_PAIRS, hinge_plan, nan_in
 from .listed_triplets import listed_margin
 
@@ -60,7 +60,7 @@ def margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     plan = hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, SUB_LOSSES, _KINDS, why_not)
     if plan is None:
         return None
-    backend, kinds, transform = plan
+    backend, kinds = plan
     stats = LabelStats(labels, ref_labels)
     n_pos, n_neg = stats.pos, stats.m - stats.same  # per anchor
     triplets = n_pos * n_neg
@@ -69,14 +69,15 @@ def margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return ZERO_LOSS
     beta = _beta_rows(module, labels, embeddings, triplets > 0)
     m = float(module.margin)
+    x, y, transform = engine_rows(module.distance, embeddings, ref_emb)
     stats_dt = stats_dtype(embeddings.dtype)
-    if transform == TRANSFORM_UNIT_DISTANCE:  # relu(d_ap - beta + m), relu(beta - d_an + m): L = -beta
-        params, big_l = EngineParams(sc_pos=1.0, off_pos=m, sc_neg=-1.0, off_neg=m), -beta.to(stats_dt)
-    else:  # a similarity: relu(beta - s_ap + m), relu(s_an - beta + m): L = beta
-        params, big_l = EngineParams(sc_pos=-1.0, off_pos=m, sc_neg=1.0, off_neg=m), beta.to(stats_dt)
+    sign = 1.0 if module.distance.is_inverted else -1.0
+    # a distance: relu(d_ap - beta + m), relu(beta - d_an + m), L = -beta; a similarity:
+    # relu(beta - s_ap + m), relu(s_an - beta + m), L = beta
+    params = value_params(module.distance, sc_pos=-sign, off_pos=m, sc_neg=sign, off_neg=m)
+    big_l = sign * beta.to(stats_dt)
     zero = torch.zeros_like(big_l)
     row_in = torch.stack([zero, zero, big_l], dim=1)
-    x, y = _pair_inputs(embeddings, ref_emb)
     out = pe.engine_forward(x, y, labels, ref_labels, row_in, pass_kind=PASS_HINGE, transform=transform,
                             params=params, exclude_diag=ref_labels is labels, backend=backend)
     w_pos, w_neg = n_neg.to(out.dtype), n_pos.to(out.dtype)  # each positive's sum meets n_neg negatives

@@ -5,9 +5,9 @@ import torch
 
 from ..engine_spec import MINING_MULTI_SIMILARITY, MINING_NONE, PASS_EXTREMA, EngineParams
 from ..ops import pair_engine as pe
-from ._common import Degenerate, LabelStats, all_pairs_plan, decline, is_unit_cosine, no_pos_or_neg
-from ._epilogue import (ZERO_LOSS, _at_most_one_pair_each, _engine_or_decline, _log1p_exp, _lse2, _pair_inputs,
-                        _per_row)
+from ._common import (Degenerate, LabelStats, all_pairs_plan, decline, engine_distance, engine_rows,
+                      engine_rows_reason, is_unit_cosine, no_pos_or_neg, value_params)
+from ._epilogue import ZERO_LOSS, _at_most_one_pair_each, _engine_or_decline, _log1p_exp, _lse2, _per_row
 from .lazy_pairs import LazyMinedPairs
 from .listed_pairs import listed_multi_similarity
 
@@ -72,17 +72,23 @@ def _mined_pairs_in_kernel(module, mined, embeddings, ref_emb):
     return True
 
 
-def multi_similarity_params(module, eps=0.0):
-    """The lse2 pass's logits alpha(base - s) / beta(s - base) from the module's attributes."""
+def multi_similarity_params(module, eps=0.0, distance=None):
+    """The lse2 pass's logits from the module's attributes: alpha(base - s) / beta(s - base) for a
+    similarity (None: the unit cosine), alpha(d - base) / beta(base - d) for a distance (PML's
+    distance.margin), through `value_params`."""
     a, b, base = float(module.alpha), float(module.beta), float(module.base)
-    return EngineParams(sc_pos=-a, off_pos=a * base, sc_neg=b, off_neg=-b * base, eps=eps)
+    if distance is None:
+        return EngineParams(sc_pos=-a, off_pos=a * base, sc_neg=b, off_neg=-b * base, eps=eps)
+    if not distance.is_inverted:
+        return value_params(distance, sc_pos=a, off_pos=-a * base, sc_neg=-b, off_neg=b * base, eps=eps)
+    return value_params(distance, sc_pos=-a, off_pos=a * base, sc_neg=b, off_neg=-b * base, eps=eps)
 
 
 def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = _engine_or_decline(module, embeddings)
     if backend is None:
         return None
-    if not is_unit_cosine(module.distance):
+    if engine_distance(module.distance) is None:
         return decline(module, f"non-default distance {type(module.distance).__name__}")
     mining_eps = None
     plan = all_pairs_plan(indices_tuple, embeddings, ref_emb)
@@ -91,6 +97,8 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
     if indices_tuple is not None:
         if not isinstance(indices_tuple, LazyMinedPairs):  # any other pairs: only those (O(pairs))
             return listed_multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if not is_unit_cosine(module.distance):  # the kernel mines on the loss's values: the miner's pairs
+            return listed_multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if not _mined_pairs_in_kernel(module, indices_tuple, embeddings, ref_emb):
             return None
         # The pairs are the miner's: its labels and epsilon as they were at mining time.
@@ -98,6 +106,9 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         mining_eps = indices_tuple.epsilon
     elif labels is None:
         return decline(module, "no labels")
+    reason = engine_rows_reason(module.distance, embeddings, ref_emb)
+    if reason is not None:
+        return decline(module, reason)
     exclude_diag = ref_labels is labels if plan is None else plan.exclude_diag
     stats = LabelStats(labels, ref_labels) if plan is None else plan.stats
     if mining_eps is None:  # PML's `len <= 1` rule
@@ -109,9 +120,9 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
             degenerate.include(lambda: no_pos_or_neg(stats))
     if degenerate.returns_zero_now():
         return ZERO_LOSS
-    params = multi_similarity_params(module, mining_eps or 0.0)
-    a, b = -params.sc_pos, params.sc_neg
-    x, y = _pair_inputs(embeddings, ref_emb)
+    x, y, transform = engine_rows(module.distance, embeddings, ref_emb)
+    params = multi_similarity_params(module, mining_eps or 0.0, module.distance)
+    a, b = float(module.alpha), float(module.beta)
     row_in, mining = None, MINING_NONE
     if mining_eps is not None:
         with torch.no_grad():
@@ -119,7 +130,7 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
                                         exclude_diag=exclude_diag, backend=backend)
         row_in = torch.cat([extrema, torch.zeros_like(extrema[:, :1])], dim=1)
         mining = MINING_MULTI_SIMILARITY
-    lse = _lse2(x, y, labels, ref_labels, params, exclude_diag, backend, row_in, mining=mining)
+    lse = _lse2(x, y, labels, ref_labels, params, exclude_diag, backend, row_in, transform=transform, mining=mining)
     if mining_eps is not None:
         degenerate.include(lambda: _at_most_one_mined_pair_each(x, y, labels, ref_labels, row_in, lse, mining_eps,
                                                                 exclude_diag))

@@ -3,10 +3,11 @@ diagonal positive, the rest negative); under torch.compile over all sorted posit
 import torch
 
 from .._determinism import fixed_order_sum
-from ..engine_spec import EngineParams
+from ..engine_spec import TRANSFORM_UNIT_DISTANCE, EngineParams
 from . import _stats
-from ._common import decline, is_plain_mean, is_unit_cosine, static_shapes, unit_rows
-from ._epilogue import ZERO_LOSS, _lse2, _plain_backend
+from ._common import decline, engine_distance, engine_rows, is_plain_mean, static_shapes, unit_rows, value_params
+from ._epilogue import ZERO_LOSS, _lse2, _rows_backend
+from .pair_lists import unit_distance
 
 
 def _first_of_label_pairs(labels):
@@ -30,21 +31,28 @@ def first_pair_per_label(labels):
 
 
 def n_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
+    backend = _rows_backend(module, embeddings, labels, indices_tuple, embeddings)
     if backend is None:
         return None
     if static_shapes():
+        if engine_distance(module.distance) != "unit_cosine":
+            return decline(module, f"{type(module.distance).__name__} other than the unit cosine with NPairsLoss "
+                                   "under torch.compile (its dropped columns assume |s| <= 1)")
         return _n_pairs_static_shapes(module, embeddings, labels, backend)
     anchors, positives = first_pair_per_label(labels)
     _stats.n_pairs(module, embeddings, anchors, positives)
     if len(anchors) == 0:
         return ZERO_LOSS
-    xa = unit_rows(embeddings[anchors])
-    xp = unit_rows(embeddings[positives])
+    distance = module.distance
+    xa, xp, transform = engine_rows(distance, embeddings[anchors], embeddings[positives])
+    sign = 1.0 if distance.is_inverted else -1.0  # PML's logits: the similarity, or minus the distance
+    params = value_params(distance, sc_pos=sign, sc_neg=sign)
     k = torch.arange(len(anchors), device=labels.device)
     # Cross-entropy over S[anchors, positives] against arange: pos = the diagonal, neg = the rest.
-    lse = _lse2(xa, xp, k, k, EngineParams(), False, backend)
-    losses = torch.logsumexp(lse, dim=1) - (xa * xp).sum(dim=1)
+    lse = _lse2(xa, xp, k, k, params, False, backend, transform=transform)
+    s_ap = (xa * xp).sum(dim=1)
+    v_ap = unit_distance(s_ap) if transform == TRANSFORM_UNIT_DISTANCE else s_ap
+    losses = torch.logsumexp(lse, dim=1) - (params.sc_pos * v_ap + params.off_pos)
     return {"loss": {"losses": losses.to(embeddings.dtype), "indices": anchors, "reduction_type": "element"}}, backend
 
 

@@ -6,8 +6,11 @@ logaddexp(lse_pos, lse_neg) - lse_pos = log(1 + e^(lse_neg - lse_pos)).
 | distance | mat | logit = sc * v + off (engine) |
 | --- | --- | --- |
 | LpDistance(power=2), the default | -d^2 = -(2 - 2s) | sc = 2 scale, off = -2 scale on s |
-| CosineSimilarity (normalised) | s | sc = scale on s |
+| CosineSimilarity, DotProductSimilarity | s | sc = scale on s |
 | LpDistance() (power 1) | -d | sc = -scale on v = d (transform 1) |
+
+(unit rows, or for normalize_embeddings=False the raw rows (dot product) or the augmented rows
+of `_common.euclidean_rows`, whose s is 1 - d^2 / 2.)
 
 PML drops the rows whose positive probability is exactly 0 (no positive, or an underflow past
 ~104 in fp32 / ~745 in fp64). Here a row is dropped when it has no positive or when
@@ -23,30 +26,20 @@ the reference under torch.compile."""
 import torch
 
 from .._determinism import fixed_order_sum
-from ..engine_spec import TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams
-from . import _common, _stats
-from ._common import Degenerate, branch_free, decline, is_plain_mean, is_unit_cosine, is_unit_euclidean, static_shapes
-from ._epilogue import SHORT_ROWS, ZERO_LOSS, _element, _log1p_exp, _lse2, _pair_inputs, _plain_backend
-from .proxy_nca import _is_unit_squared_euclidean
+from . import _stats
+from ._common import Degenerate, branch_free, decline, engine_rows, is_plain_mean, static_shapes, value_params
+from ._epilogue import ZERO_LOSS, _element, _log1p_exp, _lse2, _rows_backend
 
 
-def _logits(distance, scale):
-    """(transform, sc, off): PML's logits scale * mat as sc * v + off on the engine, or None."""
-    if _is_unit_squared_euclidean(distance):
-        return TRANSFORM_DOT, 2 * scale, -2 * scale
-    if is_unit_cosine(distance):
-        return TRANSFORM_DOT, scale, 0.0
-    if is_unit_euclidean(distance):
-        return TRANSFORM_UNIT_DISTANCE, -scale, 0.0
-    return None
-
-
-def _supported(distance):
-    return _logits(distance, 1.0) is not None
+def _params(distance, scale):
+    """PML's logits scale * mat (mat: the similarity, or minus the distance) as the engine's
+    sc * v + off (`value_params`: the squared distances are 2 - 2s on the engine's rows)."""
+    sc = scale if distance.is_inverted else -scale
+    return value_params(distance, sc_pos=sc, sc_neg=sc)
 
 
 def nca(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    backend = _plain_backend(module, embeddings, labels, indices_tuple, _supported)
+    backend = _rows_backend(module, embeddings, labels, indices_tuple, ref_emb)
     if backend is None:
         return None
     degenerate = Degenerate(embeddings, embeddings.shape[0] <= 1)  # PML's len(embeddings) <= 1
@@ -58,12 +51,9 @@ def nca(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return decline(module, "ref_emb is embeddings with separate ref_labels")
     if ref_labels.shape[0] != ref_emb.shape[0]:
         return decline(module, "ref_labels of another length than ref_emb")  # the reference raises
-    transform, sc, off = _logits(module.distance, float(module.softmax_scale))
-    if transform == TRANSFORM_UNIT_DISTANCE and _common.has_short_rows(embeddings, ref_emb):
-        return decline(module, SHORT_ROWS)
     _stats.record_distance(module.distance, embeddings, ref_emb)  # PML calls its distance here
-    x, y = _pair_inputs(embeddings, ref_emb)
-    lse = _lse2(x, y, labels, ref_labels, EngineParams(sc_pos=sc, off_pos=off, sc_neg=sc, off_neg=off), self_ref,
+    x, y, transform = engine_rows(module.distance, embeddings, ref_emb)
+    lse = _lse2(x, y, labels, ref_labels, _params(module.distance, float(module.softmax_scale)), self_ref,
                 backend, transform=transform)
     lse_pos, lse_neg = lse[:, 0], lse[:, 1]
     has_pos = ~torch.isneginf(lse_pos)  # NaN counts as a positive: PML keeps NaN rows

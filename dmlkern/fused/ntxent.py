@@ -4,12 +4,12 @@ import torch
 
 from .._autograd import applier
 from .._determinism import fixed_order_sum
-from ..engine_spec import MINING_NONE, PASS_POS_SOFTPLUS, TRANSFORM_DOT, EngineParams
+from ..engine_spec import MINING_NONE, PASS_POS_SOFTPLUS, TRANSFORM_DOT
 from ..ops import pair_engine as pe
 from . import _stats
-from ._common import all_pairs_plan, decline, is_plain_mean, is_unit_cosine
+from ._common import all_pairs_plan, decline, engine_rows, is_plain_mean, value_params
 from .listed_pairs import listed_ntxent
-from ._epilogue import ZERO_LOSS, _lse_neg_then, _pair_inputs, _plain_backend, _stats_with_pair_rule_of
+from ._epilogue import ZERO_LOSS, _lse_neg_then, _rows_backend, _stats_with_pair_rule_of
 
 
 class _NTXentRows(torch.autograd.Function):
@@ -25,18 +25,18 @@ class _NTXentRows(torch.autograd.Function):
     # last two non-differentiable, so that setup_context can save them; callers take [0].
 
     @staticmethod
-    def forward(x, y, labels, ref_labels, params, exclude_diag, backend):
+    def forward(x, y, labels, ref_labels, params, exclude_diag, backend, transform=TRANSFORM_DOT):
         # y / ref_labels are None when they are x / labels: torch.compile can't trace an
         # autograd.Function given one tensor twice.
         y = x if y is None else y
         ref_labels = labels if ref_labels is None else ref_labels
         row_in, out = _lse_neg_then(PASS_POS_SOFTPLUS, x, y, labels, ref_labels, params, exclude_diag,
-                                    TRANSFORM_DOT, backend)
+                                    transform, backend)
         return out[:, 0], row_in, out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, y, labels, ref_labels, params, exclude_diag, backend = inputs
+        x, y, labels, ref_labels, params, exclude_diag, backend, *transform = inputs
         _, row_in, out = output
         ctx.self_pairs = y is None
         ctx.symmetric = y is None and ref_labels is None  # the pair masks are symmetric too
@@ -44,39 +44,42 @@ class _NTXentRows(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, x if y is None else y, labels, labels if ref_labels is None else ref_labels,
                               row_in, out)
-        ctx.config = (params, exclude_diag, backend)
+        ctx.config = (params, exclude_diag, backend, transform[0] if transform else TRANSFORM_DOT)
 
     @staticmethod
     def backward(ctx, grad, _grad_row_in, _grad_out):
         x, y, labels, ref_labels, row_in, out = ctx.saved_tensors
-        params, exclude_diag, backend = ctx.config
+        params, exclude_diag, backend, transform = ctx.config
+        nones = (None,) * (len(ctx.needs_input_grad) - 2)  # labels, ref_labels and the settings
         if grad is None:
-            return None, None, None, None, None, None, None
+            return None, None, *nones
         if pe.backward_needs_graph(x):  # create_graph=True: a differentiable gradient
             def per_row(x, y):
                 return _lse_neg_then(PASS_POS_SOFTPLUS, x, y, labels, ref_labels, params, exclude_diag,
-                                     TRANSFORM_DOT, "reference")[1][:, 0]
+                                     transform, "reference")[1][:, 0]
             grads = pe.reference_gradient(per_row, (x, y), ctx.needs_input_grad[:2], grad)
-            return (*grads, None, None, None, None, None)
+            return (*grads, *nones)
         with torch.no_grad():  # under torch.func.grad grad mode is on
-            return _NTXentRows._fused_backward(ctx, grad, x, y, labels, ref_labels, row_in, out, params,
-                                               exclude_diag, backend)
+            return (*_NTXentRows._fused_backward(ctx, grad, x, y, labels, ref_labels, row_in, out, params,
+                                                 exclude_diag, backend, transform), *nones)
 
     @staticmethod
-    def _fused_backward(ctx, grad, x, y, labels, ref_labels, row_in, out, params, exclude_diag, backend):
+    def _fused_backward(ctx, grad, x, y, labels, ref_labels, row_in, out, params, exclude_diag, backend,
+                        transform):
+        """(grad_x, grad_y)."""
         grad = grad.to(out.dtype)
         zero = torch.zeros_like(grad)
         # d/d lse_neg(a) = grad_a * sum_p sigmoid(...) = grad_a * out[:, 1] (pos_softplus's rule).
         coef = torch.stack([zero, zero, grad * out[:, 1], row_in[:, 2], grad], dim=1)
         grad_x, grad_y = pe.engine_backward_raw(x, y, labels, ref_labels, row_in, coef.contiguous(),
-                                                transform=TRANSFORM_DOT, mining=MINING_NONE,
+                                                transform=transform, mining=MINING_NONE,
                                                 params=params, exclude_diag=exclude_diag, backend=backend,
                                                 symmetric=ctx.symmetric, coef_terms=1)  # B_pos
         if ctx.symmetric:  # grad_x is the sum already (grad_y zero)
-            return grad_x, None, None, None, None, None, None
+            return grad_x, None
         if ctx.self_pairs:  # y is x: the sum
-            return grad_x + grad_y, None, None, None, None, None, None
-        return grad_x, grad_y, None, None, None, None, None
+            return grad_x + grad_y, None
+        return grad_x, grad_y
 
 
 _apply_ntxent_rows = applier(_NTXentRows)
@@ -88,7 +91,7 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         labels, ref_labels, ref_emb, indices_tuple = plan.labels, plan.ref_labels, plan.ref_emb, None
     elif indices_tuple is not None:  # only the listed pairs (O(pairs)), any reducer
         return listed_ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
-    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
+    backend = _rows_backend(module, embeddings, labels, indices_tuple, ref_emb)
     if backend is None:
         return None
     if not is_plain_mean(module.reducer):  # per-pair losses would need the O(pairs) list
@@ -96,9 +99,10 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     exclude_diag, stats, degenerate = _stats_with_pair_rule_of(plan, labels, ref_labels)
     if degenerate.returns_zero_now():
         return ZERO_LOSS
-    inv_t = 1.0 / float(module.temperature)
-    params = EngineParams(sc_pos=inv_t, sc_neg=inv_t)
-    x, y = _pair_inputs(embeddings, ref_emb)
+    # PML's logits: s / t, or -d / t for a distance
+    inv_t = (1.0 if module.distance.is_inverted else -1.0) / float(module.temperature)
+    params = value_params(module.distance, sc_pos=inv_t, sc_neg=inv_t)
+    x, y, transform = engine_rows(module.distance, embeddings, ref_emb)
     # The loss is a sum over pairs: with the rows (and the reference rows) sorted by label, the
     # positives sit in a few tiles near the diagonal, and the pos_softplus pass computes only
     # those. One permutation for both sides when the labels are one tensor (the self-pairs
@@ -117,7 +121,7 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     y = sorted_x if y is x and ref_order is order else y[ref_order]
     x, labels = sorted_x, sorted_labels
     per_row = _apply_ntxent_rows(x, None if y is x else y, labels, None if ref_labels is labels else ref_labels,
-                                params, exclude_diag, backend)[0]
+                                params, exclude_diag, backend, transform)[0]
     loss = degenerate.zero_where(fixed_order_sum(per_row) / stats.pos_total.clamp(min=1))
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced",
                      **_stats.already_reduced_size(module.reducer, stats.pos_total)}}, backend

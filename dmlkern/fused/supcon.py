@@ -3,8 +3,8 @@ positives' mean similarity from per-class row sums (O(N D))."""
 import torch
 
 from ..engine_spec import EngineParams
-from ._common import all_pairs_plan, class_sums_for_rows, is_unit_cosine
-from ._epilogue import (ZERO_LOSS, _element, _log1p_exp, _lse2, _pair_inputs, _plain_backend,
+from ._common import DOT_KINDS, all_pairs_plan, class_sums_for_rows, engine_rows
+from ._epilogue import (ZERO_LOSS, _element, _log1p_exp, _lse2, _rows_backend,
                         _stats_with_pair_rule_of)
 from .listed_pairs import listed_supcon
 
@@ -15,13 +15,13 @@ def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         labels, ref_labels, ref_emb, indices_tuple = plan.labels, plan.ref_labels, plan.ref_emb, None
     elif indices_tuple is not None:  # only the listed pairs (O(pairs))
         return listed_supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
-    backend = _plain_backend(module, embeddings, labels, indices_tuple, is_unit_cosine)
+    backend = _rows_backend(module, embeddings, labels, indices_tuple, ref_emb, DOT_KINDS)
     if backend is None:
         return None
     exclude_diag, stats, degenerate = _stats_with_pair_rule_of(plan, labels, ref_labels)
     if degenerate.returns_zero_now():
         return ZERO_LOSS
-    x, y = _pair_inputs(embeddings, ref_emb)
+    x, y, _ = engine_rows(module.distance, embeddings, ref_emb)
     losses = degenerate.zero_where(supcon_rows(module, x, y, labels, ref_labels, stats, exclude_diag, backend,
                                                embeddings.dtype))
     return {"loss": _element(losses.to(embeddings.dtype), len(losses))}, backend  # (N,), as PML's SupCon
@@ -45,5 +45,12 @@ def supcon_rows(module, x, y, labels, ref_labels, stats, exclude_diag, backend, 
     # and O(log |P|) otherwise, so nothing of size 1/t cancels (PML shifts by the row maximum).
     lse_pos = torch.where(count > 0, lse[:, 0], 0.0)  # -inf without positives: no inf - inf below
     pos_spread = torch.where(count == 1, 0.0, lse_pos - pos_sim_mean * inv_t)
-    neg_term = _log1p_exp(lse[:, 1] - lse_pos)
+    neg_gap = lse[:, 1] - lse_pos
+    neg_term = _log1p_exp(neg_gap)
+    # One positive that dominates its row: PML's loss is log(sum_k e^{z_k - z_max}) = log(1 + delta),
+    # exactly 0 where 1 + delta rounds to 1 in the embeddings' dtype, and AvgNonZeroReducer (the
+    # default) leaves those rows out of its mean. delta = e^{gap} < eps / 2 (gap < ~-17 in fp32): with
+    # the cosine only at small temperatures; common with the raw dot product's larger values.
+    rounds_to_one = (count == 1) & ((1 + torch.exp(neg_gap.detach())).to(emb_dtype) == 1)
+    neg_term = torch.where(rounds_to_one, 0.0, neg_term)
     return torch.where(count > 0, pos_spread + neg_term, 0.0)

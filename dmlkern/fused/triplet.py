@@ -36,12 +36,13 @@ from ..engine_spec import stats_dtype
 from ..ops import pair_engine as pe
 from ..ops.dispatch import extension_loaded
 from ..ops.fixed_mm_op import fixed_mm
-from . import _common
-from ._common import decline, is_unit_cosine, is_unit_euclidean, unit_rows
-from ._epilogue import SHORT_ROWS, ZERO_LOSS
+from ._common import (DISTANCE_KINDS, DOT_KINDS, decline, engine_distance, engine_rows, engine_rows_reason,
+                      is_unit_cosine, is_unit_euclidean)
+from ._epilogue import ZERO_LOSS
 
 _BLOCK_VALUES = 1 << 20  # pair values per row block (4 MiB in fp32); a few such buffers live at once
 BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++ on a CPU, else torch ops
+_DISTANCES = DOT_KINDS + DISTANCE_KINDS  # e = -s or d (the squared distances: the reference)
 WINDOW_IDS = {"every": 0, "all": 1, "hard": 2, "semihard": 3, "easy": 4}  # csrc/ops.cpp's triplet_rows
 _CPU_KERNEL = extension_loaded() and hasattr(torch.ops.dmlkern, "triplet_rows")
 
@@ -50,7 +51,7 @@ class TripletRule(NamedTuple):
     """Which triplets count and what each one costs."""
     margin: float  # the loss's margin
     smooth: bool  # softplus(margin - t) instead of relu(margin - t)
-    euclidean: bool  # e = the unit-Euclidean distance; else e = -cosine similarity
+    euclidean: bool  # e = sqrt(max(2 - 2s, 0)) (a Euclidean distance); else e = -s (a similarity)
     window: str  # "every" (no miner) or the miner's type_of_triplets ("all", "hard", "semihard", "easy")
     window_margin: float = 0.0  # the miner's margin
 
@@ -272,7 +273,9 @@ def _reduction(reducer):
 
 
 def distance_kind(distance):
-    """"euclidean" / "cosine" when the blocked path expresses the distance, else None."""
+    """"euclidean" / "cosine" for the unit-row distances, else None: what a TripletMarginMiner's
+    lazy result and the row-sharded distributed form (both on unit rows) can run. The blocked
+    path itself takes every distance `_common.engine_rows` expresses."""
     if is_unit_euclidean(distance):
         return "euclidean"
     if is_unit_cosine(distance):
@@ -312,7 +315,7 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
     if module.triplets_per_anchor != "all" and indices_tuple is None:
         return "triplets_per_anchor other than 'all' (random triplets)"
     kind = distance_kind(module.distance)
-    if kind is None or module.distance.collect_stats:
+    if engine_distance(module.distance) not in _DISTANCES or module.distance.collect_stats:
         return f"distance {type(module.distance).__name__} (or its collect_stats)"
     reduction = _reduction(module.reducer)
     if reduction is None:
@@ -330,16 +333,19 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
             return "the miner's result was mined on other inputs or with another distance"
         labels, ref_labels = lazy.mining_labels()
         window, window_margin = lazy.window, lazy.window_margin
-    if kind == "euclidean" and _common.has_short_rows(embeddings, ref_emb):
-        return SHORT_ROWS
-    rule = TripletRule(float(module.margin), bool(module.smooth_loss), kind == "euclidean", window, window_margin)
+    reason = engine_rows_reason(module.distance, embeddings, ref_emb)
+    if reason is not None:
+        return reason
+    euclidean = engine_distance(module.distance) in DISTANCE_KINDS
+    rule = TripletRule(float(module.margin), bool(module.smooth_loss), euclidean, window, window_margin)
     return labels, ref_labels, rule, reduction
 
 
 def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction):
     exclude_diag = ref_labels is labels
-    x = unit_rows(embeddings).to(stats_dtype(embeddings.dtype))
-    y = None if ref_emb is embeddings else unit_rows(ref_emb).to(x.dtype)
+    rows = engine_rows(module.distance, embeddings, ref_emb)  # (rule.euclidean: its transform is 1)
+    x = rows.x.to(stats_dtype(embeddings.dtype))
+    y = None if rows.y is rows.x else rows.y.to(x.dtype)  # None: the rows' own pairs (symmetric)
     backend = BACKEND
     with_grad = torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad))
     total, nonzero, kept, _, _ = triplet_totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad)

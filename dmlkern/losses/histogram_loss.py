@@ -1,10 +1,12 @@
 """HistogramLoss (PML 2.9.0, Learning Deep Embeddings with Histogram Loss): the probability that
 a negative pair is more similar than a positive one, from soft histograms with bin width
 ``delta`` = 2 / ``n_bins`` (100 bins by default); already reduced. Labels or indices_tuple
-required; no ref_emb. CosineSimilarity by default."""
+required; no ref_emb. CosineSimilarity by default. With labels and no indices_tuple: row blocks
+without an N x N matrix or a triplet list (`fused/ranking.py`, last_backend "blocked")."""
 
 from .._validation import InvalidInputError
 from ..distances import CosineSimilarity
+from ..fused.ranking import histogram as _fused
 from ..reference.ranking_losses import histogram_loss_dict
 from ._classification_common import ref_not_supported
 from .base import BaseMetricLossFunction
@@ -24,6 +26,9 @@ class HistogramLoss(BaseMetricLossFunction):
             n_bins = 100
         self.delta = delta if delta is not None else 2 / n_bins
         self.add_to_recordable_attributes(name="delta", is_stat=False)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return _fused(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         ref_not_supported(embeddings, labels, ref_emb, ref_labels)

@@ -3,6 +3,7 @@ cross-entropy of gamma * cosine(row, batch) with the row's class index as the ta
 Labels required; no indices_tuple, no ref_emb (ValueError, as PML). Requires CosineSimilarity."""
 
 from ..distances import CosineSimilarity
+from ..fused.instance import instance
 from ..reference.embedding_losses import require_distance
 from ..reference.more_losses import instance_loss_dict
 from ._classification_common import ref_not_supported
@@ -18,6 +19,11 @@ class InstanceLoss(BaseMetricLossFunction):
         require_distance(type(self).__name__, self.distance, "CosineSimilarity")
         self.gamma = gamma
         self.add_to_recordable_attributes(list_of_names=["gamma"], is_stat=False)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        indices_tuple_not_supported(indices_tuple)
+        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        return instance(self, embeddings, labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         indices_tuple_not_supported(indices_tuple)

@@ -5,7 +5,8 @@ indices_tuple, no ref_emb."""
 
 import torch
 
-from ..reference.more_losses import p2sgrad_loss_dict
+from ..fused.p2s_grad import p2s_grad
+from ..reference.more_losses import check_unit_columns, p2sgrad_loss_dict
 from ._classification_common import ref_not_supported
 from ._unsupported import indices_tuple_not_supported
 from .base import BaseMetricLossFunction
@@ -23,9 +24,23 @@ class P2SGradLoss(BaseMetricLossFunction):
         self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
         self.m_loss = torch.nn.MSELoss()
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def _renormed_weight(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's checks and its in-place renormalisation of the weight's columns (every call, once)."""
         ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         indices_tuple_not_supported(indices_tuple)
         w = self.weight.data.renorm(2, 1, 1e-5).mul(1e5)
         self.weight.data = w.to(device=embeddings.device, dtype=embeddings.dtype)
+        return self.weight
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        weight = self._renormed_weight(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        check_unit_columns(weight, embeddings.dtype)
+        result = p2s_grad(self, embeddings, labels, weight)
+        self._renormed_this_call = result is None  # compute_loss runs next: don't renormalise twice
+        return result
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if not getattr(self, "_renormed_this_call", False):
+            self._renormed_weight(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self._renormed_this_call = False
         return p2sgrad_loss_dict(embeddings, labels, self.weight)

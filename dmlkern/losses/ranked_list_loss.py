@@ -1,10 +1,12 @@
 """RankedListLoss (PML 2.9.0, https://arxiv.org/abs/1903.03238; defaults: RLL-Simpler): per query,
 weighted hinge means over the positives farther than alpha - margin and the negatives closer
-than alpha, mixed by ``imbalance``. Labels required; no indices_tuple, no ref_emb."""
+than alpha, mixed by ``imbalance``. Labels required; no indices_tuple, no ref_emb. Row blocks
+without an N x N matrix (`fused/ranking.py`, last_backend "blocked")."""
 
 import warnings
 
 from .._validation import InvalidInputError
+from ..fused.ranking import ranked_list as _fused
 from ..reference.ranking_losses import ranked_list_loss_dict
 from ._classification_common import ref_not_supported
 from ._unsupported import indices_tuple_not_supported
@@ -26,6 +28,9 @@ class RankedListLoss(BaseMetricLossFunction):
         self.Tp = Tp
         self.Tn = Tn
         self.add_to_recordable_attributes(list_of_names=["imbalance", "alpha", "margin", "Tp", "Tn"], is_stat=False)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return _fused(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         ref_not_supported(embeddings, labels, ref_emb, ref_labels)

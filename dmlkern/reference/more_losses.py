@@ -96,12 +96,17 @@ def vicreg_loss_dict(embeddings, ref_emb, *, invariance_lambda, variance_mu, cov
 
 
 # =============================================================================== P2SGrad
+def check_unit_columns(weight, dtype):
+    """PML's assertion that P2SGrad's weight columns have unit norm."""
+    rtol = 1e-2 if dtype == torch.float16 else 1e-5
+    if not torch.all(torch.abs(weight.pow(2).sum(0).pow(0.5) - 1.0) < rtol):
+        raise AssertionError("P2SGradLoss: the weight's columns must have unit norm")
+
+
 def p2sgrad_loss_dict(embeddings, labels, weight):
     """Mean squared error between cos(x, W_c) (clamped to [-1, 1]) and the one-hot labels over
     every (row, class); W's columns must be unit (AssertionError otherwise, as in PML)."""
-    rtol = 1e-2 if embeddings.dtype == torch.float16 else 1e-5
-    if not torch.all(torch.abs(weight.pow(2).sum(0).pow(0.5) - 1.0) < rtol):
-        raise AssertionError("P2SGradLoss: the weight's columns must have unit norm")
+    check_unit_columns(weight, embeddings.dtype)
     cos = (embeddings.mm(weight) / embeddings.pow(2).sum(1).pow(0.5).view(-1, 1)).clamp(-1, 1)
     with torch.no_grad():
         target = torch.zeros_like(cos).scatter_(1, labels.view(-1, 1), 1)
