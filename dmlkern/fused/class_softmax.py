@@ -73,15 +73,21 @@ class ClassLayout(NamedTuple):
 
 def unit(rows):
     """rows / max(|rows|, eps), as F.normalize (no graph: the block kernels differentiate by hand)."""
-    return rows / torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min(_NORMALIZE_EPS)
+    return unit_and_norm(rows)[0]
 
 
-def unit_backward(rows, grad):
-    """The gradient of unit(rows) given the gradient of its output (as fused._common._UnitRows)."""
-    norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-    y = rows / norm.clamp_min(_NORMALIZE_EPS)
-    radial = (y * grad).sum(dim=1, keepdim=True) * (norm >= _NORMALIZE_EPS)
-    return (grad - y * radial) / norm.clamp_min(_NORMALIZE_EPS)
+def unit_and_norm(rows):
+    """(unit(rows), |rows|): the norm kept for unit_backward_, so a block's norms are taken once."""
+    norm = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+    return rows / norm.clamp_min(_NORMALIZE_EPS), norm
+
+
+def unit_backward_(grad, y, norm):
+    """The gradient of unit(rows) given the gradient of its output (as fused._common._UnitRows),
+    written over `grad` (a block's fresh gradient: no block-sized temporaries); y, norm =
+    unit_and_norm(rows)."""
+    radial = torch.linalg.vecdot(y, grad, dim=1).unsqueeze(1) * (norm >= _NORMALIZE_EPS)
+    return grad.addcmul_(y, radial, value=-1).div_(norm.clamp_min(_NORMALIZE_EPS))
 
 
 class EngineBlock:
@@ -97,8 +103,8 @@ class EngineBlock:
         cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and x.dtype != torch.float64
         self.round_to = torch.get_autocast_dtype("cpu") if cpu_autocast else None
 
-    def _columns(self, rows, x):
-        cols = unit(rows) if self.unit_columns else rows
+    def _columns(self, rows, x, unit_rows=None):
+        cols = (unit(rows) if unit_rows is None else unit_rows) if self.unit_columns else rows
         if self.round_to is not None:
             cols = cols.to(self.round_to)
         return cols.to(x.dtype).contiguous()
@@ -118,13 +124,14 @@ class EngineBlock:
         stats = stats_dtype(x.dtype)
         zero = torch.zeros_like(lse)
         coef = torch.stack([zero, zero, grad.to(stats), lse, zero], dim=1)
-        cols = self._columns(rows, x)
+        y, norm = unit_and_norm(rows) if self.unit_columns else (None, None)
+        cols = self._columns(rows, x, y)
         gx, gcols = pe.engine_backward_raw(
             x, cols, labels, self._labels(c0, c1, labels), torch.zeros(x.shape[0], 3, dtype=stats, device=x.device),
             coef, transform=TRANSFORM_DOT, mining=MINING_NONE, params=self.params, exclude_diag=False,
             backend=self.backend, coef_terms=0)
         gcols = gcols.to(rows.dtype)
-        return gx, unit_backward(rows, gcols) if self.unit_columns else gcols
+        return gx, unit_backward_(gcols, y, norm) if self.unit_columns else gcols
 
 
 class GroupedBlock:
@@ -154,7 +161,8 @@ class GroupedBlock:
         return row_lse(self._logits(mm(x, cols), labels, c0, c1)[2])
 
     def backward(self, x, rows, labels, c0, c1, grad, lse):
-        cols = unit(rows).to(x.dtype)
+        y, norm = unit_and_norm(rows)
+        cols = y.to(x.dtype)
         s, value, logits = self._logits(fixed_mm(x, cols), labels, c0, c1)
         # the softmax over the other classes (0 at the own class, also when there is no other)
         weights = torch.where(torch.isneginf(logits), 0.0, torch.exp(logits - lse[:, None]))
@@ -162,7 +170,7 @@ class GroupedBlock:
         g = g.view(x.shape[0], -1)
         gx = fixed_mm(g, cols.t())
         gcols = fixed_mm(g.t(), x.t()).to(rows.dtype)
-        return gx, unit_backward(rows, gcols)
+        return gx, unit_backward_(gcols, y, norm)
 
 
 def row_lse(t):
@@ -221,7 +229,10 @@ def blocked_backward(x, weight, labels, kernel, layout, grad, lse, needs):
     None unless `needs` says so: x's summed over the column blocks in order, the weights' written
     block by block (its one C x D buffer)."""
     gx = torch.zeros(x.shape, dtype=lse.dtype, device=x.device) if needs[0] else None
-    gw = torch.zeros_like(weight) if needs[1] else None
+    gw = None
+    if needs[1]:  # the blocks write every row when they cover the weight: no zero fill then
+        covered = layout.num_classes * layout.group == layout.rows(weight).shape[0]
+        gw = torch.empty_like(weight) if covered else torch.zeros_like(weight)
     for c0, c1 in layout.blocks(weight, x.element_size(), kernel.max_rows(x)):
         gx_b, grows = kernel.backward(x, layout.block(weight, c0, c1), labels, c0, c1, grad, lse)
         if gx is not None:
