@@ -154,6 +154,13 @@ def assert_close(ours, ref, dtype, what="value"):
     )
 
 
+def assert_value_and_grads_close(got, got_grads, want, want_grads, **tol):
+    """A loss value and its gradients (pairwise, as zip pairs them) against the expected ones."""
+    torch.testing.assert_close(got, want, **tol)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, **tol)
+
+
 def compare(ours_fn, pml_fn, emb, labels=None, indices_tuple=None, ref=None, ref_labels=None,
             ours_params=(), pml_params=(), seed=None):
     v_ours, g_ours = run_loss(ours_fn, emb, labels, indices_tuple, ref, ref_labels, ours_params, seed)

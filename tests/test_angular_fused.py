@@ -14,7 +14,7 @@ import dmlkern.fused.angular as fused_angular
 from dmlkern import _tracing, losses, miners, reducers
 from dmlkern.fused._common import LabelStats
 from dmlkern._determinism import log as fixed_log
-from _pml_helpers import random_indices
+from _pml_helpers import assert_value_and_grads_close, random_indices
 from _peak_rss import peak_rss_growth_mib
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
@@ -52,10 +52,7 @@ def _assert_like_pml(x, labels, ref=None, ref_labels=None, indices_tuple=None, e
     assert ours.last_backend == expected, (ours.last_backend, ours.last_fallback)
     want, want_grads = _run(pml_losses.AngularLoss(alpha=alpha), x, labels, ref, ref_labels,
                             indices_tuple if pml_tuple is None else pml_tuple)
-    tol = tol or TOL[x.dtype]
-    torch.testing.assert_close(got, want, **tol)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, **tol)
+    assert_value_and_grads_close(got, got_grads, want, want_grads, **(tol or TOL[x.dtype]))
     return ours
 
 

@@ -12,6 +12,7 @@ from dmlkern import distances, losses
 from dmlkern import reducers as our_reducers
 from dmlkern.fused import _common
 from _kernel_cases import KERNEL_BACKENDS
+from _pml_helpers import assert_value_and_grads_close
 from _peak_rss import peak_rss_growth_mib
 
 RAW_DOT = ("DotProductSimilarity", {"normalize_embeddings": False})
@@ -81,10 +82,7 @@ def _assert_matches_pml(name, dist, x, labels, ref=None, ref_labels=None, tol=No
         want, want_grads, _ = _run("ours", name, dist, x, labels, ref, ref_labels, "reference")
     if fused:
         assert loss_fn.last_backend != "reference", loss_fn.last_fallback
-    tol = tol or TOL[x.dtype]
-    torch.testing.assert_close(ours, want, **tol)
-    for g, w in zip(our_grads, want_grads):
-        torch.testing.assert_close(g, w, **tol)
+    assert_value_and_grads_close(ours, our_grads, want, want_grads, **(tol or TOL[x.dtype]))
     return loss_fn
 
 

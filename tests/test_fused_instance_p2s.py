@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dmlkern import losses
-from tests._kernel_cases import KERNEL_BACKENDS
-from tests._peak_rss import peak_rss_growth_mib
+from _kernel_cases import KERNEL_BACKENDS
+from _peak_rss import peak_rss_growth_mib
 
 PL = pytest.importorskip("pytorch_metric_learning.losses", reason="needs pytorch-metric-learning for parity")
 

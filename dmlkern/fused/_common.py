@@ -23,15 +23,15 @@ def is_unit_cosine(distance):
             and distance.normalize_embeddings and distance.power == 1 and distance.is_inverted)
 
 
-def is_unit_euclidean(distance):
-    """PML's default LpDistance: Euclidean distance of L2-normalised rows, not squared."""
-    return (type(distance) is dist.LpDistance and distance.normalize_embeddings and distance.p == 2
-            and distance.power == 1 and not distance.is_inverted)
-
-
 def _lp_distance(distance, normalize, power):
+    """LpDistance with p = 2, not inverted, of this normalisation and power."""
     return (type(distance) is dist.LpDistance and bool(distance.normalize_embeddings) == normalize
             and distance.p == 2 and distance.power == power and not distance.is_inverted)
+
+
+def is_unit_euclidean(distance):
+    """PML's default LpDistance: Euclidean distance of L2-normalised rows, not squared."""
+    return _lp_distance(distance, True, 1)
 
 
 def is_raw_dot(distance):
@@ -150,7 +150,7 @@ class EngineRows(NamedTuple):
 _KINDS = {
     "unit_cosine": (is_unit_cosine, "unit", TRANSFORM_DOT, 1.0, 0.0),
     "raw_dot": (is_raw_dot, "raw", TRANSFORM_DOT, 1.0, 0.0),
-    "unit_euclidean": (lambda d: _lp_distance(d, True, 1), "unit", TRANSFORM_UNIT_DISTANCE, 1.0, 0.0),
+    "unit_euclidean": (is_unit_euclidean, "unit", TRANSFORM_UNIT_DISTANCE, 1.0, 0.0),
     "raw_euclidean": (lambda d: _lp_distance(d, False, 1), "augmented", TRANSFORM_UNIT_DISTANCE, 1.0, 0.0),
     "unit_squared_euclidean": (lambda d: _lp_distance(d, True, 2), "unit", TRANSFORM_DOT, -2.0, 2.0),
     "raw_squared_euclidean": (lambda d: _lp_distance(d, False, 2), "augmented", TRANSFORM_DOT, -2.0, 2.0),

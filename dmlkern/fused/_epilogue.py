@@ -9,7 +9,6 @@ from .._determinism import logaddexp
 from ..engine_spec import MINING_NONE, PASS_LSE2, TRANSFORM_DOT
 from ..ops import pair_engine as pe
 from . import _common
-from ._common import SHORT_ROWS  # noqa: F401  (its home was here)
 from ._common import (Degenerate, LabelStats, decline, engine_rows_reason, no_engine_reason, no_pos_or_neg,
                       short_circuit, unit_rows)
 

@@ -33,7 +33,8 @@ from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from . import _common
 from ._common import (Degenerate, LabelStats, all_pairs_plan, class_sums_for_rows, decline, is_unit_cosine,
                       is_unit_euclidean, unit_rows)
-from ._epilogue import SHORT_ROWS, ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each
+from ._common import SHORT_ROWS
+from ._epilogue import ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each
 from .contrastive import _reduced
 from .pair_lists import unit_distance
 from .triplet import _block_masks, _row_sums, row_blocks

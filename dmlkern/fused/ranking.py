@@ -29,7 +29,8 @@ from ..ops.fixed_mm_op import fixed_mm
 from ..reference.indices import convert_to_weights
 from . import _common
 from ._common import decline, is_unit_cosine, is_unit_euclidean, unit_rows
-from ._epilogue import SHORT_ROWS, ZERO_LOSS
+from ._common import SHORT_ROWS
+from ._epilogue import ZERO_LOSS
 from ._stats import record_distance
 from .lazy_pairs import LazyMined
 from .pair_lists import unit_distance
