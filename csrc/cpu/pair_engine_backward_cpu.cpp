@@ -154,6 +154,67 @@ void grad_tiles(const at::Tensor& own, const at::Tensor& other, const int32_t* o
   });
 }
 
+// The non-symmetric backward in one sweep over the tiles S = x[a] y[b]^T (the forward's
+// operand order and tile shape, so the forward's similarity bits): each tile becomes W once
+// (x-side epilogue) and feeds both gradients, grad_y[b] += W^T x[a] and
+// grad_x[a] += W y[b]: 3 products and one epilogue per tile where the two passes take 4 and 2.
+// Tasks own chunks of y blocks (so grad_y rows have one writer); grad_x goes to one partial per
+// chunk, summed in chunk order at the end. The chunks are a fixed grouping of y's blocks (at
+// most kSweepChunks), so the bits do not depend on the thread count. The partials cost
+// chunks x N x D: used while that stays within kSweepPartialBytes (sweep_chunks > 0).
+constexpr int64_t kSweepChunks = 16;
+constexpr int64_t kSweepPartialBytes = int64_t(64) << 20;
+
+inline int64_t sweep_chunks(const at::Tensor& x, const at::Tensor& y) {
+  const int64_t blocks = ceil_div(y.size(0), kColBlock);
+  const int64_t chunks = ceil_div(blocks, ceil_div(blocks, kSweepChunks));  // none left empty
+  const int64_t bytes = chunks * x.size(0) * x.size(1) * x.element_size();
+  return bytes <= kSweepPartialBytes ? chunks : 0;
+}
+
+// epilogue(tile, na, nc, a0, c0) turns the tile (x rows a0.., y columns c0..) into W in place.
+// grad_y may come uninitialised (every row is written, the first product without adding).
+template <typename T, typename Epilogue>
+void grad_sweep(const at::Tensor& x, const at::Tensor& y, int64_t chunks, at::Tensor& grad_x,
+                at::Tensor& grad_y, Epilogue epilogue) {
+  const int64_t n = x.size(0), m = y.size(0);
+  const int64_t per_chunk = ceil_div(ceil_div(m, kColBlock), chunks);
+  auto partial = at::empty({chunks, n, x.size(1)}, grad_x.options());
+  parallel_blocks(chunks, [&](int64_t k0, int64_t k1) {
+    auto buffer = at::empty({kRowBlock * std::min(kColBlock, m)}, x.options());
+    for (int64_t k = k0; k < k1; ++k) {
+      auto part = partial[k];
+      const int64_t b_begin = k * per_chunk * kColBlock;
+      const int64_t b_end = std::min(m, b_begin + per_chunk * kColBlock);
+      for (int64_t c0 = b_begin; c0 < b_end; c0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, m - c0);
+        const auto y_blk = y.narrow(0, c0, nc);
+        auto grad_y_blk = grad_y.narrow(0, c0, nc);
+        for (int64_t a0 = 0; a0 < n; a0 += kRowBlock) {
+          const int64_t na = std::min(kRowBlock, n - a0);
+          const auto x_blk = x.narrow(0, a0, na);
+          auto tile = buffer.narrow(0, 0, na * nc).view({na, nc});
+          at::mm_out(tile, x_blk, y_blk.t());
+          epilogue(tile.template data_ptr<T>(), na, nc, a0, c0);
+          if (a0 == 0) {
+            at::mm_out(grad_y_blk, tile.t(), x_blk);
+          } else {
+            grad_y_blk.addmm_(tile.t(), x_blk);
+          }
+          auto part_blk = part.narrow(0, a0, na);
+          if (c0 == b_begin) {
+            at::mm_out(part_blk, tile, y_blk);
+          } else {
+            part_blk.addmm_(tile, y_blk);
+          }
+        }
+      }
+    }
+  });
+  grad_x.copy_(partial[0]);
+  for (int64_t k = 1; k < chunks; ++k) grad_x.add_(partial[k]);
+}
+
 // own = x (pairs (a, b) = (i, j)) or own = y (pairs (j, i)).
 template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
 void grad_side(const at::Tensor& own, const at::Tensor& other, const int32_t* xlab,
@@ -303,10 +364,16 @@ void hinge_backward(const at::Tensor& x, const at::Tensor& y, const int32_t* xla
                   });
     return;
   }
+  const auto x_side = [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0) {
+    hinge_grad_tile<T, TR, true>(tile, na, nc, a0, c0, xlab, ylab, rows, p, exclude_diag);
+  };
+  if (const int64_t chunks = sweep_chunks(x, y)) {
+    grad_sweep<T>(x, y, chunks, grad_x, grad_y, x_side);
+    return;
+  }
   grad_tiles<T>(x, y, xlab, ylab, false, grad_x,
                 [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
-                  hinge_grad_tile<T, TR, true>(tile, na, nc, a0, c0, xlab, ylab, rows, p,
-                                               exclude_diag);
+                  x_side(tile, na, nc, a0, c0);
                 });
   grad_tiles<T>(y, x, ylab, xlab, false, grad_y,
                 [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
@@ -325,8 +392,12 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
   // Kernels are plain compute: the tile products inside must never be recorded by autograd.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_cpu_dtype(x_in);
-  auto grad_x = at::zeros(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
-  auto grad_y = at::zeros(y_in.sizes(), y_in.options().memory_format(at::MemoryFormat::Contiguous));
+  // The sweep writes every element of both (uninitialised then); the other paths add to zeros.
+  const bool sweep = !symmetric && x_in.size(0) > 0 && x_in.size(1) > 0 && y_in.size(0) > 0 &&
+                     sweep_chunks(x_in, y_in) > 0;
+  const auto like = x_in.options().memory_format(at::MemoryFormat::Contiguous);
+  auto grad_x = sweep ? at::empty(x_in.sizes(), like) : at::zeros(x_in.sizes(), like);
+  auto grad_y = sweep ? at::empty(y_in.sizes(), like) : at::zeros(y_in.sizes(), like);
   // D = 0 leaves nothing to multiply (and the gradients are empty).
   if (x_in.size(0) == 0 || y_in.size(0) == 0 || x_in.size(1) == 0) return {grad_x, grad_y};
   const auto st = stats_dtype(x_in.scalar_type());
@@ -352,6 +423,14 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
       constexpr int64_t TR = decltype(tr)::value, MI = decltype(mi)::value;
       if (symmetric) {  // y is x (equal values) and y_labels x_labels: x's rows and codes only
         grad_sym<scalar_t, TR, MI>(x, xlab, rows, p, exclude_diag, grad_x);
+        return;
+      }
+      if (const int64_t chunks = sweep_chunks(x, y)) {  // C_lift needs symmetric: no lifted term
+        grad_sweep<scalar_t>(x, y, chunks, grad_x, grad_y,
+                             [&](scalar_t* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0) {
+                               grad_tile<scalar_t, TR, MI, true>(tile, na, nc, a0, c0, xlab, ylab,
+                                                                 rows, p, exclude_diag, true);
+                             });
         return;
       }
       grad_side<scalar_t, TR, MI, true>(x, y, xlab, ylab, rows, p, exclude_diag, grad_x);
