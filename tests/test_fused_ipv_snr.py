@@ -11,7 +11,7 @@ from pytorch_metric_learning import reducers as pml_reducers
 from _peak_rss import peak_rss_growth_mib
 from _pml_helpers import compare, make_inputs, random_indices
 from dmlkern import distances, losses, reducers
-from dmlkern.fused import triplet
+from dmlkern.fused import _common
 
 IPV, SNR = "IntraPairVarianceLoss", "SignalToNoiseRatioContrastiveLoss"
 DTYPES = [torch.float32, torch.float64]
@@ -68,7 +68,7 @@ def test_matches_pml(config, dtype):
 @pytest.mark.parametrize("config", ["ipv", "ipv_lp", "ipv_lp_squared", "ipv_dot_raw", "snr", "snr_margins_mean"])
 def test_several_row_blocks(config, monkeypatch):
     """Blocks of a few rows (not a divisor of N): the sweep, the block-ordered gradient sums."""
-    monkeypatch.setattr(triplet, "_BLOCK_VALUES", 7 * 41)
+    monkeypatch.setattr(_common, "ROW_BLOCK_VALUES", 7 * 41)
     name, kw = CONFIGS[config]
     emb, labels, ref, ref_labels = make_inputs(2, 41, 11, 5, torch.float64, ref_rows=29)
     _check(name, kw, emb, labels)
@@ -261,7 +261,7 @@ def test_cross_batch_memory(config):
 @pytest.mark.parametrize("config", ["ipv", "ipv_lp", "ipv_avg_nonzero", "ipv_lp_squared", "ipv_dot_raw", "snr",
                                     "snr_margins_mean", "snr_raw_rows"])
 def test_gradcheck_fp64(config, monkeypatch):
-    monkeypatch.setattr(triplet, "_BLOCK_VALUES", 5 * 11)
+    monkeypatch.setattr(_common, "ROW_BLOCK_VALUES", 5 * 11)
     name, kw = CONFIGS[config]
     ours, _ = _pair(name, **kw)
     emb, labels, ref, ref_labels = make_inputs(10, 11, 5, 3, torch.float64, ref_rows=7)
@@ -306,7 +306,7 @@ def test_torch_func_grad(config):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
 @pytest.mark.parametrize("config", ["ipv", "ipv_lp", "ipv_lp_squared", "snr"])
 def test_bit_identical_across_thread_counts(config, dtype, monkeypatch):
-    monkeypatch.setattr(triplet, "_BLOCK_VALUES", 1 << 14)  # several blocks of a few rows
+    monkeypatch.setattr(_common, "ROW_BLOCK_VALUES", 1 << 14)  # several blocks of a few rows
     name, kw = CONFIGS[config]
     emb, labels, ref, ref_labels = make_inputs(13, 301, 48, 7, dtype, ref_rows=157)
     threads = torch.get_num_threads()

@@ -310,6 +310,9 @@ def test_opcheck(backend, device):
     torch.library.opcheck(forward, (x, y, xl, yl, row_in, 0, 0, 0, PARAMS[0], False))
     torch.library.opcheck(forward, (xu, xu, xl, xl, row_in, 3, 1, 0, LIFTED_PARAMS[1], True))
     torch.library.opcheck(backward, (x, y, xl, yl, row_in, rand(13, 5), 0, 1, PARAMS[0], False))
+    if backend == "cpp":  # a column-major y: read as it is, its gradient in that layout (the fake's too)
+        torch.library.opcheck(backward, (x, y.t().contiguous().t(), xl, yl, row_in, rand(13, 5), 0, 1, PARAMS[0],
+                                         False))
     torch.library.opcheck(backward, (xu, xu, xl, xl, row_in, rand(13, 6), 1, 0, LIFTED_PARAMS[1], True, True))
 
 
@@ -967,3 +970,58 @@ def test_circle_backward_is_the_detached_weight_derivative(backend, device):
         torch.testing.assert_close(got, num, rtol=1e-6, atol=1e-7)
     inputs = (x.clone().requires_grad_(True), y.clone().requires_grad_(True))
     assert not torch.autograd.gradcheck(total, inputs, raise_exception=False, fast_mode=backend == "triton")
+
+
+def _two_sided_case(n, m, d, k, dtype, seed, transform=0, mining=1):
+    """Inputs and (A, LSE, ...) coefficients of a two-sided backward, and its fp64 reference."""
+    x, y, xl, yl, _ = _inputs((n, m, d, k), torch.float64, "cpu", seed)
+    params, row_in, lse = _row_in_and_lse(x, y, xl, yl, False, transform, mining, torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    a = torch.rand(n, 3, generator=g, dtype=torch.float64)
+    coef = torch.stack([a[:, 0], lse[:, 0], a[:, 1], lse[:, 1], a[:, 2]], dim=1)
+    want = reference.engine_backward(x, y, xl, yl, row_in, coef, transform, mining, params, False)
+    return (x.to(dtype), y.to(dtype), xl, yl, row_in.to(dtype), coef.to(dtype)), params, want
+
+
+@pytest.mark.parametrize("transform, mining", LSE2_CONFIG_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_cpp_two_sided_backward_sweep_with_row_and_column_major_y(dtype, transform, mining):
+    """The C++ two-sided backward's one sweep (x's gradient from per-chunk partials) over 18 column
+    tiles of y, two per chunk and an odd last one, with y row-major and column-major (a transposed
+    view, read without a copy: its gradient comes back in the same layout): the reference's
+    gradients, and the same bits at 1 and 2 threads."""
+    _needs_engine("cpp")
+    (x, y, xl, yl, row_in, coef), params, want = _two_sided_case(131, 9000, 24, 40, dtype, 21, transform, mining)
+    atol, rtol = TOLERANCES[dtype]
+    y_cols = y.t().contiguous().t()
+    assert not y_cols.is_contiguous()
+    results = {}
+    for layout, yy in (("rows", y), ("columns", y_cols)):
+        for threads in (1, 2):
+            prev = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                results[layout, threads] = pe.engine_backward_raw(
+                    x, yy, xl, yl, row_in, coef, transform=transform, mining=mining, params=params,
+                    exclude_diag=False, backend="cpp")
+            finally:
+                torch.set_num_threads(prev)
+        gx, gy = results[layout, 1]
+        assert gy.stride() == yy.stride() if layout == "columns" else gy.is_contiguous()
+        _close(gx, want[0], atol, rtol, f"grad_x ({layout})")
+        _close(gy, want[1], atol, rtol, f"grad_y ({layout})")
+        for a, b in zip(results[layout, 1], results[layout, 2]):
+            assert torch.equal(a, b), f"{layout}: bits differ between 1 and 2 threads"
+
+
+def test_cpp_two_sided_backward_past_the_sweep_budget():
+    """Past the sweep's partial budget (chunks x N x D x 4 bytes > 64 MiB) the C++ backward takes two
+    passes, one per side: still the reference's gradients."""
+    _needs_engine("cpp")
+    (x, y, xl, yl, row_in, coef), params, want = _two_sided_case(2400, 1100, 2400, 30, torch.float32, 4)
+    assert 3 * x.shape[0] * x.shape[1] * 4 > 64 << 20  # 3 chunks of 512 columns
+    gx, gy = pe.engine_backward_raw(x, y, xl, yl, row_in, coef, transform=0, mining=1, params=params,
+                                    exclude_diag=False, backend="cpp")
+    atol, rtol = TOLERANCES[torch.float32]
+    _close(gx, want[0], atol, rtol, "grad_x")
+    _close(gy, want[1], atol, rtol, "grad_y")

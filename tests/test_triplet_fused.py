@@ -9,6 +9,7 @@ import pytorch_metric_learning.losses as pml_losses
 import pytorch_metric_learning.miners as pml_miners
 from pytorch_metric_learning import distances as pml_distances
 
+import dmlkern.fused._common as fused_common
 import dmlkern.fused.listed_pairs as listed_pairs
 import dmlkern.fused.triplet as fused_triplet
 from dmlkern import distances, losses, miners
@@ -93,7 +94,7 @@ def test_reducers_match_the_reference(reducer, row_impl):
 
 def test_forced_small_blocks_and_many_positives(monkeypatch, row_impl):
     """Several row blocks of a few rows each, rows with many positives (slots), odd sizes."""
-    monkeypatch.setattr(fused_triplet, "_BLOCK_VALUES", 3 * 53)
+    monkeypatch.setattr(fused_common, "ROW_BLOCK_VALUES", 3 * 53)
     x, labels, _, _ = _inputs(53, 2, None, torch.float64, seed=5)
     for kind in MINER_KINDS:
         miner_kw = None if kind is None else {"type_of_triplets": kind}

@@ -154,6 +154,17 @@ inline int diag_column(bool exclude_diag, int64_t i, int64_t c0, int64_t nc) {
   return exclude_diag && i >= c0 && i < c0 + nc ? static_cast<int>(i - c0) : -1;
 }
 
+// An operand as the engine reads it: row-major, or column-major as it is (a transposed view,
+// e.g. the unit rows of a column block of PML's (D, C) weight): the tile products take either
+// layout, so the caller need not make a transposing copy.
+inline bool is_column_major(const at::Tensor& t) {
+  return t.dim() == 2 && t.size(0) > 1 && t.stride(0) == 1 && t.stride(1) >= t.size(0);
+}
+
+inline at::Tensor engine_operand(const at::Tensor& t) {
+  return is_column_major(t) ? t : t.contiguous();
+}
+
 inline void check_cpu_dtype(const at::Tensor& x, const char* name = "x") {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "dmlkern: the CPU backend takes float32 or float64 ", name, ", got ", x.scalar_type());

@@ -395,14 +395,20 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
   // The sweep writes every element of both (uninitialised then); the other paths add to zeros.
   const bool sweep = !symmetric && x_in.size(0) > 0 && x_in.size(1) > 0 && y_in.size(0) > 0 &&
                      sweep_chunks(x_in, y_in) > 0;
+  // grad_y in y's layout (a column-major y is read as it is: engine_operand).
   const auto like = x_in.options().memory_format(at::MemoryFormat::Contiguous);
-  auto grad_x = sweep ? at::empty(x_in.sizes(), like) : at::zeros(x_in.sizes(), like);
-  auto grad_y = sweep ? at::empty(y_in.sizes(), like) : at::zeros(y_in.sizes(), like);
+  auto grad_x = at::empty(x_in.sizes(), like);
+  auto grad_y = is_column_major(y_in) ? at::empty({y_in.size(1), y_in.size(0)}, like).t()
+                                      : at::empty(y_in.sizes(), like);
+  if (!sweep) {
+    grad_x.zero_();
+    grad_y.zero_();
+  }
   // D = 0 leaves nothing to multiply (and the gradients are empty).
   if (x_in.size(0) == 0 || y_in.size(0) == 0 || x_in.size(1) == 0) return {grad_x, grad_y};
   const auto st = stats_dtype(x_in.scalar_type());
   const auto x = x_in.contiguous();
-  const auto y = y_in.contiguous();
+  const auto y = engine_operand(y_in);
   const auto [xl, yl] = label_codes(x_labels, y_labels);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pair_engine_backward_cpu", [&] {
     const RowColumns<scalar_t> rows(row_in, &row_coef, st);

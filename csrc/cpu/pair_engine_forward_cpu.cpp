@@ -218,7 +218,7 @@ at::Tensor pair_engine_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_i
   auto out = at::empty({n, engine_out_columns(pass_kind)}, x_in.options().dtype(st));
   if (n == 0) return out;
   const auto x = x_in.contiguous();
-  const auto y = y_in.contiguous();
+  const auto y = engine_operand(y_in);
   const auto [xl, yl] = label_codes(x_labels, y_labels);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pair_engine_forward_cpu", [&] {
     const RowColumns<scalar_t> rows(row_in, nullptr, st);

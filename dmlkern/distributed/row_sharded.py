@@ -165,7 +165,7 @@ class _Contrastive(_MultiSimilarity):
         for name, total, nonzero, count in (("pos_loss", pos_sum, pos_nonzero, stats.pos_total),
                                             ("neg_loss", neg_sum, neg_nonzero, stats.neg_total)):
             kind, reducer = kinds[name]
-            value = fused_contrastive._reduced(kind, total, nonzero.detach(), count, reducer, zero_like)
+            value = _common.reduced_sub_loss(kind, total, nonzero.detach(), count, reducer, zero_like)
             loss_dict[name] = _already_reduced(value, zero_like)
         return module.reducer(loss_dict, zero_like, global_ids)
 

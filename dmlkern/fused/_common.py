@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from .. import distances as dist
 from .._autograd import applier
+from .._determinism import fixed_order_sum
 from ..engine_spec import TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams
 from ..ops import pair_engine as pe
 from .._tracing import static_shapes  # the fused losses import it from here too
@@ -403,3 +404,41 @@ def all_pairs_plan(indices_tuple, embeddings, ref_emb):
     if not isinstance(indices_tuple, LazyAllPairs) or not indices_tuple.shape_matches(embeddings, ref_emb):
         return None
     return AllPairsPlan(indices_tuple, ref_emb)
+
+
+ROW_BLOCK_VALUES = 1 << 20  # pair values per row block of the blocked paths (4 MiB in fp32)
+
+
+def row_blocks(n, m):
+    """(r0, r1) row blocks of about ROW_BLOCK_VALUES pair values each against m columns, in order."""
+    step = max(1, ROW_BLOCK_VALUES // max(1, m))
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+def row_sums(t):
+    """Per-row sums whose bits don't depend on the CPU thread count (torch splits a reduction with
+    one output over threads; with several outputs each output has one thread)."""
+    if t.shape[0] == 1:
+        return fixed_order_sum(t).reshape(1)
+    return t.sum(dim=1)
+
+
+def block_masks(labels_b, ref_labels, row0, exclude_diag):
+    """(positive, negative) pair masks of a row block starting at row row0 against ref_labels."""
+    same = labels_b[:, None] == ref_labels[None, :]
+    pos = same.clone()
+    if exclude_diag:
+        rows = torch.arange(len(labels_b), device=same.device)
+        pos[rows, rows + row0] = False
+    return pos, ~same
+
+
+def reduced_sub_loss(kind, total, nonzero, count, reducer, embeddings):
+    """A pair sub-loss's reduced value from its total, its number of losses > 0 and of pairs."""
+    if kind == "sum":
+        return total
+    if kind == "mean":  # over every pair, zeros included; no pair: the sum is 0
+        return total / count.clamp(min=1).to(total.dtype)
+    # AvgNonZero: the mean of the losses > 0; none: the reducer's grad-carrying zero
+    return torch.where(nonzero > 0, total / nonzero.clamp(min=1), reducer.zero_loss(embeddings).to(total.dtype))

@@ -44,10 +44,9 @@ from .._tracing import static_shapes
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
 from ..reference.indices import convert_to_pairs, logsumexp
-from ._common import Degenerate, LabelStats, decline, is_unit_euclidean, no_pos_or_neg, unit_rows
+from ._common import Degenerate, LabelStats, decline, is_unit_euclidean, no_pos_or_neg, row_sums, unit_rows
 from ._epilogue import ZERO_LOSS, _log1p_exp
 from .pair_lists import positive_pairs
-from .triplet import _row_sums
 
 BACKEND = "blocked"  # `last_backend` for all pairs: class blocks of Gram products
 LISTED = "listed"  # `last_backend` for an indices_tuple's pairs
@@ -271,7 +270,7 @@ class _BlockedAngular(torch.autograd.Function):
             for a0, a1, p0, p1 in groups:
                 gram[a0:a1, p0:p1] = fixed_mm(A[a0:a1], B[p0:p1])
             gram = gram[pairs.i, pairs.j]
-            dots = _row_sums(ua_rows.index_select(0, pairs.i) * up_rows.index_select(0, pairs.j))
+            dots = row_sums(ua_rows.index_select(0, pairs.i) * up_rows.index_select(0, pairs.j))
             z = fixed_log(gram) + m_a[pairs.i, 0] + m_p[pairs.j, 0] - setup.k * dots
             losses[pairs.slots], z_all[pairs.slots], gram_all[pairs.slots] = _log1p_exp(z), z, gram
             smallest = torch.minimum(smallest, gram.amin())
@@ -357,8 +356,8 @@ def _listed_chunk(ua, up, x, a, p, labels, ref_labels, c, k):
     cs = torch.where(labels[a][:, None] != ref_labels[None, :], c * fixed_mm(ua_q + up_q, x), -math.inf)
     m = cs.amax(dim=1, keepdim=True)
     m = torch.where(torch.isneginf(m), 0.0, m)  # no negative: the sum is 0, lse -inf
-    lse = m.squeeze(1) + fixed_log(_row_sums(torch.exp(cs - m)))
-    return ua_q, up_q, cs, lse, lse - k * _row_sums(ua_q * up_q)
+    lse = m.squeeze(1) + fixed_log(row_sums(torch.exp(cs - m)))
+    return ua_q, up_q, cs, lse, lse - k * row_sums(ua_q * up_q)
 
 
 def _chunks(num_pairs, m):

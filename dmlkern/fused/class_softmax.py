@@ -123,7 +123,9 @@ class EngineBlock:
         cols = (unit(rows) if unit_rows is None else unit_rows) if self.unit_columns else rows
         if self.round_to is not None:
             cols = cols.to(self.round_to)
-        return cols.to(x.dtype).contiguous()
+        cols = cols.to(x.dtype)
+        # the C++ engine reads a block of PML's (D, C) W (column-major) as it is: no transposing copy
+        return cols if self.backend == "cpp" and x.device.type == "cpu" else cols.contiguous()
 
     def max_rows(self, x):
         return None  # the engine tiles the block itself

@@ -9,7 +9,7 @@ from ..engine_spec import PASS_HINGE, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, En
 from ..ops import pair_engine as pe
 from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from ._common import (Degenerate, LabelStats, all_pairs_plan, branch_free, decline, engine_distance, engine_rows,
-                      engine_rows_reason, is_unit_cosine, is_unit_euclidean, value_params)
+                      engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, value_params)
 from ._epilogue import ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each, _plain_backend
 from .listed_pairs import listed_contrastive
 
@@ -59,16 +59,6 @@ def hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, sub_losses, r
     if reason is not None:
         return decline(module, reason)
     return backend, kinds
-
-
-def _reduced(kind, total, nonzero, count, reducer, embeddings):
-    """A sub-loss's reduced value from its total, its number of losses > 0 and of pairs."""
-    if kind == "sum":
-        return total
-    if kind == "mean":  # over every pair, zeros included; no pair: the sum is 0
-        return total / count.clamp(min=1).to(total.dtype)
-    # AvgNonZero: the mean of the losses > 0; none: the reducer's grad-carrying zero
-    return torch.where(nonzero > 0, total / nonzero.clamp(min=1), reducer.zero_loss(embeddings).to(total.dtype))
 
 
 def contrastive_params(module, transform):
@@ -121,6 +111,6 @@ def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     for name, total, nonzero, count in (("pos_loss", pos_sum, pos_nonzero, stats.pos_total),
                                         ("neg_loss", neg_sum, neg_nonzero, stats.neg_total)):
         kind, reducer = kinds[name]
-        value = _reduced(kind, total, nonzero.detach(), count, reducer, embeddings)
+        value = reduced_sub_loss(kind, total, nonzero.detach(), count, reducer, embeddings)
         loss_dict[name] = _already_reduced(degenerate.zero_where(value), embeddings)
     return loss_dict, backend

@@ -7,7 +7,7 @@ pairs (not detached), each pair's loss is h^2 with h = relu(dev):
 v follows from the rows' dot product s (`value_kind`): the cosine or raw dot product s, the
 unit-Euclidean distance sqrt(2 - 2s) or its square 2 - 2s. Each side's reducer (Mean,
 AvgNonZero, Sum) needs only Q = sum h^2, the number of h^2 > 0 and the number of pairs
-(`contrastive._reduced`), so the loss dict holds already-reduced values.
+(`_common.reduced_sub_loss`), so the loss dict holds already-reduced values.
 
 The means: for v linear in s, from each row's dot product with its class's sum of reference rows
 (O((N + M) D)); for the distance, a sweep of row blocks of ~1M pair values (`row_blocks`, as
@@ -31,13 +31,11 @@ from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
 from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from . import _common
-from ._common import (Degenerate, LabelStats, all_pairs_plan, class_sums_for_rows, decline, is_unit_cosine,
-                      is_unit_euclidean, unit_rows)
+from ._common import (Degenerate, LabelStats, all_pairs_plan, block_masks, class_sums_for_rows, decline,
+                      is_unit_cosine, is_unit_euclidean, reduced_sub_loss, row_blocks, row_sums, unit_rows)
 from ._common import SHORT_ROWS
 from ._epilogue import ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each
-from .contrastive import _reduced
 from .pair_lists import unit_distance
-from .triplet import _block_masks, _row_sums, row_blocks
 
 BACKEND = "blocked"
 SUB_LOSSES = ("pos_loss", "neg_loss")
@@ -64,7 +62,7 @@ def drop_self_pairs(t, r0, exclude_diag):
 def side_row_sums(t, same):
     """Per-row sums of t over the same-label and the other entries (bits independent of the
     thread count)."""
-    return _row_sums(torch.where(same, t, 0.0)), _row_sums(torch.where(same, 0.0, t))
+    return row_sums(torch.where(same, t, 0.0)), row_sums(torch.where(same, 0.0, t))
 
 
 def side_row_counts(counted, same):
@@ -129,7 +127,7 @@ def reduced_sub_losses(kinds, totals, nonzeros, counts, degenerate, embeddings):
     loss_dict = {}
     for name, total, nonzero, count in zip(SUB_LOSSES, totals, nonzeros, counts):
         kind, reducer = kinds[name]
-        value = _reduced(kind, total, nonzero.detach(), count, reducer, embeddings)
+        value = reduced_sub_loss(kind, total, nonzero.detach(), count, reducer, embeddings)
         loss_dict[name] = _already_reduced(degenerate.zero_where(value), embeddings)
     return loss_dict
 
@@ -200,11 +198,11 @@ def _side_means(x, y, labels, ref_labels, exclude_diag, kind, stats):
 def _side_sums_of_dots(x, y, stats, exclude_diag):
     """(sum of s over the positive pairs, over the negative pairs) from each row's dot product with
     the sum of its class's reference rows and with the sum of all of them."""
-    same = fixed_order_sum(_row_sums(x * class_sums_for_rows(stats, y)))
+    same = fixed_order_sum(row_sums(x * class_sums_for_rows(stats, y)))
     y_total = fixed_mm(y.new_ones(1, y.shape[0]), y.T)[0]  # (a fixed-order column sum)
-    neg = fixed_order_sum(_row_sums(x * y_total)) - same
+    neg = fixed_order_sum(row_sums(x * y_total)) - same
     if exclude_diag:  # the self pairs (i, i) are neither
-        return same - fixed_order_sum(_row_sums(x * y[:x.shape[0]])), neg
+        return same - fixed_order_sum(row_sums(x * y[:x.shape[0]])), neg
     return same, neg
 
 
@@ -237,7 +235,7 @@ def _materialised_totals(x, y, labels, ref_labels, exclude_diag, kind, rules):
     a graph for create_graph=True."""
     s = x @ y.T
     v = _values(s, kind)
-    pos, neg = _block_masks(labels, ref_labels, 0, exclude_diag)  # (N x M: create_graph only)
+    pos, neg = block_masks(labels, ref_labels, 0, exclude_diag)  # (N x M: create_graph only)
     out = []
     for mask, rule in ((pos, rules[0]), (neg, rules[1])):
         mean = torch.where(mask, v, 0.0).sum() / mask.sum().clamp(min=1)

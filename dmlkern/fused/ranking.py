@@ -28,7 +28,7 @@ from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
 from ..reference.indices import convert_to_weights
 from . import _common
-from ._common import decline, is_unit_cosine, is_unit_euclidean, unit_rows
+from ._common import decline, is_unit_cosine, is_unit_euclidean, row_sums, unit_rows
 from ._common import SHORT_ROWS
 from ._epilogue import ZERO_LOSS
 from ._stats import record_distance
@@ -77,14 +77,6 @@ class _BinnedSums(torch.autograd.Function):
 
 
 _apply_binned_sums = applier(_BinnedSums)
-
-
-def _row_sums(t):
-    """Per-row sums of a (B, N) block whose bits don't depend on the thread count (torch splits a
-    reduction with one output over threads, one with several outputs over the outputs)."""
-    if t.shape[0] == 1:
-        return fixed_order_sum(t).reshape(1)
-    return t.sum(dim=1)
 
 
 class _BlockOutOfRange(Exception):
@@ -217,8 +209,8 @@ class _RankedListSpec(_Spec):
         pos_star = torch.where(same & ~diag & (mat > pos_limit), mat, 0)
         w_p = torch.where(pos_star > 0, torch.exp(self.Tp * (pos_star - pos_limit)), 0)
         w_n = torch.where(neg_star > 0, torch.exp(self.Tn * (alpha - neg_star)), 0)
-        return torch.stack([_row_sums(w_p * (pos_star - pos_limit)), _row_sums(w_p + 1e-5),
-                            _row_sums(w_n * (alpha - neg_star)), _row_sums(w_n + 1e-5)], dim=1)
+        return torch.stack([row_sums(w_p * (pos_star - pos_limit)), row_sums(w_p + 1e-5),
+                            row_sums(w_n * (alpha - neg_star)), row_sums(w_n + 1e-5)], dim=1)
 
 
 def ranked_list(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -265,7 +257,7 @@ class _FastAPSpec(_Spec):
         n_edges = len(self.edges)
         lower = torch.floor(torch.nan_to_num(d / self.delta)).clamp(0, n_edges - 2).to(torch.long)
         # a NaN distance makes its row's every bin NaN in the reference (NaN * 0 in the masked sums)
-        nan_rows = _row_sums(d * 0).unsqueeze(1)
+        nan_rows = row_sums(d * 0).unsqueeze(1)
         pos_hist, neg_hist = 0, 0
         for edge_index in (lower, lower + 1):
             pulse = torch.relu(1 - torch.abs(d - self.edges[edge_index]) / self.delta)

@@ -26,10 +26,9 @@ from .._determinism import fixed_order_sum
 from ..distances import SNRDistance
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
-from ._common import decline
+from ._common import block_masks, decline, row_sums
 from .intra_pair_variance import (BACKEND, NON_FINITE, blocked_pairs_setup, drop_self_pairs, non_finite, pair_blocks,
                                   reduced_sub_losses, side_row_counts, side_row_sums)
-from .triplet import _block_masks, _row_sums
 
 
 def _snr(s, a_rows, b, equal=None):
@@ -90,7 +89,7 @@ def _snr_totals(x, y, a, b, labels, ref_labels, exclude_diag, margins, ids):
 def _materialised_totals(x, y, a, b, labels, ref_labels, exclude_diag, margins, ids):
     """The two totals through plain differentiable ops on the N x M matrix (create_graph=True)."""
     d = _snr(x @ y.T, a, b, _equal_rows(ids, 0, x.shape[0]))
-    pos, neg = _block_masks(labels, ref_labels, 0, exclude_diag)
+    pos, neg = block_masks(labels, ref_labels, 0, exclude_diag)
     return (torch.where(pos, torch.relu(d - margins[0]), 0.0).sum(),
             torch.where(neg, torch.relu(margins[1] - d), 0.0).sum())
 
@@ -152,7 +151,7 @@ class _SNRTotals(torch.autograd.Function):
                 active &= ~equal  # d = 0 there: no gradient (PML's, of a zero difference)
             w = torch.where(same, upstream[0], -upstream[1]).mul_(active) / a_rows[:, None]  # dL/dd / a
             grad_x[r0:r1] = fixed_mm(w, y.T).mul_(-2)
-            grad_a[r0:r1] = _row_sums(w * (1 - d))
+            grad_a[r0:r1] = row_sums(w * (1 - d))
             # the blocks in order: deterministic; b's share as a product (a fixed-order column sum)
             grad_y += fixed_mm(w.T, x[r0:r1].T).mul_(-2)
             grad_b += fixed_mm(w.T, torch.ones_like(a_rows)[None, :])[:, 0]
@@ -165,7 +164,7 @@ snr_totals = applier(_SNRTotals)
 
 
 def _squared_norms(x):
-    return _row_sums(x * x)
+    return row_sums(x * x)
 
 
 def _centred(x):

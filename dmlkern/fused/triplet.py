@@ -8,7 +8,7 @@ keeps t <= m ("all"), t <= min(m, 0) ("hard"), 0 < t <= m ("semihard") or t > m 
 The reducers need only three totals over the kept triplets: the sum of the terms, how many are
 non-zero (AvgNonZeroReducer) and how many there are (MeanReducer).
 
-The rows are walked in blocks of ~1M pair values (`_BLOCK_VALUES`): each block computes its
+The rows are walked in blocks of ~1M pair values (`_common.row_blocks`): each block computes its
 similarity rows S = x_b @ yᵀ (deterministic `ops.fixed_mm`), then compares each row's distance
 to each of its positives with all of its negatives: on a CPU in C++, row by row
 (`dmlkern::triplet_rows`, csrc/cpu/triplet_rows_cpu.cpp), elsewhere with
@@ -36,11 +36,10 @@ from ..engine_spec import stats_dtype
 from ..ops import pair_engine as pe
 from ..ops.dispatch import extension_loaded
 from ..ops.fixed_mm_op import fixed_mm
-from ._common import (DISTANCE_KINDS, DOT_KINDS, decline, engine_distance, engine_rows, engine_rows_reason,
-                      is_unit_cosine, is_unit_euclidean)
+from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, decline, engine_distance, engine_rows,
+                      engine_rows_reason, is_unit_cosine, is_unit_euclidean, row_blocks, row_sums)
 from ._epilogue import ZERO_LOSS
 
-_BLOCK_VALUES = 1 << 20  # pair values per row block (4 MiB in fp32); a few such buffers live at once
 BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++ on a CPU, else torch ops
 _DISTANCES = DOT_KINDS + DISTANCE_KINDS  # e = -s or d (the squared distances: the reference)
 WINDOW_IDS = {"every": 0, "all": 1, "hard": 2, "semihard": 3, "easy": 4}  # csrc/ops.cpp's triplet_rows
@@ -90,14 +89,6 @@ def _term_slope(viol, smooth):
     return torch.where(viol > 20, 1.0, z / (z + 1))
 
 
-def _row_sums(t):
-    """Per-row sums whose bits don't depend on the CPU thread count (torch splits a reduction with
-    one output over threads; with several outputs each output has one thread)."""
-    if t.shape[0] == 1:
-        return fixed_order_sum(t).reshape(1)
-    return t.sum(dim=1)
-
-
 def _positive_slots(pos):
     """(cols, valid), each (B, P): the column of each row's j-th positive, P the most positives
     of any row of the block (valid marks the real ones)."""
@@ -113,28 +104,13 @@ def _positive_slots(pos):
     return slot_cols, valid
 
 
-def _block_masks(labels_b, ref_labels, row0, exclude_diag):
-    same = labels_b[:, None] == ref_labels[None, :]
-    pos = same.clone()
-    if exclude_diag:
-        rows = torch.arange(len(labels_b), device=same.device)
-        pos[rows, rows + row0] = False
-    return pos, ~same
-
-
-def row_blocks(n, m):
-    step = max(1, _BLOCK_VALUES // max(1, m))
-    for r0 in range(0, n, step):
-        yield r0, min(n, r0 + step)
-
-
 def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     """One row block from its similarities s = x_b @ yᵀ: per row (sum of the kept terms, non-zero
     kept terms, kept triplets), and with_grad the gradient of the total, dL/ds (else None)."""
     if _CPU_KERNEL and s.device.type == "cpu":
         return _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad)
     e = _farness(s, rule.euclidean)
-    pos, neg = _block_masks(labels_b, ref_labels, row0, exclude_diag)
+    pos, neg = block_masks(labels_b, ref_labels, row0, exclude_diag)
     slot_cols, valid = _positive_slots(pos)
     B = s.shape[0]
     total = torch.zeros(B, dtype=e.dtype, device=e.device)
@@ -150,14 +126,14 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
             keep &= mined
         viol = rule.margin - t  # = (e_ap - e_an) + margin exactly
         term = _term(viol, rule.smooth)
-        total += _row_sums(torch.where(keep, term, 0.0))
+        total += row_sums(torch.where(keep, term, 0.0))
         nonzero += (keep & (term > 0)).sum(dim=1)
         kept += keep.sum(dim=1)
         if with_grad:
             w = torch.where(keep, _term_slope(viol, rule.smooth), 0.0)
             g_e -= w
             # one column per row: no two writes meet, so the order can't matter
-            g_e.scatter_add_(1, col, _row_sums(w).unsqueeze(1))
+            g_e.scatter_add_(1, col, row_sums(w).unsqueeze(1))
     if with_grad:
         if not rule.euclidean:
             g_e = -g_e
@@ -207,7 +183,7 @@ def _materialised_total(x, y, labels, ref_labels, rule, exclude_diag):
 
     s = x @ y.T
     e = unit_distance(s) if rule.euclidean else -s
-    pos, neg = _block_masks(labels, ref_labels, 0, exclude_diag)
+    pos, neg = block_masks(labels, ref_labels, 0, exclude_diag)
     t = e.unsqueeze(1) - e.unsqueeze(2)  # [a, p, n] = e_an - e_ap
     keep = pos.unsqueeze(2) & neg.unsqueeze(1)
     mined = _mined(t, rule)
