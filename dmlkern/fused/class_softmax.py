@@ -98,7 +98,9 @@ def unit_backward_(grad, y, norm, out=None):
     unit_and_norm(rows)."""
     radial = torch.linalg.vecdot(y, grad, dim=1).unsqueeze(1) * (norm >= _NORMALIZE_EPS)
     grad.addcmul_(y, radial, value=-1)
-    return torch.div(grad, norm.clamp_min(_NORMALIZE_EPS), out=grad if out is None else out)
+    if out is None or static_shapes():  # (torch.compile takes no non-contiguous out=)
+        return _write(grad.div_(norm.clamp_min(_NORMALIZE_EPS)), out)
+    return torch.div(grad, norm.clamp_min(_NORMALIZE_EPS), out=out)
 
 
 def _write(grad, out):

@@ -44,6 +44,12 @@ BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++
 _DISTANCES = DOT_KINDS + DISTANCE_KINDS  # e = -s or d (the squared distances: the reference)
 WINDOW_IDS = {"every": 0, "all": 1, "hard": 2, "semihard": 3, "easy": 4}  # csrc/ops.cpp's triplet_rows
 _CPU_KERNEL = extension_loaded() and hasattr(torch.ops.dmlkern, "triplet_rows")
+if _CPU_KERNEL:  # its shapes, for torch.compile (FakeTensor tracing)
+    @torch.library.register_fake("dmlkern::triplet_rows")
+    def _triplet_rows_fake(s, row_labels, col_labels, row0, exclude_diag, params, flags, with_grad):
+        rows = s.shape[0]
+        return (s.new_empty(rows), s.new_empty((rows, 2), dtype=torch.long),
+                s.new_empty(s.shape if with_grad else (0, 0)))
 
 
 class TripletRule(NamedTuple):
@@ -201,7 +207,9 @@ class _TripletTotals(torch.autograd.Function):
     @staticmethod
     def forward(x, y, labels, ref_labels, rule, exclude_diag, with_grad):
         self_pairs = y is None
-        y = x if self_pairs else y  # (None: y is x; torch.compile can't take one tensor twice)
+        # (None: y is x, ref_labels is labels; torch.compile can't take one tensor twice)
+        y = x if self_pairs else y
+        ref_labels = labels if ref_labels is None else ref_labels
         total, nonzero, kept, grad_x, grad_y = _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad)
         if with_grad and self_pairs:
             grad_x, grad_y = grad_x.add_(grad_y), None
@@ -213,7 +221,8 @@ class _TripletTotals(torch.autograd.Function):
         ctx.self_pairs = y is None
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, x if y is None else y, labels, ref_labels, output[3], output[4])
+        ctx.save_for_backward(x, x if y is None else y, labels, labels if ref_labels is None else ref_labels,
+                              output[3], output[4])
         ctx.config = (rule, exclude_diag)
 
     @staticmethod
@@ -296,8 +305,8 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
     reduction = _reduction(module.reducer)
     if reduction is None:
         return f"{type(module.reducer).__name__} (needs the per-triplet losses)"
-    if static_shapes():
-        return "torch.compile (the blocked triplet path has data-dependent shapes)"
+    if static_shapes() and not (_CPU_KERNEL and embeddings.device.type == "cpu"):
+        return "torch.compile off the CPU (the blocked triplet path's torch twin has data-dependent shapes)"
     if embeddings.dtype not in (torch.float32, torch.float64):
         return f"dtype {embeddings.dtype} (the blocked triplet path runs fp32 / fp64)"
     window, window_margin = "every", 0.0
@@ -324,7 +333,15 @@ def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction):
     y = None if rows.y is rows.x else rows.y.to(x.dtype)  # None: the rows' own pairs (symmetric)
     backend = BACKEND
     with_grad = torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad))
-    total, nonzero, kept, _, _ = triplet_totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad)
+    total, nonzero, kept, _, _ = triplet_totals(x, y, labels, None if ref_labels is labels else ref_labels, rule,
+                                                exclude_diag, with_grad)
+    if static_shapes():  # no host read: no triplet gives PML's zero by torch.where (a NaN term stays NaN)
+        zero = module.reducer.zero_loss(embeddings).to(total.dtype)
+        divisor = {"nonzero": nonzero, "mean": kept}.get(reduction)
+        loss = total if divisor is None else total / divisor.clamp(min=1)
+        loss = torch.where((kept if divisor is None else divisor) > 0, loss, zero)
+        return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None,
+                         "reduction_type": "already_reduced"}}, backend
     if int(kept) == 0:
         return ZERO_LOSS  # no triplet: PML's zero_losses
     if reduction == "nonzero" and bool(torch.isnan(total)):
