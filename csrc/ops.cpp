@@ -52,4 +52,20 @@ TORCH_LIBRARY(dmlkern, m) {
   m.def(
       "batch_hard_rows(Tensor mat, Tensor row_labels, Tensor col_labels, int row0, bool exclude_diag, "
       "int[] modes, float[] pos_range, float[] neg_range) -> (Tensor, Tensor, Tensor)");
+  // The class path's block kernel for classes of `group` (K) weight rows (SubCenterArcFace,
+  // SoftTriple: dmlkern/fused/class_softmax.py, GroupedBlock), CPU only. x (N, D) unit rows, w
+  // (R, D) the block's unit weight rows, R = classes x K, class class0 + q owning rows q K ..
+  // q K + K - 1; labels (N,) int64 global class ids. Per row and class, v reduces the K cosines
+  // s_k = <x_i, w_qK+k>: reduce 0 their max (the gradient to the first k attaining it), 1 the
+  // soft assignment sum_k softmax_k(s_k inv_gamma) s_k. Forward: lse_i = log sum over the
+  // classes other than labels[i] of exp(scale v) (N,) in x's dtype (-inf when there is none).
+  // Backward, given the gradient of lse and the full lse (N,) over every block: (grad_x, grad_w)
+  // in x's dtype, bit-identical at any thread count. No autograd: the class path differentiates
+  // by hand (grad_w is the gradient of the unit rows w).
+  m.def(
+      "grouped_class_lse(Tensor x, Tensor w, Tensor labels, int class0, int group, int reduce, "
+      "float scale, float inv_gamma) -> Tensor");
+  m.def(
+      "grouped_class_lse_backward(Tensor x, Tensor w, Tensor labels, int class0, int group, "
+      "int reduce, float scale, float inv_gamma, Tensor grad, Tensor lse) -> (Tensor, Tensor)");
 }

@@ -140,9 +140,8 @@ def _proxy_nca(m):
 
 def _subcenter_arcface(m):
     s, margin, k = float(m.scale), float(m.margin), int(m.sub_centers)
-    kernel = GroupedBlock(MaxOverGroup, s, k)
     return _Spec("W", ClassLayout(columns=True, num_classes=int(m.num_classes), group=k), True, True,
-                 lambda x, backend: kernel,
+                 lambda x, backend: GroupedBlock(MaxOverGroup, s, k, backend),
                  lambda x, w, cos: s * ref.arcface_target_logit(cos.max(dim=-1).values, margin))
 
 

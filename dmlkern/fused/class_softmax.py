@@ -11,7 +11,9 @@ block of weight rows into its log-sum-exp (forward) and into the gradients of x 
 rows (backward, recomputing the block). The engine's kernel (`EngineBlock`) is one lse2 pass
 with the block's classes as the engine's columns and `arange(c0, c1)` their labels, so a row's
 own class is its one "positive" and every other class a "negative": only the negatives' lse is
-kept. The only C x D buffer made is the weights' gradient."""
+kept. The grouped losses' kernel (`GroupedBlock`: K weight rows per class) runs the C++ op
+`dmlkern::grouped_class_lse` on CPU fp32 / fp64 blocks (csrc/cpu/grouped_class_cpu.cpp) and its
+torch ops elsewhere. The only C x D buffer made is the weights' gradient."""
 from typing import NamedTuple
 
 import torch
@@ -20,12 +22,13 @@ from .._autograd import applier
 from .._determinism import _CHUNK, logaddexp
 from .._tracing import static_shapes
 from ..engine_spec import MINING_NONE, PASS_LSE2, TRANSFORM_DOT, EngineParams, stats_dtype
+from ..ops import grouped_class_op
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
 from ._common import _NORMALIZE_EPS
 
 BLOCK_BYTES = 8 << 20  # one block of prepared weight rows (its gradient and temporaries alike)
-BLOCK_LOGITS = 2 << 20  # GroupedBlock: one block's (N, rows) fp32 cosines (and its few temporaries alike)
+BLOCK_LOGITS = 2 << 20  # GroupedBlock's torch ops: one block's (N, rows) fp32 cosines (and its few temporaries alike)
 MIN_BLOCK = 1024
 
 
@@ -158,16 +161,30 @@ class GroupedBlock:
     """Block kernel for classes of K weight rows (SubCenterArcFace, SoftTriple): per class,
     logit_ic = scale * reduce.value(s_ic1 .. s_icK) with s the cosines of x (unit rows) and the
     class's unit rows; `reduce` maps (N, c, K) to (N, c) (`value`) and back (`grad`: the gradient
-    of s from that of the value), by elementwise ops over the K slices, whose bits do not depend on
-    the CPU thread count (a torch reduction over a short last dim does). The block's (N, c * K)
-    cosines are formed (at most BLOCK_LOGITS bytes of them, `max_rows`) from `ops.fixed_mm`
-    products (deterministic too)."""
+    of s from that of the value), and names itself to the C++ kernel (`kind`, `inv_gamma`).
+    On the C++ backend with CPU fp32 / fp64 rows (`runs_kernel`) the block runs the op
+    `dmlkern::grouped_class_lse` and its backward (ops/grouped_class_op.py: the tiles stay in the
+    kernel, blocks of BLOCK_BYTES weight rows as EngineBlock's). Otherwise (CUDA tensors, other
+    dtypes, other backends, and the reference's graph) torch ops: elementwise over the K slices,
+    whose bits do not depend on the CPU thread count (a torch reduction over a short last dim
+    does), over the block's (N, c * K) cosines (at most BLOCK_LOGITS bytes of them, `max_rows`)
+    from `ops.fixed_mm` products (deterministic too). Those are the kernel's readable twin and
+    the yardstick of its tests (tests/test_grouped_class_kernel.py)."""
 
-    def __init__(self, reduce, scale, group):
-        self.reduce, self.scale, self.group = reduce, scale, group
+    def __init__(self, reduce, scale, group, backend=None):
+        self.reduce, self.scale, self.group, self.backend = reduce, scale, group, backend
+
+    def runs_kernel(self, x):
+        """Whether blocks of rows like `x` run the C++ kernel."""
+        return self.backend == "cpp" and grouped_class_op.runs_kernel(x)
 
     def max_rows(self, x):
+        if self.runs_kernel(x):
+            return None  # the kernel tiles the block itself: no (N, rows) buffer
         return max(self.group, BLOCK_LOGITS // (max(x.shape[0], 1) * 4))
+
+    def _op_args(self, c0):
+        return c0, self.group, self.reduce.kind, self.scale, self.reduce.inv_gamma
 
     def _logits(self, cos, labels, c0, c1):
         s = cos.view(cos.shape[0], c1 - c0, self.group)
@@ -176,21 +193,36 @@ class GroupedBlock:
         return s, value, torch.where(own, float("-inf"), self.scale * value.to(stats_dtype(cos.dtype)))
 
     def forward(self, x, rows, labels, c0, c1, backend=None):
-        cols = unit(rows).to(x.dtype)
+        if backend != "reference" and self.runs_kernel(x):  # unit rows in rows' layout: read in place
+            return grouped_class_op.grouped_class_lse(x, unit(rows).to(x.dtype), labels, *self._op_args(c0))
         mm = (lambda a, b: a @ b.t()) if backend == "reference" else fixed_mm  # reference: differentiable
-        return row_lse(self._logits(mm(x, cols), labels, c0, c1)[2])
+        return self.torch_lse(x, unit(rows).to(x.dtype), labels, c0, c1, mm)
 
     def backward(self, x, rows, labels, c0, c1, grad, lse, out=None):
         y, norm = unit_and_norm(rows)
-        cols = y.to(x.dtype)
+        if self.runs_kernel(x):
+            # gcols in y's layout, rows' (a block of PML's W (D, C K) is a transposed view): the
+            # normalisation's backward and its write into `out` run without a transposition
+            gx, gcols = grouped_class_op.grouped_class_lse_backward(
+                x, y.to(x.dtype), labels, *self._op_args(c0), grad, lse)
+        else:
+            gx, gcols = self.torch_grads(x, y.to(x.dtype), labels, c0, c1, grad, lse)
+        return gx, unit_backward_(gcols.to(rows.dtype), y, norm, out)
+
+    def torch_lse(self, x, cols, labels, c0, c1, mm=fixed_mm):
+        """The block's lse in torch ops (the op grouped_class_lse's twin); cols: the classes
+        c0 .. c1 - 1's unit rows in x's dtype."""
+        return row_lse(self._logits(mm(x, cols), labels, c0, c1)[2])
+
+    def torch_grads(self, x, cols, labels, c0, c1, grad, lse):
+        """(grad_x, the gradient of cols) in torch ops (the op grouped_class_lse_backward's twin),
+        given the gradient of lse and the full lse over every block."""
         s, value, logits = self._logits(fixed_mm(x, cols), labels, c0, c1)
         # the softmax over the other classes (0 at the own class, also when there is no other)
         weights = torch.where(torch.isneginf(logits), 0.0, torch.exp(logits - lse[:, None]))
         g = self.reduce.grad(s, value, (weights * (grad[:, None] * self.scale)).to(s.dtype))
         g = g.view(x.shape[0], -1)
-        gx = fixed_mm(g, cols.t())
-        gcols = fixed_mm(g.t(), x.t()).to(rows.dtype)
-        return gx, unit_backward_(gcols, y, norm, out)
+        return fixed_mm(g, cols.t()), fixed_mm(g.t(), x.t())
 
 
 def row_lse(t):

@@ -5,6 +5,7 @@ cross-entropy of la * (S - margin * onehot)). Each per-class reduction is writte
 slices with elementwise ops, with its gradient by hand (GroupedBlock's contract)."""
 import torch
 
+from ..ops.grouped_class_op import REDUCE_MAX, REDUCE_SOFT
 from ..reference import classification_losses as ref
 from .class_softmax import ClassLayout, GroupedBlock
 from .margin_softmax import _fused
@@ -12,6 +13,7 @@ from .margin_softmax import _fused
 
 class MaxOverGroup:
     """max_k s_k, as torch.max(dim=-1): the gradient goes to the first k attaining it."""
+    kind, inv_gamma = REDUCE_MAX, 1.0  # the C++ kernel's reduce (inv_gamma unused)
 
     @staticmethod
     def value(s):
@@ -33,6 +35,8 @@ class MaxOverGroup:
 
 class SoftAssignment:
     """S = sum_k q_k s_k with q = softmax(s / gamma) (PML's SoftTriple); dS/ds_k = q_k (1 + (s_k - S) / gamma)."""
+
+    kind = REDUCE_SOFT  # the C++ kernel's reduce
 
     def __init__(self, gamma):
         self.inv_gamma = 1.0 / gamma
@@ -63,7 +67,8 @@ class SoftAssignment:
 def subcenter_arcface(module, embeddings, labels, indices_tuple):
     s, m, k = float(module.scale), float(module.margin), int(module.sub_centers)
     layout = ClassLayout(columns=True, num_classes=int(module.num_classes), group=k)
-    return _fused(module, embeddings, labels, indices_tuple, module.W, layout, kernel=GroupedBlock(MaxOverGroup, s, k),
+    return _fused(module, embeddings, labels, indices_tuple, module.W, layout,
+                  kernel=lambda backend: GroupedBlock(MaxOverGroup, s, k, backend),
                   target_logit=lambda x, w, cos: s * ref.arcface_target_logit(cos.max(dim=-1).values, m))
 
 
@@ -71,5 +76,6 @@ def soft_triple(module, embeddings, labels, indices_tuple):
     la, margin, k = float(module.la), float(module.margin), int(module.centers_per_class)
     reduce = SoftAssignment(float(module._gamma))
     layout = ClassLayout(columns=True, num_classes=int(module.num_classes), group=k)
-    return _fused(module, embeddings, labels, indices_tuple, module.fc, layout, kernel=GroupedBlock(reduce, la, k),
+    return _fused(module, embeddings, labels, indices_tuple, module.fc, layout,
+                  kernel=lambda backend: GroupedBlock(reduce, la, k, backend),
                   target_logit=lambda x, w, cos: la * (reduce.value(cos) - margin))

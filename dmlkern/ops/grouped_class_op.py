@@ -1,0 +1,61 @@
+"""The class path's grouped block kernel on the CPU (this module is `dmlkern.ops.grouped_class_op`):
+the log-sum-exp over the other classes of one block of classes with K weight rows each
+(SubCenterArcFace, SoftTriple), and its backward, as the ops `dmlkern::grouped_class_lse` /
+`dmlkern::grouped_class_lse_backward` (csrc/ops.cpp; csrc/cpu/grouped_class_cpu.cpp).
+
+`GroupedBlock` (fused/class_softmax.py) calls them for CPU fp32 / fp64 blocks on the C++ backend;
+its torch ops are their twin (CUDA tensors, other dtypes, the reference's graph) and the
+yardstick of their tests. No autograd: the class path differentiates by hand (its forward runs
+without grad, its backward calls `grouped_class_lse_backward`). Fake tensors are registered, so
+torch.compile and FakeTensor tracing see the ops' shapes.
+"""
+import torch
+
+from ..engine_spec import stats_dtype
+from .dispatch import extension_loaded
+
+_OP_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "grouped_class_lse")
+REDUCE_MAX = 0  # max over the K cosines (MaxOverGroup)
+REDUCE_SOFT = 1  # SoftTriple's soft assignment (SoftAssignment)
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def runs_kernel(x):
+    """Whether the grouped kernel takes rows like `x` (a CPU fp32 / fp64 tensor, the extension loaded)."""
+    return _OP_READY and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+
+
+def grouped_class_lse(x, w, labels, class0, group, reduce, scale, inv_gamma=1.0):
+    """lse_i = log sum_{q: class0 + q != labels[i]} exp(scale * v_iq), (N,) in x's dtype (-inf when
+    no class of the block counts), v_iq the reduction (REDUCE_MAX / REDUCE_SOFT with inv_gamma) of
+    the cosines <x_i, w_{qK+k}>, k < K = group. x (N, D) unit rows, w (R, D) the block's unit
+    weight rows (R = classes * K), labels (N,) int64 global class ids; CPU fp32 / fp64."""
+    return torch.ops.dmlkern.grouped_class_lse(x, w, labels, int(class0), int(group), int(reduce), float(scale),
+                                               float(inv_gamma))
+
+
+def grouped_class_lse_backward(x, w, labels, class0, group, reduce, scale, inv_gamma, grad, lse):
+    """(grad_x, grad_w) of sum_i grad_i lse_i over this block, given the full lse (every block's):
+    dL/ds_ick = grad_i exp(scale v_iq - lse_i) scale dv_iq/ds_ick (0 at the own class); grad_w is
+    the gradient of the unit rows w (the normalisation's is the caller's), in w's layout when w is a
+    transposed view (`grad_w_like`), the products reading such a w in place."""
+    return torch.ops.dmlkern.grouped_class_lse_backward(x, w, labels, int(class0), int(group), int(reduce),
+                                                        float(scale), float(inv_gamma), grad, lse)
+
+
+if _OP_READY:
+    @torch.library.register_fake("dmlkern::grouped_class_lse")
+    def _fake(x, w, labels, class0, group, reduce, scale, inv_gamma):
+        return x.new_empty((x.shape[0],), dtype=stats_dtype(x.dtype))
+
+    @torch.library.register_fake("dmlkern::grouped_class_lse_backward")
+    def _fake_backward(x, w, labels, class0, group, reduce, scale, inv_gamma, grad, lse):
+        return x.new_empty(x.shape), grad_w_like(w)
+
+
+def grad_w_like(w):
+    """An empty tensor of w's shape in the layout the backward returns grad_w in: w's own when w is
+    a transposed view (strides (1, ld): a block of PML's W (D, C K)), else contiguous."""
+    if w.stride(0) == 1 and w.stride(1) != 1:
+        return w.new_empty((w.shape[1], w.shape[0])).t()
+    return w.new_empty(w.shape)
