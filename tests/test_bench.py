@@ -268,7 +268,7 @@ def test_class_plan_skips_and_weight_sizes():
     first = next(i for i, p in enumerate(plan) if p.get("c"))
     assert all(not p.get("c") for p in plan[:first]) and all(p.get("c") for p in plan[first:])
     assert {p["c"] for p in plan[first:]} == {16384, 131072, 1048576}
-    assert {(p["n"], p["time_limit"]) for p in plan[first:]} == {(1024, 40.0)}
+    assert {(p["n"], p["time_limit"]) for p in plan[first:]} == {(1024, 120.0)}
     pick = {(p["loss"], p["provider"], p["c"]): p for p in plan[first:]}
     assert "max-columns" in skip_reason(args, pick[("soft_triple", "dmlkern", 1048576)], {}, {}, None)
     assert skip_reason(args, pick[("soft_triple", "dmlkern", 131072)], {}, {}, None) is None
