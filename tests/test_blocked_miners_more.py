@@ -20,6 +20,26 @@ DTYPES = [torch.float32, torch.float64]
 STAT_TOL = {torch.float32: 1e-5, torch.float64: 1e-9}
 
 
+def _blocked_distances_match_full():
+    """Whether LpDistance's fp64 matrix, computed in row blocks (the blocked miners' way), has the
+    bits of the full matrix (PML's way): torch.cdist's product path rounds a row the same whatever
+    the block only if the BLAS does (MKL's AVX-512 path on Intel Xeon does; its AVX2 path on AMD
+    EPYC does not: ~2e-8 apart near zero distance, after the square root). HDC's exact agreement
+    with PML's pair order under forced small blocks needs it."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(150, 6, generator=g, dtype=torch.float64), dim=1)
+    d = our_distances.LpDistance()
+    full = d.compute_mat(q, q)
+    return all(torch.equal(d.compute_mat(q[i:i + 7], q), full[i:i + 7]) for i in range(0, 150, 7))
+
+
+# Not strict: on a BLAS whose row-block products match the full one these pass (and must keep passing).
+HDC_EXACT_ORDER = pytest.mark.xfail(
+    not _blocked_distances_match_full(), strict=False,
+    reason="this BLAS rounds a row block's distances differently from the full matrix PML computes "
+           "(MKL's AVX2 path, AMD EPYC): near-tied pairs may order differently from PML")
+
+
 def _batch(seed, n, dim, classes, dtype, ref_rows=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, generator=g, dtype=dtype)
@@ -118,6 +138,7 @@ def _hdc_pair(filter_percentage, dist):
             pml_miners.HDCMiner(distance=getattr(pml_distances, dist[0])(**dist[1]), **kw))
 
 
+@HDC_EXACT_ORDER
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dist", HDC_DISTANCES, ids=lambda d: "default" if d is None else d[0])
 def test_hdc_matches_pml(dist, dtype, small_blocks):
@@ -130,6 +151,7 @@ def test_hdc_matches_pml(dist, dtype, small_blocks):
             assert_same_indices(ours(*args), theirs(*args))
 
 
+@HDC_EXACT_ORDER
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hdc_past_topk_pairs(dtype, monkeypatch, small_blocks):
     """Candidates pruned block by block: the same values in the same order as PML, the same pairs
@@ -169,6 +191,7 @@ def test_hdc_past_topk_pairs_orders_ties_row_major(monkeypatch):
     assert torch.all(flat[1:] > flat[:-1])
 
 
+@HDC_EXACT_ORDER
 def test_hdc_set_idx_externally(small_blocks):
     x, y = _batch(3, 150, 6, 5, torch.float64)
     for external in (pml_miners.TripletMarginMiner(margin=0.3)(x, y), pml_miners.PairMarginMiner()(x, y)):
