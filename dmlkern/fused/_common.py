@@ -435,7 +435,8 @@ def block_masks(labels_b, ref_labels, row0, exclude_diag):
 
 
 def reduced_sub_loss(kind, total, nonzero, count, reducer, embeddings):
-    """A pair sub-loss's reduced value from its total, its number of losses > 0 and of pairs."""
+    """A sub-loss's reduced value from its total, its number of losses > 0 and of terms (pairs or
+    triplets): kind "sum", "mean", else AvgNonZero."""
     if kind == "sum":
         return total
     if kind == "mean":  # over every pair, zeros included; no pair: the sum is 0

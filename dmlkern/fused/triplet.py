@@ -37,7 +37,8 @@ from ..ops import pair_engine as pe
 from ..ops.dispatch import extension_loaded
 from ..ops.fixed_mm_op import fixed_mm
 from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, decline, engine_distance, engine_rows,
-                      engine_rows_reason, is_unit_cosine, is_unit_euclidean, row_blocks, row_sums)
+                      engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, row_blocks,
+                      row_sums)
 from ._epilogue import ZERO_LOSS
 
 BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++ on a CPU, else torch ops
@@ -335,21 +336,10 @@ def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction):
     with_grad = torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad))
     total, nonzero, kept, _, _ = triplet_totals(x, y, labels, None if ref_labels is labels else ref_labels, rule,
                                                 exclude_diag, with_grad)
-    if static_shapes():  # no host read: no triplet gives PML's zero by torch.where (a NaN term stays NaN)
-        zero = module.reducer.zero_loss(embeddings).to(total.dtype)
-        divisor = {"nonzero": nonzero, "mean": kept}.get(reduction)
-        loss = total if divisor is None else total / divisor.clamp(min=1)
-        loss = torch.where((kept if divisor is None else divisor) > 0, loss, zero)
-        return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None,
-                         "reduction_type": "already_reduced"}}, backend
-    if int(kept) == 0:
-        return ZERO_LOSS  # no triplet: PML's zero_losses
-    if reduction == "nonzero" and bool(torch.isnan(total)):
-        return decline(module, "NaN triplet losses (AvgNonZeroReducer drops them: needs the list)")
-    if reduction == "nonzero":
-        loss = total / nonzero if int(nonzero) > 0 else module.reducer.zero_loss(embeddings).to(total.dtype)
-    elif reduction == "mean":
-        loss = total / kept
-    else:
-        loss = total
+    if not static_shapes():  # (under compile no host read: no triplet gives 0 below, a NaN term stays NaN)
+        if int(kept) == 0:
+            return ZERO_LOSS  # no triplet: PML's zero_losses
+        if reduction == "nonzero" and bool(torch.isnan(total)):
+            return decline(module, "NaN triplet losses (AvgNonZeroReducer drops them: needs the list)")
+    loss = reduced_sub_loss(reduction, total, nonzero, kept, module.reducer, embeddings)
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}, backend
