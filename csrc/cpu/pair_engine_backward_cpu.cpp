@@ -356,7 +356,8 @@ DMLK_CPU_CLONES void hinge_grad_tile_sym(T* tile, int64_t na, int64_t nc, int64_
 template <typename T, int64_t TR>
 void hinge_backward(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
                     const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
-                    bool exclude_diag, bool symmetric, at::Tensor& grad_x, at::Tensor& grad_y) {
+                    bool exclude_diag, bool symmetric, int64_t chunks, at::Tensor& grad_x,
+                    at::Tensor& grad_y) {
   if (symmetric) {
     grad_tiles<T>(x, x, xlab, xlab, false, grad_x,
                   [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
@@ -367,7 +368,7 @@ void hinge_backward(const at::Tensor& x, const at::Tensor& y, const int32_t* xla
   const auto x_side = [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0) {
     hinge_grad_tile<T, TR, true>(tile, na, nc, a0, c0, xlab, ylab, rows, p, exclude_diag);
   };
-  if (const int64_t chunks = sweep_chunks(x, y)) {
+  if (chunks > 0) {
     grad_sweep<T>(x, y, chunks, grad_x, grad_y, x_side);
     return;
   }
@@ -393,8 +394,11 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_cpu_dtype(x_in);
   // The sweep writes every element of both (uninitialised then); the other paths add to zeros.
-  const bool sweep = !symmetric && x_in.size(0) > 0 && x_in.size(1) > 0 && y_in.size(0) > 0 &&
-                     sweep_chunks(x_in, y_in) > 0;
+  // sweep_chunks: the one-sweep backward's chunks, 0 for the two passes (or the symmetric one)
+  const int64_t chunks = !symmetric && x_in.size(0) > 0 && x_in.size(1) > 0 && y_in.size(0) > 0
+                             ? sweep_chunks(x_in, y_in)
+                             : 0;
+  const bool sweep = chunks > 0;
   // grad_y in y's layout (a column-major y is read as it is: engine_operand).
   const auto like = x_in.options().memory_format(at::MemoryFormat::Contiguous);
   auto grad_x = at::empty(x_in.sizes(), like);
@@ -418,10 +422,10 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
     if (is_hinge_coef(row_coef)) {  // mining 0 (checked)
       if (transform == kTransformUnitDistance) {
         hinge_backward<scalar_t, kTransformUnitDistance>(x, y, xlab, ylab, rows, p, exclude_diag,
-                                                         symmetric, grad_x, grad_y);
+                                                         symmetric, chunks, grad_x, grad_y);
       } else {
         hinge_backward<scalar_t, kTransformDot>(x, y, xlab, ylab, rows, p, exclude_diag,
-                                                symmetric, grad_x, grad_y);
+                                                symmetric, chunks, grad_x, grad_y);
       }
       return;
     }
@@ -431,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
         grad_sym<scalar_t, TR, MI>(x, xlab, rows, p, exclude_diag, grad_x);
         return;
       }
-      if (const int64_t chunks = sweep_chunks(x, y)) {  // C_lift needs symmetric: no lifted term
+      if (sweep) {  // C_lift needs symmetric: no lifted term
         grad_sweep<scalar_t>(x, y, chunks, grad_x, grad_y,
                              [&](scalar_t* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0) {
                                grad_tile<scalar_t, TR, MI, true>(tile, na, nc, a0, c0, xlab, ylab,
