@@ -2,6 +2,7 @@
 // argument.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
@@ -45,6 +46,21 @@ inline void check_fixed_mm_args(const at::Tensor& a, const at::Tensor& b) {
               b.scalar_type());
   TORCH_CHECK(a.device() == b.device(), "dmlkern: fixed_mm: a and b must be on the same device, got ",
               a.device(), " and ", b.device());
+}
+
+// fixed_mm.out's `out`: (N, M), a's dtype and device, sharing no memory with a or b (the tiles
+// read a and b while others are written).
+inline void check_fixed_mm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
+  check_fixed_mm_args(a, b);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == a.size(0) && out.size(1) == b.size(0),
+              "dmlkern: fixed_mm: out must be (N, M) = (", a.size(0), ", ", b.size(0), "), got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == a.scalar_type(), "dmlkern: fixed_mm: out must have a's dtype ",
+              a.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK(out.device() == a.device(), "dmlkern: fixed_mm: out must be on a's device ", a.device(),
+              ", got ", out.device());
+  at::assert_no_overlap(out, a);
+  at::assert_no_overlap(out, b);
 }
 
 // Statistics are kept in fp32, or fp64 for fp64 inputs.

@@ -32,6 +32,10 @@ TORCH_LIBRARY(dmlkern, m) {
   // every call and at any CPU thread count (fixed output tiles, one BLAS thread each; on CUDA
   // one cuBLAS product). dmlkern.ops.fixed_mm adds autograd (through this op again).
   m.def("fixed_mm(Tensor a, Tensor b) -> Tensor");
+  // The same product written into `out` (N, M) of a's dtype and device, any strides, overlapping
+  // neither input: blocked callers reuse one buffer per block instead of allocating it afresh.
+  // Returns nothing: torch.compile functionalizes custom ops only without aliased outputs.
+  m.def("fixed_mm_into(Tensor a, Tensor b, Tensor(a!) out) -> ()");
   // The fused TripletMarginLoss's per-row work on one row block of similarities s (B, M)
   // (dmlkern/fused/triplet.py): params = [margin, window_margin], flags = [smooth_loss,
   // euclidean, window] with window 0 every triplet, 1 all, 2 hard, 3 semihard, 4 easy (the

@@ -46,11 +46,15 @@ def _run(loss_fn, x, labels, ref=None, ref_labels=None, indices_tuple=None):
 
 
 def _assert_like_pml(x, labels, ref=None, ref_labels=None, indices_tuple=None, expected="blocked", alpha=40,
-                     pml_tuple=None, **tol):
-    ours = losses.AngularLoss(alpha=alpha)
+                     pml_tuple=None, reducer=None, **tol):
+    """reducer: a reducer class name (both libraries'), else the default MeanReducer (the fused
+    mean, its gradients formed in the forward); others take the per-pair losses' backward."""
+    kw = {} if reducer is None else {"reducer": getattr(reducers, reducer)()}
+    ours = losses.AngularLoss(alpha=alpha, **kw)
     got, got_grads = _run(ours, x, labels, ref, ref_labels, indices_tuple)
     assert ours.last_backend == expected, (ours.last_backend, ours.last_fallback)
-    want, want_grads = _run(pml_losses.AngularLoss(alpha=alpha), x, labels, ref, ref_labels,
+    pml_kw = {} if reducer is None else {"reducer": getattr(pml_reducers, reducer)()}
+    want, want_grads = _run(pml_losses.AngularLoss(alpha=alpha, **pml_kw), x, labels, ref, ref_labels,
                             indices_tuple if pml_tuple is None else pml_tuple)
     assert_value_and_grads_close(got, got_grads, want, want_grads, **(tol or TOL[x.dtype]))
     return ours
@@ -96,10 +100,12 @@ def test_reducers_match_pml(reducer, kw):
             torch.testing.assert_close(g, w, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("reducer", [None, "AvgNonZeroReducer"], ids=["mean", "avg_nonzero"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_forced_small_blocks(monkeypatch, dtype):
+def test_forced_small_blocks(monkeypatch, dtype, reducer):
     """Several blocks, Gram groups of a few rows, classes cut into square tiles (positive blocks
-    of their own, with and without ref_emb), odd sizes."""
+    of their own, with and without ref_emb), odd sizes; the mean's forward-formed gradients and
+    the per-pair losses' recomputing backward."""
     seen = set()
     for block_values, group_rows, block_rows in ((5 * 64, 3, 7), (1, 2, 2), (40 * 64, 4, 256)):
         monkeypatch.setattr(fused_angular, "_BLOCK_VALUES", block_values)
@@ -112,8 +118,28 @@ def test_forced_small_blocks(monkeypatch, dtype):
             seen |= {"blocks"} if len(blocks) > 1 else set()
             seen |= {"groups"} if any(len(cuts) > 1 for _, tiles in blocks for _, cuts in tiles) else set()
             seen |= {"tiles"} if any(len(tiles) > 1 for _, tiles in blocks) else set()
-            _assert_like_pml(x, labels, ref, ref_labels)
+            _assert_like_pml(x, labels, ref, ref_labels, reducer=reducer)
     assert seen == {"blocks", "groups", "tiles"}
+
+
+def test_mean_gradients_scale_with_the_upstream_gradient():
+    """The mean's gradients are formed in the forward and scaled in the backward: an upstream
+    gradient of 2.5 gives 2.5 times them (also when the backward runs twice on a retained graph),
+    and a call without gradients gives the same value."""
+    x, labels, ref, ref_labels = _inputs(90, 7, 40, 12, torch.float64, seed=21)
+    x, ref = x.requires_grad_(True), ref.requires_grad_(True)
+    loss_fn = losses.AngularLoss()
+    value = loss_fn(x, labels, None, ref, ref_labels)
+    assert loss_fn.last_backend == "blocked"
+    unit = torch.autograd.grad(value, (x, ref), retain_graph=True)
+    for _ in range(2):
+        scaled = torch.autograd.grad(value, (x, ref), torch.tensor(2.5, dtype=torch.float64), retain_graph=True)
+        for got, want in zip(scaled, unit):
+            torch.testing.assert_close(got, 2.5 * want, rtol=1e-12, atol=0)  # unit_rows rounds in between
+    with torch.no_grad():
+        plain = loss_fn(x, labels, None, ref, ref_labels)
+    assert loss_fn.last_backend == "blocked" and not plain.requires_grad
+    assert torch.equal(plain, value.detach())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

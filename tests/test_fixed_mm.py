@@ -109,6 +109,60 @@ def test_opcheck():
                                   (a_.detach().requires_grad_(), b_.detach().requires_grad_()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_gives_the_same_bits(dtype):
+    """out=: the bits of the plain call in a contiguous buffer, for every operand layout, the out
+    tensor returned; in a strided column block of a larger buffer (the rest untouched) the BLAS
+    may round otherwise (MKL picks fp64 kernels by the output's layout), but with the same bits
+    at 1 and 2 threads; torch's product where no kernel runs (fp16)."""
+    before = torch.get_num_threads()
+    try:
+        for shape in ((300, 4500, 37), (7, 5, 3), (0, 4, 3)):
+            a, b = _pair(*shape, dtype)
+            for name, a_, b_ in _layouts(a, b):
+                want = fixed_mm(a_, b_)
+                out = torch.empty_like(want)
+                assert fixed_mm(a_, b_, out=out) is out and torch.equal(out, want), name
+                blocks = []
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    wide = torch.full((shape[0], shape[1] + 9), 7.0, dtype=dtype)
+                    fixed_mm(a_, b_, out=wide[:, 4:4 + shape[1]])
+                    assert (wide[:, :4] == 7).all() and (wide[:, 4 + shape[1]:] == 7).all(), name
+                    blocks.append(wide[:, 4:4 + shape[1]])
+                torch.testing.assert_close(blocks[0], want, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+                assert torch.equal(blocks[0], blocks[1]), name
+    finally:
+        torch.set_num_threads(before)
+    a, b = (t.half() for t in _pair(9, 6, 4, torch.float32))
+    out = torch.empty(9, 6, dtype=torch.half)
+    assert torch.equal(fixed_mm(a, b, out=out), a @ b.t())
+
+
+def test_out_errors():
+    a, b = _pair(6, 5, 3, torch.float32)
+    for out, match in ((torch.empty(5, 6), r"out must be .*\(N, M\) = \(6, 5\)"),
+                       (torch.empty(6, 5, dtype=torch.float64), "out must have a's dtype")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            fixed_mm(a, b, out=out)
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.dmlkern.fixed_mm_into(a, b, out)
+    x = torch.randn(5, 5)
+    with pytest.raises(RuntimeError, match="memory location"):  # out overlapping an operand
+        torch.ops.dmlkern.fixed_mm_into(x, x.t(), x)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        fixed_mm(a.requires_grad_(), b, out=torch.empty(6, 5))
+    with torch.no_grad():
+        fixed_mm(a, b, out=torch.empty(6, 5))
+
+
+def test_opcheck_out():
+    for shape, dtype in (((7, 5, 3), torch.float64), ((600, 2500, 16), torch.float32)):
+        a, b = _pair(*shape, dtype)
+        torch.library.opcheck(torch.ops.dmlkern.fixed_mm_into.default,
+                              (a, b, torch.empty(shape[0], shape[1], dtype=dtype)))
+
+
 def test_compile_matches_eager_bits():
     """torch.compile (aot_eager: the op under the compiled graph) forward and backward give the
     eager bits."""
@@ -215,3 +269,5 @@ def test_cuda(dtype):
     for x, y in zip(first, second):
         assert torch.equal(x, y)
     torch.testing.assert_close(first[0], a @ b.t())
+    out = torch.empty_like(first[0])
+    assert torch.equal(fixed_mm(a, b, out=out), first[0])

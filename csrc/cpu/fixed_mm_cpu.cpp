@@ -48,12 +48,10 @@ Tiling tiling(int64_t n, int64_t m) {
   return t;
 }
 
-at::Tensor fixed_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
-  check_fixed_mm_args(a, b);
-  check_cpu_dtype(a, "a");
+// Writes a @ b.T into out (checked by the callers), tile by tile.
+void fill_fixed_mm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
   const int64_t n = a.size(0), m = b.size(0);
-  auto out = at::empty({n, m}, a.options());
-  if (n == 0 || m == 0) return out;
+  if (n == 0 || m == 0) return;
   const Tiling tl = tiling(n, m);
   parallel_blocks(tl.row_blocks * tl.col_blocks, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -63,11 +61,27 @@ at::Tensor fixed_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
       at::mm_out(tile, a.narrow(0, r0, rows), b.narrow(0, c0, cols).t());
     }
   });
+}
+
+at::Tensor fixed_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_fixed_mm_args(a, b);
+  check_cpu_dtype(a, "a");
+  auto out = at::empty({a.size(0), b.size(0)}, a.options());
+  fill_fixed_mm(a, b, out);
   return out;
+}
+
+void fixed_mm_into_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  check_fixed_mm_out(a, b, out);
+  check_cpu_dtype(a, "a");
+  fill_fixed_mm(a, b, out);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dmlkern, CPU, m) { m.impl("fixed_mm", &fixed_mm_cpu); }
+TORCH_LIBRARY_IMPL(dmlkern, CPU, m) {
+  m.impl("fixed_mm", &fixed_mm_cpu);
+  m.impl("fixed_mm_into", &fixed_mm_into_cpu);
+}
 
 }  // namespace dmlkern

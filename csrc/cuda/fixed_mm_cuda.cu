@@ -17,8 +17,17 @@ at::Tensor fixed_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a, b.t());
 }
 
+void fixed_mm_into_cuda(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  check_fixed_mm_out(a, b, out);
+  const c10::cuda::CUDAGuard device_guard(a.device());
+  at::mm_out(out, a, b.t());
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dmlkern, CUDA, m) { m.impl("fixed_mm", &fixed_mm_cuda); }
+TORCH_LIBRARY_IMPL(dmlkern, CUDA, m) {
+  m.impl("fixed_mm", &fixed_mm_cuda);
+  m.impl("fixed_mm_into", &fixed_mm_into_cuda);
+}
 
 }  // namespace dmlkern

@@ -416,6 +416,25 @@ def row_blocks(n, m):
         yield r0, min(n, r0 + step)
 
 
+class Buffers:
+    """Named scratch buffers of one blocked call, reused block after block: `get(name, rows, cols)`
+    is a (rows, cols) view of the name's buffer, grown when too small, its contents whatever was
+    written last. A fresh (rows x M) buffer per block costs its page faults (~as much as the
+    block's product where freed memory goes back to the OS, as under MALLOC_MMAP_THRESHOLD_);
+    `fixed_mm(..., out=)` writes into these instead."""
+
+    def __init__(self, like):
+        self._like = like
+        self._store = {}
+
+    def get(self, name, rows, cols):
+        buf = self._store.get(name)
+        if buf is None or buf.numel() < rows * cols:
+            buf = self._store[name] = None  # the old one freed first
+            self._store[name] = buf = self._like.new_empty(rows * cols)
+        return buf[:rows * cols].view(rows, cols)
+
+
 def row_sums(t):
     """Per-row sums whose bits don't depend on the CPU thread count (torch splits a reduction with
     one output over threads; with several outputs each output has one thread)."""

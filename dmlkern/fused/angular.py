@@ -14,11 +14,14 @@ log Σ = log G_ap + m_a + m_p. The rows are walked in blocks of whole classes (`
 (and B: the same rows when the reference is the batch), and one small product per Gram group
 (whole classes, ≤ 32 rows) gives G for the group's pairs. Work: one N x M x D product plus
 ~32 N M for the Gram products (Σ_c n_c² M for classes over 32 rows); memory O(block x M + pairs).
-The backward recomputes each block's A and B (with the forward's row maxima; each pair's z and G
-are kept from the forward): with w_ap = the upstream gradient times sigmoid(z_ap) and
-W = c w / G, dL/ds_an = A[a, n] (W B)[a, n] and dL/ds_pn = B[p, n] (Wᵀ A)[p, n]; the gradients
-of u and of the raw x follow by products, added block by block in a fixed order: bit-identical
-at any CPU thread count. A block's same-label entries are set to -inf by flat index from its pairs
+With w_ap = dL/dloss_ap times sigmoid(z_ap) and W = c w / G, dL/ds_an = A[a, n] (W B)[a, n] and
+dL/ds_pn = B[p, n] (Wᵀ A)[p, n]; the gradients of u and of the raw x follow by products, added
+block by block in a fixed order (`_GradSums`): bit-identical at any CPU thread count. With PML's
+MeanReducer (the default) dL/dloss_ap is 1 / pairs times the upstream scalar, so the walk forms
+the mean and its gradients at once, each tile's A and B at hand, and the backward scales them:
+3 (rows x M x D) products per block in all. Other reducers take the per-pair losses; their
+backward walks again, recomputing each block's A and B (with the forward's row maxima; each
+pair's z and G are kept from the forward): 4 products per block. A block's same-label entries are set to -inf by flat index from its pairs
 (`_positive_entries`; no (rows x M) label comparison), and in the backward a block that is its own
 and only positive block turns A into A ⊙ (W + Wᵀ) A in place, Gram group by Gram group (no second
 (rows x M) buffer).
@@ -39,21 +42,23 @@ from typing import NamedTuple
 import torch
 
 from .._autograd import applier
-from .._determinism import log as fixed_log
+from .._determinism import fixed_order_sum, log as fixed_log
 from .._tracing import static_shapes
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
 from ..reference.indices import convert_to_pairs, logsumexp
-from ._common import Degenerate, LabelStats, decline, is_unit_euclidean, no_pos_or_neg, row_sums, unit_rows
+from . import _stats
+from ._common import (Buffers, Degenerate, LabelStats, decline, is_plain_mean, is_unit_euclidean, no_pos_or_neg,
+                      row_sums, unit_rows)
 from ._epilogue import ZERO_LOSS, _log1p_exp
 from .pair_lists import positive_pairs
 
 BACKEND = "blocked"  # `last_backend` for all pairs: class blocks of Gram products
 LISTED = "listed"  # `last_backend` for an indices_tuple's pairs
 # Per block of rows: at most 4M similarity values (16 MiB in fp32) and 512 rows (its pair masks are rows x
-# rows). Each block adds an (M x D) product into the gradient of x and allocates its (rows x M) buffers
-# afresh (fixed_mm has no out=): at N=8192, 512-row blocks ran fwd+bwd in 0.88x the time of 256-row ones
-# (0.89x with the bench's MALLOC_MMAP_THRESHOLD_), 1024-row ones in 1.33x (0.97x).
+# rows). Each block adds an (M x D) product into the gradient of x; its (rows x M) products are written
+# into buffers reused from block to block (`Buffers`). At N=8192, 512-row blocks ran fwd+bwd in 0.88x
+# the time of 256-row ones, 1024-row ones in 1.33x (measured with a fresh buffer per block).
 _BLOCK_VALUES = 1 << 22
 _BLOCK_ROWS = 512
 _LISTED_VALUES = 1 << 21  # logits per chunk of listed pairs (8 MiB in fp32)
@@ -170,12 +175,12 @@ def _pair_slots(stats, ref_labels):
     return first, torch.empty_like(order_r).index_put_((order_r,), in_run)
 
 
-def _exp_rows(u_rows, x, positives, c, m=None):
+def _exp_rows(u_rows, x, positives, c, out, m=None):
     """(A, m): A = exp(c s − m) on each row's negatives (0 elsewhere), m the row's largest c s
-    there (given: the forward's). In place on the product (no more (rows x M) buffers).
+    there (given: the forward's). In place on the product, written into `out` (rows x M).
     positives: the flat indices of the rows' same-label entries (`_positive_entries`), or
     (row labels, reference labels) to compare (an (rows x M) mask)."""
-    cs = fixed_mm(c * u_rows, x)
+    cs = fixed_mm(c * u_rows, x, out=out)
     if isinstance(positives, torch.Tensor):
         cs.view(-1).index_fill_(0, positives, -math.inf)
     else:
@@ -229,15 +234,17 @@ def _blocked_setup(stats, labels, ref_labels, m, exclude_diag, same_rows, c, k):
                                             for rows_p, groups in tiles]) for rows_a, tiles in blocks])
 
 
-def _walk(ua, up, x, setup, m_a_all=None, m_p_all=None):
+def _walk(ua, up, x, setup, buffers, m_a_all=None, m_p_all=None):
     """Yields (rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs, only) per tile; rows_p
     is rows_a (and B is A) for a block that is its own positive block; only: the tile is its block's
     one tile. m_a_all, m_p_all: the forward's row maxima (the backward's). Each anchor row is in one
-    anchor block."""
+    anchor block. A and B live in `buffers`; A alternates between two, so that a block's A is
+    intact while the next block's is formed (the backward finishes a block after that)."""
     m = x.shape[0]
-    for rows_a, positive_blocks in setup.blocks:
+    for index, (rows_a, positive_blocks) in enumerate(setup.blocks):
         ua_rows = ua.index_select(0, rows_a)
         A, m_a = _exp_rows(ua_rows, x, _positive_entries(setup, rows_a, positive_blocks, m), setup.c,
+                           buffers.get(index % 2, len(rows_a), m),
                            None if m_a_all is None else m_a_all.index_select(0, rows_a))
         for rows_p, groups, pairs in positive_blocks:
             if rows_p is rows_a:
@@ -245,33 +252,46 @@ def _walk(ua, up, x, setup, m_a_all=None, m_p_all=None):
             else:
                 up_rows = up.index_select(0, rows_p)
                 B, m_p = _exp_rows(up_rows, x, (setup.ref_labels[rows_p], setup.ref_labels), setup.c,
+                                   buffers.get("B", len(rows_p), m),
                                    None if m_p_all is None else m_p_all.index_select(0, rows_p))
             yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs, len(positive_blocks) == 1
+
+
+def _tile_z(tile, k, buffers):
+    """(z, G) of a tile's pairs: G from one product per Gram group, z = log G + m_a + m_p − k u_a·u_p."""
+    rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs, _ = tile
+    gram = buffers.get("gram", len(rows_a), len(rows_p)).zero_()  # only the groups' blocks hold pairs
+    for a0, a1, p0, p1 in groups:
+        fixed_mm(A[a0:a1], B[p0:p1], out=gram[a0:a1, p0:p1])
+    gram = gram[pairs.i, pairs.j]
+    dots = row_sums(ua_rows.index_select(0, pairs.i) * up_rows.index_select(0, pairs.j))
+    return fixed_log(gram) + m_a[pairs.i, 0] + m_p[pairs.j, 0] - k * dots, gram
+
+
+def _row_maxima(ua, up, setup):
+    m_a_all = ua.new_empty(ua.shape[0], 1)
+    return m_a_all, m_a_all if ua is up and setup.labels is setup.ref_labels else ua.new_empty(up.shape[0], 1)
 
 
 class _BlockedAngular(torch.autograd.Function):
     """(per-pair losses in PML's order, the smallest G of any pair, and for the backward: each pair's
     z and G, the anchor and positive rows' maxima m); only the losses are differentiable, in u_a,
-    u_p (the normalised rows) and x (the raw reference rows)."""
+    u_p (the normalised rows) and x (the raw reference rows). The backward recomputes each tile."""
 
     @staticmethod
     def forward(ua, up, x, setup):
         num_pairs = len(setup.pairs[0])
         losses, z_all = ua.new_zeros(num_pairs), ua.new_zeros(num_pairs)  # no negative: PML's 0
         gram_all = ua.new_ones(num_pairs)
-        m_a_all = ua.new_empty(ua.shape[0], 1)
-        m_p_all = m_a_all if ua is up and setup.labels is setup.ref_labels else ua.new_empty(up.shape[0], 1)
+        m_a_all, m_p_all = _row_maxima(ua, up, setup)
         smallest = ua.new_full((), math.inf)
-        for rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs, _ in _walk(ua, up, x, setup):
+        buffers = Buffers(x)
+        for tile in _walk(ua, up, x, setup, buffers):
+            rows_a, _, _, m_a, rows_p, _, _, m_p, _, pairs, _ = tile
             m_a_all[rows_a], m_p_all[rows_p] = m_a, m_p
             if not pairs.slots.numel():
                 continue
-            gram = A.new_zeros(len(rows_a), len(rows_p))  # only the groups' blocks hold pairs
-            for a0, a1, p0, p1 in groups:
-                gram[a0:a1, p0:p1] = fixed_mm(A[a0:a1], B[p0:p1])
-            gram = gram[pairs.i, pairs.j]
-            dots = row_sums(ua_rows.index_select(0, pairs.i) * up_rows.index_select(0, pairs.j))
-            z = fixed_log(gram) + m_a[pairs.i, 0] + m_p[pairs.j, 0] - setup.k * dots
+            z, gram = _tile_z(tile, setup.k, buffers)
             losses[pairs.slots], z_all[pairs.slots], gram_all[pairs.slots] = _log1p_exp(z), z, gram
             smallest = torch.minimum(smallest, gram.amin())
         return losses, smallest, z_all, gram_all, m_a_all, m_p_all
@@ -287,65 +307,143 @@ class _BlockedAngular(torch.autograd.Function):
 
 
 def _add_blocked_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x, z_all, gram_all, m_a_all, m_p_all):
-    c, k = setup.c, setup.k
-    # [rows_a, ua_rows, A, Σ (c W) B over its tiles, gradient of the ua rows] of the current block; A is
-    # None once the sum is A ⊙ Σ (c W) B (the block's own and only tile: computed in A's place)
-    anchor = None
-    for rows_a, ua_rows, A, _, rows_p, up_rows, B, _, groups, pairs, only in _walk(ua, up, x, setup, m_a_all,
-                                                                                m_p_all):
-        if anchor is None or anchor[0] is not rows_a:
-            _finish_anchor_block(anchor, x, grad_x, grad_ua)
-            anchor = [rows_a, ua_rows, A, None, torch.zeros_like(ua_rows)]
+    buffers = Buffers(x)
+    sums = _GradSums(x, setup, buffers, grad_ua, grad_up, grad_x)
+    for tile in _walk(ua, up, x, setup, buffers, m_a_all, m_p_all):
+        slots = tile[9].slots
+        sums.add(tile, grad.index_select(0, slots) * _sigmoid(z_all.index_select(0, slots)),
+                 gram_all.index_select(0, slots))
+    sums.finish()
+
+
+class _BlockedAngularMean(torch.autograd.Function):
+    """(the mean of the per-pair losses, the smallest G of any pair, and with with_grads the
+    gradients of that mean in u_a, u_p, x): PML's MeanReducer in one walk. The gradients are
+    formed in the forward, where each tile's A and B are at hand (the backward scales them by the
+    upstream gradient): one (rows x M x D) product per block fewer than recomputing them."""
+
+    @staticmethod
+    def forward(ua, up, x, setup, with_grads):
+        num_pairs = len(setup.pairs[0])
+        losses = ua.new_zeros(num_pairs)  # no negative: PML's 0
+        smallest = ua.new_full((), math.inf)
+        buffers = Buffers(x)
+        grads = (torch.zeros_like(ua), torch.zeros_like(up), torch.zeros_like(x)) if with_grads else ()
+        sums = _GradSums(x, setup, buffers, *grads) if with_grads else None
+        for tile in _walk(ua, up, x, setup, buffers):
+            pairs = tile[9]
+            if not pairs.slots.numel():
+                continue
+            z, gram = _tile_z(tile, setup.k, buffers)
+            losses[pairs.slots] = _log1p_exp(z)
+            smallest = torch.minimum(smallest, gram.amin())
+            if with_grads:
+                sums.add(tile, _sigmoid(z) / num_pairs, gram)
+        if with_grads:
+            sums.finish()
+        return (fixed_order_sum(losses) / num_pairs, smallest, *grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs[:3], *output[2:])
+        ctx.setup = inputs[3]
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        if grad is None:
+            return None, None, None, None, None
+        ua, up, x, *grads = ctx.saved_tensors
+        if pe.backward_needs_graph(x) or not grads:
+            aliases = [t.view_as(t) for t in (ua, up, x)]
+            mean = lambda *t: _materialised(*t, ctx.setup).mean()  # noqa: E731
+            return (*pe.reference_gradient(mean, aliases, ctx.needs_input_grad[:3], grad), None, None)
+        return (*(g * grad if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None)
+
+
+class _GradSums:
+    """The gradients in (u_a, u_p, x) of Σ_pairs (dL/dloss_ap) loss_ap, added into grad_ua, grad_up,
+    grad_x tile by tile in `_walk`'s order (`add`, then `finish`): with w_ap = dL/dloss_ap ·
+    sigmoid(z_ap) and W = c w / G, dL/ds_an = A[a, n] (W B)[a, n] and dL/ds_pn = B[p, n] (Wᵀ A)[p, n],
+    and u_a·u_p's part −k w."""
+
+    def __init__(self, x, setup, buffers, grad_ua, grad_up, grad_x):
+        self.x, self.c, self.k, self.buffers = x, setup.c, setup.k, buffers
+        self.grad_ua, self.grad_up, self.grad_x = grad_ua, grad_up, grad_x
+        # [rows_a, ua_rows, A, Σ (c W) B over its tiles, gradient of the ua rows] of the current block;
+        # A is None once the sum is A ⊙ Σ (c W) B (the block's own and only tile: computed in A's place)
+        self.anchor = None
+
+    def _mm(self, a, b, name):  # a @ b.T into the named buffer
+        return fixed_mm(a, b, out=self.buffers.get(name, a.shape[0], b.shape[0]))
+
+    def _pair_matrix(self, pairs, rows, cols, values, name, symmetric=False):  # values at the pairs, else 0
+        out = self.buffers.get(name, rows, cols).zero_().index_put_((pairs.i, pairs.j), values)
+        # W + Wᵀ without W: (i, j) and (j, i) are both pairs (no (i, i)), so each entry is w_ij + w_ji,
+        # one addition (the bits of W + Wᵀ on any device)
+        return out.index_put_((pairs.j, pairs.i), values, accumulate=True) if symmetric else out
+
+    def add(self, tile, w, gram):
+        """A tile of `_walk` with its pairs' w = dL/dloss · sigmoid(z) and G."""
+        rows_a, ua_rows, A, _, rows_p, up_rows, B, _, groups, pairs, only = tile
+        if self.anchor is None or self.anchor[0] is not rows_a:
+            self._finish_anchor_block()
+            self.anchor = [rows_a, ua_rows, A, None, torch.zeros_like(ua_rows)]
+        anchor, mm, m = self.anchor, self._mm, self.x.shape[0]
         if not pairs.slots.numel():
-            continue
-        w = grad.index_select(0, pairs.slots) * _sigmoid(z_all.index_select(0, pairs.slots))
-        cw = c * w / gram_all.index_select(0, pairs.slots)
+            return
+        cw = self.c * w / gram
+        rows, cols = len(rows_a), len(rows_p)
         if rows_p is rows_a and only:  # a group's pairs are its own rows: A ⊙ (W + Wᵀ) A in place, group by group
-            # W + Wᵀ and V + Vᵀ without W and V: the pairs (i, j) and (j, i) both are there (no (i, i)),
-            # so each entry is w_ij + w_ji, one addition (the bits of W + Wᵀ on any device)
-            W, V = (A.new_zeros(len(rows_a), len(rows_a)).index_put_((pairs.i, pairs.j), v)
-                    .index_put_((pairs.j, pairs.i), v, accumulate=True) for v in (cw, -k * w))
+            W = self._pair_matrix(pairs, rows, rows, cw, "W", symmetric=True)
+            V = self._pair_matrix(pairs, rows, rows, -self.k * w, "V", symmetric=True)
             for a0, a1, p0, p1 in groups:
-                A[a0:a1].mul_(fixed_mm(W[a0:a1, p0:p1], A[p0:p1].T))
+                A[a0:a1].mul_(mm(W[a0:a1, p0:p1], A[p0:p1].T, "group"))
             anchor[2:4] = None, A
-            anchor[4] += fixed_mm(V, ua_rows.T)
-            continue
-        W = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.i, pairs.j), cw)
-        V = A.new_zeros(len(rows_a), len(rows_p)).index_put_((pairs.i, pairs.j), -k * w)
-        w_b = torch.empty_like(A)  # the groups cover every row of the block
+            anchor[4] += mm(V, ua_rows.T, "rows_d")
+            return
+        W = self._pair_matrix(pairs, rows, cols, cw, "W")
+        V = self._pair_matrix(pairs, rows, cols, -self.k * w, "V")
+        # the block's first tile writes Σ (c W) B itself, later ones add theirs; the groups cover every row
+        w_b = self.buffers.get("w_b" if anchor[3] is not None else "sum_w_b", rows, m)
         if rows_p is rows_a:  # both ends of every pair are this block's rows
-            W = W + W.T
+            W = torch.add(W, W.T, out=self.buffers.get("W_sym", rows, rows))
             for a0, a1, p0, p1 in groups:
-                w_b[a0:a1] = fixed_mm(W[a0:a1, p0:p1], A[p0:p1].T)
-            anchor[4] += fixed_mm(V + V.T, ua_rows.T)
+                fixed_mm(W[a0:a1, p0:p1], A[p0:p1].T, out=w_b[a0:a1])
+            anchor[4] += mm(torch.add(V, V.T, out=self.buffers.get("V_sym", rows, rows)), ua_rows.T, "rows_d")
         else:
-            grad_s = torch.empty_like(B)
+            grad_s = self.buffers.get("grad_s", cols, m)
             for a0, a1, p0, p1 in groups:
-                w_b[a0:a1] = fixed_mm(W[a0:a1, p0:p1], B[p0:p1].T)
-                grad_s[p0:p1] = fixed_mm(W[a0:a1, p0:p1].T, A[a0:a1].T)
+                fixed_mm(W[a0:a1, p0:p1], B[p0:p1].T, out=w_b[a0:a1])
+                fixed_mm(W[a0:a1, p0:p1].T, A[a0:a1].T, out=grad_s[p0:p1])
             grad_s.mul_(B)
-            anchor[4] += fixed_mm(V, up_rows.T)
-            grad_up.index_add_(0, rows_p, fixed_mm(V.T, ua_rows.T) + fixed_mm(grad_s, x.T))
-            grad_x += fixed_mm(grad_s.T, up_rows.T)
+            anchor[4] += mm(V, up_rows.T, "rows_d")
+            self.grad_up.index_add_(0, rows_p, mm(V.T, ua_rows.T, "cols_d").add_(mm(grad_s, self.x.T, "rows_d")))
+            self.grad_x += mm(grad_s.T, up_rows.T, "m_d")
         anchor[3] = w_b if anchor[3] is None else anchor[3].add_(w_b)
-    _finish_anchor_block(anchor, x, grad_x, grad_ua)
 
+    def finish(self):
+        self._finish_anchor_block()
 
-def _finish_anchor_block(anchor, x, grad_x, grad_ua):
-    """An anchor block's gradient: its s gradient is A ⊙ (the sum of (c W) B over its tiles). Its
-    rows' gradient is written now (each anchor row is in one block): kept until the end, these
-    small tensors sat between the block buffers and kept ~700 MiB of freed heap (N=65536)."""
-    if anchor is None:
-        return
-    rows_a, ua_rows, A, w_b, grad_rows = anchor
-    if w_b is not None:
-        grad_s = w_b if A is None else w_b.mul_(A)
-        grad_rows += fixed_mm(grad_s, x.T)
-        grad_x += fixed_mm(grad_s.T, ua_rows.T)
-    grad_ua.index_copy_(0, rows_a, grad_rows)
+    def _finish_anchor_block(self):
+        """An anchor block's gradient: its s gradient is A ⊙ (the sum of (c W) B over its tiles).
+        Its rows' gradient is written now (each anchor row is in one block): kept until the end,
+        these small tensors sat between the block buffers and kept ~700 MiB of freed heap
+        (N=65536)."""
+        if self.anchor is None:
+            return
+        rows_a, ua_rows, A, w_b, grad_rows = self.anchor
+        if w_b is not None:
+            grad_s = w_b if A is None else w_b.mul_(A)
+            grad_rows += self._mm(grad_s, self.x.T, "rows_d")
+            self.grad_x += self._mm(grad_s.T, ua_rows.T, "m_d")
+        self.grad_ua.index_copy_(0, rows_a, grad_rows)
+        self.anchor = None
 
 
 blocked_angular = applier(_BlockedAngular)
+blocked_angular_mean = applier(_BlockedAngularMean)
 
 
 # ----------------------------------------------------------------------------- listed pairs
@@ -441,8 +539,16 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     setup = _blocked_setup(stats, labels, ref_labels, ref_emb.shape[0], exclude_diag,
                            exclude_diag and ref_emb is embeddings, c, k)
     a, p = setup.pairs
-    losses, smallest, *_ = blocked_angular(*_inputs(embeddings, ref_emb), setup)
+    inputs = _inputs(embeddings, ref_emb)
+    if is_plain_mean(module.reducer):  # the mean in the walk, its gradients formed there too
+        with_grads = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        loss, smallest, *_ = blocked_angular_mean(*inputs, setup, with_grads)
+        entry = {"losses": loss, "indices": None, "reduction_type": "already_reduced",
+                 **_stats.already_reduced_size(module.reducer, torch.tensor(len(a)))}
+    else:
+        losses, smallest, *_ = blocked_angular(*inputs, setup)
+        entry = _entry(losses, a, p)["loss"]
     info = torch.finfo(embeddings.dtype)
     if bool(smallest < ref_emb.shape[0] * info.tiny / info.eps):  # some underflowed terms may matter
         return decline(module, UNSAFE)
-    return _entry(losses, a, p), BACKEND
+    return {"loss": entry}, BACKEND

@@ -19,7 +19,7 @@ from .._autograd import applier
 from .dispatch import extension_loaded
 from .pair_engine import _direct_call_ok
 
-_OP_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "fixed_mm")
+_OP_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "fixed_mm") and hasattr(torch.ops.dmlkern, "fixed_mm_into")
 # The dtypes with a kernel, per device type.
 _KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64)}
 if _OP_READY and torch._C._dispatch_has_kernel_for_dispatch_key("dmlkern::fixed_mm", "CUDA"):
@@ -46,11 +46,34 @@ def _check_inputs(a, b):
         raise ValueError(f"fixed_mm: a and b must be on the same device, got {a.device} and {b.device}")
 
 
-def fixed_mm(a, b):
+def _check_out(a, b, out):
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (a.shape[0], b.shape[0]):
+        raise ValueError(f"fixed_mm: out must be a tensor of shape (N, M) = {(a.shape[0], b.shape[0])}, "
+                         f"got {getattr(out, 'shape', type(out))}")
+    if out.dtype != a.dtype or out.device != a.device:
+        raise TypeError(f"fixed_mm: out must have a's dtype {a.dtype} and device {a.device}, got {out.dtype} "
+                        f"on {out.device}")
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or out.requires_grad):
+        raise RuntimeError("fixed_mm: out= is not differentiable: call it under torch.no_grad() (or without "
+                           "out=) when a or b requires grad")
+
+
+def fixed_mm(a, b, out=None):
     """a @ b.T (N, M) in a's dtype, differentiable; bit-identical on repeat and across CPU thread
     counts where `runs_kernel(a)` (CPU fp32 / fp64; CUDA with the CUDA build). a: (N, D), b: (M, D)
-    of one dtype and device; any strides (transposed views are read in place)."""
+    of one dtype and device; any strides (transposed views are read in place). out: an (N, M)
+    tensor of a's dtype and device (any strides, sharing no memory with a or b) to write the
+    product into and return, for calls without autograd: blocked loops reuse one buffer instead
+    of allocating (and page-faulting) a fresh one per block. A contiguous out gets the bits of
+    the call without out=; a strided one (a block of a larger buffer) may round otherwise, since
+    the BLAS picks kernels by the output's layout, but the same at any thread count."""
     _check_inputs(a, b)
+    if out is not None:
+        _check_out(a, b, out)
+        if not runs_kernel(a):
+            return torch.mm(a, b.t(), out=out)
+        torch.ops.dmlkern.fixed_mm_into(a, b, out)
+        return out
     if not runs_kernel(a):
         return a @ b.t()
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad) and _direct_call_ok(a, b):
@@ -82,5 +105,9 @@ if _OP_READY:
     @torch.library.register_fake("dmlkern::fixed_mm")
     def _fake(a, b):
         return a.new_empty((a.shape[0], b.shape[0]))
+
+    @torch.library.register_fake("dmlkern::fixed_mm_into")
+    def _fake_into(a, b, out):
+        return None
 
     torch.library.register_autograd("dmlkern::fixed_mm", _backward, setup_context=_setup_context)
