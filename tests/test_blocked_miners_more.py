@@ -3,6 +3,7 @@ against PML 2.9.0: the same indices in PML's order (HDCMiner past _TOPK_PAIRS: t
 the same order, ties in row-major order), PML's statistics, the same triplets for the same seed,
 several blocks, degenerate batches, thread counts and peak memory."""
 import math
+from collections import Counter
 
 import pytest
 import pytorch_metric_learning.distances as pml_distances
@@ -33,11 +34,33 @@ def _blocked_distances_match_full():
     return all(torch.equal(d.compute_mat(q[i:i + 7], q), full[i:i + 7]) for i in range(0, 150, 7))
 
 
-# Not strict: on a BLAS whose row-block products match the full one these pass (and must keep passing).
-HDC_EXACT_ORDER = pytest.mark.xfail(
-    not _blocked_distances_match_full(), strict=False,
-    reason="this BLAS rounds a row block's distances differently from the full matrix PML computes "
-           "(MKL's AVX2 path, AMD EPYC): near-tied pairs may order differently from PML")
+EXACT_HDC = _blocked_distances_match_full()
+# How far a row block's distance may round from PML's full matrix where they differ (AMD: ~2e-8 in
+# fp64 near zero distance, after the square root); random pairs' values lie ~1e-4 apart.
+HDC_NEAR_TIE = {torch.float32: 1e-4, torch.float64: 1e-6}
+
+
+def assert_hdc_like_pml(got, want, mat):
+    """HDCMiner's output against PML's: the same tuple in PML's order (its pairs sorted by value,
+    ties as torch.topk orders them) where the blocked distances have the full matrix's bits; where
+    this BLAS rounds a row block otherwise (`_blocked_distances_match_full`), the same up to
+    near-ties: position by position, values (from PML's matrix `mat`) within HDC_NEAR_TIE, and
+    every pair one side has and the other lacks within HDC_NEAR_TIE of the selection's boundary."""
+    if EXACT_HDC:
+        assert_same_indices(got, want)
+        return
+    assert len(got) == len(want) == 4 and all(t.dtype == torch.long for t in got)
+    tol = HDC_NEAR_TIE[mat.dtype]
+    for i in (0, 2):
+        assert len(got[i]) == len(got[i + 1]) == len(want[i]), "a different number of pairs"
+        if not len(want[i]):
+            continue
+        got_vals, want_vals = mat[got[i], got[i + 1]], mat[want[i], want[i + 1]]
+        torch.testing.assert_close(got_vals, want_vals, rtol=0, atol=tol)
+        ours = Counter(zip(got[i].tolist(), got[i + 1].tolist()))
+        theirs = Counter(zip(want[i].tolist(), want[i + 1].tolist()))
+        for a, b in (ours - theirs) + (theirs - ours):
+            assert abs(float(mat[a, b] - want_vals[-1])) <= tol, f"pair ({a}, {b}) is not a near-tie at the boundary"
 
 
 def _batch(seed, n, dim, classes, dtype, ref_rows=None):
@@ -138,7 +161,6 @@ def _hdc_pair(filter_percentage, dist):
             pml_miners.HDCMiner(distance=getattr(pml_distances, dist[0])(**dist[1]), **kw))
 
 
-@HDC_EXACT_ORDER
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dist", HDC_DISTANCES, ids=lambda d: "default" if d is None else d[0])
 def test_hdc_matches_pml(dist, dtype, small_blocks):
@@ -148,10 +170,9 @@ def test_hdc_matches_pml(dist, dtype, small_blocks):
         args = _batch(seed, n, dim, classes, dtype, ref_rows)
         for f in (0.5, 0.27, 0.01, 1.0, 0.0):
             ours, theirs = _hdc_pair(f, dist)
-            assert_same_indices(ours(*args), theirs(*args))
+            assert_hdc_like_pml(ours(*args), theirs(*args), theirs.distance(args[0], args[2] if ref_rows else None))
 
 
-@HDC_EXACT_ORDER
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hdc_past_topk_pairs(dtype, monkeypatch, small_blocks):
     """Candidates pruned block by block: the same values in the same order as PML, the same pairs
@@ -164,6 +185,9 @@ def test_hdc_past_topk_pairs(dtype, monkeypatch, small_blocks):
         for f in (0.5, 0.03, 1.0):
             ours, theirs = _hdc_pair(f, None)
             got, want = ours(*args), theirs(*args)
+            if not EXACT_HDC:
+                assert_hdc_like_pml(got, want, mat)
+                continue
             for i in (0, 2):
                 got_vals, want_vals = mat[got[i], got[i + 1]], mat[want[i], want[i + 1]]
                 assert torch.equal(got_vals, want_vals) and len(got_vals) > 0
@@ -191,18 +215,18 @@ def test_hdc_past_topk_pairs_orders_ties_row_major(monkeypatch):
     assert torch.all(flat[1:] > flat[:-1])
 
 
-@HDC_EXACT_ORDER
 def test_hdc_set_idx_externally(small_blocks):
     x, y = _batch(3, 150, 6, 5, torch.float64)
     for external in (pml_miners.TripletMarginMiner(margin=0.3)(x, y), pml_miners.PairMarginMiner()(x, y)):
         ours, theirs = _both("HDCMiner", filter_percentage=0.6)
         ours.set_idx_externally(external, y)
         theirs.set_idx_externally(external, y)
+        mat = theirs.distance(x)
         for _ in range(3):  # PML keeps (and re-filters) the external pairs on later calls
-            assert_same_indices(ours(x, y), theirs(x, y))
+            assert_hdc_like_pml(ours(x, y), theirs(x, y), mat)
         ours.reset_idx()
         theirs.reset_idx()
-        assert_same_indices(ours(x, y), theirs(x, y))
+        assert_hdc_like_pml(ours(x, y), theirs(x, y), mat)
     ours, theirs = _both("HDCMiner")
     bad = (torch.tensor([0, 150]), torch.tensor([1, 2]), torch.tensor([0]), torch.tensor([3]))
     for miner in (ours, theirs):
