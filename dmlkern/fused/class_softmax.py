@@ -157,6 +157,11 @@ class EngineBlock:
         return gx, unit_backward_(gcols, y, norm, out) if self.unit_columns else _write(gcols, out)
 
 
+# `last_backend` of a grouped loss whose blocks ran as torch ops (CUDA, the Triton backend, fp16/bf16):
+# there is no grouped Triton or CUDA C++ kernel yet
+TORCH_BLOCKS = "blocked"
+
+
 class GroupedBlock:
     """Block kernel for classes of K weight rows (SubCenterArcFace, SoftTriple): per class,
     logit_ic = scale * reduce.value(s_ic1 .. s_icK) with s the cosines of x (unit rows) and the
@@ -173,6 +178,7 @@ class GroupedBlock:
 
     def __init__(self, reduce, scale, group, backend=None):
         self.reduce, self.scale, self.group, self.backend = reduce, scale, group, backend
+        self.ran = None  # after a forward: the backend that ran it, "cpp" (the kernel) or TORCH_BLOCKS
 
     def runs_kernel(self, x):
         """Whether blocks of rows like `x` run the C++ kernel."""
@@ -194,7 +200,10 @@ class GroupedBlock:
 
     def forward(self, x, rows, labels, c0, c1, backend=None):
         if backend != "reference" and self.runs_kernel(x):  # unit rows in rows' layout: read in place
+            self.ran = "cpp"
             return grouped_class_op.grouped_class_lse(x, unit(rows).to(x.dtype), labels, *self._op_args(c0))
+        if backend != "reference":
+            self.ran = TORCH_BLOCKS
         mm = (lambda a, b: a @ b.t()) if backend == "reference" else fixed_mm  # reference: differentiable
         return self.torch_lse(x, unit(rows).to(x.dtype), labels, c0, c1, mm)
 

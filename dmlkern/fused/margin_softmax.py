@@ -68,14 +68,18 @@ def _backend_for(module, embeddings, distance_ok=is_unit_cosine):
 def _fused(module, embeddings, labels, indices_tuple, weight, layout, distance_ok=is_unit_cosine, *, scale=None,
            offset=0.0, kernel=None, unit_x=True, unit_w=True, **config):
     """(loss_dict, backend), or None after `decline`. kernel: a block kernel's factory, kernel(backend)
-    (GroupedBlock), else the engine's for logits scale * <x, w> + offset."""
+    (GroupedBlock, which reports the backend that ran its blocks), else the engine's for logits
+    scale * <x, w> + offset."""
     backend = _backend_for(module, embeddings, distance_ok)
     if backend is None:
         return None
-    kernel_for = (lambda x: kernel(backend)) if kernel is not None else (
+    made = []
+    kernel_for = (lambda x: made.append(kernel(backend)) or made[-1]) if kernel is not None else (
         lambda x: EngineBlock(unit_w, scale, offset, backend, x))
-    return class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, kernel_for, unit_x=unit_x,
-                           unit_w=unit_w, **config), backend
+    loss_dict = class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, kernel_for,
+                                unit_x=unit_x, unit_w=unit_w, **config)
+    ran = [block.ran for block in made if block.ran is not None]
+    return loss_dict, ran[-1] if ran else backend
 
 
 def _columns_of(W):
