@@ -107,6 +107,18 @@ def _with_ms_miner_int32_labels():
     return loss_fn, step
 
 
+def _with_triplet_miner(kind):
+    """TripletMarginLoss with a TripletMarginMiner: the loss's blocked path keeps the miner's
+    window from its lazy result (no triplet list), with fullgraph=True too."""
+    def build():
+        loss_fn, miner = losses.TripletMarginLoss(), miners.TripletMarginMiner(margin=0.3, type_of_triplets=kind)
+
+        def step(emb, lab):
+            return loss_fn(emb, lab, miner(emb, lab))
+        return loss_fn, step
+    return build
+
+
 def _plain(make):
     def build():
         loss_fn = make()
@@ -131,14 +143,15 @@ FULLGRAPH_LOSSES = {
     "margin_learn_beta": _plain(lambda: losses.MarginLoss(learn_beta=True, nu=0.1)),
     "triplet": _plain(losses.TripletMarginLoss),
     "triplet_smooth_mean": _plain(lambda: losses.TripletMarginLoss(smooth_loss=True, reducer=reducers.MeanReducer())),
+    "triplet_semihard_miner": _with_triplet_miner("semihard"),
 }
 # Their fused path is the blocked one (`last_backend` "blocked"; on the CPU the C++ triplet_rows op).
-BLOCKED_PATH = {"triplet", "triplet_smooth_mean"}
+BLOCKED_PATH = {"triplet", "triplet_smooth_mean", "triplet_semihard_miner"}
 # One class: no negative pair, PML's zero loss (MS, GenLifted, ProxyAnchor and Contrastive stay
 # non-zero: positives alone, proxies of absent classes). N-pairs: one anchor, a 1 x 1
 # cross-entropy = 0. Margin and Triplet: no triplet.
 ZERO_ON_ONE_CLASS = {"ms_miner", "ms_miner_int32_labels", "ntxent", "supcon", "npairs", "margin_learn_beta", "triplet",
-                     "triplet_smooth_mean"}
+                     "triplet_smooth_mean", "triplet_semihard_miner"}
 
 
 @pytest.mark.parametrize("name", list(FULLGRAPH_LOSSES))
@@ -330,7 +343,9 @@ def test_triton_path_traces_on_fake_cuda_tensors():
             | {"backward two-sided", "backward symmetric"})
     assert set(traced) == want, sorted(traced)
     for case, (backend, ops) in traced.items():
-        assert backend == "triton", (case, backend)
+        # the grouped class losses run torch ops over fixed_mm blocks off the CPU ("blocked")
+        grouped = case.endswith(("subcenter_arcface", "soft_triple"))
+        assert backend == ("blocked" if grouped else "triton"), (case, backend)
         kind = "backward" if case.startswith("backward") else "forward"
         # the grouped class losses (SoftTriple, SubCenterArcFace) form their blocks with fixed_mm
         allowed = (f"dmlkern.pair_engine_{kind}_triton", "dmlkern.fixed_mm")
