@@ -1,6 +1,5 @@
 import torch
 
-from .._tracing import static_shapes
 from ..fused.lazy_pairs import LazyMinedTriplets
 from ..fused.triplet import distance_kind
 from ..reference.miners import triplet_margin_miner
@@ -17,7 +16,8 @@ class TripletMarginMiner(BaseTupleMiner):
     With the default LpDistance or CosineSimilarity and no collect_stats, forward returns a
     LazyMinedTriplets: PML's (a, p, n) tuple whose tensors are computed only when something reads
     them; a fused TripletMarginLoss given it keeps the same triplets without listing them
-    (dmlkern/fused/triplet.py). ``num_triplets`` is counted when read, also without listing.
+    (dmlkern/fused/triplet.py), under torch.compile too. ``num_triplets`` is counted when read,
+    also without listing.
     """
 
     def __init__(self, margin=0.2, type_of_triplets="all", **kwargs):
@@ -58,7 +58,7 @@ class TripletMarginMiner(BaseTupleMiner):
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         self._uncounted = None  # this call's count replaces the last lazy result's
-        lazy_ok = (not self.collect_stats and not static_shapes() and distance_kind(self.distance) is not None
+        lazy_ok = (not self.collect_stats and distance_kind(self.distance) is not None
                    and torch.is_tensor(embeddings) and embeddings.dtype in (torch.float32, torch.float64))
         if not lazy_ok:
             return super().forward(embeddings, labels, ref_emb, ref_labels)
