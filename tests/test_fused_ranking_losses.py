@@ -299,7 +299,7 @@ def test_declines():
 _MEMORY_SETUP = """
     torch.set_num_threads(1)  # (time only: this machine's few cores are shared)
     torch.manual_seed(0)
-    n, d = 16384, 64
+    n, d = 8192, 64
     x = torch.randn(n, d, requires_grad=True)
     labels = torch.randint(0, n // 8, (n,))
     loss_fn = {ctor}
@@ -315,11 +315,12 @@ _MEMORY_RUN = """
 @pytest.mark.parametrize("ctor", ["losses.RankedListLoss(margin=0.4, Tn=1.0)", "losses.FastAPLoss()",
                                   "losses.HistogramLoss()"])
 def test_memory_is_linear_in_n(ctor):
-    """fwd+bwd at N=16384 grows peak RSS by < 128 MiB (one N x N fp32 matrix: 1 GiB), measured in a
-    fresh process."""
+    """fwd+bwd at N=8192 grows peak RSS by < 96 MiB (one N x N fp32 matrix: 256 MiB; measured
+    42-46 MiB on a 2-core AMD EPYC), measured in a fresh process (N=8192: a quarter of N=16384's
+    CI time)."""
     growth_mib = peak_rss_growth_mib(setup=_MEMORY_SETUP.format(ctor=ctor), measured=_MEMORY_RUN)
     print(f"{ctor}: peak RSS +{growth_mib:.0f} MiB")
-    assert growth_mib < 128, f"peak RSS grew by {growth_mib:.0f} MiB"
+    assert growth_mib < 96, f"peak RSS grew by {growth_mib:.0f} MiB"
 
 
 def test_smooth_ap_memory_below_pml():
