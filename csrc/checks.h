@@ -48,7 +48,7 @@ inline void check_fixed_mm_args(const at::Tensor& a, const at::Tensor& b) {
               a.device(), " and ", b.device());
 }
 
-// fixed_mm.out's `out`: (N, M), a's dtype and device, sharing no memory with a or b (the tiles
+// fixed_mm_into's `out`: (N, M), a's dtype and device, sharing no memory with a or b (the tiles
 // read a and b while others are written).
 inline void check_fixed_mm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
   check_fixed_mm_args(a, b);

@@ -21,10 +21,10 @@ MeanReducer (the default) dL/dloss_ap is 1 / pairs times the upstream scalar, so
 the mean and its gradients at once, each tile's A and B at hand, and the backward scales them:
 3 (rows x M x D) products per block in all. Other reducers take the per-pair losses; their
 backward walks again, recomputing each block's A and B (with the forward's row maxima; each
-pair's z and G are kept from the forward): 4 products per block. A block's same-label entries are set to -inf by flat index from its pairs
-(`_positive_entries`; no (rows x M) label comparison), and in the backward a block that is its own
-and only positive block turns A into A ⊙ (W + Wᵀ) A in place, Gram group by Gram group (no second
-(rows x M) buffer).
+pair's z and G are kept from the forward): 4 products per block. A block's same-label entries
+are set to -inf by flat index from its pairs (`_positive_entries`; no (rows x M) label
+comparison), and the gradient of a block that is its own and only positive block turns A into
+A ⊙ (W + Wᵀ) A in place, Gram group by Gram group (no second (rows x M) buffer).
 
 The shifted exps are accurate while a pair's G is not tiny: the terms lost to underflow are each
 below the dtype's smallest normal number, so G >= M · tiny / eps (≈ e^-61 in fp32 at M = 16384)
@@ -102,6 +102,16 @@ def _save(ctx, inputs, kept=()):
     ctx.setup = inputs[3]
 
 
+def _reference_grads(ctx, grad, reduce=lambda losses: losses):
+    """The gradients of (u_a, u_p, x) with their graph (create_graph=True): the reference's, of
+    reduce(per-pair losses)."""
+    # aliases: their own graph nodes, so that x's gradient is only its direct use (the unit rows
+    # descend from x when the reference is the batch)
+    aliases = [t.view_as(t) for t in ctx.saved_tensors[:3]]
+    return pe.reference_gradient(lambda *t: reduce(_materialised(*t, ctx.setup)), aliases, ctx.needs_input_grad[:3],
+                                 grad)
+
+
 def _backward(ctx, grad, add_grads):
     """The gradients of (u_a, u_p, x, setup): add_grads(grad, u_a, u_p, x, setup, grad_ua, grad_up,
     grad_x, *kept) adds them into zeros; the reference's under create_graph=True."""
@@ -109,11 +119,7 @@ def _backward(ctx, grad, add_grads):
         return None, None, None, None
     ua, up, x, *kept = ctx.saved_tensors
     if pe.backward_needs_graph(x):
-        # aliases: their own graph nodes, so that x's gradient is only its direct use (the unit rows
-        # descend from x when the reference is the batch)
-        aliases = [t.view_as(t) for t in (ua, up, x)]
-        return (*pe.reference_gradient(lambda *t: _materialised(*t, ctx.setup), aliases, ctx.needs_input_grad[:3],
-                                       grad), None)
+        return (*_reference_grads(ctx, grad), None)
     with torch.no_grad():
         grads = torch.zeros_like(ua), torch.zeros_like(up), torch.zeros_like(x)
         add_grads(grad, ua, up, x, ctx.setup, *grads, *kept)
@@ -234,10 +240,24 @@ def _blocked_setup(stats, labels, ref_labels, m, exclude_diag, same_rows, c, k):
                                             for rows_p, groups in tiles]) for rows_a, tiles in blocks])
 
 
+class _Tile(NamedTuple):
+    """One tile of `_walk`: an anchor block against one of its positive blocks."""
+    rows_a: torch.Tensor
+    ua_rows: torch.Tensor
+    A: torch.Tensor
+    m_a: torch.Tensor
+    rows_p: torch.Tensor
+    up_rows: torch.Tensor
+    B: torch.Tensor
+    m_p: torch.Tensor
+    groups: list
+    pairs: _Pairs
+    only: bool  # the tile is its anchor block's one tile
+
+
 def _walk(ua, up, x, setup, buffers, m_a_all=None, m_p_all=None):
-    """Yields (rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs, only) per tile; rows_p
-    is rows_a (and B is A) for a block that is its own positive block; only: the tile is its block's
-    one tile. m_a_all, m_p_all: the forward's row maxima (the backward's). Each anchor row is in one
+    """Yields a `_Tile` per tile; rows_p is rows_a (and B is A) for a block that is its own
+    positive block. m_a_all, m_p_all: the forward's row maxima (the backward's). Each anchor row is in one
     anchor block. A and B live in `buffers`; A alternates between two, so that a block's A is
     intact while the next block's is formed (the backward finishes a block after that)."""
     m = x.shape[0]
@@ -254,7 +274,7 @@ def _walk(ua, up, x, setup, buffers, m_a_all=None, m_p_all=None):
                 B, m_p = _exp_rows(up_rows, x, (setup.ref_labels[rows_p], setup.ref_labels), setup.c,
                                    buffers.get("B", len(rows_p), m),
                                    None if m_p_all is None else m_p_all.index_select(0, rows_p))
-            yield rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs, len(positive_blocks) == 1
+            yield _Tile(rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs, len(positive_blocks) == 1)
 
 
 def _tile_z(tile, k, buffers):
@@ -268,11 +288,6 @@ def _tile_z(tile, k, buffers):
     return fixed_log(gram) + m_a[pairs.i, 0] + m_p[pairs.j, 0] - k * dots, gram
 
 
-def _row_maxima(ua, up, setup):
-    m_a_all = ua.new_empty(ua.shape[0], 1)
-    return m_a_all, m_a_all if ua is up and setup.labels is setup.ref_labels else ua.new_empty(up.shape[0], 1)
-
-
 class _BlockedAngular(torch.autograd.Function):
     """(per-pair losses in PML's order, the smallest G of any pair, and for the backward: each pair's
     z and G, the anchor and positive rows' maxima m); only the losses are differentiable, in u_a,
@@ -283,16 +298,17 @@ class _BlockedAngular(torch.autograd.Function):
         num_pairs = len(setup.pairs[0])
         losses, z_all = ua.new_zeros(num_pairs), ua.new_zeros(num_pairs)  # no negative: PML's 0
         gram_all = ua.new_ones(num_pairs)
-        m_a_all, m_p_all = _row_maxima(ua, up, setup)
+        m_a_all = ua.new_empty(ua.shape[0], 1)
+        m_p_all = m_a_all if ua is up and setup.labels is setup.ref_labels else ua.new_empty(up.shape[0], 1)
         smallest = ua.new_full((), math.inf)
         buffers = Buffers(x)
         for tile in _walk(ua, up, x, setup, buffers):
-            rows_a, _, _, m_a, rows_p, _, _, m_p, _, pairs, _ = tile
-            m_a_all[rows_a], m_p_all[rows_p] = m_a, m_p
-            if not pairs.slots.numel():
+            m_a_all[tile.rows_a], m_p_all[tile.rows_p] = tile.m_a, tile.m_p
+            slots = tile.pairs.slots
+            if not slots.numel():
                 continue
             z, gram = _tile_z(tile, setup.k, buffers)
-            losses[pairs.slots], z_all[pairs.slots], gram_all[pairs.slots] = _log1p_exp(z), z, gram
+            losses[slots], z_all[slots], gram_all[slots] = _log1p_exp(z), z, gram
             smallest = torch.minimum(smallest, gram.amin())
         return losses, smallest, z_all, gram_all, m_a_all, m_p_all
 
@@ -310,7 +326,7 @@ def _add_blocked_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x, z_all, 
     buffers = Buffers(x)
     sums = _GradSums(x, setup, buffers, grad_ua, grad_up, grad_x)
     for tile in _walk(ua, up, x, setup, buffers, m_a_all, m_p_all):
-        slots = tile[9].slots
+        slots = tile.pairs.slots
         sums.add(tile, grad.index_select(0, slots) * _sigmoid(z_all.index_select(0, slots)),
                  gram_all.index_select(0, slots))
     sums.finish()
@@ -331,11 +347,10 @@ class _BlockedAngularMean(torch.autograd.Function):
         grads = (torch.zeros_like(ua), torch.zeros_like(up), torch.zeros_like(x)) if with_grads else ()
         sums = _GradSums(x, setup, buffers, *grads) if with_grads else None
         for tile in _walk(ua, up, x, setup, buffers):
-            pairs = tile[9]
-            if not pairs.slots.numel():
+            if not tile.pairs.slots.numel():
                 continue
             z, gram = _tile_z(tile, setup.k, buffers)
-            losses[pairs.slots] = _log1p_exp(z)
+            losses[tile.pairs.slots] = _log1p_exp(z)
             smallest = torch.minimum(smallest, gram.amin())
             if with_grads:
                 sums.add(tile, _sigmoid(z) / num_pairs, gram)
@@ -346,9 +361,7 @@ class _BlockedAngularMean(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs[:3], *output[2:])
-        ctx.setup = inputs[3]
+        _save(ctx, inputs, output[2:])
 
     @staticmethod
     def backward(ctx, grad, *_):
@@ -356,9 +369,7 @@ class _BlockedAngularMean(torch.autograd.Function):
             return None, None, None, None, None
         ua, up, x, *grads = ctx.saved_tensors
         if pe.backward_needs_graph(x) or not grads:
-            aliases = [t.view_as(t) for t in (ua, up, x)]
-            mean = lambda *t: _materialised(*t, ctx.setup).mean()  # noqa: E731
-            return (*pe.reference_gradient(mean, aliases, ctx.needs_input_grad[:3], grad), None, None)
+            return (*_reference_grads(ctx, grad, torch.mean), None, None)
         return (*(g * grad if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None)
 
 

@@ -73,13 +73,11 @@ def _fused(module, embeddings, labels, indices_tuple, weight, layout, distance_o
     backend = _backend_for(module, embeddings, distance_ok)
     if backend is None:
         return None
-    made = []
-    kernel_for = (lambda x: made.append(kernel(backend)) or made[-1]) if kernel is not None else (
-        lambda x: EngineBlock(unit_w, scale, offset, backend, x))
+    block = kernel(backend) if kernel is not None else None
+    kernel_for = (lambda x: block) if block is not None else (lambda x: EngineBlock(unit_w, scale, offset, backend, x))
     loss_dict = class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, kernel_for,
                                 unit_x=unit_x, unit_w=unit_w, **config)
-    ran = [block.ran for block in made if block.ran is not None]
-    return loss_dict, ran[-1] if ran else backend
+    return loss_dict, getattr(block, "ran", None) or backend
 
 
 def _columns_of(W):
