@@ -299,7 +299,8 @@ def test_memory_at_n16384_is_linear():
             n = 16384
             x = torch.randn(n, 128, requires_grad=True)
             labels = torch.randint(0, n // 8, (n,))
-            pairs = miners.PairMarginMiner(neg_margin=1.15)(x, labels)  # ~115k positive, ~16k negative pairs
+            # ~115k positive, ~16k negative pairs, listed here (the lazy result is read by the first loss)
+            pairs = tuple(t.clone() for t in miners.PairMarginMiner(neg_margin=1.15)(x, labels))
             fns = [losses.MultiSimilarityLoss(), losses.LiftedStructureLoss(), losses.NTXentLoss(),
                    losses.TupletMarginLoss(), losses.MarginLoss(), losses.CircleLoss()]
         """,

@@ -55,6 +55,8 @@ LOSSES = {
         True, 200.0, 0.05, miner=("TripletMarginMiner", (("type_of_triplets", "semihard"),))),
     "triplet_batch_hard": LossInfo("TripletMarginLoss()(emb, labels, BatchHardMiner()(emb, labels))", "classes", True,
                                    28.0, miner=("BatchHardMiner", ())),
+    "contrastive_pair_margin": LossInfo("ContrastiveLoss()(emb, labels, PairMarginMiner()(emb, labels))", "classes",
+                                        True, 16.0, miner=("PairMarginMiner", ())),
     "masked_lse": LossInfo("dmlkern.ops.masked_lse(emb, x_labels=labels, mask='diff')", "classes", False, 12.0),
     "arcface": _class_loss("ArcFaceLoss", 10.0),
     "cosface": _class_loss("CosFaceLoss", 10.0),

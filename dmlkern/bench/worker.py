@@ -159,6 +159,15 @@ def _compile_callable(torch, loss, x, labels, d, dynamic):
             with torch.no_grad():
                 idx = mine(dist(x, x), lab)
             return R.triplet_margin_loss(x, lab, idx)
+    elif loss == "contrastive_pair_margin":
+        from dmlkern.distances import LpDistance
+
+        dist = LpDistance(p=2)
+
+        def fn(x, lab):
+            with torch.no_grad():
+                idx = R.pair_margin_miner(dist(x, x), lab, lab, 0.2, 0.8, False)
+            return R.contrastive_loss(x, lab, idx)
     elif loss == "proxy_anchor":
         proxies = torch.nn.Parameter(torch.empty(num_classes(loss, x.shape[0]), d, device=x.device))
         torch.nn.init.kaiming_normal_(proxies, mode="fan_out")

@@ -159,12 +159,18 @@ def _already_reduced_kinds(module, names, kinds):
     totals: kinds maps reducer classes (exact types) to a kind; AvgNonZeroReducer counts as
     "nonzero" only with its own threshold (low 0, no high). None after recording why (a
     DoNothingReducer, a reducer collecting statistics, another reducer)."""
+    out = reduced_kinds_or_reason(module, names, kinds)
+    return decline(module, out) if isinstance(out, str) else out
+
+
+def reduced_kinds_or_reason(module, names, kinds):
+    """`_already_reduced_kinds`'s answer, or why not as a str (nothing recorded)."""
     from ..reducers import AvgNonZeroReducer
 
     reducers = _sub_loss_reducers(module, names)
     loss_name = type(module).__name__
     if reducers is None:
-        return decline(module, f"DoNothingReducer with {loss_name} (the per-pair losses are never listed)")
+        return f"DoNothingReducer with {loss_name} (the per-pair losses are never listed)"
     out = {}
     for name, reducer in reducers.items():
         kind = kinds.get(type(reducer))
@@ -172,8 +178,8 @@ def _already_reduced_kinds(module, names, kinds):
             kind = None
         if kind is None or getattr(reducer, "collect_stats", False):
             what = "collecting statistics" if kind is not None else "for its sub-loss " + repr(name)
-            return decline(module, f"{type(reducer).__name__} {what} with {loss_name} (fused: "
-                                   f"{', '.join(sorted(k.__name__ for k in kinds))})")
+            return (f"{type(reducer).__name__} {what} with {loss_name} (fused: "
+                    f"{', '.join(sorted(k.__name__ for k in kinds))})")
         out[name] = (kind, reducer)
     return out
 

@@ -11,7 +11,9 @@ from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from ._common import (Degenerate, LabelStats, all_pairs_plan, branch_free, decline, engine_distance, engine_rows,
                       engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, value_params)
 from ._epilogue import ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each, _plain_backend
+from .lazy_pairs import LazyMarginPairs
 from .listed_pairs import listed_contrastive
+from .pair_margin_contrastive import pair_margin_contrastive
 
 SUB_LOSSES = ("pos_loss", "neg_loss")
 _KINDS = {AvgNonZeroReducer: "nonzero", MeanReducer: "mean", SumReducer: "sum"}
@@ -82,11 +84,16 @@ def contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     pairs: relu(neg_margin - d_ij) (CosineSimilarity: relu(pos_margin - s), relu(s - neg_margin)),
     each reduced by its reducer; from the totals of one hinge pass (O(N) statistics). With an
     indices_tuple: only its pairs (`listed_pairs.listed_contrastive`), except CrossBatchMemory's
-    all pairs (`_common.all_pairs_plan`: the hinge pass on the rolled queue)."""
+    all pairs (`_common.all_pairs_plan`: the hinge pass on the rolled queue) and a PairMarginMiner's
+    lazy pairs (`pair_margin_contrastive`: row blocks, no pair listed)."""
     pairs = all_pairs_plan(indices_tuple, embeddings, ref_emb)
     if pairs is not None:
         labels, ref_labels, ref_emb, indices_tuple = pairs.labels, pairs.ref_labels, pairs.ref_emb, None
     elif indices_tuple is not None:
+        if isinstance(indices_tuple, LazyMarginPairs):  # a PairMarginMiner's pairs: kept, not listed
+            out = pair_margin_contrastive(module, indices_tuple, embeddings, ref_emb)
+            if not isinstance(out, str):
+                return out
         return listed_contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     plan = hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, SUB_LOSSES, _KINDS)
     if plan is None:

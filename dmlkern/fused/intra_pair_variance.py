@@ -132,6 +132,21 @@ def reduced_sub_losses(kinds, totals, nonzeros, counts, degenerate, embeddings):
     return loss_dict
 
 
+def side_upstreams(grad_pos, grad_neg, like):
+    """The two sub-losses' upstream gradients (a backward's arguments), zeros where None."""
+    return [g if g is not None else torch.zeros((), dtype=like.dtype, device=like.device) for g in (grad_pos, grad_neg)]
+
+
+def graph_grads(ctx, x, y, upstream, materialised_totals):
+    """(grad_x, grad_y or None when y is x) with a graph, for create_graph=True: the reference
+    gradient of `materialised_totals(x, y)`, the two totals from plain ops on the whole matrix."""
+    def totals(x, y=None):
+        return materialised_totals(x, x if ctx.self_pairs else y)
+    inputs = (x,) if ctx.self_pairs else (x, y)
+    grads = pe.reference_gradient(totals, inputs, ctx.needs_input_grad[:len(inputs)], tuple(upstream))
+    return grads[0], None if ctx.self_pairs else grads[1]
+
+
 # ------------------------------------------------------------------------------ the loss
 def _side_rules(module, kind):
     """Per side (pos, neg): (sigma, beta) with dev = sigma (v - beta m), written as PML does."""
@@ -272,15 +287,10 @@ class _IntraPairTotals(torch.autograd.Function):
         nones = (None,) * 6
         if grad_pos is None and grad_neg is None:
             return None, None, *nones
-        upstream = [g if g is not None else torch.zeros((), dtype=x.dtype, device=x.device)
-                    for g in (grad_pos, grad_neg)]
+        upstream = side_upstreams(grad_pos, grad_neg, x)
         if pe.backward_needs_graph(x):
-            def totals(x, y=None):
-                y = x if ctx.self_pairs else y
-                return _materialised_totals(x, y, labels, ref_labels, exclude_diag, kind, rules)
-            inputs = (x,) if ctx.self_pairs else (x, y)
-            grads = pe.reference_gradient(totals, inputs, ctx.needs_input_grad[:len(inputs)], tuple(upstream))
-            return grads[0], None if ctx.self_pairs else grads[1], *nones
+            return *graph_grads(ctx, x, y, upstream, lambda x, y: _materialised_totals(
+                x, y, labels, ref_labels, exclude_diag, kind, rules)), *nones
         counts = (pos_count, neg_count)
         # dQ/dv = 2 sigma (h - beta H / P): per side a scale on h and a constant over its pairs
         coef = [2 * upstream[k].to(x.dtype) * rules[k][0] for k in range(2)]

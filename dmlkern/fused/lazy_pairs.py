@@ -1,5 +1,6 @@
 """A miner's result as PML's tuple, computed only if something reads it: the Multi-Similarity
-miner's pairs (`LazyMinedPairs`) and the Triplet-Margin miner's triplets (`LazyMinedTriplets`);
+miner's pairs (`LazyMinedPairs`), the Triplet-Margin miner's triplets (`LazyMinedTriplets`) and
+the Pair-Margin miner's pairs (`LazyMarginPairs`);
 and CrossBatchMemory's all pairs of a batch with its queue, less the self comparisons
 (`LazyAllPairs`, which the fused pair losses run on the engine: `_common.all_pairs_plan`).
 
@@ -15,7 +16,8 @@ A fused MultiSimilarityLoss that gets the pairs reads none of them: it checks th
 embeddings still hold the mined values and then mines inside its kernel with the snapshot's
 labels and epsilon, so the pair indices are never built (docs/ARCHITECTURE.md); a fused
 TripletMarginLoss does the same with the triplets (the miner's type and margin,
-`fused/triplet.py`). The snapshot
+`fused/triplet.py`), a fused ContrastiveLoss with the Pair-Margin miner's pairs (its margins,
+`fused/pair_margin_contrastive.py`). The snapshot
 (a copy of the embeddings and labels, O(N D)) makes the result independent of what happens
 between miner and loss, as PML's is: an in-place update of the embeddings or labels, a new
 `miner.epsilon`, mining on `emb.detach()`.
@@ -339,6 +341,30 @@ class LazyMinedTriplets(LazyMined):
         labels, ref_labels = self.mining_labels()
         rule = TripletRule(0.0, False, self.distance_kind == "euclidean", self.window, self.window_margin)
         return count_kept(query, ref, labels, ref_labels, rule, m.ref_labels_same)
+
+
+class LazyMarginPairs(LazyMined):
+    """(a1, p, a2, n) of PairMarginMiner; a fused ContrastiveLoss keeps the positive pairs beyond
+    `pos_margin` and the negative pairs within `neg_margin` of the miner's distance
+    (`fused/pair_margin_contrastive.py`) without listing them."""
+
+    size = 4
+
+    @staticmethod
+    def settings(miner):
+        return {"pos_margin": float(miner.pos_margin), "neg_margin": float(miner.neg_margin)}
+
+    @staticmethod
+    def mine(mining, query, ref, labels, ref_labels):
+        from . import blocked_miners
+
+        return blocked_miners.pair_margin_miner(mining.distance, query, labels, ref, ref_labels,
+                                                mining.settings["pos_margin"], mining.settings["neg_margin"])
+
+    @property
+    def distance_kind(self):
+        from .triplet import distance_kind
+        return distance_kind(self.mining.distance)
 
 
 class _AllPairsListing(_Deferred):

@@ -67,6 +67,17 @@ class BaseMiner(RecordsMixin, torch.nn.Module):
         self.output_assertion(out)
         return out
 
+    def lazy_or_forward(self, lazy_type, lazy_ok, embeddings, labels, ref_emb, ref_labels, keep_for_counts=True):
+        """forward's result: a `lazy_type` where lazy_ok, else the indices. The lazy result is kept
+        in `_uncounted` (keep_for_counts) until the miner's counts are read."""
+        self._uncounted = None  # this call's counts replace the last lazy result's
+        if not lazy_ok:
+            return BaseMiner.forward(self, embeddings, labels, ref_emb, ref_labels)
+        lazy = self.lazy_forward(lazy_type, embeddings, labels, ref_emb, ref_labels)
+        if keep_for_counts:
+            self._uncounted = lazy
+        return lazy
+
     def lazy_forward(self, lazy_type, embeddings, labels, ref_emb, ref_labels):
         """forward's checks and label mapping, then a `lazy_type` (fused/lazy_pairs.py) instead of the
         indices: a snapshot of the inputs, mined only when something reads it."""
@@ -87,3 +98,34 @@ class BaseMiner(RecordsMixin, torch.nn.Module):
 
 class BaseTupleMiner(BaseMiner):
     """A miner returning pair or triplet index tuples (every miner here)."""
+
+
+def _counted_when_read(name):
+    """A pair count PML records on every call. A lazy result is counted when the count is read:
+    that materialises its pairs (PML's cost, paid only by a caller who asks)."""
+    def get(self):
+        self._count_lazy_pairs()
+        return getattr(self, "_" + name)
+
+    def set(self, value):
+        setattr(self, "_" + name, value)
+    return property(get, set)
+
+
+class LazyPairCounts:
+    """For a pair miner whose forward may return a lazy tuple (fused/lazy_pairs.py): its
+    num_pos_pairs / num_neg_pairs, counted from the last lazy result when read (listing it), and
+    pickled as PML holds them. Set `self._uncounted = None` before BaseMiner.__init__ runs."""
+
+    num_pos_pairs = _counted_when_read("num_pos_pairs")
+    num_neg_pairs = _counted_when_read("num_neg_pairs")
+
+    def _count_lazy_pairs(self):
+        lazy, self._uncounted = self._uncounted, None
+        if lazy is not None:
+            self.output_assertion(lazy.materialize())
+
+    def __getstate__(self):
+        """pickle / deepcopy: the counts PML would hold, not the last lazy result."""
+        self._count_lazy_pairs()
+        return super().__getstate__()

@@ -5,22 +5,10 @@ from ..distances import CosineSimilarity
 from ..fused._common import engine_backend, is_unit_cosine
 from ..fused.lazy_pairs import LazyMinedPairs
 from ..reference.miners import multi_similarity_miner
-from .base import BaseTupleMiner
+from .base import BaseTupleMiner, LazyPairCounts
 
 
-def _counted_when_read(name):
-    """A pair count PML records on every call. A lazy result is counted when the count is read:
-    that materialises its pairs (PML's N x N cost, paid only by a caller who asks)."""
-    def get(self):
-        self._count_lazy_pairs()
-        return getattr(self, "_" + name)
-
-    def set(self, value):
-        setattr(self, "_" + name, value)
-    return property(get, set)
-
-
-class MultiSimilarityMiner(BaseTupleMiner):
+class MultiSimilarityMiner(LazyPairCounts, BaseTupleMiner):
     """Multi-similarity pair mining (Wang et al. 2019); default distance CosineSimilarity.
 
     Where the fused engine can run (cosine distance, no collect_stats), forward returns a
@@ -35,19 +23,6 @@ class MultiSimilarityMiner(BaseTupleMiner):
         self.epsilon = epsilon
         self.add_to_recordable_attributes(name="epsilon", is_stat=False)
 
-    num_pos_pairs = _counted_when_read("num_pos_pairs")
-    num_neg_pairs = _counted_when_read("num_neg_pairs")
-
-    def _count_lazy_pairs(self):
-        lazy, self._uncounted = self._uncounted, None
-        if lazy is not None:
-            self.output_assertion(lazy.materialize())
-
-    def __getstate__(self):
-        """pickle / deepcopy: the counts PML would hold, not the last lazy result."""
-        self._count_lazy_pairs()
-        return super().__getstate__()
-
     def get_default_distance(self):
         return CosineSimilarity()
 
@@ -58,12 +33,8 @@ class MultiSimilarityMiner(BaseTupleMiner):
         )
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
-        self._uncounted = None  # this call's counts replace the last lazy result's
         lazy_ok = (not self.collect_stats and is_unit_cosine(self.distance) and torch.is_tensor(embeddings)
                    and engine_backend(embeddings, "auto") is not None)
-        if not lazy_ok:
-            return super().forward(embeddings, labels, ref_emb, ref_labels)
-        lazy = self.lazy_forward(LazyMinedPairs, embeddings, labels, ref_emb, ref_labels)
-        if not static_shapes():  # (under torch.compile the counts are not kept)
-            self._uncounted = lazy
-        return lazy
+        # (under torch.compile the counts are not kept)
+        return self.lazy_or_forward(LazyMinedPairs, lazy_ok, embeddings, labels, ref_emb, ref_labels,
+                                    keep_for_counts=not static_shapes())

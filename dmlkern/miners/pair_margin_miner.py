@@ -1,15 +1,26 @@
+import torch
+
+from .._tracing import static_shapes
 from ..fused import blocked_miners
+from ..fused.lazy_pairs import LazyMarginPairs
+from ..fused.triplet import distance_kind
 from ..reference.miners import pair_margin_miner
 from ._stats import pair_means
-from .base import BaseTupleMiner
+from .base import BaseTupleMiner, LazyPairCounts
 
 
-class PairMarginMiner(BaseTupleMiner):
+class PairMarginMiner(LazyPairCounts, BaseTupleMiner):
     """Positive pairs farther than ``pos_margin`` and negative pairs closer than ``neg_margin``.
-    Mines on row blocks of the distance matrix (`fused/blocked_miners.py`) unless it collects
-    statistics."""
+
+    With the default LpDistance or CosineSimilarity and no collect_stats, forward returns a
+    LazyMarginPairs: PML's (a1, p, a2, n) tuple whose tensors are computed only when something
+    reads them; a fused ContrastiveLoss given it keeps the same pairs without listing them
+    (dmlkern/fused/pair_margin_contrastive.py). Listed, the pairs come from row blocks of the
+    distance matrix (`fused/blocked_miners.py`); with collect_stats from the whole matrix.
+    """
 
     def __init__(self, pos_margin=0.2, neg_margin=0.8, **kwargs):
+        self._uncounted = None  # the last lazy result, until num_pos_pairs / num_neg_pairs are read
         super().__init__(**kwargs)
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
@@ -25,3 +36,8 @@ class PairMarginMiner(BaseTupleMiner):
         return pair_margin_miner(
             mat, labels, ref_labels, self.pos_margin, self.neg_margin, self.distance.is_inverted
         )
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        lazy_ok = (not self.collect_stats and not static_shapes() and distance_kind(self.distance) is not None
+                   and torch.is_tensor(embeddings) and embeddings.dtype in (torch.float32, torch.float64))
+        return self.lazy_or_forward(LazyMarginPairs, lazy_ok, embeddings, labels, ref_emb, ref_labels)

@@ -57,11 +57,6 @@ class TripletMarginMiner(BaseTupleMiner):
         )
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
-        self._uncounted = None  # this call's count replaces the last lazy result's
         lazy_ok = (not self.collect_stats and distance_kind(self.distance) is not None
                    and torch.is_tensor(embeddings) and embeddings.dtype in (torch.float32, torch.float64))
-        if not lazy_ok:
-            return super().forward(embeddings, labels, ref_emb, ref_labels)
-        lazy = self.lazy_forward(LazyMinedTriplets, embeddings, labels, ref_emb, ref_labels)
-        self._uncounted = lazy
-        return lazy
+        return self.lazy_or_forward(LazyMinedTriplets, lazy_ok, embeddings, labels, ref_emb, ref_labels)
