@@ -8,7 +8,8 @@ from dmlkern.bench import distributed as bench
 @pytest.mark.parametrize("loss_name", ["multi_similarity", "ntxent"])
 def test_row_sharded_peak_memory_is_linear_in_the_batch(loss_name):
     # N_g = 16384, D = 128, fp32: an N_local x N_g similarity block would be 512 MiB, the gathered
-    # embeddings 8 MiB; the bound leaves room for a few N_g x D buffers and the allocator.
+    # embeddings 8 MiB; the bound leaves room for a few N_g x D buffers and the allocator (measured
+    # 64-97 MiB from run to run on a 2-core AMD EPYC: glibc's heap and gloo's buffers vary).
     point = bench.run_point(loss_name, 16384, 128, 512, world=2, mode="row-sharded", reps=1)
     assert point["mode"] == "row_sharded"
-    assert point["mib"] < 96, point
+    assert point["mib"] < 128, point

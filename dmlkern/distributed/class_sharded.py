@@ -180,7 +180,8 @@ class ClassShardedLoss(torch.nn.Module):
     is the shard), `.class_range` = (c0, c1) this rank's global class ids, `shard_of(full)` this
     rank's part of a tensor shaped like the unsharded weight, `load_from_full(full_loss)` copies
     this rank's slice of an unsharded loss's weight into the shard, `last_backend` the engine
-    backend of the last call ("cpp", "triton", or "reference" where no kernel covers the dtype)."""
+    backend of the last call ("cpp", "triton", or "reference" where no kernel covers the dtype;
+    SubCenterArcFace: "cpp" for the grouped CPU kernel, "blocked" for its torch block ops)."""
 
     def __init__(self, loss_class, num_classes, embedding_size, class_range=None, group=None, **loss_kwargs):
         super().__init__()
@@ -313,7 +314,9 @@ class ClassShardedLoss(torch.nn.Module):
         is_owned = (local >= 0) & (local < layout.num_classes)
         owned = is_owned.nonzero().squeeze(1)
         local = torch.where(is_owned, local, NOT_OWNED)
-        lse_part, w_t = _ShardLSE.apply(x, weight, local, owned, spec.kernel(x, backend), layout)
+        kernel = spec.kernel(x, backend)
+        lse_part, w_t = _ShardLSE.apply(x, weight, local, owned, kernel, layout)
+        self.last_backend = getattr(kernel, "ran", None) or backend  # (SubCenter's grouped blocks: their own)
         w_t = pe.autocast_rows(w_t).to(x.dtype)
         x_t = x.index_select(0, owned)  # index_select: a deterministic (serial) backward on a CPU
         direction = x_t if spec.unit_x else unit(x_t)
