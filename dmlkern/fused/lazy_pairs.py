@@ -232,6 +232,12 @@ class LazyMined(tuple):
         return self.mining.distance
 
     @property
+    def distance_kind(self):
+        """"euclidean" / "cosine" for the miner's unit-row distances, else None (`triplet.distance_kind`)."""
+        from .triplet import distance_kind
+        return distance_kind(self.mining.distance)
+
+    @property
     def exclude_diag(self):
         return self.mining.same_embeddings
 
@@ -324,11 +330,6 @@ class LazyMinedTriplets(LazyMined):
     def window_margin(self):
         return self.mining.settings["margin"]
 
-    @property
-    def distance_kind(self):
-        from .triplet import distance_kind
-        return distance_kind(self.mining.distance)
-
     def count(self):
         """The number of triplets (the miner's num_triplets) without listing them, unless listed."""
         from .triplet import TripletRule, count_kept
@@ -360,11 +361,6 @@ class LazyMarginPairs(LazyMined):
 
         return blocked_miners.pair_margin_miner(mining.distance, query, labels, ref, ref_labels,
                                                 mining.settings["pos_margin"], mining.settings["neg_margin"])
-
-    @property
-    def distance_kind(self):
-        from .triplet import distance_kind
-        return distance_kind(self.mining.distance)
 
 
 class _AllPairsListing(_Deferred):

@@ -3,15 +3,16 @@
 The miner keeps the positive pairs with w > miner.pos_margin and the negative pairs with
 w < miner.neg_margin, w its distance (a similarity: w < pos_margin, w > neg_margin). Both the
 window w and the loss's value v follow from the unit rows' dot product s (`distance_kind`:
-w, v = sqrt(2 - 2s) or s). One sweep over row blocks of s = x[r0:r1] @ yᵀ (`pair_blocks`) finds
-each block's kept pairs (thresholds on s, then the exact test on d for a Euclidean miner: few
-ops per pair of the block; the terms only for the kept ones) and sums each side's
-relu(v - pos_margin) / relu(neg_margin - v) (similarity: relu(pos_margin - v) / relu(v -
-neg_margin)), how many of those terms are > 0 and how many pairs are kept: what the Mean,
-AvgNonZero and Sum reducers need (`_common.reduced_sub_loss`). The backward recomputes each
-block, scatters dl/ds of its kept pairs into the block and multiplies back (as
-intra_pair_variance.py's). Products are `ops.fixed_mm` and sums in fixed orders, so the bits do not
-depend on the CPU thread count. Memory O(block + N D): a block's kept pairs are listed, never all.
+w, v = sqrt(2 - 2s) or s). One sweep over row blocks of s = x[r0:r1] @ yᵀ (`_BlockSweep`, in
+buffers reused from block to block) finds each block's kept pairs: thresholds on s, then the
+exact test on d for a Euclidean miner; listed where they are few, masked where they are many. It
+sums each side's relu(v - pos_margin) / relu(neg_margin - v) (similarity: relu(pos_margin - v) /
+relu(v - neg_margin)), how many of those terms are > 0 and how many pairs are kept: what the Mean,
+AvgNonZero and Sum reducers need (`_common.reduced_sub_loss`). The backward gathers rows for the
+kept pairs the forward saved (up to SAVED_PAIRS, every block listed), or recomputes each block,
+puts dl/ds of its kept pairs into it and multiplies back (as intra_pair_variance.py's). Products
+are `ops.fixed_mm` and sums in fixed orders, so the bits do not depend on the CPU thread count.
+Memory O(block + N D), however many pairs the window keeps.
 
 The window is applied to these values; PML's miner decides on its own `torch.cdist` matrix, so a
 pair within a rounding error of a miner margin may be kept by one and not the other (as for the
@@ -27,16 +28,14 @@ from .._autograd import applier
 from .._determinism import fixed_order_sum
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
-from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from ._common import Buffers, Degenerate, has_short_rows, reduced_sub_loss, row_blocks, unit_rows
 from ._epilogue import ZERO_LOSS, _already_reduced, reduced_kinds_or_reason
-from .intra_pair_variance import blocked_plan_reason, drop_self_pairs, graph_grads, side_upstreams
+from .intra_pair_variance import (REDUCER_KINDS, SUB_LOSSES, blocked_plan_reason, drop_self_pairs, graph_grads,
+                                  side_upstreams)
 from .pair_lists import PairDots, unit_distance
 from .triplet import distance_kind
 
 BACKEND = "blocked"
-SUB_LOSSES = ("pos_loss", "neg_loss")
-REDUCER_KINDS = {AvgNonZeroReducer: "nonzero", MeanReducer: "mean", SumReducer: "sum"}
 NON_FINITE = "a NaN or infinite embedding"
 
 
@@ -57,7 +56,7 @@ _SLACK = 1e-3  # how far past a Euclidean miner margin's cosine the candidates r
 def _cosine_thresholds(rule):
     """(t_pos, t_neg): the miner keeps at most the positive pairs with s < t_pos and the negative
     pairs with s > t_neg. Exact for a cosine miner; for the Euclidean one (d = sqrt(2 - 2s):
-    d > m  <=>  s < 1 - m^2 / 2 for m >= 0) a superset by _SLACK that `_kept` then filters on d."""
+    d > m  <=>  s < 1 - m^2 / 2 for m >= 0) a superset by _SLACK that `_BlockSweep` then filters on d."""
     if not rule.miner_euclidean:
         return rule.miner_pos_margin, rule.miner_neg_margin
     mp, mn = rule.miner_pos_margin, rule.miner_neg_margin
@@ -87,6 +86,7 @@ class _BlockSweep:
         self.t_pos, self.t_neg = _cosine_thresholds(rule)
         self.f = Buffers(x)
         self.b = Buffers(torch.empty(0, dtype=torch.bool, device=x.device))
+        self._d, self._d_of = None, None  # the "d" buffer and the block it holds the distances of
 
     def blocks(self):
         """(r0, r1, s, (positive side, negative side)) per row block, in order."""
@@ -131,8 +131,6 @@ class _BlockSweep:
             self._d = torch.mul(s, -2, out=self.f.get("d", n, m)).add_(2).clamp_(min=0).sqrt_()
             self._d_of = s
         return self._d
-
-    _d_of = None
 
     def dense_terms(self, s, side, mask):
         """The side's terms of a dense block in the "term" buffer, 0 at the pairs not kept."""
@@ -251,7 +249,10 @@ def _grads_from_kept(x, y, kept, rule, coef):
     """(grad_x, grad_y) from the saved kept pairs: per pair dl/ds times the other row, summed per row
     with index_add (serial on a CPU: the bits do not depend on the thread count), in chunks."""
     rows, cols, values, side = kept
-    g = torch.where(side == 0, _pair_grads(values, 0, rule, coef), _pair_grads(values, 1, rule, coef))
+    g = torch.empty_like(values)
+    for k in (0, 1):
+        on_side = side == k
+        g[on_side] = _pair_grads(values[on_side], k, rule, coef)
     live = g != 0
     rows, cols, g = rows[live], cols[live], g[live]
     grad_x, grad_y = torch.zeros_like(x), torch.zeros_like(y)
