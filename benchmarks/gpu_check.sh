@@ -28,7 +28,8 @@
 #       against sweep 1's eager dmlkern, what the eager per-op overhead costs where T_mm is ~0.1 ms
 #   4.  dmlkern-cpp (CUDA C++) and compile (torch.compile of the reference), the pair losses
 # Knobs (environment): GPU_CHECK_TOTAL_S, SWEEP_MAX_S, BUILD_TIMEOUT_S (300), TEST_TIMEOUT_S (240),
-# GPU_CHECK_STAGES ("build tests bench"), PYTHON (python3), MAX_JOBS (16), TEST_WORKERS (8); for a rehearsal on a
+# GPU_CHECK_STAGES ("build tests bench"), GPU_TESTS (test paths, "tests"), TEST_MAXFAIL (200),
+# PYTHON (python3), MAX_JOBS (16), TEST_WORKERS (8); for a rehearsal on a
 # CPU machine: BENCH_DEVICE=cpu BENCH_N="64 128" BENCH_BIG_N=256 BENCH_DTYPES=fp32 BENCH_CLASS_N=64
 # BENCH_CLASSES="1024 4096" BENCH_BIG_C=16384 GPU_CHECK_STAGES=bench.
 # Afterwards, plots can be (re)drawn anywhere with matplotlib:
@@ -95,13 +96,15 @@ fi
 # Only the tests marked gpu (their CPU twins run in CI), spread over pytest-xdist workers when it is
 # importable (Triton compiles on the host's cores), every failure listed rather than the first.
 if has_stage tests; then
-    T=$(min "${TEST_TIMEOUT_S:-240}" "$(( $(left) - 150 ))")
+    RESERVE=10
+    has_stage bench && RESERVE=150  # the sweep's minimum
+    T=$(min "${TEST_TIMEOUT_S:-240}" "$(( $(left) - RESERVE ))")
     if [ "$T" -gt 20 ]; then
         XDIST=""
         "$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-8}"
         # --continue-on-collection-errors: test modules that import pytorch-metric-learning fail to
         # collect when it is not installed; the rest still runs.
-        timeout -k 10 "$T" "$PY" -m pytest tests -m gpu -q -rs --tb=short --maxfail=40 -p no:cacheprovider \
+        timeout -k 10 "$T" "$PY" -m pytest ${GPU_TESTS:-tests} -m gpu -q -rfEs --tb=short --maxfail="${TEST_MAXFAIL:-200}" -p no:cacheprovider \
             $XDIST --continue-on-collection-errors > "$OUT/tests.log" 2>&1
         echo "gpu_check: pytest -m gpu exit $?"
         tail -n 60 "$OUT/tests.log"

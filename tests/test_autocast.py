@@ -1,7 +1,9 @@
 """The fused losses under torch.autocast follow matmul's rule: the engine's rows in the autocast
 dtype (on the CPU, which has no bf16 kernel: rounded to bf16 and held in fp32), statistics in
-fp32. Against the reference under the same autocast (values and gradients, a tolerance per
-dtype); gradients in the parameters' dtype; parameters never cast in place (PML issue #293)."""
+fp32. Values against the reference under the same autocast (a tolerance per dtype); gradients
+against the fp64 reference, at least as close as the reference under autocast is, or within a
+few roundings of the autocast dtype; gradients in the parameters' dtype; parameters never cast
+in place (PML issue #293)."""
 import copy
 
 import pytest
@@ -14,8 +16,10 @@ HAS_CUDA = torch.cuda.is_available()
 # relative to the largest value / gradient entry: a few bf16 (fp16) roundings of the similarities
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 # The hinge losses' gradients are steps: a pair whose hinge argument is within a rounding of 0
-# contributes its whole term on one side and nothing on the other (and moves Margin's divisor).
-HINGE_GRAD_SLACK = {"contrastive": 2, "margin": 2, "margin_learn_beta_per_class": 2}
+# contributes its whole term on one side and nothing on the other (and moves Margin's divisor),
+# whatever the dtype: their floor is a share of the largest gradient entry (one pair's term; 3.8%
+# measured for Margin in fp16 and bf16, whose reference under autocast runs cdist in fp32).
+HINGE_GRAD_FLOOR = {"contrastive": 6e-2, "margin": 6e-2, "margin_learn_beta_per_class": 6e-2}
 
 
 def _run(loss_fn, name, x, labels, path, device, dtype):
@@ -44,8 +48,20 @@ def _check(name, device, dtype):
     assert v_fused.dtype == torch.float32  # the statistics and the loss: fp32, as the embeddings
     torch.testing.assert_close(v_fused, v_ref.float(), rtol=tol, atol=tol * float(v_ref.detach().abs()))
     assert g_fused.dtype == torch.float32
-    scale = float(g_ref.abs().max()) * HINGE_GRAD_SLACK.get(name, 1)
-    torch.testing.assert_close(g_fused, g_ref.float(), rtol=0, atol=tol * scale)
+    # The fp64 truth: the reference itself can be the less accurate one under autocast (fp16
+    # NT-Xent: 2.8% of the largest entry off, the fused path 0.05%).
+    truth = copy.deepcopy(module).double()
+    truth.backend = "reference"
+    x64 = x.detach().double().requires_grad_(True)
+    mined = miners.MultiSimilarityMiner(epsilon=0.1)(x64, labels) if name == "multi_similarity_miner" else None
+    truth(x64, labels, mined).backward()
+    g_true = x64.grad.float()
+    scale = float(g_true.abs().max())
+    ref_error = float((g_ref.float() - g_true).abs().max())
+    allowed = max(2 * ref_error, max(tol, HINGE_GRAD_FLOOR.get(name, 0.0)) * scale)
+    fused_error = float((g_fused - g_true).abs().max())
+    assert fused_error <= allowed, (f"{name}: gradient {fused_error:.3g} off the fp64 one (reference under autocast:"
+                                    f" {ref_error:.3g}; allowed {allowed:.3g})")
     for run in (fused, ref):
         for k, p in run.named_parameters():
             assert p.dtype == torch.float32, f"{name}: {k} cast to {p.dtype}"

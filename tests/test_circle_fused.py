@@ -94,20 +94,33 @@ def test_degenerate_batches_give_pmls_zero(engine_backend_choice, backend, devic
         assert torch.equal(got_g.cpu(), torch.zeros_like(want_g)) and torch.equal(want_g, torch.zeros_like(want_g))
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static_shapes"])
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-def test_nan_embeddings_propagate_as_pml(engine_backend_choice, backend, device):  # noqa: F811
+def test_nan_embeddings_propagate_as_pml(engine_backend_choice, monkeypatch, backend, device, static):  # noqa: F811
     """A NaN embedding row: PML's value and gradients (NaN where PML's are, equal elsewhere), with
-    and without ref_emb, also in a batch whose rows lack negatives (PML's NaN times its zero mask)."""
+    and without ref_emb, also in a batch whose rows lack negatives (PML's NaN times its zero mask).
+    The branch-free path (CUDA, torch.compile; static_shapes) can't see the NaN: its value is NaN
+    as PML's, and its gradients are NaN wherever PML's are, and may be NaN where AvgNonZero's
+    empty mean gives PML zero gradients (README, deviations)."""
     expected = engine_backend_choice(backend, device)
+    monkeypatch.setattr(_tracing, "FORCE_STATIC_SHAPES", static)
     for dtype in CPU_DTYPES:
         for n, classes, m in [(23, 4, None), (20, 3, 17), (10, 1, None)]:
             x, labels, ref, ref_labels = _case(n, classes, m, 6, dtype, seed=4)
             x[3] = float("nan")
             ours, theirs = _pair(0.25, 64)
-            _assert_matches_pml(ours, theirs, x, labels, ref, ref_labels, expected, f"nan {dtype} n={n}", device)
-            assert ours.last_backend == expected
             want_v, want_g = _call(theirs, x, labels, ref, ref_labels)
             assert torch.isnan(want_v) or torch.isnan(want_g[0]).any(), "not vacuous: PML gives NaN here"
+            if static or device == "cuda":
+                on = (lambda t: None if t is None else t.to(device))
+                got_v, got_g = _call(ours, on(x), on(labels), on(ref), on(ref_labels))
+                assert ours.last_backend == expected
+                assert bool(torch.isnan(got_v)) == bool(torch.isnan(want_v)), f"nan {dtype} n={n}: {got_v} {want_v}"
+                for a, b in zip(got_g, want_g):
+                    assert torch.isnan(a.cpu())[torch.isnan(b)].all(), f"nan {dtype} n={n}: a NaN gradient lost"
+                continue
+            _assert_matches_pml(ours, theirs, x, labels, ref, ref_labels, expected, f"nan {dtype} n={n}", device)
+            assert ours.last_backend == expected
 
 
 REDUCERS = [(DoNothingReducer, pml_reducers.DoNothingReducer, {}), (MeanReducer, pml_reducers.MeanReducer, {}),

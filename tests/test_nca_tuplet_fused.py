@@ -52,6 +52,10 @@ def _call(fn, x, labels, ref, ref_labels):
     return value.detach(), [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
 
 
+def _on(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
 def _case(n, classes, m, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed * 1000 + n * 7 + classes)
     x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
@@ -98,7 +102,7 @@ def test_nca_matches_pml(engine_backend_choice, monkeypatch, backend, device, va
         for n, classes, m, d in CASES:
             x, labels, ref, ref_labels = _case(n, classes, m, d, dtype)
             ours, theirs = _nca_pair(variant)
-            _assert_matches_pml(ours, theirs, x.to(device), labels.to(device), ref, ref_labels, expected,
+            _assert_matches_pml(ours, theirs, *_on(device, x, labels, ref, ref_labels), expected,
                                 f"nca {variant} {dtype} n={n} classes={classes} ref={m}", nca=True)
 
 
@@ -110,7 +114,7 @@ def test_tuplet_margin_matches_pml(engine_backend_choice, backend, device):  # n
             x, labels, ref, ref_labels = _case(n, classes, m, d, dtype)
             for scale in (32, 64):  # 64: PML's default
                 ours, theirs = _tuplet_pair(scale)
-                _assert_matches_pml(ours, theirs, x.to(device), labels.to(device), ref, ref_labels, expected,
+                _assert_matches_pml(ours, theirs, *_on(device, x, labels, ref, ref_labels), expected,
                                     f"tuplet scale={scale} {dtype} n={n} classes={classes} ref={m}", nca=False)
 
 
