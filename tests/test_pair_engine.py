@@ -283,6 +283,23 @@ def _engine_ops(backend):
     return torch.ops.dmlkern.pair_engine_forward_triton.default, torch.ops.dmlkern.pair_engine_backward_triton.default
 
 
+def test_triton_tiles_take_a_symbolic_width():
+    """Traced with dynamic shapes (opcheck's test_aot_dispatch_dynamic, torch.compile(dynamic=True)),
+    the Triton launch gets D as a SymInt: the tile choice specialises it (a hashable cache key,
+    int constexprs) and equals the choice for the plain int. GPU only to run, not to check."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from dmlkern.triton import tiles
+    env = ShapeEnv()
+    x = torch.empty(4, 96)
+    for kernel in ("fwd", "bwd"):
+        d = env.create_symintnode(env.create_symbol(96, ConstantSource(f"d_{kernel}"), dynamic_dim=DimDynamic.DYNAMIC),
+                                  hint=96)
+        assert isinstance(d, torch.SymInt)
+        assert tiles._launch_tiles(x, d, kernel) == tiles._launch_tiles(x, 96, kernel)
+
+
 @pytest.mark.parametrize("backend,device", OPCHECK_BACKENDS)
 def test_opcheck(backend, device):
     """torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch) of the

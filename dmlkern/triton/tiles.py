@@ -75,6 +75,9 @@ def _launch_tiles(x, d, kernel, lift=False, symmetric=False, has_b=False, positi
     TILE_OVERRIDES; ONE_K when D fits one K slice, and the backward's output slice BLOCK_DOUT
     (all of the padded D when ONE_K: the loaded tile is then both products' operand). Cached:
     the key holds everything the choice depends on, TILE_OVERRIDES' current entry included."""
+    # Traced with dynamic shapes, D is a SymInt: the tiles are constexprs, so D is specialised
+    # (a guard on the embedding width, a model constant; N stays dynamic).
+    d = int(d)
     override = TILE_OVERRIDES.get(kernel) or {}
     key = (x.dtype, d, kernel, lift, symmetric, has_b, positives_only, hinge,
            repr(sorted(override.items())) if override else "")
