@@ -17,11 +17,11 @@
 # that a short lease still answers the issues' GPU targets (each stage gets a share of the sweep's
 # time, at most what is left):
 #   1a. ArcFace at N = 8192, C = 10,000,000, bf16, dmlkern (extra memory against the size of W)
-#   1.  dmlkern (auto backend = Triton on CUDA), every fused pair loss, N = 8192 65536, bf16 + fp32
-#   1c. every class-weight loss at N = 8192, C = 131072 1048576, bf16 + fp32 (T_mm: one N x C x D
-#       product)
-#   3.  pml (if importable) and the materialising reference, the pair losses at the same N (bf16);
-#       3c the class losses at C = 131072
+#   1.  dmlkern (auto backend = Triton on CUDA), every fused pair loss, N = 8192 65536, bf16
+#   3.  pml (if importable) and the materialising reference at the same points
+#   1c. every class-weight loss at N = 8192, C = 131072 1048576, bf16 (T_mm: one N x C x D
+#       product); 3c pml and the reference at C = 131072
+#   1f. sweeps 1 and 1c in fp32
 #   2.  dmlkern only, N = 262144, bf16, every fused pair loss
 #   1b. Triton tile settings (python -m dmlkern.bench.tiles), two losses, N = 16384 ($OUT/tiles)
 #   3a. dmlkern-compiled (torch.compile of the dmlkern call) at N = 8192, bf16, MS and NT-Xent:
@@ -159,19 +159,27 @@ if has_stage bench; then
     # 1a. ArcFace at N = 8192, C = 10,000,000, bf16 (extra memory <= 2x W? PML cannot hold the logits)
     stage 1a-arcface 8 90 --providers dmlkern --classes $BIG_C --dtypes $DT1 --losses arcface
     snapshot
-    # 1. every fused pair loss at the targets' N, dmlkern (ratios to T_mm)
-    stage 1 30 90 --append --providers dmlkern --n $NS --dtypes $DTYPES --losses $PAIR
+    # 1. every fused pair loss at the targets' N and dtype (ratios to T_mm). The first run (2026-12-04)
+    #    swept bf16 and fp32 together: fp32 at N = 65536 (0.35-0.5 s a call) used the stage's budget
+    #    after five losses, so fp32 now comes after the PML ratios.
+    stage 1 25 90 --append --providers dmlkern --n $NS --dtypes $DT1 --losses $PAIR
     snapshot
-    # 1c. every class loss at C = 131072 1048576, bf16 + fp32
-    stage 1c 12 90 --append --providers dmlkern --classes $CLASSES --dtypes $DTYPES --losses $CLASS
-    snapshot
-    # 3. PML and the materialising reference at the same points (the "x faster than PML" ratios):
-    #    the pair losses, then the class losses at the smallest C
+    # 3. PML and the materialising reference at the same points (the "x faster than PML" ratios)
     stage 3 15 90 --append --providers $PML reference --n $NS --dtypes $DT1 --losses $PAIR
+    snapshot
+    # 1c. every class loss at C = 131072 1048576, then PML and the reference at the smallest C
+    stage 1c 10 90 --append --providers dmlkern --classes $CLASSES --dtypes $DT1 --losses $CLASS
     snapshot
     stage 3c 7 90 --append --providers $PML reference --classes $(echo $CLASSES | cut -d' ' -f1) \
         --dtypes $DT1 --losses $CLASS
     snapshot
+    # 1f. the other dtypes (fp32)
+    REST=$(echo $DTYPES | cut -s -d' ' -f2-)
+    if [ -n "$REST" ]; then
+        stage 1f 10 90 --append --providers dmlkern --n $NS --dtypes $REST --losses $PAIR
+        stage 1cf 5 90 --append --providers dmlkern --classes $CLASSES --dtypes $REST --losses $CLASS
+        snapshot
+    fi
     # 2. one large-N run per fused pair loss, dmlkern only
     stage 2 10 90 --append --providers dmlkern --n $BIG --dtypes $DT1 --losses $PAIR
     snapshot
