@@ -414,3 +414,19 @@ def test_under_torch_compile():
         want = loss_fn(x, labels)
         assert loss_fn.last_backend == "cpp", loss_fn.last_fallback
         torch.testing.assert_close(torch.compile(loss_fn, fullgraph=True)(x, labels), want, **TOL[torch.float32])
+
+
+def test_sorted_nanmedian_is_nanmedian():
+    """The unnormalised LpDistance's centring on CUDA takes each column's median from a sort
+    (nanmedian has no deterministic CUDA kernel): torch.nanmedian's values, NaN ignored, the lower
+    middle for an even count, NaN for an all-NaN column; checked here on the CPU."""
+    g = torch.Generator().manual_seed(2)
+    for rows in (1, 2, 7, 10):
+        t = torch.randn(rows, 6, generator=g, dtype=torch.float64)
+        t[torch.rand(rows, 6, generator=g) < 0.3] = float("nan")
+        t[:, 0] = float("nan")
+        t[0, 1] = float("inf")
+        t[:, 2] = t[0, 2]  # ties
+        want = torch.nanmedian(t, dim=0).values
+        got = _common.sorted_nanmedian(t)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()]), (rows, t)

@@ -210,6 +210,23 @@ def engine_rows(distance, embeddings, ref_emb):
     return EngineRows(x, x if ref_emb is embeddings else rows(ref_emb), transform)
 
 
+def column_nanmedian(t):
+    """torch.nanmedian(t, dim=0).values. On CUDA from a sort instead: nanmedian's CUDA kernel (which
+    also returns indices) has no deterministic version, and raises under
+    torch.use_deterministic_algorithms(True)."""
+    if t.device.type != "cuda":
+        return torch.nanmedian(t, dim=0).values
+    return sorted_nanmedian(t)
+
+
+def sorted_nanmedian(t):
+    """Each column's median over its non-NaN values, the lower middle one for an even count (as
+    torch.median); NaN for an all-NaN column. NaN sorts last."""
+    count = (~torch.isnan(t)).sum(dim=0)
+    middle = (count - 1).clamp(min=0) // 2
+    return torch.sort(t, dim=0).values.gather(0, middle[None]).squeeze(0)
+
+
 def euclidean_rows(embeddings, ref_emb):
     """(x~, y~) with x~_i . y~_j = 1 - |x_i - y_j|^2 / 2 (so sqrt(2 - 2 s) is the distance):
     x~ = [x, 1 - |x|^2 / 2, 1], y~ = [y, 1, -|y|^2 / 2], autograd through the augmentation giving
@@ -222,7 +239,7 @@ def euclidean_rows(embeddings, ref_emb):
         if ref_emb.shape[0] == 0:
             center = ref_emb.new_zeros(ref_emb.shape[1])
         else:  # NaN rows ignored; a column of NaN or inf: no shift there
-            center = torch.nanmedian(ref_emb.detach(), dim=0).values
+            center = column_nanmedian(ref_emb.detach())
             center = torch.nan_to_num(center, nan=0.0, posinf=0.0, neginf=0.0)
     x = embeddings - center
     y = x if ref_emb is embeddings else ref_emb - center
