@@ -76,6 +76,28 @@ def test_matches_pml(case, kind, distance, dtype, row_impl):
             torch.testing.assert_close(g, w, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", MINER_KINDS)
+def test_half_embeddings_run_blocked_in_fp32(kind, dtype, row_impl):
+    """fp16 / bf16 embeddings (a model under autocast) run the blocked path in fp32, not the
+    reference's O(N^3) triplets: PML's result on the same values in fp32, rounded to the dtype
+    (the loss and the gradients are in the embeddings' dtype)."""
+    miner_kw = None if kind is None else {"type_of_triplets": kind, "margin": 0.1 if kind == "easy" else 0.2}
+    for case in [(37, 5, None), (61, 7, 45)]:
+        x, labels, ref, ref_labels = _inputs(*case, dtype, seed=1)
+        up = (lambda t: None if t is None else t.float())
+        for loss_kw in ({"margin": 0.3}, {"margin": 0.05, "smooth_loss": True}):
+            ours, our_grads, loss_fn = _grads("dmlkern", loss_kw, miner_kw, x, labels, ref, ref_labels)
+            want, want_grads, _ = _grads("pml", loss_kw, miner_kw, up(x), labels, up(ref), ref_labels)
+            what = f"{dtype} {kind} {case} {loss_kw}"
+            assert loss_fn.last_backend == "blocked", (what, loss_fn.last_fallback)
+            assert ours.dtype == dtype and all(g.dtype == dtype for g in our_grads), what
+            half_ulp = dict(rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 1e-3)
+            torch.testing.assert_close(ours.float(), want.to(dtype).float(), **half_ulp, msg=lambda m: f"{what}: {m}")
+            for g, w in zip(our_grads, want_grads):
+                torch.testing.assert_close(g.float(), w.to(dtype).float(), **half_ulp, msg=lambda m: f"{what}: {m}")
+
+
 @pytest.mark.parametrize("reducer", [MeanReducer, SumReducer, AvgNonZeroReducer])
 def test_reducers_match_the_reference(reducer, row_impl):
     x, labels, _, _ = _inputs(45, 6, None, torch.float64, seed=3)

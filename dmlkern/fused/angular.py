@@ -44,6 +44,7 @@ import torch
 from .._autograd import applier
 from .._determinism import fixed_order_sum, log as fixed_log
 from .._tracing import static_shapes
+from ..engine_spec import stats_dtype
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
 from ..reference.indices import convert_to_pairs, logsumexp
@@ -513,9 +514,13 @@ listed_angular = applier(_ListedAngular)
 
 # ----------------------------------------------------------------------------- the loss
 def _inputs(embeddings, ref_emb):
-    """(u_a, u_p, x): the unit anchor rows, the unit reference rows, the raw reference rows."""
-    ua = unit_rows(embeddings)
-    return ua, ua if ref_emb is embeddings else unit_rows(ref_emb), ref_emb
+    """(u_a, u_p, x): the unit anchor rows, the unit reference rows, the raw reference rows; fp16 /
+    bf16 embeddings in fp32 (every value after them too; PML computes in the half dtype)."""
+    wide = stats_dtype(embeddings.dtype)
+    emb_w = embeddings.to(wide)
+    ref_w = emb_w if ref_emb is embeddings else ref_emb.to(wide)
+    ua = unit_rows(emb_w)
+    return ua, ua if ref_w is emb_w else unit_rows(ref_w), ref_w
 
 
 def _entry(losses, a, p):
@@ -529,8 +534,8 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return decline(module, "backend='reference' requested (loss.backend or DMLKERN_BACKEND)")
     if static_shapes():
         return decline(module, "torch.compile (the fused AngularLoss walks classes of data-dependent sizes)")
-    if embeddings.dtype not in (torch.float32, torch.float64):
-        return decline(module, f"dtype {embeddings.dtype} (the fused AngularLoss runs fp32 / fp64)")
+    if not embeddings.dtype.is_floating_point:
+        return decline(module, f"dtype {embeddings.dtype} (the fused AngularLoss takes floating-point embeddings)")
     if not is_unit_euclidean(module.distance):
         return decline(module, f"distance {type(module.distance).__name__} (a subclass or other settings)")
     if ref_labels.shape[0] != ref_emb.shape[0]:
@@ -542,7 +547,7 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if len(a1) == 0 or len(a2) == 0:
             return ZERO_LOSS
         setup = _Setup(labels, ref_labels, None, None, None, False, (a1, p), c, k)
-        return _entry(listed_angular(*_inputs(embeddings, ref_emb), setup), a1, p), LISTED
+        return _entry(listed_angular(*_inputs(embeddings, ref_emb), setup).to(embeddings.dtype), a1, p), LISTED
     stats = LabelStats(labels, ref_labels)
     if Degenerate(labels, lambda: no_pos_or_neg(stats)).now():  # PML: no positive or no negative pair
         return ZERO_LOSS
@@ -554,12 +559,12 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if is_plain_mean(module.reducer):  # the mean in the walk, its gradients formed there too
         with_grads = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         loss, smallest, *_ = blocked_angular_mean(*inputs, setup, with_grads)
-        entry = {"losses": loss, "indices": None, "reduction_type": "already_reduced",
+        entry = {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced",
                  **_stats.already_reduced_size(module.reducer, torch.tensor(len(a)))}
     else:
         losses, smallest, *_ = blocked_angular(*inputs, setup)
-        entry = _entry(losses, a, p)["loss"]
-    info = torch.finfo(embeddings.dtype)
+        entry = _entry(losses.to(embeddings.dtype), a, p)["loss"]
+    info = torch.finfo(inputs[0].dtype)
     if bool(smallest < ref_emb.shape[0] * info.tiny / info.eps):  # some underflowed terms may matter
         return decline(module, UNSAFE)
     return {"loss": entry}, BACKEND

@@ -308,8 +308,8 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
         return f"{type(module.reducer).__name__} (needs the per-triplet losses)"
     if static_shapes() and not (_CPU_KERNEL and embeddings.device.type == "cpu"):
         return "torch.compile off the CPU (the blocked triplet path's torch twin has data-dependent shapes)"
-    if embeddings.dtype not in (torch.float32, torch.float64):
-        return f"dtype {embeddings.dtype} (the blocked triplet path runs fp32 / fp64)"
+    if not embeddings.dtype.is_floating_point:
+        return f"dtype {embeddings.dtype} (the blocked triplet path takes floating-point embeddings)"
     window, window_margin = "every", 0.0
     if indices_tuple is not None:
         lazy = indices_tuple if isinstance(indices_tuple, LazyMinedTriplets) else None
@@ -329,7 +329,12 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
 
 def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction):
     exclude_diag = ref_labels is labels
-    rows = engine_rows(module.distance, embeddings, ref_emb)  # (rule.euclidean: its transform is 1)
+    # fp16 / bf16 embeddings: the rows and every value after them in fp32 (the loss back in the
+    # embeddings' dtype; autograd casts the gradient back). PML computes in the half dtype.
+    wide = stats_dtype(embeddings.dtype)
+    emb_w = embeddings.to(wide)
+    ref_w = emb_w if ref_emb is embeddings else ref_emb.to(wide)
+    rows = engine_rows(module.distance, emb_w, ref_w)  # (rule.euclidean: its transform is 1)
     x = rows.x.to(stats_dtype(embeddings.dtype))
     y = None if rows.y is rows.x else rows.y.to(x.dtype)  # None: the rows' own pairs (symmetric)
     backend = BACKEND

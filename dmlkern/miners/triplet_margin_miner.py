@@ -58,5 +58,5 @@ class TripletMarginMiner(BaseTupleMiner):
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         lazy_ok = (not self.collect_stats and distance_kind(self.distance) is not None
-                   and torch.is_tensor(embeddings) and embeddings.dtype in (torch.float32, torch.float64))
+                   and torch.is_tensor(embeddings) and embeddings.dtype.is_floating_point)
         return self.lazy_or_forward(LazyMinedTriplets, lazy_ok, embeddings, labels, ref_emb, ref_labels)
