@@ -98,6 +98,35 @@ def test_half_embeddings_run_blocked_in_fp32(kind, dtype, row_impl):
                 torch.testing.assert_close(g.float(), w.to(dtype).float(), **half_ulp, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_embeddings_run_listed_triplets_in_fp32(dtype):
+    """Listed triplets (a hand-made tuple, with and without ref_emb) with fp16 / bf16 embeddings:
+    the listed path in fp32 from the widened rows, PML's result on the fp32 values rounded to the
+    dtype (loss and gradients in the embeddings' dtype)."""
+    from _pml_helpers import random_indices
+    half_ulp = dict(rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 1e-3)
+    for case in [(37, 5, None), (61, 7, 45)]:
+        x, labels, ref, ref_labels = _inputs(*case, dtype, seed=4)
+        tup = random_indices(5, "triplets", labels, ref_labels, n=30)  # not dense (2T < N M / 16)
+        for loss_kw in ({"margin": 0.3}, {"margin": 0.05, "smooth_loss": True}):
+            results = []
+            for lib, t in (("dmlkern", lambda v: v), ("pml", lambda v: None if v is None else v.float())):
+                L = losses if lib == "dmlkern" else pml_losses
+                xx = t(x).clone().requires_grad_(True)
+                rr = None if ref is None else t(ref).clone().requires_grad_(True)
+                loss_fn = L.TripletMarginLoss(**loss_kw)
+                value = loss_fn(xx, labels, tup, rr, ref_labels)
+                wrt = [xx] + ([rr] if rr is not None else [])
+                results.append((value.detach(), torch.autograd.grad(value, wrt), loss_fn))
+            (ours, our_grads, loss_fn), (want, want_grads, _) = results
+            what = f"{dtype} {case} {loss_kw}"
+            assert loss_fn.last_backend == "listed", (what, loss_fn.last_fallback)
+            assert ours.dtype == dtype and all(g.dtype == dtype for g in our_grads), what
+            torch.testing.assert_close(ours.float(), want.to(dtype).float(), **half_ulp, msg=lambda m: f"{what}: {m}")
+            for g, w in zip(our_grads, want_grads):
+                torch.testing.assert_close(g.float(), w.to(dtype).float(), **half_ulp, msg=lambda m: f"{what}: {m}")
+
+
 @pytest.mark.parametrize("reducer", [MeanReducer, SumReducer, AvgNonZeroReducer])
 def test_reducers_match_the_reference(reducer, row_impl):
     x, labels, _, _ = _inputs(45, 6, None, torch.float64, seed=3)

@@ -62,12 +62,14 @@ def materialized(indices_tuple, device):
 
 def listed_rows(embeddings, ref_emb, distance=None):
     """The rows the listed values come from (`_common.engine_rows` of `distance`; None: unit rows):
-    (x, y), y None when it is x."""
+    (x, y), y None when it is x. fp16 / bf16 embeddings are widened to fp32 first."""
     sd = stats_dtype(embeddings.dtype)
+    emb_w = embeddings.to(sd)
+    ref_w = emb_w if ref_emb is embeddings else ref_emb.to(sd)
     if distance is None:
-        x = unit_rows(embeddings).to(sd)
-        return x, None if ref_emb is embeddings else unit_rows(ref_emb).to(sd)
-    x, y, _ = engine_rows(distance, embeddings, ref_emb)
+        x = unit_rows(emb_w).to(sd)
+        return x, None if ref_w is emb_w else unit_rows(ref_w).to(sd)
+    x, y, _ = engine_rows(distance, emb_w, ref_w)
     return x.to(sd), None if y is x else y.to(sd)
 
 

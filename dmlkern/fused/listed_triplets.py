@@ -10,12 +10,12 @@ the similarities (`listed_pairs.distance_values`); then the loss's own terms. Th
 the reference's per-triplet loss dict, so every reducer works. Work and memory O(T · D); values
 and gradients don't depend on the CPU thread count (index_select gathers, whose backward
 index_add is serial on the CPU)."""
-import torch
 
 from .._tracing import static_shapes
+from ..ops import pair_engine as pe
 from ..reference.tuple_losses import margin_anchor_beta, margin_triplets_dict
 from ._common import decline, engine_distance, engine_rows_reason
-from ._epilogue import ZERO_LOSS, _engine_or_decline
+from ._epilogue import ZERO_LOSS
 from .listed_pairs import DENSE, distance_values, is_dense, listed_rows, materialized
 from .pair_lists import positive_pairs
 from .triplet import _term
@@ -34,13 +34,11 @@ def listed_triplets(module, embeddings, indices_tuple, ref_emb):
     """The triplets (a, p, n) of a listed-triplet call, with the checks both losses share;
     ZERO_LOSS for no triplet, or None after `decline` (the reference runs)."""
     distance = module.distance
-    if _engine_or_decline(module, embeddings) is None:
-        return None
+    if pe.choose_backend(module.backend, embeddings.device) == "reference":  # torch ops only: any dtype, device
+        return decline(module, "backend='reference' requested (loss.backend or DMLKERN_BACKEND)")
     if engine_distance(distance) is None:
         return decline(module, f"distance {type(distance).__name__} with listed triplets (the listed path: "
                                "LpDistance(p=2, power 1 or 2), CosineSimilarity, DotProductSimilarity)")
-    if embeddings.dtype not in (torch.float32, torch.float64):
-        return decline(module, f"dtype {embeddings.dtype} (the listed triplet path runs fp32 / fp64)")
     if static_shapes():
         return decline(module, "torch.compile (the listed triplet path has data-dependent shapes)")
     indices_tuple = materialized(indices_tuple, embeddings.device)
@@ -75,6 +73,7 @@ def listed_triplet_margin(module, embeddings, indices_tuple, ref_emb):
         d_an = distance.smallest_dist(d_an, distance_values(x, y, p, n, distance))
     violation = distance.margin(d_ap, d_an) + module.margin
     losses = _term(violation, bool(module.smooth_loss))  # softplus from exp / log1p: thread-count independent
+    losses = losses.to(embeddings.dtype)  # fp16 / bf16: computed in fp32 from the widened rows
     return {"loss": {"losses": losses, "indices": (a, p, n), "reduction_type": "triplet"}}, BACKEND
 
 
