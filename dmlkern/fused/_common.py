@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .. import distances as dist
 from .._autograd import applier
 from .._determinism import fixed_order_sum
-from ..engine_spec import TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams
+from ..engine_spec import TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype
 from ..ops import pair_engine as pe
 from .._tracing import static_shapes  # the fused losses import it from here too
 from ..reducers import MeanReducer
@@ -208,6 +208,15 @@ def engine_rows(distance, embeddings, ref_emb):
     rows = unit_rows if rows == "unit" else pe.autocast_rows
     x = rows(embeddings)
     return EngineRows(x, x if ref_emb is embeddings else rows(ref_emb), transform)
+
+
+def widened(embeddings, ref_emb):
+    """(embeddings, ref_emb) in the statistics dtype: fp16 / bf16 widened to fp32, for the blocked
+    and listed torch paths that compute in fp32 and return the loss in the embeddings' dtype;
+    ref_emb stays the same tensor as embeddings when it was."""
+    wide = stats_dtype(embeddings.dtype)
+    emb_w = embeddings.to(wide)
+    return emb_w, emb_w if ref_emb is embeddings else ref_emb.to(wide)
 
 
 def column_nanmedian(t):

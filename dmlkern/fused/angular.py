@@ -44,13 +44,12 @@ import torch
 from .._autograd import applier
 from .._determinism import fixed_order_sum, log as fixed_log
 from .._tracing import static_shapes
-from ..engine_spec import stats_dtype
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
 from ..reference.indices import convert_to_pairs, logsumexp
 from . import _stats
 from ._common import (Buffers, Degenerate, LabelStats, decline, is_plain_mean, is_unit_euclidean, no_pos_or_neg,
-                      row_sums, unit_rows)
+                      row_sums, unit_rows, widened)
 from ._epilogue import ZERO_LOSS, _log1p_exp
 from .pair_lists import positive_pairs
 
@@ -516,9 +515,7 @@ listed_angular = applier(_ListedAngular)
 def _inputs(embeddings, ref_emb):
     """(u_a, u_p, x): the unit anchor rows, the unit reference rows, the raw reference rows; fp16 /
     bf16 embeddings in fp32 (every value after them too; PML computes in the half dtype)."""
-    wide = stats_dtype(embeddings.dtype)
-    emb_w = embeddings.to(wide)
-    ref_w = emb_w if ref_emb is embeddings else ref_emb.to(wide)
+    emb_w, ref_w = widened(embeddings, ref_emb)
     ua = unit_rows(emb_w)
     return ua, ua if ref_w is emb_w else unit_rows(ref_w), ref_w
 

@@ -21,7 +21,7 @@ from ..reference._embedding_common import _entry
 from ..reference.indices import convert_to_pairs
 from ..engine_spec import TRANSFORM_UNIT_DISTANCE
 from ._common import (DOT_KINDS, decline, engine_distance, engine_rows, engine_rows_reason, engine_transform,
-                      is_unit_cosine, unit_rows, value_params)
+                      is_unit_cosine, unit_rows, value_params, widened)
 from ._epilogue import ZERO_LOSS, _element, _engine_or_decline, _log1p_exp, _per_row
 from .pair_lists import pair_dots, unit_distance
 
@@ -64,8 +64,7 @@ def listed_rows(embeddings, ref_emb, distance=None):
     """The rows the listed values come from (`_common.engine_rows` of `distance`; None: unit rows):
     (x, y), y None when it is x. fp16 / bf16 embeddings are widened to fp32 first."""
     sd = stats_dtype(embeddings.dtype)
-    emb_w = embeddings.to(sd)
-    ref_w = emb_w if ref_emb is embeddings else ref_emb.to(sd)
+    emb_w, ref_w = widened(embeddings, ref_emb)
     if distance is None:
         x = unit_rows(emb_w).to(sd)
         return x, None if ref_w is emb_w else unit_rows(ref_w).to(sd)

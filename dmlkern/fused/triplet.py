@@ -38,7 +38,7 @@ from ..ops.dispatch import extension_loaded
 from ..ops.fixed_mm_op import fixed_mm
 from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, decline, engine_distance, engine_rows,
                       engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, row_blocks,
-                      row_sums)
+                      row_sums, widened)
 from ._epilogue import ZERO_LOSS
 
 BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++ on a CPU, else torch ops
@@ -331,10 +331,7 @@ def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction):
     exclude_diag = ref_labels is labels
     # fp16 / bf16 embeddings: the rows and every value after them in fp32 (the loss back in the
     # embeddings' dtype; autograd casts the gradient back). PML computes in the half dtype.
-    wide = stats_dtype(embeddings.dtype)
-    emb_w = embeddings.to(wide)
-    ref_w = emb_w if ref_emb is embeddings else ref_emb.to(wide)
-    rows = engine_rows(module.distance, emb_w, ref_w)  # (rule.euclidean: its transform is 1)
+    rows = engine_rows(module.distance, *widened(embeddings, ref_emb))  # (rule.euclidean: its transform is 1)
     x = rows.x.to(stats_dtype(embeddings.dtype))
     y = None if rows.y is rows.x else rows.y.to(x.dtype)  # None: the rows' own pairs (symmetric)
     backend = BACKEND
