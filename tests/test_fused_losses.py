@@ -876,3 +876,39 @@ def test_margin_divisor_reducer_records_the_divisor():
     theirs(x, labels)
     assert ours.last_backend == "cpp"
     assert int(ours.reducer.reducers["margin_loss"].divisor) == int(theirs.reducer.reducers["margin_loss"].divisor) > 0
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKENDS if "cuda" in p.id])
+def test_cuda_runs_under_strict_deterministic_algorithms(engine_backend_choice, backend, device):
+    """A user's torch.use_deterministic_algorithms(True) (not warn_only): every fused loss, one
+    with the unnormalised LpDistance (its centring) and the triplet family run on CUDA without
+    an op raising for want of a deterministic version, bit-identical on repeat."""
+    from dmlkern.distances import LpDistance
+    expected = engine_backend_choice(backend, device)
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(67, 16, generator=g, dtype=torch.float32).to(device)
+    labels = torch.randint(0, 5, (67,), generator=g).to(device)
+    cases = dict(LOSSES)
+    cases["contrastive_raw_lp"] = lambda c, d: losses.ContrastiveLoss(distance=LpDistance(normalize_embeddings=False))
+    cases["triplet_semihard"] = lambda c, d: losses.TripletMarginLoss(margin=0.2)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for name, make in cases.items():
+            torch.manual_seed(0)
+            loss_fn = make(5, 16).to(device)
+            runs = []
+            for _ in range(2):
+                if name == "triplet_semihard":
+                    xx = x.detach().clone().requires_grad_(True)
+                    value = loss_fn(xx, labels, miners.TripletMarginMiner(type_of_triplets="semihard")(xx, labels))
+                    runs.append((value.detach(), list(torch.autograd.grad(value, [xx]))))
+                else:
+                    runs.append(_run(loss_fn, name, x, labels, None, None, "fused"))
+            assert loss_fn.last_backend != "reference", f"{name}: {loss_fn.last_fallback}"
+            if name in LOSSES:
+                assert loss_fn.last_backend == expected, f"{name}: ran {loss_fn.last_backend}"
+            (v1, g1), (v2, g2) = runs
+            assert torch.equal(v1, v2) and all(torch.equal(a, b) for a, b in zip(g1, g2)), f"{name}: bits differ"
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
