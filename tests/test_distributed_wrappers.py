@@ -125,8 +125,25 @@ REDUCER_AND_LABEL_CASES = [
      [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
     ("proxy_anchor with a label out of range", lambda: losses.ProxyAnchorLoss(2, D), [0, 1, 0, 2, 1, 1, 0, 2, 2],
      "raises"),
+    # the distances the fused losses take in one process: raw rows (the Lp ones centred on the
+    # gathered columns' median, alike on every rank), squared distances
     ("ms dot product (not unit)", lambda: losses.MultiSimilarityLoss(distance=distances.DotProductSimilarity(normalize_embeddings=False)),
-     [0, 1, 0, 2, 1, 1, 0, 2, 2], "gathered"),
+     [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
+    ("ms raw lp", lambda: losses.MultiSimilarityLoss(distance=distances.LpDistance(normalize_embeddings=False)),
+     [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
+    ("supcon raw dot", lambda: losses.SupConLoss(
+        temperature=2.0, distance=distances.DotProductSimilarity(normalize_embeddings=False)),
+     [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
+    ("ntxent squared raw lp", lambda: losses.NTXentLoss(
+        temperature=3.0, distance=distances.LpDistance(normalize_embeddings=False, power=2)),
+     [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
+    ("contrastive raw lp", lambda: losses.ContrastiveLoss(
+        pos_margin=0.5, neg_margin=2.5, distance=distances.LpDistance(normalize_embeddings=False)),
+     [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
+    ("generalized lifted raw lp", lambda: losses.GeneralizedLiftedStructureLoss(
+        distance=distances.LpDistance(normalize_embeddings=False)), [0, 1, 0, 2, 1, 1, 0, 2, 2], "row_sharded"),
+    ("supcon squared lp (not a similarity: one process runs the reference)", lambda: losses.SupConLoss(
+        distance=distances.LpDistance(power=2)), [0, 1, 0, 2, 1, 1, 0, 2, 2], "gathered"),
 ]
 SIZES_WITH_A_ONE_ROW_SHARD = [5, 1, 3]
 

@@ -17,8 +17,7 @@ row; no positive or no negative pair for SupCon and NT-Xent) take the gathered p
 import torch
 
 from .. import _tracing, _validation
-from ..engine_spec import (MINING_MULTI_SIMILARITY, PASS_EXTREMA, PASS_HINGE, TRANSFORM_UNIT_DISTANCE, EngineParams,
-                           stats_dtype)
+from ..engine_spec import MINING_MULTI_SIMILARITY, PASS_EXTREMA, PASS_HINGE, stats_dtype
 from ..fused import _common
 from ..fused import contrastive as fused_contrastive
 from ..fused.circle import circle_rows
@@ -41,10 +40,11 @@ class _MultiSimilarity:
         return not isinstance(module.reducer, DoNothingReducer)
 
     @staticmethod
-    def rows(module, x, y, ids, col_ids, backend):
-        params = multi_similarity_params(module)
-        softplus = _log1p_exp(_lse2(x, y, ids, col_ids, params, True, backend))
-        return softplus[:, 0] / -params.sc_pos + softplus[:, 1] / params.sc_neg
+    def rows(module, x, y, ids, col_ids, backend, transform):
+        params = multi_similarity_params(module, 0.0, module.distance)
+        softplus = _log1p_exp(_lse2(x, y, ids, col_ids, params, True, backend, transform=transform))
+        a, b = float(module.alpha), float(module.beta)  # (params' scales carry the distance's sign and scale)
+        return softplus[:, 0] / a + softplus[:, 1] / b
 
     @staticmethod
     def degenerate(global_ids):  # PML's `len <= 1` rule: no pair at all
@@ -95,7 +95,7 @@ class _MultiSimilarityMined(_MultiSimilarity):
 
 class _SupCon(_MultiSimilarity):
     @staticmethod
-    def rows(module, x, y, ids, col_ids, backend):
+    def rows(module, x, y, ids, col_ids, backend, transform):  # (the similarities: transform 0)
         stats = _common.LabelStats(ids, col_ids, exclude_diag=True)  # row i's self pair is column i
         return supcon_rows(module, x, y, ids, col_ids, stats, True, backend, x.dtype)
 
@@ -115,9 +115,11 @@ class _NTXent(_SupCon):
         return type(module.reducer) is MeanReducer
 
     @staticmethod
-    def rows(module, x, y, ids, col_ids, backend):  # per row: the sum over its positives
-        inv_t = 1.0 / float(module.temperature)
-        return _apply_ntxent_rows(x, y, ids, col_ids, EngineParams(sc_pos=inv_t, sc_neg=inv_t), True, backend)[0]
+    def rows(module, x, y, ids, col_ids, backend, transform):  # per row: the sum over its positives
+        # PML's logits: s / t, or -d / t for a distance
+        inv_t = (1.0 if module.distance.is_inverted else -1.0) / float(module.temperature)
+        params = _common.value_params(module.distance, sc_pos=inv_t, sc_neg=inv_t)
+        return _apply_ntxent_rows(x, y, ids, col_ids, params, True, backend, transform)[0]
 
     @staticmethod
     def combine(module, all_rows, global_ids, zero_like):
@@ -127,13 +129,13 @@ class _NTXent(_SupCon):
 
 class _GeneralizedLifted(_MultiSimilarity):
     @staticmethod
-    def rows(module, x, y, ids, col_ids, backend):
-        return generalized_lifted_rows(module, x, y, ids, col_ids, True, backend)
+    def rows(module, x, y, ids, col_ids, backend, transform):
+        return generalized_lifted_rows(module, x, y, ids, col_ids, True, backend, module.distance)
 
 
 class _Circle(_MultiSimilarity):
     @staticmethod
-    def rows(module, x, y, ids, col_ids, backend):
+    def rows(module, x, y, ids, col_ids, backend, transform):  # (unit cosine only)
         stats = _common.LabelStats(ids, col_ids)  # two tensors: `same` counts the row itself
         complete = (stats.same > 1) & (stats.m - stats.same > 0)
         return circle_rows(module, x, y, ids, col_ids, True, backend, complete)
@@ -150,9 +152,8 @@ class _Contrastive(_MultiSimilarity):
         return _reducer_kinds(module) is not None
 
     @staticmethod
-    def rows(module, x, y, ids, col_ids, backend):  # per row: the hinge pass's sums and counts
-        transform = fused_contrastive.pair_distance(module.distance)
-        params = fused_contrastive.contrastive_params(module, transform)
+    def rows(module, x, y, ids, col_ids, backend, transform):  # per row: the hinge pass's sums and counts
+        params = fused_contrastive.hinge_params(module, module.distance)
         return pe.engine_forward(x, y, ids, col_ids, pass_kind=PASS_HINGE, transform=transform, params=params,
                                  exclude_diag=True, backend=backend)
 
@@ -178,18 +179,12 @@ def _forms():
             losses.CircleLoss: _Circle}
 
 
-def _euclidean(form, module):
-    """Whether the form runs on unit Euclidean distances (rows shorter than 1e-12 then gather)."""
-    return form is _GeneralizedLifted or (
-        form is _Contrastive and fused_contrastive.pair_distance(module.distance) == TRANSFORM_UNIT_DISTANCE)
-
-
 def _distance_ok(form, module):
-    if form is _Contrastive:
-        return fused_contrastive.pair_distance(module.distance) is not None
-    if form is _GeneralizedLifted:
-        return _common.is_unit_euclidean(module.distance)
-    return _common.is_unit_cosine(module.distance)
+    """The distances each form's fused loss takes in one process (`_common.engine_rows` kinds)."""
+    if form in (_Circle, _MultiSimilarityMined):
+        return _common.is_unit_cosine(module.distance)
+    kind = _common.engine_distance(module.distance)
+    return kind is not None and (form is not _SupCon or kind in _common.DOT_KINDS)
 
 
 def _eligible(module, emb, labels, indices_tuple, ref_emb, ref_labels):
@@ -346,11 +341,13 @@ def loss(module, emb, labels, indices_tuple, ref_emb, ref_labels):
     if form.degenerate(col_ids):
         return None
     cols = co.gather_columns(emb, sizes)
-    if _euclidean(form, module) and _common.has_short_rows(cols):  # the same columns on every rank: the same answer
+    # Short rows (unit Euclidean), half-precision raw Lp: decided on the columns, the same on every
+    # rank. The raw Lp rows are centred on the columns' median, so every rank shifts alike.
+    if _common.engine_rows_reason(module.distance, cols, cols) is not None:
         return None
     backend = _common.engine_backend(emb, module.backend)
     n = emb.shape[0]
-    x, y = _common.unit_rows(emb), _common.unit_rows(cols)
+    x, y, transform = _common.engine_rows(module.distance, emb, cols)
     if form is _MultiSimilarityMined:
         if not _holds_global_batch(indices_tuple, sizes, cols, co.rank()):
             return None
@@ -358,7 +355,7 @@ def loss(module, emb, labels, indices_tuple, ref_emb, ref_labels):
         if bool((co.all_reduce_sum(rows_with_pairs) <= 1).any()):
             return None
     else:
-        per_row = form.rows(module, x, y, col_ids[:n], col_ids, backend)
+        per_row = form.rows(module, x, y, col_ids[:n], col_ids, backend, transform)
     all_rows = co.gather_values(per_row, sizes)  # rank order, the same on every rank
     if form is _Contrastive and fused_contrastive.nan_in(*fused_contrastive.hinge_totals(all_rows)[::2]):
         return None  # PML's reducers drop or keep each NaN pair loss: the gathered reference decides

@@ -5,11 +5,11 @@ per-pair losses are never listed; the op's backward is the engine's hinge backwa
 import torch
 
 from .._determinism import fixed_order_sum
-from ..engine_spec import PASS_HINGE, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams
+from ..engine_spec import PASS_HINGE
 from ..ops import pair_engine as pe
 from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from ._common import (Degenerate, LabelStats, all_pairs_plan, branch_free, decline, engine_distance, engine_rows,
-                      engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, value_params)
+                      engine_rows_reason, reduced_sub_loss, value_params)
 from ._epilogue import ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each, _plain_backend
 from .lazy_pairs import LazyMarginPairs
 from .listed_pairs import listed_contrastive
@@ -18,18 +18,6 @@ from .pair_margin_contrastive import pair_margin_contrastive
 SUB_LOSSES = ("pos_loss", "neg_loss")
 _KINDS = {AvgNonZeroReducer: "nonzero", MeanReducer: "mean", SumReducer: "sum"}
 NAN_PAIRS = "a NaN pair value (the reference drops or keeps each NaN pair loss as its reducer does)"
-
-
-def pair_distance(distance):
-    """The engine transform of the unit-row distances (None for any other): the default Euclidean
-    distance of unit rows (transform 1) or the cosine similarity (transform 0). The row-sharded
-    distributed form reads it (it runs on unit rows); the fused losses take every distance
-    `_common.engine_rows` expresses."""
-    if is_unit_euclidean(distance):
-        return TRANSFORM_UNIT_DISTANCE
-    if is_unit_cosine(distance):
-        return TRANSFORM_DOT
-    return None
 
 
 def hinge_totals(out):
@@ -63,16 +51,9 @@ def hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, sub_losses, r
     return backend, kinds
 
 
-def contrastive_params(module, transform):
-    """The hinge pass's terms from the module's margins, for the transform of its distance."""
-    pm, nm = float(module.pos_margin), float(module.neg_margin)
-    if transform == TRANSFORM_UNIT_DISTANCE:  # relu(d - pm), relu(nm - d)
-        return EngineParams(sc_pos=1.0, off_pos=-pm, sc_neg=-1.0, off_neg=nm)
-    return EngineParams(sc_pos=-1.0, off_pos=pm, sc_neg=1.0, off_neg=-nm)  # a similarity: relu(pm - s), relu(s - nm)
-
-
 def hinge_params(module, distance):
-    """`contrastive_params` for any distance `_common.engine_rows` expresses (`value_params`)."""
+    """The hinge pass's terms from the module's margins, for any distance `_common.engine_rows`
+    expresses (`value_params`)."""
     pm, nm = float(module.pos_margin), float(module.neg_margin)
     if distance.is_inverted:  # a similarity: relu(pm - s), relu(s - nm)
         return value_params(distance, sc_pos=-1.0, off_pos=pm, sc_neg=1.0, off_neg=-nm)
