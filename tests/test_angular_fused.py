@@ -90,9 +90,9 @@ def test_half_embeddings_run_blocked_in_fp32(dtype, reducer):
             what = f"{dtype} {reducer} n={n} ref={ref_rows} {expected}"
             assert ours.last_backend == expected, (what, ours.last_fallback)
             assert got.dtype == dtype and all(g.dtype == dtype for g in got_grads), what
-            torch.testing.assert_close(got.float(), want.to(dtype).float(), **half_ulp, msg=lambda m: f"{what}: {m}")
-            for g, w in zip(got_grads, want_grads):
-                torch.testing.assert_close(g.float(), w.to(dtype).float(), **half_ulp, msg=lambda m: f"{what}: {m}")
+            assert_value_and_grads_close(got.float(), [g.float() for g in got_grads], want.to(dtype).float(),
+                                         [w.to(dtype).float() for w in want_grads], **half_ulp,
+                                         msg=lambda m: f"{what}: {m}")
 
 
 def test_per_pair_dict_matches_pml():

@@ -16,6 +16,7 @@ from dmlkern import distances, losses, miners
 from dmlkern.fused.lazy_pairs import LazyMinedTriplets
 from dmlkern.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from _peak_rss import peak_rss_growth_mib
+from _pml_helpers import assert_value_and_grads_close, random_indices
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
 MINER_KINDS = [None, "all", "hard", "semihard", "easy"]
@@ -93,9 +94,9 @@ def test_half_embeddings_run_blocked_in_fp32(kind, dtype, row_impl):
             assert loss_fn.last_backend == "blocked", (what, loss_fn.last_fallback)
             assert ours.dtype == dtype and all(g.dtype == dtype for g in our_grads), what
             half_ulp = dict(rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 1e-3)
-            torch.testing.assert_close(ours.float(), want.to(dtype).float(), **half_ulp, msg=lambda m: f"{what}: {m}")
-            for g, w in zip(our_grads, want_grads):
-                torch.testing.assert_close(g.float(), w.to(dtype).float(), **half_ulp, msg=lambda m: f"{what}: {m}")
+            assert_value_and_grads_close(ours.float(), [g.float() for g in our_grads], want.to(dtype).float(),
+                                         [w.to(dtype).float() for w in want_grads], **half_ulp,
+                                         msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -103,7 +104,6 @@ def test_half_embeddings_run_listed_triplets_in_fp32(dtype):
     """Listed triplets (a hand-made tuple, with and without ref_emb) with fp16 / bf16 embeddings:
     the listed path in fp32 from the widened rows, PML's result on the fp32 values rounded to the
     dtype (loss and gradients in the embeddings' dtype)."""
-    from _pml_helpers import random_indices
     half_ulp = dict(rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 1e-3)
     for case in [(37, 5, None), (61, 7, 45)]:
         x, labels, ref, ref_labels = _inputs(*case, dtype, seed=4)
@@ -122,9 +122,9 @@ def test_half_embeddings_run_listed_triplets_in_fp32(dtype):
             what = f"{dtype} {case} {loss_kw}"
             assert loss_fn.last_backend == "listed", (what, loss_fn.last_fallback)
             assert ours.dtype == dtype and all(g.dtype == dtype for g in our_grads), what
-            torch.testing.assert_close(ours.float(), want.to(dtype).float(), **half_ulp, msg=lambda m: f"{what}: {m}")
-            for g, w in zip(our_grads, want_grads):
-                torch.testing.assert_close(g.float(), w.to(dtype).float(), **half_ulp, msg=lambda m: f"{what}: {m}")
+            assert_value_and_grads_close(ours.float(), [g.float() for g in our_grads], want.to(dtype).float(),
+                                         [w.to(dtype).float() for w in want_grads], **half_ulp,
+                                         msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("reducer", [MeanReducer, SumReducer, AvgNonZeroReducer])

@@ -26,7 +26,7 @@ from ..fused._epilogue import _already_reduced, _already_reduced_kinds, _element
 from ..fused import triplet as fused_triplet
 from ..fused.lazy_pairs import LazyMinedPairs, LazyMinedTriplets
 from ..fused.multi_similarity import multi_similarity_params
-from ..fused.ntxent import _apply_ntxent_rows
+from ..fused.ntxent import _apply_ntxent_rows, ntxent_params
 from ..fused.proxy_anchor import proxy_anchor_params
 from ..fused.supcon import supcon_rows
 from ..ops import pair_engine as pe
@@ -116,10 +116,7 @@ class _NTXent(_SupCon):
 
     @staticmethod
     def rows(module, x, y, ids, col_ids, backend, transform):  # per row: the sum over its positives
-        # PML's logits: s / t, or -d / t for a distance
-        inv_t = (1.0 if module.distance.is_inverted else -1.0) / float(module.temperature)
-        params = _common.value_params(module.distance, sc_pos=inv_t, sc_neg=inv_t)
-        return _apply_ntxent_rows(x, y, ids, col_ids, params, True, backend, transform)[0]
+        return _apply_ntxent_rows(x, y, ids, col_ids, ntxent_params(module), True, backend, transform)[0]
 
     @staticmethod
     def combine(module, all_rows, global_ids, zero_like):

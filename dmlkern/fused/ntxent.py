@@ -85,6 +85,12 @@ class _NTXentRows(torch.autograd.Function):
 _apply_ntxent_rows = applier(_NTXentRows)
 
 
+def ntxent_params(module):
+    """The lse2 pass's logits, PML's s / t (or -d / t for a distance), through `value_params`."""
+    inv_t = (1.0 if module.distance.is_inverted else -1.0) / float(module.temperature)
+    return value_params(module.distance, sc_pos=inv_t, sc_neg=inv_t)
+
+
 def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     plan = all_pairs_plan(indices_tuple, embeddings, ref_emb)
     if plan is not None and is_plain_mean(module.reducer):  # CrossBatchMemory's pairs: the rolled queue
@@ -99,9 +105,7 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     exclude_diag, stats, degenerate = _stats_with_pair_rule_of(plan, labels, ref_labels)
     if degenerate.returns_zero_now():
         return ZERO_LOSS
-    # PML's logits: s / t, or -d / t for a distance
-    inv_t = (1.0 if module.distance.is_inverted else -1.0) / float(module.temperature)
-    params = value_params(module.distance, sc_pos=inv_t, sc_neg=inv_t)
+    params = ntxent_params(module)
     x, y, transform = engine_rows(module.distance, embeddings, ref_emb)
     # The loss is a sum over pairs: with the rows (and the reference rows) sorted by label, the
     # positives sit in a few tiles near the diagonal, and the pos_softplus pass computes only
