@@ -1042,3 +1042,151 @@ def test_cpp_two_sided_backward_past_the_sweep_budget():
     atol, rtol = TOLERANCES[torch.float32]
     _close(gx, want[0], atol, rtol, "grad_x")
     _close(gy, want[1], atol, rtol, "grad_y")
+
+
+# ----------------------------------------------------------------------------- C++ symmetric tiles
+# From 8 square blocks (128 rows below 16384, 256 from there) the C++ engine multiplies only the
+# tiles (a, b), a <= b, of a batch against itself (y is x, the same labels), in rounds of disjoint
+# blocks. 1029 rows: 9 blocks (an odd count, so each round has a bye) ending in a 5-row block;
+# 1280: 10 full blocks.
+SYM_TILE_ROWS = [1029, 1280]
+SYM_FORWARD_CONFIGS = [pytest.param(0, 0, 0, id="extrema"), pytest.param(1, 0, 0, id="lse2-dot-all"),
+                       pytest.param(1, 0, 1, id="lse2-dot-mined"), pytest.param(1, 1, 0, id="lse2-dist-all"),
+                       pytest.param(1, CIRCLE, 0, id="lse2-circle-all"), pytest.param(4, 0, 0, id="hinge-dot"),
+                       pytest.param(4, 1, 0, id="hinge-dist")]
+
+
+def _sym_tile_inputs(n, dtype, seed, nan_row=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, 24, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 40, (n,), generator=g)
+    if nan_row:
+        x[n // 3, 5] = float("nan")
+    return x.to(dtype), labels
+
+
+def _sym_row_in(x, labels, pass_kind, transform, mining, params, stats):
+    if pass_kind == 4:
+        return _hinge_row_in(len(x), "finite", stats, "cpu", seed=7)
+    return _row_in(x, x, labels, labels, True, transform, mining, params, stats)
+
+
+def _cpp_threads(threads, f):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return f()
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("pass_kind, transform, mining", SYM_FORWARD_CONFIGS)
+@pytest.mark.parametrize("n", SYM_TILE_ROWS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_cpp_symmetric_tiles_forward(dtype, n, pass_kind, transform, mining):
+    """The forward passes that walk every column (extrema, lse2, hinge) on the symmetric tile
+    schedule: the reference's statistics, with and without the self-pairs, and the same bits at 1
+    and 2 threads."""
+    _needs_engine("cpp")
+    atol, rtol = TOLERANCES[dtype]
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    x, labels = _sym_tile_inputs(n, dtype, seed=n + pass_kind)
+    params = HINGE_PARAMS[transform] if pass_kind == 4 else PARAMS[transform]
+    row_in = _sym_row_in(x, labels, pass_kind, transform, mining, params, stats)
+    for exclude_diag in (True, False) if transform != 1 else (True,):
+        def run():
+            return pe.engine_forward(x, x, labels, labels, row_in, pass_kind=pass_kind, transform=transform,
+                                     mining=mining, params=params, exclude_diag=exclude_diag, backend="cpp")
+        got = _cpp_threads(1, run)
+        want = reference.engine_forward(x.double(), x.double(), labels, labels, row_in.double(), pass_kind,
+                                        transform, mining, params, exclude_diag)
+        _close_to_scale(got, want, atol, rtol, f"forward (exclude_diag={exclude_diag})")
+        assert torch.equal(got, _cpp_threads(2, run)), "bits differ between 1 and 2 threads"
+
+
+@pytest.mark.parametrize("kind", ["lse2-dot-mined", "lse2-dist-lifted", "lse2-circle", "hinge-dist"])
+@pytest.mark.parametrize("n", SYM_TILE_ROWS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_cpp_symmetric_tiles_backward(dtype, n, kind):
+    """The symmetric backward on the tile schedule (grad[a] += W_ab x[b] and grad[b] += W_ab^T x[a]
+    from one tile): grad_x + grad_y of the two-sided reference, grad_y zero, the same bits at 1 and
+    2 threads. Covers the mined lse2 weights, the lifted C_lift column (its tiles with and without
+    a shared label), the circle transform and the hinge backward."""
+    _needs_engine("cpp")
+    atol, rtol = TOLERANCES[dtype]
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    x, labels = _sym_tile_inputs(n, dtype, seed=2 * n)
+    if kind == "lse2-dist-lifted":  # sorted classes of ~20 rows: most tiles share no label
+        labels = torch.sort(torch.randint(0, n // 20, (n,), generator=torch.Generator().manual_seed(1))).values
+    transform, mining = {"lse2-dot-mined": (0, 1), "lse2-dist-lifted": (1, 0), "lse2-circle": (CIRCLE, 0),
+                         "hinge-dist": (1, 0)}[kind]
+    g = torch.Generator().manual_seed(9)
+    if kind == "hinge-dist":
+        params = HINGE_PARAMS[1]
+        row_in = _hinge_row_in(n, "finite", stats, "cpu", seed=4)
+        coef = _hinge_coef(n, "cpu", stats, seed=5)
+    else:
+        params, row_in, lse = _row_in_and_lse(x, x, labels, labels, True, transform, mining, stats)
+        a = torch.rand(n, 4, generator=g, dtype=torch.float64)
+        a[::3, 0] = 0.0
+        cols = [a[:, 0], lse[:, 0], a[:, 1], lse[:, 1], a[:, 2]] + ([a[:, 3]] if kind == "lse2-dist-lifted" else [])
+        coef = torch.stack(cols, dim=1).to(stats)
+
+    def run():
+        return pe.engine_backward_raw(x, x, labels, labels, row_in, coef, transform=transform, mining=mining,
+                                      params=params, exclude_diag=True, backend="cpp", symmetric=True)
+    gx, gy = _cpp_threads(1, run)
+    wx, wy = reference.engine_backward(x.double(), x.double(), labels, labels, row_in.double(), coef.double(),
+                                       transform, mining, params, True)
+    _close_to_scale(gx, wx + wy, atol, rtol, "symmetric grad")
+    assert torch.equal(gy, torch.zeros_like(gy))
+    gx2, _ = _cpp_threads(2, run)
+    assert torch.equal(gx, gx2), "bits differ between 1 and 2 threads"
+
+
+def test_cpp_symmetric_tiles_nan_row():
+    """A NaN embedding row on the symmetric tile schedule: the lse2 pass and its backward put NaN
+    where the reference does (its row and, through the sums, every row it meets)."""
+    _needs_engine("cpp")
+    x, labels = _sym_tile_inputs(1029, torch.float32, seed=5, nan_row=True)
+    params = PARAMS[0]
+    row_in = torch.zeros(len(x), 3)
+    got = pe.engine_forward(x, x, labels, labels, row_in, pass_kind=1, params=params, exclude_diag=True,
+                            backend="cpp")
+    want = reference.engine_forward(x.double(), x.double(), labels, labels, row_in.double(), 1, 0, 0, params, True)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    coef = torch.stack([torch.full_like(want[:, 0], 0.5), want[:, 0], torch.full_like(want[:, 0], 0.25),
+                        want[:, 1], torch.zeros_like(want[:, 0])], dim=1)
+    gx, _ = pe.engine_backward_raw(x, x, labels, labels, row_in, coef.float(), transform=0, mining=0,
+                                   params=params, exclude_diag=True, backend="cpp", symmetric=True)
+    wx, wy = reference.engine_backward(x.double(), x.double(), labels, labels, row_in.double(), coef, 0, 0,
+                                       params, True)
+    assert torch.equal(torch.isnan(gx), torch.isnan(wx + wy))
+
+
+def test_cpp_symmetric_tiles_of_256_rows():
+    """From 16384 rows the symmetric blocks are 256 rows: 16411 rows (65 blocks, a bye each round,
+    a 27-row last block) on the symmetric schedule against the same call on a copy of x (not the
+    same tensor, so the row-block walk over every tile), for the lse2 pass and the hinge pass and
+    their backwards; fp64, D=3 (the products are not what is tested)."""
+    _needs_engine("cpp")
+    n = 16411
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(n, 3, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 2000, (n,), generator=g)
+    other = x.clone()
+    for pass_kind, transform, params in ((1, 0, PARAMS[0]), (4, 1, HINGE_PARAMS[1])):
+        row_in = torch.zeros(n, 3, dtype=torch.float64)
+        kw = dict(pass_kind=pass_kind, transform=transform, params=params, exclude_diag=True, backend="cpp")
+        got = pe.engine_forward(x, x, labels, labels, row_in, **kw)
+        want = pe.engine_forward(x, other, labels, labels, row_in, **kw)
+        _close_to_scale(got, want, 1e-12, 1e-10, f"pass {pass_kind} forward")
+        if pass_kind == 4:
+            coef = _hinge_coef(n, "cpu", torch.float64, seed=5)
+        else:
+            coef = torch.stack([torch.full_like(want[:, 0], 0.5), want[:, 0], torch.full_like(want[:, 0], 0.25),
+                                want[:, 1], torch.zeros_like(want[:, 0])], dim=1)
+        bw = dict(transform=transform, mining=0, params=params, exclude_diag=True, backend="cpp")
+        gs, _ = pe.engine_backward_raw(x, x, labels, labels, row_in, coef, symmetric=True, **bw)
+        wx, wy = pe.engine_backward_raw(x, other, labels, labels, row_in, coef, **bw)
+        _close_to_scale(gs, wx + wy, 1e-12, 1e-10, f"pass {pass_kind} backward")

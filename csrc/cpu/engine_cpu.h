@@ -4,21 +4,24 @@
 //
 // Row blocks run in parallel (at::parallel_for); each walks column tiles whose similarities
 // come from BLAS (at::mm_out into a per-task tile buffer), then a per-tile epilogue consumes
-// the tile. Every output row has exactly one writer: no atomics; with single-threaded tile
-// products (SerialBlasGuard) the bits do not depend on the thread count either. Nothing of
-// size N x M is ever allocated.
+// the tile. A batch against itself may instead run only the tiles a <= b, in rounds of disjoint
+// blocks (parallel_sym_tiles). Every output row has exactly one writer at a time: no atomics;
+// with single-threaded tile products (SerialBlasGuard) the bits do not depend on the thread
+// count either. Nothing of size N x M is ever allocated.
 #pragma once
 #include "vec_math.h"  // first: its pragma must precede every other include
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #if defined(__unix__) || defined(__APPLE__)
 #include <dlfcn.h>
 #endif
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "../engine_host.h"
 
@@ -83,6 +86,74 @@ void parallel_blocks(int64_t n_blocks, F&& body) {
 template <typename F>
 void parallel_row_blocks(int64_t n_rows, F&& body) {
   parallel_blocks(ceil_div(n_rows, kRowBlock), std::forward<F>(body));
+}
+
+// ---------------------------------------------------------------------------
+// The symmetric case (y is x, the same labels): S is symmetric, so only the tiles (a, b), a <= b,
+// of square blocks are multiplied, each serving rows a against columns b and rows b against
+// columns a (half the products). The tiles run in rounds where no block appears twice (a
+// round-robin tournament over the blocks, after a round of the diagonal tiles), so each row
+// still has one writer at a time, and it takes its tiles in an order fixed by N alone: the bits
+// do not depend on the thread count. Used from kSymMinBlocks blocks on (a round has half as many
+// tiles as there are blocks: fewer would leave threads idle); the block size depends on N only.
+constexpr int64_t kSymMinBlocks = 8;
+
+inline int64_t sym_block(int64_t n) { return n >= 64 * 256 ? 256 : 128; }
+
+inline bool use_sym_tiles(int64_t n, int64_t d) {
+  return d > 0 && ceil_div(n, sym_block(n)) >= kSymMinBlocks;
+}
+
+// The tiles of each round: pairs of block indices (a, b), a < b.
+inline std::vector<std::vector<std::pair<int64_t, int64_t>>> sym_rounds(int64_t n_blocks) {
+  const int64_t p = n_blocks + (n_blocks & 1);  // with an odd count, block p - 1 is a bye
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds(p - 1);
+  for (int64_t r = 0; r < p - 1; ++r) {
+    auto add = [&](int64_t a, int64_t b) {
+      if (a < n_blocks && b < n_blocks) rounds[r].emplace_back(std::min(a, b), std::max(a, b));
+    };
+    add(r, p - 1);
+    for (int64_t k = 1; k < p / 2; ++k) add((r + k) % (p - 1), (r - k + p - 1) % (p - 1));
+  }
+  return rounds;
+}
+
+// Runs tile(a0, na, b0, nb, scratch) on every tile of the symmetric schedule: the diagonal
+// tiles first (a0 == b0), then the rounds, each in parallel. scratch: this thread's buffer of
+// scratch_elems elements of `options`, reused from tile to tile (a fresh buffer per tile would
+// page-fault where glibc returns large blocks to the system, e.g. under MALLOC_MMAP_THRESHOLD_).
+template <typename F>
+void parallel_sym_tiles(int64_t n, int64_t scratch_elems, const at::TensorOptions& options,
+                        F&& tile) {
+  const int64_t bs = sym_block(n), n_blocks = ceil_div(n, bs);
+  std::vector<at::Tensor> scratch(at::get_num_threads());
+  auto run = [&](int64_t a, int64_t b) {
+    const size_t t = static_cast<size_t>(at::get_thread_num());
+    at::Tensor local;  // a thread outside the pool (none expected) gets its own
+    at::Tensor& buf = t < scratch.size() ? scratch[t] : local;
+    if (!buf.defined()) buf = at::empty({scratch_elems}, options);
+    const int64_t a0 = a * bs, b0 = b * bs;
+    tile(a0, std::min(bs, n - a0), b0, std::min(bs, n - b0), buf);
+  };
+  parallel_blocks(n_blocks, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) run(b, b);
+  });
+  for (const auto& round : sym_rounds(n_blocks)) {
+    parallel_blocks(static_cast<int64_t>(round.size()), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) run(round[t].first, round[t].second);
+    });
+  }
+}
+
+// Whether the engine's y is x itself and y_labels x_labels (the ops' autograd passes the same
+// tensors for a batch against itself): then S is symmetric.
+inline bool same_operands(const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
+                          const at::Tensor& y_labels) {
+  auto same = [](const at::Tensor& a, const at::Tensor& b) {
+    return a.is_same(b) || (a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() &&
+                            a.strides() == b.strides() && a.scalar_type() == b.scalar_type());
+  };
+  return same(x, y) && same(x_labels, y_labels);
 }
 
 // Per-row inputs as contiguous columns (structure of arrays) in the stats dtype.

@@ -283,15 +283,43 @@ DMLK_CPU_CLONES void grad_tile_sym(T* tile, int64_t na, int64_t nc, int64_t a0, 
   }
 }
 
-// grad[a] = sum_b W_ab x[b] with W_ab the symmetric weights of the tile S_ab = x[a] x[b]^T: two
-// products per tile where the two-sided backward takes four.
+// The symmetric backward: grad[a] = sum_b W_ab x[b], with W_ab the symmetric weights of the tile
+// S_ab = x[a] x[b]^T (epilogue(tile, na, nc, a0, c0, tile_has_pos) in place). From
+// kSymMinBlocks blocks, the tiles a <= b only (engine_cpu.h's parallel_sym_tiles): W_ab also
+// gives grad[b] += W_ab^T x[a], 3 products per tile pair where both tiles take 4. Fewer blocks:
+// grad_tiles over every tile (2 products per tile).
+template <typename T, typename Epilogue>
+void grad_sym_tiles(const at::Tensor& x, const int32_t* lab, bool lift, at::Tensor& grad,
+                    Epilogue epilogue) {
+  const int64_t n = x.size(0);
+  if (!use_sym_tiles(n, x.size(1))) {
+    grad_tiles<T>(x, x, lab, lab, lift, grad, epilogue);
+    return;
+  }
+  const int64_t bs = sym_block(n);
+  parallel_sym_tiles(n, bs * bs, x.options(), [&](int64_t a0, int64_t na, int64_t b0, int64_t nb,
+                                                  at::Tensor& scratch) {
+    const auto xa = x.narrow(0, a0, na), xb = x.narrow(0, b0, nb);
+    auto tile = scratch.narrow(0, 0, na * nb).view({na, nb});
+    at::mm_out(tile, xa, xb.t());
+    bool tile_has_pos = !lift;  // a label of rows a among rows b (the lifted term's tiles)
+    for (int64_t i = a0; i < a0 + na && !tile_has_pos; ++i) {
+      for (int64_t j = b0; j < b0 + nb && !tile_has_pos; ++j) tile_has_pos = lab[i] == lab[j];
+    }
+    epilogue(tile.template data_ptr<T>(), na, nb, a0, b0, tile_has_pos);
+    grad.narrow(0, a0, na).addmm_(tile, xb);
+    if (a0 != b0) grad.narrow(0, b0, nb).addmm_(tile.t(), xa);
+  });
+}
+
 template <typename T, int64_t TR, int64_t MI>
 void grad_sym(const at::Tensor& x, const int32_t* lab, const RowColumns<T>& rows,
               EngineParams<T> p, bool exclude_diag, at::Tensor& grad) {
-  grad_tiles<T>(x, x, lab, lab, rows.c_lift != nullptr, grad,
-                [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
-                  grad_tile_sym<T, TR, MI>(tile, na, nc, a0, c0, lab, rows, p, exclude_diag, has_pos);
-                });
+  grad_sym_tiles<T>(x, lab, rows.c_lift != nullptr, grad,
+                    [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
+                      grad_tile_sym<T, TR, MI>(tile, na, nc, a0, c0, lab, rows, p, exclude_diag,
+                                               has_pos);
+                    });
 }
 
 // ---------------------------------------------------------------------------
@@ -359,10 +387,11 @@ void hinge_backward(const at::Tensor& x, const at::Tensor& y, const int32_t* xla
                     bool exclude_diag, bool symmetric, int64_t chunks, at::Tensor& grad_x,
                     at::Tensor& grad_y) {
   if (symmetric) {
-    grad_tiles<T>(x, x, xlab, xlab, false, grad_x,
-                  [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
-                    hinge_grad_tile_sym<T, TR>(tile, na, nc, a0, c0, xlab, rows, p, exclude_diag);
-                  });
+    grad_sym_tiles<T>(x, xlab, false, grad_x,
+                      [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
+                        hinge_grad_tile_sym<T, TR>(tile, na, nc, a0, c0, xlab, rows, p,
+                                                   exclude_diag);
+                      });
     return;
   }
   const auto x_side = [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0) {

@@ -204,6 +204,31 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
   });
 }
 
+// The symmetric case (y is x, the same labels; engine_cpu.h's parallel_sym_tiles): one product per
+// tile pair (a, b), its transpose serving rows b. Each row's accumulator lives across the rounds.
+template <typename T, int64_t PASS, int64_t TR, int64_t MI>
+void forward_sym_impl(const at::Tensor& x, const int32_t* lab, const RowColumns<T>& rows,
+                      EngineParams<T> p, bool exclude_diag, at::Tensor& out) {
+  const int64_t n = x.size(0), bs = sym_block(n);
+  std::vector<PassAcc<PASS, T>> acc(n);
+  parallel_sym_tiles(n, 2 * bs * bs, x.options(), [&](int64_t a0, int64_t na, int64_t b0,
+                                                      int64_t nb, at::Tensor& scratch) {
+    auto tile = scratch.narrow(0, 0, na * nb).view({na, nb});
+    at::mm_out(tile, x.narrow(0, a0, na), x.narrow(0, b0, nb).t());
+    if (a0 != b0) {  // rows b against columns a: the transpose, before the epilogue overwrites it
+      auto tile_t = scratch.narrow(0, bs * bs, nb * na).view({nb, na});
+      tile_t.copy_(tile.t());
+      forward_tile<T, PASS, TR, MI>(tile_t.data_ptr<T>(), nb, na, b0, a0, lab, lab, rows, p,
+                                    exclude_diag, acc.data() + b0);
+    }
+    forward_tile<T, PASS, TR, MI>(tile.data_ptr<T>(), na, nb, a0, b0, lab, lab, rows, p,
+                                  exclude_diag, acc.data() + a0);
+  });
+  T* o = out.data_ptr<T>();
+  const int64_t cols = out.size(1);
+  for (int64_t i = 0; i < n; ++i) acc[i].store(o + i * cols);
+}
+
 at::Tensor pair_engine_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
                                    const at::Tensor& x_labels, const at::Tensor& y_labels,
                                    const at::Tensor& row_in, int64_t pass_kind, int64_t transform,
@@ -220,14 +245,23 @@ at::Tensor pair_engine_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_i
   const auto x = x_in.contiguous();
   const auto y = engine_operand(y_in);
   const auto [xl, yl] = label_codes(x_labels, y_labels);
+  const bool symmetric =
+      same_operands(x_in, y_in, x_labels, y_labels) && use_sym_tiles(n, x.size(1));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pair_engine_forward_cpu", [&] {
     const RowColumns<scalar_t> rows(row_in, nullptr, st);
     const auto p = make_params<scalar_t>(params);
     const int32_t* xlab = xl.data_ptr<int32_t>();
     const int32_t* ylab = yl.data_ptr<int32_t>();
     dispatch_forward_pass(pass_kind, transform, mining, [&](auto pass, auto tr, auto mi) {
-      forward_impl<scalar_t, decltype(pass)::value, decltype(tr)::value, decltype(mi)::value>(
-          x, y, xlab, ylab, rows, p, exclude_diag, out);
+      constexpr int64_t PASS = decltype(pass)::value, TR = decltype(tr)::value;
+      constexpr int64_t MI = decltype(mi)::value;
+      // Passes 2 and 3 visit only the positives' columns: they keep the row-block walk.
+      constexpr bool kAllColumns = PASS == kPassExtrema || PASS == kPassLse2 || PASS == kPassHinge;
+      if (kAllColumns && symmetric) {
+        forward_sym_impl<scalar_t, PASS, TR, MI>(x, xlab, rows, p, exclude_diag, out);
+      } else {
+        forward_impl<scalar_t, PASS, TR, MI>(x, y, xlab, ylab, rows, p, exclude_diag, out);
+      }
     });
   });
   return out;
