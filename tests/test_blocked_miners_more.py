@@ -378,3 +378,42 @@ def test_distance_weighted_peak_memory():
     """, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
     print(f"peak RSS growth {growth:.0f} MiB")
     assert growth < 128, growth
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("n, m, d, power, same", [(300, None, 33, 1, True), (200, 700, 7, 2, False),
+                                                  (70, 26, 5, 1, False), (2000, None, 128, 1, True)],
+                         ids=["self", "ref-power2", "26-refs", "2000x128"])
+def test_reused_euclidean_blocks_are_cdist_bits(dtype, n, m, d, power, same, monkeypatch):
+    """distance_blocks(reuse=True) with an LpDistance (BatchEasyHardMiner's way): each block has the
+    bits of torch.cdist on that block (the blocks' source before the reuse: the picks, hence the
+    indices, are unchanged), squared for power 2, every block written into the same buffer.
+    Blocks of 64 rows (several per call)."""
+    monkeypatch.setattr(blocked_miners, "_BLOCK_VALUES", 64 * (m or n))
+    g = torch.Generator().manual_seed(n)
+    emb = torch.randn(n, d, generator=g, dtype=dtype)
+    ref_emb = emb if same else torch.randn(m, d, generator=g, dtype=dtype)
+    dist = our_distances.LpDistance(power=power)
+    assert blocked_miners._EuclideanBlocks.apply(dist, emb, ref_emb)
+    q = torch.nn.functional.normalize(emb, dim=1)
+    r = q if same else torch.nn.functional.normalize(ref_emb, dim=1)
+    pointers, count = set(), 0
+    for r0, r1, mat in blocked_miners.distance_blocks(dist, emb, ref_emb, reuse=True):
+        want = torch.cdist(q[r0:r1], r) ** power
+        assert torch.equal(mat, want), f"rows {r0}:{r1}"
+        pointers.add(mat.data_ptr())
+        count += 1
+    assert count > 1 and len(pointers) == 1
+
+
+def test_reused_euclidean_blocks_decline():
+    """The reused Euclidean blocks only for dmlkern's LpDistance(p=2) on CPU fp32/fp64 rows, over 25
+    columns (cdist's product path), outside autograd."""
+    x = torch.randn(40, 6)
+    apply = blocked_miners._EuclideanBlocks.apply
+    assert apply(our_distances.LpDistance(), x, x)
+    assert not apply(our_distances.LpDistance(p=1), x, x)
+    assert not apply(our_distances.CosineSimilarity(), x, x)
+    assert not apply(our_distances.LpDistance(), x, x[:25])
+    assert not apply(our_distances.LpDistance(), x.half(), x.half())
+    assert not apply(our_distances.LpDistance(), x.requires_grad_(), x)

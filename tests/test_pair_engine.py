@@ -1050,10 +1050,13 @@ def test_cpp_two_sided_backward_past_the_sweep_budget():
 # blocks. 1029 rows: 9 blocks (an odd count, so each round has a bye) ending in a 5-row block;
 # 1280: 10 full blocks.
 SYM_TILE_ROWS = [1029, 1280]
-SYM_FORWARD_CONFIGS = [pytest.param(0, 0, 0, id="extrema"), pytest.param(1, 0, 0, id="lse2-dot-all"),
-                       pytest.param(1, 0, 1, id="lse2-dot-mined"), pytest.param(1, 1, 0, id="lse2-dist-all"),
-                       pytest.param(1, CIRCLE, 0, id="lse2-circle-all"), pytest.param(4, 0, 0, id="hinge-dot"),
-                       pytest.param(4, 1, 0, id="hinge-dist")]
+# (pass, transform, mining, params scale). lse2 without mining takes one sweep with a fixed shift per
+# set while its values' window is at most 64 wide in fp32 (PARAMS: 10 and 2); scaled by 40 it is
+# not (the two sweeps of the other passes).
+SYM_FORWARD_CONFIGS = [pytest.param(0, 0, 0, 1, id="extrema"), pytest.param(1, 0, 0, 1, id="lse2-dot-all"),
+                       pytest.param(1, 0, 0, 40, id="lse2-dot-wide"), pytest.param(1, 0, 1, 1, id="lse2-dot-mined"),
+                       pytest.param(1, 1, 0, 1, id="lse2-dist-all"), pytest.param(1, CIRCLE, 0, 1, id="lse2-circle-all"),
+                       pytest.param(4, 0, 0, 1, id="hinge-dot"), pytest.param(4, 1, 0, 1, id="hinge-dist")]
 
 
 def _sym_tile_inputs(n, dtype, seed, nan_row=False):
@@ -1080,10 +1083,10 @@ def _cpp_threads(threads, f):
         torch.set_num_threads(prev)
 
 
-@pytest.mark.parametrize("pass_kind, transform, mining", SYM_FORWARD_CONFIGS)
+@pytest.mark.parametrize("pass_kind, transform, mining, scale", SYM_FORWARD_CONFIGS)
 @pytest.mark.parametrize("n", SYM_TILE_ROWS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_cpp_symmetric_tiles_forward(dtype, n, pass_kind, transform, mining):
+def test_cpp_symmetric_tiles_forward(dtype, n, pass_kind, transform, mining, scale):
     """The forward passes that walk every column (extrema, lse2, hinge) on the symmetric tile
     schedule: the reference's statistics, with and without the self-pairs, and the same bits at 1
     and 2 threads."""
@@ -1092,6 +1095,7 @@ def test_cpp_symmetric_tiles_forward(dtype, n, pass_kind, transform, mining):
     stats = torch.float64 if dtype == torch.float64 else torch.float32
     x, labels = _sym_tile_inputs(n, dtype, seed=n + pass_kind)
     params = HINGE_PARAMS[transform] if pass_kind == 4 else PARAMS[transform]
+    params = [scale * v for v in params[:4]] + params[4:]
     row_in = _sym_row_in(x, labels, pass_kind, transform, mining, params, stats)
     for exclude_diag in (True, False) if transform != 1 else (True,):
         def run():
@@ -1104,21 +1108,26 @@ def test_cpp_symmetric_tiles_forward(dtype, n, pass_kind, transform, mining):
         assert torch.equal(got, _cpp_threads(2, run)), "bits differ between 1 and 2 threads"
 
 
-@pytest.mark.parametrize("kind", ["lse2-dot-mined", "lse2-dist-lifted", "lse2-circle", "hinge-dist"])
+@pytest.mark.parametrize("kind", ["lse2-dot-fixed", "lse2-dist-fixed", "lse2-dot-low-lse", "lse2-dot-mined",
+                                  "lse2-dist-lifted", "lse2-circle", "hinge-dist"])
 @pytest.mark.parametrize("n", SYM_TILE_ROWS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_cpp_symmetric_tiles_backward(dtype, n, kind):
     """The symmetric backward on the tile schedule (grad[a] += W_ab x[b] and grad[b] += W_ab^T x[a]
     from one tile): grad_x + grad_y of the two-sided reference, grad_y zero, the same bits at 1 and
-    2 threads. Covers the mined lse2 weights, the lifted C_lift column (its tiles with and without
-    a shared label), the circle transform and the hinge backward."""
+    2 threads. Covers the lse2 weights with a fixed shift (mining 0, no B_pos: one exp per pair),
+    without it (LSE coefficients far below every value, as no forward gives them: A·exp(U − LSE)
+    would overflow), the mined lse2 weights,
+    the lifted C_lift column (its tiles with and without a shared label), the circle transform and
+    the hinge backward."""
     _needs_engine("cpp")
     atol, rtol = TOLERANCES[dtype]
     stats = torch.float64 if dtype == torch.float64 else torch.float32
     x, labels = _sym_tile_inputs(n, dtype, seed=2 * n)
     if kind == "lse2-dist-lifted":  # sorted classes of ~20 rows: most tiles share no label
         labels = torch.sort(torch.randint(0, n // 20, (n,), generator=torch.Generator().manual_seed(1))).values
-    transform, mining = {"lse2-dot-mined": (0, 1), "lse2-dist-lifted": (1, 0), "lse2-circle": (CIRCLE, 0),
+    transform, mining = {"lse2-dot-fixed": (0, 0), "lse2-dist-fixed": (1, 0), "lse2-dot-low-lse": (0, 0),
+                         "lse2-dot-mined": (0, 1), "lse2-dist-lifted": (1, 0), "lse2-circle": (CIRCLE, 0),
                          "hinge-dist": (1, 0)}[kind]
     g = torch.Generator().manual_seed(9)
     if kind == "hinge-dist":
@@ -1129,6 +1138,13 @@ def test_cpp_symmetric_tiles_backward(dtype, n, kind):
         params, row_in, lse = _row_in_and_lse(x, x, labels, labels, True, transform, mining, stats)
         a = torch.rand(n, 4, generator=g, dtype=torch.float64)
         a[::3, 0] = 0.0
+        if kind in ("lse2-dot-fixed", "lse2-dist-fixed", "lse2-dot-low-lse"):
+            a[:, 2] = 0.0  # no B_pos term
+        if kind == "lse2-dot-low-lse":  # LSE_pos far below any value (the forward can't give it): two exps
+            drop = 100.0 if dtype == torch.float32 else 600.0
+            lse = lse.clone()
+            lse[::5, 0] -= drop
+            a[::5, 0] *= math.exp(-drop - 5.0)
         cols = [a[:, 0], lse[:, 0], a[:, 1], lse[:, 1], a[:, 2]] + ([a[:, 3]] if kind == "lse2-dist-lifted" else [])
         coef = torch.stack(cols, dim=1).to(stats)
 

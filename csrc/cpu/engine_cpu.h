@@ -15,7 +15,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <optional>
 #if defined(__unix__) || defined(__APPLE__)
 #include <dlfcn.h>
 #endif
@@ -143,6 +145,40 @@ void parallel_sym_tiles(int64_t n, int64_t scratch_elems, const at::TensorOption
       for (int64_t t = t0; t < t1; ++t) run(round[t].first, round[t].second);
     });
   }
+}
+
+// The lse2 pass and its backward (mining 0, transforms 0 and 1) with a fixed shift per set: when
+// the values u = sc * v + off of every pair lie within a known window below U (from the rows'
+// largest norm), exp(u - U) neither overflows nor leaves the normal range, so the forward's sums
+// need no running maximum (one sweep), and in the symmetric case the pair (i, j) and the pair
+// (j, i) share their exp: in the forward row i's sum and column j's sum (row j's) take the same
+// term, and the backward's two halves are e * (c_i + c_j) with c_k = A_k exp(U - LSE_k) per row.
+template <typename T>
+struct FixedShift {
+  T pos, neg;
+};
+
+// The window's width the sums take: e^-64 (fp32) and e^-512 (fp64) are far inside the normal
+// range, so the largest term of a row keeps its relative precision.
+template <typename T>
+constexpr double kFixedShiftWidth = sizeof(T) == 4 ? 64.0 : 512.0;
+
+// U per set, or nothing when a window is wider than kFixedShiftWidth (or not finite: NaN or inf
+// rows keep the two sweeps, which propagate them as the reference does).
+template <typename T, int64_t TR>
+std::optional<FixedShift<T>> fixed_shift(const at::Tensor& x, const EngineParams<T>& p) {
+  const double b = x.numel() == 0 ? 0.0 : x.to(at::kDouble).square().sum(1).max().item<double>();
+  // |s| <= b for any two rows; transform 1's v = sqrt(max(2 - 2s, 0)) lies in [0, sqrt(2 + 2b)].
+  const double v_lo = TR == kTransformDot ? -b : 0.0;
+  const double v_hi = TR == kTransformDot ? b : std::sqrt(2.0 + 2.0 * b);
+  auto upper = [&](double sc, double off) -> std::optional<double> {
+    const double width = std::abs(sc) * (v_hi - v_lo);
+    if (!(width <= kFixedShiftWidth<T>)) return std::nullopt;
+    return std::max(sc * v_lo, sc * v_hi) + off;
+  };
+  const auto up = upper(p.sc_pos, p.off_pos), un = upper(p.sc_neg, p.off_neg);
+  if (!up || !un) return std::nullopt;
+  return FixedShift<T>{static_cast<T>(*up), static_cast<T>(*un)};
 }
 
 // Whether the engine's y is x itself and y_labels x_labels (the ops' autograd passes the same

@@ -9,6 +9,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -312,9 +315,84 @@ void grad_sym_tiles(const at::Tensor& x, const int32_t* lab, bool lift, at::Tens
   });
 }
 
+// The symmetric lse2 backward with a fixed shift (engine_cpu.h's FixedShift; mining 0, no B_pos
+// or C_lift term): dl/dv of the pair (i, j) plus the pair (j, i) is sc * (c_i + c_j) * exp(u - U)
+// in its set, one exp per pair (c_pos, c_neg: per row, below).
+template <typename T, int64_t TR>
+DMLK_CPU_CLONES void grad_tile_sym_fixed(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
+                                         const int32_t* lab, const T* c_pos, const T* c_neg,
+                                         EngineParams<T> p, FixedShift<T> u, bool exclude_diag) {
+  const CpuExp ex;
+  const int inc = static_cast<int>(nc);
+  const int32_t* clab = lab + c0;
+  const T *cp = c_pos + c0, *cn = c_neg + c0;
+  for (int64_t r = 0; r < na; ++r) {
+    const int64_t i = a0 + r;
+    const T cp_i = c_pos[i], cn_i = c_neg[i];
+    const int32_t li = lab[i];
+    const int diag = diag_column(exclude_diag, i, c0, nc);
+    T* w = tile + r * nc;
+#pragma omp simd
+    for (int c = 0; c < inc; ++c) {
+      const T v = engine_value<TR>(w[c], CpuSqrt());
+      const bool same = clab[c] == li;
+      const bool kp = same & (c != diag), kn = !same;
+      const T e = ex(same ? p.sc_pos * v + p.off_pos - u.pos : p.sc_neg * v + p.off_neg - u.neg);
+      const T coef = same ? (kp ? p.sc_pos * (cp_i + cp[c]) : T(0)) : p.sc_neg * (cn_i + cn[c]);
+      w[c] = engine_set_dl_ds<TR>(v, coef * e, kp, kn, p);
+    }
+  }
+}
+
+// c = A exp(U - LSE) per row and set (0 where the set's term is dead: A = 0 or an empty set), as
+// a (2, N) tensor. Nothing (each half then takes its own exp) when a live LSE lies more than the
+// window below U (an LSE the forward can't have given: it is at least the row's largest u), or a
+// c is not finite or could overflow in sc * (c_i + c_j).
+template <typename T>
+std::optional<at::Tensor> fixed_shift_coefs(const RowColumns<T>& rows, int64_t n,
+                                            FixedShift<T> u, const EngineParams<T>& p) {
+  auto out = at::empty({2, n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* c = out.template data_ptr<T>();
+  const double limit = static_cast<double>(std::numeric_limits<T>::max()) / 4.0;
+  const double sc = std::max(std::abs(double(p.sc_pos)), std::abs(double(p.sc_neg)));
+  const auto coef = [&](T a, T lse, T shift, double& value) {
+    const bool live = a != T(0) && lse != neg_infinity<T>();
+    const double below = double(shift) - double(lse);
+    value = live ? double(a) * std::exp(below) : 0.0;
+    return (!live || below <= kFixedShiftWidth<T>) && std::isfinite(value) &&
+           2.0 * sc * std::abs(value) < limit;
+  };
+  for (int64_t k = 0; k < n; ++k) {
+    double cp = 0.0, cn = 0.0;
+    if (!coef(rows.a_pos[k], rows.lse_pos[k], u.pos, cp) ||
+        !coef(rows.a_neg[k], rows.lse_neg[k], u.neg, cn)) {
+      return std::nullopt;
+    }
+    c[k] = static_cast<T>(cp);
+    c[n + k] = static_cast<T>(cn);
+  }
+  return out;
+}
+
 template <typename T, int64_t TR, int64_t MI>
 void grad_sym(const at::Tensor& x, const int32_t* lab, const RowColumns<T>& rows,
               EngineParams<T> p, bool exclude_diag, at::Tensor& grad) {
+  const int64_t n = x.size(0);
+  if constexpr (MI == kMiningNone && TR != kTransformCircle) {
+    const bool plain = rows.c_lift == nullptr && std::all_of(rows.b_pos, rows.b_pos + n,
+                                                             [](T b) { return b == T(0); });
+    if (const auto u = plain ? fixed_shift<T, TR>(x, p) : std::nullopt) {
+      if (const auto c = fixed_shift_coefs<T>(rows, n, *u, p)) {
+        const T* cp = c->template data_ptr<T>();
+        grad_sym_tiles<T>(x, lab, false, grad,
+                          [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
+                            grad_tile_sym_fixed<T, TR>(tile, na, nc, a0, c0, lab, cp, cp + n, p,
+                                                       *u, exclude_diag);
+                          });
+        return;
+      }
+    }
+  }
   grad_sym_tiles<T>(x, lab, rows.c_lift != nullptr, grad,
                     [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
                       grad_tile_sym<T, TR, MI>(tile, na, nc, a0, c0, lab, rows, p, exclude_diag,

@@ -41,18 +41,59 @@ def _row_blocks(n, m):
         r0 = r1
 
 
-def distance_blocks(distance, embeddings, ref_emb, want=None):
+def distance_blocks(distance, embeddings, ref_emb, want=None, reuse=False):
     """(r0, r1, distance(embeddings, ref_emb)[r0:r1]) block by block (only the blocks where
     want(r0, r1), if given). Records the distance's statistics as one call would (a no-op unless
-    it collects them)."""
+    it collects them). reuse=True: the caller is done with a block before asking for the next,
+    so a Euclidean block may be written into the previous one's buffer (`_EuclideanBlocks`)."""
     distance.record_stats(embeddings, ref_emb)
     query = distance.maybe_normalize(embeddings)
     refs = query if ref_emb is embeddings else distance.maybe_normalize(ref_emb)
+    euclidean = _EuclideanBlocks(refs) if reuse and _EuclideanBlocks.apply(distance, query, refs) else None
     for r0, r1 in _row_blocks(embeddings.shape[0], refs.shape[0]):
         if want is not None and not want(r0, r1):
             continue
+        if euclidean is not None:
+            mat = euclidean.block(query[r0:r1])
+            yield r0, r1, mat if distance.power == 1 else mat.pow_(distance.power)
+            continue
         mat = distance.compute_mat(query[r0:r1], refs)
         yield r0, r1, mat if distance.power == 1 else mat**distance.power
+
+
+class _EuclideanBlocks:
+    """`torch.cdist(q, refs)` block after block, bit for bit, into one reused buffer. cdist's
+    product path (either side over 25 rows) builds refs' padded (M, D + 2) copy and a fresh (B, M)
+    result for every block: where freed memory goes back to the system (glibc past its mmap
+    threshold, as under the bench's MALLOC_MMAP_THRESHOLD_) each block then pays its page faults,
+    more than the block's product. Here the padded refs are built once and each block's product
+    goes into the same buffer, with cdist's own ops: [-2q, |q|², 1] @ [r, 1, |r|²]ᵀ, clamped at 0,
+    square root (tested bit for bit against torch.cdist)."""
+
+    @staticmethod
+    def apply(distance, query, refs):
+        from ..distances import LpDistance
+        return (isinstance(distance, LpDistance) and type(distance).compute_mat is LpDistance.compute_mat
+                and distance.p == 2 and query.device.type == "cpu" and refs.device == query.device
+                and query.dtype in (torch.float32, torch.float64) and refs.dtype == query.dtype
+                and refs.shape[0] > 25 and query.shape[1] > 0
+                and not (torch.is_grad_enabled() and (query.requires_grad or refs.requires_grad)))
+
+    def __init__(self, refs):
+        norms = refs.pow(2).sum(-1, keepdim=True)
+        self._padded = torch.cat([refs, torch.ones_like(norms), norms], -1)
+        self._buffer = refs.new_empty(0)
+
+    def block(self, q):
+        norms = q.pow(2).sum(-1, keepdim=True)
+        padded = torch.cat([q.mul(-2), norms, torch.ones_like(norms)], -1)
+        rows, cols = q.shape[0], self._padded.shape[0]
+        if self._buffer.numel() < rows * cols:
+            self._buffer = None
+            self._buffer = q.new_empty(rows * cols)
+        out = self._buffer[:rows * cols].view(rows, cols)
+        torch.mm(padded, self._padded.mT, out=out)
+        return out.clamp_min_(0).sqrt_()
 
 
 def _candidates(labels, ref_labels, r0, r1):
@@ -135,7 +176,7 @@ def batch_easy_hard_miner(distance, embeddings, labels, ref_emb, ref_labels, pos
     order = 1 if pos_strategy == ref.SEMIHARD and pick_neg else 2 if neg_strategy == ref.SEMIHARD and pick_pos else 0
     modes = [(1 if take_min else 2) if pick else 0
              for pick, take_min in ((pick_pos, pos_take_min), (pick_neg, neg_take_min))]
-    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb):
+    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb, reuse=True):  # picks copy out of mat
         if _cpu_picks_apply(mat, labels, ref_labels):
             pos, neg = _cpu_picks(mat, labels, ref_labels, r0, r1, *modes, order, allowed_pos_range,
                                   allowed_neg_range)
