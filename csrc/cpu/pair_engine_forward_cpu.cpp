@@ -205,147 +205,124 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
   });
 }
 
-// One tile of rows a0.. against columns b0.. (s in place): each row's sums of exp(u - U) into
-// acc_rows[r]; with col_pos / col_neg (an off-diagonal tile of the symmetric case), the same
-// terms summed per column into them (zeroed by the caller), rows b's sums.
+// The lse2 pass with a fixed shift on an off-diagonal tile of the symmetric case (no self-pair):
+// each pair's exp(u - U) once, into row i's sums and into column j's (rows b's) in cols (2 x nb,
+// zeroed: pos, then neg).
 template <typename T, int64_t TR>
-DMLK_CPU_CLONES void lse2_fixed_tile(const T* tile, int64_t na, int64_t nb, int64_t a0, int64_t b0,
-                                     const int32_t* lab, EngineParams<T> p, FixedShift<T> u,
-                                     bool exclude_diag, Lse2Acc<T>* acc_rows, T* col_pos,
-                                     T* col_neg) {
+DMLK_CPU_CLONES void lse2_fixed_sym_tile(const T* tile, int64_t na, int64_t nb, const int32_t* row_lab,
+                                         const int32_t* col_lab, EngineParams<T> p, FixedShift<T> u,
+                                         Lse2Acc<T>* acc_rows, T* cols) {
   const CpuExp ex;
   const int inb = static_cast<int>(nb);
-  const int32_t* clab = lab + b0;
+  T *c_pos = cols, *c_neg = cols + nb;
   for (int64_t r = 0; r < na; ++r) {
-    const int64_t i = a0 + r;
     const T* s = tile + r * nb;
-    const int32_t li = lab[i];
-    const int diag = diag_column(exclude_diag, i, b0, nb);
+    const int32_t li = row_lab[r];
     T sp = T(0), sn = T(0);
-    if (col_pos != nullptr) {
 #pragma omp simd reduction(+ : sp, sn)
-      for (int c = 0; c < inb; ++c) {
-        const T v = engine_value<TR>(s[c], CpuSqrt());
-        const bool same = clab[c] == li;
-        const bool kp = same & (c != diag);  // engine_pos_kept / _neg_kept without mining
-        const T e = ex(same ? p.sc_pos * v + p.off_pos - u.pos : p.sc_neg * v + p.off_neg - u.neg);
-        const T ep = kp ? e : T(0), en = same ? T(0) : e;
-        sp += ep;
-        sn += en;
-        col_pos[c] += ep;
-        col_neg[c] += en;
-      }
-    } else {
-#pragma omp simd reduction(+ : sp, sn)
-      for (int c = 0; c < inb; ++c) {
-        const T v = engine_value<TR>(s[c], CpuSqrt());
-        const bool same = clab[c] == li;
-        const bool kp = same & (c != diag);
-        const T e = ex(same ? p.sc_pos * v + p.off_pos - u.pos : p.sc_neg * v + p.off_neg - u.neg);
-        sp += kp ? e : T(0);
-        sn += same ? T(0) : e;
-      }
+    for (int c = 0; c < inb; ++c) {
+      const T v = engine_value<TR>(s[c], CpuSqrt());
+      const bool same = col_lab[c] == li;
+      const T e = ex(same ? p.sc_pos * v + p.off_pos - u.pos : p.sc_neg * v + p.off_neg - u.neg);
+      const T ep = same ? e : T(0), en = same ? T(0) : e;
+      sp += ep;
+      sn += en;
+      c_pos[c] += ep;
+      c_neg[c] += en;
     }
     acc_rows[r].pos.merge(u.pos, sp);
     acc_rows[r].neg.merge(u.neg, sn);
   }
 }
 
-// The extrema pass on one tile of the symmetric case: each pair's v once, into row i's extrema and,
-// with cols (an off-diagonal tile: 3 x nb, the caller's -inf / +inf / 0 start), into column j's
-// (rows b's): max over negatives (a kept NaN recorded in the third row), min over positives.
+// The extrema pass on an off-diagonal tile of the symmetric case (no self-pair): each pair's v
+// once, into row i's extrema and into column j's (rows b's) in cols (3 x nb, starting at -inf /
+// +inf / 0): max over negatives (a kept NaN flagged in the third row), min over positives.
 template <typename T, int64_t TR>
-DMLK_CPU_CLONES void extrema_sym_tile(const T* tile, int64_t na, int64_t nb, int64_t a0, int64_t b0,
-                                      const int32_t* lab, bool exclude_diag,
-                                      ExtremaAcc<T>* acc_rows, T* cols) {
+DMLK_CPU_CLONES void extrema_sym_tile(const T* tile, int64_t na, int64_t nb, const int32_t* row_lab,
+                                      const int32_t* col_lab, ExtremaAcc<T>* acc_rows, T* cols) {
   const int inb = static_cast<int>(nb);
-  const int32_t* clab = lab + b0;
+  T *c_mx = cols, *c_mn = cols + nb, *c_nan = cols + 2 * nb;
   for (int64_t r = 0; r < na; ++r) {
-    const int64_t i = a0 + r;
     const T* s = tile + r * nb;
-    const int32_t li = lab[i];
-    const int diag = diag_column(exclude_diag, i, b0, nb);
+    const int32_t li = row_lab[r];
     T mx = neg_infinity<T>(), mn = pos_infinity<T>();
     int nan_neg = 0;
-    if (cols != nullptr) {
-      T *c_mx = cols, *c_mn = cols + nb, *c_nan = cols + 2 * nb;
 #pragma omp simd reduction(max : mx) reduction(min : mn) reduction(| : nan_neg)
-      for (int c = 0; c < inb; ++c) {
-        const T v = engine_value<TR>(s[c], CpuSqrt());
-        const bool kp = clab[c] == li, kn = !kp;  // no self-pair off the diagonal
-        mx = (kn && v > mx) ? v : mx;
-        mn = (kp && v < mn) ? v : mn;
-        nan_neg |= static_cast<int>(kn && v != v);
-        c_mx[c] = (kn && v > c_mx[c]) ? v : c_mx[c];
-        c_mn[c] = (kp && v < c_mn[c]) ? v : c_mn[c];
-        c_nan[c] = (kn && v != v) ? T(1) : c_nan[c];
-      }
-    } else {
-#pragma omp simd reduction(max : mx) reduction(min : mn) reduction(| : nan_neg)
-      for (int c = 0; c < inb; ++c) {
-        const T v = engine_value<TR>(s[c], CpuSqrt());
-        const bool same = clab[c] == li;
-        const bool kp = engine_pos_kept<kMiningNone>(v, same, c == diag, T(0), T(0));
-        const bool kn = engine_neg_kept<kMiningNone>(v, same, T(0), T(0));
-        mx = (kn && v > mx) ? v : mx;
-        mn = (kp && v < mn) ? v : mn;
-        nan_neg |= static_cast<int>(kn && v != v);
-      }
+    for (int c = 0; c < inb; ++c) {
+      const T v = engine_value<TR>(s[c], CpuSqrt());
+      const bool kp = col_lab[c] == li, kn = !kp;
+      mx = (kn && v > mx) ? v : mx;
+      mn = (kp && v < mn) ? v : mn;
+      nan_neg |= static_cast<int>(kn && v != v);
+      c_mx[c] = (kn && v > c_mx[c]) ? v : c_mx[c];
+      c_mn[c] = (kp && v < c_mn[c]) ? v : c_mn[c];
+      c_nan[c] = (kn && v != v) ? T(1) : c_nan[c];
     }
     acc_rows[r].merge(nan_neg ? quiet_nan<T>() : mx, mn);
   }
 }
 
-// The hinge pass on one tile of the symmetric case: each pair's v once, its terms with row i's L
-// into acc_rows[r] and, with cols (an off-diagonal tile: 4 x nb sums, zeroed by the caller), with
-// row j's L into the column's sums (rows b's).
+// The hinge pass on an off-diagonal tile of the symmetric case: each pair's v once, its terms with
+// row i's L into acc_rows[r] and with row j's L into column j's sums in cols (4 x nb, zeroed).
 template <typename T, int64_t TR>
-DMLK_CPU_CLONES void hinge_sym_tile(const T* tile, int64_t na, int64_t nb, int64_t a0, int64_t b0,
-                                    const int32_t* lab, const T* L, EngineParams<T> p,
-                                    bool exclude_diag, HingeAcc<T>* acc_rows, T* cols) {
+DMLK_CPU_CLONES void hinge_sym_tile(const T* tile, int64_t na, int64_t nb, const int32_t* row_lab,
+                                    const int32_t* col_lab, const T* row_L, const T* col_L,
+                                    EngineParams<T> p, HingeAcc<T>* acc_rows, T* cols) {
   const int inb = static_cast<int>(nb);
-  const int32_t* clab = lab + b0;
-  const T* L_col = L + b0;
+  T *c_sp = cols, *c_cp = cols + nb, *c_sn = cols + 2 * nb, *c_cn = cols + 3 * nb;
   for (int64_t r = 0; r < na; ++r) {
-    const int64_t i = a0 + r;
     const T* s = tile + r * nb;
-    const int32_t li = lab[i];
-    const T L_i = L[i];
-    const int diag = diag_column(exclude_diag, i, b0, nb);
+    const int32_t li = row_lab[r];
+    const T L_i = row_L[r];
     T sp = T(0), cp = T(0), sn = T(0), cn = T(0);
-    if (cols != nullptr) {
-      T *c_sp = cols, *c_cp = cols + nb, *c_sn = cols + 2 * nb, *c_cn = cols + 3 * nb;
 #pragma omp simd reduction(+ : sp, cp, sn, cn)
-      for (int c = 0; c < inb; ++c) {
-        const T v = engine_value<TR>(s[c], CpuSqrt());
-        const bool same = clab[c] == li;
-        const bool kp = same, kn = !same;  // no self-pair off the diagonal
-        const HingeTerms<T> t = engine_hinge_terms(v, kp, kn, L_i, p);
-        sp += t.pos;
-        cp += t.pos_nonzero;
-        sn += t.neg;
-        cn += t.neg_nonzero;
-        const HingeTerms<T> u = engine_hinge_terms(v, kp, kn, L_col[c], p);
-        c_sp[c] += u.pos;
-        c_cp[c] += u.pos_nonzero;
-        c_sn[c] += u.neg;
-        c_cn[c] += u.neg_nonzero;
-      }
-    } else {
-#pragma omp simd reduction(+ : sp, cp, sn, cn)
-      for (int c = 0; c < inb; ++c) {
-        const T v = engine_value<TR>(s[c], CpuSqrt());
-        const bool same = clab[c] == li;
-        const bool kp = engine_pos_kept<kMiningNone>(v, same, c == diag, T(0), T(0));
-        const bool kn = engine_neg_kept<kMiningNone>(v, same, T(0), T(0));
-        const HingeTerms<T> t = engine_hinge_terms(v, kp, kn, L_i, p);
-        sp += t.pos;
-        cp += t.pos_nonzero;
-        sn += t.neg;
-        cn += t.neg_nonzero;
-      }
+    for (int c = 0; c < inb; ++c) {
+      const T v = engine_value<TR>(s[c], CpuSqrt());
+      const bool kp = col_lab[c] == li, kn = !kp;
+      const HingeTerms<T> t = engine_hinge_terms(v, kp, kn, L_i, p);
+      sp += t.pos;
+      cp += t.pos_nonzero;
+      sn += t.neg;
+      cn += t.neg_nonzero;
+      const HingeTerms<T> u = engine_hinge_terms(v, kp, kn, col_L[c], p);
+      c_sp[c] += u.pos;
+      c_cp[c] += u.pos_nonzero;
+      c_sn[c] += u.neg;
+      c_cn[c] += u.neg_nonzero;
     }
     acc_rows[r].merge(sp, cp, sn, cn);
+  }
+}
+
+// An off-diagonal tile of the symmetric case reduced per row (rows a0..) and per column (rows
+// b0..'s) in one sweep: extrema, hinge, or lse2 with a fixed shift. cols: 4 x nb scratch.
+template <typename T, int64_t PASS, int64_t TR>
+void both_sides_tile(const T* t, int64_t na, int64_t nb, int64_t a0, int64_t b0, const int32_t* lab,
+                     const RowColumns<T>& rows, EngineParams<T> p,
+                     const std::optional<FixedShift<T>>& shift, PassAcc<PASS, T>* acc, T* cols) {
+  if constexpr (PASS == kPassLse2) {
+    std::fill(cols, cols + 2 * nb, T(0));
+    lse2_fixed_sym_tile<T, TR>(t, na, nb, lab + a0, lab + b0, p, *shift, acc + a0, cols);
+    for (int64_t c = 0; c < nb; ++c) {
+      acc[b0 + c].pos.merge(shift->pos, cols[c]);
+      acc[b0 + c].neg.merge(shift->neg, cols[nb + c]);
+    }
+  } else if constexpr (PASS == kPassExtrema) {
+    std::fill(cols, cols + nb, neg_infinity<T>());
+    std::fill(cols + nb, cols + 2 * nb, pos_infinity<T>());
+    std::fill(cols + 2 * nb, cols + 3 * nb, T(0));
+    extrema_sym_tile<T, TR>(t, na, nb, lab + a0, lab + b0, acc + a0, cols);
+    for (int64_t c = 0; c < nb; ++c) {
+      acc[b0 + c].merge(cols[2 * nb + c] != T(0) ? quiet_nan<T>() : cols[c], cols[nb + c]);
+    }
+  } else if constexpr (PASS == kPassHinge) {
+    std::fill(cols, cols + 4 * nb, T(0));
+    hinge_sym_tile<T, TR>(t, na, nb, lab + a0, lab + b0, rows.L + a0, rows.L + b0, p, acc + a0,
+                          cols);
+    for (int64_t c = 0; c < nb; ++c) {
+      acc[b0 + c].merge(cols[c], cols[nb + c], cols[2 * nb + c], cols[3 * nb + c]);
+    }
   }
 }
 
@@ -366,44 +343,17 @@ void forward_sym_impl(const at::Tensor& x, const int32_t* lab, const RowColumns<
                                                       int64_t nb, at::Tensor& scratch) {
     auto tile = scratch.narrow(0, 0, na * nb).view({na, nb});
     at::mm_out(tile, x.narrow(0, a0, na), x.narrow(0, b0, nb).t());
-    if constexpr (PASS == kPassLse2 && MI == kMiningNone && TR != kTransformCircle) {
-      if (shift) {
-        T* col = scratch.template data_ptr<T>() + bs * bs;  // column sums: pos, then neg
-        const bool off_diagonal = a0 != b0;
-        std::fill(col, col + 2 * nb, T(0));
-        lse2_fixed_tile<T, TR>(tile.template data_ptr<T>(), na, nb, a0, b0, lab, p, *shift,
-                               exclude_diag, acc.data() + a0, off_diagonal ? col : nullptr,
-                               off_diagonal ? col + nb : nullptr);
-        for (int64_t c = 0; c < nb && off_diagonal; ++c) {
-          acc[b0 + c].pos.merge(shift->pos, col[c]);
-          acc[b0 + c].neg.merge(shift->neg, col[nb + c]);
-        }
+    // Extrema, hinge, and lse2 with a fixed shift: an off-diagonal tile's terms reduced per row and
+    // per column in one sweep (the diagonal tiles below).
+    constexpr bool kColumnSums = (PASS == kPassExtrema || PASS == kPassHinge ||
+                                  (PASS == kPassLse2 && MI == kMiningNone)) &&
+                                 TR != kTransformCircle;
+    if constexpr (kColumnSums) {
+      if (a0 != b0 && (PASS != kPassLse2 || shift)) {
+        both_sides_tile<T, PASS, TR>(tile.template data_ptr<T>(), na, nb, a0, b0, lab, rows, p, shift,
+                                     acc.data(), scratch.template data_ptr<T>() + bs * bs);
         return;
       }
-    }
-    if constexpr (PASS == kPassExtrema && TR != kTransformCircle) {
-      T* cols = scratch.template data_ptr<T>() + bs * bs;  // 3 x nb column extrema
-      const bool off_diagonal = a0 != b0;
-      std::fill(cols, cols + nb, neg_infinity<T>());
-      std::fill(cols + nb, cols + 2 * nb, pos_infinity<T>());
-      std::fill(cols + 2 * nb, cols + 3 * nb, T(0));
-      extrema_sym_tile<T, TR>(tile.template data_ptr<T>(), na, nb, a0, b0, lab, exclude_diag,
-                              acc.data() + a0, off_diagonal ? cols : nullptr);
-      for (int64_t c = 0; c < nb && off_diagonal; ++c) {
-        acc[b0 + c].merge(cols[2 * nb + c] != T(0) ? quiet_nan<T>() : cols[c], cols[nb + c]);
-      }
-      return;
-    }
-    if constexpr (PASS == kPassHinge && TR != kTransformCircle) {
-      T* cols = scratch.template data_ptr<T>() + bs * bs;  // 4 x nb column sums
-      const bool off_diagonal = a0 != b0;
-      std::fill(cols, cols + 4 * nb, T(0));
-      hinge_sym_tile<T, TR>(tile.template data_ptr<T>(), na, nb, a0, b0, lab, rows.L, p,
-                            exclude_diag, acc.data() + a0, off_diagonal ? cols : nullptr);
-      for (int64_t c = 0; c < nb && off_diagonal; ++c) {
-        acc[b0 + c].merge(cols[c], cols[nb + c], cols[2 * nb + c], cols[3 * nb + c]);
-      }
-      return;
     }
     if (a0 != b0) {  // rows b against columns a: the transpose, before the epilogue overwrites it
       auto tile_t = scratch.narrow(0, bs * bs, nb * na).view({nb, na});
