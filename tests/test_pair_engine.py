@@ -1108,14 +1108,15 @@ def test_cpp_symmetric_tiles_forward(dtype, n, pass_kind, transform, mining, sca
         assert torch.equal(got, _cpp_threads(2, run)), "bits differ between 1 and 2 threads"
 
 
-@pytest.mark.parametrize("kind", ["lse2-dot-fixed", "lse2-dist-fixed", "lse2-dot-low-lse", "lse2-dot-mined",
+@pytest.mark.parametrize("kind", ["lse2-dot-fixed", "lse2-dist-fixed", "lse2-dot-low-lse", "lse2-dot-b-sorted", "lse2-dot-mined",
                                   "lse2-dist-lifted", "lse2-circle", "hinge-dist"])
 @pytest.mark.parametrize("n", SYM_TILE_ROWS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_cpp_symmetric_tiles_backward(dtype, n, kind):
     """The symmetric backward on the tile schedule (grad[a] += W_ab x[b] and grad[b] += W_ab^T x[a]
     from one tile): grad_x + grad_y of the two-sided reference, grad_y zero, the same bits at 1 and
-    2 threads. Covers the lse2 weights with a fixed shift (mining 0, no B_pos: one exp per pair),
+    2 threads. Covers the lse2 weights with a fixed shift (mining 0: one exp per pair; with a B_pos
+    column and rows sorted by label, only the tiles without a positive pair),
     without it (LSE coefficients far below every value, as no forward gives them: A·exp(U − LSE)
     would overflow), the mined lse2 weights,
     the lifted C_lift column (its tiles with and without a shared label), the circle transform and
@@ -1124,9 +1125,9 @@ def test_cpp_symmetric_tiles_backward(dtype, n, kind):
     atol, rtol = TOLERANCES[dtype]
     stats = torch.float64 if dtype == torch.float64 else torch.float32
     x, labels = _sym_tile_inputs(n, dtype, seed=2 * n)
-    if kind == "lse2-dist-lifted":  # sorted classes of ~20 rows: most tiles share no label
+    if kind in ("lse2-dist-lifted", "lse2-dot-b-sorted"):  # sorted classes of ~20 rows: most tiles share no label
         labels = torch.sort(torch.randint(0, n // 20, (n,), generator=torch.Generator().manual_seed(1))).values
-    transform, mining = {"lse2-dot-fixed": (0, 0), "lse2-dist-fixed": (1, 0), "lse2-dot-low-lse": (0, 0),
+    transform, mining = {"lse2-dot-fixed": (0, 0), "lse2-dist-fixed": (1, 0), "lse2-dot-low-lse": (0, 0), "lse2-dot-b-sorted": (0, 0),
                          "lse2-dot-mined": (0, 1), "lse2-dist-lifted": (1, 0), "lse2-circle": (CIRCLE, 0),
                          "hinge-dist": (1, 0)}[kind]
     g = torch.Generator().manual_seed(9)

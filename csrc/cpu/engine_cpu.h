@@ -167,7 +167,13 @@ constexpr double kFixedShiftWidth = sizeof(T) == 4 ? 64.0 : 512.0;
 // rows keep the two sweeps, which propagate them as the reference does).
 template <typename T, int64_t TR>
 std::optional<FixedShift<T>> fixed_shift(const at::Tensor& x, const EngineParams<T>& p) {
-  const double b = x.numel() == 0 ? 0.0 : x.to(at::kDouble).square().sum(1).max().item<double>();
+  double b = 0.0;  // the largest squared row norm (x contiguous), in double: no N x D temporary
+  const T* data = x.data_ptr<T>();
+  for (int64_t i = 0, d = x.size(1); i < x.size(0); ++i) {
+    double sq = 0.0;
+    for (int64_t k = 0; k < d; ++k) sq += double(data[i * d + k]) * double(data[i * d + k]);
+    b = sq > b || sq != sq ? sq : b;  // NaN wins: the window is then not finite
+  }
   // |s| <= b for any two rows; transform 1's v = sqrt(max(2 - 2s, 0)) lies in [0, sqrt(2 + 2b)].
   const double v_lo = TR == kTransformDot ? -b : 0.0;
   const double v_hi = TR == kTransformDot ? b : std::sqrt(2.0 + 2.0 * b);

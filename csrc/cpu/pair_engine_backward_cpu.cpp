@@ -287,27 +287,37 @@ DMLK_CPU_CLONES void grad_tile_sym(T* tile, int64_t na, int64_t nc, int64_t a0, 
 }
 
 // The symmetric backward: grad[a] = sum_b W_ab x[b], with W_ab the symmetric weights of the tile
-// S_ab = x[a] x[b]^T (epilogue(tile, na, nc, a0, c0, tile_has_pos) in place). From
-// kSymMinBlocks blocks, the tiles a <= b only (engine_cpu.h's parallel_sym_tiles): W_ab also
-// gives grad[b] += W_ab^T x[a], 3 products per tile pair where both tiles take 4. Fewer blocks:
+// S_ab = x[a] x[b]^T (epilogue(tile, na, nc, a0, c0, tile_has_pos) in place; with find_pos the
+// flag says whether the tile holds a pair of equal labels, else it is true). From kSymMinBlocks
+// blocks, the tiles a <= b only (engine_cpu.h's parallel_sym_tiles): W_ab also gives
+// grad[b] += W_ab^T x[a], 3 products per tile pair where both tiles take 4. Fewer blocks:
 // grad_tiles over every tile (2 products per tile).
 template <typename T, typename Epilogue>
-void grad_sym_tiles(const at::Tensor& x, const int32_t* lab, bool lift, at::Tensor& grad,
+void grad_sym_tiles(const at::Tensor& x, const int32_t* lab, bool find_pos, at::Tensor& grad,
                     Epilogue epilogue) {
   const int64_t n = x.size(0);
   if (!use_sym_tiles(n, x.size(1))) {
-    grad_tiles<T>(x, x, lab, lab, lift, grad, epilogue);
+    grad_tiles<T>(x, x, lab, lab, find_pos, grad, epilogue);
     return;
   }
   const int64_t bs = sym_block(n);
+  // Per thread: the tile that last marked each label code (codes < 2n), so a tile's test is
+  // O(rows a + rows b).
+  std::vector<std::vector<int64_t>> marks(find_pos ? at::get_num_threads() : 0);
   parallel_sym_tiles(n, bs * bs, x.options(), [&](int64_t a0, int64_t na, int64_t b0, int64_t nb,
                                                   at::Tensor& scratch) {
     const auto xa = x.narrow(0, a0, na), xb = x.narrow(0, b0, nb);
     auto tile = scratch.narrow(0, 0, na * nb).view({na, nb});
     at::mm_out(tile, xa, xb.t());
-    bool tile_has_pos = !lift;  // a label of rows a among rows b (the lifted term's tiles)
-    for (int64_t i = a0; i < a0 + na && !tile_has_pos; ++i) {
-      for (int64_t j = b0; j < b0 + nb && !tile_has_pos; ++j) tile_has_pos = lab[i] == lab[j];
+    bool tile_has_pos = !find_pos;
+    if (find_pos) {
+      const size_t t = static_cast<size_t>(at::get_thread_num());
+      std::vector<int64_t> local;
+      auto& mark = t < marks.size() ? marks[t] : local;
+      if (mark.empty()) mark.assign(2 * n, -1);
+      const int64_t id = a0 * n + b0;
+      for (int64_t i = a0; i < a0 + na; ++i) mark[lab[i]] = id;
+      for (int64_t j = b0; j < b0 + nb && !tile_has_pos; ++j) tile_has_pos = mark[lab[j]] == id;
     }
     epilogue(tile.template data_ptr<T>(), na, nb, a0, b0, tile_has_pos);
     grad.narrow(0, a0, na).addmm_(tile, xb);
@@ -315,8 +325,8 @@ void grad_sym_tiles(const at::Tensor& x, const int32_t* lab, bool lift, at::Tens
   });
 }
 
-// The symmetric lse2 backward with a fixed shift (engine_cpu.h's FixedShift; mining 0, no B_pos
-// or C_lift term): dl/dv of the pair (i, j) plus the pair (j, i) is sc * (c_i + c_j) * exp(u - U)
+// The symmetric lse2 backward with a fixed shift (engine_cpu.h's FixedShift; mining 0, no C_lift
+// term, no B_pos term in the tile): dl/dv of the pair (i, j) plus the pair (j, i) is sc * (c_i + c_j) * exp(u - U)
 // in its set, one exp per pair (c_pos, c_neg: per row, below).
 template <typename T, int64_t TR>
 DMLK_CPU_CLONES void grad_tile_sym_fixed(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
@@ -379,16 +389,22 @@ void grad_sym(const at::Tensor& x, const int32_t* lab, const RowColumns<T>& rows
               EngineParams<T> p, bool exclude_diag, at::Tensor& grad) {
   const int64_t n = x.size(0);
   if constexpr (MI == kMiningNone && TR != kTransformCircle) {
-    const bool plain = rows.c_lift == nullptr && std::all_of(rows.b_pos, rows.b_pos + n,
-                                                             [](T b) { return b == T(0); });
-    if (const auto u = plain ? fixed_shift<T, TR>(x, p) : std::nullopt) {
+    // B_pos (NT-Xent's positive softplus) lives on positive pairs only: the tiles holding one
+    // take the two-exp epilogue, the others (most, with rows sorted by label) the fixed shift.
+    const bool any_b = std::any_of(rows.b_pos, rows.b_pos + n, [](T b) { return b != T(0); });
+    if (const auto u = rows.c_lift == nullptr ? fixed_shift<T, TR>(x, p) : std::nullopt) {
       if (const auto c = fixed_shift_coefs<T>(rows, n, *u, p)) {
         const T* cp = c->template data_ptr<T>();
-        grad_sym_tiles<T>(x, lab, false, grad,
-                          [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
-                            grad_tile_sym_fixed<T, TR>(tile, na, nc, a0, c0, lab, cp, cp + n, p,
-                                                       *u, exclude_diag);
-                          });
+        grad_sym_tiles<T>(
+            x, lab, any_b, grad,
+            [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
+              if (any_b && has_pos) {
+                grad_tile_sym<T, TR, MI>(tile, na, nc, a0, c0, lab, rows, p, exclude_diag, true);
+              } else {
+                grad_tile_sym_fixed<T, TR>(tile, na, nc, a0, c0, lab, cp, cp + n, p, *u,
+                                           exclude_diag);
+              }
+            });
         return;
       }
     }
