@@ -22,6 +22,7 @@ from ..ops import fixed_mm
 from ..ops.dispatch import extension_loaded
 from ..reference import miners as ref
 from ..reference.indices import random_positives
+from ._common import Buffers
 
 _CPU_PICKS = extension_loaded() and hasattr(torch.ops.dmlkern, "batch_hard_rows")  # csrc/cpu/batch_hard_rows_cpu.cpp
 _BLOCK_VALUES = 1 << 21  # distance values per row block (8 MiB in fp32); a few such buffers live at once
@@ -82,16 +83,12 @@ class _EuclideanBlocks:
     def __init__(self, refs):
         norms = refs.pow(2).sum(-1, keepdim=True)
         self._padded = torch.cat([refs, torch.ones_like(norms), norms], -1)
-        self._buffer = refs.new_empty(0)
+        self._buffers = Buffers(refs)
 
     def block(self, q):
         norms = q.pow(2).sum(-1, keepdim=True)
         padded = torch.cat([q.mul(-2), norms, torch.ones_like(norms)], -1)
-        rows, cols = q.shape[0], self._padded.shape[0]
-        if self._buffer.numel() < rows * cols:
-            self._buffer = None
-            self._buffer = q.new_empty(rows * cols)
-        out = self._buffer[:rows * cols].view(rows, cols)
+        out = self._buffers.get("mat", q.shape[0], self._padded.shape[0])
         torch.mm(padded, self._padded.mT, out=out)
         return out.clamp_min_(0).sqrt_()
 
