@@ -40,10 +40,10 @@ CASES = [(1, 1, None), (9, 1, None), (37, 5, None), (70, 203, 64), (25, 130, 48)
 
 def _ran(name, expected, dtype, device):
     """The `last_backend` a call reports: the engine backend, except that SubCenterArcFace's and
-    SoftTriple's grouped blocks run their kernel only on the C++ backend for CPU fp32 / fp64, and
-    torch ops ("blocked") elsewhere."""
-    if name.startswith(("subcenter_arcface", "soft_triple")) and expected != "reference" and not (
-            expected == "cpp" and torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64)):
+    SoftTriple's grouped blocks run a kernel only on the Triton backend and on the C++ backend for
+    CPU fp32 / fp64, and torch ops ("blocked") elsewhere."""
+    if name.startswith(("subcenter_arcface", "soft_triple")) and expected == "cpp" and not (
+            torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64)):
         return class_softmax.TORCH_BLOCKS
     return expected
 

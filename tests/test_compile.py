@@ -343,10 +343,8 @@ def test_triton_path_traces_on_fake_cuda_tensors():
             | {"backward two-sided", "backward symmetric"})
     assert set(traced) == want, sorted(traced)
     for case, (backend, ops) in traced.items():
-        # the grouped class losses run torch ops over fixed_mm blocks off the CPU ("blocked")
-        grouped = case.endswith(("subcenter_arcface", "soft_triple"))
-        assert backend == ("blocked" if grouped else "triton"), (case, backend)
+        assert backend == "triton", (case, backend)
         kind = "backward" if case.startswith("backward") else "forward"
-        # the grouped class losses (SoftTriple, SubCenterArcFace) form their blocks with fixed_mm
-        allowed = (f"dmlkern.pair_engine_{kind}_triton", "dmlkern.fixed_mm")
+        # the grouped class losses (SoftTriple, SubCenterArcFace) run their own Triton op
+        allowed = (f"dmlkern.pair_engine_{kind}_triton", "dmlkern.grouped_class_lse_triton")
         assert ops and all(op.startswith(allowed) for op in ops), (case, ops)

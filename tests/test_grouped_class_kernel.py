@@ -29,10 +29,12 @@ def _op_args(reduce, group, c0):
     return c0, group, reduce.kind, SCALE, reduce.inv_gamma
 
 
-def _kernel(x, w, labels, reduce, group, c0, grad, lse_shift):
-    lse = gc.grouped_class_lse(x, w, labels, *_op_args(reduce, group, c0))
+def _kernel(x, w, labels, reduce, group, c0, grad, lse_shift, ops=gc):
+    """The block's (lse, grad_x, grad_w) from `ops` (this module's C++ ops; test_grouped_class_triton.py
+    passes the Triton kernel's)."""
+    lse = ops.grouped_class_lse(x, w, labels, *_op_args(reduce, group, c0))
     full = lse + lse_shift  # the lse over every block: at least this block's
-    gx, gw = gc.grouped_class_lse_backward(x, w, labels, *_op_args(reduce, group, c0), grad, full)
+    gx, gw = ops.grouped_class_lse_backward(x, w, labels, *_op_args(reduce, group, c0), grad, full)
     return lse, gx, gw
 
 
@@ -264,7 +266,7 @@ def test_losses_route_cpu_blocks_to_the_kernel(monkeypatch, name, kwargs, dtype)
     assert ours.last_backend == "cpp" and calls == ["grouped_class_lse", "grouped_class_lse_backward"], calls
     block = GroupedBlock(MaxOverGroup, 1.0, 3, "cpp")
     assert block.runs_kernel(x) and block.max_rows(x) is None
-    assert GroupedBlock(MaxOverGroup, 1.0, 3, "triton").max_rows(x) is not None
+    assert GroupedBlock(MaxOverGroup, 1.0, 3, "cpp").max_rows(x.bfloat16()) is not None  # bf16: the torch ops
     # the torch ops (the kernel's twin) through the same loss
     monkeypatch.setattr(gc, "runs_kernel", lambda x: False)
     xx = x.clone().requires_grad_(True)

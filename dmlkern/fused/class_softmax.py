@@ -12,8 +12,9 @@ rows (backward, recomputing the block). The engine's kernel (`EngineBlock`) is o
 with the block's classes as the engine's columns and `arange(c0, c1)` their labels, so a row's
 own class is its one "positive" and every other class a "negative": only the negatives' lse is
 kept. The grouped losses' kernel (`GroupedBlock`: K weight rows per class) runs the C++ op
-`dmlkern::grouped_class_lse` on CPU fp32 / fp64 blocks (csrc/cpu/grouped_class_cpu.cpp) and its
-torch ops elsewhere. The only C x D buffer made is the weights' gradient."""
+`dmlkern::grouped_class_lse` on CPU fp32 / fp64 blocks (csrc/cpu/grouped_class_cpu.cpp), its Triton
+twin on the Triton backend (triton/grouped_class.py) and its torch ops elsewhere. The only C x D
+buffer made is the weights' gradient."""
 from typing import NamedTuple
 
 import torch
@@ -157,8 +158,8 @@ class EngineBlock:
         return gx, unit_backward_(gcols, y, norm, out) if self.unit_columns else _write(gcols, out)
 
 
-# `last_backend` of a grouped loss whose blocks ran as torch ops (CUDA, the Triton backend, fp16/bf16):
-# there is no grouped Triton or CUDA C++ kernel yet
+# `last_backend` of a grouped loss whose blocks ran as torch ops (the C++ backend on CUDA tensors or
+# with fp16 / bf16: there is no grouped CUDA C++ kernel)
 TORCH_BLOCKS = "blocked"
 
 
@@ -167,22 +168,33 @@ class GroupedBlock:
     logit_ic = scale * reduce.value(s_ic1 .. s_icK) with s the cosines of x (unit rows) and the
     class's unit rows; `reduce` maps (N, c, K) to (N, c) (`value`) and back (`grad`: the gradient
     of s from that of the value), and names itself to the C++ kernel (`kind`, `inv_gamma`).
-    On the C++ backend with CPU fp32 / fp64 rows (`runs_kernel`) the block runs the op
-    `dmlkern::grouped_class_lse` and its backward (ops/grouped_class_op.py: the tiles stay in the
-    kernel, blocks of BLOCK_BYTES weight rows as EngineBlock's). Otherwise (CUDA tensors, other
-    dtypes, other backends, and the reference's graph) torch ops: elementwise over the K slices,
+    On the C++ backend with CPU fp32 / fp64 rows the block runs the op `dmlkern::grouped_class_lse`
+    and its backward (ops/grouped_class_op.py), on the Triton backend the Triton kernel
+    (triton/grouped_class.py, K <= 64; `kernel_ops`): the tiles stay in the kernel, blocks of
+    BLOCK_BYTES weight rows as EngineBlock's. Otherwise (the C++ backend on CUDA tensors or with
+    fp16 / bf16, and the reference's graph) torch ops: elementwise over the K slices,
     whose bits do not depend on the CPU thread count (a torch reduction over a short last dim
     does), over the block's (N, c * K) cosines (at most BLOCK_LOGITS bytes of them, `max_rows`)
     from `ops.fixed_mm` products (deterministic too). Those are the kernel's readable twin and
-    the yardstick of its tests (tests/test_grouped_class_kernel.py)."""
+    the yardstick of their tests (tests/test_grouped_class_kernel.py, test_grouped_class_triton.py)."""
 
     def __init__(self, reduce, scale, group, backend=None):
         self.reduce, self.scale, self.group, self.backend = reduce, scale, group, backend
-        self.ran = None  # after a forward: the backend that ran it, "cpp" (the kernel) or TORCH_BLOCKS
+        self.ran = None  # after a forward: the backend whose kernel ran it ("cpp", "triton") or TORCH_BLOCKS
+
+    def kernel_ops(self, x):
+        """The module whose grouped_class_lse / grouped_class_lse_backward run blocks of rows like `x`:
+        the C++ op's (the C++ backend, CPU fp32 / fp64), the Triton kernel's (the Triton backend),
+        or None (torch ops)."""
+        if self.backend == "cpp" and grouped_class_op.runs_kernel(x):
+            return grouped_class_op
+        if self.backend == "triton" and grouped_class_op.TRITON.supports(x, self.group):
+            return grouped_class_op.TRITON
+        return None
 
     def runs_kernel(self, x):
-        """Whether blocks of rows like `x` run the C++ kernel."""
-        return self.backend == "cpp" and grouped_class_op.runs_kernel(x)
+        """Whether blocks of rows like `x` run a kernel (C++ or Triton) rather than torch ops."""
+        return self.kernel_ops(x) is not None
 
     def max_rows(self, x):
         if self.runs_kernel(x):
@@ -199,9 +211,10 @@ class GroupedBlock:
         return s, value, torch.where(own, float("-inf"), self.scale * value.to(stats_dtype(cos.dtype)))
 
     def forward(self, x, rows, labels, c0, c1, backend=None):
-        if backend != "reference" and self.runs_kernel(x):  # unit rows in rows' layout: read in place
-            self.ran = "cpp"
-            return grouped_class_op.grouped_class_lse(x, unit(rows).to(x.dtype), labels, *self._op_args(c0))
+        ops = self.kernel_ops(x) if backend != "reference" else None
+        if ops is not None:  # unit rows in rows' layout: read in place
+            self.ran = self.backend
+            return ops.grouped_class_lse(x, unit(rows).to(x.dtype), labels, *self._op_args(c0))
         if backend != "reference":
             self.ran = TORCH_BLOCKS
         mm = (lambda a, b: a @ b.t()) if backend == "reference" else fixed_mm  # reference: differentiable
@@ -209,10 +222,11 @@ class GroupedBlock:
 
     def backward(self, x, rows, labels, c0, c1, grad, lse, out=None):
         y, norm = unit_and_norm(rows)
-        if self.runs_kernel(x):
-            # gcols in y's layout, rows' (a block of PML's W (D, C K) is a transposed view): the
-            # normalisation's backward and its write into `out` run without a transposition
-            gx, gcols = grouped_class_op.grouped_class_lse_backward(
+        ops = self.kernel_ops(x)
+        if ops is not None:
+            # the C++ op gives gcols in y's layout, rows' (a block of PML's W (D, C K) is a transposed
+            # view): the normalisation's backward and its write into `out` run without a transposition
+            gx, gcols = ops.grouped_class_lse_backward(
                 x, y.to(x.dtype), labels, *self._op_args(c0), grad, lse)
         else:
             gx, gcols = self.torch_grads(x, y.to(x.dtype), labels, c0, c1, grad, lse)

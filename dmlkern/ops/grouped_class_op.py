@@ -1,7 +1,9 @@
-"""The class path's grouped block kernel on the CPU (this module is `dmlkern.ops.grouped_class_op`):
-the log-sum-exp over the other classes of one block of classes with K weight rows each
+"""The class path's grouped block kernel (this module is `dmlkern.ops.grouped_class_op`): the
+log-sum-exp over the other classes of one block of classes with K weight rows each
 (SubCenterArcFace, SoftTriple), and its backward, as the ops `dmlkern::grouped_class_lse` /
-`dmlkern::grouped_class_lse_backward` (csrc/ops.cpp; csrc/cpu/grouped_class_cpu.cpp).
+`dmlkern::grouped_class_lse_backward` on the CPU (csrc/ops.cpp; csrc/cpu/grouped_class_cpu.cpp)
+and `dmlkern::grouped_class_lse_triton` / `_backward_triton` on the Triton backend
+(triton/grouped_class.py; `TRITON` holds them with the C++ ops' signatures).
 
 `GroupedBlock` (fused/class_softmax.py) calls them for CPU fp32 / fp64 blocks on the C++ backend;
 its torch ops are their twin (CUDA tensors, other dtypes, the reference's graph) and the
@@ -9,9 +11,12 @@ yardstick of their tests. No autograd: the class path differentiates by hand (it
 without grad, its backward calls `grouped_class_lse_backward`). Fake tensors are registered, so
 torch.compile and FakeTensor tracing see the ops' shapes.
 """
+import types
+
 import torch
 
 from ..engine_spec import stats_dtype
+from ..triton import triton_available
 from .dispatch import extension_loaded
 
 _OP_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "grouped_class_lse")
@@ -59,3 +64,37 @@ def grad_w_like(w):
     if w.stride(0) == 1 and w.stride(1) != 1:
         return w.new_empty((w.shape[1], w.shape[0])).t()
     return w.new_empty(w.shape)
+
+
+# The Triton kernels as ops (torch.library.triton_op: fake tensors and torch.compile trace through
+# to the kernels). An eager call on plain tensors launches them directly: the same kernels for
+# less host time, as the pair engine's direct path (ops/pair_engine.py, _direct_call_ok).
+TRITON = None  # the Triton backend's grouped_class_lse / grouped_class_lse_backward, when triton is there
+if triton_available():
+    from torch.library import triton_op, wrap_triton
+
+    from ..triton import grouped_class as _tg
+
+    @triton_op("dmlkern::grouped_class_lse_triton", mutates_args=())
+    def _lse_triton(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, class0: int, group: int, reduce: int,
+                    scale: float, inv_gamma: float) -> torch.Tensor:
+        return _tg.grouped_class_lse(x, w, labels, class0, group, reduce, scale, inv_gamma, wrap_triton)
+
+    @triton_op("dmlkern::grouped_class_lse_backward_triton", mutates_args=())
+    def _lse_backward_triton(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, class0: int, group: int,
+                             reduce: int, scale: float, inv_gamma: float, grad: torch.Tensor,
+                             lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _tg.grouped_class_lse_backward(x, w, labels, class0, group, reduce, scale, inv_gamma, grad, lse,
+                                              wrap_triton)
+
+    def _triton_call(direct, op):
+        def call(x, w, labels, class0, group, reduce, scale, inv_gamma=1.0, *rest):
+            from .pair_engine import _direct_call_ok
+            args = (x, w, labels, int(class0), int(group), int(reduce), float(scale), float(inv_gamma), *rest)
+            return direct(*args) if _direct_call_ok(x, w, labels, *rest) else op(*args)
+        return call
+
+    TRITON = types.SimpleNamespace(
+        grouped_class_lse=_triton_call(_tg.grouped_class_lse, _lse_triton),
+        grouped_class_lse_backward=_triton_call(_tg.grouped_class_lse_backward, _lse_backward_triton),
+        supports=_tg.supports)
