@@ -1,4 +1,5 @@
-"""Compile the Triton pair engine's kernels for sm_90 without a GPU and print, per kernel config:
+"""Compile the Triton pair engine's kernels (and the class path's grouped kernels, rows "grp") for
+sm_90 without a GPU and print, per kernel config:
 registers and spills (ptxas -v on the PTX Triton generates, with Triton's ptxas flags), the
 shared memory a launch needs (sm_90 allows 227 KiB per block), and the SASS instructions one
 thread issues per tile element in the main loop -- the static cost of the epilogue plus the
@@ -34,6 +35,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler.compiler import ASTSource  # noqa: E402
 
+from dmlkern.triton import grouped_class as grouped  # noqa: E402
 from dmlkern.triton import pair_engine as pe  # noqa: E402
 from dmlkern.triton import tiles as tile_policy  # noqa: E402
 from dmlkern.triton.backward_kernel import _engine_bwd_kernel  # noqa: E402
@@ -41,7 +43,7 @@ from dmlkern.triton.forward_kernel import _engine_fwd_kernel  # noqa: E402
 
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
 UNIT_STRIDES = {"s_xd", "s_yd", "s_od", "s_td", "s_gd", "s_xl", "s_yl", "s_own_lab", "s_oth_lab", "s_rc", "s_cc",
-                "s_oc"}
+                "s_oc", "s_wd", "s_lab"}
 # Integer arguments that are multiples of 16 at D = 128, N = M = 16384 (row_in / row_coef / out
 # row strides are 2, 3, 5 or 6). The forward's s_on is out's row stride; the backward's is own's.
 DIVISIBLE_BY_16 = {"N", "M", "D", "N_OWN", "N_OTHER", "s_xn", "s_yn", "s_tn", "s_gn"}
@@ -57,13 +59,13 @@ def _signature(fn, dtype, consts):
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in ("X", "Y", "OWN", "OTHER"):
+        elif name in ("X", "Y", "OWN", "OTHER", "W", "GX", "GW"):
             sig[name] = PTR[dtype]
-        elif name in ("XL", "YL", "OWN_LAB", "OTH_LAB"):
+        elif name in ("XL", "YL", "OWN_LAB", "OTH_LAB", "LAB"):
             sig[name] = "*i64"
-        elif name in ("RIN", "OUT", "COEF", "GRAD"):
+        elif name in ("RIN", "OUT", "COEF", "GRAD", "LSE"):
             sig[name] = acc
-        elif name in pe.PARAM_PIECES:  # EngineParams fields, three fp32 pieces each
+        elif name in pe.PARAM_PIECES or name.startswith(("scale_", "ig_")):  # fp32 pieces of the parameters
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -122,9 +124,15 @@ def compile_one(fn, dtype, consts, num_warps, arch, d=128):
                               check=True).stdout
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     st, ld = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
-    counts = loop_cost(sass, inner_trips=1 if consts["ONE_K"] else -(-d // consts["BLOCK_K"]))
-    per_thread = consts["BLOCK_M"] * consts["BLOCK_N"] / (32 * num_warps)
+    one_k = consts.get("ONE_K", consts["BLOCK_K"] >= d)
+    counts = loop_cost(sass, inner_trips=1 if one_k else -(-d // consts["BLOCK_K"]))
+    per_thread = consts["BLOCK_M"] * block_n(consts) / (32 * num_warps)
     return regs, st, ld, int(k.metadata.shared), sum(counts.values()) / per_thread, counts["MUFU"] / per_thread
+
+
+def block_n(consts):
+    """The tile's columns: BLOCK_N, or a grouped kernel's BLOCK_C classes of KP rows."""
+    return consts.get("BLOCK_N", consts.get("BLOCK_C", 0) * consts.get("KP", 0))
 
 
 def configs(d):
@@ -161,6 +169,13 @@ def configs(d):
                      HAS_B=False, HAS_LIFT=False, HINGE=True, **tiles, **cfg)
             side = "sym" if sym else ("x" if own_is_x else "y")
             out.append(("bwd", _engine_bwd_kernel, dtype, f"{side} t={transform} hinge", c, options["num_warps"]))
+        # the grouped class kernels: SubCenterArcFace's max over K = 3, SoftTriple's soft assignment over K = 10
+        for group, reduce, name in ((3, 0, "subcenter"), (10, 1, "softtriple")):
+            tiles, options = grouped._tiles(x, group)
+            for fn, part in ((grouped._grouped_fwd_kernel, "fwd"), (grouped._grouped_bwd_x_kernel, "bwd x"),
+                             (grouped._grouped_bwd_w_kernel, "bwd w")):
+                c = {k: v for k, v in dict(tiles, REDUCE=reduce, **cfg).items() if k in fn.arg_names}
+                out.append(("grp", fn, dtype, f"{part} {name} K={group}", c, options["num_warps"]))
     return out
 
 
@@ -186,7 +201,7 @@ def main():
                    f" {per_elem:10.1f} {exp2:9.2f}")
         except Exception as e:  # report and go on
             res = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
-        tiles = f"{c['BLOCK_M']},{c['BLOCK_N']},{c['BLOCK_K']},{c.get('BLOCK_DOUT', '-')} w{warps}"
+        tiles = f"{c['BLOCK_M']},{block_n(c)},{c['BLOCK_K']},{c.get('BLOCK_DOUT', '-')} w{warps}"
         print(f"{kind:5} {str(dtype)[6:]:9} {label:32} {tiles:26} {res}", flush=True)
 
 

@@ -170,10 +170,10 @@ def _grouped_bwd_w_kernel(X, W, LAB, LSE, GRAD, GW, N, n_cls, class0, D, s_xn, s
 
 def _tiles(x, group):
     """The launch constants: row block, classes per column tile (BLOCK_C * KP weight rows), the K
-    slice and the backward's output slice of D, with the warps. From the sm_90 builds at D = 128
-    (K = 3 and 10): fp32 with 64 x 32 tiles over 8 warps has no register spills (64 x 64 spills
-    in the backward, 1.1-1.4 KiB per thread over 4 warps); fp16 / bf16 64 x 64 over 8 warps spills
-    at most 12 bytes; fp64 32 x 32 over 4 warps none."""
+    slice and the backward's output slice of D, with the warps: fp32 64 x 32 tiles over 8 warps,
+    fp16 / bf16 64 x 64 over 8 warps, fp64 32 x 32 over 4 warps. In the sm_90 builds at D = 128
+    (`scripts/triton_compile_check.py --only grp`, K = 3 and 10) they spill at most 16 bytes per
+    thread. Not yet timed on a GPU."""
     d = x.shape[1]
     kp = triton.next_power_of_2(group)
     half = x.element_size() == 2
