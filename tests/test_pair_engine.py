@@ -1051,9 +1051,11 @@ def test_cpp_two_sided_backward_past_the_sweep_budget():
 # 1280: 10 full blocks.
 SYM_TILE_ROWS = [1029, 1280]
 # (pass, transform, mining, params scale). lse2 without mining takes one sweep with a fixed shift per
-# set while its values' window is at most 64 wide in fp32 (PARAMS: 10 and 2); scaled by 40 it is
-# not (the two sweeps of the other passes).
+# set while its values' window is at most 128 wide in fp32, 1024 in fp64 (PARAMS: 10 and 2; scaled
+# by 10 it is Multi-Similarity's 100, past the 64 that every row's LSE keeps); scaled by 40 it is
+# not in fp32 (the two sweeps of the other passes).
 SYM_FORWARD_CONFIGS = [pytest.param(0, 0, 0, 1, id="extrema"), pytest.param(1, 0, 0, 1, id="lse2-dot-all"),
+                       pytest.param(1, 0, 0, 10, id="lse2-dot-ms"),
                        pytest.param(1, 0, 0, 40, id="lse2-dot-wide"), pytest.param(1, 0, 1, 1, id="lse2-dot-mined"),
                        pytest.param(1, 1, 0, 1, id="lse2-dist-all"), pytest.param(1, CIRCLE, 0, 1, id="lse2-circle-all"),
                        pytest.param(4, 0, 0, 1, id="hinge-dot"), pytest.param(4, 1, 0, 1, id="hinge-dist")]
@@ -1159,6 +1161,67 @@ def test_cpp_symmetric_tiles_backward(dtype, n, kind):
     assert torch.equal(gy, torch.zeros_like(gy))
     gx2, _ = _cpp_threads(2, run)
     assert torch.equal(gx, gx2), "bits differ between 1 and 2 threads"
+
+
+def _far_rows_inputs(n, dtype):
+    """Unit rows where class 0 (every 7th row) sits near v and the others near -v: with a
+    Multi-Similarity-like beta of 60 (PARAMS[0] scaled by 12) a class-0 row's negative LSE lies ~110
+    below the window's top U (past the 64 the fixed shift keeps), the others' do not."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.nn.functional.normalize(torch.randn(24, generator=g, dtype=torch.float64), dim=0)
+    labels = torch.randint(1, 30, (n,), generator=g)
+    labels[::7] = 0
+    noise = torch.randn(n, 24, generator=g, dtype=torch.float64)
+    x = torch.where((labels == 0)[:, None], v, -v) + 0.05 * noise
+    return torch.nn.functional.normalize(x, dim=1).to(dtype), labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_cpp_symmetric_tiles_fixed_shift_rows_below_the_window(dtype):
+    """A window wider than the 64 (fp32; 512 fp64) every row's LSE keeps still takes the fixed
+    shift; a row whose LSE lies further below U is recomputed with a running maximum (the forward),
+    and the backward then keeps two exps: the reference's statistics and gradients, the same bits at
+    1 and 2 threads."""
+    _needs_engine("cpp")
+    atol, rtol = TOLERANCES[dtype]
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    x, labels = _far_rows_inputs(1029, dtype)
+    # windows of 120 and 1000: a class-0 row's terms fall below e^-104 (fp32's exp gives 0 there) and
+    # e^-745 (fp64's): without the recomputation its negative LSE would be -inf
+    scale = 12.0 if dtype == torch.float32 else 100.0
+    params = [scale * p for p in PARAMS[0][:4]] + PARAMS[0][4:]
+    row_in = torch.zeros(len(x), 3, dtype=stats)
+    want = reference.engine_forward(x.double(), x.double(), labels, labels, row_in.double(), 1, 0, 0, params, True)
+    top = params[2] + params[3]  # U of the negatives: sc_neg * 1 + off_neg on unit rows
+    width = 64.0 if dtype == torch.float32 else 512.0
+    below = want[:, 1] < top - width
+    assert below[labels == 0].all() and not below[labels != 0].any(), "the case does not test what it says"
+
+    def forward():
+        return pe.engine_forward(x, x, labels, labels, row_in, pass_kind=1, params=params, exclude_diag=True,
+                                 backend="cpp")
+    got = _cpp_threads(1, forward)
+    _close_to_scale(got, want, atol, rtol, "forward")
+    assert torch.equal(got, _cpp_threads(2, forward)), "bits differ between 1 and 2 threads"
+    g = torch.Generator().manual_seed(4)
+    a = torch.rand(len(x), 2, generator=g, dtype=torch.float64)
+    for lse, what in ((want, "rows below the window: two exps"), (want[labels != 0], "rows in the window: one exp")):
+        keep = slice(None) if lse is want else labels != 0
+        xs, ls = x[keep], labels[keep]
+        coef = torch.stack([a[keep][:, 0], lse[:, 0], a[keep][:, 1], lse[:, 1], torch.zeros(len(xs), dtype=torch.float64)],
+                           dim=1).to(stats)
+        if lse is not want:  # the reference's LSE of the kept rows only
+            lse = reference.engine_forward(xs.double(), xs.double(), ls, ls, row_in[keep].double(), 1, 0, 0, params, True)
+            coef[:, 1], coef[:, 3] = lse[:, 0].to(stats), lse[:, 1].to(stats)
+
+        def backward():
+            return pe.engine_backward_raw(xs, xs, ls, ls, row_in[keep], coef, transform=0, mining=0, params=params,
+                                          exclude_diag=True, backend="cpp", symmetric=True)
+        gx, _ = _cpp_threads(1, backward)
+        wx, wy = reference.engine_backward(xs.double(), xs.double(), ls, ls, row_in[keep].double(), coef.double(), 0,
+                                           0, params, True)
+        _close_to_scale(gx, wx + wy, atol, rtol, what)
+        assert torch.equal(gx, _cpp_threads(2, backward)[0]), "bits differ between 1 and 2 threads"
 
 
 def test_cpp_symmetric_tiles_nan_row():

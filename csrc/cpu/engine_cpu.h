@@ -158,12 +158,19 @@ struct FixedShift {
   T pos, neg;
 };
 
-// The window's width the sums take: e^-64 (fp32) and e^-512 (fp64) are far inside the normal
-// range, so the largest term of a row keeps its relative precision.
+// The window below U in which a row's LSE keeps its precision: e^-64 (fp32) and e^-512 (fp64) are
+// far inside the normal range, so the largest term of such a row keeps its relative precision, and
+// the terms that leave the normal range (below e^-87 in fp32) weigh < e^-23 of the row's sum.
 template <typename T>
 constexpr double kFixedShiftWidth = sizeof(T) == 4 ? 64.0 : 512.0;
 
-// U per set, or nothing when a window is wider than kFixedShiftWidth (or not finite: NaN or inf
+// The widest window that takes the fixed shift (Multi-Similarity's beta = 50 on unit rows: 100). A
+// row whose LSE lies more than kFixedShiftWidth below U is recomputed with a running maximum in
+// the forward (lse2_rows_below_window); the backward then keeps two exps (fixed_shift_coefs).
+template <typename T>
+constexpr double kFixedShiftMaxWidth = 2.0 * kFixedShiftWidth<T>;
+
+// U per set, or nothing when a window is wider than kFixedShiftMaxWidth (or not finite: NaN or inf
 // rows keep the two sweeps, which propagate them as the reference does).
 template <typename T, int64_t TR>
 std::optional<FixedShift<T>> fixed_shift(const at::Tensor& x, const EngineParams<T>& p) {
@@ -179,7 +186,7 @@ std::optional<FixedShift<T>> fixed_shift(const at::Tensor& x, const EngineParams
   const double v_hi = TR == kTransformDot ? b : std::sqrt(2.0 + 2.0 * b);
   auto upper = [&](double sc, double off) -> std::optional<double> {
     const double width = std::abs(sc) * (v_hi - v_lo);
-    if (!(width <= kFixedShiftWidth<T>)) return std::nullopt;
+    if (!(width <= kFixedShiftMaxWidth<T>)) return std::nullopt;
     return std::max(sc * v_lo, sc * v_hi) + off;
   };
   const auto up = upper(p.sc_pos, p.off_pos), un = upper(p.sc_neg, p.off_neg);

@@ -326,6 +326,49 @@ void both_sides_tile(const T* t, int64_t na, int64_t nb, int64_t a0, int64_t b0,
   }
 }
 
+// After the lse2 pass with a fixed shift: the rows whose set has a member but whose LSE lies more
+// than kFixedShiftWidth below U (their terms may have left the normal range: possible once the
+// window is wider than that) are recomputed with a running maximum, 1 x N products per row, in
+// row blocks of the list (fixed by the data: the bits do not depend on the thread count).
+template <typename T, int64_t TR, int64_t MI>
+void lse2_rows_below_window(const at::Tensor& x, const int32_t* lab, const RowColumns<T>& rows,
+                            EngineParams<T> p, bool exclude_diag, FixedShift<T> u,
+                            std::vector<PassAcc<kPassLse2, T>>& acc) {
+  const int64_t n = x.size(0);
+  std::vector<int64_t> count(2 * n, 0);  // label codes are < 2n (label_codes over x's and y's)
+  for (int64_t i = 0; i < n; ++i) ++count[lab[i]];
+  const auto below = [](const OnlineLSE<T>& set, T top) {
+    return !(set.value() >= top - static_cast<T>(kFixedShiftWidth<T>));  // NaN too: recomputed alike
+  };
+  std::vector<int64_t> redo;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool has_pos = count[lab[i]] > (exclude_diag ? 1 : 0), has_neg = count[lab[i]] < n;
+    if ((has_pos && below(acc[i].pos, u.pos)) || (has_neg && below(acc[i].neg, u.neg))) redo.push_back(i);
+  }
+  if (redo.empty()) return;
+  const int64_t n_redo = static_cast<int64_t>(redo.size());
+  const auto index = at::from_blob(redo.data(), {n_redo}, at::kLong).clone();
+  parallel_row_blocks(n_redo, [&](int64_t b0, int64_t b1) {
+    auto buffer = at::empty({kRowBlock * std::min(kColBlock, n)}, x.options());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t k0 = b * kRowBlock, nr = std::min(kRowBlock, n_redo - k0);
+      const auto xb = x.index_select(0, index.narrow(0, k0, nr));
+      for (int64_t r = 0; r < nr; ++r) acc[redo[k0 + r]] = PassAcc<kPassLse2, T>();
+      for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, n - c0);
+        auto tile = buffer.narrow(0, 0, nr * nc).view({nr, nc});
+        at::mm_out(tile, xb, x.narrow(0, c0, nc).t());
+        T* t = tile.data_ptr<T>();
+        for (int64_t r = 0; r < nr; ++r) {  // one row at a time: its global index finds its self-pair
+          const int64_t i = redo[k0 + r];
+          forward_tile<T, kPassLse2, TR, MI>(t + r * nc, 1, nc, i, c0, lab, lab, rows, p, exclude_diag,
+                                             acc.data() + i);
+        }
+      }
+    }
+  });
+}
+
 // The symmetric case (y is x, the same labels; engine_cpu.h's parallel_sym_tiles): one product per
 // tile pair (a, b): the extrema and hinge passes, and the lse2 pass with a fixed shift, reduce the
 // tile's terms per column too; the others run the epilogue again on its transpose for rows b.
@@ -364,6 +407,9 @@ void forward_sym_impl(const at::Tensor& x, const int32_t* lab, const RowColumns<
     forward_tile<T, PASS, TR, MI>(tile.data_ptr<T>(), na, nb, a0, b0, lab, lab, rows, p,
                                   exclude_diag, acc.data() + a0);
   });
+  if constexpr (PASS == kPassLse2 && MI == kMiningNone && TR != kTransformCircle) {
+    if (shift) lse2_rows_below_window<T, TR, MI>(x, lab, rows, p, exclude_diag, *shift, acc);
+  }
   T* o = out.data_ptr<T>();
   const int64_t cols = out.size(1);
   for (int64_t i = 0; i < n; ++i) acc[i].store(o + i * cols);
