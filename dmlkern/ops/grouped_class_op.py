@@ -5,8 +5,9 @@ log-sum-exp over the other classes of one block of classes with K weight rows ea
 and `dmlkern::grouped_class_lse_triton` / `_backward_triton` on the Triton backend
 (triton/grouped_class.py; `TRITON` holds them with the C++ ops' signatures).
 
-`GroupedBlock` (fused/class_softmax.py) calls them for CPU fp32 / fp64 blocks on the C++ backend;
-its torch ops are their twin (CUDA tensors, other dtypes, the reference's graph) and the
+`GroupedBlock` (fused/class_softmax.py) calls the C++ ops for CPU fp32 / fp64 blocks on the C++
+backend and the Triton ones on the Triton backend; its torch ops are their twin (the C++ backend on
+CUDA tensors or in half precision, the reference's graph) and the
 yardstick of their tests. No autograd: the class path differentiates by hand (its forward runs
 without grad, its backward calls `grouped_class_lse_backward`). Fake tensors are registered, so
 torch.compile and FakeTensor tracing see the ops' shapes.
