@@ -59,7 +59,7 @@ def _signature(fn, dtype, consts):
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in ("X", "Y", "OWN", "OTHER", "W", "GX", "GW"):
+        elif name in ("X", "Y", "OWN", "OTHER", "W", "GOUT"):
             sig[name] = PTR[dtype]
         elif name in ("XL", "YL", "OWN_LAB", "OTH_LAB", "LAB"):
             sig[name] = "*i64"
@@ -172,9 +172,10 @@ def configs(d):
         # the grouped class kernels: SubCenterArcFace's max over K = 3, SoftTriple's soft assignment over K = 10
         for group, reduce, name in ((3, 0, "subcenter"), (10, 1, "softtriple")):
             tiles, options = grouped._tiles(x, group)
-            for fn, part in ((grouped._grouped_fwd_kernel, "fwd"), (grouped._grouped_bwd_x_kernel, "bwd x"),
-                             (grouped._grouped_bwd_w_kernel, "bwd w")):
-                c = {k: v for k, v in dict(tiles, REDUCE=reduce, **cfg).items() if k in fn.arg_names}
+            for fn, part, side in ((grouped._grouped_fwd_kernel, "fwd", {}),
+                                   (grouped._grouped_bwd_kernel, "bwd x", dict(OWN_IS_X=True)),
+                                   (grouped._grouped_bwd_kernel, "bwd w", dict(OWN_IS_X=False))):
+                c = {k: v for k, v in dict(tiles, REDUCE=reduce, **side, **cfg).items() if k in fn.arg_names}
                 out.append(("grp", fn, dtype, f"{part} {name} K={group}", c, options["num_warps"]))
     return out
 

@@ -11,9 +11,9 @@ columns load zeros and are masked out (KP / K more product work: 4/3 at K = 3, 8
 
 - forward: a program owns a block of x rows and folds every column tile into a running max and
   sum (online log-sum-exp over the classes other than the row's own);
-- backward, grad_x: a program owns a block of x rows (and a slice of D), recomputes each tile, turns
-  it into dL/ds and multiplies it onto the tile's weight rows;
-- backward, grad_w: a program owns a column tile's weight rows (and a slice of D) and walks the x
+- backward, one kernel launched twice (OWN_IS_X): for grad_x a program owns a block of x rows (and
+  a slice of D), recomputes each tile, turns it into dL/ds and multiplies it onto the tile's weight
+  rows; for grad_w a program owns a column tile's weight rows (and a slice of D) and walks the x
   row blocks, adding dL/ds^T x.
 Every output has one writer and a fixed order of additions: no atomics, deterministic."""
 import torch
@@ -112,60 +112,50 @@ def _grouped_grad_tile(X, W, LAB, LSE, GRAD, rows, rows_ok, c0, n_cls, class0, D
 
 
 @triton.jit
-def _grouped_bwd_x_kernel(X, W, LAB, LSE, GRAD, GX, N, n_cls, class0, D, s_xn, s_xd, s_wn, s_wd, s_lab, s_gn, s_gd,
-                          scale_h, scale_m, scale_l, ig_h, ig_m, ig_l, REDUCE: tl.constexpr, K: tl.constexpr,
-                          KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_DOUT: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                          INPUT_PRECISION: tl.constexpr):
-    """GX[rows, dout slice] = sum over the block's tiles of dL/ds W[cols, dout slice]."""
+def _grouped_bwd_kernel(X, W, LAB, LSE, GRAD, GOUT, N, n_cls, class0, D, s_xn, s_xd, s_wn, s_wd, s_lab, s_gn, s_gd,
+                        scale_h, scale_m, scale_l, ig_h, ig_m, ig_l, OWN_IS_X: tl.constexpr, REDUCE: tl.constexpr,
+                        K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_DOUT: tl.constexpr, UPCAST: tl.constexpr,
+                        ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """OWN_IS_X: GOUT = grad_x, a program owns a block of x rows and walks the column tiles,
+    GOUT[rows, dout slice] = sum of dL/ds W[cols, dout slice]. Else GOUT = grad_w, a program owns a
+    column tile's weight rows and walks the x row blocks, GOUT[cols, dout slice] = sum of
+    dL/ds^T X[rows, dout slice]."""
     scale = _param(scale_h, scale_m, scale_l, ACC_DTYPE)
     inv_gamma = _param(ig_h, ig_m, ig_l, ACC_DTYPE)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_ok = rows < N
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_DOUT
-    acc = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=ACC_DTYPE)
-    for c0 in range(0, n_cls, BLOCK_C):
+    if OWN_IS_X:
+        own = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        own_ok = own < N
+        acc = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=ACC_DTYPE)
+        steps, step = n_cls, BLOCK_C
+    else:
+        j = tl.arange(0, BLOCK_C * KP)
+        own_c0 = tl.program_id(0) * BLOCK_C
+        own = (own_c0 + j // KP).to(tl.int64) * K + j % KP
+        own_ok = (own_c0 + j // KP < n_cls) & (j % KP < K)
+        acc = tl.zeros([BLOCK_C * KP, BLOCK_DOUT], dtype=ACC_DTYPE)
+        steps, step = N, BLOCK_M
+    for t0 in range(0, steps, step):
+        if OWN_IS_X:
+            rows, rows_ok, c0 = own, own_ok, t0
+        else:
+            rows = t0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            rows_ok, c0 = rows < N, own_c0
         g, cols, cols_ok = _grouped_grad_tile(X, W, LAB, LSE, GRAD, rows, rows_ok, c0, n_cls, class0, D, s_xn, s_xd,
                                               s_wn, s_wd, s_lab, scale, inv_gamma, REDUCE, K, KP, BLOCK_M, BLOCK_C,
                                               BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
-        w = _load_rows(W, cols, cols_ok, d0, D, s_wn, s_wd, BLOCK_DOUT, UPCAST, ACC_DTYPE)
+        if OWN_IS_X:
+            other = _load_rows(W, cols, cols_ok, d0, D, s_wn, s_wd, BLOCK_DOUT, UPCAST, ACC_DTYPE)
+        else:
+            other = _load_rows(X, rows, rows_ok, d0, D, s_xn, s_xd, BLOCK_DOUT, UPCAST, ACC_DTYPE)
+            g = tl.trans(g)
         if not UPCAST:
-            g = g.to(w.dtype)  # half-precision inputs: tensor-core product, fp32 accumulate
-        acc += tl.dot(g, w, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            g = g.to(other.dtype)  # half-precision inputs: tensor-core product, fp32 accumulate
+        acc += tl.dot(g, other, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     douts = d0 + tl.arange(0, BLOCK_DOUT)
-    tl.store(GX + rows[:, None] * s_gn + douts[None, :] * s_gd, acc.to(GX.dtype.element_ty),
-             mask=rows_ok[:, None] & (douts < D)[None, :])
-
-
-@triton.jit
-def _grouped_bwd_w_kernel(X, W, LAB, LSE, GRAD, GW, N, n_cls, class0, D, s_xn, s_xd, s_wn, s_wd, s_lab, s_gn, s_gd,
-                          scale_h, scale_m, scale_l, ig_h, ig_m, ig_l, REDUCE: tl.constexpr, K: tl.constexpr,
-                          KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_DOUT: tl.constexpr, UPCAST: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                          INPUT_PRECISION: tl.constexpr):
-    """GW[cols, dout slice] = sum over the x row blocks of dL/ds^T X[rows, dout slice] for this
-    program's column tile."""
-    scale = _param(scale_h, scale_m, scale_l, ACC_DTYPE)
-    inv_gamma = _param(ig_h, ig_m, ig_l, ACC_DTYPE)
-    c0 = tl.program_id(0) * BLOCK_C
-    d0 = tl.program_id(1).to(tl.int64) * BLOCK_DOUT
-    acc = tl.zeros([BLOCK_C * KP, BLOCK_DOUT], dtype=ACC_DTYPE)
-    for r0 in range(0, N, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        rows_ok = rows < N
-        g, cols, cols_ok = _grouped_grad_tile(X, W, LAB, LSE, GRAD, rows, rows_ok, c0, n_cls, class0, D, s_xn, s_xd,
-                                              s_wn, s_wd, s_lab, scale, inv_gamma, REDUCE, K, KP, BLOCK_M, BLOCK_C,
-                                              BLOCK_K, UPCAST, ACC_DTYPE, INPUT_PRECISION)
-        x = _load_rows(X, rows, rows_ok, d0, D, s_xn, s_xd, BLOCK_DOUT, UPCAST, ACC_DTYPE)
-        if not UPCAST:
-            g = g.to(x.dtype)
-        acc += tl.dot(tl.trans(g), x, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    j = tl.arange(0, BLOCK_C * KP)
-    cols = (c0 + j // KP).to(tl.int64) * K + j % KP
-    cols_ok = (c0 + j // KP < n_cls) & (j % KP < K)
-    douts = d0 + tl.arange(0, BLOCK_DOUT)
-    tl.store(GW + cols[:, None] * s_gn + douts[None, :] * s_gd, acc.to(GW.dtype.element_ty),
-             mask=cols_ok[:, None] & (douts < D)[None, :])
+    tl.store(GOUT + own[:, None] * s_gn + douts[None, :] * s_gd, acc.to(GOUT.dtype.element_ty),
+             mask=own_ok[:, None] & (douts < D)[None, :])
 
 
 def _tiles(x, group):
@@ -237,8 +227,9 @@ def grouped_class_lse_backward(x, w, labels, class0, group, reduce, scale, inv_g
     tiles, options, args, flags, consts = _common(x, w, labels, class0, group, reduce, scale, inv_gamma)
     grad, lse = grad.to(lse.dtype).contiguous(), lse.contiguous()
     d_slices = triton.cdiv(d, tiles["BLOCK_DOUT"])
-    for kernel, out, blocks in ((_grouped_bwd_x_kernel, grad_x, triton.cdiv(n, tiles["BLOCK_M"])),
-                                (_grouped_bwd_w_kernel, grad_w, triton.cdiv(args[1], tiles["BLOCK_C"]))):
-        wrap(kernel)[(blocks, d_slices)](x, w, labels, lse, grad, out, *args, out.stride(0), out.stride(1), *consts,
-                                   **tiles, **flags, **options)
+    for own_is_x, out, blocks in ((True, grad_x, triton.cdiv(n, tiles["BLOCK_M"])),
+                                  (False, grad_w, triton.cdiv(args[1], tiles["BLOCK_C"]))):
+        wrap(_grouped_bwd_kernel)[(blocks, d_slices)](x, w, labels, lse, grad, out, *args, out.stride(0),
+                                                      out.stride(1), *consts, OWN_IS_X=own_is_x, **tiles, **flags,
+                                                      **options)
     return grad_x, grad_w
