@@ -21,12 +21,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 LOSSES = {
     "ProxyNCALoss": ("proxies", [{}, dict(softmax_scale=4)]),
     "ProxyAnchorLoss": ("proxies", [{}, dict(margin=0.3, alpha=8)]),
-    "SoftTripleLoss": ("fc", [dict(centers_per_class=3), dict(centers_per_class=2, la=7, gamma=0.3, margin=0.2)]),
+    "SoftTripleLoss": ("fc", [dict(centers_per_class=3), dict(centers_per_class=2, la=7, gamma=0.3, margin=0.2),
+                              dict(centers_per_class=1)]),
     "LargeMarginSoftmaxLoss": ("W", [{}, dict(margin=3, scale=2)]),
     "SphereFaceLoss": ("W", [{}, dict(margin=2, scale=3)]),
     "CosFaceLoss": ("W", [{}, dict(margin=0.2, scale=10)]),
     "ArcFaceLoss": ("W", [{}, dict(margin=50, scale=8)]),
-    "SubCenterArcFaceLoss": ("W", [dict(sub_centers=2), dict(sub_centers=3, margin=10, scale=5)]),
+    "SubCenterArcFaceLoss": ("W", [dict(sub_centers=2), dict(sub_centers=3, margin=10, scale=5), dict(sub_centers=1)]),
     "NormalizedSoftmaxLoss": ("W", [{}, dict(temperature=0.5)]),
 }
 CASES = [(n, kw) for n, (_, kws) in LOSSES.items() for kw in kws]

@@ -64,12 +64,17 @@ class SoftAssignment:
         return g
 
 
+def per_class(cos, k):
+    """The targets' cosines as (N, K): the layout gives (N,) when K = 1."""
+    return cos.reshape(cos.shape[0], k)
+
+
 def subcenter_arcface(module, embeddings, labels, indices_tuple):
     s, m, k = float(module.scale), float(module.margin), int(module.sub_centers)
     layout = ClassLayout(columns=True, num_classes=int(module.num_classes), group=k)
     return _fused(module, embeddings, labels, indices_tuple, module.W, layout,
                   kernel=lambda backend: GroupedBlock(MaxOverGroup, s, k, backend),
-                  target_logit=lambda x, w, cos: s * ref.arcface_target_logit(cos.max(dim=-1).values, m))
+                  target_logit=lambda x, w, cos: s * ref.arcface_target_logit(per_class(cos, k).max(dim=-1).values, m))
 
 
 def soft_triple(module, embeddings, labels, indices_tuple):
@@ -78,4 +83,4 @@ def soft_triple(module, embeddings, labels, indices_tuple):
     layout = ClassLayout(columns=True, num_classes=int(module.num_classes), group=k)
     return _fused(module, embeddings, labels, indices_tuple, module.fc, layout,
                   kernel=lambda backend: GroupedBlock(reduce, la, k, backend),
-                  target_logit=lambda x, w, cos: la * (reduce.value(cos) - margin))
+                  target_logit=lambda x, w, cos: la * (reduce.value(per_class(cos, k)) - margin))
