@@ -196,6 +196,30 @@ def test_enqueue_mask(name):
         assert "cpp" in backends and set(backends) <= {"cpp", "zero"}, backends
 
 
+@pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "enqueue-mask"])
+@pytest.mark.parametrize("name", list(FUSED))
+def test_several_calls_then_one_backward(name, mask):
+    """Calls that write the queue in place before the first call's backward (a summed loss, or
+    gradient accumulation with the graph kept): the fused loss kept the queue's rows of its own
+    call, so each call's gradient is PML's."""
+    ours, theirs = _pair(name, FUSED[name], memory=12)
+    gen = torch.Generator().manual_seed(5)
+    batches = [_batch(gen, 8, torch.float64) for _ in range(3)]
+    enqueue = torch.arange(8) % 2 == 0 if mask else None
+    grads, totals = [], []
+    for loss in (ours, theirs):
+        xs = [x.clone().requires_grad_() for x, _ in batches]
+        total = sum(loss(x, labels, enqueue_mask=enqueue) for x, (_, labels) in zip(xs, batches))
+        total.backward()
+        totals.append(total.detach())
+        grads.append([x.grad for x in xs])
+    assert totals[1] != 0
+    torch.testing.assert_close(totals[0], totals[1], rtol=1e-10, atol=1e-10)
+    for ga, gb in zip(*grads):
+        torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10)
+    _same_state(ours, theirs)
+
+
 def test_enqueue_mask_all_or_nothing():
     ours, theirs = _pair("MultiSimilarityLoss", {})
     gen = torch.Generator().manual_seed(4)

@@ -127,6 +127,10 @@ class CrossBatchMemory(BaseLossWrapper, RecordsMixin):
             E_mem, L_mem = self.embedding_memory[:self.queue_idx], self.label_memory[:self.queue_idx]
         else:
             E_mem, L_mem = self.embedding_memory, self.label_memory
+        if torch.is_grad_enabled() and embeddings.requires_grad:
+            # the fused losses keep the queue's rows for their backward, and the next call writes
+            # the queue in place: a snapshot (PML's loss keeps its own normalised copy)
+            E_mem, L_mem = E_mem.clone(), L_mem.clone()
 
         indices_tuple = self.create_indices_tuple(embeddings, labels, E_mem, L_mem, indices_tuple,
                                                   remove_self_comparisons)
