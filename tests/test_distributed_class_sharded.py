@@ -25,6 +25,7 @@ LOSSES = {
     "normalized_softmax": (losses.NormalizedSoftmaxLoss, lambda: dict(temperature=0.1)),
     "proxy_nca": (losses.ProxyNCALoss, lambda: dict(softmax_scale=3)),
     "subcenter_arcface": (losses.SubCenterArcFaceLoss, lambda: dict(margin=28.6, scale=16, sub_centers=3)),
+    "subcenter_arcface_k1": (losses.SubCenterArcFaceLoss, lambda: dict(margin=28.6, scale=16, sub_centers=1)),
     # the reducer runs on the global per-sample losses (low=45 keeps 2 of the 6 of seed 40 below)
     "cosface_threshold": (losses.CosFaceLoss, lambda: dict(margin=0.35, scale=64,
                                                            reducer=reducers.ThresholdReducer(low=45))),
@@ -132,6 +133,11 @@ def test_three_ranks_uneven_shards_match_one_process():
         cases.append(_case(name, 7, sizes, None, seed=20 + i))
         expected.append([(0, 2), (2, 4), (4, 7)])
     assert not (cases[0]["labels"] == 0).any()
+    cases.append(_case("subcenter_arcface_k1", 7, sizes, None, seed=30))  # one sub-centre: the target's (N, 1) cosines
+    zero_row = _case("sphereface", 7, sizes, None, seed=31)  # PML's gradient 0 for a zero row (|x| scales its logits)
+    zero_row["x"][4] = 0
+    cases.append(zero_row)
+    expected += [[(0, 2), (2, 4), (4, 7)]] * 2
     _check_runs(cases, run_ranks(_sharded_runs, 3, cases, False), expected)
 
 

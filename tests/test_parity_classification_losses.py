@@ -298,3 +298,15 @@ def test_proxy_nca_without_any_positive_gives_zero_not_nan():
     assert value.item() == 0.0 and value.requires_grad
     value.backward()
     assert torch.equal(xx.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("name", ["LargeMarginSoftmaxLoss", "SphereFaceLoss", "CosFaceLoss", "NormalizedSoftmaxLoss"])
+def test_zero_embedding_row_matches_pml(name):
+    """An all-zero embedding row: PML's logits scale the cosine (x / max(|x|, eps)) by |x| (L-Softmax,
+    SphereFace), whose gradient at 0 is 0, so the row's whole gradient is 0; the fused path must
+    not give the gradient of <x, w> (the same values) nor the NaN of a square root's gradient."""
+    x, y = batch(5, 9, 6, 4, torch.float64)
+    x[3] = 0
+    ours, theirs, attr = pair_of_losses(name, 4, 6, {})
+    compare(ours, theirs, attr, x, y)
+    assert ours.last_backend not in (None, "reference"), ours.last_fallback

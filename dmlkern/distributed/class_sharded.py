@@ -46,8 +46,8 @@ import torch.distributed as dist
 from ..fused import _common
 from ..fused._epilogue import _element
 from ..fused.class_softmax import (ClassLayout, EngineBlock, GroupedBlock, _lse_over_blocks, blocked_backward,
-                                   class_cross_entropy, unit)
-from ..fused.grouped_classes import MaxOverGroup
+                                   class_cross_entropy, no_grad_at_short_rows, normalized)
+from ..fused.grouped_classes import MaxOverGroup, per_class
 from ..fused.proxy_nca import _is_unit_squared_euclidean, _supported as _proxy_nca_distance_ok
 from ..losses import (ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, ProxyNCALoss, SphereFaceLoss,
                       SubCenterArcFaceLoss)
@@ -99,6 +99,7 @@ class _Spec(NamedTuple):
     kernel: Callable
     target_logit: Callable
     drop_zero_probability: bool = False
+    logits_times_norm: bool = False  # (SphereFace) margin_softmax.class_loss_dict's
 
 
 def _engine_kernel(unit_w, scale, offset=0.0):
@@ -123,7 +124,8 @@ def _cosface(m):
 def _sphereface(m):
     s, margin = float(m.scale), int(m.margin)
     return _Spec("W", _columns(m), False, True, _engine_kernel(True, s),
-                 lambda x, w, cos: ref._lm_target(cos, margin) * torch.linalg.vector_norm(x, dim=1) * s)
+                 lambda x, w, cos: ref._lm_target(cos, margin) * torch.linalg.vector_norm(x, dim=1) * s,
+                 logits_times_norm=True)
 
 
 def _normalized_softmax(m):
@@ -142,7 +144,7 @@ def _subcenter_arcface(m):
     s, margin, k = float(m.scale), float(m.margin), int(m.sub_centers)
     return _Spec("W", ClassLayout(columns=True, num_classes=int(m.num_classes), group=k), True, True,
                  lambda x, backend: GroupedBlock(MaxOverGroup, s, k, backend),
-                 lambda x, w, cos: s * ref.arcface_target_logit(cos.max(dim=-1).values, margin))
+                 lambda x, w, cos: s * ref.arcface_target_logit(per_class(cos, k).max(dim=-1).values, margin))
 
 
 _SPECS = {ArcFaceLoss: _arcface, CosFaceLoss: _cosface, SphereFaceLoss: _sphereface,
@@ -310,6 +312,8 @@ class ClassShardedLoss(torch.nn.Module):
         self.last_backend = backend
         layout, weight = spec.layout, getattr(self.loss, spec.weight_name)
         x = _common.unit_rows(x_all) if spec.unit_x else pe.autocast_rows(x_all)
+        if spec.logits_times_norm:
+            x = no_grad_at_short_rows(x)
         local = labels_all - self.class_range[0]
         is_owned = (local >= 0) & (local < layout.num_classes)
         owned = is_owned.nonzero().squeeze(1)
@@ -319,9 +323,10 @@ class ClassShardedLoss(torch.nn.Module):
         self.last_backend = getattr(kernel, "ran", None) or backend  # (SubCenter's grouped blocks: their own)
         w_t = pe.autocast_rows(w_t).to(x.dtype)
         x_t = x.index_select(0, owned)  # index_select: a deterministic (serial) backward on a CPU
-        direction = x_t if spec.unit_x else unit(x_t)
-        cos_t = ((direction if layout.group == 1 else direction[:, None]) * unit(w_t)).sum(dim=-1)
-        t_owned = spec.target_logit(x_t, unit(w_t) if spec.unit_w else w_t, cos_t).to(lse_part.dtype)
+        unit_w_t = normalized(w_t)
+        direction = x_t if spec.unit_x else normalized(x_t)
+        cos_t = ((direction if layout.group == 1 else direction[:, None]) * unit_w_t).sum(dim=-1)
+        t_owned = spec.target_logit(x_t, unit_w_t if spec.unit_w else w_t, cos_t).to(lse_part.dtype)
         t_part = torch.zeros_like(lse_part).index_copy(0, owned, t_owned)
         if spread:
             t, lse = _combine_over_ranks(t_part, lse_part, self.group)

@@ -22,7 +22,7 @@ from ..fused import _common
 from ..fused import contrastive as fused_contrastive
 from ..fused.circle import circle_rows
 from ..fused.generalized_lifted import generalized_lifted_rows
-from ..fused._epilogue import _already_reduced, _already_reduced_kinds, _element, _log1p_exp, _lse2, _per_row
+from ..fused._epilogue import _already_reduced, _already_reduced_kinds, _element, _log1p_exp_as_pml, _lse2, _per_row
 from ..fused import triplet as fused_triplet
 from ..fused.lazy_pairs import LazyMinedPairs, LazyMinedTriplets
 from ..fused.multi_similarity import multi_similarity_params
@@ -42,7 +42,7 @@ class _MultiSimilarity:
     @staticmethod
     def rows(module, x, y, ids, col_ids, backend, transform):
         params = multi_similarity_params(module, 0.0, module.distance)
-        softplus = _log1p_exp(_lse2(x, y, ids, col_ids, params, True, backend, transform=transform))
+        softplus = _log1p_exp_as_pml(_lse2(x, y, ids, col_ids, params, True, backend, transform=transform), x.dtype)
         a, b = float(module.alpha), float(module.beta)  # (params' scales carry the distance's sign and scale)
         return softplus[:, 0] / a + softplus[:, 1] / b
 
@@ -88,7 +88,7 @@ class _MultiSimilarityMined(_MultiSimilarity):
                                         backend=backend)
         row_in = torch.cat([extrema, torch.zeros_like(extrema[:, :1])], dim=1)
         lse = _lse2(x, y, ids, col_ids, params, True, backend, row_in, mining=MINING_MULTI_SIMILARITY)
-        softplus = _log1p_exp(lse)
+        softplus = _log1p_exp_as_pml(lse, x.dtype)
         rows_with_pairs = torch.stack([torch.isfinite(lse[:, 0]).sum(), torch.isfinite(lse[:, 1]).sum()])
         return softplus[:, 0] / a + softplus[:, 1] / b, rows_with_pairs
 
@@ -243,9 +243,9 @@ def _proxy_anchor(module, emb, labels):
     module.last_backend, module.last_fallback = backend, None
     with_pos = torch.zeros(num_classes, dtype=torch.bool, device=emb.device).index_fill(0, global_labels, True)
     loss_dict = {
-        "pos_loss": {"losses": _log1p_exp(lse[:, 0]).to(emb.dtype), "indices": proxy_ids,
+        "pos_loss": {"losses": _log1p_exp_as_pml(lse[:, 0], emb.dtype).to(emb.dtype), "indices": proxy_ids,
                      "reduction_type": "element", "divisor": int(with_pos.sum())},
-        "neg_loss": {"losses": _log1p_exp(lse[:, 1]).to(emb.dtype), "indices": proxy_ids,
+        "neg_loss": {"losses": _log1p_exp_as_pml(lse[:, 1], emb.dtype).to(emb.dtype), "indices": proxy_ids,
                      "reduction_type": "element", "divisor": num_classes},
     }
     return module.reducer(loss_dict, emb[:0], global_labels)

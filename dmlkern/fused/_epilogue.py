@@ -81,6 +81,25 @@ def _log1p_exp(x):
     return logaddexp(x, torch.zeros_like(x))
 
 
+def _one_plus_exp_is_one(softplus, dtype):
+    """Where 1 + e^z rounds to 1 in `dtype`, for softplus = log(1 + e^z) (1 + e^z = 1 +
+    expm1(softplus), exact for small z): there PML's form of log(1 + e^z) (its logsumexp with the
+    added zero, or -log of a probability) is exactly 0."""
+    return (1 + torch.expm1(softplus.detach())).to(dtype) == 1
+
+
+def _pml_zeros(softplus, dtype):
+    """softplus = log(1 + e^z) (accurate), exactly 0 where PML's is (_one_plus_exp_is_one in the
+    embeddings' dtype): AvgNonZeroReducer and ThresholdReducer leave such terms out, so dmlkern
+    counts the terms PML counts."""
+    return torch.where(_one_plus_exp_is_one(softplus, dtype), 0.0, softplus)
+
+
+def _log1p_exp_as_pml(x, dtype):
+    """log(1 + e^x) with PML's exact zeros (_pml_zeros)."""
+    return _pml_zeros(_log1p_exp(x), dtype)
+
+
 def _per_row(losses, embeddings):
     """Per-row losses shaped (N, 1), as PML's logsumexp-based losses (MS, GenLifted) give them:
     reducers such as ClassWeightedReducer broadcast on that shape."""

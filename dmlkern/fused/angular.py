@@ -50,7 +50,7 @@ from ..reference.indices import convert_to_pairs, logsumexp
 from . import _stats
 from ._common import (Buffers, Degenerate, LabelStats, decline, is_plain_mean, is_unit_euclidean, no_pos_or_neg,
                       row_sums, unit_rows, widened)
-from ._epilogue import ZERO_LOSS, _log1p_exp
+from ._epilogue import ZERO_LOSS, _log1p_exp, _pml_zeros
 from .pair_lists import positive_pairs
 
 BACKEND = "blocked"  # `last_backend` for all pairs: class blocks of Gram products
@@ -544,7 +544,8 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if len(a1) == 0 or len(a2) == 0:
             return ZERO_LOSS
         setup = _Setup(labels, ref_labels, None, None, None, False, (a1, p), c, k)
-        return _entry(listed_angular(*_inputs(embeddings, ref_emb), setup).to(embeddings.dtype), a1, p), LISTED
+        losses = _pml_zeros(listed_angular(*_inputs(embeddings, ref_emb), setup), embeddings.dtype)
+        return _entry(losses.to(embeddings.dtype), a1, p), LISTED
     stats = LabelStats(labels, ref_labels)
     if Degenerate(labels, lambda: no_pos_or_neg(stats)).now():  # PML: no positive or no negative pair
         return ZERO_LOSS
@@ -560,7 +561,7 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
                  **_stats.already_reduced_size(module.reducer, torch.tensor(len(a)))}
     else:
         losses, smallest, *_ = blocked_angular(*inputs, setup)
-        entry = _entry(losses.to(embeddings.dtype), a, p)["loss"]
+        entry = _entry(_pml_zeros(losses, embeddings.dtype).to(embeddings.dtype), a, p)["loss"]
     info = torch.finfo(inputs[0].dtype)
     if bool(smallest < ref_emb.shape[0] * info.tiny / info.eps):  # some underflowed terms may matter
         return decline(module, UNSAFE)

@@ -89,6 +89,20 @@ def row_norms(rows):
     return torch.linalg.vecdot(r, r, dim=-1).sqrt_().unsqueeze(-1).to(rows.dtype)
 
 
+def normalized(rows):
+    """rows / max(|rows|, eps) along the last axis with autograd, as PML's F.normalize (a zero row:
+    gradient 0; unit's square root would give NaN there)."""
+    return torch.nn.functional.normalize(rows, dim=-1, eps=_NORMALIZE_EPS)
+
+
+def no_grad_at_short_rows(x):
+    """x, with no gradient for its rows shorter than F.normalize's eps (a zero row): where PML's
+    logits are cos * |x| (L-Softmax, SphereFace) the norm's gradient there is 0, so is PML's
+    whole gradient of such a row; <x, w>, their value, would give it one."""
+    short = torch.linalg.vector_norm(x.detach(), dim=1, keepdim=True) < _NORMALIZE_EPS
+    return torch.where(short, x.detach(), x)
+
+
 def unit_and_norm(rows):
     """(unit(rows), |rows|): the norm kept for unit_backward_, so a block's norms are taken once."""
     norm = row_norms(rows)

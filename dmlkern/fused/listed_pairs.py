@@ -22,7 +22,7 @@ from ..reference.indices import convert_to_pairs
 from ..engine_spec import TRANSFORM_UNIT_DISTANCE
 from ._common import (DOT_KINDS, decline, engine_distance, engine_rows, engine_rows_reason, engine_transform,
                       is_unit_cosine, unit_rows, value_params, widened)
-from ._epilogue import ZERO_LOSS, _element, _engine_or_decline, _log1p_exp, _per_row
+from ._epilogue import ZERO_LOSS, _element, _engine_or_decline, _log1p_exp, _log1p_exp_as_pml, _per_row
 from .pair_lists import pair_dots, unit_distance
 
 BACKEND = "listed"  # what `last_backend` says
@@ -249,13 +249,6 @@ def listed_contrastive(module, embeddings, labels, indices_tuple, ref_emb, ref_l
                         dedupe=False)
 
 
-def _one_plus_exp_log(x):
-    """log(1 + e^x) as PML's logsumexp with the added zero computes it: max(x, 0) + log(e^-max +
-    e^(x - max)), so an e^x below half an ulp of 1 gives exactly 0 (AvgNonZeroReducer counts that)."""
-    shift = torch.clamp(x.detach(), min=0)
-    return shift + torch.log(torch.exp(-shift) + torch.exp(x - shift))
-
-
 def _row_lse_at(z, rows, num_rows, at):
     """(log sum exp(z) over the pairs of row at[k], duplicates each counted; whether there are
     any): 0 where there are none (no -inf: its logaddexp has no finite second derivative)."""
@@ -334,7 +327,7 @@ def listed_tuplet(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
                 module.avg_pos_angle, module.avg_neg_angle = degrees_mean_acos(s_pos), degrees_mean_acos(s_neg)
         shifted = torch.cos(torch.acos(s_pos.clamp(-1, 1)) - margin)  # the reference's clamp (PML: NaN past 1)
         neg_lse, has_neg = _row_lse_at(scale * s_neg, a2, x.shape[0], a1)
-        losses = torch.where(has_neg, _one_plus_exp_log(neg_lse - scale * shifted), 0.0)
+        losses = torch.where(has_neg, _log1p_exp_as_pml(neg_lse - scale * shifted, embeddings.dtype), 0.0)
         return {"loss": _entry(losses.to(embeddings.dtype).unsqueeze(1), (a1, p), "pos_pair")}
     return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, is_unit_cosine, loss_dict,
                         dedupe=False, dense_rule=False)

@@ -18,7 +18,7 @@ from ..reference import classification_losses as ref
 from ..reference.indices import convert_to_weights
 from ._common import branch_free, decline, is_unit_cosine, static_shapes, unit_rows
 from ._epilogue import _element, _engine_or_decline
-from .class_softmax import ClassLayout, EngineBlock, class_cross_entropy, class_lse, unit
+from .class_softmax import ClassLayout, EngineBlock, class_cross_entropy, class_lse, no_grad_at_short_rows, normalized
 from .lazy_pairs import LazyMined
 
 
@@ -30,20 +30,24 @@ def miner_weights(indices_tuple, labels, dtype, using_ref=False):
 
 
 def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, kernel_for, *, unit_x, unit_w,
-                    target_logit, using_ref=False, drop_zero_probability=False):
+                    target_logit, using_ref=False, drop_zero_probability=False, logits_times_norm=False):
     """PML's {"loss": per-sample losses}, the other classes' logits from the block kernel
     kernel_for(x), the target's from target_logit(x, w_t, cos_t) (x, w_t as they enter the logits:
     (N, D), w_t (N, K, D) for K rows per class; cos_t their cosines, (N,) or (N, K)).
     drop_zero_probability (ProxyNCA): the samples whose target probability underflows to 0 (a loss
     past ~104 in fp32) are left out, as PML does; kept under torch.compile (no data-dependent
-    shape) and on CUDA (no host sync)."""
+    shape) and on CUDA (no host sync). logits_times_norm (L-Softmax, SphereFace): PML's gradient 0
+    for a zero row (no_grad_at_short_rows)."""
     num_classes = layout.num_classes
     x = unit_rows(embeddings) if unit_x else autocast_rows(embeddings)
+    if logits_times_norm:
+        x = no_grad_at_short_rows(x)
     lse, w_t = class_lse(x, weight, labels, kernel_for(x), layout)
     w_t = autocast_rows(w_t).to(x.dtype)
-    direction = x if unit_x else unit(x)
-    cos_t = ((direction if layout.group == 1 else direction[:, None]) * unit(w_t)).sum(dim=-1)
-    t = target_logit(x, w_t if not unit_w else unit(w_t), cos_t)
+    unit_w_t = normalized(w_t)
+    direction = x if unit_x else normalized(x)
+    cos_t = ((direction if layout.group == 1 else direction[:, None]) * unit_w_t).sum(dim=-1)
+    t = target_logit(x, w_t if not unit_w else unit_w_t, cos_t)
     losses = class_cross_entropy(t, lse)
     if static_shapes():  # labels outside [0, C) could not be rejected: NaN, as ProxyAnchor's
         losses = torch.where(((labels >= 0) & (labels < num_classes)).all(), losses, float("nan"))
@@ -100,7 +104,8 @@ def cosface(module, embeddings, labels, indices_tuple):
 def sphereface(module, embeddings, labels, indices_tuple):
     s, m = float(module.scale), int(module.margin)
     return _fused(module, embeddings, labels, indices_tuple, module.W, _columns_of(module.W), unit_x=False, unit_w=True, scale=s,
-                  offset=0.0, target_logit=lambda x, w, cos: ref._lm_target(cos, m) * torch.linalg.vector_norm(x, dim=1) * s)
+                  offset=0.0, logits_times_norm=True,
+                  target_logit=lambda x, w, cos: ref._lm_target(cos, m) * torch.linalg.vector_norm(x, dim=1) * s)
 
 
 def large_margin_softmax(module, embeddings, labels, indices_tuple):
@@ -111,7 +116,7 @@ def large_margin_softmax(module, embeddings, labels, indices_tuple):
         return ref._lm_target(cos, m) * norms * s
 
     return _fused(module, embeddings, labels, indices_tuple, module.W, _columns_of(module.W), unit_x=False, unit_w=False, scale=s,
-                  offset=0.0, target_logit=target)
+                  offset=0.0, logits_times_norm=True, target_logit=target)
 
 
 def normalized_softmax(module, embeddings, labels, indices_tuple):

@@ -7,7 +7,7 @@ from ..engine_spec import MINING_MULTI_SIMILARITY, MINING_NONE, PASS_EXTREMA, En
 from ..ops import pair_engine as pe
 from ._common import (Degenerate, LabelStats, all_pairs_plan, decline, engine_distance, engine_rows,
                       engine_rows_reason, is_unit_cosine, no_pos_or_neg, value_params)
-from ._epilogue import ZERO_LOSS, _at_most_one_pair_each, _engine_or_decline, _log1p_exp, _lse2, _per_row
+from ._epilogue import ZERO_LOSS, _at_most_one_pair_each, _engine_or_decline, _log1p_exp_as_pml, _lse2, _per_row
 from .lazy_pairs import LazyMinedPairs
 from .listed_pairs import listed_multi_similarity
 
@@ -136,6 +136,6 @@ def multi_similarity(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
                                                                 exclude_diag))
         if degenerate.returns_zero_now():
             return ZERO_LOSS
-    softplus = _log1p_exp(lse)  # both columns in one op (each op is a kernel launch on a GPU)
+    softplus = _log1p_exp_as_pml(lse, embeddings.dtype)  # both columns in one op (each op is a GPU launch)
     losses = degenerate.zero_where(softplus[:, 0] / a + softplus[:, 1] / b)
     return {"loss": _per_row(losses, embeddings)}, backend

@@ -28,7 +28,7 @@ import torch
 from .._determinism import fixed_order_sum
 from . import _stats
 from ._common import Degenerate, branch_free, decline, engine_rows, is_plain_mean, static_shapes, value_params
-from ._epilogue import ZERO_LOSS, _element, _log1p_exp, _lse2, _rows_backend
+from ._epilogue import ZERO_LOSS, _element, _log1p_exp_as_pml, _lse2, _rows_backend
 
 
 def _params(distance, scale):
@@ -57,7 +57,8 @@ def nca(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
                 backend, transform=transform)
     lse_pos, lse_neg = lse[:, 0], lse[:, 1]
     has_pos = ~torch.isneginf(lse_pos)  # NaN counts as a positive: PML keeps NaN rows
-    losses = _log1p_exp(lse_neg - torch.where(has_pos, lse_pos, 0.0))  # no -inf - -inf below
+    # -log p = log(1 + e^(lse_neg - lse_pos)), exactly 0 where PML's p rounds to 1
+    losses = _log1p_exp_as_pml(lse_neg - torch.where(has_pos, lse_pos, 0.0), embeddings.dtype)  # no -inf - -inf
     kept = has_pos & (torch.exp(-losses.detach().to(embeddings.dtype)) != 0)
     if branch_free(losses):
         if is_plain_mean(module.reducer):

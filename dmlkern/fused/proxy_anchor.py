@@ -4,7 +4,7 @@ import torch
 
 from ..engine_spec import EngineParams
 from ._common import is_unit_cosine, static_shapes, unit_rows
-from ._epilogue import _log1p_exp, _lse2, _plain_backend
+from ._epilogue import _log1p_exp_as_pml, _lse2, _plain_backend
 
 
 def proxy_anchor_params(module):
@@ -34,8 +34,8 @@ def proxy_anchor(module, embeddings, labels, indices_tuple, proxies):
         num_with_pos = int(num_with_pos)
     idx = torch.arange(num_classes, device=embeddings.device)
     return {
-        "pos_loss": {"losses": _log1p_exp(lse[:, 0]).to(embeddings.dtype), "indices": idx,
+        "pos_loss": {"losses": _log1p_exp_as_pml(lse[:, 0], embeddings.dtype).to(embeddings.dtype), "indices": idx,
                      "reduction_type": "element", "divisor": num_with_pos},
-        "neg_loss": {"losses": _log1p_exp(lse[:, 1]).to(embeddings.dtype), "indices": idx,
+        "neg_loss": {"losses": _log1p_exp_as_pml(lse[:, 1], embeddings.dtype).to(embeddings.dtype), "indices": idx,
                      "reduction_type": "element", "divisor": num_classes},
     }, backend

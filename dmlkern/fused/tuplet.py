@@ -7,7 +7,7 @@ import torch
 
 from ..engine_spec import EngineParams
 from ._common import decline, is_unit_cosine
-from ._epilogue import ZERO_LOSS, _log1p_exp, _lse2, _pair_inputs, _plain_backend, _stats_with_pair_rule
+from ._epilogue import ZERO_LOSS, _log1p_exp_as_pml, _lse2, _pair_inputs, _plain_backend, _stats_with_pair_rule
 from .listed_pairs import listed_tuplet
 from .pair_lists import pair_dots, positive_pairs
 
@@ -34,6 +34,7 @@ def tuplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
     s_ap = pair_dots(x, None if y is x else y, a, p).to(lse.dtype)
     shifted = torch.cos(torch.acos(s_ap.clamp(-1, 1)) - margin)  # the reference's clamp (PML: NaN past 1)
     # index_select: its backward (index_add) is serial on the CPU; indexing's is not (atomics)
-    losses = _log1p_exp(lse[:, 1].index_select(0, a) - scale * shifted)  # no negative: log(1) = 0
+    # no negative: log(1) = 0; PML's exact zeros where 1 + e^z rounds to 1
+    losses = _log1p_exp_as_pml(lse[:, 1].index_select(0, a) - scale * shifted, embeddings.dtype)
     return {"loss": {"losses": losses.to(embeddings.dtype).unsqueeze(1), "indices": (a, p),
                      "reduction_type": "pos_pair"}}, backend

@@ -1,0 +1,100 @@
+"""PML computes log(1 + e^z) terms as logsumexp with an added zero (or -log of a probability), so a
+term whose e^z is below half an ulp of 1 is exactly 0, and AvgNonZeroReducer / ThresholdReducer
+leave it out of their mean. The fused losses compute the same terms accurately (log1p); they
+must still give exactly 0 there, or their mean divides by more terms than PML's.
+
+Each case uses tight, well separated clusters, so that PML has exact zeros and non-zeros (checked
+here: without both the case could not fail), and compares dmlkern's fused path with PML under
+AvgNonZeroReducer: values, gradients, and the number of exact zeros per element."""
+import pytest
+import pytorch_metric_learning.losses as pml_losses
+import pytorch_metric_learning.reducers as pml_reducers
+import torch
+from pytorch_metric_learning.utils import loss_and_miner_utils as pml_lmu
+
+import dmlkern.losses as our_losses
+import dmlkern.reducers as our_reducers
+
+CLASSES, PER_CLASS, D = 6, 4, 16
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-6)}
+
+
+def clustered(dtype, spread=0.02, norm=1.0, per_class=PER_CLASS, antipodal=False):
+    """Rows near their class centre: orthonormal centres (negatives' terms far below an ulp: no
+    sum near PML's rounding boundary, whose summation order differs by CPU) except classes 0 and 1
+    at cosine 0.89 (their terms are not 0). antipodal: three classes, the third opposite the
+    first (AngularLoss's terms vanish only where every negative points away)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(CLASSES, D, dtype=torch.float64)
+    centres[1] = torch.nn.functional.normalize(centres[0] + 0.5 * centres[1], dim=0)
+    if antipodal:
+        centres = torch.stack([centres[0], centres[1], -centres[0]])
+    labels = torch.arange(len(centres)).repeat_interleave(per_class)
+    x = centres[labels] + spread * torch.randn(len(labels), D, generator=g, dtype=torch.float64)
+    return (norm * x).to(dtype), labels, centres
+
+
+# name, constructor kwargs, dtype, how the batch is made, whether an all-pairs tuple is passed
+CASES = [
+    ("TupletMarginLoss", {}, torch.float32, {}, False),
+    ("TupletMarginLoss", {}, torch.float32, {}, True),  # the listed-pairs path
+    ("TupletMarginLoss", dict(margin=10, scale=64), torch.float64, {}, False),
+    ("NCALoss", dict(softmax_scale=64), torch.float64, dict(per_class=2), False),  # one positive: p is 1, not a sum
+    ("NCALoss", dict(softmax_scale=16), torch.float32, dict(per_class=2), False),
+    ("MultiSimilarityLoss", dict(alpha=50, beta=50, base=0.5), torch.float32, {}, False),
+    ("MultiSimilarityLoss", dict(alpha=100, beta=100, base=0.5), torch.float64, {}, False),
+    ("AngularLoss", {}, torch.float64, dict(norm=10.0, antipodal=True), False),
+    ("AngularLoss", {}, torch.float32, dict(norm=10.0, antipodal=True), True),
+    ("SupConLoss", dict(temperature=0.03), torch.float32, dict(per_class=2), False),
+]
+
+
+def _run(lib, reducers, name, kwargs, x, labels, tup, reducer):
+    loss = getattr(lib, name)(reducer=getattr(reducers, reducer)(), **kwargs)
+    xx = x.clone().requires_grad_()
+    value = loss(xx, labels, tup)
+    if reducer == "DoNothingReducer":
+        return value, loss
+    value.backward()
+    return (value.detach(), xx.grad), loss
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{str(c[2])[6:]}{'-listed' if c[4] else ''}")
+def test_exact_zero_terms_are_left_out_as_in_pml(case):
+    name, kwargs, dtype, batch_kwargs, listed = case
+    x, labels, _ = clustered(dtype, **batch_kwargs)
+    tup = pml_lmu.get_all_pairs_indices(labels) if listed else None
+    theirs, _ = _run(pml_losses, pml_reducers, name, kwargs, x, labels, tup, "DoNothingReducer")
+    terms = theirs["loss"]["losses"]
+    assert (terms == 0).any() and (terms != 0).any(), "the batch must give PML exact zeros and non-zeros"
+    (vo, go), ours = _run(our_losses, our_reducers, name, kwargs, x, labels, tup, "AvgNonZeroReducer")
+    assert ours.last_backend not in (None, "reference", "zero"), ours.last_fallback
+    (vt, gt), _ = _run(pml_losses, pml_reducers, name, kwargs, x, labels, tup, "AvgNonZeroReducer")
+    torch.testing.assert_close(vo, vt, **TOL[dtype])
+    torch.testing.assert_close(go, gt, **TOL[dtype])
+
+
+def test_proxy_anchor_exact_zero_terms_are_left_out_as_in_pml():
+    """ProxyAnchor's per-proxy terms log(1 + sum e^(-alpha (s - margin))) with proxies at the class
+    centres: the positive terms round to 0 in PML, except class 1's, whose proxy is moved away."""
+    x, labels, centres = clustered(torch.float32)
+    centres = centres.clone()
+    centres[1] = torch.eye(D, dtype=centres.dtype)[1]  # cosine 0.45 with class 1's rows
+    out = []
+    for lib, reducers in ((our_losses, our_reducers), (pml_losses, pml_reducers)):
+        loss = lib.ProxyAnchorLoss(CLASSES + 1, D, reducer=reducers.AvgNonZeroReducer())
+        with torch.no_grad():
+            loss.proxies.copy_(torch.cat([centres, -centres[:1]]).to(loss.proxies.dtype))
+        xx = x.clone().requires_grad_()
+        value = loss(xx, labels)
+        value.backward()
+        out.append((value.detach(), xx.grad, loss.proxies.grad))
+        if lib is pml_losses:
+            terms = lib.ProxyAnchorLoss(CLASSES + 1, D, reducer=pml_reducers.DoNothingReducer())
+            terms.proxies.data = loss.proxies.data
+            pos = terms(x, labels)["pos_loss"]["losses"]
+            assert (pos == 0).any() and (pos != 0).any()
+        else:
+            assert loss.last_backend not in (None, "reference", "zero"), loss.last_fallback
+    for ours, theirs in zip(*out):
+        torch.testing.assert_close(ours, theirs, **TOL[torch.float32])
