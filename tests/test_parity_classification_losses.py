@@ -167,6 +167,26 @@ def test_weight_regularizer_and_custom_distance():
         compare(ours, theirs, attr, x, y)
 
 
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_empty_batch_keeps_the_weight_regularizer(name):
+    """An empty batch: PML's compute_loss still adds the weight regularizer's term, so its loss is
+    that term (ProxyAnchor) or NaN (the others: a mean over no sample, plus the term). dmlkern gives
+    the term in both cases (its empty-batch zero plus the term), and the weights PML's gradient."""
+    reg = lambda w: (w**2).sum() / w.shape[0]  # noqa: E731
+    kw = dict(LOSSES[name][1][0], weight_regularizer=reg, weight_reg_weight=0.3)
+    ours, theirs, attr = pair_of_losses(name, 4, 6, kw)
+    x, y = torch.empty(0, 6, dtype=torch.float64), torch.empty(0, dtype=torch.long)
+    vo, gxo, gwo = run(ours, attr, x, y)
+    vt, gxt, gwt = run(theirs, attr, x, y)
+    term = 0.3 * reg(getattr(ours, attr).detach().t() if attr in ("W", "fc") else getattr(ours, attr).detach())
+    assert float(term) > 0
+    torch.testing.assert_close(vo, term.to(vo.dtype), **TOL[torch.float64])
+    if not torch.isnan(vt):
+        torch.testing.assert_close(vo, vt, **TOL[torch.float64])
+    torch.testing.assert_close(gwo, gwt, **TOL[torch.float64])
+    assert gxo.shape == gxt.shape == x.shape
+
+
 def test_subcenter_get_outliers_like_pml():
     x, y = batch(2, 40, 5, 4)
     torch.manual_seed(0)

@@ -30,17 +30,17 @@ def check_class_inputs(loss, embeddings, labels, ref_emb, ref_labels, embedding_
                              f"got values from {low} to {high}")
 
 
-def fused_class_call(loss, fused_fn, embeddings, labels, indices_tuple, reg_weights, distance_ref=None):
+def fused_class_call(loss, fused_fn, embeddings, labels, indices_tuple, distance_ref=None):
     """The class-weight losses' fused_loss_dict after their weights are cast: fused_fn(loss,
     embeddings, labels, indices_tuple) gives (loss_dict, backend), ZERO_LOSS or None (the reference
     runs). When it ran, the statistics of PML's distance(embeddings, distance_ref()) are recorded
     (distance_ref is called only when the distance collects them), and a fused loss dict gets the
-    weight regularizer on `reg_weights`, as compute_loss adds it."""
+    weight regularizer, as compute_loss adds it."""
     result = fused_fn(loss, embeddings, labels, indices_tuple)
     if result is not None and distance_ref is not None and loss.distance.collect_stats:
         fused_stats.record_distance(loss.distance, embeddings, distance_ref())
     if isinstance(result, tuple):  # (loss_dict, backend)
-        loss.add_weight_regularization_to_loss_dict(result[0], reg_weights)
+        loss.add_weight_regularization_to_loss_dict(result[0])
     return result
 
 

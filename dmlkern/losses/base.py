@@ -108,8 +108,13 @@ class WeightRegularizerMixin(WeightMixin):
     def weight_regularization_loss(self, weights):
         return _reg_entry(self.weight_regularizer, self.weight_reg_weight, weights)
 
-    def add_weight_regularization_to_loss_dict(self, loss_dict, weights):
+    def regularized_weights(self):
+        """The class weights as the regularizer sees them (one row per class); each loss defines it."""
+        raise NotImplementedError
+
+    def add_weight_regularization_to_loss_dict(self, loss_dict, weights=None):
         if self.weight_regularizer is not None:
+            weights = self.regularized_weights() if weights is None else weights
             loss_dict["weight_reg_loss"] = self.weight_regularization_loss(weights)
 
     def regularization_loss_names(self):
@@ -229,6 +234,9 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
         if loss_dict is ZERO_LOSS:
             loss_dict = self.zero_losses()
             self.last_backend, self.last_fallback = "zero", None  # no valid pair: the reference's zero
+            if isinstance(self, WeightRegularizerMixin):  # PML's compute_loss regularizes the weights still
+                self.cast_types(embeddings.dtype, embeddings.device)
+                self.add_weight_regularization_to_loss_dict(loss_dict)
         elif loss_dict is None:
             if lazy is not None:  # a fused loss didn't take the miner's lazy pairs: build them
                 indices_tuple = tuple(t.to(embeddings.device) for t in lazy.materialize())

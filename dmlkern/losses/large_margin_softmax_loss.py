@@ -52,6 +52,9 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def cast_types(self, dtype, device):
         cast_parameter(self.W, dtype, device)
 
+    def regularized_weights(self):
+        return self.W.t()
+
     # -------------------------------------------------------------- maths (reference module)
     def _loss_dict(self, embeddings, labels, indices_tuple):
         return ref.large_margin_softmax_loss_dict(
@@ -97,13 +100,13 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if self._fused_path is None:
             return None
         self._start_call(embeddings, labels)
-        return fused_class_call(self, self._fused_path, embeddings, labels, indices_tuple, self.W.t(),
+        return fused_class_call(self, self._fused_path, embeddings, labels, indices_tuple,
                                 lambda: self.W.t())  # PML's loss always calls distance(embeddings, W.t())
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self._start_call(embeddings, labels)
         loss_dict = self._loss_dict(embeddings, labels, indices_tuple)
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        self.add_weight_regularization_to_loss_dict(loss_dict)
         return loss_dict
 
     def get_logits(self, embeddings):

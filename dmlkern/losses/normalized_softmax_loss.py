@@ -30,12 +30,15 @@ class NormalizedSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def cast_types(self, dtype, device):
         cast_parameter(self.W, dtype, device)
 
+    def regularized_weights(self):
+        return self.W.t()
+
     def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.W.shape[0])
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
-        return fused_class_call(self, normalized_softmax, embeddings, labels, indices_tuple, self.W.t(),
+        return fused_class_call(self, normalized_softmax, embeddings, labels, indices_tuple,
                                 lambda: self.distance.normalize(self.W, dim=0).t())  # PML's distance(embeddings, W_hat.t())
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -43,7 +46,7 @@ class NormalizedSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         loss_dict = normalized_softmax_loss_dict(
             embeddings, labels, self.W, indices_tuple, temperature=self.temperature, distance=self.distance
         )
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        self.add_weight_regularization_to_loss_dict(loss_dict)
         return loss_dict
 
     def get_logits(self, embeddings):

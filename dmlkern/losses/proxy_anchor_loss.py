@@ -43,20 +43,23 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def cast_types(self, dtype, device):
         cast_parameter(self.proxies, dtype, device)
 
+    def regularized_weights(self):
+        return self.proxies
+
     def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.proxies.shape[1])
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
         return fused_class_call(self, lambda *args: proxy_anchor(*args, self.proxies), embeddings, labels,
-                                indices_tuple, self.proxies, lambda: self.proxies)  # PML's distance(embeddings, proxies)
+                                indices_tuple, lambda: self.proxies)  # PML's distance(embeddings, proxies)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = proxy_anchor_loss_dict(
             embeddings, labels, self.proxies, indices_tuple, margin=self.margin, alpha=self.alpha, distance=self.distance
         )
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
+        self.add_weight_regularization_to_loss_dict(loss_dict)
         return loss_dict
 
     def get_logits(self, embeddings):

@@ -32,12 +32,15 @@ class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def cast_types(self, dtype, device):
         cast_parameter(self.proxies, dtype, device)
 
+    def regularized_weights(self):
+        return self.proxies
+
     def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.proxies.shape[1])
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
-        return fused_class_call(self, proxy_nca, embeddings, labels, indices_tuple, self.proxies,
+        return fused_class_call(self, proxy_nca, embeddings, labels, indices_tuple,
                                 lambda: self.proxies)  # PML's loss always calls distance(embeddings, proxies)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -45,7 +48,7 @@ class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
         loss_dict = proxy_nca_loss_dict(
             embeddings, labels, self.proxies, indices_tuple, softmax_scale=self.softmax_scale, distance=self.distance
         )
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
+        self.add_weight_regularization_to_loss_dict(loss_dict)
         return loss_dict
 
     def get_logits(self, embeddings):

@@ -44,12 +44,15 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def cast_types(self, dtype, device):
         cast_parameter(self.fc, dtype, device)
 
+    def regularized_weights(self):
+        return self.fc.t()
+
     def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.fc.shape[0])
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
-        return fused_class_call(self, soft_triple, embeddings, labels, indices_tuple, self.fc.t(),
+        return fused_class_call(self, soft_triple, embeddings, labels, indices_tuple,
                                 lambda: self.fc.t())  # PML's loss always calls distance(embeddings, fc.t())
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -59,7 +62,7 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             centers_per_class=self.centers_per_class, la=self.la, gamma=self._gamma,
             margin=self.margin, distance=self.distance,
         )
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.fc.t())
+        self.add_weight_regularization_to_loss_dict(loss_dict)
         return loss_dict
 
     def get_logits(self, embeddings):

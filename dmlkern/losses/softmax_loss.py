@@ -21,17 +21,20 @@ class SoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def cast_types(self, dtype, device):
         cast_parameter(self.W, dtype, device)
 
+    def regularized_weights(self):
+        return self.W.t()
+
     def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.W.shape[0])
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
-        return fused_class_call(self, softmax, embeddings, labels, indices_tuple, self.W.t())
+        return fused_class_call(self, softmax, embeddings, labels, indices_tuple)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = softmax_loss_dict(embeddings, labels, self.W, indices_tuple)
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        self.add_weight_regularization_to_loss_dict(loss_dict)
         return loss_dict
 
     def get_logits(self, embeddings):
