@@ -147,6 +147,28 @@ def test_per_row_and_per_pair_dicts_match_pml(engine_backend_choice):  # noqa: F
                     assert 0 not in got["indices"].tolist(), "a row without positives is dropped"
 
 
+def test_nca_without_any_positive_returns_pmls_empty_entry(engine_backend_choice):  # noqa: F811
+    """No row has a positive: with DoNothingReducer PML returns an empty element entry (the loss
+    dict as it is), not a reduced zero; ProxyNCA with every sample's probability underflowing too."""
+    engine_backend_choice("cpp", "cpu")
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    labels = torch.tensor([0, 1, 2])
+    got = losses.NCALoss(reducer=DoNothingReducer())(x, labels)["loss"]
+    want = pml_losses.NCALoss(reducer=pml_reducers.DoNothingReducer())(x, labels)["loss"]
+    assert got["reduction_type"] == want["reduction_type"] == "element"
+    assert got["losses"].shape == want["losses"].shape == (0,) and torch.equal(got["indices"], want["indices"])
+    ours = losses.ProxyNCALoss(3, 4, softmax_scale=1e4, reducer=DoNothingReducer()).double()
+    theirs = pml_losses.ProxyNCALoss(3, 4, softmax_scale=1e4, reducer=pml_reducers.DoNothingReducer()).double()
+    with torch.no_grad():  # each sample's proxy opposite it, the others not: its probability is 0
+        ours.proxies.copy_(-x[labels] + 0.3 * x[labels.roll(1)])
+        theirs.proxies.copy_(ours.proxies)
+    got, want = ours(x, labels)["loss"], theirs(x, labels)["loss"]
+    assert ours.last_backend == "cpp"
+    assert want["losses"].shape == (0,), "the case must drop every sample in PML"
+    assert got["reduction_type"] == want["reduction_type"] and got["losses"].shape == (0,)
+    assert torch.equal(got["indices"], want["indices"])
+
+
 def _antipodal_batch():
     """Rows 0-5 of classes 0..5 and rows 6-11 near their antipodes with the same labels: each row's
     only positive at s ~ -1, its negatives much closer."""
@@ -176,8 +198,8 @@ def _exact_nca(x, labels, scale, kept):
 def test_nca_drops_underflowing_rows_as_pml(engine_backend_choice, monkeypatch, backend, device, static):  # noqa: F811
     """Rows whose positive probability underflows to exactly 0 in the dtype (a large
     softmax_scale, positives on the far side of the sphere): PML leaves them out. The kept rows are
-    PML's (eager: the per-row dict's indices); value and gradient are the exact fp64 mean over them
-    (none kept: the reference's zero, where PML gives NaN)."""
+    PML's (eager: the per-row dict's indices, an empty entry when none is kept, as PML's); value and
+    gradient are the exact fp64 mean over them (none kept: the reference's zero, where PML gives NaN)."""
     expected = engine_backend_choice(backend, device)
     monkeypatch.setattr(_tracing, "FORCE_STATIC_SHAPES", static)
     x, labels = _antipodal_batch()
@@ -189,10 +211,8 @@ def test_nca_drops_underflowing_rows_as_pml(engine_backend_choice, monkeypatch, 
             if not static:
                 fn = losses.NCALoss(softmax_scale=scale, reducer=DoNothingReducer())
                 got = fn(xd.to(device), labels.to(device))["loss"]
-                if len(kept):
-                    assert fn.last_backend == expected and torch.equal(got["indices"].cpu(), kept), what
-                else:
-                    assert got["reduction_type"] == "already_reduced" and float(got["losses"]) == 0, what  # the zero
+                assert fn.last_backend == expected and torch.equal(got["indices"].cpu(), kept), what
+                assert got["reduction_type"] == "element" and got["losses"].shape == kept.shape, what  # (none: PML's empty entry)
             ours = losses.NCALoss(softmax_scale=scale)
             got_v, (got_g,) = _call(ours, xd.to(device), labels.to(device), None, None)
             assert ours.last_backend == expected, what

@@ -185,6 +185,12 @@ def test_empty_batch_keeps_the_weight_regularizer(name):
         torch.testing.assert_close(vo, vt, **TOL[torch.float64])
     torch.testing.assert_close(gwo, gwt, **TOL[torch.float64])
     assert gxo.shape == gxt.shape == x.shape
+    # without a regularizer the weights still get PML's zero gradient (None would change an
+    # optimizer's step: momentum and weight decay skip a parameter without a gradient)
+    ours, theirs, attr = pair_of_losses(name, 4, 6, dict(LOSSES[name][1][0]))
+    (vo, _, gwo), (vt, _, gwt) = run(ours, attr, x, y), run(theirs, attr, x, y)
+    assert vo == 0 and gwt is not None and gwo is not None
+    torch.testing.assert_close(gwo, gwt, **TOL[torch.float64])
 
 
 def test_subcenter_get_outliers_like_pml():

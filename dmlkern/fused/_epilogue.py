@@ -158,6 +158,13 @@ def _lse_neg_then(second_pass, x, y, labels, ref_labels, params, exclude_diag, t
     return row_in, out
 
 
+def returns_loss_dict(module):
+    """Whether the loss dict reaches the user as it is (DoNothingReducer): then its entries keep
+    PML's form even where a reducer would see only a zero (e.g. an empty element entry)."""
+    from ..reducers import DoNothingReducer
+    return isinstance(module.reducer, DoNothingReducer)
+
+
 def _sub_loss_reducers(module, names):
     """The reducer each sub-loss in `names` gets from module.reducer (a MultipleReducers' own one or
     its default; a single reducer for a one-sub-loss loss), or None where a loss dict is returned

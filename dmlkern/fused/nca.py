@@ -28,7 +28,7 @@ import torch
 from .._determinism import fixed_order_sum
 from . import _stats
 from ._common import Degenerate, branch_free, decline, engine_rows, is_plain_mean, static_shapes, value_params
-from ._epilogue import ZERO_LOSS, _element, _log1p_exp_as_pml, _lse2, _rows_backend
+from ._epilogue import ZERO_LOSS, _element, _log1p_exp_as_pml, _lse2, _rows_backend, returns_loss_dict
 
 
 def _params(distance, scale):
@@ -72,7 +72,7 @@ def nca(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
             return decline(module, f"{type(module.reducer).__name__} with NCALoss under torch.compile "
                                    "(the kept rows are data-dependent; fused with MeanReducer)")
     entry = _element(losses.to(embeddings.dtype), len(losses))
-    if not bool(kept.any()):
+    if not bool(kept.any()) and not returns_loss_dict(module):  # (DoNothingReducer: PML's empty entry)
         return {"loss": module.zero_loss()}, backend
     if not bool(kept.all()):
         entry["losses"], entry["indices"] = entry["losses"][kept], entry["indices"][kept]

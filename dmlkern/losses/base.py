@@ -237,6 +237,10 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
             if isinstance(self, WeightRegularizerMixin):  # PML's compute_loss regularizes the weights still
                 self.cast_types(embeddings.dtype, embeddings.device)
                 self.add_weight_regularization_to_loss_dict(loss_dict)
+                # and the weights get PML's zero gradient, not None (an optimizer's step differs);
+                # (empty sums: exactly 0 whatever the values)
+                first = loss_dict[self._sub_loss_names()[0]]
+                first["losses"] = embeddings.flatten()[:0].sum() + self.regularized_weights().flatten()[:0].sum()
         elif loss_dict is None:
             if lazy is not None:  # a fused loss didn't take the miner's lazy pairs: build them
                 indices_tuple = tuple(t.to(embeddings.device) for t in lazy.materialize())
