@@ -90,6 +90,27 @@ def test_degenerate_batches(name, labels):
         assert_same_indices(ours, theirs)
 
 
+@pytest.mark.parametrize("ranges", [False, True], ids=["no-range", "ranges"])
+@pytest.mark.parametrize("dist_key", [None, "cos"])
+def test_batch_easy_hard_nan_embeddings_match_pml(dist_key, ranges):
+    """A NaN in an embedding: PML drops a candidate only where a range's or the semihard
+    threshold's opposite comparison holds, so NaN distances stay candidates and the row's min /
+    max is the NaN's column; the blocked miner (C++ picks without NaN, torch picks with) gives PML's
+    tuple for every strategy pair. With ranges, rows are dropped as well (their candidates leave)."""
+    for seed in range(4):
+        x, y = batch(seed, 12, 6, 3, torch.float64)
+        x[seed, 0] = float("nan")
+        if seed % 2:
+            x[7] = float("nan")
+        for kw in _EASY_HARD:
+            if ranges:
+                kw = dict(kw, allowed_pos_range=(0.2, 1.3), allowed_neg_range=(0.4, 1.6)) if dist_key is None else \
+                    dict(kw, allowed_pos_range=(-0.3, 0.9), allowed_neg_range=(-0.8, 0.5))
+            theirs = make("BatchEasyHardMiner", kw, dist_key, False)(x, y)
+            ours = make("BatchEasyHardMiner", kw, dist_key, True)(x, y)
+            assert [t.tolist() for t in ours] == [t.tolist() for t in theirs], (seed, kw)
+
+
 def test_distance_weighted_same_seed_same_triplets():
     for seed, (B, D, C) in enumerate(SHAPES + [(31, 17, 6)]):
         for dtype in (torch.float32, torch.float64):

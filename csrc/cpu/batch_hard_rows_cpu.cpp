@@ -5,12 +5,13 @@
 //
 // A side's candidates: the positives (same label, the column row0 + i excluded with
 // exclude_diag) or the negatives (another label), narrowed by the semihard threshold (strictly
-// beyond the other side's pick: > for a min, < for a max) and the allowed range (lo <= x <= hi).
+// beyond the other side's pick: > for a min, < for a max) and the allowed range (lo <= x <= hi),
+// each written as PML writes it, a candidate dropped where the opposite comparison holds (x <= thr
+// for a min; x < lo or x > hi): a NaN distance, or a NaN threshold, drops nothing.
 // The pick is torch.min / torch.max over the row with the non-candidates filled with
 // finfo.max / finfo.min, as the twin (and PML) compute it, bit for bit: the first index of the
 // extreme, a candidate NaN wins (the first one), a row without candidates gives (fill, 0) and
-// ok = false. A max is taken as the min of -x (negation is exact, ties stay ties). (A NaN
-// distance fails the threshold and range compares here and in the twin; PML keeps it.)
+// ok = false. A max is taken as the min of -x (negation is exact, ties stay ties).
 //
 // Each row is one thread's (at::parallel_for over rows): the result doesn't depend on the
 // thread count. A row is swept in chunks: per chunk the vectorised minimum (and whether it holds
@@ -41,8 +42,8 @@ struct Side {
 
   // Whether x passes the semihard threshold and the allowed range (not the labels).
   DMLK_CPU_INLINE bool in_window(T x) const {
-    const bool thr_ok = (!has_thr) | (sign * x > thr);  // x > thr for a min, x < thr for a max
-    const bool range_ok = (!has_range) | ((x >= lo) & (x <= hi));
+    const bool thr_ok = (!has_thr) | !(sign * x <= thr);  // drops x <= thr for a min, x >= thr for a max
+    const bool range_ok = (!has_range) | !((x < lo) | (x > hi));
     return thr_ok & range_ok;
   }
   DMLK_CPU_INLINE bool valid(T x, bool same, bool self) const {
@@ -184,7 +185,7 @@ void block_rows(const T* m, const L* row_labels, const L* col_labels, int64_t co
       pick_row<Window>(row, col_labels, label, self, cols, off, sides[1], unused, picks[1]);
     finish(first);
     sides[second].has_thr = true;
-    sides[second].thr = sides[second].sign * val[2 * i + first];  // NaN: nothing is beyond it
+    sides[second].thr = sides[second].sign * val[2 * i + first];  // NaN: drops nothing, as PML
     if (second == 0)
       pick_row<true>(row, col_labels, label, self, cols, sides[0], off, picks[0], unused);
     else

@@ -106,12 +106,13 @@ def _candidates(labels, ref_labels, r0, r1):
 
 def _pick_per_row(mat, candidates, take_min, thresholds=None, val_range=None):
     """`reference.miners._pick_per_row` (the same masks and torch.min / max) without its copies
-    of the mask and the fill: ((values, column indices), row_has_candidate)."""
+    of the mask and the fill: ((values, column indices), row_has_candidate). NaN values (and NaN
+    thresholds) are kept, as PML's."""
     valid = candidates
     if thresholds is not None:
-        valid = valid & ((mat > thresholds[:, None]) if take_min else (mat < thresholds[:, None]))
+        valid = valid & ~((mat <= thresholds[:, None]) if take_min else (mat >= thresholds[:, None]))
     if val_range is not None:
-        valid = valid & (mat >= val_range[0]) & (mat <= val_range[1])
+        valid = valid & ~((mat > val_range[1]) | (mat < val_range[0]))
     fill = torch.finfo(mat.dtype).max if take_min else torch.finfo(mat.dtype).min
     filled = torch.where(valid, mat, fill)
     best = torch.min(filled, dim=1) if take_min else torch.max(filled, dim=1)

@@ -131,14 +131,16 @@ def _pick_per_row(mat, candidates, take_min, thresholds=None, val_range=None):
     ``thresholds`` (B,): semihard constraint; a candidate must be strictly beyond the row's
     threshold (``> thr`` when taking the min, ``< thr`` when taking the max).
     ``val_range`` (lo, hi): candidates must satisfy ``lo <= mat <= hi``.
+    As PML, a candidate is dropped where the opposite comparison holds, so a NaN value (or a NaN
+    threshold) drops nothing, and the min / max then gives the NaN.
     Returns ((values, column indices), row_has_candidate).
     """
     valid = candidates.clone()
     if thresholds is not None:
         thr = thresholds.unsqueeze(1)
-        valid &= (mat > thr) if take_min else (mat < thr)
+        valid &= ~((mat <= thr) if take_min else (mat >= thr))
     if val_range is not None:
-        valid &= (mat >= val_range[0]) & (mat <= val_range[1])
+        valid &= ~((mat > val_range[1]) | (mat < val_range[0]))
     fill = pos_inf(mat.dtype) if take_min else neg_inf(mat.dtype)
     filled = torch.where(valid, mat, torch.full_like(mat, fill))
     best = torch.min(filled, dim=1) if take_min else torch.max(filled, dim=1)
