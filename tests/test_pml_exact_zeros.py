@@ -74,15 +74,19 @@ def test_exact_zero_terms_are_left_out_as_in_pml(case):
     torch.testing.assert_close(go, gt, **TOL[dtype])
 
 
-def test_proxy_anchor_exact_zero_terms_are_left_out_as_in_pml():
-    """ProxyAnchor's per-proxy terms log(1 + sum e^(-alpha (s - margin))) with proxies at the class
-    centres: the positive terms round to 0 in PML, except class 1's, whose proxy is moved away."""
+@pytest.mark.parametrize("name,kwargs,entry", [("ProxyAnchorLoss", {}, "pos_loss"),
+                                               ("ProxyNCALoss", dict(softmax_scale=32), "loss")])
+def test_proxy_exact_zero_terms_are_left_out_as_in_pml(name, kwargs, entry):
+    """Proxies at the class centres: ProxyAnchor's positive terms log(1 + sum e^(-alpha (s -
+    margin))) and ProxyNCA's -log p round to 0 in PML, except class 1's, whose proxy is moved
+    away (the class path's cross-entropy, shared by the margin-softmax losses)."""
     x, labels, centres = clustered(torch.float32)
     centres = centres.clone()
     centres[1] = torch.eye(D, dtype=centres.dtype)[1]  # cosine 0.45 with class 1's rows
+    x[2 * PER_CLASS] = centres[2].to(x.dtype)  # on its proxy: a target logit of exactly 0 (no rounding of t)
     out = []
     for lib, reducers in ((our_losses, our_reducers), (pml_losses, pml_reducers)):
-        loss = lib.ProxyAnchorLoss(CLASSES + 1, D, reducer=reducers.AvgNonZeroReducer())
+        loss = getattr(lib, name)(CLASSES + 1, D, reducer=reducers.AvgNonZeroReducer(), **kwargs)
         with torch.no_grad():
             loss.proxies.copy_(torch.cat([centres, -centres[:1]]).to(loss.proxies.dtype))
         xx = x.clone().requires_grad_()
@@ -90,10 +94,10 @@ def test_proxy_anchor_exact_zero_terms_are_left_out_as_in_pml():
         value.backward()
         out.append((value.detach(), xx.grad, loss.proxies.grad))
         if lib is pml_losses:
-            terms = lib.ProxyAnchorLoss(CLASSES + 1, D, reducer=pml_reducers.DoNothingReducer())
+            terms = getattr(lib, name)(CLASSES + 1, D, reducer=pml_reducers.DoNothingReducer(), **kwargs)
             terms.proxies.data = loss.proxies.data
-            pos = terms(x, labels)["pos_loss"]["losses"]
-            assert (pos == 0).any() and (pos != 0).any()
+            terms = terms(x, labels)[entry]["losses"]
+            assert (terms == 0).any() and (terms != 0).any()
         else:
             assert loss.last_backend not in (None, "reference", "zero"), loss.last_fallback
     for ours, theirs in zip(*out):

@@ -18,7 +18,7 @@ and block kernels of fused/class_softmax.py, no N x C logits) and the target's (
 logit when the target is one of its classes. The parts are combined exactly: an all-reduce of
 each sample's maximum of the shards' log-sum-exps, then of their sums of exp relative to it; the
 target logit is the owner's value plus the other ranks' zeros (the two sums in one all-reduce). Then
-loss_i = logaddexp(t_i, lse_i) - t_i (class_softmax.class_cross_entropy) and the wrapped loss's
+loss_i = log(1 + e^(lse_i - t_i)) (class_softmax.class_cross_entropy) and the wrapped loss's
 reducer on the global per-sample losses (ProxyNCA first leaves out the samples whose target
 probability underflows to 0, as its fused path does). Memory per rank: O(N_global D + C_shard D).
 
@@ -332,4 +332,4 @@ class ClassShardedLoss(torch.nn.Module):
             t, lse = _combine_over_ranks(t_part, lse_part, self.group)
         else:
             t, lse = t_part, lse_part
-        return class_cross_entropy(t, lse)
+        return class_cross_entropy(t, lse, x_all.dtype)

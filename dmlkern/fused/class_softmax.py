@@ -2,7 +2,7 @@
 margin-softmax and proxy losses (ArcFace, CosFace, SphereFace, L-Softmax, NormalizedSoftmax,
 Softmax, ProxyNCA; SoftTriple and SubCenterArcFace bring their own block kernel).
 
-    loss_i = logaddexp(t_i, lse_i) - t_i
+    loss_i = log(1 + e^(lse_i - t_i))
 
 t_i is the target class's (margin-modified) logit, from the target's weight row alone in
 O(N D); lse_i is the log-sum-exp of the other classes' logits. `class_lse` computes lse over
@@ -27,6 +27,7 @@ from ..ops import grouped_class_op
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
 from ._common import _NORMALIZE_EPS
+from ._epilogue import _log1p_exp, _pml_zeros
 
 BLOCK_BYTES = 8 << 20  # one block of prepared weight rows (its gradient and temporaries alike)
 BLOCK_LOGITS = 2 << 20  # GroupedBlock's torch ops: one block's (N, rows) fp32 cosines (and its few temporaries alike)
@@ -333,8 +334,9 @@ def blocked_backward(x, weight, labels, kernel, layout, grad, lse, needs):
 class_lse = applier(_ClassLSE)
 
 
-def class_cross_entropy(target_logit, lse):
+def class_cross_entropy(target_logit, lse, dtype):
     """Per-sample cross-entropy from the target logit and the other classes' log-sum-exp, in the
-    statistics dtype: logaddexp(t, lse) - t (0 when there is no other class: lse = -inf)."""
-    t = target_logit.to(lse.dtype)
-    return logaddexp(t, lse) - t
+    statistics dtype: log(1 + e^(lse - t)) (0 when there is no other class: lse = -inf), exactly 0
+    where PML's log_softmax gives 0 (1 + e^(lse - t) rounds to 1 in `dtype`, the embeddings':
+    _pml_zeros), and without t's rounding (logaddexp(t, lse) - t loses the terms below t's ulp)."""
+    return _pml_zeros(_log1p_exp(lse - target_logit.to(lse.dtype)), dtype)

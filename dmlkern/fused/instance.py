@@ -24,5 +24,5 @@ def instance(module, embeddings, labels):
     # x is both the rows and the "class weights": autograd adds the two gradients
     lse, x_target = class_lse(x, x, target, EngineBlock(False, gamma, 0.0, backend, x),
                               ClassLayout(columns=False, num_classes=x.shape[0]))
-    losses = class_cross_entropy(gamma * (x * x_target).sum(dim=1), lse)
+    losses = class_cross_entropy(gamma * (x * x_target).sum(dim=1), lse, embeddings.dtype)
     return {"loss": _element(losses.to(embeddings.dtype), len(losses))}, backend

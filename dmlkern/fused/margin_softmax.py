@@ -48,7 +48,7 @@ def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, k
     direction = x if unit_x else normalized(x)
     cos_t = ((direction if layout.group == 1 else direction[:, None]) * unit_w_t).sum(dim=-1)
     t = target_logit(x, w_t if not unit_w else unit_w_t, cos_t)
-    losses = class_cross_entropy(t, lse)
+    losses = class_cross_entropy(t, lse, embeddings.dtype)
     if static_shapes():  # labels outside [0, C) could not be rejected: NaN, as ProxyAnchor's
         losses = torch.where(((labels >= 0) & (labels < num_classes)).all(), losses, float("nan"))
     weights = miner_weights(indices_tuple, labels, embeddings.dtype, using_ref)
