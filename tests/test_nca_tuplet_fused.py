@@ -169,6 +169,20 @@ def test_nca_without_any_positive_returns_pmls_empty_entry(engine_backend_choice
     assert torch.equal(got["indices"], want["indices"])
 
 
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKENDS if p.id in ("cpp-cpu", "triton-interpret")])
+def test_tuplet_anchor_without_negatives_and_a_nan_row(engine_backend_choice, backend, device):  # noqa: F811
+    """Anchors with positives but no negative (and one with a negative but no positive): PML's
+    masked logsumexp gives each listed pair 0, also for a NaN row's pair (-inf - NaN would be NaN)."""
+    expected = engine_backend_choice(backend, device)
+    x = torch.tensor([[0.1, 0.3], [float("nan"), 0.2], [-0.2, 0.5]], dtype=torch.float64)
+    labels, ref, ref_labels = torch.tensor([0, 0, 1]), torch.tensor([[0.3, -0.1]], dtype=torch.float64), torch.tensor([0])
+    ours = losses.TupletMarginLoss(reducer=SumReducer())
+    got = ours(x, labels, None, ref, ref_labels)
+    want = pml_losses.TupletMarginLoss(reducer=pml_reducers.SumReducer())(x, labels, None, ref, ref_labels)
+    assert ours.last_backend == expected
+    assert float(want) == 0 and float(got) == 0
+
+
 def _antipodal_batch():
     """Rows 0-5 of classes 0..5 and rows 6-11 near their antipodes with the same labels: each row's
     only positive at s ~ -1, its negatives much closer."""

@@ -34,7 +34,9 @@ def tuplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
     s_ap = pair_dots(x, None if y is x else y, a, p).to(lse.dtype)
     shifted = torch.cos(torch.acos(s_ap.clamp(-1, 1)) - margin)  # the reference's clamp (PML: NaN past 1)
     # index_select: its backward (index_add) is serial on the CPU; indexing's is not (atomics)
-    # no negative: log(1) = 0; PML's exact zeros where 1 + e^z rounds to 1
-    losses = _log1p_exp_as_pml(lse[:, 1].index_select(0, a) - scale * shifted, embeddings.dtype)
+    # PML's exact zeros where 1 + e^z rounds to 1; an anchor without negatives: 0, as PML's masked
+    # logsumexp (also for a NaN s_ap, whose -inf - NaN would be NaN)
+    neg_lse = lse[:, 1].index_select(0, a)
+    losses = torch.where(torch.isneginf(neg_lse), 0.0, _log1p_exp_as_pml(neg_lse - scale * shifted, embeddings.dtype))
     return {"loss": {"losses": losses.to(embeddings.dtype).unsqueeze(1), "indices": (a, p),
                      "reduction_type": "pos_pair"}}, backend
