@@ -28,6 +28,7 @@ losses call it where PML's loss would call the distance).
 
 import torch
 
+from . import _pml_paths
 from ._validation import InvalidInputError
 from .utils.common_functions import RecordsMixin
 
@@ -236,3 +237,10 @@ class BatchedDistance(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.distance, name)
+
+
+_pml_paths.register(__name__, {
+    "base_distance": ["BaseDistance"], "batched_distance": ["BatchedDistance"],
+    "cosine_similarity": ["CosineSimilarity"], "dot_product_similarity": ["DotProductSimilarity"],
+    "lp_distance": ["LpDistance"], "snr_distance": ["SNRDistance"],
+})

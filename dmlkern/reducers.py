@@ -34,6 +34,7 @@ import copy
 
 import torch
 
+from . import _pml_paths
 from ._determinism import fixed_order_mean, fixed_order_sum
 from ._tracing import static_shapes
 from .utils.common_functions import RecordsMixin
@@ -398,3 +399,12 @@ def resolve_reducer(reducer, sub_loss_names, default_factory=MeanReducer):
     if len(names) == 1:
         return one()
     return MultipleReducers({k: one() for k in names})
+
+
+_pml_paths.register(__name__, {
+    "avg_non_zero_reducer": ["AvgNonZeroReducer"], "base_reducer": ["BaseReducer"],
+    "class_weighted_reducer": ["ClassWeightedReducer"], "divisor_reducer": ["DivisorReducer"],
+    "do_nothing_reducer": ["DoNothingReducer"], "mean_reducer": ["MeanReducer"],
+    "multiple_reducers": ["MultipleReducers"], "per_anchor_reducer": ["PerAnchorReducer"],
+    "sum_reducer": ["SumReducer"], "threshold_reducer": ["ThresholdReducer"],
+})

@@ -21,6 +21,7 @@ Distance requirements raise ``InvalidInputError`` (a ValueError that is also PML
 
 import torch
 
+from . import _pml_paths
 from ._validation import InvalidInputError
 from .distances import CosineSimilarity, LpDistance
 from .reducers import DivisorReducer, MeanReducer, resolve_reducer
@@ -166,3 +167,10 @@ class SparseCentersRegularizer(BaseRegularizer):
 
     def get_default_reducer(self):
         return DivisorReducer()
+
+
+_pml_paths.register(__name__, {
+    "base_regularizer": ["BaseRegularizer"], "center_invariant_regularizer": ["CenterInvariantRegularizer"],
+    "lp_regularizer": ["LpRegularizer"], "regular_face_regularizer": ["RegularFaceRegularizer"],
+    "sparse_centers_regularizer": ["SparseCentersRegularizer"], "zero_mean_regularizer": ["ZeroMeanRegularizer"],
+})

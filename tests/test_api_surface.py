@@ -194,3 +194,31 @@ def test_readme_class_table_is_the_generated_one():
     assert start in readme and end in readme, "README.md lost its api-table markers"
     copy = readme.split(start, 1)[1].split(end, 1)[0]
     assert copy == _api_table.markdown(), "README.md's class table is stale: paste `python -m dmlkern._api_table`"
+
+
+# module-level helper functions of PML's files that dmlkern does not re-export
+_PML_FILE_HELPERS = {"find_hard_negatives", "filter_pairs", "aggregation_func"}
+
+
+@pytest.mark.parametrize("package", ["losses", "miners", "reducers", "distances", "regularizers"])
+def test_pml_module_paths_import(package):
+    """Every file of PML's packages imports under dmlkern's name (`from dmlkern.reducers.mean_reducer
+    import MeanReducer`, `from dmlkern.losses.mixins import WeightRegularizerMixin`, ...) and holds
+    the classes PML defines in it, as dmlkern's own objects: code written against PML's files keeps
+    working after the rename. The list comes from the installed PML, so a file it adds is checked."""
+    import pkgutil
+
+    pml_package = importlib.import_module(f"pytorch_metric_learning.{package}")
+    ours = importlib.import_module(f"dmlkern.{package}")
+    checked = 0
+    for info in pkgutil.iter_modules(pml_package.__path__):
+        pml_name = f"pytorch_metric_learning.{package}.{info.name}"
+        pml_module = importlib.import_module(pml_name)
+        defined = [n for n, o in vars(pml_module).items() if not n.startswith("_") and n not in _PML_FILE_HELPERS
+                   and (inspect.isclass(o) or inspect.isfunction(o)) and getattr(o, "__module__", "") == pml_name]
+        module = importlib.import_module(f"dmlkern.{package}.{info.name}")
+        for name in defined:
+            assert getattr(module, name) is getattr(ours, name, getattr(module, name)), (info.name, name)
+            assert getattr(module, name).__module__.startswith("dmlkern"), (info.name, name)
+            checked += 1
+    assert checked >= 5

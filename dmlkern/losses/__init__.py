@@ -40,3 +40,14 @@ from .signal_to_noise_ratio_losses import SignalToNoiseRatioContrastiveLoss  # n
 from .smooth_ap import SmoothAPLoss  # noqa: F401
 from .tcm_loss import ThresholdConsistentMarginLoss  # noqa: F401
 from .vicreg_loss import VICRegLoss  # noqa: F401
+
+from .. import _pml_paths  # noqa: E402
+from . import base as _base  # noqa: E402
+
+# PML's files that dmlkern keeps elsewhere, and GeneralizedLiftedStructureLoss, which PML defines
+# in lifted_structure_loss.py too
+_pml_paths.register(__name__, {"base_metric_loss_function": ["BaseMetricLossFunction"],
+                               "generic_pair_loss": ["GenericPairLoss"], "proxy_losses": ["ProxyNCALoss"],
+                               "lifted_structure_loss": ["GeneralizedLiftedStructureLoss"]})
+_pml_paths.register(__name__, {"mixins": ["WeightMixin", "WeightRegularizerMixin", "EmbeddingRegularizerMixin"]},
+                    source=_base)

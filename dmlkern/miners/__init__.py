@@ -45,3 +45,7 @@ __all__ = [
     "TripletMarginMiner",
     "UniformHistogramMiner",
 ]
+
+from .. import _pml_paths  # noqa: E402
+
+_pml_paths.register(__name__, {"base_miner": ["BaseMiner"]})  # PML's file (dmlkern's: miners/base.py)
