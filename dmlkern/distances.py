@@ -45,6 +45,12 @@ __all__ = [
 _NORM_STATS = ["initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query_norm", "final_avg_ref_norm"]
 
 
+def _empty_mat(query_emb, ref_emb):
+    """The (0, R) matrix of an empty query batch in the graph of both inputs (their gradients:
+    zeros), as PML's."""
+    return query_emb.sum(dim=1, keepdim=True) + 0 * ref_emb.sum(dim=1)
+
+
 class BaseDistance(RecordsMixin, torch.nn.Module):
     def __init__(self, normalize_embeddings=True, p=2, power=1, is_inverted=False, collect_stats=None, **kwargs):
         super().__init__(**kwargs)
@@ -157,7 +163,7 @@ class LpDistance(BaseDistance):
             # (O(R*D) extra memory instead of PML's O(B*R*D)).
             rows = [self.pairwise_distance(q.unsqueeze(0).expand_as(ref_emb), ref_emb) for q in query_emb]
             if len(rows) == 0:
-                return query_emb.new_zeros((0, ref_emb.shape[0]))
+                return _empty_mat(query_emb, ref_emb)
             return torch.stack(rows, dim=0)
         return torch.cdist(query_emb, ref_emb, p=self.p)
 
@@ -208,7 +214,7 @@ class SNRDistance(BaseDistance):
             diff = query_emb[s : s + chunk].unsqueeze(1) - ref_emb.unsqueeze(0)
             pieces.append(torch.var(diff, dim=2))
         if len(pieces) == 0:
-            return query_emb.new_zeros((0, R))
+            return _empty_mat(query_emb, ref_emb)
         return torch.cat(pieces, dim=0) / q_var.unsqueeze(1)
 
     def pairwise_distance(self, query_emb, ref_emb):

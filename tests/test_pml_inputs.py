@@ -230,3 +230,23 @@ def test_supcon_fp32_error_near_convergence_is_pmls(classes, per_class, spread, 
 def _no_reduction():
     from dmlkern.reducers import DoNothingReducer
     return DoNothingReducer()
+
+
+@pytest.mark.parametrize("name,dtype", [("SNRDistance", torch.float32), ("SNRDistance", torch.float64),
+                                        ("LpDistance", torch.float16), ("LpDistance", torch.float32),
+                                        ("CosineSimilarity", torch.float32)])
+def test_distance_of_an_empty_query_batch_is_in_the_graph(name, dtype):
+    """An empty query batch: PML's (0, R) matrix takes part in autograd (zero gradients for the
+    reference rows); a detached zeros tensor would make backward raise."""
+    import pytorch_metric_learning.distances as pml_distances
+
+    import dmlkern.distances as our_distances
+    grads = []
+    for lib in (our_distances, pml_distances):
+        q = torch.zeros(0, 4, dtype=dtype, requires_grad=True)
+        r = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_(True)
+        mat = getattr(lib, name)()(q, r)
+        assert mat.shape == (0, 3) and mat.dtype == dtype
+        mat.sum().backward()
+        grads.append(r.grad)
+    torch.testing.assert_close(grads[0], grads[1])
