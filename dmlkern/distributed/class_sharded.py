@@ -46,8 +46,9 @@ import torch.distributed as dist
 from ..fused import _common
 from ..fused._epilogue import _element
 from ..fused.class_softmax import (ClassLayout, EngineBlock, GroupedBlock, _lse_over_blocks, blocked_backward,
-                                   class_cross_entropy, no_grad_at_short_rows, normalized)
+                                   class_cross_entropy, no_grad_at_short_rows)
 from ..fused.grouped_classes import MaxOverGroup, per_class
+from ..fused.margin_softmax import target_logits
 from ..fused.proxy_nca import _is_unit_squared_euclidean, _supported as _proxy_nca_distance_ok
 from ..losses import (ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, ProxyNCALoss, SphereFaceLoss,
                       SubCenterArcFaceLoss)
@@ -323,10 +324,7 @@ class ClassShardedLoss(torch.nn.Module):
         self.last_backend = getattr(kernel, "ran", None) or backend  # (SubCenter's grouped blocks: their own)
         w_t = pe.autocast_rows(w_t).to(x.dtype)
         x_t = x.index_select(0, owned)  # index_select: a deterministic (serial) backward on a CPU
-        unit_w_t = normalized(w_t)
-        direction = x_t if spec.unit_x else normalized(x_t)
-        cos_t = ((direction if layout.group == 1 else direction[:, None]) * unit_w_t).sum(dim=-1)
-        t_owned = spec.target_logit(x_t, unit_w_t if spec.unit_w else w_t, cos_t).to(lse_part.dtype)
+        t_owned = target_logits(x_t, w_t, layout, spec.unit_x, spec.unit_w, spec.target_logit).to(lse_part.dtype)
         t_part = torch.zeros_like(lse_part).index_copy(0, owned, t_owned)
         if spread:
             t, lse = _combine_over_ranks(t_part, lse_part, self.group)

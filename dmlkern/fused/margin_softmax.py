@@ -29,6 +29,16 @@ def miner_weights(indices_tuple, labels, dtype, using_ref=False):
     return convert_to_weights(indices_tuple, labels, dtype=dtype, using_ref=using_ref)
 
 
+def target_logits(x, w_t, layout, unit_x, unit_w, target_logit):
+    """target_logit(x, w_t, cos_t) from the rows and their targets' weight rows as they enter the
+    logits, with cos_t their cosines ((N,), or (N, K) for K rows per class), normalised with
+    autograd (PML's F.normalize)."""
+    unit_w_t = normalized(w_t)
+    direction = x if unit_x else normalized(x)
+    cos_t = ((direction if layout.group == 1 else direction[:, None]) * unit_w_t).sum(dim=-1)
+    return target_logit(x, unit_w_t if unit_w else w_t, cos_t)
+
+
 def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, kernel_for, *, unit_x, unit_w,
                     target_logit, using_ref=False, drop_zero_probability=False, logits_times_norm=False):
     """PML's {"loss": per-sample losses}, the other classes' logits from the block kernel
@@ -44,10 +54,7 @@ def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, k
         x = no_grad_at_short_rows(x)
     lse, w_t = class_lse(x, weight, labels, kernel_for(x), layout)
     w_t = autocast_rows(w_t).to(x.dtype)
-    unit_w_t = normalized(w_t)
-    direction = x if unit_x else normalized(x)
-    cos_t = ((direction if layout.group == 1 else direction[:, None]) * unit_w_t).sum(dim=-1)
-    t = target_logit(x, w_t if not unit_w else unit_w_t, cos_t)
+    t = target_logits(x, w_t, layout, unit_x, unit_w, target_logit)
     losses = class_cross_entropy(t, lse, embeddings.dtype)
     if static_shapes():  # labels outside [0, C) could not be rejected: NaN, as ProxyAnchor's
         losses = torch.where(((labels >= 0) & (labels < num_classes)).all(), losses, float("nan"))

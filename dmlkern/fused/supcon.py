@@ -4,7 +4,7 @@ import torch
 
 from ..engine_spec import EngineParams
 from ._common import DOT_KINDS, all_pairs_plan, class_sums_for_rows, engine_rows
-from ._epilogue import (ZERO_LOSS, _element, _log1p_exp, _lse2, _one_plus_exp_is_one, _rows_backend,
+from ._epilogue import (ZERO_LOSS, _element, _log1p_exp, _lse2, _pml_zeros, _rows_backend,
                         _stats_with_pair_rule_of)
 from .listed_pairs import listed_supcon
 
@@ -51,6 +51,5 @@ def supcon_rows(module, x, y, labels, ref_labels, stats, exclude_diag, backend, 
     # exactly 0 where 1 + delta rounds to 1 in the embeddings' dtype, and AvgNonZeroReducer (the
     # default) leaves those rows out of its mean. delta = e^{gap} < eps / 2 (gap < ~-17 in fp32): with
     # the cosine only at small temperatures; common with the raw dot product's larger values.
-    rounds_to_one = (count == 1) & _one_plus_exp_is_one(neg_term, emb_dtype)
-    neg_term = torch.where(rounds_to_one, 0.0, neg_term)
+    neg_term = torch.where(count == 1, _pml_zeros(neg_term, emb_dtype), neg_term)
     return torch.where(count > 0, pos_spread + neg_term, 0.0)
