@@ -101,10 +101,11 @@ class _Spec(NamedTuple):
     target_logit: Callable
     drop_zero_probability: bool = False
     logits_times_norm: bool = False  # (SphereFace) margin_softmax.class_loss_dict's
+    cdist: bool = False  # (ProxyNCA's Euclidean distance) margin_softmax.class_loss_dict's
 
 
-def _engine_kernel(unit_w, scale, offset=0.0):
-    return lambda x, backend: EngineBlock(unit_w, scale, offset, backend, x)
+def _engine_kernel(unit_w, scale, offset=0.0, autocast_rounding=True):
+    return lambda x, backend: EngineBlock(unit_w, scale, offset, backend, x, autocast_rounding)
 
 
 def _columns(module):
@@ -136,9 +137,11 @@ def _normalized_softmax(m):
 
 def _proxy_nca(m):
     s = float(m.softmax_scale)
-    sc, off = (2 * s, -2 * s) if _is_unit_squared_euclidean(m.distance) else (s, 0.0)
+    euclidean = _is_unit_squared_euclidean(m.distance)
+    sc, off = (2 * s, -2 * s) if euclidean else (s, 0.0)
     return _Spec("proxies", ClassLayout(columns=False, num_classes=m.proxies.shape[0]), True, True,
-                 _engine_kernel(True, sc, off), lambda x, w, cos: sc * cos + off, drop_zero_probability=True)
+                 _engine_kernel(True, sc, off, autocast_rounding=not euclidean), lambda x, w, cos: sc * cos + off,
+                 drop_zero_probability=True, cdist=euclidean)
 
 
 def _subcenter_arcface(m):
@@ -312,7 +315,7 @@ class ClassShardedLoss(torch.nn.Module):
         backend = _common.engine_backend(x_all, self.loss.backend) or "reference"
         self.last_backend = backend
         layout, weight = spec.layout, getattr(self.loss, spec.weight_name)
-        x = _common.unit_rows(x_all) if spec.unit_x else pe.autocast_rows(x_all)
+        x = _common.unit_rows(x_all, spec.cdist) if spec.unit_x else pe.autocast_rows(x_all)
         if spec.logits_times_norm:
             x = no_grad_at_short_rows(x)
         local = labels_all - self.class_range[0]
@@ -322,7 +325,7 @@ class ClassShardedLoss(torch.nn.Module):
         kernel = spec.kernel(x, backend)
         lse_part, w_t = _ShardLSE.apply(x, weight, local, owned, kernel, layout)
         self.last_backend = getattr(kernel, "ran", None) or backend  # (SubCenter's grouped blocks: their own)
-        w_t = pe.autocast_rows(w_t).to(x.dtype)
+        w_t = (w_t if spec.cdist else pe.autocast_rows(w_t)).to(x.dtype)
         x_t = x.index_select(0, owned)  # index_select: a deterministic (serial) backward on a CPU
         t_owned = target_logits(x_t, w_t, layout, spec.unit_x, spec.unit_w, spec.target_logit).to(lse_part.dtype)
         t_part = torch.zeros_like(lse_part).index_copy(0, owned, t_owned)

@@ -124,10 +124,17 @@ def has_short_rows(*tensors):
 _apply_unit_rows = applier(_UnitRows)
 
 
-def unit_rows(x):
+def unit_rows(x, cdist=False):
     """The rows of x scaled to unit L2 norm, as F.normalize(x, dim=1); under torch.autocast in the
-    engine's autocast dtype (pe.autocast_rows)."""
-    return pe.autocast_rows(_apply_unit_rows(x)[0])
+    engine's autocast dtype (pe.autocast_rows), matmul's rule, as PML's CosineSimilarity.
+    cdist=True: rows for a Euclidean distance, which PML computes with torch.cdist, and autocast runs
+    cdist in fp32 (and CUDA's autocast F.normalize's norm): no autocast rounding, fp16 / bf16 rows
+    widened to fp32 under autocast."""
+    if not cdist:
+        return pe.autocast_rows(_apply_unit_rows(x)[0])
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        x = x.float()
+    return _apply_unit_rows(x)[0]
 
 
 SHORT_ROWS = "an embedding row shorter than 1e-12 (e.g. all zeros) with a Euclidean fused loss"
@@ -144,16 +151,17 @@ class EngineRows(NamedTuple):
 
 
 # The distances the engine expresses: kind -> (test, rows, transform, scale, shift). rows: "unit"
-# (F.normalize'd), "raw" (as given) or "augmented" (`euclidean_rows`: s = 1 - |x - y|^2 / 2). The
+# (F.normalize'd), "unit_cdist" (the same without autocast's rounding: `unit_rows`), "raw" (as
+# given) or "augmented" (`euclidean_rows`: s = 1 - |x - y|^2 / 2). The
 # distance's value (PML's matrix entry) is scale * v + shift, v the engine's value of the rows'
 # dot product s: s itself (transform 0) or d = sqrt(max(2 - 2s, 0)) (transform 1); the squared
 # distances are d^2 = 2 - 2s (transform 0, scale -2, shift 2).
 _KINDS = {
     "unit_cosine": (is_unit_cosine, "unit", TRANSFORM_DOT, 1.0, 0.0),
     "raw_dot": (is_raw_dot, "raw", TRANSFORM_DOT, 1.0, 0.0),
-    "unit_euclidean": (is_unit_euclidean, "unit", TRANSFORM_UNIT_DISTANCE, 1.0, 0.0),
+    "unit_euclidean": (is_unit_euclidean, "unit_cdist", TRANSFORM_UNIT_DISTANCE, 1.0, 0.0),
     "raw_euclidean": (lambda d: _lp_distance(d, False, 1), "augmented", TRANSFORM_UNIT_DISTANCE, 1.0, 0.0),
-    "unit_squared_euclidean": (lambda d: _lp_distance(d, True, 2), "unit", TRANSFORM_DOT, -2.0, 2.0),
+    "unit_squared_euclidean": (lambda d: _lp_distance(d, True, 2), "unit_cdist", TRANSFORM_DOT, -2.0, 2.0),
     "raw_squared_euclidean": (lambda d: _lp_distance(d, False, 2), "augmented", TRANSFORM_DOT, -2.0, 2.0),
 }
 DOT_KINDS = ("unit_cosine", "raw_dot")  # the similarities: for the losses written for cosine
@@ -205,7 +213,7 @@ def engine_rows(distance, embeddings, ref_emb):
     _, rows, transform, _, _ = _KINDS[engine_distance(distance)]
     if rows == "augmented":
         return EngineRows(*euclidean_rows(embeddings, ref_emb), transform)
-    rows = unit_rows if rows == "unit" else pe.autocast_rows
+    rows = {"unit": unit_rows, "unit_cdist": lambda t: unit_rows(t, cdist=True), "raw": pe.autocast_rows}[rows]
     x = rows(embeddings)
     return EngineRows(x, x if ref_emb is embeddings else rows(ref_emb), transform)
 

@@ -76,6 +76,12 @@ class ClassLayout(NamedTuple):
         rows.index_add_(0, self._target_index(labels), grad_target.reshape(-1, rows.shape[1]).to(rows.dtype))
 
 
+def autocast_off(t):
+    """A context without torch.autocast on t's device: the block kernels' own products and norms
+    run in their inputs' dtype (the autocast rounding is applied to their inputs explicitly)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def unit(rows):
     """rows / max(|rows|, eps), as F.normalize (no graph: the block kernels differentiate by hand)."""
     return unit_and_norm(rows)[0]
@@ -87,7 +93,8 @@ def row_norms(rows):
     ~10x slower for a block of weight rows (7 ms for 16384 x 128, strided or not), the largest
     cost outside the engine of a class-softmax call."""
     r = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
-    return torch.linalg.vecdot(r, r, dim=-1).sqrt_().unsqueeze(-1).to(rows.dtype)
+    with autocast_off(rows):  # (CPU autocast runs vecdot in bf16: norms 2^-9 off, logits by scale times that)
+        return torch.linalg.vecdot(r, r, dim=-1).sqrt_().unsqueeze(-1).to(rows.dtype)
 
 
 def normalized(rows):
@@ -115,7 +122,8 @@ def unit_backward_(grad, y, norm, out=None):
     computed over `grad` (a block's fresh gradient: no block-sized temporaries) and written to
     `out` (e.g. the block's view of the weights' gradient), else returned in `grad`; y, norm =
     unit_and_norm(rows)."""
-    radial = torch.linalg.vecdot(y, grad, dim=1).unsqueeze(1) * (norm >= _NORMALIZE_EPS)
+    with autocast_off(grad):
+        radial = torch.linalg.vecdot(y, grad, dim=1).unsqueeze(1) * (norm >= _NORMALIZE_EPS)
     grad.addcmul_(y, radial, value=-1)
     if out is None or static_shapes():  # (torch.compile takes no non-contiguous out=)
         return _write(grad.div_(norm.clamp_min(_NORMALIZE_EPS)), out)
@@ -131,13 +139,15 @@ class EngineBlock:
     """Block kernel for logits sc * <x_i, w_j> + off (w_j the weight row, or its unit vector):
     one lse2 engine pass per block. x comes prepared (normalised or raw) by the caller."""
 
-    def __init__(self, unit_columns, scale, offset, backend, x):
+    def __init__(self, unit_columns, scale, offset, backend, x, autocast_rounding=True):
         self.unit_columns = unit_columns
         self.params = EngineParams(sc_pos=scale, off_pos=offset, sc_neg=scale, off_neg=offset)
         self.backend = backend
         # Under CPU autocast x holds rows rounded to the autocast dtype in fp32 (pe.autocast_rows):
-        # the weight rows get the same rounding, in the forward and in the backward alike.
-        cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and x.dtype != torch.float64
+        # the weight rows get the same rounding, in the forward and in the backward alike (not
+        # for a Euclidean distance, autocast_rounding=False: PML's cdist runs in fp32).
+        cpu_autocast = (autocast_rounding and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                        and x.dtype != torch.float64)
         self.round_to = torch.get_autocast_dtype("cpu") if cpu_autocast else None
 
     def _columns(self, rows, x, unit_rows=None):

@@ -337,8 +337,9 @@ class LazyMinedTriplets(LazyMined):
         if self.is_materialized:
             return len(self.mining.result[0])
         m = self.mining
-        query = _common.unit_rows(m.query.mined_values())
-        ref = query if m.ref is None else _common.unit_rows(m.ref.mined_values())
+        cdist = self.distance_kind == "euclidean"
+        query = _common.unit_rows(m.query.mined_values(), cdist)
+        ref = query if m.ref is None else _common.unit_rows(m.ref.mined_values(), cdist)
         labels, ref_labels = self.mining_labels()
         rule = TripletRule(0.0, False, self.distance_kind == "euclidean", self.window, self.window_margin)
         return count_kept(query, ref, labels, ref_labels, rule, m.ref_labels_same)

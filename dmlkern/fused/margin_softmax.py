@@ -40,20 +40,21 @@ def target_logits(x, w_t, layout, unit_x, unit_w, target_logit):
 
 
 def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, kernel_for, *, unit_x, unit_w,
-                    target_logit, using_ref=False, drop_zero_probability=False, logits_times_norm=False):
+                    target_logit, using_ref=False, drop_zero_probability=False, logits_times_norm=False, cdist=False):
     """PML's {"loss": per-sample losses}, the other classes' logits from the block kernel
     kernel_for(x), the target's from target_logit(x, w_t, cos_t) (x, w_t as they enter the logits:
     (N, D), w_t (N, K, D) for K rows per class; cos_t their cosines, (N,) or (N, K)).
     drop_zero_probability (ProxyNCA): the samples whose target probability underflows to 0 (a loss
     past ~104 in fp32) are left out, as PML does; kept under torch.compile (no data-dependent
     shape) and on CUDA (no host sync). logits_times_norm (L-Softmax, SphereFace): PML's gradient 0
-    for a zero row (no_grad_at_short_rows)."""
+    for a zero row (no_grad_at_short_rows). cdist (ProxyNCA's Euclidean distance, PML's torch.cdist):
+    the rows and weight rows without autocast's rounding (`_common.unit_rows`)."""
     num_classes = layout.num_classes
-    x = unit_rows(embeddings) if unit_x else autocast_rows(embeddings)
+    x = unit_rows(embeddings, cdist) if unit_x else autocast_rows(embeddings)
     if logits_times_norm:
         x = no_grad_at_short_rows(x)
     lse, w_t = class_lse(x, weight, labels, kernel_for(x), layout)
-    w_t = autocast_rows(w_t).to(x.dtype)
+    w_t = (w_t if cdist else autocast_rows(w_t)).to(x.dtype)
     t = target_logits(x, w_t, layout, unit_x, unit_w, target_logit)
     losses = class_cross_entropy(t, lse, embeddings.dtype)
     if static_shapes():  # labels outside [0, C) could not be rejected: NaN, as ProxyAnchor's
@@ -77,7 +78,7 @@ def _backend_for(module, embeddings, distance_ok=is_unit_cosine):
 
 
 def _fused(module, embeddings, labels, indices_tuple, weight, layout, distance_ok=is_unit_cosine, *, scale=None,
-           offset=0.0, kernel=None, unit_x=True, unit_w=True, **config):
+           offset=0.0, kernel=None, unit_x=True, unit_w=True, cdist=False, **config):
     """(loss_dict, backend), or None after `decline`. kernel: a block kernel's factory, kernel(backend)
     (GroupedBlock, which reports the backend that ran its blocks), else the engine's for logits
     scale * <x, w> + offset."""
@@ -85,9 +86,10 @@ def _fused(module, embeddings, labels, indices_tuple, weight, layout, distance_o
     if backend is None:
         return None
     block = kernel(backend) if kernel is not None else None
-    kernel_for = (lambda x: block) if block is not None else (lambda x: EngineBlock(unit_w, scale, offset, backend, x))
+    kernel_for = (lambda x: block) if block is not None else (
+        lambda x: EngineBlock(unit_w, scale, offset, backend, x, autocast_rounding=not cdist))
     loss_dict = class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, kernel_for,
-                                unit_x=unit_x, unit_w=unit_w, **config)
+                                unit_x=unit_x, unit_w=unit_w, cdist=cdist, **config)
     return loss_dict, getattr(block, "ran", None) or backend
 
 

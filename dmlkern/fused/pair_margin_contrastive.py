@@ -365,8 +365,9 @@ def pair_margin_contrastive(module, mined, embeddings, ref_emb):
                           settings["pos_margin"], settings["neg_margin"])
     labels, ref_labels = mined.mining_labels()
     exclude_diag = mined.mining.ref_labels_same  # PML's get_all_pairs_indices: (i, i) no positive pair
-    x = unit_rows(embeddings)
-    y = None if ref_emb is embeddings else unit_rows(ref_emb)
+    cdist = rule.loss_euclidean or rule.miner_euclidean  # (one set of rows: the miner's picks as PML's when it is Lp)
+    x = unit_rows(embeddings, cdist)
+    y = None if ref_emb is embeddings else unit_rows(ref_emb, cdist)
     pos_total, neg_total, pos_nonzero, neg_nonzero, pos_count, neg_count, *_ = margin_pair_totals(
         x, y, labels, ref_labels, rule, exclude_diag)
     degenerate = Degenerate(labels, False)

@@ -19,8 +19,9 @@ def _supported(distance):
 
 def proxy_nca(module, embeddings, labels, indices_tuple):
     s = float(module.softmax_scale)
-    sc, off = (2 * s, -2 * s) if _is_unit_squared_euclidean(module.distance) else (s, 0.0)
+    euclidean = _is_unit_squared_euclidean(module.distance)
+    sc, off = (2 * s, -2 * s) if euclidean else (s, 0.0)
     return _fused(module, embeddings, labels, indices_tuple, module.proxies,
                   ClassLayout(columns=False, num_classes=module.proxies.shape[0]), distance_ok=_supported,
                   unit_x=True, unit_w=True, scale=sc, offset=off, target_logit=lambda x, w, cos: sc * cos + off,
-                  using_ref=True, drop_zero_probability=True)
+                  using_ref=True, drop_zero_probability=True, cdist=euclidean)

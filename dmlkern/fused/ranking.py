@@ -185,8 +185,8 @@ def _checks_and_kind(module, embeddings, labels, indices_tuple, ref_emb):
     return why, kind
 
 
-def _rows_of(embeddings):
-    return unit_rows(embeddings).to(stats_dtype(embeddings.dtype))
+def _rows_of(embeddings, kind):
+    return unit_rows(embeddings, cdist=kind == "euclidean").to(stats_dtype(embeddings.dtype))
 
 
 # =============================================================================== RankedList
@@ -219,7 +219,7 @@ def ranked_list(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return decline(module, why)
     record_distance(module.distance, embeddings, embeddings)
     spec = _RankedListSpec(labels, kind == "euclidean", module.margin, module.alpha, module.Tp, module.Tn)
-    stats = row_stats(_rows_of(embeddings), spec).to(embeddings.dtype)
+    stats = row_stats(_rows_of(embeddings, kind), spec).to(embeddings.dtype)
     loss_p = stats[:, 0] / stats[:, 1]
     loss_n = stats[:, 2] / stats[:, 3]
     losses = (1 - module.imbalance) * loss_p + module.imbalance * loss_n
@@ -285,7 +285,7 @@ def fast_ap(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return ZERO_LOSS
     record_distance(module.distance, embeddings, embeddings)
     spec = _FastAPSpec(labels, int(power), module.num_bins, stats_dtype(dtype), embeddings.device)
-    hist = row_stats(_rows_of(embeddings), spec).to(dtype)
+    hist = row_stats(_rows_of(embeddings, "euclidean"), spec).to(dtype)
     pos_hist, neg_hist = hist.chunk(2, dim=1)
     # the reference's epilogue (reference.ranking_losses.fast_ap_loss_dict)
     total_pos = torch.cumsum(pos_hist, dim=1)
@@ -351,7 +351,7 @@ def histogram(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     record_distance(module.distance, embeddings, embeddings)
     spec = _HistogramSpec(labels, has_pos, module.delta, kind == "euclidean")
     try:
-        hist = row_stats(_rows_of(embeddings), spec).to(embeddings.dtype)
+        hist = row_stats(_rows_of(embeddings, kind), spec).to(embeddings.dtype)
     except _BlockOutOfRange:
         return decline(module, "a pair value outside [-1, 1] or NaN (PML's histogram index fails)")
     pos_hist, neg_hist = hist.chunk(2, dim=1)
@@ -423,7 +423,7 @@ def smooth_ap(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     n_groups = n // int(torch.unique(labels).numel())  # PML's "num_classes_batch"
     record_distance(module.distance, embeddings, embeddings)
     spec = _SmoothAPSpec(n // n_groups, module.temperature, n)
-    ap = row_stats(_rows_of(embeddings), spec)[:, 0].to(torch.float32)  # float32 as PML's
+    ap = row_stats(_rows_of(embeddings, "cosine"), spec)[:, 0].to(torch.float32)  # float32 as PML's
     losses = (1 - ap) * convert_to_weights(indices_tuple, labels, dtype=ap.dtype)
     return {"ap_loss": {"losses": losses, "indices": torch.arange(n, device=losses.device),
                         "reduction_type": "element"}}, BACKEND
