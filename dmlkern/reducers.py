@@ -64,6 +64,16 @@ def _grad_zero(embeddings):
     return torch.sum(embeddings * 0)
 
 
+# PML raises KeyError (the missing loss_dict["divisor"]) and TypeError (indexing labels=None) for
+# these; dmlkern raises the same class, with a clear message, also catchable as ValueError.
+class _MissingDivisor(KeyError, ValueError):
+    __str__ = ValueError.__str__  # the message, not KeyError's repr of it
+
+
+class _MissingLabels(TypeError, ValueError):
+    pass
+
+
 class BaseReducer(RecordsMixin, torch.nn.Module):
     """Reduces a loss dict holding exactly one sub-loss."""
 
@@ -250,7 +260,7 @@ class DivisorReducer(BaseReducer):
         losses, loss_indices, reduction_type, kwargs = super().unpack_loss_info(loss_info)
         if reduction_type != "already_reduced":
             if "divisor" not in loss_info:
-                raise ValueError("DivisorReducer needs a 'divisor' entry in the loss dict")
+                raise _MissingDivisor("DivisorReducer needs a 'divisor' entry in the loss dict")
             kwargs = {"divisor": loss_info["divisor"]}
             self.divisor = loss_info["divisor"]
         return losses, loss_indices, reduction_type, kwargs
@@ -362,7 +372,7 @@ class ClassWeightedReducer(BaseReducer):
 
     def _weighted_mean(self, losses, idx, labels):
         if labels is None:
-            raise ValueError("ClassWeightedReducer needs labels")
+            raise _MissingLabels("ClassWeightedReducer needs labels")
         self.weights = torch.as_tensor(self.weights).to(device=losses.device, dtype=losses.dtype)
         return torch.mean(losses * self.weights[labels[idx]])
 

@@ -1,5 +1,6 @@
 """dmlkern has every public class and function of PML 2.9.0's losses, miners, distances, reducers,
-regularizers and utils.loss_and_miner_utils modules, with PML's name and a compatible signature:
+regularizers, utils.loss_and_miner_utils, utils.common_functions, utils.module_with_records and
+utils.module_with_records_and_reducer modules, with PML's name and a compatible signature:
 each PML parameter with the same name, kind, default and (for positional ones) position; extra
 dmlkern parameters only with defaults. Checked for constructors, ``forward`` and functions, so a
 change on either side fails here. Names left out on purpose are listed in LEFT_OUT with why."""
@@ -11,7 +12,8 @@ import torch
 
 from dmlkern import _api_table
 
-MODULES = ["losses", "miners", "distances", "reducers", "regularizers", "utils.loss_and_miner_utils"]
+MODULES = ["losses", "miners", "distances", "reducers", "regularizers", "utils.loss_and_miner_utils",
+           "utils.common_functions", "utils.module_with_records", "utils.module_with_records_and_reducer"]
 
 # (module, name) -> why dmlkern does not have it (yet); the README table shows the same reasons
 LEFT_OUT = _api_table.NOT_PROVIDED
