@@ -46,9 +46,9 @@ import torch.distributed as dist
 from ..fused import _common
 from ..fused._epilogue import _element
 from ..fused.class_softmax import (ClassLayout, EngineBlock, GroupedBlock, _lse_over_blocks, blocked_backward,
-                                   class_cross_entropy, no_grad_at_short_rows)
+                                   class_cross_entropy)
 from ..fused.grouped_classes import MaxOverGroup, per_class
-from ..fused.margin_softmax import target_logits
+from ..fused.margin_softmax import logit_rows, target_logits, target_weight_rows
 from ..fused.proxy_nca import _is_unit_squared_euclidean, _supported as _proxy_nca_distance_ok
 from ..losses import (ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, ProxyNCALoss, SphereFaceLoss,
                       SubCenterArcFaceLoss)
@@ -315,9 +315,7 @@ class ClassShardedLoss(torch.nn.Module):
         backend = _common.engine_backend(x_all, self.loss.backend) or "reference"
         self.last_backend = backend
         layout, weight = spec.layout, getattr(self.loss, spec.weight_name)
-        x = _common.unit_rows(x_all, spec.cdist) if spec.unit_x else pe.autocast_rows(x_all)
-        if spec.logits_times_norm:
-            x = no_grad_at_short_rows(x)
+        x = logit_rows(x_all, spec.unit_x, spec.cdist, spec.logits_times_norm)
         local = labels_all - self.class_range[0]
         is_owned = (local >= 0) & (local < layout.num_classes)
         owned = is_owned.nonzero().squeeze(1)
@@ -325,7 +323,7 @@ class ClassShardedLoss(torch.nn.Module):
         kernel = spec.kernel(x, backend)
         lse_part, w_t = _ShardLSE.apply(x, weight, local, owned, kernel, layout)
         self.last_backend = getattr(kernel, "ran", None) or backend  # (SubCenter's grouped blocks: their own)
-        w_t = (w_t if spec.cdist else pe.autocast_rows(w_t)).to(x.dtype)
+        w_t = target_weight_rows(w_t, x, spec.cdist)
         x_t = x.index_select(0, owned)  # index_select: a deterministic (serial) backward on a CPU
         t_owned = target_logits(x_t, w_t, layout, spec.unit_x, spec.unit_w, spec.target_logit).to(lse_part.dtype)
         t_part = torch.zeros_like(lse_part).index_copy(0, owned, t_owned)

@@ -29,6 +29,20 @@ def miner_weights(indices_tuple, labels, dtype, using_ref=False):
     return convert_to_weights(indices_tuple, labels, dtype=dtype, using_ref=using_ref)
 
 
+def logit_rows(embeddings, unit_x, cdist=False, logits_times_norm=False):
+    """x as it enters the logits: unit rows (unit_x) or the rows as given, under autocast in the
+    autocast dtype (matmul's rule; not for cdist: `_common.unit_rows`); logits_times_norm: no
+    gradient at rows shorter than eps (`no_grad_at_short_rows`)."""
+    x = unit_rows(embeddings, cdist) if unit_x else autocast_rows(embeddings)
+    return no_grad_at_short_rows(x) if logits_times_norm else x
+
+
+def target_weight_rows(w_t, x, cdist=False):
+    """The targets' weight rows as they enter the target logit: rounded as the other classes' are
+    (`EngineBlock`), in x's dtype."""
+    return (w_t if cdist else autocast_rows(w_t)).to(x.dtype)
+
+
 def target_logits(x, w_t, layout, unit_x, unit_w, target_logit):
     """target_logit(x, w_t, cos_t) from the rows and their targets' weight rows as they enter the
     logits, with cos_t their cosines ((N,), or (N, K) for K rows per class), normalised with
@@ -50,12 +64,9 @@ def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, k
     for a zero row (no_grad_at_short_rows). cdist (ProxyNCA's Euclidean distance, PML's torch.cdist):
     the rows and weight rows without autocast's rounding (`_common.unit_rows`)."""
     num_classes = layout.num_classes
-    x = unit_rows(embeddings, cdist) if unit_x else autocast_rows(embeddings)
-    if logits_times_norm:
-        x = no_grad_at_short_rows(x)
+    x = logit_rows(embeddings, unit_x, cdist, logits_times_norm)
     lse, w_t = class_lse(x, weight, labels, kernel_for(x), layout)
-    w_t = (w_t if cdist else autocast_rows(w_t)).to(x.dtype)
-    t = target_logits(x, w_t, layout, unit_x, unit_w, target_logit)
+    t = target_logits(x, target_weight_rows(w_t, x, cdist), layout, unit_x, unit_w, target_logit)
     losses = class_cross_entropy(t, lse, embeddings.dtype)
     if static_shapes():  # labels outside [0, C) could not be rejected: NaN, as ProxyAnchor's
         losses = torch.where(((labels >= 0) & (labels < num_classes)).all(), losses, float("nan"))
