@@ -144,6 +144,45 @@ def test_loss_empty_batch_is_pmls_zero(name, case, backend):
     _assert_grad_carrying_zero(ours(*args), leaves)
 
 
+# losses whose PML compute_loss rejects a ref_emb / an indices_tuple, with their constructor args
+NO_REF_LOSSES = {"FastAPLoss": {}, "HistogramLoss": {}, "SmoothAPLoss": {}, "RankedListLoss": {"margin": 0.4, "Tn": 10},
+                 "PNPLoss": {}, "InstanceLoss": {}, "ManifoldLoss": {"l": D}, "P2SGradLoss": {"descriptors_dim": D, "num_classes": 3}}
+NO_INDICES_TUPLE_LOSSES = ["RankedListLoss", "PNPLoss", "InstanceLoss", "P2SGradLoss"]
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 -- the exception itself is compared
+        return type(e), str(e)
+    return None
+
+
+UNSUPPORTED_CASES = [(name, given) for name in NO_REF_LOSSES for given in ("ref_emb", "indices_tuple", "both")
+                     if given == "ref_emb" or name in NO_INDICES_TUPLE_LOSSES]
+
+
+@pytest.mark.parametrize("batch", [0, 6], ids=["empty_batch", "batch"])
+@pytest.mark.parametrize("name,given", UNSUPPORTED_CASES)
+def test_unsupported_arguments_raise_as_pml_also_on_an_empty_batch(name, given, batch):
+    """PML's compute_loss raises for a ref_emb (and for some losses an indices_tuple), in its order,
+    before looking at the batch: so does dmlkern, an empty batch included (it returned 0 there)."""
+    emb, labels = torch.randn(batch, D), torch.arange(batch) % 3
+    kwargs = {}
+    if given in ("ref_emb", "both"):
+        kwargs.update(ref_emb=torch.randn(batch, D), ref_labels=torch.arange(batch) % 3)
+    if given in ("indices_tuple", "both"):
+        kwargs.update(indices_tuple=(torch.zeros(0, dtype=torch.long),) * 3)
+    outcomes = []
+    for mod in (pml_losses, our_losses):
+        torch.manual_seed(0)
+        loss = getattr(mod, name)(**NO_REF_LOSSES[name])
+        outcomes.append(_raised(lambda: loss(emb, labels, **kwargs)))
+    assert outcomes[0] is not None, f"PML accepted {given} for {name}"
+    assert outcomes[1] is not None and issubclass(outcomes[1][0], outcomes[0][0]), outcomes
+    assert outcomes[1][1] == outcomes[0][1], outcomes
+
+
 @pytest.mark.parametrize("name", CLASS_WEIGHT_LOSSES + OURS_ONLY_CLASS_LOSSES)
 def test_class_weight_loss_empty_batch(name):
     """PML: 0 for ProxyAnchor, NaN for the others (a mean over nothing); dmlkern: the

@@ -192,6 +192,10 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
     last_backend = None
     last_fallback = None  # when the reference ran: why (README, "Why no speedup?")
 
+    def check_unsupported(self, embeddings, indices_tuple, labels, ref_emb, ref_labels):
+        """PML's checks at the top of its compute_loss, in its order (`ref_not_supported`,
+        `indices_tuple_not_supported`), run before either path: an empty batch raises as PML's."""
+
     def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         """Loss-specific input checks (raise naming the argument), run once per call on the prepared
         inputs, before either path. The losses with class weights check widths and label ranges."""
@@ -221,6 +225,7 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
             embeddings, labels, lazy.empty_stand_in() if lazy is not None else indices_tuple, ref_emb, ref_labels,
             labels_required=self._labels_required, label_kind=self._label_kind, loss_name=type(self).__name__,
         )
+        self.check_unsupported(embeddings, lazy or indices_tuple, labels, ref_emb, ref_labels)
         self.check_inputs(embeddings, labels, ref_emb, ref_labels)
         loss_dict, self.last_fallback = None, None
         if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:

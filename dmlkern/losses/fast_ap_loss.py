@@ -22,11 +22,13 @@ class FastAPLoss(BaseMetricLossFunction):
         self.num_edges = self.num_bins + 1
         self.add_to_recordable_attributes(list_of_names=["num_bins"], is_stat=False)
 
+    def check_unsupported(self, embeddings, indices_tuple, labels, ref_emb, ref_labels):
+        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return _fused(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         return fast_ap_loss_dict(embeddings, labels, indices_tuple, num_bins=self.num_bins, distance=self.distance)
 
     def get_default_distance(self):

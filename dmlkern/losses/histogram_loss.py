@@ -27,11 +27,13 @@ class HistogramLoss(BaseMetricLossFunction):
         self.delta = delta if delta is not None else 2 / n_bins
         self.add_to_recordable_attributes(name="delta", is_stat=False)
 
+    def check_unsupported(self, embeddings, indices_tuple, labels, ref_emb, ref_labels):
+        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return _fused(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         return histogram_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, delta=self.delta,
                                    distance=self.distance)
 

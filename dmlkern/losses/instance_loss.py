@@ -20,14 +20,14 @@ class InstanceLoss(BaseMetricLossFunction):
         self.gamma = gamma
         self.add_to_recordable_attributes(list_of_names=["gamma"], is_stat=False)
 
-    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def check_unsupported(self, embeddings, indices_tuple, labels, ref_emb, ref_labels):
         indices_tuple_not_supported(indices_tuple)
         ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return instance(self, embeddings, labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        indices_tuple_not_supported(indices_tuple)
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         return instance_loss_dict(embeddings, labels, gamma=self.gamma, distance=self.distance)
 
     def get_default_distance(self):

@@ -37,9 +37,11 @@ class ManifoldLoss(BaseMetricLossFunction):
         finally:
             self._meta_classes = None
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def check_unsupported(self, embeddings, indices_tuple, labels, ref_emb, ref_labels):
         ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         labels_not_supported(labels, None if ref_labels is labels else ref_labels)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if embeddings.shape[1] != self.l:
             raise InvalidInputError(f"ManifoldLoss: embeddings have {embeddings.shape[1]} columns, l={self.l}")
         n = len(embeddings)

@@ -24,10 +24,12 @@ class P2SGradLoss(BaseMetricLossFunction):
         self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
         self.m_loss = torch.nn.MSELoss()
 
-    def _renormed_weight(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        """PML's checks and its in-place renormalisation of the weight's columns (every call, once)."""
+    def check_unsupported(self, embeddings, indices_tuple, labels, ref_emb, ref_labels):
         ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         indices_tuple_not_supported(indices_tuple)
+
+    def _renormed_weight(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's in-place renormalisation of the weight's columns (every call, once)."""
         w = self.weight.data.renorm(2, 1, 1e-5).mul(1e5)
         self.weight.data = w.to(device=embeddings.device, dtype=embeddings.dtype)
         return self.weight

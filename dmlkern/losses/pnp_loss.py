@@ -25,9 +25,11 @@ class PNPLoss(BaseMetricLossFunction):
         if self.variant not in self.VARIANTS:
             raise ValueError(f"variant={variant} but must be one of {self.VARIANTS}")
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def check_unsupported(self, embeddings, indices_tuple, labels, ref_emb, ref_labels):
         indices_tuple_not_supported(indices_tuple)
         ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return pnp_loss_dict(embeddings, labels, b=self.b, alpha=self.alpha, anneal=self.anneal,
                              variant=self.variant, distance=self.distance)
 

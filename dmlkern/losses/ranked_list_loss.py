@@ -29,11 +29,13 @@ class RankedListLoss(BaseMetricLossFunction):
         self.Tn = Tn
         self.add_to_recordable_attributes(list_of_names=["imbalance", "alpha", "margin", "Tp", "Tn"], is_stat=False)
 
+    def check_unsupported(self, embeddings, indices_tuple, labels, ref_emb, ref_labels):
+        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        indices_tuple_not_supported(indices_tuple)
+
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return _fused(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
-        indices_tuple_not_supported(indices_tuple)
         return ranked_list_loss_dict(embeddings, labels, margin=self.margin, imbalance=self.imbalance,
                                      alpha=self.alpha, Tp=self.Tp, Tn=self.Tn, distance=self.distance)

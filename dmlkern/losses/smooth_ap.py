@@ -24,9 +24,11 @@ class SmoothAPLoss(BaseMetricLossFunction):
     def get_default_distance(self):
         return CosineSimilarity()
 
+    def check_unsupported(self, embeddings, indices_tuple, labels, ref_emb, ref_labels):
+        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return _fused(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         return smooth_ap_loss_dict(embeddings, labels, indices_tuple, temperature=self.temperature, distance=self.distance)
