@@ -124,13 +124,13 @@ def has_short_rows(*tensors):
 _apply_unit_rows = applier(_UnitRows)
 
 
-def unit_rows(x, cdist=False):
+def unit_rows(x, full_precision=False):
     """The rows of x scaled to unit L2 norm, as F.normalize(x, dim=1); under torch.autocast in the
     engine's autocast dtype (pe.autocast_rows), matmul's rule, as PML's CosineSimilarity.
-    cdist=True: rows for a Euclidean distance, which PML computes with torch.cdist, and autocast runs
-    cdist in fp32 (and CUDA's autocast F.normalize's norm): no autocast rounding, fp16 / bf16 rows
-    widened to fp32 under autocast."""
-    if not cdist:
+    full_precision=True: no autocast rounding, fp16 / bf16 rows widened to fp32 under autocast: the
+    rows of a Euclidean distance (PML's torch.cdist, which autocast runs in fp32, as CUDA's
+    autocast F.normalize's norm) and of PML's elementwise products (AngularLoss's u_a . u_p)."""
+    if not full_precision:
         return pe.autocast_rows(_apply_unit_rows(x)[0])
     if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
         x = x.float()
@@ -213,7 +213,7 @@ def engine_rows(distance, embeddings, ref_emb):
     _, rows, transform, _, _ = _KINDS[engine_distance(distance)]
     if rows == "augmented":
         return EngineRows(*euclidean_rows(embeddings, ref_emb), transform)
-    rows = {"unit": unit_rows, "unit_cdist": lambda t: unit_rows(t, cdist=True), "raw": pe.autocast_rows}[rows]
+    rows = {"unit": unit_rows, "unit_cdist": lambda t: unit_rows(t, full_precision=True), "raw": pe.autocast_rows}[rows]
     x = rows(embeddings)
     return EngineRows(x, x if ref_emb is embeddings else rows(ref_emb), transform)
 

@@ -514,10 +514,11 @@ listed_angular = applier(_ListedAngular)
 # ----------------------------------------------------------------------------- the loss
 def _inputs(embeddings, ref_emb):
     """(u_a, u_p, x): the unit anchor rows, the unit reference rows, the raw reference rows; fp16 /
-    bf16 embeddings in fp32 (every value after them too; PML computes in the half dtype)."""
+    bf16 embeddings in fp32 (every value after them too; PML computes in the half dtype). Not rounded
+    under autocast: PML's u_a . u_p is an elementwise fp32 product there."""
     emb_w, ref_w = widened(embeddings, ref_emb)
-    ua = unit_rows(emb_w)
-    return ua, ua if ref_w is emb_w else unit_rows(ref_w), ref_w
+    ua = unit_rows(emb_w, full_precision=True)
+    return ua, ua if ref_w is emb_w else unit_rows(ref_w, full_precision=True), ref_w
 
 
 def _entry(losses, a, p):

@@ -330,7 +330,7 @@ def intra_pair_variance(module, embeddings, labels, indices_tuple, ref_emb, ref_
     kinds, labels, ref_labels, ref_emb, exclude_diag, stats, degenerate = setup
     if kind != "dot" and _common.has_short_rows(embeddings, ref_emb):
         return decline(module, SHORT_ROWS)  # 2 - 2s assumes unit rows
-    rows = (lambda t: unit_rows(t, cdist=kind != "dot")) if unit else (lambda t: t)
+    rows = (lambda t: unit_rows(t, full_precision=kind != "dot")) if unit else (lambda t: t)
     x = rows(embeddings)
     y = None if ref_emb is embeddings else rows(ref_emb)
     counts = (stats.pos_total, stats.neg_total)

@@ -31,7 +31,7 @@ def miner_weights(indices_tuple, labels, dtype, using_ref=False):
 
 def logit_rows(embeddings, unit_x, cdist=False, logits_times_norm=False):
     """x as it enters the logits: unit rows (unit_x) or the rows as given, under autocast in the
-    autocast dtype (matmul's rule; not for cdist: `_common.unit_rows`); logits_times_norm: no
+    autocast dtype (matmul's rule; not for cdist: `_common.unit_rows` full_precision); logits_times_norm: no
     gradient at rows shorter than eps (`no_grad_at_short_rows`)."""
     x = unit_rows(embeddings, cdist) if unit_x else autocast_rows(embeddings)
     return no_grad_at_short_rows(x) if logits_times_norm else x
@@ -62,7 +62,7 @@ def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, k
     past ~104 in fp32) are left out, as PML does; kept under torch.compile (no data-dependent
     shape) and on CUDA (no host sync). logits_times_norm (L-Softmax, SphereFace): PML's gradient 0
     for a zero row (no_grad_at_short_rows). cdist (ProxyNCA's Euclidean distance, PML's torch.cdist):
-    the rows and weight rows without autocast's rounding (`_common.unit_rows`)."""
+    the rows and weight rows without autocast's rounding (`_common.unit_rows` full_precision)."""
     num_classes = layout.num_classes
     x = logit_rows(embeddings, unit_x, cdist, logits_times_norm)
     lse, w_t = class_lse(x, weight, labels, kernel_for(x), layout)

@@ -186,7 +186,7 @@ def _checks_and_kind(module, embeddings, labels, indices_tuple, ref_emb):
 
 
 def _rows_of(embeddings, kind):
-    return unit_rows(embeddings, cdist=kind == "euclidean").to(stats_dtype(embeddings.dtype))
+    return unit_rows(embeddings, full_precision=kind == "euclidean").to(stats_dtype(embeddings.dtype))
 
 
 # =============================================================================== RankedList
