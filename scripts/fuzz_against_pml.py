@@ -7,7 +7,16 @@ development tool, not a test: a reported difference is a lead, to be checked aga
 
 python scripts/fuzz_against_pml.py START COUNT OUTFILE  -> seeds [START, START+COUNT), JSON lines appended to OUTFILE
 python scripts/fuzz_against_pml.py show SEED           -> the spec of a seed and its result
+
+FUZZ_AUTOCAST=bf16: fp32 inputs, every forward (miner and loss calls) under
+torch.autocast("cpu", dtype=torch.bfloat16), backward outside it. bf16 rounding legitimately differs
+between the libraries, so numbers are not compared with each other: each library's relative error
+against PML run in fp64 without autocast (the truth) is, and a case is flagged ("ac_value",
+"ac_grad_emb", "ac_grad_param", ...) when dmlkern's error > 2 x PML's + 1e-6. Structure (return
+types, raised errors, shapes, state keys, pickling) is compared as usual; miner tuples that differ are
+"ac_tuple" (may be ties of bf16 values), output dtypes that differ "ac_dtype".
 """
+import contextlib
 import json
 import math
 import os
@@ -23,6 +32,7 @@ import torch
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
+AUTOCAST = os.environ.get("FUZZ_AUTOCAST", "") == "bf16"
 
 import pytorch_metric_learning.distances as Pdist
 import pytorch_metric_learning.losses as Plos
@@ -517,6 +527,19 @@ def describe_out(o):
 
 
 # ---------------------------------------------------------------- running
+def fwd(spec):
+    """The context of a forward call: torch.autocast (CPU, bf16) where spec["_autocast"]."""
+    if spec.get("_autocast"):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def via32(spec, t):
+    """t rounded through fp32 where spec["_via32"] (the fp64 truth of an fp32 autocast case sees the
+    same generated inputs as the fp32 run)."""
+    return t.to(torch.float32).to(t.dtype) if spec.get("_via32") else t
+
+
 def run_side(lib, spec, emb0, lab0, ref0, reflab0):
     """Builds and runs one library's side. Returns dict of results."""
     res = {"raised": None}
@@ -529,7 +552,8 @@ def run_side(lib, spec, emb0, lab0, ref0, reflab0):
         if spec["kind"] == "miner":
             miner = build_miner(lib, spec["miner"])
             torch.manual_seed(777)
-            out = miner(emb, lab, ref, reflab)
+            with fwd(spec):
+                out = miner(emb, lab, ref, reflab)
             res["out_type"] = describe_out_miner(out)
             res["tuple"] = tuple_multisets(out)
             res["obj"] = miner
@@ -551,7 +575,7 @@ def run_side(lib, spec, emb0, lab0, ref0, reflab0):
             embs = [emb]
             labs = [lab]
             for b in range(spec["nbatches"] - 1):
-                e2 = (torch.randn(emb0.shape, generator=g, dtype=torch.float64)).to(dtype)
+                e2 = via32(spec, (torch.randn(emb0.shape, generator=g, dtype=torch.float64)).to(dtype))
                 embs.append(e2.requires_grad_(True))
                 labs.append(lab0[torch.randperm(len(lab0), generator=g)] if len(lab0) else lab0.clone())
             res["embs"] = embs
@@ -562,7 +586,8 @@ def run_side(lib, spec, emb0, lab0, ref0, reflab0):
                     m[::2] = True
                     kw["enqueue_mask"] = m
                 torch.manual_seed(100 + b)
-                out = loss(embs[b], labs[b], **kw)
+                with fwd(spec):
+                    out = loss(embs[b], labs[b], **kw)
                 outs.append(out)
             res["queue_labels"] = loss.label_memory.clone() if hasattr(loss, "label_memory") else None
             res["queue_emb"] = loss.embedding_memory.clone() if hasattr(loss, "embedding_memory") else None
@@ -571,20 +596,23 @@ def run_side(lib, spec, emb0, lab0, ref0, reflab0):
             r2 = ref if ref is not None and len(ref) == len(emb) else None
             if r2 is None:
                 g = torch.Generator().manual_seed(spec["seed"] + 2)
-                r2 = (emb0 + 0.1 * torch.randn(emb0.shape, generator=g, dtype=torch.float64).to(emb0.dtype)).clone().requires_grad_(True)
+                r2 = via32(spec, emb0 + 0.1 * torch.randn(emb0.shape, generator=g, dtype=torch.float64).to(emb0.dtype)).clone().requires_grad_(True)
                 ref = r2
             res["ref_used"] = r2
-            outs.append(loss(emb, ref_emb=r2))
+            with fwd(spec):
+                outs.append(loss(emb, ref_emb=r2))
         elif name == "MultipleLosses":
             tup = None
-            outs.append(loss(emb, lab))
+            with fwd(spec):
+                outs.append(loss(emb, lab))
         else:
             ntimes = 2 if spec.get("twice") else 1
             for t in range(ntimes):
                 tup = None
                 if miner is not None:
                     torch.manual_seed(777)
-                    tup = miner(emb, lab, ref, reflab)
+                    with fwd(spec):
+                        tup = miner(emb, lab, ref, reflab)
                     res["miner_tuple_obj"] = tup
                 torch.manual_seed(4242 + t)
                 kw = {}
@@ -601,7 +629,8 @@ def run_side(lib, spec, emb0, lab0, ref0, reflab0):
                     lab_ = None
                 else:
                     lab_ = lab
-                out = loss(emb, lab_, tup, **kw)
+                with fwd(spec):
+                    out = loss(emb, lab_, tup, **kw)
                 outs.append(out)
         res["out_type"] = [describe_out(o) for o in outs]
         res["values"] = [o.detach().clone() if isinstance(o, torch.Tensor) else o for o in outs]
@@ -636,6 +665,21 @@ def describe_out_miner(out):
     if isinstance(out, (tuple, list)):
         return (len(out), tuple((str(t.dtype), t.dim()) if isinstance(t, torch.Tensor) else type(t).__name__ for t in out))
     return type(out).__name__
+
+
+def pickle_issues(P, D):
+    """dmlkern's module pickles (where PML's does) and keeps its state keys through it."""
+    try:
+        o2 = pickle.loads(pickle.dumps(D["obj"]))
+        if sorted(o2.state_dict().keys()) != D["state_keys"]:
+            return [("pickle", "state keys change after pickle")]
+    except Exception as e:
+        try:
+            pickle.dumps(P["obj"])
+            return [("pickle", f"dml pickling fails, pml ok: {type(e).__name__}: {e}")]
+        except Exception:
+            pass
+    return []
 
 
 def compare(spec, P, D, emb):
@@ -699,18 +743,7 @@ def compare(spec, P, D, emb):
             issues.append(("miner_type", f"{P.get('miner_type')} vs {D.get('miner_type')}"))
         if P.get("tuple") != D.get("tuple"):
             issues.append(("miner_tuple" if det else "miner_tuple_random", diff_tuple(P.get("tuple"), D.get("tuple"))))
-    # pickling
-    try:
-        s = pickle.dumps(D["obj"])
-        o2 = pickle.loads(s)
-        if sorted(o2.state_dict().keys()) != D["state_keys"]:
-            issues.append(("pickle", "state keys change after pickle"))
-    except Exception as e:
-        try:
-            pickle.dumps(P["obj"])
-            issues.append(("pickle", f"dml pickling fails, pml ok: {type(e).__name__}: {e}"))
-        except Exception:
-            pass
+    issues += pickle_issues(P, D)
     return issues
 
 
@@ -727,11 +760,219 @@ def diff_tuple(a, b):
     return "; ".join(out)
 
 
+# ---------------------------------------------------------------- autocast mode
+def flat_tensors(o):
+    """The tensors (and numbers) of a nested output, in a fixed order."""
+    if isinstance(o, torch.Tensor):
+        return [o]
+    if isinstance(o, (tuple, list)):
+        return [t for x in o for t in flat_tensors(x)]
+    if isinstance(o, dict):
+        return [t for k in sorted(o, key=str) for t in flat_tensors(o[k])]
+    if isinstance(o, (int, float)) and not isinstance(o, bool):
+        return [torch.tensor(float(o), dtype=torch.float64)]
+    return []
+
+
+def rel_err(x, t):
+    """(error, |truth|): ||x - t|| / ||t|| over the entries finite in t (||x - t|| where ||t|| = 0);
+    inf where the shapes or the NaN / +-inf pattern of x differ from t's."""
+    xs, ts = flat_tensors(x), flat_tensors(t)
+    if len(xs) != len(ts) or any(a.shape != b.shape for a, b in zip(xs, ts)):
+        return math.inf, math.nan
+    if not xs or sum(a.numel() for a in xs) == 0:
+        return 0.0, 0.0
+    xv = torch.cat([a.detach().double().flatten() for a in xs])
+    tv = torch.cat([a.detach().double().flatten() for a in ts])
+    for f in (torch.isnan, torch.isposinf, torch.isneginf):
+        if not torch.equal(f(xv), f(tv)):
+            return math.inf, math.nan
+    m = torch.isfinite(tv)
+    d = (xv[m] - tv[m]).norm().item()
+    n = tv[m].norm().item()
+    return (d / n if n > 0 else d), n
+
+
+def tuple_size(tm):
+    if tm is None or tm[0] == "other":
+        return 0
+    return sum(sum(c.values()) for c in tm[1:])
+
+
+def tuple_symdiff(a, b):
+    """the number of tuples in one multiset of a tuple description and not the other"""
+    if a is None or b is None or a[0] != b[0] or a[0] == "other":
+        return None if a != b else 0
+    return sum(sum((x - y).values()) + sum((y - x).values()) for x, y in zip(a[1:], b[1:]))
+
+
+def strip_dtypes(d):
+    if isinstance(d, tuple):
+        if len(d) == 3 and d[0] == "Tensor":
+            return ("Tensor", d[2])
+        return tuple(strip_dtypes(x) for x in d)
+    if isinstance(d, list):
+        return [strip_dtypes(x) for x in d]
+    return d
+
+
+def compare_ac(spec, P, D, T):
+    """Autocast mode: structure of P (PML, autocast) against D (dmlkern, autocast); numbers of each
+    against T (PML, fp64, no autocast). Returns (issues, errs) with errs {what: [dml, pml]}."""
+    issues, errs = [], {}
+    if P["raised"] or D["raised"]:
+        if P["raised"] and D["raised"]:
+            return [("both_raise", f"pml {P['raised'][:120]} | dml {D['raised'][:120]}")], errs
+        if P["raised"]:
+            return [("pml_raise_only", f"pml: {P['raised']}")], errs
+        return [("dml_raise_only", f"dml: {D['raised']}\n{D.get('tb', '')[-800:]}")], errs
+    random_miner = lambda m: m is not None and m[0] in ("DistanceWeightedMiner", "UniformHistogramMiner")
+
+    def tuples(key):
+        """miner tuples of P and D compared (with T's for scale)"""
+        a, b, t = P.get(key), D.get(key), T.get(key) if not T["raised"] else None
+        if a == b:
+            return False
+        mspec = spec["miner"] if spec["kind"] == "miner" else spec.get("miner")
+        n = tuple_symdiff(a, b)
+        msg = (f"pml vs dml differ in {n} of {tuple_size(a)} (pml) / {tuple_size(b)} (dml) tuples; "
+               f"vs fp64 ({tuple_size(t)}): pml {tuple_symdiff(a, t)}, dml {tuple_symdiff(b, t)}; "
+               + diff_tuple(a, b)[:300])
+        issues.append(("ac_tuple_random" if random_miner(mspec) else "ac_tuple", msg))
+        return True
+
+    if spec["kind"] == "miner":
+        if P["out_type"] != D["out_type"]:
+            issues.append(("miner_type", f"{P['out_type']} vs {D['out_type']}"))
+        tuples("tuple")
+        return issues, errs
+    if P["out_type"] != D["out_type"]:
+        kind = "ac_dtype" if strip_dtypes(P["out_type"]) == strip_dtypes(D["out_type"]) else "return_type"
+        issues.append((kind, f"{P['out_type']} vs {D['out_type']}"))
+    tup_differs = False
+    if "tuple" in P or "tuple" in D:
+        if P.get("miner_type") != D.get("miner_type"):
+            issues.append(("miner_type", f"{P.get('miner_type')} vs {D.get('miner_type')}"))
+        tup_differs = tuples("tuple")
+    if P["state_keys"] != D["state_keys"]:
+        issues.append(("state_keys", f"{P['state_keys']} vs {D['state_keys']}"))
+    if T["raised"]:
+        issues.append(("ac_truth_raise", f"fp64 PML raised, cannot judge numbers: {T['raised'][:200]}"))
+    else:
+        pairs = [(f"value{i}", "ac_value", P["values"][i], D["values"][i], T["values"][i])
+                 for i in range(min(len(P["values"]), len(D["values"]), len(T["values"])))]
+        pairs += [("grad_emb", "ac_grad_emb", P["grad_emb"], D["grad_emb"], T["grad_emb"]),
+                  ("grad_ref", "ac_grad_ref", P.get("grad_ref"), D.get("grad_ref"), T.get("grad_ref"))]
+        if "grad_embs" in P and "grad_embs" in D and "grad_embs" in T:
+            pairs += [(f"grad_cbm{i}", "ac_grad_cbm_batch", a, b, t)
+                      for i, (a, b, t) in enumerate(zip(P["grad_embs"], D["grad_embs"], T["grad_embs"]))]
+            pairs += [("queue_emb", "ac_cbm_queue", P["queue_emb"], D["queue_emb"], T["queue_emb"])]
+            for k in ("queue_labels", "queue_idx"):
+                a, b = P[k], D[k]
+                if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                    same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                            and a.shape == b.shape and torch.equal(a, b))
+                else:
+                    same = a == b
+                if not same:
+                    issues.append(("cbm_queue", f"{k}: {a if not isinstance(a, torch.Tensor) else fmt(a.double())} vs "
+                                                f"{b if not isinstance(b, torch.Tensor) else fmt(b.double())}"))
+        if P["state_keys"] == D["state_keys"] == T["state_keys"]:
+            for n in P["param_grads"]:
+                pairs.append((f"grad_param:{n}", "ac_grad_param", P["param_grads"][n], D["param_grads"].get(n), T["param_grads"].get(n)))
+                pairs.append((f"param_after:{n}", "ac_param_after", P["params_after"][n], D["params_after"].get(n), T["params_after"].get(n)))
+        for what, kind, a, b, t in pairs:
+            if a is None or b is None:
+                if (a is None) != (b is None):
+                    issues.append(("grad_none" if "grad" in what else "value_none", f"{what}: pml None={a is None} dml None={b is None}"))
+                continue
+            if t is None:
+                continue
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape:
+                issues.append(("shape", f"{what}: {tuple(a.shape)} vs {tuple(b.shape)}"))
+                continue
+            ep, n = rel_err(a, t)
+            ed, _ = rel_err(b, t)
+            errs[what] = [ed, ep]
+            if ed > 2 * ep + 1e-6:
+                issues.append((kind + ("_tupdiff" if tup_differs else ""),
+                               f"{what}: dml err {ed:.3e} vs pml err {ep:.3e} (rel. to fp64 PML, |truth| {n:.3e}); "
+                               f"dml={fmt_any(b)} pml={fmt_any(a)} fp64={fmt_any(t)}"))
+    issues += pickle_issues(P, D)
+    return issues, errs
+
+
+def fmt_any(o):
+    ts = flat_tensors(o)
+    if len(ts) == 1:
+        return fmt(ts[0].detach().double())
+    return f"<{len(ts)} tensors>"
+
+
+def run_case_ac(seed):
+    """Autocast mode: PML and dmlkern under CPU bf16 autocast on fp32 inputs, PML in fp64 as truth.
+    The same fp32 case also runs without autocast, to tell autocast's differences from others: a
+    structural issue seen there too is "noac_also_<kind>"; a numeric one where dmlkern's fp32 error
+    without autocast is already over half its autocast error (and over 2 x PML's fp32 error + 1e-6)
+    is "fp32_<kind>" (an fp32 accuracy gap, not autocast's)."""
+    spec = gen_spec(seed)
+    spec["inputs"]["dtype"] = "float32"
+    spec["_autocast"] = True
+    emb, lab, ref, reflab = make_inputs(spec)
+    P = run_side("pml", spec, emb, lab, ref, reflab)
+    Dd = run_side("dml", dict(spec), emb, lab, ref, reflab)
+    spec64 = gen_spec(seed)
+    spec64["inputs"]["dtype"] = "float64"
+    spec64["cast_params"] = True  # the fp32 parameters widened (exactly) to fp64
+    spec64["_via32"] = True
+    if spec.get("_pml_state") is not None:
+        spec64["_pml_state"] = spec["_pml_state"]
+    d64 = lambda t: t.double() if t is not None and t.is_floating_point() else t
+    T = run_side("pml", spec64, d64(emb), lab, d64(ref), reflab)
+    issues, errs = compare_ac(spec, P, Dd, T)
+    # the same fp32 case without autocast
+    spec0 = gen_spec(seed)
+    spec0["inputs"]["dtype"] = "float32"
+    P0 = run_side("pml", spec0, emb, lab, ref, reflab)
+    D0 = run_side("dml", dict(spec0), emb, lab, ref, reflab)
+    try:
+        iss0 = compare(spec0, P0, D0, emb)
+    except Exception:
+        iss0 = [("harness", traceback.format_exc()[-300:])]
+    _, errs0 = compare_ac(spec0, P0, D0, T)
+    for w, e in errs.items():
+        e += errs0.get(w, [math.nan, math.nan])  # [dml ac, pml ac, dml fp32, pml fp32]
+    spec["_errs"] = errs
+    structural = {"pml_raise_only", "dml_raise_only", "grad_none", "value_none", "return_type", "shape",
+                  "state_keys", "miner_type", "pickle", "cbm_queue"}
+    k0 = {k for k, _ in iss0}
+    none0 = any("one is None" in m for _, m in iss0)
+    out = []
+    for k, m in issues:
+        if k in structural and (k in k0 or (k == "grad_none" and none0)):
+            k = "noac_also_" + k
+        elif k.startswith("ac_") and "tuple" not in k and k != "ac_dtype":
+            what = m.split(":")[0]
+            e = errs.get(what, [])
+            if len(e) == 4 and not any(math.isinf(x) for x in e[:2]):
+                m += f" || without autocast (fp32): dml err {e[2]:.3e}, pml err {e[3]:.3e}"
+                if e[2] > 0.5 * e[0] and e[2] > 2 * e[3] + 1e-6:
+                    k = "fp32_" + k
+            elif k[3:].replace("_tupdiff", "") in k0:
+                k = "noac_also_" + k
+                m += " || without autocast: " + "; ".join(m0[:150] for k0_, m0 in iss0
+                                                           if k0_ == k[13:].replace("_tupdiff", ""))
+        out.append((k, m))
+    return spec, out, P, Dd
+
+
 def strip_spec(spec):
     return {k: v for k, v in spec.items() if not k.startswith("_")}
 
 
 def run_case(seed):
+    if AUTOCAST:
+        return run_case_ac(seed)
     spec = gen_spec(seed)
     emb, lab, ref, reflab = make_inputs(spec)
     P = run_side("pml", spec, emb, lab, ref, reflab)
@@ -761,6 +1002,8 @@ def main():
         print(json.dumps(strip_spec(spec), default=str, indent=1))
         for i in issues:
             print(i[0], "::", i[1])
+        if AUTOCAST:
+            print("errors vs fp64 [dml, pml]:", spec.get("_errs"))
         if P.get("raised"):
             print("PML TB", P["tb"])
         if D.get("raised"):
@@ -776,7 +1019,10 @@ def main():
                 spec, issues, _, _ = run_case(seed)
             except Exception as e:
                 spec, issues = {"seed": seed}, [("harness", traceback.format_exc()[-600:])]
-            f.write(json.dumps(dict(seed=seed, spec=strip_spec(spec), issues=issues), default=str) + "\n")
+            rec = dict(seed=seed, spec=strip_spec(spec), issues=issues)
+            if AUTOCAST:
+                rec["errs"] = spec.get("_errs", {})
+            f.write(json.dumps(rec, default=str) + "\n")
             f.flush()
 
 
