@@ -334,6 +334,41 @@ def test_nan_embeddings_follow_the_reference(engine_backend_choice, backend, dev
             assert torch.isfinite(want_v), f"{what}: PML's miner drops the NaN pairs"
 
 
+PML_NAMES = {"multi_similarity": "MultiSimilarityLoss", "supcon": "SupConLoss", "generalized_lifted": "GeneralizedLiftedStructureLoss",
+             "lifted": "LiftedStructureLoss", "nca": "NCALoss", "tuplet_margin": "TupletMarginLoss", "npairs": "NPairsLoss"}
+
+
+@pytest.mark.parametrize("name,with_ref", [(n, r) for n in PML_NAMES for r in (False, True) if not (r and n in NO_REF_EMB)])
+def test_nan_row_per_element_losses_are_pmls(name, with_ref):
+    """DoNothingReducer, a NaN row and classes of one sample: each row's loss is NaN exactly where
+    PML's is, and PML's kept rows are kept. Without positives PML's SupCon row is 0 * log_prob and
+    its NCA row 0 * a probability: NaN where the row holds a NaN similarity (the fused SupCon gave
+    0 and NCA dropped such rows)."""
+    from pytorch_metric_learning import losses as pml_losses, reducers as pml_reducers
+    from dmlkern.reducers import DoNothingReducer
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(14, 8, generator=g, dtype=torch.float64)
+    x[4] = float("nan")
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 0, 1, 2, 7])  # 3 .. 7: no positive
+    ref = ref_labels = None
+    if with_ref:
+        ref = torch.randn(10, 8, generator=g, dtype=torch.float64)
+        ref[2] = float("nan")
+        ref_labels = torch.tensor([0, 1, 2, 0, 1, 2, 8, 9, 0, 1])
+    want = getattr(pml_losses, PML_NAMES[name])(reducer=pml_reducers.DoNothingReducer())(x, labels, None, ref, ref_labels)
+    loss_fn = getattr(losses, PML_NAMES[name])(reducer=DoNothingReducer())
+    got = loss_fn(x, labels, None, ref, ref_labels)
+    assert loss_fn.last_backend == "cpp", f"{name}: ran {loss_fn.last_backend}"
+    assert got.keys() == want.keys()
+    for key, entry in want.items():
+        if not torch.is_tensor(entry["losses"]):  # PML's empty entry
+            assert got[key]["losses"] == entry["losses"], key
+            continue
+        assert torch.isnan(entry["losses"]).any(), f"{name} {key}: PML's losses hold no NaN here"
+        torch.testing.assert_close(got[key]["losses"].reshape(entry["losses"].shape), entry["losses"],
+                                   rtol=1e-9, atol=1e-12, equal_nan=True, msg=lambda m: f"{name} {key}: {m}")
+
+
 def test_ms_miner_with_nan_embeddings_matches_pml():
     """The extrema the fused miner reads (pass 0) follow PML's sort: the max over negatives is
     NaN when a negative is NaN, the min over positives skips NaN. Checked on PML itself."""

@@ -56,7 +56,9 @@ def nca(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     lse = _lse2(x, y, labels, ref_labels, _params(module.distance, float(module.softmax_scale)), self_ref,
                 backend, transform=transform)
     lse_pos, lse_neg = lse[:, 0], lse[:, 1]
-    has_pos = ~torch.isneginf(lse_pos)  # NaN counts as a positive: PML keeps NaN rows
+    # PML keeps a row whose positive probability is not 0: NaN counts, also without positives (0 *
+    # a NaN probability, where a NaN similarity anywhere in the row makes its softmax NaN: lse_neg)
+    has_pos = ~torch.isneginf(lse_pos) | torch.isnan(lse_neg)
     # -log p = log(1 + e^(lse_neg - lse_pos)), exactly 0 where PML's p rounds to 1
     losses = _log1p_exp_as_pml(lse_neg - torch.where(has_pos, lse_pos, 0.0), embeddings.dtype)  # no -inf - -inf
     kept = has_pos & (torch.exp(-losses.detach().to(embeddings.dtype)) != 0)

@@ -52,4 +52,7 @@ def supcon_rows(module, x, y, labels, ref_labels, stats, exclude_diag, backend, 
     # default) leaves those rows out of its mean. delta = e^{gap} < eps / 2 (gap < ~-17 in fp32): with
     # the cosine only at small temperatures; common with the raw dot product's larger values.
     neg_term = torch.where(count == 1, _pml_zeros(neg_term, emb_dtype), neg_term)
-    return torch.where(count > 0, pos_spread + neg_term, 0.0)
+    # Without positives PML's loss is -sum_p 0 * log_prob: 0, or NaN where the row's log_prob is (a
+    # NaN similarity anywhere in the row: the row maximum PML subtracts is NaN), i.e. where lse is.
+    no_positive = torch.where(torch.isnan(lse[:, 1]), lse[:, 1], 0.0)
+    return torch.where(count > 0, pos_spread + neg_term, no_positive)
