@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS_STAMP := $(VENV)/.deps-installed
 JOBS ?= 2
+# pytest workers (pytest-xdist; 0: one process). Most tests are single-threaded Python (the Triton
+# interpreter, small parity cases), so two workers on two cores take ~2/3 of one's time.
+TEST_WORKERS ?= $(JOBS)
 # Without a GPU, Triton kernels run under the interpreter on CPU tensors.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ifneq ($(HAS_GPU),1)
@@ -37,7 +40,7 @@ build: deps
 	$(PY) -c "import dmlkern, json; print(json.dumps(dmlkern.build_info(), indent=1))"
 
 pytest: build
-	$(PY) -m pytest tests -ra --durations=15
+	$(PY) -m pytest tests -ra --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 # The libtorch build for C++ users (CMakeLists.txt) and its ctest.
 cmake-test: deps

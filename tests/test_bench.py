@@ -54,6 +54,10 @@ def check_png(path):
     assert len(data) > 20_000, f"{path.name} is suspiciously small ({len(data)} bytes): nothing drawn?"
 
 
+# One pytest-xdist worker runs this module: its sweep fixture (a minute) is computed once.
+pytestmark = pytest.mark.xdist_group("bench_sweep")
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
