@@ -159,7 +159,7 @@ def _common_checks(module, embeddings, labels, indices_tuple, ref_emb, weights_o
     """Why the blocked path can't take the call, or None. `weights_only`: the loss reads an
     indices_tuple only as per-query weights (PML's convert_to_weights), so a listed one is fine."""
     if ref_emb is not embeddings:
-        return "ref_emb (these losses take none: the reference raises PML's error)"
+        return "ref_emb (these losses take none; the module raises PML's error before this path)"
     if pe.choose_backend(module.backend, embeddings.device) == "reference":
         return "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"
     if labels is None:
