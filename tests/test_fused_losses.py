@@ -369,6 +369,24 @@ def test_nan_row_per_element_losses_are_pmls(name, with_ref):
                                    rtol=1e-9, atol=1e-12, equal_nan=True, msg=lambda m: f"{name} {key}: {m}")
 
 
+@pytest.mark.parametrize("name", ["LiftedStructureLoss", "GeneralizedLiftedStructureLoss", "RankedListLoss"])
+def test_zero_row_next_to_a_nan_row_is_seen(name):
+    """An all-zero row sends the unit-Euclidean losses to the reference (sqrt(2 - 2s) assumes unit
+    rows); a NaN row in the same batch hid it (the norms' amin was NaN), and the fused kernels
+    took the zero row's distances wrong. Per-element losses equal PML's."""
+    from pytorch_metric_learning import losses as pml_losses, reducers as pml_reducers
+    from dmlkern.reducers import DoNothingReducer
+    kwargs = {"margin": 0.4, "Tn": 10} if name == "RankedListLoss" else {}
+    x = torch.tensor([[float("nan")], [0.0], [0.137], [0.0066], [-0.2], [0.05]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 0, 1, 1])
+    want = getattr(pml_losses, name)(reducer=pml_reducers.DoNothingReducer(), **kwargs)(x, labels)
+    loss_fn = getattr(losses, name)(reducer=DoNothingReducer(), **kwargs)
+    got = loss_fn(x, labels)
+    assert loss_fn.last_backend == "reference" and "shorter than 1e-12" in loss_fn.last_fallback, loss_fn.last_fallback
+    for key, entry in want.items():
+        torch.testing.assert_close(got[key]["losses"], entry["losses"], rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
 def test_ms_miner_with_nan_embeddings_matches_pml():
     """The extrema the fused miner reads (pass 0) follow PML's sort: the max over negatives is
     NaN when a negative is NaN, the min over positives skips NaN. Checked on PML itself."""

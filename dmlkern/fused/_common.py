@@ -118,7 +118,8 @@ def has_short_rows(*tensors):
         return False
     distinct = [t for i, t in enumerate(tensors) if all(t is not u for u in tensors[:i])]
     # detach: float() of a tensor that requires grad warns (UserWarning), and no graph is needed
-    return any(float(torch.linalg.vector_norm(t.detach(), dim=1).amin()) < 1e-12 for t in distinct)
+    # (norm < eps).any(), not norm.amin() < eps: a NaN row's norm would hide a short row from amin
+    return any(bool((torch.linalg.vector_norm(t.detach(), dim=1) < 1e-12).any()) for t in distinct)
 
 
 _apply_unit_rows = applier(_UnitRows)
