@@ -15,6 +15,11 @@ against PML run in fp64 without autocast (the truth) is, and a case is flagged (
 "ac_grad_emb", "ac_grad_param", ...) when dmlkern's error > 2 x PML's + 1e-6. Structure (return
 types, raised errors, shapes, state keys, pickling) is compared as usual; miner tuples that differ are
 "ac_tuple" (may be ties of bf16 values), output dtypes that differ "ac_dtype".
+
+FUZZ_FOCUS=degenerate: small batches (N 2..20, D 1..8) with many NaN rows / +-inf entries / zero and
+duplicated rows, labels with many singleton classes / one class / two classes, ref_emb in half the
+cases (with NaN rows, ref_labels sharing all / some / none of the labels), reducers mostly DoNothing,
+AvgNonZero, Threshold, PerAnchor, ClassWeighted, Divisor, MultipleReducers, Mean, and miners.
 """
 import contextlib
 import json
@@ -33,6 +38,7 @@ import torch
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
 AUTOCAST = os.environ.get("FUZZ_AUTOCAST", "") == "bf16"
+FOCUS = os.environ.get("FUZZ_FOCUS", "")  # "degenerate": see gen_spec_degenerate
 
 import pytorch_metric_learning.distances as Pdist
 import pytorch_metric_learning.losses as Plos
@@ -254,10 +260,83 @@ def gen_inputs(r, name):
                 offset=ch(r, [0.0, 0.0, 0.0, 5.0]))
 
 
+# ---------------------------------------------------------------- FUZZ_FOCUS=degenerate
+def gen_reducer_degenerate(r, name=None, p_default=0.1):
+    """mostly DoNothing / AvgNonZero / Threshold / PerAnchor / ClassWeighted / Divisor / Multiple / Mean"""
+    if r.random() < p_default:
+        return None
+    k = ch(r, ["donothing", "donothing", "donothing", "avgnz", "avgnz", "avgnz", "thresh", "thresh",
+               "thresh", "peranchor", "peranchor_inner", "classweighted", "divisor", "multiple",
+               "multiple", "mean", "sum"])
+    if k == "thresh":
+        lo = ch(r, [None, 0.0, 0.1, 0.5, 1.0])
+        hi = ch(r, [None, 0.1, 0.5, 2.0, 10.0])
+        if lo is None and hi is None:
+            lo = ch(r, [0.05, 1.0])
+        return ["thresh", dict(low=lo, high=hi)]
+    if k == "peranchor_inner":
+        return ["peranchor_inner", dict(inner=ch(r, [["avgnz", {}], ["thresh", dict(low=0.1, high=None)],
+                                                     ["sum", {}], ["mean", {}]]))]
+    if k == "classweighted":
+        return ["classweighted", dict(weights=[ch(r, [0.0, 0.5, 1.0, 2.0, 3.0]) for _ in range(32)])]
+    if k == "divisor" and name not in ("ProxyAnchorLoss", "MarginLoss"):
+        k = ch(r, ["mean", "avgnz"])
+    if k == "multiple":
+        sub = lambda: ch(r, [None, ["avgnz", {}], ["thresh", dict(low=0.1, high=None)],
+                             ["thresh", dict(low=None, high=0.5)], ["mean", {}], ["sum", {}],
+                             ["classweighted", dict(weights=[ch(r, [0.0, 1.0, 2.0]) for _ in range(32)])]])
+        return ["multiple", dict(default=sub(), per=[sub() for _ in range(r.choice([1, 2]))])]
+    return [k, {}]
+
+
+def gen_inputs_degenerate(r):
+    N = r.randint(2, 20)
+    D = r.randint(1, 8)
+    ref = r.random() < 0.5
+    return dict(deg=True, N=N, D=D, dtype=ch(r, ["float32", "float64"]),
+                labscheme=ch(r, ["singletons", "singletons", "mostly_singletons", "mostly_singletons",
+                                 "one", "one", "two", "two", "few"]),
+                labdtype=ch(r, ["int64", "int64", "int64", "int32"]),
+                scale=ch(r, [1.0, 1.0, 0.1, 10.0]),
+                nan_rows=ch(r, [0, 0, 1, 1, 2, 3]) if r.random() < 0.7 else 0,
+                nan_full_row=r.random() < 0.5,
+                inf=ch(r, [0, 1, 2]) if r.random() < 0.3 else 0,
+                zero_rows=ch(r, [0, 1, 2]) if r.random() < 0.4 else 0,
+                dup_rows=ch(r, [0, 1, 2]) if r.random() < 0.4 else 0,
+                ref=ref, Nr=r.randint(1, 20) if ref else None,
+                ref_nan=ch(r, [0, 1, 2]) if ref and r.random() < 0.5 else 0,
+                ref_labmode=ch(r, ["same", "some", "none"]),
+                C=ch(r, [1, 2, 3, 5, 10]), offset=0.0)
+
+
+def corrupt_degenerate(emb, inp, g, nan_rows, inf=0, zero_rows=0, dup_rows=0, full=True):
+    N, D = emb.shape
+    if N == 0:
+        return emb
+    for _ in range(dup_rows):
+        i, j = torch.randint(0, N, (2,), generator=g).tolist()
+        emb[i] = emb[j]
+    for _ in range(zero_rows):
+        emb[int(torch.randint(0, N, (1,), generator=g))] = 0
+    for _ in range(inf):
+        i = int(torch.randint(0, N, (1,), generator=g))
+        j = int(torch.randint(0, D, (1,), generator=g))
+        emb[i, j] = float("inf") if torch.rand(1, generator=g).item() < 0.5 else float("-inf")
+    for _ in range(nan_rows):
+        i = int(torch.randint(0, N, (1,), generator=g))
+        if full:
+            emb[i] = float("nan")
+        else:
+            emb[i, int(torch.randint(0, D, (1,), generator=g))] = float("nan")
+    return emb
+
+
 def gen_spec(seed):
+    deg = FOCUS == "degenerate"
     r = random.Random(seed)
     kind = "miner" if r.random() < 0.2 else "loss"
-    inp = gen_inputs(r, None)
+    inp = gen_inputs_degenerate(r) if deg else gen_inputs(r, None)
+    red = (lambda p, n=None: gen_reducer_degenerate(r, n)) if deg else (lambda p, n=None: gen_reducer(r, p))
     spec = dict(seed=seed, kind=kind, inputs=inp)
     if kind == "miner":
         spec["miner"] = gen_miner(r, inp["D"])
@@ -265,15 +344,17 @@ def gen_spec(seed):
     name = ch(r, ALL_LOSSES)
     spec["loss"] = name
     if name in CLASS_LOSSES or name in NO_REF:
-        if r.random() < 0.8:
+        if r.random() < 0.8 or deg:
             inp["ref"] = False
     if name in CLASS_LOSSES:
         inp["labdtype"] = ch(r, ["int64", "int64", "int64", "int32", "float32"])
+        if deg:
+            inp["labdtype"] = "int64"
     if name == "MultipleLosses":
         subs = [ch(r, PAIR_LOSSES[:13]) for _ in range(r.choice([1, 2, 3]))]
-        spec["sub"] = [[s, gen_loss_kwargs(r, s, inp["D"], inp["C"]), None, gen_reducer(r, 0.8)] for s in subs]
+        spec["sub"] = [[s, gen_loss_kwargs(r, s, inp["D"], inp["C"]), None, red(0.8, s)] for s in subs]
         spec["weights"] = ch(r, [None, "list"])
-        spec["with_miners"] = r.random() < 0.3
+        spec["with_miners"] = r.random() < (0.5 if deg else 0.3)
         if spec["with_miners"]:
             spec["sub_miners"] = [gen_miner(r, inp["D"]) if r.random() < 0.6 else None for _ in subs]
         spec["as_dict"] = r.random() < 0.3
@@ -281,9 +362,9 @@ def gen_spec(seed):
     if name == "CrossBatchMemory":
         s = ch(r, ["MultiSimilarityLoss", "NTXentLoss", "ContrastiveLoss", "SupConLoss",
                    "TripletMarginLoss", "CircleLoss", "NCALoss", "LiftedStructureLoss"])
-        spec["sub"] = [s, gen_loss_kwargs(r, s, inp["D"], inp["C"]), gen_distance(r, 0.8), gen_reducer(r, 0.8)]
+        spec["sub"] = [s, gen_loss_kwargs(r, s, inp["D"], inp["C"]), gen_distance(r, 0.8), red(0.8, s)]
         spec["memory_size"] = ch(r, [5, 17, 64, 200])
-        spec["cbm_miner"] = gen_miner(r, inp["D"]) if r.random() < 0.3 else None
+        spec["cbm_miner"] = gen_miner(r, inp["D"]) if r.random() < (0.5 if deg else 0.3) else None
         spec["enqueue_mask"] = r.random() < 0.2
         spec["nbatches"] = ch(r, [1, 2, 3])
         return spec
@@ -292,7 +373,7 @@ def gen_spec(seed):
                    "IntraPairVarianceLoss", "LiftedStructureLoss", "MultiSimilarityLoss",
                    "NTXentLoss", "SignalToNoiseRatioContrastiveLoss", "SupConLoss",
                    "TripletMarginLoss", "NCALoss", "TupletMarginLoss"])
-        spec["sub"] = [s, gen_loss_kwargs(r, s, inp["D"], inp["C"]), None, gen_reducer(r, 0.8)]
+        spec["sub"] = [s, gen_loss_kwargs(r, s, inp["D"], inp["C"]), None, red(0.8, s)]
         spec["symmetric"] = r.random() < 0.5
         return spec
     spec["kwargs"] = gen_loss_kwargs(r, name, inp["D"], inp["C"])
@@ -302,8 +383,8 @@ def gen_spec(seed):
         spec["distance"] = gen_distance(r, 0.85)
     else:
         spec["distance"] = gen_distance(r, 0.55)
-    spec["reducer"] = gen_reducer(r, 0.6)
-    spec["miner"] = gen_miner(r, inp["D"]) if r.random() < 0.3 else None
+    spec["reducer"] = red(0.6, name)
+    spec["miner"] = gen_miner(r, inp["D"]) if r.random() < (0.45 if deg else 0.3) else None
     spec["emb_reg"] = ch(r, [None] * 8 + ["lp", "zeromean"])
     if name in CLASS_LOSSES and r.random() < 0.15:
         spec["w_reg"] = ch(r, ["regularface", "lp", "centerinv"])
@@ -331,7 +412,20 @@ def build_distance(lib, d):
                                              "dot": m.DotProductSimilarity, "snr": m.SNRDistance})
 
 
-def build_reducer(lib, d):
+def build_reducer(lib, d, sub_names=None):
+    if d is not None and d[0] == "classweighted":
+        return LIBS[lib]["red"].ClassWeightedReducer(torch.tensor(d[1]["weights"], dtype=torch.float64))
+    if d is not None and d[0] == "peranchor_inner":
+        return LIBS[lib]["red"].PerAnchorReducer(reducer=build_reducer(lib, d[1]["inner"]))
+    if d is not None and d[0] == "multiple":
+        names = list(sub_names or [])
+        per = {}
+        for i, n in enumerate(names):
+            rs = d[1]["per"][i % len(d[1]["per"])] if d[1]["per"] else None
+            if rs is not None:
+                per[n] = build_reducer(lib, rs)
+        dflt = build_reducer(lib, d[1]["default"]) if d[1]["default"] is not None else None
+        return LIBS[lib]["red"].MultipleReducers(per, default_reducer=dflt)
     return _build(lib, d, "red", lambda m: {"mean": m.MeanReducer, "avgnz": m.AvgNonZeroReducer,
                                             "sum": m.SumReducer, "thresh": m.ThresholdReducer,
                                             "donothing": m.DoNothingReducer, "divisor": m.DivisorReducer,
@@ -354,7 +448,10 @@ def build_simple_loss(lib, name, kw, dist, red, extra=None):
     dd = build_distance(lib, dist)
     if dd is not None:
         kw["distance"] = dd
-    rr = build_reducer(lib, red)
+    sub_names = None
+    if red is not None and red[0] == "multiple":
+        sub_names = getattr(LIBS[lib]["los"], name)(**kw).sub_loss_names()
+    rr = build_reducer(lib, red, sub_names)
     if rr is not None:
         kw["reducer"] = rr
     if extra:
@@ -405,11 +502,14 @@ def make_inputs(spec):
     dtype = getattr(torch, inp["dtype"])
     C = inp["C"]
     emb = torch.randn(N, D, generator=g, dtype=torch.float64) * inp["scale"] + inp["offset"]
-    if inp["dup_rows"] and N >= 2:
+    if inp.get("deg"):
+        corrupt_degenerate(emb, inp, g, inp["nan_rows"], inp["inf"], inp["zero_rows"], inp["dup_rows"],
+                           inp["nan_full_row"])
+    elif inp["dup_rows"] and N >= 2:
         emb[1] = emb[0]
-    if inp["zero_rows"] and N >= 1:
+    if not inp.get("deg") and inp["zero_rows"] and N >= 1:
         emb[torch.randint(0, N, (max(1, N // 8),), generator=g)] = 0
-    if inp["nan"] and N >= 1:
+    if not inp.get("deg") and inp["nan"] and N >= 1:
         emb[torch.randint(0, N, (1,), generator=g), 0] = float("nan")
     emb = emb.to(dtype)
 
@@ -421,6 +521,15 @@ def make_inputs(spec):
             lab = torch.arange(n) % max(C, 1) if spec.get("loss") in CLASS_LOSSES else torch.arange(n)
         elif s == "two":
             lab = torch.randint(0, 2, (n,), generator=g)
+        elif s == "singletons":  # every class a single sample, except maybe one pair
+            lab = torch.randperm(n, generator=g)
+            if n >= 3 and torch.rand(1, generator=g).item() < 0.5:
+                lab[0] = lab[1]
+        elif s == "mostly_singletons":  # about a third of the samples in small classes
+            lab = torch.arange(n)
+            k = max(1, n // 3)
+            lab[:k] = torch.randint(0, max(1, k // 2), (k,), generator=g)
+            lab = lab[torch.randperm(n, generator=g)]
         else:
             lab = torch.randint(0, max(C, 1), (n,), generator=g)
         if spec.get("loss") in CLASS_LOSSES or (spec.get("loss") == "MarginLoss" and spec.get("kwargs", {}).get("num_classes")):
@@ -436,8 +545,16 @@ def make_inputs(spec):
     ref_emb = ref_labels = None
     if inp["ref"]:
         Nr = inp["Nr"]
-        ref_emb = (torch.randn(Nr, D, generator=g, dtype=torch.float64) * inp["scale"]).to(dtype)
+        ref_emb = (torch.randn(Nr, D, generator=g, dtype=torch.float64) * inp["scale"])
         ref_labels = labels_for(Nr)
+        if inp.get("deg"):
+            corrupt_degenerate(ref_emb, inp, g, inp["ref_nan"], full=inp["nan_full_row"])
+            if inp["ref_labmode"] != "same":
+                shift = torch.full((Nr,), 100, dtype=torch.int64)
+                if inp["ref_labmode"] == "some":
+                    shift[torch.rand(Nr, generator=g) < 0.5] = 0
+                ref_labels = (ref_labels.to(torch.int64) + shift).to(ref_labels.dtype)
+        ref_emb = ref_emb.to(dtype)
     return emb, labels, ref_emb, ref_labels
 
 

@@ -387,6 +387,31 @@ def test_zero_row_next_to_a_nan_row_is_seen(name):
         torch.testing.assert_close(got[key]["losses"], entry["losses"], rtol=1e-9, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("name,reducer", [("AngularLoss", "AvgNonZeroReducer"), ("MultiSimilarityLoss", "ThresholdReducer"),
+                                          ("SupConLoss", "DoNothingReducer"), ("GeneralizedLiftedStructureLoss", "MeanReducer"),
+                                          ("ContrastiveLoss", "SumReducer")])
+def test_infinite_entry_gives_pmls_result(name, reducer):
+    """A +-inf embedding entry, eager on the CPU, runs the reference: PML's value there is inf, NaN
+    or finite by its ops' order (AngularLoss with AvgNonZero: finite, where the kernels gave NaN)."""
+    from pytorch_metric_learning import losses as pml_losses, reducers as pml_reducers
+    from dmlkern import reducers as our_reducers
+    kwargs = {"low": 0.1, "high": 2.0} if reducer == "ThresholdReducer" else {}
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64) * 0.3
+    x[3, 1] = float("inf")
+    x[7, 0] = -float("inf")
+    labels = torch.arange(12) % 4
+    want = getattr(pml_losses, name)(reducer=getattr(pml_reducers, reducer)(**kwargs))(x, labels)
+    loss_fn = getattr(losses, name)(reducer=getattr(our_reducers, reducer)(**kwargs))
+    got = loss_fn(x, labels)
+    assert loss_fn.last_backend == "reference" and "infinite" in loss_fn.last_fallback, loss_fn.last_fallback
+    if isinstance(want, dict):
+        for key, entry in want.items():
+            torch.testing.assert_close(got[key]["losses"], entry["losses"], rtol=1e-9, atol=1e-12, equal_nan=True)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
 def test_ms_miner_with_nan_embeddings_matches_pml():
     """The extrema the fused miner reads (pass 0) follow PML's sort: the max over negatives is
     NaN when a negative is NaN, the min over positives skips NaN. Checked on PML itself."""

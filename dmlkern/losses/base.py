@@ -22,6 +22,7 @@ import torch
 from .. import reducers as _reducers
 from .._validation import prepare_inputs
 from ..distances import LpDistance
+from ..fused._common import branch_free
 from ..fused.lazy_pairs import LazyMined
 from ..fused._epilogue import ZERO_LOSS
 from ..reference.embedding_losses import pair_masks, pair_setup
@@ -230,6 +231,8 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
         loss_dict, self.last_fallback = None, None
         if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
             loss_dict = ZERO_LOSS  # an empty batch: PML's grad-carrying zero, from the shapes alone
+        elif self.backend != "reference" and _has_infinite_entry(embeddings, ref_emb):
+            self.last_fallback = INFINITE_ENTRY
         elif self.backend != "reference":
             loss_dict = self.fused_loss_dict(embeddings, labels, lazy or indices_tuple, ref_emb, ref_labels)
             if isinstance(loss_dict, tuple):  # the fused kernels ran: (loss_dict, backend)
@@ -255,6 +258,19 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
             loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         return self.reducer(loss_dict, embeddings, labels)
+
+
+INFINITE_ENTRY = "an infinite embedding entry (the kernels' rules follow PML's NaN, not inf; eager CPU)"
+
+
+def _has_infinite_entry(embeddings, ref_emb):
+    """Whether an embedding entry is +-inf, eager off CUDA: PML's results there (inf, NaN or
+    finite, by its ops' order) come from the reference. One O(N D) read; on CUDA it would be a host
+    sync, and under torch.compile a data-dependent branch: not checked there (`branch_free`; README)."""
+    if branch_free(embeddings):
+        return False
+    tensors = (embeddings,) if ref_emb is None or ref_emb is embeddings else (embeddings, ref_emb)
+    return any(bool(torch.isinf(t.detach()).any()) for t in tensors)
 
 
 class GenericPairLoss(BaseMetricLossFunction):
