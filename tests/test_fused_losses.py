@@ -412,6 +412,34 @@ def test_infinite_entry_gives_pmls_result(name, reducer):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("with_ref", [False, True], ids=["batch", "ref_emb"])
+@pytest.mark.parametrize("name", ["SupConLoss", "NTXentLoss"])
+def test_listed_pairs_with_a_nan_row_give_pmls_result(name, with_ref):
+    """A miner's tuple and a NaN row: PML's NaN reaches anchors without a listed pair to it
+    (SupCon's row maximum over the whole matrix, NT-Xent's pairs x pairs product), so eager off
+    CUDA these run the reference; the listed path gave those anchors finite losses."""
+    from pytorch_metric_learning import losses as pml_losses, miners as pml_miners, reducers as pml_reducers
+    from dmlkern.reducers import DoNothingReducer
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    ref = ref_labels = None
+    if with_ref:
+        ref = torch.randn(12, 5, generator=g, dtype=torch.float64)
+        ref[7] = float("nan")
+        ref_labels = torch.arange(12) % 5
+    else:
+        x[7] = float("nan")
+    tuples = pml_miners.TripletMarginMiner(margin=10, type_of_triplets="all")(x, labels, ref, ref_labels)
+    want = getattr(pml_losses, name)(reducer=pml_reducers.DoNothingReducer())(x, labels, tuples, ref, ref_labels)
+    loss_fn = getattr(losses, name)(reducer=DoNothingReducer())
+    got = loss_fn(x, labels, tuples, ref, ref_labels)
+    assert loss_fn.last_backend == "reference" and "NaN" in loss_fn.last_fallback, loss_fn.last_fallback
+    for key, entry in want.items():
+        assert name != "SupConLoss" or torch.isnan(entry["losses"]).any()  # (the case the listed path got wrong)
+        torch.testing.assert_close(got[key]["losses"], entry["losses"], rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
 def test_ms_miner_with_nan_embeddings_matches_pml():
     """The extrema the fused miner reads (pass 0) follow PML's sort: the max over negatives is
     NaN when a negative is NaN, the min over positives skips NaN. Checked on PML itself."""

@@ -199,7 +199,9 @@ def test_nan_embeddings_follow_pml(name):
     x[tuple_[0][1], 1] = float("nan")
     loss_fn = _make(losses, name, {})
     ours = loss_fn(x, labels, tuple_)
-    assert loss_fn.last_backend == "listed", loss_fn.last_fallback
+    # SupCon / NT-Xent: PML's NaN reaches anchors beyond the list; eager off CUDA the reference runs
+    expected = "reference" if name in ("SupConLoss", "NTXentLoss") else "listed"
+    assert loss_fn.last_backend == expected, loss_fn.last_fallback
     torch.testing.assert_close(ours, _make(pml_losses, name, {})(x, labels, tuple_), equal_nan=True)
 
 

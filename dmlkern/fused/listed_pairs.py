@@ -20,7 +20,7 @@ from ..engine_spec import stats_dtype
 from ..reference._embedding_common import _entry
 from ..reference.indices import convert_to_pairs
 from ..engine_spec import TRANSFORM_UNIT_DISTANCE
-from ._common import (DOT_KINDS, decline, engine_distance, engine_rows, engine_rows_reason, engine_transform,
+from ._common import (DOT_KINDS, branch_free, decline, engine_distance, engine_rows, engine_rows_reason, engine_transform,
                       is_unit_cosine, unit_rows, value_params, widened)
 from ._epilogue import ZERO_LOSS, _element, _engine_or_decline, _log1p_exp, _log1p_exp_as_pml, _per_row
 from .pair_lists import pair_dots, unit_distance
@@ -140,10 +140,25 @@ def listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels,
     return (a1, p), (a2, n)
 
 
+NAN_BEYOND_THE_LIST = "a NaN embedding with an indices_tuple (PML's NaN reaches pairs beyond the list; eager)"
+
+
+def _has_nan(embeddings, ref_emb):
+    """Whether an embedding is NaN, eager off CUDA (`branch_free`: no host read there)."""
+    if branch_free(embeddings):
+        return False
+    tensors = (embeddings,) if ref_emb is embeddings else (embeddings, ref_emb)
+    return any(bool(torch.isnan(t.detach()).any()) for t in tensors)
+
+
 def _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, distance_ok, loss_dict,
-                 **pair_options):
+                 nan_to_reference=False, **pair_options):
     """The listed pairs and unit rows of a call, then loss_dict(x, y, (a1, p), (a2, n)) -> PML's
-    loss dict (or ZERO_LOSS); ZERO_LOSS / None as `listed_pairs` decides."""
+    loss dict (or ZERO_LOSS); ZERO_LOSS / None as `listed_pairs` decides. nan_to_reference: the
+    losses whose PML form lets a NaN row poison anchors it has no listed pair with (SupCon's row
+    maximum over the whole matrix, NT-Xent's pairs x pairs product) run the reference on a NaN."""
+    if nan_to_reference and _has_nan(embeddings, ref_emb):
+        return decline(module, NAN_BEYOND_THE_LIST)
     pairs = listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, distance_ok,
                          **pair_options)
     if pairs is None or pairs == "zero":
@@ -204,7 +219,8 @@ def listed_supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
         pos_sum = zeros.index_add(0, a1, z_pos)
         losses = -(pos_sum - count * lse) / (count + torch.finfo(embeddings.dtype).tiny)
         return {"loss": _element(losses.to(embeddings.dtype), len(losses))}  # (N,), as PML's SupCon
-    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, a_similarity, loss_dict)
+    return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, a_similarity, loss_dict,
+                        nan_to_reference=True)
 
 
 def listed_circle(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -304,7 +320,7 @@ def listed_ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
         losses = -torch.log(torch.exp(-softplus) + torch.finfo(embeddings.dtype).tiny)  # PML's ratio, + tiny
         return {"loss": _entry(losses.to(embeddings.dtype), (a1, p), "pos_pair")}
     return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, any_distance, loss_dict,
-                        dedupe=False, dense_rule=False)
+                        nan_to_reference=True, dedupe=False, dense_rule=False)
 
 
 def listed_tuplet(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
