@@ -122,6 +122,16 @@ def has_short_rows(*tensors):
     return any(bool((torch.linalg.vector_norm(t.detach(), dim=1) < 1e-12).any()) for t in distinct)
 
 
+def has_entry(test, embeddings, ref_emb=None):
+    """Whether test (e.g. torch.isinf) holds for an entry of embeddings or ref_emb, eager off CUDA:
+    one O(N D) read; False where `branch_free` (a host sync on CUDA, a data-dependent branch under
+    torch.compile)."""
+    if branch_free(embeddings):
+        return False
+    tensors = (embeddings,) if ref_emb is None or ref_emb is embeddings else (embeddings, ref_emb)
+    return any(bool(test(t.detach()).any()) for t in tensors)
+
+
 _apply_unit_rows = applier(_UnitRows)
 
 

@@ -144,21 +144,13 @@ def listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels,
 NAN_BEYOND_THE_LIST = "a NaN embedding with an indices_tuple (PML's NaN reaches pairs beyond the list; eager)"
 
 
-def _has_nan(embeddings, ref_emb):
-    """Whether an embedding is NaN, eager off CUDA (`branch_free`: no host read there)."""
-    if _common.branch_free(embeddings):  # (looked up on the module: the host-overhead test patches it)
-        return False
-    tensors = (embeddings,) if ref_emb is embeddings else (embeddings, ref_emb)
-    return any(bool(torch.isnan(t.detach()).any()) for t in tensors)
-
-
 def _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, distance_ok, loss_dict,
                  nan_to_reference=False, **pair_options):
     """The listed pairs and unit rows of a call, then loss_dict(x, y, (a1, p), (a2, n)) -> PML's
     loss dict (or ZERO_LOSS); ZERO_LOSS / None as `listed_pairs` decides. nan_to_reference: the
     losses whose PML form lets a NaN row poison anchors it has no listed pair with (SupCon's row
     maximum over the whole matrix, NT-Xent's pairs x pairs product) run the reference on a NaN."""
-    if nan_to_reference and _has_nan(embeddings, ref_emb):
+    if nan_to_reference and _common.has_entry(torch.isnan, embeddings, ref_emb):
         return decline(module, NAN_BEYOND_THE_LIST)
     pairs = listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, distance_ok,
                          **pair_options)

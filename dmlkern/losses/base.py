@@ -231,7 +231,7 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
         loss_dict, self.last_fallback = None, None
         if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
             loss_dict = ZERO_LOSS  # an empty batch: PML's grad-carrying zero, from the shapes alone
-        elif self.backend != "reference" and _has_infinite_entry(embeddings, ref_emb):
+        elif self.backend != "reference" and _common.has_entry(torch.isinf, embeddings, ref_emb):
             self.last_fallback = INFINITE_ENTRY
         elif self.backend != "reference":
             loss_dict = self.fused_loss_dict(embeddings, labels, lazy or indices_tuple, ref_emb, ref_labels)
@@ -260,17 +260,8 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
         return self.reducer(loss_dict, embeddings, labels)
 
 
+# (eager off CUDA: `_common.has_entry`) PML's inf / NaN / finite result there depends on its ops' order
 INFINITE_ENTRY = "an infinite embedding entry (the kernels' rules follow PML's NaN, not inf; eager CPU)"
-
-
-def _has_infinite_entry(embeddings, ref_emb):
-    """Whether an embedding entry is +-inf, eager off CUDA: PML's results there (inf, NaN or
-    finite, by its ops' order) come from the reference. One O(N D) read; on CUDA it would be a host
-    sync, and under torch.compile a data-dependent branch: not checked there (`branch_free`; README)."""
-    if _common.branch_free(embeddings):  # (looked up on the module: the host-overhead test patches it)
-        return False
-    tensors = (embeddings,) if ref_emb is None or ref_emb is embeddings else (embeddings, ref_emb)
-    return any(bool(torch.isinf(t.detach()).any()) for t in tensors)
 
 
 class GenericPairLoss(BaseMetricLossFunction):
