@@ -213,6 +213,27 @@ def test_nan_embeddings_follow_pml():
             torch.testing.assert_close(got, exp, equal_nan=True, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("reducer", [None, "AvgNonZeroReducer", "SumReducer"])
+@pytest.mark.parametrize("layout", ["ref_emb", "batch", "listed"])
+def test_nan_row_in_no_pair_gets_pmls_zero_gradient(layout, reducer):
+    """A NaN row that is in no pair (no positive in the references, or not in the tuple): PML
+    normalises only its pairs' rows, so that row's gradient is 0, not NaN; the rest as PML's."""
+    x, labels, ref, ref_labels = _inputs(24, 4, None if layout == "batch" else 30, 6, torch.float64, seed=11)
+    x[5, 1] = float("nan")
+    tup = None
+    if layout == "listed":  # pairs of rows 0-3 with their first same-label reference rows
+        a = torch.arange(4)
+        p = torch.stack([torch.nonzero(ref_labels == labels[i])[0, 0] for i in a])
+        n = torch.stack([torch.nonzero(ref_labels != labels[i])[0, 0] for i in a])
+        tup = (a, p, a, n)
+    else:  # a label no other row has: with ref_emb in no pair; in the batch a negative of every row
+        labels[5] = 9
+    ours = _assert_like_pml(x, labels, ref, ref_labels, indices_tuple=tup, reducer=reducer,
+                            expected="listed" if tup else "blocked", equal_nan=True, **TOL[torch.float64])
+    grad = _run(ours, x, labels, ref, ref_labels, tup)[1][0]
+    assert torch.isfinite(grad[5]).all() or layout == "batch", grad[5]  # (as a negative its terms are NaN)
+
+
 @pytest.mark.parametrize("kind", ["pairs", "triplets"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_indices_tuple_pairs_are_listed(kind, dtype):

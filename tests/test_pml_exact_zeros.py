@@ -7,11 +7,13 @@ Each case uses tight, well separated clusters, so that PML has exact zeros and n
 here: without both the case could not fail), and compares dmlkern's fused path with PML under
 AvgNonZeroReducer: values, gradients, and the number of exact zeros per element."""
 import pytest
+import pytorch_metric_learning.distances as pml_distances
 import pytorch_metric_learning.losses as pml_losses
 import pytorch_metric_learning.reducers as pml_reducers
 import torch
 from pytorch_metric_learning.utils import loss_and_miner_utils as pml_lmu
 
+import dmlkern.distances as our_distances
 import dmlkern.losses as our_losses
 import dmlkern.reducers as our_reducers
 
@@ -102,3 +104,45 @@ def test_proxy_exact_zero_terms_are_left_out_as_in_pml(name, kwargs, entry):
             assert loss.last_backend not in (None, "reference", "zero"), loss.last_fallback
     for ours, theirs in zip(*out):
         torch.testing.assert_close(ours, theirs, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_npairs_exact_zero_terms_are_left_out_as_in_pml(dtype):
+    """NPairsLoss's cross-entropy over the first pair of each class, on the raw dot product of
+    rows of norm 10: an anchor 100 above every other positive has PML's exact 0; classes 0 and 1
+    (cosine 0.89) do not."""
+    x, labels, _ = clustered(dtype, norm=10.0, per_class=2)
+    out = []
+    for lib, reducers, dist in ((pml_losses, pml_reducers, pml_distances), (our_losses, our_reducers, our_distances)):
+        def make(reducer):
+            return lib.NPairsLoss(distance=dist.DotProductSimilarity(normalize_embeddings=False), reducer=reducer)
+        if lib is pml_losses:
+            terms = make(reducers.DoNothingReducer())(x, labels)["loss"]["losses"]
+            assert (terms == 0).any() and (terms != 0).any(), "the batch must give PML exact zeros and non-zeros"
+        loss = make(reducers.AvgNonZeroReducer())
+        xx = x.clone().requires_grad_()
+        value = loss(xx, labels)
+        value.backward()
+        out.append((value.detach(), xx.grad))
+        if lib is our_losses:
+            assert loss.last_backend not in (None, "reference", "zero"), loss.last_fallback
+    for theirs, ours in zip(*out):
+        torch.testing.assert_close(ours, theirs, **TOL[dtype])
+
+
+def test_npairs_one_pair_is_an_exact_zero_as_in_pml():
+    """One pair: PML's cross-entropy over a 1 x 1 matrix is exactly 0, so AvgNonZeroReducer returns
+    its zero loss, sum(embeddings * 0): NaN here, from a NaN entry in a row outside the pair."""
+    x, labels, _ = clustered(torch.float64)
+    x, labels = x[[0, 1, 4, 8]].clone(), torch.tensor([0, 0, 1, 2])
+    x[3, 0] = float("nan")
+    out = []
+    for lib, reducers in ((pml_losses, pml_reducers), (our_losses, our_reducers)):
+        terms = lib.NPairsLoss(reducer=reducers.DoNothingReducer())(x, labels)["loss"]["losses"]
+        loss = lib.NPairsLoss(reducer=reducers.AvgNonZeroReducer())
+        out.append((terms, loss(x, labels)))
+        if lib is our_losses:
+            assert loss.last_backend not in (None, "reference", "zero"), loss.last_fallback
+    (pml_terms, pml_value), (our_terms, our_value) = out
+    assert pml_terms.tolist() == [0.0] and our_terms.tolist() == [0.0]
+    assert torch.isnan(pml_value) and torch.isnan(our_value)

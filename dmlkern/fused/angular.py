@@ -512,13 +512,33 @@ listed_angular = applier(_ListedAngular)
 
 
 # ----------------------------------------------------------------------------- the loss
-def _inputs(embeddings, ref_emb):
+def _inputs(embeddings, ref_emb, anchors, positives):
     """(u_a, u_p, x): the unit anchor rows, the unit reference rows, the raw reference rows; fp16 /
     bf16 embeddings in fp32 (every value after them too; PML computes in the half dtype). Not rounded
-    under autocast: PML's u_a . u_p is an elementwise fp32 product there."""
+    under autocast: PML's u_a . u_p is an elementwise fp32 product there. anchors / positives: which
+    rows of each are in some pair (bool masks)."""
     emb_w, ref_w = widened(embeddings, ref_emb)
-    ua = unit_rows(emb_w, full_precision=True)
-    return ua, ua if ref_w is emb_w else unit_rows(ref_w, full_precision=True), ref_w
+    ua = _paired_unit_rows(emb_w, anchors)
+    return ua, ua if ref_w is emb_w else _paired_unit_rows(ref_w, positives), ref_w
+
+
+def _paired_unit_rows(x, paired):
+    """The unit rows of x, whose gradient reaches only the `paired` rows: PML normalises the rows
+    of its pairs alone, so a row in no pair (e.g. one without positives) gets gradient 0 there even
+    where its unit row is NaN (a normalisation's backward gives it 0 · NaN)."""
+    if bool(paired.all()):
+        return unit_rows(x, full_precision=True)
+    rows = paired.nonzero().squeeze(1)
+    return unit_rows(x.detach(), full_precision=True).index_copy(
+        0, rows, unit_rows(x.index_select(0, rows), full_precision=True))
+
+
+def _in_pairs(n, *index_lists):
+    """A bool mask over n rows: the rows in any of the index lists."""
+    mask = torch.zeros(n, dtype=torch.bool, device=index_lists[0].device)
+    for idx in index_lists:
+        mask[idx] = True
+    return mask
 
 
 def _entry(losses, a, p):
@@ -545,7 +565,11 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if len(a1) == 0 or len(a2) == 0:
             return ZERO_LOSS
         setup = _Setup(labels, ref_labels, None, None, None, False, (a1, p), c, k)
-        losses = _pml_zeros(listed_angular(*_inputs(embeddings, ref_emb), setup), embeddings.dtype)
+        same = ref_emb is embeddings
+        anchors = _in_pairs(len(embeddings), a1, p) if same else _in_pairs(len(embeddings), a1)
+        positives = anchors if same else _in_pairs(len(ref_emb), p)
+        inputs = _inputs(embeddings, ref_emb, anchors, positives)
+        losses = _pml_zeros(listed_angular(*inputs, setup), embeddings.dtype)
         return _entry(losses.to(embeddings.dtype), a1, p), LISTED
     stats = LabelStats(labels, ref_labels)
     if Degenerate(labels, lambda: no_pos_or_neg(stats)).now():  # PML: no positive or no negative pair
@@ -554,7 +578,10 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     setup = _blocked_setup(stats, labels, ref_labels, ref_emb.shape[0], exclude_diag,
                            exclude_diag and ref_emb is embeddings, c, k)
     a, p = setup.pairs
-    inputs = _inputs(embeddings, ref_emb)
+    # PML's anchors: the rows with a positive; its positives: the reference rows whose label a row has
+    anchors = stats.pos > 0
+    positives = anchors if exclude_diag else LabelStats(ref_labels, labels).same > 0
+    inputs = _inputs(embeddings, ref_emb, anchors, positives)
     if is_plain_mean(module.reducer):  # the mean in the walk, its gradients formed there too
         with_grads = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         loss, smallest, *_ = blocked_angular_mean(*inputs, setup, with_grads)

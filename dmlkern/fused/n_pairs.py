@@ -6,7 +6,7 @@ from .._determinism import fixed_order_sum
 from ..engine_spec import TRANSFORM_UNIT_DISTANCE, EngineParams
 from . import _stats
 from ._common import decline, engine_distance, engine_rows, is_plain_mean, static_shapes, unit_rows, value_params
-from ._epilogue import ZERO_LOSS, _lse2, _rows_backend
+from ._epilogue import ZERO_LOSS, _log1p_exp, _log1p_exp_as_pml, _lse2, _rows_backend
 from .pair_lists import unit_distance
 
 
@@ -48,11 +48,14 @@ def n_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     sign = 1.0 if distance.is_inverted else -1.0  # PML's logits: the similarity, or minus the distance
     params = value_params(distance, sc_pos=sign, sc_neg=sign)
     k = torch.arange(len(anchors), device=labels.device)
-    # Cross-entropy over S[anchors, positives] against arange: pos = the diagonal, neg = the rest.
+    # Cross-entropy over S[anchors, positives] against arange: pos = the diagonal, neg = the rest;
+    # log(1 + e^(lse_neg - target)), exactly 0 where PML's cross-entropy is (one pair, or a target
+    # far above the rest): AvgNonZeroReducer / ThresholdReducer count the terms PML counts.
     lse = _lse2(xa, xp, k, k, params, False, backend, transform=transform)
     s_ap = (xa * xp).sum(dim=1)
     v_ap = unit_distance(s_ap) if transform == TRANSFORM_UNIT_DISTANCE else s_ap
-    losses = torch.logsumexp(lse, dim=1) - (params.sc_pos * v_ap + params.off_pos)
+    target = params.sc_pos * v_ap + params.off_pos
+    losses = _log1p_exp_as_pml(lse[:, 1] - target.to(lse.dtype), embeddings.dtype)
     return {"loss": {"losses": losses.to(embeddings.dtype), "indices": anchors, "reduction_type": "element"}}, backend
 
 
@@ -77,7 +80,7 @@ def _n_pairs_static_shapes(module, embeddings, labels, backend):
     xp_ext = torch.cat([xp, dropped], dim=1)
     k = torch.arange(n, device=labels.device)
     lse = _lse2(xa_ext, xp_ext, k, k, EngineParams(), False, backend)
-    losses = torch.logsumexp(lse, dim=1) - (xa * xp).sum(dim=1).to(lse.dtype)
+    losses = _log1p_exp(lse[:, 1] - (xa * xp).sum(dim=1).to(lse.dtype))
     num_anchors = valid.sum()
     loss = fixed_order_sum(torch.where(valid, losses, 0.0)) / num_anchors.clamp(min=1)  # 0 if none
     _stats.n_pairs(module, embeddings, order=order, valid=valid)
