@@ -7,12 +7,14 @@ import pytest
 import torch
 import pytorch_metric_learning.losses as pml_losses
 import pytorch_metric_learning.miners as pml_miners
+import pytorch_metric_learning.reducers as pml_reducers
 from pytorch_metric_learning import distances as pml_distances
 
 import dmlkern.fused._common as fused_common
 import dmlkern.fused.listed_pairs as listed_pairs
 import dmlkern.fused.triplet as fused_triplet
 from dmlkern import distances, losses, miners
+from dmlkern import reducers as our_reducers
 from dmlkern.fused.lazy_pairs import LazyMinedTriplets
 from dmlkern.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from _peak_rss import peak_rss_growth_mib
@@ -207,6 +209,28 @@ def test_nan_embeddings_follow_pml(row_impl):
         ours, _, _ = _grads("dmlkern", {}, miner_kw, x, labels, None, None)
         want, _, _ = _grads("pml", {}, miner_kw, x, labels, None, None)
         torch.testing.assert_close(ours, want, equal_nan=True, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("reducer", ["MeanReducer", "SumReducer"])
+def test_nan_anchor_gradients_follow_pml(reducer):
+    """A NaN anchor with the raw dot product: PML's relu passes a NaN term's gradient, so the
+    anchor's gradient is the finite sum of (n - p) over its triplets (its rows do not hold the
+    NaN); dmlkern's blocked sums drop NaN terms, so the reference runs (`last_fallback`)."""
+    x, labels, ref, ref_labels = _inputs(14, 2, 13, torch.float64, seed=21)
+    x[1, 1] = float("nan")
+    out = []
+    for lib, dist, red in ((losses, distances, our_reducers), (pml_losses, pml_distances, pml_reducers)):
+        loss = lib.TripletMarginLoss(distance=dist.DotProductSimilarity(normalize_embeddings=False),
+                                     reducer=getattr(red, reducer)())
+        xx, rr = x.clone().requires_grad_(), ref.clone().requires_grad_()
+        value = loss(xx, labels, None, rr, ref_labels)
+        value.backward()
+        out.append((value.detach(), xx.grad, rr.grad))
+        if lib is losses:
+            assert "NaN triplet losses" in str(loss.last_fallback), loss.last_fallback
+    assert torch.isfinite(out[1][1][1]).all(), "PML's NaN anchor gradient must be finite for the case to bite"
+    for ours, theirs in zip(*out):
+        torch.testing.assert_close(ours, theirs, equal_nan=True, **TOL[torch.float64])
 
 
 def test_lazy_triplets_are_pmls_tuple_when_read():

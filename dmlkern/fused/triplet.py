@@ -341,7 +341,7 @@ def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction):
     if not static_shapes():  # (under compile no host read: no triplet gives 0 below, a NaN term stays NaN)
         if int(kept) == 0:
             return ZERO_LOSS  # no triplet: PML's zero_losses
-        if reduction == "nonzero" and bool(torch.isnan(total)):
-            return decline(module, "NaN triplet losses (AvgNonZeroReducer drops them: needs the list)")
+        if bool(torch.isnan(total)):  # PML's reducers drop NaN terms, its relu passes their gradient
+            return decline(module, "NaN triplet losses (the reference drops or keeps each as its reducer does)")
     loss = reduced_sub_loss(reduction, total, nonzero, kept, module.reducer, embeddings)
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}, backend
