@@ -266,7 +266,10 @@ class DivisorReducer(BaseReducer):
         return losses, loss_indices, reduction_type, kwargs
 
     def sum_and_divide(self, losses, embeddings, divisor):
-        if torch.is_tensor(divisor):  # torch.compile / CUDA: no data-dependent branch, no sync
+        # torch.compile / CUDA: no data-dependent branch, no sync. (Eager on the CPU, PML's branch:
+        # with divisor 0 its zero loss leaves the losses' graph out, whose NaN would reach the
+        # gradient through a select's zero.)
+        if torch.is_tensor(divisor) and (static_shapes() or divisor.is_cuda):
             safe = divisor.clamp(min=1).to(torch.promote_types(losses.dtype, torch.float32))
             out = (fixed_order_sum(losses) / safe).to(losses.dtype)  # a divisor > 65504 fits (fp16)
             if losses.dtype == torch.float16:  # PML's fp16 rule below, as a select

@@ -6,10 +6,12 @@ fp64 within 1e-6 relative, fp32 within 1e-4.
 import math
 
 import pytest
+import pytorch_metric_learning.distances as pml_distances
 import pytorch_metric_learning.losses as pml_losses
 import pytorch_metric_learning.reducers as pml_reducers
 import torch
 
+import dmlkern.distances as our_distances
 import dmlkern.losses as our_losses
 import dmlkern.reducers as our_reducers
 from _pml_helpers import (
@@ -263,6 +265,35 @@ def test_threshold_and_divisor_empty_give_zero():
     d["loss"]["divisor"] = 0
     out = our_reducers.DivisorReducer()(d, emb, None)
     assert out.item() == 0 and out.requires_grad
+
+
+@pytest.mark.parametrize("case", ["nan_rows", "snr_width_1"])
+def test_margin_loss_without_a_positive_term_is_pmls_zero(case):
+    """MarginLoss + its DivisorReducer where no term is > 0 (every term NaN): PML's branch returns
+    its zero loss, sum(embeddings * 0), whose graph leaves the NaN terms out: gradient 0, and no
+    gradient for the learnt per-class beta. Eager on the CPU dmlkern branches as PML."""
+    g = torch.Generator().manual_seed(3)
+    if case == "nan_rows":
+        x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+        x[:, 1] = float("nan")
+        labels, kw, dists = torch.tensor([0, 0, 1, 1, 2, 2]), dict(learn_beta=True, num_classes=3), {}
+    else:  # PML's SNR distance divides by an unbiased variance over one entry: NaN
+        x = torch.randn(6, 1, generator=g, dtype=torch.float64)
+        labels, kw, dists = torch.tensor([0, 0, 1, 1, 2, 2]), {}, dict(distance="SNRDistance")
+    out = []
+    for losses_mod, dist_mod in ((pml_losses, pml_distances), (our_losses, our_distances)):
+        extra = {"distance": getattr(dist_mod, dists["distance"])()} if dists else {}
+        loss = losses_mod.MarginLoss(**kw, **extra)
+        xx = x.clone().requires_grad_()
+        value = loss(xx, labels)
+        value.backward()
+        beta_grad = loss.beta.grad if kw.get("learn_beta") else "fixed"
+        out.append((value.detach(), xx.grad, beta_grad))
+    (pv, pg, pb), (ov, og, ob) = out
+    assert torch.equal(pg, torch.zeros_like(pg)), "PML's zero loss (the case must bite)"
+    torch.testing.assert_close(ov, pv, equal_nan=True)  # sum(x * 0): NaN with NaN rows
+    assert torch.equal(og, pg)
+    assert (pb is None) == (ob is None) and (pb == "fixed") == (ob == "fixed")
 
 
 def test_multiple_reducers_sum_and_default():
