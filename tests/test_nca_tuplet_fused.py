@@ -169,6 +169,38 @@ def test_nca_without_any_positive_returns_pmls_empty_entry(engine_backend_choice
     assert torch.equal(got["indices"], want["indices"])
 
 
+@pytest.mark.parametrize("route", ["tuple", "zero_row", "reference"])
+def test_nca_without_any_positive_on_the_reference_path_returns_pmls_empty_entry(route):
+    """The same on the reference path: a miner's (empty) tuple, an all-zero row (the Euclidean
+    kernels decline it) or backend="reference"; for ProxyNCA, backend="reference"."""
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    labels, tup = torch.tensor([0, 1, 2]), None
+    if route == "tuple":
+        tup = (torch.tensor([], dtype=torch.long),) * 3
+    elif route == "zero_row":
+        x[1] = 0
+    ours = losses.NCALoss(reducer=DoNothingReducer())
+    if route == "reference":
+        ours.backend = "reference"
+    got = ours(x, labels, tup)["loss"]
+    want = pml_losses.NCALoss(reducer=pml_reducers.DoNothingReducer())(x, labels, tup)["loss"]
+    assert ours.last_backend == "reference"
+    assert got["reduction_type"] == want["reduction_type"] == "element"
+    assert got["losses"].shape == want["losses"].shape == (0,) and torch.equal(got["indices"], want["indices"])
+    if route != "reference":
+        return
+    ours = losses.ProxyNCALoss(3, 4, softmax_scale=1e4, reducer=DoNothingReducer()).double()
+    ours.backend = "reference"
+    theirs = pml_losses.ProxyNCALoss(3, 4, softmax_scale=1e4, reducer=pml_reducers.DoNothingReducer()).double()
+    with torch.no_grad():
+        ours.proxies.copy_(-x[labels] + 0.3 * x[labels.roll(1)])
+        theirs.proxies.copy_(ours.proxies)
+    got, want = ours(x, labels)["loss"], theirs(x, labels)["loss"]
+    assert ours.last_backend == "reference" and want["losses"].shape == (0,)
+    assert got["reduction_type"] == want["reduction_type"] and got["losses"].shape == (0,)
+    assert torch.equal(got["indices"], want["indices"])
+
+
 @pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKENDS if p.id in ("cpp-cpu", "triton-interpret")])
 def test_tuplet_anchor_without_negatives_and_a_nan_row(engine_backend_choice, backend, device):  # noqa: F811
     """Anchors with positives but no negative (and one with a negative but no positive): PML's

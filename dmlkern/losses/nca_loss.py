@@ -2,10 +2,12 @@
 ``LpDistance(power=2)`` (normalised) by default and the diagonal excluded when the references are
 the batch. Rows without any positive probability are dropped.
 
-Deviation: when no row has a positive, the loss is the grad-carrying zero (PML: NaN).
+Deviation: when no row has a positive, the loss is the grad-carrying zero (PML: NaN); with
+DoNothingReducer the dict holds PML's empty entry.
 """
 
 from ..distances import LpDistance
+from ..fused._epilogue import returns_loss_dict
 from ..fused.nca import nca
 from ..reference import embedding_losses as R
 from .base import BaseMetricLossFunction
@@ -25,7 +27,8 @@ class NCALoss(BaseMetricLossFunction):
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.nca_loss_dict(
-            embeddings, labels, indices_tuple, ref_emb, ref_labels, softmax_scale=self.softmax_scale, distance=self.distance
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, softmax_scale=self.softmax_scale, distance=self.distance,
+            empty_entry=returns_loss_dict(self),
         )
 
     def get_default_distance(self):

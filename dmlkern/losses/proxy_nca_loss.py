@@ -2,6 +2,7 @@ import torch
 
 from ..distances import LpDistance
 from ..fused.proxy_nca import proxy_nca
+from ..fused._epilogue import returns_loss_dict
 from ..reference.classification_losses import proxy_nca_loss_dict
 from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
@@ -46,7 +47,8 @@ class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = proxy_nca_loss_dict(
-            embeddings, labels, self.proxies, indices_tuple, softmax_scale=self.softmax_scale, distance=self.distance
+            embeddings, labels, self.proxies, indices_tuple, softmax_scale=self.softmax_scale, distance=self.distance,
+            empty_entry=returns_loss_dict(self),
         )
         self.add_weight_regularization_to_loss_dict(loss_dict)
         return loss_dict

@@ -116,11 +116,13 @@ def supcon_loss(
 
 
 # =============================================================================== NCA
-def nca_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, softmax_scale, distance):
+def nca_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, softmax_scale, distance,
+                  empty_entry=False):
     """Per query i: -log sum_{j: y_j = y_i} softmax_j(scale * s_ij) (s = -d for a distance; the
     diagonal is excluded when the references are the batch itself), times the miner weight of
     i. Rows whose positive probability is 0 are dropped; if every row is dropped the loss is the
-    grad-carrying zero (deviation: PML gives NaN)."""
+    grad-carrying zero (deviation: PML's mean of nothing is NaN), or with empty_entry (the dict
+    reaches the user: DoNothingReducer) PML's empty entry."""
     if len(embeddings) <= 1:
         return _zeros()
     if labels is None:
@@ -137,7 +139,7 @@ def nca_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, sof
     same = (labels.unsqueeze(1) == ref_labels.unsqueeze(0)).to(dtype)
     prob_pos = torch.sum(F.softmax(softmax_scale * mat, dim=1) * same, dim=1)
     kept = prob_pos != 0
-    if not bool(kept.any()):
+    if not (empty_entry or bool(kept.any())):
         return _zeros()
     losses = -torch.log(prob_pos[kept]) * weights[kept]
     return {"loss": _entry(losses, _rows(embeddings)[kept], "element")}
