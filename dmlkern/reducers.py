@@ -347,7 +347,7 @@ class PerAnchorReducer(BaseReducer):
         n_cols = max(n_rows, int(others.max()) + 1 if len(others) else 0)
         grid = losses.new_zeros((n_rows, n_cols))
         filled = torch.zeros((n_rows, n_cols), dtype=torch.bool, device=losses.device)
-        grid = grid.index_put((anchors, others), losses)
+        grid[anchors, others] = losses  # PML's assignment: (1, 1) losses fit one pair, (P, 1) fail as in PML
         filled[anchors, others] = True
         per_row = self.aggregation_func(grid, filled.sum(dim=1))
         d = {

@@ -296,6 +296,27 @@ def test_margin_loss_without_a_positive_term_is_pmls_zero(case):
     assert (pb is None) == (ob is None) and (pb == "fixed") == (ob == "fixed")
 
 
+@pytest.mark.parametrize("pairs", [1, 2])
+def test_per_anchor_reducer_on_column_shaped_pair_losses(pairs):
+    """Pair losses shaped (P, 1) (LiftedStructure's, AngularLoss's): PML's grid assignment takes
+    one pair's (1, 1) and fails for more; dmlkern does the same (it failed for one pair too)."""
+    emb = torch.randn(5, 3, dtype=torch.float64)
+    d = {"loss": {"losses": torch.rand(pairs, 1, dtype=torch.float64),
+                  "indices": (torch.tensor([0, 2][:pairs]), torch.tensor([3, 4][:pairs])),
+                  "reduction_type": "pos_pair"}}
+    out = []
+    for reducers in (pml_reducers, our_reducers):
+        try:
+            out.append(reducers.PerAnchorReducer()(d, emb, None))
+        except RuntimeError:
+            out.append("raised")
+    assert out[0] == "raised" if pairs > 1 else torch.is_tensor(out[0])
+    if pairs > 1:
+        assert out[1] == "raised"
+    else:
+        assert_close(out[1], out[0], torch.float64)
+
+
 def test_multiple_reducers_sum_and_default():
     emb = torch.randn(5, 2, dtype=torch.float64)
     x = torch.rand(5, dtype=torch.float64)
