@@ -116,6 +116,8 @@ def test_norms_far_from_one_fp32(case):
         params["softmax_scale"] = 0.3 / spread / (spread if dist is RAW_LP_SQ else 1.0)
     if name == "MultiSimilarityLoss":
         params["alpha"], params["beta"] = 2.0 / spread, 5.0 / spread
+    if name == "NTXentLoss":  # logits on the data's scale too (else past PML's fp32 cap, -log tiny)
+        params["temperature"] *= spread * (spread if dist is RAW_LP_SQ else 1.0)
     x, labels, ref, ref_labels = _inputs(41, 5, None, torch.float64, scale=spread, offset=20.0, seed=3)
     want, want_grads, _ = _run("pml", name, dist, x, labels, params=params)
     ours, our_grads, loss_fn = _run("ours", name, dist, x.float(), labels, params=params)
@@ -214,7 +216,9 @@ def test_engine_backends_match_pml(case, backend, device):
 @pytest.mark.parametrize("name,dist", [("ContrastiveLoss", RAW_LP), ("MultiSimilarityLoss", RAW_LP_SQ),
                                        ("TripletMarginLoss", RAW_LP), ("NTXentLoss", RAW_DOT)])
 def test_bit_identical_across_thread_counts(name, dist):
-    x, labels, ref, ref_labels = _inputs(300, 20, None, torch.float32, scale=3.0, offset=1.0, seed=17, dim=33)
+    # NT-Xent's raw dot products on rows of norm ~18 would pass PML's cap (-log tiny): the reference
+    scale, offset = (1.0, 0.3) if name == "NTXentLoss" else (3.0, 1.0)
+    x, labels, ref, ref_labels = _inputs(300, 20, None, torch.float32, scale=scale, offset=offset, seed=17, dim=33)
     before = torch.get_num_threads()
     results = []
     try:
@@ -269,15 +273,17 @@ def test_euclidean_rows_dot_products():
     torch.testing.assert_close(2 - 2 * xa @ ya.T, torch.cdist(x, x) ** 2, rtol=1e-10, atol=1e-9)
 
 
-MEMORY_CASES = [("ContrastiveLoss", "{'normalize_embeddings': False}"),
-                ("MultiSimilarityLoss", "{'normalize_embeddings': False, 'power': 2}"),
-                ("TripletMarginLoss", "{'normalize_embeddings': False}"),
-                ("NTXentLoss", "{'normalize_embeddings': False}")]
+# (loss, its distance's kwargs, the loss's kwargs): NT-Xent at temperature 1, as at 0.07 the raw dot
+# products of these rows (~128) pass PML's cap (-log tiny), which sends the call to the reference
+MEMORY_CASES = [("ContrastiveLoss", "{'normalize_embeddings': False}", "{}"),
+                ("MultiSimilarityLoss", "{'normalize_embeddings': False, 'power': 2}", "{}"),
+                ("TripletMarginLoss", "{'normalize_embeddings': False}", "{}"),
+                ("NTXentLoss", "{'normalize_embeddings': False}", "{'temperature': 1.0}")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kw", MEMORY_CASES)
-def test_memory_is_linear_in_n(name, kw):
+@pytest.mark.parametrize("name,kw,loss_kw", MEMORY_CASES)
+def test_memory_is_linear_in_n(name, kw, loss_kw):
     """fwd+bwd at N=16384, D=128 with an unnormalised distance grows peak RSS by < 256 MiB (an N x N
     fp32 matrix is 1 GiB), measured in a fresh process."""
     cls = "DotProductSimilarity" if name == "NTXentLoss" else "LpDistance"
@@ -288,7 +294,7 @@ def test_memory_is_linear_in_n(name, kw):
             n, d = 16384, 128
             x = (torch.randn(n, d) * 0.3 + 1.0).requires_grad_(True)
             labels = torch.randint(0, n // 4, (n,))
-            loss_fn = losses.{name}(distance=distances.{cls}(**{kw}))
+            loss_fn = losses.{name}(distance=distances.{cls}(**{kw}), **{loss_kw})
         """,
         measured="""
             loss = loss_fn(x, labels)

@@ -5,7 +5,10 @@ must still give exactly 0 there, or their mean divides by more terms than PML's.
 
 Each case uses tight, well separated clusters, so that PML has exact zeros and non-zeros (checked
 here: without both the case could not fail), and compares dmlkern's fused path with PML under
-AvgNonZeroReducer: values, gradients, and the number of exact zeros per element."""
+AvgNonZeroReducer: values, gradients, and the number of exact zeros per element. At the other
+end, NT-Xent's PML term -log(p + tiny) is capped at -log tiny: the fused path must notice."""
+import math
+
 import pytest
 import pytorch_metric_learning.distances as pml_distances
 import pytorch_metric_learning.losses as pml_losses
@@ -146,3 +149,42 @@ def test_npairs_one_pair_is_an_exact_zero_as_in_pml():
     (pml_terms, pml_value), (our_terms, our_value) = out
     assert pml_terms.tolist() == [0.0] and our_terms.tolist() == [0.0]
     assert torch.isnan(pml_value) and torch.isnan(our_value)
+
+
+@pytest.mark.parametrize("case", ["cosine_small_temperature", "unnormalised_lp", "usual"])
+def test_ntxent_terms_past_pmls_cap_run_the_reference(case):
+    """PML's NT-Xent term is -log(p + tiny), at most -log tiny (87 in fp32): a positive pair far
+    below its negatives gets that capped value (and no gradient), which the all-pairs kernels'
+    exact -log p would miss; such a batch runs the reference. The usual batch stays fused."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7, 8])
+    our_kw, pml_kw = {}, {}
+    if case == "cosine_small_temperature":  # row 1 opposite its positive row 0, next to row 2
+        x[1], x[2] = -x[0], -x[0] + 0.01 * x[3]
+        x = x.float()
+        our_kw = pml_kw = dict(temperature=0.01)
+    elif case == "unnormalised_lp":  # -d^2 / t of rows of norm ~25, row 1 opposite its positive row 0
+        x[1] = -x[0]
+        x = 10 * x
+        our_kw = dict(temperature=0.5, distance=our_distances.LpDistance(normalize_embeddings=False, power=2))
+        pml_kw = dict(temperature=0.5, distance=pml_distances.LpDistance(normalize_embeddings=False, power=2))
+    out = []
+    for lib, kw in ((pml_losses, pml_kw), (our_losses, our_kw)):
+        loss = lib.NTXentLoss(**kw)
+        xx = x.clone().requires_grad_()
+        value = loss(xx, labels)
+        value.backward()
+        out.append((value.detach(), xx.grad))
+        if lib is pml_losses:
+            terms = lib.NTXentLoss(reducer=pml_reducers.DoNothingReducer(), **kw)(x, labels)["loss"]["losses"]
+            capped = bool((terms >= -math.log(torch.finfo(x.dtype).tiny) - 1).any())
+            assert capped == (case != "usual"), "the case must (or must not) reach PML's cap"
+    fused = our_losses.NTXentLoss(**our_kw)
+    fused(x, labels)
+    if case == "usual":
+        assert fused.last_backend not in (None, "reference", "zero"), fused.last_fallback
+    else:
+        assert "PML's cap" in str(fused.last_fallback), fused.last_fallback
+    for theirs, ours in zip(*out):
+        torch.testing.assert_close(ours, theirs, **TOL[x.dtype])

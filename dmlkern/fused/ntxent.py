@@ -1,13 +1,15 @@
 """NT-Xent on the engine: lse2 for each row's negatives, then pos_softplus over the positives, with
 one merged backward (_NTXentRows); the value comes already reduced (MeanReducer)."""
+import math
+
 import torch
 
 from .._autograd import applier
 from .._determinism import fixed_order_sum
-from ..engine_spec import MINING_NONE, PASS_POS_SOFTPLUS, TRANSFORM_DOT
+from ..engine_spec import MINING_NONE, PASS_EXTREMA, PASS_POS_SOFTPLUS, TRANSFORM_DOT
 from ..ops import pair_engine as pe
 from . import _stats
-from ._common import all_pairs_plan, decline, engine_rows, is_plain_mean, value_params
+from ._common import all_pairs_plan, branch_free, decline, engine_rows, is_plain_mean, value_params
 from .listed_pairs import listed_ntxent
 from ._epilogue import ZERO_LOSS, _lse_neg_then, _rows_backend, _stats_with_pair_rule_of
 
@@ -91,6 +93,45 @@ def ntxent_params(module):
     return value_params(module.distance, sc_pos=inv_t, sc_neg=inv_t)
 
 
+PML_CAP = ("a pair whose -log p may reach PML's cap (its -log(p + tiny) is at most -log tiny: 87 in fp32; "
+           "the all-pairs kernels sum -log p)")
+
+
+def may_reach_pmls_cap(per_row, lse_neg, x, y, labels, ref_labels, params, transform, backend):
+    """Whether some pair's term -log p_ap = softplus(lse_neg(a) - z_ap) reaches where PML's
+    -log(p + tiny) departs from it by more than rounding (-log p > -log tiny + log eps, less 1 for
+    the kernels' rounding). A term is at most its row's sum (per_row) and at most
+    softplus(lse_neg(a) + B_a), B_a >= |z| (|x_a| max |y| bounds the dot product, 2 the unit
+    distance): with the cosine at usual temperatures no row comes near (t = 0.07: |z| <= 14.3).
+    Rows left by both bounds (e.g. unnormalised distances) get their worst positive exactly: an
+    extrema pass over them gives min_p s_ap, where z (increasing in s) is least."""
+    info = torch.finfo(per_row.dtype)
+    limit = -math.log(info.tiny) + math.log(info.eps) - 1.0
+    near = per_row >= limit
+    if not bool(near.any()):
+        return False
+    y = x if y is None else y
+    scale = max(abs(params.sc_pos), abs(params.sc_neg))
+    offset = max(abs(params.off_pos), abs(params.off_neg))
+    if transform == TRANSFORM_DOT:
+        bound = x.norm(dim=1).to(per_row.dtype) * y.norm(dim=1).amax().to(per_row.dtype)
+    else:  # TRANSFORM_UNIT_DISTANCE: sqrt(2 - 2s) of unit rows
+        bound = torch.full_like(per_row, 2.0)
+    near &= torch.nn.functional.softplus(lse_neg + scale * bound + offset) >= limit
+    if not bool(near.any()):
+        return False
+    increasing = params.sc_pos > 0 if transform == TRANSFORM_DOT else params.sc_pos < 0
+    if not increasing:
+        return True
+    # Without the self pairs' exclusion (rows taken apart from their index): a self pair can
+    # only lower min_p s_ap, i.e. only make the check more careful.
+    min_s = pe.engine_forward(x[near], y, labels[near], ref_labels, pass_kind=PASS_EXTREMA, params=params,
+                              backend=backend)[:, 1]
+    v = min_s if transform == TRANSFORM_DOT else torch.sqrt(torch.clamp(2 - 2 * min_s, min=0))
+    worst = torch.nn.functional.softplus(lse_neg[near] - (params.sc_pos * v + params.off_pos))
+    return bool((worst >= limit).any())
+
+
 def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     plan = all_pairs_plan(indices_tuple, embeddings, ref_emb)
     if plan is not None and is_plain_mean(module.reducer):  # CrossBatchMemory's pairs: the rolled queue
@@ -124,8 +165,15 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     sorted_x = x[order]
     y = sorted_x if y is x and ref_order is order else y[ref_order]
     x, labels = sorted_x, sorted_labels
-    per_row = _apply_ntxent_rows(x, None if y is x else y, labels, None if ref_labels is labels else ref_labels,
-                                params, exclude_diag, backend, transform)[0]
+    per_row, row_in, _ = _apply_ntxent_rows(x, None if y is x else y, labels,
+                                            None if ref_labels is labels else ref_labels, params, exclude_diag,
+                                            backend, transform)
+    if not branch_free(per_row):
+        with torch.no_grad():
+            capped = may_reach_pmls_cap(per_row, row_in[:, 2], x, None if y is x else y, labels, ref_labels,
+                                        params, transform, backend)
+        if capped:
+            return decline(module, PML_CAP)
     loss = degenerate.zero_where(fixed_order_sum(per_row) / stats.pos_total.clamp(min=1))
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced",
                      **_stats.already_reduced_size(module.reducer, stats.pos_total)}}, backend
