@@ -317,6 +317,31 @@ def test_per_anchor_reducer_on_column_shaped_pair_losses(pairs):
         assert_close(out[1], out[0], torch.float64)
 
 
+@pytest.mark.parametrize("wrapper", [False, True])
+def test_no_nonzero_term_leaves_ref_emb_out_of_the_graph(wrapper):
+    """ContrastiveLoss (fused) + AvgNonZeroReducer where every term is 0, with a ref_emb (or
+    SelfSupervisedLoss's second view): PML returns its zero loss, sum(embeddings * 0), so
+    ref_emb gets no gradient (None, not zeros: an optimizer skips it) and embeddings zeros."""
+    g = torch.Generator().manual_seed(5)
+    x = 10 * torch.randn(7, 8, generator=g, dtype=torch.float64)
+    ref = x + 0.1 * torch.randn(7, 8, generator=g, dtype=torch.float64)  # each row next to its view
+    out = []
+    for losses_mod in (pml_losses, our_losses):
+        inner = losses_mod.ContrastiveLoss(pos_margin=0.3, neg_margin=0.5)
+        xx, rr = x.clone().requires_grad_(), ref.clone().requires_grad_()
+        if wrapper:
+            value = losses_mod.SelfSupervisedLoss(inner, symmetric=False)(xx, rr)
+        else:
+            value = inner(xx, torch.arange(7), None, rr, torch.arange(7))
+        value.backward()
+        out.append((value.detach(), xx.grad, rr.grad))
+        if losses_mod is our_losses:
+            assert inner.last_backend not in (None, "reference", "zero"), inner.last_fallback
+    (pv, pg, pr), (ov, og, orr) = out
+    assert pr is None and torch.equal(pg, torch.zeros_like(pg)), "PML's zero loss (the case must bite)"
+    assert orr is None and torch.equal(og, pg) and torch.equal(ov, pv)
+
+
 def test_multiple_reducers_sum_and_default():
     emb = torch.randn(5, 2, dtype=torch.float64)
     x = torch.rand(5, dtype=torch.float64)

@@ -505,5 +505,8 @@ def reduced_sub_loss(kind, total, nonzero, count, reducer, embeddings):
         return total
     if kind == "mean":  # over every pair, zeros included; no pair: the sum is 0
         return total / count.clamp(min=1).to(total.dtype)
-    # AvgNonZero: the mean of the losses > 0; none: the reducer's grad-carrying zero
+    # AvgNonZero: the mean of the losses > 0; none: the reducer's grad-carrying zero. Eager off CUDA
+    # by PML's branch, so that the zero's graph is PML's (a ref_emb outside it gets no gradient)
+    if not branch_free(total) and not bool(nonzero > 0):
+        return reducer.zero_loss(embeddings).to(total.dtype)
     return torch.where(nonzero > 0, total / nonzero.clamp(min=1), reducer.zero_loss(embeddings).to(total.dtype))
