@@ -151,7 +151,7 @@ def test_npairs_one_pair_is_an_exact_zero_as_in_pml():
     assert torch.isnan(pml_value) and torch.isnan(our_value)
 
 
-@pytest.mark.parametrize("case", ["cosine_small_temperature", "unnormalised_lp", "usual"])
+@pytest.mark.parametrize("case", ["cosine_small_temperature", "unnormalised_lp", "unnormalised_lp_power1", "usual"])
 def test_ntxent_terms_past_pmls_cap_run_the_reference(case):
     """PML's NT-Xent term is -log(p + tiny), at most -log tiny (87 in fp32): a positive pair far
     below its negatives gets that capped value (and no gradient), which the all-pairs kernels'
@@ -164,11 +164,12 @@ def test_ntxent_terms_past_pmls_cap_run_the_reference(case):
         x[1], x[2] = -x[0], -x[0] + 0.01 * x[3]
         x = x.float()
         our_kw = pml_kw = dict(temperature=0.01)
-    elif case == "unnormalised_lp":  # -d^2 / t of rows of norm ~25, row 1 opposite its positive row 0
+    elif case.startswith("unnormalised_lp"):  # -d^p / t of rows of norm ~25, row 1 opposite its positive row 0
         x[1] = -x[0]
         x = 10 * x
-        our_kw = dict(temperature=0.5, distance=our_distances.LpDistance(normalize_embeddings=False, power=2))
-        pml_kw = dict(temperature=0.5, distance=pml_distances.LpDistance(normalize_embeddings=False, power=2))
+        power, t = (1, 0.05) if case.endswith("power1") else (2, 0.5)
+        our_kw = dict(temperature=t, distance=our_distances.LpDistance(normalize_embeddings=False, power=power))
+        pml_kw = dict(temperature=t, distance=pml_distances.LpDistance(normalize_embeddings=False, power=power))
     out = []
     for lib, kw in ((pml_losses, pml_kw), (our_losses, our_kw)):
         loss = lib.NTXentLoss(**kw)

@@ -101,8 +101,9 @@ def may_reach_pmls_cap(per_row, lse_neg, x, y, labels, ref_labels, params, trans
     """Whether some pair's term -log p_ap = softplus(lse_neg(a) - z_ap) reaches where PML's
     -log(p + tiny) departs from it by more than rounding (-log p > -log tiny + log eps, less 1 for
     the kernels' rounding). A term is at most its row's sum (per_row) and at most
-    softplus(lse_neg(a) + B_a), B_a >= |z| (|x_a| max |y| bounds the dot product, 2 the unit
-    distance): with the cosine at usual temperatures no row comes near (t = 0.07: |z| <= 14.3).
+    softplus(lse_neg(a) + B_a), B_a >= |z| (|x_a| max |y| bounds the dot product s, sqrt(2 + 2 that)
+    the distance sqrt(2 - 2s)): with the cosine at usual temperatures no row comes near (t = 0.07:
+    |z| <= 14.3).
     Rows left by both bounds (e.g. unnormalised distances) get their worst positive exactly: an
     extrema pass over them gives min_p s_ap, where z (increasing in s) is least."""
     info = torch.finfo(per_row.dtype)
@@ -113,10 +114,10 @@ def may_reach_pmls_cap(per_row, lse_neg, x, y, labels, ref_labels, params, trans
     y = x if y is None else y
     scale = max(abs(params.sc_pos), abs(params.sc_neg))
     offset = max(abs(params.off_pos), abs(params.off_neg))
-    if transform == TRANSFORM_DOT:
-        bound = x.norm(dim=1).to(per_row.dtype) * y.norm(dim=1).amax().to(per_row.dtype)
-    else:  # TRANSFORM_UNIT_DISTANCE: sqrt(2 - 2s) of unit rows
-        bound = torch.full_like(per_row, 2.0)
+    dot = x.norm(dim=1).to(per_row.dtype) * y.norm(dim=1).amax().to(per_row.dtype)  # >= |s|
+    # TRANSFORM_UNIT_DISTANCE: v = sqrt(2 - 2s) (2 at most on unit rows; unbounded on the augmented
+    # rows of the unnormalised LpDistance, where s = 1 - d^2 / 2)
+    bound = dot if transform == TRANSFORM_DOT else torch.sqrt(2 + 2 * dot)
     near &= torch.nn.functional.softplus(lse_neg + scale * bound + offset) >= limit
     if not bool(near.any()):
         return False
