@@ -344,3 +344,33 @@ def test_smooth_ap_memory_below_pml():
     pml = peak_rss_growth_mib(setup=setup.format(ctor="pml_losses.SmoothAPLoss()"), measured=run)
     print(f"SmoothAP N=256: peak RSS +{ours:.0f} MiB (PML +{pml:.0f} MiB)")
     assert ours < 32 and ours < pml / 8, (ours, pml)
+
+
+@pytest.mark.parametrize("case", ["fused_cosine", "reference_raw_dot"])
+def test_ranked_list_unselected_weights_do_not_overflow_into_nan_gradients(case):
+    """PML takes exp(Tn (alpha - v)) of the selected negatives only (a masked assignment); an
+    unselected entry (v <= 0) can overflow there (the cosine at Tn = 80: e^160; a large negative raw
+    dot product), and a select's zero gradient times inf is NaN. dmlkern's gradients are PML's, finite."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 6, generator=g)
+    labels = torch.randint(0, 3, (16,), generator=g)
+    if case == "fused_cosine":
+        kw, dist = dict(margin=0.4, Tn=80, imbalance=0.5, alpha=1.0, Tp=0), ("CosineSimilarity", {})
+    else:
+        x = 10 * x
+        kw, dist = dict(margin=0.4, Tn=10, imbalance=0.0, alpha=1.0, Tp=0), ("DotProductSimilarity",
+                                                                             dict(normalize_embeddings=False))
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # both warn of large temperatures
+        for lmod, dmod in ((pml_losses, pml_distances), (losses, distances)):
+            loss = lmod.RankedListLoss(distance=getattr(dmod, dist[0])(**dist[1]), **kw)
+            xx = x.clone().requires_grad_()
+            value = loss(xx, labels)
+            value.backward()
+            out.append((value.detach(), xx.grad))
+    assert torch.isfinite(out[0][1]).all(), "PML's gradient is finite here"
+    expected = "blocked" if case == "fused_cosine" else "reference"
+    assert loss.last_backend == expected, loss.last_fallback
+    for theirs, ours in zip(*out):
+        torch.testing.assert_close(ours, theirs, **TOL[torch.float32])

@@ -207,8 +207,9 @@ class _RankedListSpec(_Spec):
         pos_limit, alpha = self.alpha - self.margin, self.alpha
         neg_star = torch.where(~same & (mat < alpha), mat, 0)
         pos_star = torch.where(same & ~diag & (mat > pos_limit), mat, 0)
-        w_p = torch.where(pos_star > 0, torch.exp(self.Tp * (pos_star - pos_limit)), 0)
-        w_n = torch.where(neg_star > 0, torch.exp(self.Tn * (alpha - neg_star)), 0)
+        # exp of the selected entries only (the reference's rule: no inf times a zero gradient)
+        w_p = torch.where(pos_star > 0, torch.exp(self.Tp * (torch.where(pos_star > 0, pos_star, pos_limit) - pos_limit)), 0)
+        w_n = torch.where(neg_star > 0, torch.exp(self.Tn * (alpha - torch.where(neg_star > 0, neg_star, alpha))), 0)
         return torch.stack([row_sums(w_p * (pos_star - pos_limit)), row_sums(w_p + 1e-5),
                             row_sums(w_n * (alpha - neg_star)), row_sums(w_n + 1e-5)], dim=1)
 

@@ -193,8 +193,10 @@ def ranked_list_loss_dict(embeddings, labels, *, margin, imbalance, alpha, Tp, T
     neg_star = torch.where(~same & (mat < alpha), mat, 0)
     same.fill_diagonal_(False)
     pos_star = torch.where(same & (mat > pos_limit), mat, 0)
-    w_p = torch.where(pos_star > 0, torch.exp(Tp * (pos_star - pos_limit)), 0)
-    w_n = torch.where(neg_star > 0, torch.exp(Tn * (alpha - neg_star)), 0)
+    # exp of the selected entries only, as PML's masked assignment: an unselected entry's exp could
+    # overflow (e.g. a large negative dot product), and the select's zero gradient times inf is NaN
+    w_p = torch.where(pos_star > 0, torch.exp(Tp * (torch.where(pos_star > 0, pos_star, pos_limit) - pos_limit)), 0)
+    w_n = torch.where(neg_star > 0, torch.exp(Tn * (alpha - torch.where(neg_star > 0, neg_star, alpha))), 0)
     loss_p = torch.sum(w_p * (pos_star - pos_limit), dim=1) / torch.sum(w_p + 1e-5, dim=1)
     loss_n = torch.sum(w_n * (alpha - neg_star), dim=1) / torch.sum(w_n + 1e-5, dim=1)
     losses = (1 - imbalance) * loss_p + imbalance * loss_n

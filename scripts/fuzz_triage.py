@@ -1,0 +1,66 @@
+"""Groups the differences in a fuzz_against_pml.py output file (JSON lines) by (loss or miner,
+reducer, kind of difference), with a few seeds each, and sets aside the kinds that README's
+"Deviations from PML" already explains (counted on top, one line per class). A development tool:
+the classes are heuristics on the recorded spec and message, so check a seed (`fuzz_against_pml.py
+show SEED`, with the same FUZZ_* settings) before calling a difference documented or new.
+
+python scripts/fuzz_triage.py OUTFILE [--all]   (--all: no class set aside)
+"""
+import collections
+import json
+import re
+import sys
+
+RAISES_EXPECTED = {"both_raise", "pml_raise_only"}  # dmlkern works where PML crashes: by design
+NAN_COUNTS = re.compile(r"NaN pattern differs: pml (\d+) NaN, dml (\d+) NaN")
+
+
+def documented(spec, kind, message):
+    """The README deviation class a difference falls in, or None."""
+    inputs = spec.get("inputs", {})
+    name = spec.get("loss") or (spec.get("miner") or [None])[0]
+    nans = NAN_COUNTS.search(message)
+    if inputs.get("N") == 0 or (name == "VICRegLoss" and inputs.get("N") == 1):
+        return "empty batch / one-row VICReg: dmlkern's zero where PML's mean of nothing is NaN"
+    if nans and int(nans.group(1)) > int(nans.group(2)) and kind != "value":
+        return "PML's NaN gradient in every row (its matmul backward of a dropped NaN term)"
+    nca = name in ("NCALoss", "ProxyNCALoss", "MultipleLosses") or (
+        name == "CrossBatchMemory" and (spec.get("sub") or [None])[0] == "NCALoss")
+    if nca and (re.search(r"pml=\[nan\] dml=\[[^n]", message) or (kind == "grad_ref" and "one is None" in message)):
+        return "NCA / ProxyNCA without any positive: the grad-carrying zero (plus any regularizer) for PML's NaN"
+    if name == "P2SGradLoss" and spec.get("twice") and not kind == "value":
+        return "P2SGrad, two calls then one backward: PML's first gradient reads the renormalised weight"
+    if name == "TupletMarginLoss" and inputs.get("D") == 1:
+        return "TupletMargin at width 1: cosines of +-1, PML's acos gradient is NaN"
+    if name == "SmoothAPLoss" and inputs.get("zero_rows"):
+        return "a zero row's normalisation gradient (1/eps times rounding noise, in both)"
+    if inputs.get("dup_rows") and not nans:
+        return "equal rows: sqrt(2 - 2s) noise where PML's cdist gives 0 (<= 25 rows)"
+    if kind.startswith("fp32only"):
+        return "fp32 only (the same case agrees in fp64): rounding"
+    return None
+
+
+def main():
+    path, show_all = sys.argv[1], "--all" in sys.argv
+    counts, seeds = collections.Counter(), collections.defaultdict(list)
+    for line in open(path):
+        record = json.loads(line)
+        spec = record.get("spec", {})
+        for kind, message in record.get("issues") or []:
+            if kind in RAISES_EXPECTED:
+                continue
+            doc = None if show_all else documented(spec, kind, message)
+            if doc:
+                key = ("(documented) " + doc,)
+            else:
+                name = spec.get("loss") or (spec.get("miner") or [None])[0]
+                key = (name, (spec.get("reducer") or [None])[0], kind)
+            counts[key] += 1
+            seeds[key].append(record["seed"])
+    for key, n in sorted(counts.items(), key=lambda item: (not item[0][0].startswith("("), -item[1])):
+        print(n, *key, seeds[key][:5])
+
+
+if __name__ == "__main__":
+    main()
