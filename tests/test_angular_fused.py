@@ -234,6 +234,22 @@ def test_nan_row_in_no_pair_gets_pmls_zero_gradient(layout, reducer):
     assert torch.isfinite(grad[5]).all() or layout == "batch", grad[5]  # (as a negative its terms are NaN)
 
 
+def test_listed_pair_without_negatives_is_zero_even_with_a_nan_row():
+    """A listed pair whose anchor has no negative among the references: PML's masked logsumexp
+    gives exactly 0, also when its positive row is NaN (u_a . u_p is NaN but masked out)."""
+    x, labels, _, _ = _inputs(6, 3, None, 4, torch.float64, seed=3)
+    ref, ref_labels = x[:2].clone(), torch.tensor([7, 7])
+    ref[0, 1] = float("nan")
+    labels[4] = 7
+    tup = (torch.tensor([4]), torch.tensor([0]), torch.tensor([4]), torch.tensor([1]))  # a's label is every ref's
+    got = losses.AngularLoss(reducer=reducers.DoNothingReducer())
+    ours = got(x, labels, tup, ref, ref_labels)["loss"]["losses"]
+    want = pml_losses.AngularLoss(reducer=pml_reducers.DoNothingReducer())(x, labels, tup, ref, ref_labels)
+    assert got.last_backend == "listed", got.last_fallback
+    assert want["loss"]["losses"].tolist() == [[0.0]]
+    assert ours.tolist() == [[0.0]]
+
+
 @pytest.mark.parametrize("kind", ["pairs", "triplets"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_indices_tuple_pairs_are_listed(kind, dtype):

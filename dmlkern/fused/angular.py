@@ -466,7 +466,8 @@ def _listed_chunk(ua, up, x, a, p, labels, ref_labels, c, k):
     m = cs.amax(dim=1, keepdim=True)
     m = torch.where(torch.isneginf(m), 0.0, m)  # no negative: the sum is 0, lse -inf
     lse = m.squeeze(1) + fixed_log(row_sums(torch.exp(cs - m)))
-    return ua_q, up_q, cs, lse, lse - k * row_sums(ua_q * up_q)
+    # no negative: z = -inf, a loss of exactly 0 as PML's masked logsumexp (also when u_a . u_p is NaN)
+    return ua_q, up_q, cs, lse, torch.where(torch.isneginf(lse), lse, lse - k * row_sums(ua_q * up_q))
 
 
 def _chunks(num_pairs, m):
