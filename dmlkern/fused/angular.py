@@ -519,8 +519,10 @@ def _inputs(embeddings, ref_emb, anchors, positives):
     under autocast: PML's u_a . u_p is an elementwise fp32 product there. anchors / positives: which
     rows of each are in some pair (bool masks)."""
     emb_w, ref_w = widened(embeddings, ref_emb)
-    ua = _paired_unit_rows(emb_w, anchors)
-    return ua, ua if ref_w is emb_w else _paired_unit_rows(ref_w, positives), ref_w
+    if ref_w is emb_w:  # one tensor: a row in a pair at either end
+        ua = _paired_unit_rows(emb_w, anchors | positives)
+        return ua, ua, ref_w
+    return _paired_unit_rows(emb_w, anchors), _paired_unit_rows(ref_w, positives), ref_w
 
 
 def _paired_unit_rows(x, paired):
