@@ -234,6 +234,27 @@ def test_nan_row_in_no_pair_gets_pmls_zero_gradient(layout, reducer):
     assert torch.isfinite(grad[5]).all() or layout == "batch", grad[5]  # (as a negative its terms are NaN)
 
 
+def test_listed_nan_loss_leaves_same_label_reference_rows_a_zero_gradient():
+    """A listed pair whose loss is NaN (a NaN negative row): PML's masked logsumexp gives the
+    same-label reference rows (not negatives of that anchor) gradient 0 whatever the upstream
+    value; only the negatives and the pair's rows get NaN."""
+    x, labels, _, _ = _inputs(6, 3, None, 4, torch.float64, seed=5)
+    ref = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    ref_labels = torch.tensor([2, 2, 0, 1])
+    ref[1, 0] = ref[3, 2] = float("nan")  # row 1: same label as the anchor; row 3: a negative
+    labels[0] = 2
+    tup = (torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.tensor([2]))
+    out = []
+    for lib in (pml_losses, losses):
+        xx, rr = x.clone().requires_grad_(), ref.clone().requires_grad_()
+        loss = lib.AngularLoss()
+        loss(xx, labels, tup, rr, ref_labels).backward()
+        out.append(rr.grad)
+    assert out[0][1].tolist() == [0.0] * 4 and torch.isnan(out[0][3]).all(), "PML's pattern (the case must bite)"
+    assert loss.last_backend == "listed", loss.last_fallback
+    torch.testing.assert_close(out[1], out[0], equal_nan=True, **TOL[torch.float64])
+
+
 def test_listed_pair_without_negatives_is_zero_even_with_a_nan_row():
     """A listed pair whose anchor has no negative among the references: PML's masked logsumexp
     gives exactly 0, also when its positive row is NaN (u_a . u_p is NaN but masked out)."""

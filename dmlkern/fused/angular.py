@@ -502,7 +502,8 @@ def _add_listed_grads(grad, ua, up, x, setup, grad_ua, grad_up, grad_x):
     for sl in _chunks(len(a), x.shape[0]):
         ua_q, up_q, cs, lse, z = _listed_chunk(ua, up, x, a[sl], p[sl], setup.labels, setup.ref_labels, c, k)
         w = (grad[sl] * _sigmoid(z))[:, None]
-        grad_s = c * w * torch.where(torch.isneginf(cs), 0.0, torch.exp(cs - lse[:, None]))
+        # 0 at the masked (non-negative) entries whatever w is (PML's masked_fill: also for a NaN w)
+        grad_s = torch.where(torch.isneginf(cs), 0.0, c * w * torch.exp(cs - lse[:, None]))
         grad_rows = fixed_mm(grad_s, x.T)
         grad_ua.index_add_(0, a[sl], grad_rows - k * w * up_q)  # (serial on a CPU: repeats add in order)
         grad_up.index_add_(0, p[sl], grad_rows - k * w * ua_q)
