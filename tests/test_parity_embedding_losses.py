@@ -317,6 +317,27 @@ def test_per_anchor_reducer_on_column_shaped_pair_losses(pairs):
         assert_close(out[1], out[0], torch.float64)
 
 
+def test_margin_loss_without_a_positive_term_gives_beta_no_gradient():
+    """The fused MarginLoss where every term is 0 (tight, orthogonal classes): PML's DivisorReducer
+    returns its zero loss, so the learnt beta gets no gradient (None, not zeros) and the
+    embeddings zeros; dmlkern's fused path takes the same branch."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(3)
+    x = torch.eye(4, 8, dtype=torch.float64)[labels] + 0.001 * torch.randn(12, 8, generator=g, dtype=torch.float64)
+    out = []
+    for losses_mod in (pml_losses, our_losses):
+        loss = losses_mod.MarginLoss(learn_beta=True, num_classes=4)
+        xx = x.clone().requires_grad_()
+        value = loss(xx, labels)
+        value.backward()
+        out.append((value.detach(), xx.grad, loss.beta.grad))
+        if losses_mod is our_losses:
+            assert loss.last_backend not in (None, "reference", "zero"), loss.last_fallback
+    (pv, pg, pb), (ov, og, ob) = out
+    assert pb is None and torch.equal(pg, torch.zeros_like(pg)), "PML's zero loss (the case must bite)"
+    assert ob is None and torch.equal(og, pg) and torch.equal(ov, pv)
+
+
 @pytest.mark.parametrize("wrapper", [False, True])
 def test_no_nonzero_term_leaves_ref_emb_out_of_the_graph(wrapper):
     """ContrastiveLoss (fused) + AvgNonZeroReducer where every term is 0, with a ref_emb (or

@@ -505,8 +505,16 @@ def reduced_sub_loss(kind, total, nonzero, count, reducer, embeddings):
         return total
     if kind == "mean":  # over every pair, zeros included; no pair: the sum is 0
         return total / count.clamp(min=1).to(total.dtype)
-    # AvgNonZero: the mean of the losses > 0; none: the reducer's grad-carrying zero. Eager off CUDA
-    # by PML's branch, so that the zero's graph is PML's (a ref_emb outside it gets no gradient)
-    if not branch_free(total) and not bool(nonzero > 0):
-        return reducer.zero_loss(embeddings).to(total.dtype)
-    return torch.where(nonzero > 0, total / nonzero.clamp(min=1), reducer.zero_loss(embeddings).to(total.dtype))
+    # AvgNonZero: the mean of the losses > 0; none: the reducer's grad-carrying zero
+    return value_or_zero(nonzero > 0, total / nonzero.clamp(min=1), reducer, embeddings)
+
+
+def value_or_zero(has_terms, value, reducer, embeddings):
+    """value where has_terms (a 0-dim bool tensor), else the reducer's grad-carrying zero. Eager off
+    CUDA by PML's branch, so that the zero's graph is PML's: it leaves the terms out, so a ref_emb
+    or a parameter only they read gets no gradient, and a NaN term none; a select where
+    `branch_free`."""
+    zero = reducer.zero_loss(embeddings).to(value.dtype)
+    if not branch_free(value):
+        return value if bool(has_terms) else zero
+    return torch.where(has_terms, value, zero)

@@ -9,7 +9,7 @@ from ..engine_spec import MINING_NONE, PASS_LIFTED_PAIRS, TRANSFORM_UNIT_DISTANC
 from ..ops import pair_engine as pe
 from .listed_pairs import listed_lifted
 from .pair_lists import pair_dots, positive_pairs, unit_distance
-from ._common import decline, engine_rows, static_shapes, value_params
+from ._common import decline, engine_rows, reduced_sub_loss, static_shapes, value_params
 from ._epilogue import ZERO_LOSS, _empty_as_zero, _lse2, _lse_neg_then, _rows_backend, _stats_with_pair_rule
 
 
@@ -127,12 +127,9 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         # AvgNonZero drops NaN pair losses (NaN > 0 is false) and averages the rest: that needs
         # the per-pair losses. (Under torch.compile the NaN propagates: a documented deviation.)
         return _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend)
-    if reduction == "mean":  # PML's mean over all positive pairs: sum_c n_c (n_c - 1) of them
-        loss = total / stats.pos_total.clamp(min=1).to(total.dtype)
-    else:  # the mean of the f > 0; none: the reducer's grad-carrying zero
-        loss = torch.where(nonzero > 0, total / nonzero.clamp(min=1),
-                           module.reducer.zero_loss(embeddings).to(total.dtype))
-    loss = degenerate.zero_where(loss)
+    # "mean": PML's mean over all positive pairs, sum_c n_c (n_c - 1) of them
+    loss = degenerate.zero_where(reduced_sub_loss(reduction, total, nonzero, stats.pos_total, module.reducer,
+                                                  embeddings))
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}, backend
 
 

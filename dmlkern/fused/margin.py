@@ -11,7 +11,7 @@ from .._tracing import static_shapes
 from ..engine_spec import PASS_HINGE, stats_dtype
 from ..ops import pair_engine as pe
 from ..reducers import DivisorReducer, MeanReducer, SumReducer
-from ._common import Degenerate, LabelStats, decline, engine_rows, value_params
+from ._common import Degenerate, LabelStats, decline, engine_rows, value_or_zero, value_params
 from ._epilogue import ZERO_LOSS, _already_reduced
 from .contrastive import NAN_PAIRS, hinge_plan, nan_in
 from .listed_triplets import listed_margin
@@ -44,8 +44,7 @@ def _reduced(kind, total, divisor, count, reducer, embeddings):
         return total / count.clamp(min=1).to(total.dtype)
     if not torch.compiler.is_compiling():
         reducer.divisor = divisor  # DivisorReducer records it on every call (PML)
-    return torch.where(divisor != 0, total / divisor.clamp(min=1).to(total.dtype),
-                       reducer.zero_loss(embeddings).to(total.dtype))
+    return value_or_zero(divisor != 0, total / divisor.clamp(min=1).to(total.dtype), reducer, embeddings)
 
 
 def margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
