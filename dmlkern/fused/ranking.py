@@ -27,6 +27,7 @@ from ..engine_spec import stats_dtype
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
 from ..reference.indices import convert_to_weights
+from ..reference.ranking_losses import ranked_list_weights
 from . import _common
 from ._common import decline, is_unit_cosine, is_unit_euclidean, row_sums, unit_rows
 from ._common import SHORT_ROWS
@@ -207,9 +208,7 @@ class _RankedListSpec(_Spec):
         pos_limit, alpha = self.alpha - self.margin, self.alpha
         neg_star = torch.where(~same & (mat < alpha), mat, 0)
         pos_star = torch.where(same & ~diag & (mat > pos_limit), mat, 0)
-        # exp of the selected entries only (the reference's rule: no inf times a zero gradient)
-        w_p = torch.where(pos_star > 0, torch.exp(self.Tp * (torch.where(pos_star > 0, pos_star, pos_limit) - pos_limit)), 0)
-        w_n = torch.where(neg_star > 0, torch.exp(self.Tn * (alpha - torch.where(neg_star > 0, neg_star, alpha))), 0)
+        w_p, w_n = ranked_list_weights(pos_star, neg_star, pos_limit, alpha, self.Tp, self.Tn)
         return torch.stack([row_sums(w_p * (pos_star - pos_limit)), row_sums(w_p + 1e-5),
                             row_sums(w_n * (alpha - neg_star)), row_sums(w_n + 1e-5)], dim=1)
 

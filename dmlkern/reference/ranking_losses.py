@@ -180,6 +180,16 @@ def histogram_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, 
 
 
 # =============================================================================== RankedList
+def ranked_list_weights(pos_star, neg_star, pos_limit, alpha, Tp, Tn):
+    """PML's w_p = exp(Tp (d - (alpha - margin))) and w_n = exp(Tn (alpha - d)) on the entries > 0
+    of pos_star / neg_star, 0 elsewhere. The exp of the selected entries only, as PML's masked
+    assignment: an unselected entry's exp could overflow (e.g. a large negative dot product), and
+    a select's zero gradient times inf is NaN."""
+    w_p = torch.where(pos_star > 0, torch.exp(Tp * (torch.where(pos_star > 0, pos_star, pos_limit) - pos_limit)), 0)
+    w_n = torch.where(neg_star > 0, torch.exp(Tn * (alpha - torch.where(neg_star > 0, neg_star, alpha))), 0)
+    return w_p, w_n
+
+
 def ranked_list_loss_dict(embeddings, labels, *, margin, imbalance, alpha, Tp, Tn, distance):
     """Per query: (1 - imbalance) * L_P + imbalance * L_N, with L_P the exp(Tp * excess)-weighted
     mean of d - (alpha - margin) over positives farther than alpha - margin and L_N the
@@ -193,10 +203,7 @@ def ranked_list_loss_dict(embeddings, labels, *, margin, imbalance, alpha, Tp, T
     neg_star = torch.where(~same & (mat < alpha), mat, 0)
     same.fill_diagonal_(False)
     pos_star = torch.where(same & (mat > pos_limit), mat, 0)
-    # exp of the selected entries only, as PML's masked assignment: an unselected entry's exp could
-    # overflow (e.g. a large negative dot product), and the select's zero gradient times inf is NaN
-    w_p = torch.where(pos_star > 0, torch.exp(Tp * (torch.where(pos_star > 0, pos_star, pos_limit) - pos_limit)), 0)
-    w_n = torch.where(neg_star > 0, torch.exp(Tn * (alpha - torch.where(neg_star > 0, neg_star, alpha))), 0)
+    w_p, w_n = ranked_list_weights(pos_star, neg_star, pos_limit, alpha, Tp, Tn)
     loss_p = torch.sum(w_p * (pos_star - pos_limit), dim=1) / torch.sum(w_p + 1e-5, dim=1)
     loss_n = torch.sum(w_n * (alpha - neg_star), dim=1) / torch.sum(w_n + 1e-5, dim=1)
     losses = (1 - imbalance) * loss_p + imbalance * loss_n
