@@ -537,12 +537,9 @@ def _paired_unit_rows(x, paired):
         0, rows, unit_rows(x.index_select(0, rows), full_precision=True))
 
 
-def _in_pairs(n, *index_lists):
-    """A bool mask over n rows: the rows in any of the index lists."""
-    mask = torch.zeros(n, dtype=torch.bool, device=index_lists[0].device)
-    for idx in index_lists:
-        mask[idx] = True
-    return mask
+def _rows_in(n, index):
+    """A bool mask over n rows: the rows in `index`."""
+    return torch.zeros(n, dtype=torch.bool, device=index.device).index_fill_(0, index, True)
 
 
 def _entry(losses, a, p):
@@ -569,10 +566,7 @@ def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if len(a1) == 0 or len(a2) == 0:
             return ZERO_LOSS
         setup = _Setup(labels, ref_labels, None, None, None, False, (a1, p), c, k)
-        same = ref_emb is embeddings
-        anchors = _in_pairs(len(embeddings), a1, p) if same else _in_pairs(len(embeddings), a1)
-        positives = anchors if same else _in_pairs(len(ref_emb), p)
-        inputs = _inputs(embeddings, ref_emb, anchors, positives)
+        inputs = _inputs(embeddings, ref_emb, _rows_in(len(embeddings), a1), _rows_in(len(ref_emb), p))
         losses = _pml_zeros(listed_angular(*inputs, setup), embeddings.dtype)
         return _entry(losses.to(embeddings.dtype), a1, p), LISTED
     stats = LabelStats(labels, ref_labels)
