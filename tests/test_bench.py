@@ -62,8 +62,11 @@ pytestmark = pytest.mark.xdist_group("bench_sweep")
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     args = ["--n", *map(str, NS), "--classes", *map(str, CS), "--class-n", str(CLASS_N), "--losses", *LOSSES_RUN,
-            *CLASS_LOSSES_RUN, "--providers", *PROVIDERS_RUN, "--repeats", "2"]
-    proc = run_bench(args, out)
+            *CLASS_LOSSES_RUN, "--providers", *PROVIDERS_RUN, "--repeats", "2",
+            # a point's time is sized from its limit, not spent up to it: a generous limit costs
+            # nothing here and keeps a point stalled by the other test worker's load from a timeout
+            "--time-limit", "90", "--class-time-limit", "90"]
+    proc = run_bench(args, out, timeout=600)
     return out, proc
 
 
@@ -115,7 +118,8 @@ def test_points_jsonl_keeps_every_point(sweep):
     lines = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
     assert len(lines) == len(EXPECTED)
     for p in lines:
-        assert p["status"] == "ok" and p["calls"] >= 1 and p["p20"] <= p["median"] <= p["p80"]
+        assert p["status"] == "ok", (p, (out / "worker.log").read_text()[-6000:])  # a stalled point's stack
+        assert p["calls"] >= 1 and p["p20"] <= p["median"] <= p["p80"]
         assert p["mem_method"] == "VmHWM after clear_refs"
 
 
@@ -169,7 +173,7 @@ def test_class_losses_swept_over_c(sweep):
 
 def test_forced_timeout_is_recorded_and_sweep_continues(tmp_path):
     # The hook makes reference's N=64 point sleep forever: it must be killed after the limit, recorded
-    # as "timeout", its larger N skipped, and the other provider still measured.
+    # as "timeout" with its stack in worker.log, its larger N skipped, and the other provider still measured.
     args = ["--n", "64", "128", "--losses", "masked_lse", "--providers", "dmlkern", "reference",
             "--repeats", "2", "--time-limit", "2", "--no-plots"]
     run_bench(args, tmp_path, {"DMLKERN_BENCH_HANG": "masked_lse:reference:64"})
@@ -180,6 +184,8 @@ def test_forced_timeout_is_recorded_and_sweep_continues(tmp_path):
     assert status[("dmlkern", 64)] == "ok" and status[("dmlkern", 128)] == "ok"
     assert all(r["median"] == "" for r in rows if r["provider"] == "reference")
     assert "timeout" in (tmp_path / "summary.md").read_text()
+    log = (tmp_path / "worker.log").read_text()  # where the killed point was: its stack, just before the kill
+    assert "Timeout (" in log and "in run_point" in log, log[-3000:]
 
 
 def test_compiled_dmlkern_provider_runs(tmp_path):

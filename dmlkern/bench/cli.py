@@ -7,8 +7,9 @@ and loss are skipped. Timing: triton.testing.do_bench on CUDA, torch.utils.bench
 20th/80th percentiles); x_mm = time over T_mm, one x @ x.T of the same size and dtype. The class-weight
 losses (ArcFace ... SoftTriple) are swept over the class count C at a fixed N, with T_mm one x @ W.
 Writes to --out: results.csv, points.jsonl, summary.md, meta.json, time_*/memory_*.png, sweep.log,
-worker.log. No arguments: the default CPU sweep (N = 1024..8192, fp32, fwdbwd), within 540 s, then the
-class-weight losses at N = 1024, C = 16384..1048576, within another 540 s.
+worker.log (the points' output; a point killed at its time limit leaves its Python stack there). No
+arguments: the default CPU sweep (N = 1024..8192, fp32, fwdbwd), within 540 s, then the class-weight
+losses at N = 1024, C = 16384..1048576, within another 540 s.
 """
 from __future__ import annotations
 
@@ -253,8 +254,9 @@ def run_sweep(args, ctx, plan, log, jsonl, progress, log_path):
         else:
             jit = jit_provider(pt["provider"], pt["device"]) and pt["loss"] != FLOOR_LOSS
             hard = pt["time_limit"] + (args.compile_limit if jit else 0) + (30 if args.device == "cuda" else 5)
-            out = run_child(ctx, dict(pt, jit_grace=jit, mem_budget_gb=args.mem_budget),
-                            min(hard, remaining) if remaining is not None else hard, log_path)
+            limit = min(hard, remaining) if remaining is not None else hard
+            out = run_child(ctx, dict(pt, jit_grace=jit, mem_budget_gb=args.mem_budget, kill_after_s=limit),
+                            limit, log_path)
             res.update({k: v for k, v in out.items() if k != "traceback"})
             if remaining is not None and remaining < hard and res["status"] == "timeout":
                 res.update(status="skipped", note="sweep budget exhausted (point stopped)")

@@ -2,6 +2,7 @@
 peak memory, then time it with triton.testing.do_bench on CUDA or torch.utils.benchmark on CPU."""
 from __future__ import annotations
 
+import faulthandler
 import gc
 import importlib
 import os
@@ -340,7 +341,10 @@ def child(job, conn, log_path):
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+    if job != "info" and job.get("kill_after_s"):  # a point killed at its limit leaves its stack in the log
+        faulthandler.dump_traceback_later(max(1.0, float(job["kill_after_s"]) - 1.0))
     res = machine_info() if job == "info" else run_point(job)
+    faulthandler.cancel_dump_traceback_later()
     if res.get("traceback"):
         os.write(2, f"--- {job['loss']}/{job['provider']} N={job['n']}\n{res['traceback']}\n".encode())
     conn.send(res)
