@@ -125,14 +125,16 @@ inline void check_pair_engine_args(const at::Tensor& x, const at::Tensor& y,
   TORCH_CHECK(mining == kMiningNone || transform == kTransformDot,
               "dmlkern: mining=1 (Multi-Similarity miner) needs transform 0, got transform ",
               transform);
-  TORCH_CHECK(params.size() == 5 || params.size() == 9,
-              "dmlkern: params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps] or 9 (then "
-              "relu_pos, shift_pos, relu_neg, shift_neg), got ",
+  TORCH_CHECK(params.size() == 5 || params.size() == 9 || params.size() == 10,
+              "dmlkern: params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps], 9 (then "
+              "relu_pos, shift_pos, relu_neg, shift_neg) or 10 (then log_floor), got ",
               params.size());
+  TORCH_CHECK(params.size() < 10 || params[9] < std::numeric_limits<double>::infinity(),
+              "dmlkern: params[9] (log_floor) must be finite or -inf, got ", params.size() < 10 ? 0.0 : params[9]);
   // Transform 2 (circle): the lse2 pass and the softmax backward (mining 0: checked above), its 4
   // constants.
   if (transform == kTransformCircle) {
-    TORCH_CHECK(params.size() == 9,
+    TORCH_CHECK(params.size() >= 9,
                 "dmlkern: transform=2 (circle) needs 9 params (relu_pos, shift_pos, relu_neg, "
                 "shift_neg after the 5), got ",
                 params.size());

@@ -31,11 +31,13 @@ template <bool B>
 using BC = std::bool_constant<B>;
 
 // The op's params [sc_pos, off_pos, sc_neg, off_neg, eps] (5, checked), with transform 2's
-// [relu_pos, shift_pos, relu_neg, shift_neg] after them (9), in the statistics type T.
+// [relu_pos, shift_pos, relu_neg, shift_neg] after them (9) and the pos_softplus pass's log_floor
+// (10; -inf when absent), in the statistics type T.
 template <typename T>
 EngineParams<T> make_params(at::ArrayRef<double> params) {
   const auto at = [&](size_t k) { return k < params.size() ? static_cast<T>(params[k]) : T(0); };
-  return EngineParams<T>{at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7), at(8)};
+  const T log_floor = params.size() > 9 ? static_cast<T>(params[9]) : neg_infinity<T>();
+  return EngineParams<T>{at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7), at(8), log_floor};
 }
 
 // Calls f(IC<transform>, IC<mining>) for the four valid combinations (mining needs

@@ -22,8 +22,10 @@ COEF_WIDTH, COEF_WIDTH_LIFT, COEF_WIDTH_HINGE = 5, 6, 2
 
 class EngineParams(NamedTuple):
     """The per-pass scalars (csrc/pair_engine.h's EngineParams): a positive pair's term is
-    sc_pos * v + off_pos, a negative's sc_neg * v + off_neg; eps is the miner's margin. The last
-    four are read by TRANSFORM_CIRCLE only (its per-set values)."""
+    sc_pos * v + off_pos, a negative's sc_neg * v + off_neg; eps is the miner's margin. The next
+    four are read by TRANSFORM_CIRCLE only (its per-set values). log_floor is the pos_softplus
+    pass's floor F: its term is -log(exp(-softplus(z)) + e^F) (PML's NT-Xent -log(p + tiny));
+    -inf, the plain softplus."""
     sc_pos: float = 1.0
     off_pos: float = 0.0
     sc_neg: float = 1.0
@@ -33,10 +35,12 @@ class EngineParams(NamedTuple):
     shift_pos: float = 0.0
     relu_neg: float = 0.0
     shift_neg: float = 0.0
+    log_floor: float = float("-inf")
 
 
-# The ops take the first 5 params, or all 9 (needed by TRANSFORM_CIRCLE).
-PARAMS_BASE = 5
+# The ops take the first 5 params, 9 (with TRANSFORM_CIRCLE's constants) or all 10 (log_floor).
+PARAMS_BASE, PARAMS_CIRCLE = 5, 9
+PARAM_COUNTS = (PARAMS_BASE, PARAMS_CIRCLE, len(EngineParams._fields))
 
 
 def stats_dtype(dtype):

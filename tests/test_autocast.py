@@ -193,3 +193,33 @@ def test_cpu_autocast_at_least_as_accurate_as_pml(name):
         pml_error = float((pml_grad.double() - true).norm() / true.norm())
         our_error = float((our_grad.double() - true).norm() / true.norm())
         assert our_error <= 1.5 * pml_error + 1e-6, f"{name} {what}: {our_error:.3g} off fp64, PML {pml_error:.3g}"
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["all_pairs", "listed"])
+def test_cpu_fp16_autocast_ntxent_takes_pmls_fp16_floor(listed):
+    """PML's NT-Xent adds tiny of its matrix's dtype inside the log: under fp16 autocast that is
+    fp16's (a term capped at 9.7, reached at t = 0.07 on random rows), also with fp32 embeddings.
+    The fused kernels floor p there too (before: fp32's floor, 8.63 against PML's 7.43)."""
+    import pytorch_metric_learning.losses as pml_losses
+    from pytorch_metric_learning.utils import loss_and_miner_utils as pml_lmu
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
+    labels = torch.randint(0, 8, (64,), generator=g)
+    tuple_ = None
+    if listed:  # a sparse tuple (a dense one runs the reference): every 7th pair
+        a1, p, a2, n = pml_lmu.get_all_pairs_indices(labels)
+        tuple_ = (a1[::7], p[::7], a2[::7], n[::7])
+    results = []
+    ours_fn = losses.NTXentLoss(temperature=0.07)
+    for loss_fn in (ours_fn, pml_losses.NTXentLoss(temperature=0.07)):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            value = loss_fn(xx, labels, tuple_)
+        value.backward()
+        results.append((value.float(), xx.grad))
+    assert ours_fn.last_backend not in (None, "reference", "zero"), ours_fn.last_fallback
+    ours, theirs = results
+    plain = pml_losses.NTXentLoss(temperature=0.07)(x, labels, tuple_)
+    assert theirs[0] < plain - 0.2, "PML's fp16 floor must lower the loss here"
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=2e-2, atol=2e-3)

@@ -183,6 +183,36 @@ def test_row_sharded_reducers_labels_and_degenerate_batches():
             torch.testing.assert_close(r_grad, shard(x.grad, sizes, r) * len(sizes), rtol=1e-10, atol=1e-12, msg=name)
 
 
+def _ranks_ntxent(r, world, sizes, emb, labels, temperature):
+    loss = dist_utils.DistributedLossWrapper(losses.NTXentLoss(temperature=temperature))
+    x = shard(emb, sizes, r).clone().requires_grad_()
+    value = loss(x, shard(labels, sizes, r))
+    value.backward()
+    return value.detach(), x.grad, loss.last_mode
+
+
+def test_row_sharded_ntxent_past_pmls_cap_is_pmls_global_loss():
+    """A positive pair past PML's -log(p + tiny) cap (fp32, cosine at t = 0.01: row 1 opposite its
+    positive row 0, next to row 2): the row-sharded kernels floor p as PML does, on every rank."""
+    import pytorch_metric_learning.losses as pml_losses
+
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(12, D, generator=g, dtype=torch.float64)
+    emb[1], emb[2] = -emb[0], -emb[0] + 0.01 * emb[3]
+    emb = emb.float()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7, 8])
+    sizes = [7, 5]
+    per_rank = run_ranks(_ranks_ntxent, len(sizes), sizes, emb, labels, 0.01)
+    x = emb.clone().requires_grad_()
+    value = pml_losses.NTXentLoss(temperature=0.01)(x, labels)
+    value.backward()
+    for r, (r_value, r_grad, mode) in enumerate(per_rank):
+        assert mode == "row_sharded"
+        torch.testing.assert_close(r_value, value.detach() * len(sizes), rtol=1e-4, atol=1e-5, msg=f"rank {r}")
+        torch.testing.assert_close(r_grad, shard(x.grad, sizes, r) * len(sizes), rtol=1e-4, atol=1e-6,
+                                   msg=f"rank {r}")
+
+
 def _ranks_ddp_step(r, world, sizes, inputs, labels, loss_name):
     torch.manual_seed(0)
     model = torch.nn.Linear(inputs.shape[1], D).double()

@@ -19,6 +19,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as pml_lmu
 import dmlkern.distances as our_distances
 import dmlkern.losses as our_losses
 import dmlkern.reducers as our_reducers
+from dmlkern.triton import interpret_mode
 
 CLASSES, PER_CLASS, D = 6, 4, 16
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-6)}
@@ -151,11 +152,8 @@ def test_npairs_one_pair_is_an_exact_zero_as_in_pml():
     assert torch.isnan(pml_value) and torch.isnan(our_value)
 
 
-@pytest.mark.parametrize("case", ["cosine_small_temperature", "unnormalised_lp", "unnormalised_lp_power1", "usual"])
-def test_ntxent_terms_past_pmls_cap_run_the_reference(case):
-    """PML's NT-Xent term is -log(p + tiny), at most -log tiny (87 in fp32): a positive pair far
-    below its negatives gets that capped value (and no gradient), which the all-pairs kernels'
-    exact -log p would miss; such a batch runs the reference. The usual batch stays fused."""
+def _ntxent_cap_case(case):
+    """(x, labels, our kwargs, PML's kwargs): a positive pair far below its negatives."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(12, 6, generator=g, dtype=torch.float64)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7, 8])
@@ -170,22 +168,47 @@ def test_ntxent_terms_past_pmls_cap_run_the_reference(case):
         power, t = (1, 0.05) if case.endswith("power1") else (2, 0.5)
         our_kw = dict(temperature=t, distance=our_distances.LpDistance(normalize_embeddings=False, power=power))
         pml_kw = dict(temperature=t, distance=pml_distances.LpDistance(normalize_embeddings=False, power=power))
-    out = []
-    for lib, kw in ((pml_losses, pml_kw), (our_losses, our_kw)):
-        loss = lib.NTXentLoss(**kw)
-        xx = x.clone().requires_grad_()
-        value = loss(xx, labels)
-        value.backward()
-        out.append((value.detach(), xx.grad))
-        if lib is pml_losses:
-            terms = lib.NTXentLoss(reducer=pml_reducers.DoNothingReducer(), **kw)(x, labels)["loss"]["losses"]
-            capped = bool((terms >= -math.log(torch.finfo(x.dtype).tiny) - 1).any())
-            assert capped == (case != "usual"), "the case must (or must not) reach PML's cap"
+    return x, labels, our_kw, pml_kw
+
+
+def _value_and_grad(loss, x, labels):
+    xx = x.clone().requires_grad_()
+    value = loss(xx, labels)
+    value.backward()
+    return value.detach(), xx.grad
+
+
+NTXENT_CAP_CASES = ["cosine_small_temperature", "unnormalised_lp", "unnormalised_lp_power1", "usual"]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("case", NTXENT_CAP_CASES)
+def test_ntxent_terms_past_pmls_cap_are_fused_as_pml(case, backend):
+    """PML's NT-Xent term is -log(p + tiny), at most -log tiny (87 in fp32, 708 in fp64): a positive
+    pair far below its negatives gets that capped value (and almost no gradient). The fused
+    kernels floor p at tiny in the pos_softplus pass (params.log_floor), so they give PML's value
+    and gradient on the fused path."""
+    if backend == "triton" and (torch.cuda.is_available() or not interpret_mode()):
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 and no GPU")
+    x, labels, our_kw, pml_kw = _ntxent_cap_case(case)
+    terms = pml_losses.NTXentLoss(reducer=pml_reducers.DoNothingReducer(), **pml_kw)(x, labels)["loss"]["losses"]
+    capped = bool((terms >= -math.log(torch.finfo(x.dtype).tiny) - 1).any())
+    assert capped == (case != "usual"), "the case must (or must not) reach PML's cap"
     fused = our_losses.NTXentLoss(**our_kw)
-    fused(x, labels)
-    if case == "usual":
-        assert fused.last_backend not in (None, "reference", "zero"), fused.last_fallback
-    else:
-        assert "PML's cap" in str(fused.last_fallback), fused.last_fallback
-    for theirs, ours in zip(*out):
-        torch.testing.assert_close(ours, theirs, **TOL[x.dtype])
+    fused.backend = backend
+    ours = _value_and_grad(fused, x, labels)
+    assert fused.last_backend == backend, fused.last_fallback
+    theirs = _value_and_grad(pml_losses.NTXentLoss(**pml_kw), x, labels)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TOL[x.dtype])
+
+
+def test_ntxent_past_pmls_cap_under_compile():
+    """The cap is in the kernels, not a host-side check: torch.compile(fullgraph=True) gives it too."""
+    x, labels, our_kw, pml_kw = _ntxent_cap_case("cosine_small_temperature")
+    loss = our_losses.NTXentLoss(**our_kw)
+    compiled = torch.compile(lambda e, lab: loss(e, lab), fullgraph=True, backend="aot_eager")
+    ours = _value_and_grad(compiled, x, labels)
+    theirs = _value_and_grad(pml_losses.NTXentLoss(**pml_kw), x, labels)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TOL[x.dtype])

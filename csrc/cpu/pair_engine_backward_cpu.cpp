@@ -87,25 +87,40 @@ DMLK_CPU_INLINE void grad_row_y(bool has_b, bool has_lift, T* w, int nc, const i
   });
 }
 
+// Whether the label ranges of a[0..na) and b[0..nb) overlap: false means no equal label, so no
+// positive pair between them (exact for rows sorted by label, as the fused NT-Xent's).
+inline bool label_ranges_meet(const int32_t* a, int64_t na, const int32_t* b, int64_t nb) {
+  if (na == 0 || nb == 0) return false;
+  const auto [a_lo, a_hi] = std::minmax_element(a, a + na);
+  const auto [b_lo, b_hi] = std::minmax_element(b, b + nb);
+  return *a_lo <= *b_hi && *b_lo <= *a_hi;
+}
+
+// One tile (own rows a0.., other columns c0..). The B_pos term (NT-Xent's positives) and, with
+// tile_has_pos false, the C_lift term are skipped in a tile whose labels cannot pair: both live
+// on positive pairs only, so the skip gives the same bits.
 template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
 DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
                                const int32_t* xlab, const int32_t* ylab,
                                const RowColumns<T>& rows, EngineParams<T> p, bool exclude_diag,
                                bool tile_has_pos) {
   const int inc = static_cast<int>(nc);
+  const bool b_tile = OWN_IS_X ? label_ranges_meet(xlab + a0, na, ylab + c0, nc)
+                               : label_ranges_meet(ylab + a0, na, xlab + c0, nc);
   if constexpr (OWN_IS_X) {
     for (int64_t r = 0; r < na; ++r) {
       const int64_t i = a0 + r;
       const bool has_lift = tile_has_pos && rows.c_lift != nullptr && rows.c_lift[i] != T(0);
-      grad_row_x<T, TR, MI>(rows.b_pos[i] != T(0), has_lift, tile + r * nc, inc, ylab + c0,
-                            xlab[i], diag_column(exclude_diag, i, c0, nc), rows, i, c0, p);
+      grad_row_x<T, TR, MI>(b_tile && rows.b_pos[i] != T(0), has_lift, tile + r * nc, inc,
+                            ylab + c0, xlab[i], diag_column(exclude_diag, i, c0, nc), rows, i, c0,
+                            p);
     }
   } else {
     const auto [has_b, any_lift] = rows.column_terms(c0, nc);
     const bool has_lift = any_lift && tile_has_pos;
     for (int64_t r = 0; r < na; ++r) {
       const int64_t j = a0 + r;
-      grad_row_y<T, TR, MI>(has_b, has_lift, tile + r * nc, inc, xlab + c0, ylab[j],
+      grad_row_y<T, TR, MI>(b_tile && has_b, has_lift, tile + r * nc, inc, xlab + c0, ylab[j],
                             diag_column(exclude_diag, j, c0, nc), rows, j, c0, p);
     }
   }

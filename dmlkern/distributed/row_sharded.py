@@ -116,7 +116,7 @@ class _NTXent(_SupCon):
 
     @staticmethod
     def rows(module, x, y, ids, col_ids, backend, transform):  # per row: the sum over its positives
-        return _apply_ntxent_rows(x, y, ids, col_ids, ntxent_params(module), True, backend, transform)[0]
+        return _apply_ntxent_rows(x, y, ids, col_ids, ntxent_params(module, x), True, backend, transform)[0]
 
     @staticmethod
     def combine(module, all_rows, global_ids, zero_like):

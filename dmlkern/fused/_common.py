@@ -197,6 +197,19 @@ def value_params(distance, sc_pos=0.0, off_pos=0.0, sc_neg=0.0, off_neg=0.0, eps
                         off_neg=off_neg + sc_neg * shift, eps=eps)
 
 
+def matrix_dtype(distance, rows):
+    """The dtype of PML's distance matrix for these rows (embeddings, or their `engine_rows`): under
+    torch.autocast a similarity (a matmul) comes out in the autocast dtype and a Euclidean distance
+    (cdist) in fp32, fp64 staying fp64; outside autocast (or for a distance the engine does not
+    express), the rows' dtype."""
+    kind = engine_distance(distance)
+    if rows.dtype == torch.float64 or kind is None or not torch.is_autocast_enabled(rows.device.type):
+        return rows.dtype
+    if _KINDS[kind][1] in ("unit", "raw"):
+        return torch.get_autocast_dtype(rows.device.type)
+    return torch.float32
+
+
 def engine_rows_reason(distance, embeddings, ref_emb, kinds=None):
     """Why `engine_rows` can't take this call (the `last_fallback` text), or None. kinds: the
     `engine_distance` kinds the loss's passes allow (default: all)."""

@@ -22,7 +22,7 @@ from ..reference.indices import convert_to_pairs
 from ..engine_spec import TRANSFORM_UNIT_DISTANCE
 from . import _common
 from ._common import (DOT_KINDS, decline, engine_distance, engine_rows, engine_rows_reason, engine_transform,
-                      is_unit_cosine, unit_rows, value_params, widened)
+                      is_unit_cosine, matrix_dtype, unit_rows, value_params, widened)
 from ._epilogue import ZERO_LOSS, _element, _engine_or_decline, _log1p_exp, _log1p_exp_as_pml, _per_row
 from .pair_lists import pair_dots, unit_distance
 
@@ -310,7 +310,7 @@ def listed_ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
         z_neg = sign * distance_values(x, y, a2, n, distance) / t
         neg_lse, has_neg = _row_lse_at(z_neg, a2, x.shape[0], a1)
         softplus = torch.where(has_neg, _log1p_exp(neg_lse - z_pos), 0.0)
-        losses = -torch.log(torch.exp(-softplus) + torch.finfo(embeddings.dtype).tiny)  # PML's ratio, + tiny
+        losses = -torch.log(torch.exp(-softplus) + torch.finfo(matrix_dtype(distance, embeddings)).tiny)  # PML's + tiny
         return {"loss": _entry(losses.to(embeddings.dtype), (a1, p), "pos_pair")}
     return _listed_call(module, embeddings, labels, indices_tuple, ref_emb, ref_labels, any_distance, loss_dict,
                         nan_to_reference=True, dedupe=False, dense_rule=False)

@@ -6,17 +6,18 @@ import torch
 
 from .._autograd import applier
 from .._determinism import fixed_order_sum
-from ..engine_spec import MINING_NONE, PASS_EXTREMA, PASS_POS_SOFTPLUS, TRANSFORM_DOT
+from ..engine_spec import MINING_NONE, PASS_POS_SOFTPLUS, TRANSFORM_DOT
 from ..ops import pair_engine as pe
 from . import _stats
-from ._common import all_pairs_plan, branch_free, decline, engine_rows, is_plain_mean, value_params
+from ._common import all_pairs_plan, decline, engine_rows, is_plain_mean, matrix_dtype, value_params
 from .listed_pairs import listed_ntxent
 from ._epilogue import ZERO_LOSS, _lse_neg_then, _rows_backend, _stats_with_pair_rule_of
 
 
 class _NTXentRows(torch.autograd.Function):
     """Per anchor a: sum over its positives p of softplus(lse_neg(a) - s_ap/t), which is
-    -log(e^u / (e^u + sum_n e^{s_an/t})) with u = s_ap/t.
+    -log(e^u / (e^u + sum_n e^{s_an/t})) with u = s_ap/t, floored as PML's -log(p + tiny)
+    (params.log_floor).
 
     Two forward passes (lse2 for lse_neg, then pos_softplus), but ONE backward pass: the
     engine's backward takes the negatives' softmax term (through lse_neg) and the positives'
@@ -87,50 +88,14 @@ class _NTXentRows(torch.autograd.Function):
 _apply_ntxent_rows = applier(_NTXentRows)
 
 
-def ntxent_params(module):
-    """The lse2 pass's logits, PML's s / t (or -d / t for a distance), through `value_params`."""
+def ntxent_params(module, rows):
+    """The lse2 pass's logits, PML's s / t (or -d / t for a distance), through `value_params`, and
+    the pos_softplus pass's floor: PML's term is -log(p + tiny), tiny of its matrix's dtype (at
+    most -log tiny: 87 in fp32 and bf16, 9.7 in fp16, also under fp16 autocast), so the kernels
+    floor p at that tiny too. rows: the embeddings or their engine rows (`matrix_dtype`)."""
     inv_t = (1.0 if module.distance.is_inverted else -1.0) / float(module.temperature)
-    return value_params(module.distance, sc_pos=inv_t, sc_neg=inv_t)
-
-
-PML_CAP = ("a pair whose -log p may reach PML's cap (its -log(p + tiny) is at most -log tiny: 87 in fp32; "
-           "the all-pairs kernels sum -log p)")
-
-
-def may_reach_pmls_cap(per_row, lse_neg, x, y, labels, ref_labels, params, transform, backend):
-    """Whether some pair's term -log p_ap = softplus(lse_neg(a) - z_ap) reaches where PML's
-    -log(p + tiny) departs from it by more than rounding (-log p > -log tiny + log eps, less 1 for
-    the kernels' rounding). A term is at most its row's sum (per_row) and at most
-    softplus(lse_neg(a) + B_a), B_a >= |z| (|x_a| max |y| bounds the dot product s, sqrt(2 + 2 that)
-    the distance sqrt(2 - 2s)): with the cosine at usual temperatures no row comes near (t = 0.07:
-    |z| <= 14.3).
-    Rows left by both bounds (e.g. unnormalised distances) get their worst positive exactly: an
-    extrema pass over them gives min_p s_ap, where z (increasing in s) is least."""
-    info = torch.finfo(per_row.dtype)
-    limit = -math.log(info.tiny) + math.log(info.eps) - 1.0
-    near = per_row >= limit
-    if not bool(near.any()):
-        return False
-    y = x if y is None else y
-    scale = max(abs(params.sc_pos), abs(params.sc_neg))
-    offset = max(abs(params.off_pos), abs(params.off_neg))
-    dot = x.norm(dim=1).to(per_row.dtype) * y.norm(dim=1).amax().to(per_row.dtype)  # >= |s|
-    # TRANSFORM_UNIT_DISTANCE: v = sqrt(2 - 2s) (2 at most on unit rows; unbounded on the augmented
-    # rows of the unnormalised LpDistance, where s = 1 - d^2 / 2)
-    bound = dot if transform == TRANSFORM_DOT else torch.sqrt(2 + 2 * dot)
-    near &= torch.nn.functional.softplus(lse_neg + scale * bound + offset) >= limit
-    if not bool(near.any()):
-        return False
-    increasing = params.sc_pos > 0 if transform == TRANSFORM_DOT else params.sc_pos < 0
-    if not increasing:
-        return True
-    # Without the self pairs' exclusion (rows taken apart from their index): a self pair can
-    # only lower min_p s_ap, i.e. only make the check more careful.
-    min_s = pe.engine_forward(x[near], y, labels[near], ref_labels, pass_kind=PASS_EXTREMA, params=params,
-                              backend=backend)[:, 1]
-    v = min_s if transform == TRANSFORM_DOT else torch.sqrt(torch.clamp(2 - 2 * min_s, min=0))
-    worst = torch.nn.functional.softplus(lse_neg[near] - (params.sc_pos * v + params.off_pos))
-    return bool((worst >= limit).any())
+    params = value_params(module.distance, sc_pos=inv_t, sc_neg=inv_t)
+    return params._replace(log_floor=math.log(torch.finfo(matrix_dtype(module.distance, rows)).tiny))
 
 
 def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -147,7 +112,7 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     exclude_diag, stats, degenerate = _stats_with_pair_rule_of(plan, labels, ref_labels)
     if degenerate.returns_zero_now():
         return ZERO_LOSS
-    params = ntxent_params(module)
+    params = ntxent_params(module, embeddings)
     x, y, transform = engine_rows(module.distance, embeddings, ref_emb)
     # The loss is a sum over pairs: with the rows (and the reference rows) sorted by label, the
     # positives sit in a few tiles near the diagonal, and the pos_softplus pass computes only
@@ -166,15 +131,8 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     sorted_x = x[order]
     y = sorted_x if y is x and ref_order is order else y[ref_order]
     x, labels = sorted_x, sorted_labels
-    per_row, row_in, _ = _apply_ntxent_rows(x, None if y is x else y, labels,
-                                            None if ref_labels is labels else ref_labels, params, exclude_diag,
-                                            backend, transform)
-    if not branch_free(per_row):
-        with torch.no_grad():
-            capped = may_reach_pmls_cap(per_row, row_in[:, 2], x, None if y is x else y, labels, ref_labels,
-                                        params, transform, backend)
-        if capped:
-            return decline(module, PML_CAP)
+    per_row = _apply_ntxent_rows(x, None if y is x else y, labels, None if ref_labels is labels else ref_labels,
+                                 params, exclude_diag, backend, transform)[0]
     loss = degenerate.zero_where(fixed_order_sum(per_row) / stats.pos_total.clamp(min=1))
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced",
                      **_stats.already_reduced_size(module.reducer, stats.pos_total)}}, backend

@@ -24,15 +24,18 @@ from .dispatch import extension_loaded, log, resolve_backend
 
 # The engine's vocabulary (dmlkern/engine_spec.py), re-exported: callers write pe.PASS_LSE2.
 from ..engine_spec import (COEF_WIDTH_HINGE, MINING_MULTI_SIMILARITY, MINING_NONE, OUT_COLUMNS, PARAMS_BASE,  # noqa: F401
+                           PARAMS_CIRCLE,
                            PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS,
                            TRANSFORM_CIRCLE, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
 
 
 def op_params(params, transform):
-    """The ops' float[] params: the 5 every transform reads, and transform 2's 4 constants for it
-    only (the other transforms' calls stay as they were)."""
+    """The ops' float[] params: the 5 every transform reads, transform 2's 4 constants for it, and
+    all 10 with a log_floor (the other calls stay as they were)."""
     params = [float(p) for p in params]
-    return params if int(transform) == TRANSFORM_CIRCLE else params[:PARAMS_BASE]
+    if len(params) > PARAMS_CIRCLE and params[PARAMS_CIRCLE] != float("-inf"):
+        return params
+    return params[:PARAMS_CIRCLE] if int(transform) == TRANSFORM_CIRCLE else params[:PARAMS_BASE]
 
 
 def _setup_context(ctx, inputs, output):

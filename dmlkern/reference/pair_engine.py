@@ -1,13 +1,15 @@
 """Materialising reference of the tiled pair engine (docs/ENGINE.md): the ground truth every
 backend's `engine_forward` / `engine_backward` is tested against. Readable, not fast."""
+import math
+
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["engine_values", "engine_masks", "engine_forward", "engine_backward", "check_symmetric",
            "check_hinge_mining", "check_circle"]
 
-from ..engine_spec import (COEF_WIDTH, COEF_WIDTH_HINGE, COEF_WIDTH_LIFT, PARAMS_BASE, PASS_EXTREMA, PASS_HINGE,
-                           PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS, TRANSFORM_CIRCLE, EngineParams,
+from ..engine_spec import (COEF_WIDTH, COEF_WIDTH_HINGE, COEF_WIDTH_LIFT, PARAM_COUNTS, PARAMS_BASE, PARAMS_CIRCLE,
+                           PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS, TRANSFORM_CIRCLE, EngineParams,
                            stats_dtype)
 from .pair_reductions import masked_row_lse
 
@@ -71,7 +73,7 @@ def check_circle(transform, mining, params, pass_kind=None, coef_width=None):
         return
     if int(mining) != 0:
         raise ValueError(f"transform=2 (circle) needs mining=0, got mining={mining}")
-    if len(params) != len(EngineParams._fields):
+    if len(params) < PARAMS_CIRCLE:
         raise ValueError(f"transform=2 (circle) needs 9 params (relu_pos, shift_pos, relu_neg, shift_neg after "
                          f"the 5), got {len(params)}")
     if pass_kind is not None and int(pass_kind) != PASS_LSE2:
@@ -81,11 +83,16 @@ def check_circle(transform, mining, params, pass_kind=None, coef_width=None):
 
 
 def params_of(params):
-    """The 9 EngineParams values of params (5 or 9 floats; the circle constants default to 0)."""
+    """The EngineParams of params (5, 9 or 10 floats; the circle constants default to 0, log_floor to
+    -inf)."""
     params = tuple(params)
-    if len(params) not in (PARAMS_BASE, len(EngineParams._fields)):
-        raise ValueError(f"params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps] or 9, got {len(params)}")
-    return EngineParams(*params)
+    if len(params) not in PARAM_COUNTS:
+        raise ValueError(f"params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps], 9 (then relu_pos, "
+                         f"shift_pos, relu_neg, shift_neg) or 10 (then log_floor), got {len(params)}")
+    p = EngineParams(*params)
+    if math.isnan(p.log_floor) or p.log_floor == float("inf"):
+        raise ValueError(f"params[9] (log_floor) must be finite or -inf, got {p.log_floor}")
+    return p
 
 
 def set_values(v, params):
@@ -106,6 +113,20 @@ def hinge_args(v, L, params):
     """(t_pos, t_neg) = (sc_pos v + off_pos + L_i, sc_neg v + off_neg - L_i), N x M."""
     sc_pos, off_pos, sc_neg, off_neg = params[:4]
     return (sc_pos * v + off_pos) + L[:, None], (sc_neg * v + off_neg) - L[:, None]
+
+
+def floor_weight(z, params):
+    """d/d softplus(z) of the pos_softplus pass's floored term -log(e^-softplus(z) + e^F):
+    sigmoid(-(F + softplus(z))); 1 without a log_floor F."""
+    floor = params_of(params).log_floor
+    if floor == float("-inf"):
+        return torch.ones_like(z)
+    return torch.sigmoid(-(floor + torch.logaddexp(z, torch.zeros_like(z))))
+
+
+def softplus_slope(z, params):
+    """d/dz of the pos_softplus pass's term: sigmoid(z) times floor_weight."""
+    return torch.sigmoid(z) * floor_weight(z, params)
 
 
 def lifted_relu(v, L, sc_pos, off_pos):
@@ -133,8 +154,12 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
         z = row_in[:, 2:3] - sc_pos * v - off_pos
         zero = torch.zeros((), dtype=v.dtype, device=v.device)
         # log(1 + e^z) exactly: F.softplus returns z above 20 (up to 2e-9 off); PML's NT-Xent doesn't
-        softplus = torch.where(pos, torch.logaddexp(z, zero), zero).sum(dim=1)
-        sigmoid = torch.where(pos, torch.sigmoid(z), zero).sum(dim=1)
+        softplus, sigmoid = torch.logaddexp(z, zero), softplus_slope(z, params)
+        floor = params_of(params).log_floor
+        if floor != float("-inf"):  # -log(p + e^F), p = e^-softplus
+            softplus = -torch.logaddexp(-softplus, torch.full_like(softplus, floor))
+        softplus = torch.where(pos, softplus, zero).sum(dim=1)
+        sigmoid = torch.where(pos, sigmoid, zero).sum(dim=1)
         return torch.stack([softplus, sigmoid, pos.sum(dim=1).to(v.dtype)], dim=1)
     if pass_kind == PASS_LIFTED_PAIRS:
         check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "pass_kind=3 (lifted_pairs)")
@@ -185,7 +210,8 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
 
     live_b = pos & (b_pos != 0)
     dv_pos = (lse_term(a_pos, sc_pos, off_pos, lse_pos, pos, v_pos)
-              - torch.where(live_b, b_pos * sc_pos * torch.sigmoid(row_in[:, 2:3] - sc_pos * v_pos - off_pos), zero))
+              - torch.where(live_b, b_pos * sc_pos * softplus_slope(row_in[:, 2:3] - sc_pos * v_pos - off_pos, params),
+                            zero))
     dv_neg = lse_term(a_neg, sc_neg, off_neg, lse_neg, neg, v_neg)
     if transform == TRANSFORM_CIRCLE:  # dv/ds: each set's relu weight (detached in PML)
         p = params_of(params)

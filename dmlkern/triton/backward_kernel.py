@@ -20,7 +20,8 @@ import triton.language as tl
 
 from .tile_math import (CIRCLE, LOG2E, MULTI_SIMILARITY, UNIT_DISTANCE, _circle_params, _circle_value, _circle_weights,
                         _engine_masks, _engine_params, _hinge_args, _label_range, _lifted_relu, _load_row_in,
-                        _load_rows, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile, _tile_meets)
+                        _floor_weight, _load_rows, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile,
+                        _tile_meets)
 
 
 @triton.jit
@@ -39,7 +40,7 @@ def _load_row_stats(RIN, COEF, idx, ok, s_rn, s_rc, s_cn, s_cc, prm,
     (c, shift) for pos and neg (_softmax_coefs), B_pos and C_lift (0 unless HAS_B / HAS_LIFT), as
     the tuple (max_neg, min_pos, L, c_pos, shift_pos, c_neg, shift_neg, B_pos, C_lift). prm: the
     EngineParams values (_engine_params)."""
-    sc_pos, off_pos, sc_neg, off_neg, _ = prm
+    sc_pos, off_pos, sc_neg, off_neg, _, _ = prm
     zeros = tl.zeros(idx.shape, dtype=ACC_DTYPE)
     max_neg, min_pos, big_l = _load_row_in(RIN, idx, ok, s_rn, s_rc, MINING, HAS_B or HAS_LIFT, ACC_DTYPE)
     a_pos = tl.load(COEF + idx * s_cn, mask=ok, other=0.0).to(ACC_DTYPE)
@@ -71,10 +72,11 @@ def _softmax_terms(v, pos, neg, c_pos, sh_pos, c_neg, sh_neg, sc2_pos, sc2_neg):
 
 
 @triton.jit
-def _b_term(v, pos, b_pos, big_l, sc_pos, off_pos):
-    """The pos_softplus pass's term of dl/dv: -B_pos sc_pos sigmoid(L - sc_pos v - off_pos) on
-    pos pairs, exactly 0 where B_pos is 0."""
-    return tl.where(pos & (b_pos != 0.0), -(b_pos * sc_pos) * _sigmoid(big_l - sc_pos * v - off_pos), 0.0)
+def _b_term(v, pos, b_pos, big_l, sc_pos, off_pos, floor):
+    """The pos_softplus pass's term of dl/dv: -B_pos sc_pos sigmoid(z) w(z) on pos pairs,
+    z = L - sc_pos v - off_pos, w the log_floor's weight (1 without one); exactly 0 where B_pos is 0."""
+    z = big_l - sc_pos * v - off_pos
+    return tl.where(pos & (b_pos != 0.0), -(b_pos * sc_pos) * (_sigmoid(z) * _floor_weight(z, floor)), 0.0)
 
 
 @triton.jit
@@ -105,7 +107,7 @@ def _dl_dv_row_side(v, self_pair, own_lab, rs, oth, oth_ok, oth_lab, meets, RIN,
                     ACC_DTYPE: tl.constexpr):
     """dl/dv of a tile for grad_x: the pairs (i, j) = (own row a, column b), with row i's
     statistics rs (_load_row_stats, per program); the lifted term reads column j's L per tile."""
-    sc_pos, off_pos, sc_neg, off_neg, eps = prm
+    sc_pos, off_pos, sc_neg, off_neg, eps, floor = prm
     big_l, b_pos, c_lift = rs[2], rs[7], rs[8]  # L, B_pos, C_lift
     pos, neg, dv = _row_pairs(v, self_pair, own_lab, rs, oth_ok, oth_lab, eps, sc2_pos, sc2_neg, MINING, EXCLUDE_DIAG)
     if HAS_LIFT:  # y is x: column j's L
@@ -113,7 +115,7 @@ def _dl_dv_row_side(v, self_pair, own_lab, rs, oth, oth_ok, oth_lab, meets, RIN,
     if HAS_B or HAS_LIFT:
         if meets:  # the tile holds positive pairs
             if HAS_B:
-                dv += _b_term(v, pos, b_pos[:, None], big_l[:, None], sc_pos, off_pos)
+                dv += _b_term(v, pos, b_pos[:, None], big_l[:, None], sc_pos, off_pos, floor)
             if HAS_LIFT:
                 lae, _ = _logaddexp_sigmoid(big_l[:, None], l_col[None, :])
                 r = sc_pos * _lifted_relu(v, lae, sc_pos, off_pos)
@@ -127,7 +129,7 @@ def _dl_dv_col_side(v, self_pair, own_lab, own_l, oth, oth_ok, oth_lab, meets, R
                     HAS_LIFT: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """dl/dv of a tile for grad_y, transposed: the pairs (i, j) = (column b, own row a), with row
     i's statistics loaded per tile; own_l is row j's L (the lifted term, y is x)."""
-    sc_pos, off_pos, sc_neg, off_neg, eps = prm
+    sc_pos, off_pos, sc_neg, off_neg, eps, floor = prm
     t_max_neg, t_min_pos, t_big_l, t_c_pos, t_sh_pos, t_c_neg, t_sh_neg, t_b_pos, t_c_lift = _load_row_stats(
         RIN, COEF, oth, oth_ok, s_rn, s_rc, s_cn, s_cc, prm, MINING, HAS_B, HAS_LIFT, ACC_DTYPE)
     pos, neg = _engine_masks(v, oth_lab[None, :], own_lab[:, None], oth_ok[None, :], self_pair,
@@ -137,7 +139,7 @@ def _dl_dv_col_side(v, self_pair, own_lab, own_l, oth, oth_ok, oth_lab, meets, R
     if HAS_B or HAS_LIFT:
         if meets:  # the tile holds positive pairs
             if HAS_B:
-                dv += _b_term(v, pos, t_b_pos[None, :], t_big_l[None, :], sc_pos, off_pos)
+                dv += _b_term(v, pos, t_b_pos[None, :], t_big_l[None, :], sc_pos, off_pos, floor)
             if HAS_LIFT:
                 dv += _lift_term(v, pos, t_c_lift[None, :], t_big_l[None, :], own_l[:, None], sc_pos, off_pos)
     return dv
@@ -151,7 +153,7 @@ def _dl_dv_symmetric(v, self_pair, own_lab, rs, oth, oth_ok, oth_lab, meets, RIN
     with the own row's statistics rs plus the pair (b, a) with column b's, loaded per tile. The
     label masks are symmetric (the mining ones are recomputed for i = b); one relu(z) serves both
     orders of the lifted term (logaddexp is symmetric)."""
-    sc_pos, off_pos, sc_neg, off_neg, eps = prm
+    sc_pos, off_pos, sc_neg, off_neg, eps, floor = prm
     big_l, b_pos, c_lift = rs[2], rs[7], rs[8]  # L, B_pos, C_lift
     pos, neg, dv = _row_pairs(v, self_pair, own_lab, rs, oth_ok, oth_lab, eps, sc2_pos, sc2_neg, MINING, EXCLUDE_DIAG)
     t_max_neg, t_min_pos, t_big_l, t_c_pos, t_sh_pos, t_c_neg, t_sh_neg, t_b_pos, t_c_lift = _load_row_stats(
@@ -167,8 +169,8 @@ def _dl_dv_symmetric(v, self_pair, own_lab, rs, oth, oth_ok, oth_lab, meets, RIN
     if HAS_B or HAS_LIFT:
         if meets:  # the tile holds positive pairs
             if HAS_B:
-                dv += _b_term(v, pos, b_pos[:, None], big_l[:, None], sc_pos, off_pos)
-                dv += _b_term(v, t_pos, t_b_pos[None, :], t_big_l[None, :], sc_pos, off_pos)
+                dv += _b_term(v, pos, b_pos[:, None], big_l[:, None], sc_pos, off_pos, floor)
+                dv += _b_term(v, t_pos, t_b_pos[None, :], t_big_l[None, :], sc_pos, off_pos, floor)
             if HAS_LIFT:  # mining 0 (checked by the host)
                 lae, _ = _logaddexp_sigmoid(big_l[:, None], t_big_l[None, :])
                 r = sc_pos * _lifted_relu(v, lae, sc_pos, off_pos)
@@ -203,7 +205,7 @@ def _dl_dv_hinge(v, self_pair, own_lab, hs, oth, oth_ok, oth_lab, RIN, COEF, s_r
     hs = (L, H_pos, H_neg) loaded once per program), grad_y (rows i are the columns, loaded per
     tile) and symmetric (both orders of each pair). Without mining the masks are symmetric: one
     pair of masks serves both orders."""
-    sc_pos, off_pos, sc_neg, off_neg, eps = prm
+    sc_pos, off_pos, sc_neg, off_neg, eps, _ = prm
     pos, neg = _engine_masks(v, own_lab[:, None], oth_lab[None, :], oth_ok[None, :], self_pair, 0.0, 0.0, eps,
                              MINING, EXCLUDE_DIAG)
     if OWN_IS_X:
@@ -226,6 +228,7 @@ def _engine_bwd_kernel(OWN, OTHER, OWN_LAB, OTH_LAB, RIN, COEF, GRAD, N_OWN, N_O
                        sc_neg_h, sc_neg_m, sc_neg_l, off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l,
                        relu_pos_h, relu_pos_m, relu_pos_l, shift_pos_h, shift_pos_m, shift_pos_l,
                        relu_neg_h, relu_neg_m, relu_neg_l, shift_neg_h, shift_neg_m, shift_neg_l,
+                       log_floor_h, log_floor_m, log_floor_l,
                        OWN_IS_X: tl.constexpr, SYMMETRIC: tl.constexpr, TRANSFORM: tl.constexpr,
                        MINING: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, HAS_B: tl.constexpr,
                        HAS_LIFT: tl.constexpr, HINGE: tl.constexpr,
@@ -245,7 +248,8 @@ def _engine_bwd_kernel(OWN, OTHER, OWN_LAB, OTH_LAB, RIN, COEF, GRAD, N_OWN, N_O
     douts = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT).to(tl.int64)
     dout_ok = douts < D
     prm = _engine_params(sc_pos_h, sc_pos_m, sc_pos_l, off_pos_h, off_pos_m, off_pos_l, sc_neg_h, sc_neg_m, sc_neg_l,
-                         off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l, ACC_DTYPE)
+                         off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l, log_floor_h, log_floor_m, log_floor_l,
+                         ACC_DTYPE)
     sc2_pos = prm[0] * LOG2E
     sc2_neg = prm[2] * LOG2E
     if TRANSFORM == CIRCLE:  # the softmax backward with mining 0 only (checked by the host)

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ..engine_spec import PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS
 from .tile_math import (CIRCLE, LN2, LOG2E, _circle_params, _circle_value, _circle_weights, _engine_masks,
-                        _engine_params, _exp, _hinge_args, _label_range, _lifted_relu, _load_row_in, _load_rows,
+                        _engine_params, _exp, _floor_weight, _hinge_args, _label_range, _lifted_relu, _load_row_in, _load_rows,
                         _log1p_of, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile, _tile_meets, _value)
 
 EXTREMA = tl.constexpr(PASS_EXTREMA)
@@ -26,6 +26,18 @@ def _softplus(z):
     NT-Xent): max(z, 0) + log1p(exp(-|z|)). softplus(-inf) = 0, softplus(inf) = inf, NaN -> NaN."""
     t = _exp(-tl.abs(z))
     return tl.where(z > 0.0, z, 0.0) + _log1p_of(t, 1.0 + t)
+
+
+@triton.jit
+def _floored_softplus(z, floor):
+    """The pos_softplus term with a log_floor F (pair_engine.h, engine_floored_softplus):
+    -log(e^-softplus(z) + e^F) from a = F + softplus(z), -F - log1p(e^-a) past a = 0 and
+    softplus(z) - log1p(e^a) before; the plain softplus for F = -inf. NaN -> NaN."""
+    sp = _softplus(z)
+    a = floor + sp
+    t = _exp(-tl.abs(a))
+    l1p = _log1p_of(t, 1.0 + t)
+    return tl.where(floor == float("-inf"), sp, tl.where(a > 0.0, -floor - l1p, sp - l1p))
 
 
 @triton.jit
@@ -66,6 +78,7 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
                        sc_neg_h, sc_neg_m, sc_neg_l, off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l,
                        relu_pos_h, relu_pos_m, relu_pos_l, shift_pos_h, shift_pos_m, shift_pos_l,
                        relu_neg_h, relu_neg_m, relu_neg_l, shift_neg_h, shift_neg_m, shift_neg_l,
+                       log_floor_h, log_floor_m, log_floor_l,
                        PASS_KIND: tl.constexpr, TRANSFORM: tl.constexpr, MINING: tl.constexpr,
                        EXCLUDE_DIAG: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
@@ -77,9 +90,9 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < N
     x_lab = tl.load(XL + rows * s_xl, mask=row_ok, other=0)
-    sc_pos, off_pos, sc_neg, off_neg, eps = _engine_params(
+    sc_pos, off_pos, sc_neg, off_neg, eps, floor = _engine_params(
         sc_pos_h, sc_pos_m, sc_pos_l, off_pos_h, off_pos_m, off_pos_l, sc_neg_h, sc_neg_m, sc_neg_l,
-        off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l, ACC_DTYPE)
+        off_neg_h, off_neg_m, off_neg_l, eps_h, eps_m, eps_l, log_floor_h, log_floor_m, log_floor_l, ACC_DTYPE)
     if TRANSFORM == CIRCLE:  # lse2 with mining 0 only (checked by the host)
         cp = _circle_params(relu_pos_h, relu_pos_m, relu_pos_l, shift_pos_h, shift_pos_m, shift_pos_l,
                             relu_neg_h, relu_neg_m, relu_neg_l, shift_neg_h, shift_neg_m, shift_neg_l, ACC_DTYPE)
@@ -143,8 +156,8 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
                                                   sc_neg * LOG2E, off_neg * LOG2E)
             elif PASS_KIND == POS_SOFTPLUS:
                 z = big_l[:, None] - sc_pos * v - off_pos
-                sp += tl.sum(tl.where(pos, _softplus(z), 0.0), axis=1)
-                sg += tl.sum(tl.where(pos, _sigmoid(z), 0.0), axis=1)
+                sp += tl.sum(tl.where(pos, _floored_softplus(z, floor), 0.0), axis=1)
+                sg += tl.sum(tl.where(pos, _sigmoid(z) * _floor_weight(z, floor), 0.0), axis=1)
                 cnt += tl.sum(tl.where(pos, 1.0, 0.0).to(ACC_DTYPE), axis=1)
             elif PASS_KIND == HINGE:  # relu keeps NaN (where, not maximum); > 0 is false for NaN
                 t_pos, t_neg = _hinge_args(v, big_l[:, None], sc_pos, off_pos, sc_neg, off_neg)

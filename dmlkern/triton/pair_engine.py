@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from ..engine_spec import (COEF_WIDTH, COEF_WIDTH_HINGE, COEF_WIDTH_LIFT, MINING_MULTI_SIMILARITY, MINING_NONE,
-                           OUT_COLUMNS, PARAMS_BASE, PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_POS_SOFTPLUS,
+                           OUT_COLUMNS, PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_POS_SOFTPLUS,
                            TRANSFORM_CIRCLE, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype)
-from ..reference.pair_engine import check_circle, check_hinge_mining, check_symmetric
+from ..reference.pair_engine import check_circle, check_hinge_mining, check_symmetric, params_of
 from . import interpret_mode
 from .backward_kernel import _engine_bwd_kernel
 from .forward_kernel import _engine_fwd_kernel
@@ -66,11 +66,9 @@ def _split(p):
 
 
 def _param_args(params):
-    """The kernels' PARAM_PIECES for params (EngineParams, or 5 or 9 floats in its order; the circle
-    constants default to 0)."""
-    if len(params) not in (PARAMS_BASE, len(EngineParams._fields)):
-        raise ValueError(f"params must hold 5 floats [sc_pos, off_pos, sc_neg, off_neg, eps] or 9, got {params}")
-    return _split_params(tuple(float(p) for p in EngineParams(*params)))
+    """The kernels' PARAM_PIECES for params (EngineParams, or 5, 9 or 10 floats in its order; the
+    circle constants default to 0, log_floor to -inf)."""
+    return _split_params(tuple(float(p) for p in params_of(params)))
 
 
 @functools.lru_cache(maxsize=256)  # a loss calls with the same few params every step: host time

@@ -25,12 +25,12 @@ def _param(hi, mid, lo, ACC_DTYPE: tl.constexpr):
 @triton.jit
 def _engine_params(sc_pos_h, sc_pos_m, sc_pos_l, off_pos_h, off_pos_m, off_pos_l,
                    sc_neg_h, sc_neg_m, sc_neg_l, off_neg_h, off_neg_m, off_neg_l,
-                   eps_h, eps_m, eps_l, ACC_DTYPE: tl.constexpr):
-    """EngineParams (sc_pos, off_pos, sc_neg, off_neg, eps) in ACC_DTYPE, from the three fp32
-    pieces (_h + _m + _l) the host splits each one into (pair_engine._param_args)."""
+                   eps_h, eps_m, eps_l, log_floor_h, log_floor_m, log_floor_l, ACC_DTYPE: tl.constexpr):
+    """EngineParams (sc_pos, off_pos, sc_neg, off_neg, eps, log_floor) in ACC_DTYPE, from the three
+    fp32 pieces (_h + _m + _l) the host splits each one into (pair_engine._param_args)."""
     return (_param(sc_pos_h, sc_pos_m, sc_pos_l, ACC_DTYPE), _param(off_pos_h, off_pos_m, off_pos_l, ACC_DTYPE),
             _param(sc_neg_h, sc_neg_m, sc_neg_l, ACC_DTYPE), _param(off_neg_h, off_neg_m, off_neg_l, ACC_DTYPE),
-            _param(eps_h, eps_m, eps_l, ACC_DTYPE))
+            _param(eps_h, eps_m, eps_l, ACC_DTYPE), _param(log_floor_h, log_floor_m, log_floor_l, ACC_DTYPE))
 
 
 @triton.jit
@@ -164,6 +164,14 @@ def _log1p_of(t, u):
     """log1p(t) given u = 1 + t, without libdevice: log(u) * t / (u - 1) is accurate to a few
     ulp (Goldberg); t where u rounds to 1."""
     return tl.where(u == 1.0, t, (tl.log2(u) * LN2) * (t / (u - 1.0)))
+
+
+@triton.jit
+def _floor_weight(z, floor):
+    """d/d softplus(z) of the pos_softplus pass's floored term (pair_engine.h,
+    engine_floor_weight): 1 / (1 + e^{F + max(z, 0)} (1 + e^{-|z|})), 1 for F = -inf."""
+    u = _exp(floor + tl.where(z > 0.0, z, 0.0)) * (1.0 + _exp(-tl.abs(z)))
+    return tl.where(floor == float("-inf"), 1.0, 1.0 / (1.0 + u))
 
 
 @triton.jit
