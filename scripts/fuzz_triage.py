@@ -32,6 +32,8 @@ def documented(spec, kind, message):
         return "P2SGrad, two calls then one backward: PML's first gradient reads the renormalised weight"
     if name == "TupletMarginLoss" and inputs.get("D") == 1:
         return "TupletMargin at width 1: cosines of +-1, PML's acos gradient is NaN"
+    if name == "TupletMarginLoss" and inputs.get("dup_rows") and nans and int(nans.group(1)) > int(nans.group(2)):
+        return "TupletMargin, equal rows: a cosine rounded past 1, PML's acos is NaN (dmlkern clamps)"
     if inputs.get("zero_rows") and kind.startswith("grad") and not nans:
         return "a zero row's normalisation gradient (1/eps times rounding noise, in both)"
     if inputs.get("dup_rows") and not nans:
