@@ -231,7 +231,8 @@ __device__ __forceinline__ T pair_weight(T v, int64_t a, int64_t b, const int64_
     return engine_pair_grad<TR, true, true>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L, p,
                                             StdExp(), c_lift, L_j, StdLog1p());
   }
-  return b_pos != T(0)
+  // The B_pos term lives on positive pairs (same labels): the other pairs skip its exps.
+  return same && b_pos != T(0)
              ? engine_pair_grad<TR, true>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L, p,
                                           StdExp())
              : engine_pair_grad<TR, false>(v, kp, kn, a_pos, lse_pos, a_neg, lse_neg, b_pos, L, p,
@@ -259,7 +260,7 @@ __device__ __forceinline__ T pair_weight_sym(T v, int64_t a, int64_t b,
     return engine_pair_grad_sym<TR, MI, true, true>(v, same, excluded, ra, rb, p, StdExp(),
                                                     StdLog1p());
   }
-  return ra.b_pos != T(0) || rb.b_pos != T(0)
+  return same && (ra.b_pos != T(0) || rb.b_pos != T(0))
              ? engine_pair_grad_sym<TR, MI, true, false>(v, same, excluded, ra, rb, p, StdExp())
              : engine_pair_grad_sym<TR, MI, false, false>(v, same, excluded, ra, rb, p, StdExp());
 }
