@@ -195,16 +195,18 @@ def test_cpu_autocast_at_least_as_accurate_as_pml(name):
         assert our_error <= 1.5 * pml_error + 1e-6, f"{name} {what}: {our_error:.3g} off fp64, PML {pml_error:.3g}"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")])])
 @pytest.mark.parametrize("listed", [False, True], ids=["all_pairs", "listed"])
-def test_cpu_fp16_autocast_ntxent_takes_pmls_fp16_floor(listed):
+def test_fp16_autocast_ntxent_takes_pmls_fp16_floor(listed, device):
     """PML's NT-Xent adds tiny of its matrix's dtype inside the log: under fp16 autocast that is
     fp16's (a term capped at 9.7, reached at t = 0.07 on random rows), also with fp32 embeddings.
     The fused kernels floor p there too (before: fp32's floor, 8.63 against PML's 7.43)."""
     import pytorch_metric_learning.losses as pml_losses
     from pytorch_metric_learning.utils import loss_and_miner_utils as pml_lmu
     g = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
-    labels = torch.randint(0, 8, (64,), generator=g)
+    x = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1).to(device)
+    labels = torch.randint(0, 8, (64,), generator=g).to(device)
     tuple_ = None
     if listed:  # a sparse tuple (a dense one runs the reference): every 7th pair
         a1, p, a2, n = pml_lmu.get_all_pairs_indices(labels)
@@ -213,7 +215,7 @@ def test_cpu_fp16_autocast_ntxent_takes_pmls_fp16_floor(listed):
     ours_fn = losses.NTXentLoss(temperature=0.07)
     for loss_fn in (ours_fn, pml_losses.NTXentLoss(temperature=0.07)):
         xx = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device, dtype=torch.float16):
             value = loss_fn(xx, labels, tuple_)
         value.backward()
         results.append((value.float(), xx.grad))
