@@ -293,21 +293,24 @@ DMLK_HDI T engine_sigmoid(T z, ExpF ex) {
 
 // The pos_softplus term with a floor F on p = exp(-softplus(z)): -log(p + e^F) (PML's NT-Xent
 // adds tiny to p), from a = F + softplus(z) without cancellation: -F - log1p(e^-a) past a = 0,
-// softplus(z) - log1p(e^a) before. F = -inf is the plain softplus, exactly. NaN stays NaN.
+// softplus(z) - log1p(e^a) before; 0 where softplus(z) is (p = 1, e.g. a row without negatives:
+// PML's 1 + tiny rounds to 1). F = -inf is the plain softplus, exactly. NaN stays NaN.
 template <typename T, typename ExpF>
 DMLK_HDI T engine_floored_softplus(T z, T F, ExpF ex) {
   const T sp = engine_softplus(z, ex);
-  if (F == neg_infinity<T>()) return sp;
+  if (F == neg_infinity<T>() || sp == T(0)) return sp;
   const T a = F + sp;
   return a > T(0) ? -F - log1p_(ex(-a)) : sp - log1p_(ex(a));
 }
 
-// d engine_floored_softplus / d softplus(z) = sigmoid(-(F + softplus(z))) = 1 / (1 + e^{F + max(z, 0)}
-// (1 + e^{-|z|})): 1 exactly for F = -inf, 0 where z = +inf (PML's p underflows there), NaN for NaN.
+// d engine_floored_softplus / dz = sigmoid(z) w, w = sigmoid(-(F + softplus(z))): one division,
+// [z >= 0 ? 1 : e] / ((1 + e) (1 + e^{F + max(z, 0)} (1 + e))), e = e^{-|z|}. w is 1 for F = -inf
+// and 0 where z = +inf (PML's p underflows there); NaN stays NaN.
 template <typename T, typename ExpF>
-DMLK_HDI T engine_floor_weight(T z, T F, ExpF ex) {
-  const T u = ex(F + (z > T(0) ? z : T(0))) * (T(1) + ex(-abs_(z)));
-  return F == neg_infinity<T>() ? T(1) : T(1) / (T(1) + u);
+DMLK_HDI T engine_floored_sigmoid(T z, T F, ExpF ex) {
+  const T e = ex(-abs_(z));
+  const T u = F == neg_infinity<T>() ? T(0) : ex(F + (z > T(0) ? z : T(0))) * (T(1) + e);
+  return (z >= T(0) ? T(1) : e) / ((T(1) + e) * (T(1) + u));
 }
 
 // ---- forward accumulators, one per row (merge combines partial rows) ------
@@ -359,7 +362,7 @@ struct Lse2Acc {
 
 // Pass 2: over pos kept, sums of softplus(z) and sigmoid(z) with
 // z = L_i - sc_pos * v - off_pos, and the count; with a finite log_floor, the floored softplus and
-// its derivative in L_i, sigmoid(z) times engine_floor_weight.
+// its derivative in L_i (engine_floored_sigmoid).
 template <typename T>
 DMLK_HDI T engine_softplus_arg(T v, T L, const EngineParams<T>& p) {
   return L - p.sc_pos * v - p.off_pos;
@@ -390,8 +393,8 @@ struct PosSoftplusAcc : RowSums3<T> {
   DMLK_HDI void push(T v, bool pos, T L, const EngineParams<T>& p, ExpF ex) {
     if (!pos) return;
     const T z = engine_softplus_arg(v, L, p);
-    this->merge(engine_floored_softplus(z, p.log_floor, ex),
-                engine_sigmoid(z, ex) * engine_floor_weight(z, p.log_floor, ex), T(1));
+    this->merge(engine_floored_softplus(z, p.log_floor, ex), engine_floored_sigmoid(z, p.log_floor, ex),
+                T(1));
   }
 };
 
@@ -540,7 +543,7 @@ DMLK_HDI T engine_lifted_pair_grad(T v, bool kept_pos, T c_lift, T L_i, T L_j,
 //   dl/dv = [pos] (A_pos sc_pos exp(sc_pos v + off_pos - LSE_pos) - B_pos sc_pos sigmoid(z) w(z)
 //                  + C_lift sc_pos relu(logaddexp(L, L_j) + sc_pos v + off_pos))
 //         + [neg]  A_neg sc_neg exp(sc_neg v + off_neg - LSE_neg)
-// (z = L - sc_pos v - off_pos, w = engine_floor_weight: 1 without a log_floor)
+// (z = L - sc_pos v - off_pos, sigmoid(z) w = engine_floored_sigmoid: w = 1 without a log_floor)
 // (v: the set's value, engine_pos_value / engine_neg_value). A term whose coefficient is 0 (or
 // whose LSE is -inf) is exactly 0, never NaN: its exp argument is replaced by -inf. pos and neg
 // exclude each other, so the two LSE terms share one exp. HAS_B = false promises B_pos = 0
@@ -563,7 +566,7 @@ DMLK_HDI T engine_pair_dl_dv(T v, bool kept_pos, bool kept_neg, T a_pos, T lse_p
   if constexpr (HAS_B) {
     const bool live_b = kept_pos & (b_pos != T(0));
     const T z = live_b ? engine_softplus_arg(vp, L, p) : T(0);
-    const T sig = engine_sigmoid(z, ex) * engine_floor_weight(z, p.log_floor, ex);
+    const T sig = engine_floored_sigmoid(z, p.log_floor, ex);
     dl_dv = dl_dv - (live_b ? b_pos * p.sc_pos * sig : T(0));
   }
   if constexpr (HAS_LIFT) {

@@ -154,3 +154,16 @@ def test_a_nan_or_plus_inf_floor_is_rejected(backend, bad):
     with pytest.raises((ValueError, RuntimeError), match="log_floor"):
         pe.engine_forward(x, x, lab, lab, torch.zeros(4, 3), pass_kind=2, params=BASE + CIRCLE_ZEROS + [bad],
                           backend=backend)
+
+
+@pytest.mark.parametrize("backend, device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])
+def test_a_pair_whose_p_is_one_is_exactly_zero(backend, device):
+    """L = -inf (a row without negatives) gives p = 1, where PML's -log(1 + tiny) rounds to 0:
+    the floored term is exactly 0 (not -log1p(tiny) < 0), and so is its slope, at every floor."""
+    for floor in FLOORS.values():
+        x, y, xl, yl, row_in, self_pairs = _inputs((29, 70, 13, 4), torch.float32, device, floor)
+        row_in[::2, 2] = float("-inf")
+        got = pe.engine_forward(x, y, xl, yl, row_in, pass_kind=2, params=_params(floor), exclude_diag=self_pairs,
+                                backend=backend)
+        assert (got[::2, 2] > 0).any(), "the rows must have positives"
+        assert torch.equal(got[::2, :2], torch.zeros_like(got[::2, :2])), (floor, got[::2, :2])

@@ -156,8 +156,9 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
         # log(1 + e^z) exactly: F.softplus returns z above 20 (up to 2e-9 off); PML's NT-Xent doesn't
         softplus, sigmoid = torch.logaddexp(z, zero), softplus_slope(z, params)
         floor = params_of(params).log_floor
-        if floor != float("-inf"):  # -log(p + e^F), p = e^-softplus
-            softplus = -torch.logaddexp(-softplus, torch.full_like(softplus, floor))
+        if floor != float("-inf"):  # -log(p + e^F), p = e^-softplus; 0 at p = 1 (PML's 1 + tiny rounds to 1)
+            softplus = torch.where(softplus == 0, softplus,
+                                   -torch.logaddexp(-softplus, torch.full_like(softplus, floor)))
         softplus = torch.where(pos, softplus, zero).sum(dim=1)
         sigmoid = torch.where(pos, sigmoid, zero).sum(dim=1)
         return torch.stack([softplus, sigmoid, pos.sum(dim=1).to(v.dtype)], dim=1)

@@ -19,9 +19,8 @@ import triton
 import triton.language as tl
 
 from .tile_math import (CIRCLE, LOG2E, MULTI_SIMILARITY, UNIT_DISTANCE, _circle_params, _circle_value, _circle_weights,
-                        _engine_masks, _engine_params, _hinge_args, _label_range, _lifted_relu, _load_row_in,
-                        _floor_weight, _load_rows, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile,
-                        _tile_meets)
+                        _engine_masks, _engine_params, _floored_sigmoid, _hinge_args, _label_range, _lifted_relu,
+                        _load_row_in, _load_rows, _logaddexp_sigmoid, _self_pairs, _sim_tile, _tile_meets)
 
 
 @triton.jit
@@ -76,7 +75,7 @@ def _b_term(v, pos, b_pos, big_l, sc_pos, off_pos, floor):
     """The pos_softplus pass's term of dl/dv: -B_pos sc_pos sigmoid(z) w(z) on pos pairs,
     z = L - sc_pos v - off_pos, w the log_floor's weight (1 without one); exactly 0 where B_pos is 0."""
     z = big_l - sc_pos * v - off_pos
-    return tl.where(pos & (b_pos != 0.0), -(b_pos * sc_pos) * (_sigmoid(z) * _floor_weight(z, floor)), 0.0)
+    return tl.where(pos & (b_pos != 0.0), -(b_pos * sc_pos) * _floored_sigmoid(z, floor), 0.0)
 
 
 @triton.jit

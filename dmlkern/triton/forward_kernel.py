@@ -10,8 +10,8 @@ import triton.language as tl
 
 from ..engine_spec import PASS_EXTREMA, PASS_HINGE, PASS_LIFTED_PAIRS, PASS_LSE2, PASS_POS_SOFTPLUS
 from .tile_math import (CIRCLE, LN2, LOG2E, _circle_params, _circle_value, _circle_weights, _engine_masks,
-                        _engine_params, _exp, _floor_weight, _hinge_args, _label_range, _lifted_relu, _load_row_in, _load_rows,
-                        _log1p_of, _logaddexp_sigmoid, _self_pairs, _sigmoid, _sim_tile, _tile_meets, _value)
+                        _engine_params, _exp, _hinge_args, _label_range, _lifted_relu, _load_row_in,
+                        _load_rows, _log1p_of, _logaddexp_sigmoid, _self_pairs, _sim_tile, _tile_meets, _value)
 
 EXTREMA = tl.constexpr(PASS_EXTREMA)
 LSE2 = tl.constexpr(PASS_LSE2)
@@ -21,23 +21,25 @@ HINGE = tl.constexpr(PASS_HINGE)
 
 
 @triton.jit
-def _softplus(z):
-    """softplus without overflow and without F.softplus's cut-off at z > 20 (exact, as PML's
-    NT-Xent): max(z, 0) + log1p(exp(-|z|)). softplus(-inf) = 0, softplus(inf) = inf, NaN -> NaN."""
+def _floored_softplus_terms(z, floor):
+    """(term, d term / dz) of the pos_softplus pass with a log_floor F (pair_engine.h,
+    engine_floored_softplus / engine_floored_sigmoid): the term -log(e^-softplus(z) + e^F) from
+    a = F + softplus(z), -F - log1p(e^-a) past a = 0 and softplus(z) - log1p(e^a) before, 0 where
+    softplus(z) is (p = 1); its slope sigmoid(z) sigmoid(-a). t = e^-|z| and ta = e^-|a| serve both (two exps,
+    two logs, one division). The plain softplus and sigmoid for F = -inf; softplus is exact (no
+    cut-off above z = 20, as F.softplus has; PML's NT-Xent has none). NaN -> NaN."""
     t = _exp(-tl.abs(z))
-    return tl.where(z > 0.0, z, 0.0) + _log1p_of(t, 1.0 + t)
-
-
-@triton.jit
-def _floored_softplus(z, floor):
-    """The pos_softplus term with a log_floor F (pair_engine.h, engine_floored_softplus):
-    -log(e^-softplus(z) + e^F) from a = F + softplus(z), -F - log1p(e^-a) past a = 0 and
-    softplus(z) - log1p(e^a) before; the plain softplus for F = -inf. NaN -> NaN."""
-    sp = _softplus(z)
+    sp = tl.where(z > 0.0, z, 0.0) + _log1p_of(t, 1.0 + t)
+    num = tl.where(z >= 0.0, 1.0, t)
     a = floor + sp
-    t = _exp(-tl.abs(a))
-    l1p = _log1p_of(t, 1.0 + t)
-    return tl.where(floor == float("-inf"), sp, tl.where(a > 0.0, -floor - l1p, sp - l1p))
+    ta = _exp(-tl.abs(a))
+    l1p = _log1p_of(ta, 1.0 + ta)
+    term = tl.where(a > 0.0, -floor - l1p, sp - l1p)
+    plain = floor == float("-inf")
+    term = tl.where(plain, sp, tl.where(sp == 0.0, 0.0, term))
+    slope = tl.where(plain, num / (1.0 + t),
+                     (num * tl.where(a > 0.0, ta, 1.0)) / ((1.0 + t) * (1.0 + ta)))
+    return term, slope
 
 
 @triton.jit
@@ -156,8 +158,9 @@ def _engine_fwd_kernel(X, Y, XL, YL, RIN, OUT, N, M, D,
                                                   sc_neg * LOG2E, off_neg * LOG2E)
             elif PASS_KIND == POS_SOFTPLUS:
                 z = big_l[:, None] - sc_pos * v - off_pos
-                sp += tl.sum(tl.where(pos, _floored_softplus(z, floor), 0.0), axis=1)
-                sg += tl.sum(tl.where(pos, _sigmoid(z) * _floor_weight(z, floor), 0.0), axis=1)
+                term, slope = _floored_softplus_terms(z, floor)
+                sp += tl.sum(tl.where(pos, term, 0.0), axis=1)
+                sg += tl.sum(tl.where(pos, slope, 0.0), axis=1)
                 cnt += tl.sum(tl.where(pos, 1.0, 0.0).to(ACC_DTYPE), axis=1)
             elif PASS_KIND == HINGE:  # relu keeps NaN (where, not maximum); > 0 is false for NaN
                 t_pos, t_neg = _hinge_args(v, big_l[:, None], sc_pos, off_pos, sc_neg, off_neg)

@@ -167,19 +167,13 @@ def _log1p_of(t, u):
 
 
 @triton.jit
-def _floor_weight(z, floor):
-    """d/d softplus(z) of the pos_softplus pass's floored term (pair_engine.h,
-    engine_floor_weight): 1 / (1 + e^{F + max(z, 0)} (1 + e^{-|z|})), 1 for F = -inf."""
-    u = _exp(floor + tl.where(z > 0.0, z, 0.0)) * (1.0 + _exp(-tl.abs(z)))
-    return tl.where(floor == float("-inf"), 1.0, 1.0 / (1.0 + u))
-
-
-@triton.jit
-def _sigmoid(z):
-    """1 / (1 + exp(-z)) without overflow; sigmoid(-inf) = 0, NaN -> NaN."""
+def _floored_sigmoid(z, floor):
+    """d/dz of the pos_softplus pass's floored term (pair_engine.h, engine_floored_sigmoid),
+    sigmoid(z) / (1 + e^{F + max(z, 0)} (1 + t)), t = e^{-|z|}, in one division; sigmoid(z) for
+    F = -inf. NaN -> NaN."""
     t = _exp(-tl.abs(z))
-    r = 1.0 / (1.0 + t)
-    return tl.where(z >= 0.0, r, t * r)
+    u = tl.where(floor == float("-inf"), 0.0, _exp(floor + tl.where(z > 0.0, z, 0.0)) * (1.0 + t))
+    return tl.where(z >= 0.0, 1.0, t) / ((1.0 + t) * (1.0 + u))
 
 
 @triton.jit
