@@ -283,14 +283,6 @@ DMLK_HDI T engine_softplus(T z, ExpF ex) {
   return (z > T(0) ? z : T(0)) + log1p_(ex(-abs_(z)));
 }
 
-// sigmoid(z) from exp(-|z|) (never overflows); sigmoid(-inf) = 0, NaN stays NaN.
-template <typename T, typename ExpF>
-DMLK_HDI T engine_sigmoid(T z, ExpF ex) {
-  const T e = ex(-abs_(z));
-  const T r = T(1) / (T(1) + e);
-  return z >= T(0) ? r : e * r;
-}
-
 // The pos_softplus term with a floor F on p = exp(-softplus(z)): -log(p + e^F) (PML's NT-Xent
 // adds tiny to p), from a = F + softplus(z) without cancellation: -F - log1p(e^-a) past a = 0,
 // softplus(z) - log1p(e^a) before; 0 where softplus(z) is (p = 1, e.g. a row without negatives:

@@ -115,18 +115,12 @@ def hinge_args(v, L, params):
     return (sc_pos * v + off_pos) + L[:, None], (sc_neg * v + off_neg) - L[:, None]
 
 
-def floor_weight(z, params):
-    """d/d softplus(z) of the pos_softplus pass's floored term -log(e^-softplus(z) + e^F):
-    sigmoid(-(F + softplus(z))); 1 without a log_floor F."""
-    floor = params_of(params).log_floor
+def softplus_slope(z, floor):
+    """d/dz of the pos_softplus pass's term: sigmoid(z), times sigmoid(-(F + softplus(z))) with a
+    log_floor F (the floored term -log(e^-softplus(z) + e^F))."""
     if floor == float("-inf"):
-        return torch.ones_like(z)
-    return torch.sigmoid(-(floor + torch.logaddexp(z, torch.zeros_like(z))))
-
-
-def softplus_slope(z, params):
-    """d/dz of the pos_softplus pass's term: sigmoid(z) times floor_weight."""
-    return torch.sigmoid(z) * floor_weight(z, params)
+        return torch.sigmoid(z)
+    return torch.sigmoid(z) * torch.sigmoid(-(floor + torch.logaddexp(z, torch.zeros_like(z))))
 
 
 def lifted_relu(v, L, sc_pos, off_pos):
@@ -154,8 +148,8 @@ def engine_forward(x, y, x_labels, y_labels, row_in, pass_kind, transform, minin
         z = row_in[:, 2:3] - sc_pos * v - off_pos
         zero = torch.zeros((), dtype=v.dtype, device=v.device)
         # log(1 + e^z) exactly: F.softplus returns z above 20 (up to 2e-9 off); PML's NT-Xent doesn't
-        softplus, sigmoid = torch.logaddexp(z, zero), softplus_slope(z, params)
         floor = params_of(params).log_floor
+        softplus, sigmoid = torch.logaddexp(z, zero), softplus_slope(z, floor)
         if floor != float("-inf"):  # -log(p + e^F), p = e^-softplus; 0 at p = 1 (PML's 1 + tiny rounds to 1)
             softplus = torch.where(softplus == 0, softplus,
                                    -torch.logaddexp(-softplus, torch.full_like(softplus, floor)))
@@ -210,9 +204,8 @@ def engine_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, minin
         return torch.where(live, a * sc * torch.exp(sc * v + off - torch.where(live, lse, zero)), zero)
 
     live_b = pos & (b_pos != 0)
-    dv_pos = (lse_term(a_pos, sc_pos, off_pos, lse_pos, pos, v_pos)
-              - torch.where(live_b, b_pos * sc_pos * softplus_slope(row_in[:, 2:3] - sc_pos * v_pos - off_pos, params),
-                            zero))
+    slope = softplus_slope(row_in[:, 2:3] - sc_pos * v_pos - off_pos, params_of(params).log_floor)
+    dv_pos = lse_term(a_pos, sc_pos, off_pos, lse_pos, pos, v_pos) - torch.where(live_b, b_pos * sc_pos * slope, zero)
     dv_neg = lse_term(a_neg, sc_neg, off_neg, lse_neg, neg, v_neg)
     if transform == TRANSFORM_CIRCLE:  # dv/ds: each set's relu weight (detached in PML)
         p = params_of(params)

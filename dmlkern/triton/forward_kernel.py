@@ -25,9 +25,9 @@ def _floored_softplus_terms(z, floor):
     """(term, d term / dz) of the pos_softplus pass with a log_floor F (pair_engine.h,
     engine_floored_softplus / engine_floored_sigmoid): the term -log(e^-softplus(z) + e^F) from
     a = F + softplus(z), -F - log1p(e^-a) past a = 0 and softplus(z) - log1p(e^a) before, 0 where
-    softplus(z) is (p = 1); its slope sigmoid(z) sigmoid(-a). t = e^-|z| and ta = e^-|a| serve both (two exps,
-    two logs, one division). The plain softplus and sigmoid for F = -inf; softplus is exact (no
-    cut-off above z = 20, as F.softplus has; PML's NT-Xent has none). NaN -> NaN."""
+    softplus(z) is (p = 1); its slope sigmoid(z) sigmoid(-a). t = e^-|z| and ta = e^-|a| serve
+    both (two exps, two logs, one division). The plain softplus and sigmoid for F = -inf; softplus
+    is exact (no cut-off above z = 20, as F.softplus has; PML's NT-Xent has none). NaN -> NaN."""
     t = _exp(-tl.abs(z))
     sp = tl.where(z > 0.0, z, 0.0) + _log1p_of(t, 1.0 + t)
     num = tl.where(z >= 0.0, 1.0, t)
