@@ -408,3 +408,73 @@ def test_nca_compiles_fullgraph_and_tuplet_compiles(engine_backend_choice):  # n
         got_v, got_g = _call(compiled, x, labels, None, None)
         torch.testing.assert_close(got_v, want_v)
         torch.testing.assert_close(got_g[0], want_g[0])
+
+
+REDUCER_PAIRS = {  # (ours, PML's): PML reduces NCA's empty entry with each
+    "mean": lambda R: R.MeanReducer(), "sum": lambda R: R.SumReducer(),
+    "class_weighted": lambda R: R.ClassWeightedReducer(torch.ones(10)), "per_anchor": lambda R: R.PerAnchorReducer(),
+    "avg_non_zero": lambda R: R.AvgNonZeroReducer(), "threshold": lambda R: R.ThresholdReducer(low=0),
+}
+
+
+@pytest.mark.parametrize("route", ["fused", "reference"])
+@pytest.mark.parametrize("reducer", sorted(REDUCER_PAIRS))
+def test_nca_without_a_kept_row_gives_ref_emb_pmls_gradient(engine_backend_choice, route, reducer):  # noqa: F811
+    """No row kept (no positive anywhere): PML reduces the empty entry, and
+    ref_emb's gradient is zeros where that reduction runs on the distances' graph (a mean, NaN in
+    PML, dmlkern's zero; a sum) and None where the reducer returns its zero from the embeddings
+    (AvgNonZero, Threshold). dmlkern's ref_emb gets the same: zeros, or None."""
+    from dmlkern import reducers as our_reducers
+    engine_backend_choice("cpp", "cpu")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=g)
+    labels = torch.arange(5)
+    ref, ref_labels = torch.randn(3, 4, dtype=torch.float64, generator=g), torch.arange(5, 8)
+    out = {}
+    for name, loss in (("ours", losses.NCALoss(reducer=REDUCER_PAIRS[reducer](our_reducers))),
+                       ("pml", pml_losses.NCALoss(reducer=REDUCER_PAIRS[reducer](pml_reducers)))):
+        if name == "ours" and route == "reference":
+            loss.backend = "reference"
+        xx, rr = x.clone().requires_grad_(True), ref.clone().requires_grad_(True)
+        value = loss(xx, labels, ref_emb=rr, ref_labels=ref_labels)
+        value.backward()
+        out[name] = (value.detach(), xx.grad, rr.grad)
+        if name == "ours":
+            assert loss.last_backend == ("cpp" if route == "fused" else "reference")
+    (v, gx, gr), (pv, pgx, pgr) = out["ours"], out["pml"]
+    assert v.item() == (0.0 if pv.isnan() else pv.item())
+    assert torch.equal(gx, pgx) and torch.all(gx == 0)
+    assert (gr is None) == (pgr is None), (gr, pgr)
+    if pgr is not None:
+        assert gr.shape == pgr.shape and torch.equal(gr, pgr)
+
+
+@pytest.mark.parametrize("route", ["fused", "reference"])
+@pytest.mark.parametrize("reducer", sorted(REDUCER_PAIRS))
+def test_proxy_nca_without_a_kept_sample_gives_the_proxies_pmls_gradient(engine_backend_choice, route, reducer):  # noqa: F811
+    """ProxyNCA with every sample's probability underflowing: the proxies' gradient is zeros where
+    PML's reducer answers on the graph, None where it answers with its zero from the embeddings
+    (as for NCA's ref_emb above): an optimiser then steps the proxies as it would under PML."""
+    from dmlkern import reducers as our_reducers
+    engine_backend_choice("cpp", "cpu")
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    labels = torch.tensor([0, 1, 2])
+    out = {}
+    for name, lib, red in (("ours", losses, our_reducers), ("pml", pml_losses, pml_reducers)):
+        loss = lib.ProxyNCALoss(3, 4, softmax_scale=1e4, reducer=REDUCER_PAIRS[reducer](red)).double()
+        if name == "ours" and route == "reference":
+            loss.backend = "reference"
+        with torch.no_grad():  # each sample's proxy opposite it: its probability is 0
+            loss.proxies.copy_(-x[labels] + 0.3 * x[labels.roll(1)])
+        xx = x.clone().requires_grad_(True)
+        value = loss(xx, labels)
+        value.backward()
+        out[name] = (value.detach(), xx.grad, loss.proxies.grad)
+        if name == "ours":
+            assert loss.last_backend == ("cpp" if route == "fused" else "reference")
+    (v, gx, gp), (pv, pgx, pgp) = out["ours"], out["pml"]
+    assert v.item() == (0.0 if pv.isnan() else pv.item())
+    assert torch.equal(gx, pgx) and torch.all(gx == 0)
+    assert (gp is None) == (pgp is None), (gp, pgp)
+    if pgp is not None:
+        assert torch.equal(gp, pgp)

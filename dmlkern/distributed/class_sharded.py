@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ..fused import _common
-from ..fused._epilogue import _element
+from ..fused._epilogue import _element, no_kept_row_loss
 from ..fused.class_softmax import (ClassLayout, EngineBlock, GroupedBlock, _lse_over_blocks, blocked_backward,
                                    class_cross_entropy)
 from ..fused.grouped_classes import MaxOverGroup, per_class
@@ -305,7 +305,7 @@ class ClassShardedLoss(torch.nn.Module):
         if spec.drop_zero_probability and not _common.branch_free(losses):
             kept = torch.exp(-losses.detach().to(x_all.dtype)) != 0  # the same on every rank: same decision
             if not bool(kept.any()):
-                loss_dict = {"loss": self.loss.zero_loss()}
+                loss_dict = no_kept_row_loss(self.loss, entry["losses"], kept)
             elif not bool(kept.all()):
                 entry["losses"], entry["indices"] = entry["losses"][kept], entry["indices"][kept]
         return self.loss.reducer(loss_dict, x_all, labels_all)

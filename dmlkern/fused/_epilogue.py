@@ -5,7 +5,7 @@ ZERO_LOSS, or None after `decline` recorded why the reference runs (BaseMetricLo
 sets last_backend / last_fallback from that)."""
 import torch
 
-from .._determinism import logaddexp
+from .._determinism import fixed_order_sum, logaddexp
 from ..engine_spec import MINING_NONE, PASS_LSE2, TRANSFORM_DOT
 from ..ops import pair_engine as pe
 from . import _common
@@ -163,6 +163,33 @@ def returns_loss_dict(module):
     PML's form even where a reducer would see only a zero (e.g. an empty element entry)."""
     from ..reducers import DoNothingReducer
     return isinstance(module.reducer, DoNothingReducer)
+
+
+def reduces_empty_on_graph(module):
+    """Whether PML's reducer, handed a loss's empty entry (NCA with no row kept), answers on the
+    loss's graph, so that ref_emb's gradient is zeros rather than None: a mean (MeanReducer,
+    ClassWeightedReducer, also inside a PerAnchorReducer; NaN in PML, dmlkern's zero) or a sum.
+    False where it answers with its zero from the embeddings alone (ThresholdReducer,
+    AvgNonZeroReducer), for DoNothingReducer (the empty entry itself) and for the others."""
+    from ..reducers import ClassWeightedReducer, MeanReducer, PerAnchorReducer, SumReducer
+
+    reducers = _sub_loss_reducers(module, ["loss"])
+    if reducers is None:
+        return False
+    reducer = reducers["loss"]
+    while isinstance(reducer, PerAnchorReducer):
+        reducer = reducer.reducer
+    return type(reducer) in (MeanReducer, SumReducer, ClassWeightedReducer)
+
+
+def no_kept_row_loss(module, losses, kept):
+    """The loss dict of NCA / ProxyNCA when no row is kept (`kept` all False) and the dict is
+    reduced: a zero on the losses' graph where PML's reducer answers on its graph (ref_emb's and
+    the proxies' gradients are then zeros, as PML's, not None), else the reducer's zero."""
+    if reduces_empty_on_graph(module):
+        zero = fixed_order_sum(torch.where(kept, losses, 0.0))
+        return {"loss": {"losses": zero, "indices": None, "reduction_type": "already_reduced"}}
+    return {"loss": module.zero_loss()}
 
 
 def _sub_loss_reducers(module, names):

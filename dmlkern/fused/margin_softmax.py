@@ -17,7 +17,7 @@ from ..ops.pair_engine import autocast_rows
 from ..reference import classification_losses as ref
 from ..reference.indices import convert_to_weights
 from ._common import branch_free, decline, is_unit_cosine, static_shapes, unit_rows
-from ._epilogue import _element, _engine_or_decline, returns_loss_dict
+from ._epilogue import _element, _engine_or_decline, no_kept_row_loss, returns_loss_dict
 from .class_softmax import ClassLayout, EngineBlock, class_cross_entropy, class_lse, no_grad_at_short_rows, normalized
 from .lazy_pairs import LazyMined
 
@@ -75,7 +75,7 @@ def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, k
     if drop_zero_probability and not branch_free(losses):
         kept = torch.exp(-losses.detach().to(embeddings.dtype)) != 0
         if not bool(kept.any()) and not returns_loss_dict(module):  # (DoNothingReducer: PML's empty entry)
-            return {"loss": module.zero_loss()}
+            return no_kept_row_loss(module, entry["losses"], kept)
         if not bool(kept.all()):
             entry["losses"], entry["indices"] = entry["losses"][kept], entry["indices"][kept]
     return {"loss": entry}

@@ -7,7 +7,7 @@ DoNothingReducer the dict holds PML's empty entry.
 """
 
 from ..distances import LpDistance
-from ..fused._epilogue import returns_loss_dict
+from ..fused._epilogue import reduces_empty_on_graph, returns_loss_dict
 from ..fused.nca import nca
 from ..reference import embedding_losses as R
 from .base import BaseMetricLossFunction
@@ -28,7 +28,7 @@ class NCALoss(BaseMetricLossFunction):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return R.nca_loss_dict(
             embeddings, labels, indices_tuple, ref_emb, ref_labels, softmax_scale=self.softmax_scale, distance=self.distance,
-            empty_entry=returns_loss_dict(self),
+            empty_entry=returns_loss_dict(self), zero_on_graph=reduces_empty_on_graph(self),
         )
 
     def get_default_distance(self):

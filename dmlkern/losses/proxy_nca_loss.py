@@ -2,7 +2,7 @@ import torch
 
 from ..distances import LpDistance
 from ..fused.proxy_nca import proxy_nca
-from ..fused._epilogue import returns_loss_dict
+from ..fused._epilogue import reduces_empty_on_graph, returns_loss_dict
 from ..reference.classification_losses import proxy_nca_loss_dict
 from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
@@ -48,7 +48,7 @@ class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.cast_types(embeddings.dtype, embeddings.device)
         loss_dict = proxy_nca_loss_dict(
             embeddings, labels, self.proxies, indices_tuple, softmax_scale=self.softmax_scale, distance=self.distance,
-            empty_entry=returns_loss_dict(self),
+            empty_entry=returns_loss_dict(self), zero_on_graph=reduces_empty_on_graph(self),
         )
         self.add_weight_regularization_to_loss_dict(loss_dict)
         return loss_dict

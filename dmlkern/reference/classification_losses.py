@@ -124,7 +124,7 @@ def _weighted_ce(logits, labels, miner_weights):
 
 # =============================================================================== ProxyNCA
 def proxy_nca_loss_dict(embeddings, labels, proxies, indices_tuple=None, *, softmax_scale=1, distance,
-                        empty_entry=False):
+                        empty_entry=False, zero_on_graph=False):
     """NCA against class proxies (Movshovitz-Attias et al. 2017, as PML codes it):
 
         loss_i = -log softmax_j(scale * s(x_i, proxy_j))[y_i] * w_i
@@ -132,8 +132,9 @@ def proxy_nca_loss_dict(embeddings, labels, proxies, indices_tuple=None, *, soft
     with ``s = -d`` for a distance (default: squared normalised Euclidean). The softmax
     denominator includes the positive proxy. ``w_i`` counts anchors only. Samples whose
     probability underflows to 0 (or whose label has no proxy) are dropped; if all are, the loss
-    is the grad-carrying zero (PML's mean of nothing is NaN), or with empty_entry (the dict reaches
-    the user: DoNothingReducer) PML's empty entry.
+    is the grad-carrying zero (PML's mean of nothing is NaN), on the probabilities' graph with
+    zero_on_graph (where PML's reducer answers there: the proxies' gradient is zeros), or with
+    empty_entry (the dict reaches the user: DoNothingReducer) PML's empty entry.
     """
     dtype = embeddings.dtype
     weights = convert_to_weights(indices_tuple, labels, dtype=dtype, using_ref=True)
@@ -145,6 +146,8 @@ def proxy_nca_loss_dict(embeddings, labels, proxies, indices_tuple=None, *, soft
     prob_pos = torch.sum(F.softmax(softmax_scale * mat, dim=1) * same, dim=1)
     kept = prob_pos != 0
     if not (empty_entry or bool(kept.any())):
+        if zero_on_graph:  # every probability is exactly 0: so is their sum
+            return {"loss": {"losses": prob_pos.sum(), "indices": None, "reduction_type": "already_reduced"}}
         return {"loss": _zero_entry()}
     losses = -torch.log(prob_pos[kept]) * weights[kept]
     return {"loss": _element(losses, _rows(embeddings)[kept])}

@@ -117,12 +117,13 @@ def supcon_loss(
 
 # =============================================================================== NCA
 def nca_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, softmax_scale, distance,
-                  empty_entry=False):
+                  empty_entry=False, zero_on_graph=False):
     """Per query i: -log sum_{j: y_j = y_i} softmax_j(scale * s_ij) (s = -d for a distance; the
     diagonal is excluded when the references are the batch itself), times the miner weight of
     i. Rows whose positive probability is 0 are dropped; if every row is dropped the loss is the
-    grad-carrying zero (deviation: PML's mean of nothing is NaN), or with empty_entry (the dict
-    reaches the user: DoNothingReducer) PML's empty entry."""
+    grad-carrying zero (deviation: PML's mean of nothing is NaN), on the probabilities' graph with
+    zero_on_graph (where PML's reducer answers there: ref_emb's gradient is zeros), or with
+    empty_entry (the dict reaches the user: DoNothingReducer) PML's empty entry."""
     if len(embeddings) <= 1:
         return _zeros()
     if labels is None:
@@ -140,6 +141,8 @@ def nca_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, sof
     prob_pos = torch.sum(F.softmax(softmax_scale * mat, dim=1) * same, dim=1)
     kept = prob_pos != 0
     if not (empty_entry or bool(kept.any())):
+        if zero_on_graph:  # every probability is exactly 0: so is their sum
+            return {"loss": _entry(prob_pos.sum(), None, "already_reduced")}
         return _zeros()
     losses = -torch.log(prob_pos[kept]) * weights[kept]
     return {"loss": _entry(losses, _rows(embeddings)[kept], "element")}
