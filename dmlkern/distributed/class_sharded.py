@@ -44,11 +44,11 @@ import torch
 import torch.distributed as dist
 
 from ..fused import _common
-from ..fused._epilogue import _element, no_kept_row_loss
+from ..fused._epilogue import _element
 from ..fused.class_softmax import (ClassLayout, EngineBlock, GroupedBlock, _lse_over_blocks, blocked_backward,
                                    class_cross_entropy)
 from ..fused.grouped_classes import MaxOverGroup, per_class
-from ..fused.margin_softmax import logit_rows, target_logits, target_weight_rows
+from ..fused.margin_softmax import logit_rows, target_logits, target_weight_rows, without_zero_probability
 from ..fused.proxy_nca import _is_unit_squared_euclidean, _supported as _proxy_nca_distance_ok
 from ..losses import (ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, ProxyNCALoss, SphereFaceLoss,
                       SubCenterArcFaceLoss)
@@ -302,12 +302,8 @@ class ClassShardedLoss(torch.nn.Module):
         losses = self._global_losses(x_all, labels_all, spec, world > 1)
         entry = _element(losses.to(x_all.dtype), len(losses))
         loss_dict = {"loss": entry}
-        if spec.drop_zero_probability and not _common.branch_free(losses):
-            kept = torch.exp(-losses.detach().to(x_all.dtype)) != 0  # the same on every rank: same decision
-            if not bool(kept.any()):
-                loss_dict = no_kept_row_loss(self.loss, entry["losses"], kept)
-            elif not bool(kept.all()):
-                entry["losses"], entry["indices"] = entry["losses"][kept], entry["indices"][kept]
+        if spec.drop_zero_probability:  # the same global losses on every rank: the same samples kept
+            loss_dict = without_zero_probability(self.loss, entry, losses)
         return self.loss.reducer(loss_dict, x_all, labels_all)
 
     def _global_losses(self, x_all, labels_all, spec, spread):

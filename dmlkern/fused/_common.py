@@ -109,27 +109,27 @@ class _UnitRows(torch.autograd.Function):
             return (grad - y * radial) / norm.clamp_min(_NORMALIZE_EPS)
 
 
+def _holds_somewhere(test, tensors):
+    """Whether test(t) (a bool tensor) has a True for one of the distinct, non-None tensors: one
+    host read each. detach: no graph is needed, and float() of a tensor requiring grad warns."""
+    distinct = [t for i, t in enumerate(tensors) if t is not None and all(t is not u for u in tensors[:i])]
+    return any(bool(test(t.detach()).any()) for t in distinct)
+
+
 def has_short_rows(*tensors):
     """Whether a row is shorter than F.normalize's eps (1e-12, e.g. an all-zero row): normalised,
     it stays shorter than 1, and the unit-distance transform d = sqrt(2 - 2s) assumes unit rows
     (PML's cdist takes the true distance). Reads the values, eager only: one host read on CUDA;
     under torch.compile it can't, and such rows get d = sqrt(2 - 2s) (README)."""
-    if static_shapes():
-        return False
-    distinct = [t for i, t in enumerate(tensors) if all(t is not u for u in tensors[:i])]
-    # detach: float() of a tensor that requires grad warns (UserWarning), and no graph is needed
-    # (norm < eps).any(), not norm.amin() < eps: a NaN row's norm would hide a short row from amin
-    return any(bool((torch.linalg.vector_norm(t.detach(), dim=1) < 1e-12).any()) for t in distinct)
+    # (norm < eps), not norm.amin() < eps: a NaN row's norm would hide a short row from amin
+    return not static_shapes() and _holds_somewhere(lambda t: torch.linalg.vector_norm(t, dim=1) < 1e-12, tensors)
 
 
 def has_entry(test, embeddings, ref_emb=None):
     """Whether test (e.g. torch.isinf) holds for an entry of embeddings or ref_emb, eager off CUDA:
     one O(N D) read; False where `branch_free` (a host sync on CUDA, a data-dependent branch under
     torch.compile)."""
-    if branch_free(embeddings):
-        return False
-    tensors = (embeddings,) if ref_emb is None or ref_emb is embeddings else (embeddings, ref_emb)
-    return any(bool(test(t.detach()).any()) for t in tensors)
+    return not branch_free(embeddings) and _holds_somewhere(test, (embeddings, ref_emb))
 
 
 _apply_unit_rows = applier(_UnitRows)

@@ -72,12 +72,22 @@ def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, k
         losses = torch.where(((labels >= 0) & (labels < num_classes)).all(), losses, float("nan"))
     weights = miner_weights(indices_tuple, labels, embeddings.dtype, using_ref)
     entry = _element(losses.to(embeddings.dtype) * weights, len(losses))
-    if drop_zero_probability and not branch_free(losses):
-        kept = torch.exp(-losses.detach().to(embeddings.dtype)) != 0
-        if not bool(kept.any()) and not returns_loss_dict(module):  # (DoNothingReducer: PML's empty entry)
-            return no_kept_row_loss(module, entry["losses"], kept)
-        if not bool(kept.all()):
-            entry["losses"], entry["indices"] = entry["losses"][kept], entry["indices"][kept]
+    if drop_zero_probability:
+        return without_zero_probability(module, entry, losses)
+    return {"loss": entry}
+
+
+def without_zero_probability(module, entry, losses):
+    """{"loss": entry} less the samples whose probability e^-loss is 0 in the entry's dtype, as
+    PML's ProxyNCA drops them (eager off CUDA: a data-dependent shape; `branch_free` calls keep
+    them); none kept: `no_kept_row_loss`, or PML's empty entry where the dict reaches the user."""
+    if branch_free(losses):
+        return {"loss": entry}
+    kept = torch.exp(-losses.detach().to(entry["losses"].dtype)) != 0
+    if not bool(kept.any()) and not returns_loss_dict(module):  # (DoNothingReducer: PML's empty entry)
+        return no_kept_row_loss(module, entry["losses"], kept)
+    if not bool(kept.all()):
+        entry["losses"], entry["indices"] = entry["losses"][kept], entry["indices"][kept]
     return {"loss": entry}
 
 
