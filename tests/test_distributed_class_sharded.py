@@ -221,20 +221,25 @@ def test_one_process_equals_the_plain_loss(name):
     torch.testing.assert_close(sharded.weight.grad, ref_gw, **TOL)
 
 
-@pytest.mark.parametrize("reducer", ["mean", "avg_non_zero"])
+@pytest.mark.parametrize("reducer", ["mean", "avg_non_zero", "do_nothing"])
 def test_proxy_nca_without_a_kept_sample_matches_the_plain_loss(reducer):
     """Every sample's probability 0 (each proxy opposite its samples): the plain loss's zero, and
-    the proxies' gradient as the plain loss's (zeros with a mean, as PML's; None with AvgNonZero)."""
+    the proxies' gradient as the plain loss's (zeros with a mean, as PML's; None with AvgNonZero),
+    PML's empty entry with DoNothingReducer."""
     x = torch.randn(3, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     labels = torch.tensor([0, 1, 2])
     weight = -x[labels] + 0.3 * x[labels.roll(1)]
-    make_reducer = {"mean": reducers.MeanReducer, "avg_non_zero": reducers.AvgNonZeroReducer}[reducer]
+    make_reducer = {"mean": reducers.MeanReducer, "avg_non_zero": reducers.AvgNonZeroReducer,
+                    "do_nothing": reducers.DoNothingReducer}[reducer]
     plain = losses.ProxyNCALoss(3, D, softmax_scale=1e4, reducer=make_reducer()).double()
     plain.proxies.data = weight.clone()
     sharded = ClassShardedLoss(losses.ProxyNCALoss, 3, D, softmax_scale=1e4, reducer=make_reducer())
     sharded.load_from_full(plain)
     for loss, w in ((plain, plain.proxies), (sharded, sharded.weight)):
         value = loss(x.clone().requires_grad_(), labels)
+        if reducer == "do_nothing":  # PML's empty entry, as it is
+            assert value["loss"]["reduction_type"] == "element" and value["loss"]["losses"].shape == (0,)
+            continue
         value.backward()
         assert value.item() == 0.0
         if reducer == "mean":
