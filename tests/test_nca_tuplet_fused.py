@@ -478,3 +478,30 @@ def test_proxy_nca_without_a_kept_sample_gives_the_proxies_pmls_gradient(engine_
     assert (gp is None) == (pgp is None), (gp, pgp)
     if pgp is not None:
         assert torch.equal(gp, pgp)
+
+
+@pytest.mark.parametrize("reducer", sorted(REDUCER_PAIRS) + ["do_nothing"])
+def test_nca_with_an_empty_ref_emb_is_pmls(reducer):
+    """An empty ref_emb (rows against no reference): PML's per-row dict of no row (DoNothingReducer
+    returns it as it is), its reduction's value (NaN for a mean: dmlkern's zero) and ref_emb's
+    (0, D) gradient where that reduction is on the graph (None with AvgNonZero / Threshold)."""
+    from dmlkern import reducers as our_reducers
+    make = REDUCER_PAIRS.get(reducer, lambda R: R.DoNothingReducer())
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(5)
+    out = {}
+    for name, lib, red in (("ours", losses, our_reducers), ("pml", pml_losses, pml_reducers)):
+        xx, rr = x.clone().requires_grad_(True), torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+        out[name] = lib.NCALoss(reducer=make(red))(xx, labels, ref_emb=rr, ref_labels=labels[:0]), rr
+    (got, ref), (want, pml_ref) = out["ours"], out["pml"]
+    if reducer == "do_nothing":
+        got, want = got["loss"], want["loss"]
+        assert got["reduction_type"] == want["reduction_type"] == "element"
+        assert got["losses"].shape == want["losses"].shape == (0,) and torch.equal(got["indices"], want["indices"])
+        return
+    assert got.item() == (0.0 if want.isnan() else want.item())
+    got.backward()
+    want.backward()
+    assert (ref.grad is None) == (pml_ref.grad is None)
+    if pml_ref.grad is not None:
+        assert ref.grad.shape == pml_ref.grad.shape == (0, 4)

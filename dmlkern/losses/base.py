@@ -192,6 +192,9 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
     backend = "auto"
     last_backend = None
     last_fallback = None  # when the reference ran: why (README, "Why no speedup?")
+    # an empty ref_emb (with more than one row): the reference's dict rather than the zero
+    # (NCALoss: PML's per-row dict, empty, and ref_emb's (0, D) gradient)
+    _reference_for_empty_ref = False
 
     def check_unsupported(self, embeddings, indices_tuple, labels, ref_emb, ref_labels):
         """PML's checks at the top of its compute_loss, in its order (`ref_not_supported`,
@@ -229,7 +232,9 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
         self.check_unsupported(embeddings, lazy or indices_tuple, labels, ref_emb, ref_labels)
         self.check_inputs(embeddings, labels, ref_emb, ref_labels)
         loss_dict, self.last_fallback = None, None
-        if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
+        if self._reference_for_empty_ref and ref_emb.shape[0] == 0 and embeddings.shape[0] > 1:
+            self.last_fallback = EMPTY_REF
+        elif embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
             loss_dict = ZERO_LOSS  # an empty batch: PML's grad-carrying zero, from the shapes alone
         elif self.backend != "reference" and _common.has_entry(torch.isinf, embeddings, ref_emb):
             self.last_fallback = INFINITE_ENTRY
@@ -260,6 +265,8 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
         return self.reducer(loss_dict, embeddings, labels)
 
 
+# (NCALoss) PML's rows against no reference: a per-row dict of no row, on ref_emb's graph
+EMPTY_REF = "an empty ref_emb (PML's per-row dict of no row: O(N) on the reference)"
 # (eager off CUDA: `_common.has_entry`) PML's inf / NaN / finite result there depends on its ops' order
 INFINITE_ENTRY = "an infinite embedding entry (the kernels' rules follow PML's NaN, not inf; eager CPU)"
 

@@ -16,6 +16,7 @@ from .base import BaseMetricLossFunction
 class NCALoss(BaseMetricLossFunction):
     # labels are checked after the single-sample short-circuit, as in PML
     _labels_required = None
+    _reference_for_empty_ref = True
 
     def __init__(self, softmax_scale=1, **kwargs):
         super().__init__(**kwargs)
