@@ -44,6 +44,26 @@ def fused_class_call(loss, fused_fn, embeddings, labels, indices_tuple, distance
     return result
 
 
+class ClassWeightsMixin:
+    """What the class-weight losses do alike with their one weight parameter, named by
+    `_class_weight`: PML's (D, C) columns (`W`; SoftTriple's `fc`, K columns per class) or its
+    (C, D) rows (`proxies`, `_class_weight_rows = True`)."""
+    _class_weight = "W"
+    _class_weight_rows = False
+
+    def cast_types(self, dtype, device):
+        cast_parameter(getattr(self, self._class_weight), dtype, device)
+
+    def regularized_weights(self):
+        weight = getattr(self, self._class_weight)
+        return weight if self._class_weight_rows else weight.t()
+
+    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
+        weight = getattr(self, self._class_weight)
+        width = weight.shape[1] if self._class_weight_rows else weight.shape[0]
+        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, width)
+
+
 def cast_parameter(param, dtype, device):
     """Move a parameter's data to the embeddings' dtype/device in place (PML's ``cast_types``).
     Under torch.autocast the dtype is left alone (autocast casts per op; PML issue #293)."""

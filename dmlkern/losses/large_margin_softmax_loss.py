@@ -7,11 +7,11 @@ from .._validation import InvalidInputError
 from ..distances import CosineSimilarity
 from ..fused import margin_softmax
 from ..reference import classification_losses as ref
-from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
+from ._classification_common import ClassWeightsMixin, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
-class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class LargeMarginSoftmaxLoss(ClassWeightsMixin, WeightRegularizerMixin, BaseMetricLossFunction):
     """L-Softmax (``W`` (D, C), init ``normal_``; CosineSimilarity required; MeanReducer).
 
     The target logit's cosine becomes ``(-1)^k cos(m theta) - 2k`` (integer ``margin`` m); all
@@ -49,12 +49,6 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def get_default_distance(self):
         return CosineSimilarity()
 
-    def cast_types(self, dtype, device):
-        cast_parameter(self.W, dtype, device)
-
-    def regularized_weights(self):
-        return self.W.t()
-
     # -------------------------------------------------------------- maths (reference module)
     def _loss_dict(self, embeddings, labels, indices_tuple):
         return ref.large_margin_softmax_loss_dict(
@@ -81,9 +75,6 @@ class LargeMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def scale_logits(self, logits, embeddings):
         magnitudes = self.distance.get_norm(self.W, dim=0).unsqueeze(0) * self.distance.get_norm(embeddings).unsqueeze(1)
         return logits * magnitudes * self.scale
-
-    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
-        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.W.shape[0])
 
     def _start_call(self, embeddings, labels):
         self.cast_types(embeddings.dtype, embeddings.device)

@@ -3,11 +3,11 @@ import torch
 from ..distances import DotProductSimilarity
 from ..fused.margin_softmax import normalized_softmax
 from ..reference.classification_losses import normalized_softmax_logits, normalized_softmax_loss_dict
-from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
+from ._classification_common import ClassWeightsMixin, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
-class NormalizedSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class NormalizedSoftmaxLoss(ClassWeightsMixin, WeightRegularizerMixin, BaseMetricLossFunction):
     """NormSoftmax: ``CE(x_hat . W_hat / temperature, y)``; ``W`` (D, C), init ``normal_``;
     default distance DotProductSimilarity (normalising)."""
 
@@ -26,15 +26,6 @@ class NormalizedSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def get_default_distance(self):
         return DotProductSimilarity()
-
-    def cast_types(self, dtype, device):
-        cast_parameter(self.W, dtype, device)
-
-    def regularized_weights(self):
-        return self.W.t()
-
-    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
-        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.W.shape[0])
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)

@@ -4,17 +4,19 @@ from ..distances import CosineSimilarity
 from ..fused.proxy_anchor import proxy_anchor
 from ..reducers import DivisorReducer
 from ..reference.classification_losses import PROXY_ANCHOR_SUB_LOSSES, proxy_anchor_loss_dict
-from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
+from ._classification_common import ClassWeightsMixin, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, TorchInitWrapper, WeightRegularizerMixin
 
 
-class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class ProxyAnchorLoss(ClassWeightsMixin, WeightRegularizerMixin, BaseMetricLossFunction):
     """Proxy-Anchor loss (``proxies`` (C, D), init ``kaiming_normal_(mode="fan_out")``).
 
     Sub-losses ``pos_loss`` (divided by the number of proxies with a positive in the batch) and
     ``neg_loss`` (divided by ``num_classes``), DivisorReducer, CosineSimilarity. Miner weights
     enter additively (``w_i - 1`` inside the exponent), as in PML.
     """
+    _class_weight = "proxies"
+    _class_weight_rows = True
 
     _labels_required = True
     _label_kind = "indices"  # labels index the class weights (base.py)
@@ -39,15 +41,6 @@ class ProxyAnchorLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def _sub_loss_names(self):
         return list(PROXY_ANCHOR_SUB_LOSSES)
-
-    def cast_types(self, dtype, device):
-        cast_parameter(self.proxies, dtype, device)
-
-    def regularized_weights(self):
-        return self.proxies
-
-    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
-        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.proxies.shape[1])
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)

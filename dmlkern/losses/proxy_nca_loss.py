@@ -4,16 +4,18 @@ from ..distances import LpDistance
 from ..fused.proxy_nca import proxy_nca
 from ..fused._epilogue import reduces_empty_on_graph, returns_loss_dict
 from ..reference.classification_losses import proxy_nca_loss_dict
-from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
+from ._classification_common import ClassWeightsMixin, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
-class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class ProxyNCALoss(ClassWeightsMixin, WeightRegularizerMixin, BaseMetricLossFunction):
     """NCA against one learnable proxy per class (``proxies`` (C, D), init ``normal_``).
 
     Default distance: normalised squared Euclidean (``LpDistance(power=2)``); MeanReducer.
     The softmax denominator includes the positive proxy (as PML codes it).
     """
+    _class_weight = "proxies"
+    _class_weight_rows = True
 
     _labels_required = True
     _label_kind = "class_ids"  # labels compared with the class indices, as PML (base.py)
@@ -29,15 +31,6 @@ class ProxyNCALoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def get_default_distance(self):
         return LpDistance(power=2)
-
-    def cast_types(self, dtype, device):
-        cast_parameter(self.proxies, dtype, device)
-
-    def regularized_weights(self):
-        return self.proxies
-
-    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
-        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.proxies.shape[1])
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)

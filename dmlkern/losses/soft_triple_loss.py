@@ -6,16 +6,17 @@ from .._validation import InvalidInputError
 from ..distances import CosineSimilarity
 from ..fused.grouped_classes import soft_triple
 from ..reference.classification_losses import soft_triple_logits, soft_triple_loss_dict
-from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
+from ._classification_common import ClassWeightsMixin, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, TorchInitWrapper, WeightRegularizerMixin
 
 
-class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class SoftTripleLoss(ClassWeightsMixin, WeightRegularizerMixin, BaseMetricLossFunction):
     """SoftTriple loss (``fc`` (D, C*K), init ``kaiming_uniform_(a=sqrt(5))``).
 
     As in PML, the attribute ``gamma`` holds ``1 / gamma``. The paper's center regulariser is
     not built in: pass ``weight_regularizer=..., weight_reg_weight=tau`` (applied to ``fc.t()``).
     """
+    _class_weight = "fc"
 
     _labels_required = True
     _label_kind = "indices"  # labels index the class weights (base.py)
@@ -40,15 +41,6 @@ class SoftTripleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def get_default_weight_init_func(self):
         return TorchInitWrapper(torch.nn.init.kaiming_uniform_, a=math.sqrt(5))
-
-    def cast_types(self, dtype, device):
-        cast_parameter(self.fc, dtype, device)
-
-    def regularized_weights(self):
-        return self.fc.t()
-
-    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
-        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.fc.shape[0])
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)

@@ -1,10 +1,10 @@
 from ..fused.margin_softmax import softmax
 from ..reference.classification_losses import softmax_loss_dict
-from ._classification_common import cast_parameter, check_class_inputs, fused_class_call, new_weight
+from ._classification_common import ClassWeightsMixin, fused_class_call, new_weight
 from .base import BaseMetricLossFunction, WeightRegularizerMixin
 
 
-class SoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class SoftmaxLoss(ClassWeightsMixin, WeightRegularizerMixin, BaseMetricLossFunction):
     """Plain softmax cross-entropy on a bias-free linear classifier ``W`` (D, C):
     ``mean_i CE(x_i W, y_i)`` (raw embeddings, no normalisation; init ``normal_``; not in PML)."""
 
@@ -17,15 +17,6 @@ class SoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.embedding_size = embedding_size
         self.W = new_weight(embedding_size, num_classes)
         self.weight_init_func(self.W)
-
-    def cast_types(self, dtype, device):
-        cast_parameter(self.W, dtype, device)
-
-    def regularized_weights(self):
-        return self.W.t()
-
-    def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
-        check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, self.W.shape[0])
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.cast_types(embeddings.dtype, embeddings.device)
