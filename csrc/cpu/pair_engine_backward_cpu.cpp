@@ -87,40 +87,56 @@ DMLK_CPU_INLINE void grad_row_y(bool has_b, bool has_lift, T* w, int nc, const i
   });
 }
 
-// Whether the label ranges of a[0..na) and b[0..nb) overlap: false means no equal label, so no
-// positive pair between them (exact for rows sorted by label, as the fused NT-Xent's).
-inline bool label_ranges_meet(const int32_t* a, int64_t na, const int32_t* b, int64_t nb) {
-  if (na == 0 || nb == 0) return false;
-  const auto [a_lo, a_hi] = std::minmax_element(a, a + na);
-  const auto [b_lo, b_hi] = std::minmax_element(b, b + nb);
-  return *a_lo <= *b_hi && *b_lo <= *a_hi;
+// Which tiles hold a pair of equal labels. The terms that live on positive pairs only (B_pos,
+// NT-Xent's positives; C_lift, Lifted Structure's) skip the others: the same bits, since they
+// add exact zeros there. One per task: meet() marks the rows' label codes with a fresh id, then
+// looks the columns' up, O(rows + columns) per tile; exact, also for shuffled labels.
+class PositiveTiles {
+ public:
+  explicit PositiveTiles(int64_t n_codes) : mark_(n_codes, 0) {}
+
+  bool meet(const int32_t* row_lab, int64_t na, const int32_t* col_lab, int64_t nc) {
+    ++id_;
+    for (int64_t r = 0; r < na; ++r) mark_[row_lab[r]] = id_;
+    for (int64_t c = 0; c < nc; ++c) {
+      if (mark_[col_lab[c]] == id_) return true;
+    }
+    return false;
+  }
+
+ private:
+  std::vector<int64_t> mark_;
+  int64_t id_ = 0;
+};
+
+// Whether any row has a B_pos term (the non-zero b_pos of the n rows).
+template <typename T>
+bool any_b_pos(const RowColumns<T>& rows, int64_t n) {
+  return std::any_of(rows.b_pos, rows.b_pos + n, [](T b) { return b != T(0); });
 }
 
-// One tile (own rows a0.., other columns c0..). The B_pos term (NT-Xent's positives) and, with
-// tile_has_pos false, the C_lift term are skipped in a tile whose labels cannot pair: both live
-// on positive pairs only, so the skip gives the same bits.
+// One tile (own rows a0.., other columns c0..). With tile_has_pos false the B_pos and C_lift
+// terms are skipped (PositiveTiles).
 template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
 DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
                                const int32_t* xlab, const int32_t* ylab,
                                const RowColumns<T>& rows, EngineParams<T> p, bool exclude_diag,
                                bool tile_has_pos) {
   const int inc = static_cast<int>(nc);
-  const bool b_tile = OWN_IS_X ? label_ranges_meet(xlab + a0, na, ylab + c0, nc)
-                               : label_ranges_meet(ylab + a0, na, xlab + c0, nc);
   if constexpr (OWN_IS_X) {
     for (int64_t r = 0; r < na; ++r) {
       const int64_t i = a0 + r;
+      const bool has_b = tile_has_pos && rows.b_pos[i] != T(0);
       const bool has_lift = tile_has_pos && rows.c_lift != nullptr && rows.c_lift[i] != T(0);
-      grad_row_x<T, TR, MI>(b_tile && rows.b_pos[i] != T(0), has_lift, tile + r * nc, inc,
-                            ylab + c0, xlab[i], diag_column(exclude_diag, i, c0, nc), rows, i, c0,
-                            p);
+      grad_row_x<T, TR, MI>(has_b, has_lift, tile + r * nc, inc, ylab + c0, xlab[i],
+                            diag_column(exclude_diag, i, c0, nc), rows, i, c0, p);
     }
   } else {
-    const auto [has_b, any_lift] = rows.column_terms(c0, nc);
-    const bool has_lift = any_lift && tile_has_pos;
+    const auto [any_b, any_lift] = rows.column_terms(c0, nc);
+    const bool has_b = any_b && tile_has_pos, has_lift = any_lift && tile_has_pos;
     for (int64_t r = 0; r < na; ++r) {
       const int64_t j = a0 + r;
-      grad_row_y<T, TR, MI>(b_tile && has_b, has_lift, tile + r * nc, inc, xlab + c0, ylab[j],
+      grad_row_y<T, TR, MI>(has_b, has_lift, tile + r * nc, inc, xlab + c0, ylab[j],
                             diag_column(exclude_diag, j, c0, nc), rows, j, c0, p);
     }
   }
@@ -128,29 +144,25 @@ DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int6
 
 // grad_own[a] = sum_b W_ab other[b] with W_ab = epilogue(S_ab), S_ab = own[a] other[b]^T: per
 // row block and column tile one product for S and one for the gradient; one block of `own`
-// rows per task, so each output row has one writer. With a C_lift column, a tile without a
-// positive pair (no label of the block's rows among its columns) is flagged so the epilogue
-// skips the lifted term: with rows sorted by label, most tiles.
-// epilogue(tile, na, nc, a0, c0, tile_has_pos) turns the tile into W in place.
+// rows per task, so each output row has one writer.
+// epilogue(tile, na, nc, a0, c0, tile_has_pos) turns the tile into W in place; with find_pos
+// the flag says whether the tile holds a pair of equal labels (PositiveTiles), else it is true.
 // other_first: S_ab comes from the product other[b] own[a]^T, transposed (the operands in the
 // forward's order when own is y: the same similarity bits where BLAS picks another kernel for the
 // transposed product, as MKL does for some tiny shapes).
 template <typename T, typename Epilogue>
 void grad_tiles(const at::Tensor& own, const at::Tensor& other, const int32_t* own_lab,
-                const int32_t* other_lab, bool lift, at::Tensor& grad_own, Epilogue epilogue,
+                const int32_t* other_lab, bool find_pos, at::Tensor& grad_own, Epilogue epilogue,
                 bool other_first = false) {
   const int64_t n_own = own.size(0), n_other = other.size(0);
   parallel_row_blocks(n_own, [&](int64_t b0, int64_t b1) {
     auto buffer = at::empty({kRowBlock * std::min(kColBlock, n_other)}, own.options());
     auto buffer_t = other_first ? at::empty_like(buffer) : at::Tensor();
-    std::vector<int64_t> block_of_code(lift ? n_own + n_other : 0, -1);  // label codes < N + M
+    PositiveTiles positives(find_pos ? n_own + n_other : 0);  // label codes < N + M
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t a0 = b * kRowBlock, na = std::min(kRowBlock, n_own - a0);
       const auto own_blk = own.narrow(0, a0, na);
       auto grad_blk = grad_own.narrow(0, a0, na);
-      if (lift) {
-        for (int64_t r = 0; r < na; ++r) block_of_code[own_lab[a0 + r]] = b;
-      }
       for (int64_t c0 = 0; c0 < n_other; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, n_other - c0);
         const auto other_blk = other.narrow(0, c0, nc);
@@ -162,9 +174,7 @@ void grad_tiles(const at::Tensor& own, const at::Tensor& other, const int32_t* o
         } else {
           at::mm_out(tile, own_blk, other_blk.t());
         }
-        bool tile_has_pos = !lift;
-        for (int64_t c = 0; c < nc && !tile_has_pos; ++c)
-          tile_has_pos = block_of_code[other_lab[c0 + c]] == b;
+        const bool tile_has_pos = !find_pos || positives.meet(own_lab + a0, na, other_lab + c0, nc);
         epilogue(tile.template data_ptr<T>(), na, nc, a0, c0, tile_has_pos);
         grad_blk.addmm_(tile, other_blk);
       }
@@ -190,16 +200,19 @@ inline int64_t sweep_chunks(const at::Tensor& x, const at::Tensor& y) {
   return bytes <= kSweepPartialBytes ? chunks : 0;
 }
 
-// epilogue(tile, na, nc, a0, c0) turns the tile (x rows a0.., y columns c0..) into W in place.
-// grad_y may come uninitialised (every row is written, the first product without adding).
+// epilogue(tile, na, nc, a0, c0, tile_has_pos) turns the tile (x rows a0.., y columns c0..) into
+// W in place (tile_has_pos as grad_tiles'). grad_y may come uninitialised (every row is written,
+// the first product without adding).
 template <typename T, typename Epilogue>
-void grad_sweep(const at::Tensor& x, const at::Tensor& y, int64_t chunks, at::Tensor& grad_x,
-                at::Tensor& grad_y, Epilogue epilogue) {
+void grad_sweep(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab, const int32_t* ylab,
+                bool find_pos, int64_t chunks, at::Tensor& grad_x, at::Tensor& grad_y,
+                Epilogue epilogue) {
   const int64_t n = x.size(0), m = y.size(0);
   const int64_t per_chunk = ceil_div(ceil_div(m, kColBlock), chunks);
   auto partial = at::empty({chunks, n, x.size(1)}, grad_x.options());
   parallel_blocks(chunks, [&](int64_t k0, int64_t k1) {
     auto buffer = at::empty({kRowBlock * std::min(kColBlock, m)}, x.options());
+    PositiveTiles positives(find_pos ? n + m : 0);  // label codes < N + M
     for (int64_t k = k0; k < k1; ++k) {
       auto part = partial[k];
       const int64_t b_begin = k * per_chunk * kColBlock;
@@ -213,7 +226,8 @@ void grad_sweep(const at::Tensor& x, const at::Tensor& y, int64_t chunks, at::Te
           const auto x_blk = x.narrow(0, a0, na);
           auto tile = buffer.narrow(0, 0, na * nc).view({na, nc});
           at::mm_out(tile, x_blk, y_blk.t());
-          epilogue(tile.template data_ptr<T>(), na, nc, a0, c0);
+          const bool tile_has_pos = !find_pos || positives.meet(xlab + a0, na, ylab + c0, nc);
+          epilogue(tile.template data_ptr<T>(), na, nc, a0, c0, tile_has_pos);
           if (a0 == 0) {
             at::mm_out(grad_y_blk, tile.t(), x_blk);
           } else {
@@ -240,11 +254,15 @@ void grad_side(const at::Tensor& own, const at::Tensor& other, const int32_t* xl
                bool exclude_diag, at::Tensor& grad_own) {
   // Transform 2 amplifies a rounding of s by up to ~2 gamma in its logits (gamma = 80 by
   // default): its grad_y tiles take the forward's operand order.
-  grad_tiles<T>(own, other, OWN_IS_X ? xlab : ylab, OWN_IS_X ? ylab : xlab, rows.c_lift != nullptr,
-                grad_own, [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
-                  grad_tile<T, TR, MI, OWN_IS_X>(tile, na, nc, a0, c0, xlab, ylab, rows, p,
-                                                 exclude_diag, has_pos);
-                }, /*other_first=*/!OWN_IS_X && TR == kTransformCircle);
+  const int64_t n = OWN_IS_X ? own.size(0) : other.size(0);  // x's rows carry b_pos
+  const bool find_pos = rows.c_lift != nullptr || any_b_pos(rows, n);
+  grad_tiles<T>(
+      own, other, OWN_IS_X ? xlab : ylab, OWN_IS_X ? ylab : xlab, find_pos, grad_own,
+      [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
+        grad_tile<T, TR, MI, OWN_IS_X>(tile, na, nc, a0, c0, xlab, ylab, rows, p, exclude_diag,
+                                       has_pos);
+      },
+      /*other_first=*/!OWN_IS_X && TR == kTransformCircle);
 }
 
 // ---------------------------------------------------------------------------
@@ -316,9 +334,7 @@ void grad_sym_tiles(const at::Tensor& x, const int32_t* lab, bool find_pos, at::
     return;
   }
   const int64_t bs = sym_block(n);
-  // Per thread: the tile that last marked each label code (codes < 2n), so a tile's test is
-  // O(rows a + rows b).
-  std::vector<std::vector<int64_t>> marks(find_pos ? at::get_num_threads() : 0);
+  std::vector<std::optional<PositiveTiles>> per_thread(find_pos ? at::get_num_threads() : 0);
   parallel_sym_tiles(n, bs * bs, x.options(), [&](int64_t a0, int64_t na, int64_t b0, int64_t nb,
                                                   at::Tensor& scratch) {
     const auto xa = x.narrow(0, a0, na), xb = x.narrow(0, b0, nb);
@@ -327,12 +343,10 @@ void grad_sym_tiles(const at::Tensor& x, const int32_t* lab, bool find_pos, at::
     bool tile_has_pos = !find_pos;
     if (find_pos) {
       const size_t t = static_cast<size_t>(at::get_thread_num());
-      std::vector<int64_t> local;
-      auto& mark = t < marks.size() ? marks[t] : local;
-      if (mark.empty()) mark.assign(2 * n, -1);
-      const int64_t id = a0 * n + b0;
-      for (int64_t i = a0; i < a0 + na; ++i) mark[lab[i]] = id;
-      for (int64_t j = b0; j < b0 + nb && !tile_has_pos; ++j) tile_has_pos = mark[lab[j]] == id;
+      std::optional<PositiveTiles> local;
+      auto& positives = t < per_thread.size() ? per_thread[t] : local;
+      if (!positives) positives.emplace(2 * n);  // label codes < 2n
+      tile_has_pos = positives->meet(lab + a0, na, lab + b0, nb);
     }
     epilogue(tile.template data_ptr<T>(), na, nb, a0, b0, tile_has_pos);
     grad.narrow(0, a0, na).addmm_(tile, xb);
@@ -406,7 +420,7 @@ void grad_sym(const at::Tensor& x, const int32_t* lab, const RowColumns<T>& rows
   if constexpr (MI == kMiningNone && TR != kTransformCircle) {
     // B_pos (NT-Xent's positive softplus) lives on positive pairs only: the tiles holding one
     // take the two-exp epilogue, the others (most, with rows sorted by label) the fixed shift.
-    const bool any_b = std::any_of(rows.b_pos, rows.b_pos + n, [](T b) { return b != T(0); });
+    const bool any_b = any_b_pos(rows, n);
     if (const auto u = rows.c_lift == nullptr ? fixed_shift<T, TR>(x, p) : std::nullopt) {
       if (const auto c = fixed_shift_coefs<T>(rows, n, *u, p)) {
         const T* cp = c->template data_ptr<T>();
@@ -503,17 +517,14 @@ void hinge_backward(const at::Tensor& x, const at::Tensor& y, const int32_t* xla
                       });
     return;
   }
-  const auto x_side = [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0) {
+  const auto x_side = [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
     hinge_grad_tile<T, TR, true>(tile, na, nc, a0, c0, xlab, ylab, rows, p, exclude_diag);
   };
   if (chunks > 0) {
-    grad_sweep<T>(x, y, chunks, grad_x, grad_y, x_side);
+    grad_sweep<T>(x, y, xlab, ylab, false, chunks, grad_x, grad_y, x_side);
     return;
   }
-  grad_tiles<T>(x, y, xlab, ylab, false, grad_x,
-                [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
-                  x_side(tile, na, nc, a0, c0);
-                });
+  grad_tiles<T>(x, y, xlab, ylab, false, grad_x, x_side);
   grad_tiles<T>(y, x, ylab, xlab, false, grad_y,
                 [&](T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool) {
                   hinge_grad_tile<T, TR, false>(tile, na, nc, a0, c0, xlab, ylab, rows, p,
@@ -574,11 +585,12 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
         return;
       }
       if (sweep) {  // C_lift needs symmetric: no lifted term
-        grad_sweep<scalar_t>(x, y, chunks, grad_x, grad_y,
-                             [&](scalar_t* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0) {
-                               grad_tile<scalar_t, TR, MI, true>(tile, na, nc, a0, c0, xlab, ylab,
-                                                                 rows, p, exclude_diag, true);
-                             });
+        grad_sweep<scalar_t>(
+            x, y, xlab, ylab, any_b_pos(rows, x.size(0)), chunks, grad_x, grad_y,
+            [&](scalar_t* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0, bool has_pos) {
+              grad_tile<scalar_t, TR, MI, true>(tile, na, nc, a0, c0, xlab, ylab, rows, p,
+                                                exclude_diag, has_pos);
+            });
         return;
       }
       grad_side<scalar_t, TR, MI, true>(x, y, xlab, ylab, rows, p, exclude_diag, grad_x);
