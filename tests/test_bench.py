@@ -216,6 +216,44 @@ def test_cpu_timing_uses_torch_benchmark_timer():
     assert 0.0019 < med < 0.02
 
 
+def test_timing_window():
+    """--repeats calls' worth, capped at max(10 s, two calls) and by what the point has left."""
+    from dmlkern.bench.worker import timing_window
+
+    assert timing_window(5, 0.1, 60, 20) == pytest.approx(0.5)  # short calls: five calls' worth
+    assert timing_window(5, 9.0, 60, 120) == pytest.approx(18.0)  # long calls: two
+    assert timing_window(5, 3.0, 60, 120) == pytest.approx(10.0)
+    assert timing_window(5, 9.0, 12, 120) == pytest.approx(12.0)  # what is left
+    assert timing_window(5, 0.001, 60, 20) == pytest.approx(0.05)  # the floor
+
+
+def test_plan_order_gives_every_loss_a_pml_point_early():
+    """In each part: the floor, dmlkern at every size but the largest, PML and the reference at the
+    smallest size, dmlkern at the largest, then the rest size by size (compile after), each
+    provider's sizes ascending; so a budget that ends during dmlkern's largest size leaves every
+    loss a PML comparison."""
+    args = parse_args(["--losses", "supcon", "contrastive", "arcface"])
+    plan = plan_points(args)
+    for part in ([p for p in plan if not p.get("c")], [p for p in plan if p.get("c")]):
+        size = (lambda p: p["c"]) if part[0].get("c") else (lambda p: p["n"])
+        sizes = sorted({size(p) for p in part})
+        where = {(p["loss"], p["provider"], size(p)): i for i, p in enumerate(part)}
+        losses = {p["loss"] for p in part if p["provider"] == "dmlkern"}
+        last_small = max(where[(loss, "dmlkern", s)] for loss in losses for s in sizes[:-1])
+        first_large = min(where[(loss, "dmlkern", sizes[-1])] for loss in losses)
+        for loss in losses:
+            for prov in ("pml", "reference"):
+                assert last_small < where[(loss, prov, sizes[0])] < first_large, (loss, prov)
+            assert where[(loss, "compile", sizes[0])] > first_large
+        for (loss, prov, s), i in where.items():
+            if s != sizes[0] and prov != "dmlkern" and loss in losses:
+                assert i > max(where[(loss, "dmlkern", t)] for t in sizes), (loss, prov, s)
+        chains = {}
+        for p in part:
+            chains.setdefault((p["loss"], p["provider"]), []).append(size(p))
+        assert all(c == sorted(c) for c in chains.values())
+
+
 def test_extrapolation_and_memory_estimate():
     assert predict_call_s([(1024, 1.0)], 2048, 2.0) == pytest.approx(4.0)
     assert predict_call_s([(1024, 1.0), (2048, 2.0)], 4096, 2.0) == pytest.approx(4.0)  # fitted p=1

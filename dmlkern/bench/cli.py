@@ -63,7 +63,8 @@ def build_parser():
     add("--device", choices=["cpu", "cuda"], default="cpu", help="default %(default)s")
     add("--modes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwdbwd"], help="fwd: forward only; fwdbwd: "
         "forward + backward (default)")
-    add("--repeats", type=int, default=5, help="time about this many calls' worth per point (default %(default)s)")
+    add("--repeats", type=int, default=5, help="time about this many calls' worth per point (default %(default)s; "
+        "at most max(10 s, two calls))")
     add("--warmup", type=int, default=1, help="untimed calls first (default %(default)s; compilers compile here)")
     add("--time-limit", type=float, default=20.0, metavar="SECONDS", help="per point, else 'timeout' (default "
         "%(default)g); points extrapolated past it are skipped")
@@ -73,7 +74,8 @@ def build_parser():
         "90%% of the GPU); materialising providers skip points estimated above it")
     add("--budget", type=float, default=540.0, metavar="SECONDS", help="skip the points left after this long, "
         "for the N sweep and again for the C sweep (default %(default)g; 0: no limit); order: the matmul floor, "
-        "dmlkern at every N, the rest N by N")
+        "dmlkern at every N but the largest, PML and the reference at the smallest N, dmlkern at the largest, "
+        "the rest N by N")
     add("--out", help="output directory (default benchmarks/results/<machine-tag>)")
     add("--quick", action="store_true", help="set-up check: N = 256 1024, C = 1024 8192 at "
         "N = 256, 3 repeats, 10 s limit, 180 s budgets, no compile provider unless named (explicit options win)")
@@ -136,10 +138,17 @@ def now_iso():
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+# The materialising providers that the "vs PML" comparison needs at the smallest size before
+# dmlkern's largest (compile is left to the size-by-size tail: its first calls compile for minutes).
+EARLY_PROVIDERS = ("pml", "reference")
+
+
 def plan_points(args):
     """The pair losses over N, then the class-weight losses over C at N = --class-n; in each part the
-    floor, every dmlkern provider at every size, then the others size by size: so when --budget runs
-    out, the later providers lose their largest sizes first."""
+    floor, every dmlkern provider at every size but the largest, PML and the reference at the
+    smallest size, dmlkern at the largest, then the others size by size: so when --budget runs out,
+    every loss still has dmlkern's sizes and a PML comparison, and the later providers lose their
+    largest sizes first."""
     base = dict(device=args.device, d=args.d, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                 threads=args.threads, compile_dynamic=args.compile_dynamic)
     pts = []
@@ -157,12 +166,16 @@ def _plan_part(args, base, losses, sizes):
            for t in args.dtypes for s in sizes]
     provs = sorted(dict.fromkeys(args.providers), key=report.provider_rank)
     combos = [(t, m) for t in args.dtypes for m in args.modes]
-    for prov in (p for p in provs if p.startswith("dmlkern")):
-        pts += [dict(base, loss=loss, provider=prov, dtype=t, mode=m, **s)
-                for loss in losses for t, m in combos for s in sizes]
-    for s in sizes:
-        pts += [dict(base, loss=loss, provider=prov, dtype=t, mode=m, **s) for prov in provs
-                if not prov.startswith("dmlkern") for loss in losses if supported(loss, prov) for t, m in combos]
+    ours = [p for p in provs if p.startswith("dmlkern")]
+
+    def points(providers, size_list):
+        return [dict(base, loss=loss, provider=prov, dtype=t, mode=m, **s) for prov in providers
+                for loss in losses if prov in ours or supported(loss, prov) for t, m in combos for s in size_list]
+
+    early = [p for p in provs if p in EARLY_PROVIDERS]
+    pts += points(ours, sizes[:-1]) + points(early, sizes[:1]) + points(ours, sizes[-1:])
+    for i, s in enumerate(sizes):
+        pts += points([p for p in provs if p not in ours and (i > 0 or p not in early)], [s])
     return pts
 
 
