@@ -227,6 +227,15 @@ def test_timing_window():
     assert timing_window(5, 0.001, 60, 20) == pytest.approx(0.05)  # the floor
 
 
+def test_budgets_of_the_two_parts():
+    """--budget for the N sweep (540 s); the C sweep gets --class-budget, else --budget's value when
+    given, else 900 s (ten class losses at C = 2^20 after PML and the reference at the smallest C)."""
+    assert (lambda a: (a.budget, a.class_budget))(parse_args([])) == (540.0, 900.0)
+    assert (lambda a: (a.budget, a.class_budget))(parse_args(["--budget", "35"])) == (35.0, 35.0)
+    assert (lambda a: (a.budget, a.class_budget))(parse_args(["--class-budget", "99"])) == (540.0, 99.0)
+    assert (lambda a: (a.budget, a.class_budget))(parse_args(["--quick"])) == (180.0, 180.0)
+
+
 def test_plan_order_gives_every_loss_a_pml_point_early():
     """In each part: the floor, dmlkern at every size but the largest, PML and the reference at the
     smallest size, dmlkern at the largest, then the rest size by size (compile after), each

@@ -9,7 +9,7 @@ losses (ArcFace ... SoftTriple) are swept over the class count C at a fixed N, w
 Writes to --out: results.csv, points.jsonl, summary.md, meta.json, time_*/memory_*.png, sweep.log,
 worker.log (the points' output; a point killed at its time limit leaves its Python stack there). No
 arguments: the default CPU sweep (N = 1024..8192, fp32, fwdbwd), within 540 s, then the class-weight
-losses at N = 1024, C = 16384..1048576, within another 540 s.
+losses at N = 1024, C = 16384..1048576, within 900 s (--class-budget).
 """
 from __future__ import annotations
 
@@ -38,7 +38,10 @@ DEFAULT_PROVIDERS = {"cpu": ["dmlkern", "reference", "compile", "pml"],
 DEFAULT_C = {"cpu": ([16384, 131072, 1048576], 1024, 2**22, 120.0),
              "cuda": ([131072, 1048576, 10**7], 8192, 2**25, 60.0)}
 QUICK = dict(n=[256, 1024], classes=[1024, 8192], class_n=256, repeats=3, time_limit=10.0, class_time_limit=10.0,
-             budget=180.0)  # --quick's defaults
+             budget=180.0, class_budget=180.0)  # --quick's defaults
+# the C sweep's budget when --budget is not given: dmlkern's ten class losses at C = 2^20 take ~60 s
+# each on 2 cores, after every loss at the smaller C with PML and the reference at the smallest
+DEFAULT_BUDGET, DEFAULT_CLASS_BUDGET = 540.0, 900.0
 POINT_KEY = ("loss", "provider", "device", "dtype", "n", "c", "d", "mode")
 
 
@@ -72,10 +75,12 @@ def build_parser():
         "compiles (default %(default)g)")
     add("--mem-budget", type=float, metavar="GIB", help="memory cap per point (default: half the free RAM; cuda: "
         "90%% of the GPU); materialising providers skip points estimated above it")
-    add("--budget", type=float, default=540.0, metavar="SECONDS", help="skip the points left after this long, "
-        "for the N sweep and again for the C sweep (default %(default)g; 0: no limit); order: the matmul floor, "
+    add("--budget", type=float, metavar="SECONDS", help="skip the points left after this long, "
+        f"for the N sweep (default {DEFAULT_BUDGET:g}; 0: no limit) and again for the C sweep (default: the same "
+        f"when given, else {DEFAULT_CLASS_BUDGET:g}; or --class-budget); order: the matmul floor, "
         "dmlkern at every N but the largest, PML and the reference at the smallest N, dmlkern at the largest, "
         "the rest N by N")
+    add("--class-budget", type=float, metavar="SECONDS", help="--budget of the C sweep alone")
     add("--out", help="output directory (default benchmarks/results/<machine-tag>)")
     add("--quick", action="store_true", help="set-up check: N = 256 1024, C = 1024 8192 at "
         "N = 256, 3 repeats, 10 s limit, 180 s budgets, no compile provider unless named (explicit options win)")
@@ -102,6 +107,10 @@ def parse_args(argv=None):
     args.classes = sorted(set(args.classes or classes))
     args.class_n, args.max_columns = args.class_n or class_n, args.max_columns or max_columns
     args.class_time_limit = args.class_time_limit or class_limit
+    if args.class_budget is None:
+        args.class_budget = DEFAULT_CLASS_BUDGET if args.budget is None else args.budget
+    if args.budget is None:
+        args.budget = DEFAULT_BUDGET
     if args.providers is None:
         args.providers = [p for p in DEFAULT_PROVIDERS[args.device] if not (args.quick and p == "compile")]
     args.losses = args.losses or list(LOSSES)
@@ -253,11 +262,12 @@ def skip_reason(args, pt, history, failed, remaining):
 
 def run_sweep(args, ctx, plan, log, jsonl, progress, log_path):
     history, failed, t_start = {}, {}, time.monotonic()
-    part_start = {}  # the N sweep and the C sweep each get --budget
+    part_start = {}  # the N sweep gets --budget, the C sweep --class-budget
     for i, pt in enumerate(plan):
         key = (pt["loss"], pt["provider"], pt["dtype"], pt["mode"])
         started = part_start.setdefault("c" in pt, time.monotonic())
-        remaining = args.budget - (time.monotonic() - started) if args.budget else None
+        budget = args.class_budget if "c" in pt else args.budget
+        remaining = budget - (time.monotonic() - started) if budget else None
         res = dict(pt, timestamp=now_iso(), backend="", median=None, p20=None, p80=None, peak_mem_mb=None, note="")
         skip = skip_reason(args, pt, history, failed, remaining)
         if progress is not None:
@@ -362,7 +372,7 @@ def main(argv=None):
               "are running; CPU times will be noisy (multi-threaded small ops suffer most)", file=sys.stderr)
     print(f"dmlkern.bench: {len(plan)} points on {tag} (dmlkern {meta['version']}); time limit {args.time_limit:g} "
           f"s/point (class losses {args.class_time_limit:g} s), memory budget {args.mem_budget:.3g} GiB, sweep budget "
-          f"{args.budget:g} s per part; writing {args.out}",
+          f"{args.budget:g} s (N) / {args.class_budget:g} s (C); writing {args.out}",
           file=sys.stderr)
     progress = None
     if not args.no_progress and sys.stderr.isatty():
