@@ -505,3 +505,15 @@ def test_nca_with_an_empty_ref_emb_is_pmls(reducer):
     assert (ref.grad is None) == (pml_ref.grad is None)
     if pml_ref.grad is not None:
         assert ref.grad.shape == pml_ref.grad.shape == (0, 4)
+
+
+def test_nca_with_an_empty_ref_emb_compiles_fullgraph():
+    """Under torch.compile(fullgraph=True) an empty ref_emb keeps the grad-carrying zero (the
+    reference's per-row dict would branch on data)."""
+    loss = losses.NCALoss()
+    fn = torch.compile(lambda x, lab, ref, ref_lab: loss(x, lab, ref_emb=ref, ref_labels=ref_lab), fullgraph=True,
+                       backend="aot_eager")
+    x = torch.randn(5, 4, requires_grad=True)
+    value = fn(x, torch.arange(5), torch.randn(0, 4), torch.arange(0))
+    value.backward()
+    assert value.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))

@@ -232,7 +232,8 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
         self.check_unsupported(embeddings, lazy or indices_tuple, labels, ref_emb, ref_labels)
         self.check_inputs(embeddings, labels, ref_emb, ref_labels)
         loss_dict, self.last_fallback = None, None
-        if self._reference_for_empty_ref and ref_emb.shape[0] == 0 and embeddings.shape[0] > 1:
+        if (self._reference_for_empty_ref and ref_emb.shape[0] == 0 and embeddings.shape[0] > 1
+                and not _common.static_shapes()):  # (under torch.compile: the zero, no data-dependent branch)
             self.last_fallback = EMPTY_REF
         elif embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
             loss_dict = ZERO_LOSS  # an empty batch: PML's grad-carrying zero, from the shapes alone
