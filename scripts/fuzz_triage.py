@@ -30,6 +30,9 @@ def documented(spec, kind, message):
         return "NCA / ProxyNCA without any positive: the grad-carrying zero (plus any regularizer) for PML's NaN"
     if name == "P2SGradLoss" and spec.get("twice") and not kind == "value":
         return "P2SGrad, two calls then one backward: PML's first gradient reads the renormalised weight"
+    if name == "DynamicSoftMarginLoss" and spec.get("twice") and kind.startswith("grad"):
+        return ("DynamicSoftMargin, two calls then one backward: PML's running histogram carries the first "
+                "call's autograd history (dmlkern's does not)")
     if name == "TupletMarginLoss" and inputs.get("D") == 1:
         return "TupletMargin at width 1: cosines of +-1, PML's acos gradient is NaN"
     if name == "TupletMarginLoss" and inputs.get("dup_rows") and nans and int(nans.group(1)) > int(nans.group(2)):
