@@ -217,14 +217,20 @@ def test_cpu_timing_uses_torch_benchmark_timer():
 
 
 def test_timing_window():
-    """--repeats calls' worth, capped at max(10 s, two calls) and by what the point has left."""
+    """--repeats calls' worth, capped at max(10 s, two calls) and by what the point has left; more
+    blocks up to twice that while the spread is wide, not past 10 s."""
     from dmlkern.bench.worker import timing_window
 
-    assert timing_window(5, 0.1, 60, 20) == pytest.approx(0.5)  # short calls: five calls' worth
-    assert timing_window(5, 9.0, 60, 120) == pytest.approx(18.0)  # long calls: two
-    assert timing_window(5, 3.0, 60, 120) == pytest.approx(10.0)
-    assert timing_window(5, 9.0, 12, 120) == pytest.approx(12.0)  # what is left
-    assert timing_window(5, 0.001, 60, 20) == pytest.approx(0.05)  # the floor
+    assert timing_window(5, 0.1, 60, 20)[0] == pytest.approx(0.5)  # short calls: five calls' worth
+    assert timing_window(5, 9.0, 60, 120)[0] == pytest.approx(18.0)  # long calls: two
+    assert timing_window(5, 3.0, 60, 120)[0] == pytest.approx(10.0)
+    assert timing_window(5, 9.0, 12, 120)[0] == pytest.approx(12.0)  # what is left
+    assert timing_window(5, 0.001, 60, 20)[0] == pytest.approx(0.05)  # the floor
+    # and at most: twice the window while under MAX_TIMING_S, the window past it, what is left
+    assert timing_window(5, 0.1, 60, 20)[1] == pytest.approx(1.0)
+    assert timing_window(5, 1.5, 60, 20)[1] == pytest.approx(10.0)
+    assert timing_window(5, 9.0, 60, 120)[1] == pytest.approx(18.0)
+    assert timing_window(5, 9.0, 12, 120)[1] == pytest.approx(12.0)
 
 
 def test_budgets_of_the_two_parts():

@@ -689,8 +689,8 @@ def test_pos_softplus_pass_skips_tiles_without_positives(backend, device, dtype,
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_backward_positive_terms_skip_tiles_without_positives(backend, device, layout, transform, symmetric, width):
     """The backward's positives-only terms (B_pos, and C_lift in the symmetric case) run only in
-    the tiles whose labels meet the row block's (Triton; the CPU skips the C_lift term the same
-    way): with labels sorted as the fused NT-Xent and Lifted give them, most tiles skip them. 300
+    the tiles whose labels meet the row block's (Triton; the C++ CPU engine by its exact per-tile
+    test, PositiveTiles): with labels sorted as the fused NT-Xent and Lifted give them, most tiles skip them. 300
     rows span several row blocks and column tiles; two-sided (B_pos) and symmetric (B_pos, or
     transform 1 with C_lift), in fp32, against the reference."""
     _needs_engine(backend)

@@ -28,11 +28,13 @@ MAX_TIMING_S = 10.0  # a point's timing window, unless two calls take longer
 
 
 def timing_window(repeats, call_s, left_s, limit_s):
-    """Seconds of calls to time: --repeats calls' worth, within what the point has left, at most
-    max(MAX_TIMING_S, two calls): a 9 s call (a class loss at C = 2^20) is timed twice, not five
+    """(seconds, most) of calls to time: --repeats calls' worth, within what the point has left, at
+    most max(MAX_TIMING_S, two calls): a 9 s call (a class loss at C = 2^20) is timed twice, not five
     times, so the default sweep keeps its budget for the other points; never under 50 ms (or half
-    the limit)."""
-    return max(min(repeats * call_s, left_s, max(MAX_TIMING_S, 2 * call_s)), min(0.05, 0.5 * limit_s))
+    the limit). `most`: while the spread is wide, more blocks up to twice that, not past
+    MAX_TIMING_S (nor what is left)."""
+    seconds = max(min(repeats * call_s, left_s, max(MAX_TIMING_S, 2 * call_s)), min(0.05, 0.5 * limit_s))
+    return seconds, min(left_s, max(0.5, min(2 * seconds, max(MAX_TIMING_S, seconds))))
 
 
 def time_call(torch, device, step, seconds, most=None):
@@ -295,13 +297,11 @@ def run_point(spec) -> dict:
             p.grad = None
         t, peak, out["mem_method"] = peak_memory(torch, device, call)
         left = 0.6 * limit - (time.perf_counter() - clock)
-        seconds = timing_window(int(spec["repeats"]), t, left, limit)
+        seconds, most = timing_window(int(spec["repeats"]), t, left, limit)
         if device.type == "cpu" and left < 2 * t:  # no room for the timer's two calls: the memory call's time
             med = p20 = p80 = t
             calls = 1
         else:
-            # more blocks while the spread is wide, up to twice the window (not past MAX_TIMING_S)
-            most = min(left, max(0.5, min(2 * seconds, max(MAX_TIMING_S, seconds))))
             med, p20, p80, calls = time_call(torch, device, step, seconds, most)
         out.update(status="ok", median=med, p20=p20, p80=p80, calls=calls, peak_mem_mb=peak / 2**20,
                    backend=str(backend()))

@@ -182,14 +182,20 @@ def reduces_empty_on_graph(module):
     return type(reducer) in (MeanReducer, SumReducer, ClassWeightedReducer)
 
 
-def no_kept_row_loss(module, losses, kept):
-    """The loss dict of NCA / ProxyNCA when no row is kept (`kept` all False) and the dict is
-    reduced: a zero on the losses' graph where PML's reducer answers on its graph (ref_emb's and
-    the proxies' gradients are then zeros, as PML's, not None), else the reducer's zero."""
-    if reduces_empty_on_graph(module):
-        zero = fixed_order_sum(torch.where(kept, losses, 0.0))
-        return {"loss": {"losses": zero, "indices": None, "reduction_type": "already_reduced"}}
-    return {"loss": module.zero_loss()}
+def kept_rows_loss(module, entry, kept):
+    """{"loss": entry} of the rows `kept` (NCA / ProxyNCA leave out the rows whose probability is
+    0, as PML does; eager: a data-dependent shape). None kept and the dict reduced: a zero on the
+    losses' graph where PML's reducer answers on its graph (ref_emb's and the proxies' gradients
+    are then zeros, as PML's, not None), else the reducer's zero; with DoNothingReducer PML's empty
+    entry."""
+    if not bool(kept.any()) and not returns_loss_dict(module):
+        if reduces_empty_on_graph(module):
+            zero = fixed_order_sum(torch.where(kept, entry["losses"], 0.0))
+            return {"loss": {"losses": zero, "indices": None, "reduction_type": "already_reduced"}}
+        return {"loss": module.zero_loss()}
+    if not bool(kept.all()):
+        entry["losses"], entry["indices"] = entry["losses"][kept], entry["indices"][kept]
+    return {"loss": entry}
 
 
 def _sub_loss_reducers(module, names):

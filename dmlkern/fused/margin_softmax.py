@@ -17,7 +17,7 @@ from ..ops.pair_engine import autocast_rows
 from ..reference import classification_losses as ref
 from ..reference.indices import convert_to_weights
 from ._common import branch_free, decline, is_unit_cosine, static_shapes, unit_rows
-from ._epilogue import _element, _engine_or_decline, no_kept_row_loss, returns_loss_dict
+from ._epilogue import _element, _engine_or_decline, kept_rows_loss
 from .class_softmax import ClassLayout, EngineBlock, class_cross_entropy, class_lse, no_grad_at_short_rows, normalized
 from .lazy_pairs import LazyMined
 
@@ -79,16 +79,10 @@ def class_loss_dict(module, embeddings, labels, indices_tuple, weight, layout, k
 
 def without_zero_probability(module, entry, losses):
     """{"loss": entry} less the samples whose probability e^-loss is 0 in the entry's dtype, as
-    PML's ProxyNCA drops them (eager off CUDA: a data-dependent shape; `branch_free` calls keep
-    them); none kept: `no_kept_row_loss`, or PML's empty entry where the dict reaches the user."""
+    PML's ProxyNCA drops them (`kept_rows_loss`; eager off CUDA: `branch_free` calls keep them)."""
     if branch_free(losses):
         return {"loss": entry}
-    kept = torch.exp(-losses.detach().to(entry["losses"].dtype)) != 0
-    if not bool(kept.any()) and not returns_loss_dict(module):  # (DoNothingReducer: PML's empty entry)
-        return no_kept_row_loss(module, entry["losses"], kept)
-    if not bool(kept.all()):
-        entry["losses"], entry["indices"] = entry["losses"][kept], entry["indices"][kept]
-    return {"loss": entry}
+    return kept_rows_loss(module, entry, torch.exp(-losses.detach().to(entry["losses"].dtype)) != 0)
 
 
 def _backend_for(module, embeddings, distance_ok=is_unit_cosine):

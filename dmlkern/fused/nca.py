@@ -28,8 +28,7 @@ import torch
 from .._determinism import fixed_order_sum
 from . import _stats
 from ._common import Degenerate, branch_free, decline, engine_rows, is_plain_mean, static_shapes, value_params
-from ._epilogue import (ZERO_LOSS, _element, _log1p_exp_as_pml, _lse2, _rows_backend, no_kept_row_loss,
-                        returns_loss_dict)
+from ._epilogue import ZERO_LOSS, _element, _log1p_exp_as_pml, _lse2, _rows_backend, kept_rows_loss
 
 
 def _params(distance, scale):
@@ -74,9 +73,4 @@ def nca(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if static_shapes():
             return decline(module, f"{type(module.reducer).__name__} with NCALoss under torch.compile "
                                    "(the kept rows are data-dependent; fused with MeanReducer)")
-    entry = _element(losses.to(embeddings.dtype), len(losses))
-    if not bool(kept.any()) and not returns_loss_dict(module):  # (DoNothingReducer: PML's empty entry)
-        return no_kept_row_loss(module, entry["losses"], kept), backend
-    if not bool(kept.all()):
-        entry["losses"], entry["indices"] = entry["losses"][kept], entry["indices"][kept]
-    return {"loss": entry}, backend
+    return kept_rows_loss(module, _element(losses.to(embeddings.dtype), len(losses)), kept), backend
