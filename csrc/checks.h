@@ -63,6 +63,22 @@ inline void check_fixed_mm_out(const at::Tensor& a, const at::Tensor& b, const a
   at::assert_no_overlap(out, b);
 }
 
+// The *_into ops' buffer (`name`, e.g. pair_engine_backward_into's grad_y) for the gradient of
+// `y` (named `y_name`): y's shape, x's dtype and device, no overlap with itself or an operand
+// (every element is written).
+inline void check_grad_y_out(const char* op, const char* name, const char* y_name,
+                             const at::Tensor& x, const at::Tensor& y, const at::Tensor& grad_y) {
+  TORCH_CHECK(grad_y.sizes() == y.sizes(), "dmlkern: ", op, ": ", name, " must have ", y_name,
+              "'s shape ", y.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "dmlkern: ", op, ": ", name,
+              " must have x's dtype ", x.scalar_type(), ", got ", grad_y.scalar_type());
+  TORCH_CHECK(grad_y.device() == x.device(), "dmlkern: ", op, ": ", name,
+              " must be on x's device ", x.device(), ", got ", grad_y.device());
+  at::assert_no_internal_overlap(grad_y);
+  at::assert_no_overlap(grad_y, x);
+  at::assert_no_overlap(grad_y, y);
+}
+
 // Statistics are kept in fp32, or fp64 for fp64 inputs.
 inline at::ScalarType stats_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -28,6 +28,14 @@ TORCH_LIBRARY(dmlkern, m) {
       "pair_engine_backward(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, Tensor row_in, "
       "Tensor row_coef, int transform, int mining, float[] params, bool exclude_diag, "
       "bool symmetric=False) -> (Tensor, Tensor)");
+  // The non-symmetric backward with grad_y written into the caller's buffer (y's shape, x's
+  // dtype, any strides, overlapping nothing), CPU only: the class path (fused/class_softmax.py)
+  // passes its block of the weights' gradient, so no block-sized gradient is allocated (and
+  // page-faulted) per block. Returns grad_x.
+  m.def(
+      "pair_engine_backward_into(Tensor x, Tensor y, Tensor x_labels, Tensor y_labels, "
+      "Tensor row_in, Tensor row_coef, int transform, int mining, float[] params, "
+      "bool exclude_diag, Tensor(a!) grad_y) -> Tensor");
   // a @ b.T for a (N, D), b (M, D) of one floating dtype, in that dtype, with the same bits on
   // every call and at any CPU thread count (fixed output tiles, one BLAS thread each; on CUDA
   // one cuBLAS product). dmlkern.ops.fixed_mm adds autograd (through this op again).
@@ -72,4 +80,10 @@ TORCH_LIBRARY(dmlkern, m) {
   m.def(
       "grouped_class_lse_backward(Tensor x, Tensor w, Tensor labels, int class0, int group, "
       "int reduce, float scale, float inv_gamma, Tensor grad, Tensor lse) -> (Tensor, Tensor)");
+  // The backward with grad_w written into the caller's buffer (w's shape, x's dtype, any strides,
+  // overlapping nothing), as pair_engine_backward_into: returns grad_x.
+  m.def(
+      "grouped_class_lse_backward_into(Tensor x, Tensor w, Tensor labels, int class0, int group, "
+      "int reduce, float scale, float inv_gamma, Tensor grad, Tensor lse, Tensor(a!) grad_w) -> "
+      "Tensor");
 }

@@ -14,6 +14,7 @@ from pytorch_metric_learning import miners as pml_miners
 
 import dmlkern.fused.class_softmax as class_softmax
 from dmlkern import distances, losses
+from dmlkern.ops import grouped_class_op
 from dmlkern.ops import pair_engine as pe
 from _kernel_cases import KERNEL_BACKENDS, TOLERANCES, dtypes_for
 from test_fused_losses import engine_backend_choice  # noqa: F401 (a fixture)
@@ -195,6 +196,77 @@ def test_non_default_distance_uses_the_reference(engine_backend_choice):  # noqa
     x, labels = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 4, (10,))
     loss_fn(x, labels)
     assert loss_fn.last_backend == "reference" and "LpDistance" in loss_fn.last_fallback
+
+
+@pytest.mark.parametrize("name", ["arcface", "softmax", "large_margin", "proxy_nca", "subcenter_arcface", "soft_triple"])
+def test_reused_block_buffers_give_fresh_buffers_bits(engine_backend_choice, block_classes, monkeypatch,
+                                                       name):  # noqa: F811
+    """On the C++ CPU backend the column-block loop reuses its buffers (RowsScratch: the unit weight
+    rows, the products under the rows' dot products) and the kernels write the rows' gradient
+    straight into the block of the weights' gradient (pair_engine_backward_into,
+    grouped_class_lse_backward_into): the value and the gradients are those of fresh tensors per
+    block, bit for bit, over five blocks of PML's (D, C) W and the (C, D) proxies, the last block
+    short, in fp32 and fp64."""
+    engine_backend_choice("cpp", "cpu")
+    block_classes(48)
+    into_calls = []
+    for module, fn in ((pe, "engine_backward_into"), (grouped_class_op, "grouped_class_lse_backward_into")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _real=real, **k: into_calls.append(1) or _real(*a, **k))
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(70, 12, generator=g, dtype=torch.float64).to(dtype)
+        labels = torch.randint(0, 203, (70,), generator=g)
+        torch.manual_seed(1)
+        ours, _, attr = _make(name, 203, 12, dtype)
+        got_v, got_g = _value_and_grads(ours, attr, x, labels)
+        with monkeypatch.context() as fresh:
+            fresh.setattr(class_softmax.RowsScratch, "like", lambda self, rows, slot, dtype=None: None)
+            fresh.setattr(pe, "_into_ready", False)
+            fresh.setattr(grouped_class_op, "_INTO_READY", False)
+            want_v, want_g = _value_and_grads(ours, attr, x, labels)
+        assert ours.last_backend == "cpp", ours.last_fallback
+        assert torch.equal(got_v, want_v), f"{name} {dtype}: value"
+        for what, a, b in (("x", got_g[0], want_g[0]), (attr, got_g[1], want_g[1])):
+            assert torch.equal(a, b), f"{name} {dtype}: grad {what} differs by {(a - b).abs().max()}"
+    assert into_calls, "the blocks' kernels write the rows' gradient in place"
+
+
+@pytest.mark.slow
+def test_class_backward_page_faults_once_per_call_not_per_block():
+    """ArcFace fwd+bwd at N=256, C=131072, D=128 (eight column blocks) on the C++ CPU engine: the
+    minor page faults of a call (after two warm-up calls, the weights' gradient fresh each call)
+    stay below the weights' gradient plus eight blocks of BLOCK_BYTES. Block-sized tensors made
+    afresh in each block are faulted in again whenever glibc trims its heap between blocks, as
+    it does for three of them (~27 MiB a block, ~280 MiB a call here)."""
+    if "cpp" not in pe.available_backends():
+        pytest.fail("the cpp pair engine is not registered in this build")
+    script = textwrap.dedent("""
+        import resource
+        import torch
+        from dmlkern import losses
+        from dmlkern.fused.class_softmax import BLOCK_BYTES
+
+        torch.manual_seed(0)
+        n, c, d = 256, 131072, 128
+        x = torch.randn(n, d, requires_grad=True)
+        labels = torch.randint(0, c, (n,))
+        loss_fn = losses.ArcFaceLoss(num_classes=c, embedding_size=d)
+        faults = []
+        for step in range(4):
+            loss_fn.W.grad = x.grad = None
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            loss_fn(x, labels).backward()
+            faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * 4096 / 2**20)
+        assert loss_fn.last_backend == "cpp", loss_fn.last_fallback
+        print(min(faults[2:]), loss_fn.W.numel() * 4 / 2**20, BLOCK_BYTES / 2**20)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "DMLKERN_BACKEND": "auto"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    faulted_mib, weight_mib, block_mib = map(float, out.stdout.strip().splitlines()[-1].split())
+    assert faulted_mib < weight_mib + 8 * block_mib, (
+        f"a call faulted in {faulted_mib:.0f} MiB (weights' gradient {weight_mib:.0f} MiB, blocks of {block_mib:.0f} MiB)")
 
 
 MEMORY_CLASS_LOSSES = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "LargeMarginSoftmaxLoss",

@@ -194,6 +194,67 @@ def test_bits_independent_of_threads_and_repeat(dtype, reduce):
             assert torch.equal(a, b), f"{name} differs between runs / thread counts"
 
 
+def _into_block(w, layout, dtype):
+    """A NaN-filled gradient wider than w and the block of it shaped like w: by columns of a (D, R + 137)
+    buffer (a block of PML's W's gradient, strides (1, R + 137)) or by rows of an (R + 137, D) one."""
+    r, d = w.shape
+    wide = torch.full((d, r + 137) if layout == "columns" else (r + 137, d), float("nan"), dtype=dtype)
+    return wide, (wide.t()[100:100 + r] if layout == "columns" else wide[100:100 + r])
+
+
+@pytest.mark.parametrize("w_layout", ["columns", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduce", list(REDUCES))
+def test_backward_into_a_block_of_a_wider_gradient(reduce, dtype, w_layout):
+    """grouped_class_lse_backward_into writes grad_w into the caller's buffer (a block of a wider
+    gradient, by columns or by rows), for w of either layout: grad_x and grad_w have
+    grouped_class_lse_backward's bits at 1 and 2 threads, and the buffer's other elements stay as
+    they were."""
+    red = REDUCES[reduce]()
+    x, w, labels, grad, shift = _case(300, 2000, 3, dtype, seed=8)
+    if w_layout == "columns":
+        w = w.t().contiguous().t()
+    args = (x, w, labels, *_op_args(red, 3, 5), grad, shift)
+    want_gx, want_gw = gc.grouped_class_lse_backward(*args)
+    for layout, threads in (("columns", 1), ("columns", 2), ("rows", 1), ("rows", 2)):
+        wide, block = _into_block(w, layout, dtype)
+        gx = _at_threads(threads, lambda: gc.grouped_class_lse_backward_into(block, *args))
+        assert torch.equal(gx, want_gx) and torch.equal(block, want_gw), f"{layout}, {threads} threads: other bits"
+        block.fill_(0)
+        assert not wide.isnan().logical_not().logical_and(wide != 0).any(), "elements outside the block were written"
+
+
+def test_backward_into_in_row_groups():
+    """Past the partial budget (rows in groups, grad_w summed over the groups) the in-place grad_w
+    has the fresh one's bits too."""
+    g = torch.Generator().manual_seed(12)
+    x = unit(torch.randn(600, 1024, generator=g, dtype=torch.float64))
+    w = unit(torch.randn(2720 * 3, 1024, generator=g, dtype=torch.float64))
+    labels = torch.randint(0, 2720, (600,), generator=g)
+    args = (x, w, labels, 0, 3, MaxOverGroup.kind, SCALE, 1.0, torch.randn(600, generator=g, dtype=torch.float64),
+            torch.zeros(600, dtype=torch.float64))
+    want_gx, want_gw = gc.grouped_class_lse_backward(*args)
+    _, block = _into_block(w, "columns", torch.float64)
+    gx = gc.grouped_class_lse_backward_into(block, *args)
+    assert torch.equal(gx, want_gx) and torch.equal(block, want_gw)
+
+
+def test_backward_into_rejects_bad_buffers_and_opcheck():
+    """The buffer must have w's shape and x's dtype and overlap nothing: each a clear error;
+    torch.library.opcheck of the op (its fake, the declared mutation)."""
+    x, w, labels, grad, shift = _case(6, 4, 2, torch.float64)
+    args = (x, w, labels, 0, 2, 0, 2.0, 1.0, grad, shift)
+    op = torch.ops.dmlkern.grouped_class_lse_backward_into
+    for buf, match in ((torch.empty(24, 8, dtype=torch.float64), "grad_w must have w's shape"),
+                       (torch.empty(8, 24), "grad_w must have x's dtype"),
+                       (torch.empty(1, 24, dtype=torch.float64).expand(8, 24), "internal overlap|single memory location"),
+                       (w, "unsupported operation|memory location")):
+        with pytest.raises(RuntimeError, match=match):
+            op(*args, buf)
+    torch.library.opcheck(op.default, (*args, torch.empty(8, 24, dtype=torch.float64)))
+    torch.library.opcheck(op.default, (*args, torch.empty(24, 8, dtype=torch.float64).t()))
+
+
 def _call(op, **override):
     x, w, labels, grad, shift = _case(6, 4, 2, torch.float64)
     args = dict(x=x, w=w, labels=labels, class0=0, group=2, reduce=0, scale=2.0, inv_gamma=1.0)
@@ -250,7 +311,7 @@ def test_losses_route_cpu_blocks_to_the_kernel(monkeypatch, name, kwargs, dtype)
     """On the C++ backend the grouped losses' CPU blocks run the op (blocks of BLOCK_BYTES weight
     rows, not capped by BLOCK_LOGITS), with the torch ops' values and gradients."""
     calls = []
-    for fn in ("grouped_class_lse", "grouped_class_lse_backward"):
+    for fn in ("grouped_class_lse", "grouped_class_lse_backward", "grouped_class_lse_backward_into"):
         real = getattr(gc, fn)
         monkeypatch.setattr(gc, fn, lambda *a, _real=real, _fn=fn: calls.append(_fn) or _real(*a))
     g = torch.Generator().manual_seed(9)
@@ -263,7 +324,8 @@ def test_losses_route_cpu_blocks_to_the_kernel(monkeypatch, name, kwargs, dtype)
     xx = x.clone().requires_grad_(True)
     got = [ours(xx, labels)]
     got += torch.autograd.grad(got[0], (xx, getattr(ours, attr)))
-    assert ours.last_backend == "cpp" and calls == ["grouped_class_lse", "grouped_class_lse_backward"], calls
+    # the backward writes the rows' gradient into the weights' gradient (grouped_class_lse_backward_into)
+    assert ours.last_backend == "cpp" and calls == ["grouped_class_lse", "grouped_class_lse_backward_into"], calls
     block = GroupedBlock(MaxOverGroup, 1.0, 3, "cpp")
     assert block.runs_kernel(x) and block.max_rows(x) is None
     assert GroupedBlock(MaxOverGroup, 1.0, 3, "cpp").max_rows(x.bfloat16()) is not None  # bf16: the torch ops
@@ -272,7 +334,7 @@ def test_losses_route_cpu_blocks_to_the_kernel(monkeypatch, name, kwargs, dtype)
     xx = x.clone().requires_grad_(True)
     want = [ours(xx, labels)]
     want += torch.autograd.grad(want[0], (xx, getattr(ours, attr)))
-    assert calls == ["grouped_class_lse", "grouped_class_lse_backward"]
+    assert calls == ["grouped_class_lse", "grouped_class_lse_backward_into"]  # no kernel call since
     rtol, atol = TOLERANCES[dtype]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)

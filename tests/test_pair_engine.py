@@ -1044,6 +1044,71 @@ def test_cpp_two_sided_backward_past_the_sweep_budget():
     _close(gy, want[1], atol, rtol, "grad_y")
 
 
+@pytest.mark.parametrize("y_layout", ["columns", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_cpp_backward_into_a_block_of_a_wider_gradient(dtype, y_layout):
+    """pair_engine_backward_into writes grad_y into the caller's buffer: a block of a wider
+    gradient, (D, C) read by columns (strides (1, C): a block of PML's W's gradient, as the class
+    path passes it) or (C, D) by rows, for y of either layout; grad_x and grad_y have
+    pair_engine_backward's bits, at 1 and 2 threads, and the buffer's other elements stay as they
+    were."""
+    _needs_engine("cpp")
+    (x, y, xl, yl, row_in, coef), params, want = _two_sided_case(131, 9000, 24, 40, dtype, 21)
+    if y_layout == "columns":
+        y = y.t().contiguous().t()
+    gx_want, gy_want = pe.engine_backward_raw(x, y, xl, yl, row_in, coef, transform=0, mining=1, params=params,
+                                              exclude_diag=False, backend="cpp")
+    for layout, threads in (("columns", 1), ("columns", 2), ("rows", 1), ("rows", 2)):
+        wide = torch.full((24, 9137) if layout == "columns" else (9137, 24), float("nan"), dtype=dtype)
+        block = wide.t()[100:9100] if layout == "columns" else wide[100:9100]
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            gx = pe.engine_backward_into(block, x, y, xl, yl, row_in, coef, transform=0, mining=1, params=params,
+                                         exclude_diag=False, backend="cpp")
+        finally:
+            torch.set_num_threads(prev)
+        assert torch.equal(gx, gx_want) and torch.equal(block, gy_want), f"{layout}, {threads} threads: other bits"
+        rest = torch.ones_like(wide, dtype=torch.bool)
+        (rest.t()[100:9100] if layout == "columns" else rest[100:9100]).fill_(False)
+        assert wide[rest].isnan().all(), "elements outside the block were written"
+    _close(gy_want, want[1], *TOLERANCES[dtype], "grad_y")
+
+
+def test_cpp_backward_into_two_passes():
+    """Past the sweep's partial budget (the two passes, grad_y zero-filled then summed tile by tile)
+    pair_engine_backward_into gives pair_engine_backward's bits in a strided block too."""
+    _needs_engine("cpp")
+    (x, y, xl, yl, row_in, coef), params, _ = _two_sided_case(2400, 1100, 2400, 30, torch.float32, 4)
+    gx_want, gy_want = pe.engine_backward_raw(x, y, xl, yl, row_in, coef, transform=0, mining=1, params=params,
+                                              exclude_diag=False, backend="cpp")
+    block = torch.full((2400, 1500), float("nan")).t()[300:1400]
+    gx = pe.engine_backward_into(block, x, y, xl, yl, row_in, coef, transform=0, mining=1, params=params,
+                                 exclude_diag=False, backend="cpp")
+    assert torch.equal(gx, gx_want) and torch.equal(block, gy_want)
+
+
+def test_cpp_backward_into_rejects_bad_buffers_and_opcheck():
+    """pair_engine_backward_into's buffer: y's shape, x's dtype, no overlap with itself or an
+    operand, each a clear error; torch.library.opcheck of the op (its fake, the declared mutation)."""
+    _needs_engine("cpp")
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(13, 6, generator=g, dtype=torch.float64), torch.randn(10, 6, generator=g, dtype=torch.float64)
+    xl, yl = torch.randint(0, 3, (13,), generator=g), torch.randint(0, 3, (10,), generator=g)
+    row_in, coef = torch.randn(13, 3, generator=g, dtype=torch.float64), torch.rand(13, 5, generator=g,
+                                                                                     dtype=torch.float64)
+    args = (x, y, xl, yl, row_in, coef, 0, 1, PARAMS[0], False)
+    op = torch.ops.dmlkern.pair_engine_backward_into
+    for buf, match in ((torch.empty(6, 10, dtype=torch.float64), r"grad_y must have y's shape"),
+                       (torch.empty(10, 6), r"grad_y must have x's dtype"),
+                       (torch.empty(1, 6, dtype=torch.float64).expand(10, 6), "internal overlap|single memory location"),
+                       (y, "unsupported operation|memory location")):
+        with pytest.raises(RuntimeError, match=match):
+            op(*args, buf)
+    torch.library.opcheck(op.default, (*args, torch.empty(10, 6, dtype=torch.float64)))
+    torch.library.opcheck(op.default, (*args, torch.empty(6, 10, dtype=torch.float64).t()))
+
+
 # ----------------------------------------------------------------------------- C++ symmetric tiles
 # From 8 square blocks (128 rows below 16384, 256 from there) the C++ engine multiplies only the
 # tiles (a, b), a <= b, of a batch against itself (y is x, the same labels), in rounds of disjoint

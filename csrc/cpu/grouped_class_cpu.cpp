@@ -323,10 +323,17 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const int32_t* own,
       ceil_div(n, kRowBlock) * kRowBlock,
       std::max<int64_t>(1, kPartialBytes / std::max<int64_t>(per_row, 1) / kRowBlock) * kRowBlock);
   auto partial = at::empty({tl.chunks, std::min(group_rows, n), d}, x.options());
+  // A tile's grad_w is summed over the group's row blocks in a per-task buffer in w's layout (the
+  // same products as a fresh grad_w's, so the same bits) and then written (added, past the first
+  // group) once: grad_w may be a block of a (D, C K) weights' gradient, whose columns lie C K
+  // apart, too far for the caches and the TLB.
+  const bool w_column_major = column_major(w);
   for (int64_t g0 = 0; g0 < n; g0 += group_rows) {
     const int64_t gn = std::min(group_rows, n - g0);
     parallel_blocks(tl.chunks, [&](int64_t k0, int64_t k1) {
       Scratch<T> scratch(tl, group, x);
+      auto acc = w_column_major ? at::empty({d, tl.tile_rows}, grad_w.options()).t()
+                                : at::empty({tl.tile_rows, d}, grad_w.options());
       for (int64_t k = k0; k < k1; ++k) {
         auto part = partial[k];
         const int64_t t_begin = k * tl.per_chunk;
@@ -334,7 +341,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const int32_t* own,
         for (int64_t t = t_begin; t < t_end; ++t) {
           const int64_t w0 = t * tl.tile_rows, nw = std::min(tl.tile_rows, r - w0);
           const auto w_blk = w.narrow(0, w0, nw);
-          auto grad_w_blk = grad_w.narrow(0, w0, nw);
+          auto grad_w_blk = acc.narrow(0, 0, nw);
           for (int64_t a0 = g0; a0 < g0 + gn; a0 += kRowBlock) {
             const int64_t na = std::min(kRowBlock, g0 + gn - a0);
             const auto x_blk = x.narrow(0, a0, na);
@@ -343,7 +350,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const int32_t* own,
             backward_tile<T, RK>(tile.template data_ptr<T>(), nw / group, group,
                                  static_cast<int>(na), w0 / group, own + a0, grad + a0, lse + a0,
                                  scale, inv_gamma, scratch);
-            if (g0 == 0 && a0 == 0) {
+            if (a0 == g0) {
               at::mm_out(grad_w_blk, tile, x_blk);
             } else {
               grad_w_blk.addmm_(tile, x_blk);
@@ -354,6 +361,11 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const int32_t* own,
             } else {
               part_blk.addmm_(tile.t(), w_blk);
             }
+          }
+          if (g0 == 0) {
+            grad_w.narrow(0, w0, nw).copy_(grad_w_blk);
+          } else {
+            grad_w.narrow(0, w0, nw).add_(grad_w_blk);
           }
         }
       }
@@ -442,10 +454,12 @@ at::Tensor grouped_class_lse_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> grouped_class_lse_backward_cpu(
+// Both backward ops' body: grad_w_out, when given, is the caller's buffer (w's shape, x's dtype,
+// any strides, checked) that takes grad_w in place of a fresh one.
+std::tuple<at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels, int64_t class0,
     int64_t group, int64_t reduce, double scale, double inv_gamma, const at::Tensor& grad_in,
-    const at::Tensor& lse_in) {
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& grad_w_out) {
   check_grouped_args("grouped_class_lse_backward", x_in, w_in, labels, group, reduce, &grad_in,
                      &lse_in);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -455,7 +469,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_class_lse_backward_cpu(
   const bool sweep = n > 0 && r > 0 && d > 0;
   auto grad_x = sweep ? at::empty(x_in.sizes(), like) : at::zeros(x_in.sizes(), like);
   // grad_w in w's layout: a weights' gradient block of PML's W (D, C K) is a transposed view too
-  auto grad_w = column_major(w_in) ? at::empty({d, r}, like).t() : at::empty({r, d}, like);
+  auto grad_w = grad_w_out.has_value() ? *grad_w_out
+                : column_major(w_in)   ? at::empty({d, r}, like).t()
+                                       : at::empty({r, d}, like);
   if (!sweep) return {grad_x, grad_w.zero_()};
   const auto x = x_in.contiguous();
   const auto w = blas_rows(w_in);
@@ -472,11 +488,30 @@ std::tuple<at::Tensor, at::Tensor> grouped_class_lse_backward_cpu(
   return {grad_x, grad_w};
 }
 
+std::tuple<at::Tensor, at::Tensor> grouped_class_lse_backward_cpu(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels, int64_t class0,
+    int64_t group, int64_t reduce, double scale, double inv_gamma, const at::Tensor& grad,
+    const at::Tensor& lse) {
+  return backward_cpu(x, w, labels, class0, group, reduce, scale, inv_gamma, grad, lse,
+                      std::nullopt);
+}
+
+at::Tensor grouped_class_lse_backward_into_cpu(const at::Tensor& x, const at::Tensor& w,
+                                               const at::Tensor& labels, int64_t class0,
+                                               int64_t group, int64_t reduce, double scale,
+                                               double inv_gamma, const at::Tensor& grad,
+                                               const at::Tensor& lse, at::Tensor& grad_w) {
+  check_grad_y_out("grouped_class_lse_backward_into", "grad_w", "w", x, w, grad_w);
+  return std::get<0>(
+      backward_cpu(x, w, labels, class0, group, reduce, scale, inv_gamma, grad, lse, grad_w));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dmlkern, CPU, m) {
   m.impl("grouped_class_lse", &grouped_class_lse_cpu);
   m.impl("grouped_class_lse_backward", &grouped_class_lse_backward_cpu);
+  m.impl("grouped_class_lse_backward_into", &grouped_class_lse_backward_into_cpu);
 }
 
 }  // namespace dmlkern

@@ -202,16 +202,24 @@ inline int64_t sweep_chunks(const at::Tensor& x, const at::Tensor& y) {
 
 // epilogue(tile, na, nc, a0, c0, tile_has_pos) turns the tile (x rows a0.., y columns c0..) into
 // W in place (tile_has_pos as grad_tiles'). grad_y may come uninitialised (every row is written,
-// the first product without adding).
+// the first product without adding). A block of grad_y is summed over the row blocks in a
+// per-thread buffer in y's layout (a fresh grad_y's: the same products, so the same bits into any
+// grad_y) and written once:
+// grad_y may be a block of a (D, C) weights' gradient, whose columns lie C apart, too far for the
+// caches and the TLB to keep a block that is read and written once per row block.
 template <typename T, typename Epilogue>
 void grad_sweep(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab, const int32_t* ylab,
                 bool find_pos, int64_t chunks, at::Tensor& grad_x, at::Tensor& grad_y,
                 Epilogue epilogue) {
-  const int64_t n = x.size(0), m = y.size(0);
+  const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
   const int64_t per_chunk = ceil_div(ceil_div(m, kColBlock), chunks);
-  auto partial = at::empty({chunks, n, x.size(1)}, grad_x.options());
+  const bool y_column_major = is_column_major(y);
+  auto partial = at::empty({chunks, n, d}, grad_x.options());
   parallel_blocks(chunks, [&](int64_t k0, int64_t k1) {
     auto buffer = at::empty({kRowBlock * std::min(kColBlock, m)}, x.options());
+    const int64_t acc_rows = std::min(kColBlock, m);
+    auto grad_y_acc = y_column_major ? at::empty({d, acc_rows}, grad_y.options()).t()
+                                     : at::empty({acc_rows, d}, grad_y.options());
     PositiveTiles positives(find_pos ? n + m : 0);  // label codes < N + M
     for (int64_t k = k0; k < k1; ++k) {
       auto part = partial[k];
@@ -220,7 +228,7 @@ void grad_sweep(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab, c
       for (int64_t c0 = b_begin; c0 < b_end; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, m - c0);
         const auto y_blk = y.narrow(0, c0, nc);
-        auto grad_y_blk = grad_y.narrow(0, c0, nc);
+        auto grad_y_blk = grad_y_acc.narrow(0, 0, nc);
         for (int64_t a0 = 0; a0 < n; a0 += kRowBlock) {
           const int64_t na = std::min(kRowBlock, n - a0);
           const auto x_blk = x.narrow(0, a0, na);
@@ -240,6 +248,7 @@ void grad_sweep(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab, c
             part_blk.addmm_(tile, y_blk);
           }
         }
+        grad_y.narrow(0, c0, nc).copy_(grad_y_blk);
       }
     }
   });
@@ -532,11 +541,13 @@ void hinge_backward(const at::Tensor& x, const at::Tensor& y, const int32_t* xla
                 });
 }
 
-std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
+// Both ops' body: grad_y_out, when given, is the caller's buffer (y's shape, x's dtype, any
+// strides, checked) that takes grad_y in place of a fresh one.
+std::tuple<at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& x_labels,
     const at::Tensor& y_labels, const at::Tensor& row_in, const at::Tensor& row_coef,
     int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag,
-    bool symmetric) {
+    bool symmetric, const std::optional<at::Tensor>& grad_y_out) {
   check_pair_engine_args(x_in, y_in, x_labels, y_labels, row_in, &row_coef, -1, transform, mining,
                          params, exclude_diag, symmetric);
   // Kernels are plain compute: the tile products inside must never be recorded by autograd.
@@ -551,8 +562,9 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
   // grad_y in y's layout (a column-major y is read as it is: engine_operand).
   const auto like = x_in.options().memory_format(at::MemoryFormat::Contiguous);
   auto grad_x = at::empty(x_in.sizes(), like);
-  auto grad_y = is_column_major(y_in) ? at::empty({y_in.size(1), y_in.size(0)}, like).t()
-                                      : at::empty(y_in.sizes(), like);
+  auto grad_y = grad_y_out.has_value()     ? *grad_y_out
+                : is_column_major(y_in) ? at::empty({y_in.size(1), y_in.size(0)}, like).t()
+                                        : at::empty(y_in.sizes(), like);
   if (!sweep) {
     grad_x.zero_();
     grad_y.zero_();
@@ -600,8 +612,31 @@ std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
   return {grad_x, grad_y};
 }
 
+std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& x_labels,
+    const at::Tensor& y_labels, const at::Tensor& row_in, const at::Tensor& row_coef,
+    int64_t transform, int64_t mining, at::ArrayRef<double> params, bool exclude_diag,
+    bool symmetric) {
+  return backward_cpu(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params,
+                      exclude_diag, symmetric, std::nullopt);
+}
+
+at::Tensor pair_engine_backward_into_cpu(const at::Tensor& x, const at::Tensor& y,
+                                         const at::Tensor& x_labels, const at::Tensor& y_labels,
+                                         const at::Tensor& row_in, const at::Tensor& row_coef,
+                                         int64_t transform, int64_t mining,
+                                         at::ArrayRef<double> params, bool exclude_diag,
+                                         at::Tensor& grad_y) {
+  check_grad_y_out("pair_engine_backward_into", "grad_y", "y", x, y, grad_y);
+  return std::get<0>(backward_cpu(x, y, x_labels, y_labels, row_in, row_coef, transform, mining,
+                                  params, exclude_diag, false, grad_y));
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dmlkern, CPU, m) { m.impl("pair_engine_backward", &pair_engine_backward_cpu); }
+TORCH_LIBRARY_IMPL(dmlkern, CPU, m) {
+  m.impl("pair_engine_backward", &pair_engine_backward_cpu);
+  m.impl("pair_engine_backward_into", &pair_engine_backward_into_cpu);
+}
 
 }  // namespace dmlkern

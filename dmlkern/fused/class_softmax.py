@@ -82,19 +82,56 @@ def autocast_off(t):
     return torch.autocast(t.device.type, enabled=False)
 
 
-def unit(rows):
+class RowsScratch:
+    """Buffers for the block-sized temporaries of a loop over column blocks (the unit weight
+    rows; the elementwise products under the rows' dot products), reused from block to block,
+    in the layout a fresh tensor would have. Fresh block-sized tensors per block are page-faulted
+    anew where glibc hands them back to the system between blocks (with the columns' gradient
+    written in place, pe.engine_backward_into: ~10 % of an ArcFace forward + backward at
+    C = 262144 on this CPU). Unused under autograd (the reference's graph would save a block's
+    rows that the next block overwrites) and under tracing (static_shapes: no strided out=)."""
+
+    UNIT, PRODUCT = 0, 1
+
+    def __init__(self):
+        self.flat = [None, None]
+
+    def like(self, rows, slot, dtype=None):
+        """An uninitialised tensor of rows' shape and layout (dtype: rows' unless given) in the
+        slot's buffer, or None."""
+        if static_shapes() or torch.is_grad_enabled() or rows.dim() != 2:
+            return None
+        dtype = dtype or rows.dtype
+        flat = self.flat[slot]
+        if flat is None or flat.numel() < rows.numel() or flat.dtype != dtype or flat.device != rows.device:
+            flat = self.flat[slot] = torch.empty(rows.numel(), dtype=dtype, device=rows.device)
+        r, d = rows.shape
+        flat = flat[:r * d]
+        return flat.view(d, r).t() if r > 1 and rows.stride(0) == 1 else flat.view(r, d)
+
+
+def row_dots(a, b, scratch=None):
+    """torch.linalg.vecdot(a, b, dim=-1) (the same bits: its product, then the sum), the product
+    in the scratch's buffer when one is given."""
+    out = None if scratch is None else scratch.like(a, RowsScratch.PRODUCT)
+    if out is None or a.stride() != b.stride():
+        return torch.linalg.vecdot(a, b, dim=-1)
+    return torch.mul(a, b, out=out).sum(-1)
+
+
+def unit(rows, scratch=None):
     """rows / max(|rows|, eps), as F.normalize (no graph: the block kernels differentiate by hand)."""
-    return unit_and_norm(rows)[0]
+    return unit_and_norm(rows, scratch)[0]
 
 
-def row_norms(rows):
+def row_norms(rows, scratch=None):
     """|rows| per row, (R, 1) in rows' dtype: the square root of the rows' dot products with
     themselves, accumulated in fp32 for half rows. Not torch.linalg.vector_norm: on a CPU that is
     ~10x slower for a block of weight rows (7 ms for 16384 x 128, strided or not), the largest
     cost outside the engine of a class-softmax call."""
     r = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
     with autocast_off(rows):  # (CPU autocast runs vecdot in bf16: norms 2^-9 off, logits by scale times that)
-        return torch.linalg.vecdot(r, r, dim=-1).sqrt_().unsqueeze(-1).to(rows.dtype)
+        return row_dots(r, r, scratch).sqrt_().unsqueeze(-1).to(rows.dtype)
 
 
 def normalized(rows):
@@ -111,19 +148,23 @@ def no_grad_at_short_rows(x):
     return torch.where(short, x.detach(), x)
 
 
-def unit_and_norm(rows):
-    """(unit(rows), |rows|): the norm kept for unit_backward_, so a block's norms are taken once."""
-    norm = row_norms(rows)
-    return rows / norm.clamp_min(_NORMALIZE_EPS), norm
+def unit_and_norm(rows, scratch=None):
+    """(unit(rows), |rows|): the norm kept for unit_backward_, so a block's norms are taken once;
+    the unit rows in the RowsScratch's buffer when one is given (and usable)."""
+    norm = row_norms(rows, scratch)
+    out = None if scratch is None else scratch.like(rows, RowsScratch.UNIT)
+    if out is None:
+        return rows / norm.clamp_min(_NORMALIZE_EPS), norm
+    return torch.div(rows, norm.clamp_min(_NORMALIZE_EPS), out=out), norm
 
 
-def unit_backward_(grad, y, norm, out=None):
+def unit_backward_(grad, y, norm, out=None, scratch=None):
     """The gradient of unit(rows) given the gradient of its output (as fused._common._UnitRows),
-    computed over `grad` (a block's fresh gradient: no block-sized temporaries) and written to
-    `out` (e.g. the block's view of the weights' gradient), else returned in `grad`; y, norm =
-    unit_and_norm(rows)."""
+    computed over `grad` (a block's fresh gradient, or the block of the weights' gradient that
+    holds it) and written to `out` (e.g. the block's view of the weights' gradient), else
+    returned in `grad`; y, norm = unit_and_norm(rows)."""
     with autocast_off(grad):
-        radial = torch.linalg.vecdot(y, grad, dim=1).unsqueeze(1) * (norm >= _NORMALIZE_EPS)
+        radial = row_dots(y, grad, scratch).unsqueeze(1) * (norm >= _NORMALIZE_EPS)
     grad.addcmul_(y, radial, value=-1)
     if out is None or static_shapes():  # (torch.compile takes no non-contiguous out=)
         return _write(grad.div_(norm.clamp_min(_NORMALIZE_EPS)), out)
@@ -150,8 +191,8 @@ class EngineBlock:
                         and x.dtype != torch.float64)
         self.round_to = torch.get_autocast_dtype("cpu") if cpu_autocast else None
 
-    def _columns(self, rows, x, unit_rows=None):
-        cols = (unit(rows) if unit_rows is None else unit_rows) if self.unit_columns else rows
+    def _columns(self, rows, x, unit_rows=None, scratch=None):
+        cols = (unit(rows, scratch) if unit_rows is None else unit_rows) if self.unit_columns else rows
         if self.round_to is not None:
             cols = cols.to(self.round_to)
         cols = cols.to(x.dtype)
@@ -164,23 +205,27 @@ class EngineBlock:
     def _labels(self, c0, c1, like):
         return torch.arange(c0, c1, device=like.device)
 
-    def forward(self, x, rows, labels, c0, c1, backend=None):
-        out = pe.engine_forward(x, self._columns(rows, x), labels, self._labels(c0, c1, labels),
+    def forward(self, x, rows, labels, c0, c1, backend=None, scratch=None):
+        out = pe.engine_forward(x, self._columns(rows, x, scratch=scratch), labels, self._labels(c0, c1, labels),
                                 pass_kind=PASS_LSE2, params=self.params, backend=backend or self.backend)
         return out[:, 1]
 
-    def backward(self, x, rows, labels, c0, c1, grad, lse, out=None):
+    def backward(self, x, rows, labels, c0, c1, grad, lse, out=None, scratch=None):
         stats = stats_dtype(x.dtype)
         zero = torch.zeros_like(lse)
         coef = torch.stack([zero, zero, grad.to(stats), lse, zero], dim=1)
-        y, norm = unit_and_norm(rows) if self.unit_columns else (None, None)
+        y, norm = unit_and_norm(rows, scratch) if self.unit_columns else (None, None)
         cols = self._columns(rows, x, y)
-        gx, gcols = pe.engine_backward_raw(
-            x, cols, labels, self._labels(c0, c1, labels), torch.zeros(x.shape[0], 3, dtype=stats, device=x.device),
-            coef, transform=TRANSFORM_DOT, mining=MINING_NONE, params=self.params, exclude_diag=False,
-            backend=self.backend, coef_terms=0)
+        args = (x, cols, labels, self._labels(c0, c1, labels), torch.zeros(x.shape[0], 3, dtype=stats, device=x.device),
+                coef)
+        kwargs = dict(transform=TRANSFORM_DOT, mining=MINING_NONE, params=self.params, exclude_diag=False,
+                      backend=self.backend, coef_terms=0)
+        if out is not None and out.dtype == x.dtype:  # the columns' gradient straight into the block of out
+            gx = pe.engine_backward_into(out, *args, **kwargs)
+            return gx, unit_backward_(out, y, norm, scratch=scratch) if self.unit_columns else out
+        gx, gcols = pe.engine_backward_raw(*args, **kwargs)
         gcols = gcols.to(rows.dtype)
-        return gx, unit_backward_(gcols, y, norm, out) if self.unit_columns else _write(gcols, out)
+        return gx, unit_backward_(gcols, y, norm, out, scratch) if self.unit_columns else _write(gcols, out)
 
 
 # `last_backend` of a grouped loss whose blocks ran as torch ops (the C++ backend on CUDA tensors or
@@ -235,19 +280,23 @@ class GroupedBlock:
         own = torch.arange(c0, c1, device=labels.device) == labels[:, None]
         return s, value, torch.where(own, float("-inf"), self.scale * value.to(stats_dtype(cos.dtype)))
 
-    def forward(self, x, rows, labels, c0, c1, backend=None):
+    def forward(self, x, rows, labels, c0, c1, backend=None, scratch=None):
         ops = self.kernel_ops(x) if backend != "reference" else None
         if ops is not None:  # unit rows in rows' layout: read in place
             self.ran = self.backend
-            return ops.grouped_class_lse(x, unit(rows).to(x.dtype), labels, *self._op_args(c0))
+            return ops.grouped_class_lse(x, unit(rows, scratch).to(x.dtype), labels, *self._op_args(c0))
         if backend != "reference":
             self.ran = TORCH_BLOCKS
         mm = (lambda a, b: a @ b.t()) if backend == "reference" else fixed_mm  # reference: differentiable
-        return self.torch_lse(x, unit(rows).to(x.dtype), labels, c0, c1, mm)
+        return self.torch_lse(x, unit(rows, scratch).to(x.dtype), labels, c0, c1, mm)
 
-    def backward(self, x, rows, labels, c0, c1, grad, lse, out=None):
-        y, norm = unit_and_norm(rows)
+    def backward(self, x, rows, labels, c0, c1, grad, lse, out=None, scratch=None):
+        y, norm = unit_and_norm(rows, scratch)
         ops = self.kernel_ops(x)
+        if ops is grouped_class_op and out is not None and out.dtype == x.dtype and not static_shapes():
+            # the C++ op writes the rows' gradient straight into the block of out (rows' layout)
+            gx = ops.grouped_class_lse_backward_into(out, x, y.to(x.dtype), labels, *self._op_args(c0), grad, lse)
+            return gx, unit_backward_(out, y, norm, scratch=scratch)
         if ops is not None:
             # the C++ op gives gcols in y's layout, rows' (a block of PML's W (D, C K) is a transposed
             # view): the normalisation's backward and its write into `out` run without a transposition
@@ -255,7 +304,7 @@ class GroupedBlock:
                 x, y.to(x.dtype), labels, *self._op_args(c0), grad, lse)
         else:
             gx, gcols = self.torch_grads(x, y.to(x.dtype), labels, c0, c1, grad, lse)
-        return gx, unit_backward_(gcols.to(rows.dtype), y, norm, out)
+        return gx, unit_backward_(gcols.to(rows.dtype), y, norm, out, scratch)
 
     def torch_lse(self, x, cols, labels, c0, c1, mm=fixed_mm):
         """The block's lse in torch ops (the op grouped_class_lse's twin); cols: the classes
@@ -284,9 +333,9 @@ def row_lse(t):
 
 
 def _lse_over_blocks(x, weight, labels, kernel, layout, backend=None):
-    lse = None
+    lse, scratch = None, RowsScratch()
     for c0, c1 in layout.blocks(weight, x.element_size(), kernel.max_rows(x)):
-        part = kernel.forward(x, layout.block(weight, c0, c1), labels, c0, c1, backend)
+        part = kernel.forward(x, layout.block(weight, c0, c1), labels, c0, c1, backend, scratch)
         lse = part if lse is None else logaddexp(lse, part)
     return lse
 
@@ -333,9 +382,10 @@ def blocked_backward(x, weight, labels, kernel, layout, grad, lse, needs):
     if needs[1]:  # the blocks write every row when they cover the weight: no zero fill then
         covered = layout.num_classes * layout.group == layout.rows(weight).shape[0]
         gw = torch.empty_like(weight) if covered else torch.zeros_like(weight)
+    scratch = RowsScratch()
     for c0, c1 in layout.blocks(weight, x.element_size(), kernel.max_rows(x)):
         out = None if gw is None else layout.block(gw, c0, c1)
-        gx_b, _ = kernel.backward(x, layout.block(weight, c0, c1), labels, c0, c1, grad, lse, out)
+        gx_b, _ = kernel.backward(x, layout.block(weight, c0, c1), labels, c0, c1, grad, lse, out, scratch)
         if gx is not None:
             gx += gx_b
     return gx, gw

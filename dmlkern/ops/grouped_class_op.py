@@ -49,6 +49,21 @@ def grouped_class_lse_backward(x, w, labels, class0, group, reduce, scale, inv_g
                                                         float(scale), float(inv_gamma), grad, lse)
 
 
+_INTO_READY = _OP_READY and hasattr(torch.ops.dmlkern, "grouped_class_lse_backward_into")
+
+
+def grouped_class_lse_backward_into(grad_w, x, w, labels, class0, group, reduce, scale, inv_gamma, grad, lse):
+    """grouped_class_lse_backward's grad_x, with grad_w written into `grad_w` (w's shape and x's
+    dtype, any strides: a block of the weights' gradient), not into a fresh tensor, where the op
+    `dmlkern::grouped_class_lse_backward_into` is built (else computed, then copied in)."""
+    if not _INTO_READY:
+        grad_x, gw = grouped_class_lse_backward(x, w, labels, class0, group, reduce, scale, inv_gamma, grad, lse)
+        grad_w.copy_(gw)
+        return grad_x
+    return torch.ops.dmlkern.grouped_class_lse_backward_into(x, w, labels, int(class0), int(group), int(reduce),
+                                                             float(scale), float(inv_gamma), grad, lse, grad_w)
+
+
 if _OP_READY:
     @torch.library.register_fake("dmlkern::grouped_class_lse")
     def _fake(x, w, labels, class0, group, reduce, scale, inv_gamma):
@@ -57,6 +72,11 @@ if _OP_READY:
     @torch.library.register_fake("dmlkern::grouped_class_lse_backward")
     def _fake_backward(x, w, labels, class0, group, reduce, scale, inv_gamma, grad, lse):
         return x.new_empty(x.shape), grad_w_like(w)
+
+if _INTO_READY:
+    @torch.library.register_fake("dmlkern::grouped_class_lse_backward_into")
+    def _fake_backward_into(x, w, labels, class0, group, reduce, scale, inv_gamma, grad, lse, grad_w):
+        return x.new_empty(x.shape)
 
 
 def grad_w_like(w):

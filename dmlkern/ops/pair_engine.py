@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .. import reference
 from .._autograd import applier
+from .._tracing import static_shapes
 from ..triton import triton_available
 from .dispatch import extension_loaded, log, resolve_backend
 
@@ -186,7 +187,13 @@ def _fake_backward(x, y, x_labels, y_labels, row_in, row_coef, transform, mining
     return x.new_empty(x.shape), (y.new_empty(y.shape[::-1]).t() if column_major else y.new_empty(y.shape))
 
 
+def _fake_backward_into(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag,
+                        grad_y):
+    return x.new_empty(x.shape)
+
+
 _cpp_ready = extension_loaded() and hasattr(torch.ops.dmlkern, "pair_engine_forward")
+_into_ready = _cpp_ready and hasattr(torch.ops.dmlkern, "pair_engine_backward_into")
 if _cpp_ready:
     torch.library.register_fake("dmlkern::pair_engine_forward")(_fake_forward)
     torch.library.register_fake("dmlkern::pair_engine_backward")(_fake_backward)
@@ -195,6 +202,8 @@ if _cpp_ready:
         _make_backward(torch.ops.dmlkern.pair_engine_backward),
         setup_context=_setup_context,
     )
+if _into_ready:
+    torch.library.register_fake("dmlkern::pair_engine_backward_into")(_fake_backward_into)
 
 
 def _only_grad_transforms():
@@ -337,6 +346,35 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
     return _CppDirect(*args) if direct else torch.ops.dmlkern.pair_engine_forward(*args)
 
 
+def _backward_args(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag, symmetric):
+    """The backward ops' arguments, after the checks the ops leave to Python."""
+    if row_coef.shape[1] == 6:
+        reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
+    if row_coef.shape[1] == COEF_WIDTH_HINGE:
+        reference.check_hinge_mining(mining, "row_coef with 2 columns (the hinge backward)")
+    reference.check_circle(transform, mining, params, coef_width=row_coef.shape[1])
+    return (x, y, x_labels, y_labels, row_in, row_coef, int(transform), int(mining),
+            op_params(params, transform), bool(exclude_diag), bool(symmetric))
+
+
+def engine_backward_into(grad_y, x, y, x_labels, y_labels, row_in, row_coef, *, transform, mining, params,
+                         exclude_diag, backend, coef_terms=-1):
+    """engine_backward_raw's non-symmetric backward with grad_y written into `grad_y` (y's shape,
+    any strides; a block of a weights' gradient): returns grad_x. The C++ CPU op writes it in
+    place (pair_engine_backward_into: no block-sized gradient allocated and page-faulted per
+    call); elsewhere, and for a grad_y of another dtype than x's, the gradient is copied in."""
+    if (backend == "cpp" and _into_ready and x.device.type == "cpu" and grad_y.dtype == x.dtype
+            and not static_shapes()):
+        args = _backward_args(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag,
+                              False)
+        return torch.ops.dmlkern.pair_engine_backward_into(*args[:-1], grad_y)
+    grad_x, gy = engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, transform=transform, mining=mining,
+                                     params=params, exclude_diag=exclude_diag, backend=backend,
+                                     coef_terms=coef_terms)
+    grad_y.copy_(gy)
+    return grad_x
+
+
 def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform, mining, params,
                         exclude_diag, backend, symmetric=False, coef_terms=-1):
     """The backward kernel alone: (grad_x, grad_y) for the given row coefficients, (N, 5),
@@ -345,13 +383,8 @@ def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform
     (y is x, y_labels is x_labels): grad_x is the sum of both gradients, grad_y zero.
     coef_terms: which of B_pos (1) and C_lift (2) row_coef uses; Triton compiles the others
     away (-1: it reads the values, a host sync on a GPU). The other backends ignore it."""
-    if row_coef.shape[1] == 6:
-        reference.check_symmetric(x, y, x_labels, y_labels, exclude_diag, mining, "row_coef with 6 columns (C_lift)")
-    if row_coef.shape[1] == COEF_WIDTH_HINGE:
-        reference.check_hinge_mining(mining, "row_coef with 2 columns (the hinge backward)")
-    reference.check_circle(transform, mining, params, coef_width=row_coef.shape[1])
-    args = (x, y, x_labels, y_labels, row_in, row_coef, int(transform), int(mining),
-            op_params(params, transform), bool(exclude_diag), bool(symmetric))
+    args = _backward_args(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag,
+                          symmetric)
     if backend == "reference":
         return reference.engine_backward(*args)
     if backend == "triton":
