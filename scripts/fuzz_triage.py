@@ -41,6 +41,8 @@ def documented(spec, kind, message):
         return "a zero row's normalisation gradient (1/eps times rounding noise, in both)"
     if inputs.get("dup_rows") and not nans:
         return "equal rows: sqrt(2 - 2s) noise where PML's cdist gives 0 (<= 25 rows)"
+    if (inputs.get("min_unit_dist") or 1.0) < 1e-3 and kind.startswith(("grad", "fp32only_grad")) and not nans:
+        return "near-equal rows (unit distance < 1e-3): a pair's distance and gradient are rounding noise in both"
     if kind == "dml_raise_only" and "out of range" in message:
         return "an out-of-range indices_tuple raises (PML ignores or misreads it)"
     if kind.startswith("fp32only"):
