@@ -1241,6 +1241,40 @@ def _far_rows_inputs(n, dtype):
     return torch.nn.functional.normalize(x, dim=1).to(dtype), labels
 
 
+@pytest.mark.parametrize("case", ["clone", "other", "columns"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_cpp_two_sided_fixed_shift_rows_below_the_window(dtype, case):
+    """The two-sided lse2 forward (y not x: a copy of x with its self-pairs excluded, other rows,
+    other rows read by columns) takes the fixed shift as the symmetric one does, a row whose LSE
+    lies more than 64 (fp32; 512 fp64) below U recomputed with a running maximum: the reference's
+    statistics, the same bits at 1 and 2 threads."""
+    _needs_engine("cpp")
+    atol, rtol = TOLERANCES[dtype]
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    x, labels = _far_rows_inputs(1029, dtype)
+    if case == "clone":
+        y, y_labels, exclude_diag = x.clone(), labels.clone(), True
+    else:
+        y, y_labels, exclude_diag = x[:700].flip(0).clone(), labels[:700].flip(0).clone(), False
+        if case == "columns":
+            y = y.t().contiguous().t()
+    scale = 12.0 if dtype == torch.float32 else 100.0
+    params = [scale * p for p in PARAMS[0][:4]] + PARAMS[0][4:]
+    row_in = torch.zeros(len(x), 3, dtype=stats)
+    want = reference.engine_forward(x.double(), y.double(), labels, y_labels, row_in.double(), 1, 0, 0, params,
+                                    exclude_diag)
+    top = params[2] + params[3]
+    below = want[:, 1] < top - (64.0 if dtype == torch.float32 else 512.0)
+    assert below.any() and not below.all(), "the case does not test what it says"
+
+    def forward():
+        return pe.engine_forward(x, y, labels, y_labels, row_in, pass_kind=1, params=params,
+                                 exclude_diag=exclude_diag, backend="cpp")
+    got = _cpp_threads(1, forward)
+    _close_to_scale(got, want, atol, rtol, "forward")
+    assert torch.equal(got, _cpp_threads(2, forward)), "bits differ between 1 and 2 threads"
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_cpp_symmetric_tiles_fixed_shift_rows_below_the_window(dtype):
     """A window wider than the 64 (fp32; 512 fp64) every row's LSE keeps still takes the fixed

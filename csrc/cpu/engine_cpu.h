@@ -170,28 +170,56 @@ constexpr double kFixedShiftWidth = sizeof(T) == 4 ? 64.0 : 512.0;
 template <typename T>
 constexpr double kFixedShiftMaxWidth = 2.0 * kFixedShiftWidth<T>;
 
-// U per set, or nothing when a window is wider than kFixedShiftMaxWidth (or not finite: NaN or inf
-// rows keep the two sweeps, which propagate them as the reference does).
-template <typename T, int64_t TR>
-std::optional<FixedShift<T>> fixed_shift(const at::Tensor& x, const EngineParams<T>& p) {
-  double b = 0.0;  // the largest squared row norm (x contiguous), in double: no N x D temporary
-  const T* data = x.data_ptr<T>();
-  for (int64_t i = 0, d = x.size(1); i < x.size(0); ++i) {
-    double sq = 0.0;
-    for (int64_t k = 0; k < d; ++k) sq += double(data[i * d + k]) * double(data[i * d + k]);
-    b = sq > b || sq != sq ? sq : b;  // NaN wins: the window is then not finite
+// The largest squared row norm of t (2-D, any strides: a column-major y is read as it is), in
+// double: no temporary of t's size. NaN when a row holds NaN, inf when one overflows.
+template <typename T>
+double max_sq_row_norm(const at::Tensor& t) {
+  const int64_t n = t.size(0), d = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
+  const T* data = t.data_ptr<T>();
+  std::vector<double> sq(n, 0.0);
+  if (s1 == 1 || s0 != 1) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < d; ++k) sq[i] += double(data[i * s0 + k * s1]) * double(data[i * s0 + k * s1]);
+  } else {  // column-major: a column of t at a time, contiguous
+    for (int64_t k = 0; k < d; ++k)
+      for (int64_t i = 0; i < n; ++i) sq[i] += double(data[i + k * s1]) * double(data[i + k * s1]);
   }
-  // |s| <= b for any two rows; transform 1's v = sqrt(max(2 - 2s, 0)) lies in [0, sqrt(2 + 2b)].
+  double b = 0.0;
+  for (double v : sq) b = v > b || v != v ? v : b;  // NaN wins: the window is then not finite
+  return b;
+}
+
+// U per set, or nothing when a window is wider than kFixedShiftMaxWidth (or not finite: NaN or inf
+// rows keep the two sweeps, which propagate them as the reference does). b bounds |s| over the
+// pairs: the largest squared row norm of x against itself, the product of x's and y's largest row
+// norms otherwise. A relative slack of 1e-6 lets unit rows (norms 1 up to rounding) take the widest
+// window exactly (scale 64: ArcFace's and CosFace's default).
+template <typename T, int64_t TR>
+std::optional<FixedShift<T>> fixed_shift_for(double b, const EngineParams<T>& p) {
+  // transform 1's v = sqrt(max(2 - 2s, 0)) lies in [0, sqrt(2 + 2b)].
   const double v_lo = TR == kTransformDot ? -b : 0.0;
   const double v_hi = TR == kTransformDot ? b : std::sqrt(2.0 + 2.0 * b);
   auto upper = [&](double sc, double off) -> std::optional<double> {
     const double width = std::abs(sc) * (v_hi - v_lo);
-    if (!(width <= kFixedShiftMaxWidth<T>)) return std::nullopt;
+    if (!(width <= kFixedShiftMaxWidth<T> * (1.0 + 1e-6))) return std::nullopt;
     return std::max(sc * v_lo, sc * v_hi) + off;
   };
   const auto up = upper(p.sc_pos, p.off_pos), un = upper(p.sc_neg, p.off_neg);
   if (!up || !un) return std::nullopt;
   return FixedShift<T>{static_cast<T>(*up), static_cast<T>(*un)};
+}
+
+// The fixed shift of x against itself (the symmetric case).
+template <typename T, int64_t TR>
+std::optional<FixedShift<T>> fixed_shift(const at::Tensor& x, const EngineParams<T>& p) {
+  return fixed_shift_for<T, TR>(max_sq_row_norm<T>(x), p);
+}
+
+// The fixed shift of x against y (the two-sided case).
+template <typename T, int64_t TR>
+std::optional<FixedShift<T>> fixed_shift(const at::Tensor& x, const at::Tensor& y,
+                                         const EngineParams<T>& p) {
+  return fixed_shift_for<T, TR>(std::sqrt(max_sq_row_norm<T>(x)) * std::sqrt(max_sq_row_norm<T>(y)), p);
 }
 
 // Whether the engine's y is x itself and y_labels x_labels (the ops' autograd passes the same

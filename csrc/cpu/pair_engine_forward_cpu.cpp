@@ -157,6 +157,90 @@ DMLK_CPU_CLONES void forward_tile(T* tile, int64_t nr, int64_t nc, int64_t r0, i
   }
 }
 
+// A pair's term under a fixed shift: e^(u - U) of its set (same label: the positives).
+template <typename T>
+DMLK_CPU_INLINE T fixed_shift_exp(T v, bool same, const EngineParams<T>& p, FixedShift<T> u,
+                                  const CpuExp& ex) {
+  return ex(same ? p.sc_pos * v + p.off_pos - u.pos : p.sc_neg * v + p.off_neg - u.neg);
+}
+
+// After the lse2 pass with a fixed shift (out holds every row's two LSEs): the rows whose set has a
+// member but whose LSE lies more than kFixedShiftWidth below U (their terms may have left the
+// normal range: possible once the window is wider than that) are recomputed with a running
+// maximum, 1 x M products per row, in row blocks of the list (fixed by the data: the bits do not
+// depend on the thread count). y is x and ylab xlab in the symmetric case.
+template <typename T, int64_t TR, int64_t MI>
+void lse2_rows_below_window(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
+                            const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
+                            bool exclude_diag, FixedShift<T> u, at::Tensor& out) {
+  const int64_t n = x.size(0), m = y.size(0);
+  T* o = out.data_ptr<T>();
+  const int64_t cols = out.size(1);
+  std::vector<int64_t> count(n + m, 0);  // y's label counts (label codes are < n + m)
+  for (int64_t j = 0; j < m; ++j) ++count[ylab[j]];
+  const auto below = [](T lse, T top) {
+    return !(lse >= top - static_cast<T>(kFixedShiftWidth<T>));  // NaN too: recomputed alike
+  };
+  std::vector<int64_t> redo;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t same = count[xlab[i]];
+    const bool own = exclude_diag && i < m && ylab[i] == xlab[i];  // the excluded self-pair
+    const bool has_pos = same > (own ? 1 : 0), has_neg = same < m;
+    if ((has_pos && below(o[i * cols], u.pos)) || (has_neg && below(o[i * cols + 1], u.neg))) redo.push_back(i);
+  }
+  if (redo.empty()) return;
+  const int64_t n_redo = static_cast<int64_t>(redo.size());
+  const auto index = at::from_blob(redo.data(), {n_redo}, at::kLong).clone();
+  parallel_row_blocks(n_redo, [&](int64_t b0, int64_t b1) {
+    auto buffer = at::empty({kRowBlock * std::min(kColBlock, m)}, x.options());
+    std::vector<PassAcc<kPassLse2, T>> acc(kRowBlock);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t k0 = b * kRowBlock, nr = std::min(kRowBlock, n_redo - k0);
+      const auto xb = x.index_select(0, index.narrow(0, k0, nr));
+      for (int64_t r = 0; r < nr; ++r) acc[r] = PassAcc<kPassLse2, T>();
+      for (int64_t c0 = 0; c0 < m; c0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, m - c0);
+        auto tile = buffer.narrow(0, 0, nr * nc).view({nr, nc});
+        at::mm_out(tile, xb, y.narrow(0, c0, nc).t());
+        T* t = tile.data_ptr<T>();
+        for (int64_t r = 0; r < nr; ++r) {  // one row at a time: its global index finds its self-pair
+          forward_tile<T, kPassLse2, TR, MI>(t + r * nc, 1, nc, redo[k0 + r], c0, xlab, ylab, rows, p,
+                                             exclude_diag, acc.data() + r);
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r) acc[r].store(o + redo[k0 + r] * cols);
+    }
+  });
+}
+
+// The lse2 pass with a fixed shift on one tile (rows r0.., columns c0..; transforms 0 and 1,
+// mining 0): one sweep per row, each pair's exp(u - U) summed per set, merged at U.
+template <typename T, int64_t TR>
+DMLK_CPU_CLONES void lse2_fixed_tile(const T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
+                                     const int32_t* xlab, const int32_t* ylab, EngineParams<T> p,
+                                     bool exclude_diag, FixedShift<T> u, Lse2Acc<T>* acc) {
+  const CpuExp ex;
+  const int inc = static_cast<int>(nc);
+  const int32_t* col_lab = ylab + c0;
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* s = tile + r * nc;
+    const int64_t i = r0 + r;
+    const int32_t li = xlab[i];
+    const int diag = diag_column(exclude_diag, i, c0, nc);
+    T sp = T(0), sn = T(0);
+#pragma omp simd reduction(+ : sp, sn)
+    for (int c = 0; c < inc; ++c) {
+      const T v = engine_value<TR>(s[c], CpuSqrt());
+      const bool same = col_lab[c] == li;
+      const T e = fixed_shift_exp(v, same, p, u, ex);
+      sp += same && c != diag ? e : T(0);
+      sn += same ? T(0) : e;
+    }
+    acc[r].pos.merge(u.pos, sp);
+    acc[r].neg.merge(u.neg, sn);
+  }
+}
+
 template <typename T, int64_t PASS, int64_t TR, int64_t MI>
 void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
                   const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
@@ -164,6 +248,12 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
   const int64_t n = x.size(0), m = y.size(0);
   T* o = out.data_ptr<T>();
   const int64_t cols = out.size(1);
+  // lse2 without mining: one sweep per tile row where a fixed shift bounds every value
+  // (engine_cpu.h, FixedShift), the rows whose LSE falls below its window recomputed after.
+  std::optional<FixedShift<T>> shift;
+  if constexpr (PASS == kPassLse2 && MI == kMiningNone && TR != kTransformCircle) {
+    if (x.size(1) > 0) shift = fixed_shift<T, TR>(x, y, p);
+  }
   // Passes 2 and 3 sum over positive pairs only: a row block visits only the columns from the
   // first to the last one sharing a label with one of its rows (all of them for shuffled
   // labels; a few tiles when the rows are sorted by label, as the fused NT-Xent and Lifted
@@ -197,12 +287,22 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
         } else {
           at::mm_out(tile, xb, y.narrow(0, c0, nc).t());
         }
+        if constexpr (PASS == kPassLse2 && MI == kMiningNone && TR != kTransformCircle) {
+          if (shift) {
+            lse2_fixed_tile<T, TR>(tile.data_ptr<T>(), nr, nc, r0, c0, xlab, ylab, p, exclude_diag,
+                                   *shift, acc.data());
+            continue;
+          }
+        }
         forward_tile<T, PASS, TR, MI>(tile.data_ptr<T>(), nr, nc, r0, c0, xlab, ylab, rows, p,
                                       exclude_diag, acc.data());
       }
       for (int64_t r = 0; r < nr; ++r) acc[r].store(o + (r0 + r) * cols);
     }
   });
+  if constexpr (PASS == kPassLse2 && MI == kMiningNone && TR != kTransformCircle) {
+    if (shift) lse2_rows_below_window<T, TR, MI>(x, y, xlab, ylab, rows, p, exclude_diag, *shift, out);
+  }
 }
 
 // The lse2 pass with a fixed shift on an off-diagonal tile of the symmetric case (no self-pair):
@@ -223,7 +323,7 @@ DMLK_CPU_CLONES void lse2_fixed_sym_tile(const T* tile, int64_t na, int64_t nb, 
     for (int c = 0; c < inb; ++c) {
       const T v = engine_value<TR>(s[c], CpuSqrt());
       const bool same = col_lab[c] == li;
-      const T e = ex(same ? p.sc_pos * v + p.off_pos - u.pos : p.sc_neg * v + p.off_neg - u.neg);
+      const T e = fixed_shift_exp(v, same, p, u, ex);
       const T ep = same ? e : T(0), en = same ? T(0) : e;
       sp += ep;
       sn += en;
@@ -326,49 +426,6 @@ void both_sides_tile(const T* t, int64_t na, int64_t nb, int64_t a0, int64_t b0,
   }
 }
 
-// After the lse2 pass with a fixed shift: the rows whose set has a member but whose LSE lies more
-// than kFixedShiftWidth below U (their terms may have left the normal range: possible once the
-// window is wider than that) are recomputed with a running maximum, 1 x N products per row, in
-// row blocks of the list (fixed by the data: the bits do not depend on the thread count).
-template <typename T, int64_t TR, int64_t MI>
-void lse2_rows_below_window(const at::Tensor& x, const int32_t* lab, const RowColumns<T>& rows,
-                            EngineParams<T> p, bool exclude_diag, FixedShift<T> u,
-                            std::vector<PassAcc<kPassLse2, T>>& acc) {
-  const int64_t n = x.size(0);
-  std::vector<int64_t> count(2 * n, 0);  // label codes are < 2n (label_codes over x's and y's)
-  for (int64_t i = 0; i < n; ++i) ++count[lab[i]];
-  const auto below = [](const OnlineLSE<T>& set, T top) {
-    return !(set.value() >= top - static_cast<T>(kFixedShiftWidth<T>));  // NaN too: recomputed alike
-  };
-  std::vector<int64_t> redo;
-  for (int64_t i = 0; i < n; ++i) {
-    const bool has_pos = count[lab[i]] > (exclude_diag ? 1 : 0), has_neg = count[lab[i]] < n;
-    if ((has_pos && below(acc[i].pos, u.pos)) || (has_neg && below(acc[i].neg, u.neg))) redo.push_back(i);
-  }
-  if (redo.empty()) return;
-  const int64_t n_redo = static_cast<int64_t>(redo.size());
-  const auto index = at::from_blob(redo.data(), {n_redo}, at::kLong).clone();
-  parallel_row_blocks(n_redo, [&](int64_t b0, int64_t b1) {
-    auto buffer = at::empty({kRowBlock * std::min(kColBlock, n)}, x.options());
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t k0 = b * kRowBlock, nr = std::min(kRowBlock, n_redo - k0);
-      const auto xb = x.index_select(0, index.narrow(0, k0, nr));
-      for (int64_t r = 0; r < nr; ++r) acc[redo[k0 + r]] = PassAcc<kPassLse2, T>();
-      for (int64_t c0 = 0; c0 < n; c0 += kColBlock) {
-        const int64_t nc = std::min(kColBlock, n - c0);
-        auto tile = buffer.narrow(0, 0, nr * nc).view({nr, nc});
-        at::mm_out(tile, xb, x.narrow(0, c0, nc).t());
-        T* t = tile.data_ptr<T>();
-        for (int64_t r = 0; r < nr; ++r) {  // one row at a time: its global index finds its self-pair
-          const int64_t i = redo[k0 + r];
-          forward_tile<T, kPassLse2, TR, MI>(t + r * nc, 1, nc, i, c0, lab, lab, rows, p, exclude_diag,
-                                             acc.data() + i);
-        }
-      }
-    }
-  });
-}
-
 // The symmetric case (y is x, the same labels; engine_cpu.h's parallel_sym_tiles): one product per
 // tile pair (a, b): the extrema and hinge passes, and the lse2 pass with a fixed shift, reduce the
 // tile's terms per column too; the others run the epilogue again on its transpose for rows b.
@@ -407,12 +464,12 @@ void forward_sym_impl(const at::Tensor& x, const int32_t* lab, const RowColumns<
     forward_tile<T, PASS, TR, MI>(tile.data_ptr<T>(), na, nb, a0, b0, lab, lab, rows, p,
                                   exclude_diag, acc.data() + a0);
   });
-  if constexpr (PASS == kPassLse2 && MI == kMiningNone && TR != kTransformCircle) {
-    if (shift) lse2_rows_below_window<T, TR, MI>(x, lab, rows, p, exclude_diag, *shift, acc);
-  }
   T* o = out.data_ptr<T>();
   const int64_t cols = out.size(1);
   for (int64_t i = 0; i < n; ++i) acc[i].store(o + i * cols);
+  if constexpr (PASS == kPassLse2 && MI == kMiningNone && TR != kTransformCircle) {
+    if (shift) lse2_rows_below_window<T, TR, MI>(x, x, lab, lab, rows, p, exclude_diag, *shift, out);
+  }
 }
 
 at::Tensor pair_engine_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_in,

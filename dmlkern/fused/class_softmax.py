@@ -182,7 +182,10 @@ class EngineBlock:
 
     def __init__(self, unit_columns, scale, offset, backend, x, autocast_rounding=True):
         self.unit_columns = unit_columns
-        self.params = EngineParams(sc_pos=scale, off_pos=offset, sc_neg=scale, off_neg=offset)
+        # Only the negatives' lse is kept (a row's own class is its one "positive"): the positives
+        # take a zero scale, so their unused values sit in a zero-width window (the CPU engine's
+        # fixed shift then never recomputes a row for them).
+        self.params = EngineParams(sc_pos=0.0, off_pos=0.0, sc_neg=scale, off_neg=offset)
         self.backend = backend
         # Under CPU autocast x holds rows rounded to the autocast dtype in fp32 (pe.autocast_rows):
         # the weight rows get the same rounding, in the forward and in the backward alike (not
