@@ -1091,7 +1091,10 @@ def min_unit_distance(*tensors):
     """The smallest distance between two distinct rows of the inputs once unit-normalised (finite
     rows only), in fp64: below ~1e-3 a pair's sqrt(2 - 2s) and its gradient are rounding noise in
     fp32 in either library (README, near-duplicate rows)."""
-    rows = torch.cat([t.detach().double().reshape(t.shape[0], -1) for t in tensors if t is not None and t.dim() == 2])
+    parts = [t.detach().double() for t in tensors if t is not None and t.dim() == 2 and t.shape[0] > 0]
+    if not parts or len({t.shape[1] for t in parts}) > 1:
+        return None
+    rows = torch.cat(parts)
     rows = rows[torch.isfinite(rows).all(dim=1)]
     if rows.shape[0] < 2 or rows.shape[1] == 0:
         return None
