@@ -63,7 +63,7 @@ def main():
             if doc:
                 key = ("(documented) " + doc,)
             else:
-                name = spec.get("loss") or (spec.get("miner") or [None])[0]
+                name = spec.get("loss") or (spec.get("miner") or [None])[0] or "(no spec: the harness failed)"
                 key = (name, (spec.get("reducer") or [None])[0], kind)
             counts[key] += 1
             seeds[key].append(record["seed"])
