@@ -334,7 +334,7 @@ def test_losses_route_cpu_blocks_to_the_kernel(monkeypatch, name, kwargs, dtype)
     xx = x.clone().requires_grad_(True)
     want = [ours(xx, labels)]
     want += torch.autograd.grad(want[0], (xx, getattr(ours, attr)))
-    assert calls == ["grouped_class_lse", "grouped_class_lse_backward_into"]  # no kernel call since
+    assert calls == ["grouped_class_lse", "grouped_class_lse_backward_into"]  # the torch ops called no kernel
     rtol, atol = TOLERANCES[dtype]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
