@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #if defined(__unix__) || defined(__APPLE__)
 #include <dlfcn.h>
@@ -171,15 +172,20 @@ template <typename T>
 constexpr double kFixedShiftMaxWidth = 2.0 * kFixedShiftWidth<T>;
 
 // The largest squared row norm of t (2-D, any strides: a column-major y is read as it is), in
-// double: no temporary of t's size. NaN when a row holds NaN, inf when one overflows.
+// double: no temporary of t's size. NaN when a row holds NaN, inf when one overflows. Read by
+// rows, it stops at the first row above `stop` (returning inf): the caller only needs to know
+// that the bound is exceeded.
 template <typename T>
-double max_sq_row_norm(const at::Tensor& t) {
+double max_sq_row_norm(const at::Tensor& t,
+                       double stop = std::numeric_limits<double>::infinity()) {
   const int64_t n = t.size(0), d = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
   const T* data = t.data_ptr<T>();
   std::vector<double> sq(n, 0.0);
   if (s1 == 1 || s0 != 1) {
-    for (int64_t i = 0; i < n; ++i)
+    for (int64_t i = 0; i < n; ++i) {
       for (int64_t k = 0; k < d; ++k) sq[i] += double(data[i * s0 + k * s1]) * double(data[i * s0 + k * s1]);
+      if (sq[i] > stop) return std::numeric_limits<double>::infinity();
+    }
   } else {  // column-major: a column of t at a time, contiguous
     for (int64_t k = 0; k < d; ++k)
       for (int64_t i = 0; i < n; ++i) sq[i] += double(data[i + k * s1]) * double(data[i + k * s1]);
@@ -194,6 +200,9 @@ double max_sq_row_norm(const at::Tensor& t) {
 // pairs: the largest squared row norm of x against itself, the product of x's and y's largest row
 // norms otherwise. A relative slack of 1e-6 lets unit rows (norms 1 up to rounding) take the widest
 // window exactly (scale 64: ArcFace's and CosFace's default).
+template <typename T>
+constexpr double kFixedShiftMaxWidthSlack = kFixedShiftMaxWidth<T> * (1.0 + 1e-6);
+
 template <typename T, int64_t TR>
 std::optional<FixedShift<T>> fixed_shift_for(double b, const EngineParams<T>& p) {
   // transform 1's v = sqrt(max(2 - 2s, 0)) lies in [0, sqrt(2 + 2b)].
@@ -201,7 +210,7 @@ std::optional<FixedShift<T>> fixed_shift_for(double b, const EngineParams<T>& p)
   const double v_hi = TR == kTransformDot ? b : std::sqrt(2.0 + 2.0 * b);
   auto upper = [&](double sc, double off) -> std::optional<double> {
     const double width = std::abs(sc) * (v_hi - v_lo);
-    if (!(width <= kFixedShiftMaxWidth<T> * (1.0 + 1e-6))) return std::nullopt;
+    if (!(width <= kFixedShiftMaxWidthSlack<T>)) return std::nullopt;
     return std::max(sc * v_lo, sc * v_hi) + off;
   };
   const auto up = upper(p.sc_pos, p.off_pos), un = upper(p.sc_neg, p.off_neg);
@@ -215,11 +224,30 @@ std::optional<FixedShift<T>> fixed_shift(const at::Tensor& x, const EngineParams
   return fixed_shift_for<T, TR>(max_sq_row_norm<T>(x), p);
 }
 
-// The fixed shift of x against y (the two-sided case).
+// The largest b (fixed_shift_for's bound) whose window fits both sets: the window's width grows
+// with b. Negative when no b fits (the Lp transform at a scale above 64 / sqrt(2) in fp32).
+template <typename T, int64_t TR>
+double max_fitting_bound(const EngineParams<T>& p) {
+  const double sc = std::max(std::abs(double(p.sc_pos)), std::abs(double(p.sc_neg)));
+  if (sc == 0.0) return std::numeric_limits<double>::infinity();
+  const double v_width = kFixedShiftMaxWidthSlack<T> / sc;  // the widest range of v that fits
+  return TR == kTransformDot ? v_width / 2.0 : (v_width * v_width - 2.0) / 2.0;
+}
+
+// The fixed shift of x against y (the two-sided case). The scale is checked first and y's norms
+// (the class path's weight block: C rows) are read only as far as the window can still fit: for
+// raw class weights it rarely does.
 template <typename T, int64_t TR>
 std::optional<FixedShift<T>> fixed_shift(const at::Tensor& x, const at::Tensor& y,
                                          const EngineParams<T>& p) {
-  return fixed_shift_for<T, TR>(std::sqrt(max_sq_row_norm<T>(x)) * std::sqrt(max_sq_row_norm<T>(y)), p);
+  const double b_max = max_fitting_bound<T, TR>(p);
+  if (!(b_max >= 0.0)) return std::nullopt;
+  const double bx = max_sq_row_norm<T>(x);
+  if (!std::isfinite(bx)) return std::nullopt;  // NaN or inf rows: no window
+  // sqrt(bx) * sqrt(by) <= b_max needs by <= b_max^2 / bx; the 1e-9 slack leaves the exact
+  // decision to fixed_shift_for.
+  const double stop = bx > 0.0 ? b_max * b_max / bx * (1.0 + 1e-9) : std::numeric_limits<double>::infinity();
+  return fixed_shift_for<T, TR>(std::sqrt(bx) * std::sqrt(max_sq_row_norm<T>(y, stop)), p);
 }
 
 // Whether the engine's y is x itself and y_labels x_labels (the ops' autograd passes the same
