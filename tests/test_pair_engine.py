@@ -1275,6 +1275,42 @@ def test_cpp_two_sided_fixed_shift_rows_below_the_window(dtype, case):
     assert torch.equal(got, _cpp_threads(2, forward)), "bits differ between 1 and 2 threads"
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+@pytest.mark.parametrize("case", ["nan", "long"])
+def test_cpp_two_sided_window_from_a_late_row(case, layout):
+    """y's largest row norm is read in chunks of rows (in parallel, each stopping at its first row
+    past the bound), so the window's decision must come from a row far into y: a row 40x longer
+    than the others (no window fits; one taken from the other rows would overflow exp by e^195),
+    or a NaN row (NaN reaches the statistics the reference's reach). The reference's statistics,
+    NaN where it has NaN, the same bits at 1 and 2 threads, rows or columns of y alike."""
+    _needs_engine("cpp")
+    atol, rtol = TOLERANCES[torch.float32]
+    g = torch.Generator().manual_seed(11)
+    x = torch.nn.functional.normalize(torch.randn(150, 128, generator=g), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(1100, 128, generator=g), dim=1)
+    xl, yl = torch.randint(0, 40, (150,), generator=g), torch.randint(0, 40, (1100,), generator=g)
+    if case == "nan":
+        y[1037, 5] = float("nan")
+    else:
+        y[1037] = 40.0 * x[3]  # with the scale 5 below: x[3]'s value 5 * 40 - 2.5 for this negative
+        yl[1037] = (xl[3] + 1) % 40
+    if layout == "columns":
+        y = y.t().contiguous().t()
+    params = [-2.0, 1.0, 5.0, -2.5, 0.1]  # |sc| = 5: unit rows take the fixed shift
+    row_in = torch.zeros(len(x), 3)
+    want = reference.engine_forward(x.double(), y.double(), xl, yl, row_in.double(), 1, 0, 0, params, False)
+
+    def forward():
+        return pe.engine_forward(x, y, xl, yl, row_in, pass_kind=1, params=params, backend="cpp")
+    got = _cpp_threads(1, forward)
+    if case == "nan":
+        assert torch.isnan(want).any() and not torch.isnan(want).all(), "the case does not test what it says"
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    _close_to_scale(got, want, atol, rtol, "forward")
+    torch.testing.assert_close(_cpp_threads(2, forward), got, rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"bits differ between 1 and 2 threads: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_cpp_symmetric_tiles_fixed_shift_rows_below_the_window(dtype):
     """A window wider than the 64 (fp32; 512 fp64) every row's LSE keeps still takes the fixed

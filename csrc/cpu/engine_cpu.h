@@ -173,25 +173,53 @@ constexpr double kFixedShiftMaxWidth = 2.0 * kFixedShiftWidth<T>;
 
 // The largest squared row norm of t (2-D, any strides: a column-major y is read as it is), in
 // double: no temporary of t's size. NaN when a row holds NaN, inf when one overflows. Read by
-// rows, it stops at the first row above `stop` (returning inf): the caller only needs to know
-// that the bound is exceeded.
+// rows, a chunk stops at its first row above `stop` (returning inf): the caller only needs to
+// know that the bound is exceeded. Each row's sum runs over k in order whatever the layout and
+// the thread count (a max of such sums: the same bits); eight rows at a time, so the eight
+// sums' additions overlap (one row's chain of dependent adds would bound it by their latency:
+// ~100 us for a 1000 x 128 block, more than its product).
 template <typename T>
 double max_sq_row_norm(const at::Tensor& t,
                        double stop = std::numeric_limits<double>::infinity()) {
   const int64_t n = t.size(0), d = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
   const T* data = t.data_ptr<T>();
-  std::vector<double> sq(n, 0.0);
-  if (s1 == 1 || s0 != 1) {
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t k = 0; k < d; ++k) sq[i] += double(data[i * s0 + k * s1]) * double(data[i * s0 + k * s1]);
-      if (sq[i] > stop) return std::numeric_limits<double>::infinity();
+  constexpr int64_t kRows = 8;
+  auto chunk_max = [&](int64_t i0, int64_t i1) {
+    double b = 0.0;
+    for (int64_t i = i0; i < i1; i += kRows) {
+      const int64_t r = std::min(kRows, i1 - i);
+      double sq[kRows] = {};
+      // (any layout: in a column-major t, s0 == 1, the eight entries of a column are contiguous)
+      const T* base = data + i * s0;
+      if (r == kRows) {  // a fixed count: the eight sums stay in registers
+        for (int64_t k = 0; k < d; ++k)
+          for (int64_t j = 0; j < kRows; ++j) {
+            const double v = double(base[j * s0 + k * s1]);
+            sq[j] += v * v;
+          }
+      } else {
+        for (int64_t k = 0; k < d; ++k)
+          for (int64_t j = 0; j < r; ++j) {
+            const double v = double(base[j * s0 + k * s1]);
+            sq[j] += v * v;
+          }
+      }
+      for (int64_t j = 0; j < r; ++j) b = sq[j] > b || sq[j] != sq[j] ? sq[j] : b;  // NaN wins
+      if (b > stop) return std::numeric_limits<double>::infinity();
+      if (b != b) return b;
     }
-  } else {  // column-major: a column of t at a time, contiguous
-    for (int64_t k = 0; k < d; ++k)
-      for (int64_t i = 0; i < n; ++i) sq[i] += double(data[i + k * s1]) * double(data[i + k * s1]);
-  }
+    return b;
+  };
+  // Chunks of >= 2^15 entries, their maxima combined in chunk order (NaN wins again).
+  const int64_t grain = std::max<int64_t>(kRows, ((int64_t(1) << 15) / std::max<int64_t>(d, 1)) / kRows * kRows);
+  const int64_t n_chunks = ceil_div(n, grain);
+  if (n_chunks <= 1) return chunk_max(0, n);
+  std::vector<double> part(n_chunks, 0.0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) part[c] = chunk_max(c * grain, std::min(n, (c + 1) * grain));
+  });
   double b = 0.0;
-  for (double v : sq) b = v > b || v != v ? v : b;  // NaN wins: the window is then not finite
+  for (double v : part) b = v > b || v != v ? v : b;
   return b;
 }
 
