@@ -202,7 +202,6 @@ def predict_call_s(history, n, p):
 
 
 def forkserver():
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # freed blocks go back to the OS: see peak_memory
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without cuInit
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)

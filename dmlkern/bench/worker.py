@@ -2,6 +2,7 @@
 peak memory, then time it with triton.testing.do_bench on CUDA or torch.utils.benchmark on CPU."""
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import gc
 import importlib
@@ -61,10 +62,32 @@ def _status_bytes(field):
         return None
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_FIXED_THRESHOLD = 128 * 1024
+
+
+def return_freed_memory():
+    """From now on in this process, blocks of 128 KiB or more are mmapped and go back to the OS when
+    freed (glibc's fixed mmap threshold, as MALLOC_MMAP_THRESHOLD_=131072), and the heap's free
+    memory is released now: a peak of RSS then shows the call's own memory, not what an earlier call
+    left free in the heap. Called after the timing, which runs under the default allocator (its
+    dynamic threshold keeps freed blocks for reuse, as in any user's process: under the fixed one,
+    every block of 128 KiB or more would be page-faulted afresh in every call, PML's N x N
+    tensors most). Returns whether it could (glibc); elsewhere nothing changes."""
+    try:
+        libc = ctypes.CDLL(None)
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, _FIXED_THRESHOLD) == 1
+              and libc.mallopt(_M_TRIM_THRESHOLD, _FIXED_THRESHOLD) == 1)
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_memory(torch, device, run):
     """(run(), peak memory growth during it, method). CPU: VmHWM after resetting it (ru_maxrss where
-    clear_refs is unavailable); the cli's MALLOC_MMAP_THRESHOLD_ returns freed blocks to the OS, so
-    an earlier call cannot hide a peak."""
+    clear_refs is unavailable), after return_freed_memory, so an earlier call cannot hide a peak."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -73,6 +96,8 @@ def peak_memory(torch, device, run):
         out = run()
         torch.cuda.synchronize()
         return out, max(0, torch.cuda.max_memory_allocated() - base), "cuda.max_memory_allocated"
+    fixed = return_freed_memory()
+
     def maxrss():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -83,7 +108,7 @@ def peak_memory(torch, device, run):
     except OSError:
         base, peak, method = maxrss(), maxrss, "ru_maxrss"
     out = run()
-    return out, max(0, peak() - base), method
+    return out, max(0, peak() - base), method + ("" if fixed else " (allocator's threshold unchanged)")
 
 
 def limit_memory(torch, device, budget_gb):
@@ -285,24 +310,31 @@ def run_point(spec) -> dict:
             return time.perf_counter() - t0
 
         limit, clock = float(spec["time_limit"]), time.perf_counter()
+        t = None  # the last warm-up call's time (after the first): sizes the timing
         for i in range(int(spec["warmup"])):
-            t = call()
+            first = call()
             if i == 0:
-                out["first_call_s"] = t
+                out["first_call_s"] = first
                 if spec.get("jit_grace"):
                     clock = time.perf_counter()  # compilation / autotuning is not counted
-            elif time.perf_counter() - clock + t > 0.5 * limit:
-                break
-        for p in [x, *params]:  # a gradient from the warm-up would hide the call's own in the baseline
-            p.grad = None
-        t, peak, out["mem_method"] = peak_memory(torch, device, call)
+            else:
+                t = first
+                if time.perf_counter() - clock + t > 0.5 * limit:
+                    break
+        if t is None:
+            t = call()
+        # Time first, under the default allocator; then the memory call (return_freed_memory fixes
+        # the allocator's threshold for the rest of this process).
         left = 0.6 * limit - (time.perf_counter() - clock)
         seconds, most = timing_window(int(spec["repeats"]), t, left, limit)
-        if device.type == "cpu" and left < 2 * t:  # no room for the timer's two calls: the memory call's time
+        if device.type == "cpu" and left < 2 * t:  # no room for the timer's two calls: that call's time
             med = p20 = p80 = t
             calls = 1
         else:
             med, p20, p80, calls = time_call(torch, device, step, seconds, most)
+        for p in [x, *params]:  # a gradient from earlier calls would hide the call's own in the baseline
+            p.grad = None
+        _, peak, out["mem_method"] = peak_memory(torch, device, call)
         out.update(status="ok", median=med, p20=p20, p80=p80, calls=calls, peak_mem_mb=peak / 2**20,
                    backend=str(backend()))
     except BaseException as exc:  # noqa: BLE001 - everything is recorded, nothing escapes
