@@ -310,17 +310,18 @@ def run_point(spec) -> dict:
             return time.perf_counter() - t0
 
         limit, clock = float(spec["time_limit"]), time.perf_counter()
-        t = None  # the last warm-up call's time (after the first): sizes the timing
+        # t: the last warm-up call's time, which sizes the timing (the first call's, unless it
+        # compiled or autotuned: then one more call)
+        t = None
         for i in range(int(spec["warmup"])):
-            first = call()
+            t = call()
             if i == 0:
-                out["first_call_s"] = first
+                out["first_call_s"] = t
                 if spec.get("jit_grace"):
                     clock = time.perf_counter()  # compilation / autotuning is not counted
-            else:
-                t = first
-                if time.perf_counter() - clock + t > 0.5 * limit:
-                    break
+                    t = None
+            elif time.perf_counter() - clock + t > 0.5 * limit:
+                break
         if t is None:
             t = call()
         # Time first, under the default allocator; then the memory call (return_freed_memory fixes
