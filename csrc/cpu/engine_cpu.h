@@ -23,6 +23,7 @@
 #include <dlfcn.h>
 #endif
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -184,33 +185,33 @@ double max_sq_row_norm(const at::Tensor& t,
   const int64_t n = t.size(0), d = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
   const T* data = t.data_ptr<T>();
   constexpr int64_t kRows = 8;
+  auto nan_max = [](double b, double v) { return v > b || v != v ? v : b; };  // NaN wins
+  // The squared norms of the `count` rows from base (any layout: in a column-major t, s0 == 1,
+  // the entries of a column are contiguous); a compile-time count keeps the sums in registers.
+  auto add_rows = [&](const T* base, auto count, double* sq) {
+    for (int64_t k = 0; k < d; ++k)
+      for (int64_t j = 0; j < int64_t(count); ++j) {
+        const double v = double(base[j * s0 + k * s1]);
+        sq[j] += v * v;
+      }
+  };
   auto chunk_max = [&](int64_t i0, int64_t i1) {
     double b = 0.0;
     for (int64_t i = i0; i < i1; i += kRows) {
       const int64_t r = std::min(kRows, i1 - i);
       double sq[kRows] = {};
-      // (any layout: in a column-major t, s0 == 1, the eight entries of a column are contiguous)
-      const T* base = data + i * s0;
-      if (r == kRows) {  // a fixed count: the eight sums stay in registers
-        for (int64_t k = 0; k < d; ++k)
-          for (int64_t j = 0; j < kRows; ++j) {
-            const double v = double(base[j * s0 + k * s1]);
-            sq[j] += v * v;
-          }
+      if (r == kRows) {
+        add_rows(data + i * s0, std::integral_constant<int64_t, kRows>{}, sq);
       } else {
-        for (int64_t k = 0; k < d; ++k)
-          for (int64_t j = 0; j < r; ++j) {
-            const double v = double(base[j * s0 + k * s1]);
-            sq[j] += v * v;
-          }
+        add_rows(data + i * s0, r, sq);
       }
-      for (int64_t j = 0; j < r; ++j) b = sq[j] > b || sq[j] != sq[j] ? sq[j] : b;  // NaN wins
+      for (int64_t j = 0; j < r; ++j) b = nan_max(b, sq[j]);
       if (b > stop) return std::numeric_limits<double>::infinity();
       if (b != b) return b;
     }
     return b;
   };
-  // Chunks of >= 2^15 entries, their maxima combined in chunk order (NaN wins again).
+  // Chunks of >= 2^15 entries, their maxima combined in chunk order.
   const int64_t grain = std::max<int64_t>(kRows, ((int64_t(1) << 15) / std::max<int64_t>(d, 1)) / kRows * kRows);
   const int64_t n_chunks = ceil_div(n, grain);
   if (n_chunks <= 1) return chunk_max(0, n);
@@ -219,18 +220,19 @@ double max_sq_row_norm(const at::Tensor& t,
     for (int64_t c = c0; c < c1; ++c) part[c] = chunk_max(c * grain, std::min(n, (c + 1) * grain));
   });
   double b = 0.0;
-  for (double v : part) b = v > b || v != v ? v : b;
+  for (double v : part) b = nan_max(b, v);
   return b;
 }
+
+// kFixedShiftMaxWidth with the relative slack of fixed_shift_for (below).
+template <typename T>
+constexpr double kFixedShiftMaxWidthSlack = kFixedShiftMaxWidth<T> * (1.0 + 1e-6);
 
 // U per set, or nothing when a window is wider than kFixedShiftMaxWidth (or not finite: NaN or inf
 // rows keep the two sweeps, which propagate them as the reference does). b bounds |s| over the
 // pairs: the largest squared row norm of x against itself, the product of x's and y's largest row
 // norms otherwise. A relative slack of 1e-6 lets unit rows (norms 1 up to rounding) take the widest
 // window exactly (scale 64: ArcFace's and CosFace's default).
-template <typename T>
-constexpr double kFixedShiftMaxWidthSlack = kFixedShiftMaxWidth<T> * (1.0 + 1e-6);
-
 template <typename T, int64_t TR>
 std::optional<FixedShift<T>> fixed_shift_for(double b, const EngineParams<T>& p) {
   // transform 1's v = sqrt(max(2 - 2s, 0)) lies in [0, sqrt(2 + 2b)].
