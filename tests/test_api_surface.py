@@ -173,7 +173,8 @@ def test_class_table_status_comes_from_the_code():
     assert status["losses", "MultiSimilarityLoss"] == "fused"  # overrides fused_loss_dict
     assert status["losses", "FastAPLoss"] == "fused"  # blocked path, fused/ranking.py
     assert status["losses", "SignalToNoiseRatioContrastiveLoss"] == "fused"  # blocked path, fused/snr_contrastive.py
-    assert status["losses", "PNPLoss"] == "reference"
+    assert status["losses", "PNPLoss"] == "fused"  # blocked path, fused/pnp.py
+    assert status["losses", "ManifoldLoss"] == "reference"
     assert status["losses", "MultipleLosses"] == "provided"
     assert status["losses", "CrossBatchMemory"] == "provided"
     assert status["losses", "CenterLoss"] == "not in PML; reference"

@@ -10,11 +10,13 @@ import pytorch_metric_learning.losses as pml_losses
 
 import dmlkern.fused.ranking as ranking
 from dmlkern import distances, losses
+from _blocked_checks import block_size  # noqa: F401 (the fixture)
+from _blocked_checks import (DEGENERATE, TOL, assert_distance_statistics_match, assert_matches_pml,
+                             assert_same_bits_across_threads,
+                             blocked_call_peak_mib, value_grad as _value_grad)
 from _peak_rss import peak_rss_growth_mib
 
 warnings.filterwarnings("ignore", message="Using a non-tuple sequence")  # PML's HistogramLoss indexing
-
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
 
 # name -> (class, kwargs, distance (class name, kwargs) or None, label kind)
 CONFIGS = {
@@ -50,30 +52,10 @@ def _pair(config):
     return getattr(losses, cls)(**ours_kw), getattr(pml_losses, cls)(**pml_kw)
 
 
-def _value_grad(loss_fn, x, labels):
-    x = x.clone().requires_grad_(True)
-    value = loss_fn(x, labels)
-    grad = torch.autograd.grad(value, x, allow_unused=True)[0] if value.requires_grad else None
-    return value.detach(), torch.zeros_like(x) if grad is None else grad
-
-
 def _check_against_pml(config, x, labels, pml_labels=None, backends=("blocked",)):
     ours, pml = _pair(config)
-    value, grad = _value_grad(ours, x, labels)
-    assert ours.last_backend in backends, (ours.last_backend, ours.last_fallback)
-    want_value, want_grad = _value_grad(pml, x, labels if pml_labels is None else pml_labels)
-    assert value.dtype == want_value.dtype
-    torch.testing.assert_close(value, want_value, equal_nan=True, **TOL[x.dtype])
-    torch.testing.assert_close(grad, want_grad, equal_nan=True, **TOL[x.dtype])
+    assert_matches_pml(ours, pml, x, labels, pml_labels, backends)
     return ours
-
-
-@pytest.fixture(params=["one_block", "row_blocks"])
-def block_size(request, monkeypatch):
-    """One block for the whole batch, or blocks of a row or two (the last one shorter)."""
-    if request.param == "row_blocks":
-        monkeypatch.setattr(ranking, "_BLOCK_VALUES", 700)
-    return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -111,10 +93,6 @@ def test_float_labels(config):
     float_labels = torch.tensor([0.5, -3.25, 7.0, 1e3], dtype=torch.float64)[ids]
     # (PML's SmoothAPLoss takes integer labels only: bincount)
     _check_against_pml(config, x, float_labels, pml_labels=ids if config == "smooth_ap" else None)
-
-
-# (N, classes): one sample, two samples of one class, one class, no positive, pairs of two classes
-DEGENERATE = [(1, 1), (2, 1), (9, 1), (9, 9), (2, 2), (5, 2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -202,18 +180,7 @@ def test_deterministic_across_thread_counts(config):
     n = 704  # 2 to 16 blocks of over 32768 values
     x = torch.randn(n, 16, generator=g)
     labels = _labels(CONFIGS[config][3], n, 8, g)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for t in (1, 2, 2):
-            torch.set_num_threads(t)
-            ours, _ = _pair(config)
-            results.append(_value_grad(ours, x, labels))
-            assert ours.last_backend == "blocked"
-    finally:
-        torch.set_num_threads(threads)
-    for value, grad in results[1:]:
-        assert torch.equal(value, results[0][0]) and torch.equal(grad, results[0][1])
+    assert_same_bits_across_threads(lambda: _pair(config)[0], x, labels)
 
 
 @pytest.mark.parametrize("config", ["ranked_list", "ranked_list_cos", "fast_ap", "fast_ap_pow1", "histogram"])
@@ -250,22 +217,8 @@ def test_gradcheck_smooth_ap_rows():
 
 @pytest.mark.parametrize("config", ["ranked_list", "fast_ap"])
 def test_distance_statistics(config):
-    from dmlkern.utils import common_functions as c_f
-    import pytorch_metric_learning.utils.common_functions as pml_c_f
-
     x = torch.randn(20, 6, generator=torch.Generator().manual_seed(2))
-    labels = torch.arange(20) % 4
-    old = c_f.COLLECT_STATS, pml_c_f.COLLECT_STATS
-    c_f.COLLECT_STATS = pml_c_f.COLLECT_STATS = True
-    try:
-        ours, pml = _pair(config)
-        ours(x, labels), pml(x, labels)
-    finally:
-        c_f.COLLECT_STATS, pml_c_f.COLLECT_STATS = old
-    assert ours.last_backend == "blocked"
-    for name in pml.distance._record_these_stats:
-        torch.testing.assert_close(torch.as_tensor(getattr(ours.distance, name)),
-                                   torch.as_tensor(getattr(pml.distance, name)))
+    assert_distance_statistics_match(lambda: _pair(config), x, torch.arange(20) % 4)
 
 
 def test_declines():
@@ -296,29 +249,13 @@ def test_declines():
     assert unequal.last_backend == "reference" and "unequal" in unequal.last_fallback
 
 
-_MEMORY_SETUP = """
-    torch.set_num_threads(1)  # (time only: this machine's few cores are shared)
-    torch.manual_seed(0)
-    n, d = 8192, 64
-    x = torch.randn(n, d, requires_grad=True)
-    labels = torch.randint(0, n // 8, (n,))
-    loss_fn = {ctor}
-"""
-_MEMORY_RUN = """
-    loss = loss_fn(x, labels)
-    loss.backward()
-    assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
-    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-"""
-
-
 @pytest.mark.parametrize("ctor", ["losses.RankedListLoss(margin=0.4, Tn=1.0)", "losses.FastAPLoss()",
                                   "losses.HistogramLoss()"])
 def test_memory_is_linear_in_n(ctor):
     """fwd+bwd at N=8192 grows peak RSS by < 96 MiB (one N x N fp32 matrix: 256 MiB; measured
     42-46 MiB on a 2-core AMD EPYC), measured in a fresh process (N=8192: a quarter of N=16384's
     CI time)."""
-    growth_mib = peak_rss_growth_mib(setup=_MEMORY_SETUP.format(ctor=ctor), measured=_MEMORY_RUN)
+    growth_mib = blocked_call_peak_mib(ctor, 8192)
     print(f"{ctor}: peak RSS +{growth_mib:.0f} MiB")
     assert growth_mib < 96, f"peak RSS grew by {growth_mib:.0f} MiB"
 

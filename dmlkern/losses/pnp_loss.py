@@ -1,9 +1,11 @@
 """PNPLoss (PML 2.9.0, https://github.com/interestingzhuo/PNPloss): per query, the mean over its
 positives of a function (``variant``) of the smoothed number of negatives ranked above each;
 already reduced. Labels required; no indices_tuple, no ref_emb. Requires CosineSimilarity.
-Memory: (positive pairs, N) instead of PML's (N, N, N)."""
+The fused path (`fused/pnp.py`, last_backend "blocked") walks row blocks, O(B P N) for classes of
+at most P rows; the reference holds (positive pairs, N) instead of PML's several (N, N, N)."""
 
 from ..distances import CosineSimilarity
+from ..fused.pnp import pnp as _fused
 from ..reference.embedding_losses import require_distance
 from ..reference.ranking_losses import pnp_loss_dict, pnp_sigmoid
 from ._classification_common import ref_not_supported
@@ -28,6 +30,9 @@ class PNPLoss(BaseMetricLossFunction):
     def check_unsupported(self, embeddings, indices_tuple, labels, ref_emb, ref_labels):
         indices_tuple_not_supported(indices_tuple)
         ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return _fused(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return pnp_loss_dict(embeddings, labels, b=self.b, alpha=self.alpha, anneal=self.anneal,

@@ -1,9 +1,12 @@
 """ThresholdConsistentMarginLoss (PML 2.9.0, https://arxiv.org/abs/2307.04047): hinge means of
 the positive pairs' cosine below margin_plus and the negative pairs' above margin_minus;
 already reduced. Requires CosineSimilarity (the cosines are computed directly, as in PML; the
-distance object is not called)."""
+distance object is not called). All pairs run on row blocks without listing them
+(`fused/tcm.py`, last_backend "blocked"); an indices_tuple's pairs (O(pairs D) as listed) run the
+reference."""
 
 from ..distances import CosineSimilarity
+from ..fused.tcm import tcm as _fused
 from ..reference.embedding_losses import require_distance
 from ..reference.more_losses import tcm_loss_dict
 from .base import BaseMetricLossFunction
@@ -22,6 +25,9 @@ class ThresholdConsistentMarginLoss(BaseMetricLossFunction):
 
     def get_default_distance(self):
         return CosineSimilarity()
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return _fused(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return tcm_loss_dict(

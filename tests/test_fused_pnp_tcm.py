@@ -1,0 +1,173 @@
+"""The blocked PNPLoss (dmlkern/fused/pnp.py) and ThresholdConsistentMarginLoss (dmlkern/fused/tcm.py):
+against PML 2.9.0 itself (values and gradients), on several row blocks, odd sizes, degenerate
+batches, NaN, float labels, thread-count determinism, fp64 gradcheck, peak memory and the declines."""
+import pytest
+import torch
+import pytorch_metric_learning.losses as pml_losses
+
+import dmlkern.fused.ranking as ranking
+from dmlkern import losses
+from dmlkern.fused import pnp as fused_pnp
+from _blocked_checks import block_size  # noqa: F401 (the fixture)
+from _blocked_checks import (DEGENERATE, TOL, assert_distance_statistics_match, assert_matches_pml,
+                             assert_same_bits_across_threads,
+                             blocked_call_peak_mib, value_grad as _value_grad)
+
+CONFIGS = {
+    "pnp": ("PNPLoss", {}),
+    "pnp_Ds": ("PNPLoss", dict(variant="Ds", anneal=0.05)),
+    "pnp_Dq": ("PNPLoss", dict(variant="Dq", alpha=2, anneal=0.1)),
+    "pnp_Iu": ("PNPLoss", dict(variant="Iu")),
+    "pnp_Ib": ("PNPLoss", dict(variant="Ib", b=3, anneal=0.2)),
+    "tcm": ("ThresholdConsistentMarginLoss", {}),
+    "tcm_args": ("ThresholdConsistentMarginLoss", dict(lambda_plus=0.5, lambda_minus=2.0, margin_plus=0.3,
+                                                        margin_minus=0.1)),
+}
+
+
+def _pair(config):
+    cls, kw = CONFIGS[config]
+    return getattr(losses, cls)(**kw), getattr(pml_losses, cls)(**kw)
+
+
+def _check_against_pml(config, x, labels, backends=("blocked",)):
+    ours, pml = _pair(config)
+    assert_matches_pml(ours, pml, x, labels, backends=backends)
+    return ours
+
+
+def _batch(n, classes, seed, dtype=torch.float64, d=12):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = x + 0.8 * torch.randn(classes, d, generator=g, dtype=torch.float64)[torch.arange(n) % classes]
+    labels = torch.randint(0, classes, (n,), generator=g)  # unequal classes, some of one row
+    return x.to(dtype), labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_against_pml(config, dtype, block_size):
+    x, labels = _batch(37, 9, seed=3, dtype=dtype)
+    x[:6] += 3 * x[0]  # TCM: some positives above margin_plus and negatives above margin_minus
+    _check_against_pml(config, x, labels)
+
+
+@pytest.mark.parametrize("config", ["pnp", "pnp_Dq", "tcm"])
+def test_float_labels(config):
+    """Float labels (PML compares them by value; dmlkern maps them to ids first)."""
+    x, ids = _batch(24, 4, seed=5)
+    _check_against_pml(config, x, torch.tensor([0.5, -3.25, 7.0, 1e3], dtype=torch.float64)[ids])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,classes", DEGENERATE)
+@pytest.mark.parametrize("config", ["pnp", "pnp_Dq", "tcm"])
+def test_degenerate_batches(config, n, classes, dtype):
+    g = torch.Generator().manual_seed(n + classes)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype)
+    _check_against_pml(config, x, torch.arange(n) % classes, backends=("blocked", "zero"))
+
+
+def test_tcm_no_kept_pair_is_pml_zero():
+    """Every positive above margin_plus, no negative: PML's Python 0, reduced to a zero with a
+    gradient of zeros."""
+    x = torch.ones(4, 3, dtype=torch.float64)
+    ours = _check_against_pml("tcm", x, torch.zeros(4, dtype=torch.long))
+    assert float(ours(x, torch.zeros(4, dtype=torch.long))) == 0
+
+
+def test_empty_batch():
+    for config in ("pnp", "tcm"):
+        ours, _ = _pair(config)
+        x = torch.zeros(0, 5, requires_grad=True)
+        value = ours(x, torch.zeros(0, dtype=torch.long))
+        value.backward()
+        assert float(value) == 0 and ours.last_backend == "zero"
+
+
+@pytest.mark.parametrize("config", ["pnp", "pnp_Ds", "tcm"])
+def test_nan_propagates_as_in_pml(config):
+    x, labels = _batch(24, 4, seed=7)
+    x[3, 2] = float("nan")
+    ours = _check_against_pml(config, x, labels)
+    assert ours.last_fallback is None
+
+
+@pytest.mark.parametrize("config", ["pnp", "tcm"])
+def test_deterministic_across_thread_counts(config):
+    """Bit-identical values and gradients on repeat and at 1 or 2 threads (several blocks)."""
+    x, labels = _batch(512, 16, seed=11, dtype=torch.float32, d=16)
+    assert_same_bits_across_threads(lambda: _pair(config)[0], x, labels)
+
+
+@pytest.mark.parametrize("config", ["pnp_Ds", "pnp_Dq", "pnp_Ib", "tcm_args"])
+def test_gradcheck_fp64(config):
+    """(PNP at a temperature where no difference reaches the clamp's kink, |s_qk - s_qj| = 50 anneal.)"""
+    x, labels = _batch(11, 3, seed=13, d=5)
+    x.requires_grad_(True)
+    ours, _ = _pair(config)
+    torch.autograd.gradcheck(lambda x: ours(x, labels), (x,))
+    assert ours.last_backend == "blocked"
+    torch.autograd.gradgradcheck(lambda x: ours(x, labels), (x,))  # create_graph: the one-block twin
+
+
+def test_gradcheck_pnp_rows():
+    """The hand-written backward of the per-row sums of f(rank), at the default temperature (the
+    differences kept inside the clamp) and on several row blocks."""
+    x = 0.004 * torch.nn.functional.normalize(torch.randn(12, 5, dtype=torch.float64), dim=1)
+    x.requires_grad_(True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 3, 1, 2, 0, 5])
+    for variant in ("O", "Iu"):
+        spec = fused_pnp._PNPSpec(labels, 0.01, fused_pnp._variant_fn(variant, 2, 1))
+        spec.values_per_row = 10 ** 5  # one row per block
+        torch.autograd.gradcheck(lambda x: ranking.row_stats(x, spec), (x,))
+
+
+@pytest.mark.parametrize("config", ["pnp", "tcm"])
+def test_torch_func_grad(config):
+    x, labels = _batch(24, 4, seed=17)
+    ours, _ = _pair(config)
+    grad = torch.func.grad(lambda x: ours(x, labels))(x)
+    assert ours.last_backend == "blocked"
+    torch.testing.assert_close(grad, _value_grad(ours, x, labels)[1], **TOL[torch.float64])
+
+
+def test_pnp_distance_statistics():
+    x, labels = _batch(20, 4, seed=2, dtype=torch.float32, d=6)
+    assert_distance_statistics_match(lambda: _pair("pnp"), x, labels)
+
+
+def test_declines():
+    from dmlkern import distances
+
+    x, labels = _batch(16, 4, seed=19)
+    pairs = (torch.tensor([0, 4]), torch.tensor([4, 0]), torch.tensor([0, 1]), torch.tensor([1, 2]))
+    short = x.clone()
+    short[5] = 1e-9
+    tcm, pnp = losses.ThresholdConsistentMarginLoss, losses.PNPLoss
+    cases = [  # (loss, call arguments, embeddings, words of the reason, whether PML's number is checked)
+        (tcm(), dict(indices_tuple=pairs), x, "indices_tuple", True),
+        (tcm(), dict(ref_emb=x.flip(0), ref_labels=labels), x, "ref_emb", True),
+        (tcm(), {}, short, "1e-8", True),
+        (tcm(), {}, x.half(), "dtype", False),  # (PML's CPU half cosine)
+        (pnp(distance=distances.CosineSimilarity(power=2)), {}, x, "distance", False),
+        (pnp(), {}, x.half(), "dtype", False),
+    ]
+    for loss_fn, kw, inputs, why, compare in cases:
+        value = loss_fn(inputs, labels, **kw)
+        assert loss_fn.last_backend == "reference" and why in loss_fn.last_fallback, (loss_fn, loss_fn.last_fallback)
+        if compare:
+            want = getattr(pml_losses, type(loss_fn).__name__)()(inputs, labels, **kw)
+            torch.testing.assert_close(value, want, **TOL[torch.float64])
+    with pytest.raises(ValueError, match="ref_emb"):  # PNP: as PML, before either path runs
+        losses.PNPLoss()(x, labels, ref_emb=x.clone(), ref_labels=labels)
+
+
+@pytest.mark.parametrize("ctor,n", [("losses.ThresholdConsistentMarginLoss()", 8192), ("losses.PNPLoss()", 2048)])
+def test_memory_is_linear_in_n(ctor, n):
+    """fwd+bwd grows peak RSS by < 96 MiB, in a fresh process. TCM at N=8192: PML lists the 67M
+    pairs and gathers both rows of each (~16 GiB; one N x N fp32 matrix would be 256 MiB). PNP at
+    N=2048: PML holds several N^3 fp32 tensors (32 GiB each)."""
+    growth_mib = blocked_call_peak_mib(ctor, n)
+    print(f"{ctor} N={n}: peak RSS +{growth_mib:.0f} MiB")
+    assert growth_mib < 96, f"peak RSS grew by {growth_mib:.0f} MiB"
