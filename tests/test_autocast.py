@@ -118,6 +118,8 @@ EUCLIDEAN_CASES = {
     "ProxyNCALoss": ({"num_classes": N_CLASSES, "embedding_size": DIM}, None),
     "FastAPLoss": ({}, None),
     "RankedListLoss": ({"margin": 0.4, "Tn": 10}, None),
+    "DynamicSoftMarginLoss": ({}, None),
+    "ThresholdConsistentMarginLoss": ({}, None),  # (F.cosine_similarity: not on autocast's lists either)
 }
 
 
@@ -169,6 +171,7 @@ _CLASS = {"num_classes": N_CLASSES, "embedding_size": DIM}
 ACCURACY_CASES = {name: (_CLASS, 1.0) for name in ["ArcFaceLoss", "CosFaceLoss", "NormalizedSoftmaxLoss", "SphereFaceLoss",
                                                    "LargeMarginSoftmaxLoss", "SubCenterArcFaceLoss"]}
 ACCURACY_CASES["AngularLoss"] = ({"alpha": 10}, 0.1)  # the k u_a.u_p term dominating
+ACCURACY_CASES["PNPLoss"] = ({"anneal": 0.1}, 1.0)  # (PML's bf16 similarities; dmlkern's from bf16 rows, fp32)
 
 
 @pytest.mark.parametrize("name", list(ACCURACY_CASES))

@@ -52,7 +52,9 @@ def tcm(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         why = "an embedding row shorter than 1e-8 (F.cosine_similarity divides by its eps there)"
     if why is not None:
         return decline(module, why)
-    stats = row_stats(_rows_of(embeddings, "cosine"), _TCMSpec(labels, module.margin_plus, module.margin_minus))
+    # full precision: F.cosine_similarity is not on autocast's lists (PML's cosines are fp32 ones)
+    rows = _rows_of(embeddings, "euclidean")
+    stats = row_stats(rows, _TCMSpec(labels, module.margin_plus, module.margin_minus))
     stats = stats.to(embeddings.dtype)
     # counts summed in float64: exact past float32's 2^24
     pos_count, neg_count = (float(stats[:, i].detach().double().sum()) for i in (1, 3))

@@ -8,10 +8,14 @@ Deviations from PML (which raises in both cases): ``hist_`` is kept without its 
 history, so a second backward works (PML: "backward through the graph a second time"); a
 difference in the histogram's last bin or outside its range is counted in the first / last bin
 (PML: index error); without labels the backward works (PML: an in-place write breaks it).
+
+With labels and no indices_tuple or ref_emb the triplets are never listed (`fused/dynamic_soft_margin.py`,
+last_backend "blocked"): per bin of the differences, their count and sum, from row blocks.
 """
 
 import torch
 
+from ..fused.dynamic_soft_margin import dynamic_soft_margin as _fused
 from ..reference.embedding_losses import require_distance
 from ..reference.more_losses import soft_margin_differences, soft_margin_histogram, soft_margin_weigh
 from .base import BaseMetricLossFunction
@@ -27,6 +31,9 @@ class DynamicSoftMarginLoss(BaseMetricLossFunction):
         self.momentum = momentum
         self.hist_ = torch.zeros((num_bins,))
         self.add_to_recordable_attributes(list_of_names=["num_bins"], is_stat=False)
+
+    def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return _fused(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self.hist_ = self.hist_.to(device=embeddings.device, dtype=embeddings.dtype)

@@ -1,12 +1,15 @@
-"""The blocked PNPLoss (dmlkern/fused/pnp.py) and ThresholdConsistentMarginLoss (dmlkern/fused/tcm.py):
-against PML 2.9.0 itself (values and gradients), on several row blocks, odd sizes, degenerate
-batches, NaN, float labels, thread-count determinism, fp64 gradcheck, peak memory and the declines."""
+"""The blocked PNPLoss (dmlkern/fused/pnp.py), ThresholdConsistentMarginLoss (dmlkern/fused/tcm.py) and
+DynamicSoftMarginLoss (dmlkern/fused/dynamic_soft_margin.py): against PML 2.9.0 itself (values and
+gradients), on several row blocks, odd sizes, degenerate batches, NaN, float labels, thread-count
+determinism, fp64 gradcheck, peak memory and the declines; DynamicSoftMargin's running histogram
+over several calls against the reference (PML raises on a second backward)."""
 import pytest
 import torch
+import pytorch_metric_learning.distances as pml_distances
 import pytorch_metric_learning.losses as pml_losses
 
 import dmlkern.fused.ranking as ranking
-from dmlkern import losses
+from dmlkern import distances, losses
 from dmlkern.fused import pnp as fused_pnp
 from _blocked_checks import block_size  # noqa: F401 (the fixture)
 from _blocked_checks import (DEGENERATE, TOL, assert_distance_statistics_match, assert_matches_pml,
@@ -22,12 +25,17 @@ CONFIGS = {
     "tcm": ("ThresholdConsistentMarginLoss", {}),
     "tcm_args": ("ThresholdConsistentMarginLoss", dict(lambda_plus=0.5, lambda_minus=2.0, margin_plus=0.3,
                                                         margin_minus=0.1)),
+    "dsm": ("DynamicSoftMarginLoss", {}),
+    "dsm_args": ("DynamicSoftMarginLoss", dict(min_val=-2.5, num_bins=23, momentum=0.3)),
 }
 
 
-def _pair(config):
+def _pair(config, power=None):
     cls, kw = CONFIGS[config]
-    return getattr(losses, cls)(**kw), getattr(pml_losses, cls)(**kw)
+    ours_kw, pml_kw = dict(kw), dict(kw)
+    if power is not None:
+        ours_kw["distance"], pml_kw["distance"] = distances.LpDistance(power=power), pml_distances.LpDistance(power=power)
+    return getattr(losses, cls)(**ours_kw), getattr(pml_losses, cls)(**pml_kw)
 
 
 def _check_against_pml(config, x, labels, backends=("blocked",)):
@@ -52,7 +60,7 @@ def test_against_pml(config, dtype, block_size):
     _check_against_pml(config, x, labels)
 
 
-@pytest.mark.parametrize("config", ["pnp", "pnp_Dq", "tcm"])
+@pytest.mark.parametrize("config", ["pnp", "pnp_Dq", "tcm", "dsm"])
 def test_float_labels(config):
     """Float labels (PML compares them by value; dmlkern maps them to ids first)."""
     x, ids = _batch(24, 4, seed=5)
@@ -61,7 +69,7 @@ def test_float_labels(config):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n,classes", DEGENERATE)
-@pytest.mark.parametrize("config", ["pnp", "pnp_Dq", "tcm"])
+@pytest.mark.parametrize("config", ["pnp", "pnp_Dq", "tcm", "dsm"])
 def test_degenerate_batches(config, n, classes, dtype):
     g = torch.Generator().manual_seed(n + classes)
     x = torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype)
@@ -77,7 +85,7 @@ def test_tcm_no_kept_pair_is_pml_zero():
 
 
 def test_empty_batch():
-    for config in ("pnp", "tcm"):
+    for config in ("pnp", "tcm", "dsm"):
         ours, _ = _pair(config)
         x = torch.zeros(0, 5, requires_grad=True)
         value = ours(x, torch.zeros(0, dtype=torch.long))
@@ -93,22 +101,29 @@ def test_nan_propagates_as_in_pml(config):
     assert ours.last_fallback is None
 
 
-@pytest.mark.parametrize("config", ["pnp", "tcm"])
+@pytest.mark.parametrize("config", ["pnp", "tcm", "dsm"])
 def test_deterministic_across_thread_counts(config):
     """Bit-identical values and gradients on repeat and at 1 or 2 threads (several blocks)."""
     x, labels = _batch(512, 16, seed=11, dtype=torch.float32, d=16)
     assert_same_bits_across_threads(lambda: _pair(config)[0], x, labels)
 
 
-@pytest.mark.parametrize("config", ["pnp_Ds", "pnp_Dq", "pnp_Ib", "tcm_args"])
+@pytest.mark.parametrize("config", ["pnp_Ds", "pnp_Dq", "pnp_Ib", "tcm_args", "dsm", "dsm_args"])
 def test_gradcheck_fp64(config):
-    """(PNP at a temperature where no difference reaches the clamp's kink, |s_qk - s_qj| = 50 anneal.)"""
+    """A fresh loss per call (DynamicSoftMargin's histogram moves with each call). PNP at a
+    temperature where no difference reaches the clamp's kink, |s_qk - s_qj| = 50 anneal; the
+    differences of DynamicSoftMargin's triplets away from its bins' edges (seed)."""
     x, labels = _batch(11, 3, seed=13, d=5)
     x.requires_grad_(True)
-    ours, _ = _pair(config)
-    torch.autograd.gradcheck(lambda x: ours(x, labels), (x,))
+
+    def loss_of(x):
+        return _pair(config)[0](x, labels)
+
+    torch.autograd.gradcheck(loss_of, (x,))
+    ours = _pair(config)[0]
+    ours(x, labels)
     assert ours.last_backend == "blocked"
-    torch.autograd.gradgradcheck(lambda x: ours(x, labels), (x,))  # create_graph: the one-block twin
+    torch.autograd.gradgradcheck(loss_of, (x,))  # create_graph: the one-block twin
 
 
 def test_gradcheck_pnp_rows():
@@ -123,13 +138,13 @@ def test_gradcheck_pnp_rows():
         torch.autograd.gradcheck(lambda x: ranking.row_stats(x, spec), (x,))
 
 
-@pytest.mark.parametrize("config", ["pnp", "tcm"])
+@pytest.mark.parametrize("config", ["pnp", "tcm", "dsm"])
 def test_torch_func_grad(config):
     x, labels = _batch(24, 4, seed=17)
-    ours, _ = _pair(config)
+    ours, again = _pair(config)[0], _pair(config)[0]  # (two: DynamicSoftMargin's histogram moves)
     grad = torch.func.grad(lambda x: ours(x, labels))(x)
     assert ours.last_backend == "blocked"
-    torch.testing.assert_close(grad, _value_grad(ours, x, labels)[1], **TOL[torch.float64])
+    torch.testing.assert_close(grad, _value_grad(again, x, labels)[1], **TOL[torch.float64])
 
 
 def test_pnp_distance_statistics():
@@ -137,14 +152,40 @@ def test_pnp_distance_statistics():
     assert_distance_statistics_match(lambda: _pair("pnp"), x, labels)
 
 
-def test_declines():
-    from dmlkern import distances
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("power,kw", [(1, {}), (2, {}), (1, dict(min_val=-0.5, num_bins=3, momentum=0.5)),
+                                      (2, dict(min_val=-1.0, num_bins=7))])
+def test_dsm_running_histogram_against_reference(power, kw, dtype, block_size):
+    """Three calls (the histogram carried from call to call) against the reference, including
+    differences outside the histogram's range (PML: index error) and the squared distance."""
+    x, labels = _batch(33, 6, seed=23, dtype=dtype)
+    ours = losses.DynamicSoftMarginLoss(distance=distances.LpDistance(power=power), **kw)
+    ref = losses.DynamicSoftMarginLoss(distance=distances.LpDistance(power=power), **kw)
+    ref.backend = "reference"
+    for step in range(3):
+        xs = x + 0.3 * step * x.flip(0)
+        value, grad = _value_grad(ours, xs, labels)
+        assert ours.last_backend == "blocked", ours.last_fallback
+        want_value, want_grad = _value_grad(ref, xs, labels)
+        torch.testing.assert_close(value, want_value, **TOL[dtype])
+        torch.testing.assert_close(grad, want_grad, **TOL[dtype])
+        assert ours.hist_.dtype == dtype
+        torch.testing.assert_close(ours.hist_, ref.hist_, **TOL[dtype])
 
+
+def test_dsm_first_call_against_pml_squared():
+    x, labels = _batch(30, 5, seed=29)
+    assert_matches_pml(*_pair("dsm", power=2), 0.3 * x + 1, labels)  # (differences inside PML's bins)
+
+
+def test_declines():
     x, labels = _batch(16, 4, seed=19)
     pairs = (torch.tensor([0, 4]), torch.tensor([4, 0]), torch.tensor([0, 1]), torch.tensor([1, 2]))
     short = x.clone()
     short[5] = 1e-9
-    tcm, pnp = losses.ThresholdConsistentMarginLoss, losses.PNPLoss
+    tcm, pnp, dsm = losses.ThresholdConsistentMarginLoss, losses.PNPLoss, losses.DynamicSoftMarginLoss
+    nan = x.clone()
+    nan[2, 3] = float("nan")
     cases = [  # (loss, call arguments, embeddings, words of the reason, whether PML's number is checked)
         (tcm(), dict(indices_tuple=pairs), x, "indices_tuple", True),
         (tcm(), dict(ref_emb=x.flip(0), ref_labels=labels), x, "ref_emb", True),
@@ -152,6 +193,12 @@ def test_declines():
         (tcm(), {}, x.half(), "dtype", False),  # (PML's CPU half cosine)
         (pnp(distance=distances.CosineSimilarity(power=2)), {}, x, "distance", False),
         (pnp(), {}, x.half(), "dtype", False),
+        (dsm(), dict(indices_tuple=pairs), x, "indices_tuple", False),  # (PML: index error here)
+        (dsm(), dict(ref_emb=x.flip(0), ref_labels=labels), x, "ref_emb", False),
+        (dsm(distance=distances.LpDistance(power=3)), {}, x, "power 3", False),
+        (dsm(min_val=-0.001, num_bins=10), {}, x, "bins", False),  # (20001 bins of width 2e-4 over [-2, 2])
+        (dsm(), {}, x.half(), "dtype", False),
+        (dsm(), {}, nan, "NaN", False),
     ]
     for loss_fn, kw, inputs, why, compare in cases:
         value = loss_fn(inputs, labels, **kw)
@@ -163,11 +210,13 @@ def test_declines():
         losses.PNPLoss()(x, labels, ref_emb=x.clone(), ref_labels=labels)
 
 
-@pytest.mark.parametrize("ctor,n", [("losses.ThresholdConsistentMarginLoss()", 8192), ("losses.PNPLoss()", 2048)])
+@pytest.mark.parametrize("ctor,n", [("losses.ThresholdConsistentMarginLoss()", 8192), ("losses.PNPLoss()", 2048),
+                                     ("losses.DynamicSoftMarginLoss()", 4096)])
 def test_memory_is_linear_in_n(ctor, n):
     """fwd+bwd grows peak RSS by < 96 MiB, in a fresh process. TCM at N=8192: PML lists the 67M
     pairs and gathers both rows of each (~16 GiB; one N x N fp32 matrix would be 256 MiB). PNP at
-    N=2048: PML holds several N^3 fp32 tensors (32 GiB each)."""
+    N=2048: PML holds several N^3 fp32 tensors (32 GiB each). DynamicSoftMargin at N=4096: PML's
+    triplet mask alone is N^3 bools (64 GiB)."""
     growth_mib = blocked_call_peak_mib(ctor, n)
     print(f"{ctor} N={n}: peak RSS +{growth_mib:.0f} MiB")
     assert growth_mib < 96, f"peak RSS grew by {growth_mib:.0f} MiB"

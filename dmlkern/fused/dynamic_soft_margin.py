@@ -1,0 +1,150 @@
+"""DynamicSoftMarginLoss over every triplet without listing them (backend "blocked").
+
+The loss of every triplet (a, p, n) is x = d_ap - d_an weighed by the CDF of a running histogram
+of x (`reference.more_losses`: soft_margin_histogram, soft_margin_weigh). PML lists every triplet
+(3 int64 each, after an N x N x N mask). Both the histogram and the loss depend on the triplets
+only through two numbers per bin i of u = (x - min_val) / delta (i = floor(u), before the clamp to
+the histogram): the count c_i and the sum U_i of u. The interpolation weights sum to
+F_i = U_i - i c_i (u's fractional parts), the x to delta U_i + min_val c_i, so
+
+  hist = normalise((1 - momentum) hist_ + momentum (c - F) at clamp(i) + momentum F at clamp(i + 1))
+  loss = sum_i CDF[clamp(i)] (delta U_i + min_val c_i) / sum_i c_i.
+
+`ranking.row_stats` gets c and U per row (and bin) from row blocks of a `fixed_mm` product: each row
+a's (P, M) block of x for the P members of its class among the reference rows (P the largest
+such class, padded and masked), binned along the row; its backward recomputes each block. The
+bins of u span the distances' range [0, d_max]: i in floor((-d_max - min_val) / delta) ..
+floor((d_max - min_val) / delta). The epilogue is plain autograd on those 2 K numbers (float64:
+counts past 2^24 stay exact); U's gradient is the gradient PML's autograd gives through frac
+(slope 1) and x. Memory O(B P M + N D); work O(N P M) instead of PML's O(N^2 M).
+
+Declines (the reference runs): no labels, an indices_tuple, a ref_emb, a NaN entry (PML's bin index of NaN is
+garbage), a row shorter than 1e-12, other distances (PML requires a normalised LpDistance(p=2);
+powers 1 and 2 run here), more than 4096 bins over the range, dtypes other than fp32 / fp64,
+torch.compile.
+"""
+import torch
+
+from ._common import SHORT_ROWS, decline, has_entry, has_short_rows, is_unit_euclidean, row_sums
+from ._common import _lp_distance
+from ._epilogue import ZERO_LOSS
+from ._stats import record_distance
+from .pair_lists import unit_distance
+from .ranking import _binned_row_sums, _common_checks, _rows_of, _Spec, row_stats
+
+BACKEND = "blocked"
+_MAX_BINS = 4096  # bins of u over the distances' range: more means a tiny delta (the reference then)
+
+
+class _ClassMembers:
+    """Each row's positives among the reference rows: its class's members there (in order), minus
+    the row itself when the reference rows are the rows."""
+
+    def __init__(self, labels, ref_labels, exclude_diag):
+        ids = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)[1]
+        self.ids, ref_ids = ids[:len(labels)], ids[len(labels):]
+        sizes = torch.bincount(ref_ids, minlength=int(ids.max()) + 1 if len(ids) else 0)
+        self.order = torch.sort(ref_ids, stable=True)[1]
+        self.starts = torch.cumsum(sizes, 0) - sizes
+        self.sizes, self.exclude_diag = sizes, exclude_diag
+        self.width = max(1, int(sizes[self.ids].max())) if len(labels) else 1
+
+    def block(self, r0, b):
+        """(B, P) reference indices of rows r0 .. r0 + b's positives and which slots are real."""
+        device = self.ids.device
+        ids = self.ids[r0:r0 + b]
+        slot = torch.arange(self.width, device=device)
+        real = slot < self.sizes[ids][:, None]
+        at = (self.starts[ids][:, None] + torch.where(real, slot, 0)).clamp(max=max(len(self.order) - 1, 0))
+        cols = torch.where(real, self.order[at], 0)
+        if self.exclude_diag:
+            real = real & (cols != torch.arange(r0, r0 + b, device=device)[:, None])
+        return cols, real
+
+
+class _SoftMarginSpec(_Spec):
+    def __init__(self, members, labels, ref_labels, squared, min_val, delta, first_bin, n_bins):
+        self.members, self.labels, self.ref_labels, self.squared = members, labels, ref_labels, squared
+        self.min_val, self.delta, self.first_bin, self.n_bins = min_val, delta, first_bin, n_bins
+        self.width = 2 * n_bins
+        self.values_per_row = 8 * members.width  # a few (B, P, M) tensors live at once
+
+    def _block(self, s, r0):
+        """The block's distances, positives' columns, kept triplets (B, P M), u and u's bins."""
+        b = s.shape[0]
+        d = torch.relu(2 - 2 * s) if self.squared else unit_distance(s)  # PML's cdist (squared for power 2)
+        cols, real = self.members.block(r0, b)
+        negative = self.labels[r0:r0 + b, None] != self.ref_labels[None, :]
+        kept = (real[:, :, None] & negative[:, None, :]).reshape(b, -1)
+        u = ((d.gather(1, cols)[:, :, None] - d[:, None, :] - self.min_val) / self.delta).reshape(b, -1)
+        bins = (torch.floor(u) - self.first_bin).clamp(0, self.n_bins - 1).to(torch.long)
+        return d, cols, kept, u, bins
+
+    def rows(self, s, r0, differentiable=False):
+        """Per row a: over its triplets, the count and the sum of u in each bin of u."""
+        _, _, kept, u, bins = self._block(s, r0)
+        counts = _binned_row_sums(bins, kept.to(u.dtype), self.n_bins)
+        sums = _binned_row_sums(bins, torch.where(kept, u, 0), self.n_bins)
+        return torch.cat([counts, sums], dim=1)
+
+    def grad_rows(self, s, r0, g_out):
+        """The counts have no gradient; a triplet's u gets its bin's sum gradient, and
+        du/dd_ap = -du/dd_an = 1 / delta."""
+        d, cols, kept, _, bins = self._block(s, r0)
+        b, m = d.shape
+        w = torch.where(kept, g_out[:, self.n_bins:].gather(1, bins), 0).view(b, -1, m) / self.delta
+        g_d = (-w.sum(dim=1)).scatter_add_(1, cols, w.sum(dim=2))  # padded slots add exactly 0
+        if self.squared:  # d = relu(2 - 2s)
+            return torch.where(d > 0, -2 * g_d, 0)
+        return torch.where(d > 0, -g_d / torch.where(d > 0, d, 1), 0)  # d = sqrt(2 - 2s), 0 at d = 0
+
+
+def dynamic_soft_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    why = "ref_emb (the blocked path: the batch against itself)" if ref_emb is not embeddings else None
+    why = why or _common_checks(module, embeddings, labels, indices_tuple, ref_emb)
+    power = getattr(module.distance, "power", None)
+    if why is None and not (is_unit_euclidean(module.distance) or _lp_distance(module.distance, True, 2)):
+        why = f"distance {type(module.distance).__name__} with power {power} (the blocked path: 1 or 2)"
+    if why is None and has_entry(torch.isnan, embeddings, ref_emb):
+        why = "a NaN embedding entry (PML's bin index of a NaN difference is garbage)"
+    if why is None and has_short_rows(embeddings, ref_emb):
+        why = SHORT_ROWS
+    delta, min_val = module.delta, module.min_val
+    d_max = 4.0 if power == 2 else 2.0
+    first_bin = int(torch.floor(torch.tensor((-d_max - 1e-3 - min_val) / delta)))
+    n_bins = int(torch.floor(torch.tensor((d_max + 1e-3 - min_val) / delta))) - first_bin + 1
+    if why is None and n_bins > _MAX_BINS:
+        why = f"{n_bins} bins of the differences' range (delta {delta}; the blocked path: {_MAX_BINS})"
+    if why is not None:
+        return decline(module, why)
+    dtype = embeddings.dtype
+    module.hist_ = module.hist_.to(device=embeddings.device, dtype=dtype)
+    members = _ClassMembers(labels, labels, exclude_diag=True)
+    record_distance(module.distance, embeddings, ref_emb)
+    spec = _SoftMarginSpec(members, labels, labels, power == 2, min_val, delta, first_bin, n_bins)
+    stats = row_stats(_rows_of(embeddings, "euclidean"), spec)
+    totals = row_sums(stats.double().T.contiguous())  # per column, one thread each: fixed bits
+    counts, u_sums = totals[:n_bins], totals[n_bins:]
+    if float(counts.detach().sum()) == 0:
+        return ZERO_LOSS  # no triplet: PML's zero, the histogram unchanged
+    hist = _histogram(module.hist_.double(), counts, u_sums, first_bin, module.momentum)
+    module.hist_ = hist.detach().to(dtype)
+    low = (torch.arange(n_bins, device=hist.device) + first_bin).clamp(0, len(hist) - 1)
+    loss = torch.sum(torch.cumsum(hist, 0)[low] * (delta * u_sums + min_val * counts)) / counts.sum()
+    return {"loss": {"losses": loss.to(dtype), "indices": None, "reduction_type": "already_reduced"}}, BACKEND
+
+
+def _histogram(hist, counts, u_sums, first_bin, momentum):
+    """soft_margin_histogram from the per-bin counts and sums of u (float64)."""
+    if float(hist.sum()) == 0:
+        momentum = 1.0  # PML: the first batch replaces the all-zero histogram
+    last = len(hist) - 1
+    i = torch.arange(len(counts), device=hist.device) + first_bin
+    fractions = u_sums - i.to(u_sums.dtype) * counts
+    hist = (1.0 - momentum) * hist
+    hist = hist.index_add(0, i.clamp(0, last), momentum * (counts - fractions))
+    hist = hist.index_add(0, (i + 1).clamp(0, last), momentum * fractions)
+    return hist / hist.sum()
+
+
+__all__ = ["dynamic_soft_margin"]
