@@ -173,6 +173,15 @@ def test_dsm_running_histogram_against_reference(power, kw, dtype, block_size):
         torch.testing.assert_close(ours.hist_, ref.hist_, **TOL[dtype])
 
 
+@pytest.mark.parametrize("config", ["dsm", "dsm_args"])
+def test_dsm_binned_sums_without_scatter(config, monkeypatch):
+    """The per-bin masked row sums that replace scatter_add off the CPU (its atomics' order varies)."""
+    monkeypatch.setattr(ranking, "_SCATTER_DEVICE_TYPES", ())
+    monkeypatch.setattr(ranking, "_GPU_BLOCK_VALUES", 5000)  # several row chunks
+    x, labels = _batch(29, 5, seed=37)
+    _check_against_pml(config, x, labels)
+
+
 def test_dsm_first_call_against_pml_squared():
     x, labels = _batch(30, 5, seed=29)
     assert_matches_pml(*_pair("dsm", power=2), 0.3 * x + 1, labels)  # (differences inside PML's bins)
@@ -220,3 +229,25 @@ def test_memory_is_linear_in_n(ctor, n):
     growth_mib = blocked_call_peak_mib(ctor, n)
     print(f"{ctor} N={n}: peak RSS +{growth_mib:.0f} MiB")
     assert growth_mib < 96, f"peak RSS grew by {growth_mib:.0f} MiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("config", ["pnp", "pnp_Iu", "tcm", "dsm", "dsm_args"])
+def test_cuda_matches_cpu(config, monkeypatch):
+    """On CUDA (the blocks' torch ops, the binned sums as reductions), fp32 and fp64, one block and
+    several: PML's CPU value and gradient, bit-identical on repeat."""
+    x, labels = _batch(70, 9, seed=31)
+    x[:6] += 3 * x[0]
+    for dtype in (torch.float64, torch.float32):
+        want_value, want_grad = _value_grad(_pair(config)[1], x.to(dtype), labels)
+        for block_values in (ranking._GPU_BLOCK_VALUES, 900):
+            monkeypatch.setattr(ranking, "_GPU_BLOCK_VALUES", block_values)
+            runs = []
+            for _ in range(2):
+                ours = _pair(config)[0]
+                runs.append(_value_grad(ours, x.to("cuda", dtype), labels.cuda()))
+                assert ours.last_backend == "blocked", ours.last_fallback
+            assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+            torch.testing.assert_close(runs[0][0].cpu(), want_value, **TOL[dtype])
+            torch.testing.assert_close(runs[0][1].cpu(), want_grad, **TOL[dtype])
