@@ -20,6 +20,8 @@ FUZZ_FOCUS=degenerate: small batches (N 2..20, D 1..8) with many NaN rows / +-in
 duplicated rows, labels with many singleton classes / one class / two classes, ref_emb in half the
 cases (with NaN rows, ref_labels sharing all / some / none of the labels), reducers mostly DoNothing,
 AvgNonZero, Threshold, PerAnchor, ClassWeighted, Divisor, MultipleReducers, Mean, and miners.
+
+FUZZ_LOSSES=PNPLoss,DynamicSoftMarginLoss: draw the loss from these only (a new fused path).
 """
 import contextlib
 import json
@@ -72,6 +74,8 @@ PAIR_LOSSES = [
 ]
 ALL_LOSSES = PAIR_LOSSES + sorted(CLASS_LOSSES) + [
     "MultipleLosses", "CrossBatchMemory", "SelfSupervisedLoss"]
+if os.environ.get("FUZZ_LOSSES"):
+    ALL_LOSSES = [name for name in os.environ["FUZZ_LOSSES"].split(",") if name]
 MINERS = ["TripletMarginMiner", "BatchHardMiner", "BatchEasyHardMiner", "PairMarginMiner",
           "MultiSimilarityMiner", "AngularMiner", "HDCMiner", "DistanceWeightedMiner",
           "UniformHistogramMiner", "EmbeddingsAlreadyPackagedAsTriplets"]

@@ -242,6 +242,17 @@ def test_budgets_of_the_two_parts():
     assert (lambda a: (a.budget, a.class_budget))(parse_args(["--quick"])) == (180.0, 180.0)
 
 
+def test_losses_outside_the_default_sweep():
+    """PNP, TCM and DynamicSoftMargin run with --losses only; they have no "compile" provider
+    (no reference function of (emb, labels)), but every other one."""
+    default = parse_args([]).losses
+    assert "multi_similarity" in default and not {"pnp", "tcm", "dynamic_soft_margin"} & set(default)
+    args = parse_args(["--losses", "pnp", "tcm", "--providers", "dmlkern", "pml", "compile", "--n", "512"])
+    planned = {(p["loss"], p["provider"]) for p in plan_points(args)}
+    assert {("pnp", "dmlkern"), ("pnp", "pml"), ("tcm", "pml")} <= planned
+    assert not any(prov == "compile" for _, prov in planned)
+
+
 def test_plan_order_gives_every_loss_a_pml_point_early():
     """In each part: the floor, dmlkern at every size but the largest, PML and the reference at the
     smallest size, dmlkern at the largest, then the rest size by size (compile after), each

@@ -49,7 +49,8 @@ def build_parser():
     ap = argparse.ArgumentParser(prog="python -m dmlkern.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
-    add("--losses", nargs="+", choices=list(LOSSES), metavar="LOSS", help="default: all: " + ", ".join(LOSSES))
+    add("--losses", nargs="+", choices=list(LOSSES), metavar="LOSS", help="default: " + ", ".join(
+        k for k, v in LOSSES.items() if v.default) + "; also: " + ", ".join(k for k, v in LOSSES.items() if not v.default))
     add("--providers", nargs="+", choices=list(PROVIDERS), metavar="PROVIDER", help="default cpu: dmlkern reference "
         "compile pml; cuda: also dmlkern-cpp dmlkern-triton. " + "; ".join(f"{k}: {v}" for k, v in PROVIDERS.items()))
     add("--n", nargs="+", type=int, metavar="N", help="batch sizes (default cpu: 1024 2048 4096 8192; cuda: 4096 "
@@ -113,7 +114,7 @@ def parse_args(argv=None):
         args.budget = DEFAULT_BUDGET
     if args.providers is None:
         args.providers = [p for p in DEFAULT_PROVIDERS[args.device] if not (args.quick and p == "compile")]
-    args.losses = args.losses or list(LOSSES)
+    args.losses = args.losses or [k for k, v in LOSSES.items() if v.default]
     args.dtypes = [canonical_dtype(t) for t in args.dtypes]
     if any(n < 8 for n in args.n + [args.class_n]) or min(args.classes) < 1:
         raise SystemExit("--n, --class-n: every N must be >= 8; --classes: C >= 1")

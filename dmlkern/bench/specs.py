@@ -14,6 +14,8 @@ class LossInfo:
     pair_coef: float = 0.0  # and (#positive pairs x #negative pairs) x itemsize (PML's P x Nneg tensors)
     per_class: int = 1  # K: weight columns per class (a class-weight loss's W has C*K columns)
     miner: tuple = ()  # (miner class, its keyword arguments): the call is loss(emb, labels, miner(emb, labels))
+    default: bool = True  # in the default sweep (else only with --losses)
+    compiled_reference: bool = True  # has a "compile" provider (torch.compile of a dmlkern.reference function)
 
     @property
     def cls(self):
@@ -57,6 +59,12 @@ LOSSES = {
                                    8.0, miner=("BatchHardMiner", ())),  # PML: 1.81 GiB at N=8192 (7.2)
     "contrastive_pair_margin": LossInfo("ContrastiveLoss()(emb, labels, PairMarginMiner()(emb, labels))", "classes",
                                         True, 16.0, miner=("PairMarginMiner", ())),
+    # the rest of PML's losses with an N^3 (PNP, DynamicSoftMargin) or N^2 D (TCM) PML form; --losses only
+    "pnp": LossInfo("PNPLoss()(emb, labels)", "classes", True, 8.0, 1.5, default=False, compiled_reference=False),
+    "tcm": LossInfo("ThresholdConsistentMarginLoss()(emb, labels)", "classes", True, 600.0, default=False,
+                    compiled_reference=False),  # PML gathers both rows of every pair: ~4 D items per pair
+    "dynamic_soft_margin": LossInfo("DynamicSoftMarginLoss()(emb, labels)", "classes", True, 100.0, 0.1,
+                                    default=False, compiled_reference=False),  # PML: an N^3 bool mask
     "masked_lse": LossInfo("dmlkern.ops.masked_lse(emb, x_labels=labels, mask='diff')", "classes", False, 12.0),
     "arcface": _class_loss("ArcFaceLoss", 10.0),
     "cosface": _class_loss("CosFaceLoss", 10.0),
@@ -93,7 +101,8 @@ def jit_provider(provider: str, device: str) -> bool:
 
 
 def supported(loss: str, provider: str) -> bool:
-    return provider != "pml" or LOSSES[loss].pml
+    info = LOSSES[loss]
+    return (provider != "pml" or info.pml) and (provider != "compile" or info.compiled_reference or info.classes)
 
 
 def canonical_dtype(name: str) -> str:

@@ -164,6 +164,13 @@ def _class_callable(L, M, loss, x, labels, d, c):
         return f"{b}+miner:{mb}" if mb and mb != b else b
 
     fn = (lambda: module(x, labels, miner(x, labels))) if miner is not None else (lambda: module(x, labels))
+    if loss == "dynamic_soft_margin" and backend() == "pml":
+        call = fn
+
+        def fn():  # PML keeps its running histogram's graph: a second backward through it raises
+            out = call()
+            module.hist_ = module.hist_.detach()
+            return out
     return fn, backend, list(module.parameters())
 
 

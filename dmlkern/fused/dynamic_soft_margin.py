@@ -10,17 +10,23 @@ F_i = U_i - i c_i (u's fractional parts), the x to delta U_i + min_val c_i, so
   hist = normalise((1 - momentum) hist_ + momentum (c - F) at clamp(i) + momentum F at clamp(i + 1))
   loss = sum_i CDF[clamp(i)] (delta U_i + min_val c_i) / sum_i c_i.
 
-`ranking.row_stats` gets c and U per row (and bin) from row blocks of a `fixed_mm` product: each row
-a's (P, M) block of x for the P members of its class among the reference rows (P the largest
-such class, padded and masked), binned along the row; its backward recomputes each block. The
-bins of u span the distances' range [0, d_max]: i in floor((-d_max - min_val) / delta) ..
-floor((d_max - min_val) / delta). The epilogue is plain autograd on those 2 K numbers (float64:
-counts past 2^24 stay exact); U's gradient is the gradient PML's autograd gives through frac
-(slope 1) and x. Memory O(B P M + N D); work O(N P M) instead of PML's O(N^2 M).
+`ranking.row_stats` gets c and U per row (and bin) from row blocks of a `fixed_mm` product. Row a's
+triplets of positive p fall in bins by thresholds on d_an (floor(u) >= i is d_an <= d_ap - min_val
+- i delta); with the thresholds of all of a's positives sorted, one `searchsorted` per negative
+gives its bucket, which fixes its bin for every positive, and prefix sums over the buckets give
+each (positive, bin)'s count and sum of d_an. Work O(N M log(P K)) instead of PML's O(N^2 M);
+memory O(B (M + P K) + N D) (P the largest class, K the bins). The backward recomputes each block
+and gives each triplet's u its bin's gradient, written out: a negative's gradient is a sum over
+the buckets above it (no autograd graph of the block). The bins of u span the distances' range
+[0, d_max]: i in floor((-d_max - min_val) / delta) .. floor((d_max - min_val) / delta). The
+epilogue is plain autograd on those 2 K numbers (float64: counts past 2^24 stay exact); U's
+gradient is the gradient PML's autograd gives through frac (slope 1) and x. A difference within
+a rounding of a bin's edge may fall in the other bin than PML's (the same happens between PML's
+own CPU and GPU distances).
 
 Declines (the reference runs): no labels, an indices_tuple, a ref_emb, a NaN entry (PML's bin index of NaN is
 garbage), a row shorter than 1e-12, other distances (PML requires a normalised LpDistance(p=2);
-powers 1 and 2 run here), more than 4096 bins over the range, dtypes other than fp32 / fp64,
+powers 1 and 2 run here), more than 1024 bins over the range, dtypes other than fp32 / fp64,
 torch.compile.
 """
 import torch
@@ -33,7 +39,7 @@ from .pair_lists import unit_distance
 from .ranking import _binned_row_sums, _common_checks, _rows_of, _Spec, row_stats
 
 BACKEND = "blocked"
-_MAX_BINS = 4096  # bins of u over the distances' range: more means a tiny delta (the reference then)
+_MAX_BINS = 1024  # bins of u over the distances' range: more means a tiny delta (the reference then)
 
 
 class _ClassMembers:
@@ -67,33 +73,66 @@ class _SoftMarginSpec(_Spec):
         self.members, self.labels, self.ref_labels, self.squared = members, labels, ref_labels, squared
         self.min_val, self.delta, self.first_bin, self.n_bins = min_val, delta, first_bin, n_bins
         self.width = 2 * n_bins
-        self.values_per_row = 8 * members.width  # a few (B, P, M) tensors live at once
+        # live at once per row: ~8 (M,) tensors (distances, masks, buckets, gradients) and ~6 (P, K) ones
+        self.values_per_row = 8 + -(-6 * members.width * n_bins // max(1, len(ref_labels)))
 
     def _block(self, s, r0):
-        """The block's distances, positives' columns, kept triplets (B, P M), u and u's bins."""
-        b = s.shape[0]
+        """Per row a, its negatives binned by the sorted thresholds of all its positives at once.
+
+        Positive p's triplet with negative n is in bin j of u when j of p's thresholds
+        t_pj = d_ap - min_val - (first_bin + j) delta, j = 1 .. K-1, are >= d_an (floor(u) >=
+        first_bin + j is d_an <= t_pj). With the row's Q = P (K - 1) thresholds sorted, a negative's
+        bucket k (the number of thresholds < d_an) fixes its bin for every positive; per bucket, the
+        negatives' count and distance sum. Returns d (B, M), the negative mask, the positives'
+        columns and realness, the thresholds' sort order (B, Q), the bucket of each entry (B, M;
+        Q + 1 for a non-negative), and ge (B, P, K + 1): the number of negatives in bins j .. K-1,
+        with sd the sum of their distances (float64)."""
+        b, m = s.shape
         d = torch.relu(2 - 2 * s) if self.squared else unit_distance(s)  # PML's cdist (squared for power 2)
         cols, real = self.members.block(r0, b)
         negative = self.labels[r0:r0 + b, None] != self.ref_labels[None, :]
-        kept = (real[:, :, None] & negative[:, None, :]).reshape(b, -1)
-        u = ((d.gather(1, cols)[:, :, None] - d[:, None, :] - self.min_val) / self.delta).reshape(b, -1)
-        bins = (torch.floor(u) - self.first_bin).clamp(0, self.n_bins - 1).to(torch.long)
-        return d, cols, kept, u, bins
+        d_ap = d.gather(1, cols).double()
+        inner = torch.arange(1, self.n_bins, device=s.device, dtype=torch.float64) + self.first_bin
+        thresholds = ((d_ap[:, :, None] - self.min_val) - inner * self.delta).reshape(b, -1)  # (B, Q)
+        sorted_t, t_order = torch.sort(thresholds.to(d.dtype), dim=1)
+        q = sorted_t.shape[1]
+        bucket = torch.where(negative, torch.searchsorted(sorted_t, d.contiguous()), q + 1)
+        counts = _binned_row_sums(bucket, negative.to(torch.float64), q + 2)[:, :q + 1]
+        sums = _binned_row_sums(bucket, torch.where(negative, d, 0).double(), q + 2)[:, :q + 1]
+        # number and distance sum of the negatives <= the threshold at sorted position k: buckets 0..k
+        at_most, sum_at_most = torch.cumsum(counts, dim=1)[:, :q], torch.cumsum(sums, dim=1)[:, :q]
+        rank = torch.empty_like(t_order).scatter_(1, t_order, torch.arange(q, device=s.device).expand(b, q))
+        shape = (b, cols.shape[1], self.n_bins - 1)
+        n_neg, sum_neg = counts.sum(dim=1), sums.sum(dim=1)
+        ge = torch.cat([n_neg[:, None, None].expand(*shape[:2], 1), at_most.gather(1, rank).view(shape),
+                        n_neg.new_zeros(*shape[:2], 1)], dim=2)
+        sd = torch.cat([sum_neg[:, None, None].expand(*shape[:2], 1), sum_at_most.gather(1, rank).view(shape),
+                        sum_neg.new_zeros(*shape[:2], 1)], dim=2)
+        return d, negative, cols, real, d_ap, t_order, bucket, ge, sd
 
     def rows(self, s, r0, differentiable=False):
-        """Per row a: over its triplets, the count and the sum of u in each bin of u."""
-        _, _, kept, u, bins = self._block(s, r0)
-        counts = _binned_row_sums(bins, kept.to(u.dtype), self.n_bins)
-        sums = _binned_row_sums(bins, torch.where(kept, u, 0), self.n_bins)
-        return torch.cat([counts, sums], dim=1)
+        """Per row a: over its triplets, the count and the sum of u in each bin of u: per positive,
+        U_j = (c_j (d_ap - min_val) - (its bin's sum of d_an)) / delta."""
+        _, _, _, real, d_ap, _, _, ge, sd = self._block(s, r0)
+        counts = (ge[..., :-1] - ge[..., 1:]) * real[:, :, None]
+        in_bin_d = sd[..., :-1] - sd[..., 1:]
+        u_sums = torch.where(real[:, :, None], counts * (d_ap[:, :, None] - self.min_val) - in_bin_d, 0) / self.delta
+        return torch.cat([counts.sum(dim=1), u_sums.sum(dim=1)], dim=1).to(s.dtype)
 
     def grad_rows(self, s, r0, g_out):
-        """The counts have no gradient; a triplet's u gets its bin's sum gradient, and
-        du/dd_ap = -du/dd_an = 1 / delta."""
-        d, cols, kept, _, bins = self._block(s, r0)
-        b, m = d.shape
-        w = torch.where(kept, g_out[:, self.n_bins:].gather(1, bins), 0).view(b, -1, m) / self.delta
-        g_d = (-w.sum(dim=1)).scatter_add_(1, cols, w.sum(dim=2))  # padded slots add exactly 0
+        """The counts have no gradient; a triplet's u gets its bin's gradient G_pj (the row's G_j for a
+        real positive), and du/dd_ap = -du/dd_an = 1 / delta. d_ap: sum_j G_pj c_pj / delta. A negative
+        in bucket k: -F(k) / delta, F(k) = sum_p G_p(its bin) = sum_p G_p0 plus, for each threshold
+        t_pj at a sorted position >= k, G_pj - G_p(j-1) (crossing it moves p's bin from j - 1 to j)."""
+        d, negative, cols, real, _, t_order, bucket, ge, _ = self._block(s, r0)
+        b = d.shape[0]
+        g_bin = g_out[:, self.n_bins:].double()[:, None, :] * real[:, :, None]  # (B, P, K)
+        g_ap = (g_bin * (ge[..., :-1] - ge[..., 1:])).sum(dim=2) / self.delta
+        steps = (g_bin[..., 1:] - g_bin[..., :-1]).reshape(b, -1).gather(1, t_order)  # (B, Q), sorted order
+        from_above = torch.flip(torch.cumsum(torch.flip(steps, [1]), dim=1), [1])  # sum over positions >= k
+        per_bucket = torch.cat([from_above, steps.new_zeros(b, 1)], dim=1) + g_bin[..., 0].sum(dim=1, keepdim=True)
+        g_d = torch.where(negative, per_bucket.gather(1, bucket.clamp(max=per_bucket.shape[1] - 1)), 0) / -self.delta
+        g_d = g_d.scatter_add_(1, cols, g_ap).to(s.dtype)  # padded slots add exactly 0
         if self.squared:  # d = relu(2 - 2s)
             return torch.where(d > 0, -2 * g_d, 0)
         return torch.where(d > 0, -g_d / torch.where(d > 0, d, 1), 0)  # d = sqrt(2 - 2s), 0 at d = 0

@@ -4,8 +4,8 @@ PML lists every positive and negative pair of the batch and gathers both rows of
 tensors: ~8 GiB per tensor at N = 4096, D = 128). The loss needs four numbers per row: the sums of
 margin_plus - s over its positive pairs with s <= margin_plus and of s - margin_minus over its
 negative pairs with s >= margin_minus, and how many pairs each sum has (s the cosine). `ranking.row_stats`
-gets them from row blocks of a `fixed_mm` product (its backward recomputes each block); memory
-O(B N + N D). The products by the 0/1 masks are PML's, so a NaN cosine of a pair makes its side NaN.
+gets them from row blocks of a `fixed_mm` product (its backward recomputes each block: -1 or 1 on
+the kept pairs); memory O(B N + N D). The products by the 0/1 masks are PML's, so a NaN cosine of a pair makes its side NaN.
 An indices_tuple (pairs already listed: PML's work is O(pairs D)), a ref_emb, rows shorter than
 F.cosine_similarity's eps and other dtypes run the reference.
 """
@@ -26,16 +26,24 @@ class _TCMSpec(_Spec):
     def __init__(self, labels, margin_plus, margin_minus):
         self.labels, self.margin_plus, self.margin_minus = labels, margin_plus, margin_minus
 
+    def _kept(self, s, r0):
+        """The block's positive and negative pairs, and where s <= margin_plus / s >= margin_minus."""
+        same, diag = _block_labels(self.labels, r0, s.shape[0])
+        return same & ~diag, ~same, s <= self.margin_plus, s >= self.margin_minus
+
     def rows(self, s, r0, differentiable=False):
         """Per row: the positive side's hinge sum and count, then the negative side's."""
-        same, diag = _block_labels(self.labels, r0, s.shape[0])
-        positive, negative = same & ~diag, ~same
-        below = s <= self.margin_plus
-        above = s >= self.margin_minus
+        positive, negative, below, above = self._kept(s, r0)
         pos_sum = torch.where(positive, (self.margin_plus - s) * below, 0).sum(dim=1)
         neg_sum = torch.where(negative, (s - self.margin_minus) * above, 0).sum(dim=1)
         counts = [(side & kept).sum(dim=1).to(s.dtype) for side, kept in ((positive, below), (negative, above))]
         return torch.stack([pos_sum, counts[0], neg_sum, counts[1]], dim=1)
+
+    def grad_rows(self, s, r0, g_out):
+        """d pos_sum / ds = -1 on the kept positive pairs, d neg_sum / ds = 1 on the kept negative
+        ones (the counts have none): no autograd graph of the block."""
+        positive, negative, below, above = self._kept(s, r0)
+        return torch.where(positive & below, -g_out[:, :1], torch.where(negative & above, g_out[:, 2:3], 0))
 
 
 def _side(total, count):
