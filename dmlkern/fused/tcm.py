@@ -5,14 +5,15 @@ tensors: ~8 GiB per tensor at N = 4096, D = 128). The loss needs four numbers pe
 margin_plus - s over its positive pairs with s <= margin_plus and of s - margin_minus over its
 negative pairs with s >= margin_minus, and how many pairs each sum has (s the cosine). `ranking.row_stats`
 gets them from row blocks of a `fixed_mm` product (its backward recomputes each block: -1 or 1 on
-the kept pairs); memory O(B N + N D). The products by the 0/1 masks are PML's, so a NaN cosine of a pair makes its side NaN.
-An indices_tuple (pairs already listed: PML's work is O(pairs D)), a ref_emb, rows shorter than
+the kept pairs); memory O(B N + N D). The products by the 0/1 masks are PML's, so a NaN cosine of a pair makes its side
+NaN (on CUDA; eagerly on the CPU a NaN entry runs the reference, whose gradient has PML's NaN
+pattern). An indices_tuple (pairs already listed: PML's work is O(pairs D)), a ref_emb, rows shorter than
 F.cosine_similarity's eps and other dtypes run the reference.
 """
 import torch
 
 from .._determinism import fixed_order_sum
-from ._common import decline
+from ._common import decline, has_entry
 from .ranking import _block_labels, _common_checks, _rows_of, _Spec, row_stats
 
 BACKEND = "blocked"
@@ -58,6 +59,8 @@ def tcm(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     why = why or _common_checks(module, embeddings, labels, indices_tuple, ref_emb)
     if why is None and bool((torch.linalg.vector_norm(embeddings.detach(), dim=1) < _COSINE_EPS).any()):
         why = "an embedding row shorter than 1e-8 (F.cosine_similarity divides by its eps there)"
+    if why is None and has_entry(torch.isnan, embeddings):
+        why = "a NaN embedding entry (the reference's F.cosine_similarity gives PML's NaN pattern in the gradient)"
     if why is not None:
         return decline(module, why)
     # full precision: F.cosine_similarity is not on autocast's lists (PML's cosines are fp32 ones)
