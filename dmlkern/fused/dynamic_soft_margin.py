@@ -4,11 +4,12 @@ The loss of every triplet (a, p, n) is x = d_ap - d_an weighed by the CDF of a r
 of x (`reference.more_losses`: soft_margin_histogram, soft_margin_weigh). PML lists every triplet
 (3 int64 each, after an N x N x N mask). Both the histogram and the loss depend on the triplets
 only through two numbers per bin i of u = (x - min_val) / delta (i = floor(u), before the clamp to
-the histogram): the count c_i and the sum U_i of u. The interpolation weights sum to
-F_i = U_i - i c_i (u's fractional parts), the x to delta U_i + min_val c_i, so
+the histogram): the count c_i and the sum F_i of u - i (u's fractional parts; kept apart from i
+c_i, which would cancel them in float32: a bin of u just above an integer). The interpolation
+weights sum to F_i, the x to delta F_i + (min_val + i delta) c_i, so
 
   hist = normalise((1 - momentum) hist_ + momentum (c - F) at clamp(i) + momentum F at clamp(i + 1))
-  loss = sum_i CDF[clamp(i)] (delta U_i + min_val c_i) / sum_i c_i.
+  loss = sum_i CDF[clamp(i)] (delta F_i + (min_val + i delta) c_i) / sum_i c_i.
 
 `ranking.row_stats` gets c and U per row (and bin) from row blocks of a `fixed_mm` product. Row a's
 triplets of positive p fall in bins by thresholds on d_an (floor(u) >= i is d_an <= d_ap - min_val
@@ -111,13 +112,18 @@ class _SoftMarginSpec(_Spec):
         return d, negative, cols, real, d_ap, t_order, bucket, ge, sd
 
     def rows(self, s, r0, differentiable=False):
-        """Per row a: over its triplets, the count and the sum of u in each bin of u: per positive,
-        U_j = (c_j (d_ap - min_val) - (its bin's sum of d_an)) / delta."""
+        """Per row a: over its triplets, the count and the sum of u - i in each bin i of u: per
+        positive, F_j = (c_j (d_ap - min_val - i delta) - (its bin's sum of d_an)) / delta."""
         _, _, _, real, d_ap, _, _, ge, sd = self._block(s, r0)
         counts = (ge[..., :-1] - ge[..., 1:]) * real[:, :, None]
         in_bin_d = sd[..., :-1] - sd[..., 1:]
-        u_sums = torch.where(real[:, :, None], counts * (d_ap[:, :, None] - self.min_val) - in_bin_d, 0) / self.delta
-        return torch.cat([counts.sum(dim=1), u_sums.sum(dim=1)], dim=1).to(s.dtype)
+        edge = (d_ap[:, :, None] - self.min_val) - self._bins(s.device) * self.delta  # (B, P, K)
+        frac_sums = torch.where(real[:, :, None], counts * edge - in_bin_d, 0) / self.delta
+        return torch.cat([counts.sum(dim=1), frac_sums.sum(dim=1)], dim=1).to(s.dtype)
+
+    def _bins(self, device):
+        """The bins' i (float64)."""
+        return torch.arange(self.n_bins, device=device, dtype=torch.float64) + self.first_bin
 
     def grad_rows(self, s, r0, g_out):
         """The counts have no gradient; a triplet's u gets its bin's gradient G_pj (the row's G_j for a
@@ -163,23 +169,23 @@ def dynamic_soft_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_
     spec = _SoftMarginSpec(members, labels, labels, power == 2, min_val, delta, first_bin, n_bins)
     stats = row_stats(_rows_of(embeddings, "euclidean"), spec)
     totals = row_sums(stats.double().T.contiguous())  # per column, one thread each: fixed bits
-    counts, u_sums = totals[:n_bins], totals[n_bins:]
+    counts, frac_sums = totals[:n_bins], totals[n_bins:]
     if float(counts.detach().sum()) == 0:
         return ZERO_LOSS  # no triplet: PML's zero, the histogram unchanged
-    hist = _histogram(module.hist_.double(), counts, u_sums, first_bin, module.momentum)
+    hist = _histogram(module.hist_.double(), counts, frac_sums, first_bin, module.momentum)
     module.hist_ = hist.detach().to(dtype)
     low = (torch.arange(n_bins, device=hist.device) + first_bin).clamp(0, len(hist) - 1)
-    loss = torch.sum(torch.cumsum(hist, 0)[low] * (delta * u_sums + min_val * counts)) / counts.sum()
+    edges = min_val + (torch.arange(n_bins, device=hist.device, dtype=torch.float64) + first_bin) * delta
+    loss = torch.sum(torch.cumsum(hist, 0)[low] * (delta * frac_sums + edges * counts)) / counts.sum()
     return {"loss": {"losses": loss.to(dtype), "indices": None, "reduction_type": "already_reduced"}}, BACKEND
 
 
-def _histogram(hist, counts, u_sums, first_bin, momentum):
-    """soft_margin_histogram from the per-bin counts and sums of u (float64)."""
+def _histogram(hist, counts, fractions, first_bin, momentum):
+    """soft_margin_histogram from the per-bin counts and sums of u's fractional parts (float64)."""
     if float(hist.sum()) == 0:
         momentum = 1.0  # PML: the first batch replaces the all-zero histogram
     last = len(hist) - 1
     i = torch.arange(len(counts), device=hist.device) + first_bin
-    fractions = u_sums - i.to(u_sums.dtype) * counts
     hist = (1.0 - momentum) * hist
     hist = hist.index_add(0, i.clamp(0, last), momentum * (counts - fractions))
     hist = hist.index_add(0, (i + 1).clamp(0, last), momentum * fractions)
