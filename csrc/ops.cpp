@@ -64,6 +64,15 @@ TORCH_LIBRARY(dmlkern, m) {
   m.def(
       "batch_hard_rows(Tensor mat, Tensor row_labels, Tensor col_labels, int row0, bool exclude_diag, "
       "int[] modes, float[] pos_range, float[] neg_range) -> (Tensor, Tensor, Tensor)");
+  // The fused PNPLoss's per-row work on one row block of similarities s (B, M)
+  // (dmlkern/fused/pnp.py), CPU only: for each row i and class member slot j with real[i][j]
+  // (cols (B, P) int64: the member's column), the rank sum over the columns k whose col_labels
+  // differ from row_labels[i] of 1 / (1 + exp(clamp(-(s_ik - s_ij) / anneal, -50, 50))) (B, P), 0
+  // where not real. The backward takes g_rank (B, P) = dL/drank and returns dL/ds (B, M).
+  m.def("pnp_ranks(Tensor s, Tensor cols, Tensor real, Tensor row_labels, Tensor col_labels, float anneal) -> Tensor");
+  m.def(
+      "pnp_ranks_backward(Tensor s, Tensor cols, Tensor real, Tensor row_labels, Tensor col_labels, float anneal, "
+      "Tensor g_rank) -> Tensor");
   // The class path's block kernel for classes of `group` (K) weight rows (SubCenterArcFace,
   // SoftTriple: dmlkern/fused/class_softmax.py, GroupedBlock), CPU only. x (N, D) unit rows, w
   // (R, D) the block's unit weight rows, R = classes x K, class class0 + q owning rows q K ..

@@ -52,9 +52,19 @@ def _batch(n, classes, seed, dtype=torch.float64, d=12):
     return x.to(dtype), labels
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def pnp_kernel(request, monkeypatch):
+    """PNP's ranks in C++ (the CPU's path) or in torch ops (the path elsewhere), on the CPU."""
+    if request.param == "torch":
+        monkeypatch.setattr(fused_pnp, "_CPU_KERNEL", False)
+    elif not fused_pnp._CPU_KERNEL:
+        pytest.fail("dmlkern::pnp_ranks is not registered in this build")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_against_pml(config, dtype, block_size):
+def test_against_pml(config, dtype, block_size, pnp_kernel):
     x, labels = _batch(37, 9, seed=3, dtype=dtype)
     x[:6] += 3 * x[0]  # TCM: some positives above margin_plus and negatives above margin_minus
     _check_against_pml(config, x, labels)
@@ -107,7 +117,7 @@ def test_nan_propagates_as_in_pml(config, nan_row):
 
 
 @pytest.mark.parametrize("config", ["pnp", "tcm", "dsm"])
-def test_deterministic_across_thread_counts(config):
+def test_deterministic_across_thread_counts(config, pnp_kernel):
     """Bit-identical values and gradients on repeat and at 1 or 2 threads (several blocks)."""
     x, labels = _batch(512, 16, seed=11, dtype=torch.float32, d=16)
     assert_same_bits_across_threads(lambda: _pair(config)[0], x, labels)
@@ -131,7 +141,7 @@ def test_gradcheck_fp64(config):
     torch.autograd.gradgradcheck(loss_of, (x,))  # create_graph: the one-block twin
 
 
-def test_gradcheck_pnp_rows():
+def test_gradcheck_pnp_rows(pnp_kernel):
     """The hand-written backward of the per-row sums of f(rank), at the default temperature (the
     differences kept inside the clamp) and on several row blocks."""
     x = 0.004 * torch.nn.functional.normalize(torch.randn(12, 5, dtype=torch.float64), dim=1)
@@ -141,6 +151,58 @@ def test_gradcheck_pnp_rows():
         spec = fused_pnp._PNPSpec(labels, 0.01, fused_pnp._variant_fn(variant, 2, 1))
         spec.values_per_row = 10 ** 5  # one row per block
         torch.autograd.gradcheck(lambda x: ranking.row_stats(x, spec), (x,))
+
+
+def _pnp_op_inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(41)
+    s = torch.randn(5, 9, generator=g, dtype=dtype) * 0.2
+    cols = torch.tensor([[0, 3, 0], [1, 4, 6], [2, 2, 2], [0, 3, 3], [1, 4, 6]])
+    real = torch.tensor([[True, True, False], [True, True, True], [False, False, False], [True, True, False],
+                         [True, True, True]])
+    labels = torch.tensor([0, 1, 2, 0, 1, 5, 1, 7, 8])
+    return s, cols, real, labels[:5], labels
+
+
+def test_pnp_ops_against_their_torch_twin():
+    """The C++ ranks and their backward against the torch block (same maths), fp32 and fp64."""
+    if not fused_pnp._CPU_KERNEL:
+        pytest.fail("dmlkern::pnp_ranks is not registered in this build")
+    for dtype in (torch.float64, torch.float32):
+        s, cols, real, row_labels, labels = _pnp_op_inputs(dtype)
+        z = -(s[:, None, :] - s.gather(1, cols)[:, :, None]) / 0.05
+        sig = 1 / (1 + torch.exp(z.clamp(-50, 50)))
+        negative = (row_labels[:, None] != labels[None, :]).to(dtype)
+        want = torch.where(real, (sig * negative[:, None, :]).sum(-1), 0)
+        got = torch.ops.dmlkern.pnp_ranks(s, cols, real, row_labels, labels, 0.05)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+        g_rank = torch.where(real, torch.randn(cols.shape, dtype=dtype), 0)
+        s_ = s.clone().requires_grad_(True)
+        z = -(s_[:, None, :] - s_.gather(1, cols)[:, :, None]) / 0.05
+        ranks = ((1 / (1 + torch.exp(z.clamp(-50, 50)))) * negative[:, None, :]).sum(-1)
+        (want_grad,) = torch.autograd.grad((torch.where(real, ranks, 0) * g_rank).sum(), s_)
+        got_grad = torch.ops.dmlkern.pnp_ranks_backward(s, cols, real, row_labels, labels, 0.05, g_rank)
+        torch.testing.assert_close(got_grad, want_grad, **TOL[dtype])
+
+
+def test_pnp_ops_opcheck_and_errors():
+    if not fused_pnp._CPU_KERNEL:
+        pytest.fail("dmlkern::pnp_ranks is not registered in this build")
+    s, cols, real, row_labels, labels = _pnp_op_inputs()
+    torch.library.opcheck(torch.ops.dmlkern.pnp_ranks.default, (s, cols, real, row_labels, labels, 0.05))
+    torch.library.opcheck(torch.ops.dmlkern.pnp_ranks_backward.default,
+                          (s, cols, real, row_labels, labels, 0.05, torch.ones(cols.shape, dtype=s.dtype)))
+    bad = [((s.half(), cols, real, row_labels, labels, 0.05), "float32 or float64 s"),
+           ((s, cols.int(), real, row_labels, labels, 0.05), "cols must be int64"),
+           ((s, cols, real.long(), row_labels, labels, 0.05), "real must be bool"),
+           ((s, cols, real, row_labels[:3], labels, 0.05), "row_labels must be int64 of shape"),
+           ((s, cols, real, row_labels, labels[:4], 0.05), "col_labels must be int64 of shape"),
+           ((s, cols + 9, real, row_labels, labels, 0.05), "cols must index s's columns"),
+           ((s, cols, real, row_labels, labels, 0.0), "anneal must be > 0")]
+    for args, words in bad:
+        with pytest.raises(RuntimeError, match=words):
+            torch.ops.dmlkern.pnp_ranks(*args)
+    with pytest.raises(RuntimeError, match="g_rank must have cols' shape"):
+        torch.ops.dmlkern.pnp_ranks_backward(s, cols, real, row_labels, labels, 0.05, torch.ones(2, 2, dtype=s.dtype))
 
 
 @pytest.mark.parametrize("config", ["pnp", "tcm", "dsm"])

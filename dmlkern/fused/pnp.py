@@ -12,11 +12,14 @@ shorter classes padded and masked) and reduces them to one number per row, sum_j
 Work O(N P N), memory O(B P N + N D) with B P N ~1M values, against PML's N^3 (which it holds
 several times). The backward is written out (autograd through the block would keep several
 (B, P, N) tensors): with e = exp(clamped exponent), d sig / d(s_qk - s_qj) = e / (1 + e)^2 / anneal
-inside the clamp, 0 outside, times f'(r_qj) by `torch.func.vjp` of f on the (B, P) ranks.
+inside the clamp, 0 outside, times f'(r_qj) by `torch.func.vjp` of f on the (B, P) ranks. On a
+CPU the ranks and their backward run in C++ (`dmlkern::pnp_ranks`, csrc/cpu/pnp_rows_cpu.cpp: one
+pass over the row per member, no (B, P, N) tensor); elsewhere the torch ops above.
 """
 import torch
 
 from .._determinism import fixed_order_sum
+from ..ops.dispatch import extension_loaded
 from ._common import decline, is_unit_cosine
 from ._epilogue import ZERO_LOSS
 from ._stats import record_distance
@@ -24,6 +27,15 @@ from .ranking import _common_checks, _dense_ids, _rows_of, _Spec, row_stats
 
 BACKEND = "blocked"
 _CLAMP = 50.0  # PML's bound on the sigmoid's exponent
+_CPU_KERNEL = extension_loaded() and hasattr(torch.ops.dmlkern, "pnp_ranks")
+if _CPU_KERNEL:  # their shapes, for FakeTensor tracing
+    @torch.library.register_fake("dmlkern::pnp_ranks")
+    def _pnp_ranks_fake(s, cols, real, row_labels, col_labels, anneal):
+        return s.new_empty(cols.shape)
+
+    @torch.library.register_fake("dmlkern::pnp_ranks_backward")
+    def _pnp_ranks_backward_fake(s, cols, real, row_labels, col_labels, anneal, g_rank):
+        return s.new_empty(s.shape)
 
 
 def _variant_fn(variant, b, alpha):
@@ -46,7 +58,8 @@ class _PNPSpec(_Spec):
         self.starts = torch.cumsum(sizes, 0) - sizes
         self.sizes = sizes
         self.group = int(sizes.max())
-        self.values_per_row = 4 * self.group  # a few (B, P, N) tensors live at once
+        # live values per row: a few (P, N) blocks in torch; in C++ only (N,) ones (s, its gradient)
+        self.values_per_row = 4 if _CPU_KERNEL and labels.device.type == "cpu" else 4 * self.group
 
     def _members(self, r0, b):
         """(B, P) indices of each row's class members (padded with the row itself) and which are real
@@ -60,7 +73,12 @@ class _PNPSpec(_Spec):
         at = (self.starts[ids][:, None] + torch.where(real, slot, 0)).clamp(max=len(self.order) - 1)
         return torch.where(real, self.order[at], rows[:, None]), real
 
-    def _block(self, s, r0):
+    def _kernel(self, s, differentiable=False):
+        """Whether the block's ranks run in C++ (`dmlkern::pnp_ranks`, csrc/cpu/pnp_rows_cpu.cpp):
+        a CPU block, not for the create_graph twin (the op has no autograd)."""
+        return _CPU_KERNEL and s.device.type == "cpu" and not differentiable
+
+    def _torch_block(self, s, r0):
         """The block's members, the 0/1 negative mask (B, N), the clamp's exponent e = exp(clamped)
         (B, P, N), where it is inside the clamp, and the ranks (B, P)."""
         cols, real = self._members(r0, s.shape[0])
@@ -71,16 +89,30 @@ class _PNPSpec(_Spec):
         ranks = (1.0 / (1.0 + e) * negative[:, None, :]).sum(dim=-1)  # PML's product with the mask (NaN stays)
         return cols, real, negative, e, inside, ranks
 
+    def _ranks(self, s, r0, differentiable=False):
+        """(cols, real, ranks) of the block's rows' class members."""
+        if self._kernel(s, differentiable):
+            cols, real = self._members(r0, s.shape[0])
+            ranks = torch.ops.dmlkern.pnp_ranks(s, cols, real, self.labels[r0:r0 + s.shape[0]], self.labels,
+                                                self.anneal)
+            return cols, real, ranks
+        cols, real, _, _, _, ranks = self._torch_block(s, r0)
+        return cols, real, ranks
+
     def rows(self, s, r0, differentiable=False):
         """Per row q: sum over its class members j of f(r_qj) (0 for a row alone in its class);
-        differentiable as written (the create_graph twin)."""
-        _, real, _, _, _, ranks = self._block(s, r0)
+        differentiable as written in torch (the create_graph twin)."""
+        _, real, ranks = self._ranks(s, r0, differentiable)
         return torch.where(real, self.f(ranks), 0).sum(dim=1, keepdim=True)
 
     def grad_rows(self, s, r0, g_out):
-        cols, real, negative, e, inside, ranks = self._block(s, r0)
+        cols, real, ranks = self._ranks(s, r0)
         _, f_vjp = torch.func.vjp(self.f, ranks)
         g_rank = torch.where(real, f_vjp(g_out[:, :1].expand_as(ranks))[0], 0)  # (B, P)
+        if self._kernel(s):
+            return torch.ops.dmlkern.pnp_ranks_backward(s, cols, real, self.labels[r0:r0 + s.shape[0]], self.labels,
+                                                        self.anneal, g_rank)
+        _, _, negative, e, inside, _ = self._torch_block(s, r0)
         slope = torch.where(inside, e / ((1.0 + e) * (1.0 + e)), 0) / self.anneal  # d sig / d(s_qk - s_qj)
         w = g_rank[:, :, None] * slope * negative[:, None, :]  # dL / d(s_qk - s_qj)
         g_s = w.sum(dim=1)  # + d/ds_qk
