@@ -34,7 +34,8 @@ def _pair(config, power=None):
     cls, kw = CONFIGS[config]
     ours_kw, pml_kw = dict(kw), dict(kw)
     if power is not None:
-        ours_kw["distance"], pml_kw["distance"] = distances.LpDistance(power=power), pml_distances.LpDistance(power=power)
+        ours_kw["distance"] = distances.LpDistance(power=power)
+        pml_kw["distance"] = pml_distances.LpDistance(power=power)
     return getattr(losses, cls)(**ours_kw), getattr(pml_losses, cls)(**pml_kw)
 
 

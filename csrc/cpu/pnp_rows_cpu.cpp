@@ -37,8 +37,8 @@ PnpArgs parse(const char* op, const at::Tensor& s, const at::Tensor& cols, const
   check_cpu_dtype(s, "s");
   TORCH_CHECK(cols.dim() == 2 && cols.size(0) == s.size(0) && cols.scalar_type() == at::kLong, op,
               ": cols must be int64 of shape (", s.size(0), ", P), got ", cols.sizes(), " ", cols.scalar_type());
-  TORCH_CHECK(real.sizes() == cols.sizes() && real.scalar_type() == at::kBool, op, ": real must be bool of cols' shape ",
-              cols.sizes(), ", got ", real.sizes(), " ", real.scalar_type());
+  TORCH_CHECK(real.sizes() == cols.sizes() && real.scalar_type() == at::kBool, op,
+              ": real must be bool of cols' shape ", cols.sizes(), ", got ", real.sizes(), " ", real.scalar_type());
   TORCH_CHECK(row_labels.dim() == 1 && row_labels.size(0) == s.size(0) && row_labels.scalar_type() == at::kLong, op,
               ": row_labels must be int64 of shape (", s.size(0), "), got ", row_labels.sizes(), " ",
               row_labels.scalar_type());

@@ -3,12 +3,13 @@
 PML lists every positive and negative pair of the batch and gathers both rows of each ((pairs, D)
 tensors: ~8 GiB per tensor at N = 4096, D = 128). The loss needs four numbers per row: the sums of
 margin_plus - s over its positive pairs with s <= margin_plus and of s - margin_minus over its
-negative pairs with s >= margin_minus, and how many pairs each sum has (s the cosine). `ranking.row_stats`
-gets them from row blocks of a `fixed_mm` product (its backward recomputes each block: -1 or 1 on
-the kept pairs); memory O(B N + N D). The products by the 0/1 masks are PML's, so a NaN cosine of a pair makes its side
-NaN (on CUDA; eagerly on the CPU a NaN entry runs the reference, whose gradient has PML's NaN
-pattern). An indices_tuple (pairs already listed: PML's work is O(pairs D)), a ref_emb, rows shorter than
-F.cosine_similarity's eps and other dtypes run the reference.
+negative pairs with s >= margin_minus, and how many pairs each sum has (s the cosine).
+`ranking.row_stats` gets them from row blocks of a `fixed_mm` product (its backward recomputes
+each block: -1 or 1 on the kept pairs); memory O(B N + N D). The products by the 0/1 masks are
+PML's, so a NaN cosine of a pair makes its side NaN (on CUDA; eagerly on the CPU a NaN entry runs
+the reference, whose gradient has PML's NaN pattern). An indices_tuple (pairs already listed:
+PML's work is O(pairs D)), a ref_emb, rows shorter than F.cosine_similarity's eps and other dtypes
+run the reference.
 """
 import torch
 
