@@ -180,7 +180,8 @@ def test_class_table_status_comes_from_the_code():
     assert status["losses", "CenterLoss"] == "not in PML; reference"
     assert status["miners", "MultiSimilarityMiner"] == "fused (lazy tuple, mined in the loss)"
     assert status["miners", "BatchHardMiner"] == "row blocks"  # through its base BatchEasyHardMiner
-    assert status["miners", "UniformHistogramMiner"] == "reference"
+    assert status["miners", "UniformHistogramMiner"] == "row blocks"
+    assert status["miners", "EmbeddingsAlreadyPackagedAsTriplets"] == "reference"
     assert status["miners", "MaximumLossMiner"] == "not in PML; reference"
     assert status["regularizers", "LpRegularizer"] == "provided"
     allowed = {"fused", "reference", "provided", "row blocks", "fused (lazy tuple, mined in the loss)"}

@@ -1,4 +1,4 @@
-"""The row-blocked AngularMiner, HDCMiner and DistanceWeightedMiner (dmlkern/fused/blocked_miners.py)
+"""The row-blocked AngularMiner, HDCMiner, DistanceWeightedMiner and UniformHistogramMiner (dmlkern/fused/blocked_miners.py)
 against PML 2.9.0: the same indices in PML's order (HDCMiner past _TOPK_PAIRS: the same values in
 the same order, ties in row-major order), PML's statistics, the same triplets for the same seed,
 several blocks, degenerate batches, thread counts and peak memory."""
@@ -284,6 +284,98 @@ def test_multinomial_in_chunks_is_torch_multinomial(monkeypatch):
         assert torch.equal(got, want)
 
 
+# ----------------------------------------------------------------------------- UniformHistogramMiner
+UHM_CASES = [  # (n, dim, classes, ref_rows, num_bins, pos_per_bin, neg_per_bin)
+    (50, 8, 4, None, 100, 10, 10), (301, 6, 9, None, 20, 3, 5), (200, 5, 2, 170, 7, 4, 1),
+    (130, 3, 1, None, 10, 2, 2), (90, 4, 90, None, 5, 1, 2)]  # (one class: no negative; singletons: no positive)
+UHM_DISTANCES = [("LpDistance", dict(normalize_embeddings=False)), ("LpDistance", {}), ("CosineSimilarity", {}),
+                 ("DotProductSimilarity", dict(normalize_embeddings=False))]
+
+
+def _uhm_pair(dist, **kw):
+    return (our_miners.UniformHistogramMiner(distance=getattr(our_distances, dist[0])(**dist[1]), **kw),
+            pml_miners.UniformHistogramMiner(distance=getattr(pml_distances, dist[0])(**dist[1]), **kw))
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("dist", UHM_DISTANCES, ids=lambda d: f"{d[0]}{len(d[1])}")
+def test_uniform_histogram_same_seed_same_pairs(dist, blocks, request):
+    """PML's pairs for the same seed and the same RNG consumption, over sweeps of row blocks. The
+    embeddings are small integers, so that every distance has the same bits however its products
+    are blocked (the bins' edges are the smallest and largest value)."""
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    for seed, (n, dim, classes, ref_rows, num_bins, pos_per_bin, neg_per_bin) in enumerate(UHM_CASES):
+        g = torch.Generator().manual_seed(seed)
+        args = [torch.randint(-3, 4, (n, dim), generator=g).float(), torch.randint(0, classes, (n,), generator=g)]
+        if ref_rows is not None:
+            args += [torch.randint(-3, 4, (ref_rows, dim), generator=g).float(),
+                     torch.randint(0, classes, (ref_rows,), generator=g)]
+        ours, pml = _uhm_pair(dist, num_bins=num_bins, pos_per_bin=pos_per_bin, neg_per_bin=neg_per_bin)
+        torch.manual_seed(100 + seed)
+        want = pml(*args)
+        after_pml = torch.rand(4)
+        torch.manual_seed(100 + seed)
+        got = ours(*args)
+        assert_same_indices(got, want)
+        assert torch.equal(torch.rand(4), after_pml)  # the same RNG consumption
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_uniform_histogram_random_rows_match_pml(dtype):
+    """Random rows (default blocks: one block at these sizes), fp32 and fp64, and the distance's
+    statistics recorded once, as PML's."""
+    from dmlkern.utils import common_functions as c_f
+    import pytorch_metric_learning.utils.common_functions as pml_c_f
+
+    old = c_f.COLLECT_STATS, pml_c_f.COLLECT_STATS
+    c_f.COLLECT_STATS = pml_c_f.COLLECT_STATS = True
+    try:
+        for seed, shape in enumerate([(61, 7, 5, None), (120, 16, 3, 77)]):
+            args = _batch(seed, *shape[:3], dtype, shape[3])
+            ours, pml = _uhm_pair(("LpDistance", {}), num_bins=30)
+            torch.manual_seed(seed)
+            want = pml(*args)
+            torch.manual_seed(seed)
+            assert_same_indices(ours(*args), want)
+            for name in pml.distance._record_these_stats:
+                torch.testing.assert_close(torch.as_tensor(getattr(ours.distance, name)),
+                                           torch.as_tensor(getattr(pml.distance, name)), rtol=STAT_TOL[dtype], atol=0)
+    finally:
+        c_f.COLLECT_STATS, pml_c_f.COLLECT_STATS = old
+
+
+def _pml_bins(values, edges):
+    """PML's filter_by_bin membership: the bin i with edges[i] <= v < edges[i + 1] (last closed)."""
+    bins = torch.full(values.shape, -1, dtype=torch.long)
+    for i in range(len(edges) - 1):
+        inside = (edges[i] <= values) & ((values < edges[i + 1]) if i < len(edges) - 2 else (values <= edges[i + 1]))
+        bins[inside] = i
+    return bins
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_histogram_bins_are_pml_comparisons(dtype):
+    """Values on the edges, at the largest value, between them; equal edges (all values equal);
+    edges of a tiny range (the estimate's rounding)."""
+    g = torch.Generator().manual_seed(0)
+    for low, high, n_bins in ((0.3, 1.7, 100), (-2.0, 5.0, 7), (1.0, 1.0 + 1e-6, 50), (0.5, 0.5, 10)):
+        edges = torch.linspace(torch.tensor(low, dtype=dtype), torch.tensor(high, dtype=dtype), steps=n_bins + 1)
+        values = torch.cat([edges, low + (high - low) * torch.rand(500, generator=g, dtype=dtype)]).clamp(low, high)
+        got = blocked_miners._histogram_bins(values, edges)
+        torch.testing.assert_close(got, _pml_bins(values, edges), rtol=0, atol=0)
+
+
+def test_uniform_histogram_nan_raises_as_pml():
+    """A NaN distance: PML's edges are NaN, no bin holds a pair and its torch.cat of none raises;
+    the full-matrix reference runs and raises the same."""
+    x, y = _batch(3, 12, 4, 3, torch.float32)
+    x[4, 1] = float("nan")
+    for miner in _uhm_pair(("LpDistance", {})):
+        with pytest.raises((RuntimeError, ValueError), match="non-empty"):  # (torch: ValueError now)
+            miner(x, y)
+
+
 # ----------------------------------------------------------------------------- all three
 MINERS = [("AngularMiner", {}), ("HDCMiner", {}), ("DistanceWeightedMiner", {})]
 
@@ -363,6 +455,19 @@ def test_hdc_peak_memory():
     """)
     print(f"peak RSS growth {growth:.0f} MiB")
     assert growth < 256, growth
+
+
+@pytest.mark.slow
+def test_uniform_histogram_peak_memory():
+    """N=8192, D=128: PML's matrix (256 MiB), its list of every pair (67M pairs, > 2 GiB of indices)
+    and a mask per bin; the blocked miner's peak RSS grows by < 96 MiB (measured 43 MiB on a 2-core
+    AMD EPYC)."""
+    growth = peak_rss_growth_mib(_MEMORY_SETUP.format(n=8192, miner="UniformHistogramMiner"), """
+        out = miners.UniformHistogramMiner()(x, labels)
+        assert 0 < len(out[0]) <= 1000 and 0 < len(out[2]) <= 1000
+    """, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
+    print(f"peak RSS growth {growth:.0f} MiB")
+    assert growth < 96, growth
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from .._determinism import fixed_order_sum
 from ..ops import fixed_mm
 from ..ops.dispatch import extension_loaded
 from ..reference import miners as ref
+from ..reference.histogram_miner import uniform_histogram_miner as reference_histogram_miner
 from ..reference.indices import random_positives
 from ._common import Buffers
 
@@ -29,10 +30,10 @@ _BLOCK_VALUES = 1 << 21  # distance values per row block (8 MiB in fp32); a few 
 _MIN_BLOCK_ROWS = 64
 
 
-def _row_blocks(n, m):
-    """(r0, r1) blocks of near-equal size covering range(n): ~_BLOCK_VALUES values each, never
-    fewer than _MIN_BLOCK_ROWS rows (unless n is)."""
-    step = max(_MIN_BLOCK_ROWS, _BLOCK_VALUES // max(1, m))
+def _row_blocks(n, m, values=None):
+    """(r0, r1) blocks of near-equal size covering range(n): ~`values` (_BLOCK_VALUES) values each,
+    never fewer than _MIN_BLOCK_ROWS rows (unless n is)."""
+    step = max(_MIN_BLOCK_ROWS, (values or _BLOCK_VALUES) // max(1, m))
     count = max(1, math.ceil(n / step))
     base, extra = divmod(n, count)
     r0 = 0
@@ -42,16 +43,18 @@ def _row_blocks(n, m):
         r0 = r1
 
 
-def distance_blocks(distance, embeddings, ref_emb, want=None, reuse=False):
+def distance_blocks(distance, embeddings, ref_emb, want=None, reuse=False, record=True, block_values=None):
     """(r0, r1, distance(embeddings, ref_emb)[r0:r1]) block by block (only the blocks where
     want(r0, r1), if given). Records the distance's statistics as one call would (a no-op unless
-    it collects them). reuse=True: the caller is done with a block before asking for the next,
-    so a Euclidean block may be written into the previous one's buffer (`_EuclideanBlocks`)."""
-    distance.record_stats(embeddings, ref_emb)
+    it collects them; record=False: a later sweep of the same call). reuse=True: the caller is done
+    with a block before asking for the next, so a Euclidean block may be written into the previous
+    one's buffer (`_EuclideanBlocks`). block_values: the blocks' size (default _BLOCK_VALUES)."""
+    if record:
+        distance.record_stats(embeddings, ref_emb)
     query = distance.maybe_normalize(embeddings)
     refs = query if ref_emb is embeddings else distance.maybe_normalize(ref_emb)
     euclidean = _EuclideanBlocks(refs) if reuse and _EuclideanBlocks.apply(distance, query, refs) else None
-    for r0, r1 in _row_blocks(embeddings.shape[0], refs.shape[0]):
+    for r0, r1 in _row_blocks(embeddings.shape[0], refs.shape[0], block_values):
         if want is not None and not want(r0, r1):
             continue
         if euclidean is not None:
@@ -251,6 +254,105 @@ def _label_counts(labels, ref_labels):
     """Per query row, the number of reference rows with its label (any integer ids)."""
     sorted_ref = torch.sort(ref_labels).values
     return (torch.searchsorted(sorted_ref, labels, right=True) - torch.searchsorted(sorted_ref, labels)).long()
+
+
+# ----------------------------------------------------------------------------- UniformHistogramMiner
+def _histogram_bins(values, edges):
+    """The bin of each value under PML's comparisons (edges[i] <= v < edges[i + 1], the last bin
+    closed; -1 where none holds), for edges in order: an estimate from the edges' even spacing,
+    corrected against the edges themselves (the last edge <= v)."""
+    n_bins = len(edges) - 1
+    low, high = edges[0], edges[-1]
+    if not bool(high > low):
+        return torch.where(values == high, n_bins - 1, -1)
+    bins = torch.floor((values - low) * (n_bins / (high - low))).clamp(0, n_bins - 1).to(torch.long)
+    bins = bins - (values < edges[bins]).long()  # the estimate is off by one at most: one step
+    bins = bins + ((bins < n_bins - 1) & (values >= edges[bins + 1])).long()
+    off = (values < edges[bins]) | ((bins < n_bins - 1) & (values >= edges[bins + 1]))
+    if bool(off.any()):  # (edges far from even spacing: the exact search)
+        bins = (torch.searchsorted(edges, values.contiguous(), right=True) - 1).clamp(0, n_bins - 1)
+    # outside [edges[0], edges[-1]]: in no bin (linspace's last edge can round below the largest value)
+    return torch.where((values < low) | (values > high), -1, bins)
+
+
+def uniform_histogram_miner(distance, embeddings, labels, ref_emb, ref_labels, num_bins, pos_per_bin, neg_per_bin):
+    """`reference.histogram_miner.uniform_histogram_miner(distance(embeddings, ref_emb), ...)` in three
+    sweeps of row blocks, never listing every pair: each side's smallest and largest value (the
+    bins' edges, PML's linspace), then each bin's number of pairs (PML's comparisons), then the
+    drawn pairs located by their rank in the bin (row-major order, as PML's list). The draws are
+    PML's calls, bin by bin, positives first: the same pairs for the same seed. A NaN value, or
+    edges out of order, run the reference on the full matrix."""
+    device = embeddings.device
+    if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
+        return ref._empty(device, 4)
+    ref_labels = labels if ref_labels is None else ref_labels
+    block_values = _BLOCK_VALUES // 4  # ~8 int64 / float temporaries per value: ~64 MiB at once
+    low, high, counts = [None, None], [None, None], [0, 0]  # positives, negatives
+    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb, reuse=True, block_values=block_values):
+        for side, mask in enumerate(_candidates(labels, ref_labels, r0, r1)):
+            n = int(mask.sum())
+            if n:
+                block_low = torch.where(mask, mat, torch.inf).amin()
+                block_high = torch.where(mask, mat, -torch.inf).amax()
+                low[side] = block_low if low[side] is None else torch.minimum(low[side], block_low)
+                high[side] = block_high if high[side] is None else torch.maximum(high[side], block_high)
+                counts[side] += n
+    edges = [None if not counts[k] else torch.linspace(low[k], high[k], steps=num_bins + 1, device=device,
+                                                       dtype=low[k].dtype) for k in range(2)]
+    if any(e is not None and (bool(torch.isnan(e).any()) or bool((e[1:] < e[:-1]).any())) for e in edges):
+        mat = distance(embeddings, ref_emb)  # PML's behaviour there (NaN: its torch.cat of no bin raises)
+        return reference_histogram_miner(mat, labels, ref_labels, num_bins, pos_per_bin, neg_per_bin)
+    none = 2 * num_bins  # the key of a pair on neither side (the self pairs)
+
+    def block_keys(mat, r0, r1):
+        """Per entry: its positive bin, num_bins + its negative bin, or `none`. A side holding few
+        of the block's entries (the positives, usually) is binned on its listed values only."""
+        keys = torch.full(mat.shape, none, dtype=torch.long, device=device)
+        for side, mask in enumerate(_candidates(labels, ref_labels, r0, r1)):
+            if edges[side] is None:
+                continue
+            if 4 * int(mask.sum()) < mask.numel():
+                bins = _histogram_bins(mat[mask], edges[side])
+                keys[mask] = torch.where(bins >= 0, side * num_bins + bins, none)
+            else:
+                bins = _histogram_bins(mat, edges[side])
+                keys = torch.where(mask & (bins >= 0), side * num_bins + bins, keys)
+        return keys.flatten()
+
+    per_key = torch.zeros(none + 1, dtype=torch.long, device=device)
+    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb, reuse=True, record=False,
+                                         block_values=block_values):
+        per_key += torch.bincount(block_keys(mat, r0, r1), minlength=none + 1)
+    # the draws: PML's torch.multinomial calls, bin by bin, positives first
+    picks = [[], []]  # per side: (key, rank in its bin) of each pick, in PML's order
+    for side, take in enumerate((pos_per_bin, neg_per_bin)):
+        if edges[side] is None:
+            continue
+        for b, count in enumerate(per_key[side * num_bins:(side + 1) * num_bins].tolist()):
+            if count:
+                draws = torch.multinomial(torch.ones(count, device=device, dtype=torch.float), take, replacement=True)
+                picks[side].append(torch.stack([torch.full_like(draws, side * num_bins + b), draws], dim=1))
+    sizes = [sum(len(p) for p in side) for side in picks]
+    wanted = torch.cat([p for side in picks for p in side]) if sum(sizes) else torch.empty(0, 2, dtype=torch.long,
+                                                                                          device=device)
+    found = torch.empty(len(wanted), 2, dtype=torch.long, device=device)
+    seen = torch.zeros(none + 1, dtype=torch.long, device=device)
+    key_dtype = torch.int16 if none < 2**15 else torch.int32  # (sorted faster than int64)
+    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb, reuse=True, record=False,
+                                         block_values=block_values):
+        if not len(wanted):
+            break
+        keys = block_keys(mat, r0, r1)
+        in_block = torch.bincount(keys, minlength=none + 1)
+        rank = wanted[:, 1] - seen[wanted[:, 0]]  # among this block's pairs of the pick's bin
+        here = (rank >= 0) & (rank < in_block[wanted[:, 0]])
+        if bool(here.any()):
+            by_key = torch.sort(keys.to(key_dtype), stable=True).indices  # bin by bin, row-major within
+            at = by_key[(torch.cumsum(in_block, 0) - in_block)[wanted[here, 0]] + rank[here]]
+            found[here] = torch.stack([at // mat.shape[1] + r0, at % mat.shape[1]], dim=1)
+        seen += in_block
+    pos, neg = found[:sizes[0]], found[sizes[0]:]
+    return pos[:, 0], pos[:, 1], neg[:, 0], neg[:, 1]
 
 
 # ----------------------------------------------------------------------------- AngularMiner

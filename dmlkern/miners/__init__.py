@@ -1,12 +1,13 @@
 """Miners with pytorch-metric-learning 2.9.0 semantics (plus MaximumLossMiner).
 
-The returned index sets, and their order, are PML's (DistanceWeightedMiner: the same triplets
-for the same torch seed). The maths is in ``dmlkern.reference.miners``.
+The returned index sets, and their order, are PML's (DistanceWeightedMiner, UniformHistogramMiner:
+the same triplets / pairs for the same torch seed). The maths is in ``dmlkern.reference.miners``.
 
 Differences from PML:
 
 * TripletMarginMiner works on blocks of anchors; AngularMiner, HDCMiner, DistanceWeightedMiner,
-  BatchHard/EasyHardMiner and PairMarginMiner on row blocks (fused/blocked_miners.py); HDCMiner
+  UniformHistogramMiner, BatchHard/EasyHardMiner and PairMarginMiner on row blocks
+  (fused/blocked_miners.py); HDCMiner
   past 2M pairs a side lists pairs tied in distance in row-major order;
 * inputs are checked by ``dmlkern._validation.validate_inputs``: missing or non-integer labels,
   an empty batch, mismatched ref_emb raise ValueError/TypeError (PML crashes later or accepts
