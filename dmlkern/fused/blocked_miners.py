@@ -338,10 +338,9 @@ def uniform_histogram_miner(distance, embeddings, labels, ref_emb, ref_labels, n
     found = torch.empty(len(wanted), 2, dtype=torch.long, device=device)
     seen = torch.zeros(none + 1, dtype=torch.long, device=device)
     key_dtype = torch.int16 if none < 2**15 else torch.int32  # (sorted faster than int64)
-    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb, reuse=True, record=False,
-                                         block_values=block_values):
-        if not len(wanted):
-            break
+    sweeps = distance_blocks(distance, embeddings, ref_emb, reuse=True, record=False,
+                             block_values=block_values) if len(wanted) else ()
+    for r0, r1, mat in sweeps:
         keys = block_keys(mat, r0, r1)
         in_block = torch.bincount(keys, minlength=none + 1)
         rank = wanted[:, 1] - seen[wanted[:, 0]]  # among this block's pairs of the pick's bin

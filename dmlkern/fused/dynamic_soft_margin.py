@@ -37,45 +37,19 @@ from ._common import _lp_distance
 from ._epilogue import ZERO_LOSS
 from ._stats import record_distance
 from .pair_lists import unit_distance
-from .ranking import _binned_row_sums, _common_checks, _rows_of, _Spec, row_stats
+from .ranking import ClassMembers, _binned_row_sums, _common_checks, _rows_of, _Spec, row_stats
 
 BACKEND = "blocked"
 _MAX_BINS = 1024  # bins of u over the distances' range: more means a tiny delta (the reference then)
 
 
-class _ClassMembers:
-    """Each row's positives among the reference rows: its class's members there (in order), minus
-    the row itself when the reference rows are the rows."""
-
-    def __init__(self, labels, ref_labels, exclude_diag):
-        ids = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)[1]
-        self.ids, ref_ids = ids[:len(labels)], ids[len(labels):]
-        sizes = torch.bincount(ref_ids, minlength=int(ids.max()) + 1 if len(ids) else 0)
-        self.order = torch.sort(ref_ids, stable=True)[1]
-        self.starts = torch.cumsum(sizes, 0) - sizes
-        self.sizes, self.exclude_diag = sizes, exclude_diag
-        self.width = max(1, int(sizes[self.ids].max())) if len(labels) else 1
-
-    def block(self, r0, b):
-        """(B, P) reference indices of rows r0 .. r0 + b's positives and which slots are real."""
-        device = self.ids.device
-        ids = self.ids[r0:r0 + b]
-        slot = torch.arange(self.width, device=device)
-        real = slot < self.sizes[ids][:, None]
-        at = (self.starts[ids][:, None] + torch.where(real, slot, 0)).clamp(max=max(len(self.order) - 1, 0))
-        cols = torch.where(real, self.order[at], 0)
-        if self.exclude_diag:
-            real = real & (cols != torch.arange(r0, r0 + b, device=device)[:, None])
-        return cols, real
-
-
 class _SoftMarginSpec(_Spec):
-    def __init__(self, members, labels, ref_labels, squared, min_val, delta, first_bin, n_bins):
-        self.members, self.labels, self.ref_labels, self.squared = members, labels, ref_labels, squared
+    def __init__(self, labels, squared, min_val, delta, first_bin, n_bins):
+        self.members, self.labels, self.squared = ClassMembers(labels), labels, squared
         self.min_val, self.delta, self.first_bin, self.n_bins = min_val, delta, first_bin, n_bins
         self.width = 2 * n_bins
         # live at once per row: ~8 (M,) tensors (distances, masks, buckets, gradients) and ~6 (P, K) ones
-        self.values_per_row = 8 + -(-6 * members.width * n_bins // max(1, len(ref_labels)))
+        self.values_per_row = 8 + -(-6 * self.members.width * n_bins // max(1, len(labels)))
 
     def _block(self, s, r0):
         """Per row a, its negatives binned by the sorted thresholds of all its positives at once.
@@ -90,10 +64,10 @@ class _SoftMarginSpec(_Spec):
         with sd the sum of their distances (float64)."""
         b, m = s.shape
         d = torch.relu(2 - 2 * s) if self.squared else unit_distance(s)  # PML's cdist (squared for power 2)
-        cols, real = self.members.block(r0, b)
-        negative = self.labels[r0:r0 + b, None] != self.ref_labels[None, :]
+        cols, real = self.members.block(r0, b, exclude_self=True)
+        negative = self.labels[r0:r0 + b, None] != self.labels[None, :]
         d_ap = d.gather(1, cols).double()
-        inner = torch.arange(1, self.n_bins, device=s.device, dtype=torch.float64) + self.first_bin
+        inner = self._bins(s.device)[1:]
         thresholds = ((d_ap[:, :, None] - self.min_val) - inner * self.delta).reshape(b, -1)  # (B, Q)
         sorted_t, t_order = torch.sort(thresholds.to(d.dtype), dim=1)
         q = sorted_t.shape[1]
@@ -164,31 +138,31 @@ def dynamic_soft_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_
         return decline(module, why)
     dtype = embeddings.dtype
     module.hist_ = module.hist_.to(device=embeddings.device, dtype=dtype)
-    members = _ClassMembers(labels, labels, exclude_diag=True)
     record_distance(module.distance, embeddings, ref_emb)
-    spec = _SoftMarginSpec(members, labels, labels, power == 2, min_val, delta, first_bin, n_bins)
+    spec = _SoftMarginSpec(labels, power == 2, min_val, delta, first_bin, n_bins)
     stats = row_stats(_rows_of(embeddings, "euclidean"), spec)
     totals = row_sums(stats.double().T.contiguous())  # per column, one thread each: fixed bits
     counts, frac_sums = totals[:n_bins], totals[n_bins:]
     if float(counts.detach().sum()) == 0:
         return ZERO_LOSS  # no triplet: PML's zero, the histogram unchanged
-    hist = _histogram(module.hist_.double(), counts, frac_sums, first_bin, module.momentum)
+    bins = torch.arange(n_bins, device=counts.device) + first_bin  # each column's i
+    hist = _histogram(module.hist_.double(), counts, frac_sums, bins, module.momentum)
     module.hist_ = hist.detach().to(dtype)
-    low = (torch.arange(n_bins, device=hist.device) + first_bin).clamp(0, len(hist) - 1)
-    edges = min_val + (torch.arange(n_bins, device=hist.device, dtype=torch.float64) + first_bin) * delta
+    low = bins.clamp(0, len(hist) - 1)
+    edges = min_val + bins.double() * delta
     loss = torch.sum(torch.cumsum(hist, 0)[low] * (delta * frac_sums + edges * counts)) / counts.sum()
     return {"loss": {"losses": loss.to(dtype), "indices": None, "reduction_type": "already_reduced"}}, BACKEND
 
 
-def _histogram(hist, counts, fractions, first_bin, momentum):
-    """soft_margin_histogram from the per-bin counts and sums of u's fractional parts (float64)."""
+def _histogram(hist, counts, fractions, bins, momentum):
+    """soft_margin_histogram from the per-bin counts and sums of u's fractional parts (float64) of
+    the bins i = `bins`."""
     if float(hist.sum()) == 0:
         momentum = 1.0  # PML: the first batch replaces the all-zero histogram
     last = len(hist) - 1
-    i = torch.arange(len(counts), device=hist.device) + first_bin
     hist = (1.0 - momentum) * hist
-    hist = hist.index_add(0, i.clamp(0, last), momentum * (counts - fractions))
-    hist = hist.index_add(0, (i + 1).clamp(0, last), momentum * fractions)
+    hist = hist.index_add(0, bins.clamp(0, last), momentum * (counts - fractions))
+    hist = hist.index_add(0, (bins + 1).clamp(0, last), momentum * fractions)
     return hist / hist.sum()
 
 

@@ -23,7 +23,7 @@ from ..ops.dispatch import extension_loaded
 from ._common import decline, is_unit_cosine
 from ._epilogue import ZERO_LOSS
 from ._stats import record_distance
-from .ranking import _common_checks, _dense_ids, _rows_of, _Spec, row_stats
+from .ranking import ClassMembers, _common_checks, _rows_of, _Spec, row_stats
 
 BACKEND = "blocked"
 _CLAMP = 50.0  # PML's bound on the sigmoid's exponent
@@ -52,26 +52,16 @@ def _variant_fn(variant, b, alpha):
 class _PNPSpec(_Spec):
     def __init__(self, labels, anneal, f):
         self.anneal, self.f = anneal, f
-        self.labels, sizes = _dense_ids(labels)
-        # each class's members, in row order: the class's rows are order[starts[c]:starts[c] + sizes[c]]
-        self.order = torch.sort(self.labels, stable=True)[1]
-        self.starts = torch.cumsum(sizes, 0) - sizes
-        self.sizes = sizes
-        self.group = int(sizes.max())
+        self.members = ClassMembers(labels)
+        self.labels = self.members.ids
         # live values per row: a few (P, N) blocks in torch; in C++ only (N,) ones (s, its gradient)
-        self.values_per_row = 4 if _CPU_KERNEL and labels.device.type == "cpu" else 4 * self.group
+        self.values_per_row = 4 if _CPU_KERNEL and labels.device.type == "cpu" else 4 * self.members.width
 
     def _members(self, r0, b):
         """(B, P) indices of each row's class members (padded with the row itself) and which are real
         (none for a row alone in its class: it has no positive and no loss)."""
-        device = self.labels.device
-        rows = torch.arange(r0, r0 + b, device=device)
-        ids = self.labels[r0:r0 + b]
-        slot = torch.arange(self.group, device=device)
-        size = self.sizes[ids][:, None]
-        real = (slot < size) & (size > 1)
-        at = (self.starts[ids][:, None] + torch.where(real, slot, 0)).clamp(max=len(self.order) - 1)
-        return torch.where(real, self.order[at], rows[:, None]), real
+        cols, real = self.members.block(r0, b, exclude_self=False)
+        return cols, real & (self.members.sizes[self.labels[r0:r0 + b]] > 1)[:, None]
 
     def _kernel(self, s, differentiable=False):
         """Whether the block's ranks run in C++ (`dmlkern::pnp_ranks`, csrc/cpu/pnp_rows_cpu.cpp):
@@ -106,13 +96,15 @@ class _PNPSpec(_Spec):
         return torch.where(real, self.f(ranks), 0).sum(dim=1, keepdim=True)
 
     def grad_rows(self, s, r0, g_out):
-        cols, real, ranks = self._ranks(s, r0)
+        if self._kernel(s):
+            cols, real, ranks = self._ranks(s, r0)
+        else:  # the block once: its ranks and what the slopes need
+            cols, real, negative, e, inside, ranks = self._torch_block(s, r0)
         _, f_vjp = torch.func.vjp(self.f, ranks)
         g_rank = torch.where(real, f_vjp(g_out[:, :1].expand_as(ranks))[0], 0)  # (B, P)
         if self._kernel(s):
             return torch.ops.dmlkern.pnp_ranks_backward(s, cols, real, self.labels[r0:r0 + s.shape[0]], self.labels,
                                                         self.anneal, g_rank)
-        _, _, negative, e, inside, _ = self._torch_block(s, r0)
         slope = torch.where(inside, e / ((1.0 + e) * (1.0 + e)), 0) / self.anneal  # d sig / d(s_qk - s_qj)
         w = g_rank[:, :, None] * slope * negative[:, None, :]  # dL / d(s_qk - s_qj)
         g_s = w.sum(dim=1)  # + d/ds_qk
@@ -127,7 +119,7 @@ def pnp(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if why is not None:
         return decline(module, why)
     spec = _PNPSpec(labels, module.anneal, _variant_fn(module.variant, module.b, module.alpha))
-    class_size = spec.sizes[spec.labels]
+    class_size = spec.members.sizes[spec.labels]
     has_pos = class_size > 1  # PML's safe_N: the row has a positive (then itself counts too)
     if not bool(has_pos.any()):
         return ZERO_LOSS

@@ -156,6 +156,29 @@ def _dense_ids(labels):
     return ids, sizes
 
 
+class ClassMembers:
+    """Each row's class members (the rows of its label, in row order), as (B, P) column indices per
+    block of rows, P the largest class: PNP's and DynamicSoftMargin's per-row slots."""
+
+    def __init__(self, labels):
+        self.ids, self.sizes = _dense_ids(labels)
+        self.order = torch.sort(self.ids, stable=True)[1]  # class c: order[starts[c]:starts[c] + sizes[c]]
+        self.starts = torch.cumsum(self.sizes, 0) - self.sizes
+        self.width = int(self.sizes.max()) if len(labels) else 1
+
+    def block(self, r0, b, exclude_self):
+        """(cols, real) for rows r0 .. r0 + b: each row's members (padded with the row itself) and
+        which slots hold one (exclude_self: not the row itself)."""
+        device = self.ids.device
+        rows = torch.arange(r0, r0 + b, device=device)[:, None]
+        ids = self.ids[r0:r0 + b]
+        slot = torch.arange(self.width, device=device)
+        real = slot < self.sizes[ids][:, None]
+        at = (self.starts[ids][:, None] + torch.where(real, slot, 0)).clamp(max=len(self.order) - 1)
+        cols = torch.where(real, self.order[at], rows)
+        return cols, (real & (cols != rows)) if exclude_self else real
+
+
 def _common_checks(module, embeddings, labels, indices_tuple, ref_emb, weights_only=False):
     """Why the blocked path can't take the call, or None. `weights_only`: the loss reads an
     indices_tuple only as per-query weights (PML's convert_to_weights), so a listed one is fine."""
