@@ -753,6 +753,7 @@ def run_side(lib, spec, emb0, lab0, ref0, reflab0):
                 with fwd(spec):
                     out = loss(emb, lab_, tup, **kw)
                 outs.append(out)
+        res["backend"] = getattr(loss, "last_backend", None)  # (dmlkern's: which path the last call took)
         res["out_type"] = [describe_out(o) for o in outs]
         res["values"] = [o.detach().clone() if isinstance(o, torch.Tensor) else o for o in outs]
         tot = None
@@ -1158,11 +1159,12 @@ def main():
         for seed in range(start, start + count):
             with open(prog, "w") as pf:
                 pf.write(str(seed))
+            ran = {}
             try:
-                spec, issues, _, _ = run_case(seed)
+                spec, issues, _, ran = run_case(seed)
             except Exception as e:
                 spec, issues = {"seed": seed}, [("harness", traceback.format_exc()[-600:])]
-            rec = dict(seed=seed, spec=strip_spec(spec), issues=issues)
+            rec = dict(seed=seed, spec=strip_spec(spec), issues=issues, backend=ran.get("backend"))
             if AUTOCAST:
                 rec["errs"] = spec.get("_errs", {})
             f.write(json.dumps(rec, default=str) + "\n")

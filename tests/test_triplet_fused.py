@@ -169,13 +169,14 @@ def test_gradcheck_fp64(row_impl):
         assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
 
 
-def test_double_backward_matches_the_reference():
+@pytest.mark.parametrize("swap", [False, True])
+def test_double_backward_matches_the_reference(swap):
     x, labels, _, _ = _inputs(15, 3, None, torch.float64, seed=9)
     v = torch.randn_like(x)
     hvps = []
     for backend in ("auto", "reference"):
         xx = x.clone().requires_grad_(True)
-        loss_fn = losses.TripletMarginLoss(margin=0.5, smooth_loss=True)
+        loss_fn = losses.TripletMarginLoss(margin=0.5, smooth_loss=True, swap=swap)
         loss_fn.backend = backend
         (g,) = torch.autograd.grad(loss_fn(xx, labels), xx, create_graph=True)
         hvps.append(torch.autograd.grad((g * v).sum(), xx)[0])
@@ -233,6 +234,167 @@ def test_nan_anchor_gradients_follow_pml(reducer):
         torch.testing.assert_close(ours, theirs, equal_nan=True, **TOL[torch.float64])
 
 
+SWAP_DISTANCES = [None, "CosineSimilarity", ("LpDistance", {"normalize_embeddings": False}),
+                  ("DotProductSimilarity", {"normalize_embeddings": False})]
+
+
+def _swap_case(lib, loss_kw, miner_kw, x, labels, distance):
+    """(value, grad x, loss) of lib's TripletMarginLoss(swap=True), after lib's miner when miner_kw."""
+    L, M, D = (losses, miners, distances) if lib == "dmlkern" else (pml_losses, pml_miners, pml_distances)
+    name, kw = (distance, {}) if isinstance(distance, str) or distance is None else distance
+    dist = {} if name is None else {"distance": getattr(D, name)(**kw)}
+    xx = x.clone().requires_grad_(True)
+    loss_fn = L.TripletMarginLoss(swap=True, **loss_kw, **dist)
+    mined = None if miner_kw is None else M.TripletMarginMiner(**miner_kw, **copy.deepcopy(dist))(xx, labels)
+    value = loss_fn(xx, labels, mined)
+    grad = torch.autograd.grad(value, xx)[0] if value.requires_grad else torch.zeros_like(xx)
+    return value.detach(), grad if grad is not None else torch.zeros_like(xx), loss_fn
+
+
+# (the miner's lazy result takes the unit distances: the raw ones only without a miner)
+SWAP_CONFIGS = [(d, k) for d in SWAP_DISTANCES for k in (MINER_KINDS if d in SWAP_DISTANCES[:2] else [None])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("distance,kind", SWAP_CONFIGS,
+                         ids=[f"{d if d is None or isinstance(d, str) else 'raw-' + d[0]}-{k}" for d, k in SWAP_CONFIGS])
+@pytest.mark.parametrize("case", [(1, 1), (12, 1), (9, 9), (37, 5), (40, 3)], ids=lambda c: f"n{c[0]}c{c[1]}")
+def test_swap_matches_pml(case, kind, distance, dtype, row_impl):
+    """swap=True: each triplet's anchor-negative distance is min(d_an, d_pn); the blocked path
+    sorts the rows by label into blocks of whole classes."""
+    x, labels, _, _ = _inputs(*case, None, dtype, seed=31)
+    miner_kw = None if kind is None else {"type_of_triplets": kind, "margin": 0.1 if kind == "easy" else 0.2}
+    for loss_kw in ({"margin": 0.3}, {"margin": 0.05, "smooth_loss": True}):
+        ours, g, loss_fn = _swap_case("dmlkern", loss_kw, miner_kw, x, labels, distance)
+        want, w, _ = _swap_case("pml", loss_kw, miner_kw, x, labels, distance)
+        assert loss_fn.last_backend in ("blocked", "zero"), loss_fn.last_fallback
+        torch.testing.assert_close(ours, want, **TOL[dtype])
+        torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+def test_swap_changes_the_loss():
+    """The case above can fail: on these inputs swap's loss and gradient differ from the plain one."""
+    x, labels, _, _ = _inputs(37, 5, None, torch.float64, seed=31)
+    plain = losses.TripletMarginLoss(margin=0.3)(x, labels)
+    swapped, _, loss_fn = _swap_case("dmlkern", {"margin": 0.3}, None, x, labels, None)
+    assert loss_fn.last_backend == "blocked" and not torch.allclose(plain, swapped, rtol=1e-3)
+
+
+def test_swap_ties_split_the_gradient_as_torch_minimum(row_impl):
+    """Two equal rows of a class: each of their triplets has d_an == d_pn exactly, and PML's
+    torch.min gives each side half of the gradient."""
+    x, labels, _, _ = _inputs(18, 3, None, torch.float64, seed=37)
+    same = labels == labels[0]
+    x[same.nonzero()[1]] = x[0].clone()  # an equal row in row 0's class
+    for smooth in (False, True):
+        ours, g, loss_fn = _swap_case("dmlkern", {"margin": 0.4, "smooth_loss": smooth}, None, x, labels, None)
+        want, w, _ = _swap_case("pml", {"margin": 0.4, "smooth_loss": smooth}, None, x, labels, None)
+        assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
+        # (the equal rows' own distance is ~1e-8 from the unit rows' product, not PML's exact 0:
+        # README's near-duplicate deviation; a tie given whole to one side is off by ~10 %)
+        torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+
+
+def test_swap_blocks_of_whole_classes(monkeypatch, row_impl):
+    """Blocks smaller than a class (one class each) and blocks of several small classes; labels
+    in no order, one singleton class."""
+    x, labels, _, _ = _inputs(53, 4, None, torch.float64, seed=41)
+    labels[7] = 9
+    for values in (3 * 53, 30 * 53):
+        monkeypatch.setattr(fused_common, "ROW_BLOCK_VALUES", values)
+        blocks = fused_triplet.class_blocks(torch.sort(labels).values, 53)
+        assert blocks[0][0] == 0 and blocks[-1][1] == 53 and len(blocks) > 1
+        for kind in (None, "semihard"):
+            miner_kw = None if kind is None else {"type_of_triplets": kind}
+            ours, g, loss_fn = _swap_case("dmlkern", {}, miner_kw, x, labels, None)
+            want, w, _ = _swap_case("pml", {}, miner_kw, x, labels, None)
+            assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
+            torch.testing.assert_close(ours, want, **TOL[torch.float64])
+            torch.testing.assert_close(g, w, **TOL[torch.float64])
+
+
+def test_class_blocks_cut_only_between_classes(monkeypatch):
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, 5, 5, 5, 5, 5, 7])
+    monkeypatch.setattr(fused_common, "ROW_BLOCK_VALUES", 3 * 10)  # 3 rows of 10 columns: a bigger class alone
+    assert fused_triplet.class_blocks(labels, 10) == [(0, 3), (3, 6), (6, 11), (11, 12)]
+    monkeypatch.setattr(fused_common, "ROW_BLOCK_VALUES", 6 * 10)
+    assert fused_triplet.class_blocks(labels, 10) == [(0, 6), (6, 12)]
+    assert fused_triplet.class_blocks(labels[:0], 10) == []
+
+
+def test_swap_gradcheck_fp64(row_impl):
+    x, labels, _, _ = _inputs(14, 3, None, torch.float64, seed=43)
+    for smooth in (False, True):
+        loss_fn = losses.TripletMarginLoss(margin=0.7, smooth_loss=smooth, swap=True)
+        assert torch.autograd.gradcheck(lambda x: loss_fn(x, labels), (x.clone().requires_grad_(True),))
+        assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
+
+
+def test_swap_bit_identical_across_thread_counts(row_impl):
+    x, labels, _, _ = _inputs(300, 20, None, torch.float32, seed=53)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            value, g, loss_fn = _swap_case("dmlkern", {}, {"type_of_triplets": "semihard"}, x, labels, None)
+            assert loss_fn.last_backend == "blocked"
+            results[threads] = (value, g)
+    finally:
+        torch.set_num_threads(before)
+    for value, g in results.values():
+        assert torch.equal(value, results[1][0]) and torch.equal(g, results[1][1])
+
+
+def test_swap_nan_embeddings_follow_pml(row_impl):
+    x, labels, _, _ = _inputs(20, 4, None, torch.float64, seed=59)
+    x[3, 2] = float("nan")
+    for kind in (None, "semihard"):
+        miner_kw = None if kind is None else {"type_of_triplets": kind}
+        ours, _, _ = _swap_case("dmlkern", {}, miner_kw, x, labels, None)
+        want, _, _ = _swap_case("pml", {}, miner_kw, x, labels, None)
+        torch.testing.assert_close(ours, want, equal_nan=True, **TOL[torch.float64])
+
+
+def test_swap_under_compile_runs_the_reference(monkeypatch):
+    """Under torch.compile (static shapes) swap's blocks of whole classes would be data-dependent:
+    the reference runs, with PML's value (its tracing flag forced, as under compile)."""
+    from dmlkern import _tracing
+
+    monkeypatch.setattr(_tracing, "FORCE_STATIC_SHAPES", True)
+    x, labels, _, _ = _inputs(20, 4, None, torch.float64, seed=61)
+    loss_fn = losses.TripletMarginLoss(swap=True)
+    value = loss_fn(x, labels)
+    assert loss_fn.last_backend == "reference" and "torch.compile" in loss_fn.last_fallback, loss_fn.last_fallback
+    torch.testing.assert_close(value, pml_losses.TripletMarginLoss(swap=True)(x, labels), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("swap", [0, 1])
+def test_triplet_rows_opcheck(swap):
+    """The op's schema, fake (registered in fused/triplet.py) and autograd registration agree."""
+    if not fused_triplet._CPU_KERNEL:
+        pytest.fail("dmlkern::triplet_rows is not registered in this build")
+    s = torch.rand(6, 6, dtype=torch.float64) * 2 - 1
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])  # sorted: every positive's row in the block
+    for with_grad in (False, True):
+        torch.library.opcheck(torch.ops.dmlkern.triplet_rows.default,
+                              (s, labels, labels, 0, True, [0.2, 0.1], [1, 1, 3, swap], with_grad))
+
+
+def test_swap_kernel_rejects_a_positive_outside_its_block():
+    """The C++ op reads each positive's row from its block: labels not sorted into whole classes
+    are an error that says so, not a read past the block."""
+    if not fused_triplet._CPU_KERNEL:
+        pytest.fail("dmlkern::triplet_rows is not registered in this build")
+    s = torch.rand(4, 8, dtype=torch.float64)
+    col_labels = torch.tensor([0, 0, 1, 1, 0, 2, 2, 3])
+    with pytest.raises(RuntimeError, match="every positive's row must be in the block"):
+        torch.ops.dmlkern.triplet_rows(s, col_labels[:4], col_labels, 0, True, [0.1, 0.0], [0, 1, 0, 1], False)
+    with pytest.raises(RuntimeError, match="exclude_diag"):
+        torch.ops.dmlkern.triplet_rows(s, col_labels[:4], col_labels, 0, False, [0.1, 0.0], [0, 1, 0, 1], False)
+
+
 def test_lazy_triplets_are_pmls_tuple_when_read():
     x, labels, _, _ = _inputs(30, 4, None, torch.float32, seed=17)
     ours = miners.TripletMarginMiner(type_of_triplets="semihard")
@@ -265,19 +427,23 @@ def test_lazy_triplets_on_changed_inputs_run_listed(monkeypatch):
 
 
 def test_unfusable_configurations_use_the_reference():
-    x, labels, _, _ = _inputs(20, 4, None, torch.float64, seed=23)
-    for kw, why in (({"swap": True}, "swap"), ({"triplets_per_anchor": 3}, "random")):
+    x, labels, ref, ref_labels = _inputs(20, 4, 9, torch.float64, seed=23)
+    for kw, args, why in (({"swap": True}, (None, ref, ref_labels), "swap=True with ref_emb"),
+                          ({"triplets_per_anchor": 3}, (), "random")):
         loss_fn = losses.TripletMarginLoss(**kw)
-        loss_fn(x, labels)
+        torch.manual_seed(0)  # (the random triplets: PML's draws)
+        value = loss_fn(x, labels, *args)
         assert loss_fn.last_backend == "reference" and why in loss_fn.last_fallback, loss_fn.last_fallback
+        torch.manual_seed(0)
+        torch.testing.assert_close(value, pml_losses.TripletMarginLoss(**kw)(x, labels, *args), **TOL[torch.float64])
     loss_fn = losses.TripletMarginLoss(distance=distances.LpDistance(power=2))
     loss_fn(x, labels)
     assert loss_fn.last_backend == "reference"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", [None, "semihard"])
-def test_memory_is_linear_in_n(kind):
+@pytest.mark.parametrize("kind,swap", [(None, False), ("semihard", False), (None, True)])
+def test_memory_is_linear_in_n(kind, swap):
     """fwd+bwd at N=16384, D=128 grows peak RSS by < 256 MiB (PML lists ~2e8 triplets here),
     measured in a fresh process (VmHWM against VmRSS before the call)."""
     growth_mib = peak_rss_growth_mib(
@@ -286,7 +452,7 @@ def test_memory_is_linear_in_n(kind):
             n, d = 16384, 128
             x = torch.randn(n, d, requires_grad=True)
             labels = torch.randint(0, n // 4, (n,))
-            loss_fn = losses.TripletMarginLoss()
+            loss_fn = losses.TripletMarginLoss(swap={swap!r})
             kind = {kind!r}
         """,
         measured="""

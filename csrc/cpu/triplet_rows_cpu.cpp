@@ -9,6 +9,14 @@
 // triplets, and, with with_grad, in the same sweep the gradient of the total, dL/ds of the row:
 // dL/de_j = -sum_p w_pj, dL/de_p = sum_j w_pj, w = the term's slope where kept.
 //
+// With swap (TripletMarginLoss(swap=True)), a triplet's e_an is min(e_an, e_pn) (PML's
+// smallest_dist; the miner's window still on t = e_an - e_ap). The block then holds whole
+// classes of the batch against itself, sorted by label (column row0 + k is row k), so row p of
+// the block gives e_pn. The gradient of e_pn belongs to row p: so that each row keeps one
+// writer, row i collects both of its roles, as the anchor of its positives q and as the
+// positive of each anchor q (recomputing that triplet's term), a tie of the min giving each
+// side half, as torch.minimum's backward.
+//
 // Each row is one thread's, its sums vectorised in one fixed order for a given CPU (the clone
 // picked at load time: AVX-512 and AVX2 machines may differ in the last bits, the thread count
 // changes nothing).
@@ -54,6 +62,7 @@ struct TripletArgs {
   bool exclude_diag, smooth, euclidean;
   int64_t window;
   double margin, window_margin;
+  bool swap;
 };
 
 TripletArgs parse(const at::Tensor& s, const at::Tensor& row_labels, const at::Tensor& col_labels, int64_t row0,
@@ -67,17 +76,19 @@ TripletArgs parse(const at::Tensor& s, const at::Tensor& row_labels, const at::T
               "triplet_rows: col_labels must be int64 of shape (", s.size(1), "), got ", col_labels.sizes(), " ",
               col_labels.scalar_type());
   TORCH_CHECK(params.size() == 2, "triplet_rows: params must be [margin, window_margin]");
-  TORCH_CHECK(flags.size() == 3, "triplet_rows: flags must be [smooth, euclidean, window]");
+  TORCH_CHECK(flags.size() == 3 || flags.size() == 4,
+              "triplet_rows: flags must be [smooth, euclidean, window(, swap)]");
   TORCH_CHECK(flags[2] >= kEvery && flags[2] <= kEasy, "triplet_rows: window must be in [0, 4], got ", flags[2]);
   TORCH_CHECK(!exclude_diag || row0 >= 0, "triplet_rows: row0 must be >= 0");
-  return {s.size(0), s.size(1), row0, exclude_diag, flags[0] != 0, flags[1] != 0, flags[2], params[0], params[1]};
+  const bool swap = flags.size() == 4 && flags[3] != 0;
+  TORCH_CHECK(!swap || exclude_diag, "triplet_rows: swap needs the batch against itself (exclude_diag)");
+  return {s.size(0), s.size(1), row0, exclude_diag, flags[0] != 0, flags[1] != 0, flags[2], params[0], params[1],
+          swap};
 }
 
-// e of row i into `e`; its positives' columns (in order) into `pos`.
+// e of one row of s into `out`.
 template <typename T>
-void row_setup(const TripletArgs& a, const T* s_row, const int64_t* col_labels, int64_t label, int64_t i,
-               std::vector<T>& e, std::vector<int64_t>& pos) {
-  T* __restrict__ out = e.data();
+void farness_row(const TripletArgs& a, const T* s_row, T* __restrict__ out) {
   if (a.euclidean) {
 #pragma omp simd
     for (int64_t j = 0; j < a.cols; ++j) {
@@ -88,34 +99,45 @@ void row_setup(const TripletArgs& a, const T* s_row, const int64_t* col_labels, 
 #pragma omp simd
     for (int64_t j = 0; j < a.cols; ++j) out[j] = -s_row[j];
   }
+}
+
+// e of row i into `e`; its positives' columns (in order) into `pos`.
+template <typename T>
+void row_setup(const TripletArgs& a, const T* s_row, const int64_t* col_labels, int64_t label, int64_t i,
+               std::vector<T>& e, std::vector<int64_t>& pos) {
+  farness_row(a, s_row, e.data());
   pos.clear();
   const int64_t self = a.exclude_diag ? a.row0 + i : -1;
   for (int64_t j = 0; j < a.cols; ++j)
     if (col_labels[j] == label && j != self) pos.push_back(j);
 }
 
+// torch.minimum(x, y): NaN if either is.
+template <typename T>
+DMLK_CPU_INLINE T nan_min(T x, T y) {
+  return (x < y || x != x) ? x : y;
+}
 
-// Whether the triplet (anchor, p, j) is kept (j a negative, t = e_j - e_p in the window), and
-// its violation margin - t (= (e_p - e_j) + margin exactly).
-template <int64_t W, typename T>
-DMLK_CPU_INLINE bool kept_triplet(T ej, T ep, bool negative, T margin, T wm, T& viol) {
-  const T t = ej - ep;
-  viol = margin - t;
-  return negative & in_window<W>(t, wm);
+// torch.minimum(x, y)'s backward: the share of the gradient x gets (y's is nan_min_share(y, x)):
+// half at a tie, all of it where x < y or either is NaN.
+template <typename T>
+DMLK_CPU_INLINE T nan_min_share(T x, T y) {
+  return x == y ? T(0.5) : (x > y ? T(0) : T(1));
 }
 
 // One positive (e_p) of a row against every column. Forward: the sums of the kept terms, of the
 // kept non-zero terms and of the kept triplets, added to `out`. Grad: dL/de_j -= w_j for the
 // kept negatives (ge; w = the term's slope), and returns sum_j w_j (dL/de_p). Both from one
-// sweep when the gradient is wanted too.
-template <int64_t W, bool Smooth, bool Forward, bool Grad, typename T>
-DMLK_CPU_CLONES T slot_pass(const T* __restrict__ e, const int64_t* __restrict__ col_labels, int64_t label, T ep,
-                            int64_t cols, T margin, T wm, T* out, T* __restrict__ ge) {
+// sweep when the gradient is wanted too. Swap: each violation on min(e_j, eq_j) (eq: row p's e),
+// and ge gets the e_j side's share of each slope.
+template <int64_t W, bool Smooth, bool Forward, bool Grad, bool Swap, typename T>
+DMLK_CPU_CLONES T slot_pass(const T* __restrict__ e, const T* __restrict__ eq, const int64_t* __restrict__ col_labels,
+                            int64_t label, T ep, int64_t cols, T margin, T wm, T* out, T* __restrict__ ge) {
   T sum = 0, nonzero = 0, kept = 0, wsum = 0;
 #pragma omp simd reduction(+ : sum, nonzero, kept, wsum)
   for (int64_t j = 0; j < cols; ++j) {
-    T viol;
-    const bool keep = kept_triplet<W>(e[j], ep, col_labels[j] != label, margin, wm, viol);
+    const bool keep = (col_labels[j] != label) & in_window<W>(e[j] - ep, wm);  // t = e_an - e_ap
+    const T viol = margin - ((Swap ? nan_min(e[j], eq[j]) : e[j]) - ep);  // = (e_ap - e_an) + margin exactly
     if constexpr (Forward) {
       const T term = Smooth ? softplus(viol) : (viol < T(0) ? T(0) : viol);  // relu(NaN) = NaN
       const T add = keep ? term : T(0);
@@ -126,7 +148,7 @@ DMLK_CPU_CLONES T slot_pass(const T* __restrict__ e, const int64_t* __restrict__
     if constexpr (Grad) {
       const T slope = Smooth ? sigmoid(viol) : (viol > T(0) ? T(1) : T(0));
       const T w = keep ? slope : T(0);
-      ge[j] -= w;  // (a positive column is never kept: w = 0 there)
+      ge[j] -= Swap ? w * nan_min_share(e[j], eq[j]) : w;  // (a positive column is never kept: w = 0 there)
       wsum += w;
     }
   }
@@ -136,6 +158,17 @@ DMLK_CPU_CLONES T slot_pass(const T* __restrict__ e, const int64_t* __restrict__
     out[2] += kept;
   }
   return wsum;
+}
+
+// dL/de of a row (ge) into dL/ds in place: dd/ds = -1/d, and 0 where d = 0 (the engine's
+// convention); e = -s for the cosine.
+template <typename T>
+void to_similarity_grad(const TripletArgs& a, const T* __restrict__ e, T* __restrict__ ge) {
+#pragma omp simd
+  for (int64_t j = 0; j < a.cols; ++j) {
+    const T d = e[j];
+    ge[j] = a.euclidean ? (d > T(0) ? -ge[j] / (d > T(0) ? d : T(1)) : T(0)) : -ge[j];
+  }
 }
 
 // Runs body(i, label, e, pos) for every row i of the block, in parallel over groups of 8 rows,
@@ -167,7 +200,9 @@ void rows_pass(const TripletArgs& a, const T* s, const int64_t* row_labels, cons
     int64_t row_nonzero = 0, row_kept = 0;
     for (const int64_t p : pos) {
       T slot[3] = {0, 0, 0};
-      const T wsum = slot_pass<W, Smooth, true, Grad>(e.data(), col_labels, label, e[p], a.cols, margin, wm, slot, ge);
+      const T* no_row = nullptr;
+      const T wsum =
+          slot_pass<W, Smooth, true, Grad, false>(e.data(), no_row, col_labels, label, e[p], a.cols, margin, wm, slot, ge);
       if constexpr (Grad) ge[p] += wsum;
       row_sum += slot[0];
       row_nonzero += static_cast<int64_t>(slot[1]);
@@ -176,13 +211,66 @@ void rows_pass(const TripletArgs& a, const T* s, const int64_t* row_labels, cons
     sums[i] = row_sum;
     counts[2 * i] = row_nonzero;
     counts[2 * i + 1] = row_kept;
-    if constexpr (Grad) {
+    if constexpr (Grad) to_similarity_grad(a, e.data(), ge);
+  });
+}
+
+// swap, row i as the positive of anchor q (e_qi = eqi): each triplet (q, i, n)'s slope, recomputed
+// as q's own pass computes it, times the e_in side's share of min(e_qn, e_in), into ge.
+template <int64_t W, bool Smooth, typename T>
+DMLK_CPU_CLONES void swap_positive_pass(const T* __restrict__ e, const T* __restrict__ eq,
+                                        const int64_t* __restrict__ col_labels, int64_t label, T eqi, int64_t cols,
+                                        T margin, T wm, T* __restrict__ ge) {
 #pragma omp simd
-      for (int64_t j = 0; j < a.cols; ++j) {
-        // dd/ds = -1/d, and 0 where d = 0 (the engine's convention); e = -s for the cosine.
-        const T d = e[j];
-        ge[j] = a.euclidean ? (d > T(0) ? -ge[j] / (d > T(0) ? d : T(1)) : T(0)) : -ge[j];
+  for (int64_t j = 0; j < cols; ++j) {
+    const bool keep = (col_labels[j] != label) & in_window<W>(eq[j] - eqi, wm);
+    const T viol = margin - (nan_min(eq[j], e[j]) - eqi);
+    const T slope = Smooth ? sigmoid(viol) : (viol > T(0) ? T(1) : T(0));
+    ge[j] -= (keep ? slope : T(0)) * nan_min_share(e[j], eq[j]);
+  }
+}
+
+// rows_pass with swap: e of the whole block first (every row's positives' rows are read), then
+// per row its anchor role against each positive q and, with Grad, its positive role for each q.
+template <int64_t W, bool Smooth, bool Grad, typename T>
+void swap_rows_pass(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels, T* sums,
+                    int64_t* counts, T* grad_s) {
+  const T margin = T(a.margin), wm = T(a.window_margin);
+  std::vector<T> e_block(static_cast<size_t>(a.rows * a.cols));
+  T* const e = e_block.data();
+  parallel_blocks(ceil_div(a.rows, 8), [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * 8; i < std::min(a.rows, b1 * 8); ++i) farness_row(a, s + i * a.cols, e + i * a.cols);
+  });
+  parallel_blocks(ceil_div(a.rows, 8), [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * 8; i < std::min(a.rows, b1 * 8); ++i) {
+      const int64_t label = row_labels[i], self = a.row0 + i;
+      const T* ei = e + i * a.cols;
+      T* ge = Grad ? grad_s + i * a.cols : nullptr;
+      if constexpr (Grad) std::fill(ge, ge + a.cols, T(0));
+      T row_sum = 0;
+      int64_t row_nonzero = 0, row_kept = 0;
+      for (int64_t p = 0; p < a.cols; ++p) {
+        if (col_labels[p] != label || p == self) continue;
+        const int64_t q = p - a.row0;
+        TORCH_CHECK(q >= 0 && q < a.rows && row_labels[q] == label,
+                    "triplet_rows: with swap, every positive's row must be in the block (whole classes, the "
+                    "batch against itself sorted by label): row ", self, "'s positive ", p, " is not");
+        const T* eq = e + q * a.cols;
+        T slot[3] = {0, 0, 0};
+        const T wsum = slot_pass<W, Smooth, true, Grad, true>(ei, eq, col_labels, label, ei[p], a.cols, margin, wm,
+                                                                slot, ge);
+        row_sum += slot[0];
+        row_nonzero += static_cast<int64_t>(slot[1]);
+        row_kept += static_cast<int64_t>(slot[2]);
+        if constexpr (Grad) {
+          swap_positive_pass<W, Smooth>(ei, eq, col_labels, label, eq[self], a.cols, margin, wm, ge);
+          ge[p] += wsum;  // (p is not a negative: both passes add 0 there)
+        }
       }
+      sums[i] = row_sum;
+      counts[2 * i] = row_nonzero;
+      counts[2 * i + 1] = row_kept;
+      if constexpr (Grad) to_similarity_grad(a, ei, ge);
     }
   });
 }
@@ -219,9 +307,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_rows_cpu(const at::Tensor
       constexpr int64_t kW = decltype(w)::value;
       constexpr bool kSmooth = decltype(smooth)::value;
       auto run = [&](auto grad) {
-        rows_pass<kW, kSmooth, decltype(grad)::value, scalar_t>(
-            a, s.data_ptr<scalar_t>(), rl.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), sums.data_ptr<scalar_t>(),
-            counts.data_ptr<int64_t>(), with_grad ? grad_s.data_ptr<scalar_t>() : nullptr);
+        constexpr bool kGrad = decltype(grad)::value;
+        auto pass = a.swap ? &swap_rows_pass<kW, kSmooth, kGrad, scalar_t> : &rows_pass<kW, kSmooth, kGrad, scalar_t>;
+        pass(a, s.data_ptr<scalar_t>(), rl.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), sums.data_ptr<scalar_t>(),
+             counts.data_ptr<int64_t>(), with_grad ? grad_s.data_ptr<scalar_t>() : nullptr);
       };
       if (with_grad)
         run(std::true_type{});

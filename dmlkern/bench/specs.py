@@ -16,6 +16,7 @@ class LossInfo:
     miner: tuple = ()  # (miner class, its keyword arguments): the call is loss(emb, labels, miner(emb, labels))
     default: bool = True  # in the default sweep (else only with --losses)
     compiled_reference: bool = True  # has a "compile" provider (torch.compile of a dmlkern.reference function)
+    loss_kw: tuple = ()  # (name, value) arguments of the loss class (and of its reference function)
 
     @property
     def cls(self):
@@ -52,6 +53,8 @@ LOSSES = {
     # PML: about six N x N buffers per positive pair's row set (4.6 GB measured at N=5120)
     "angular": LossInfo("AngularLoss()(emb, labels)", "classes", True, 48.0),
     "triplet": LossInfo("TripletMarginLoss()(emb, labels), every triplet", "classes", True, 200.0, 0.05),
+    "triplet_swap": LossInfo("TripletMarginLoss(swap=True)(emb, labels), every triplet", "classes", True, 200.0, 0.05,
+                             default=False, loss_kw=(("swap", True),)),
     "triplet_semihard": LossInfo(
         "TripletMarginLoss()(emb, labels, TripletMarginMiner(type_of_triplets='semihard')(emb, labels))", "classes",
         True, 200.0, 0.05, miner=("TripletMarginMiner", (("type_of_triplets", "semihard"),))),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import functools
 import gc
 import importlib
 import os
@@ -22,7 +23,8 @@ ENV_BACKEND = {"dmlkern": None, "dmlkern-compiled": None, "dmlkern-cpp": "cpp", 
 REFERENCE_FN = {"multi_similarity": "multi_similarity_loss", "ntxent": "ntxent_loss", "supcon": "supcon_loss",
                 "lifted": "lifted_structure_loss", "generalized_lifted": "generalized_lifted_structure_loss",
                 "npairs": "n_pairs_loss", "nca": "nca_loss", "tuplet_margin": "tuplet_margin_loss",
-                "triplet": "triplet_margin_loss", "contrastive": "contrastive_loss", "margin": "margin_loss",
+                "triplet": "triplet_margin_loss", "triplet_swap": "triplet_margin_loss",
+                "contrastive": "contrastive_loss", "margin": "margin_loss",
                 "circle": "circle_loss", "angular": "angular_loss"}
 FLOOR_MAX_OUT_BYTES = 2**31
 MAX_TIMING_S = 10.0  # a point's timing window, unless two calls take longer
@@ -152,7 +154,7 @@ def _class_callable(L, M, loss, x, labels, d, c):
     """The loss class's call; its weights (class-weight losses: C classes) are built here, before
     the memory baseline, in the embeddings' dtype."""
     kw = dict(num_classes=c or num_classes(loss, x.shape[0]), embedding_size=d) if c or loss == "proxy_anchor" else {}
-    module = getattr(L, LOSSES[loss].cls)(**kw).to(x.device, x.dtype)
+    module = getattr(L, LOSSES[loss].cls)(**kw, **dict(LOSSES[loss].loss_kw)).to(x.device, x.dtype)
     miner_cls, miner_kw = LOSSES[loss].miner or (None, ())
     miner = getattr(M, miner_cls)(**dict(miner_kw)) if miner_cls else None
 
@@ -217,7 +219,7 @@ def _compile_callable(torch, loss, x, labels, d, dynamic):
         torch.nn.init.kaiming_normal_(proxies, mode="fan_out")
         fn, params, args = R.proxy_anchor_loss, [proxies], (x, labels, proxies)
     else:
-        fn = getattr(R, REFERENCE_FN[loss])
+        fn = functools.partial(getattr(R, REFERENCE_FN[loss]), **dict(LOSSES[loss].loss_kw))
     compiled = torch.compile(fn, dynamic=bool(dynamic))
     return (lambda: compiled(*args)), (lambda: "inductor"), params
 

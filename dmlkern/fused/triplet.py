@@ -20,6 +20,12 @@ G_b @ y and grad_y += G_bᵀ @ x_b, the blocks added in order: bit-identical at 
 count. It is linear in the upstream gradient, so when the inputs require grad the forward
 computes it from the same block S and row sweep (3 products in all) and the backward only
 scales it.
+With `swap` each triplet's e_an is min(e_an, e_pn) (PML's smallest_dist; a miner's window stays on
+e_an - e_ap): the rows are sorted by label and cut into blocks of whole classes (`class_blocks`),
+so the positive's row p of the block gives e_pn; row i's gradient then collects its roles as an
+anchor and as the positive of each other row of its class (the gradient of e_pn is row p's),
+each tie of the min split in halves as torch.minimum's backward: twice the row sweeps, the same
+products and memory.
 The torch twin runs on every device (and is what the C++ kernel is tested against).
 Any other indices_tuple (a miner's listed triplets or pairs, or a lazy result this path can't mine,
 then materialised) runs on its listed triplets instead (`listed_triplets.py`, backend "listed":
@@ -36,6 +42,7 @@ from ..engine_spec import stats_dtype
 from ..ops import pair_engine as pe
 from ..ops.dispatch import extension_loaded
 from ..ops.fixed_mm_op import fixed_mm
+from . import _common
 from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, decline, engine_distance, engine_rows,
                       engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, row_blocks,
                       row_sums, widened)
@@ -60,6 +67,7 @@ class TripletRule(NamedTuple):
     euclidean: bool  # e = sqrt(max(2 - 2s, 0)) (a Euclidean distance); else e = -s (a similarity)
     window: str  # "every" (no miner) or the miner's type_of_triplets ("all", "hard", "semihard", "easy")
     window_margin: float = 0.0  # the miner's margin
+    swap: bool = False  # e_an -> min(e_an, e_pn): the batch against itself, rows sorted by label
 
 
 def _farness(s, euclidean):
@@ -111,9 +119,23 @@ def _positive_slots(pos):
     return slot_cols, valid
 
 
+def _min_share(x, y):
+    """The share of torch.minimum(x, y)'s gradient that x gets: half at a tie, none where x > y."""
+    return torch.where(x == y, 0.5, torch.where(x > y, 0.0, 1.0))
+
+
+def _kept(negative, t, rule):
+    mined = _mined(t, rule)
+    return negative if mined is None else negative & mined
+
+
 def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     """One row block from its similarities s = x_b @ yᵀ: per row (sum of the kept terms, non-zero
-    kept terms, kept triplets), and with_grad the gradient of the total, dL/ds (else None)."""
+    kept terms, kept triplets), and with_grad the gradient of the total, dL/ds (else None).
+    With swap the block holds whole classes of the batch against itself sorted by label (column
+    row0 + k is row k): row i's terms against its positive q read row q's e, and its gradient adds
+    the triplets (q, i, n), recomputed as q's own sweep computes them, times the e_in side's share
+    of min(e_qn, e_in)."""
     if _CPU_KERNEL and s.device.type == "cpu":
         return _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad)
     e = _farness(s, rule.euclidean)
@@ -126,21 +148,25 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     g_e = torch.zeros_like(e) if with_grad else None
     for j in range(slot_cols.shape[1]):
         col = slot_cols[:, j:j + 1]
-        t = e - e.gather(1, col)  # e_an - e_ap, every column (only negatives are kept)
-        keep = neg & valid[:, j:j + 1]
-        mined = _mined(t, rule)
-        if mined is not None:
-            keep &= mined
-        viol = rule.margin - t  # = (e_ap - e_an) + margin exactly
+        negative = neg & valid[:, j:j + 1]
+        e_ap = e.gather(1, col)
+        keep = _kept(negative, e - e_ap, rule)  # t = e_an - e_ap, every column (only negatives are kept)
+        e_q = e[(col[:, 0] - row0).clamp(0, B - 1)] if rule.swap else None  # each row's j-th positive's row
+        viol = rule.margin - ((e if e_q is None else torch.minimum(e, e_q)) - e_ap)  # (e_ap - e_an) + margin exactly
         term = _term(viol, rule.smooth)
         total += row_sums(torch.where(keep, term, 0.0))
         nonzero += (keep & (term > 0)).sum(dim=1)
         kept += keep.sum(dim=1)
         if with_grad:
             w = torch.where(keep, _term_slope(viol, rule.smooth), 0.0)
-            g_e -= w
+            g_e -= w if e_q is None else w * _min_share(e, e_q)
             # one column per row: no two writes meet, so the order can't matter
             g_e.scatter_add_(1, col, row_sums(w).unsqueeze(1))
+            if e_q is not None:  # the triplets (q, i, n): q the anchor, row i its positive
+                e_qi = e_q.gather(1, (torch.arange(B, device=e.device) + row0)[:, None])
+                keep = _kept(negative, e_q - e_qi, rule)
+                viol = rule.margin - (torch.minimum(e_q, e) - e_qi)
+                g_e -= torch.where(keep, _term_slope(viol, rule.smooth), 0.0) * _min_share(e, e_q)
     if with_grad:
         if not rule.euclidean:
             g_e = -g_e
@@ -153,7 +179,7 @@ def _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     """`_block_pass` after the product, in C++ (csrc/cpu/triplet_rows_cpu.cpp)."""
     sums, counts, g_s = torch.ops.dmlkern.triplet_rows(
         s, labels_b, ref_labels, row0, exclude_diag, [rule.margin, rule.window_margin],
-        [int(rule.smooth), int(rule.euclidean), WINDOW_IDS[rule.window]], with_grad)
+        [int(rule.smooth), int(rule.euclidean), WINDOW_IDS[rule.window], int(rule.swap)], with_grad)
     return sums, counts[:, 0], counts[:, 1], g_s if with_grad else None
 
 
@@ -165,7 +191,7 @@ def _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad=False):
     counts = torch.empty(2, n, dtype=torch.long, device=x.device)
     grad_x = torch.empty_like(x) if with_grad else None
     grad_y = torch.zeros_like(y) if with_grad else None
-    for r0, r1 in row_blocks(n, y.shape[0]):
+    for r0, r1 in (class_blocks(labels, y.shape[0]) if rule.swap else row_blocks(n, y.shape[0])):
         s = fixed_mm(x[r0:r1], y)
         # (written into preallocated rows: small per-block tensors kept alive between the
         # blocks' 4 MiB products fragment the CPU heap, ~one product per block)
@@ -175,6 +201,19 @@ def _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad=False):
             grad_x[r0:r1] = fixed_mm(g_s, y.T)
             grad_y += fixed_mm(g_s.T, x[r0:r1].T)
     return fixed_order_sum(sums), counts[0].sum(), counts[1].sum(), grad_x, grad_y
+
+
+def class_blocks(sorted_labels, m):
+    """(r0, r1) row blocks of whole classes (each class's rows consecutive in sorted_labels), each
+    of about ROW_BLOCK_VALUES pair values against m columns or of one class, in order."""
+    step = max(1, _common.ROW_BLOCK_VALUES // max(1, m))
+    blocks, r0, r1 = [], 0, 0
+    for count in torch.unique_consecutive(sorted_labels, return_counts=True)[1].tolist():
+        if r1 > r0 and r1 + count - r0 > step:
+            blocks.append((r0, r1))
+            r0 = r1
+        r1 += count
+    return blocks + ([(r0, r1)] if r1 > r0 else [])
 
 
 def count_kept(x, y, labels, ref_labels, rule, exclude_diag):
@@ -196,7 +235,10 @@ def _materialised_total(x, y, labels, ref_labels, rule, exclude_diag):
     mined = _mined(t, rule)
     if mined is not None:
         keep &= mined
-    return torch.where(keep, _term(rule.margin - t, rule.smooth), 0.0).sum()
+    viol = rule.margin - t
+    if rule.swap:  # [a, p, n] = min(e_an, e_pn) - e_ap
+        viol = rule.margin - (torch.minimum(e.unsqueeze(1), e.unsqueeze(0)) - e.unsqueeze(2))
+    return torch.where(keep, _term(viol, rule.smooth), 0.0).sum()
 
 
 class _TripletTotals(torch.autograd.Function):
@@ -296,8 +338,6 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
 
     if labels is None:
         return "no labels (triplets from indices_tuple only)"
-    if module.swap:
-        return "swap=True (the positive-negative distances)"
     if module.triplets_per_anchor != "all" and indices_tuple is None:
         return "triplets_per_anchor other than 'all' (random triplets)"
     kind = distance_kind(module.distance)
@@ -319,11 +359,16 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
             return "the miner's result was mined on other inputs or with another distance"
         labels, ref_labels = lazy.mining_labels()
         window, window_margin = lazy.window, lazy.window_margin
+    if module.swap and (ref_emb is not embeddings or ref_labels is not labels):
+        return "swap=True with ref_emb (PML reads the embeddings' rows at the positives' ref_emb indices)"
+    if module.swap and static_shapes():
+        return "swap=True under torch.compile (its blocks of whole classes are data-dependent)"
     reason = engine_rows_reason(module.distance, embeddings, ref_emb)
     if reason is not None:
         return reason
     euclidean = engine_distance(module.distance) in DISTANCE_KINDS
-    rule = TripletRule(float(module.margin), bool(module.smooth_loss), euclidean, window, window_margin)
+    rule = TripletRule(float(module.margin), bool(module.smooth_loss), euclidean, window, window_margin,
+                       bool(module.swap))
     return labels, ref_labels, rule, reduction
 
 
@@ -334,6 +379,10 @@ def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction):
     rows = engine_rows(module.distance, *widened(embeddings, ref_emb))  # (rule.euclidean: its transform is 1)
     x = rows.x.to(stats_dtype(embeddings.dtype))
     y = None if rows.y is rows.x else rows.y.to(x.dtype)  # None: the rows' own pairs (symmetric)
+    if rule.swap:  # rows sorted by label: each block of whole classes holds its positives' rows
+        order = torch.argsort(labels, stable=True)
+        x, y, labels = x[order], None if y is None else y[order], labels[order]
+        ref_labels = labels
     backend = BACKEND
     with_grad = torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad))
     total, nonzero, kept, _, _ = triplet_totals(x, y, labels, None if ref_labels is labels else ref_labels, rule,
