@@ -198,6 +198,38 @@ def test_non_default_distance_uses_the_reference(engine_backend_choice):  # noqa
     assert loss_fn.last_backend == "reference" and "LpDistance" in loss_fn.last_fallback
 
 
+@pytest.mark.parametrize("name", list(CLASS_LOSSES))
+def test_small_problems_run_the_reference(monkeypatch, name):
+    """Eager class-weight losses with fewer than DMLKERN_SMALL_CLASS_LOGITS logits (N x C x K; the
+    suite runs with 0, conftest.py) run the reference, with PML's numbers; from that many, the
+    blocked path."""
+    monkeypatch.setattr(class_softmax, "SMALL_PROBLEM_LOGITS", 2000)
+    group = {"subcenter_arcface": 3, "soft_triple": 4, "soft_triple_default": 10}.get(name, 1)
+    for n, classes, fused in ((12, 166 // group, False), (40, -(-2000 // (40 * group)), True)):
+        assert (n * classes * group >= 2000) == fused
+        ours, theirs, attr = _make(name, classes, 6, torch.float64)
+        x, labels = torch.randn(n, 6, dtype=torch.float64), torch.randint(0, classes, (n,))
+        _assert_matches(name, torch.float64, ours, theirs, attr, x, labels, what=f"N={n} C={classes}")
+        if fused:
+            assert ours.last_backend != "reference" and ours.last_fallback is None, ours.last_fallback
+        else:
+            assert ours.last_backend == "reference" and "a small problem" in ours.last_fallback, ours.last_fallback
+
+
+def test_small_problem_threshold_from_the_environment():
+    """DMLKERN_SMALL_CLASS_LOGITS: 2^18 by default, an integer when set (else an error naming it)."""
+    code = "import dmlkern.fused.class_softmax as c; print(c.SMALL_PROBLEM_LOGITS)"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DMLKERN_SMALL_CLASS_LOGITS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(1 << 18)
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_CLASS_LOGITS": "4096"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "4096"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_CLASS_LOGITS": "lots"},
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "DMLKERN_SMALL_CLASS_LOGITS must be an integer" in out.stderr
+
+
 @pytest.mark.parametrize("name", ["arcface", "softmax", "large_margin", "proxy_nca", "subcenter_arcface", "soft_triple"])
 def test_reused_block_buffers_give_fresh_buffers_bits(engine_backend_choice, block_classes, monkeypatch,
                                                        name):  # noqa: F811
