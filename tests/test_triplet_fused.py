@@ -314,6 +314,17 @@ def test_swap_blocks_of_whole_classes(monkeypatch, row_impl):
             torch.testing.assert_close(g, w, **TOL[torch.float64])
 
 
+def test_row_blocks_are_larger_off_the_cpu(monkeypatch):
+    """A GPU block's torch ops are kernel launches: fewer, larger blocks there (the CPU's stay in cache)."""
+    monkeypatch.setattr(fused_common, "ROW_BLOCK_VALUES", 100)
+    monkeypatch.setattr(fused_common, "GPU_ROW_BLOCK_VALUES", 1000)
+    assert list(fused_common.row_blocks(25, 10)) == list(fused_common.row_blocks(25, 10, torch.device("cpu")))
+    assert list(fused_common.row_blocks(25, 10, "cpu")) == [(0, 10), (10, 20), (20, 25)]
+    assert list(fused_common.row_blocks(250, 10, torch.device("cuda"))) == [(0, 100), (100, 200), (200, 250)]
+    labels = torch.tensor([0] * 30 + [1] * 30 + [2] * 50)
+    assert fused_triplet.class_blocks(labels, 10) == [(0, 30), (30, 60), (60, 110)]
+
+
 def test_class_blocks_cut_only_between_classes(monkeypatch):
     labels = torch.tensor([0, 0, 0, 1, 2, 2, 5, 5, 5, 5, 5, 7])
     monkeypatch.setattr(fused_common, "ROW_BLOCK_VALUES", 3 * 10)  # 3 rows of 10 columns: a bigger class alone

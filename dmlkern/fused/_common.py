@@ -465,11 +465,20 @@ def all_pairs_plan(indices_tuple, embeddings, ref_emb):
 
 
 ROW_BLOCK_VALUES = 1 << 20  # pair values per row block of the blocked paths (4 MiB in fp32)
+# on a GPU, fewer and larger blocks: each of a block's torch ops is a kernel launch (ranking.py's
+# blocks alike); 64 MiB per fp32 (rows, M) tensor
+GPU_ROW_BLOCK_VALUES = 1 << 24
 
 
-def row_blocks(n, m):
-    """(r0, r1) row blocks of about ROW_BLOCK_VALUES pair values each against m columns, in order."""
-    step = max(1, ROW_BLOCK_VALUES // max(1, m))
+def block_values(device=None):
+    """Pair values per row block on `device`: ROW_BLOCK_VALUES on the CPU (and when not given),
+    GPU_ROW_BLOCK_VALUES elsewhere."""
+    return ROW_BLOCK_VALUES if device is None or torch.device(device).type == "cpu" else GPU_ROW_BLOCK_VALUES
+
+
+def row_blocks(n, m, device=None):
+    """(r0, r1) row blocks of about `block_values(device)` pair values each against m columns, in order."""
+    step = max(1, block_values(device) // max(1, m))
     for r0 in range(0, n, step):
         yield r0, min(n, r0 + step)
 

@@ -47,7 +47,7 @@ NON_FINITE = "a NaN or infinite pair value (the reference keeps or drops each su
 def pair_blocks(x, y, labels, ref_labels):
     """(r0, r1, s, same) per row block: s = x[r0:r1] @ yᵀ and the same-label mask (positive pairs
     where True, negative pairs where False, less the self pairs: `drop_self_pairs`)."""
-    for r0, r1 in row_blocks(x.shape[0], y.shape[0]):
+    for r0, r1 in row_blocks(x.shape[0], y.shape[0], x.device):
         yield r0, r1, fixed_mm(x[r0:r1], y), labels[r0:r1, None] == ref_labels[None, :]
 
 

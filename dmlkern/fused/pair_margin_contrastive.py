@@ -91,7 +91,7 @@ class _BlockSweep:
     def blocks(self):
         """(r0, r1, s, (positive side, negative side)) per row block, in order."""
         m = self.y.shape[0]
-        for r0, r1 in row_blocks(self.x.shape[0], m):
+        for r0, r1 in row_blocks(self.x.shape[0], m, self.x.device):
             n = r1 - r0
             s = fixed_mm(self.x[r0:r1], self.y, out=self.f.get("s", n, m))
             same = torch.eq(self.labels[r0:r1, None], self.ref_labels[None, :], out=self.b.get("same", n, m))

@@ -191,7 +191,7 @@ def _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad=False):
     counts = torch.empty(2, n, dtype=torch.long, device=x.device)
     grad_x = torch.empty_like(x) if with_grad else None
     grad_y = torch.zeros_like(y) if with_grad else None
-    for r0, r1 in (class_blocks(labels, y.shape[0]) if rule.swap else row_blocks(n, y.shape[0])):
+    for r0, r1 in (class_blocks(labels, y.shape[0]) if rule.swap else row_blocks(n, y.shape[0], x.device)):
         s = fixed_mm(x[r0:r1], y)
         # (written into preallocated rows: small per-block tensors kept alive between the
         # blocks' 4 MiB products fragment the CPU heap, ~one product per block)
@@ -205,8 +205,8 @@ def _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad=False):
 
 def class_blocks(sorted_labels, m):
     """(r0, r1) row blocks of whole classes (each class's rows consecutive in sorted_labels), each
-    of about ROW_BLOCK_VALUES pair values against m columns or of one class, in order."""
-    step = max(1, _common.ROW_BLOCK_VALUES // max(1, m))
+    of about `_common.block_values` pair values against m columns or of one class, in order."""
+    step = max(1, _common.block_values(sorted_labels.device) // max(1, m))
     blocks, r0, r1 = [], 0, 0
     for count in torch.unique_consecutive(sorted_labels, return_counts=True)[1].tolist():
         if r1 > r0 and r1 + count - r0 > step:
