@@ -46,10 +46,12 @@ TORCH_LIBRARY(dmlkern, m) {
   m.def("fixed_mm_into(Tensor a, Tensor b, Tensor(a!) out) -> ()");
   // The fused TripletMarginLoss's per-row work on one row block of similarities s (B, M)
   // (dmlkern/fused/triplet.py): params = [margin, window_margin], flags = [smooth_loss,
-  // euclidean, window(, swap)] with window 0 every triplet, 1 all, 2 hard, 3 semihard, 4 easy
-  // (the miner's type_of_triplets); swap 1: each triplet's e_an is min(e_an, e_pn), the block
-  // then holds whole classes of the batch against itself sorted by label (column row0 + k is
-  // row k, exclude_diag), so that every positive's row is in it. Returns per row the sum of the
+  // euclidean, window(, swap(, sorted_min_positives))] with window 0 every triplet, 1 all,
+  // 2 hard, 3 semihard, 4 easy (the miner's type_of_triplets); swap 1: each triplet's e_an is
+  // min(e_an, e_pn), the block then holds whole classes of the batch against itself sorted by
+  // label (column row0 + k is row k, exclude_diag), so that every positive's row is in it; a row with at least
+  // sorted_min_positives positives (default 128; relu terms, no swap) sorts its negatives once
+  // and takes each positive's terms as a run of them. Returns per row the sum of the
   // kept terms (B,), the numbers of kept non-zero terms and of kept triplets (B, 2) int64, and
   // with with_grad the gradient of the total, dL/ds (B, M) (else an empty tensor). row0: the
   // block's first row (exclude_diag drops the pair (i, row0 + i) from the positives).

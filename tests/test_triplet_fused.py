@@ -145,6 +145,67 @@ def test_reducers_match_the_reference(reducer, row_impl):
     torch.testing.assert_close(g, rg, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("distance", [None, "CosineSimilarity"])
+@pytest.mark.parametrize("case", [(61, 2, None), (40, 3, None), (50, 2, 33), (9, 1, None)],
+                         ids=lambda c: f"n{c[0]}c{c[1]}r{c[2]}")
+def test_sorted_rows_match_pml(monkeypatch, case, distance, dtype):
+    """The C++ kernel's rows with many positives (few large classes) sort their negatives once
+    (relu terms): forced on every row here, against PML for every miner window."""
+    if not fused_triplet._CPU_KERNEL:
+        pytest.fail("dmlkern::triplet_rows is not registered in this build")
+    monkeypatch.setattr(fused_triplet, "SORTED_MIN_POSITIVES", 1)
+    x, labels, ref, ref_labels = _inputs(*case, dtype, seed=71)
+    for kind in MINER_KINDS:
+        miner_kw = None if kind is None else {"type_of_triplets": kind, "margin": 0.1 if kind == "easy" else 0.2}
+        for margin in (0.3, 0.0, -0.05):
+            ours, our_grads, loss_fn = _grads("dmlkern", {"margin": margin}, miner_kw, x, labels, ref, ref_labels,
+                                              distance)
+            want, want_grads, _ = _grads("pml", {"margin": margin}, miner_kw, x, labels, ref, ref_labels, distance)
+            assert loss_fn.last_backend in ("blocked", "zero"), loss_fn.last_fallback
+            torch.testing.assert_close(ours, want, **TOL[dtype])
+            for g, w in zip(our_grads, want_grads):
+                torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+def test_sorted_rows_agree_with_the_direct_ones(monkeypatch):
+    """Sorted and direct rows on one batch of two classes (150 positives a row: the default
+    threshold sorts them): the same counts, sums and gradients within rounding, the same bits at
+    1, 2 and 4 threads."""
+    x, labels, _, _ = _inputs(300, 2, None, torch.float32, seed=73)
+    results = {}
+    before = torch.get_num_threads()
+    try:
+        for threshold, threads in ((10**9, 2), (128, 1), (128, 2), (128, 4)):
+            monkeypatch.setattr(fused_triplet, "SORTED_MIN_POSITIVES", threshold)
+            torch.set_num_threads(threads)
+            value, (g,), loss_fn = _grads("dmlkern", {"margin": 0.2}, {"type_of_triplets": "semihard"}, x, labels,
+                                          None, None)
+            assert loss_fn.last_backend == "blocked"
+            results[(threshold, threads)] = (value, g)
+    finally:
+        torch.set_num_threads(before)
+    direct = results.pop((10**9, 2))
+    for value, g in results.values():
+        assert torch.equal(value, results[(128, 1)][0]) and torch.equal(g, results[(128, 1)][1])
+        torch.testing.assert_close(value, direct[0], **TOL[torch.float32])
+        torch.testing.assert_close(g, direct[1], **TOL[torch.float32])
+
+
+def test_sorted_rows_gradcheck_and_nan(monkeypatch):
+    monkeypatch.setattr(fused_triplet, "SORTED_MIN_POSITIVES", 1)
+    x, labels, _, _ = _inputs(16, 2, None, torch.float64, seed=79)
+    loss_fn = losses.TripletMarginLoss(margin=0.7)
+    assert torch.autograd.gradcheck(lambda x: loss_fn(x, labels), (x.clone().requires_grad_(True),))
+    assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
+    x[3, 2] = float("nan")  # a NaN row: the direct sweep (its NaN terms), then PML's reference
+    for kind in (None, "semihard"):
+        miner_kw = None if kind is None else {"type_of_triplets": kind}
+        ours, _, _ = _grads("dmlkern", {}, miner_kw, x, labels, None, None)
+        want, _, _ = _grads("pml", {}, miner_kw, x, labels, None, None)
+        torch.testing.assert_close(ours, want, equal_nan=True, **TOL[torch.float64])
+
+
 def test_forced_small_blocks_and_many_positives(monkeypatch, row_impl):
     """Several row blocks of a few rows each, rows with many positives (slots), odd sizes."""
     monkeypatch.setattr(fused_common, "ROW_BLOCK_VALUES", 3 * 53)

@@ -7,7 +7,8 @@
 // when the miner's window holds for t = e_j - e_p, and costs relu(margin - t) (or F.softplus).
 // Per row: the sum of the kept terms and the numbers of kept non-zero terms and of kept
 // triplets, and, with with_grad, in the same sweep the gradient of the total, dL/ds of the row:
-// dL/de_j = -sum_p w_pj, dL/de_p = sum_j w_pj, w = the term's slope where kept.
+// dL/de_j = -sum_p w_pj, dL/de_p = sum_j w_pj, w = the term's slope where kept. A row with many
+// positives (relu terms, no swap) sorts its negatives once instead (sorted_row).
 //
 // With swap (TripletMarginLoss(swap=True)), a triplet's e_an is min(e_an, e_pn) (PML's
 // smallest_dist; the miner's window still on t = e_an - e_ap). The block then holds whole
@@ -63,7 +64,10 @@ struct TripletArgs {
   int64_t window;
   double margin, window_margin;
   bool swap;
+  int64_t sorted_min_positives;  // rows with at least this many positives take the sorted path
 };
+
+constexpr int64_t kSortedMinPositives = 128;  // flags[4]'s default
 
 TripletArgs parse(const at::Tensor& s, const at::Tensor& row_labels, const at::Tensor& col_labels, int64_t row0,
                   bool exclude_diag, at::ArrayRef<double> params, at::IntArrayRef flags) {
@@ -76,14 +80,16 @@ TripletArgs parse(const at::Tensor& s, const at::Tensor& row_labels, const at::T
               "triplet_rows: col_labels must be int64 of shape (", s.size(1), "), got ", col_labels.sizes(), " ",
               col_labels.scalar_type());
   TORCH_CHECK(params.size() == 2, "triplet_rows: params must be [margin, window_margin]");
-  TORCH_CHECK(flags.size() == 3 || flags.size() == 4,
-              "triplet_rows: flags must be [smooth, euclidean, window(, swap)]");
+  TORCH_CHECK(flags.size() >= 3 && flags.size() <= 5,
+              "triplet_rows: flags must be [smooth, euclidean, window(, swap(, sorted_min_positives))]");
   TORCH_CHECK(flags[2] >= kEvery && flags[2] <= kEasy, "triplet_rows: window must be in [0, 4], got ", flags[2]);
   TORCH_CHECK(!exclude_diag || row0 >= 0, "triplet_rows: row0 must be >= 0");
-  const bool swap = flags.size() == 4 && flags[3] != 0;
+  const bool swap = flags.size() >= 4 && flags[3] != 0;
+  const int64_t sorted_min = flags.size() == 5 ? flags[4] : kSortedMinPositives;
+  TORCH_CHECK(sorted_min >= 0, "triplet_rows: sorted_min_positives must be >= 0, got ", sorted_min);
   TORCH_CHECK(!swap || exclude_diag, "triplet_rows: swap needs the batch against itself (exclude_diag)");
   return {s.size(0), s.size(1), row0, exclude_diag, flags[0] != 0, flags[1] != 0, flags[2], params[0], params[1],
-          swap};
+          swap, sorted_min};
 }
 
 // e of one row of s into `out`.
@@ -187,18 +193,104 @@ void for_each_row(const TripletArgs& a, const T* s, const int64_t* row_labels, c
   });
 }
 
+// A row with many positives (at least a.sorted_min_positives; relu terms, no swap), in
+// O(M log M + P log M) instead of O(P M): its negatives sorted by e once, every positive's kept
+// triplets are a run of them. t = e_n - e_p (as rounded) is non-decreasing in e_n, so each of
+// the window's conditions on t, and the term's margin - t > 0 (t < margin), holds on a prefix or
+// a suffix of the sorted run, found by binary search on the same comparisons; a run's terms sum
+// to count (margin + e_p) - (sum of its e_n) from prefix sums (in double: the same terms rounded
+// once, not per term). Gradient: dL/de_p = the run's count; each negative's -(number of runs
+// holding it) from a difference array over the sorted positions. A NaN in the row: the direct
+// path (its NaN terms as they are).
+template <int64_t W, bool Grad, typename T>
+bool sorted_row(const TripletArgs& a, const T* e, const int64_t* col_labels, int64_t label,
+                const std::vector<int64_t>& pos, T margin, T wm, std::vector<std::pair<T, int64_t>>& neg,
+                std::vector<double>& prefix, std::vector<int64_t>& runs, T& row_sum, int64_t& row_nonzero,
+                int64_t& row_kept, T* ge) {
+  neg.clear();
+  for (int64_t j = 0; j < a.cols; ++j) {
+    if (e[j] != e[j]) return false;
+    if (col_labels[j] != label) neg.emplace_back(e[j], j);
+  }
+  std::sort(neg.begin(), neg.end());  // (value, column): a fixed order, ties by column
+  const int64_t m = static_cast<int64_t>(neg.size());
+  prefix.assign(m + 1, 0.0);
+  for (int64_t k = 0; k < m; ++k) prefix[k + 1] = prefix[k] + static_cast<double>(neg[k].first);
+  if constexpr (Grad) runs.assign(m + 1, 0);
+  // the first sorted position where pred(t) is false, for pred true on a prefix
+  auto first_false = [&](T ep, auto pred) {
+    int64_t lo = 0, hi = m;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (pred(neg[mid].first - ep)) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  double total = 0.0;
+  int64_t nonzero = 0, kept = 0;
+  for (const int64_t p : pos) {
+    const T ep = e[p];
+    if (ep != ep) return false;
+    int64_t lo = 0, hi = m;  // the window's run: kEvery, and the ends each window moves
+    if constexpr (W == kAll) hi = first_false(ep, [&](T t) { return t <= wm; });
+    if constexpr (W == kHard) hi = first_false(ep, [&](T t) { return (t <= wm) & (t <= T(0)); });
+    if constexpr (W == kSemihard) {
+      lo = first_false(ep, [&](T t) { return !(t > T(0)); });
+      hi = std::max(lo, first_false(ep, [&](T t) { return t <= wm; }));
+    }
+    if constexpr (W == kEasy) lo = first_false(ep, [&](T t) { return !(t > wm); });
+    const int64_t end = std::max(lo, std::min(hi, first_false(ep, [&](T t) { return t < margin; })));
+    kept += hi - lo;
+    const int64_t count = end - lo;  // the kept non-zero terms
+    nonzero += count;
+    total += static_cast<double>(count) * (static_cast<double>(margin) + static_cast<double>(ep)) -
+             (prefix[end] - prefix[lo]);
+    if constexpr (Grad) {
+      ge[p] += T(count);
+      runs[lo] += 1;
+      runs[end] -= 1;
+    }
+  }
+  if constexpr (Grad) {
+    int64_t held = 0;
+    for (int64_t k = 0; k < m; ++k) {
+      held += runs[k];
+      ge[neg[k].second] -= T(held);
+    }
+  }
+  row_sum = T(total);
+  row_nonzero = nonzero;
+  row_kept = kept;
+  return true;
+}
+
 // Per row: the forward sums (sums, counts) and, with Grad, dL/ds of the row (grad_s).
 template <int64_t W, bool Smooth, bool Grad, typename T>
 void rows_pass(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels, T* sums,
                int64_t* counts, T* grad_s) {
   const T margin = T(a.margin), wm = T(a.window_margin);
+  // per-thread scratch of the sorted path (one row at a time per thread)
+  thread_local std::vector<std::pair<T, int64_t>> neg;
+  thread_local std::vector<double> prefix;
+  thread_local std::vector<int64_t> runs;
   for_each_row(a, s, row_labels, col_labels, [&](int64_t i, int64_t label, const std::vector<T>& e,
                                                  const std::vector<int64_t>& pos) {
     T* ge = Grad ? grad_s + i * a.cols : nullptr;  // dL/de first, then dL/ds in place
     if constexpr (Grad) std::fill(ge, ge + a.cols, T(0));
     T row_sum = 0;
     int64_t row_nonzero = 0, row_kept = 0;
-    for (const int64_t p : pos) {
+    bool done = false;
+    if constexpr (!Smooth) {
+      if (static_cast<int64_t>(pos.size()) >= a.sorted_min_positives && !pos.empty()) {
+        done = sorted_row<W, Grad>(a, e.data(), col_labels, label, pos, margin, wm, neg, prefix, runs, row_sum,
+                                   row_nonzero, row_kept, ge);
+        if constexpr (Grad) {
+          if (!done) std::fill(ge, ge + a.cols, T(0));  // (a NaN: the direct path, from scratch)
+        }
+      }
+    }
+    for (size_t k = 0; !done && k < pos.size(); ++k) {
+      const int64_t p = pos[k];
       T slot[3] = {0, 0, 0};
       const T* no_row = nullptr;
       const T wsum =

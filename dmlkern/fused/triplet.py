@@ -8,13 +8,16 @@ keeps t <= m ("all"), t <= min(m, 0) ("hard"), 0 < t <= m ("semihard") or t > m 
 The reducers need only three totals over the kept triplets: the sum of the terms, how many are
 non-zero (AvgNonZeroReducer) and how many there are (MeanReducer).
 
-The rows are walked in blocks of ~1M pair values (`_common.row_blocks`): each block computes its
-similarity rows S = x_b @ yᵀ (deterministic `ops.fixed_mm`), then compares each row's distance
-to each of its positives with all of its negatives: on a CPU in C++, row by row
+The rows are walked in blocks of ~1M pair values (16M off the CPU; `_common.row_blocks`): each
+block computes its similarity rows S = x_b @ yᵀ (deterministic `ops.fixed_mm`), then compares
+each row's distance to each of its positives with all of its negatives: on a CPU in C++, row by row
 (`dmlkern::triplet_rows`, csrc/cpu/triplet_rows_cpu.cpp), elsewhere with
 torch ops one positive "slot" at a time (the j-th positive of every row of the block).
 Work O(N · P · M) for P positives per row (the number of triplets), memory O(B · M + N · D); no
-N x M buffer, no triplet list. The gradient of the total: dL/de_an = -w, dL/de_ap = sum_n w (w =
+N x M buffer, no triplet list. In C++ a row with SORTED_MIN_POSITIVES or more positives (relu
+terms, no swap: few large classes) sorts its negatives once instead, each positive's kept terms
+then a run of them found by binary search, summed from prefix sums: O(M log M + P log M) a row.
+The gradient of the total: dL/de_an = -w, dL/de_ap = sum_n w (w =
 1 where the term is kept and positive, or its sigmoid with `smooth_loss`), then grad_x[b] =
 G_b @ y and grad_y += G_bᵀ @ x_b, the blocks added in order: bit-identical at any CPU thread
 count. It is linear in the upstream gradient, so when the inputs require grad the forward
@@ -51,6 +54,9 @@ from ._epilogue import ZERO_LOSS
 BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++ on a CPU, else torch ops
 _DISTANCES = DOT_KINDS + DISTANCE_KINDS  # e = -s or d (the squared distances: the reference)
 WINDOW_IDS = {"every": 0, "all": 1, "hard": 2, "semihard": 3, "easy": 4}  # csrc/ops.cpp's triplet_rows
+# the C++ kernel's rows with at least this many positives (relu terms, no swap) sort their negatives
+# once: O(M log M + P log M) a row instead of O(P M) (few large classes)
+SORTED_MIN_POSITIVES = 128
 _CPU_KERNEL = extension_loaded() and hasattr(torch.ops.dmlkern, "triplet_rows")
 if _CPU_KERNEL:  # its shapes, for torch.compile (FakeTensor tracing)
     @torch.library.register_fake("dmlkern::triplet_rows")
@@ -179,7 +185,8 @@ def _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     """`_block_pass` after the product, in C++ (csrc/cpu/triplet_rows_cpu.cpp)."""
     sums, counts, g_s = torch.ops.dmlkern.triplet_rows(
         s, labels_b, ref_labels, row0, exclude_diag, [rule.margin, rule.window_margin],
-        [int(rule.smooth), int(rule.euclidean), WINDOW_IDS[rule.window], int(rule.swap)], with_grad)
+        [int(rule.smooth), int(rule.euclidean), WINDOW_IDS[rule.window], int(rule.swap), SORTED_MIN_POSITIVES],
+        with_grad)
     return sums, counts[:, 0], counts[:, 1], g_s if with_grad else None
 
 
