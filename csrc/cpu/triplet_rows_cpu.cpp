@@ -107,11 +107,9 @@ void farness_row(const TripletArgs& a, const T* s_row, T* __restrict__ out) {
   }
 }
 
-// e of row i into `e`; its positives' columns (in order) into `pos`.
-template <typename T>
-void row_setup(const TripletArgs& a, const T* s_row, const int64_t* col_labels, int64_t label, int64_t i,
-               std::vector<T>& e, std::vector<int64_t>& pos) {
-  farness_row(a, s_row, e.data());
+// Row i's positives' columns (in order) into `pos`.
+inline void list_positives(const TripletArgs& a, const int64_t* col_labels, int64_t label, int64_t i,
+                           std::vector<int64_t>& pos) {
   pos.clear();
   const int64_t self = a.exclude_diag ? a.row0 + i : -1;
   for (int64_t j = 0; j < a.cols; ++j)
@@ -178,16 +176,19 @@ void to_similarity_grad(const TripletArgs& a, const T* __restrict__ e, T* __rest
 }
 
 // Runs body(i, label, e, pos) for every row i of the block, in parallel over groups of 8 rows,
-// with the row's e and positives from row_setup (per-thread buffers).
+// with the row's e (its row of e_block when given, else computed into a per-thread buffer) and
+// its positives' columns.
 template <typename T, typename F>
 void for_each_row(const TripletArgs& a, const T* s, const int64_t* row_labels, const int64_t* col_labels,
-                  F&& body) {
+                  F&& body, const T* e_block = nullptr) {
   parallel_blocks(ceil_div(a.rows, 8), [&](int64_t b0, int64_t b1) {
-    std::vector<T> e(a.cols);
+    std::vector<T> buffer(e_block != nullptr ? 0 : a.cols);
     std::vector<int64_t> pos;
     for (int64_t i = b0 * 8; i < std::min(a.rows, b1 * 8); ++i) {
       const int64_t label = row_labels[i];
-      row_setup(a, s + i * a.cols, col_labels, label, i, e, pos);
+      const T* e = e_block != nullptr ? e_block + i * a.cols : buffer.data();
+      if (e_block == nullptr) farness_row(a, s + i * a.cols, buffer.data());
+      list_positives(a, col_labels, label, i, pos);
       body(i, label, e, pos);
     }
   });
@@ -273,7 +274,7 @@ void rows_pass(const TripletArgs& a, const T* s, const int64_t* row_labels, cons
   thread_local std::vector<std::pair<T, int64_t>> neg;
   thread_local std::vector<double> prefix;
   thread_local std::vector<int64_t> runs;
-  for_each_row(a, s, row_labels, col_labels, [&](int64_t i, int64_t label, const std::vector<T>& e,
+  for_each_row(a, s, row_labels, col_labels, [&](int64_t i, int64_t label, const T* e,
                                                  const std::vector<int64_t>& pos) {
     T* ge = Grad ? grad_s + i * a.cols : nullptr;  // dL/de first, then dL/ds in place
     if constexpr (Grad) std::fill(ge, ge + a.cols, T(0));
@@ -282,7 +283,7 @@ void rows_pass(const TripletArgs& a, const T* s, const int64_t* row_labels, cons
     bool done = false;
     if constexpr (!Smooth) {
       if (static_cast<int64_t>(pos.size()) >= a.sorted_min_positives && !pos.empty()) {
-        done = sorted_row<W, Grad>(a, e.data(), col_labels, label, pos, margin, wm, neg, prefix, runs, row_sum,
+        done = sorted_row<W, Grad>(a, e, col_labels, label, pos, margin, wm, neg, prefix, runs, row_sum,
                                    row_nonzero, row_kept, ge);
         if constexpr (Grad) {
           if (!done) std::fill(ge, ge + a.cols, T(0));  // (a NaN: the direct path, from scratch)
@@ -294,7 +295,7 @@ void rows_pass(const TripletArgs& a, const T* s, const int64_t* row_labels, cons
       T slot[3] = {0, 0, 0};
       const T* no_row = nullptr;
       const T wsum =
-          slot_pass<W, Smooth, true, Grad, false>(e.data(), no_row, col_labels, label, e[p], a.cols, margin, wm, slot, ge);
+          slot_pass<W, Smooth, true, Grad, false>(e, no_row, col_labels, label, e[p], a.cols, margin, wm, slot, ge);
       if constexpr (Grad) ge[p] += wsum;
       row_sum += slot[0];
       row_nonzero += static_cast<int64_t>(slot[1]);
@@ -303,7 +304,7 @@ void rows_pass(const TripletArgs& a, const T* s, const int64_t* row_labels, cons
     sums[i] = row_sum;
     counts[2 * i] = row_nonzero;
     counts[2 * i + 1] = row_kept;
-    if constexpr (Grad) to_similarity_grad(a, e.data(), ge);
+    if constexpr (Grad) to_similarity_grad(a, e, ge);
   });
 }
 
@@ -333,38 +334,35 @@ void swap_rows_pass(const TripletArgs& a, const T* s, const int64_t* row_labels,
   parallel_blocks(ceil_div(a.rows, 8), [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0 * 8; i < std::min(a.rows, b1 * 8); ++i) farness_row(a, s + i * a.cols, e + i * a.cols);
   });
-  parallel_blocks(ceil_div(a.rows, 8), [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0 * 8; i < std::min(a.rows, b1 * 8); ++i) {
-      const int64_t label = row_labels[i], self = a.row0 + i;
-      const T* ei = e + i * a.cols;
-      T* ge = Grad ? grad_s + i * a.cols : nullptr;
-      if constexpr (Grad) std::fill(ge, ge + a.cols, T(0));
-      T row_sum = 0;
-      int64_t row_nonzero = 0, row_kept = 0;
-      for (int64_t p = 0; p < a.cols; ++p) {
-        if (col_labels[p] != label || p == self) continue;
-        const int64_t q = p - a.row0;
-        TORCH_CHECK(q >= 0 && q < a.rows && row_labels[q] == label,
-                    "triplet_rows: with swap, every positive's row must be in the block (whole classes, the "
-                    "batch against itself sorted by label): row ", self, "'s positive ", p, " is not");
-        const T* eq = e + q * a.cols;
-        T slot[3] = {0, 0, 0};
-        const T wsum = slot_pass<W, Smooth, true, Grad, true>(ei, eq, col_labels, label, ei[p], a.cols, margin, wm,
-                                                                slot, ge);
-        row_sum += slot[0];
-        row_nonzero += static_cast<int64_t>(slot[1]);
-        row_kept += static_cast<int64_t>(slot[2]);
-        if constexpr (Grad) {
-          swap_positive_pass<W, Smooth>(ei, eq, col_labels, label, eq[self], a.cols, margin, wm, ge);
-          ge[p] += wsum;  // (p is not a negative: both passes add 0 there)
-        }
+  for_each_row(a, s, row_labels, col_labels, [&](int64_t i, int64_t label, const T* ei,
+                                                 const std::vector<int64_t>& pos) {
+    const int64_t self = a.row0 + i;
+    T* ge = Grad ? grad_s + i * a.cols : nullptr;
+    if constexpr (Grad) std::fill(ge, ge + a.cols, T(0));
+    T row_sum = 0;
+    int64_t row_nonzero = 0, row_kept = 0;
+    for (const int64_t p : pos) {
+      const int64_t q = p - a.row0;
+      TORCH_CHECK(q >= 0 && q < a.rows && row_labels[q] == label,
+                  "triplet_rows: with swap, every positive's row must be in the block (whole classes, the "
+                  "batch against itself sorted by label): row ", self, "'s positive ", p, " is not");
+      const T* eq = e + q * a.cols;
+      T slot[3] = {0, 0, 0};
+      const T wsum = slot_pass<W, Smooth, true, Grad, true>(ei, eq, col_labels, label, ei[p], a.cols, margin, wm,
+                                                              slot, ge);
+      row_sum += slot[0];
+      row_nonzero += static_cast<int64_t>(slot[1]);
+      row_kept += static_cast<int64_t>(slot[2]);
+      if constexpr (Grad) {
+        swap_positive_pass<W, Smooth>(ei, eq, col_labels, label, eq[self], a.cols, margin, wm, ge);
+        ge[p] += wsum;  // (p is not a negative: both passes add 0 there)
       }
-      sums[i] = row_sum;
-      counts[2 * i] = row_nonzero;
-      counts[2 * i + 1] = row_kept;
-      if constexpr (Grad) to_similarity_grad(a, ei, ge);
     }
-  });
+    sums[i] = row_sum;
+    counts[2 * i] = row_nonzero;
+    counts[2 * i + 1] = row_kept;
+    if constexpr (Grad) to_similarity_grad(a, ei, ge);
+  }, static_cast<const T*>(e));
 }
 
 // The window and smooth_loss as template arguments (the loops stay branch-free).

@@ -476,9 +476,14 @@ def block_values(device=None):
     return ROW_BLOCK_VALUES if device is None or torch.device(device).type == "cpu" else GPU_ROW_BLOCK_VALUES
 
 
+def block_rows(m, device=None):
+    """Rows of a block of about `block_values(device)` pair values against m columns (at least 1)."""
+    return max(1, block_values(device) // max(1, m))
+
+
 def row_blocks(n, m, device=None):
-    """(r0, r1) row blocks of about `block_values(device)` pair values each against m columns, in order."""
-    step = max(1, block_values(device) // max(1, m))
+    """(r0, r1) row blocks of `block_rows(m, device)` rows each, in order."""
+    step = block_rows(m, device)
     for r0 in range(0, n, step):
         yield r0, min(n, r0 + step)
 

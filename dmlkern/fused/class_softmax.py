@@ -52,10 +52,10 @@ SMALL_PROBLEM_LOGITS = _small_problem_logits()
 
 def small_problem(embeddings, layout):
     """Why the reference runs this eager class-weight loss call (a str), or None."""
-    logits = embeddings.shape[0] * layout.num_classes * layout.group
-    if logits >= SMALL_PROBLEM_LOGITS or static_shapes():
+    columns = layout.num_classes * layout.group
+    if embeddings.shape[0] * columns >= SMALL_PROBLEM_LOGITS or static_shapes():
         return None
-    return (f"a small problem ({embeddings.shape[0]} x {layout.num_classes * layout.group} logits, under "
+    return (f"a small problem ({embeddings.shape[0]} x {columns} logits, under "
             f"DMLKERN_SMALL_CLASS_LOGITS={SMALL_PROBLEM_LOGITS}: the reference's logits cost less than the "
             "blocked path's fixed cost)")
 

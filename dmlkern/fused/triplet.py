@@ -45,10 +45,9 @@ from ..engine_spec import stats_dtype
 from ..ops import pair_engine as pe
 from ..ops.dispatch import extension_loaded
 from ..ops.fixed_mm_op import fixed_mm
-from . import _common
-from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, decline, engine_distance, engine_rows,
-                      engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, row_blocks,
-                      row_sums, widened)
+from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, block_rows, decline, engine_distance, engine_rows,
+                      engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, row_blocks, row_sums,
+                      widened)
 from ._epilogue import ZERO_LOSS
 
 BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++ on a CPU, else torch ops
@@ -152,6 +151,7 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     nonzero = torch.zeros(B, dtype=torch.long, device=e.device)
     kept = torch.zeros(B, dtype=torch.long, device=e.device)
     g_e = torch.zeros_like(e) if with_grad else None
+    own_cols = (torch.arange(B, device=e.device) + row0)[:, None] if rule.swap else None  # row i: column row0 + i
     for j in range(slot_cols.shape[1]):
         col = slot_cols[:, j:j + 1]
         negative = neg & valid[:, j:j + 1]
@@ -169,7 +169,7 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
             # one column per row: no two writes meet, so the order can't matter
             g_e.scatter_add_(1, col, row_sums(w).unsqueeze(1))
             if e_q is not None:  # the triplets (q, i, n): q the anchor, row i its positive
-                e_qi = e_q.gather(1, (torch.arange(B, device=e.device) + row0)[:, None])
+                e_qi = e_q.gather(1, own_cols)
                 keep = _kept(negative, e_q - e_qi, rule)
                 viol = rule.margin - (torch.minimum(e_q, e) - e_qi)
                 g_e -= torch.where(keep, _term_slope(viol, rule.smooth), 0.0) * _min_share(e, e_q)
@@ -212,8 +212,8 @@ def _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad=False):
 
 def class_blocks(sorted_labels, m):
     """(r0, r1) row blocks of whole classes (each class's rows consecutive in sorted_labels), each
-    of about `_common.block_values` pair values against m columns or of one class, in order."""
-    step = max(1, _common.block_values(sorted_labels.device) // max(1, m))
+    of at most `_common.block_rows` rows against m columns or of one class, in order."""
+    step = block_rows(m, sorted_labels.device)
     blocks, r0, r1 = [], 0, 0
     for count in torch.unique_consecutive(sorted_labels, return_counts=True)[1].tolist():
         if r1 > r0 and r1 + count - r0 > step:
@@ -238,10 +238,7 @@ def _materialised_total(x, y, labels, ref_labels, rule, exclude_diag):
     e = unit_distance(s) if rule.euclidean else -s
     pos, neg = block_masks(labels, ref_labels, 0, exclude_diag)
     t = e.unsqueeze(1) - e.unsqueeze(2)  # [a, p, n] = e_an - e_ap
-    keep = pos.unsqueeze(2) & neg.unsqueeze(1)
-    mined = _mined(t, rule)
-    if mined is not None:
-        keep &= mined
+    keep = _kept(pos.unsqueeze(2) & neg.unsqueeze(1), t, rule)
     viol = rule.margin - t
     if rule.swap:  # [a, p, n] = min(e_an, e_pn) - e_ap
         viol = rule.margin - (torch.minimum(e.unsqueeze(1), e.unsqueeze(0)) - e.unsqueeze(2))
