@@ -600,7 +600,7 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
          "MeanReducer collecting statistics"),
         (losses.ContrastiveLoss(reducer=DoNothingReducer()), (x, labels), "DoNothingReducer"),
         (losses.ContrastiveLoss(), (zero_row, labels), "shorter than 1e-12"),
-        (losses.MarginLoss(triplets_per_anchor=3), (x, labels), "triplets_per_anchor=3"),
+        (losses.MarginLoss(triplets_per_anchor=3), (x, labels), "triplets_per_anchor=k drawing over 1/16"),
         (losses.MarginLoss(reducer=AvgNonZeroReducer()), (x, labels), "AvgNonZeroReducer for its sub-loss"),
     ]:
         loss_fn.last_fallback = None

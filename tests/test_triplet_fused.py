@@ -501,7 +501,7 @@ def test_lazy_triplets_on_changed_inputs_run_listed(monkeypatch):
 def test_unfusable_configurations_use_the_reference():
     x, labels, ref, ref_labels = _inputs(20, 4, 9, torch.float64, seed=23)
     for kw, args, why in (({"swap": True}, (None, ref, ref_labels), "swap=True with ref_emb"),
-                          ({"triplets_per_anchor": 3}, (), "random")):
+                          ({"triplets_per_anchor": 3}, (), "triplets_per_anchor=k drawing over 1/16")):
         loss_fn = losses.TripletMarginLoss(**kw)
         torch.manual_seed(0)  # (the random triplets: PML's draws)
         value = loss_fn(x, labels, *args)

@@ -55,6 +55,10 @@ LOSSES = {
     "triplet": LossInfo("TripletMarginLoss()(emb, labels), every triplet", "classes", True, 200.0, 0.05),
     "triplet_swap": LossInfo("TripletMarginLoss(swap=True)(emb, labels), every triplet", "classes", True, 200.0, 0.05,
                              default=False, loss_kw=(("swap", True),)),
+    # PML: the N x N distance matrix for the T = 16 N triplets it draws
+    "triplet_random": LossInfo("TripletMarginLoss(triplets_per_anchor=16)(emb, labels), PML's random triplets",
+                               "classes", True, 8.0, default=False, compiled_reference=False,
+                               loss_kw=(("triplets_per_anchor", 16),)),
     "triplet_semihard": LossInfo(
         "TripletMarginLoss()(emb, labels, TripletMarginMiner(type_of_triplets='semihard')(emb, labels))", "classes",
         True, 200.0, 0.05, miner=("TripletMarginMiner", (("type_of_triplets", "semihard"),))),

@@ -9,18 +9,27 @@ Euclidean distances (no gradient at d = 0, as the blocked path), 2 - 2s squared,
 the similarities (`listed_pairs.distance_values`); then the loss's own terms. The result is
 the reference's per-triplet loss dict, so every reducer works. Work and memory O(T · D); values
 and gradients don't depend on the CPU thread count (index_select gathers, whose backward
-index_add is serial on the CPU)."""
+index_add is serial on the CPU).
+
+With `triplets_per_anchor=k` and no indices_tuple, PML draws k random triplets per anchor;
+`random_triplets` draws the very same ones (the same torch.randint calls in the same order) in
+O(N k) memory, and `on_random_triplets` runs the listed path on them."""
+
+import torch
 
 from .._tracing import static_shapes
 from ..ops import pair_engine as pe
+from ..reference.indices import convert_to_triplets
 from ..reference.tuple_losses import margin_anchor_beta, margin_triplets_dict
 from ._common import decline, engine_distance, engine_rows_reason
 from ._epilogue import ZERO_LOSS
-from .listed_pairs import DENSE, distance_values, is_dense, listed_rows, materialized
+from .listed_pairs import DENSE, DENSE_FRACTION, distance_values, is_dense, listed_rows, materialized
 from .pair_lists import positive_pairs
 from .triplet import _term
 
 BACKEND = "listed"  # what `last_backend` says: the listed triplets, gathered rows, no N x M matrix
+DENSE_RANDOM = ("triplets_per_anchor=k drawing over 1/16 of all pairs (the reference's matrix is cheaper than "
+                "listing them)")
 
 
 def pairs_to_triplets(a1, p, a2, n):
@@ -30,17 +39,25 @@ def pairs_to_triplets(a1, p, a2, n):
     return a1.index_select(0, i), p.index_select(0, i), n.index_select(0, j)
 
 
+def _listed_reason(module, embeddings, ref_emb):
+    """Why the listed path can't take this call whatever its triplets (a str), or None."""
+    distance = module.distance
+    if pe.choose_backend(module.backend, embeddings.device) == "reference":  # torch ops only: any dtype, device
+        return "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"
+    if engine_distance(distance) is None:
+        return (f"distance {type(distance).__name__} with listed triplets (the listed path: "
+                "LpDistance(p=2, power 1 or 2), CosineSimilarity, DotProductSimilarity)")
+    if static_shapes():
+        return "torch.compile (the listed triplet path has data-dependent shapes)"
+    return engine_rows_reason(distance, embeddings, ref_emb)  # short rows, half-precision raw Lp
+
+
 def listed_triplets(module, embeddings, indices_tuple, ref_emb):
     """The triplets (a, p, n) of a listed-triplet call, with the checks both losses share;
     ZERO_LOSS for no triplet, or None after `decline` (the reference runs)."""
-    distance = module.distance
-    if pe.choose_backend(module.backend, embeddings.device) == "reference":  # torch ops only: any dtype, device
-        return decline(module, "backend='reference' requested (loss.backend or DMLKERN_BACKEND)")
-    if engine_distance(distance) is None:
-        return decline(module, f"distance {type(distance).__name__} with listed triplets (the listed path: "
-                               "LpDistance(p=2, power 1 or 2), CosineSimilarity, DotProductSimilarity)")
-    if static_shapes():
-        return decline(module, "torch.compile (the listed triplet path has data-dependent shapes)")
+    reason = _listed_reason(module, embeddings, ref_emb)
+    if reason is not None:
+        return decline(module, reason)
     indices_tuple = materialized(indices_tuple, embeddings.device)
     if len(indices_tuple) == 4:
         indices_tuple = pairs_to_triplets(*(t.long() for t in indices_tuple))
@@ -49,10 +66,25 @@ def listed_triplets(module, embeddings, indices_tuple, ref_emb):
         return ZERO_LOSS  # the reference's zeros, before it computes any distance
     if is_dense(2 * len(a), embeddings, ref_emb):  # two gathered dot products per triplet
         return decline(module, DENSE)
-    reason = engine_rows_reason(distance, embeddings, ref_emb)  # short rows, half-precision raw Lp
+    return a, p, n
+
+
+def on_random_triplets(module, embeddings, labels, ref_emb, ref_labels, listed):
+    """triplets_per_anchor=k without an indices_tuple: `listed(triplets)` on PML's random triplets
+    (`random_triplets`), or None after `decline`, before any draw (the reference then draws them
+    itself, consuming the RNG as PML does); should the listed path decline these triplets, the
+    reference's loss dict on them (backend "reference")."""
+    reason = _listed_reason(module, embeddings, ref_emb)
     if reason is not None:
         return decline(module, reason)
-    return a, p, n
+    max_triplets = int(DENSE_FRACTION * embeddings.shape[0] * ref_emb.shape[0]) // 2
+    triplets = random_triplets(labels, ref_labels, module.triplets_per_anchor, max_triplets)
+    if triplets is None:
+        return decline(module, DENSE_RANDOM)
+    out = listed(triplets)
+    if out is None:  # (swap with ref_emb's indices past the rows) the reference, on the triplets drawn
+        return module.compute_loss(embeddings, labels, triplets, ref_emb, ref_labels), "reference"
+    return out
 
 
 def listed_triplet_margin(module, embeddings, indices_tuple, ref_emb):
@@ -90,3 +122,66 @@ def listed_margin(module, embeddings, labels, indices_tuple, ref_emb):
     d_an = distance_values(x, y, a, n, module.distance).to(embeddings.dtype)
     return margin_triplets_dict(d_ap, d_an, b, (a, p, n), margin=module.margin, nu=module.nu, beta=module.beta,
                                 learn_beta=module.learn_beta, distance=module.distance), BACKEND
+
+
+def random_triplets(labels, ref_labels, t_per_anchor, max_triplets=None):
+    """PML's get_random_triplet_indices(labels, ref_labels, t_per_anchor) without its per-class
+    scans of the batch and its n_a x n_p positive candidates: the same triplets for the same torch
+    seed. Per class (torch.unique order) PML draws k positive columns among the class's other
+    members, then one negative column per triplet among the other classes' members; only these two
+    torch.randint calls stay in the loop, the columns become row indices after it: the positive
+    column c of anchor number r skips r itself (c + (c >= r)), the negative column j is the j-th
+    index outside the class (j plus the class members q_i = p_i - i <= j, p its ascending
+    indices). O(T + M log M) for T triplets. None, before any draw, when there would be more than
+    max_triplets."""
+    device = labels.device
+    same_object = ref_labels is labels
+    sorted_ref, ref_order = torch.sort(ref_labels, stable=True)
+    classes = torch.unique(labels)
+    ref_lo = torch.searchsorted(sorted_ref, classes)
+    n_pos = torch.searchsorted(sorted_ref, classes, right=True) - ref_lo
+    if same_object:
+        anchor_order, anchor_lo, n_anchors = ref_order, ref_lo, n_pos
+    else:
+        sorted_labels, anchor_order = torch.sort(labels, stable=True)
+        anchor_lo = torch.searchsorted(sorted_labels, classes)
+        n_anchors = torch.searchsorted(sorted_labels, classes, right=True) - anchor_lo
+    m = len(ref_labels)
+    k = n_pos if t_per_anchor is None else torch.full_like(n_pos, t_per_anchor)
+    drawn = (n_pos >= (2 if same_object else 1)) & (m - n_pos >= 1)
+    if max_triplets is not None and int((n_anchors * k * drawn).sum()) > max_triplets:
+        return None
+    taken, per_anchor, pos_cols, neg_cols = [], [], [], []
+    n_anchors_list, n_pos_list = n_anchors.tolist(), n_pos.tolist()
+    for ci in torch.nonzero(drawn).flatten().tolist():
+        n_a, n_p = n_anchors_list[ci], n_pos_list[ci]
+        k = n_p if t_per_anchor is None else t_per_anchor
+        pos_cols.append(torch.randint(0, n_p - 1 if same_object else n_p, (n_a * k,)))
+        neg_cols.append(torch.randint(0, m - n_p, (n_a * k,)))
+        taken.append(ci)
+        per_anchor.append(k)
+    if not taken:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty.clone(), empty.clone()
+    taken = torch.tensor(taken, device=device)
+    per_anchor = torch.tensor(per_anchor, device=device)
+    counts = n_anchors[taken] * per_anchor
+    cls = torch.repeat_interleave(torch.arange(len(taken), device=device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    anchor_no = (torch.arange(len(cls), device=device) - first[cls]) // per_anchor[cls]
+    pos_col = torch.cat(pos_cols).to(device)
+    if same_object:
+        pos_col += pos_col >= anchor_no
+    a = anchor_order[anchor_lo[taken][cls] + anchor_no]
+    p = ref_order[ref_lo[taken][cls] + pos_col]
+    # the negatives: each class's q = p_i - i is non-decreasing in [0, m); keyed by the class's
+    # rank among the sorted reference labels, one searchsorted serves every class
+    new_class = torch.cat([torch.ones_like(sorted_ref[:1], dtype=torch.bool), sorted_ref[1:] != sorted_ref[:-1]])
+    ref_rank = torch.cumsum(new_class.long(), 0)
+    positions = torch.arange(m, device=device)
+    class_start = torch.cummax(torch.where(new_class, positions, 0), 0).values
+    key = ref_rank * (m + 1) + ref_order - (positions - class_start)
+    neg_col = torch.cat(neg_cols).to(device)
+    query = ref_rank[ref_lo[taken]][cls] * (m + 1) + neg_col
+    n = neg_col + torch.searchsorted(key, query, right=True) - ref_lo[taken][cls]
+    return a, p, n

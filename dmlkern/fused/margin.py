@@ -14,7 +14,7 @@ from ..reducers import DivisorReducer, MeanReducer, SumReducer
 from ._common import Degenerate, LabelStats, decline, engine_rows, value_or_zero, value_params
 from ._epilogue import ZERO_LOSS, _already_reduced
 from .contrastive import NAN_PAIRS, hinge_plan, nan_in
-from .listed_triplets import listed_margin
+from .listed_triplets import listed_margin, on_random_triplets
 
 SUB_LOSSES = ("margin_loss", "beta_reg_loss")
 _KINDS = {DivisorReducer: "divisor", MeanReducer: "mean", SumReducer: "sum"}
@@ -50,13 +50,10 @@ def _reduced(kind, total, divisor, count, reducer, embeddings):
 def margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if indices_tuple is not None:  # only the listed triplets (O(T))
         return listed_margin(module, embeddings, labels, indices_tuple, ref_emb)
-
-    def why_not():
-        if module.triplets_per_anchor != "all":
-            return f"triplets_per_anchor={module.triplets_per_anchor!r} with MarginLoss (fused: all triplets)"
-        return None
-
-    plan = hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, SUB_LOSSES, _KINDS, why_not)
+    if module.triplets_per_anchor != "all" and labels is not None:  # PML's random triplets, listed
+        return on_random_triplets(module, embeddings, labels, ref_emb, ref_labels,
+                                  lambda triplets: listed_margin(module, embeddings, labels, triplets, ref_emb))
+    plan = hinge_plan(module, embeddings, labels, indices_tuple, ref_emb, SUB_LOSSES, _KINDS)
     if plan is None:
         return None
     backend, kinds = plan

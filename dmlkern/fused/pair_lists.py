@@ -34,11 +34,18 @@ class PairDots(torch.autograd.Function):
     CHUNK = 1 << 14  # pairs per chunk: a few (chunk x D) buffers at a time
 
     @staticmethod
+    def chunk(x, y):
+        """Pairs per chunk: CHUNK, but a (chunk x D) buffer no larger than the N x M matrix the
+        reference would hold (small batches), and at least 256 pairs."""
+        return max(256, min(PairDots.CHUNK, x.shape[0] * y.shape[0] // max(x.shape[1], 1)))
+
+    @staticmethod
     def forward(x, y, a, p):
         y = x if y is None else y
         out = x.new_empty(len(a))
-        for c in range(0, len(a), PairDots.CHUNK):
-            sl = slice(c, c + PairDots.CHUNK)
+        step = PairDots.chunk(x, y)
+        for c in range(0, len(a), step):
+            sl = slice(c, c + step)
             out[sl] = (x.index_select(0, a[sl]) * y.index_select(0, p[sl])).sum(dim=1)
         return out
 
@@ -49,18 +56,26 @@ class PairDots(torch.autograd.Function):
         ctx.save_for_backward(x, x if y is None else y, a, p)
 
     @staticmethod
-    def backward(ctx, grad):  # differentiable ops: a gradient that create_graph=True can differentiate
+    def backward(ctx, grad):
         x, y, a, p = ctx.saved_tensors
+        # create_graph=True: out-of-place index_add, a gradient autograd can differentiate; else in
+        # place (out of place copies the whole N x D gradient per chunk)
+        differentiable = torch.is_grad_enabled()
         gx = torch.zeros_like(x)
         gy = gx if ctx.self_pairs else torch.zeros_like(y)
-        for c in range(0, len(a), PairDots.CHUNK):
-            sl = slice(c, c + PairDots.CHUNK)
+
+        def add(acc, rows, values):
+            return acc.index_add(0, rows, values) if differentiable else acc.index_add_(0, rows, values)
+
+        step = PairDots.chunk(x, y)
+        for c in range(0, len(a), step):
+            sl = slice(c, c + step)
             g = grad[sl, None].to(x.dtype)
-            gx = gx.index_add(0, a[sl], g * y.index_select(0, p[sl]))
+            gx = add(gx, a[sl], g * y.index_select(0, p[sl]))
             if ctx.self_pairs:
-                gx = gx.index_add(0, p[sl], g * x.index_select(0, a[sl]))
+                gx = add(gx, p[sl], g * x.index_select(0, a[sl]))
             else:
-                gy = gy.index_add(0, p[sl], g * x.index_select(0, a[sl]))
+                gy = add(gy, p[sl], g * x.index_select(0, a[sl]))
         return gx, None if ctx.self_pairs else gy, None, None
 
 

@@ -318,13 +318,16 @@ def distance_kind(distance):
 def triplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """The fused TripletMarginLoss: every triplet (triplets_per_anchor="all", no indices_tuple), or
     a TripletMarginMiner's lazy result mined on these very inputs, on row blocks; any other
-    indices_tuple (a lazy one materialised) on its listed triplets (`listed_triplets.py`); else None
-    (the reference)."""
+    indices_tuple (a lazy one materialised), or PML's random triplets (triplets_per_anchor=k), on
+    its listed triplets (`listed_triplets.py`); else None (the reference)."""
     from .lazy_pairs import LazyMinedTriplets
-    from .listed_triplets import listed_triplet_margin
+    from .listed_triplets import listed_triplet_margin, on_random_triplets
 
     if pe.choose_backend(module.backend, embeddings.device) == "reference":
         return decline(module, "backend='reference' requested (loss.backend or DMLKERN_BACKEND)")
+    if module.triplets_per_anchor != "all" and indices_tuple is None and labels is not None:
+        return on_random_triplets(module, embeddings, labels, ref_emb, ref_labels,
+                                  lambda triplets: listed_triplet_margin(module, embeddings, triplets, ref_emb))
     plan = _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     if isinstance(plan, str):
         if indices_tuple is None:
