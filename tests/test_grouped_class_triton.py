@@ -13,19 +13,15 @@ from dmlkern import losses
 from dmlkern.fused.class_softmax import unit
 from dmlkern.fused.grouped_classes import MaxOverGroup
 from dmlkern.ops import grouped_class_op as gc
-from dmlkern.triton import interpret_mode, triton_available
+from _triton_device import gpu_marks, triton_device
 from test_grouped_class_kernel import REDUCES, SCALE, _torch
 from test_grouped_class_kernel import _kernel as kernel_case
 
-if not triton_available():
-    pytest.skip("needs triton", allow_module_level=True)
-if not (torch.cuda.is_available() or interpret_mode()):
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = triton_device()
 
 from dmlkern.triton import grouped_class as tg  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []  # benchmarks/gpu_check.sh runs `-m gpu`
+pytestmark = gpu_marks(DEVICE)
 # (rtol, atol) against the torch ops, whose products round the same inputs: fp64 rounding only;
 # fp32 the logits' rounding (scale 16) through exp; fp16 / bf16: the products' operands are the
 # same, the kernel's sums are fp32 and the torch ops' in the input dtype

@@ -44,6 +44,7 @@ from .._tracing import static_shapes
 from ..engine_spec import stats_dtype
 from ..ops import pair_engine as pe
 from ..ops.dispatch import extension_loaded
+from ..triton import triton_available
 from ..ops.fixed_mm_op import fixed_mm
 from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, block_rows, decline, engine_distance, engine_rows,
                       engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, row_blocks, row_sums,
@@ -57,6 +58,9 @@ WINDOW_IDS = {"every": 0, "all": 1, "hard": 2, "semihard": 3, "easy": 4}  # csrc
 # once: O(M log M + P log M) a row instead of O(P M) (few large classes)
 SORTED_MIN_POSITIVES = 128
 _CPU_KERNEL = extension_loaded() and hasattr(torch.ops.dmlkern, "triplet_rows")
+triton_rows = None  # triton/triplet_rows.py, when triton is installed
+if triton_available():
+    from ..triton import triplet_rows as triton_rows
 if _CPU_KERNEL:  # its shapes, for torch.compile (FakeTensor tracing)
     @torch.library.register_fake("dmlkern::triplet_rows")
     def _triplet_rows_fake(s, row_labels, col_labels, row0, exclude_diag, params, flags, with_grad):
@@ -73,6 +77,7 @@ class TripletRule(NamedTuple):
     window: str  # "every" (no miner) or the miner's type_of_triplets ("all", "hard", "semihard", "easy")
     window_margin: float = 0.0  # the miner's margin
     swap: bool = False  # e_an -> min(e_an, e_pn): the batch against itself, rows sorted by label
+    triton: bool = False  # the rows in the Triton kernel (the Triton backend; not with swap)
 
 
 def _farness(s, euclidean):
@@ -141,11 +146,15 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     row0 + k is row k): row i's terms against its positive q read row q's e, and its gradient adds
     the triplets (q, i, n), recomputed as q's own sweep computes them, times the e_in side's share
     of min(e_qn, e_in)."""
-    if _CPU_KERNEL and s.device.type == "cpu":
+    triton = rule.triton and triton_rows.supports(s, rule)
+    if _CPU_KERNEL and s.device.type == "cpu" and not triton:
         return _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad)
-    e = _farness(s, rule.euclidean)
     pos, neg = block_masks(labels_b, ref_labels, row0, exclude_diag)
     slot_cols, valid = _positive_slots(pos)
+    if triton:
+        return triton_rows.triplet_rows(s, slot_cols.masked_fill(~valid, -1), labels_b, ref_labels, rule,
+                                        WINDOW_IDS[rule.window], with_grad)
+    e = _farness(s, rule.euclidean)
     B = s.shape[0]
     total = torch.zeros(B, dtype=e.dtype, device=e.device)
     nonzero = torch.zeros(B, dtype=torch.long, device=e.device)
@@ -374,8 +383,9 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
     if reason is not None:
         return reason
     euclidean = engine_distance(module.distance) in DISTANCE_KINDS
+    triton = pe.choose_backend(module.backend, embeddings.device) == "triton" and not module.swap
     rule = TripletRule(float(module.margin), bool(module.smooth_loss), euclidean, window, window_margin,
-                       bool(module.swap))
+                       bool(module.swap), triton)
     return labels, ref_labels, rule, reduction
 
 

@@ -1,0 +1,140 @@
+"""TripletMarginLoss's row sweep in Triton: the GPU twin of csrc/cpu/triplet_rows_cpu.cpp for the
+rules without `swap`, with the contract of fused/triplet.py's `_block_pass` (whose torch ops are
+the yardstick of its tests, tests/test_triplet_triton.py).
+
+One program owns one row of the block's similarities s = x_b @ yᵀ. It walks the row's columns in
+tiles of BLOCK_N; for each tile it loads e (the distance: sqrt(max(2 - 2s, 0)), or -s) once, then
+meets it with each of the row's positives (their columns precomputed, `slots`): t = e_n - e_ap,
+the kept triplets' terms relu / softplus(margin - t) summed, and with the gradient w (the term's
+slope on a kept triplet) summed per negative over the positives (dL/de_n = -sum_p w) and per
+positive over the negatives (dL/de_p = sum_n w, in a (rows, slots) scratch the same program
+updates tile after tile). The tile's dL/ds is written once; the positives' after the last tile.
+Every output has one writer and a fixed order of additions: deterministic, no atomics.
+Work O(P · M) a row, as the C++ kernel's direct sweep (its sorted rows for classes of 128 or more
+have no Triton twin yet)."""
+import torch
+import triton
+import triton.language as tl
+
+from .pair_engine import _split
+from .tile_math import _param
+
+_WINDOW_ALL, _WINDOW_HARD, _WINDOW_SEMIHARD, _WINDOW_EASY = 1, 2, 3, 4  # fused/triplet.py's WINDOW_IDS
+
+
+@triton.jit
+def _farness(s, EUCLIDEAN: tl.constexpr, FP64: tl.constexpr):
+    """e from s: sqrt(max(2 - 2s, 0)) (NaN stays NaN, as torch.clamp's), or -s."""
+    if EUCLIDEAN:
+        inner = 2 - 2 * s
+        inner = tl.where(inner < 0, 0.0, inner).to(s.dtype)
+        if FP64:  # (IEEE in fp64; sqrt_rn takes fp32 only)
+            e = tl.sqrt(inner)
+        else:  # correctly rounded, as torch.sqrt (tl.sqrt may approximate in fp32)
+            e = tl.sqrt_rn(inner)
+    else:
+        e = -s
+    return e
+
+
+@triton.jit
+def _log1p(z):
+    """log(1 + z) accurate for small z (u = 1 + z rounded: log(u) z / (u - 1))."""
+    u = 1 + z
+    return tl.where(u == 1, z, tl.log(u) * z / tl.where(u == 1, 1.0, u - 1))
+
+
+@triton.jit
+def _triplet_rows_kernel(S, LAB, REF, SLOTS, SUMS, COUNTS, G, PSUM, M, P, s_sn, s_gn,
+                         m_h, m_m, m_l, wm_h, wm_m, wm_l, SMOOTH: tl.constexpr,
+                         EUCLIDEAN: tl.constexpr, WINDOW: tl.constexpr, WITH_GRAD: tl.constexpr,
+                         FP64: tl.constexpr, BLOCK_N: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    acc_dtype = S.dtype.element_ty
+    margin = _param(m_h, m_m, m_l, acc_dtype)
+    window_margin = _param(wm_h, wm_m, wm_l, acc_dtype)
+    lab = tl.load(LAB + r)
+    total = tl.zeros([BLOCK_N], dtype=acc_dtype)
+    nonzero = tl.zeros([BLOCK_N], dtype=tl.int64)
+    kept = tl.zeros([BLOCK_N], dtype=tl.int64)
+    for n0 in range(0, M, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        ok = cols < M
+        e = _farness(tl.load(S + r * s_sn + cols, mask=ok, other=0.0), EUCLIDEAN, FP64)
+        negative = ok & (tl.load(REF + cols, mask=ok, other=0) != lab)
+        w_sum = tl.zeros([BLOCK_N], dtype=acc_dtype)
+        for j in range(P):
+            col = tl.load(SLOTS + r * P + j)
+            if col >= 0:
+                e_ap = _farness(tl.load(S + r * s_sn + col), EUCLIDEAN, FP64)
+                t = e - e_ap
+                keep = negative
+                if WINDOW == 4:  # easy
+                    keep = keep & (t > window_margin)
+                elif WINDOW != 0:
+                    keep = keep & (t <= window_margin)
+                    if WINDOW == 2:  # hard
+                        keep = keep & (t <= 0)
+                    elif WINDOW == 3:  # semihard
+                        keep = keep & (t > 0)
+                viol = margin - t
+                if SMOOTH:  # F.softplus (beta 1, threshold 20)
+                    z = tl.exp(tl.where(viol > 20, 20.0, viol).to(acc_dtype))
+                    term = tl.where(viol > 20, viol, _log1p(z))
+                else:  # relu, NaN kept (torch.relu's)
+                    term = tl.where((viol > 0) | (viol != viol), viol, 0.0)
+                total += tl.where(keep, term, 0.0)
+                nonzero += (keep & (term > 0)).to(tl.int64)
+                kept += keep.to(tl.int64)
+                if WITH_GRAD:
+                    if SMOOTH:
+                        slope = tl.where(viol > 20, 1.0, z / (z + 1))
+                    else:
+                        slope = tl.where(viol > 0, 1.0, 0.0)
+                    w = tl.where(keep, slope, 0.0).to(acc_dtype)
+                    w_sum += w
+                    tl.store(PSUM + r * P + j, tl.load(PSUM + r * P + j) + tl.sum(w, axis=0))
+        if WITH_GRAD:  # dL/ds of the negatives: -dL/de = w_sum, or w_sum / e (Euclidean; 0 at e = 0)
+            if EUCLIDEAN:
+                g = tl.where(e > 0, w_sum / tl.where(e > 0, e, 1.0), 0.0)
+            else:
+                g = w_sum
+            tl.store(G + r * s_gn + cols, g.to(acc_dtype), mask=ok)
+    tl.store(SUMS + r, tl.sum(total, axis=0))
+    tl.store(COUNTS + 2 * r, tl.sum(nonzero, axis=0))
+    tl.store(COUNTS + 2 * r + 1, tl.sum(kept, axis=0))
+    if WITH_GRAD:  # the positives: dL/de_p = sum_n w, dL/ds_p = -that (or -that / e_ap)
+        for j in range(P):
+            col = tl.load(SLOTS + r * P + j)
+            if col >= 0:
+                w_p = tl.load(PSUM + r * P + j)
+                if EUCLIDEAN:
+                    e_ap = _farness(tl.load(S + r * s_sn + col), EUCLIDEAN, FP64)
+                    g_p = tl.where(e_ap > 0, -w_p / tl.where(e_ap > 0, e_ap, 1.0), 0.0)
+                else:
+                    g_p = -w_p
+                tl.store(G + r * s_gn + col, g_p.to(acc_dtype))
+
+
+def supports(s, rule):
+    """Whether the kernel takes this block: fp32 / fp64 similarities, a rule without swap."""
+    return s.dtype in (torch.float32, torch.float64) and not rule.swap
+
+
+def triplet_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad):
+    """(sums, nonzero, kept, dL/ds or None) of the block's rows, as `_block_pass`: s (B, M) fp32 /
+    fp64, slot_cols (B, P) int64 each row's positive columns (-1: none; the diagonal is left out
+    there), labels (B,), (M,) int64."""
+    B, M = s.shape
+    s = s.contiguous()
+    sums = torch.empty(B, dtype=s.dtype, device=s.device)
+    counts = torch.empty(B, 2, dtype=torch.long, device=s.device)
+    P = slot_cols.shape[1]
+    g = torch.empty_like(s) if with_grad else s.new_empty(1, 1)
+    psum = torch.zeros(B, max(P, 1), dtype=s.dtype, device=s.device) if with_grad else s.new_empty(1)
+    if B > 0:
+        _triplet_rows_kernel[(B,)](
+            s, labels_b.contiguous(), ref_labels.contiguous(), slot_cols.contiguous(), sums, counts, g, psum,
+            M, P, s.stride(0), g.stride(0), *_split(rule.margin), *_split(rule.window_margin), SMOOTH=bool(rule.smooth), EUCLIDEAN=bool(rule.euclidean),
+            WINDOW=int(window_id), WITH_GRAD=bool(with_grad), FP64=s.dtype == torch.float64, BLOCK_N=256 if M >= 256 else 64)
+    return sums, counts[:, 0], counts[:, 1], g if with_grad else None

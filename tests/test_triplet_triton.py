@@ -1,0 +1,186 @@
+"""TripletMarginLoss's row sweep in Triton (dmlkern/triton/triplet_rows.py) against its torch twin,
+`fused.triplet._block_pass`'s torch ops, on fresh random blocks: sums, counts and dL/ds in fp32 /
+fp64, every miner window, relu and softplus terms, both distances, odd sizes (columns not a multiple
+of the tile), rows without positives or negatives, a block of one class, offset blocks of the batch
+against itself, NaN; then the loss on the Triton backend against PML 2.9.0, its fp64 gradcheck and
+its bits on repeat. Runs under TRITON_INTERPRET=1 on CPU tensors, or on a GPU."""
+import pytest
+import torch
+import pytorch_metric_learning.losses as pml_losses
+import pytorch_metric_learning.miners as pml_miners
+
+import dmlkern.fused.triplet as fused_triplet
+from dmlkern import losses, miners
+from _triton_device import gpu_marks, triton_device
+
+DEVICE = triton_device()
+
+pytestmark = gpu_marks(DEVICE)
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5)}
+WINDOWS = [("every", 0.0), ("all", 0.2), ("hard", 0.2), ("semihard", 0.2), ("easy", 0.1)]
+
+
+def _twin(s, labels_b, ref_labels, row0, rule, exclude_diag, monkeypatch):
+    """The torch ops' result (the C++ kernel off)."""
+    with monkeypatch.context() as m:
+        m.setattr(fused_triplet, "_CPU_KERNEL", False)
+        return fused_triplet._block_pass(s, labels_b, ref_labels, row0, rule._replace(triton=False), exclude_diag,
+                                         True)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many times the Triton kernel ran (a list that grows by one per call)."""
+    calls, real = [], fused_triplet.triton_rows.triplet_rows
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(fused_triplet.triton_rows, "triplet_rows", spy)
+    return calls
+
+
+def _kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad=True):
+    return fused_triplet._block_pass(s, labels_b, ref_labels, row0, rule._replace(triton=True), exclude_diag,
+                                     with_grad)
+
+
+def _assert_same(got, want, dtype):
+    for name, a, b in zip(("sums", "nonzero", "kept", "dL/ds"), got, want):
+        if a.dtype == torch.long:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, equal_nan=True, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+def _block(rows, cols, classes, dtype, seed, self_block=False, row0=0):
+    """A block of unit-row cosines: (s, labels of the rows, labels of the columns)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.nn.functional.normalize(torch.randn(cols, 9, generator=g, dtype=torch.float64), dim=1)
+    ref_labels = torch.randint(0, classes, (cols,), generator=g)
+    if self_block:  # rows row0 .. row0 + rows of the batch against itself
+        x, labels_b = y[row0:row0 + rows], ref_labels[row0:row0 + rows]
+    else:
+        x = torch.nn.functional.normalize(torch.randn(rows, 9, generator=g, dtype=torch.float64), dim=1)
+        labels_b = torch.randint(0, classes, (rows,), generator=g)
+    return (x @ y.T).to(dtype).to(DEVICE), labels_b.to(DEVICE), ref_labels.to(DEVICE)
+
+
+# (the interpreter runs a program's loops in Python: a few terms per case keep these seconds)
+@pytest.mark.parametrize("dtype,euclidean,smooth", [(torch.float64, True, False), (torch.float64, False, True),
+                                                    (torch.float32, True, True), (torch.float32, False, False)],
+                         ids=["fp64-euclidean-relu", "fp64-cosine-softplus", "fp32-euclidean-softplus",
+                              "fp32-cosine-relu"])
+@pytest.mark.parametrize("window,window_margin", WINDOWS)
+def test_kernel_matches_the_torch_twin(euclidean, smooth, window, window_margin, dtype, monkeypatch, kernel_calls):
+    rule = fused_triplet.TripletRule(0.15, smooth, euclidean, window, window_margin)
+    # (rows, columns, classes, the batch against itself, first row): two column tiles and a tail;
+    # an offset block of the batch against itself; rows without positives; one class
+    for seed, (rows, cols, classes, self_block, row0) in enumerate(
+            [(3, 261, 4, False, 0), (9, 37, 3, True, 20), (4, 30, 30, False, 0), (5, 11, 1, True, 4)]):
+        s, labels_b, ref_labels = _block(rows, cols, classes, dtype, seed, self_block, row0)
+        got = _kernel(s, labels_b, ref_labels, row0, rule, self_block)
+        assert len(kernel_calls) == seed + 1, "the Triton kernel did not run"
+        _assert_same(got, _twin(s, labels_b, ref_labels, row0, rule, self_block, monkeypatch), dtype)
+
+
+def test_kernel_without_grad_and_with_nan(monkeypatch, kernel_calls):
+    rule = fused_triplet.TripletRule(0.1, False, True, "every")
+    s, labels_b, ref_labels = _block(9, 130, 4, torch.float64, 3)
+    s[2, 17] = float("nan")
+    s[4, :] = float("nan")
+    sums, nonzero, kept, g = _kernel(s, labels_b, ref_labels, 0, rule, False, with_grad=False)
+    assert g is None and kernel_calls
+    want = _twin(s, labels_b, ref_labels, 0, rule, False, monkeypatch)
+    _assert_same((sums, nonzero, kept), want[:3], torch.float64)
+    assert torch.isnan(sums[4])  # a NaN row's terms are NaN, as torch.relu's
+
+
+def _loss(lib, kw, kind, x, labels, ref=None, ref_labels=None, backend=None):
+    L, M = (losses, miners) if lib == "dmlkern" else (pml_losses, pml_miners)
+    x = x.clone().requires_grad_(True)
+    ref = None if ref is None else ref.clone().requires_grad_(True)
+    loss_fn = L.TripletMarginLoss(**kw)
+    if backend is not None:
+        loss_fn.backend = backend
+    mined = None if kind is None else M.TripletMarginMiner(type_of_triplets=kind)(x, labels, ref, ref_labels)
+    value = loss_fn(x, labels, mined, ref, ref_labels)
+    wrt = [x] + ([] if ref is None else [ref])
+    grads = torch.autograd.grad(value, wrt, allow_unused=True)
+    return value.detach(), [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)], loss_fn
+
+
+@pytest.mark.parametrize("kind", [None, "semihard", "hard", "easy"])
+@pytest.mark.parametrize("kw", [{}, {"margin": 0.3, "smooth_loss": True}], ids=["relu", "smooth"])
+def test_loss_on_the_triton_backend_matches_pml(kw, kind, kernel_calls):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(61, 12, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (61,), generator=g)
+    ref = torch.randn(45, 12, generator=g, dtype=torch.float64)
+    ref_labels = torch.randint(0, 7, (45,), generator=g)
+    for args in ((x, labels), (x, labels, ref, ref_labels)):
+        ours, our_grads, loss_fn = _loss("dmlkern", kw, kind, *(a.to(DEVICE) for a in args), backend="triton")
+        want, want_grads, _ = _loss("pml", kw, kind, *args)
+        assert loss_fn.last_backend in ("blocked", "zero"), loss_fn.last_fallback
+        assert kernel_calls, "the Triton kernel did not run"
+        torch.testing.assert_close(ours.cpu(), want, rtol=1e-9, atol=1e-12)
+        for a, b in zip(our_grads, want_grads):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+
+
+def test_loss_gradcheck_fp64_and_bits_on_repeat(kernel_calls):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 3, generator=g, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 3, (9,), generator=g).to(DEVICE)
+    loss_fn = losses.TripletMarginLoss(margin=0.4, smooth_loss=True)
+    loss_fn.backend = "triton"
+    assert torch.autograd.gradcheck(lambda t: loss_fn(t, labels), (x,))
+    assert kernel_calls, "the Triton kernel did not run"
+    first = torch.autograd.grad(loss_fn(x, labels), x)[0]
+    assert torch.equal(first, torch.autograd.grad(loss_fn(x, labels), x)[0])
+
+
+def test_swap_runs_the_torch_ops_on_the_triton_backend(kernel_calls):
+    x = torch.randn(30, 8, dtype=torch.float64)
+    labels = torch.arange(30) % 4
+    ours, _, loss_fn = _loss("dmlkern", {"swap": True}, None, x.to(DEVICE), labels.to(DEVICE), backend="triton")
+    want, _, _ = _loss("pml", {"swap": True}, None, x, labels)
+    assert loss_fn.last_backend == "blocked" and not kernel_calls
+    torch.testing.assert_close(ours.cpu(), want, rtol=1e-9, atol=1e-12)
+
+
+_COMPILE_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+from dmlkern.triton.triplet_rows import _triplet_rows_kernel as fn
+
+for fp64, smooth, euclidean, window in [(False, False, True, 0), (False, True, False, 3), (True, True, True, 4),
+                                        (True, False, False, 2)]:
+    consts = dict(SMOOTH=smooth, EUCLIDEAN=euclidean, WINDOW=window, WITH_GRAD=True, FP64=fp64, BLOCK_N=256)
+    value = "*fp64" if fp64 else "*fp32"
+    types = {"S": value, "SUMS": value, "G": value, "PSUM": value, "LAB": "*i64", "REF": "*i64", "SLOTS": "*i64",
+             "COUNTS": "*i64"}
+    signature = {name: "constexpr" if name in consts else types.get(name, "fp32" if name[:2] in ("m_", "wm") else "i32")
+                 for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert "_triplet_rows_kernel" in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 0
+print("compiled")
+"""
+
+
+def test_kernel_compiles_for_sm90():
+    """The interpreter runs the kernel's Python, not its compilation: compile four configurations
+    for an H100 / H200 (sm_90: PTX, and a cubin from Triton's ptxas), which needs no GPU, in a
+    process without TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
