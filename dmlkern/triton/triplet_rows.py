@@ -2,13 +2,15 @@
 rules without `swap`, with the contract of fused/triplet.py's `_block_pass` (whose torch ops are
 the yardstick of its tests, tests/test_triplet_triton.py).
 
-One program owns one row of the block's similarities s = x_b @ yᵀ. It walks the row's columns in
-tiles of BLOCK_N; for each tile it loads e (the distance: sqrt(max(2 - 2s, 0)), or -s) once, then
-meets it with each of the row's positives (their columns precomputed, `slots`): t = e_n - e_ap,
-the kept triplets' terms relu / softplus(margin - t) summed, and with the gradient w (the term's
-slope on a kept triplet) summed per negative over the positives (dL/de_n = -sum_p w) and per
-positive over the negatives (dL/de_p = sum_n w, in a (rows, slots) scratch the same program
-updates tile after tile). The tile's dL/ds is written once; the positives' after the last tile.
+A program owns a chunk of one row of the block's similarities s = x_b @ yᵀ (CHUNK_COLUMNS
+columns, so that a block of few long rows still fills a GPU). It walks its columns in tiles of
+BLOCK_N; for each tile it loads e (the distance: sqrt(max(2 - 2s, 0)), or -s) once, then meets it
+with each of the row's positives (their columns precomputed, `slots`): t = e_n - e_ap, the kept
+triplets' terms relu / softplus(margin - t) summed, and with the gradient w (the term's slope on
+a kept triplet) summed per negative over the positives (dL/de_n = -sum_p w: the tile's dL/ds,
+written once) and per positive over the chunk's negatives (dL/de_p = sum_n w, in a (rows, chunks,
+slots) scratch). The host sums the chunks' partial results in chunk order and writes the
+positives' dL/ds.
 Every output has one writer and a fixed order of additions: deterministic, no atomics.
 Work O(P · M) a row, as the C++ kernel's direct sweep (its sorted rows for classes of 128 or more
 have no Triton twin yet)."""
@@ -45,11 +47,16 @@ def _log1p(z):
 
 
 @triton.jit
-def _triplet_rows_kernel(S, LAB, REF, SLOTS, SUMS, COUNTS, G, PSUM, M, P, s_sn, s_gn,
+def _triplet_rows_kernel(S, LAB, REF, SLOTS, SUMS, COUNTS, G, PSUM, M, P, CHUNK, s_sn, s_gn,
                          m_h, m_m, m_l, wm_h, wm_m, wm_l, SMOOTH: tl.constexpr,
                          EUCLIDEAN: tl.constexpr, WINDOW: tl.constexpr, WITH_GRAD: tl.constexpr,
                          FP64: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (r, c): row r's columns [c CHUNK, (c + 1) CHUNK). Writes the chunk's sum, counts
+    and per-positive sums of w at [r, c] (SUMS (B, C), COUNTS (B, C, 2), PSUM (B, C, P)) and
+    dL/ds of the chunk's columns (0 at the positives: the host adds theirs)."""
     r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    chunks = tl.num_programs(1).to(tl.int64)
     acc_dtype = S.dtype.element_ty
     margin = _param(m_h, m_m, m_l, acc_dtype)
     window_margin = _param(wm_h, wm_m, wm_l, acc_dtype)
@@ -57,9 +64,10 @@ def _triplet_rows_kernel(S, LAB, REF, SLOTS, SUMS, COUNTS, G, PSUM, M, P, s_sn, 
     total = tl.zeros([BLOCK_N], dtype=acc_dtype)
     nonzero = tl.zeros([BLOCK_N], dtype=tl.int64)
     kept = tl.zeros([BLOCK_N], dtype=tl.int64)
-    for n0 in range(0, M, BLOCK_N):
+    out = r * chunks + c  # this program's slot in SUMS, COUNTS, PSUM
+    for n0 in range(c * CHUNK, tl.minimum((c + 1) * CHUNK, M), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        ok = cols < M
+        ok = (cols < M) & (cols < (c + 1) * CHUNK)
         e = _farness(tl.load(S + r * s_sn + cols, mask=ok, other=0.0), EUCLIDEAN, FP64)
         negative = ok & (tl.load(REF + cols, mask=ok, other=0) != lab)
         w_sum = tl.zeros([BLOCK_N], dtype=acc_dtype)
@@ -93,27 +101,22 @@ def _triplet_rows_kernel(S, LAB, REF, SLOTS, SUMS, COUNTS, G, PSUM, M, P, s_sn, 
                         slope = tl.where(viol > 0, 1.0, 0.0)
                     w = tl.where(keep, slope, 0.0).to(acc_dtype)
                     w_sum += w
-                    tl.store(PSUM + r * P + j, tl.load(PSUM + r * P + j) + tl.sum(w, axis=0))
+                    tl.store(PSUM + out * P + j, tl.load(PSUM + out * P + j) + tl.sum(w, axis=0))
         if WITH_GRAD:  # dL/ds of the negatives: -dL/de = w_sum, or w_sum / e (Euclidean; 0 at e = 0)
             if EUCLIDEAN:
                 g = tl.where(e > 0, w_sum / tl.where(e > 0, e, 1.0), 0.0)
             else:
                 g = w_sum
             tl.store(G + r * s_gn + cols, g.to(acc_dtype), mask=ok)
-    tl.store(SUMS + r, tl.sum(total, axis=0))
-    tl.store(COUNTS + 2 * r, tl.sum(nonzero, axis=0))
-    tl.store(COUNTS + 2 * r + 1, tl.sum(kept, axis=0))
-    if WITH_GRAD:  # the positives: dL/de_p = sum_n w, dL/ds_p = -that (or -that / e_ap)
-        for j in range(P):
-            col = tl.load(SLOTS + r * P + j)
-            if col >= 0:
-                w_p = tl.load(PSUM + r * P + j)
-                if EUCLIDEAN:
-                    e_ap = _farness(tl.load(S + r * s_sn + col), EUCLIDEAN, FP64)
-                    g_p = tl.where(e_ap > 0, -w_p / tl.where(e_ap > 0, e_ap, 1.0), 0.0)
-                else:
-                    g_p = -w_p
-                tl.store(G + r * s_gn + col, g_p.to(acc_dtype))
+    tl.store(SUMS + out, tl.sum(total, axis=0))
+    tl.store(COUNTS + 2 * out, tl.sum(nonzero, axis=0))
+    tl.store(COUNTS + 2 * out + 1, tl.sum(kept, axis=0))
+
+
+# Columns per program: a row's sweep split over programs so that a block of few rows (N = 65536:
+# 256 rows a block) still fills a GPU; each chunk's partial results are summed on the host side
+# in chunk order (deterministic).
+CHUNK_COLUMNS = 4096
 
 
 def supports(s, rule):
@@ -127,14 +130,29 @@ def triplet_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad)
     there), labels (B,), (M,) int64."""
     B, M = s.shape
     s = s.contiguous()
-    sums = torch.empty(B, dtype=s.dtype, device=s.device)
-    counts = torch.empty(B, 2, dtype=torch.long, device=s.device)
     P = slot_cols.shape[1]
+    block_n = 256 if M >= 256 else 64
+    chunk = max(block_n, CHUNK_COLUMNS)
+    chunks = max(-(-M // chunk), 1)
+    sums = torch.zeros(B, chunks, dtype=s.dtype, device=s.device)
+    counts = torch.zeros(B, chunks, 2, dtype=torch.long, device=s.device)
     g = torch.empty_like(s) if with_grad else s.new_empty(1, 1)
-    psum = torch.zeros(B, max(P, 1), dtype=s.dtype, device=s.device) if with_grad else s.new_empty(1)
-    if B > 0:
-        _triplet_rows_kernel[(B,)](
+    psum = torch.zeros(B, chunks, max(P, 1), dtype=s.dtype, device=s.device) if with_grad else s.new_empty(1)
+    if B > 0 and M > 0:
+        _triplet_rows_kernel[(B, chunks)](
             s, labels_b.contiguous(), ref_labels.contiguous(), slot_cols.contiguous(), sums, counts, g, psum,
-            M, P, s.stride(0), g.stride(0), *_split(rule.margin), *_split(rule.window_margin), SMOOTH=bool(rule.smooth), EUCLIDEAN=bool(rule.euclidean),
-            WINDOW=int(window_id), WITH_GRAD=bool(with_grad), FP64=s.dtype == torch.float64, BLOCK_N=256 if M >= 256 else 64)
-    return sums, counts[:, 0], counts[:, 1], g if with_grad else None
+            M, P, chunk, s.stride(0), g.stride(0), *_split(rule.margin), *_split(rule.window_margin),
+            SMOOTH=bool(rule.smooth), EUCLIDEAN=bool(rule.euclidean), WINDOW=int(window_id),
+            WITH_GRAD=bool(with_grad), FP64=s.dtype == torch.float64, BLOCK_N=block_n)
+    counts = counts.sum(dim=1)
+    if with_grad and P > 0:  # the positives: dL/de_p = sum_n w, so dL/ds_p = -that (or -that / e_ap)
+        rows, slot = torch.nonzero(slot_cols >= 0, as_tuple=True)
+        cols = slot_cols[rows, slot]
+        w_p = psum.sum(dim=1)[rows, slot]
+        if rule.euclidean:
+            e_ap = torch.sqrt(torch.clamp(2 - 2 * s[rows, cols], min=0))
+            g_p = torch.where(e_ap > 0, -w_p / torch.where(e_ap > 0, e_ap, 1.0), 0.0)
+        else:
+            g_p = -w_p
+        g[rows, cols] = g_p  # (one positive per (row, column): no two writes meet)
+    return sums.sum(dim=1), counts[:, 0], counts[:, 1], g if with_grad else None
