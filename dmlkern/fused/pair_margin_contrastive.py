@@ -12,7 +12,9 @@ AvgNonZero and Sum reducers need (`_common.reduced_sub_loss`). The backward gath
 kept pairs the forward saved (up to SAVED_PAIRS, every block listed), or recomputes each block,
 puts dl/ds of its kept pairs into it and multiplies back (as intra_pair_variance.py's). Products
 are `ops.fixed_mm` and sums in fixed orders, so the bits do not depend on the CPU thread count.
-Memory O(block + N D), however many pairs the window keeps.
+Memory O(block + N D), however many pairs the window keeps. On the Triton backend each block's
+window, terms and counts (and in the backward its dL/ds) come from one kernel instead
+(triton/pair_margin_rows.py), the backward always recomputing.
 
 The window is applied to these values; PML's miner decides on its own `torch.cdist` matrix, so a
 pair within a rounding error of a miner margin may be kept by one and not the other (as for the
@@ -28,12 +30,17 @@ from .._autograd import applier
 from .._determinism import fixed_order_sum
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
+from ..triton import triton_available
 from ._common import Buffers, Degenerate, has_short_rows, reduced_sub_loss, row_blocks, unit_rows
 from ._epilogue import ZERO_LOSS, _already_reduced, reduced_kinds_or_reason
 from .intra_pair_variance import (REDUCER_KINDS, SUB_LOSSES, blocked_plan_reason, drop_self_pairs, graph_grads,
                                   side_upstreams)
 from .pair_lists import PairDots, unit_distance
 from .triplet import distance_kind
+
+triton_rows = None  # triton/pair_margin_rows.py, when triton is installed
+if triton_available():
+    from ..triton import pair_margin_rows as triton_rows
 
 BACKEND = "blocked"
 NON_FINITE = "a NaN or infinite embedding"
@@ -47,6 +54,7 @@ class MarginPairRule(NamedTuple):
     miner_euclidean: bool  # w = sqrt(2 - 2s), else w = s
     miner_pos_margin: float
     miner_neg_margin: float
+    triton: bool = False  # each block in the Triton kernel (triton/pair_margin_rows.py; the Triton backend)
 
 
 DENSE_BLOCK_FRACTION = 1 / 16  # past this share of a block's pairs as candidates, masks instead of lists
@@ -198,10 +206,26 @@ class _KeptPairs:
         return tuple(torch.cat(t) for t in zip(*self.parts)), True
 
 
+def _triton_blocks(x, y, rule):
+    """The row blocks of s = x[r0:r1] @ yᵀ for the Triton kernel (None: the torch sweep's)."""
+    if not (rule.triton and triton_rows.supports(x)):
+        return None
+    return ((r0, r1, fixed_mm(x[r0:r1], y)) for r0, r1 in row_blocks(x.shape[0], y.shape[0], x.device))
+
+
 def _margin_pair_totals(x, y, labels, ref_labels, rule, exclude_diag):
     """Forward sweep: per side the total, the number of terms > 0 and of kept pairs (each block's
     partial sums summed in block order: bits independent of the thread count); and the kept
-    pairs (`_KeptPairs`)."""
+    pairs (`_KeptPairs`; none saved on the Triton path, whose backward recomputes each block)."""
+    blocks = _triton_blocks(x, y, rule)
+    if blocks is not None:
+        parts = [triton_rows.block_totals(s, labels[r0:r1], ref_labels, r0, rule, exclude_diag)
+                 for r0, r1, s in blocks]
+        sums = torch.stack([p[0] for p in parts]).sum(dim=0)
+        counts = torch.stack([p[1] for p in parts]).sum(dim=0)
+        kept = _KeptPairs()
+        kept.parts = None
+        return list(sums.unbind(0)), list(counts.unbind(0)), kept
     parts = [[], []]
     counts = torch.zeros(4, dtype=torch.long, device=x.device)
     kept = _KeptPairs()
@@ -269,6 +293,14 @@ def _grads_by_blocks(x, y, labels, ref_labels, rule, exclude_diag, coef):
     grad_x = G_b y, grad_y += G_bᵀ x_b in block order."""
     grad_x = torch.empty_like(x)
     grad_y = torch.zeros_like(y)
+    blocks = _triton_blocks(x, y, rule)
+    if blocks is not None:
+        coef = torch.stack(coef).to(x.dtype)
+        for r0, r1, s in blocks:
+            g = triton_rows.block_grads(s, labels[r0:r1], ref_labels, r0, rule, exclude_diag, coef)
+            grad_x[r0:r1] = fixed_mm(g, y.T)
+            grad_y += fixed_mm(g.T, x[r0:r1].T)
+        return grad_x, grad_y
     sweep = _BlockSweep(x, y, labels, ref_labels, rule, exclude_diag)
     for r0, r1, s, sides in sweep.blocks():
         g = sweep.f.get("g", *s.shape).zero_()
@@ -362,7 +394,8 @@ def pair_margin_contrastive(module, mined, embeddings, ref_emb):
     settings = mined.mining.settings
     rule = MarginPairRule(distance_kind(module.distance) == "euclidean", float(module.pos_margin),
                           float(module.neg_margin), mined.distance_kind == "euclidean",
-                          settings["pos_margin"], settings["neg_margin"])
+                          settings["pos_margin"], settings["neg_margin"],
+                          triton_rows is not None and pe.choose_backend(module.backend, embeddings.device) == "triton")
     labels, ref_labels = mined.mining_labels()
     exclude_diag = mined.mining.ref_labels_same  # PML's get_all_pairs_indices: (i, i) no positive pair
     cdist = rule.loss_euclidean or rule.miner_euclidean  # (one set of rows: the miner's picks as PML's when it is Lp)
