@@ -35,6 +35,19 @@ def row_impl(request, monkeypatch):
     return request.param
 
 
+class _Calls(list):
+    impl = None
+
+
+@pytest.fixture
+def sorted_calls(row_impl, monkeypatch):
+    """Each implementation (row_impl); on the torch twin, its sorted rows' calls (a list)."""
+    calls, real = _Calls(), fused_triplet._sorted_rows
+    calls.impl = row_impl
+    monkeypatch.setattr(fused_triplet, "_sorted_rows", lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
 def _inputs(n, classes, ref_rows, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 12, generator=g, dtype=torch.float64).to(dtype)
@@ -149,11 +162,9 @@ def test_reducers_match_the_reference(reducer, row_impl):
 @pytest.mark.parametrize("distance", [None, "CosineSimilarity"])
 @pytest.mark.parametrize("case", [(61, 2, None), (40, 3, None), (50, 2, 33), (9, 1, None)],
                          ids=lambda c: f"n{c[0]}c{c[1]}r{c[2]}")
-def test_sorted_rows_match_pml(monkeypatch, case, distance, dtype):
-    """The C++ kernel's rows with many positives (few large classes) sort their negatives once
-    (relu terms): forced on every row here, against PML for every miner window."""
-    if not fused_triplet._CPU_KERNEL:
-        pytest.fail("dmlkern::triplet_rows is not registered in this build")
+def test_sorted_rows_match_pml(monkeypatch, case, distance, dtype, sorted_calls):
+    """Rows with many positives (few large classes) sort their negatives once (relu terms), in
+    C++ and in the torch twin: forced on every row here, against PML for every miner window."""
     monkeypatch.setattr(fused_triplet, "SORTED_MIN_POSITIVES", 1)
     x, labels, ref, ref_labels = _inputs(*case, dtype, seed=71)
     for kind in MINER_KINDS:
@@ -166,9 +177,10 @@ def test_sorted_rows_match_pml(monkeypatch, case, distance, dtype):
             torch.testing.assert_close(ours, want, **TOL[dtype])
             for g, w in zip(our_grads, want_grads):
                 torch.testing.assert_close(g, w, **TOL[dtype])
+    assert sorted_calls or case[1] == 1 or sorted_calls.impl == "cpp"  # (one class: no negative, no triplet)
 
 
-def test_sorted_rows_agree_with_the_direct_ones(monkeypatch):
+def test_sorted_rows_agree_with_the_direct_ones(monkeypatch, sorted_calls):
     """Sorted and direct rows on one batch of two classes (150 positives a row: the default
     threshold sorts them): the same counts, sums and gradients within rounding, the same bits at
     1, 2 and 4 threads."""
@@ -185,6 +197,7 @@ def test_sorted_rows_agree_with_the_direct_ones(monkeypatch):
             results[(threshold, threads)] = (value, g)
     finally:
         torch.set_num_threads(before)
+    assert sorted_calls or sorted_calls.impl == "cpp"
     direct = results.pop((10**9, 2))
     for value, g in results.values():
         assert torch.equal(value, results[(128, 1)][0]) and torch.equal(g, results[(128, 1)][1])
@@ -192,12 +205,30 @@ def test_sorted_rows_agree_with_the_direct_ones(monkeypatch):
         torch.testing.assert_close(g, direct[1], **TOL[torch.float32])
 
 
-def test_sorted_rows_gradcheck_and_nan(monkeypatch):
+def test_sorted_and_direct_rows_in_one_block(monkeypatch, sorted_calls):
+    """A block whose large class's rows sort (>= 10 positives) and whose small classes' rows
+    don't, against PML for every window."""
+    monkeypatch.setattr(fused_triplet, "SORTED_MIN_POSITIVES", 10)
+    g = torch.Generator().manual_seed(83)
+    x = torch.randn(47, 6, generator=g, dtype=torch.float64)
+    labels = torch.cat([torch.zeros(20, dtype=torch.long), torch.randint(1, 8, (27,), generator=g)])
+    labels = labels[torch.randperm(47, generator=g)]
+    for kind in MINER_KINDS:
+        miner_kw = None if kind is None else {"type_of_triplets": kind, "margin": 0.2}
+        ours, (grad,), _ = _grads("dmlkern", {"margin": 0.3}, miner_kw, x, labels, None, None)
+        want, (want_grad,), _ = _grads("pml", {"margin": 0.3}, miner_kw, x, labels, None, None)
+        torch.testing.assert_close(ours, want, **TOL[torch.float64])
+        torch.testing.assert_close(grad, want_grad, **TOL[torch.float64])
+    assert sorted_calls or sorted_calls.impl == "cpp"
+
+
+def test_sorted_rows_gradcheck_and_nan(monkeypatch, sorted_calls):
     monkeypatch.setattr(fused_triplet, "SORTED_MIN_POSITIVES", 1)
     x, labels, _, _ = _inputs(16, 2, None, torch.float64, seed=79)
     loss_fn = losses.TripletMarginLoss(margin=0.7)
     assert torch.autograd.gradcheck(lambda x: loss_fn(x, labels), (x.clone().requires_grad_(True),))
     assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
+    assert sorted_calls or sorted_calls.impl == "cpp"
     x[3, 2] = float("nan")  # a NaN row: the direct sweep (its NaN terms), then PML's reference
     for kind in (None, "semihard"):
         miner_kw = None if kind is None else {"type_of_triplets": kind}

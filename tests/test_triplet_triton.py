@@ -146,6 +146,22 @@ def test_loss_gradcheck_fp64_and_bits_on_repeat(kernel_calls):
     assert torch.equal(first, torch.autograd.grad(loss_fn(x, labels), x)[0])
 
 
+def test_rows_with_many_positives_sort_on_the_triton_backend(monkeypatch, kernel_calls):
+    """The rows of a large class (>= SORTED_MIN_POSITIVES positives) take the torch sorted rows,
+    the block's other rows the kernel; together PML's loss."""
+    monkeypatch.setattr(fused_triplet, "SORTED_MIN_POSITIVES", 10)
+    sorted_calls, real = [], fused_triplet._sorted_rows
+    monkeypatch.setattr(fused_triplet, "_sorted_rows", lambda *args: sorted_calls.append(1) or real(*args))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(37, 6, generator=g, dtype=torch.float64)
+    labels = torch.cat([torch.zeros(15, dtype=torch.long), torch.randint(1, 6, (22,), generator=g)])
+    ours, our_grads, loss_fn = _loss("dmlkern", {}, "semihard", x.to(DEVICE), labels.to(DEVICE), backend="triton")
+    want, want_grads, _ = _loss("pml", {}, "semihard", x, labels)
+    assert kernel_calls and sorted_calls
+    torch.testing.assert_close(ours.cpu(), want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(our_grads[0].cpu(), want_grads[0], rtol=1e-9, atol=1e-12)
+
+
 def test_swap_runs_the_torch_ops_on_the_triton_backend(kernel_calls):
     x = torch.randn(30, 8, dtype=torch.float64)
     labels = torch.arange(30) % 4

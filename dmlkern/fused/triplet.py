@@ -14,9 +14,11 @@ each row's distance to each of its positives with all of its negatives: on a CPU
 (`dmlkern::triplet_rows`, csrc/cpu/triplet_rows_cpu.cpp), elsewhere with
 torch ops one positive "slot" at a time (the j-th positive of every row of the block).
 Work O(N · P · M) for P positives per row (the number of triplets), memory O(B · M + N · D); no
-N x M buffer, no triplet list. In C++ a row with SORTED_MIN_POSITIVES or more positives (relu
-terms, no swap: few large classes) sorts its negatives once instead, each positive's kept terms
-then a run of them found by binary search, summed from prefix sums: O(M log M + P log M) a row.
+N x M buffer, no triplet list. A row with SORTED_MIN_POSITIVES or more positives (relu terms, no
+swap: few large classes) sorts its negatives once instead, each positive's kept terms then a run
+of them found by binary search, summed from prefix sums: O(M log M + P log M) a row (in C++ on a
+CPU, `_sorted_rows`' torch ops elsewhere). On the Triton backend the other rows run a Triton
+kernel (triton/triplet_rows.py).
 The gradient of the total: dL/de_an = -w, dL/de_ap = sum_n w (w =
 1 where the term is kept and positive, or its sigmoid with `smooth_loss`), then grad_x[b] =
 G_b @ y and grad_y += G_bᵀ @ x_b, the blocks added in order: bit-identical at any CPU thread
@@ -150,6 +152,27 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     if _CPU_KERNEL and s.device.type == "cpu" and not triton:
         return _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad)
     pos, neg = block_masks(labels_b, ref_labels, row0, exclude_diag)
+    many = _sorted_row_mask(s, pos, rule)
+    if many is None:
+        return _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, triton)
+    # rows with many positives sorted, the others direct (never with swap: row indices unchanged)
+    B = s.shape[0]
+    out = [s.new_empty(B), torch.empty(B, dtype=torch.long, device=s.device),
+           torch.empty(B, dtype=torch.long, device=s.device), torch.empty_like(s) if with_grad else None]
+    few = ~many
+    parts = ((many, _sorted_rows(_farness(s[many], rule.euclidean), pos[many], neg[many], rule, with_grad)),
+             (few, _direct_rows(s[few], pos[few], neg[few], labels_b[few], ref_labels, row0, rule, with_grad,
+                                triton)))
+    for rows, part in parts:
+        for whole, piece in zip(out, part):
+            if whole is not None:
+                whole[rows] = piece
+    return tuple(out)
+
+
+def _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, triton):
+    """`_block_pass` for rows of any number of positives: each positive slot against every column
+    (the Triton kernel, or torch ops); O(P M) a row."""
     slot_cols, valid = _positive_slots(pos)
     if triton:
         return triton_rows.triplet_rows(s, slot_cols.masked_fill(~valid, -1), labels_b, ref_labels, rule,
@@ -182,12 +205,83 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
                 keep = _kept(negative, e_q - e_qi, rule)
                 viol = rule.margin - (torch.minimum(e_q, e) - e_qi)
                 g_e -= torch.where(keep, _term_slope(viol, rule.smooth), 0.0) * _min_share(e, e_q)
-    if with_grad:
-        if not rule.euclidean:
-            g_e = -g_e
-        else:  # dd/ds = -1/d, and 0 where d = 0 (the engine's convention)
-            g_e = torch.where(e > 0, -g_e / torch.where(e > 0, e, 1.0), 0.0)
-    return total, nonzero, kept, g_e
+    return total, nonzero, kept, _grad_s(g_e, e, rule) if with_grad else None
+
+
+def _grad_s(g_e, e, rule):
+    """dL/ds from dL/de: -dL/de (e = -s), or -dL/de / e (dd/ds = -1/d; 0 where d = 0, the
+    engine's convention)."""
+    if not rule.euclidean:
+        return -g_e
+    return torch.where(e > 0, -g_e / torch.where(e > 0, e, 1.0), 0.0)
+
+
+def _sorted_row_mask(s, pos, rule):
+    """The rows that take the sorted path (as the C++ kernel's): SORTED_MIN_POSITIVES or more
+    positives, relu terms, no swap, no NaN in the row; None when no row does."""
+    if rule.smooth or rule.swap:
+        return None
+    many = pos.sum(dim=1) >= max(SORTED_MIN_POSITIVES, 1)
+    if not bool(many.any()):
+        return None
+    many &= ~torch.isnan(s).any(dim=1)
+    return many if bool(many.any()) else None
+
+
+def _sorted_rows(e, pos, neg, rule, with_grad):
+    """The C++ kernel's sorted rows in torch ops (csrc/cpu/triplet_rows_cpu.cpp, sorted_row):
+    each row's negatives sorted by e once (ties by column), t = e_n - e_p non-decreasing along
+    them, so each window condition and the term's t < margin hold on a prefix or suffix found by
+    a bisection on those very comparisons (all positives of the block at once); a run's terms sum
+    to count (margin + e_p) - (its e_n's sum), from prefix sums in fp64. Gradient: dL/de_p = the
+    run's count, each negative's -(number of runs holding it) from a difference array.
+    O(M log M + P log M) a row instead of O(P M); integer counts, so no addition's order matters."""
+    B, M = e.shape
+    sorted_e, order = torch.sort(torch.where(neg, e, float("inf")), dim=1, stable=True)
+    m = neg.sum(dim=1, keepdim=True)  # negatives per row: sorted positions [0, m)
+    in_run = torch.arange(M, device=e.device) < m
+    prefix = torch.cumsum(torch.where(in_run, sorted_e, 0.0).double(), dim=1)
+    prefix = torch.cat([prefix.new_zeros(B, 1), prefix], dim=1)
+    slot_cols, valid = _positive_slots(pos)
+    e_p = e.gather(1, slot_cols)
+
+    def first_false(pred, lo=None):
+        """Per (row, slot): the first sorted position in [lo, m) where pred(t) is false (pred true
+        on a prefix)."""
+        lo = torch.zeros_like(slot_cols) if lo is None else lo.clone()
+        hi = m.expand_as(slot_cols).clone()
+        for _ in range(max(M, 1).bit_length()):
+            mid = (lo + hi) // 2
+            holds = pred(sorted_e.gather(1, mid.clamp(max=max(M - 1, 0))) - e_p)
+            open_ = lo < hi
+            lo = torch.where(open_ & holds, mid + 1, lo)
+            hi = torch.where(open_ & ~holds, mid, hi)
+        return lo
+
+    wm = rule.window_margin
+    lo, hi = torch.zeros_like(slot_cols), m.expand_as(slot_cols)
+    if rule.window == "all":
+        hi = first_false(lambda t: t <= wm)
+    elif rule.window == "hard":
+        hi = first_false(lambda t: (t <= wm) & (t <= 0))
+    elif rule.window == "semihard":
+        lo = first_false(lambda t: ~(t > 0))
+        hi = torch.maximum(lo, first_false(lambda t: t <= wm))
+    elif rule.window == "easy":
+        lo = first_false(lambda t: ~(t > wm))
+    end = torch.maximum(lo, torch.minimum(hi, first_false(lambda t: t < rule.margin)))
+    count = torch.where(valid, end - lo, 0)
+    kept = torch.where(valid, hi - lo, 0).sum(dim=1)
+    run_sums = prefix.gather(1, end) - prefix.gather(1, lo)
+    terms = count.double() * (rule.margin + e_p.double()) - torch.where(valid, run_sums, 0.0)
+    total = row_sums(terms).to(e.dtype)
+    if not with_grad:
+        return total, count.sum(dim=1), kept, None
+    g_e = torch.zeros_like(e).scatter_add_(1, slot_cols, count.to(e.dtype))  # (integers: any order)
+    runs = torch.zeros(B, M + 1, dtype=torch.long, device=e.device)
+    runs.scatter_add_(1, lo, valid.long()).scatter_add_(1, end, -valid.long())
+    g_e.scatter_add_(1, order, -torch.cumsum(runs[:, :M], dim=1).to(e.dtype))
+    return total, count.sum(dim=1), kept, _grad_s(g_e, e, rule)
 
 
 def _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
