@@ -147,9 +147,9 @@ def random_triplets(labels, ref_labels, t_per_anchor, max_triplets=None):
         anchor_lo = torch.searchsorted(sorted_labels, classes)
         n_anchors = torch.searchsorted(sorted_labels, classes, right=True) - anchor_lo
     m = len(ref_labels)
-    k = n_pos if t_per_anchor is None else torch.full_like(n_pos, t_per_anchor)
+    per_class = n_pos if t_per_anchor is None else torch.full_like(n_pos, t_per_anchor)  # triplets per anchor
     drawn = (n_pos >= (2 if same_object else 1)) & (m - n_pos >= 1)
-    if max_triplets is not None and int((n_anchors * k * drawn).sum()) > max_triplets:
+    if max_triplets is not None and int((n_anchors * per_class * drawn).sum()) > max_triplets:
         return None
     taken, per_anchor, pos_cols, neg_cols = [], [], [], []
     n_anchors_list, n_pos_list = n_anchors.tolist(), n_pos.tolist()
