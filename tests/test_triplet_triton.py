@@ -68,11 +68,15 @@ def _block(rows, cols, classes, dtype, seed, self_block=False, row0=0):
 
 
 # (the interpreter runs a program's loops in Python: a few terms per case keep these seconds)
-@pytest.mark.parametrize("dtype,euclidean,smooth", [(torch.float64, True, False), (torch.float64, False, True),
-                                                    (torch.float32, True, True), (torch.float32, False, False)],
-                         ids=["fp64-euclidean-relu", "fp64-cosine-softplus", "fp32-euclidean-softplus",
-                              "fp32-cosine-relu"])
-@pytest.mark.parametrize("window,window_margin", WINDOWS)
+# every window with two rules that differ in each of dtype, distance and term; the other two
+# rules with every triplet
+RULES = {"fp64-euclidean-relu": (torch.float64, True, False), "fp32-cosine-softplus": (torch.float32, False, True),
+         "fp64-cosine-softplus": (torch.float64, False, True), "fp32-euclidean-relu": (torch.float32, True, False)}
+TWIN_CASES = ([(RULES[k], w) for k in list(RULES)[:2] for w in WINDOWS]
+              + [(RULES[k], WINDOWS[0]) for k in list(RULES)[2:]])
+
+
+@pytest.mark.parametrize("dtype,euclidean,smooth,window,window_margin", [(*r, *w) for r, w in TWIN_CASES])
 def test_kernel_matches_the_torch_twin(euclidean, smooth, window, window_margin, dtype, monkeypatch, kernel_calls):
     rule = fused_triplet.TripletRule(0.15, smooth, euclidean, window, window_margin)
     # (rows, columns, classes, the batch against itself, first row): two column tiles and a tail;
