@@ -522,3 +522,20 @@ def test_reused_euclidean_blocks_decline():
     assert not apply(our_distances.LpDistance(), x, x[:25])
     assert not apply(our_distances.LpDistance(), x.half(), x.half())
     assert not apply(our_distances.LpDistance(), x.requires_grad_(), x)
+
+
+def test_histogram_bins_follow_pmls_comparisons():
+    """`_histogram_bins` against the comparisons themselves (edges[i] <= v < edges[i + 1], the
+    last bin closed, -1 in none): values on the edges, just off them, outside the range (a block's
+    entries of the other side) and in uneven edges (the exact search)."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        for edges in (torch.linspace(0.3, 1.7, 11, dtype=dtype), torch.tensor([0.0, 0.1, 0.15, 1.0, 2.0], dtype=dtype)):
+            values = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1),
+                                torch.rand(500, generator=g, dtype=dtype) * 3 - 0.5])
+            want = torch.full(values.shape, -1, dtype=torch.long)
+            n_bins = len(edges) - 1
+            for i in range(n_bins):
+                upper = values <= edges[i + 1] if i == n_bins - 1 else values < edges[i + 1]
+                want[(values >= edges[i]) & upper] = i
+            assert torch.equal(blocked_miners._histogram_bins(values, edges), want)

@@ -265,14 +265,17 @@ def _histogram_bins(values, edges):
     low, high = edges[0], edges[-1]
     if not bool(high > low):
         return torch.where(values == high, n_bins - 1, -1)
+    # outside [edges[0], edges[-1]]: in no bin (linspace's last edge can round below the largest
+    # value; and a block's entries of the other side), so neither corrected nor searched
+    inside = (values >= low) & (values <= high)
     bins = torch.floor((values - low) * (n_bins / (high - low))).clamp(0, n_bins - 1).to(torch.long)
-    bins = bins - (values < edges[bins]).long()  # the estimate is off by one at most: one step
-    bins = bins + ((bins < n_bins - 1) & (values >= edges[bins + 1])).long()
-    off = (values < edges[bins]) | ((bins < n_bins - 1) & (values >= edges[bins + 1]))
+    # (edges.take: a gather ~3x faster than edges[bins]'s advanced indexing on a CPU)
+    bins = bins - (inside & (values < edges.take(bins))).long()  # the estimate is off by one at most: one step
+    bins = bins + (inside & (bins < n_bins - 1) & (values >= edges.take(bins + 1))).long()
+    off = inside & ((values < edges.take(bins)) | ((bins < n_bins - 1) & (values >= edges.take(bins + 1))))
     if bool(off.any()):  # (edges far from even spacing: the exact search)
         bins = (torch.searchsorted(edges, values.contiguous(), right=True) - 1).clamp(0, n_bins - 1)
-    # outside [edges[0], edges[-1]]: in no bin (linspace's last edge can round below the largest value)
-    return torch.where((values < low) | (values > high), -1, bins)
+    return torch.where(inside, bins, -1)
 
 
 def uniform_histogram_miner(distance, embeddings, labels, ref_emb, ref_labels, num_bins, pos_per_bin, neg_per_bin):
