@@ -160,7 +160,7 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     out = [s.new_empty(B), torch.empty(B, dtype=torch.long, device=s.device),
            torch.empty(B, dtype=torch.long, device=s.device), torch.empty_like(s) if with_grad else None]
     few = ~many
-    parts = ((many, _sorted_rows(_farness(s[many], rule.euclidean), pos[many], neg[many], rule, with_grad)),
+    parts = ((many, _sorted_row_chunks(s[many], pos[many], neg[many], rule, with_grad)),
              (few, _direct_rows(s[few], pos[few], neg[few], labels_b[few], ref_labels, row0, rule, with_grad,
                                 triton)))
     for rows, part in parts:
@@ -226,6 +226,17 @@ def _sorted_row_mask(s, pos, rule):
         return None
     many &= ~torch.isnan(s).any(dim=1)
     return many if bool(many.any()) else None
+
+
+SORTED_CHUNK_VALUES = 1 << 22  # (row, column) values per `_sorted_rows` call: ~10 such int64 / fp64 arrays live
+
+
+def _sorted_row_chunks(s, pos, neg, rule, with_grad):
+    """`_sorted_rows` over chunks of the rows (a GPU block holds 2^24 values)."""
+    step = max(1, SORTED_CHUNK_VALUES // max(s.shape[1], 1))
+    parts = [_sorted_rows(_farness(s[i:i + step], rule.euclidean), pos[i:i + step], neg[i:i + step], rule, with_grad)
+             for i in range(0, s.shape[0], step)]
+    return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts))
 
 
 def _sorted_rows(e, pos, neg, rule, with_grad):
