@@ -450,6 +450,21 @@ def test_hyperparameters(name, params, dtype):
                 ours_params=learn, pml_params=learn_pml, seed=78)
 
 
+def test_margin_loss_fp32_beta_gradient_is_pmls_with_an_fp64_beta():
+    """README deviation: with fp64 embeddings, the learned (fp32) beta's gradient is within one
+    fp32 rounding of PML's gradient for an fp64 beta (PML's own, summed in fp32, may be further)."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(64, 8, generator=g, dtype=torch.float64) * 0.1
+    labels = torch.randint(0, 5, (64,), generator=g)
+    kw = {"margin": 0.5, "nu": 0, "beta": 0.5, "learn_beta": True, "num_classes": 5}
+    ours, pml = our_losses.MarginLoss(**kw), pml_losses.MarginLoss(**kw)
+    pml.beta = torch.nn.Parameter(pml.beta.detach().double())
+    for loss_fn in (ours, pml):
+        loss_fn(x.clone().requires_grad_(True), labels).backward()
+    assert ours.beta.grad.dtype == torch.float32
+    torch.testing.assert_close(ours.beta.grad.double(), pml.beta.grad, rtol=1.2e-7, atol=1e-12)
+
+
 def test_margin_loss_attributes_match_pml():
     for kw in [{}, {"learn_beta": True}, {"learn_beta": True, "num_classes": 5}, {"num_classes": 3}]:
         ours, pml = loss_pair("MarginLoss", kw)
