@@ -182,8 +182,8 @@ class _KeptPairs:
     """The kept pairs of a sweep, block by block, while there are at most SAVED_PAIRS of them and
     every block listed them: (rows, cols, s, side) with global row indices; else None."""
 
-    def __init__(self):
-        self.parts, self.count = [], 0
+    def __init__(self, saving=True):
+        self.parts, self.count = ([] if saving else None), 0
 
     def add(self, r0, side, block):
         if self.parts is None:
@@ -223,9 +223,7 @@ def _margin_pair_totals(x, y, labels, ref_labels, rule, exclude_diag):
                  for r0, r1, s in blocks]
         sums = torch.stack([p[0] for p in parts]).sum(dim=0)
         counts = torch.stack([p[1] for p in parts]).sum(dim=0)
-        kept = _KeptPairs()
-        kept.parts = None
-        return list(sums.unbind(0)), list(counts.unbind(0)), kept
+        return list(sums.unbind(0)), list(counts.unbind(0)), _KeptPairs(saving=False)
     parts = [[], []]
     counts = torch.zeros(4, dtype=torch.long, device=x.device)
     kept = _KeptPairs()
@@ -288,19 +286,15 @@ def _grads_from_kept(x, y, kept, rule, coef):
     return grad_x, grad_y
 
 
-def _grads_by_blocks(x, y, labels, ref_labels, rule, exclude_diag, coef):
-    """(grad_x, grad_y) recomputing each block: its kept pairs' dl/ds in the block, then
-    grad_x = G_b y, grad_y += G_bᵀ x_b in block order."""
-    grad_x = torch.empty_like(x)
-    grad_y = torch.zeros_like(y)
+def _block_grads(x, y, labels, ref_labels, rule, exclude_diag, coef):
+    """(r0, r1, dl/ds of the block's kept pairs) per row block, in order: the Triton kernel's, or
+    the torch sweep's."""
     blocks = _triton_blocks(x, y, rule)
     if blocks is not None:
         coef = torch.stack(coef).to(x.dtype)
         for r0, r1, s in blocks:
-            g = triton_rows.block_grads(s, labels[r0:r1], ref_labels, r0, rule, exclude_diag, coef)
-            grad_x[r0:r1] = fixed_mm(g, y.T)
-            grad_y += fixed_mm(g.T, x[r0:r1].T)
-        return grad_x, grad_y
+            yield r0, r1, triton_rows.block_grads(s, labels[r0:r1], ref_labels, r0, rule, exclude_diag, coef)
+        return
     sweep = _BlockSweep(x, y, labels, ref_labels, rule, exclude_diag)
     for r0, r1, s, sides in sweep.blocks():
         g = sweep.f.get("g", *s.shape).zero_()
@@ -309,6 +303,15 @@ def _grads_by_blocks(x, y, labels, ref_labels, rule, exclude_diag, coef):
                 g[block.rows, block.cols] = _pair_grads(block.values, side, rule, coef)  # (each pair once)
         else:
             sweep.dense_grads(s, sides, coef, g)
+        yield r0, r1, g
+
+
+def _grads_by_blocks(x, y, labels, ref_labels, rule, exclude_diag, coef):
+    """(grad_x, grad_y) recomputing each block: its kept pairs' dl/ds in the block, then
+    grad_x = G_b y, grad_y += G_bᵀ x_b in block order."""
+    grad_x = torch.empty_like(x)
+    grad_y = torch.zeros_like(y)
+    for r0, r1, g in _block_grads(x, y, labels, ref_labels, rule, exclude_diag, coef):
         grad_x[r0:r1] = fixed_mm(g, y.T)
         grad_y += fixed_mm(g.T, x[r0:r1].T)  # the blocks in order: deterministic
     return grad_x, grad_y
