@@ -300,9 +300,8 @@ def _triplet(module, emb, labels, lazy):
         if not _holds_global_batch(lazy, sizes, cols, co.rank()):
             return None
         window, window_margin = lazy.window, lazy.window_margin
-    triton = pe.choose_backend(module.backend, emb.device) == "triton"  # (no swap here)
     rule = fused_triplet.TripletRule(float(module.margin), bool(module.smooth_loss), euclidean, window, window_margin,
-                                     triton=triton)
+                                     triton=pe.choose_backend(module.backend, emb.device) == "triton")
     x = _common.unit_rows(emb).to(stats_dtype(emb.dtype))
     y = _common.unit_rows(cols).to(x.dtype)
     with_grad = torch.is_grad_enabled() and emb.requires_grad

@@ -19,7 +19,6 @@ import torch
 
 from .._tracing import static_shapes
 from ..ops import pair_engine as pe
-from ..reference.indices import convert_to_triplets
 from ..reference.tuple_losses import margin_anchor_beta, margin_triplets_dict
 from ._common import decline, engine_distance, engine_rows_reason
 from ._epilogue import ZERO_LOSS
@@ -151,20 +150,15 @@ def random_triplets(labels, ref_labels, t_per_anchor, max_triplets=None):
     drawn = (n_pos >= (2 if same_object else 1)) & (m - n_pos >= 1)
     if max_triplets is not None and int((n_anchors * per_class * drawn).sum()) > max_triplets:
         return None
-    taken, per_anchor, pos_cols, neg_cols = [], [], [], []
-    n_anchors_list, n_pos_list = n_anchors.tolist(), n_pos.tolist()
-    for ci in torch.nonzero(drawn).flatten().tolist():
-        n_a, n_p = n_anchors_list[ci], n_pos_list[ci]
-        k = n_p if t_per_anchor is None else t_per_anchor
-        pos_cols.append(torch.randint(0, n_p - 1 if same_object else n_p, (n_a * k,)))
-        neg_cols.append(torch.randint(0, m - n_p, (n_a * k,)))
-        taken.append(ci)
-        per_anchor.append(k)
-    if not taken:
+    taken = torch.nonzero(drawn).flatten()
+    if len(taken) == 0:
         empty = torch.empty(0, dtype=torch.long, device=device)
         return empty, empty.clone(), empty.clone()
-    taken = torch.tensor(taken, device=device)
-    per_anchor = torch.tensor(per_anchor, device=device)
+    pos_cols, neg_cols = [], []
+    for n_a, n_p, k in zip(*(t[taken].tolist() for t in (n_anchors, n_pos, per_class))):
+        pos_cols.append(torch.randint(0, n_p - 1 if same_object else n_p, (n_a * k,)))
+        neg_cols.append(torch.randint(0, m - n_p, (n_a * k,)))
+    per_anchor = per_class[taken]
     counts = n_anchors[taken] * per_anchor
     cls = torch.repeat_interleave(torch.arange(len(taken), device=device), counts)
     first = torch.cumsum(counts, 0) - counts
@@ -172,8 +166,9 @@ def random_triplets(labels, ref_labels, t_per_anchor, max_triplets=None):
     pos_col = torch.cat(pos_cols).to(device)
     if same_object:
         pos_col += pos_col >= anchor_no
+    class_ref_lo = ref_lo[taken][cls]  # each triplet's class's first position among the sorted reference labels
     a = anchor_order[anchor_lo[taken][cls] + anchor_no]
-    p = ref_order[ref_lo[taken][cls] + pos_col]
+    p = ref_order[class_ref_lo + pos_col]
     # the negatives: each class's q = p_i - i is non-decreasing in [0, m); keyed by the class's
     # rank among the sorted reference labels, one searchsorted serves every class
     new_class = torch.cat([torch.ones_like(sorted_ref[:1], dtype=torch.bool), sorted_ref[1:] != sorted_ref[:-1]])
@@ -182,6 +177,6 @@ def random_triplets(labels, ref_labels, t_per_anchor, max_triplets=None):
     class_start = torch.cummax(torch.where(new_class, positions, 0), 0).values
     key = ref_rank * (m + 1) + ref_order - (positions - class_start)
     neg_col = torch.cat(neg_cols).to(device)
-    query = ref_rank[ref_lo[taken]][cls] * (m + 1) + neg_col
-    n = neg_col + torch.searchsorted(key, query, right=True) - ref_lo[taken][cls]
+    query = ref_rank[class_ref_lo] * (m + 1) + neg_col
+    n = neg_col + torch.searchsorted(key, query, right=True) - class_ref_lo
     return a, p, n

@@ -46,8 +46,8 @@ from .._tracing import static_shapes
 from ..engine_spec import stats_dtype
 from ..ops import pair_engine as pe
 from ..ops.dispatch import extension_loaded
-from ..triton import triton_available
 from ..ops.fixed_mm_op import fixed_mm
+from ..triton import triton_available
 from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, block_rows, decline, engine_distance, engine_rows,
                       engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, row_blocks, row_sums,
                       widened)
@@ -79,7 +79,7 @@ class TripletRule(NamedTuple):
     window: str  # "every" (no miner) or the miner's type_of_triplets ("all", "hard", "semihard", "easy")
     window_margin: float = 0.0  # the miner's margin
     swap: bool = False  # e_an -> min(e_an, e_pn): the batch against itself, rows sorted by label
-    triton: bool = False  # the rows in the Triton kernel (the Triton backend; not with swap)
+    triton: bool = False  # the Triton backend: the rows in its kernel where it takes them (`triton_rows.supports`)
 
 
 def _farness(s, euclidean):
@@ -175,8 +175,13 @@ def _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, trito
     (the Triton kernel, or torch ops); O(P M) a row."""
     slot_cols, valid = _positive_slots(pos)
     if triton:
-        return triton_rows.triplet_rows(s, slot_cols.masked_fill(~valid, -1), labels_b, ref_labels, rule,
-                                        WINDOW_IDS[rule.window], with_grad)
+        total, nonzero, kept, g_s, g_p = triton_rows.triplet_rows(
+            s, slot_cols.masked_fill(~valid, -1), labels_b, ref_labels, rule, WINDOW_IDS[rule.window], with_grad)
+        if with_grad:  # the positives' dL/ds (one per (row, column): no two writes meet)
+            rows, slot = torch.nonzero(valid, as_tuple=True)
+            cols = slot_cols[rows, slot]
+            g_s[rows, cols] = _grad_s(g_p[rows, slot], _farness(s[rows, cols], rule.euclidean), rule)
+        return total, nonzero, kept, g_s
     e = _farness(s, rule.euclidean)
     B = s.shape[0]
     total = torch.zeros(B, dtype=e.dtype, device=e.device)
@@ -256,10 +261,10 @@ def _sorted_rows(e, pos, neg, rule, with_grad):
     slot_cols, valid = _positive_slots(pos)
     e_p = e.gather(1, slot_cols)
 
-    def first_false(pred, lo=None):
-        """Per (row, slot): the first sorted position in [lo, m) where pred(t) is false (pred true
+    def first_false(pred):
+        """Per (row, slot): the first sorted position in [0, m) where pred(t) is false (pred true
         on a prefix)."""
-        lo = torch.zeros_like(slot_cols) if lo is None else lo.clone()
+        lo = torch.zeros_like(slot_cols)
         hi = m.expand_as(slot_cols).clone()
         for _ in range(max(M, 1).bit_length()):
             mid = (lo + hi) // 2
@@ -459,8 +464,6 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
 
     if labels is None:
         return "no labels (triplets from indices_tuple only)"
-    if module.triplets_per_anchor != "all" and indices_tuple is None:
-        return "triplets_per_anchor other than 'all' (random triplets)"
     kind = distance_kind(module.distance)
     if engine_distance(module.distance) not in _DISTANCES or module.distance.collect_stats:
         return f"distance {type(module.distance).__name__} (or its collect_stats)"
@@ -488,9 +491,8 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
     if reason is not None:
         return reason
     euclidean = engine_distance(module.distance) in DISTANCE_KINDS
-    triton = pe.choose_backend(module.backend, embeddings.device) == "triton" and not module.swap
     rule = TripletRule(float(module.margin), bool(module.smooth_loss), euclidean, window, window_margin,
-                       bool(module.swap), triton)
+                       bool(module.swap), pe.choose_backend(module.backend, embeddings.device) == "triton")
     return labels, ref_labels, rule, reduction
 
 

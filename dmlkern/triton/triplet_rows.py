@@ -9,8 +9,8 @@ with each of the row's positives (their columns precomputed, `slots`): t = e_n -
 triplets' terms relu / softplus(margin - t) summed, and with the gradient w (the term's slope on
 a kept triplet) summed per negative over the positives (dL/de_n = -sum_p w: the tile's dL/ds,
 written once) and per positive over the chunk's negatives (dL/de_p = sum_n w, in a (rows, chunks,
-slots) scratch). The host sums the chunks' partial results in chunk order and writes the
-positives' dL/ds.
+slots) scratch). The host sums the chunks' partial results in chunk order; the positives' dL/ds
+follows from their dL/de in fused/triplet.py.
 Every output has one writer and a fixed order of additions: deterministic, no atomics.
 Work O(P · M) a row, as the C++ kernel's direct sweep (its sorted rows for classes of 128 or more
 have no Triton twin yet)."""
@@ -125,9 +125,10 @@ def supports(s, rule):
 
 
 def triplet_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad):
-    """(sums, nonzero, kept, dL/ds or None) of the block's rows, as `_block_pass`: s (B, M) fp32 /
+    """(sums, nonzero, kept, dL/ds, dL/de of the positives) of the block's rows: s (B, M) fp32 /
     fp64, slot_cols (B, P) int64 each row's positive columns (-1: none; the diagonal is left out
-    there), labels (B,), (M,) int64."""
+    there), labels (B,), (M,) int64. dL/ds is 0 at the positives' columns, whose dL/de (B, P) the
+    caller turns into dL/ds (`fused.triplet._direct_rows`); both None without with_grad."""
     B, M = s.shape
     s = s.contiguous()
     P = slot_cols.shape[1]
@@ -145,14 +146,6 @@ def triplet_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad)
             SMOOTH=bool(rule.smooth), EUCLIDEAN=bool(rule.euclidean), WINDOW=int(window_id),
             WITH_GRAD=bool(with_grad), FP64=s.dtype == torch.float64, BLOCK_N=block_n)
     counts = counts.sum(dim=1)
-    if with_grad and P > 0:  # the positives: dL/de_p = sum_n w, so dL/ds_p = -that (or -that / e_ap)
-        rows, slot = torch.nonzero(slot_cols >= 0, as_tuple=True)
-        cols = slot_cols[rows, slot]
-        w_p = psum.sum(dim=1)[rows, slot]
-        if rule.euclidean:
-            e_ap = torch.sqrt(torch.clamp(2 - 2 * s[rows, cols], min=0))
-            g_p = torch.where(e_ap > 0, -w_p / torch.where(e_ap > 0, e_ap, 1.0), 0.0)
-        else:
-            g_p = -w_p
-        g[rows, cols] = g_p  # (one positive per (row, column): no two writes meet)
-    return sums.sum(dim=1), counts[:, 0], counts[:, 1], g if with_grad else None
+    if not with_grad:
+        return sums.sum(dim=1), counts[:, 0], counts[:, 1], None, None
+    return sums.sum(dim=1), counts[:, 0], counts[:, 1], g, psum.sum(dim=1)[:, :P]
