@@ -4,13 +4,14 @@ fp64, every miner window, relu and softplus terms, both distances, odd sizes (co
 of the tile), rows without positives or negatives, a block of one class, offset blocks of the batch
 against itself, NaN; then the loss on the Triton backend against PML 2.9.0, its fp64 gradcheck and
 its bits on repeat. Runs under TRITON_INTERPRET=1 on CPU tensors, or on a GPU."""
+import functools
+
 import pytest
 import torch
-import pytorch_metric_learning.losses as pml_losses
-import pytorch_metric_learning.miners as pml_miners
 
 import dmlkern.fused.triplet as fused_triplet
-from dmlkern import losses, miners
+from dmlkern import losses
+from _triplet_blocks import assert_loss_matches_pml, random_block, triplet_loss
 from _triton_device import compile_for_sm90, gpu_marks, triton_device
 
 DEVICE = triton_device()
@@ -54,17 +55,7 @@ def _assert_same(got, want, dtype):
             torch.testing.assert_close(a, b, equal_nan=True, **TOL[dtype], msg=lambda m: f"{name}: {m}")
 
 
-def _block(rows, cols, classes, dtype, seed, self_block=False, row0=0):
-    """A block of unit-row cosines: (s, labels of the rows, labels of the columns)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.nn.functional.normalize(torch.randn(cols, 9, generator=g, dtype=torch.float64), dim=1)
-    ref_labels = torch.randint(0, classes, (cols,), generator=g)
-    if self_block:  # rows row0 .. row0 + rows of the batch against itself
-        x, labels_b = y[row0:row0 + rows], ref_labels[row0:row0 + rows]
-    else:
-        x = torch.nn.functional.normalize(torch.randn(rows, 9, generator=g, dtype=torch.float64), dim=1)
-        labels_b = torch.randint(0, classes, (rows,), generator=g)
-    return (x @ y.T).to(dtype).to(DEVICE), labels_b.to(DEVICE), ref_labels.to(DEVICE)
+_block = functools.partial(random_block, device=DEVICE)
 
 
 # (the interpreter runs a program's loops in Python: a few terms per case keep these seconds)
@@ -106,36 +97,11 @@ def test_kernel_without_grad_and_with_nan(monkeypatch, kernel_calls):
     assert torch.isnan(sums[4])  # a NaN row's terms are NaN, as torch.relu's
 
 
-def _loss(lib, kw, kind, x, labels, ref=None, ref_labels=None, backend=None):
-    L, M = (losses, miners) if lib == "dmlkern" else (pml_losses, pml_miners)
-    x = x.clone().requires_grad_(True)
-    ref = None if ref is None else ref.clone().requires_grad_(True)
-    loss_fn = L.TripletMarginLoss(**kw)
-    if backend is not None:
-        loss_fn.backend = backend
-    mined = None if kind is None else M.TripletMarginMiner(type_of_triplets=kind)(x, labels, ref, ref_labels)
-    value = loss_fn(x, labels, mined, ref, ref_labels)
-    wrt = [x] + ([] if ref is None else [ref])
-    grads = torch.autograd.grad(value, wrt, allow_unused=True)
-    return value.detach(), [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)], loss_fn
-
-
 @pytest.mark.parametrize("kind", [None, "semihard", "hard", "easy"])
 @pytest.mark.parametrize("kw", [{}, {"margin": 0.3, "smooth_loss": True}], ids=["relu", "smooth"])
 def test_loss_on_the_triton_backend_matches_pml(kw, kind, kernel_calls):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(61, 12, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 7, (61,), generator=g)
-    ref = torch.randn(45, 12, generator=g, dtype=torch.float64)
-    ref_labels = torch.randint(0, 7, (45,), generator=g)
-    for args in ((x, labels), (x, labels, ref, ref_labels)):
-        ours, our_grads, loss_fn = _loss("dmlkern", kw, kind, *(a.to(DEVICE) for a in args), backend="triton")
-        want, want_grads, _ = _loss("pml", kw, kind, *args)
-        assert loss_fn.last_backend in ("blocked", "zero"), loss_fn.last_fallback
-        assert kernel_calls, "the Triton kernel did not run"
-        torch.testing.assert_close(ours.cpu(), want, rtol=1e-9, atol=1e-12)
-        for a, b in zip(our_grads, want_grads):
-            torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+    assert_loss_matches_pml(kw, kind, DEVICE, "triton")
+    assert kernel_calls, "the Triton kernel did not run"
 
 
 def test_loss_gradcheck_fp64_and_bits_on_repeat(kernel_calls):
@@ -159,8 +125,9 @@ def test_rows_with_many_positives_sort_on_the_triton_backend(monkeypatch, kernel
     g = torch.Generator().manual_seed(4)
     x = torch.randn(37, 6, generator=g, dtype=torch.float64)
     labels = torch.cat([torch.zeros(15, dtype=torch.long), torch.randint(1, 6, (22,), generator=g)])
-    ours, our_grads, loss_fn = _loss("dmlkern", {}, "semihard", x.to(DEVICE), labels.to(DEVICE), backend="triton")
-    want, want_grads, _ = _loss("pml", {}, "semihard", x, labels)
+    ours, our_grads, loss_fn = triplet_loss("dmlkern", {}, "semihard", x.to(DEVICE), labels.to(DEVICE),
+                                            backend="triton")
+    want, want_grads, _ = triplet_loss("pml", {}, "semihard", x, labels)
     assert kernel_calls and sorted_calls
     torch.testing.assert_close(ours.cpu(), want, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(our_grads[0].cpu(), want_grads[0], rtol=1e-9, atol=1e-12)
@@ -169,8 +136,9 @@ def test_rows_with_many_positives_sort_on_the_triton_backend(monkeypatch, kernel
 def test_swap_runs_the_torch_ops_on_the_triton_backend(kernel_calls):
     x = torch.randn(30, 8, dtype=torch.float64)
     labels = torch.arange(30) % 4
-    ours, _, loss_fn = _loss("dmlkern", {"swap": True}, None, x.to(DEVICE), labels.to(DEVICE), backend="triton")
-    want, _, _ = _loss("pml", {"swap": True}, None, x, labels)
+    ours, _, loss_fn = triplet_loss("dmlkern", {"swap": True}, None, x.to(DEVICE), labels.to(DEVICE),
+                                    backend="triton")
+    want, _, _ = triplet_loss("pml", {"swap": True}, None, x, labels)
     assert loss_fn.last_backend == "blocked" and not kernel_calls
     torch.testing.assert_close(ours.cpu(), want, rtol=1e-9, atol=1e-12)
 

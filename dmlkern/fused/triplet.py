@@ -18,7 +18,8 @@ N x M buffer, no triplet list. A row with SORTED_MIN_POSITIVES or more positives
 swap: few large classes) sorts its negatives once instead, each positive's kept terms then a run
 of them found by binary search, summed from prefix sums: O(M log M + P log M) a row (in C++ on a
 CPU, `_sorted_rows`' torch ops elsewhere). On the Triton backend the other rows run a Triton
-kernel (triton/triplet_rows.py).
+kernel (triton/triplet_rows.py), on the C++ backend on a GPU a CUDA C++ one
+(csrc/cuda/triplet_slots_cuda.cu; both without swap).
 The gradient of the total: dL/de_an = -w, dL/de_ap = sum_n w (w =
 1 where the term is kept and positive, or its sigmoid with `smooth_loss`), then grad_x[b] =
 G_b @ y and grad_y += G_bᵀ @ x_b, the blocks added in order: bit-identical at any CPU thread
@@ -69,6 +70,18 @@ if _CPU_KERNEL:  # its shapes, for torch.compile (FakeTensor tracing)
         rows = s.shape[0]
         return (s.new_empty(rows), s.new_empty((rows, 2), dtype=torch.long),
                 s.new_empty(s.shape if with_grad else (0, 0)))
+# The CUDA C++ row sweep (dmlkern::triplet_slot_rows, csrc/cuda/triplet_slots_cuda.cu): the C++
+# backend's kernel on a GPU. Its CPU implementation runs the same per-thread bodies
+# (csrc/triplet_slots.h) in loops; the tests add "cpu" here to run the loss through it.
+_SLOT_KERNEL = extension_loaded() and hasattr(torch.ops.dmlkern, "triplet_slot_rows")
+SLOT_KERNEL_DEVICES = ("cuda",)
+if _SLOT_KERNEL:
+    @torch.library.register_fake("dmlkern::triplet_slot_rows")
+    def _triplet_slot_rows_fake(s, slots, row_labels, col_labels, params, flags, with_grad):
+        rows = s.shape[0]
+        return (s.new_empty(rows), s.new_empty((rows, 2), dtype=torch.long),
+                s.new_empty(s.shape if with_grad else (0, 0)),
+                s.new_empty((rows, slots.shape[1]) if with_grad else (0, 0)))
 
 
 class TripletRule(NamedTuple):
@@ -148,13 +161,13 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     row0 + k is row k): row i's terms against its positive q read row q's e, and its gradient adds
     the triplets (q, i, n), recomputed as q's own sweep computes them, times the e_in side's share
     of min(e_qn, e_in)."""
-    triton = rule.triton and triton_rows.supports(s, rule)
-    if _CPU_KERNEL and s.device.type == "cpu" and not triton:
+    kernel = _row_kernel(s, rule)
+    if _CPU_KERNEL and s.device.type == "cpu" and kernel is None:
         return _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad)
     pos, neg = block_masks(labels_b, ref_labels, row0, exclude_diag)
     many = _sorted_row_mask(s, pos, rule)
     if many is None:
-        return _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, triton)
+        return _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, kernel)
     # rows with many positives sorted, the others direct (never with swap: row indices unchanged)
     B = s.shape[0]
     out = [s.new_empty(B), torch.empty(B, dtype=torch.long, device=s.device),
@@ -162,7 +175,7 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     few = ~many
     parts = ((many, _sorted_row_chunks(s[many], pos[many], neg[many], rule, with_grad)),
              (few, _direct_rows(s[few], pos[few], neg[few], labels_b[few], ref_labels, row0, rule, with_grad,
-                                triton)))
+                                kernel)))
     for rows, part in parts:
         for whole, piece in zip(out, part):
             if whole is not None:
@@ -170,12 +183,32 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     return tuple(out)
 
 
-def _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, triton):
+def _row_kernel(s, rule):
+    """The kernel that runs a block's direct rows, with `triton_rows.triplet_rows`' contract: the
+    Triton one on the Triton backend, the CUDA C++ one on a GPU otherwise (both: fp32 / fp64, no
+    swap); None: the C++ CPU op (`_block_kernel`) on a CPU, else torch ops."""
+    if rule.triton and triton_rows.supports(s, rule):
+        return triton_rows.triplet_rows
+    if (_SLOT_KERNEL and s.device.type in SLOT_KERNEL_DEVICES and not rule.swap
+            and s.dtype in (torch.float32, torch.float64)):
+        return _slot_rows
+    return None
+
+
+def _slot_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad):
+    """dmlkern::triplet_slot_rows (the CUDA C++ row sweep) as `triton_rows.triplet_rows`."""
+    sums, counts, g_s, g_p = torch.ops.dmlkern.triplet_slot_rows(
+        s, slot_cols, labels_b, ref_labels, [rule.margin, rule.window_margin],
+        [int(rule.smooth), int(rule.euclidean), window_id], with_grad)
+    return sums, counts[:, 0], counts[:, 1], g_s if with_grad else None, g_p if with_grad else None
+
+
+def _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, kernel):
     """`_block_pass` for rows of any number of positives: each positive slot against every column
-    (the Triton kernel, or torch ops); O(P M) a row."""
+    (`kernel`, from `_row_kernel`, or torch ops); O(P M) a row."""
     slot_cols, valid = _positive_slots(pos)
-    if triton:
-        total, nonzero, kept, g_s, g_p = triton_rows.triplet_rows(
+    if kernel is not None:
+        total, nonzero, kept, g_s, g_p = kernel(
             s, slot_cols.masked_fill(~valid, -1), labels_b, ref_labels, rule, WINDOW_IDS[rule.window], with_grad)
         if with_grad:  # the positives' dL/ds (one per (row, column): no two writes meet)
             rows, slot = torch.nonzero(valid, as_tuple=True)
