@@ -67,6 +67,18 @@ TORCH_LIBRARY(dmlkern, m) {
   m.def(
       "triplet_slot_rows(Tensor s, Tensor slots, Tensor row_labels, Tensor col_labels, float[] params, "
       "int[] flags, bool with_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ContrastiveLoss on a PairMarginMiner's pairs, one row block of unit-row similarities s (B, M)
+  // (dmlkern/fused/pair_margin_contrastive.py): params = [pos_margin, neg_margin,
+  // miner_pos_margin, miner_neg_margin], flags = [loss_euclidean, miner_euclidean] (each value
+  // sqrt(max(2 - 2s, 0)), else s); fp32 / fp64. Without coef: the block's sums of the kept pairs'
+  // terms (2,) (positive, negative side) and counts (4,) int64 (terms > 0 a side, kept pairs a
+  // side), and an empty dL/ds; with coef (2,) (the sides' upstream slopes): empty totals and dL/ds
+  // (B, M). The CUDA C++ backend's kernel (csrc/cuda; its per-thread bodies,
+  // csrc/pair_margin_rows.h, run on the CPU too, as its tested twin). row0, exclude_diag as
+  // triplet_rows.
+  m.def(
+      "pair_margin_rows(Tensor s, Tensor row_labels, Tensor col_labels, int row0, bool exclude_diag, "
+      "float[] params, int[] flags, Tensor? coef) -> (Tensor, Tensor, Tensor)");
   // BatchEasyHardMiner's per-row picks on one row block of its distance matrix mat (B, M)
   // (dmlkern/fused/blocked_miners.py): modes = [pos_mode, neg_mode, order], a side's mode 0 (not
   // picked), 1 (min) or 2 (max); order 0 (independent), 1 (negatives first, then the positives

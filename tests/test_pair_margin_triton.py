@@ -6,11 +6,9 @@ TRITON_INTERPRET=1 on CPU tensors, or on a GPU."""
 import pytest
 import torch
 
-from dmlkern import losses, miners
-from dmlkern.fused import _common
+import _pair_margin_kernel_cases as cases
 from dmlkern.fused import pair_margin_contrastive as fused_pmc
 from _triton_device import compile_for_sm90, gpu_marks, triton_device
-from test_pair_margin_contrastive import REDUCERS, _assert_like_pml, _batch, _run
 
 DEVICE = triton_device()
 pytestmark = gpu_marks(DEVICE)
@@ -28,70 +26,30 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def _on_device(*tensors):
-    return [None if t is None else t.to(DEVICE) for t in tensors]
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("loss_kind,miner_kind", [("euclidean", "euclidean"), ("cosine", "cosine"),
                                                   ("euclidean", "cosine"), ("cosine", "euclidean")])
 def test_matches_pml(dtype, loss_kind, miner_kind, kernel_calls):
-    x, labels = _on_device(*_batch(0, 97, 7, dtype=dtype))  # (not a tile multiple)
-    for reducer in REDUCERS[:2] if dtype == torch.float64 else REDUCERS[2:]:
-        del kernel_calls[:]
-        _assert_like_pml(dtype, x=x, labels=labels, loss_kind=loss_kind, miner_kind=miner_kind, reducer=reducer)
-        assert kernel_calls == ["block_totals", "block_grads"], kernel_calls
+    cases.check_matches_pml(DEVICE, dtype, loss_kind, miner_kind, kernel_calls)
 
 
 @pytest.mark.parametrize("ref_labels_given", [True, False])
 def test_ref_emb_matches_pml(ref_labels_given, kernel_calls):
-    x, labels = _on_device(*_batch(1, 61, 5))
-    ref, ref_labels = _on_device(*_batch(2, 83 if ref_labels_given else 61, 5))
-    _assert_like_pml(x=x, labels=labels, ref=ref, ref_labels=ref_labels if ref_labels_given else None,
-                     reducer="MeanReducer")
-    assert kernel_calls
+    cases.check_ref_emb(DEVICE, ref_labels_given, kernel_calls)
 
 
 def test_rows_spanning_several_blocks_and_chunks(monkeypatch, kernel_calls):
-    monkeypatch.setattr(_common, "ROW_BLOCK_VALUES", 16 * 150)
     monkeypatch.setattr(fused_pmc.triton_rows, "CHUNK_COLUMNS", 64)  # 150 columns: chunks of 64, 64, 22
-    x, labels = _on_device(*_batch(3, 150, 6))
-    _assert_like_pml(x=x, labels=labels)
-    assert kernel_calls.count("block_totals") > 1
+    cases.check_several_blocks(DEVICE, 150, kernel_calls, monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["one_class", "all_distinct", "nothing_kept"])
 def test_degenerate_batches(case, kernel_calls):
-    x, labels = _batch(5, 9, 3)
-    miner_kw = None
-    if case == "one_class":
-        labels = torch.zeros_like(labels)
-    elif case == "all_distinct":
-        labels = torch.arange(len(labels))
-    else:
-        miner_kw = {"pos_margin": 5.0, "neg_margin": -1.0}
-    x, labels = _on_device(x, labels)
-    got, got_grads, loss_fn, _ = _run("dmlkern", x, labels, miner_kw=miner_kw)
-    want, want_grads, _, want_mined = _run("pml", x.cpu(), labels.cpu(), miner_kw=miner_kw)
-    torch.testing.assert_close(got.cpu(), want)
-    torch.testing.assert_close(got_grads[0].cpu(), want_grads[0])
-    degenerate = all(len(t) <= 1 for t in want_mined)
-    assert loss_fn.last_backend == ("zero" if degenerate else "blocked"), (case, loss_fn.last_fallback)
-    assert "block_totals" in kernel_calls
+    cases.check_degenerate_batch(DEVICE, case, kernel_calls)
 
 
 def test_gradcheck_fp64_and_bits_on_repeat(kernel_calls):
-    x, labels = _on_device(*_batch(6, 8, 2, d=3))
-    x.requires_grad_(True)
-    loss_fn = losses.ContrastiveLoss(pos_margin=0.2, neg_margin=1.4)
-    miner = miners.PairMarginMiner(pos_margin=0.5, neg_margin=1.5)
-
-    def loss(t):
-        return loss_fn(t, labels, miner(t, labels))
-
-    assert torch.autograd.gradcheck(loss, (x,))
-    assert "block_grads" in kernel_calls
-    assert torch.equal(torch.autograd.grad(loss(x), x)[0], torch.autograd.grad(loss(x), x)[0])
+    cases.check_gradcheck_fp64_and_bits(DEVICE, kernel_calls)
 
 
 def test_kernel_compiles_for_sm90():

@@ -14,16 +14,13 @@
 #include <torch/library.h>
 
 #include "../triplet_slots_host.h"
+#include "launch.h"
 
 namespace dmlkern {
 
 namespace {
 
 using namespace triplet_slots;
-
-constexpr int kThreads = 256;
-
-inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
 template <typename T>
 __global__ void slot_chunk_kernel(const T* __restrict__ s, const int64_t* __restrict__ slots,
@@ -34,8 +31,8 @@ __global__ void slot_chunk_kernel(const T* __restrict__ s, const int64_t* __rest
   if (i >= rows * num_slots * chunks) return;
   const int64_t c = i % chunks, rk = i / chunks, r = rk / num_slots;
   const int64_t c0 = min(c * chunk, cols), c1 = min(c0 + chunk, cols);
-  parts[i] = slot_chunk(s + r * cols, col_labels, row_labels[r], slot_column(slots + r * num_slots, rk % num_slots, cols),
-                        c0, c1, rule);
+  const int64_t p = slot_column(slots + r * num_slots, rk % num_slots, cols);
+  parts[i] = slot_chunk(s + r * cols, col_labels, row_labels[r], p, c0, c1, rule);
 }
 
 template <typename T>
@@ -72,17 +69,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_slot_rows_cud
     SlotPartial<scalar_t>* parts = parts_of<scalar_t>(out);
     const int64_t n_parts = rows * num_slots * chunks;
     if (n_parts > 0) {
-      slot_chunk_kernel<scalar_t><<<blocks_for(n_parts), kThreads, 0, stream>>>(
+      slot_chunk_kernel<scalar_t><<<item_blocks(n_parts), kItemThreads, 0, stream>>>(
           s.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(), rl.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), rows,
           cols, num_slots, chunks, chunk, rule, parts);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    row_totals_kernel<scalar_t><<<blocks_for(rows), kThreads, 0, stream>>>(
+    row_totals_kernel<scalar_t><<<item_blocks(rows), kItemThreads, 0, stream>>>(
         parts, rows, num_slots, chunks, out.sums.data_ptr<scalar_t>(), out.counts.data_ptr<int64_t>(),
         out.grad_pos.numel() > 0 ? out.grad_pos.data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (with_grad && cols > 0) {
-      negative_grad_kernel<scalar_t><<<blocks_for(rows * cols), kThreads, 0, stream>>>(
+      negative_grad_kernel<scalar_t><<<item_blocks(rows * cols), kItemThreads, 0, stream>>>(
           s.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(), rl.data_ptr<int64_t>(), cl.data_ptr<int64_t>(), rows,
           cols, num_slots, rule, out.grad_s.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -14,7 +14,8 @@ puts dl/ds of its kept pairs into it and multiplies back (as intra_pair_variance
 are `ops.fixed_mm` and sums in fixed orders, so the bits do not depend on the CPU thread count.
 Memory O(block + N D), however many pairs the window keeps. On the Triton backend each block's
 window, terms and counts (and in the backward its dL/ds) come from one kernel instead
-(triton/pair_margin_rows.py), the backward always recomputing.
+(triton/pair_margin_rows.py), the backward always recomputing; so on the C++ backend on a GPU
+(csrc/cuda/pair_margin_rows_cuda.cu).
 
 The window is applied to these values; PML's miner decides on its own `torch.cdist` matrix, so a
 pair within a rounding error of a miner margin may be kept by one and not the other (as for the
@@ -29,6 +30,7 @@ import torch
 from .._autograd import applier
 from .._determinism import fixed_order_sum
 from ..ops import pair_engine as pe
+from ..ops.dispatch import extension_loaded
 from ..ops.fixed_mm_op import fixed_mm
 from ..triton import triton_available
 from ._common import Buffers, Degenerate, has_short_rows, reduced_sub_loss, row_blocks, unit_rows
@@ -41,6 +43,17 @@ from .triplet import distance_kind
 triton_rows = None  # triton/pair_margin_rows.py, when triton is installed
 if triton_available():
     from ..triton import pair_margin_rows as triton_rows
+# The CUDA C++ kernel (dmlkern::pair_margin_rows, csrc/cuda/pair_margin_rows_cuda.cu): the C++
+# backend's on a GPU. Its CPU implementation runs the same per-thread bodies
+# (csrc/pair_margin_rows.h) in loops; the tests add "cpu" here to run the loss through it.
+_CPP_ROWS = extension_loaded() and hasattr(torch.ops.dmlkern, "pair_margin_rows")
+CPP_ROWS_DEVICES = ("cuda",)
+if _CPP_ROWS:
+    @torch.library.register_fake("dmlkern::pair_margin_rows")
+    def _pair_margin_rows_fake(s, row_labels, col_labels, row0, exclude_diag, params, flags, coef):
+        if coef is not None:
+            return s.new_empty(0), s.new_empty(0, dtype=torch.long), s.new_empty(s.shape)
+        return s.new_empty(2), s.new_empty(4, dtype=torch.long), s.new_empty((0, 0))
 
 BACKEND = "blocked"
 NON_FINITE = "a NaN or infinite embedding"
@@ -206,21 +219,46 @@ class _KeptPairs:
         return tuple(torch.cat(t) for t in zip(*self.parts)), True
 
 
-def _triton_blocks(x, y, rule):
-    """The row blocks of s = x[r0:r1] @ yᵀ for the Triton kernel (None: the torch sweep's)."""
-    if not (rule.triton and triton_rows.supports(x)):
+class _CppRows:
+    """dmlkern::pair_margin_rows (the CUDA C++ kernel) with triton_rows' block_totals / block_grads."""
+
+    @staticmethod
+    def _call(s, labels_b, ref_labels, row0, rule, exclude_diag, coef):
+        return torch.ops.dmlkern.pair_margin_rows(
+            s, labels_b, ref_labels, row0, exclude_diag,
+            [rule.pos_margin, rule.neg_margin, rule.miner_pos_margin, rule.miner_neg_margin],
+            [int(rule.loss_euclidean), int(rule.miner_euclidean)], coef)
+
+    @staticmethod
+    def block_totals(s, labels_b, ref_labels, row0, rule, exclude_diag):
+        return _CppRows._call(s, labels_b, ref_labels, row0, rule, exclude_diag, None)[:2]
+
+    @staticmethod
+    def block_grads(s, labels_b, ref_labels, row0, rule, exclude_diag, coef):
+        return _CppRows._call(s, labels_b, ref_labels, row0, rule, exclude_diag, coef)[2]
+
+
+def _kernel_blocks(x, y, rule):
+    """(kernel, the row blocks of s = x[r0:r1] @ yᵀ) when a kernel runs each block: the Triton one
+    on the Triton backend, the CUDA C++ one (`_CppRows`) on a GPU otherwise; None: the torch
+    sweep's."""
+    if rule.triton and triton_rows.supports(x):
+        kernel = triton_rows
+    elif _CPP_ROWS and x.device.type in CPP_ROWS_DEVICES and x.dtype in (torch.float32, torch.float64):
+        kernel = _CppRows
+    else:
         return None
-    return ((r0, r1, fixed_mm(x[r0:r1], y)) for r0, r1 in row_blocks(x.shape[0], y.shape[0], x.device))
+    return kernel, ((r0, r1, fixed_mm(x[r0:r1], y)) for r0, r1 in row_blocks(x.shape[0], y.shape[0], x.device))
 
 
 def _margin_pair_totals(x, y, labels, ref_labels, rule, exclude_diag):
     """Forward sweep: per side the total, the number of terms > 0 and of kept pairs (each block's
     partial sums summed in block order: bits independent of the thread count); and the kept
-    pairs (`_KeptPairs`; none saved on the Triton path, whose backward recomputes each block)."""
-    blocks = _triton_blocks(x, y, rule)
-    if blocks is not None:
-        parts = [triton_rows.block_totals(s, labels[r0:r1], ref_labels, r0, rule, exclude_diag)
-                 for r0, r1, s in blocks]
+    pairs (`_KeptPairs`; none saved on a kernel's path, whose backward recomputes each block)."""
+    kernel_blocks = _kernel_blocks(x, y, rule)
+    if kernel_blocks is not None:
+        kernel, blocks = kernel_blocks
+        parts = [kernel.block_totals(s, labels[r0:r1], ref_labels, r0, rule, exclude_diag) for r0, r1, s in blocks]
         sums = torch.stack([p[0] for p in parts]).sum(dim=0)
         counts = torch.stack([p[1] for p in parts]).sum(dim=0)
         return list(sums.unbind(0)), list(counts.unbind(0)), _KeptPairs(saving=False)
@@ -287,13 +325,14 @@ def _grads_from_kept(x, y, kept, rule, coef):
 
 
 def _block_grads(x, y, labels, ref_labels, rule, exclude_diag, coef):
-    """(r0, r1, dl/ds of the block's kept pairs) per row block, in order: the Triton kernel's, or
-    the torch sweep's."""
-    blocks = _triton_blocks(x, y, rule)
-    if blocks is not None:
+    """(r0, r1, dl/ds of the block's kept pairs) per row block, in order: a kernel's, or the torch
+    sweep's."""
+    kernel_blocks = _kernel_blocks(x, y, rule)
+    if kernel_blocks is not None:
+        kernel, blocks = kernel_blocks
         coef = torch.stack(coef).to(x.dtype)
         for r0, r1, s in blocks:
-            yield r0, r1, triton_rows.block_grads(s, labels[r0:r1], ref_labels, r0, rule, exclude_diag, coef)
+            yield r0, r1, kernel.block_grads(s, labels[r0:r1], ref_labels, r0, rule, exclude_diag, coef)
         return
     sweep = _BlockSweep(x, y, labels, ref_labels, rule, exclude_diag)
     for r0, r1, s, sides in sweep.blocks():
