@@ -79,6 +79,14 @@ TORCH_LIBRARY(dmlkern, m) {
   m.def(
       "pair_margin_rows(Tensor s, Tensor row_labels, Tensor col_labels, int row0, bool exclude_diag, "
       "float[] params, int[] flags, Tensor? coef) -> (Tensor, Tensor, Tensor)");
+  // Its CPU forward for the fused loss, CPU only: the same totals, and with list_live the block's
+  // live pairs (kept, term > 0; else none) in row order as (L, 2) int64 (row in the block, column) and (L,) int8 sides (0
+  // positive, 1 negative). thresholds = [t_pos, t_neg]: only positive pairs with s < t_pos and
+  // negative pairs with s > t_neg can be kept (the caller's necessary condition on s, which spares
+  // the exact test on the miner's value elsewhere).
+  m.def(
+      "pair_margin_live(Tensor s, Tensor row_labels, Tensor col_labels, int row0, bool exclude_diag, "
+      "float[] params, int[] flags, float[] thresholds, bool list_live) -> (Tensor, Tensor, Tensor, Tensor)");
   // BatchEasyHardMiner's per-row picks on one row block of its distance matrix mat (B, M)
   // (dmlkern/fused/blocked_miners.py): modes = [pos_mode, neg_mode, order], a side's mode 0 (not
   // picked), 1 (min) or 2 (max); order 0 (independent), 1 (negatives first, then the positives

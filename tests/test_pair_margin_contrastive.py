@@ -24,10 +24,15 @@ COSINE = ({"pos_margin": 0.7, "neg_margin": 0.1}, {"pos_margin": 0.4, "neg_margi
 REDUCERS = ("AvgNonZeroReducer", "MeanReducer", "SumReducer")
 
 
-@pytest.fixture(params=["listed", "masked"])
+@pytest.fixture(params=["cpp", "listed", "masked"])
 def block_mode(request, monkeypatch):
-    """Each block's kept pairs listed (few candidates) or masked (many): force one or the other."""
-    monkeypatch.setattr(pair_margin_contrastive, "DENSE_BLOCK_FRACTION", 1.0 if request.param == "listed" else -1.0)
+    """The CPU's C++ forward (dmlkern::pair_margin_live; the backward's recomputed blocks in C++
+    too), or the torch sweep with each block's kept pairs listed (few candidates) or masked (many)."""
+    if request.param != "cpp":
+        monkeypatch.setattr(pair_margin_contrastive, "_CPU_LIVE", False)
+        monkeypatch.setattr(pair_margin_contrastive, "CPP_ROWS_DEVICES", ("cuda",))
+        monkeypatch.setattr(pair_margin_contrastive, "DENSE_BLOCK_FRACTION",
+                            1.0 if request.param == "listed" else -1.0)
     return request.param
 
 

@@ -21,10 +21,11 @@ DEVICES = [pytest.param("cpu", id="cpu-twin"),
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The C++ backend for every loss of the test, its kernel on the CPU too; the kernel's forward
-    and backward calls."""
+    """The C++ backend for every loss of the test, the kernel's forward on the CPU too; the
+    kernel's forward and backward calls."""
     monkeypatch.setenv("DMLKERN_BACKEND", "cpp")
     monkeypatch.setattr(fused_pmc, "CPP_ROWS_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(fused_pmc, "_CPU_LIVE", False)  # (the CPU's own forward, pair_margin_live, lists pairs)
     calls = []
     for name in ("block_totals", "block_grads"):
         real = getattr(fused_pmc._CppRows, name)
@@ -118,3 +119,34 @@ def test_op_checks_its_arguments_and_empty_blocks(device):
 def test_opcheck():
     for with_coef in (False, True):
         torch.library.opcheck(torch.ops.dmlkern.pair_margin_rows.default, tuple(_op_args("cpu", with_coef)))
+
+
+def test_live_pairs_are_the_kernels_pairs_with_a_gradient():
+    """dmlkern::pair_margin_live (the CPU forward): the kernel's totals, and as live pairs exactly
+    the pairs whose dL/ds the kernel makes non-zero, in row order, each with its side; for both
+    distances, thresholds that pass every pair or cut at the cosine, and without the list."""
+    g = torch.Generator().manual_seed(9)
+    for loss_e, miner_e, params in ((1, 1, [0.3, 1.3, 0.9, 1.35]), (0, 0, [0.7, 0.1, 0.4, -0.05]),
+                                    (1, 0, [0.3, 1.3, 0.4, -0.05]), (0, 1, [0.7, 0.1, 0.9, 1.35])):
+        x = torch.nn.functional.normalize(torch.randn(70, 5, generator=g, dtype=torch.float64), dim=1)
+        labels = torch.randint(0, 4, (70,), generator=g)
+        s, rl = x[10:40] @ x.T, labels[10:40]
+        rule = fused_pmc.MarginPairRule(bool(loss_e), params[0], params[1], bool(miner_e), params[2], params[3])
+        args = (s, rl, labels, 10, True, params, [loss_e, miner_e])
+        sums, counts, _ = torch.ops.dmlkern.pair_margin_rows(*args, None)
+        g_pos = torch.ops.dmlkern.pair_margin_rows(*args, torch.tensor([1.0, 0.0], dtype=torch.float64))[2]
+        g_neg = torch.ops.dmlkern.pair_margin_rows(*args, torch.tensor([0.0, 1.0], dtype=torch.float64))[2]
+        for thresholds in ([float("inf"), -float("inf")], list(fused_pmc._cosine_thresholds(rule))):
+            live_sums, live_counts, pairs, sides = torch.ops.dmlkern.pair_margin_live(*args, thresholds, True)
+            torch.testing.assert_close(live_sums, sums, rtol=1e-12, atol=1e-12)
+            assert torch.equal(live_counts, counts)
+            for side, grad in ((0, g_pos), (1, g_neg)):
+                want = torch.nonzero(grad != 0)  # row-major: row order
+                assert torch.equal(pairs[sides == side], want), (loss_e, miner_e, side)
+            assert not torch.ops.dmlkern.pair_margin_live(*args, thresholds, False)[2].numel()
+
+
+def test_live_opcheck():
+    args = _op_args("cpu")[:7]
+    for list_live in (True, False):
+        torch.library.opcheck(torch.ops.dmlkern.pair_margin_live.default, (*args, [0.9, 0.5], list_live))

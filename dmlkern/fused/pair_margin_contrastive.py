@@ -12,10 +12,13 @@ AvgNonZero and Sum reducers need (`_common.reduced_sub_loss`). The backward gath
 kept pairs the forward saved (up to SAVED_PAIRS, every block listed), or recomputes each block,
 puts dl/ds of its kept pairs into it and multiplies back (as intra_pair_variance.py's). Products
 are `ops.fixed_mm` and sums in fixed orders, so the bits do not depend on the CPU thread count.
-Memory O(block + N D), however many pairs the window keeps. On the Triton backend each block's
-window, terms and counts (and in the backward its dL/ds) come from one kernel instead
-(triton/pair_margin_rows.py), the backward always recomputing; so on the C++ backend on a GPU
-(csrc/cuda/pair_margin_rows_cuda.cu).
+Memory O(block + N D), however many pairs the window keeps. That torch sweep runs where no kernel
+does. On the CPU each block's sums, counts and live pairs (kept, term > 0: the only ones with a
+gradient, saved up to SAVED_PAIRS) come from one C++ pass (dmlkern::pair_margin_live), and a
+backward that recomputes takes dL/ds of each block from C++ too (dmlkern::pair_margin_rows' CPU
+twin). On the Triton backend each block's window, terms and counts (and in the backward its dL/ds)
+come from one kernel (triton/pair_margin_rows.py), the backward always recomputing; so on the C++
+backend on a GPU (csrc/cuda/pair_margin_rows_cuda.cu).
 
 The window is applied to these values; PML's miner decides on its own `torch.cdist` matrix, so a
 pair within a rounding error of a miner margin may be kept by one and not the other (as for the
@@ -45,9 +48,18 @@ if triton_available():
     from ..triton import pair_margin_rows as triton_rows
 # The CUDA C++ kernel (dmlkern::pair_margin_rows, csrc/cuda/pair_margin_rows_cuda.cu): the C++
 # backend's on a GPU. Its CPU implementation runs the same per-thread bodies
-# (csrc/pair_margin_rows.h) in loops; the tests add "cpu" here to run the loss through it.
+# (csrc/pair_margin_rows.h) in loops.
+# On the CPU the forward runs dmlkern::pair_margin_live (the same pair maths, listing the live
+# pairs for the backward) and a backward that recomputes blocks runs this kernel's CPU twin.
 _CPP_ROWS = extension_loaded() and hasattr(torch.ops.dmlkern, "pair_margin_rows")
-CPP_ROWS_DEVICES = ("cuda",)
+_CPU_LIVE = extension_loaded() and hasattr(torch.ops.dmlkern, "pair_margin_live")
+CPP_ROWS_DEVICES = ("cpu", "cuda")
+if _CPU_LIVE:
+    @torch.library.register_fake("dmlkern::pair_margin_live")
+    def _pair_margin_live_fake(s, row_labels, col_labels, row0, exclude_diag, params, flags, thresholds, list_live):
+        live = torch.library.get_ctx().new_dynamic_size()
+        return (s.new_empty(2), s.new_empty(4, dtype=torch.long), s.new_empty((live, 2), dtype=torch.long),
+                s.new_empty(live, dtype=torch.int8))
 if _CPP_ROWS:
     @torch.library.register_fake("dmlkern::pair_margin_rows")
     def _pair_margin_rows_fake(s, row_labels, col_labels, row0, exclude_diag, params, flags, coef):
@@ -199,17 +211,19 @@ class _KeptPairs:
         self.parts, self.count = ([] if saving else None), 0
 
     def add(self, r0, side, block):
-        if self.parts is None:
-            return
         if block.mask is not None:  # a dense block: the backward recomputes
             self.parts = None
             return
-        self.count += len(block.rows)
+        self.add_pairs(block.rows + r0, block.cols, block.values, torch.full_like(block.rows, side, dtype=torch.int8))
+
+    def add_pairs(self, rows, cols, values, sides):
+        if self.parts is None:
+            return
+        self.count += len(rows)
         if self.count > SAVED_PAIRS:
             self.parts = None
             return
-        self.parts.append((block.rows + r0, block.cols, block.values,
-                           torch.full_like(block.rows, side, dtype=torch.int8)))
+        self.parts.append((rows, cols, values, sides))
 
     def tensors(self, like):
         """(rows, cols, s, side), or four empty tensors and False."""
@@ -223,11 +237,15 @@ class _CppRows:
     """dmlkern::pair_margin_rows (the CUDA C++ kernel) with triton_rows' block_totals / block_grads."""
 
     @staticmethod
+    def rule_args(rule):
+        """The ops' params and flags."""
+        return ([rule.pos_margin, rule.neg_margin, rule.miner_pos_margin, rule.miner_neg_margin],
+                [int(rule.loss_euclidean), int(rule.miner_euclidean)])
+
+    @staticmethod
     def _call(s, labels_b, ref_labels, row0, rule, exclude_diag, coef):
-        return torch.ops.dmlkern.pair_margin_rows(
-            s, labels_b, ref_labels, row0, exclude_diag,
-            [rule.pos_margin, rule.neg_margin, rule.miner_pos_margin, rule.miner_neg_margin],
-            [int(rule.loss_euclidean), int(rule.miner_euclidean)], coef)
+        return torch.ops.dmlkern.pair_margin_rows(s, labels_b, ref_labels, row0, exclude_diag,
+                                                  *_CppRows.rule_args(rule), coef)
 
     @staticmethod
     def block_totals(s, labels_b, ref_labels, row0, rule, exclude_diag):
@@ -240,7 +258,7 @@ class _CppRows:
 
 def _kernel_blocks(x, y, rule):
     """(kernel, the row blocks of s = x[r0:r1] @ yᵀ) when a kernel runs each block: the Triton one
-    on the Triton backend, the CUDA C++ one (`_CppRows`) on a GPU otherwise; None: the torch
+    on the Triton backend, else the C++ one (`_CppRows`: CUDA, or its CPU twin); None: the torch
     sweep's."""
     if rule.triton and triton_rows.supports(x):
         kernel = triton_rows
@@ -255,6 +273,8 @@ def _margin_pair_totals(x, y, labels, ref_labels, rule, exclude_diag):
     """Forward sweep: per side the total, the number of terms > 0 and of kept pairs (each block's
     partial sums summed in block order: bits independent of the thread count); and the kept
     pairs (`_KeptPairs`; none saved on a kernel's path, whose backward recomputes each block)."""
+    if _CPU_LIVE and x.device.type == "cpu" and "cpu" in CPP_ROWS_DEVICES and not rule.triton:
+        return _live_totals(x, y, labels, ref_labels, rule, exclude_diag)
     kernel_blocks = _kernel_blocks(x, y, rule)
     if kernel_blocks is not None:
         kernel, blocks = kernel_blocks
@@ -279,6 +299,25 @@ def _margin_pair_totals(x, y, labels, ref_labels, rule, exclude_diag):
             kept.add(r0, side, block)
     totals = [fixed_order_sum(torch.cat(p)) if p else x.new_zeros(()) for p in parts]
     return totals, list(counts.unbind(0)), kept
+
+
+def _live_totals(x, y, labels, ref_labels, rule, exclude_diag):
+    """`_margin_pair_totals` on the CPU in C++ (dmlkern::pair_margin_live): per row block its totals
+    and its live pairs (kept, term > 0: the only ones with a gradient), saved while there are at
+    most SAVED_PAIRS; s in one buffer reused from block to block."""
+    thresholds = list(_cosine_thresholds(rule))
+    f = Buffers(x)
+    sums, counts, kept = [], [], _KeptPairs()
+    for r0, r1 in row_blocks(x.shape[0], y.shape[0], x.device):
+        s = fixed_mm(x[r0:r1], y, out=f.get("s", r1 - r0, y.shape[0]))
+        block_sums, block_counts, pairs, sides = torch.ops.dmlkern.pair_margin_live(
+            s, labels[r0:r1], ref_labels, r0, exclude_diag, *_CppRows.rule_args(rule), thresholds,
+            kept.parts is not None)
+        sums.append(block_sums)
+        counts.append(block_counts)
+        rows, cols = pairs.unbind(1)
+        kept.add_pairs(rows + r0, cols, s[rows, cols], sides)
+    return (list(torch.stack(sums).sum(dim=0).unbind(0)), list(torch.stack(counts).sum(dim=0).unbind(0)), kept)
 
 
 def _materialised_totals(x, y, labels, ref_labels, rule, exclude_diag):
