@@ -567,3 +567,18 @@ def test_memory_is_linear_in_n(kind, swap):
             assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
         """)
     assert growth_mib < 256, f"peak RSS grew by {growth_mib:.0f} MiB"
+
+
+def test_row_blocks_keep_128_rows_against_wide_columns(monkeypatch):
+    """Past 16384 columns a row block keeps 128 rows (skinny blocks re-read y in every product), up
+    to 16 block_values; below, about block_values values; the blocks tile [0, n) in order."""
+    values = fused_common.ROW_BLOCK_VALUES
+    assert fused_common.block_rows(1000) == values // 1000
+    assert fused_common.block_rows(16384) == values // 16384
+    assert fused_common.block_rows(65536) == 128 > values // 65536
+    assert fused_common.block_rows(1 << 22) == 16 * values // (1 << 22)
+    assert fused_common.block_rows(1 << 40) == 1
+    assert fused_common.block_rows(65536, "cuda") == fused_common.GPU_ROW_BLOCK_VALUES // 65536
+    assert list(fused_common.row_blocks(300, 65536)) == [(0, 128), (128, 256), (256, 300)]
+    monkeypatch.setattr(fused_common, "ROW_BLOCK_VALUES", 16 * 150)  # (what tests shrink: no floor there)
+    assert fused_common.block_rows(150) == 16
