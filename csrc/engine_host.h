@@ -3,7 +3,8 @@
 // configurations the kernels are instantiated for. Host-only C++, included by .cpp and .cu
 // files alike.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <type_traits>

@@ -54,11 +54,13 @@ def check_png(path):
     assert len(data) > 20_000, f"{path.name} is suspiciously small ({len(data)} bytes): nothing drawn?"
 
 
-# One pytest-xdist worker runs this module: its sweep fixture (a minute) is computed once.
+# One pytest-xdist worker runs this module: its sweep fixture (a minute) is computed once. (Session
+# scope: that worker may run other modules' tests between this module's, which would tear a
+# module-scoped fixture down and compute it again.)
 pytestmark = pytest.mark.xdist_group("bench_sweep")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     args = ["--n", *map(str, NS), "--classes", *map(str, CS), "--class-n", str(CLASS_N), "--losses", *LOSSES_RUN,

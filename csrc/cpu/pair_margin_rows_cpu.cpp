@@ -3,6 +3,7 @@
 // fused loss's backward on the CPU also runs it when it recomputes blocks). dmlkern::pair_margin_live:
 // the fused loss's CPU forward, the same pair_side per pair, rows in parallel, listing the live
 // pairs for the backward. Every output has one writer: bits independent of the thread count.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -137,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_margin_live_cpu(
   });
   int64_t total = 0;
   for (const auto& c : group_cols) total += static_cast<int64_t>(c.size());
-  at::Tensor pairs = at::empty({total, 2}, s.options().dtype(at::kLong));
-  at::Tensor sides = at::empty({total}, s.options().dtype(at::kChar));
+  at::Tensor pairs = s.new_empty({total, 2}, s.options().dtype(at::kLong));
+  at::Tensor sides = s.new_empty({total}, s.options().dtype(at::kChar));
   int64_t* pp = pairs.data_ptr<int64_t>();
   int8_t* sp8 = sides.data_ptr<int8_t>();
   for (int64_t g = 0, k = 0; g < groups; ++g) {

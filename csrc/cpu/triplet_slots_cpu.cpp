@@ -3,6 +3,7 @@
 // The fused loss runs dmlkern::triplet_rows on the CPU (csrc/cpu/triplet_rows_cpu.cpp); this
 // implementation is the CUDA one's twin. Every output has one writer: bits independent of the
 // thread count.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -1,7 +1,8 @@
 // dmlkern::fixed_mm on CUDA: a @ b.T as one cuBLAS product. cuBLAS gives the same bits on every
 // run for a fixed shape, GPU and toolkit (with CUBLAS_WORKSPACE_CONFIG set where several streams
 // share a handle, as torch.use_deterministic_algorithms asks), so no blocking of its own is needed.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 

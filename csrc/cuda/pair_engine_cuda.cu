@@ -7,7 +7,9 @@
 // no atomics, deterministic. The symmetric backward (y is x: grad_x + grad_y) is one launch
 // over x's rows whose tile weights hold both halves (SYM). All per-pair maths is
 // pair_engine.h, shared with the CPU build.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -7,7 +7,6 @@
 // the backward one launch, a thread per (row, column): pair_grad. Each output has one writer and
 // a fixed order of additions: no atomics, deterministic. The bodies are csrc/pair_margin_rows.h,
 // which the CPU build runs in loops (the tests' twin).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -6,7 +6,6 @@
 //   (row, column): negative_grad, the column's dL/ds over the row's positives (with grad only).
 // Each output has one writer and a fixed order of additions: no atomics, deterministic. The
 // bodies are csrc/triplet_slots.h, which the CPU build runs in loops (the tests' twin).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
