@@ -1,6 +1,9 @@
 // The Python extension module dmlkern._C: loading it registers the ops
-// (ops.cpp and the backends); it also reports what was compiled.
-#include <torch/extension.h>
+// (ops.cpp and the backends); it also reports what was compiled. Only pybind11: torch/extension.h
+// would add ~20 s of compile time for nothing used here.
+#include <pybind11/pybind11.h>
+
+#include <string>
 
 #ifndef DMLKERN_CUDA_ARCH_LIST
 #define DMLKERN_CUDA_ARCH_LIST ""

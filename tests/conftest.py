@@ -22,6 +22,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Keep each xdist_group on one worker under `--dist loadgroup`. pytest-xdist marks a group
+    by suffixing the node id with "@group" (item._nodeid); pytest 9 reads node ids from item._id,
+    so that suffix is lost and a group's tests (test_bench's shared sweep) were spread over the
+    workers. Set it where pytest 9 reads it."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import NodeId  # pytest >= 9
+    except ImportError:  # older pytest: xdist's own suffix works
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch_on_gpu(request):
     """GPU tests compare bits (label dtypes, gradcheck's repeated backward): on CUDA, index_add

@@ -15,6 +15,7 @@ def machine(monkeypatch):
 
     def have(triton=True, interpret=False, extension=True):
         monkeypatch.setattr(dispatch, "triton_available", lambda: triton)
+        monkeypatch.setattr(dispatch, "triton_ops_wanted", lambda: triton)
         monkeypatch.setattr(dispatch, "interpret_mode", lambda: interpret)
         monkeypatch.setattr(dispatch, "_EXTENSION_LOADED", extension)
     return have
@@ -77,3 +78,41 @@ def test_triton_fp32_products_follow_matmul_precision():
                 assert tk._launch_config(torch.zeros(1, dtype=dtype))["INPUT_PRECISION"] == "ieee", (setting, dtype)
     finally:
         torch.set_float32_matmul_precision(saved)
+
+
+_IMPORT_PROBE = """
+import json, sys
+import dmlkern.losses
+from dmlkern.ops import grouped_class_op, pair_engine
+print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "inductor": "torch._inductor" in sys.modules,
+                  "pair_engine_triton": pair_engine.pair_engine_forward_triton is not None,
+                  "grouped_class_triton": grouped_class_op.TRITON is not None}))
+"""
+
+
+@pytest.mark.parametrize("triton_ops", ["", "1", "0"])
+def test_import_registers_triton_ops_only_where_they_can_run(triton_ops):
+    """Without a GPU driver or the interpreter, `import dmlkern` registers no Triton op, so it does
+    not import torch._dynamo / torch._inductor (torch.library.triton_op does; ~1 s of every import);
+    DMLKERN_TRITON_OPS=1 registers them anyway (tracing the GPU path on fake CUDA tensors), 0 never."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from dmlkern.triton import _GPU_DRIVER_FILES, triton_available
+
+    if not triton_available():
+        pytest.skip("needs triton installed")
+    if triton_ops == "" and any(os.path.exists(p) for p in _GPU_DRIVER_FILES):
+        pytest.skip("needs a machine without a GPU driver (this one has one: the ops register)")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DMLKERN_TRITON_OPS")}
+    if triton_ops:
+        env["DMLKERN_TRITON_OPS"] = triton_ops
+    run = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    registered = triton_ops == "1"
+    assert seen == {"dynamo": registered, "inductor": registered, "pair_engine_triton": registered,
+                    "grouped_class_triton": registered}, seen

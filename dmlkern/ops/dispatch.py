@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from ..triton import interpret_mode, triton_available
+from ..triton import interpret_mode, triton_available, triton_ops_wanted
 
 log = logging.getLogger("dmlkern")
 
@@ -37,7 +37,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"DMLKERN_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and triton_ops_wanted():
             backend = "triton"
         elif extension_loaded() and device.type in ("cpu", "cuda"):
             backend = "cpp"
@@ -56,8 +56,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-# Backend choices are logged at DEBUG; under torch.compile the log call is skipped, not a graph
-# break (the config exists in recent torch only; older versions just graph-break there).
-_ignored_logging = getattr(torch._dynamo.config, "ignore_logging_functions", None)
-if _ignored_logging is not None:
-    _ignored_logging.add(log.debug)
+def log_debug(msg, *args):
+    """Backend choices are logged at DEBUG; skipped under torch.compile (a log call would be a
+    graph break there), which also keeps torch._dynamo out of `import dmlkern` (~1 s)."""
+    if not torch.compiler.is_compiling():
+        log.debug(msg, *args)

@@ -17,7 +17,7 @@ import types
 import torch
 
 from ..engine_spec import stats_dtype
-from ..triton import triton_available
+from ..triton import triton_ops_wanted
 from .dispatch import extension_loaded
 
 _OP_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "grouped_class_lse")
@@ -91,7 +91,7 @@ def grad_w_like(w):
 # to the kernels). An eager call on plain tensors launches them directly: the same kernels for
 # less host time, as the pair engine's direct path (ops/pair_engine.py, _direct_call_ok).
 TRITON = None  # the Triton backend's grouped_class_lse / grouped_class_lse_backward, when triton is there
-if triton_available():
+if triton_ops_wanted():
     from torch.library import triton_op, wrap_triton
 
     from ..triton import grouped_class as _tg

@@ -13,7 +13,7 @@ import torch
 
 from .. import reference
 from ..engine_spec import PASS_LSE2, EngineParams, stats_dtype
-from .dispatch import log
+from .dispatch import log_debug
 from .pair_engine import choose_backend, engine_forward
 
 MASK_MODES = {"all": 0, "same": 1, "diff": 2}
@@ -78,9 +78,9 @@ def masked_lse(x, y=None, x_labels=None, y_labels=None, *, scale=1.0, mask="all"
             and bool((x_labels != y_labels).any())):
         # The engine's negatives are a label mask only: it would keep a self-pair whose two
         # labels differ, which masked_lse excludes. Only the materialising path has that mask.
-        log.debug("masked_lse: self-pairs with differing labels, mask='diff': reference path")
+        log_debug("masked_lse: self-pairs with differing labels, mask='diff': reference path")
         chosen = "reference"
-    log.debug("masked_lse: backend=%s device=%s dtype=%s", chosen, x.device, x.dtype)
+    log_debug("masked_lse: backend=%s device=%s dtype=%s", chosen, x.device, x.dtype)
     if chosen == "reference":
         return reference.masked_lse(x, y, x_labels, y_labels, scale, mask, exclude_diag).to(
             stats_dtype(x.dtype))

@@ -20,8 +20,8 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from .. import reference
 from .._autograd import applier
 from .._tracing import static_shapes
-from ..triton import triton_available
-from .dispatch import extension_loaded, log, resolve_backend
+from ..triton import triton_ops_wanted
+from .dispatch import extension_loaded, log_debug, resolve_backend
 
 # The engine's vocabulary (dmlkern/engine_spec.py), re-exported: callers write pe.PASS_LSE2.
 from ..engine_spec import (COEF_WIDTH_HINGE, MINING_MULTI_SIMILARITY, MINING_NONE, OUT_COLUMNS, PARAMS_BASE,  # noqa: F401
@@ -257,7 +257,7 @@ if _cpp_ready:
 
 pair_engine_forward_triton = None
 _TritonDirect = None
-if triton_available():
+if triton_ops_wanted():
     try:
         from ..triton import pair_engine as _tk
     except ImportError:  # kernels not written yet in this checkout
@@ -337,7 +337,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
     args = (x, y, x_labels, y_labels, row_in.to(stats).contiguous(), int(pass_kind), int(transform),
             int(mining), params, bool(exclude_diag))
     chosen = choose_backend(backend, x.device)
-    log.debug("pair_engine pass %d: backend=%s", pass_kind, chosen)
+    log_debug("pair_engine pass %d: backend=%s", pass_kind, chosen)
     if chosen == "reference":
         return reference.engine_forward(*args)
     direct = _direct_call_ok(*args[:5])
