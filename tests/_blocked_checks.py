@@ -57,6 +57,9 @@ def assert_distance_statistics_match(make_pair, x, labels, backend="blocked"):
 
 
 _MEMORY_SETUP = """
+    # torch.func.vjp (the ranking family's backward) imports torch._dynamo on first use: its
+    # ~100 MiB of modules are the process's, not the call's (`import dmlkern` no longer brings it)
+    import torch._dynamo
     torch.set_num_threads(1)  # (time only: this machine's few cores are shared)
     torch.manual_seed(0)
     n, d = {n}, 64

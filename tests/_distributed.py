@@ -25,16 +25,25 @@ def _rank_main(r, world, init_file, fn, args, queue):
         queue.put((r, False, traceback.format_exc()))
 
 
-def run_ranks(fn, world, *args, timeout=600):
+def run_ranks(fn, world, *args, timeout=600, triton_interpreter=False):
     """fn(rank, world, *args) on `world` gloo ranks; the list of results in rank order. A rank's
-    exception is raised here with its traceback."""
+    exception is raised here with its traceback. The ranks inherit TRITON_INTERPRET only with
+    `triton_interpreter` (a rank that runs a Triton kernel on CPU tensors): without it their
+    `import dmlkern` skips registering the Triton ops, ~1-2 s of each rank's start."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         procs = [ctx.Process(target=_rank_main, args=(r, world, init_file, fn, args, queue)) for r in range(world)]
-        for p in procs:
-            p.start()
+        interpret = os.environ.get("TRITON_INTERPRET")
+        if interpret is not None and not triton_interpreter:
+            del os.environ["TRITON_INTERPRET"]  # for the children only: restored once they started
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            if interpret is not None:
+                os.environ["TRITON_INTERPRET"] = interpret
         results, errors = {}, []
         try:
             for _ in range(world):

@@ -193,7 +193,7 @@ def test_two_ranks_blocks_reducers_ddp_and_errors():
     expected = [[(0, 2), (2, 5)]] * 7 + [[(0, 3), (3, 5)], [(0, 4), (4, 9)]] + [[(0, 2), (2, 5)]] * 2
     ddp_case = _case("normalized_softmax", 5, [5, 3], None, seed=50)
     ddp_case["inputs"] = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(51))
-    results = run_ranks(_two_rank_runs, 2, cases, ddp_case, [(0, 2), (3, 5)])
+    results = run_ranks(_two_rank_runs, 2, cases, ddp_case, [(0, 2), (3, 5)], triton_interpreter=interpret_mode())
     _check_runs(cases, [out["runs"] for out in results], expected)
     torch.manual_seed(3)
     model = torch.nn.Linear(4, D).double()

@@ -197,7 +197,8 @@ def test_bit_identical_across_threads(shape, dtype):
 def test_bit_identical_on_mkl_avx2_code_path():
     """The AMD EPYC case emulated on any x86 CPU: MKL's AVX2 code path splits a product by its
     thread count (tests/test_determinism.py). (Without MKL the variable is ignored.)"""
-    env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    # (CPU tests only: DMLKERN_TRITON_OPS=0 spares the process the Triton ops' registration, ~1-2 s)
+    env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS="AVX2", ATEN_CPU_CAPABILITY="avx2", DMLKERN_TRITON_OPS="0")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
            "bit_identical_across_threads"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
