@@ -1,4 +1,4 @@
-"""One helper for the autograd.Functions of the fused paths."""
+"""Helpers for the autograd.Functions of the fused paths."""
 import torch
 
 
@@ -22,3 +22,20 @@ def applier(function):
         return twin.apply(*args)
 
     return apply
+
+
+def vjp(fn, primal, cotangent):
+    """The vector-Jacobian product of `fn` at `primal` with `cotangent`. Plain autograd in an
+    ordinary backward; torch.func.vjp under torch.func transforms (whose wrapped tensors take no
+    requires_grad_), torch.compile, or a backward that builds a graph (create_graph=True). Not
+    torch.func.vjp everywhere: its first call imports torch._dynamo (~1 s, ~100 MiB of modules)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        _, pull = torch.func.vjp(fn, primal)
+        return pull(cotangent)[0]
+    with torch.enable_grad():
+        leaf = primal.detach().requires_grad_(True)
+        out = fn(leaf)
+    if not out.requires_grad:  # out does not depend on primal (torch.func.vjp's zeros)
+        return torch.zeros_like(primal)
+    (grad,) = torch.autograd.grad(out, leaf, cotangent, allow_unused=True)
+    return torch.zeros_like(primal) if grad is None else grad

@@ -57,15 +57,16 @@ def assert_distance_statistics_match(make_pair, x, labels, backend="blocked"):
 
 
 _MEMORY_SETUP = """
-    # torch.func.vjp (the ranking family's backward) imports torch._dynamo on first use: its
-    # ~100 MiB of modules are the process's, not the call's (`import dmlkern` no longer brings it)
-    import torch._dynamo
     torch.set_num_threads(1)  # (time only: this machine's few cores are shared)
     torch.manual_seed(0)
     n, d = {n}, 64
     x = torch.randn(n, d, requires_grad=True)
     labels = torch.randint(0, n // 8, (n,))
     loss_fn = {ctor}
+    # warm-up on 64 rows: what torch imports on a first backward (torch.autograd.grad brings
+    # torch.fx's symbolic shapes and sympy, ~35 MiB) is the process's, not the measured call's
+    warm = torch.randn(64, d, requires_grad=True)
+    loss_fn(warm, labels[:64] % 8).backward()
 """
 _MEMORY_RUN = """
     loss = loss_fn(x, labels)

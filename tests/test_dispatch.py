@@ -84,6 +84,11 @@ _IMPORT_PROBE = """
 import json, sys
 import dmlkern.losses
 from dmlkern.ops import grouped_class_op, pair_engine
+import torch
+x, labels = torch.randn(64, 8, requires_grad=True), torch.arange(64) % 8
+for loss_fn in (dmlkern.losses.FastAPLoss(), dmlkern.losses.PNPLoss()):  # backward by a vector-Jacobian product
+    loss_fn(x, labels).backward()
+    assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
 print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "inductor": "torch._inductor" in sys.modules,
                   "pair_engine_triton": pair_engine.pair_engine_forward_triton is not None,
                   "grouped_class_triton": grouped_class_op.TRITON is not None}))
@@ -93,8 +98,9 @@ print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "inductor": "torch._
 @pytest.mark.parametrize("triton_ops", ["", "1", "0"])
 def test_import_registers_triton_ops_only_where_they_can_run(triton_ops):
     """Without a GPU driver or the interpreter, `import dmlkern` registers no Triton op, so it does
-    not import torch._dynamo / torch._inductor (torch.library.triton_op does; ~1 s of every import);
-    DMLKERN_TRITON_OPS=1 registers them anyway (tracing the GPU path on fake CUDA tensors), 0 never."""
+    not import torch._dynamo / torch._inductor (torch.library.triton_op does; ~1 s of every import),
+    nor does a ranking loss's first backward (torch.func.vjp would); DMLKERN_TRITON_OPS=1 registers
+    them anyway (tracing the GPU path on fake CUDA tensors), 0 never."""
     import json
     import os
     import subprocess

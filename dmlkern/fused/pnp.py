@@ -12,12 +12,13 @@ shorter classes padded and masked) and reduces them to one number per row, sum_j
 Work O(N P N), memory O(B P N + N D) with B P N ~1M values, against PML's N^3 (which it holds
 several times). The backward is written out (autograd through the block would keep several
 (B, P, N) tensors): with e = exp(clamped exponent), d sig / d(s_qk - s_qj) = e / (1 + e)^2 / anneal
-inside the clamp, 0 outside, times f'(r_qj) by `torch.func.vjp` of f on the (B, P) ranks. On a
+inside the clamp, 0 outside, times f'(r_qj) by the vector-Jacobian product of f on the (B, P) ranks. On a
 CPU the ranks and their backward run in C++ (`dmlkern::pnp_ranks`, csrc/cpu/pnp_rows_cpu.cpp: one
 pass over the row per member, no (B, P, N) tensor); elsewhere the torch ops above.
 """
 import torch
 
+from .._autograd import vjp
 from .._determinism import fixed_order_sum
 from ..ops.dispatch import extension_loaded
 from ._common import decline, is_unit_cosine
@@ -100,8 +101,7 @@ class _PNPSpec(_Spec):
             cols, real, ranks = self._ranks(s, r0)
         else:  # the block once: its ranks and what the slopes need
             cols, real, negative, e, inside, ranks = self._torch_block(s, r0)
-        _, f_vjp = torch.func.vjp(self.f, ranks)
-        g_rank = torch.where(real, f_vjp(g_out[:, :1].expand_as(ranks))[0], 0)  # (B, P)
+        g_rank = torch.where(real, vjp(self.f, ranks, g_out[:, :1].expand_as(ranks)), 0)  # (B, P)
         if self._kernel(s):
             return torch.ops.dmlkern.pnp_ranks_backward(s, cols, real, self.labels[r0:r0 + s.shape[0]], self.labels,
                                                         self.anneal, g_rank)

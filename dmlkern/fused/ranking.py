@@ -20,7 +20,7 @@ distances, other dtypes and torch.compile run the reference.
 """
 import torch
 
-from .._autograd import applier
+from .._autograd import applier, vjp
 from .._determinism import fixed_order_sum
 from .._tracing import static_shapes
 from ..engine_spec import stats_dtype
@@ -137,10 +137,9 @@ class _Spec:
             yield r0, min(n, r0 + step)
 
     def grad_rows(self, s, r0, g_out):
-        """By autograd through `rows` on the recomputed block (torch.func.vjp: also inside
-        torch.func transforms, where requires_grad_ can't be called)."""
-        _, vjp = torch.func.vjp(lambda s: self.rows(s, r0, differentiable=True), s)
-        return vjp(g_out)[0]
+        """By autograd through `rows` on the recomputed block (`_autograd.vjp`: also inside
+        torch.func transforms)."""
+        return vjp(lambda s: self.rows(s, r0, differentiable=True), s, g_out)
 
 
 def _block_labels(labels, r0, n_rows):
