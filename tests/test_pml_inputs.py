@@ -96,6 +96,25 @@ def test_class_weight_losses_with_float_or_bool_labels(name, case):
         ours(_emb(), labels)
 
 
+@pytest.mark.parametrize("miner", ["TripletMarginMiner", "MultiSimilarityMiner"])
+@pytest.mark.parametrize("case", ["float", "bool", "int"])
+@pytest.mark.parametrize("name", CLASS_WEIGHT_LOSSES)
+def test_class_weight_losses_with_a_miners_lazy_tuple(name, case, miner):
+    """The same labels with the miner's tuple: dmlkern's miner returns a lazy tuple that carries its
+    labels as dense class ids (float [1.] -> [0]); a class-weight loss must still see the label
+    values (ProxyNCA: PML's result) or raise as without a miner (the others, float / bool)."""
+    labels = LABELS.clone() if case == "int" else LABEL_CASES[case]()
+    x = _emb()
+    ours, theirs = _class_loss(our_losses, name), _class_loss(pml_losses, name)
+    mined = getattr(our_miners, miner)()(x, labels)
+    if case == "int" or name == "ProxyNCALoss":
+        want = theirs(x, labels, getattr(pml_miners, miner)()(x, labels))
+        torch.testing.assert_close(ours(x, labels, mined), want)
+    else:
+        with pytest.raises(TypeError, match="labels"):
+            ours(x, labels, mined)
+
+
 @pytest.mark.parametrize("target", LOSS_NAMES[:3] + MINERS[:2])
 def test_nan_labels_raise(target):
     """PML compares NaN labels with ==: a NaN-labelled row is nobody's positive and (its negatives

@@ -220,7 +220,10 @@ class BaseMetricLossFunction(EmbeddingRegularizerMixin, RecordsMixin, torch.nn.M
         lazy = indices_tuple if isinstance(indices_tuple, LazyMined) else None
         if lazy is not None and not lazy.shape_matches(embeddings, embeddings if ref_emb is None else ref_emb):
             lazy = None  # pairs mined on a batch of another size: validated as any indices_tuple
-        if lazy is not None:  # the miner's labels, already int64 on the device, when these are them
+        # The miner's labels, already int64 on the device, when these are them; only where labels are
+        # just compared: the miner's ids keep PML's == but not the values (float labels: dense ids),
+        # and the class-weight losses index or compare their classes with the values.
+        if lazy is not None and self._label_kind == "compared":
             given, given_ref = lazy.given_labels
             labels = lazy.labels_as_given if labels is given and labels is not None else labels
             ref_labels = lazy.ref_labels_as_given if ref_labels is given_ref and ref_labels is not None else ref_labels
