@@ -1,9 +1,10 @@
 """Peak resident-memory growth of a snippet, measured in a fresh Python process: the peak during
 the snippet (VmHWM, reset just before it) against the resident set before it (VmRSS)."""
-import os
 import subprocess
 import sys
 import textwrap
+
+from _triton_device import env_without_interpreter
 
 _TEMPLATE = """
 import torch
@@ -22,18 +23,11 @@ print((_kib("VmHWM") - _before) / 1024.0)
 """
 
 
-def cpu_env(**extra):
-    """os.environ for a subprocess that runs CPU paths only: without TRITON_INTERPRET (no Triton
-    kernel runs there), `import dmlkern` registers no Triton op and skips importing torch._dynamo
-    and torch._inductor, ~1-2 s of each process; plus `extra`."""
-    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
-
-
 def peak_rss_growth_mib(setup, measured, env=None, timeout=900):
     """Run `setup`, then `measured` (its assertions included) in a fresh process; the MiB by which
     the peak RSS during `measured` exceeds the RSS before it."""
     script = _TEMPLATE.format(setup=textwrap.dedent(setup), measured=textwrap.dedent(measured))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
-                         env=cpu_env(**(env or {})))
+                         env=env_without_interpreter(**(env or {})))
     assert out.returncode == 0, out.stderr[-3000:]
     return float(out.stdout.strip().splitlines()[-1])

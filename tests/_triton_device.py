@@ -14,6 +14,14 @@ import torch
 from dmlkern.triton import interpret_mode, triton_available
 
 
+def env_without_interpreter(**extra):
+    """os.environ for a subprocess without TRITON_INTERPRET, plus `extra`: one that runs CPU paths
+    only (its `import dmlkern` then registers no Triton op and skips torch._dynamo and
+    torch._inductor, ~1-2 s), or one that compiles or traces Triton kernels rather than
+    interpreting them."""
+    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
+
+
 def triton_device():
     if not triton_available():
         pytest.skip("needs triton", allow_module_level=True)
@@ -48,7 +56,7 @@ def compile_for_sm90(module, name, types, configs):
     """Compile kernel `name` of `module` for sm_90 (PTX, and a cubin from Triton's ptxas) in each
     constexpr configuration of `configs`, in a process without TRITON_INTERPRET; `types` gives
     each non-constexpr argument's Triton type (default i32). Raises with the compiler's message."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = env_without_interpreter()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([module, name, types, configs])], env=env,
                           cwd=root, capture_output=True, text=True, timeout=300)

@@ -22,7 +22,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """Keep each xdist_group on one worker under `--dist loadgroup`. pytest-xdist marks a group
@@ -40,6 +39,7 @@ def pytest_collection_modifyitems(config, items):
                          for m in item.iter_markers("xdist_group")})
         if groups and "@" not in item.nodeid:
             item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch_on_gpu(request):

@@ -62,9 +62,9 @@ pytestmark = pytest.mark.xdist_group("bench_sweep")
 
 @pytest.fixture(scope="session")
 def sweep(tmp_path_factory, worker_id):
-    """(the sweep's folder, its CompletedProcess with stdout): run once per pytest run. Under
-    pytest-xdist the workers share the run's base temp folder and take turns under a file lock,
-    the first one running the sweep (CI logs showed it computed in two workers)."""
+    """(the sweep's folder, its CompletedProcess with stdout): run once per pytest run. When
+    pytest-xdist spreads this module over several workers (any mode but loadgroup), they share the
+    run's base temp folder and take turns under a file lock, the first one running the sweep."""
     base = tmp_path_factory.getbasetemp()
     root = base if worker_id == "master" else base.parent  # (this run's folder, not an earlier run's)
     out, stdout = root / "bench_sweep", root / "bench_sweep.stdout"

@@ -17,7 +17,7 @@ from dmlkern import distances, losses
 from dmlkern.ops import grouped_class_op
 from dmlkern.ops import pair_engine as pe
 from _kernel_cases import KERNEL_BACKENDS, TOLERANCES, dtypes_for
-from _peak_rss import cpu_env
+from _triton_device import env_without_interpreter
 from test_fused_losses import engine_backend_choice  # noqa: F401 (a fixture)
 
 # name: (weight attribute, constructor kwargs (dmlkern, PML), PML class or None (dmlkern only))
@@ -220,7 +220,7 @@ def test_small_problems_run_the_reference(monkeypatch, name):
 def test_small_problem_threshold_from_the_environment():
     """DMLKERN_SMALL_CLASS_LOGITS: 2^18 by default, an integer when set (else an error naming it)."""
     code = "import dmlkern.fused.class_softmax as c; print(c.SMALL_PROBLEM_LOGITS)"
-    env = {k: v for k, v in cpu_env().items() if k != "DMLKERN_SMALL_CLASS_LOGITS"}
+    env = {k: v for k, v in env_without_interpreter().items() if k != "DMLKERN_SMALL_CLASS_LOGITS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(1 << 18)
     out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_CLASS_LOGITS": "4096"},
@@ -295,7 +295,7 @@ def test_class_backward_page_faults_once_per_call_not_per_block():
         print(min(faults[2:]), loss_fn.W.numel() * 4 / 2**20, BLOCK_BYTES / 2**20)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                         env=cpu_env(DMLKERN_BACKEND="auto"))
+                         env=env_without_interpreter(DMLKERN_BACKEND="auto"))
     assert out.returncode == 0, out.stderr[-3000:]
     faulted_mib, weight_mib, block_mib = map(float, out.stdout.strip().splitlines()[-1].split())
     assert faulted_mib < weight_mib + 8 * block_mib, (
@@ -347,7 +347,7 @@ def test_class_loss_memory_is_twice_the_weights_at_most(name):
         print((after - before) / 1024.0, weight.numel() * weight.element_size() / 2**20)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
-                         env=cpu_env(DMLKERN_BACKEND="auto"))
+                         env=env_without_interpreter(DMLKERN_BACKEND="auto"))
     assert out.returncode == 0, out.stderr[-3000:]
     growth_mib, weight_mib = map(float, out.stdout.strip().splitlines()[-1].split())
     assert growth_mib < 2 * weight_mib, f"{name}: peak RSS grew by {growth_mib:.0f} MiB (weights {weight_mib:.0f} MiB)"

@@ -333,8 +333,9 @@ def test_triton_path_traces_on_fake_cuda_tensors():
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["DMLKERN_TRITON_OPS"] = "1"  # register the Triton ops with no GPU driver here
+    from _triton_device import env_without_interpreter
+
+    env = env_without_interpreter(DMLKERN_TRITON_OPS="1")  # register the Triton ops with no GPU driver here
     script = os.path.join(os.path.dirname(__file__), "_trace_on_fake_cuda.py")
     run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -106,13 +106,15 @@ def test_import_registers_triton_ops_only_where_they_can_run(triton_ops):
     import subprocess
     import sys
 
+    from _triton_device import env_without_interpreter
     from dmlkern.triton import _GPU_DRIVER_FILES, triton_available
 
     if not triton_available():
         pytest.skip("needs triton installed")
     if triton_ops == "" and any(os.path.exists(p) for p in _GPU_DRIVER_FILES):
         pytest.skip("needs a machine without a GPU driver (this one has one: the ops register)")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DMLKERN_TRITON_OPS")}
+    env = env_without_interpreter()
+    env.pop("DMLKERN_TRITON_OPS", None)
     if triton_ops:
         env["DMLKERN_TRITON_OPS"] = triton_ops
     run = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], env=env, capture_output=True, text=True,

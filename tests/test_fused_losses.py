@@ -17,7 +17,7 @@ from dmlkern.fused.lazy_pairs import LazyMinedPairs
 from dmlkern.ops import pair_engine as pe
 from dmlkern.reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from _kernel_cases import KERNEL_BACKENDS, TOLERANCES, dtypes_for
-from _peak_rss import cpu_env
+from _triton_device import env_without_interpreter
 
 # The engine's own reference ("engine-reference") checks the epilogues independently of kernels.
 BACKENDS = [pytest.param("engine-reference", "cpu", id="engine-reference")] + KERNEL_BACKENDS
@@ -723,7 +723,7 @@ def test_fused_loss_memory_is_linear_in_n(name):
         print((after - before) / 1024.0)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
-                         env=cpu_env(DMLKERN_BACKEND="auto"))
+                         env=env_without_interpreter(DMLKERN_BACKEND="auto"))
     assert out.returncode == 0, out.stderr[-3000:]
     growth_mib = float(out.stdout.strip().splitlines()[-1])
     assert growth_mib < 256, f"{name}: peak RSS grew by {growth_mib:.0f} MiB"

@@ -253,8 +253,8 @@ def test_declines():
                                   "losses.HistogramLoss()"])
 def test_memory_is_linear_in_n(ctor):
     """fwd+bwd at N=8192 grows peak RSS by < 96 MiB (one N x N fp32 matrix: 256 MiB; measured
-    26-28 MiB on a 2-core AMD EPYC, after a warm-up call), measured in a fresh process (N=8192: a quarter of N=16384's
-    CI time)."""
+    26-28 MiB on a 2-core AMD EPYC, after a warm-up call), measured in a fresh process (N=8192:
+    a quarter of N=16384's CI time)."""
     growth_mib = blocked_call_peak_mib(ctor, 8192)
     print(f"{ctor}: peak RSS +{growth_mib:.0f} MiB")
     assert growth_mib < 96, f"peak RSS grew by {growth_mib:.0f} MiB"

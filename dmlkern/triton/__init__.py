@@ -1,5 +1,6 @@
 """Triton kernels: the main GPU path. On a machine without a GPU they run under
 TRITON_INTERPRET=1 on CPU tensors (set before triton is imported), which is how CI tests them."""
+import functools
 import os
 import sys
 
@@ -29,6 +30,7 @@ def triton_available() -> bool:
 _GPU_DRIVER_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/kfd", "/dev/dxg")
 
 
+@functools.cache  # decided once: the ops are registered at import, and "auto" asks on every call
 def triton_ops_wanted() -> bool:
     """Whether the Triton kernels can run here: under the interpreter, or where a GPU driver is
     installed (assumed off Linux); DMLKERN_TRITON_OPS=1 / 0 says so instead (1: to trace the GPU
