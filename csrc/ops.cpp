@@ -58,9 +58,10 @@ TORCH_LIBRARY(dmlkern, m) {
   m.def(
       "triplet_rows(Tensor s, Tensor row_labels, Tensor col_labels, int row0, bool exclude_diag, "
       "float[] params, int[] flags, bool with_grad) -> (Tensor, Tensor, Tensor)");
-  // The same per-row work for rules without swap, the row's positives given: slots (B, P) int64
-  // (their columns, -1 for none; the diagonal left out by the caller), flags = [smooth_loss,
-  // euclidean, window]; fp32 / fp64. The CUDA C++ backend's row sweep (csrc/cuda; its
+  // The same per-row work, the row's positives given: slots (B, P) int64 (their columns, -1 for
+  // none; the diagonal left out by the caller), flags = [smooth_loss, euclidean, window, swap,
+  // row0] (swap: the block is rows row0 .. row0 + B of the batch against itself, whole classes,
+  // sorted by label); fp32 / fp64. The CUDA C++ backend's row sweep (csrc/cuda; its
   // per-thread bodies, csrc/triplet_slots.h, run on the CPU too, as its tested twin). Returns per
   // row the sum of the kept terms (B,), the two counts (B, 2) int64, and with with_grad dL/ds
   // (B, M), 0 at the positives' columns, and the positives' dL/de (B, P) (else empty tensors).

@@ -10,7 +10,8 @@ namespace triplet_slots {
 
 // dmlkern::triplet_slot_rows (both backends): s (B, M) fp32 / fp64, slots (B, P) int64, labels
 // int64 (B,) and (M,), all on s's device; params [margin, window_margin]; flags [smooth,
-// euclidean, window] with window in [0, 4].
+// euclidean, window, swap, row0] with window in [0, 4] (with swap the block's rows are columns
+// row0 .. row0 + B of the batch against itself).
 inline void check_args(const at::Tensor& s, const at::Tensor& slots, const at::Tensor& row_labels,
                        const at::Tensor& col_labels, at::ArrayRef<double> params, at::IntArrayRef flags) {
   TORCH_CHECK(s.dim() == 2, "triplet_slot_rows: s must be 2-D (rows, columns), got ", s.sizes());
@@ -28,13 +29,17 @@ inline void check_args(const at::Tensor& s, const at::Tensor& slots, const at::T
   TORCH_CHECK(slots.device() == s.device() && row_labels.device() == s.device() && col_labels.device() == s.device(),
               "triplet_slot_rows: slots, row_labels and col_labels must be on s's device ", s.device());
   TORCH_CHECK(params.size() == 2, "triplet_slot_rows: params must be [margin, window_margin]");
-  TORCH_CHECK(flags.size() == 3, "triplet_slot_rows: flags must be [smooth, euclidean, window]");
+  TORCH_CHECK(flags.size() == 5, "triplet_slot_rows: flags must be [smooth, euclidean, window, swap, row0]");
   TORCH_CHECK(flags[2] >= 0 && flags[2] <= 4, "triplet_slot_rows: window must be in [0, 4], got ", flags[2]);
+  TORCH_CHECK(flags[3] == 0 || (s.size(0) <= s.size(1) && flags[4] >= 0 && flags[4] + s.size(0) <= s.size(1)),
+              "triplet_slot_rows: with swap, row0 + rows must be within the columns (the block is rows row0 .. "
+              "row0 + B of the batch against itself), got row0 ", flags[4], ", s ", s.sizes());
 }
 
 template <typename T>
 Rule<T> make_rule(at::ArrayRef<double> params, at::IntArrayRef flags) {
-  return {static_cast<T>(params[0]), static_cast<T>(params[1]), flags[2], flags[0] != 0, flags[1] != 0};
+  return {static_cast<T>(params[0]), static_cast<T>(params[1]), flags[2], flags[0] != 0, flags[1] != 0, flags[3] != 0,
+          flags[4]};
 }
 
 // The op's outputs and the partials' scratch (rows x slots x chunks SlotPartial<T>, as bytes).

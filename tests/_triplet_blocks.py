@@ -16,6 +16,20 @@ def random_block(rows, cols, classes, dtype, seed, self_block=False, row0=0, dev
     return (x @ y.T).to(dtype).to(device), labels_b.to(device), ref_labels.to(device)
 
 
+def swap_block(cols, classes, block_classes, dtype, seed, device="cpu"):
+    """A block for `swap`: the rows of the classes in range(*block_classes) of a batch sorted by
+    label against the whole batch, with a duplicated row in the block (ties of min(e_an, e_pn)):
+    (s, labels of the rows, labels of the columns, row0)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.nn.functional.normalize(torch.randn(cols, 9, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.sort(torch.randint(0, classes, (cols,), generator=g)).values
+    rows = ((labels >= block_classes[0]) & (labels < block_classes[1])).nonzero()[:, 0]
+    row0, row1 = int(rows[0]), int(rows[-1]) + 1
+    if row1 - row0 > 1 and labels[row0] == labels[row0 + 1]:
+        y[row0 + 1] = y[row0]
+    return (y[row0:row1] @ y.T).to(dtype).to(device), labels[row0:row1].to(device), labels.to(device), row0
+
+
 def triplet_loss(lib, kw, kind, x, labels, ref=None, ref_labels=None, backend=None):
     """TripletMarginLoss(**kw) of dmlkern or PML (lib "pml") on a TripletMarginMiner(kind)'s
     triplets (None: every triplet): (value, gradients of x (and ref), the loss module)."""

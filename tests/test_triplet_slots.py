@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import dmlkern.fused.triplet as fused_triplet
+from dmlkern.fused._common import block_masks
 from dmlkern import losses
 from _kernel_cases import HAS_CUDA
-from _triplet_blocks import assert_loss_matches_pml, random_block, triplet_loss
+from _triplet_blocks import assert_loss_matches_pml, random_block, swap_block, triplet_loss
 
 pytestmark = pytest.mark.skipif(not fused_triplet._SLOT_KERNEL, reason="needs the dmlkern._C extension")
 
@@ -75,6 +76,23 @@ def test_op_matches_the_torch_twin(window, window_margin, euclidean, smooth, dty
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("euclidean,smooth", [(True, False), (False, True)], ids=["euclidean-relu", "cosine-softplus"])
+@pytest.mark.parametrize("window,window_margin", WINDOWS, ids=[w for w, _ in WINDOWS])
+def test_swap_op_matches_the_torch_twin(window, window_margin, euclidean, smooth, dtype, device, slot_calls):
+    """swap: blocks of whole classes of the batch against itself (sorted by label) with a tie of
+    min(e_an, e_pn): two classes in the middle of the batch, one of 90 over 2300 columns (three
+    chunks), a batch of one class (no negatives)."""
+    rule = fused_triplet.TripletRule(0.15, smooth, euclidean, window, window_margin, swap=True)
+    for seed, (cols, classes, block_classes) in enumerate([(60, 6, (2, 4)), (2300, 90, (40, 41)), (12, 1, (0, 1))]):
+        s, labels_b, ref_labels, row0 = swap_block(cols, classes, block_classes, dtype, seed, device)
+        want = _twin(s.cpu(), labels_b.cpu(), ref_labels.cpu(), row0, rule, True)
+        calls = len(slot_calls)
+        _assert_same(fused_triplet._block_pass(s, labels_b, ref_labels, row0, rule, True, True), want, dtype)
+        assert len(slot_calls) == calls + 1, "the slot op did not run"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_op_without_grad_with_nan_and_empty_blocks(device, slot_calls):
     rule = fused_triplet.TripletRule(0.1, False, True, "every")
     s, labels_b, ref_labels = random_block(9, 130, 4, torch.float64, 3, device=device)
@@ -92,7 +110,7 @@ def test_op_without_grad_with_nan_and_empty_blocks(device, slot_calls):
         out = op(torch.zeros(rows, cols, dtype=torch.float64, device=device),
                  torch.full((rows, slots), -1, dtype=torch.long, device=device),
                  torch.zeros(rows, dtype=torch.long, device=device), torch.ones(cols, dtype=torch.long, device=device),
-                 [0.1, 0.0], [0, 1, 0], True)
+                 [0.1, 0.0], [0, 1, 0, 0, 0], True)
         assert [tuple(t.shape) for t in out] == [(rows,), (rows, 2), (rows, cols), (rows, slots)]
         assert not out[0].any() and not out[1].any() and not out[2].any()
 
@@ -103,7 +121,7 @@ def test_op_checks_its_arguments(device):
     s = torch.rand(4, 6, device=device)
     slots = torch.tensor([[0, 1], [2, -1], [-1, -1], [5, 3]], device=device)
     rl, cl = torch.zeros(4, dtype=torch.long, device=device), torch.arange(6, device=device) % 2
-    good = (s, slots, rl, cl, [0.1, 0.0], [0, 1, 0], True)
+    good = (s, slots, rl, cl, [0.1, 0.0], [0, 1, 0, 0, 0], True)
     op(*good)
     for at, bad, message in ((0, s.half(), "s must be float32 or float64"),
                              (0, s[0], "s must be 2-D"),
@@ -112,8 +130,9 @@ def test_op_checks_its_arguments(device):
                              (2, rl[:3], "row_labels must be int64 of shape \\(4\\)"),
                              (3, cl.float(), "col_labels must be int64"),
                              (4, [0.1], "params must be"),
-                             (5, [0, 1, 7], "window must be in \\[0, 4\\]"),
-                             (5, [0, 1], "flags must be")):
+                             (5, [0, 1, 7, 0, 0], "window must be in \\[0, 4\\]"),
+                             (5, [0, 1, 0], "flags must be"),
+                             (5, [0, 1, 0, 1, 3], "with swap, row0 \\+ rows must be within the columns")):
         args = list(good)
         args[at] = bad
         with pytest.raises(RuntimeError, match=message):
@@ -121,7 +140,7 @@ def test_op_checks_its_arguments(device):
     # a slot outside the row counts as none (no read past the row)
     far = slots.clone()
     far[1, 1] = 99
-    torch.testing.assert_close(op(s, far, rl, cl, [0.1, 0.0], [0, 1, 0], True)[0], op(*good)[0])
+    torch.testing.assert_close(op(s, far, rl, cl, [0.1, 0.0], [0, 1, 0, 0, 0], True)[0], op(*good)[0])
 
 
 def test_opcheck():
@@ -129,8 +148,13 @@ def test_opcheck():
     slots, valid = fused_triplet._positive_slots(labels_b[:, None] == ref_labels[None, :])
     for with_grad in (False, True):
         torch.library.opcheck(torch.ops.dmlkern.triplet_slot_rows.default,
-                              (s, slots.masked_fill(~valid, -1), labels_b, ref_labels, [0.2, 0.1], [1, 1, 3],
-                               with_grad))
+                              (s, slots.masked_fill(~valid, -1), labels_b, ref_labels, [0.2, 0.1],
+                               [1, 1, 3, 0, 0], with_grad))
+    s, labels_b, ref_labels, row0 = swap_block(40, 4, (1, 3), torch.float64, 5)
+    slots, valid = fused_triplet._positive_slots(block_masks(labels_b, ref_labels, row0, True)[0])
+    torch.library.opcheck(torch.ops.dmlkern.triplet_slot_rows.default,
+                          (s, slots.masked_fill(~valid, -1), labels_b, ref_labels, [0.2, 0.1], [0, 1, 2, 1, row0],
+                           True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -143,8 +167,8 @@ def test_loss_through_the_op_matches_pml(kw, kind, device, slot_calls):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_loss_fp32_rows_with_many_positives_and_swap(device, monkeypatch, slot_calls):
-    """fp32 against PML; a large class's rows take the sorted rows beside the op; swap, which the
-    op does not take, the torch ops."""
+    """fp32 against PML; a large class's rows take the sorted rows beside the op; swap (which
+    never sorts) through the op, every row (fp64, with a tie of min(e_an, e_pn))."""
     monkeypatch.setattr(fused_triplet, "SORTED_MIN_POSITIVES", 10)
     sorted_calls, real = [], fused_triplet._sorted_rows
     monkeypatch.setattr(fused_triplet, "_sorted_rows", lambda *args: sorted_calls.append(1) or real(*args))
@@ -156,12 +180,15 @@ def test_loss_fp32_rows_with_many_positives_and_swap(device, monkeypatch, slot_c
     assert slot_calls and sorted_calls
     torch.testing.assert_close(ours.cpu(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(our_grads[0].cpu(), want_grads[0], rtol=1e-4, atol=1e-6)
-    calls = len(slot_calls)
-    ours, _, loss_fn = triplet_loss("dmlkern", {"swap": True}, None, x.double().to(device), labels.to(device),
-                                    backend="cpp")
-    want, _, _ = triplet_loss("pml", {"swap": True}, None, x.double(), labels)
-    assert len(slot_calls) == calls and loss_fn.last_backend == "blocked"
+    calls, sorted_before = len(slot_calls), len(sorted_calls)
+    x = x.double()
+    x[20], labels[20] = x[16], labels[16]  # a duplicate row in one class: a tie of min(e_an, e_pn)
+    ours, our_grads, loss_fn = triplet_loss("dmlkern", {"swap": True}, None, x.to(device), labels.to(device),
+                                            backend="cpp")
+    want, want_grads, _ = triplet_loss("pml", {"swap": True}, None, x, labels)
+    assert len(slot_calls) > calls and len(sorted_calls) == sorted_before and loss_fn.last_backend == "blocked"
     torch.testing.assert_close(ours.cpu(), want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(our_grads[0].cpu(), want_grads[0], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,7 +11,7 @@ import torch
 
 import dmlkern.fused.triplet as fused_triplet
 from dmlkern import losses
-from _triplet_blocks import assert_loss_matches_pml, random_block, triplet_loss
+from _triplet_blocks import assert_loss_matches_pml, random_block, swap_block, triplet_loss
 from _triton_device import compile_for_sm90, gpu_marks, triton_device
 
 DEVICE = triton_device()
@@ -85,6 +85,30 @@ def test_kernel_matches_the_torch_twin(euclidean, smooth, window, window_margin,
                 _assert_same(_kernel(s, labels_b, ref_labels, row0, rule, self_block), want, dtype)
 
 
+# (dtype, euclidean, smooth, window, window_margin): each window once, both dtypes, distances, terms
+SWAP_RULES = [(torch.float64, True, False, "every", 0.0), (torch.float32, False, True, "semihard", 0.2),
+              (torch.float64, False, True, "hard", 0.1), (torch.float32, True, False, "easy", 0.05)]
+
+
+@pytest.mark.parametrize("dtype,euclidean,smooth,window,window_margin", SWAP_RULES)
+def test_swap_kernel_matches_the_torch_twin(dtype, euclidean, smooth, window, window_margin, monkeypatch,
+                                            kernel_calls):
+    """swap: blocks of whole classes of the batch against itself (sorted by label) with a tie of
+    min(e_an, e_pn); two classes in the middle of the batch, one of 14 over 100 columns (two
+    chunks of 64), a batch of one class (no negatives)."""
+    rule = fused_triplet.TripletRule(0.15, smooth, euclidean, window, window_margin, swap=True)
+    for seed, (cols, classes, block_classes, chunk) in enumerate(
+            [(50, 6, (2, 4), None), (100, 14, (6, 7), 64), (12, 1, (0, 1), None)]):
+        s, labels_b, ref_labels, row0 = swap_block(cols, classes, block_classes, dtype, seed, DEVICE)
+        want = _twin(s, labels_b, ref_labels, row0, rule, True, monkeypatch)
+        calls = len(kernel_calls)
+        with monkeypatch.context() as m:
+            if chunk:
+                m.setattr(fused_triplet.triton_rows, "CHUNK_COLUMNS", chunk)
+            _assert_same(_kernel(s, labels_b, ref_labels, row0, rule, True), want, dtype)
+        assert len(kernel_calls) == calls + 1, "the Triton kernel did not run"
+
+
 def test_kernel_without_grad_and_with_nan(monkeypatch, kernel_calls):
     rule = fused_triplet.TripletRule(0.1, False, True, "every")
     s, labels_b, ref_labels = _block(9, 130, 4, torch.float64, 3)
@@ -133,14 +157,18 @@ def test_rows_with_many_positives_sort_on_the_triton_backend(monkeypatch, kernel
     torch.testing.assert_close(our_grads[0].cpu(), want_grads[0], rtol=1e-9, atol=1e-12)
 
 
-def test_swap_runs_the_torch_ops_on_the_triton_backend(kernel_calls):
-    x = torch.randn(30, 8, dtype=torch.float64)
+@pytest.mark.parametrize("kind", [None, "semihard"])
+def test_swap_loss_on_the_triton_backend_matches_pml(kind, kernel_calls):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    x[7] = x[3]  # (a tie of min(e_an, e_pn): rows 3 and 7 are one class)
     labels = torch.arange(30) % 4
-    ours, _, loss_fn = triplet_loss("dmlkern", {"swap": True}, None, x.to(DEVICE), labels.to(DEVICE),
-                                    backend="triton")
-    want, _, _ = triplet_loss("pml", {"swap": True}, None, x, labels)
-    assert loss_fn.last_backend == "blocked" and not kernel_calls
+    ours, our_grads, loss_fn = triplet_loss("dmlkern", {"swap": True}, kind, x.to(DEVICE), labels.to(DEVICE),
+                                            backend="triton")
+    want, want_grads, _ = triplet_loss("pml", {"swap": True}, kind, x, labels)
+    assert loss_fn.last_backend == "blocked" and kernel_calls, "the Triton kernel did not run"
     torch.testing.assert_close(ours.cpu(), want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(our_grads[0].cpu(), want_grads[0], rtol=1e-9, atol=1e-12)
 
 
 def test_kernel_compiles_for_sm90():
@@ -149,6 +177,8 @@ def test_kernel_compiles_for_sm90():
         types = {"S": value[fp64], "SUMS": value[fp64], "G": value[fp64], "PSUM": value[fp64], "LAB": "*i64",
                  "REF": "*i64", "SLOTS": "*i64", "COUNTS": "*i64",
                  **{f"{p}_{k}": "fp32" for p in ("m", "wm") for k in "hml"}}
-        configs = [dict(SMOOTH=smooth, EUCLIDEAN=euclidean, WINDOW=window, WITH_GRAD=True, FP64=fp64, BLOCK_N=256)
-                   for smooth, euclidean, window in ((False, True, 0), (True, False, 3), (True, True, 4))]
+        configs = [dict(SMOOTH=smooth, EUCLIDEAN=euclidean, WINDOW=window, WITH_GRAD=True, SWAP=swap, FP64=fp64,
+                        BLOCK_N=256)
+                   for smooth, euclidean, window, swap in ((False, True, 0, False), (True, False, 3, False),
+                                                           (True, True, 4, True), (False, True, 2, True))]
         compile_for_sm90("dmlkern.triton.triplet_rows", "_triplet_rows_kernel", types, configs)

@@ -30,8 +30,8 @@ void run(const at::Tensor& s, const at::Tensor& slots, const at::Tensor& row_lab
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c = i % chunks, rk = i / chunks, r = rk / num_slots;
       const int64_t c0 = std::min(c * chunk, cols), c1 = std::min(c0 + chunk, cols);
-      parts[i] = slot_chunk(sp + r * cols, cl, rl[r], slot_column(slot_p + r * num_slots, rk % num_slots, cols), c0,
-                            c1, rule);
+      parts[i] = slot_chunk(sp, rows, cols, r, cl, rl[r], slot_column(slot_p + r * num_slots, rk % num_slots, cols),
+                            c0, c1, rule);
     }
   });
   T* grad_pos = out.grad_pos.numel() > 0 ? out.grad_pos.data_ptr<T>() : nullptr;
@@ -44,7 +44,7 @@ void run(const at::Tensor& s, const at::Tensor& slots, const at::Tensor& row_lab
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t j = 0; j < cols; ++j)
-        g[r * cols + j] = negative_grad(sp + r * cols, slot_p + r * num_slots, num_slots, cl, rl[r], j, cols, rule);
+        g[r * cols + j] = negative_grad(sp, rows, r, slot_p + r * num_slots, num_slots, cl, rl[r], j, cols, rule);
   });
 }
 

@@ -31,7 +31,7 @@ __global__ void slot_chunk_kernel(const T* __restrict__ s, const int64_t* __rest
   const int64_t c = i % chunks, rk = i / chunks, r = rk / num_slots;
   const int64_t c0 = min(c * chunk, cols), c1 = min(c0 + chunk, cols);
   const int64_t p = slot_column(slots + r * num_slots, rk % num_slots, cols);
-  parts[i] = slot_chunk(s + r * cols, col_labels, row_labels[r], p, c0, c1, rule);
+  parts[i] = slot_chunk(s, rows, cols, r, col_labels, row_labels[r], p, c0, c1, rule);
 }
 
 template <typename T>
@@ -48,7 +48,7 @@ __global__ void negative_grad_kernel(const T* __restrict__ s, const int64_t* __r
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * cols) return;
   const int64_t r = i / cols, j = i % cols;
-  g[i] = negative_grad(s + r * cols, slots + r * num_slots, num_slots, col_labels, row_labels[r], j, cols, rule);
+  g[i] = negative_grad(s, rows, r, slots + r * num_slots, num_slots, col_labels, row_labels[r], j, cols, rule);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_slot_rows_cuda(

@@ -17,9 +17,9 @@ Work O(N · P · M) for P positives per row (the number of triplets), memory O(B
 N x M buffer, no triplet list. A row with SORTED_MIN_POSITIVES or more positives (relu terms, no
 swap: few large classes) sorts its negatives once instead, each positive's kept terms then a run
 of them found by binary search, summed from prefix sums: O(M log M + P log M) a row (in C++ on a
-CPU, `_sorted_rows`' torch ops elsewhere). On the Triton backend the other rows run a Triton
-kernel (triton/triplet_rows.py), on the C++ backend on a GPU a CUDA C++ one
-(csrc/cuda/triplet_slots_cuda.cu; both without swap).
+CPU, `_sorted_rows`' torch ops elsewhere: a GPU's segmented sort). On the Triton backend the other
+rows run a Triton kernel (triton/triplet_rows.py), on the C++ backend on a GPU a CUDA C++ one
+(csrc/cuda/triplet_slots_cuda.cu), swap included.
 The gradient of the total: dL/de_an = -w, dL/de_ap = sum_n w (w =
 1 where the term is kept and positive, or its sigmoid with `smooth_loss`), then grad_x[b] =
 G_b @ y and grad_y += G_bᵀ @ x_b, the blocks added in order: bit-identical at any CPU thread
@@ -186,20 +186,19 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
 def _row_kernel(s, rule):
     """The kernel that runs a block's direct rows, with `triton_rows.triplet_rows`' contract: the
     Triton one on the Triton backend, the CUDA C++ one on a GPU otherwise (both: fp32 / fp64, no
-    swap); None: the C++ CPU op (`_block_kernel`) on a CPU, else torch ops."""
+    rules with swap too); None: the C++ CPU op (`_block_kernel`) on a CPU, else torch ops."""
     if rule.triton and triton_rows.supports(s, rule):
         return triton_rows.triplet_rows
-    if (_SLOT_KERNEL and s.device.type in SLOT_KERNEL_DEVICES and not rule.swap
-            and s.dtype in (torch.float32, torch.float64)):
+    if _SLOT_KERNEL and s.device.type in SLOT_KERNEL_DEVICES and s.dtype in (torch.float32, torch.float64):
         return _slot_rows
     return None
 
 
-def _slot_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad):
+def _slot_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad, row0):
     """dmlkern::triplet_slot_rows (the CUDA C++ row sweep) as `triton_rows.triplet_rows`."""
     sums, counts, g_s, g_p = torch.ops.dmlkern.triplet_slot_rows(
         s, slot_cols, labels_b, ref_labels, [rule.margin, rule.window_margin],
-        [int(rule.smooth), int(rule.euclidean), window_id], with_grad)
+        [int(rule.smooth), int(rule.euclidean), window_id, int(rule.swap), row0], with_grad)
     return sums, counts[:, 0], counts[:, 1], g_s if with_grad else None, g_p if with_grad else None
 
 
@@ -209,7 +208,7 @@ def _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, kerne
     slot_cols, valid = _positive_slots(pos)
     if kernel is not None:
         total, nonzero, kept, g_s, g_p = kernel(
-            s, slot_cols.masked_fill(~valid, -1), labels_b, ref_labels, rule, WINDOW_IDS[rule.window], with_grad)
+            s, slot_cols.masked_fill(~valid, -1), labels_b, ref_labels, rule, WINDOW_IDS[rule.window], with_grad, row0)
         if with_grad:  # the positives' dL/ds (one per (row, column): no two writes meet)
             rows, slot = torch.nonzero(valid, as_tuple=True)
             cols = slot_cols[rows, slot]

@@ -1,6 +1,6 @@
-"""TripletMarginLoss's row sweep in Triton: the GPU twin of csrc/cpu/triplet_rows_cpu.cpp for the
-rules without `swap`, with the contract of fused/triplet.py's `_block_pass` (whose torch ops are
-the yardstick of its tests, tests/test_triplet_triton.py).
+"""TripletMarginLoss's row sweep in Triton: the GPU twin of csrc/cpu/triplet_rows_cpu.cpp, with the
+contract of fused/triplet.py's `_block_pass` (whose torch ops are the yardstick of its tests,
+tests/test_triplet_triton.py).
 
 A program owns a chunk of one row of the block's similarities s = x_b @ yᵀ (CHUNK_COLUMNS
 columns, so that a block of few long rows still fills a GPU). It walks its columns in tiles of
@@ -11,9 +11,13 @@ a kept triplet) summed per negative over the positives (dL/de_n = -sum_p w: the 
 written once) and per positive over the chunk's negatives (dL/de_p = sum_n w, in a (rows, chunks,
 slots) scratch). The host sums the chunks' partial results in chunk order; the positives' dL/ds
 follows from their dL/de in fused/triplet.py.
+With `swap` (SWAP) the block holds whole classes of the batch against itself sorted by label
+(column ROW0 + k is the block's row k): a term's e_n is min(e_n, e_qn), q the positive's row, whose
+tile the program loads beside its own, and a negative's dL/ds also collects the row's role as the
+positive of the triplets (q, r, n); each min's gradient is shared as torch.minimum's (half at a tie).
 Every output has one writer and a fixed order of additions: deterministic, no atomics.
-Work O(P · M) a row, as the C++ kernel's direct sweep (its sorted rows for classes of 128 or more
-have no Triton twin yet)."""
+Work O(P · M) a row, as the C++ kernel's direct sweep (rows of classes of 128 or more sort their
+negatives instead: fused/triplet.py's `_sorted_rows`, torch ops on a GPU)."""
 import torch
 import triton
 import triton.language as tl
@@ -47,10 +51,35 @@ def _log1p(z):
 
 
 @triton.jit
-def _triplet_rows_kernel(S, LAB, REF, SLOTS, SUMS, COUNTS, G, PSUM, M, P, CHUNK, s_sn, s_gn,
+def _in_window(keep, t, window_margin, WINDOW: tl.constexpr):
+    """keep & the miner's condition on t (PML's comparisons; fused/triplet.py's WINDOW_IDS)."""
+    if WINDOW == 4:  # easy
+        keep = keep & (t > window_margin)
+    elif WINDOW != 0:
+        keep = keep & (t <= window_margin)
+        if WINDOW == 2:  # hard
+            keep = keep & (t <= 0)
+        elif WINDOW == 3:  # semihard
+            keep = keep & (t > 0)
+    return keep
+
+
+@triton.jit
+def _slope(viol, SMOOTH: tl.constexpr, acc_dtype: tl.constexpr):
+    """The term's slope: 1[viol > 0] (relu), or sigmoid(viol) (softplus, threshold 20)."""
+    if SMOOTH:
+        z = tl.exp(tl.where(viol > 20, 20.0, viol).to(acc_dtype))
+        slope = tl.where(viol > 20, 1.0, z / (z + 1))
+    else:
+        slope = tl.where(viol > 0, 1.0, 0.0)
+    return slope.to(acc_dtype)
+
+
+@triton.jit
+def _triplet_rows_kernel(S, LAB, REF, SLOTS, SUMS, COUNTS, G, PSUM, M, P, CHUNK, s_sn, s_gn, B, ROW0,
                          m_h, m_m, m_l, wm_h, wm_m, wm_l, SMOOTH: tl.constexpr,
                          EUCLIDEAN: tl.constexpr, WINDOW: tl.constexpr, WITH_GRAD: tl.constexpr,
-                         FP64: tl.constexpr, BLOCK_N: tl.constexpr):
+                         SWAP: tl.constexpr, FP64: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (r, c): row r's columns [c CHUNK, (c + 1) CHUNK). Writes the chunk's sum, counts
     and per-positive sums of w at [r, c] (SUMS (B, C), COUNTS (B, C, 2), PSUM (B, C, P)) and
     dL/ds of the chunk's columns (0 at the positives: the host adds theirs)."""
@@ -76,16 +105,15 @@ def _triplet_rows_kernel(S, LAB, REF, SLOTS, SUMS, COUNTS, G, PSUM, M, P, CHUNK,
             if col >= 0:
                 e_ap = _farness(tl.load(S + r * s_sn + col), EUCLIDEAN, FP64)
                 t = e - e_ap
-                keep = negative
-                if WINDOW == 4:  # easy
-                    keep = keep & (t > window_margin)
-                elif WINDOW != 0:
-                    keep = keep & (t <= window_margin)
-                    if WINDOW == 2:  # hard
-                        keep = keep & (t <= 0)
-                    elif WINDOW == 3:  # semihard
-                        keep = keep & (t > 0)
-                viol = margin - t
+                keep = _in_window(negative, t, window_margin, WINDOW)
+                if SWAP:  # e_n -> min(e_n, e_qn) (NaN if either is), q the positive's row
+                    q = tl.minimum(tl.maximum(col - ROW0, 0), B - 1)
+                    e_q = _farness(tl.load(S + q * s_sn + cols, mask=ok, other=0.0), EUCLIDEAN, FP64)
+                    e_min = tl.where(e_q != e_q, e_q, tl.where(e_q < e, e_q, e))
+                    share = tl.where(e == e_q, 0.5, tl.where(e > e_q, 0.0, 1.0))  # e_n's part of the min's gradient
+                    viol = margin - (e_min - e_ap)
+                else:
+                    viol = margin - t
                 if SMOOTH:  # F.softplus (beta 1, threshold 20)
                     z = tl.exp(tl.where(viol > 20, 20.0, viol).to(acc_dtype))
                     term = tl.where(viol > 20, viol, _log1p(z))
@@ -95,13 +123,16 @@ def _triplet_rows_kernel(S, LAB, REF, SLOTS, SUMS, COUNTS, G, PSUM, M, P, CHUNK,
                 nonzero += (keep & (term > 0)).to(tl.int64)
                 kept += keep.to(tl.int64)
                 if WITH_GRAD:
-                    if SMOOTH:
-                        slope = tl.where(viol > 20, 1.0, z / (z + 1))
-                    else:
-                        slope = tl.where(viol > 0, 1.0, 0.0)
-                    w = tl.where(keep, slope, 0.0).to(acc_dtype)
-                    w_sum += w
+                    w = tl.where(keep, _slope(viol, SMOOTH, acc_dtype), 0.0).to(acc_dtype)
                     tl.store(PSUM + out * P + j, tl.load(PSUM + out * P + j) + tl.sum(w, axis=0))
+                    if SWAP:  # this row's share, and the triplets (q, r, n): q the anchor, r its positive
+                        w_sum += w * share
+                        e_qr = _farness(tl.load(S + q * s_sn + ROW0 + r), EUCLIDEAN, FP64)
+                        keep_q = _in_window(negative, e_q - e_qr, window_margin, WINDOW)
+                        w_q = tl.where(keep_q, _slope(margin - (e_min - e_qr), SMOOTH, acc_dtype), 0.0)
+                        w_sum += w_q.to(acc_dtype) * share
+                    else:
+                        w_sum += w
         if WITH_GRAD:  # dL/ds of the negatives: -dL/de = w_sum, or w_sum / e (Euclidean; 0 at e = 0)
             if EUCLIDEAN:
                 g = tl.where(e > 0, w_sum / tl.where(e > 0, e, 1.0), 0.0)
@@ -120,15 +151,19 @@ CHUNK_COLUMNS = 4096
 
 
 def supports(s, rule):
-    """Whether the kernel takes this block: fp32 / fp64 similarities, a rule without swap."""
-    return s.dtype in (torch.float32, torch.float64) and not rule.swap
+    """Whether the kernel takes this block: fp32 / fp64 similarities."""
+    return s.dtype in (torch.float32, torch.float64)
 
 
-def triplet_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad):
+def triplet_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad, row0=0):
     """(sums, nonzero, kept, dL/ds, dL/de of the positives) of the block's rows: s (B, M) fp32 /
     fp64, slot_cols (B, P) int64 each row's positive columns (-1: none; the diagonal is left out
-    there), labels (B,), (M,) int64. dL/ds is 0 at the positives' columns, whose dL/de (B, P) the
-    caller turns into dL/ds (`fused.triplet._direct_rows`); both None without with_grad."""
+    there), labels (B,), (M,) int64; with rule.swap the block is rows row0 .. row0 + B of the
+    batch against itself (whole classes). dL/ds is 0 at the positives' columns, whose dL/de (B, P)
+    the caller turns into dL/ds (`fused.triplet._direct_rows`); both None without with_grad."""
+    if rule.swap and not (0 <= row0 and row0 + s.shape[0] <= s.shape[1]):
+        raise ValueError(f"triplet_rows: with swap the block's rows row0 .. row0 + B must be columns; got row0 "
+                         f"{row0}, s {tuple(s.shape)}")
     B, M = s.shape
     s = s.contiguous()
     P = slot_cols.shape[1]
@@ -142,9 +177,9 @@ def triplet_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad)
     if B > 0 and M > 0:
         _triplet_rows_kernel[(B, chunks)](
             s, labels_b.contiguous(), ref_labels.contiguous(), slot_cols.contiguous(), sums, counts, g, psum,
-            M, P, chunk, s.stride(0), g.stride(0), *_split(rule.margin), *_split(rule.window_margin),
+            M, P, chunk, s.stride(0), g.stride(0), B, row0, *_split(rule.margin), *_split(rule.window_margin),
             SMOOTH=bool(rule.smooth), EUCLIDEAN=bool(rule.euclidean), WINDOW=int(window_id),
-            WITH_GRAD=bool(with_grad), FP64=s.dtype == torch.float64, BLOCK_N=block_n)
+            WITH_GRAD=bool(with_grad), SWAP=bool(rule.swap), FP64=s.dtype == torch.float64, BLOCK_N=block_n)
     counts = counts.sum(dim=1)
     if not with_grad:
         return sums.sum(dim=1), counts[:, 0], counts[:, 1], None, None
