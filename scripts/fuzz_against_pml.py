@@ -22,6 +22,9 @@ cases (with NaN rows, ref_labels sharing all / some / none of the labels), reduc
 AvgNonZero, Threshold, PerAnchor, ClassWeighted, Divisor, MultipleReducers, Mean, and miners.
 
 FUZZ_LOSSES=PNPLoss,DynamicSoftMarginLoss: draw the loss from these only (a new fused path).
+
+FUZZ_SLOT_OP=1: the fused TripletMarginLoss's row sweep through dmlkern::triplet_slot_rows on the
+CPU (the CUDA C++ kernel's per-thread bodies, run in loops) instead of the C++ CPU kernel.
 """
 import contextlib
 import json
@@ -75,6 +78,10 @@ PAIR_LOSSES = [
 ]
 ALL_LOSSES = PAIR_LOSSES + sorted(CLASS_LOSSES) + [
     "MultipleLosses", "CrossBatchMemory", "SelfSupervisedLoss"]
+if os.environ.get("FUZZ_SLOT_OP") == "1":
+    import dmlkern.fused.triplet as _fused_triplet
+
+    _fused_triplet.SLOT_KERNEL_DEVICES = ("cpu", "cuda")
 if os.environ.get("FUZZ_LOSSES"):
     ALL_LOSSES = [name for name in os.environ["FUZZ_LOSSES"].split(",") if name]
 MINERS = ["TripletMarginMiner", "BatchHardMiner", "BatchEasyHardMiner", "PairMarginMiner",

@@ -36,7 +36,7 @@ def _farness(s, EUCLIDEAN: tl.constexpr, FP64: tl.constexpr):
         inner = tl.where(inner < 0, 0.0, inner).to(s.dtype)
         if FP64:  # (IEEE in fp64; sqrt_rn takes fp32 only)
             e = tl.sqrt(inner)
-        else:  # correctly rounded, as torch.sqrt (tl.sqrt may approximate in fp32)
+        else:  # correctly rounded, as std::sqrt in the C++ kernels (tl.sqrt may approximate in fp32)
             e = tl.sqrt_rn(inner)
     else:
         e = -s
