@@ -209,11 +209,12 @@ class ThresholdReducer(BaseReducer):
         )
 
     def _filtered_mean(self, losses, embeddings):
-        keep = torch.ones_like(losses, dtype=torch.bool)
-        if self.low is not None:
-            keep = keep & (losses > self.low)
+        # (one mask per bound, no all-True start: PML's peak memory)
+        keep = None if self.low is None else losses > self.low
         if self.high is not None:
-            keep = keep & (losses < self.high)
+            keep = losses < self.high if keep is None else keep & (losses < self.high)
+        if keep is None:
+            keep = torch.ones_like(losses, dtype=torch.bool)
         if (static_shapes() or losses.is_cuda) and not self.collect_stats:
             # Same value and gradient without data-dependent shapes or branches (fullgraph)
             # or host syncs (CUDA).

@@ -17,6 +17,7 @@ from dmlkern import distances, losses
 from dmlkern.ops import grouped_class_op
 from dmlkern.ops import pair_engine as pe
 from _kernel_cases import KERNEL_BACKENDS, TOLERANCES, dtypes_for
+from _peak_allocated import PeakAllocated
 from _triton_device import env_without_interpreter
 from test_fused_losses import engine_backend_choice  # noqa: F401 (a fixture)
 
@@ -215,6 +216,26 @@ def test_small_problems_run_the_reference(monkeypatch, name):
             assert ours.last_backend != "reference" and ours.last_fallback is None, ours.last_fallback
         else:
             assert ours.last_backend == "reference" and "a small problem" in ours.last_fallback, ours.last_fallback
+
+
+@pytest.mark.parametrize("name", [n for n, spec in CLASS_LOSSES.items() if spec[2] is not None])
+def test_small_problems_hold_no_more_than_pml(monkeypatch, name):
+    """A small problem's reference call (forward + backward) holds at most PML's peak of tensor
+    bytes (the reference must never cost more memory than PML for the same call)."""
+    monkeypatch.setattr(class_softmax, "SMALL_PROBLEM_LOGITS", 1 << 30)
+    group = {"subcenter_arcface": 3, "soft_triple": 4, "soft_triple_default": 10}.get(name, 1)
+    classes = 1000 // group
+    ours, theirs, attr = _make(name, classes, 64, torch.float32)
+    x, labels = torch.randn(256, 64), torch.randint(0, classes, (256,))
+    peaks = []
+    for loss_fn in (ours, theirs):
+        loss_fn(x[:8], labels[:8])  # (first-call work, e.g. lazily built buffers, outside the measure)
+        with PeakAllocated() as held:
+            _value_and_grads(loss_fn, attr, x, labels)
+        peaks.append(held.peak)
+    assert ours.last_backend == "reference"
+    # (1.5 % for autograd's node order: tests/test_reference_memory.py's SLACK)
+    assert peaks[0] <= peaks[1] * 1.015, f"{name}: {peaks[0] / 2**20:.2f} MiB held, PML {peaks[1] / 2**20:.2f} MiB"
 
 
 def test_small_problem_threshold_from_the_environment():

@@ -113,9 +113,10 @@ def _target_mask(labels, num_classes, dtype):
 
 
 def _replace_target_logit(cosine, mask, new_target):
-    """``cosine`` with each row's target entry replaced by ``new_target`` (one per row)."""
+    """``cosine`` with each row's target entry t replaced by ``new_target(t)`` (one per row; the
+    targets gathered once: the boolean mask that indexing saves for backward is PML's one)."""
     target = cosine[mask == 1]
-    return cosine + mask * (new_target - target).unsqueeze(1)
+    return cosine + mask * (new_target(target) - target).unsqueeze(1)
 
 
 def _weighted_ce(logits, labels, miner_weights):
@@ -272,7 +273,7 @@ def large_margin_softmax_loss_dict(embeddings, labels, W, indices_tuple=None, *,
     weights = convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
     cos = distance(embeddings, W.t())
     mask = _target_mask(labels, W.shape[1], cos.dtype)
-    logits = _replace_target_logit(cos, mask, _lm_target(cos[mask == 1], m))
+    logits = _replace_target_logit(cos, mask, lambda t: _lm_target(t, m))
     magnitudes = distance.get_norm(W, dim=0).unsqueeze(0) * distance.get_norm(embeddings).unsqueeze(1)
     losses = _weighted_ce(logits * magnitudes * scale, labels, weights)
     return {"loss": _element(losses, _rows(embeddings))}
@@ -285,7 +286,7 @@ def sphereface_loss_dict(embeddings, labels, W, indices_tuple=None, *, margin=4,
     weights = convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
     cos = distance(embeddings, W.t())
     mask = _target_mask(labels, W.shape[1], cos.dtype)
-    logits = _replace_target_logit(cos, mask, _lm_target(cos[mask == 1], m))
+    logits = _replace_target_logit(cos, mask, lambda t: _lm_target(t, m))
     norms = torch.norm(embeddings, p=2, dim=1).unsqueeze(1)
     losses = _weighted_ce(logits * norms * scale, labels, weights)
     return {"loss": _element(losses, _rows(embeddings))}
@@ -296,8 +297,9 @@ def cosface_loss_dict(embeddings, labels, W, indices_tuple=None, *, margin=0.35,
     weights = convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
     cos = distance(embeddings, W.t())
     mask = _target_mask(labels, W.shape[1], cos.dtype)
-    logits = _replace_target_logit(cos, mask, cos[mask == 1] - margin)
-    losses = _weighted_ce(logits * scale, labels, weights)
+    logits = _replace_target_logit(cos, mask, lambda t: t - margin)
+    logits = logits * scale  # (rebound: the unscaled logits are freed before the softmax, as in PML)
+    losses = _weighted_ce(logits, labels, weights)
     return {"loss": _element(losses, _rows(embeddings))}
 
 
@@ -315,8 +317,9 @@ def arcface_target_logit(cos_t, margin_radians):
 def _arcface_from_cosine(embeddings, labels, cos, num_classes, indices_tuple, margin_radians, scale):
     weights = convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
     mask = _target_mask(labels, num_classes, cos.dtype)
-    logits = _replace_target_logit(cos, mask, arcface_target_logit(cos[mask == 1], margin_radians))
-    losses = _weighted_ce(logits * scale, labels, weights)
+    logits = _replace_target_logit(cos, mask, lambda t: arcface_target_logit(t, margin_radians))
+    logits = logits * scale  # (rebound: the unscaled logits are freed before the softmax, as in PML)
+    losses = _weighted_ce(logits, labels, weights)
     return {"loss": _element(losses, _rows(embeddings))}
 
 

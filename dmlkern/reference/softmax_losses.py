@@ -65,9 +65,9 @@ def ntxent_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, 
     dtype = neg_vals.dtype
     pos_vals, neg_vals = as_similarity(pos_vals, distance), as_similarity(neg_vals, distance)
     pos_logits = pos_vals.unsqueeze(1) / temperature  # (P, 1)
-    same_anchor = a2.unsqueeze(0) == a1.unsqueeze(1)  # (P, N)
-    neg_logits = (neg_vals / temperature) * same_anchor.to(dtype)
-    neg_logits = neg_logits.masked_fill(~same_anchor, neg_inf(dtype))
+    same_anchor = (a2.unsqueeze(0) == a1.unsqueeze(1)).to(dtype)  # (P, N); PML's tensors, so PML's peak memory:
+    neg_logits = (neg_vals / temperature) * same_anchor
+    neg_logits.masked_fill_(same_anchor == 0, neg_inf(dtype))  # (in place: the product is not saved for backward)
     shift = torch.max(pos_logits, torch.max(neg_logits, dim=1, keepdim=True)[0]).detach()
     numerator = torch.exp(pos_logits - shift).squeeze(1)
     denominator = torch.sum(torch.exp(neg_logits - shift), dim=1) + numerator

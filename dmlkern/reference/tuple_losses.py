@@ -173,9 +173,10 @@ def angular_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *,
     Negatives come from labels even when indices_tuple is given."""
     if labels is None:
         raise ValueError("labels are required for this loss function")
-    a1, p, a2, _ = convert_to_pairs(indices_tuple, labels, ref_labels)
+    a1, p, a2, n = convert_to_pairs(indices_tuple, labels, ref_labels)
     if len(a1) == 0 or len(a2) == 0:
         return _zeros()
+    del a2, n  # (only their existence counts: freed here, as PML frees them, for PML's peak memory)
     if ref_labels.shape[0] != ref_emb.shape[0]:
         raise ValueError("ref_labels is required when ref_emb and embeddings differ in size")
     x_a = distance.normalize(embeddings[a1])
