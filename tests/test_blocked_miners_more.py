@@ -89,9 +89,12 @@ def _stats_match(ours, theirs, dtype):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Several row blocks, angle chunks and multinomial chunks at test sizes."""
+    """Several row blocks, angle chunks and multinomial chunks at test sizes (UniformHistogramMiner:
+    the blocked sweeps, which otherwise start past 512 rows)."""
     monkeypatch.setattr(blocked_miners, "_BLOCK_VALUES", 64 * 90)
     monkeypatch.setattr(blocked_miners, "_ANGLE_VALUES", 700)
+    monkeypatch.setattr(blocked_miners, "_HISTOGRAM_REFERENCE_ROWS", 0)
+    monkeypatch.setattr(blocked_miners, "_HISTOGRAM_REFERENCE_PAIRS_PER_DRAW", 0)
 
 
 # ----------------------------------------------------------------------------- AngularMiner
@@ -321,10 +324,14 @@ def test_uniform_histogram_same_seed_same_pairs(dist, blocks, request):
         assert torch.equal(torch.rand(4), after_pml)  # the same RNG consumption
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["reference", "blocked"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_uniform_histogram_random_rows_match_pml(dtype):
-    """Random rows (default blocks: one block at these sizes), fp32 and fp64, and the distance's
-    statistics recorded once, as PML's."""
+def test_uniform_histogram_random_rows_match_pml(dtype, blocked, monkeypatch):
+    """Random rows (the reference at these sizes, or the blocked sweeps: one block), fp32 and
+    fp64, and the distance's statistics recorded once, as PML's."""
+    if blocked:
+        monkeypatch.setattr(blocked_miners, "_HISTOGRAM_REFERENCE_ROWS", 0)
+        monkeypatch.setattr(blocked_miners, "_HISTOGRAM_REFERENCE_PAIRS_PER_DRAW", 0)
     from dmlkern.utils import common_functions as c_f
     import pytorch_metric_learning.utils.common_functions as pml_c_f
 

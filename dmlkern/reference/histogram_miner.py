@@ -17,7 +17,8 @@ def _draw_per_bin(values, num_bins, per_bin):
     picked = []
     for i in range(num_bins):
         low, high = edges[i], edges[i + 1]
-        inside = (low <= values) & ((values < high) if i != num_bins - 1 else (values <= high))
+        inside = low <= values
+        inside &= (values < high) if i != num_bins - 1 else (values <= high)  # (in place: PML's peak memory)
         members = torch.where(inside)[0]
         if len(members) == 0:
             continue

@@ -10,8 +10,9 @@ positives only when ``ref_labels is labels`` (or ``ref_labels is None``).
 
 Compared with PML, the all-triplet miners (TripletMarginMiner, AngularMiner) never build the
 (B, R, R) triplet tensor: they work on blocks of anchors, so the extra memory is bounded by
-``_TRIPLET_BLOCK`` elements plus the returned indices. The returned triplets and their order are
-the same as PML's (sorted by anchor, then positive, then negative).
+``_TRIPLET_BLOCK`` elements (and by a sixteenth of B R R, where PML's one byte per triplet is
+small) plus the returned indices. The returned triplets and their order are the same as PML's
+(sorted by anchor, then positive, then negative).
 """
 
 import math
@@ -49,7 +50,11 @@ def _empty(device, n):
 
 
 def _anchor_blocks(num_anchors, num_ref):
-    step = max(1, _TRIPLET_BLOCK // max(1, num_ref * num_ref))
+    """Blocks of anchors of at most _TRIPLET_BLOCK triplet values, and at most a sixteenth of the
+    B R R bytes of PML's triplet mask: a block's ~10 bytes per value (its t, masks) then stay
+    within what PML holds, at any size."""
+    per_anchor = max(1, num_ref * num_ref)
+    step = max(1, min(_TRIPLET_BLOCK, num_anchors * per_anchor // 16) // per_anchor)
     for start in range(0, num_anchors, step):
         yield start, min(num_anchors, start + step)
 
@@ -81,8 +86,11 @@ def triplet_margin_miner(mat, labels, ref_labels, margin=0.2, type_of_triplets="
                 keep &= t <= 0
             elif type_of_triplets == "semihard":
                 keep &= t > 0
-        keep &= pos[s:e].unsqueeze(2) & neg[s:e].unsqueeze(1)
+        del t  # (a block's temporaries freed before the next block's: the bound above)
+        keep &= pos[s:e].unsqueeze(2)
+        keep &= neg[s:e].unsqueeze(1)
         a, p, n = torch.where(keep)
+        del keep
         A.append(a + s)
         P.append(p)
         N.append(n)
@@ -277,6 +285,8 @@ def multi_similarity_miner(mat, labels, ref_labels, epsilon=0.1, is_inverted=Tru
     Returns nothing when the batch has no positive or no negative pair. Within a row, pairs come
     in ascending order of ``mat`` (as PML's sort-based code returns them).
     ``same_embeddings``: query and reference are the same tensor; the diagonal is then ignored.
+    ``mat`` is overwritten (the negatives' sorting copy), as PML overwrites its distance matrix:
+    one copy of it, PML's peak memory; pass a fresh matrix.
     """
     a1, p, a2, n = get_all_pairs_indices(labels, ref_labels)
     if len(a1) == 0 or len(a2) == 0:
@@ -287,25 +297,25 @@ def multi_similarity_miner(mat, labels, ref_labels, epsilon=0.1, is_inverted=Tru
     neg_ignore = neg_inf(mat.dtype) if is_inverted else pos_inf(mat.dtype)
     for_pos = mat.clone()
     for_pos[a2, n] = pos_ignore
-    for_neg = mat.clone()
+    for_neg = mat
     for_neg[a1, p] = neg_ignore
+    del a1, p, a2, n
     if same_embeddings:
         for_pos.fill_diagonal_(pos_ignore)
         for_neg.fill_diagonal_(neg_ignore)
     pos_vals, pos_order = torch.sort(for_pos, dim=1)
     neg_vals, neg_order = torch.sort(for_neg, dim=1)
+    # (each mask freed once its pairs are listed, as in PML)
     if is_inverted:
         hardest_neg = neg_vals[:, -1:]  # largest negative similarity
         hardest_pos = pos_vals[:, :1]  # smallest positive similarity
-        pos_keep = pos_vals - epsilon < hardest_neg
-        neg_keep = neg_vals + epsilon > hardest_pos
+        pr, pc = torch.where(pos_vals - epsilon < hardest_neg)
+        nr, nc = torch.where(neg_vals + epsilon > hardest_pos)
     else:
         hardest_neg = neg_vals[:, :1]  # smallest negative distance
         hardest_pos = pos_vals[:, -1:]  # largest positive distance
-        pos_keep = pos_vals + epsilon > hardest_neg
-        neg_keep = neg_vals - epsilon < hardest_pos
-    pr, pc = torch.where(pos_keep)
-    nr, nc = torch.where(neg_keep)
+        pr, pc = torch.where(pos_vals + epsilon > hardest_neg)
+        nr, nc = torch.where(neg_vals - epsilon < hardest_pos)
     return pr, pos_order[pr, pc], nr, neg_order[nr, nc]
 
 
