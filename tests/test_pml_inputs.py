@@ -308,3 +308,26 @@ def test_distance_of_an_empty_query_batch_is_in_the_graph(name, dtype):
         mat.sum().backward()
         grads.append(r.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "SupConLoss", "ContrastiveLoss", "NTXentLoss",
+                                  "LiftedStructureLoss"])
+def test_label_values_far_apart_compare_as_equal_or_not(name):
+    """The kernels compare labels as int32 codes: label - min where the labels span less than
+    2^31, dense codes otherwise. Shifted, negative and 2^62-apart labels with the same classes
+    give the very same bits as small ids, on the fused path, and PML's value."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(70, 12, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 9, (70,), generator=g)
+    results = []
+    # (ids * 2^32: int32 casts of label - min would make every class one)
+    for labels in (ids, ids + 5_000_000_000, ids - 7, ids * 2**32, ids * 2**59 - 2**62):
+        loss_fn = getattr(our_losses, name)()
+        xg = x.clone().requires_grad_(True)
+        value = loss_fn(xg, labels)
+        value.backward()
+        assert loss_fn.last_backend not in ("reference", None), loss_fn.last_fallback
+        results.append((value.detach(), xg.grad))
+    for value, grad in results[1:]:
+        assert torch.equal(value, results[0][0]) and torch.equal(grad, results[0][1])
+    torch.testing.assert_close(results[0][0], getattr(pml_losses, name)()(x, ids), rtol=1e-9, atol=1e-12)

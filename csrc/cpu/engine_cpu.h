@@ -351,10 +351,30 @@ struct RowColumns {
   }
 };
 
-// Dense int32 codes of the labels (equal labels <-> equal codes), so the epilogue
-// compares 32-bit lanes next to fp32 lanes.
+// int32 codes of the labels (equal labels <-> equal codes), so the epilogue compares 32-bit
+// lanes next to fp32 lanes. Labels within 2^31 of each other (the usual class ids): label - min,
+// one pass (at::_unique2's hash table costs ~40 us a call at small batches); others: dense codes.
 inline std::pair<at::Tensor, at::Tensor> label_codes(const at::Tensor& x_labels,
                                                      const at::Tensor& y_labels) {
+  if (x_labels.scalar_type() == at::kLong && y_labels.scalar_type() == at::kLong &&
+      x_labels.size(0) + y_labels.size(0) > 0) {
+    const at::Tensor xl = x_labels.contiguous(), yl = y_labels.contiguous();
+    const int64_t* xs = xl.data_ptr<int64_t>();
+    const int64_t* ys = yl.data_ptr<int64_t>();
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+    for (int64_t i = 0; i < xl.size(0); ++i) lo = std::min(lo, xs[i]), hi = std::max(hi, xs[i]);
+    for (int64_t i = 0; i < yl.size(0); ++i) lo = std::min(lo, ys[i]), hi = std::max(hi, ys[i]);
+    // (the difference in uint64: exact for any hi >= lo, where int64 could overflow)
+    if (static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) <= uint64_t(std::numeric_limits<int32_t>::max())) {
+      auto offset_codes = [lo](const at::Tensor& labels, const int64_t* values) {
+        at::Tensor codes = at::empty({labels.size(0)}, labels.options().dtype(at::kInt));
+        int32_t* out = codes.data_ptr<int32_t>();
+        for (int64_t i = 0; i < labels.size(0); ++i) out[i] = static_cast<int32_t>(values[i] - lo);
+        return codes;
+      };
+      return {offset_codes(xl, xs), offset_codes(yl, ys)};
+    }
+  }
   const int64_t n = x_labels.size(0);
   const auto all = at::cat({x_labels, y_labels});
   const auto inverse = std::get<1>(at::_unique2(all, /*sorted=*/false, /*return_inverse=*/true,
