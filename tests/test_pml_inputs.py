@@ -313,15 +313,17 @@ def test_distance_of_an_empty_query_batch_is_in_the_graph(name, dtype):
 @pytest.mark.parametrize("name", ["MultiSimilarityLoss", "SupConLoss", "ContrastiveLoss", "NTXentLoss",
                                   "LiftedStructureLoss"])
 def test_label_values_far_apart_compare_as_equal_or_not(name):
-    """The kernels compare labels as int32 codes: label - min where the labels span less than
-    2^31, dense codes otherwise. Shifted, negative and 2^62-apart labels with the same classes
-    give the very same bits as small ids, on the fused path, and PML's value."""
+    """The C++ kernels compare labels as int32 codes in [0, N + M) (csrc/cpu/engine_cpu.h,
+    label_codes): label - min where the labels span fewer values than there are labels, their rank
+    among the distinct labels up to 4096 labels, at::_unique2's codes past that. Shifted, negative,
+    sparse, 2^32-spaced and 2^62-apart labels with the same classes give the very same bits as small
+    ids, on the fused path, and PML's value; at 2100 rows (4200 labels) the sparse ones too."""
     g = torch.Generator().manual_seed(9)
     x = torch.randn(70, 12, generator=g, dtype=torch.float64)
     ids = torch.randint(0, 9, (70,), generator=g)
     results = []
     # (ids * 2^32: int32 casts of label - min would make every class one)
-    for labels in (ids, ids + 5_000_000_000, ids - 7, ids * 2**32, ids * 2**59 - 2**62):
+    for labels in (ids, ids + 5_000_000_000, ids - 7, ids * 1000 + 3, ids * 2**32, ids * 2**59 - 2**62):
         loss_fn = getattr(our_losses, name)()
         xg = x.clone().requires_grad_(True)
         value = loss_fn(xg, labels)
@@ -331,3 +333,9 @@ def test_label_values_far_apart_compare_as_equal_or_not(name):
     for value, grad in results[1:]:
         assert torch.equal(value, results[0][0]) and torch.equal(grad, results[0][1])
     torch.testing.assert_close(results[0][0], getattr(pml_losses, name)()(x, ids), rtol=1e-9, atol=1e-12)
+    if name == "MultiSimilarityLoss":  # past 4096 labels: the sparse ones through at::_unique2
+        x = torch.randn(2100, 12, generator=g, dtype=torch.float64, requires_grad=True)
+        ids = torch.randint(0, 300, (2100,), generator=g)
+        loss_fn = our_losses.MultiSimilarityLoss()
+        small, sparse = (torch.autograd.grad(loss_fn(x, labels), x)[0] for labels in (ids, ids * 1000))
+        assert loss_fn.last_backend not in ("reference", None) and torch.equal(small, sparse)

@@ -351,28 +351,44 @@ struct RowColumns {
   }
 };
 
-// int32 codes of the labels (equal labels <-> equal codes), so the epilogue compares 32-bit
-// lanes next to fp32 lanes. Labels within 2^31 of each other (the usual class ids): label - min,
-// one pass (at::_unique2's hash table costs ~40 us a call at small batches); others: dense codes.
+// int32 codes of the labels (equal labels <-> equal codes) in [0, N + M), so the epilogue
+// compares 32-bit lanes next to fp32 lanes and the backward's PositiveTiles can index a table of
+// N + M entries by them. Labels spanning fewer than N + M values (class ids 0..C-1 in a batch of
+// most classes): label - min, one pass; up to 4096 labels: their rank among the distinct values
+// (a sort of a small copy); others: at::_unique2's dense codes (whose hash table costs ~40 us a
+// call at small batches, twice per forward + backward).
 inline std::pair<at::Tensor, at::Tensor> label_codes(const at::Tensor& x_labels,
                                                      const at::Tensor& y_labels) {
-  if (x_labels.scalar_type() == at::kLong && y_labels.scalar_type() == at::kLong &&
-      x_labels.size(0) + y_labels.size(0) > 0) {
+  const int64_t total = x_labels.size(0) + y_labels.size(0);
+  if (x_labels.scalar_type() == at::kLong && y_labels.scalar_type() == at::kLong && total > 0 &&
+      total <= (int64_t(1) << 30)) {
     const at::Tensor xl = x_labels.contiguous(), yl = y_labels.contiguous();
     const int64_t* xs = xl.data_ptr<int64_t>();
     const int64_t* ys = yl.data_ptr<int64_t>();
     int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
     for (int64_t i = 0; i < xl.size(0); ++i) lo = std::min(lo, xs[i]), hi = std::max(hi, xs[i]);
     for (int64_t i = 0; i < yl.size(0); ++i) lo = std::min(lo, ys[i]), hi = std::max(hi, ys[i]);
-    // (the difference in uint64: exact for any hi >= lo, where int64 could overflow)
-    if (static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) <= uint64_t(std::numeric_limits<int32_t>::max())) {
-      auto offset_codes = [lo](const at::Tensor& labels, const int64_t* values) {
+    // (the span in uint64: exact for any hi >= lo, where int64 could overflow)
+    const bool offset = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) < static_cast<uint64_t>(total);
+    if (offset || total <= 4096) {
+      std::vector<int64_t> distinct;
+      if (!offset) {
+        distinct.assign(xs, xs + xl.size(0));
+        distinct.insert(distinct.end(), ys, ys + yl.size(0));
+        std::sort(distinct.begin(), distinct.end());
+        distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+      }
+      auto codes_of = [&](const at::Tensor& labels, const int64_t* values) {
         at::Tensor codes = at::empty({labels.size(0)}, labels.options().dtype(at::kInt));
         int32_t* out = codes.data_ptr<int32_t>();
-        for (int64_t i = 0; i < labels.size(0); ++i) out[i] = static_cast<int32_t>(values[i] - lo);
+        for (int64_t i = 0; i < labels.size(0); ++i) {
+          out[i] = static_cast<int32_t>(
+              offset ? values[i] - lo
+                     : std::lower_bound(distinct.begin(), distinct.end(), values[i]) - distinct.begin());
+        }
         return codes;
       };
-      return {offset_codes(xl, xs), offset_codes(yl, ys)};
+      return {codes_of(xl, xs), codes_of(yl, ys)};
     }
   }
   const int64_t n = x_labels.size(0);

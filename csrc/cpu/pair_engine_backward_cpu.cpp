@@ -97,14 +97,22 @@ class PositiveTiles {
 
   bool meet(const int32_t* row_lab, int64_t na, const int32_t* col_lab, int64_t nc) {
     ++id_;
-    for (int64_t r = 0; r < na; ++r) mark_[row_lab[r]] = id_;
+    for (int64_t r = 0; r < na; ++r) mark_[checked(row_lab[r])] = id_;
     for (int64_t c = 0; c < nc; ++c) {
-      if (mark_[col_lab[c]] == id_) return true;
+      if (mark_[checked(col_lab[c])] == id_) return true;
     }
     return false;
   }
 
  private:
+  // label_codes' contract (codes in [0, N + M)), checked: a code past it would write out of
+  // bounds (a compare per label per tile, next to the tile's products)
+  size_t checked(int32_t code) const {
+    TORCH_CHECK(code >= 0 && static_cast<size_t>(code) < mark_.size(), "pair_engine_backward: label code ", code,
+                " outside [0, ", mark_.size(), ")");
+    return static_cast<size_t>(code);
+  }
+
   std::vector<int64_t> mark_;
   int64_t id_ = 0;
 };
