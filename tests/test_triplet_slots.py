@@ -3,9 +3,9 @@ its per-thread bodies csrc/triplet_slots.h). Its CPU implementation runs those b
 without a GPU these tests check the CUDA kernels' maths: against the torch twin
 (`fused.triplet._block_pass`'s torch ops) on fresh random blocks (fp32 / fp64, every miner window,
 relu and softplus, both distances, several chunks of columns, rows without positives, one class,
-offset blocks of the batch against itself, NaN), the op's argument checks and opcheck, and the loss
-run through it against PML 2.9.0 (gradcheck in fp64, bits on repeat and across thread counts).
-On a GPU the same cases run the CUDA kernels themselves."""
+offset blocks of the batch against itself, NaN, `swap` on blocks of whole classes with a tie), the
+op's argument checks and opcheck, and the loss run through it against PML 2.9.0 (gradcheck in
+fp64, bits on repeat and across thread counts). On a GPU the same cases run the CUDA kernels themselves."""
 import pytest
 import torch
 

@@ -2,8 +2,9 @@
 `fused.triplet._block_pass`'s torch ops, on fresh random blocks: sums, counts and dL/ds in fp32 /
 fp64, every miner window, relu and softplus terms, both distances, odd sizes (columns not a multiple
 of the tile), rows without positives or negatives, a block of one class, offset blocks of the batch
-against itself, NaN; then the loss on the Triton backend against PML 2.9.0, its fp64 gradcheck and
-its bits on repeat. Runs under TRITON_INTERPRET=1 on CPU tensors, or on a GPU."""
+against itself, NaN, `swap` on blocks of whole classes with a tie; then the loss on the Triton
+backend against PML 2.9.0 (swap too), its fp64 gradcheck and its bits on repeat. Runs under
+TRITON_INTERPRET=1 on CPU tensors, or on a GPU."""
 import functools
 
 import pytest

@@ -185,8 +185,8 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
 
 def _row_kernel(s, rule):
     """The kernel that runs a block's direct rows, with `triton_rows.triplet_rows`' contract: the
-    Triton one on the Triton backend, the CUDA C++ one on a GPU otherwise (both: fp32 / fp64, no
-    rules with swap too); None: the C++ CPU op (`_block_kernel`) on a CPU, else torch ops."""
+    Triton one on the Triton backend, the CUDA C++ one on a GPU otherwise (both: fp32 / fp64, swap
+    included); None: the C++ CPU op (`_block_kernel`) on a CPU, else torch ops."""
     if rule.triton and triton_rows.supports(s, rule):
         return triton_rows.triplet_rows
     if _SLOT_KERNEL and s.device.type in SLOT_KERNEL_DEVICES and s.dtype in (torch.float32, torch.float64):
