@@ -5,7 +5,8 @@ without a GPU these tests check the CUDA kernels' maths: against the torch twin
 relu and softplus, both distances, several chunks of columns, rows without positives, one class,
 offset blocks of the batch against itself, NaN, `swap` on blocks of whole classes with a tie), the
 op's argument checks and opcheck, and the loss run through it against PML 2.9.0 (gradcheck in
-fp64, bits on repeat and across thread counts). On a GPU the same cases run the CUDA kernels themselves."""
+fp64, bits on repeat and across thread counts). On a GPU the same cases run the CUDA kernels
+themselves."""
 import pytest
 import torch
 
