@@ -142,6 +142,7 @@ DMLK_HD T negative_grad(const T* s, int64_t rows, int64_t r, const int64_t* slot
   if (col_labels[j] == label) return T(0);
   const T* s_row = s + r * cols;
   const T ej = farness(s_row[j], rule.euclidean);
+  const int64_t own = rule.row0 + r < cols ? rule.row0 + r : cols - 1;  // with swap: row r's column
   T w = T(0);
   for (int64_t k = 0; k < num_slots; ++k) {
     const int64_t p = slot_column(slots_row, k, cols);
@@ -158,7 +159,6 @@ DMLK_HD T negative_grad(const T* s, int64_t rows, int64_t r, const int64_t* slot
     const T e_min = min_nan(ej, eqj);
     if (in_window(t, rule.window_margin, rule.window))  // (r, q, j): r the anchor
       w += term_slope(rule.margin - (e_min - ep), rule.smooth).slope * share;
-    const int64_t own = rule.row0 + r < cols ? rule.row0 + r : cols - 1;  // row r's column
     const T eqr = farness(q_row[own], rule.euclidean);
     if (in_window(eqj - eqr, rule.window_margin, rule.window))  // (q, r, j): r the positive
       w += term_slope(rule.margin - (e_min - eqr), rule.smooth).slope * share;

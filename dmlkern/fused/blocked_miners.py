@@ -34,10 +34,10 @@ _HISTOGRAM_REFERENCE_ROWS = 8 * _MIN_BLOCK_ROWS
 _HISTOGRAM_REFERENCE_PAIRS_PER_DRAW = 8
 
 
-def _row_blocks(n, m, values=None, min_rows=_MIN_BLOCK_ROWS):
+def _row_blocks(n, m, values=None):
     """(r0, r1) blocks of near-equal size covering range(n): ~`values` (_BLOCK_VALUES) values each,
-    never fewer than `min_rows` rows (unless n is)."""
-    step = max(min_rows, (values or _BLOCK_VALUES) // max(1, m))
+    never fewer than _MIN_BLOCK_ROWS rows (unless n is)."""
+    step = max(_MIN_BLOCK_ROWS, (values or _BLOCK_VALUES) // max(1, m))
     count = max(1, math.ceil(n / step))
     base, extra = divmod(n, count)
     r0 = 0
@@ -47,20 +47,18 @@ def _row_blocks(n, m, values=None, min_rows=_MIN_BLOCK_ROWS):
         r0 = r1
 
 
-def distance_blocks(distance, embeddings, ref_emb, want=None, reuse=False, record=True, block_values=None,
-                    min_rows=_MIN_BLOCK_ROWS):
+def distance_blocks(distance, embeddings, ref_emb, want=None, reuse=False, record=True, block_values=None):
     """(r0, r1, distance(embeddings, ref_emb)[r0:r1]) block by block (only the blocks where
     want(r0, r1), if given). Records the distance's statistics as one call would (a no-op unless
     it collects them; record=False: a later sweep of the same call). reuse=True: the caller is done
     with a block before asking for the next, so a Euclidean block may be written into the previous
-    one's buffer (`_EuclideanBlocks`). block_values: the blocks' size (default _BLOCK_VALUES), of
-    at least min_rows rows."""
+    one's buffer (`_EuclideanBlocks`). block_values: the blocks' size (default _BLOCK_VALUES)."""
     if record:
         distance.record_stats(embeddings, ref_emb)
     query = distance.maybe_normalize(embeddings)
     refs = query if ref_emb is embeddings else distance.maybe_normalize(ref_emb)
     euclidean = _EuclideanBlocks(refs) if reuse and _EuclideanBlocks.apply(distance, query, refs) else None
-    for r0, r1 in _row_blocks(embeddings.shape[0], refs.shape[0], block_values, min_rows):
+    for r0, r1 in _row_blocks(embeddings.shape[0], refs.shape[0], block_values):
         if want is not None and not want(r0, r1):
             continue
         if euclidean is not None:
@@ -306,9 +304,9 @@ def uniform_histogram_miner(distance, embeddings, labels, ref_emb, ref_labels, n
     # ~8 int64 / float temporaries per value: ~64 MiB at once, and within PML's list of every pair
     # (~20 bytes a pair): an eighth of the pairs a block, or _MIN_BLOCK_ROWS rows (fewer would
     # change the distances' bits: another product kernel)
-    blocks = dict(block_values=max(1, min(_BLOCK_VALUES // 4, n_pairs // 8)))
+    block_values = max(1, min(_BLOCK_VALUES // 4, n_pairs // 8))
     low, high, counts = [None, None], [None, None], [0, 0]  # positives, negatives
-    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb, reuse=True, **blocks):
+    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb, reuse=True, block_values=block_values):
         for side, mask in enumerate(_candidates(labels, ref_labels, r0, r1)):
             n = int(mask.sum())
             if n:
@@ -340,7 +338,8 @@ def uniform_histogram_miner(distance, embeddings, labels, ref_emb, ref_labels, n
         return keys.flatten()
 
     per_key = torch.zeros(none + 1, dtype=torch.long, device=device)
-    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb, reuse=True, record=False, **blocks):
+    for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb, reuse=True, record=False,
+                                         block_values=block_values):
         per_key += torch.bincount(block_keys(mat, r0, r1), minlength=none + 1)
     # the draws: PML's torch.multinomial calls, bin by bin, positives first
     picks = [[], []]  # per side: (key, rank in its bin) of each pick, in PML's order
@@ -357,7 +356,8 @@ def uniform_histogram_miner(distance, embeddings, labels, ref_emb, ref_labels, n
     found = torch.empty(len(wanted), 2, dtype=torch.long, device=device)
     seen = torch.zeros(none + 1, dtype=torch.long, device=device)
     key_dtype = torch.int16 if none < 2**15 else torch.int32  # (sorted faster than int64)
-    sweeps = distance_blocks(distance, embeddings, ref_emb, reuse=True, record=False, **blocks) if len(wanted) else ()
+    sweeps = distance_blocks(distance, embeddings, ref_emb, reuse=True, record=False,
+                             block_values=block_values) if len(wanted) else ()
     for r0, r1, mat in sweeps:
         keys = block_keys(mat, r0, r1)
         in_block = torch.bincount(keys, minlength=none + 1)

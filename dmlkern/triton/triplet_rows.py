@@ -65,14 +65,17 @@ def _in_window(keep, t, window_margin, WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _slope(viol, SMOOTH: tl.constexpr, acc_dtype: tl.constexpr):
-    """The term's slope: 1[viol > 0] (relu), or sigmoid(viol) (softplus, threshold 20)."""
+def _term_slope(viol, SMOOTH: tl.constexpr, acc_dtype: tl.constexpr):
+    """The term and its slope (csrc/triplet_slots.h's term_slope): relu(viol), NaN kept as
+    torch.relu's, and 1[viol > 0]; or F.softplus(viol) (beta 1, threshold 20) and sigmoid(viol)."""
     if SMOOTH:
         z = tl.exp(tl.where(viol > 20, 20.0, viol).to(acc_dtype))
+        term = tl.where(viol > 20, viol, _log1p(z))
         slope = tl.where(viol > 20, 1.0, z / (z + 1))
     else:
+        term = tl.where((viol > 0) | (viol != viol), viol, 0.0)
         slope = tl.where(viol > 0, 1.0, 0.0)
-    return slope.to(acc_dtype)
+    return term, slope.to(acc_dtype)
 
 
 @triton.jit
@@ -114,22 +117,19 @@ def _triplet_rows_kernel(S, LAB, REF, SLOTS, SUMS, COUNTS, G, PSUM, M, P, CHUNK,
                     viol = margin - (e_min - e_ap)
                 else:
                     viol = margin - t
-                if SMOOTH:  # F.softplus (beta 1, threshold 20)
-                    z = tl.exp(tl.where(viol > 20, 20.0, viol).to(acc_dtype))
-                    term = tl.where(viol > 20, viol, _log1p(z))
-                else:  # relu, NaN kept (torch.relu's)
-                    term = tl.where((viol > 0) | (viol != viol), viol, 0.0)
+                term, slope = _term_slope(viol, SMOOTH, acc_dtype)
                 total += tl.where(keep, term, 0.0)
                 nonzero += (keep & (term > 0)).to(tl.int64)
                 kept += keep.to(tl.int64)
                 if WITH_GRAD:
-                    w = tl.where(keep, _slope(viol, SMOOTH, acc_dtype), 0.0).to(acc_dtype)
+                    w = tl.where(keep, slope, 0.0).to(acc_dtype)
                     tl.store(PSUM + out * P + j, tl.load(PSUM + out * P + j) + tl.sum(w, axis=0))
                     if SWAP:  # this row's share, and the triplets (q, r, n): q the anchor, r its positive
                         w_sum += w * share
                         e_qr = _farness(tl.load(S + q * s_sn + ROW0 + r), EUCLIDEAN, FP64)
                         keep_q = _in_window(negative, e_q - e_qr, window_margin, WINDOW)
-                        w_q = tl.where(keep_q, _slope(margin - (e_min - e_qr), SMOOTH, acc_dtype), 0.0)
+                        _, slope_q = _term_slope(margin - (e_min - e_qr), SMOOTH, acc_dtype)
+                        w_q = tl.where(keep_q, slope_q, 0.0)
                         w_sum += w_q.to(acc_dtype) * share
                     else:
                         w_sum += w
