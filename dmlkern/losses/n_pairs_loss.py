@@ -27,9 +27,12 @@ class NPairsLoss(BaseMetricLossFunction):
         return n_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        pairs = None
         if labels is not None:  # PML records it on every call
-            self.num_pairs = len(convert_to_pos_pairs_with_unique_labels(indices_tuple, labels)[0])
-        return R.n_pairs_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=self.distance)
+            pairs = convert_to_pos_pairs_with_unique_labels(indices_tuple, labels)
+            self.num_pairs = len(pairs[0])
+        return R.n_pairs_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, distance=self.distance,
+                                   pairs=pairs)
 
     def get_default_distance(self):
         return DotProductSimilarity()

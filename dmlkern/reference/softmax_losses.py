@@ -29,12 +29,13 @@ def check_n_pairs_ref(embeddings, labels, ref_emb, ref_labels):
         raise ValueError("ref_emb is not supported for this loss function (NPairsLoss)")
 
 
-def n_pairs_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, distance):
+def n_pairs_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, distance, pairs=None):
     """Keeps the first positive pair of each anchor label; cross-entropy of
-    S[anchors, positives] (negated for a distance) against arange."""
+    S[anchors, positives] (negated for a distance) against arange. pairs: those (anchors,
+    positives) when the caller has them already."""
     if labels is None:
         raise ValueError("labels are required for this loss function")
-    a, p = convert_to_pos_pairs_with_unique_labels(indices_tuple, labels)
+    a, p = convert_to_pos_pairs_with_unique_labels(indices_tuple, labels) if pairs is None else pairs
     if len(a) == 0:
         return _zeros()
     sim = as_similarity(distance(embeddings[a], embeddings[p]), distance)
