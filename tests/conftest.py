@@ -13,6 +13,8 @@ if "TRITON_INTERPRET" not in os.environ:
 # The suite checks the fused class-weight losses at small sizes: no small-problem shortcut to the
 # reference (fused/class_softmax.py; its own test sets the threshold). Subprocesses inherit it.
 os.environ["DMLKERN_SMALL_CLASS_LOGITS"] = "0"
+# Likewise the pair losses' small-problem shortcut (fused/_common.py; tests/test_small_problems.py).
+os.environ["DMLKERN_SMALL_PAIRS"] = "0"
 
 # cuBLAS repeats its bits under torch's deterministic algorithms only with a fixed workspace,
 # set before CUDA starts.

@@ -1,6 +1,7 @@
 """What the fused losses share: when a configuration is fusable, the backend choice, the
 normalisation, the engine's rows and terms for each distance it expresses (`engine_rows`,
 `value_params`), and pair counts from labels in O(N) (no N x M mask)."""
+import os
 from typing import NamedTuple
 
 import torch
@@ -65,6 +66,31 @@ def no_engine_reason(tensor, backend):
             return "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"
         return f"no pair engine for {tensor.device.type} tensors in this install"
     return f"{tensor.dtype} on {tensor.device.type} (no kernel for that dtype there)"
+
+
+def int_from_env(name, default, unit):
+    """The integer environment variable `name` (default when unset), else an error naming it."""
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer (a count of {unit}), got {value!r}") from None
+
+
+# An eager CPU call of SupCon (all pairs), of a loss on listed pairs or triplets (an indices_tuple)
+# or of ContrastiveLoss on a PairMarginMiner's pairs with fewer pairs N x M than this runs the
+# reference: its N x M matrix then costs less than these paths' fixed host cost (~0.1-0.35 ms a
+# call on 2 CPU cores, measured at N = 32 to 256; at N = 128 they are even or ahead). 0: never.
+SMALL_PROBLEM_PAIRS = int_from_env("DMLKERN_SMALL_PAIRS", 128 * 128, "pairs")
+
+
+def small_problem(embeddings, ref_emb):
+    """Why the reference runs this call of the paths above (a str), or None."""
+    n, m = embeddings.shape[0], ref_emb.shape[0]
+    if n * m >= SMALL_PROBLEM_PAIRS or embeddings.device.type != "cpu" or static_shapes():
+        return None
+    return (f"a small problem ({n} x {m} pairs on the CPU, under DMLKERN_SMALL_PAIRS={SMALL_PROBLEM_PAIRS}: the "
+            "reference costs less than the fused path's fixed host cost)")
 
 
 def decline(module, reason):

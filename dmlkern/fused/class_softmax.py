@@ -15,7 +15,6 @@ kept. The grouped losses' kernel (`GroupedBlock`: K weight rows per class) runs 
 `dmlkern::grouped_class_lse` on CPU fp32 / fp64 blocks (csrc/cpu/grouped_class_cpu.cpp), its Triton
 twin on the Triton backend (triton/grouped_class.py) and its torch ops elsewhere. The only C x D
 buffer made is the weights' gradient."""
-import os
 from typing import NamedTuple
 
 import torch
@@ -27,7 +26,7 @@ from ..engine_spec import MINING_NONE, PASS_LSE2, TRANSFORM_DOT, EngineParams, s
 from ..ops import grouped_class_op
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
-from ._common import _NORMALIZE_EPS
+from ._common import _NORMALIZE_EPS, int_from_env
 from ._epilogue import _log1p_exp, _pml_zeros
 
 BLOCK_BYTES = 8 << 20  # one block of prepared weight rows (its gradient and temporaries alike)
@@ -35,19 +34,11 @@ BLOCK_LOGITS = 2 << 20  # GroupedBlock's torch ops: one block's (N, rows) fp32 c
 MIN_BLOCK = 1024
 
 
-def _small_problem_logits():
-    value = os.environ.get("DMLKERN_SMALL_CLASS_LOGITS", str(1 << 18))
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"DMLKERN_SMALL_CLASS_LOGITS must be an integer (a count of logits), got {value!r}") from None
-
-
 # An eager class-weight loss with fewer logits than this (N x C x K) runs the reference: its
 # materialised logits then cost less than the blocked path's fixed host cost (~0.5 ms a call on
 # 2 CPU cores: ArcFace at N=256, C=1000 3.9 ms against 4.6 ms fused; at N=512 the fused path
 # is ahead). 0: always the blocked path.
-SMALL_PROBLEM_LOGITS = _small_problem_logits()
+SMALL_PROBLEM_LOGITS = int_from_env("DMLKERN_SMALL_CLASS_LOGITS", 1 << 18, "logits")
 
 
 def small_problem(embeddings, layout):

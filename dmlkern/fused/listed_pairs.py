@@ -22,7 +22,7 @@ from ..reference.indices import convert_to_pairs
 from ..engine_spec import TRANSFORM_UNIT_DISTANCE
 from . import _common
 from ._common import (DOT_KINDS, decline, engine_distance, engine_rows, engine_rows_reason, engine_transform,
-                      is_unit_cosine, matrix_dtype, unit_rows, value_params, widened)
+                      is_unit_cosine, matrix_dtype, small_problem, unit_rows, value_params, widened)
 from ._epilogue import ZERO_LOSS, _element, _engine_or_decline, _log1p_exp, _log1p_exp_as_pml, _per_row
 from .pair_lists import pair_dots, unit_distance
 
@@ -123,7 +123,7 @@ def listed_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels,
         return decline(module, f"non-default distance {type(module.distance).__name__}")
     if embeddings.dtype not in (torch.float32, torch.float64) and embeddings.device.type == "cpu":
         return decline(module, f"{embeddings.dtype} on cpu with an indices_tuple (listed pairs run fp32 / fp64)")
-    reason = engine_rows_reason(module.distance, embeddings, ref_emb)  # short rows, half-precision raw Lp
+    reason = small_problem(embeddings, ref_emb) or engine_rows_reason(module.distance, embeddings, ref_emb)
     if reason is not None:
         return decline(module, reason)
     a1, p, a2, n = convert_to_pairs(materialized(indices_tuple, embeddings.device), labels, ref_labels)

@@ -20,7 +20,7 @@ import torch
 from .._tracing import static_shapes
 from ..ops import pair_engine as pe
 from ..reference.tuple_losses import margin_anchor_beta, margin_triplets_dict
-from ._common import decline, engine_distance, engine_rows_reason
+from ._common import decline, engine_distance, engine_rows_reason, small_problem
 from ._epilogue import ZERO_LOSS
 from .listed_pairs import DENSE, DENSE_FRACTION, distance_values, is_dense, listed_rows, materialized
 from .pair_lists import positive_pairs
@@ -48,7 +48,7 @@ def _listed_reason(module, embeddings, ref_emb):
                 "LpDistance(p=2, power 1 or 2), CosineSimilarity, DotProductSimilarity)")
     if static_shapes():
         return "torch.compile (the listed triplet path has data-dependent shapes)"
-    return engine_rows_reason(distance, embeddings, ref_emb)  # short rows, half-precision raw Lp
+    return small_problem(embeddings, ref_emb) or engine_rows_reason(distance, embeddings, ref_emb)
 
 
 def listed_triplets(module, embeddings, indices_tuple, ref_emb):

@@ -36,7 +36,7 @@ from ..ops import pair_engine as pe
 from ..ops.dispatch import extension_loaded
 from ..ops.fixed_mm_op import fixed_mm
 from ..triton import triton_available
-from ._common import Buffers, Degenerate, has_short_rows, reduced_sub_loss, row_blocks, unit_rows
+from ._common import Buffers, Degenerate, has_short_rows, reduced_sub_loss, row_blocks, small_problem, unit_rows
 from ._epilogue import ZERO_LOSS, _already_reduced, reduced_kinds_or_reason
 from .intra_pair_variance import (REDUCER_KINDS, SUB_LOSSES, blocked_plan_reason, drop_self_pairs, graph_grads,
                                   side_upstreams)
@@ -446,7 +446,7 @@ margin_pair_totals = applier(_MarginPairTotals)
 def plan_reason(module, mined, embeddings, ref_emb):
     """Why the blocked path can't run ContrastiveLoss on this PairMarginMiner result (a str; the
     caller lists the pairs instead), or None."""
-    reason = blocked_plan_reason(module, embeddings)
+    reason = blocked_plan_reason(module, embeddings) or small_problem(embeddings, ref_emb)
     if reason is not None:
         return reason
     if distance_kind(module.distance) is None or module.distance.collect_stats:

@@ -1,0 +1,98 @@
+"""Eager CPU calls with fewer than DMLKERN_SMALL_PAIRS pairs (N x M; the suite runs with 0,
+conftest.py) run the reference on the paths whose fixed host cost is above the reference's there
+(fused/_common.py): SupCon on all pairs, losses on listed pairs or triplets, ContrastiveLoss on a
+PairMarginMiner's pairs. From that many pairs, the fused path; PML's numbers either way."""
+import os
+import subprocess
+import sys
+
+import pytest
+import pytorch_metric_learning.losses as pml_losses
+import pytorch_metric_learning.miners as pml_miners
+import torch
+
+from dmlkern import losses, miners
+from dmlkern.fused import _common
+from test_determinism import _assert_reproducible
+
+THRESHOLD = 40 * 40
+
+
+def _call(loss_cls, miner_cls, n, loss_kw, seed):
+    """(value, x's gradient, last_backend, last_fallback) of dmlkern's call and PML's (value, gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (n,), generator=g)
+    out = []
+    for pkg_losses, pkg_miners in ((losses, miners), (pml_losses, pml_miners)):
+        xx = x.clone().requires_grad_(True)
+        loss_fn = getattr(pkg_losses, loss_cls)(**loss_kw)
+        tup = getattr(pkg_miners, miner_cls)()(xx, labels) if miner_cls else None
+        torch.manual_seed(seed)  # triplets_per_anchor: the same random triplets
+        value = loss_fn(xx, labels, tup)
+        out.append((value.detach(), torch.autograd.grad(value, xx)[0], loss_fn))
+    return out
+
+
+CASES = {  # (loss, miner, loss kwargs): each path the rule covers
+    "supcon": ("SupConLoss", None, {}),
+    "listed_pairs": ("ContrastiveLoss", "BatchEasyHardMiner", {}),
+    "listed_triplets": ("TripletMarginLoss", "BatchHardMiner", {}),
+    "random_triplets": ("TripletMarginLoss", None, {"triplets_per_anchor": 1}),
+    "pair_margin": ("ContrastiveLoss", "PairMarginMiner", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_small_problems_run_the_reference(monkeypatch, case):
+    monkeypatch.setattr(_common, "SMALL_PROBLEM_PAIRS", THRESHOLD)
+    loss_cls, miner_cls, kw = CASES[case]
+    for n in (39, 40):  # 39 x 39 pairs: under the threshold; 40 x 40: not
+        (value, grad, ours), (want, want_grad, _) = _call(loss_cls, miner_cls, n, kw, seed=n)
+        torch.testing.assert_close(value, want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)
+        if n * n < THRESHOLD:
+            assert ours.last_backend == "reference" and "a small problem" in ours.last_fallback, ours.last_fallback
+        else:
+            assert ours.last_backend not in ("reference", "zero") and ours.last_fallback is None, ours.last_fallback
+
+
+def test_other_paths_stay_fused(monkeypatch):
+    """The rule is for the measured paths only: e.g. every triplet (PML's O(N^3) reference) and
+    MultiSimilarity on all pairs stay fused on small batches."""
+    monkeypatch.setattr(_common, "SMALL_PROBLEM_PAIRS", THRESHOLD)
+    for loss_cls in ("TripletMarginLoss", "MultiSimilarityLoss"):
+        (value, grad, ours), (want, want_grad, _) = _call(loss_cls, None, 20, {}, seed=3)
+        assert ours.last_backend != "reference", ours.last_fallback
+        torch.testing.assert_close(value, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["supcon", "listed_triplets"])
+def test_small_problem_reference_is_bit_reproducible(monkeypatch, case):
+    """The reference's small calls (fp32, under torch's grain size and MKL's threading) repeat
+    their bits at 1, 2 and 4 threads, as the fused paths do (test_determinism.py)."""
+    monkeypatch.setattr(_common, "SMALL_PROBLEM_PAIRS", 1 << 30)
+    loss_cls, miner_cls, kw = CASES[case]
+    g = torch.Generator().manual_seed(7)
+    x, labels = torch.randn(127, 128, generator=g), torch.arange(127) // 8
+
+    def call():
+        xx = x.clone().requires_grad_(True)
+        loss_fn = getattr(losses, loss_cls)(**kw)
+        value = loss_fn(xx, labels, getattr(miners, miner_cls)()(xx, labels) if miner_cls else None)
+        assert loss_fn.last_backend == "reference", loss_fn.last_fallback
+        return [value.detach(), torch.autograd.grad(value, xx)[0]]
+
+    _assert_reproducible(case, call)
+
+
+def test_threshold_from_the_environment():
+    """DMLKERN_SMALL_PAIRS: 128 x 128 by default, an integer when set (else an error naming it)."""
+    code = "import dmlkern.fused._common as c; print(c.SMALL_PROBLEM_PAIRS)"
+    env = {k: v for k, v in os.environ.items() if k not in ("DMLKERN_SMALL_PAIRS", "TRITON_INTERPRET")}
+    env["DMLKERN_TRITON_OPS"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(128 * 128)
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_PAIRS": "lots"},
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "DMLKERN_SMALL_PAIRS must be an integer" in out.stderr
