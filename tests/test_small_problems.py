@@ -1,6 +1,6 @@
 """Eager CPU calls with fewer than DMLKERN_SMALL_PAIRS pairs (N x M; the suite runs with 0,
 conftest.py) run the reference on the paths whose fixed host cost is above the reference's there
-(fused/_common.py): SupCon on all pairs, losses on listed pairs or triplets, ContrastiveLoss on a
+(fused/_common.py): SupCon and N-pairs on all pairs, losses on listed pairs or triplets, ContrastiveLoss on a
 PairMarginMiner's pairs. From that many pairs, the fused path; PML's numbers either way."""
 import os
 import subprocess
@@ -36,6 +36,7 @@ def _call(loss_cls, miner_cls, n, loss_kw, seed):
 
 CASES = {  # (loss, miner, loss kwargs): each path the rule covers
     "supcon": ("SupConLoss", None, {}),
+    "npairs": ("NPairsLoss", None, {}),
     "listed_pairs": ("ContrastiveLoss", "BatchEasyHardMiner", {}),
     "listed_triplets": ("TripletMarginLoss", "BatchHardMiner", {}),
     "random_triplets": ("TripletMarginLoss", None, {"triplets_per_anchor": 1}),
