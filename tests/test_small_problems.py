@@ -1,7 +1,8 @@
 """Eager CPU calls with fewer than DMLKERN_SMALL_PAIRS pairs (N x M; the suite runs with 0,
 conftest.py) run the reference on the paths whose fixed host cost is above the reference's there
-(fused/_common.py): SupCon and N-pairs on all pairs, losses on listed pairs or triplets, ContrastiveLoss on a
-PairMarginMiner's pairs. From that many pairs, the fused path; PML's numbers either way."""
+(fused/_common.py): SupCon and N-pairs on all pairs, losses on listed pairs or triplets,
+ContrastiveLoss on a PairMarginMiner's pairs (the miner then lists them). From that many pairs,
+the fused path; PML's numbers either way."""
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 
 from dmlkern import losses, miners
 from dmlkern.fused import _common
+from dmlkern.fused.lazy_pairs import LazyMined
 from test_determinism import _assert_reproducible
 
 THRESHOLD = 40 * 40
@@ -56,6 +58,19 @@ def test_small_problems_run_the_reference(monkeypatch, case):
             assert ours.last_backend == "reference" and "a small problem" in ours.last_fallback, ours.last_fallback
         else:
             assert ours.last_backend not in ("reference", "zero") and ours.last_fallback is None, ours.last_fallback
+
+
+def test_pair_margin_miner_lists_small_problems(monkeypatch):
+    """PairMarginMiner lists a small problem's pairs as PML does (its loss then runs the
+    reference on them) rather than returning its lazy pairs; PML's pairs either way."""
+    monkeypatch.setattr(_common, "SMALL_PROBLEM_PAIRS", THRESHOLD)
+    for n in (39, 40):
+        g = torch.Generator().manual_seed(n)
+        x, labels = torch.randn(n, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+        got = miners.PairMarginMiner()(x, labels)
+        assert isinstance(got, LazyMined) == (n * n >= THRESHOLD), type(got)
+        for a, b in zip(got, pml_miners.PairMarginMiner()(x, labels)):
+            assert torch.equal(a, b)
 
 
 def test_other_paths_stay_fused(monkeypatch):
