@@ -10,10 +10,10 @@ if "TRITON_INTERPRET" not in os.environ:
         assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
         os.environ["TRITON_INTERPRET"] = "1"
 
-# The suite checks the fused class-weight losses at small sizes: no small-problem shortcut to the
-# reference (fused/class_softmax.py; its own test sets the threshold). Subprocesses inherit it.
+# The suite checks the fused paths at small sizes: no small-problem shortcut to the reference
+# (opt-in, 0 by default: fused/class_softmax.py, fused/_common.py; their own tests set the
+# thresholds), whatever the developer's environment says. Subprocesses inherit it.
 os.environ["DMLKERN_SMALL_CLASS_LOGITS"] = "0"
-# Likewise the pair losses' small-problem shortcut (fused/_common.py; tests/test_small_problems.py).
 os.environ["DMLKERN_SMALL_PAIRS"] = "0"
 
 # cuBLAS repeats its bits under torch's deterministic algorithms only with a fixed workspace,

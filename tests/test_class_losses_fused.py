@@ -238,14 +238,19 @@ def test_small_problems_hold_no_more_than_pml(monkeypatch, name):
 
 
 def test_small_problem_threshold_from_the_environment():
-    """DMLKERN_SMALL_CLASS_LOGITS: 2^18 by default, an integer when set (else an error naming it)."""
-    code = "import dmlkern.fused.class_softmax as c; print(c.SMALL_PROBLEM_LOGITS)"
+    """DMLKERN_SMALL_CLASS_LOGITS: 0 by default (opt-in: the reference's products are not
+    bit-identical across thread counts; a small call takes the blocked path), an integer when set
+    (else an error naming it)."""
+    code = ("import torch, dmlkern.fused.class_softmax as c; from dmlkern import losses; "
+            "f = losses.ArcFaceLoss(10, 8); f(torch.randn(4, 8), torch.arange(4)); "
+            "print(c.SMALL_PROBLEM_LOGITS, f.last_backend)")
     env = {k: v for k, v in env_without_interpreter().items() if k != "DMLKERN_SMALL_CLASS_LOGITS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(1 << 18)
+    threshold, backend = out.stdout.split()
+    assert threshold == "0" and backend != "reference", out.stdout
     out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_CLASS_LOGITS": "4096"},
                          capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "4096"
+    assert out.stdout.split() == ["4096", "reference"]
     out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_CLASS_LOGITS": "lots"},
                          capture_output=True, text=True)
     assert out.returncode != 0 and "DMLKERN_SMALL_CLASS_LOGITS must be an integer" in out.stderr

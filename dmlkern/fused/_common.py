@@ -77,11 +77,13 @@ def int_from_env(name, default, unit):
         raise ValueError(f"{name} must be an integer (a count of {unit}), got {value!r}") from None
 
 
-# An eager CPU call of SupCon or N-pairs (all pairs), of a loss on listed pairs or triplets (an
-# indices_tuple) or of ContrastiveLoss on a PairMarginMiner's pairs with fewer pairs N x M than this runs the
-# reference: its N x M matrix then costs less than these paths' fixed host cost (~0.1-0.35 ms a
-# call on 2 CPU cores, measured at N = 32 to 256; at N = 128 they are even or ahead). 0: never.
-SMALL_PROBLEM_PAIRS = int_from_env("DMLKERN_SMALL_PAIRS", 128 * 128, "pairs")
+# Opt-in (default 0: never): an eager CPU call of SupCon or N-pairs (all pairs), of a loss on listed
+# pairs or triplets (an indices_tuple) or of ContrastiveLoss on a PairMarginMiner's pairs with fewer
+# pairs N x M than this runs the reference, whose N x M matrix then costs less than these paths'
+# fixed host cost (~0.1-0.35 ms a call on 2 CPU cores below 128 x 128 pairs). Not the default: the
+# reference's products (torch.matmul, cdist) are not bit-identical across thread counts (MKL's
+# 100 x 100 x 128 product differs between 1 and 2 threads), the fused paths are (README).
+SMALL_PROBLEM_PAIRS = int_from_env("DMLKERN_SMALL_PAIRS", 0, "pairs")
 
 
 def small_problem(embeddings, ref_emb):
