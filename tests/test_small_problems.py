@@ -82,6 +82,30 @@ def test_other_paths_stay_fused(monkeypatch):
         torch.testing.assert_close(value, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["SupConLoss", "ArcFaceLoss"])
+def test_small_calls_by_default_are_bit_reproducible(name):
+    """By default (both thresholds 0, as conftest sets them) small calls keep their fused paths and
+    the determinism contract: at N=100, D=128 (fp32) MKL's product x @ x.T, the reference's, gives
+    other bits at 1 and 2 threads on the AMD EPYC CI runs on (these calls on the reference fail
+    here there); the fused paths' products don't."""
+    import dmlkern.fused.class_softmax as class_softmax
+    from test_determinism import _assert_reproducible
+
+    assert _common.SMALL_PROBLEM_PAIRS == 0 and class_softmax.SMALL_PROBLEM_LOGITS == 0
+    g = torch.Generator().manual_seed(11)
+    x, labels = torch.randn(100, 128, generator=g), torch.arange(100) % 25
+    torch.manual_seed(0)
+    loss_fn = losses.SupConLoss() if name == "SupConLoss" else losses.ArcFaceLoss(100, 128)
+
+    def call():
+        xx = x.clone().requires_grad_(True)
+        value = loss_fn(xx, labels)
+        assert loss_fn.last_backend != "reference", loss_fn.last_fallback
+        return [value.detach(), *torch.autograd.grad(value, [xx, *loss_fn.parameters()])]
+
+    _assert_reproducible(name, call)
+
+
 def test_threshold_from_the_environment():
     """DMLKERN_SMALL_PAIRS: 0 by default (opt-in: the reference's products are not bit-identical
     across thread counts; a small call stays fused), an integer when set (else an error naming it)."""
