@@ -65,3 +65,36 @@ def log(t):
         return torch.log(t)
     mantissa, exponent = torch.frexp(t)
     return torch.log1p(mantissa - 1) + exponent.to(t.dtype) * math.log(2)
+
+
+def _softmax_backward(y, grad, dim):
+    # y * (g - sum(y * g)): torch's formula, from ops computed per element or per row.
+    row_dot = (y * grad).sum(dim, keepdim=True)
+    if torch.is_grad_enabled():  # create_graph: no in-place op on a tensor a backward needs
+        return (grad - row_dot) * y
+    return (grad - row_dot).mul_(y)
+
+
+class _Softmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, dim):
+        y = torch.softmax(t, dim)
+        ctx.save_for_backward(y)
+        ctx.dim = dim
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return _softmax_backward(y, grad, ctx.dim), None
+
+
+def softmax(t, dim):
+    """torch.softmax(t, dim) with a backward whose bits do not depend on the thread count on a
+    CPU: torch's CPU softmax backward splits rows over threads even for small inputs and rounds
+    by the split (33 x 33 fp32 differs between 1 and 2 threads). Elsewhere, and under
+    torch.compile and torch.func transforms, torch.softmax."""
+    if (t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
+        return torch.softmax(t, dim)
+    return _Softmax.apply(t, dim)

@@ -19,6 +19,11 @@ Differences from PML (values are the same everywhere):
 * LpDistance's float16 path works one query row at a time and SNRDistance in blocks of query
   rows, instead of materialising (B*R, D) / (B, R, D) tensors;
 
+On CPU fp32 / fp64 tensors (eager, plain tensors) the matrices of DotProductSimilarity,
+CosineSimilarity and LpDistance (p=2) come from ``dmlkern.ops.fixed_mm`` / ``fixed_cdist``: the
+same values as torch.matmul / torch.cdist within rounding, bit-identical at any thread count
+(MKL's products are not), gradients included.
+
 Statistics (PML's, with ``collect_stats=True`` or ``dmlkern.utils.common_functions.COLLECT_STATS``):
 ``initial_avg_query_norm``, ``initial_avg_ref_norm``, ``final_avg_query_norm``,
 ``final_avg_ref_norm`` (mean p-norm of the rows before / after normalisation), reset and recorded
@@ -43,6 +48,29 @@ __all__ = [
 
 
 _NORM_STATS = ["initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query_norm", "final_avg_ref_norm"]
+
+
+def _fixed_ops(query_emb, ref_emb):
+    """dmlkern.ops.fixed_mm_op where this product should go through it: plain 2-D CPU tensors of
+    one dtype with its kernel (fp32, fp64), eager (torch.compile, dispatch modes and functorch
+    transforms other than grad / vjp keep torch's ops). There the matrix's bits (and its
+    gradients') do not depend on the thread count, as torch.matmul's and torch.cdist's do (MKL
+    splits a product by it): the reference path, the fallbacks and the small-problem shortcuts of
+    the losses inherit the fused paths' determinism. Else None."""
+    if query_emb.device.type != "cpu" or query_emb.dim() != 2 or ref_emb.dim() != 2 or query_emb.dtype != ref_emb.dtype:
+        return None
+    from .ops import fixed_mm_op  # here: dmlkern.ops imports the reference, which imports this module
+    if not fixed_mm_op.runs_kernel(query_emb) or not fixed_mm_op._direct_call_ok(query_emb, ref_emb):
+        return None
+    return fixed_mm_op
+
+
+def matmul_t(query_emb, ref_emb):
+    """query_emb @ ref_emb.T for 2-D tensors, through fixed_mm where `_fixed_ops` allows."""
+    fixed = _fixed_ops(query_emb, ref_emb)
+    if fixed is not None:
+        return fixed.fixed_mm(query_emb, ref_emb)
+    return query_emb @ ref_emb.t()
 
 
 def _empty_mat(query_emb, ref_emb):
@@ -165,6 +193,9 @@ class LpDistance(BaseDistance):
             if len(rows) == 0:
                 return _empty_mat(query_emb, ref_emb)
             return torch.stack(rows, dim=0)
+        fixed = _fixed_ops(query_emb, ref_emb) if self.p == 2 else None
+        if fixed is not None:
+            return fixed.fixed_cdist(query_emb, ref_emb)
         return torch.cdist(query_emb, ref_emb, p=self.p)
 
     def pairwise_distance(self, query_emb, ref_emb):
@@ -179,6 +210,9 @@ class DotProductSimilarity(BaseDistance):
         super().__init__(**kwargs)
 
     def compute_mat(self, query_emb, ref_emb):
+        fixed = _fixed_ops(query_emb, ref_emb)
+        if fixed is not None:
+            return fixed.fixed_mm(query_emb, ref_emb)
         return torch.matmul(query_emb, ref_emb.transpose(-1, -2))
 
     def pairwise_distance(self, query_emb, ref_emb):

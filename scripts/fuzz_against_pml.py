@@ -39,6 +39,7 @@ from collections import Counter
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DMLKERN_SMALL_CLASS_LOGITS", "0")  # the fused class losses at the fuzzer's small sizes
+os.environ.setdefault("DMLKERN_SMALL_PAIRS", "0")  # the fused pair paths likewise
 import torch
 
 torch.set_num_threads(1)

@@ -203,7 +203,7 @@ def test_non_default_distance_uses_the_reference(engine_backend_choice):  # noqa
 @pytest.mark.parametrize("name", list(CLASS_LOSSES))
 def test_small_problems_run_the_reference(monkeypatch, name):
     """Eager class-weight losses with fewer than DMLKERN_SMALL_CLASS_LOGITS logits (N x C x K; the
-    suite runs with 0, conftest.py) run the reference, with PML's numbers; from that many, the
+    suite runs with 0 elsewhere, conftest.py) run the reference, with PML's numbers; from that many, the
     blocked path."""
     monkeypatch.setattr(class_softmax, "SMALL_PROBLEM_LOGITS", 2000)
     group = {"subcenter_arcface": 3, "soft_triple": 4, "soft_triple_default": 10}.get(name, 1)
@@ -223,6 +223,7 @@ def test_small_problems_hold_no_more_than_pml(monkeypatch, name):
     """A small problem's reference call (forward + backward) holds at most PML's peak of tensor
     bytes (the reference must never cost more memory than PML for the same call)."""
     monkeypatch.setattr(class_softmax, "SMALL_PROBLEM_LOGITS", 1 << 30)
+    monkeypatch.setattr(class_softmax, "SMALL_PROBLEM_MAX_COLUMNS", 1 << 30)
     group = {"subcenter_arcface": 3, "soft_triple": 4, "soft_triple_default": 10}.get(name, 1)
     classes = 1000 // group
     ours, theirs, attr = _make(name, classes, 64, torch.float32)
@@ -238,14 +239,16 @@ def test_small_problems_hold_no_more_than_pml(monkeypatch, name):
 
 
 def test_small_problem_threshold_from_the_environment():
-    """DMLKERN_SMALL_CLASS_LOGITS: 0 by default (opt-in: the reference's products are not
-    bit-identical across thread counts; a small call takes the blocked path), an integer when set
-    (else an error naming it)."""
+    """DMLKERN_SMALL_CLASS_LOGITS: 2^17 logits by default (a small call runs the reference), an
+    integer when set (0: never; else an error naming it)."""
     code = ("import torch, dmlkern.fused.class_softmax as c; from dmlkern import losses; "
             "f = losses.ArcFaceLoss(10, 8); f(torch.randn(4, 8), torch.arange(4)); "
             "print(c.SMALL_PROBLEM_LOGITS, f.last_backend)")
     env = {k: v for k, v in env_without_interpreter().items() if k != "DMLKERN_SMALL_CLASS_LOGITS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(1 << 17), "reference"], out.stdout
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_CLASS_LOGITS": "0"},
+                         capture_output=True, text=True, check=True)
     threshold, backend = out.stdout.split()
     assert threshold == "0" and backend != "reference", out.stdout
     out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_CLASS_LOGITS": "4096"},

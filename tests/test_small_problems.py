@@ -1,5 +1,5 @@
-"""Eager CPU calls with fewer than DMLKERN_SMALL_PAIRS pairs (N x M; opt-in, default 0: the
-reference's products are not bit-identical across thread counts) run the reference on the paths
+"""Eager CPU calls with fewer than DMLKERN_SMALL_PAIRS pairs (N x M; default 64 x 64, the suite
+runs with 0 elsewhere: conftest.py) run the reference on the paths
 whose fixed host cost is above the reference's there (fused/_common.py): SupCon and N-pairs on
 all pairs, losses on listed pairs or triplets, ContrastiveLoss on a PairMarginMiner's pairs (the
 miner then lists them). From that many pairs, the fused path; PML's numbers either way."""
@@ -82,38 +82,52 @@ def test_other_paths_stay_fused(monkeypatch):
         torch.testing.assert_close(value, want, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["SupConLoss", "ArcFaceLoss"])
-def test_small_calls_by_default_are_bit_reproducible(name):
-    """By default (both thresholds 0, as conftest sets them) small calls keep their fused paths and
-    the determinism contract: at N=100, D=128 (fp32) MKL's product x @ x.T, the reference's, gives
-    other bits at 1 and 2 threads on the AMD EPYC CI runs on (these calls on the reference fail
-    here there); the fused paths' products don't."""
+SHORTCUT_CALLS = {  # (loss, miner) of each small-problem path, at N=100, D=128 (fp32)
+    "SupConLoss": lambda: (losses.SupConLoss(), None),
+    "NPairsLoss": lambda: (losses.NPairsLoss(), None),
+    "TripletMarginLoss+BatchHardMiner": lambda: (losses.TripletMarginLoss(), miners.BatchHardMiner()),
+    "ContrastiveLoss+PairMarginMiner": lambda: (losses.ContrastiveLoss(), miners.PairMarginMiner()),
+    "ArcFaceLoss": lambda: (losses.ArcFaceLoss(100, 128), None),
+    "ProxyNCALoss": lambda: (losses.ProxyNCALoss(100, 128), None),
+}
+
+
+@pytest.mark.parametrize("name", list(SHORTCUT_CALLS))
+def test_small_problem_calls_are_bit_reproducible(monkeypatch, name):
+    """The small-problem paths keep the determinism contract: at N=100, D=128 (fp32; thresholds
+    raised to take it) MKL's product x @ x.T gives other bits at 1 and 2 threads on the AMD EPYC
+    CI runs on (torch.matmul in these references fails here there); the reference's fixed_mm /
+    fixed_cdist products and softmax don't."""
     import dmlkern.fused.class_softmax as class_softmax
     from test_determinism import _assert_reproducible
 
-    assert _common.SMALL_PROBLEM_PAIRS == 0 and class_softmax.SMALL_PROBLEM_LOGITS == 0
+    monkeypatch.setattr(_common, "SMALL_PROBLEM_PAIRS", 128 * 128)
+    monkeypatch.setattr(class_softmax, "SMALL_PROBLEM_LOGITS", class_softmax.DEFAULT_SMALL_PROBLEM_LOGITS)
     g = torch.Generator().manual_seed(11)
     x, labels = torch.randn(100, 128, generator=g), torch.arange(100) % 25
     torch.manual_seed(0)
-    loss_fn = losses.SupConLoss() if name == "SupConLoss" else losses.ArcFaceLoss(100, 128)
+    loss_fn, miner = SHORTCUT_CALLS[name]()
 
     def call():
         xx = x.clone().requires_grad_(True)
-        value = loss_fn(xx, labels)
-        assert loss_fn.last_backend != "reference", loss_fn.last_fallback
+        value = loss_fn(xx, labels, None if miner is None else miner(xx, labels))
+        assert loss_fn.last_backend == "reference" and "a small problem" in loss_fn.last_fallback, loss_fn.last_fallback
         return [value.detach(), *torch.autograd.grad(value, [xx, *loss_fn.parameters()])]
 
     _assert_reproducible(name, call)
 
 
 def test_threshold_from_the_environment():
-    """DMLKERN_SMALL_PAIRS: 0 by default (opt-in: the reference's products are not bit-identical
-    across thread counts; a small call stays fused), an integer when set (else an error naming it)."""
+    """DMLKERN_SMALL_PAIRS: 64 x 64 by default (a small call runs the reference), an integer when
+    set (0: never, the call stays fused; else an error naming it)."""
     code = ("import torch, dmlkern.fused._common as c; from dmlkern import losses; f = losses.SupConLoss(); "
             "f(torch.randn(6, 8), torch.arange(6) % 2); print(c.SMALL_PROBLEM_PAIRS, f.last_backend)")
     env = {k: v for k, v in os.environ.items() if k not in ("DMLKERN_SMALL_PAIRS", "TRITON_INTERPRET")}
     env["DMLKERN_TRITON_OPS"] = "0"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["4096", "reference"], out.stdout
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_PAIRS": "0"},
+                         capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["0", "cpp"], out.stdout
     out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_PAIRS": "64"},
                          capture_output=True, text=True, check=True)

@@ -29,22 +29,33 @@ constexpr int64_t kMmColBlock = 2048;
 constexpr int64_t kMmMinColBlock = 256;
 constexpr int64_t kMmMinTiles = 8;
 constexpr int64_t kMmColQuantum = 16;  // tile columns start 64-byte aligned (fp32) in the output
+// An output of still fewer tiles (narrow: the gradient of x, N x D, of a wide product; or small:
+// a 128 x 128 similarity matrix) gets more row tiles, down to kMmMinRowBlock rows, up to
+// kMmMinTiles tiles, once the product has kMmSplitWork multiply-adds (~20 us on one core): one
+// core would otherwise do all of it.
+constexpr int64_t kMmMinRowBlock = 32;
+constexpr int64_t kMmSplitWork = int64_t{1} << 20;
 
 struct Tiling {
   int64_t rows, cols;              // per tile (the last row / column of tiles may have fewer)
   int64_t row_blocks, col_blocks;  // tiles down and across
 };
 
-// The tiles of an n x m output, from the shape alone; the blocks of each dimension as even as
-// the quantum allows (300 rows: 150 + 150, not 256 + 44), so the threads' shares are balanced.
-Tiling tiling(int64_t n, int64_t m) {
+// The tiles of an n x m output of depth d, from the shape alone; the blocks of each dimension as
+// even as the quantum allows (300 rows: 150 + 150, not 256 + 44), so the threads' shares are
+// balanced.
+Tiling tiling(int64_t n, int64_t m, int64_t d) {
   Tiling t{};
   t.row_blocks = ceil_div(n, kMmRowBlock);
-  t.rows = ceil_div(n, t.row_blocks);
   const int64_t wanted = std::max(ceil_div(m, kMmColBlock),
                                   std::min(ceil_div(kMmMinTiles, t.row_blocks), ceil_div(m, kMmMinColBlock)));
   t.cols = ceil_div(ceil_div(m, wanted), kMmColQuantum) * kMmColQuantum;
   t.col_blocks = ceil_div(m, t.cols);
+  if (t.row_blocks * t.col_blocks < kMmMinTiles && n * m * d >= kMmSplitWork) {
+    t.row_blocks = std::max(t.row_blocks, std::min(ceil_div(kMmMinTiles, t.col_blocks), ceil_div(n, kMmMinRowBlock)));
+  }
+  t.rows = ceil_div(n, t.row_blocks);
+  t.row_blocks = ceil_div(n, t.rows);
   return t;
 }
 
@@ -52,7 +63,7 @@ Tiling tiling(int64_t n, int64_t m) {
 void fill_fixed_mm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
   const int64_t n = a.size(0), m = b.size(0);
   if (n == 0 || m == 0) return;
-  const Tiling tl = tiling(n, m);
+  const Tiling tl = tiling(n, m, a.size(1));
   parallel_blocks(tl.row_blocks * tl.col_blocks, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t / tl.col_blocks * tl.rows, c0 = t % tl.col_blocks * tl.cols;

@@ -34,22 +34,28 @@ BLOCK_LOGITS = 2 << 20  # GroupedBlock's torch ops: one block's (N, rows) fp32 c
 MIN_BLOCK = 1024
 
 
-# Opt-in (default 0: always the blocked path): an eager class-weight loss with fewer logits than
-# this (N x C x K) runs the reference, whose materialised logits then cost less than the blocked
-# path's fixed host cost (~0.5 ms a call on 2 CPU cores: ArcFace at N=256, C=1000 3.9 ms against
-# 4.6 ms fused; at N=512 the fused path is ahead). Not the default: the reference's products are
-# not bit-identical across CPU thread counts (ArcFace at N=100, C=100 differs between 1 and 2
-# threads), the blocked path's fixed_mm products are (README's determinism contract).
-SMALL_PROBLEM_LOGITS = int_from_env("DMLKERN_SMALL_CLASS_LOGITS", 0, "logits")
+# An eager class-weight loss with fewer logits than this (N x C x K; DMLKERN_SMALL_CLASS_LOGITS,
+# 0: never) and at most SMALL_PROBLEM_MAX_COLUMNS weight rows (C x K) runs the reference, whose
+# materialised logits then cost less than the blocked path's fixed host cost (2-core CPU, fp32,
+# D=128, forward + backward: ArcFace N=64, C=100 1.03 ms against 1.32 ms fused; N=256, C=500 2.6
+# against 3.6 ms). Past 2^17 logits (512 KiB in fp32) the reference slows like PML's (ArcFace N=256,
+# C=1000 6.5 against 4.7 ms fused), and with more weight rows its work on W outweighs the fixed
+# cost (N=64, C=1000 3.5 against 2.8 ms). On the CPU the reference's products (fixed_mm) and
+# softmax are bit-identical across thread counts, as the blocked path's.
+DEFAULT_SMALL_PROBLEM_LOGITS = 1 << 17
+SMALL_PROBLEM_LOGITS = int_from_env("DMLKERN_SMALL_CLASS_LOGITS", DEFAULT_SMALL_PROBLEM_LOGITS, "logits")
+SMALL_PROBLEM_MAX_COLUMNS = 512
 
 
 def small_problem(embeddings, layout):
     """Why the reference runs this eager class-weight loss call (a str), or None."""
     columns = layout.num_classes * layout.group
-    if embeddings.shape[0] * columns >= SMALL_PROBLEM_LOGITS or static_shapes():
+    if (embeddings.shape[0] * columns >= SMALL_PROBLEM_LOGITS or columns > SMALL_PROBLEM_MAX_COLUMNS
+            or static_shapes()):
         return None
     return (f"a small problem ({embeddings.shape[0]} x {columns} logits, under "
-            f"DMLKERN_SMALL_CLASS_LOGITS={SMALL_PROBLEM_LOGITS}: the reference's logits cost less than the "
+            f"DMLKERN_SMALL_CLASS_LOGITS={SMALL_PROBLEM_LOGITS}, at most {SMALL_PROBLEM_MAX_COLUMNS} weight rows: "
+            "the reference's logits cost less than the "
             "blocked path's fixed cost)")
 
 

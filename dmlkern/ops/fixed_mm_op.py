@@ -111,3 +111,46 @@ if _OP_READY:
         return None
 
     torch.library.register_autograd("dmlkern::fixed_mm", _backward, setup_context=_setup_context)
+
+
+# torch.cdist(a, b, p=2) takes its matrix-product form when either side has more than this many
+# rows (compute_mode "use_mm_for_euclid_dist_if_necessary"); below it, the direct differences,
+# whose bits do not depend on the thread count.
+CDIST_MM_MIN_ROWS = 25
+
+
+def _euclidean_forward(a, b):
+    # torch's _euclidean_dist: one product of [-2a, |a|^2, 1] and [b, 1, |b|^2], clamped at 0.
+    a_ = torch.cat([a * -2, a.pow(2).sum(-1, keepdim=True), torch.ones_like(a[:, :1])], -1)
+    b_ = torch.cat([b, torch.ones_like(b[:, :1]), b.pow(2).sum(-1, keepdim=True)], -1)
+    return fixed_mm(a_, b_).clamp_min_(0).sqrt_()
+
+
+def _euclidean_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output)
+
+
+def _euclidean_backward(ctx, grad):
+    # torch's _euclidean_dist_backward with fixed_mm products: the gradient at d = 0 is 0 (a
+    # subgradient; torch's too). Differentiable ops only, so create_graph=True works through it.
+    a, b, dist = ctx.saved_tensors
+    ratio = (grad / dist).masked_fill(dist == 0, 0)
+    grad_a = a * ratio.sum(1, keepdim=True) - fixed_mm(ratio, b.t()) if ctx.needs_input_grad[0] else None
+    grad_b = b * ratio.sum(0).unsqueeze(1) - fixed_mm(ratio.t(), a.t()) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b
+
+
+_euclidean_apply = applier(type("_FixedEuclidean", (torch.autograd.Function,), {
+    "forward": staticmethod(_euclidean_forward), "setup_context": staticmethod(_euclidean_setup),
+    "backward": staticmethod(_euclidean_backward)}))
+
+
+def fixed_cdist(a, b):
+    """torch.cdist(a, b, p=2) for a (N, D) and b (M, D), bit-identical on repeat and across CPU
+    thread counts where `runs_kernel(a)`: above CDIST_MM_MIN_ROWS rows, torch's product form
+    (and its backward) with the product through fixed_mm; otherwise, and for other dtypes and
+    devices, torch.cdist itself. Differentiable, to any order."""
+    _check_inputs(a, b)
+    if not runs_kernel(a) or max(a.shape[0], b.shape[0]) <= CDIST_MM_MIN_ROWS or a.numel() == 0 or b.numel() == 0:
+        return torch.cdist(a, b, p=2)
+    return _euclidean_apply(a, b)

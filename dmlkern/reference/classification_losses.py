@@ -31,8 +31,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._determinism import softmax
 from .._validation import InvalidInputError, prepare_inputs
-from ..distances import CosineSimilarity, DotProductSimilarity, LpDistance
+from ..distances import CosineSimilarity, DotProductSimilarity, LpDistance, matmul_t
 from ..reducers import DivisorReducer, MeanReducer, resolve_reducer
 from .indices import convert_to_weights, logsumexp
 
@@ -144,7 +145,7 @@ def proxy_nca_loss_dict(embeddings, labels, proxies, indices_tuple=None, *, soft
         mat = -mat
     proxy_labels = torch.arange(proxies.shape[0], device=labels.device)
     same = (labels.unsqueeze(1) == proxy_labels.unsqueeze(0)).to(dtype)
-    prob_pos = torch.sum(F.softmax(softmax_scale * mat, dim=1) * same, dim=1)
+    prob_pos = torch.sum(softmax(softmax_scale * mat, dim=1) * same, dim=1)
     kept = prob_pos != 0
     if not (empty_entry or bool(kept.any())):
         if zero_on_graph:  # every probability is exactly 0: so is their sum
@@ -209,7 +210,7 @@ def soft_triple_logits(embeddings, fc, *, num_classes, centers_per_class, gamma=
     """Relaxed class similarity S_ic = sum_k softmax_k(s_ick / gamma) * s_ick over the class's K
     centers (``fc`` (D, C*K), column c*K + k)."""
     sim = distance(embeddings, fc.t()).view(-1, num_classes, centers_per_class)
-    prob = F.softmax(sim * (1.0 / gamma), dim=2)
+    prob = softmax(sim * (1.0 / gamma), dim=2)
     return torch.sum(prob * sim, dim=2)
 
 
@@ -463,7 +464,7 @@ def center_loss(embeddings, labels, centers, indices_tuple=None, *, reducer=None
 def softmax_loss_dict(embeddings, labels, W, indices_tuple=None):
     """Plain softmax cross-entropy on a bias-free linear classifier: ``CE(x W, y) * w_i``."""
     weights = convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
-    losses = _weighted_ce(embeddings @ W, labels, weights)
+    losses = _weighted_ce(matmul_t(embeddings, W.t()), labels, weights)
     return {"loss": _element(losses, _rows(embeddings))}
 
 

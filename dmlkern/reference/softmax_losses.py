@@ -4,6 +4,7 @@ the similarities of a query). Conventions: see ``embedding_losses``."""
 import torch
 import torch.nn.functional as F
 
+from .._determinism import softmax
 from ..distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from ..reducers import AvgNonZeroReducer, MeanReducer
 from ._embedding_common import _entry, _rows, _run_loss, _zeros, as_similarity, pair_setup_both, pair_setup_masks
@@ -139,7 +140,7 @@ def nca_loss_dict(embeddings, labels, indices_tuple, ref_emb, ref_labels, *, sof
         eye = torch.eye(mat.shape[0], dtype=torch.bool, device=mat.device)
         mat = mat.masked_fill(eye, neg_inf(dtype))
     same = (labels.unsqueeze(1) == ref_labels.unsqueeze(0)).to(dtype)
-    prob_pos = torch.sum(F.softmax(softmax_scale * mat, dim=1) * same, dim=1)
+    prob_pos = torch.sum(softmax(softmax_scale * mat, dim=1) * same, dim=1)
     kept = prob_pos != 0
     if not (empty_entry or bool(kept.any())):
         if zero_on_graph:  # every probability is exactly 0: so is their sum
