@@ -138,6 +138,21 @@ def test_distances(name, dtype):
     torch.testing.assert_close(batched.view(127, 90), got[0], **TOL[dtype])
 
 
+@pytest.mark.parametrize("name", list(DISTANCES))
+def test_distances_under_cpu_autocast(name):
+    """Under CPU autocast torch's ops run, as in PML: its bf16 matmul (cdist stays fp32)."""
+    from pytorch_metric_learning import distances as pml_distances
+
+    q = _rand(40, 16, dtype=torch.float32, seed=1)
+    kwargs = {"lp": {}, "lp_squared_raw": dict(normalize_embeddings=False, power=2),
+              "dot_raw": dict(normalize_embeddings=False), "cosine": {}}[name]
+    theirs = getattr(pml_distances, type(DISTANCES[name]()).__name__)(**kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = DISTANCES[name]()(q), theirs(q)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want)
+
+
 CLASS_LOSSES = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "LargeMarginSoftmaxLoss", "NormalizedSoftmaxLoss",
                  "ProxyNCALoss", "SubCenterArcFaceLoss", "SoftTripleLoss", "SoftmaxLoss"]
 PAIR_LOSSES = {  # the pair losses the small-problem shortcut runs on the reference, and NCA
