@@ -44,6 +44,13 @@ TORCH_LIBRARY(dmlkern, m) {
   // neither input: blocked callers reuse one buffer per block instead of allocating it afresh.
   // Returns nothing: torch.compile functionalizes custom ops only without aliased outputs.
   m.def("fixed_mm_into(Tensor a, Tensor b, Tensor(a!) out) -> ()");
+  // torch.cdist(a, b, p=2)'s product form (one product of [-2a, |a|^2, 1] and [b, 1, |b|^2],
+  // clamped at 0, square root) with the product as fixed_mm's: the same bits at any CPU thread
+  // count. CPU only (fp32, fp64); dmlkern.ops.fixed_cdist adds autograd.
+  m.def("fixed_cdist(Tensor a, Tensor b) -> Tensor");
+  // Its backward, torch's formula with fixed_mm's products (0 where the distance is 0):
+  // (grad_a, grad_b).
+  m.def("fixed_cdist_backward(Tensor grad, Tensor a, Tensor b, Tensor dist) -> (Tensor, Tensor)");
   // The fused TripletMarginLoss's per-row work on one row block of similarities s (B, M)
   // (dmlkern/fused/triplet.py): params = [margin, window_margin], flags = [smooth_loss,
   // euclidean, window(, swap(, sorted_min_positives))] with window 0 every triplet, 1 all,

@@ -75,6 +75,24 @@ def test_fixed_cdist_gradcheck_and_nan():
 
 
 @needs_op
+def test_fixed_cdist_ops():
+    """opcheck of the two ops (schema, fake tensors, torch.compile's view of them), and the
+    backward op's gradient against the create_graph path's (the same formula from torch ops)."""
+    a, b = _rand(40, 9, seed=1), _rand(31, 9, seed=2)
+    dist = torch.ops.dmlkern.fixed_cdist(a, b)
+    torch.library.opcheck(torch.ops.dmlkern.fixed_cdist.default, (a, b))
+    torch.library.opcheck(torch.ops.dmlkern.fixed_cdist_backward.default, (_rand(40, 31, seed=3), a, b, dist))
+    a_, b_ = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    up = _rand(40, 31, seed=4)
+    plain = torch.autograd.grad(fixed_cdist(a_, b_), (a_, b_), up)
+    graph = torch.autograd.grad(fixed_cdist(a_, b_), (a_, b_), up, create_graph=True)
+    for p, g in zip(plain, graph):
+        assert torch.equal(p, g.detach())
+    with pytest.raises(RuntimeError, match="grad and dist must be"):
+        torch.ops.dmlkern.fixed_cdist_backward(up[:, :30], a, b, dist)
+
+
+@needs_op
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(100, 100, 128), (301, 203, 37)], ids=lambda s: "x".join(map(str, s)))
 def test_fixed_cdist_across_threads(shape, dtype):

@@ -1,4 +1,4 @@
-"""Eager CPU calls with fewer than DMLKERN_SMALL_PAIRS pairs (N x M; default 64 x 64, the suite
+"""Eager CPU calls with fewer than DMLKERN_SMALL_PAIRS pairs (N x M; default 80 x 80, the suite
 runs with 0 elsewhere: conftest.py) run the reference on the paths
 whose fixed host cost is above the reference's there (fused/_common.py): SupCon and N-pairs on
 all pairs, losses on listed pairs or triplets, ContrastiveLoss on a PairMarginMiner's pairs (the
@@ -118,14 +118,14 @@ def test_small_problem_calls_are_bit_reproducible(monkeypatch, name):
 
 
 def test_threshold_from_the_environment():
-    """DMLKERN_SMALL_PAIRS: 64 x 64 by default (a small call runs the reference), an integer when
+    """DMLKERN_SMALL_PAIRS: 80 x 80 by default (a small call runs the reference), an integer when
     set (0: never, the call stays fused; else an error naming it)."""
     code = ("import torch, dmlkern.fused._common as c; from dmlkern import losses; f = losses.SupConLoss(); "
             "f(torch.randn(6, 8), torch.arange(6) % 2); print(c.SMALL_PROBLEM_PAIRS, f.last_backend)")
     env = {k: v for k, v in os.environ.items() if k not in ("DMLKERN_SMALL_PAIRS", "TRITON_INTERPRET")}
     env["DMLKERN_TRITON_OPS"] = "0"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["4096", "reference"], out.stdout
+    assert out.stdout.split() == ["6400", "reference"], out.stdout
     out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_PAIRS": "0"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["0", "cpp"], out.stdout

@@ -11,6 +11,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
+
+#include <ATen/ops/ones.h>
 
 #include "../checks.h"
 
@@ -88,11 +91,43 @@ void fixed_mm_into_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out
   fill_fixed_mm(a, b, out);
 }
 
+// torch's _euclidean_dist with the product through fill_fixed_mm (the same operands, so the same
+// rounding structure as torch.cdist's product form).
+at::Tensor fixed_cdist_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_fixed_mm_args(a, b);
+  check_cpu_dtype(a, "a");
+  const at::Tensor a_ = at::cat({a * -2, a.pow(2).sum(-1, true), at::ones({a.size(0), 1}, a.options())}, -1);
+  const at::Tensor b_ = at::cat({b, at::ones({b.size(0), 1}, b.options()), b.pow(2).sum(-1, true)}, -1);
+  at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
+  fill_fixed_mm(a_, b_, out);
+  return out.clamp_min_(0).sqrt_();
+}
+
+// torch's _euclidean_dist_backward: ratio = grad / dist (0 where dist is 0), grad_a = a * rowsum
+// - ratio @ b, grad_b = b * colsum - ratio.T @ a, the products through fill_fixed_mm.
+std::tuple<at::Tensor, at::Tensor> fixed_cdist_backward_cpu(const at::Tensor& grad, const at::Tensor& a,
+                                                            const at::Tensor& b, const at::Tensor& dist) {
+  check_fixed_mm_args(a, b);
+  check_cpu_dtype(a, "a");
+  TORCH_CHECK(grad.sizes() == dist.sizes() && dist.dim() == 2 && dist.size(0) == a.size(0) &&
+                  dist.size(1) == b.size(0),
+              "dmlkern: fixed_cdist_backward: grad and dist must be (N, M) = (", a.size(0), ", ", b.size(0),
+              "), got ", grad.sizes(), " and ", dist.sizes());
+  const at::Tensor ratio = (grad / dist).masked_fill_(dist == 0, 0);
+  at::Tensor ratio_b = at::empty({a.size(0), a.size(1)}, a.options());
+  fill_fixed_mm(ratio, b.t(), ratio_b);
+  at::Tensor ratio_t_a = at::empty({b.size(0), b.size(1)}, b.options());
+  fill_fixed_mm(ratio.t(), a.t(), ratio_t_a);
+  return {a * ratio.sum(1, true) - ratio_b, b * ratio.sum(0).unsqueeze(1) - ratio_t_a};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dmlkern, CPU, m) {
   m.impl("fixed_mm", &fixed_mm_cpu);
   m.impl("fixed_mm_into", &fixed_mm_into_cpu);
+  m.impl("fixed_cdist", &fixed_cdist_cpu);
+  m.impl("fixed_cdist_backward", &fixed_cdist_backward_cpu);
 }
 
 }  // namespace dmlkern

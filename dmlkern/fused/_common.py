@@ -80,13 +80,12 @@ def int_from_env(name, default, unit):
 # An eager CPU call of SupCon or N-pairs (all pairs), of a loss on listed pairs or triplets (an
 # indices_tuple) or of ContrastiveLoss on a PairMarginMiner's pairs with fewer pairs N x M than
 # this (DMLKERN_SMALL_PAIRS; 0: never) runs the reference, whose N x M matrix then costs less than
-# these paths' fixed host cost (2-core CPU, fp32, D=128, forward + backward at N=48: SupCon 0.87
-# against 0.99 ms fused, N-pairs 0.65 against 0.81 ms, BatchHardMiner + Triplet 1.09 against 1.14
-# ms; PairMarginMiner + Contrastive 1.22 against 1.13 ms, its fixed_cdist costing more; from
-# N=100 the fused paths are even or ahead but for N-pairs). Its CPU products (fixed_mm,
-# fixed_cdist) and softmax keep the fused paths' bit-identity across thread counts
-# (tests/test_deterministic_reference.py).
-DEFAULT_SMALL_PROBLEM_PAIRS = 64 * 64
+# these paths' fixed host cost (2-core CPU, fp32, D=128, forward + backward at N=64: SupCon 1.01
+# against 1.09 ms fused, N-pairs 0.68 against 0.81 ms, BatchHardMiner + Triplet 1.08 against
+# 1.29 ms, PairMarginMiner + Contrastive 1.20 against 1.27 ms; at N=100 SupCon and PairMargin are
+# ahead fused). Its CPU products (fixed_mm, fixed_cdist) and softmax keep the fused paths'
+# bit-identity across thread counts (tests/test_deterministic_reference.py).
+DEFAULT_SMALL_PROBLEM_PAIRS = 80 * 80
 SMALL_PROBLEM_PAIRS = int_from_env("DMLKERN_SMALL_PAIRS", DEFAULT_SMALL_PROBLEM_PAIRS, "pairs")
 
 

@@ -117,13 +117,12 @@ if _OP_READY:
 # rows (compute_mode "use_mm_for_euclid_dist_if_necessary"); below it, the direct differences,
 # whose bits do not depend on the thread count.
 CDIST_MM_MIN_ROWS = 25
+_CDIST_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "fixed_cdist")
 
 
 def _euclidean_forward(a, b):
-    # torch's _euclidean_dist: one product of [-2a, |a|^2, 1] and [b, 1, |b|^2], clamped at 0.
-    a_ = torch.cat([a * -2, a.pow(2).sum(-1, keepdim=True), torch.ones_like(a[:, :1])], -1)
-    b_ = torch.cat([b, torch.ones_like(b[:, :1]), b.pow(2).sum(-1, keepdim=True)], -1)
-    return fixed_mm(a_, b_).clamp_min_(0).sqrt_()
+    with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd
+        return torch.ops.dmlkern.fixed_cdist(a, b)
 
 
 def _euclidean_setup(ctx, inputs, output):
@@ -131,26 +130,41 @@ def _euclidean_setup(ctx, inputs, output):
 
 
 def _euclidean_backward(ctx, grad):
-    # torch's _euclidean_dist_backward with fixed_mm products: the gradient at d = 0 is 0 (a
-    # subgradient; torch's too). Differentiable ops only, so create_graph=True works through it.
     a, b, dist = ctx.saved_tensors
-    ratio = (grad / dist).masked_fill(dist == 0, 0)
-    grad_a = a * ratio.sum(1, keepdim=True) - fixed_mm(ratio, b.t()) if ctx.needs_input_grad[0] else None
-    grad_b = b * ratio.sum(0).unsqueeze(1) - fixed_mm(ratio.t(), a.t()) if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b
+    if torch.is_grad_enabled():
+        # create_graph=True: the op's formula from differentiable ops (fixed_mm included).
+        ratio = (grad / dist).masked_fill(dist == 0, 0)
+        grad_a = a * ratio.sum(1, keepdim=True) - fixed_mm(ratio, b.t())
+        grad_b = b * ratio.sum(0).unsqueeze(1) - fixed_mm(ratio.t(), a.t())
+    else:
+        grad_a, grad_b = torch.ops.dmlkern.fixed_cdist_backward(grad, a, b, dist)
+    return grad_a if ctx.needs_input_grad[0] else None, grad_b if ctx.needs_input_grad[1] else None
 
 
 _euclidean_apply = applier(type("_FixedEuclidean", (torch.autograd.Function,), {
     "forward": staticmethod(_euclidean_forward), "setup_context": staticmethod(_euclidean_setup),
     "backward": staticmethod(_euclidean_backward)}))
 
+if _CDIST_READY:
+    @torch.library.register_fake("dmlkern::fixed_cdist")
+    def _fake_cdist(a, b):
+        return a.new_empty((a.shape[0], b.shape[0]))
+
+    @torch.library.register_fake("dmlkern::fixed_cdist_backward")
+    def _fake_cdist_backward(grad, a, b, dist):
+        return torch.empty_like(a), torch.empty_like(b)
+
 
 def fixed_cdist(a, b):
     """torch.cdist(a, b, p=2) for a (N, D) and b (M, D), bit-identical on repeat and across CPU
-    thread counts where `runs_kernel(a)`: above CDIST_MM_MIN_ROWS rows, torch's product form
-    (and its backward) with the product through fixed_mm; otherwise, and for other dtypes and
-    devices, torch.cdist itself. Differentiable, to any order."""
+    thread counts for eager CPU fp32 / fp64 tensors: above CDIST_MM_MIN_ROWS rows, torch's
+    product form and its backward (the op dmlkern::fixed_cdist: the product as fixed_mm's);
+    otherwise, and for other dtypes and devices, under torch.compile, dispatch modes and
+    functorch transforms other than grad / vjp, torch.cdist itself. Differentiable, to any
+    order (create_graph=True differentiates the backward's formula through fixed_mm)."""
     _check_inputs(a, b)
-    if not runs_kernel(a) or max(a.shape[0], b.shape[0]) <= CDIST_MM_MIN_ROWS or a.numel() == 0 or b.numel() == 0:
+    if (not _CDIST_READY or a.device.type != "cpu" or a.dtype not in _KERNEL_DTYPES["cpu"]
+            or max(a.shape[0], b.shape[0]) <= CDIST_MM_MIN_ROWS or a.numel() == 0 or b.numel() == 0
+            or not _direct_call_ok(a, b)):
         return torch.cdist(a, b, p=2)
     return _euclidean_apply(a, b)
