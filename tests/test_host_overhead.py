@@ -104,6 +104,28 @@ def test_host_overhead_report(capsys):
         assert backend == "cpp" and int(ops) > int(before) >= 1 and float(host_us) > 0, (name, rows[name])
 
 
+def test_small_batches_report(capsys, monkeypatch):
+    """python -m dmlkern.bench.small_batches: at the default thresholds (the suite runs with 0,
+    conftest.py) an N=16 call runs the reference, the 'fused' column the fused path; the rules'
+    thresholds are back in place afterwards."""
+    from dmlkern.bench import small_batches
+    from dmlkern.fused import class_softmax
+
+    monkeypatch.setattr(_common, "SMALL_PROBLEM_PAIRS", _common.DEFAULT_SMALL_PROBLEM_PAIRS)
+    monkeypatch.setattr(class_softmax, "SMALL_PROBLEM_LOGITS", class_softmax.DEFAULT_SMALL_PROBLEM_LOGITS)
+    small_batches.main(["--losses", "supcon,arcface", "--n", "16", "--d", "8", "--classes", "10", "--reps", "1",
+                        "--rounds", "1"])
+    assert _common.SMALL_PROBLEM_PAIRS == _common.DEFAULT_SMALL_PROBLEM_PAIRS
+    assert class_softmax.SMALL_PROBLEM_LOGITS == class_softmax.DEFAULT_SMALL_PROBLEM_LOGITS
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = {cells[0].strip(): [c.strip() for c in cells] for cells in rows[2:]}  # (after the header and its rule)
+    assert set(rows) == {"supcon", "arcface"}, rows
+    for name, (_, n, pml, ours, ran, fused, fused_ran, over_pml, over_fused) in rows.items():
+        assert n == "16" and ran == "reference" and fused_ran in ("cpp", "blocked"), rows[name]
+        assert min(float(pml), float(ours), float(fused)) > 0
+        assert float(over_pml) == pytest.approx(float(ours) / float(pml), abs=0.02), rows[name]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_unit_rows_is_f_normalize_with_a_shorter_backward(dtype):
     g = torch.Generator().manual_seed(4)
