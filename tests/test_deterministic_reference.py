@@ -171,6 +171,21 @@ def test_distances_under_cpu_autocast(name):
     torch.testing.assert_close(got, want)
 
 
+def test_distances_under_forward_mode_ad():
+    """Dual tensors (torch.autograd.forward_ad): torch's ops, whose tangents PML's users get (the
+    dot-product distances; torch.cdist's product form has no forward AD in torch itself)."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, r, tq = _rand(30, 6, seed=1), _rand(28, 6, seed=2), _rand(30, 6, seed=3)
+    for name in ("dot_raw", "cosine"):
+        with fwAD.dual_level():
+            out = DISTANCES[name]()(fwAD.make_dual(q, tq), r)
+            tangent = fwAD.unpack_dual(out).tangent
+        assert tangent is not None, name
+        _, want = torch.func.jvp(lambda a: _torch_mat(name, a, r), (q,), (tq,))
+        torch.testing.assert_close(tangent, want, rtol=1e-12, atol=1e-12)
+
+
 CLASS_LOSSES = ["ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "LargeMarginSoftmaxLoss", "NormalizedSoftmaxLoss",
                  "ProxyNCALoss", "SubCenterArcFaceLoss", "SoftTripleLoss", "SoftmaxLoss"]
 PAIR_LOSSES = {  # the pair losses the small-problem shortcut runs on the reference, and NCA
