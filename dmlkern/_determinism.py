@@ -92,9 +92,9 @@ class _Softmax(torch.autograd.Function):
 def softmax(t, dim):
     """torch.softmax(t, dim) with a backward whose bits do not depend on the thread count on a
     CPU: torch's CPU softmax backward splits rows over threads even for small inputs and rounds
-    by the split (33 x 33 fp32 differs between 1 and 2 threads). Elsewhere, and under
-    torch.compile and torch.func transforms, torch.softmax."""
+    by the split (e.g. fp32 100 x 100 differs between 1 and 2 threads). Elsewhere, and under
+    torch.compile, torch.func transforms and forward-mode AD, torch.softmax."""
     if (t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active()):
+            or torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0):
         return torch.softmax(t, dim)
     return _Softmax.apply(t, dim)

@@ -54,10 +54,10 @@ def _fixed_ops(query_emb, ref_emb):
     """dmlkern.ops.fixed_mm_op where this product should go through it: plain 2-D CPU tensors of
     one dtype with its kernel (fp32, fp64), eager (torch.compile, CPU autocast, forward-mode AD,
     dispatch modes and functorch transforms other than grad / vjp keep torch's ops: autocast's
-    bf16 matmul is PML's result there). There the matrix's bits (and its
-    gradients') do not depend on the thread count, as torch.matmul's and torch.cdist's do (MKL
-    splits a product by it): the reference path, the fallbacks and the small-problem shortcuts of
-    the losses inherit the fused paths' determinism. Else None."""
+    bf16 matmul is PML's result there). There the matrix's bits (and its gradients') do not
+    depend on the thread count, as torch.matmul's and torch.cdist's do (MKL splits a product by
+    it): the reference path, the fallbacks and the small-problem shortcuts of the losses inherit
+    the fused paths' determinism. Else None."""
     if (query_emb.device.type != "cpu" or query_emb.dim() != 2 or ref_emb.dim() != 2
             or query_emb.dtype != ref_emb.dtype or torch.is_autocast_enabled("cpu")
             or torch.autograd.forward_ad._current_level >= 0):  # forward-mode AD: torch's ops carry tangents

@@ -6,6 +6,8 @@
 // straight into its rows and columns of the output (at::mm_out takes the strided tile and
 // transposed or column-major operands without copies). Each output element has one writer and
 // one product computing it: the same bits at any thread count.
+// dmlkern::fixed_cdist / fixed_cdist_backward (the reference's LpDistance) are torch.cdist's
+// product form and its backward with their products computed the same way.
 #include "engine_cpu.h"  // first: it sets the vector maths' compile options
 
 #include <torch/library.h>

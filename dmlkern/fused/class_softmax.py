@@ -37,8 +37,8 @@ MIN_BLOCK = 1024
 # An eager class-weight loss with fewer logits than this (N x C x K; DMLKERN_SMALL_CLASS_LOGITS,
 # 0: never) and at most SMALL_PROBLEM_MAX_COLUMNS weight rows (C x K) runs the reference, whose
 # materialised logits then cost less than the blocked path's fixed host cost (2-core CPU, fp32,
-# D=128, forward + backward: ArcFace N=64, C=100 1.03 ms against 1.32 ms fused; N=256, C=500 2.6
-# against 3.6 ms). Past 2^17 logits (512 KiB in fp32) the reference slows like PML's (ArcFace N=256,
+# D=128, forward + backward: ArcFace N=64, C=100 1.00 ms against 1.33 ms fused; N=256, C=500 2.6
+# against 3.1 ms). Past 2^17 logits (512 KiB in fp32) the reference slows like PML's (ArcFace N=256,
 # C=1000 6.5 against 4.7 ms fused), and with more weight rows its work on W outweighs the fixed
 # cost (N=64, C=1000 3.5 against 2.8 ms). On the CPU the reference's products (fixed_mm) and
 # softmax are bit-identical across thread counts, as the blocked path's.
