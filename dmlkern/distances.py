@@ -69,11 +69,12 @@ def _fixed_ops(query_emb, ref_emb):
 
 
 def matmul_t(query_emb, ref_emb):
-    """query_emb @ ref_emb.T for 2-D tensors, through fixed_mm where `_fixed_ops` allows."""
+    """query_emb @ ref_emb.T (over the last two dimensions), through fixed_mm where `_fixed_ops`
+    allows."""
     fixed = _fixed_ops(query_emb, ref_emb)
     if fixed is not None:
         return fixed.fixed_mm(query_emb, ref_emb)
-    return query_emb @ ref_emb.t()
+    return torch.matmul(query_emb, ref_emb.transpose(-1, -2))
 
 
 def _empty_mat(query_emb, ref_emb):
@@ -213,10 +214,7 @@ class DotProductSimilarity(BaseDistance):
         super().__init__(**kwargs)
 
     def compute_mat(self, query_emb, ref_emb):
-        fixed = _fixed_ops(query_emb, ref_emb)
-        if fixed is not None:
-            return fixed.fixed_mm(query_emb, ref_emb)
-        return torch.matmul(query_emb, ref_emb.transpose(-1, -2))
+        return matmul_t(query_emb, ref_emb)
 
     def pairwise_distance(self, query_emb, ref_emb):
         return torch.sum(query_emb * ref_emb, dim=1)

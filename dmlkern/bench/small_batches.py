@@ -7,6 +7,7 @@ markdown table: ms per step, what ran, and dmlkern's time over PML's and over it
 The thresholds' README numbers come from it.
 """
 import argparse
+import time
 
 import torch
 
@@ -40,8 +41,6 @@ def _step(spec, fused_only):
 
 def measure(loss, n, d, classes, reps, rounds):
     """{provider: (best seconds per step, backend name)} for one loss at one N, interleaved."""
-    import time
-
     steps = {}
     for provider in PROVIDERS:
         spec = {"loss": loss, "provider": provider, "n": n, "d": d, "dtype": "fp32", "seed": 0,
