@@ -1001,15 +1001,17 @@ def _two_sided_case(n, m, d, k, dtype, seed, transform=0, mining=1):
     return (x.to(dtype), y.to(dtype), xl, yl, row_in.to(dtype), coef.to(dtype)), params, want
 
 
+@pytest.mark.parametrize("n, m", [(131, 9000), (1100, 1500)], ids=["131x9000", "1100x1500"])
 @pytest.mark.parametrize("transform, mining", LSE2_CONFIG_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_cpp_two_sided_backward_sweep_with_row_and_column_major_y(dtype, transform, mining):
-    """The C++ two-sided backward's one sweep (x's gradient from per-chunk partials) over 18 column
-    tiles of y, two per chunk and an odd last one, with y row-major and column-major (a transposed
-    view, read without a copy: its gradient comes back in the same layout): the reference's
-    gradients, and the same bits at 1 and 2 threads."""
+def test_cpp_two_sided_backward_sweep_with_row_and_column_major_y(dtype, transform, mining, n, m):
+    """The C++ two-sided backward's one sweep (x's gradient from per-chunk partials) over the
+    column tiles of y (9000 columns: 18, two per chunk and an odd last one) and its row blocks
+    (1100 rows: 512, 512 and 76, each adding its product to a block of y's gradient), with y
+    row-major and column-major (a transposed view, read without a copy: its gradient comes back
+    in the same layout): the reference's gradients, and the same bits at 1 and 2 threads."""
     _needs_engine("cpp")
-    (x, y, xl, yl, row_in, coef), params, want = _two_sided_case(131, 9000, 24, 40, dtype, 21, transform, mining)
+    (x, y, xl, yl, row_in, coef), params, want = _two_sided_case(n, m, 24, 40, dtype, 21, transform, mining)
     atol, rtol = TOLERANCES[dtype]
     y_cols = y.t().contiguous().t()
     assert not y_cols.is_contiguous()
