@@ -51,6 +51,13 @@ TORCH_LIBRARY(dmlkern, m) {
   // Its backward, torch's formula with fixed_mm's products (0 where the distance is 0):
   // (grad_a, grad_b).
   m.def("fixed_cdist_backward(Tensor grad, Tensor a, Tensor b, Tensor dist) -> (Tensor, Tensor)");
+  // rows (R, D) / max(|row|, eps) written into out (rows' shape and dtype, any strides; may be
+  // rows), returning the norms (R, 1); and that normalisation's backward given the gradient of
+  // its output, (grad - y (y . grad) [norm >= eps]) / max(norm, eps) written into out (may be
+  // grad). CPU only (fp32, fp64), no autograd: the class-weight losses' blocks of weight rows
+  // (dmlkern.ops.unit_rows_op).
+  m.def("unit_rows(Tensor rows, float eps, Tensor(a!) out) -> Tensor");
+  m.def("unit_rows_backward(Tensor grad, Tensor y, Tensor norms, float eps, Tensor(a!) out) -> ()");
   // The fused TripletMarginLoss's per-row work on one row block of similarities s (B, M)
   // (dmlkern/fused/triplet.py): params = [margin, window_margin], flags = [smooth_loss,
   // euclidean, window(, swap(, sorted_min_positives))] with window 0 every triplet, 1 all,

@@ -23,7 +23,7 @@ from .._autograd import applier
 from .._determinism import _CHUNK, logaddexp
 from .._tracing import static_shapes
 from ..engine_spec import MINING_NONE, PASS_LSE2, TRANSFORM_DOT, EngineParams, stats_dtype
-from ..ops import grouped_class_op
+from ..ops import grouped_class_op, unit_rows_op
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
 from ._common import _NORMALIZE_EPS, int_from_env
@@ -175,9 +175,14 @@ def no_grad_at_short_rows(x):
 
 def unit_and_norm(rows, scratch=None):
     """(unit(rows), |rows|): the norm kept for unit_backward_, so a block's norms are taken once;
-    the unit rows in the RowsScratch's buffer when one is given (and usable)."""
-    norm = row_norms(rows, scratch)
+    the unit rows in the RowsScratch's buffer when one is given (and usable). Without a graph to
+    record, CPU fp32 / fp64 rows take the op dmlkern::unit_rows (two sweeps over the block where
+    these torch ops take five; its norms summed in double)."""
     out = None if scratch is None else scratch.like(rows, RowsScratch.UNIT)
+    if unit_rows_op.runs_kernel(rows):
+        out = torch.empty_like(rows) if out is None else out
+        return out, unit_rows_op.unit_rows(rows, _NORMALIZE_EPS, out)
+    norm = row_norms(rows, scratch)
     if out is None:
         return rows / norm.clamp_min(_NORMALIZE_EPS), norm
     return torch.div(rows, norm.clamp_min(_NORMALIZE_EPS), out=out), norm
@@ -187,7 +192,11 @@ def unit_backward_(grad, y, norm, out=None, scratch=None):
     """The gradient of unit(rows) given the gradient of its output (as fused._common._UnitRows),
     computed over `grad` (a block's fresh gradient, or the block of the weights' gradient that
     holds it) and written to `out` (e.g. the block's view of the weights' gradient), else
-    returned in `grad`; y, norm = unit_and_norm(rows)."""
+    returned in `grad`; y, norm = unit_and_norm(rows). Without a graph to record, CPU fp32 / fp64
+    takes the op dmlkern::unit_rows_backward (two sweeps where these torch ops take nine)."""
+    if unit_rows_op.runs_kernel(grad, y, norm) and (out is None or (out.dtype == grad.dtype and out.shape == grad.shape
+                                                                    and out.device == grad.device)):
+        return unit_rows_op.unit_rows_backward(grad, y, norm, _NORMALIZE_EPS, grad if out is None else out)
     with autocast_off(grad):
         radial = row_dots(y, grad, scratch).unsqueeze(1) * (norm >= _NORMALIZE_EPS)
     grad.addcmul_(y, radial, value=-1)
