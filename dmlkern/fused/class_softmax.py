@@ -194,9 +194,9 @@ def unit_backward_(grad, y, norm, out=None, scratch=None):
     holds it) and written to `out` (e.g. the block's view of the weights' gradient), else
     returned in `grad`; y, norm = unit_and_norm(rows). Without a graph to record, CPU fp32 / fp64
     takes the op dmlkern::unit_rows_backward (two sweeps where these torch ops take nine)."""
-    if unit_rows_op.runs_kernel(grad, y, norm) and (out is None or (out.dtype == grad.dtype and out.shape == grad.shape
-                                                                    and out.device == grad.device)):
-        return unit_rows_op.unit_rows_backward(grad, y, norm, _NORMALIZE_EPS, grad if out is None else out)
+    target = grad if out is None else out
+    if unit_rows_op.runs_kernel(grad, y, norm, target) and target.shape == grad.shape:
+        return unit_rows_op.unit_rows_backward(grad, y, norm, _NORMALIZE_EPS, target)
     with autocast_off(grad):
         radial = row_dots(y, grad, scratch).unsqueeze(1) * (norm >= _NORMALIZE_EPS)
     grad.addcmul_(y, radial, value=-1)
