@@ -272,3 +272,17 @@ def test_cuda(dtype):
     torch.testing.assert_close(first[0], a @ b.t())
     out = torch.empty_like(first[0])
     assert torch.equal(fixed_mm(a, b, out=out), first[0])
+
+
+def test_forward_mode_ad_carries_the_tangents():
+    """The op's registered autograd has no forward derivative (torch.library would drop the
+    tangents silently): under forward-mode AD fixed_mm is torch's product, tangents included."""
+    g = torch.Generator().manual_seed(3)
+    a, b, ta, tb = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((7, 5), (9, 5), (7, 5), (9, 5)))
+    want = ta @ b.T + a @ tb.T
+    value, got = torch.func.jvp(fixed_mm, (a, b), (ta, tb))
+    torch.testing.assert_close(value, a @ b.T)
+    torch.testing.assert_close(got, want)
+    with torch.autograd.forward_ad.dual_level():
+        out = fixed_mm(torch.autograd.forward_ad.make_dual(a, ta), torch.autograd.forward_ad.make_dual(b, tb))
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(out).tangent, want)

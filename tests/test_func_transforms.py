@@ -119,3 +119,43 @@ def test_grad_through_outer_autograd_keeps_the_graph():
     (g2,) = torch.autograd.grad(loss(xx2, None, params), xx2, create_graph=True)
     (want,) = torch.autograd.grad(g2.sum(), xx2)
     torch.testing.assert_close(got, want, **TOL)
+
+
+def _tangents(primals):
+    g = torch.Generator().manual_seed(2)
+    return tuple({k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in p.items()}
+                 if isinstance(p, dict) else torch.randn(p.shape, generator=g, dtype=p.dtype) for p in primals)
+
+
+def _forward_ad_unsupported_by_torch(error):
+    """torch's own ops without a forward derivative (torch.cdist, which PML's LpDistance calls
+    too): the reference path raises the same NotImplementedError as PML."""
+    text = str(error)
+    return isinstance(error, NotImplementedError) and "forward AD" in text and ("cdist" in text or "euclidean" in text)
+
+
+@pytest.mark.parametrize("name,with_ref", CASES, ids=[f"{n}{'-ref' if r else ''}" for n, r in CASES])
+def test_forward_mode_ad_takes_the_reference_and_gives_the_directional_derivative(name, with_ref):
+    """torch.func.jvp and forward_ad.dual_level: the fused kernels have no jvp, so the call takes
+    the reference (last_fallback says why) and its tangent is <gradient, tangent> from autograd,
+    never a dropped (zero) tangent or the engine's NotImplementedError."""
+    loss_fn, loss, (x, ref, params) = _setup(name, with_ref)
+    want_value, grads = _autograd(loss, x, ref, params)
+    f, primals = _primals(loss, x, ref, params)
+    tangents = _tangents(primals)
+    want = sum((g * t).sum() for g, t in zip(grads, _flat(tangents)))
+    try:
+        value, got = torch.func.jvp(f, primals, tangents)
+    except NotImplementedError as error:
+        assert _forward_ad_unsupported_by_torch(error), error
+        return
+    assert loss_fn.last_backend == "reference", loss_fn.last_backend
+    assert "forward-mode AD" in loss_fn.last_fallback, loss_fn.last_fallback
+    torch.testing.assert_close(value, want_value, **TOL)
+    torch.testing.assert_close(got, want, **TOL)
+
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangents[0])
+        out = loss(dual, ref, params)
+        got_x = torch.autograd.forward_ad.unpack_dual(out).tangent
+    torch.testing.assert_close(got_x, (grads[0] * tangents[0]).sum(), **TOL)

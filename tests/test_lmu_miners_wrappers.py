@@ -56,7 +56,8 @@ def _calls():
         "get_all_pairs_indices": [((LABELS,), {}), ((LABELS, REF_LABELS), {})],
         "convert_to_pairs": [((None, LABELS), {}), ((triplets, LABELS), {}), ((pairs, LABELS), {}),
                              ((None, LABELS, REF_LABELS), {})],
-        "convert_to_pos_pairs_with_unique_labels": [((None, LABELS), {}), ((sub_pairs, LABELS), {})],
+        "convert_to_pos_pairs_with_unique_labels": [((None, LABELS), {}), ((sub_pairs, LABELS), {}),
+                                                    ((sub_pairs, LABELS * 0.5 - 1.25), {})],  # float labels
         "pos_pairs_from_tuple": [((pairs,), {})],
         "neg_pairs_from_tuple": [((pairs,), {})],
         "get_all_triplets_indices": [((LABELS,), {}), ((LABELS, REF_LABELS), {})],

@@ -58,14 +58,21 @@ def engine_backend(tensor, backend):
     return chosen
 
 
+def reference_backend_reason(backend, device):
+    """Why choose_backend(backend, device) is the reference (the `last_fallback` text), or None."""
+    if pe.choose_backend(backend, device) != "reference":
+        return None
+    if pe.forward_ad_active():
+        return "forward-mode AD (torch.func.jvp, forward_ad.dual_level: the fused kernels have no jvp)"
+    if backend == "reference" or pe.resolve_backend(backend, device) == "reference":
+        return "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"
+    return f"no pair engine for {device.type} tensors in this install"
+
+
 def no_engine_reason(tensor, backend):
     """Why engine_backend(tensor, backend) is None: the `last_fallback` text (README lists them)."""
-    chosen = pe.choose_backend(backend, tensor.device)
-    if chosen == "reference":
-        if backend == "reference" or pe.resolve_backend(backend, tensor.device) == "reference":
-            return "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"
-        return f"no pair engine for {tensor.device.type} tensors in this install"
-    return f"{tensor.dtype} on {tensor.device.type} (no kernel for that dtype there)"
+    reason = reference_backend_reason(backend, tensor.device)
+    return reason or f"{tensor.dtype} on {tensor.device.type} (no kernel for that dtype there)"
 
 
 def int_from_env(name, default, unit):

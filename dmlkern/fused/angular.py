@@ -49,7 +49,7 @@ from ..ops.fixed_mm_op import fixed_mm
 from ..reference.indices import convert_to_pairs, logsumexp
 from . import _stats
 from ._common import (Buffers, Degenerate, LabelStats, decline, is_plain_mean, is_unit_euclidean, no_pos_or_neg,
-                      row_sums, unit_rows, widened)
+                      reference_backend_reason, row_sums, unit_rows, widened)
 from ._epilogue import ZERO_LOSS, _log1p_exp, _pml_zeros
 from .pair_lists import positive_pairs
 
@@ -549,8 +549,8 @@ def _entry(losses, a, p):
 def angular(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """The fused AngularLoss: every pair on class blocks, or an indices_tuple's pairs listed;
     ZERO_LOSS where PML returns its zero; None (the reference) after `decline`."""
-    if pe.choose_backend(module.backend, embeddings.device) == "reference":
-        return decline(module, "backend='reference' requested (loss.backend or DMLKERN_BACKEND)")
+    if reason := reference_backend_reason(module.backend, embeddings.device):
+        return decline(module, reason)
     if static_shapes():
         return decline(module, "torch.compile (the fused AngularLoss walks classes of data-dependent sizes)")
     if not embeddings.dtype.is_floating_point:

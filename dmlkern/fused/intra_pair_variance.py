@@ -32,7 +32,8 @@ from ..ops.fixed_mm_op import fixed_mm
 from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
 from . import _common
 from ._common import (Degenerate, LabelStats, all_pairs_plan, block_masks, class_sums_for_rows, decline,
-                      is_unit_cosine, is_unit_euclidean, reduced_sub_loss, row_blocks, row_sums, unit_rows)
+                      is_unit_cosine, is_unit_euclidean, reduced_sub_loss, reference_backend_reason, row_blocks,
+                      row_sums, unit_rows)
 from ._common import SHORT_ROWS
 from ._epilogue import ZERO_LOSS, _already_reduced, _already_reduced_kinds, _at_most_one_pair_each
 from .pair_lists import unit_distance
@@ -80,8 +81,8 @@ def non_finite(*totals):
 
 def blocked_plan_reason(module, embeddings):
     """Why no blocked path runs this call (the `decline` text), or None."""
-    if pe.choose_backend(module.backend, embeddings.device) == "reference":
-        return "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"
+    if reason := reference_backend_reason(module.backend, embeddings.device):
+        return reason
     if embeddings.dtype not in (torch.float32, torch.float64):
         return f"dtype {embeddings.dtype} (the blocked path runs fp32 / fp64)"
     if static_shapes():

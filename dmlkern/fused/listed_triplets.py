@@ -18,9 +18,8 @@ O(N k) memory, and `on_random_triplets` runs the listed path on them."""
 import torch
 
 from .._tracing import static_shapes
-from ..ops import pair_engine as pe
 from ..reference.tuple_losses import margin_anchor_beta, margin_triplets_dict
-from ._common import decline, engine_distance, engine_rows_reason, small_problem
+from ._common import decline, engine_distance, engine_rows_reason, reference_backend_reason, small_problem
 from ._epilogue import ZERO_LOSS
 from .listed_pairs import DENSE, DENSE_FRACTION, distance_values, is_dense, listed_rows, materialized
 from .pair_lists import positive_pairs
@@ -41,8 +40,8 @@ def pairs_to_triplets(a1, p, a2, n):
 def _listed_reason(module, embeddings, ref_emb):
     """Why the listed path can't take this call whatever its triplets (a str), or None."""
     distance = module.distance
-    if pe.choose_backend(module.backend, embeddings.device) == "reference":  # torch ops only: any dtype, device
-        return "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"
+    if reason := reference_backend_reason(module.backend, embeddings.device):  # torch ops only: any dtype, device
+        return reason
     if engine_distance(distance) is None:
         return (f"distance {type(distance).__name__} with listed triplets (the listed path: "
                 "LpDistance(p=2, power 1 or 2), CosineSimilarity, DotProductSimilarity)")

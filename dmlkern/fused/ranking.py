@@ -29,7 +29,7 @@ from ..ops.fixed_mm_op import fixed_mm
 from ..reference.indices import convert_to_weights
 from ..reference.ranking_losses import ranked_list_weights
 from . import _common
-from ._common import decline, is_unit_cosine, is_unit_euclidean, row_sums, unit_rows
+from ._common import decline, is_unit_cosine, is_unit_euclidean, reference_backend_reason, row_sums, unit_rows
 from ._common import SHORT_ROWS
 from ._epilogue import ZERO_LOSS
 from ._stats import record_distance
@@ -183,8 +183,8 @@ def _common_checks(module, embeddings, labels, indices_tuple, ref_emb, weights_o
     indices_tuple only as per-query weights (PML's convert_to_weights), so a listed one is fine."""
     if ref_emb is not embeddings:
         return "ref_emb (these losses take none; the module raises PML's error before this path)"
-    if pe.choose_backend(module.backend, embeddings.device) == "reference":
-        return "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"
+    if reason := reference_backend_reason(module.backend, embeddings.device):
+        return reason
     if labels is None:
         return "no labels (pairs from indices_tuple only)"
     if indices_tuple is not None and not (weights_only and not isinstance(indices_tuple, LazyMined)):

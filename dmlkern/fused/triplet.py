@@ -50,8 +50,8 @@ from ..ops.dispatch import extension_loaded
 from ..ops.fixed_mm_op import fixed_mm
 from ..triton import triton_available
 from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, block_rows, decline, engine_distance, engine_rows,
-                      engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, row_blocks, row_sums,
-                      widened)
+                      engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, reference_backend_reason,
+                      row_blocks, row_sums, widened)
 from ._epilogue import ZERO_LOSS
 
 BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++ on a CPU, else torch ops
@@ -474,8 +474,8 @@ def triplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_label
     from .lazy_pairs import LazyMinedTriplets
     from .listed_triplets import listed_triplet_margin, on_random_triplets
 
-    if pe.choose_backend(module.backend, embeddings.device) == "reference":
-        return decline(module, "backend='reference' requested (loss.backend or DMLKERN_BACKEND)")
+    if reason := reference_backend_reason(module.backend, embeddings.device):
+        return decline(module, reason)
     if module.triplets_per_anchor != "all" and indices_tuple is None and labels is not None:
         return on_random_triplets(module, embeddings, labels, ref_emb, ref_labels,
                                   lambda triplets: listed_triplet_margin(module, embeddings, triplets, ref_emb))

@@ -7,7 +7,8 @@ single-threaded BLAS product, so values and gradients are bit-identical on repea
 thread count (fp32, fp64). On CUDA it is one cuBLAS product (csrc/cuda/fixed_mm_cuda.cu). The
 backward runs through the op again: grad_a = g @ b = fixed_mm(g, b.T), grad_b = g.T @ a =
 fixed_mm(g.T, a.T) (transposed views: the kernel reads them in place). Other dtypes and devices,
-or an install without the extension, compute a @ b.T with torch (no determinism promise).
+an install without the extension, and forward-mode AD (which the op's autograd does not carry)
+compute a @ b.T with torch (no determinism promise).
 
 As the pair engine (ops/pair_engine.py), eager calls on plain tensors differentiate through a
 split-form autograd.Function (torch.func.grad / vjp work through it); under torch.compile and
@@ -17,7 +18,7 @@ import torch
 
 from .._autograd import applier
 from .dispatch import extension_loaded
-from .pair_engine import _direct_call_ok
+from .pair_engine import _direct_call_ok, forward_ad_active
 
 _OP_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "fixed_mm") and hasattr(torch.ops.dmlkern, "fixed_mm_into")
 # The dtypes with a kernel, per device type.
@@ -70,19 +71,18 @@ def fixed_mm(a, b, out=None):
     _check_inputs(a, b)
     if out is not None:
         _check_out(a, b, out)
-        if not runs_kernel(a):
+        if not runs_kernel(a) or forward_ad_active():
             return torch.mm(a, b.t(), out=out)
         torch.ops.dmlkern.fixed_mm_into(a, b, out)
         return out
-    if not runs_kernel(a):
+    if not runs_kernel(a) or forward_ad_active():  # (the op's autograd layer would drop tangents)
         return a @ b.t()
     if _direct_call_ok(a, b):
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             return _direct_apply(a, b)
-        if torch.autograd.forward_ad._current_level < 0:
-            # No graph to record (e.g. inside a backward), no forward-mode tangents: below
-            # autograd, skipping torch.library's Python autograd layer (~4 us a call).
-            return _direct_forward(a, b)
+        # No graph to record (e.g. inside a backward): below autograd, skipping torch.library's
+        # Python autograd layer (~4 us a call).
+        return _direct_forward(a, b)
     return torch.ops.dmlkern.fixed_mm(a, b)
 
 

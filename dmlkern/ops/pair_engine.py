@@ -215,9 +215,16 @@ def _only_grad_transforms():
     return all(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
 
 
+def forward_ad_active():
+    """Whether forward-mode AD is recording (torch.func.jvp, torch.autograd.forward_ad.dual_level):
+    the engines' autograd has no jvp (and torch.library's autograd layer drops tangents silently)."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def _direct_call_ok(*tensors):
     """Whether this call may run the kernels through `_direct_function` (module docstring)."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or is_in_torch_dispatch_mode():
+    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or is_in_torch_dispatch_mode()
+            or forward_ad_active()):
         return False
     if torch._C._are_functorch_transforms_active() and not _only_grad_transforms():
         return False
@@ -306,8 +313,11 @@ def available_backends():
 
 
 def choose_backend(backend, device):
-    """Resolve `backend` for a call on `device`; an engine missing from this install -> reference."""
+    """Resolve `backend` for a call on `device`; an engine missing from this install, or
+    forward-mode AD (`forward_ad_active`: torch's ops carry the tangents), -> reference."""
     chosen = resolve_backend(backend, device)
+    if forward_ad_active():
+        return "reference"
     if chosen == "cpp" and not _cpp_ready or chosen == "triton" and pair_engine_forward_triton is None:
         if backend not in (None, "auto"):
             raise RuntimeError(f"backend={backend!r}: the pair engine is not available for it here")

@@ -18,7 +18,6 @@ PML quirks kept on purpose:
 
 import math
 
-import numpy as np
 import torch
 
 from ..utils.common_functions import neg_inf, pos_inf, small_val  # noqa: F401 (PML's names here too)
@@ -114,9 +113,13 @@ def convert_to_pairs(indices_tuple, labels, ref_labels=None):
 def convert_to_pos_pairs_with_unique_labels(indices_tuple, labels):
     """For each anchor label, the first positive pair (in tuple order) whose anchor has it."""
     a, p, _, _ = convert_to_pairs(indices_tuple, labels)
-    anchor_labels = labels[a].cpu().numpy()
-    _, first = np.unique(anchor_labels, return_index=True)
-    first = torch.as_tensor(first, dtype=torch.long, device=a.device)
+    if a.numel() == 0:
+        return a, p
+    # np.unique(labels[a], return_index=True)'s order (by label), in torch ops: they also run on
+    # torch.func's wrapped tensors (torch.func.jvp), which have no storage for numpy to read.
+    _, group = torch.unique(labels[a], return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), a.numel(), dtype=torch.long, device=a.device)
+    first.scatter_reduce_(0, group, torch.arange(a.numel(), device=a.device), "amin")
     return a[first], p[first]
 
 
