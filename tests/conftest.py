@@ -16,12 +16,24 @@ if "TRITON_INTERPRET" not in os.environ:
 os.environ["DMLKERN_SMALL_CLASS_LOGITS"] = "0"
 os.environ["DMLKERN_SMALL_PAIRS"] = "0"
 
+# pytest-xdist workers share the cores: each gets its share of threads (subprocesses too, through
+# OMP_NUM_THREADS). Two workers of two OpenMP threads each on two cores spin at each other's
+# barriers: small CPU kernels then took 10-30x their time (a 0.4 s test took 12 s). Tests of bits
+# across thread counts set their counts themselves.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _THREADS
+
 # cuBLAS repeats its bits under torch's deterministic algorithms only with a fixed workspace,
 # set before CUDA starts.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(_THREADS))
 
 
 @pytest.hookimpl(trylast=True)
