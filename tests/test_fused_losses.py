@@ -389,6 +389,25 @@ def test_zero_row_next_to_a_nan_row_is_seen(name):
         torch.testing.assert_close(got[key]["losses"], entry["losses"], rtol=1e-9, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_has_entry_finds_each_infinite_or_nan_entry(dtype):
+    """has_entry's shortcut (a finite sum proves every entry finite) answers as the entrywise test:
+    an inf or a NaN anywhere in embeddings or ref_emb, finite rows whose sum overflows, -0.0."""
+    big = torch.finfo(dtype).max
+    x = torch.randn(37, 5, dtype=torch.float64).to(dtype)
+    cases = {"finite": x, "overflowing sum": torch.full((37, 5), big, dtype=dtype), "zeros": -torch.zeros(3, 2, dtype=dtype)}
+    for where, value in ((0, float("inf")), (-1, -float("inf")), (17, float("nan"))):
+        t = x.clone()
+        t.view(-1)[where] = value
+        cases[f"{value} at {where}"] = t
+    for name, t in cases.items():
+        for test in (torch.isinf, torch.isnan):
+            want = bool(test(t).any())
+            assert fused_common.has_entry(test, t) == want, (name, test.__name__)
+            assert fused_common.has_entry(test, x, t) == want, (name, test.__name__, "ref_emb")
+            assert fused_common.has_entry(test, t, x) == want, (name, test.__name__, "embeddings")
+
+
 @pytest.mark.parametrize("name,reducer", [("AngularLoss", "AvgNonZeroReducer"), ("MultiSimilarityLoss", "ThresholdReducer"),
                                           ("SupConLoss", "DoNothingReducer"), ("GeneralizedLiftedStructureLoss", "MeanReducer"),
                                           ("ContrastiveLoss", "SumReducer")])
