@@ -137,7 +137,7 @@ def _cpu_picks(mat, labels, ref_labels, r0, r1, pos_mode, neg_mode, order, pos_r
     """`_pick_per_row` of both sides of rows r0:r1 in one C++ sweep of the block: ((values,
     indices), ok) per side, None for a side not picked (mode 0). Modes 1 (min) / 2 (max);
     order 1 / 2: semihard positives / negatives (beyond the other side's value)."""
-    values, indices, ok = torch.ops.dmlkern.batch_hard_rows(
+    values, indices, ok = torch.ops.dmlkern.batch_hard_rows.default(
         mat, labels[r0:r1], ref_labels, r0, ref_labels is labels, [pos_mode, neg_mode, order],
         [] if pos_range is None else [float(v) for v in pos_range],
         [] if neg_range is None else [float(v) for v in neg_range])

@@ -244,7 +244,7 @@ class _CppRows:
 
     @staticmethod
     def _call(s, labels_b, ref_labels, row0, rule, exclude_diag, coef):
-        return torch.ops.dmlkern.pair_margin_rows(s, labels_b, ref_labels, row0, exclude_diag,
+        return torch.ops.dmlkern.pair_margin_rows.default(s, labels_b, ref_labels, row0, exclude_diag,
                                                   *_CppRows.rule_args(rule), coef)
 
     @staticmethod
@@ -310,7 +310,7 @@ def _live_totals(x, y, labels, ref_labels, rule, exclude_diag):
     sums, counts, kept = [], [], _KeptPairs()
     for r0, r1 in row_blocks(x.shape[0], y.shape[0], x.device):
         s = fixed_mm(x[r0:r1], y, out=f.get("s", r1 - r0, y.shape[0]))
-        block_sums, block_counts, pairs, sides = torch.ops.dmlkern.pair_margin_live(
+        block_sums, block_counts, pairs, sides = torch.ops.dmlkern.pair_margin_live.default(
             s, labels[r0:r1], ref_labels, r0, exclude_diag, *_CppRows.rule_args(rule), thresholds,
             kept.parts is not None)
         sums.append(block_sums)

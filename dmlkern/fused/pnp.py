@@ -84,7 +84,7 @@ class _PNPSpec(_Spec):
         """(cols, real, ranks) of the block's rows' class members."""
         if self._kernel(s, differentiable):
             cols, real = self._members(r0, s.shape[0])
-            ranks = torch.ops.dmlkern.pnp_ranks(s, cols, real, self.labels[r0:r0 + s.shape[0]], self.labels,
+            ranks = torch.ops.dmlkern.pnp_ranks.default(s, cols, real, self.labels[r0:r0 + s.shape[0]], self.labels,
                                                 self.anneal)
             return cols, real, ranks
         cols, real, _, _, _, ranks = self._torch_block(s, r0)
@@ -103,7 +103,7 @@ class _PNPSpec(_Spec):
             cols, real, negative, e, inside, ranks = self._torch_block(s, r0)
         g_rank = torch.where(real, vjp(self.f, ranks, g_out[:, :1].expand_as(ranks)), 0)  # (B, P)
         if self._kernel(s):
-            return torch.ops.dmlkern.pnp_ranks_backward(s, cols, real, self.labels[r0:r0 + s.shape[0]], self.labels,
+            return torch.ops.dmlkern.pnp_ranks_backward.default(s, cols, real, self.labels[r0:r0 + s.shape[0]], self.labels,
                                                         self.anneal, g_rank)
         slope = torch.where(inside, e / ((1.0 + e) * (1.0 + e)), 0) / self.anneal  # d sig / d(s_qk - s_qj)
         w = g_rank[:, :, None] * slope * negative[:, None, :]  # dL / d(s_qk - s_qj)

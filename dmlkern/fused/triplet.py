@@ -196,7 +196,7 @@ def _row_kernel(s, rule):
 
 def _slot_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad, row0):
     """dmlkern::triplet_slot_rows (the CUDA C++ row sweep) as `triton_rows.triplet_rows`."""
-    sums, counts, g_s, g_p = torch.ops.dmlkern.triplet_slot_rows(
+    sums, counts, g_s, g_p = torch.ops.dmlkern.triplet_slot_rows.default(
         s, slot_cols, labels_b, ref_labels, [rule.margin, rule.window_margin],
         [int(rule.smooth), int(rule.euclidean), window_id, int(rule.swap), row0], with_grad)
     return sums, counts[:, 0], counts[:, 1], g_s if with_grad else None, g_p if with_grad else None
@@ -334,7 +334,7 @@ def _sorted_rows(e, pos, neg, rule, with_grad):
 
 def _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     """`_block_pass` after the product, in C++ (csrc/cpu/triplet_rows_cpu.cpp)."""
-    sums, counts, g_s = torch.ops.dmlkern.triplet_rows(
+    sums, counts, g_s = torch.ops.dmlkern.triplet_rows.default(
         s, labels_b, ref_labels, row0, exclude_diag, [rule.margin, rule.window_margin],
         [int(rule.smooth), int(rule.euclidean), WINDOW_IDS[rule.window], int(rule.swap), SORTED_MIN_POSITIVES],
         with_grad)

@@ -73,7 +73,7 @@ def fixed_mm(a, b, out=None):
         _check_out(a, b, out)
         if not runs_kernel(a) or forward_ad_active():
             return torch.mm(a, b.t(), out=out)
-        torch.ops.dmlkern.fixed_mm_into(a, b, out)
+        torch.ops.dmlkern.fixed_mm_into.default(a, b, out)
         return out
     if not runs_kernel(a) or forward_ad_active():  # (the op's autograd layer would drop tangents)
         return a @ b.t()
@@ -83,7 +83,7 @@ def fixed_mm(a, b, out=None):
         # No graph to record (e.g. inside a backward): below autograd, skipping torch.library's
         # Python autograd layer (~4 us a call).
         return _direct_forward(a, b)
-    return torch.ops.dmlkern.fixed_mm(a, b)
+    return torch.ops.dmlkern.fixed_mm.default(a, b)
 
 
 def _setup_context(ctx, inputs, output):
@@ -99,7 +99,7 @@ def _backward(ctx, grad):
 
 def _direct_forward(a, b):
     with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd
-        return torch.ops.dmlkern.fixed_mm(a, b)
+        return torch.ops.dmlkern.fixed_mm.default(a, b)
 
 
 _direct_apply = applier(type("_FixedMM", (torch.autograd.Function,), {
@@ -127,7 +127,7 @@ _CDIST_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "fixed_cdist")
 
 def _euclidean_forward(a, b):
     with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd
-        return torch.ops.dmlkern.fixed_cdist(a, b)
+        return torch.ops.dmlkern.fixed_cdist.default(a, b)
 
 
 def _euclidean_setup(ctx, inputs, output):
@@ -142,7 +142,7 @@ def _euclidean_backward(ctx, grad):
         grad_a = a * ratio.sum(1, keepdim=True) - fixed_mm(ratio, b.t())
         grad_b = b * ratio.sum(0).unsqueeze(1) - fixed_mm(ratio.t(), a.t())
     else:
-        grad_a, grad_b = torch.ops.dmlkern.fixed_cdist_backward(grad, a, b, dist)
+        grad_a, grad_b = torch.ops.dmlkern.fixed_cdist_backward.default(grad, a, b, dist)
     return grad_a if ctx.needs_input_grad[0] else None, grad_b if ctx.needs_input_grad[1] else None
 
 

@@ -36,7 +36,7 @@ def grouped_class_lse(x, w, labels, class0, group, reduce, scale, inv_gamma=1.0)
     no class of the block counts), v_iq the reduction (REDUCE_MAX / REDUCE_SOFT with inv_gamma) of
     the cosines <x_i, w_{qK+k}>, k < K = group. x (N, D) unit rows, w (R, D) the block's unit
     weight rows (R = classes * K), labels (N,) int64 global class ids; CPU fp32 / fp64."""
-    return torch.ops.dmlkern.grouped_class_lse(x, w, labels, int(class0), int(group), int(reduce), float(scale),
+    return torch.ops.dmlkern.grouped_class_lse.default(x, w, labels, int(class0), int(group), int(reduce), float(scale),
                                                float(inv_gamma))
 
 
@@ -45,7 +45,7 @@ def grouped_class_lse_backward(x, w, labels, class0, group, reduce, scale, inv_g
     dL/ds_ick = grad_i exp(scale v_iq - lse_i) scale dv_iq/ds_ick (0 at the own class); grad_w is
     the gradient of the unit rows w (the normalisation's is the caller's), in w's layout when w is a
     transposed view (`grad_w_like`), the products reading such a w in place."""
-    return torch.ops.dmlkern.grouped_class_lse_backward(x, w, labels, int(class0), int(group), int(reduce),
+    return torch.ops.dmlkern.grouped_class_lse_backward.default(x, w, labels, int(class0), int(group), int(reduce),
                                                         float(scale), float(inv_gamma), grad, lse)
 
 
@@ -60,7 +60,7 @@ def grouped_class_lse_backward_into(grad_w, x, w, labels, class0, group, reduce,
         grad_x, gw = grouped_class_lse_backward(x, w, labels, class0, group, reduce, scale, inv_gamma, grad, lse)
         grad_w.copy_(gw)
         return grad_x
-    return torch.ops.dmlkern.grouped_class_lse_backward_into(x, w, labels, int(class0), int(group), int(reduce),
+    return torch.ops.dmlkern.grouped_class_lse_backward_into.default(x, w, labels, int(class0), int(group), int(reduce),
                                                              float(scale), float(inv_gamma), grad, lse, grad_w)
 
 

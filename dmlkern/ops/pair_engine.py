@@ -199,7 +199,7 @@ if _cpp_ready:
     torch.library.register_fake("dmlkern::pair_engine_backward")(_fake_backward)
     torch.library.register_autograd(
         "dmlkern::pair_engine_forward",
-        _make_backward(torch.ops.dmlkern.pair_engine_backward),
+        _make_backward(torch.ops.dmlkern.pair_engine_backward.default),
         setup_context=_setup_context,
     )
 if _into_ready:
@@ -259,8 +259,8 @@ def _direct_function(name, forward_impl, backward):
 
 _CppDirect = None
 if _cpp_ready:
-    _CppDirect = _direct_function("_CppDirect", torch.ops.dmlkern.pair_engine_forward,
-                                  _make_backward(torch.ops.dmlkern.pair_engine_backward))
+    _CppDirect = _direct_function("_CppDirect", torch.ops.dmlkern.pair_engine_forward.default,
+                                  _make_backward(torch.ops.dmlkern.pair_engine_backward.default))
 
 pair_engine_forward_triton = None
 _TritonDirect = None
@@ -353,7 +353,7 @@ def engine_forward(x, y, x_labels, y_labels, row_in=None, *, pass_kind, transfor
     direct = _direct_call_ok(*args[:5])
     if chosen == "triton":
         return _TritonDirect(*args) if direct else pair_engine_forward_triton(*args)
-    return _CppDirect(*args) if direct else torch.ops.dmlkern.pair_engine_forward(*args)
+    return _CppDirect(*args) if direct else torch.ops.dmlkern.pair_engine_forward.default(*args)
 
 
 def _backward_args(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag, symmetric):
@@ -377,7 +377,7 @@ def engine_backward_into(grad_y, x, y, x_labels, y_labels, row_in, row_coef, *, 
             and not static_shapes()):
         args = _backward_args(x, y, x_labels, y_labels, row_in, row_coef, transform, mining, params, exclude_diag,
                               False)
-        return torch.ops.dmlkern.pair_engine_backward_into(*args[:-1], grad_y)
+        return torch.ops.dmlkern.pair_engine_backward_into.default(*args[:-1], grad_y)
     grad_x, gy = engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, transform=transform, mining=mining,
                                      params=params, exclude_diag=exclude_diag, backend=backend,
                                      coef_terms=coef_terms)
@@ -402,4 +402,4 @@ def engine_backward_raw(x, y, x_labels, y_labels, row_in, row_coef, *, transform
             # no autograd here: only the dispatcher hop is skipped (functorch's wrappers need it)
             return _tk.engine_backward(*args, coef_terms=int(coef_terms))
         return pair_engine_backward_triton(*args, int(coef_terms))
-    return torch.ops.dmlkern.pair_engine_backward(*args)
+    return torch.ops.dmlkern.pair_engine_backward.default(*args)

@@ -41,11 +41,11 @@ def runs_kernel(*tensors):
 def unit_rows(rows, eps, out):
     """rows / max(|row|, eps) into `out` (rows' shape and dtype, any strides; may be rows);
     returns the norms (R, 1) in rows' dtype."""
-    return torch.ops.dmlkern.unit_rows(rows, float(eps), out)
+    return torch.ops.dmlkern.unit_rows.default(rows, float(eps), out)
 
 
 def unit_rows_backward(grad, y, norms, eps, out):
     """The gradient of rows given `grad`, that of y = rows / max(|row|, eps), into `out` (grad's
     shape; may be grad): (grad - y (y . grad) [norm >= eps]) / max(norm, eps)."""
-    torch.ops.dmlkern.unit_rows_backward(grad, y, norms, float(eps), out)
+    torch.ops.dmlkern.unit_rows_backward.default(grad, y, norms, float(eps), out)
     return out
