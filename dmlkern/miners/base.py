@@ -58,6 +58,10 @@ class BaseMiner(RecordsMixin, torch.nn.Module):
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         self.reset_stats()
+        if torch.autograd.forward_ad._current_level >= 0:
+            # forward-mode AD (torch.func.jvp): mining returns indices, so no tangent is needed, and
+            # the blocked miners' products into buffers (out=) take none
+            embeddings, ref_emb = embeddings.detach(), None if ref_emb is None else ref_emb.detach()
         with torch.no_grad():
             validate_inputs(embeddings, labels, None, ref_emb, ref_labels, labels_required=True)
             labels, ref_labels = class_id_pair(labels, None if ref_emb is None else ref_labels, embeddings.device)
