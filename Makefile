@@ -9,7 +9,8 @@ PIP := $(PY) -m pip
 DEPS_STAMP := $(VENV)/.deps-installed
 JOBS ?= 2
 # pytest workers (pytest-xdist; 0: one process). Most tests are single-threaded Python (the Triton
-# interpreter, small parity cases), so two workers on two cores take ~2/3 of one's time.
+# interpreter, small parity cases), so two workers on two cores take ~2/3 of one's time; each
+# worker's torch gets its share of the cores (tests/conftest.py).
 TEST_WORKERS ?= $(JOBS)
 # Without a GPU, Triton kernels run under the interpreter on CPU tensors.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
