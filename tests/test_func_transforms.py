@@ -192,3 +192,18 @@ def test_miners_under_forward_mode_ad_mine_the_same_indices(name):
     xx = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(loss_fn(xx, labels, want), xx)
     torch.testing.assert_close(got, (grad * tangent).sum(), **TOL)
+
+
+@pytest.mark.parametrize("name", [n for n, with_ref in CASES if not with_ref])
+def test_jacrev_and_jacfwd_give_the_gradient(name):
+    """The Jacobian of a scalar loss is its gradient: jacrev through the fused vjp, jacfwd through
+    the reference's jvp (or torch's cdist error with an LpDistance, as PML)."""
+    loss_fn, loss, (x, ref, params) = _setup(name, False)
+    _, grads = _autograd(loss, x, ref, params)
+    torch.testing.assert_close(torch.func.jacrev(lambda z: loss(z, None, params))(x), grads[0], **TOL)
+    try:
+        got = torch.func.jacfwd(lambda z: loss(z, None, params))(x)
+    except NotImplementedError as error:
+        assert _forward_ad_unsupported_by_torch(error), error
+        return
+    torch.testing.assert_close(got, grads[0], **TOL)
