@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from ._tracing import forward_ad_active
+
 _GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE: smaller ops run on one thread
 _CHUNK = 4096  # elements per partial sum (below torch's grain size: one chunk is one thread's)
 
@@ -95,6 +97,6 @@ def softmax(t, dim):
     by the split (e.g. fp32 100 x 100 differs between 1 and 2 threads). Elsewhere, and under
     torch.compile, torch.func transforms and forward-mode AD, torch.softmax."""
     if (t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0):
+            or torch._C._are_functorch_transforms_active() or forward_ad_active()):
         return torch.softmax(t, dim)
     return _Softmax.apply(t, dim)

@@ -8,3 +8,10 @@ FORCE_STATIC_SHAPES = False
 
 def static_shapes():
     return FORCE_STATIC_SHAPES or torch.compiler.is_compiling()
+
+
+def forward_ad_active():
+    """Whether forward-mode AD is recording (torch.func.jvp, torch.autograd.forward_ad.dual_level):
+    the kernels' autograd has no jvp (and torch.library's autograd layer drops tangents silently),
+    so torch's ops run instead."""
+    return torch.autograd.forward_ad._current_level >= 0

@@ -34,6 +34,7 @@ losses call it where PML's loss would call the distance).
 import torch
 
 from . import _pml_paths
+from ._tracing import forward_ad_active
 from ._validation import InvalidInputError
 from .utils.common_functions import RecordsMixin
 
@@ -60,7 +61,7 @@ def _fixed_ops(query_emb, ref_emb):
     the fused paths' determinism. Else None."""
     if (query_emb.device.type != "cpu" or query_emb.dim() != 2 or ref_emb.dim() != 2
             or query_emb.dtype != ref_emb.dtype or torch.is_autocast_enabled("cpu")
-            or torch.autograd.forward_ad._current_level >= 0):  # forward-mode AD: torch's ops carry tangents
+            or forward_ad_active()):  # forward-mode AD: torch's ops carry tangents
         return None
     from .ops import fixed_mm_op  # here: dmlkern.ops imports the reference, which imports this module
     if not fixed_mm_op.runs_kernel(query_emb) or not fixed_mm_op._direct_call_ok(query_emb, ref_emb):

@@ -148,11 +148,15 @@ class _UnitRows(torch.autograd.Function):
             return (grad - y * radial) / norm.clamp_min(_NORMALIZE_EPS)
 
 
+def _distinct(tensors):
+    """The non-None tensors, each once (ref_emb is often the embeddings themselves)."""
+    return [t for i, t in enumerate(tensors) if t is not None and all(t is not u for u in tensors[:i])]
+
+
 def _holds_somewhere(test, tensors):
     """Whether test(t) (a bool tensor) has a True for one of the distinct, non-None tensors: one
     host read each. detach: no graph is needed, and float() of a tensor requiring grad warns."""
-    distinct = [t for i, t in enumerate(tensors) if t is not None and all(t is not u for u in tensors[:i])]
-    return any(bool(test(t.detach()).any()) for t in distinct)
+    return any(bool(test(t.detach()).any()) for t in _distinct(tensors))
 
 
 def has_short_rows(*tensors):
@@ -177,10 +181,10 @@ def has_entry(test, embeddings, ref_emb=None):
 
 
 def all_finite_sums(tensors):
-    """Whether each non-None tensor's sum is finite, which proves its every entry finite: one op and
-    one host read each (~4 us at 64 x 128 on a CPU, where isinf(t).any() takes ~20). A non-finite
-    sum (an inf or NaN entry, or finite entries that overflow) proves nothing."""
-    return all(math.isfinite(float(t.detach().sum())) for t in tensors if t is not None)
+    """Whether each distinct, non-None tensor's sum is finite, which proves its every entry finite:
+    one op and one host read each (~4 us at 64 x 128 on a CPU, where isinf(t).any() takes ~20). A
+    non-finite sum (an inf or NaN entry, or finite entries that overflow) proves nothing."""
+    return all(math.isfinite(float(t.detach().sum())) for t in _distinct(tensors))
 
 
 _apply_unit_rows = applier(_UnitRows)

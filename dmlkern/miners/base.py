@@ -13,6 +13,7 @@ the miner's own statistics (``_record_these_stats``) are reset to 0 at the start
 
 import torch
 
+from .._tracing import forward_ad_active
 from .._validation import InvalidInputError, class_id_pair, validate_inputs
 from ..distances import LpDistance
 from ..utils.common_functions import RecordsMixin
@@ -58,7 +59,7 @@ class BaseMiner(RecordsMixin, torch.nn.Module):
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         self.reset_stats()
-        if torch.autograd.forward_ad._current_level >= 0:
+        if forward_ad_active():
             # forward-mode AD (torch.func.jvp): mining returns indices, so no tangent is needed, and
             # the blocked miners' products into buffers (out=) take none
             embeddings, ref_emb = embeddings.detach(), None if ref_emb is None else ref_emb.detach()

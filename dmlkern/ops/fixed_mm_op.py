@@ -17,8 +17,9 @@ dispatch modes (FakeTensor, opcheck) the op's registered autograd runs. Both hav
 import torch
 
 from .._autograd import applier
+from .._tracing import forward_ad_active
 from .dispatch import extension_loaded
-from .pair_engine import _direct_call_ok, forward_ad_active
+from .pair_engine import _direct_call_ok
 
 _OP_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "fixed_mm") and hasattr(torch.ops.dmlkern, "fixed_mm_into")
 # The dtypes with a kernel, per device type.

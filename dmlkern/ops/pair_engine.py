@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .. import reference
 from .._autograd import applier
-from .._tracing import static_shapes
+from .._tracing import forward_ad_active, static_shapes  # noqa: F401 (pe.forward_ad_active)
 from ..triton import triton_ops_wanted
 from .dispatch import extension_loaded, log_debug, resolve_backend
 
@@ -213,12 +213,6 @@ def _only_grad_transforms():
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
     return all(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
-
-
-def forward_ad_active():
-    """Whether forward-mode AD is recording (torch.func.jvp, torch.autograd.forward_ad.dual_level):
-    the engines' autograd has no jvp (and torch.library's autograd layer drops tangents silently)."""
-    return torch.autograd.forward_ad._current_level >= 0
 
 
 def _direct_call_ok(*tensors):
