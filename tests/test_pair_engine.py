@@ -1278,6 +1278,35 @@ def test_cpp_two_sided_fixed_shift_rows_below_the_window(dtype, case):
     assert torch.equal(got, _cpp_threads(2, forward)), "bits differ between 1 and 2 threads"
 
 
+@pytest.mark.parametrize("transform", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_cpp_lse2_column_chunks(dtype, transform):
+    """The lse2 pass with a fixed shift against a y taller than x runs column-parallel (tasks of a
+    512-row block and a chunk of 512-column tiles, the chunks' sums merged in order): 530 rows (a
+    second, short row block) against 17 full tiles and a short one (9 chunks of two tiles, the
+    last one short), labels shared across chunks: the reference's statistics, and the
+    same bits at 1, 2 and 3 threads."""
+    _needs_engine("cpp")
+    atol, rtol = TOLERANCES[dtype]
+    g = torch.Generator().manual_seed(23)
+    n, m = 530, 17 * 512 + 45
+    x = torch.nn.functional.normalize(torch.randn(n, 8, generator=g, dtype=dtype), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(m, 8, generator=g, dtype=dtype), dim=1)
+    xl, yl = torch.randint(0, 50, (n,), generator=g), torch.randint(0, 50, (m,), generator=g)
+    params = PARAMS[0]
+    row_in = torch.zeros(n, 3, dtype=dtype)
+    want = reference.engine_forward(x.double(), y.double(), xl, yl, row_in.double(), 1, transform, 0, params,
+                                    False)
+
+    def forward():
+        return pe.engine_forward(x, y, xl, yl, row_in, pass_kind=1, transform=transform, params=params,
+                                 backend="cpp")
+    got = _cpp_threads(1, forward)
+    _close_to_scale(got, want, atol, rtol, "forward")
+    for threads in (2, 3):
+        assert torch.equal(_cpp_threads(threads, forward), got), f"bits differ between 1 and {threads} threads"
+
+
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("case", ["nan", "long"])
 def test_cpp_two_sided_window_from_a_late_row(case, layout):

@@ -44,6 +44,24 @@ constexpr int64_t kColBlock = 512;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The column-parallel schedules (the backward's one sweep, the forward's lse2 pass against a wide
+// y): tall tiles of kTallRowBlock x kColBlock, and tasks that own chunks of y's column blocks.
+// 512-row tiles (1 MiB in fp32) run MKL's depth-D products near its full rate; 128-row ones ran
+// at ~60-70 % of it on a 2-core Xeon. The chunks are a fixed grouping of the column blocks (at
+// most kColChunks, none empty): the bits do not depend on the thread count. Each chunk keeps
+// per-row partials, merged in chunk order, within kChunkPartialBytes.
+constexpr int64_t kTallRowBlock = 512;
+constexpr int64_t kColChunks = 16;
+constexpr int64_t kChunkPartialBytes = int64_t(64) << 20;
+
+// How many chunks the column blocks of m columns form: at most min(kColChunks, max_chunks), at
+// least 1 (also for m = 0).
+inline int64_t col_chunks(int64_t m, int64_t max_chunks = kColChunks) {
+  const int64_t blocks = ceil_div(m, kColBlock);
+  const int64_t cap = std::max<int64_t>(1, std::min(kColChunks, max_chunks));
+  return blocks == 0 ? 1 : ceil_div(blocks, ceil_div(blocks, cap));
+}
+
 // The tile products run with BLAS pinned to one thread on the calling thread, for the
 // lifetime of this guard (one per parallel_for body). Why: MKL threads each product itself
 // (MKL_VERBOSE shows Dyn:0 and NThr = the torch thread count even for the products inside

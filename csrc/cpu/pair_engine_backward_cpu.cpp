@@ -197,22 +197,15 @@ void grad_tiles(const at::Tensor& own, const at::Tensor& other, const int32_t* o
 // grad_x[a] += W y[b]: 3 products and one epilogue per tile where the two passes take 4 and 2.
 // Tasks own chunks of y blocks (so grad_y rows have one writer); grad_x goes to one partial per
 // chunk, summed in chunk order at the end. The chunks are a fixed grouping of y's blocks (at
-// most kSweepChunks), so the bits do not depend on the thread count. The partials cost
-// chunks x N x D: used while that stays within kSweepPartialBytes (sweep_chunks > 0).
-constexpr int64_t kSweepChunks = 16;
-constexpr int64_t kSweepPartialBytes = int64_t(64) << 20;
-// The sweep's tiles are kSweepRowBlock x kColBlock: taller than the forward's (kRowBlock), because
-// a block of grad_y sums one product per row block, each of depth na. 512-row tiles (1 MiB in
-// fp32) took the ArcFace backward at N=1024, C=262144 from ~4.8 to ~4.2 T_mm on a 2-core Xeon
-// (the 128-row tiles' depth-128 accumulating products ran at ~60 % of MKL's rate). The forward
-// keeps its 128-row blocks: it parallelises over them.
-constexpr int64_t kSweepRowBlock = 512;
-
+// most kColChunks, engine_cpu.h), so the bits do not depend on the thread count. The partials
+// cost chunks x N x D: used while that stays within kChunkPartialBytes (sweep_chunks > 0). The
+// tiles are tall (kTallRowBlock rows): a block of grad_y sums one product per row block, each of
+// depth na. 512-row tiles took the ArcFace backward at N=1024, C=262144 from ~4.8 to ~4.2 T_mm
+// on a 2-core Xeon.
 inline int64_t sweep_chunks(const at::Tensor& x, const at::Tensor& y) {
-  const int64_t blocks = ceil_div(y.size(0), kColBlock);
-  const int64_t chunks = ceil_div(blocks, ceil_div(blocks, kSweepChunks));  // none left empty
+  const int64_t chunks = col_chunks(y.size(0));
   const int64_t bytes = chunks * x.size(0) * x.size(1) * x.element_size();
-  return bytes <= kSweepPartialBytes ? chunks : 0;
+  return bytes <= kChunkPartialBytes ? chunks : 0;
 }
 
 // epilogue(tile, na, nc, a0, c0, tile_has_pos) turns the tile (x rows a0.., y columns c0..) into
@@ -231,7 +224,7 @@ void grad_sweep(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab, c
   const bool y_column_major = is_column_major(y);
   auto partial = at::empty({chunks, n, d}, grad_x.options());
   parallel_blocks(chunks, [&](int64_t k0, int64_t k1) {
-    auto buffer = at::empty({std::min(kSweepRowBlock, n) * std::min(kColBlock, m)}, x.options());
+    auto buffer = at::empty({std::min(kTallRowBlock, n) * std::min(kColBlock, m)}, x.options());
     const int64_t acc_rows = std::min(kColBlock, m);
     auto grad_y_acc = y_column_major ? at::empty({d, acc_rows}, grad_y.options()).t()
                                      : at::empty({acc_rows, d}, grad_y.options());
@@ -244,8 +237,8 @@ void grad_sweep(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab, c
         const int64_t nc = std::min(kColBlock, m - c0);
         const auto y_blk = y.narrow(0, c0, nc);
         auto grad_y_blk = grad_y_acc.narrow(0, 0, nc);
-        for (int64_t a0 = 0; a0 < n; a0 += kSweepRowBlock) {
-          const int64_t na = std::min(kSweepRowBlock, n - a0);
+        for (int64_t a0 = 0; a0 < n; a0 += kTallRowBlock) {
+          const int64_t na = std::min(kTallRowBlock, n - a0);
           const auto x_blk = x.narrow(0, a0, na);
           auto tile = buffer.narrow(0, 0, na * nc).view({na, nc});
           at::mm_out(tile, x_blk, y_blk.t());

@@ -241,6 +241,44 @@ DMLK_CPU_CLONES void lse2_fixed_tile(const T* tile, int64_t nr, int64_t nc, int6
   }
 }
 
+// The lse2 pass with a fixed shift against a y of at least as many rows as x (the class-weight
+// losses: a batch against its C weight rows), column-parallel (engine_cpu.h): tasks (tall row
+// block, chunk of y's column blocks), each folding its tiles into its chunk's sums per row, merged
+// in chunk order (with one shift, a merge is an addition). Row-block tasks would leave a batch of
+// one row block (N <= 128) to one core, and MKL runs 128-row tiles well below its rate.
+template <typename T, int64_t TR>
+void lse2_fixed_wide(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab, const int32_t* ylab,
+                     EngineParams<T> p, bool exclude_diag, FixedShift<T> u, at::Tensor& out) {
+  const int64_t n = x.size(0), m = y.size(0);
+  if (n == 0) return;
+  const int64_t rows = std::min(kTallRowBlock, n), row_blocks = ceil_div(n, rows);
+  const int64_t chunks = col_chunks(m, kChunkPartialBytes / (n * int64_t(sizeof(Lse2Acc<T>))));
+  const int64_t per_chunk = ceil_div(ceil_div(m, kColBlock), chunks) * kColBlock;  // columns
+  std::vector<Lse2Acc<T>> partial(chunks * n);  // chunk k's sums of row i at k * n + i
+  parallel_blocks(row_blocks * chunks, [&](int64_t t0, int64_t t1) {
+    auto buffer = at::empty({rows * std::min(kColBlock, std::max<int64_t>(m, 1))}, x.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t / chunks * rows, k = t % chunks, nr = std::min(rows, n - r0);
+      const auto xb = x.narrow(0, r0, nr);
+      const int64_t c_end = std::min(m, (k + 1) * per_chunk);
+      for (int64_t c0 = k * per_chunk; c0 < c_end; c0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, c_end - c0);
+        auto tile = buffer.narrow(0, 0, nr * nc).view({nr, nc});
+        at::mm_out(tile, xb, y.narrow(0, c0, nc).t());
+        lse2_fixed_tile<T, TR>(tile.data_ptr<T>(), nr, nc, r0, c0, xlab, ylab, p, exclude_diag, u,
+                               partial.data() + k * n + r0);
+      }
+    }
+  });
+  T* o = out.data_ptr<T>();
+  const int64_t cols = out.size(1);
+  for (int64_t i = 0; i < n; ++i) {
+    Lse2Acc<T> acc = partial[i];
+    for (int64_t k = 1; k < chunks; ++k) acc.merge(partial[k * n + i]);
+    acc.store(o + i * cols);
+  }
+}
+
 template <typename T, int64_t PASS, int64_t TR, int64_t MI>
 void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
                   const int32_t* ylab, const RowColumns<T>& rows, EngineParams<T> p,
@@ -249,10 +287,16 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab,
   T* o = out.data_ptr<T>();
   const int64_t cols = out.size(1);
   // lse2 without mining: one sweep per tile row where a fixed shift bounds every value
-  // (engine_cpu.h, FixedShift), the rows whose LSE falls below its window recomputed after.
+  // (engine_cpu.h, FixedShift), the rows whose LSE falls below its window recomputed after;
+  // column-parallel against a y at least as tall as x (lse2_fixed_wide).
   std::optional<FixedShift<T>> shift;
   if constexpr (PASS == kPassLse2 && MI == kMiningNone && TR != kTransformCircle) {
     if (x.size(1) > 0) shift = fixed_shift<T, TR>(x, y, p);
+    if (shift && m >= n) {
+      lse2_fixed_wide<T, TR>(x, y, xlab, ylab, p, exclude_diag, *shift, out);
+      lse2_rows_below_window<T, TR, MI>(x, y, xlab, ylab, rows, p, exclude_diag, *shift, out);
+      return;
+    }
   }
   // Passes 2 and 3 sum over positive pairs only: a row block visits only the columns from the
   // first to the last one sharing a label with one of its rows (all of them for shuffled
