@@ -21,6 +21,11 @@ duplicated rows, labels with many singleton classes / one class / two classes, r
 cases (with NaN rows, ref_labels sharing all / some / none of the labels), reducers mostly DoNothing,
 AvgNonZero, Threshold, PerAnchor, ClassWeighted, Divisor, MultipleReducers, Mean, and miners.
 
+FUZZ_FOCUS=tiles: batches that cross the kernels' tile boundaries (N 100..600, ref_emb of 100..1300
+rows, up to 1300 classes; D 2..40): the C++ engine's 128- and 512-row blocks, its 512-column tiles
+and column chunks, the symmetric tiles' rounds (8 blocks from N = 897: not reached), the blocked
+paths' row blocks. PML's O(N^3) losses get N <= 260. Few NaN / zero / duplicate rows.
+
 FUZZ_LOSSES=PNPLoss,DynamicSoftMarginLoss: draw the loss from these only (a new fused path).
 
 FUZZ_SLOT_OP=1: the fused TripletMarginLoss's row sweep through dmlkern::triplet_slot_rows on the
@@ -45,7 +50,7 @@ import torch
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
 AUTOCAST = os.environ.get("FUZZ_AUTOCAST", "") == "bf16"
-FOCUS = os.environ.get("FUZZ_FOCUS", "")  # "degenerate": see gen_spec_degenerate
+FOCUS = os.environ.get("FUZZ_FOCUS", "")  # "degenerate" / "tiles": see gen_inputs_degenerate / _tiles
 
 import pytorch_metric_learning.distances as Pdist
 import pytorch_metric_learning.losses as Plos
@@ -344,11 +349,31 @@ def corrupt_degenerate(emb, inp, g, nan_rows, inf=0, zero_rows=0, dup_rows=0, fu
     return emb
 
 
-def gen_spec(seed):
+# ---------------------------------------------------------------- FUZZ_FOCUS=tiles
+# PML materialises N^3 values (or N^2 x classes) for these: kept to N <= 260 (~18M)
+CUBIC_IN_PML = {"TripletMarginLoss", "AngularLoss", "MarginLoss", "TupletMarginLoss", "FastAPLoss",
+                "SmoothAPLoss", "PNPLoss", "HistogramLoss", "RankedListLoss", "ManifoldLoss",
+                "DynamicSoftMarginLoss", "ThresholdConsistentMarginLoss", "CrossBatchMemory", "MultipleLosses"}
+
+
+def gen_inputs_tiles(r):
+    """N around the engine's row blocks (128, 512) and past them; many classes (several 512-column
+    tiles and column chunks of the class losses' weights); ref_emb shorter or longer than N."""
+    N = ch(r, [r.randint(100, 140), r.randint(250, 270), r.randint(500, 530), r.randint(100, 600)])
+    ref = r.random() < 0.3
+    return dict(N=N, D=r.randint(2, 40), dtype=ch(r, ["float32", "float32", "float64"]),
+                labscheme=ch(r, ["few", "few", "few", "distinct", "two", "one"]),
+                labdtype=ch(r, ["int64", "int64", "int32"]), scale=ch(r, [1.0, 1.0, 0.1, 3.0]),
+                nan=r.random() < 0.03, zero_rows=r.random() < 0.05, dup_rows=r.random() < 0.05,
+                ref=ref, Nr=ch(r, [r.randint(100, 140), r.randint(500, 530), r.randint(1030, 1300)]) if ref else None,
+                C=ch(r, [3, 20, 120, 600, 1100, 1300]), offset=ch(r, [0.0, 0.0, 0.0, 2.0]))
+
+
+def _gen_spec(seed):
     deg = FOCUS == "degenerate"
     r = random.Random(seed)
     kind = "miner" if r.random() < 0.2 else "loss"
-    inp = gen_inputs_degenerate(r) if deg else gen_inputs(r, None)
+    inp = gen_inputs_degenerate(r) if deg else gen_inputs_tiles(r) if FOCUS == "tiles" else gen_inputs(r, None)
     red = (lambda p, n=None: gen_reducer_degenerate(r, n)) if deg else (lambda p, n=None: gen_reducer(r, p))
     spec = dict(seed=seed, kind=kind, inputs=inp)
     if kind == "miner":
@@ -356,6 +381,9 @@ def gen_spec(seed):
         return spec
     name = ch(r, ALL_LOSSES)
     spec["loss"] = name
+    if FOCUS == "tiles" and name in CUBIC_IN_PML:
+        inp["N"] = min(inp["N"], 260)
+        inp["Nr"] = inp["Nr"] and min(inp["Nr"], 260)
     if name in CLASS_LOSSES or name in NO_REF:
         if r.random() < 0.8 or deg:
             inp["ref"] = False
@@ -408,6 +436,15 @@ def gen_spec(seed):
         spec["manifold_meta"] = r.random() < 0.5
     if name == "DynamicSoftMarginLoss":
         spec["dsm_nolabels"] = r.random() < 0.3
+    return spec
+
+
+def gen_spec(seed):
+    spec = _gen_spec(seed)
+    if FOCUS == "tiles" and (spec["kind"] == "miner" or spec.get("miner") or spec.get("cbm_miner")
+                             or any(spec.get("sub_miners") or [])):
+        inp = spec["inputs"]  # PML's miners hold N^2 to N^3 values
+        inp["N"], inp["Nr"] = min(inp["N"], 260), inp["Nr"] and min(inp["Nr"], 260)
     return spec
 
 
