@@ -21,10 +21,10 @@ duplicated rows, labels with many singleton classes / one class / two classes, r
 cases (with NaN rows, ref_labels sharing all / some / none of the labels), reducers mostly DoNothing,
 AvgNonZero, Threshold, PerAnchor, ClassWeighted, Divisor, MultipleReducers, Mean, and miners.
 
-FUZZ_FOCUS=tiles: batches that cross the kernels' tile boundaries (N 100..600, ref_emb of 100..1300
+FUZZ_FOCUS=tiles: batches that cross the kernels' tile boundaries (N 100..1030, ref_emb of 100..1300
 rows, up to 1300 classes; D 2..40): the C++ engine's 128- and 512-row blocks, its 512-column tiles
-and column chunks, the symmetric tiles' rounds (8 blocks from N = 897: not reached), the blocked
-paths' row blocks. PML's O(N^3) losses get N <= 260. Few NaN / zero / duplicate rows.
+and column chunks, the symmetric tiles' rounds (8 blocks of 128 rows from N = 897), the blocked
+paths' row blocks. PML's O(N^3) losses and the miners get N <= 260. Few NaN / zero / duplicate rows.
 
 FUZZ_LOSSES=PNPLoss,DynamicSoftMarginLoss: draw the loss from these only (a new fused path).
 
@@ -359,7 +359,8 @@ CUBIC_IN_PML = {"TripletMarginLoss", "AngularLoss", "MarginLoss", "TupletMarginL
 def gen_inputs_tiles(r):
     """N around the engine's row blocks (128, 512) and past them; many classes (several 512-column
     tiles and column chunks of the class losses' weights); ref_emb shorter or longer than N."""
-    N = ch(r, [r.randint(100, 140), r.randint(250, 270), r.randint(500, 530), r.randint(100, 600)])
+    N = ch(r, [r.randint(100, 140), r.randint(250, 270), r.randint(500, 530), r.randint(100, 600),
+               r.randint(890, 1030)])
     ref = r.random() < 0.3
     return dict(N=N, D=r.randint(2, 40), dtype=ch(r, ["float32", "float32", "float64"]),
                 labscheme=ch(r, ["few", "few", "few", "distinct", "two", "one"]),

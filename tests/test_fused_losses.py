@@ -604,7 +604,6 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
     zero_row = torch.cat([x[:1] * 0, x[1:]])
     for loss_fn, args, reason in [
         (losses.MultiSimilarityLoss(distance=LpDistance(p=1)), (x, labels), "non-default distance LpDistance"),
-        (losses.NTXentLoss(reducer=AvgNonZeroReducer()), (x, labels), "AvgNonZeroReducer with NTXentLoss"),
         (losses.LiftedStructureLoss(), (x, labels, None, x[:7] * 2, labels[:7]), "ref_emb"),  # PML's quirk
         (losses.LiftedStructureLoss(), (x, labels, None, x, labels.clone()), "ref_emb"),  # self-pairs kept then
         (losses.LiftedStructureLoss(), (zero_row, labels), "shorter than 1e-12"),
@@ -690,6 +689,9 @@ MEMORY_LOSSES = {  # constructor, labels (n = 16384): the default configuration 
     # mining on x.detach(), a common pattern: the loss still mines in its kernel
     "multi_similarity_miner_detached": ("losses.MultiSimilarityLoss()", "torch.randint(0, n // 8, (n,))"),
     "ntxent": ("losses.NTXentLoss()", "torch.cat([torch.arange(n // 2), torch.arange(n // 2)])"),
+    # per-pair losses (115K positive pairs): PML's positive x negative pairs matrix would be ~3e10 entries
+    "ntxent_avg_nonzero": ("losses.NTXentLoss(reducer=__import__('dmlkern.reducers').reducers.AvgNonZeroReducer())",
+                           "torch.randint(0, n // 8, (n,))"),
     "supcon": ("losses.SupConLoss()", "torch.randint(0, n // 8, (n,))"),
     "lifted": ("losses.LiftedStructureLoss()", "torch.randint(0, n // 8, (n,))"),
     "generalized_lifted": ("losses.GeneralizedLiftedStructureLoss()", "torch.randint(0, n // 8, (n,))"),
@@ -836,6 +838,81 @@ def test_lifted_pairs_function_gradcheck_cpp():
 
     assert total(x) > 0
     assert torch.autograd.gradcheck(total, (x.requires_grad_(True),))
+
+
+NTXENT_DISTANCES = {
+    "cosine": lambda D: D.CosineSimilarity(),
+    "dot": lambda D: D.DotProductSimilarity(normalize_embeddings=False),
+    "unit_euclidean": lambda D: D.LpDistance(),
+    "unit_squared": lambda D: D.LpDistance(power=2),
+    "raw_euclidean": lambda D: D.LpDistance(normalize_embeddings=False),
+}
+NTXENT_REDUCERS = {
+    "do_nothing": lambda R: R.DoNothingReducer(),
+    "avg_nonzero": lambda R: R.AvgNonZeroReducer(),
+    "threshold": lambda R: R.ThresholdReducer(low=0.5),
+    "per_anchor": lambda R: R.PerAnchorReducer(),
+}
+
+
+@pytest.mark.parametrize("case", ["batch", "ref_emb", "singletons", "one_class"])
+@pytest.mark.parametrize("reducer", list(NTXENT_REDUCERS))
+@pytest.mark.parametrize("distance", list(NTXENT_DISTANCES))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ntxent_per_pair_reducers_match_pml(engine_backend_choice, backend, device, distance, reducer, case):
+    """NTXentLoss with a reducer other than the mean reads PML's per-positive-pair losses: fused,
+    from each anchor's negatives' log-sum-exp and the pairs' own logits (PML builds positive pairs
+    x negative pairs). PML's values (for DoNothingReducer its pairs, in its order) and gradients,
+    on odd sizes, with ref_emb, with a NaN-free batch of mostly singletons (anchors without
+    positives) and one class (no negatives: PML's zero)."""
+    from pytorch_metric_learning import distances as pml_distances, losses as pml_losses
+    from pytorch_metric_learning import reducers as pml_reducers
+    from dmlkern import distances as dml_distances, reducers as dml_reducers
+    expected = engine_backend_choice(backend, device)
+    dtype = torch.float64 if backend == "engine-reference" else torch.float32
+    g = torch.Generator().manual_seed(31)
+    n = 41
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    labels = {"singletons": torch.cat([torch.arange(n - 4), torch.tensor([0, 1, 1, 2])]),
+              "one_class": torch.zeros(n, dtype=torch.long)}.get(case, torch.randint(0, 5, (n,), generator=g))
+    ref = ref_labels = None
+    if case == "ref_emb":
+        ref, ref_labels = torch.randn(23, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (23,), generator=g)
+
+    def run(lib):
+        dist = NTXENT_DISTANCES[distance](dml_distances if lib == "dml" else pml_distances)
+        red = NTXENT_REDUCERS[reducer](dml_reducers if lib == "dml" else pml_reducers)
+        loss_fn = (losses if lib == "dml" else pml_losses).NTXentLoss(temperature=0.3, distance=dist, reducer=red)
+        emb = (x.to(dtype) if lib == "pml" else x.to(device, dtype)).clone().requires_grad_(True)
+        ref_emb = None if ref is None else (ref.to(dtype) if lib == "pml" else ref.to(device, dtype)).clone().requires_grad_(True)
+        lab = labels if lib == "pml" else labels.to(device)
+        ref_lab = ref_labels if lib == "pml" or ref_labels is None else ref_labels.to(device)
+        out = loss_fn(emb, lab, None, ref_emb, ref_lab)
+        if isinstance(out, dict):
+            entry = out["loss"]
+            total, values = entry["losses"].sum() if torch.is_tensor(entry["losses"]) else None, entry
+        else:
+            total, values = out, out
+        wrt = [emb] + ([] if ref_emb is None else [ref_emb])
+        grads = torch.autograd.grad(total, wrt, allow_unused=True) if total is not None and total.requires_grad else None
+        return loss_fn, values, grads
+
+    loss_fn, got, got_g = run("dml")
+    _, want, want_g = run("pml")
+    assert loss_fn.last_backend == ("zero" if case == "one_class" else expected), loss_fn.last_fallback
+    rtol, atol = TOLERANCES[dtype]
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got["reduction_type"] == want["reduction_type"]
+        if want["indices"] is not None:
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(got["indices"], want["indices"]))
+        got_v, want_v = got["losses"], want["losses"]
+    else:
+        got_v, want_v = got, want
+    torch.testing.assert_close(torch.as_tensor(got_v).cpu(), torch.as_tensor(want_v), rtol=rtol, atol=atol)
+    assert (got_g is None) == (want_g is None)
+    for a, b in zip(got_g or (), want_g or ()):
+        torch.testing.assert_close(torch.zeros_like(b) if a is None else a.cpu(),
+                                   torch.zeros_like(b) if b is None else b, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -1,17 +1,20 @@
 """NT-Xent on the engine: lse2 for each row's negatives, then pos_softplus over the positives, with
-one merged backward (_NTXentRows); the value comes already reduced (MeanReducer)."""
+one merged backward (_NTXentRows); the value comes already reduced (MeanReducer). Another reducer
+reads PML's per-positive-pair losses: the lse2 pass, then the listed positive pairs' own logits
+(`_per_pair_losses`, O(N + pairs) memory where PML builds positive pairs x negative pairs)."""
 import math
 
 import torch
 
 from .._autograd import applier
 from .._determinism import fixed_order_sum
-from ..engine_spec import MINING_NONE, PASS_POS_SOFTPLUS, TRANSFORM_DOT
+from ..engine_spec import MINING_NONE, PASS_POS_SOFTPLUS, TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE
 from ..ops import pair_engine as pe
 from . import _stats
-from ._common import all_pairs_plan, decline, engine_rows, is_plain_mean, matrix_dtype, value_params
+from ._common import all_pairs_plan, decline, engine_rows, is_plain_mean, matrix_dtype, static_shapes, value_params
 from .listed_pairs import listed_ntxent
-from ._epilogue import ZERO_LOSS, _lse_neg_then, _rows_backend, _stats_with_pair_rule_of
+from ._epilogue import ZERO_LOSS, _log1p_exp, _lse2, _lse_neg_then, _rows_backend, _stats_with_pair_rule_of
+from .pair_lists import pair_dots, positive_pairs, unit_distance
 
 
 class _NTXentRows(torch.autograd.Function):
@@ -107,8 +110,11 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     backend = _rows_backend(module, embeddings, labels, indices_tuple, ref_emb)
     if backend is None:
         return None
-    if not is_plain_mean(module.reducer):  # per-pair losses would need the O(pairs) list
-        return decline(module, f"{type(module.reducer).__name__} with NTXentLoss (fused with MeanReducer)")
+    if not is_plain_mean(module.reducer):
+        if static_shapes():  # the pair list's length depends on the labels
+            return decline(module, f"{type(module.reducer).__name__} with NTXentLoss under torch.compile "
+                                   "(fused with MeanReducer)")
+        return _per_pair_losses(module, embeddings, labels, ref_emb, ref_labels, backend)
     exclude_diag, stats, degenerate = _stats_with_pair_rule_of(plan, labels, ref_labels)
     if degenerate.returns_zero_now():
         return ZERO_LOSS
@@ -136,3 +142,23 @@ def ntxent(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     loss = degenerate.zero_where(fixed_order_sum(per_row) / stats.pos_total.clamp(min=1))
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced",
                      **_stats.already_reduced_size(module.reducer, stats.pos_total)}}, backend
+
+
+def _per_pair_losses(module, embeddings, labels, ref_emb, ref_labels, backend):
+    """PML's loss per positive pair (a, p), -log(e^z_ap / (e^z_ap + sum_n e^z_an) + tiny), as
+    -log(e^-softplus(lse_neg(a) - z_ap) + tiny): lse_neg from one lse2 pass (differentiable), z_ap
+    from the pair's own dot product of the engine's rows (O(pairs D), chunked). An anchor without
+    negatives gets softplus(-inf) = 0, and a NaN logit NaN, as PML's max-shifted form."""
+    exclude_diag, _, degenerate = _stats_with_pair_rule_of(None, labels, ref_labels)
+    if degenerate.now():  # no positive or no negative pair: PML's zero loss
+        return ZERO_LOSS
+    params = ntxent_params(module, embeddings)
+    x, y, transform = engine_rows(module.distance, embeddings, ref_emb)
+    lse = _lse2(x, y, labels, ref_labels, params, exclude_diag, backend, transform=transform)
+    a, p = positive_pairs(labels, ref_labels, exclude_diag)
+    s = pair_dots(x, None if y is x else y, a, p).to(lse.dtype)
+    v = unit_distance(s) if transform == TRANSFORM_UNIT_DISTANCE else s
+    # index_select: its backward (index_add) is serial on the CPU; indexing's is not (atomics)
+    softplus = _log1p_exp(lse[:, 1].index_select(0, a) - (params.sc_pos * v + params.off_pos))
+    losses = -torch.log(torch.exp(-softplus) + torch.finfo(matrix_dtype(module.distance, embeddings)).tiny)  # PML's
+    return {"loss": {"losses": losses.to(embeddings.dtype), "indices": (a, p), "reduction_type": "pos_pair"}}, backend
