@@ -62,6 +62,12 @@ inline int64_t col_chunks(int64_t m, int64_t max_chunks = kColChunks) {
   return blocks == 0 ? 1 : ceil_div(blocks, ceil_div(blocks, cap));
 }
 
+// The columns [first, second) of chunk k of `chunks` (col_chunks) over m columns: whole blocks.
+inline std::pair<int64_t, int64_t> chunk_columns(int64_t m, int64_t chunks, int64_t k) {
+  const int64_t per_chunk = ceil_div(ceil_div(m, kColBlock), chunks) * kColBlock;
+  return {std::min(m, k * per_chunk), std::min(m, (k + 1) * per_chunk)};
+}
+
 // The tile products run with BLAS pinned to one thread on the calling thread, for the
 // lifetime of this guard (one per parallel_for body). Why: MKL threads each product itself
 // (MKL_VERBOSE shows Dyn:0 and NThr = the torch thread count even for the products inside

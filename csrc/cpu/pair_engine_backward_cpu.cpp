@@ -220,7 +220,6 @@ void grad_sweep(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab, c
                 bool find_pos, int64_t chunks, at::Tensor& grad_x, at::Tensor& grad_y,
                 Epilogue epilogue) {
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
-  const int64_t per_chunk = ceil_div(ceil_div(m, kColBlock), chunks);
   const bool y_column_major = is_column_major(y);
   auto partial = at::empty({chunks, n, d}, grad_x.options());
   parallel_blocks(chunks, [&](int64_t k0, int64_t k1) {
@@ -231,8 +230,7 @@ void grad_sweep(const at::Tensor& x, const at::Tensor& y, const int32_t* xlab, c
     PositiveTiles positives(find_pos ? n + m : 0);  // label codes < N + M
     for (int64_t k = k0; k < k1; ++k) {
       auto part = partial[k];
-      const int64_t b_begin = k * per_chunk * kColBlock;
-      const int64_t b_end = std::min(m, b_begin + per_chunk * kColBlock);
+      const auto [b_begin, b_end] = chunk_columns(m, chunks, k);
       for (int64_t c0 = b_begin; c0 < b_end; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, m - c0);
         const auto y_blk = y.narrow(0, c0, nc);

@@ -253,15 +253,14 @@ void lse2_fixed_wide(const at::Tensor& x, const at::Tensor& y, const int32_t* xl
   if (n == 0) return;
   const int64_t rows = std::min(kTallRowBlock, n), row_blocks = ceil_div(n, rows);
   const int64_t chunks = col_chunks(m, kChunkPartialBytes / (n * int64_t(sizeof(Lse2Acc<T>))));
-  const int64_t per_chunk = ceil_div(ceil_div(m, kColBlock), chunks) * kColBlock;  // columns
   std::vector<Lse2Acc<T>> partial(chunks * n);  // chunk k's sums of row i at k * n + i
   parallel_blocks(row_blocks * chunks, [&](int64_t t0, int64_t t1) {
     auto buffer = at::empty({rows * std::min(kColBlock, std::max<int64_t>(m, 1))}, x.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t / chunks * rows, k = t % chunks, nr = std::min(rows, n - r0);
       const auto xb = x.narrow(0, r0, nr);
-      const int64_t c_end = std::min(m, (k + 1) * per_chunk);
-      for (int64_t c0 = k * per_chunk; c0 < c_end; c0 += kColBlock) {
+      const auto [c_begin, c_end] = chunk_columns(m, chunks, k);
+      for (int64_t c0 = c_begin; c0 < c_end; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, c_end - c0);
         auto tile = buffer.narrow(0, 0, nr * nc).view({nr, nc});
         at::mm_out(tile, xb, y.narrow(0, c0, nc).t());

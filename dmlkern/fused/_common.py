@@ -13,7 +13,7 @@ from .._autograd import applier
 from .._determinism import fixed_order_sum
 from ..engine_spec import TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype
 from ..ops import pair_engine as pe
-from .._tracing import static_shapes  # the fused losses import it from here too
+from .._tracing import forward_ad_active, static_shapes  # (the fused losses import static_shapes from here)
 from ..reducers import MeanReducer
 
 CPP_CPU_DTYPES = (torch.float32, torch.float64)
@@ -63,7 +63,7 @@ def reference_backend_reason(backend, device):
     """Why choose_backend(backend, device) is the reference (the `last_fallback` text), or None."""
     if pe.choose_backend(backend, device) != "reference":
         return None
-    if pe.forward_ad_active():
+    if forward_ad_active():
         return "forward-mode AD (torch.func.jvp, forward_ad.dual_level: the fused kernels have no jvp)"
     if backend == "reference" or pe.resolve_backend(backend, device) == "reference":
         return "backend='reference' requested (loss.backend or DMLKERN_BACKEND)"

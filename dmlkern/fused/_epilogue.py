@@ -9,6 +9,7 @@ from .._determinism import fixed_order_sum, logaddexp
 from ..engine_spec import MINING_NONE, PASS_LSE2, TRANSFORM_DOT
 from ..ops import pair_engine as pe
 from . import _common
+from .pair_lists import pair_dots, positive_pairs
 from ._common import (Degenerate, LabelStats, decline, engine_rows_reason, no_engine_reason, no_pos_or_neg,
                       short_circuit, unit_rows)
 
@@ -73,6 +74,17 @@ def _lse2(x, y, xl, yl, params, exclude_diag, backend, row_in=None, transform=TR
           mining=MINING_NONE):
     return pe.engine_forward(x, y, xl, yl, row_in, pass_kind=PASS_LSE2, transform=transform,
                              mining=mining, params=params, exclude_diag=exclude_diag, backend=backend)
+
+
+def _positive_pairs_and_neg_lse(x, y, labels, ref_labels, params, exclude_diag, backend, transform=TRANSFORM_DOT):
+    """For each positive pair (a, p) of labels x ref_labels (PML's order, `positive_pairs`): a, p,
+    <x_a, y_p> (O(pairs D), chunked) and the anchor's log-sum-exp over its negatives, lse_neg(a),
+    from one lse2 pass (differentiable): the per-positive-pair losses of Tuplet and NT-Xent."""
+    lse = _lse2(x, y, labels, ref_labels, params, exclude_diag, backend, transform=transform)
+    a, p = positive_pairs(labels, ref_labels, exclude_diag)
+    s_ap = pair_dots(x, None if y is x else y, a, p).to(lse.dtype)
+    # index_select: its backward (index_add) is serial on the CPU; indexing's is not (atomics)
+    return a, p, s_ap, lse[:, 1].index_select(0, a)
 
 
 def _log1p_exp(x):

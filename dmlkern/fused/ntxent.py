@@ -13,8 +13,9 @@ from ..ops import pair_engine as pe
 from . import _stats
 from ._common import all_pairs_plan, decline, engine_rows, is_plain_mean, matrix_dtype, static_shapes, value_params
 from .listed_pairs import listed_ntxent
-from ._epilogue import ZERO_LOSS, _log1p_exp, _lse2, _lse_neg_then, _rows_backend, _stats_with_pair_rule_of
-from .pair_lists import pair_dots, positive_pairs, unit_distance
+from ._epilogue import (ZERO_LOSS, _log1p_exp, _lse_neg_then, _positive_pairs_and_neg_lse, _rows_backend,
+                        _stats_with_pair_rule_of)
+from .pair_lists import unit_distance
 
 
 class _NTXentRows(torch.autograd.Function):
@@ -154,11 +155,8 @@ def _per_pair_losses(module, embeddings, labels, ref_emb, ref_labels, backend):
         return ZERO_LOSS
     params = ntxent_params(module, embeddings)
     x, y, transform = engine_rows(module.distance, embeddings, ref_emb)
-    lse = _lse2(x, y, labels, ref_labels, params, exclude_diag, backend, transform=transform)
-    a, p = positive_pairs(labels, ref_labels, exclude_diag)
-    s = pair_dots(x, None if y is x else y, a, p).to(lse.dtype)
+    a, p, s, neg_lse = _positive_pairs_and_neg_lse(x, y, labels, ref_labels, params, exclude_diag, backend, transform)
     v = unit_distance(s) if transform == TRANSFORM_UNIT_DISTANCE else s
-    # index_select: its backward (index_add) is serial on the CPU; indexing's is not (atomics)
-    softplus = _log1p_exp(lse[:, 1].index_select(0, a) - (params.sc_pos * v + params.off_pos))
+    softplus = _log1p_exp(neg_lse - (params.sc_pos * v + params.off_pos))
     losses = -torch.log(torch.exp(-softplus) + torch.finfo(matrix_dtype(module.distance, embeddings)).tiny)  # PML's
     return {"loss": {"losses": losses.to(embeddings.dtype), "indices": (a, p), "reduction_type": "pos_pair"}}, backend

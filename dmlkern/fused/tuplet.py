@@ -7,9 +7,9 @@ import torch
 
 from ..engine_spec import EngineParams
 from ._common import decline, is_unit_cosine
-from ._epilogue import ZERO_LOSS, _log1p_exp_as_pml, _lse2, _pair_inputs, _plain_backend, _stats_with_pair_rule
+from ._epilogue import (ZERO_LOSS, _log1p_exp_as_pml, _pair_inputs, _plain_backend, _positive_pairs_and_neg_lse,
+                        _stats_with_pair_rule)
 from .listed_pairs import listed_tuplet
-from .pair_lists import pair_dots, positive_pairs
 
 
 def tuplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -29,14 +29,11 @@ def tuplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
         return ZERO_LOSS
     scale, margin = float(module.scale), float(module.margin)
     x, y = _pair_inputs(embeddings, ref_emb)
-    lse = _lse2(x, y, labels, ref_labels, EngineParams(sc_pos=0.0, sc_neg=scale), exclude_diag, backend)
-    a, p = positive_pairs(labels, ref_labels, exclude_diag)
-    s_ap = pair_dots(x, None if y is x else y, a, p).to(lse.dtype)
+    a, p, s_ap, neg_lse = _positive_pairs_and_neg_lse(x, y, labels, ref_labels, EngineParams(sc_pos=0.0, sc_neg=scale),
+                                                      exclude_diag, backend)
     shifted = torch.cos(torch.acos(s_ap.clamp(-1, 1)) - margin)  # the reference's clamp (PML: NaN past 1)
-    # index_select: its backward (index_add) is serial on the CPU; indexing's is not (atomics)
     # PML's exact zeros where 1 + e^z rounds to 1; an anchor without negatives: 0, as PML's masked
     # logsumexp (also for a NaN s_ap, whose -inf - NaN would be NaN)
-    neg_lse = lse[:, 1].index_select(0, a)
     losses = torch.where(torch.isneginf(neg_lse), 0.0, _log1p_exp_as_pml(neg_lse - scale * shifted, embeddings.dtype))
     return {"loss": {"losses": losses.to(embeddings.dtype).unsqueeze(1), "indices": (a, p),
                      "reduction_type": "pos_pair"}}, backend

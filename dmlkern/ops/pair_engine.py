@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .. import reference
 from .._autograd import applier
-from .._tracing import forward_ad_active, static_shapes  # noqa: F401 (pe.forward_ad_active)
+from .._tracing import forward_ad_active, static_shapes
 from ..triton import triton_ops_wanted
 from .dispatch import extension_loaded, log_debug, resolve_backend
 
