@@ -1437,3 +1437,49 @@ def test_cpp_symmetric_tiles_of_256_rows():
         gs, _ = pe.engine_backward_raw(x, x, labels, labels, row_in, coef, symmetric=True, **bw)
         wx, wy = pe.engine_backward_raw(x, other, labels, labels, row_in, coef, **bw)
         _close_to_scale(gs, wx + wy, 1e-12, 1e-10, f"pass {pass_kind} backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("transform", [0, 1], ids=["dot", "dist"])
+@pytest.mark.parametrize("labels", ["sorted", "scrambled"])
+@pytest.mark.parametrize("params", [[0.0, 0.0, 5.0, -2.5, 0.0], PARAMS[0]], ids=["class", "pairs"])
+def test_cpp_rows_sharing_no_label_with_a_tile(labels, transform, dtype, params):
+    """A row whose label lies outside the range of a tile's column labels takes the negatives-only
+    loops of the fixed-shift forward and of the backward (the class path's case: a row's class is
+    one column of one tile). y's labels sorted: 1300 columns (tiles of 512, 512, 276) with labels
+    0..129, label 60 left out (rows of label 60 lie inside a tile's range with no positive there),
+    x's labels from -5 to 134 (rows with no positive at all); dead rows (A_neg = 0) and live
+    positive sets (A_pos != 0, the "pairs" params) alike. "scrambled" relabels the classes out of
+    order (the same pairs; every row inside every tile's range: the full loops). The reference's
+    statistics and gradients, in the sweep and column-parallel layout of the class path."""
+    _needs_engine("cpp")
+    atol, rtol = TOLERANCES[dtype]
+    g = torch.Generator().manual_seed(31)
+    n, m = 300, 1300
+    x = torch.nn.functional.normalize(torch.randn(n, 16, generator=g, dtype=dtype), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(m, 16, generator=g, dtype=dtype), dim=1)
+    yl = torch.arange(m) * 130 // m
+    yl = torch.where(yl == 60, 61, yl)
+    xl = torch.randint(-5, 135, (n,), generator=g)
+    tiles = [yl[c0:c0 + 512] for c0 in range(0, m, 512)]
+    outside = [int(((xl < t.min()) | (xl > t.max())).sum()) for t in tiles]
+    if labels == "scrambled":
+        perm = torch.randperm(200, generator=g)
+        xl, yl = perm[xl + 5], perm[yl + 5]
+        assert all(int(((xl < yl[c0:c0 + 512].min()) | (xl > yl[c0:c0 + 512].max())).sum()) < n // 10
+                   for c0 in range(0, m, 512)), "the scrambled labels leave rows outside a tile's range"
+    else:
+        assert all(k > n // 2 for k in outside) and bool((xl == 60).any()), "the case does not test what it says"
+    row_in = torch.zeros(n, 3, dtype=dtype)
+    want = reference.engine_forward(x.double(), y.double(), xl, yl, row_in.double(), 1, transform, 0, params, False)
+    got = pe.engine_forward(x, y, xl, yl, row_in, pass_kind=1, transform=transform, params=params, backend="cpp")
+    _close_to_scale(got, want, atol, rtol, "forward")
+    a = torch.rand(n, 3, generator=g, dtype=torch.float64)
+    a[::4, 1] = 0.0  # dead negative sets: the full loop's zeros
+    coef = torch.stack([a[:, 0], want[:, 0], a[:, 1], want[:, 1], torch.zeros(n, dtype=torch.float64)], dim=1)
+    gx, gy = pe.engine_backward_raw(x, y, xl, yl, row_in, coef.to(dtype), transform=transform, mining=0,
+                                    params=params, exclude_diag=False, backend="cpp")
+    wx, wy = reference.engine_backward(x.double(), y.double(), xl, yl, row_in.double(), coef, transform, 0,
+                                       params, False)
+    _close_to_scale(gx, wx, atol, rtol, "grad_x")
+    _close_to_scale(gy, wy, atol, rtol, "grad_y")

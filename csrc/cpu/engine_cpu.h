@@ -208,9 +208,9 @@ constexpr double kFixedShiftMaxWidth = 2.0 * kFixedShiftWidth<T>;
 // double: no temporary of t's size. NaN when a row holds NaN, inf when one overflows. Read by
 // rows, a chunk stops at its first row above `stop` (returning inf): the caller only needs to
 // know that the bound is exceeded. Each row's sum runs over k in order whatever the layout and
-// the thread count (a max of such sums: the same bits); eight rows at a time, so the eight
-// sums' additions overlap (one row's chain of dependent adds would bound it by their latency:
-// ~100 us for a 1000 x 128 block, more than its product).
+// the thread count (a max of such sums: the same bits); several rows at a time, so their sums'
+// additions overlap (one row's chain of dependent adds would bound it by their latency: ~100 us
+// for a 1000 x 128 block, more than its product).
 template <typename T>
 double max_sq_row_norm(const at::Tensor& t,
                        double stop = std::numeric_limits<double>::infinity()) {
@@ -227,12 +227,30 @@ double max_sq_row_norm(const at::Tensor& t,
         sq[j] += v * v;
       }
   };
+  // A column-major t (s0 == 1: the class path's unit weight rows) holds the k-th entries of
+  // consecutive rows side by side: kColumnRows rows at a time, each k one contiguous run (eight
+  // rows would read 32 bytes per k, each k on another page).
+  constexpr int64_t kColumnRows = 64;
+  auto add_column_rows = [&](const T* base, int64_t count, double* sq) {
+    for (int64_t k = 0; k < d; ++k) {
+      const T* col = base + k * s1;
+#pragma omp simd
+      for (int64_t j = 0; j < count; ++j) {
+        const double v = double(col[j]);
+        sq[j] += v * v;
+      }
+    }
+  };
+  const bool by_columns = s0 == 1 && d > 1;
+  const int64_t group = by_columns ? kColumnRows : kRows;
   auto chunk_max = [&](int64_t i0, int64_t i1) {
     double b = 0.0;
-    for (int64_t i = i0; i < i1; i += kRows) {
-      const int64_t r = std::min(kRows, i1 - i);
-      double sq[kRows] = {};
-      if (r == kRows) {
+    for (int64_t i = i0; i < i1; i += group) {
+      const int64_t r = std::min(group, i1 - i);
+      double sq[kColumnRows] = {};
+      if (by_columns) {
+        add_column_rows(data + i, r, sq);
+      } else if (r == kRows) {
         add_rows(data + i * s0, std::integral_constant<int64_t, kRows>{}, sq);
       } else {
         add_rows(data + i * s0, r, sq);
@@ -243,8 +261,8 @@ double max_sq_row_norm(const at::Tensor& t,
     }
     return b;
   };
-  // Chunks of >= 2^15 entries, their maxima combined in chunk order.
-  const int64_t grain = std::max<int64_t>(kRows, ((int64_t(1) << 15) / std::max<int64_t>(d, 1)) / kRows * kRows);
+  // Chunks of >= 2^15 entries (whole groups), their maxima combined in chunk order.
+  const int64_t grain = std::max<int64_t>(group, ((int64_t(1) << 15) / std::max<int64_t>(d, 1)) / group * group);
   const int64_t n_chunks = ceil_div(n, grain);
   if (n_chunks <= 1) return chunk_max(0, n);
   std::vector<double> part(n_chunks, 0.0);
@@ -421,6 +439,21 @@ inline std::pair<at::Tensor, at::Tensor> label_codes(const at::Tensor& x_labels,
                                                 /*return_counts=*/false));
   const auto codes = inverse.reshape({-1}).to(at::kInt).contiguous();
   return {codes.narrow(0, 0, n), codes.narrow(0, n, all.size(0) - n)};
+}
+
+// The smallest and largest label code of a tile's columns. Codes keep the labels' order
+// (label_codes), so a row whose code lies outside the range shares no label with the tile's
+// columns: its pairs there are all negatives, and the epilogues take their negatives-only loops
+// (the class path's rows: a row's class is one column of one tile of the block, or none).
+struct CodeRange {
+  int32_t lo, hi;
+  bool holds(int32_t code) const { return code >= lo && code <= hi; }
+};
+
+inline CodeRange code_range(const int32_t* codes, int64_t n) {
+  CodeRange r{std::numeric_limits<int32_t>::max(), std::numeric_limits<int32_t>::min()};
+  for (int64_t c = 0; c < n; ++c) r.lo = std::min(r.lo, codes[c]), r.hi = std::max(r.hi, codes[c]);
+  return r;
 }
 
 // The column of the excluded self-pair i == j in a tile starting at column c0, or -1.

@@ -123,8 +123,23 @@ bool any_b_pos(const RowColumns<T>& rows, int64_t n) {
   return std::any_of(rows.b_pos, rows.b_pos + n, [](T b) { return b != T(0); });
 }
 
+// A tile row of x whose pairs are all negatives (no B_pos or C_lift term; mining 0, transforms 0
+// and 1) with a live negative set: dl/ds = a_neg sc_neg exp(sc_neg v + off_neg - lse_neg) dv/ds,
+// grad_row_own's terms without its label test and selects (the same bits).
+template <typename T, int64_t TR>
+DMLK_CPU_INLINE void grad_row_negatives(T* w, int nc, T a_neg, T lse_neg, const EngineParams<T>& p) {
+  const CpuExp ex;
+  const T coef = a_neg * p.sc_neg;
+#pragma omp simd
+  for (int c = 0; c < nc; ++c) {
+    const T v = engine_value<TR>(w[c], CpuSqrt());
+    w[c] = engine_dl_ds<TR>(v, coef * ex(p.sc_neg * v + p.off_neg - lse_neg));
+  }
+}
+
 // One tile (own rows a0.., other columns c0..). With tile_has_pos false the B_pos and C_lift
-// terms are skipped (PositiveTiles).
+// terms are skipped (PositiveTiles). An x row sharing no label with the tile's columns
+// (code_range; the class path's rows but in their class's tile) takes grad_row_negatives.
 template <typename T, int64_t TR, int64_t MI, bool OWN_IS_X>
 DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
                                const int32_t* xlab, const int32_t* ylab,
@@ -132,10 +147,20 @@ DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int6
                                bool tile_has_pos) {
   const int inc = static_cast<int>(nc);
   if constexpr (OWN_IS_X) {
-    for (int64_t r = 0; r < na; ++r) {
+    constexpr bool kNegativesLoop = MI == kMiningNone && TR != kTransformCircle;
+    const CodeRange col_codes = kNegativesLoop ? code_range(ylab + c0, nc) : CodeRange{0, -1};
+      for (int64_t r = 0; r < na; ++r) {
       const int64_t i = a0 + r;
       const bool has_b = tile_has_pos && rows.b_pos[i] != T(0);
       const bool has_lift = tile_has_pos && rows.c_lift != nullptr && rows.c_lift[i] != T(0);
+      if constexpr (kNegativesLoop) {
+        // a pair in neither set (dead: a_neg = 0 or an empty set) keeps the full loop's zeros
+        const bool live_neg = rows.a_neg[i] != T(0) && rows.lse_neg[i] != neg_infinity<T>();
+        if (!has_b && !has_lift && live_neg && !col_codes.holds(xlab[i])) {
+          grad_row_negatives<T, TR>(tile + r * nc, inc, rows.a_neg[i], rows.lse_neg[i], p);
+          continue;
+        }
+      }
       grad_row_x<T, TR, MI>(has_b, has_lift, tile + r * nc, inc, ylab + c0, xlab[i],
                             diag_column(exclude_diag, i, c0, nc), rows, i, c0, p);
     }
@@ -376,7 +401,7 @@ template <typename T, int64_t TR>
 DMLK_CPU_CLONES void grad_tile_sym_fixed(T* tile, int64_t na, int64_t nc, int64_t a0, int64_t c0,
                                          const int32_t* lab, const T* c_pos, const T* c_neg,
                                          EngineParams<T> p, FixedShift<T> u, bool exclude_diag) {
-  const CpuExp ex;
+  const CpuExpUpTo88 ex;  // u - U: at most ~0, never NaN (finite rows: fixed_shift)
   const int inc = static_cast<int>(nc);
   const int32_t* clab = lab + c0;
   const T *cp = c_pos + c0, *cn = c_neg + c0;

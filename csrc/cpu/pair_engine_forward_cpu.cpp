@@ -157,10 +157,12 @@ DMLK_CPU_CLONES void forward_tile(T* tile, int64_t nr, int64_t nc, int64_t r0, i
   }
 }
 
-// A pair's term under a fixed shift: e^(u - U) of its set (same label: the positives).
+// A pair's term under a fixed shift: e^(u - U) of its set (same label: the positives). u - U is
+// at most ~0 and never NaN (the shift's bound holds for finite rows only: fixed_shift), so the exp
+// skips its NaN and overflow selects.
 template <typename T>
 DMLK_CPU_INLINE T fixed_shift_exp(T v, bool same, const EngineParams<T>& p, FixedShift<T> u,
-                                  const CpuExp& ex) {
+                                  const CpuExpUpTo88& ex) {
   return ex(same ? p.sc_pos * v + p.off_pos - u.pos : p.sc_neg * v + p.off_neg - u.neg);
 }
 
@@ -214,27 +216,38 @@ void lse2_rows_below_window(const at::Tensor& x, const at::Tensor& y, const int3
 }
 
 // The lse2 pass with a fixed shift on one tile (rows r0.., columns c0..; transforms 0 and 1,
-// mining 0): one sweep per row, each pair's exp(u - U) summed per set, merged at U.
+// mining 0): one sweep per row, each pair's exp(u - U) summed per set, merged at U. A row sharing no label with the tile's columns
+// (code_range) sums its negatives alone: no label test, no positives' sum (an empty sum, 0, as the
+// full loop would give it; the same terms in the same order).
 template <typename T, int64_t TR>
 DMLK_CPU_CLONES void lse2_fixed_tile(const T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
                                      const int32_t* xlab, const int32_t* ylab, EngineParams<T> p,
                                      bool exclude_diag, FixedShift<T> u, Lse2Acc<T>* acc) {
-  const CpuExp ex;
+  const CpuExpUpTo88 ex;
   const int inc = static_cast<int>(nc);
   const int32_t* col_lab = ylab + c0;
+  const CodeRange col_codes = code_range(col_lab, nc);
   for (int64_t r = 0; r < nr; ++r) {
     const T* s = tile + r * nc;
     const int64_t i = r0 + r;
     const int32_t li = xlab[i];
-    const int diag = diag_column(exclude_diag, i, c0, nc);
     T sp = T(0), sn = T(0);
+    if (!col_codes.holds(li)) {
+#pragma omp simd reduction(+ : sn)
+      for (int c = 0; c < inc; ++c) {
+        const T v = engine_value<TR>(s[c], CpuSqrt());
+        sn += ex(p.sc_neg * v + p.off_neg - u.neg);
+      }
+    } else {
+      const int diag = diag_column(exclude_diag, i, c0, nc);
 #pragma omp simd reduction(+ : sp, sn)
-    for (int c = 0; c < inc; ++c) {
-      const T v = engine_value<TR>(s[c], CpuSqrt());
-      const bool same = col_lab[c] == li;
-      const T e = fixed_shift_exp(v, same, p, u, ex);
-      sp += same && c != diag ? e : T(0);
-      sn += same ? T(0) : e;
+      for (int c = 0; c < inc; ++c) {
+        const T v = engine_value<TR>(s[c], CpuSqrt());
+        const bool same = col_lab[c] == li;
+        const T e = fixed_shift_exp(v, same, p, u, ex);
+        sp += same && c != diag ? e : T(0);
+        sn += same ? T(0) : e;
+      }
     }
     acc[r].pos.merge(u.pos, sp);
     acc[r].neg.merge(u.neg, sn);
@@ -355,7 +368,7 @@ template <typename T, int64_t TR>
 DMLK_CPU_CLONES void lse2_fixed_sym_tile(const T* tile, int64_t na, int64_t nb, const int32_t* row_lab,
                                          const int32_t* col_lab, EngineParams<T> p, FixedShift<T> u,
                                          Lse2Acc<T>* acc_rows, T* cols) {
-  const CpuExp ex;
+  const CpuExpUpTo88 ex;
   const int inb = static_cast<int>(nb);
   T *c_pos = cols, *c_neg = cols + nb;
   for (int64_t r = 0; r < na; ++r) {

@@ -30,14 +30,10 @@
 
 namespace dmlkern {
 
-// exp(x) for fp32 as straight-line selects (Cephes expf: x = n ln2 + r, degree-6
-// polynomial, scaled by 2^n in two halves so gradual underflow and overflow come out
-// right): ~1 ulp, exp(-inf) = 0, exp(+inf) = inf, NaN -> NaN. Vectorises.
-DMLK_CPU_INLINE float exp_poly(float x) {
-  const bool nan = x != x;
-  float xc = x > 88.8f ? 88.8f : x;  // exp(88.8) overflows to inf below
-  xc = xc < -104.0f ? -104.0f : xc;  // exp(-104) underflows to 0 below
-  xc = nan ? 0.0f : xc;
+// exp(xc) for fp32 xc in [-104, 88.8] (not NaN) as straight-line selects (Cephes expf: xc =
+// n ln2 + r, degree-6 polynomial, scaled by 2^n in two halves so gradual underflow comes out
+// right): ~1 ulp; exp(-104) and below is 0. Vectorises.
+DMLK_CPU_INLINE float exp_poly_in_range(float xc) {
   const float fn = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
   float r = xc - fn * 0.693359375f;
   r = r + fn * 2.12194440e-4f;
@@ -49,15 +45,32 @@ DMLK_CPU_INLINE float exp_poly(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * z + r + 1.0f;
-  // x <= -104 (also -inf, what masked-out pairs pass): exp is 0. Scale by 2^0 and clear the
-  // bits instead of computing an underflowing product (a slow microcode assist on x86).
+  // xc <= -104 (also -inf, what masked-out pairs pass, clamped by the callers): exp is 0. Scale by
+  // 2^0 and clear the bits instead of computing an underflowing product (a slow microcode assist
+  // on x86).
   const int32_t under = -static_cast<int32_t>(xc <= -104.0f);
   const int32_t n = static_cast<int32_t>(fn) & ~under;
   const int32_t n1 = n >> 1, n2 = n - n1;  // both in [-75, 64]: normal scale factors
   const float s1 = std::bit_cast<float>((n1 + 127) << 23);
   const float s2 = std::bit_cast<float>((n2 + 127) << 23);
-  const float res = std::bit_cast<float>(std::bit_cast<int32_t>(p * s1 * s2) & ~under);
+  return std::bit_cast<float>(std::bit_cast<int32_t>(p * s1 * s2) & ~under);
+}
+
+// exp(x) for any fp32 x: exp_poly_in_range after clamping (exp(88.8) overflows to inf there),
+// exp(-inf) = 0, exp(+inf) = inf, NaN -> NaN. Vectorises.
+DMLK_CPU_INLINE float exp_poly(float x) {
+  const bool nan = x != x;
+  float xc = x > 88.8f ? 88.8f : x;
+  xc = xc < -104.0f ? -104.0f : xc;
+  xc = nan ? 0.0f : xc;
+  const float res = exp_poly_in_range(xc);
   return nan ? x : res;
+}
+
+// exp(x) for an fp32 x known to be at most 88.8 and not NaN (a fixed shift's exponents, which lie
+// at or below ~0): exp_poly's bits, without its NaN and overflow selects.
+DMLK_CPU_INLINE float exp_poly_upto88(float x) {
+  return exp_poly_in_range(x < -104.0f ? -104.0f : x);
 }
 
 // log1p(t) for fp32 t in [0, 1] (or NaN) as straight-line selects: Cephes logf's polynomial
@@ -109,6 +122,12 @@ struct CpuSqrt {
 
 struct CpuExp {
   DMLK_CPU_INLINE float operator()(float x) const { return exp_poly(x); }
+  DMLK_CPU_INLINE double operator()(double x) const { return std::exp(x); }
+};
+
+// exp of arguments at most 88.8 and not NaN (exp_poly_upto88): the fixed shift's sums.
+struct CpuExpUpTo88 {
+  DMLK_CPU_INLINE float operator()(float x) const { return exp_poly_upto88(x); }
   DMLK_CPU_INLINE double operator()(double x) const { return std::exp(x); }
 };
 
