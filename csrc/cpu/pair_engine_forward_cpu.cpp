@@ -216,9 +216,9 @@ void lse2_rows_below_window(const at::Tensor& x, const at::Tensor& y, const int3
 }
 
 // The lse2 pass with a fixed shift on one tile (rows r0.., columns c0..; transforms 0 and 1,
-// mining 0): one sweep per row, each pair's exp(u - U) summed per set, merged at U. A row sharing no label with the tile's columns
-// (code_range) sums its negatives alone: no label test, no positives' sum (an empty sum, 0, as the
-// full loop would give it; the same terms in the same order).
+// mining 0): one sweep per row, each pair's exp(u - U) summed per set, merged at U. A row sharing
+// no label with the tile's columns (code_range) sums its negatives alone: no label test, no
+// positives' sum (an empty sum, 0, as the full loop gives it).
 template <typename T, int64_t TR>
 DMLK_CPU_CLONES void lse2_fixed_tile(const T* tile, int64_t nr, int64_t nc, int64_t r0, int64_t c0,
                                      const int32_t* xlab, const int32_t* ylab, EngineParams<T> p,
