@@ -125,7 +125,7 @@ bool any_b_pos(const RowColumns<T>& rows, int64_t n) {
 
 // A tile row of x whose pairs are all negatives (no B_pos or C_lift term; mining 0, transforms 0
 // and 1) with a live negative set: dl/ds = a_neg sc_neg exp(sc_neg v + off_neg - lse_neg) dv/ds,
-// grad_row_own's terms without its label test and selects (the same bits).
+// grad_row_own's terms for such a row, without its label test and selects.
 template <typename T, int64_t TR>
 DMLK_CPU_INLINE void grad_row_negatives(T* w, int nc, T a_neg, T lse_neg, const EngineParams<T>& p) {
   const CpuExp ex;
@@ -149,7 +149,7 @@ DMLK_CPU_CLONES void grad_tile(T* tile, int64_t na, int64_t nc, int64_t a0, int6
   if constexpr (OWN_IS_X) {
     constexpr bool kNegativesLoop = MI == kMiningNone && TR != kTransformCircle;
     const CodeRange col_codes = kNegativesLoop ? code_range(ylab + c0, nc) : CodeRange{0, -1};
-      for (int64_t r = 0; r < na; ++r) {
+    for (int64_t r = 0; r < na; ++r) {
       const int64_t i = a0 + r;
       const bool has_b = tile_has_pos && rows.b_pos[i] != T(0);
       const bool has_lift = tile_has_pos && rows.c_lift != nullptr && rows.c_lift[i] != T(0);
