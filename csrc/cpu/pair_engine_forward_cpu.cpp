@@ -236,7 +236,7 @@ DMLK_CPU_CLONES void lse2_fixed_tile(const T* tile, int64_t nr, int64_t nc, int6
 #pragma omp simd reduction(+ : sn)
       for (int c = 0; c < inc; ++c) {
         const T v = engine_value<TR>(s[c], CpuSqrt());
-        sn += ex(p.sc_neg * v + p.off_neg - u.neg);
+        sn += fixed_shift_exp(v, false, p, u, ex);
       }
     } else {
       const int diag = diag_column(exclude_diag, i, c0, nc);
