@@ -56,7 +56,7 @@ def _arch_list():
 
 
 def _extension():
-    sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -g0: Python's own CFLAGS carry -g, which makes the torch-header-heavy sources compile ~1.5x
     # slower and their objects ~10x larger; the extension ships without debug info, as torch does.
     cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]

@@ -69,6 +69,12 @@ void fill_fixed_mm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
   const int64_t n = a.size(0), m = b.size(0);
   if (n == 0 || m == 0) return;
   const Tiling tl = tiling(n, m, a.size(1));
+  if (tl.row_blocks * tl.col_blocks == 1) {  // one tile, on this thread: parallel_blocks' guards only
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const SerialBlasGuard serial_blas;
+    at::mm_out(out, a, b.t());
+    return;
+  }
   parallel_blocks(tl.row_blocks * tl.col_blocks, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t / tl.col_blocks * tl.rows, c0 = t % tl.col_blocks * tl.cols;

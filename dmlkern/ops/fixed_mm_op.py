@@ -10,9 +10,10 @@ fixed_mm(g.T, a.T) (transposed views: the kernel reads them in place). Other dty
 an install without the extension, and forward-mode AD (which the op's autograd does not carry)
 compute a @ b.T with torch (no determinism promise).
 
-As the pair engine (ops/pair_engine.py), eager calls on plain tensors differentiate through a
-split-form autograd.Function (torch.func.grad / vjp work through it); under torch.compile and
-dispatch modes (FakeTensor, opcheck) the op's registered autograd runs. Both have one backward.
+The op's autograd is C++ (csrc/autograd.cpp): the reference runs every product through here,
+and at the small batches where it runs, a Python autograd.Function's forward and backward cost
+more host time than the product. torch.func transforms refuse C++ autograd Functions: under
+them a split-form Python Function with the same backward differentiates the op.
 """
 import torch
 
@@ -76,36 +77,33 @@ def fixed_mm(a, b, out=None):
             return torch.mm(a, b.t(), out=out)
         torch.ops.dmlkern.fixed_mm_into.default(a, b, out)
         return out
-    if not runs_kernel(a) or forward_ad_active():  # (the op's autograd layer would drop tangents)
+    if not runs_kernel(a) or forward_ad_active():  # (the op's autograd would drop tangents)
         return a @ b.t()
-    if _direct_call_ok(a, b):
-        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-            return _direct_apply(a, b)
-        # No graph to record (e.g. inside a backward): below autograd, skipping torch.library's
-        # Python autograd layer (~4 us a call).
-        return _direct_forward(a, b)
-    return torch.ops.dmlkern.fixed_mm.default(a, b)
+    if torch._C._are_functorch_transforms_active():
+        return _FunctorchFixedMM.apply(a, b)
+    return torch.ops.dmlkern.fixed_mm.default(a, b)  # its autograd: csrc/autograd.cpp
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+class _FunctorchFixedMM(torch.autograd.Function):
+    """fixed_mm's autograd under torch.func transforms, which refuse C++ autograd Functions: the
+    op below autograd, and the C++ one's backward (split form, as torch.func needs)."""
 
+    @staticmethod
+    def forward(a, b):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.dmlkern.fixed_mm.default(a, b)
 
-def _backward(ctx, grad):
-    a, b = ctx.saved_tensors
-    grad_a = fixed_mm(grad, b.t()) if ctx.needs_input_grad[0] else None
-    grad_b = fixed_mm(grad.t(), a.t()) if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
 
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = fixed_mm(grad, b.t()) if ctx.needs_input_grad[0] else None
+        grad_b = fixed_mm(grad.t(), a.t()) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
 
-def _direct_forward(a, b):
-    with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd
-        return torch.ops.dmlkern.fixed_mm.default(a, b)
-
-
-_direct_apply = applier(type("_FixedMM", (torch.autograd.Function,), {
-    "forward": staticmethod(_direct_forward), "setup_context": staticmethod(_setup_context),
-    "backward": staticmethod(_backward)}))
 
 if _OP_READY:
     @torch.library.register_fake("dmlkern::fixed_mm")
@@ -115,8 +113,6 @@ if _OP_READY:
     @torch.library.register_fake("dmlkern::fixed_mm_into")
     def _fake_into(a, b, out):
         return None
-
-    torch.library.register_autograd("dmlkern::fixed_mm", _backward, setup_context=_setup_context)
 
 
 # torch.cdist(a, b, p=2) takes its matrix-product form when either side has more than this many

@@ -1,0 +1,58 @@
+// Autograd for dmlkern::fixed_mm, in C++ (any device: it calls the op again). The reference's
+// every product runs through fixed_mm, so at the batch sizes where the reference runs (small
+// problems, dmlkern/fused/_common.py) its host cost is a step's: a Python autograd.Function
+// (torch.library's register_autograd, or a Python Function) costs more per product than a
+// 64 x 128 x 100 product itself, in its forward and again in its backward's two calls.
+// The backward is the op once more on transposed views (the CPU kernel reads them in place):
+// grad_a = g @ b = fixed_mm(g, b.T), grad_b = g.T @ a = fixed_mm(g.T, a.T); with
+// create_graph it records those calls, so higher orders follow.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace dmlkern {
+
+namespace {
+
+at::Tensor call_fixed_mm(const at::Tensor& a, const at::Tensor& b) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dmlkern::fixed_mm", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(a, b);
+}
+
+class FixedMmFunction : public torch::autograd::Function<FixedMmFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    ctx->save_for_backward({a, b});
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // this Function is the autograd
+    return call_fixed_mm(a, b);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& a = saved[0];
+    const at::Tensor& b = saved[1];
+    const at::Tensor& grad = grads[0];
+    at::Tensor grad_a, grad_b;
+    if (ctx->needs_input_grad(0)) grad_a = call_fixed_mm(grad, b.t());
+    if (ctx->needs_input_grad(1)) grad_b = call_fixed_mm(grad.t(), a.t());
+    return {grad_a, grad_b};
+  }
+};
+
+at::Tensor fixed_mm_autograd(const at::Tensor& a, const at::Tensor& b) {
+  if (!at::GradMode::is_enabled() || !(a.requires_grad() || b.requires_grad())) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // nothing to record
+    return call_fixed_mm(a, b);
+  }
+  return FixedMmFunction::apply(a, b);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmlkern, Autograd, m) {
+  m.impl("fixed_mm", &fixed_mm_autograd);
+}
+
+}  // namespace dmlkern
