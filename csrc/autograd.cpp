@@ -4,8 +4,8 @@
 // (torch.library's register_autograd, or a Python Function) costs more per product than a
 // 64 x 128 x 100 product itself, in its forward and again in its backward's two calls.
 // The backward is the op once more on transposed views (the CPU kernel reads them in place):
-// grad_a = g @ b = fixed_mm(g, b.T), grad_b = g.T @ a = fixed_mm(g.T, a.T); with
-// create_graph it records those calls, so higher orders follow.
+// grad_a = g @ b = fixed_mm(g, b.T), grad_b = g.T @ a = fixed_mm(g.T, a.T), each in its input's
+// layout; with create_graph it records those calls, so higher orders follow.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -18,6 +18,13 @@ at::Tensor call_fixed_mm(const at::Tensor& a, const at::Tensor& b) {
                              .findSchemaOrThrow("dmlkern::fixed_mm", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
   return op.call(a, b);
+}
+
+// A transposed view of a row-major matrix. Its gradient comes back in its layout, as torch.mm's
+// backward does: computed as the transposed product, so the gradient accumulates into the
+// row-major original (a weight W used as W.T) without a strided copy.
+bool column_major(const at::Tensor& t) {
+  return t.stride(0) == 1 && t.stride(1) != 1 && t.stride(1) >= t.size(0);
 }
 
 class FixedMmFunction : public torch::autograd::Function<FixedMmFunction> {
@@ -35,8 +42,12 @@ class FixedMmFunction : public torch::autograd::Function<FixedMmFunction> {
     const at::Tensor& b = saved[1];
     const at::Tensor& grad = grads[0];
     at::Tensor grad_a, grad_b;
-    if (ctx->needs_input_grad(0)) grad_a = call_fixed_mm(grad, b.t());
-    if (ctx->needs_input_grad(1)) grad_b = call_fixed_mm(grad.t(), a.t());
+    if (ctx->needs_input_grad(0)) {
+      grad_a = column_major(a) ? call_fixed_mm(b.t(), grad).t() : call_fixed_mm(grad, b.t());
+    }
+    if (ctx->needs_input_grad(1)) {
+      grad_b = column_major(b) ? call_fixed_mm(a.t(), grad.t()).t() : call_fixed_mm(grad.t(), a.t());
+    }
     return {grad_a, grad_b};
   }
 };

@@ -80,6 +80,10 @@ def test_gradients_match_matmul(dtype):
         want = torch.autograd.grad(a_ @ b_.t(), (a_, b_), up)
         for name, g, w in zip("ab", got, want):  # sums over 4500 / 600 terms: fp32 rounding
             torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{what}, grad of {name}: {m}")
+        if what in ("contiguous", "a transposed view", "b transposed view"):
+            # each gradient in its input's layout, as torch.mm's: a weight W used as W.T gets a
+            # row-major gradient (no strided accumulate into W.grad)
+            assert [g.stride() for g in got] == [a_.stride(), b_.stride()], what
     # one input requiring grad
     a_ = a.clone().requires_grad_()
     (g,) = torch.autograd.grad(fixed_mm(a_, b), a_, up)

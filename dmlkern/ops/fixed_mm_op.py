@@ -100,9 +100,17 @@ class _FunctorchFixedMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        grad_a = fixed_mm(grad, b.t()) if ctx.needs_input_grad[0] else None
-        grad_b = fixed_mm(grad.t(), a.t()) if ctx.needs_input_grad[1] else None
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = fixed_mm(b.t(), grad).t() if _column_major(a) else fixed_mm(grad, b.t())
+        if ctx.needs_input_grad[1]:
+            grad_b = fixed_mm(a.t(), grad.t()).t() if _column_major(b) else fixed_mm(grad.t(), a.t())
         return grad_a, grad_b
+
+
+def _column_major(t):
+    """A transposed view of a row-major matrix: its gradient comes back in its layout (csrc/autograd.cpp)."""
+    return t.stride(0) == 1 and t.stride(1) != 1 and t.stride(1) >= t.shape[0]
 
 
 if _OP_READY:
