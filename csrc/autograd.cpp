@@ -1,13 +1,15 @@
-// Autograd for dmlkern::fixed_mm, in C++ (any device: it calls the op again). The reference's
-// every product runs through fixed_mm, so at the batch sizes where the reference runs (small
-// problems, dmlkern/fused/_common.py) its host cost is a step's: a Python autograd.Function
-// (torch.library's register_autograd, or a Python Function) costs more per product than a
-// 64 x 128 x 100 product itself, in its forward and again in its backward's two calls.
-// The backward is the op once more on transposed views (the CPU kernel reads them in place):
-// grad_a = g @ b = fixed_mm(g, b.T), grad_b = g.T @ a = fixed_mm(g.T, a.T), each in its input's
-// layout; with create_graph it records those calls, so higher orders follow.
+// Autograd for dmlkern::fixed_mm and dmlkern::fixed_cdist, in C++. The reference runs its every
+// product through them, so at the batch sizes where it runs (small problems,
+// dmlkern/fused/_common.py) their host cost is a step's: a Python autograd.Function costs more
+// per call than a 64 x 128 x 100 product, in its forward and again in its backward.
+// fixed_mm's backward is the op once more on transposed views (the CPU kernel reads them in
+// place), on any device: grad_a = g @ b = fixed_mm(g, b.T), grad_b = g.T @ a = fixed_mm(g.T, a.T),
+// each in its input's layout; with create_graph it records those calls, so higher orders follow.
+#include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 namespace dmlkern {
 
@@ -60,10 +62,70 @@ at::Tensor fixed_mm_autograd(const at::Tensor& a, const at::Tensor& b) {
   return FixedMmFunction::apply(a, b);
 }
 
+at::Tensor call_fixed_cdist(const at::Tensor& a, const at::Tensor& b) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dmlkern::fixed_cdist", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(a, b);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_fixed_cdist_backward(const at::Tensor& grad, const at::Tensor& a,
+                                                             const at::Tensor& b, const at::Tensor& dist) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dmlkern::fixed_cdist_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&)>();
+  return op.call(grad, a, b, dist);
+}
+
+// dmlkern::fixed_cdist (torch.cdist(a, b, p=2)'s product form; the LpDistance of the reference):
+// the backward op, or under create_graph torch's formula from differentiable ops, fixed_mm's
+// products included, so that higher orders follow.
+class FixedCdistFunction : public torch::autograd::Function<FixedCdistFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor dist;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // this Function is the autograd
+      dist = call_fixed_cdist(a, b);
+    }
+    ctx->save_for_backward({a, b, dist});
+    return dist;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& a = saved[0];
+    const at::Tensor& b = saved[1];
+    const at::Tensor& dist = saved[2];
+    const at::Tensor& grad = grads[0];
+    at::Tensor grad_a, grad_b;
+    if (at::GradMode::is_enabled()) {
+      const at::Tensor ratio = (grad / dist).masked_fill(dist == 0, 0);
+      grad_a = a * ratio.sum(1, true) - call_fixed_mm(ratio, b.t());
+      grad_b = b * ratio.sum(0).unsqueeze(1) - call_fixed_mm(ratio.t(), a.t());
+    } else {
+      std::tie(grad_a, grad_b) = call_fixed_cdist_backward(grad, a, b, dist);
+    }
+    return {ctx->needs_input_grad(0) ? grad_a : at::Tensor(), ctx->needs_input_grad(1) ? grad_b : at::Tensor()};
+  }
+};
+
+at::Tensor fixed_cdist_autograd(const at::Tensor& a, const at::Tensor& b) {
+  if (!at::GradMode::is_enabled() || !(a.requires_grad() || b.requires_grad())) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // nothing to record
+    return call_fixed_cdist(a, b);
+  }
+  return FixedCdistFunction::apply(a, b);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dmlkern, Autograd, m) {
   m.impl("fixed_mm", &fixed_mm_autograd);
+  m.impl("fixed_cdist", &fixed_cdist_autograd);
 }
 
 }  // namespace dmlkern

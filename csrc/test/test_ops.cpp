@@ -1,7 +1,8 @@
 // C++ (libtorch) check of the dmlkern ops through the dispatcher, as a C++ user calls them:
 // the pair engine's lse2 pass (the masked row log-sum-exps every fused loss and
 // dmlkern.ops.masked_lse build on) and its backward, against torch::logsumexp on the full
-// similarity matrix and autograd through it; and fixed_mm (a @ b.T) with its C++ autograd.
+// similarity matrix and autograd through it; and fixed_mm (a @ b.T) and fixed_cdist with their C++
+// autograd.
 #include <torch/torch.h>
 
 #include <cmath>
@@ -121,6 +122,17 @@ int main() {
   expect_close(got.detach(), want.detach(), "fixed_mm value");
   expect_close(got_grads[0], want_grads[0], "fixed_mm grad a");
   expect_close(got_grads[1], want_grads[1], "fixed_mm grad b");
+
+  // fixed_cdist (torch.cdist's product form) likewise, against torch::cdist (p=2).
+  auto fixed_cdist = dispatcher.findSchemaOrThrow("dmlkern::fixed_cdist", "")
+                         .typed<torch::Tensor(const torch::Tensor&, const torch::Tensor&)>();
+  auto dist = fixed_cdist.call(a, b);
+  auto dist_grads = torch::autograd::grad({dist}, {a, b}, {up});
+  auto want_dist = torch::cdist(a, b);
+  auto want_dist_grads = torch::autograd::grad({want_dist}, {a, b}, {up});
+  expect_close(dist.detach(), want_dist.detach(), "fixed_cdist value");
+  expect_close(dist_grads[0], want_dist_grads[0], "fixed_cdist grad a");
+  expect_close(dist_grads[1], want_dist_grads[1], "fixed_cdist grad b");
 
   std::cout << (failures == 0 ? "dmlkern C++ ops: all checks passed\n" : "dmlkern C++ ops: FAILED\n");
   return failures == 0 ? 0 : 1;

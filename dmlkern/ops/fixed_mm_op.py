@@ -6,18 +6,18 @@ op `dmlkern::fixed_mm` (csrc/cpu/fixed_mm_cpu.cpp) cuts the output into fixed ti
 single-threaded BLAS product, so values and gradients are bit-identical on repeat and at any
 thread count (fp32, fp64). On CUDA it is one cuBLAS product (csrc/cuda/fixed_mm_cuda.cu). The
 backward runs through the op again: grad_a = g @ b = fixed_mm(g, b.T), grad_b = g.T @ a =
-fixed_mm(g.T, a.T) (transposed views: the kernel reads them in place). Other dtypes and devices,
+fixed_mm(g.T, a.T) (transposed views: the kernel reads them in place; each gradient in its
+input's layout, as torch.mm's). Other dtypes and devices,
 an install without the extension, and forward-mode AD (which the op's autograd does not carry)
 compute a @ b.T with torch (no determinism promise).
 
-The op's autograd is C++ (csrc/autograd.cpp): the reference runs every product through here,
-and at the small batches where it runs, a Python autograd.Function's forward and backward cost
-more host time than the product. torch.func transforms refuse C++ autograd Functions: under
-them a split-form Python Function with the same backward differentiates the op.
+The autograd of fixed_mm and fixed_cdist is C++ (csrc/autograd.cpp): the reference runs every
+product through them, and at the small batches where it runs, a Python autograd.Function's
+forward and backward cost more host time than the product. torch.func transforms refuse C++
+autograd Functions: under them split-form Python Functions with the same backwards run.
 """
 import torch
 
-from .._autograd import applier
 from .._tracing import forward_ad_active
 from .dispatch import extension_loaded
 from .pair_engine import _direct_call_ok
@@ -130,6 +130,8 @@ CDIST_MM_MIN_ROWS = 25
 _CDIST_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "fixed_cdist")
 
 
+# fixed_cdist's autograd under torch.func transforms (elsewhere the op's own, csrc/autograd.cpp,
+# with the same backward).
 def _euclidean_forward(a, b):
     with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd
         return torch.ops.dmlkern.fixed_cdist.default(a, b)
@@ -151,9 +153,9 @@ def _euclidean_backward(ctx, grad):
     return grad_a if ctx.needs_input_grad[0] else None, grad_b if ctx.needs_input_grad[1] else None
 
 
-_euclidean_apply = applier(type("_FixedEuclidean", (torch.autograd.Function,), {
+_euclidean_apply = type("_FixedEuclidean", (torch.autograd.Function,), {
     "forward": staticmethod(_euclidean_forward), "setup_context": staticmethod(_euclidean_setup),
-    "backward": staticmethod(_euclidean_backward)}))
+    "backward": staticmethod(_euclidean_backward)}).apply
 
 if _CDIST_READY:
     @torch.library.register_fake("dmlkern::fixed_cdist")
@@ -177,4 +179,6 @@ def fixed_cdist(a, b):
             or max(a.shape[0], b.shape[0]) <= CDIST_MM_MIN_ROWS or a.numel() == 0 or b.numel() == 0
             or not _direct_call_ok(a, b)):
         return torch.cdist(a, b, p=2)
-    return _euclidean_apply(a, b)
+    if torch._C._are_functorch_transforms_active():  # (they refuse the op's C++ autograd)
+        return _euclidean_apply(a, b)
+    return torch.ops.dmlkern.fixed_cdist.default(a, b)  # its autograd: csrc/autograd.cpp
