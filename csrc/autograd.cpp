@@ -54,14 +54,6 @@ class FixedMmFunction : public torch::autograd::Function<FixedMmFunction> {
   }
 };
 
-at::Tensor fixed_mm_autograd(const at::Tensor& a, const at::Tensor& b) {
-  if (!at::GradMode::is_enabled() || !(a.requires_grad() || b.requires_grad())) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // nothing to record
-    return call_fixed_mm(a, b);
-  }
-  return FixedMmFunction::apply(a, b);
-}
-
 at::Tensor call_fixed_cdist(const at::Tensor& a, const at::Tensor& b) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("dmlkern::fixed_cdist", "")
@@ -113,19 +105,22 @@ class FixedCdistFunction : public torch::autograd::Function<FixedCdistFunction> 
   }
 };
 
-at::Tensor fixed_cdist_autograd(const at::Tensor& a, const at::Tensor& b) {
+// The Autograd kernel of an op (a, b) -> Tensor that Function F differentiates: where nothing is
+// to be recorded (no grad mode, no input requiring grad), the op below autograd without a node.
+template <typename F, at::Tensor (*call)(const at::Tensor&, const at::Tensor&)>
+at::Tensor autograd_kernel(const at::Tensor& a, const at::Tensor& b) {
   if (!at::GradMode::is_enabled() || !(a.requires_grad() || b.requires_grad())) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // nothing to record
-    return call_fixed_cdist(a, b);
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call(a, b);
   }
-  return FixedCdistFunction::apply(a, b);
+  return F::apply(a, b);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dmlkern, Autograd, m) {
-  m.impl("fixed_mm", &fixed_mm_autograd);
-  m.impl("fixed_cdist", &fixed_cdist_autograd);
+  m.impl("fixed_mm", &autograd_kernel<FixedMmFunction, call_fixed_mm>);
+  m.impl("fixed_cdist", &autograd_kernel<FixedCdistFunction, call_fixed_cdist>);
 }
 
 }  // namespace dmlkern
