@@ -1,5 +1,5 @@
-// Autograd for dmlkern::fixed_mm and dmlkern::fixed_cdist, in C++. The reference runs its every
-// product through them, so at the batch sizes where it runs (small problems,
+// Autograd for dmlkern::fixed_mm, dmlkern::fixed_cdist and dmlkern::fixed_softmax, in C++. The
+// reference runs its every product (and softmax) through them, so at the batch sizes where it runs (small problems,
 // dmlkern/fused/_common.py) their host cost is a step's: a Python autograd.Function costs more
 // per call than a 64 x 128 x 100 product, in its forward and again in its backward.
 // fixed_mm's backward is the op once more on transposed views (the CPU kernel reads them in
@@ -105,6 +105,54 @@ class FixedCdistFunction : public torch::autograd::Function<FixedCdistFunction> 
   }
 };
 
+at::Tensor call_fixed_softmax(const at::Tensor& t, int64_t dim) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dmlkern::fixed_softmax", "")
+                             .typed<at::Tensor(const at::Tensor&, int64_t)>();
+  return op.call(t, dim);
+}
+
+at::Tensor call_fixed_softmax_backward(const at::Tensor& y, const at::Tensor& grad, int64_t dim) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dmlkern::fixed_softmax_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(y, grad, dim);
+}
+
+// dmlkern::fixed_softmax: the backward op, or under create_graph torch's formula from
+// differentiable ops (y is this Function's output: higher orders follow).
+class FixedSoftmaxFunction : public torch::autograd::Function<FixedSoftmaxFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& t, int64_t dim) {
+    at::Tensor y;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // this Function is the autograd
+      y = call_fixed_softmax(t, dim);
+    }
+    ctx->save_for_backward({y});
+    ctx->saved_data["dim"] = dim;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor y = ctx->get_saved_variables()[0];
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    const at::Tensor& grad = grads[0];
+    const at::Tensor grad_t = at::GradMode::is_enabled() ? (grad - (y * grad).sum(dim, true)) * y
+                                                         : call_fixed_softmax_backward(y, grad, dim);
+    return {grad_t, at::Tensor()};
+  }
+};
+
+at::Tensor fixed_softmax_autograd(const at::Tensor& t, int64_t dim) {
+  if (!at::GradMode::is_enabled() || !t.requires_grad()) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_fixed_softmax(t, dim);
+  }
+  return FixedSoftmaxFunction::apply(t, dim);
+}
+
 // The Autograd kernel of an op (a, b) -> Tensor that Function F differentiates: where nothing is
 // to be recorded (no grad mode, no input requiring grad), the op below autograd without a node.
 template <typename F, at::Tensor (*call)(const at::Tensor&, const at::Tensor&)>
@@ -121,6 +169,7 @@ at::Tensor autograd_kernel(const at::Tensor& a, const at::Tensor& b) {
 TORCH_LIBRARY_IMPL(dmlkern, Autograd, m) {
   m.impl("fixed_mm", &autograd_kernel<FixedMmFunction, call_fixed_mm>);
   m.impl("fixed_cdist", &autograd_kernel<FixedCdistFunction, call_fixed_cdist>);
+  m.impl("fixed_softmax", &fixed_softmax_autograd);
 }
 
 }  // namespace dmlkern

@@ -51,6 +51,12 @@ TORCH_LIBRARY(dmlkern, m) {
   // Its backward, torch's formula with fixed_mm's products (0 where the distance is 0):
   // (grad_a, grad_b).
   m.def("fixed_cdist_backward(Tensor grad, Tensor a, Tensor b, Tensor dist) -> (Tensor, Tensor)");
+  // torch.softmax(t, dim) and its backward given y = softmax(t) and y's gradient, (grad - y . grad)
+  // * y along dim, each row's dot product one serial sum: the same bits at any CPU thread count
+  // (torch's CPU softmax backward splits rows by it). CPU only (fp32, fp64); the Autograd kernel
+  // (csrc/autograd.cpp) differentiates fixed_softmax with fixed_softmax_backward.
+  m.def("fixed_softmax(Tensor t, int dim) -> Tensor");
+  m.def("fixed_softmax_backward(Tensor y, Tensor grad, int dim) -> Tensor");
   // rows (R, D) / max(|row|, eps) written into out (rows' shape and dtype, any strides; may be
   // rows), returning the norms (R, 1); and that normalisation's backward given the gradient of
   // its output, (grad - y (y . grad) [norm >= eps]) / max(norm, eps) written into out (may be

@@ -69,34 +69,15 @@ def log(t):
     return torch.log1p(mantissa - 1) + exponent.to(t.dtype) * math.log(2)
 
 
-def _softmax_backward(y, grad, dim):
-    # y * (g - sum(y * g)): torch's formula, from ops computed per element or per row.
-    row_dot = (y * grad).sum(dim, keepdim=True)
-    if torch.is_grad_enabled():  # create_graph: no in-place op on a tensor a backward needs
-        return (grad - row_dot) * y
-    return (grad - row_dot).mul_(y)
-
-
-class _Softmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, dim):
-        y = torch.softmax(t, dim)
-        ctx.save_for_backward(y)
-        ctx.dim = dim
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return _softmax_backward(y, grad, ctx.dim), None
-
-
 def softmax(t, dim):
     """torch.softmax(t, dim) with a backward whose bits do not depend on the thread count on a
-    CPU: torch's CPU softmax backward splits rows over threads even for small inputs and rounds
-    by the split (e.g. fp32 100 x 100 differs between 1 and 2 threads). Elsewhere, and under
-    torch.compile, torch.func transforms and forward-mode AD, torch.softmax."""
-    if (t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling()
+    CPU (the op dmlkern::fixed_softmax, ops/fixed_softmax_op.py): torch's CPU softmax backward
+    splits rows over threads even for small inputs and rounds by the split (e.g. fp32 100 x 100
+    differs between 1 and 2 threads). Elsewhere (other devices and dtypes, no extension), and
+    under torch.compile, torch.func transforms and forward-mode AD, torch.softmax."""
+    from .ops import fixed_softmax_op  # (ops imports this module)
+
+    if (not fixed_softmax_op.runs_kernel(t) or torch.compiler.is_compiling()
             or torch._C._are_functorch_transforms_active() or forward_ad_active()):
         return torch.softmax(t, dim)
-    return _Softmax.apply(t, dim)
+    return fixed_softmax_op.fixed_softmax(t, dim)

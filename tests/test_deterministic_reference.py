@@ -12,7 +12,7 @@ import torch
 
 from dmlkern import distances, losses, miners
 from dmlkern._determinism import softmax
-from dmlkern.ops import fixed_cdist, fixed_mm_op
+from dmlkern.ops import fixed_cdist, fixed_mm_op, fixed_softmax_op
 from test_determinism import _assert_reproducible
 
 needs_op = pytest.mark.skipif(not fixed_mm_op._OP_READY, reason="the dmlkern._C extension with fixed_mm is not built")
@@ -103,7 +103,9 @@ def test_fixed_cdist_across_threads(shape, dtype):
 
 # (shape, dim): torch's own backward differs between 1 and 2 threads at the fp32 100 x 100 and
 # 256 x 1000 inputs here (on other inputs from 33 x 33).
-SOFTMAX_CASES = [((33, 33), 1), ((100, 100), 1), ((256, 1000), 1), ((64, 100, 10), 2), ((20, 50, 7), 1)]
+# One long row: a backward that split a row's sum over threads would differ there.
+SOFTMAX_CASES = [((33, 33), 1), ((100, 100), 1), ((256, 1000), 1), ((64, 100, 10), 2), ((20, 50, 7), 1),
+                 ((1, 200003), 1), ((37, 5), 0)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -113,15 +115,57 @@ def test_softmax(case, dtype):
     t, up = _rand(*shape, dtype=dtype, seed=4) * 3, _rand(*shape, dtype=dtype, seed=5)
     got = _value_and_grads(lambda x: softmax(x, dim), (t,), up)
     want = _value_and_grads(lambda x: torch.softmax(x, dim), (t,), up)
-    assert torch.equal(got[0], want[0])  # torch's forward
+    if dim == len(shape) - 1:
+        assert torch.equal(got[0], want[0])  # torch's forward
+    else:  # torch's forward along the last dim (csrc/cpu/fixed_softmax_cpu.cpp): rounded otherwise
+        torch.testing.assert_close(got[0], want[0], **TOL[dtype])
     torch.testing.assert_close(got[1], want[1], **TOL[dtype])
     _assert_reproducible(f"softmax {shape} {dtype}", lambda: _value_and_grads(lambda x: softmax(x, dim), (t,), up))
 
 
-def test_softmax_double_backward():
-    t = _rand(9, 40, seed=6).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x: softmax(x, 1), (t,))
-    assert torch.autograd.gradgradcheck(lambda x: softmax(x, 1), (t,))
+@pytest.mark.parametrize("case", [((9, 40), 1), ((4, 6, 5), 2), ((4, 6, 5), 0), ((3, 7), -1)], ids=str)
+def test_softmax_double_backward(case):
+    shape, dim = case
+    t = _rand(*shape, seed=6).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: softmax(x, dim), (t,))
+    assert torch.autograd.gradgradcheck(lambda x: softmax(x, dim), (t,))
+
+
+needs_softmax_op = pytest.mark.skipif(not fixed_softmax_op._OP_READY,
+                                      reason="the dmlkern._C extension with fixed_softmax is not built")
+
+
+@needs_softmax_op
+def test_softmax_runs_the_op(monkeypatch):
+    """CPU fp32 / fp64 take dmlkern::fixed_softmax (its C++ autograd node), other dtypes torch's."""
+    t = _rand(5, 6).requires_grad_(True)
+    assert type(softmax(t, 1).grad_fn).__name__ == "CppFunction"
+    assert type(softmax(t.detach().float().requires_grad_(True), 1).grad_fn).__name__ == "CppFunction"
+    assert type(softmax(t.detach().bfloat16().requires_grad_(True), 1).grad_fn).__name__ == "SoftmaxBackward0"
+
+
+@needs_softmax_op
+def test_softmax_op_edges():
+    """Empty and NaN inputs as torch.softmax; opcheck; dtype and shape errors that name the argument."""
+    empty = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    softmax(empty, 1).sum().backward()
+    assert empty.grad.shape == (0, 4)
+    t = _rand(4, 5)
+    t[1, 2] = float("nan")
+    t.requires_grad_(True)
+    up = _rand(4, 5, seed=1)
+    got = _value_and_grads(lambda x: softmax(x, 1), (t.detach(),), up)
+    want = _value_and_grads(lambda x: torch.softmax(x, 1), (t.detach(),), up)
+    for g, w in zip(got, want):
+        assert torch.equal(g.isnan(), w.isnan()) and g.isnan()[1].all() and not g.isnan()[0].any()
+        torch.testing.assert_close(g.nan_to_num(), w.nan_to_num(), rtol=1e-12, atol=1e-12)
+    for args in [(_rand(6, 9, dtype=torch.float32).requires_grad_(True), 1), (_rand(3, 6, 9).requires_grad_(True), -1)]:
+        torch.library.opcheck(torch.ops.dmlkern.fixed_softmax.default, args)
+    torch.library.opcheck(torch.ops.dmlkern.fixed_softmax_backward.default, (_rand(6, 9).softmax(1), _rand(6, 9), 1))
+    with pytest.raises(RuntimeError, match="float32 or float64 t, got Long"):
+        torch.ops.dmlkern.fixed_softmax(torch.ones(3, 4, dtype=torch.int64), 1)
+    with pytest.raises(RuntimeError, match="grad must have y's shape"):
+        torch.ops.dmlkern.fixed_softmax_backward(_rand(3, 4), _rand(3, 5), 1)
 
 
 DISTANCES = {

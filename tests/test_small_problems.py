@@ -135,3 +135,31 @@ def test_threshold_from_the_environment():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "DMLKERN_SMALL_PAIRS": "lots"},
                          capture_output=True, text=True)
     assert out.returncode != 0 and "DMLKERN_SMALL_PAIRS must be an integer" in out.stderr
+
+
+def test_small_problems_skip_the_fused_checks(monkeypatch):
+    """A small problem is decided first (`small_problem_reason`, in the loss's forward): neither the
+    inf scan nor the fused path's own checks run for it (their host time is what the rule saves), and
+    the reference gives PML's value."""
+    from dmlkern.fused import class_softmax
+
+    monkeypatch.setattr(_common, "SMALL_PROBLEM_PAIRS", THRESHOLD)
+    monkeypatch.setattr(class_softmax, "SMALL_PROBLEM_LOGITS", class_softmax.DEFAULT_SMALL_PROBLEM_LOGITS)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fused check ran for a small problem")
+
+    calls = [("SupConLoss", {}), ("NPairsLoss", {}), ("ArcFaceLoss", {"num_classes": 10, "embedding_size": 8}),
+             ("ProxyNCALoss", {"num_classes": 10, "embedding_size": 8}),
+             ("SoftTripleLoss", {"num_classes": 10, "embedding_size": 8, "centers_per_class": 2})]
+    monkeypatch.setattr(_common, "has_entry", refuse)
+    for name, _ in calls:
+        monkeypatch.setattr(getattr(losses, name), "fused_loss_dict", refuse)
+    g = torch.Generator().manual_seed(3)
+    x, labels = torch.randn(24, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (24,), generator=g)
+    for name, kw in calls:
+        ours, theirs = getattr(losses, name)(**kw).double(), getattr(pml_losses, name)(**kw).double()
+        theirs.load_state_dict(ours.state_dict())
+        value = ours(x, labels)
+        assert ours.last_backend == "reference" and "a small problem" in ours.last_fallback, (name, ours.last_fallback)
+        torch.testing.assert_close(value, theirs(x, labels), rtol=1e-9, atol=1e-12)

@@ -1,8 +1,8 @@
 // C++ (libtorch) check of the dmlkern ops through the dispatcher, as a C++ user calls them:
 // the pair engine's lse2 pass (the masked row log-sum-exps every fused loss and
 // dmlkern.ops.masked_lse build on) and its backward, against torch::logsumexp on the full
-// similarity matrix and autograd through it; and fixed_mm (a @ b.T) and fixed_cdist with their C++
-// autograd.
+// similarity matrix and autograd through it; and fixed_mm (a @ b.T), fixed_cdist and fixed_softmax
+// with their C++ autograd.
 #include <torch/torch.h>
 
 #include <cmath>
@@ -133,6 +133,21 @@ int main() {
   expect_close(dist.detach(), want_dist.detach(), "fixed_cdist value");
   expect_close(dist_grads[0], want_dist_grads[0], "fixed_cdist grad a");
   expect_close(dist_grads[1], want_dist_grads[1], "fixed_cdist grad b");
+
+  // fixed_softmax (torch.softmax with a thread-count independent backward) likewise, along the
+  // last dim and another, against torch::softmax.
+  auto fixed_softmax = dispatcher.findSchemaOrThrow("dmlkern::fixed_softmax", "")
+                           .typed<torch::Tensor(const torch::Tensor&, int64_t)>();
+  auto t = (3 * torch::randn({7, 33, 5}, f64)).requires_grad_(true);
+  auto up3 = torch::randn({7, 33, 5}, f64);
+  for (int64_t dim : {2, 1}) {
+    auto y = fixed_softmax.call(t, dim);
+    auto y_grad = torch::autograd::grad({y}, {t}, {up3});
+    auto want_y = torch::softmax(t, dim);
+    auto want_y_grad = torch::autograd::grad({want_y}, {t}, {up3});
+    expect_close(y.detach(), want_y.detach(), "fixed_softmax value");
+    expect_close(y_grad[0], want_y_grad[0], "fixed_softmax grad");
+  }
 
   std::cout << (failures == 0 ? "dmlkern C++ ops: all checks passed\n" : "dmlkern C++ ops: FAILED\n");
   return failures == 0 ? 0 : 1;

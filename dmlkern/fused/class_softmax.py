@@ -47,9 +47,9 @@ SMALL_PROBLEM_LOGITS = int_from_env("DMLKERN_SMALL_CLASS_LOGITS", DEFAULT_SMALL_
 SMALL_PROBLEM_MAX_COLUMNS = 512
 
 
-def small_problem(embeddings, layout):
-    """Why the reference runs this eager class-weight loss call (a str), or None."""
-    columns = layout.num_classes * layout.group
+def small_problem(embeddings, columns):
+    """Why the reference runs this eager class-weight loss call against `columns` weight rows (C x K)
+    (a str), or None. Asked first by the loss's forward (`small_problem_reason`)."""
     if (embeddings.shape[0] * columns >= SMALL_PROBLEM_LOGITS or columns > SMALL_PROBLEM_MAX_COLUMNS
             or static_shapes()):
         return None

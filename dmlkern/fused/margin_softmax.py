@@ -18,7 +18,6 @@ from ..reference import classification_losses as ref
 from ..reference.indices import convert_to_weights
 from ._common import branch_free, decline, is_unit_cosine, static_shapes, unit_rows
 from ._epilogue import _element, _engine_or_decline, kept_rows_loss
-from . import class_softmax
 from .class_softmax import ClassLayout, EngineBlock, class_cross_entropy, class_lse, no_grad_at_short_rows, normalized
 from .lazy_pairs import LazyMined
 
@@ -101,9 +100,6 @@ def _fused(module, embeddings, labels, indices_tuple, weight, layout, distance_o
     backend = _backend_for(module, embeddings, distance_ok)
     if backend is None:
         return None
-    why = class_softmax.small_problem(embeddings, layout)
-    if why is not None:
-        return decline(module, why)
     block = kernel(backend) if kernel is not None else None
     kernel_for = (lambda x: block) if block is not None else (
         lambda x: EngineBlock(unit_w, scale, offset, backend, x, autocast_rounding=not cdist))

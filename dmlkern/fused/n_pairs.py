@@ -5,7 +5,7 @@ import torch
 from .._determinism import fixed_order_sum
 from ..engine_spec import TRANSFORM_UNIT_DISTANCE, EngineParams
 from . import _stats
-from ._common import (decline, engine_distance, engine_rows, is_plain_mean, small_problem, static_shapes, unit_rows,
+from ._common import (decline, engine_distance, engine_rows, is_plain_mean, static_shapes, unit_rows,
                       value_params)
 from ._epilogue import ZERO_LOSS, _log1p_exp, _log1p_exp_as_pml, _lse2, _rows_backend
 from .pair_lists import unit_distance
@@ -32,9 +32,6 @@ def first_pair_per_label(labels):
 
 
 def n_pairs(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    why = small_problem(embeddings, embeddings)  # first: the reference runs, the checks below cost host time
-    if why is not None:
-        return decline(module, why)
     backend = _rows_backend(module, embeddings, labels, indices_tuple, embeddings)
     if backend is None:
         return None

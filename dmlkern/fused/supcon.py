@@ -4,7 +4,7 @@ import torch
 
 from .._autograd import applier
 from ..engine_spec import EngineParams
-from ._common import DOT_KINDS, all_pairs_plan, class_sums_for_rows, decline, engine_rows, small_problem
+from ._common import DOT_KINDS, all_pairs_plan, class_sums_for_rows, engine_rows
 from ._epilogue import (ZERO_LOSS, _element, _log1p_exp, _lse2, _one_plus_exp_is_one, _rows_backend,
                         _stats_with_pair_rule_of)
 from ..ops import pair_engine as pe
@@ -12,9 +12,6 @@ from .listed_pairs import listed_supcon
 
 
 def supcon(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    why = small_problem(embeddings, ref_emb)  # first: the reference runs, the checks below cost host time
-    if why is not None:
-        return decline(module, why)
     plan = all_pairs_plan(indices_tuple, embeddings, ref_emb)
     if plan is not None:  # CrossBatchMemory's pairs: the engine on the rolled queue
         labels, ref_labels, ref_emb, indices_tuple = plan.labels, plan.ref_labels, plan.ref_emb, None

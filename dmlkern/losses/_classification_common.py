@@ -4,6 +4,7 @@ import torch
 
 from .._tracing import static_shapes
 from ..fused import _stats as fused_stats
+from ..fused import class_softmax
 
 
 def ref_not_supported(embeddings, labels, ref_emb, ref_labels):
@@ -58,10 +59,20 @@ class ClassWeightsMixin:
         weight = getattr(self, self._class_weight)
         return weight if self._class_weight_rows else weight.t()
 
+    # The class-softmax losses (fused/margin_softmax.py) leave small problems to the reference
+    # (class_softmax.small_problem); ProxyAnchor's engine path has no such rule.
+    _small_problems_to_reference = False
+
     def check_inputs(self, embeddings, labels, ref_emb, ref_labels):
         weight = getattr(self, self._class_weight)
         width = weight.shape[1] if self._class_weight_rows else weight.shape[0]
         check_class_inputs(self, embeddings, labels, ref_emb, ref_labels, width)
+
+    def small_problem_reason(self, embeddings, ref_emb):
+        if not self._small_problems_to_reference:
+            return None
+        weight = getattr(self, self._class_weight)
+        return class_softmax.small_problem(embeddings, weight.shape[0] if self._class_weight_rows else weight.shape[1])
 
 
 def cast_parameter(param, dtype, device):

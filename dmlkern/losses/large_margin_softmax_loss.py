@@ -18,6 +18,7 @@ class LargeMarginSoftmaxLoss(ClassWeightsMixin, WeightRegularizerMixin, BaseMetr
     logits are multiplied by ``||W_j|| ||x_i|| * scale``. SphereFace, CosFace, ArcFace and
     SubCenterArcFace derive from this class, as in PML.
     """
+    _small_problems_to_reference = True
 
     _labels_required = True
     _label_kind = "indices"  # labels index the class weights (base.py)

@@ -4,6 +4,7 @@ ref_emb not supported.
 """
 
 from ..distances import DotProductSimilarity
+from ..fused._common import small_problem
 from ..fused.n_pairs import n_pairs
 from ..reference import embedding_losses as R
 from ..reference.indices import convert_to_pos_pairs_with_unique_labels
@@ -22,6 +23,9 @@ class NPairsLoss(BaseMetricLossFunction):
         self.reset_stats()
         R.check_n_pairs_ref(embeddings, labels, ref_emb, ref_labels)
         return super().forward(embeddings, labels, indices_tuple)
+
+    def small_problem_reason(self, embeddings, ref_emb):
+        return small_problem(embeddings, embeddings)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return n_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)

@@ -10,6 +10,7 @@ from .base import BaseMetricLossFunction, WeightRegularizerMixin
 class NormalizedSoftmaxLoss(ClassWeightsMixin, WeightRegularizerMixin, BaseMetricLossFunction):
     """NormSoftmax: ``CE(x_hat . W_hat / temperature, y)``; ``W`` (D, C), init ``normal_``;
     default distance DotProductSimilarity (normalising)."""
+    _small_problems_to_reference = True
 
     _labels_required = True
     _label_kind = "indices"  # labels index the class weights (base.py)

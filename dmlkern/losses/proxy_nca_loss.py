@@ -14,6 +14,7 @@ class ProxyNCALoss(ClassWeightsMixin, WeightRegularizerMixin, BaseMetricLossFunc
     Default distance: normalised squared Euclidean (``LpDistance(power=2)``); MeanReducer.
     The softmax denominator includes the positive proxy (as PML codes it).
     """
+    _small_problems_to_reference = True
     _class_weight = "proxies"
     _class_weight_rows = True
 

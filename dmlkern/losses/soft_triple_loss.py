@@ -16,6 +16,7 @@ class SoftTripleLoss(ClassWeightsMixin, WeightRegularizerMixin, BaseMetricLossFu
     As in PML, the attribute ``gamma`` holds ``1 / gamma``. The paper's center regulariser is
     not built in: pass ``weight_regularizer=..., weight_reg_weight=tau`` (applied to ``fc.t()``).
     """
+    _small_problems_to_reference = True
     _class_weight = "fc"
 
     _labels_required = True

@@ -7,6 +7,7 @@ from .base import BaseMetricLossFunction, WeightRegularizerMixin
 class SoftmaxLoss(ClassWeightsMixin, WeightRegularizerMixin, BaseMetricLossFunction):
     """Plain softmax cross-entropy on a bias-free linear classifier ``W`` (D, C):
     ``mean_i CE(x_i W, y_i)`` (raw embeddings, no normalisation; init ``normal_``; not in PML)."""
+    _small_problems_to_reference = True
 
     _labels_required = True
     _label_kind = "indices"  # labels index the class weights (base.py)

@@ -7,6 +7,7 @@ AvgNonZeroReducer. Zero unless the batch has at least one positive and one negat
 from ..distances import CosineSimilarity
 from ..reducers import AvgNonZeroReducer
 from ..fused import _stats as fused_stats
+from ..fused._common import small_problem
 from ..fused.supcon import supcon
 from ..reference import embedding_losses as R
 from .base import GenericPairLoss
@@ -17,6 +18,9 @@ class SupConLoss(GenericPairLoss):
         super().__init__(mat_based_loss=True, **kwargs)
         self.temperature = temperature
         self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
+
+    def small_problem_reason(self, embeddings, ref_emb):
+        return small_problem(embeddings, ref_emb)
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return fused_stats.pair_loss(supcon, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
