@@ -3,6 +3,7 @@ runs with 0 elsewhere: conftest.py) run the reference on the paths
 whose fixed host cost is above the reference's there (fused/_common.py): SupCon and N-pairs on
 all pairs, losses on listed pairs or triplets, ContrastiveLoss on a PairMarginMiner's pairs (the
 miner then lists them). From that many pairs, the fused path; PML's numbers either way."""
+import math
 import os
 import subprocess
 import sys
@@ -35,9 +36,9 @@ def _call(loss_cls, miner_cls, n, loss_kw, seed):
     return out
 
 
-CASES = {  # (loss, miner, loss kwargs): each path the rule covers
+CASES = {  # (loss, miner, loss kwargs): each path the rule covers (named as its SMALL_PROBLEM_SCALE key)
     "supcon": ("SupConLoss", None, {}),
-    "npairs": ("NPairsLoss", None, {}),
+    "n_pairs": ("NPairsLoss", None, {}),
     "listed_pairs": ("ContrastiveLoss", "BatchEasyHardMiner", {}),
     "listed_triplets": ("TripletMarginLoss", "BatchHardMiner", {}),
     "random_triplets": ("TripletMarginLoss", None, {"triplets_per_anchor": 1}),
@@ -49,11 +50,13 @@ CASES = {  # (loss, miner, loss kwargs): each path the rule covers
 def test_small_problems_run_the_reference(monkeypatch, case):
     monkeypatch.setattr(_common, "SMALL_PROBLEM_PAIRS", THRESHOLD)
     loss_cls, miner_cls, kw = CASES[case]
-    for n in (39, 40):  # 39 x 39 pairs: under the threshold; 40 x 40: not
+    limit = THRESHOLD * _common.SMALL_PROBLEM_SCALE.get(case, 1)  # the path's own scale (SupCon, N-pairs)
+    largest = math.ceil(math.sqrt(limit)) - 1  # the largest small N (N x N pairs under the limit)
+    for n in (largest, largest + 1):
         (value, grad, ours), (want, want_grad, _) = _call(loss_cls, miner_cls, n, kw, seed=n)
         torch.testing.assert_close(value, want, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)
-        if n * n < THRESHOLD:
+        if n * n < limit:
             assert ours.last_backend == "reference" and "a small problem" in ours.last_fallback, ours.last_fallback
         else:
             assert ours.last_backend not in ("reference", "zero") and ours.last_fallback is None, ours.last_fallback

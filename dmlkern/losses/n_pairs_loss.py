@@ -25,7 +25,7 @@ class NPairsLoss(BaseMetricLossFunction):
         return super().forward(embeddings, labels, indices_tuple)
 
     def small_problem_reason(self, embeddings, ref_emb):
-        return small_problem(embeddings, embeddings)
+        return small_problem(embeddings, embeddings, "n_pairs")
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return n_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)

@@ -20,7 +20,7 @@ class SupConLoss(GenericPairLoss):
         self.add_to_recordable_attributes(list_of_names=["temperature"], is_stat=False)
 
     def small_problem_reason(self, embeddings, ref_emb):
-        return small_problem(embeddings, ref_emb)
+        return small_problem(embeddings, ref_emb, "supcon")
 
     def fused_loss_dict(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return fused_stats.pair_loss(supcon, self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
