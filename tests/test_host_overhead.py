@@ -127,7 +127,15 @@ def test_small_batches_report(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_unit_rows_is_f_normalize_with_a_shorter_backward(dtype):
+def test_unit_rows_is_f_normalize_with_a_shorter_backward(dtype, monkeypatch):
+    """_common.unit_rows: F.normalize's forward ops; its backward the op unit_rows_backward on CPU
+    fp32 / fp64 (torch ops otherwise), as F.normalize's gradient, also for zero, sub-eps and NaN rows."""
+    from dmlkern.ops import unit_rows_op
+
+    kernel_calls = []
+    if unit_rows_op._OP_READY:
+        real = unit_rows_op.unit_rows_backward
+        monkeypatch.setattr(unit_rows_op, "unit_rows_backward", lambda *a: kernel_calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(4)
     x = torch.randn(9, 6, generator=g, dtype=torch.float64)
     x[2] = 0.0  # a zero row: 0 / eps
@@ -143,6 +151,7 @@ def test_unit_rows_is_f_normalize_with_a_shorter_backward(dtype):
     (y_theirs * grad).sum().backward()
     tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=tol, atol=tol, equal_nan=True)
+    assert len(kernel_calls) == (1 if unit_rows_op._OP_READY and dtype != torch.bfloat16 else 0)
     if dtype == torch.float64:
         rows = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(_common.unit_rows, (rows,))

@@ -77,11 +77,13 @@ def test_unit_rows_backward_is_the_autograd_gradient(dtype, r, d):
         assert torch.equal(grad, out), f"{name}: in place"
 
 
-def test_unit_rows_bits_do_not_depend_on_the_thread_count():
-    """Rows past the ops' parallel grain (1024), in W's column-major layout: the same bits at 1 and
-    2 threads, forward and backward."""
-    rows = _layouts(5000, 64, torch.float32, seed=3)["columns"]
-    grad = torch.randn(5000, 64, generator=torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_unit_rows_bits_do_not_depend_on_the_thread_count(layout):
+    """Rows past the ops' parallel grain (1024 rows in W's column-major layout, 512 of 64 in a
+    row-major batch), 5003 of them (not a multiple of the row-major sweep's 8): the same bits at 1
+    and 2 threads, forward and backward, and the same bits in either layout."""
+    rows = _layouts(5003, 64, torch.float32, seed=3)[layout]
+    grad = torch.randn(5003, 64, generator=torch.Generator().manual_seed(4))
     results = []
     prev = torch.get_num_threads()
     try:
@@ -96,6 +98,11 @@ def test_unit_rows_bits_do_not_depend_on_the_thread_count():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+    other = _layouts(5003, 64, torch.float32, seed=3)["columns" if layout == "rows" else "rows"]
+    y = torch.empty_like(other)
+    norm = unit_rows_op.unit_rows(other, EPS, y)
+    assert torch.equal(y, results[0][0]) and torch.equal(norm, results[0][1])
+    assert torch.equal(unit_rows_op.unit_rows_backward(grad, y, norm, EPS, torch.empty_like(grad)), results[0][2])
 
 
 def test_unit_rows_rejects_bad_arguments():

@@ -2,7 +2,9 @@
 // (rows / max(|row|, eps)) and that normalisation's backward, each in two sweeps over the block
 // (torch ops take five and nine: a product, a sum, a division; the backward's product, sum,
 // addcmul and division). The class-weight losses call them once per block of weight rows forward
-// and backward (dmlkern/fused/class_softmax.py); the block is often a column-major view of PML's
+// and backward (dmlkern/fused/class_softmax.py), and every fused loss's row normalisation its
+// backward on the batch's row-major rows (fused/_common.py, _UnitRows: one output where torch's
+// ops allocate five, page-faulted afresh past ~1 MiB); the block is often a column-major view of PML's
 // (D, C) W, whose rows are C apart: each sweep then runs along W's contiguous rows (one class
 // per lane), else along each row. A row's sums run over its entries in order, in double, without
 // fused multiply-adds (the pragma below: the vectorised sweeps would contract them, the strided
@@ -24,7 +26,12 @@ namespace dmlkern {
 
 namespace {
 
-constexpr int64_t kUnitRowsGrain = 1024;  // rows per parallel chunk
+// Rows per parallel chunk: 1024 of a column-major block (each chunk's sweeps run along W's rows),
+// ~2^15 entries of a row-major one (a batch's embeddings: 256 rows of 128). A row's sums do not
+// depend on the chunks.
+inline int64_t unit_rows_grain(const at::Tensor& t) {
+  return t.stride(0) == 1 ? 1024 : std::max<int64_t>(8, (int64_t(1) << 15) / std::max<int64_t>(t.size(1), 1));
+}
 
 void check_unit_rows_args(const at::Tensor& rows, const at::Tensor& out, const char* op) {
   TORCH_CHECK(rows.dim() == 2, "dmlkern: ", op, ": rows must be 2-D (R, D), got ", rows.sizes());
@@ -50,7 +57,21 @@ DMLK_CPU_CLONES void row_dot_sums(const T* a, int64_t as0, int64_t as1, const T*
     }
     return;
   }
-  for (int64_t r = 0; r < n; ++r) {
+  // Along each row: kRows rows at a time, so their chains of dependent adds overlap (one row's
+  // chain alone is bound by the add latency: ~4x slower for 128-wide rows); each row's sum still
+  // runs over k in order.
+  constexpr int64_t kRows = 8;
+  int64_t r = 0;
+  for (; r + kRows <= n; r += kRows) {
+    const T* pa = a + (r0 + r) * as0;
+    const T* pb = b + (r0 + r) * bs0;
+    double acc[kRows] = {};
+    for (int64_t k = 0; k < d; ++k) {
+      for (int64_t j = 0; j < kRows; ++j) acc[j] += double(pa[j * as0 + k * as1]) * double(pb[j * bs0 + k * bs1]);
+    }
+    for (int64_t j = 0; j < kRows; ++j) sums[r + j] = acc[j];
+  }
+  for (; r < n; ++r) {
     const T* pa = a + (r0 + r) * as0;
     const T* pb = b + (r0 + r) * bs0;
     double s = 0.0;
@@ -73,6 +94,16 @@ DMLK_CPU_CLONES void row_map(const T* a, int64_t as0, int64_t as1, const T* b, i
     }
     return;
   }
+  if (as1 == 1 && bs1 == 1 && os1 == 1) {  // row-major: along each row, contiguous
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* pa = a + r * as0;
+      const T* pb = b + r * bs0;
+      T* po = o + r * os0;
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) po[k] = f(r - r0, pa[k], pb[k]);
+    }
+    return;
+  }
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t k = 0; k < d; ++k) o[r * os0 + k * os1] = f(r - r0, a[r * as0 + k * as1], b[r * bs0 + k * bs1]);
   }
@@ -91,7 +122,7 @@ at::Tensor unit_rows_cpu(const at::Tensor& rows, double eps, at::Tensor& out) {
     T* o = out.data_ptr<T>();
     T* nm = norms.data_ptr<T>();
     const int64_t s0 = rows.stride(0), s1 = rows.stride(1);
-    at::parallel_for(0, n, kUnitRowsGrain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, n, unit_rows_grain(rows), [&](int64_t r0, int64_t r1) {
       std::vector<double> sq(r1 - r0);
       row_dot_sums<T>(x, s0, s1, x, s0, s1, r0, r1, d, sq.data());
       std::vector<T> den(r1 - r0);
@@ -129,7 +160,7 @@ void unit_rows_backward_cpu(const at::Tensor& grad, const at::Tensor& y, const a
     const T* nm = nc.data_ptr<T>();
     T* o = out.data_ptr<T>();
     const T e = static_cast<T>(eps);
-    at::parallel_for(0, n, kUnitRowsGrain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, n, unit_rows_grain(grad), [&](int64_t r0, int64_t r1) {
       std::vector<double> dots(r1 - r0);
       row_dot_sums<T>(u, y.stride(0), y.stride(1), g, grad.stride(0), grad.stride(1), r0, r1, d, dots.data());
       std::vector<T> radial(r1 - r0), den(r1 - r0);

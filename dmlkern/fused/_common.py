@@ -13,6 +13,7 @@ from .._autograd import applier
 from .._determinism import fixed_order_sum
 from ..engine_spec import TRANSFORM_DOT, TRANSFORM_UNIT_DISTANCE, EngineParams, stats_dtype
 from ..ops import pair_engine as pe
+from ..ops import unit_rows_op
 from .._tracing import forward_ad_active, static_shapes  # (the fused losses import static_shapes from here)
 from ..reducers import MeanReducer
 
@@ -151,6 +152,9 @@ class _UnitRows(torch.autograd.Function):
         if pe.backward_needs_graph(x):
             return pe.reference_gradient(lambda x: F.normalize(x, dim=1), (x,), (True,), grad)[0]
         with torch.no_grad():  # under torch.func.grad grad mode is on
+            if unit_rows_op.runs_kernel(grad, y, norm) and grad.dtype == y.dtype == norm.dtype:
+                # CPU fp32 / fp64: the same formula in two sweeps, one output (dmlkern::unit_rows_backward)
+                return unit_rows_op.unit_rows_backward(grad, y, norm, _NORMALIZE_EPS, torch.empty_like(grad))
             radial = (y * grad).sum(dim=1, keepdim=True) * (norm >= _NORMALIZE_EPS)
             return (grad - y * radial) / norm.clamp_min(_NORMALIZE_EPS)
 

@@ -1,7 +1,8 @@
 """Weight rows normalised, and that normalisation's backward, in two sweeps each (the ops
 `dmlkern::unit_rows` / `unit_rows_backward`, csrc/cpu/unit_rows_cpu.cpp): what the class-weight
 losses do to every block of weight rows, forward and backward (fused/class_softmax.py's
-unit_and_norm and unit_backward_), where torch's ops take five and nine passes over the block.
+unit_and_norm and unit_backward_), where torch's ops take five and nine passes over the block;
+and the backward of every fused loss's row normalisation (fused/_common.py's _UnitRows).
 
 No autograd: callers use them only where no graph is recorded (`runs_kernel`). A row's sums run
 in double over its entries in order, so the bits do not depend on the layout's chunks or on the
