@@ -145,31 +145,27 @@ class FixedSoftmaxFunction : public torch::autograd::Function<FixedSoftmaxFuncti
   }
 };
 
-at::Tensor fixed_softmax_autograd(const at::Tensor& t, int64_t dim) {
-  if (!at::GradMode::is_enabled() || !t.requires_grad()) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_fixed_softmax(t, dim);
-  }
-  return FixedSoftmaxFunction::apply(t, dim);
-}
+bool requires_grad(const at::Tensor& t) { return t.requires_grad(); }
+bool requires_grad(int64_t) { return false; }
 
-// The Autograd kernel of an op (a, b) -> Tensor that Function F differentiates: where nothing is
-// to be recorded (no grad mode, no input requiring grad), the op below autograd without a node.
-template <typename F, at::Tensor (*call)(const at::Tensor&, const at::Tensor&)>
-at::Tensor autograd_kernel(const at::Tensor& a, const at::Tensor& b) {
-  if (!at::GradMode::is_enabled() || !(a.requires_grad() || b.requires_grad())) {
+// The Autograd kernel of an op (args...) -> Tensor that Function F differentiates: where nothing
+// is to be recorded (no grad mode, no tensor argument requiring grad), the op below autograd
+// without a node.
+template <typename F, auto call, typename... Args>
+at::Tensor autograd_kernel(Args... args) {
+  if (!at::GradMode::is_enabled() || !(requires_grad(args) || ...)) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call(a, b);
+    return call(args...);
   }
-  return F::apply(a, b);
+  return F::apply(args...);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dmlkern, Autograd, m) {
-  m.impl("fixed_mm", &autograd_kernel<FixedMmFunction, call_fixed_mm>);
-  m.impl("fixed_cdist", &autograd_kernel<FixedCdistFunction, call_fixed_cdist>);
-  m.impl("fixed_softmax", &fixed_softmax_autograd);
+  m.impl("fixed_mm", &autograd_kernel<FixedMmFunction, call_fixed_mm, const at::Tensor&, const at::Tensor&>);
+  m.impl("fixed_cdist", &autograd_kernel<FixedCdistFunction, call_fixed_cdist, const at::Tensor&, const at::Tensor&>);
+  m.impl("fixed_softmax", &autograd_kernel<FixedSoftmaxFunction, call_fixed_softmax, const at::Tensor&, int64_t>);
 }
 
 }  // namespace dmlkern

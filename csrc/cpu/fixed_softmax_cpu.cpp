@@ -8,7 +8,6 @@
 
 #include <torch/library.h>
 
-
 namespace dmlkern {
 
 namespace {

@@ -152,7 +152,7 @@ class _UnitRows(torch.autograd.Function):
         if pe.backward_needs_graph(x):
             return pe.reference_gradient(lambda x: F.normalize(x, dim=1), (x,), (True,), grad)[0]
         with torch.no_grad():  # under torch.func.grad grad mode is on
-            if unit_rows_op.runs_kernel(grad, y, norm) and grad.dtype == y.dtype == norm.dtype:
+            if unit_rows_op.runs_kernel(grad, y, norm):
                 # CPU fp32 / fp64: the same formula in two sweeps, one output (dmlkern::unit_rows_backward)
                 return unit_rows_op.unit_rows_backward(grad, y, norm, _NORMALIZE_EPS, torch.empty_like(grad))
             radial = (y * grad).sum(dim=1, keepdim=True) * (norm >= _NORMALIZE_EPS)
