@@ -64,6 +64,10 @@ TORCH_LIBRARY(dmlkern, m) {
   // (dmlkern.ops.unit_rows_op).
   m.def("unit_rows(Tensor rows, float eps, Tensor(a!) out) -> Tensor");
   m.def("unit_rows_backward(Tensor grad, Tensor y, Tensor norms, float eps, Tensor(a!) out) -> ()");
+  // The dot products of listed row pairs: out[p] = <a[i[p]], b[j[p]]> (P,) for a (R, K), b (Q, K)
+  // of one dtype and i, j (P,) int64 row indices, each sum in double over a fixed order. CPU only
+  // (fp32, fp64), no autograd: AngularLoss's blocked path (dmlkern.ops.pair_dots_op).
+  m.def("pair_dots(Tensor a, Tensor b, Tensor i, Tensor j) -> Tensor");
   // The fused TripletMarginLoss's per-row work on one row block of similarities s (B, M)
   // (dmlkern/fused/triplet.py): params = [margin, window_margin], flags = [smooth_loss,
   // euclidean, window(, swap(, sorted_min_positives))] with window 0 every triplet, 1 all,

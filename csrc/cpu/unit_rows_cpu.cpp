@@ -7,7 +7,7 @@
 // ops allocate five, page-faulted afresh past ~1 MiB); the block is often a column-major view of PML's
 // (D, C) W, whose rows are C apart: each sweep then runs along W's contiguous rows (one class
 // per lane), else along each row. A row's sums run over its entries in order, in double, without
-// fused multiply-adds (the pragma below: the vectorised sweeps would contract them, the strided
+// fused multiply-adds (no_fp_contract.h: the vectorised sweeps would contract them, the strided
 // ones not): the bits depend neither on the layout, nor on the chunks and the thread count, nor on
 // the vector width (the sweeps are compiled for AVX-512, AVX2 and baseline).
 #include "engine_cpu.h"  // first: it sets the vector maths' compile options
@@ -16,11 +16,7 @@
 
 #include <vector>
 
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "no_fp_contract.h"  // last: the sums below without fused multiply-adds
 
 namespace dmlkern {
 

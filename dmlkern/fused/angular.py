@@ -11,9 +11,11 @@ class the sums are a Gram product G = A·Bᵀ with A[a, n] = e^(c s_an − m_a) 
 elsewhere), m_a the row's largest c s_an there, B likewise for the positives' rows, and
 log Σ = log G_ap + m_a + m_p. The rows are walked in blocks of whole classes (`_blocks`: up to
 512 rows, ~4M similarity values): a block's similarity rows (deterministic `ops.fixed_mm`) give A
-(and B: the same rows when the reference is the batch), and one small product per Gram group
-(whole classes, ≤ 32 rows) gives G for the group's pairs. Work: one N x M x D product plus
-~32 N M for the Gram products (Σ_c n_c² M for classes over 32 rows); memory O(block x M + pairs).
+(and B: the same rows when the reference is the batch), and G comes per positive pair from the op
+`pair_dots` on the CPU (each pair's sum alone: Σ_c n_c² M), elsewhere from one small product per
+Gram group (whole classes, ≤ 32 rows; ~32 N M). The CPU's small products of depth M ran on one core
+at a fraction of its rate: the Gram groups were ~25 % of a call at N=8192. Work: one N x M x D
+product plus the sums of G; memory O(block x M + pairs).
 With w_ap = dL/dloss_ap times sigmoid(z_ap) and W = c w / G, dL/ds_an = A[a, n] (W B)[a, n] and
 dL/ds_pn = B[p, n] (Wᵀ A)[p, n]; the gradients of u and of the raw x follow by products, added
 block by block in a fixed order (`_GradSums`): bit-identical at any CPU thread count. With PML's
@@ -44,6 +46,7 @@ import torch
 from .._autograd import applier
 from .._determinism import fixed_order_sum, log as fixed_log
 from .._tracing import static_shapes
+from ..ops import pair_dots_op
 from ..ops import pair_engine as pe
 from ..ops.fixed_mm_op import fixed_mm
 from ..reference.indices import convert_to_pairs, logsumexp
@@ -278,12 +281,16 @@ def _walk(ua, up, x, setup, buffers, m_a_all=None, m_p_all=None):
 
 
 def _tile_z(tile, k, buffers):
-    """(z, G) of a tile's pairs: G from one product per Gram group, z = log G + m_a + m_p − k u_a·u_p."""
+    """(z, G) of a tile's pairs: G from the op `pair_dots` on the CPU (each pair's sum alone), else one
+    product per Gram group; z = log G + m_a + m_p − k u_a·u_p."""
     rows_a, ua_rows, A, m_a, rows_p, up_rows, B, m_p, groups, pairs, _ = tile
-    gram = buffers.get("gram", len(rows_a), len(rows_p)).zero_()  # only the groups' blocks hold pairs
-    for a0, a1, p0, p1 in groups:
-        fixed_mm(A[a0:a1], B[p0:p1], out=gram[a0:a1, p0:p1])
-    gram = gram[pairs.i, pairs.j]
+    if pair_dots_op.runs_kernel(A, B):  # the pairs' sums alone, in parallel (CPU)
+        gram = pair_dots_op.pair_dots(A, B, pairs.i, pairs.j)
+    else:
+        gram = buffers.get("gram", len(rows_a), len(rows_p)).zero_()  # only the groups' blocks hold pairs
+        for a0, a1, p0, p1 in groups:
+            fixed_mm(A[a0:a1], B[p0:p1], out=gram[a0:a1, p0:p1])
+        gram = gram[pairs.i, pairs.j]
     dots = row_sums(ua_rows.index_select(0, pairs.i) * up_rows.index_select(0, pairs.j))
     return fixed_log(gram) + m_a[pairs.i, 0] + m_p[pairs.j, 0] - k * dots, gram
 

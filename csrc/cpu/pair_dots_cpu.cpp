@@ -1,0 +1,144 @@
+// dmlkern::pair_dots on the CPU: the dot products <a_i, b_j> of listed row pairs, without the
+// (pairs x K) gathered rows or the (rows x rows) products that hold them. AngularLoss's blocked
+// path (dmlkern/fused/angular.py) takes each positive pair's G = <A_a, B_p> over the M reference
+// rows this way: its earlier per-group products (a few classes' rows against each other at a
+// time) were MKL products of small outputs and depth M, which run on one core at a fraction of
+// its rate, and wasted the entries between different classes.
+// Each pair's sum runs in double over kLanes interleaved partial sums (entry k into sum k mod
+// kLanes), combined by a fixed tree, without fused multiply-adds (no_fp_contract.h): the bits
+// depend neither on the vector width (the loop is compiled for AVX-512, AVX2 and baseline) nor on
+// the chunks and the thread count. A product of two fp32 entries is exact in double.
+#include "engine_cpu.h"  // first: it sets the vector maths' compile options
+
+#include <torch/library.h>
+
+#include "../checks.h"
+
+#include "no_fp_contract.h"  // last: the sums below without fused multiply-adds
+
+namespace dmlkern {
+
+namespace {
+
+constexpr int kLanes = 16;
+// Pairs are summed kBlockPairs at a time, their entries kChunk at a time: the rows of a block's
+// pairs (a class's rows against each other, for AngularLoss) are read from memory once per block
+// and reused from the L1 cache across its pairs. Neither changes any pair's order of addition.
+constexpr int64_t kBlockPairs = 64;
+constexpr int64_t kChunk = 256;
+
+// Adds entries k0 .. k1 - 1 (whole lanes) of R pairs that share their a row (pa) against the b
+// rows pb[0 .. R - 1] into their lanes: a's entries are loaded once for the R of them.
+template <int R, typename T>
+DMLK_CPU_INLINE void add_lanes(const T* pa, const T* const* pb, int64_t k0, int64_t k1, double (*lanes)[kLanes]) {
+  double lane[R][kLanes];
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < kLanes; ++l) lane[r][l] = lanes[r][l];
+  for (int64_t k = k0; k < k1; k += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const double av = double(pa[k + l]);
+      for (int r = 0; r < R; ++r) lane[r][l] += av * double(pb[r][k + l]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int l = 0; l < kLanes; ++l) lanes[r][l] = lane[r][l];
+}
+
+// Pairs p0 .. p1 - 1. Each pair's sum: entry k into lane k mod kLanes, in k order, then the
+// lanes by a fixed tree. Consecutive pairs with the same i (a row's pairs, listed row by row) go
+// through add_lanes four, two or one at a time.
+template <typename T>
+DMLK_CPU_CLONES void pair_dots_range(const T* a, int64_t as0, const T* b, int64_t bs0, int64_t d,
+                                     const int64_t* ii, const int64_t* jj, int64_t p0, int64_t p1, T* out) {
+  const int64_t whole = d / kLanes * kLanes;
+  double lanes[kBlockPairs][kLanes];
+  for (int64_t q0 = p0; q0 < p1; q0 += kBlockPairs) {
+    const int64_t q1 = std::min(p1, q0 + kBlockPairs);
+    for (int64_t q = q0; q < q1; ++q)
+      for (int l = 0; l < kLanes; ++l) lanes[q - q0][l] = 0.0;
+    for (int64_t k0 = 0; k0 < whole; k0 += kChunk) {
+      const int64_t k1 = std::min(whole, k0 + kChunk);
+      int64_t p = q0;
+      while (p < q1) {
+        int64_t run = 1;
+        while (run < 4 && p + run < q1 && ii[p + run] == ii[p]) ++run;
+        run = run == 3 ? 2 : run;
+        const T* pa = a + ii[p] * as0;
+        const T* pb[4];
+        for (int64_t r = 0; r < run; ++r) pb[r] = b + jj[p + r] * bs0;
+        if (run == 4) {
+          add_lanes<4>(pa, pb, k0, k1, lanes + (p - q0));
+        } else if (run == 2) {
+          add_lanes<2>(pa, pb, k0, k1, lanes + (p - q0));
+        } else {
+          add_lanes<1>(pa, pb, k0, k1, lanes + (p - q0));
+        }
+        p += run;
+      }
+    }
+    for (int64_t q = q0; q < q1; ++q) {
+      double* lane = lanes[q - q0];
+      const T* pa = a + ii[q] * as0;
+      const T* pb = b + jj[q] * bs0;
+      for (int64_t k = whole; k < d; ++k) lane[k - whole] += double(pa[k]) * double(pb[k]);
+      for (int w = kLanes / 2; w > 0; w /= 2) {
+        for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+      }
+      out[q] = static_cast<T>(lane[0]);
+    }
+  }
+}
+
+void check_index(const at::Tensor& t, const char* name, int64_t bound, const char* rows) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu(), "dmlkern: pair_dots: ", name,
+              " must be a 1-D int64 CPU tensor, got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+  const int64_t* v = t.data_ptr<int64_t>();
+  for (int64_t p = 0; p < t.size(0); ++p) {
+    TORCH_CHECK(v[p] >= 0 && v[p] < bound, "dmlkern: pair_dots: ", name, "[", p, "] = ", v[p],
+                " is not a row of ", rows, " (", bound, " rows)");
+  }
+}
+
+// (P,) in a's dtype: out[p] = <a[i[p]], b[j[p]]>.
+at::Tensor pair_dots_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& i_in,
+                         const at::Tensor& j_in) {
+  TORCH_CHECK(a_in.dim() == 2 && b_in.dim() == 2, "dmlkern: pair_dots: a and b must be 2-D (R, K) and (Q, K), got ",
+              a_in.sizes(), " and ", b_in.sizes());
+  TORCH_CHECK(a_in.size(1) == b_in.size(1), "dmlkern: pair_dots: a and b must have the same width K, got ",
+              a_in.sizes(), " and ", b_in.sizes());
+  TORCH_CHECK(a_in.device().is_cpu() && b_in.device().is_cpu(), "dmlkern: pair_dots: CPU tensors only");
+  check_cpu_dtype(a_in, "a");
+  TORCH_CHECK(b_in.scalar_type() == a_in.scalar_type(), "dmlkern: pair_dots: a and b must have the same dtype, got ",
+              a_in.scalar_type(), " and ", b_in.scalar_type());
+  const at::Tensor ii = i_in.contiguous(), jj = j_in.contiguous();
+  check_index(ii, "i", a_in.size(0), "a");
+  check_index(jj, "j", b_in.size(0), "b");
+  TORCH_CHECK(ii.size(0) == jj.size(0), "dmlkern: pair_dots: i and j must have the same length, got ", ii.size(0),
+              " and ", jj.size(0));
+  // Rows with contiguous entries (the callers' buffers); a strided view is copied once.
+  const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
+  const at::Tensor b = b_in.stride(1) == 1 ? b_in : b_in.contiguous();
+  const int64_t pairs = ii.size(0), d = a.size(1);
+  auto out = at::empty({pairs}, a.options());
+  if (pairs == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pair_dots", [&] {
+    const scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = b.data_ptr<scalar_t>();
+    const int64_t* pi = ii.data_ptr<int64_t>();
+    const int64_t* pj = jj.data_ptr<int64_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    // ~2^16 multiply-adds per task at least: one pair's result never depends on the split.
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(d, 1));
+    at::parallel_for(0, pairs, grain, [&](int64_t p0, int64_t p1) {
+      pair_dots_range<scalar_t>(pa, a.stride(0), pb, b.stride(0), d, pi, pj, p0, p1, po);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmlkern, CPU, m) { m.impl("pair_dots", &pair_dots_cpu); }
+
+}  // namespace dmlkern

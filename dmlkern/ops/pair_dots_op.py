@@ -1,0 +1,37 @@
+"""Dot products of listed row pairs (the op `dmlkern::pair_dots`, csrc/cpu/pair_dots_cpu.cpp):
+pair_dots(a, b, i, j)[p] = <a[i[p]], b[j[p]]>, without gathering the rows. AngularLoss's blocked
+path (fused/angular.py) takes each positive pair's sum over the reference rows this way.
+
+No autograd: callers use it only where no graph is recorded (`runs_kernel`). Each sum runs in
+double over a fixed order, so the bits depend neither on the thread count nor on the CPU's
+vector width.
+"""
+import torch
+
+from .._tracing import static_shapes
+from .dispatch import extension_loaded
+from .pair_engine import _direct_call_ok
+
+_OP_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "pair_dots")
+
+if _OP_READY:
+    @torch.library.register_fake("dmlkern::pair_dots")
+    def _fake_pair_dots(a, b, i, j):
+        return a.new_empty((i.shape[0],))
+
+
+def runs_kernel(a, b):
+    """Whether pair_dots may run on rows like a and b: the op is built, they are eager plain CPU
+    fp32 / fp64 2-D tensors of one dtype, and no graph is being recorded for them."""
+    if not _OP_READY or static_shapes() or not _direct_call_ok(a, b):
+        return False
+    if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64):
+        return False
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return False
+    return a.dim() == 2 and b.dim() == 2 and a.dtype == b.dtype
+
+
+def pair_dots(a, b, i, j):
+    """(P,) in a's dtype: <a[i[p]], b[j[p]]> for a (R, K), b (Q, K), i and j (P,) int64."""
+    return torch.ops.dmlkern.pair_dots.default(a, b, i, j)
