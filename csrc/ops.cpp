@@ -66,8 +66,12 @@ TORCH_LIBRARY(dmlkern, m) {
   m.def("unit_rows_backward(Tensor grad, Tensor y, Tensor norms, float eps, Tensor(a!) out) -> ()");
   // The dot products of listed row pairs: out[p] = <a[i[p]], b[j[p]]> (P,) for a (R, K), b (Q, K)
   // of one dtype and i, j (P,) int64 row indices, each sum in double over a fixed order. CPU only
-  // (fp32, fp64), no autograd: AngularLoss's blocked path (dmlkern.ops.pair_dots_op).
+  // (fp32, fp64), no autograd: AngularLoss's blocked path (dmlkern.ops.pair_dots_op), as the next.
   m.def("pair_dots(Tensor a, Tensor b, Tensor i, Tensor j) -> Tensor");
+  // And the sums over each row's listed pairs: out[r] = (sum over the pairs p with i[p] == r, in
+  // listed order, of w[p] b[j[p]]) * scale[r] (scale (R, K) when given), written into out (R, K)
+  // of b's dtype with contiguous rows, sharing no memory with b or scale; 0 for a row of no pair.
+  m.def("pair_row_sums(Tensor b, Tensor i, Tensor j, Tensor w, Tensor? scale, Tensor(a!) out) -> ()");
   // The fused TripletMarginLoss's per-row work on one row block of similarities s (B, M)
   // (dmlkern/fused/triplet.py): params = [margin, window_margin], flags = [smooth_loss,
   // euclidean, window(, swap(, sorted_min_positives))] with window 0 every triplet, 1 all,

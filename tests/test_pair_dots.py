@@ -1,9 +1,9 @@
-"""The op dmlkern::pair_dots (csrc/cpu/pair_dots_cpu.cpp): the dot products of listed row pairs,
-against fp64 torch on fresh random rows (widths that are not multiples of its 16 lanes or 256-entry
-chunks, pair counts around its 64-pair blocks, runs of pairs sharing a row, strided rows), the
-same bits at any thread count and however the pairs are batched, and its errors; and AngularLoss,
-whose blocked path takes its pairs' sums through it on the CPU, against the group products it
-replaced."""
+"""The ops dmlkern::pair_dots and pair_row_sums (csrc/cpu/pair_dots_cpu.cpp): the dot products
+of listed row pairs, and each row's sum over its pairs, against fp64 torch on fresh random rows
+(widths that are not multiples of the 16 lanes or 256-entry chunks, pair counts around the 64-pair
+blocks, runs of pairs sharing a row, rows without pairs, strided rows), the same bits at any
+thread count and however the pairs are batched, and their errors; and AngularLoss, whose blocked
+path takes its pairs' sums through them on the CPU, against the group products they replaced."""
 import pytest
 import torch
 
@@ -98,6 +98,65 @@ def test_pair_dots_opcheck():
     torch.library.opcheck(torch.ops.dmlkern.pair_dots.default, (a, b, i, j))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("r, q, k, pairs", [(1, 1, 1, 1), (5, 3, 15, 7), (40, 33, 300, 200), (64, 9, 1037, 130),
+                                            (3, 4, 0, 5), (6, 4, 8, 0)])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+def test_pair_row_sums_match_fp64(dtype, r, q, k, pairs, scaled):
+    """Against the dense product W @ b in fp64 (W holding each pair's weight, repeated pairs
+    added), times scale; rows without pairs are 0 (the pairs in random order, not by row)."""
+    a, b, i, j = _case(r, q, k, pairs, dtype, seed=r * 100 + k + pairs + scaled)
+    g = torch.Generator().manual_seed(pairs)
+    perm = torch.randperm(pairs, generator=g)
+    i, j = i[perm], j[perm]
+    w = torch.randn(pairs, generator=g, dtype=dtype)
+    scale = torch.randn(r, k, generator=g, dtype=dtype) if scaled else None
+    out = torch.full((r, k), float("nan"), dtype=dtype)  # every entry is written
+    assert pair_dots_op.pair_row_sums(b, i, j, w, scale, out) is out
+    dense = torch.zeros(r, q, dtype=torch.float64).index_put_((i, j), w.double(), accumulate=True)
+    want = dense @ b.double()
+    bound = torch.zeros(r, q, dtype=torch.float64).index_put_((i, j), w.double().abs(), accumulate=True) @ b.double().abs()
+    if scaled:
+        want, bound = want * scale.double(), bound * scale.double().abs()
+    assert ((out.double() - want).abs() <= TOL[dtype]["atol"] + TOL[dtype]["rtol"] * 4 * bound).all()
+
+
+def test_pair_row_sums_bits_nan_and_errors():
+    a, b, i, j = _case(300, 250, 2000, 3001, torch.float32, seed=13)
+    w = torch.randn(3001, generator=torch.Generator().manual_seed(1))
+    prev = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(pair_dots_op.pair_row_sums(b, i, j, w, a, torch.empty(300, 2000)))
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(other, results[0]) for other in results[1:])
+    b = b.clone()
+    b[j[0], 7] = float("nan")
+    out = pair_dots_op.pair_row_sums(b, i, j, w, None, torch.empty(300, 2000))
+    hit = torch.zeros(300, dtype=torch.bool)
+    hit[i[j == j[0]]] = True
+    assert torch.isnan(out[hit, 7]).all() and not torch.isnan(out[~hit]).any()
+    small = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="must not share memory with b or scale"):
+        pair_dots_op.pair_row_sums(small, i[:2] % 4, j[:2] % 4, w[:2], None, small)
+    with pytest.raises(RuntimeError, match="must not share memory with b or scale"):
+        out = torch.empty(4, 6)
+        pair_dots_op.pair_row_sums(small, i[:2] % 4, j[:2] % 4, w[:2], out, out)
+    with pytest.raises(RuntimeError, match=r"i\[0\] = 9 is not a row of out"):
+        pair_dots_op.pair_row_sums(small, torch.tensor([9]), torch.tensor([0]), w[:1], None, torch.empty(4, 6))
+    with pytest.raises(RuntimeError, match="one entry per pair"):
+        pair_dots_op.pair_row_sums(small, i[:2] % 4, j[:2] % 4, w[:3], None, torch.empty(4, 6))
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        pair_dots_op.pair_row_sums(small, i[:2] % 4, j[:2] % 4, w[:2], None, torch.empty(6, 4).t())
+    with pytest.raises(RuntimeError, match="scale must have out's shape"):
+        pair_dots_op.pair_row_sums(small, i[:2] % 4, j[:2] % 4, w[:2], torch.empty(3, 6), torch.empty(4, 6))
+    torch.library.opcheck(torch.ops.dmlkern.pair_row_sums.default,
+                          (small, i[:5] % 4, j[:5] % 4, w[:5], torch.randn(4, 6), torch.empty(4, 6)))
+
+
 def test_runs_kernel_only_without_a_graph():
     a = torch.randn(3, 4)
     assert pair_dots_op.runs_kernel(a, a)
@@ -132,10 +191,11 @@ def test_angular_through_the_op_matches_the_group_products(monkeypatch, reducer,
         return value.detach(), leaf.grad
 
     calls = []
-    real = pair_dots_op.pair_dots
-    monkeypatch.setattr(pair_dots_op, "pair_dots", lambda *a: calls.append(1) or real(*a))
+    for name in ("pair_dots", "pair_row_sums"):
+        real = getattr(pair_dots_op, name)
+        monkeypatch.setattr(pair_dots_op, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     with_op = run()
-    assert calls, "the blocked path did not call pair_dots"
+    assert set(calls) == {"pair_dots", "pair_row_sums"}, calls
     monkeypatch.setattr(pair_dots_op, "runs_kernel", lambda a, b: False)
     without = run()
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)

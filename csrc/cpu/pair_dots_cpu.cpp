@@ -1,16 +1,22 @@
-// dmlkern::pair_dots on the CPU: the dot products <a_i, b_j> of listed row pairs, without the
-// (pairs x K) gathered rows or the (rows x rows) products that hold them. AngularLoss's blocked
-// path (dmlkern/fused/angular.py) takes each positive pair's G = <A_a, B_p> over the M reference
-// rows this way: its earlier per-group products (a few classes' rows against each other at a
-// time) were MKL products of small outputs and depth M, which run on one core at a fraction of
-// its rate, and wasted the entries between different classes.
-// Each pair's sum runs in double over kLanes interleaved partial sums (entry k into sum k mod
-// kLanes), combined by a fixed tree, without fused multiply-adds (no_fp_contract.h): the bits
-// depend neither on the vector width (the loop is compiled for AVX-512, AVX2 and baseline) nor on
-// the chunks and the thread count. A product of two fp32 entries is exact in double.
+// dmlkern::pair_dots and pair_row_sums on the CPU: the two products of a sparse matrix given as
+// listed row pairs, without the (pairs x K) gathered rows or the dense (rows x rows) products that
+// hold them. pair_dots: <a_i, b_j> per pair; pair_row_sums: per row r, the sum over its pairs of
+// w_p b_j (times a row of `scale`). AngularLoss's blocked path (dmlkern/fused/angular.py) takes
+// each positive pair's G = <A_a, B_p> over the M reference rows, and its gradient's sums over a
+// row's positive pairs, this way: the per-group products they replace (a few classes' rows
+// against each other at a time) were MKL products of small outputs (or small depth) that run at a
+// fraction of a core's rate, one core at a time, and computed the entries between classes too.
+// Every sum runs in a fixed order (pair_dots: in double, entry k into lane k mod kLanes, in k
+// order, the lanes then combined by a fixed tree; pair_row_sums: per entry, in the input's dtype,
+// a row's pairs in their listed order), without fused multiply-adds (no_fp_contract.h): the bits
+// depend neither on the vector width (the loops are compiled for AVX-512, AVX2 and baseline) nor
+// on the chunks and the thread count. A product of two fp32 entries is exact in double.
 #include "engine_cpu.h"  // first: it sets the vector maths' compile options
 
 #include <torch/library.h>
+
+#include <optional>
+#include <vector>
 
 #include "../checks.h"
 
@@ -90,6 +96,33 @@ DMLK_CPU_CLONES void pair_dots_range(const T* a, int64_t as0, const T* b, int64_
   }
 }
 
+// Rows r0 .. r1 - 1 of pair_row_sums: out[r] = (sum over r's pairs p, in listed order, of
+// w[p] b[j[p]]) times scale[r] when given: per row, one pass along each pair's b row into out's
+// row (in the L1 / L2 cache), an independent sum per column, so no order depends on the vector
+// width.
+template <typename T>
+DMLK_CPU_CLONES void pair_row_sums_rows(const T* b, int64_t bs0, int64_t d, const int64_t* jj, const T* w,
+                                        const int64_t* order, const int64_t* start, const T* scale,
+                                        int64_t ss0, T* out, int64_t os0, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    T* o = out + r * os0;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) o[c] = T(0);
+    for (int64_t q = start[r]; q < start[r + 1]; ++q) {
+      const int64_t p = order[q];
+      const T* row = b + jj[p] * bs0;
+      const T wp = w[p];
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] += wp * row[c];
+    }
+    if (scale != nullptr) {
+      const T* sc = scale + r * ss0;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] = sc[c] * o[c];
+    }
+  }
+}
+
 void check_index(const at::Tensor& t, const char* name, int64_t bound, const char* rows) {
   TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu(), "dmlkern: pair_dots: ", name,
               " must be a 1-D int64 CPU tensor, got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
@@ -137,8 +170,66 @@ at::Tensor pair_dots_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
   return out;
 }
 
+// out (R, K) = per row r, sum over the pairs p with i[p] == r (in listed order) of w[p] b[j[p]],
+// times scale[r] (R, K) when given; 0 (times scale) for a row without pairs.
+void pair_row_sums_cpu(const at::Tensor& b_in, const at::Tensor& i_in, const at::Tensor& j_in,
+                       const at::Tensor& w_in, const std::optional<at::Tensor>& scale_in, at::Tensor& out) {
+  TORCH_CHECK(b_in.dim() == 2 && out.dim() == 2 && b_in.size(1) == out.size(1),
+              "dmlkern: pair_row_sums: b and out must be 2-D (Q, K) and (R, K), got ", b_in.sizes(), " and ",
+              out.sizes());
+  TORCH_CHECK(b_in.device().is_cpu() && out.device().is_cpu(), "dmlkern: pair_row_sums: CPU tensors only");
+  check_cpu_dtype(b_in, "b");
+  TORCH_CHECK(out.scalar_type() == b_in.scalar_type() && out.stride(1) == 1,
+              "dmlkern: pair_row_sums: out must have b's dtype and contiguous rows, got ", out.scalar_type(),
+              " with strides ", out.strides());
+  const at::Tensor ii = i_in.contiguous(), jj = j_in.contiguous();
+  check_index(ii, "i", out.size(0), "out");
+  check_index(jj, "j", b_in.size(0), "b");
+  TORCH_CHECK(ii.size(0) == jj.size(0) && w_in.dim() == 1 && w_in.size(0) == ii.size(0) &&
+                  w_in.scalar_type() == b_in.scalar_type() && w_in.device().is_cpu(),
+              "dmlkern: pair_row_sums: i, j and w must have one entry per pair (w in b's dtype), got ",
+              ii.sizes(), ", ", jj.sizes(), " and ", w_in.sizes(), " ", w_in.scalar_type());
+  at::Tensor scale;
+  if (scale_in.has_value()) {
+    TORCH_CHECK(scale_in->sizes() == out.sizes() && scale_in->scalar_type() == out.scalar_type() &&
+                    scale_in->device().is_cpu(),
+                "dmlkern: pair_row_sums: scale must have out's shape ", out.sizes(), " and dtype, got ",
+                scale_in->sizes(), " ", scale_in->scalar_type());
+    scale = scale_in->stride(1) == 1 ? *scale_in : scale_in->contiguous();
+  }
+  // out's rows hold the running sums while b's and scale's are read: they must not share memory.
+  TORCH_CHECK(!out.is_alias_of(b_in) && !(scale.defined() && out.is_alias_of(scale)),
+              "dmlkern: pair_row_sums: out must not share memory with b or scale");
+  const at::Tensor b = b_in.stride(1) == 1 ? b_in : b_in.contiguous();
+  const at::Tensor w = w_in.contiguous();
+  const int64_t rows = out.size(0), pairs = ii.size(0), d = out.size(1);
+  // Each row's pairs in listed order (a stable counting sort by i).
+  std::vector<int64_t> start(rows + 1, 0), order(pairs), next;
+  const int64_t* pi = ii.data_ptr<int64_t>();
+  for (int64_t p = 0; p < pairs; ++p) ++start[pi[p] + 1];
+  for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
+  next.assign(start.begin(), start.end() - 1);
+  for (int64_t p = 0; p < pairs; ++p) order[next[pi[p]]++] = p;
+  if (rows == 0 || d == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "pair_row_sums", [&] {
+    const scalar_t* sc = scale.defined() ? scale.data_ptr<scalar_t>() : nullptr;
+    const int64_t ss0 = scale.defined() ? scale.stride(0) : 0;
+    const int64_t work = (pairs / std::max<int64_t>(rows, 1) + 1) * d;  // per row, about
+    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(work, 1)),
+                     [&](int64_t r0, int64_t r1) {
+                       pair_row_sums_rows<scalar_t>(b.data_ptr<scalar_t>(), b.stride(0), d,
+                                                    jj.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), order.data(),
+                                                    start.data(), sc, ss0, out.data_ptr<scalar_t>(),
+                                                    out.stride(0), r0, r1);
+                     });
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dmlkern, CPU, m) { m.impl("pair_dots", &pair_dots_cpu); }
+TORCH_LIBRARY_IMPL(dmlkern, CPU, m) {
+  m.impl("pair_dots", &pair_dots_cpu);
+  m.impl("pair_row_sums", &pair_row_sums_cpu);
+}
 
 }  // namespace dmlkern

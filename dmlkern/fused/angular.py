@@ -13,9 +13,10 @@ log Σ = log G_ap + m_a + m_p. The rows are walked in blocks of whole classes (`
 512 rows, ~4M similarity values): a block's similarity rows (deterministic `ops.fixed_mm`) give A
 (and B: the same rows when the reference is the batch), and G comes per positive pair from the op
 `pair_dots` on the CPU (each pair's sum alone: Σ_c n_c² M), elsewhere from one small product per
-Gram group (whole classes, ≤ 32 rows; ~32 N M). The CPU's small products of depth M ran on one core
-at a fraction of its rate: the Gram groups were ~25 % of a call at N=8192. Work: one N x M x D
-product plus the sums of G; memory O(block x M + pairs).
+Gram group (whole classes, ≤ 32 rows; ~32 N M); the gradient's products with the pairs' weights
+(W B, Wᵀ A below) likewise from `pair_row_sums`. The CPU's small products ran on one core at a
+fraction of its rate: the Gram groups were ~25 % of a call at N=8192. Work: one N x M x D product
+plus the pairs' sums; memory O(block x M + pairs).
 With w_ap = dL/dloss_ap times sigmoid(z_ap) and W = c w / G, dL/ds_an = A[a, n] (W B)[a, n] and
 dL/ds_pn = B[p, n] (Wᵀ A)[p, n]; the gradients of u and of the raw x follow by products, added
 block by block in a fixed order (`_GradSums`): bit-identical at any CPU thread count. With PML's
@@ -413,12 +414,21 @@ class _GradSums:
             return
         cw = self.c * w / gram
         rows, cols = len(rows_a), len(rows_p)
-        if rows_p is rows_a and only:  # a group's pairs are its own rows: A ⊙ (W + Wᵀ) A in place, group by group
+        # On the CPU the sums over each row's pairs come from the op pair_row_sums (the pairs alone;
+        # elsewhere one product per Gram group). Where a tile's pairs are its own rows, (i, j) and
+        # (j, i) are both pairs, so W + Wᵀ is W_sym at the pairs.
+        by_pairs = pair_dots_op.runs_kernel(A, B)
+        if rows_p is rows_a and only:  # a group's pairs are its own rows: A ⊙ (W + Wᵀ) A, group by group
             W = self._pair_matrix(pairs, rows, rows, cw, "W", symmetric=True)
             V = self._pair_matrix(pairs, rows, rows, -self.k * w, "V", symmetric=True)
-            for a0, a1, p0, p1 in groups:
-                A[a0:a1].mul_(mm(W[a0:a1, p0:p1], A[p0:p1].T, "group"))
-            anchor[2:4] = None, A
+            if by_pairs:  # into a buffer of its own (A's rows are read while the sums are written)
+                grad_s = pair_dots_op.pair_row_sums(A, pairs.i, pairs.j, W[pairs.i, pairs.j], A,
+                                                    self.buffers.get("sum_w_b", rows, m))
+            else:  # in place
+                for a0, a1, p0, p1 in groups:
+                    A[a0:a1].mul_(mm(W[a0:a1, p0:p1], A[p0:p1].T, "group"))
+                grad_s = A
+            anchor[2:4] = None, grad_s
             anchor[4] += mm(V, ua_rows.T, "rows_d")
             return
         W = self._pair_matrix(pairs, rows, cols, cw, "W")
@@ -427,15 +437,23 @@ class _GradSums:
         w_b = self.buffers.get("w_b" if anchor[3] is not None else "sum_w_b", rows, m)
         if rows_p is rows_a:  # both ends of every pair are this block's rows
             W = torch.add(W, W.T, out=self.buffers.get("W_sym", rows, rows))
-            for a0, a1, p0, p1 in groups:
-                fixed_mm(W[a0:a1, p0:p1], A[p0:p1].T, out=w_b[a0:a1])
+            if by_pairs:
+                pair_dots_op.pair_row_sums(A, pairs.i, pairs.j, W[pairs.i, pairs.j], None, w_b)
+            else:
+                for a0, a1, p0, p1 in groups:
+                    fixed_mm(W[a0:a1, p0:p1], A[p0:p1].T, out=w_b[a0:a1])
             anchor[4] += mm(torch.add(V, V.T, out=self.buffers.get("V_sym", rows, rows)), ua_rows.T, "rows_d")
         else:
             grad_s = self.buffers.get("grad_s", cols, m)
-            for a0, a1, p0, p1 in groups:
-                fixed_mm(W[a0:a1, p0:p1], B[p0:p1].T, out=w_b[a0:a1])
-                fixed_mm(W[a0:a1, p0:p1].T, A[a0:a1].T, out=grad_s[p0:p1])
-            grad_s.mul_(B)
+            if by_pairs:
+                w_pairs = W[pairs.i, pairs.j]
+                pair_dots_op.pair_row_sums(B, pairs.i, pairs.j, w_pairs, None, w_b)
+                pair_dots_op.pair_row_sums(A, pairs.j, pairs.i, w_pairs, B, grad_s)
+            else:
+                for a0, a1, p0, p1 in groups:
+                    fixed_mm(W[a0:a1, p0:p1], B[p0:p1].T, out=w_b[a0:a1])
+                    fixed_mm(W[a0:a1, p0:p1].T, A[a0:a1].T, out=grad_s[p0:p1])
+                grad_s.mul_(B)
             anchor[4] += mm(V, up_rows.T, "rows_d")
             self.grad_up.index_add_(0, rows_p, mm(V.T, ua_rows.T, "cols_d").add_(mm(grad_s, self.x.T, "rows_d")))
             self.grad_x += mm(grad_s.T, up_rows.T, "m_d")

@@ -1,6 +1,9 @@
-"""Dot products of listed row pairs (the op `dmlkern::pair_dots`, csrc/cpu/pair_dots_cpu.cpp):
-pair_dots(a, b, i, j)[p] = <a[i[p]], b[j[p]]>, without gathering the rows. AngularLoss's blocked
-path (fused/angular.py) takes each positive pair's sum over the reference rows this way.
+"""The two products of a sparse matrix given as listed row pairs (the ops `dmlkern::pair_dots`
+and `pair_row_sums`, csrc/cpu/pair_dots_cpu.cpp), without gathering the rows:
+pair_dots(a, b, i, j)[p] = <a[i[p]], b[j[p]]>, and pair_row_sums(b, i, j, w, scale, out)[r] =
+(sum over the pairs p of row r = i[p] of w[p] b[j[p]]) * scale[r]. AngularLoss's blocked path
+(fused/angular.py) takes each positive pair's sum over the reference rows, and its gradient's
+sums over each row's positive pairs, this way.
 
 No autograd: callers use it only where no graph is recorded (`runs_kernel`). Each sum runs in
 double over a fixed order, so the bits depend neither on the thread count nor on the CPU's
@@ -19,6 +22,10 @@ if _OP_READY:
     def _fake_pair_dots(a, b, i, j):
         return a.new_empty((i.shape[0],))
 
+    @torch.library.register_fake("dmlkern::pair_row_sums")
+    def _fake_pair_row_sums(b, i, j, w, scale, out):
+        return None
+
 
 def runs_kernel(a, b):
     """Whether pair_dots may run on rows like a and b: the op is built, they are eager plain CPU
@@ -35,3 +42,11 @@ def runs_kernel(a, b):
 def pair_dots(a, b, i, j):
     """(P,) in a's dtype: <a[i[p]], b[j[p]]> for a (R, K), b (Q, K), i and j (P,) int64."""
     return torch.ops.dmlkern.pair_dots.default(a, b, i, j)
+
+
+def pair_row_sums(b, i, j, w, scale, out):
+    """out (R, K) = per row r, the sum over the pairs p with i[p] == r (in listed order) of
+    w[p] * b[j[p]], times scale[r] where scale (R, K) is given; 0 for a row of no pair. out: b's
+    dtype, contiguous rows, sharing no memory with b or scale. Returns out."""
+    torch.ops.dmlkern.pair_row_sums.default(b, i, j, w, scale, out)
+    return out
