@@ -5,9 +5,9 @@ pair_dots(a, b, i, j)[p] = <a[i[p]], b[j[p]]>, and pair_row_sums(b, i, j, w, sca
 (fused/angular.py) takes each positive pair's sum over the reference rows, and its gradient's
 sums over each row's positive pairs, this way.
 
-No autograd: callers use it only where no graph is recorded (`runs_kernel`). Each sum runs in
-double over a fixed order, so the bits depend neither on the thread count nor on the CPU's
-vector width.
+No autograd: callers use them only where no graph is recorded (`runs_kernel`). Each sum runs in
+a fixed order (pair_dots' in double, pair_row_sums' per entry in the input's dtype), so the bits
+depend neither on the thread count nor on the CPU's vector width.
 """
 import torch
 
@@ -15,7 +15,8 @@ from .._tracing import static_shapes
 from .dispatch import extension_loaded
 from .pair_engine import _direct_call_ok
 
-_OP_READY = extension_loaded() and hasattr(torch.ops.dmlkern, "pair_dots")
+_OP_READY = (extension_loaded() and hasattr(torch.ops.dmlkern, "pair_dots")
+             and hasattr(torch.ops.dmlkern, "pair_row_sums"))
 
 if _OP_READY:
     @torch.library.register_fake("dmlkern::pair_dots")
@@ -28,8 +29,8 @@ if _OP_READY:
 
 
 def runs_kernel(a, b):
-    """Whether pair_dots may run on rows like a and b: the op is built, they are eager plain CPU
-    fp32 / fp64 2-D tensors of one dtype, and no graph is being recorded for them."""
+    """Whether pair_dots and pair_row_sums may run on rows like a and b: the ops are built, they are
+    eager plain CPU fp32 / fp64 2-D tensors of one dtype, and no graph is being recorded for them."""
     if not _OP_READY or static_shapes() or not _direct_call_ok(a, b):
         return False
     if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64):
