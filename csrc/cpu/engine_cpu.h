@@ -122,6 +122,8 @@ class FlushSubnormalsGuard {
 #if defined(__x86_64__) || defined(_M_X64)
   FlushSubnormalsGuard() : previous_(_mm_getcsr()) { _mm_setcsr(previous_ | kFtzDaz); }
   ~FlushSubnormalsGuard() { _mm_setcsr(previous_); }
+#else
+  FlushSubnormalsGuard() {}
 #endif
   FlushSubnormalsGuard(const FlushSubnormalsGuard&) = delete;
   FlushSubnormalsGuard& operator=(const FlushSubnormalsGuard&) = delete;
