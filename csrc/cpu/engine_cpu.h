@@ -33,11 +33,11 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
 #endif
-#include <vector>
 
 #include "../engine_host.h"
 

@@ -123,15 +123,21 @@ DMLK_CPU_CLONES void pair_row_sums_rows(const T* b, int64_t bs0, int64_t d, cons
   }
 }
 
-void check_index(const at::Tensor& t, const char* name, int64_t bound, const char* rows) {
-  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu(), "dmlkern: pair_dots: ", name,
+// t (the op's index argument `name`) as a contiguous int64 CPU tensor of rows of `rows`.
+at::Tensor checked_index(const at::Tensor& t, const char* op, const char* name, int64_t bound, const char* rows) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu(), "dmlkern: ", op, ": ", name,
               " must be a 1-D int64 CPU tensor, got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
-  const int64_t* v = t.data_ptr<int64_t>();
-  for (int64_t p = 0; p < t.size(0); ++p) {
-    TORCH_CHECK(v[p] >= 0 && v[p] < bound, "dmlkern: pair_dots: ", name, "[", p, "] = ", v[p],
+  at::Tensor c = t.contiguous();
+  const int64_t* v = c.data_ptr<int64_t>();
+  for (int64_t p = 0; p < c.size(0); ++p) {
+    TORCH_CHECK(v[p] >= 0 && v[p] < bound, "dmlkern: ", op, ": ", name, "[", p, "] = ", v[p],
                 " is not a row of ", rows, " (", bound, " rows)");
   }
+  return c;
 }
+
+// t itself where its rows' entries are contiguous (the callers' buffers), else a contiguous copy.
+at::Tensor with_contiguous_rows(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
 // (P,) in a's dtype: out[p] = <a[i[p]], b[j[p]]>.
 at::Tensor pair_dots_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& i_in,
@@ -144,14 +150,11 @@ at::Tensor pair_dots_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const a
   check_cpu_dtype(a_in, "a");
   TORCH_CHECK(b_in.scalar_type() == a_in.scalar_type(), "dmlkern: pair_dots: a and b must have the same dtype, got ",
               a_in.scalar_type(), " and ", b_in.scalar_type());
-  const at::Tensor ii = i_in.contiguous(), jj = j_in.contiguous();
-  check_index(ii, "i", a_in.size(0), "a");
-  check_index(jj, "j", b_in.size(0), "b");
+  const at::Tensor ii = checked_index(i_in, "pair_dots", "i", a_in.size(0), "a");
+  const at::Tensor jj = checked_index(j_in, "pair_dots", "j", b_in.size(0), "b");
   TORCH_CHECK(ii.size(0) == jj.size(0), "dmlkern: pair_dots: i and j must have the same length, got ", ii.size(0),
               " and ", jj.size(0));
-  // Rows with contiguous entries (the callers' buffers); a strided view is copied once.
-  const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
-  const at::Tensor b = b_in.stride(1) == 1 ? b_in : b_in.contiguous();
+  const at::Tensor a = with_contiguous_rows(a_in), b = with_contiguous_rows(b_in);
   const int64_t pairs = ii.size(0), d = a.size(1);
   auto out = at::empty({pairs}, a.options());
   if (pairs == 0) return out;
@@ -182,9 +185,8 @@ void pair_row_sums_cpu(const at::Tensor& b_in, const at::Tensor& i_in, const at:
   TORCH_CHECK(out.scalar_type() == b_in.scalar_type() && out.stride(1) == 1,
               "dmlkern: pair_row_sums: out must have b's dtype and contiguous rows, got ", out.scalar_type(),
               " with strides ", out.strides());
-  const at::Tensor ii = i_in.contiguous(), jj = j_in.contiguous();
-  check_index(ii, "i", out.size(0), "out");
-  check_index(jj, "j", b_in.size(0), "b");
+  const at::Tensor ii = checked_index(i_in, "pair_row_sums", "i", out.size(0), "out");
+  const at::Tensor jj = checked_index(j_in, "pair_row_sums", "j", b_in.size(0), "b");
   TORCH_CHECK(ii.size(0) == jj.size(0) && w_in.dim() == 1 && w_in.size(0) == ii.size(0) &&
                   w_in.scalar_type() == b_in.scalar_type() && w_in.device().is_cpu(),
               "dmlkern: pair_row_sums: i, j and w must have one entry per pair (w in b's dtype), got ",
@@ -195,13 +197,12 @@ void pair_row_sums_cpu(const at::Tensor& b_in, const at::Tensor& i_in, const at:
                     scale_in->device().is_cpu(),
                 "dmlkern: pair_row_sums: scale must have out's shape ", out.sizes(), " and dtype, got ",
                 scale_in->sizes(), " ", scale_in->scalar_type());
-    scale = scale_in->stride(1) == 1 ? *scale_in : scale_in->contiguous();
+    scale = with_contiguous_rows(*scale_in);
   }
   // out's rows hold the running sums while b's and scale's are read: they must not share memory.
   TORCH_CHECK(!out.is_alias_of(b_in) && !(scale.defined() && out.is_alias_of(scale)),
               "dmlkern: pair_row_sums: out must not share memory with b or scale");
-  const at::Tensor b = b_in.stride(1) == 1 ? b_in : b_in.contiguous();
-  const at::Tensor w = w_in.contiguous();
+  const at::Tensor b = with_contiguous_rows(b_in), w = w_in.contiguous();
   const int64_t rows = out.size(0), pairs = ii.size(0), d = out.size(1);
   // Each row's pairs in listed order (a stable counting sort by i).
   std::vector<int64_t> start(rows + 1, 0), order(pairs), next;

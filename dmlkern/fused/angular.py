@@ -418,7 +418,7 @@ class _GradSums:
         # elsewhere one product per Gram group). Where a tile's pairs are its own rows, (i, j) and
         # (j, i) are both pairs, so W + Wᵀ is W_sym at the pairs.
         by_pairs = pair_dots_op.runs_kernel(A, B)
-        if rows_p is rows_a and only:  # a group's pairs are its own rows: A ⊙ (W + Wᵀ) A, group by group
+        if rows_p is rows_a and only:  # a group's pairs are its own rows: A ⊙ (W + Wᵀ) A
             W = self._pair_matrix(pairs, rows, rows, cw, "W", symmetric=True)
             V = self._pair_matrix(pairs, rows, rows, -self.k * w, "V", symmetric=True)
             if by_pairs:  # into a buffer of its own (A's rows are read while the sums are written)
