@@ -87,7 +87,7 @@ def test_help_explains_every_option():
     assert proc.returncode == 0
     for opt in ("--losses", "--providers", "--n", "--classes", "--class-n", "--class-time-limit", "--max-columns",
                 "--d", "--dtypes", "--device", "--modes", "--repeats", "--warmup", "--time-limit", "--mem-budget",
-                "--out", "--quick", "--budget"):
+                "--out", "--quick", "--budget", "--paired-t-mm"):
         assert opt in proc.stdout
 
 
@@ -180,6 +180,69 @@ def test_class_losses_swept_over_c(sweep):
                  "| size of W | D x C | 512 KiB | 2 MiB |", "x W)", f"C={CS[-1]}: "):
         assert want in section, want
     assert "-- center" in proc.stdout and f"C={CS[-1]}" in proc.stdout
+
+
+def test_paired_t_mm(sweep):
+    """On CPU each point times T_mm in its own process (--paired-t-mm, the default there): x_mm is the
+    point's time over that, and results.csv gives it as t_mm_s. (Its product is checked below: at
+    these sizes a busy core's scheduling, ~16 ms, outweighs a product's microseconds.)"""
+    out, _ = sweep
+    points = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    _, rows = read_csv(out / "results.csv")
+    csv_rows = {(r["loss"], r["provider"], int(r["n"]), int(r["c"]) if r["c"] else None, r["metric"]): r
+                for r in rows}
+    for p in points:
+        key = (p["loss"], p["provider"], p["n"], p.get("c"))
+        t_mm = float(csv_rows[key + ("t_mm_s",)]["median"])
+        if p["loss"] == "matmul_floor":
+            assert "t_mm" not in p and t_mm == pytest.approx(p["median"], rel=1e-5)
+            continue
+        assert p["t_mm"] > 0 and t_mm == pytest.approx(p["t_mm"], rel=1e-5), p
+        x_mm = float(csv_rows[key + ("x_mm",)]["median"])
+        assert x_mm == pytest.approx(p["median"] / p["t_mm"], rel=1e-5), p
+    assert "just before and after its timing" in (out / "summary.md").read_text()
+
+
+def test_paired_floor_times_the_floor_product(monkeypatch):
+    """PairedFloor runs the floor point's product: x @ x.T, or x @ W with W (D, C) (in row blocks into
+    one buffer past FLOOR_MAX_OUT_BYTES); after one warm-up call, the same number of calls on each
+    side (1 to 25, by PAIRED_FLOOR_SIDE_S); it returns their median."""
+    import statistics
+
+    import torch
+
+    from dmlkern.bench import worker
+
+    x = torch.randn(40, 16, requires_grad=True)
+    xd = x.detach()
+    monkeypatch.setattr(worker, "FLOOR_MAX_OUT_BYTES", 25 * 5000 * 4)  # 25-row blocks past that
+    for c, rows in ((None, slice(0, 40)), (300, slice(0, 40)), (5000, slice(25, 40))):
+        floor = worker.PairedFloor(torch, x, c)
+        assert floor.y.shape == (16, c or 40) and (c or torch.equal(floor.y, xd.T))
+        out = floor.fn()
+        assert torch.equal(out[: rows.stop - rows.start], xd[rows] @ floor.y), c
+    for side_s, calls in ((0.0, 1), (1e3, 25)):
+        monkeypatch.setattr(worker, "PAIRED_FLOOR_SIDE_S", side_s)
+        floor = worker.PairedFloor(torch, x, None)
+        floor.before()
+        assert len(floor.samples) == calls
+        samples = floor.samples
+        assert floor.after() == statistics.median(samples) and len(samples) == 2 * calls
+        assert floor.fn is None and floor.y is None
+
+
+def test_x_mm_without_a_paired_t_mm_uses_the_floor_point():
+    """--no-paired-t-mm, CUDA, or points.jsonl from before the option: x_mm divides by the floor point
+    of the same device, dtype and size."""
+    base = dict(device="cpu", dtype="fp32", n=64, c=None, status="ok", p20=1.0, p80=3.0)
+    results = [dict(base, loss="matmul_floor", median=0.5), dict(base, loss="ntxent", median=2.0),
+               dict(base, loss="nca", median=2.0, t_mm=0.25), dict(base, loss="npairs", median=1.0, n=128)]
+    report.attach_x_mm(results)
+    assert [r["x_mm"] for r in results] == [1.0, 4.0, 8.0, None]
+    assert [r["t_mm_s"] for r in results] == [0.5, 0.5, 0.25, None]
+    assert results[1]["x_mm_p20"] == 2.0 and results[1]["x_mm_p80"] == 6.0
+    assert parse_args([]).paired_t_mm and not parse_args(["--device", "cuda"]).paired_t_mm
+    assert not parse_args(["--no-paired-t-mm"]).paired_t_mm
 
 
 def test_forced_timeout_is_recorded_and_sweep_continues(tmp_path):

@@ -86,6 +86,9 @@ def build_parser():
     add("--quick", action="store_true", help="set-up check: N = 256 1024, C = 1024 8192 at "
         "N = 256, 3 repeats, 10 s limit, 180 s budgets, no compile provider unless named (explicit options win)")
     add("--threads", type=int, default=0, help="torch.set_num_threads in each point (default: torch's)")
+    add("--paired-t-mm", action=argparse.BooleanOptionalAction, help="time T_mm again in each point's process, "
+        "just before and after its timing, and divide by that (default: on for cpu, where the machine's speed "
+        "drifts between points; the T_mm row still shows the floor points)")
     add("--compile-dynamic", action=argparse.BooleanOptionalAction, default=True,
         help="torch.compile(dynamic=True): one compilation for every N (default)")
     add("--seed", type=int, default=0, help="seed for the inputs (default %(default)s)")
@@ -112,6 +115,8 @@ def parse_args(argv=None):
         args.class_budget = DEFAULT_CLASS_BUDGET if args.budget is None else args.budget
     if args.budget is None:
         args.budget = DEFAULT_BUDGET
+    if args.paired_t_mm is None:
+        args.paired_t_mm = args.device == "cpu"
     if args.providers is None:
         args.providers = [p for p in DEFAULT_PROVIDERS[args.device] if not (args.quick and p == "compile")]
     args.losses = args.losses or [k for k, v in LOSSES.items() if v.default]
@@ -160,7 +165,7 @@ def plan_points(args):
     every loss still has dmlkern's sizes and a PML comparison, and the later providers lose their
     largest sizes first."""
     base = dict(device=args.device, d=args.d, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
-                threads=args.threads, compile_dynamic=args.compile_dynamic)
+                threads=args.threads, compile_dynamic=args.compile_dynamic, paired_t_mm=args.paired_t_mm)
     pts = []
     for classes in (False, True):
         losses = [loss for loss in args.losses if LOSSES[loss].classes == classes]

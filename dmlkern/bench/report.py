@@ -9,7 +9,7 @@ from .specs import FLOOR_LOSS, ITEMSIZE, LOSSES, PROVIDER_PRIORITY, point_label,
 
 CSV_COLUMNS = ["loss", "provider", "backend", "device", "dtype", "n", "c", "d", "mode", "metric", "median", "p20",
                "p80", "status", "machine", "version", "timestamp"]
-METRICS = ["time_s", "peak_mem_mb", "x_mm"]
+METRICS = ["time_s", "peak_mem_mb", "x_mm", "t_mm_s"]  # t_mm_s: the T_mm that the point's x_mm divides by
 STATUSES = ["ok", "oom", "timeout", "error", "skipped"]
 COLORS = {"dmlkern": "C0", "dmlkern-triton": "C9", "dmlkern-cpp": "C4", "pml": "C3", "reference": "C1",
           "compile": "C2"}
@@ -35,11 +35,14 @@ def floor_times(results):
 
 
 def attach_x_mm(results):
+    """x_mm (and its percentiles): time over the point's own T_mm (paired: timed in its process), else
+    over the floor point's of the same size and dtype."""
     floors = floor_times(results)
     for r in results:
-        t_mm = floors.get(_fkey(r))
+        t_mm = (r.get("t_mm") or floors.get(_fkey(r))) if r["status"] == "ok" else None
+        r["t_mm_s"] = t_mm
         for q in ("", "_p20", "_p80"):
-            r["x_mm" + q] = r[q[1:] or "median"] / t_mm if r["status"] == "ok" and t_mm else None
+            r["x_mm" + q] = r[q[1:] or "median"] / t_mm if t_mm else None
 
 
 def _num(v):
@@ -47,7 +50,7 @@ def _num(v):
 
 
 def write_csv(path, results, machine, version):
-    """Three rows per point, one per metric; values only where the point is ok."""
+    """One row per point and metric; values only where the point is ok."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
@@ -57,7 +60,8 @@ def write_csv(path, results, machine, version):
             ok = r["status"] == "ok"
             values = {"time_s": (r.get("median"), r.get("p20"), r.get("p80")) if ok else (None,) * 3,
                       "peak_mem_mb": (r.get("peak_mem_mb") if ok else None, None, None),
-                      "x_mm": (r.get("x_mm"), r.get("x_mm_p20"), r.get("x_mm_p80"))}
+                      "x_mm": (r.get("x_mm"), r.get("x_mm_p20"), r.get("x_mm_p80")),
+                      "t_mm_s": (r.get("t_mm_s"), None, None)}
             w.writerows(dict(base, metric=m, **dict(zip(("median", "p20", "p80"), map(_num, values[m]))))
                         for m in METRICS)
 
@@ -201,8 +205,10 @@ def summary_md(results, meta):
                 "threads, paths made of many small ops (reference, PML, compile) can be slowed 10-100x by OpenMP "
                 "threads waiting for a core; fused kernels suffer far less. Re-run on a quiet machine, or with "
                 "`--threads 1`, before quoting these numbers.", ""]
-    out += ["Each cell: median time per call (x T_mm = that time over one `x @ x.T` of the same size and dtype) "
-            "and peak memory growth of one call. `oom`/`timeout`/`error`: the point ran and failed; "
+    when = ("timed in the point's own process just before and after its timing, as the machine's speed drifts; "
+            "the T_mm row gives the separate floor points" if a.get("paired_t_mm") else "the T_mm row")
+    out += ["Each cell: median time per call (x T_mm = that time over one `x @ x.T` of the same size and dtype, "
+            f"{when}) and peak memory growth of one call. `oom`/`timeout`/`error`: the point ran and failed; "
             "`skip (mem est.)`: a materialising provider's estimated footprint exceeded the budget; "
             "`skip (time est.)`: extrapolated past the time limit; `skip`: a smaller N already failed. "
             "'vs PML' compares at the largest N both ran." + (

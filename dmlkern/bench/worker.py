@@ -241,6 +241,11 @@ def _floor_callable(torch, x, y):
     return blocked, (lambda: f"torch-blocked-{rows}"), x, []
 
 
+def _floor_operand(torch, x, c):
+    """T_mm's right operand: x.T (pair losses), or a (D, C) W (class-weight losses)."""
+    return torch.randn(x.shape[1], c, dtype=x.dtype, device=x.device) if c else x.T
+
+
 def build(spec, torch, device):
     """(fn, backend, x, params) of a point: fn() computes the loss, backend() names what ran. The
     dmlkern providers' backend comes from DMLKERN_BACKEND (run_point sets it)."""
@@ -249,7 +254,7 @@ def build(spec, torch, device):
     x = torch.randn(n, d, generator=gen).to(device=device, dtype=getattr(torch, TORCH_DTYPES[spec["dtype"]]))
     labels = _labels(loss, n, c, device, gen)
     if loss == FLOOR_LOSS:
-        return _floor_callable(torch, x, torch.randn(d, c, dtype=x.dtype, device=device) if c else x.T)
+        return _floor_callable(torch, x, _floor_operand(torch, x, c))
     x.requires_grad_(True)
     if c and provider == "compile":  # torch.compile of the dmlkern module on the reference path
         os.environ["DMLKERN_BACKEND"] = "reference"
@@ -287,6 +292,38 @@ def train_step(fn, x, params, backward=True):
         return value
 
     return step
+
+
+PAIRED_FLOOR_SIDE_S = 0.5  # T_mm's calls on each side of a point's timing: about this long
+
+
+class PairedFloor:
+    """T_mm timed in the point's own process, just before and just after the point's timing, so the
+    point's x T_mm does not move with the machine's speed between points (a 2-core cloud CPU's
+    drifts up to 2x within minutes). Each side takes about PAIRED_FLOOR_SIDE_S of calls: 1 to 25,
+    after one warm-up call. One floor callable throughout: its row-block buffer (above 2 GiB of
+    output) is page-faulted once, as in the floor point. On CPU only (calls are synchronous)."""
+
+    def __init__(self, torch, x, c):
+        self.x, self.y = x.detach(), _floor_operand(torch, x.detach(), c)
+        self.fn = _floor_callable(torch, self.x, self.y)[0]
+        self.samples, self.calls = [], 1
+
+    def _run(self, calls):
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            self.fn()
+            self.samples.append(time.perf_counter() - t0)
+
+    def before(self):
+        self._run(1)  # warm-up; sizes both sides
+        self.calls = max(1, min(25, round(PAIRED_FLOOR_SIDE_S / max(self.samples.pop(), 1e-9))))
+        self._run(self.calls)
+
+    def after(self):
+        self._run(self.calls)
+        self.fn = self.y = None  # W and the buffer go before the memory call
+        return statistics.median(self.samples)
 
 
 def run_point(spec) -> dict:
@@ -335,6 +372,10 @@ def run_point(spec) -> dict:
             t = call()
         # Time first, under the default allocator; then the memory call (return_freed_memory fixes
         # the allocator's threshold for the rest of this process).
+        paired = (PairedFloor(torch, x, spec.get("c")) if spec.get("paired_t_mm") and device.type == "cpu"
+                  and spec["loss"] != FLOOR_LOSS else None)
+        if paired:
+            paired.before()
         left = 0.6 * limit - (time.perf_counter() - clock)
         seconds, most = timing_window(int(spec["repeats"]), t, left, limit)
         if device.type == "cpu" and left < 2 * t:  # no room for the timer's two calls: that call's time
@@ -342,6 +383,9 @@ def run_point(spec) -> dict:
             calls = 1
         else:
             med, p20, p80, calls = time_call(torch, device, step, seconds, most)
+        if paired:
+            out["t_mm"] = paired.after()
+            paired = None
         for p in [x, *params]:  # a gradient from earlier calls would hide the call's own in the baseline
             p.grad = None
         _, peak, out["mem_method"] = peak_memory(torch, device, call)
