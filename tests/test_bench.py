@@ -205,8 +205,8 @@ def test_paired_t_mm(sweep):
 
 def test_paired_floor_times_the_floor_product(monkeypatch):
     """PairedFloor runs the floor point's product: x @ x.T, or x @ W with W (D, C) (in row blocks into
-    one buffer past FLOOR_MAX_OUT_BYTES); after one warm-up call, the same number of calls on each
-    side (1 to 25, by PAIRED_FLOOR_SIDE_S); it returns their median."""
+    one buffer past FLOOR_MAX_OUT_BYTES); each side one warm-up call, then the same number of calls
+    (1 to 25, by PAIRED_FLOOR_SIDE_S); it returns their median."""
     import statistics
 
     import torch
@@ -215,20 +215,35 @@ def test_paired_floor_times_the_floor_product(monkeypatch):
 
     x = torch.randn(40, 16, requires_grad=True)
     xd = x.detach()
+    products = []
+    real = worker._floor_callable
+
+    def spy(torch_, x_, y_):
+        fn, *rest = real(torch_, x_, y_)
+
+        def run():
+            out = fn()
+            products.append((x_, y_, out))
+            return out
+        return (run, *rest)
+
+    monkeypatch.setattr(worker, "_floor_callable", spy)
     monkeypatch.setattr(worker, "FLOOR_MAX_OUT_BYTES", 25 * 5000 * 4)  # 25-row blocks past that
     for c, rows in ((None, slice(0, 40)), (300, slice(0, 40)), (5000, slice(25, 40))):
+        products.clear()
         floor = worker.PairedFloor(torch, x, c)
-        assert floor.y.shape == (16, c or 40) and (c or torch.equal(floor.y, xd.T))
-        out = floor.fn()
-        assert torch.equal(out[: rows.stop - rows.start], xd[rows] @ floor.y), c
+        floor.before()
+        x_, y, out = products[-1]
+        assert x_ is not x and torch.equal(x_, xd) and y.shape == (16, c or 40) and (c or torch.equal(y, xd.T))
+        assert torch.equal(out[: rows.stop - rows.start], xd[rows] @ y), c
     for side_s, calls in ((0.0, 1), (1e3, 25)):
         monkeypatch.setattr(worker, "PAIRED_FLOOR_SIDE_S", side_s)
+        products.clear()
         floor = worker.PairedFloor(torch, x, None)
         floor.before()
-        assert len(floor.samples) == calls
-        samples = floor.samples
-        assert floor.after() == statistics.median(samples) and len(samples) == 2 * calls
-        assert floor.fn is None and floor.y is None
+        assert len(floor.samples) == calls and len(products) == calls + 1  # and a warm-up call
+        assert floor.after() == statistics.median(floor.samples) and len(floor.samples) == 2 * calls
+        assert len(products) == 2 * calls + 2
 
 
 def test_x_mm_without_a_paired_t_mm_uses_the_floor_point():

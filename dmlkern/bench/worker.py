@@ -300,29 +300,31 @@ PAIRED_FLOOR_SIDE_S = 0.5  # T_mm's calls on each side of a point's timing: abou
 class PairedFloor:
     """T_mm timed in the point's own process, just before and just after the point's timing, so the
     point's x T_mm does not move with the machine's speed between points (a 2-core cloud CPU's
-    drifts up to 2x within minutes). Each side takes about PAIRED_FLOOR_SIDE_S of calls: 1 to 25,
-    after one warm-up call. One floor callable throughout: its row-block buffer (above 2 GiB of
-    output) is page-faulted once, as in the floor point. On CPU only (calls are synchronous)."""
+    drifts up to 2x within minutes). Each side is one warm-up call, then about PAIRED_FLOOR_SIDE_S
+    of calls (1 to 25, sized on the first side). Its operands (a class point's W, a row-block
+    buffer) exist only during a side, so the point's own timing runs with the memory it had. On CPU
+    only (calls are synchronous)."""
 
     def __init__(self, torch, x, c):
-        self.x, self.y = x.detach(), _floor_operand(torch, x.detach(), c)
-        self.fn = _floor_callable(torch, self.x, self.y)[0]
-        self.samples, self.calls = [], 1
+        self.torch, self.x, self.c = torch, x.detach(), c
+        self.samples, self.calls = [], None
 
-    def _run(self, calls):
-        for _ in range(calls):
+    def _side(self):
+        fn = _floor_callable(self.torch, self.x, _floor_operand(self.torch, self.x, self.c))[0]
+        t0 = time.perf_counter()
+        fn()  # warm-up: a row-block buffer is page-faulted here, as in the floor point's warm-up
+        if self.calls is None:
+            self.calls = max(1, min(25, round(PAIRED_FLOOR_SIDE_S / max(time.perf_counter() - t0, 1e-9))))
+        for _ in range(self.calls):
             t0 = time.perf_counter()
-            self.fn()
+            fn()
             self.samples.append(time.perf_counter() - t0)
 
     def before(self):
-        self._run(1)  # warm-up; sizes both sides
-        self.calls = max(1, min(25, round(PAIRED_FLOOR_SIDE_S / max(self.samples.pop(), 1e-9))))
-        self._run(self.calls)
+        self._side()
 
     def after(self):
-        self._run(self.calls)
-        self.fn = self.y = None  # W and the buffer go before the memory call
+        self._side()
         return statistics.median(self.samples)
 
 
