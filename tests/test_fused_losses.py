@@ -635,6 +635,43 @@ def test_unfusable_configurations_use_the_reference(engine_backend_choice):
     assert loss_fn.last_fallback.startswith("backend='reference'")
 
 
+THRESHOLD_ZERO_CASES = {  # (loss, args) of a library's losses L and miners M, with reducer R
+    "contrastive": lambda L, M, R, x, y: (L.ContrastiveLoss(reducer=R), (x, y)),
+    "contrastive_pair_margin": lambda L, M, R, x, y: (L.ContrastiveLoss(reducer=R), (x, y, M.PairMarginMiner()(x, y))),
+    "lifted": lambda L, M, R, x, y: (L.LiftedStructureLoss(reducer=R), (x, y)),
+    "intra_pair_variance": lambda L, M, R, x, y: (L.IntraPairVarianceLoss(reducer=R), (x, y)),
+    "snr_contrastive": lambda L, M, R, x, y: (L.SignalToNoiseRatioContrastiveLoss(reducer=R), (x, y)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(THRESHOLD_ZERO_CASES))
+def test_threshold_reducer_at_zero_runs_as_avg_non_zero(case):
+    """PML's AvgNonZeroReducer is its ThresholdReducer(low=0): where AvgNonZeroReducer runs fused,
+    ThresholdReducer(low=0) takes the same path (the same bits), with PML's value and gradient."""
+    import pytorch_metric_learning.losses as pml_losses
+    import pytorch_metric_learning.miners as pml_miners
+    import pytorch_metric_learning.reducers as pml_reducers
+
+    from dmlkern import reducers
+
+    g = torch.Generator().manual_seed(11)
+    x0, labels = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (40,), generator=g)
+    got = {}
+    for lib, L, M, R in (("dmlkern", losses, miners, reducers), ("pml", pml_losses, pml_miners, pml_reducers)):
+        for name, reducer in (("threshold", R.ThresholdReducer(low=0)), ("avg", R.AvgNonZeroReducer())):
+            x = x0.clone().requires_grad_(True)
+            loss_fn, args = THRESHOLD_ZERO_CASES[case](L, M, reducer, x, labels)
+            value = loss_fn(*args)
+            got[lib, name] = (value.detach(), torch.autograd.grad(value, x)[0], getattr(loss_fn, "last_backend", None))
+    value, grad, backend = got["dmlkern", "threshold"]
+    avg_value, avg_grad, avg_backend = got["dmlkern", "avg"]
+    assert backend == avg_backend and backend != "reference", (backend, avg_backend)
+    assert torch.equal(value, avg_value) and torch.equal(grad, avg_grad)
+    want, want_grad, _ = got["pml", "threshold"]
+    torch.testing.assert_close(value, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)
+
+
 def test_lazy_miner_records_pair_counts_like_pml(engine_backend_choice):
     """PML's miner sets num_pos_pairs / num_neg_pairs on every call; a lazy result is counted when
     they are read (after the fused loss used it, without materialising it before)."""

@@ -530,6 +530,39 @@ def test_lazy_triplets_on_changed_inputs_run_listed(monkeypatch):
     torch.testing.assert_close(value, want, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("kind", [None, "semihard"])
+@pytest.mark.parametrize("threshold", [{"low": 0}, {"low": 0.0}, {"low": 0.1}, {"low": 0, "high": 0.5}, {"high": 0.5}],
+                         ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
+def test_threshold_reducer(threshold, kind, row_impl):
+    """PML's AvgNonZeroReducer is its ThresholdReducer(low=0) (PML's TripletMarginLoss example:
+    CosineSimilarity, a semihard TripletMarginMiner, ThresholdReducer(low=0)): that reducer runs
+    fused, with AvgNonZeroReducer's bits and PML's value and gradient. Other thresholds need the
+    per-triplet losses (the reference, or the miner's triplets listed): PML's numbers too."""
+    x, labels, _, _ = _inputs(53, 6, None, torch.float64, seed=7)
+    fused = threshold.get("low") == 0 and "high" not in threshold
+    results = {}
+    for lib, R in (("dmlkern", our_reducers), ("pml", pml_reducers)):
+        for name, reducer in (("threshold", R.ThresholdReducer(**threshold)), ("avg", R.AvgNonZeroReducer())):
+            L, M, D = (losses, miners, distances) if lib == "dmlkern" else (pml_losses, pml_miners, pml_distances)
+            xx = x.clone().requires_grad_(True)
+            loss_fn = L.TripletMarginLoss(margin=0.2, distance=D.CosineSimilarity(), reducer=reducer)
+            mined = None if kind is None else M.TripletMarginMiner(
+                margin=0.2, distance=D.CosineSimilarity(), type_of_triplets=kind)(xx, labels)
+            value = loss_fn(xx, labels, mined)
+            results[lib, name] = (value.detach(), torch.autograd.grad(value, xx)[0], loss_fn)
+    ours, ours_grad, loss_fn = results["dmlkern", "threshold"]
+    if fused:
+        assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
+        avg, avg_grad, _ = results["dmlkern", "avg"]
+        assert torch.equal(ours, avg) and torch.equal(ours_grad, avg_grad)
+    else:  # (a miner's triplets: listed, or the reference where they are dense)
+        assert loss_fn.last_backend in ("reference", "listed"), loss_fn.last_backend
+        assert kind or "ThresholdReducer (needs the per-triplet losses)" in loss_fn.last_fallback
+    want, want_grad, _ = results["pml", "threshold"]
+    torch.testing.assert_close(ours, want, **TOL[torch.float64])
+    torch.testing.assert_close(ours_grad, want_grad, **TOL[torch.float64])
+
+
 def test_unfusable_configurations_use_the_reference():
     x, labels, ref, ref_labels = _inputs(20, 4, 9, torch.float64, seed=23)
     for kw, args, why in (({"swap": True}, (None, ref, ref_labels), "swap=True with ref_emb"),

@@ -225,18 +225,29 @@ def _sub_loss_reducers(module, names):
     return {name: reducer for name in names}
 
 
+def avg_non_zero(reducer):
+    """Whether `reducer` filters exactly as PML's AvgNonZeroReducer: that class with its own
+    threshold (low 0, no high), or a ThresholdReducer(low=0) without high, which PML's
+    AvgNonZeroReducer is (PML's TripletMarginLoss examples pass ThresholdReducer(low=0))."""
+    from ..reducers import AvgNonZeroReducer, ThresholdReducer
+
+    low = getattr(reducer, "low", None)
+    return (type(reducer) in (AvgNonZeroReducer, ThresholdReducer) and isinstance(low, (int, float))
+            and low == 0 and reducer.high is None)
+
+
 def _already_reduced_kinds(module, names, kinds):
     """{sub-loss: (kind, reducer)} when every sub-loss's reducer is one whose value follows from the engine's
-    totals: kinds maps reducer classes (exact types) to a kind; AvgNonZeroReducer counts as
-    "nonzero" only with its own threshold (low 0, no high). None after recording why (a
-    DoNothingReducer, a reducer collecting statistics, another reducer)."""
+    totals: kinds maps reducer classes (exact types) to a kind; AvgNonZeroReducer's kind also
+    serves a ThresholdReducer(low=0) and only such thresholds (`avg_non_zero`). None after
+    recording why (a DoNothingReducer, a reducer collecting statistics, another reducer)."""
     out = reduced_kinds_or_reason(module, names, kinds)
     return decline(module, out) if isinstance(out, str) else out
 
 
 def reduced_kinds_or_reason(module, names, kinds):
     """`_already_reduced_kinds`'s answer, or why not as a str (nothing recorded)."""
-    from ..reducers import AvgNonZeroReducer
+    from ..reducers import AvgNonZeroReducer, ThresholdReducer
 
     reducers = _sub_loss_reducers(module, names)
     loss_name = type(module).__name__
@@ -245,8 +256,8 @@ def reduced_kinds_or_reason(module, names, kinds):
     out = {}
     for name, reducer in reducers.items():
         kind = kinds.get(type(reducer))
-        if type(reducer) is AvgNonZeroReducer and (reducer.low != 0 or reducer.high is not None):
-            kind = None
+        if isinstance(reducer, ThresholdReducer):
+            kind = kinds.get(AvgNonZeroReducer) if avg_non_zero(reducer) else None
         if kind is None or getattr(reducer, "collect_stats", False):
             what = "collecting statistics" if kind is not None else "for its sub-loss " + repr(name)
             return (f"{type(reducer).__name__} {what} with {loss_name} (fused: "

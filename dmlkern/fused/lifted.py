@@ -10,7 +10,7 @@ from ..ops import pair_engine as pe
 from .listed_pairs import listed_lifted
 from .pair_lists import pair_dots, positive_pairs, unit_distance
 from ._common import decline, engine_rows, reduced_sub_loss, static_shapes, value_params
-from ._epilogue import ZERO_LOSS, _empty_as_zero, _lse2, _lse_neg_then, _rows_backend, _stats_with_pair_rule
+from ._epilogue import ZERO_LOSS, avg_non_zero, _empty_as_zero, _lse2, _lse_neg_then, _rows_backend, _stats_with_pair_rule
 
 
 MAX_POS_PAIRS_PER_ROW = 64  # above this many positive pairs per row, the reference runs
@@ -84,15 +84,16 @@ _apply_lifted_pairs = applier(_LiftedPairs)
 
 def _lifted_reduction(reducer):
     """"mean" / "nonzero" when the reducer is exactly PML's default MeanReducer or an
-    AvgNonZeroReducer (without stats collection): the loss is then a ratio of two totals of the
-    lifted_pairs pass. None for every other reducer (it needs the per-pair losses)."""
-    from ..reducers import AvgNonZeroReducer, MeanReducer
+    AvgNonZeroReducer (or ThresholdReducer(low=0): `avg_non_zero`) without stats collection: the
+    loss is then a ratio of two totals of the lifted_pairs pass. None for every other reducer (it
+    needs the per-pair losses)."""
+    from ..reducers import MeanReducer
 
     if getattr(reducer, "collect_stats", True):
         return None
     if type(reducer) is MeanReducer:
         return "mean"
-    if type(reducer) is AvgNonZeroReducer and reducer.low == 0 and reducer.high is None:
+    if avg_non_zero(reducer):
         return "nonzero"
     return None
 

@@ -52,7 +52,7 @@ from ..triton import triton_available
 from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, block_rows, decline, engine_distance, engine_rows,
                       engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, reference_backend_reason,
                       row_blocks, row_sums, widened)
-from ._epilogue import ZERO_LOSS
+from ._epilogue import ZERO_LOSS, avg_non_zero
 
 BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++ on a CPU, else torch ops
 _DISTANCES = DOT_KINDS + DISTANCE_KINDS  # e = -s or d (the squared distances: the reference)
@@ -444,13 +444,14 @@ triplet_totals = applier(_TripletTotals)
 
 
 def _reduction(reducer):
-    """"nonzero" (AvgNonZeroReducer), "mean" (MeanReducer) or "sum" (SumReducer) without stats
-    collection: the loss is then a ratio of the totals. None for any other reducer."""
-    from ..reducers import AvgNonZeroReducer, MeanReducer, SumReducer
+    """"nonzero" (AvgNonZeroReducer, or ThresholdReducer(low=0): `avg_non_zero`), "mean"
+    (MeanReducer) or "sum" (SumReducer) without stats collection: the loss is then a ratio of the
+    totals. None for any other reducer."""
+    from ..reducers import MeanReducer, SumReducer
 
     if getattr(reducer, "collect_stats", True):
         return None
-    if type(reducer) is AvgNonZeroReducer and reducer.low == 0 and reducer.high is None:
+    if avg_non_zero(reducer):
         return "nonzero"
     return {MeanReducer: "mean", SumReducer: "sum"}.get(type(reducer))
 
