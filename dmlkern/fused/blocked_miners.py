@@ -22,7 +22,7 @@ from ..ops import fixed_mm
 from ..ops.dispatch import extension_loaded
 from ..reference import miners as ref
 from ..reference.histogram_miner import uniform_histogram_miner as reference_histogram_miner
-from ..reference.indices import random_positives
+from ..reference.indices import IndexColumns, random_positives
 from ._common import Buffers
 
 _CPU_PICKS = extension_loaded() and hasattr(torch.ops.dmlkern, "batch_hard_rows")  # csrc/cpu/batch_hard_rows_cpu.cpp
@@ -150,14 +150,6 @@ def _where_offset(mask, r0):
     return rows + r0, cols
 
 
-def _cat_pairs(parts, device):
-    if not parts:
-        e = torch.empty(0, dtype=torch.long, device=device)
-        return e, e.clone()
-    rows, cols = zip(*parts)
-    return torch.cat(rows), torch.cat(cols)
-
-
 def batch_easy_hard_miner(distance, embeddings, labels, ref_emb, ref_labels, pos_strategy, neg_strategy,
                           allowed_pos_range=None, allowed_neg_range=None):
     """`reference.miners.batch_easy_hard_miner(distance(embeddings, ref_emb), ...)` block by block:
@@ -177,7 +169,7 @@ def batch_easy_hard_miner(distance, embeddings, labels, ref_emb, ref_labels, pos
     neg_idx = torch.zeros(n, dtype=torch.long, device=device)
     pos_ok = torch.zeros(n, dtype=torch.bool, device=device)
     neg_ok = torch.zeros(n, dtype=torch.bool, device=device)
-    all_pos, all_neg = [], []
+    all_pos, all_neg = IndexColumns(2, device), IndexColumns(2, device)  # (a side set to "all")
     order = 1 if pos_strategy == ref.SEMIHARD and pick_neg else 2 if neg_strategy == ref.SEMIHARD and pick_pos else 0
     modes = [(1 if take_min else 2) if pick else 0
              for pick, take_min in ((pick_pos, pos_take_min), (pick_neg, neg_take_min))]
@@ -194,18 +186,18 @@ def batch_easy_hard_miner(distance, embeddings, labels, ref_emb, ref_labels, pos
         if pos is not None:
             pos_idx[r0:r1], pos_ok[r0:r1] = pos[0][1], pos[1]
         else:
-            all_pos.append(_where_offset(pos_cand, r0))
+            all_pos.add(*_where_offset(pos_cand, r0))
         if neg is not None:
             neg_idx[r0:r1], neg_ok[r0:r1] = neg[0][1], neg[1]
         else:
-            all_neg.append(_where_offset(neg_cand, r0))
+            all_neg.add(*_where_offset(neg_cand, r0))
     rows = torch.arange(n, device=device)
     if pick_pos and pick_neg:
         keep = pos_ok & neg_ok
         a = rows[keep]
         return a, pos_idx[keep], a, neg_idx[keep]
-    a1, p = _cat_pairs(all_pos, device) if not pick_pos else (rows[pos_ok], pos_idx[pos_ok])
-    a2, ng = _cat_pairs(all_neg, device) if not pick_neg else (rows[neg_ok], neg_idx[neg_ok])
+    a1, p = all_pos.result() if not pick_pos else (rows[pos_ok], pos_idx[pos_ok])
+    a2, ng = all_neg.result() if not pick_neg else (rows[neg_ok], neg_idx[neg_ok])
     return a1, p, a2, ng
 
 
@@ -239,7 +231,7 @@ def pair_margin_miner(distance, embeddings, labels, ref_emb, ref_labels, pos_mar
     if embeddings.shape[0] == 0 or ref_emb.shape[0] == 0:
         return ref._empty(embeddings.device, 4)
     ref_labels = labels if ref_labels is None else ref_labels
-    pos_parts, neg_parts = [], []
+    pos_pairs, neg_pairs = IndexColumns(2, embeddings.device), IndexColumns(2, embeddings.device)
     for r0, r1, mat in distance_blocks(distance, embeddings, ref_emb):
         pos_cand, neg_cand = _candidates(labels, ref_labels, r0, r1)
         if distance.is_inverted:
@@ -248,10 +240,9 @@ def pair_margin_miner(distance, embeddings, labels, ref_emb, ref_labels, pos_mar
         else:
             pos_cand &= mat > pos_margin
             neg_cand &= mat < neg_margin
-        pos_parts.append(_where_offset(pos_cand, r0))
-        neg_parts.append(_where_offset(neg_cand, r0))
-    device = embeddings.device
-    return (*_cat_pairs(pos_parts, device), *_cat_pairs(neg_parts, device))
+        pos_pairs.add(*_where_offset(pos_cand, r0))
+        neg_pairs.add(*_where_offset(neg_cand, r0))
+    return (*pos_pairs.result(), *neg_pairs.result())
 
 
 def _label_counts(labels, ref_labels):

@@ -50,6 +50,43 @@ def _empty_long(device):
     return torch.empty(0, dtype=torch.long, device=device)
 
 
+class IndexColumns:
+    """Index tuples gathered block by block into one buffer grown by half as it fills, instead of
+    a list of each block's tensors joined at the end. Under glibc's default allocator, results
+    kept between blocks pin the blocks' freed temporaries in the heap (after the first free of a
+    large block, the mmap threshold rises to that size, so the next blocks' temporaries come from
+    the heap, above the kept results), and the process grows by a block's temporaries for every
+    block. One block's columns are kept as they are (no copy); during a growth it holds 2.5x what
+    it has gathered (a list and its join: 2x)."""
+
+    def __init__(self, width, device):
+        self.width, self.device, self.first, self.buf, self.used = width, device, None, None, 0
+
+    def add(self, *columns):
+        k = columns[0].numel()
+        if k == 0:
+            return
+        if self.first is None and self.buf is None:
+            self.first, self.used = columns, k
+            return
+        if self.buf is None or self.used + k > self.buf.shape[1]:
+            grown = torch.empty(self.width, 2 * self.used + k, dtype=torch.long, device=self.device)
+            for row, old in zip(grown, self.first if self.buf is None else self.buf[:, :self.used]):
+                row[:self.used] = old
+            self.first, self.buf = None, grown
+        for row, col in zip(self.buf, columns):
+            row[self.used:self.used + k] = col
+        self.used += k
+
+    def result(self):
+        """The columns: 1-D int64 tensors (views of the buffer, or the one block's own columns)."""
+        if self.first is not None:
+            return tuple(self.first)
+        if self.buf is None:
+            return tuple(_empty_long(self.device) for _ in range(self.width))
+        return tuple(self.buf[:, :self.used].unbind(0))
+
+
 # ----------------------------------------------------------------------------- logsumexp
 def logsumexp(x, keep_mask=None, add_one=True, dim=1):
     """``log(sum_j exp(x_j))`` along ``dim`` (keepdim) over the entries where ``keep_mask``.
