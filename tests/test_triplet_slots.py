@@ -12,6 +12,7 @@ import torch
 
 import dmlkern.fused.triplet as fused_triplet
 from dmlkern.fused._common import block_masks
+from dmlkern.reference.indices import positive_slots
 from dmlkern import losses
 from _kernel_cases import HAS_CUDA
 from _triplet_blocks import assert_loss_matches_pml, random_block, swap_block, triplet_loss
@@ -146,13 +147,13 @@ def test_op_checks_its_arguments(device):
 
 def test_opcheck():
     s, labels_b, ref_labels = random_block(6, 40, 3, torch.float64, 5)
-    slots, valid = fused_triplet._positive_slots(labels_b[:, None] == ref_labels[None, :])
+    slots, valid = positive_slots(labels_b[:, None] == ref_labels[None, :])
     for with_grad in (False, True):
         torch.library.opcheck(torch.ops.dmlkern.triplet_slot_rows.default,
                               (s, slots.masked_fill(~valid, -1), labels_b, ref_labels, [0.2, 0.1],
                                [1, 1, 3, 0, 0], with_grad))
     s, labels_b, ref_labels, row0 = swap_block(40, 4, (1, 3), torch.float64, 5)
-    slots, valid = fused_triplet._positive_slots(block_masks(labels_b, ref_labels, row0, True)[0])
+    slots, valid = positive_slots(block_masks(labels_b, ref_labels, row0, True)[0])
     torch.library.opcheck(torch.ops.dmlkern.triplet_slot_rows.default,
                           (s, slots.masked_fill(~valid, -1), labels_b, ref_labels, [0.2, 0.1], [0, 1, 2, 1, row0],
                            True))

@@ -387,7 +387,6 @@ def run_point(spec) -> dict:
             med, p20, p80, calls = time_call(torch, device, step, seconds, most)
         if paired:
             out["t_mm"] = paired.after()
-            paired = None
         for p in [x, *params]:  # a gradient from earlier calls would hide the call's own in the baseline
             p.grad = None
         _, peak, out["mem_method"] = peak_memory(torch, device, call)

@@ -49,6 +49,7 @@ from ..ops import pair_engine as pe
 from ..ops.dispatch import extension_loaded
 from ..ops.fixed_mm_op import fixed_mm
 from ..triton import triton_available
+from ..reference.indices import positive_slots
 from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, block_rows, decline, engine_distance, engine_rows,
                       engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, reference_backend_reason,
                       row_blocks, row_sums, widened)
@@ -129,21 +130,6 @@ def _term_slope(viol, smooth):
     return torch.where(viol > 20, 1.0, z / (z + 1))
 
 
-def _positive_slots(pos):
-    """(cols, valid), each (B, P): the column of each row's j-th positive, P the most positives
-    of any row of the block (valid marks the real ones)."""
-    rows, cols = pos.nonzero(as_tuple=True)
-    counts = pos.sum(dim=1)
-    num_slots = int(counts.max()) if rows.numel() else 0
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel(), device=pos.device) - starts[rows]
-    slot_cols = torch.zeros(pos.shape[0], num_slots, dtype=torch.long, device=pos.device)
-    valid = torch.zeros(pos.shape[0], num_slots, dtype=torch.bool, device=pos.device)
-    slot_cols[rows, slot] = cols
-    valid[rows, slot] = True
-    return slot_cols, valid
-
-
 def _min_share(x, y):
     """The share of torch.minimum(x, y)'s gradient that x gets: half at a tie, none where x > y."""
     return torch.where(x == y, 0.5, torch.where(x > y, 0.0, 1.0))
@@ -205,7 +191,7 @@ def _slot_rows(s, slot_cols, labels_b, ref_labels, rule, window_id, with_grad, r
 def _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, kernel):
     """`_block_pass` for rows of any number of positives: each positive slot against every column
     (`kernel`, from `_row_kernel`, or torch ops); O(P M) a row."""
-    slot_cols, valid = _positive_slots(pos)
+    slot_cols, valid = positive_slots(pos)
     if kernel is not None:
         total, nonzero, kept, g_s, g_p = kernel(
             s, slot_cols.masked_fill(~valid, -1), labels_b, ref_labels, rule, WINDOW_IDS[rule.window], with_grad, row0)
@@ -290,7 +276,7 @@ def _sorted_rows(e, pos, neg, rule, with_grad):
     in_run = torch.arange(M, device=e.device) < m
     prefix = torch.cumsum(torch.where(in_run, sorted_e, 0.0).double(), dim=1)
     prefix = torch.cat([prefix.new_zeros(B, 1), prefix], dim=1)
-    slot_cols, valid = _positive_slots(pos)
+    slot_cols, valid = positive_slots(pos)
     e_p = e.gather(1, slot_cols)
 
     def first_false(pred):

@@ -50,6 +50,21 @@ def _empty_long(device):
     return torch.empty(0, dtype=torch.long, device=device)
 
 
+def positive_slots(pos):
+    """(cols, valid), each (B, P): the column of each row's j-th positive (ascending), P the most
+    positives of any row of the block (valid marks the real ones)."""
+    rows, cols = pos.nonzero(as_tuple=True)
+    counts = pos.sum(dim=1)
+    num_slots = int(counts.max()) if rows.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=pos.device) - starts[rows]
+    slot_cols = torch.zeros(pos.shape[0], num_slots, dtype=torch.long, device=pos.device)
+    valid = torch.zeros(pos.shape[0], num_slots, dtype=torch.bool, device=pos.device)
+    slot_cols[rows, slot] = cols
+    valid[rows, slot] = True
+    return slot_cols, valid
+
+
 class IndexColumns:
     """Index tuples gathered block by block into one buffer grown by half as it fills, instead of
     a list of each block's tensors joined at the end. Under glibc's default allocator, results

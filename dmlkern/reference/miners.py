@@ -28,6 +28,7 @@ from .indices import (
     get_random_triplet_indices,
     neg_inf,
     pos_inf,
+    positive_slots,
 )
 
 __all__ = [
@@ -77,14 +78,10 @@ def triplet_margin_miner(mat, labels, ref_labels, margin=0.2, type_of_triplets="
     # Each anchor's positives only, as PML's per-anchor loop does past 2^31 triplet values: a row
     # of slots holding its positive columns in ascending order (then padding), so t is
     # (anchors, slots, R) rather than (anchors, R, R) and the triplets come out in PML's order.
-    counts = pos.sum(dim=1)
-    slots = int(counts.max()) if counts.numel() else 0
+    order, valid = positive_slots(pos)
+    slots = order.shape[1]
     if slots == 0 or mat.shape[1] == 0:
         return _empty(mat.device, 3)
-    rows, pos_cols = torch.where(pos)  # by row, then column
-    order = torch.zeros(pos.shape[0], slots, dtype=torch.long, device=mat.device)
-    order[rows, torch.arange(rows.numel(), device=mat.device) - (torch.cumsum(counts, 0) - counts)[rows]] = pos_cols
-    valid = torch.arange(slots, device=mat.device) < counts.unsqueeze(1)
     A, P, N = [], [], []
     buffers = None
     for s, e in _anchor_blocks(mat.shape[0], mat.shape[1], share=32, width=slots):
