@@ -113,7 +113,7 @@ def test_csv_is_well_formed(sweep):
     for r in rows:
         assert r["status"] == "ok", r
         med = float(r["median"])
-        assert med > 0 or r["metric"] == "peak_mem_mb"
+        assert med > 0 or r["metric"] in ("peak_mem_mb", "rss_default_mb")
         if r["metric"] in ("time_s", "x_mm"):
             assert float(r["p20"]) <= med <= float(r["p80"])
     floor_x = {float(r["median"]) for r in rows if r["loss"] == "matmul_floor" and r["metric"] == "x_mm"}
@@ -244,6 +244,43 @@ def test_paired_floor_times_the_floor_product(monkeypatch):
         assert len(floor.samples) == calls and len(products) == calls + 1  # and a warm-up call
         assert floor.after() == statistics.median(floor.samples) and len(floor.samples) == 2 * calls
         assert len(products) == 2 * calls + 2
+
+
+_HEAP_HELD = """
+import torch
+from dmlkern.bench.worker import DefaultAllocatorPeak
+watch = DefaultAllocatorPeak()
+held = [torch.empty(1 << 20, dtype=torch.uint8).fill_(1) for _ in range({blocks})]  # 1 MiB blocks, kept
+del held
+print(watch.growth() / 2**20)
+"""
+
+
+@pytest.mark.parametrize("blocks", [0, 96])
+def test_default_allocator_peak_sees_memory_held_in_the_window(blocks):
+    """rss_default_mb's measure: the peak RSS growth while the timed calls run under the default
+    allocator, over the RSS before them."""
+    proc = subprocess.run([sys.executable, "-c", _HEAP_HELD.format(blocks=blocks)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth = float(proc.stdout.split()[-1])
+    assert blocks - 1 <= growth <= blocks + 8, growth
+
+
+def test_heap_growth_is_listed_in_the_summary():
+    """summary.md lists the points whose default-allocator RSS outgrew their own peak memory (by the
+    factor and slack of report.heap_grew), and says so when none did."""
+    base = dict(device="cpu", dtype="fp32", n=64, c=None, mode="fwdbwd", status="ok", provider="dmlkern")
+    fine = dict(base, loss="ntxent", peak_mem_mb=100.0, rss_default_mb=150.0 + report.HEAP_GROWTH_SLACK_MB)
+    grew = dict(base, loss="triplet", peak_mem_mb=100.0, rss_default_mb=151.0 + report.HEAP_GROWTH_SLACK_MB)
+    unmeasured = dict(base, loss="nca", peak_mem_mb=1.0, rss_default_mb=None)
+    floor = dict(base, loss="matmul_floor", provider="torch", peak_mem_mb=1.0, rss_default_mb=500.0)
+    assert [report.heap_grew(r) for r in (fine, grew, unmeasured)] == [False, True, False]
+    listed = "\n".join(report.heap_growth_md([fine, grew, unmeasured, floor]))
+    assert "- triplet / dmlkern N=64" in listed and "ntxent" not in listed and "nca" not in listed
+    assert "matmul_floor" not in listed
+    assert "None of the 1 measured points" in "\n".join(report.heap_growth_md([fine, unmeasured, floor]))
+    assert report.heap_growth_md([unmeasured]) == []
 
 
 def test_x_mm_without_a_paired_t_mm_uses_the_floor_point():

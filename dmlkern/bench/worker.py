@@ -87,6 +87,27 @@ def return_freed_memory():
         return False
 
 
+class DefaultAllocatorPeak:
+    """Peak RSS growth over the timed calls, which run under glibc's default allocator (as in a user's
+    process), from a trimmed heap. Its dynamic mmap threshold can leave freed blocks pinned in the heap
+    under memory the call keeps, so RSS grows with every block of a loop: peak_memory, run under a
+    fixed threshold, cannot see that. CPU with /proc only; else growth() is None."""
+
+    def __init__(self):
+        self.base = None
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            self.base = _status_bytes("VmRSS")
+        except (OSError, AttributeError):
+            pass
+
+    def growth(self):
+        peak = _status_bytes("VmHWM") if self.base is not None else None
+        return None if peak is None else max(0, peak - self.base)
+
+
 def peak_memory(torch, device, run):
     """(run(), peak memory growth during it, method). CPU: VmHWM after resetting it (ru_maxrss where
     clear_refs is unavailable), after return_freed_memory, so an earlier call cannot hide a peak."""
@@ -384,7 +405,11 @@ def run_point(spec) -> dict:
             med = p20 = p80 = t
             calls = 1
         else:
+            heap = DefaultAllocatorPeak() if device.type == "cpu" else None
             med, p20, p80, calls = time_call(torch, device, step, seconds, most)
+            growth = heap.growth() if heap else None
+            if growth is not None:
+                out["rss_default_mb"] = growth / 2**20
         if paired:
             out["t_mm"] = paired.after()
         for p in [x, *params]:  # a gradient from earlier calls would hide the call's own in the baseline
