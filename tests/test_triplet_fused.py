@@ -563,6 +563,37 @@ def test_threshold_reducer(threshold, kind, row_impl):
     torch.testing.assert_close(ours_grad, want_grad, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("loss_name", ["TripletMarginLoss", "LiftedStructureLoss"])
+@pytest.mark.parametrize("reducer", [None, "MeanReducer", "multiple"])
+def test_embedding_regularizer_keeps_the_fused_path(loss_name, reducer, row_impl):
+    """An embedding regularizer adds a sub-loss, so PML (and dmlkern) hold a MultipleReducers with
+    one copy of the reducer per sub-loss (PML's README example: TripletMarginLoss with an
+    LpRegularizer): the loss's own reducer decides the fused reduction, as without a regularizer."""
+    from pytorch_metric_learning import regularizers as pml_regularizers
+    from dmlkern import regularizers
+
+    x, labels, _, _ = _inputs(45, 6, None, torch.float64, seed=17)
+    results = {}
+    for lib, L, R, G in (("dmlkern", losses, our_reducers, regularizers),
+                         ("pml", pml_losses, pml_reducers, pml_regularizers)):
+        kw = {"embedding_regularizer": G.LpRegularizer(), "embedding_reg_weight": 0.3}
+        if reducer == "multiple":
+            kw["reducer"] = R.MultipleReducers({"loss": R.SumReducer()}, default_reducer=R.MeanReducer())
+        elif reducer is not None:
+            kw["reducer"] = getattr(R, reducer)()
+        loss_fn = getattr(L, loss_name)(**kw)
+        xx = x.clone().requires_grad_(True)
+        value = loss_fn(xx, labels)
+        results[lib] = (value.detach(), torch.autograd.grad(value, xx)[0], loss_fn)
+    ours, ours_grad, loss_fn = results["dmlkern"]
+    if loss_name == "TripletMarginLoss" or reducer != "multiple":  # (Lifted's SumReducer: its pair list)
+        assert loss_fn.last_backend == ("blocked" if loss_name == "TripletMarginLoss" else "cpp"), \
+            loss_fn.last_fallback
+    want, want_grad, _ = results["pml"]
+    torch.testing.assert_close(ours, want, **TOL[torch.float64])
+    torch.testing.assert_close(ours_grad, want_grad, **TOL[torch.float64])
+
+
 def test_unfusable_configurations_use_the_reference():
     x, labels, ref, ref_labels = _inputs(20, 4, 9, torch.float64, seed=23)
     for kw, args, why in (({"swap": True}, (None, ref, ref_labels), "swap=True with ref_emb"),

@@ -306,7 +306,7 @@ def _triplet(module, emb, labels, lazy):
     y = _common.unit_rows(cols).to(x.dtype)
     with_grad = torch.is_grad_enabled() and emb.requires_grad
     total, nonzero, kept, _, _ = fused_triplet.triplet_totals(x, y, col_ids[:emb.shape[0]], col_ids, rule, True,
-                                                             with_grad)
+                                                             with_grad, None)
     world = len(sizes)
     total = co.gather_values(total.view(1), [1] * world).sum()
     counts = co.gather_labels(torch.stack([nonzero, kept]).view(1, 2), [1] * world, own_first_order=False).sum(dim=0)

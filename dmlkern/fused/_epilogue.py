@@ -225,6 +225,17 @@ def _sub_loss_reducers(module, names):
     return {name: reducer for name in names}
 
 
+def sub_loss_reducer(module, name="loss"):
+    """The reducer of one sub-loss: module.reducer, or a MultipleReducers' own one for `name` (PML
+    builds one reducer per sub-loss when a regularizer adds a sub-loss)."""
+    from ..reducers import MultipleReducers
+
+    reducer = module.reducer
+    if isinstance(reducer, MultipleReducers):
+        return reducer.reducers[name] if name in reducer.reducers else reducer.default_reducer
+    return reducer
+
+
 def avg_non_zero(reducer):
     """Whether `reducer` filters exactly as PML's AvgNonZeroReducer: that class with its own
     threshold (low 0, no high), or a ThresholdReducer(low=0) without high, which PML's

@@ -10,7 +10,7 @@ from ..ops import pair_engine as pe
 from .listed_pairs import listed_lifted
 from .pair_lists import pair_dots, positive_pairs, unit_distance
 from ._common import decline, engine_rows, reduced_sub_loss, static_shapes, value_params
-from ._epilogue import ZERO_LOSS, avg_non_zero, _empty_as_zero, _lse2, _lse_neg_then, _rows_backend, _stats_with_pair_rule
+from ._epilogue import ZERO_LOSS, avg_non_zero, sub_loss_reducer, _empty_as_zero, _lse2, _lse_neg_then, _rows_backend, _stats_with_pair_rule
 
 
 MAX_POS_PAIRS_PER_ROW = 64  # above this many positive pairs per row, the reference runs
@@ -117,7 +117,8 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         return decline(module, "ref_emb or ref_labels with LiftedStructureLoss")
     stats, degenerate = _stats_with_pair_rule(labels, labels)
     pm, nm = float(module.pos_margin), float(module.neg_margin)
-    reduction = _lifted_reduction(module.reducer)
+    reducer = sub_loss_reducer(module)  # (an embedding regularizer: a MultipleReducers, the loss's own)
+    reduction = _lifted_reduction(reducer)
     if reduction is None:
         return _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend)
     if degenerate.returns_zero_now():
@@ -129,7 +130,7 @@ def lifted_structure(module, embeddings, labels, indices_tuple, ref_emb, ref_lab
         # the per-pair losses. (Under torch.compile the NaN propagates: a documented deviation.)
         return _lifted_structure_pair_list(module, embeddings, labels, stats, degenerate, pm, nm, backend)
     # "mean": PML's mean over all positive pairs, sum_c n_c (n_c - 1) of them
-    loss = degenerate.zero_where(reduced_sub_loss(reduction, total, nonzero, stats.pos_total, module.reducer,
+    loss = degenerate.zero_where(reduced_sub_loss(reduction, total, nonzero, stats.pos_total, reducer,
                                                   embeddings))
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}, backend
 

@@ -14,6 +14,7 @@ from ..reducers import DivisorReducer, MeanReducer, SumReducer
 from ._common import Degenerate, LabelStats, decline, engine_rows, value_or_zero, value_params
 from ._epilogue import ZERO_LOSS, _already_reduced
 from .contrastive import NAN_PAIRS, hinge_plan, nan_in
+from .listed_pairs import distance_values
 from .listed_triplets import listed_margin, on_random_triplets
 
 SUB_LOSSES = ("margin_loss", "beta_reg_loss")
@@ -48,8 +49,9 @@ def _reduced(kind, total, divisor, count, reducer, embeddings):
 
 
 def margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-    if indices_tuple is not None:  # only the listed triplets (O(T))
-        return listed_margin(module, embeddings, labels, indices_tuple, ref_emb)
+    if indices_tuple is not None:  # pairs: from the pairs alone (O(pairs)); else the listed triplets (O(T))
+        out = _on_pairs(module, embeddings, labels, indices_tuple, ref_emb)
+        return listed_margin(module, embeddings, labels, indices_tuple, ref_emb) if out is NOT_PAIRS else out
     if module.triplets_per_anchor != "all" and labels is not None:  # PML's random triplets, listed
         return on_random_triplets(module, embeddings, labels, ref_emb, ref_labels,
                                   lambda triplets: listed_margin(module, embeddings, labels, triplets, ref_emb))
@@ -96,3 +98,70 @@ def margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         reg = _reduced(kind, reg_total, divisor, num_triplets, reducer, embeddings)
         loss_dict["beta_reg_loss"] = _already_reduced(degenerate.zero_where(reg), embeddings)
     return loss_dict, backend
+
+
+NOT_PAIRS = object()  # `_on_pairs`: not a call it runs (nothing recorded)
+
+
+def _on_pairs(module, embeddings, labels, indices_tuple, ref_emb):
+    """MarginLoss on pairs (a1, p, a2, n) without their triplets. PML's convert_to_triplets pairs
+    each positive pair of an anchor with each of its negative pairs (duplicates repeated), so with
+    n_pos(a) / n_neg(a) the anchor's listed pairs on each side, a positive pair's term meets
+    n_neg(a) triplets and a negative pair's n_pos(a): the total, the divisor (terms > 0) and the
+    per-class beta's regularizer follow from O(pairs) gathered distances, where PML lists
+    sum_a n_pos(a) n_neg(a) triplets (~N^3 for a MultiSimilarityMiner's pairs) through a
+    pairs x pairs match matrix. For the reducers whose value follows from those totals (Divisor,
+    Mean, Sum); NOT_PAIRS for any other call (the listed triplets then run it)."""
+    from .listed_pairs import listed_rows, materialized
+    from .listed_triplets import _listed_reason
+    from ..reference.tuple_losses import margin_anchor_beta
+    from ._epilogue import reduced_kinds_or_reason
+
+    pairs = materialized(indices_tuple, embeddings.device)
+    if len(pairs) != 4 or isinstance(reduced_kinds_or_reason(module, SUB_LOSSES, _KINDS), str):
+        return NOT_PAIRS
+    reason = _listed_reason(module, embeddings, ref_emb)
+    if reason is not None:
+        return decline(module, reason)
+    kinds = reduced_kinds_or_reason(module, SUB_LOSSES, _KINDS)
+    a1, p, a2, n = (t.long() for t in pairs)
+    rows = embeddings.shape[0]
+    n_pos, n_neg = torch.bincount(a1, minlength=rows), torch.bincount(a2, minlength=rows)
+    triplets = n_pos * n_neg
+    num_triplets = triplets.sum()
+    if int(num_triplets) == 0:
+        return ZERO_LOSS  # PML's zero_losses, before any distance
+    # only the pairs whose anchor has triplets (PML never reads the others, nor their labels)
+    a1, p = a1[n_neg[a1] > 0], p[n_neg[a1] > 0]
+    a2, n = a2[n_pos[a2] > 0], n[n_pos[a2] > 0]
+    distance, m = module.distance, float(module.margin)
+    distance.record_stats(embeddings, ref_emb)  # where the reference calls the distance (no-op without stats)
+    x, y = listed_rows(embeddings, ref_emb, distance)
+    # (fp16 / bf16 embeddings: the distances and terms in fp32 from the widened rows, the loss back
+    # in the embeddings' dtype, as the blocked paths)
+    d_ap, d_an = distance_values(x, y, a1, p, distance), distance_values(x, y, a2, n, distance)
+    b_pos = margin_anchor_beta(module.beta, labels, a1, embeddings).to(d_ap.dtype)
+    b_neg = margin_anchor_beta(module.beta, labels, a2, embeddings).to(d_an.dtype)
+    pos_loss = torch.relu(distance.margin(d_ap, b_pos) + m)
+    neg_loss = torch.relu(distance.margin(b_neg, d_an) + m)
+    w_pos, w_neg = n_neg.index_select(0, a1), n_pos.index_select(0, a2)  # the triplets each term meets
+    total = fixed_order_sum(torch.cat([w_pos.to(pos_loss.dtype) * pos_loss, w_neg.to(neg_loss.dtype) * neg_loss]))
+    if nan_in(total):
+        return decline(module, NAN_PAIRS)
+    divisor = (w_pos * (pos_loss > 0)).sum() + (w_neg * (neg_loss > 0)).sum()
+    kind, reducer = kinds["margin_loss"]
+    loss_dict = {"margin_loss": _already_reduced(_reduced(kind, total, divisor, num_triplets, reducer, embeddings),
+                                                 embeddings)}
+    if not module.learn_beta:
+        loss_dict["beta_reg_loss"] = module.zero_loss()
+    elif len(module.beta) == 1:  # already reduced: beta * nu
+        beta = module.beta.to(device=embeddings.device, dtype=embeddings.dtype)
+        loss_dict["beta_reg_loss"] = _already_reduced(beta[:1] * module.nu, embeddings)
+    else:  # beta * nu per triplet, by its anchor's class
+        anchors = torch.nonzero(triplets).flatten()
+        beta = margin_anchor_beta(module.beta, labels, anchors, embeddings)
+        reg_total = fixed_order_sum(triplets.index_select(0, anchors).to(beta.dtype) * beta) * module.nu
+        kind, reducer = kinds["beta_reg_loss"]
+        loss_dict["beta_reg_loss"] = _already_reduced(
+            _reduced(kind, reg_total, divisor, num_triplets, reducer, embeddings), embeddings)
+    return loss_dict, "listed"

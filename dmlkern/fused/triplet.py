@@ -33,9 +33,12 @@ anchor and as the positive of each other row of its class (the gradient of e_pn 
 each tie of the min split in halves as torch.minimum's backward: twice the row sweeps, the same
 products and memory.
 The torch twin runs on every device (and is what the C++ kernel is tested against).
-Any other indices_tuple (a miner's listed triplets or pairs, or a lazy result this path can't mine,
-then materialised) runs on its listed triplets instead (`listed_triplets.py`, backend "listed":
-O(T · D) from the gathered rows, no N x M matrix).
+Pairs (a1, p, a2, n) whose triplets are too many to list (PML's convert_to_triplets pairs each
+positive pair of an anchor with each of its negative pairs: ~N^3 for a MultiSimilarityMiner's)
+run here too, their masks per row block from the pairs (`ListedPairMasks`), in the torch twin.
+Any other indices_tuple (a miner's listed triplets or sparser pairs, or a lazy result this path
+can't mine, then materialised) runs on its listed triplets instead (`listed_triplets.py`, backend
+"listed": O(T · D) from the gathered rows, no N x M matrix).
 """
 from typing import NamedTuple
 
@@ -53,7 +56,7 @@ from ..reference.indices import positive_slots
 from ._common import (DISTANCE_KINDS, DOT_KINDS, block_masks, block_rows, decline, engine_distance, engine_rows,
                       engine_rows_reason, is_unit_cosine, is_unit_euclidean, reduced_sub_loss, reference_backend_reason,
                       row_blocks, row_sums, widened)
-from ._epilogue import ZERO_LOSS, avg_non_zero
+from ._epilogue import ZERO_LOSS, avg_non_zero, sub_loss_reducer
 
 BACKEND = "blocked"  # what `last_backend` says: row blocks, per-row work in C++ on a CPU, else torch ops
 _DISTANCES = DOT_KINDS + DISTANCE_KINDS  # e = -s or d (the squared distances: the reference)
@@ -140,17 +143,54 @@ def _kept(negative, t, rule):
     return negative if mined is None else negative & mined
 
 
-def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
+class ListedPairMasks:
+    """Pairs (a1, p, a2, n) as masks of row blocks: row a's positives are the p of its pairs (a, p),
+    its negatives the n of its pairs (a, n). PML's convert_to_triplets pairs every positive pair
+    with every negative pair of the same anchor: exactly the triplets of these masks, so the blocked
+    sweep runs them (a dense MultiSimilarityMiner's pairs: ~N^3 triplets, which PML lists through a
+    pairs x pairs match matrix) in O(pairs + B M) memory. Duplicate pairs (PML repeats their
+    triplets) have no mask: `of` answers None for them."""
+
+    def __init__(self, pos_keys, neg_keys, m):
+        self.pos_keys, self.neg_keys, self.m = pos_keys, neg_keys, m
+
+    @classmethod
+    def of(cls, pairs, m):
+        keys = []
+        for a, c in (pairs[:2], pairs[2:]):
+            k = torch.sort(a.long() * m + c.long()).values  # (a, c) -> a m + c, by anchor then column
+            if len(k) > 1 and bool((k[1:] == k[:-1]).any()):
+                return None
+            keys.append(k)
+        return cls(*keys, m)
+
+    def _mask(self, keys, r0, r1):
+        lo, hi = torch.searchsorted(keys, torch.tensor([r0 * self.m, r1 * self.m], device=keys.device)).tolist()
+        mask = torch.zeros((r1 - r0) * self.m, dtype=torch.bool, device=keys.device)
+        mask[keys[lo:hi] - r0 * self.m] = True
+        return mask.view(r1 - r0, self.m)
+
+    def block(self, r0, r1):
+        """(positive, negative) masks of the rows [r0, r1)."""
+        return self._mask(self.pos_keys, r0, r1), self._mask(self.neg_keys, r0, r1)
+
+
+def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad, pair_masks=None):
     """One row block from its similarities s = x_b @ yᵀ: per row (sum of the kept terms, non-zero
     kept terms, kept triplets), and with_grad the gradient of the total, dL/ds (else None).
     With swap the block holds whole classes of the batch against itself sorted by label (column
     row0 + k is row k): row i's terms against its positive q read row q's e, and its gradient adds
     the triplets (q, i, n), recomputed as q's own sweep computes them, times the e_in side's share
-    of min(e_qn, e_in)."""
-    kernel = _row_kernel(s, rule)
-    if _CPU_KERNEL and s.device.type == "cpu" and kernel is None:
-        return _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad)
-    pos, neg = block_masks(labels_b, ref_labels, row0, exclude_diag)
+    of min(e_qn, e_in). pair_masks (`ListedPairMasks`): the masks are the listed pairs', and the
+    rows run the torch ops (the kernels take their masks from labels)."""
+    if pair_masks is not None:
+        kernel = None
+        pos, neg = pair_masks.block(row0, row0 + s.shape[0])
+    else:
+        kernel = _row_kernel(s, rule)
+        if _CPU_KERNEL and s.device.type == "cpu" and kernel is None:
+            return _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad)
+        pos, neg = block_masks(labels_b, ref_labels, row0, exclude_diag)
     many = _sorted_row_mask(s, pos, rule)
     if many is None:
         return _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, kernel)
@@ -327,9 +367,10 @@ def _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
     return sums, counts[:, 0], counts[:, 1], g_s if with_grad else None
 
 
-def _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad=False):
+def _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad=False, pair_masks=None):
     """(sum of the kept terms, number non-zero, number kept) over all rows, without autograd;
-    with_grad: also the gradient of the sum (grad_x, grad_y) from the same products, else Nones."""
+    with_grad: also the gradient of the sum (grad_x, grad_y) from the same products, else Nones.
+    pair_masks: the listed pairs' triplets (`ListedPairMasks`) instead of the labels'."""
     n = x.shape[0]
     sums = torch.empty(n, dtype=x.dtype, device=x.device)
     counts = torch.empty(2, n, dtype=torch.long, device=x.device)
@@ -340,7 +381,7 @@ def _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad=False):
         # (written into preallocated rows: small per-block tensors kept alive between the
         # blocks' 4 MiB products fragment the CPU heap, ~one product per block)
         sums[r0:r1], counts[0, r0:r1], counts[1, r0:r1], g_s = _block_pass(
-            s, labels[r0:r1], ref_labels, r0, rule, exclude_diag, with_grad)
+            s, labels[r0:r1], ref_labels, r0, rule, exclude_diag, with_grad, pair_masks)
         if with_grad:  # the blocks' grad_y added in order: deterministic
             grad_x[r0:r1] = fixed_mm(g_s, y.T)
             grad_y += fixed_mm(g_s.T, x[r0:r1].T)
@@ -366,14 +407,15 @@ def count_kept(x, y, labels, ref_labels, rule, exclude_diag):
         return int(_totals(x, y, labels, ref_labels, rule, exclude_diag)[2])
 
 
-def _materialised_total(x, y, labels, ref_labels, rule, exclude_diag):
+def _materialised_total(x, y, labels, ref_labels, rule, exclude_diag, pair_masks=None):
     """The total with autograd through plain ops, all rows as one block (N x M memory): the
     differentiable gradient for create_graph=True."""
     from .pair_lists import unit_distance  # (no gradient at d = 0: the kernels' convention)
 
     s = x @ y.T
     e = unit_distance(s) if rule.euclidean else -s
-    pos, neg = block_masks(labels, ref_labels, 0, exclude_diag)
+    pos, neg = (block_masks(labels, ref_labels, 0, exclude_diag) if pair_masks is None
+                else pair_masks.block(0, x.shape[0]))
     t = e.unsqueeze(1) - e.unsqueeze(2)  # [a, p, n] = e_an - e_ap
     keep = _kept(pos.unsqueeze(2) & neg.unsqueeze(1), t, rule)
     viol = rule.margin - t
@@ -389,36 +431,37 @@ class _TripletTotals(torch.autograd.Function):
     so the backward only scales it, and S is computed once (3 products in all instead of 4)."""
 
     @staticmethod
-    def forward(x, y, labels, ref_labels, rule, exclude_diag, with_grad):
+    def forward(x, y, labels, ref_labels, rule, exclude_diag, with_grad, pair_masks):
         self_pairs = y is None
         # (None: y is x, ref_labels is labels; torch.compile can't take one tensor twice)
         y = x if self_pairs else y
         ref_labels = labels if ref_labels is None else ref_labels
-        total, nonzero, kept, grad_x, grad_y = _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad)
+        total, nonzero, kept, grad_x, grad_y = _totals(x, y, labels, ref_labels, rule, exclude_diag, with_grad,
+                                                       pair_masks)
         if with_grad and self_pairs:
             grad_x, grad_y = grad_x.add_(grad_y), None
         return total, nonzero, kept, grad_x, grad_y
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, y, labels, ref_labels, rule, exclude_diag, with_grad = inputs
+        x, y, labels, ref_labels, rule, exclude_diag, with_grad, pair_masks = inputs
         ctx.self_pairs = y is None
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, x if y is None else y, labels, labels if ref_labels is None else ref_labels,
                               output[3], output[4])
-        ctx.config = (rule, exclude_diag)
+        ctx.config = (rule, exclude_diag, pair_masks)
 
     @staticmethod
     def backward(ctx, grad, *_constant_outputs):
         x, y, labels, ref_labels, unit_grad_x, unit_grad_y = ctx.saved_tensors
-        rule, exclude_diag = ctx.config
-        nones = (None,) * 5
+        rule, exclude_diag, pair_masks = ctx.config
+        nones = (None,) * 6
         if grad is None:
             return None, None, *nones
         if pe.backward_needs_graph(x):
             grads = pe.reference_gradient(
-                lambda x, y: _materialised_total(x, y, labels, ref_labels, rule, exclude_diag),
+                lambda x, y: _materialised_total(x, y, labels, ref_labels, rule, exclude_diag, pair_masks),
                 (x, y), ctx.needs_input_grad[:2], grad)
             return (*grads, *nones)
         # (with_grad is set whenever x or y requires grad, so a graph always has it)
@@ -458,7 +501,8 @@ def triplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_label
     a TripletMarginMiner's lazy result mined on these very inputs, on row blocks; any other
     indices_tuple (a lazy one materialised), or PML's random triplets (triplets_per_anchor=k), on
     its listed triplets (`listed_triplets.py`); else None (the reference)."""
-    from .lazy_pairs import LazyMinedTriplets
+    from .lazy_pairs import LazyMined, LazyMinedTriplets
+    from .listed_pairs import materialized
     from .listed_triplets import listed_triplet_margin, on_random_triplets
 
     if reason := reference_backend_reason(module.backend, embeddings.device):
@@ -466,6 +510,8 @@ def triplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_label
     if module.triplets_per_anchor != "all" and indices_tuple is None and labels is not None:
         return on_random_triplets(module, embeddings, labels, ref_emb, ref_labels,
                                   lambda triplets: listed_triplet_margin(module, embeddings, triplets, ref_emb))
+    if isinstance(indices_tuple, LazyMined) and not isinstance(indices_tuple, LazyMinedTriplets):
+        indices_tuple = materialized(indices_tuple, embeddings.device)  # (a miner's pairs: PML's 4-tuple)
     plan = _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels)
     if isinstance(plan, str):
         if indices_tuple is None:
@@ -478,7 +524,7 @@ def triplet_margin(module, embeddings, labels, indices_tuple, ref_emb, ref_label
 
 def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     """Why the blocked path can't take this call (a str), or what it runs with: (labels,
-    ref_labels, rule, reduction)."""
+    ref_labels, rule, reduction, pair_masks), pair_masks the `ListedPairMasks` of dense pairs or None."""
     from .lazy_pairs import LazyMinedTriplets
 
     if labels is None:
@@ -486,22 +532,30 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
     kind = distance_kind(module.distance)
     if engine_distance(module.distance) not in _DISTANCES or module.distance.collect_stats:
         return f"distance {type(module.distance).__name__} (or its collect_stats)"
-    reduction = _reduction(module.reducer)
+    reducer = sub_loss_reducer(module)  # (an embedding regularizer: a MultipleReducers, the loss's own)
+    reduction = _reduction(reducer)
     if reduction is None:
-        return f"{type(module.reducer).__name__} (needs the per-triplet losses)"
+        return f"{type(reducer).__name__} (needs the per-triplet losses)"
     if static_shapes() and not (_CPU_KERNEL and embeddings.device.type == "cpu"):
         return "torch.compile off the CPU (the blocked triplet path's torch twin has data-dependent shapes)"
     if not embeddings.dtype.is_floating_point:
         return f"dtype {embeddings.dtype} (the blocked triplet path takes floating-point embeddings)"
-    window, window_margin = "every", 0.0
+    window, window_margin, pairs = "every", 0.0, None
     if indices_tuple is not None:
         lazy = indices_tuple if isinstance(indices_tuple, LazyMinedTriplets) else None
-        if lazy is None:
+        if lazy is None and len(indices_tuple) == 4:
+            pairs = indices_tuple  # (pairs: their triplets, if dense, as masks below)
+            if module.swap:
+                return "swap=True with pairs (each triplet's e_pn: the listed triplets)"
+            if static_shapes():
+                return "pairs under torch.compile (their masks are data-dependent)"
+        elif lazy is None:
             return "an indices_tuple (not a TripletMarginMiner's result on these inputs)"
-        if not (lazy.distance_kind == kind and lazy.kernel_can_mine and lazy.holds_inputs(embeddings, ref_emb)):
+        elif not (lazy.distance_kind == kind and lazy.kernel_can_mine and lazy.holds_inputs(embeddings, ref_emb)):
             return "the miner's result was mined on other inputs or with another distance"
-        labels, ref_labels = lazy.mining_labels()
-        window, window_margin = lazy.window, lazy.window_margin
+        else:
+            labels, ref_labels = lazy.mining_labels()
+            window, window_margin = lazy.window, lazy.window_margin
     if module.swap and (ref_emb is not embeddings or ref_labels is not labels):
         return "swap=True with ref_emb (PML reads the embeddings' rows at the positives' ref_emb indices)"
     if module.swap and static_shapes():
@@ -509,13 +563,32 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
     reason = engine_rows_reason(module.distance, embeddings, ref_emb)
     if reason is not None:
         return reason
+    pair_masks = None
+    if pairs is not None:
+        pair_masks = _dense_pair_masks(pairs, embeddings, ref_emb)
+        if pair_masks is None:
+            return "pairs whose triplets the listed path takes (not dense, or duplicate pairs)"
     euclidean = engine_distance(module.distance) in DISTANCE_KINDS
     rule = TripletRule(float(module.margin), bool(module.smooth_loss), euclidean, window, window_margin,
                        bool(module.swap), pe.choose_backend(module.backend, embeddings.device) == "triton")
-    return labels, ref_labels, rule, reduction
+    return labels, ref_labels, rule, reduction, pair_masks
 
 
-def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction):
+def _dense_pair_masks(pairs, embeddings, ref_emb):
+    """`ListedPairMasks` of PML's pairs (a1, p, a2, n) where listing their triplets would be dense
+    (the listed path then declines: PML's convert_to_triplets makes sum_a P_a N_a of them, ~N^3 for
+    a MultiSimilarityMiner's), else None."""
+    from .listed_pairs import is_dense
+
+    a1, p, a2, n = (t.long() for t in pairs)
+    rows = embeddings.shape[0]
+    triplets = int((torch.bincount(a1, minlength=rows) * torch.bincount(a2, minlength=rows)).sum())
+    if not is_dense(2 * triplets, embeddings, ref_emb):  # (two gathered dot products per listed triplet)
+        return None
+    return ListedPairMasks.of((a1, p, a2, n), ref_emb.shape[0])
+
+
+def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction, pair_masks):
     exclude_diag = ref_labels is labels
     # fp16 / bf16 embeddings: the rows and every value after them in fp32 (the loss back in the
     # embeddings' dtype; autograd casts the gradient back). PML computes in the half dtype.
@@ -529,11 +602,11 @@ def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction):
     backend = BACKEND
     with_grad = torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad))
     total, nonzero, kept, _, _ = triplet_totals(x, y, labels, None if ref_labels is labels else ref_labels, rule,
-                                                exclude_diag, with_grad)
+                                                exclude_diag, with_grad, pair_masks)
     if not static_shapes():  # (under compile no host read: no triplet gives 0 below, a NaN term stays NaN)
         if int(kept) == 0:
             return ZERO_LOSS  # no triplet: PML's zero_losses
         if bool(torch.isnan(total)):  # PML's reducers drop NaN terms, its relu passes their gradient
             return decline(module, "NaN triplet losses (the reference drops or keeps each as its reducer does)")
-    loss = reduced_sub_loss(reduction, total, nonzero, kept, module.reducer, embeddings)
+    loss = reduced_sub_loss(reduction, total, nonzero, kept, sub_loss_reducer(module), embeddings)
     return {"loss": {"losses": loss.to(embeddings.dtype), "indices": None, "reduction_type": "already_reduced"}}, backend
