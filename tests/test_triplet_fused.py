@@ -530,16 +530,20 @@ def test_lazy_triplets_on_changed_inputs_run_listed(monkeypatch):
     torch.testing.assert_close(value, want, **TOL[torch.float64])
 
 
+THRESHOLDS = [{"low": 0}, {"low": 0.0}, {"low": 0.1}, {"low": 0, "high": 0.5}, {"high": 0.5}, {"high": 0.3},
+              {"low": -1.0, "high": 0.05}, {"high": 0.0}, {"low": 5.0}]
+
+
 @pytest.mark.parametrize("kind", [None, "semihard"])
-@pytest.mark.parametrize("threshold", [{"low": 0}, {"low": 0.0}, {"low": 0.1}, {"low": 0, "high": 0.5}, {"high": 0.5}],
-                         ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
+@pytest.mark.parametrize("threshold", THRESHOLDS, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
 def test_threshold_reducer(threshold, kind, row_impl):
     """PML's AvgNonZeroReducer is its ThresholdReducer(low=0) (PML's TripletMarginLoss example:
     CosineSimilarity, a semihard TripletMarginMiner, ThresholdReducer(low=0)): that reducer runs
-    fused, with AvgNonZeroReducer's bits and PML's value and gradient. Other thresholds need the
-    per-triplet losses (the reference, or the miner's triplets listed): PML's numbers too."""
+    on the kernels, with AvgNonZeroReducer's bits. Any other thresholds (PML's README example:
+    ThresholdReducer(high=0.3)) filter the terms in the torch twin (none passing: the reducer's
+    zero); PML's value and gradient for all."""
     x, labels, _, _ = _inputs(53, 6, None, torch.float64, seed=7)
-    fused = threshold.get("low") == 0 and "high" not in threshold
+    avg = threshold.get("low") == 0 and "high" not in threshold
     results = {}
     for lib, R in (("dmlkern", our_reducers), ("pml", pml_reducers)):
         for name, reducer in (("threshold", R.ThresholdReducer(**threshold)), ("avg", R.AvgNonZeroReducer())):
@@ -549,18 +553,47 @@ def test_threshold_reducer(threshold, kind, row_impl):
             mined = None if kind is None else M.TripletMarginMiner(
                 margin=0.2, distance=D.CosineSimilarity(), type_of_triplets=kind)(xx, labels)
             value = loss_fn(xx, labels, mined)
-            results[lib, name] = (value.detach(), torch.autograd.grad(value, xx)[0], loss_fn)
+            results[lib, name] = (value.detach(), torch.autograd.grad(value, xx, allow_unused=True)[0], loss_fn)
     ours, ours_grad, loss_fn = results["dmlkern", "threshold"]
-    if fused:
-        assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
-        avg, avg_grad, _ = results["dmlkern", "avg"]
-        assert torch.equal(ours, avg) and torch.equal(ours_grad, avg_grad)
-    else:  # (a miner's triplets: listed, or the reference where they are dense)
-        assert loss_fn.last_backend in ("reference", "listed"), loss_fn.last_backend
-        assert kind or "ThresholdReducer (needs the per-triplet losses)" in loss_fn.last_fallback
+    assert loss_fn.last_backend == "blocked", loss_fn.last_fallback
+    if avg:
+        avg_value, avg_grad, _ = results["dmlkern", "avg"]
+        assert torch.equal(ours, avg_value) and torch.equal(ours_grad, avg_grad)
     want, want_grad, _ = results["pml", "threshold"]
     torch.testing.assert_close(ours, want, **TOL[torch.float64])
-    torch.testing.assert_close(ours_grad, want_grad, **TOL[torch.float64])
+    if want_grad is None:  # (nothing passed: PML's zero_loss has no graph to the embeddings)
+        assert ours_grad is None or not ours_grad.any()
+    else:
+        torch.testing.assert_close(ours_grad, want_grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", [(37, 5, None), (61, 7, 45), (9, 9, None)], ids=lambda c: f"n{c[0]}c{c[1]}r{c[2]}")
+def test_threshold_reducer_filters_every_form(case, dtype, row_impl):
+    """A ThresholdReducer's filter with smooth_loss, swap, a ref_emb, miner windows and the
+    Euclidean distance, against PML; a NaN embedding takes the reference (PML's NaN gradient)."""
+    x, labels, ref, ref_labels = _inputs(*case, dtype, seed=3)
+    for loss_kw in ({"margin": 0.3}, {"margin": 0.1, "smooth_loss": True}, {"margin": 0.2, "swap": True}):
+        if loss_kw.get("swap") and ref is not None:
+            continue
+        for kind in (None, "all", "hard", "easy"):
+            miner_kw = None if kind is None else {"type_of_triplets": kind, "margin": 0.25}
+            for threshold in ({"high": 0.4}, {"low": 0.05, "high": 0.6}):
+                loss_kw_r = dict(loss_kw)
+                ours_r, want_r = our_reducers.ThresholdReducer(**threshold), pml_reducers.ThresholdReducer(**threshold)
+                ours, our_grads, loss_fn = _grads("dmlkern", dict(loss_kw_r, reducer=ours_r), miner_kw, x, labels,
+                                                  ref, ref_labels)
+                want, want_grads, _ = _grads("pml", dict(loss_kw_r, reducer=want_r), miner_kw, x, labels, ref,
+                                             ref_labels)
+                assert loss_fn.last_backend in ("blocked", "zero"), loss_fn.last_fallback
+                torch.testing.assert_close(ours, want, **TOL[dtype])
+                for g, w in zip(our_grads, want_grads):
+                    torch.testing.assert_close(g, w, **TOL[dtype])
+    x[3, 1] = float("nan")
+    loss_fn = losses.TripletMarginLoss(reducer=our_reducers.ThresholdReducer(high=0.4))
+    torch.testing.assert_close(loss_fn(x, labels), pml_losses.TripletMarginLoss(
+        reducer=pml_reducers.ThresholdReducer(high=0.4))(x, labels), equal_nan=True)
+    assert loss_fn.last_backend == "reference" and "NaN" in loss_fn.last_fallback
 
 
 @pytest.mark.parametrize("loss_name", ["TripletMarginLoss", "LiftedStructureLoss"])

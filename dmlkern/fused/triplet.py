@@ -97,6 +97,21 @@ class TripletRule(NamedTuple):
     window_margin: float = 0.0  # the miner's margin
     swap: bool = False  # e_an -> min(e_an, e_pn): the batch against itself, rows sorted by label
     triton: bool = False  # the Triton backend: the rows in its kernel where it takes them (`triton_rows.supports`)
+    # a ThresholdReducer's filter on each term L (L > low, L < high; None: no bound), other than
+    # AvgNonZero's L > 0 (the kernels' own count): "nonzero" then counts and sums the terms passing
+    # it, in the torch twin
+    low: float = None
+    high: float = None
+
+    @property
+    def filtered(self):
+        return self.low is not None or self.high is not None
+
+
+def _passes(term, rule):
+    """The terms a ThresholdReducer keeps: PML's comparisons on the loss values."""
+    keep = torch.ones_like(term, dtype=torch.bool) if rule.low is None else term > rule.low
+    return keep if rule.high is None else keep & (term < rule.high)
 
 
 def _farness(s, euclidean):
@@ -183,9 +198,10 @@ def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad, pa
     the triplets (q, i, n), recomputed as q's own sweep computes them, times the e_in side's share
     of min(e_qn, e_in). pair_masks (`ListedPairMasks`): the masks are the listed pairs', and the
     rows run the torch ops (the kernels take their masks from labels)."""
-    if pair_masks is not None:
+    if pair_masks is not None or rule.filtered:
         kernel = None
-        pos, neg = pair_masks.block(row0, row0 + s.shape[0])
+        pos, neg = (pair_masks.block(row0, row0 + s.shape[0]) if pair_masks is not None
+                    else block_masks(labels_b, ref_labels, row0, exclude_diag))
     else:
         kernel = _row_kernel(s, rule)
         if _CPU_KERNEL and s.device.type == "cpu" and kernel is None:
@@ -255,11 +271,12 @@ def _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, kerne
         e_q = e[(col[:, 0] - row0).clamp(0, B - 1)] if rule.swap else None  # each row's j-th positive's row
         viol = rule.margin - ((e if e_q is None else torch.minimum(e, e_q)) - e_ap)  # (e_ap - e_an) + margin exactly
         term = _term(viol, rule.smooth)
-        total += row_sums(torch.where(keep, term, 0.0))
-        nonzero += (keep & (term > 0)).sum(dim=1)
         kept += keep.sum(dim=1)
+        summed = keep & _passes(term, rule) if rule.filtered else keep  # (a ThresholdReducer's terms only)
+        total += row_sums(torch.where(summed, term, 0.0))
+        nonzero += (summed if rule.filtered else keep & (term > 0)).sum(dim=1)
         if with_grad:
-            w = torch.where(keep, _term_slope(viol, rule.smooth), 0.0)
+            w = torch.where(summed, _term_slope(viol, rule.smooth), 0.0)
             g_e -= w if e_q is None else w * _min_share(e, e_q)
             # one column per row: no two writes meet, so the order can't matter
             g_e.scatter_add_(1, col, row_sums(w).unsqueeze(1))
@@ -267,6 +284,8 @@ def _direct_rows(s, pos, neg, labels_b, ref_labels, row0, rule, with_grad, kerne
                 e_qi = e_q.gather(1, own_cols)
                 keep = _kept(negative, e_q - e_qi, rule)
                 viol = rule.margin - (torch.minimum(e_q, e) - e_qi)
+                if rule.filtered:
+                    keep &= _passes(_term(viol, rule.smooth), rule)
                 g_e -= torch.where(keep, _term_slope(viol, rule.smooth), 0.0) * _min_share(e, e_q)
     return total, nonzero, kept, _grad_s(g_e, e, rule) if with_grad else None
 
@@ -282,7 +301,7 @@ def _grad_s(g_e, e, rule):
 def _sorted_row_mask(s, pos, rule):
     """The rows that take the sorted path (as the C++ kernel's): SORTED_MIN_POSITIVES or more
     positives, relu terms, no swap, no NaN in the row; None when no row does."""
-    if rule.smooth or rule.swap:
+    if rule.smooth or rule.swap or rule.filtered:
         return None
     many = pos.sum(dim=1) >= max(SORTED_MIN_POSITIVES, 1)
     if not bool(many.any()):
@@ -421,7 +440,8 @@ def _materialised_total(x, y, labels, ref_labels, rule, exclude_diag, pair_masks
     viol = rule.margin - t
     if rule.swap:  # [a, p, n] = min(e_an, e_pn) - e_ap
         viol = rule.margin - (torch.minimum(e.unsqueeze(1), e.unsqueeze(0)) - e.unsqueeze(2))
-    return torch.where(keep, _term(viol, rule.smooth), 0.0).sum()
+    term = _term(viol, rule.smooth)
+    return torch.where(keep & _passes(term, rule) if rule.filtered else keep, term, 0.0).sum()
 
 
 class _TripletTotals(torch.autograd.Function):
@@ -533,7 +553,11 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
     if engine_distance(module.distance) not in _DISTANCES or module.distance.collect_stats:
         return f"distance {type(module.distance).__name__} (or its collect_stats)"
     reducer = sub_loss_reducer(module)  # (an embedding regularizer: a MultipleReducers, the loss's own)
-    reduction = _reduction(reducer)
+    reduction, bounds = _reduction(reducer), _threshold_bounds(reducer)
+    if reduction is None and bounds is not None:
+        if static_shapes():
+            return "a ThresholdReducer under torch.compile (its filter runs in the torch twin)"
+        reduction = "nonzero"  # (the mean of the terms passing its filter: `TripletRule.low / high`)
     if reduction is None:
         return f"{type(reducer).__name__} (needs the per-triplet losses)"
     if static_shapes() and not (_CPU_KERNEL and embeddings.device.type == "cpu"):
@@ -569,9 +593,23 @@ def _blocked_plan(module, embeddings, labels, indices_tuple, ref_emb, ref_labels
         if pair_masks is None:
             return "pairs whose triplets the listed path takes (not dense, or duplicate pairs)"
     euclidean = engine_distance(module.distance) in DISTANCE_KINDS
+    low, high = bounds if reduction == "nonzero" and bounds is not None and not avg_non_zero(reducer) else (None, None)
     rule = TripletRule(float(module.margin), bool(module.smooth_loss), euclidean, window, window_margin,
-                       bool(module.swap), pe.choose_backend(module.backend, embeddings.device) == "triton")
+                       bool(module.swap), pe.choose_backend(module.backend, embeddings.device) == "triton", low, high)
     return labels, ref_labels, rule, reduction, pair_masks
+
+
+def _threshold_bounds(reducer):
+    """(low, high) of a ThresholdReducer without statistics (None: no bound), else None. PML keeps
+    the losses L with L > low and L < high, and averages them (its zero_loss when none passes)."""
+    from ..reducers import ThresholdReducer
+
+    if type(reducer) is not ThresholdReducer or getattr(reducer, "collect_stats", True):
+        return None
+    bounds = (reducer.low, reducer.high)
+    if not all(b is None or (isinstance(b, (int, float)) and not isinstance(b, bool)) for b in bounds):
+        return None
+    return tuple(None if b is None else float(b) for b in bounds)
 
 
 def _dense_pair_masks(pairs, embeddings, ref_emb):
@@ -600,6 +638,10 @@ def _blocked(module, embeddings, ref_emb, labels, ref_labels, rule, reduction, p
         x, y, labels = x[order], None if y is None else y[order], labels[order]
         ref_labels = labels
     backend = BACKEND
+    # (a ThresholdReducer's filter would drop NaN terms unseen, where PML's gradient turns NaN; the
+    # torch twin syncs anyway)
+    if rule.filtered and any(bool(torch.isnan(t).any()) for t in (embeddings, ref_emb)):
+        return decline(module, "NaN triplet losses (the reference drops or keeps each as its reducer does)")
     with_grad = torch.is_grad_enabled() and (x.requires_grad or (y is not None and y.requires_grad))
     total, nonzero, kept, _, _ = triplet_totals(x, y, labels, None if ref_labels is labels else ref_labels, rule,
                                                 exclude_diag, with_grad, pair_masks)
