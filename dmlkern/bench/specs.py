@@ -64,6 +64,11 @@ LOSSES = {
         True, 200.0, 0.05, miner=("TripletMarginMiner", (("type_of_triplets", "semihard"),))),
     "triplet_batch_hard": LossInfo("TripletMarginLoss()(emb, labels, BatchHardMiner()(emb, labels))", "classes", True,
                                    8.0, miner=("BatchHardMiner", ())),  # PML: 1.81 GiB at N=8192 (7.2)
+    # PML's README pairing: PML turns the pairs into ~N^3 triplets through a (positive pairs x
+    # negative pairs) bool match matrix (8.8 GiB measured at N=1024)
+    "triplet_ms_miner": LossInfo(
+        "TripletMarginLoss()(emb, labels, MultiSimilarityMiner()(emb, labels)), PML's README example", "classes",
+        True, 40.0, 0.3, default=False, compiled_reference=False, miner=("MultiSimilarityMiner", ())),
     "contrastive_pair_margin": LossInfo("ContrastiveLoss()(emb, labels, PairMarginMiner()(emb, labels))", "classes",
                                         True, 16.0, miner=("PairMarginMiner", ())),
     # the rest of PML's losses with an N^3 (PNP, DynamicSoftMargin) or N^2 D (TCM) PML form; --losses only

@@ -166,28 +166,45 @@ class ListedPairMasks:
     pairs x pairs match matrix) in O(pairs + B M) memory. Duplicate pairs (PML repeats their
     triplets) have no mask: `of` answers None for them."""
 
-    def __init__(self, pos_keys, neg_keys, m):
-        self.pos_keys, self.neg_keys, self.m = pos_keys, neg_keys, m
+    CHECK_VALUES = 1 << 22  # (row, column) counters per step of the duplicate check
+
+    def __init__(self, sides, m):
+        self.sides, self.m = sides, m  # per side: (anchors ascending, their columns)
 
     @classmethod
     def of(cls, pairs, m):
-        keys = []
+        sides = []
         for a, c in (pairs[:2], pairs[2:]):
-            k = torch.sort(a.long() * m + c.long()).values  # (a, c) -> a m + c, by anchor then column
-            if len(k) > 1 and bool((k[1:] == k[:-1]).any()):
-                return None
-            keys.append(k)
-        return cls(*keys, m)
+            a, c = a.long(), c.long()
+            # (a miner's pairs come from torch.where over its matrix: anchors already ascending)
+            if len(a) > 1 and not bool((a[1:] >= a[:-1]).all()):
+                order = torch.argsort(a, stable=True)
+                a, c = a[order], c[order]
+            side = (a, c)
+            rows = int(a[-1]) + 1 if len(a) else 0
+            step = max(1, cls.CHECK_VALUES // max(m, 1))
+            for r0 in range(0, rows, step):  # a duplicate: some (row, column) counted twice
+                keys = cls._block_keys(side, r0, min(r0 + step, rows), m)
+                if len(keys) > 1 and int(torch.bincount(keys).max()) > 1:
+                    return None
+            sides.append(side)
+        return cls(sides, m)
 
-    def _mask(self, keys, r0, r1):
-        lo, hi = torch.searchsorted(keys, torch.tensor([r0 * self.m, r1 * self.m], device=keys.device)).tolist()
-        mask = torch.zeros((r1 - r0) * self.m, dtype=torch.bool, device=keys.device)
-        mask[keys[lo:hi] - r0 * self.m] = True
+    @staticmethod
+    def _block_keys(side, r0, r1, m):
+        """The pairs of anchors [r0, r1) as positions (a - r0) m + c in the block's (r1 - r0) x m mask."""
+        anchors, cols = side
+        lo, hi = torch.searchsorted(anchors, torch.tensor([r0, r1], device=anchors.device)).tolist()
+        return (anchors[lo:hi] - r0) * m + cols[lo:hi]
+
+    def _mask(self, side, r0, r1):
+        mask = torch.zeros((r1 - r0) * self.m, dtype=torch.bool, device=side[1].device)
+        mask[self._block_keys(side, r0, r1, self.m)] = True
         return mask.view(r1 - r0, self.m)
 
     def block(self, r0, r1):
         """(positive, negative) masks of the rows [r0, r1)."""
-        return self._mask(self.pos_keys, r0, r1), self._mask(self.neg_keys, r0, r1)
+        return self._mask(self.sides[0], r0, r1), self._mask(self.sides[1], r0, r1)
 
 
 def _block_pass(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad, pair_masks=None):
