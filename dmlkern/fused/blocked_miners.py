@@ -763,7 +763,8 @@ def distance_weighted_miner(distance, embeddings, labels, ref_emb, ref_labels, c
     ref_hi = torch.searchsorted(sorted_ref, classes, right=True).tolist()
     block_rows = max(_MIN_BLOCK_ROWS, _BLOCK_VALUES // m)
     group_end, group_start, group_weights = 0, 0, None
-    A, P, N = [], [], []
+    triplets = IndexColumns(3, device)  # (one buffer: per-class results kept between the blocks would
+    # pin the classes' freed weights in glibc's heap)
     for ci, c in enumerate(classes):
         pos_ref = ref_order[ref_lo[ci]:ref_hi[ci]]  # torch.where(ref_labels == c)[0]
         anchors = pos_ref if same_object else order[starts[ci]:starts[ci] + counts[ci]]
@@ -792,9 +793,5 @@ def distance_weighted_miner(distance, embeddings, labels, ref_emb, ref_labels, c
             continue
         if w.dtype == torch.float16:
             w = w.float()
-        A.append(anchors[row[keep]])
-        P.append(pos[keep])
-        N.append(neg_ref[_multinomial_rows(w, row[keep])])
-    if not A:
-        return ref._empty(device, 3)
-    return torch.cat(A).long(), torch.cat(P).long(), torch.cat(N).long()
+        triplets.add(anchors[row[keep]].long(), pos[keep].long(), neg_ref[_multinomial_rows(w, row[keep])].long())
+    return triplets.result()
