@@ -3,7 +3,8 @@ relu(beta - d_an + margin); anchor a's triplets pair each of its n_pos(a) positi
 its n_neg(a) negatives, so their total is n_neg(a) * (a's sum over positives) + n_pos(a) * (a's
 sum over negatives), and the divisor (the number of terms > 0) follows from the counts alike: one
 hinge pass with L_a = -beta (beta of a's class) gives it all, with beta's gradient from the
-pass's counts. No triplet is listed (an indices_tuple: only its triplets, `listed_triplets.py`)."""
+pass's counts. No triplet is listed (an indices_tuple: pairs from the pairs alone, `_on_pairs`;
+triplets, or a reducer needing each triplet's loss, the listed triplets, `listed_triplets.py`)."""
 import torch
 
 from .._determinism import fixed_order_sum
@@ -118,12 +119,12 @@ def _on_pairs(module, embeddings, labels, indices_tuple, ref_emb):
     from ._epilogue import reduced_kinds_or_reason
 
     pairs = materialized(indices_tuple, embeddings.device)
-    if len(pairs) != 4 or isinstance(reduced_kinds_or_reason(module, SUB_LOSSES, _KINDS), str):
+    kinds = reduced_kinds_or_reason(module, SUB_LOSSES, _KINDS)
+    if len(pairs) != 4 or isinstance(kinds, str):
         return NOT_PAIRS
     reason = _listed_reason(module, embeddings, ref_emb)
     if reason is not None:
         return decline(module, reason)
-    kinds = reduced_kinds_or_reason(module, SUB_LOSSES, _KINDS)
     a1, p, a2, n = (t.long() for t in pairs)
     rows = embeddings.shape[0]
     n_pos, n_neg = torch.bincount(a1, minlength=rows), torch.bincount(a2, minlength=rows)
@@ -132,8 +133,8 @@ def _on_pairs(module, embeddings, labels, indices_tuple, ref_emb):
     if int(num_triplets) == 0:
         return ZERO_LOSS  # PML's zero_losses, before any distance
     # only the pairs whose anchor has triplets (PML never reads the others, nor their labels)
-    a1, p = a1[n_neg[a1] > 0], p[n_neg[a1] > 0]
-    a2, n = a2[n_pos[a2] > 0], n[n_pos[a2] > 0]
+    has_neg, has_pos = n_neg[a1] > 0, n_pos[a2] > 0
+    a1, p, a2, n = a1[has_neg], p[has_neg], a2[has_pos], n[has_pos]
     distance, m = module.distance, float(module.margin)
     distance.record_stats(embeddings, ref_emb)  # where the reference calls the distance (no-op without stats)
     x, y = listed_rows(embeddings, ref_emb, distance)
