@@ -534,14 +534,17 @@ THRESHOLDS = [{"low": 0}, {"low": 0.0}, {"low": 0.1}, {"low": 0, "high": 0.5}, {
               {"low": -1.0, "high": 0.05}, {"high": 0.0}, {"low": 5.0}]
 
 
+@pytest.mark.parametrize("sorted_min", [1, 128], ids=["sorted", "direct"])
 @pytest.mark.parametrize("kind", [None, "semihard"])
 @pytest.mark.parametrize("threshold", THRESHOLDS, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
-def test_threshold_reducer(threshold, kind, row_impl):
+def test_threshold_reducer(monkeypatch, threshold, kind, sorted_min, row_impl):
     """PML's AvgNonZeroReducer is its ThresholdReducer(low=0) (PML's TripletMarginLoss example:
     CosineSimilarity, a semihard TripletMarginMiner, ThresholdReducer(low=0)): that reducer runs
     on the kernels, with AvgNonZeroReducer's bits. Any other thresholds (PML's README example:
     ThresholdReducer(high=0.3)) filter the terms in the torch twin (none passing: the reducer's
-    zero); PML's value and gradient for all."""
+    zero), on its direct rows and on its sorted rows (forced on every row); PML's value and
+    gradient for all."""
+    monkeypatch.setattr(fused_triplet, "SORTED_MIN_POSITIVES", sorted_min)
     x, labels, _, _ = _inputs(53, 6, None, torch.float64, seed=7)
     avg = threshold.get("low") == 0 and "high" not in threshold
     results = {}
@@ -567,11 +570,14 @@ def test_threshold_reducer(threshold, kind, row_impl):
         torch.testing.assert_close(ours_grad, want_grad, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("sorted_min", [1, 128], ids=["sorted", "direct"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", [(37, 5, None), (61, 7, 45), (9, 9, None)], ids=lambda c: f"n{c[0]}c{c[1]}r{c[2]}")
-def test_threshold_reducer_filters_every_form(case, dtype, row_impl):
+def test_threshold_reducer_filters_every_form(monkeypatch, case, dtype, sorted_min, row_impl):
     """A ThresholdReducer's filter with smooth_loss, swap, a ref_emb, miner windows and the
-    Euclidean distance, against PML; a NaN embedding takes the reference (PML's NaN gradient)."""
+    Euclidean distance, on direct and sorted rows (relu terms, no swap), against PML; a NaN
+    embedding takes the reference (PML's NaN gradient)."""
+    monkeypatch.setattr(fused_triplet, "SORTED_MIN_POSITIVES", sorted_min)
     x, labels, ref, ref_labels = _inputs(*case, dtype, seed=3)
     for loss_kw in ({"margin": 0.3}, {"margin": 0.1, "smooth_loss": True}, {"margin": 0.2, "swap": True}):
         if loss_kw.get("swap") and ref is not None:

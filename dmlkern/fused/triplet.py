@@ -318,7 +318,7 @@ def _grad_s(g_e, e, rule):
 def _sorted_row_mask(s, pos, rule):
     """The rows that take the sorted path (as the C++ kernel's): SORTED_MIN_POSITIVES or more
     positives, relu terms, no swap, no NaN in the row; None when no row does."""
-    if rule.smooth or rule.swap or rule.filtered:
+    if rule.smooth or rule.swap:
         return None
     many = pos.sum(dim=1) >= max(SORTED_MIN_POSITIVES, 1)
     if not bool(many.any()):
@@ -379,19 +379,28 @@ def _sorted_rows(e, pos, neg, rule, with_grad):
         hi = torch.maximum(lo, first_false(lambda t: t <= wm))
     elif rule.window == "easy":
         lo = first_false(lambda t: ~(t > wm))
-    end = torch.maximum(lo, torch.minimum(hi, first_false(lambda t: t < rule.margin)))
-    count = torch.where(valid, end - lo, 0)
     kept = torch.where(valid, hi - lo, 0).sum(dim=1)
-    run_sums = prefix.gather(1, end) - prefix.gather(1, lo)
+    first, last = lo, hi  # the summed run: the window, or within it a ThresholdReducer's terms
+    if rule.filtered:  # relu(v) < high (v = margin - t falls along the run): v < high, a suffix; none if high <= 0
+        if rule.high is not None:
+            first = hi if rule.high <= 0 else torch.maximum(lo, first_false(lambda t: ~((rule.margin - t) < rule.high)))
+        if rule.low is not None and rule.low >= 0:  # relu(v) > low: v > low, a prefix (every term if low < 0)
+            last = torch.minimum(hi, first_false(lambda t: (rule.margin - t) > rule.low))
+        last = torch.maximum(first, last)
+    end = torch.maximum(first, torch.minimum(last, first_false(lambda t: t < rule.margin)))
+    count = torch.where(valid, end - first, 0)
+    # "nonzero": the terms > 0, or those passing a ThresholdReducer's filter
+    nonzero = torch.where(valid, last - first, 0).sum(dim=1) if rule.filtered else count.sum(dim=1)
+    run_sums = prefix.gather(1, end) - prefix.gather(1, first)
     terms = count.double() * (rule.margin + e_p.double()) - torch.where(valid, run_sums, 0.0)
     total = row_sums(terms).to(e.dtype)
     if not with_grad:
-        return total, count.sum(dim=1), kept, None
+        return total, nonzero, kept, None
     g_e = torch.zeros_like(e).scatter_add_(1, slot_cols, count.to(e.dtype))  # (integers: any order)
     runs = torch.zeros(B, M + 1, dtype=torch.long, device=e.device)
-    runs.scatter_add_(1, lo, valid.long()).scatter_add_(1, end, -valid.long())
+    runs.scatter_add_(1, first, valid.long()).scatter_add_(1, end, -valid.long())
     g_e.scatter_add_(1, order, -torch.cumsum(runs[:, :M], dim=1).to(e.dtype))
-    return total, count.sum(dim=1), kept, _grad_s(g_e, e, rule)
+    return total, nonzero, kept, _grad_s(g_e, e, rule)
 
 
 def _block_kernel(s, labels_b, ref_labels, row0, rule, exclude_diag, with_grad):
