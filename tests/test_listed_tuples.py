@@ -204,14 +204,16 @@ def test_unsupported_distance_runs_the_reference():
 
 
 def test_lazy_triplets_the_blocked_path_declines_run_listed():
-    """A TripletMarginMiner's lazy result with a reducer the blocked path can't express."""
+    """A TripletMarginMiner's lazy result with a reducer the blocked path can't express (one
+    collecting statistics: they need the per-triplet losses)."""
     x, labels, _, _ = _batch(30, 4, None, torch.float64, seed=11)
     mined = miners.TripletMarginMiner(type_of_triplets="semihard")(x, labels)
     want_triplets = pml_miners.TripletMarginMiner(type_of_triplets="semihard")(x, labels)
-    loss_fn = losses.TripletMarginLoss(reducer=reducers.ThresholdReducer(low=0.01))
+    loss_fn = losses.TripletMarginLoss(reducer=reducers.ThresholdReducer(low=0.01, collect_stats=True))
     value = loss_fn(x, labels, mined)
     assert loss_fn.last_backend == "listed", loss_fn.last_fallback
-    want = pml_losses.TripletMarginLoss(reducer=pml_reducers.ThresholdReducer(low=0.01))(x, labels, want_triplets)
+    want = pml_losses.TripletMarginLoss(reducer=pml_reducers.ThresholdReducer(low=0.01, collect_stats=True))(
+        x, labels, want_triplets)
     torch.testing.assert_close(value, want, **TOL[torch.float64])
 
 
