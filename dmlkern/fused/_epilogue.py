@@ -214,15 +214,11 @@ def _sub_loss_reducers(module, names):
     """The reducer each sub-loss in `names` gets from module.reducer (a MultipleReducers' own one or
     its default; a single reducer for a one-sub-loss loss), or None where a loss dict is returned
     as it is (DoNothingReducer)."""
-    from ..reducers import DoNothingReducer, MultipleReducers
+    from ..reducers import DoNothingReducer
 
-    reducer = module.reducer
-    if isinstance(reducer, DoNothingReducer):
+    if isinstance(module.reducer, DoNothingReducer):
         return None
-    if isinstance(reducer, MultipleReducers):
-        return {name: reducer.reducers[name] if name in reducer.reducers else reducer.default_reducer
-                for name in names}
-    return {name: reducer for name in names}
+    return {name: sub_loss_reducer(module, name) for name in names}
 
 
 def sub_loss_reducer(module, name="loss"):

@@ -10,7 +10,8 @@ from ..ops import pair_engine as pe
 from .listed_pairs import listed_lifted
 from .pair_lists import pair_dots, positive_pairs, unit_distance
 from ._common import decline, engine_rows, reduced_sub_loss, static_shapes, value_params
-from ._epilogue import ZERO_LOSS, avg_non_zero, sub_loss_reducer, _empty_as_zero, _lse2, _lse_neg_then, _rows_backend, _stats_with_pair_rule
+from ._epilogue import (ZERO_LOSS, avg_non_zero, sub_loss_reducer, _empty_as_zero, _lse2, _lse_neg_then, _rows_backend,
+                        _stats_with_pair_rule)
 
 
 MAX_POS_PAIRS_PER_ROW = 64  # above this many positive pairs per row, the reference runs

@@ -89,16 +89,25 @@ def margin(module, embeddings, labels, indices_tuple, ref_emb, ref_labels):
     kind, reducer = kinds["margin_loss"]
     margin_loss = _reduced(kind, total, divisor, num_triplets, reducer, embeddings)
     loss_dict = {"margin_loss": _already_reduced(degenerate.zero_where(margin_loss), embeddings)}
-    if not module.learn_beta:
-        loss_dict["beta_reg_loss"] = module.zero_loss()
-    elif len(module.beta) == 1:  # already reduced: beta * nu
-        loss_dict["beta_reg_loss"] = _already_reduced(degenerate.zero_where(beta[:1] * module.nu), embeddings)
-    else:  # beta * nu per triplet, by its anchor's class
-        kind, reducer = kinds["beta_reg_loss"]
-        reg_total = fixed_order_sum(triplets.to(stats_dt) * beta.to(stats_dt)) * module.nu
-        reg = _reduced(kind, reg_total, divisor, num_triplets, reducer, embeddings)
-        loss_dict["beta_reg_loss"] = _already_reduced(degenerate.zero_where(reg), embeddings)
+    loss_dict["beta_reg_loss"] = _beta_reg_entry(module, kinds, lambda: (triplets, beta), stats_dt, divisor,
+                                                 num_triplets, embeddings, degenerate.zero_where)
     return loss_dict, backend
+
+
+def _beta_reg_entry(module, kinds, class_betas, sum_dtype, divisor, num_triplets, embeddings, zero_where):
+    """beta_reg_loss's entry: PML's zero without learn_beta; beta * nu, already reduced, for one
+    beta; else beta * nu per triplet by its anchor's class, reduced as margin_loss over the
+    triplets. class_betas(): (each anchor row's number of triplets, its beta), summed in sum_dtype."""
+    if not module.learn_beta:
+        return module.zero_loss()
+    if len(module.beta) == 1:
+        beta = module.beta.to(device=embeddings.device, dtype=embeddings.dtype)
+        return _already_reduced(zero_where(beta[:1] * module.nu), embeddings)
+    counts, beta = class_betas()
+    kind, reducer = kinds["beta_reg_loss"]
+    reg_total = fixed_order_sum(counts.to(sum_dtype) * beta.to(sum_dtype)) * module.nu
+    return _already_reduced(zero_where(_reduced(kind, reg_total, divisor, num_triplets, reducer, embeddings)),
+                            embeddings)
 
 
 NOT_PAIRS = object()  # `_on_pairs`: not a call it runs (nothing recorded)
@@ -153,16 +162,11 @@ def _on_pairs(module, embeddings, labels, indices_tuple, ref_emb):
     kind, reducer = kinds["margin_loss"]
     loss_dict = {"margin_loss": _already_reduced(_reduced(kind, total, divisor, num_triplets, reducer, embeddings),
                                                  embeddings)}
-    if not module.learn_beta:
-        loss_dict["beta_reg_loss"] = module.zero_loss()
-    elif len(module.beta) == 1:  # already reduced: beta * nu
-        beta = module.beta.to(device=embeddings.device, dtype=embeddings.dtype)
-        loss_dict["beta_reg_loss"] = _already_reduced(beta[:1] * module.nu, embeddings)
-    else:  # beta * nu per triplet, by its anchor's class
+
+    def class_betas():  # (only the anchors with triplets: PML reads no other row's label)
         anchors = torch.nonzero(triplets).flatten()
-        beta = margin_anchor_beta(module.beta, labels, anchors, embeddings)
-        reg_total = fixed_order_sum(triplets.index_select(0, anchors).to(beta.dtype) * beta) * module.nu
-        kind, reducer = kinds["beta_reg_loss"]
-        loss_dict["beta_reg_loss"] = _already_reduced(
-            _reduced(kind, reg_total, divisor, num_triplets, reducer, embeddings), embeddings)
+        return triplets.index_select(0, anchors), margin_anchor_beta(module.beta, labels, anchors, embeddings)
+
+    loss_dict["beta_reg_loss"] = _beta_reg_entry(module, kinds, class_betas, embeddings.dtype, divisor, num_triplets,
+                                                 embeddings, lambda v: v)
     return loss_dict, "listed"
